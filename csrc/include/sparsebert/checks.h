@@ -1,0 +1,39 @@
+// Argument checks that name the offending argument and what was expected.
+// Violations raise ValueError in Python (TORCH_CHECK_VALUE), never crash.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <sstream>
+#include <string>
+
+#define SB_CHECK_ARG(cond, arg, ...) \
+  TORCH_CHECK_VALUE((cond), "sparsebert: argument '", arg, "': ", __VA_ARGS__)
+
+namespace sparsebert {
+
+inline std::string shape_str(at::IntArrayRef sizes) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < sizes.size(); ++i) os << (i ? ", " : "") << sizes[i];
+  os << (sizes.size() == 1 ? ",)" : ")");
+  return os.str();
+}
+
+inline void check_rank(const at::Tensor& t, const char* arg, int64_t rank, const char* layout) {
+  SB_CHECK_ARG(t.dim() == rank, arg, "expected a ", rank, "-d tensor ", layout, ", got shape ",
+               shape_str(t.sizes()));
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* arg,
+                              const char* ref_arg) {
+  SB_CHECK_ARG(t.device() == ref.device(), arg, "expected it on ", ref.device(), " like '",
+               ref_arg, "', got ", t.device());
+}
+
+inline void check_float_dtype(const at::Tensor& t, const char* arg) {
+  SB_CHECK_ARG(at::isFloatingType(t.scalar_type()), arg,
+               "expected a floating-point tensor, got ", t.scalar_type());
+}
+
+}  // namespace sparsebert

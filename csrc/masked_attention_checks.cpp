@@ -1,0 +1,91 @@
+#include "sparsebert/masked_attention.h"
+
+#include "sparsebert/checks.h"
+
+namespace sparsebert {
+
+AttentionShape check_masked_attention_inputs(const at::Tensor& q, const at::Tensor& k,
+                                             const at::Tensor& v, const at::Tensor& head_gate,
+                                             const std::optional<at::Tensor>& key_padding_mask) {
+  check_rank(q, "q", 4, "(B, S, H, D)");
+  check_rank(k, "k", 4, "(B, S, H, D)");
+  check_rank(v, "v", 4, "(B, S, H, D)");
+  AttentionShape s{q.size(0), q.size(1), k.size(1), q.size(2), q.size(3)};
+  SB_CHECK_ARG(s.batch > 0 && s.q_len > 0 && s.kv_len > 0 && s.heads > 0 && s.head_dim > 0, "q",
+               "expected non-empty (B, S, H, D), got q ", shape_str(q.sizes()), " and k ",
+               shape_str(k.sizes()));
+  SB_CHECK_ARG(k.size(0) == s.batch && k.size(2) == s.heads && k.size(3) == s.head_dim, "k",
+               "expected (", s.batch, ", S, ", s.heads, ", ", s.head_dim, ") to match q ",
+               shape_str(q.sizes()), ", got ", shape_str(k.sizes()));
+  SB_CHECK_ARG(v.sizes() == k.sizes(), "v", "expected the shape of k ", shape_str(k.sizes()),
+               ", got ", shape_str(v.sizes()));
+  check_float_dtype(q, "q");
+  SB_CHECK_ARG(k.scalar_type() == q.scalar_type(), "k", "expected dtype ", q.scalar_type(),
+               " like q, got ", k.scalar_type());
+  SB_CHECK_ARG(v.scalar_type() == q.scalar_type(), "v", "expected dtype ", q.scalar_type(),
+               " like q, got ", v.scalar_type());
+  check_same_device(k, q, "k", "q");
+  check_same_device(v, q, "v", "q");
+  SB_CHECK_ARG(q.stride(3) == 1, "q", "expected a contiguous last dimension (stride 1), got strides ",
+               shape_str(q.strides()));
+  SB_CHECK_ARG(k.stride(3) == 1, "k", "expected a contiguous last dimension (stride 1), got strides ",
+               shape_str(k.strides()));
+  SB_CHECK_ARG(v.stride(3) == 1, "v", "expected a contiguous last dimension (stride 1), got strides ",
+               shape_str(v.strides()));
+
+  check_float_dtype(head_gate, "head_gate");
+  check_same_device(head_gate, q, "head_gate", "q");
+  const bool gate_ok = (head_gate.dim() == 1 && head_gate.size(0) == s.heads) ||
+                       (head_gate.dim() == 2 && head_gate.size(0) == s.batch &&
+                        head_gate.size(1) == s.heads);
+  SB_CHECK_ARG(gate_ok, "head_gate", "expected shape (H,) = (", s.heads, ",) or (B, H) = (",
+               s.batch, ", ", s.heads, "), got ", shape_str(head_gate.sizes()));
+
+  if (key_padding_mask.has_value()) {
+    const at::Tensor& m = *key_padding_mask;
+    SB_CHECK_ARG(m.scalar_type() == at::kBool, "key_padding_mask",
+                 "expected a bool tensor (true = real token), got ", m.scalar_type());
+    SB_CHECK_ARG(m.dim() == 2 && m.size(0) == s.batch && m.size(1) == s.kv_len, "key_padding_mask",
+                 "expected shape (B, S) = (", s.batch, ", ", s.kv_len, "), got ",
+                 shape_str(m.sizes()));
+    check_same_device(m, q, "key_padding_mask", "q");
+    // On CUDA this check would synchronise (and break graph capture): the Python wrapper does it
+    // there outside capture; here it runs for CPU tensors.
+    const bool all_rows_have_a_token = !m.is_cpu() || m.any(1).all().item<bool>();
+    SB_CHECK_ARG(all_rows_have_a_token, "key_padding_mask",
+                 "every row needs at least one real token (true); a fully padded row has no "
+                 "defined attention");
+  }
+  return s;
+}
+
+void check_masked_attention_backward_inputs(const AttentionShape& s, const at::Tensor& q,
+                                            const at::Tensor& dout, const at::Tensor& out,
+                                            const at::Tensor& lse) {
+  SB_CHECK_ARG(dout.sizes() == q.sizes(), "dout", "expected the shape of q ", shape_str(q.sizes()),
+               ", got ", shape_str(dout.sizes()));
+  SB_CHECK_ARG(out.sizes() == q.sizes(), "out", "expected the shape of q ", shape_str(q.sizes()),
+               ", got ", shape_str(out.sizes()));
+  SB_CHECK_ARG(dout.stride(3) == 1, "dout", "expected a contiguous last dimension");
+  SB_CHECK_ARG(out.stride(3) == 1, "out", "expected a contiguous last dimension");
+  SB_CHECK_ARG(dout.scalar_type() == q.scalar_type(), "dout", "expected dtype ", q.scalar_type(),
+               ", got ", dout.scalar_type());
+  SB_CHECK_ARG(out.scalar_type() == q.scalar_type(), "out", "expected dtype ", q.scalar_type(),
+               ", got ", out.scalar_type());
+  const auto stat_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  SB_CHECK_ARG(lse.scalar_type() == stat_type && lse.dim() == 3 && lse.size(0) == s.batch &&
+                   lse.size(1) == s.heads && lse.size(2) == s.q_len && lse.is_contiguous(),
+               "lse", "expected a contiguous ", stat_type, " (B, H, S) = (", s.batch, ", ", s.heads, ", ",
+               s.q_len, "), got ", lse.scalar_type(), " ", shape_str(lse.sizes()));
+  check_same_device(dout, q, "dout", "q");
+  check_same_device(out, q, "out", "q");
+  check_same_device(lse, q, "lse", "q");
+}
+
+at::Tensor gate_per_example(const at::Tensor& head_gate, int64_t batch) {
+  at::Tensor g = head_gate.to(at::kFloat);
+  if (g.dim() == 1) g = g.unsqueeze(0).expand({batch, g.size(0)});
+  return g.contiguous();
+}
+
+}  // namespace sparsebert

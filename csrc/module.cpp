@@ -1,0 +1,57 @@
+// The sparsebert._C extension module. Importing it registers the native kernels into the torch
+// dispatcher (TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda); op schemas live in sparsebert/ops.py.
+#include <torch/extension.h>
+
+#include "sparsebert/registry.h"
+
+#ifndef SPARSEBERT_CUDA_ARCH_LIST
+#define SPARSEBERT_CUDA_ARCH_LIST ""
+#endif
+
+#ifdef SPARSEBERT_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace sparsebert {
+
+std::vector<std::pair<std::string, std::string>>& compiled_kernels() {
+  static std::vector<std::pair<std::string, std::string>> kernels;
+  return kernels;
+}
+
+}  // namespace sparsebert
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["torch_version"] = TORCH_VERSION;
+#ifdef SPARSEBERT_WITH_CUDA
+  info["cuda_version"] =
+      std::to_string(CUDART_VERSION / 1000) + "." + std::to_string((CUDART_VERSION % 1000) / 10);
+  info["cuda_arch_list"] = SPARSEBERT_CUDA_ARCH_LIST;
+#else
+  info["cuda_version"] = pybind11::none();
+  info["cuda_arch_list"] = pybind11::none();
+#endif
+#ifdef NDEBUG
+  info["debug"] = false;
+#else
+  info["debug"] = true;
+#endif
+  pybind11::dict kernels;
+  for (const auto& [op, key] : sparsebert::compiled_kernels()) {
+    if (!kernels.contains(key.c_str())) kernels[key.c_str()] = pybind11::list();
+    kernels[key.c_str()].cast<pybind11::list>().append(op);
+  }
+  info["kernels"] = kernels;
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sparsebert native kernels (registered into the torch dispatcher on import)";
+  m.def("build_info", &build_info,
+        "Torch version built against, CUDA version and arch list (or None), compiled kernels");
+}

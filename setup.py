@@ -1,0 +1,108 @@
+"""Build of the `sparsebert._C` extension.
+
+C++ CPU kernels are always built. CUDA kernels are added when SPARSEBERT_BUILD_CUDA resolves on:
+  auto (default)  torch is a CUDA build (torch.version.cuda) and a CUDA toolkit (nvcc) is found
+  0               never
+  1               required; the build fails with the reason if it is impossible
+A visible GPU never decides whether CUDA is built. With CUDA on and TORCH_CUDA_ARCH_LIST unset
+and no GPU visible, the arch list defaults to "8.0;9.0" (A100, H100/H200).
+SPARSEBERT_DEBUG=1 builds with -O0 -g. SPARSEBERT_PTXAS_VERBOSE=1 adds -Xptxas -v (register/spill report).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST = "8.0;9.0"
+
+
+def _log(msg: str) -> None:
+    print(f"[sparsebert build] {msg}", file=sys.stderr)
+
+
+def _env_flag(name: str, default: str) -> str:
+    value = os.environ.get(name, default).strip().lower()
+    return value
+
+
+def _cuda_decision() -> tuple[bool, str]:
+    """Return (build_cuda, reason)."""
+    import torch
+    from torch.utils import cpp_extension
+
+    mode = _env_flag("SPARSEBERT_BUILD_CUDA", "auto")
+    if mode not in {"auto", "0", "1"}:
+        raise SystemExit(f"SPARSEBERT_BUILD_CUDA must be auto, 0 or 1; got {mode!r}")
+    if mode == "0":
+        return False, "SPARSEBERT_BUILD_CUDA=0"
+    problems = []
+    if torch.version.cuda is None:
+        problems.append(f"torch {torch.__version__} is not a CUDA build")
+    cuda_home = cpp_extension.CUDA_HOME
+    if cuda_home is None or not os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        problems.append("no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)")
+    if problems:
+        if mode == "1":
+            raise SystemExit("SPARSEBERT_BUILD_CUDA=1 but CUDA cannot be built: " + "; ".join(problems))
+        return False, "auto: " + "; ".join(problems)
+    return True, f"torch CUDA {torch.version.cuda}, toolkit at {cuda_home}"
+
+
+def _extension():
+    import torch
+    from torch.utils import cpp_extension
+
+    debug = _env_flag("SPARSEBERT_DEBUG", "0") == "1"
+    build_cuda, reason = _cuda_decision()
+    _log(f"CUDA kernels: {'on' if build_cuda else 'off'} ({reason})")
+
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags = opt + ["-fopenmp"]
+    define_macros = []
+    nvcc_flags = []
+
+    if build_cuda:
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        if not arch_list and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list = DEFAULT_ARCH_LIST
+            _log(f"no GPU visible and TORCH_CUDA_ARCH_LIST unset: defaulting to {DEFAULT_ARCH_LIST!r}")
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        define_macros.append(("SPARSEBERT_WITH_CUDA", "1"))
+        define_macros.append(("SPARSEBERT_CUDA_ARCH_LIST", f'"{arch_list or "native"}"'))
+        nvcc_flags = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + [
+            "--expt-relaxed-constexpr",
+            "-std=c++17",
+        ]
+        if _env_flag("SPARSEBERT_PTXAS_VERBOSE", "0") == "1":
+            nvcc_flags.append("-Xptxas=-v")
+        ext_cls = cpp_extension.CUDAExtension
+    else:
+        ext_cls = cpp_extension.CppExtension
+
+    return ext_cls(
+        name="sparsebert._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc", "include")],
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+def main() -> None:
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(
+        ext_modules=[_extension()],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""The sparsebert op library: schemas, default (reference) kernels, fakes, autograd, wrappers.
+
+Schemas are declared here, once. The pure-PyTorch reference of each op (sparsebert.reference)
+is registered as its CompositeExplicitAutograd kernel, so every op works on every device; the
+native extension (csrc/, loaded at the bottom of this module) adds CPU and CUDA kernels that
+take precedence for their dispatch keys.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sparsebert import reference
+from sparsebert._extension import load_extension
+
+NAMESPACE = "sparsebert"
+_lib = torch.library.Library(NAMESPACE, "DEF")
+
+# --------------------------------------------------------------------------------------------
+# masked_attention
+# --------------------------------------------------------------------------------------------
+_lib.define(
+    "masked_attention(Tensor q, Tensor k, Tensor v, Tensor head_gate, Tensor? key_padding_mask, "
+    "float scale) -> (Tensor out, Tensor lse)"
+)
+_lib.define(
+    "masked_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor head_gate, "
+    "Tensor? key_padding_mask, Tensor out, Tensor lse, float scale) "
+    "-> (Tensor dq, Tensor dk, Tensor dv, Tensor d_head_gate)"
+)
+_lib.impl("masked_attention", reference.masked_attention_ref, "CompositeExplicitAutograd")
+_lib.impl(
+    "masked_attention_backward", reference.masked_attention_backward_ref, "CompositeExplicitAutograd"
+)
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake(f"{NAMESPACE}::masked_attention")
+def _masked_attention_fake(q, k, v, head_gate, key_padding_mask, scale):
+    batch, q_len, heads, head_dim = q.shape
+    out = q.new_empty((batch, q_len, heads, head_dim))
+    lse = q.new_empty((batch, heads, q_len), dtype=_stat_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.register_fake(f"{NAMESPACE}::masked_attention_backward")
+def _masked_attention_backward_fake(dout, q, k, v, head_gate, key_padding_mask, out, lse, scale):
+    d_gate = q.new_empty((q.shape[0], q.shape[2]), dtype=_stat_dtype(q.dtype))
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+        d_gate,
+    )
+
+
+def _masked_attention_setup_context(ctx, inputs, output):
+    q, k, v, head_gate, key_padding_mask, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, head_gate, key_padding_mask, out, lse)
+    ctx.scale = scale
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _masked_attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, head_gate, key_padding_mask, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None, None
+    dq, dk, dv, d_gate = torch.ops.sparsebert.masked_attention_backward(
+        _last_dim_contiguous(grad_out), q, k, v, head_gate, key_padding_mask, out, lse, ctx.scale
+    )
+    if head_gate.dim() == 1:
+        d_gate = d_gate.sum(0)  # (B, H) -> (H,): the gate is shared by the batch
+    d_gate = d_gate.to(head_gate.dtype)
+    needs = ctx.needs_input_grad
+    return (
+        dq if needs[0] else None,
+        dk if needs[1] else None,
+        dv if needs[2] else None,
+        d_gate if needs[3] else None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    f"{NAMESPACE}::masked_attention",
+    _masked_attention_backward,
+    setup_context=_masked_attention_setup_context,
+)
+
+
+def _validate_masked_attention(
+    q: Tensor, k: Tensor, v: Tensor, head_gate: Tensor, key_padding_mask: Tensor | None
+) -> None:
+    """Python-side checks with messages naming the argument (the kernels check again)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"masked_attention: '{name}' must be a 4-d tensor (B, S, H, D), got {shape}")
+        if not t.is_floating_point():
+            raise ValueError(f"masked_attention: '{name}' must be floating point, got {t.dtype}")
+    batch, _, heads, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[2:] != q.shape[2:]:
+        raise ValueError(
+            f"masked_attention: 'k' must be (B={batch}, S, H={heads}, D={head_dim}) like q "
+            f"{tuple(q.shape)}, got {tuple(k.shape)}"
+        )
+    if v.shape != k.shape:
+        raise ValueError(f"masked_attention: 'v' must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"masked_attention: '{name}' must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"masked_attention: '{name}' must be on q's device {q.device}, got {t.device}")
+    if not isinstance(head_gate, Tensor) or not head_gate.is_floating_point():
+        raise ValueError("masked_attention: 'head_gate' must be a floating-point tensor")
+    if head_gate.device != q.device:
+        raise ValueError(
+            f"masked_attention: 'head_gate' must be on q's device {q.device}, got {head_gate.device}"
+        )
+    if tuple(head_gate.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(
+            f"masked_attention: 'head_gate' must have shape (H,) = ({heads},) or (B, H) = "
+            f"({batch}, {heads}), got {tuple(head_gate.shape)}"
+        )
+    if key_padding_mask is None:
+        return
+    if key_padding_mask.dtype != torch.bool:
+        raise ValueError(
+            f"masked_attention: 'key_padding_mask' must be bool (True = real token), got "
+            f"{key_padding_mask.dtype}"
+        )
+    if tuple(key_padding_mask.shape) != (batch, k.shape[1]):
+        raise ValueError(
+            f"masked_attention: 'key_padding_mask' must have shape (B, S) = ({batch}, {k.shape[1]}), "
+            f"got {tuple(key_padding_mask.shape)}"
+        )
+    if key_padding_mask.device != q.device:
+        raise ValueError(
+            f"masked_attention: 'key_padding_mask' must be on q's device {q.device}, got "
+            f"{key_padding_mask.device}"
+        )
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing and not torch.compiler.is_compiling() and not bool(key_padding_mask.any(1).all()):
+        raise ValueError(
+            "masked_attention: 'key_padding_mask' has a fully padded row (no True); every row "
+            "needs at least one real token"
+        )
+
+
+def masked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    head_gate: Tensor,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Multi-head attention with a per-head (or per-example, per-head) gate.
+
+    q: (B, Sq, H, D); k, v: (B, Sk, H, D), fp32/fp16/bf16 (fp64 on CPU), any strides (e.g. views of
+    one fused QKV projection); head_gate: (H,) or (B, H); key_padding_mask: (B, Sk) bool, True =
+    real token; scale defaults to D ** -0.5.
+    Returns out (B, Sq, H, D): out[:, :, h] = head_gate[..., h] * softmax(q_h k_h^T * scale) v_h.
+    Heads whose gate is exactly 0 are never computed and their output is exactly 0.
+    Differentiable in q, k, v and head_gate; the gate gradient
+    d_head_gate[b, h] = sum_{s, d} ctx[b, s, h, d] * dout[b, s, h, d] (summed over b for an (H,)
+    gate) is computed inside the backward kernel: it is the Michel et al. head importance signal.
+    Pruned heads (gate exactly 0) get zero gradients, d_head_gate included.
+    """
+    _validate_masked_attention(q, k, v, head_gate, key_padding_mask)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    out, _ = torch.ops.sparsebert.masked_attention(q, k, v, head_gate, key_padding_mask, float(scale))
+    return out
+
+
+_C = load_extension()
+
+
+def native_dispatch_keys(op_name: str) -> list[str]:
+    """Dispatch keys (CPU, CUDA) with a native kernel for `sparsebert::<op_name>`."""
+    qualname = f"{NAMESPACE}::{op_name}"
+    return [key for key in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)]
+
+
+OP_NAMES = ("masked_attention", "masked_attention_backward")

@@ -1,0 +1,100 @@
+"""Pure-PyTorch references of every sparsebert op.
+
+Each `<op>_ref` computes in fp32 (fp64 stays fp64), is registered as the op's default kernel in
+`sparsebert.ops` (so every op runs on any device without the extension) and is the test oracle
+for the native kernels. They favour obviousness over speed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _gate_per_example(head_gate: Tensor, batch: int) -> Tensor:
+    """head_gate (H,) or (B, H) -> (B, H) in the compute dtype."""
+    gate = head_gate.to(_compute_dtype(head_gate.dtype))
+    return gate.expand(batch, gate.shape[-1]) if gate.dim() == 1 else gate
+
+
+def _attention_context(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Ungated attention in the compute dtype.
+
+    q: (B, Sq, H, D), k, v: (B, Sk, H, D), key_padding_mask: (B, Sk) bool or None.
+    Returns ctx (B, Sq, H, D) and lse (B, H, Sq), the log-sum-exp of the scaled scores.
+    """
+    dtype = _compute_dtype(q.dtype)
+    qh = q.to(dtype).transpose(1, 2)  # (B, H, Sq, D)
+    kh = k.to(dtype).transpose(1, 2)  # (B, H, Sk, D)
+    vh = v.to(dtype).transpose(1, 2)  # (B, H, Sk, D)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, Sq)
+    probs = torch.exp(scores - lse.unsqueeze(-1))  # (B, H, Sq, Sk)
+    ctx = torch.matmul(probs, vh).transpose(1, 2)  # (B, Sq, H, D)
+    return ctx, lse
+
+
+def masked_attention_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    head_gate: Tensor,
+    key_padding_mask: Tensor | None,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Gated multi-head attention.
+
+    q: (B, Sq, H, D); k, v: (B, Sk, H, D); head_gate: (H,) or (B, H);
+    key_padding_mask: (B, Sk) bool, True = real token, or None.
+    Returns out (B, Sq, H, D) in q's dtype, out[:, :, h] = gate[..., h] * softmax(q k^T scale) v,
+    exactly 0 for heads whose gate is 0, and lse (B, H, Sq) in the compute dtype (fp32, or fp64 for
+    fp64 inputs; 0 for heads whose gate is 0).
+    """
+    batch = q.shape[0]
+    gate = _gate_per_example(head_gate, batch)  # (B, H)
+    ctx, lse = _attention_context(q, k, v, key_padding_mask, scale)
+    active = gate != 0  # (B, H)
+    out = torch.where(active[:, None, :, None], ctx * gate[:, None, :, None], 0.0)
+    lse = torch.where(active[:, :, None], lse, 0.0)
+    return out.to(q.dtype).contiguous(), lse.to(_compute_dtype(q.dtype)).contiguous()
+
+
+def masked_attention_backward_ref(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    head_gate: Tensor,
+    key_padding_mask: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of masked_attention by autograd through the fp32 reference.
+
+    dout: (B, Sq, H, D); out and lse are accepted for signature parity with the native kernels and
+    not used. Returns dq, dk, dv (shapes and dtypes of q, k, v) and d_head_gate (B, H) in the compute dtype,
+    d_head_gate[b, h] = sum_{s, d} ctx[b, s, h, d] * dout[b, s, h, d] with ctx the ungated output.
+    Heads whose gate is exactly 0 are pruned: all their gradients are 0.
+    """
+    del out, lse
+    dtype = _compute_dtype(q.dtype)
+    batch = q.shape[0]
+    with torch.enable_grad():
+        qf, kf, vf = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
+        gate = _gate_per_example(head_gate.detach(), batch).to(dtype).requires_grad_(True)
+        ctx, _ = _attention_context(qf, kf, vf, key_padding_mask, scale)
+        active = (gate != 0).detach()
+        gated = torch.where(active[:, None, :, None], ctx * gate[:, None, :, None], 0.0)
+        dq, dk, dv, d_gate = torch.autograd.grad(gated, (qf, kf, vf, gate), dout.to(dtype))
+    d_gate = torch.where(active, d_gate, 0.0)
+    grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_gate)
+    return tuple(g.contiguous() for g in grads)
