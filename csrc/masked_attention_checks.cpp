@@ -82,8 +82,8 @@ void check_masked_attention_backward_inputs(const AttentionShape& s, const at::T
   check_same_device(lse, q, "lse", "q");
 }
 
-at::Tensor gate_per_example(const at::Tensor& head_gate, int64_t batch) {
-  at::Tensor g = head_gate.to(at::kFloat);
+at::Tensor gate_per_example(const at::Tensor& head_gate, int64_t batch, at::ScalarType dtype) {
+  at::Tensor g = head_gate.to(dtype);
   if (g.dim() == 1) g = g.unsqueeze(0).expand({batch, g.size(0)});
   return g.contiguous();
 }

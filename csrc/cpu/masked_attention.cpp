@@ -84,7 +84,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const acc scale = static_cast<acc>(scale_d);
   const Strided4d<const scalar_t> qv(q), kv(k), vv(v);
   const Strided4d<scalar_t> ov(out);
-  const float* gate_ptr = gate.data_ptr<float>();  // (B, H)
+  const acc* gate_ptr = gate.data_ptr<acc>();  // (B, H)
   acc* lse_ptr = lse.data_ptr<acc>();              // (B, H, Sq)
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
@@ -93,7 +93,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         ctx(kQueryBlock * D), keep(Sk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, h = task % H;
-      const acc g = static_cast<acc>(gate_ptr[task]);
+      const acc g = gate_ptr[task];
       acc* lse_row = lse_ptr + task * Sq;
       if (g == acc(0)) {  // pruned head: never read, output exactly 0
         zero_head(ov, b, h, Sq, D);
@@ -133,7 +133,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const acc scale = static_cast<acc>(scale_d);
   const Strided4d<const scalar_t> qv(q), kv(k), vv(v), dov(dout), ov(out);
   const Strided4d<scalar_t> dqv(dq), dkv(dk), dvv(dv);
-  const float* gate_ptr = gate.data_ptr<float>();  // (B, H)
+  const acc* gate_ptr = gate.data_ptr<acc>();  // (B, H)
   const acc* lse_ptr = lse.data_ptr<acc>();        // (B, H, Sq)
   acc* d_gate_ptr = d_gate.data_ptr<acc>();        // (B, H)
 
@@ -143,7 +143,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
         delta(kQueryBlock), keep(Sk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, h = task % H;
-      const acc g = static_cast<acc>(gate_ptr[task]);
+      const acc g = gate_ptr[task];
       if (g == acc(0)) {  // pruned head: all gradients exactly 0
         zero_head(dqv, b, h, Sq, D);
         zero_head(dkv, b, h, Sk, D);
@@ -216,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_cpu(
     const std::optional<at::Tensor>& key_padding_mask, double scale) {
   const AttentionShape shape = check_masked_attention_inputs(q, k, v, head_gate, key_padding_mask);
   check_cpu(q, "q");
-  const at::Tensor gate = gate_per_example(head_gate, shape.batch);
+  const at::Tensor gate = gate_per_example(head_gate, shape.batch, stat_type(q));
   at::Tensor out = at::empty({shape.batch, shape.q_len, shape.heads, shape.head_dim}, q.options());
   at::Tensor lse =
       at::empty({shape.batch, shape.heads, shape.q_len}, q.options().dtype(stat_type(q)));
@@ -233,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_back
   const AttentionShape shape = check_masked_attention_inputs(q, k, v, head_gate, key_padding_mask);
   check_masked_attention_backward_inputs(shape, q, dout, out, lse);
   check_cpu(q, "q");
-  const at::Tensor gate = gate_per_example(head_gate, shape.batch);
+  const at::Tensor gate = gate_per_example(head_gate, shape.batch, stat_type(q));
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());

@@ -34,7 +34,9 @@ void check_masked_attention_backward_inputs(const AttentionShape& shape, const a
                                             const at::Tensor& dout, const at::Tensor& out,
                                             const at::Tensor& lse);
 
-// head_gate as a contiguous fp32 (B, H) tensor on the gate's device.
-at::Tensor gate_per_example(const at::Tensor& head_gate, int64_t batch);
+// head_gate as a contiguous (B, H) tensor of `dtype` (fp32 by default; the CPU kernel uses fp64 for
+// fp64 inputs so gradcheck sees an exact gate) on the gate's device.
+at::Tensor gate_per_example(const at::Tensor& head_gate, int64_t batch,
+                            at::ScalarType dtype = at::kFloat);
 
 }  // namespace sparsebert

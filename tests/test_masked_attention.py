@@ -1,0 +1,288 @@
+"""masked_attention: native kernels vs the fp32 reference, gradients, gradcheck, opcheck, errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsebert import ops
+from sparsebert.reference import masked_attention_backward_ref, masked_attention_ref
+from tests.conftest import DEVICES, assert_native
+
+HEADS = 4
+GATE_PATTERNS = ("all_on", "all_off", "one_head", "fractional", "per_example")
+
+
+def make_gate(pattern: str, batch: int, heads: int, device: str, generator: torch.Generator):
+    if pattern == "all_on":
+        return torch.ones(heads, device=device)
+    if pattern == "all_off":
+        return torch.zeros(heads, device=device)
+    if pattern == "one_head":
+        gate = torch.zeros(heads, device=device)
+        gate[heads // 2] = 1.0
+        return gate
+    if pattern == "fractional":
+        gate = torch.rand(heads, generator=generator).to(device)
+        gate[0] = 0.0  # fractional gates next to a pruned head
+        return gate
+    if pattern == "per_example":
+        gate = (torch.rand(batch, heads, generator=generator) > 0.4).float()
+        gate[0, 1] = 0.37
+        return gate.to(device)
+    raise ValueError(pattern)
+
+
+def make_qkv(batch, seq, heads, dim, dtype, device, generator, layout="fused_qkv"):
+    """q, k, v (B, S, H, D). layout 'fused_qkv': strided views of one (B, S, 3*H*D) projection
+    output (last dim contiguous); 'contiguous'; 'transposed': views of (B, H, S, D) tensors."""
+    if layout == "fused_qkv":
+        fused = torch.randn(batch, seq, 3 * heads * dim, generator=generator).to(device, dtype)
+        return tuple(t.view(batch, seq, heads, dim) for t in fused.split(heads * dim, dim=-1))
+    if layout == "transposed":
+        return tuple(
+            torch.randn(batch, heads, seq, dim, generator=generator).to(device, dtype).transpose(1, 2)
+            for _ in range(3)
+        )
+    return tuple(torch.randn(batch, seq, heads, dim, generator=generator).to(device, dtype) for _ in range(3))
+
+
+def make_padding(batch, seq, device, generator):
+    lengths = torch.randint(1, seq + 1, (batch,), generator=generator)
+    lengths[0] = seq
+    mask = torch.arange(seq)[None, :] < lengths[:, None]
+    return mask.to(device)
+
+
+def call_op(q, k, v, gate, mask, scale):
+    return torch.ops.sparsebert.masked_attention(q, k, v, gate, mask, scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_native_kernels_registered(device):
+    assert_native("masked_attention", device)
+    assert_native("masked_attention_backward", device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dim,seq", [(32, 7), (64, 129), (48, 1), (32, 129), (64, 7)])
+@pytest.mark.parametrize("pattern", GATE_PATTERNS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_forward_matches_reference_fp32(device, dim, seq, pattern, padded):
+    assert_native("masked_attention", device)
+    gen = torch.Generator().manual_seed(hash((dim, seq, pattern, padded)) % 2**31)
+    batch = 3
+    q, k, v = make_qkv(batch, seq, HEADS, dim, torch.float32, device, gen)
+    gate = make_gate(pattern, batch, HEADS, device, gen)
+    mask = make_padding(batch, seq, device, gen) if padded else None
+    scale = dim**-0.5
+    out, lse = call_op(q, k, v, gate, mask, scale)
+    ref_out, ref_lse = masked_attention_ref(q, k, v, gate, mask, scale)
+    assert out.shape == (batch, seq, HEADS, dim) and out.is_contiguous()
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
+    pruned = (gate.expand(batch, HEADS) == 0).cpu()
+    assert torch.all(out.cpu().transpose(1, 2)[pruned] == 0), "pruned heads must be exactly 0"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["fused_qkv", "transposed", "contiguous"])
+def test_strided_inputs_and_cross_lengths(device, layout):
+    """Non-contiguous q/k/v (fused projection views, transposed storage) and Sk != Sq."""
+    assert_native("masked_attention", device)
+    gen = torch.Generator().manual_seed(1)
+    q, _, _ = make_qkv(2, 9, HEADS, 32, torch.float32, device, gen, layout)
+    _, k, v = make_qkv(2, 13, HEADS, 32, torch.float32, device, gen, layout)
+    gate = torch.tensor([1.0, 0.0, 0.3, 1.0], device=device)
+    mask = make_padding(2, 13, device, gen)
+    out = ops.masked_attention(q, k, v, gate, mask)
+    ref, _ = masked_attention_ref(q, k, v, gate, mask, 32**-0.5)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pruned_heads_are_never_read(device):
+    """NaNs in q/k/v of pruned heads must not reach the output: those heads are skipped."""
+    assert_native("masked_attention", device)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = make_qkv(2, 16, HEADS, 32, torch.float32, device, gen, "contiguous")
+    gate = torch.tensor([1.0, 0.0, 1.0, 0.0], device=device)
+    for t in (q, k, v):
+        t[:, :, 1] = float("nan")
+        t[:, :, 3] = float("nan")
+    out = ops.masked_attention(q, k, v, gate)
+    assert torch.isfinite(out).all()
+    assert torch.all(out[:, :, 1] == 0) and torch.all(out[:, :, 3] == 0)
+
+
+def plain_pytorch_attention(q, k, v, gate, mask, scale):
+    """Attention in the inputs' own (low) precision with stock PyTorch ops: the error yardstick."""
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    ctx = torch.matmul(torch.softmax(scores, dim=-1), vh).transpose(1, 2)
+    gate = gate.to(q.dtype)
+    return ctx * (gate[None, None, :, None] if gate.dim() == 1 else gate[:, None, :, None])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim", [32, 64, 48])
+@pytest.mark.parametrize("pattern", ["all_on", "fractional", "per_example"])
+def test_low_precision_error_at_most_twice_pytorch(device, dtype, dim, pattern):
+    assert_native("masked_attention", device)
+    gen = torch.Generator().manual_seed(dim)
+    batch, seq = 2, 65
+    q, k, v = make_qkv(batch, seq, HEADS, dim, dtype, device, gen)
+    gate = make_gate(pattern, batch, HEADS, device, gen)
+    mask = make_padding(batch, seq, device, gen)
+    scale = dim**-0.5
+    exact, _ = masked_attention_ref(*(t.float() for t in (q, k, v)), gate, mask, scale)
+    ours, _ = call_op(q, k, v, gate, mask, scale)
+    assert ours.dtype == dtype
+    stock = plain_pytorch_attention(q, k, v, gate, mask, scale)
+    our_err = (ours.float() - exact).abs().max().item()
+    stock_err = (stock.float() - exact).abs().max().item()
+    assert our_err <= 2 * stock_err, f"error {our_err:.3e} > 2 x stock PyTorch {stock_err:.3e}"
+
+
+def _grads_via_autograd(q, k, v, gate, mask, dout):
+    q, k, v, gate = (t.detach().clone().requires_grad_(True) for t in (q, k, v, gate))
+    out = ops.masked_attention(q, k, v, gate, mask)
+    out.backward(dout)
+    return out.detach(), q.grad, k.grad, v.grad, gate.grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dim,seq", [(32, 7), (64, 129), (48, 33)])
+@pytest.mark.parametrize("pattern", GATE_PATTERNS)
+def test_gradients_match_reference(device, dim, seq, pattern):
+    assert_native("masked_attention_backward", device)
+    gen = torch.Generator().manual_seed(seq * dim)
+    batch = 2
+    q, k, v = make_qkv(batch, seq, HEADS, dim, torch.float32, device, gen)
+    gate = make_gate(pattern, batch, HEADS, device, gen)
+    mask = make_padding(batch, seq, device, gen)
+    dout = torch.randn(batch, seq, HEADS, dim, generator=gen).to(device)
+    _, dq, dk, dv, d_gate = _grads_via_autograd(q, k, v, gate, mask, dout)
+    ref_out, ref_lse = masked_attention_ref(q, k, v, gate, mask, dim**-0.5)
+    rq, rk, rv, rg = masked_attention_backward_ref(dout, q, k, v, gate, mask, ref_out, ref_lse, dim**-0.5)
+    if gate.dim() == 1:
+        rg = rg.sum(0)
+    for name, got, want in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv), ("d_head_gate", d_gate, rg)):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=2e-4, msg=lambda m, n=name: f"{n}: {m}")
+    assert d_gate.shape == gate.shape
+
+
+def test_reference_gate_gradient_is_michel_importance():
+    """d_head_gate of the reference equals sum(ctx * dout) computed by hand (independent check)."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = make_qkv(2, 6, HEADS, 8, torch.float64, "cpu", gen, "contiguous")
+    gate = torch.tensor([1.0, 0.5, 0.0, 2.0], dtype=torch.float64)
+    dout = torch.randn(2, 6, HEADS, 8, generator=gen, dtype=torch.float64)
+    ctx = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    expected = (ctx * dout).sum(dim=(1, 3))  # (B, H)
+    expected[:, 2] = 0.0  # pruned head
+    *_, d_gate = masked_attention_backward_ref(dout, q, k, v, gate, None, None, None, 8**-0.5)
+    torch.testing.assert_close(d_gate, expected)
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_gradcheck_fp64_cpu(per_example, padded):
+    assert_native("masked_attention_backward", "cpu")
+    gen = torch.Generator().manual_seed(11)
+    batch, seq, heads, dim = 2, 5, 3, 4
+    q, k, v = make_qkv(batch, seq, heads, dim, torch.float64, "cpu", gen, "contiguous")
+    shape = (batch, heads) if per_example else (heads,)
+    gate = 0.2 + 0.8 * torch.rand(shape, generator=gen, dtype=torch.float64)
+    mask = make_padding(batch, seq, "cpu", gen) if padded else None
+    inputs = tuple(t.requires_grad_(True) for t in (q, k, v, gate))
+    assert torch.autograd.gradcheck(lambda *a: ops.masked_attention(*a, mask), inputs)
+    # With a pruned head (gate exactly 0, not differentiated) q, k, v gradients still check.
+    pruned_gate = gate.detach().clone()
+    pruned_gate[..., 1] = 0.0
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: ops.masked_attention(a, b, c, pruned_gate, mask), inputs[:3]
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("padded", [False, True])
+def test_opcheck(device, padded):
+    assert_native("masked_attention", device)
+    gen = torch.Generator().manual_seed(3)
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    q, k, v = make_qkv(2, 5, HEADS, 8, dtype, device, gen)
+    gate = torch.tensor([1.0, 0.0, 0.5, 1.0], dtype=dtype, device=device)
+    mask = make_padding(2, 5, device, gen) if padded else None
+    args = tuple(t.requires_grad_(True) for t in (q, k, v, gate)) + (mask, 8**-0.5)
+    torch.library.opcheck(torch.ops.sparsebert.masked_attention.default, args)
+    out, lse = torch.ops.sparsebert.masked_attention(*(a.detach() if torch.is_tensor(a) else a for a in args))
+    dout = torch.randn_like(out)
+    bargs = (dout, *(t.detach() for t in (q, k, v, gate)), mask, out, lse, 8**-0.5)
+    torch.library.opcheck(torch.ops.sparsebert.masked_attention_backward.default, bargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: both the Python wrapper and the raw op (C++ checks) name the argument.
+# ---------------------------------------------------------------------------------------------
+def _good():
+    q = torch.randn(2, 5, HEADS, 8)
+    return dict(q=q, k=q.clone(), v=q.clone(), head_gate=torch.ones(HEADS), key_padding_mask=None)
+
+
+BAD_CASES = {
+    "rank": (dict(q=torch.randn(2, 5, 32)), "'q'"),
+    "k_shape": (dict(k=torch.randn(2, 5, HEADS, 16)), "'k'"),
+    "v_shape": (dict(v=torch.randn(2, 6, HEADS, 8)), "'v'"),
+    "dtype": (dict(k=torch.randn(2, 5, HEADS, 8, dtype=torch.float64)), "'k'"),
+    "gate_shape": (dict(head_gate=torch.ones(HEADS + 1)), "'head_gate'"),
+    "gate_batch": (dict(head_gate=torch.ones(3, HEADS)), "'head_gate'"),
+    "mask_dtype": (dict(key_padding_mask=torch.ones(2, 5)), "'key_padding_mask'"),
+    "mask_shape": (dict(key_padding_mask=torch.ones(2, 4, dtype=torch.bool)), "'key_padding_mask'"),
+    "mask_fully_padded": (
+        dict(key_padding_mask=torch.tensor([[True] * 5, [False] * 5])),
+        "'key_padding_mask'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_python_wrapper(case):
+    change, needle = BAD_CASES[case]
+    args = {**_good(), **change}
+    with pytest.raises(ValueError, match=needle):
+        ops.masked_attention(**args)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_native_kernel(case):
+    assert_native("masked_attention", "cpu")
+    change, needle = BAD_CASES[case]
+    args = {**_good(), **change}
+    with pytest.raises(ValueError, match=needle):
+        torch.ops.sparsebert.masked_attention(
+            args["q"], args["k"], args["v"], args["head_gate"], args["key_padding_mask"], 0.3
+        )
+
+
+def test_non_contiguous_last_dim_is_accepted_by_wrapper():
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 5, 8, HEADS, generator=gen).transpose(2, 3) for _ in range(3))
+    gate = torch.ones(HEADS)
+    torch.testing.assert_close(
+        ops.masked_attention(q, k, v, gate), masked_attention_ref(q, k, v, gate, None, 8**-0.5)[0]
+    )
+
+
+def test_all_gate_patterns_cover_every_combination_of_features():
+    """Guard that the parametrisations above stay meaningful (patterns produce distinct gates)."""
+    gen = torch.Generator().manual_seed(0)
+    gates = {p: make_gate(p, 3, HEADS, "cpu", gen) for p in GATE_PATTERNS}
+    for a, b in itertools.combinations(GATE_PATTERNS, 2):
+        assert gates[a].shape != gates[b].shape or not torch.equal(gates[a], gates[b])
