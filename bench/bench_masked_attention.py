@@ -1,0 +1,167 @@
+"""Masked attention: sparsebert vs stock PyTorch alternatives, forward and forward+backward.
+
+Providers (all compute gated multi-head attention over (B, S, H, D) inputs):
+  reference    sparsebert.reference.masked_attention_ref (fp32 math, the test oracle)
+  sdpa         torch SDPA over all heads (dense; ignores the gate: the speed to beat)
+  sdpa_gate    torch SDPA then multiply by the head gate (the old head_mask way)
+  gather_sdpa  index_select the kept heads, SDPA, scatter back (stock way to skip heads)
+  sparsebert   sparsebert.ops.masked_attention (pruned heads skipped inside the kernel)
+
+Script:  python bench/bench_masked_attention.py [--device cpu|cuda] [--dtype ...] [--quick]
+         prints a table and writes bench/results/masked_attention-<device>.{json,md}
+pytest:  pytest bench/bench_masked_attention.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from sparsebert import ops  # noqa: E402
+from sparsebert.reference import masked_attention_ref  # noqa: E402
+
+PROVIDERS = ("reference", "sdpa", "sdpa_gate", "gather_sdpa", "sparsebert")
+
+
+def make_inputs(batch, seq, heads, dim, active, dtype, device, requires_grad=False):
+    """q, k, v as views of one fused QKV projection (B, S, 3*H*D); gate with `active` heads on."""
+    gen = torch.Generator().manual_seed(0)
+    fused = torch.randn(batch, seq, 3 * heads * dim, generator=gen).to(device, dtype)
+    fused.requires_grad_(requires_grad)
+    q, k, v = (t.view(batch, seq, heads, dim) for t in fused.split(heads * dim, dim=-1))
+    gate = torch.zeros(heads, device=device, dtype=torch.float32)
+    gate[torch.randperm(heads, generator=gen)[:active].to(device)] = 1.0
+    gate.requires_grad_(requires_grad)
+    return fused, q, k, v, gate
+
+
+def provider_fn(name, q, k, v, gate):
+    scale = q.shape[-1] ** -0.5
+    if name == "reference":
+        return lambda: masked_attention_ref(q, k, v, gate, None, scale)[0]
+    if name == "sdpa":
+        return lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    if name == "sdpa_gate":
+        return lambda: (
+            F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            * gate.to(q.dtype)[None, :, None, None]
+        )
+    if name == "gather_sdpa":
+        kept = gate.detach().nonzero().squeeze(1)
+
+        def gather():
+            qh, kh, vh = (t.index_select(2, kept).transpose(1, 2) for t in (q, k, v))
+            ctx = F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2)
+            out = q.new_zeros(q.shape)
+            return out.index_copy(2, kept, ctx * gate[kept].to(q.dtype)[None, None, :, None])
+
+        return gather
+    if name == "sparsebert":
+        return lambda: ops.masked_attention(q, k, v, gate)
+    raise ValueError(name)
+
+
+def timed(name, batch, seq, heads, dim, active, dtype, device, backward):
+    fused, q, k, v, gate = make_inputs(batch, seq, heads, dim, active, dtype, device, backward)
+    fn = provider_fn(name, q, k, v, gate)
+    if not backward:
+        with torch.no_grad():
+            return common.time_call(fn)
+    dout = torch.randn(batch, seq, heads, dim, device=device, dtype=dtype)
+
+    def fwd_bwd():
+        out = fn()
+        if out.shape != dout.shape:  # sdpa providers return (B, H, S, D)
+            out = out.transpose(1, 2)
+        inputs = (fused, gate) if name not in ("sdpa",) else (fused,)
+        torch.autograd.grad(out, inputs, dout, allow_unused=True)
+
+    return common.time_call(fwd_bwd)
+
+
+# ---------------------------------------------------------------- pytest-benchmark entry points
+@pytest.mark.parametrize("provider", ["sdpa", "sdpa_gate", "sparsebert"])
+@pytest.mark.parametrize("active", [12, 6])
+def test_forward_cpu(benchmark, provider, active):
+    torch.set_num_threads(2)
+    _, q, k, v, gate = make_inputs(8, 128, 12, 64, active, torch.float32, "cpu")
+    fn = provider_fn(provider, q, k, v, gate)
+    with torch.no_grad():
+        benchmark(fn)
+
+
+# ---------------------------------------------------------------------------- script mode
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: float16 on CUDA, float32 on CPU")
+    parser.add_argument("--batch", type=int, nargs="+", default=None)
+    parser.add_argument("--seq", type=int, nargs="+", default=[128])
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--dim", type=int, nargs="+", default=None)
+    parser.add_argument("--active", type=int, nargs="+", default=None, help="heads kept (default H, H/2, H/4)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--no-backward", action="store_true")
+    args = parser.parse_args(argv)
+
+    cuda = args.device.startswith("cuda")
+    if not cuda:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype or ("float16" if cuda else "float32"))
+    batches = args.batch or ([32] if cuda else [8])
+    dims = args.dim or ([64, 32] if cuda else [64])
+    actives = args.active or [args.heads, args.heads // 2, args.heads // 4]
+    modes = ["fwd"] + ([] if args.no_backward else ["fwd+bwd"])
+
+    rows, records = [], []
+    for mode, batch, seq, dim in itertools.product(modes, batches, args.seq, dims):
+        base = {}
+        for active in actives:
+            for name in args.providers:
+                if name in ("sdpa",) and active != args.heads:
+                    continue  # dense SDPA does not depend on the gate
+                seconds = timed(name, batch, seq, args.heads, dim, active, dtype, args.device, mode != "fwd")
+                if name == "sdpa":
+                    base["sdpa"] = seconds
+                if name == "sparsebert" and active == args.heads:
+                    base["sparsebert_all"] = seconds
+                rec = dict(mode=mode, provider=name, batch=batch, seq=seq, heads=args.heads, dim=dim,
+                           active=active, dtype=str(dtype).replace("torch.", ""), us=seconds * 1e6)
+                records.append(rec)
+        for rec in records:
+            if (rec["mode"], rec["batch"], rec["seq"], rec["dim"]) != (mode, batch, seq, dim):
+                continue
+            rec["vs_sdpa"] = rec["us"] / (base["sdpa"] * 1e6) if "sdpa" in base else None
+            rec["vs_sparsebert_all"] = (
+                rec["us"] / (base["sparsebert_all"] * 1e6) if "sparsebert_all" in base else None
+            )
+            rows.append([rec["mode"], rec["provider"], batch, seq, dim, f"{rec['active']}/{args.heads}",
+                         f"{rec['us']:.1f}",
+                         "-" if rec["vs_sdpa"] is None else f"{rec['vs_sdpa']:.2f}x",
+                         "-" if rec["vs_sparsebert_all"] is None else f"{rec['vs_sparsebert_all']:.2f}x"])
+
+    env = common.environment(args.device)
+    header = ["mode", "provider", "B", "S", "D", "heads kept", "time (us)", "vs SDPA", "vs sparsebert all-on"]
+    table = common.markdown_table(header, rows)
+    title = (f"masked attention on {env['device']}, {str(dtype).replace('torch.', '')}, H={args.heads}; "
+             f"torch {env['torch']}, sparsebert {env['git_sha']}\n\n"
+             f"Command: python bench/bench_masked_attention.py {' '.join(argv if argv is not None else sys.argv[1:])}\n")
+    print(title)
+    print(table)
+    path = common.write_results("masked_attention", args.device, {"env": env, "args": vars(args), "results": records},
+                                title + "\n" + table)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

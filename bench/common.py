@@ -1,0 +1,100 @@
+"""Shared benchmark plumbing: timing, environment metadata, result files."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.utils.benchmark as tb
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        match = re.search(r"model name\s*:\s*(.+)", text)
+        if match:
+            return match.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10,
+        )
+        sha = out.stdout.strip() or "unknown"
+        return sha + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: str) -> dict:
+    """Device, versions and git SHA recorded with every benchmark result."""
+    import transformers
+
+    import sparsebert
+
+    build = sparsebert.ops._C.build_info() if sparsebert.ops._C is not None else None
+    return {
+        "device": device_name(device),
+        "device_type": device.split(":")[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "sparsebert": sparsebert.__version__,
+        "sparsebert_build": build,
+        "git_sha": git_sha(),
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def time_call(fn: Callable[[], object], min_run_time: float = 0.5) -> float:
+    """Median seconds per call (CUDA synchronised by torch.utils.benchmark)."""
+    fn()  # warm-up (allocations, lazy init)
+    measurement = tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    return measurement.median
+
+
+def write_results(name: str, device: str, payload: dict, table: str) -> Path:
+    """Write <name>-<device type>.json and .md under bench/results; returns the JSON path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    slug = device.split(":")[0]
+    if slug == "cuda":
+        slug = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+    stem = RESULTS_DIR / f"{name}-{slug}"
+    json_path = stem.with_suffix(".json")
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, json_path)
+    stem.with_suffix(".md").write_text(table + "\n")
+    return json_path
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
