@@ -184,6 +184,100 @@ def masked_attention(
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# group_dot and accumulate_importance_ (importance accumulation)
+# --------------------------------------------------------------------------------------------
+_lib.define("group_dot(Tensor x, Tensor g, int group_size, Tensor? token_mask) -> Tensor")
+_lib.define("accumulate_importance_(Tensor(a!) acc, Tensor scores, int power) -> ()")
+_lib.impl("group_dot", reference.group_dot_ref, "CompositeExplicitAutograd")
+_lib.impl("accumulate_importance_", reference.accumulate_importance_ref, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::group_dot")
+def _group_dot_fake(x, g, group_size, token_mask):
+    return x.new_empty((x.shape[0], x.shape[2] // group_size), dtype=_stat_dtype(x.dtype))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::accumulate_importance_")
+def _accumulate_importance_fake(acc, scores, power):
+    return None
+
+
+def _group_dot_setup_context(ctx, inputs, output):
+    x, g, group_size, token_mask = inputs
+    ctx.save_for_backward(x, g, token_mask)
+    ctx.group_size = group_size
+
+
+def _group_dot_backward(ctx, grad_out):
+    x, g, token_mask = ctx.saved_tensors
+    # grad_out (B, G) -> per feature (B, 1, D), masked per token (B, S, 1).
+    per_feature = grad_out.repeat_interleave(ctx.group_size, dim=1)[:, None, :]
+    if token_mask is not None:
+        per_feature = per_feature * token_mask[:, :, None].to(per_feature.dtype)
+    dx = (g * per_feature).to(x.dtype) if ctx.needs_input_grad[0] else None
+    dg = (x * per_feature).to(g.dtype) if ctx.needs_input_grad[1] else None
+    return dx, dg, None, None
+
+
+torch.library.register_autograd(
+    f"{NAMESPACE}::group_dot", _group_dot_backward, setup_context=_group_dot_setup_context
+)
+
+
+def group_dot(x: Tensor, g: Tensor, group_size: int, token_mask: Tensor | None = None) -> Tensor:
+    """Fused segmented reduction: out[b, j] = sum over real tokens and group j of x * g.
+
+    x, g: (B, S, D) (same shape and dtype, any strides); D must be a multiple of group_size;
+    token_mask: (B, S) bool, True = real token. Returns (B, D // group_size), fp32 (fp64 for fp64).
+    group_size = D gives one score per example (an MLP gate); group_size = 1 one per feature
+    (FFN neurons). With x an activation and g its gradient this is the gate gradient of a gate
+    that multiplies x, per example: the importance signal, without materialising x * g.
+    """
+    for name, t in (("x", x), ("g", g)):
+        if not isinstance(t, Tensor) or t.dim() != 3 or not t.is_floating_point():
+            raise ValueError(f"group_dot: '{name}' must be a floating-point (B, S, D) tensor")
+    if g.shape != x.shape or g.dtype != x.dtype or g.device != x.device:
+        raise ValueError(
+            f"group_dot: 'g' must match x (shape {tuple(x.shape)}, {x.dtype}, {x.device}), got "
+            f"{tuple(g.shape)}, {g.dtype}, {g.device}"
+        )
+    if not isinstance(group_size, int) or group_size < 1 or x.shape[2] % group_size != 0:
+        raise ValueError(
+            f"group_dot: 'group_size' must be a positive divisor of D={x.shape[2]}, got {group_size!r}"
+        )
+    if token_mask is not None and (
+        token_mask.dtype != torch.bool or tuple(token_mask.shape) != tuple(x.shape[:2])
+        or token_mask.device != x.device
+    ):
+        raise ValueError(
+            f"group_dot: 'token_mask' must be a bool (B, S) = {tuple(x.shape[:2])} tensor on "
+            f"{x.device}, got {token_mask.dtype} {tuple(token_mask.shape)} on {token_mask.device}"
+        )
+    x, g = _last_dim_contiguous(x), _last_dim_contiguous(g)
+    return torch.ops.sparsebert.group_dot(x, g, group_size, token_mask)
+
+
+def accumulate_importance_(acc: Tensor, scores: Tensor, power: int = 1) -> Tensor:
+    """In place: acc (G...) += sum over the leading dim of |scores (N, G...)| ** power; returns acc.
+
+    power 1 accumulates |.| (Michel / paper importance), power 2 squares (Fisher, Kwon et al.).
+    acc must be fp32 or fp64 and contiguous; scores any float dtype on acc's device.
+    """
+    if power not in (1, 2):
+        raise ValueError(f"accumulate_importance_: 'power' must be 1 or 2, got {power!r}")
+    if acc.dtype not in (torch.float32, torch.float64) or not acc.is_contiguous():
+        raise ValueError(f"accumulate_importance_: 'acc' must be a contiguous fp32/fp64 tensor, got {acc.dtype}")
+    if scores.dim() != acc.dim() + 1 or scores.shape[1:] != acc.shape:
+        raise ValueError(
+            f"accumulate_importance_: 'scores' must be (N, *{tuple(acc.shape)}), got {tuple(scores.shape)}"
+        )
+    if scores.device != acc.device or not scores.is_floating_point():
+        raise ValueError(f"accumulate_importance_: 'scores' must be floating point on {acc.device}")
+    torch.ops.sparsebert.accumulate_importance_(acc, scores, power)
+    return acc
+
+
 _C = load_extension()
 
 
@@ -193,4 +287,4 @@ def native_dispatch_keys(op_name: str) -> list[str]:
     return [key for key in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)]
 
 
-OP_NAMES = ("masked_attention", "masked_attention_backward")
+OP_NAMES = ("masked_attention", "masked_attention_backward", "group_dot", "accumulate_importance_")

@@ -98,3 +98,26 @@ def masked_attention_backward_ref(
     d_gate = torch.where(active, d_gate, 0.0)
     grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_gate)
     return tuple(g.contiguous() for g in grads)
+
+
+def group_dot_ref(x: Tensor, g: Tensor, group_size: int, token_mask: Tensor | None) -> Tensor:
+    """Segmented dot product per example and group.
+
+    x, g: (B, S, D) with D = G * group_size; token_mask: (B, S) bool, True = real token, or None.
+    Returns (B, G) in the compute dtype: out[b, j] = sum over real tokens s and the members d of
+    group j (d in [j*group_size, (j+1)*group_size)) of x[b, s, d] * g[b, s, d].
+    """
+    dtype = _compute_dtype(x.dtype)
+    prod = x.to(dtype) * g.to(dtype)  # (B, S, D)
+    if token_mask is not None:
+        prod = prod * token_mask[:, :, None].to(dtype)
+    batch, seq, dim = prod.shape
+    return prod.reshape(batch, seq, dim // group_size, group_size).sum(dim=(1, 3)).contiguous()
+
+
+def accumulate_importance_ref(acc: Tensor, scores: Tensor, power: int) -> None:
+    """In place: acc (G...) += sum over the leading dim of |scores (N, G...)| ** power."""
+    contribution = scores.to(acc.dtype).abs()
+    if power == 2:
+        contribution = contribution * contribution
+    acc.add_(contribution.sum(dim=0))

@@ -1,0 +1,97 @@
+"""group_dot (fused segmented x*g reduction) vs the plain PyTorch expression, in GB/s.
+
+Script:  python bench/bench_group_dot.py [--device cpu|cuda]
+         prints a table and writes bench/results/group_dot-<device>.{json,md}
+pytest:  pytest bench/bench_group_dot.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from sparsebert import ops  # noqa: E402
+
+
+def make_inputs(batch, seq, dim, dtype, device):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, seq, dim, generator=gen).to(device, dtype)
+    g = torch.randn(batch, seq, dim, generator=gen).to(device, dtype)
+    lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=gen)
+    mask = (torch.arange(seq)[None, :] < lengths[:, None]).to(device)
+    return x, g, mask
+
+
+def torch_expression(x, g, group_size, mask):
+    batch, seq, dim = x.shape
+    prod = (x * g) * mask[:, :, None].to(x.dtype)
+    return prod.float().view(batch, seq, dim // group_size, group_size).sum(dim=(1, 3))
+
+
+PROVIDERS = {
+    "torch": torch_expression,
+    "sparsebert": lambda x, g, gs, m: ops.group_dot(x, g, gs, m),
+}
+
+
+@pytest.mark.parametrize("provider", sorted(PROVIDERS))
+@pytest.mark.parametrize("group_size", [1, 1536])
+def test_group_dot_cpu(benchmark, provider, group_size):
+    torch.set_num_threads(2)
+    x, g, mask = make_inputs(16, 128, 1536, torch.float32, "cpu")
+    benchmark(PROVIDERS[provider], x, g, group_size, mask)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--batch", type=int, default=None, help="default: 32 on CUDA, 16 on CPU")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--dim", type=int, nargs="+", default=None, help="default: 3072 on CUDA, 1536 on CPU")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if not cuda:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    batch = args.batch or (32 if cuda else 16)
+    dims = args.dim or ([3072] if cuda else [1536])
+
+    rows, records = [], []
+    for dim in dims:
+        for group_size in (1, 64, dim):
+            x, g, mask = make_inputs(batch, args.seq, dim, dtype, args.device)
+            bytes_moved = 2 * x.numel() * x.element_size()
+            times = {}
+            for name, fn in PROVIDERS.items():
+                times[name] = common.time_call(lambda fn=fn: fn(x, g, group_size, mask))
+            for name, seconds in times.items():
+                rec = dict(provider=name, batch=batch, seq=args.seq, dim=dim, group_size=group_size,
+                           dtype=str(dtype).replace("torch.", ""), us=seconds * 1e6,
+                           gb_per_s=bytes_moved / seconds / 1e9, speedup_vs_torch=times["torch"] / seconds)
+                records.append(rec)
+                rows.append([name, batch, args.seq, dim, group_size, f"{rec['us']:.1f}",
+                             f"{rec['gb_per_s']:.1f}", f"{rec['speedup_vs_torch']:.2f}x"])
+    env = common.environment(args.device)
+    table = common.markdown_table(["provider", "B", "S", "D", "group", "time (us)", "effective GB/s (x+g, all tokens)", "speedup vs torch"], rows)
+    title = (f"group_dot on {env['device']}, {str(dtype).replace('torch.', '')}, padding mask ~25% tokens; "
+             f"torch {env['torch']}, sparsebert {env['git_sha']}\n\n"
+             f"Command: python bench/bench_group_dot.py {' '.join(argv if argv is not None else sys.argv[1:])}\n")
+    print(title)
+    print(table)
+    path = common.write_results("group_dot", args.device, {"env": env, "args": vars(args), "results": records},
+                                title + "\n" + table)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

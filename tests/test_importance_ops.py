@@ -1,0 +1,151 @@
+"""group_dot and accumulate_importance_: native kernels vs references, autograd, opcheck, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsebert import ops
+from sparsebert.reference import accumulate_importance_ref, group_dot_ref
+from tests.conftest import DEVICES, assert_native
+
+
+def make_xg(batch, seq, dim, dtype, device, gen, strided=False):
+    if strided:  # views into a wider buffer: non-contiguous batch/sequence strides
+        wide = torch.randn(batch, seq, 2 * dim, generator=gen).to(device, dtype)
+        wide2 = torch.randn(batch, seq, 2 * dim, generator=gen).to(device, dtype)
+        return wide[..., :dim], wide2[..., dim:]
+    return (torch.randn(batch, seq, dim, generator=gen).to(device, dtype) for _ in range(2))
+
+
+def make_mask(batch, seq, device, gen):
+    mask = torch.rand(batch, seq, generator=gen) > 0.3
+    mask[:, 0] = True
+    return mask.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim,group_size", [(96, 1), (96, 96), (96, 32), (37, 37), (37, 1)])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("strided", [False, True])
+def test_group_dot_matches_reference(device, dtype, dim, group_size, masked, strided):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("fp64 is a CPU (gradcheck) dtype")
+    assert_native("group_dot", device)
+    gen = torch.Generator().manual_seed(dim * group_size)
+    batch, seq = 3, 9
+    x, g = make_xg(batch, seq, dim, dtype, device, gen, strided)
+    mask = make_mask(batch, seq, device, gen) if masked else None
+    got = torch.ops.sparsebert.group_dot(x, g, group_size, mask)
+    want = group_dot_ref(x, g, group_size, mask)
+    assert got.shape == (batch, dim // group_size)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(got, want, atol=1e-4 * seq * group_size, rtol=1e-4)
+
+
+def test_group_dot_reference_is_a_segmented_sum():
+    """Independent check of the reference against explicit loops."""
+    gen = torch.Generator().manual_seed(0)
+    x, g = make_xg(2, 4, 6, torch.float64, "cpu", gen)
+    mask = torch.tensor([[True, False, True, True], [True, True, False, False]])
+    out = group_dot_ref(x, g, 3, mask)
+    for b in range(2):
+        for j in range(2):
+            expected = sum(
+                float(x[b, s, d] * g[b, s, d]) for s in range(4) if mask[b, s] for d in range(3 * j, 3 * j + 3)
+            )
+            assert abs(float(out[b, j]) - expected) < 1e-12
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_group_dot_is_the_gate_gradient(device):
+    """group_dot(h, dL/dy) is dL/dgate for y = gate * h with one gate per group and example."""
+    assert_native("group_dot", device)
+    gen = torch.Generator().manual_seed(1)
+    x, w = make_xg(2, 5, 8, torch.float32, device, gen)
+    mask = make_mask(2, 5, device, gen)
+    gate = torch.ones(2, 2, device=device, requires_grad=True)
+    y = x * gate.repeat_interleave(4, dim=1)[:, None, :]
+    loss = ((y * w) * mask[:, :, None]).sum()
+    loss.backward()
+    torch.testing.assert_close(ops.group_dot(x, w * mask[:, :, None], 4, None), gate.grad)
+    torch.testing.assert_close(ops.group_dot(x, w, 4, mask), gate.grad)
+
+
+def test_group_dot_gradcheck():
+    gen = torch.Generator().manual_seed(2)
+    x, g = make_xg(2, 4, 6, torch.float64, "cpu", gen)
+    mask = make_mask(2, 4, "cpu", gen)
+    inputs = (x.requires_grad_(True), g.requires_grad_(True))
+    assert torch.autograd.gradcheck(lambda a, b: ops.group_dot(a, b, 3, mask), inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_group_dot_opcheck(device):
+    assert_native("group_dot", device)
+    gen = torch.Generator().manual_seed(3)
+    x, g = make_xg(2, 4, 6, torch.float32, device, gen)
+    mask = make_mask(2, 4, device, gen)
+    torch.library.opcheck(torch.ops.sparsebert.group_dot.default, (x.requires_grad_(True), g, 3, mask))
+    torch.library.opcheck(torch.ops.sparsebert.group_dot.default, (x, g, 6, None))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("power", [1, 2])
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("score_dtype", [torch.float32, torch.bfloat16])
+def test_accumulate_importance(device, power, acc_dtype, score_dtype):
+    assert_native("accumulate_importance_", device)
+    gen = torch.Generator().manual_seed(power)
+    acc = torch.rand(3, 4, generator=gen, dtype=acc_dtype).to(device)
+    scores = torch.randn(5, 3, 4, generator=gen).to(device, score_dtype)
+    expected = acc.clone()
+    accumulate_importance_ref(expected, scores, power)
+    independent = acc + (scores.to(acc_dtype).abs() ** power).sum(0)
+    result = ops.accumulate_importance_(acc, scores.transpose(1, 2).transpose(1, 2), power)
+    assert result is acc
+    torch.testing.assert_close(acc, expected)
+    torch.testing.assert_close(acc, independent)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_accumulate_importance_opcheck(device):
+    assert_native("accumulate_importance_", device)
+    acc = torch.zeros(6, device=device)
+    torch.library.opcheck(torch.ops.sparsebert.accumulate_importance_.default, (acc, torch.randn(4, 6, device=device), 1))
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(x=torch.randn(2, 3)), "'x'"),
+        (dict(g=torch.randn(2, 3, 5)), "'g'"),
+        (dict(group_size=5), "'group_size'"),
+        (dict(group_size=0), "'group_size'"),
+        (dict(token_mask=torch.ones(2, 3)), "'token_mask'"),
+        (dict(token_mask=torch.ones(2, 4, dtype=torch.bool)), "'token_mask'"),
+    ],
+)
+@pytest.mark.parametrize("native", [False, True])
+def test_group_dot_bad_input(kwargs, needle, native):
+    args = dict(x=torch.randn(2, 3, 6), g=torch.randn(2, 3, 6), group_size=3, token_mask=None)
+    args.update(kwargs)
+    call = torch.ops.sparsebert.group_dot if native else ops.group_dot
+    with pytest.raises((ValueError, RuntimeError), match=needle):
+        call(args["x"], args["g"], args["group_size"], args["token_mask"])
+
+
+@pytest.mark.parametrize(
+    "acc,scores,power,needle",
+    [
+        (torch.zeros(4), torch.randn(2, 4), 3, "'power'"),
+        (torch.zeros(4, dtype=torch.float16), torch.randn(2, 4), 1, "'acc'"),
+        (torch.zeros(4), torch.randn(2, 5), 1, "'scores'"),
+    ],
+)
+def test_accumulate_importance_bad_input(acc, scores, power, needle):
+    with pytest.raises(ValueError, match=needle):
+        ops.accumulate_importance_(acc, scores, power)
+    with pytest.raises(ValueError, match=needle):
+        torch.ops.sparsebert.accumulate_importance_(acc, scores, power)
