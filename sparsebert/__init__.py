@@ -1,8 +1,25 @@
 """sparsebert: a C++/CUDA-accelerated pruning toolkit for BERT-family transformers."""
 
-from sparsebert import ops
-from sparsebert.ops import masked_attention
+from sparsebert import hf, nn, ops
+from sparsebert.hf import get_masks, load_pruned, patch, prune, save_pruned, set_masks
+from sparsebert.ops import group_dot, masked_attention
+from sparsebert.pruning import Importance, importance
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "masked_attention", "__version__"]
+__all__ = [
+    "Importance",
+    "__version__",
+    "get_masks",
+    "group_dot",
+    "hf",
+    "importance",
+    "load_pruned",
+    "masked_attention",
+    "nn",
+    "ops",
+    "patch",
+    "prune",
+    "save_pruned",
+    "set_masks",
+]

@@ -1,0 +1,130 @@
+"""Set and read the gates of a patched model as whole-model masks.
+
+Masks are always in the original (unpruned) numbering: head_mask (L, H), mlp_mask (L,) for whole
+MLPs (as in the paper) and neuron_mask (L, F) for FFN neurons, with L, H, F from the config.
+1 = keep, 0 = pruned, values in between are soft gates. On a physically pruned model the entries
+of removed heads/neurons read 0, and setting them to anything but 0 is an error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sparsebert.hf.patching import sparse_blocks
+from sparsebert.hf.structure import config_size, structure_for
+
+
+def _as_mask(name: str, value, allowed: dict[str, tuple[int, ...]]) -> tuple[str, Tensor]:
+    """Validate one mask; returns (which allowed shape matched, fp32 CPU tensor).
+
+    allowed: {label: shape}. Raises TypeError (type/dtype) or ValueError (shape/values).
+    """
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            f"'{name}' must be a torch.Tensor or numpy array, got {type(value).__name__}"
+        )
+    if not (value.dtype == torch.bool or value.is_floating_point()):
+        raise TypeError(
+            f"'{name}' must be floating point (1 = keep, 0 = pruned, fractions = soft gates) or bool, "
+            f"got {value.dtype}"
+        )
+    shape = tuple(value.shape)
+    matches = [label for label, expected in allowed.items() if shape == expected]
+    if not matches:
+        wanted = " or ".join(f"{label} {expected}" for label, expected in allowed.items())
+        raise ValueError(f"'{name}' must have shape {wanted}, got {shape}")
+    mask = value.detach().to(device="cpu", dtype=torch.float32)
+    if bool(torch.isnan(mask).any()) or bool((mask < 0).any()) or bool((mask > 1).any()):
+        bad = mask[torch.isnan(mask) | (mask < 0) | (mask > 1)]
+        raise ValueError(f"'{name}' values must lie in [0, 1]; found {bad[:5].tolist()}")
+    return matches[0], mask
+
+
+def _check_removed(name: str, mask: Tensor, kept_ids: list[list[int]], what: str) -> None:
+    """Entries of physically removed heads/neurons must be 0. mask: (L, N)."""
+    for layer, ids in enumerate(kept_ids):
+        removed = torch.ones(mask.shape[1], dtype=torch.bool)
+        removed[ids] = False
+        row = mask[layer]  # (N,)
+        if bool((row[removed] != 0).any()):
+            index = int(torch.nonzero(removed & (row != 0))[0])
+            raise ValueError(
+                f"'{name}' sets layer {layer} {what} {index} to {float(row[index])}, but it was removed "
+                "by sparsebert.prune (removed entries must be 0)"
+            )
+
+
+def set_masks(
+    model: nn.Module,
+    head_mask: Tensor | np.ndarray | None = None,
+    mlp_mask: Tensor | np.ndarray | None = None,
+    neuron_mask: Tensor | np.ndarray | None = None,
+) -> None:
+    """Write masks into the gates of a patched model (None = leave that gate unchanged).
+
+    head_mask: (L, H); mlp_mask: (L,) whole MLPs, or (L, F) FFN neurons (same as neuron_mask);
+    neuron_mask: (L, F). float or bool, values in [0, 1]. Everything is validated before any gate
+    is written, so a bad mask changes nothing.
+    """
+    blocks = sparse_blocks(model)  # raises if not patched / unsupported
+    row = structure_for(model)
+    n_layers, n_heads = len(blocks), config_size(model, row, "num_heads")
+    n_neurons = config_size(model, row, "intermediate_size")
+    # Step 1: validate everything.
+    heads = None
+    if head_mask is not None:
+        _, heads = _as_mask("head_mask", head_mask, {"(L, H) =": (n_layers, n_heads)})
+        _check_removed("head_mask", heads, [attn.head_ids for attn, _ in blocks], "head")
+    mlps = neurons = None
+    if mlp_mask is not None:
+        kind, mask = _as_mask(
+            "mlp_mask", mlp_mask, {"(L,) =": (n_layers,), "(L, F) =": (n_layers, n_neurons)}
+        )
+        if kind == "(L,) =":
+            mlps = mask
+        else:
+            if neuron_mask is not None:
+                raise ValueError(
+                    "pass neuron masks once: either mlp_mask of shape (L, F) or neuron_mask"
+                )
+            neurons = mask
+    if neuron_mask is not None:
+        _, neurons = _as_mask("neuron_mask", neuron_mask, {"(L, F) =": (n_layers, n_neurons)})
+    if neurons is not None:
+        _check_removed("neuron mask", neurons, [mlp.neuron_ids for _, mlp in blocks], "neuron")
+    if mlps is not None:
+        for layer, (_, mlp) in enumerate(blocks):
+            if mlp.intermediate_size == 0 and float(mlps[layer]) != 0:
+                raise ValueError(
+                    f"'mlp_mask' sets layer {layer} to {float(mlps[layer])}, but its MLP was removed by "
+                    "sparsebert.prune (removed entries must be 0)"
+                )
+    # Step 2: write the gates (kept entries only, in each module's current numbering).
+    with torch.no_grad():
+        for layer, (attn, mlp) in enumerate(blocks):
+            if heads is not None:
+                attn.head_gate.copy_(heads[layer, attn.head_ids])
+            if mlps is not None:
+                mlp.mlp_gate.copy_(mlps[layer])
+            if neurons is not None:
+                mlp.neuron_gate.copy_(neurons[layer, mlp.neuron_ids])
+
+
+def get_masks(model: nn.Module) -> dict[str, Tensor]:
+    """The gates of a patched model as masks in the original numbering (fp32, CPU):
+    {"head_mask": (L, H), "mlp_mask": (L,), "neuron_mask": (L, F)}; removed entries read 0."""
+    blocks = sparse_blocks(model)
+    row = structure_for(model)
+    n_layers = len(blocks)
+    heads = torch.zeros(n_layers, config_size(model, row, "num_heads"))
+    mlps = torch.zeros(n_layers)
+    neurons = torch.zeros(n_layers, config_size(model, row, "intermediate_size"))
+    for layer, (attn, mlp) in enumerate(blocks):
+        heads[layer, attn.head_ids] = attn.head_gate.detach().float().cpu()
+        neurons[layer, mlp.neuron_ids] = mlp.neuron_gate.detach().float().cpu()
+        mlps[layer] = mlp.mlp_gate.detach().float().cpu() if mlp.intermediate_size else 0.0
+    return {"head_mask": heads, "mlp_mask": mlps, "neuron_mask": neurons}

@@ -1,0 +1,114 @@
+"""Swap SparseAttention / SparseMLP into a Hugging Face model, in place.
+
+After `patch(model)`, for every encoder layer (names from sparsebert.hf.structure):
+* `layer.<attention>` is a SparseAttention built around the original q/k/v, output dense,
+  LayerNorm and dropout modules (same Parameter objects, same names: `attention.self.query.weight`,
+  `attention.output.dense.weight`, ...);
+* `layer.sparse_mlp` is a SparseMLP attached to the layer's own `intermediate` / `output` children
+  (which stay where they are, so their names do not change) and `layer.<ffn_entry>` (the method
+  BertLayer calls on the attention output) is routed to it through an instance attribute
+  (`_FFNEntry`).
+State dicts, parameter names and shapes are those of the unpatched model; gates are non-persistent
+buffers. With all gates at 1 the outputs equal the unpatched model's (fp32: < 1e-5).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from sparsebert.hf.structure import ModelStructure, config_size, encoder_layers, structure_for
+from sparsebert.nn import SparseAttention, SparseMLP
+
+MLP_ATTR = "sparse_mlp"
+"""Name under which a patched layer registers its SparseMLP (our name, not the model's)."""
+
+
+class _FFNEntry:
+    """Stands in for a layer's FFN method (e.g. BertLayer.feed_forward_chunk): calls the layer's
+    SparseMLP (with module hooks). A plain object with a one-argument __call__, because HF's
+    apply_chunking_to_forward inspects the callable's signature; it deep-copies and pickles along
+    with the model."""
+
+    def __init__(self, mlp: SparseMLP) -> None:
+        self.mlp = mlp
+
+    def __call__(self, hidden_states):
+        return self.mlp(hidden_states)
+
+
+def _check_config(model: nn.Module, row: ModelStructure) -> None:
+    for flag in row.unsupported_flags:
+        if getattr(model.config, flag, False):
+            raise ValueError(
+                f"sparsebert.patch: config.{flag}=True is not supported (encoder self-attention only)"
+            )
+
+
+def _patch_layer(layer: nn.Module, model: nn.Module, row: ModelStructure) -> None:
+    """Step 1: attention block -> SparseAttention; Step 2: FFN -> attached SparseMLP."""
+    lay = row.attention_layout
+    block = getattr(layer, row.attention)
+    if not isinstance(block, SparseAttention):
+        projections, output = getattr(block, lay.self_attention), getattr(block, lay.output)
+        sparse = SparseAttention.from_modules(
+            query=getattr(projections, lay.query),
+            key=getattr(projections, lay.key),
+            value=getattr(projections, lay.value),
+            dense=getattr(output, lay.output_dense),
+            layer_norm=getattr(output, lay.output_layer_norm),
+            dropout=getattr(output, lay.output_dropout),
+            num_heads=config_size(model, row, "num_heads"),
+            attention_dropout=float(getattr(model.config, row.config.attention_dropout, 0.0)),
+            layout=lay,
+        )
+        sparse.train(block.training)
+        setattr(layer, row.attention, sparse)
+    if not isinstance(getattr(layer, MLP_ATTR, None), SparseMLP):
+        mlp = SparseMLP.attach(layer, layout=row.mlp_layout)
+        mlp.train(layer.training)
+        setattr(layer, MLP_ATTR, mlp)  # registered: .to(), .train(), state moves reach the gates
+        setattr(layer, row.ffn_entry, _FFNEntry(mlp))  # instance attribute shadows the method
+
+
+def patch(model: nn.Module) -> nn.Module:
+    """Swap gated SparseAttention / SparseMLP blocks into a HF model in place; returns it.
+
+    Supported model types: see `sparsebert.hf.structure.STRUCTURES` (bert, roberta, ...).
+    Idempotent. Gates start at 1 (set them with `sparsebert.set_masks`).
+    """
+    row = structure_for(model)
+    _check_config(model, row)
+    for layer in encoder_layers(model, row):
+        _patch_layer(layer, model, row)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """True when every encoder layer of a supported HF model carries the sparse blocks."""
+    try:
+        row = structure_for(model)
+        layers = encoder_layers(model, row)
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return len(layers) > 0 and all(
+        isinstance(getattr(layer, row.attention), SparseAttention)
+        and isinstance(getattr(layer, MLP_ATTR, None), SparseMLP)
+        for layer in layers
+    )
+
+
+def sparse_blocks(model: nn.Module) -> list[tuple[SparseAttention, SparseMLP]]:
+    """[(attention, mlp)] per encoder layer of a patched model, in layer order.
+
+    The entry point for code that reads or drives gates (masks, importance, surgery).
+    Raises ValueError naming the fix if the model is not patched.
+    """
+    row = structure_for(model)
+    if not is_patched(model):
+        raise ValueError(
+            f"{type(model).__name__} is not patched: call sparsebert.patch(model) first"
+        )
+    return [
+        (getattr(layer, row.attention), getattr(layer, MLP_ATTR))
+        for layer in encoder_layers(model, row)
+    ]

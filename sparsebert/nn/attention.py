@@ -1,0 +1,390 @@
+"""SparseAttention: a BERT attention block (self-attention + output projection) with head gates.
+
+Replaces e.g. Hugging Face `BertAttention` (`self.{query,key,value}` + `output.{dense,LayerNorm,
+dropout}`) with the same parameter names and shapes, so state dicts load unchanged. The gate
+placement follows the paper (PAPER.md §1.1): the head gate multiplies each head's context
+(equivalent to multiplying its attention probabilities).
+
+Conventions (exact, and identical in masked and physically pruned modules):
+* gate[h] == 0: head h is never computed (sparsebert.ops.masked_attention skips it) and adds 0.
+* Every head of an example gated to 0 (or num_heads == 0 after pruning): the block returns
+  LayerNorm(hidden_states); the output dense, its bias included, contributes nothing. This is the
+  paper's code (`self.self = None`, `output.dense = None`, LayerNorm still applied to the residual).
+* Training with attention dropout p > 0 runs torch SDPA (with dropout) and multiplies its output by
+  the gate; eval / p == 0 runs the sparsebert op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparsebert.ops import masked_attention
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Child names of an attention block: `<self_attention>.<query|key|value>` and
+    `<output>.<output_dense|output_layer_norm|output_dropout>` (BERT names by default)."""
+
+    self_attention: str = "self"
+    query: str = "query"
+    key: str = "key"
+    value: str = "value"
+    output: str = "output"
+    output_dense: str = "dense"
+    output_layer_norm: str = "LayerNorm"
+    output_dropout: str = "dropout"
+
+
+class _Container(nn.Module):
+    """A parameter holder without a forward (keeps the HF child names, e.g. `self`, `output`)."""
+
+    def __init__(self, **children: nn.Module | None) -> None:
+        super().__init__()
+        for name, child in children.items():
+            setattr(self, name, child)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers shared with sparsebert.nn.mlp
+# --------------------------------------------------------------------------------------------
+def known_all_zero(gate: Tensor) -> bool:
+    """True when `gate` is all zeros and that is known without a device sync or a graph break
+    (a CPU tensor that needs no grad, outside torch.compile); False means "compute"."""
+    if gate.is_cuda or gate.requires_grad or torch.compiler.is_compiling():
+        return False
+    return gate.numel() == 0 or not bool(gate.any())
+
+
+def slice_linear(linear: nn.Linear, index: Tensor, dim: int) -> nn.Linear:
+    """A new Linear keeping rows (dim=0: output features, bias too) or columns (dim=1: input
+    features) `index` of `linear`'s weight; copies, keeps dtype/device/requires_grad."""
+    weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device)).clone()
+    bias = linear.bias
+    if bias is not None:
+        bias = (
+            bias.detach().clone()
+            if dim == 1
+            else bias.detach().index_select(0, index.to(bias.device)).clone()
+        )
+    out_features, in_features = weight.shape
+    new = nn.Linear(
+        in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
+    new.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
+    return new
+
+
+def check_gate(name: str, gate: Tensor, size: int, batch_dims: bool = True) -> None:
+    """Validate a gate override: floating point, shape (size,) or (B, size)."""
+    if not isinstance(gate, Tensor) or not gate.is_floating_point():
+        raise TypeError(
+            f"'{name}' must be a floating-point torch.Tensor, got {type(gate).__name__}"
+            + (f" of dtype {gate.dtype}" if isinstance(gate, Tensor) else "")
+        )
+    if gate.dim() == 1 and gate.shape[0] == size:
+        return
+    if batch_dims and gate.dim() == 2 and gate.shape[1] == size:
+        return
+    raise ValueError(f"'{name}' must have shape ({size},) or (B, {size}), got {tuple(gate.shape)}")
+
+
+def to_key_padding_mask(attention_mask: Tensor | None, batch: int, seq: int) -> Tensor | None:
+    """Convert the attention masks Hugging Face passes to attention modules into the op's
+    key_padding_mask (B, S) bool, True = real token.
+
+    Accepted: None; (B, S) bool/int/float with 1/True = real token (flash-attention style);
+    (B, 1|H, Sq, S) bool with True = attend (SDPA style); (B, 1|H, Sq, S) float additive with
+    0 = attend and a large negative value = masked (eager style). 4-d masks must be padding masks
+    (the same for every query row; row 0 is read). A fully padded row attends to every key
+    (its output is meaningless either way) because the op needs one real token per row.
+    """
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, Tensor):
+        raise TypeError(
+            f"SparseAttention: unsupported attention_mask type {type(attention_mask).__name__}; "
+            "use attn_implementation='eager' or 'sdpa' (flex-attention BlockMasks are not supported)"
+        )
+    if attention_mask.dim() == 2:
+        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+    elif attention_mask.dim() == 4:
+        row = attention_mask[:, 0, 0, :]  # (B, S): padding masks repeat over heads and queries
+        if attention_mask.dtype == torch.bool or not attention_mask.is_floating_point():
+            mask = row != 0
+        else:
+            mask = row == 0  # additive: 0 = attend, finfo.min (or -1e4) = masked
+    else:
+        raise ValueError(
+            "SparseAttention: attention_mask must be (B, S) or (B, 1, Sq, S), got "
+            f"{tuple(attention_mask.shape)}"
+        )
+    if mask.shape[-1] != seq or mask.shape[0] not in (1, batch):
+        raise ValueError(
+            f"SparseAttention: attention_mask {tuple(attention_mask.shape)} does not match "
+            f"batch {batch} and sequence length {seq}"
+        )
+    mask = mask.expand(batch, seq)
+    return mask | ~mask.any(dim=-1, keepdim=True)  # fully padded rows attend everywhere (no sync)
+
+
+# --------------------------------------------------------------------------------------------
+# SparseAttention
+# --------------------------------------------------------------------------------------------
+class SparseAttention(nn.Module):
+    """Self-attention + output projection + residual + LayerNorm with per-head gates.
+
+    forward(hidden_states (B, S, hidden), attention_mask=None, **ignored)
+        -> (out (B, S, hidden), None)
+    (the tuple matches HF's BertAttention; attention weights are never materialised).
+
+    Buffers and attributes:
+    * `head_gate` (num_heads,) fp32 buffer (non-persistent: masks are saved separately); 1 = keep,
+      0 = pruned, fractions are soft gates. Set it with `sparsebert.set_masks` or in place.
+    * `head_gate_override`: None, or a tensor (num_heads,) or per-example (B, num_heads) used
+      instead of the buffer (e.g. a leaf with requires_grad for importance scores; the op's
+      backward returns its gradient). Use `with module.override_head_gate(t): ...`.
+    * `num_heads`, `head_dim` (per module: pruned layers differ), `head_ids`: original index of
+      each current head (kept in sync by `select_heads`).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        *,
+        head_dim: int | None = None,
+        attention_dropout: float = 0.0,
+        hidden_dropout: float = 0.0,
+        layer_norm_eps: float = 1e-12,
+        layout: AttentionLayout = AttentionLayout(),
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if head_dim is None:
+            if num_heads <= 0 or hidden_size % num_heads:
+                raise ValueError(
+                    f"SparseAttention: hidden_size {hidden_size} is not a multiple of num_heads {num_heads}; "
+                    "pass head_dim"
+                )
+            head_dim = hidden_size // num_heads
+        inner = num_heads * head_dim
+        kw = {"device": device, "dtype": dtype}
+        self._init_from_parts(
+            query=nn.Linear(hidden_size, inner, **kw),
+            key=nn.Linear(hidden_size, inner, **kw),
+            value=nn.Linear(hidden_size, inner, **kw),
+            dense=nn.Linear(inner, hidden_size, **kw),
+            layer_norm=nn.LayerNorm(hidden_size, eps=layer_norm_eps, **kw),
+            dropout=nn.Dropout(hidden_dropout),
+            num_heads=num_heads,
+            head_dim=head_dim,
+            hidden_size=hidden_size,
+            attention_dropout=attention_dropout,
+            layout=layout,
+        )
+
+    @classmethod
+    def from_modules(
+        cls,
+        *,
+        query: nn.Linear,
+        key: nn.Linear,
+        value: nn.Linear,
+        dense: nn.Linear,
+        layer_norm: nn.Module,
+        dropout: nn.Module,
+        num_heads: int,
+        attention_dropout: float = 0.0,
+        layout: AttentionLayout = AttentionLayout(),
+    ) -> SparseAttention:
+        """Build around existing modules (no copies: the same Parameter objects are reused)."""
+        if query.out_features % max(num_heads, 1):
+            raise ValueError(
+                f"query out_features {query.out_features} is not a multiple of num_heads {num_heads}"
+            )
+        module = cls.__new__(cls)
+        module._init_from_parts(
+            query=query,
+            key=key,
+            value=value,
+            dense=dense,
+            layer_norm=layer_norm,
+            dropout=dropout,
+            num_heads=num_heads,
+            head_dim=query.out_features // num_heads,
+            hidden_size=query.in_features,
+            attention_dropout=attention_dropout,
+            layout=layout,
+        )
+        return module
+
+    def _init_from_parts(
+        self,
+        *,
+        query,
+        key,
+        value,
+        dense,
+        layer_norm,
+        dropout,
+        num_heads,
+        head_dim,
+        hidden_size,
+        attention_dropout,
+        layout,
+    ) -> None:
+        nn.Module.__init__(self)
+        self.layout = layout
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.hidden_size = hidden_size
+        self.scaling = head_dim**-0.5
+        self.attention_dropout = float(attention_dropout)
+        self.head_ids: list[int] = list(range(num_heads))
+        self.head_gate_override: Tensor | None = None
+        projections = _Container(**{layout.query: query, layout.key: key, layout.value: value})
+        output = _Container(
+            **{
+                layout.output_dense: dense,
+                layout.output_layer_norm: layer_norm,
+                layout.output_dropout: dropout,
+            }
+        )
+        setattr(self, layout.self_attention, projections)
+        setattr(self, layout.output, output)
+        device = query.weight.device if query is not None else None
+        self.register_buffer("head_gate", torch.ones(num_heads, device=device), persistent=False)
+
+    # Step 0: parts, looked up by the layout's names ------------------------------------------
+    def _proj(self, name: str) -> nn.Linear | None:
+        return getattr(getattr(self, self.layout.self_attention), name)
+
+    def _out(self, name: str) -> nn.Module | None:
+        return getattr(getattr(self, self.layout.output), name)
+
+    @property
+    def gate(self) -> Tensor:
+        """The gate in use: `head_gate_override` if set, else the `head_gate` buffer."""
+        return self.head_gate if self.head_gate_override is None else self.head_gate_override
+
+    @contextlib.contextmanager
+    def override_head_gate(self, gate: Tensor) -> Iterator[Tensor]:
+        """Within the block, forward uses `gate` ((H,) or per-example (B, H), may require grad)
+        instead of the buffer."""
+        check_gate("head_gate override", gate, self.num_heads)
+        previous, self.head_gate_override = self.head_gate_override, gate
+        try:
+            yield gate
+        finally:
+            self.head_gate_override = previous
+
+    def forward(
+        self, hidden_states: Tensor, attention_mask: Tensor | None = None, *args, **kwargs
+    ) -> tuple[Tensor, None]:
+        """hidden_states (B, S, hidden) -> (LayerNorm(dropout(dense(gated ctx)) + hidden), None).
+
+        attention_mask: anything `to_key_padding_mask` accepts. Extra HF arguments (cache,
+        position_ids, output_attentions...) are accepted and ignored; a `head_mask` (removed in
+        transformers 5, which ignores it silently) raises ValueError pointing to set_masks.
+        """
+        if kwargs.get("head_mask") is not None:  # transformers 5 would silently ignore it
+            raise ValueError(
+                "SparseAttention: the head_mask argument (removed in transformers 5) is not applied; "
+                "set gates with sparsebert.set_masks(model, head_mask=...) instead"
+            )
+        if kwargs.get("encoder_hidden_states") is not None:
+            raise ValueError(
+                "SparseAttention supports self-attention only (no encoder_hidden_states)"
+            )
+        layer_norm = self._out(self.layout.output_layer_norm)
+        gate = self.gate  # (H,) or (B, H)
+        # Step 1: a block with no active head is LayerNorm(residual) (paper: self/dense removed).
+        if self.num_heads == 0 or known_all_zero(gate):
+            return layer_norm(hidden_states), None
+        batch, seq, _ = hidden_states.shape
+        heads, dim = self.num_heads, self.head_dim
+        # Step 2: projections as (B, S, H, D) views (no transposes or copies).
+        q = self._proj(self.layout.query)(hidden_states).view(batch, seq, heads, dim)
+        k = self._proj(self.layout.key)(hidden_states).view(batch, seq, heads, dim)
+        v = self._proj(self.layout.value)(hidden_states).view(batch, seq, heads, dim)
+        key_padding_mask = to_key_padding_mask(attention_mask, batch, seq)  # (B, S) or None
+        # Step 3: gated attention core -> ctx (B, S, H, D).
+        if self.training and self.attention_dropout > 0:
+            ctx = self._sdpa_with_dropout(q, k, v, gate, key_padding_mask)
+        else:
+            op_gate = gate if gate.dtype in (torch.float32, torch.float64) else gate.float()
+            ctx = masked_attention(q, k, v, op_gate, key_padding_mask, self.scaling)  # (B, S, H, D)
+        # Step 4: output projection; it contributes nothing (bias included) where no head is active.
+        out = self._out(self.layout.output_dense)(ctx.reshape(batch, seq, heads * dim))
+        out = self._out(self.layout.output_dropout)(out)  # (B, S, hidden)
+        active = (gate != 0).any(dim=-1).to(out.dtype)  # () or (B,)
+        active = active.view(-1, 1, 1) if active.dim() else active
+        return layer_norm(torch.addcmul(hidden_states, out, active)), None
+
+    def _sdpa_with_dropout(
+        self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor, key_padding_mask: Tensor | None
+    ) -> Tensor:
+        """Training path: torch SDPA with attention dropout, then the gate. Returns (B, S, H, D)."""
+        attn_mask = (
+            None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        )  # (B,1,1,S)
+        ctx = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=attn_mask,
+            dropout_p=self.attention_dropout,
+            scale=self.scaling,
+        ).transpose(1, 2)  # (B, S, H, D)
+        g = gate.to(ctx.dtype)
+        g = g.view(1, 1, -1, 1) if g.dim() == 1 else g[:, None, :, None]  # (1|B, 1, H, 1)
+        return torch.where(g != 0, ctx * g, torch.zeros((), dtype=ctx.dtype, device=ctx.device))
+
+    # Physical pruning ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def select_heads(self, keep: Sequence[int]) -> None:
+        """Keep only heads `keep` (current numbering, ascending) for real: slices q/k/v rows and
+        output-dense columns, the gate and `head_ids`. Keeping none removes q/k/v and the output
+        dense (set to None, as in the paper); the block then returns LayerNorm(hidden_states)."""
+        keep = sorted(int(h) for h in keep)
+        if len(set(keep)) != len(keep) or any(h < 0 or h >= self.num_heads for h in keep):
+            raise ValueError(
+                f"select_heads: indices must be distinct in [0, {self.num_heads}), got {keep}"
+            )
+        lay = self.layout
+        projections, output = getattr(self, lay.self_attention), getattr(self, lay.output)
+        if keep:
+            heads = torch.tensor(keep, dtype=torch.long)
+            rows = (
+                heads[:, None] * self.head_dim + torch.arange(self.head_dim)
+            ).flatten()  # (k*D,)
+            for name in (lay.query, lay.key, lay.value):
+                setattr(projections, name, slice_linear(getattr(projections, name), rows, dim=0))
+            setattr(
+                output,
+                lay.output_dense,
+                slice_linear(getattr(output, lay.output_dense), rows, dim=1),
+            )
+        else:
+            for name in (lay.query, lay.key, lay.value):
+                setattr(projections, name, None)
+            setattr(output, lay.output_dense, None)
+        index = torch.tensor(keep, dtype=torch.long, device=self.head_gate.device)
+        self.head_gate = self.head_gate.index_select(0, index).clone()
+        self.head_ids = [self.head_ids[h] for h in keep]
+        self.num_heads = len(keep)
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+            f"attention_dropout={self.attention_dropout}"
+        )

@@ -1,0 +1,268 @@
+"""SparseMLP: a BERT feed-forward block (intermediate + output) with an MLP gate and neuron gates.
+
+out = LayerNorm(mlp_gate * dropout(W2 (neuron_gate * act(W1 x + b1)) + b2) + x)
+
+Gate placement follows the paper (PAPER.md §1.1): the MLP gate multiplies the FFN output after
+`output.dense` and dropout, before the residual add and LayerNorm; neuron gates multiply the
+intermediate activations (after the activation function).
+
+Conventions (exact, and identical in masked and physically pruned modules):
+* mlp_gate == 0, or every neuron gate == 0, or intermediate_size == 0 after pruning: the block
+  returns LayerNorm(hidden_states); the FFN contributes nothing, output bias included (the paper's
+  `prune_mlp`: `intermediate = None`, `output.dense = None`, LayerNorm kept on the residual).
+* A neuron with gate 0 contributes nothing; physically removing it gives the same output.
+
+Parameter names are those of the two modules it replaces (`intermediate.dense.*`,
+`output.{dense,LayerNorm}.*`). Standalone it owns those children. Inside a host module that already
+holds them (a Hugging Face `BertLayer`), `SparseMLP.attach(host)` drives the host's children
+without registering them a second time, so the host's parameter names and state dict stay exactly
+those of the unpatched model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from sparsebert.nn.attention import _Container, check_gate, known_all_zero, slice_linear
+from sparsebert.nn.gating import gate_features, gated_residual
+
+FFNOutputHook = Callable[["SparseMLP", Tensor], None]
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "gelu": nn.GELU,
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+}
+
+
+@dataclass(frozen=True)
+class MLPLayout:
+    """Child names of a feed-forward block: `<intermediate>.<intermediate_dense|activation>` and
+    `<output>.<output_dense|output_layer_norm|output_dropout>` (BERT names by default)."""
+
+    intermediate: str = "intermediate"
+    intermediate_dense: str = "dense"
+    activation: str = "intermediate_act_fn"
+    output: str = "output"
+    output_dense: str = "dense"
+    output_layer_norm: str = "LayerNorm"
+    output_dropout: str = "dropout"
+
+
+class SparseMLP(nn.Module):
+    """Feed-forward block with gates: forward(hidden_states (..., hidden)) -> (..., hidden).
+
+    Buffers and attributes:
+    * `mlp_gate` () fp32 buffer and `neuron_gate` (intermediate_size,) fp32 buffer, both
+      non-persistent (masks are saved separately); 1 = keep, 0 = pruned, fractions = soft gates.
+    * `mlp_gate_override` (None, () or per-example (B,)) and `neuron_gate_override` (None, (F,) or
+      (B, F)) replace the buffers while set: `with module.override_gates(mlp_gate=t): ...`.
+      A leaf with requires_grad gets d loss / d gate = sum over tokens of (FFN output . grad).
+    * `register_ffn_output_hook(hook)`: hook(module, ffn_output) is called on every forward with
+      the FFN output (..., hidden) after output dense + dropout, *before* the MLP gate multiply (the
+      tensor whose dot product with its gradient is the MLP gate's gradient; call
+      `ffn_output.register_hook` inside the hook for per-token / per-example scores).
+    * `intermediate_size`, `neuron_ids` (original index of each current neuron).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        activation: str | nn.Module | Callable[[Tensor], Tensor] = "gelu",
+        hidden_dropout: float = 0.0,
+        layer_norm_eps: float = 1e-12,
+        layout: MLPLayout = MLPLayout(),
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(activation, str):
+            if activation not in _ACTIVATIONS:
+                raise ValueError(
+                    f"SparseMLP: unknown activation {activation!r}; one of {sorted(_ACTIVATIONS)}"
+                )
+            activation = _ACTIVATIONS[activation]()
+        kw = {"device": device, "dtype": dtype}
+        intermediate = _Container(
+            **{layout.intermediate_dense: nn.Linear(hidden_size, intermediate_size, **kw)}
+        )
+        setattr(intermediate, layout.activation, activation)
+        output = _Container(
+            **{
+                layout.output_dense: nn.Linear(intermediate_size, hidden_size, **kw),
+                layout.output_layer_norm: nn.LayerNorm(hidden_size, eps=layer_norm_eps, **kw),
+                layout.output_dropout: nn.Dropout(hidden_dropout),
+            }
+        )
+        setattr(self, layout.intermediate, intermediate)
+        setattr(self, layout.output, output)
+        self._setup(
+            layout,
+            host=None,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            device=device,
+        )
+
+    @classmethod
+    def attach(cls, host: nn.Module, *, layout: MLPLayout = MLPLayout()) -> SparseMLP:
+        """A SparseMLP that runs the FFN children `host` holds (`host.<layout.intermediate>`,
+        `host.<layout.output>`) without registering them: parameter names stay the host's. The
+        caller registers the returned module on the host (so .to()/.train() reach the gates) and
+        routes the host's FFN call to it."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        dense = getattr(getattr(host, layout.intermediate), layout.intermediate_dense)
+        module._setup(
+            layout,
+            host=host,
+            hidden_size=dense.in_features,
+            intermediate_size=dense.out_features,
+            device=dense.weight.device,
+        )
+        return module
+
+    def _setup(
+        self,
+        layout: MLPLayout,
+        *,
+        host: nn.Module | None,
+        hidden_size: int,
+        intermediate_size: int,
+        device,
+    ) -> None:
+        self.layout = layout
+        object.__setattr__(self, "_host", host)  # not registered: no second path to the parameters
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.neuron_ids: list[int] = list(range(intermediate_size))
+        self.mlp_gate_override: Tensor | None = None
+        self.neuron_gate_override: Tensor | None = None
+        self._ffn_output_hooks: OrderedDict[int, FFNOutputHook] = OrderedDict()
+        self.register_buffer("mlp_gate", torch.ones((), device=device), persistent=False)
+        self.register_buffer(
+            "neuron_gate", torch.ones(intermediate_size, device=device), persistent=False
+        )
+
+    # Step 0: parts, looked up by the layout's names on the owner (self, or the host) ---------
+    def _part(self, block: str, name: str):
+        owner = self if self._host is None else self._host
+        return getattr(getattr(owner, block), name)
+
+    @property
+    def gates(self) -> tuple[Tensor, Tensor]:
+        """(mlp gate () or (B,), neuron gate (F,) or (B, F)) in use: overrides, else buffers."""
+        mlp = self.mlp_gate if self.mlp_gate_override is None else self.mlp_gate_override
+        neuron = (
+            self.neuron_gate if self.neuron_gate_override is None else self.neuron_gate_override
+        )
+        return mlp, neuron
+
+    @contextlib.contextmanager
+    def override_gates(
+        self, mlp_gate: Tensor | None = None, neuron_gate: Tensor | None = None
+    ) -> Iterator[None]:
+        """Within the block, forward uses these gates (None = keep the buffer): mlp_gate () or
+        (B,), neuron_gate (F,) or (B, F); they may require grad."""
+        if mlp_gate is not None:
+            if not isinstance(mlp_gate, Tensor) or not mlp_gate.is_floating_point():
+                raise TypeError("'mlp_gate' override must be a floating-point torch.Tensor")
+            if mlp_gate.dim() > 1:
+                raise ValueError(
+                    f"'mlp_gate' override must have shape () or (B,), got {tuple(mlp_gate.shape)}"
+                )
+        if neuron_gate is not None:
+            check_gate("neuron_gate override", neuron_gate, self.intermediate_size)
+        previous = (self.mlp_gate_override, self.neuron_gate_override)
+        self.mlp_gate_override, self.neuron_gate_override = mlp_gate, neuron_gate
+        try:
+            yield
+        finally:
+            self.mlp_gate_override, self.neuron_gate_override = previous
+
+    def register_ffn_output_hook(self, hook: FFNOutputHook) -> RemovableHandle:
+        """hook(module, ffn_output (..., hidden)) runs on each forward, before the MLP gate."""
+        handle = RemovableHandle(self._ffn_output_hooks)
+        self._ffn_output_hooks[handle.id] = hook
+        return handle
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        """hidden_states (B, S, hidden) (any leading dims for shared gates) -> same shape."""
+        lay = self.layout
+        layer_norm = self._part(lay.output, lay.output_layer_norm)
+        mlp_gate, neuron_gate = self.gates
+        # Step 1: a removed or fully gated MLP is LayerNorm(residual) (paper's prune_mlp).
+        if self.intermediate_size == 0 or known_all_zero(mlp_gate) or known_all_zero(neuron_gate):
+            return layer_norm(hidden_states)
+        # Step 2: up projection, activation, neuron gates.
+        h = self._part(lay.intermediate, lay.intermediate_dense)(hidden_states)  # (B, S, F)
+        h = self._part(lay.intermediate, lay.activation)(h)
+        if neuron_gate.requires_grad:  # importance scoring: fused per-example gate gradient
+            h = gate_features(h, neuron_gate)
+        else:
+            ng = neuron_gate.to(h.dtype)
+            h = h * (ng[:, None, :] if ng.dim() == 2 else ng)
+        # Step 3: down projection and dropout: the FFN output (hook point).
+        y = self._part(lay.output, lay.output_dropout)(self._part(lay.output, lay.output_dense)(h))
+        for hook in tuple(self._ffn_output_hooks.values()):
+            hook(self, y)
+        # Step 4: MLP gate, zeroed where no neuron is active, then residual + LayerNorm.
+        gate = mlp_gate * (neuron_gate != 0).any(dim=-1).to(mlp_gate.dtype)  # () or (B,)
+        if gate.requires_grad:  # importance scoring: fused per-example gate gradient (group_dot)
+            return layer_norm(gated_residual(hidden_states, y, gate))
+        gate = gate.to(y.dtype)
+        gate = gate.view(-1, *([1] * (y.dim() - 1))) if gate.dim() else gate
+        return layer_norm(torch.addcmul(hidden_states, y, gate))
+
+    # Physical pruning ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def select_neurons(self, keep: Sequence[int]) -> None:
+        """Keep only neurons `keep` (current numbering) for real: slices intermediate-dense rows,
+        output-dense columns, the neuron gate and `neuron_ids`. Keeping none removes the MLP (both
+        denses set to None, mlp_gate set to 0); the block then returns LayerNorm(hidden_states)."""
+        keep = sorted(int(n) for n in keep)
+        if len(set(keep)) != len(keep) or any(n < 0 or n >= self.intermediate_size for n in keep):
+            raise ValueError(
+                f"select_neurons: indices must be distinct in [0, {self.intermediate_size})"
+            )
+        lay = self.layout
+        owner = self if self._host is None else self._host
+        intermediate, output = getattr(owner, lay.intermediate), getattr(owner, lay.output)
+        if keep:
+            index = torch.tensor(keep, dtype=torch.long)
+            setattr(
+                intermediate,
+                lay.intermediate_dense,
+                slice_linear(getattr(intermediate, lay.intermediate_dense), index, dim=0),
+            )
+            setattr(
+                output,
+                lay.output_dense,
+                slice_linear(getattr(output, lay.output_dense), index, dim=1),
+            )
+        else:
+            setattr(intermediate, lay.intermediate_dense, None)
+            setattr(output, lay.output_dense, None)
+            self.mlp_gate.zero_()
+        index = torch.tensor(keep, dtype=torch.long, device=self.neuron_gate.device)
+        self.neuron_gate = self.neuron_gate.index_select(0, index).clone()
+        self.neuron_ids = [self.neuron_ids[n] for n in keep]
+        self.intermediate_size = len(keep)
+
+    def extra_repr(self) -> str:
+        where = "standalone" if self._host is None else f"attached to {type(self._host).__name__}"
+        return (
+            f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, {where}"
+        )

@@ -1,0 +1,382 @@
+"""Head, MLP and neuron importance of a patched model, from gate gradients.
+
+    imp = sparsebert.importance(model, batches, mode="paper")   # imp.head (L, H), imp.mlp (L,)
+
+Modes (all gradients are taken at the model's current gates; weights are frozen, so no
+weight-gradient GEMMs run):
+  paper        the authors' code (PAPER.md §1.2): |d loss / d gate| of the batch-mean loss,
+               abs per batch, summed over batches (gates shared by the batch). Unlike the
+               authors' code, gradients are not carried over from one batch to the next.
+  per_example  sum over examples of |d loss_i / d gate| (per-example gates (B, H), one pass).
+  fisher       sum over examples of (d loss_i / d gate)^2 (Kwon et al. 2022).
+  michel       Michel et al.: sum over examples and real tokens of |ctx_t . d loss_i / d ctx_t|.
+The head gradients come from d_head_gate of the masked-attention backward kernel, the MLP and
+neuron gradients from the fused group_dot reduction (sparsebert.nn.gating); `michel` needs
+per-token values and uses tensor hooks instead.
+
+Normalisation (normalize=True, each step switchable, as the paper's runs): head scores are
+L2-normalised per layer, then min-max rescaled over the model; MLP and neuron scores are divided
+by the number of real tokens, then min-max rescaled. Pruned heads/MLPs/neurons (gate exactly 0)
+score 0. Scores are in the original (unpruned) numbering: (L, H), (L,), (L, F) from the config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from sparsebert.hf.patching import sparse_blocks
+from sparsebert.hf.structure import config_size, structure_for
+from sparsebert.nn import SparseAttention, SparseMLP
+from sparsebert.ops import accumulate_importance_
+
+MODES = ("paper", "per_example", "fisher", "michel")
+
+
+@dataclass
+class Importance:
+    """Importance scores in the original numbering.
+
+    head (L, H), mlp (L,), neuron (L, F) or None when not requested. per_example, when kept:
+    {"head": (N, L, H), "mlp": (N, L), "neuron": (N, L, F)} of per-example |gradient| (per_example
+    and fisher modes). examples / tokens: how much data was seen.
+    """
+
+    head: Tensor | None
+    mlp: Tensor | None
+    neuron: Tensor | None
+    mode: str
+    normalized: dict[str, bool]
+    examples: int
+    tokens: int
+    per_example: dict[str, Tensor] | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable dict (tensors as nested lists)."""
+
+        def lst(t: Tensor | None):
+            return None if t is None else t.tolist()
+
+        return {
+            "head": lst(self.head),
+            "mlp": lst(self.mlp),
+            "neuron": lst(self.neuron),
+            "mode": self.mode,
+            "normalized": dict(self.normalized),
+            "examples": self.examples,
+            "tokens": self.tokens,
+            "per_example": None
+            if self.per_example is None
+            else {k: v.tolist() for k, v in self.per_example.items()},
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Importance:
+        def ten(x):
+            return None if x is None else torch.tensor(x, dtype=torch.float32)
+
+        missing = {"head", "mlp", "mode", "examples", "tokens"} - set(data)
+        if missing:
+            raise ValueError(f"Importance.from_dict: missing keys {sorted(missing)}")
+        per_example = data.get("per_example")
+        return cls(
+            head=ten(data["head"]),
+            mlp=ten(data["mlp"]),
+            neuron=ten(data.get("neuron")),
+            mode=str(data["mode"]),
+            normalized=dict(data.get("normalized", {})),
+            examples=int(data["examples"]),
+            tokens=int(data["tokens"]),
+            per_example=None if per_example is None else {k: ten(v) for k, v in per_example.items()},
+            extra=dict(data.get("extra", {})),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Model state: frozen weights, eval mode, restored afterwards
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def frozen_for_scoring(model: nn.Module):
+    """Eval mode and requires_grad=False on every parameter; both restored on exit (even on error)."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def per_example_loss(logits: Tensor, labels: Tensor, num_labels: int) -> Tensor:
+    """(B,) losses: cross-entropy for classification, MSE for regression (num_labels == 1)."""
+    if num_labels == 1:
+        return F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction="none")
+    return F.cross_entropy(logits.float(), labels.long(), reduction="none")
+
+
+# --------------------------------------------------------------------------------------------
+# Gate leaves for one batch
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _LayerLeaves:
+    head: Tensor  # (H_l,) or (B, H_l)
+    mlp: Tensor  # () or (B,)
+    neuron: Tensor | None  # (F_l,) or (B, F_l)
+
+
+def _make_leaves(blocks, batch: int, per_example: bool, neurons: bool) -> list[_LayerLeaves]:
+    leaves = []
+    for attn, mlp in blocks:
+        head = attn.head_gate.detach().float()
+        mlp_gate = mlp.mlp_gate.detach().float()
+        neuron = mlp.neuron_gate.detach().float() if neurons else None
+        if per_example:
+            head = head.expand(batch, -1)
+            mlp_gate = mlp_gate.expand(batch)
+            neuron = None if neuron is None else neuron.expand(batch, -1)
+        leaves.append(_LayerLeaves(
+            head=head.clone().requires_grad_(True),
+            mlp=mlp_gate.clone().requires_grad_(True),
+            neuron=None if neuron is None else neuron.clone().requires_grad_(True),
+        ))
+    return leaves
+
+
+@contextlib.contextmanager
+def _gates_overridden(blocks, leaves: list[_LayerLeaves]):
+    with contextlib.ExitStack() as stack:
+        for (attn, mlp), leaf in zip(blocks, leaves):
+            stack.enter_context(attn.override_head_gate(leaf.head))
+            stack.enter_context(mlp.override_gates(mlp_gate=leaf.mlp, neuron_gate=leaf.neuron))
+        yield
+
+
+def _safe_divide(num: Tensor, gate: Tensor) -> Tensor:
+    """num / gate where gate != 0, else 0 (the gradient w.r.t. the gate from that of the gated tensor)."""
+    return torch.where(gate != 0, num / torch.where(gate != 0, gate, 1.0), 0.0)
+
+
+@contextlib.contextmanager
+def _michel_hooks(blocks, token_mask: Tensor, sums: dict[str, list[Tensor]], neurons: bool):
+    """Per-token |x_t . grad_t| for each head context, FFN output and FFN neuron, summed over real
+    tokens and examples into sums["head"][l] (H_l,), sums["mlp"][l] (), sums["neuron"][l] (F_l,)."""
+    handles = []
+    mask = token_mask[:, :, None].float()  # (B, S, 1)
+
+    def on_tensor(x: Tensor, reduce):
+        if x.requires_grad:
+            x.register_hook(lambda grad, x=x.detach(): reduce(x, grad))
+
+    for layer, (attn, mlp) in enumerate(blocks):
+        def head_hook(module, args, layer=layer, attn=attn):
+            (ctx,) = args  # (B, S, H*D): gated context, input of the output dense
+
+            def reduce(x, grad):
+                b, s, _ = x.shape
+                dots = (x.float() * grad.float()).view(b, s, attn.num_heads, attn.head_dim).sum(-1)
+                per_token = _safe_divide(dots, attn.gate.detach().float().expand(b, -1)[:, None, :])
+                sums["head"][layer] += (per_token.abs() * mask).sum(dim=(0, 1))
+            on_tensor(ctx, reduce)
+
+        def mlp_hook(module, y, layer=layer, mlp=mlp):
+            def reduce(x, grad):  # grad is w.r.t. y, i.e. gate * d loss / d (gated y)
+                dots = (x.float() * grad.float()).sum(-1)  # (B, S)
+                gate = mlp.gates[0].detach().float()
+                gate = gate.view(-1, 1) if gate.dim() else gate
+                sums["mlp"][layer] += (_safe_divide(dots, gate).abs() * mask[..., 0]).sum()
+            on_tensor(y, reduce)
+
+        dense = attn._out(attn.layout.output_dense)
+        if dense is not None:
+            handles.append(dense.register_forward_pre_hook(head_hook))
+        handles.append(mlp.register_ffn_output_hook(mlp_hook))
+        if neurons:
+            down = mlp._part(mlp.layout.output, mlp.layout.output_dense)
+
+            def neuron_hook(module, args, layer=layer, mlp=mlp):
+                (h,) = args  # (B, S, F): gated activations
+
+                def reduce(x, grad):
+                    gate = mlp.gates[1].detach().float()
+                    gate = gate[:, None, :] if gate.dim() == 2 else gate
+                    per_token = _safe_divide(x.float() * grad.float(), gate)
+                    sums["neuron"][layer] += (per_token.abs() * mask).sum(dim=(0, 1))
+                on_tensor(h, reduce)
+
+            if down is not None:
+                handles.append(down.register_forward_pre_hook(neuron_hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------------------------
+def normalize_by_layer(scores: Tensor, exponent: float = 2.0) -> Tensor:
+    """Each layer's row divided by its L-`exponent` norm (+1e-20), as the paper's code. (L, N)."""
+    norm = scores.pow(exponent).sum(-1, keepdim=True).pow(1.0 / exponent)
+    return scores / (norm + 1e-20)
+
+
+def min_max(scores: Tensor) -> Tensor:
+    """Rescale to [0, 1] over the whole tensor (unchanged if constant)."""
+    low, high = scores.min(), scores.max()
+    return scores if high <= low else (scores - low) / (high - low)
+
+
+# --------------------------------------------------------------------------------------------
+# The entry point
+# --------------------------------------------------------------------------------------------
+def _batch_to(batch: Mapping, device: torch.device) -> dict:
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"importance: each batch must be a dict of tensors, got {type(batch).__name__}")
+    if "labels" not in batch:
+        raise ValueError("importance: batches need 'labels' (the loss defines the importance)")
+    return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+
+
+def importance(
+    model: nn.Module,
+    batches: Iterable[Mapping],
+    *,
+    heads: bool = True,
+    mlps: bool = True,
+    neurons: bool = False,
+    mode: str = "paper",
+    normalize: bool = True,
+    normalize_by_layer_heads: bool | None = None,
+    normalize_global: bool | None = None,
+    normalize_mlp_by_tokens: bool | None = None,
+    keep_per_example: bool = False,
+    progress: bool = True,
+) -> Importance:
+    """Score heads (L, H), MLPs (L,) and optionally FFN neurons (L, F) of a patched model.
+
+    batches: an iterable of dicts as the model takes them, labels included (e.g. input_ids,
+    attention_mask, token_type_ids, labels). The model's training mode, requires_grad flags and
+    gates are restored afterwards, even on error. See the module docstring for the modes.
+    """
+    if mode not in MODES:
+        raise ValueError(f"importance: 'mode' must be one of {MODES}, got {mode!r}")
+    if not (heads or mlps or neurons):
+        raise ValueError("importance: nothing to score (heads, mlps and neurons are all False)")
+    if keep_per_example and mode not in ("per_example", "fisher"):
+        raise ValueError("importance: keep_per_example needs mode='per_example' or 'fisher'")
+    blocks = sparse_blocks(model)  # raises if not patched
+    row = structure_for(model)
+    n_layers, n_heads = len(blocks), config_size(model, row, "num_heads")
+    n_ffn = config_size(model, row, "intermediate_size")
+    num_labels = int(model.config.num_labels)
+    device = next(model.parameters()).device
+    per_example = mode in ("per_example", "fisher", "michel")
+    power = 2 if mode == "fisher" else 1
+
+    head_acc = [torch.zeros(a.num_heads, device=device) for a, _ in blocks]
+    mlp_acc = [torch.zeros((), device=device) for _ in blocks]
+    neuron_acc = [torch.zeros(m.intermediate_size, device=device) for _, m in blocks]
+    kept: dict[str, list[Tensor]] = {"head": [], "mlp": [], "neuron": []}
+    examples = tokens = 0
+
+    with frozen_for_scoring(model):
+        for batch in tqdm(batches, desc=f"importance ({mode})", disable=not progress, leave=False):
+            batch = _batch_to(batch, device)
+            labels = batch.pop("labels")
+            size = labels.shape[0]
+            token_mask = batch.get("attention_mask")
+            token_mask = (torch.ones(batch["input_ids"].shape, device=device) if token_mask is None
+                          else token_mask).bool()
+            examples += size
+            tokens += int(token_mask.sum())
+            # Step 1: gate leaves (shared by the batch, or per example) replace the buffers.
+            leaves = _make_leaves(blocks, size, per_example and mode != "michel", neurons)
+            michel_sums = {"head": head_acc, "mlp": mlp_acc, "neuron": neuron_acc}
+            hooks = (_michel_hooks(blocks, token_mask, michel_sums, neurons) if mode == "michel"
+                     else contextlib.nullcontext())
+            with _gates_overridden(blocks, leaves), hooks:
+                # Step 2: forward, per-example losses; batch mean (paper) or sum (per example).
+                logits = model(**batch).logits
+                losses = per_example_loss(logits, labels, num_labels)  # (B,)
+                loss = losses.mean() if mode == "paper" else losses.sum()
+                # Step 3: backward to the gates only (weights are frozen).
+                wanted = [leaf.head for leaf in leaves] + [leaf.mlp for leaf in leaves]
+                wanted += [leaf.neuron for leaf in leaves if leaf.neuron is not None]
+                grads = torch.autograd.grad(loss, wanted, allow_unused=True)
+            if mode == "michel":
+                continue  # the hooks accumulated per-token scores
+            # Step 4: accumulate |grad| (or grad^2), per batch (paper) or per example.
+            n = len(blocks)
+            head_g, mlp_g, neuron_g = grads[:n], grads[n:2 * n], grads[2 * n:]
+            for layer in range(n):
+                for acc, g in ((head_acc[layer], head_g[layer]), (mlp_acc[layer], mlp_g[layer])):
+                    if g is not None:
+                        accumulate_importance_(acc, g.float().reshape(-1, *acc.shape), power)
+                if neurons and neuron_g[layer] is not None:
+                    accumulate_importance_(neuron_acc[layer], neuron_g[layer].float().reshape(-1, *neuron_acc[layer].shape), power)
+            if keep_per_example:
+                kept["head"].append(_to_original(blocks, [g.abs() for g in head_g], "head", n_heads, size))
+                live = torch.stack([(m.mlp_gate != 0).float() for _, m in blocks]).cpu()  # (L,)
+                kept["mlp"].append(torch.stack([g.abs().float() for g in mlp_g], dim=1).cpu() * live)
+                if neurons:
+                    kept["neuron"].append(_to_original(blocks, [g.abs() for g in neuron_g], "neuron", n_ffn, size))
+
+    if examples == 0:
+        raise ValueError("importance: 'batches' was empty")
+    # Pruned components (gate exactly 0) score exactly 0.
+    for layer, (_, mlp_block) in enumerate(blocks):
+        mlp_acc[layer] = mlp_acc[layer] * (mlp_block.mlp_gate != 0)
+        neuron_acc[layer] = neuron_acc[layer] * (mlp_block.neuron_gate != 0)
+    head = _to_original(blocks, head_acc, "head", n_heads) if heads else None
+    mlp = torch.stack([m.float() for m in mlp_acc]).cpu() if mlps else None
+    neuron = _to_original(blocks, neuron_acc, "neuron", n_ffn) if neurons else None
+    flags = {
+        "heads_by_layer": normalize if normalize_by_layer_heads is None else normalize_by_layer_heads,
+        "global_min_max": normalize if normalize_global is None else normalize_global,
+        "mlp_by_tokens": normalize if normalize_mlp_by_tokens is None else normalize_mlp_by_tokens,
+    }
+    if head is not None and flags["heads_by_layer"]:
+        head = normalize_by_layer(head)
+    if flags["mlp_by_tokens"]:
+        mlp = None if mlp is None else mlp / tokens
+        neuron = None if neuron is None else neuron / tokens
+    if flags["global_min_max"]:
+        head, mlp, neuron = (None if t is None else min_max(t) for t in (head, mlp, neuron))
+    per_ex = None
+    if keep_per_example:
+        per_ex = {k: torch.cat(v) for k, v in kept.items() if v}
+    return Importance(head=head, mlp=mlp, neuron=neuron, mode=mode, normalized=flags,
+                      examples=examples, tokens=tokens, per_example=per_ex)
+
+
+def _to_original(blocks, per_layer: list[Tensor], what: str, size: int, batch: int | None = None) -> Tensor:
+    """Scatter per-layer scores in current numbering into the original numbering.
+
+    per_layer[l]: (N_l,) or, with batch, (B, N_l) / (N_l,) per example; returns (L, size) or
+    (B, L, size) on the CPU (removed entries 0)."""
+    rows = []
+    for (attn, mlp), scores in zip(blocks, per_layer):
+        ids = attn.head_ids if what == "head" else mlp.neuron_ids
+        scores = scores.detach().float().cpu()
+        if batch is None:
+            row = torch.zeros(size)
+            row[ids] = scores
+        else:
+            scores = scores.expand(batch, -1) if scores.dim() == 1 else scores
+            row = torch.zeros(batch, size)
+            row[:, ids] = scores
+        rows.append(row)
+    return torch.stack(rows, dim=-2)

