@@ -75,9 +75,9 @@ def _extension():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         define_macros.append(("SPARSEBERT_WITH_CUDA", "1"))
         define_macros.append(("SPARSEBERT_CUDA_ARCH_LIST", f'"{arch_list or "native"}"'))
+        # The C++ standard is left to torch (2.14 headers need C++20).
         nvcc_flags = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + [
             "--expt-relaxed-constexpr",
-            "-std=c++17",
         ]
         if _env_flag("SPARSEBERT_PTXAS_VERBOSE", "0") == "1":
             nvcc_flags.append("-Xptxas=-v")
