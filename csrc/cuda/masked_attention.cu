@@ -1,0 +1,169 @@
+// masked_attention on CUDA: host entry points (validation, allocation, path choice) and the
+// dispatcher registration. Kernels: masked_attention_fwd.cu, masked_attention_bwd.cu.
+//
+// Path choice: fp16/bf16 with head_dim 32 or 64 on sm80+ use the tensor-core (WMMA) kernels; fp32,
+// other head dims (<= 512) and older GPUs use the SIMT kernels. SPARSEBERT_ATTENTION_KERNEL=simt
+// forces the SIMT kernels (a debugging aid: the two paths must agree).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "masked_attention_common.cuh"
+#include "sparsebert/checks.h"
+#include "sparsebert/masked_attention.h"
+#include "sparsebert/registry.h"
+
+namespace sparsebert {
+namespace {
+
+using cuda_attn::DType;
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return DType::kHalf;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: return DType::kFloat;  // checked to be fp32 by check_cuda_inputs
+  }
+}
+
+void check_cuda_inputs(const at::Tensor& q, const AttentionShape& s) {
+  SB_CHECK_ARG(q.is_cuda(), "q", "expected a CUDA tensor for the CUDA kernel, got ", q.device());
+  const auto t = q.scalar_type();
+  SB_CHECK_ARG(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, "q",
+               "the CUDA kernel supports float32, float16 and bfloat16, got ", t,
+               " (float64 runs on CPU only)");
+  SB_CHECK_ARG(s.head_dim <= attn::kSimtMaxHeadDim, "q", "the CUDA kernel supports head_dim D <= ",
+               attn::kSimtMaxHeadDim, ", got D = ", s.head_dim);
+  const int64_t int_max = std::numeric_limits<int>::max();
+  SB_CHECK_ARG(s.batch * s.heads * std::max(s.q_len, s.kv_len) <= int_max &&
+                   s.batch * std::max(s.q_len, s.kv_len) * s.heads * s.head_dim <= (int64_t{1} << 40),
+               "q", "tensor too large for the CUDA kernel: q ", shape_str(q.sizes()));
+}
+
+attn::Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// 16-byte vector loads need a 16-byte aligned base and rows/heads that start on 16-byte boundaries.
+bool vec16_ok(const at::Tensor& t) {
+  const int64_t esize = t.element_size();
+  const auto ptr = reinterpret_cast<uintptr_t>(t.data_ptr());
+  return ptr % 16 == 0 && (t.size(3) * esize) % 16 == 0 && (t.stride(0) * esize) % 16 == 0 &&
+         (t.stride(1) * esize) % 16 == 0 && (t.stride(2) * esize) % 16 == 0;
+}
+
+bool use_tensor_cores(const at::Tensor& q, const AttentionShape& s) {
+  const char* env = std::getenv("SPARSEBERT_ATTENTION_KERNEL");
+  if (env != nullptr && std::strcmp(env, "simt") == 0) return false;
+  if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16) return false;
+  if (s.head_dim != 32 && s.head_dim != 64) return false;
+  return at::cuda::getCurrentDeviceProperties()->major >= 8;
+}
+
+float scale_log2(double scale) { return static_cast<float>(scale * 1.4426950408889634); }
+
+std::tuple<at::Tensor, at::Tensor> masked_attention_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v, const at::Tensor& head_gate,
+                                                         const std::optional<at::Tensor>& key_padding_mask,
+                                                         double scale) {
+  const AttentionShape s = check_masked_attention_inputs(q, k, v, head_gate, key_padding_mask);
+  check_cuda_inputs(q, s);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor gate = gate_per_example(head_gate, s.batch);  // (B, H) fp32
+  const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({s.batch, s.q_len, s.heads, s.head_dim}, q.options());
+  at::Tensor lse = at::empty({s.batch, s.heads, s.q_len}, q.options().dtype(at::kFloat));
+
+  cuda_attn::FwdArgs a{};
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.q_st = strides_of(q);
+  a.k_st = strides_of(k);
+  a.v_st = strides_of(v);
+  a.gate = gate.data_ptr<float>();
+  a.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  a.out = out.data_ptr();
+  a.lse = lse.data_ptr<float>();
+  a.batch = static_cast<int>(s.batch);
+  a.q_len = static_cast<int>(s.q_len);
+  a.kv_len = static_cast<int>(s.kv_len);
+  a.heads = static_cast<int>(s.heads);
+  a.head_dim = static_cast<int>(s.head_dim);
+  a.scale_log2 = scale_log2(scale);
+  a.vec16 = vec16_ok(q) && vec16_ok(k) && vec16_ok(v);
+  cuda_attn::launch_attention_forward(to_dtype(q.scalar_type()), a, use_tensor_cores(q, s),
+                                      at::cuda::getCurrentCUDAStream());
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& head_gate, const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
+    const at::Tensor& lse, double scale) {
+  const AttentionShape s = check_masked_attention_inputs(q, k, v, head_gate, key_padding_mask);
+  check_masked_attention_backward_inputs(s, q, dout, out, lse);
+  check_cuda_inputs(q, s);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor gate = gate_per_example(head_gate, s.batch);
+  const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
+  const bool tensor_cores = use_tensor_cores(q, s);
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor delta = at::empty({s.batch, s.heads, s.q_len}, f32);
+  at::Tensor d_gate = at::zeros({s.batch, s.heads}, f32);
+  // Tensor-core path: dq accumulated with fp32 atomics (zeroed), converted below; SIMT: written.
+  at::Tensor dq = tensor_cores ? at::zeros({s.batch, s.q_len, s.heads, s.head_dim}, f32)
+                               : at::empty({s.batch, s.q_len, s.heads, s.head_dim}, q.options());
+  at::Tensor dk = at::empty({s.batch, s.kv_len, s.heads, s.head_dim}, k.options());
+  at::Tensor dv = at::empty({s.batch, s.kv_len, s.heads, s.head_dim}, v.options());
+
+  cuda_attn::BwdArgs a{};
+  a.dout = dout.data_ptr();
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.out = out.data_ptr();
+  a.dout_st = strides_of(dout);
+  a.q_st = strides_of(q);
+  a.k_st = strides_of(k);
+  a.v_st = strides_of(v);
+  a.out_st = strides_of(out);
+  a.gate = gate.data_ptr<float>();
+  a.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  a.lse = lse.data_ptr<float>();
+  a.delta = delta.data_ptr<float>();
+  a.dq = dq.data_ptr();
+  a.dk = dk.data_ptr();
+  a.dv = dv.data_ptr();
+  a.d_gate = d_gate.data_ptr<float>();
+  a.batch = static_cast<int>(s.batch);
+  a.q_len = static_cast<int>(s.q_len);
+  a.kv_len = static_cast<int>(s.kv_len);
+  a.heads = static_cast<int>(s.heads);
+  a.head_dim = static_cast<int>(s.head_dim);
+  a.scale = static_cast<float>(scale);
+  a.scale_log2 = scale_log2(scale);
+  a.vec16 = vec16_ok(q) && vec16_ok(k) && vec16_ok(v) && vec16_ok(dout);
+  cuda_attn::launch_attention_backward(to_dtype(q.scalar_type()), a, tensor_cores,
+                                       at::cuda::getCurrentCUDAStream());
+  if (tensor_cores) dq = dq.to(q.scalar_type());
+  return {dq, dk, dv, d_gate};
+}
+
+}  // namespace
+
+static KernelRegistration kForwardRegistration("masked_attention", "CUDA");
+static KernelRegistration kBackwardRegistration("masked_attention_backward", "CUDA");
+
+}  // namespace sparsebert
+
+TORCH_LIBRARY_IMPL(sparsebert, CUDA, m) {
+  m.impl("masked_attention", &sparsebert::masked_attention_cuda);
+  m.impl("masked_attention_backward", &sparsebert::masked_attention_backward_cuda);
+}
