@@ -75,6 +75,7 @@ def _extension():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         define_macros.append(("SPARSEBERT_WITH_CUDA", "1"))
         define_macros.append(("SPARSEBERT_CUDA_ARCH_LIST", f'"{arch_list or "native"}"'))
+        define_macros.append(("SPARSEBERT_CUDA_VERSION", f'"{torch.version.cuda}"'))
         # The C++ standard is left to torch (2.14 headers need C++20).
         nvcc_flags = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + [
             "--expt-relaxed-constexpr",

@@ -8,8 +8,8 @@
 #define SPARSEBERT_CUDA_ARCH_LIST ""
 #endif
 
-#ifdef SPARSEBERT_WITH_CUDA
-#include <cuda_runtime_api.h>
+#ifndef SPARSEBERT_CUDA_VERSION
+#define SPARSEBERT_CUDA_VERSION ""
 #endif
 
 namespace sparsebert {
@@ -27,8 +27,7 @@ pybind11::dict build_info() {
   pybind11::dict info;
   info["torch_version"] = TORCH_VERSION;
 #ifdef SPARSEBERT_WITH_CUDA
-  info["cuda_version"] =
-      std::to_string(CUDART_VERSION / 1000) + "." + std::to_string((CUDART_VERSION % 1000) / 10);
+  info["cuda_version"] = SPARSEBERT_CUDA_VERSION;  // the CUDA of the torch it was built with
   info["cuda_arch_list"] = SPARSEBERT_CUDA_ARCH_LIST;
 #else
   info["cuda_version"] = pybind11::none();
