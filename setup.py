@@ -30,6 +30,22 @@ def _env_flag(name: str, default: str) -> str:
     return value
 
 
+def _is_toolkit(folder: str | None) -> bool:
+    return bool(folder) and all(
+        os.path.exists(os.path.join(folder, *part))
+        for part in (("bin", "nvcc"), ("include", "cuda_runtime_api.h"))
+    )
+
+
+def _cuda_toolkit_root(detected: str | None) -> str | None:
+    """The CUDA toolkit folder: torch's guess (CUDA_HOME, or the parent of the `nvcc` on PATH,
+    which is wrong when that nvcc is a wrapper script), else the usual install locations."""
+    for folder in (detected, os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if _is_toolkit(folder):
+            return folder
+    return None
+
+
 def _cuda_decision() -> tuple[bool, str]:
     """Return (build_cuda, reason)."""
     import torch
@@ -43,9 +59,11 @@ def _cuda_decision() -> tuple[bool, str]:
     problems = []
     if torch.version.cuda is None:
         problems.append(f"torch {torch.__version__} is not a CUDA build")
-    cuda_home = cpp_extension.CUDA_HOME
-    if cuda_home is None or not os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+    cuda_home = _cuda_toolkit_root(cpp_extension.CUDA_HOME)
+    if cuda_home is None:
         problems.append("no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)")
+    else:
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = cuda_home
     if problems:
         if mode == "1":
             raise SystemExit("SPARSEBERT_BUILD_CUDA=1 but CUDA cannot be built: " + "; ".join(problems))
