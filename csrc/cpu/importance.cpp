@@ -10,6 +10,7 @@
 
 #include "sparsebert/checks.h"
 #include "sparsebert/dispatch.h"
+#include "sparsebert/importance.h"
 #include "sparsebert/registry.h"
 
 namespace sparsebert::cpu {
@@ -52,23 +53,8 @@ void group_dot_impl(const at::Tensor& x, const at::Tensor& g, int64_t group_size
 
 at::Tensor group_dot_cpu(const at::Tensor& x, const at::Tensor& g, int64_t group_size,
                          const std::optional<at::Tensor>& token_mask) {
-  check_rank(x, "x", 3, "(B, S, D)");
-  check_float_dtype(x, "x");
-  SB_CHECK_ARG(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type(), "g",
-               "expected shape ", shape_str(x.sizes()), " and dtype ", x.scalar_type(), ", got ",
-               shape_str(g.sizes()), " ", g.scalar_type());
-  SB_CHECK_ARG(x.device().is_cpu() && g.device().is_cpu(), "x", "the CPU kernel needs CPU tensors");
-  SB_CHECK_ARG(x.stride(2) == 1 && g.stride(2) == 1, "x",
-               "x and g need a contiguous last dimension");
-  SB_CHECK_ARG(group_size > 0 && x.size(2) % group_size == 0, "group_size",
-               "expected a positive divisor of D = ", x.size(2), ", got ", group_size);
-  if (token_mask.has_value()) {
-    SB_CHECK_ARG(token_mask->scalar_type() == at::kBool && token_mask->dim() == 2 &&
-                     token_mask->size(0) == x.size(0) && token_mask->size(1) == x.size(1),
-                 "token_mask", "expected a bool (B, S) = (", x.size(0), ", ", x.size(1),
-                 ") tensor, got ", token_mask->scalar_type(), " ", shape_str(token_mask->sizes()));
-    check_same_device(*token_mask, x, "token_mask", "x");
-  }
+  check_group_dot_inputs(x, g, group_size, token_mask);
+  SB_CHECK_ARG(x.device().is_cpu(), "x", "the CPU kernel needs CPU tensors, got ", x.device());
   const auto stat = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty({x.size(0), x.size(2) / group_size}, x.options().dtype(stat));
   SB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "group_dot_cpu", [&] {
@@ -78,16 +64,9 @@ at::Tensor group_dot_cpu(const at::Tensor& x, const at::Tensor& g, int64_t group
 }
 
 void accumulate_importance_cpu(at::Tensor& acc_tensor, const at::Tensor& scores, int64_t power) {
-  SB_CHECK_ARG(power == 1 || power == 2, "power", "expected 1 (abs) or 2 (square), got ", power);
-  SB_CHECK_ARG((acc_tensor.scalar_type() == at::kFloat || acc_tensor.scalar_type() == at::kDouble) &&
-                   acc_tensor.is_contiguous(),
-               "acc", "expected a contiguous fp32/fp64 tensor, got ", acc_tensor.scalar_type());
-  SB_CHECK_ARG(scores.dim() == acc_tensor.dim() + 1 && scores.sizes().slice(1) == acc_tensor.sizes(),
-               "scores", "expected (N, ", shape_str(acc_tensor.sizes()), "...), got ",
-               shape_str(scores.sizes()));
-  check_float_dtype(scores, "scores");
-  SB_CHECK_ARG(acc_tensor.device().is_cpu() && scores.device().is_cpu(), "acc",
-               "the CPU kernel needs CPU tensors");
+  check_accumulate_importance_inputs(acc_tensor, scores, power);
+  SB_CHECK_ARG(acc_tensor.device().is_cpu(), "acc", "the CPU kernel needs CPU tensors, got ",
+               acc_tensor.device());
   const at::Tensor s = scores.contiguous();
   const int64_t N = s.size(0), G = acc_tensor.numel();
   AT_DISPATCH_FLOATING_TYPES(acc_tensor.scalar_type(), "accumulate_importance_acc", [&] {
