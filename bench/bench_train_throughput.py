@@ -30,47 +30,70 @@ MODES = {"bucketed": (True, "dynamic"), "dynamic": (False, "dynamic"),
          "fixed": (False, "max_length")}
 
 
-def run_mode(mode: str, args: argparse.Namespace, train: batching.Encoded, task,
-             device: torch.device) -> dict[str, float]:
-    """Time `args.steps` training steps (after `args.warmup` untimed ones) in one mode."""
-    bucket, padding = MODES[mode]
-    # Step 1: a fresh model and optimizer per mode, so every mode starts from the same state.
-    model, _ = load_model(args.model, task.num_labels, labels=task.labels, seed=args.seed)
-    model.to(device).train()
-    config = TrainConfig(task=task.name, model=args.model).resolved()
-    optimizer, scheduler = make_optimizer(model, config, total_steps=10_000)
-    batches = batching.train_batches(train.lengths, args.batch_size, args.seed, 0, bucket)
-    needed = args.warmup + args.steps
-    if len(batches) < needed:
-        raise SystemExit(f"{task.name} has {len(batches)} batches, fewer than warmup+steps "
-                         f"{needed}")
-    # Step 2: warm up, then time the steps (synchronizing the GPU at both ends).
-    examples = tokens = padded = 0
-    for i, indices in enumerate(batches[:needed]):
-        if i == args.warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-        batch = to_device(batching.collate(train, indices, padding), device)
-        with autocast(device, "auto"):
-            loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i >= args.warmup:
-            examples += len(indices)
-            tokens += int(train.lengths[indices].sum())
-            padded += int(batch["input_ids"].numel())
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    epoch = batching.padding_stats(train, batches, padding)
-    return {"examples_per_s": examples / seconds, "seconds": seconds, "steps": args.steps,
-            "examples": examples, "real_tokens": tokens, "padded_tokens": padded,
-            "padding_efficiency_timed": tokens / padded,
-            "padding_efficiency_epoch": epoch["efficiency"]}
+class ModeRunner:
+    """One mode's model, optimizer and batch stream; `run(n)` trains n steps and times them."""
+
+    def __init__(self, mode: str, args: argparse.Namespace, train: batching.Encoded, task,
+                 device: torch.device) -> None:
+        bucket, self.padding = MODES[mode]
+        # A fresh model and optimizer per mode, so every mode starts from the same state.
+        self.model, _ = load_model(args.model, task.num_labels, labels=task.labels,
+                                   seed=args.seed)
+        self.model.to(device).train()
+        config = TrainConfig(task=task.name, model=args.model).resolved()
+        self.optimizer, self.scheduler = make_optimizer(self.model, config, total_steps=10_000)
+        self.batches = batching.train_batches(train.lengths, args.batch_size, args.seed, 0,
+                                              bucket)
+        self.train, self.device, self.next = train, device, 0
+        self.stats = {"seconds": 0.0, "steps": 0, "examples": 0, "real_tokens": 0,
+                      "padded_tokens": 0}
+
+    def run(self, steps: int, timed: bool = True) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            indices = self.batches[self.next % len(self.batches)]
+            self.next += 1
+            batch = to_device(batching.collate(self.train, indices, self.padding), self.device)
+            with autocast(self.device, "auto"):
+                loss = self.model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if timed:
+                self.stats["steps"] += 1
+                self.stats["examples"] += len(indices)
+                self.stats["real_tokens"] += int(self.train.lengths[indices].sum())
+                self.stats["padded_tokens"] += int(batch["input_ids"].numel())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        if timed:
+            self.stats["seconds"] += time.perf_counter() - start
+
+    def result(self) -> dict[str, float]:
+        s = self.stats
+        epoch = batching.padding_stats(self.train, self.batches, self.padding)
+        return {**s, "examples_per_s": s["examples"] / s["seconds"],
+                "padding_efficiency_timed": s["real_tokens"] / s["padded_tokens"],
+                "padding_efficiency_epoch": epoch["efficiency"]}
+
+
+def measure(args: argparse.Namespace, train: batching.Encoded, task, device: torch.device,
+            ) -> dict[str, dict[str, float]]:
+    """Step 1: warm every mode up; Step 2: time them in interleaved rounds, so load from
+    other processes on the machine hits every mode alike."""
+    runners = {mode: ModeRunner(mode, args, train, task, device)
+               for mode in args.modes.split(",")}
+    for runner in runners.values():
+        runner.run(args.warmup, timed=False)
+    per_round = max(1, args.steps // args.rounds)
+    for _ in range(args.rounds):
+        for runner in runners.values():
+            runner.run(per_round)
+    return {mode: runner.result() for mode, runner in runners.items()}
 
 
 def main() -> None:
@@ -80,6 +103,8 @@ def main() -> None:
     parser.add_argument("--glue-dir", default=None, help="default: $GLUE_DIR, else the hub")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per mode")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved rounds (steps are split across them)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=42)
@@ -95,11 +120,11 @@ def main() -> None:
     _, tokenizer = load_model(args.model, task.num_labels, labels=task.labels)
     train = batching.encode(load_split(task, "train", args.glue_dir), tokenizer, args.max_length)
 
-    rows = {mode: run_mode(mode, args, train, task, device) for mode in args.modes.split(",")}
+    rows = measure(args, train, task, device)
     base = rows.get("fixed", {}).get("examples_per_s")
     print(f"\n{task.name} training throughput, {device_name(device)}, "
           f"{torch.get_num_threads()} threads, batch {args.batch_size}, max_length "
-          f"{args.max_length}, {args.steps} timed steps")
+          f"{args.max_length}, {args.steps} timed steps per mode in {args.rounds} rounds")
     print(f"{'mode':<10}{'examples/s':>12}{'vs fixed':>10}{'pad eff.':>10}")
     for mode, row in rows.items():
         ratio = f"{row['examples_per_s'] / base:.2f}x" if base else "-"

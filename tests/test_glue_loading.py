@@ -1,0 +1,221 @@
+"""GLUE loading: every staged real file (via GLUE_DIR), plus error cases on small files.
+
+The real-data tests need GLUE_DIR pointing at a GLUE download (e.g. ../shared/data/glue);
+they are skipped with that reason otherwise. Official row counts: SOURCES.md / the GLUE card.
+"""
+
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparsebert.glue.loading import GlueError, load_split, read_jsonl, read_tsv
+from sparsebert.glue.tasks import get_task
+
+GLUE_DIR = os.environ.get("GLUE_DIR", "")
+needs_glue = pytest.mark.skipif(
+    not GLUE_DIR or not Path(GLUE_DIR).is_dir(),
+    reason="GLUE_DIR is not set (point it at a GLUE download, e.g. ../shared/data/glue)")
+
+# (task, split): (official row count, label counts by label string or (min, max) for STS-B)
+OFFICIAL = {
+    ("CoLA", "train"): (8551, None), ("CoLA", "dev"): (1043, {"0": 322, "1": 721}),
+    ("SST-2", "train"): (67349, None), ("SST-2", "dev"): (872, {"0": 428, "1": 444}),
+    ("MRPC", "train"): (3668, None), ("MRPC", "dev"): (408, {"0": 129, "1": 279}),
+    ("STS-B", "train"): (5749, (0.0, 5.0)), ("STS-B", "dev"): (1500, (0.0, 5.0)),
+    ("QNLI", "dev"): (5463, {"entailment": 2702, "not_entailment": 2761}),
+    ("RTE", "train"): (2490, None),
+    ("RTE", "dev"): (277, {"entailment": 146, "not_entailment": 131}),
+    ("WNLI", "train"): (635, None), ("WNLI", "dev"): (71, {"0": 40, "1": 31}),
+    ("MNLI", "dev_matched"): (9815, {"entailment": 3479, "neutral": 3123,
+                                     "contradiction": 3213}),
+}
+
+
+@needs_glue
+@pytest.mark.parametrize("task_name, split", list(OFFICIAL))
+def test_real_files_counts_and_labels(task_name, split):
+    task = get_task(task_name)
+    data = load_split(task, split, GLUE_DIR)
+    count, labels = OFFICIAL[(task_name, split)]
+    assert len(data) == count
+    assert len(data.texts) == len(task.text_fields)
+    assert all(len(column) == count for column in data.texts)
+    assert all(isinstance(t, str) for column in data.texts for t in column)
+    if task.is_regression:
+        assert data.labels.dtype == np.float32
+        assert (float(data.labels.min()), float(data.labels.max())) == labels
+    else:
+        assert data.labels.dtype == np.int64
+        assert set(np.unique(data.labels)) <= set(range(task.num_labels))
+        if labels is not None:
+            assert Counter(task.labels[i] for i in data.labels) == labels
+
+
+@needs_glue
+def test_tsv_parse_equals_plain_tab_split():
+    """QUOTE_NONE: quotes are literal, so every row equals the line split on tabs."""
+    for task_name, folder, split, text_cols, label_col in [
+        ("RTE", "RTE", "train", (1, 2), 3), ("MRPC", "MRPC", "dev", (3, 4), 0),
+        ("QNLI", "QNLI", "dev", (1, 2), 3), ("STS-B", "STS-B", "train", (7, 8), 9),
+    ]:
+        task = get_task(task_name)
+        data = load_split(task, split, GLUE_DIR)
+        lines = Path(GLUE_DIR, folder, f"{split}.tsv").read_text("utf-8-sig").splitlines()[1:]
+        rows = [line.split("\t") for line in lines]
+        assert len(rows) == len(data)
+        for column, index in zip(data.texts, text_cols):
+            assert column == [row[index] for row in rows]
+
+
+@needs_glue
+def test_known_rows():
+    cola = load_split("cola", "dev", GLUE_DIR)  # no header: the first line is data
+    assert cola.texts[0][0] == "The sailors rode the breeze clear of the rocks."
+    assert cola.labels[0] == 1
+    assert cola.texts[0][-1] == "John talked to Bill about himself."  # no final newline
+    mrpc = load_split("MRPC", "dev", GLUE_DIR)  # byte-order mark before the header
+    assert mrpc.labels[0] == 1
+    assert mrpc.texts[1][0].startswith('" The foodservice pie business does not fit')
+    mrpc_train = load_split("MRPC", "train", GLUE_DIR)
+    assert any('an " extremely heartrending " time' in t for t in mrpc_train.texts[0])
+    rte = load_split("RTE", "train", GLUE_DIR)  # mojibake rows kept as they are
+    assert "PrzekrÃ³j" in rte.texts[0][1333]
+    stsb = load_split("STS-B", "train", GLUE_DIR)
+    assert "Stalloneâ€™s" in stsb.texts[1][4106]
+    assert stsb.texts == (stsb.texts[0], stsb.texts[1]) and stsb.labels[0] == 5.0
+    qnli = load_split("QNLI", "dev", GLUE_DIR)  # stray leading quote kept
+    assert sum(s.startswith('" ') for s in qnli.texts[1]) == 13
+    sst = load_split("sst2", "dev", GLUE_DIR)
+    assert sst.texts[0][0] == "it 's a charming and often affecting journey . "
+    mnli = load_split("MNLI", "dev", GLUE_DIR)  # JSONL stand-in for dev_matched
+    assert mnli.split == "dev_matched" and mnli.source.endswith("dev_matched.jsonl")
+    assert mnli.texts[0][0] == "The new rights are nice enough"
+    assert get_task("MNLI").labels[mnli.labels[0]] == "neutral"
+
+
+@needs_glue
+def test_missing_split_names_path_and_glue_dir():
+    with pytest.raises(GlueError) as info:
+        load_split("QQP", "train", GLUE_DIR)
+    message = str(info.value)
+    assert str(Path(GLUE_DIR) / "QQP" / "train.tsv") in message
+    assert "GLUE_DIR" in message and "--glue-dir" in message
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_env_var_and_argument(tmp_path, monkeypatch):
+    _write(tmp_path / "RTE" / "dev.tsv", "index\tsentence1\tsentence2\tlabel\n"
+           "0\tA \"quoted\" word.\tB.\tentailment\n1\tC.\tD.\tnot_entailment\n")
+    monkeypatch.setenv("GLUE_DIR", str(tmp_path))
+    data = load_split("rte", "validation")
+    assert data.texts[0] == ['A "quoted" word.', "C."] and data.labels.tolist() == [0, 1]
+    monkeypatch.setenv("GLUE_DIR", str(tmp_path / "nowhere"))
+    assert len(load_split("RTE", "dev", glue_dir=tmp_path)) == 2  # the argument wins
+
+
+def test_wrong_columns(tmp_path):
+    path = _write(tmp_path / "RTE" / "dev.tsv", "index\tpremise\tsentence2\tlabel\n0\ta\tb\t0\n")
+    with pytest.raises(GlueError, match=r"wrong columns.*sentence1"):
+        read_tsv(path, "RTE", "dev")
+    short = _write(tmp_path / "x.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\n")
+    with pytest.raises(GlueError, match=r"x.tsv:2: row has 3 columns"):
+        read_tsv(short, "RTE")
+
+
+def test_labels_outside_label_set(tmp_path):
+    path = _write(tmp_path / "a.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n")
+    with pytest.raises(GlueError, match=r"a.tsv:2: label 'maybe' is not in the label set"):
+        read_tsv(path, "RTE")
+    stsb = _write(tmp_path / "s.tsv", "sentence1\tsentence2\tscore\na\tb\t7.5\n")
+    with pytest.raises(GlueError, match=r"outside \[0.0, 5.0\]"):
+        read_tsv(stsb, "STS-B")
+    cola = _write(tmp_path / "c.tsv", "src\t2\t\tA sentence.\n")
+    with pytest.raises(GlueError, match="not in the label set of CoLA"):
+        read_tsv(cola, "CoLA")
+
+
+def test_empty_dataset(tmp_path):
+    header_only = _write(tmp_path / "SST-2" / "train.tsv", "sentence\tlabel\n")
+    with pytest.raises(GlueError, match="empty dataset"):
+        read_tsv(header_only, "SST-2")
+    empty = _write(tmp_path / "e.tsv", "")
+    with pytest.raises(GlueError, match="empty"):
+        read_tsv(empty, "SST-2")
+
+
+def test_cola_with_and_without_header(tmp_path):
+    plain = _write(tmp_path / "a.tsv", "gj04\t1\t\tGood one.\ngj04\t0\t*\tBad one one.\n")
+    data = read_tsv(plain, "CoLA")
+    assert data.texts[0] == ["Good one.", "Bad one one."] and data.labels.tolist() == [1, 0]
+    headed = _write(tmp_path / "b.tsv", "source\tlabel\toriginal_label\tsentence\n"
+                    "gj04\t1\t\tGood one.\n")
+    assert read_tsv(headed, "CoLA").texts[0] == ["Good one."]
+
+
+def test_jsonl_hub_and_tsv_field_names(tmp_path):
+    lines = [{"premise": "p1", "hypothesis": "h1", "label": "contradiction"},
+             {"sentence1": "p2", "sentence2": "h2", "gold_label": "entailment"},
+             {"premise": "p3", "hypothesis": "h3", "label": 1}]
+    path = _write(tmp_path / "MNLI" / "dev_mismatched.jsonl",
+                  "".join(json.dumps(x) + "\n" for x in lines))
+    data = load_split("MNLI", "dev_mismatched", tmp_path)
+    assert data.texts == (["p1", "p2", "p3"], ["h1", "h2", "h3"])
+    assert data.labels.tolist() == [2, 0, 1]
+    bad = _write(tmp_path / "bad.jsonl", json.dumps({"premise": "p", "label": 0}) + "\n")
+    with pytest.raises(GlueError, match="wrong columns"):
+        read_jsonl(bad, "MNLI")
+    out_of_range = _write(tmp_path / "r.jsonl", json.dumps(
+        {"premise": "p", "hypothesis": "h", "label": 3}) + "\n")
+    with pytest.raises(GlueError, match="not in the label set"):
+        read_jsonl(out_of_range, "MNLI")
+
+
+def test_no_glue_dir_and_no_datasets_gives_clear_error(monkeypatch):
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(GlueError) as info:
+        load_split("RTE", "train")
+    assert "GLUE_DIR" in str(info.value) and "pip install datasets" in str(info.value)
+
+
+def test_subset():
+    from sparsebert.glue.loading import GlueData  # noqa: PLC0415
+
+    data = GlueData(get_task("SST-2"), "train", (["a", "b", "c"],), np.array([0, 1, 0]), "x")
+    sub = data.subset([2, 0])
+    assert sub.texts == (["c", "a"],) and sub.labels.tolist() == [0, 0] and len(sub) == 2
+
+
+def test_hub_fallback_with_a_fake_datasets_module(monkeypatch):
+    """Without GLUE_DIR, splits come from `datasets.load_dataset("nyu-mll/glue", ...)`."""
+    import types  # noqa: PLC0415
+
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return {"premise": ["p1", "p2"], "hypothesis": ["h1", "h2"], "label": [2, 0]}
+
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    data = load_split("MNLI", "dev_mismatched")
+    assert calls == [("nyu-mll/glue", "mnli", "validation_mismatched")]
+    assert data.texts == (["p1", "p2"], ["h1", "h2"]) and data.labels.tolist() == [2, 0]
+    assert data.source == "hub:nyu-mll/glue/mnli/validation_mismatched"
+
+    def unlabeled(name, config, split):
+        return {"premise": ["p"], "hypothesis": ["h"], "label": [-1]}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=unlabeled))
+    with pytest.raises(GlueError, match="not in the label set"):
+        load_split("MNLI", "dev")

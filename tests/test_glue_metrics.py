@@ -1,0 +1,73 @@
+"""GLUE metrics (plain numpy) against scikit-learn and scipy on random predictions."""
+
+import numpy as np
+import pytest
+
+from sparsebert.glue import metrics
+
+sklearn_metrics = pytest.importorskip("sklearn.metrics")
+stats = pytest.importorskip("scipy.stats")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_binary_metrics_match_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 500))
+    labels = rng.integers(0, 2, n)
+    predictions = np.where(rng.random(n) < 0.7, labels, rng.integers(0, 2, n))
+    assert metrics.accuracy(predictions, labels) == pytest.approx(
+        sklearn_metrics.accuracy_score(labels, predictions), abs=1e-12)
+    assert metrics.f1(predictions, labels) == pytest.approx(
+        sklearn_metrics.f1_score(labels, predictions), abs=1e-12)
+    assert metrics.matthews_corrcoef(predictions, labels) == pytest.approx(
+        sklearn_metrics.matthews_corrcoef(labels, predictions), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_multiclass_mcc_matches_sklearn(seed):
+    rng = np.random.default_rng(100 + seed)
+    labels, predictions = rng.integers(0, 3, 300), rng.integers(0, 3, 300)
+    assert metrics.matthews_corrcoef(predictions, labels) == pytest.approx(
+        sklearn_metrics.matthews_corrcoef(labels, predictions), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_correlations_match_scipy(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.uniform(0, 5, 200)
+    predictions = labels + rng.normal(0, 1.5, 200)
+    assert metrics.pearson(predictions, labels) == pytest.approx(
+        stats.pearsonr(predictions, labels)[0], abs=1e-10)
+    assert metrics.spearman(predictions, labels) == pytest.approx(
+        stats.spearmanr(predictions, labels)[0], abs=1e-10)
+
+
+def test_spearman_with_ties_matches_scipy():
+    rng = np.random.default_rng(7)
+    labels = np.round(rng.uniform(0, 5, 300) * 5) / 5  # STS-B-like scores: many ties
+    predictions = np.round(labels + rng.normal(0, 1, 300))
+    assert metrics.spearman(predictions, labels) == pytest.approx(
+        stats.spearmanr(predictions, labels)[0], abs=1e-10)
+    assert np.allclose(metrics.rankdata(labels), stats.rankdata(labels))
+
+
+def test_degenerate_inputs_give_zero():
+    assert metrics.matthews_corrcoef([1, 1, 1], [0, 1, 1]) == 0.0
+    assert metrics.f1([0, 0], [0, 0]) == 0.0
+    assert metrics.pearson([1.0, 1.0, 1.0], [0.0, 1.0, 2.0]) == 0.0
+    with pytest.raises(ValueError, match="differ in length"):
+        metrics.accuracy([0, 1], [0])
+    with pytest.raises(ValueError, match="empty"):
+        metrics.accuracy([], [])
+
+
+def test_compute_metrics_per_task():
+    rng = np.random.default_rng(0)
+    labels, predictions = rng.integers(0, 2, 100), rng.integers(0, 2, 100)
+    assert set(metrics.compute_metrics("MRPC", predictions, labels)) == {"acc", "f1"}
+    cola = metrics.compute_metrics("cola", predictions, labels)
+    assert metrics.threshold_score("CoLA", cola) == cola["mcc"]
+    scores = rng.uniform(0, 5, 100)
+    stsb = metrics.compute_metrics("STS-B", scores + rng.normal(0, 1, 100), scores)
+    assert stsb["corr"] == pytest.approx((stsb["pearson"] + stsb["spearman"]) / 2)
+    assert metrics.threshold_score("sts-b", stsb) == stsb["corr"]
