@@ -5,68 +5,37 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
 import re
-import subprocess
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.utils.benchmark as tb
 
+from sparsebert import runtime
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def cpu_name() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        match = re.search(r"model name\s*:\s*(.+)", text)
-        if match:
-            return match.group(1).strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
-
-
-def git_sha() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10,
-        )
-        sha = out.stdout.strip() or "unknown"
-        return sha + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """The GPU's name, or the CPU's model name with the torch thread count."""
+    name = runtime.device_name(device)
+    return name if device.startswith("cuda") else f"{name} ({torch.get_num_threads()} threads)"
 
 
 def environment(device: str) -> dict:
     """Device, versions and git SHA recorded with every benchmark result."""
-    import transformers
-
     import sparsebert
 
     build = sparsebert.ops._C.build_info() if sparsebert.ops._C is not None else None
+    sha = runtime.git_sha(Path(__file__).parent)
     return {
         "device": device_name(device),
         "device_type": device.split(":")[0],
-        "torch": torch.__version__,
+        **runtime.versions(),
         "cuda": torch.version.cuda,
-        "transformers": transformers.__version__,
-        "sparsebert": sparsebert.__version__,
         "sparsebert_build": build,
-        "git_sha": git_sha(),
-        "python": platform.python_version(),
+        "git_sha": sha or "unknown",
         "threads": torch.get_num_threads(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
