@@ -8,7 +8,6 @@ pytest:  pytest bench/bench_group_dot.py --benchmark-only
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 
@@ -51,12 +50,16 @@ def test_group_dot_cpu(benchmark, provider, group_size):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--batch", type=int, default=None, help="default: 32 on CUDA, 16 on CPU")
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--dim", type=int, nargs="+", default=None, help="default: 3072 on CUDA, 1536 on CPU")
+    parser.add_argument(
+        "--dim", type=int, nargs="+", default=None, help="default: 3072 on CUDA, 1536 on CPU"
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -75,21 +78,57 @@ def main(argv=None) -> None:
             for name, fn in PROVIDERS.items():
                 times[name] = common.time_call(lambda fn=fn: fn(x, g, group_size, mask))
             for name, seconds in times.items():
-                rec = dict(provider=name, batch=batch, seq=args.seq, dim=dim, group_size=group_size,
-                           dtype=str(dtype).replace("torch.", ""), us=seconds * 1e6,
-                           gb_per_s=bytes_moved / seconds / 1e9, speedup_vs_torch=times["torch"] / seconds)
+                rec = dict(
+                    provider=name,
+                    batch=batch,
+                    seq=args.seq,
+                    dim=dim,
+                    group_size=group_size,
+                    dtype=str(dtype).replace("torch.", ""),
+                    us=seconds * 1e6,
+                    gb_per_s=bytes_moved / seconds / 1e9,
+                    speedup_vs_torch=times["torch"] / seconds,
+                )
                 records.append(rec)
-                rows.append([name, batch, args.seq, dim, group_size, f"{rec['us']:.1f}",
-                             f"{rec['gb_per_s']:.1f}", f"{rec['speedup_vs_torch']:.2f}x"])
+                rows.append(
+                    [
+                        name,
+                        batch,
+                        args.seq,
+                        dim,
+                        group_size,
+                        f"{rec['us']:.1f}",
+                        f"{rec['gb_per_s']:.1f}",
+                        f"{rec['speedup_vs_torch']:.2f}x",
+                    ]
+                )
     env = common.environment(args.device)
-    table = common.markdown_table(["provider", "B", "S", "D", "group", "time (us)", "effective GB/s (x+g, all tokens)", "speedup vs torch"], rows)
-    title = (f"group_dot on {env['device']}, {str(dtype).replace('torch.', '')}, padding mask ~25% tokens; "
-             f"torch {env['torch']}, sparsebert {env['git_sha']}\n\n"
-             f"Command: python bench/bench_group_dot.py {' '.join(argv if argv is not None else sys.argv[1:])}\n")
+    table = common.markdown_table(
+        [
+            "provider",
+            "B",
+            "S",
+            "D",
+            "group",
+            "time (us)",
+            "effective GB/s (x+g, all tokens)",
+            "speedup vs torch",
+        ],
+        rows,
+    )
+    title = (
+        f"group_dot on {env['device']}, {str(dtype).replace('torch.', '')}, padding mask ~25% tokens; "
+        f"torch {env['torch']}, sparsebert {env['git_sha']}\n\n"
+        f"Command: python bench/bench_group_dot.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
+    )
     print(title)
     print(table)
-    path = common.write_results("group_dot", args.device, {"env": env, "args": vars(args), "results": records},
-                                title + "\n" + table)
+    path = common.write_results(
+        "group_dot",
+        args.device,
+        {"env": env, "args": vars(args), "results": records},
+        title + "\n" + table,
+    )
     print(f"\nwrote {path}")
 
 

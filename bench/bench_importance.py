@@ -42,25 +42,42 @@ def default_model(device, dtype):
 def make_batch(model, batch, seq, device):
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, model.config.vocab_size, (batch, seq), generator=gen)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device),
-            "labels": torch.randint(0, 2, (batch,), generator=gen).to(device)}
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device),
+        "labels": torch.randint(0, 2, (batch,), generator=gen).to(device),
+    }
 
 
 @contextlib.contextmanager
 def hook_gates(model):
     """Head and MLP gates as leaves inserted with forward hooks into an unpatched BERT."""
     cfg = model.config
-    heads = [torch.ones(cfg.num_attention_heads, device=model.device, requires_grad=True)
-             for _ in range(cfg.num_hidden_layers)]
-    mlps = [torch.ones((), device=model.device, requires_grad=True) for _ in range(cfg.num_hidden_layers)]
+    heads = [
+        torch.ones(cfg.num_attention_heads, device=model.device, requires_grad=True)
+        for _ in range(cfg.num_hidden_layers)
+    ]
+    mlps = [
+        torch.ones((), device=model.device, requires_grad=True)
+        for _ in range(cfg.num_hidden_layers)
+    ]
     handles = []
     for layer, block in enumerate(model.bert.encoder.layer):
+
         def on_ctx(module, args, out, layer=layer):
             ctx = out[0]
             b, s, _ = ctx.shape
-            return ((ctx.view(b, s, cfg.num_attention_heads, -1) * heads[layer][:, None]).view(b, s, -1), *out[1:])
+            return (
+                (ctx.view(b, s, cfg.num_attention_heads, -1) * heads[layer][:, None]).view(
+                    b, s, -1
+                ),
+                *out[1:],
+            )
+
         handles.append(block.attention.self.register_forward_hook(on_ctx))
-        handles.append(block.output.dense.register_forward_hook(lambda m, a, o, layer=layer: o * mlps[layer]))
+        handles.append(
+            block.output.dense.register_forward_hook(lambda m, a, o, layer=layer: o * mlps[layer])
+        )
     try:
         yield heads + mlps
     finally:
@@ -69,7 +86,9 @@ def hook_gates(model):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=None, help="default: 32 on CUDA, 16 on CPU")
     parser.add_argument("--seq", type=int, default=128)
@@ -98,25 +117,51 @@ def main(argv=None) -> None:
     def sb(mode):
         return lambda: sparsebert.importance(patched, [batch], mode=mode, progress=False)
 
-    providers = {"fwd_bwd_weights": fwd_bwd_weights, "hook_gates": hooked, "sb_paper": sb("paper"),
-                 "sb_per_example": sb("per_example"), "sb_fisher": sb("fisher")}
+    providers = {
+        "fwd_bwd_weights": fwd_bwd_weights,
+        "hook_gates": hooked,
+        "sb_paper": sb("paper"),
+        "sb_per_example": sb("per_example"),
+        "sb_fisher": sb("fisher"),
+    }
     times = {name: common.time_call(fn, args.min_run_time) for name, fn in providers.items()}
     base, paper = times["fwd_bwd_weights"], times["sb_paper"]
     rows, records = [], []
     for name, seconds in times.items():
-        rec = dict(provider=name, batch=batch_size, seq=args.seq, ms=seconds * 1e3,
-                   vs_fwd_bwd_weights=seconds / base, vs_sb_paper=seconds / paper)
+        rec = dict(
+            provider=name,
+            batch=batch_size,
+            seq=args.seq,
+            ms=seconds * 1e3,
+            vs_fwd_bwd_weights=seconds / base,
+            vs_sb_paper=seconds / paper,
+        )
         records.append(rec)
-        rows.append([name, f"{rec['ms']:.1f}", f"{rec['vs_fwd_bwd_weights']:.2f}x", f"{rec['vs_sb_paper']:.3f}x"])
+        rows.append(
+            [
+                name,
+                f"{rec['ms']:.1f}",
+                f"{rec['vs_fwd_bwd_weights']:.2f}x",
+                f"{rec['vs_sb_paper']:.3f}x",
+            ]
+        )
     env = common.environment(args.device)
-    table = common.markdown_table(["provider", "time (ms)", "vs fwd+bwd with weight grads", "vs sb_paper"], rows)
-    title = (f"importance pass, default model (MiniLM-L6, 12 heads x 6 layers), fp32, B={batch_size}, S={args.seq}, "
-             f"on {env['device']}; torch {env['torch']}, sparsebert {env['git_sha']}\n\n"
-             f"Command: python bench/bench_importance.py {' '.join(argv if argv is not None else sys.argv[1:])}\n")
+    table = common.markdown_table(
+        ["provider", "time (ms)", "vs fwd+bwd with weight grads", "vs sb_paper"], rows
+    )
+    title = (
+        f"importance pass, default model (MiniLM-L6, 12 heads x 6 layers), fp32, B={batch_size}, S={args.seq}, "
+        f"on {env['device']}; torch {env['torch']}, sparsebert {env['git_sha']}\n\n"
+        f"Command: python bench/bench_importance.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
+    )
     print(title)
     print(table)
-    path = common.write_results("importance", args.device, {"env": env, "args": vars(args), "results": records},
-                                title + "\n" + table)
+    path = common.write_results(
+        "importance",
+        args.device,
+        {"env": env, "args": vars(args), "results": records},
+        title + "\n" + table,
+    )
     print(f"\nwrote {path}")
 
 

@@ -49,7 +49,9 @@ def provider_fn(name, q, k, v, gate):
     if name == "reference":
         return lambda: masked_attention_ref(q, k, v, gate, None, scale)[0]
     if name == "sdpa":
-        return lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return lambda: F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        )
     if name == "sdpa_gate":
         return lambda: (
             F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -101,14 +103,18 @@ def test_forward_cpu(benchmark, provider, active):
 
 # ---------------------------------------------------------------------------- script mode
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: float16 on CUDA, float32 on CPU")
     parser.add_argument("--batch", type=int, nargs="+", default=None)
     parser.add_argument("--seq", type=int, nargs="+", default=[128])
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--dim", type=int, nargs="+", default=None)
-    parser.add_argument("--active", type=int, nargs="+", default=None, help="heads kept (default H, H/2, H/4)")
+    parser.add_argument(
+        "--active", type=int, nargs="+", default=None, help="heads kept (default H, H/2, H/4)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--no-backward", action="store_true")
@@ -130,13 +136,24 @@ def main(argv=None) -> None:
             for name in args.providers:
                 if name in ("sdpa",) and active != args.heads:
                     continue  # dense SDPA does not depend on the gate
-                seconds = timed(name, batch, seq, args.heads, dim, active, dtype, args.device, mode != "fwd")
+                seconds = timed(
+                    name, batch, seq, args.heads, dim, active, dtype, args.device, mode != "fwd"
+                )
                 if name == "sdpa":
                     base["sdpa"] = seconds
                 if name == "sparsebert" and active == args.heads:
                     base["sparsebert_all"] = seconds
-                rec = dict(mode=mode, provider=name, batch=batch, seq=seq, heads=args.heads, dim=dim,
-                           active=active, dtype=str(dtype).replace("torch.", ""), us=seconds * 1e6)
+                rec = dict(
+                    mode=mode,
+                    provider=name,
+                    batch=batch,
+                    seq=seq,
+                    heads=args.heads,
+                    dim=dim,
+                    active=active,
+                    dtype=str(dtype).replace("torch.", ""),
+                    us=seconds * 1e6,
+                )
                 records.append(rec)
         for rec in records:
             if (rec["mode"], rec["batch"], rec["seq"], rec["dim"]) != (mode, batch, seq, dim):
@@ -145,21 +162,46 @@ def main(argv=None) -> None:
             rec["vs_sparsebert_all"] = (
                 rec["us"] / (base["sparsebert_all"] * 1e6) if "sparsebert_all" in base else None
             )
-            rows.append([rec["mode"], rec["provider"], batch, seq, dim, f"{rec['active']}/{args.heads}",
-                         f"{rec['us']:.1f}",
-                         "-" if rec["vs_sdpa"] is None else f"{rec['vs_sdpa']:.2f}x",
-                         "-" if rec["vs_sparsebert_all"] is None else f"{rec['vs_sparsebert_all']:.2f}x"])
+            rows.append(
+                [
+                    rec["mode"],
+                    rec["provider"],
+                    batch,
+                    seq,
+                    dim,
+                    f"{rec['active']}/{args.heads}",
+                    f"{rec['us']:.1f}",
+                    "-" if rec["vs_sdpa"] is None else f"{rec['vs_sdpa']:.2f}x",
+                    "-" if rec["vs_sparsebert_all"] is None else f"{rec['vs_sparsebert_all']:.2f}x",
+                ]
+            )
 
     env = common.environment(args.device)
-    header = ["mode", "provider", "B", "S", "D", "heads kept", "time (us)", "vs SDPA", "vs sparsebert all-on"]
+    header = [
+        "mode",
+        "provider",
+        "B",
+        "S",
+        "D",
+        "heads kept",
+        "time (us)",
+        "vs SDPA",
+        "vs sparsebert all-on",
+    ]
     table = common.markdown_table(header, rows)
-    title = (f"masked attention on {env['device']}, {str(dtype).replace('torch.', '')}, H={args.heads}; "
-             f"torch {env['torch']}, sparsebert {env['git_sha']}\n\n"
-             f"Command: python bench/bench_masked_attention.py {' '.join(argv if argv is not None else sys.argv[1:])}\n")
+    title = (
+        f"masked attention on {env['device']}, {str(dtype).replace('torch.', '')}, H={args.heads}; "
+        f"torch {env['torch']}, sparsebert {env['git_sha']}\n\n"
+        f"Command: python bench/bench_masked_attention.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
+    )
     print(title)
     print(table)
-    path = common.write_results("masked_attention", args.device, {"env": env, "args": vars(args), "results": records},
-                                title + "\n" + table)
+    path = common.write_results(
+        "masked_attention",
+        args.device,
+        {"env": env, "args": vars(args), "results": records},
+        title + "\n" + table,
+    )
     print(f"\nwrote {path}")
 
 

@@ -44,7 +44,9 @@ def environment(device: str) -> dict:
 def time_call(fn: Callable[[], object], min_run_time: float = 0.5) -> float:
     """Median seconds per call (CUDA synchronised by torch.utils.benchmark)."""
     fn()  # warm-up (allocations, lazy init)
-    measurement = tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    measurement = tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(
+        min_run_time=min_run_time
+    )
     return measurement.median
 
 

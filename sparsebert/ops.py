@@ -31,7 +31,9 @@ _lib.define(
 )
 _lib.impl("masked_attention", reference.masked_attention_ref, "CompositeExplicitAutograd")
 _lib.impl(
-    "masked_attention_backward", reference.masked_attention_backward_ref, "CompositeExplicitAutograd"
+    "masked_attention_backward",
+    reference.masked_attention_backward_ref,
+    "CompositeExplicitAutograd",
 )
 
 
@@ -104,7 +106,9 @@ def _validate_masked_attention(
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"masked_attention: '{name}' must be a 4-d tensor (B, S, H, D), got {shape}")
+            raise ValueError(
+                f"masked_attention: '{name}' must be a 4-d tensor (B, S, H, D), got {shape}"
+            )
         if not t.is_floating_point():
             raise ValueError(f"masked_attention: '{name}' must be floating point, got {t.dtype}")
     batch, _, heads, head_dim = q.shape
@@ -114,12 +118,18 @@ def _validate_masked_attention(
             f"{tuple(q.shape)}, got {tuple(k.shape)}"
         )
     if v.shape != k.shape:
-        raise ValueError(f"masked_attention: 'v' must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+        raise ValueError(
+            f"masked_attention: 'v' must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}"
+        )
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
-            raise ValueError(f"masked_attention: '{name}' must have q's dtype {q.dtype}, got {t.dtype}")
+            raise ValueError(
+                f"masked_attention: '{name}' must have q's dtype {q.dtype}, got {t.dtype}"
+            )
         if t.device != q.device:
-            raise ValueError(f"masked_attention: '{name}' must be on q's device {q.device}, got {t.device}")
+            raise ValueError(
+                f"masked_attention: '{name}' must be on q's device {q.device}, got {t.device}"
+            )
     if not isinstance(head_gate, Tensor) or not head_gate.is_floating_point():
         raise ValueError("masked_attention: 'head_gate' must be a floating-point tensor")
     if head_gate.device != q.device:
@@ -149,7 +159,11 @@ def _validate_masked_attention(
             f"{key_padding_mask.device}"
         )
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing and not torch.compiler.is_compiling() and not bool(key_padding_mask.any(1).all()):
+    if (
+        not capturing
+        and not torch.compiler.is_compiling()
+        and not bool(key_padding_mask.any(1).all())
+    ):
         raise ValueError(
             "masked_attention: 'key_padding_mask' has a fully padded row (no True); every row "
             "needs at least one real token"
@@ -180,7 +194,9 @@ def masked_attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    out, _ = torch.ops.sparsebert.masked_attention(q, k, v, head_gate, key_padding_mask, float(scale))
+    out, _ = torch.ops.sparsebert.masked_attention(
+        q, k, v, head_gate, key_padding_mask, float(scale)
+    )
     return out
 
 
@@ -190,7 +206,9 @@ def masked_attention(
 _lib.define("group_dot(Tensor x, Tensor g, int group_size, Tensor? token_mask) -> Tensor")
 _lib.define("accumulate_importance_(Tensor(a!) acc, Tensor scores, int power) -> ()")
 _lib.impl("group_dot", reference.group_dot_ref, "CompositeExplicitAutograd")
-_lib.impl("accumulate_importance_", reference.accumulate_importance_ref, "CompositeExplicitAutograd")
+_lib.impl(
+    "accumulate_importance_", reference.accumulate_importance_ref, "CompositeExplicitAutograd"
+)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::group_dot")
@@ -247,7 +265,8 @@ def group_dot(x: Tensor, g: Tensor, group_size: int, token_mask: Tensor | None =
             f"group_dot: 'group_size' must be a positive divisor of D={x.shape[2]}, got {group_size!r}"
         )
     if token_mask is not None and (
-        token_mask.dtype != torch.bool or tuple(token_mask.shape) != tuple(x.shape[:2])
+        token_mask.dtype != torch.bool
+        or tuple(token_mask.shape) != tuple(x.shape[:2])
         or token_mask.device != x.device
     ):
         raise ValueError(
@@ -267,7 +286,9 @@ def accumulate_importance_(acc: Tensor, scores: Tensor, power: int = 1) -> Tenso
     if power not in (1, 2):
         raise ValueError(f"accumulate_importance_: 'power' must be 1 or 2, got {power!r}")
     if acc.dtype not in (torch.float32, torch.float64) or not acc.is_contiguous():
-        raise ValueError(f"accumulate_importance_: 'acc' must be a contiguous fp32/fp64 tensor, got {acc.dtype}")
+        raise ValueError(
+            f"accumulate_importance_: 'acc' must be a contiguous fp32/fp64 tensor, got {acc.dtype}"
+        )
     if scores.dim() != acc.dim() + 1 or scores.shape[1:] != acc.shape:
         raise ValueError(
             f"accumulate_importance_: 'scores' must be (N, *{tuple(acc.shape)}), got {tuple(scores.shape)}"
@@ -284,7 +305,11 @@ _C = load_extension()
 def native_dispatch_keys(op_name: str) -> list[str]:
     """Dispatch keys (CPU, CUDA) with a native kernel for `sparsebert::<op_name>`."""
     qualname = f"{NAMESPACE}::{op_name}"
-    return [key for key in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)]
+    return [
+        key
+        for key in ("CPU", "CUDA")
+        if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)
+    ]
 
 
 OP_NAMES = ("masked_attention", "masked_attention_backward", "group_dot", "accumulate_importance_")

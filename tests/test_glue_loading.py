@@ -166,7 +166,7 @@ def test_jsonl_hub_and_tsv_field_names(tmp_path):
     lines = [{"premise": "p1", "hypothesis": "h1", "label": "contradiction"},
              {"sentence1": "p2", "sentence2": "h2", "gold_label": "entailment"},
              {"premise": "p3", "hypothesis": "h3", "label": 1}]
-    path = _write(tmp_path / "MNLI" / "dev_mismatched.jsonl",
+    _write(tmp_path / "MNLI" / "dev_mismatched.jsonl",
                   "".join(json.dumps(x) + "\n" for x in lines))
     data = load_split("MNLI", "dev_mismatched", tmp_path)
     assert data.texts == (["p1", "p2", "p3"], ["h1", "h2", "h3"])

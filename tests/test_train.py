@@ -96,7 +96,7 @@ def test_determinism_and_outputs(tiny_model, glue_dir, tmp_path):
     threads = torch.get_num_threads()
     a = finetune(_config(tiny_model, glue_dir), tmp_path / "a", progress=False)
     b = finetune(_config(tiny_model, glue_dir), tmp_path / "b", progress=False)
-    c = finetune(_config(tiny_model, glue_dir, seed=8), tmp_path / "c", progress=False)
+    finetune(_config(tiny_model, glue_dir, seed=8), tmp_path / "c", progress=False)
     assert a["metrics"] == b["metrics"] and a["steps"] == 12
     assert torch.get_num_threads() == threads  # config.threads is restored afterwards
     assert _same_weights(_weights(tmp_path / "a"), _weights(tmp_path / "b"))

@@ -33,7 +33,6 @@ from tqdm.auto import tqdm
 
 from sparsebert.hf.patching import sparse_blocks
 from sparsebert.hf.structure import config_size, structure_for
-from sparsebert.nn import SparseAttention, SparseMLP
 from sparsebert.ops import accumulate_importance_
 
 MODES = ("paper", "per_example", "fisher", "michel")
@@ -95,7 +94,9 @@ class Importance:
             normalized=dict(data.get("normalized", {})),
             examples=int(data["examples"]),
             tokens=int(data["tokens"]),
-            per_example=None if per_example is None else {k: ten(v) for k, v in per_example.items()},
+            per_example=None
+            if per_example is None
+            else {k: ten(v) for k, v in per_example.items()},
             extra=dict(data.get("extra", {})),
         )
 
@@ -146,11 +147,13 @@ def _make_leaves(blocks, batch: int, per_example: bool, neurons: bool) -> list[_
             head = head.expand(batch, -1)
             mlp_gate = mlp_gate.expand(batch)
             neuron = None if neuron is None else neuron.expand(batch, -1)
-        leaves.append(_LayerLeaves(
-            head=head.clone().requires_grad_(True),
-            mlp=mlp_gate.clone().requires_grad_(True),
-            neuron=None if neuron is None else neuron.clone().requires_grad_(True),
-        ))
+        leaves.append(
+            _LayerLeaves(
+                head=head.clone().requires_grad_(True),
+                mlp=mlp_gate.clone().requires_grad_(True),
+                neuron=None if neuron is None else neuron.clone().requires_grad_(True),
+            )
+        )
     return leaves
 
 
@@ -180,6 +183,7 @@ def _michel_hooks(blocks, token_mask: Tensor, sums: dict[str, list[Tensor]], neu
             x.register_hook(lambda grad, x=x.detach(): reduce(x, grad))
 
     for layer, (attn, mlp) in enumerate(blocks):
+
         def head_hook(module, args, layer=layer, attn=attn):
             (ctx,) = args  # (B, S, H*D): gated context, input of the output dense
 
@@ -188,6 +192,7 @@ def _michel_hooks(blocks, token_mask: Tensor, sums: dict[str, list[Tensor]], neu
                 dots = (x.float() * grad.float()).view(b, s, attn.num_heads, attn.head_dim).sum(-1)
                 per_token = _safe_divide(dots, attn.gate.detach().float().expand(b, -1)[:, None, :])
                 sums["head"][layer] += (per_token.abs() * mask).sum(dim=(0, 1))
+
             on_tensor(ctx, reduce)
 
         def mlp_hook(module, y, layer=layer, mlp=mlp):
@@ -196,6 +201,7 @@ def _michel_hooks(blocks, token_mask: Tensor, sums: dict[str, list[Tensor]], neu
                 gate = mlp.gates[0].detach().float()
                 gate = gate.view(-1, 1) if gate.dim() else gate
                 sums["mlp"][layer] += (_safe_divide(dots, gate).abs() * mask[..., 0]).sum()
+
             on_tensor(y, reduce)
 
         dense = attn._out(attn.layout.output_dense)
@@ -213,6 +219,7 @@ def _michel_hooks(blocks, token_mask: Tensor, sums: dict[str, list[Tensor]], neu
                     gate = gate[:, None, :] if gate.dim() == 2 else gate
                     per_token = _safe_divide(x.float() * grad.float(), gate)
                     sums["neuron"][layer] += (per_token.abs() * mask).sum(dim=(0, 1))
+
                 on_tensor(h, reduce)
 
             if down is not None:
@@ -244,7 +251,9 @@ def min_max(scores: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 def _batch_to(batch: Mapping, device: torch.device) -> dict:
     if not isinstance(batch, Mapping):
-        raise TypeError(f"importance: each batch must be a dict of tensors, got {type(batch).__name__}")
+        raise TypeError(
+            f"importance: each batch must be a dict of tensors, got {type(batch).__name__}"
+        )
     if "labels" not in batch:
         raise ValueError("importance: batches need 'labels' (the loss defines the importance)")
     return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
@@ -279,7 +288,7 @@ def importance(
         raise ValueError("importance: keep_per_example needs mode='per_example' or 'fisher'")
     blocks = sparse_blocks(model)  # raises if not patched
     row = structure_for(model)
-    n_layers, n_heads = len(blocks), config_size(model, row, "num_heads")
+    _n_layers, n_heads = len(blocks), config_size(model, row, "num_heads")
     n_ffn = config_size(model, row, "intermediate_size")
     num_labels = int(model.config.num_labels)
     device = next(model.parameters()).device
@@ -298,15 +307,21 @@ def importance(
             labels = batch.pop("labels")
             size = labels.shape[0]
             token_mask = batch.get("attention_mask")
-            token_mask = (torch.ones(batch["input_ids"].shape, device=device) if token_mask is None
-                          else token_mask).bool()
+            token_mask = (
+                torch.ones(batch["input_ids"].shape, device=device)
+                if token_mask is None
+                else token_mask
+            ).bool()
             examples += size
             tokens += int(token_mask.sum())
             # Step 1: gate leaves (shared by the batch, or per example) replace the buffers.
             leaves = _make_leaves(blocks, size, per_example and mode != "michel", neurons)
             michel_sums = {"head": head_acc, "mlp": mlp_acc, "neuron": neuron_acc}
-            hooks = (_michel_hooks(blocks, token_mask, michel_sums, neurons) if mode == "michel"
-                     else contextlib.nullcontext())
+            hooks = (
+                _michel_hooks(blocks, token_mask, michel_sums, neurons)
+                if mode == "michel"
+                else contextlib.nullcontext()
+            )
             with _gates_overridden(blocks, leaves), hooks:
                 # Step 2: forward, per-example losses; batch mean (paper) or sum (per example).
                 logits = model(**batch).logits
@@ -320,19 +335,29 @@ def importance(
                 continue  # the hooks accumulated per-token scores
             # Step 4: accumulate |grad| (or grad^2), per batch (paper) or per example.
             n = len(blocks)
-            head_g, mlp_g, neuron_g = grads[:n], grads[n:2 * n], grads[2 * n:]
+            head_g, mlp_g, neuron_g = grads[:n], grads[n : 2 * n], grads[2 * n :]
             for layer in range(n):
                 for acc, g in ((head_acc[layer], head_g[layer]), (mlp_acc[layer], mlp_g[layer])):
                     if g is not None:
                         accumulate_importance_(acc, g.float().reshape(-1, *acc.shape), power)
                 if neurons and neuron_g[layer] is not None:
-                    accumulate_importance_(neuron_acc[layer], neuron_g[layer].float().reshape(-1, *neuron_acc[layer].shape), power)
+                    accumulate_importance_(
+                        neuron_acc[layer],
+                        neuron_g[layer].float().reshape(-1, *neuron_acc[layer].shape),
+                        power,
+                    )
             if keep_per_example:
-                kept["head"].append(_to_original(blocks, [g.abs() for g in head_g], "head", n_heads, size))
+                kept["head"].append(
+                    _to_original(blocks, [g.abs() for g in head_g], "head", n_heads, size)
+                )
                 live = torch.stack([(m.mlp_gate != 0).float() for _, m in blocks]).cpu()  # (L,)
-                kept["mlp"].append(torch.stack([g.abs().float() for g in mlp_g], dim=1).cpu() * live)
+                kept["mlp"].append(
+                    torch.stack([g.abs().float() for g in mlp_g], dim=1).cpu() * live
+                )
                 if neurons:
-                    kept["neuron"].append(_to_original(blocks, [g.abs() for g in neuron_g], "neuron", n_ffn, size))
+                    kept["neuron"].append(
+                        _to_original(blocks, [g.abs() for g in neuron_g], "neuron", n_ffn, size)
+                    )
 
     if examples == 0:
         raise ValueError("importance: 'batches' was empty")
@@ -344,7 +369,9 @@ def importance(
     mlp = torch.stack([m.float() for m in mlp_acc]).cpu() if mlps else None
     neuron = _to_original(blocks, neuron_acc, "neuron", n_ffn) if neurons else None
     flags = {
-        "heads_by_layer": normalize if normalize_by_layer_heads is None else normalize_by_layer_heads,
+        "heads_by_layer": normalize
+        if normalize_by_layer_heads is None
+        else normalize_by_layer_heads,
         "global_min_max": normalize if normalize_global is None else normalize_global,
         "mlp_by_tokens": normalize if normalize_mlp_by_tokens is None else normalize_mlp_by_tokens,
     }
@@ -358,11 +385,21 @@ def importance(
     per_ex = None
     if keep_per_example:
         per_ex = {k: torch.cat(v) for k, v in kept.items() if v}
-    return Importance(head=head, mlp=mlp, neuron=neuron, mode=mode, normalized=flags,
-                      examples=examples, tokens=tokens, per_example=per_ex)
+    return Importance(
+        head=head,
+        mlp=mlp,
+        neuron=neuron,
+        mode=mode,
+        normalized=flags,
+        examples=examples,
+        tokens=tokens,
+        per_example=per_ex,
+    )
 
 
-def _to_original(blocks, per_layer: list[Tensor], what: str, size: int, batch: int | None = None) -> Tensor:
+def _to_original(
+    blocks, per_layer: list[Tensor], what: str, size: int, batch: int | None = None
+) -> Tensor:
     """Scatter per-layer scores in current numbering into the original numbering.
 
     per_layer[l]: (N_l,) or, with batch, (B, N_l) / (N_l,) per example; returns (L, size) or
