@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import copy
 import importlib.resources
+import statistics
 import sys
 from pathlib import Path
 
@@ -93,7 +94,10 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=None, help="default: 32 on CUDA, 16 on CPU")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--min-run-time", type=float, default=3.0)
+    parser.add_argument("--min-run-time", type=float, default=2.0)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds over the providers (median kept)"
+    )
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if not cuda:
@@ -124,7 +128,12 @@ def main(argv=None) -> None:
         "sb_per_example": sb("per_example"),
         "sb_fisher": sb("fisher"),
     }
-    times = {name: common.time_call(fn, args.min_run_time) for name, fn in providers.items()}
+    # Interleaved rounds so that load on a shared machine hits every provider alike.
+    samples: dict[str, list[float]] = {name: [] for name in providers}
+    for _ in range(args.rounds):
+        for name, fn in providers.items():
+            samples[name].append(common.time_call(fn, args.min_run_time))
+    times = {name: statistics.median(values) for name, values in samples.items()}
     base, paper = times["fwd_bwd_weights"], times["sb_paper"]
     rows, records = [], []
     for name, seconds in times.items():
