@@ -102,34 +102,10 @@ def main(argv=None) -> None:
                         f"{rec['speedup_vs_torch']:.2f}x",
                     ]
                 )
-    env = common.environment(args.device)
-    table = common.markdown_table(
-        [
-            "provider",
-            "B",
-            "S",
-            "D",
-            "group",
-            "time (us)",
-            "effective GB/s (x+g, all tokens)",
-            "speedup vs torch",
-        ],
-        rows,
-    )
-    title = (
-        f"group_dot on {env['device']}, {str(dtype).replace('torch.', '')}, padding mask ~25% tokens; "
-        f"torch {env['torch']}, sparsebert {env['git_sha']}\n\n"
-        f"Command: python bench/bench_group_dot.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
-    )
-    print(title)
-    print(table)
-    path = common.write_results(
-        "group_dot",
-        args.device,
-        {"env": env, "args": vars(args), "results": records},
-        title + "\n" + table,
-    )
-    print(f"\nwrote {path}")
+    header = ["provider", "B", "S", "D", "group", "time (us)",
+              "effective GB/s (x+g, all tokens)", "speedup vs torch"]
+    what = f"group_dot, {str(dtype).replace('torch.', '')}, padding mask ~25% tokens"
+    common.report("group_dot", args, argv, what, header, rows, records)
 
 
 if __name__ == "__main__":

@@ -154,24 +154,10 @@ def main(argv=None) -> None:
                 f"{rec['vs_sb_paper']:.3f}x",
             ]
         )
-    env = common.environment(args.device)
-    table = common.markdown_table(
-        ["provider", "time (ms)", "vs fwd+bwd with weight grads", "vs sb_paper"], rows
-    )
-    title = (
-        f"importance pass, default model (MiniLM-L6, 12 heads x 6 layers), fp32, B={batch_size}, S={args.seq}, "
-        f"on {env['device']}; torch {env['torch']}, sparsebert {env['git_sha']}\n\n"
-        f"Command: python bench/bench_importance.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
-    )
-    print(title)
-    print(table)
-    path = common.write_results(
-        "importance",
-        args.device,
-        {"env": env, "args": vars(args), "results": records},
-        title + "\n" + table,
-    )
-    print(f"\nwrote {path}")
+    header = ["provider", "time (ms)", "vs fwd+bwd with weight grads", "vs sb_paper"]
+    what = (f"importance pass, default model (MiniLM-L6, 12 heads x 6 layers), fp32, "
+            f"B={batch_size}, S={args.seq}")
+    common.report("importance", args, argv, what, header, rows, records)
 
 
 if __name__ == "__main__":

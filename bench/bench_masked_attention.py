@@ -176,33 +176,10 @@ def main(argv=None) -> None:
                 ]
             )
 
-    env = common.environment(args.device)
-    header = [
-        "mode",
-        "provider",
-        "B",
-        "S",
-        "D",
-        "heads kept",
-        "time (us)",
-        "vs SDPA",
-        "vs sparsebert all-on",
-    ]
-    table = common.markdown_table(header, rows)
-    title = (
-        f"masked attention on {env['device']}, {str(dtype).replace('torch.', '')}, H={args.heads}; "
-        f"torch {env['torch']}, sparsebert {env['git_sha']}\n\n"
-        f"Command: python bench/bench_masked_attention.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
-    )
-    print(title)
-    print(table)
-    path = common.write_results(
-        "masked_attention",
-        args.device,
-        {"env": env, "args": vars(args), "results": records},
-        title + "\n" + table,
-    )
-    print(f"\nwrote {path}")
+    header = ["mode", "provider", "B", "S", "D", "heads kept", "time (us)", "vs SDPA",
+              "vs sparsebert all-on"]
+    what = f"masked attention, {str(dtype).replace('torch.', '')}, H={args.heads}"
+    common.report("masked_attention", args, argv, what, header, rows, records)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,37 @@ def write_results(name: str, device: str, payload: dict, table: str) -> Path:
     return json_path
 
 
+def report(
+    name: str,
+    args,
+    argv: list[str] | None,
+    what: str,
+    header: list[str],
+    rows: list[list[object]],
+    records: list[dict],
+) -> Path:
+    """Print a titled table and write it with the records and environment to bench/results.
+
+    what: one line describing the measurement (shapes, dtype); the device, versions, git SHA and
+    the command that reproduces it are added. args: the script's argparse namespace (has .device).
+    """
+    import sys
+
+    env = environment(args.device)
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    title = (
+        f"{what}, on {env['device']}; torch {env['torch']}, sparsebert {env['git_sha']}\n\n"
+        f"Command: python bench/bench_{name}.py {command}\n"
+    )
+    table = markdown_table(header, rows)
+    print(title)
+    print(table)
+    payload = {"env": env, "args": vars(args), "results": records}
+    path = write_results(name, args.device, payload, title + "\n" + table)
+    print(f"\nwrote {path}")
+    return path
+
+
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
