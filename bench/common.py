@@ -73,11 +73,13 @@ def report(
     header: list[str],
     rows: list[list[object]],
     records: list[dict],
+    stem: str | None = None,
 ) -> Path:
     """Print a titled table and write it with the records and environment to bench/results.
 
     what: one line describing the measurement (shapes, dtype); the device, versions, git SHA and
     the command that reproduces it are added. args: the script's argparse namespace (has .device).
+    stem: the result files' name (default: `name`).
     """
     import sys
 
@@ -91,9 +93,31 @@ def report(
     print(title)
     print(table)
     payload = {"env": env, "args": vars(args), "results": records}
-    path = write_results(name, args.device, payload, title + "\n" + table)
+    path = write_results(stem or name, args.device, payload, title + "\n" + table)
     print(f"\nwrote {path}")
     return path
+
+
+# Model shapes for benchmarks with random weights (no download): bert-base-uncased's and the
+# default model's (all-MiniLM-L6-v2).
+MODEL_SHAPES = {
+    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                      intermediate_size=3072),
+    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                   intermediate_size=1536),
+}
+
+
+def random_classifier(shape: str, num_labels: int = 2, seed: int = 0):
+    """BertForSequenceClassification with MODEL_SHAPES[shape] and random weights (SDPA)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    if shape not in MODEL_SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; expected one of {sorted(MODEL_SHAPES)}")
+    config = BertConfig(vocab_size=30522, max_position_embeddings=512, num_labels=num_labels,
+                        attn_implementation="sdpa", **MODEL_SHAPES[shape])
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(config)
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:

@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # One prepared GPU check (H100/H200): build the extension with CUDA for sm_90, run the CUDA tests,
-# run the kernel benchmarks. Writes at most 8 files to $OUT (default bench/results/gpu):
-#   build.log, ptxas.txt, cuda-tests.log, masked_attention.md, group_dot.md, summary.txt
+# run the benchmarks. Every step has its own time limit, and its output lands in $OUT as soon as
+# it ends, so a run cut short still returns what it finished. At most 6 files in $OUT
+# (default bench/results/gpu):
+#   summary.txt      device, versions, each step's exit status and seconds
+#   build.log        compiler output, ptxas register/spill lines included
+#   cuda-tests.log   pytest -m cuda (all CUDA kernels vs the reference, CUDA-graph steps)
+#   simt-tests.log   the masked-attention CUDA tests again with the SIMT kernels forced
+#   bench.log        every benchmark's table
+#   results.tar.gz   bench/results/*-<gpu>.{json,md}, for committing
 # Usage on the GPU machine, from the repository root:  bash bench/gpu_check.sh
 # Missing Python packages can travel as wheels in .whl/ (installed into /tmp/site first).
 set -uo pipefail
 out=${OUT:-bench/results/gpu}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # bench scripts import sparsebert from here
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -15,26 +22,44 @@ fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} SPARSEBERT_BUILD_CUDA=1 SPARSEBERT_PTXAS_VERBOSE=1
 export SPARSEBERT_REQUIRE_EXT=1 MAX_JOBS=${MAX_JOBS:-16}
 start=$SECONDS
+summary="$out/summary.txt"
 {
   echo "device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
-} > "$out/summary.txt" 2>&1
+  echo "git: $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain --untracked-files=no 2>/dev/null | wc -l) files changed"
+} > "$summary" 2>&1
+
+step() {  # step NAME LIMIT_S LOG CMD...: run CMD with a time limit, log its status
+  local name=$1 limit=$2 log=$3; shift 3
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc, $((SECONDS - t0)) s$([ $rc = 124 ] && echo ' (time limit)')" | tee -a "$summary"
+  return $rc
+}
+pack() {  # copy benchmark tables/JSON written so far into $OUT
+  tar czf "$out/results.tar.gz" bench/results/*-nvidia-* 2>/dev/null || true
+}
 
 # Step 1: build (in place: this machine is a copy of the tree).
-if ! python3 setup.py build_ext --inplace > "$out/build.log" 2>&1; then
-  tail -n 60 "$out/build.log"; echo "build failed" | tee -a "$out/summary.txt"; exit 1
+if ! step build 300 "$out/build.log" python3 setup.py build_ext --inplace; then
+  tail -n 60 "$out/build.log"; exit 1
 fi
-grep -E "Compiling entry|Used [0-9]+ registers|spill" "$out/build.log" > "$out/ptxas.txt" || true
-echo "build: $((SECONDS - start)) s" >> "$out/summary.txt"
 
-# Step 2: CUDA tests (each asserts the CUDA kernel is registered before comparing).
-python3 -m pytest -q -m cuda -p no:cacheprovider tests/ > "$out/cuda-tests.log" 2>&1
-echo "cuda tests: exit $? ($(tail -n 1 "$out/cuda-tests.log"))" >> "$out/summary.txt"
+# Step 2: CUDA tests (each kernel test first asserts the CUDA kernel is registered).
+pytest_args=(-q -m cuda -p no:cacheprovider -rfE --timeout=120)
+step cuda-tests 240 "$out/cuda-tests.log" python3 -m pytest "${pytest_args[@]}" tests/
+tail -n 3 "$out/cuda-tests.log" >> "$summary"
 
-# Step 3: benchmarks (tables also land in bench/results/*-<gpu name>.md).
-python3 bench/bench_masked_attention.py --device cuda > "$out/masked_attention.md" 2>&1
-echo "masked attention bench: exit $?" >> "$out/summary.txt"
-python3 bench/bench_group_dot.py --device cuda > "$out/group_dot.md" 2>&1
-echo "group_dot bench: exit $?" >> "$out/summary.txt"
-echo "total: $((SECONDS - start)) s" >> "$out/summary.txt"
-cat "$out/summary.txt"
+# Step 3: benchmarks, the training step first (it serves the open fine-tuning work).
+step bench-train-step 150 "$out/bench.log" python3 bench/bench_train_step.py --device cuda; pack
+step bench-masked-attention 90 "$out/bench.log" python3 bench/bench_masked_attention.py --device cuda; pack
+step bench-group-dot 60 "$out/bench.log" python3 bench/bench_group_dot.py --device cuda; pack
+step bench-importance 90 "$out/bench.log" python3 bench/bench_importance.py --device cuda --model bert-base; pack
+
+# Step 4: the SIMT attention kernels (the tensor-core ones are the default for D=32/64).
+export SPARSEBERT_ATTENTION_KERNEL=simt
+step simt-tests 90 "$out/simt-tests.log" \
+  python3 -m pytest "${pytest_args[@]}" tests/test_masked_attention.py
+tail -n 3 "$out/simt-tests.log" >> "$summary"
+echo "total: $((SECONDS - start)) s" | tee -a "$summary"

@@ -1,0 +1,273 @@
+"""Training steps: the eager step equals a stock PyTorch loop exactly (fp32, CPU), the linear
+schedule equals transformers', and the CUDA-graph step equals the eager step on a GPU."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, get_linear_schedule_with_warmup
+
+import sparsebert.hf as sbhf
+from sparsebert.checkpoint import WeightMasks
+from sparsebert.train import (
+    TrainConfig, TrainError, autocast, finetune, make_optimizer, use_cuda_graphs,
+)
+from tests.test_train import WORDS, _weights, glue_dir  # noqa: F401 (fixture)
+from sparsebert.train_step import (
+    CudaGraphStep, EagerStep, LinearSchedule, StepSettings, load_optimizer_state, restore, snapshot,
+)
+
+CUDA = torch.cuda.is_available()
+
+
+def cuda_test(fn):
+    """Marks a test as CUDA-only (selected by `-m cuda`, skipped without a GPU)."""
+    return pytest.mark.cuda(pytest.mark.skipif(not CUDA, reason="no CUDA device")(fn))
+
+
+def tiny_classifier(dropout: float = 0.1, seed: int = 0) -> BertForSequenceClassification:
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=48, max_position_embeddings=64,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                        num_labels=3)
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(config).train()
+
+
+def make_batches(shapes: list[tuple[int, int]], seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Random padded batches of the given (B, S) shapes; the last row of each is shorter."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for batch_size, width in shapes:
+        lengths = torch.randint(width // 2, width + 1, (batch_size,), generator=gen)
+        lengths[0] = width
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()  # (B, S)
+        ids = torch.randint(1, 100, (batch_size, width), generator=gen) * mask
+        out.append({"input_ids": ids, "attention_mask": mask,
+                    "token_type_ids": torch.zeros_like(ids),
+                    "labels": torch.randint(0, 3, (batch_size,), generator=gen)})
+    return out
+
+
+SHAPES = [(8, 16), (8, 32), (8, 16), (5, 32), (8, 32), (8, 16)]
+
+
+def stock_loop(model, batches, lr: float, total_steps: int, warmup: int) -> list[float]:
+    """What a user writes with torch + transformers (the paper's recipe, fp32)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, eps=1e-8, weight_decay=0.0,
+                                  fused=True)
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    losses = []
+    for batch in batches:
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def sparsebert_loop(model, batches, lr: float, total_steps: int, warmup: int,
+                    device: torch.device, graphs: bool, precision: str = "fp32",
+                    masks: WeightMasks | None = None) -> list[float]:
+    config = TrainConfig(lr=lr, warmup_steps=warmup).resolved()
+    optimizer, schedule = make_optimizer(model, config, total_steps, capturable=graphs)
+    if masks is not None:
+        masks.attach(optimizer)
+    settings = StepSettings(1.0, lambda: autocast(device, precision, cache_enabled=not graphs))
+    step = (CudaGraphStep if graphs else EagerStep)(model, optimizer, settings, device)
+    losses = []
+    for batch in batches:
+        losses.append(step(batch))
+        schedule.step()
+    return [float(loss) for loss in losses]
+
+
+def test_eager_step_equals_stock_loop_exactly():
+    batches = make_batches(SHAPES)
+    stock, ours = tiny_classifier(), tiny_classifier()
+    torch.manual_seed(5)
+    expected = stock_loop(stock, batches, 1e-3, total_steps=8, warmup=2)
+    torch.manual_seed(5)
+    got = sparsebert_loop(ours, batches, 1e-3, 8, 2, torch.device("cpu"), graphs=False)
+    assert got == expected
+    for (name, a), b in zip(stock.state_dict().items(), ours.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_warmup_steps_leave_no_trace():
+    """What CudaGraphStep does around a capture: snapshot, eager warm-up steps, restore. A
+    run with that detour (at the start, fresh optimizer state, and mid-run) equals one
+    without it, dropout included."""
+    batches = make_batches(SHAPES)
+    cpu = torch.device("cpu")
+    config = TrainConfig(lr=1e-3).resolved()
+
+    def run(detour_at: set[int]) -> dict[str, torch.Tensor]:
+        model = tiny_classifier()
+        optimizer, schedule = make_optimizer(model, config, 8)
+        step = EagerStep(model, optimizer, StepSettings(), cpu)
+        torch.manual_seed(1)
+        for i, batch in enumerate(batches):
+            if i in detour_at:
+                saved = snapshot(model, optimizer, cpu)
+                step(batches[-1])
+                step(batches[0])
+                restore(saved, optimizer)
+            step(batch)
+            schedule.step()
+        return model.state_dict()
+
+    plain, detoured = run(set()), run({0, 3})
+    for name, value in plain.items():
+        assert torch.equal(value, detoured[name]), name
+
+
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_linear_schedule_equals_transformers(warmup):
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    reference = torch.optim.SGD(params, lr=2e-5)
+    scheduler = get_linear_schedule_with_warmup(reference, warmup, 10)
+    ours = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=2e-5)
+    schedule = LinearSchedule(ours, 2e-5, 10, warmup)
+    for _ in range(12):
+        assert ours.param_groups[0]["lr"] == reference.param_groups[0]["lr"]
+        assert schedule.get_last_lr() == scheduler.get_last_lr()
+        reference.step()  # no gradients: a no-op, keeps torch's call-order check quiet
+        scheduler.step()
+        schedule.step()
+
+
+def test_linear_schedule_state_and_tensor_lr():
+    lr = torch.tensor(1e-3)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=lr)
+    schedule = LinearSchedule(optimizer, 1e-3, total_steps=4)
+    schedule.step()
+    assert optimizer.param_groups[0]["lr"] is lr  # filled in place, never replaced
+    assert lr.item() == pytest.approx(0.75e-3)
+    other = LinearSchedule(optimizer, 1e-3, total_steps=4)
+    other.load_state_dict(schedule.state_dict())
+    assert other.step_count == 1
+    other.load_state_dict({"last_epoch": 3})  # what torch's LambdaLR saved
+    assert lr.item() == pytest.approx(0.25e-3)
+    with pytest.raises(ValueError, match="total_steps"):
+        LinearSchedule(optimizer, 1e-3, total_steps=0)
+
+
+def test_optimizer_state_round_trip_keeps_settings():
+    model = tiny_classifier(dropout=0.0)
+    config = TrainConfig(lr=1e-3).resolved()
+    optimizer, schedule = make_optimizer(model, config, 10)
+    batch = make_batches([(4, 16)])[0]
+    EagerStep(model, optimizer, StepSettings(), torch.device("cpu"))(batch)
+    schedule.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    fresh, fresh_schedule = make_optimizer(copy.deepcopy(model), config, 10)
+    load_optimizer_state(fresh, saved)
+    fresh_schedule.load_state_dict(schedule.state_dict())
+    assert fresh.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+    assert fresh.param_groups[0]["fused"] is True
+
+
+def test_graph_step_rejects_bad_setup():
+    model = tiny_classifier()
+    optimizer, _ = make_optimizer(model, TrainConfig(lr=1e-3).resolved(), 10)
+    with pytest.raises(ValueError, match="CUDA device"):
+        CudaGraphStep(model, optimizer, StepSettings(), torch.device("cpu"))
+    with pytest.raises(ValueError, match="capturable AdamW needs every parameter on a CUDA"):
+        make_optimizer(model, TrainConfig(lr=1e-3).resolved(), 10, capturable=True)
+
+
+def _graph_vs_eager(model_fn, precision: str, shapes=SHAPES, seed: int = 3):
+    device = torch.device("cuda")
+    batches = make_batches(shapes, seed)
+    eager, graphed = model_fn().to(device), model_fn().to(device)
+    torch.manual_seed(seed)
+    eager_losses = sparsebert_loop(eager, batches, 1e-3, 8, 2, device, False, precision)
+    torch.manual_seed(seed)
+    graph_losses = sparsebert_loop(graphed, batches, 1e-3, 8, 2, device, True, precision)
+    return eager, graphed, eager_losses, graph_losses
+
+
+@cuda_test
+@pytest.mark.parametrize("patched", [False, True], ids=["hf", "patched"])
+def test_graph_step_equals_eager_fp32(patched):
+    def build():
+        model = tiny_classifier(dropout=0.0)
+        return sbhf.patch(model) if patched else model
+
+    eager, graphed, eager_losses, graph_losses = _graph_vs_eager(build, "fp32")
+    torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@cuda_test
+def test_graph_step_with_dropout_and_bf16_matches_eager():
+    """Dropout draws the same numbers inside and outside graphs; bf16 within bf16 noise."""
+    _, _, eager_losses, graph_losses = _graph_vs_eager(lambda: tiny_classifier(0.1), "bf16")
+    torch.testing.assert_close(graph_losses, eager_losses, rtol=2e-2, atol=2e-2)
+
+
+@cuda_test
+def test_graph_step_keeps_weight_masks():
+    device = torch.device("cuda")
+    model = tiny_classifier(dropout=0.0).to(device)
+    weight = model.bert.encoder.layer[0].intermediate.dense.weight
+    mask = torch.rand(weight.shape, device=device) > 0.5
+    sparsebert_loop(model, make_batches(SHAPES), 1e-2, 8, 0, device, True,
+                    masks=WeightMasks([(weight, mask)]))
+    assert torch.all(weight[~mask] == 0)
+    assert torch.count_nonzero(weight[mask]) == mask.sum()
+
+
+
+@pytest.fixture(scope="module")
+def word_model(tmp_path_factory) -> str:
+    """A random 2-layer BERT with a word-level vocabulary of the synthetic SST-2 (no
+    download, no model package), dropout off."""
+    from transformers import BertModel, BertTokenizerFast  # noqa: PLC0415
+
+    path = tmp_path_factory.mktemp("word-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "good", "bad", "."]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=48, max_position_embeddings=64,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@cuda_test
+def test_finetune_with_cuda_graphs_matches_eager_and_resumes(word_model, glue_dir, tmp_path):
+    base = dict(task="sst2", model=word_model, glue_dir=glue_dir, epochs=2, batch_size=16,
+                lr=1e-3, seed=7, device="cuda", precision="fp32", log_every=2)
+    eager = finetune(TrainConfig(**base, cuda_graphs="off"), tmp_path / "eager", progress=False)
+    graphs = finetune(TrainConfig(**base, cuda_graphs="on"), tmp_path / "graphs",
+                      progress=False)
+    assert graphs["steps"] == eager["steps"] == 12
+    expected = _weights(tmp_path / "eager")
+    for name, value in _weights(tmp_path / "graphs").items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-4, msg=name)
+    stopped = finetune(TrainConfig(**base, cuda_graphs="on", stop_after_steps=3),
+                       tmp_path / "resumed", progress=False)
+    assert stopped["status"] == "stopped"
+    finetune(TrainConfig(**base, cuda_graphs="on"), tmp_path / "resumed", progress=False)
+    for name, value in _weights(tmp_path / "resumed").items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_cuda_graphs_option_is_checked():
+    with pytest.raises(TrainError, match="cuda_graphs must be"):
+        TrainConfig(cuda_graphs="yes").resolved()
+    if not CUDA:
+        with pytest.raises(TrainError, match="needs a CUDA device"):
+            use_cuda_graphs(TrainConfig(cuda_graphs="on").resolved(), torch.device("cpu"))
