@@ -42,24 +42,24 @@ pack() {  # copy benchmark tables/JSON written so far into $OUT
 }
 
 # Step 1: build (in place: this machine is a copy of the tree).
-if ! step build 300 "$out/build.log" python3 setup.py build_ext --inplace; then
+if ! step build 240 "$out/build.log" python3 setup.py build_ext --inplace; then
   tail -n 60 "$out/build.log"; exit 1
 fi
 
 # Step 2: CUDA tests (each kernel test first asserts the CUDA kernel is registered).
-pytest_args=(-q -m cuda -p no:cacheprovider -rfE --timeout=120)
-step cuda-tests 240 "$out/cuda-tests.log" python3 -m pytest "${pytest_args[@]}" tests/
+pytest_args=(-q -m cuda -p no:cacheprovider -rfE --timeout=60)
+step cuda-tests 180 "$out/cuda-tests.log" python3 -m pytest "${pytest_args[@]}" tests/
 tail -n 3 "$out/cuda-tests.log" >> "$summary"
 
 # Step 3: benchmarks, the training step first (it serves the open fine-tuning work).
-step bench-train-step 150 "$out/bench.log" python3 bench/bench_train_step.py --device cuda; pack
-step bench-masked-attention 90 "$out/bench.log" python3 bench/bench_masked_attention.py --device cuda; pack
-step bench-group-dot 60 "$out/bench.log" python3 bench/bench_group_dot.py --device cuda; pack
-step bench-importance 90 "$out/bench.log" python3 bench/bench_importance.py --device cuda --model bert-base; pack
+step bench-train-step 120 "$out/bench.log" python3 bench/bench_train_step.py --device cuda; pack
+step bench-masked-attention 70 "$out/bench.log" python3 bench/bench_masked_attention.py --device cuda; pack
+step bench-group-dot 45 "$out/bench.log" python3 bench/bench_group_dot.py --device cuda; pack
+step bench-importance 60 "$out/bench.log" python3 bench/bench_importance.py --device cuda --model bert-base; pack
 
 # Step 4: the SIMT attention kernels (the tensor-core ones are the default for D=32/64).
 export SPARSEBERT_ATTENTION_KERNEL=simt
-step simt-tests 90 "$out/simt-tests.log" \
+step simt-tests 60 "$out/simt-tests.log" \
   python3 -m pytest "${pytest_args[@]}" tests/test_masked_attention.py
 tail -n 3 "$out/simt-tests.log" >> "$summary"
 echo "total: $((SECONDS - start)) s" | tee -a "$summary"
