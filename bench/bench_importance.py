@@ -106,6 +106,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--rounds", type=int, default=3, help="interleaved rounds over the providers (median kept)"
     )
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch.profiler's top kernels of fwd_bwd_weights, "
+                             "hook_gates and sb_paper")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if not cuda:
@@ -170,6 +173,25 @@ def main(argv=None) -> None:
             f"{cfg.num_hidden_layers} layers, fp32, B={batch_size}, S={args.seq}")
     stem = "importance" if args.model == "default" else f"importance_{args.model}"
     common.report("importance", args, argv, what, header, rows, records, stem=stem)
+    if args.profile:
+        profile(providers, ("fwd_bwd_weights", "hook_gates", "sb_paper"), cuda)
+
+
+def profile(providers, names, cuda: bool, calls: int = 3) -> None:
+    """Print where the time of each named provider goes (torch.profiler, `calls` calls)."""
+    from torch.profiler import ProfilerActivity  # noqa: PLC0415
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sort_by = "cuda_time_total" if cuda else "cpu_time_total"
+    for name in names:
+        providers[name]()  # warm
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(calls):
+                providers[name]()
+            if cuda:
+                torch.cuda.synchronize()
+        print(f"\n### profile: {name} ({calls} calls)\n")
+        print(prof.key_averages().table(sort_by=sort_by, row_limit=18, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ Providers (all compute gated multi-head attention over (B, S, H, D) inputs):
 
 Script:  python bench/bench_masked_attention.py [--device cpu|cuda] [--dtype ...] [--quick]
          prints a table and writes bench/results/masked_attention-<device>.{json,md}
+         --timing graph (CUDA): GPU time per call, replayed from a CUDA graph, so the host's
+         per-call overhead (Python, dispatcher, launches) is left out; written to
+         bench/results/masked_attention_graph-<device>.{json,md}
 pytest:  pytest bench/bench_masked_attention.py --benchmark-only
 """
 
@@ -72,12 +75,13 @@ def provider_fn(name, q, k, v, gate):
     raise ValueError(name)
 
 
-def timed(name, batch, seq, heads, dim, active, dtype, device, backward):
+def timed(name, batch, seq, heads, dim, active, dtype, device, backward, timing="eager"):
     fused, q, k, v, gate = make_inputs(batch, seq, heads, dim, active, dtype, device, backward)
     fn = provider_fn(name, q, k, v, gate)
+    time_call = common.time_call_graph if timing == "graph" else common.time_call
     if not backward:
         with torch.no_grad():
-            return common.time_call(fn)
+            return time_call(fn)
     dout = torch.randn(batch, seq, heads, dim, device=device, dtype=dtype)
 
     def fwd_bwd():
@@ -87,7 +91,7 @@ def timed(name, batch, seq, heads, dim, active, dtype, device, backward):
         inputs = (fused, gate) if name not in ("sdpa",) else (fused,)
         torch.autograd.grad(out, inputs, dout, allow_unused=True)
 
-    return common.time_call(fwd_bwd)
+    return time_call(fwd_bwd)
 
 
 # ---------------------------------------------------------------- pytest-benchmark entry points
@@ -118,7 +122,12 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--no-backward", action="store_true")
+    parser.add_argument("--timing", choices=("eager", "graph"), default="eager",
+                        help="eager: wall time per call (host overhead included); graph: GPU "
+                             "time per call replayed from a CUDA graph (CUDA only)")
     args = parser.parse_args(argv)
+    if args.timing == "graph" and not args.device.startswith("cuda"):
+        parser.error("--timing graph needs --device cuda")
 
     cuda = args.device.startswith("cuda")
     if not cuda:
@@ -136,9 +145,10 @@ def main(argv=None) -> None:
             for name in args.providers:
                 if name in ("sdpa",) and active != args.heads:
                     continue  # dense SDPA does not depend on the gate
-                seconds = timed(
-                    name, batch, seq, args.heads, dim, active, dtype, args.device, mode != "fwd"
-                )
+                if name == "reference" and args.timing == "graph":
+                    continue  # the fp32 oracle is no contender, and not capturable
+                seconds = timed(name, batch, seq, args.heads, dim, active, dtype, args.device,
+                                mode != "fwd", args.timing)
                 if name == "sdpa":
                     base["sdpa"] = seconds
                 if name == "sparsebert" and active == args.heads:
@@ -178,8 +188,11 @@ def main(argv=None) -> None:
 
     header = ["mode", "provider", "B", "S", "D", "heads kept", "time (us)", "vs SDPA",
               "vs sparsebert all-on"]
-    what = f"masked attention, {str(dtype).replace('torch.', '')}, H={args.heads}"
-    common.report("masked_attention", args, argv, what, header, rows, records)
+    timing = ("GPU time per call, replayed from a CUDA graph (no host overhead)"
+              if args.timing == "graph" else "wall time per call")
+    what = f"masked attention, {str(dtype).replace('torch.', '')}, H={args.heads}, {timing}"
+    stem = "masked_attention" + ("_graph" if args.timing == "graph" else "")
+    common.report("masked_attention", args, argv, what, header, rows, records, stem=stem)
 
 
 if __name__ == "__main__":

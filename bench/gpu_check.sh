@@ -10,6 +10,7 @@
 #   bench.log        every benchmark's table
 #   results.tar.gz   bench/results/*-<gpu>.{json,md}, for committing
 # Usage on the GPU machine, from the repository root:  bash bench/gpu_check.sh
+#   GPU_CHECK_STEPS=build,bench-importance bash bench/gpu_check.sh   runs only those steps
 # Missing Python packages can travel as wheels in .whl/ (installed into /tmp/site first).
 set -uo pipefail
 out=${OUT:-bench/results/gpu}
@@ -31,6 +32,8 @@ summary="$out/summary.txt"
 
 step() {  # step NAME LIMIT_S LOG CMD...: run CMD with a time limit, log its status
   local name=$1 limit=$2 log=$3; shift 3
+  # GPU_CHECK_STEPS="build,cuda-tests,..." runs only the named steps (default: all).
+  if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ ",$GPU_CHECK_STEPS," != *",$name,"* ]]; then return 0; fi
   local t0=$SECONDS
   timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
   local rc=$?
@@ -54,8 +57,9 @@ tail -n 3 "$out/cuda-tests.log" >> "$summary"
 # Step 3: benchmarks, the training step first (it serves the open fine-tuning work).
 step bench-train-step 120 "$out/bench.log" python3 bench/bench_train_step.py --device cuda; pack
 step bench-masked-attention 70 "$out/bench.log" python3 bench/bench_masked_attention.py --device cuda; pack
+step bench-masked-attention-graph 90 "$out/bench.log" python3 bench/bench_masked_attention.py --device cuda --timing graph --seq 128 512; pack
 step bench-group-dot 45 "$out/bench.log" python3 bench/bench_group_dot.py --device cuda; pack
-step bench-importance 60 "$out/bench.log" python3 bench/bench_importance.py --device cuda --model bert-base; pack
+step bench-importance 60 "$out/bench.log" python3 bench/bench_importance.py --device cuda --model bert-base --profile; pack
 
 # Step 4: the SIMT attention kernels (the tensor-core ones are the default for D=32/64).
 export SPARSEBERT_ATTENTION_KERNEL=simt
