@@ -11,7 +11,8 @@ Script:  python bench/bench_masked_attention.py [--device cpu|cuda] [--dtype ...
          prints a table and writes bench/results/masked_attention-<device>.{json,md}
          --timing graph (CUDA): GPU time per call, replayed from a CUDA graph, so the host's
          per-call overhead (Python, dispatcher, launches) is left out; written to
-         bench/results/masked_attention_graph-<device>.{json,md}
+         bench/results/masked_attention_graph_<dtype>-<device>.{json,md}; forward only
+         for now (capturing autograd.grad there fails with a stream-capture error)
 pytest:  pytest bench/bench_masked_attention.py --benchmark-only
 """
 
@@ -128,6 +129,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.timing == "graph" and not args.device.startswith("cuda"):
         parser.error("--timing graph needs --device cuda")
+    if args.timing == "graph" and not args.no_backward:
+        parser.error("--timing graph times the forward only: add --no-backward")
 
     cuda = args.device.startswith("cuda")
     if not cuda:
@@ -191,7 +194,8 @@ def main(argv=None) -> None:
     timing = ("GPU time per call, replayed from a CUDA graph (no host overhead)"
               if args.timing == "graph" else "wall time per call")
     what = f"masked attention, {str(dtype).replace('torch.', '')}, H={args.heads}, {timing}"
-    stem = "masked_attention" + ("_graph" if args.timing == "graph" else "")
+    stem = "masked_attention" + (f"_graph_{str(dtype).replace('torch.', '')}"
+                                 if args.timing == "graph" else "")
     common.report("masked_attention", args, argv, what, header, rows, records, stem=stem)
 
 
