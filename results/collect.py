@@ -2,6 +2,11 @@
 
     python results/collect.py runs/glue-minilm-s42            # default: that folder
     python results/collect.py runs/lr-sweep runs/glue-minilm-s42/MRPC --out results/lr_sweep
+    python results/collect.py runs/ablation runs/glue-minilm-s42/SST-2 \
+        runs/glue-minilm-s42/MRPC --out results/bucket_ablation
+
+When a (task, lr, batching) setting was run with several seeds, a second table gives each
+seed's score and their mean and standard deviation.
 
 Each <runs>/<TASK>/results.json (written by `sparsebert finetune`) becomes one row: dev metrics,
 the paper's threshold metric, train/wall time, device, versions and the run's settings. The
@@ -79,6 +84,29 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_summary(rows: list[dict]) -> str:
+    """Markdown table over settings run with 2+ seeds: per-seed dev metrics, mean and sample
+    standard deviation of each metric."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        key = (r["task"], r["lr"], r["batching"], r["max_train_examples"], r["epochs"])
+        groups.setdefault(key, []).append(r)
+    lines = ["| task | lr | batches | seeds | per seed | mean | std |", "|---|---|---|---|---|---|---|"]
+    for (task, lr, batching, _, _), group in groups.items():
+        if len(group) < 2:
+            continue
+        group.sort(key=lambda r: r["seed"])
+        names = list(group[0]["metrics"][group[0]["dev_split"]])
+        per_seed = "; ".join(f"{r['seed']}: {_fmt(r['metrics'][r['dev_split']])}" for r in group)
+        values = {n: [r["metrics"][r["dev_split"]][n] for r in group] for n in names}
+        mean = {n: sum(v) / len(v) for n, v in values.items()}
+        std = {n: (sum((x - mean[n]) ** 2 for x in v) / (len(v) - 1)) ** 0.5
+               for n, v in values.items()}
+        lines.append(f"| {task} | {lr:g} | {batching} | {len(group)} | {per_seed} "
+                     f"| {_fmt(mean)} | {_fmt(std)} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="*", default=["runs/glue-minilm-s42"],
@@ -95,8 +123,13 @@ def main() -> None:
     record = {"collected_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs_dir": args.runs,
               "majority_baseline": MAJORITY, "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(rows))
-    print(markdown(rows))
+    text = markdown(rows)
+    summary = seed_summary(rows)
+    if summary:
+        text += "\nAcross seeds (the seed also draws the data order, the classifier's "
+        text += "initialisation, dropout and any train subset):\n\n" + summary
+    out.with_suffix(".md").write_text(text)
+    print(text)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
 
 
