@@ -133,7 +133,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, num_labels: int = 
     name_or_path: None/"default" (the default model), a local directory, or a hub id.
     num_labels == 1 makes a regression head (MSE loss); labels name the classes (id2label).
     seed: seeds torch before the classifier is initialized (same seed -> same head).
-    kwargs go to from_pretrained (e.g. attn_implementation="eager").
+    kwargs go to from_pretrained (e.g. attn_implementation="eager"). Weights load as float32
+    whatever dtype the checkpoint stores (transformers 5 would keep fp16/bf16 ones, and training
+    half-precision master weights loses updates); pass dtype=... to override.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification  # noqa: PLC0415
 
@@ -152,6 +154,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, num_labels: int = 
     # Step 2: weights; the classifier is freshly initialized from torch's RNG.
     if seed is not None:
         torch.manual_seed(seed)
+    kwargs.setdefault("dtype", torch.float32)
     model = _offline_first(lambda offline: AutoModelForSequenceClassification.from_pretrained(
         source, config=config, local_files_only=offline, **kwargs), source, local, "model")
     tokenizer = load_tokenizer(source)

@@ -65,6 +65,19 @@ def _same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_half_precision_checkpoint_loads_as_float32(tiny_model, tmp_path):
+    """Hub checkpoints are often stored in fp16; training needs fp32 master weights."""
+    model, tokenizer = load_model(tiny_model, 2)
+    model.half().save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, _ = load_model(str(tmp_path), 2)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert torch.equal(loaded.bert.embeddings.word_embeddings.weight,
+                       model.bert.embeddings.word_embeddings.weight.float())
+    kept, _ = load_model(str(tmp_path), 2, dtype=torch.float16)
+    assert next(kept.parameters()).dtype == torch.float16
+
+
 def test_config_round_trips():
     config = TrainConfig(task="MRPC", lr=3e-5, bucket=False, max_train_examples=100)
     assert TrainConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
