@@ -14,10 +14,10 @@ from sparsebert.checkpoint import WeightMasks
 from sparsebert.train import (
     TrainConfig, TrainError, autocast, finetune, make_optimizer, use_cuda_graphs,
 )
-from tests.test_train import WORDS, _weights, glue_dir  # noqa: F401 (fixture)
 from sparsebert.train_step import (
     CudaGraphStep, EagerStep, LinearSchedule, StepSettings, load_optimizer_state, restore, snapshot,
 )
+from tests.test_train import WORDS, _weights, glue_dir  # noqa: F401 (fixture)
 
 CUDA = torch.cuda.is_available()
 
@@ -247,7 +247,7 @@ def word_model(tmp_path_factory) -> str:
 
 
 @cuda_test
-def test_finetune_with_cuda_graphs_matches_eager_and_resumes(word_model, glue_dir, tmp_path):
+def test_finetune_with_cuda_graphs_matches_eager_and_resumes(word_model, glue_dir, tmp_path):  # noqa: F811
     base = dict(task="sst2", model=word_model, glue_dir=glue_dir, epochs=2, batch_size=16,
                 lr=1e-3, seed=7, device="cuda", precision="fp32", log_every=2)
     eager = finetune(TrainConfig(**base, cuda_graphs="off"), tmp_path / "eager", progress=False)
