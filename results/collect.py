@@ -48,6 +48,7 @@ def collect(runs: Path) -> list[dict]:
             "batch_size": config["batch_size"], "max_length": config["max_length"],
             "seed": config["seed"], "max_train_examples": config["max_train_examples"],
             "batching": "bucketed" if config.get("bucket", True) else "shuffled",
+            "weight_decay": config.get("weight_decay", 0.0), "grad_clip": config.get("grad_clip", 1.0),
             "train_examples": result["train_examples"], "steps": result["steps"],
             "train_time_s": round(result["train_time_s"], 1),
             "wall_time_s": round(result["wall_time_s"], 1),
@@ -70,15 +71,17 @@ def markdown(rows: list[dict]) -> str:
     device."""
     lines = [
         "| task | dev metrics (sparsebert) | issue's loop, lr 2e-5 | issue's loop, lr 1e-4 "
-        "| lr | batches | train examples x epochs | train time | device |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| lr | weight decay / clip | batches | seed | train examples x epochs | train time "
+        "| device |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         metrics = r["metrics"][r["dev_split"]]
         ref = r["reference"]
         lines.append(
             f"| {r['task']} | {_fmt(metrics)} | {_fmt(ref.get('2e-05', {})) or '-'} "
-            f"| {_fmt(ref.get('0.0001', {})) or '-'} | {r['lr']:g} | {r['batching']} "
+            f"| {_fmt(ref.get('0.0001', {})) or '-'} | {r['lr']:g} "
+            f"| {r['weight_decay']:g} / {r['grad_clip']:g} | {r['batching']} | {r['seed']} "
             f"| {r['train_examples']} x {r['epochs']} | {r['train_time_s'] / 60:.1f} min "
             f"| {r['device_name']} ({r['threads']} threads) |")
     return "\n".join(lines) + "\n"
@@ -89,10 +92,11 @@ def seed_summary(rows: list[dict]) -> str:
     standard deviation of each metric."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        key = (r["task"], r["lr"], r["batching"], r["max_train_examples"], r["epochs"])
+        key = (r["task"], r["lr"], r["batching"], r["max_train_examples"], r["epochs"],
+               r["weight_decay"], r["grad_clip"])
         groups.setdefault(key, []).append(r)
     lines = ["| task | lr | batches | seeds | per seed | mean | std |", "|---|---|---|---|---|---|---|"]
-    for (task, lr, batching, _, _), group in groups.items():
+    for (task, lr, batching, *_), group in groups.items():
         if len(group) < 2:
             continue
         group.sort(key=lambda r: r["seed"])
