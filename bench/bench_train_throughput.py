@@ -24,7 +24,8 @@ from sparsebert.glue.loading import load_split
 from sparsebert.glue.tasks import get_task
 from sparsebert.models import load_model
 from sparsebert.runtime import device_name, git_sha, versions
-from sparsebert.train import TrainConfig, autocast, make_optimizer, resolve_device, to_device
+from sparsebert.train import TrainConfig, autocast, make_optimizer, resolve_device
+from sparsebert.train_step import EagerStep, StepSettings
 
 MODES = {"bucketed": (True, "dynamic"), "dynamic": (False, "dynamic"),
          "fixed": (False, "max_length")}
@@ -41,7 +42,9 @@ class ModeRunner:
                                    seed=args.seed)
         self.model.to(device).train()
         config = TrainConfig(task=task.name, model=args.model).resolved()
-        self.optimizer, self.scheduler = make_optimizer(self.model, config, total_steps=10_000)
+        optimizer, self.scheduler = make_optimizer(self.model, config, total_steps=10_000)
+        settings = StepSettings(config.grad_clip, lambda: autocast(device, "auto"))
+        self.step = EagerStep(self.model, optimizer, settings, device)
         self.batches = batching.train_batches(train.lengths, args.batch_size, args.seed, 0,
                                               bucket)
         self.train, self.device, self.next = train, device, 0
@@ -55,14 +58,10 @@ class ModeRunner:
         for _ in range(steps):
             indices = self.batches[self.next % len(self.batches)]
             self.next += 1
-            batch = to_device(batching.collate(self.train, indices, self.padding), self.device)
-            with autocast(self.device, "auto"):
-                loss = self.model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-            self.optimizer.step()
+            batch = batching.collate(self.train, indices, self.padding)
+            batch.pop("index")
+            self.step(batch)  # forward, backward, clip, AdamW
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
             if timed:
                 self.stats["steps"] += 1
                 self.stats["examples"] += len(indices)

@@ -125,17 +125,16 @@ class StepSettings:
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
-def _forward_backward_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                             settings: StepSettings, batch: Batch) -> torch.Tensor:
-    """loss = model(**batch).loss; backward; clip; optimizer.step(); grads set to None.
-    Returns the detached scalar loss."""
+def _forward_backward_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                           settings: StepSettings, batch: Batch) -> torch.Tensor:
+    """loss = model(**batch).loss; backward; clip; optimizer.step(). Returns the detached
+    scalar loss; gradients are left in place."""
     with settings.autocast():
         loss = model(**batch).loss
     loss.backward()
     if settings.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(_trainable(model), settings.grad_clip)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 
 
@@ -152,7 +151,9 @@ class EagerStep:
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        return _forward_backward_update(self.model, self.optimizer, self.settings, batch)
+        loss = _forward_backward_step(self.model, self.optimizer, self.settings, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
 
 
 @dataclass
@@ -217,26 +218,18 @@ class CudaGraphStep:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up: lazy inits, optimizer state, cuBLAS plans
             for _ in range(self.warmup_steps):
-                _forward_backward_update(self.model, self.optimizer, self.settings, inputs)
+                self.eager(inputs)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        # Gradients are None here, so backward allocates them inside the graph and every
+        # replay overwrites (not accumulates) them: no zeroing kernel needed.
         with torch.cuda.graph(graph, pool=self.pool):
-            loss = self._captured_step(inputs)
+            loss = _forward_backward_step(self.model, self.optimizer, self.settings, inputs)
         if self.pool is None:
             self.pool = graph.pool()
         restore(saved, self.optimizer)
         return _Captured(graph, inputs, loss)
 
-    def _captured_step(self, inputs: Batch) -> torch.Tensor:
-        # Gradients are None here, so backward allocates them inside the graph and every
-        # replay overwrites (not accumulates) them: no zeroing kernel needed.
-        with self.settings.autocast():
-            loss = self.model(**inputs).loss
-        loss.backward()
-        if self.settings.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(_trainable(self.model), self.settings.grad_clip)
-        self.optimizer.step()
-        return loss.detach()
 
 def _model_tensors(model: torch.nn.Module) -> Iterable[torch.Tensor]:
     seen: set[int] = set()
