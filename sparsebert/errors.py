@@ -1,0 +1,20 @@
+"""One base class for errors a user can fix (bad input, bad files, bad config).
+
+The `sparsebert` command catches SparsebertError and prints its message on one line with exit
+status 2 (a traceback only with --debug or SPARSEBERT_DEBUG=1). Subclasses also derive from
+ValueError, so callers that caught ValueError before keep working.
+"""
+
+from __future__ import annotations
+
+
+class SparsebertError(ValueError):
+    """A user-fixable error: the message names the argument or file and what to do."""
+
+
+class ConfigError(SparsebertError):
+    """A bad configuration value (flag, config field, option)."""
+
+
+class RunDirError(SparsebertError):
+    """A run directory that is missing, holds another run, or has damaged files."""
