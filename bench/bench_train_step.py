@@ -6,7 +6,7 @@ autocast on a GPU (fp32 on a CPU). Batches are built on the host (pinned) and co
 data loader would deliver them. Loops:
   stock          the loop a user writes: torch.optim.AdamW (its default foreach
                  implementation), transformers' get_linear_schedule_with_warmup, eager
-  eager          sparsebert's step (fused AdamW, sparsebert.train_step.EagerStep)
+  eager          sparsebert's step (fused AdamW, sparsebert.train.step.EagerStep)
   graphs         sparsebert's step captured as a CUDA graph per batch shape (what
                  `sparsebert finetune` does on a GPU)
   graphs_patched the same on the model patched with sparsebert's masked attention
@@ -34,7 +34,7 @@ import common  # noqa: E402
 
 import sparsebert.hf as sbhf  # noqa: E402
 from sparsebert.train import TrainConfig, autocast, make_optimizer  # noqa: E402
-from sparsebert.train_step import CudaGraphStep, EagerStep, StepSettings  # noqa: E402
+from sparsebert.train.step import CudaGraphStep, EagerStep, StepSettings  # noqa: E402
 
 LOOPS = ("stock", "eager", "graphs", "graphs_patched")
 MIXED_WIDTHS = tuple(range(16, 129, 16))

@@ -22,10 +22,10 @@ import torch
 from sparsebert.glue import batching
 from sparsebert.glue.loading import load_split
 from sparsebert.glue.tasks import get_task
-from sparsebert.models import load_model
+from sparsebert.hf.loading import load_model
 from sparsebert.runtime import device_name, git_sha, versions
 from sparsebert.train import TrainConfig, autocast, make_optimizer, resolve_device
-from sparsebert.train_step import EagerStep, StepSettings
+from sparsebert.train.step import EagerStep, StepSettings
 
 MODES = {"bucketed": (True, "dynamic"), "dynamic": (False, "dynamic"),
          "fixed": (False, "max_length")}

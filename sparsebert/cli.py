@@ -9,69 +9,15 @@ config) print one line `sparsebert: error: ...` and exit with status 2, no trace
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import os
 import sys
-import typing
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sparsebert.glue.tasks import GlueError
-from sparsebert.models import ModelLoadError
-
-# Errors raised on bad user input; shown as one line, without a stack trace.
-USER_ERRORS: tuple[type[Exception], ...] = (GlueError, ModelLoadError, FileNotFoundError)
-
-
-# --- dataclass <-> flags -------------------------------------------------------------------
-
-def _field_type(cls: type, name: str) -> type:
-    """The non-None type of a dataclass field (`int | None` -> int)."""
-    hint = typing.get_type_hints(cls)[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type,
-                            skip: Sequence[str] = (), rename: dict[str, str] | None = None,
-                            ) -> None:
-    """One `--field-name` flag per dataclass field, with default SUPPRESS (so only flags the
-    user gave become overrides); bools get --x/--no-x."""
-    rename = rename or {}
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + rename.get(f.name, f.name).replace("_", "-")
-        kind = _field_type(cls, f.name)
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
-        if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
-        else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS,
-                                metavar=f.name.upper(), help=help_text)
-
-
-def dataclass_to_argv(obj: Any, skip: Sequence[str] = ()) -> list[str]:
-    """Flags that rebuild `obj` through add_dataclass_arguments (fields at default omitted)."""
-    argv: list[str] = []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if f.name in skip or value == f.default:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
-        else:
-            argv.extend([flag, str(value)])
-    return argv
-
-
-def overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    """The dataclass fields the user set on the command line."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in vars(args).items() if k in names}
-
+from sparsebert.errors import SparsebertError
+from sparsebert.flags import add_dataclass_arguments, overrides
 
 # --- finetune ------------------------------------------------------------------------------
 
@@ -92,19 +38,16 @@ def _add_finetune(subparsers) -> None:
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    from sparsebert.train import TrainConfig, TrainError, finetune  # noqa: PLC0415
+    from sparsebert.train import TrainConfig, finetune  # noqa: PLC0415
 
-    try:
-        config = TrainConfig(**overrides(args, TrainConfig))
-        results = finetune(config, args.out, progress=not args.quiet)
-    except TrainError as error:
-        return _fail(str(error))
+    config = TrainConfig(**overrides(args, TrainConfig))
+    result = finetune(config, args.out, progress=not args.quiet)
     if args.json:
-        print(json.dumps(results, indent=2))
-    elif results.get("status") == "stopped":
-        print(f"stopped after step {results['step']}; rerun the same command to resume")
+        print(json.dumps(result.to_json(), indent=2))
+    elif result.status == "stopped":
+        print(f"stopped after step {result.step}; rerun the same command to resume")
     else:
-        _print_metrics(results)
+        _print_metrics(result.to_json())
     return 0
 
 
@@ -115,20 +58,18 @@ def _add_evaluate(subparsers) -> None:
                                    description="Evaluate a finished run's model on its task's "
                                                "dev split(s) and print the metrics.")
     parser.add_argument("--run", required=True, help="run directory written by finetune")
-    parser.add_argument("--glue-dir", default=None, help="GLUE folder (default: $GLUE_DIR)")
+    parser.add_argument("--glue-dir", default=None,
+                        help="GLUE folder (default: $GLUE_DIR, else the folder the run used)")
     parser.add_argument("--batch-size", type=int, default=None, help="eval batch size")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from sparsebert.train import TrainError, evaluate  # noqa: PLC0415
+    from sparsebert.train import evaluate  # noqa: PLC0415
 
-    try:
-        results = evaluate(args.run, glue_dir=args.glue_dir, batch_size=args.batch_size,
-                           device=args.device)
-    except TrainError as error:
-        return _fail(str(error))
+    results = evaluate(args.run, glue_dir=args.glue_dir, batch_size=args.batch_size,
+                       device=args.device, verbose=not args.json)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -145,7 +86,6 @@ def _print_metrics(results: dict[str, Any]) -> None:
 
 
 # --- info ----------------------------------------------------------------------------------
-# (lead: extend freely; devices, versions and native kernels per op)
 
 def _add_info(subparsers) -> None:
     subparsers.add_parser("info", help="versions, devices and native kernels")
@@ -186,8 +126,16 @@ def _fail(message: str) -> int:
     return 2
 
 
+def debug_enabled(args: argparse.Namespace | None = None) -> bool:
+    """--debug or SPARSEBERT_DEBUG=1: show tracebacks of user errors."""
+    flag = bool(getattr(args, "debug", False))
+    return flag or os.environ.get("SPARSEBERT_DEBUG", "").strip() not in ("", "0")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsebert", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="show Python tracebacks of errors (also SPARSEBERT_DEBUG=1)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add, _run in SUBCOMMANDS.values():
         add(subparsers)
@@ -199,7 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return SUBCOMMANDS[args.command][1](args)
-    except USER_ERRORS as error:
+    except (SparsebertError, FileNotFoundError) as error:
+        if debug_enabled(args):
+            traceback.print_exc()
         return _fail(str(error))
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 import subprocess
 from pathlib import Path
@@ -32,10 +33,12 @@ def versions() -> dict[str, str]:
     """Versions of python, torch, transformers and sparsebert (and CUDA when built with it)."""
     import transformers  # noqa: PLC0415
 
-    import sparsebert  # noqa: PLC0415
-
+    try:
+        ours = importlib.metadata.version("sparsebert")
+    except importlib.metadata.PackageNotFoundError:
+        ours = "not installed"
     out = {"python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "sparsebert": sparsebert.__version__}
+           "transformers": transformers.__version__, "sparsebert": ours}
     if torch.version.cuda:
         out["cuda"] = torch.version.cuda
     return out

@@ -7,7 +7,7 @@ import torch
 from sparsebert.glue import batching
 from sparsebert.glue.loading import GlueData
 from sparsebert.glue.tasks import get_task
-from sparsebert.models import load_tokenizer
+from sparsebert.hf.loading import load_tokenizer
 
 
 @pytest.fixture(scope="module")

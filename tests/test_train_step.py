@@ -10,11 +10,11 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, get_linear_schedule_with_warmup
 
 import sparsebert.hf as sbhf
-from sparsebert.checkpoint import WeightMasks
+from sparsebert.pruning.weight_masks import WeightMasks
 from sparsebert.train import (
     TrainConfig, TrainError, autocast, finetune, make_optimizer, use_cuda_graphs,
 )
-from sparsebert.train_step import (
+from sparsebert.train.step import (
     CudaGraphStep, EagerStep, LinearSchedule, StepSettings, load_optimizer_state, restore, snapshot,
 )
 from tests.test_train import WORDS, _weights, glue_dir  # noqa: F401 (fixture)
@@ -253,13 +253,13 @@ def test_finetune_with_cuda_graphs_matches_eager_and_resumes(word_model, glue_di
     eager = finetune(TrainConfig(**base, cuda_graphs="off"), tmp_path / "eager", progress=False)
     graphs = finetune(TrainConfig(**base, cuda_graphs="on"), tmp_path / "graphs",
                       progress=False)
-    assert graphs["steps"] == eager["steps"] == 12
+    assert graphs.step == eager.step == 12
     expected = _weights(tmp_path / "eager")
     for name, value in _weights(tmp_path / "graphs").items():
         torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-4, msg=name)
     stopped = finetune(TrainConfig(**base, cuda_graphs="on", stop_after_steps=3),
                        tmp_path / "resumed", progress=False)
-    assert stopped["status"] == "stopped"
+    assert stopped.status == "stopped"
     finetune(TrainConfig(**base, cuda_graphs="on"), tmp_path / "resumed", progress=False)
     for name, value in _weights(tmp_path / "resumed").items():
         torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-4, msg=name)

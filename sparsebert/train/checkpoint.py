@@ -1,61 +1,43 @@
-"""Atomic files, training checkpoints and fixed weight masks for the fine-tuning loop.
+"""Training checkpoints that load with `torch.load(weights_only=True)`, and RNG state.
 
-Everything written here is written to a temporary name first and moved into place with
-os.replace, so an interrupted run never leaves a half-written checkpoint or result.
+A checkpoint holds tensors and plain JSON-able values only (model and optimizer state dicts,
+schedule state, RNG states as tensors, counters), so resuming a run directory received from
+someone else cannot run code. Writing is fail-safe:
+
+  1. the new state goes to a temporary file, which is read back (weights_only) to verify it;
+  2. the current checkpoint.pt becomes checkpoint.prev.pt;
+  3. the verified file is moved onto checkpoint.pt.
+
+A truncated or damaged checkpoint.pt is then never the only copy: loading falls back to
+checkpoint.prev.pt (and says so), and when neither is usable the error names the files.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import shutil
-from collections.abc import Sequence
+import pickle
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sparsebert.errors import RunDirError
+
 CHECKPOINT_NAME = "checkpoint.pt"
+PREVIOUS_NAME = "checkpoint.prev.pt"
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """json.dumps(obj, indent=2) to `path`, atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def atomic_save_dir(path: str | os.PathLike, write) -> None:
-    """Build a directory with write(tmp_dir) and move it into place at `path` atomically.
-
-    An existing directory at `path` is replaced (moved aside first, removed after).
-    """
-    path = Path(path)
-    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
-    for stale in (tmp, old):
-        shutil.rmtree(stale, ignore_errors=True)
-    write(tmp)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+class CheckpointError(RunDirError):
+    """A checkpoint that cannot be read safely."""
 
 
 def rng_state() -> dict[str, Any]:
-    """torch's CPU (and CUDA) generator states, for exact resumption of dropout."""
+    """torch's CPU (and CUDA) generator states as tensors, for exact resumption of dropout."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
     return state
 
 
@@ -66,70 +48,64 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _read(path: Path) -> dict[str, Any]:
+    """torch.load(weights_only=True); CheckpointError for anything unreadable or unsafe."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path}: refused: it holds objects other than tensors and plain values "
+            f"({str(error).splitlines()[0][:160]}); only checkpoints written by sparsebert "
+            f"resume. Delete it to start the run over") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+        raise CheckpointError(f"{path}: truncated or damaged "
+                              f"({str(error).splitlines()[0][:160]})") from None
+    if not isinstance(state, dict) or "step" not in state or "model" not in state:
+        raise CheckpointError(f"{path}: not a sparsebert training checkpoint (no step/model)")
+    return state
+
+
 def save_checkpoint(out_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """torch.save(state) to <out_dir>/checkpoint.pt atomically; returns the path."""
+    """Write `state` as <out_dir>/checkpoint.pt, verified, keeping the previous one."""
     path = Path(out_dir) / CHECKPOINT_NAME
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
-    os.replace(tmp, path)
+    _read(tmp)  # Step 1: the new file must load before it replaces anything
+    if path.exists():
+        os.replace(path, path.with_name(PREVIOUS_NAME))  # Step 2: keep the last good one
+    os.replace(tmp, path)  # Step 3
     return path
 
 
 def load_checkpoint(out_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The state saved by save_checkpoint, on CPU, or None when there is none."""
-    path = Path(out_dir) / CHECKPOINT_NAME
-    if not path.is_file():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """The latest readable checkpoint's state (CPU tensors), or None when there is none.
 
-
-class WeightMasks:
-    """Fixed 0/1 masks on parameters (magnitude pruning), enforced around optimizer steps.
-
-    masks: (parameter, mask) pairs; each mask has the parameter's shape (bool or 0/1 float).
-    `apply()` multiplies every parameter by its mask in place; `attach(optimizer)` registers
-    apply() as an optimizer step post-hook (never patching optimizer.step), so weights that
-    start at zero stay exactly zero whatever AdamW's moments or weight decay do.
+    Falls back to checkpoint.prev.pt when checkpoint.pt is damaged (a note on stderr);
+    raises CheckpointError when checkpoints exist but none is usable.
     """
-
-    def __init__(self, masks: Sequence[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
-        self.masks: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
-        for i, (param, mask) in enumerate(masks):
-            if tuple(mask.shape) != tuple(param.shape):
-                raise ValueError(f"weight mask {i}: shape {tuple(mask.shape)} does not match "
-                                 f"its parameter {tuple(param.shape)}")
-            self.masks.append((param, mask.detach()))
-
-    def __len__(self) -> int:
-        return len(self.masks)
-
-    @torch.no_grad()
-    def apply(self) -> None:
-        """param *= mask for every pair (mask cast to the parameter's device and dtype)."""
-        for i, (param, mask) in enumerate(self.masks):
-            if mask.device != param.device or mask.dtype != param.dtype:
-                mask = mask.to(device=param.device, dtype=param.dtype)
-                self.masks[i] = (param, mask)
-            param.mul_(mask)
-
-    def attach(self, optimizer: torch.optim.Optimizer):
-        """Zero the masked weights now and after every optimizer.step(); returns the handle."""
-        self.apply()
-        return optimizer.register_step_post_hook(lambda _opt, _args, _kwargs: self.apply())
+    out_dir = Path(out_dir)
+    current, previous = out_dir / CHECKPOINT_NAME, out_dir / PREVIOUS_NAME
+    if not current.exists() and not previous.exists():
+        return None
+    errors = []
+    for path in (current, previous):
+        if not path.exists():
+            continue
+        try:
+            state = _read(path)
+        except CheckpointError as error:
+            errors.append(str(error))
+            continue
+        if path == previous and errors:
+            print(f"sparsebert: warning: {errors[0]}; resuming from the previous checkpoint "
+                  f"{previous.name} (step {state['step']})", file=sys.stderr)
+        return state
+    raise CheckpointError(f"{errors[-1]}; no usable earlier checkpoint. Delete "
+                          f"{current.name} (and {previous.name}) in {out_dir} to start the run "
+                          f"over; finished files there are kept")
 
 
-class MetricsLog:
-    """Append-only metrics.jsonl; on resume, drops records written after the checkpoint."""
-
-    def __init__(self, path: Path, keep_until_step: int) -> None:
-        self.path = path
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
-            path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        record = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
-                  for k, v in record.items()}
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+def remove_checkpoints(out_dir: str | os.PathLike) -> None:
+    """Drop checkpoint.pt and checkpoint.prev.pt (the run has finished)."""
+    for name in (CHECKPOINT_NAME, PREVIOUS_NAME):
+        (Path(out_dir) / name).unlink(missing_ok=True)

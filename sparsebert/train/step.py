@@ -182,7 +182,7 @@ class CudaGraphStep:
         for group in optimizer.param_groups:
             if not group.get("capturable") or not isinstance(group["lr"], torch.Tensor):
                 raise ValueError("CudaGraphStep needs an optimizer built with capturable=True "
-                                 "and a tensor lr (sparsebert.train_step.make_adamw(..., "
+                                 "and a tensor lr (sparsebert.train.step.make_adamw(..., "
                                  "capturable=True))")
         self.model, self.optimizer, self.settings, self.device = model, optimizer, settings, device
         self.warmup_steps, self.max_graphs = warmup_steps, max_graphs

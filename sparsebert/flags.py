@@ -1,0 +1,69 @@
+"""Config dataclasses <-> command-line flags, for the CLI and for layers that build commands
+(sweeps rebuild a unit's command line from its config).
+
+Each field becomes `--field-name` (bools get --x/--no-x); the help text comes from the
+field's metadata["help"]. Flags default to argparse.SUPPRESS, so only flags the user gave
+become overrides of the dataclass defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+
+def help_field(text: str, default: Any) -> Any:
+    """A dataclass field with a default and a help text for its flag."""
+    return dataclasses.field(default=default, metadata={"help": text})
+
+
+def field_type(cls: type, name: str) -> type:
+    """The non-None type of a dataclass field (`int | None` -> int)."""
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type,
+                            skip: Sequence[str] = ()) -> None:
+    """One `--field-name` flag per dataclass field of `cls` (except `skip`)."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = field_type(cls, f.name)
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if kind is bool:
+            parser.add_argument(flag_name(f.name), dest=f.name,
+                                action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag_name(f.name), dest=f.name, type=kind,
+                                default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                help=help_text)
+
+
+def dataclass_to_argv(obj: Any, skip: Sequence[str] = ()) -> list[str]:
+    """Flags that rebuild `obj` through add_dataclass_arguments (fields at default omitted)."""
+    argv: list[str] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in skip or value == f.default:
+            continue
+        if isinstance(value, bool):
+            argv.append(flag_name(f.name) if value else "--no-" + f.name.replace("_", "-"))
+        elif value is not None:
+            argv.extend([flag_name(f.name), str(value)])
+    return argv
+
+
+def overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The dataclass fields the user set on the command line."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}

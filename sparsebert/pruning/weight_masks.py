@@ -1,0 +1,124 @@
+"""Fixed 0/1 masks on individual weights (magnitude pruning), by parameter name.
+
+`WeightMasks` holds (parameter, mask) pairs and keeps masked weights at exactly zero through
+an optimizer step post-hook (never by patching optimizer.step). Masks travel as a
+safetensors file of bool tensors keyed by parameter name, and have a fingerprint (sha256 of
+names and bits) that run directories use as part of a run's identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparsebert.errors import SparsebertError
+
+
+class WeightMaskError(SparsebertError):
+    """A weight mask that does not fit its model (unknown name, wrong shape, unreadable file)."""
+
+
+class WeightMasks:
+    """Fixed 0/1 masks on parameters, enforced around optimizer steps.
+
+    masks: (parameter, mask) pairs; each mask has the parameter's shape (bool or 0/1 float).
+    `apply()` multiplies every parameter by its mask in place; `attach(optimizer)` registers
+    apply() as an optimizer step post-hook, so weights that start at zero stay exactly zero
+    whatever AdamW's moments or weight decay do.
+    """
+
+    def __init__(self, masks: Sequence[tuple[nn.Parameter, torch.Tensor]]) -> None:
+        self.masks: list[tuple[nn.Parameter, torch.Tensor]] = []
+        for i, (param, mask) in enumerate(masks):
+            if tuple(mask.shape) != tuple(param.shape):
+                raise WeightMaskError(f"weight mask {i}: shape {tuple(mask.shape)} does not "
+                                      f"match its parameter {tuple(param.shape)}")
+            self.masks.append((param, mask.detach()))
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """param *= mask for every pair (mask cast to the parameter's device and dtype)."""
+        for i, (param, mask) in enumerate(self.masks):
+            if mask.device != param.device or mask.dtype != param.dtype:
+                mask = mask.to(device=param.device, dtype=param.dtype)
+                self.masks[i] = (param, mask)
+            param.mul_(mask)
+
+    def attach(self, optimizer: torch.optim.Optimizer):
+        """Zero the masked weights now and after every optimizer.step(); returns the handle."""
+        self.apply()
+        return optimizer.register_step_post_hook(lambda _opt, _args, _kwargs: self.apply())
+
+    def named(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """{parameter name in `model`: bool mask (CPU)}; every parameter must belong to model."""
+        names = {id(p): name for name, p in model.named_parameters()}
+        out = {}
+        for param, mask in self.masks:
+            if id(param) not in names:
+                raise WeightMaskError("a weight mask's parameter is not a parameter of the model "
+                                      "being trained (build masks from the same model object)")
+            out[names[id(param)]] = mask.detach().to("cpu") != 0
+        return out
+
+    @classmethod
+    def from_named(cls, model: nn.Module, masks: Mapping[str, torch.Tensor]) -> WeightMasks:
+        """Pairs for `model` from {parameter name: mask}; names and shapes are checked."""
+        params = dict(model.named_parameters())
+        unknown = sorted(set(masks) - set(params))
+        if unknown:
+            raise WeightMaskError(f"weight masks name {len(unknown)} parameters the model does "
+                                  f"not have (first: {unknown[0]!r})")
+        pairs = []
+        for name, mask in masks.items():
+            if tuple(mask.shape) != tuple(params[name].shape):
+                raise WeightMaskError(f"weight mask {name!r}: shape {tuple(mask.shape)}, the "
+                                      f"parameter has {tuple(params[name].shape)}")
+            pairs.append((params[name], mask))
+        return cls(pairs)
+
+
+def mask_fingerprint(named: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over sorted names, shapes and packed bits of {name: bool mask}."""
+    digest = hashlib.sha256()
+    for name in sorted(named):
+        bits = named[name].detach().to("cpu").bool().flatten()
+        digest.update(f"{name}:{tuple(named[name].shape)}:".encode())
+        digest.update(bits.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def mask_counts(named: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    """(kept, total) entries over all masks."""
+    kept = sum(int(m.bool().sum()) for m in named.values())
+    return kept, sum(m.numel() for m in named.values())
+
+
+def save_weight_masks(path: str | os.PathLike, named: Mapping[str, torch.Tensor]) -> None:
+    """{name: bool mask} to a safetensors file (bool tensors, 1 byte per entry), atomically."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    from sparsebert.atomic import atomic_write_with  # noqa: PLC0415
+
+    tensors = {name: m.detach().to("cpu").bool().contiguous() for name, m in named.items()}
+    atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
+def load_weight_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """{name: bool mask} from save_weight_masks' file; a clear error if it is unreadable."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    path = Path(path)
+    try:
+        loaded = load_file(str(path))
+    except Exception as error:  # safetensors raises several types for a damaged file
+        raise WeightMaskError(f"{path}: not a readable weight-mask file ({error}); "
+                              f"restore it or delete the run directory") from None
+    return {name: t.bool() for name, t in loaded.items()}

@@ -1,0 +1,144 @@
+"""The fine-tuning run's configuration, presets and device / precision choices.
+
+The base recipe is the paper's (PAPER.md §0): AdamW, lr 2e-5, 3 epochs, batch 32, max length
+128, linear decay, no warmup, no weight decay, gradient clipping at 1.0. Preset "paper" is that
+recipe; preset "minilm" is the same with the learning rate measured to train the default model
+(all-MiniLM-L6-v2) well. Preset "auto" (the default) picks "minilm" for the default model and
+"paper" for any other model. bf16 autocast on GPU, fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from sparsebert.errors import ConfigError
+from sparsebert.flags import help_field
+from sparsebert.glue.tasks import get_task
+from sparsebert.hf.loading import is_default_model
+
+# The paper's learning rate, and the one measured for the default model (results/README.md).
+PRESETS: dict[str, dict[str, Any]] = {"paper": {"lr": 2e-5}, "minilm": {"lr": 1e-4}}
+# Fields that may differ when resuming a run (they do not change what is computed).
+RUNTIME_FIELDS = frozenset({"glue_dir", "threads", "checkpoint_every", "log_every",
+                            "stop_after_steps", "device", "eval_batch_size", "cuda_graphs"})
+# With CUDA graphs, batch widths are rounded up to this multiple (one graph per shape).
+GRAPH_PAD_MULTIPLE = 16
+
+
+class TrainError(ConfigError):
+    """Bad training config or run directory."""
+
+
+_help = help_field
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a fine-tuning run; round-trips to JSON and to CLI flags."""
+
+    task: str = _help("GLUE task (CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI)", "RTE")
+    model: str = _help("'default' (all-MiniLM-L6-v2), a local model directory or a hub id",
+                       "default")
+    preset: str = _help("hyper-parameter preset: paper, minilm, or auto (minilm for the "
+                        "default model, else paper); sets lr when --lr is not given", "auto")
+    lr: float | None = _help("peak learning rate (default: from the preset)", None)
+    epochs: int = _help("training epochs", 3)
+    batch_size: int = _help("training batch size", 32)
+    max_length: int = _help("max tokens per example (pairs truncated longest-first)", 128)
+    seed: int = _help("seed of data order, subset, classifier init and dropout", 42)
+    warmup_steps: int = _help("linear warmup steps", 0)
+    weight_decay: float = _help("AdamW weight decay (not on biases / LayerNorm)", 0.0)
+    adam_eps: float = _help("AdamW epsilon", 1e-8)
+    grad_clip: float = _help("max gradient norm (0 = no clipping)", 1.0)
+    max_train_examples: int | None = _help("train on a seeded random subset of N examples", None)
+    bucket: bool = _help("length-bucketed batches (else plain shuffled batches)", True)
+    padding: str = _help("dynamic (pad to the batch's longest) or max_length", "dynamic")
+    precision: str = _help("auto (bf16 on GPU, fp32 on CPU), fp32 or bf16", "auto")
+    device: str = _help("auto, cpu, cuda, cuda:N", "auto")
+    cuda_graphs: str = _help("capture the training step as a CUDA graph per batch shape: "
+                             "auto (on for CUDA devices), on or off", "auto")
+    eval_batch_size: int = _help("evaluation batch size", 128)
+    glue_dir: str | None = _help("GLUE download folder (default: $GLUE_DIR, else the hub)", None)
+    checkpoint_every: int = _help("also checkpoint every N steps (0 = at epoch ends only)", 0)
+    log_every: int = _help("log train loss / throughput every N steps", 20)
+    threads: int | None = _help("torch CPU threads (default: torch's choice)", None)
+    stop_after_steps: int | None = _help("checkpoint and stop after N steps (resume later)",
+                                         None)
+
+    def resolved(self) -> TrainConfig:
+        """A copy with task canonical, preset chosen and lr filled in; checks values."""
+        task = get_task(self.task).name
+        preset = self.preset
+        if preset == "auto":
+            preset = "minilm" if is_default_model(self.model) else "paper"
+        if preset not in PRESETS:
+            raise TrainError(f"unknown preset {self.preset!r}; expected auto or one of "
+                             f"{sorted(PRESETS)}")
+        lr = self.lr if self.lr is not None else PRESETS[preset]["lr"]
+        out = dataclasses.replace(self, task=task, preset=preset, lr=float(lr))
+        for name in ("epochs", "batch_size", "max_length", "eval_batch_size"):
+            if getattr(out, name) < 1:
+                raise TrainError(f"{name} must be >= 1, got {getattr(out, name)}")
+        if out.lr <= 0:
+            raise TrainError(f"lr must be > 0, got {out.lr}")
+        if out.padding not in ("dynamic", "max_length"):
+            raise TrainError(f"padding must be dynamic or max_length, got {out.padding!r}")
+        if out.precision not in ("auto", "fp32", "bf16"):
+            raise TrainError(f"precision must be auto, fp32 or bf16, got {out.precision!r}")
+        if out.cuda_graphs not in ("auto", "on", "off"):
+            raise TrainError(f"cuda_graphs must be auto, on or off, got {out.cuda_graphs!r}")
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TrainError(f"unknown TrainConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda when available, else cpu; checks that a named device exists."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise TrainError(f"--device {name}: this torch ({torch.__version__}) is built "
+                             f"without CUDA; use --device cpu (or install a CUDA build)")
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise TrainError(f"--device {name}: no CUDA device is visible; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise TrainError(f"--device {name}: only {count} CUDA device(s) visible "
+                             f"(cuda:0..cuda:{count - 1})")
+    elif device.type != "cpu":
+        raise TrainError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def autocast(device: torch.device, precision: str, cache_enabled: bool = True):
+    """bf16 autocast context for precision bf16 (auto: bf16 on CUDA), else a no-op.
+    cache_enabled=False is needed inside CUDA graph capture."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
+    return contextlib.nullcontext()
+
+
+def use_cuda_graphs(config: TrainConfig, device: torch.device) -> bool:
+    """Whether the run captures its training step as CUDA graphs."""
+    if config.cuda_graphs == "on" and device.type != "cuda":
+        raise TrainError(f"cuda_graphs=on needs a CUDA device, got {device}")
+    return config.cuda_graphs == "on" or (config.cuda_graphs == "auto" and device.type == "cuda")

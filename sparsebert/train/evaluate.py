@@ -1,0 +1,118 @@
+"""Predictions and dev metrics of a model, and `evaluate` of a finished run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sparsebert.glue import batching
+from sparsebert.glue.loading import GLUE_DIR_ENV, load_split, resolve_glue_dir
+from sparsebert.glue.metrics import compute_metrics
+from sparsebert.glue.tasks import GlueError, get_task
+from sparsebert.train.config import TrainConfig, autocast, resolve_device
+from sparsebert.train.rundir import load_run_model, require_finished
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Model inputs of a collated batch on `device` (the 'index' entry is dropped)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "index"}
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, encoded: batching.Encoded, regression: bool,
+            batch_size: int = 128, device: torch.device | None = None,
+            precision: str = "auto") -> np.ndarray:
+    """Predictions (N,) in example order: class indices, or scores for regression."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = np.zeros(len(encoded), dtype=np.float32 if regression else np.int64)
+    for indices in batching.eval_batches(encoded.lengths, batch_size):
+        batch = to_device(batching.collate(encoded, indices), device)
+        batch.pop("labels")
+        with autocast(device, precision):
+            logits = model(**batch).logits.float()  # (B, num_labels)
+        values = logits[:, 0] if regression else logits.argmax(dim=-1)
+        out[indices] = values.cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+def evaluate_model(model: torch.nn.Module, task: str, encoded: batching.Encoded,
+                   batch_size: int = 128, precision: str = "auto") -> dict[str, float]:
+    """Task metrics of `model` on one tokenized split."""
+    glue_task = get_task(task)
+    predictions = predict(model, encoded, glue_task.is_regression, batch_size,
+                          precision=precision)
+    return compute_metrics(glue_task, predictions, encoded.labels)
+
+
+def load_dev_splits(config: TrainConfig, tokenizer) -> dict[str, batching.Encoded]:
+    """Tokenized dev split(s); the first is required, later ones (MNLI mismatched) optional."""
+    task = get_task(config.task)
+    out: dict[str, batching.Encoded] = {}
+    for i, split in enumerate(task.dev_splits):
+        try:
+            out[split] = batching.encode(load_split(task, split, config.glue_dir), tokenizer,
+                                         config.max_length)
+        except GlueError as error:
+            if i == 0:
+                raise
+            tqdm.write(f"warning: skipping {task.name} {split}: {error}")
+    return out
+
+
+def data_source(glue_dir: str | os.PathLike | None) -> dict[str, Any]:
+    """Where a run's data comes from: the resolved local GLUE folder, or the hub."""
+    resolved = resolve_glue_dir(glue_dir)
+    if resolved is None:
+        return {"source": "hub"}
+    return {"source": "glue_dir", "path": str(Path(resolved).resolve())}
+
+
+def choose_data(recorded: str | None, glue_dir: str | None) -> tuple[str | None, str]:
+    """(glue_dir to use, why) for evaluating a run: --glue-dir, else $GLUE_DIR, else the
+    folder the run recorded, else the hub."""
+    if glue_dir:
+        return glue_dir, f"--glue-dir {glue_dir}"
+    env = os.environ.get(GLUE_DIR_ENV, "")
+    if env:
+        return env, f"${GLUE_DIR_ENV} ({env})"
+    if recorded:
+        return recorded, f"the run's data folder ({recorded})"
+    return None, "the hub (the run was trained on hub data)"
+
+
+def evaluate(run_dir: str | os.PathLike, glue_dir: str | None = None,
+             batch_size: int | None = None, device: str = "auto",
+             verbose: bool = False) -> dict[str, Any]:
+    """Dev metrics of a finished run's model, exactly as trained (gates, physical pruning and
+    weight masks restored): {"task", "run", "metrics": {split: {...}}, "score", "data", ...}.
+
+    Data: --glue-dir, else $GLUE_DIR, else the folder recorded by the run, else the hub.
+    """
+    run_dir = Path(run_dir)
+    require_finished(run_dir)
+    config = TrainConfig.from_json(json.loads((run_dir / "config.json").read_text()))
+    config.glue_dir, why = choose_data(config.glue_dir, glue_dir)
+    if verbose:
+        print(f"data: {why}", file=sys.stderr)
+    task = get_task(config.task)
+    model, tokenizer = load_run_model(run_dir, task.num_labels, task.labels)
+    target = resolve_device(device)
+    model.to(target)
+    metrics = {split: evaluate_model(model, task.name, encoded,
+                                     batch_size or config.eval_batch_size, config.precision)
+               for split, encoded in load_dev_splits(config, tokenizer).items()}
+    first = task.dev_splits[0]
+    return {"task": task.name, "run": str(run_dir), "metrics": metrics,
+            "threshold_metric": task.threshold_metric,
+            "score": metrics[first][task.threshold_metric], "device": str(target),
+            "data": {**data_source(config.glue_dir), "chosen_by": why}}

@@ -1,0 +1,285 @@
+"""What a fine-tuning run directory holds, and how a run's model is saved and reloaded.
+
+    config.json                 TrainConfig (with the resolved data folder in glue_dir)
+    masks.json                  what was trained: patched or not, physically pruned or not,
+                                head (L, H) / MLP (L,) masks, FFN neurons kept per layer, the
+                                weight masks' counts, and fingerprints of all of them
+    weight_masks.safetensors    fixed weight masks (bool, by parameter name), when any
+    metrics.jsonl               train-loss windows and dev metrics
+    checkpoint.pt (+ .prev.pt)  while the run is unfinished (sparsebert.train.checkpoint)
+    model/                      the trained model and tokenizer: save_pretrained for a plain
+                                model, sparsebert.save_pruned for a patched (masked or
+                                physically pruned) one, so gates and sizes come back
+    results.json                RunResult, once finished
+
+The masks are part of a run's identity: resuming with different masks is refused, naming
+the difference, just as a different config is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from sparsebert.atomic import atomic_save_dir, atomic_write_json
+from sparsebert.errors import RunDirError
+from sparsebert.pruning.weight_masks import (
+    WeightMasks, load_weight_masks, mask_counts, mask_fingerprint, save_weight_masks,
+)
+
+RESULTS_NAME = "results.json"
+MASKS_NAME = "masks.json"
+WEIGHT_MASKS_NAME = "weight_masks.safetensors"
+RESULT_VERSION = 2
+
+
+@dataclass
+class RunResult:
+    """results.json of a fine-tuning run (one schema, versioned).
+
+    status: "finished" or "stopped" (stop_after_steps; most fields then None).
+    metrics: {dev split: {metric: value}}; score: metrics[first dev split][threshold_metric].
+    data: where the data came from: {"source": "glue_dir", "path": ...} or {"source": "hub"}.
+    masks: masks.json's summary (kept heads/MLPs/neurons, weight-mask counts).
+    """
+
+    status: str
+    task: str
+    run: str
+    step: int
+    version: int = RESULT_VERSION
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    threshold_metric: str | None = None
+    score: float | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    masks: dict[str, Any] = field(default_factory=dict)
+    train_examples: int | None = None
+    train_time_s: float | None = None
+    train_examples_per_s: float | None = None
+    padding_efficiency: float | None = None
+    wall_time_s: float | None = None
+    device: str | None = None
+    device_name: str | None = None
+    threads: int | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    git_sha: str | None = None
+    finished_at: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str = RESULTS_NAME) -> RunResult:
+        """Parse results.json; version 1 files (no version field) are read too."""
+        data = dict(data)
+        if "steps" in data and "step" not in data:  # version 1 called it steps
+            data["step"] = data.pop("steps")
+        data.setdefault("version", 1)
+        if data["version"] > RESULT_VERSION:
+            raise RunDirError(f"{where}: version {data['version']} is newer than this "
+                              f"sparsebert reads ({RESULT_VERSION}); upgrade sparsebert")
+        known = {f.name for f in dataclasses.fields(cls)}
+        missing = [name for name in ("status", "task", "run", "step") if name not in data]
+        if missing:
+            raise RunDirError(f"{where}: not a run result (missing {missing})")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike) -> RunResult | None:
+        """results.json of `run_dir`, or None when the run has not finished."""
+        path = Path(run_dir) / RESULTS_NAME
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise RunDirError(f"{path}: not valid JSON ({error}); delete it and rerun the same "
+                              f"command to evaluate the run again") from None
+        return cls.from_json(data, str(path))
+
+    def save(self, run_dir: str | os.PathLike) -> None:
+        atomic_write_json(Path(run_dir) / RESULTS_NAME, self.to_json())
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# --- what was trained: masks ------------------------------------------------------------------
+
+def _digest(values: Any) -> str:
+    return hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
+
+
+def describe_masks(model: nn.Module, weight_masks: WeightMasks | None = None) -> dict[str, Any]:
+    """masks.json's content for `model` (patched or not) and its fixed weight masks.
+
+    Keys: patched, pruned, head_mask (L, H) / mlp_mask (L,) as lists (patched models),
+    heads_kept, mlps_kept, neurons_kept (per layer), weight_masks {tensors, kept, total,
+    sha256}, and identity: the fields compared when a run is resumed.
+    """
+    from sparsebert.hf.masks import get_masks  # noqa: PLC0415
+    from sparsebert.hf.patching import is_patched  # noqa: PLC0415
+    from sparsebert.hf.surgery import layer_sizes  # noqa: PLC0415
+
+    out: dict[str, Any] = {"patched": bool(is_patched(model))}
+    if out["patched"]:
+        masks = get_masks(model)
+        heads, mlps, neurons = masks["head_mask"], masks["mlp_mask"], masks["neuron_mask"]
+        sizes = layer_sizes(model)
+        full_heads, full_ffn = heads.shape[1], neurons.shape[1]
+        out.update({
+            "pruned": any(s["num_heads"] < full_heads or s["intermediate_size"] < full_ffn
+                          for s in sizes),
+            "head_mask": heads.tolist(), "mlp_mask": mlps.tolist(),
+            "heads_kept": int((heads != 0).sum()), "mlps_kept": int((mlps != 0).sum()),
+            "neurons_kept": [int(n) for n in (neurons != 0).sum(dim=1)],
+            "neuron_mask_sha256": _digest(neurons.tolist()),
+            "layer_sizes": sizes,
+        })
+    else:
+        out["pruned"] = False
+    named = weight_masks.named(model) if weight_masks is not None and len(weight_masks) else {}
+    if named:
+        kept, total = mask_counts(named)
+        out["weight_masks"] = {"file": WEIGHT_MASKS_NAME, "tensors": len(named), "kept": kept,
+                               "total": total, "sha256": mask_fingerprint(named)}
+    identity_keys = ("patched", "pruned", "head_mask", "mlp_mask", "neuron_mask_sha256",
+                     "layer_sizes")
+    identity = {k: out[k] for k in identity_keys if k in out}
+    identity["weight_masks_sha256"] = out.get("weight_masks", {}).get("sha256")
+    out["identity"] = identity
+    return out
+
+
+# masks.json of a plain (unpatched) model trained without weight masks.
+PLAIN_MASKS: dict[str, Any] = {
+    "patched": False, "pruned": False,
+    "identity": {"patched": False, "pruned": False, "weight_masks_sha256": None},
+}
+
+
+def masks_difference(saved: dict[str, Any], mine: dict[str, Any]) -> str | None:
+    """A short description of how two masks.json identities differ, or None if they agree."""
+    a, b = saved.get("identity", {}), mine.get("identity", {})
+    if a == b:
+        return None
+    parts = []
+    for key in ("patched", "pruned"):
+        if a.get(key) != b.get(key):
+            parts.append(f"{key}: saved {a.get(key)}, requested {b.get(key)}")
+    if a.get("head_mask") != b.get("head_mask"):
+        parts.append(f"head mask: saved keeps {saved.get('heads_kept')} heads, requested "
+                     f"{mine.get('heads_kept')}" + _layers_differing(a.get("head_mask"),
+                                                                      b.get("head_mask")))
+    if a.get("mlp_mask") != b.get("mlp_mask"):
+        parts.append(f"MLP mask: saved keeps {saved.get('mlps_kept')} MLPs, requested "
+                     f"{mine.get('mlps_kept')}" + _layers_differing(a.get("mlp_mask"),
+                                                                     b.get("mlp_mask")))
+    if a.get("neuron_mask_sha256") != b.get("neuron_mask_sha256"):
+        parts.append(f"FFN neurons kept per layer: saved {saved.get('neurons_kept')}, "
+                     f"requested {mine.get('neurons_kept')}")
+    if a.get("layer_sizes") != b.get("layer_sizes") and not parts:
+        parts.append("physical layer sizes differ")
+    if a.get("weight_masks_sha256") != b.get("weight_masks_sha256"):
+        ws, wm = saved.get("weight_masks", {}), mine.get("weight_masks", {})
+        parts.append(f"weight masks: saved keeps {ws.get('kept', 'all')} of "
+                     f"{ws.get('total', '-')}, requested {wm.get('kept', 'all')} of "
+                     f"{wm.get('total', '-')}")
+    return "; ".join(parts) or "masks differ"
+
+
+def _layers_differing(a: list | None, b: list | None) -> str:
+    if a is None or b is None or len(a) != len(b):
+        return ""
+    layers = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    return f" (layers {', '.join(map(str, layers[:8]))}{', ...' if len(layers) > 8 else ''} differ)"
+
+
+def check_masks(out_dir: Path, masks: dict[str, Any]) -> None:
+    """Refuse a run directory whose masks.json differs from `masks`; write it if missing."""
+    path = out_dir / MASKS_NAME
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        difference = masks_difference(saved, masks)
+        if difference:
+            raise RunDirError(f"{out_dir} holds a run trained with other masks ({difference}); "
+                              f"use another --out or delete that directory")
+    else:
+        atomic_write_json(path, masks)
+
+
+# --- the trained model --------------------------------------------------------------------------
+
+def save_run_model(out_dir: Path, model: nn.Module, tokenizer,
+                   weight_masks: WeightMasks | None = None) -> None:
+    """model/ (and weight_masks.safetensors): patched models through save_pruned, so gates and
+    physical sizes reload; plain models through save_pretrained."""
+    from sparsebert.hf.loading import quiet_transformers, save_model  # noqa: PLC0415
+    from sparsebert.hf.patching import is_patched  # noqa: PLC0415
+    from sparsebert.hf.serialization import save_pruned  # noqa: PLC0415
+
+    if weight_masks is not None and len(weight_masks):
+        save_weight_masks(out_dir / WEIGHT_MASKS_NAME, weight_masks.named(model))
+
+    def write(path: Path) -> None:
+        if is_patched(model):
+            save_pruned(model, path)
+            with quiet_transformers():
+                tokenizer.save_pretrained(path)
+        else:
+            save_model(model, tokenizer, path)
+
+    atomic_save_dir(out_dir / "model", write)
+
+
+def load_run_model(run_dir: str | os.PathLike, num_labels: int, labels: tuple[str, ...] = (),
+                   ) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) exactly as the run trained it: gates, physical pruning and fixed
+    weight masks restored. The model is in eval mode on the CPU."""
+    from sparsebert.hf.loading import load_model, load_tokenizer  # noqa: PLC0415
+    from sparsebert.hf.serialization import PRUNED_JSON, load_pruned  # noqa: PLC0415
+
+    run_dir = Path(run_dir)
+    model_dir = run_dir / "model"
+    if (model_dir / PRUNED_JSON).is_file():
+        model, tokenizer = load_pruned(model_dir), load_tokenizer(model_dir)
+    else:
+        model, tokenizer = load_model(model_dir, num_labels, labels=labels)
+    masks_file = run_dir / WEIGHT_MASKS_NAME
+    if masks_file.is_file():
+        WeightMasks.from_named(model, load_weight_masks(masks_file)).apply()
+    model.eval()
+    return model, tokenizer
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """--out must be a directory or not exist yet (checked before any data is loaded)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunDirError(f"--out {out_dir}: exists and is a file, not a run directory; "
+                          f"pass a directory path")
+
+
+def require_finished(run_dir: Path) -> None:
+    """A clear error when `run_dir` is no run directory or its run has not finished."""
+    if not run_dir.is_dir():
+        raise RunDirError(f"--run {run_dir}: not a run directory (no such directory)")
+    if not (run_dir / "config.json").is_file():
+        raise RunDirError(f"--run {run_dir}: not a run directory (no config.json); run "
+                          f"`sparsebert finetune --out {run_dir}` first")
+    if not (run_dir / "model" / "config.json").is_file():
+        raise RunDirError(f"--run {run_dir}: the run is unfinished (no model/); rerun the "
+                          f"same finetune command to resume it")
