@@ -100,9 +100,18 @@ torch.library.register_autograd(
 
 
 def _validate_masked_attention(
-    q: Tensor, k: Tensor, v: Tensor, head_gate: Tensor, key_padding_mask: Tensor | None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    head_gate: Tensor,
+    key_padding_mask: Tensor | None,
+    check_padding_rows: bool = True,
 ) -> None:
-    """Python-side checks with messages naming the argument (the kernels check again)."""
+    """Python-side checks with messages naming the argument (the kernels check again).
+
+    check_padding_rows=False skips the one check that reads tensor values (a fully padded row
+    in key_padding_mask), which on CUDA would synchronise the device.
+    """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
@@ -111,7 +120,19 @@ def _validate_masked_attention(
             )
         if not t.is_floating_point():
             raise ValueError(f"masked_attention: '{name}' must be floating point, got {t.dtype}")
-    batch, _, heads, head_dim = q.shape
+    batch, q_len, heads, head_dim = q.shape
+    if head_dim < 1:
+        raise ValueError(
+            f"masked_attention: 'q' has head dim D = q.shape[-1] = {head_dim}; expected D >= 1 "
+            f"(q is (B, S, H, D), got {tuple(q.shape)})"
+        )
+    sizes = (("q", "B", 0, batch), ("q", "S", 1, q_len), ("q", "H", 2, heads))
+    for name, what, dim, size in (*sizes, ("k", "S", 1, k.shape[1])):
+        if size < 1:
+            raise ValueError(
+                f"masked_attention: '{name}' has {what} = {name}.shape[{dim}] = {size}; expected "
+                f"{what} >= 1 (q {tuple(q.shape)}, k {tuple(k.shape)})"
+            )
     if k.shape[0] != batch or k.shape[2:] != q.shape[2:]:
         raise ValueError(
             f"masked_attention: 'k' must be (B={batch}, S, H={heads}, D={head_dim}) like q "
@@ -130,8 +151,16 @@ def _validate_masked_attention(
             raise ValueError(
                 f"masked_attention: '{name}' must be on q's device {q.device}, got {t.device}"
             )
-    if not isinstance(head_gate, Tensor) or not head_gate.is_floating_point():
-        raise ValueError("masked_attention: 'head_gate' must be a floating-point tensor")
+    if not isinstance(head_gate, Tensor):
+        raise ValueError(
+            "masked_attention: 'head_gate' must be a floating-point tensor (H,) or (B, H), got "
+            f"{type(head_gate).__name__}"
+        )
+    if not head_gate.is_floating_point():
+        raise ValueError(
+            f"masked_attention: 'head_gate' has dtype {head_gate.dtype}; expected a floating-point "
+            "gate (e.g. mask.float(): 1 = keep, 0 = pruned, fractions = soft gates)"
+        )
     if head_gate.device != q.device:
         raise ValueError(
             f"masked_attention: 'head_gate' must be on q's device {q.device}, got {head_gate.device}"
@@ -158,6 +187,8 @@ def _validate_masked_attention(
             f"masked_attention: 'key_padding_mask' must be on q's device {q.device}, got "
             f"{key_padding_mask.device}"
         )
+    if not check_padding_rows:
+        return
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
     if (
         not capturing
@@ -177,6 +208,8 @@ def masked_attention(
     head_gate: Tensor,
     key_padding_mask: Tensor | None = None,
     scale: float | None = None,
+    *,
+    check_padding_rows: bool = True,
 ) -> Tensor:
     """Multi-head attention with a per-head (or per-example, per-head) gate.
 
@@ -189,8 +222,16 @@ def masked_attention(
     d_head_gate[b, h] = sum_{s, d} ctx[b, s, h, d] * dout[b, s, h, d] (summed over b for an (H,)
     gate) is computed inside the backward kernel: it is the Michel et al. head importance signal.
     Pruned heads (gate exactly 0) get zero gradients, d_head_gate included.
+
+    Every row of key_padding_mask needs at least one True. check_padding_rows=True (default)
+    verifies that; on CUDA the check reads the mask on the host, i.e. synchronises the device on
+    every call (skipped anyway under CUDA graph capture and torch.compile). Pass False when
+    the rows are known to be non-empty, as `sparsebert.nn.to_key_padding_mask` guarantees
+    (SparseAttention does): no sync. A fully padded row then gives undefined output on CUDA; CPU
+    kernels still reject it (there the check costs no sync).
+    Raises ValueError naming the argument for bad shapes, dtypes, devices, D < 1 or empty sizes.
     """
-    _validate_masked_attention(q, k, v, head_gate, key_padding_mask)
+    _validate_masked_attention(q, k, v, head_gate, key_padding_mask, check_padding_rows)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))

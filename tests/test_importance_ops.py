@@ -7,7 +7,6 @@ import torch
 
 from sparsebert import ops
 from sparsebert.reference import accumulate_importance_ref, group_dot_ref
-from tests.conftest import DEVICES, assert_native
 
 
 def make_xg(batch, seq, dim, dtype, device, gen, strided=False):
@@ -24,12 +23,14 @@ def make_mask(batch, seq, device, gen):
     return mask.to(device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.all_devices
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dim,group_size", [(96, 1), (96, 96), (96, 32), (37, 37), (37, 1)])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("strided", [False, True])
-def test_group_dot_matches_reference(device, dtype, dim, group_size, masked, strided):
+def test_group_dot_matches_reference(
+    device, dtype, dim, group_size, masked, strided, assert_native
+):
     if device == "cuda" and dtype == torch.float64:
         pytest.skip("fp64 is a CPU (gradcheck) dtype")
     assert_native("group_dot", device)
@@ -61,8 +62,8 @@ def test_group_dot_reference_is_a_segmented_sum():
             assert abs(float(out[b, j]) - expected) < 1e-12
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_group_dot_is_the_gate_gradient(device):
+@pytest.mark.all_devices
+def test_group_dot_is_the_gate_gradient(device, assert_native):
     """group_dot(h, dL/dy) is dL/dgate for y = gate * h with one gate per group and example."""
     assert_native("group_dot", device)
     gen = torch.Generator().manual_seed(1)
@@ -84,8 +85,8 @@ def test_group_dot_gradcheck():
     assert torch.autograd.gradcheck(lambda a, b: ops.group_dot(a, b, 3, mask), inputs)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_group_dot_opcheck(device):
+@pytest.mark.all_devices
+def test_group_dot_opcheck(device, assert_native):
     assert_native("group_dot", device)
     gen = torch.Generator().manual_seed(3)
     x, g = make_xg(2, 4, 6, torch.float32, device, gen)
@@ -96,11 +97,11 @@ def test_group_dot_opcheck(device):
     torch.library.opcheck(torch.ops.sparsebert.group_dot.default, (x, g, 6, None))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.all_devices
 @pytest.mark.parametrize("power", [1, 2])
 @pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("score_dtype", [torch.float32, torch.bfloat16])
-def test_accumulate_importance(device, power, acc_dtype, score_dtype):
+def test_accumulate_importance(device, power, acc_dtype, score_dtype, assert_native):
     assert_native("accumulate_importance_", device)
     gen = torch.Generator().manual_seed(power)
     acc = torch.rand(3, 4, generator=gen, dtype=acc_dtype).to(device)
@@ -114,8 +115,8 @@ def test_accumulate_importance(device, power, acc_dtype, score_dtype):
     torch.testing.assert_close(acc, independent)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_accumulate_importance_opcheck(device):
+@pytest.mark.all_devices
+def test_accumulate_importance_opcheck(device, assert_native):
     assert_native("accumulate_importance_", device)
     acc = torch.zeros(6, device=device)
     torch.library.opcheck(

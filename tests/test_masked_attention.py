@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import zlib
 
 import pytest
 import torch
@@ -10,7 +11,6 @@ import torch.nn.functional as F
 
 from sparsebert import ops
 from sparsebert.reference import masked_attention_backward_ref, masked_attention_ref
-from tests.conftest import DEVICES, assert_native
 
 HEADS = 4
 GATE_PATTERNS = ("all_on", "all_off", "one_head", "fractional", "per_example")
@@ -61,23 +61,29 @@ def make_padding(batch, seq, device, generator):
     return mask.to(device)
 
 
+def stable_seed(*key) -> int:
+    """A seed from test parameters that is the same in every process (hash() of a str is
+    randomised per process by PYTHONHASHSEED; crc32 of the repr is not)."""
+    return zlib.crc32(repr(key).encode())
+
+
 def call_op(q, k, v, gate, mask, scale):
     return torch.ops.sparsebert.masked_attention(q, k, v, gate, mask, scale)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_native_kernels_registered(device):
+@pytest.mark.all_devices
+def test_native_kernels_registered(device, assert_native):
     assert_native("masked_attention", device)
     assert_native("masked_attention_backward", device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.all_devices
 @pytest.mark.parametrize("dim,seq", [(32, 7), (64, 129), (48, 1), (32, 129), (64, 7)])
 @pytest.mark.parametrize("pattern", GATE_PATTERNS)
 @pytest.mark.parametrize("padded", [False, True])
-def test_forward_matches_reference_fp32(device, dim, seq, pattern, padded):
+def test_forward_matches_reference_fp32(device, dim, seq, pattern, padded, assert_native):
     assert_native("masked_attention", device)
-    gen = torch.Generator().manual_seed(hash((dim, seq, pattern, padded)) % 2**31)
+    gen = torch.Generator().manual_seed(stable_seed(dim, seq, pattern, padded))
     batch = 3
     q, k, v = make_qkv(batch, seq, HEADS, dim, torch.float32, device, gen)
     gate = make_gate(pattern, batch, HEADS, device, gen)
@@ -92,9 +98,9 @@ def test_forward_matches_reference_fp32(device, dim, seq, pattern, padded):
     assert torch.all(out.cpu().transpose(1, 2)[pruned] == 0), "pruned heads must be exactly 0"
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.all_devices
 @pytest.mark.parametrize("layout", ["fused_qkv", "transposed", "contiguous"])
-def test_strided_inputs_and_cross_lengths(device, layout):
+def test_strided_inputs_and_cross_lengths(device, layout, assert_native):
     """Non-contiguous q/k/v (fused projection views, transposed storage) and Sk != Sq."""
     assert_native("masked_attention", device)
     gen = torch.Generator().manual_seed(1)
@@ -107,8 +113,8 @@ def test_strided_inputs_and_cross_lengths(device, layout):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_pruned_heads_are_never_read(device):
+@pytest.mark.all_devices
+def test_pruned_heads_are_never_read(device, assert_native):
     """NaNs in q/k/v of pruned heads must not reach the output: those heads are skipped."""
     assert_native("masked_attention", device)
     gen = torch.Generator().manual_seed(2)
@@ -133,11 +139,11 @@ def plain_pytorch_attention(q, k, v, gate, mask, scale):
     return ctx * (gate[None, None, :, None] if gate.dim() == 1 else gate[:, None, :, None])
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.all_devices
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dim", [32, 64, 48])
 @pytest.mark.parametrize("pattern", ["all_on", "fractional", "per_example"])
-def test_low_precision_error_at_most_twice_pytorch(device, dtype, dim, pattern):
+def test_low_precision_error_at_most_twice_pytorch(device, dtype, dim, pattern, assert_native):
     assert_native("masked_attention", device)
     gen = torch.Generator().manual_seed(dim)
     batch, seq = 2, 65
@@ -161,10 +167,10 @@ def _grads_via_autograd(q, k, v, gate, mask, dout):
     return out.detach(), q.grad, k.grad, v.grad, gate.grad
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.all_devices
 @pytest.mark.parametrize("dim,seq", [(32, 7), (64, 129), (48, 33)])
 @pytest.mark.parametrize("pattern", GATE_PATTERNS)
-def test_gradients_match_reference(device, dim, seq, pattern):
+def test_gradients_match_reference(device, dim, seq, pattern, assert_native):
     assert_native("masked_attention_backward", device)
     gen = torch.Generator().manual_seed(seq * dim)
     batch = 2
@@ -206,7 +212,7 @@ def test_reference_gate_gradient_is_michel_importance():
 
 @pytest.mark.parametrize("per_example", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
-def test_gradcheck_fp64_cpu(per_example, padded):
+def test_gradcheck_fp64_cpu(per_example, padded, assert_native):
     assert_native("masked_attention_backward", "cpu")
     gen = torch.Generator().manual_seed(11)
     batch, seq, heads, dim = 2, 5, 3, 4
@@ -224,9 +230,9 @@ def test_gradcheck_fp64_cpu(per_example, padded):
     )
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.all_devices
 @pytest.mark.parametrize("padded", [False, True])
-def test_opcheck(device, padded):
+def test_opcheck(device, padded, assert_native):
     assert_native("masked_attention", device)
     gen = torch.Generator().manual_seed(3)
     dtype = torch.float64 if device == "cpu" else torch.float32
@@ -264,6 +270,12 @@ BAD_CASES = {
         dict(key_padding_mask=torch.tensor([[True] * 5, [False] * 5])),
         "'key_padding_mask'",
     ),
+    "head_dim_zero": (dict(zip("qkv", torch.randn(3, 2, 5, HEADS, 0))), "'q'"),
+    "gate_int": (
+        dict(head_gate=torch.ones(HEADS, dtype=torch.int64)),
+        "'head_gate'.*(Long|int64)",  # native: Long, wrapper: torch.int64
+    ),
+    "gate_bool": (dict(head_gate=torch.ones(HEADS, dtype=torch.bool)), "'head_gate'.*[Bb]ool"),
 }
 
 
@@ -276,7 +288,7 @@ def test_bad_input_python_wrapper(case):
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
-def test_bad_input_native_kernel(case):
+def test_bad_input_native_kernel(case, assert_native):
     assert_native("masked_attention", "cpu")
     change, needle = BAD_CASES[case]
     args = {**_good(), **change}
@@ -284,6 +296,57 @@ def test_bad_input_native_kernel(case):
         torch.ops.sparsebert.masked_attention(
             args["q"], args["k"], args["v"], args["head_gate"], args["key_padding_mask"], 0.3
         )
+
+
+@pytest.mark.parametrize(
+    "q_shape,needle",
+    [
+        ((2, 5, HEADS, 0), r"'q' has head dim D = q.shape\[-1\] = 0; expected D >= 1"),
+        ((0, 5, HEADS, 8), r"'q' has B = q.shape\[0\] = 0; expected B >= 1"),
+        ((2, 0, HEADS, 8), r"'q' has S = q.shape\[1\] = 0; expected S >= 1"),
+        ((2, 5, 0, 8), r"'q' has H = q.shape\[2\] = 0; expected H >= 1"),
+    ],
+)
+def test_empty_sizes_name_the_dimension(q_shape, needle):
+    """D = 0 used to raise ZeroDivisionError (from the default scale D ** -0.5)."""
+    q = torch.randn(q_shape)
+    gate = torch.ones(q_shape[2])
+    for scale in (None, 0.5):
+        with pytest.raises(ValueError, match=needle):
+            ops.masked_attention(q, q.clone(), q.clone(), gate, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool])
+def test_integer_gate_message_names_dtype(dtype):
+    q = torch.randn(2, 5, HEADS, 8)
+    with pytest.raises(ValueError) as info:
+        ops.masked_attention(q, q, q, torch.ones(HEADS, dtype=dtype))
+    message = str(info.value)
+    assert "'head_gate'" in message and str(dtype) in message and "floating-point" in message
+
+
+def test_padding_row_check_can_be_skipped(monkeypatch):
+    """check_padding_rows=False never reads the mask's values (no device sync on CUDA);
+    SparseAttention passes it because its masks never have a fully padded row."""
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = make_qkv(2, 5, HEADS, 8, torch.float32, "cpu", gen, "contiguous")
+    mask = make_padding(2, 5, "cpu", gen)
+    gate = torch.ones(HEADS)
+    reads = []
+    original_any = torch.Tensor.any
+
+    def counting_any(self, *args, **kwargs):
+        if self is mask:
+            reads.append(args)
+        return original_any(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "any", counting_any)
+    checked = ops.masked_attention(q, k, v, gate, mask)
+    assert reads, "the default path checks the rows"
+    reads.clear()
+    unchecked = ops.masked_attention(q, k, v, gate, mask, check_padding_rows=False)
+    assert not reads
+    torch.testing.assert_close(unchecked, checked, rtol=0, atol=0)
 
 
 def test_non_contiguous_last_dim_is_accepted_by_wrapper():
