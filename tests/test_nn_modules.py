@@ -11,7 +11,14 @@ from transformers.models.bert.modeling_bert import BertAttention, BertIntermedia
 
 import sparsebert.nn.attention as sb_attention
 import sparsebert.nn.mlp as sb_mlp
-from sparsebert.nn import SparseAttention, SparseMLP, to_key_padding_mask
+from sparsebert import ops
+from sparsebert.nn import (
+    AttentionLayout,
+    MLPLayout,
+    SparseAttention,
+    SparseMLP,
+    to_key_padding_mask,
+)
 
 TOL = 1e-5
 B, S, HID, H, FF = 3, 7, 24, 4, 20
@@ -256,3 +263,78 @@ def test_override_validation():
         pass
     with pytest.raises(ValueError, match="distinct"):
         module.select_heads([0, 0])
+
+
+# --------------------------------------------------------------------------------------------
+# Public accessors: the parts by role, whatever the layout calls them
+# --------------------------------------------------------------------------------------------
+def test_attention_accessors_follow_the_layout():
+    module = make_attention()
+    assert module.query_linear() is module.self.query and module.key_linear() is module.self.key
+    assert module.value_linear() is module.self.value
+    assert module.output_dense() is module.output.dense
+    assert module.output_layer_norm() is module.output.LayerNorm
+    assert module.output_dropout() is module.output.dropout
+    linears = module.linears()
+    assert list(linears) == ["query", "key", "value", "output"]
+    assert [tuple(m.weight.shape) for m in linears.values()] == [(H * 6, HID)] * 3 + [(HID, H * 6)]
+    layout = AttentionLayout(
+        self_attention="attn", query="q_proj", key="k_proj", value="v_proj", output="out",
+        output_dense="proj", output_layer_norm="norm", output_dropout="drop",
+    )  # fmt: skip
+    custom = SparseAttention(HID, H, layout=layout)
+    assert custom.query_linear() is custom.attn.q_proj and custom.output_dense() is custom.out.proj
+    assert custom.output_layer_norm() is custom.out.norm
+    module.select_heads([])  # every head removed: the linears are gone, the LayerNorm stays
+    assert all(m is None for m in module.linears().values())
+    assert module.output_layer_norm() is module.output.LayerNorm
+
+
+def test_mlp_accessors_standalone_and_attached():
+    module = make_mlp()
+    assert module.host is None
+    assert module.intermediate_dense() is module.intermediate.dense
+    assert module.activation() is module.intermediate.intermediate_act_fn
+    assert module.output_dense() is module.output.dense
+    assert module.output_layer_norm() is module.output.LayerNorm
+    assert module.output_dropout() is module.output.dropout
+    assert list(module.linears()) == ["intermediate", "output"]
+    assert module.linears()["output"].weight.shape == (HID, FF)
+    host = torch.nn.Module()  # a host that owns the FFN children (like a HF BertLayer)
+    host.ffn_in, host.ffn_out = make_mlp().intermediate, make_mlp().output
+    layout = MLPLayout(intermediate="ffn_in", output="ffn_out")
+    attached = SparseMLP.attach(host, layout=layout)
+    assert attached.host is host and attached.intermediate_dense() is host.ffn_in.dense
+    assert attached.output_dense() is host.ffn_out.dense
+    attached.select_neurons([])
+    assert attached.linears() == {"intermediate": None, "output": None}
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(num_heads=0), "num_heads 0; pass head_dim"),
+        (dict(num_heads=0, head_dim=8), "num_heads and head_dim must be >= 1"),
+        (dict(num_heads=4, head_dim=0), "num_heads and head_dim must be >= 1"),
+    ],
+)
+def test_attention_rejects_empty_heads(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        SparseAttention(HID, **kwargs)
+
+
+def test_attention_skips_the_padding_row_check(monkeypatch):
+    """Its key padding masks never have a fully padded row (to_key_padding_mask), so it calls
+    the op with check_padding_rows=False: no device sync per call on CUDA."""
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("check_padding_rows", True))
+        return ops.masked_attention(*args, **kwargs)
+
+    monkeypatch.setattr(sb_attention, "masked_attention", spy)
+    module = make_attention()
+    mask = padding_mask()
+    mask[2] = False  # a fully padded row, too: it attends everywhere
+    out, _ = module(torch.randn(B, S, HID), attention_mask=mask)
+    assert seen == [False] and torch.isfinite(out).all()

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparsebert.nn.common import Container, check_gate, known_all_zero, slice_linear
 from sparsebert.ops import masked_attention
 
 
@@ -40,61 +41,6 @@ class AttentionLayout:
     output_dense: str = "dense"
     output_layer_norm: str = "LayerNorm"
     output_dropout: str = "dropout"
-
-
-class _Container(nn.Module):
-    """A parameter holder without a forward (keeps the HF child names, e.g. `self`, `output`)."""
-
-    def __init__(self, **children: nn.Module | None) -> None:
-        super().__init__()
-        for name, child in children.items():
-            setattr(self, name, child)
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers shared with sparsebert.nn.mlp
-# --------------------------------------------------------------------------------------------
-def known_all_zero(gate: Tensor) -> bool:
-    """True when `gate` is all zeros and that is known without a device sync or a graph break
-    (a CPU tensor that needs no grad, outside torch.compile); False means "compute"."""
-    if gate.is_cuda or gate.requires_grad or torch.compiler.is_compiling():
-        return False
-    return gate.numel() == 0 or not bool(gate.any())
-
-
-def slice_linear(linear: nn.Linear, index: Tensor, dim: int) -> nn.Linear:
-    """A new Linear keeping rows (dim=0: output features, bias too) or columns (dim=1: input
-    features) `index` of `linear`'s weight; copies, keeps dtype/device/requires_grad."""
-    weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device)).clone()
-    bias = linear.bias
-    if bias is not None:
-        bias = (
-            bias.detach().clone()
-            if dim == 1
-            else bias.detach().index_select(0, index.to(bias.device)).clone()
-        )
-    out_features, in_features = weight.shape
-    new = nn.Linear(
-        in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype
-    )
-    new.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
-    if bias is not None:
-        new.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
-    return new
-
-
-def check_gate(name: str, gate: Tensor, size: int, batch_dims: bool = True) -> None:
-    """Validate a gate override: floating point, shape (size,) or (B, size)."""
-    if not isinstance(gate, Tensor) or not gate.is_floating_point():
-        raise TypeError(
-            f"'{name}' must be a floating-point torch.Tensor, got {type(gate).__name__}"
-            + (f" of dtype {gate.dtype}" if isinstance(gate, Tensor) else "")
-        )
-    if gate.dim() == 1 and gate.shape[0] == size:
-        return
-    if batch_dims and gate.dim() == 2 and gate.shape[1] == size:
-        return
-    raise ValueError(f"'{name}' must have shape ({size},) or (B, {size}), got {tuple(gate.shape)}")
 
 
 def to_key_padding_mask(attention_mask: Tensor | None, batch: int, seq: int) -> Tensor | None:
@@ -154,6 +100,11 @@ class SparseAttention(nn.Module):
       backward returns its gradient). Use `with module.override_head_gate(t): ...`.
     * `num_heads`, `head_dim` (per module: pruned layers differ), `head_ids`: original index of
       each current head (kept in sync by `select_heads`).
+
+    Parts, whatever the layout names them: `query_linear()`, `key_linear()`, `value_linear()`
+    (hidden -> H*D), `output_dense()` (H*D -> hidden), `output_layer_norm()`, `output_dropout()`,
+    and `linears()` (the four weight matrices by role). The projections and output dense are None
+    once every head was removed.
     """
 
     def __init__(
@@ -176,6 +127,11 @@ class SparseAttention(nn.Module):
                     "pass head_dim"
                 )
             head_dim = hidden_size // num_heads
+        if num_heads < 1 or head_dim < 1:
+            raise ValueError(
+                f"SparseAttention: num_heads and head_dim must be >= 1, got num_heads={num_heads}, "
+                f"head_dim={head_dim}"
+            )
         inner = num_heads * head_dim
         kw = {"device": device, "dtype": dtype}
         self._init_from_parts(
@@ -207,7 +163,12 @@ class SparseAttention(nn.Module):
         layout: AttentionLayout = AttentionLayout(),
     ) -> SparseAttention:
         """Build around existing modules (no copies: the same Parameter objects are reused)."""
-        if query.out_features % max(num_heads, 1):
+        if num_heads < 1 or query.out_features < num_heads:
+            raise ValueError(
+                f"SparseAttention.from_modules: num_heads must be in [1, query out_features "
+                f"{query.out_features}], got {num_heads}"
+            )
+        if query.out_features % num_heads:
             raise ValueError(
                 f"query out_features {query.out_features} is not a multiple of num_heads {num_heads}"
             )
@@ -251,8 +212,8 @@ class SparseAttention(nn.Module):
         self.attention_dropout = float(attention_dropout)
         self.head_ids: list[int] = list(range(num_heads))
         self.head_gate_override: Tensor | None = None
-        projections = _Container(**{layout.query: query, layout.key: key, layout.value: value})
-        output = _Container(
+        projections = Container(**{layout.query: query, layout.key: key, layout.value: value})
+        output = Container(
             **{
                 layout.output_dense: dense,
                 layout.output_layer_norm: layer_norm,
@@ -270,6 +231,47 @@ class SparseAttention(nn.Module):
 
     def _out(self, name: str) -> nn.Module | None:
         return getattr(getattr(self, self.layout.output), name)
+
+    # Public accessors (whatever the layout calls them) ---------------------------------------
+    def query_linear(self) -> nn.Linear | None:
+        """The query projection, hidden -> num_heads * head_dim (output rows grouped by head:
+        rows [h*D, (h+1)*D) are head h); None once every head was removed."""
+        return self._proj(self.layout.query)
+
+    def key_linear(self) -> nn.Linear | None:
+        """The key projection, hidden -> num_heads * head_dim (rows grouped by head, as query)."""
+        return self._proj(self.layout.key)
+
+    def value_linear(self) -> nn.Linear | None:
+        """The value projection, hidden -> num_heads * head_dim (rows grouped by head, as query)."""
+        return self._proj(self.layout.value)
+
+    def output_dense(self) -> nn.Linear | None:
+        """The attention output projection, num_heads * head_dim -> hidden (input columns grouped
+        by head); None once every head was removed. Its input on each forward is the gated
+        context (B, S, H*D), its output goes through output_dropout(), the residual and
+        output_layer_norm()."""
+        return self._out(self.layout.output_dense)
+
+    def output_layer_norm(self) -> nn.Module:
+        """The LayerNorm applied to residual + attention output (B, S, hidden); never removed."""
+        return self._out(self.layout.output_layer_norm)
+
+    def output_dropout(self) -> nn.Module:
+        """The dropout after output_dense() (hidden dropout)."""
+        return self._out(self.layout.output_dropout)
+
+    def linears(self) -> dict[str, nn.Linear | None]:
+        """The block's weight matrices by role, in order: {"query", "key", "value", "output"}
+        (output = output_dense()). Entries are None once every head was removed. Weights are
+        (out_features, in_features): (H*D, hidden) for query/key/value, (hidden, H*D) for output.
+        """
+        return {
+            "query": self.query_linear(),
+            "key": self.key_linear(),
+            "value": self.value_linear(),
+            "output": self.output_dense(),
+        }
 
     @property
     def gate(self) -> Tensor:
@@ -305,7 +307,7 @@ class SparseAttention(nn.Module):
             raise ValueError(
                 "SparseAttention supports self-attention only (no encoder_hidden_states)"
             )
-        layer_norm = self._out(self.layout.output_layer_norm)
+        layer_norm = self.output_layer_norm()
         gate = self.gate  # (H,) or (B, H)
         # Step 1: a block with no active head is LayerNorm(residual) (paper: self/dense removed).
         if self.num_heads == 0 or known_all_zero(gate):
@@ -313,19 +315,22 @@ class SparseAttention(nn.Module):
         batch, seq, _ = hidden_states.shape
         heads, dim = self.num_heads, self.head_dim
         # Step 2: projections as (B, S, H, D) views (no transposes or copies).
-        q = self._proj(self.layout.query)(hidden_states).view(batch, seq, heads, dim)
-        k = self._proj(self.layout.key)(hidden_states).view(batch, seq, heads, dim)
-        v = self._proj(self.layout.value)(hidden_states).view(batch, seq, heads, dim)
+        q = self.query_linear()(hidden_states).view(batch, seq, heads, dim)
+        k = self.key_linear()(hidden_states).view(batch, seq, heads, dim)
+        v = self.value_linear()(hidden_states).view(batch, seq, heads, dim)
+        # No fully padded row by construction, so the op skips its (host-syncing) row check.
         key_padding_mask = to_key_padding_mask(attention_mask, batch, seq)  # (B, S) or None
         # Step 3: gated attention core -> ctx (B, S, H, D).
         if self.training and self.attention_dropout > 0:
             ctx = self._sdpa_with_dropout(q, k, v, gate, key_padding_mask)
         else:
             op_gate = gate if gate.dtype in (torch.float32, torch.float64) else gate.float()
-            ctx = masked_attention(q, k, v, op_gate, key_padding_mask, self.scaling)  # (B, S, H, D)
+            ctx = masked_attention(
+                q, k, v, op_gate, key_padding_mask, self.scaling, check_padding_rows=False
+            )  # (B, S, H, D)
         # Step 4: output projection; it contributes nothing (bias included) where no head is active.
-        out = self._out(self.layout.output_dense)(ctx.reshape(batch, seq, heads * dim))
-        out = self._out(self.layout.output_dropout)(out)  # (B, S, hidden)
+        out = self.output_dense()(ctx.reshape(batch, seq, heads * dim))
+        out = self.output_dropout()(out)  # (B, S, hidden)
         active = (gate != 0).any(dim=-1).to(out.dtype)  # () or (B,)
         active = active.view(-1, 1, 1) if active.dim() else active
         return layer_norm(torch.addcmul(hidden_states, out, active)), None

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from sparsebert.nn.attention import _Container, check_gate, known_all_zero, slice_linear
+from sparsebert.nn.common import Container, check_gate, known_all_zero, slice_linear
 from sparsebert.nn.gating import gate_features, gated_residual
 
 FFNOutputHook = Callable[["SparseMLP", Tensor], None]
@@ -73,6 +73,11 @@ class SparseMLP(nn.Module):
       tensor whose dot product with its gradient is the MLP gate's gradient; call
       `ffn_output.register_hook` inside the hook for per-token / per-example scores).
     * `intermediate_size`, `neuron_ids` (original index of each current neuron).
+
+    Parts, whatever the layout names them and whoever owns them (`host`): `intermediate_dense()`
+    (hidden -> F), `activation()`, `output_dense()` (F -> hidden), `output_layer_norm()`,
+    `output_dropout()`, and `linears()` (both weight matrices by role). The two denses are None
+    once the MLP was removed.
     """
 
     def __init__(
@@ -95,11 +100,11 @@ class SparseMLP(nn.Module):
                 )
             activation = _ACTIVATIONS[activation]()
         kw = {"device": device, "dtype": dtype}
-        intermediate = _Container(
+        intermediate = Container(
             **{layout.intermediate_dense: nn.Linear(hidden_size, intermediate_size, **kw)}
         )
         setattr(intermediate, layout.activation, activation)
-        output = _Container(
+        output = Container(
             **{
                 layout.output_dense: nn.Linear(intermediate_size, hidden_size, **kw),
                 layout.output_layer_norm: nn.LayerNorm(hidden_size, eps=layer_norm_eps, **kw),
@@ -161,6 +166,42 @@ class SparseMLP(nn.Module):
         owner = self if self._host is None else self._host
         return getattr(getattr(owner, block), name)
 
+    # Public accessors (whatever the layout calls them) ---------------------------------------
+    @property
+    def host(self) -> nn.Module | None:
+        """The module that owns the FFN children (e.g. a HF BertLayer) when built with `attach`;
+        None for a standalone SparseMLP (it owns them itself)."""
+        return self._host
+
+    def intermediate_dense(self) -> nn.Linear | None:
+        """The up projection, hidden -> intermediate_size (row n = neuron n); None once the MLP
+        was removed."""
+        return self._part(self.layout.intermediate, self.layout.intermediate_dense)
+
+    def activation(self) -> nn.Module | Callable[[Tensor], Tensor]:
+        """The activation applied to intermediate_dense()'s output (B, S, F)."""
+        return self._part(self.layout.intermediate, self.layout.activation)
+
+    def output_dense(self) -> nn.Linear | None:
+        """The FFN down projection, intermediate_size -> hidden (column n = neuron n); None once
+        the MLP was removed. Its input on each forward is the gated activations (B, S, F), its
+        output (after output_dropout()) the FFN output the MLP gate multiplies."""
+        return self._part(self.layout.output, self.layout.output_dense)
+
+    def output_layer_norm(self) -> nn.Module:
+        """The LayerNorm applied to residual + FFN output (B, S, hidden); never removed."""
+        return self._part(self.layout.output, self.layout.output_layer_norm)
+
+    def output_dropout(self) -> nn.Module:
+        """The dropout after output_dense() (hidden dropout)."""
+        return self._part(self.layout.output, self.layout.output_dropout)
+
+    def linears(self) -> dict[str, nn.Linear | None]:
+        """The FFN weight matrices by role, in order: {"intermediate": intermediate_dense(),
+        "output": output_dense()}; weights (F, hidden) and (hidden, F); None once the MLP was
+        removed."""
+        return {"intermediate": self.intermediate_dense(), "output": self.output_dense()}
+
     @property
     def gates(self) -> tuple[Tensor, Tensor]:
         """(mlp gate () or (B,), neuron gate (F,) or (B, F)) in use: overrides, else buffers."""
@@ -200,22 +241,21 @@ class SparseMLP(nn.Module):
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         """hidden_states (B, S, hidden) (any leading dims for shared gates) -> same shape."""
-        lay = self.layout
-        layer_norm = self._part(lay.output, lay.output_layer_norm)
+        layer_norm = self.output_layer_norm()
         mlp_gate, neuron_gate = self.gates
         # Step 1: a removed or fully gated MLP is LayerNorm(residual) (paper's prune_mlp).
         if self.intermediate_size == 0 or known_all_zero(mlp_gate) or known_all_zero(neuron_gate):
             return layer_norm(hidden_states)
         # Step 2: up projection, activation, neuron gates.
-        h = self._part(lay.intermediate, lay.intermediate_dense)(hidden_states)  # (B, S, F)
-        h = self._part(lay.intermediate, lay.activation)(h)
+        h = self.intermediate_dense()(hidden_states)  # (B, S, F)
+        h = self.activation()(h)
         if neuron_gate.requires_grad:  # importance scoring: fused per-example gate gradient
             h = gate_features(h, neuron_gate)
         else:
             ng = neuron_gate.to(h.dtype)
             h = h * (ng[:, None, :] if ng.dim() == 2 else ng)
         # Step 3: down projection and dropout: the FFN output (hook point).
-        y = self._part(lay.output, lay.output_dropout)(self._part(lay.output, lay.output_dense)(h))
+        y = self.output_dropout()(self.output_dense()(h))  # (B, S, hidden)
         for hook in tuple(self._ffn_output_hooks.values()):
             hook(self, y)
         # Step 4: MLP gate, zeroed where no neuron is active, then residual + LayerNorm.

@@ -204,12 +204,12 @@ def _michel_hooks(blocks, token_mask: Tensor, sums: dict[str, list[Tensor]], neu
 
             on_tensor(y, reduce)
 
-        dense = attn._out(attn.layout.output_dense)
+        dense = attn.output_dense()  # None once every head of the layer was removed
         if dense is not None:
             handles.append(dense.register_forward_pre_hook(head_hook))
         handles.append(mlp.register_ffn_output_hook(mlp_hook))
         if neurons:
-            down = mlp._part(mlp.layout.output, mlp.layout.output_dense)
+            down = mlp.output_dense()  # None once the MLP was removed
 
             def neuron_hook(module, args, layer=layer, mlp=mlp):
                 (h,) = args  # (B, S, F): gated activations

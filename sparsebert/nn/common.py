@@ -1,0 +1,59 @@
+"""Helpers shared by SparseAttention and SparseMLP: child containers, gate checks, the
+host-side all-zero test, and slicing a Linear for physical pruning."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class Container(nn.Module):
+    """A parameter holder without a forward (keeps the HF child names, e.g. `self`, `output`)."""
+
+    def __init__(self, **children: nn.Module | None) -> None:
+        super().__init__()
+        for name, child in children.items():
+            setattr(self, name, child)
+
+
+def known_all_zero(gate: Tensor) -> bool:
+    """True when `gate` is all zeros and that is known without a device sync or a graph break
+    (a CPU tensor that needs no grad, outside torch.compile); False means "compute"."""
+    if gate.is_cuda or gate.requires_grad or torch.compiler.is_compiling():
+        return False
+    return gate.numel() == 0 or not bool(gate.any())
+
+
+def slice_linear(linear: nn.Linear, index: Tensor, dim: int) -> nn.Linear:
+    """A new Linear keeping rows (dim=0: output features, bias too) or columns (dim=1: input
+    features) `index` of `linear`'s weight; copies, keeps dtype/device/requires_grad."""
+    weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device)).clone()
+    bias = linear.bias
+    if bias is not None:
+        bias = (
+            bias.detach().clone()
+            if dim == 1
+            else bias.detach().index_select(0, index.to(bias.device)).clone()
+        )
+    out_features, in_features = weight.shape
+    new = nn.Linear(
+        in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
+    new.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
+    return new
+
+
+def check_gate(name: str, gate: Tensor, size: int, batch_dims: bool = True) -> None:
+    """Validate a gate override: floating point, shape (size,) or (B, size)."""
+    if not isinstance(gate, Tensor) or not gate.is_floating_point():
+        raise TypeError(
+            f"'{name}' must be a floating-point torch.Tensor, got {type(gate).__name__}"
+            + (f" of dtype {gate.dtype}" if isinstance(gate, Tensor) else "")
+        )
+    if gate.dim() == 1 and gate.shape[0] == size:
+        return
+    if batch_dims and gate.dim() == 2 and gate.shape[1] == size:
+        return
+    raise ValueError(f"'{name}' must have shape ({size},) or (B, {size}), got {tuple(gate.shape)}")
