@@ -85,6 +85,81 @@ def _print_metrics(results: dict[str, Any]) -> None:
         print(f"train time {results['train_time_s']:.0f} s on {results.get('device_name')}")
 
 
+# --- search ------------------------------------------------------------------------------
+
+def _add_search(subparsers) -> None:
+    from sparsebert.lottery.config import SearchConfig  # noqa: PLC0415
+    from sparsebert.train import TrainConfig  # noqa: PLC0415
+
+    parser = subparsers.add_parser(
+        "search", help="the lottery-ticket search: prune, build subnetworks, re-fine-tune",
+        description="Fine-tune the full model, search s-pruning (heads + MLPs) and m-pruning "
+                    "(weights) masks, build good/random/bad subnetworks, evaluate them pruned "
+                    "and re-fine-tuned, and write summary.json, report.md and figures/ to "
+                    "--out. Rerunning the same command resumes after the last finished stage.")
+    parser.add_argument("--task", required=True,
+                        help="GLUE task: CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI")
+    parser.add_argument("--out", required=True, help="search directory (created if missing)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--json", action="store_true", help="print summary.json")
+    group = parser.add_argument_group("search")
+    add_dataclass_arguments(group, SearchConfig)
+    group = parser.add_argument_group("training (full model and re-fine-tuning)")
+    add_dataclass_arguments(group, TrainConfig, skip=("task",))
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    from sparsebert.lottery import SearchConfig, search  # noqa: PLC0415
+    from sparsebert.train import TrainConfig  # noqa: PLC0415
+
+    summary = search(args.task, args.out,
+                     search_config=SearchConfig(**overrides(args, SearchConfig)),
+                     train_config=TrainConfig(**overrides(args, TrainConfig)),
+                     progress=not args.quiet)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    _print_search(summary)
+    return 0
+
+
+def _print_search(summary: dict[str, Any]) -> None:
+    metric = summary["report_metric"]
+    print(f"{summary['task']} seed {summary['seed']}: full model dev {metric} "
+          f"{summary['full']['score']:.4f} (majority class {summary['majority']:.4f})")
+    for method, result in summary["methods"].items():
+        for note in result.get("notes", []):
+            print(f"  note ({method}): {note}")
+        for name, sub in result["subnetworks"].items():
+            size = (f"{sub['heads_kept']} heads, {sub['mlps_kept']} MLPs, "
+                    if "heads_kept" in sub else "")
+            pruned = "-" if sub["pruned"] is None else f"{sub['pruned']['score']:.4f}"
+            retrained = "-" if sub["retrained"] is None else f"{sub['retrained']['score']:.4f}"
+            print(f"  {method:<10} {name:<6} {size}{sub['fraction_kept']:.1%} kept: "
+                  f"pruned {pruned}, retrained {retrained}")
+
+
+# --- report ------------------------------------------------------------------------------
+
+def _add_report(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "report", help="the paper's table and figures from search directories",
+        description="Aggregate search directories (tasks x seeds) into report.md (the paper's "
+                    "table layout, mean +- std over seeds, the paper's numbers beside ours) "
+                    "and figures/*.png.")
+    parser.add_argument("paths", nargs="+", help="search directories or parents of them")
+    parser.add_argument("--out", default=None, help="output folder (default: the first path)")
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from sparsebert.report import report  # noqa: PLC0415
+
+    result = report(args.paths, args.out)
+    print(f"wrote {result['report']} and {len(result['figures'])} figures "
+          f"({', '.join(result['tasks'])})")
+    return 0
+
+
 # --- info ----------------------------------------------------------------------------------
 
 def _add_info(subparsers) -> None:
@@ -117,6 +192,8 @@ def _run_info(args: argparse.Namespace) -> int:
 SUBCOMMANDS: dict[str, tuple[Callable, Callable]] = {
     "finetune": (_add_finetune, _run_finetune),
     "evaluate": (_add_evaluate, _run_evaluate),
+    "search": (_add_search, _run_search),
+    "report": (_add_report, _run_report),
     "info": (_add_info, _run_info),
 }
 

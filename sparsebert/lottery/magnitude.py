@@ -1,0 +1,100 @@
+"""m-pruning: global magnitude masks over the eligible encoder weights (PAPER.md §2).
+
+Eligible (from the architecture table, sparsebert/hf/structure.py): per encoder layer the
+Q, K, V weights and biases, the attention-output dense weight and bias, the FFN
+intermediate weight and bias and the FFN output weight. Never: embeddings, LayerNorms,
+pooler, classifier, the FFN output bias.
+
+Each step prunes 10% of the *remaining* eligible weights (torch's global L1Unstructured with
+a pruning container: round(0.1 x remaining)), by magnitude over all eligible tensors at
+once, on the fine-tuned weights, with no retraining between steps. Since the weights do not
+change during the search, step k's mask keeps the `kept_count(total, k)` largest-magnitude
+weights. Masks are {parameter name: bool tensor}; True = kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from sparsebert.hf.structure import encoder_layers, resolve, structure_for
+
+
+def eligible_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{name: parameter} of the m-prunable weights of an (unpatched) HF model, found through
+    the model's row of the architecture table; names as in model.named_parameters()."""
+    row = structure_for(model)
+    attention, ffn = row.attention_layout, row.mlp_layout
+    chosen: list[nn.Parameter] = []
+    for layer in encoder_layers(model, row):
+        block = getattr(layer, row.attention)
+        self_attention = getattr(block, attention.self_attention)
+        for child in (attention.query, attention.key, attention.value):
+            linear = getattr(self_attention, child)
+            chosen += [linear.weight, linear.bias]
+        out = resolve(block, attention.output)
+        dense = getattr(out, attention.output_dense)
+        chosen += [dense.weight, dense.bias]
+        up = getattr(getattr(layer, ffn.intermediate), ffn.intermediate_dense)
+        chosen += [up.weight, up.bias]
+        down = getattr(getattr(layer, ffn.output), ffn.output_dense)
+        chosen.append(down.weight)  # the FFN output bias is never pruned
+    ids = {id(p) for p in chosen if p is not None}
+    return {name: p for name, p in model.named_parameters() if id(p) in ids}
+
+
+def kept_count(total: int, steps: int, amount: float = 0.1) -> int:
+    """Weights kept after `steps` steps that each prune round(amount x remaining)."""
+    kept = total
+    for _ in range(steps):
+        kept -= int(round(amount * kept))
+    return kept
+
+
+def _flat_magnitudes(params: dict[str, nn.Parameter]) -> Tensor:
+    return torch.cat([p.detach().float().abs().flatten().cpu() for p in params.values()])
+
+
+def _unflatten(params: dict[str, nn.Parameter], keep: Tensor) -> dict[str, Tensor]:
+    """Split a flat bool keep vector back into per-parameter masks."""
+    out, start = {}, 0
+    for name, p in params.items():
+        out[name] = keep[start:start + p.numel()].view(p.shape).clone()
+        start += p.numel()
+    return out
+
+
+def magnitude_mask(params: dict[str, nn.Parameter], kept: int, largest: bool = True,
+                   ) -> dict[str, Tensor]:
+    """Keep the `kept` largest-magnitude weights over all of `params` (largest=False keeps
+    the smallest ones instead: the paper's "bad" subnetwork, which removes the largest)."""
+    magnitudes = _flat_magnitudes(params)
+    if not 0 <= kept <= magnitudes.numel():
+        raise ValueError(f"kept must be in [0, {magnitudes.numel()}], got {kept}")
+    order = torch.argsort(magnitudes, descending=largest, stable=True)
+    keep = torch.zeros(magnitudes.numel(), dtype=torch.bool)
+    keep[order[:kept]] = True
+    return _unflatten(params, keep)
+
+
+def random_mask(params: dict[str, nn.Parameter], kept: int,
+                generator: torch.Generator) -> dict[str, Tensor]:
+    """Keep `kept` weights drawn uniformly at random over all of `params` (global, as torch's
+    RandomUnstructured at the same amount)."""
+    total = sum(p.numel() for p in params.values())
+    keep = torch.zeros(total, dtype=torch.bool)
+    keep[torch.randperm(total, generator=generator)[:kept]] = True
+    return _unflatten(params, keep)
+
+
+def layer_kept_fractions(model: nn.Module, masks: dict[str, Tensor]) -> list[float]:
+    """Kept fraction of the eligible weights per encoder layer, (L,) as a list."""
+    row = structure_for(model)
+    fractions = []
+    names = {id(p): n for n, p in model.named_parameters()}
+    for layer in encoder_layers(model, row):
+        mine = [names[id(p)] for p in layer.parameters() if names.get(id(p)) in masks]
+        kept = sum(int(masks[n].sum()) for n in mine)
+        total = sum(masks[n].numel() for n in mine)
+        fractions.append(kept / total if total else 1.0)
+    return fractions
