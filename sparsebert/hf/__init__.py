@@ -9,13 +9,20 @@ prune heads/MLPs/neurons for real, save and reload pruned models.
 
 from sparsebert.hf.masks import get_masks, set_masks
 from sparsebert.hf.patching import is_patched, patch, sparse_blocks
-from sparsebert.hf.serialization import load_pruned, save_pruned
+from sparsebert.hf.serialization import (
+    PrunedModelError,
+    PrunedModelNotFoundError,
+    load_pruned,
+    save_pruned,
+)
 from sparsebert.hf.structure import STRUCTURES, ModelStructure, supported_model_types
 from sparsebert.hf.surgery import layer_sizes, prune
 
 __all__ = [
     "STRUCTURES",
     "ModelStructure",
+    "PrunedModelError",
+    "PrunedModelNotFoundError",
     "get_masks",
     "is_patched",
     "layer_sizes",

@@ -1,13 +1,15 @@
 """Save and reload physically pruned (or merely masked) patched models.
 
-A saved directory is from_pretrained-style plus one file:
+A saved directory is from_pretrained-style plus one file (sparsebert.hf.pruned_format):
     config.json               the model config (save_pretrained's format; original sizes)
     model.safetensors         the weights under the usual HF names, with per-layer shapes
     sparsebert_pruned.json    format/version, architecture, per-layer sizes, kept head/neuron ids,
                               gates, and the masks in the original numbering
-`load_pruned` rebuilds the architecture from config.json, patches it, shrinks each layer to the
-recorded sizes, then loads the weights strictly. Saving is atomic: everything is written to a
-temporary sibling directory which is renamed onto the target only when complete.
+`load_pruned` first checks that the three files agree (description vs config.json vs the weight
+shapes in the safetensors header), then rebuilds the architecture from config.json, patches it,
+shrinks each layer to the recorded sizes and loads the weights strictly. Saving is atomic
+(sparsebert.atomic.atomic_save_dir): the directory is built under a temporary name and moved
+into place only when complete.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +24,34 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from sparsebert.atomic import atomic_save_dir
 from sparsebert.hf.masks import get_masks
 from sparsebert.hf.patching import patch, sparse_blocks
-from sparsebert.hf.structure import structure_for
+from sparsebert.hf.pruned_format import (
+    CONFIG_FILE,
+    FORMAT,
+    PRUNED_JSON,
+    VERSION,
+    WEIGHTS_FILE,
+    PrunedModelError,
+    PrunedModelNotFoundError,
+    check_description,
+    check_weight_shapes,
+    config_sizes,
+    read_description,
+)
+from sparsebert.hf.structure import STRUCTURES, structure_for
 
-PRUNED_JSON = "sparsebert_pruned.json"
-WEIGHTS_FILE = "model.safetensors"
-FORMAT = "sparsebert-pruned"
-VERSION = 1
+__all__ = [
+    "FORMAT",
+    "PRUNED_JSON",
+    "VERSION",
+    "WEIGHTS_FILE",
+    "PrunedModelError",
+    "PrunedModelNotFoundError",
+    "load_pruned",
+    "save_pruned",
+]
 
 
 def _describe(model: nn.Module) -> dict[str, Any]:
@@ -66,62 +86,28 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = 
     """Write a patched (pruned or masked) model to directory `path`; returns the path.
 
     Raises FileExistsError if `path` exists and overwrite is False. Nothing is left at `path`
-    (and no temporary directory remains) if any step fails.
+    (and no temporary directory remains) if any step fails; with overwrite=True a failed save
+    leaves the previous directory as it was.
     """
     description = _describe(model)  # validates: patched, supported
     target = Path(path)
     if target.exists() and not overwrite:
         raise FileExistsError(f"save_pruned: {target} exists (pass overwrite=True to replace it)")
+    if target.exists() and not target.is_dir():
+        raise PrunedModelError(f"save_pruned: {target} exists and is not a directory")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    try:
-        # Step 1: config (original sizes), weights, then the description, into the temp dir.
+
+    def write(tmp: Path) -> None:
+        # Config (original sizes), weights, then the description, into a fresh directory.
+        tmp.mkdir()
         config = copy.deepcopy(model.config)
         config.architectures = [type(model).__name__]
         config.save_pretrained(tmp)
         save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / PRUNED_JSON).write_text(json.dumps(description, indent=1))
-        # Step 2: move it into place (an existing target is swapped out, then removed).
-        if target.exists():
-            backup = Path(
-                tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent)
-            )
-            backup.rmdir()
-            os.rename(target, backup)
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(backup, target)
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_save_dir(target, write)
     return target
-
-
-def _read_description(path: Path) -> dict[str, Any]:
-    if not path.is_dir():
-        raise FileNotFoundError(f"load_pruned: {path} is not a directory")
-    file = path / PRUNED_JSON
-    if not file.is_file():
-        raise ValueError(
-            f"load_pruned: {path} has no {PRUNED_JSON}, so it is not a sparsebert pruned-model directory "
-            "(write one with sparsebert.save_pruned; load plain checkpoints with from_pretrained)"
-        )
-    try:
-        description = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"load_pruned: {file} is not valid JSON: {error}") from error
-    if not isinstance(description, dict) or description.get("format") != FORMAT:
-        raise ValueError(f"load_pruned: {file} is not a {FORMAT!r} description")
-    if description.get("version") != VERSION:
-        raise ValueError(
-            f"load_pruned: {file} has version {description.get('version')}; this sparsebert reads {VERSION}"
-        )
-    return description
 
 
 def _model_class(description: dict[str, Any], model_class: type | None) -> type:
@@ -132,28 +118,18 @@ def _model_class(description: dict[str, Any], model_class: type | None) -> type:
     name = description.get("architecture", "")
     cls = getattr(transformers, str(name), None) if name else None
     if cls is None:
-        raise ValueError(f"load_pruned: unknown architecture {name!r}; pass model_class=")
+        raise PrunedModelError(
+            f"load_pruned: {PRUNED_JSON} architecture {name!r} is not a transformers class; "
+            "pass model_class="
+        )
     return cls
 
 
 @torch.no_grad()
 def _shrink(model: nn.Module, description: dict[str, Any]) -> None:
-    """Resize each patched layer to the recorded sizes and restore ids and gates."""
-    blocks = sparse_blocks(model)
-    layers = description["layers"]
-    if len(layers) != len(blocks):
-        raise ValueError(
-            f"load_pruned: description has {len(layers)} layers, the config builds {len(blocks)}"
-        )
-    for index, ((attn, mlp), entry) in enumerate(zip(blocks, layers)):
-        if (
-            entry["head_dim"] != attn.head_dim
-            or entry["num_heads"] > attn.num_heads
-            or entry["intermediate_size"] > mlp.intermediate_size
-        ):
-            raise ValueError(
-                f"load_pruned: layer {index} sizes {entry} do not fit the configured model"
-            )
+    """Resize each patched layer to the recorded sizes and restore ids and gates (the
+    description was checked against the config by check_description)."""
+    for (attn, mlp), entry in zip(sparse_blocks(model), description["layers"]):
         if entry["num_heads"] < attn.num_heads:
             attn.select_heads(range(entry["num_heads"]))
         if entry["intermediate_size"] < mlp.intermediate_size:
@@ -165,6 +141,28 @@ def _shrink(model: nn.Module, description: dict[str, Any]) -> None:
         mlp.neuron_gate.copy_(torch.tensor(entry["neuron_gate"], dtype=torch.float32))
 
 
+def _read_config(root: Path, description: dict[str, Any]):
+    """config.json as a HF config, its model_type matching the description's (supported)."""
+    from transformers import AutoConfig  # heavy; only needed here
+
+    try:
+        config = AutoConfig.from_pretrained(root, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise PrunedModelError(f"load_pruned: {CONFIG_FILE} cannot be read: {text[:160]}") from None
+    if config.model_type != description.get("model_type"):
+        raise PrunedModelError(
+            f"load_pruned: {CONFIG_FILE} model_type {config.model_type!r} != {PRUNED_JSON} "
+            f"model_type {str(description.get('model_type'))[:40]!r}"
+        )
+    if config.model_type not in STRUCTURES:
+        raise PrunedModelError(
+            f"load_pruned: model_type {config.model_type!r} is not supported (supported: "
+            f"{', '.join(sorted(STRUCTURES))})"
+        )
+    return config
+
+
 def load_pruned(
     path: str | os.PathLike,
     *,
@@ -174,22 +172,33 @@ def load_pruned(
     """Rebuild a model saved by `save_pruned` (patched, pruned, gates restored, eval mode).
 
     model_class: the HF class to build (default: the saved architecture, e.g.
-    BertForSequenceClassification). Raises ValueError if `path` lacks the pruned-model JSON.
+    BertForSequenceClassification). Before anything is built, the description is checked
+    against config.json (layers; per layer: sizes, head/neuron ids, gate lists, head_dim) and
+    the recorded sizes against the weight shapes in model.safetensors' header.
+    Raises PrunedModelNotFoundError (a FileNotFoundError) for a missing directory and
+    PrunedModelError (a SparsebertError, hence ValueError) for anything wrong inside it.
     """
-    from transformers import AutoConfig
-
     root = Path(path)
-    description = _read_description(root)
-    config = AutoConfig.from_pretrained(root, local_files_only=True)
-    if config.model_type != description.get("model_type"):
-        raise ValueError(
-            f"load_pruned: config.json model_type {config.model_type!r} != description "
-            f"{description.get('model_type')!r}"
-        )
+    # Step 1: read the description and the config; check them against each other.
+    description = read_description(root)
+    config = _read_config(root, description)
+    row = STRUCTURES[config.model_type]
+    sizes = config_sizes(config, row)
+    check_description(description, sizes, row.config)
+    # Step 2: the recorded sizes against the weight shapes (header only, no tensor read).
+    check_weight_shapes(root / WEIGHTS_FILE, description, sizes, row)
+    # Step 3: build, patch, shrink, load.
     model = _model_class(description, model_class)(config)
-    structure_for(model)  # clear error for an unsupported type
+    structure_for(model)  # clear error for a model_class of an unsupported type
     patch(model)
     _shrink(model, description)
-    load_model(model, root / WEIGHTS_FILE, strict=True)
+    try:
+        load_model(model, root / WEIGHTS_FILE, strict=True)
+    except RuntimeError as error:
+        text = " ".join(str(error).split())
+        raise PrunedModelError(
+            f"load_pruned: {WEIGHTS_FILE} does not fit the model built from {CONFIG_FILE}: "
+            f"{text[:200]}"
+        ) from None
     model.eval()
     return model if device is None else model.to(device)
