@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import os
 import re
 from pathlib import Path
 from typing import Callable
@@ -13,6 +11,7 @@ import torch
 import torch.utils.benchmark as tb
 
 from sparsebert import runtime
+from sparsebert.atomic import atomic_write_json, atomic_write_text
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -87,10 +86,8 @@ def write_results(name: str, device: str, payload: dict, table: str) -> Path:
         slug = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
     stem = RESULTS_DIR / f"{name}-{slug}"
     json_path = stem.with_suffix(".json")
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, json_path)
-    stem.with_suffix(".md").write_text(table + "\n")
+    atomic_write_json(json_path, payload)
+    atomic_write_text(stem.with_suffix(".md"), table + "\n")
     return json_path
 
 
