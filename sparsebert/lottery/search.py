@@ -247,8 +247,8 @@ class Search:
         patch(model)
         set_masks(model, head_mask=masks["head_mask"], mlp_mask=masks["mlp_mask"])
         prune(model)  # s-pruning masks are applied by physically removing heads and MLPs
-        return finetune(self.train, run_dir, model=model, tokenizer=tokenizer,
-                        progress=self.progress)
+        return self._finished(finetune(self.train, run_dir, model=model, tokenizer=tokenizer,
+                                       progress=self.progress))
 
     # m-pruning ---------------------------------------------------------------------------------
 
@@ -336,8 +336,15 @@ class Search:
         self._log(f"m-pruning {name}: re-fine-tuning the pre-trained weights, mask held")
         model, tokenizer = self._pretrained()  # rewinding: the mask goes on pre-trained weights
         pairs = WeightMasks.from_named(model, masks).masks
-        return finetune(self.train, run_dir, model=model, tokenizer=tokenizer,
-                        weight_masks=pairs, progress=self.progress)
+        return self._finished(finetune(self.train, run_dir, model=model, tokenizer=tokenizer,
+                                       weight_masks=pairs, progress=self.progress))
+
+    @staticmethod
+    def _finished(result: RunResult) -> RunResult:
+        """A re-fine-tune stopped early (stop_after_steps) ends the search for now."""
+        if not result.finished:
+            raise StopSearch(result.run)
+        return result
 
     # summary and report ----------------------------------------------------------------------
 

@@ -1,0 +1,215 @@
+"""The lottery-ticket search: s-pruning schedule and reverts, m-pruning amounts and
+eligibility, random/bad subnetworks, rewinding, and the search directory (resume, errors)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from sparsebert.lottery import magnitude as mag
+from sparsebert.lottery.config import SearchConfig, SearchError
+from sparsebert.lottery.structured import (
+    head_step_size, lowest_unmasked, structured_search,
+)
+from sparsebert.lottery.subnetworks import structured_bad, structured_random
+
+
+# --- s-pruning schedule ---------------------------------------------------------------------
+
+class FakeModel:
+    """Score = 1 - cost of the masked components; importance = fixed per-component values."""
+
+    def __init__(self, head_cost, mlp_cost, head_imp, mlp_imp, trace):
+        self.head_cost, self.mlp_cost = head_cost, mlp_cost
+        self.head_imp, self.mlp_imp = head_imp, mlp_imp
+        self.trace = trace
+
+    def evaluate(self, head_mask, mlp_mask):
+        score = 1.0 - float(((1 - head_mask) * self.head_cost).sum()
+                            + ((1 - mlp_mask) * self.mlp_cost).sum())
+        return score, score
+
+    def importance(self, head_mask, mlp_mask):
+        self.trace.append((head_mask.clone(), mlp_mask.clone()))
+        return self.head_imp * head_mask, self.mlp_imp * mlp_mask
+
+
+def test_step_sizes_follow_the_model():
+    assert head_step_size(144, 0.1) == 14  # BERT-base: 14 heads (PAPER.md §1.3)
+    assert head_step_size(72, 0.1) == 7  # the default model
+    assert head_step_size(4, 0.1) == 1
+
+
+def test_lowest_unmasked_skips_masked_and_breaks_ties_by_index():
+    scores = torch.tensor([[0.5, 0.1], [0.1, 0.9]])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    assert lowest_unmasked(scores, mask, 2).tolist() == [2, 0]
+    assert lowest_unmasked(scores, torch.zeros(2, 2), 2).tolist() == []
+
+
+def test_schedule_phases_counts_and_reverts():
+    """6 layers x 12 heads: phase 1 masks 7 heads + 1 MLP per step, phase 2 3 heads, phase 3
+    one MLP; each phase reverts its failing step."""
+    layers, heads = 6, 12
+    head_imp = torch.arange(layers * heads, dtype=torch.float32).view(layers, heads) + 1
+    mlp_imp = torch.arange(layers, dtype=torch.float32) + 1
+    # Each head costs 0.005, each MLP 0.02; threshold 0.9 -> at most 0.1 of cost.
+    trace = []
+    fake = FakeModel(torch.full((layers, heads), 0.005), torch.full((layers,), 0.02),
+                     head_imp, mlp_imp, trace)
+    result = structured_search(layers, heads, 0.9, 1.0, fake.evaluate, fake.importance,
+                               progress=False)
+    phases = [(r["phase"], r["heads_kept"], r["mlps_kept"], r["passed"]) for r in result.curve]
+    # Phase 1: 7 heads (0.035) + 1 MLP (0.02) per step: 0.055 passes, 0.11 fails.
+    assert phases[:3] == [(0, 72, 6, True), (1, 65, 5, True), (1, 58, 4, False)]
+    # Phase 2 from (65, 5): 3 heads (0.015) per step: 0.07, 0.085, 0.1 pass; 0.115 fails.
+    assert phases[3:7] == [(2, 62, 5, True), (2, 59, 5, True), (2, 56, 5, True),
+                           (2, 53, 5, False)]
+    # Phase 3 from (56, 5): one MLP (0.02) -> 0.12 fails at once.
+    assert phases[7:] == [(3, 56, 4, False)]
+    assert int(result.head_mask.sum()) == 56 and int(result.mlp_mask.sum()) == 5
+    # The lowest-importance heads go first: the first 16 heads of layer 0, then layer 1.
+    assert result.head_mask.flatten()[:16].sum() == 0 and result.head_mask.flatten()[16:].all()
+    assert result.mlp_mask.tolist() == [0, 1, 1, 1, 1, 1]
+    # Quirk: phase 2's first ranking comes from the importance under phase 1's failed mask.
+    failed_phase1 = trace[2]
+    assert int(failed_phase1[0].sum()) == 58 and int(failed_phase1[1].sum()) == 4
+
+
+def test_schedule_recompute_after_revert_option():
+    trace = []
+    fake = FakeModel(torch.full((2, 4), 0.04), torch.full((2,), 0.5),
+                     torch.rand(2, 4, generator=torch.Generator().manual_seed(0)),
+                     torch.tensor([1.0, 2.0]), trace)
+    structured_search(2, 4, 0.9, 1.0, fake.evaluate, fake.importance,
+                      recompute_after_revert=True, progress=False)
+    # Phase 2 starts with an importance call under the reverted (passing) masks.
+    assert any(int(h.sum()) == 8 and int(m.sum()) == 2 for h, m in trace[1:])
+
+
+def test_schedule_can_mask_everything():
+    """A task where masking never hurts (WNLI-like) ends with nothing left to mask."""
+    fake = FakeModel(torch.zeros(2, 4), torch.zeros(2), torch.rand(2, 4), torch.rand(2), [])
+    result = structured_search(2, 4, 0.9, 0.5, fake.evaluate, fake.importance, progress=False)
+    assert result.head_mask.sum() == 0 and result.mlp_mask.sum() == 0
+    assert any("nothing left" in note for note in result.notes)
+
+
+# --- subnetworks ------------------------------------------------------------------------------
+
+def test_structured_random_matches_size_in_expectation():
+    good = torch.zeros(100, 50)
+    good.view(-1)[:3000] = 1  # 60% kept
+    rng = np.random.default_rng(0)
+    draws = torch.stack([structured_random(good, rng) for _ in range(20)])
+    assert abs(float(draws.mean()) - 0.6) < 0.01
+    assert set(draws.unique().tolist()) == {0.0, 1.0}
+
+
+@pytest.mark.parametrize("kept", [3, 5, 8])
+def test_structured_bad_takes_pruned_first(kept):
+    good = torch.zeros(10)
+    good[:kept] = 1
+    bad = structured_bad(good, np.random.default_rng(1))
+    assert int(bad.sum()) == kept  # same number of components as good
+    pruned = good == 0
+    if kept >= int(pruned.sum()):  # all pruned ones, topped up from good ones
+        assert bad[pruned].all()
+    else:  # a subset of the pruned ones only
+        assert bad[~pruned].sum() == 0
+
+
+# --- m-pruning ----------------------------------------------------------------------------------
+
+def _tiny_bert(seed=0):
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=32,
+                        max_position_embeddings=32, num_labels=2)
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(config)
+
+
+def test_eligible_parameters_follow_the_paper():
+    params = mag.eligible_parameters(_tiny_bert())
+    names = set(params)
+    assert len(names) == 2 * 11  # per layer: Q, K, V, attn-out (w+b), FFN in (w+b), FFN out w
+    assert "bert.encoder.layer.0.attention.self.query.bias" in names
+    assert "bert.encoder.layer.1.output.dense.weight" in names
+    for excluded in ("bert.encoder.layer.0.output.dense.bias", "bert.pooler.dense.weight",
+                     "classifier.weight", "bert.embeddings.word_embeddings.weight",
+                     "bert.encoder.layer.0.output.LayerNorm.weight"):
+        assert excluded not in names
+
+
+@pytest.mark.parametrize("steps", [0, 1, 3, 9])
+def test_magnitude_amounts_and_ordering(steps):
+    model = _tiny_bert()
+    params = mag.eligible_parameters(model)
+    total = sum(p.numel() for p in params.values())
+    kept = mag.kept_count(total, steps)
+    assert abs(kept / total - 0.9 ** steps) < 1e-3  # 1 - 0.9^k of the eligible weights pruned
+    good = mag.magnitude_mask(params, kept)
+    bad = mag.magnitude_mask(params, kept, largest=False)
+    random = mag.random_mask(params, kept, torch.Generator().manual_seed(0))
+    values = torch.cat([p.detach().abs().flatten() for p in params.values()])
+    flat = {name: torch.cat([m[n].flatten() for n in params]) for name, m in
+            (("good", good), ("bad", bad), ("random", random))}
+    assert all(int(m.sum()) == kept for m in flat.values())
+    if 0 < kept < total:
+        assert values[flat["good"]].min() >= values[~flat["good"]].max()  # largest kept
+        assert values[flat["bad"]].max() <= values[~flat["bad"]].min()  # largest removed
+
+
+def test_rewinding_is_exact_and_masks_hold_during_training(tmp_path):
+    """The good mask on the pre-trained weights: masked weights zero, all others equal to the
+    pre-trained ones when retraining starts, and masked weights still zero after it."""
+    from sparsebert.pruning.weight_masks import WeightMasks  # noqa: PLC0415
+    from sparsebert.train.optim import make_optimizer  # noqa: PLC0415
+    from sparsebert.train.config import TrainConfig  # noqa: PLC0415
+
+    fine_tuned, pretrained = _tiny_bert(seed=1), _tiny_bert(seed=2)
+    masks = mag.magnitude_mask(mag.eligible_parameters(fine_tuned),
+                               mag.kept_count(sum(p.numel() for p in mag.eligible_parameters(
+                                   fine_tuned).values()), 3))
+    before = {n: p.detach().clone() for n, p in pretrained.named_parameters()}
+    weight_masks = WeightMasks.from_named(pretrained, masks)
+    optimizer, _ = make_optimizer(pretrained, TrainConfig(lr=1e-2, weight_decay=0.1).resolved(),
+                                  10)
+    weight_masks.attach(optimizer)
+    for name, p in pretrained.named_parameters():
+        if name in masks:
+            assert (p[~masks[name]] == 0).all()
+            assert torch.equal(p[masks[name]], before[name][masks[name]])
+        else:
+            assert torch.equal(p, before[name])
+    inputs = torch.randint(0, 50, (4, 8))
+    for _ in range(3):
+        loss = pretrained(input_ids=inputs, labels=torch.tensor([0, 1, 0, 1])).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, p in pretrained.named_parameters():
+        if name in masks:
+            assert (p[~masks[name]] == 0).all()
+
+
+# --- config -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value,match", [
+    ("method", "lottery", "--method"), ("subnets", "good,great", "--subnets"),
+    ("threshold", 0.0, "--threshold"), ("threshold", 1.5, "--threshold"),
+    ("search_data", "test", "--search-data"), ("importance_mode", "taylor", "--importance-mode"),
+])
+def test_bad_search_options(field, value, match):
+    with pytest.raises(SearchError, match=match):
+        SearchConfig(**{field: value}).validate()
+
+
+def test_search_config_round_trips():
+    config = SearchConfig(method="magnitude", subnets="good,bad", threshold=0.8)
+    assert SearchConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+    assert "method" not in config.identity() and "threshold" in config.identity()

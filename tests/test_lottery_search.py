@@ -1,0 +1,152 @@
+"""The search directory end to end on a tiny random BERT and a synthetic task: outputs,
+resume after an interruption at each stage, refusal of a different config, bad tasks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from sparsebert.cli import main
+from sparsebert.errors import SparsebertError
+from sparsebert.lottery import search
+
+WORDS = "the a film movie plot actor scene story music ending script cast".split()
+STAGES = ["full", "structured.search", "structured.pruned.good", "structured.retrained.random",
+          "magnitude.search", "magnitude.pruned.bad", "magnitude.retrained.good"]
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """(model dir, GLUE dir): a random 2-layer BERT (4 heads) with the default tokenizer, and
+    synthetic SST-2 (label 1 iff 'good' occurs) and WNLI-shaped folders."""
+    from transformers import BertConfig, BertModel  # noqa: PLC0415
+
+    from sparsebert.hf.loading import load_tokenizer  # noqa: PLC0415
+
+    root = tmp_path_factory.mktemp("lottery")
+    tokenizer = load_tokenizer()
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("dev", 32)):
+        (root / "glue" / "SST-2").mkdir(parents=True, exist_ok=True)
+        lines = ["sentence\tlabel"]
+        for i in range(n):
+            words = list(rng.choice(WORDS, int(rng.integers(3, 12))))
+            words.insert(int(rng.integers(0, len(words))), "good" if i % 2 else "bad")
+            lines.append(f"{' '.join(words)} .\t{i % 2}")
+        (root / "glue" / "SST-2" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return str(root / "model"), str(root / "glue")
+
+
+def _options(tiny_setup, **kw):
+    model, glue = tiny_setup
+    base = dict(model=model, glue_dir=glue, epochs=2, batch_size=16, lr=2e-3, seed=3,
+                threads=1, importance_batch_size=16, log_every=2)
+    return {**base, **kw}
+
+
+def _strip(summary):
+    """summary.json without fields that differ between runs of the same search."""
+    out = json.loads(json.dumps(summary))
+    for key in ("written_at", "git_sha", "versions"):
+        out.pop(key, None)
+    out["full"].pop("train_time_s", None)
+    for method in out["methods"].values():
+        for sub in method["subnetworks"].values():
+            sub.pop("retrain_time_s", None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_setup, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "search"
+    return out, search("SST-2", out, progress=False, **_options(tiny_setup))
+
+
+def test_outputs(reference):
+    out, summary = reference
+    assert summary["kind"] == "sparsebert-search" and summary["task"] == "SST-2"
+    for method in ("structured", "magnitude"):
+        result = summary["methods"][method]
+        assert set(result["subnetworks"]) == {"good", "random", "bad"}
+        for sub in result["subnetworks"].values():
+            assert sub["pruned"] is not None and sub["retrained"] is not None
+        assert result["curve"][0]["fraction_kept"] == 1.0
+    assert (out / "structured" / "masks" / "good.json").is_file()
+    assert (out / "magnitude" / "masks" / "good.safetensors").is_file()
+    # The retrained s-pruning good run is physically pruned and reloads as such.
+    masks = json.loads((out / "structured" / "retrained" / "good" / "masks.json").read_text())
+    good = summary["methods"]["structured"]["subnetworks"]["good"]
+    assert masks["heads_kept"] == good["heads_kept"]
+    if good["heads_kept"] < 8:
+        assert masks["pruned"]
+    # Magnitude retraining held the mask: masked weights are zero in the saved model.
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    weights = load_file(str(out / "magnitude" / "retrained" / "good" / "model" /
+                            "model.safetensors"))
+    mask = load_file(str(out / "magnitude" / "masks" / "good.safetensors"))
+    for name, keep in mask.items():
+        assert (weights[name][~keep.bool()] == 0).all()
+    assert (out / "summary.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+def test_resume_after_each_stage_gives_the_same_results(reference, tiny_setup, tmp_path, stage):
+    _, expected = reference
+    out = tmp_path / "search"
+    stopped = search("SST-2", out, progress=False, stop_after=stage, **_options(tiny_setup))
+    assert stopped["status"] == "stopped"
+    resumed = search("SST-2", out, progress=False, **_options(tiny_setup))
+    assert _strip(resumed) == _strip(expected)
+
+
+def test_interrupted_retraining_resumes(reference, tiny_setup, tmp_path):
+    """A re-fine-tune stopped mid-way (stop_after_steps, a runtime field) resumes from its
+    checkpoint on the rerun, with the same final results."""
+    _, expected = reference
+    out = tmp_path / "search"
+    search("SST-2", out, progress=False, stop_after="structured.pruned.good",
+           **_options(tiny_setup))
+    stopped = search("SST-2", out, progress=False, **_options(tiny_setup, stop_after_steps=3))
+    assert stopped["status"] == "stopped"
+    partial = out / "structured" / "retrained" / "good"
+    assert (partial / "checkpoint.pt").is_file() and not (partial / "results.json").exists()
+    resumed = search("SST-2", out, progress=False, **_options(tiny_setup))
+    assert _strip(resumed) == _strip(expected)
+
+
+def test_different_config_is_refused_and_nothing_lost(reference, tiny_setup, tmp_path):
+    out, _ = reference
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
+    with pytest.raises(SparsebertError, match="different config.*threshold"):
+        search("SST-2", copy, progress=False, **_options(tiny_setup, threshold=0.8))
+    with pytest.raises(SparsebertError, match="different config.*lr"):
+        search("SST-2", copy, progress=False, **_options(tiny_setup, lr=1e-3))
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before
+
+
+def test_cli_search_errors(tiny_setup, tmp_path, capsys):
+    model, glue = tiny_setup
+    base = ["search", "--task", "SST-2", "--model", model, "--glue-dir", glue, "--quiet"]
+    cases = [(["--method", "nope"], "--method"), (["--subnets", "good,ugly"], "--subnets"),
+             (["--threshold", "1.5"], "--threshold"), (["--threshold", "0"], "--threshold")]
+    for extra, expected in cases:
+        assert main([*base, "--out", str(tmp_path / "x"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err
+    file = tmp_path / "file"
+    file.write_text("keep me")
+    assert main([*base, "--out", str(file)]) == 2
+    assert "is a file" in capsys.readouterr().err and file.read_text() == "keep me"
