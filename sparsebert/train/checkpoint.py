@@ -48,6 +48,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:160] if lines else type(error).__name__
+
+
 def _read(path: Path) -> dict[str, Any]:
     """torch.load(weights_only=True); CheckpointError for anything unreadable or unsafe."""
     try:
@@ -55,11 +60,11 @@ def _read(path: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{path}: refused: it holds objects other than tensors and plain values "
-            f"({str(error).splitlines()[0][:160]}); only checkpoints written by sparsebert "
+            f"({_first_line(error)}); only checkpoints written by sparsebert "
             f"resume. Delete it to start the run over") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
         raise CheckpointError(f"{path}: truncated or damaged "
-                              f"({str(error).splitlines()[0][:160]})") from None
+                              f"({_first_line(error)})") from None
     if not isinstance(state, dict) or "step" not in state or "model" not in state:
         raise CheckpointError(f"{path}: not a sparsebert training checkpoint (no step/model)")
     return state

@@ -153,7 +153,12 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
     pad_multiple = GRAPH_PAD_MULTIPLE if graphs else None
     pin = device.type == "cuda"
 
+    saved_at = [step]  # the step of the newest checkpoint on disk
+
     def checkpoint() -> None:
+        if saved_at[0] == step:
+            return  # already checkpointed at this step
+        saved_at[0] = step
         save_checkpoint(out_dir, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step,

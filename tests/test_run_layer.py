@@ -1,0 +1,164 @@
+"""Run directories remember what was trained: masks, pruning and data; evaluate reproduces
+the recorded score exactly; resume is exact and refuses other masks; checkpoints are safe."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from sparsebert.errors import SparsebertError
+from sparsebert.hf import patch, prune, set_masks
+from sparsebert.hf.loading import load_model
+from sparsebert.train import TrainConfig, evaluate, finetune
+from sparsebert.train.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, load_checkpoint
+
+WORDS = "the a film movie plot actor scene story music ending script cast".split()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(model dir, GLUE dir): a random 2-layer BERT with 4 heads and the default tokenizer;
+    synthetic SST-2 (label 1 iff 'good' occurs)."""
+    from transformers import BertConfig, BertModel  # noqa: PLC0415
+
+    from sparsebert.hf.loading import load_tokenizer  # noqa: PLC0415
+
+    root = tmp_path_factory.mktemp("runlayer")
+    tokenizer = load_tokenizer()
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 80), ("dev", 40)):
+        (root / "glue" / "SST-2").mkdir(parents=True, exist_ok=True)
+        lines = ["sentence\tlabel"]
+        for i in range(n):
+            words = list(rng.choice(WORDS, int(rng.integers(3, 15))))
+            words.insert(int(rng.integers(0, len(words))), "good" if i % 2 else "bad")
+            lines.append(f"{' '.join(words)} .\t{i % 2}")
+        (root / "glue" / "SST-2" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return str(root / "model"), str(root / "glue")
+
+
+def _config(setup, **kw):
+    model, glue = setup
+    base = dict(task="SST-2", model=model, glue_dir=glue, epochs=2, batch_size=16, lr=2e-3,
+                seed=5, threads=1, log_every=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def _model(setup, kind: str):
+    """(model, tokenizer, weight_masks) of one kind of run."""
+    model, tokenizer = load_model(setup[0], 2, seed=5)
+    weight_masks = None
+    if kind in ("masked", "pruned"):
+        patch(model)
+        head_mask = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 1.0]])
+        set_masks(model, head_mask=head_mask, mlp_mask=torch.tensor([1.0, 0.0]))
+        if kind == "pruned":
+            prune(model)
+    elif kind == "weights":
+        generator = torch.Generator().manual_seed(0)
+        chosen = [model.bert.encoder.layer[0].attention.self.query.weight,
+                  model.bert.encoder.layer[1].intermediate.dense.weight]
+        weight_masks = [(p, torch.rand(p.shape, generator=generator) > 0.4) for p in chosen]
+    return model, tokenizer, weight_masks
+
+
+@pytest.mark.parametrize("kind", ["dense", "masked", "pruned", "weights"])
+def test_evaluate_reproduces_the_recorded_score(setup, tmp_path, kind, monkeypatch):
+    model, tokenizer, weight_masks = _model(setup, kind)
+    result = finetune(_config(setup), tmp_path / kind, model=model, tokenizer=tokenizer,
+                      weight_masks=weight_masks, progress=False)
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    again = evaluate(tmp_path / kind)  # no --glue-dir, no GLUE_DIR: the run's data folder
+    assert again["metrics"] == result.metrics  # to the last digit
+    assert again["data"]["path"] == os.path.realpath(setup[1])
+    masks = json.loads((tmp_path / kind / "masks.json").read_text())
+    assert masks["patched"] == (kind in ("masked", "pruned"))
+    assert masks["pruned"] == (kind == "pruned")
+    if kind in ("masked", "pruned"):
+        assert masks["heads_kept"] == 5 and masks["mlps_kept"] == 1
+    if kind == "weights":
+        assert (tmp_path / kind / "weight_masks.safetensors").is_file()
+        assert result.masks["weight_masks"]["kept"] < result.masks["weight_masks"]["total"]
+
+
+def test_resume_with_other_masks_is_refused(setup, tmp_path):
+    model, tokenizer, _ = _model(setup, "masked")
+    config = _config(setup, stop_after_steps=2)
+    assert finetune(config, tmp_path / "r", model=model, tokenizer=tokenizer,
+                    progress=False).status == "stopped"
+    other, tokenizer, _ = _model(setup, "masked")
+    set_masks(other, head_mask=torch.ones(2, 4))
+    with pytest.raises(SparsebertError, match="other masks.*head mask: saved keeps 5 heads, "
+                                              "requested 8"):
+        finetune(_config(setup), tmp_path / "r", model=other, tokenizer=tokenizer,
+                 progress=False)
+    plain, tokenizer, _ = _model(setup, "dense")
+    with pytest.raises(SparsebertError, match="patched: saved True, requested False"):
+        finetune(_config(setup), tmp_path / "r", model=plain, tokenizer=tokenizer,
+                 progress=False)
+
+
+def _records(path):
+    out = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        record.pop("examples_per_s", None)  # timing
+        out.append(record)
+    return out
+
+
+def test_metrics_after_resume_equal_an_uninterrupted_run(setup, tmp_path):
+    """Stop at a step that is not a multiple of log_every: the first loss logged after the
+    resume still averages the full window."""
+    finetune(_config(setup), tmp_path / "ref", progress=False)
+    assert finetune(_config(setup, stop_after_steps=4), tmp_path / "run",
+                    progress=False).status == "stopped"
+    finetune(_config(setup), tmp_path / "run", progress=False)
+    assert _records(tmp_path / "run" / "metrics.jsonl") == _records(
+        tmp_path / "ref" / "metrics.jsonl")
+
+
+def test_checkpoints_fall_back_and_refuse_unsafe_files(setup, tmp_path):
+    run = tmp_path / "c"
+    config = _config(setup, checkpoint_every=1)
+    finetune(_config(setup, checkpoint_every=1, stop_after_steps=3), run, progress=False)
+    assert (run / CHECKPOINT_NAME).is_file() and (run / PREVIOUS_NAME).is_file()
+    assert load_checkpoint(run)["step"] == 3
+    # A truncated checkpoint: the previous one is used (and the run completes the same).
+    data = (run / CHECKPOINT_NAME).read_bytes()
+    (run / CHECKPOINT_NAME).write_bytes(data[: len(data) // 3])
+    assert load_checkpoint(run)["step"] == 2
+    resumed = finetune(config, run, progress=False)
+    reference = finetune(config, tmp_path / "ref", progress=False)
+    assert resumed.metrics == reference.metrics
+    # Both damaged: a clear error that names the file, nothing deleted.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / CHECKPOINT_NAME).write_bytes(b"")
+    with pytest.raises(SparsebertError, match="checkpoint.pt: truncated or damaged.*Delete"):
+        load_checkpoint(broken)
+    assert (broken / CHECKPOINT_NAME).exists()
+    # Arbitrary pickled objects are refused (weights_only loading).
+    unsafe = tmp_path / "unsafe"
+    unsafe.mkdir()
+    torch.save({"step": 1, "model": {}, "evil": shutil.rmtree}, unsafe / CHECKPOINT_NAME)
+    with pytest.raises(SparsebertError, match="refused"):
+        load_checkpoint(unsafe)
+
+
+def test_out_must_be_a_directory(setup, tmp_path):
+    file = tmp_path / "f"
+    file.write_text("x")
+    with pytest.raises(SparsebertError, match="is a file"):
+        finetune(_config(setup), file, progress=False)
+    assert file.read_text() == "x"
