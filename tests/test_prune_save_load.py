@@ -227,9 +227,9 @@ def _edit_json(path: Path, edit) -> None:
     path.write_text(json.dumps(data))
 
 
-def _layer(i, edit):
-    """An edit of description["layers"][i]."""
-    return lambda d: edit(d["layers"][i])
+def _tamper_layer(i, edit):
+    """A tampering of the directory: edit(entry) on layers[i] of sparsebert_pruned.json."""
+    return lambda d: _edit_json(d / "sparsebert_pruned.json", lambda p: edit(p["layers"][i]))
 
 
 def _consistent_heads(entry):
@@ -296,62 +296,48 @@ TAMPERING = {
         r"has 2 layers but config.json num_hidden_layers is 3",
     ),
     "layer_key_missing": (
-        lambda d: _edit_json(d / "sparsebert_pruned.json", _layer(2, lambda e: e.pop("mlp_gate"))),
+        _tamper_layer(2, lambda e: e.pop("mlp_gate")),
         r"layers\[2\] lacks mlp_gate",
     ),
     "head_ids_extra": (
-        lambda d: _edit_json(
-            d / "sparsebert_pruned.json", _layer(2, lambda e: e["head_ids"].append(0))
-        ),
+        _tamper_layer(2, lambda e: e["head_ids"].append(0)),
         r"layers\[2\].head_ids has \d ids but num_heads is \d",
     ),
     "head_ids_range": (
-        lambda d: _edit_json(
-            d / "sparsebert_pruned.json", _layer(0, lambda e: e["head_ids"].__setitem__(0, 4))
-        ),
+        _tamper_layer(0, lambda e: e["head_ids"].__setitem__(0, 4)),
         r"layers\[0\].head_ids\[0\] is 4; ids must be ints in \[0, 4\) "
         r"\(config.json num_attention_heads = 4\)",
     ),
     "head_ids_repeated": (
-        lambda d: _edit_json(
-            d / "sparsebert_pruned.json",
-            _layer(0, lambda e: e.update(head_ids=[e["head_ids"][0]] * len(e["head_ids"]))),
-        ),
+        _tamper_layer(0, lambda e: e.update(head_ids=[e["head_ids"][0]] * len(e["head_ids"]))),
         r"layers\[0\].head_ids\[1\] repeats id 0",
     ),
     "head_ids_not_ints": (
-        lambda d: _edit_json(
-            d / "sparsebert_pruned.json", _layer(0, lambda e: e["head_ids"].__setitem__(0, "a"))
-        ),
+        _tamper_layer(0, lambda e: e["head_ids"].__setitem__(0, "a")),
         r"layers\[0\].head_ids\[0\] is 'a'",
     ),
     "neuron_ids_short": (
-        lambda d: _edit_json(d / "sparsebert_pruned.json", _layer(0, lambda e: e["neuron_ids"].pop())),
+        _tamper_layer(0, lambda e: e["neuron_ids"].pop()),
         r"layers\[0\].neuron_ids has \d+ ids but intermediate_size is \d+",
     ),
     "neuron_ids_range": (
-        lambda d: _edit_json(
-            d / "sparsebert_pruned.json",
-            _layer(0, lambda e: e["neuron_ids"].__setitem__(-1, 37)),
-        ),
+        _tamper_layer(0, lambda e: e["neuron_ids"].__setitem__(-1, 37)),
         r"layers\[0\].neuron_ids\[\d+\] is 37; ids must be ints in \[0, 37\)",
     ),
     "head_gate_length": (
-        lambda d: _edit_json(d / "sparsebert_pruned.json", _layer(0, lambda e: e["head_gate"].pop())),
+        _tamper_layer(0, lambda e: e["head_gate"].pop()),
         r"layers\[0\].head_gate has \d values but num_heads is \d",
     ),
     "neuron_gate_value": (
-        lambda d: _edit_json(
-            d / "sparsebert_pruned.json", _layer(0, lambda e: e["neuron_gate"].__setitem__(0, 2.0))
-        ),
+        _tamper_layer(0, lambda e: e["neuron_gate"].__setitem__(0, 2.0)),
         r"layers\[0\].neuron_gate\[0\] is 2.0; gates lie in \[0, 1\]",
     ),
     "head_dim": (
-        lambda d: _edit_json(d / "sparsebert_pruned.json", _layer(0, lambda e: e.update(head_dim=16))),
+        _tamper_layer(0, lambda e: e.update(head_dim=16)),
         r"layers\[0\].head_dim is 16 but config.json gives 8",
     ),
     "heads_restored_without_weights": (
-        lambda d: _edit_json(d / "sparsebert_pruned.json", _layer(1, _consistent_heads)),
+        _tamper_layer(1, _consistent_heads),
         rf"model.safetensors lacks {LAYER1_Q} \(sparsebert_pruned.json layers\[1\].num_heads = 4\)",
     ),
     "weights_reshaped": (
@@ -361,7 +347,8 @@ TAMPERING = {
     ),
     "weights_for_removed_heads": (
         lambda d: _retype_weight(d, LAYER1_Q, (32, 32)),
-        rf"model.safetensors holds {LAYER1_Q}, but sparsebert_pruned.json layers\[1\].num_heads = 0",
+        rf"model.safetensors holds {LAYER1_Q}, but sparsebert_pruned.json "
+        r"layers\[1\].num_heads = 0",
     ),
     "weights_missing": (lambda d: (d / "model.safetensors").unlink(), r"has no model.safetensors"),
     "weights_garbage": (
