@@ -1,0 +1,99 @@
+"""The report layer: lottery-search run directories -> the paper's results table and figures.
+
+    from sparsebert.report import report
+    out = report(["runs/MRPC", "runs/RTE"], out_dir="runs/report")
+    out["report"]   # runs/report/report.md: tables, embedded figures, how to regenerate it
+    out["figures"]  # [runs/report/figures/surviving_heads.png, ...]
+
+Modules: `collect` (find, validate, aggregate summary.json files), `paper` (the paper's numbers,
+from PAPER.md §1.4, §4, §5.1), `table` (markdown tables), `figures` (PNG figures).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sparsebert.atomic import atomic_write_text
+from sparsebert.report import table
+from sparsebert.report.collect import ReportError, Stat, TaskResults, collect
+from sparsebert.report.figures import write_figures
+
+__all__ = ["ReportError", "Stat", "TaskResults", "collect", "render_markdown", "report"]
+
+
+def _command(paths: Sequence[Path], out_dir: Path) -> str:
+    """The shell command that writes this report again (`sparsebert report`)."""
+    args = " ".join(shlex.quote(str(p)) for p in paths)
+    return f"sparsebert report {args} --out {shlex.quote(str(out_dir))}"
+
+
+def _data_line(results: dict[str, TaskResults]) -> str:
+    """One paragraph on what the data are: runs, tasks, seeds and the search setting."""
+    runs = [r for res in results.values() for r in res.runs]
+    parts = [f"{t} (seed{'s' if res.n_seeds > 1 else ''} "
+             f"{', '.join(str(s) for s in res.seeds)}"
+             + (", + super-survivors" if res.super is not None else "") + ")"
+             for t, res in results.items()]
+    first = runs[0]
+    setting = ", ".join(f"{name} {value}" for name, value in (
+        ("model", first.model), ("search on", first.search_data),
+        ("importance mode", first.importance_mode), ("threshold", first.threshold))
+        if value is not None)
+    n = f"{len(runs)} lottery-search run{'s' if len(runs) > 1 else ''}"
+    return (f"Data: {n} (one task x one seed each): {'; '.join(parts)}. Setting: {setting}. "
+            "All scores are on the dev sets. The paper's values (Prasanna et al. 2020: "
+            "BERT-base, 5 seeds; transcribed in sparsebert/report/paper.py) are not comparable "
+            "one to one when the model differs.")
+
+
+def render_markdown(results: dict[str, TaskResults], figures: Sequence[Path], out_dir: Path,
+                    command: str) -> str:
+    """The report.md text: tables, figures linked relative to out_dir, the regenerating
+    command and a line on what the data are."""
+    parts = ["# Lottery-ticket search report", "", _data_line(results), "",
+             "Regenerate with:", "", "```", command, "```", "",
+             "## Results (paper §4 layout)", "", table.results_table(results), "",
+             table.results_notes(results), "",
+             "## Subnetwork sizes", "", table.sizes_table(results), "", table.SIZES_NOTE, ""]
+    stab = table.stability_table(results)
+    if stab is not None:
+        parts += ["## Stability across seeds", "", stab, ""]
+        if not stab.startswith("Stability statistics unavailable"):
+            parts += [table.STABILITY_NOTE, ""]
+    if figures:
+        parts += ["## Figures", ""]
+        for fig in figures:
+            rel = Path(os.path.relpath(fig, out_dir)).as_posix()
+            parts += [f"![{fig.stem.replace('_', ' ')}]({rel})", ""]
+    return "\n".join(parts)
+
+
+def report(paths: str | os.PathLike | Sequence[str | os.PathLike],
+           out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Collect every summary.json under `paths` and write report.md and figures/*.png.
+
+    paths: run directories, parents of many, or summary.json files. out_dir: defaults to the
+    first path if it is a directory (else the folder holding that file). Returns {"report":
+    path of report.md, "figures": [paths], "tasks": [task names], "table": the results table
+    as markdown}. Raises ReportError when no summary is found or a summary is malformed.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ReportError("report() needs at least one path (a search run directory or parent)")
+    results = collect(paths)
+    if out_dir is None:
+        out_dir = paths[0] if paths[0].is_dir() else paths[0].parent
+    out = Path(out_dir)
+    figures = write_figures(results, out / "figures")
+    command = _command([p.resolve() for p in paths], out.resolve())
+    text = render_markdown(results, figures, out, command)
+    report_path = out / "report.md"
+    atomic_write_text(report_path, text)
+    return {"report": report_path, "figures": figures, "tasks": list(results),
+            "table": table.results_table(results)}

@@ -1,0 +1,359 @@
+"""The report's figures (PNG, matplotlib's Agg canvas; no pyplot, no global backend change).
+
+* surviving_heads.png: per task, a layer x head heatmap of the share of seeds that keep each
+  head, super-survivors (kept in every seed) marked, and an MLP strip per layer.
+* subnetworks.png: good / random / bad scores per task and method, pruned and retrained side by
+  side, with the full model and the majority class as reference lines.
+* pruning_curves.png: the search score after every pruning step vs the fraction kept, per task
+  (s-pruning coloured by phase, m-pruning by seed), with the threshold line.
+* stability.png (>= 2 seeds): mean Jaccard and Fleiss' kappa of the head masks per task.
+* overlap.png (>= 2 tasks with >= 2 seeds): shared super-survivor heads, task x task.
+
+Each function takes {task: TaskResults} and an output path and returns the path written (None
+when the figure does not apply); `write_figures` writes all that apply.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
+
+from sparsebert.atomic import atomic_write_with
+from sparsebert.report import paper
+from sparsebert.report.collect import TaskResults, stability, stats_module
+
+DPI = 130
+PHASES = {0: ("full model", "black"), 1: ("phase 1: heads + MLPs", "tab:blue"),
+          2: ("phase 2: heads only", "tab:orange"), 3: ("phase 3: MLPs only", "tab:green")}
+METHOD_TITLES = {"structured": "s-pruning (heads + MLPs)", "magnitude": "m-pruning (weights)",
+                 "super": "super-survivors"}
+SUBNET_LABELS = {"structured": ("good", "random", "bad"), "magnitude": ("good", "random", "bad"),
+                 "super": ("good\n(kept in all seeds)", "random\n('middling')",
+                           "bad\n('bizarro')")}
+STAGE_COLORS = {"pruned": "#9ecae1", "retrained": "#2171b5"}
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+    return path
+
+
+def _grid(n: int, max_cols: int) -> tuple[int, int]:
+    cols = min(n, max_cols)
+    return math.ceil(n / cols), cols
+
+
+def _task_panels(n_tasks: int, n_methods: int, panel_w: float, panel_h: float,
+                 extra_h: float) -> tuple[Figure, list[list[Axes]]]:
+    """A figure with one row of `n_methods` panels per task, wrapped so that a figure row holds
+    up to 4 panels; returns it and, per task, its panels."""
+    per_row = max(1, 4 // n_methods)  # tasks side by side
+    rows, cols = math.ceil(n_tasks / per_row), min(n_tasks, per_row) * n_methods
+    fig = Figure(figsize=(panel_w * cols + 0.6, panel_h * rows + extra_h), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    panels = [[axes[t // per_row, (t % per_row) * n_methods + m] for m in range(n_methods)]
+              for t in range(n_tasks)]
+    for ax in axes.ravel()[n_tasks * n_methods:]:  # task t, method m is flat index t * n + m
+        ax.set_visible(False)
+    return fig, panels
+
+
+def _super_mask(res: TaskResults) -> np.ndarray | None:
+    """(L, H) heads kept in every seed of the heatmap's masks (None with < 2 seeds)."""
+    if res.head_masks is None or len(res.head_masks) < 2:
+        return None
+    stats, _ = stats_module()
+    if stats is not None:
+        return np.asarray(stats.super_survivors(res.head_masks), dtype=bool)
+    return res.super.head_mask if res.super is not None else None
+
+
+# ----------------------------------------------------------------------------- 1. heads
+
+
+def surviving_heads(results: Mapping[str, TaskResults], path: Path) -> Path | None:
+    """Per task: share of seeds keeping each head (L x H) and each MLP (L x 1); dots mark
+    super-survivors. None when no run has an s-pruning good mask."""
+    tasks = {t: r for t, r in results.items() if r.head_masks is not None}
+    if not tasks:
+        return None
+    rows, cols = _grid(len(tasks), 3)
+    some = next(iter(tasks.values()))
+    cell_w = 0.32 * (some.num_heads + 2.5) + 0.6
+    fig = Figure(figsize=(cols * cell_w + 1.2, rows * (0.32 * some.num_layers + 1.9)),
+                 layout="constrained")
+    outer = fig.add_gridspec(rows, cols + 1, width_ratios=[1.0] * cols + [0.04])
+    cmap = matplotlib.colormaps["Blues"].with_extremes(bad="white")
+    image = None
+    for k, (task, res) in enumerate(tasks.items()):
+        n, L, H = res.head_masks.shape
+        ax_h = fig.add_subplot(outer[k // cols, k % cols])
+        # Step 1: one image, heads | blank column | MLP, so the MLP strip lines up with layers.
+        grid = np.full((L, H + 2), np.nan)  # (L, H + 2)
+        grid[:, :H] = res.head_masks.mean(axis=0)  # share of seeds keeping each head
+        grid[:, H + 1] = res.mlp_masks.mean(axis=0)  # ... and each MLP
+        image = ax_h.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="equal")
+        for x0, width in ((-0.5, H), (H + 0.5, 1)):  # outline the head block and MLP strip
+            ax_h.add_patch(Rectangle((x0, -0.5), width, L, fill=False, edgecolor="grey",
+                                     linewidth=0.8))
+        # Step 2: super-survivors (kept in every seed) as white dots.
+        sup = _super_mask(res)
+        if sup is not None:
+            ys, xs = np.nonzero(sup)
+            mlp_ys = np.flatnonzero(np.all(res.mlp_masks, axis=0))
+            ax_h.scatter(np.r_[xs, np.full(len(mlp_ys), H + 1)], np.r_[ys, mlp_ys], s=22,
+                         c="white", edgecolors="black", linewidths=0.8)
+        labels = [str(h + 1) if H <= 12 or h % 2 == 0 else "" for h in range(H)]
+        ax_h.set_xticks([*range(H), H + 1], [*labels, "MLP"], fontsize=7)
+        ax_h.tick_params(axis="x", length=0)
+        for side in ("top", "right", "bottom", "left"):
+            ax_h.spines[side].set_visible(False)
+        ax_h.set_yticks(range(L), [str(i + 1) for i in range(L)], fontsize=7)
+        ax_h.set_xlabel("attention head", fontsize=8)
+        ax_h.set_ylabel("layer", fontsize=8)
+        heads = res.sizes.get(("s", "good", "heads_kept"))
+        kept = f"{heads.mean:.0f} of {L * H} heads kept" if heads else ""
+        seeds = f"{n} seed{'s' if n > 1 else ''}"
+        sup_txt = f", {int(sup.sum())} in all seeds" if sup is not None else ""
+        ax_h.set_title(f"{task} ({seeds})\n{kept}{' on average' if n > 1 else ''}{sup_txt}",
+                       fontsize=9)
+    many = any(len(r.head_masks) > 1 for r in tasks.values())
+    fig.colorbar(image, cax=fig.add_subplot(outer[:, -1]),
+                 label="share of seeds keeping it" if many else "kept (1) or pruned (0)")
+    fig.suptitle("Heads and MLPs kept by the good s-pruning mask"
+                 + (" (○ = kept in every seed)" if many else ""), fontsize=11)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- 2. subnetworks
+
+
+def _methods(results: Mapping[str, TaskResults]) -> list[str]:
+    present = {k.split(" ")[0] for r in results.values() for k in r.scores}
+    return [m for m in ("structured", "magnitude", "super") if paper.METHOD_PREFIX[m] in present]
+
+
+def _bars(ax: Axes, res: TaskResults, method: str) -> float:
+    """Grouped bars of one task and method; returns the highest bar top (for the y-range)."""
+    width, top = 0.38, -math.inf
+    for i, subnet in enumerate(paper.SUBNETS):
+        for j, stage in enumerate(paper.STAGES):
+            stat = res.scores.get(paper.row_key(method, subnet, stage))
+            x = i + (j - 0.5) * width
+            if stat is None or math.isnan(stat.mean):
+                ax.text(x, 0, "not\nrun", ha="center", va="bottom", fontsize=6, color="grey")
+                continue
+            err = stat.std if stat.std is not None else None
+            ax.bar(x, stat.mean, width, yerr=err, capsize=3, color=STAGE_COLORS[stage],
+                   edgecolor="black", linewidth=0.5, error_kw={"linewidth": 0.8})
+            y = stat.mean + (err or 0)
+            ax.annotate(f"{stat.mean:.2f}", (x, max(y, 0)), xytext=(0, 2),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=6,
+                        bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.3,
+                              "alpha": 0.8})
+            top = max(top, y)
+    ax.set_xticks(range(3), SUBNET_LABELS[method], fontsize=7)
+    ax.set_xlim(-0.6, 2.6)
+    return top
+
+
+def subnetworks(results: Mapping[str, TaskResults], path: Path) -> Path | None:
+    """Bars of good / random / bad, pruned and retrained, per task (rows) and method (columns),
+    error bars = sample std over seeds; lines at the full model and the majority class."""
+    methods = _methods(results)
+    if not methods:
+        return None
+    fig, panels = _task_panels(len(results), len(methods), 3.4, 2.6, 0.9)
+    for r, (task, res) in enumerate(results.items()):
+        full, major = res.scores.get("full model"), res.scores.get("majority baseline")
+        for c, method in enumerate(methods):
+            ax = panels[r][c]
+            ax.set_title(f"{task}: {METHOD_TITLES[method]}", fontsize=9)
+            prefix = paper.METHOD_PREFIX[method] + " "
+            if not any(k.startswith(prefix) for k in res.scores):
+                ax.text(0.5, 0.5, f"no {METHOD_TITLES[method]} results for {task}",
+                        transform=ax.transAxes, ha="center", va="center", color="grey",
+                        fontsize=8)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                continue
+            top = _bars(ax, res, method)
+            refs = [v.mean for v in (full, major) if v is not None]
+            if full is not None:
+                ax.axhline(full.mean, color="black", linestyle="--", linewidth=1)
+            if major is not None:
+                ax.axhline(major.mean, color="tab:red", linestyle=":", linewidth=1.2)
+            low = min([0.0, *refs] + [st.mean - (st.std or 0) for k, st in res.scores.items()
+                                      if k.startswith(prefix) and not math.isnan(st.mean)])
+            ax.set_ylim(0.0 if low >= 0 else low - 0.05, max([top, *refs, 0.1]) * 1.15 + 0.02)
+            if c == 0:
+                ax.set_ylabel(f"dev {res.report_metric}")
+            ax.tick_params(axis="y", labelsize=7)
+    handles = [Patch(color=STAGE_COLORS["pruned"], label="pruned (no retraining)"),
+               Patch(color=STAGE_COLORS["retrained"], label="retrained from pre-trained"),
+               Line2D([], [], color="black", linestyle="--", label="full model"),
+               Line2D([], [], color="tab:red", linestyle=":", label="majority class")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=8)
+    many = any(r.n_seeds > 1 for r in results.values())
+    fig.suptitle("Good, random and bad subnetworks"
+                 + (" (mean over seeds; error bars: ± sample std)" if many else ""), fontsize=11)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- 3. curves
+
+
+def _curve_axes(ax: Axes, res: TaskResults, method: str) -> None:
+    runs = [r for r in res.runs if r.curves.get(method)]
+    if not runs:
+        ax.set_title(f"{res.task}: {METHOD_TITLES[method]}", fontsize=9)
+        ax.text(0.5, 0.5, f"no {METHOD_TITLES[method]} run for {res.task}",
+                transform=ax.transAxes, ha="center", color="grey", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    for k, run in enumerate(runs):
+        pts = [p for p in run.curves[method] if isinstance(p.get("fraction_kept"), (int, float))
+               and isinstance(p.get("search_score"), (int, float))]
+        ok = [p for p in pts if p.get("passed", True)]
+        line_color = "grey" if method == "structured" else f"C{k % 10}"
+        ax.plot([p["fraction_kept"] for p in ok], [p["search_score"] for p in ok],
+                color=line_color, linewidth=0.8, alpha=0.7,
+                label=None if method == "structured" else f"seed {run.seed}")
+        for p in pts:
+            color = PHASES.get(p.get("phase", 1), ("", "grey"))[1] if method == "structured" \
+                else line_color
+            passed = p.get("passed", True)
+            ax.scatter(p["fraction_kept"], p["search_score"], s=16 if passed else 22,
+                       marker="o" if passed else "x", color=color, zorder=3, linewidths=1)
+    threshold = np.mean([r.threshold * r.full_search_score for r in runs])
+    ax.axhline(threshold, color="tab:red", linestyle="--", linewidth=1)
+    ax.set_xlim(1.02, max(0.0, ax.get_xlim()[0] - 0.02))  # pruning goes to the right
+    ax.set_xlabel("fraction kept" + (" (heads + MLP params)" if method == "structured"
+                                     else " (eligible weights)"), fontsize=8)
+    ax.set_ylabel(f"dev {res.metric} (search metric)", fontsize=8)
+    ax.set_title(f"{res.task}: {METHOD_TITLES[method]}", fontsize=9)
+    ax.tick_params(labelsize=7)
+    if method == "magnitude":
+        ax.legend(fontsize=6, loc="lower left")
+
+
+def pruning_curves(results: Mapping[str, TaskResults], path: Path) -> Path | None:
+    """Search score vs fraction kept at every step, per task (rows) and method (columns)."""
+    methods = [m for m in ("structured", "magnitude")
+               if any(r.curves.get(m) for res in results.values() for r in res.runs)]
+    if not methods:
+        return None
+    fig, panels = _task_panels(len(results), len(methods), 4.2, 3.0, 1.0)
+    for r, res in enumerate(results.values()):
+        for c, method in enumerate(methods):
+            _curve_axes(panels[r][c], res, method)
+    thr = next(iter(results.values())).threshold
+    many = any(r.n_seeds > 1 for r in results.values())
+    handles = [Line2D([], [], marker="o", linestyle="", color=color, label=label)
+               for label, color in PHASES.values()] if "structured" in methods else []
+    handles += [Line2D([], [], marker="x", linestyle="", color="grey", label="step failed "
+                       "the threshold (reverted)"),
+                Line2D([], [], color="tab:red", linestyle="--",
+                       label=f"threshold = {thr:g} × full model"
+                       + (" (mean over seeds)" if many else ""))]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8)
+    fig.suptitle("Pruning search: dev score after each step", fontsize=11)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- 4. stability
+
+
+def _stable_tasks(results: Mapping[str, TaskResults]) -> dict[str, dict]:
+    out = {}
+    for task, res in results.items():
+        st = stability(res)
+        if st is not None:
+            out[task] = st
+    return out
+
+
+def stability_bars(results: Mapping[str, TaskResults], path: Path) -> Path | None:
+    """Mean pairwise Jaccard and Fleiss' kappa of the head masks per task (>= 2 seeds), with
+    the paper's kappa (PAPER.md §5.1) as a marker."""
+    st = _stable_tasks(results)
+    if not st:
+        return None
+    tasks = list(st)
+    x = np.arange(len(tasks))
+    fig = Figure(figsize=(max(4.5, 1.3 * len(tasks) + 2.5), 3.6), layout="constrained")
+    ax = fig.subplots()
+    jac = [st[t]["heads"]["mean_jaccard"] for t in tasks]
+    kap = [st[t]["heads"]["fleiss_kappa"] for t in tasks]
+    nan = float("nan")
+    for dx, vals, color, label in ((-0.2, jac, "tab:blue", "mean pairwise Jaccard (ours)"),
+                                   (0.2, kap, "tab:orange", "Fleiss' κ (ours)")):
+        vals = [nan if v is None else v for v in vals]  # None: undefined (e.g. equal masks)
+        bars = ax.bar(x + dx, vals, 0.4, color=color, label=label)
+        ax.bar_label(bars, labels=["n/a" if math.isnan(v) else f"{v:.2f}" for v in vals],
+                     fontsize=7, padding=2)
+    pk = [paper.FLEISS_KAPPA_HEADS.get(paper.canonical_task(t) or "", nan) for t in tasks]
+    if not all(math.isnan(v) for v in pk):
+        ax.scatter(x + 0.2, pk, marker="D", color="black", zorder=3, label="Fleiss' κ (paper)")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xticks(x, [f"{t}\n(n={st[t]['heads']['n_seeds']})" for t in tasks], fontsize=8)
+    ax.set_ylabel("agreement of seeds' head masks")
+    ax.set_xlabel("task (n = seeds)", fontsize=8)
+    ax.set_ylim(min([0.0] + [v for v in kap + pk if v is not None and not math.isnan(v)]) - 0.05,
+                1.05)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title("Stability of the good head masks across seeds (1 = identical)", fontsize=10)
+    return _save(fig, path)
+
+
+def overlap(results: Mapping[str, TaskResults], path: Path) -> Path | None:
+    """Task x task count of shared super-survivor heads (>= 2 tasks with >= 2 seeds of masks of
+    one shape); the diagonal is each task's own count."""
+    stats, _ = stats_module()
+    masks = {t: r.head_masks for t, r in results.items()
+             if r.head_masks is not None and len(r.head_masks) > 1}
+    if stats is None or not masks:
+        return None
+    shape = next(iter(masks.values())).shape[1:]
+    masks = {t: m for t, m in masks.items() if m.shape[1:] == shape}
+    if len(masks) < 2:
+        return None
+    names, mat = stats.overlap_matrix(masks)
+    mat = np.asarray(mat)
+    k = len(names)
+    fig = Figure(figsize=(1.0 * k + 2.6, 0.9 * k + 1.6), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(mat, cmap="Purples", vmin=0)
+    for i in range(k):
+        for j in range(k):
+            dark = mat[i, j] > 0.6 * max(mat.max(), 1)
+            ax.text(j, i, str(int(mat[i, j])), ha="center", va="center", fontsize=9,
+                    color="white" if dark else "black")
+    ax.set_xticks(range(k), names, fontsize=8)
+    ax.set_yticks(range(k), names, fontsize=8)
+    ax.set_xlabel("task")
+    ax.set_ylabel("task")
+    fig.colorbar(image, ax=ax, label="shared super-survivor heads", shrink=0.8)
+    ax.set_title(f"Super-survivor heads shared by two tasks\n(of {int(np.prod(shape))} heads;"
+                 " diagonal: the task's own)", fontsize=9)
+    return _save(fig, path)
+
+
+def write_figures(results: Mapping[str, TaskResults], out_dir: str | Path) -> list[Path]:
+    """Write every figure that applies into out_dir; returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    makers = [("surviving_heads.png", surviving_heads), ("subnetworks.png", subnetworks),
+              ("pruning_curves.png", pruning_curves), ("stability.png", stability_bars),
+              ("overlap.png", overlap)]
+    written = [maker(results, out / name) for name, maker in makers]
+    return [p for p in written if p is not None]

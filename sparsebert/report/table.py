@@ -1,0 +1,204 @@
+"""Markdown tables: the paper's results table with our values beside the paper's, subnetwork
+sizes, and stability across seeds.
+
+Every function takes the {task: TaskResults} of `collect.collect` (tasks in column order) and
+returns GitHub-flavoured markdown. Cells read "0.781 ± 0.012 (n=3)" (mean ± sample std over n
+seeds), just "0.781" for one seed, and "—" for a setting that was not run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from sparsebert.report import paper
+from sparsebert.report.collect import Stat, TaskResults, cochran_pvalue, stability, stats_module
+
+DASH = "—"
+
+
+def fmt_stat(stat: Stat | None, digits: int = 3, *, show_n: bool = True) -> str:
+    """'0.781 ± 0.012 (n=3)', or '0.781' for one seed, or '—' for None."""
+    if stat is None:
+        return DASH
+    text = _num(stat.mean, digits)
+    if stat.std is not None:
+        text += f" ± {_num(stat.std, digits)}"
+        if show_n:
+            text += f" (n={stat.n})"
+    return text
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+    if x is None:
+        return DASH
+    return "nan" if math.isnan(x) else f"{x:.{digits}f}"
+
+
+def _pvalue(p: float | None) -> str:
+    if p is None:
+        return DASH
+    return "nan" if math.isnan(p) else f"{p:.2g}"
+
+
+def fmt_paper(cell: paper.Cell | None) -> str:
+    """A §4 cell: '0.771 ± 0.012' (the paper's n is 5), '0.684' without std."""
+    if cell is None:
+        return DASH
+    mean, std = cell
+    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    aligns = [":--"] + ["--:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(aligns) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def table_rows(results: Mapping[str, TaskResults]) -> list[paper.Row]:
+    """The paper's rows, plus the super-survivor random/bad P rows if any task has them."""
+    rows = list(paper.ROWS)
+    for subnet in ("random", "bad"):
+        key = paper.row_key("super", subnet, "pruned")
+        if any(key in res.scores for res in results.values()):
+            at = next(i for i, r in enumerate(rows) if r.key == f"super {subnet} R")
+            rows.insert(at, paper.Row(key, "super", subnet, "pruned"))
+    return rows
+
+
+def results_table(results: Mapping[str, TaskResults]) -> str:
+    """The paper's results table (PAPER.md §4 layout): a row per setting, a column per task in
+    `results`, and for the paper's tasks a "paper" column beside ours."""
+    header = ["Setting"]
+    for task, res in results.items():
+        header.append(f"{task} {res.report_metric} (ours)")
+        if paper.canonical_task(task):
+            header.append(f"{task} (paper)")
+    body = []
+    for row in table_rows(results):
+        cells = [row.key]
+        for task, res in results.items():
+            stat = res.scores.get(row.key)
+            if row.key == "majority baseline" and stat is not None:
+                cells.append(_num(stat.mean))  # a property of the dev set, the same every seed
+            else:
+                cells.append(fmt_stat(stat))
+            if paper.canonical_task(task):
+                cells.append(fmt_paper(paper.paper_value(row.key, task)))
+        body.append(cells)
+    return _markdown(header, body)
+
+
+def results_notes(results: Mapping[str, TaskResults]) -> str:
+    """What the results table's cells mean, and any metric that differs from the paper's."""
+    notes = [
+        "Ours: mean ± sample std (ddof=1) over n seeds; paper: Prasanna et al. 2020, "
+        "BERT-base, mean ± sample std over 5 seeds. P = the mask applied to the fine-tuned "
+        "model (no retraining); R = the masked pre-trained model fine-tuned again. "
+        "s = structured (heads + MLPs), m = magnitude; super = heads/MLPs kept in every seed, "
+        "random = the paper's 'middling', bad = its 'bizarro'. — = not run.",
+    ]
+    for task, res in results.items():
+        canon = paper.canonical_task(task)
+        if canon and res.report_metric != paper.METRIC[canon]:
+            notes.append(f"{task}: our column is {res.report_metric}, the paper's is "
+                         f"{paper.METRIC[canon]}.")
+    return "\n\n".join(notes)
+
+
+def _count(stat: Stat | None, total: int | None, digits: int = 1) -> str:
+    if stat is None:
+        return DASH
+    std = "" if stat.std is None else f" ± {stat.std:.{digits}f}"
+    of = f" of {total} ({stat.mean / total:.0%})" if total else ""
+    return f"{stat.mean:.{digits}f}{std}{of}"
+
+
+def _fraction(stat: Stat | None) -> str:
+    if stat is None:
+        return DASH
+    std = "" if stat.std is None else f" ± {stat.std:.2f}"
+    return f"{stat.mean:.2f}{std}"
+
+
+def sizes_table(results: Mapping[str, TaskResults]) -> str:
+    """Sizes of the good subnetworks per task, with the paper's (PAPER.md §1.4, §2)."""
+    header = ["Task", "seeds", "s good: heads kept", "s good: MLPs kept", "s good: fraction kept",
+              "m good: fraction kept", "super-survivors: heads / MLPs", "paper: heads kept",
+              "paper: MLPs kept", "paper: s fraction ≈", "paper: m fraction ≈",
+              "paper: super-survivors"]
+    body = []
+    for task, res in results.items():
+        n_layers = res.num_layers
+        n_heads = None if n_layers is None or res.num_heads is None else n_layers * res.num_heads
+        sz = res.sizes
+        sup = DASH
+        if ("super", "good", "heads_kept") in sz:
+            sup = (f"{sz[('super', 'good', 'heads_kept')].mean:.0f} / "
+                   f"{sz[('super', 'good', 'mlps_kept')].mean:.0f}")
+        row = [task, str(res.n_seeds), _count(sz.get(("s", "good", "heads_kept")), n_heads),
+               _count(sz.get(("s", "good", "mlps_kept")), n_layers),
+               _fraction(sz.get(("s", "good", "fraction_kept"))),
+               _fraction(sz.get(("m", "good", "fraction_kept"))), sup]
+        ps = paper.SIZES.get(paper.canonical_task(task) or "")
+        if ps is None:
+            row += [DASH] * 5
+        else:
+            row += [f"{ps.mean_heads:.1f} of {paper.TOTAL_HEADS} "
+                    f"({ps.mean_heads / paper.TOTAL_HEADS:.0%})",
+                    f"{ps.mean_mlps:.1f} of {paper.TOTAL_MLPS}",
+                    f"{ps.structured_fraction:.2f}", f"{ps.magnitude_fraction:.2f}",
+                    f"{ps.super_heads} / {ps.super_mlps}"]
+        body.append(row)
+    return _markdown(header, body)
+
+
+SIZES_NOTE = (
+    "s fraction kept: kept share of the prunable head + MLP parameters; m fraction kept: kept "
+    "share of the weights eligible for magnitude pruning. The paper's fractions are derived: "
+    "s from its per-seed head/MLP counts with BERT-base layer sizes, m from its Fig. 3 "
+    "'% weights' (approximate)."
+)
+
+
+def stability_table(results: Mapping[str, TaskResults]) -> str | None:
+    """Agreement of the good s-pruning masks across seeds (PAPER.md §5.1), for tasks with >= 2
+    seeds of masks; None when no task has them. A one-line note when the statistics module
+    cannot be imported."""
+    tasks = {t: r for t, r in results.items() if r.head_masks is not None and len(r.head_masks) > 1}
+    if not tasks:
+        return None
+    module, why = stats_module()
+    if module is None:
+        return f"Stability statistics unavailable: {why}."
+    header = ["Task", "seeds", "heads kept per seed", "super-survivor heads", "mean Jaccard",
+              "Fleiss κ", "Cochran Q p", "MLP super-survivors", "MLP Fleiss κ", "MLP Cochran Q p",
+              "paper: super-survivor heads", "paper: Fleiss κ", "paper: Cochran Q p"]
+    body = []
+    for task, res in tasks.items():
+        st = stability(res)
+        heads, mlps = st["heads"], st["mlps"]
+        row = [task, str(heads["n_seeds"]), ", ".join(str(s) for s in heads["survivors"]),
+               str(heads["super_survivors"]), _num(heads["mean_jaccard"], 2),
+               _num(heads["fleiss_kappa"], 2), _pvalue(cochran_pvalue(heads)),
+               str(mlps["super_survivors"]), _num(mlps["fleiss_kappa"], 2),
+               _pvalue(cochran_pvalue(mlps))]
+        canon = paper.canonical_task(task)
+        if canon is None:
+            row += [DASH] * 3
+        else:
+            row += [f"{paper.SIZES[canon].super_heads} of {paper.TOTAL_HEADS}",
+                    f"{paper.FLEISS_KAPPA_HEADS[canon]:.2f}",
+                    _pvalue(paper.COCHRAN_Q_PVALUE_HEADS[canon])]
+        body.append(row)
+    return _markdown(header, body)
+
+
+STABILITY_NOTE = (
+    "Columns without 'MLP' are about heads. Super-survivors: kept in every seed. Jaccard: "
+    "mean over seed pairs of |A ∩ B| / |A ∪ B| of the kept sets. Fleiss κ: agreement of the "
+    "seeds beyond chance (1 = identical masks, 0 = chance). Cochran's Q: a small p rejects "
+    "'every seed keeps components at the same rate'. Paper: Prasanna et al. 2020, 5 seeds, "
+    "144 heads."
+)

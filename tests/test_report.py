@@ -1,0 +1,373 @@
+"""The report layer: synthetic search summaries -> aggregation, tables, figures, errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sparsebert.errors import SparsebertError
+from sparsebert.report import ReportError, collect, report
+from sparsebert.report import paper, table
+from sparsebert.report.collect import Stat, load_summary
+
+L, H = 6, 12
+SEEDS = (1, 2, 3)
+HAS_STATS = importlib.util.find_spec("sparsebert.lottery.stats") is not None
+needs_stats = pytest.mark.skipif(not HAS_STATS, reason="sparsebert.lottery.stats not present")
+
+# Hand-picked scores: mean and sample std are easy to check by hand.
+MRPC = {"full": [0.80, 0.82, 0.84], "s_good_P": [0.75, 0.78, 0.72],
+        "s_good_R": [0.77, 0.77, 0.77], "m_good_R": [0.81, 0.83, 0.79]}
+
+
+def _entry(score: float | None) -> dict | None:
+    return None if score is None else {"score": score, "metrics": {"acc": score}}
+
+
+def _masks(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    head = (rng.random((L, H)) < 0.7).astype(int)
+    head[:2, :4] = 1  # shared by every seed: at least 8 super-survivors
+    mlp = np.array([1, 1, 1, 1, 0, 1]) if seed != 2 else np.array([1, 1, 0, 1, 1, 1])
+    return head, mlp
+
+
+def _structured(seed: int, i: int, scores: dict, full: float, task: str) -> dict:
+    head, mlp = _masks(seed if task == "MRPC" else seed + 10)
+    curve, heads, mlps = [], L * H, L
+    for step, (phase, dh, dm, drop) in enumerate(  # drop: search-score loss vs the full model
+        [(0, 0, 0, 0.0), (1, 7, 1, 0.03), (1, 7, 1, 0.12), (2, 4, 0, 0.06), (2, 4, 0, 0.11),
+         (3, 0, 1, 0.15)]
+    ):
+        h, m = heads - dh, mlps - dm
+        frac = (h / (L * H) + 2 * m / L) / 3
+        search = full - drop - 0.005 * (seed % 4) * (step > 0)
+        passed = search >= 0.9 * full
+        curve.append({"phase": phase, "step": step, "heads_kept": h, "mlps_kept": m,
+                      "fraction_kept": frac, "score": search - 0.01, "search_score": search,
+                      "passed": passed})
+        if passed:
+            heads, mlps = h, m
+
+    def sub(p, r, kept=int(head.sum())):
+        return {"heads_kept": kept, "mlps_kept": int(mlp.sum()), "fraction_kept": 0.8,
+                "pruned": _entry(p), "retrained": _entry(r)}
+
+    good = sub(scores["s_good_P"][i], scores["s_good_R"][i])
+    if seed == 3:
+        del good["heads_kept"]  # optional: counted from the mask instead
+    return {"curve": curve, "good_mask": {"head_mask": head.tolist(), "mlp_mask": mlp.tolist()},
+            "subnetworks": {"good": good, "random": sub(0.6 + 0.01 * i, 0.7),
+                            "bad": sub(0.5, None)}}
+
+
+def _magnitude(i: int, scores: dict, full: float) -> dict:
+    curve = [{"step": k, "fraction_kept": 0.9**k, "score": full - 0.01 * k * k,
+              "search_score": full - 0.01 * k * k, "passed": full - 0.01 * k * k >= 0.9 * full}
+             for k in range(6)]
+    return {"curve": curve, "layer_kept_fraction": [0.5 + 0.05 * k for k in range(L)],
+            "subnetworks": {"good": {"fraction_kept": 0.59 + 0.01 * i, "pruned": _entry(0.78),
+                                     "retrained": _entry(scores["m_good_R"][i])},
+                            "random": {"fraction_kept": 0.59, "pruned": _entry(0.4),
+                                       "retrained": _entry(0.7)},
+                            "bad": {"fraction_kept": 0.59, "pruned": None, "retrained": None}}}
+
+
+def write_run(root: Path, task: str, seed: int, i: int, /, *, magnitude: bool = True,
+              scores: dict = MRPC, **override) -> Path:
+    """One search run directory root/<task>/seed_<seed>/summary.json; returns its directory."""
+    full = scores["full"][i]
+    methods = {"structured": _structured(seed, i, scores, full, task)}
+    if magnitude:
+        methods["magnitude"] = _magnitude(i, scores, full)
+    data = {"version": 1, "kind": "sparsebert-search", "task": task, "seed": seed,
+            "model": "default", "metric": "acc", "report_metric": "acc", "threshold": 0.9,
+            "search_data": "dev", "importance_mode": "paper", "num_layers": L, "num_heads": H,
+            "majority": 0.684, "full": {"score": full, "metrics": {"acc": full, "f1": 0.86}},
+            "methods": methods}
+    data.update(override)
+    run = root / task / f"seed_{seed}"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "summary.json").write_text(json.dumps(data))
+    return run
+
+
+def write_super(root: Path, task: str) -> None:
+    heads = np.all([_masks(s)[0] for s in SEEDS], axis=0).astype(int)
+    mlps = np.all([_masks(s)[1] for s in SEEDS], axis=0).astype(int)
+    data = {"version": 1, "kind": "sparsebert-super", "task": task, "seeds": list(SEEDS),
+            "head_mask": heads.tolist(), "mlp_mask": mlps.tolist(),
+            "subnetworks": {"good": {"heads_kept": int(heads.sum()), "mlps_kept": int(mlps.sum()),
+                                     "fraction_kept": 0.3, "pruned": _entry(0.55),
+                                     "retrained": _entry(0.70)},
+                            "random": {"pruned": None, "retrained": _entry(0.68)},
+                            "bad": {"pruned": None, "retrained": _entry(0.66)}}}
+    (root / task / "super").mkdir(parents=True, exist_ok=True)
+    (root / task / "super" / "summary.json").write_text(json.dumps(data))
+
+
+def make_runs(root: Path) -> Path:
+    """MRPC: 3 seeds, both methods, a super summary; RTE: 3 seeds, s-pruning only."""
+    rte = {"full": [0.60, 0.62, 0.61], "s_good_P": [0.55, 0.56, 0.57],
+           "s_good_R": [0.5, 0.52, 0.54], "m_good_R": [0, 0, 0]}
+    for i, seed in enumerate(SEEDS):
+        write_run(root, "MRPC", seed, i)
+        write_run(root, "RTE", seed, i, magnitude=False, scores=rte, majority=0.527)
+    write_super(root, "MRPC")
+    return root
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    return make_runs(tmp_path / "runs")
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        assert img.format == "PNG" and min(img.size) > 200, (path, img.size)
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def test_stat_mean_and_sample_std():
+    s = Stat.of([0.75, 0.78, 0.72])
+    assert s.n == 3 and s.mean == pytest.approx(0.75)
+    assert s.std == pytest.approx(math.sqrt((0.03**2 + 0.03**2) / 2))  # ddof=1: 0.03
+    one = Stat.of([0.5, None])
+    assert one.n == 1 and one.std is None
+    assert Stat.of([None]) is None
+
+
+def test_collect_groups_by_task_and_aggregates(runs: Path):
+    results = collect(runs)
+    assert list(results) == ["MRPC", "RTE"]  # the paper's column order
+    mrpc, rte = results["MRPC"], results["RTE"]
+    assert mrpc.seeds == [1, 2, 3] and rte.n_seeds == 3
+    full = mrpc.scores["full model"]
+    assert (full.mean, full.std, full.n) == (pytest.approx(0.82), pytest.approx(0.02), 3)
+    assert mrpc.scores["s good P"].std == pytest.approx(0.03)
+    assert mrpc.scores["s good R"].std == pytest.approx(0.0)
+    assert mrpc.scores["m good R"].mean == pytest.approx(0.81)
+    assert mrpc.scores["m good R"].std == pytest.approx(0.02)
+    assert "s bad R" not in mrpc.scores  # retrained: null in every seed
+    assert mrpc.scores["s bad P"].n == 3
+    assert not any(k.startswith("m ") for k in rte.scores)
+    assert mrpc.scores["super good R"].mean == pytest.approx(0.70)
+    assert mrpc.scores["super good R"].std is None
+    assert "super good R" not in rte.scores
+    # Masks stacked per task; sizes fall back to the mask count when heads_kept is missing.
+    assert mrpc.head_masks.shape == (3, L, H) and mrpc.mlp_masks.shape == (3, L)
+    assert mrpc.head_masks.dtype == bool
+    counts = [int(_masks(s)[0].sum()) for s in SEEDS]
+    assert mrpc.sizes[("s", "good", "heads_kept")].mean == pytest.approx(np.mean(counts))
+    assert mrpc.sizes[("m", "good", "fraction_kept")].mean == pytest.approx(0.60)
+    assert mrpc.sizes[("super", "good", "heads_kept")].mean == mrpc.super.head_mask.sum()
+
+
+def test_collect_accepts_run_dir_file_and_task_aliases(runs: Path):
+    one = collect(runs / "MRPC" / "seed_1")
+    assert list(one) == ["MRPC"] and one["MRPC"].n_seeds == 1
+    f = runs / "RTE" / "seed_2" / "summary.json"
+    assert collect([f, f])["RTE"].n_seeds == 1  # the same file twice counts once
+    alias = write_run(runs.parent / "alias", "sst2", 7, 0)
+    assert list(collect(alias)) == ["SST-2"]
+
+
+def test_missing_optional_parts_are_tolerated(tmp_path: Path):
+    run = write_run(tmp_path, "toy", 1, 0, methods={}, majority=None)
+    results = collect(run)
+    assert list(results["toy"].scores) == ["full model"]
+    assert results["toy"].head_masks is None
+    out = report(run)
+    assert "toy acc (ours)" in out["table"] and "(paper)" not in out["table"]
+    assert [p.name for p in out["figures"]] == []
+    # No num_layers / num_heads: taken from the good mask, or left unknown without one.
+    sized = write_run(tmp_path / "b", "MRPC", 1, 0, num_layers=None, num_heads=None)
+    assert collect(sized)["MRPC"].head_masks.shape == (1, L, H)
+    bare = write_run(tmp_path / "c", "RTE", 1, 0, methods={}, num_layers=None, num_heads=None)
+    assert "RTE" in report(bare)["table"]
+
+
+# ----------------------------------------------------------------------------- paper data
+
+
+def test_paper_table_transcription():
+    assert len(paper.ROWS) == 18 and [r.key for r in paper.ROWS] == list(paper.RESULTS)
+    assert all(list(row) == list(paper.TASKS) for row in paper.RESULTS.values())
+    assert paper.paper_value("full model", "MRPC") == (0.839, 0.009)
+    assert paper.paper_value("majority baseline", "WNLI") == (0.563, None)
+    assert paper.paper_value("s good R", "sts-b") == (0.752, 0.228)
+    assert paper.paper_value("super bad R", "QNLI") == (0.568, 0.027)
+    assert paper.paper_value("m bad P", "CoLA") == (0.0, 0.0)
+    assert paper.paper_value("full model", "toy") is None
+    assert paper.SIZES["MNLI"].mean_heads == pytest.approx(95.0)
+    assert paper.SIZES["CoLA"].super_heads == 34 and paper.SIZES["STS-B"].super_mlps == 1
+    assert paper.SIZES["MNLI"].magnitude_fraction == pytest.approx(0.51, abs=0.01)  # ≈49% pruned
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _row(md: str, label: str) -> list[str]:
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == label:
+            return cells
+    raise AssertionError(f"no row {label!r}")
+
+
+def test_results_table_layout_and_paper_values(runs: Path):
+    md = table.results_table(collect(runs))
+    header = _row(md, "Setting")
+    assert header == ["Setting", "MRPC acc (ours)", "MRPC (paper)", "RTE acc (ours)",
+                      "RTE (paper)"]
+    labels = [ln.split("|")[1].strip() for ln in md.splitlines()[2:]]
+    assert labels == [r.key for r in paper.ROWS]
+    assert _row(md, "full model") == ["full model", "0.820 ± 0.020 (n=3)", "0.839 ± 0.009",
+                                      "0.610 ± 0.010 (n=3)", "0.632 ± 0.031"]
+    assert _row(md, "majority baseline") == ["majority baseline", "0.684", "0.684", "0.527",
+                                             "0.527"]
+    assert _row(md, "s good P")[1:3] == ["0.750 ± 0.030 (n=3)", "0.771 ± 0.012"]
+    assert _row(md, "m good R")[1:5] == ["0.810 ± 0.020 (n=3)", "0.840 ± 0.010", "—",
+                                         "0.614 ± 0.017"]
+    assert _row(md, "s bad R")[1] == "—"
+    assert _row(md, "super good R")[1:3] == ["0.700", "0.711 ± 0.004"]
+
+
+def test_sizes_and_stability_tables(runs: Path):
+    results = collect(runs)
+    sizes = table.sizes_table(results)
+    mrpc = _row(sizes, "MRPC")
+    assert mrpc[1] == "3" and "of 72" in mrpc[2] and "of 6" in mrpc[3]
+    assert mrpc[5] == "0.60 ± 0.01"
+    assert mrpc[7] == "89.4 of 144 (62%)" and mrpc[11] == "28 / 4"
+    assert _row(sizes, "RTE")[5] == "—"
+    stab = table.stability_table(results)
+    if not HAS_STATS:
+        assert stab.startswith("Stability statistics unavailable")
+        return
+    row = _row(stab, "MRPC")
+    super_heads = int(np.all([_masks(s)[0] for s in SEEDS], axis=0).sum())  # by hand
+    assert row[1] == "3" and row[3] == str(super_heads)
+    assert row[2] == ", ".join(str(int(_masks(s)[0].sum())) for s in SEEDS)
+    assert row[10:] == ["28 of 144", "0.22", "0.014"]
+
+
+def test_stability_wiring_with_a_stub_module(runs: Path, monkeypatch):
+    """The table reads the stats module's summary (either Cochran layout) and nothing else."""
+    calls = []
+
+    def stability_summary(masks):
+        calls.append(np.asarray(masks).shape)
+        return {"n_seeds": len(masks), "survivors": [1, 2, 3], "super_survivors": 7,
+                "mean_jaccard": 0.5, "fleiss_kappa": 0.25,
+                "cochran_q": {"statistic": 3.0, "pvalue": 0.0123, "df": 2}}
+
+    stub = types.ModuleType("sparsebert.lottery.stats")
+    stub.stability_summary = stability_summary
+    monkeypatch.setitem(__import__("sys").modules, "sparsebert.lottery.stats", stub)
+    row = _row(table.stability_table(collect(runs)), "RTE")
+    assert row[1:10] == ["3", "1, 2, 3", "7", "0.50", "0.25", "0.012", "7", "0.25", "0.012"]
+    assert (3, L, H) in calls and (3, L) in calls
+
+
+# ----------------------------------------------------------------------------- report + figures
+
+
+def test_report_writes_markdown_and_valid_pngs(runs: Path, tmp_path: Path):
+    out = report([runs], out_dir=tmp_path / "out")
+    assert out["tasks"] == ["MRPC", "RTE"]
+    text = Path(out["report"]).read_text()
+    assert out["report"] == tmp_path / "out" / "report.md"
+    assert out["table"] in text and f"sparsebert report {runs} --out {tmp_path / 'out'}" in text
+    assert "Data: 6 lottery-search runs" in text
+    names = [p.name for p in out["figures"]]
+    expected = ["surviving_heads.png", "subnetworks.png", "pruning_curves.png"]
+    if HAS_STATS:
+        expected += ["stability.png", "overlap.png"]
+        assert "## Stability across seeds" in text
+    assert names == expected
+    for fig in out["figures"]:
+        assert_png(fig)
+        assert f"](figures/{fig.name})" in text
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_report_defaults_to_the_first_path(runs: Path):
+    out = report(runs / "RTE")
+    assert out["report"] == runs / "RTE" / "report.md" and out["tasks"] == ["RTE"]
+    assert (runs / "RTE" / "figures" / "subnetworks.png").is_file()
+
+
+def test_single_seed_has_no_std_and_no_stability(tmp_path: Path):
+    run = write_run(tmp_path, "MRPC", 42, 0)
+    out = report(run, out_dir=tmp_path / "out")
+    assert _row(out["table"], "full model")[1:3] == ["0.800", "0.839 ± 0.009"]
+    assert "±" not in _row(out["table"], "s good P")[1]
+    text = Path(out["report"]).read_text()
+    assert "Stability" not in text
+    names = {p.name for p in out["figures"]}
+    assert names == {"surviving_heads.png", "subnetworks.png", "pruning_curves.png"}
+    for fig in out["figures"]:
+        assert_png(fig)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_error_when_no_summary_found(tmp_path: Path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ReportError, match=f"no summary.json found under '{empty}'"):
+        report(empty)
+    with pytest.raises(ReportError, match="does not exist"):
+        collect(tmp_path / "missing")
+    assert issubclass(ReportError, SparsebertError)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [({"version": 2}, "unsupported summary version 2"),
+     ({"kind": "sparsebert-train"}, "field 'kind' is 'sparsebert-train'"),
+     ({"full": {"metrics": {}}}, "missing required field 'full.score'"),
+     ({"seed": None}, "missing required field 'seed'"),
+     ({"num_heads": "12"}, "field 'num_heads' should be int")],
+)
+def test_bad_summary_names_file_and_field(tmp_path: Path, override: dict, message: str):
+    run = write_run(tmp_path, "MRPC", 1, 0, **override)
+    with pytest.raises(ReportError, match=message) as err:
+        collect(run)
+    assert str(run / "summary.json") in str(err.value)
+
+
+def test_bad_masks_duplicates_and_mixed_settings(tmp_path: Path):
+    run = write_run(tmp_path / "a", "MRPC", 1, 0)
+    data = json.loads((run / "summary.json").read_text())
+    data["methods"]["structured"]["good_mask"]["head_mask"] = [[1] * H] * (L - 1)
+    (run / "summary.json").write_text(json.dumps(data))
+    with pytest.raises(ReportError, match="good_mask.head_mask' has shape"):
+        load_summary(run / "summary.json")
+    a, b = write_run(tmp_path / "b", "MRPC", 1, 0), write_run(tmp_path / "c", "MRPC", 1, 1)
+    with pytest.raises(ReportError, match="two summaries for task MRPC seed 1"):
+        collect([a, b])
+    c = write_run(tmp_path / "d", "MRPC", 2, 1, threshold=0.8)
+    with pytest.raises(ReportError, match="field 'threshold' is 0.9 in .* but 0.8"):
+        collect([a, c])
+    write_super(tmp_path / "f", "RTE")
+    with pytest.raises(ReportError, match="super-survivor summary for task RTE but no search"):
+        collect(tmp_path / "f")
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "summary.json").write_text("{not json")
+    with pytest.raises(ReportError, match="cannot read summary"):
+        collect(tmp_path / "e")
