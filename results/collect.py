@@ -21,6 +21,8 @@ import json
 import time
 from pathlib import Path
 
+from sparsebert.train.rundir import RunResult
+
 # Issue's quick loop: {task: {lr: {metric: value}}}; SST-2 used an 8000-example subset, 1 epoch.
 REFERENCE = {
     "RTE": {"2e-05": {"acc": 0.523}, "0.0001": {"acc": 0.556}},
@@ -36,27 +38,27 @@ def collect(runs: Path) -> list[dict]:
     """One row per finished run under `runs` (any depth), in GLUE task order."""
     rows = []
     for path in sorted(runs.rglob("results.json")):
-        result = json.loads(path.read_text())
-        if result.get("status") != "finished":
+        result = RunResult.from_json(json.loads(path.read_text()), str(path))
+        if not result.finished:
             continue
-        config = result["config"]
-        first = next(iter(result["metrics"]))
+        config = result.config
+        first = next(iter(result.metrics))
         rows.append({
-            "task": result["task"], "run": str(path.parent), "metrics": result["metrics"],
-            "threshold_metric": result["threshold_metric"], "score": result["score"],
+            "task": result.task, "run": str(path.parent), "metrics": result.metrics,
+            "threshold_metric": result.threshold_metric, "score": result.score,
             "lr": config["lr"], "preset": config["preset"], "epochs": config["epochs"],
             "batch_size": config["batch_size"], "max_length": config["max_length"],
             "seed": config["seed"], "max_train_examples": config["max_train_examples"],
             "batching": "bucketed" if config.get("bucket", True) else "shuffled",
             "weight_decay": config.get("weight_decay", 0.0), "grad_clip": config.get("grad_clip", 1.0),
-            "train_examples": result["train_examples"], "steps": result["steps"],
-            "train_time_s": round(result["train_time_s"], 1),
-            "wall_time_s": round(result["wall_time_s"], 1),
-            "train_examples_per_s": round(result["train_examples_per_s"], 1),
-            "device": result["device"], "device_name": result["device_name"],
-            "threads": result["threads"], "versions": result["versions"],
-            "git_sha": result.get("git_sha"),
-            "reference": REFERENCE.get(result["task"], {}), "dev_split": first,
+            "train_examples": result.train_examples, "steps": result.step,
+            "train_time_s": round(result.train_time_s, 1),
+            "wall_time_s": round(result.wall_time_s, 1),
+            "train_examples_per_s": round(result.train_examples_per_s, 1),
+            "device": result.device, "device_name": result.device_name,
+            "threads": result.threads, "versions": result.versions,
+            "git_sha": result.git_sha,
+            "reference": REFERENCE.get(result.task, {}), "dev_split": first,
         })
     rows.sort(key=lambda r: (ORDER.index(r["task"]) if r["task"] in ORDER else 99, r["run"]))
     return rows

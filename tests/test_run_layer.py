@@ -145,7 +145,7 @@ def test_checkpoints_fall_back_and_refuse_unsafe_files(setup, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / CHECKPOINT_NAME).write_bytes(b"")
-    with pytest.raises(SparsebertError, match="checkpoint.pt: truncated or damaged.*Delete"):
+    with pytest.raises(SparsebertError, match="checkpoint.pt: truncated or damaged.*Delete it"):
         load_checkpoint(broken)
     assert (broken / CHECKPOINT_NAME).exists()
     # Arbitrary pickled objects are refused (weights_only loading).

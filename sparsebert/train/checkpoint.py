@@ -64,7 +64,7 @@ def _read(path: Path) -> dict[str, Any]:
             f"resume. Delete it to start the run over") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
         raise CheckpointError(f"{path}: truncated or damaged "
-                              f"({_first_line(error)})") from None
+                              f"({_first_line(error)[:80]})") from None
     if not isinstance(state, dict) or "step" not in state or "model" not in state:
         raise CheckpointError(f"{path}: not a sparsebert training checkpoint (no step/model)")
     return state
@@ -105,9 +105,8 @@ def load_checkpoint(out_dir: str | os.PathLike) -> dict[str, Any] | None:
             print(f"sparsebert: warning: {errors[0]}; resuming from the previous checkpoint "
                   f"{previous.name} (step {state['step']})", file=sys.stderr)
         return state
-    raise CheckpointError(f"{errors[-1]}; no usable earlier checkpoint. Delete "
-                          f"{current.name} (and {previous.name}) in {out_dir} to start the run "
-                          f"over; finished files there are kept")
+    raise CheckpointError(f"{errors[-1]}; no usable earlier checkpoint. Delete it (and "
+                          f"{previous.name}, if there) to start the run over")
 
 
 def remove_checkpoints(out_dir: str | os.PathLike) -> None:

@@ -102,10 +102,10 @@ def evaluate(run_dir: str | os.PathLike, glue_dir: str | None = None,
     require_finished(run_dir)
     config = TrainConfig.from_json(json.loads((run_dir / "config.json").read_text()))
     config.glue_dir, why = choose_data(config.glue_dir, glue_dir)
-    if verbose:
-        print(f"data: {why}", file=sys.stderr)
     task = get_task(config.task)
     model, tokenizer = load_run_model(run_dir, task.num_labels, task.labels)
+    if verbose:
+        print(f"data: {why}", file=sys.stderr)
     target = resolve_device(device)
     model.to(target)
     metrics = {split: evaluate_model(model, task.name, encoded,

@@ -104,6 +104,7 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
         return finished
     if model is None:
         preflight_model(config.model)
+    state = load_checkpoint(out_dir) if out_dir.is_dir() else None  # a bad one fails here
 
     # Step 1: data (train subset drawn with the run's seed), then model and tokenizer.
     train_data = load_split(task, "train", config.glue_dir)
@@ -134,7 +135,6 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
     # Step 3: resume from the checkpoint, if any; else seed dropout.
     step, elapsed = 0, 0.0
     window: dict[str, Any] = {"loss": 0.0, "n": 0, "examples": 0}
-    state = load_checkpoint(out_dir)
     if state is not None:
         model.load_state_dict(state["model"])
         load_optimizer_state(optimizer, state["optimizer"])

@@ -1,0 +1,173 @@
+"""The command line as a user meets it: README's main-job command sequence run the way a shell
+runs it, `sparsebert info`, and the probe list of bad inputs (one line, exit 2, no traceback,
+nothing on disk lost)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sparsebert.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SPARSEBERT = str(Path(sys.executable).parent / "sparsebert")
+WORDS = "the a film movie plot actor scene story music ending script cast".split()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model dir, synthetic GLUE dir with SST-2)."""
+    from transformers import BertConfig, BertModel  # noqa: PLC0415
+
+    from sparsebert.hf.loading import load_tokenizer  # noqa: PLC0415
+
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = load_tokenizer()
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 48), ("dev", 24)):
+        (root / "glue" / "SST-2").mkdir(parents=True, exist_ok=True)
+        lines = ["sentence\tlabel"]
+        for i in range(n):
+            words = list(rng.choice(WORDS, int(rng.integers(3, 12))))
+            lines.append(f"{' '.join(words)} .\t{i % 2}")
+        (root / "glue" / "SST-2" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return str(root / "model"), str(root / "glue")
+
+
+def readme_main_command() -> str:
+    """Command 1 of README's quickstart, as written."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("# 1."):text.index("# 2.")]
+    lines = [line for line in block.splitlines() if line.startswith("bash scripts/setup.sh")]
+    assert len(lines) == 1, "README's command 1 should be one line"
+    return lines[0]
+
+
+def test_readme_main_command_runs_as_written(tiny, tmp_path):
+    """README command 1 through bash, GLUE_DIR on the first command only (as a user types it),
+    with a tiny budget: the tiny model and a few examples instead of the default model."""
+    glue = os.environ.get("GLUE_DIR")
+    if not glue or not Path(glue, "MRPC", "dev.tsv").is_file():
+        pytest.skip("needs GLUE_DIR with MRPC (README's main job)")
+    command = readme_main_command()
+    assert "/sparsebert search " in command and "GLUE_DIR=" in command
+    command = command.removeprefix("bash scripts/setup.sh && ")
+    command = command.replace(".venv/bin/sparsebert", SPARSEBERT)
+    command = re.sub(r"GLUE_DIR=\S+", f"GLUE_DIR={glue}", command)
+    budget = (f" --model {tiny[0]} --max-train-examples 24 --epochs 1 --threads 1 --quiet "
+              f"--magnitude-max-steps 2 --masking-amount 0.25")
+    command = command.replace(" search ", " search" + budget + " ", 1)
+    env = {k: v for k, v in os.environ.items() if k != "GLUE_DIR"}
+    done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = re.search(r"--out (\S+)", command).group(1)
+    assert (tmp_path / out / "summary.json").is_file()
+    assert (tmp_path / out / "report.md").is_file()
+    assert "MRPC dev: acc" in done.stdout  # evaluate without GLUE_DIR: the run's data folder
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for line in ("torch", "transformers", "sparsebert", "extension", "masked_attention"):
+        assert line in out
+
+
+def _probe_truncated_checkpoint(tiny, tmp_path):
+    out = tmp_path / "run"
+    args = _finetune_args(tiny, out)
+    assert main([*args, "--stop-after-steps", "1"]) == 0
+    (out / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes()[:100])
+    return args, "checkpoint.pt: truncated or damaged", [out / "checkpoint.pt",
+                                                         out / "config.json"]
+
+
+def _probe_out_is_a_file(tiny, tmp_path):
+    file = tmp_path / "existing"
+    file.write_text("keep me")
+    return _finetune_args(tiny, file), "--out", [file]
+
+
+def _probe_device_cuda(tiny, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    return [*_finetune_args(tiny, tmp_path / "run"), "--device", "cuda"], "--device cuda", []
+
+
+def _probe_offline_hub_model(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = _finetune_args(tiny, tmp_path / "run")
+    args[args.index("--model") + 1] = "org/name"
+    return args, "--model 'org/name'", []
+
+
+def _probe_tampered_pruned_model(tiny, tmp_path):
+    from sparsebert.hf import patch, prune, set_masks  # noqa: PLC0415
+    from sparsebert.hf.loading import load_model  # noqa: PLC0415
+    from sparsebert.train import TrainConfig, finetune  # noqa: PLC0415
+
+    model, tokenizer = load_model(tiny[0], 2, seed=0)
+    patch(model)
+    set_masks(model, head_mask=torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 1.0]]))
+    prune(model)
+    out = tmp_path / "pruned"
+    finetune(TrainConfig(task="SST-2", model=tiny[0], glue_dir=tiny[1], epochs=1,
+                         batch_size=16, threads=1), out, model=model, tokenizer=tokenizer,
+             progress=False)
+    description = out / "model" / "sparsebert_pruned.json"
+    data = json.loads(description.read_text())
+    data["layers"][0]["head_ids"] = [0, 1, 2, 3]  # 4 ids, but the layer keeps 3 heads
+    description.write_text(json.dumps(data))
+    return ["evaluate", "--run", str(out)], "sparsebert_pruned.json", [description]
+
+
+PROBES = {
+    "truncated-checkpoint": _probe_truncated_checkpoint,
+    "out-is-a-file": _probe_out_is_a_file,
+    "device-cuda-without-cuda": _probe_device_cuda,
+    "offline-hub-model": _probe_offline_hub_model,
+    "tampered-pruned-model": _probe_tampered_pruned_model,
+}
+
+
+def _finetune_args(tiny, out) -> list[str]:
+    return ["finetune", "--task", "SST-2", "--out", str(out), "--model", tiny[0],
+            "--glue-dir", tiny[1], "--epochs", "1", "--batch-size", "16", "--threads", "1",
+            "--quiet"]
+
+
+@pytest.mark.parametrize("name", list(PROBES))
+def test_probe(name, tiny, tmp_path, capsys, monkeypatch):
+    probe = PROBES[name]
+    if "monkeypatch" in probe.__code__.co_varnames:
+        args, expected, files = probe(tiny, tmp_path, monkeypatch)
+    else:
+        args, expected, files = probe(tiny, tmp_path)
+    monkeypatch.delenv("SPARSEBERT_DEBUG", raising=False)
+    before = {f: f.read_bytes() for f in files}
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("sparsebert: error: "), err
+    assert expected in lines[0] and "Traceback" not in err
+    assert len(lines[0]) < 400
+    for file, data in before.items():
+        assert file.read_bytes() == data, f"{file} changed"
+    # --debug adds the traceback.
+    assert main(["--debug", *args]) == 2
+    assert "Traceback" in capsys.readouterr().err
