@@ -12,6 +12,8 @@
   tiny_batches       tiny_batches(num_batches=2, batch=4, seq=9, num_labels=2, ...) -> [dict]
   glue_dir           $GLUE_DIR as a Path (skips when unset or not a directory)
   default_model_dir  the default model's directory (skips when its package is not installed)
+  tiny_model_dir     a saved random 2-layer BERT with the default tokenizer (for --model)
+  synthetic_glue     a GLUE-layout folder with synthetic SST-2 and STS-B
 
 Models are random, seeded, in eval mode, with attn_implementation="eager" unless asked otherwise;
 batches come from their own torch.Generator, so results never depend on test order.
@@ -264,3 +266,51 @@ def default_model_dir() -> Path:
     if not (path / "config.json").is_file():
         pytest.skip(f"the default model directory {path} has no config.json")
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Run directories: a tiny model on disk and synthetic GLUE folders
+# --------------------------------------------------------------------------------------------
+WORDS = "the a film movie plot actor scene story music ending script cast".split()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A saved random 2-layer BERT (hidden 32, 4 heads, FFN 64, 128 positions) with the default
+    model's tokenizer: what `--model` takes in tests of finetune / search / the CLI."""
+    from transformers import BertConfig, BertModel  # noqa: PLC0415
+
+    from sparsebert.hf.loading import load_tokenizer  # noqa: PLC0415
+
+    tokenizer = load_tokenizer()
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=128)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def synthetic_glue(tmp_path_factory) -> str:
+    """A GLUE-layout folder: SST-2 (96 train / 32 dev; label 1 iff 'good' occurs) and STS-B
+    (random scores), seeded."""
+    import numpy as np  # noqa: PLC0415
+
+    root = tmp_path_factory.mktemp("glue")
+    rng = np.random.default_rng(0)
+    (root / "SST-2").mkdir()
+    (root / "STS-B").mkdir()
+    for split, n in (("train", 96), ("dev", 32)):
+        sst, sts = ["sentence\tlabel"], ["sentence1\tsentence2\tscore"]
+        for i in range(n):
+            words = list(rng.choice(WORDS, int(rng.integers(3, 20))))
+            label = i % 2
+            words.insert(int(rng.integers(0, len(words))), "good" if label else "bad")
+            sst.append(f"{' '.join(words)} .\t{label}")
+            sts.append(f"{' '.join(words[:4])}\t{' '.join(words[-4:])}\t{rng.uniform(0, 5):.2f}")
+        (root / "SST-2" / f"{split}.tsv").write_text("\n".join(sst) + "\n")
+        (root / "STS-B" / f"{split}.tsv").write_text("\n".join(sts) + "\n")
+    return str(root)

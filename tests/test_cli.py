@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,32 +18,12 @@ from sparsebert.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SPARSEBERT = str(Path(sys.executable).parent / "sparsebert")
-WORDS = "the a film movie plot actor scene story music ending script cast".split()
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(model dir, synthetic GLUE dir with SST-2)."""
-    from transformers import BertConfig, BertModel  # noqa: PLC0415
-
-    from sparsebert.hf.loading import load_tokenizer  # noqa: PLC0415
-
-    root = tmp_path_factory.mktemp("cli")
-    tokenizer = load_tokenizer()
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 48), ("dev", 24)):
-        (root / "glue" / "SST-2").mkdir(parents=True, exist_ok=True)
-        lines = ["sentence\tlabel"]
-        for i in range(n):
-            words = list(rng.choice(WORDS, int(rng.integers(3, 12))))
-            lines.append(f"{' '.join(words)} .\t{i % 2}")
-        (root / "glue" / "SST-2" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-    return str(root / "model"), str(root / "glue")
+@pytest.fixture
+def tiny(tiny_model_dir, synthetic_glue):
+    """(model dir, GLUE dir) from the shared kit."""
+    return tiny_model_dir, synthetic_glue
 
 
 def readme_main_command() -> str:

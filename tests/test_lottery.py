@@ -13,10 +13,11 @@ from transformers import BertConfig, BertForSequenceClassification
 from sparsebert.lottery import magnitude as mag
 from sparsebert.lottery.config import SearchConfig, SearchError
 from sparsebert.lottery.structured import (
-    head_step_size, lowest_unmasked, structured_search,
+    head_step_size,
+    lowest_unmasked,
+    structured_search,
 )
 from sparsebert.lottery.subnetworks import structured_bad, structured_random
-
 
 # --- s-pruning schedule ---------------------------------------------------------------------
 
@@ -168,8 +169,8 @@ def test_rewinding_is_exact_and_masks_hold_during_training(tmp_path):
     """The good mask on the pre-trained weights: masked weights zero, all others equal to the
     pre-trained ones when retraining starts, and masked weights still zero after it."""
     from sparsebert.pruning.weight_masks import WeightMasks  # noqa: PLC0415
-    from sparsebert.train.optim import make_optimizer  # noqa: PLC0415
     from sparsebert.train.config import TrainConfig  # noqa: PLC0415
+    from sparsebert.train.optim import make_optimizer  # noqa: PLC0415
 
     fine_tuned, pretrained = _tiny_bert(seed=1), _tiny_bert(seed=2)
     masks = mag.magnitude_mask(mag.eligible_parameters(fine_tuned),

@@ -6,44 +6,20 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
-import torch
 
 from sparsebert.cli import main
 from sparsebert.errors import SparsebertError
 from sparsebert.lottery import search
 
-WORDS = "the a film movie plot actor scene story music ending script cast".split()
 STAGES = ["full", "structured.search", "structured.pruned.good", "structured.retrained.random",
           "magnitude.search", "magnitude.pruned.bad", "magnitude.retrained.good"]
 
 
 @pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory):
-    """(model dir, GLUE dir): a random 2-layer BERT (4 heads) with the default tokenizer, and
-    synthetic SST-2 (label 1 iff 'good' occurs) and WNLI-shaped folders."""
-    from transformers import BertConfig, BertModel  # noqa: PLC0415
-
-    from sparsebert.hf.loading import load_tokenizer  # noqa: PLC0415
-
-    root = tmp_path_factory.mktemp("lottery")
-    tokenizer = load_tokenizer()
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 64), ("dev", 32)):
-        (root / "glue" / "SST-2").mkdir(parents=True, exist_ok=True)
-        lines = ["sentence\tlabel"]
-        for i in range(n):
-            words = list(rng.choice(WORDS, int(rng.integers(3, 12))))
-            words.insert(int(rng.integers(0, len(words))), "good" if i % 2 else "bad")
-            lines.append(f"{' '.join(words)} .\t{i % 2}")
-        (root / "glue" / "SST-2" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-    return str(root / "model"), str(root / "glue")
+def tiny_setup(tiny_model_dir, synthetic_glue):
+    """(model dir, GLUE dir) from the shared kit."""
+    return tiny_model_dir, synthetic_glue
 
 
 def _options(tiny_setup, **kw):

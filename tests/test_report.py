@@ -13,8 +13,7 @@ import pytest
 from PIL import Image
 
 from sparsebert.errors import SparsebertError
-from sparsebert.report import ReportError, collect, report
-from sparsebert.report import paper, table
+from sparsebert.report import ReportError, collect, paper, report, table
 from sparsebert.report.collect import Stat, load_summary
 
 L, H = 6, 12

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,34 +16,11 @@ from sparsebert.hf.loading import load_model
 from sparsebert.train import TrainConfig, evaluate, finetune
 from sparsebert.train.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, load_checkpoint
 
-WORDS = "the a film movie plot actor scene story music ending script cast".split()
 
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """(model dir, GLUE dir): a random 2-layer BERT with 4 heads and the default tokenizer;
-    synthetic SST-2 (label 1 iff 'good' occurs)."""
-    from transformers import BertConfig, BertModel  # noqa: PLC0415
-
-    from sparsebert.hf.loading import load_tokenizer  # noqa: PLC0415
-
-    root = tmp_path_factory.mktemp("runlayer")
-    tokenizer = load_tokenizer()
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 80), ("dev", 40)):
-        (root / "glue" / "SST-2").mkdir(parents=True, exist_ok=True)
-        lines = ["sentence\tlabel"]
-        for i in range(n):
-            words = list(rng.choice(WORDS, int(rng.integers(3, 15))))
-            words.insert(int(rng.integers(0, len(words))), "good" if i % 2 else "bad")
-            lines.append(f"{' '.join(words)} .\t{i % 2}")
-        (root / "glue" / "SST-2" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-    return str(root / "model"), str(root / "glue")
+@pytest.fixture
+def setup(tiny_model_dir, synthetic_glue):
+    """(model dir, GLUE dir) from the shared kit."""
+    return tiny_model_dir, synthetic_glue
 
 
 def _config(setup, **kw):

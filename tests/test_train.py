@@ -3,58 +3,20 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from sparsebert.cli import main
-from sparsebert.flags import add_dataclass_arguments, dataclass_to_argv, overrides
 from sparsebert.errors import SparsebertError
+from sparsebert.flags import add_dataclass_arguments, dataclass_to_argv, overrides
 from sparsebert.glue.tasks import GlueError
-from sparsebert.hf.loading import ModelLoadError, load_model, load_tokenizer
+from sparsebert.hf.loading import ModelLoadError, load_model
 from sparsebert.train import PRESETS, TrainConfig, TrainError, evaluate, finetune
 
-WORDS = "the a film movie plot actor scene story music ending script cast".split()
 
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    """A random 2-layer BERT (hidden 32, 2 heads) with the default model's tokenizer."""
-    from transformers import BertConfig, BertModel  # noqa: PLC0415
-
-    tokenizer = load_tokenizer()
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-bert")
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def glue_dir(tmp_path_factory) -> str:
-    """Synthetic SST-2 (label 1 iff 'good' occurs) and STS-B folders in GLUE's layout."""
-    root = tmp_path_factory.mktemp("glue")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 96), ("dev", 32)):
-        (root / "SST-2").mkdir(exist_ok=True)
-        (root / "STS-B").mkdir(exist_ok=True)
-        sst, sts = ["sentence\tlabel"], ["sentence1\tsentence2\tscore"]
-        for i in range(n):
-            words = list(rng.choice(WORDS, int(rng.integers(3, 20))))
-            label = i % 2
-            words.insert(int(rng.integers(0, len(words))), "good" if label else "bad")
-            sst.append(f"{' '.join(words)} .\t{label}")
-            sts.append(f"{' '.join(words[:4])}\t{' '.join(words[-4:])}\t{rng.uniform(0, 5):.2f}")
-        (root / "SST-2" / f"{split}.tsv").write_text("\n".join(sst) + "\n")
-        (root / "STS-B" / f"{split}.tsv").write_text("\n".join(sts) + "\n")
-    return str(root)
-
-
-def _config(tiny_model, glue_dir, **kw) -> TrainConfig:
-    base = dict(task="sst2", model=tiny_model, glue_dir=glue_dir, epochs=2, batch_size=16,
+def _config(tiny_model_dir, synthetic_glue, **kw) -> TrainConfig:
+    base = dict(task="sst2", model=tiny_model_dir, glue_dir=synthetic_glue, epochs=2, batch_size=16,
                 lr=1e-3, log_every=2, seed=7, threads=1)
     return TrainConfig(**{**base, **kw})
 
@@ -67,9 +29,9 @@ def _same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_half_precision_checkpoint_loads_as_float32(tiny_model, tmp_path):
+def test_half_precision_checkpoint_loads_as_float32(tiny_model_dir, tmp_path):
     """Hub checkpoints are often stored in fp16; training needs fp32 master weights."""
-    model, tokenizer = load_model(tiny_model, 2)
+    model, tokenizer = load_model(tiny_model_dir, 2)
     model.half().save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     loaded, _ = load_model(str(tmp_path), 2)
@@ -94,9 +56,9 @@ def test_config_round_trips():
         TrainConfig.from_json({"task": "RTE", "learning_rate": 1.0})
 
 
-def test_presets(tiny_model):
+def test_presets(tiny_model_dir):
     assert TrainConfig().resolved().lr == PRESETS["minilm"]["lr"]  # default model
-    assert TrainConfig(model=tiny_model).resolved().lr == 2e-5  # any other model: the paper
+    assert TrainConfig(model=tiny_model_dir).resolved().lr == 2e-5  # any other model: the paper
     assert TrainConfig(preset="paper").resolved().lr == 2e-5
     assert TrainConfig(preset="paper", lr=1e-3).resolved().lr == 1e-3
     assert TrainConfig(task="sts-b").resolved().task == "STS-B"
@@ -106,11 +68,11 @@ def test_presets(tiny_model):
         TrainConfig(batch_size=0).resolved()
 
 
-def test_determinism_and_outputs(tiny_model, glue_dir, tmp_path):
+def test_determinism_and_outputs(tiny_model_dir, synthetic_glue, tmp_path):
     threads = torch.get_num_threads()
-    a = finetune(_config(tiny_model, glue_dir), tmp_path / "a", progress=False)
-    b = finetune(_config(tiny_model, glue_dir), tmp_path / "b", progress=False)
-    finetune(_config(tiny_model, glue_dir, seed=8), tmp_path / "c", progress=False)
+    a = finetune(_config(tiny_model_dir, synthetic_glue), tmp_path / "a", progress=False)
+    b = finetune(_config(tiny_model_dir, synthetic_glue), tmp_path / "b", progress=False)
+    finetune(_config(tiny_model_dir, synthetic_glue, seed=8), tmp_path / "c", progress=False)
     assert a.metrics == b.metrics and a.step == 12
     assert torch.get_num_threads() == threads  # config.threads is restored afterwards
     assert _same_weights(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
@@ -122,12 +84,12 @@ def test_determinism_and_outputs(tiny_model, glue_dir, tmp_path):
         assert (tmp_path / "a" / name).is_file()
     assert not (tmp_path / "a" / "checkpoint.pt").exists()
     assert a.wall_time_s > 0 and a.device == "cpu" and a.versions and a.score is not None
-    again = finetune(_config(tiny_model, glue_dir), tmp_path / "a", progress=False)
+    again = finetune(_config(tiny_model_dir, synthetic_glue), tmp_path / "a", progress=False)
     assert again.finished_at == a.finished_at  # a finished run is not redone
 
 
-def test_resume_after_interruption(tiny_model, glue_dir, tmp_path):
-    config = _config(tiny_model, glue_dir, checkpoint_every=4)
+def test_resume_after_interruption(tiny_model_dir, synthetic_glue, tmp_path):
+    config = _config(tiny_model_dir, synthetic_glue, checkpoint_every=4)
     finetune(config, tmp_path / "ref", progress=False)
 
     def crash(step: int, loss: float) -> None:
@@ -145,8 +107,8 @@ def test_resume_after_interruption(tiny_model, glue_dir, tmp_path):
     assert steps == [2, 4, 6, 8, 10, 12]  # records after the checkpoint were not duplicated
 
 
-def test_weight_masks_stay_zero_and_buffers_untouched(tiny_model, glue_dir, tmp_path):
-    model, tokenizer = load_model(tiny_model, 2, seed=0)
+def test_weight_masks_stay_zero_and_buffers_untouched(tiny_model_dir, synthetic_glue, tmp_path):
+    model, tokenizer = load_model(tiny_model_dir, 2, seed=0)
     query = model.bert.encoder.layer[0].attention.self.query.weight
     ffn = model.bert.encoder.layer[1].intermediate.dense.weight
     generator = torch.Generator().manual_seed(0)
@@ -154,7 +116,7 @@ def test_weight_masks_stay_zero_and_buffers_untouched(tiny_model, glue_dir, tmp_
     attention = model.bert.encoder.layer[0].attention
     attention.register_buffer("head_gate", torch.tensor([1.0, 0.0]))
     before = {name: p.detach().clone() for name, p in (("q", query), ("f", ffn))}
-    config = _config(tiny_model, glue_dir, weight_decay=0.1, epochs=1)
+    config = _config(tiny_model_dir, synthetic_glue, weight_decay=0.1, epochs=1)
     finetune(config, tmp_path / "m", model=model, tokenizer=tokenizer, weight_masks=masks,
              progress=False)
     for (param, mask), name in zip(masks, ("q", "f")):
@@ -168,19 +130,19 @@ def test_weight_masks_stay_zero_and_buffers_untouched(tiny_model, glue_dir, tmp_
                  weight_masks=[(query, torch.ones(3))], progress=False)
 
 
-def test_regression_task(tiny_model, glue_dir, tmp_path):
-    results = finetune(_config(tiny_model, glue_dir, task="STS-B", epochs=1), tmp_path / "s",
+def test_regression_task(tiny_model_dir, synthetic_glue, tmp_path):
+    results = finetune(_config(tiny_model_dir, synthetic_glue, task="STS-B", epochs=1), tmp_path / "s",
                        progress=False)
     assert set(results.metrics["dev"]) == {"pearson", "spearman", "corr"}
     assert results.score == results.metrics["dev"]["corr"]
 
 
-def test_bad_inputs(tiny_model, glue_dir, tmp_path):
+def test_bad_inputs(tiny_model_dir, synthetic_glue, tmp_path):
     with pytest.raises(GlueError, match="known tasks: CoLA"):
-        finetune(_config(tiny_model, glue_dir, task="imdb"), tmp_path / "x", progress=False)
+        finetune(_config(tiny_model_dir, synthetic_glue, task="imdb"), tmp_path / "x", progress=False)
     (tmp_path / "empty_model").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
-        finetune(_config(str(tmp_path / "empty_model"), glue_dir), tmp_path / "y")
+        finetune(_config(str(tmp_path / "empty_model"), synthetic_glue), tmp_path / "y")
     assert not (tmp_path / "y").exists()  # nothing written for a run that never started
     with pytest.raises(ModelLoadError, match="no such directory"):
         load_model(str(tmp_path / "missing"), 2)
@@ -188,21 +150,21 @@ def test_bad_inputs(tiny_model, glue_dir, tmp_path):
     empty.mkdir(parents=True)
     (empty / "train.tsv").write_text("sentence\tlabel\n")
     with pytest.raises(GlueError, match="empty dataset"):
-        finetune(_config(tiny_model, str(empty.parent)), tmp_path / "z", progress=False)
-    finetune(_config(tiny_model, glue_dir, epochs=1, stop_after_steps=2), tmp_path / "w",
+        finetune(_config(tiny_model_dir, str(empty.parent)), tmp_path / "z", progress=False)
+    finetune(_config(tiny_model_dir, synthetic_glue, epochs=1, stop_after_steps=2), tmp_path / "w",
              progress=False)
     with pytest.raises(TrainError, match="different config"):
-        finetune(_config(tiny_model, glue_dir, epochs=1, lr=5e-4), tmp_path / "w")
+        finetune(_config(tiny_model_dir, synthetic_glue, epochs=1, lr=5e-4), tmp_path / "w")
     with pytest.raises(SparsebertError, match="not a run directory"):
         evaluate(tmp_path / "z")
     with pytest.raises(SparsebertError, match="unfinished"):
         evaluate(tmp_path / "w")
 
 
-def test_cli_finetune_stop_resume_evaluate(tiny_model, glue_dir, tmp_path, capsys):
+def test_cli_finetune_stop_resume_evaluate(tiny_model_dir, synthetic_glue, tmp_path, capsys):
     out = str(tmp_path / "cli")
-    args = ["finetune", "--task", "sst2", "--out", out, "--model", tiny_model, "--glue-dir",
-            glue_dir, "--epochs", "1", "--lr", "1e-3", "--batch-size", "16", "--threads", "1",
+    args = ["finetune", "--task", "sst2", "--out", out, "--model", tiny_model_dir, "--glue-dir",
+            synthetic_glue, "--epochs", "1", "--lr", "1e-3", "--batch-size", "16", "--threads", "1",
             "--quiet"]
     assert main([*args, "--stop-after-steps", "3"]) == 0
     assert "rerun the same command to resume" in capsys.readouterr().out

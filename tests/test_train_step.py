@@ -7,17 +7,34 @@ import copy
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification, get_linear_schedule_with_warmup
 
 import sparsebert.hf as sbhf
 from sparsebert.pruning.weight_masks import WeightMasks
 from sparsebert.train import (
-    TrainConfig, TrainError, autocast, finetune, make_optimizer, use_cuda_graphs,
+    TrainConfig,
+    TrainError,
+    autocast,
+    finetune,
+    make_optimizer,
+    use_cuda_graphs,
 )
 from sparsebert.train.step import (
-    CudaGraphStep, EagerStep, LinearSchedule, StepSettings, load_optimizer_state, restore, snapshot,
+    CudaGraphStep,
+    EagerStep,
+    LinearSchedule,
+    StepSettings,
+    load_optimizer_state,
+    restore,
+    snapshot,
 )
-from tests.test_train import WORDS, _weights, glue_dir  # noqa: F401 (fixture)
+
+WORDS = "the a film movie plot actor scene story music ending script cast".split()
+
+
+def _weights(run) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model" / "model.safetensors"))
 
 CUDA = torch.cuda.is_available()
 
@@ -247,8 +264,8 @@ def word_model(tmp_path_factory) -> str:
 
 
 @cuda_test
-def test_finetune_with_cuda_graphs_matches_eager_and_resumes(word_model, glue_dir, tmp_path):  # noqa: F811
-    base = dict(task="sst2", model=word_model, glue_dir=glue_dir, epochs=2, batch_size=16,
+def test_finetune_with_cuda_graphs_matches_eager_and_resumes(word_model, synthetic_glue, tmp_path):
+    base = dict(task="sst2", model=word_model, glue_dir=synthetic_glue, epochs=2, batch_size=16,
                 lr=1e-3, seed=7, device="cuda", precision="fp32", log_every=2)
     eager = finetune(TrainConfig(**base, cuda_graphs="off"), tmp_path / "eager", progress=False)
     graphs = finetune(TrainConfig(**base, cuda_graphs="on"), tmp_path / "graphs",

@@ -10,9 +10,9 @@ for STS-B.
 
 from __future__ import annotations
 
-from sparsebert.errors import SparsebertError
-
 from dataclasses import dataclass, field
+
+from sparsebert.errors import SparsebertError
 
 
 class GlueError(SparsebertError):

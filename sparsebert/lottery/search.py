@@ -36,17 +36,20 @@ from sparsebert.hf.structure import config_size, structure_for
 from sparsebert.hf.surgery import prune
 from sparsebert.lottery import magnitude as mag
 from sparsebert.lottery.config import SearchConfig, SearchError
-from sparsebert.lottery.scoring import SearchData, load_search_data, report_metric, score_model
+from sparsebert.lottery.scoring import load_search_data, report_metric, score_model
 from sparsebert.lottery.structured import component_fractions, structured_search
 from sparsebert.lottery.subnetworks import structured_subnetworks
 from sparsebert.pruning.importance import importance
 from sparsebert.pruning.weight_masks import (
-    WeightMasks, load_weight_masks, mask_counts, save_weight_masks,
+    WeightMasks,
+    load_weight_masks,
+    mask_counts,
+    save_weight_masks,
 )
 from sparsebert.train.config import RUNTIME_FIELDS, TrainConfig, resolve_device
 from sparsebert.train.evaluate import data_source
 from sparsebert.train.loop import finetune
-from sparsebert.train.rundir import RunResult, load_run_model, now
+from sparsebert.train.rundir import RunResult, load_run_model
 
 SUMMARY_VERSION = 1
 

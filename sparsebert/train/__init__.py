@@ -11,7 +11,13 @@ state), metrics_log (metrics.jsonl), rundir (RunResult, masks.json, the saved mo
 """
 
 from sparsebert.train.config import (
-    PRESETS, RUNTIME_FIELDS, TrainConfig, TrainError, autocast, resolve_device, use_cuda_graphs,
+    PRESETS,
+    RUNTIME_FIELDS,
+    TrainConfig,
+    TrainError,
+    autocast,
+    resolve_device,
+    use_cuda_graphs,
 )
 from sparsebert.train.evaluate import evaluate, evaluate_model, load_dev_splits, predict, to_device
 from sparsebert.train.loop import finetune

@@ -28,17 +28,32 @@ from sparsebert.hf.loading import load_model, preflight_model
 from sparsebert.pruning.weight_masks import WeightMasks
 from sparsebert.runtime import device_name, git_sha, versions
 from sparsebert.train.checkpoint import (
-    load_checkpoint, remove_checkpoints, rng_state, save_checkpoint, set_rng_state,
+    load_checkpoint,
+    remove_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
 )
 from sparsebert.train.config import (
-    GRAPH_PAD_MULTIPLE, RUNTIME_FIELDS, TrainConfig, TrainError, autocast, resolve_device,
+    GRAPH_PAD_MULTIPLE,
+    RUNTIME_FIELDS,
+    TrainConfig,
+    TrainError,
+    autocast,
+    resolve_device,
     use_cuda_graphs,
 )
 from sparsebert.train.evaluate import data_source, evaluate_model, load_dev_splits
 from sparsebert.train.metrics_log import MetricsLog
 from sparsebert.train.optim import make_optimizer
 from sparsebert.train.rundir import (
-    PLAIN_MASKS, RunResult, check_masks, check_out_dir, describe_masks, now, save_run_model,
+    PLAIN_MASKS,
+    RunResult,
+    check_masks,
+    check_out_dir,
+    describe_masks,
+    now,
+    save_run_model,
 )
 from sparsebert.train.step import StepSettings, load_optimizer_state, make_train_step
 

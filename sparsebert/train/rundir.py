@@ -32,7 +32,11 @@ from torch import nn
 from sparsebert.atomic import atomic_save_dir, atomic_write_json
 from sparsebert.errors import RunDirError
 from sparsebert.pruning.weight_masks import (
-    WeightMasks, load_weight_masks, mask_counts, mask_fingerprint, save_weight_masks,
+    WeightMasks,
+    load_weight_masks,
+    mask_counts,
+    mask_fingerprint,
+    save_weight_masks,
 )
 
 RESULTS_NAME = "results.json"
