@@ -16,6 +16,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from sparsebert.errors import SparsebertError
 from sparsebert.flags import add_dataclass_arguments, overrides
 
@@ -102,6 +104,12 @@ def _add_search(subparsers) -> None:
     parser.add_argument("--out", required=True, help="search directory (created if missing)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--json", action="store_true", help="print summary.json")
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated seeds (e.g. 1337,42,86): one search per seed in "
+                             "OUT/seed_<s>/, then the super-survivors in OUT/super/ "
+                             "(instead of --seed)")
+    parser.add_argument("--no-super", action="store_true",
+                        help="with --seeds: skip the super-survivor stage")
     group = parser.add_argument_group("search")
     add_dataclass_arguments(group, SearchConfig)
     group = parser.add_argument_group("training (full model and re-fine-tuning)")
@@ -112,15 +120,47 @@ def _run_search(args: argparse.Namespace) -> int:
     from sparsebert.lottery import SearchConfig, search  # noqa: PLC0415
     from sparsebert.train import TrainConfig  # noqa: PLC0415
 
-    summary = search(args.task, args.out,
-                     search_config=SearchConfig(**overrides(args, SearchConfig)),
-                     train_config=TrainConfig(**overrides(args, TrainConfig)),
-                     progress=not args.quiet)
+    search_config = SearchConfig(**overrides(args, SearchConfig))
+    train_config = TrainConfig(**overrides(args, TrainConfig))
+    if args.seeds:
+        from sparsebert.lottery.super_survivors import search_seeds  # noqa: PLC0415
+
+        summary = search_seeds(args.task, args.out, _seed_list(args.seeds),
+                               search_config=search_config, train_config=train_config,
+                               progress=not args.quiet, super_survivors=not args.no_super)
+    else:
+        summary = search(args.task, args.out, search_config=search_config,
+                         train_config=train_config, progress=not args.quiet)
     if args.json:
         print(json.dumps(summary, indent=2))
-        return 0
-    _print_search(summary)
+    elif summary.get("status") == "stopped":
+        print("stopped; rerun the same command to resume")
+    elif summary.get("kind") == "sparsebert-super":
+        _print_super(summary)
+    else:
+        _print_search(summary)
     return 0
+
+
+def _seed_list(text: str) -> list[int]:
+    from sparsebert.lottery.config import SearchError  # noqa: PLC0415
+
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SearchError(f"--seeds {text!r}: expected comma-separated integers") from None
+
+
+def _print_super(summary: dict[str, Any]) -> None:
+    print(f"{summary['task']} seeds {summary['seeds']}: super-survivors")
+    for note in summary.get("notes", []):
+        print(f"  note: {note}")
+    for name, sub in summary["subnetworks"].items():
+        def mean(entries):
+            return "-" if not entries else f"{np.mean([e['score'] for e in entries]):.4f}"
+
+        print(f"  super {name:<6} {sub['heads_kept']} heads, {sub['mlps_kept']} MLPs: pruned "
+              f"{mean(sub['pruned'])}, retrained {mean(sub['retrained'])} (mean over seeds)")
 
 
 def _print_search(summary: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from sparsebert.cli import main
@@ -126,3 +127,34 @@ def test_cli_search_errors(tiny_setup, tmp_path, capsys):
     file.write_text("keep me")
     assert main([*base, "--out", str(file)]) == 2
     assert "is a file" in capsys.readouterr().err and file.read_text() == "keep me"
+
+
+def test_seeds_and_super_survivors(tiny_setup, tmp_path):
+    from sparsebert.lottery.config import SearchConfig  # noqa: PLC0415
+    from sparsebert.lottery.super_survivors import search_seeds  # noqa: PLC0415
+    from sparsebert.train.config import TrainConfig  # noqa: PLC0415
+
+    options = _options(tiny_setup)
+    train = TrainConfig(**{k: v for k, v in options.items() if k != "importance_batch_size"})
+    config = SearchConfig(method="structured", importance_batch_size=16, masking_amount=0.25)
+    summary = search_seeds("SST-2", tmp_path, [3, 4], search_config=config, train_config=train,
+                           progress=False)
+    assert summary["kind"] == "sparsebert-super" and summary["seeds"] == [3, 4]
+    good_masks = [np.asarray(json.loads((tmp_path / f"seed_{s}" / "structured" /
+                                         "search.json").read_text())["head_mask"])
+                  for s in (3, 4)]
+    expected = (good_masks[0] == 1) & (good_masks[1] == 1)
+    assert np.array_equal(np.asarray(summary["head_mask"]) == 1, expected)
+    subnets = summary["subnetworks"]
+    never = (good_masks[0] == 0) & (good_masks[1] == 0)
+    bad = np.asarray(subnets["bad"]["head_mask"]) == 1
+    assert not (bad & ~never).any()  # bizarro heads come from those pruned in every seed
+    random = np.asarray(subnets["random"]["head_mask"]) == 1
+    assert not (random & (expected | never)).any()  # middling: neither set
+    for sub in subnets.values():
+        assert [e["seed"] for e in sub["retrained"]] == [3, 4]
+        assert [e["seed"] for e in sub["pruned"]] == [3, 4]
+    assert (tmp_path / "report.md").is_file()
+    again = search_seeds("SST-2", tmp_path, [3, 4], search_config=config, train_config=train,
+                         progress=False)
+    assert again["subnetworks"] == summary["subnetworks"]  # resumed: nothing redone

@@ -125,12 +125,9 @@ class Search:
 
     def _run(self) -> dict[str, Any]:
         check_search_dir(self.out, self.config, self.train)
-        full = self._full()
+        self.full = self._full()
         self._stage_done("full")
-        tokenizer = load_tokenizer(self.out / "full" / "model")
-        self.data = load_search_data(self.task, self.train, tokenizer, self.config.search_data,
-                                     self.config.importance_batch_size)
-        self.full = full
+        self.prepare()
         for method in self.config.methods():
             getattr(self, f"_{method}")()
         summary = self.summarize()
@@ -138,6 +135,12 @@ class Search:
         self._stage_done("summary")
         self._report()
         return summary
+
+    def prepare(self) -> None:
+        """Tokenize the search and dev data (after the full model is fine-tuned)."""
+        tokenizer = load_tokenizer(self.out / "full" / "model")
+        self.data = load_search_data(self.task, self.train, tokenizer, self.config.search_data,
+                                     self.config.importance_batch_size)
 
     def _full(self) -> RunResult:
         self._log("fine-tuning the full model")
@@ -186,18 +189,28 @@ class Search:
             if not mask_file.is_file():
                 atomic_write_json(mask_file, {k: v.tolist() for k, v in masks.items()})
             masks = {k: torch.tensor(v) for k, v in json.loads(mask_file.read_text()).items()}
-            pruned_file = root / "pruned" / f"{name}.json"
-            if not pruned_file.is_file():
-                set_masks(model, head_mask=masks["head_mask"], mlp_mask=masks["mlp_mask"])
-                score, dev = score_model(model, self.data, self.train)
-                pruned_file.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(pruned_file, {"search_score": score, "metrics": dev})
-                self._log(f"s-pruning {name}: pruned dev {dev}")
+            self.evaluate_structured(model, masks, root / "pruned" / f"{name}.json",
+                                     f"s-pruning {name}")
             self._stage_done(f"structured.pruned.{name}")
             if self.config.retrain:
                 self._retrain_structured(name, masks)
                 self._stage_done(f"structured.retrained.{name}")
         set_masks(model, head_mask=torch.ones_like(good[0]), mlp_mask=torch.ones_like(good[1]))
+
+    def evaluate_structured(self, model: torch.nn.Module, masks: dict[str, torch.Tensor],
+                            path: Path, label: str) -> None:
+        """Dev metrics of the patched fine-tuned `model` under `masks`, into `path` (once)."""
+        if path.is_file():
+            return
+        set_masks(model, head_mask=masks["head_mask"], mlp_mask=masks["mlp_mask"])
+        score, dev = score_model(model, self.data, self.train)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"search_score": score, "metrics": dev})
+        self._log(f"{label}: pruned dev {dev}")
+
+    def fine_tuned_patched(self) -> torch.nn.Module:
+        """The fine-tuned full model, patched (gates at 1)."""
+        return patch(self._fine_tuned())
 
     def _structured_search(self, model: torch.nn.Module) -> dict[str, Any]:
         row = structure_for(model)
@@ -241,11 +254,17 @@ class Search:
                 "notes": result.notes + self._notes_on_threshold(full_dev), "sizes": sizes}
 
     def _retrain_structured(self, name: str, masks: dict[str, torch.Tensor]) -> RunResult:
-        run_dir = self.out / "structured" / "retrained" / name
+        return self.retrain_structured(self.out / "structured" / "retrained" / name, masks,
+                                       f"s-pruning {name}")
+
+    def retrain_structured(self, run_dir: Path, masks: dict[str, torch.Tensor],
+                           label: str) -> RunResult:
+        """Re-fine-tune the pre-trained model, physically pruned to `masks` (head_mask (L, H),
+        mlp_mask (L,)), into `run_dir` (resumable; a finished run is returned as is)."""
         done = RunResult.load(run_dir)
         if done is not None and done.finished:
             return done
-        self._log(f"s-pruning {name}: re-fine-tuning the pre-trained model, pruned")
+        self._log(f"{label}: re-fine-tuning the pre-trained model, pruned")
         model, tokenizer = self._pretrained()
         patch(model)
         set_masks(model, head_mask=masks["head_mask"], mlp_mask=masks["mlp_mask"])

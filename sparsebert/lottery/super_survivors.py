@@ -1,0 +1,170 @@
+"""The multi-seed study: one search per seed, then the super-survivors (PAPER.md §3, §5).
+
+    out/seed_<s>/          a full search directory per seed (sparsebert.lottery.search)
+    out/super/masks/       good (kept in every seed), bad ("bizarro": pruned in every seed,
+                           resampled to the good size) and random ("middling": in neither set,
+                           resampled) head and MLP masks
+    out/super/pruned/<subnet>/seed_<s>.json     each mask on seed s's fine-tuned model
+    out/super/retrained/<subnet>/seed_<s>/      each mask re-fine-tuned from the pre-trained
+                                                model with seed s (physically pruned)
+    out/super/summary.json (kind "sparsebert-super"), out/report.md, out/figures/
+
+Heads and MLPs get their controls separately (sparsebert.lottery.stats.super_survivor_controls).
+Every stage is resumable as in the single-seed search.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sparsebert.atomic import atomic_write_json
+from sparsebert.lottery.config import SearchConfig, SearchError
+from sparsebert.lottery.scoring import report_metric
+from sparsebert.lottery.search import Search, StopSearch
+from sparsebert.lottery.stats import stability_summary, super_survivor_controls
+from sparsebert.lottery.structured import component_fractions
+from sparsebert.lottery.subnetworks import SUBNETWORKS
+from sparsebert.train.config import TrainConfig
+from sparsebert.train.rundir import RunResult, now
+
+SUPER_VERSION = 1
+
+
+def seed_dir(out: Path, seed: int) -> Path:
+    return out / f"seed_{seed}"
+
+
+def super_masks(out: Path, seeds: list[int], first_seed: int) -> dict[str, Any]:
+    """good / random / bad head (L, H) and MLP (L,) masks from the seeds' good s-pruning masks,
+    with the per-seed stability statistics; drawn with a generator seeded by the seeds."""
+    heads, mlps = [], []
+    for seed in seeds:
+        found = json.loads((seed_dir(out, seed) / "structured" / "search.json").read_text())
+        heads.append(found["head_mask"])
+        mlps.append(found["mlp_mask"])
+    heads_arr, mlps_arr = np.asarray(heads), np.asarray(mlps)
+    rng = np.random.default_rng([first_seed, *seeds, 5])
+    head_controls = super_survivor_controls(heads_arr, rng)
+    mlp_controls = super_survivor_controls(mlps_arr, rng)
+    masks = {name: {"head_mask": head_controls[name].tolist(),
+                    "mlp_mask": mlp_controls[name].tolist()} for name in SUBNETWORKS}
+    return {"masks": masks,
+            "notes": [f"heads: {n}" for n in head_controls["notes"]]
+            + [f"MLPs: {n}" for n in mlp_controls["notes"]],
+            "stability": {"heads": stability_summary(heads_arr),
+                          "mlps": stability_summary(mlps_arr)}}
+
+
+def search_seeds(task: str, out: str | os.PathLike, seeds: list[int], *,
+                 search_config: SearchConfig | None = None,
+                 train_config: TrainConfig | None = None, progress: bool = True,
+                 super_survivors: bool = True) -> dict[str, Any]:
+    """One search per seed into out/seed_<s>/, then the super-survivor stage (needs the
+    structured method and >= 2 seeds). Returns the super summary (or the last seed's summary
+    when super_survivors is False)."""
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise SearchError(f"--seeds {seeds}: expected distinct seeds")
+    search_config = (search_config or SearchConfig()).validate()
+    train_config = train_config or TrainConfig()
+    out = Path(out)
+    summaries = []
+    for seed in seeds:
+        train = copy.copy(train_config)
+        train.task, train.seed = task, seed
+        runner = Search(search_config, train, seed_dir(out, seed), progress)
+        try:
+            summaries.append(runner.run())
+        except StopSearch:
+            return {"status": "stopped", "out": str(out)}
+    if not super_survivors or len(seeds) < 2 or "structured" not in search_config.methods():
+        return summaries[-1]
+    return SuperStage(task, out, seeds, search_config, train_config, progress).run()
+
+
+class SuperStage:
+    """Masks, pruned scores and re-fine-tunes of the super-survivor controls."""
+
+    def __init__(self, task: str, out: Path, seeds: list[int], search_config: SearchConfig,
+                 train_config: TrainConfig, progress: bool) -> None:
+        self.task_name, self.out, self.seeds = task, out, seeds
+        self.search_config, self.train_config = search_config, train_config
+        self.progress = progress
+        self.root = out / "super"
+
+    def _runner(self, seed: int) -> Search:
+        train = copy.copy(self.train_config)
+        train.task, train.seed = self.task_name, seed
+        runner = Search(self.search_config, train, seed_dir(self.out, seed), self.progress)
+        runner.full = RunResult.load(seed_dir(self.out, seed) / "full")
+        runner.prepare()
+        return runner
+
+    def run(self) -> dict[str, Any]:
+        # Step 1: the masks (once).
+        masks_file = self.root / "masks.json"
+        if not masks_file.is_file():
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(masks_file, super_masks(self.out, self.seeds, self.seeds[0]))
+        found = json.loads(masks_file.read_text())
+        # Step 2: per seed: pruned on its fine-tuned model, retrained from pre-trained.
+        subnets = self.search_config.subnet_list()
+        for seed in self.seeds:
+            runner = self._runner(seed)
+            model = runner.fine_tuned_patched()
+            for name in subnets:
+                masks = {k: torch.tensor(v) for k, v in found["masks"][name].items()}
+                runner.evaluate_structured(model, masks, self.root / "pruned" / name /
+                                           f"seed_{seed}.json", f"super {name} seed {seed}")
+                if self.search_config.retrain:
+                    runner.retrain_structured(self.root / "retrained" / name / f"seed_{seed}",
+                                              masks, f"super {name} seed {seed}")
+        summary = self.summarize(found, runner)
+        atomic_write_json(self.root / "summary.json", summary)
+        try:
+            from sparsebert.report import report  # noqa: PLC0415
+        except ImportError:
+            return summary
+        report([self.out], self.out)
+        return summary
+
+    def summarize(self, found: dict[str, Any], runner: Search) -> dict[str, Any]:
+        metric = report_metric(runner.task)
+        first = runner.task.dev_splits[0]
+        subnetworks = {}
+        for name in self.search_config.subnet_list():
+            masks = found["masks"][name]
+            pruned, retrained = [], []
+            for seed in self.seeds:
+                path = self.root / "pruned" / name / f"seed_{seed}.json"
+                if path.is_file():
+                    metrics = json.loads(path.read_text())["metrics"]
+                    pruned.append({"seed": seed, "score": float(metrics[metric]),
+                                   "metrics": metrics})
+                result = RunResult.load(self.root / "retrained" / name / f"seed_{seed}")
+                if result is not None and result.finished:
+                    retrained.append({"seed": seed,
+                                      "score": float(result.metrics[first][metric]),
+                                      "metrics": result.metrics[first]})
+            heads = int(np.asarray(masks["head_mask"]).sum())
+            mlps = int(np.asarray(masks["mlp_mask"]).sum())
+            sizes = json.loads((seed_dir(self.out, self.seeds[0]) / "structured" /
+                                "search.json").read_text())["sizes"]
+            fraction = component_fractions(heads, mlps, sizes["layers"] * sizes["heads"],
+                                           sizes["layers"], sizes["hidden"], sizes["head_dim"],
+                                           sizes["intermediate"])
+            subnetworks[name] = {"heads_kept": heads, "mlps_kept": mlps, "fraction_kept": fraction,
+                                 "head_mask": masks["head_mask"], "mlp_mask": masks["mlp_mask"],
+                                 "pruned": pruned or None, "retrained": retrained or None}
+        return {"version": SUPER_VERSION, "kind": "sparsebert-super", "task": runner.task.name,
+                "seeds": self.seeds, "report_metric": metric,
+                "head_mask": found["masks"]["good"]["head_mask"],
+                "mlp_mask": found["masks"]["good"]["mlp_mask"],
+                "subnetworks": subnetworks, "notes": found["notes"],
+                "stability": found["stability"], "written_at": now()}
