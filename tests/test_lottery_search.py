@@ -73,7 +73,11 @@ def test_outputs(reference):
     mask = load_file(str(out / "magnitude" / "masks" / "good.safetensors"))
     for name, keep in mask.items():
         assert (weights[name][~keep.bool()] == 0).all()
-    assert (out / "summary.json").is_file()
+    assert (out / "summary.json").is_file() and (out / "report.md").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in records} == {"structured", "magnitude"}
+    if summary["full"]["score"] <= summary["majority"]:  # the threshold is meaningless: said
+        assert any("meaningless" in note for note in summary["methods"]["structured"]["notes"])
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@ searches, good / random / bad subnetworks, re-fine-tuning, stability statistics.
 
     from sparsebert.lottery import search
     summary = search("MRPC", "runs/mrpc", method="both", seed=42)   # resumable
-    from sparsebert.report import report
+    from sparsebert.lottery import report
     report(["runs/mrpc"])                                          # table + figures
 
 Modules: config (SearchConfig), structured (the head/MLP schedule), magnitude (global
@@ -14,4 +14,13 @@ magnitude masks), subnetworks (random / bad), scoring (data, metrics, baseline),
 from sparsebert.lottery.config import SearchConfig, SearchError
 from sparsebert.lottery.search import Search, search
 
-__all__ = ["Search", "SearchConfig", "SearchError", "search"]
+
+
+def report(paths, out_dir=None) -> dict:
+    """sparsebert.report.report: report.md and figures/ from search directories."""
+    from sparsebert.report import report as write_report  # noqa: PLC0415
+
+    return write_report(paths, out_dir)
+
+
+__all__ = ["Search", "SearchConfig", "SearchError", "report", "search"]

@@ -49,6 +49,7 @@ from sparsebert.pruning.weight_masks import (
 from sparsebert.train.config import RUNTIME_FIELDS, TrainConfig, resolve_device
 from sparsebert.train.evaluate import data_source
 from sparsebert.train.loop import finetune
+from sparsebert.train.metrics_log import MetricsLog
 from sparsebert.train.rundir import RunResult, load_run_model
 
 SUMMARY_VERSION = 1
@@ -106,6 +107,12 @@ class Search:
     def _stage_done(self, name: str) -> None:
         if self.stop_after == name:
             raise StopSearch(name)
+
+    def _metrics(self, method: str, records: list[dict[str, Any]]) -> None:
+        """Append a finished search's steps to out/metrics.jsonl (once per stage)."""
+        log = MetricsLog(self.out / "metrics.jsonl", keep_until_step=10**9)
+        for record in records:
+            log.write({"method": method, **record})
 
     def _log(self, text: str) -> None:
         if self.progress:
@@ -180,6 +187,7 @@ class Search:
             found = self._structured_search(model)
             (root / "masks").mkdir(parents=True, exist_ok=True)
             atomic_write_json(root / "search.json", found)
+            self._metrics("structured", found["curve"])
         self._stage_done("structured.search")
         good = (torch.tensor(found["head_mask"]), torch.tensor(found["mlp_mask"]))
         subnets = structured_subnetworks(*good, seed=self.train.seed)
@@ -283,6 +291,7 @@ class Search:
         if found is None:
             found = self._magnitude_search(model, params)
             atomic_write_json(root / "search.json", found)
+            self._metrics("magnitude", found["curve"])
         self._stage_done("magnitude.search")
         kept = found["kept"]
         generator = torch.Generator().manual_seed(self.train.seed * 1000 + 7)
