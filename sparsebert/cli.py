@@ -23,6 +23,14 @@ from sparsebert.flags import add_dataclass_arguments, overrides
 
 # --- finetune ------------------------------------------------------------------------------
 
+def _add_task_and_out(parser: argparse.ArgumentParser, out_what: str, json_what: str) -> None:
+    parser.add_argument("--task", required=True,
+                        help="GLUE task: CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI")
+    parser.add_argument("--out", required=True, help=f"{out_what} (created if missing)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--json", action="store_true", help=f"print {json_what} as JSON")
+
+
 def _add_finetune(subparsers) -> None:
     from sparsebert.train import TrainConfig  # noqa: PLC0415
 
@@ -31,11 +39,7 @@ def _add_finetune(subparsers) -> None:
         description="Fine-tune on one GLUE task; writes config.json, metrics.jsonl, model/ and "
                     "results.json to --out. Rerunning the same command resumes an interrupted "
                     "run. Flags left out come from the preset (--preset).")
-    parser.add_argument("--task", required=True,
-                        help="GLUE task: CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI")
-    parser.add_argument("--out", required=True, help="run directory (created if missing)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    _add_task_and_out(parser, "run directory", "results")
     add_dataclass_arguments(parser, TrainConfig, skip=("task",))
 
 
@@ -99,11 +103,7 @@ def _add_search(subparsers) -> None:
                     "(weights) masks, build good/random/bad subnetworks, evaluate them pruned "
                     "and re-fine-tuned, and write summary.json, report.md and figures/ to "
                     "--out. Rerunning the same command resumes after the last finished stage.")
-    parser.add_argument("--task", required=True,
-                        help="GLUE task: CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI")
-    parser.add_argument("--out", required=True, help="search directory (created if missing)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--json", action="store_true", help="print summary.json")
+    _add_task_and_out(parser, "search directory", "summary.json")
     parser.add_argument("--seeds", default=None,
                         help="comma-separated seeds (e.g. 1337,42,86): one search per seed in "
                              "OUT/seed_<s>/, then the super-survivors in OUT/super/ "

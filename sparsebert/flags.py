@@ -67,3 +67,12 @@ def overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The dataclass fields the user set on the command line."""
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in vars(args).items() if k in names}
+
+
+def dataclass_from_json(cls: type, data: dict[str, Any], error: type[Exception]) -> Any:
+    """cls(**data), refusing unknown fields with `error` naming them and the known ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise error(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
+    return cls(**data)

@@ -15,7 +15,6 @@ from sparsebert.lottery.config import SearchConfig, SearchError
 from sparsebert.lottery.search import Search, search
 
 
-
 def report(paths, out_dir=None) -> dict:
     """sparsebert.report.report: report.md and figures/ from search directories."""
     from sparsebert.report import report as write_report  # noqa: PLC0415

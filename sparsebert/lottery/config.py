@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sparsebert.errors import ConfigError
-from sparsebert.flags import help_field
+from sparsebert.flags import dataclass_from_json, help_field
 from sparsebert.lottery.subnetworks import SUBNETWORKS
 from sparsebert.pruning.importance import MODES
 
@@ -85,11 +85,7 @@ class SearchConfig:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SearchConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SearchError(f"unknown SearchConfig fields {unknown}")
-        return cls(**data)
+        return dataclass_from_json(cls, data, SearchError)
 
     def identity(self) -> dict[str, Any]:
         """The fields that define what the search computes."""

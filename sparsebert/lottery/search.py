@@ -37,7 +37,7 @@ from sparsebert.hf.surgery import prune
 from sparsebert.lottery import magnitude as mag
 from sparsebert.lottery.config import SearchConfig, SearchError
 from sparsebert.lottery.scoring import load_search_data, report_metric, score_model
-from sparsebert.lottery.structured import component_fractions, structured_search
+from sparsebert.lottery.structured import kept_fraction, structured_search
 from sparsebert.lottery.subnetworks import structured_subnetworks
 from sparsebert.pruning.importance import importance
 from sparsebert.pruning.weight_masks import (
@@ -249,8 +249,7 @@ class Search:
                  "layers": layers, "heads": heads}
 
         def fraction(heads_kept: int, mlps_kept: int) -> float:
-            return component_fractions(heads_kept, mlps_kept, layers * heads, layers,
-                                       sizes["hidden"], sizes["head_dim"], sizes["intermediate"])
+            return kept_fraction(heads_kept, mlps_kept, sizes)
 
         for record in result.curve:
             record["fraction_kept"] = fraction(record["heads_kept"], record["mlps_kept"])

@@ -132,3 +132,11 @@ def component_fractions(heads_kept: int, mlps_kept: int, heads_total: int, mlps_
     per_mlp = 2 * hidden * intermediate + intermediate + hidden
     total = heads_total * per_head + mlps_total * per_mlp
     return (heads_kept * per_head + mlps_kept * per_mlp) / total
+
+
+def kept_fraction(heads_kept: int, mlps_kept: int, sizes: dict[str, int]) -> float:
+    """component_fractions with the model sizes a search records: {"layers", "heads",
+    "hidden", "head_dim", "intermediate"}."""
+    return component_fractions(heads_kept, mlps_kept, sizes["layers"] * sizes["heads"],
+                               sizes["layers"], sizes["hidden"], sizes["head_dim"],
+                               sizes["intermediate"])

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsebert.lottery.scoring import report_metric
+from sparsebert.lottery.structured import kept_fraction
 from sparsebert.runtime import device_name, git_sha, versions
 from sparsebert.train.rundir import RunResult, now
 
@@ -53,13 +54,8 @@ def build_summary(search) -> dict[str, Any]:
                 continue
             heads = sum(sum(1 for v in row if v) for row in masks["head_mask"])
             mlps = sum(1 for v in masks["mlp_mask"] if v)
-            sizes = structured["sizes"]
-            from sparsebert.lottery.structured import component_fractions  # noqa: PLC0415
-
-            fraction = component_fractions(heads, mlps, sizes["layers"] * sizes["heads"],
-                                           sizes["layers"], sizes["hidden"], sizes["head_dim"],
-                                           sizes["intermediate"])
-            subnets[name] = {"heads_kept": heads, "mlps_kept": mlps, "fraction_kept": fraction,
+            subnets[name] = {"heads_kept": heads, "mlps_kept": mlps,
+                             "fraction_kept": kept_fraction(heads, mlps, structured["sizes"]),
                              "head_mask": masks["head_mask"], "mlp_mask": masks["mlp_mask"],
                              **_subnetwork(out / "structured", name, metric, first)}
         methods["structured"] = {

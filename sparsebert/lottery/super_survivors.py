@@ -29,7 +29,7 @@ from sparsebert.lottery.config import SearchConfig, SearchError
 from sparsebert.lottery.scoring import report_metric
 from sparsebert.lottery.search import Search, StopSearch
 from sparsebert.lottery.stats import stability_summary, super_survivor_controls
-from sparsebert.lottery.structured import component_fractions
+from sparsebert.lottery.structured import kept_fraction
 from sparsebert.lottery.subnetworks import SUBNETWORKS
 from sparsebert.train.config import TrainConfig
 from sparsebert.train.rundir import RunResult, now
@@ -156,10 +156,8 @@ class SuperStage:
             mlps = int(np.asarray(masks["mlp_mask"]).sum())
             sizes = json.loads((seed_dir(self.out, self.seeds[0]) / "structured" /
                                 "search.json").read_text())["sizes"]
-            fraction = component_fractions(heads, mlps, sizes["layers"] * sizes["heads"],
-                                           sizes["layers"], sizes["hidden"], sizes["head_dim"],
-                                           sizes["intermediate"])
-            subnetworks[name] = {"heads_kept": heads, "mlps_kept": mlps, "fraction_kept": fraction,
+            subnetworks[name] = {"heads_kept": heads, "mlps_kept": mlps,
+                                 "fraction_kept": kept_fraction(heads, mlps, sizes),
                                  "head_mask": masks["head_mask"], "mlp_mask": masks["mlp_mask"],
                                  "pruned": pruned or None, "retrained": retrained or None}
         return {"version": SUPER_VERSION, "kind": "sparsebert-super", "task": runner.task.name,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from sparsebert.errors import ConfigError
-from sparsebert.flags import help_field
+from sparsebert.flags import dataclass_from_json, help_field
 from sparsebert.glue.tasks import get_task
 from sparsebert.hf.loading import is_default_model
 
@@ -99,11 +99,7 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TrainError(f"unknown TrainConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_json(cls, data, TrainError)
 
 
 def resolve_device(name: str) -> torch.device:
