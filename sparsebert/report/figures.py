@@ -88,8 +88,8 @@ def surviving_heads(results: Mapping[str, TaskResults], path: Path) -> Path | No
     rows, cols = _grid(len(tasks), 3)
     some = next(iter(tasks.values()))
     cell_w = 0.32 * (some.num_heads + 2.5) + 0.6
-    fig = Figure(figsize=(cols * cell_w + 1.2, rows * (0.32 * some.num_layers + 1.9)),
-                 layout="constrained")
+    fig = Figure(figsize=(max(cols * cell_w + 1.2, 6.4), rows * (0.32 * some.num_layers + 2.2)),
+                 layout="constrained")  # wide enough for the title
     outer = fig.add_gridspec(rows, cols + 1, width_ratios=[1.0] * cols + [0.04])
     cmap = matplotlib.colormaps["Blues"].with_extremes(bad="white")
     image = None
