@@ -14,9 +14,11 @@ from itertools import combinations
 import numpy as np
 import pytest
 import torch
-from scipy.stats import chi2
 
-from sparsebert.lottery.stats import (
+pytest.importorskip("statsmodels")  # a core dependency; absent on bare GPU machines
+from scipy.stats import chi2  # noqa: E402
+
+from sparsebert.lottery.stats import (  # noqa: E402
     cochrans_q,
     fleiss_kappa,
     kept_in_at_least,

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from sparsebert.errors import SparsebertError
-from sparsebert.report import ReportError, collect, paper, report, table
-from sparsebert.report.collect import Stat, load_summary
+pytest.importorskip("matplotlib")  # a core dependency; absent on bare GPU machines
+from PIL import Image  # noqa: E402
+
+from sparsebert.errors import SparsebertError  # noqa: E402
+from sparsebert.report import ReportError, collect, paper, report, table  # noqa: E402
+from sparsebert.report.collect import Stat, load_summary  # noqa: E402
 
 L, H = 6, 12
 SEEDS = (1, 2, 3)
