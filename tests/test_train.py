@@ -161,7 +161,9 @@ def test_bad_inputs(tiny_model_dir, synthetic_glue, tmp_path):
         evaluate(tmp_path / "w")
 
 
-def test_cli_finetune_stop_resume_evaluate(tiny_model_dir, synthetic_glue, tmp_path, capsys):
+def test_cli_finetune_stop_resume_evaluate(tiny_model_dir, synthetic_glue, tmp_path, capsys,
+                                           monkeypatch):
+    monkeypatch.delenv("GLUE_DIR", raising=False)  # evaluate: the run's own data folder
     out = str(tmp_path / "cli")
     args = ["finetune", "--task", "sst2", "--out", out, "--model", tiny_model_dir, "--glue-dir",
             synthetic_glue, "--epochs", "1", "--lr", "1e-3", "--batch-size", "16", "--threads", "1",
