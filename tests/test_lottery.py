@@ -214,3 +214,28 @@ def test_search_config_round_trips():
     config = SearchConfig(method="magnitude", subnets="good,bad", threshold=0.8)
     assert SearchConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
     assert "method" not in config.identity() and "threshold" in config.identity()
+
+
+# --- search data and baselines --------------------------------------------------------------
+
+def test_search_data_train_subset_and_majority(synthetic_glue, tiny_model_dir):
+    from sparsebert.glue.loading import load_split  # noqa: PLC0415
+    from sparsebert.glue.tasks import get_task  # noqa: PLC0415
+    from sparsebert.hf.loading import load_tokenizer  # noqa: PLC0415
+    from sparsebert.lottery.scoring import load_search_data, majority_baseline  # noqa: PLC0415
+    from sparsebert.train.config import TrainConfig  # noqa: PLC0415
+
+    task = get_task("SST-2")
+    train = TrainConfig(task="SST-2", glue_dir=synthetic_glue, seed=3)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    on_dev = load_search_data(task, train, tokenizer, "dev", 10)
+    assert on_dev.same_sets and len(on_dev.importance_batches) == 4  # 32 dev rows, batches of 10
+    assert [len(b["labels"]) for b in on_dev.importance_batches] == [10, 10, 10, 2]
+    on_train = load_search_data(task, train, tokenizer, "train", 64)
+    assert not on_train.same_sets and len(on_train.search) == len(on_train.dev) == 32
+    again = load_search_data(task, train, tokenizer, "train", 64)
+    assert np.array_equal(again.search.labels, on_train.search.labels)  # seeded subset
+    # Majority class of train labels, scored on dev by hand.
+    assert len(load_split(task, "train", synthetic_glue)) == 96
+    majority = majority_baseline(task, np.asarray([1, 1, 0]), on_dev.dev)
+    assert majority["acc"] == float(np.mean(np.asarray(on_dev.dev.labels) == 1))
