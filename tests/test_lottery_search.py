@@ -37,6 +37,7 @@ def _strip(summary):
         out.pop(key, None)
     out["full"].pop("train_time_s", None)
     for method in out["methods"].values():
+        method.pop("search_time_s", None)
         for sub in method["subnetworks"].values():
             sub.pop("retrain_time_s", None)
     return out

@@ -184,7 +184,9 @@ class Search:
         found = _read_json(root / "search.json")
         model = patch(self._fine_tuned())
         if found is None:
+            started = time.perf_counter()
             found = self._structured_search(model)
+            found["search_time_s"] = time.perf_counter() - started
             (root / "masks").mkdir(parents=True, exist_ok=True)
             atomic_write_json(root / "search.json", found)
             self._metrics("structured", found["curve"])
@@ -288,7 +290,9 @@ class Search:
         params = mag.eligible_parameters(model)
         found = _read_json(root / "search.json")
         if found is None:
+            started = time.perf_counter()
             found = self._magnitude_search(model, params)
+            found["search_time_s"] = time.perf_counter() - started
             atomic_write_json(root / "search.json", found)
             self._metrics("magnitude", found["curve"])
         self._stage_done("magnitude.search")

@@ -62,7 +62,8 @@ def build_summary(search) -> dict[str, Any]:
             "curve": structured["curve"], "threshold_score": structured["threshold_score"],
             "good_mask": {"head_mask": structured["head_mask"],
                           "mlp_mask": structured["mlp_mask"]},
-            "notes": structured["notes"], "subnetworks": subnets}
+            "notes": structured["notes"], "search_time_s": structured.get("search_time_s"),
+            "subnetworks": subnets}
     magnitude = _json(out / "magnitude" / "search.json")
     if magnitude is not None:
         subnets = {}
@@ -78,7 +79,8 @@ def build_summary(search) -> dict[str, Any]:
             "curve": magnitude["curve"], "threshold_score": magnitude["threshold_score"],
             "good_step": magnitude["good_step"],
             "layer_kept_fraction": good["layer_kept_fraction"] if good else None,
-            "notes": magnitude["notes"], "subnetworks": subnets}
+            "notes": magnitude["notes"], "search_time_s": magnitude.get("search_time_s"),
+            "subnetworks": subnets}
     return {
         "version": SUMMARY_VERSION, "kind": "sparsebert-search",
         "task": task.name, "seed": train.seed, "model": train.model,
