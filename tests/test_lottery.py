@@ -239,3 +239,25 @@ def test_search_data_train_subset_and_majority(synthetic_glue, tiny_model_dir):
     assert len(load_split(task, "train", synthetic_glue)) == 96
     majority = majority_baseline(task, np.asarray([1, 1, 0]), on_dev.dev)
     assert majority["acc"] == float(np.mean(np.asarray(on_dev.dev.labels) == 1))
+
+
+@pytest.mark.parametrize("full,threshold,expected", [
+    (0.80, 0.72, None),  # a meaningful search
+    (0.70, 0.63, "majority class passes"),  # MRPC on a small train subset
+    (0.338, 0.30, "meaningless"),  # WNLI: the full model is below the majority class
+])
+def test_threshold_notes(full, threshold, expected):
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from sparsebert.glue.tasks import get_task  # noqa: PLC0415
+    from sparsebert.lottery.search import Search  # noqa: PLC0415
+
+    fake = SimpleNamespace(task=get_task("MRPC"),
+                           data=SimpleNamespace(majority={"acc": 0.684, "f1": 0.812}))
+    notes = Search._notes_on_threshold(fake, {"acc": full, "f1": 0.8}, threshold)
+    if expected is None:
+        assert notes == []
+    elif expected == "meaningless":
+        assert len(notes) == 1 and "meaningless" in notes[0]
+    else:
+        assert len(notes) == 1 and "always predicts the majority class passes" in notes[0]

@@ -168,13 +168,21 @@ class Search:
     def _full_scores(self, model: torch.nn.Module) -> tuple[float, dict[str, Any]]:
         return score_model(model, self.data, self.train)
 
-    def _notes_on_threshold(self, full_dev: dict[str, Any]) -> list[str]:
-        metric = report_metric(self.task)
-        if full_dev[metric] <= self.data.majority[metric]:
+    def _notes_on_threshold(self, full_dev: dict[str, Any], threshold: float) -> list[str]:
+        """Say when the stopping rule cannot tell a pruned model from a constant predictor."""
+        metric, search_metric = report_metric(self.task), self.task.threshold_metric
+        majority = self.data.majority
+        if full_dev[metric] <= majority[metric]:
             return [f"the full model's dev {metric} ({full_dev[metric]:.4f}) is at or below "
-                    f"the majority class ({self.data.majority[metric]:.4f}), so a threshold "
-                    f"relative to it is meaningless; the search ran with the rule as "
-                    f"specified and its masks mostly reflect noise"]
+                    f"the majority class ({majority[metric]:.4f}), so a threshold relative to "
+                    f"it is meaningless; the search ran with the rule as specified and its "
+                    f"masks mostly reflect noise"]
+        if threshold <= majority[search_metric]:
+            return [f"the threshold ({threshold:.4f} {search_metric}) is at or below the "
+                    f"majority class ({majority[search_metric]:.4f}): a model that always "
+                    f"predicts the majority class passes it, so the search can prune almost "
+                    f"everything; train the full model better (more data) for a meaningful "
+                    f"search"]
         return []
 
     # s-pruning ---------------------------------------------------------------------------------
@@ -260,7 +268,8 @@ class Search:
                 "heads_kept": int(result.head_mask.sum()), "mlps_kept": int(result.mlp_mask.sum()),
                 "fraction_kept": fraction(int(result.head_mask.sum()), int(result.mlp_mask.sum())),
                 "curve": result.curve,
-                "notes": result.notes + self._notes_on_threshold(full_dev), "sizes": sizes}
+                "notes": result.notes + self._notes_on_threshold(full_dev, threshold),
+                "sizes": sizes}
 
     def _retrain_structured(self, name: str, masks: dict[str, torch.Tensor]) -> RunResult:
         return self.retrain_structured(self.out / "structured" / "retrained" / name, masks,
@@ -360,7 +369,7 @@ class Search:
         return {"full_search_score": full_search, "threshold_score": threshold,
                 "good_step": good_step, "kept": kept, "total": total,
                 "fraction_kept": kept / total, "curve": curve,
-                "notes": self._notes_on_threshold(full_dev)}
+                "notes": self._notes_on_threshold(full_dev, threshold)}
 
     def _retrain_magnitude(self, name: str, masks: dict[str, torch.Tensor]) -> RunResult:
         run_dir = self.out / "magnitude" / "retrained" / name
