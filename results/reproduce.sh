@@ -3,7 +3,7 @@
 # Resumable: a finished run is skipped, an interrupted one resumes from its checkpoint.
 # About 3 hours on 2 CPU cores (1 torch thread per run, as recorded).
 #
-#   GLUE_DIR=../shared/data/glue bash results/reproduce.sh [main|sweep|ablation|tables ...]
+#   GLUE_DIR=../shared/data/glue bash results/reproduce.sh [main|sweep|ablation|tables|lottery ...]
 set -euo pipefail
 : "${GLUE_DIR:?point GLUE_DIR at a GLUE download (<TASK>/train.tsv, dev.tsv)}"
 export GLUE_DIR
@@ -36,12 +36,22 @@ for step in "${steps[@]}"; do
       done
       ft --task MRPC --seed 42 --no-bucket --weight-decay 0.01 --grad-clip 0 \
         --out runs/ablation-recipe/MRPC-wd0.01-noclip-s42 ;;
+    lottery)  # the lottery-ticket study (results/lottery/): MRPC seed 42 with both methods, seeds
+              # 1337 and 86 with s-pruning, super-survivors over the three seeds, WNLI and RTE
+      sparsebert search --task MRPC --seed 42 --threads 1 --out runs/mrpc
+      mkdir -p runs/mrpc-seeds && ln -sfn ../mrpc runs/mrpc-seeds/seed_42
+      sparsebert search --task MRPC --seeds 1337,86,42 --method structured --threads 1 \
+        --out runs/mrpc-seeds
+      for task in WNLI RTE; do
+        sparsebert search --task $task --seed 42 --threads 1 --out runs/lottery-$task
+      done
+      sparsebert report runs/mrpc-seeds runs/lottery-WNLI runs/lottery-RTE --out results/lottery ;;
     tables)
       python results/collect.py runs/glue-minilm-s42
       python results/collect.py runs/lr-sweep runs/glue-minilm-s42/RTE runs/glue-minilm-s42/MRPC \
         --out results/lr_sweep
       python results/collect.py runs/ablation runs/glue-minilm-s42/SST-2 runs/glue-minilm-s42/MRPC \
         runs/ablation-recipe --out results/bucket_ablation ;;
-    *) echo "unknown step $step (expected main, sweep, ablation, tables)" >&2; exit 2 ;;
+    *) echo "unknown step $step (expected main, sweep, ablation, tables, lottery)" >&2; exit 2 ;;
   esac
 done

@@ -91,7 +91,7 @@ def report(paths: str | os.PathLike | Sequence[str | os.PathLike],
         out_dir = paths[0] if paths[0].is_dir() else paths[0].parent
     out = Path(out_dir)
     figures = write_figures(results, out / "figures")
-    command = _command([p.resolve() for p in paths], out.resolve())
+    command = _command(paths, out)  # as given: relative paths stay relative
     text = render_markdown(results, figures, out, command)
     report_path = out / "report.md"
     atomic_write_text(report_path, text)
