@@ -30,22 +30,10 @@ from sparsebert.atomic import atomic_write_json
 from sparsebert.errors import RunDirError
 from sparsebert.glue.tasks import get_task
 from sparsebert.hf.loading import load_model, load_tokenizer
-from sparsebert.hf.masks import set_masks
-from sparsebert.hf.patching import patch, sparse_blocks
-from sparsebert.hf.structure import config_size, structure_for
-from sparsebert.hf.surgery import prune
-from sparsebert.lottery import magnitude as mag
 from sparsebert.lottery.config import SearchConfig, SearchError
+from sparsebert.lottery.magnitude_stages import MagnitudeStages
 from sparsebert.lottery.scoring import load_search_data, report_metric, score_model
-from sparsebert.lottery.structured import kept_fraction, structured_search
-from sparsebert.lottery.subnetworks import structured_subnetworks
-from sparsebert.pruning.importance import importance
-from sparsebert.pruning.weight_masks import (
-    WeightMasks,
-    load_weight_masks,
-    mask_counts,
-    save_weight_masks,
-)
+from sparsebert.lottery.structured_stages import StructuredStages
 from sparsebert.train.config import RUNTIME_FIELDS, TrainConfig, resolve_device
 from sparsebert.train.evaluate import data_source
 from sparsebert.train.loop import finetune
@@ -90,7 +78,7 @@ def check_search_dir(out: Path, search: SearchConfig, train: TrainConfig) -> Non
     atomic_write_json(out / "config.json", mine)
 
 
-class Search:
+class Search(StructuredStages, MagnitudeStages):
     """One task x seed search in `out` (see the module docstring); call run()."""
 
     def __init__(self, search: SearchConfig, train: TrainConfig, out: str | os.PathLike,
@@ -103,6 +91,11 @@ class Search:
         self.device = resolve_device(train.device)
         self.stop_after = stop_after
         self.started = time.perf_counter()
+
+    @staticmethod
+    def read_stage(path: Path) -> dict[str, Any] | None:
+        """A finished stage's JSON file, or None when the stage has not finished."""
+        return _read_json(path)
 
     def _stage_done(self, name: str) -> None:
         if self.stop_after == name:
@@ -185,203 +178,6 @@ class Search:
                     f"search"]
         return []
 
-    # s-pruning ---------------------------------------------------------------------------------
-
-    def _structured(self) -> None:
-        root = self.out / "structured"
-        found = _read_json(root / "search.json")
-        model = patch(self._fine_tuned())
-        if found is None:
-            started = time.perf_counter()
-            found = self._structured_search(model)
-            found["search_time_s"] = time.perf_counter() - started
-            (root / "masks").mkdir(parents=True, exist_ok=True)
-            atomic_write_json(root / "search.json", found)
-            self._metrics("structured", found["curve"])
-        self._stage_done("structured.search")
-        good = (torch.tensor(found["head_mask"]), torch.tensor(found["mlp_mask"]))
-        subnets = structured_subnetworks(*good, seed=self.train.seed)
-        for name in self.config.subnet_list():
-            masks = subnets[name]
-            mask_file = root / "masks" / f"{name}.json"
-            if not mask_file.is_file():
-                atomic_write_json(mask_file, {k: v.tolist() for k, v in masks.items()})
-            masks = {k: torch.tensor(v) for k, v in json.loads(mask_file.read_text()).items()}
-            self.evaluate_structured(model, masks, root / "pruned" / f"{name}.json",
-                                     f"s-pruning {name}")
-            self._stage_done(f"structured.pruned.{name}")
-            if self.config.retrain:
-                self._retrain_structured(name, masks)
-                self._stage_done(f"structured.retrained.{name}")
-        set_masks(model, head_mask=torch.ones_like(good[0]), mlp_mask=torch.ones_like(good[1]))
-
-    def evaluate_structured(self, model: torch.nn.Module, masks: dict[str, torch.Tensor],
-                            path: Path, label: str) -> None:
-        """Dev metrics of the patched fine-tuned `model` under `masks`, into `path` (once)."""
-        if path.is_file():
-            return
-        set_masks(model, head_mask=masks["head_mask"], mlp_mask=masks["mlp_mask"])
-        score, dev = score_model(model, self.data, self.train)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, {"search_score": score, "metrics": dev})
-        self._log(f"{label}: pruned dev {dev}")
-
-    def fine_tuned_patched(self) -> torch.nn.Module:
-        """The fine-tuned full model, patched (gates at 1)."""
-        return patch(self._fine_tuned())
-
-    def _structured_search(self, model: torch.nn.Module) -> dict[str, Any]:
-        row = structure_for(model)
-        layers, heads = len(sparse_blocks(model)), config_size(model, row, "num_heads")
-        full_search, full_dev = self._full_scores(model)
-        metric = report_metric(self.task)
-        threshold = self.config.threshold * full_search
-        self._log(f"s-pruning: full search score {full_search:.4f}, threshold {threshold:.4f}")
-
-        def evaluate(head_mask, mlp_mask):
-            set_masks(model, head_mask=head_mask, mlp_mask=mlp_mask)
-            score, dev = score_model(model, self.data, self.train)
-            return score, float(dev[metric])
-
-        def scores(head_mask, mlp_mask):
-            set_masks(model, head_mask=head_mask, mlp_mask=mlp_mask)
-            imp = importance(model, self.data.importance_batches,
-                             mode=self.config.importance_mode, progress=False)
-            return imp.head, imp.mlp
-
-        result = structured_search(layers, heads, threshold, full_search, evaluate, scores,
-                                   self.config.masking_amount,
-                                   self.config.recompute_after_revert, self.progress,
-                                   full_report_score=float(full_dev[metric]))
-        sizes = {"hidden": config_size(model, row, "hidden_size"), "head_dim":
-                 config_size(model, row, "hidden_size") // heads,
-                 "intermediate": config_size(model, row, "intermediate_size"),
-                 "layers": layers, "heads": heads}
-
-        def fraction(heads_kept: int, mlps_kept: int) -> float:
-            return kept_fraction(heads_kept, mlps_kept, sizes)
-
-        for record in result.curve:
-            record["fraction_kept"] = fraction(record["heads_kept"], record["mlps_kept"])
-        return {"full_search_score": full_search, "threshold_score": threshold,
-                "head_mask": result.head_mask.tolist(), "mlp_mask": result.mlp_mask.tolist(),
-                "heads_kept": int(result.head_mask.sum()), "mlps_kept": int(result.mlp_mask.sum()),
-                "fraction_kept": fraction(int(result.head_mask.sum()), int(result.mlp_mask.sum())),
-                "curve": result.curve,
-                "notes": result.notes + self._notes_on_threshold(full_dev, threshold),
-                "sizes": sizes}
-
-    def _retrain_structured(self, name: str, masks: dict[str, torch.Tensor]) -> RunResult:
-        return self.retrain_structured(self.out / "structured" / "retrained" / name, masks,
-                                       f"s-pruning {name}")
-
-    def retrain_structured(self, run_dir: Path, masks: dict[str, torch.Tensor],
-                           label: str) -> RunResult:
-        """Re-fine-tune the pre-trained model, physically pruned to `masks` (head_mask (L, H),
-        mlp_mask (L,)), into `run_dir` (resumable; a finished run is returned as is)."""
-        done = RunResult.load(run_dir)
-        if done is not None and done.finished:
-            return done
-        self._log(f"{label}: re-fine-tuning the pre-trained model, pruned")
-        model, tokenizer = self._pretrained()
-        patch(model)
-        set_masks(model, head_mask=masks["head_mask"], mlp_mask=masks["mlp_mask"])
-        prune(model)  # s-pruning masks are applied by physically removing heads and MLPs
-        return self._finished(finetune(self.train, run_dir, model=model, tokenizer=tokenizer,
-                                       progress=self.progress))
-
-    # m-pruning ---------------------------------------------------------------------------------
-
-    def _magnitude(self) -> None:
-        root = self.out / "magnitude"
-        (root / "masks").mkdir(parents=True, exist_ok=True)
-        model = self._fine_tuned()
-        params = mag.eligible_parameters(model)
-        found = _read_json(root / "search.json")
-        if found is None:
-            started = time.perf_counter()
-            found = self._magnitude_search(model, params)
-            found["search_time_s"] = time.perf_counter() - started
-            atomic_write_json(root / "search.json", found)
-            self._metrics("magnitude", found["curve"])
-        self._stage_done("magnitude.search")
-        kept = found["kept"]
-        generator = torch.Generator().manual_seed(self.train.seed * 1000 + 7)
-        builders = {
-            "good": lambda: mag.magnitude_mask(params, kept, largest=True),
-            "random": lambda: mag.random_mask(params, kept, generator),
-            "bad": lambda: mag.magnitude_mask(params, kept, largest=False),
-        }
-        original = {n: p.detach().clone() for n, p in params.items()}
-        for name in self.config.subnet_list():
-            mask_file = root / "masks" / f"{name}.safetensors"
-            if not mask_file.is_file():
-                masks = builders[name]()
-                save_weight_masks(mask_file, masks)
-                kept_n, total = mask_counts(masks)
-                atomic_write_json(root / "masks" / f"{name}.json", {
-                    "kept": kept_n, "total": total, "fraction_kept": kept_n / total,
-                    "layer_kept_fraction": mag.layer_kept_fractions(model, masks),
-                    "file": mask_file.name})
-            masks = load_weight_masks(mask_file)
-            pruned_file = root / "pruned" / f"{name}.json"
-            if not pruned_file.is_file():
-                WeightMasks.from_named(model, masks).apply()
-                score, dev = score_model(model, self.data, self.train)
-                _restore(params, original)
-                pruned_file.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(pruned_file, {"search_score": score, "metrics": dev})
-                self._log(f"m-pruning {name}: pruned dev {dev}")
-            self._stage_done(f"magnitude.pruned.{name}")
-            if self.config.retrain:
-                self._retrain_magnitude(name, masks)
-                self._stage_done(f"magnitude.retrained.{name}")
-
-    def _magnitude_search(self, model: torch.nn.Module, params) -> dict[str, Any]:
-        total = sum(p.numel() for p in params.values())
-        full_search, full_dev = self._full_scores(model)
-        metric = report_metric(self.task)
-        threshold = self.config.threshold * full_search
-        original = {n: p.detach().clone() for n, p in params.items()}
-        curve = [{"step": 0, "kept": total, "fraction_kept": 1.0, "search_score": full_search,
-                  "score": float(full_dev[metric]), "passed": True}]
-        good_step = 0
-        bar = tqdm(range(1, self.config.magnitude_max_steps + 1), desc="m-pruning",
-                   unit="step", disable=not self.progress, leave=False)
-        for step in bar:
-            kept = mag.kept_count(total, step, self.config.magnitude_amount)
-            WeightMasks.from_named(model, mag.magnitude_mask(params, kept)).apply()
-            score, dev = score_model(model, self.data, self.train)
-            _restore(params, original)
-            passed = score >= threshold
-            curve.append({"step": step, "kept": kept, "fraction_kept": kept / total,
-                          "search_score": score, "score": float(dev[metric]),
-                          "passed": bool(passed)})
-            bar.set_postfix(kept=f"{kept / total:.3f}", score=f"{score:.4f}")
-            if not passed:
-                break
-            # The authors' loop saves the mask before each prune step, so the last of its
-            # magnitude_max_steps iterations is evaluated but never saved.
-            if step < self.config.magnitude_max_steps:
-                good_step = step
-        bar.close()
-        kept = mag.kept_count(total, good_step, self.config.magnitude_amount)
-        return {"full_search_score": full_search, "threshold_score": threshold,
-                "good_step": good_step, "kept": kept, "total": total,
-                "fraction_kept": kept / total, "curve": curve,
-                "notes": self._notes_on_threshold(full_dev, threshold)}
-
-    def _retrain_magnitude(self, name: str, masks: dict[str, torch.Tensor]) -> RunResult:
-        run_dir = self.out / "magnitude" / "retrained" / name
-        done = RunResult.load(run_dir)
-        if done is not None and done.finished:
-            return done
-        self._log(f"m-pruning {name}: re-fine-tuning the pre-trained weights, mask held")
-        model, tokenizer = self._pretrained()  # rewinding: the mask goes on pre-trained weights
-        pairs = WeightMasks.from_named(model, masks).masks
-        return self._finished(finetune(self.train, run_dir, model=model, tokenizer=tokenizer,
-                                       weight_masks=pairs, progress=self.progress))
-
     @staticmethod
     def _finished(result: RunResult) -> RunResult:
         """A re-fine-tune stopped early (stop_after_steps) ends the search for now."""
@@ -403,12 +199,6 @@ class Search:
         except ImportError:
             return
         report([self.out], self.out)
-
-
-@torch.no_grad()
-def _restore(params, original) -> None:
-    for name, p in params.items():
-        p.copy_(original[name])
 
 
 def search(task: str, out: str | os.PathLike, *, search_config: SearchConfig | None = None,

@@ -1,0 +1,127 @@
+"""The m-pruning stages of a search (PAPER.md §2, §3): the global magnitude search on the
+fine-tuned weights, the good/random/bad weight masks, their scores on the fine-tuned model
+("pruned") and the re-fine-tunes of the pre-trained weights with the mask held ("retrained",
+i.e. rewinding to the pre-trained initialisation).
+
+A mixin of sparsebert.lottery.search.Search: it uses the search's config, data and paths.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sparsebert.atomic import atomic_write_json
+from sparsebert.lottery import magnitude as mag
+from sparsebert.lottery.scoring import report_metric, score_model
+from sparsebert.pruning.weight_masks import (
+    WeightMasks,
+    load_weight_masks,
+    mask_counts,
+    save_weight_masks,
+)
+from sparsebert.train.loop import finetune
+from sparsebert.train.rundir import RunResult
+
+
+class MagnitudeStages:
+    """m-pruning: search, masks, pruned scores, retrained runs under out/magnitude/."""
+
+    def _magnitude(self) -> None:
+        root = self.out / "magnitude"
+        (root / "masks").mkdir(parents=True, exist_ok=True)
+        model = self._fine_tuned()
+        params = mag.eligible_parameters(model)
+        found = self.read_stage(root / "search.json")
+        if found is None:
+            started = time.perf_counter()
+            found = self._magnitude_search(model, params)
+            found["search_time_s"] = time.perf_counter() - started
+            atomic_write_json(root / "search.json", found)
+            self._metrics("magnitude", found["curve"])
+        self._stage_done("magnitude.search")
+        kept = found["kept"]
+        generator = torch.Generator().manual_seed(self.train.seed * 1000 + 7)
+        builders = {
+            "good": lambda: mag.magnitude_mask(params, kept, largest=True),
+            "random": lambda: mag.random_mask(params, kept, generator),
+            "bad": lambda: mag.magnitude_mask(params, kept, largest=False),
+        }
+        original = {n: p.detach().clone() for n, p in params.items()}
+        for name in self.config.subnet_list():
+            mask_file = root / "masks" / f"{name}.safetensors"
+            if not mask_file.is_file():
+                masks = builders[name]()
+                save_weight_masks(mask_file, masks)
+                kept_n, total = mask_counts(masks)
+                atomic_write_json(root / "masks" / f"{name}.json", {
+                    "kept": kept_n, "total": total, "fraction_kept": kept_n / total,
+                    "layer_kept_fraction": mag.layer_kept_fractions(model, masks),
+                    "file": mask_file.name})
+            masks = load_weight_masks(mask_file)
+            pruned_file = root / "pruned" / f"{name}.json"
+            if not pruned_file.is_file():
+                WeightMasks.from_named(model, masks).apply()
+                score, dev = score_model(model, self.data, self.train)
+                _restore(params, original)
+                pruned_file.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(pruned_file, {"search_score": score, "metrics": dev})
+                self._log(f"m-pruning {name}: pruned dev {dev}")
+            self._stage_done(f"magnitude.pruned.{name}")
+            if self.config.retrain:
+                self._retrain_magnitude(name, masks)
+                self._stage_done(f"magnitude.retrained.{name}")
+
+    def _magnitude_search(self, model: torch.nn.Module, params) -> dict[str, Any]:
+        total = sum(p.numel() for p in params.values())
+        full_search, full_dev = self._full_scores(model)
+        metric = report_metric(self.task)
+        threshold = self.config.threshold * full_search
+        original = {n: p.detach().clone() for n, p in params.items()}
+        curve = [{"step": 0, "kept": total, "fraction_kept": 1.0, "search_score": full_search,
+                  "score": float(full_dev[metric]), "passed": True}]
+        good_step = 0
+        bar = tqdm(range(1, self.config.magnitude_max_steps + 1), desc="m-pruning",
+                   unit="step", disable=not self.progress, leave=False)
+        for step in bar:
+            kept = mag.kept_count(total, step, self.config.magnitude_amount)
+            WeightMasks.from_named(model, mag.magnitude_mask(params, kept)).apply()
+            score, dev = score_model(model, self.data, self.train)
+            _restore(params, original)
+            passed = score >= threshold
+            curve.append({"step": step, "kept": kept, "fraction_kept": kept / total,
+                          "search_score": score, "score": float(dev[metric]),
+                          "passed": bool(passed)})
+            bar.set_postfix(kept=f"{kept / total:.3f}", score=f"{score:.4f}")
+            if not passed:
+                break
+            # The authors' loop saves the mask before each prune step, so the last of its
+            # magnitude_max_steps iterations is evaluated but never saved.
+            if step < self.config.magnitude_max_steps:
+                good_step = step
+        bar.close()
+        kept = mag.kept_count(total, good_step, self.config.magnitude_amount)
+        return {"full_search_score": full_search, "threshold_score": threshold,
+                "good_step": good_step, "kept": kept, "total": total,
+                "fraction_kept": kept / total, "curve": curve,
+                "notes": self._notes_on_threshold(full_dev, threshold)}
+
+    def _retrain_magnitude(self, name: str, masks: dict[str, torch.Tensor]) -> RunResult:
+        run_dir = self.out / "magnitude" / "retrained" / name
+        done = RunResult.load(run_dir)
+        if done is not None and done.finished:
+            return done
+        self._log(f"m-pruning {name}: re-fine-tuning the pre-trained weights, mask held")
+        model, tokenizer = self._pretrained()  # rewinding: the mask goes on pre-trained weights
+        pairs = WeightMasks.from_named(model, masks).masks
+        return self._finished(finetune(self.train, run_dir, model=model, tokenizer=tokenizer,
+                                       weight_masks=pairs, progress=self.progress))
+
+
+@torch.no_grad()
+def _restore(params, original) -> None:
+    for name, p in params.items():
+        p.copy_(original[name])

@@ -1,0 +1,134 @@
+"""The s-pruning stages of a search (PAPER.md §1, §3): the head/MLP search on the fine-tuned
+model, the good/random/bad masks, their scores on the fine-tuned model ("pruned") and their
+re-fine-tunes from the pre-trained model, physically pruned ("retrained").
+
+A mixin of sparsebert.lottery.search.Search: it uses the search's config, data and paths.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsebert.atomic import atomic_write_json
+from sparsebert.hf.masks import set_masks
+from sparsebert.hf.patching import patch, sparse_blocks
+from sparsebert.hf.structure import config_size, structure_for
+from sparsebert.hf.surgery import prune
+from sparsebert.lottery.scoring import report_metric, score_model
+from sparsebert.lottery.structured import kept_fraction, structured_search
+from sparsebert.lottery.subnetworks import structured_subnetworks
+from sparsebert.pruning.importance import importance
+from sparsebert.train.loop import finetune
+from sparsebert.train.rundir import RunResult
+
+
+class StructuredStages:
+    """s-pruning: search, masks, pruned scores, retrained runs under out/structured/."""
+
+    def _structured(self) -> None:
+        root = self.out / "structured"
+        found = self.read_stage(root / "search.json")
+        model = patch(self._fine_tuned())
+        if found is None:
+            started = time.perf_counter()
+            found = self._structured_search(model)
+            found["search_time_s"] = time.perf_counter() - started
+            (root / "masks").mkdir(parents=True, exist_ok=True)
+            atomic_write_json(root / "search.json", found)
+            self._metrics("structured", found["curve"])
+        self._stage_done("structured.search")
+        good = (torch.tensor(found["head_mask"]), torch.tensor(found["mlp_mask"]))
+        subnets = structured_subnetworks(*good, seed=self.train.seed)
+        for name in self.config.subnet_list():
+            masks = subnets[name]
+            mask_file = root / "masks" / f"{name}.json"
+            if not mask_file.is_file():
+                atomic_write_json(mask_file, {k: v.tolist() for k, v in masks.items()})
+            masks = {k: torch.tensor(v) for k, v in json.loads(mask_file.read_text()).items()}
+            self.evaluate_structured(model, masks, root / "pruned" / f"{name}.json",
+                                     f"s-pruning {name}")
+            self._stage_done(f"structured.pruned.{name}")
+            if self.config.retrain:
+                self._retrain_structured(name, masks)
+                self._stage_done(f"structured.retrained.{name}")
+        set_masks(model, head_mask=torch.ones_like(good[0]), mlp_mask=torch.ones_like(good[1]))
+
+    def evaluate_structured(self, model: torch.nn.Module, masks: dict[str, torch.Tensor],
+                            path: Path, label: str) -> None:
+        """Dev metrics of the patched fine-tuned `model` under `masks`, into `path` (once)."""
+        if path.is_file():
+            return
+        set_masks(model, head_mask=masks["head_mask"], mlp_mask=masks["mlp_mask"])
+        score, dev = score_model(model, self.data, self.train)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"search_score": score, "metrics": dev})
+        self._log(f"{label}: pruned dev {dev}")
+
+    def fine_tuned_patched(self) -> torch.nn.Module:
+        """The fine-tuned full model, patched (gates at 1)."""
+        return patch(self._fine_tuned())
+
+    def _structured_search(self, model: torch.nn.Module) -> dict[str, Any]:
+        row = structure_for(model)
+        layers, heads = len(sparse_blocks(model)), config_size(model, row, "num_heads")
+        full_search, full_dev = self._full_scores(model)
+        metric = report_metric(self.task)
+        threshold = self.config.threshold * full_search
+        self._log(f"s-pruning: full search score {full_search:.4f}, threshold {threshold:.4f}")
+
+        def evaluate(head_mask, mlp_mask):
+            set_masks(model, head_mask=head_mask, mlp_mask=mlp_mask)
+            score, dev = score_model(model, self.data, self.train)
+            return score, float(dev[metric])
+
+        def scores(head_mask, mlp_mask):
+            set_masks(model, head_mask=head_mask, mlp_mask=mlp_mask)
+            imp = importance(model, self.data.importance_batches,
+                             mode=self.config.importance_mode, progress=False)
+            return imp.head, imp.mlp
+
+        result = structured_search(layers, heads, threshold, full_search, evaluate, scores,
+                                   self.config.masking_amount,
+                                   self.config.recompute_after_revert, self.progress,
+                                   full_report_score=float(full_dev[metric]))
+        sizes = {"hidden": config_size(model, row, "hidden_size"), "head_dim":
+                 config_size(model, row, "hidden_size") // heads,
+                 "intermediate": config_size(model, row, "intermediate_size"),
+                 "layers": layers, "heads": heads}
+
+        def fraction(heads_kept: int, mlps_kept: int) -> float:
+            return kept_fraction(heads_kept, mlps_kept, sizes)
+
+        for record in result.curve:
+            record["fraction_kept"] = fraction(record["heads_kept"], record["mlps_kept"])
+        return {"full_search_score": full_search, "threshold_score": threshold,
+                "head_mask": result.head_mask.tolist(), "mlp_mask": result.mlp_mask.tolist(),
+                "heads_kept": int(result.head_mask.sum()), "mlps_kept": int(result.mlp_mask.sum()),
+                "fraction_kept": fraction(int(result.head_mask.sum()), int(result.mlp_mask.sum())),
+                "curve": result.curve,
+                "notes": result.notes + self._notes_on_threshold(full_dev, threshold),
+                "sizes": sizes}
+
+    def _retrain_structured(self, name: str, masks: dict[str, torch.Tensor]) -> RunResult:
+        return self.retrain_structured(self.out / "structured" / "retrained" / name, masks,
+                                       f"s-pruning {name}")
+
+    def retrain_structured(self, run_dir: Path, masks: dict[str, torch.Tensor],
+                           label: str) -> RunResult:
+        """Re-fine-tune the pre-trained model, physically pruned to `masks` (head_mask (L, H),
+        mlp_mask (L,)), into `run_dir` (resumable; a finished run is returned as is)."""
+        done = RunResult.load(run_dir)
+        if done is not None and done.finished:
+            return done
+        self._log(f"{label}: re-fine-tuning the pre-trained model, pruned")
+        model, tokenizer = self._pretrained()
+        patch(model)
+        set_masks(model, head_mask=masks["head_mask"], mlp_mask=masks["mlp_mask"])
+        prune(model)  # s-pruning masks are applied by physically removing heads and MLPs
+        return self._finished(finetune(self.train, run_dir, model=model, tokenizer=tokenizer,
+                                       progress=self.progress))
