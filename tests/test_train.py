@@ -16,7 +16,8 @@ from sparsebert.train import PRESETS, TrainConfig, TrainError, evaluate, finetun
 
 
 def _config(tiny_model_dir, synthetic_glue, **kw) -> TrainConfig:
-    base = dict(task="sst2", model=tiny_model_dir, glue_dir=synthetic_glue, epochs=2, batch_size=16,
+    base = dict(task="sst2", model=tiny_model_dir, glue_dir=synthetic_glue, epochs=2,
+                batch_size=16,
                 lr=1e-3, log_every=2, seed=7, threads=1)
     return TrainConfig(**{**base, **kw})
 
@@ -131,15 +132,16 @@ def test_weight_masks_stay_zero_and_buffers_untouched(tiny_model_dir, synthetic_
 
 
 def test_regression_task(tiny_model_dir, synthetic_glue, tmp_path):
-    results = finetune(_config(tiny_model_dir, synthetic_glue, task="STS-B", epochs=1), tmp_path / "s",
-                       progress=False)
+    results = finetune(_config(tiny_model_dir, synthetic_glue, task="STS-B", epochs=1),
+                       tmp_path / "s", progress=False)
     assert set(results.metrics["dev"]) == {"pearson", "spearman", "corr"}
     assert results.score == results.metrics["dev"]["corr"]
 
 
 def test_bad_inputs(tiny_model_dir, synthetic_glue, tmp_path):
     with pytest.raises(GlueError, match="known tasks: CoLA"):
-        finetune(_config(tiny_model_dir, synthetic_glue, task="imdb"), tmp_path / "x", progress=False)
+        finetune(_config(tiny_model_dir, synthetic_glue, task="imdb"), tmp_path / "x",
+                 progress=False)
     (tmp_path / "empty_model").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
         finetune(_config(str(tmp_path / "empty_model"), synthetic_glue), tmp_path / "y")
