@@ -123,7 +123,11 @@ def _run_search(args: argparse.Namespace) -> int:
     search_config = SearchConfig(**overrides(args, SearchConfig))
     train_config = TrainConfig(**overrides(args, TrainConfig))
     if args.seeds:
+        from sparsebert.lottery.config import SearchError  # noqa: PLC0415
         from sparsebert.lottery.super_survivors import search_seeds  # noqa: PLC0415
+
+        if "seed" in overrides(args, TrainConfig):
+            raise SearchError("pass either --seed or --seeds, not both")
 
         summary = search_seeds(args.task, args.out, _seed_list(args.seeds),
                                search_config=search_config, train_config=train_config,

@@ -123,7 +123,8 @@ def test_cli_search_errors(tiny_setup, tmp_path, capsys):
     model, glue = tiny_setup
     base = ["search", "--task", "SST-2", "--model", model, "--glue-dir", glue, "--quiet"]
     cases = [(["--method", "nope"], "--method"), (["--subnets", "good,ugly"], "--subnets"),
-             (["--threshold", "1.5"], "--threshold"), (["--threshold", "0"], "--threshold")]
+             (["--threshold", "1.5"], "--threshold"), (["--threshold", "0"], "--threshold"),
+             (["--seeds", "1,2", "--seed", "3"], "--seeds"), (["--seeds", "1,x"], "--seeds")]
     for extra, expected in cases:
         assert main([*base, "--out", str(tmp_path / "x"), *extra]) == 2
         err = capsys.readouterr().err
