@@ -311,7 +311,8 @@ def stability_bars(results: Mapping[str, TaskResults], path: Path) -> Path | Non
     ax.set_ylim(min([0.0] + [v for v in kap + pk if v is not None and not math.isnan(v)]) - 0.05,
                 1.05)
     ax.legend(fontsize=7, loc="upper right")
-    ax.set_title("Stability of the good head masks across seeds (1 = identical)", fontsize=10)
+    ax.set_title("Stability of the good head masks across seeds\n(1 = identical masks)",
+                 fontsize=10)
     return _save(fig, path)
 
 
