@@ -7,7 +7,6 @@ good mask and every subnetwork's pruned and retrained scores (None when not run 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +18,13 @@ from sparsebert.train.rundir import RunResult, now
 SUMMARY_VERSION = 1
 
 
-def _json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def _scored(metrics: dict[str, Any] | None, metric: str) -> dict[str, Any] | None:
     return None if metrics is None else {"score": float(metrics[metric]), "metrics": metrics}
 
 
-def _subnetwork(root: Path, name: str, metric: str, first_split: str) -> dict[str, Any]:
-    pruned = _json(root / "pruned" / f"{name}.json")
+def _subnetwork(read, root: Path, name: str, metric: str, first_split: str,
+                ) -> dict[str, Any]:
+    pruned = read(root / "pruned" / f"{name}.json")
     retrained = RunResult.load(root / "retrained" / name)
     return {
         "pruned": _scored(pruned["metrics"], metric) if pruned else None,
@@ -44,12 +40,13 @@ def build_summary(search) -> dict[str, Any]:
     metric = report_metric(task)
     first = task.dev_splits[0]
     full = search.full
+    read = search.read_stage  # stage files: None when missing, a clear error when damaged
     methods: dict[str, Any] = {}
-    structured = _json(out / "structured" / "search.json")
+    structured = read(out / "structured" / "search.json")
     if structured is not None:
         subnets = {}
         for name in search.config.subnet_list():
-            masks = _json(out / "structured" / "masks" / f"{name}.json")
+            masks = read(out / "structured" / "masks" / f"{name}.json")
             if masks is None:
                 continue
             heads = sum(sum(1 for v in row if v) for row in masks["head_mask"])
@@ -57,24 +54,24 @@ def build_summary(search) -> dict[str, Any]:
             subnets[name] = {"heads_kept": heads, "mlps_kept": mlps,
                              "fraction_kept": kept_fraction(heads, mlps, structured["sizes"]),
                              "head_mask": masks["head_mask"], "mlp_mask": masks["mlp_mask"],
-                             **_subnetwork(out / "structured", name, metric, first)}
+                             **_subnetwork(read, out / "structured", name, metric, first)}
         methods["structured"] = {
             "curve": structured["curve"], "threshold_score": structured["threshold_score"],
             "good_mask": {"head_mask": structured["head_mask"],
                           "mlp_mask": structured["mlp_mask"]},
             "notes": structured["notes"], "search_time_s": structured.get("search_time_s"),
             "subnetworks": subnets}
-    magnitude = _json(out / "magnitude" / "search.json")
+    magnitude = read(out / "magnitude" / "search.json")
     if magnitude is not None:
         subnets = {}
         for name in search.config.subnet_list():
-            info = _json(out / "magnitude" / "masks" / f"{name}.json")
+            info = read(out / "magnitude" / "masks" / f"{name}.json")
             if info is None:
                 continue
             subnets[name] = {"fraction_kept": info["fraction_kept"],
                              "layer_kept_fraction": info["layer_kept_fraction"],
-                             **_subnetwork(out / "magnitude", name, metric, first)}
-        good = _json(out / "magnitude" / "masks" / "good.json")
+                             **_subnetwork(read, out / "magnitude", name, metric, first)}
+        good = read(out / "magnitude" / "masks" / "good.json")
         methods["magnitude"] = {
             "curve": magnitude["curve"], "threshold_score": magnitude["threshold_score"],
             "good_step": magnitude["good_step"],
@@ -87,7 +84,7 @@ def build_summary(search) -> dict[str, Any]:
         "metric": task.threshold_metric, "report_metric": metric,
         "threshold": search.config.threshold, "search_data": search.config.search_data,
         "importance_mode": search.config.importance_mode,
-        "num_layers": _layers(out), "num_heads": _heads(out),
+        **_model_shape(structured, read(out / "full" / "model" / "config.json") or {}),
         "majority": float(search.data.majority[metric]),
         "full": {"score": float(full.metrics[first][metric]), "metrics": full.metrics[first],
                  "train_time_s": full.train_time_s},
@@ -98,17 +95,11 @@ def build_summary(search) -> dict[str, Any]:
     }
 
 
-def _layers(out: Path) -> int | None:
-    structured = _json(out / "structured" / "search.json")
+def _model_shape(structured: dict[str, Any] | None, model_config: dict[str, Any],
+                 ) -> dict[str, int | None]:
+    """num_layers / num_heads from the s-pruning search's sizes, else the model's config."""
     if structured:
-        return structured["sizes"]["layers"]
-    config = _json(out / "full" / "model" / "config.json") or {}
-    return config.get("num_hidden_layers")
-
-
-def _heads(out: Path) -> int | None:
-    structured = _json(out / "structured" / "search.json")
-    if structured:
-        return structured["sizes"]["heads"]
-    config = _json(out / "full" / "model" / "config.json") or {}
-    return config.get("num_attention_heads")
+        return {"num_layers": structured["sizes"]["layers"],
+                "num_heads": structured["sizes"]["heads"]}
+    return {"num_layers": model_config.get("num_hidden_layers"),
+            "num_heads": model_config.get("num_attention_heads")}

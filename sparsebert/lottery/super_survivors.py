@@ -137,6 +137,8 @@ class SuperStage:
     def summarize(self, found: dict[str, Any], runner: Search) -> dict[str, Any]:
         metric = report_metric(runner.task)
         first = runner.task.dev_splits[0]
+        sizes = json.loads((seed_dir(self.out, self.seeds[0]) / "structured" /
+                            "search.json").read_text())["sizes"]  # the model's sizes
         subnetworks = {}
         for name in self.search_config.subnet_list():
             masks = found["masks"][name]
@@ -154,8 +156,6 @@ class SuperStage:
                                       "metrics": result.metrics[first]})
             heads = int(np.asarray(masks["head_mask"]).sum())
             mlps = int(np.asarray(masks["mlp_mask"]).sum())
-            sizes = json.loads((seed_dir(self.out, self.seeds[0]) / "structured" /
-                                "search.json").read_text())["sizes"]
             subnetworks[name] = {"heads_kept": heads, "mlps_kept": mlps,
                                  "fraction_kept": kept_fraction(heads, mlps, sizes),
                                  "head_mask": masks["head_mask"], "mlp_mask": masks["mlp_mask"],

@@ -1,7 +1,7 @@
 """The paper's numbers, as data: Prasanna et al. 2020, "When BERT Plays the Lottery, All Tickets
 Are Winning" (BERT-base, 9 GLUE dev sets, 5 fine-tuning seeds 1337, 42, 86, 71, 166).
 
-Sources (see ../shared/PAPER.md):
+Sources (the project's PAPER.md, which transcribes the authors' result files):
 
 * §4, the results table: mean ± sample std (Bessel-corrected) over 5 seeds; CoLA MCC, STS-B
   Pearson, MNLI matched accuracy, accuracy for every other task. "P" = the mask applied to the
