@@ -64,17 +64,27 @@ def _unflatten(params: dict[str, nn.Parameter], keep: Tensor) -> dict[str, Tenso
     return out
 
 
+def magnitude_order(params: dict[str, nn.Parameter], largest: bool = True) -> Tensor:
+    """Flat indices of all of `params`' weights by magnitude, largest first (largest=False:
+    smallest first); (total,) int64. Sort once, then cut masks with mask_from_order."""
+    return torch.argsort(_flat_magnitudes(params), descending=largest, stable=True)
+
+
+def mask_from_order(params: dict[str, nn.Parameter], order: Tensor, kept: int,
+                    ) -> dict[str, Tensor]:
+    """Keep the first `kept` weights of `order` (see magnitude_order)."""
+    if not 0 <= kept <= order.numel():
+        raise ValueError(f"kept must be in [0, {order.numel()}], got {kept}")
+    keep = torch.zeros(order.numel(), dtype=torch.bool)
+    keep[order[:kept]] = True
+    return _unflatten(params, keep)
+
+
 def magnitude_mask(params: dict[str, nn.Parameter], kept: int, largest: bool = True,
                    ) -> dict[str, Tensor]:
     """Keep the `kept` largest-magnitude weights over all of `params` (largest=False keeps
     the smallest ones instead: the paper's "bad" subnetwork, which removes the largest)."""
-    magnitudes = _flat_magnitudes(params)
-    if not 0 <= kept <= magnitudes.numel():
-        raise ValueError(f"kept must be in [0, {magnitudes.numel()}], got {kept}")
-    order = torch.argsort(magnitudes, descending=largest, stable=True)
-    keep = torch.zeros(magnitudes.numel(), dtype=torch.bool)
-    keep[order[:kept]] = True
-    return _unflatten(params, keep)
+    return mask_from_order(params, magnitude_order(params, largest), kept)
 
 
 def random_mask(params: dict[str, nn.Parameter], kept: int,

@@ -81,6 +81,7 @@ class MagnitudeStages:
         metric = report_metric(self.task)
         threshold = self.config.threshold * full_search
         original = {n: p.detach().clone() for n, p in params.items()}
+        order = mag.magnitude_order(params)  # the weights do not change: sort once
         curve = [{"step": 0, "kept": total, "fraction_kept": 1.0, "search_score": full_search,
                   "score": float(full_dev[metric]), "passed": True}]
         good_step = 0
@@ -88,7 +89,7 @@ class MagnitudeStages:
                    unit="step", disable=not self.progress, leave=False)
         for step in bar:
             kept = mag.kept_count(total, step, self.config.magnitude_amount)
-            WeightMasks.from_named(model, mag.magnitude_mask(params, kept)).apply()
+            WeightMasks.from_named(model, mag.mask_from_order(params, order, kept)).apply()
             score, dev = score_model(model, self.data, self.train)
             _restore(params, original)
             passed = score >= threshold
