@@ -1,0 +1,116 @@
+"""`sparsebert.accelerate(model)`: fast inference for a patched Hugging Face model.
+
+    fast = sparsebert.accelerate(model)          # model: patched (sparsebert.patch), masks set
+    logits = fast(input_ids=ids, attention_mask=mask).logits
+
+The returned AcceleratedModel runs the model's own forward (embeddings, pooler, task head, loss
+and output class are Hugging Face's), except that the encoder is a FastEncoder: compact weights
+of the kept heads and neurons, padded tokens dropped once for the whole encoder, CUDA graphs on
+GPU. It shares every parameter and gate with `model` (registered as `fast.model`, so `.to()`,
+`.half()` and state dicts reach them under the usual names prefixed by `model.`): changing masks
+with `sparsebert.set_masks(model, ...)` or weights in place is picked up on the next call; the
+original weights are never modified, so masks stay reversible.
+
+Inference only: the forward runs without gradients and refuses training mode. Outputs: what the
+model returns, computed from the last hidden state; `output_hidden_states` / `output_attentions`
+are not supported (use the model itself).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from sparsebert.hf.patching import patch, sparse_blocks
+from sparsebert.hf.structure import structure_for
+from sparsebert.speed.compact import FastPathError
+from sparsebert.speed.encoder import FastEncoder
+
+
+def _encoder_owner(model: nn.Module) -> tuple[nn.Module, str]:
+    """(module that owns the encoder, attribute name): the base model and 'encoder'."""
+    row = structure_for(model)
+    base = getattr(model, "base_model", model)
+    path = row.layers.split(".")  # e.g. encoder.layer: the encoder is the first part
+    if len(path) < 2 or not isinstance(getattr(base, path[0], None), nn.Module):
+        raise FastPathError(f"accelerate: cannot find the encoder of {type(model).__name__}")
+    return base, path[0]
+
+
+def _runner(model: nn.Module, encoder: FastEncoder) -> nn.Module:
+    """A view of `model` whose base model's encoder is `encoder`: shallow copies of the model
+    and its base model with their own child tables; every other module (and parameter) shared."""
+    base, name = _encoder_owner(model)
+    new_base = copy.copy(base)
+    new_base._modules = dict(base._modules)
+    new_base._modules[name] = encoder
+    if base is model:
+        return new_base
+    prefix = getattr(model, "base_model_prefix", "")
+    if getattr(model, prefix, None) is not base:
+        raise FastPathError(f"accelerate: {type(model).__name__}.{prefix} is not its base model")
+    runner = copy.copy(model)
+    runner._modules = dict(model._modules)
+    runner._modules[prefix] = new_base
+    return runner
+
+
+class AcceleratedModel(nn.Module):
+    """A patched HF model's forward on the fast path (see the module docstring).
+
+    Attributes: `model` (the patched model, shared), `encoder` (the FastEncoder). Methods:
+    `invalidate()` (rebuild compact weights on the next call: only needed after writes through
+    `param.data`, which bypass version counters).
+    """
+
+    def __init__(self, model: nn.Module, *, unpad: bool = True, graphs: bool | None = None,
+                 bucket: int = 256) -> None:
+        super().__init__()
+        self.model = model
+        blocks = sparse_blocks(model)
+        object.__setattr__(self, "encoder", FastEncoder(
+            blocks, unpad=unpad, graphs=True if graphs is None else graphs, bucket=bucket))
+        object.__setattr__(self, "_runner", _runner(model, self.encoder))
+        self.train(False)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def invalidate(self) -> None:
+        self.encoder.invalidate()
+
+    def train(self, mode: bool = True) -> AcceleratedModel:
+        if mode:
+            raise FastPathError("accelerate: the fast path is for inference; keep the model in "
+                                "eval mode (train the patched model itself)")
+        self.model.eval()
+        return super().train(False)
+
+    def forward(self, *args, **kwargs):
+        """The model's forward (same arguments, same output type), on the fast path."""
+        for flag in ("output_hidden_states", "output_attentions"):
+            if kwargs.get(flag):
+                raise FastPathError(f"accelerate: {flag}=True is not supported; call the model")
+        if self.model.training:
+            raise FastPathError("accelerate: the model is in training mode; call model.eval()")
+        with torch.no_grad():
+            return self._runner(*args, **kwargs)
+
+
+def accelerate(model: nn.Module, *, unpad: bool = True, graphs: bool | None = None,
+               bucket: int = 256) -> AcceleratedModel:
+    """Fast inference for a Hugging Face BERT-family model (patched in place if it is not).
+
+    model: a supported HF model (sparsebert.hf.structure), masks set with set_masks (binary or
+    soft gates; per-call gate overrides are refused); it is put in eval mode.
+    unpad: drop padded tokens for the whole encoder (default True).
+    graphs: CUDA-graph replay per (B, S, tokens) bucket on CUDA (default on; ignored on CPU).
+    bucket: token-count granularity of the graph buckets.
+    Returns an AcceleratedModel: call it like the model (same logits, no gradients).
+    """
+    patch(model)
+    model.eval()
+    return AcceleratedModel(model, unpad=unpad, graphs=graphs, bucket=bucket)

@@ -1,0 +1,81 @@
+"""Attention over packed tokens: qkv (T_pad, 3, k, D) of the kept heads -> ctx (T_pad, k*D).
+
+Three ways, one result (the softmax attention of each sequence over its own real tokens):
+* `full`: every position computed: one SDPA call over (B, k, S, D) (with a key padding mask
+  when the batch is padded and unpadding is off);
+* `varlen`: CUDA with fp16/bf16 and torch's `varlen_attn` (FlashAttention over cumulative
+  sequence lengths): no padding computed at all;
+* `repad`: re-pad only around the attention core: scatter the packed q/k/v into a (B, L, ...)
+  grid with L = the longest sequence (not S), SDPA with a key padding mask, gather the real rows
+  back. The linear layers, LayerNorms and FFN around it still see only the T real tokens.
+`choose_core(device, dtype)` picks varlen where available, else repad.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparsebert.speed.tokens import Packing
+
+try:  # torch >= 2.10 on CUDA builds; absent or CPU-only elsewhere
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # pragma: no cover - depends on the torch build
+    _varlen_attn = None
+
+Core = Callable[[Tensor, Packing, float], Tensor]
+
+
+def full_core(qkv: Tensor, packing: Packing, scale: float) -> Tensor:
+    """qkv (B*S, 3, k, D), every position computed -> ctx (B*S, k*D); keys masked by
+    packing.key_mask (B, S) when set (padded execution)."""
+    batch, seq = packing.batch, packing.seq
+    _, _, heads, dim = qkv.shape
+    q, k, v = qkv.view(batch, seq, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B,k,S,D)
+    mask = None if packing.key_mask is None else packing.key_mask[:, None, None, :]
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B, k, S, D)
+    return ctx.transpose(1, 2).reshape(batch * seq, heads * dim)
+
+
+def repad_core(qkv: Tensor, packing: Packing, scale: float) -> Tensor:
+    """qkv (T_pad, 3, k, D) packed -> ctx (T_pad, k*D), via a (B, L) grid, L = packing.max_len
+    (the longest sequence; S for a CUDA graph's static packing)."""
+    batch, length = packing.batch, packing.max_len
+    tokens, _, heads, dim = qkv.shape
+    index, keys = packing.grid()
+    # Step 1: scatter into the grid (+1 dummy row that the bucket's extra slots write to).
+    grid = qkv.new_zeros(batch * length + 1, 3 * heads * dim)
+    grid.index_copy_(0, index, qkv.reshape(tokens, 3 * heads * dim))
+    grid = grid[:-1].view(batch, length, 3, heads, dim)
+    q, k, v = grid.permute(2, 0, 3, 1, 4).unbind(0)  # (B, k, L, D)
+    # Step 2: attention over each row's real keys.
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :], scale=scale)
+    # Step 3: gather the real rows back; dummy slots read a zero row.
+    flat = ctx.transpose(1, 2).reshape(batch * length, heads * dim)
+    flat = torch.cat([flat, flat.new_zeros(1, heads * dim)])
+    return flat.index_select(0, index)
+
+
+def varlen_core(qkv: Tensor, packing: Packing, scale: float) -> Tensor:
+    """qkv (T_pad, 3, k, D) packed -> ctx (T_pad, k*D) with FlashAttention varlen (CUDA); rows
+    past cu_seqlens[-1] (a bucket's dummy slots) are left undefined and never read."""
+    tokens, _, heads, dim = qkv.shape
+    length = packing.max_len
+    q, k, v = qkv.unbind(1)  # (T_pad, k, D) views, last dim contiguous
+    cu = packing.cu_seqlens
+    out = _varlen_attn(q, k, v, cu, cu, length, length, scale=scale)  # (T_pad, k, D)
+    return out.reshape(tokens, heads * dim)
+
+
+def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """torch's varlen attention runs here (CUDA, fp16/bf16, torch build with it)."""
+    return _varlen_attn is not None and device.type == "cuda" and dtype in (
+        torch.float16, torch.bfloat16)
+
+
+def choose_core(device: torch.device, dtype: torch.dtype) -> Core:
+    """The packed-attention implementation for padded batches on this device and dtype."""
+    return varlen_core if varlen_available(device, dtype) else repad_core

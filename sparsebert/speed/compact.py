@@ -1,0 +1,157 @@
+"""Compact weights of one gated encoder layer: only the kept heads and FFN neurons.
+
+For a SparseAttention + SparseMLP pair with (H,) / () / (F,) gates, `build_compact(attn, mlp)`
+returns a CompactLayer:
+
+* `qkv_weight` (3*k*D, hidden) and `qkv_bias` (3*k*D,): one fused projection over the k kept
+  heads (rows: all kept query heads, then key heads, then value heads, head-major inside each);
+* `out_weight` (hidden, k*D) and `out_bias` (hidden,): the output projection's columns of the kept
+  heads, each scaled by its head gate (1 for binary masks, so the values are copied exactly);
+* `up_weight` (f, hidden), `up_bias` (f,), `down_weight` (hidden, f), `down_bias` (hidden,): the
+  f kept FFN neurons; the down projection's columns carry neuron gate * MLP gate, its bias the
+  MLP gate (again exact copies for binary masks).
+
+k == 0 (no active head) or f == 0 (MLP gated off, or no active neuron) mean the block is
+LayerNorm(residual), the masked module's convention. The modules' own parameters are never
+touched: the compact tensors are new (gathered) copies, so masks stay reversible.
+
+`layer_key(attn, mlp)` identifies everything the compact weights were built from (each gate's and
+parameter's identity, storage pointer and in-place version counter, plus dtype and device): a
+different key means the cache is stale (new masks through set_masks, optimizer steps, copy_,
+.to(), physical pruning). Writes through `tensor.data` bypass version counters; call
+`invalidate()` on the accelerated model after those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sparsebert.errors import SparsebertError
+from sparsebert.nn import SparseAttention, SparseMLP
+
+
+class FastPathError(SparsebertError):
+    """The model or its gates cannot run on the fast path (training mode, per-example gates...)."""
+
+
+@dataclass
+class CompactLayer:
+    """Compact weights of one layer (see the module docstring for shapes)."""
+
+    heads: int  # k: kept heads
+    head_dim: int  # D
+    scaling: float
+    qkv_weight: Tensor | None  # (3*k*D, hidden)
+    qkv_bias: Tensor | None  # (3*k*D,)
+    out_weight: Tensor | None  # (hidden, k*D)
+    out_bias: Tensor | None  # (hidden,)
+    attn_norm: nn.Module  # LayerNorm after attention (the module's own)
+    neurons: int  # f: kept FFN neurons
+    up_weight: Tensor | None  # (f, hidden)
+    up_bias: Tensor | None  # (f,)
+    activation: Callable[[Tensor], Tensor]
+    down_weight: Tensor | None  # (hidden, f)
+    down_bias: Tensor | None  # (hidden,)
+    ffn_norm: nn.Module  # LayerNorm after the FFN (the module's own)
+
+    def flops_per_token(self, hidden: int) -> int:
+        """Multiply-add FLOPs per token of the linear layers (2 * in * out each)."""
+        kd = self.heads * self.head_dim
+        return 2 * (hidden * 3 * kd + kd * hidden + 2 * hidden * self.neurons)
+
+    def attention_flops(self, lengths: Tensor) -> int:
+        """FLOPs of the attention core (QK^T and PV) for sequences of `lengths` (B,)."""
+        return int(4 * self.heads * self.head_dim * (lengths.double() ** 2).sum().item())
+
+
+def _identity(t: Tensor | None) -> tuple:
+    if t is None:
+        return (None,)
+    return (id(t), t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape))
+
+
+def check_gates(layer: int, attn: SparseAttention, mlp: SparseMLP) -> None:
+    """The fast path needs the modules' own gate buffers (no per-call overrides)."""
+    if attn.head_gate_override is not None or mlp.mlp_gate_override is not None or (
+        mlp.neuron_gate_override is not None
+    ):
+        raise FastPathError(
+            f"layer {layer} has a gate override (override_head_gate / override_gates) active; "
+            "the fast path reads the gate buffers: run it outside the override"
+        )
+
+
+def layer_key(attn: SparseAttention, mlp: SparseMLP) -> tuple:
+    """Identity of every tensor the compact weights of this layer are built from."""
+    tensors: list[Tensor | None] = [attn.head_gate, mlp.mlp_gate, mlp.neuron_gate]
+    for linear in (*attn.linears().values(), *mlp.linears().values()):
+        tensors += [None, None] if linear is None else [linear.weight, linear.bias]
+    return tuple(_identity(t) for t in tensors)
+
+
+def _rows(heads: Tensor, head_dim: int) -> Tensor:
+    """Row indices (k*D,) of heads `heads` (k,) in a head-major (H*D) projection."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
+
+
+@torch.no_grad()
+def _compact_attention(attn: SparseAttention) -> dict:
+    gate = attn.head_gate.detach()  # (H,)
+    kept = torch.nonzero(gate != 0).flatten().cpu() if attn.num_heads else torch.zeros(0)
+    out = {"heads": int(kept.numel()), "head_dim": attn.head_dim, "scaling": attn.scaling,
+           "attn_norm": attn.output_layer_norm()}
+    if not out["heads"]:
+        return {**out, "qkv_weight": None, "qkv_bias": None, "out_weight": None,
+                "out_bias": None}
+    q, k, v, dense = (attn.linears()[name] for name in ("query", "key", "value", "output"))
+    device = q.weight.device
+    rows = _rows(kept, attn.head_dim).to(device)  # (k*D,)
+    weight = torch.cat([lin.weight.detach().index_select(0, rows) for lin in (q, k, v)])
+    bias = None
+    if q.bias is not None:
+        bias = torch.cat([lin.bias.detach().index_select(0, rows) for lin in (q, k, v)])
+    # Step 2: output columns of the kept heads, scaled by their gates (exact for gate 1).
+    col_gate = gate.to(device)[kept.to(device)].repeat_interleave(attn.head_dim)  # (k*D,)
+    out_weight = dense.weight.detach().index_select(1, rows)  # (hidden, k*D)
+    if bool((col_gate != 1).any()):
+        out_weight = out_weight * col_gate.to(out_weight.dtype)
+    out_bias = None if dense.bias is None else dense.bias.detach().clone()
+    return {**out, "qkv_weight": weight.contiguous(), "qkv_bias": bias,
+            "out_weight": out_weight.contiguous(), "out_bias": out_bias}
+
+
+@torch.no_grad()
+def _compact_mlp(mlp: SparseMLP) -> dict:
+    out = {"ffn_norm": mlp.output_layer_norm(), "activation": mlp.activation()}
+    none = {"neurons": 0, "up_weight": None, "up_bias": None, "down_weight": None,
+            "down_bias": None}
+    if mlp.intermediate_size == 0 or float(mlp.mlp_gate) == 0:
+        return {**out, **none}
+    neuron_gate = mlp.neuron_gate.detach()  # (F,)
+    kept = torch.nonzero(neuron_gate != 0).flatten()
+    if kept.numel() == 0:
+        return {**out, **none}
+    up, down = mlp.intermediate_dense(), mlp.output_dense()
+    kept = kept.to(up.weight.device)
+    # Step 1: rows of the up projection, columns of the down projection, of the kept neurons.
+    up_weight = up.weight.detach().index_select(0, kept).contiguous()  # (f, hidden)
+    up_bias = None if up.bias is None else up.bias.detach().index_select(0, kept)
+    down_weight = down.weight.detach().index_select(1, kept)  # (hidden, f)
+    # Step 2: fold neuron gates and the MLP gate into the down projection (exact for 1s).
+    scale = neuron_gate.to(down_weight.device)[kept] * mlp.mlp_gate.to(down_weight.device)
+    if bool((scale != 1).any()):
+        down_weight = down_weight * scale.to(down_weight.dtype)
+    down_bias = None if down.bias is None else down.bias.detach().clone()
+    if down_bias is not None and float(mlp.mlp_gate) != 1:
+        down_bias = down_bias * mlp.mlp_gate.to(down_bias)
+    return {**out, "neurons": int(kept.numel()), "up_weight": up_weight, "up_bias": up_bias,
+            "down_weight": down_weight.contiguous(), "down_bias": down_bias}
+
+
+def build_compact(attn: SparseAttention, mlp: SparseMLP) -> CompactLayer:
+    """Compact weights of one layer from its gated modules' current gates and parameters."""
+    return CompactLayer(**_compact_attention(attn), **_compact_mlp(mlp))

@@ -1,0 +1,133 @@
+"""FastEncoder: a patched model's encoder layers run on compact weights over packed tokens.
+
+forward(hidden_states (B, S, hidden), attention_mask=None, ...) -> output with
+`.last_hidden_state` (B, S, hidden), as Hugging Face's encoder returns it. The steps:
+
+1. refresh the compact weights of every layer whose gates or parameters changed (layer_key);
+2. pack the real tokens once (B, S, hidden) -> (T, hidden) (token unpadding), unless there is
+   no padding;
+3. per layer: fused QKV over kept heads -> attention core over each sequence's real tokens ->
+   compact output projection + residual + LayerNorm -> compact FFN + residual + LayerNorm;
+4. scatter back to (B, S, hidden) (zeros at padded positions, where the masked model has
+   values nobody reads: compare real positions only).
+
+On CUDA, with `graphs=True`, steps 2-4 are captured once per (B, S, T bucket) and replayed
+(sparsebert.speed.graphs); any change of the compact weights drops the captured graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparsebert.nn import SparseAttention, SparseMLP, to_key_padding_mask
+from sparsebert.speed.attention_core import Core, choose_core, full_core
+from sparsebert.speed.compact import CompactLayer, build_compact, check_gates, layer_key
+from sparsebert.speed.tokens import Packing
+
+
+def layer_forward(c: CompactLayer, x: Tensor, packing: Packing, core: Core) -> Tensor:
+    """One encoder layer on packed tokens: x (T_pad, hidden) -> (T_pad, hidden)."""
+    tokens = x.shape[0]
+    # Step 1: attention over the kept heads (or LayerNorm(residual) when none is kept).
+    if c.heads:
+        qkv = F.linear(x, c.qkv_weight, c.qkv_bias).view(tokens, 3, c.heads, c.head_dim)
+        ctx = core(qkv, packing, c.scaling)  # (T_pad, k*D)
+        x = c.attn_norm(torch.add(x, F.linear(ctx, c.out_weight, c.out_bias)))
+    else:
+        x = c.attn_norm(x)
+    # Step 2: the kept FFN neurons (or LayerNorm(residual) when the MLP is off).
+    if c.neurons:
+        h = c.activation(F.linear(x, c.up_weight, c.up_bias))  # (T_pad, f)
+        x = c.ffn_norm(torch.add(x, F.linear(h, c.down_weight, c.down_bias)))
+    else:
+        x = c.ffn_norm(x)
+    return x
+
+
+class FastEncoder(nn.Module):
+    """Runs `blocks` [(SparseAttention, SparseMLP)] of a patched model on compact weights.
+
+    The blocks are not registered here (the model that owns them does; parameter names do not
+    change). unpad: pack real tokens (default True); graphs: CUDA-graph replay per shape bucket on
+    CUDA devices; bucket: T is rounded up to a multiple of it for graphs.
+    """
+
+    def __init__(self, blocks: list[tuple[SparseAttention, SparseMLP]], *, unpad: bool = True,
+                 graphs: bool = False, bucket: int = 256) -> None:
+        super().__init__()
+        object.__setattr__(self, "_blocks", list(blocks))
+        self.unpad = unpad
+        self.graphs = graphs
+        self.bucket = bucket
+        self._compact: list[CompactLayer | None] = [None] * len(self._blocks)
+        self._keys: list[tuple | None] = [None] * len(self._blocks)
+        self._graph_cache = None  # sparsebert.speed.graphs.GraphCache, built on first use
+        self.builds = 0  # how many layers were (re)built: tests read it
+
+    # Step 1: the compact weights cache ---------------------------------------------------------
+    def invalidate(self) -> None:
+        """Forget the compact weights (and graphs): the next forward rebuilds them. Needed only
+        after writes that bypass version counters (e.g. through `param.data`)."""
+        self._keys = [None] * len(self._blocks)
+        self._graph_cache = None
+
+    def refresh(self) -> list[CompactLayer]:
+        """Rebuild the compact weights of layers whose gates or parameters changed."""
+        changed = False
+        for i, (attn, mlp) in enumerate(self._blocks):
+            check_gates(i, attn, mlp)
+            key = layer_key(attn, mlp)
+            if key != self._keys[i]:
+                self._compact[i], self._keys[i] = build_compact(attn, mlp), key
+                self.builds += 1
+                changed = True
+        if changed:
+            self._graph_cache = None
+        return self._compact  # type: ignore[return-value]
+
+    # Steps 2-4: packed execution --------------------------------------------------------------
+    def run_packed(self, hidden_states: Tensor, packing: Packing) -> Tensor:
+        """(B, S, hidden) and a packing -> (B, S, hidden) through every layer, eager."""
+        layers = self._compact
+        core = full_core if packing.every_position else choose_core(hidden_states.device,
+                                                          hidden_states.dtype)
+        x = packing.pack(hidden_states)  # (T_pad, hidden)
+        for c in layers:
+            x = layer_forward(c, x, packing, core)
+        return packing.unpack(x)
+
+    def packing_for(self, attention_mask: Tensor | None, batch: int, seq: int,
+                    device: torch.device) -> Packing:
+        """The packing of a batch from whatever mask HF hands its encoder."""
+        mask = to_key_padding_mask(attention_mask, batch, seq)  # (B, S) bool or None
+        if mask is None or not self.unpad:  # padded execution: attention masks the keys
+            return Packing.full(batch, seq, device, key_mask=mask)
+        return Packing.from_mask(mask, bucket=self.bucket if self._use_graphs(device) else 0)
+
+    def _use_graphs(self, device: torch.device) -> bool:
+        return self.graphs and device.type == "cuda"
+
+    @torch.no_grad()
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, *args,
+                **kwargs):
+        from transformers.modeling_outputs import (  # noqa: PLC0415
+            BaseModelOutputWithPastAndCrossAttentions as Output,
+        )
+
+        self.refresh()
+        batch, seq, _ = hidden_states.shape
+        packing = self.packing_for(attention_mask, batch, seq, hidden_states.device)
+        if self._use_graphs(hidden_states.device):
+            out = self._graphs().run(hidden_states, packing)
+        else:
+            out = self.run_packed(hidden_states, packing)
+        return Output(last_hidden_state=out)  # the class HF encoders return
+
+    def _graphs(self):
+        from sparsebert.speed.graphs import GraphCache  # noqa: PLC0415
+
+        if self._graph_cache is None:
+            self._graph_cache = GraphCache(self)
+        return self._graph_cache
