@@ -7,11 +7,15 @@ states, token positions, cumulative lengths, the attention grid) that `run` fill
 replay; the attention grid is S long so it fits every batch of the bucket. All graphs share one
 memory pool. The FastEncoder drops this cache whenever its compact weights are rebuilt (the
 graphs captured their addresses).
+
+`GraphCache(encoder, capture=False)` runs the same static-buffer bucket logic eagerly, without
+CUDA (tests check the buckets on CPU that way).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +27,8 @@ from sparsebert.speed.tokens import Packing
 
 @dataclass
 class _Captured:
-    graph: torch.cuda.CUDAGraph
+    graph: torch.cuda.CUDAGraph | None  # None without capture: `body` runs eagerly
+    body: Callable[[], Tensor]
     hidden: Tensor  # (B, S, hidden) static input
     packing: Packing  # static packing (its tensors are static inputs)
     out: Tensor  # (B, S, hidden) static output
@@ -41,9 +46,10 @@ def _with_grid_length(packing: Packing, length: int) -> Packing:
 class GraphCache:
     """Captured graphs of one FastEncoder by bucket."""
 
-    def __init__(self, encoder) -> None:
+    def __init__(self, encoder, capture: bool = True) -> None:
         self.encoder = encoder
-        self.pool = torch.cuda.graph_pool_handle()
+        self.capture = capture
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.graphs: dict[tuple, _Captured] = {}
 
     @staticmethod
@@ -60,6 +66,8 @@ class GraphCache:
             captured = self.graphs[key] = self._capture(hidden, packing)
         else:
             self._fill(captured, hidden, packing)
+        if captured.graph is None:
+            return captured.body().clone()
         captured.graph.replay()
         return captured.out.clone()
 
@@ -103,6 +111,8 @@ class GraphCache:
                 x = layer_forward(c, x, static, core)
             return static.unpack(x)
 
+        if not self.capture:
+            return _Captured(None, body, static_hidden, static, static_hidden)
         # Step 1: warm up on a side stream (lazy initialisation, workspaces) outside the capture.
         side = torch.cuda.Stream(device=hidden.device)
         side.wait_stream(torch.cuda.current_stream(hidden.device))
@@ -114,4 +124,4 @@ class GraphCache:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = body()
-        return _Captured(graph, static_hidden, static, out)
+        return _Captured(graph, body, static_hidden, static, out)

@@ -1,0 +1,314 @@
+"""The fast inference path (sparsebert.speed): same outputs as the masked model for every
+variant (unpadded, padded, graph buckets), cache invalidation, reversibility, bad use."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparsebert
+from sparsebert.speed import FastPathError, accelerate
+from sparsebert.speed.graphs import GraphCache
+from sparsebert.speed.tokens import Packing
+
+CUDA = torch.cuda.is_available()
+
+
+def _masks(dims, pattern: str):
+    """(head_mask (L, H), mlp_mask (L,), neuron_mask (L, F)) for a named pattern."""
+    heads = torch.ones(dims.layers, dims.heads)
+    mlps = torch.ones(dims.layers)
+    neurons = torch.ones(dims.layers, dims.intermediate)
+    if pattern == "some":
+        heads[0, 1] = 0
+        heads[2, ::2] = 0
+        neurons[:, ::3] = 0
+    elif pattern == "layer_heads_off":  # every head of layer 1 pruned
+        heads[1] = 0
+        mlps[0] = 0
+    elif pattern == "all_mlps_off":
+        mlps[:] = 0
+        heads[0, 0] = 0
+    elif pattern == "all_off":
+        heads[:] = 0
+        mlps[:] = 0
+    elif pattern == "soft":  # soft gates are folded into the compact weights
+        heads[0] = torch.tensor([0.5, 0.0, 1.0, 0.25])[: dims.heads]
+        mlps[1] = 0.5
+        neurons[2, :5] = 0.3
+    return heads, mlps, neurons
+
+
+def _batch(batch, seq, vocab, lengths=None, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, seq), generator=gen)
+    if lengths is None:
+        return ids, None
+    mask = (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return ids * mask, mask
+
+
+def _hidden(model, ids, mask):
+    return model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+PATTERNS = ["none", "some", "layer_heads_off", "all_mlps_off", "all_off", "soft"]
+SHAPES = {  # name: (batch, seq, lengths or None)
+    "odd-lengths": (3, 9, [9, 6, 2]),
+    "no-padding": (2, 7, None),
+    "batch-of-1": (1, 5, [5]),
+    "single-token": (2, 1, None),
+    "one-token-rows": (3, 6, [6, 1, 1]),
+}
+
+
+@pytest.fixture(scope="module")
+def shared_bert(tiny_bert):
+    """One patched tiny BERT for the tests that only set masks (model building is slow)."""
+    return sparsebert.patch(tiny_bert())
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_fast_path_equals_masked_model(shared_bert, tiny_dims, pattern):
+    """Every shape (odd lengths, no padding, batch of 1, a single token, one-token rows), with
+    and without unpadding: logits and the real positions' hidden states equal the masked model's."""
+    model = shared_bert
+    heads, mlps, neurons = _masks(tiny_dims, pattern)
+    sparsebert.set_masks(model, head_mask=heads, mlp_mask=mlps, neuron_mask=neurons)
+    for unpad in (True, False):
+        fast = accelerate(model, unpad=unpad)
+        for shape, (batch, seq, lengths) in SHAPES.items():
+            ids, mask = _batch(batch, seq, tiny_dims.vocab, lengths)
+            with torch.no_grad():
+                expected = model(input_ids=ids, attention_mask=mask).logits
+                hidden = _hidden(model, ids, mask)
+            got = fast(input_ids=ids, attention_mask=mask).logits
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5, msg=f"{shape} {unpad}")
+            real = torch.ones(batch, seq, dtype=torch.bool) if mask is None else mask.bool()
+            got_hidden = fast._runner.base_model(input_ids=ids,
+                                                 attention_mask=mask).last_hidden_state
+            torch.testing.assert_close(got_hidden[real], hidden[real], rtol=0, atol=1e-5,
+                                       msg=f"{shape} {unpad}")
+
+
+def test_roberta_and_sdpa_masks(tiny_roberta, tiny_dims):
+    """Another family, and the SDPA attention implementation's mask format."""
+    model = sparsebert.patch(tiny_roberta(attn="sdpa"))
+    heads, mlps, neurons = _masks(tiny_dims, "some")
+    sparsebert.set_masks(model, head_mask=heads, mlp_mask=mlps, neuron_mask=neurons)
+    ids, mask = _batch(3, 8, tiny_dims.vocab, [8, 5, 3])
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    got = accelerate(model)(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_pruned_model_runs_on_the_fast_path(tiny_bert, tiny_dims):
+    model = sparsebert.patch(tiny_bert())
+    heads, mlps, neurons = _masks(tiny_dims, "layer_heads_off")
+    sparsebert.set_masks(model, head_mask=heads, mlp_mask=mlps, neuron_mask=neurons)
+    ids, mask = _batch(3, 9, tiny_dims.vocab, [9, 4, 7])
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    sparsebert.prune(model)
+    got = accelerate(model)(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_error_within_twice_pytorch(tiny_bert, tiny_dims, dtype):
+    """Error vs an fp64 reference at most 2x that of the masked model at the same precision."""
+    model = sparsebert.patch(tiny_bert())
+    heads, mlps, neurons = _masks(tiny_dims, "some")
+    sparsebert.set_masks(model, head_mask=heads, mlp_mask=mlps, neuron_mask=neurons)
+    ids, mask = _batch(3, 9, tiny_dims.vocab, [9, 6, 2])
+    with torch.no_grad():
+        reference = model.double()(input_ids=ids, attention_mask=mask).logits
+        plain = model.to(dtype)(input_ids=ids, attention_mask=mask).logits.double()
+    got = accelerate(model)(input_ids=ids, attention_mask=mask).logits.double()
+    plain_error = (plain - reference).abs().max().item()
+    fast_error = (got - reference).abs().max().item()
+    assert fast_error <= 2 * plain_error + 1e-6, (fast_error, plain_error)
+
+
+def test_cache_follows_masks_and_weights(tiny_bert, tiny_dims):
+    model = sparsebert.patch(tiny_bert())
+    ids, mask = _batch(3, 9, tiny_dims.vocab, [9, 6, 2])
+    fast = accelerate(model)
+
+    def check():
+        with torch.no_grad():
+            expected = model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(fast(input_ids=ids, attention_mask=mask).logits, expected,
+                                   rtol=0, atol=1e-5)
+
+    check()
+    built = fast.encoder.builds
+    assert built == tiny_dims.layers
+    check()  # nothing changed: nothing rebuilt
+    assert fast.encoder.builds == built
+    # New masks (set_masks writes the gate buffers in place).
+    heads, mlps, neurons = _masks(tiny_dims, "some")
+    sparsebert.set_masks(model, head_mask=heads, mlp_mask=mlps, neuron_mask=neurons)
+    check()
+    assert fast.encoder.builds > built
+    # An in-place weight update of one layer rebuilds that layer only.
+    built = fast.encoder.builds
+    with torch.no_grad():
+        model.bert.encoder.layer[1].attention.self.query.weight.add_(0.5)
+    check()
+    assert fast.encoder.builds == built + 1
+    # A replaced parameter (new tensor) is noticed too.
+    with torch.no_grad():
+        dense = model.bert.encoder.layer[2].output.dense
+        dense.weight = torch.nn.Parameter(dense.weight * 2)
+    check()
+    # Writes through .data bypass version counters: invalidate() rebuilds.
+    model.bert.encoder.layer[0].intermediate.dense.weight.data.mul_(3)
+    fast.invalidate()
+    check()
+
+
+def test_masks_stay_reversible(tiny_bert, tiny_dims):
+    model = sparsebert.patch(tiny_bert())
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ids, mask = _batch(3, 9, tiny_dims.vocab, [9, 6, 2])
+    with torch.no_grad():
+        dense = model(input_ids=ids, attention_mask=mask).logits
+    fast = accelerate(model)
+    heads, mlps, neurons = _masks(tiny_dims, "layer_heads_off")
+    sparsebert.set_masks(model, head_mask=heads, mlp_mask=mlps, neuron_mask=neurons)
+    masked = fast(input_ids=ids, attention_mask=mask).logits
+    assert (masked - dense).abs().max() > 1e-4
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    ones = torch.ones_like
+    sparsebert.set_masks(model, head_mask=ones(heads), mlp_mask=ones(mlps),
+                         neuron_mask=ones(neurons))
+    torch.testing.assert_close(fast(input_ids=ids, attention_mask=mask).logits, dense,
+                               rtol=0, atol=1e-5)
+
+
+def test_state_dict_and_to_reach_the_shared_model(tiny_bert):
+    model = sparsebert.patch(tiny_bert())
+    fast = accelerate(model)
+    names = set(fast.state_dict())
+    assert names == {f"model.{name}" for name in model.state_dict()}
+    fast.to(torch.float64)
+    assert model.bert.encoder.layer[0].attention.self.query.weight.dtype == torch.float64
+
+
+def test_bad_use_is_refused(tiny_bert, tiny_dims):
+    model = sparsebert.patch(tiny_bert())
+    fast = accelerate(model)
+    ids, mask = _batch(2, 5, tiny_dims.vocab, [5, 3])
+    with pytest.raises(FastPathError, match="output_hidden_states"):
+        fast(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    with pytest.raises(FastPathError, match="inference"):
+        fast.train()
+    model.train()
+    with pytest.raises(FastPathError, match="training mode"):
+        fast(input_ids=ids, attention_mask=mask)
+    model.eval()
+    attn = model.bert.encoder.layer[0].attention
+    with attn.override_head_gate(torch.ones(2, tiny_dims.heads)):
+        with pytest.raises(FastPathError, match="layer 0 has a gate override"):
+            fast(input_ids=ids, attention_mask=mask)
+
+
+# ---- unpadding and graph buckets ----------------------------------------------------------
+def test_packing_round_trip_and_grid():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 1, 1, 0]], dtype=torch.bool)
+    x = torch.arange(3 * 4 * 2, dtype=torch.float32).view(3, 4, 2)
+    packing = Packing.from_mask(mask, bucket=4)
+    assert packing.tokens == 6 and packing.padded_tokens == 8 and packing.max_len == 3
+    assert packing.cu_seqlens.tolist() == [0, 3, 4, 6]
+    packed = packing.pack(x)
+    torch.testing.assert_close(packed[:6], x[mask])
+    assert packed[6:].abs().sum() == 0  # dummy slots read zeros
+    back = packing.unpack(packed)
+    torch.testing.assert_close(back[mask], x[mask])
+    assert back[~mask].abs().sum() == 0
+    index, keys = packing.grid()  # (B, L=3) grid: rows packed left, dummies at B*L
+    assert index.tolist() == [0, 1, 2, 3, 6, 7, 9, 9]
+    assert keys.tolist() == [[True] * 3, [True, False, False], [True, True, False]]
+    full = Packing.from_mask(torch.ones(2, 3, dtype=torch.bool))
+    assert full.every_position and full.pack(x[:2, :3]).shape == (6, 2)
+
+
+@pytest.mark.parametrize("lengths", [[9, 6, 2], [9, 9, 9], [3, 4, 5]])
+def test_graph_buckets_without_capture(tiny_bert, tiny_dims, lengths):
+    """The graph path's static buffers and token buckets, run eagerly (no CUDA needed)."""
+    model = sparsebert.patch(tiny_bert())
+    heads, mlps, neurons = _masks(tiny_dims, "some")
+    sparsebert.set_masks(model, head_mask=heads, mlp_mask=mlps, neuron_mask=neurons)
+    fast = accelerate(model)
+    encoder = fast.encoder
+    encoder.refresh()
+    cache = GraphCache(encoder, capture=False)
+    for seed, lens in enumerate([lengths, [min(n + 1, 9) for n in lengths]]):
+        ids, mask = _batch(3, 9, tiny_dims.vocab, lens, seed=seed)
+        with torch.no_grad():
+            embeddings = model.bert.embeddings(input_ids=ids)
+            expected = _hidden(model, ids, mask)
+            packing = Packing.from_mask(mask.bool(), bucket=8)
+            got = cache.run(embeddings, packing)
+        real = mask.bool()
+        torch.testing.assert_close(got[real], expected[real], rtol=0, atol=1e-5)
+    assert len(cache.graphs) <= 2
+
+
+def test_default_model(default_model_dir):
+    """The real model: a layer without heads, MLPs off, half the heads and neurons masked."""
+    from sparsebert.hf.loading import load_model  # noqa: PLC0415
+
+    model, _ = load_model(default_model_dir, num_labels=3, seed=0)
+    sparsebert.patch(model.eval())
+    config = model.config
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    gen = torch.Generator().manual_seed(0)
+    head_mask = (torch.rand(layers, heads, generator=gen) > 0.5).float()
+    head_mask[0] = 0
+    mlp_mask = torch.ones(layers)
+    mlp_mask[[1, layers - 1]] = 0
+    neuron_mask = (torch.rand(layers, config.intermediate_size, generator=gen) > 0.5).float()
+    sparsebert.set_masks(model, head_mask=head_mask, mlp_mask=mlp_mask, neuron_mask=neuron_mask)
+    fast = accelerate(model)
+    for batch, seq, lengths in [(3, 13, [13, 7, 1]), (1, 1, None), (2, 11, None)]:
+        ids, mask = _batch(batch, seq, 1000, lengths)
+        ids[:, 0] = 101
+        with torch.no_grad():
+            expected = model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(fast(input_ids=ids, attention_mask=mask).logits, expected,
+                                   rtol=0, atol=1e-5)
+
+
+# ---- CUDA graphs (skipped without a GPU) ---------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_cuda_graphs_equal_masked_model(tiny_bert, tiny_dims, dtype):
+    model = sparsebert.patch(tiny_bert()).to("cuda")
+    heads, mlps, neurons = _masks(tiny_dims, "some")
+    sparsebert.set_masks(model, head_mask=heads, mlp_mask=mlps, neuron_mask=neurons)
+    fast = accelerate(model.to(dtype), bucket=8)
+    for seed, lengths in enumerate([[9, 6, 2], [9, 5, 3], None, [9, 9, 1]]):
+        ids, mask = _batch(3, 9, tiny_dims.vocab, lengths, seed=seed)
+        ids = ids.cuda()
+        mask = None if mask is None else mask.cuda()
+        with torch.no_grad():
+            reference = model.double()(input_ids=ids, attention_mask=mask).logits
+            plain = model.to(dtype)(input_ids=ids, attention_mask=mask).logits.double()
+        got = fast(input_ids=ids, attention_mask=mask).logits.double()
+        tolerance = 1e-5 if dtype == torch.float32 else 2 * (plain - reference).abs().max() + 1e-6
+        assert (got - reference).abs().max() <= tolerance
+    assert fast.encoder._graph_cache is not None and fast.encoder._graph_cache.graphs
+    # New masks: the graphs are dropped and captured again with the new compact weights.
+    sparsebert.set_masks(model, head_mask=torch.ones_like(heads))
+    ids, mask = _batch(3, 9, tiny_dims.vocab, [9, 6, 2])
+    ids, mask = ids.cuda(), mask.cuda()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits.float()
+    got = fast(input_ids=ids, attention_mask=mask).logits.float()
+    atol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(got, expected, rtol=0, atol=atol)
