@@ -204,6 +204,23 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- speed ---------------------------------------------------------------------------------
+
+def _add_speed(subparsers) -> None:
+    from sparsebert.speed.command import __doc__ as doc  # noqa: PLC0415
+    from sparsebert.speed.command import add_arguments  # noqa: PLC0415
+
+    add_arguments(subparsers.add_parser(
+        "speed", help="time dense vs masked vs physically pruned inference side by side",
+        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def _run_speed(args: argparse.Namespace) -> int:
+    from sparsebert.speed.command import main  # noqa: PLC0415
+
+    return main(args)
+
+
 # --- info ----------------------------------------------------------------------------------
 
 def _add_info(subparsers) -> None:
@@ -238,6 +255,7 @@ SUBCOMMANDS: dict[str, tuple[Callable, Callable]] = {
     "evaluate": (_add_evaluate, _run_evaluate),
     "search": (_add_search, _run_search),
     "report": (_add_report, _run_report),
+    "speed": (_add_speed, _run_speed),
     "info": (_add_info, _run_info),
 }
 

@@ -1,0 +1,282 @@
+"""`sparsebert speed`: dense vs masked vs physically pruned, measured side by side.
+
+    sparsebert speed --model minilm --prune-heads 0.5 --prune-ffn 0.5 --batch 16 --seq 128 \
+        --device cpu --threads 2 --json out.json
+
+One table: stock HF eager, stock HF + CUDA graph (GPU), sparsebert dense, sparsebert masked (fast
+path), physically pruned; per row the median and p20/p80 milliseconds per batch over interleaved
+repeats after warm-up (device-side timing on GPU), examples/s, effective TFLOP/s (the FLOPs the
+row's kept heads and neurons need on the real tokens, over its time) and the speed-up vs dense.
+Before timing, every sparsebert row's logits are compared with the masked model's (max |diff|).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sparsebert.atomic import atomic_write_json
+from sparsebert.runtime import device_name, git_sha, versions
+from sparsebert.speed.timing import summary, time_interleaved
+from sparsebert.speed.variants import (
+    Variant,
+    fast_variants,
+    patched_copy,
+    pruned_variant,
+    stock_variants,
+)
+from sparsebert.speed.workload import (
+    DTYPES,
+    MaskSet,
+    SpeedError,
+    batch_lengths,
+    load_speed_model,
+    make_batch,
+    masks_from_file,
+    masks_from_run,
+    model_shape,
+    random_masks,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `sparsebert speed`."""
+    parser.add_argument("--model", default="minilm",
+                        help="bert-base (BERT-base shapes, random weights), minilm (the default "
+                             "model), or a local model directory")
+    masks = parser.add_argument_group("masks (one source)")
+    masks.add_argument("--head-mask", default=None,
+                       help="masks file: JSON with head_mask (L, H) [+ mlp_mask, neuron_mask], "
+                            "or a (L, H) tensor (.pt / .npy)")
+    masks.add_argument("--prune-heads", type=float, default=None,
+                       help="fraction of heads pruned in every layer (random, seeded)")
+    masks.add_argument("--prune-ffn", type=float, default=None,
+                       help="fraction of FFN neurons pruned in every layer (random, seeded)")
+    masks.add_argument("--run", default=None,
+                       help="run directory: a search (every subnetwork in structured/masks/) "
+                            "or a fine-tune run of a masked model (masks.json)")
+    parser.add_argument("--batch", type=int, default=32, help="batch size B")
+    parser.add_argument("--seq", type=int, default=128, help="padded sequence length S")
+    parser.add_argument("--lengths", default="full",
+                        help="full, uniform (in [S/4, S]) or glue:TASK (the task's dev lengths)")
+    parser.add_argument("--glue-dir", default=None, help="GLUE folder (default: $GLUE_DIR)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when visible)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                        help="weights and activations (default: fp16 on cuda, fp32 on cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls per row (default: 30 on cuda, 10 on cpu)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per row first")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights, masks, lengths")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# --- checks ---------------------------------------------------------------------------------
+def resolve_device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise SpeedError(f"--device {text!r}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SpeedError(f"--device {text!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SpeedError(f"--device {text}: no CUDA device is visible (torch "
+                             f"{torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SpeedError(f"--device {text}: only {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def check_dtype(flag_value: str, dtype: torch.dtype, device: torch.device) -> None:
+    """The dtype must run a linear layer and SDPA on the device (probed on tiny tensors)."""
+    try:
+        x = torch.ones(2, 4, 8, device=device, dtype=dtype)
+        F.linear(x, torch.ones(8, 8, device=device, dtype=dtype))
+        F.scaled_dot_product_attention(x[None], x[None], x[None])
+    except (RuntimeError, TypeError) as error:
+        raise SpeedError(f"--dtype {flag_value} is not supported on {device.type} by this torch "
+                         f"build ({str(error).splitlines()[0]})") from None
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for flag, value in (("--batch", args.batch), ("--seq", args.seq)):
+        if value < 1:
+            raise SpeedError(f"{flag} {value}: expected a positive integer")
+    if args.repeats is not None and args.repeats < 1:
+        raise SpeedError(f"--repeats {args.repeats}: expected a positive integer")
+    if args.warmup < 0:
+        raise SpeedError(f"--warmup {args.warmup}: expected >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise SpeedError(f"--threads {args.threads}: expected a positive integer")
+    sources = [flag for flag, value in (("--head-mask", args.head_mask), ("--run", args.run))
+               if value is not None]
+    if args.prune_heads is not None or args.prune_ffn is not None:
+        sources.append("--prune-heads/--prune-ffn")
+    if len(sources) > 1:
+        raise SpeedError(f"{' and '.join(sources)}: pass one source of masks")
+
+
+def mask_sets(args: argparse.Namespace, shape: dict[str, int]) -> list[MaskSet]:
+    if args.head_mask is not None:
+        return [masks_from_file(args.head_mask, shape)]
+    if args.run is not None:
+        return masks_from_run(args.run, shape)
+    return [random_masks(shape, args.prune_heads or 0.0, args.prune_ffn or 0.0, args.seed)]
+
+
+# --- FLOPs ----------------------------------------------------------------------------------
+def useful_flops(shape: dict[str, int], masks: MaskSet | None, lengths: np.ndarray) -> float:
+    """FLOPs the kept heads and neurons need on the real tokens: linear layers plus attention
+    (QK^T and PV) per layer; embeddings and the classifier are left out."""
+    hidden, head_dim = shape["hidden"], shape["hidden"] // shape["heads"]
+    tokens, squares = float(lengths.sum()), float((lengths.astype(np.float64) ** 2).sum())
+    total = 0.0
+    for layer in range(shape["layers"]):
+        if masks is None:
+            heads, ffn = shape["heads"], shape["intermediate"]
+        else:
+            heads = int((masks.head_mask[layer] != 0).sum())
+            ffn = 0 if float(masks.mlp_mask[layer]) == 0 else int(
+                (masks.neuron_mask[layer] != 0).sum())
+        kd = heads * head_dim
+        total += tokens * 2 * (4 * hidden * kd + 2 * hidden * ffn) + 4 * kd * squares
+    return total
+
+
+# --- the run --------------------------------------------------------------------------------
+def _rows(variants: list[Variant], samples: dict[str, list[float]], shape, lengths, batch,
+          diffs: dict[str, float]) -> list[dict[str, Any]]:
+    dense = next((summary(samples[v.key])["median_ms"] for v in variants
+                  if v.variant == "dense" and v.unpad), None)
+    rows = []
+    for v in variants:
+        stats = summary(samples[v.key])
+        heads_kept, ffn_kept = (1.0, 1.0) if v.masks is None else v.masks.kept()
+        seconds = stats["median_ms"] / 1e3
+        rows.append({
+            "variant": v.variant, "subnetwork": v.subnetwork or None, "unpad": v.unpad,
+            "heads_kept": heads_kept, "ffn_kept": ffn_kept, **stats,
+            "examples_per_s": batch / seconds,
+            "effective_tflops": useful_flops(shape, v.masks, lengths) / seconds / 1e12,
+            "speedup_vs_dense": None if dense is None else dense / stats["median_ms"],
+            "max_abs_diff": diffs.get(v.key), "notes": v.notes,
+        })
+    return rows
+
+
+def run_speed(args: argparse.Namespace) -> dict[str, Any]:
+    """Build every variant, check their outputs, time them interleaved; the JSON result."""
+    check_args(args)
+    device = resolve_device(args.device)
+    dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    dtype = DTYPES[dtype_name]
+    check_dtype(dtype_name, dtype, device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeats = args.repeats or (30 if device.type == "cuda" else 10)
+    # Step 1: model, masks, batch.
+    model, tokenizer = load_speed_model(args.model, seed=args.seed)
+    shape = model_shape(model)
+    if args.seq > shape["max_length"]:
+        raise SpeedError(f"--seq {args.seq}: longer than the model's position limit "
+                         f"({shape['max_length']} tokens)")
+    sets = mask_sets(args, shape)
+    lengths = batch_lengths(args.lengths, args.batch, args.seq, tokenizer, args.glue_dir,
+                            args.seed)
+    model = model.to(device=device, dtype=dtype)
+    batch = make_batch(lengths, args.seq, model.config.vocab_size, device, args.seed)
+    padded = "attention_mask" in batch
+    # Step 2: variants (and their outputs vs the masked model's).
+    variants = stock_variants(model, batch, device)
+    dense, _ = fast_variants("dense", model, None, batch, padded)
+    variants += dense
+    diffs: dict[str, float] = {}
+    notes: list[str] = []
+    for masks in sets:
+        name = masks.name if len(sets) > 1 else ""
+        notes += [f"{masks.name}: {note}" for note in masks.notes]
+        masked, patched = fast_variants("masked", model, masks, batch, padded, name)
+        variants += masked + [pruned_variant(patched, masks, batch, name)]
+        with torch.no_grad():
+            reference = patched(**batch).logits.float()
+        for v in variants[-len(masked) - 1:]:
+            diffs[v.key] = float((v.fn().float() - reference).abs().max())
+    with torch.no_grad():
+        reference = patched_copy(model, None)(**batch).logits.float()
+    for v in dense:
+        diffs[v.key] = float((v.fn().float() - reference).abs().max())
+    # Step 3: time them side by side.
+    samples = time_interleaved({v.key: v.fn for v in variants}, repeats, args.warmup, device,
+                               progress=not args.quiet)
+    for v in variants:
+        notes += v.notes
+    return {
+        "device": device_name(device) + ("" if device.type == "cuda"
+                                         else f" ({torch.get_num_threads()} threads)"),
+        "versions": versions(), "git_sha": git_sha(), "dtype": dtype_name,
+        "args": {k: v for k, v in vars(args).items() if not callable(v)},
+        "attention": getattr(model.config, "_attn_implementation", None),
+        "lengths": {"mean": float(lengths.mean()), "min": int(lengths.min()),
+                    "max": int(lengths.max())},
+        "masks": [{"name": m.name, "source": m.source, "heads_kept": m.kept()[0],
+                   "ffn_kept": m.kept()[1]} for m in sets],
+        "rows": _rows(variants, samples, shape, lengths, args.batch, diffs),
+        "notes": notes,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The markdown table of a run_speed result."""
+    header = ["variant", "unpad", "heads kept", "FFN kept", "median ms", "p20-p80 ms",
+              "examples/s", "eff. TFLOP/s", "speed-up vs dense", "max |diff|"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in result["rows"]:
+        name = row["variant"] + (f" ({row['subnetwork']})" if row["subnetwork"] else "")
+        diff = "" if row["max_abs_diff"] is None else f"{row['max_abs_diff']:.1e}"
+        speedup = "" if row["speedup_vs_dense"] is None else f"{row['speedup_vs_dense']:.2f}x"
+        lines.append("| " + " | ".join([
+            name, "yes" if row["unpad"] else "no", f"{row['heads_kept']:.0%}",
+            f"{row['ffn_kept']:.0%}", f"{row['median_ms']:.2f}",
+            f"{row['p20_ms']:.2f}-{row['p80_ms']:.2f}", f"{row['examples_per_s']:.0f}",
+            f"{row['effective_tflops']:.3f}", speedup, diff]) + " |")
+    return "\n".join(lines)
+
+
+def describe(result: dict[str, Any]) -> str:
+    """One line: model, shapes, device, dtype, lengths."""
+    a = result["args"]
+    lengths = result["lengths"]
+    return (f"{a['model']} B={a['batch']} S={a['seq']} lengths {a['lengths']} (mean "
+            f"{lengths['mean']:.1f}, {lengths['min']}-{lengths['max']}), {result['dtype']}, "
+            f"{result['device']}, torch {result['versions']['torch']}, stock attention "
+            f"{result['attention']}")
+
+
+def main(args: argparse.Namespace) -> int:
+    """`sparsebert speed`: print the table, write --json."""
+    result = run_speed(args)
+    print(describe(result))
+    print(format_table(result))
+    for note in result["notes"]:
+        print(f"note: {note}")
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, result)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    parser = argparse.ArgumentParser(prog="sparsebert speed")
+    add_arguments(parser)
+    raise SystemExit(main(parser.parse_args()))
+

@@ -1,0 +1,60 @@
+"""Interleaved timing of several variants on one device.
+
+`time_interleaved({name: fn}, repeats, warmup, device)` warms every variant up, then runs the
+variants round-robin `repeats` times (the order rotates each round), so slow drift of a shared
+machine (other processes, frequency changes) hits every variant alike. One call per sample:
+wall time with perf_counter on CPU; on CUDA, device time between two events recorded around
+the call on the current stream (what the GPU spent, launch gaps included), synchronised per call.
+Returns {name: [ms, ...]}; `summary(ms)` gives median, p20, p80.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+def _time_once(fn: Callable[[], object], cuda: bool) -> float:
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end))
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                     device: torch.device, progress: bool = True) -> dict[str, list[float]]:
+    """Milliseconds per call of each variant, `repeats` samples each, interleaved."""
+    cuda = device.type == "cuda"
+    names = list(fns)
+    total = len(names) * (warmup + repeats)
+    with tqdm(total=total, desc="timing", disable=not progress, leave=False) as bar:
+        for name in names:  # warm-up: lazy init, caches, graph capture
+            for _ in range(warmup):
+                fns[name]()
+                bar.update()
+        if cuda:
+            torch.cuda.synchronize(device)
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(repeats):
+            for i in range(len(names)):
+                name = names[(i + r) % len(names)]
+                samples[name].append(_time_once(fns[name], cuda))
+                bar.update()
+    return samples
+
+
+def summary(ms: list[float]) -> dict[str, float]:
+    """median, p20, p80 of per-call milliseconds."""
+    values = np.asarray(ms, dtype=np.float64)
+    return {"median_ms": float(np.median(values)), "p20_ms": float(np.percentile(values, 20)),
+            "p80_ms": float(np.percentile(values, 80))}

@@ -1,0 +1,225 @@
+"""What `sparsebert speed` measures: the model, the masks and the batch.
+
+* models: "bert-base" (BERT-base shapes, random weights, nothing downloaded), "minilm" /
+  "default" (the default pre-trained model), or a local model directory;
+* masks: a file (--head-mask: masks JSON of a search or run, or a (L, H) tensor in .pt/.npy),
+  random per-layer fractions (--prune-heads / --prune-ffn: every layer keeps the same number of
+  heads and FFN neurons, chosen at random with a seed), or a run directory (--run: a fine-tune
+  run's masks.json, or every subnetwork of a search's structured/masks/);
+* batches: token ids with lengths "full" (every row S long), "uniform" (uniform in [S/4, S],
+  seeded) or "glue:TASK" (that task's dev examples, tokenized with the model's tokenizer and
+  truncated to S: their real lengths).
+Every error names the flag and what was expected (SpeedError: one line, exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from sparsebert.errors import SparsebertError
+
+BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+             "intermediate_size": 3072, "vocab_size": 30522, "max_position_embeddings": 512}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class SpeedError(SparsebertError):
+    """Bad input to `sparsebert speed` (the message names the argument)."""
+
+
+@dataclass
+class MaskSet:
+    """One subnetwork to measure: head_mask (L, H), mlp_mask (L,), neuron_mask (L, F)."""
+
+    name: str
+    head_mask: torch.Tensor
+    mlp_mask: torch.Tensor
+    neuron_mask: torch.Tensor
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def kept(self) -> tuple[float, float]:
+        """(fraction of heads kept, fraction of FFN neurons kept: MLP gate x neuron gate)."""
+        heads = float((self.head_mask != 0).float().mean())
+        ffn = float(((self.neuron_mask != 0) & (self.mlp_mask[:, None] != 0)).float().mean())
+        return heads, ffn
+
+
+# --- models ---------------------------------------------------------------------------------
+def load_speed_model(name: str, seed: int = 0) -> tuple[nn.Module, object | None]:
+    """(sequence-classification model in fp32 eval mode, tokenizer or None) for --model."""
+    if name == "bert-base":
+        from transformers import BertConfig, BertForSequenceClassification  # noqa: PLC0415
+
+        torch.manual_seed(seed)
+        model = BertForSequenceClassification(BertConfig(**BERT_BASE, num_labels=2))
+        return model.eval(), None
+    from sparsebert.hf.loading import load_model  # noqa: PLC0415
+
+    source = None if name in ("minilm", "default") else name
+    if source is not None and not Path(source).is_dir():
+        raise SpeedError(f"--model {name!r}: expected bert-base, minilm, or a local model "
+                         "directory (nothing is downloaded)")
+    model, tokenizer = load_model(source, num_labels=2, seed=seed)
+    return model.eval(), tokenizer
+
+
+def model_shape(model: nn.Module) -> dict[str, int]:
+    """Unpruned sizes from the config: layers, heads, hidden, intermediate, max_length."""
+    config = model.config
+    offset = 0
+    if config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        offset = int(config.pad_token_id) + 1  # positions start after the padding index
+    return {"layers": config.num_hidden_layers, "heads": config.num_attention_heads,
+            "hidden": config.hidden_size, "intermediate": config.intermediate_size,
+            "max_length": int(config.max_position_embeddings) - offset}
+
+
+# --- masks ----------------------------------------------------------------------------------
+def random_masks(shape: dict[str, int], prune_heads: float, prune_ffn: float,
+                 seed: int = 0) -> MaskSet:
+    """Every layer keeps round((1 - p) * n) heads / FFN neurons, chosen at random."""
+    for flag, value in (("--prune-heads", prune_heads), ("--prune-ffn", prune_ffn)):
+        if not 0.0 <= value <= 1.0:
+            raise SpeedError(f"{flag} {value}: expected a fraction in [0, 1]")
+    gen = torch.Generator().manual_seed(seed)
+    layers = shape["layers"]
+
+    def keep(n: int, fraction: float) -> torch.Tensor:  # (L, n)
+        kept = round((1.0 - fraction) * n)
+        mask = torch.zeros(layers, n)
+        for layer in range(layers):
+            mask[layer, torch.randperm(n, generator=gen)[:kept]] = 1.0
+        return mask
+
+    name = f"random {1 - prune_heads:.0%} heads, {1 - prune_ffn:.0%} FFN"
+    return MaskSet(name, keep(shape["heads"], prune_heads), torch.ones(layers),
+                   keep(shape["intermediate"], prune_ffn), source="--prune-heads/--prune-ffn")
+
+
+def _check_shape(flag: str, what: str, value, expected: tuple[int, ...]) -> torch.Tensor:
+    try:
+        tensor = torch.as_tensor(np.asarray(value, dtype=np.float32))
+    except (TypeError, ValueError):
+        raise SpeedError(f"{flag}: {what} is not a numeric array") from None
+    if tuple(tensor.shape) != expected:
+        raise SpeedError(f"{flag}: {what} has shape {tuple(tensor.shape)}, but this model needs "
+                         f"{expected} (layers x heads); the masks are for another model")
+    if bool(((tensor < 0) | (tensor > 1) | torch.isnan(tensor)).any()):
+        raise SpeedError(f"{flag}: {what} values must lie in [0, 1]")
+    return tensor
+
+
+def masks_from_dict(flag: str, data: dict, shape: dict[str, int], name: str,
+                    source: str) -> MaskSet:
+    """A MaskSet from {"head_mask": (L, H), "mlp_mask": (L,) optional, "neuron_mask" optional}."""
+    layers, heads, ffn = shape["layers"], shape["heads"], shape["intermediate"]
+    if "head_mask" not in data:
+        raise SpeedError(f"{flag} {source}: no head_mask in it (keys: {sorted(data)[:8]})")
+    head = _check_shape(flag, "head_mask", data["head_mask"], (layers, heads))
+    mlp = (torch.ones(layers) if data.get("mlp_mask") is None
+           else _check_shape(flag, "mlp_mask", data["mlp_mask"], (layers,)))
+    neuron = (torch.ones(layers, ffn) if data.get("neuron_mask") is None
+              else _check_shape(flag, "neuron_mask", data["neuron_mask"], (layers, ffn)))
+    return MaskSet(name, head, mlp, neuron, source=source)
+
+
+def masks_from_file(path: str, shape: dict[str, int]) -> MaskSet:
+    """--head-mask FILE: JSON with head_mask (and mlp_mask / neuron_mask), or a (L, H) tensor
+    saved with torch.save (.pt) or numpy (.npy)."""
+    file = Path(path)
+    if not file.is_file():
+        raise SpeedError(f"--head-mask {path}: no such file")
+    try:
+        if file.suffix == ".json":
+            data = json.loads(file.read_text())
+        elif file.suffix == ".npy":
+            data = {"head_mask": np.load(file)}
+        else:
+            loaded = torch.load(file, map_location="cpu", weights_only=True)
+            data = loaded if isinstance(loaded, dict) else {"head_mask": loaded}
+    except (OSError, ValueError, RuntimeError) as error:
+        raise SpeedError(f"--head-mask {path}: cannot read it ({error})") from None
+    if not isinstance(data, dict):
+        raise SpeedError(f"--head-mask {path}: expected a JSON object with head_mask")
+    return masks_from_dict("--head-mask", data, shape, file.stem, str(file))
+
+
+def masks_from_run(path: str, shape: dict[str, int]) -> list[MaskSet]:
+    """--run DIR: every subnetwork of a search (structured/masks/*.json, good/random/bad first),
+    or the masks of a fine-tune run (masks.json of a patched run)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise SpeedError(f"--run {path}: no such directory")
+    subnets = root / "structured" / "masks"
+    if subnets.is_dir():
+        order = {"good": 0, "random": 1, "bad": 2}
+        files = sorted(subnets.glob("*.json"), key=lambda p: (order.get(p.stem, 3), p.stem))
+        sets = []
+        for file in files:
+            try:
+                data = json.loads(file.read_text())
+            except (OSError, ValueError) as error:
+                raise SpeedError(f"--run {path}: {file.name} is damaged ({error})") from None
+            sets.append(masks_from_dict("--run", data, shape, file.stem, str(file)))
+        if sets:
+            return sets
+    masks_file = root / "masks.json"
+    if masks_file.is_file():
+        try:
+            data = json.loads(masks_file.read_text())
+        except (OSError, ValueError) as error:
+            raise SpeedError(f"--run {path}: masks.json is damaged ({error})") from None
+        if data.get("head_mask") is not None:
+            masks = masks_from_dict("--run", data, shape, root.name, str(masks_file))
+            if any(n < shape["intermediate"] for n in data.get("neurons_kept", [])):
+                masks.notes.append("FFN neuron masks are not stored in masks.json: all neurons "
+                                   "of kept MLPs counted as kept")
+            return [masks]
+    raise SpeedError(f"--run {path}: no masks found (expected a search directory with "
+                     "structured/masks/*.json or a run of a masked model with masks.json)")
+
+
+# --- batches --------------------------------------------------------------------------------
+def batch_lengths(spec: str, batch: int, seq: int, tokenizer=None, glue_dir=None,
+                  seed: int = 0) -> np.ndarray:
+    """(B,) lengths for --lengths full | uniform | glue:TASK."""
+    if spec == "full":
+        return np.full(batch, seq, dtype=np.int64)
+    if spec == "uniform":
+        rng = np.random.default_rng(seed)
+        return rng.integers(max(1, seq // 4), seq + 1, size=batch).astype(np.int64)
+    if spec.startswith("glue:"):
+        from sparsebert.glue.batching import encode  # noqa: PLC0415
+        from sparsebert.glue.loading import load_split  # noqa: PLC0415
+
+        if tokenizer is None:
+            from sparsebert.hf.loading import load_tokenizer  # noqa: PLC0415
+
+            tokenizer = load_tokenizer(None)  # bert-base: the default model's (BERT) vocabulary
+        data = load_split(spec.split(":", 1)[1], "dev", glue_dir)
+        lengths = encode(data, tokenizer, max_length=max(seq, 8)).lengths
+        lengths = np.minimum(lengths, seq)
+        rng = np.random.default_rng(seed)
+        return rng.choice(lengths, size=batch, replace=len(lengths) < batch).astype(np.int64)
+    raise SpeedError(f"--lengths {spec!r}: expected full, uniform or glue:TASK (e.g. glue:SST-2)")
+
+
+def make_batch(lengths: np.ndarray, seq: int, vocab: int, device,
+               seed: int = 0) -> dict[str, torch.Tensor]:
+    """input_ids (B, S) (random ids >= 1000 where vocab allows, 0 = padding) and attention_mask
+    (B, S), None when every row is S long."""
+    gen = torch.Generator().manual_seed(seed)
+    low = 1000 if vocab > 2000 else 3
+    ids = torch.randint(low, vocab, (len(lengths), seq), generator=gen)
+    mask = (torch.arange(seq)[None, :] < torch.as_tensor(lengths)[:, None]).long()
+    out = {"input_ids": (ids * mask).to(device)}
+    if not bool(mask.all()):
+        out["attention_mask"] = mask.to(device)
+    return out
