@@ -66,12 +66,13 @@ class AcceleratedModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, *, unpad: bool = True, graphs: bool | None = None,
-                 bucket: int = 256) -> None:
+                 bucket: int = 256, compile: bool = False) -> None:
         super().__init__()
         self.model = model
         blocks = sparse_blocks(model)
         object.__setattr__(self, "encoder", FastEncoder(
-            blocks, unpad=unpad, graphs=True if graphs is None else graphs, bucket=bucket))
+            blocks, unpad=unpad, graphs=True if graphs is None else graphs, bucket=bucket,
+            compile=compile))
         object.__setattr__(self, "_runner", _runner(model, self.encoder))
         self.train(False)
 
@@ -101,7 +102,7 @@ class AcceleratedModel(nn.Module):
 
 
 def accelerate(model: nn.Module, *, unpad: bool = True, graphs: bool | None = None,
-               bucket: int = 256) -> AcceleratedModel:
+               bucket: int = 256, compile: bool = False) -> AcceleratedModel:
     """Fast inference for a Hugging Face BERT-family model (patched in place if it is not).
 
     model: a supported HF model (sparsebert.hf.structure), masks set with set_masks (binary or
@@ -109,8 +110,9 @@ def accelerate(model: nn.Module, *, unpad: bool = True, graphs: bool | None = No
     unpad: drop padded tokens for the whole encoder (default True).
     graphs: CUDA-graph replay per (B, S, tokens) bucket on CUDA (default on; ignored on CPU).
     bucket: token-count granularity of the graph buckets.
+    compile: torch.compile the layer loop (eager by default; compile measured no faster on CPU).
     Returns an AcceleratedModel: call it like the model (same logits, no gradients).
     """
     patch(model)
     model.eval()
-    return AcceleratedModel(model, unpad=unpad, graphs=graphs, bucket=bucket)
+    return AcceleratedModel(model, unpad=unpad, graphs=graphs, bucket=bucket, compile=compile)

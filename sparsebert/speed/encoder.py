@@ -51,12 +51,15 @@ class FastEncoder(nn.Module):
 
     The blocks are not registered here (the model that owns them does; parameter names do not
     change). unpad: pack real tokens (default True); graphs: CUDA-graph replay per shape bucket on
-    CUDA devices; bucket: T is rounded up to a multiple of it for graphs.
+    CUDA devices; bucket: T is rounded up to a multiple of it for graphs; compile: run the layer
+    loop through torch.compile (off by default: on CPU it measured no faster than eager and
+    compiles for about a minute, see bench/results/speed-cpu.md).
     """
 
     def __init__(self, blocks: list[tuple[SparseAttention, SparseMLP]], *, unpad: bool = True,
-                 graphs: bool = False, bucket: int = 256) -> None:
+                 graphs: bool = False, bucket: int = 256, compile: bool = False) -> None:
         super().__init__()
+        self._layers = torch.compile(self._run_layers) if compile else self._run_layers
         object.__setattr__(self, "_blocks", list(blocks))
         self.unpad = unpad
         self.graphs = graphs
@@ -94,9 +97,13 @@ class FastEncoder(nn.Module):
         core = full_core if packing.every_position else choose_core(hidden_states.device,
                                                           hidden_states.dtype)
         x = packing.pack(hidden_states)  # (T_pad, hidden)
+        return packing.unpack(self._layers(layers, x, packing, core))
+
+    @staticmethod
+    def _run_layers(layers: list[CompactLayer], x: Tensor, packing: Packing, core: Core) -> Tensor:
         for c in layers:
             x = layer_forward(c, x, packing, core)
-        return packing.unpack(x)
+        return x
 
     def packing_for(self, attention_mask: Tensor | None, batch: int, seq: int,
                     device: torch.device) -> Packing:

@@ -1,0 +1,149 @@
+"""The speed targets of pruned models, measured with `sparsebert speed`'s own code.
+
+Cases (each a `sparsebert speed` run: its rows are timed interleaved, round-robin, in one
+process, so the ratios below come from the same minutes of the same machine):
+  full      lengths full: stock HF eager, sparsebert dense, masked (--prune-heads/--prune-ffn),
+            pruned  -> targets "dense <= 1.0x stock HF eager", "masked <= 0.6x dense"
+  uniform   lengths uniform in [S/4, S]: the same rows with and without unpadding
+            -> target "unpadded >= 1.3x faster than padded" (dense and masked)
+  compile   (--compile) lengths full: the fast path eager vs torch.compile (and its compile
+            time), which decides the CPU default
+GPU cases (bench/gpu_speed.sh) use the same script with --device cuda.
+
+Script:  python bench/bench_speed.py [--device cpu] [--model minilm] [--batch 16] [--seq 128]
+             [--threads 2] [--prune 0.5] [--repeats 10] [--cases full,uniform] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from sparsebert.speed.command import add_arguments, format_table, run_speed  # noqa: E402
+
+TARGETS = {  # (what, numerator row, denominator row, bound, device type)
+    "cpu": [("dense / stock HF eager (full)", "full", "dense", "hf_eager", 1.0),
+            ("masked / dense (full)", "full", "masked", "dense", 0.6),
+            ("dense unpadded / padded (uniform)", "uniform", "dense", "dense padded", 1 / 1.3),
+            ("masked unpadded / padded (uniform)", "uniform", "masked", "masked padded", 1 / 1.3)],
+    "cuda": [("dense / stock HF eager (full)", "full", "dense", "hf_eager", 0.5),
+             ("masked / dense (full)", "full", "masked", "dense", 0.6),
+             ("dense unpadded / padded (uniform)", "uniform", "dense", "dense padded", 1 / 1.4)],
+}
+
+
+def speed_args(args, lengths: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = ["--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
+            "--lengths", lengths, "--device", args.device, "--prune-heads", str(args.prune),
+            "--prune-ffn", str(args.prune), "--repeats", str(args.repeats), "--quiet"]
+    if args.dtype:
+        argv += ["--dtype", args.dtype]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    return parser.parse_args(argv)
+
+
+def row_key(row: dict) -> str:
+    return row["variant"] + ("" if row["unpad"] or row["variant"] in ("hf_eager", "hf_graph",
+                                                                       "pruned") else " padded")
+
+
+def compile_case(args) -> dict:
+    """Fast path eager vs torch.compile, full lengths, dense: compile time and medians."""
+    import sparsebert  # noqa: PLC0415
+    from sparsebert.speed import accelerate  # noqa: PLC0415
+    from sparsebert.speed.timing import summary, time_interleaved  # noqa: PLC0415
+    from sparsebert.speed.workload import load_speed_model, make_batch  # noqa: PLC0415
+
+    model, _ = load_speed_model(args.model)
+    model = sparsebert.patch(model.to(args.device))
+    batch = make_batch(torch.full((args.batch,), args.seq).numpy(), args.seq,
+                       model.config.vocab_size, args.device)
+    eager, compiled = accelerate(model), accelerate(model, compile=True)
+    t0 = time.perf_counter()
+    compiled(**batch)
+    compile_s = time.perf_counter() - t0
+    samples = time_interleaved({"eager": lambda: eager(**batch),
+                                "compile": lambda: compiled(**batch)}, args.repeats, 2,
+                               torch.device(args.device), progress=False)
+    return {"compile_s": compile_s, **{k: summary(v) for k, v in samples.items()}}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prune", type=float, default=0.5)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--cases", default="full,uniform")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--name", default="speed", help="result files' stem")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results, sections = {}, []
+    for case in args.cases.split(","):
+        t0 = time.perf_counter()
+        result = run_speed(speed_args(args, case))
+        result["wall_s"] = time.perf_counter() - t0
+        results[case] = result
+        table = format_table(result)
+        sections.append(f"### lengths {case}\n\n{table}\n")
+        print(f"lengths {case} ({result['wall_s']:.0f} s)\n{table}\n", flush=True)
+    # Targets: time ratios between rows of the same run.
+    checks, target_rows = [], []
+    device_type = args.device.split(":")[0]
+    for what, case, num, den, bound in TARGETS[device_type]:
+        if case not in results:
+            continue
+        medians = {row_key(r): r["median_ms"] for r in results[case]["rows"]
+                   if not r["subnetwork"]}
+        if num not in medians or den not in medians:
+            continue
+        ratio = medians[num] / medians[den]
+        checks.append({"what": what, "ratio": ratio, "target": bound, "met": ratio <= bound})
+        target_rows.append([what, f"{ratio:.2f}x", f"<= {bound:.2f}x",
+                            "yes" if ratio <= bound else "no"])
+    extra = ""
+    if args.compile:
+        results["compile"] = comp = compile_case(args)
+        ratio = comp["compile"]["median_ms"] / comp["eager"]["median_ms"]
+        extra = (f"\n### torch.compile vs eager (fast path, dense, lengths full)\n\n"
+                 f"compile time {comp['compile_s']:.0f} s; median {comp['compile']['median_ms']:.0f}"
+                 f" ms compiled vs {comp['eager']['median_ms']:.0f} ms eager ({ratio:.2f}x), "
+                 "interleaved\n")
+        print(extra)
+    env = common.environment(args.device)
+    first = next(iter(results.values()))
+    title = (f"`sparsebert speed` targets: {args.model}, B={args.batch}, S={args.seq}, "
+             f"{first['dtype']}, {args.prune:.0%} heads + {args.prune:.0%} FFN neurons masked "
+             f"(random, same count per layer); on {env['device']}; torch {env['torch']}, "
+             f"transformers {env['transformers']}, sparsebert {env['git_sha']}\n\n"
+             f"Command: python bench/bench_speed.py {' '.join(argv or sys.argv[1:])}\n\n"
+             "Rows of one table were timed interleaved (round-robin, rotating order) in one "
+             f"process, {args.repeats} calls each after warm-up; the machine is shared with other "
+             "processes, so absolute times are noisy and only the ratios within a table mean "
+             "much. Ratios are of median times (lower = faster).\n")
+    table = common.markdown_table(["target", "measured", "target", "met"], target_rows)
+    text = title + "\n" + table + "\n\n" + "\n".join(sections) + extra
+    payload = {"env": env, "args": vars(args), "targets": checks, "results": results}
+    path = common.write_results(args.name, args.device, payload, text)
+    print(table)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
