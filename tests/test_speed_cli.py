@@ -1,0 +1,116 @@
+"""`sparsebert speed` as a user meets it: the table and --json on a tiny model, masks from files
+and run directories, real GLUE lengths, and bad input (one line, exit 2, no traceback)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sparsebert.cli import main
+from sparsebert.speed.command import check_dtype
+from sparsebert.speed.workload import SpeedError
+
+FAST = ["--batch", "3", "--seq", "12", "--repeats", "1", "--warmup", "0", "--threads", "1",
+        "--quiet"]
+
+
+def _speed(model_dir, *extra, tmp_path=None):
+    args = ["speed", "--model", model_dir, *FAST, *extra]
+    out = None
+    if tmp_path is not None:
+        out = tmp_path / "speed.json"
+        args += ["--json", str(out)]
+    assert main(args) == 0
+    return None if out is None else json.loads(out.read_text())
+
+
+def test_speed_table_and_json(tiny_model_dir, tmp_path, capsys):
+    result = _speed(tiny_model_dir, "--prune-heads", "0.5", "--prune-ffn", "0.5", "--lengths",
+                    "uniform", tmp_path=tmp_path)
+    out = capsys.readouterr().out
+    assert "| variant |" in out and "masked" in out and "pruned" in out
+    assert {"device", "versions", "git_sha", "args", "rows"} <= set(result)
+    variants = [(r["variant"], r["unpad"]) for r in result["rows"]]
+    assert variants == [("hf_eager", False), ("dense", True), ("dense", False),
+                        ("masked", True), ("masked", False), ("pruned", False)]
+    for row in result["rows"]:
+        assert {"variant", "heads_kept", "ffn_kept", "median_ms", "p20_ms", "p80_ms",
+                "examples_per_s"} <= set(row)
+        assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        if row["variant"] != "hf_eager":
+            assert row["max_abs_diff"] < 1e-5  # same logits as the masked model
+        if row["variant"] in ("masked", "pruned"):
+            assert row["heads_kept"] == 0.5 and row["ffn_kept"] == 0.5
+
+
+def test_speed_masks_from_files_and_runs(tiny_model_dir, synthetic_glue, tmp_path):
+    layers, heads = 2, 4
+    head_mask = np.ones((layers, heads), dtype=np.float32)
+    head_mask[0, :2] = 0
+    np.save(tmp_path / "heads.npy", head_mask)
+    result = _speed(tiny_model_dir, "--head-mask", str(tmp_path / "heads.npy"),
+                    tmp_path=tmp_path)
+    masked = next(r for r in result["rows"] if r["variant"] == "masked")
+    assert masked["heads_kept"] == 0.75 and masked["ffn_kept"] == 1.0
+    # A search directory: every subnetwork, good/random/bad first.
+    search = tmp_path / "search"
+    (search / "structured" / "masks").mkdir(parents=True)
+    for name, mlp in (("bad", [1.0, 0.0]), ("good", [1.0, 1.0]), ("random", [0.0, 1.0])):
+        (search / "structured" / "masks" / f"{name}.json").write_text(
+            json.dumps({"head_mask": head_mask.tolist(), "mlp_mask": mlp}))
+    result = _speed(tiny_model_dir, "--run", str(search), "--lengths", "glue:SST-2",
+                    "--glue-dir", synthetic_glue, tmp_path=tmp_path)
+    subnets = [r["subnetwork"] for r in result["rows"] if r["variant"] == "pruned"]
+    assert subnets == ["good", "random", "bad"]
+    assert result["lengths"]["max"] <= 12
+    # A fine-tune run of a masked model: masks.json.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "masks.json").write_text(json.dumps({"patched": True, "head_mask":
+                                                head_mask.tolist(), "mlp_mask": [1.0, 0.0]}))
+    result = _speed(tiny_model_dir, "--run", str(run), tmp_path=tmp_path)
+    masked = next(r for r in result["rows"] if r["variant"] == "masked")
+    assert masked["ffn_kept"] == 0.5
+
+
+def test_unsupported_dtype_is_one_line():
+    with pytest.raises(SpeedError, match="--dtype int32 is not supported on cpu"):
+        check_dtype("int32", torch.int32, torch.device("cpu"))
+
+
+def _mask_file(tmp_path, shape):
+    path = tmp_path / "masks.json"
+    path.write_text(json.dumps({"head_mask": np.ones(shape).tolist()}))
+    return str(path)
+
+
+PROBES = {  # name: (extra args (tmp_path -> list), expected text in the one error line)
+    "cuda-without-cuda": (lambda tmp: ["--device", "cuda"], "--device cuda"),
+    "mask-wrong-shape": (lambda tmp: ["--head-mask", _mask_file(tmp, (3, 4))], "--head-mask"),
+    "mask-of-another-model": (lambda tmp: ["--head-mask", _mask_file(tmp, (6, 12))],
+                              "another model"),
+    "mask-file-missing": (lambda tmp: ["--head-mask", str(tmp / "nope.json")], "--head-mask"),
+    "seq-past-position-limit": (lambda tmp: ["--seq", "4096"], "--seq 4096"),
+    "run-without-masks": (lambda tmp: ["--run", str(tmp)], "--run"),
+    "two-mask-sources": (lambda tmp: ["--run", str(tmp), "--prune-heads", "0.5"],
+                         "one source of masks"),
+    "bad-lengths": (lambda tmp: ["--lengths", "zipf"], "--lengths"),
+    "bad-fraction": (lambda tmp: ["--prune-heads", "1.5"], "--prune-heads"),
+}
+
+
+@pytest.mark.parametrize("name", list(PROBES))
+def test_speed_bad_input(name, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    if name == "cuda-without-cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    monkeypatch.delenv("SPARSEBERT_DEBUG", raising=False)
+    extra, expected = PROBES[name]
+    args = ["speed", "--model", tiny_model_dir, *FAST, *extra(tmp_path)]  # a later flag wins
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("sparsebert: error: "), err
+    assert expected in lines[0] and "Traceback" not in err
