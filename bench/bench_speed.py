@@ -28,15 +28,23 @@ import common  # noqa: E402
 
 from sparsebert.speed.command import add_arguments, format_table, run_speed  # noqa: E402
 
-TARGETS = {  # (what, numerator row, denominator row, bound, device type)
-    "cpu": [("dense / stock HF eager (full)", "full", "dense", "hf_eager", 1.0),
-            ("masked / dense (full)", "full", "masked", "dense", 0.6),
-            ("dense unpadded / padded (uniform)", "uniform", "dense", "dense padded", 1 / 1.3),
-            ("masked unpadded / padded (uniform)", "uniform", "masked", "masked padded", 1 / 1.3)],
-    "cuda": [("dense / stock HF eager (full)", "full", "dense", "hf_eager", 0.5),
-             ("masked / dense (full)", "full", "masked", "dense", 0.6),
-             ("dense unpadded / padded (uniform)", "uniform", "dense", "dense padded", 1 / 1.4)],
-}
+
+def targets(device_type: str, prune: float) -> list[tuple[str, str, str, str, float]]:
+    """(what, case, numerator row, denominator row, bound on the time ratio) of the issue's
+    targets for this device; the masked bound depends on the pruned fraction."""
+    if device_type == "cuda":
+        masked_bound = {0.5: 0.6, 0.75: 0.35}.get(prune)
+        out = [("dense / stock HF eager (full)", "full", "dense", "hf_eager", 0.5),
+               ("dense unpadded / padded (uniform)", "uniform", "dense", "dense padded", 1 / 1.4)]
+    else:
+        masked_bound = 0.6 if prune == 0.5 else None
+        out = [("dense / stock HF eager (full)", "full", "dense", "hf_eager", 1.0),
+               ("dense unpadded / padded (uniform)", "uniform", "dense", "dense padded", 1 / 1.3),
+               ("masked unpadded / padded (uniform)", "uniform", "masked", "masked padded",
+                1 / 1.3)]
+    if masked_bound is not None:
+        out.insert(1, ("masked / dense (full)", "full", "masked", "dense", masked_bound))
+    return out
 
 
 def speed_args(args, lengths: str) -> argparse.Namespace:
@@ -106,7 +114,7 @@ def main(argv=None) -> None:
     # Targets: time ratios between rows of the same run.
     checks, target_rows = [], []
     device_type = args.device.split(":")[0]
-    for what, case, num, den, bound in TARGETS[device_type]:
+    for what, case, num, den, bound in targets(device_type, args.prune):
         if case not in results:
             continue
         medians = {row_key(r): r["median_ms"] for r in results[case]["rows"]

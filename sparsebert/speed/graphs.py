@@ -15,6 +15,7 @@ CUDA (tests check the buckets on CPU that way).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -120,8 +121,15 @@ class GraphCache:
             for _ in range(2):
                 body()
         torch.cuda.current_stream(hidden.device).wait_stream(side)
-        # Step 2: capture into the shared pool.
+        # Step 2: capture into the shared pool; a bucket that cannot be captured runs eagerly.
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = body()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = body()
+        except RuntimeError as error:
+            warnings.warn(f"sparsebert.accelerate: CUDA-graph capture failed for bucket "
+                          f"{self.key(hidden, packing)[:3]}, running it eagerly ({error})",
+                          stacklevel=3)
+            torch.cuda.synchronize(hidden.device)
+            return _Captured(None, body, static_hidden, static, static_hidden)
         return _Captured(graph, body, static_hidden, static, out)

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU part of the speed targets (H100/H200), as one prepared run: the fast path's CUDA tests,
+# then the `sparsebert speed` tables (BERT-base shapes, random weights, fp16):
+#   B=32 S=128 full lengths: stock HF eager / + CUDA graph, dense, 50% heads + 50% FFN masked, pruned
+#   B=32 S=128 full lengths: the same with 75% + 75%
+#   B=128 S=128 lengths uniform in [S/4, S]: unpadded vs padded (50% + 50% for the masked rows)
+# Nothing is built: the fast path runs PyTorch ops only (the masked model used for the output
+# checks falls back to the reference attention op when the extension is not built).
+# Each step has its own time limit and its output lands in $OUT when it ends:
+#   summary.txt  device, versions, each step's status and seconds, the target lines
+#   tests.log    pytest of tests/test_speed.py on the GPU (CUDA-graph cases included)
+#   speed.log    the three tables
+#   speed-*.json / speed-*.md  the result files, for committing under bench/results/
+# Usage on the GPU machine, from the repository root:  bash bench/gpu_speed.sh
+set -uo pipefail
+out=${OUT:-bench/results/gpu}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+summary="$out/summary.txt"
+{
+  echo "device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+  python3 -c "import torch.nn.attention.varlen" 2>/dev/null && echo "varlen attention: yes" || echo "varlen attention: no (re-padded SDPA)"
+  echo "git: $(git rev-parse --short HEAD 2>/dev/null)"
+} > "$summary" 2>&1
+step() {  # step NAME LIMIT_S LOG CMD...
+  local name=$1 limit=$2 log=$3; shift 3
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc, $((SECONDS - t0)) s$([ $rc = 124 ] && echo ' (time limit)')" | tee -a "$summary"
+}
+collect() { cp bench/results/speed-*-nvidia-* "$out/" 2>/dev/null || true; }
+
+# Step 1: the fast path on the GPU (CUDA graphs, varlen), and its CPU tests for good measure.
+step tests 150 "$out/tests.log" python3 -m pytest -q -p no:cacheprovider -rfEs tests/test_speed.py
+tail -n 2 "$out/tests.log" >> "$summary"
+
+# Step 2: the tables (each run times its rows interleaved; device-side timing with CUDA events).
+common=(--device cuda --model bert-base --dtype fp16 --seq 128 --repeats 30)
+step speed-b32-50 120 "$out/speed.log" python3 bench/bench_speed.py "${common[@]}" --batch 32 \
+  --prune 0.5 --cases full --name speed-b32-p50; collect
+step speed-b32-75 120 "$out/speed.log" python3 bench/bench_speed.py "${common[@]}" --batch 32 \
+  --prune 0.75 --cases full --name speed-b32-p75; collect
+step speed-b128-uniform 150 "$out/speed.log" python3 bench/bench_speed.py "${common[@]}" \
+  --batch 128 --prune 0.5 --cases uniform --name speed-b128-uniform; collect
+grep -h -A6 "^| target" "$out/speed.log" >> "$summary" 2>/dev/null
+echo "total: $SECONDS s" | tee -a "$summary"
