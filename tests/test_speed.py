@@ -229,8 +229,9 @@ def test_packing_round_trip_and_grid():
     back = packing.unpack(packed)
     torch.testing.assert_close(back[mask], x[mask])
     assert back[~mask].abs().sum() == 0
-    index, keys = packing.grid()  # (B, L=3) grid: rows packed left, dummies at B*L
+    index, rows, rank, keys = packing.grid()  # (B, L=3) grid, dummies at B*L / (0, 0)
     assert index.tolist() == [0, 1, 2, 3, 6, 7, 9, 9]
+    assert rows.tolist() == [0, 0, 0, 1, 2, 2, 0, 0] and rank.tolist() == [0, 1, 2, 0, 0, 1, 0, 0]
     assert keys.tolist() == [[True] * 3, [True, False, False], [True, True, False]]
     full = Packing.from_mask(torch.ones(2, 3, dtype=torch.bool))
     assert full.every_position and full.pack(x[:2, :3]).shape == (6, 2)

@@ -45,18 +45,16 @@ def repad_core(qkv: Tensor, packing: Packing, scale: float) -> Tensor:
     (the longest sequence; S for a CUDA graph's static packing)."""
     batch, length = packing.batch, packing.max_len
     tokens, _, heads, dim = qkv.shape
-    index, keys = packing.grid()
-    # Step 1: scatter into the grid (+1 dummy row that the bucket's extra slots write to).
-    grid = qkv.new_zeros(batch * length + 1, 3 * heads * dim)
-    grid.index_copy_(0, index, qkv.reshape(tokens, 3 * heads * dim))
-    grid = grid[:-1].view(batch, length, 3, heads, dim)
+    index, rows, rank, keys = packing.grid()
+    # Step 1: scatter into the grid (the spare row takes a bucket's dummy slots).
+    buffer = packing.grid_buffer(3 * heads * dim, qkv)  # (B*L [+1], 3*k*D)
+    buffer.index_copy_(0, index, qkv.reshape(tokens, 3 * heads * dim))
+    grid = buffer[: batch * length].view(batch, length, 3, heads, dim)
     q, k, v = grid.permute(2, 0, 3, 1, 4).unbind(0)  # (B, k, L, D)
     # Step 2: attention over each row's real keys.
     ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :], scale=scale)
-    # Step 3: gather the real rows back; dummy slots read a zero row.
-    flat = ctx.transpose(1, 2).reshape(batch * length, heads * dim)
-    flat = torch.cat([flat, flat.new_zeros(1, heads * dim)])
-    return flat.index_select(0, index)
+    # Step 3: gather the packed rows back in one indexing op -> (T_pad, k, D), contiguous.
+    return ctx.transpose(1, 2)[rows, rank].reshape(tokens, heads * dim)
 
 
 def varlen_core(qkv: Tensor, packing: Packing, scale: float) -> Tensor:

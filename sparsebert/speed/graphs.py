@@ -82,9 +82,9 @@ class GraphCache:
             key_mask=None if packing.key_mask is None else packing.key_mask.clone(),
             tokens=packing.padded_tokens,  # the graph writes every slot (dummies to a spare row)
         )
+        static.__dict__.pop("_buffers", None)
         if not packing.every_position:
-            index, keys = packing.grid()
-            static.__dict__["_grid"] = (index.clone(), keys.clone())
+            static.__dict__["_grid"] = tuple(t.clone() for t in packing.grid())
         return static
 
     @staticmethod

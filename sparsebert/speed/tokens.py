@@ -10,7 +10,7 @@ attention (cu_seqlens) treats each row's real tokens as one contiguous sequence,
 the row's attention over its unmasked keys computes whatever their positions.
 
 `bucket` > 0 rounds T up to a multiple of `bucket` (CUDA graphs capture fixed shapes): the extra
-slots point at a dummy row, index B*S, that callers append to the flat input (`pack` does).
+slots point at a spare row, index B*S, appended to the flat input by `pack` (`dummy_row`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ class Packing:
     lengths: (B,) long on the host; max_len: longest length (the attention grid's length);
     tokens: T; every_position: every position is a computed row (indices == arange(B*S), no dummy
     slots); key_mask: (B, S) bool, for a full packing of a padded batch (padded execution: every
-    position computed, attention masks the padded keys), else None.
+    position computed, attention masks the padded keys), else None; dummy_row: indices may point
+    at the spare row B*S (bucketed packings).
     """
 
     batch: int
@@ -43,6 +44,7 @@ class Packing:
     tokens: int
     every_position: bool = False
     key_mask: Tensor | None = None
+    dummy_row: bool = False
 
     @classmethod
     def from_mask(cls, mask: Tensor, bucket: int = 0) -> Packing:
@@ -61,7 +63,8 @@ class Packing:
             indices = torch.cat([indices, dummy])
         cu = torch.zeros(batch + 1, dtype=torch.int32, device=mask.device)
         cu[1:] = torch.cumsum(lengths_dev, 0).to(torch.int32)
-        return cls(batch, seq, indices, cu, lengths, int(lengths.max()) if batch else 0, tokens)
+        return cls(batch, seq, indices, cu, lengths, int(lengths.max()) if batch else 0, tokens,
+                   dummy_row=bucket > 0)
 
     @classmethod
     def full(cls, batch: int, seq: int, device: torch.device | str,
@@ -78,10 +81,11 @@ class Packing:
         """T_pad: packed rows, dummy slots included."""
         return self.indices.numel()
 
-    def grid(self) -> tuple[Tensor, Tensor]:
-        """Where each packed row goes in a (B, L) attention grid, L = max_len: (index (T_pad,)
-        long with b*L + rank in its row, dummy slots at B*L; keys (B, L) bool, True = real).
-        Computed once per packing."""
+    def grid(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Where each packed row goes in a (B, L) attention grid, L = max_len, computed once:
+        index (T_pad,) long, b*L + rank in its row (dummy slots: B*L, a spare row);
+        rows, rank (T_pad,) long, the same as (b, rank) (dummy slots: (0, 0), any valid cell);
+        keys (B, L) bool, True = real token."""
         cached = self.__dict__.get("_grid")
         if cached is None:
             cu = self.cu_seqlens.long()
@@ -94,22 +98,37 @@ class Packing:
             extra = self.padded_tokens - self.tokens
             if extra:
                 index = torch.cat([index, index.new_full((extra,), self.batch * length)])
+                rows = torch.cat([rows, rows.new_zeros(extra)])
+                rank = torch.cat([rank, rank.new_zeros(extra)])
             keys = torch.arange(length, device=device)[None, :] < lengths[:, None]  # (B, L)
-            cached = self.__dict__["_grid"] = (index, keys)
+            cached = self.__dict__["_grid"] = (index, rows, rank, keys)
         return cached
+
+    def grid_buffer(self, width: int, like: Tensor) -> Tensor:
+        """A zeroed (B*L + dummy_row, width) buffer for the attention grid, one per width, reused
+        by every layer of a forward (they write the same cells; the rest stays zero or holds
+        finite values of earlier batches, which the key mask hides)."""
+        buffers = self.__dict__.setdefault("_buffers", {})
+        key = (width, like.dtype, like.device)
+        if key not in buffers:
+            rows = self.batch * self.max_len + int(self.dummy_row)
+            buffers[key] = like.new_zeros(rows, width)
+        return buffers[key]
 
     def pack(self, x: Tensor) -> Tensor:
         """x (B, S, E) -> (T_pad, E): the real tokens (dummy slots read a zero row)."""
         flat = x.reshape(self.batch * self.seq, x.shape[-1])
         if self.every_position:
             return flat
-        flat = torch.cat([flat, flat.new_zeros(1, flat.shape[-1])])  # (B*S+1, E): dummy row
+        if self.dummy_row:
+            flat = torch.cat([flat, flat.new_zeros(1, flat.shape[-1])])  # (B*S+1, E)
         return flat.index_select(0, self.indices)
 
     def unpack(self, x: Tensor) -> Tensor:
         """x (T_pad, E) -> (B, S, E): real tokens back in place, zeros at padded positions."""
         if self.every_position:
             return x.view(self.batch, self.seq, x.shape[-1])
-        out = x.new_zeros(self.batch * self.seq + 1, x.shape[-1])
-        out.index_copy_(0, self.indices, x)  # dummy slots land in the extra row
-        return out[:-1].view(self.batch, self.seq, x.shape[-1])
+        positions = self.batch * self.seq
+        out = x.new_zeros(positions + int(self.dummy_row), x.shape[-1])
+        out.index_copy_(0, self.indices, x)  # dummy slots land in the spare row
+        return out[:positions].view(self.batch, self.seq, x.shape[-1])
