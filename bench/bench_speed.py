@@ -11,12 +11,13 @@ process, so the ratios below come from the same minutes of the same machine):
 GPU cases (bench/gpu_speed.sh) use the same script with --device cuda.
 
 Script:  python bench/bench_speed.py [--device cpu] [--model minilm] [--batch 16] [--seq 128]
-             [--threads 2] [--prune 0.5] [--repeats 10] [--cases full,uniform] [--compile]
+             [--threads 2,1] [--prune 0.5] [--repeats 10] [--cases full,uniform] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,7 +48,7 @@ def targets(device_type: str, prune: float) -> list[tuple[str, str, str, str, fl
     return out
 
 
-def speed_args(args, lengths: str) -> argparse.Namespace:
+def speed_args(args, lengths: str, threads: int | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     argv = ["--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
@@ -55,8 +56,8 @@ def speed_args(args, lengths: str) -> argparse.Namespace:
             "--prune-ffn", str(args.prune), "--repeats", str(args.repeats), "--quiet"]
     if args.dtype:
         argv += ["--dtype", args.dtype]
-    if args.threads:
-        argv += ["--threads", str(args.threads)]
+    if threads:
+        argv += ["--threads", str(threads)]
     return parser.parse_args(argv)
 
 
@@ -93,58 +94,65 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", default="2",
+                        help="CPU thread counts, comma-separated: every case runs at each")
     parser.add_argument("--prune", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--cases", default="full,uniform")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--name", default="speed", help="result files' stem")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    results, sections = {}, []
-    for case in args.cases.split(","):
-        t0 = time.perf_counter()
-        result = run_speed(speed_args(args, case))
-        result["wall_s"] = time.perf_counter() - t0
-        results[case] = result
-        table = format_table(result)
-        sections.append(f"### lengths {case}\n\n{table}\n")
-        print(f"lengths {case} ({result['wall_s']:.0f} s)\n{table}\n", flush=True)
-    # Targets: time ratios between rows of the same run.
-    checks, target_rows = [], []
+    thread_counts = [int(t) for t in args.threads.split(",")] if args.device == "cpu" else [0]
+    results, sections, checks, target_rows = {}, [], [], []
     device_type = args.device.split(":")[0]
-    for what, case, num, den, bound in targets(device_type, args.prune):
-        if case not in results:
-            continue
-        medians = {row_key(r): r["median_ms"] for r in results[case]["rows"]
-                   if not r["subnetwork"]}
-        if num not in medians or den not in medians:
-            continue
-        ratio = medians[num] / medians[den]
-        checks.append({"what": what, "ratio": ratio, "target": bound, "met": ratio <= bound})
-        target_rows.append([what, f"{ratio:.2f}x", f"<= {bound:.2f}x",
-                            "yes" if ratio <= bound else "no"])
+    for threads in thread_counts:
+        where = f", {threads} thread{'s' if threads > 1 else ''}" if threads else ""
+        for case in args.cases.split(","):
+            t0 = time.perf_counter()
+            result = run_speed(speed_args(args, case, threads))
+            result["wall_s"] = time.perf_counter() - t0
+            results[f"{case}{where}"] = result
+            table = format_table(result)
+            sections.append(f"### lengths {case}{where}\n\n{table}\n")
+            print(f"lengths {case}{where} ({result['wall_s']:.0f} s)\n{table}\n", flush=True)
+        # Targets: time ratios between rows of the same run.
+        for what, case, num, den, bound in targets(device_type, args.prune):
+            if f"{case}{where}" not in results:
+                continue
+            medians = {row_key(r): r["median_ms"] for r in results[f"{case}{where}"]["rows"]
+                       if not r["subnetwork"]}
+            if num not in medians or den not in medians:
+                continue
+            ratio = medians[num] / medians[den]
+            checks.append({"what": what, "threads": threads or None, "ratio": ratio,
+                           "target": bound, "met": ratio <= bound})
+            target_rows.append([what + where, f"{ratio:.2f}x", f"<= {bound:.2f}x",
+                                "yes" if ratio <= bound else "no"])
     extra = ""
     if args.compile:
+        if thread_counts[0]:
+            torch.set_num_threads(thread_counts[0])
         results["compile"] = comp = compile_case(args)
         ratio = comp["compile"]["median_ms"] / comp["eager"]["median_ms"]
-        extra = (f"\n### torch.compile vs eager (fast path, dense, lengths full)\n\n"
+        extra = (f"\n### torch.compile vs eager (fast path, dense, lengths full, "
+                 f"{torch.get_num_threads()} threads)\n\n"
                  f"compile time {comp['compile_s']:.0f} s; median {comp['compile']['median_ms']:.0f}"
                  f" ms compiled vs {comp['eager']['median_ms']:.0f} ms eager ({ratio:.2f}x), "
                  "interleaved\n")
         print(extra)
     env = common.environment(args.device)
+    env["load_average_end"] = [round(x, 1) for x in os.getloadavg()]
     first = next(iter(results.values()))
     title = (f"`sparsebert speed` targets: {args.model}, B={args.batch}, S={args.seq}, "
              f"{first['dtype']}, {args.prune:.0%} heads + {args.prune:.0%} FFN neurons masked "
-             f"(random, same count per layer); on {env['device']}; torch {env['torch']}, "
+             f"(random, same count per layer); on {env['device'].split(' (')[0]}; torch {env['torch']}, "
              f"transformers {env['transformers']}, sparsebert {env['git_sha']}\n\n"
              f"Command: python bench/bench_speed.py {' '.join(argv or sys.argv[1:])}\n\n"
              "Rows of one table were timed interleaved (round-robin, rotating order) in one "
              f"process, {args.repeats} calls each after warm-up; the machine is shared with other "
              "processes, so absolute times are noisy and only the ratios within a table mean "
-             "much. Ratios are of median times (lower = faster).\n")
+             "much. Ratios are of median times (lower = faster). Load average (1, 5, 15 min) at "
+             f"the end: {env['load_average_end']} on {os.cpu_count()} cores.\n")
     table = common.markdown_table(["target", "measured", "target", "met"], target_rows)
     text = title + "\n" + table + "\n\n" + "\n".join(sections) + extra
     payload = {"env": env, "args": vars(args), "targets": checks, "results": results}
