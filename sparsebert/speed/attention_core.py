@@ -13,6 +13,7 @@ Three ways, one result (the softmax attention of each sequence over its own real
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -21,10 +22,12 @@ from torch import Tensor
 
 from sparsebert.speed.tokens import Packing
 
-try:  # torch >= 2.10 on CUDA builds; absent or CPU-only elsewhere
+try:  # recent torch; older releases lack it, and their signature has no `scale` argument
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+
+    _VARLEN_SCALE = "scale" in inspect.signature(_varlen_attn).parameters
 except ImportError:  # pragma: no cover - depends on the torch build
-    _varlen_attn = None
+    _varlen_attn, _VARLEN_SCALE = None, False
 
 Core = Callable[[Tensor, Packing, float], Tensor]
 
@@ -64,16 +67,25 @@ def varlen_core(qkv: Tensor, packing: Packing, scale: float) -> Tensor:
     length = packing.max_len
     q, k, v = qkv.unbind(1)  # (T_pad, k, D) views, last dim contiguous
     cu = packing.cu_seqlens
-    out = _varlen_attn(q, k, v, cu, cu, length, length, scale=scale)  # (T_pad, k, D)
+    if _VARLEN_SCALE:
+        out = _varlen_attn(q, k, v, cu, cu, length, length, scale=scale)  # (T_pad, k, D)
+    else:  # its default scale, D ** -0.5, is the only one choose_core sends here
+        out = _varlen_attn(q, k, v, cu, cu, length, length)
     return out.reshape(tokens, heads * dim)
 
 
-def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """torch's varlen attention runs here (CUDA, fp16/bf16, torch build with it)."""
-    return _varlen_attn is not None and device.type == "cuda" and dtype in (
-        torch.float16, torch.bfloat16)
+def varlen_available(device: torch.device, dtype: torch.dtype, scale: float | None = None,
+                     head_dim: int | None = None) -> bool:
+    """torch's varlen attention runs here (CUDA, fp16/bf16, a torch build with it, and either a
+    `scale` argument or the default scale D ** -0.5)."""
+    if _varlen_attn is None or device.type != "cuda" or dtype not in (torch.float16,
+                                                                      torch.bfloat16):
+        return False
+    return _VARLEN_SCALE or scale is None or head_dim is None or abs(
+        scale - head_dim**-0.5) < 1e-12
 
 
 def choose_core(device: torch.device, dtype: torch.dtype) -> Core:
-    """The packed-attention implementation for padded batches on this device and dtype."""
+    """The packed-attention implementation for padded batches on this device and dtype (every
+    BERT-family layer scales by D ** -0.5, which any varlen_attn version applies)."""
     return varlen_core if varlen_available(device, dtype) else repad_core
