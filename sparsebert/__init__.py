@@ -4,12 +4,14 @@ from sparsebert import hf, nn, ops
 from sparsebert.hf import get_masks, load_pruned, patch, prune, save_pruned, set_masks
 from sparsebert.ops import group_dot, masked_attention
 from sparsebert.pruning import Importance, importance
+from sparsebert.speed import accelerate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Importance",
     "__version__",
+    "accelerate",
     "get_masks",
     "group_dot",
     "hf",
