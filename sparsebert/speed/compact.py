@@ -58,15 +58,6 @@ class CompactLayer:
     down_bias: Tensor | None  # (hidden,)
     ffn_norm: nn.Module  # LayerNorm after the FFN (the module's own)
 
-    def flops_per_token(self, hidden: int) -> int:
-        """Multiply-add FLOPs per token of the linear layers (2 * in * out each)."""
-        kd = self.heads * self.head_dim
-        return 2 * (hidden * 3 * kd + kd * hidden + 2 * hidden * self.neurons)
-
-    def attention_flops(self, lengths: Tensor) -> int:
-        """FLOPs of the attention core (QK^T and PV) for sequences of `lengths` (B,)."""
-        return int(4 * self.heads * self.head_dim * (lengths.double() ** 2).sum().item())
-
 
 def _identity(t: Tensor | None) -> tuple:
     if t is None:
@@ -101,7 +92,7 @@ def _rows(heads: Tensor, head_dim: int) -> Tensor:
 @torch.no_grad()
 def _compact_attention(attn: SparseAttention) -> dict:
     gate = attn.head_gate.detach()  # (H,)
-    kept = torch.nonzero(gate != 0).flatten().cpu() if attn.num_heads else torch.zeros(0)
+    kept = torch.nonzero(gate != 0).flatten().cpu()  # (k,) kept heads, current numbering
     out = {"heads": int(kept.numel()), "head_dim": attn.head_dim, "scaling": attn.scaling,
            "attn_norm": attn.output_layer_norm()}
     if not out["heads"]:

@@ -151,25 +151,31 @@ def masks_from_file(path: str, shape: dict[str, int]) -> MaskSet:
     return masks_from_dict("--head-mask", data, shape, file.stem, str(file))
 
 
+def _subnetworks(path: str, folder: Path, prefix: str, shape: dict[str, int]) -> list[MaskSet]:
+    """Every <subnet>.json of a search's structured/masks folder, good/random/bad first."""
+    order = {"good": 0, "random": 1, "bad": 2}
+    sets = []
+    for file in sorted(folder.glob("*.json"), key=lambda p: (order.get(p.stem, 3), p.stem)):
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, ValueError) as error:
+            raise SpeedError(f"--run {path}: {file} is damaged ({error})") from None
+        sets.append(masks_from_dict("--run", data, shape, prefix + file.stem, str(file)))
+    return sets
+
+
 def masks_from_run(path: str, shape: dict[str, int]) -> list[MaskSet]:
-    """--run DIR: every subnetwork of a search (structured/masks/*.json, good/random/bad first),
-    or the masks of a fine-tune run (masks.json of a patched run)."""
+    """--run DIR: every subnetwork of a search (structured/masks/*.json, good/random/bad first;
+    of every seed_<s>/ for a multi-seed search), or the masks of a fine-tune run of a masked
+    model (masks.json)."""
     root = Path(path)
     if not root.is_dir():
         raise SpeedError(f"--run {path}: no such directory")
-    subnets = root / "structured" / "masks"
-    if subnets.is_dir():
-        order = {"good": 0, "random": 1, "bad": 2}
-        files = sorted(subnets.glob("*.json"), key=lambda p: (order.get(p.stem, 3), p.stem))
-        sets = []
-        for file in files:
-            try:
-                data = json.loads(file.read_text())
-            except (OSError, ValueError) as error:
-                raise SpeedError(f"--run {path}: {file.name} is damaged ({error})") from None
-            sets.append(masks_from_dict("--run", data, shape, file.stem, str(file)))
-        if sets:
-            return sets
+    sets = _subnetworks(path, root / "structured" / "masks", "", shape)
+    for seed_dir in sorted(root.glob("seed_*")):
+        sets += _subnetworks(path, seed_dir / "structured" / "masks", f"{seed_dir.name}/", shape)
+    if sets:
+        return sets
     masks_file = root / "masks.json"
     if masks_file.is_file():
         try:
