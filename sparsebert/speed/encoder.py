@@ -52,8 +52,8 @@ class FastEncoder(nn.Module):
     The blocks are not registered here (the model that owns them does; parameter names do not
     change). unpad: pack real tokens (default True); graphs: CUDA-graph replay per shape bucket on
     CUDA devices; bucket: T is rounded up to a multiple of it for graphs; compile: run the layer
-    loop through torch.compile (off by default: on CPU it measured no faster than eager and
-    compiles for about a minute, see bench/results/speed-cpu.md).
+    loop through torch.compile (off by default: on CPU it measured no faster than eager,
+    bench/results/speed-cpu.md, and a cold compile takes most of a minute on 2 cores).
     """
 
     def __init__(self, blocks: list[tuple[SparseAttention, SparseMLP]], *, unpad: bool = True,

@@ -79,7 +79,10 @@ def patched_copy(model: nn.Module, masks: MaskSet | None) -> nn.Module:
 def stock_variants(model: nn.Module, batch: dict, device: torch.device) -> list[Variant]:
     """hf_eager, and hf_graph on CUDA (a note instead when the forward cannot be captured)."""
     out = [Variant("hf_eager", _logits(model, batch), None)]
-    if device.type == "cuda":
+    if device.type == "cuda" and "attention_mask" in batch:
+        out[0].notes.append("hf_graph: not attempted for padded batches (the stock model's "
+                            "mask handling is not known to be capturable)")
+    elif device.type == "cuda":
         try:
             out.append(Variant("hf_graph", cuda_graph(_logits(model, batch), device), None))
         except RuntimeError as error:  # e.g. a host sync inside the model's mask handling
