@@ -1,0 +1,446 @@
+"""The "sparsebert" attention backend for transformers: gated attention for any Hugging Face model
+whose attention modules call `ALL_ATTENTION_FUNCTIONS.get_interface(...)` (BERT, RoBERTa, XLM-R,
+ELECTRA, DistilBERT, Llama, Qwen2, GPT-2, ... in transformers 5).
+
+    model = AutoModel.from_pretrained(path, attn_implementation="sparsebert")
+    sparsebert.set_masks(model, head_mask=head_mask)      # (L, H): 1 = keep, 0 = pruned
+
+Importing sparsebert registers the backend (as soon as transformers loads) under `attn_implementation="sparsebert"` in
+transformers' AttentionInterface, and SDPA's mask builder under the same name in its
+AttentionMaskInterface (masks reach the backend as SDPA's: None, or 4-d bool with True = attend;
+pure causal masks arrive as None plus is_causal).
+
+Gates (per self-attention module, i.e. per layer, in model order):
+* `module.head_gate` (H,) fp32 non-persistent buffer, H = config.num_attention_heads (query
+  heads; with grouped-query attention a key/value head is shared by its group): attached by
+  `use_sparse_attention` or the first `set_masks`; a module without it runs with every gate at 1.
+* `module.head_gate_override`: None, or an (H,) / per-example (B, H) tensor used instead of the
+  buffer, e.g. a leaf with requires_grad (see `override_head_gates`).
+
+Per head h of a layer, the backend returns out[:, :, h] = gate[h] * attention_h, and:
+* gate[h] == 0: head h is never computed (the op skips it, or it is left out of the gathered
+  heads) and out[:, :, h] is exactly 0. Its gate gradient is 0 as well (d gate = 0 at gate 0,
+  the sparsebert op's convention): pruned heads cost nothing, forward or backward.
+* otherwise d out / d gate[h] = attention_h, so gates learn and importance scores flow.
+
+Two attention cores:
+1. The sparsebert masked-attention op (`sparsebert.ops.masked_attention`) when the mask is a
+   padding mask (None, or a bool mask that repeats over heads and query rows, as
+   `create_bidirectional_mask` builds it) and no attention dropout is active: encoders at
+   inference. The op skips gated-off heads itself.
+2. Otherwise (causal, sliding-window or other 4-d masks, additive float masks, dropout in
+   training): the active heads are gathered (key/value heads follow their query heads), run
+   through torch SDPA with the same mask and causal rule as transformers' "sdpa" backend, gated,
+   and scattered back next to exact zeros for the pruned heads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+import wrapt
+from torch import Tensor, nn
+
+from sparsebert.errors import SparsebertError
+from sparsebert.nn.attention import to_key_padding_mask
+from sparsebert.ops import masked_attention
+
+ATTN_IMPLEMENTATION = "sparsebert"
+"""The `attn_implementation` name of the backend."""
+
+_INTERFACE_CALL = "ALL_ATTENTION_FUNCTIONS.get_interface("
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
+
+
+class AttentionBackendError(SparsebertError):
+    """A model, gate or call the sparsebert attention backend cannot handle."""
+
+
+# --------------------------------------------------------------------------------------------
+# Registration and discovery
+# --------------------------------------------------------------------------------------------
+def _register_function(modeling_utils) -> None:
+    modeling_utils.AttentionInterface.register(ATTN_IMPLEMENTATION, sparsebert_attention_forward)
+
+
+def _register_mask(masking_utils) -> None:
+    masking_utils.AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sparsebert_mask)
+
+
+def register_attention_backend() -> None:
+    """Register attn_implementation="sparsebert" now: `sparsebert_attention_forward` in
+    transformers' AttentionInterface and `sparsebert_mask` in its AttentionMaskInterface (so
+    models build masks for the backend). Idempotent."""
+    import transformers.masking_utils  # noqa: PLC0415 (transformers is heavy)
+    import transformers.modeling_utils  # noqa: PLC0415
+
+    _register_function(transformers.modeling_utils)
+    _register_mask(transformers.masking_utils)
+
+
+@functools.cache
+def register_on_import() -> None:
+    """Register the backend as soon as transformers loads the two interfaces (at once if it
+    already has), without importing transformers here: `import sparsebert` stays light. Called
+    by sparsebert.hf on import; idempotent."""
+    wrapt.register_post_import_hook(_register_function, "transformers.modeling_utils")
+    wrapt.register_post_import_hook(_register_mask, "transformers.masking_utils")
+
+
+def sparsebert_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: Tensor | None = None,
+    local_size: int | None = None,
+    allow_is_causal_skip: bool = True,
+    allow_is_bidirectional_skip: bool = False,
+    use_vmap: bool = False,
+    **kwargs,
+) -> Tensor | None:
+    """transformers AttentionMaskInterface function "sparsebert": SDPA's masks (`sdpa_mask`), except
+    that a plain padding mask (bidirectional attention with a 2-d padding mask) comes as a
+    (B, 1, Sq, Sk) bool view of the (B, 1, 1, Sk) key mask (stride 0 over queries): equal to
+    SDPA's for SDPA, and recognisably the op's key padding mask for the backend."""
+    from transformers.masking_utils import (  # noqa: PLC0415
+        bidirectional_mask_function,
+        causal_mask_function,
+        prepare_padding_mask,
+        sdpa_mask,
+    )
+
+    mask_function = causal_mask_function if mask_function is None else mask_function
+    padding_only = (
+        mask_function is bidirectional_mask_function
+        and attention_mask is not None
+        and attention_mask.dim() == 2
+        and local_size is None
+        and not use_vmap
+    )
+    if not padding_only:
+        return sdpa_mask(
+            batch_size=batch_size,
+            q_length=q_length,
+            kv_length=kv_length,
+            q_offset=q_offset,
+            kv_offset=kv_offset,
+            mask_function=mask_function,
+            attention_mask=attention_mask,
+            local_size=local_size,
+            allow_is_causal_skip=allow_is_causal_skip,
+            allow_is_bidirectional_skip=allow_is_bidirectional_skip,
+            use_vmap=use_vmap,
+            **kwargs,
+        )
+    padding = prepare_padding_mask(attention_mask.bool(), kv_length, kv_offset)
+    padding = padding[:, kv_offset : kv_offset + kv_length]  # (B, Sk), True = real token
+    if allow_is_bidirectional_skip and not torch.compiler.is_compiling() and bool(padding.all()):
+        return None  # nothing masked: as sdpa_mask, no mask at all
+    return padding[:, None, None, :].expand(batch_size, 1, q_length, kv_length)
+
+
+@functools.cache
+def _routes_through_interface(cls: type) -> bool:
+    """True when cls.forward picks its attention core from transformers' AttentionInterface."""
+    try:
+        return _INTERFACE_CALL in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def _is_cross_attention(module: nn.Module) -> bool:
+    return bool(getattr(module, "is_cross_attention", False)) or (
+        "CrossAttention" in type(module).__name__
+    )
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention modules of a model that run their core through AttentionInterface, in
+    model (= layer) order; entry l holds the gates of row l of a (L, H) head mask.
+
+    Raises AttentionBackendError when there is none (the model does not use the interface).
+    """
+    found = [
+        m
+        for m in model.modules()
+        if _routes_through_interface(type(m)) and not _is_cross_attention(m)
+    ]
+    if not found:
+        raise AttentionBackendError(
+            f"'model' ({type(model).__name__}) has no attention module that uses transformers' "
+            "AttentionInterface, so attn_implementation='sparsebert' cannot reach it; for BERT-"
+            "family models use sparsebert.patch(model) instead"
+        )
+    return found
+
+
+def uses_sparse_attention(model: nn.Module) -> bool:
+    """True when the model's config selects attn_implementation="sparsebert"."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
+
+
+def num_heads(model: nn.Module) -> int:
+    """Query heads per layer, from the config (config.num_attention_heads or its alias)."""
+    heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
+    if not isinstance(heads, int) or heads < 1:
+        raise AttentionBackendError(
+            f"'model' ({type(model).__name__}) has no config.num_attention_heads; expected a "
+            "Hugging Face PreTrainedModel"
+        )
+    return heads
+
+
+def attach_head_gates(model: nn.Module) -> list[nn.Module]:
+    """Give every attention module of `model` a `head_gate` (H,) buffer of ones (kept where it
+    already exists) and a `head_gate_override` attribute; returns the modules in layer order."""
+    heads = num_heads(model)
+    modules = attention_modules(model)
+    for module in modules:
+        gate = getattr(module, "head_gate", None)
+        if not isinstance(gate, Tensor):
+            param = next(module.parameters(), None)
+            device = param.device if param is not None else None
+            module.register_buffer("head_gate", torch.ones(heads, device=device), persistent=False)
+        elif tuple(gate.shape) != (heads,):
+            raise AttentionBackendError(
+                f"{type(module).__name__}.head_gate has shape {tuple(gate.shape)}; expected "
+                f"(H,) = ({heads},) from config.num_attention_heads"
+            )
+        if not hasattr(module, "head_gate_override"):
+            module.head_gate_override = None
+    return modules
+
+
+def use_sparse_attention(model: nn.Module) -> nn.Module:
+    """Switch a loaded Hugging Face model to attn_implementation="sparsebert" and attach gates at
+    1 (same outputs as SDPA); returns the model. Set gates with `sparsebert.set_masks`.
+
+    Same as loading with `attn_implementation="sparsebert"` (plus the gates, which set_masks
+    would otherwise attach on first use). Raises AttentionBackendError for models whose attention
+    does not go through transformers' AttentionInterface.
+    """
+    from transformers import PreTrainedModel  # noqa: PLC0415
+
+    if not isinstance(model, PreTrainedModel):
+        raise AttentionBackendError(
+            f"'model' must be a transformers PreTrainedModel, got {type(model).__name__}"
+        )
+    attention_modules(model)  # raises with the fix when the interface is not used
+    if not model._can_set_attn_implementation():
+        raise AttentionBackendError(
+            f"'model' ({type(model).__name__}) cannot switch its attention implementation; load "
+            "it with attn_implementation='sparsebert' instead"
+        )
+    register_attention_backend()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if not uses_sparse_attention(model):
+        raise AttentionBackendError(
+            f"'model' ({type(model).__name__}) kept attn_implementation="
+            f"{model.config._attn_implementation!r}; load it with attn_implementation='sparsebert'"
+        )
+    attach_head_gates(model)
+    return model
+
+
+@contextlib.contextmanager
+def override_head_gates(model: nn.Module, gates: Tensor) -> Iterator[Tensor]:
+    """Within the block, layer l uses gates[l] instead of its `head_gate` buffer.
+
+    gates: (L, H), or per example (L, B, H); floating point, may require grad (its gradient is
+    d loss / d gate, 0 at gates equal to 0). Yields `gates`.
+    """
+    modules = attach_head_gates(model)
+    heads = num_heads(model)
+    if not isinstance(gates, Tensor) or not gates.is_floating_point():
+        raise AttentionBackendError(
+            f"'gates' must be a floating-point tensor (L, H) or (L, B, H), got "
+            f"{type(gates).__name__}" + (f" {gates.dtype}" if isinstance(gates, Tensor) else "")
+        )
+    if gates.dim() not in (2, 3) or gates.shape[0] != len(modules) or gates.shape[-1] != heads:
+        raise AttentionBackendError(
+            f"'gates' must have shape (L, H) = ({len(modules)}, {heads}) or (L, B, H), got "
+            f"{tuple(gates.shape)}"
+        )
+    previous = [module.head_gate_override for module in modules]
+    try:
+        for module, gate in zip(modules, gates, strict=True):
+            module.head_gate_override = gate
+        yield gates
+    finally:
+        for module, gate in zip(modules, previous, strict=True):
+            module.head_gate_override = gate
+
+
+# --------------------------------------------------------------------------------------------
+# The attention function
+# --------------------------------------------------------------------------------------------
+def _module_gate(module: nn.Module, batch: int, heads: int) -> Tensor | None:
+    """The gate in use: override, else buffer, else None (all ones). (H,) or (B, H)."""
+    gate = getattr(module, "head_gate_override", None)
+    if gate is None:
+        gate = getattr(module, "head_gate", None)
+    if gate is None:
+        return None
+    if tuple(gate.shape) not in ((heads,), (batch, heads)):
+        raise AttentionBackendError(
+            f"{type(module).__name__}: head gate has shape {tuple(gate.shape)}; expected (H,) = "
+            f"({heads},) or (B, H) = ({batch}, {heads})"
+        )
+    return gate
+
+
+def _active_heads(module: nn.Module, gate: Tensor | None) -> Tensor | None:
+    """Indices (k,) of heads with a nonzero gate (in any example), or None when all are active.
+
+    Reading the gate costs a device sync, so the answer is cached on the module until the gate
+    tensor changes (another tensor, or an in-place write: its version counter moves)."""
+    if gate is None:
+        return None
+    key = (gate.data_ptr(), gate._version, tuple(gate.shape), gate.device)
+    cached = getattr(module, "_sparsebert_active_heads", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    nonzero = gate.detach() != 0
+    if nonzero.dim() == 2:
+        nonzero = nonzero.any(dim=0)  # (B, H) -> (H,)
+    active = None if bool(nonzero.all()) else torch.nonzero(nonzero).flatten()
+    module._sparsebert_active_heads = (key, active)
+    return active
+
+
+def _is_padding_mask(mask: Tensor | None) -> bool:
+    """True for None or a bool (B, 1, Sq, Sk) mask that is the same for every query row (size 1 or
+    stride 0 over Sq, as SDPA's mask builder expands a padding mask): the op's key padding form."""
+    if mask is None:
+        return True
+    return (
+        mask.dtype == torch.bool
+        and mask.dim() == 4
+        and mask.shape[1] == 1
+        and (mask.shape[2] == 1 or mask.stride(2) == 0)
+    )
+
+
+def _gate_as(gate: Tensor, like: Tensor) -> Tensor:
+    """(k,) or (B, k) gate -> (1|B, k, 1, 1) in like's dtype, to scale (B, k, S, D)."""
+    g = gate.to(like.dtype)
+    return g.view(1, -1, 1, 1) if g.dim() == 1 else g[:, :, None, None]
+
+
+def _sdpa_active_heads(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | None,
+    gate: Tensor | None,
+    active: Tensor | None,
+    dropout: float,
+    scale: float,
+    causal: bool,
+) -> Tensor:
+    """General path. query (B, H, Sq, D), key/value (B, Hkv, Sk, D) -> gated (B, H, Sq, D)."""
+    batch, heads, q_len, head_dim = query.shape
+    groups = heads // key.shape[1]
+    # Step 1: gather the active query heads and the key/value head of each.
+    index = torch.arange(heads, device=query.device) if active is None else active  # (k,)
+    kv_index = index // groups
+    if active is None and groups == 1:
+        q, k, v = query, key, value
+    else:
+        q = query.index_select(1, index)  # (B, k, Sq, D)
+        k, v = key.index_select(1, kv_index), value.index_select(1, kv_index)  # (B, k, Sk, D)
+    if mask is not None and mask.dim() == 4 and mask.shape[1] == heads:
+        mask = mask.index_select(1, index)  # per-head masks follow their heads
+    if causal and k.shape[2] > q_len:  # as transformers' sdpa: an empty static cache's prefill
+        k, v = k[:, :, :q_len], v[:, :, :q_len]
+    # Step 2: attention over the active heads only.
+    if index.numel() == 0:
+        ctx = query.new_zeros(batch, 0, q_len, head_dim)
+    else:
+        ctx = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, is_causal=causal
+        )  # (B, k, Sq, D)
+    if gate is None:
+        return ctx
+    # Step 3: gate (exact zeros where a per-example gate is 0) and scatter next to zero heads.
+    g = _gate_as(gate.index_select(-1, index), ctx)  # (1|B, k, 1, 1)
+    gated = torch.where(g != 0, ctx * g, torch.zeros((), dtype=ctx.dtype, device=ctx.device))
+    if active is None:
+        return gated
+    out = ctx.new_zeros(gated.shape[0], heads, q_len, head_dim)
+    return out.index_copy(1, index, gated)  # (B, H, Sq, D)
+
+
+def sparsebert_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """transformers AttentionInterface function "sparsebert": gated attention with `module`'s gates.
+
+    query (B, H, Sq, D), key/value (B, Hkv, Sk, D) with H a multiple of Hkv (grouped-query
+    attention); attention_mask None or 4-d (bool, True = attend, or additive float),
+    (B|1, 1|H, Sq, Sk). Returns (out (B, Sq, H, D), None): out[:, :, h] = gate[h] * head h's
+    attention, exactly 0 (and never computed) where gate[h] == 0. Attention weights are never
+    materialised. The causal rule is transformers' sdpa backend's: causal when Sq > 1, no mask
+    is given and is_causal (else module.is_causal, default True) says so.
+    """
+    for name in _UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise AttentionBackendError(
+                f"attn_implementation='sparsebert' does not support the '{name}' argument of "
+                f"{type(module).__name__}; use attn_implementation='eager' for this model"
+            )
+    batch, heads, q_len, head_dim = query.shape
+    if key.shape[1] < 1 or heads % key.shape[1]:
+        raise AttentionBackendError(
+            f"{type(module).__name__}: query heads {heads} are not a multiple of key/value heads "
+            f"{key.shape[1]}"
+        )
+    gate = _module_gate(module, batch, heads)  # (H,), (B, H) or None
+    scale = head_dim**-0.5 if scaling is None else float(scaling)
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    causal = bool(q_len > 1 and attention_mask is None and is_causal)
+
+    if dropout == 0.0 and not causal and _is_padding_mask(attention_mask):
+        # Op path: (B, S, H, D) views, key/value heads repeated for grouped-query attention.
+        groups = heads // key.shape[1]
+        if groups > 1:
+            key = key.repeat_interleave(groups, dim=1)
+            value = value.repeat_interleave(groups, dim=1)
+        op_gate = query.new_ones(heads, dtype=torch.float32) if gate is None else gate
+        if op_gate.dtype not in (torch.float32, torch.float64):
+            op_gate = op_gate.float()
+        key_padding_mask = to_key_padding_mask(attention_mask, batch, key.shape[2])  # (B, Sk)
+        out = masked_attention(
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            op_gate,
+            key_padding_mask,
+            scale,
+            check_padding_rows=False,  # to_key_padding_mask leaves no row empty
+        )  # (B, Sq, H, D)
+        return out, None
+
+    active = _active_heads(module, gate)
+    ctx = _sdpa_active_heads(
+        query, key, value, attention_mask, gate, active, dropout, scale, causal
+    )  # (B, H, Sq, D)
+    return ctx.transpose(1, 2).contiguous(), None
