@@ -42,9 +42,9 @@ import inspect
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 import wrapt
 from torch import Tensor, nn
+from torch.nn.functional import scaled_dot_product_attention
 
 from sparsebert.errors import SparsebertError
 from sparsebert.nn.attention import to_key_padding_mask
@@ -366,7 +366,7 @@ def _sdpa_active_heads(
     if index.numel() == 0:
         ctx = query.new_zeros(batch, 0, q_len, head_dim)
     else:
-        ctx = F.scaled_dot_product_attention(
+        ctx = scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, is_causal=causal
         )  # (B, k, Sq, D)
     if gate is None:
