@@ -406,3 +406,31 @@ def test_unsupported_arguments_are_rejected(pair):
     q = torch.randn(1, 4, 3, 8)
     with pytest.raises(AttentionBackendError, match="'softcap'.*attn_implementation='eager'"):
         backend.sparsebert_attention_forward(module, q, q, q, None, softcap=30.0)
+
+
+def test_gate_changes_take_effect(pair, tiny_batch):
+    """The active-head cache follows new masks, in-place writes and fresh override tensors."""
+    family = FAMILIES["llama"]
+    reference, model = pair("llama")
+    batch = _inputs(tiny_batch, padded=True)
+    other = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.2]])
+
+    def check(gates):
+        handles = _gate_reference(reference, family, gates)
+        with torch.no_grad():
+            want = reference(**batch).last_hidden_state
+            got = model(**batch).last_hidden_state
+        for handle in handles:
+            handle.remove()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    for gates in (GATES, other, torch.ones(3, 4)):
+        sparsebert.set_masks(model, head_mask=gates)
+        check(gates)
+    with torch.no_grad():  # in place, on the buffer itself
+        backend.attention_modules(model)[2].head_gate[1] = 0.0
+    check(torch.ones(3, 4).index_put_((torch.tensor([2]), torch.tensor([1])), torch.zeros(1)))
+    sparsebert.set_masks(model, head_mask=torch.ones(3, 4))
+    for gates in (GATES, other, GATES):  # fresh tensors, possibly at a recycled address
+        with override_head_gates(model, gates.clone()):
+            check(gates)

@@ -302,18 +302,26 @@ def _active_heads(module: nn.Module, gate: Tensor | None) -> Tensor | None:
     """Indices (k,) of heads with a nonzero gate (in any example), or None when all are active.
 
     Reading the gate costs a device sync, so the answer is cached on the module until the gate
-    tensor changes (another tensor, or an in-place write: its version counter moves)."""
+    changes: other memory or geometry (the cache holds a detached view, so the memory cannot be
+    recycled for another tensor meanwhile) or an in-place write (the version counter, shared by
+    views, moves)."""
     if gate is None:
         return None
-    key = (gate.data_ptr(), gate._version, tuple(gate.shape), gate.device)
     cached = getattr(module, "_sparsebert_active_heads", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    if (
+        cached is not None
+        and cached[0].data_ptr() == gate.data_ptr()
+        and cached[0].shape == gate.shape
+        and cached[0].stride() == gate.stride()
+        and cached[0].device == gate.device
+        and cached[1] == gate._version
+    ):
+        return cached[2]
     nonzero = gate.detach() != 0
     if nonzero.dim() == 2:
         nonzero = nonzero.any(dim=0)  # (B, H) -> (H,)
     active = None if bool(nonzero.all()) else torch.nonzero(nonzero).flatten()
-    module._sparsebert_active_heads = (key, active)
+    module._sparsebert_active_heads = (gate.detach(), gate._version, active)
     return active
 
 
