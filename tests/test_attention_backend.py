@@ -1,6 +1,7 @@
-"""The "sparsebert" attention backend (sparsebert.hf.attention_backend) on tiny random models of
-five families that route attention through transformers' AttentionInterface: ELECTRA and XLM-R
-(BERT-style encoders), DistilBERT, Llama with grouped-query attention and GPT-2 (decoders).
+"""The "sparsebert" attention backend (sparsebert.hf.attention_backend and head_gates) on tiny
+random models of five families that route attention through transformers' AttentionInterface:
+ELECTRA and XLM-R (BERT-style encoders), DistilBERT, Llama with grouped-query attention and GPT-2
+(decoders).
 
 The independent reference is the same model on transformers' own "sdpa" backend, with each
 head's context scaled by its gate just before the attention output projection (a forward
@@ -24,6 +25,7 @@ import sparsebert
 import sparsebert.hf.attention_backend as backend
 from sparsebert.errors import SparsebertError
 from sparsebert.hf import AttentionBackendError, override_head_gates, use_sparse_attention
+from sparsebert.hf.head_gates import attention_modules
 
 # Gates for the 3 x 4 tiny models: zeros, soft gates, and a layer with every head pruned.
 GATES = torch.tensor([[1.0, 0.0, 0.5, 0.8], [0.0, 0.0, 0.0, 0.0], [0.3, 1.0, 0.0, 0.7]])
@@ -182,7 +184,7 @@ def test_all_gates_on_equal_sdpa(name, padded, pair, tiny_batch, spies):
         got = model(**batch).last_hidden_state
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     op, sdpa = spies
-    layers = len(backend.attention_modules(model))
+    layers = len(attention_modules(model))
     if FAMILIES[name].causal:  # causal masks take the gathered-heads SDPA path
         assert (len(op.calls), len(sdpa.calls)) == (0, layers)
     else:  # padding masks (or none) take the sparsebert op
@@ -337,7 +339,7 @@ def test_training_with_dropout_runs_active_heads(pair, tiny_batch, spies):
     """Attention dropout in training goes through SDPA over the active heads; pruned heads stay 0."""
     _, model = pair("electra")
     model.config.attention_probs_dropout_prob = 0.5
-    for module in backend.attention_modules(model):
+    for module in attention_modules(model):
         module.dropout.p = 0.5
     sparsebert.set_masks(model, head_mask=GATES)
     seen = _capture_proj_inputs(model, FAMILIES["electra"])
@@ -386,7 +388,7 @@ def test_bad_masks_are_clear_errors(pair):
     with pytest.raises(AttentionBackendError, match=r"'gates' must have shape \(L, H\) = \(3, 4\)"):
         with override_head_gates(model, torch.ones(2, 4)):
             pass
-    module = backend.attention_modules(model)[0]
+    module = attention_modules(model)[0]
     module.head_gate_override = torch.ones(5)
     with pytest.raises(AttentionBackendError, match=r"head gate has shape \(5,\); expected"):
         model(input_ids=torch.ones(1, 3, dtype=torch.long))
@@ -402,7 +404,7 @@ def test_models_without_the_interface_are_rejected(tiny_bert):
 
 def test_unsupported_arguments_are_rejected(pair):
     _, model = pair("gpt2")
-    module = backend.attention_modules(model)[0]
+    module = attention_modules(model)[0]
     q = torch.randn(1, 4, 3, 8)
     with pytest.raises(AttentionBackendError, match="'softcap'.*attn_implementation='eager'"):
         backend.sparsebert_attention_forward(module, q, q, q, None, softcap=30.0)
@@ -428,7 +430,7 @@ def test_gate_changes_take_effect(pair, tiny_batch):
         sparsebert.set_masks(model, head_mask=gates)
         check(gates)
     with torch.no_grad():  # in place, on the buffer itself
-        backend.attention_modules(model)[2].head_gate[1] = 0.0
+        attention_modules(model)[2].head_gate[1] = 0.0
     check(torch.ones(3, 4).index_put_((torch.tensor([2]), torch.tensor([1])), torch.zeros(1)))
     sparsebert.set_masks(model, head_mask=torch.ones(3, 4))
     for gates in (GATES, other, GATES):  # fresh tensors, possibly at a recycled address

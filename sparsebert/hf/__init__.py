@@ -16,10 +16,12 @@ DistilBERT, Llama, Qwen2, GPT-2, ...) can instead run the "sparsebert" attention
 from sparsebert.hf.attention_backend import (
     ATTN_IMPLEMENTATION,
     AttentionBackendError,
-    attention_modules,
-    override_head_gates,
     register_attention_backend,
     register_on_import,
+)
+from sparsebert.hf.head_gates import (
+    attention_modules,
+    override_head_gates,
     use_sparse_attention,
     uses_sparse_attention,
 )

@@ -7,7 +7,7 @@ of removed heads/neurons read 0, and setting them to anything but 0 is an error.
 
 Models that run the "sparsebert" attention backend (attn_implementation="sparsebert", any
 architecture whose attention uses transformers' AttentionInterface) have head gates only:
-head_mask (L, H) with L = their self-attention modules in order (sparsebert.hf.attention_backend).
+head_mask (L, H) with L = their self-attention modules in order (sparsebert.hf.head_gates).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsebert.errors import SparsebertError
-from sparsebert.hf.attention_backend import (
+from sparsebert.hf.head_gates import (
     attach_head_gates,
     attention_modules,
     num_heads,
