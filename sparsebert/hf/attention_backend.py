@@ -156,15 +156,14 @@ def _module_gate(module: nn.Module, batch: int, heads: int) -> Tensor | None:
     return gate
 
 
-def _active_heads(module: nn.Module, gate: Tensor | None) -> Tensor | None:
-    """Indices (k,) of heads with a nonzero gate (in any example), or None when all are active.
+def _active_heads(module: nn.Module, gate: Tensor) -> tuple[Tensor | None, bool]:
+    """(indices (k,) of heads with a nonzero gate in any example, or None when all are active;
+    whether every gate is exactly 1).
 
     Reading the gate costs a device sync, so the answer is cached on the module until the gate
     changes: other memory or geometry (the cache holds a detached view, so the memory cannot be
     recycled for another tensor meanwhile) or an in-place write (the version counter, shared by
     views, moves)."""
-    if gate is None:
-        return None
     cached = getattr(module, "_sparsebert_active_heads", None)
     if (
         cached is not None
@@ -175,12 +174,14 @@ def _active_heads(module: nn.Module, gate: Tensor | None) -> Tensor | None:
         and cached[1] == gate._version
     ):
         return cached[2]
-    nonzero = gate.detach() != 0
+    values = gate.detach()
+    nonzero = values != 0
     if nonzero.dim() == 2:
         nonzero = nonzero.any(dim=0)  # (B, H) -> (H,)
     active = None if bool(nonzero.all()) else torch.nonzero(nonzero).flatten()
-    module._sparsebert_active_heads = (gate.detach(), gate._version, active)
-    return active
+    answer = (active, bool((values == 1).all()))
+    module._sparsebert_active_heads = (values, gate._version, answer)
+    return answer
 
 
 def _is_padding_mask(mask: Tensor | None) -> bool:
@@ -306,7 +307,9 @@ def sparsebert_attention_forward(
         )  # (B, Sq, H, D)
         return out, None
 
-    active = _active_heads(module, gate)
+    active, unit = (None, True) if gate is None else _active_heads(module, gate)
+    if unit and gate is not None and not gate.requires_grad:
+        gate = None  # every gate is 1 and needs no gradient: plain attention, nothing to scale
     ctx = _sdpa_active_heads(
         query, key, value, attention_mask, gate, active, dropout, scale, causal
     )  # (B, H, Sq, D)
