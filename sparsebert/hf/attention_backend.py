@@ -217,10 +217,12 @@ def _sdpa_active_heads(
     """General path. query (B, H, Sq, D), key/value (B, Hkv, Sk, D) -> gated (B, H, Sq, D)."""
     batch, heads, q_len, head_dim = query.shape
     groups = heads // key.shape[1]
-    # Step 1: gather the active query heads and the key/value head of each.
+    # Step 1: gather the active query heads and the key/value head of each (with every head
+    # active and no mask, SDPA shares the key/value heads itself, as transformers' sdpa does).
     index = torch.arange(heads, device=query.device) if active is None else active  # (k,)
     kv_index = index // groups
-    if active is None and groups == 1:
+    gqa = active is None and groups > 1 and mask is None
+    if active is None and (groups == 1 or gqa):
         q, k, v = query, key, value
     else:
         q = query.index_select(1, index)  # (B, k, Sq, D)
@@ -233,8 +235,9 @@ def _sdpa_active_heads(
     if index.numel() == 0:
         ctx = query.new_zeros(batch, 0, q_len, head_dim)
     else:
+        extra = {"enable_gqa": True} if gqa else {}
         ctx = scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, is_causal=causal
+            q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, is_causal=causal, **extra
         )  # (B, k, Sq, D)
     if gate is None:
         return ctx
