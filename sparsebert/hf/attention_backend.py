@@ -34,11 +34,11 @@ from __future__ import annotations
 import functools
 
 import torch
-import wrapt
 from torch import Tensor, nn
 from torch.nn.functional import scaled_dot_product_attention
 
 from sparsebert.errors import SparsebertError
+from sparsebert.hf.post_import import when_imported
 from sparsebert.nn.attention import to_key_padding_mask
 from sparsebert.ops import masked_attention
 
@@ -79,8 +79,8 @@ def register_on_import() -> None:
     """Register the backend as soon as transformers loads the two interfaces (at once if it
     already has), without importing transformers here: `import sparsebert` stays light. Called
     by sparsebert.hf on import; idempotent."""
-    wrapt.register_post_import_hook(_register_function, "transformers.modeling_utils")
-    wrapt.register_post_import_hook(_register_mask, "transformers.masking_utils")
+    when_imported("transformers.modeling_utils", _register_function)
+    when_imported("transformers.masking_utils", _register_mask)
 
 
 def sparsebert_mask(
