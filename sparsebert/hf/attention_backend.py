@@ -53,7 +53,7 @@ class AttentionBackendError(SparsebertError):
 
 
 # --------------------------------------------------------------------------------------------
-# Registration and discovery
+# Registration and the mask builder
 # --------------------------------------------------------------------------------------------
 def _register_function(modeling_utils) -> None:
     modeling_utils.AttentionInterface.register(ATTN_IMPLEMENTATION, sparsebert_attention_forward)
