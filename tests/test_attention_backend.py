@@ -335,6 +335,24 @@ def test_devices_match_sdpa_under_gates(name, device, pair, tiny_batch):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["electra", "llama"])
+def test_low_precision_error_within_twice_sdpa(name, dtype, pair, tiny_batch):
+    """fp16/bf16 (gates included): error vs the fp32 model at most 2x that of stock SDPA in the
+    same precision (flash-attention's rule)."""
+    family = FAMILIES[name]
+    reference, model = pair(name)
+    batch = _inputs(tiny_batch, padded=True)
+    sparsebert.set_masks(model, head_mask=GATES)
+    _gate_reference(reference, family, GATES)
+    with torch.no_grad():
+        gold = reference(**batch).last_hidden_state
+        low_reference, low_model = reference.to(dtype), model.to(dtype)
+        err_sdpa = (low_reference(**batch).last_hidden_state.float() - gold).abs().max()
+        err_ours = (low_model(**batch).last_hidden_state.float() - gold).abs().max()
+    assert err_ours <= 2 * err_sdpa + 1e-6, (float(err_ours), float(err_sdpa))
+
+
 def test_training_with_dropout_runs_active_heads(pair, tiny_batch, spies):
     """Attention dropout in training goes through SDPA over the active heads; pruned heads stay 0."""
     _, model = pair("electra")
