@@ -3,7 +3,7 @@
 Schemas are declared here, once. The pure-PyTorch reference of each op (sparsebert.reference)
 is registered as its CompositeExplicitAutograd kernel, so every op works on every device; the
 native extension (csrc/, loaded at the bottom of this module) adds CPU and CUDA kernels that
-take precedence for their dispatch keys.
+take precedence for their dispatch keys, and masked_attention's autograd in C++.
 """
 
 from __future__ import annotations
@@ -92,11 +92,6 @@ def _masked_attention_backward(ctx, grad_out, grad_lse):
     )
 
 
-torch.library.register_autograd(
-    f"{NAMESPACE}::masked_attention",
-    _masked_attention_backward,
-    setup_context=_masked_attention_setup_context,
-)
 
 
 def _validate_masked_attention(
@@ -187,7 +182,15 @@ def _validate_masked_attention(
             f"masked_attention: 'key_padding_mask' must be on q's device {q.device}, got "
             f"{key_padding_mask.device}"
         )
-    if not check_padding_rows:
+    if check_padding_rows:
+        _check_padding_rows(key_padding_mask, q)
+
+
+def _check_padding_rows(key_padding_mask: Tensor, q: Tensor) -> None:
+    """Reject a fully padded row of key_padding_mask (reads the mask: a device sync on CUDA;
+    skipped under CUDA graph capture and torch.compile, and for malformed masks, which the
+    shape/dtype checks reject with their own message)."""
+    if key_padding_mask.dtype != torch.bool or key_padding_mask.dim() != 2:
         return
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
     if (
@@ -229,16 +232,20 @@ def masked_attention(
     the rows are known to be non-empty, as `sparsebert.nn.to_key_padding_mask` guarantees
     (SparseAttention does): no sync. A fully padded row then gives undefined output on CUDA; CPU
     kernels still reject it (there the check costs no sync).
-    Raises ValueError naming the argument for bad shapes, dtypes, devices, D < 1 or empty sizes.
+    Raises ValueError naming the argument for bad shapes, dtypes, devices, D < 1 or empty sizes
+    (checked in C++ when the extension is loaded, else in Python, with the same wording).
     """
-    _validate_masked_attention(q, k, v, head_gate, key_padding_mask, check_padding_rows)
+    if not NATIVE_AUTOGRAD:
+        # Reference path: Python checks, then the CompositeExplicitAutograd reference.
+        _validate_masked_attention(q, k, v, head_gate, key_padding_mask, check_padding_rows)
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    elif check_padding_rows and key_padding_mask is not None:
+        _check_padding_rows(key_padding_mask, q)
     if scale is None:
-        scale = q.shape[-1] ** -0.5
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    out, _ = torch.ops.sparsebert.masked_attention(
-        q, k, v, head_gate, key_padding_mask, float(scale)
-    )
-    return out
+        # D < 1 is rejected by the checks (native or Python) with a message naming q's shape.
+        scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
+    # Native path: argument checks in C++ (same messages), autograd registered in C++.
+    return _masked_attention_op(q, k, v, head_gate, key_padding_mask, float(scale))[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,6 +348,19 @@ def accumulate_importance_(acc: Tensor, scores: Tensor, power: int = 1) -> Tenso
 
 
 _C = load_extension()
+
+# The extension registers masked_attention's autograd in C++ (csrc/masked_attention_autograd.cpp:
+# no Python between the call and the kernel); without it the same backward is registered here.
+NATIVE_AUTOGRAD = _C is not None and "masked_attention" in _C.build_info()["kernels"].get(
+    "Autograd", []
+)
+if not NATIVE_AUTOGRAD:
+    torch.library.register_autograd(
+        f"{NAMESPACE}::masked_attention",
+        _masked_attention_backward,
+        setup_context=_masked_attention_setup_context,
+    )
+_masked_attention_op = torch.ops.sparsebert.masked_attention.default
 
 
 def native_dispatch_keys(op_name: str) -> list[str]:

@@ -68,14 +68,15 @@ bool use_tensor_cores(const at::Tensor& q, const AttentionShape& s) {
 
 float scale_log2(double scale) { return static_cast<float>(scale * 1.4426950408889634); }
 
-std::tuple<at::Tensor, at::Tensor> masked_attention_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                         const at::Tensor& v, const at::Tensor& head_gate,
+std::tuple<at::Tensor, at::Tensor> masked_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                         const at::Tensor& v_in, const at::Tensor& head_gate,
                                                          const std::optional<at::Tensor>& key_padding_mask,
                                                          double scale) {
-  const AttentionShape s = check_masked_attention_inputs(q, k, v, head_gate, key_padding_mask);
-  check_cuda_inputs(q, s);
-  const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor gate = gate_per_example(head_gate, s.batch);  // (B, H) fp32
+  const AttentionShape s = check_masked_attention_inputs(q_in, k_in, v_in, head_gate, key_padding_mask);
+  check_cuda_inputs(q_in, s);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+  const GateView gate = gate_view(head_gate);  // fp32, (H,) read with batch stride 0
   const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
   at::Tensor out = at::empty({s.batch, s.q_len, s.heads, s.head_dim}, q.options());
   at::Tensor lse = at::empty({s.batch, s.heads, s.q_len}, q.options().dtype(at::kFloat));
@@ -87,7 +88,9 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_cuda(const at::Tensor& q, co
   a.q_st = strides_of(q);
   a.k_st = strides_of(k);
   a.v_st = strides_of(v);
-  a.gate = gate.data_ptr<float>();
+  a.gate = gate.values.data_ptr<float>();
+  a.gate_sb = gate.stride_b;
+  a.gate_sh = gate.stride_h;
   a.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   a.out = out.data_ptr();
   a.lse = lse.data_ptr<float>();
@@ -104,14 +107,16 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_cuda(const at::Tensor& q, co
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_cuda(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& head_gate, const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& head_gate, const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out_in,
     const at::Tensor& lse, double scale) {
-  const AttentionShape s = check_masked_attention_inputs(q, k, v, head_gate, key_padding_mask);
-  check_masked_attention_backward_inputs(s, q, dout, out, lse);
-  check_cuda_inputs(q, s);
-  const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor gate = gate_per_example(head_gate, s.batch);
+  const AttentionShape s = check_masked_attention_inputs(q_in, k_in, v_in, head_gate, key_padding_mask);
+  check_masked_attention_backward_inputs(s, q_in, dout_in, out_in, lse);
+  check_cuda_inputs(q_in, s);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in),
+                   dout = last_dim_contiguous(dout_in), out = last_dim_contiguous(out_in);
+  const GateView gate = gate_view(head_gate);
   const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
   const bool tensor_cores = use_tensor_cores(q, s);
   const auto f32 = q.options().dtype(at::kFloat);
@@ -134,7 +139,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_back
   a.k_st = strides_of(k);
   a.v_st = strides_of(v);
   a.out_st = strides_of(out);
-  a.gate = gate.data_ptr<float>();
+  a.gate = gate.values.data_ptr<float>();
+  a.gate_sb = gate.stride_b;
+  a.gate_sh = gate.stride_h;
   a.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   a.lse = lse.data_ptr<float>();
   a.delta = delta.data_ptr<float>();
