@@ -80,6 +80,22 @@ void check_masked_attention_backward_inputs(const AttentionShape& s, const at::T
   check_same_device(lse, q, "lse", "q");
 }
 
+void check_kept_heads(const at::Tensor& kept_heads, const at::Tensor& q, const AttentionShape& s) {
+  SB_CHECK_ARG(kept_heads.dim() == 1, "kept_heads", "expected a 1-d tensor of head indices, got shape ",
+               shape_str(kept_heads.sizes()));
+  SB_CHECK_ARG(kept_heads.scalar_type() == at::kLong || kept_heads.scalar_type() == at::kInt,
+               "kept_heads", "expected torch.int64 or torch.int32 head indices, got ",
+               dtype_str(kept_heads.scalar_type()));
+  check_same_device(kept_heads, q, "kept_heads", "q");
+  SB_CHECK_ARG(kept_heads.size(0) <= s.heads, "kept_heads", "expected at most H = ", s.heads,
+               " indices, got ", kept_heads.size(0));
+  if (kept_heads.is_cpu() && kept_heads.numel() > 0) {  // on CUDA this would synchronise
+    const int64_t lo = kept_heads.min().item<int64_t>(), hi = kept_heads.max().item<int64_t>();
+    SB_CHECK_ARG(lo >= 0 && hi < s.heads, "kept_heads", "expected indices in [0, H = ", s.heads,
+                 "), got values in [", lo, ", ", hi, "]");
+  }
+}
+
 GateView gate_view(const at::Tensor& head_gate, at::ScalarType dtype) {
   GateView g;
   g.values = head_gate.scalar_type() == dtype ? head_gate : head_gate.to(dtype);

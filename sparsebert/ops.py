@@ -29,7 +29,14 @@ _lib.define(
     "Tensor? key_padding_mask, Tensor out, Tensor lse, float scale) "
     "-> (Tensor dq, Tensor dk, Tensor dv, Tensor d_head_gate)"
 )
+_lib.define(
+    "masked_attention_compact(Tensor q, Tensor k, Tensor v, Tensor head_gate, Tensor kept_heads, "
+    "Tensor? key_padding_mask, float scale) -> (Tensor out, Tensor lse)"
+)
 _lib.impl("masked_attention", reference.masked_attention_ref, "CompositeExplicitAutograd")
+_lib.impl(
+    "masked_attention_compact", reference.masked_attention_compact_ref, "CompositeExplicitAutograd"
+)
 _lib.impl(
     "masked_attention_backward",
     reference.masked_attention_backward_ref,
@@ -46,6 +53,15 @@ def _masked_attention_fake(q, k, v, head_gate, key_padding_mask, scale):
     batch, q_len, heads, head_dim = q.shape
     out = q.new_empty((batch, q_len, heads, head_dim))
     lse = q.new_empty((batch, heads, q_len), dtype=_stat_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.register_fake(f"{NAMESPACE}::masked_attention_compact")
+def _masked_attention_compact_fake(q, k, v, head_gate, kept_heads, key_padding_mask, scale):
+    batch, q_len, _, head_dim = q.shape
+    kept = kept_heads.shape[0]
+    out = q.new_empty((batch, q_len, kept, head_dim))
+    lse = q.new_empty((batch, kept, q_len), dtype=_stat_dtype(q.dtype))
     return out, lse
 
 
@@ -248,6 +264,44 @@ def masked_attention(
     return _masked_attention_op(q, k, v, head_gate, key_padding_mask, float(scale))[0]
 
 
+def masked_attention_compact(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    head_gate: Tensor,
+    kept_heads: Tensor,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Attention of the kept heads only, written compactly: the inference fast path.
+
+    q: (B, Sq, H, D); k, v: (B, Sk, H, D); head_gate: (H,) or (B, H); kept_heads: (K,) int64 or
+    int32 indices into H (on q's device). Returns out (B, Sq, K, D) with
+    out[:, :, j] = masked_attention(...)[:, :, kept_heads[j]]; pruned heads are never read.
+    Forward only (no autograd). On CUDA with SPARSEBERT_ATTENTION_KERNEL=mma (fp16/bf16, D 32/64)
+    one mma.sync kernel reads the kept heads in place; otherwise their slices are gathered and
+    the default forward runs. Index values are checked on the CPU only (on CUDA a check would
+    synchronise; an index out of range gives zeros there).
+    """
+    if not isinstance(kept_heads, Tensor):
+        raise ValueError(
+            "masked_attention_compact: 'kept_heads' must be a 1-d int64/int32 tensor, got "
+            f"{type(kept_heads).__name__}"
+        )
+    if not NATIVE_AUTOGRAD:
+        _validate_masked_attention(q, k, v, head_gate, key_padding_mask)
+        if kept_heads.dim() != 1 or kept_heads.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                "masked_attention_compact: 'kept_heads' must be a 1-d int64/int32 tensor, got "
+                f"{kept_heads.dtype} {tuple(kept_heads.shape)}"
+            )
+    if scale is None:
+        scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
+    return torch.ops.sparsebert.masked_attention_compact(
+        q, k, v, head_gate, kept_heads, key_padding_mask, float(scale)
+    )[0]
+
+
 # --------------------------------------------------------------------------------------------
 # group_dot and accumulate_importance_ (importance accumulation)
 # --------------------------------------------------------------------------------------------
@@ -373,4 +427,10 @@ def native_dispatch_keys(op_name: str) -> list[str]:
     ]
 
 
-OP_NAMES = ("masked_attention", "masked_attention_backward", "group_dot", "accumulate_importance_")
+OP_NAMES = (
+    "masked_attention",
+    "masked_attention_backward",
+    "masked_attention_compact",
+    "group_dot",
+    "accumulate_importance_",
+)

@@ -253,6 +253,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_back
   return {dq, dk, dv, d_gate};
 }
 
+// Compact output (B, Sq, H_kept, D): slot j is head kept_heads[j]. On the CPU the kept heads'
+// slices are gathered (cheap next to the attention) and the forward above runs on them.
+std::tuple<at::Tensor, at::Tensor> masked_attention_compact_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& head_gate,
+    const at::Tensor& kept_heads, const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  const AttentionShape shape = check_masked_attention_inputs(q, k, v, head_gate, key_padding_mask);
+  check_kept_heads(kept_heads, q, shape);
+  check_cpu(q, "q");
+  if (kept_heads.numel() == 0) {
+    return {at::empty({shape.batch, shape.q_len, 0, shape.head_dim}, q.options()),
+            at::empty({shape.batch, 0, shape.q_len}, q.options().dtype(stat_type(q)))};
+  }
+  const at::Tensor idx = kept_heads.to(at::kLong);
+  return masked_attention_cpu(q.index_select(2, idx), k.index_select(2, idx), v.index_select(2, idx),
+                              head_gate.index_select(-1, idx), key_padding_mask, scale);
+}
+
+const KernelRegistration kCompact("masked_attention_compact", "CPU");
 const KernelRegistration kForward("masked_attention", "CPU");
 const KernelRegistration kBackward("masked_attention_backward", "CPU");
 
@@ -261,6 +279,7 @@ const KernelRegistration kBackward("masked_attention_backward", "CPU");
 TORCH_LIBRARY_IMPL(sparsebert, CPU, m) {
   m.impl("masked_attention", &masked_attention_cpu);
   m.impl("masked_attention_backward", &masked_attention_backward_cpu);
+  m.impl("masked_attention_compact", &masked_attention_compact_cpu);
 }
 
 }  // namespace sparsebert::cpu

@@ -34,6 +34,11 @@ void check_masked_attention_backward_inputs(const AttentionShape& shape, const a
                                             const at::Tensor& dout, const at::Tensor& out,
                                             const at::Tensor& lse);
 
+// masked_attention_compact's kept_heads: 1-d int32/int64 on q's device, at most H entries; values
+// in [0, H) are checked for CPU tensors (on CUDA that would synchronise; the kernels write zeros
+// for an index out of range).
+void check_kept_heads(const at::Tensor& kept_heads, const at::Tensor& q, const AttentionShape& s);
+
 // head_gate read in place: gate[b, h] = values[b * stride_b + h * stride_h]. An (H,) gate has
 // stride_b = 0 (no expanded copy); values is converted to `dtype` only when it differs (fp32 for
 // the CUDA kernels and fp16/bf16/fp32 CPU inputs, fp64 for fp64 so gradcheck sees an exact gate).
