@@ -5,7 +5,8 @@
 # (default bench/results/gpu):
 #   summary.txt      device, versions, each step's exit status and seconds
 #   build.log        compiler output, ptxas register/spill lines included
-#   cuda-tests.log   pytest -m cuda (all CUDA kernels vs the reference, CUDA-graph steps)
+#   cuda-tests.log   pytest -m cuda (all CUDA kernels vs the reference, CUDA-graph steps; the
+#                    mma.sync forward's tests set SPARSEBERT_ATTENTION_KERNEL=mma themselves)
 #   simt-tests.log   the masked-attention CUDA tests again with the SIMT kernels forced
 #   bench.log        every benchmark's table
 #   results.tar.gz   bench/results/*-<gpu>.{json,md}, for committing
@@ -40,8 +41,8 @@ step() {  # step NAME LIMIT_S LOG CMD...: run CMD with a time limit, log its sta
   echo "$name: exit $rc, $((SECONDS - t0)) s$([ $rc = 124 ] && echo ' (time limit)')" | tee -a "$summary"
   return $rc
 }
-pack() {  # copy benchmark tables/JSON written so far into $OUT
-  tar czf "$out/results.tar.gz" bench/results/*-nvidia-* 2>/dev/null || true
+pack() {  # copy benchmark tables/JSON (and profiler traces) written so far into $OUT
+  tar czf "$out/results.tar.gz" bench/results/*-nvidia-* bench/results/profiles/*-nvidia-* 2>/dev/null || true
 }
 
 # Step 1: build (in place: this machine is a copy of the tree).
@@ -57,9 +58,13 @@ tail -n 3 "$out/cuda-tests.log" >> "$summary"
 # Step 3: benchmarks, the training step first (it serves the open fine-tuning work).
 step bench-train-step 120 "$out/bench.log" python3 bench/bench_train_step.py --device cuda; pack
 step bench-masked-attention 70 "$out/bench.log" python3 bench/bench_masked_attention.py --device cuda; pack
-step bench-masked-attention-graph 90 "$out/bench.log" bash -c "
+# Graph-replay GPU time; the providers include sparsebert_mma and sparsebert_compact (the mma.sync
+# forward, switched on per call) next to SDPA, whose chosen backend the table names.
+step bench-masked-attention-graph 150 "$out/bench.log" bash -c "
   python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --seq 128 512
+  python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --dtype bfloat16 --seq 128 512
   python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --dtype float32"; pack
+step trace-mma 40 "$out/bench.log" python3 bench/trace_attention.py; pack
 step bench-group-dot 45 "$out/bench.log" python3 bench/bench_group_dot.py --device cuda; pack
 step bench-importance 60 "$out/bench.log" python3 bench/bench_importance.py --device cuda --model bert-base --profile; pack
 
