@@ -10,7 +10,7 @@ Providers are timed in interleaved rounds (each round times every provider once)
 median over rounds is reported, so machine noise hits all providers alike.
 
 Script:  python bench/bench_call_overhead.py [--device cpu|cuda] [--rounds 15]
-         writes bench/results/call_overhead-<device>.{json,md}
+         writes bench/results/call_overhead-<device>.{json,md} (--stem renames)
 """
 
 from __future__ import annotations
@@ -85,6 +85,8 @@ def main(argv=None) -> None:
                         metavar=("B", "S", "H", "D"))
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=2000, help="calls per provider per round")
+    parser.add_argument("--stem", default="call_overhead",
+                        help="result file name (e.g. to keep a run of another checkout apart)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cuda = args.device.startswith("cuda")
@@ -115,7 +117,7 @@ def main(argv=None) -> None:
               "vs SDPA"]
     what = (f"host cost of one attention call, (B, S, H, D) = {shape}, fp32, 1 thread, "
             f"{args.rounds} interleaved rounds of {args.calls} calls")
-    common.report("call_overhead", args, argv, what, header, rows, records)
+    common.report("call_overhead", args, argv, what, header, rows, records, stem=args.stem)
 
 
 if __name__ == "__main__":
