@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # One prepared GPU check (H100/H200): build the extension with CUDA for sm_90, run the CUDA tests,
 # run the benchmarks. Every step has its own time limit, and its output lands in $OUT as soon as
-# it ends, so a run cut short still returns what it finished. At most 6 files in $OUT
+# it ends, so a run cut short still returns what it finished. At most 7 files in $OUT
 # (default bench/results/gpu):
 #   summary.txt      device, versions, each step's exit status and seconds
 #   build.log        compiler output, ptxas register/spill lines included
 #   cuda-tests.log   pytest -m cuda (all CUDA kernels vs the reference, CUDA-graph steps; the
 #                    mma.sync forward's tests set SPARSEBERT_ATTENTION_KERNEL=mma themselves)
 #   simt-tests.log   the masked-attention CUDA tests again with the SIMT kernels forced
+#   mma-tests.log    the masked-attention CUDA tests with the mma.sync forward switched on
 #   bench.log        every benchmark's table
 #   results.tar.gz   bench/results/*-<gpu>.{json,md}, for committing
 # Usage on the GPU machine, from the repository root:  bash bench/gpu_check.sh
 #   GPU_CHECK_STEPS=build,bench-importance bash bench/gpu_check.sh   runs only those steps
+#   GPU_CHECK_STEPS=build,mma-tests,bench-masked-attention-graph,trace-mma   the attention kernels
+#   (the mma.sync forward's correctness, its graph-replay GPU time vs SDPA, one traced call)
 # Missing Python packages can travel as wheels in .whl/ (installed into /tmp/site first).
 set -uo pipefail
 out=${OUT:-bench/results/gpu}
@@ -68,7 +71,13 @@ step trace-mma 40 "$out/bench.log" python3 bench/trace_attention.py; pack
 step bench-group-dot 45 "$out/bench.log" python3 bench/bench_group_dot.py --device cuda; pack
 step bench-importance 60 "$out/bench.log" python3 bench/bench_importance.py --device cuda --model bert-base --profile; pack
 
-# Step 4: the SIMT attention kernels (the tensor-core ones are the default for D=32/64).
+# Step 4: the whole masked-attention suite with the mma.sync forward switched on (fp16/bf16
+# D 32/64 calls then run it, gradients included: its out and lse feed the verified backward).
+SPARSEBERT_ATTENTION_KERNEL=mma step mma-tests 120 "$out/mma-tests.log" \
+  python3 -m pytest "${pytest_args[@]}" tests/test_masked_attention.py tests/test_masked_attention_mma.py
+tail -n 3 "$out/mma-tests.log" >> "$summary"
+
+# Step 5: the SIMT attention kernels (the tensor-core ones are the default for D=32/64).
 export SPARSEBERT_ATTENTION_KERNEL=simt
 step simt-tests 60 "$out/simt-tests.log" \
   python3 -m pytest "${pytest_args[@]}" tests/test_masked_attention.py
