@@ -5,8 +5,9 @@
 // other head dims (<= 512) and older GPUs use the SIMT kernels. SPARSEBERT_ATTENTION_KERNEL=simt
 // forces the SIMT kernels (a debugging aid: the two paths must agree).
 // SPARSEBERT_ATTENTION_KERNEL=mma selects the mma.sync forward (masked_attention_mma.cu) where it
-// applies (fp16/bf16, D 32/64, sm80+, 16-byte aligned rows); the backward is unchanged. That
-// kernel has not yet run on a GPU: it stays opt-in until the CUDA tests pass on one.
+// applies (fp16/bf16, D 32/64, sm80+, 16-byte aligned rows), and the one-launch mma.sync backward
+// (masked_attention_mma_bwd.cu) where moreover Sq, Sk <= 128 (longer: the WMMA backward). These
+// kernels have not yet run on a GPU: they stay opt-in until the CUDA tests pass on one.
 // masked_attention_compact (output (B, S, H_kept, D)) uses it under the same switch, else it
 // gathers the kept heads and runs the default forward.
 #include <ATen/ATen.h>
@@ -25,6 +26,7 @@
 #include "masked_attention_mma.cuh"
 #include "sparsebert/checks.h"
 #include "sparsebert/masked_attention.h"
+#include "sparsebert/mma_layout.h"
 #include "sparsebert/registry.h"
 
 namespace sparsebert {
@@ -173,6 +175,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_back
                    dout = last_dim_contiguous(dout_in), out = last_dim_contiguous(out_in);
   const GateView gate = gate_view(head_gate);
   const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
+  if (use_mma_forward(q, k, v, s) && s.q_len <= mma::kBwdMaxSeq && s.kv_len <= mma::kBwdMaxSeq &&
+      vec16_ok(dout) && vec16_ok(out)) {
+    // The one-launch mma.sync backward (S <= 128): every output entry written by the kernel.
+    at::Tensor dq = at::empty(q.sizes(), q.options());
+    at::Tensor dk = at::empty(k.sizes(), k.options());
+    at::Tensor dv = at::empty(v.sizes(), v.options());
+    at::Tensor d_gate = at::empty({s.batch, s.heads}, q.options().dtype(at::kFloat));
+    cuda_mma::MmaBwdArgs a{};
+    a.dout = dout.data_ptr();
+    a.q = q.data_ptr();
+    a.k = k.data_ptr();
+    a.v = v.data_ptr();
+    a.out = out.data_ptr();
+    a.dout_st = strides_of(dout);
+    a.q_st = strides_of(q);
+    a.k_st = strides_of(k);
+    a.v_st = strides_of(v);
+    a.out_st = strides_of(out);
+    a.gate = gate.values.data_ptr<float>();
+    a.gate_sb = gate.stride_b;
+    a.gate_sh = gate.stride_h;
+    a.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+    a.lse = lse.data_ptr<float>();
+    a.dq = dq.data_ptr();
+    a.dk = dk.data_ptr();
+    a.dv = dv.data_ptr();
+    a.d_gate = d_gate.data_ptr<float>();
+    a.batch = static_cast<int>(s.batch);
+    a.q_len = static_cast<int>(s.q_len);
+    a.kv_len = static_cast<int>(s.kv_len);
+    a.heads = static_cast<int>(s.heads);
+    a.head_dim = static_cast<int>(s.head_dim);
+    a.scale = static_cast<float>(scale);
+    a.scale_log2 = scale_log2(scale);
+    a.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    cuda_mma::launch_mma_backward(q.scalar_type() == at::kBFloat16, a, at::cuda::getCurrentCUDAStream());
+    return {dq, dk, dv, d_gate};
+  }
   const bool tensor_cores = use_tensor_cores(q, s);
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor delta = at::empty({s.batch, s.heads, s.q_len}, f32);

@@ -33,3 +33,33 @@ void launch_mma_forward(bool bf16, const MmaFwdArgs& a, cudaStream_t stream);
 
 }  // namespace cuda_mma
 }  // namespace sparsebert
+
+namespace sparsebert {
+namespace cuda_mma {
+
+struct MmaBwdArgs {
+  const void* dout;  // (B, Sq, H, D), last dim contiguous, 16-byte aligned rows
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* out;   // forward output (B, Sq, H, D)
+  attn::Strides dout_st, q_st, k_st, v_st, out_st;
+  const float* gate;  // as MmaFwdArgs
+  int64_t gate_sb, gate_sh;
+  const bool* mask;   // (B, Sk) contiguous or nullptr
+  const float* lse;   // (B, H, Sq) natural log, from the forward
+  void* dq;           // (B, Sq, H, D) contiguous, dtype of q
+  void* dk;           // (B, Sk, H, D) contiguous
+  void* dv;           // (B, Sk, H, D) contiguous
+  float* d_gate;      // (B, H) fp32, every entry written (pruned heads 0)
+  int batch, q_len, kv_len, heads, head_dim;
+  float scale, scale_log2;
+  int sm_count;
+};
+
+// One launch for the whole backward; the caller guarantees fp16/bf16, head_dim 32 or 64,
+// q_len, kv_len <= mma::kBwdMaxSeq, compute capability >= 8.0 and 16-byte aligned rows.
+void launch_mma_backward(bool bf16, const MmaBwdArgs& a, cudaStream_t stream);
+
+}  // namespace cuda_mma
+}  // namespace sparsebert

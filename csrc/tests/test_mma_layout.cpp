@@ -11,7 +11,10 @@
 //      ldmatrix (emulated from the ISA's definition of ldmatrix.x4 / .trans) -> mma.sync
 //      (emulated from the ISA fragment tables, not from the header) -> masking and online softmax
 //      in registers with quad shuffles -> P re-labelled as the A operand of P V -> gate / l ->
-//      staged 16-byte output stores and lse, and compares with a plain double attention.
+//      staged 16-byte output stores and lse, and compares with a plain double attention;
+//   5. replays the one-launch backward (S <= 128) the same way: both phases (keys per warp for
+//      dK/dV, queries per warp for dQ), P^T and dS^T re-labelled from registers, the in-kernel
+//      delta and d_gate = sum delta / gate, against a plain double backward.
 // Plain C++17, no torch, no CUDA: prints "N passed, M failed" and exits non-zero on failure.
 #include "sparsebert/mma_layout.h"
 
@@ -314,8 +317,9 @@ void reference(const Head& h, std::vector<double>& out, std::vector<double>& lse
 }
 
 // cp.async of rows [row0, row0 + 64) of a [S][D] array into a swizzled tile (kernel's load_tile).
-void load_tile(std::vector<float>& tile, const std::vector<float>& src, int D, int row0, int valid_rows) {
-  for (int i = 0; i < mma::kBlockM * D / 8; ++i) {
+void load_tile(std::vector<float>& tile, const std::vector<float>& src, int D, int row0, int valid_rows,
+               int rows = mma::kBlockM) {
+  for (int i = 0; i < rows * D / 8; ++i) {
     const Coord c = mma::tile_chunk(i, D);
     const bool ok = c.row < valid_rows;
     for (int e = 0; e < 8; ++e)  // one 16-byte copy: 8 consecutive elements, zeros past the end
@@ -484,6 +488,243 @@ void test_replay(int D, int Sq, int Sk, bool padded, unsigned seed) {
         padded, written, rel, lse_err);
 }
 
+// ---------------------------------------------------------------------------------------------
+// 5. Replay of the backward kernel (masked_attention_mma_bwd.cu) for one (b, h), S <= 128.
+// ---------------------------------------------------------------------------------------------
+struct Grads {
+  std::vector<double> dq, dk, dv;
+  double d_gate;
+};
+
+// Plain double backward of one head given dout (Sq, D).
+Grads reference_backward(const Head& h, const std::vector<float>& dout) {
+  const int Sq = h.Sq, Sk = h.Sk, D = h.D;
+  Grads g{std::vector<double>(Sq * D, 0.0), std::vector<double>(Sk * D, 0.0), std::vector<double>(Sk * D, 0.0), 0.0};
+  for (int i = 0; i < Sq; ++i) {
+    std::vector<double> s(Sk, -INFINITY), p(Sk, 0.0), dp(Sk, 0.0);
+    double mx = -INFINITY, sum = 0;
+    for (int j = 0; j < Sk; ++j) {
+      if (!h.real[j]) continue;
+      double dot = 0;
+      for (int d = 0; d < D; ++d) dot += double(h.q[i * D + d]) * h.k[j * D + d];
+      s[j] = dot * h.scale;
+      mx = std::max(mx, s[j]);
+    }
+    for (int j = 0; j < Sk; ++j) sum += h.real[j] ? std::exp(s[j] - mx) : 0.0;
+    std::vector<double> ctx(D, 0.0);
+    for (int j = 0; j < Sk; ++j) {
+      p[j] = h.real[j] ? std::exp(s[j] - mx) / sum : 0.0;
+      for (int d = 0; d < D; ++d) {
+        ctx[d] += p[j] * h.v[j * D + d];
+        dp[j] += double(dout[i * D + d]) * h.v[j * D + d];
+      }
+    }
+    double delta = 0;  // dout . out = gate * dout . ctx
+    for (int d = 0; d < D; ++d) delta += h.gate * double(dout[i * D + d]) * ctx[d];
+    g.d_gate += delta / h.gate;
+    for (int j = 0; j < Sk; ++j) {
+      const double ds = p[j] * (h.gate * dp[j] - delta);
+      for (int d = 0; d < D; ++d) {
+        g.dq[i * D + d] += h.scale * ds * h.k[j * D + d];
+        g.dk[j * D + d] += h.scale * ds * h.q[i * D + d];
+        g.dv[j * D + d] += h.gate * p[j] * dout[i * D + d];
+      }
+    }
+  }
+  return g;
+}
+
+struct KernelGrads {
+  std::vector<float> dq, dk, dv;
+  float d_gate;
+};
+
+KernelGrads replay_backward(const Head& h, const std::vector<float>& dout, const std::vector<float>& out,
+                            const std::vector<float>& lse) {
+  const int D = h.D, Sq = h.Sq, Sk = h.Sk, rows = mma::kBwdMaxSeq, chunk = mma::kBwdChunk;
+  const int kKc = D / 16, kDt = D / 8, kNt = chunk / 8;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  KernelGrads g{std::vector<float>(Sq * D, nan), std::vector<float>(Sk * D, nan), std::vector<float>(Sk * D, nan), nan};
+  const float scale_log2 = h.scale * attn::kLog2e;
+  std::vector<float> q_s(rows * D), k_s(rows * D), v_s(rows * D), do_s(rows * D), lse2_s(rows), delta_s(rows);
+  load_tile(q_s, h.q, D, 0, Sq, rows);
+  load_tile(k_s, h.k, D, 0, Sk, rows);
+  load_tile(v_s, h.v, D, 0, Sk, rows);
+  load_tile(do_s, dout, D, 0, Sq, rows);
+  for (int row = 0; row < rows; ++row) {
+    float d = 0;
+    for (int c = 0; row < Sq && c < D; ++c) d = attn::delta_accumulate(d, dout[row * D + c], out[row * D + c]);
+    delta_s[row] = d;
+    lse2_s[row] = row < Sq ? attn::lse_to_log2(lse[row]) : INFINITY;
+  }
+  float dsum = 0;
+  for (int i = 0; i < rows; ++i) dsum += delta_s[i];
+  g.d_gate = dsum / h.gate;
+  auto frags_a = [&](const std::vector<float>& tile, int warp, int kc) {
+    std::vector<int> addr(32);
+    for (int lane = 0; lane < 32; ++lane) {
+      const Coord c = mma::ldsm_q(lane, kc);
+      addr[lane] = mma::smem_offset(16 * warp + c.row, c.col, D);
+    }
+    return ldmatrix_x4(tile, addr, false);
+  };
+  auto frags_b = [&](const std::vector<float>& tile, int p, int kc) {  // ldsm_k, non-trans
+    std::vector<int> addr(32);
+    for (int lane = 0; lane < 32; ++lane) {
+      const Coord c = mma::ldsm_k(lane, p, kc);
+      addr[lane] = mma::smem_offset(c.row, c.col, D);
+    }
+    return ldmatrix_x4(tile, addr, false);
+  };
+  auto frags_bt = [&](const std::vector<float>& tile, int kc, int p) {  // ldsm_v, .trans
+    std::vector<int> addr(32);
+    for (int lane = 0; lane < 32; ++lane) {
+      const Coord c = mma::ldsm_v(lane, kc, p);
+      addr[lane] = mma::smem_offset(c.row, c.col, D);
+    }
+    return ldmatrix_x4(tile, addr, true);
+  };
+  using Acc = std::vector<std::vector<std::vector<float>>>;  // [tile][lane][4]
+  auto zeros = [](int tiles) { return Acc(tiles, std::vector<std::vector<float>>(32, std::vector<float>(4, 0.0f))); };
+  auto relabel = [&](const Acc& c, int kc) {  // C fragments -> A fragments (P re-use)
+    Regs a(32, std::vector<float>(8));
+    for (int lane = 0; lane < 32; ++lane)
+      for (int reg = 0; reg < 4; ++reg)
+        for (int e = 0; e < 2; ++e) a[lane][reg * 2 + e] = c[mma::p_ntile(kc, reg)][lane][2 * mma::p_pair(reg) + e];
+    return a;
+  };
+  auto store = [&](const Acc& acc, float factor, std::vector<float>& dst, int row0, int seq) {
+    for (int lane = 0; lane < 32; ++lane)
+      for (int dt = 0; dt < kDt; ++dt)
+        for (int r = 0; r < 2; ++r) {
+          const Coord c = mma::frag_c(lane, 2 * r);
+          const int row = row0 + c.row;
+          if (row >= seq) continue;
+          dst[row * D + dt * 8 + c.col] = acc[dt][lane][2 * r] * factor;
+          dst[row * D + dt * 8 + c.col + 1] = acc[dt][lane][2 * r + 1] * factor;
+        }
+  };
+  for (int warp = 0; warp < mma::kBwdWarps; ++warp) {
+    if (16 * warp < Sk) {  // phase 1: keys of this warp
+      std::vector<Regs> kf(kKc), vf(kKc);
+      for (int kc = 0; kc < kKc; ++kc) kf[kc] = frags_a(k_s, warp, kc), vf[kc] = frags_a(v_s, warp, kc);
+      Acc dk = zeros(kDt), dv = zeros(kDt);
+      for (int qc = 0; qc < attn::ceil_div(Sq, chunk); ++qc) {
+        Acc st = zeros(kNt), dpt = zeros(kNt);
+        for (int kc = 0; kc < kKc; ++kc)
+          for (int p = 0; p < kNt / 2; ++p) {
+            const Regs bq = frags_b(q_s, (chunk / 16) * qc + p, kc), bo = frags_b(do_s, (chunk / 16) * qc + p, kc);
+            mma_16816(st[2 * p], kf[kc], bq, 0, 1);
+            mma_16816(st[2 * p + 1], kf[kc], bq, 2, 3);
+            mma_16816(dpt[2 * p], vf[kc], bo, 0, 1);
+            mma_16816(dpt[2 * p + 1], vf[kc], bo, 2, 3);
+          }
+        for (int lane = 0; lane < 32; ++lane)
+          for (int nt = 0; nt < kNt; ++nt)
+            for (int i = 0; i < 4; ++i) {
+              const Coord c = mma::frag_c(lane, i);
+              const int key = 16 * warp + c.row, query = chunk * qc + nt * 8 + c.col;
+              const bool real = key < Sk && h.real[key];
+              const float s2 = real ? st[nt][lane][i] * scale_log2 : attn::neg_inf();
+              const float p = attn::backward_prob(s2, lse2_s[query]);
+              dpt[nt][lane][i] = attn::backward_dscore(p, h.gate, dpt[nt][lane][i], delta_s[query]);
+              st[nt][lane][i] = p;
+            }
+        for (int kc = 0; kc < chunk / 16; ++kc) {
+          const Regs pa = relabel(st, kc), da = relabel(dpt, kc);
+          for (int p = 0; p < kDt / 2; ++p) {
+            const Regs bo = frags_bt(do_s, (chunk / 16) * qc + kc, p), bq = frags_bt(q_s, (chunk / 16) * qc + kc, p);
+            mma_16816(dv[2 * p], pa, bo, 0, 1);
+            mma_16816(dv[2 * p + 1], pa, bo, 2, 3);
+            mma_16816(dk[2 * p], da, bq, 0, 1);
+            mma_16816(dk[2 * p + 1], da, bq, 2, 3);
+          }
+        }
+      }
+      store(dk, h.scale, g.dk, 16 * warp, Sk);
+      store(dv, h.gate, g.dv, 16 * warp, Sk);
+    }
+    if (16 * warp < Sq) {  // phase 2: queries of this warp
+      std::vector<Regs> qf(kKc), of(kKc);
+      for (int kc = 0; kc < kKc; ++kc) qf[kc] = frags_a(q_s, warp, kc), of[kc] = frags_a(do_s, warp, kc);
+      Acc dq = zeros(kDt);
+      for (int kcnk = 0; kcnk < attn::ceil_div(Sk, chunk); ++kcnk) {
+        Acc s = zeros(kNt), dp = zeros(kNt);
+        for (int kc = 0; kc < kKc; ++kc)
+          for (int p = 0; p < kNt / 2; ++p) {
+            const Regs bk = frags_b(k_s, (chunk / 16) * kcnk + p, kc), bv = frags_b(v_s, (chunk / 16) * kcnk + p, kc);
+            mma_16816(s[2 * p], qf[kc], bk, 0, 1);
+            mma_16816(s[2 * p + 1], qf[kc], bk, 2, 3);
+            mma_16816(dp[2 * p], of[kc], bv, 0, 1);
+            mma_16816(dp[2 * p + 1], of[kc], bv, 2, 3);
+          }
+        for (int lane = 0; lane < 32; ++lane)
+          for (int nt = 0; nt < kNt; ++nt)
+            for (int i = 0; i < 4; ++i) {
+              const Coord c = mma::frag_c(lane, i);
+              const int row = 16 * warp + c.row, key = chunk * kcnk + nt * 8 + c.col;
+              const bool real = key < Sk && h.real[key];
+              const float s2 = real ? s[nt][lane][i] * scale_log2 : attn::neg_inf();
+              const float p = attn::backward_prob(s2, lse2_s[row]);
+              s[nt][lane][i] = attn::backward_dscore(p, h.gate, dp[nt][lane][i], delta_s[row]);
+            }
+        for (int kc = 0; kc < chunk / 16; ++kc) {
+          const Regs da = relabel(s, kc);
+          for (int p = 0; p < kDt / 2; ++p) {
+            const Regs bk = frags_bt(k_s, (chunk / 16) * kcnk + kc, p);
+            mma_16816(dq[2 * p], da, bk, 0, 1);
+            mma_16816(dq[2 * p + 1], da, bk, 2, 3);
+          }
+        }
+      }
+      store(dq, h.scale, g.dq, 16 * warp, Sq);
+    }
+  }
+  return g;
+}
+
+double rel_error(const std::vector<float>& got, const std::vector<double>& want, bool& written) {
+  double err = 0, norm = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    written &= !std::isnan(got[i]);
+    err += (got[i] - want[i]) * (got[i] - want[i]);
+    norm += want[i] * want[i];
+  }
+  // Relative to the reference's norm, floored at 1: with one key, dq and dk are exactly 0.
+  return std::sqrt(err) / std::max(std::sqrt(norm), 1.0);
+}
+
+void test_replay_backward(int D, int Sq, int Sk, bool padded, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  Head h{Sq, Sk, D, {}, {}, {}, {}, 0.8f, 1.0f / std::sqrt(static_cast<float>(D))};
+  for (auto* t : {&h.q, &h.k, &h.v}) {
+    t->resize(static_cast<size_t>(t == &h.q ? Sq : Sk) * D);
+    for (auto& x : *t) x = normal(rng);
+  }
+  h.real.assign(Sk, 1);
+  if (padded) {
+    std::uniform_int_distribution<int> len(1, Sk);
+    for (int j = len(rng); j < Sk; ++j) h.real[j] = 0;
+    if (Sk > 3) h.real[Sk / 3] = 0;
+    h.real[0] = 1;
+  }
+  std::vector<float> dout(static_cast<size_t>(Sq) * D);
+  for (auto& x : dout) x = normal(rng);
+  std::vector<double> out_d, lse_d;
+  reference(h, out_d, lse_d);
+  const std::vector<float> out(out_d.begin(), out_d.end()), lse(lse_d.begin(), lse_d.end());
+  const Grads want = reference_backward(h, dout);
+  const KernelGrads got = replay_backward(h, dout, out, lse);
+  bool written = !std::isnan(got.d_gate);
+  const double eq = rel_error(got.dq, want.dq, written), ek = rel_error(got.dk, want.dk, written),
+               ev = rel_error(got.dv, want.dv, written);
+  const double eg = std::abs(got.d_gate - want.d_gate) / std::max(1.0, std::abs(want.d_gate));
+  CHECK(written && eq < 1e-4 && ek < 1e-4 && ev < 1e-4 && eg < 1e-4,
+        "backward replay D=%d Sq=%d Sk=%d padded=%d: written %d, rel err dq %.3g dk %.3g dv %.3g d_gate %.3g",
+        D, Sq, Sk, padded, written, eq, ek, ev, eg);
+}
+
 }  // namespace
 
 int main() {
@@ -494,6 +735,9 @@ int main() {
   for (int D : {32, 64})
     for (auto [sq, sk] : {std::pair{1, 1}, {17, 17}, {64, 64}, {100, 130}, {128, 128}, {300, 300}, {65, 512}})
       for (bool padded : {false, true}) test_replay(D, sq, sk, padded, seed++);
+  for (int D : {32, 64})
+    for (auto [sq, sk] : {std::pair{1, 1}, {17, 17}, {100, 128}, {128, 128}, {128, 33}, {40, 97}})
+      for (bool padded : {false, true}) test_replay_backward(D, sq, sk, padded, seed++);
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }

@@ -42,6 +42,15 @@ constexpr int kBlockN = 64;  // keys per shared-memory stage
 constexpr int kStages = 2;   // K/V double buffering
 constexpr int kMaxSeq = 512; // longest sequence the forward is built and tested for
 
+// Backward (masked_attention_mma_bwd.cu): one CTA of 8 warps per active (b, h), S <= 128, all of
+// Q, K, V, dO in shared memory as [128][D] swizzled tiles. Phase 1: warp w owns keys 16w..16w+15
+// (dK, dV in registers), queries in chunks of 32; phase 2: warp w owns queries 16w..16w+15 (dQ in
+// registers, no atomics), keys in chunks of 32.
+constexpr int kBwdWarps = 8;
+constexpr int kBwdThreads = 32 * kBwdWarps;
+constexpr int kBwdMaxSeq = 16 * kBwdWarps;  // 128
+constexpr int kBwdChunk = 32;
+
 struct Coord {
   int row, col;
 };
