@@ -11,7 +11,11 @@ import pytest
 import torch
 
 from sparsebert import ops
-from sparsebert.reference import masked_attention_compact_ref, masked_attention_ref
+from sparsebert.reference import (
+    masked_attention_backward_ref,
+    masked_attention_compact_ref,
+    masked_attention_ref,
+)
 from tests.test_masked_attention import make_padding, plain_pytorch_attention, stable_seed
 
 CUDA = torch.cuda.is_available()
@@ -195,3 +199,61 @@ def test_mma_forward_with_the_verified_backward(device, mma_switch):
     for name, got, want in zip("q k v gate".split(), grads, ref_grads):
         rel = (got.float() - want).norm() / want.norm().clamp_min(1e-6)
         assert rel < 2e-2, f"d{name}: relative error {rel:.3g}"
+
+
+def kernel_ran(name, fn) -> bool:
+    """True if a CUDA kernel whose name contains `name` ran during fn()."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return any(name in e.name for e in prof.events())
+
+
+def low_precision_grads(q, k, v, gate, mask, scale, dout):
+    """Gradients of plain PyTorch attention in the inputs' own precision (the error yardstick)."""
+    qh, kh, vh = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    gh = gate.detach().clone().requires_grad_(True)
+    out = plain_pytorch_attention(qh, kh, vh, gh, mask, scale)
+    return torch.autograd.grad(out, (qh, kh, vh, gh), dout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim", [32, 64])
+@pytest.mark.parametrize("seq", [1, 17, 100, 128])
+@pytest.mark.parametrize("pattern", ["all", "some", "per_example"])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_mma_backward(device, dtype, dim, seq, pattern, padded, mma_switch, assert_native):
+    """The one-launch mma backward (S <= 128): dq, dk, dv, d_head_gate vs the fp32 reference,
+    within twice plain PyTorch's low-precision error; pruned heads get exact zeros."""
+    assert_native("masked_attention_backward", device)
+    key = ("mma bwd", str(dtype), dim, seq, pattern, padded)
+    gen = torch.Generator().manual_seed(stable_seed(*key))
+    batch, scale = 2, dim**-0.5
+    q, k, v = qkv(batch, seq, HEADS, dim, dtype, device, gen)
+    gate = gate_for(pattern, batch, HEADS, device, gen)
+    mask = make_padding(batch, seq, device, gen) if padded else None
+    out, lse = torch.ops.sparsebert.masked_attention(q, k, v, gate, mask, scale)
+    dout = torch.randn(out.shape, generator=gen).to(device, dtype)
+    args = (dout, q, k, v, gate, mask, out, lse, scale)
+    if pattern == "some" and padded:
+        assert kernel_ran(
+            "mma_backward_kernel", lambda: torch.ops.sparsebert.masked_attention_backward(*args)
+        )
+    got = torch.ops.sparsebert.masked_attention_backward(*args)
+    ref_out, ref_lse = masked_attention_ref(q, k, v, gate, mask, scale)
+    want = masked_attention_backward_ref(dout, q, k, v, gate, mask, ref_out, ref_lse, scale)
+    low = low_precision_grads(q, k, v, gate, mask, scale, dout)
+    for name, g, w, lo in zip(("dq", "dk", "dv"), got[:3], want[:3], low[:3]):
+        assert g.dtype == dtype and torch.isfinite(g).all(), name
+        check_low_precision(g, w, lo, name)
+    active = gate.expand(batch, HEADS) != 0
+    # d_head_gate = sum_i delta_i / gate, delta from the low-precision out: relative error.
+    rel = (got[3][active] - want[3][active]).norm() / want[3][active].norm().clamp_min(1e-6)
+    assert rel < 2e-2, f"d_head_gate: relative error {rel:.3g}"
+    pruned = (~active).cpu()
+    assert torch.all(got[3].cpu()[pruned] == 0)
+    for g in got[:3]:
+        assert torch.all(g.cpu().transpose(1, 2)[pruned] == 0)
