@@ -73,7 +73,7 @@ step bench-importance 60 "$out/bench.log" python3 bench/bench_importance.py --de
 
 # Step 4: the whole masked-attention suite with the mma.sync forward switched on (fp16/bf16
 # D 32/64 calls then run it, gradients included: its out and lse feed the verified backward).
-SPARSEBERT_ATTENTION_KERNEL=mma step mma-tests 120 "$out/mma-tests.log" \
+SPARSEBERT_ATTENTION_KERNEL=mma step mma-tests 180 "$out/mma-tests.log" \
   python3 -m pytest "${pytest_args[@]}" tests/test_masked_attention.py tests/test_masked_attention_mma.py
 tail -n 3 "$out/mma-tests.log" >> "$summary"
 
