@@ -329,9 +329,11 @@ __global__ void __launch_bounds__(mma::kBwdThreads) mma_backward_kernel(const Mm
 
 template <typename T, int D>
 void launch(const MmaBwdArgs& a, cudaStream_t stream) {
+  // More than 48 KB of dynamic shared memory must be allowed per device: set on every launch
+  // (a cheap driver call) so that a second GPU of the process gets it too.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(mma_backward_kernel<T, D>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes<D>()));
   static const int ctas_per_sm = [] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(mma_backward_kernel<T, D>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes<D>()));
     int n = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, mma_backward_kernel<T, D>,
                                                                  mma::kBwdThreads, smem_bytes<D>()));
