@@ -108,8 +108,6 @@ def _masked_attention_backward(ctx, grad_out, grad_lse):
     )
 
 
-
-
 def _validate_masked_attention(
     q: Tensor,
     k: Tensor,
@@ -294,6 +292,12 @@ def masked_attention_compact(
             raise ValueError(
                 "masked_attention_compact: 'kept_heads' must be a 1-d int64/int32 tensor, got "
                 f"{kept_heads.dtype} {tuple(kept_heads.shape)}"
+            )
+        heads = q.shape[2]
+        in_range = (kept_heads >= 0) & (kept_heads < heads)
+        if kept_heads.numel() and not kept_heads.is_cuda and not bool(in_range.all()):
+            raise ValueError(
+                f"masked_attention_compact: 'kept_heads' must hold indices in [0, H = {heads})"
             )
     if scale is None:
         scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
