@@ -47,8 +47,9 @@ SWITCH = "SPARSEBERT_ATTENTION_KERNEL"
 
 
 def with_kernel(choice, fn):
-    """fn run with SPARSEBERT_ATTENTION_KERNEL=choice (read by the CUDA host code per call; under
-    graph timing the choice made at capture is replayed)."""
+    """fn run with SPARSEBERT_ATTENTION_KERNEL=choice (read by the CUDA host code per call, the
+    backward's included when fn runs it; under graph timing the choice made at capture is
+    replayed)."""
 
     def call():
         old = os.environ.get(SWITCH)
@@ -118,18 +119,24 @@ def provider_fn(name, q, k, v, gate):
         return gather
     if name == "sparsebert":
         return lambda: ops.masked_attention(q, k, v, gate)
-    if name == "sparsebert_mma":
-        return with_kernel("mma", lambda: ops.masked_attention(q, k, v, gate))
+    if name == "sparsebert_mma":  # timed() sets the switch around forward and backward
+        return lambda: ops.masked_attention(q, k, v, gate)
     if name == "sparsebert_compact":
         kept = gate.detach().nonzero().squeeze(1)
-        return with_kernel("mma", lambda: ops.masked_attention_compact(q, k, v, gate, kept))
+        return lambda: ops.masked_attention_compact(q, k, v, gate, kept)
     raise ValueError(name)
 
 
 def timed(name, batch, seq, heads, dim, active, dtype, device, backward, timing="eager"):
     fused, q, k, v, gate = make_inputs(batch, seq, heads, dim, active, dtype, device, backward)
     fn = provider_fn(name, q, k, v, gate)
-    time_call = common.time_call_graph if timing == "graph" else common.time_call
+    timer = common.time_call_graph if timing == "graph" else common.time_call
+    if name in CUDA_ONLY:  # the mma.sync kernels: the switch is on for every call they make
+
+        def time_call(f):
+            return timer(with_kernel("mma", f))
+    else:
+        time_call = timer
     if not backward:
         with torch.no_grad():
             return time_call(fn)
