@@ -60,7 +60,7 @@ tail -n 3 "$out/cuda-tests.log" >> "$summary"
 
 # Step 3: benchmarks, the training step first (it serves the open fine-tuning work).
 step bench-train-step 120 "$out/bench.log" python3 bench/bench_train_step.py --device cuda; pack
-step bench-masked-attention 70 "$out/bench.log" python3 bench/bench_masked_attention.py --device cuda; pack
+step bench-masked-attention 120 "$out/bench.log" python3 bench/bench_masked_attention.py --device cuda; pack
 # Graph-replay GPU time; the providers include sparsebert_mma and sparsebert_compact (the mma.sync
 # forward, switched on per call) next to SDPA, whose chosen backend the table names.
 step bench-masked-attention-graph 150 "$out/bench.log" bash -c "
