@@ -6,6 +6,10 @@ Providers (all compute gated multi-head attention over (B, S, H, D) inputs):
   sdpa_gate    torch SDPA then multiply by the head gate (the old head_mask way)
   gather_sdpa  index_select the kept heads, SDPA, scatter back (stock way to skip heads)
   sparsebert   sparsebert.ops.masked_attention (pruned heads skipped inside the kernel)
+  sparsebert_mma      the same with SPARSEBERT_ATTENTION_KERNEL=mma (the mma.sync forward; CUDA)
+  sparsebert_compact  sparsebert.ops.masked_attention_compact over the kept heads, output
+                      (B, S, H_kept, D), with the mma switch on (CUDA)
+The SDPA backend torch picked (cuDNN, flash, memory-efficient, math) is named in the table title.
 
 Script:  python bench/bench_masked_attention.py [--device cpu|cuda] [--dtype ...] [--quick]
          prints a table and writes bench/results/masked_attention-<device>.{json,md}
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 from pathlib import Path
 
@@ -33,7 +38,48 @@ import common  # noqa: E402
 from sparsebert import ops  # noqa: E402
 from sparsebert.reference import masked_attention_ref  # noqa: E402
 
-PROVIDERS = ("reference", "sdpa", "sdpa_gate", "gather_sdpa", "sparsebert")
+PROVIDERS = (
+    "reference", "sdpa", "sdpa_gate", "gather_sdpa", "sparsebert", "sparsebert_mma",
+    "sparsebert_compact",
+)
+CUDA_ONLY = ("sparsebert_mma", "sparsebert_compact")
+SWITCH = "SPARSEBERT_ATTENTION_KERNEL"
+
+
+def with_kernel(choice, fn):
+    """fn run with SPARSEBERT_ATTENTION_KERNEL=choice (read by the CUDA host code per call, the
+    backward's included when fn runs it; under graph timing the choice made at capture is
+    replayed)."""
+
+    def call():
+        old = os.environ.get(SWITCH)
+        os.environ[SWITCH] = choice
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[SWITCH]
+            else:
+                os.environ[SWITCH] = old
+
+    return call
+
+
+def sdpa_backend(q, k, v) -> str:
+    """Which SDPA kernel torch runs for these inputs, from the kernel names of one profiled call."""
+    if not q.is_cuda:
+        return "cpu"
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        torch.cuda.synchronize()
+    names = " ".join(e.name.lower() for e in prof.events())
+    for needle, backend in (("cudnn", "cuDNN"), ("flash", "flash"), ("fmha", "memory-efficient"),
+                            ("efficient", "memory-efficient")):
+        if needle in names:
+            return backend
+    return "math"
 
 
 def make_inputs(batch, seq, heads, dim, active, dtype, device, requires_grad=False):
@@ -73,13 +119,24 @@ def provider_fn(name, q, k, v, gate):
         return gather
     if name == "sparsebert":
         return lambda: ops.masked_attention(q, k, v, gate)
+    if name == "sparsebert_mma":  # timed() sets the switch around forward and backward
+        return lambda: ops.masked_attention(q, k, v, gate)
+    if name == "sparsebert_compact":
+        kept = gate.detach().nonzero().squeeze(1)
+        return lambda: ops.masked_attention_compact(q, k, v, gate, kept)
     raise ValueError(name)
 
 
 def timed(name, batch, seq, heads, dim, active, dtype, device, backward, timing="eager"):
     fused, q, k, v, gate = make_inputs(batch, seq, heads, dim, active, dtype, device, backward)
     fn = provider_fn(name, q, k, v, gate)
-    time_call = common.time_call_graph if timing == "graph" else common.time_call
+    timer = common.time_call_graph if timing == "graph" else common.time_call
+    if name in CUDA_ONLY:  # the mma.sync kernels: the switch is on for every call they make
+
+        def time_call(f):
+            return timer(with_kernel("mma", f))
+    else:
+        time_call = timer
     if not backward:
         with torch.no_grad():
             return time_call(fn)
@@ -89,6 +146,10 @@ def timed(name, batch, seq, heads, dim, active, dtype, device, backward, timing=
         out = fn()
         if out.shape != dout.shape:  # sdpa providers return (B, H, S, D)
             out = out.transpose(1, 2)
+        if out.shape != dout.shape:  # compact output: the kept heads' slice of dout
+            kept = gate.detach().nonzero().squeeze(1)
+            torch.autograd.grad(out, (fused,), dout[:, :, kept], allow_unused=True)
+            return
         inputs = (fused, gate) if name not in ("sdpa",) else (fused,)
         torch.autograd.grad(out, inputs, dout, allow_unused=True)
 
@@ -146,6 +207,10 @@ def main(argv=None) -> None:
         base = {}
         for active in actives:
             for name in args.providers:
+                if name in CUDA_ONLY and not cuda:
+                    continue
+                if name == "sparsebert_compact" and mode != "fwd":
+                    continue  # forward only (inference fast path)
                 if name in ("sdpa",) and active != args.heads:
                     continue  # dense SDPA does not depend on the gate
                 if name == "reference" and args.timing == "graph":
@@ -193,7 +258,13 @@ def main(argv=None) -> None:
               "vs sparsebert all-on"]
     timing = ("GPU time per call, replayed from a CUDA graph (no host overhead)"
               if args.timing == "graph" else "wall time per call")
-    what = f"masked attention, {str(dtype).replace('torch.', '')}, H={args.heads}, {timing}"
+    _, q0, k0, v0, _ = make_inputs(batches[0], args.seq[0], args.heads, dims[0], args.heads, dtype,
+                                   args.device)
+    backend = sdpa_backend(q0, k0, v0)
+    for rec in records:
+        rec["sdpa_backend"] = backend
+    what = (f"masked attention, {str(dtype).replace('torch.', '')}, H={args.heads}, {timing}; "
+            f"SDPA backend: {backend}")
     stem = "masked_attention" + (f"_graph_{str(dtype).replace('torch.', '')}"
                                  if args.timing == "graph" else "")
     common.report("masked_attention", args, argv, what, header, rows, records, stem=stem)

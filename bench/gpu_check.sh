@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # One prepared GPU check (H100/H200): build the extension with CUDA for sm_90, run the CUDA tests,
 # run the benchmarks. Every step has its own time limit, and its output lands in $OUT as soon as
-# it ends, so a run cut short still returns what it finished. At most 6 files in $OUT
+# it ends, so a run cut short still returns what it finished. At most 7 files in $OUT
 # (default bench/results/gpu):
 #   summary.txt      device, versions, each step's exit status and seconds
 #   build.log        compiler output, ptxas register/spill lines included
-#   cuda-tests.log   pytest -m cuda (all CUDA kernels vs the reference, CUDA-graph steps)
+#   cuda-tests.log   pytest -m cuda (all CUDA kernels vs the reference, CUDA-graph steps; the
+#                    mma.sync forward's tests set SPARSEBERT_ATTENTION_KERNEL=mma themselves)
 #   simt-tests.log   the masked-attention CUDA tests again with the SIMT kernels forced
+#   mma-tests.log    the masked-attention CUDA tests with the mma.sync forward switched on
 #   bench.log        every benchmark's table
 #   results.tar.gz   bench/results/*-<gpu>.{json,md}, for committing
 # Usage on the GPU machine, from the repository root:  bash bench/gpu_check.sh
 #   GPU_CHECK_STEPS=build,bench-importance bash bench/gpu_check.sh   runs only those steps
+#   GPU_CHECK_STEPS=build,mma-tests,bench-masked-attention-graph,trace-mma   the attention kernels
+#   (the mma.sync forward's correctness, its graph-replay GPU time vs SDPA, one traced call)
 # Missing Python packages can travel as wheels in .whl/ (installed into /tmp/site first).
 set -uo pipefail
 out=${OUT:-bench/results/gpu}
@@ -40,8 +44,8 @@ step() {  # step NAME LIMIT_S LOG CMD...: run CMD with a time limit, log its sta
   echo "$name: exit $rc, $((SECONDS - t0)) s$([ $rc = 124 ] && echo ' (time limit)')" | tee -a "$summary"
   return $rc
 }
-pack() {  # copy benchmark tables/JSON written so far into $OUT
-  tar czf "$out/results.tar.gz" bench/results/*-nvidia-* 2>/dev/null || true
+pack() {  # copy benchmark tables/JSON (and profiler traces) written so far into $OUT
+  tar czf "$out/results.tar.gz" bench/results/*-nvidia-* bench/results/profiles/*-nvidia-* 2>/dev/null || true
 }
 
 # Step 1: build (in place: this machine is a copy of the tree).
@@ -56,14 +60,24 @@ tail -n 3 "$out/cuda-tests.log" >> "$summary"
 
 # Step 3: benchmarks, the training step first (it serves the open fine-tuning work).
 step bench-train-step 120 "$out/bench.log" python3 bench/bench_train_step.py --device cuda; pack
-step bench-masked-attention 70 "$out/bench.log" python3 bench/bench_masked_attention.py --device cuda; pack
-step bench-masked-attention-graph 90 "$out/bench.log" bash -c "
+step bench-masked-attention 120 "$out/bench.log" python3 bench/bench_masked_attention.py --device cuda; pack
+# Graph-replay GPU time; the providers include sparsebert_mma and sparsebert_compact (the mma.sync
+# forward, switched on per call) next to SDPA, whose chosen backend the table names.
+step bench-masked-attention-graph 150 "$out/bench.log" bash -c "
   python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --seq 128 512
+  python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --dtype bfloat16 --seq 128 512
   python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --dtype float32"; pack
+step trace-mma 40 "$out/bench.log" python3 bench/trace_attention.py; pack
 step bench-group-dot 45 "$out/bench.log" python3 bench/bench_group_dot.py --device cuda; pack
 step bench-importance 60 "$out/bench.log" python3 bench/bench_importance.py --device cuda --model bert-base --profile; pack
 
-# Step 4: the SIMT attention kernels (the tensor-core ones are the default for D=32/64).
+# Step 4: the whole masked-attention suite with the mma.sync forward switched on (fp16/bf16
+# D 32/64 calls then run it, gradients included: its out and lse feed the verified backward).
+SPARSEBERT_ATTENTION_KERNEL=mma step mma-tests 180 "$out/mma-tests.log" \
+  python3 -m pytest "${pytest_args[@]}" tests/test_masked_attention.py tests/test_masked_attention_mma.py
+tail -n 3 "$out/mma-tests.log" >> "$summary"
+
+# Step 5: the SIMT attention kernels (the tensor-core ones are the default for D=32/64).
 export SPARSEBERT_ATTENTION_KERNEL=simt
 step simt-tests 60 "$out/simt-tests.log" \
   python3 -m pytest "${pytest_args[@]}" tests/test_masked_attention.py

@@ -11,9 +11,13 @@ AttentionShape check_masked_attention_inputs(const at::Tensor& q, const at::Tens
   check_rank(k, "k", 4, "(B, S, H, D)");
   check_rank(v, "v", 4, "(B, S, H, D)");
   AttentionShape s{q.size(0), q.size(1), k.size(1), q.size(2), q.size(3)};
-  SB_CHECK_ARG(s.batch > 0 && s.q_len > 0 && s.kv_len > 0 && s.heads > 0 && s.head_dim > 0, "q",
-               "expected non-empty (B, S, H, D), got q ", shape_str(q.sizes()), " and k ",
-               shape_str(k.sizes()));
+  // The same wording as the Python wrapper's checks (sparsebert/ops.py).
+  SB_CHECK_ARG(s.head_dim > 0, "q", "'q' has head dim D = q.shape[-1] = ", s.head_dim,
+               "; expected D >= 1 (q is (B, S, H, D), got ", shape_str(q.sizes()), ")");
+  SB_CHECK_ARG(s.batch > 0, "q", "'q' has B = q.shape[0] = ", s.batch, "; expected B >= 1");
+  SB_CHECK_ARG(s.q_len > 0, "q", "'q' has S = q.shape[1] = ", s.q_len, "; expected S >= 1");
+  SB_CHECK_ARG(s.heads > 0, "q", "'q' has H = q.shape[2] = ", s.heads, "; expected H >= 1");
+  SB_CHECK_ARG(s.kv_len > 0, "k", "'k' has S = k.shape[1] = ", s.kv_len, "; expected S >= 1");
   SB_CHECK_ARG(k.size(0) == s.batch && k.size(2) == s.heads && k.size(3) == s.head_dim, "k",
                "expected (", s.batch, ", S, ", s.heads, ", ", s.head_dim, ") to match q ",
                shape_str(q.sizes()), ", got ", shape_str(k.sizes()));
@@ -26,14 +30,10 @@ AttentionShape check_masked_attention_inputs(const at::Tensor& q, const at::Tens
                " like q, got ", v.scalar_type());
   check_same_device(k, q, "k", "q");
   check_same_device(v, q, "v", "q");
-  SB_CHECK_ARG(q.stride(3) == 1, "q", "expected a contiguous last dimension (stride 1), got strides ",
-               shape_str(q.strides()));
-  SB_CHECK_ARG(k.stride(3) == 1, "k", "expected a contiguous last dimension (stride 1), got strides ",
-               shape_str(k.strides()));
-  SB_CHECK_ARG(v.stride(3) == 1, "v", "expected a contiguous last dimension (stride 1), got strides ",
-               shape_str(v.strides()));
 
-  check_float_dtype(head_gate, "head_gate");
+  SB_CHECK_ARG(at::isFloatingType(head_gate.scalar_type()), "head_gate",
+               "expected a floating-point gate (e.g. mask.float(): 1 = keep, 0 = pruned, "
+               "fractions = soft gates), got ", dtype_str(head_gate.scalar_type()));
   check_same_device(head_gate, q, "head_gate", "q");
   const bool gate_ok = (head_gate.dim() == 1 && head_gate.size(0) == s.heads) ||
                        (head_gate.dim() == 2 && head_gate.size(0) == s.batch &&
@@ -66,8 +66,6 @@ void check_masked_attention_backward_inputs(const AttentionShape& s, const at::T
                ", got ", shape_str(dout.sizes()));
   SB_CHECK_ARG(out.sizes() == q.sizes(), "out", "expected the shape of q ", shape_str(q.sizes()),
                ", got ", shape_str(out.sizes()));
-  SB_CHECK_ARG(dout.stride(3) == 1, "dout", "expected a contiguous last dimension");
-  SB_CHECK_ARG(out.stride(3) == 1, "out", "expected a contiguous last dimension");
   SB_CHECK_ARG(dout.scalar_type() == q.scalar_type(), "dout", "expected dtype ", q.scalar_type(),
                ", got ", dout.scalar_type());
   SB_CHECK_ARG(out.scalar_type() == q.scalar_type(), "out", "expected dtype ", q.scalar_type(),
@@ -82,10 +80,32 @@ void check_masked_attention_backward_inputs(const AttentionShape& s, const at::T
   check_same_device(lse, q, "lse", "q");
 }
 
-at::Tensor gate_per_example(const at::Tensor& head_gate, int64_t batch, at::ScalarType dtype) {
-  at::Tensor g = head_gate.to(dtype);
-  if (g.dim() == 1) g = g.unsqueeze(0).expand({batch, g.size(0)});
-  return g.contiguous();
+void check_kept_heads(const at::Tensor& kept_heads, const at::Tensor& q, const AttentionShape& s) {
+  SB_CHECK_ARG(kept_heads.dim() == 1, "kept_heads", "expected a 1-d tensor of head indices, got shape ",
+               shape_str(kept_heads.sizes()));
+  SB_CHECK_ARG(kept_heads.scalar_type() == at::kLong || kept_heads.scalar_type() == at::kInt,
+               "kept_heads", "expected torch.int64 or torch.int32 head indices, got ",
+               dtype_str(kept_heads.scalar_type()));
+  check_same_device(kept_heads, q, "kept_heads", "q");
+  SB_CHECK_ARG(kept_heads.size(0) <= s.heads, "kept_heads", "expected at most H = ", s.heads,
+               " indices, got ", kept_heads.size(0));
+  if (kept_heads.is_cpu() && kept_heads.numel() > 0) {  // on CUDA this would synchronise
+    const int64_t lo = kept_heads.min().item<int64_t>(), hi = kept_heads.max().item<int64_t>();
+    SB_CHECK_ARG(lo >= 0 && hi < s.heads, "kept_heads", "expected indices in [0, H = ", s.heads,
+                 "), got values in [", lo, ", ", hi, "]");
+  }
+}
+
+GateView gate_view(const at::Tensor& head_gate, at::ScalarType dtype) {
+  GateView g;
+  g.values = head_gate.scalar_type() == dtype ? head_gate : head_gate.to(dtype);
+  g.stride_b = g.values.dim() == 1 ? 0 : g.values.stride(0);  // (H,): one row shared by the batch
+  g.stride_h = g.values.stride(-1);
+  return g;
+}
+
+at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return t.stride(-1) == 1 ? t : t.contiguous();
 }
 
 }  // namespace sparsebert

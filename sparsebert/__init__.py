@@ -1,7 +1,15 @@
 """sparsebert: a C++/CUDA-accelerated pruning toolkit for BERT-family transformers."""
 
 from sparsebert import hf, nn, ops
-from sparsebert.hf import get_masks, load_pruned, patch, prune, save_pruned, set_masks
+from sparsebert.hf import (
+    get_masks,
+    load_pruned,
+    patch,
+    prune,
+    save_pruned,
+    set_masks,
+    use_sparse_attention,
+)
 from sparsebert.ops import group_dot, masked_attention
 from sparsebert.pruning import Importance, importance
 from sparsebert.speed import accelerate
@@ -24,4 +32,5 @@ __all__ = [
     "prune",
     "save_pruned",
     "set_masks",
+    "use_sparse_attention",
 ]

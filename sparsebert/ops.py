@@ -3,7 +3,7 @@
 Schemas are declared here, once. The pure-PyTorch reference of each op (sparsebert.reference)
 is registered as its CompositeExplicitAutograd kernel, so every op works on every device; the
 native extension (csrc/, loaded at the bottom of this module) adds CPU and CUDA kernels that
-take precedence for their dispatch keys.
+take precedence for their dispatch keys, and masked_attention's autograd in C++.
 """
 
 from __future__ import annotations
@@ -29,7 +29,14 @@ _lib.define(
     "Tensor? key_padding_mask, Tensor out, Tensor lse, float scale) "
     "-> (Tensor dq, Tensor dk, Tensor dv, Tensor d_head_gate)"
 )
+_lib.define(
+    "masked_attention_compact(Tensor q, Tensor k, Tensor v, Tensor head_gate, Tensor kept_heads, "
+    "Tensor? key_padding_mask, float scale) -> (Tensor out, Tensor lse)"
+)
 _lib.impl("masked_attention", reference.masked_attention_ref, "CompositeExplicitAutograd")
+_lib.impl(
+    "masked_attention_compact", reference.masked_attention_compact_ref, "CompositeExplicitAutograd"
+)
 _lib.impl(
     "masked_attention_backward",
     reference.masked_attention_backward_ref,
@@ -46,6 +53,15 @@ def _masked_attention_fake(q, k, v, head_gate, key_padding_mask, scale):
     batch, q_len, heads, head_dim = q.shape
     out = q.new_empty((batch, q_len, heads, head_dim))
     lse = q.new_empty((batch, heads, q_len), dtype=_stat_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.register_fake(f"{NAMESPACE}::masked_attention_compact")
+def _masked_attention_compact_fake(q, k, v, head_gate, kept_heads, key_padding_mask, scale):
+    batch, q_len, _, head_dim = q.shape
+    kept = kept_heads.shape[0]
+    out = q.new_empty((batch, q_len, kept, head_dim))
+    lse = q.new_empty((batch, kept, q_len), dtype=_stat_dtype(q.dtype))
     return out, lse
 
 
@@ -90,13 +106,6 @@ def _masked_attention_backward(ctx, grad_out, grad_lse):
         None,
         None,
     )
-
-
-torch.library.register_autograd(
-    f"{NAMESPACE}::masked_attention",
-    _masked_attention_backward,
-    setup_context=_masked_attention_setup_context,
-)
 
 
 def _validate_masked_attention(
@@ -187,7 +196,15 @@ def _validate_masked_attention(
             f"masked_attention: 'key_padding_mask' must be on q's device {q.device}, got "
             f"{key_padding_mask.device}"
         )
-    if not check_padding_rows:
+    if check_padding_rows:
+        _check_padding_rows(key_padding_mask, q)
+
+
+def _check_padding_rows(key_padding_mask: Tensor, q: Tensor) -> None:
+    """Reject a fully padded row of key_padding_mask (reads the mask: a device sync on CUDA;
+    skipped under CUDA graph capture and torch.compile, and for malformed masks, which the
+    shape/dtype checks reject with their own message)."""
+    if key_padding_mask.dtype != torch.bool or key_padding_mask.dim() != 2:
         return
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
     if (
@@ -229,16 +246,64 @@ def masked_attention(
     the rows are known to be non-empty, as `sparsebert.nn.to_key_padding_mask` guarantees
     (SparseAttention does): no sync. A fully padded row then gives undefined output on CUDA; CPU
     kernels still reject it (there the check costs no sync).
-    Raises ValueError naming the argument for bad shapes, dtypes, devices, D < 1 or empty sizes.
+    Raises ValueError naming the argument for bad shapes, dtypes, devices, D < 1 or empty sizes
+    (checked in C++ when the extension is loaded, else in Python, with the same wording).
     """
-    _validate_masked_attention(q, k, v, head_gate, key_padding_mask, check_padding_rows)
+    if not NATIVE_AUTOGRAD:
+        # Reference path: Python checks, then the CompositeExplicitAutograd reference.
+        _validate_masked_attention(q, k, v, head_gate, key_padding_mask, check_padding_rows)
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    elif check_padding_rows and key_padding_mask is not None:
+        _check_padding_rows(key_padding_mask, q)
     if scale is None:
-        scale = q.shape[-1] ** -0.5
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    out, _ = torch.ops.sparsebert.masked_attention(
-        q, k, v, head_gate, key_padding_mask, float(scale)
-    )
-    return out
+        # D < 1 is rejected by the checks (native or Python) with a message naming q's shape.
+        scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
+    # Native path: argument checks in C++ (same messages), autograd registered in C++.
+    return _masked_attention_op(q, k, v, head_gate, key_padding_mask, float(scale))[0]
+
+
+def masked_attention_compact(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    head_gate: Tensor,
+    kept_heads: Tensor,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Attention of the kept heads only, written compactly: the inference fast path.
+
+    q: (B, Sq, H, D); k, v: (B, Sk, H, D); head_gate: (H,) or (B, H); kept_heads: (K,) int64 or
+    int32 indices into H (on q's device). Returns out (B, Sq, K, D) with
+    out[:, :, j] = masked_attention(...)[:, :, kept_heads[j]]; pruned heads are never read.
+    Forward only (no autograd). On CUDA with SPARSEBERT_ATTENTION_KERNEL=mma (fp16/bf16, D 32/64)
+    one mma.sync kernel reads the kept heads in place; otherwise their slices are gathered and
+    the default forward runs. Index values are checked on the CPU only (on CUDA a check would
+    synchronise; an index out of range gives zeros there).
+    """
+    if not isinstance(kept_heads, Tensor):
+        raise ValueError(
+            "masked_attention_compact: 'kept_heads' must be a 1-d int64/int32 tensor, got "
+            f"{type(kept_heads).__name__}"
+        )
+    if not NATIVE_AUTOGRAD:
+        _validate_masked_attention(q, k, v, head_gate, key_padding_mask)
+        if kept_heads.dim() != 1 or kept_heads.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                "masked_attention_compact: 'kept_heads' must be a 1-d int64/int32 tensor, got "
+                f"{kept_heads.dtype} {tuple(kept_heads.shape)}"
+            )
+        heads = q.shape[2]
+        in_range = (kept_heads >= 0) & (kept_heads < heads)
+        if kept_heads.numel() and not kept_heads.is_cuda and not bool(in_range.all()):
+            raise ValueError(
+                f"masked_attention_compact: 'kept_heads' must hold indices in [0, H = {heads})"
+            )
+    if scale is None:
+        scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
+    return torch.ops.sparsebert.masked_attention_compact(
+        q, k, v, head_gate, kept_heads, key_padding_mask, float(scale)
+    )[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,6 +407,19 @@ def accumulate_importance_(acc: Tensor, scores: Tensor, power: int = 1) -> Tenso
 
 _C = load_extension()
 
+# The extension registers masked_attention's autograd in C++ (csrc/masked_attention_autograd.cpp:
+# no Python between the call and the kernel); without it the same backward is registered here.
+NATIVE_AUTOGRAD = _C is not None and "masked_attention" in _C.build_info()["kernels"].get(
+    "Autograd", []
+)
+if not NATIVE_AUTOGRAD:
+    torch.library.register_autograd(
+        f"{NAMESPACE}::masked_attention",
+        _masked_attention_backward,
+        setup_context=_masked_attention_setup_context,
+    )
+_masked_attention_op = torch.ops.sparsebert.masked_attention.default
+
 
 def native_dispatch_keys(op_name: str) -> list[str]:
     """Dispatch keys (CPU, CUDA) with a native kernel for `sparsebert::<op_name>`."""
@@ -353,4 +431,10 @@ def native_dispatch_keys(op_name: str) -> list[str]:
     ]
 
 
-OP_NAMES = ("masked_attention", "masked_attention_backward", "group_dot", "accumulate_importance_")
+OP_NAMES = (
+    "masked_attention",
+    "masked_attention_backward",
+    "masked_attention_compact",
+    "group_dot",
+    "accumulate_importance_",
+)

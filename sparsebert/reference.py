@@ -67,6 +67,31 @@ def masked_attention_ref(
     return out.to(q.dtype).contiguous(), lse.to(_compute_dtype(q.dtype)).contiguous()
 
 
+def masked_attention_compact_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    head_gate: Tensor,
+    kept_heads: Tensor,
+    key_padding_mask: Tensor | None,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Gated attention of the kept heads only, in compact layout.
+
+    kept_heads: (K,) int64/int32 head indices. Returns out (B, Sq, K, D) in q's dtype with
+    out[:, :, j] = the masked_attention output of head kept_heads[j], and lse (B, K, Sq).
+    """
+    idx = kept_heads.to(torch.long)
+    return masked_attention_ref(
+        q.index_select(2, idx),
+        k.index_select(2, idx),
+        v.index_select(2, idx),
+        head_gate.index_select(-1, idx),
+        key_padding_mask,
+        scale,
+    )
+
+
 def masked_attention_backward_ref(
     dout: Tensor,
     q: Tensor,

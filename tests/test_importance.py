@@ -335,3 +335,32 @@ def test_real_default_model_matches_brute_force(default_model_dir):
     )
     torch.testing.assert_close(imp.head, ref_head, rtol=2e-3, atol=1e-6)
     torch.testing.assert_close(imp.mlp, ref_mlp, rtol=2e-3, atol=1e-6)
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra = a.flatten().argsort().argsort().double()
+    rb = b.flatten().argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def test_bf16_precision_keeps_the_head_ranking(tiny_bert, tiny_batches):
+    """precision="bf16" (autocast, the GPU default) vs "fp32": close scores, same ranking;
+    "auto" on the CPU is exactly fp32."""
+    model = patch(tiny_bert(num_labels=NUM_LABELS))
+    batches = tiny_batches(num_batches=4, num_labels=NUM_LABELS)
+    kw = dict(mode="paper", normalize=False, progress=False)
+    fp32 = importance(model, batches, precision="fp32", **kw)
+    bf16 = importance(model, batches, precision="bf16", **kw)
+    auto = importance(model, batches, **kw)
+    assert torch.equal(auto.head, fp32.head)
+    assert not torch.equal(bf16.head, fp32.head), "bf16 autocast did not change the numerics"
+    rel = float((bf16.head - fp32.head).norm() / fp32.head.norm())
+    assert rel < 0.05, f"bf16 head scores differ by {rel:.3g} (relative L2)"
+    assert _spearman(bf16.head, fp32.head) > 0.95
+    assert bf16.head.dtype == torch.float32
+
+
+def test_bad_precision_is_an_error(tiny_bert, tiny_batches):
+    with pytest.raises(ValueError, match="'precision'"):
+        importance(patch(tiny_bert()), tiny_batches(), precision="fp16", progress=False)

@@ -128,6 +128,36 @@ def test_pruned_heads_are_never_read(device, assert_native):
     assert torch.all(out[:, :, 1] == 0) and torch.all(out[:, :, 3] == 0)
 
 
+@pytest.mark.all_devices
+@pytest.mark.parametrize("view", ["strided_h", "transposed_bh", "half_gate", "expanded_bh"])
+def test_gate_views_are_read_in_place(device, view, assert_native):
+    """The kernels read the gate through its strides ((H,) with batch stride 0, any (B, H)
+    view, any float dtype), forward and backward."""
+    assert_native("masked_attention", device)
+    gen = torch.Generator().manual_seed(stable_seed("gate view", view))
+    batch = 3
+    q, k, v = make_qkv(batch, 6, HEADS, 8, torch.float32, device, gen)
+    base = torch.rand(2 * HEADS, batch, generator=gen).to(device)
+    base[0] = 0.0  # a pruned head
+    gate = {
+        "strided_h": base[::2, 0],  # (H,), stride 2
+        "transposed_bh": base[::2].t(),  # (B, H), strides (1, 2B)
+        "half_gate": base[::2, 0].half(),
+        "expanded_bh": base[::2, 0].expand(batch, HEADS),  # (B, H), batch stride 0
+    }[view]
+    out, lse = call_op(q, k, v, gate, None, 8**-0.5)
+    ref, ref_lse = masked_attention_ref(q, k, v, gate, None, 8**-0.5)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
+    dout = torch.randn(out.shape, generator=gen).to(device)
+    got = torch.ops.sparsebert.masked_attention_backward(
+        dout, q, k, v, gate, None, out, lse, 8**-0.5
+    )
+    want = masked_attention_backward_ref(dout, q, k, v, gate, None, ref, ref_lse, 8**-0.5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
 def plain_pytorch_attention(q, k, v, gate, mask, scale):
     """Attention in the inputs' own (low) precision with stock PyTorch ops: the error yardstick."""
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))

@@ -76,7 +76,7 @@ const acc_t* load_keep(const std::optional<at::Tensor>& mask, int64_t b, int64_t
 
 template <typename scalar_t>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& gate, const std::optional<at::Tensor>& mask, double scale_d,
+                  const GateView& gate, const std::optional<at::Tensor>& mask, double scale_d,
                   const AttentionShape& shape, at::Tensor& out, at::Tensor& lse) {
   using acc = acc_t<scalar_t>;
   const int64_t B = shape.batch, Sq = shape.q_len, Sk = shape.kv_len, H = shape.heads,
@@ -84,7 +84,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const acc scale = static_cast<acc>(scale_d);
   const Strided4d<const scalar_t> qv(q), kv(k), vv(v);
   const Strided4d<scalar_t> ov(out);
-  const acc* gate_ptr = gate.data_ptr<acc>();  // (B, H)
+  const acc* gate_ptr = gate.values.data_ptr<acc>();  // (H,) or (B, H), read in place
   acc* lse_ptr = lse.data_ptr<acc>();              // (B, H, Sq)
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
@@ -93,7 +93,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         ctx(kQueryBlock * D), keep(Sk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, h = task % H;
-      const acc g = gate_ptr[task];
+      const acc g = gate_ptr[b * gate.stride_b + h * gate.stride_h];
       acc* lse_row = lse_ptr + task * Sq;
       if (g == acc(0)) {  // pruned head: never read, output exactly 0
         zero_head(ov, b, h, Sq, D);
@@ -123,7 +123,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 template <typename scalar_t>
 void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                   const at::Tensor& v, const at::Tensor& gate,
+                   const at::Tensor& v, const GateView& gate,
                    const std::optional<at::Tensor>& mask, const at::Tensor& out,
                    const at::Tensor& lse, double scale_d, const AttentionShape& shape,
                    at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& d_gate) {
@@ -133,7 +133,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const acc scale = static_cast<acc>(scale_d);
   const Strided4d<const scalar_t> qv(q), kv(k), vv(v), dov(dout), ov(out);
   const Strided4d<scalar_t> dqv(dq), dkv(dk), dvv(dv);
-  const acc* gate_ptr = gate.data_ptr<acc>();  // (B, H)
+  const acc* gate_ptr = gate.values.data_ptr<acc>();  // (H,) or (B, H), read in place
   const acc* lse_ptr = lse.data_ptr<acc>();        // (B, H, Sq)
   acc* d_gate_ptr = d_gate.data_ptr<acc>();        // (B, H)
 
@@ -143,7 +143,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
         delta(kQueryBlock), keep(Sk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, h = task % H;
-      const acc g = gate_ptr[task];
+      const acc g = gate_ptr[b * gate.stride_b + h * gate.stride_h];
       if (g == acc(0)) {  // pruned head: all gradients exactly 0
         zero_head(dqv, b, h, Sq, D);
         zero_head(dkv, b, h, Sk, D);
@@ -212,11 +212,14 @@ void check_cpu(const at::Tensor& t, const char* arg) {
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_attention_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& head_gate,
-    const std::optional<at::Tensor>& key_padding_mask, double scale) {
-  const AttentionShape shape = check_masked_attention_inputs(q, k, v, head_gate, key_padding_mask);
-  check_cpu(q, "q");
-  const at::Tensor gate = gate_per_example(head_gate, shape.batch, stat_type(q));
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& head_gate, const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  const AttentionShape shape =
+      check_masked_attention_inputs(q_in, k_in, v_in, head_gate, key_padding_mask);
+  check_cpu(q_in, "q");
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
+                   v = last_dim_contiguous(v_in);
+  const GateView gate = gate_view(head_gate, stat_type(q));
   at::Tensor out = at::empty({shape.batch, shape.q_len, shape.heads, shape.head_dim}, q.options());
   at::Tensor lse =
       at::empty({shape.batch, shape.heads, shape.q_len}, q.options().dtype(stat_type(q)));
@@ -227,13 +230,18 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_cpu(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& head_gate, const std::optional<at::Tensor>& key_padding_mask,
-    const at::Tensor& out, const at::Tensor& lse, double scale) {
-  const AttentionShape shape = check_masked_attention_inputs(q, k, v, head_gate, key_padding_mask);
-  check_masked_attention_backward_inputs(shape, q, dout, out, lse);
-  check_cpu(q, "q");
-  const at::Tensor gate = gate_per_example(head_gate, shape.batch, stat_type(q));
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& head_gate,
+    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out_in,
+    const at::Tensor& lse, double scale) {
+  const AttentionShape shape =
+      check_masked_attention_inputs(q_in, k_in, v_in, head_gate, key_padding_mask);
+  check_masked_attention_backward_inputs(shape, q_in, dout_in, out_in, lse);
+  check_cpu(q_in, "q");
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
+                   v = last_dim_contiguous(v_in), dout = last_dim_contiguous(dout_in),
+                   out = last_dim_contiguous(out_in);
+  const GateView gate = gate_view(head_gate, stat_type(q));
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
@@ -245,6 +253,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_back
   return {dq, dk, dv, d_gate};
 }
 
+// Compact output (B, Sq, H_kept, D): slot j is head kept_heads[j]. On the CPU the kept heads'
+// slices are gathered (cheap next to the attention) and the forward above runs on them.
+std::tuple<at::Tensor, at::Tensor> masked_attention_compact_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& head_gate,
+    const at::Tensor& kept_heads, const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  const AttentionShape shape = check_masked_attention_inputs(q, k, v, head_gate, key_padding_mask);
+  check_kept_heads(kept_heads, q, shape);
+  check_cpu(q, "q");
+  if (kept_heads.numel() == 0) {
+    return {at::empty({shape.batch, shape.q_len, 0, shape.head_dim}, q.options()),
+            at::empty({shape.batch, 0, shape.q_len}, q.options().dtype(stat_type(q)))};
+  }
+  const at::Tensor idx = kept_heads.to(at::kLong);
+  return masked_attention_cpu(q.index_select(2, idx), k.index_select(2, idx), v.index_select(2, idx),
+                              head_gate.index_select(-1, idx), key_padding_mask, scale);
+}
+
+const KernelRegistration kCompact("masked_attention_compact", "CPU");
 const KernelRegistration kForward("masked_attention", "CPU");
 const KernelRegistration kBackward("masked_attention_backward", "CPU");
 
@@ -253,6 +279,7 @@ const KernelRegistration kBackward("masked_attention_backward", "CPU");
 TORCH_LIBRARY_IMPL(sparsebert, CPU, m) {
   m.impl("masked_attention", &masked_attention_cpu);
   m.impl("masked_attention_backward", &masked_attention_backward_cpu);
+  m.impl("masked_attention_compact", &masked_attention_compact_cpu);
 }
 
 }  // namespace sparsebert::cpu

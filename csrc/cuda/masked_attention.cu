@@ -4,6 +4,12 @@
 // Path choice: fp16/bf16 with head_dim 32 or 64 on sm80+ use the tensor-core (WMMA) kernels; fp32,
 // other head dims (<= 512) and older GPUs use the SIMT kernels. SPARSEBERT_ATTENTION_KERNEL=simt
 // forces the SIMT kernels (a debugging aid: the two paths must agree).
+// SPARSEBERT_ATTENTION_KERNEL=mma selects the mma.sync forward (masked_attention_mma.cu) where it
+// applies (fp16/bf16, D 32/64, sm80+, 16-byte aligned rows), and the one-launch mma.sync backward
+// (masked_attention_mma_bwd.cu) where moreover Sq, Sk <= 128 (longer: the WMMA backward). These
+// kernels have not yet run on a GPU: they stay opt-in until the CUDA tests pass on one.
+// masked_attention_compact (output (B, S, H_kept, D)) uses it under the same switch, else it
+// gathers the kept heads and runs the default forward.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -17,8 +23,10 @@
 #include <tuple>
 
 #include "masked_attention_common.cuh"
+#include "masked_attention_mma.cuh"
 #include "sparsebert/checks.h"
 #include "sparsebert/masked_attention.h"
+#include "sparsebert/mma_layout.h"
 #include "sparsebert/registry.h"
 
 namespace sparsebert {
@@ -66,19 +74,69 @@ bool use_tensor_cores(const at::Tensor& q, const AttentionShape& s) {
   return at::cuda::getCurrentDeviceProperties()->major >= 8;
 }
 
+bool kernel_choice_is(const char* name) {
+  const char* env = std::getenv("SPARSEBERT_ATTENTION_KERNEL");
+  return env != nullptr && std::strcmp(env, name) == 0;
+}
+
+// The mma.sync forward applies: switch on, fp16/bf16, D 32/64, sm80+, 16-byte aligned rows.
+bool use_mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const AttentionShape& s) {
+  if (!kernel_choice_is("mma")) return false;
+  if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16) return false;
+  if (s.head_dim != 32 && s.head_dim != 64) return false;
+  if (!(vec16_ok(q) && vec16_ok(k) && vec16_ok(v))) return false;
+  return at::cuda::getCurrentDeviceProperties()->major >= 8;
+}
+
 float scale_log2(double scale) { return static_cast<float>(scale * 1.4426950408889634); }
 
-std::tuple<at::Tensor, at::Tensor> masked_attention_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                         const at::Tensor& v, const at::Tensor& head_gate,
+// The mma.sync forward into out (B, Sq, H or H_kept, D) and lse (B, H or H_kept, Sq); kept: int32
+// (H_kept,) head of each output slot (compact), or none (dense: every head, pruned ones zero).
+void launch_mma(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const GateView& gate,
+                const at::Tensor& mask, const std::optional<at::Tensor>& kept, const AttentionShape& s,
+                double scale, at::Tensor& out, at::Tensor& lse) {
+  cuda_mma::MmaFwdArgs a{};
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.q_st = strides_of(q);
+  a.k_st = strides_of(k);
+  a.v_st = strides_of(v);
+  a.gate = gate.values.data_ptr<float>();
+  a.gate_sb = gate.stride_b;
+  a.gate_sh = gate.stride_h;
+  a.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  a.kept = kept.has_value() ? kept->data_ptr<int32_t>() : nullptr;
+  a.out = out.data_ptr();
+  a.lse = lse.data_ptr<float>();
+  a.batch = static_cast<int>(s.batch);
+  a.q_len = static_cast<int>(s.q_len);
+  a.kv_len = static_cast<int>(s.kv_len);
+  a.heads = static_cast<int>(s.heads);
+  a.head_dim = static_cast<int>(s.head_dim);
+  a.out_heads = static_cast<int>(out.size(2));
+  a.scale_log2 = scale_log2(scale);
+  a.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  cuda_mma::launch_mma_forward(q.scalar_type() == at::kBFloat16, a, at::cuda::getCurrentCUDAStream());
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                         const at::Tensor& v_in, const at::Tensor& head_gate,
                                                          const std::optional<at::Tensor>& key_padding_mask,
                                                          double scale) {
-  const AttentionShape s = check_masked_attention_inputs(q, k, v, head_gate, key_padding_mask);
-  check_cuda_inputs(q, s);
-  const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor gate = gate_per_example(head_gate, s.batch);  // (B, H) fp32
+  const AttentionShape s = check_masked_attention_inputs(q_in, k_in, v_in, head_gate, key_padding_mask);
+  check_cuda_inputs(q_in, s);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+  const GateView gate = gate_view(head_gate);  // fp32, (H,) read with batch stride 0
   const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
   at::Tensor out = at::empty({s.batch, s.q_len, s.heads, s.head_dim}, q.options());
   at::Tensor lse = at::empty({s.batch, s.heads, s.q_len}, q.options().dtype(at::kFloat));
+  if (use_mma_forward(q, k, v, s)) {
+    launch_mma(q, k, v, gate, mask, std::nullopt, s, scale, out, lse);
+    return {out, lse};
+  }
 
   cuda_attn::FwdArgs a{};
   a.q = q.data_ptr();
@@ -87,7 +145,9 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_cuda(const at::Tensor& q, co
   a.q_st = strides_of(q);
   a.k_st = strides_of(k);
   a.v_st = strides_of(v);
-  a.gate = gate.data_ptr<float>();
+  a.gate = gate.values.data_ptr<float>();
+  a.gate_sb = gate.stride_b;
+  a.gate_sh = gate.stride_h;
   a.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   a.out = out.data_ptr();
   a.lse = lse.data_ptr<float>();
@@ -104,15 +164,55 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_cuda(const at::Tensor& q, co
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_cuda(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& head_gate, const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& head_gate, const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out_in,
     const at::Tensor& lse, double scale) {
-  const AttentionShape s = check_masked_attention_inputs(q, k, v, head_gate, key_padding_mask);
-  check_masked_attention_backward_inputs(s, q, dout, out, lse);
-  check_cuda_inputs(q, s);
-  const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor gate = gate_per_example(head_gate, s.batch);
+  const AttentionShape s = check_masked_attention_inputs(q_in, k_in, v_in, head_gate, key_padding_mask);
+  check_masked_attention_backward_inputs(s, q_in, dout_in, out_in, lse);
+  check_cuda_inputs(q_in, s);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in),
+                   dout = last_dim_contiguous(dout_in), out = last_dim_contiguous(out_in);
+  const GateView gate = gate_view(head_gate);
   const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
+  if (use_mma_forward(q, k, v, s) && s.q_len <= mma::kBwdMaxSeq && s.kv_len <= mma::kBwdMaxSeq &&
+      vec16_ok(dout) && vec16_ok(out)) {
+    // The one-launch mma.sync backward (S <= 128): every output entry written by the kernel.
+    at::Tensor dq = at::empty(q.sizes(), q.options());
+    at::Tensor dk = at::empty(k.sizes(), k.options());
+    at::Tensor dv = at::empty(v.sizes(), v.options());
+    at::Tensor d_gate = at::empty({s.batch, s.heads}, q.options().dtype(at::kFloat));
+    cuda_mma::MmaBwdArgs a{};
+    a.dout = dout.data_ptr();
+    a.q = q.data_ptr();
+    a.k = k.data_ptr();
+    a.v = v.data_ptr();
+    a.out = out.data_ptr();
+    a.dout_st = strides_of(dout);
+    a.q_st = strides_of(q);
+    a.k_st = strides_of(k);
+    a.v_st = strides_of(v);
+    a.out_st = strides_of(out);
+    a.gate = gate.values.data_ptr<float>();
+    a.gate_sb = gate.stride_b;
+    a.gate_sh = gate.stride_h;
+    a.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+    a.lse = lse.data_ptr<float>();
+    a.dq = dq.data_ptr();
+    a.dk = dk.data_ptr();
+    a.dv = dv.data_ptr();
+    a.d_gate = d_gate.data_ptr<float>();
+    a.batch = static_cast<int>(s.batch);
+    a.q_len = static_cast<int>(s.q_len);
+    a.kv_len = static_cast<int>(s.kv_len);
+    a.heads = static_cast<int>(s.heads);
+    a.head_dim = static_cast<int>(s.head_dim);
+    a.scale = static_cast<float>(scale);
+    a.scale_log2 = scale_log2(scale);
+    a.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    cuda_mma::launch_mma_backward(q.scalar_type() == at::kBFloat16, a, at::cuda::getCurrentCUDAStream());
+    return {dq, dk, dv, d_gate};
+  }
   const bool tensor_cores = use_tensor_cores(q, s);
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor delta = at::empty({s.batch, s.heads, s.q_len}, f32);
@@ -134,7 +234,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_back
   a.k_st = strides_of(k);
   a.v_st = strides_of(v);
   a.out_st = strides_of(out);
-  a.gate = gate.data_ptr<float>();
+  a.gate = gate.values.data_ptr<float>();
+  a.gate_sb = gate.stride_b;
+  a.gate_sh = gate.stride_h;
   a.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   a.lse = lse.data_ptr<float>();
   a.delta = delta.data_ptr<float>();
@@ -156,8 +258,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_back
   return {dq, dk, dv, d_gate};
 }
 
+// Compact output: out (B, Sq, H_kept, D), slot j = head kept_heads[j] (its gate applied).
+std::tuple<at::Tensor, at::Tensor> masked_attention_compact_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& head_gate,
+    const at::Tensor& kept_heads, const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  const AttentionShape s = check_masked_attention_inputs(q_in, k_in, v_in, head_gate, key_padding_mask);
+  check_kept_heads(kept_heads, q_in, s);
+  check_cuda_inputs(q_in, s);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+  if (kept_heads.numel() == 0) {
+    return {at::empty({s.batch, s.q_len, 0, s.head_dim}, q.options()),
+            at::empty({s.batch, 0, s.q_len}, q.options().dtype(at::kFloat))};
+  }
+  if (!use_mma_forward(q, k, v, s)) {  // the verified path: gather the kept heads, dense forward
+    const at::Tensor idx = kept_heads.to(at::kLong);
+    auto [out, lse] = masked_attention_cuda(q.index_select(2, idx), k.index_select(2, idx),
+                                            v.index_select(2, idx), head_gate.index_select(-1, idx),
+                                            key_padding_mask, scale);
+    return {out, lse};
+  }
+  const GateView gate = gate_view(head_gate);
+  const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
+  const at::Tensor kept = kept_heads.to(at::kInt).contiguous();
+  const int64_t n_kept = kept.size(0);
+  at::Tensor out = at::empty({s.batch, s.q_len, n_kept, s.head_dim}, q.options());
+  at::Tensor lse = at::empty({s.batch, n_kept, s.q_len}, q.options().dtype(at::kFloat));
+  launch_mma(q, k, v, gate, mask, kept, s, scale, out, lse);
+  return {out, lse};
+}
+
 }  // namespace
 
+static KernelRegistration kCompactRegistration("masked_attention_compact", "CUDA");
 static KernelRegistration kForwardRegistration("masked_attention", "CUDA");
 static KernelRegistration kBackwardRegistration("masked_attention_backward", "CUDA");
 
@@ -166,4 +299,5 @@ static KernelRegistration kBackwardRegistration("masked_attention_backward", "CU
 TORCH_LIBRARY_IMPL(sparsebert, CUDA, m) {
   m.impl("masked_attention", &sparsebert::masked_attention_cuda);
   m.impl("masked_attention_backward", &sparsebert::masked_attention_backward_cuda);
+  m.impl("masked_attention_compact", &sparsebert::masked_attention_compact_cuda);
 }

@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(128) attn_bwd_delta(const BwdArgs a) {
   const int s = static_cast<int>((row_id / a.heads) % a.q_len);
   const int b = static_cast<int>(row_id / (static_cast<int64_t>(a.heads) * a.q_len));
   float acc = 0.0f;
-  if (a.gate[b * a.heads + h] != 0.0f) {
+  if (a.gate[b * a.gate_sb + h * a.gate_sh] != 0.0f) {
     const T* dout = static_cast<const T*>(a.dout) + attn::bshd_offset(a.dout_st, b, s, h);
     const T* out = static_cast<const T*>(a.out) + attn::bshd_offset(a.out_st, b, s, h);
     for (int d = lane; d < a.head_dim; d += 32) acc = attn::delta_accumulate(acc, to_float(dout[d]), to_float(out[d]));
@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(attn::kWmmaThreads) attn_bwd_wmma(const BwdArg
 
   const attn::TileCoord tc = attn::tile_coord(blockIdx.x, a.heads, attn::ceil_div(a.kv_len, kBN));
   const int b = static_cast<int>(tc.b), h = static_cast<int>(tc.h), k0 = static_cast<int>(tc.tile) * kBN;
-  const float gate = a.gate[b * a.heads + h];
+  const float gate = a.gate[b * a.gate_sb + h * a.gate_sh];
   if (gate == 0.0f) {  // pruned head: dk = dv = 0 here; dq (zeroed buffer) and d_gate untouched
     zero_rows(static_cast<T*>(a.dk), b, h, k0, kBN, a.kv_len, a.heads, D);
     zero_rows(static_cast<T*>(a.dv), b, h, k0, kBN, a.kv_len, a.heads, D);
@@ -263,7 +263,7 @@ __global__ void __launch_bounds__(attn::kSimtThreads) attn_bwd_dkdv_simt(const B
   const attn::TileCoord tc = attn::tile_coord(blockIdx.x, a.heads, attn::ceil_div(a.kv_len, keys_per_cta));
   const int b = static_cast<int>(tc.b), h = static_cast<int>(tc.h);
   const int k0 = static_cast<int>(tc.tile) * keys_per_cta;
-  const float gate = a.gate[b * a.heads + h];
+  const float gate = a.gate[b * a.gate_sb + h * a.gate_sh];
   if (gate == 0.0f) {
     zero_rows(static_cast<T*>(a.dk), b, h, k0, keys_per_cta, a.kv_len, a.heads, D);
     zero_rows(static_cast<T*>(a.dv), b, h, k0, keys_per_cta, a.kv_len, a.heads, D);
@@ -355,7 +355,7 @@ __global__ void __launch_bounds__(attn::kSimtThreads) attn_bwd_dq_simt(const Bwd
   const attn::TileCoord tc = attn::tile_coord(blockIdx.x, a.heads, attn::ceil_div(a.q_len, rows_per_cta));
   const int b = static_cast<int>(tc.b), h = static_cast<int>(tc.h);
   const int q0 = static_cast<int>(tc.tile) * rows_per_cta;
-  const float gate = a.gate[b * a.heads + h];
+  const float gate = a.gate[b * a.gate_sb + h * a.gate_sh];
   T* dq_out = static_cast<T*>(a.dq);
   if (gate == 0.0f) {
     zero_rows(dq_out, b, h, q0, rows_per_cta, a.q_len, a.heads, D);

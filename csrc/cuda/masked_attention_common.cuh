@@ -22,7 +22,8 @@ struct FwdArgs {
   const void* k;  // (B, Sk, H, D) strided
   const void* v;  // (B, Sk, H, D) strided
   attn::Strides q_st, k_st, v_st;
-  const float* gate;  // (B, H) fp32 contiguous
+  const float* gate;  // fp32, gate[b, h] = gate[b * gate_sb + h * gate_sh] ((H,): gate_sb = 0)
+  int64_t gate_sb, gate_sh;
   const bool* mask;   // (B, Sk) contiguous, true = real token; nullptr = no padding
   void* out;          // (B, Sq, H, D) contiguous, dtype of q
   float* lse;         // (B, H, Sq) contiguous
@@ -39,7 +40,8 @@ struct BwdArgs {
   const void* v;
   const void* out;  // (B, Sq, H, D) strided, forward output
   attn::Strides dout_st, q_st, k_st, v_st, out_st;
-  const float* gate;  // (B, H)
+  const float* gate;  // fp32, gate[b, h] = gate[b * gate_sb + h * gate_sh] ((H,): gate_sb = 0)
+  int64_t gate_sb, gate_sh;
   const bool* mask;   // (B, Sk) or nullptr
   const float* lse;   // (B, H, Sq) natural-log lse from the forward
   float* delta;       // (B, H, Sq) scratch: sum_d dout * out

@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(attn::kWmmaThreads) attn_fwd_wmma(const FwdArg
 
   const attn::TileCoord tc = attn::tile_coord(blockIdx.x, a.heads, attn::ceil_div(a.q_len, kBM));
   const int b = static_cast<int>(tc.b), h = static_cast<int>(tc.h), q0 = static_cast<int>(tc.tile) * kBM;
-  const float gate = a.gate[b * a.heads + h];
+  const float gate = a.gate[b * a.gate_sb + h * a.gate_sh];
   if (gate == 0.0f) {  // pruned head: zeros, no K/V traffic
     pruned_forward_tile<T>(a, b, h, q0, kBM);
     return;
@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(attn::kSimtThreads) attn_fwd_simt(const FwdArg
   const attn::TileCoord tc = attn::tile_coord(blockIdx.x, a.heads, attn::ceil_div(a.q_len, rows_per_cta));
   const int b = static_cast<int>(tc.b), h = static_cast<int>(tc.h);
   const int q0 = static_cast<int>(tc.tile) * rows_per_cta;
-  const float gate = a.gate[b * a.heads + h];
+  const float gate = a.gate[b * a.gate_sb + h * a.gate_sh];
   if (gate == 0.0f) {
     pruned_forward_tile<T>(a, b, h, q0, rows_per_cta);
     return;

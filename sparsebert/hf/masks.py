@@ -4,6 +4,10 @@ Masks are always in the original (unpruned) numbering: head_mask (L, H), mlp_mas
 MLPs (as in the paper) and neuron_mask (L, F) for FFN neurons, with L, H, F from the config.
 1 = keep, 0 = pruned, values in between are soft gates. On a physically pruned model the entries
 of removed heads/neurons read 0, and setting them to anything but 0 is an error.
+
+Models that run the "sparsebert" attention backend (attn_implementation="sparsebert", any
+architecture whose attention uses transformers' AttentionInterface) have head gates only:
+head_mask (L, H) with L = their self-attention modules in order (sparsebert.hf.head_gates).
 """
 
 from __future__ import annotations
@@ -12,8 +16,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sparsebert.hf.patching import sparse_blocks
+from sparsebert.errors import SparsebertError
+from sparsebert.hf.head_gates import (
+    attach_head_gates,
+    attention_modules,
+    num_heads,
+    uses_sparse_attention,
+)
+from sparsebert.hf.patching import is_patched, sparse_blocks
 from sparsebert.hf.structure import config_size, structure_for
+
+
+class MaskError(SparsebertError):
+    """A mask of the wrong shape, with values outside [0, 1], or for gates the model lacks."""
 
 
 def _as_mask(name: str, value, allowed: dict[str, tuple[int, ...]]) -> tuple[str, Tensor]:
@@ -36,11 +51,11 @@ def _as_mask(name: str, value, allowed: dict[str, tuple[int, ...]]) -> tuple[str
     matches = [label for label, expected in allowed.items() if shape == expected]
     if not matches:
         wanted = " or ".join(f"{label} {expected}" for label, expected in allowed.items())
-        raise ValueError(f"'{name}' must have shape {wanted}, got {shape}")
+        raise MaskError(f"'{name}' must have shape {wanted}, got {shape}")
     mask = value.detach().to(device="cpu", dtype=torch.float32)
     if bool(torch.isnan(mask).any()) or bool((mask < 0).any()) or bool((mask > 1).any()):
         bad = mask[torch.isnan(mask) | (mask < 0) | (mask > 1)]
-        raise ValueError(f"'{name}' values must lie in [0, 1]; found {bad[:5].tolist()}")
+        raise MaskError(f"'{name}' values must lie in [0, 1]; found {bad[:5].tolist()}")
     return matches[0], mask
 
 
@@ -58,6 +73,32 @@ def _check_removed(name: str, mask: Tensor, kept_ids: list[list[int]], what: str
             )
 
 
+def _backend_model(model: nn.Module) -> bool:
+    """True for a model on the "sparsebert" attention backend (and not patched: patched blocks
+    replace the attention modules the backend would gate)."""
+    return uses_sparse_attention(model) and not is_patched(model)
+
+
+def _set_backend_head_gates(model: nn.Module, head_mask, mlp_mask, neuron_mask) -> None:
+    """set_masks for the attention backend: head gates of every self-attention module."""
+    for name, value in (("mlp_mask", mlp_mask), ("neuron_mask", neuron_mask)):
+        if value is not None:
+            raise MaskError(
+                f"'{name}': a model on attn_implementation='sparsebert' has head gates only; "
+                "for MLP and neuron gates use sparsebert.patch(model) (BERT-family models)"
+            )
+    n_layers = len(attention_modules(model))
+    heads = None
+    if head_mask is not None:
+        _, heads = _as_mask("head_mask", head_mask, {"(L, H) =": (n_layers, num_heads(model))})
+    modules = attach_head_gates(model)  # gates at 1 where missing: outputs unchanged
+    if heads is None:
+        return
+    with torch.no_grad():
+        for layer, module in enumerate(modules):
+            module.head_gate.copy_(heads[layer])
+
+
 def set_masks(
     model: nn.Module,
     head_mask: Tensor | np.ndarray | None = None,
@@ -69,7 +110,13 @@ def set_masks(
     head_mask: (L, H); mlp_mask: (L,) whole MLPs, or (L, F) FFN neurons (same as neuron_mask);
     neuron_mask: (L, F). float or bool, values in [0, 1]. Everything is validated before any gate
     is written, so a bad mask changes nothing.
+
+    On a model loaded with attn_implementation="sparsebert" (or `use_sparse_attention`), only
+    head_mask applies, with L = its self-attention modules; gates are attached on first use.
     """
+    if _backend_model(model):
+        _set_backend_head_gates(model, head_mask, mlp_mask, neuron_mask)
+        return
     blocks = sparse_blocks(model)  # raises if not patched / unsupported
     row = structure_for(model)
     n_layers, n_heads = len(blocks), config_size(model, row, "num_heads")
@@ -116,7 +163,11 @@ def set_masks(
 
 def get_masks(model: nn.Module) -> dict[str, Tensor]:
     """The gates of a patched model as masks in the original numbering (fp32, CPU):
-    {"head_mask": (L, H), "mlp_mask": (L,), "neuron_mask": (L, F)}; removed entries read 0."""
+    {"head_mask": (L, H), "mlp_mask": (L,), "neuron_mask": (L, F)}; removed entries read 0.
+    A model on the "sparsebert" attention backend has head gates only: {"head_mask": (L, H)}."""
+    if _backend_model(model):
+        modules = attach_head_gates(model)
+        return {"head_mask": torch.stack([m.head_gate.detach().float().cpu() for m in modules])}
     blocks = sparse_blocks(model)
     row = structure_for(model)
     n_layers = len(blocks)

@@ -36,6 +36,19 @@ from sparsebert.hf.structure import config_size, structure_for
 from sparsebert.ops import accumulate_importance_
 
 MODES = ("paper", "per_example", "fisher", "michel")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _precision_context(precision: str, device: torch.device):
+    """The forward's numerics: bf16 autocast (matmul inputs in bf16, fp32 accumulation and
+    gates) or plain fp32. "auto" is bf16 on CUDA and fp32 elsewhere. Measured by CPU emulation on
+    the default model (512 SST-2 sentences): bf16 keeps the head ranking (Spearman 0.9999 vs fp32,
+    same bottom 18 and 36 heads); fp16 would need loss scaling, so it is not offered."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 @dataclass
@@ -273,8 +286,12 @@ def importance(
     normalize_mlp_by_tokens: bool | None = None,
     keep_per_example: bool = False,
     progress: bool = True,
+    precision: str = "auto",
 ) -> Importance:
     """Score heads (L, H), MLPs (L,) and optionally FFN neurons (L, F) of a patched model.
+
+    precision: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or "bf16" (autocast on any
+    device); the gates, their gradients and the accumulated scores stay fp32.
 
     batches: an iterable of dicts as the model takes them, labels included (e.g. input_ids,
     attention_mask, token_type_ids, labels). The model's training mode, requires_grad flags and
@@ -282,6 +299,10 @@ def importance(
     """
     if mode not in MODES:
         raise ValueError(f"importance: 'mode' must be one of {MODES}, got {mode!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"importance: 'precision' must be one of {PRECISIONS}, got {precision!r}"
+        )
     if not (heads or mlps or neurons):
         raise ValueError("importance: nothing to score (heads, mlps and neurons are all False)")
     if keep_per_example and mode not in ("per_example", "fisher"):
@@ -324,8 +345,9 @@ def importance(
             )
             with _gates_overridden(blocks, leaves), hooks:
                 # Step 2: forward, per-example losses; batch mean (paper) or sum (per example).
-                logits = model(**batch).logits
-                losses = per_example_loss(logits, labels, num_labels)  # (B,)
+                with _precision_context(precision, device):
+                    logits = model(**batch).logits
+                losses = per_example_loss(logits.float(), labels, num_labels)  # (B,)
                 loss = losses.mean() if mode == "paper" else losses.sum()
                 # Step 3: backward to the gates only (weights are frozen).
                 wanted = [leaf.head for leaf in leaves] + [leaf.mlp for leaf in leaves]

@@ -7,7 +7,8 @@
 //   q, k, v, dout, out are (B, S, H, D) views with a contiguous last dim (stride 1); the other
 //   three strides are arbitrary (views of one fused QKV projection), so every access goes through
 //   bshd_offset. out, dq, dk, dv written by the kernels are contiguous (B, S, H, D).
-//   lse, delta are contiguous (B, H, Sq) fp32. The gate is a contiguous (B, H) fp32 table.
+//   lse, delta are contiguous (B, H, Sq) fp32. The gate is an fp32 table read in place with
+//   strides (b, h); an (H,) gate has batch stride 0.
 //   Scores live in the log2 domain inside the kernels: s2 = (q . k) * scale * log2(e), so that
 //   exp(x - m) becomes exp2(s2 - m2) (one MUFU.EX2 on the GPU). lse leaves the kernel in natural
 //   log units, lse = ln(sum_j exp(scale * q . k_j)), exactly what the reference returns.

@@ -31,9 +31,26 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const 
                ref_arg, "', got ", t.device());
 }
 
+// The Python spelling of a dtype (torch.int64), so native and wrapper messages read alike.
+inline std::string dtype_str(at::ScalarType t) {
+  switch (t) {
+    case at::kBool: return "torch.bool";
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
 inline void check_float_dtype(const at::Tensor& t, const char* arg) {
   SB_CHECK_ARG(at::isFloatingType(t.scalar_type()), arg,
-               "expected a floating-point tensor, got ", t.scalar_type());
+               "expected a floating-point tensor, got ", dtype_str(t.scalar_type()));
 }
 
 }  // namespace sparsebert

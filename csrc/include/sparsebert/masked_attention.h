@@ -1,7 +1,7 @@
 // masked_attention: shapes, validation and the gate normalisation shared by the CPU and CUDA kernels.
 //
 // Contract (see sparsebert/ops.py for the schema and sparsebert/reference.py for the oracle):
-//   q: (B, Sq, H, D), k, v: (B, Sk, H, D); any strides with a contiguous last dim.
+//   q: (B, Sq, H, D), k, v: (B, Sk, H, D); any strides (the kernels copy a non-unit last dim).
 //   head_gate: (H,) or (B, H); key_padding_mask: (B, Sk) bool, true = real token.
 //   out: (B, Sq, H, D) contiguous, out[b, :, h] = gate[b, h] * softmax(q k^T * scale) v.
 //   lse: (B, H, Sq) log-sum-exp of the scaled scores (0 for pruned heads), kept for backward;
@@ -34,9 +34,23 @@ void check_masked_attention_backward_inputs(const AttentionShape& shape, const a
                                             const at::Tensor& dout, const at::Tensor& out,
                                             const at::Tensor& lse);
 
-// head_gate as a contiguous (B, H) tensor of `dtype` (fp32 by default; the CPU kernel uses fp64 for
-// fp64 inputs so gradcheck sees an exact gate) on the gate's device.
-at::Tensor gate_per_example(const at::Tensor& head_gate, int64_t batch,
-                            at::ScalarType dtype = at::kFloat);
+// masked_attention_compact's kept_heads: 1-d int32/int64 on q's device, at most H entries; values
+// in [0, H) are checked for CPU tensors (on CUDA that would synchronise; the kernels write zeros
+// for an index out of range).
+void check_kept_heads(const at::Tensor& kept_heads, const at::Tensor& q, const AttentionShape& s);
+
+// head_gate read in place: gate[b, h] = values[b * stride_b + h * stride_h]. An (H,) gate has
+// stride_b = 0 (no expanded copy); values is converted to `dtype` only when it differs (fp32 for
+// the CUDA kernels and fp16/bf16/fp32 CPU inputs, fp64 for fp64 so gradcheck sees an exact gate).
+struct GateView {
+  at::Tensor values;  // (H,) or (B, H), any strides
+  int64_t stride_b;
+  int64_t stride_h;
+};
+GateView gate_view(const at::Tensor& head_gate, at::ScalarType dtype = at::kFloat);
+
+// t itself when its last dim has stride 1, else a contiguous copy (the kernels need unit stride
+// along D; the other strides stay arbitrary).
+at::Tensor last_dim_contiguous(const at::Tensor& t);
 
 }  // namespace sparsebert

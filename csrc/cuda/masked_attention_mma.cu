@@ -1,0 +1,297 @@
+// masked_attention forward on tensor cores with mma.sync (fp16/bf16, D in {32, 64}, S <= 512),
+// sm80 code that also runs on sm90. Selected only with SPARSEBERT_ATTENTION_KERNEL=mma (see
+// masked_attention.cu) and by masked_attention_compact under the same switch: this kernel has
+// been compiled for sm_80/sm_90 and its index math replayed on the CPU
+// (csrc/tests/test_mma_layout.cpp), but it has NOT yet run on a GPU. It becomes the default only
+// after the CUDA tests pass on one.
+//
+// Every index (fragment layouts, ldmatrix addresses, swizzle, copy chunks, P re-labelling, work
+// items) comes from sparsebert/mma_layout.h; the online softmax from sparsebert/attention_math.h.
+// One CTA = 4 warps; a persistent grid walks work items (active (b, h), 64-row query tile), so
+// pruned heads get no CTA time and no memory traffic. Per item:
+//   Step 1: cp.async Q tile and K/V stage 0 (16-byte copies into swizzled shared memory).
+//   Step 2: per 64-key tile: prefetch the next K/V stage, S = Q K^T (ldmatrix + mma.sync),
+//           mask, online softmax in registers, O += P V with P re-used from registers.
+//   Step 3: O * gate / l, staged through the warp's rows of the Q tile, 16-byte stores; lse.
+// Dense output zero-fills the slices of pruned heads with 16-byte stores first.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "masked_attention_mma.cuh"
+#include "mma_ptx.cuh"
+#include "sparsebert/attention_math.h"
+#include "sparsebert/mma_layout.h"
+
+namespace sparsebert {
+namespace cuda_mma {
+namespace {
+
+using mma::Coord;
+
+// ---------------------------------------------------------------------------------------------
+// Tiles.
+// ---------------------------------------------------------------------------------------------
+// A 64-row tile of a (b, h) slice into swizzled shared memory (mma_ptx.cuh), by all 128 threads.
+template <int D>
+__device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* src, int64_t row_stride,
+                                          int valid_rows) {
+  load_tile_async<D, mma::kBlockM, mma::kThreads>(tile, src, row_stride, valid_rows);
+}
+
+__device__ __forceinline__ float gate_at(const MmaFwdArgs& a, int b, int h) {
+  return a.gate[b * a.gate_sb + h * a.gate_sh];
+}
+
+// Zero rows [0, q_len) of output head slot `oh` of example b (16-byte stores), and its lse.
+template <int D>
+__device__ __forceinline__ void zero_slice(const MmaFwdArgs& a, int b, int oh, int row0, int rows) {
+  constexpr int kU = D / 8;
+  uint16_t* out = static_cast<uint16_t*>(a.out);
+  for (int i = threadIdx.x; i < rows * kU; i += mma::kThreads) {
+    const int s = row0 + i / kU;
+    const int64_t off = (static_cast<int64_t>(b) * a.q_len + s) * a.out_heads * D +
+                        static_cast<int64_t>(oh) * D + (i % kU) * 8;
+    *reinterpret_cast<uint4*>(out + off) = make_uint4(0u, 0u, 0u, 0u);
+  }
+  for (int i = threadIdx.x; i < rows; i += mma::kThreads)
+    a.lse[attn::bhs_index(b, oh, row0 + i, a.out_heads, a.q_len)] = 0.0f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// One work item: query rows [q0, q0 + 64) of head h of example b, written to head slot oh.
+// ---------------------------------------------------------------------------------------------
+template <typename T, int D>
+__device__ __forceinline__ void attend_tile(const MmaFwdArgs& a, int b, int h, int oh, int q0, float gate,
+                                            uint16_t* q_s, uint16_t* k_s, uint16_t* v_s) {
+  constexpr int kKc = D / 16;               // k-chunks of S = Q K^T
+  constexpr int kNt = mma::kBlockN / 8;     // key n-tiles of S
+  constexpr int kDt = D / 8;                // d n-tiles of O
+  constexpr int kTile = mma::kBlockM * D;   // elements of one tile
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const uint16_t* q = static_cast<const uint16_t*>(a.q) + b * a.q_st.b + h * a.q_st.h;
+  const uint16_t* k = static_cast<const uint16_t*>(a.k) + b * a.k_st.b + h * a.k_st.h;
+  const uint16_t* v = static_cast<const uint16_t*>(a.v) + b * a.v_st.b + h * a.v_st.h;
+  const int key_tiles = static_cast<int>(attn::ceil_div(a.kv_len, mma::kBlockN));
+
+  // Step 1: Q tile and the first K/V stage.
+  load_tile<D>(q_s, q + q0 * a.q_st.s, a.q_st.s, a.q_len - q0);
+  load_tile<D>(k_s, k, a.k_st.s, a.kv_len);
+  load_tile<D>(v_s, v, a.v_st.s, a.kv_len);
+  cp_async_commit();
+
+  uint32_t qf[kKc][4];
+  float o[kDt][4];
+#pragma unroll
+  for (int dt = 0; dt < kDt; ++dt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[dt][i] = 0.0f;
+  float m[2] = {attn::neg_inf(), attn::neg_inf()};  // rows group, group + 8 (log2 domain)
+  float l[2] = {0.0f, 0.0f};                        // this lane's partial row sums
+  const bool* mask = a.mask == nullptr ? nullptr : a.mask + static_cast<int64_t>(b) * a.kv_len;
+
+  for (int kt = 0; kt < key_tiles; ++kt) {
+    const int stage = kt & 1;
+    // Step 2a: prefetch the next stage (its buffer was released by the barrier ending kt - 1).
+    if (kt + 1 < key_tiles) {
+      const int k0 = (kt + 1) * mma::kBlockN;
+      load_tile<D>(k_s + (stage ^ 1) * kTile, k + k0 * a.k_st.s, a.k_st.s, a.kv_len - k0);
+      load_tile<D>(v_s + (stage ^ 1) * kTile, v + k0 * a.v_st.s, a.v_st.s, a.kv_len - k0);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (kt == 0) {
+#pragma unroll
+      for (int kc = 0; kc < kKc; ++kc) {
+        const Coord c = mma::ldsm_q(lane, kc);
+        ldmatrix_x4(qf[kc], smem_u32(q_s + mma::smem_offset(16 * warp + c.row, c.col, D)));
+      }
+    }
+    const uint16_t* ks = k_s + stage * kTile;
+    const uint16_t* vs = v_s + stage * kTile;
+
+    // Step 2b: S = Q K^T for this warp's 16 rows and the 64 keys.
+    float s[kNt][4];
+#pragma unroll
+    for (int nt = 0; nt < kNt; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[nt][i] = 0.0f;
+#pragma unroll
+    for (int kc = 0; kc < kKc; ++kc) {
+#pragma unroll
+      for (int p = 0; p < kNt / 2; ++p) {
+        uint32_t kf[4];
+        const Coord c = mma::ldsm_k(lane, p, kc);
+        ldmatrix_x4(kf, smem_u32(ks + mma::smem_offset(c.row, c.col, D)));
+        mma_16816<T>(s[2 * p], qf[kc], kf[0], kf[1]);
+        mma_16816<T>(s[2 * p + 1], qf[kc], kf[2], kf[3]);
+      }
+    }
+
+    // Step 2c: log2-domain scores, masked keys -inf, online softmax per row (quad reductions).
+    const int key0 = kt * mma::kBlockN;
+    float tile_max[2] = {attn::neg_inf(), attn::neg_inf()};
+#pragma unroll
+    for (int nt = 0; nt < kNt; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int key = key0 + nt * 8 + mma::frag_c(lane, i).col;
+        const bool real = key < a.kv_len && (mask == nullptr || mask[key]);
+        s[nt][i] = real ? s[nt][i] * a.scale_log2 : attn::neg_inf();
+        tile_max[i >> 1] = fmaxf(tile_max[i >> 1], s[nt][i]);
+      }
+    }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) alpha[r] = attn::online_softmax_step(m[r], l[r], quad_max(tile_max[r]));
+#pragma unroll
+    for (int dt = 0; dt < kDt; ++dt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) o[dt][i] *= alpha[i >> 1];
+#pragma unroll
+    for (int nt = 0; nt < kNt; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        s[nt][i] = attn::safe_exp2(s[nt][i], m[i >> 1]);
+        l[i >> 1] += s[nt][i];
+      }
+
+    // Step 2d: O += P V, P re-labelled from the S accumulators as A fragments.
+#pragma unroll
+    for (int kc = 0; kc < mma::kBlockN / 16; ++kc) {
+      uint32_t pa[4];
+#pragma unroll
+      for (int reg = 0; reg < 4; ++reg) {
+        const float* c = s[mma::p_ntile(kc, reg)] + 2 * mma::p_pair(reg);
+        pa[reg] = pack2<T>(c[0], c[1]);
+      }
+#pragma unroll
+      for (int p = 0; p < kDt / 2; ++p) {
+        uint32_t vf[4];
+        const Coord c = mma::ldsm_v(lane, kc, p);
+        ldmatrix_x4_trans(vf, smem_u32(vs + mma::smem_offset(c.row, c.col, D)));
+        mma_16816<T>(o[2 * p], pa, vf[0], vf[1]);
+        mma_16816<T>(o[2 * p + 1], pa, vf[2], vf[3]);
+      }
+    }
+    __syncthreads();  // this stage's K/V (and, after the last tile, Q) may be overwritten
+  }
+
+  // Step 3: gate / l once, staged in the warp's own 16 rows of the Q tile, 16-byte stores.
+  float factor[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] = quad_sum(l[r]);
+    factor[r] = gate * attn::softmax_inv_sum(l[r]);
+  }
+#pragma unroll
+  for (int dt = 0; dt < kDt; ++dt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const Coord c = mma::frag_c(lane, 2 * r);
+      *reinterpret_cast<uint32_t*>(q_s + mma::smem_offset(16 * warp + c.row, dt * 8 + c.col, D)) =
+          pack2<T>(o[dt][2 * r] * factor[r], o[dt][2 * r + 1] * factor[r]);
+    }
+  __syncwarp();
+  uint16_t* out = static_cast<uint16_t*>(a.out);
+#pragma unroll
+  for (int it = 0; it < D / 16; ++it) {
+    const Coord c = mma::out_chunk(lane + 32 * it, D);
+    const int s_row = q0 + 16 * warp + c.row;
+    if (s_row < a.q_len) {
+      const int64_t off = (static_cast<int64_t>(b) * a.q_len + s_row) * a.out_heads * D +
+                          static_cast<int64_t>(oh) * D + c.col;
+      *reinterpret_cast<uint4*>(out + off) =
+          *reinterpret_cast<const uint4*>(q_s + mma::smem_offset(16 * warp + c.row, c.col, D));
+    }
+  }
+  if (mma::thread_in_group(lane) == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int s_row = q0 + 16 * warp + mma::group_id(lane) + 8 * r;
+      if (s_row < a.q_len)
+        a.lse[attn::bhs_index(b, oh, s_row, a.out_heads, a.q_len)] = attn::softmax_lse(m[r], l[r]);
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(mma::kThreads) mma_forward_kernel(const MmaFwdArgs a) {
+  __shared__ __align__(128) uint16_t q_s[mma::kBlockM * D];
+  __shared__ __align__(128) uint16_t k_s[mma::kStages * mma::kBlockN * D];
+  __shared__ __align__(128) uint16_t v_s[mma::kStages * mma::kBlockN * D];
+  const int q_tiles = static_cast<int>(attn::ceil_div(a.q_len, mma::kBlockM));
+  const int lane = threadIdx.x & 31;
+
+  // Step 0 (dense output): the slices of pruned heads are zeros.
+  if (a.kept == nullptr) {
+    for (int bh = blockIdx.x; bh < a.batch * a.heads; bh += gridDim.x) {
+      const int b = bh / a.heads, h = bh % a.heads;
+      if (gate_at(a, b, h) == 0.0f) zero_slice<D>(a, b, h, 0, a.q_len);
+    }
+  }
+
+  // Work items in increasing order; an entry is (b, output head slot).
+  const int entries = a.batch * a.out_heads;
+  mma::ActiveCursor cursor;
+  for (int w = blockIdx.x;; w += gridDim.x) {
+    const int act = mma::item_active(w, q_tiles), tile = mma::item_tile(w, q_tiles);
+    int entry;
+    if (a.kept != nullptr) {  // compact: every kept head of every example is an item
+      entry = act < entries ? act : -1;
+    } else {                  // dense: the act-th (b, h) with a non-zero gate
+      entry = mma::find_active(cursor, act, entries, [&](int base) {
+        const int e = base + lane;
+        const bool on = e < entries && gate_at(a, e / a.heads, e % a.heads) != 0.0f;
+        return __ballot_sync(0xffffffffu, on);
+      });
+    }
+    if (entry < 0) break;
+    const int b = entry / a.out_heads, oh = entry % a.out_heads;
+    const int h = a.kept != nullptr ? a.kept[oh] : oh;
+    const bool head_ok = h >= 0 && h < a.heads;  // an index out of range gives zeros
+    const float gate = head_ok ? gate_at(a, b, h) : 0.0f;
+    const int q0 = tile * mma::kBlockM;
+    __syncthreads();  // the previous item's shared-memory reads are done
+    if (gate == 0.0f) {  // compact output of a head pruned for this example (or a bad index)
+      zero_slice<D>(a, b, oh, q0, min(mma::kBlockM, a.q_len - q0));
+      continue;
+    }
+    attend_tile<T, D>(a, b, h, oh, q0, gate, q_s, k_s, v_s);
+  }
+}
+
+template <typename T, int D>
+void launch(const MmaFwdArgs& a, cudaStream_t stream) {
+  // Resident CTAs per SM (the kernel's registers and static shared memory fix it; asked once).
+  static const int ctas_per_sm = [] {
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, mma_forward_kernel<T, D>,
+                                                                 mma::kThreads, 0));
+    return n > 0 ? n : 1;
+  }();
+  const int64_t q_tiles = attn::ceil_div(a.q_len, mma::kBlockM);
+  const int64_t grid = mma::grid_size(static_cast<int64_t>(a.batch) * a.out_heads * q_tiles,
+                                      a.sm_count, ctas_per_sm);
+  mma_forward_kernel<T, D><<<static_cast<unsigned>(grid), mma::kThreads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void launch_mma_forward(bool bf16, const MmaFwdArgs& a, cudaStream_t stream) {
+  if (bf16) {
+    a.head_dim == 32 ? launch<__nv_bfloat16, 32>(a, stream) : launch<__nv_bfloat16, 64>(a, stream);
+  } else {
+    a.head_dim == 32 ? launch<__half, 32>(a, stream) : launch<__half, 64>(a, stream);
+  }
+}
+
+}  // namespace cuda_mma
+}  // namespace sparsebert

@@ -1,0 +1,178 @@
+// masked_attention, tensor-core (mma.sync) forward: every index the kernel computes, written once
+// as host/device functions so that csrc/tests/test_mma_layout.cpp replays one tile's data movement
+// on the CPU against the PTX ISA's fragment definitions and a plain attention.
+// Pure C++17: no torch, no CUDA headers needed on the host.
+//
+// The kernel (csrc/cuda/masked_attention_mma.cu), per CTA of 4 warps and work item
+// (active (b, h), query tile of 64 rows):
+//   global --cp.async 16 B--> shared Q [64][D], K/V [2 stages][64][D], rows swizzled (below)
+//   Q  --ldmatrix.x4-->        A fragments (16 rows per warp), kept in registers for all key tiles
+//   K  --ldmatrix.x4-->        B fragments of S = Q K^T (mma.sync m16n8k16, fp32 accumulators)
+//   S  --online softmax in registers (row max/sum over the 4 lanes of a quad)--> P (16-bit)
+//   P  --re-labelled (no data movement)--> A fragments of O += P V
+//   V  --ldmatrix.x4.trans-->  B fragments of P V
+//   O  * gate / l once at the end --4-byte stores--> the warp's own rows of the Q tile
+//      --16-byte loads/stores--> out (B, S, H or H_kept, D); lse = (m + log2 l) ln 2 beside.
+//
+// mma.sync.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"),
+// with groupID = lane / 4 and tig = lane % 4:
+//   A (16 x 16, 4 regs of 2 halves): reg r half e -> row groupID + 8 * (r % 2),
+//                                                  col tig * 2 + e + 8 * (r / 2)
+//   B (16 x 8, 2 regs):              reg r half e -> row (k) tig * 2 + e + 8 * r, col (n) groupID
+//   C (16 x 8, 4 floats):            c_i           -> row groupID + 8 * (i / 2), col tig * 2 + i % 2
+// ldmatrix.x4: lanes 8j..8j+7 give the row addresses of 8x8 matrix j; register j of lane l holds
+//   matrix j's elements (l / 4, 2 (l % 4) + e), or with .trans (2 (l % 4) + e, l / 4).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define SB_MMA_HD __host__ __device__ __forceinline__
+#else
+#define SB_MMA_HD inline
+#endif
+
+namespace sparsebert {
+namespace mma {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kBlockM = 64;  // query rows per work item (16 per warp)
+constexpr int kBlockN = 64;  // keys per shared-memory stage
+constexpr int kStages = 2;   // K/V double buffering
+constexpr int kMaxSeq = 512; // longest sequence the forward is built and tested for
+
+// Backward (masked_attention_mma_bwd.cu): one CTA of 8 warps per active (b, h), S <= 128, all of
+// Q, K, V, dO in shared memory as [128][D] swizzled tiles. Phase 1: warp w owns keys 16w..16w+15
+// (dK, dV in registers), queries in chunks of 32; phase 2: warp w owns queries 16w..16w+15 (dQ in
+// registers, no atomics), keys in chunks of 32.
+constexpr int kBwdWarps = 8;
+constexpr int kBwdThreads = 32 * kBwdWarps;
+constexpr int kBwdMaxSeq = 16 * kBwdWarps;  // 128
+constexpr int kBwdChunk = 32;
+
+struct Coord {
+  int row, col;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Fragment layouts (the kernel's view; test_mma_layout.cpp checks them against the ISA tables).
+// ---------------------------------------------------------------------------------------------
+SB_MMA_HD int group_id(int lane) { return lane >> 2; }
+SB_MMA_HD int thread_in_group(int lane) { return lane & 3; }
+
+SB_MMA_HD Coord frag_a(int lane, int reg, int half) {
+  return {group_id(lane) + 8 * (reg & 1), thread_in_group(lane) * 2 + half + 8 * (reg >> 1)};
+}
+SB_MMA_HD Coord frag_b(int lane, int reg, int half) {  // {k, n}
+  return {thread_in_group(lane) * 2 + half + 8 * reg, group_id(lane)};
+}
+SB_MMA_HD Coord frag_c(int lane, int i) {
+  return {group_id(lane) + 8 * (i >> 1), thread_in_group(lane) * 2 + (i & 1)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared-memory tiles: [rows][D] 16-bit elements, D in {32, 64}: U = D / 8 chunks of 16 bytes per
+// row. Chunk c of row r is stored at chunk c ^ swizzle(r): 8 consecutive rows at the same logical
+// chunk land in 8 distinct 16-byte bank groups (ldmatrix phases and 16-byte cp.async writes are
+// conflict-free), and the map is a bijection within each row.
+// ---------------------------------------------------------------------------------------------
+SB_MMA_HD int swizzle(int row, int chunks_per_row) {
+  // U = 8: rows are 128 B, r % 8 picks the bank group. U = 4: two rows share 128 B.
+  return (row / (8 / chunks_per_row)) % chunks_per_row;
+}
+SB_MMA_HD int smem_offset(int row, int col, int head_dim) {  // in elements
+  const int u = head_dim / 8;
+  return row * head_dim + (((col >> 3) ^ swizzle(row, u)) << 3) + (col & 7);
+}
+
+// cp.async / 16-byte copies: chunk i of a [rows][D] tile (threads take i = tid + k * kThreads).
+SB_MMA_HD Coord tile_chunk(int i, int head_dim) {
+  const int u = head_dim / 8;
+  return {i / u, (i % u) * 8};  // {row, first column}
+}
+
+// ---------------------------------------------------------------------------------------------
+// ldmatrix.x4 row addresses: the (row, column) of the tile each lane points at.
+// ---------------------------------------------------------------------------------------------
+// Q as A of S = Q K^T: rows of the warp's 16-row slice, k-chunk kc (16 columns): regs = a0..a3.
+SB_MMA_HD Coord ldsm_q(int lane, int kc) {
+  return {(lane & 7) + 8 * ((lane >> 3) & 1), 16 * kc + 8 * (lane >> 4)};
+}
+// K as B of S = Q K^T: key n-tiles 2p and 2p + 1 (16 keys), k-chunk kc:
+// regs = b0, b1 of n-tile 2p, then b0, b1 of n-tile 2p + 1.
+SB_MMA_HD Coord ldsm_k(int lane, int p, int kc) {
+  return {16 * p + 8 * (lane >> 4) + (lane & 7), 16 * kc + 8 * ((lane >> 3) & 1)};
+}
+// V (.trans) as B of O = P V: keys 16 kc .. 16 kc + 15 (the k dim), d n-tiles 2p and 2p + 1:
+// regs = b0, b1 of d-tile 2p, then b0, b1 of d-tile 2p + 1.
+SB_MMA_HD Coord ldsm_v(int lane, int kc, int p) {
+  return {16 * kc + 8 * ((lane >> 3) & 1) + (lane & 7), 16 * p + 8 * (lane >> 4)};
+}
+
+// P from registers: A register `reg` of key chunk kc (keys 16 kc .. 16 kc + 15) packs the pair
+// (c0, c1) or (c2, c3) of the S accumulator of key n-tile p_ntile(kc, reg).
+SB_MMA_HD int p_ntile(int kc, int reg) { return 2 * kc + (reg >> 1); }
+SB_MMA_HD int p_pair(int reg) { return reg & 1; }  // 0: (c0, c1), 1: (c2, c3)
+
+// Output staging: a warp writes its O accumulators (pairs at frag_c) into its 16 rows of the Q
+// tile, then copies 16-byte chunks i = lane + 32 k (k < D / 16) to global memory.
+SB_MMA_HD Coord out_chunk(int i, int head_dim) { return tile_chunk(i, head_dim); }
+
+// ---------------------------------------------------------------------------------------------
+// Work items: (active (b, h), query tile). Active heads are counted on the fly from the gate
+// (no host sync, no extra launch): CTAs of a persistent grid take items w = blockIdx.x +
+// k * gridDim.x in increasing order, and a cursor walks the (B*H) gate entries 32 at a time
+// (one warp ballot per chunk), never moving backwards.
+// ---------------------------------------------------------------------------------------------
+SB_MMA_HD int popc32(uint32_t x) {
+#if defined(__CUDA_ARCH__)
+  return __popc(x);
+#else
+  return __builtin_popcount(x);
+#endif
+}
+// Position of the k-th (0-based) set bit of mask; k < popc32(mask).
+SB_MMA_HD int nth_set_bit(uint32_t mask, int k) {
+  for (int i = 0; i < k; ++i) mask &= mask - 1;
+#if defined(__CUDA_ARCH__)
+  return __ffs(mask) - 1;
+#else
+  return __builtin_ctz(mask);
+#endif
+}
+
+struct ActiveCursor {
+  int base = 0;          // first entry of the current 32-entry chunk
+  int before = 0;        // active entries in [0, base)
+};
+
+// Index in [0, total) of the a-th active entry (a never decreases between calls on one cursor),
+// or -1 when fewer than a + 1 entries are active. chunk_mask(base) returns the bit mask of the
+// active entries base .. base + 31 (bits past total are 0): a __ballot_sync on the GPU.
+template <typename ChunkMask>
+SB_MMA_HD int find_active(ActiveCursor& cur, int a, int total, ChunkMask chunk_mask) {
+  while (cur.base < total) {
+    const uint32_t mask = chunk_mask(cur.base);
+    const int n = popc32(mask);
+    if (a < cur.before + n) return cur.base + nth_set_bit(mask, a - cur.before);
+    cur.before += n;
+    cur.base += 32;
+  }
+  return -1;
+}
+
+// Work-item split: item w -> (active index a, query tile t), tiles fastest (a head's tiles are
+// taken by neighbouring CTAs at the same time and share its K/V through L2).
+SB_MMA_HD int item_active(int w, int q_tiles) { return w / q_tiles; }
+SB_MMA_HD int item_tile(int w, int q_tiles) { return w % q_tiles; }
+
+// Persistent grid size: enough CTAs to fill the GPU (ctas_per_sm resident per SM), never more
+// than the items of an all-active gate.
+SB_MMA_HD int64_t grid_size(int64_t items_all_active, int sm_count, int ctas_per_sm) {
+  const int64_t fill = static_cast<int64_t>(sm_count) * ctas_per_sm;
+  return items_all_active < fill ? items_all_active : fill;
+}
+
+}  // namespace mma
+}  // namespace sparsebert

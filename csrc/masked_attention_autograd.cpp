@@ -1,0 +1,103 @@
+// Autograd of sparsebert::masked_attention, registered in C++ (dispatch key Autograd) so that a
+// call pays no Python on the way to the kernel. It mirrors the Python registration in
+// sparsebert/ops.py (used when this extension is not loaded):
+//   forward   redispatches below autograd to the CPU/CUDA kernel (or the fake, under tracing);
+//             when no input needs a gradient nothing is recorded.
+//   backward  calls sparsebert::masked_attention_backward (the kernels' fused backward) with
+//             dout made last-dim contiguous; d_head_gate (B, H) is summed over the batch for an
+//             (H,) gate and cast to the gate's dtype. The lse output carries no gradient.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "sparsebert/masked_attention.h"
+#include "sparsebert/registry.h"
+
+namespace sparsebert {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using ForwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                      const at::Tensor&, const at::Tensor&,
+                                                      const std::optional<at::Tensor>&, double);
+using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, double);
+
+const c10::TypedOperatorHandle<ForwardSig>& forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("sparsebert::masked_attention", "")
+                             .typed<ForwardSig>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("sparsebert::masked_attention_backward", "")
+                             .typed<BackwardSig>();
+  return op;
+}
+
+class MaskedAttentionFunction : public torch::autograd::Function<MaskedAttentionFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& head_gate,
+                               const std::optional<at::Tensor>& key_padding_mask, double scale) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, lse] = forward_op().call(q, k, v, head_gate, key_padding_mask, scale);
+    ctx->save_for_backward({q, k, v, head_gate,
+                            key_padding_mask.has_value() ? *key_padding_mask : at::Tensor(), out,
+                            lse});
+    ctx->saved_data["scale"] = scale;
+    return {out, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& grad_out = grads[0];
+    if (!grad_out.defined()) return variable_list(6);
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &head_gate = saved[3];
+    const std::optional<at::Tensor> mask =
+        saved[4].defined() ? std::optional<at::Tensor>(saved[4]) : std::nullopt;
+    auto [dq, dk, dv, d_gate] =
+        backward_op().call(last_dim_contiguous(grad_out), q, k, v, head_gate, mask, saved[5],
+                           saved[6], ctx->saved_data["scale"].toDouble());
+    if (head_gate.dim() == 1) d_gate = d_gate.sum(0);  // (B, H) -> (H,): shared by the batch
+    if (d_gate.scalar_type() != head_gate.scalar_type()) d_gate = d_gate.to(head_gate.scalar_type());
+    return {ctx->needs_input_grad(0) ? dq : at::Tensor(),
+            ctx->needs_input_grad(1) ? dk : at::Tensor(),
+            ctx->needs_input_grad(2) ? dv : at::Tensor(),
+            ctx->needs_input_grad(3) ? d_gate : at::Tensor(),
+            at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> masked_attention_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& head_gate,
+    const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  const bool record = at::GradMode::is_enabled() &&
+                      (q.requires_grad() || k.requires_grad() || v.requires_grad() ||
+                       head_gate.requires_grad());
+  if (!record) {  // nothing to differentiate: straight to the kernel, no graph node
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return forward_op().call(q, k, v, head_gate, key_padding_mask, scale);
+  }
+  variable_list outs =
+      MaskedAttentionFunction::apply(q, k, v, head_gate, key_padding_mask, scale);
+  return {outs[0], outs[1]};
+}
+
+const KernelRegistration kAutograd("masked_attention", "Autograd");
+
+}  // namespace
+}  // namespace sparsebert
+
+TORCH_LIBRARY_IMPL(sparsebert, Autograd, m) {
+  m.impl("masked_attention", &sparsebert::masked_attention_autograd);
+}

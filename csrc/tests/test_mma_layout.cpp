@@ -1,0 +1,743 @@
+// CPU proof of the mma.sync attention forward's data movement (csrc/cuda/masked_attention_mma.cu),
+// without a GPU: sparsebert/mma_layout.h holds every index the kernel computes; this test
+//   1. checks its fragment layouts against the PTX ISA tables for mma.m16n8k16 (written out here
+//      independently, from the ISA text) and that each layout covers its matrix exactly once;
+//   2. checks the shared-memory swizzle: a bijection, 16-byte chunks kept whole, and every
+//      ldmatrix phase, cp.async write and output staging access of the kernel bank-conflict free
+//      (and that the unswizzled layout would conflict, so the check can fail);
+//   3. checks the work-item walk (active heads found by warp ballots, persistent grid): every
+//      (active head, query tile) exactly once, pruned heads never;
+//   4. replays whole work items lane by lane: global -> swizzled shared (cp.async chunks) ->
+//      ldmatrix (emulated from the ISA's definition of ldmatrix.x4 / .trans) -> mma.sync
+//      (emulated from the ISA fragment tables, not from the header) -> masking and online softmax
+//      in registers with quad shuffles -> P re-labelled as the A operand of P V -> gate / l ->
+//      staged 16-byte output stores and lse, and compares with a plain double attention;
+//   5. replays the one-launch backward (S <= 128) the same way: both phases (keys per warp for
+//      dK/dV, queries per warp for dQ), P^T and dS^T re-labelled from registers, the in-kernel
+//      delta and d_gate = sum delta / gate, against a plain double backward.
+// Plain C++17, no torch, no CUDA: prints "N passed, M failed" and exits non-zero on failure.
+#include "sparsebert/mma_layout.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <set>
+#include <vector>
+
+#include "sparsebert/attention_math.h"
+
+using namespace sparsebert;
+using mma::Coord;
+
+namespace {
+
+int g_passed = 0, g_failed = 0;
+
+#define CHECK(cond, ...)                               \
+  do {                                                 \
+    if (cond) {                                        \
+      ++g_passed;                                      \
+    } else {                                           \
+      ++g_failed;                                      \
+      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
+      std::printf(__VA_ARGS__);                        \
+      std::printf("\n");                               \
+    }                                                  \
+  } while (0)
+
+// ---------------------------------------------------------------------------------------------
+// The PTX ISA's tables (section "Matrix Fragments for mma.m16n8k16 with floating point type"),
+// element index i of each thread's fragment: A has a0..a7 (reg i / 2, half i % 2), B b0..b3,
+// C c0..c3. groupID = laneid >> 2, threadID_in_group = laneid % 4.
+// ---------------------------------------------------------------------------------------------
+Coord isa_a(int lane, int i) {
+  const int g = lane >> 2, t = lane % 4;
+  const int row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8;
+  const int col = (i < 4) ? t * 2 + (i & 1) : t * 2 + (i & 1) + 8;
+  return {row, col};
+}
+Coord isa_b(int lane, int i) {  // {row = k, col = n}
+  const int g = lane >> 2, t = lane % 4;
+  const int row = (i < 2) ? t * 2 + (i & 1) : t * 2 + (i & 1) + 8;
+  return {row, g};
+}
+Coord isa_c(int lane, int i) {
+  const int g = lane >> 2, t = lane % 4;
+  return {i < 2 ? g : g + 8, t * 2 + (i & 1)};
+}
+
+void test_fragment_layouts() {
+  std::set<std::pair<int, int>> a_seen, b_seen, c_seen;
+  bool a_ok = true, b_ok = true, c_ok = true;
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int i = 0; i < 8; ++i) {
+      const Coord h = mma::frag_a(lane, i / 2, i % 2), r = isa_a(lane, i);
+      a_ok &= h.row == r.row && h.col == r.col;
+      a_seen.insert({r.row, r.col});
+    }
+    for (int i = 0; i < 4; ++i) {
+      const Coord h = mma::frag_b(lane, i / 2, i % 2), r = isa_b(lane, i);
+      b_ok &= h.row == r.row && h.col == r.col;
+      b_seen.insert({r.row, r.col});
+      const Coord hc = mma::frag_c(lane, i), rc = isa_c(lane, i);
+      c_ok &= hc.row == rc.row && hc.col == rc.col;
+      c_seen.insert({rc.row, rc.col});
+    }
+  }
+  CHECK(a_ok, "frag_a differs from the ISA's A table");
+  CHECK(b_ok, "frag_b differs from the ISA's B table");
+  CHECK(c_ok, "frag_c differs from the ISA's C table");
+  CHECK(a_seen.size() == 256, "A fragments cover %zu of 16x16 elements", a_seen.size());
+  CHECK(b_seen.size() == 128, "B fragments cover %zu of 16x8 elements", b_seen.size());
+  CHECK(c_seen.size() == 128, "C fragments cover %zu of 16x8 elements", c_seen.size());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Emulated shared memory (element offsets as the kernel computes them), ldmatrix and mma.sync.
+// ---------------------------------------------------------------------------------------------
+using Regs = std::vector<std::vector<float>>;  // [lane][reg * 2 + half]: 32 lanes x 8 halves
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 per the ISA: lanes 8j..8j+7 give the
+// addresses of rows 0..7 of matrix j; lane t receives in register j the elements
+// (t / 4, 2 (t % 4) + e) of matrix j, or (2 (t % 4) + e, t / 4) with .trans.
+Regs ldmatrix_x4(const std::vector<float>& smem, const std::vector<int>& row_addr, bool trans) {
+  Regs r(32, std::vector<float>(8));
+  for (int t = 0; t < 32; ++t)
+    for (int j = 0; j < 4; ++j)
+      for (int e = 0; e < 2; ++e) {
+        const int row = trans ? 2 * (t % 4) + e : t / 4;
+        const int col = trans ? t / 4 : 2 * (t % 4) + e;
+        r[t][j * 2 + e] = smem[row_addr[8 * j + row] + col];
+      }
+  return r;
+}
+
+// D (16 x 8) += A (16 x 16) B (16 x 8): the operands are rebuilt from the lanes' registers with the
+// ISA tables and the product is given back in the ISA's C layout. a: regs 0..3 (8 halves);
+// b: two registers (b_reg0, b_reg1) per lane taken from `b_src` at register indices rb0, rb1.
+void mma_16816(std::vector<std::vector<float>>& d, const Regs& a, const Regs& b_src, int rb0, int rb1) {
+  double A[16][16], B[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int i = 0; i < 8; ++i) {
+      const Coord c = isa_a(lane, i);
+      A[c.row][c.col] = a[lane][i];
+    }
+    for (int i = 0; i < 4; ++i) {
+      const Coord c = isa_b(lane, i);
+      const int reg = i < 2 ? rb0 : rb1;
+      B[c.row][c.col] = b_src[lane][reg * 2 + (i & 1)];
+    }
+  }
+  for (int lane = 0; lane < 32; ++lane)
+    for (int i = 0; i < 4; ++i) {
+      const Coord c = isa_c(lane, i);
+      double acc = 0;
+      for (int kk = 0; kk < 16; ++kk) acc += A[c.row][kk] * B[kk][c.col];
+      d[lane][i] += static_cast<float>(acc);
+    }
+}
+
+// 16-byte unit index -> bank group (8 groups of 4 banks); 4-byte word -> bank.
+int bank_group(int elem_offset) { return (elem_offset * 2 / 16) % 8; }
+int bank(int elem_offset) { return (elem_offset * 2 / 4) % 32; }
+
+bool phase_conflict_free(const std::vector<int>& offsets16) {  // 8 offsets of 16-byte accesses
+  std::set<int> groups;
+  for (int o : offsets16) groups.insert(bank_group(o));
+  return groups.size() == offsets16.size();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Swizzle.
+// ---------------------------------------------------------------------------------------------
+void test_swizzle(int D) {
+  const int rows = mma::kBlockM;
+  std::vector<int> hits(rows * D, 0);
+  bool chunks_whole = true;
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < D; ++c) {
+      const int o = mma::smem_offset(r, c, D);
+      if (o >= 0 && o < rows * D) ++hits[o];
+      chunks_whole &= o == mma::smem_offset(r, c & ~7, D) + (c & 7);
+      chunks_whole &= o / D == r;  // a row stays in its row
+    }
+  CHECK(std::all_of(hits.begin(), hits.end(), [](int h) { return h == 1; }),
+        "D=%d: smem_offset is not a bijection onto [0, 64 D)", D);
+  CHECK(chunks_whole, "D=%d: a 16-byte chunk is split or leaves its row", D);
+
+  // cp.async: each copy round, 8 consecutive threads write 128 bytes.
+  bool copy_ok = true;
+  for (int i0 = 0; i0 < rows * D / 8; i0 += 8) {
+    std::vector<int> offs;
+    for (int i = i0; i < i0 + 8; ++i) {
+      const Coord c = mma::tile_chunk(i, D);
+      offs.push_back(mma::smem_offset(c.row, c.col, D));
+    }
+    copy_ok &= phase_conflict_free(offs);
+  }
+  CHECK(copy_ok, "D=%d: cp.async writes conflict", D);
+
+  // ldmatrix: Q (every warp, k-chunk), K (pair p, k-chunk), V (k-chunk, pair p); phases of 8 lanes.
+  auto ldsm_ok = [&](auto coord_of_lane, int row_base, bool swizzled) {
+    bool ok = true;
+    for (int j = 0; j < 4; ++j) {
+      std::vector<int> offs;
+      for (int lane = 8 * j; lane < 8 * j + 8; ++lane) {
+        const Coord c = coord_of_lane(lane);
+        offs.push_back(swizzled ? mma::smem_offset(row_base + c.row, c.col, D)
+                                : (row_base + c.row) * D + c.col);
+      }
+      ok &= phase_conflict_free(offs);
+    }
+    return ok;
+  };
+  bool q_ok = true, k_ok = true, v_ok = true, plain_ok = true;
+  for (int kc = 0; kc < D / 16; ++kc) {
+    for (int w = 0; w < mma::kWarps; ++w) {
+      q_ok &= ldsm_ok([&](int l) { return mma::ldsm_q(l, kc); }, 16 * w, true);
+      plain_ok &= ldsm_ok([&](int l) { return mma::ldsm_q(l, kc); }, 16 * w, false);
+    }
+    for (int p = 0; p < mma::kBlockN / 16; ++p)
+      k_ok &= ldsm_ok([&](int l) { return mma::ldsm_k(l, p, kc); }, 0, true);
+  }
+  for (int kc = 0; kc < mma::kBlockN / 16; ++kc)
+    for (int p = 0; p < D / 16; ++p)
+      v_ok &= ldsm_ok([&](int l) { return mma::ldsm_v(l, kc, p); }, 0, true);
+  CHECK(q_ok && k_ok && v_ok, "D=%d: ldmatrix conflicts (Q %d, K %d, V %d)", D, q_ok, k_ok, v_ok);
+  CHECK(!plain_ok, "D=%d: the unswizzled layout should conflict (the check is blind)", D);
+
+  // Output staging: 4-byte writes of a warp (one instruction per d-tile and row half), then
+  // 16-byte reads in phases of 8 lanes.
+  bool stage_w = true, stage_r = true;
+  for (int w = 0; w < mma::kWarps; ++w) {
+    for (int dt = 0; dt < D / 8; ++dt)
+      for (int r = 0; r < 2; ++r) {
+        std::set<int> banks;
+        for (int lane = 0; lane < 32; ++lane) {
+          const Coord c = mma::frag_c(lane, 2 * r);
+          banks.insert(bank(mma::smem_offset(16 * w + c.row, dt * 8 + c.col, D)));
+        }
+        stage_w &= banks.size() == 32;
+      }
+    for (int it = 0; it < D / 16; ++it)
+      for (int ph = 0; ph < 4; ++ph) {
+        std::vector<int> offs;
+        for (int lane = 8 * ph; lane < 8 * ph + 8; ++lane) {
+          const Coord c = mma::out_chunk(lane + 32 * it, D);
+          offs.push_back(mma::smem_offset(16 * w + c.row, c.col, D));
+        }
+        stage_r &= phase_conflict_free(offs);
+      }
+  }
+  CHECK(stage_w && stage_r, "D=%d: output staging conflicts (writes %d, reads %d)", D, stage_w, stage_r);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Work items.
+// ---------------------------------------------------------------------------------------------
+void test_work_items() {
+  std::mt19937 rng(7);
+  int cases = 0;
+  bool all_ok = true;
+  for (int entries : {1, 5, 31, 32, 33, 96, 384, 1000}) {
+    for (double keep : {0.0, 0.1, 0.5, 1.0}) {
+      std::vector<char> active(entries);
+      std::bernoulli_distribution coin(keep);
+      for (auto& a : active) a = coin(rng);
+      const int n_active = static_cast<int>(std::count(active.begin(), active.end(), 1));
+      for (int q_tiles : {1, 2, 8}) {
+        const int64_t all_items = static_cast<int64_t>(entries) * q_tiles;
+        for (int sms : {1, 7, 132}) {
+          const int grid = static_cast<int>(mma::grid_size(all_items, sms, 3));
+          std::vector<int> seen(static_cast<size_t>(all_items), 0);
+          for (int cta = 0; cta < grid; ++cta) {
+            mma::ActiveCursor cur;
+            for (int w = cta;; w += grid) {
+              const int a = mma::item_active(w, q_tiles), t = mma::item_tile(w, q_tiles);
+              const int e = mma::find_active(cur, a, entries, [&](int base) {
+                uint32_t m = 0;  // the warp ballot: lane l votes for entry base + l
+                for (int l = 0; l < 32; ++l)
+                  if (base + l < entries && active[base + l]) m |= 1u << l;
+                return m;
+              });
+              if (e < 0) break;
+              all_ok &= active[e] == 1;
+              ++seen[static_cast<size_t>(e) * q_tiles + t];
+            }
+          }
+          for (int e = 0; e < entries; ++e)
+            for (int t = 0; t < q_tiles; ++t)
+              all_ok &= seen[static_cast<size_t>(e) * q_tiles + t] == (active[e] ? 1 : 0);
+          all_ok &= grid >= 1 && grid <= all_items;
+          ++cases;
+          (void)n_active;
+        }
+      }
+    }
+  }
+  CHECK(all_ok, "work items: some (active head, tile) missed, repeated, or a pruned head taken");
+  CHECK(cases == 8 * 4 * 3 * 3, "work-item cases run: %d", cases);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Replay of the kernel's work items for one (b, h).
+// ---------------------------------------------------------------------------------------------
+struct Head {
+  int Sq, Sk, D;
+  std::vector<float> q, k, v;  // [S][D]
+  std::vector<char> real;      // [Sk]
+  float gate, scale;
+};
+
+// Plain double attention of one head: out [Sq][D] (gated), lse [Sq].
+void reference(const Head& h, std::vector<double>& out, std::vector<double>& lse) {
+  out.assign(static_cast<size_t>(h.Sq) * h.D, 0.0);
+  lse.assign(h.Sq, 0.0);
+  for (int i = 0; i < h.Sq; ++i) {
+    std::vector<double> s(h.Sk, -INFINITY);
+    double mx = -INFINITY;
+    for (int j = 0; j < h.Sk; ++j) {
+      if (!h.real[j]) continue;
+      double dot = 0;
+      for (int d = 0; d < h.D; ++d) dot += double(h.q[i * h.D + d]) * h.k[j * h.D + d];
+      s[j] = dot * h.scale;
+      mx = std::max(mx, s[j]);
+    }
+    double sum = 0;
+    for (int j = 0; j < h.Sk; ++j) sum += h.real[j] ? std::exp(s[j] - mx) : 0.0;
+    lse[i] = mx + std::log(sum);
+    for (int j = 0; j < h.Sk; ++j) {
+      if (!h.real[j]) continue;
+      const double p = std::exp(s[j] - mx) / sum;
+      for (int d = 0; d < h.D; ++d) out[i * h.D + d] += h.gate * p * h.v[j * h.D + d];
+    }
+  }
+}
+
+// cp.async of rows [row0, row0 + 64) of a [S][D] array into a swizzled tile (kernel's load_tile).
+void load_tile(std::vector<float>& tile, const std::vector<float>& src, int D, int row0, int valid_rows,
+               int rows = mma::kBlockM) {
+  for (int i = 0; i < rows * D / 8; ++i) {
+    const Coord c = mma::tile_chunk(i, D);
+    const bool ok = c.row < valid_rows;
+    for (int e = 0; e < 8; ++e)  // one 16-byte copy: 8 consecutive elements, zeros past the end
+      tile[mma::smem_offset(c.row, c.col, D) + e] =
+          ok ? src[static_cast<size_t>(row0 + c.row) * D + c.col + e] : 0.0f;
+  }
+}
+
+void replay(const Head& h, std::vector<float>& out, std::vector<float>& lse) {
+  const int D = h.D, kKc = D / 16, kNt = mma::kBlockN / 8, kDt = D / 8;
+  const float scale_log2 = h.scale * attn::kLog2e;
+  const int q_tiles = static_cast<int>(attn::ceil_div(h.Sq, mma::kBlockM));
+  const int key_tiles = static_cast<int>(attn::ceil_div(h.Sk, mma::kBlockN));
+  std::vector<float> q_s(mma::kBlockM * D), k_s(mma::kBlockN * D), v_s(mma::kBlockN * D);
+  for (int tile = 0; tile < q_tiles; ++tile) {
+    const int q0 = tile * mma::kBlockM;
+    load_tile(q_s, h.q, D, q0, h.Sq - q0);
+    for (int warp = 0; warp < mma::kWarps; ++warp) {
+      // Per lane state: [lane][...].
+      std::vector<Regs> qf(kKc);
+      std::vector<std::vector<std::vector<float>>> o(kDt, std::vector<std::vector<float>>(32, std::vector<float>(4, 0.0f)));
+      std::vector<std::vector<float>> m(32, std::vector<float>(2, attn::neg_inf())), l(32, std::vector<float>(2, 0.0f));
+      for (int kc = 0; kc < kKc; ++kc) {
+        std::vector<int> addr(32);
+        for (int lane = 0; lane < 32; ++lane) {
+          const Coord c = mma::ldsm_q(lane, kc);
+          addr[lane] = mma::smem_offset(16 * warp + c.row, c.col, D);
+        }
+        qf[kc] = ldmatrix_x4(q_s, addr, false);
+      }
+      for (int kt = 0; kt < key_tiles; ++kt) {
+        const int key0 = kt * mma::kBlockN;
+        load_tile(k_s, h.k, D, key0, h.Sk - key0);
+        load_tile(v_s, h.v, D, key0, h.Sk - key0);
+        // S = Q K^T.
+        std::vector<std::vector<std::vector<float>>> s(kNt, std::vector<std::vector<float>>(32, std::vector<float>(4, 0.0f)));
+        for (int kc = 0; kc < kKc; ++kc)
+          for (int p = 0; p < kNt / 2; ++p) {
+            std::vector<int> addr(32);
+            for (int lane = 0; lane < 32; ++lane) {
+              const Coord c = mma::ldsm_k(lane, p, kc);
+              addr[lane] = mma::smem_offset(c.row, c.col, D);
+            }
+            const Regs kf = ldmatrix_x4(k_s, addr, false);
+            mma_16816(s[2 * p], qf[kc], kf, 0, 1);
+            mma_16816(s[2 * p + 1], qf[kc], kf, 2, 3);
+          }
+        // Mask, online softmax with quad reductions.
+        std::vector<std::vector<float>> tmax(32, std::vector<float>(2, attn::neg_inf()));
+        for (int lane = 0; lane < 32; ++lane)
+          for (int nt = 0; nt < kNt; ++nt)
+            for (int i = 0; i < 4; ++i) {
+              const int key = key0 + nt * 8 + mma::frag_c(lane, i).col;
+              const bool real = key < h.Sk && h.real[key];
+              float& x = s[nt][lane][i];
+              x = real ? x * scale_log2 : attn::neg_inf();
+              tmax[lane][i >> 1] = std::max(tmax[lane][i >> 1], x);
+            }
+        std::vector<std::vector<float>> alpha(32, std::vector<float>(2));
+        for (int lane = 0; lane < 32; ++lane)
+          for (int r = 0; r < 2; ++r) {
+            float qm = attn::neg_inf();  // shfl_xor 1, 2 over the quad
+            for (int t = 0; t < 4; ++t) qm = std::max(qm, tmax[(lane & ~3) + t][r]);
+            alpha[lane][r] = attn::online_softmax_step(m[lane][r], l[lane][r], qm);
+          }
+        for (int lane = 0; lane < 32; ++lane) {
+          for (int dt = 0; dt < kDt; ++dt)
+            for (int i = 0; i < 4; ++i) o[dt][lane][i] *= alpha[lane][i >> 1];
+          for (int nt = 0; nt < kNt; ++nt)
+            for (int i = 0; i < 4; ++i) {
+              float& x = s[nt][lane][i];
+              x = attn::safe_exp2(x, m[lane][i >> 1]);
+              l[lane][i >> 1] += x;
+            }
+        }
+        // O += P V with P re-labelled from the S accumulators.
+        for (int kc = 0; kc < mma::kBlockN / 16; ++kc) {
+          Regs pa(32, std::vector<float>(8));
+          for (int lane = 0; lane < 32; ++lane)
+            for (int reg = 0; reg < 4; ++reg)
+              for (int e = 0; e < 2; ++e)
+                pa[lane][reg * 2 + e] = s[mma::p_ntile(kc, reg)][lane][2 * mma::p_pair(reg) + e];
+          for (int p = 0; p < kDt / 2; ++p) {
+            std::vector<int> addr(32);
+            for (int lane = 0; lane < 32; ++lane) {
+              const Coord c = mma::ldsm_v(lane, kc, p);
+              addr[lane] = mma::smem_offset(c.row, c.col, D);
+            }
+            const Regs vf = ldmatrix_x4(v_s, addr, true);
+            mma_16816(o[2 * p], pa, vf, 0, 1);
+            mma_16816(o[2 * p + 1], pa, vf, 2, 3);
+          }
+        }
+      }
+      // Gate / l, staging in the warp's rows of q_s, 16-byte copies out; lse.
+      std::vector<std::vector<float>> factor(32, std::vector<float>(2)), lsum(32, std::vector<float>(2));
+      for (int lane = 0; lane < 32; ++lane)
+        for (int r = 0; r < 2; ++r) {
+          float sum = 0;
+          for (int t = 0; t < 4; ++t) sum += l[(lane & ~3) + t][r];
+          lsum[lane][r] = sum;
+          factor[lane][r] = h.gate * attn::softmax_inv_sum(sum);
+        }
+      for (int lane = 0; lane < 32; ++lane)
+        for (int dt = 0; dt < kDt; ++dt)
+          for (int r = 0; r < 2; ++r) {
+            const Coord c = mma::frag_c(lane, 2 * r);
+            const int off = mma::smem_offset(16 * warp + c.row, dt * 8 + c.col, D);
+            q_s[off] = o[dt][lane][2 * r] * factor[lane][r];
+            q_s[off + 1] = o[dt][lane][2 * r + 1] * factor[lane][r];
+          }
+      for (int it = 0; it < D / 16; ++it)
+        for (int lane = 0; lane < 32; ++lane) {
+          const Coord c = mma::out_chunk(lane + 32 * it, D);
+          const int row = q0 + 16 * warp + c.row;
+          if (row >= h.Sq) continue;
+          for (int e = 0; e < 8; ++e)
+            out[static_cast<size_t>(row) * D + c.col + e] = q_s[mma::smem_offset(16 * warp + c.row, c.col, D) + e];
+        }
+      for (int lane = 0; lane < 32; ++lane) {
+        if (mma::thread_in_group(lane) != 0) continue;
+        for (int r = 0; r < 2; ++r) {
+          const int row = q0 + 16 * warp + mma::group_id(lane) + 8 * r;
+          if (row < h.Sq) lse[row] = attn::softmax_lse(m[lane][r], lsum[lane][r]);
+        }
+      }
+    }
+  }
+}
+
+void test_replay(int D, int Sq, int Sk, bool padded, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  Head h{Sq, Sk, D, {}, {}, {}, {}, 0.7f, 1.0f / std::sqrt(static_cast<float>(D))};
+  for (auto* t : {&h.q, &h.k, &h.v}) {
+    t->resize(static_cast<size_t>(t == &h.q ? Sq : Sk) * D);
+    for (auto& x : *t) x = normal(rng);
+  }
+  h.real.assign(Sk, 1);
+  if (padded) {
+    std::uniform_int_distribution<int> len(1, Sk);
+    const int n = len(rng);
+    for (int j = n; j < Sk; ++j) h.real[j] = 0;
+    if (Sk > 3) h.real[Sk / 3] = 0;  // a hole too
+    h.real[0] = 1;
+  }
+  std::vector<double> ref_out, ref_lse;
+  reference(h, ref_out, ref_lse);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> out(ref_out.size(), nan), lse(Sq, nan);  // poisoned: every element written
+  replay(h, out, lse);
+  double err = 0, norm = 0, lse_err = 0;
+  bool written = true;
+  for (size_t i = 0; i < out.size(); ++i) {
+    written &= !std::isnan(out[i]);
+    err += (out[i] - ref_out[i]) * (out[i] - ref_out[i]);
+    norm += ref_out[i] * ref_out[i];
+  }
+  for (int i = 0; i < Sq; ++i) {
+    written &= !std::isnan(lse[i]);
+    lse_err = std::max(lse_err, std::abs(lse[i] - ref_lse[i]));
+  }
+  const double rel = std::sqrt(err / norm);
+  CHECK(written && rel < 1e-5 && lse_err < 1e-4,
+        "replay D=%d Sq=%d Sk=%d padded=%d: written %d, rel err %.3g, lse err %.3g", D, Sq, Sk,
+        padded, written, rel, lse_err);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Replay of the backward kernel (masked_attention_mma_bwd.cu) for one (b, h), S <= 128.
+// ---------------------------------------------------------------------------------------------
+struct Grads {
+  std::vector<double> dq, dk, dv;
+  double d_gate;
+};
+
+// Plain double backward of one head given dout (Sq, D).
+Grads reference_backward(const Head& h, const std::vector<float>& dout) {
+  const int Sq = h.Sq, Sk = h.Sk, D = h.D;
+  Grads g{std::vector<double>(Sq * D, 0.0), std::vector<double>(Sk * D, 0.0), std::vector<double>(Sk * D, 0.0), 0.0};
+  for (int i = 0; i < Sq; ++i) {
+    std::vector<double> s(Sk, -INFINITY), p(Sk, 0.0), dp(Sk, 0.0);
+    double mx = -INFINITY, sum = 0;
+    for (int j = 0; j < Sk; ++j) {
+      if (!h.real[j]) continue;
+      double dot = 0;
+      for (int d = 0; d < D; ++d) dot += double(h.q[i * D + d]) * h.k[j * D + d];
+      s[j] = dot * h.scale;
+      mx = std::max(mx, s[j]);
+    }
+    for (int j = 0; j < Sk; ++j) sum += h.real[j] ? std::exp(s[j] - mx) : 0.0;
+    std::vector<double> ctx(D, 0.0);
+    for (int j = 0; j < Sk; ++j) {
+      p[j] = h.real[j] ? std::exp(s[j] - mx) / sum : 0.0;
+      for (int d = 0; d < D; ++d) {
+        ctx[d] += p[j] * h.v[j * D + d];
+        dp[j] += double(dout[i * D + d]) * h.v[j * D + d];
+      }
+    }
+    double delta = 0;  // dout . out = gate * dout . ctx
+    for (int d = 0; d < D; ++d) delta += h.gate * double(dout[i * D + d]) * ctx[d];
+    g.d_gate += delta / h.gate;
+    for (int j = 0; j < Sk; ++j) {
+      const double ds = p[j] * (h.gate * dp[j] - delta);
+      for (int d = 0; d < D; ++d) {
+        g.dq[i * D + d] += h.scale * ds * h.k[j * D + d];
+        g.dk[j * D + d] += h.scale * ds * h.q[i * D + d];
+        g.dv[j * D + d] += h.gate * p[j] * dout[i * D + d];
+      }
+    }
+  }
+  return g;
+}
+
+struct KernelGrads {
+  std::vector<float> dq, dk, dv;
+  float d_gate;
+};
+
+KernelGrads replay_backward(const Head& h, const std::vector<float>& dout, const std::vector<float>& out,
+                            const std::vector<float>& lse) {
+  const int D = h.D, Sq = h.Sq, Sk = h.Sk, rows = mma::kBwdMaxSeq, chunk = mma::kBwdChunk;
+  const int kKc = D / 16, kDt = D / 8, kNt = chunk / 8;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  KernelGrads g{std::vector<float>(Sq * D, nan), std::vector<float>(Sk * D, nan), std::vector<float>(Sk * D, nan), nan};
+  const float scale_log2 = h.scale * attn::kLog2e;
+  std::vector<float> q_s(rows * D), k_s(rows * D), v_s(rows * D), do_s(rows * D), lse2_s(rows), delta_s(rows);
+  load_tile(q_s, h.q, D, 0, Sq, rows);
+  load_tile(k_s, h.k, D, 0, Sk, rows);
+  load_tile(v_s, h.v, D, 0, Sk, rows);
+  load_tile(do_s, dout, D, 0, Sq, rows);
+  for (int row = 0; row < rows; ++row) {
+    float d = 0;
+    for (int c = 0; row < Sq && c < D; ++c) d = attn::delta_accumulate(d, dout[row * D + c], out[row * D + c]);
+    delta_s[row] = d;
+    lse2_s[row] = row < Sq ? attn::lse_to_log2(lse[row]) : INFINITY;
+  }
+  float dsum = 0;
+  for (int i = 0; i < rows; ++i) dsum += delta_s[i];
+  g.d_gate = dsum / h.gate;
+  auto frags_a = [&](const std::vector<float>& tile, int warp, int kc) {
+    std::vector<int> addr(32);
+    for (int lane = 0; lane < 32; ++lane) {
+      const Coord c = mma::ldsm_q(lane, kc);
+      addr[lane] = mma::smem_offset(16 * warp + c.row, c.col, D);
+    }
+    return ldmatrix_x4(tile, addr, false);
+  };
+  auto frags_b = [&](const std::vector<float>& tile, int p, int kc) {  // ldsm_k, non-trans
+    std::vector<int> addr(32);
+    for (int lane = 0; lane < 32; ++lane) {
+      const Coord c = mma::ldsm_k(lane, p, kc);
+      addr[lane] = mma::smem_offset(c.row, c.col, D);
+    }
+    return ldmatrix_x4(tile, addr, false);
+  };
+  auto frags_bt = [&](const std::vector<float>& tile, int kc, int p) {  // ldsm_v, .trans
+    std::vector<int> addr(32);
+    for (int lane = 0; lane < 32; ++lane) {
+      const Coord c = mma::ldsm_v(lane, kc, p);
+      addr[lane] = mma::smem_offset(c.row, c.col, D);
+    }
+    return ldmatrix_x4(tile, addr, true);
+  };
+  using Acc = std::vector<std::vector<std::vector<float>>>;  // [tile][lane][4]
+  auto zeros = [](int tiles) { return Acc(tiles, std::vector<std::vector<float>>(32, std::vector<float>(4, 0.0f))); };
+  auto relabel = [&](const Acc& c, int kc) {  // C fragments -> A fragments (P re-use)
+    Regs a(32, std::vector<float>(8));
+    for (int lane = 0; lane < 32; ++lane)
+      for (int reg = 0; reg < 4; ++reg)
+        for (int e = 0; e < 2; ++e) a[lane][reg * 2 + e] = c[mma::p_ntile(kc, reg)][lane][2 * mma::p_pair(reg) + e];
+    return a;
+  };
+  auto store = [&](const Acc& acc, float factor, std::vector<float>& dst, int row0, int seq) {
+    for (int lane = 0; lane < 32; ++lane)
+      for (int dt = 0; dt < kDt; ++dt)
+        for (int r = 0; r < 2; ++r) {
+          const Coord c = mma::frag_c(lane, 2 * r);
+          const int row = row0 + c.row;
+          if (row >= seq) continue;
+          dst[row * D + dt * 8 + c.col] = acc[dt][lane][2 * r] * factor;
+          dst[row * D + dt * 8 + c.col + 1] = acc[dt][lane][2 * r + 1] * factor;
+        }
+  };
+  for (int warp = 0; warp < mma::kBwdWarps; ++warp) {
+    if (16 * warp < Sk) {  // phase 1: keys of this warp
+      std::vector<Regs> kf(kKc), vf(kKc);
+      for (int kc = 0; kc < kKc; ++kc) kf[kc] = frags_a(k_s, warp, kc), vf[kc] = frags_a(v_s, warp, kc);
+      Acc dk = zeros(kDt), dv = zeros(kDt);
+      for (int qc = 0; qc < attn::ceil_div(Sq, chunk); ++qc) {
+        Acc st = zeros(kNt), dpt = zeros(kNt);
+        for (int kc = 0; kc < kKc; ++kc)
+          for (int p = 0; p < kNt / 2; ++p) {
+            const Regs bq = frags_b(q_s, (chunk / 16) * qc + p, kc), bo = frags_b(do_s, (chunk / 16) * qc + p, kc);
+            mma_16816(st[2 * p], kf[kc], bq, 0, 1);
+            mma_16816(st[2 * p + 1], kf[kc], bq, 2, 3);
+            mma_16816(dpt[2 * p], vf[kc], bo, 0, 1);
+            mma_16816(dpt[2 * p + 1], vf[kc], bo, 2, 3);
+          }
+        for (int lane = 0; lane < 32; ++lane)
+          for (int nt = 0; nt < kNt; ++nt)
+            for (int i = 0; i < 4; ++i) {
+              const Coord c = mma::frag_c(lane, i);
+              const int key = 16 * warp + c.row, query = chunk * qc + nt * 8 + c.col;
+              const bool real = key < Sk && h.real[key];
+              const float s2 = real ? st[nt][lane][i] * scale_log2 : attn::neg_inf();
+              const float p = attn::backward_prob(s2, lse2_s[query]);
+              dpt[nt][lane][i] = attn::backward_dscore(p, h.gate, dpt[nt][lane][i], delta_s[query]);
+              st[nt][lane][i] = p;
+            }
+        for (int kc = 0; kc < chunk / 16; ++kc) {
+          const Regs pa = relabel(st, kc), da = relabel(dpt, kc);
+          for (int p = 0; p < kDt / 2; ++p) {
+            const Regs bo = frags_bt(do_s, (chunk / 16) * qc + kc, p), bq = frags_bt(q_s, (chunk / 16) * qc + kc, p);
+            mma_16816(dv[2 * p], pa, bo, 0, 1);
+            mma_16816(dv[2 * p + 1], pa, bo, 2, 3);
+            mma_16816(dk[2 * p], da, bq, 0, 1);
+            mma_16816(dk[2 * p + 1], da, bq, 2, 3);
+          }
+        }
+      }
+      store(dk, h.scale, g.dk, 16 * warp, Sk);
+      store(dv, h.gate, g.dv, 16 * warp, Sk);
+    }
+    if (16 * warp < Sq) {  // phase 2: queries of this warp
+      std::vector<Regs> qf(kKc), of(kKc);
+      for (int kc = 0; kc < kKc; ++kc) qf[kc] = frags_a(q_s, warp, kc), of[kc] = frags_a(do_s, warp, kc);
+      Acc dq = zeros(kDt);
+      for (int kcnk = 0; kcnk < attn::ceil_div(Sk, chunk); ++kcnk) {
+        Acc s = zeros(kNt), dp = zeros(kNt);
+        for (int kc = 0; kc < kKc; ++kc)
+          for (int p = 0; p < kNt / 2; ++p) {
+            const Regs bk = frags_b(k_s, (chunk / 16) * kcnk + p, kc), bv = frags_b(v_s, (chunk / 16) * kcnk + p, kc);
+            mma_16816(s[2 * p], qf[kc], bk, 0, 1);
+            mma_16816(s[2 * p + 1], qf[kc], bk, 2, 3);
+            mma_16816(dp[2 * p], of[kc], bv, 0, 1);
+            mma_16816(dp[2 * p + 1], of[kc], bv, 2, 3);
+          }
+        for (int lane = 0; lane < 32; ++lane)
+          for (int nt = 0; nt < kNt; ++nt)
+            for (int i = 0; i < 4; ++i) {
+              const Coord c = mma::frag_c(lane, i);
+              const int row = 16 * warp + c.row, key = chunk * kcnk + nt * 8 + c.col;
+              const bool real = key < Sk && h.real[key];
+              const float s2 = real ? s[nt][lane][i] * scale_log2 : attn::neg_inf();
+              const float p = attn::backward_prob(s2, lse2_s[row]);
+              s[nt][lane][i] = attn::backward_dscore(p, h.gate, dp[nt][lane][i], delta_s[row]);
+            }
+        for (int kc = 0; kc < chunk / 16; ++kc) {
+          const Regs da = relabel(s, kc);
+          for (int p = 0; p < kDt / 2; ++p) {
+            const Regs bk = frags_bt(k_s, (chunk / 16) * kcnk + kc, p);
+            mma_16816(dq[2 * p], da, bk, 0, 1);
+            mma_16816(dq[2 * p + 1], da, bk, 2, 3);
+          }
+        }
+      }
+      store(dq, h.scale, g.dq, 16 * warp, Sq);
+    }
+  }
+  return g;
+}
+
+double rel_error(const std::vector<float>& got, const std::vector<double>& want, bool& written) {
+  double err = 0, norm = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    written &= !std::isnan(got[i]);
+    err += (got[i] - want[i]) * (got[i] - want[i]);
+    norm += want[i] * want[i];
+  }
+  // Relative to the reference's norm, floored at 1: with one key, dq and dk are exactly 0.
+  return std::sqrt(err) / std::max(std::sqrt(norm), 1.0);
+}
+
+void test_replay_backward(int D, int Sq, int Sk, bool padded, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  Head h{Sq, Sk, D, {}, {}, {}, {}, 0.8f, 1.0f / std::sqrt(static_cast<float>(D))};
+  for (auto* t : {&h.q, &h.k, &h.v}) {
+    t->resize(static_cast<size_t>(t == &h.q ? Sq : Sk) * D);
+    for (auto& x : *t) x = normal(rng);
+  }
+  h.real.assign(Sk, 1);
+  if (padded) {
+    std::uniform_int_distribution<int> len(1, Sk);
+    for (int j = len(rng); j < Sk; ++j) h.real[j] = 0;
+    if (Sk > 3) h.real[Sk / 3] = 0;
+    h.real[0] = 1;
+  }
+  std::vector<float> dout(static_cast<size_t>(Sq) * D);
+  for (auto& x : dout) x = normal(rng);
+  std::vector<double> out_d, lse_d;
+  reference(h, out_d, lse_d);
+  const std::vector<float> out(out_d.begin(), out_d.end()), lse(lse_d.begin(), lse_d.end());
+  const Grads want = reference_backward(h, dout);
+  const KernelGrads got = replay_backward(h, dout, out, lse);
+  bool written = !std::isnan(got.d_gate);
+  const double eq = rel_error(got.dq, want.dq, written), ek = rel_error(got.dk, want.dk, written),
+               ev = rel_error(got.dv, want.dv, written);
+  const double eg = std::abs(got.d_gate - want.d_gate) / std::max(1.0, std::abs(want.d_gate));
+  CHECK(written && eq < 1e-4 && ek < 1e-4 && ev < 1e-4 && eg < 1e-4,
+        "backward replay D=%d Sq=%d Sk=%d padded=%d: written %d, rel err dq %.3g dk %.3g dv %.3g d_gate %.3g",
+        D, Sq, Sk, padded, written, eq, ek, ev, eg);
+}
+
+}  // namespace
+
+int main() {
+  test_fragment_layouts();
+  for (int D : {32, 64}) test_swizzle(D);
+  test_work_items();
+  unsigned seed = 1;
+  for (int D : {32, 64})
+    for (auto [sq, sk] : {std::pair{1, 1}, {17, 17}, {64, 64}, {100, 130}, {128, 128}, {300, 300}, {65, 512}})
+      for (bool padded : {false, true}) test_replay(D, sq, sk, padded, seed++);
+  for (int D : {32, 64})
+    for (auto [sq, sk] : {std::pair{1, 1}, {17, 17}, {100, 128}, {128, 128}, {128, 33}, {40, 97}})
+      for (bool padded : {false, true}) test_replay_backward(D, sq, sk, padded, seed++);
+  std::printf("%d passed, %d failed\n", g_passed, g_failed);
+  return g_failed == 0 ? 0 : 1;
+}

@@ -1,0 +1,162 @@
+"""Head gates of models on the "sparsebert" attention backend (sparsebert.hf.attention_backend).
+
+Gates live on the self-attention modules that run their core through transformers'
+AttentionInterface, one per layer, in model order (`attention_modules`):
+* `module.head_gate` (H,) fp32 non-persistent buffer, H = config.num_attention_heads (query
+  heads; with grouped-query attention a key/value head is shared by its group): attached by
+  `use_sparse_attention` or the first `sparsebert.set_masks`; a module without it runs with every
+  gate at 1. `sparsebert.set_masks(model, head_mask=(L, H))` writes them.
+* `module.head_gate_override`: None, or an (H,) / per-example (B, H) tensor used instead of the
+  buffer, e.g. a leaf with requires_grad (see `override_head_gates`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from sparsebert.hf.attention_backend import (
+    ATTN_IMPLEMENTATION,
+    AttentionBackendError,
+    register_attention_backend,
+)
+
+_INTERFACE_CALL = "ALL_ATTENTION_FUNCTIONS.get_interface("
+
+
+@functools.cache
+def _routes_through_interface(cls: type) -> bool:
+    """True when cls.forward picks its attention core from transformers' AttentionInterface."""
+    try:
+        return _INTERFACE_CALL in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def _is_cross_attention(module: nn.Module) -> bool:
+    return bool(getattr(module, "is_cross_attention", False)) or (
+        "CrossAttention" in type(module).__name__
+    )
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention modules of a model that run their core through AttentionInterface, in
+    model (= layer) order; entry l holds the gates of row l of a (L, H) head mask.
+
+    Raises AttentionBackendError when there is none (the model does not use the interface).
+    """
+    found = [
+        m
+        for m in model.modules()
+        if _routes_through_interface(type(m)) and not _is_cross_attention(m)
+    ]
+    if not found:
+        raise AttentionBackendError(
+            f"'model' ({type(model).__name__}) has no attention module that uses transformers' "
+            "AttentionInterface, so attn_implementation='sparsebert' cannot reach it; for BERT-"
+            "family models use sparsebert.patch(model) instead"
+        )
+    return found
+
+
+def uses_sparse_attention(model: nn.Module) -> bool:
+    """True when the model's config selects attn_implementation="sparsebert"."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
+
+
+def num_heads(model: nn.Module) -> int:
+    """Query heads per layer, from the config (config.num_attention_heads or its alias)."""
+    heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
+    if not isinstance(heads, int) or heads < 1:
+        raise AttentionBackendError(
+            f"'model' ({type(model).__name__}) has no config.num_attention_heads; expected a "
+            "Hugging Face PreTrainedModel"
+        )
+    return heads
+
+
+def attach_head_gates(model: nn.Module) -> list[nn.Module]:
+    """Give every attention module of `model` a `head_gate` (H,) buffer of ones (kept where it
+    already exists) and a `head_gate_override` attribute; returns the modules in layer order."""
+    heads = num_heads(model)
+    modules = attention_modules(model)
+    for module in modules:
+        gate = getattr(module, "head_gate", None)
+        if not isinstance(gate, Tensor):
+            param = next(module.parameters(), None)
+            device = param.device if param is not None else None
+            module.register_buffer("head_gate", torch.ones(heads, device=device), persistent=False)
+        elif tuple(gate.shape) != (heads,):
+            raise AttentionBackendError(
+                f"{type(module).__name__}.head_gate has shape {tuple(gate.shape)}; expected "
+                f"(H,) = ({heads},) from config.num_attention_heads"
+            )
+        if not hasattr(module, "head_gate_override"):
+            module.head_gate_override = None
+    return modules
+
+
+def use_sparse_attention(model: nn.Module) -> nn.Module:
+    """Switch a loaded Hugging Face model to attn_implementation="sparsebert" and attach gates at
+    1 (same outputs as SDPA); returns the model. Set gates with `sparsebert.set_masks`.
+
+    Same as loading with `attn_implementation="sparsebert"` (plus the gates, which set_masks
+    would otherwise attach on first use). Raises AttentionBackendError for models whose attention
+    does not go through transformers' AttentionInterface.
+    """
+    from transformers import PreTrainedModel  # noqa: PLC0415
+
+    if not isinstance(model, PreTrainedModel):
+        raise AttentionBackendError(
+            f"'model' must be a transformers PreTrainedModel, got {type(model).__name__}"
+        )
+    attention_modules(model)  # raises with the fix when the interface is not used
+    if not model._can_set_attn_implementation():
+        raise AttentionBackendError(
+            f"'model' ({type(model).__name__}) cannot switch its attention implementation; load "
+            "it with attn_implementation='sparsebert' instead"
+        )
+    register_attention_backend()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if not uses_sparse_attention(model):
+        raise AttentionBackendError(
+            f"'model' ({type(model).__name__}) kept attn_implementation="
+            f"{model.config._attn_implementation!r}; load it with attn_implementation='sparsebert'"
+        )
+    attach_head_gates(model)
+    return model
+
+
+@contextlib.contextmanager
+def override_head_gates(model: nn.Module, gates: Tensor) -> Iterator[Tensor]:
+    """Within the block, layer l uses gates[l] instead of its `head_gate` buffer.
+
+    gates: (L, H), or per example (L, B, H); floating point, may require grad (its gradient is
+    d loss / d gate, 0 at gates equal to 0). Yields `gates`.
+    """
+    modules = attach_head_gates(model)
+    heads = num_heads(model)
+    if not isinstance(gates, Tensor) or not gates.is_floating_point():
+        raise AttentionBackendError(
+            f"'gates' must be a floating-point tensor (L, H) or (L, B, H), got "
+            f"{type(gates).__name__}" + (f" {gates.dtype}" if isinstance(gates, Tensor) else "")
+        )
+    if gates.dim() not in (2, 3) or gates.shape[0] != len(modules) or gates.shape[-1] != heads:
+        raise AttentionBackendError(
+            f"'gates' must have shape (L, H) = ({len(modules)}, {heads}) or (L, B, H), got "
+            f"{tuple(gates.shape)}"
+        )
+    previous = [module.head_gate_override for module in modules]
+    try:
+        for module, gate in zip(modules, gates, strict=True):
+            module.head_gate_override = gate
+        yield gates
+    finally:
+        for module, gate in zip(modules, previous, strict=True):
+            module.head_gate_override = gate

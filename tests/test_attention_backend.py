@@ -1,0 +1,456 @@
+"""The "sparsebert" attention backend (sparsebert.hf.attention_backend and head_gates) on tiny
+random models of five families that route attention through transformers' AttentionInterface:
+ELECTRA and XLM-R (BERT-style encoders), DistilBERT, Llama with grouped-query attention and GPT-2
+(decoders).
+
+The independent reference is the same model on transformers' own "sdpa" backend, with each
+head's context scaled by its gate just before the attention output projection (a forward
+pre-hook), i.e. the definition of a head gate, differentiated by autograd.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import sparsebert
+import sparsebert.hf.attention_backend as backend
+from sparsebert.errors import SparsebertError
+from sparsebert.hf import AttentionBackendError, override_head_gates, use_sparse_attention
+from sparsebert.hf.head_gates import attention_modules
+
+# Gates for the 3 x 4 tiny models: zeros, soft gates, and a layer with every head pruned.
+GATES = torch.tensor([[1.0, 0.0, 0.5, 0.8], [0.0, 0.0, 0.0, 0.0], [0.3, 1.0, 0.0, 0.7]])
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: how to build a tiny config, and where the attention output projections
+    (whose input is the heads' contexts concatenated, head h in columns [h*D, (h+1)*D)) are."""
+
+    name: str
+    config: Callable  # (tiny_config fixture, tiny_dims) -> config with attn "sdpa"
+    out_proj: Callable[[nn.Module], list[nn.Module]]
+    causal: bool
+
+
+def _distilbert(tiny_config, dims):
+    return transformers.DistilBertConfig(
+        dim=dims.hidden,
+        n_layers=dims.layers,
+        n_heads=dims.heads,
+        hidden_dim=dims.intermediate,
+        vocab_size=dims.vocab,
+        max_position_embeddings=dims.max_positions,
+        attn_implementation="sdpa",
+    )
+
+
+def _llama(tiny_config, dims):
+    return transformers.LlamaConfig(
+        hidden_size=dims.hidden,
+        num_hidden_layers=dims.layers,
+        num_attention_heads=dims.heads,
+        num_key_value_heads=dims.heads // 2,  # grouped-query attention, 2 query heads per kv head
+        intermediate_size=dims.intermediate,
+        vocab_size=dims.vocab,
+        max_position_embeddings=dims.max_positions,
+        attn_implementation="sdpa",
+    )
+
+
+def _gpt2(tiny_config, dims):
+    return transformers.GPT2Config(
+        n_embd=dims.hidden,
+        n_layer=dims.layers,
+        n_head=dims.heads,
+        n_inner=dims.intermediate,
+        vocab_size=dims.vocab,
+        n_positions=dims.max_positions,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="sdpa",
+    )
+
+
+def _bert_layers(model):
+    return [layer.attention.output.dense for layer in model.encoder.layer]
+
+
+FAMILIES = {
+    f.name: f
+    for f in (
+        Family("electra", lambda tc, d: tc("electra", attn="sdpa"), _bert_layers, False),
+        Family("xlm-roberta", lambda tc, d: tc("xlm-roberta", attn="sdpa"), _bert_layers, False),
+        Family(
+            "distilbert",
+            _distilbert,
+            lambda m: [layer.attention.out_lin for layer in m.transformer.layer],
+            False,
+        ),
+        Family("llama", _llama, lambda m: [layer.self_attn.o_proj for layer in m.layers], True),
+        Family("gpt2", _gpt2, lambda m: [block.attn.c_proj for block in m.h], True),
+    )
+}
+NAMES = list(FAMILIES)
+
+
+@pytest.fixture
+def pair(tiny_config, tiny_dims):
+    """pair(name, device="cpu") -> (sdpa model, the same weights on the sparsebert backend)."""
+
+    def make(name: str, device: str = "cpu"):
+        config = FAMILIES[name].config(tiny_config, tiny_dims)
+        torch.manual_seed(0)
+        reference = transformers.AutoModel.from_config(config).to(device).eval()
+        return reference, use_sparse_attention(copy.deepcopy(reference))
+
+    return make
+
+
+def _inputs(tiny_batch, padded: bool, device: str = "cpu") -> dict:
+    ids, mask = tiny_batch()  # (3, 9); rows 1 and 2 padded at the end
+    batch = {"input_ids": ids.to(device)}
+    if padded:
+        batch["attention_mask"] = mask.to(device)
+    return batch
+
+
+def _gate_reference(model: nn.Module, family: Family, gates: torch.Tensor):
+    """Hooks that scale each head's context by its gate before the output projection.
+    gates: (L, H) or (L, B, H). Returns the hook handles."""
+    handles = []
+    for layer, proj in enumerate(family.out_proj(model.base_model)):
+
+        def hook(module, args, gate=gates[layer]):
+            x = args[0]  # (B, S, H*D)
+            heads = gate.shape[-1]
+            g = gate[:, None, :, None] if gate.dim() == 2 else gate[None, None, :, None]
+            scaled = x.unflatten(-1, (heads, -1)) * g.to(x.dtype)  # (B, S, H, D)
+            return (scaled.flatten(-2), *args[1:])
+
+        handles.append(proj.register_forward_pre_hook(hook))
+    return handles
+
+
+def _capture_proj_inputs(model: nn.Module, family: Family) -> list[torch.Tensor]:
+    """Records the input (B, S, H*D) of every attention output projection on each forward."""
+    seen: list[torch.Tensor] = []
+    for proj in family.out_proj(model.base_model):
+        proj.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    return seen
+
+
+class _Spy:
+    """Wraps a function, records its calls, and calls it (the real thing runs)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return self.fn(*args, **kwargs)
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    """(op spy, SDPA spy) on the two attention cores the backend can use."""
+    op = _Spy(backend.masked_attention)
+    sdpa = _Spy(backend.scaled_dot_product_attention)
+    monkeypatch.setattr(backend, "masked_attention", op)
+    monkeypatch.setattr(backend, "scaled_dot_product_attention", sdpa)
+    return op, sdpa
+
+
+# --------------------------------------------------------------------------------------------
+# All gates on: the model's SDPA outputs
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("padded", [True, False], ids=["padding-mask", "no-mask"])
+@pytest.mark.parametrize("name", NAMES)
+def test_all_gates_on_equal_sdpa(name, padded, pair, tiny_batch, spies):
+    reference, model = pair(name)
+    assert model.config._attn_implementation == "sparsebert"
+    batch = _inputs(tiny_batch, padded)
+    with torch.no_grad():
+        want = reference(**batch).last_hidden_state
+        got = model(**batch).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    op, sdpa = spies
+    layers = len(attention_modules(model))
+    if FAMILIES[name].causal:  # causal masks take the gathered-heads SDPA path
+        assert (len(op.calls), len(sdpa.calls)) == (0, layers)
+    else:  # padding masks (or none) take the sparsebert op
+        assert (len(op.calls), len(sdpa.calls)) == (layers, 0)
+        if padded:
+            key_padding_mask = op.calls[0][0][4]  # (B, S) bool, True = real token
+            torch.testing.assert_close(key_padding_mask, batch["attention_mask"].bool())
+
+
+def test_load_with_attn_implementation(tiny_config, tiny_dims, tiny_batch):
+    """attn_implementation="sparsebert" at from_config time, then gates through set_masks."""
+    config = _llama(tiny_config, tiny_dims)
+    torch.manual_seed(0)
+    reference = transformers.AutoModel.from_config(config).eval()
+    model = transformers.AutoModel.from_config(config, attn_implementation="sparsebert").eval()
+    model.load_state_dict(reference.state_dict())
+    assert model.config._attn_implementation == "sparsebert"
+    batch = _inputs(tiny_batch, padded=True)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(**batch).last_hidden_state, reference(**batch).last_hidden_state
+        )
+        sparsebert.set_masks(model, head_mask=GATES)
+        torch.testing.assert_close(sparsebert.get_masks(model)["head_mask"], GATES)
+        handles = _gate_reference(reference, FAMILIES["llama"], GATES)
+        want = reference(**batch).last_hidden_state
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(model(**batch).last_hidden_state, want, atol=1e-5, rtol=1e-5)
+
+
+def test_cached_decoding_equals_sdpa(tiny_config, tiny_dims, tiny_batch, spies):
+    """Prefill (causal: SDPA over active heads), then one token at a time with a KV cache
+    (Sq = 1, no mask: the op, key/value heads repeated for their query heads)."""
+    torch.manual_seed(0)
+    config = _llama(tiny_config, tiny_dims)
+    reference = transformers.LlamaForCausalLM(config).eval()
+    model = use_sparse_attention(copy.deepcopy(reference))
+    sparsebert.set_masks(model, head_mask=GATES)
+    _gate_reference(reference, FAMILIES["llama"], GATES)
+    ids, _ = tiny_batch()
+    logits = {}
+    with torch.no_grad():
+        for key, m in (("want", reference), ("got", model)):
+            out = m(input_ids=ids[:, :6], use_cache=True)
+            steps = [out.logits]
+            for t in range(6, 9):
+                out = m(input_ids=ids[:, t : t + 1], cache=out.past_key_values)
+                steps.append(out.logits)
+            logits[key] = torch.cat(steps, dim=1)
+    torch.testing.assert_close(logits["got"], logits["want"], atol=1e-5, rtol=1e-5)
+    op, sdpa = spies
+    assert len(sdpa.calls) == 2  # prefill: layers 0 and 2 (layer 1 has no active head)
+    assert [tuple(args[1].shape) for args, _ in op.calls[:3]] == [(3, 7, 4, 8)] * 3
+
+
+# --------------------------------------------------------------------------------------------
+# Gated heads: exactly zero, equal to the reference, skipped, gradients
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_masked_heads_contribute_zero(name, pair, tiny_batch):
+    family = FAMILIES[name]
+    reference, model = pair(name)
+    sparsebert.set_masks(model, head_mask=GATES)
+    seen = _capture_proj_inputs(model, family)
+    _gate_reference(reference, family, GATES)
+    batch = _inputs(tiny_batch, padded=True)
+    with torch.no_grad():
+        got = model(**batch).last_hidden_state
+        want = reference(**batch).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for layer, context in enumerate(seen):  # (B, S, H*D) per layer
+        per_head = context.unflatten(-1, (GATES.shape[1], -1))  # (B, S, H, D)
+        for head in range(GATES.shape[1]):
+            is_zero = bool((per_head[:, :, head] == 0).all())
+            assert is_zero == (GATES[layer, head] == 0), (layer, head)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "distilbert"])
+def test_pruned_heads_are_not_computed(name, pair, tiny_batch, spies):
+    _, model = pair(name)
+    sparsebert.set_masks(model, head_mask=GATES)
+    with torch.no_grad():
+        model(**_inputs(tiny_batch, padded=True))
+    op, sdpa = spies
+    if FAMILIES[name].causal:
+        # The attention core sees only the active heads: 3 in layer 0, none (no call) in layer
+        # 1, 3 in layer 2; key/value heads follow their query heads (grouped-query attention).
+        assert [args[0].shape[1] for args, _ in sdpa.calls] == [3, 3]
+        assert [args[1].shape[1] for args, _ in sdpa.calls] == [3, 3]
+        assert op.calls == []
+    else:  # the op gets the gates and skips gate-0 heads itself (tests/test_masked_attention.py)
+        torch.testing.assert_close(torch.stack([args[3] for args, _ in op.calls]), GATES)
+
+
+@pytest.mark.parametrize("per_example", [False, True], ids=["per-head", "per-example"])
+@pytest.mark.parametrize("name", NAMES)
+def test_gate_gradients_match_reference(name, per_example, pair, tiny_batch):
+    """d loss / d gate equals autograd through the hook reference where the gate is nonzero, and
+    is exactly 0 at gate 0 (pruned heads are not computed); weight gradients agree too."""
+    family = FAMILIES[name]
+    reference, model = pair(name)
+    batch = _inputs(tiny_batch, padded=True)
+    gates = GATES
+    if per_example:  # (L, B, H): example 1 drops one more head, example 2 keeps layer 1 head 2
+        gates = GATES[:, None, :].repeat(1, batch["input_ids"].shape[0], 1)
+        gates[0, 1, 0] = 0.0
+        gates[1, 2, 2] = 0.6
+    weight = torch.randn(*batch["input_ids"].shape, reference.config.hidden_size)
+    grads = {}
+    for key, m in (("want", reference), ("got", model)):
+        leaf = gates.clone().requires_grad_(True)
+        if key == "want":
+            handles = _gate_reference(m, family, leaf)
+            loss = (m(**batch).last_hidden_state * weight).sum()
+            for handle in handles:
+                handle.remove()
+        else:
+            with override_head_gates(m, leaf):
+                loss = (m(**batch).last_hidden_state * weight).sum()
+        params = [p for p in m.parameters() if p.requires_grad]
+        grads[key] = torch.autograd.grad(loss, [leaf, *params], allow_unused=True)
+    gate_got, gate_want = grads["got"][0], grads["want"][0]
+    pruned = gates == 0
+    assert bool((gate_got[pruned] == 0).all())
+    assert bool((gate_want[~pruned] != 0).all())
+    torch.testing.assert_close(gate_got[~pruned], gate_want[~pruned], atol=1e-5, rtol=1e-4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for param, got, want in zip(params, grads["got"][1:], grads["want"][1:], strict=True):
+        # None = not used at all (e.g. the projections of a layer whose heads are all pruned)
+        got = torch.zeros_like(param) if got is None else got
+        want = torch.zeros_like(param) if want is None else want
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.all_devices
+@pytest.mark.parametrize("name", ["electra", "llama"])
+def test_devices_match_sdpa_under_gates(name, device, pair, tiny_batch):
+    """The same comparison on every device (the op's native CUDA kernel on a GPU)."""
+    family = FAMILIES[name]
+    reference, model = pair(name, device)
+    sparsebert.set_masks(model, head_mask=GATES)
+    _gate_reference(reference, family, GATES.to(device))
+    batch = _inputs(tiny_batch, padded=True, device=device)
+    with torch.no_grad():
+        got = model(**batch).last_hidden_state
+        want = reference(**batch).last_hidden_state
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["electra", "llama"])
+def test_low_precision_error_within_twice_sdpa(name, dtype, pair, tiny_batch):
+    """fp16/bf16 (gates included): error vs the fp32 model at most 2x that of stock SDPA in the
+    same precision (flash-attention's rule)."""
+    family = FAMILIES[name]
+    reference, model = pair(name)
+    batch = _inputs(tiny_batch, padded=True)
+    sparsebert.set_masks(model, head_mask=GATES)
+    _gate_reference(reference, family, GATES)
+    with torch.no_grad():
+        gold = reference(**batch).last_hidden_state
+        low_reference, low_model = reference.to(dtype), model.to(dtype)
+        err_sdpa = (low_reference(**batch).last_hidden_state.float() - gold).abs().max()
+        err_ours = (low_model(**batch).last_hidden_state.float() - gold).abs().max()
+    assert err_ours <= 2 * err_sdpa + 1e-6, (float(err_ours), float(err_sdpa))
+
+
+def test_training_with_dropout_runs_active_heads(pair, tiny_batch, spies):
+    """Attention dropout in training goes through SDPA over the active heads; pruned heads stay 0."""
+    _, model = pair("electra")
+    model.config.attention_probs_dropout_prob = 0.5
+    for module in attention_modules(model):
+        module.dropout.p = 0.5
+    sparsebert.set_masks(model, head_mask=GATES)
+    seen = _capture_proj_inputs(model, FAMILIES["electra"])
+    model.train()
+    model(**_inputs(tiny_batch, padded=True)).last_hidden_state.sum().backward()
+    op, sdpa = spies
+    assert op.calls == [] and [args[0].shape[1] for args, _ in sdpa.calls] == [3, 3]
+    assert all(kwargs["dropout_p"] == 0.5 for _, kwargs in sdpa.calls)
+    for layer, context in enumerate(seen):
+        per_head = context.unflatten(-1, (GATES.shape[1], -1))  # (B, S, H, D)
+        assert bool((per_head[:, :, GATES[layer] == 0] == 0).all())
+
+
+# --------------------------------------------------------------------------------------------
+# Registration and bad input
+# --------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers
+def test_registered_when_transformers_loads_after_sparsebert():
+    """`import sparsebert` does not load transformers, yet attn_implementation="sparsebert"
+    works once it does (a fresh interpreter, so the import order is the real one)."""
+    code = (
+        "import sys, sparsebert\n"
+        "assert 'transformers.modeling_utils' not in sys.modules\n"
+        "import transformers\n"
+        "config = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, "
+        "num_attention_heads=2, intermediate_size=8, vocab_size=10)\n"
+        "model = transformers.BertModel(config)\n"
+        "model = transformers.AutoModel.from_config(config, attn_implementation='sparsebert')\n"
+        "print(model.config._attn_implementation)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("sparsebert")
+
+
+def test_bad_masks_are_clear_errors(pair):
+    _, model = pair("llama")
+    before = sparsebert.get_masks(model)["head_mask"]
+    with pytest.raises(SparsebertError, match=r"'head_mask' must have shape \(L, H\) = \(3, 4\)"):
+        sparsebert.set_masks(model, head_mask=torch.ones(3, 2))
+    with pytest.raises(SparsebertError, match=r"'head_mask' values must lie in \[0, 1\]"):
+        sparsebert.set_masks(model, head_mask=torch.full((3, 4), 2.0))
+    with pytest.raises(SparsebertError, match="'mlp_mask'.*head gates only"):
+        sparsebert.set_masks(model, mlp_mask=torch.ones(3))
+    torch.testing.assert_close(sparsebert.get_masks(model)["head_mask"], before)
+    with pytest.raises(AttentionBackendError, match=r"'gates' must have shape \(L, H\) = \(3, 4\)"):
+        with override_head_gates(model, torch.ones(2, 4)):
+            pass
+    module = attention_modules(model)[0]
+    module.head_gate_override = torch.ones(5)
+    with pytest.raises(AttentionBackendError, match=r"head gate has shape \(5,\); expected"):
+        model(input_ids=torch.ones(1, 3, dtype=torch.long))
+
+
+def test_models_without_the_interface_are_rejected(tiny_bert):
+    patched = sparsebert.patch(tiny_bert(attn="sdpa"))  # SparseAttention replaced the HF modules
+    with pytest.raises(AttentionBackendError, match="no attention module that uses"):
+        use_sparse_attention(patched)
+    with pytest.raises(AttentionBackendError, match="must be a transformers PreTrainedModel"):
+        use_sparse_attention(nn.Linear(2, 2))
+
+
+def test_unsupported_arguments_are_rejected(pair):
+    _, model = pair("gpt2")
+    module = attention_modules(model)[0]
+    q = torch.randn(1, 4, 3, 8)
+    with pytest.raises(AttentionBackendError, match="'softcap'.*attn_implementation='eager'"):
+        backend.sparsebert_attention_forward(module, q, q, q, None, softcap=30.0)
+
+
+def test_gate_changes_take_effect(pair, tiny_batch):
+    """The active-head cache follows new masks, in-place writes and fresh override tensors."""
+    family = FAMILIES["llama"]
+    reference, model = pair("llama")
+    batch = _inputs(tiny_batch, padded=True)
+    other = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.2]])
+
+    def check(gates):
+        handles = _gate_reference(reference, family, gates)
+        with torch.no_grad():
+            want = reference(**batch).last_hidden_state
+            got = model(**batch).last_hidden_state
+        for handle in handles:
+            handle.remove()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    for gates in (GATES, other, torch.ones(3, 4)):
+        sparsebert.set_masks(model, head_mask=gates)
+        check(gates)
+    with torch.no_grad():  # in place, on the buffer itself
+        attention_modules(model)[2].head_gate[1] = 0.0
+    check(torch.ones(3, 4).index_put_((torch.tensor([2]), torch.tensor([1])), torch.zeros(1)))
+    sparsebert.set_masks(model, head_mask=torch.ones(3, 4))
+    for gates in (GATES, other, GATES):  # fresh tensors, possibly at a recycled address
+        with override_head_gates(model, gates.clone()):
+            check(gates)

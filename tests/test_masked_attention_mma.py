@@ -1,0 +1,259 @@
+"""masked_attention_compact (CPU and CUDA), and the mma.sync forward behind
+SPARSEBERT_ATTENTION_KERNEL=mma (CUDA only: those tests are marked cuda and skip without a GPU).
+
+The mma kernel is compared with the fp32 reference under flash-attention's rule: its error is at
+most twice that of plain PyTorch attention computed in the same low precision (plus a tiny floor).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsebert import ops
+from sparsebert.reference import (
+    masked_attention_backward_ref,
+    masked_attention_compact_ref,
+    masked_attention_ref,
+)
+from tests.test_masked_attention import make_padding, plain_pytorch_attention, stable_seed
+
+CUDA = torch.cuda.is_available()
+cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="no CUDA device")]
+HEADS = 4
+SWITCH = "SPARSEBERT_ATTENTION_KERNEL"
+
+
+def qkv(batch, seq, heads, dim, dtype, device, gen):
+    """q, k, v as views of one fused (B, S, 3*H*D) projection (the layout models produce)."""
+    fused = torch.randn(batch, seq, 3 * heads * dim, generator=gen).to(device, dtype)
+    return tuple(t.view(batch, seq, heads, dim) for t in fused.split(heads * dim, dim=-1))
+
+
+def gate_for(pattern, batch, heads, device, gen):
+    if pattern == "all":
+        return torch.ones(heads, device=device)
+    if pattern == "none":
+        return torch.zeros(heads, device=device)
+    if pattern == "some":
+        gate = torch.tensor([1.0, 0.0, 0.6, 0.0] * (heads // 4), device=device)
+        return gate
+    if pattern == "per_example":
+        gate = (torch.rand(batch, heads, generator=gen) > 0.5).float()
+        gate[0, 0] = 0.4
+        return gate.to(device)
+    raise ValueError(pattern)
+
+
+# ---------------------------------------------------------------------------------------------
+# masked_attention_compact on the CPU (native kernel: gather + the CPU forward).
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kept", [[0, 1, 2, 3], [3, 1], [2], []])
+@pytest.mark.parametrize("padded", [False, True])
+def test_compact_cpu_matches_reference(dtype, kept, padded, assert_native):
+    assert_native("masked_attention_compact", "cpu")
+    gen = torch.Generator().manual_seed(stable_seed("compact", str(dtype), kept, padded))
+    q, k, v = qkv(2, 9, HEADS, 16, dtype, "cpu", gen)
+    gate = torch.tensor([1.0, 0.5, 0.0, 1.0], dtype=dtype)
+    kept_heads = torch.tensor(kept, dtype=torch.int64)
+    mask = make_padding(2, 9, "cpu", gen) if padded else None
+    out = ops.masked_attention_compact(q, k, v, gate, kept_heads, mask)
+    ref, _ = masked_attention_compact_ref(q, k, v, gate, kept_heads, mask, 16**-0.5)
+    assert out.shape == (2, 9, len(kept), 16)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    dense = ops.masked_attention(q, k, v, gate, mask)
+    torch.testing.assert_close(out, dense[:, :, kept_heads], atol=0, rtol=0)
+
+
+def test_compact_opcheck():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = qkv(2, 5, HEADS, 8, torch.float32, "cpu", gen)
+    args = (q, k, v, torch.tensor([1.0, 0.0, 0.5, 1.0]), torch.tensor([3, 0]), None, 8**-0.5)
+    torch.library.opcheck(torch.ops.sparsebert.masked_attention_compact.default, args)
+
+
+@pytest.mark.parametrize(
+    "kept,needle",
+    [
+        (torch.tensor([4]), "'kept_heads'.*\\[0, H = 4\\)"),
+        (torch.tensor([-1]), "'kept_heads'"),
+        (torch.tensor([[0]]), "'kept_heads'.*1-d"),
+        (torch.tensor([0.0]), "'kept_heads'.*int"),
+        (torch.arange(5), "'kept_heads'.*at most"),
+    ],
+)
+def test_compact_bad_kept_heads(kept, needle):
+    q = torch.randn(2, 5, HEADS, 8)
+    with pytest.raises(ValueError, match=needle):
+        ops.masked_attention_compact(q, q, q, torch.ones(HEADS), kept)
+
+
+# ---------------------------------------------------------------------------------------------
+# The mma.sync forward on CUDA (switch on). Each test first proves the kernel ran.
+# ---------------------------------------------------------------------------------------------
+def mma_kernel_ran(fn) -> bool:
+    """True if a CUDA kernel named like the mma forward ran during fn()."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return any("mma_forward_kernel" in e.name for e in prof.events())
+
+
+def check_low_precision(out, ref, low, what):
+    """flash-attention's rule: |out - ref| <= 2 |low - ref| + 1e-3 (max abs, fp32 ref)."""
+    err = (out.float() - ref.float()).abs().max().item()
+    base = (low.float() - ref.float()).abs().max().item()
+    assert err <= 2 * base + 1e-3, f"{what}: error {err:.3g} vs plain PyTorch {base:.3g}"
+
+
+@pytest.fixture
+def mma_switch(monkeypatch):
+    monkeypatch.setenv(SWITCH, "mma")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim", [32, 64])
+@pytest.mark.parametrize("seq", [1, 17, 128, 300, 512])
+@pytest.mark.parametrize("pattern", ["all", "some", "none", "per_example"])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_mma_forward_dense_and_compact(device, dtype, dim, seq, pattern, padded, mma_switch,
+                                       assert_native):
+    assert_native("masked_attention", device)
+    gen = torch.Generator().manual_seed(stable_seed("mma", str(dtype), dim, seq, pattern, padded))
+    batch, scale = 2, dim**-0.5
+    q, k, v = qkv(batch, seq, HEADS, dim, dtype, device, gen)
+    gate = gate_for(pattern, batch, HEADS, device, gen)
+    mask = make_padding(batch, seq, device, gen) if padded else None
+    if pattern == "some" and padded:  # the routing depends on dtype, D and strides only
+        assert mma_kernel_ran(
+            lambda: torch.ops.sparsebert.masked_attention(q, k, v, gate, mask, scale)
+        )
+    out, lse = torch.ops.sparsebert.masked_attention(q, k, v, gate, mask, scale)
+    ref, ref_lse = masked_attention_ref(q, k, v, gate, mask, scale)
+    low = plain_pytorch_attention(q, k, v, gate, mask, scale)
+    assert out.shape == q.shape and out.dtype == dtype and torch.isfinite(out).all()
+    check_low_precision(out, ref, low, "dense")
+    active = (gate.expand(batch, HEADS) != 0)
+    torch.testing.assert_close(lse[active], ref_lse[active], atol=2e-3, rtol=1e-3)
+    pruned = (~active).cpu()
+    assert torch.all(out.cpu().transpose(1, 2)[pruned] == 0), "pruned heads must be exactly 0"
+    assert torch.all(lse.cpu()[pruned] == 0)
+
+    kept = torch.nonzero(gate.expand(batch, HEADS).any(0)).squeeze(1).to(device)
+    compact = ops.masked_attention_compact(q, k, v, gate, kept, mask)
+    assert compact.shape == (batch, seq, kept.numel(), dim)
+    torch.testing.assert_close(compact, out[:, :, kept], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_mma_compact_int32_index_and_order(device, dtype, mma_switch):
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = qkv(3, 70, 8, 64, dtype, device, gen)
+    gate = torch.rand(3, 8, generator=gen).to(device)
+    kept = torch.tensor([5, 0, 7], dtype=torch.int32, device=device)
+    assert mma_kernel_ran(lambda: ops.masked_attention_compact(q, k, v, gate, kept))
+    out = ops.masked_attention_compact(q, k, v, gate, kept)
+    ref, _ = masked_attention_compact_ref(q, k, v, gate, kept, None, 64**-0.5)
+    low = plain_pytorch_attention(q, k, v, gate, None, 64**-0.5)[:, :, kept.long()]
+    check_low_precision(out, ref, low, "compact")
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_mma_pruned_heads_never_read_and_cross_lengths(device, mma_switch):
+    """NaN in pruned heads' q/k/v never reaches the output; Sq != Sk; deterministic."""
+    gen = torch.Generator().manual_seed(12)
+    q = torch.randn(2, 33, HEADS, 32, generator=gen).to(device, torch.float16)
+    k, v = (torch.randn(2, 200, HEADS, 32, generator=gen).to(device, torch.float16) for _ in "kv")
+    gate = torch.tensor([1.0, 0.0, 1.0, 0.0], device=device)
+    for t in (q, k, v):
+        t[:, :, 1] = float("nan")
+    mask = make_padding(2, 200, device, gen)
+    out, _ = torch.ops.sparsebert.masked_attention(q, k, v, gate, mask, 0.2)
+    again, _ = torch.ops.sparsebert.masked_attention(q, k, v, gate, mask, 0.2)
+    assert torch.isfinite(out).all() and torch.equal(out, again)
+    ref, _ = masked_attention_ref(q, k, v, gate, mask, 0.2)
+    low = plain_pytorch_attention(q, k, v, gate, mask, 0.2)
+    check_low_precision(out.nan_to_num(), ref.nan_to_num(), low.nan_to_num(), "cross lengths")
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_mma_forward_with_the_verified_backward(device, mma_switch):
+    """Gradients through ops.masked_attention with the mma forward (its out and lse feed the
+    existing backward kernel) match the fp32 reference's."""
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = (t.detach().requires_grad_(True)
+               for t in qkv(2, 130, HEADS, 64, torch.bfloat16, device, gen))
+    gate = torch.tensor([1.0, 0.0, 0.5, 1.0], device=device, requires_grad=True)
+    out = ops.masked_attention(q, k, v, gate)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, gate), dout)
+    qf, kf, vf = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    gf = gate.detach().clone().requires_grad_(True)
+    ref = masked_attention_ref(qf, kf, vf, gf, None, 64**-0.5)[0]
+    ref_grads = torch.autograd.grad(ref, (qf, kf, vf, gf), dout.float())
+    for name, got, want in zip("q k v gate".split(), grads, ref_grads):
+        rel = (got.float() - want).norm() / want.norm().clamp_min(1e-6)
+        assert rel < 2e-2, f"d{name}: relative error {rel:.3g}"
+
+
+def kernel_ran(name, fn) -> bool:
+    """True if a CUDA kernel whose name contains `name` ran during fn()."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return any(name in e.name for e in prof.events())
+
+
+def low_precision_grads(q, k, v, gate, mask, scale, dout):
+    """Gradients of plain PyTorch attention in the inputs' own precision (the error yardstick)."""
+    qh, kh, vh = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    gh = gate.detach().clone().requires_grad_(True)
+    out = plain_pytorch_attention(qh, kh, vh, gh, mask, scale)
+    return torch.autograd.grad(out, (qh, kh, vh, gh), dout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim", [32, 64])
+@pytest.mark.parametrize("seq", [1, 17, 100, 128])
+@pytest.mark.parametrize("pattern", ["all", "some", "per_example"])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_mma_backward(device, dtype, dim, seq, pattern, padded, mma_switch, assert_native):
+    """The one-launch mma backward (S <= 128): dq, dk, dv, d_head_gate vs the fp32 reference,
+    within twice plain PyTorch's low-precision error; pruned heads get exact zeros."""
+    assert_native("masked_attention_backward", device)
+    key = ("mma bwd", str(dtype), dim, seq, pattern, padded)
+    gen = torch.Generator().manual_seed(stable_seed(*key))
+    batch, scale = 2, dim**-0.5
+    q, k, v = qkv(batch, seq, HEADS, dim, dtype, device, gen)
+    gate = gate_for(pattern, batch, HEADS, device, gen)
+    mask = make_padding(batch, seq, device, gen) if padded else None
+    out, lse = torch.ops.sparsebert.masked_attention(q, k, v, gate, mask, scale)
+    dout = torch.randn(out.shape, generator=gen).to(device, dtype)
+    args = (dout, q, k, v, gate, mask, out, lse, scale)
+    if pattern == "some" and padded:
+        assert kernel_ran(
+            "mma_backward_kernel", lambda: torch.ops.sparsebert.masked_attention_backward(*args)
+        )
+    got = torch.ops.sparsebert.masked_attention_backward(*args)
+    ref_out, ref_lse = masked_attention_ref(q, k, v, gate, mask, scale)
+    want = masked_attention_backward_ref(dout, q, k, v, gate, mask, ref_out, ref_lse, scale)
+    low = low_precision_grads(q, k, v, gate, mask, scale, dout)
+    for name, g, w, lo in zip(("dq", "dk", "dv"), got[:3], want[:3], low[:3]):
+        assert g.dtype == dtype and torch.isfinite(g).all(), name
+        check_low_precision(g, w, lo, name)
+    active = gate.expand(batch, HEADS) != 0
+    # d_head_gate = sum_i delta_i / gate, delta from the low-precision out: relative error.
+    rel = (got[3][active] - want[3][active]).norm() / want[3][active].norm().clamp_min(1e-6)
+    assert rel < 2e-2, f"d_head_gate: relative error {rel:.3g}"
+    pruned = (~active).cpu()
+    assert torch.all(got[3].cpu()[pruned] == 0)
+    for g in got[:3]:
+        assert torch.all(g.cpu().transpose(1, 2)[pruned] == 0)
