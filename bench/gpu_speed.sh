@@ -4,10 +4,12 @@
 #   B=32 S=128 full lengths: stock HF eager / + CUDA graph, dense, 50% heads + 50% FFN masked, pruned
 #   B=32 S=128 full lengths: the same with 75% + 75%
 #   B=128 S=128 lengths uniform in [S/4, S]: unpadded vs padded (50% + 50% for the masked rows)
-# Nothing is built: the fast path runs PyTorch ops only (the masked model used for the output
-# checks falls back to the reference attention op when the extension is not built).
+# The extension is built first (the fast path itself runs PyTorch ops only, but the masked and
+# physically pruned models run sparsebert's attention op: without the CUDA kernels they would
+# time the pure-PyTorch reference); SPEED_BUILD=0 skips the build.
 # Each step has its own time limit and its output lands in $OUT when it ends:
 #   summary.txt  device, versions, each step's status and seconds, the target lines
+#   build.log    compiler output
 #   tests.log    pytest of tests/test_speed.py on the GPU (CUDA-graph cases included)
 #   speed.log    the three tables
 #   speed-*.json / speed-*.md  the result files, for committing under bench/results/
@@ -31,6 +33,13 @@ step() {  # step NAME LIMIT_S LOG CMD...
   echo "$name: exit $rc, $((SECONDS - t0)) s$([ $rc = 124 ] && echo ' (time limit)')" | tee -a "$summary"
 }
 collect() { cp bench/results/speed-*-nvidia-* "$out/" 2>/dev/null || true; }
+
+# Step 0: build the extension for sm_90 in place (this machine holds a copy of the tree).
+if [ "${SPEED_BUILD:-1}" = 1 ]; then
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} SPARSEBERT_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
+  step build 300 "$out/build.log" python3 setup.py build_ext --inplace
+fi
+python3 -c "from sparsebert import ops; print('masked_attention native kernels:', ops.native_dispatch_keys('masked_attention'))" >> "$summary" 2>&1
 
 # Step 1: the fast path on the GPU (CUDA graphs, varlen), and its CPU tests for good measure.
 step tests 150 "$out/tests.log" python3 -m pytest -q -p no:cacheprovider -rfEs tests/test_speed.py

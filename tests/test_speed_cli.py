@@ -65,7 +65,15 @@ def test_speed_masks_from_files_and_runs(tiny_model_dir, synthetic_glue, tmp_pat
                     "--glue-dir", synthetic_glue, tmp_path=tmp_path)
     subnets = [r["subnetwork"] for r in result["rows"] if r["variant"] == "pruned"]
     assert subnets == ["good", "random", "bad"]
+    assert result["rows"][0]["variant"] == "hf_eager" and "native_kernels" in result
     assert result["lengths"]["max"] <= 12
+    # A multi-seed search: every seed's subnetworks.
+    seeds = tmp_path / "seeds"
+    (seeds / "seed_7" / "structured" / "masks").mkdir(parents=True)
+    (seeds / "seed_7" / "structured" / "masks" / "good.json").write_text(
+        json.dumps({"head_mask": head_mask.tolist(), "mlp_mask": [1.0, 1.0]}))
+    result = _speed(tiny_model_dir, "--run", str(seeds), tmp_path=tmp_path)
+    assert [m["name"] for m in result["masks"]] == ["seed_7/good"]
     # A fine-tune run of a masked model: masks.json.
     run = tmp_path / "run"
     run.mkdir()

@@ -224,6 +224,7 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
         "versions": versions(), "git_sha": git_sha(), "dtype": dtype_name,
         "args": {k: v for k, v in vars(args).items() if not callable(v)},
         "attention": getattr(model.config, "_attn_implementation", None),
+        "native_kernels": _native_kernels(),
         "lengths": {"mean": float(lengths.mean()), "min": int(lengths.min()),
                     "max": int(lengths.max())},
         "masks": [{"name": m.name, "source": m.source, "heads_kept": m.kept()[0],
@@ -231,6 +232,13 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
         "rows": _rows(variants, samples, shape, lengths, args.batch, diffs),
         "notes": notes,
     }
+
+
+def _native_kernels() -> list[str]:
+    """Dispatch keys with a native masked_attention kernel (the masked and pruned models' op)."""
+    from sparsebert import ops  # noqa: PLC0415
+
+    return ops.native_dispatch_keys("masked_attention")
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -257,7 +265,8 @@ def describe(result: dict[str, Any]) -> str:
     return (f"{a['model']} B={a['batch']} S={a['seq']} lengths {a['lengths']} (mean "
             f"{lengths['mean']:.1f}, {lengths['min']}-{lengths['max']}), {result['dtype']}, "
             f"{result['device']}, torch {result['versions']['torch']}, stock attention "
-            f"{result['attention']}")
+            f"{result['attention']}, sparsebert attention kernels: "
+            f"{', '.join(result['native_kernels']) or 'reference only'}")
 
 
 def main(args: argparse.Namespace) -> int:
