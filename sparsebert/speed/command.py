@@ -244,7 +244,7 @@ def _native_kernels() -> list[str]:
 def format_table(result: dict[str, Any]) -> str:
     """The markdown table of a run_speed result."""
     header = ["variant", "unpad", "heads kept", "FFN kept", "median ms", "p20-p80 ms",
-              "examples/s", "eff. TFLOP/s", "speed-up vs dense", "max |diff|"]
+              "examples/s", "eff. TFLOP/s", "speed-up vs dense", "max abs diff"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in result["rows"]:
         name = row["variant"] + (f" ({row['subnetwork']})" if row["subnetwork"] else "")
