@@ -167,6 +167,11 @@ def test_cache_follows_masks_and_weights(tiny_bert, tiny_dims):
     model.bert.encoder.layer[0].intermediate.dense.weight.data.mul_(3)
     fast.invalidate()
     check()
+    # Physical pruning replaces the Linear modules; a replaced LayerNorm is noticed as well.
+    sparsebert.prune(model)
+    check()
+    model.bert.encoder.layer[2].output.LayerNorm = torch.nn.LayerNorm(tiny_dims.hidden, eps=1e-3)
+    check()
 
 
 def test_masks_stay_reversible(tiny_bert, tiny_dims):

@@ -15,11 +15,7 @@ k == 0 (no active head) or f == 0 (MLP gated off, or no active neuron) mean the 
 LayerNorm(residual), the masked module's convention. The modules' own parameters are never
 touched: the compact tensors are new (gathered) copies, so masks stay reversible.
 
-`layer_key(attn, mlp)` identifies everything the compact weights were built from (each gate's and
-parameter's identity, storage pointer and in-place version counter, plus dtype and device): a
-different key means the cache is stale (new masks through set_masks, optimizer steps, copy_,
-.to(), physical pruning). Writes through `tensor.data` bypass version counters; call
-`invalidate()` on the accelerated model after those.
+When they are stale is sparsebert.speed.watch's business.
 """
 
 from __future__ import annotations
@@ -59,12 +55,6 @@ class CompactLayer:
     ffn_norm: nn.Module  # LayerNorm after the FFN (the module's own)
 
 
-def _identity(t: Tensor | None) -> tuple:
-    if t is None:
-        return (None,)
-    return (id(t), t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape))
-
-
 def check_gates(layer: int, attn: SparseAttention, mlp: SparseMLP) -> None:
     """The fast path needs the modules' own gate buffers (no per-call overrides)."""
     if attn.head_gate_override is not None or mlp.mlp_gate_override is not None or (
@@ -74,14 +64,6 @@ def check_gates(layer: int, attn: SparseAttention, mlp: SparseMLP) -> None:
             f"layer {layer} has a gate override (override_head_gate / override_gates) active; "
             "the fast path reads the gate buffers: run it outside the override"
         )
-
-
-def layer_key(attn: SparseAttention, mlp: SparseMLP) -> tuple:
-    """Identity of every tensor the compact weights of this layer are built from."""
-    tensors: list[Tensor | None] = [attn.head_gate, mlp.mlp_gate, mlp.neuron_gate]
-    for linear in (*attn.linears().values(), *mlp.linears().values()):
-        tensors += [None, None] if linear is None else [linear.weight, linear.bias]
-    return tuple(_identity(t) for t in tensors)
 
 
 def _rows(heads: Tensor, head_dim: int) -> Tensor:

@@ -3,7 +3,7 @@
 forward(hidden_states (B, S, hidden), attention_mask=None, ...) -> output with
 `.last_hidden_state` (B, S, hidden), as Hugging Face's encoder returns it. The steps:
 
-1. refresh the compact weights of every layer whose gates or parameters changed (layer_key);
+1. refresh the compact weights of every layer whose gates or parameters changed (LayerWatch);
 2. pack the real tokens once (B, S, hidden) -> (T, hidden) (token unpadding), unless there is
    no padding;
 3. per layer: fused QKV over kept heads -> attention core over each sequence's real tokens ->
@@ -23,8 +23,9 @@ from torch import Tensor, nn
 
 from sparsebert.nn import SparseAttention, SparseMLP, to_key_padding_mask
 from sparsebert.speed.attention_core import Core, choose_core, full_core
-from sparsebert.speed.compact import CompactLayer, build_compact, check_gates, layer_key
+from sparsebert.speed.compact import CompactLayer, build_compact, check_gates
 from sparsebert.speed.tokens import Packing
+from sparsebert.speed.watch import LayerWatch
 
 
 def layer_forward(c: CompactLayer, x: Tensor, packing: Packing, core: Core) -> Tensor:
@@ -65,7 +66,7 @@ class FastEncoder(nn.Module):
         self.graphs = graphs
         self.bucket = bucket
         self._compact: list[CompactLayer | None] = [None] * len(self._blocks)
-        self._keys: list[tuple | None] = [None] * len(self._blocks)
+        self._watches: list[LayerWatch | None] = [None] * len(self._blocks)
         self._graph_cache = None  # sparsebert.speed.graphs.GraphCache, built on first use
         self.builds = 0  # how many layers were (re)built: tests read it
 
@@ -73,7 +74,7 @@ class FastEncoder(nn.Module):
     def invalidate(self) -> None:
         """Forget the compact weights (and graphs): the next forward rebuilds them. Needed only
         after writes that bypass version counters (e.g. through `param.data`)."""
-        self._keys = [None] * len(self._blocks)
+        self._watches = [None] * len(self._blocks)
         self._graph_cache = None
 
     def refresh(self) -> list[CompactLayer]:
@@ -81,9 +82,10 @@ class FastEncoder(nn.Module):
         changed = False
         for i, (attn, mlp) in enumerate(self._blocks):
             check_gates(i, attn, mlp)
-            key = layer_key(attn, mlp)
-            if key != self._keys[i]:
-                self._compact[i], self._keys[i] = build_compact(attn, mlp), key
+            watch = self._watches[i]
+            if watch is None or not watch.valid():
+                self._watches[i] = LayerWatch.of(attn, mlp)
+                self._compact[i] = build_compact(attn, mlp)
                 self.builds += 1
                 changed = True
         if changed:

@@ -1,0 +1,78 @@
+"""Knowing cheaply, on every call, whether a layer's compact weights are stale.
+
+`LayerWatch.of(attn, mlp)` records, for one layer, every place the compact weights were read
+from: each gate buffer, Linear weight/bias and LayerNorm along its attribute path (the dict slot
+that holds it: a module's _parameters, _buffers or _modules) and each tensor's storage pointer
+and in-place version counter. `valid()` is True while all of them are unchanged; it fails after
+set_masks / optimizer steps / copy_ (version counters), `.to()` (new storage), a replaced
+Parameter or module, or physical pruning (replaced Linear modules). Plain dict lookups instead of
+nn.Module attribute access keep it to a few microseconds per layer, which matters under CUDA-graph
+replay. Writes through `tensor.data` bypass version counters: invalidate explicitly after those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from sparsebert.nn import SparseAttention, SparseMLP
+
+
+def _slot(owner: object, name: str) -> dict:
+    """The dict that holds attribute `name` of `owner` (what getattr would read)."""
+    state = owner.__dict__
+    for table in ("_parameters", "_buffers", "_modules"):
+        slots = state.get(table)
+        if slots is not None and name in slots:
+            return slots
+    return state
+
+
+@dataclass
+class LayerWatch:
+    """What one layer's compact weights were built from (see the module docstring)."""
+
+    slots: list[tuple[dict, str, object]]  # (dict, key, the object it held)
+    tensors: list[tuple[Tensor, int, int]]  # (tensor, version, data_ptr)
+
+    @classmethod
+    def of(cls, attn: SparseAttention, mlp: SparseMLP) -> LayerWatch:
+        lay_a, lay_m = attn.layout, mlp.layout
+        owner = mlp.host if mlp.host is not None else mlp
+        paths: list[tuple[nn.Module, Sequence[str]]] = [(attn, ["head_gate"]),
+                                                         (mlp, ["mlp_gate"]),
+                                                         (mlp, ["neuron_gate"])]
+        for name in (lay_a.query, lay_a.key, lay_a.value):
+            paths += [(attn, [lay_a.self_attention, name, p]) for p in ("weight", "bias")]
+        paths += [(attn, [lay_a.output, lay_a.output_dense, p]) for p in ("weight", "bias")]
+        paths.append((attn, [lay_a.output, lay_a.output_layer_norm]))
+        for block, name in ((lay_m.intermediate, lay_m.intermediate_dense),
+                            (lay_m.output, lay_m.output_dense)):
+            paths += [(owner, [block, name, p]) for p in ("weight", "bias")]
+        paths.append((owner, [lay_m.intermediate, lay_m.activation]))
+        paths.append((owner, [lay_m.output, lay_m.output_layer_norm]))
+        slots: dict[tuple[int, str], tuple[dict, str, object]] = {}
+        tensors: list[tuple[Tensor, int, int]] = []
+        for root, names in paths:
+            node: object = root
+            for name in names:
+                if node is None:  # a removed part (pruned away): its None slot is watched
+                    break
+                table = _slot(node, name)
+                node = table.get(name)
+                slots[(id(table), name)] = (table, name, node)
+            if isinstance(node, Tensor):
+                tensors.append((node, node._version, node.data_ptr()))
+        return cls(list(slots.values()), tensors)
+
+    def valid(self) -> bool:
+        """True while every watched slot holds the same object and every tensor is unchanged."""
+        for table, name, obj in self.slots:
+            if table.get(name) is not obj:
+                return False
+        for tensor, version, pointer in self.tensors:
+            if tensor._version != version or tensor.data_ptr() != pointer:
+                return False
+        return True
