@@ -12,8 +12,9 @@ with `sparsebert.set_masks(model, ...)` or weights in place is picked up on the 
 original weights are never modified, so masks stay reversible.
 
 Inference only: the forward runs without gradients and refuses training mode. Outputs: what the
-model returns, computed from the last hidden state; `output_hidden_states` / `output_attentions`
-are not supported (use the model itself).
+model returns, computed from the last hidden state, which holds zeros at padded positions (the
+model itself leaves values there that nobody should read); `output_hidden_states` /
+`output_attentions` are not supported (use the model itself).
 """
 
 from __future__ import annotations

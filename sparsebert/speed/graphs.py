@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,11 +48,12 @@ def _with_grid_length(packing: Packing, length: int) -> Packing:
 class GraphCache:
     """Captured graphs of one FastEncoder by bucket."""
 
-    def __init__(self, encoder, capture: bool = True) -> None:
+    def __init__(self, encoder, capture: bool = True, max_graphs: int = 32) -> None:
         self.encoder = encoder
         self.capture = capture
+        self.max_graphs = max_graphs  # least recently used graphs beyond this are dropped
         self.pool = torch.cuda.graph_pool_handle() if capture else None
-        self.graphs: dict[tuple, _Captured] = {}
+        self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
 
     @staticmethod
     def key(hidden: Tensor, packing: Packing) -> tuple:
@@ -64,8 +66,11 @@ class GraphCache:
         key = self.key(hidden, packing)
         captured = self.graphs.get(key)
         if captured is None:
+            if len(self.graphs) >= self.max_graphs:
+                self.graphs.popitem(last=False)
             captured = self.graphs[key] = self._capture(hidden, packing)
         else:
+            self.graphs.move_to_end(key)
             self._fill(captured, hidden, packing)
         if captured.graph is None:
             return captured.body().clone()
