@@ -204,6 +204,20 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- sweep (sparsebert.sweep.command) -------------------------------------------------------
+
+def _add_sweep(subparsers) -> None:
+    from sparsebert.sweep.command import add_sweep  # noqa: PLC0415
+
+    add_sweep(subparsers)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from sparsebert.sweep.command import run_sweep  # noqa: PLC0415
+
+    return run_sweep(args)
+
+
 # --- info ----------------------------------------------------------------------------------
 
 def _add_info(subparsers) -> None:
@@ -238,6 +252,7 @@ SUBCOMMANDS: dict[str, tuple[Callable, Callable]] = {
     "evaluate": (_add_evaluate, _run_evaluate),
     "search": (_add_search, _run_search),
     "report": (_add_report, _run_report),
+    "sweep": (_add_sweep, _run_sweep),
     "info": (_add_info, _run_info),
 }
 

@@ -159,11 +159,14 @@ class SuperStage:
         runner = runner or self._runner(seed)
         runner.retrain_structured(run_dir, self._masks(name), f"super {name} seed {seed}")
 
-    def summary_stage(self) -> dict[str, Any]:
-        """super/summary.json, then report.md and figures/ over the task's directory."""
+    def summary_stage(self, report: bool = True) -> dict[str, Any]:
+        """super/summary.json, then (`report`) report.md and figures/ over the task's
+        directory."""
         found = self.masks_stage()
         summary = self.summarize(found, get_task(self.task_name))
         atomic_write_json(self.root / "summary.json", summary)
+        if not report:
+            return summary
         try:
             from sparsebert.report import report  # noqa: PLC0415
         except ImportError:
