@@ -118,3 +118,217 @@ def test_reference_sweep(reference, tiny_model_dir, synthetic_glue):
     again = sweep(out, *_configs(tiny_model_dir, synthetic_glue), progress=False)
     assert not again.done and len(again.skipped) == len(outcome.done)
     assert _results(out) == results
+
+
+def test_same_directories_as_search(reference, tiny_model_dir, synthetic_glue, tmp_path):
+    """A seed's directory in the sweep is the one `sparsebert search` writes."""
+    from sparsebert.lottery import search  # noqa: PLC0415
+
+    _, search_config, train = _configs(tiny_model_dir, synthetic_glue)[:3]
+    train.device, train.seed = "cpu", 3
+    search("SST-2", tmp_path / "search", search_config=search_config, train_config=train,
+           progress=False)
+    mine = _results(tmp_path)["search/summary.json"]
+    assert mine == _results(reference[0])["SST-2/seed_3/summary.json"]
+
+
+def _pid_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie left by a killed parent counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def _wait_for(condition, timeout: float = 120.0, what: str = ""):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _status(out: Path) -> dict:
+    try:
+        return json.loads((out / ".sweep" / "status.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _done(out: Path) -> dict:
+    found = {}
+    for path in (out / ".sweep" / "done").glob("*.json"):
+        info = json.loads(path.read_text())
+        found[info["id"]] = info
+    return found
+
+
+def test_kill_worker_and_driver_then_rerun(reference, tiny_model_dir, synthetic_glue,
+                                           tmp_path):
+    """SIGKILL a worker while it runs a unit (it is retried on a fresh worker), then the
+    driver (its workers exit with it); the rerun ends with the reference's results."""
+    out = tmp_path / "killed"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    driver = subprocess.Popen([sys.executable, "-m", "sparsebert",
+                               *_argv(tiny_model_dir, synthetic_glue, out)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # A full fine-tune is running (its worker is still importing torch, or training).
+        victim_unit, where = _wait_for(lambda: next(
+            ((u, w) for u, w in _status(out).get("running", {}).items()
+             if u.startswith("full/")), None), what="a running full fine-tune")
+        os.kill(where["pid"], signal.SIGKILL)
+        marker = _wait_for(lambda: _done(out).get(victim_unit), what="the retried unit")
+        assert marker["attempts"] == 2  # failed once (worker died), then done
+        _wait_for(lambda: len(_done(out)) >= 12, what="more units")
+        workers = [w["pid"] for w in _status(out).get("running", {}).values()]
+        driver.kill()
+        driver.wait(timeout=30)
+        _wait_for(lambda: not any(_pid_alive(p) for p in workers), timeout=20,
+                  what="the workers to exit with the driver")
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    before = _done(out)
+    assert 12 <= len(before) < len(reference[1].done)
+    outcome = sweep(out, *_configs(tiny_model_dir, synthetic_glue), progress=False)
+    assert not outcome.failed and set(outcome.skipped) == set(before)
+    assert _results(out) == _results(reference[0])
+
+
+def _forget(out: Path, *unit_ids: str) -> None:
+    """Delete units' outputs and markers (and the summaries that depend on them)."""
+    for unit_id in unit_ids:
+        kind, task, seed, *rest = unit_id.split("/")
+        if kind == "retrained":
+            shutil.rmtree(out / task / f"seed_{seed}" / rest[0] / "retrained" / rest[1])
+        elif kind == "super-retrained":
+            shutil.rmtree(out / task / "super" / "retrained" / rest[0] / f"seed_{seed}")
+        (out / ".sweep" / "done" / (unit_id.replace("/", "~") + ".json")).unlink()
+    for name in ("summary~SST-2~4", "super-summary~SST-2"):
+        (out / ".sweep" / "done" / f"{name}.json").unlink(missing_ok=True)
+
+
+def test_failing_unit_is_retried_and_reported(reference, tiny_model_dir, synthetic_glue,
+                                              tmp_path, monkeypatch, capsys):
+    out = tmp_path / "failing"
+    shutil.copytree(reference[0], out)
+    units = ("retrained/SST-2/4/magnitude/good", "super-retrained/SST-2/4/random")
+    # Fails on its first attempt only: retried, and the sweep ends as the reference.
+    _forget(out, *units)
+    monkeypatch.setenv("SPARSEBERT_SWEEP_FAIL", "retrained/SST-2/4/magnitude/good:1")
+    outcome = sweep(out, *_configs(tiny_model_dir, synthetic_glue), progress=False)
+    assert outcome.retried == {units[0]: 1} and not outcome.failed
+    assert _done(out)[units[0]]["attempts"] == 2
+    assert _results(out) == _results(reference[0])
+    # Fails on every attempt: reported (exit 1), the others finish, dependents wait.
+    _forget(out, *units)
+    monkeypatch.setenv("SPARSEBERT_SWEEP_FAIL", "super-retrained/*:9")
+    assert main(_argv(tiny_model_dir, synthetic_glue, out) + ["--retries", "2"]) == 1
+    printed = capsys.readouterr().out
+    assert f"failed {units[1]} (3 attempts): InjectedFailure" in printed
+    failed = json.loads((out / ".sweep" / "failed" / f"{units[1].replace('/', '~')}.json")
+                        .read_text())
+    assert "SPARSEBERT_SWEEP_FAIL" in failed["error"] and failed["attempts"] == 3
+    done = _done(out)
+    assert units[0] in done and "summary/SST-2/4" in done and "super-summary/SST-2" not in done
+    # Fixed: the rerun does only what is left.
+    monkeypatch.delenv("SPARSEBERT_SWEEP_FAIL")
+    outcome = sweep(out, *_configs(tiny_model_dir, synthetic_glue), progress=False)
+    assert set(outcome.done) == {units[1], "super-summary/SST-2", "report"}
+    assert not (out / ".sweep" / "failed" / f"{units[1].replace('/', '~')}.json").exists()
+    assert _results(out) == _results(reference[0])
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep directory's grid, and bad input
+# --------------------------------------------------------------------------------------------
+
+def test_changed_grid_refused_added_seeds_extend(reference, tiny_model_dir, synthetic_glue,
+                                                 tmp_path, capsys):
+    out = tmp_path / "grid"
+    shutil.copytree(reference[0], out)
+    before = sorted(p.name for p in (out / ".sweep" / "done").iterdir())
+    argv = _argv(tiny_model_dir, synthetic_glue, out)
+    changed = [a if a != "1" or argv[i - 1] != "--epochs" else "2" for i, a in enumerate(argv)]
+    assert main(changed + ["--seeds", "4", "--methods", "structured"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds another grid" in err
+    for part in ("methods: ['structured', 'magnitude'] -> ['structured']", "epochs: 1 -> 2",
+                 "seeds: [3] missing"):
+        assert part in err
+    assert sorted(p.name for p in (out / ".sweep" / "done").iterdir()) == before
+    # Added seeds extend it: the old super-survivors move aside (to be redone), said so.
+    from sparsebert.sweep.state import SweepDir, identity  # noqa: PLC0415
+
+    _, search, train = _configs(tiny_model_dir, synthetic_glue)
+    search.method = "both"
+    train = train.resolved()
+    grid = Grid(("SST-2",), (3, 4, 5), ("structured", "magnitude"), ("good", "random"), True,
+                True)
+    state = SweepDir(out)
+    notes = state.open(identity(grid, search, train))
+    state.close("finished")
+    assert notes[0] == "extending the sweep: adding tasks none, seeds [5]"
+    assert "super-survivors of seeds [3, 4] moved" in notes[1]
+    assert not (out / "SST-2" / "super").exists()
+    assert not [p for p in (out / ".sweep" / "done").iterdir() if p.name.startswith("super")]
+    assert (out / ".sweep" / "done" / "summary~SST-2~4.json").is_file()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tasks", "RTE,FOO"], "unknown GLUE task 'FOO'"),
+    (["--methods", "structured,lottery"], "--methods 'structured,lottery': unknown"),
+    (["--devices", "cuda:7"], "--devices: --device cuda:7"),
+    (["--seeds", "1,1"], "expected distinct seeds"),
+    (["--backend", "spark"], "--backend 'spark'"),
+])
+def test_bad_input_one_line_exit_2(flags, message, tmp_path, capsys):
+    out = tmp_path / "bad"
+    assert main(["sweep", "--out", str(out), "--quiet", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists()  # nothing written
+
+
+def test_config_file(tmp_path):
+    from sparsebert.sweep.config import read_config_file  # noqa: PLC0415
+
+    path = tmp_path / "sweep.toml"
+    path.write_text('tasks = ["RTE", "MRPC"]\nseeds = [1, 2]\n[train]\nepochs = 1\n')
+    assert read_config_file(path) == {"tasks": "RTE,MRPC", "seeds": "1,2", "epochs": 1}
+    path.write_text('tasks = "RTE"\nlearning_rate = 3\n')
+    with pytest.raises(SweepError, match=r"unknown keys \['learning_rate'\]"):
+        read_config_file(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Ray
+# --------------------------------------------------------------------------------------------
+
+def test_ray_unreachable_address_fails_fast(tmp_path, capsys):
+    pytest.importorskip("ray")
+    started = time.monotonic()
+    out = tmp_path / "ray-bad"
+    assert main(["sweep", "--out", str(out), "--quiet", "--tasks", "RTE", "--seeds", "1",
+                 "--backend", "ray", "--ray-address", "127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no Ray cluster reachable" in err
+    assert "--backend local" in err and time.monotonic() - started < 10
+
+
+def test_ray_backend_same_results(reference, tiny_model_dir, synthetic_glue, tmp_path):
+    """The same sweep as Ray tasks on a local Ray instance (2 CPUs) ends as the local one."""
+    pytest.importorskip("ray")
+    out = tmp_path / "ray"
+    outcome = sweep(out, *_configs(tiny_model_dir, synthetic_glue, backend="ray"),
+                    progress=False)
+    assert not outcome.failed and len(outcome.done) == len(reference[1].done)
+    assert {m["backend"] for m in _done(out).values()} == {"ray"}
+    assert _results(out) == _results(reference[0])

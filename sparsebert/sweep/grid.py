@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 # Relative cost of a unit kind, in fine-tunes of the full model: priorities and the first ETA.
-WEIGHTS = {"full": 1.0, "search": 0.6, "pruned": 0.03, "retrained": 1.0, "summary": 0.05,
+WEIGHTS = {"full": 1.0, "search": 3.0, "pruned": 0.03, "retrained": 1.0, "summary": 0.05,
            "super-masks": 0.01, "super-pruned": 0.03, "super-retrained": 1.0,
            "super-summary": 0.1, "report": 0.1}
 

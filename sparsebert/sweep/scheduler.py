@@ -40,8 +40,13 @@ class Scheduler:
         self.retries, self.progress = retries, progress
         self.durations: dict[str, list[float]] = defaultdict(list)
 
+    @staticmethod
+    def _cost_key(unit: Unit) -> str:
+        """Units that take about as long: the kind, and the method of a search."""
+        return f"{unit.kind}:{unit.method}" if unit.kind == "search" else unit.kind
+
     def _estimate(self, unit: Unit) -> float | None:
-        seen = self.durations.get(unit.kind)
+        seen = self.durations.get(self._cost_key(unit))
         if seen:
             return sum(seen) / len(seen)
         per_weight = [s / self.units[i].weight for i, s in self._timed]
@@ -67,7 +72,7 @@ class Scheduler:
                 finished.add(unit_id)
                 outcome.skipped.append(unit_id)
                 if "seconds" in info:
-                    self.durations[self.units[unit_id].kind].append(info["seconds"])
+                    self.durations[self._cost_key(self.units[unit_id])].append(info["seconds"])
                     self._timed.append((unit_id, info["seconds"]))
         attempts: dict[str, int] = defaultdict(int)
         running: dict[str, float] = {}
@@ -125,7 +130,7 @@ class Scheduler:
                     self.state.mark_done(unit.id, info)
                     finished.add(unit.id)
                     outcome.done.append(unit.id)
-                    self.durations[unit.kind].append(event.info.get("seconds", seconds))
+                    self.durations[self._cost_key(unit)].append(event.info.get("seconds", seconds))
                     self._timed.append((unit.id, event.info.get("seconds", seconds)))
                     bar.update(1)
                     log(f"done {unit.id} in {seconds:.0f} s"
