@@ -321,6 +321,7 @@ def test_ray_unreachable_address_fails_fast(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no Ray cluster reachable" in err
     assert "--backend local" in err and time.monotonic() - started < 10
+    assert not out.exists()  # refused before anything is written
 
 
 def test_ray_backend_same_results(reference, tiny_model_dir, synthetic_glue, tmp_path):

@@ -70,11 +70,15 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
                 tuple(search.subnet_list()), search.retrain, config.super_survivors)
     units = expand(grid)
     slots = make_slots(config, train)  # checks the devices before anything is written
+    if config.backend == "ray":
+        from sparsebert.sweep.ray_backend import preflight  # noqa: PLC0415
+
+        preflight(config.ray_address)  # Ray installed, the cluster reachable: before any write
     out = Path(out).resolve()
     state = SweepDir(out)
     notes = state.open(identity(grid, search, train))
-    for note in notes:
-        tqdm.write(note) if progress else None
+    for note in notes if progress else []:
+        tqdm.write(note)
     base: dict[str, Any] = {"out": str(out), "search": search.to_json(),
                             "train": train.to_json(), "seeds": list(grid.seeds),
                             "reports": config.reports}
@@ -84,7 +88,8 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
     status = "interrupted"
     backend = None
     try:
-        backend = _backend(config, slots)
+        if any(u.id not in done for u in units):  # else nothing to start
+            backend = _backend(config, slots)
         outcome = Scheduler(units, state, backend, base, config.retries, progress).run()
         status = "failed" if outcome.failed else "finished"
         return outcome

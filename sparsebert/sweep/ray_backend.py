@@ -38,6 +38,16 @@ def check_reachable(address: str) -> None:
                          ) from None
 
 
+def preflight(address: str | None) -> None:
+    """Ray importable and (with an address) a cluster listening there, else SweepError."""
+    try:
+        import ray  # noqa: F401, PLC0415
+    except ImportError:
+        raise SweepError("--backend ray needs Ray: pip install 'sparsebert[ray]'") from None
+    if address:
+        check_reachable(address)
+
+
 def _run_unit(spec: dict[str, Any]) -> dict[str, Any]:
     from sparsebert.sweep.units import run_unit  # noqa: PLC0415 (in the Ray worker)
 
@@ -51,13 +61,9 @@ class RayBackend:
 
     def __init__(self, slots: list[Slot], address: str | None, per_gpu: int,
                  memory_gb: float) -> None:
-        try:
-            import ray  # noqa: PLC0415
-        except ImportError:
-            raise SweepError("--backend ray needs Ray: pip install 'sparsebert[ray]'") \
-                from None
-        if address:
-            check_reachable(address)
+        preflight(address)
+        import ray  # noqa: PLC0415
+
         self.ray, self.slots = ray, slots
         self.per_gpu, self.memory_gb = per_gpu, memory_gb
         self.started = not ray.is_initialized()

@@ -59,7 +59,7 @@ class Scheduler:
         now = time.perf_counter()
         left = sum(estimates) - sum(min(now - t, self._estimate(self.units[i]) or 0)
                                     for i, t in running.items())
-        seconds = max(left, 0) / max(len(self.backend.slots), 1)
+        seconds = max(left, 0) / max(len(self.backend.slots) if self.backend else 1, 1)
         return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
     def run(self) -> Outcome:
@@ -94,7 +94,7 @@ class Scheduler:
                       and any(d in dead for d in self.units[i].deps)]:
                 dead.add(i)
                 outcome.blocked.append(i)
-            for slot in self.backend.idle():
+            for slot in self.backend.idle() if ready else []:
                 if not ready:
                     break
                 unit = self._pick(ready, slot)
