@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
             f"examples, {args.epochs} epochs), 1 torch thread per worker, {os.cpu_count()} "
             f"cores; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
             f"(a shared machine)")
-    common.report("sweep", args, argv, what, ["mode", "workers", "wall (s)", "vs one after another"],
+    common.report("sweep", args, argv, what,
+                  ["mode", "workers", "wall (s)", "vs one after another"],
            rows, records)
 
 

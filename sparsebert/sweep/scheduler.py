@@ -38,12 +38,17 @@ class Scheduler:
         self.rank = upward_rank(units)
         self.state, self.backend, self.base = state, backend, base
         self.retries, self.progress = retries, progress
-        self.durations: dict[str, list[float]] = defaultdict(list)
+        self.durations: dict[str, list[float]] = defaultdict(list)  # cost key -> seconds
+        self._timed: list[tuple[str, float]] = []  # (unit id, seconds) of finished units
 
     @staticmethod
     def _cost_key(unit: Unit) -> str:
         """Units that take about as long: the kind, and the method of a search."""
         return f"{unit.kind}:{unit.method}" if unit.kind == "search" else unit.kind
+
+    def _record(self, unit: Unit, seconds: float) -> None:
+        self.durations[self._cost_key(unit)].append(seconds)
+        self._timed.append((unit.id, seconds))
 
     def _estimate(self, unit: Unit) -> float | None:
         seen = self.durations.get(self._cost_key(unit))
@@ -66,14 +71,12 @@ class Scheduler:
         started = time.perf_counter()
         outcome = Outcome()
         finished = set()
-        self._timed: list[tuple[str, float]] = []
         for unit_id, info in self.state.done().items():
             if unit_id in self.units:
                 finished.add(unit_id)
                 outcome.skipped.append(unit_id)
                 if "seconds" in info:
-                    self.durations[self._cost_key(self.units[unit_id])].append(info["seconds"])
-                    self._timed.append((unit_id, info["seconds"]))
+                    self._record(self.units[unit_id], info["seconds"])
         attempts: dict[str, int] = defaultdict(int)
         running: dict[str, float] = {}
         placed: dict[str, dict[str, Any]] = {}  # running unit -> where (status.json)
@@ -130,8 +133,7 @@ class Scheduler:
                     self.state.mark_done(unit.id, info)
                     finished.add(unit.id)
                     outcome.done.append(unit.id)
-                    self.durations[self._cost_key(unit)].append(event.info.get("seconds", seconds))
-                    self._timed.append((unit.id, event.info.get("seconds", seconds)))
+                    self._record(unit, event.info.get("seconds", seconds))
                     bar.update(1)
                     log(f"done {unit.id} in {seconds:.0f} s"
                         + (f" (score {event.info['score']:.4f})" if "score" in event.info
