@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
             f"(a shared machine)")
     common.report("sweep", args, argv, what,
                   ["mode", "workers", "wall (s)", "vs one after another"],
-           rows, records)
+                  rows, records)
 
 
 if __name__ == "__main__":
