@@ -109,6 +109,9 @@ class SweepDir:
                 notes += self._retire_super(saved["identity"]["grid"]["tasks"],
                                             saved["identity"]["grid"]["seeds"])
             self.record = saved
+            for run in saved.get("runs", []):  # we hold the lock: no earlier driver runs now
+                if run.get("status") == "running":
+                    run["status"] = "killed (no clean exit)"
         else:
             self.record = {"kind": KIND, "version": 1, "runs": []}
         self.record["identity"] = ident
