@@ -21,4 +21,4 @@ markers = sorted(Path(sys.argv[1], ".sweep", "done").glob("*.json"))
 units = [json.loads(m.read_text()) for m in markers]
 Path(sys.argv[2]).write_text(json.dumps(sorted(units, key=lambda u: u["time"]), indent=1) + "\n")
 PY
-"$sparsebert" report "$dest/runs" --out "$dest"
+$sparsebert report "$dest/runs" --out "$dest"
