@@ -62,8 +62,9 @@ def test_grid_expansion_and_order():
 # --------------------------------------------------------------------------------------------
 
 def _configs(tiny_model_dir, synthetic_glue, **sweep_options):
-    sweep_config = SweepConfig(tasks="SST-2", seeds=SEEDS, workers=2, devices="cpu",
-                               reports=False, **sweep_options)
+    options = {"tasks": "SST-2", "seeds": SEEDS, "workers": 2, "devices": "cpu",
+               "reports": False, **sweep_options}
+    sweep_config = SweepConfig(**options)
     search = SearchConfig(subnets="good", importance_batch_size=16)
     train = TrainConfig(model=tiny_model_dir, glue_dir=synthetic_glue, epochs=1,
                         batch_size=16, lr=2e-3, threads=1, log_every=2)
@@ -219,31 +220,27 @@ def test_failing_unit_is_retried_and_reported(reference, tiny_model_dir, synthet
                                               tmp_path, monkeypatch, capsys):
     out = tmp_path / "failing"
     shutil.copytree(reference[0], out)
-    units = ("retrained/SST-2/4/magnitude/good", "super-retrained/SST-2/4/good")
-    # Fails on its first attempt only: retried, and the sweep ends as the reference.
-    _forget(out, *units)
-    monkeypatch.setenv("SPARSEBERT_SWEEP_FAIL", "retrained/SST-2/4/magnitude/good:1")
-    outcome = sweep(out, *_configs(tiny_model_dir, synthetic_glue, workers=1), progress=False)
-    assert outcome.retried == {units[0]: 1} and not outcome.failed
-    assert _done(out)[units[0]]["attempts"] == 2
-    assert _results(out) == _results(reference[0])
-    # Fails on every attempt: reported (exit 1), the others finish, dependents wait.
-    _forget(out, *units)
-    monkeypatch.setenv("SPARSEBERT_SWEEP_FAIL", "super-retrained/*:9")
+    flaky, broken = "retrained/SST-2/4/magnitude/good", "super-retrained/SST-2/4/good"
+    _forget(out, flaky, broken)
+    # flaky fails on its first attempt only (retried, done); broken on every attempt
+    # (reported, exit status 1); the other units finish, the super summary and report wait.
+    monkeypatch.setenv("SPARSEBERT_SWEEP_FAIL", f"{flaky}:1, super-retrained/*:9")
     assert main(_argv(tiny_model_dir, synthetic_glue, out) + ["--retries", "2", "--workers",
                                                                "1"]) == 1
     printed = capsys.readouterr().out
-    assert f"failed {units[1]} (3 attempts): InjectedFailure" in printed
-    failed = json.loads((out / ".sweep" / "failed" / f"{units[1].replace('/', '~')}.json")
+    assert "1 failed, 2 blocked by failures, 2 retried" in printed
+    assert f"failed {broken} (3 attempts): InjectedFailure" in printed
+    failed = json.loads((out / ".sweep" / "failed" / f"{broken.replace('/', '~')}.json")
                         .read_text())
     assert "SPARSEBERT_SWEEP_FAIL" in failed["error"] and failed["attempts"] == 3
     done = _done(out)
-    assert units[0] in done and "summary/SST-2/4" in done and "super-summary/SST-2" not in done
-    # Fixed: the rerun does only what is left.
+    assert done[flaky]["attempts"] == 2 and "summary/SST-2/4" in done
+    assert "super-summary/SST-2" not in done and "report" not in done
+    # Fixed: the rerun does only what is left, and ends as the reference.
     monkeypatch.delenv("SPARSEBERT_SWEEP_FAIL")
     outcome = sweep(out, *_configs(tiny_model_dir, synthetic_glue, workers=1), progress=False)
-    assert set(outcome.done) == {units[1], "super-summary/SST-2", "report"}
-    assert not (out / ".sweep" / "failed" / f"{units[1].replace('/', '~')}.json").exists()
+    assert set(outcome.done) == {broken, "super-summary/SST-2", "report"}
+    assert not (out / ".sweep" / "failed" / f"{broken.replace('/', '~')}.json").exists()
     assert _results(out) == _results(reference[0])
 
 

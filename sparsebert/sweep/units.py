@@ -6,9 +6,9 @@ A unit's spec is a plain dict (it crosses process and Ray boundaries): the unit'
 out (the sweep directory), search / train (config JSON), seeds, reports, device, threads and
 attempt (1 for the first try).
 
-SPARSEBERT_SWEEP_FAIL=PATTERN[:N] makes units whose id matches the fnmatch PATTERN fail on
-their first N attempts (default 1): a failure injected through the real runner, to exercise
-retries and failure reports.
+SPARSEBERT_SWEEP_FAIL=PATTERN[:N][,PATTERN[:N]...] makes units whose id matches an fnmatch
+PATTERN fail on their first N attempts (default 1): a failure injected through the real
+runner, to exercise retries and failure reports.
 """
 
 from __future__ import annotations
@@ -80,13 +80,12 @@ def _super(spec: dict[str, Any]) -> SuperStage:
 
 
 def _check_injected_failure(spec: dict[str, Any]) -> None:
-    rule = os.environ.get(FAIL_ENV, "")
-    if not rule:
-        return
-    pattern, _, count = rule.partition(":")
-    if fnmatch.fnmatchcase(spec["id"], pattern) and spec["attempt"] <= int(count or 1):
-        raise InjectedFailure(f"{FAIL_ENV}={rule}: failing {spec['id']} on attempt "
-                              f"{spec['attempt']}")
+    for rule in os.environ.get(FAIL_ENV, "").split(","):
+        pattern, _, count = rule.strip().partition(":")
+        if (pattern and fnmatch.fnmatchcase(spec["id"], pattern)
+                and spec["attempt"] <= int(count or 1)):
+            raise InjectedFailure(f"{FAIL_ENV} {rule.strip()}: failing {spec['id']} on "
+                                  f"attempt {spec['attempt']}")
 
 
 def run_unit(spec: dict[str, Any]) -> dict[str, Any]:
