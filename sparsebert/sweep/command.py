@@ -30,8 +30,8 @@ def add_sweep(subparsers) -> None:
     add_dataclass_arguments(parser.add_argument_group("sweep"), SweepConfig)
     add_dataclass_arguments(parser.add_argument_group("search"), SearchConfig,
                             skip=("method",))
-    add_dataclass_arguments(parser.add_argument_group("training"), TrainConfig,
-                            skip=("task", "seed"))
+    add_dataclass_arguments(parser.add_argument_group("training (--threads: per worker)"),
+                            TrainConfig, skip=("task", "seed", "device"))
 
 
 def run_sweep(args: argparse.Namespace) -> int:
