@@ -57,6 +57,34 @@ def test_grid_expansion_and_order():
                 or u.kind == "retrained"]
 
 
+def test_worker_data_cache(tiny_model_dir, synthetic_glue, tmp_path):
+    """A worker's fine-tunes tokenize a split once; the cache is off by default."""
+    from sparsebert.train import data_cache, finetune  # noqa: PLC0415
+
+    calls = []
+
+    def build():
+        calls.append(1)
+        return object()
+
+    assert data_cache.cached("k", build) is not data_cache.cached("k", build)  # off
+    data_cache.enable(size=2)
+    try:
+        first = data_cache.cached("a", build)
+        assert data_cache.cached("a", build) is first and len(calls) == 3
+        data_cache.cached("b", build), data_cache.cached("c", build)  # evicts "a"
+        assert data_cache.cached("a", build) is not first
+        config = TrainConfig(task="SST-2", model=tiny_model_dir, glue_dir=synthetic_glue,
+                             epochs=1, batch_size=16, lr=2e-3, threads=1, seed=5,
+                             max_train_examples=48)
+        cached_run = finetune(config, tmp_path / "a", progress=False)
+        assert len(data_cache._entries) == 2  # ("train", ...) and ("dev", ...) of this run
+    finally:
+        data_cache.disable()
+    plain_run = finetune(config, tmp_path / "b", progress=False)
+    assert cached_run.metrics == plain_run.metrics
+
+
 # --------------------------------------------------------------------------------------------
 # Real sweeps of tiny models
 # --------------------------------------------------------------------------------------------

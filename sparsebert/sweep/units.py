@@ -1,6 +1,7 @@
 """Running one unit (sparsebert.sweep.grid) in a worker process: the search stages of
 sparsebert.lottery, each alone, with the worker's loaded models and tokenized data kept warm
-between units of the same task x seed (a small LRU of prepared searches per process).
+between units of the same task x seed (a small LRU of prepared searches per process, and
+sparsebert.train.data_cache for the fine-tunes' train and dev splits).
 
 A unit's spec is a plain dict (it crosses process and Ray boundaries): the unit's fields plus
 out (the sweep directory), search / train (config JSON), seeds, reports, device, threads and
@@ -26,6 +27,7 @@ import torch
 from sparsebert.lottery.config import SearchConfig
 from sparsebert.lottery.search import Search
 from sparsebert.lottery.super_survivors import SuperStage
+from sparsebert.train import data_cache
 from sparsebert.train.config import TrainConfig
 
 FAIL_ENV = "SPARSEBERT_SWEEP_FAIL"
@@ -92,6 +94,7 @@ def run_unit(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one unit (idempotent: finished stages are skipped); returns what its marker
     records: seconds, and the unit's headline numbers when it has some."""
     started = time.perf_counter()
+    data_cache.enable()  # tokenized train/dev splits shared by this worker's fine-tunes
     torch.set_num_threads(spec["threads"])
     _check_injected_failure(spec)
     kind, seed, method, subnet = spec["kind"], spec["seed"], spec["method"], spec["subnet"]
