@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -63,6 +64,13 @@ def configs(model: str, glue: str, args: argparse.Namespace):
     return search, train
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children (the workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def run_sequential(out: Path, model: str, glue: str, args) -> float:
     from sparsebert.lottery.super_survivors import search_seeds
 
@@ -100,17 +108,24 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model, glue = make_inputs(root, args)
+        cpu = [cpu_seconds()]
         sequential = run_sequential(root / "sequential", model, glue, args)
+        cpu.append(cpu_seconds())
         one, units = run_sweep(root / "sweep-1", model, glue, args, workers=1)
+        cpu.append(cpu_seconds())
         two, _ = run_sweep(root / "sweep-2", model, glue, args, workers=2)
+        cpu.append(cpu_seconds())
+    used = [b - a for a, b in zip(cpu, cpu[1:])]  # CPU seconds per mode (workers included)
     load_after = os.getloadavg()
-    rows = [["one after another, one process (search --seeds)", 1, f"{sequential:.1f}",
-             "1.00x"],
-            ["sweep, 1 worker", 1, f"{one:.1f}", f"{one / sequential:.2f}x"],
-            ["sweep, 2 workers", 2, f"{two:.1f}", f"{two / sequential:.2f}x"]]
-    records = [{"mode": "sequential", "workers": 1, "wall_s": sequential},
-               {"mode": "sweep", "workers": 1, "wall_s": one},
-               {"mode": "sweep", "workers": 2, "wall_s": two,
+    walls = (sequential, one, two)
+    rows = [[name, workers, f"{wall:.1f}", f"{wall / sequential:.2f}x", f"{cpu_s:.1f}",
+             f"{cpu_s / wall:.2f}"]
+            for (name, workers), wall, cpu_s in zip(
+                [("one after another, one process (search --seeds)", 1),
+                 ("sweep, 1 worker", 1), ("sweep, 2 workers", 2)], walls, used)]
+    records = [{"mode": "sequential", "workers": 1, "wall_s": sequential, "cpu_s": used[0]},
+               {"mode": "sweep", "workers": 1, "wall_s": one, "cpu_s": used[1]},
+               {"mode": "sweep", "workers": 2, "wall_s": two, "cpu_s": used[2],
                 "ratio_vs_sequential": two / sequential, "ratio_vs_sweep_1": two / one},
                {"units": units, "cpu_count": os.cpu_count(),
                 "load_average_before": load_before, "load_average_after": load_after}]
@@ -121,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
             f"cores; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
             f"(a shared machine)")
     common.report("sweep", args, argv, what,
-                  ["mode", "workers", "wall (s)", "vs one after another"],
+                  ["mode", "workers", "wall (s)", "vs one after another", "CPU (s)",
+                   "cores used (CPU / wall)"],
                   rows, records)
 
 
