@@ -4,12 +4,12 @@
 #
 #   SPARSEBERT_VENV    where the environment lives            (default: .venv)
 #   SPARSEBERT_TORCH   the torch requirement to install       (default: torch==2.13.0)
-#   SPARSEBERT_EXTRAS  extras of the project to install       (default: test)
+#   SPARSEBERT_EXTRAS  extras of the project to install       (default: test,ray)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${SPARSEBERT_VENV:-.venv}
 torch_spec=${SPARSEBERT_TORCH:-torch==2.13.0}
-extras=${SPARSEBERT_EXTRAS:-test}
+extras=${SPARSEBERT_EXTRAS:-test,ray}
 
 if [ ! -x "$venv/bin/python" ]; then
   echo "[setup] creating $venv"

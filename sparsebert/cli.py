@@ -221,6 +221,20 @@ def _run_speed(args: argparse.Namespace) -> int:
     return main(args)
 
 
+# --- sweep (sparsebert.sweep.command) -------------------------------------------------------
+
+def _add_sweep(subparsers) -> None:
+    from sparsebert.sweep.command import add_sweep  # noqa: PLC0415
+
+    add_sweep(subparsers)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from sparsebert.sweep.command import run_sweep  # noqa: PLC0415
+
+    return run_sweep(args)
+
+
 # --- info ----------------------------------------------------------------------------------
 
 def _add_info(subparsers) -> None:
@@ -256,6 +270,7 @@ SUBCOMMANDS: dict[str, tuple[Callable, Callable]] = {
     "search": (_add_search, _run_search),
     "report": (_add_report, _run_report),
     "speed": (_add_speed, _run_speed),
+    "sweep": (_add_sweep, _run_sweep),
     "info": (_add_info, _run_info),
 }
 

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sparsebert.atomic import atomic_write_json
+from sparsebert.errors import RunDirError
 from sparsebert.lottery import magnitude as mag
 from sparsebert.lottery.scoring import report_metric, score_model
 from sparsebert.pruning.weight_masks import (
@@ -31,9 +32,23 @@ class MagnitudeStages:
     """m-pruning: search, masks, pruned scores, retrained runs under out/magnitude/."""
 
     def _magnitude(self) -> None:
+        self.magnitude_search_stage()
+        self._stage_done("magnitude.search")
+        for name in self.config.subnet_list():
+            self.magnitude_pruned_stage(name)
+            self._stage_done(f"magnitude.pruned.{name}")
+            if self.config.retrain:
+                self.magnitude_retrained_stage(name)
+                self._stage_done(f"magnitude.retrained.{name}")
+
+    # Each stage below runs alone on a prepared search (full model fine-tuned, data loaded)
+    # and skips itself when its file exists; a sweep schedules them as separate units.
+
+    def magnitude_search_stage(self) -> dict[str, Any]:
+        """search.json and every subnetwork's masks/<subnet>.safetensors (+ .json)."""
         root = self.out / "magnitude"
         (root / "masks").mkdir(parents=True, exist_ok=True)
-        model = self._fine_tuned()
+        model = self.fine_tuned_plain()
         params = mag.eligible_parameters(model)
         found = self.read_stage(root / "search.json")
         if found is None:
@@ -42,7 +57,6 @@ class MagnitudeStages:
             found["search_time_s"] = time.perf_counter() - started
             atomic_write_json(root / "search.json", found)
             self._metrics("magnitude", found["curve"])
-        self._stage_done("magnitude.search")
         kept = found["kept"]
         generator = torch.Generator().manual_seed(self.train.seed * 1000 + 7)
         builders = {
@@ -50,7 +64,6 @@ class MagnitudeStages:
             "random": lambda: mag.random_mask(params, kept, generator),
             "bad": lambda: mag.magnitude_mask(params, kept, largest=False),
         }
-        original = {n: p.detach().clone() for n, p in params.items()}
         for name in self.config.subnet_list():
             mask_file = root / "masks" / f"{name}.safetensors"
             if not mask_file.is_file():
@@ -61,19 +74,35 @@ class MagnitudeStages:
                     "kept": kept_n, "total": total, "fraction_kept": kept_n / total,
                     "layer_kept_fraction": mag.layer_kept_fractions(model, masks),
                     "file": mask_file.name})
-            masks = load_weight_masks(mask_file)
-            pruned_file = root / "pruned" / f"{name}.json"
-            if not pruned_file.is_file():
-                WeightMasks.from_named(model, masks).apply()
-                score, dev = score_model(model, self.data, self.train)
-                _restore(params, original)
-                pruned_file.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(pruned_file, {"search_score": score, "metrics": dev})
-                self._log(f"m-pruning {name}: pruned dev {dev}")
-            self._stage_done(f"magnitude.pruned.{name}")
-            if self.config.retrain:
-                self._retrain_magnitude(name, masks)
-                self._stage_done(f"magnitude.retrained.{name}")
+        return found
+
+    def magnitude_masks(self, name: str) -> dict[str, torch.Tensor]:
+        """Subnetwork `name`'s weight masks by parameter name, from its mask file."""
+        path = self.out / "magnitude" / "masks" / f"{name}.safetensors"
+        if not path.is_file() or self.read_stage(path.with_suffix(".json")) is None:
+            raise RunDirError(f"{path}: missing; run the magnitude search stage first")
+        return load_weight_masks(path)
+
+    def magnitude_pruned_stage(self, name: str) -> None:
+        """pruned/<name>.json: the mask on the fine-tuned weights (restored afterwards)."""
+        pruned_file = self.out / "magnitude" / "pruned" / f"{name}.json"
+        if pruned_file.is_file():
+            return
+        model = self.fine_tuned_plain()
+        params = mag.eligible_parameters(model)
+        original = {n: p.detach().clone() for n, p in params.items()}
+        WeightMasks.from_named(model, self.magnitude_masks(name)).apply()
+        try:
+            score, dev = score_model(model, self.data, self.train)
+        finally:
+            _restore(params, original)
+        pruned_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(pruned_file, {"search_score": score, "metrics": dev})
+        self._log(f"m-pruning {name}: pruned dev {dev}")
+
+    def magnitude_retrained_stage(self, name: str) -> RunResult:
+        """retrained/<name>/: the pre-trained weights re-fine-tuned with the mask held."""
+        return self._retrain_magnitude(name, self.magnitude_masks(name))
 
     def _magnitude_search(self, model: torch.nn.Module, params) -> dict[str, Any]:
         total = sum(p.numel() for p in params.values())

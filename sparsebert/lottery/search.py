@@ -30,6 +30,8 @@ from sparsebert.atomic import atomic_write_json
 from sparsebert.errors import RunDirError
 from sparsebert.glue.tasks import get_task
 from sparsebert.hf.loading import load_model, load_tokenizer
+from sparsebert.hf.masks import get_masks, set_masks
+from sparsebert.hf.patching import patch
 from sparsebert.lottery.config import SearchConfig, SearchError
 from sparsebert.lottery.magnitude_stages import MagnitudeStages
 from sparsebert.lottery.scoring import load_search_data, report_metric, score_model
@@ -91,6 +93,7 @@ class Search(StructuredStages, MagnitudeStages):
         self.device = resolve_device(train.device)
         self.stop_after = stop_after
         self.started = time.perf_counter()
+        self._models: dict[str, Any] = {}  # loaded once per search: see fine_tuned_patched()
 
     @staticmethod
     def read_stage(path: Path) -> dict[str, Any] | None:
@@ -124,16 +127,40 @@ class Search(StructuredStages, MagnitudeStages):
             torch.set_num_threads(threads)
 
     def _run(self) -> dict[str, Any]:
-        check_search_dir(self.out, self.config, self.train)
-        self.full = self._full()
+        self.full_stage()
         self._stage_done("full")
         self.prepare()
         for method in self.config.methods():
             getattr(self, f"_{method}")()
-        summary = self.summarize()
-        atomic_write_json(self.out / "summary.json", summary)
+        summary = self.summary_stage(report=False)
         self._stage_done("summary")
         self._report()
+        return summary
+
+    # Stages that run alone (a sweep's units): full_stage, then after prepare() or
+    # load_full() the method stages (<method>_search_stage, _pruned_stage, _retrained_stage
+    # of the mixins), then summary_stage.
+
+    def full_stage(self) -> RunResult:
+        """Check (or claim) the directory and fine-tune the full model (resumable)."""
+        check_search_dir(self.out, self.config, self.train)
+        self.full = self._full()
+        return self.full
+
+    def load_full(self) -> None:
+        """For a stage run alone: the finished full model's result, then prepare()."""
+        self.full = RunResult.load(self.out / "full")
+        if self.full is None or not self.full.finished:
+            raise RunDirError(f"{self.out / 'full'}: the full model is not fine-tuned yet; "
+                              f"run the full stage first")
+        self.prepare()
+
+    def summary_stage(self, report: bool = True) -> dict[str, Any]:
+        """summary.json from the stage files (and report.md + figures when `report`)."""
+        summary = self.summarize()
+        atomic_write_json(self.out / "summary.json", summary)
+        if report:
+            self._report()
         return summary
 
     def prepare(self) -> None:
@@ -153,10 +180,31 @@ class Search(StructuredStages, MagnitudeStages):
         model, _ = load_run_model(self.out / "full", self.task.num_labels, self.task.labels)
         return model.to(self.device).eval()
 
+    def fine_tuned_patched(self) -> torch.nn.Module:
+        """The fine-tuned full model, patched, gates reset to 1 (loaded once per search)."""
+        if "patched" not in self._models:
+            model = patch(self._fine_tuned())
+            self._models["patched"] = (model, get_masks(model))
+        model, ones = self._models["patched"]
+        set_masks(model, head_mask=ones["head_mask"], mlp_mask=ones["mlp_mask"])
+        return model
+
+    def fine_tuned_plain(self) -> torch.nn.Module:
+        """The fine-tuned full model, unpatched (loaded once per search; callers that change
+        its weights restore them)."""
+        if "plain" not in self._models:
+            self._models["plain"] = self._fine_tuned()
+        return self._models["plain"]
+
     def _pretrained(self) -> tuple[torch.nn.Module, Any]:
-        """The pre-trained model with the full run's classifier initialisation (same seed)."""
-        return load_model(self.train.model, self.task.num_labels, labels=self.task.labels,
-                          seed=self.train.seed)
+        """The pre-trained model with the full run's classifier initialisation (same seed):
+        loaded once per search, a fresh copy per call."""
+        if "pretrained" not in self._models:
+            self._models["pretrained"] = load_model(self.train.model, self.task.num_labels,
+                                                    labels=self.task.labels,
+                                                    seed=self.train.seed)
+        model, tokenizer = self._models["pretrained"]
+        return copy.deepcopy(model), tokenizer
 
     def _full_scores(self, model: torch.nn.Module) -> tuple[float, dict[str, Any]]:
         return score_model(model, self.data, self.train)

@@ -7,7 +7,6 @@ A mixin of sparsebert.lottery.search.Search: it uses the search's config, data a
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from sparsebert.atomic import atomic_write_json
+from sparsebert.errors import RunDirError
 from sparsebert.hf.masks import set_masks
 from sparsebert.hf.patching import patch, sparse_blocks
 from sparsebert.hf.structure import config_size, structure_for
@@ -31,32 +31,54 @@ class StructuredStages:
     """s-pruning: search, masks, pruned scores, retrained runs under out/structured/."""
 
     def _structured(self) -> None:
+        self.structured_search_stage()
+        self._stage_done("structured.search")
+        for name in self.config.subnet_list():
+            self.structured_pruned_stage(name)
+            self._stage_done(f"structured.pruned.{name}")
+            if self.config.retrain:
+                self.structured_retrained_stage(name)
+                self._stage_done(f"structured.retrained.{name}")
+
+    # Each stage below runs alone on a prepared search (full model fine-tuned, data loaded)
+    # and skips itself when its file exists; a sweep schedules them as separate units.
+
+    def structured_search_stage(self) -> dict[str, Any]:
+        """search.json and every subnetwork's masks/<subnet>.json; returns search.json."""
         root = self.out / "structured"
         found = self.read_stage(root / "search.json")
-        model = patch(self._fine_tuned())
         if found is None:
             started = time.perf_counter()
-            found = self._structured_search(model)
+            found = self._structured_search(self.fine_tuned_patched())
             found["search_time_s"] = time.perf_counter() - started
             (root / "masks").mkdir(parents=True, exist_ok=True)
             atomic_write_json(root / "search.json", found)
             self._metrics("structured", found["curve"])
-        self._stage_done("structured.search")
         good = (torch.tensor(found["head_mask"]), torch.tensor(found["mlp_mask"]))
         subnets = structured_subnetworks(*good, seed=self.train.seed)
         for name in self.config.subnet_list():
-            masks = subnets[name]
             mask_file = root / "masks" / f"{name}.json"
             if not mask_file.is_file():
-                atomic_write_json(mask_file, {k: v.tolist() for k, v in masks.items()})
-            masks = {k: torch.tensor(v) for k, v in json.loads(mask_file.read_text()).items()}
-            self.evaluate_structured(model, masks, root / "pruned" / f"{name}.json",
-                                     f"s-pruning {name}")
-            self._stage_done(f"structured.pruned.{name}")
-            if self.config.retrain:
-                self._retrain_structured(name, masks)
-                self._stage_done(f"structured.retrained.{name}")
-        set_masks(model, head_mask=torch.ones_like(good[0]), mlp_mask=torch.ones_like(good[1]))
+                atomic_write_json(mask_file, {k: v.tolist() for k, v in subnets[name].items()})
+        return found
+
+    def structured_masks(self, name: str) -> dict[str, torch.Tensor]:
+        """Subnetwork `name`'s head_mask (L, H) and mlp_mask (L,) from its mask file."""
+        path = self.out / "structured" / "masks" / f"{name}.json"
+        masks = self.read_stage(path)
+        if masks is None:
+            raise RunDirError(f"{path}: missing; run the structured search stage first")
+        return {k: torch.tensor(v) for k, v in masks.items()}
+
+    def structured_pruned_stage(self, name: str) -> None:
+        """pruned/<name>.json: the mask on the fine-tuned model."""
+        self.evaluate_structured(self.fine_tuned_patched(), self.structured_masks(name),
+                                 self.out / "structured" / "pruned" / f"{name}.json",
+                                 f"s-pruning {name}")
+
+    def structured_retrained_stage(self, name: str) -> RunResult:
+        """retrained/<name>/: the mask on the pre-trained model, re-fine-tuned."""
+        return self._retrain_structured(name, self.structured_masks(name))
 
     def evaluate_structured(self, model: torch.nn.Module, masks: dict[str, torch.Tensor],
                             path: Path, label: str) -> None:
@@ -68,10 +90,6 @@ class StructuredStages:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {"search_score": score, "metrics": dev})
         self._log(f"{label}: pruned dev {dev}")
-
-    def fine_tuned_patched(self) -> torch.nn.Module:
-        """The fine-tuned full model, patched (gates at 1)."""
-        return patch(self._fine_tuned())
 
     def _structured_search(self, model: torch.nn.Module) -> dict[str, Any]:
         row = structure_for(model)

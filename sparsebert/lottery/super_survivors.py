@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from sparsebert.atomic import atomic_write_json
+from sparsebert.glue.tasks import GlueTask, get_task
 from sparsebert.lottery.config import SearchConfig, SearchError
 from sparsebert.lottery.scoring import report_metric
 from sparsebert.lottery.search import Search, StopSearch
@@ -92,41 +94,79 @@ class SuperStage:
     """Masks, pruned scores and re-fine-tunes of the super-survivor controls."""
 
     def __init__(self, task: str, out: Path, seeds: list[int], search_config: SearchConfig,
-                 train_config: TrainConfig, progress: bool) -> None:
+                 train_config: TrainConfig, progress: bool,
+                 runner_for: Callable[[int], Search] | None = None) -> None:
+        """runner_for(seed): a prepared Search of that seed (default: a new one, loaded)."""
         self.task_name, self.out, self.seeds = task, out, seeds
+        self.runner_for = runner_for
         self.search_config, self.train_config = search_config, train_config
         self.progress = progress
         self.root = out / "super"
 
     def _runner(self, seed: int) -> Search:
+        if self.runner_for is not None:
+            return self.runner_for(seed)
         train = copy.copy(self.train_config)
         train.task, train.seed = self.task_name, seed
         runner = Search(self.search_config, train, seed_dir(self.out, seed), self.progress)
-        runner.full = RunResult.load(seed_dir(self.out, seed) / "full")
-        runner.prepare()
+        runner.load_full()
         return runner
 
     def run(self) -> dict[str, Any]:
-        # Step 1: the masks (once).
+        self.masks_stage()
+        for seed in self.seeds:
+            runner = self._runner(seed)
+            for name in self.search_config.subnet_list():
+                self.pruned_stage(seed, name, runner)
+                if self.search_config.retrain:
+                    self.retrained_stage(seed, name, runner)
+        return self.summary_stage()
+
+    # Stages that run alone (a sweep's units): masks_stage once every seed's structured
+    # search is done, then pruned_stage / retrained_stage per seed and subnetwork, then
+    # summary_stage.
+
+    def masks_stage(self) -> dict[str, Any]:
+        """super/masks.json (once): the controls' masks, notes and stability statistics."""
         masks_file = self.root / "masks.json"
         if not masks_file.is_file():
             self.root.mkdir(parents=True, exist_ok=True)
             atomic_write_json(masks_file, super_masks(self.out, self.seeds, self.seeds[0]))
-        found = json.loads(masks_file.read_text())
-        # Step 2: per seed: pruned on its fine-tuned model, retrained from pre-trained.
-        subnets = self.search_config.subnet_list()
-        for seed in self.seeds:
-            runner = self._runner(seed)
-            model = runner.fine_tuned_patched()
-            for name in subnets:
-                masks = {k: torch.tensor(v) for k, v in found["masks"][name].items()}
-                runner.evaluate_structured(model, masks, self.root / "pruned" / name /
-                                           f"seed_{seed}.json", f"super {name} seed {seed}")
-                if self.search_config.retrain:
-                    runner.retrain_structured(self.root / "retrained" / name / f"seed_{seed}",
-                                              masks, f"super {name} seed {seed}")
-        summary = self.summarize(found, runner)
+        return json.loads(masks_file.read_text())
+
+    def _masks(self, name: str) -> dict[str, torch.Tensor]:
+        found = Search.read_stage(self.root / "masks.json")
+        if found is None:
+            raise SearchError(f"{self.root / 'masks.json'}: missing; run the super-survivor "
+                              f"masks stage first")
+        return {k: torch.tensor(v) for k, v in found["masks"][name].items()}
+
+    def pruned_stage(self, seed: int, name: str, runner: Search | None = None) -> None:
+        """super/pruned/<name>/seed_<s>.json: the control on seed s's fine-tuned model."""
+        path = self.root / "pruned" / name / f"seed_{seed}.json"
+        if path.is_file():
+            return
+        runner = runner or self._runner(seed)
+        runner.evaluate_structured(runner.fine_tuned_patched(), self._masks(name), path,
+                                   f"super {name} seed {seed}")
+
+    def retrained_stage(self, seed: int, name: str, runner: Search | None = None) -> None:
+        """super/retrained/<name>/seed_<s>/: the control re-fine-tuned with seed s."""
+        run_dir = self.root / "retrained" / name / f"seed_{seed}"
+        done = RunResult.load(run_dir)
+        if done is not None and done.finished:
+            return
+        runner = runner or self._runner(seed)
+        runner.retrain_structured(run_dir, self._masks(name), f"super {name} seed {seed}")
+
+    def summary_stage(self, report: bool = True) -> dict[str, Any]:
+        """super/summary.json, then (`report`) report.md and figures/ over the task's
+        directory."""
+        found = self.masks_stage()
+        summary = self.summarize(found, get_task(self.task_name))
         atomic_write_json(self.root / "summary.json", summary)
+        if not report:
+            return summary
         try:
             from sparsebert.report import report  # noqa: PLC0415
         except ImportError:
@@ -134,9 +174,9 @@ class SuperStage:
         report([self.out], self.out)
         return summary
 
-    def summarize(self, found: dict[str, Any], runner: Search) -> dict[str, Any]:
-        metric = report_metric(runner.task)
-        first = runner.task.dev_splits[0]
+    def summarize(self, found: dict[str, Any], task: GlueTask) -> dict[str, Any]:
+        metric = report_metric(task)
+        first = task.dev_splits[0]
         sizes = json.loads((seed_dir(self.out, self.seeds[0]) / "structured" /
                             "search.json").read_text())["sizes"]  # the model's sizes
         subnetworks = {}
@@ -160,7 +200,7 @@ class SuperStage:
                                  "fraction_kept": kept_fraction(heads, mlps, sizes),
                                  "head_mask": masks["head_mask"], "mlp_mask": masks["mlp_mask"],
                                  "pruned": pruned or None, "retrained": retrained or None}
-        return {"version": SUPER_VERSION, "kind": "sparsebert-super", "task": runner.task.name,
+        return {"version": SUPER_VERSION, "kind": "sparsebert-super", "task": task.name,
                 "seeds": self.seeds, "report_metric": metric,
                 "head_mask": found["masks"]["good"]["head_mask"],
                 "mlp_mask": found["masks"]["good"]["mlp_mask"],

@@ -27,6 +27,7 @@ from sparsebert.glue.tasks import get_task
 from sparsebert.hf.loading import load_model, preflight_model
 from sparsebert.pruning.weight_masks import WeightMasks
 from sparsebert.runtime import device_name, git_sha, versions
+from sparsebert.train import data_cache
 from sparsebert.train.checkpoint import (
     load_checkpoint,
     remove_checkpoints,
@@ -132,8 +133,14 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
     if model is None:
         model, tokenizer = load_model(config.model, task.num_labels, labels=task.labels,
                                       seed=config.seed)
-    train = batching.encode(train_data, tokenizer, config.max_length)
-    dev = load_dev_splits(config, tokenizer)
+    # Tokenized once per process when data_cache is enabled (a sweep's workers), else now.
+    subset = None if config.max_train_examples is None else (config.seed,
+                                                              config.max_train_examples)
+    data_key = (task.name, config.glue_dir, data_cache.tokenizer_key(tokenizer),
+                config.max_length)
+    train = data_cache.cached(("train", subset, *data_key),
+                              lambda: batching.encode(train_data, tokenizer, config.max_length))
+    dev = data_cache.cached(("dev", *data_key), lambda: load_dev_splits(config, tokenizer))
     out_dir.mkdir(parents=True, exist_ok=True)
     check_masks(out_dir, mask_info)  # refuses other masks; writes masks.json for a new run
     atomic_write_json(out_dir / "config.json", config.to_json())  # inputs are good: a run

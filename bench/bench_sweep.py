@@ -1,0 +1,145 @@
+"""Sweep throughput on this machine: the same grid of tiny-model units run one after another
+(in one process, as `sparsebert search --seeds` does, and as a sweep with 1 worker) and as a
+sweep with 2 local workers (1 thread each). Target: 2 workers <= 0.6x the sequential wall time.
+
+The units are real: a random BERT (--hidden, --layers; the default model's tokenizer) on a
+synthetic SST-2-style task written to a temporary folder, every stage of the study (full
+fine-tune, both searches, good/random/bad pruned and retrained, super-survivors, reports).
+
+    python bench/bench_sweep.py --seeds 1,2,3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+WORDS = "the a film movie plot actor scene story music ending script cast".split()
+
+
+def make_inputs(root: Path, args: argparse.Namespace) -> tuple[str, str]:
+    """A saved random BERT with the default tokenizer, and a GLUE folder with SST-2."""
+    from transformers import BertConfig, BertModel
+
+    from sparsebert.hf.loading import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=args.hidden,
+                        num_hidden_layers=args.layers, num_attention_heads=4,
+                        intermediate_size=2 * args.hidden, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model_dir = root / "model"
+    BertModel(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    (root / "glue" / "SST-2").mkdir(parents=True)
+    for split, n in (("train", args.train_examples), ("dev", args.dev_examples)):
+        rows = ["sentence\tlabel"]
+        for i in range(n):
+            words = list(rng.choice(WORDS, int(rng.integers(3, 20))))
+            words.insert(int(rng.integers(0, len(words))), "good" if i % 2 else "bad")
+            rows.append(f"{' '.join(words)} .\t{i % 2}")
+        (root / "glue" / "SST-2" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return str(model_dir), str(root / "glue")
+
+
+def configs(model: str, glue: str, args: argparse.Namespace):
+    from sparsebert.lottery.config import SearchConfig
+    from sparsebert.train import TrainConfig
+
+    search = SearchConfig(importance_batch_size=16)
+    train = TrainConfig(model=model, glue_dir=glue, epochs=args.epochs, batch_size=16,
+                        lr=2e-3, threads=1, device="cpu", log_every=10)
+    return search, train
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children (the workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def run_sequential(out: Path, model: str, glue: str, args) -> float:
+    from sparsebert.lottery.super_survivors import search_seeds
+
+    search, train = configs(model, glue, args)
+    started = time.perf_counter()
+    search_seeds("SST-2", out, [int(s) for s in args.seeds.split(",")],
+                 search_config=search, train_config=train, progress=False)
+    return time.perf_counter() - started
+
+
+def run_sweep(out: Path, model: str, glue: str, args, workers: int) -> tuple[float, int]:
+    from sparsebert.sweep import SweepConfig, sweep
+
+    search, train = configs(model, glue, args)
+    train.device = "auto"  # the sweep places units on its --devices
+    started = time.perf_counter()
+    outcome = sweep(out, SweepConfig(tasks="SST-2", seeds=args.seeds, workers=workers,
+                                     devices="cpu"), search, train, progress=False)
+    assert not outcome.failed, outcome.failed
+    return time.perf_counter() - started, len(outcome.done)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--train-examples", type=int, default=256)
+    parser.add_argument("--dev-examples", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model, glue = make_inputs(root, args)
+        cpu = [cpu_seconds()]
+        sequential = run_sequential(root / "sequential", model, glue, args)
+        cpu.append(cpu_seconds())
+        one, units = run_sweep(root / "sweep-1", model, glue, args, workers=1)
+        cpu.append(cpu_seconds())
+        two, _ = run_sweep(root / "sweep-2", model, glue, args, workers=2)
+        cpu.append(cpu_seconds())
+    used = [b - a for a, b in zip(cpu, cpu[1:])]  # CPU seconds per mode (workers included)
+    load_after = os.getloadavg()
+    walls = (sequential, one, two)
+    rows = [[name, workers, f"{wall:.1f}", f"{wall / sequential:.2f}x", f"{cpu_s:.1f}",
+             f"{cpu_s / wall:.2f}"]
+            for (name, workers), wall, cpu_s in zip(
+                [("one after another, one process (search --seeds)", 1),
+                 ("sweep, 1 worker", 1), ("sweep, 2 workers", 2)], walls, used)]
+    records = [{"mode": "sequential", "workers": 1, "wall_s": sequential, "cpu_s": used[0]},
+               {"mode": "sweep", "workers": 1, "wall_s": one, "cpu_s": used[1]},
+               {"mode": "sweep", "workers": 2, "wall_s": two, "cpu_s": used[2],
+                "ratio_vs_sequential": two / sequential, "ratio_vs_sweep_1": two / one},
+               {"units": units, "cpu_count": os.cpu_count(),
+                "load_average_before": load_before, "load_average_after": load_after}]
+    what = (f"Sweep of {units} units (SST-2-style synthetic task, seeds {args.seeds}, both "
+            f"methods, good/random/bad, super-survivors; random BERT hidden {args.hidden}, "
+            f"{args.layers} layers; {args.train_examples} train / {args.dev_examples} dev "
+            f"examples, {args.epochs} epochs), 1 torch thread per worker, {os.cpu_count()} "
+            f"cores; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
+            f"(a shared machine)")
+    common.report("sweep", args, argv, what,
+                  ["mode", "workers", "wall (s)", "vs one after another", "CPU (s)",
+                   "cores used (CPU / wall)"],
+                  rows, records)
+
+
+if __name__ == "__main__":
+    main()

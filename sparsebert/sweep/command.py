@@ -1,0 +1,65 @@
+"""The `sparsebert sweep` subcommand's flags and entry (cli.py registers the pair)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from sparsebert.flags import add_dataclass_arguments, overrides
+
+
+def add_sweep(subparsers) -> None:
+    from sparsebert.lottery.config import SearchConfig  # noqa: PLC0415
+    from sparsebert.sweep.config import SweepConfig  # noqa: PLC0415
+    from sparsebert.train import TrainConfig  # noqa: PLC0415
+
+    parser = subparsers.add_parser(
+        "sweep", help="the lottery-ticket study over tasks x seeds x methods (resumable, "
+                      "parallel, local or Ray)",
+        description="Run the search's stages for every task x seed x method as units on a "
+                    "process pool (--backend local) or a Ray cluster (--backend ray), writing "
+                    "OUT/<task>/seed_<s>/ (as `sparsebert search`), OUT/<task>/super/ and "
+                    "OUT/report.md. Rerunning the same command resumes; adding tasks or seeds "
+                    "extends the sweep.")
+    parser.add_argument("--out", required=True, help="sweep directory (created if missing)")
+    parser.add_argument("--config", default=None,
+                        help="TOML file with any of these options (flags override it)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    add_dataclass_arguments(parser.add_argument_group("sweep"), SweepConfig)
+    add_dataclass_arguments(parser.add_argument_group("search"), SearchConfig,
+                            skip=("method",))
+    add_dataclass_arguments(parser.add_argument_group("training (--threads: per worker)"),
+                            TrainConfig, skip=("task", "seed", "device"))
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from sparsebert.lottery.config import SearchConfig  # noqa: PLC0415
+    from sparsebert.sweep import SweepConfig, sweep  # noqa: PLC0415
+    from sparsebert.sweep.config import read_config_file  # noqa: PLC0415
+    from sparsebert.train import TrainConfig  # noqa: PLC0415
+
+    configs = []
+    from_file = read_config_file(args.config) if args.config else {}
+    for cls in (SweepConfig, SearchConfig, TrainConfig):
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in from_file.items() if k in names}
+        values.update(overrides(args, cls))
+        values.pop("method", None), values.pop("task", None), values.pop("seed", None)
+        configs.append(cls(**values))
+    outcome = sweep(args.out, *configs, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(outcome), indent=2))
+    else:
+        print(f"{len(outcome.done)} units done, {len(outcome.skipped)} already done, "
+              f"{len(outcome.failed)} failed, {len(outcome.blocked)} blocked by failures, "
+              f"{len(outcome.retried)} retried, in {outcome.wall_s:.0f} s")
+        for unit_id, info in outcome.failed.items():
+            print(f"  failed {unit_id} ({info['attempts']} attempts): {info['error']}")
+        if outcome.failed:
+            print(f"rerun the same command to retry them; details in "
+                  f"{args.out}/.sweep/failed/")
+        else:
+            print(f"report: {args.out}/report.md")
+    return 1 if outcome.failed else 0

@@ -1,0 +1,145 @@
+"""The sweep's own options (what `sparsebert sweep` adds to the search and training flags),
+and the optional TOML file (--config) that sets any of the three: CLI flags win over the file.
+
+    # sweep.toml: keys are flag names with underscores, flat or under [sweep]/[search]/[train]
+    tasks = "RTE,MRPC,CoLA"          # or a list: ["RTE", "MRPC"]
+    seeds = [1337, 42, 86]
+    max_train_examples = 500
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sparsebert.errors import ConfigError
+from sparsebert.flags import help_field
+from sparsebert.glue.tasks import get_task
+from sparsebert.lottery.config import METHODS, SearchConfig
+from sparsebert.train.config import TrainConfig, resolve_device
+
+BACKENDS = ("local", "ray")
+
+
+class SweepError(ConfigError):
+    """A bad sweep option, a sweep directory that holds another grid, or a backend failure."""
+
+
+@dataclass
+class SweepConfig:
+    """The grid and how it is run."""
+
+    tasks: str = help_field("comma-separated GLUE tasks", "RTE,MRPC,CoLA")
+    seeds: str = help_field("comma-separated seeds (>= 2 for the super-survivors)",
+                            "1337,42,86")
+    methods: str = help_field("comma-separated methods: structured, magnitude",
+                              "structured,magnitude")
+    super_survivors: bool = help_field("super-survivor controls per task (structured, >= 2 "
+                                       "seeds)", True)
+    reports: bool = help_field("report.md + figures in every search and task directory, as "
+                               "`sparsebert search` writes (the sweep's report is always "
+                               "written)", True)
+    workers: int | None = help_field("units run at once (default: per --devices: the CPU "
+                                     "count, capped at 4, on CPU; --per-gpu per GPU)", None)
+    devices: str = help_field("cpu, or comma-separated CUDA devices (cuda:0,cuda:1); auto: "
+                              "every visible GPU, else cpu", "auto")
+    per_gpu: int = help_field("units packed onto each GPU at once", 4)
+    backend: str = help_field("local (a process pool on this machine) or ray", "local")
+    ray_address: str | None = help_field("address of a running Ray cluster (default: start a "
+                                         "local Ray instance)", None)
+    retries: int = help_field("times a failed unit is retried in one run", 1)
+    unit_memory_gb: float = help_field("ray: memory each unit reserves, GB (0 = none)", 0.0)
+
+    def task_list(self) -> list[str]:
+        names = _split(self.tasks, "--tasks")
+        return list(dict.fromkeys(get_task(n).name for n in names))
+
+    def seed_list(self) -> list[int]:
+        try:
+            seeds = [int(s) for s in _split(self.seeds, "--seeds")]
+        except ValueError:
+            raise SweepError(f"--seeds {self.seeds!r}: expected comma-separated integers") \
+                from None
+        if len(set(seeds)) != len(seeds):
+            raise SweepError(f"--seeds {self.seeds!r}: expected distinct seeds")
+        return seeds
+
+    def method_list(self) -> list[str]:
+        methods = list(dict.fromkeys(_split(self.methods, "--methods")))
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise SweepError(f"--methods {self.methods!r}: unknown {unknown}; expected a "
+                             f"comma-separated subset of {','.join(METHODS)}")
+        return [m for m in METHODS if m in methods]  # the search's own order
+
+    def device_list(self) -> list[str]:
+        """Devices checked to exist on this machine; 'auto' resolved."""
+        names = _split(self.devices, "--devices")
+        if names == ["auto"]:
+            import torch  # noqa: PLC0415
+
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            return [f"cuda:{i}" for i in range(count)] or ["cpu"]
+        for name in names:
+            try:
+                resolve_device(name)
+            except ConfigError as error:
+                raise SweepError(f"--devices: {error}") from None
+        if "cpu" in names and len(names) > 1:
+            raise SweepError(f"--devices {self.devices!r}: cpu or CUDA devices, not both")
+        return [str(resolve_device(n)) for n in names]
+
+    def validate(self) -> SweepConfig:
+        self.task_list(), self.seed_list(), self.method_list()
+        if self.backend not in BACKENDS:
+            raise SweepError(f"--backend {self.backend!r}: expected local or ray")
+        if self.workers is not None and self.workers < 1:
+            raise SweepError(f"--workers {self.workers}: expected >= 1")
+        if self.per_gpu < 1:
+            raise SweepError(f"--per-gpu {self.per_gpu}: expected >= 1")
+        if self.retries < 0:
+            raise SweepError(f"--retries {self.retries}: expected >= 0")
+        if self.ray_address and self.backend != "ray":
+            raise SweepError("--ray-address needs --backend ray")
+        return self
+
+
+def _split(text: str, flag: str) -> list[str]:
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not parts:
+        raise SweepError(f"{flag} {text!r}: expected a comma-separated list")
+    return parts
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Flat {field: value} from a TOML file; unknown keys are refused, lists joined."""
+    try:
+        import tomllib  # noqa: PLC0415 (Python >= 3.11)
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # noqa: PLC0415
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SweepError(f"--config {path}: no such file") from None
+    except tomllib.TOMLDecodeError as error:
+        raise SweepError(f"--config {path}: not valid TOML ({error})") from None
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key in ("sweep", "search", "train"):
+            flat.update(value)
+        else:
+            flat[key] = value
+    known = {f.name: f for cls in (SweepConfig, SearchConfig, TrainConfig)
+             for f in dataclasses.fields(cls)}
+    unknown = sorted(set(flat) - set(known) - {"out"})
+    if unknown:
+        raise SweepError(f"--config {path}: unknown keys {unknown}")
+    for key in ("method", "task", "seed"):
+        if key in flat:
+            raise SweepError(f"--config {path}: {key!r} is set by the grid; use "
+                             f"{key}s = ... instead")
+    return {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in flat.items()}

@@ -1,0 +1,116 @@
+"""The Ray backend: each unit a Ray task with its resource needs (num_cpus = the slot's
+threads, num_gpus = 1 / --per-gpu on GPUs, memory = --unit-memory-gb), on a local Ray instance
+that the sweep starts or on a running cluster (--ray-address). Every node must see the sweep
+directory at the same path (a shared filesystem) and the GLUE data and model.
+
+Ray reuses its worker processes between tasks, so a worker keeps its loaded models and data
+warm (sparsebert.sweep.units) as local workers do. Retries are the sweep's (max_retries=0 on
+the task), so a unit is counted and reported the same on both backends.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+from sparsebert.sweep.config import SweepError
+from sparsebert.sweep.local import Event, Slot, error_info
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_reachable(address: str) -> None:
+    """A clear error within seconds when nothing listens at HOST:PORT (ray.init would keep
+    retrying for a long time)."""
+    if address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise SweepError(f"--ray-address {address!r}: expected HOST:PORT (e.g. "
+                         f"10.0.0.5:6379), ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        raise SweepError(f"--ray-address {address}: no Ray cluster reachable there "
+                         f"({reason}); start one (ray start --head) or use --backend local"
+                         ) from None
+
+
+def preflight(address: str | None) -> None:
+    """Ray importable and (with an address) a cluster listening there, else SweepError."""
+    try:
+        import ray  # noqa: F401, PLC0415
+    except ImportError:
+        raise SweepError("--backend ray needs Ray: pip install 'sparsebert[ray]'") from None
+    if address:
+        check_reachable(address)
+
+
+def _run_unit(spec: dict[str, Any]) -> dict[str, Any]:
+    from sparsebert.sweep.units import run_unit  # noqa: PLC0415 (in the Ray worker)
+
+    return run_unit(spec)
+
+
+class RayBackend:
+    """Units as Ray tasks; at most one per slot at a time (slots bound the sweep's width)."""
+
+    name = "ray"
+
+    def __init__(self, slots: list[Slot], address: str | None, per_gpu: int,
+                 memory_gb: float) -> None:
+        preflight(address)
+        import ray  # noqa: PLC0415
+
+        self.ray, self.slots = ray, slots
+        self.per_gpu, self.memory_gb = per_gpu, memory_gb
+        self.started = not ray.is_initialized()
+        options = {"include_dashboard": False, "log_to_driver": False}
+        try:
+            if self.started and address:
+                ray.init(address=address, **options)
+            elif self.started:  # a local instance as wide as the slots
+                ray.init(num_cpus=sum(s.threads for s in slots), **options)
+        except ConnectionError as error:
+            raise SweepError(f"--ray-address {address}: {error}; use --backend local") \
+                from None
+        self.remote = ray.remote(_run_unit)
+        self.pending: dict[Any, Slot] = {}
+
+    def idle(self) -> list[Slot]:
+        return [s for s in self.slots if s.busy is None]
+
+    def submit(self, slot: Slot, spec: dict[str, Any], warm_key: Any) -> None:
+        gpu = slot.device != "cpu"
+        if gpu:
+            spec = {**spec, "device": "cuda"}  # Ray gives the task its GPU as cuda:0
+        options: dict[str, Any] = {"num_cpus": slot.threads, "max_retries": 0}
+        if gpu:
+            options["num_gpus"] = 1 / self.per_gpu
+        if self.memory_gb:
+            options["memory"] = int(self.memory_gb * 2**30)
+        slot.busy, slot.warm_key = spec["id"], warm_key
+        self.pending[self.remote.options(**options).remote(spec)] = slot
+
+    def poll(self, timeout: float) -> list[Event]:
+        if not self.pending:
+            time.sleep(timeout)
+            return []
+        ready, _ = self.ray.wait(list(self.pending), num_returns=len(self.pending),
+                                 timeout=timeout)
+        events = []
+        for ref in ready:
+            slot = self.pending.pop(ref)
+            unit_id, slot.busy = slot.busy, None
+            try:
+                events.append(Event(unit_id, True, self.ray.get(ref)))
+            except Exception as error:  # noqa: BLE001 (a task error, a dead worker or node)
+                events.append(Event(unit_id, False,
+                                    error_info(getattr(error, "cause", None) or error)))
+        return events
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()

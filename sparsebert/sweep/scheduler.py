@@ -1,0 +1,161 @@
+"""The driver's loop: run every unit whose dependencies are done, as many at once as the
+backend has slots, highest critical path first (and, at similar priority, on a worker that
+has the unit's task x seed loaded); retry failures up to a limit; keep going past units that
+failed for good (their dependents are skipped); show done / running / failed and an ETA.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from sparsebert.sweep.grid import Unit, upward_rank
+from sparsebert.sweep.state import SweepDir
+from sparsebert.sweep.units import unit_spec
+
+AFFINITY = 0.5  # a warm unit is preferred when its rank is at least this fraction of the best
+
+
+@dataclass
+class Outcome:
+    done: list[str] = field(default_factory=list)       # finished in this run
+    skipped: list[str] = field(default_factory=list)    # finished before (markers)
+    failed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    blocked: list[str] = field(default_factory=list)    # a dependency failed for good
+    retried: dict[str, int] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+class Scheduler:
+    def __init__(self, units: list[Unit], state: SweepDir, backend, base: dict[str, Any],
+                 retries: int, progress: bool = True) -> None:
+        self.units = {u.id: u for u in units}
+        self.order = [u.id for u in units]
+        self.rank = upward_rank(units)
+        self.state, self.backend, self.base = state, backend, base
+        self.retries, self.progress = retries, progress
+        self.durations: dict[str, list[float]] = defaultdict(list)  # cost key -> seconds
+        self._timed: list[tuple[str, float]] = []  # (unit id, seconds) of finished units
+
+    @staticmethod
+    def _cost_key(unit: Unit) -> str:
+        """Units that take about as long: the kind, and the method of a search."""
+        return f"{unit.kind}:{unit.method}" if unit.kind == "search" else unit.kind
+
+    def _record(self, unit: Unit, seconds: float) -> None:
+        self.durations[self._cost_key(unit)].append(seconds)
+        self._timed.append((unit.id, seconds))
+
+    def _estimate(self, unit: Unit) -> float | None:
+        seen = self.durations.get(self._cost_key(unit))
+        if seen:
+            return sum(seen) / len(seen)
+        per_weight = [s / self.units[i].weight for i, s in self._timed]
+        return unit.weight * sum(per_weight) / len(per_weight) if per_weight else None
+
+    def _eta(self, remaining: list[str], running: dict[str, float]) -> str:
+        estimates = [self._estimate(self.units[i]) for i in remaining]
+        if any(e is None for e in estimates):
+            return "?"
+        now = time.perf_counter()
+        left = sum(estimates) - sum(min(now - t, self._estimate(self.units[i]) or 0)
+                                    for i, t in running.items())
+        seconds = max(left, 0) / max(len(self.backend.slots) if self.backend else 1, 1)
+        return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+    def run(self) -> Outcome:
+        started = time.perf_counter()
+        outcome = Outcome()
+        finished = set()
+        for unit_id, info in self.state.done().items():
+            if unit_id in self.units:
+                finished.add(unit_id)
+                outcome.skipped.append(unit_id)
+                if "seconds" in info:
+                    self._record(self.units[unit_id], info["seconds"])
+        attempts: dict[str, int] = defaultdict(int)
+        running: dict[str, float] = {}
+        placed: dict[str, dict[str, Any]] = {}  # running unit -> where (status.json)
+        dead: set[str] = set()  # failed for good or blocked
+        bar = tqdm(total=len(self.units), initial=len(finished), unit="unit", desc="sweep",
+                   disable=not self.progress, dynamic_ncols=True, smoothing=0)
+
+        changed, last_postfix = True, ""
+
+        def log(text: str) -> None:
+            if self.progress:
+                tqdm.write(text)
+
+        while True:
+            ready = [i for i in self.order if i not in finished and i not in running
+                     and i not in dead and all(d in finished for d in self.units[i].deps)]
+            for i in [i for i in self.order if i not in finished and i not in dead
+                      and any(d in dead for d in self.units[i].deps)]:
+                dead.add(i)
+                outcome.blocked.append(i)
+            for slot in self.backend.idle() if ready else []:
+                if not ready:
+                    break
+                unit = self._pick(ready, slot)
+                ready.remove(unit.id)
+                attempts[unit.id] += 1
+                self.backend.submit(slot, unit_spec(unit, self.base, attempts[unit.id],
+                                                    slot.device, slot.threads), unit.warm_key)
+                running[unit.id] = time.perf_counter()
+                placed[unit.id] = {"slot": slot.index, "device": slot.device,
+                                   "pid": slot.pid, "attempt": attempts[unit.id]}
+                changed = True
+            remaining = [i for i in self.order if i not in finished and i not in dead]
+            postfix = (f"running {len(running)}, failed {len(outcome.failed)}, "
+                       f"ETA {self._eta(remaining, running)}")
+            if postfix != last_postfix:
+                bar.set_postfix_str(postfix, refresh=True)
+                last_postfix = postfix
+            if changed:
+                self.state.write_status({"running": placed, "done": len(finished),
+                                         "failed": sorted(outcome.failed),
+                                         "total": len(self.units)})
+                changed = False
+            if not running:
+                break
+            for event in self.backend.poll(timeout=1.0):
+                changed = True
+                unit = self.units[event.unit_id]
+                placed.pop(event.unit_id, None)
+                seconds = time.perf_counter() - running.pop(event.unit_id)
+                if event.ok:
+                    info = {**event.info, "attempts": attempts[unit.id],
+                            "backend": self.backend.name}
+                    self.state.mark_done(unit.id, info)
+                    finished.add(unit.id)
+                    outcome.done.append(unit.id)
+                    self._record(unit, event.info.get("seconds", seconds))
+                    bar.update(1)
+                    log(f"done {unit.id} in {seconds:.0f} s"
+                        + (f" (score {event.info['score']:.4f})" if "score" in event.info
+                           else ""))
+                elif attempts[unit.id] <= self.retries:
+                    outcome.retried[unit.id] = attempts[unit.id]
+                    log(f"failed {unit.id} (attempt {attempts[unit.id]}): "
+                        f"{event.info['error']}; retrying")
+                else:
+                    dead.add(unit.id)
+                    outcome.failed[unit.id] = {**event.info, "attempts": attempts[unit.id]}
+                    self.state.mark_failed(unit.id, outcome.failed[unit.id])
+                    log(f"failed {unit.id} after {attempts[unit.id]} attempt(s): "
+                        f"{event.info['error']}")
+        bar.close()
+        outcome.wall_s = time.perf_counter() - started
+        return outcome
+
+    def _pick(self, ready: list[str], slot) -> Unit:
+        """The highest-ranked ready unit, or a warm one for this worker at similar rank."""
+        best = max(ready, key=lambda i: self.rank[i])
+        warm = [i for i in ready if self.units[i].warm_key == slot.warm_key
+                and self.units[i].seed is not None
+                and self.rank[i] >= AFFINITY * self.rank[best]]
+        return self.units[max(warm, key=lambda i: self.rank[i]) if warm else best]

@@ -1,0 +1,188 @@
+"""A sweep directory's own files (everything else is the search directories' layout):
+
+    OUT/sweep.json              the grid, the search and training configs, every run's times
+    OUT/.sweep/done/<unit>.json     completion markers (atomic): seconds, attempts, worker
+    OUT/.sweep/failed/<unit>.json   the last error of a unit that ran out of retries
+    OUT/.sweep/status.json      the running units, where (worker pid) and the counts
+    OUT/.sweep/lock             held (flock) by the running driver: one driver per directory
+
+A rerun skips units with a completion marker. The directory is tied to its grid: a rerun
+with other options is refused with the differences, except added tasks or seeds, which
+extend the sweep (adding seeds redoes the super-survivors of the tasks already there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from sparsebert.atomic import atomic_write_json
+from sparsebert.lottery.config import SearchConfig
+from sparsebert.sweep.config import SweepError
+from sparsebert.sweep.grid import Grid
+from sparsebert.train.config import RUNTIME_FIELDS, TrainConfig
+from sparsebert.train.rundir import now
+
+KIND = "sparsebert-sweep"
+
+
+def marker_name(unit_id: str) -> str:
+    return unit_id.replace("/", "~") + ".json"
+
+
+def identity(grid: Grid, search: SearchConfig, train: TrainConfig) -> dict[str, Any]:
+    """What a sweep directory is tied to (runtime fields such as threads or device left out)."""
+    ident = {"grid": dataclasses.asdict(grid), "search": search.identity(),
+             "train": {k: v for k, v in train.to_json().items()
+                       if k not in RUNTIME_FIELDS and k not in ("task", "seed")}}
+    return json.loads(json.dumps(ident))  # as saved in sweep.json (tuples as lists)
+
+
+def compare(saved: dict[str, Any], mine: dict[str, Any]) -> tuple[list[str], list[int]]:
+    """(added tasks, added seeds) when `mine` only adds tasks/seeds to `saved`; raises
+    SweepError listing every other difference."""
+    diffs = []
+    for section in ("grid", "search", "train"):
+        old, new = saved.get(section, {}), mine[section]
+        for key in sorted(set(old) | set(new)):
+            if key in ("tasks", "seeds") and section == "grid":
+                continue
+            if old.get(key) != new.get(key):
+                diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    old_grid, new_grid = saved["grid"], mine["grid"]
+    for key in ("tasks", "seeds"):
+        removed = [x for x in old_grid[key] if x not in new_grid[key]]
+        if removed:
+            diffs.append(f"{key}: {removed} missing (the directory has {old_grid[key]})")
+    if diffs:
+        raise SweepError(f"the sweep directory holds another grid ({'; '.join(diffs)}, as "
+                         f"saved -> requested); rerun with its options, or use another --out "
+                         f"(only added tasks or seeds extend a sweep)")
+    return ([t for t in new_grid["tasks"] if t not in old_grid["tasks"]],
+            [s for s in new_grid["seeds"] if s not in old_grid["seeds"]])
+
+
+class SweepDir:
+    """The sweep's files under `out`; open() takes the lock and checks (or writes) the grid."""
+
+    def __init__(self, out: str | os.PathLike) -> None:
+        self.out = Path(out)
+        self.meta = self.out / ".sweep"
+        self._lock = None
+        self.record: dict[str, Any] = {}
+
+    @property
+    def path(self) -> Path:
+        return self.out / "sweep.json"
+
+    def open(self, ident: dict[str, Any]) -> list[str]:
+        """Lock the directory, check the grid against a saved one; returns notes to print."""
+        if self.out.exists() and not self.out.is_dir():
+            raise SweepError(f"--out {self.out}: exists and is not a directory")
+        saved = None
+        if self.path.is_file():
+            try:
+                saved = json.loads(self.path.read_text())
+            except json.JSONDecodeError as error:
+                raise SweepError(f"{self.path}: damaged ({error})") from None
+            if saved.get("kind") != KIND:
+                raise SweepError(f"{self.out} holds something else than a sweep; use another "
+                                 f"--out")
+        elif self.out.is_dir() and any(self.out.iterdir()):
+            raise SweepError(f"--out {self.out}: not empty and not a sweep directory; use "
+                             f"another --out")
+        self.meta.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        notes = []
+        if saved is not None:
+            tasks, seeds = compare(saved["identity"], ident)
+            if tasks or seeds:
+                notes.append(f"extending the sweep: adding tasks {tasks or 'none'}, seeds "
+                             f"{seeds or 'none'}")
+            if seeds:
+                notes += self._retire_super(saved["identity"]["grid"]["tasks"],
+                                            saved["identity"]["grid"]["seeds"])
+            self.record = saved
+            for run in saved.get("runs", []):  # we hold the lock: no earlier driver runs now
+                if run.get("status") == "running":
+                    run["status"] = "killed (no clean exit)"
+        else:
+            self.record = {"kind": KIND, "version": 1, "runs": []}
+        self.record["identity"] = ident
+        self.record["runs"].append({"started_at": now(), "pid": os.getpid(),
+                                    "status": "running"})
+        atomic_write_json(self.path, self.record)
+        return notes
+
+    def _take_lock(self) -> None:
+        handle = open(self.meta / "lock", "a+")  # noqa: SIM115 (held until close())
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise SweepError(f"{self.out}: another sweep is running on this directory; wait "
+                             f"for it or stop it first") from None
+        self._lock = handle
+
+    def _retire_super(self, tasks: list[str], seeds: list[int]) -> list[str]:
+        """Move the super-survivors of the old seed set aside (kept, out of the report)."""
+        notes = []
+        for task in tasks:
+            src = self.out / task / "super"
+            if not src.exists():
+                continue
+            dest = self.meta / "superseded" / f"{task}-super-seeds_{'_'.join(map(str, seeds))}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.move(str(src), dest)
+            if (dest / "summary.json").is_file():
+                (dest / "summary.json").rename(dest / "summary.superseded.json")
+            for marker in (self.meta / "done").glob(f"super-*~{task}*"):
+                marker.unlink()
+            notes.append(f"{task}: super-survivors of seeds {seeds} moved to {dest}; they are "
+                         f"redone over the new seeds")
+        for marker in (self.meta / "done").glob("report.json"):
+            marker.unlink()
+        return notes
+
+    def close(self, status: str) -> None:
+        if self.record.get("runs"):
+            self.record["runs"][-1].update(finished_at=now(), status=status)
+            atomic_write_json(self.path, self.record)
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    # markers ---------------------------------------------------------------------------------
+
+    def done(self) -> dict[str, dict[str, Any]]:
+        """{unit id: marker content} of finished units."""
+        out = {}
+        for path in (self.meta / "done").glob("*.json"):
+            try:
+                info = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                continue  # markers are written atomically; a foreign file is ignored
+            out[info["id"]] = info
+        return out
+
+    def mark_done(self, unit_id: str, info: dict[str, Any]) -> None:
+        (self.meta / "done").mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.meta / "done" / marker_name(unit_id),
+                          {"id": unit_id, "finished_at": now(), "time": time.time(), **info})
+        (self.meta / "failed" / marker_name(unit_id)).unlink(missing_ok=True)
+
+    def write_status(self, status: dict[str, Any]) -> None:
+        """.sweep/status.json: what runs where now (unit -> slot, device, worker pid)."""
+        atomic_write_json(self.meta / "status.json", {"updated_at": now(), **status})
+
+    def mark_failed(self, unit_id: str, info: dict[str, Any]) -> None:
+        (self.meta / "failed").mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.meta / "failed" / marker_name(unit_id),
+                          {"id": unit_id, "failed_at": now(), **info})

@@ -1,0 +1,136 @@
+"""Running one unit (sparsebert.sweep.grid) in a worker process: the search stages of
+sparsebert.lottery, each alone, with the worker's loaded models and tokenized data kept warm
+between units of the same task x seed (a small LRU of prepared searches per process, and
+sparsebert.train.data_cache for the fine-tunes' train and dev splits).
+
+A unit's spec is a plain dict (it crosses process and Ray boundaries): the unit's fields plus
+out (the sweep directory), search / train (config JSON), seeds, reports, device, threads and
+attempt (1 for the first try).
+
+SPARSEBERT_SWEEP_FAIL=PATTERN[:N][,PATTERN[:N]...] makes units whose id matches an fnmatch
+PATTERN fail on their first N attempts (default 1): a failure injected through the real
+runner, to exercise retries and failure reports.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsebert.lottery.config import SearchConfig
+from sparsebert.lottery.search import Search
+from sparsebert.lottery.super_survivors import SuperStage
+from sparsebert.train import data_cache
+from sparsebert.train.config import TrainConfig
+
+FAIL_ENV = "SPARSEBERT_SWEEP_FAIL"
+WARM_SEARCHES = 3  # prepared searches kept per worker (model copies + tokenized dev sets)
+
+_warm: OrderedDict[tuple, Search] = OrderedDict()
+
+
+class InjectedFailure(RuntimeError):
+    """Raised for units matched by SPARSEBERT_SWEEP_FAIL."""
+
+
+def task_dir(spec: dict[str, Any]) -> Path:
+    return Path(spec["out"]) / spec["task"]
+
+
+def seed_dir(spec: dict[str, Any], seed: int) -> Path:
+    return task_dir(spec) / f"seed_{seed}"
+
+
+def _configs(spec: dict[str, Any], seed: int | None) -> tuple[SearchConfig, TrainConfig]:
+    search = SearchConfig.from_json(spec["search"])
+    train = TrainConfig.from_json(spec["train"])
+    train.task = spec["task"]
+    if seed is not None:
+        train.seed = seed
+    train.device, train.threads = spec["device"], spec["threads"]
+    return search, train
+
+
+def _search(spec: dict[str, Any], seed: int, prepared: bool = True) -> Search:
+    """The Search of `seed` in this task; prepared ones are kept warm in this process."""
+    search, train = _configs(spec, seed)
+    if not prepared:
+        return Search(search, train, seed_dir(spec, seed), progress=False)
+    key = (str(seed_dir(spec, seed)), spec["device"], repr(spec["search"]), repr(spec["train"]))
+    if key in _warm:
+        _warm.move_to_end(key)
+        return _warm[key]
+    runner = Search(search, train, seed_dir(spec, seed), progress=False)
+    runner.load_full()
+    _warm[key] = runner
+    while len(_warm) > WARM_SEARCHES:
+        _warm.popitem(last=False)
+    return runner
+
+
+def _super(spec: dict[str, Any]) -> SuperStage:
+    search, train = _configs(spec, None)
+    return SuperStage(spec["task"], task_dir(spec), list(spec["seeds"]), search, train,
+                      progress=False, runner_for=lambda seed: _search(spec, seed))
+
+
+def _check_injected_failure(spec: dict[str, Any]) -> None:
+    for rule in os.environ.get(FAIL_ENV, "").split(","):
+        pattern, _, count = rule.strip().partition(":")
+        if (pattern and fnmatch.fnmatchcase(spec["id"], pattern)
+                and spec["attempt"] <= int(count or 1)):
+            raise InjectedFailure(f"{FAIL_ENV} {rule.strip()}: failing {spec['id']} on "
+                                  f"attempt {spec['attempt']}")
+
+
+def run_unit(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one unit (idempotent: finished stages are skipped); returns what its marker
+    records: seconds, and the unit's headline numbers when it has some."""
+    started = time.perf_counter()
+    data_cache.enable()  # tokenized train/dev splits shared by this worker's fine-tunes
+    torch.set_num_threads(spec["threads"])
+    _check_injected_failure(spec)
+    kind, seed, method, subnet = spec["kind"], spec["seed"], spec["method"], spec["subnet"]
+    info: dict[str, Any] = {}
+    if kind == "full":
+        result = _search(spec, seed, prepared=False).full_stage()
+        info["score"] = result.score
+    elif kind == "search":
+        found = getattr(_search(spec, seed), f"{method}_search_stage")()
+        info["fraction_kept"] = found["fraction_kept"]
+    elif kind == "pruned":
+        getattr(_search(spec, seed), f"{method}_pruned_stage")(subnet)
+    elif kind == "retrained":
+        result = getattr(_search(spec, seed), f"{method}_retrained_stage")(subnet)
+        info["score"] = result.score
+    elif kind == "summary":
+        _search(spec, seed).summary_stage(report=spec["reports"])
+    elif kind == "super-masks":
+        _super(spec).masks_stage()
+    elif kind == "super-pruned":
+        _super(spec).pruned_stage(seed, subnet)
+    elif kind == "super-retrained":
+        _super(spec).retrained_stage(seed, subnet)
+    elif kind == "super-summary":
+        _super(spec).summary_stage(report=spec["reports"])
+    elif kind == "report":
+        from sparsebert.report import report  # noqa: PLC0415
+
+        report([spec["out"]], spec["out"])
+    else:
+        raise ValueError(f"unknown unit kind {kind!r}")
+    return {"seconds": time.perf_counter() - started, "device": spec["device"], **info}
+
+
+def unit_spec(unit, base: dict[str, Any], attempt: int, device: str, threads: int
+              ) -> dict[str, Any]:
+    """The dict a worker runs: the unit, the sweep-wide fields, its placement and attempt."""
+    return {**copy.deepcopy(base), **unit.spec(), "attempt": attempt, "device": device,
+            "threads": threads}

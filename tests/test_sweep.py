@@ -1,0 +1,365 @@
+"""The sweep (sparsebert.sweep) on a tiny random BERT and a synthetic task: grid expansion and
+dependency order; an uninterrupted sweep as the reference; a sweep whose worker and driver are
+killed with SIGKILL, then rerun, ends with the same summaries; a failing unit is retried and
+reported; the same search directories as `sparsebert search`; the Ray backend gives the same
+results as the local one; bad input fails with one line and exit status 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from sparsebert.cli import main
+from sparsebert.lottery.config import SearchConfig
+from sparsebert.sweep import Grid, SweepConfig, SweepError, expand, sweep
+from sparsebert.sweep.grid import check_order, upward_rank
+from sparsebert.train import TrainConfig
+
+SEEDS = "3,4"
+
+
+def test_grid_expansion_and_order():
+    grid = Grid(("RTE", "MRPC"), (1, 2, 3), ("structured", "magnitude"),
+                ("good", "random", "bad"), True, True)
+    units = expand(grid)
+    check_order(units)  # every dependency listed before its unit
+    kinds = Counter(u.kind for u in units)
+    assert kinds == {"full": 6, "search": 12, "pruned": 36, "retrained": 36, "summary": 6,
+                     "super-masks": 2, "super-pruned": 18, "super-retrained": 18,
+                     "super-summary": 2, "report": 1}
+    by_id = {u.id: u for u in units}
+    # One full fine-tune per task x seed, shared by both methods' searches.
+    assert by_id["search/RTE/2/structured"].deps == ["full/RTE/2"]
+    assert by_id["search/RTE/2/magnitude"].deps == ["full/RTE/2"]
+    assert by_id["retrained/MRPC/1/magnitude/bad"].deps == ["search/MRPC/1/magnitude"]
+    assert set(by_id["super-masks/MRPC"].deps) == {f"search/MRPC/{s}/structured"
+                                                    for s in (1, 2, 3)}
+    assert set(by_id["summary/RTE/3"].deps) >= {"full/RTE/3", "pruned/RTE/3/magnitude/good",
+                                                "retrained/RTE/3/structured/bad"}
+    assert units[-1].id == "report" and len(units[-1].deps) == 8  # 6 seeds + 2 super
+    rank = upward_rank(units)
+    assert rank["full/RTE/1"] > rank["search/RTE/1/structured"] > \
+        rank["retrained/RTE/1/structured/good"] > rank["report"]
+    # No super-survivors with one seed or without s-pruning; no retraining units when off.
+    assert not [u for u in expand(Grid(("RTE",), (1,), ("structured",), ("good",), True, True))
+                if u.kind.startswith("super")]
+    assert not [u for u in expand(Grid(("RTE",), (1, 2), ("magnitude",), ("good",), False,
+                                       True)) if u.kind.startswith("super")
+                or u.kind == "retrained"]
+
+
+def test_worker_data_cache(tiny_model_dir, synthetic_glue, tmp_path):
+    """A worker's fine-tunes tokenize a split once; the cache is off by default."""
+    from sparsebert.train import data_cache, finetune  # noqa: PLC0415
+
+    calls = []
+
+    def build():
+        calls.append(1)
+        return object()
+
+    assert data_cache.cached("k", build) is not data_cache.cached("k", build)  # off
+    data_cache.enable(size=2)
+    try:
+        first = data_cache.cached("a", build)
+        assert data_cache.cached("a", build) is first and len(calls) == 3
+        data_cache.cached("b", build), data_cache.cached("c", build)  # evicts "a"
+        assert data_cache.cached("a", build) is not first
+        config = TrainConfig(task="SST-2", model=tiny_model_dir, glue_dir=synthetic_glue,
+                             epochs=1, batch_size=16, lr=2e-3, threads=1, seed=5,
+                             max_train_examples=48)
+        cached_run = finetune(config, tmp_path / "a", progress=False)
+        assert len(data_cache._entries) == 2  # ("train", ...) and ("dev", ...) of this run
+    finally:
+        data_cache.disable()
+    plain_run = finetune(config, tmp_path / "b", progress=False)
+    assert cached_run.metrics == plain_run.metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Real sweeps of tiny models
+# --------------------------------------------------------------------------------------------
+
+def _configs(tiny_model_dir, synthetic_glue, **sweep_options):
+    options = {"tasks": "SST-2", "seeds": SEEDS, "workers": 2, "devices": "cpu",
+               "reports": False, **sweep_options}
+    sweep_config = SweepConfig(**options)
+    search = SearchConfig(subnets="good", importance_batch_size=16)
+    train = TrainConfig(model=tiny_model_dir, glue_dir=synthetic_glue, epochs=1,
+                        batch_size=16, lr=2e-3, threads=1, log_every=2)
+    return sweep_config, search, train
+
+
+def _argv(tiny_model_dir, synthetic_glue, out):
+    return ["sweep", "--tasks", "SST-2", "--seeds", SEEDS, "--workers", "2", "--devices",
+            "cpu", "--no-reports", "--subnets", "good", "--importance-batch-size", "16",
+            "--model", tiny_model_dir, "--glue-dir", synthetic_glue, "--epochs", "1",
+            "--batch-size", "16", "--lr", "2e-3", "--threads", "1", "--log-every", "2",
+            "--out", str(out), "--quiet"]
+
+
+def _results(out: Path) -> dict:
+    """Every summary.json under `out`, without the fields that differ between runs."""
+    found = {}
+    for path in sorted(out.rglob("summary.json")):
+        data = json.loads(path.read_text())
+        for key in ("written_at", "git_sha", "versions"):
+            data.pop(key, None)
+        data.get("full", {}).pop("train_time_s", None)
+        for method in data.get("methods", {}).values():
+            method.pop("search_time_s", None)
+            for sub in method["subnetworks"].values():
+                sub.pop("retrain_time_s", None)
+        found[str(path.relative_to(out))] = data
+    return found
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, synthetic_glue, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "reference"
+    outcome = sweep(out, *_configs(tiny_model_dir, synthetic_glue), progress=False)
+    return out, outcome
+
+
+def test_reference_sweep(reference, tiny_model_dir, synthetic_glue):
+    out, outcome = reference
+    assert not outcome.failed and not outcome.skipped
+    results = _results(out)
+    assert set(results) == {"SST-2/seed_3/summary.json", "SST-2/seed_4/summary.json",
+                            "SST-2/super/summary.json"}
+    seed = results["SST-2/seed_3/summary.json"]
+    assert seed["kind"] == "sparsebert-search" and seed["seed"] == 3
+    for method in ("structured", "magnitude"):
+        for sub in seed["methods"][method]["subnetworks"].values():
+            assert sub["pruned"] is not None and sub["retrained"] is not None
+    assert results["SST-2/super/summary.json"]["seeds"] == [3, 4]
+    assert (out / "report.md").is_file()
+    # A rerun of the finished sweep runs nothing and changes nothing.
+    again = sweep(out, *_configs(tiny_model_dir, synthetic_glue), progress=False)
+    assert not again.done and len(again.skipped) == len(outcome.done)
+    assert _results(out) == results
+
+
+def test_same_directories_as_search(reference, tiny_model_dir, synthetic_glue, tmp_path):
+    """A seed's directory in the sweep is the one `sparsebert search` writes."""
+    from sparsebert.lottery import search  # noqa: PLC0415
+
+    _, search_config, train = _configs(tiny_model_dir, synthetic_glue)[:3]
+    train.device, train.seed = "cpu", 3
+    search("SST-2", tmp_path / "search", search_config=search_config, train_config=train,
+           progress=False)
+    mine = _results(tmp_path)["search/summary.json"]
+    assert mine == _results(reference[0])["SST-2/seed_3/summary.json"]
+
+
+def _pid_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie left by a killed parent counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def _wait_for(condition, timeout: float = 120.0, what: str = ""):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _status(out: Path) -> dict:
+    try:
+        return json.loads((out / ".sweep" / "status.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _done(out: Path) -> dict:
+    found = {}
+    for path in (out / ".sweep" / "done").glob("*.json"):
+        info = json.loads(path.read_text())
+        found[info["id"]] = info
+    return found
+
+
+def test_kill_worker_and_driver_then_rerun(reference, tiny_model_dir, synthetic_glue,
+                                           tmp_path):
+    """SIGKILL a worker while it runs a unit (it is retried on a fresh worker), then the
+    driver (its workers exit with it); the rerun ends with the reference's results."""
+    out = tmp_path / "killed"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    driver = subprocess.Popen([sys.executable, "-m", "sparsebert",
+                               *_argv(tiny_model_dir, synthetic_glue, out)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # A full fine-tune is running (its worker is still importing torch, or training).
+        victim_unit, where = _wait_for(lambda: next(
+            ((u, w) for u, w in _status(out).get("running", {}).items()
+             if u.startswith("full/")), None), what="a running full fine-tune")
+        os.kill(where["pid"], signal.SIGKILL)
+        marker = _wait_for(lambda: _done(out).get(victim_unit), what="the retried unit")
+        assert marker["attempts"] == 2  # failed once (worker died), then done
+        _wait_for(lambda: len(_done(out)) >= 8, what="more units")
+        workers = [w["pid"] for w in _status(out).get("running", {}).values()]
+        driver.kill()
+        driver.wait(timeout=30)
+        _wait_for(lambda: not any(_pid_alive(p) for p in workers), timeout=20,
+                  what="the workers to exit with the driver")
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    before = _done(out)
+    assert 8 <= len(before) < len(reference[1].done)
+    outcome = sweep(out, *_configs(tiny_model_dir, synthetic_glue), progress=False)
+    assert not outcome.failed and set(outcome.skipped) == set(before)
+    assert _results(out) == _results(reference[0])
+
+
+def _forget(out: Path, *unit_ids: str) -> None:
+    """Delete units' outputs and markers (and the summaries that depend on them)."""
+    for unit_id in unit_ids:
+        kind, task, seed, *rest = unit_id.split("/")
+        if kind == "retrained":
+            shutil.rmtree(out / task / f"seed_{seed}" / rest[0] / "retrained" / rest[1])
+        elif kind == "super-retrained":
+            shutil.rmtree(out / task / "super" / "retrained" / rest[0] / f"seed_{seed}")
+        (out / ".sweep" / "done" / (unit_id.replace("/", "~") + ".json")).unlink()
+    for name in ("summary~SST-2~4", "super-summary~SST-2"):
+        (out / ".sweep" / "done" / f"{name}.json").unlink(missing_ok=True)
+
+
+def test_failing_unit_is_retried_and_reported(reference, tiny_model_dir, synthetic_glue,
+                                              tmp_path, monkeypatch, capsys):
+    out = tmp_path / "failing"
+    shutil.copytree(reference[0], out)
+    flaky, broken = "retrained/SST-2/4/magnitude/good", "super-retrained/SST-2/4/good"
+    _forget(out, flaky, broken)
+    # flaky fails on its first attempt only (retried, done); broken on every attempt
+    # (reported, exit status 1); the other units finish, the super summary and report wait.
+    monkeypatch.setenv("SPARSEBERT_SWEEP_FAIL", f"{flaky}:1, super-retrained/*:9")
+    assert main(_argv(tiny_model_dir, synthetic_glue, out) + ["--retries", "2", "--workers",
+                                                               "1"]) == 1
+    printed = capsys.readouterr().out
+    assert "1 failed, 2 blocked by failures, 2 retried" in printed
+    assert f"failed {broken} (3 attempts): InjectedFailure" in printed
+    failed = json.loads((out / ".sweep" / "failed" / f"{broken.replace('/', '~')}.json")
+                        .read_text())
+    assert "SPARSEBERT_SWEEP_FAIL" in failed["error"] and failed["attempts"] == 3
+    done = _done(out)
+    assert done[flaky]["attempts"] == 2 and "summary/SST-2/4" in done
+    assert "super-summary/SST-2" not in done and "report" not in done
+    # Fixed: the rerun does only what is left, and ends as the reference.
+    monkeypatch.delenv("SPARSEBERT_SWEEP_FAIL")
+    outcome = sweep(out, *_configs(tiny_model_dir, synthetic_glue, workers=1), progress=False)
+    assert set(outcome.done) == {broken, "super-summary/SST-2", "report"}
+    assert not (out / ".sweep" / "failed" / f"{broken.replace('/', '~')}.json").exists()
+    assert _results(out) == _results(reference[0])
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep directory's grid, and bad input
+# --------------------------------------------------------------------------------------------
+
+def test_changed_grid_refused_added_seeds_extend(reference, tiny_model_dir, synthetic_glue,
+                                                 tmp_path, capsys):
+    out = tmp_path / "grid"
+    shutil.copytree(reference[0], out)
+    before = sorted(p.name for p in (out / ".sweep" / "done").iterdir())
+    argv = _argv(tiny_model_dir, synthetic_glue, out)
+    changed = [a if a != "1" or argv[i - 1] != "--epochs" else "2" for i, a in enumerate(argv)]
+    assert main(changed + ["--seeds", "4", "--methods", "structured"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds another grid" in err
+    for part in ("methods: ['structured', 'magnitude'] -> ['structured']", "epochs: 1 -> 2",
+                 "seeds: [3] missing"):
+        assert part in err
+    assert sorted(p.name for p in (out / ".sweep" / "done").iterdir()) == before
+    # Added seeds extend it: the old super-survivors move aside (to be redone), said so.
+    from sparsebert.sweep.state import SweepDir, identity  # noqa: PLC0415
+
+    _, search, train = _configs(tiny_model_dir, synthetic_glue)
+    search.method = "both"
+    train = train.resolved()
+    grid = Grid(("SST-2",), (3, 4, 5), ("structured", "magnitude"), ("good",), True, True)
+    state = SweepDir(out)
+    notes = state.open(identity(grid, search, train))
+    state.close("finished")
+    assert notes[0] == "extending the sweep: adding tasks none, seeds [5]"
+    assert "super-survivors of seeds [3, 4] moved" in notes[1]
+    assert not (out / "SST-2" / "super").exists()
+    assert not [p for p in (out / ".sweep" / "done").iterdir() if p.name.startswith("super")]
+    assert (out / ".sweep" / "done" / "summary~SST-2~4.json").is_file()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tasks", "RTE,FOO"], "unknown GLUE task 'FOO'"),
+    (["--methods", "structured,lottery"], "--methods 'structured,lottery': unknown"),
+    (["--devices", "cuda:7"], "--devices: --device cuda:7"),
+    (["--seeds", "1,1"], "expected distinct seeds"),
+    (["--backend", "spark"], "--backend 'spark'"),
+])
+def test_bad_input_one_line_exit_2(flags, message, tmp_path, capsys):
+    out = tmp_path / "bad"
+    assert main(["sweep", "--out", str(out), "--quiet", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists()  # nothing written
+
+
+def test_config_file(tmp_path):
+    from sparsebert.sweep.config import read_config_file  # noqa: PLC0415
+
+    path = tmp_path / "sweep.toml"
+    path.write_text('tasks = ["RTE", "MRPC"]\nseeds = [1, 2]\n[train]\nepochs = 1\n')
+    assert read_config_file(path) == {"tasks": "RTE,MRPC", "seeds": "1,2", "epochs": 1}
+    path.write_text('tasks = "RTE"\nlearning_rate = 3\n')
+    with pytest.raises(SweepError, match=r"unknown keys \['learning_rate'\]"):
+        read_config_file(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Ray
+# --------------------------------------------------------------------------------------------
+
+def test_ray_unreachable_address_fails_fast(tmp_path, capsys):
+    pytest.importorskip("ray")
+    started = time.monotonic()
+    out = tmp_path / "ray-bad"
+    assert main(["sweep", "--out", str(out), "--quiet", "--tasks", "RTE", "--seeds", "1",
+                 "--backend", "ray", "--ray-address", "127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no Ray cluster reachable" in err
+    assert "--backend local" in err and time.monotonic() - started < 10
+    assert not out.exists()  # refused before anything is written
+
+
+def test_ray_backend_same_results(reference, tiny_model_dir, synthetic_glue, tmp_path):
+    """Ray tasks on a local Ray instance (2 CPUs) compute what the local backend did: a
+    one-seed s-pruning sweep against the same units of the reference sweep."""
+    pytest.importorskip("ray")
+    out = tmp_path / "ray"
+    config, search, train = _configs(tiny_model_dir, synthetic_glue, backend="ray")
+    config.seeds, config.methods = "3", "structured"
+    outcome = sweep(out, config, search, train, progress=False)
+    assert not outcome.failed and len(outcome.done) == 6  # full, search, P, R, summary, report
+    assert {m["backend"] for m in _done(out).values()} == {"ray"}
+    mine = _results(out)["SST-2/seed_3/summary.json"]
+    local = _results(reference[0])["SST-2/seed_3/summary.json"]
+    assert mine["full"] == local["full"]
+    assert mine["methods"]["structured"] == local["methods"]["structured"]
