@@ -204,6 +204,7 @@ def test_rewinding_is_exact_and_masks_hold_during_training(tmp_path):
     ("method", "lottery", "--method"), ("subnets", "good,great", "--subnets"),
     ("threshold", 0.0, "--threshold"), ("threshold", 1.5, "--threshold"),
     ("search_data", "test", "--search-data"), ("importance_mode", "taylor", "--importance-mode"),
+    ("importance_precision", "fp16", "--importance-precision"),
 ])
 def test_bad_search_options(field, value, match):
     with pytest.raises(SearchError, match=match):

@@ -9,7 +9,7 @@ from typing import Any
 from sparsebert.errors import ConfigError
 from sparsebert.flags import dataclass_from_json, help_field
 from sparsebert.lottery.subnetworks import SUBNETWORKS
-from sparsebert.pruning.importance import MODES
+from sparsebert.pruning.importance import MODES, PRECISIONS
 
 METHODS = ("structured", "magnitude")
 SEARCH_DATA = ("dev", "train")
@@ -39,6 +39,9 @@ class SearchConfig:
                                       "paper")
     importance_batch_size: int = help_field("batch size of the importance pass (paper: 64)",
                                             64)
+    importance_precision: str = help_field("precision of the importance pass: auto (bf16 "
+                                           "autocast on CUDA, fp32 elsewhere), fp32 or bf16",
+                                           "auto")
     masking_amount: float = help_field("s-pruning: fraction of all heads masked per phase-1 "
                                        "step", 0.1)
     magnitude_amount: float = help_field("m-pruning: fraction of the remaining eligible "
@@ -71,6 +74,9 @@ class SearchConfig:
         if self.importance_mode not in MODES:
             raise SearchError(f"--importance-mode {self.importance_mode!r}: expected one of "
                               f"{', '.join(MODES)}")
+        if self.importance_precision not in PRECISIONS:
+            raise SearchError(f"--importance-precision {self.importance_precision!r}: expected "
+                              f"one of {', '.join(PRECISIONS)}")
         for name in ("masking_amount", "magnitude_amount"):
             if not 0 < getattr(self, name) < 1:
                 raise SearchError(f"--{name.replace('_', '-')} {getattr(self, name)}: "

@@ -107,7 +107,8 @@ class StructuredStages:
         def scores(head_mask, mlp_mask):
             set_masks(model, head_mask=head_mask, mlp_mask=mlp_mask)
             imp = importance(model, self.data.importance_batches,
-                             mode=self.config.importance_mode, progress=False)
+                             mode=self.config.importance_mode,
+                             precision=self.config.importance_precision, progress=False)
             return imp.head, imp.mlp
 
         result = structured_search(layers, heads, threshold, full_search, evaluate, scores,
