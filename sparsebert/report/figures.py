@@ -333,7 +333,7 @@ def overlap(results: Mapping[str, TaskResults], path: Path) -> Path | None:
     k = len(names)
     fig = Figure(figsize=(1.0 * k + 2.6, 0.9 * k + 1.6), layout="constrained")
     ax = fig.subplots()
-    image = ax.imshow(mat, cmap="Purples", vmin=0)
+    image = ax.imshow(mat, cmap="Purples", vmin=0, vmax=max(mat.max(), 1))  # counts, >= 0
     for i in range(k):
         for j in range(k):
             dark = mat[i, j] > 0.6 * max(mat.max(), 1)
