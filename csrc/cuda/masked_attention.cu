@@ -163,6 +163,41 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_cuda(const at::Tensor& q_in,
   return {out, lse};
 }
 
+// The fields both backward kernels' argument structs (cuda_attn::BwdArgs, cuda_mma::MmaBwdArgs)
+// share: pointers, strides, gate view, mask, sizes and scale.
+template <typename Args>
+void fill_backward_args(Args& a, const AttentionShape& s, const at::Tensor& dout, const at::Tensor& q,
+                        const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const GateView& gate,
+                        const at::Tensor& mask, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
+                        at::Tensor& dv, at::Tensor& d_gate, double scale) {
+  a.dout = dout.data_ptr();
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.out = out.data_ptr();
+  a.dout_st = strides_of(dout);
+  a.q_st = strides_of(q);
+  a.k_st = strides_of(k);
+  a.v_st = strides_of(v);
+  a.out_st = strides_of(out);
+  a.gate = gate.values.data_ptr<float>();
+  a.gate_sb = gate.stride_b;
+  a.gate_sh = gate.stride_h;
+  a.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  a.lse = lse.data_ptr<float>();
+  a.dq = dq.data_ptr();
+  a.dk = dk.data_ptr();
+  a.dv = dv.data_ptr();
+  a.d_gate = d_gate.data_ptr<float>();
+  a.batch = static_cast<int>(s.batch);
+  a.q_len = static_cast<int>(s.q_len);
+  a.kv_len = static_cast<int>(s.kv_len);
+  a.heads = static_cast<int>(s.heads);
+  a.head_dim = static_cast<int>(s.head_dim);
+  a.scale = static_cast<float>(scale);
+  a.scale_log2 = scale_log2(scale);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_cuda(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& head_gate, const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out_in,
@@ -183,32 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_back
     at::Tensor dv = at::empty(v.sizes(), v.options());
     at::Tensor d_gate = at::empty({s.batch, s.heads}, q.options().dtype(at::kFloat));
     cuda_mma::MmaBwdArgs a{};
-    a.dout = dout.data_ptr();
-    a.q = q.data_ptr();
-    a.k = k.data_ptr();
-    a.v = v.data_ptr();
-    a.out = out.data_ptr();
-    a.dout_st = strides_of(dout);
-    a.q_st = strides_of(q);
-    a.k_st = strides_of(k);
-    a.v_st = strides_of(v);
-    a.out_st = strides_of(out);
-    a.gate = gate.values.data_ptr<float>();
-    a.gate_sb = gate.stride_b;
-    a.gate_sh = gate.stride_h;
-    a.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-    a.lse = lse.data_ptr<float>();
-    a.dq = dq.data_ptr();
-    a.dk = dk.data_ptr();
-    a.dv = dv.data_ptr();
-    a.d_gate = d_gate.data_ptr<float>();
-    a.batch = static_cast<int>(s.batch);
-    a.q_len = static_cast<int>(s.q_len);
-    a.kv_len = static_cast<int>(s.kv_len);
-    a.heads = static_cast<int>(s.heads);
-    a.head_dim = static_cast<int>(s.head_dim);
-    a.scale = static_cast<float>(scale);
-    a.scale_log2 = scale_log2(scale);
+    fill_backward_args(a, s, dout, q, k, v, out, gate, mask, lse, dq, dk, dv, d_gate, scale);
     a.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     cuda_mma::launch_mma_backward(q.scalar_type() == at::kBFloat16, a, at::cuda::getCurrentCUDAStream());
     return {dq, dk, dv, d_gate};
@@ -224,33 +234,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_back
   at::Tensor dv = at::empty({s.batch, s.kv_len, s.heads, s.head_dim}, v.options());
 
   cuda_attn::BwdArgs a{};
-  a.dout = dout.data_ptr();
-  a.q = q.data_ptr();
-  a.k = k.data_ptr();
-  a.v = v.data_ptr();
-  a.out = out.data_ptr();
-  a.dout_st = strides_of(dout);
-  a.q_st = strides_of(q);
-  a.k_st = strides_of(k);
-  a.v_st = strides_of(v);
-  a.out_st = strides_of(out);
-  a.gate = gate.values.data_ptr<float>();
-  a.gate_sb = gate.stride_b;
-  a.gate_sh = gate.stride_h;
-  a.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  a.lse = lse.data_ptr<float>();
+  fill_backward_args(a, s, dout, q, k, v, out, gate, mask, lse, dq, dk, dv, d_gate, scale);
   a.delta = delta.data_ptr<float>();
-  a.dq = dq.data_ptr();
-  a.dk = dk.data_ptr();
-  a.dv = dv.data_ptr();
-  a.d_gate = d_gate.data_ptr<float>();
-  a.batch = static_cast<int>(s.batch);
-  a.q_len = static_cast<int>(s.q_len);
-  a.kv_len = static_cast<int>(s.kv_len);
-  a.heads = static_cast<int>(s.heads);
-  a.head_dim = static_cast<int>(s.head_dim);
-  a.scale = static_cast<float>(scale);
-  a.scale_log2 = scale_log2(scale);
   a.vec16 = vec16_ok(q) && vec16_ok(k) && vec16_ok(v) && vec16_ok(dout);
   cuda_attn::launch_attention_backward(to_dtype(q.scalar_type()), a, tensor_cores,
                                        at::cuda::getCurrentCUDAStream());
