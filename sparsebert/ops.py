@@ -227,6 +227,7 @@ def masked_attention(
     scale: float | None = None,
     *,
     check_padding_rows: bool = True,
+    exact_zero_gate_grad: bool = False,
 ) -> Tensor:
     """Multi-head attention with a per-head (or per-example, per-head) gate.
 
@@ -238,7 +239,11 @@ def masked_attention(
     Differentiable in q, k, v and head_gate; the gate gradient
     d_head_gate[b, h] = sum_{s, d} ctx[b, s, h, d] * dout[b, s, h, d] (summed over b for an (H,)
     gate) is computed inside the backward kernel: it is the Michel et al. head importance signal.
-    Pruned heads (gate exactly 0) get zero gradients, d_head_gate included.
+    Pruned heads (gate exactly 0) get zero gradients, d_head_gate included, unless
+    exact_zero_gate_grad=True: then d_head_gate is the true gradient there too (for
+    straight-through or movement-style gate learning), from the pruned heads' attention computed
+    in the backward only (the forward still skips them; dq, dk, dv are 0 for them either way, as
+    gate * (...) is). First-order only.
 
     Every row of key_padding_mask needs at least one True. check_padding_rows=True (default)
     verifies that; on CUDA the check reads the mask on the host, i.e. synchronises the device on
@@ -259,7 +264,48 @@ def masked_attention(
         # D < 1 is rejected by the checks (native or Python) with a message naming q's shape.
         scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
     # Native path: argument checks in C++ (same messages), autograd registered in C++.
-    return _masked_attention_op(q, k, v, head_gate, key_padding_mask, float(scale))[0]
+    out = _masked_attention_op(q, k, v, head_gate, key_padding_mask, float(scale))[0]
+    if exact_zero_gate_grad and head_gate.requires_grad and torch.is_grad_enabled():
+        out = _ZeroGateGrad.apply(out, head_gate, q, k, v, key_padding_mask, float(scale))
+    return out
+
+
+class _ZeroGateGrad(torch.autograd.Function):
+    """Identity on masked_attention's output whose backward adds the gate gradient where the
+    gate is exactly 0: d_head_gate[b, h] = sum_{s, d} ctx[b, s, h, d] * dout[b, s, h, d], with
+    ctx the head's ungated attention, computed here (masked_attention_compact over those heads
+    only, gate 1). Where the gate is nonzero the op's own backward already gives the gradient."""
+
+    @staticmethod
+    def forward(ctx, out, head_gate, q, k, v, key_padding_mask, scale):
+        ctx.save_for_backward(head_gate, q, k, v, key_padding_mask)
+        ctx.scale = scale
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        head_gate, q, k, v, key_padding_mask = ctx.saved_tensors
+        zero = head_gate == 0  # (H,) or (B, H)
+        heads = (zero if zero.dim() == 1 else zero.any(0)).nonzero().flatten()  # (P,)
+        d_gate = None
+        if heads.numel():
+            with torch.no_grad():
+                ones = head_gate.new_ones(q.shape[2])
+                ctx_zero = masked_attention_compact(
+                    q, k, v, ones, heads, key_padding_mask, ctx.scale
+                )  # (B, Sq, P, D)
+                acc = _stat_dtype(q.dtype)
+                per_example = (
+                    grad_out.index_select(2, heads).to(acc) * ctx_zero.to(acc)
+                ).sum((1, 3))  # (B, P)
+                full = per_example.new_zeros(q.shape[0], q.shape[2])  # (B, H)
+                full[:, heads] = per_example
+                if head_gate.dim() == 1:
+                    d_gate = torch.where(zero, full.sum(0), 0.0)  # (H,)
+                else:
+                    d_gate = torch.where(zero, full, 0.0)  # (B, H)
+                d_gate = d_gate.to(head_gate.dtype)
+        return grad_out, d_gate, None, None, None, None, None
 
 
 def masked_attention_compact(

@@ -320,6 +320,35 @@ def test_gate_gradients_match_reference(name, per_example, pair, tiny_batch):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_exact_zero_gate_grad_matches_reference_everywhere(name, pair, tiny_batch):
+    """After sparsebert.hf.set_zero_gate_grad(model), d loss / d gate equals autograd through the
+    hook reference at every entry: gates at 0 (a layer with every head at 0 included) too."""
+    family = FAMILIES[name]
+    reference, model = pair(name)
+    sparsebert.hf.set_zero_gate_grad(model)
+    assert all(m.exact_zero_gate_grad for m in attention_modules(model))
+    batch = _inputs(tiny_batch, padded=True)
+    weight = torch.randn(*batch["input_ids"].shape, reference.config.hidden_size)
+    grads = []
+    for m in (reference, model):
+        leaf = GATES.clone().requires_grad_(True)
+        if m is reference:
+            handles = _gate_reference(m, family, leaf)
+            loss = (m(**batch).last_hidden_state * weight).sum()
+            for handle in handles:
+                handle.remove()
+        else:
+            with override_head_gates(m, leaf):
+                loss = (m(**batch).last_hidden_state * weight).sum()
+        grads.append(torch.autograd.grad(loss, leaf)[0])
+    want, got = grads
+    assert bool((want[GATES == 0] != 0).all())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    sparsebert.hf.set_zero_gate_grad(model, exact=False)
+    assert not any(m.exact_zero_gate_grad for m in attention_modules(model))
+
+
 @pytest.mark.all_devices
 @pytest.mark.parametrize("name", ["electra", "llama"])
 def test_devices_match_sdpa_under_gates(name, device, pair, tiny_batch):

@@ -394,3 +394,63 @@ def test_gate_patterns_are_distinct():
     gates = {p: make_gate(p, 3, HEADS, "cpu", gen) for p in GATE_PATTERNS}
     for a, b in itertools.combinations(GATE_PATTERNS, 2):
         assert gates[a].shape != gates[b].shape or not torch.equal(gates[a], gates[b])
+
+
+# --------------------------------------------------------------------------------------------
+# exact_zero_gate_grad: the true gate gradient at gate 0
+# --------------------------------------------------------------------------------------------
+def _plain_gated_attention(q, k, v, gate, mask, scale):
+    """Gated attention written with einsum and autograd-friendly ops only (no pruning shortcut):
+    its gate gradient at 0 is the true one, sum ctx . dout. q, k, v (B, S, H, D)."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    ctx = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+    g = gate[None, None, :, None] if gate.dim() == 1 else gate[:, None, :, None]
+    return ctx * g.to(ctx.dtype)
+
+
+@pytest.mark.all_devices
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("pattern", ["fractional", "one_head", "all_off", "per_example"])
+def test_exact_zero_gate_grad_is_the_true_gradient(device, dtype, pattern):
+    """With exact_zero_gate_grad=True, d_head_gate equals autograd through plain attention at
+    every entry (gate 0 included); the output and dq, dk, dv are those of the default."""
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("fp64 is CPU-only")
+    gen = torch.Generator().manual_seed(stable_seed("zero-gate", pattern))
+    batch, seq, dim = 3, 11, 16
+    q, k, v = make_qkv(batch, seq, HEADS, dim, dtype, device, gen, layout="contiguous")
+    gate = make_gate(pattern, batch, HEADS, device, gen)
+    if pattern == "per_example":
+        gate[1, 2] = 0.0
+    gate = gate.to(dtype if dtype == torch.float64 else torch.float32)
+    mask = make_padding(batch, seq, device, gen)
+    dout = torch.randn(batch, seq, HEADS, dim, generator=gen, dtype=dtype).to(device)
+    assert bool((gate == 0).any())
+
+    def grads(fn, **kw):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, gate)]
+        out = fn(*leaves, mask, dim**-0.5, **kw)
+        out.backward(dout)
+        return out.detach(), *(t.grad for t in leaves)
+
+    default = grads(ops.masked_attention)
+    exact = grads(ops.masked_attention, exact_zero_gate_grad=True)
+    plain = grads(_plain_gated_attention)
+    tol = {"atol": 1e-10, "rtol": 1e-8} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-4}
+    torch.testing.assert_close(exact[4], plain[4], **tol)  # d_head_gate, every entry
+    assert torch.equal(exact[0], default[0])  # the forward is unchanged
+    for got, want in zip(exact[1:4], default[1:4]):  # dq, dk, dv: as the default
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    zero = gate == 0
+    assert bool((default[4][zero] == 0).all()) and bool((exact[4][zero] != 0).all())
+    assert torch.equal(exact[4][~zero], default[4][~zero])
+
+
+def test_exact_zero_gate_grad_without_gate_grad_is_a_no_op():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = make_qkv(2, 5, HEADS, 8, torch.float32, "cpu", gen)
+    gate = torch.tensor([1.0, 0.0, 0.5, 0.0])
+    out = ops.masked_attention(q, k, v, gate, exact_zero_gate_grad=True)
+    assert out.grad_fn is None and torch.equal(out, ops.masked_attention(q, k, v, gate))

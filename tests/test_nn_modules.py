@@ -338,3 +338,37 @@ def test_attention_skips_the_padding_row_check(monkeypatch):
     mask[2] = False  # a fully padded row, too: it attends everywhere
     out, _ = module(torch.randn(B, S, HID), attention_mask=mask)
     assert seen == [False] and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["op", "dropout-path"])
+def test_attention_exact_zero_gate_grad(training):
+    """exact_zero_gate_grad: the gate gradient is autograd through the hand-written block at
+    every entry, gates at 0 included (a row whose heads are all 0 adds nothing, so 0 there)."""
+    module = make_attention(attention_dropout=1e-9 if training else 0.0)
+    module.train(training)
+    module.exact_zero_gate_grad = True
+    x = torch.randn(B, S, HID)
+    gate = torch.tensor(
+        [[1.0, 0.0, 0.5, 1.0], [0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.2]], requires_grad=True
+    )
+    with module.override_head_gate(gate):
+        out, _ = module(x)
+    dout = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, gate, dout)
+    leaf = gate.detach().clone().requires_grad_(True)
+    (ref_grad,) = torch.autograd.grad(attention_reference(module, x, leaf), leaf, dout)
+    assert (grad - ref_grad).abs().max() < TOL
+    assert bool((grad[0, 1] != 0) & (grad[2, 0] != 0)) and bool((grad[1] == 0).all())
+
+
+def test_set_zero_gate_grad_on_a_patched_model(tiny_bert):
+    import sparsebert
+
+    model = sparsebert.patch(tiny_bert())
+    sparsebert.hf.set_zero_gate_grad(model)
+    blocks = sparsebert.hf.sparse_blocks(model)
+    assert all(attn.exact_zero_gate_grad for attn, _ in blocks)
+    sparsebert.hf.set_zero_gate_grad(model, exact=False)
+    assert not any(attn.exact_zero_gate_grad for attn, _ in blocks)
+    with pytest.raises(TypeError, match="'exact' must be a bool"):
+        sparsebert.hf.set_zero_gate_grad(model, exact="yes")

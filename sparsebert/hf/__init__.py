@@ -25,7 +25,7 @@ from sparsebert.hf.head_gates import (
     use_sparse_attention,
     uses_sparse_attention,
 )
-from sparsebert.hf.masks import get_masks, set_masks
+from sparsebert.hf.masks import get_masks, set_masks, set_zero_gate_grad
 from sparsebert.hf.patching import is_patched, patch, sparse_blocks
 from sparsebert.hf.serialization import (
     PrunedModelError,
@@ -56,6 +56,7 @@ __all__ = [
     "register_attention_backend",
     "save_pruned",
     "set_masks",
+    "set_zero_gate_grad",
     "sparse_blocks",
     "supported_model_types",
     "use_sparse_attention",

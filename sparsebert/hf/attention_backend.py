@@ -213,8 +213,11 @@ def _sdpa_active_heads(
     dropout: float,
     scale: float,
     causal: bool,
+    exact_zero_gate_grad: bool = False,
 ) -> Tensor:
-    """General path. query (B, H, Sq, D), key/value (B, Hkv, Sk, D) -> gated (B, H, Sq, D)."""
+    """General path. query (B, H, Sq, D), key/value (B, Hkv, Sk, D) -> gated (B, H, Sq, D).
+    exact_zero_gate_grad: plain gate * ctx (pass every head as active), so a gate at 0 gets its
+    true gradient."""
     batch, heads, q_len, head_dim = query.shape
     groups = heads // key.shape[1]
     # Step 1: gather the active query heads and the key/value head of each (with every head
@@ -243,7 +246,10 @@ def _sdpa_active_heads(
         return ctx
     # Step 3: gate (exact zeros where a per-example gate is 0) and scatter next to zero heads.
     g = _gate_as(gate.index_select(-1, index), ctx)  # (1|B, k, 1, 1)
-    gated = torch.where(g != 0, ctx * g, torch.zeros((), dtype=ctx.dtype, device=ctx.device))
+    if exact_zero_gate_grad:
+        gated = ctx * g
+    else:
+        gated = torch.where(g != 0, ctx * g, torch.zeros((), dtype=ctx.dtype, device=ctx.device))
     if active is None:
         return gated
     out = ctx.new_zeros(gated.shape[0], heads, q_len, head_dim)
@@ -307,13 +313,18 @@ def sparsebert_attention_forward(
             key_padding_mask,
             scale,
             check_padding_rows=False,  # to_key_padding_mask leaves no row empty
+            exact_zero_gate_grad=getattr(module, "exact_zero_gate_grad", False),
         )  # (B, Sq, H, D)
         return out, None
 
     active, unit = (None, True) if gate is None else _active_heads(module, gate)
     if unit and gate is not None and not gate.requires_grad:
         gate = None  # every gate is 1 and needs no gradient: plain attention, nothing to scale
+    exact = (gate is not None and gate.requires_grad
+             and getattr(module, "exact_zero_gate_grad", False))
+    if exact:
+        active = None  # gates at 0 need their heads' attention for the true gradient
     ctx = _sdpa_active_heads(
-        query, key, value, attention_mask, gate, active, dropout, scale, causal
+        query, key, value, attention_mask, gate, active, dropout, scale, causal, exact
     )  # (B, H, Sq, D)
     return ctx.transpose(1, 2).contiguous(), None

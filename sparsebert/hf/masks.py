@@ -161,6 +161,25 @@ def set_masks(
                 mlp.neuron_gate.copy_(neurons[layer, mlp.neuron_ids])
 
 
+def set_zero_gate_grad(model: nn.Module, exact: bool = True) -> None:
+    """Choose the head-gate gradient at a gate of exactly 0 for every attention module.
+
+    exact=False (the default of every module): pruned heads cost nothing and their gate gradient
+    is 0. exact=True: the true gradient, sum over positions of ctx . dout with ctx the head's
+    ungated attention, computed in the backward only (for straight-through or movement-style
+    gate learning: a pruned head can come back). Works on patched models and on models that run
+    the "sparsebert" attention backend.
+    """
+    if not isinstance(exact, bool):
+        raise TypeError(f"'exact' must be a bool, got {type(exact).__name__}")
+    if _backend_model(model):
+        modules = attach_head_gates(model)
+    else:
+        modules = [attn for attn, _ in sparse_blocks(model)]  # raises if not patched
+    for module in modules:
+        module.exact_zero_gate_grad = exact
+
+
 def get_masks(model: nn.Module) -> dict[str, Tensor]:
     """The gates of a patched model as masks in the original numbering (fp32, CPU):
     {"head_mask": (L, H), "mlp_mask": (L,), "neuron_mask": (L, F)}; removed entries read 0.

@@ -100,6 +100,12 @@ class SparseAttention(nn.Module):
       backward returns its gradient). Use `with module.override_head_gate(t): ...`.
     * `num_heads`, `head_dim` (per module: pruned layers differ), `head_ids`: original index of
       each current head (kept in sync by `select_heads`).
+    * `exact_zero_gate_grad` (default False): when True, a head whose gate is exactly 0 still gets
+      its true gate gradient (its attention computed in the backward only; the forward still skips
+      it), for straight-through or movement-style gate learning. False: pruned heads cost nothing
+      and get d_gate 0. Set it model-wide with `sparsebert.hf.set_zero_gate_grad`. A block whose
+      heads are all at 0 adds nothing to the residual (the paper's convention), so its gates get 0
+      either way.
 
     Parts, whatever the layout names them: `query_linear()`, `key_linear()`, `value_linear()`
     (hidden -> H*D), `output_dense()` (H*D -> hidden), `output_layer_norm()`, `output_dropout()`,
@@ -212,6 +218,7 @@ class SparseAttention(nn.Module):
         self.attention_dropout = float(attention_dropout)
         self.head_ids: list[int] = list(range(num_heads))
         self.head_gate_override: Tensor | None = None
+        self.exact_zero_gate_grad = False
         projections = Container(**{layout.query: query, layout.key: key, layout.value: value})
         output = Container(
             **{
@@ -326,7 +333,8 @@ class SparseAttention(nn.Module):
         else:
             op_gate = gate if gate.dtype in (torch.float32, torch.float64) else gate.float()
             ctx = masked_attention(
-                q, k, v, op_gate, key_padding_mask, self.scaling, check_padding_rows=False
+                q, k, v, op_gate, key_padding_mask, self.scaling, check_padding_rows=False,
+                exact_zero_gate_grad=self.exact_zero_gate_grad,
             )  # (B, S, H, D)
         # Step 4: output projection; it contributes nothing (bias included) where no head is active.
         out = self.output_dense()(ctx.reshape(batch, seq, heads * dim))
@@ -352,6 +360,8 @@ class SparseAttention(nn.Module):
         ).transpose(1, 2)  # (B, S, H, D)
         g = gate.to(ctx.dtype)
         g = g.view(1, 1, -1, 1) if g.dim() == 1 else g[:, None, :, None]  # (1|B, 1, H, 1)
+        if self.exact_zero_gate_grad:
+            return ctx * g  # the same values; the gate gradient is ctx . dout at 0 too
         return torch.where(g != 0, ctx * g, torch.zeros((), dtype=ctx.dtype, device=ctx.device))
 
     # Physical pruning ---------------------------------------------------------------------------
