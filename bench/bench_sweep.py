@@ -12,6 +12,7 @@ fine-tune, both searches, good/random/bad pruned and retrained, super-survivors,
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import sys
@@ -81,6 +82,13 @@ def run_sequential(out: Path, model: str, glue: str, args) -> float:
     return time.perf_counter() - started
 
 
+def unit_times(out: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds summed over the units' completion markers of a sweep directory."""
+    markers = [json.loads(m.read_text()) for m in (out / ".sweep" / "done").glob("*.json")]
+    return (sum(m["seconds"] for m in markers),
+            sum(m.get("cpu_seconds", float("nan")) for m in markers))
+
+
 def run_sweep(out: Path, model: str, glue: str, args, workers: int) -> tuple[float, int]:
     from sparsebert.sweep import SweepConfig, sweep
 
@@ -115,17 +123,21 @@ def main(argv: list[str] | None = None) -> None:
         cpu.append(cpu_seconds())
         two, _ = run_sweep(root / "sweep-2", model, glue, args, workers=2)
         cpu.append(cpu_seconds())
+        in_units = [unit_times(root / "sweep-1"), unit_times(root / "sweep-2")]
     used = [b - a for a, b in zip(cpu, cpu[1:])]  # CPU seconds per mode (workers included)
     load_after = os.getloadavg()
     walls = (sequential, one, two)
+    unit_cells = [["", ""]] + [[f"{w:.1f}", f"{c:.1f}"] for w, c in in_units]
     rows = [[name, workers, f"{wall:.1f}", f"{wall / sequential:.2f}x", f"{cpu_s:.1f}",
-             f"{cpu_s / wall:.2f}"]
-            for (name, workers), wall, cpu_s in zip(
+             f"{cpu_s / wall:.2f}", *cells]
+            for (name, workers), wall, cpu_s, cells in zip(
                 [("one after another, one process (search --seeds)", 1),
-                 ("sweep, 1 worker", 1), ("sweep, 2 workers", 2)], walls, used)]
+                 ("sweep, 1 worker", 1), ("sweep, 2 workers", 2)], walls, used, unit_cells)]
     records = [{"mode": "sequential", "workers": 1, "wall_s": sequential, "cpu_s": used[0]},
-               {"mode": "sweep", "workers": 1, "wall_s": one, "cpu_s": used[1]},
+               {"mode": "sweep", "workers": 1, "wall_s": one, "cpu_s": used[1],
+                "unit_wall_s": in_units[0][0], "unit_cpu_s": in_units[0][1]},
                {"mode": "sweep", "workers": 2, "wall_s": two, "cpu_s": used[2],
+                "unit_wall_s": in_units[1][0], "unit_cpu_s": in_units[1][1],
                 "ratio_vs_sequential": two / sequential, "ratio_vs_sweep_1": two / one},
                {"units": units, "cpu_count": os.cpu_count(),
                 "load_average_before": load_before, "load_average_after": load_after}]
@@ -137,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             f"(a shared machine)")
     common.report("sweep", args, argv, what,
                   ["mode", "workers", "wall (s)", "vs one after another", "CPU (s)",
-                   "cores used (CPU / wall)"],
+                   "cores used (CPU / wall)", "units' wall sum (s)", "units' CPU sum (s)"],
                   rows, records)
 
 

@@ -152,3 +152,18 @@ def test_probe(name, tiny, tmp_path, capsys, monkeypatch):
     # --debug adds the traceback.
     assert main(["--debug", *args]) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_import_leaves_heavy_optional_modules_unloaded():
+    """`import sparsebert` (and what a sweep worker or the CLI imports at start) does not pull in
+    statsmodels/scipy.stats, torch._dynamo or matplotlib: together they cost seconds per process
+    and are imported where used."""
+    code = (
+        "import sys, sparsebert, sparsebert.cli, sparsebert.sweep.units; "
+        "print(','.join(m for m in ('statsmodels', 'scipy.stats', 'torch._dynamo', 'matplotlib') "
+        "if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""

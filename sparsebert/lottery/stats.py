@@ -26,11 +26,17 @@ from typing import Any, TypedDict
 
 import numpy as np
 import numpy.typing as npt
-from statsmodels.stats.contingency_tables import cochrans_q as _sm_cochrans_q
-from statsmodels.stats.inter_rater import aggregate_raters
-from statsmodels.stats.inter_rater import fleiss_kappa as _sm_fleiss_kappa
 
 from sparsebert.errors import SparsebertError
+
+# statsmodels (with scipy.stats) takes about a second to import: it is imported where used, so
+# `import sparsebert` and every sweep worker start without it.
+
+
+def require_statsmodels() -> None:
+    """Import what the tests below need; raises ImportError when statsmodels is missing."""
+    import statsmodels.stats.contingency_tables  # noqa: F401, PLC0415
+    import statsmodels.stats.inter_rater  # noqa: F401, PLC0415
 
 __all__ = [
     "survivors", "super_survivors", "never_kept", "kept_in_at_least", "pairwise_jaccard",
@@ -137,6 +143,9 @@ def fleiss_kappa(masks: npt.ArrayLike) -> float:
     if flat.all() or not flat.any():
         return float("nan")
     # Step 1: (components, seeds) ratings -> (components, 2) counts of [pruned, kept].
+    from statsmodels.stats.inter_rater import aggregate_raters  # noqa: PLC0415
+    from statsmodels.stats.inter_rater import fleiss_kappa as _sm_fleiss_kappa  # noqa: PLC0415
+
     table, _ = aggregate_raters(flat.T.astype(np.int64), n_cat=2)
     # Step 2: statsmodels' kappa with the pooled category margin (method="fleiss").
     return float(_sm_fleiss_kappa(table, method="fleiss"))
@@ -154,6 +163,8 @@ def cochrans_q(masks: npt.ArrayLike) -> dict[str, float | int]:
     per_component = flat.sum(axis=0)  # (n_components,)
     if np.all((per_component == 0) | (per_component == n_seeds)):
         return {"statistic": float("nan"), "pvalue": float("nan"), "df": n_seeds - 1}
+    from statsmodels.stats.contingency_tables import cochrans_q as _sm_cochrans_q  # noqa: PLC0415
+
     res = _sm_cochrans_q(flat.T.astype(np.float64))  # (components, seeds)
     return {"statistic": float(res.statistic), "pvalue": float(res.pvalue), "df": int(res.df)}
 

@@ -223,7 +223,9 @@ def task_order(task: str) -> tuple[int, str]:
 def stats_module() -> tuple[ModuleType | None, str]:
     """(sparsebert.lottery.stats, "") or (None, why it cannot be imported)."""
     try:
-        return importlib.import_module("sparsebert.lottery.stats"), ""
+        module = importlib.import_module("sparsebert.lottery.stats")
+        getattr(module, "require_statsmodels", lambda: None)()  # statsmodels is imported lazily
+        return module, ""
     except ImportError as err:
         return None, f"sparsebert.lottery.stats cannot be imported ({err})"
 

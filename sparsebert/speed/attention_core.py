@@ -17,6 +17,7 @@ per token against 24*hidden^2 in the linear layers (about 6% at S=128), so neith
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 
@@ -25,13 +26,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsebert.speed.tokens import Packing
-
-try:  # recent torch; older releases lack it, and their signature has no `scale` argument
-    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
-
-    _VARLEN_SCALE = "scale" in inspect.signature(_varlen_attn).parameters
-except ImportError:  # pragma: no cover - depends on the torch build
-    _varlen_attn, _VARLEN_SCALE = None, False
 
 Core = Callable[[Tensor, Packing, float], Tensor]
 
@@ -64,6 +58,17 @@ def repad_core(qkv: Tensor, packing: Packing, scale: float) -> Tensor:
     return ctx.transpose(1, 2)[rows, rank].reshape(tokens, heads * dim)
 
 
+@functools.cache
+def _varlen() -> tuple[Callable | None, bool]:
+    """(torch's varlen_attn or None, whether it takes `scale`). Imported on first use: the
+    module pulls in torch._dynamo (about 1.5 s), which CPU-only users never need."""
+    try:  # recent torch; older releases lack it, and their signature has no `scale` argument
+        from torch.nn.attention.varlen import varlen_attn  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - depends on the torch build
+        return None, False
+    return varlen_attn, "scale" in inspect.signature(varlen_attn).parameters
+
+
 def varlen_core(qkv: Tensor, packing: Packing, scale: float) -> Tensor:
     """qkv (T_pad, 3, k, D) packed -> ctx (T_pad, k*D) with FlashAttention varlen (CUDA); rows
     past cu_seqlens[-1] (a bucket's dummy slots) are left undefined and never read."""
@@ -71,10 +76,11 @@ def varlen_core(qkv: Tensor, packing: Packing, scale: float) -> Tensor:
     length = packing.max_len
     q, k, v = qkv.unbind(1)  # (T_pad, k, D) views, last dim contiguous
     cu = packing.cu_seqlens
-    if _VARLEN_SCALE:
-        out = _varlen_attn(q, k, v, cu, cu, length, length, scale=scale)  # (T_pad, k, D)
+    varlen_attn, takes_scale = _varlen()
+    if takes_scale:
+        out = varlen_attn(q, k, v, cu, cu, length, length, scale=scale)  # (T_pad, k, D)
     else:  # its default scale, D ** -0.5, is the only one choose_core sends here
-        out = _varlen_attn(q, k, v, cu, cu, length, length)
+        out = varlen_attn(q, k, v, cu, cu, length, length)
     return out.reshape(tokens, heads * dim)
 
 
@@ -82,10 +88,12 @@ def varlen_available(device: torch.device, dtype: torch.dtype, scale: float | No
                      head_dim: int | None = None) -> bool:
     """torch's varlen attention runs here (CUDA, fp16/bf16, a torch build with it, and either a
     `scale` argument or the default scale D ** -0.5)."""
-    if _varlen_attn is None or device.type != "cuda" or dtype not in (torch.float16,
-                                                                      torch.bfloat16):
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
-    return _VARLEN_SCALE or scale is None or head_dim is None or abs(
+    varlen_attn, takes_scale = _varlen()
+    if varlen_attn is None:
+        return False
+    return takes_scale or scale is None or head_dim is None or abs(
         scale - head_dim**-0.5) < 1e-12
 
 
