@@ -1,7 +1,8 @@
 """A sweep directory's own files (everything else is the search directories' layout):
 
     OUT/sweep.json              the grid, the search and training configs, every run's times
-    OUT/.sweep/done/<unit>.json     completion markers (atomic): seconds, attempts, worker
+    OUT/.sweep/done/<unit>.json     completion markers (atomic): seconds, cpu_seconds, attempts,
+                                    worker
     OUT/.sweep/failed/<unit>.json   the last error of a unit that ran out of retries
     OUT/.sweep/status.json      the running units, where (worker pid) and the counts
     OUT/.sweep/lock             held (flock) by the running driver: one driver per directory
