@@ -14,7 +14,13 @@
 //      staged 16-byte output stores and lse, and compares with a plain double attention;
 //   5. replays the one-launch backward (S <= 128) the same way: both phases (keys per warp for
 //      dK/dV, queries per warp for dQ), P^T and dS^T re-labelled from registers, the in-kernel
-//      delta and d_gate = sum delta / gate, against a plain double backward.
+//      delta and d_gate = sum delta / gate, against a plain double backward;
+//   6. for the fp32 forward (3xTF32 on mma.m16n8k8, masked_attention_mma_tf32.cu): the .tf32
+//      fragment tables, the P re-labelling by key permutation, the emulated cvt.rna.tf32.f32 on
+//      hand-worked cases and the big + small split's error bound, the fp32 swizzle (bijection,
+//      conflict-free 32-bit fragment loads and cp.async writes), and a lane-by-lane replay of the
+//      work items against a plain double attention: 3xTF32 < 1e-5 relative, while the same replay
+//      with one TF32 product stays above 1e-4 (the split is needed, and done right).
 // Plain C++17, no torch, no CUDA: prints "N passed, M failed" and exits non-zero on failure.
 #include "sparsebert/mma_layout.h"
 
