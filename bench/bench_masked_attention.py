@@ -6,7 +6,8 @@ Providers (all compute gated multi-head attention over (B, S, H, D) inputs):
   sdpa_gate    torch SDPA then multiply by the head gate (the old head_mask way)
   gather_sdpa  index_select the kept heads, SDPA, scatter back (stock way to skip heads)
   sparsebert   sparsebert.ops.masked_attention (pruned heads skipped inside the kernel)
-  sparsebert_mma      the same with SPARSEBERT_ATTENTION_KERNEL=mma (the mma.sync forward; CUDA)
+  sparsebert_mma      the same with SPARSEBERT_ATTENTION_KERNEL=mma (the mma.sync forward, for
+                      float32 its 3xTF32 variant; CUDA)
   sparsebert_compact  sparsebert.ops.masked_attention_compact over the kept heads, output
                       (B, S, H_kept, D), with the mma switch on (CUDA)
 The SDPA backend torch picked (cuDNN, flash, memory-efficient, math) is named in the table title.

@@ -9,12 +9,14 @@
 #                    mma.sync forward's tests set SPARSEBERT_ATTENTION_KERNEL=mma themselves)
 #   simt-tests.log   the masked-attention CUDA tests again with the SIMT kernels forced
 #   mma-tests.log    the masked-attention CUDA tests with the mma.sync forward switched on
+#                    (fp16/bf16, and fp32 through the 3xTF32 variant)
 #   bench.log        every benchmark's table
 #   results.tar.gz   bench/results/*-<gpu>.{json,md}, for committing
 # Usage on the GPU machine, from the repository root:  bash bench/gpu_check.sh
 #   GPU_CHECK_STEPS=build,bench-importance bash bench/gpu_check.sh   runs only those steps
 #   GPU_CHECK_STEPS=build,mma-tests,bench-masked-attention-graph,trace-mma   the attention kernels
-#   (the mma.sync forward's correctness, its graph-replay GPU time vs SDPA, one traced call)
+#   (the mma.sync forward's correctness, fp16/bf16 and fp32 (3xTF32), its graph-replay GPU time
+#   vs SDPA, one traced call of each)
 # Missing Python packages can travel as wheels in .whl/ (installed into /tmp/site first).
 set -uo pipefail
 out=${OUT:-bench/results/gpu}
@@ -62,17 +64,19 @@ tail -n 3 "$out/cuda-tests.log" >> "$summary"
 step bench-train-step 120 "$out/bench.log" python3 bench/bench_train_step.py --device cuda; pack
 step bench-masked-attention 120 "$out/bench.log" python3 bench/bench_masked_attention.py --device cuda; pack
 # Graph-replay GPU time; the providers include sparsebert_mma and sparsebert_compact (the mma.sync
-# forward, switched on per call) next to SDPA, whose chosen backend the table names.
-step bench-masked-attention-graph 150 "$out/bench.log" bash -c "
+# forward, switched on per call) next to SDPA, whose chosen backend the table names. In the
+# float32 table those two columns are the 3xTF32 mma.sync forward and sparsebert the SIMT kernel.
+step bench-masked-attention-graph 180 "$out/bench.log" bash -c "
   python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --seq 128 512
   python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --dtype bfloat16 --seq 128 512
-  python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --dtype float32"; pack
+  python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --dtype float32 --seq 128 512"; pack
 step trace-mma 40 "$out/bench.log" python3 bench/trace_attention.py; pack
 step bench-group-dot 45 "$out/bench.log" python3 bench/bench_group_dot.py --device cuda; pack
 step bench-importance 60 "$out/bench.log" python3 bench/bench_importance.py --device cuda --model bert-base --profile; pack
 
 # Step 4: the whole masked-attention suite with the mma.sync forward switched on (fp16/bf16
-# D 32/64 calls then run it, gradients included: its out and lse feed the verified backward).
+# D 32/64 calls then run it, fp32 D 32/64 calls the 3xTF32 variant, gradients included: their
+# out and lse feed the verified backward).
 SPARSEBERT_ATTENTION_KERNEL=mma step mma-tests 180 "$out/mma-tests.log" \
   python3 -m pytest "${pytest_args[@]}" tests/test_masked_attention.py tests/test_masked_attention_mma.py
 tail -n 3 "$out/mma-tests.log" >> "$summary"

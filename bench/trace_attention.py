@@ -1,6 +1,7 @@
 """One profiled call of each CUDA attention forward (default kernels, the mma.sync forward, SDPA)
-at B=32, S=128, H=12, D=64, fp16, 6 of 12 heads kept: prints the kernels each launches with their
-GPU time and writes a Chrome trace to bench/results/profiles/attention_trace-<gpu>.json.
+at B=32, S=128, H=12, D=64, fp16, 6 of 12 heads kept, and the same in fp32 (default: the SIMT
+kernel; mma: the 3xTF32 mma.sync forward): prints the kernels each launches with their GPU time
+and writes a Chrome trace to bench/results/profiles/attention_trace-<gpu>.json.
 
 Script:  python bench/trace_attention.py   (CUDA only)
 """
@@ -31,12 +32,18 @@ def main() -> None:
     gate = torch.zeros(heads, device="cuda")
     gate[: heads // 2] = 1.0
     kept = gate.nonzero().squeeze(1)
+    q32, k32, v32 = (t.float() for t in (q, k, v))
     calls = {
         "default": lambda: ops.masked_attention(q, k, v, gate),
         "mma": lambda: ops.masked_attention(q, k, v, gate),
         "compact_mma": lambda: ops.masked_attention_compact(q, k, v, gate, kept),
         "sdpa": lambda: F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        ),
+        "default_fp32": lambda: ops.masked_attention(q32, k32, v32, gate),
+        "mma_fp32": lambda: ops.masked_attention(q32, k32, v32, gate),
+        "sdpa_fp32": lambda: F.scaled_dot_product_attention(
+            q32.transpose(1, 2), k32.transpose(1, 2), v32.transpose(1, 2)
         ),
     }
     out_dir = common.RESULTS_DIR / "profiles"

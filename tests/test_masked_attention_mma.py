@@ -3,6 +3,7 @@ SPARSEBERT_ATTENTION_KERNEL=mma (CUDA only: those tests are marked cuda and skip
 
 The mma kernel is compared with the fp32 reference under flash-attention's rule: its error is at
 most twice that of plain PyTorch attention computed in the same low precision (plus a tiny floor).
+Its fp32 variant (3xTF32) is compared with a float64 reference at 1e-5 (see TF32_TOL).
 """
 
 from __future__ import annotations
@@ -257,3 +258,113 @@ def test_mma_backward(device, dtype, dim, seq, pattern, padded, mma_switch, asse
     assert torch.all(got[3].cpu()[pruned] == 0)
     for g in got[:3]:
         assert torch.all(g.cpu().transpose(1, 2)[pruned] == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# fp32 inputs with the switch on: the 3xTF32 forward (masked_attention_mma_tf32.cu), compared
+# with a float64 reference.
+#
+# Tolerance. 3xTF32 writes each fp32 operand x as big + small (both tf32, 10 mantissa bits),
+# which keeps x to 2^-22 relative, and drops only small * small (~2^-22 |a b|); accumulation is
+# fp32. For unit-scale inputs (randn q, k, v, scale D^-0.5: scores O(1), outputs O(1)) that
+# leaves errors of a few 1e-7: the CPU replay of this kernel (csrc/tests/test_mma_layout.cpp)
+# measures <= 3.4e-7 relative to double attention, and the SIMT fp32 kernel is of the same
+# order. 1e-5 absolute + 1e-5 relative leaves > 10x room for the tensor core's accumulation
+# order and exp2f, and fails plain 1xTF32 (1.7e-4..4.4e-4 relative in the same replay, max
+# absolute errors ~1e-3): a kernel that lost the split would not pass.
+# ---------------------------------------------------------------------------------------------
+TF32_TOL = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def reference_fp64(q, k, v, gate, mask, scale):
+    out, lse = masked_attention_ref(q.double(), k.double(), v.double(), gate.double(), mask, scale)
+    return out, lse
+
+
+@pytest.mark.parametrize("dim", [32, 64])
+@pytest.mark.parametrize("seq", [1, 17, 128, 300, 512])
+@pytest.mark.parametrize("pattern", ["all", "some", "none", "per_example"])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_mma_tf32_forward_dense_and_compact(device, dim, seq, pattern, padded, mma_switch,
+                                            assert_native):
+    assert_native("masked_attention", device)
+    gen = torch.Generator().manual_seed(stable_seed("mma tf32", dim, seq, pattern, padded))
+    batch, scale = 2, dim**-0.5
+    q, k, v = qkv(batch, seq, HEADS, dim, torch.float32, device, gen)
+    gate = gate_for(pattern, batch, HEADS, device, gen)
+    mask = make_padding(batch, seq, device, gen) if padded else None
+    if pattern == "some" and padded:  # the routing depends on dtype, D and strides only
+        assert kernel_ran(
+            "mma_forward_tf32_kernel",
+            lambda: torch.ops.sparsebert.masked_attention(q, k, v, gate, mask, scale),
+        )
+    out, lse = torch.ops.sparsebert.masked_attention(q, k, v, gate, mask, scale)
+    ref, ref_lse = reference_fp64(q, k, v, gate, mask, scale)
+    assert out.shape == q.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, **TF32_TOL)
+    active = gate.expand(batch, HEADS) != 0
+    torch.testing.assert_close(lse[active].double(), ref_lse[active], **TF32_TOL)
+    pruned = (~active).cpu()
+    assert torch.all(out.cpu().transpose(1, 2)[pruned] == 0), "pruned heads must be exactly 0"
+    assert torch.all(lse.cpu()[pruned] == 0)
+
+    kept = torch.nonzero(gate.expand(batch, HEADS).any(0)).squeeze(1).to(device)
+    compact = ops.masked_attention_compact(q, k, v, gate, kept, mask)
+    assert compact.shape == (batch, seq, kept.numel(), dim)
+    torch.testing.assert_close(compact, out[:, :, kept], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_mma_tf32_compact_int32_index_and_order(device, mma_switch):
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = qkv(3, 70, 8, 64, torch.float32, device, gen)
+    gate = torch.rand(3, 8, generator=gen).to(device)
+    kept = torch.tensor([5, 0, 7], dtype=torch.int32, device=device)
+    assert kernel_ran("mma_forward_tf32_kernel", lambda: ops.masked_attention_compact(q, k, v, gate, kept))
+    out = ops.masked_attention_compact(q, k, v, gate, kept)
+    ref, _ = reference_fp64(q, k, v, gate, None, 64**-0.5)
+    torch.testing.assert_close(out.double(), ref[:, :, kept.long()], **TF32_TOL)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_mma_tf32_pruned_heads_never_read_and_cross_lengths(device, mma_switch):
+    """NaN in pruned heads' q/k/v never reaches the output; Sq != Sk; deterministic."""
+    gen = torch.Generator().manual_seed(22)
+    q = torch.randn(2, 33, HEADS, 64, generator=gen).to(device)
+    k, v = (torch.randn(2, 200, HEADS, 64, generator=gen).to(device) for _ in "kv")
+    gate = torch.tensor([1.0, 0.0, 0.7, 0.0], device=device)
+    for t in (q, k, v):
+        t[:, :, 1] = float("nan")
+    mask = make_padding(2, 200, device, gen)
+    out, _ = torch.ops.sparsebert.masked_attention(q, k, v, gate, mask, 0.2)
+    again, _ = torch.ops.sparsebert.masked_attention(q, k, v, gate, mask, 0.2)
+    assert torch.isfinite(out).all() and torch.equal(out, again)
+    live = [0, 2]
+    ref, _ = reference_fp64(q[:, :, live], k[:, :, live], v[:, :, live], gate[live], mask, 0.2)
+    torch.testing.assert_close(out[:, :, live].double(), ref, **TF32_TOL)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_mma_tf32_forward_with_the_verified_backward(device, mma_switch):
+    """fp32 gradients with the switch on: the tf32 forward's out and lse feed the verified
+    (SIMT) backward, never the fp16/bf16 mma backward; all match a float64 reference."""
+    gen = torch.Generator().manual_seed(23)
+    q, k, v = (t.detach().requires_grad_(True)
+               for t in qkv(2, 130, HEADS, 64, torch.float32, device, gen))
+    gate = torch.tensor([1.0, 0.0, 0.5, 1.0], device=device, requires_grad=True)
+    out = ops.masked_attention(q, k, v, gate)
+    dout = torch.randn_like(out)
+    lse = torch.ops.sparsebert.masked_attention(q.detach(), k.detach(), v.detach(), gate.detach(),
+                                                None, 64**-0.5)[1]
+    bargs = (dout, q.detach(), k.detach(), v.detach(), gate.detach(), None, out.detach(), lse, 64**-0.5)
+    assert not kernel_ran("mma_backward_kernel",
+                          lambda: torch.ops.sparsebert.masked_attention_backward(*bargs))
+    grads = torch.autograd.grad(out, (q, k, v, gate), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    g64 = gate.detach().double().requires_grad_(True)
+    ref = masked_attention_ref(q64, k64, v64, g64, None, 64**-0.5)[0]
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64, g64), dout.double())
+    for name, got, want in zip("q k v gate".split(), grads, ref_grads):
+        rel = (got.double() - want).norm() / want.norm().clamp_min(1e-6)
+        assert rel < 1e-4, f"d{name}: relative error {rel:.3g}"

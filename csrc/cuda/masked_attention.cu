@@ -5,7 +5,9 @@
 // other head dims (<= 512) and older GPUs use the SIMT kernels. SPARSEBERT_ATTENTION_KERNEL=simt
 // forces the SIMT kernels (a debugging aid: the two paths must agree).
 // SPARSEBERT_ATTENTION_KERNEL=mma selects the mma.sync forward (masked_attention_mma.cu) where it
-// applies (fp16/bf16, D 32/64, sm80+, 16-byte aligned rows), and the one-launch mma.sync backward
+// applies (fp16/bf16, D 32/64, sm80+, 16-byte aligned rows), its 3xTF32 variant for fp32 inputs
+// under the same conditions (masked_attention_mma_tf32.cu; fp32 gradients stay on the SIMT
+// backward), and the one-launch mma.sync backward
 // (masked_attention_mma_bwd.cu) where moreover Sq, Sk <= 128 (longer: the WMMA backward). These
 // kernels have not yet run on a GPU: they stay opt-in until the CUDA tests pass on one.
 // masked_attention_compact (output (B, S, H_kept, D)) uses it under the same switch, else it
@@ -80,6 +82,7 @@ bool kernel_choice_is(const char* name) {
 }
 
 // The mma.sync forward applies: switch on, fp16/bf16, D 32/64, sm80+, 16-byte aligned rows.
+// (Also the condition of the mma.sync backward, which exists for fp16/bf16 only.)
 bool use_mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const AttentionShape& s) {
   if (!kernel_choice_is("mma")) return false;
@@ -87,6 +90,22 @@ bool use_mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   if (s.head_dim != 32 && s.head_dim != 64) return false;
   if (!(vec16_ok(q) && vec16_ok(k) && vec16_ok(v))) return false;
   return at::cuda::getCurrentDeviceProperties()->major >= 8;
+}
+
+// The 3xTF32 mma.sync forward applies: switch on, fp32, D 32/64, sm80+, 16-byte aligned rows.
+// Its backward is the verified one (fp32: the SIMT backward kernels).
+bool use_mma_forward_tf32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const AttentionShape& s) {
+  if (!kernel_choice_is("mma")) return false;
+  if (q.scalar_type() != at::kFloat) return false;
+  if (s.head_dim != 32 && s.head_dim != 64) return false;
+  if (!(vec16_ok(q) && vec16_ok(k) && vec16_ok(v))) return false;
+  return at::cuda::getCurrentDeviceProperties()->major >= 8;
+}
+
+bool use_any_mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const AttentionShape& s) {
+  return use_mma_forward(q, k, v, s) || use_mma_forward_tf32(q, k, v, s);
 }
 
 float scale_log2(double scale) { return static_cast<float>(scale * 1.4426950408889634); }
@@ -118,7 +137,11 @@ void launch_mma(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   a.out_heads = static_cast<int>(out.size(2));
   a.scale_log2 = scale_log2(scale);
   a.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  cuda_mma::launch_mma_forward(q.scalar_type() == at::kBFloat16, a, at::cuda::getCurrentCUDAStream());
+  if (q.scalar_type() == at::kFloat) {
+    cuda_mma::launch_mma_forward_tf32(a, at::cuda::getCurrentCUDAStream());
+  } else {
+    cuda_mma::launch_mma_forward(q.scalar_type() == at::kBFloat16, a, at::cuda::getCurrentCUDAStream());
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -133,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_cuda(const at::Tensor& q_in,
   const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
   at::Tensor out = at::empty({s.batch, s.q_len, s.heads, s.head_dim}, q.options());
   at::Tensor lse = at::empty({s.batch, s.heads, s.q_len}, q.options().dtype(at::kFloat));
-  if (use_mma_forward(q, k, v, s)) {
+  if (use_any_mma_forward(q, k, v, s)) {
     launch_mma(q, k, v, gate, mask, std::nullopt, s, scale, out, lse);
     return {out, lse};
   }
@@ -256,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_compact_cuda(
     return {at::empty({s.batch, s.q_len, 0, s.head_dim}, q.options()),
             at::empty({s.batch, 0, s.q_len}, q.options().dtype(at::kFloat))};
   }
-  if (!use_mma_forward(q, k, v, s)) {  // the verified path: gather the kept heads, dense forward
+  if (!use_any_mma_forward(q, k, v, s)) {  // the verified path: gather the kept heads, dense forward
     const at::Tensor idx = kept_heads.to(at::kLong);
     auto [out, lse] = masked_attention_cuda(q.index_select(2, idx), k.index_select(2, idx),
                                             v.index_select(2, idx), head_gate.index_select(-1, idx),

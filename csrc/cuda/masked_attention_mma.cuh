@@ -12,7 +12,8 @@ namespace sparsebert {
 namespace cuda_mma {
 
 struct MmaFwdArgs {
-  const void* q;  // (B, Sq, H, D) fp16/bf16, last dim contiguous, 16-byte aligned rows
+  const void* q;  // (B, Sq, H, D) fp16/bf16 (or fp32: launch_mma_forward_tf32), last dim
+                  // contiguous, 16-byte aligned rows
   const void* k;  // (B, Sk, H, D)
   const void* v;  // (B, Sk, H, D)
   attn::Strides q_st, k_st, v_st;  // element strides of B, S, H
@@ -30,6 +31,10 @@ struct MmaFwdArgs {
 // Eligible inputs: fp16/bf16 (bf16 = true for bfloat16), head_dim 32 or 64, compute capability
 // >= 8.0, 16-byte aligned base pointers and strides (checked by the caller).
 void launch_mma_forward(bool bf16, const MmaFwdArgs& a, cudaStream_t stream);
+
+// fp32 inputs, 3xTF32 (masked_attention_mma_tf32.cu): the same arguments (q, k, v, out fp32),
+// head_dim 32 or 64, compute capability >= 8.0, 16-byte aligned base pointers and strides.
+void launch_mma_forward_tf32(const MmaFwdArgs& a, cudaStream_t stream);
 
 }  // namespace cuda_mma
 }  // namespace sparsebert

@@ -1,6 +1,7 @@
 // PTX wrappers (sm80+) of the mma.sync attention kernels: cp.async, ldmatrix, mma.sync
-// m16n8k16, and small register helpers. Their semantics (fragment layouts, ldmatrix lane
-// mapping) are the PTX ISA's, replayed on the CPU by csrc/tests/test_mma_layout.cpp.
+// m16n8k16 (fp16/bf16) and m16n8k8 (tf32), and small register helpers. Their semantics
+// (fragment layouts, ldmatrix lane mapping) are the PTX ISA's, replayed on the CPU by
+// csrc/tests/test_mma_layout.cpp.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -62,6 +63,26 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
       "{%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// D (16x8 fp32) += A (16x8) B (8x8), A and B tf32 (fp32 bit patterns; the tensor core reads
+// the upper 19 bits).
+__device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 3xTF32: D += A B with A = a_big + a_small, B = b_big + b_small (mma::tf32_split), the small
+// products first; a_small b_small is dropped.
+__device__ __forceinline__ void mma_1688_3xtf32(float (&d)[4], const uint32_t (&a_big)[4],
+                                                const uint32_t (&a_small)[4], const uint32_t (&b_big)[2],
+                                                const uint32_t (&b_small)[2]) {
+  mma_1688_tf32(d, a_small, b_big[0], b_big[1]);
+  mma_1688_tf32(d, a_big, b_small[0], b_small[1]);
+  mma_1688_tf32(d, a_big, b_big[0], b_big[1]);
 }
 
 // Two floats -> one register of two 16-bit values (lo = first).

@@ -14,11 +14,18 @@
 //      staged 16-byte output stores and lse, and compares with a plain double attention;
 //   5. replays the one-launch backward (S <= 128) the same way: both phases (keys per warp for
 //      dK/dV, queries per warp for dQ), P^T and dS^T re-labelled from registers, the in-kernel
-//      delta and d_gate = sum delta / gate, against a plain double backward.
+//      delta and d_gate = sum delta / gate, against a plain double backward;
+//   6. for the fp32 forward (3xTF32 on mma.m16n8k8, masked_attention_mma_tf32.cu): the .tf32
+//      fragment tables, the P re-labelling by key permutation, the emulated cvt.rna.tf32.f32 on
+//      hand-worked cases and the big + small split's error bound, the fp32 swizzle (bijection,
+//      conflict-free 32-bit fragment loads and cp.async writes), and a lane-by-lane replay of the
+//      work items against a plain double attention: 3xTF32 < 1e-5 relative, while the same replay
+//      with one TF32 product stays above 1e-4 (the split is needed, and done right).
 // Plain C++17, no torch, no CUDA: prints "N passed, M failed" and exits non-zero on failure.
 #include "sparsebert/mma_layout.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -725,6 +732,375 @@ void test_replay_backward(int D, int Sq, int Sk, bool padded, unsigned seed) {
         D, Sq, Sk, padded, written, eq, ek, ev, eg);
 }
 
+// ---------------------------------------------------------------------------------------------
+// 6. fp32 inputs: 3xTF32 on mma.sync.m16n8k8 (csrc/cuda/masked_attention_mma_tf32.cu).
+// ---------------------------------------------------------------------------------------------
+// The PTX ISA's tables for mma.m16n8k8 with .tf32 A/B ("Matrix Fragments for mma.m16n8k8"), written
+// out independently of the header: A a0..a3, B b0..b1 (C is the m16n8k16 table, isa_c).
+Coord isa_a_tf32(int lane, int i) {
+  const int g = lane >> 2, t = lane % 4;
+  return {(i == 0 || i == 2) ? g : g + 8, i < 2 ? t : t + 4};
+}
+Coord isa_b_tf32(int lane, int i) {  // {row = k, col = n}
+  const int g = lane >> 2, t = lane % 4;
+  return {i == 0 ? t : t + 4, g};
+}
+
+float bits_to_f(uint32_t u) { return mma::f32_from_bits(u); }
+
+void test_tf32_fragments_and_rounding() {
+  std::set<std::pair<int, int>> a_seen, b_seen;
+  bool a_ok = true, b_ok = true;
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int i = 0; i < 4; ++i) {
+      const Coord h = mma::frag_a_tf32(lane, i), r = isa_a_tf32(lane, i);
+      a_ok &= h.row == r.row && h.col == r.col;
+      a_seen.insert({r.row, r.col});
+    }
+    for (int i = 0; i < 2; ++i) {
+      const Coord h = mma::frag_b_tf32(lane, i), r = isa_b_tf32(lane, i);
+      b_ok &= h.row == r.row && h.col == r.col;
+      b_seen.insert({r.row, r.col});
+    }
+  }
+  CHECK(a_ok, "frag_a_tf32 differs from the ISA's m16n8k8 .tf32 A table");
+  CHECK(b_ok, "frag_b_tf32 differs from the ISA's m16n8k8 .tf32 B table");
+  CHECK(a_seen.size() == 128 && b_seen.size() == 64, "tf32 fragments cover %zu of 16x8 (A), %zu of 8x8 (B)",
+        a_seen.size(), b_seen.size());
+
+  // P from the S accumulators: A register r of key chunk kc (row, k index kk) is the C element
+  // tf32_p_elem(r) (row, key) of n-tile kc with key = tf32_pv_key(kk); tf32_pv_key a permutation.
+  std::set<int> keys;
+  for (int kk = 0; kk < 8; ++kk) keys.insert(mma::tf32_pv_key(kk));
+  bool relabel_ok = keys.size() == 8 && *keys.begin() == 0 && *keys.rbegin() == 7;
+  for (int lane = 0; lane < 32; ++lane)
+    for (int r = 0; r < 4; ++r) {
+      const Coord a = isa_a_tf32(lane, r), c = isa_c(lane, mma::tf32_p_elem(r));
+      relabel_ok &= a.row == c.row && mma::tf32_pv_key(a.col) == c.col;
+    }
+  // V's B fragment reads the key that k index kk stands for.
+  for (int lane = 0; lane < 32; ++lane)
+    for (int r = 0; r < 2; ++r)
+      for (int kc = 0; kc < 2; ++kc) {
+        const Coord b = isa_b_tf32(lane, r), v = mma::tf32_v(lane, kc, 3, r);
+        relabel_ok &= v.row == 8 * kc + mma::tf32_pv_key(b.row) && v.col == 24 + b.col;
+      }
+  CHECK(relabel_ok, "P re-labelling (tf32_p_elem, tf32_pv_key, tf32_v) inconsistent with the ISA tables");
+
+  // cvt.rna.tf32.f32: nearest, ties away from zero, 10 mantissa bits (low 13 bits cleared).
+  struct Case {
+    uint32_t in, want;
+  };
+  const Case cases[] = {
+      {0x3f800000u, 0x3f800000u},  // 1
+      {0x3f802000u, 0x3f802000u},  // 1 + 2^-10: representable
+      {0x3f801000u, 0x3f802000u},  // 1 + 2^-11: a tie, away from zero
+      {0xbf801000u, 0xbf802000u},  // -(1 + 2^-11): a tie, away from zero
+      {0x3f803000u, 0x3f804000u},  // 1 + 3 * 2^-11: a tie, away (not to even)
+      {0x3f800fffu, 0x3f800000u},  // just under the tie: down
+      {0x3f801001u, 0x3f802000u},  // just over: up
+      {0x3fffffffu, 0x40000000u},  // 2 - 2^-23: carry into the exponent
+      {0x00000fffu, 0x00000000u},  // subnormal, down
+      {0x00001000u, 0x00002000u},  // subnormal tie, away
+      {0x7f7fffffu, 0x7f800000u},  // FLT_MAX rounds to inf
+      {0x7f800000u, 0x7f800000u},  // inf
+      {0xff800000u, 0xff800000u},  // -inf
+  };
+  bool rna_ok = true;
+  for (const Case& c : cases) rna_ok &= mma::f32_to_bits(mma::tf32_rna(bits_to_f(c.in))) == c.want;
+  rna_ok &= std::isnan(mma::tf32_rna(std::numeric_limits<float>::quiet_NaN()));
+  CHECK(rna_ok, "tf32_rna differs from cvt.rna.tf32.f32 on a hand-worked case");
+
+  // The split: big and small are tf32 values, x - big is exact, |x - (big + small)| <= 2^-22 |x|.
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  bool split_ok = true;
+  double worst = 0;
+  for (int i = 0; i < 100000; ++i) {
+    const float x = normal(rng) * std::ldexp(1.0f, static_cast<int>(rng() % 40) - 20);
+    const mma::Tf32Split sp = mma::tf32_split(x);
+    split_ok &= (mma::f32_to_bits(sp.big) & ~mma::kTf32Mask) == 0;
+    split_ok &= (mma::f32_to_bits(sp.small) & ~mma::kTf32Mask) == 0;
+    split_ok &= static_cast<double>(x) - sp.big == static_cast<double>(x - sp.big);
+    const double rel = std::abs(double(x) - (double(sp.big) + sp.small)) / std::abs(double(x));
+    worst = std::max(worst, rel);
+    split_ok &= std::abs(double(x) - sp.big) <= std::ldexp(std::abs(double(x)), -11);
+  }
+  CHECK(split_ok && worst <= std::ldexp(1.0, -22), "tf32_split: tf32 parts %d, worst rel error %.3g", split_ok,
+        worst);
+}
+
+int bank_f32(int float_offset) { return float_offset % 32; }
+int bank_group_f32(int float_offset) { return (float_offset * 4 / 16) % 8; }
+
+void test_swizzle_f32(int D) {
+  const int rows = mma::kBlockM;
+  std::vector<int> hits(rows * D, 0);
+  bool chunks_whole = true;
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < D; ++c) {
+      const int o = mma::f32_smem_offset(r, c, D);
+      if (o >= 0 && o < rows * D) ++hits[o];
+      chunks_whole &= o == mma::f32_smem_offset(r, c & ~3, D) + (c & 3);
+      chunks_whole &= o / D == r;
+    }
+  CHECK(std::all_of(hits.begin(), hits.end(), [](int h) { return h == 1; }),
+        "D=%d: f32_smem_offset is not a bijection onto [0, 64 D)", D);
+  CHECK(chunks_whole, "D=%d: an fp32 16-byte chunk is split or leaves its row", D);
+
+  // cp.async: each copy round, 8 consecutive threads write 128 bytes: 8 distinct bank groups.
+  bool copy_ok = true;
+  for (int i0 = 0; i0 < rows * D / 4; i0 += 8) {
+    std::set<int> groups;
+    for (int i = i0; i < i0 + 8; ++i) {
+      const Coord c = mma::f32_tile_chunk(i, D);
+      groups.insert(bank_group_f32(mma::f32_smem_offset(c.row, c.col, D)));
+    }
+    copy_ok &= groups.size() == 8;
+  }
+  CHECK(copy_ok, "D=%d: fp32 cp.async writes conflict", D);
+
+  // 32-bit fragment loads: each instruction's 32 lanes hit 32 distinct banks.
+  auto warp_ok = [&](auto coord_of_lane, bool swizzled) {
+    std::set<int> banks;
+    for (int lane = 0; lane < 32; ++lane) {
+      const Coord c = coord_of_lane(lane);
+      banks.insert(bank_f32(swizzled ? mma::f32_smem_offset(c.row, c.col, D) : c.row * D + c.col));
+    }
+    return banks.size() == 32;
+  };
+  bool q_ok = true, k_ok = true, v_ok = true, q_plain = true, v_plain = true;
+  for (int kc = 0; kc < D / 8; ++kc)
+    for (int r = 0; r < 4; ++r)
+      for (int w = 0; w < mma::kWarps; ++w) {
+        auto q = [&](int lane) {
+          Coord c = mma::tf32_q(lane, kc, r);
+          c.row += 16 * w;
+          return c;
+        };
+        q_ok &= warp_ok(q, true);
+        q_plain &= warp_ok(q, false);
+      }
+  for (int kc = 0; kc < D / 8; ++kc)
+    for (int nt = 0; nt < mma::kBlockN / 8; ++nt)
+      for (int r = 0; r < 2; ++r) k_ok &= warp_ok([&](int lane) { return mma::tf32_k(lane, nt, kc, r); }, true);
+  for (int kc = 0; kc < mma::kBlockN / 8; ++kc)
+    for (int dt = 0; dt < D / 8; ++dt)
+      for (int r = 0; r < 2; ++r) {
+        auto v = [&](int lane) { return mma::tf32_v(lane, kc, dt, r); };
+        v_ok &= warp_ok(v, true);
+        v_plain &= warp_ok(v, false);
+      }
+  CHECK(q_ok && k_ok && v_ok, "D=%d: fp32 fragment loads conflict (Q %d, K %d, V %d)", D, q_ok, k_ok, v_ok);
+  CHECK(!q_plain && !v_plain, "D=%d: the unswizzled fp32 layout should conflict (the check is blind)", D);
+}
+
+// Emulated mma.sync.m16n8k8.row.col.f32.tf32.tf32.f32: operands rebuilt from the lanes' registers
+// with the ISA tables; the tensor core reads the upper 19 bits of each operand (low 13 ignored).
+using RegA = std::vector<std::array<float, 4>>;  // [lane][4]
+using RegB = std::vector<std::array<float, 2>>;  // [lane][2]
+using Acc4 = std::vector<std::array<float, 4>>;  // [lane][4]
+
+float tf32_trunc(float x) { return mma::f32_from_bits(mma::f32_to_bits(x) & mma::kTf32Mask); }
+void mma_1688(Acc4& d, const RegA& a, const RegB& b) {
+  double A[16][8], B[8][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int i = 0; i < 4; ++i) {
+      const Coord c = isa_a_tf32(lane, i);
+      A[c.row][c.col] = tf32_trunc(a[lane][i]);
+    }
+    for (int i = 0; i < 2; ++i) {
+      const Coord c = isa_b_tf32(lane, i);
+      B[c.row][c.col] = tf32_trunc(b[lane][i]);
+    }
+  }
+  for (int lane = 0; lane < 32; ++lane)
+    for (int i = 0; i < 4; ++i) {
+      const Coord c = isa_c(lane, i);
+      double acc = d[lane][i];
+      for (int kk = 0; kk < 8; ++kk) acc += A[c.row][kk] * B[kk][c.col];
+      d[lane][i] = static_cast<float>(acc);
+    }
+}
+
+// D += A B with `passes` = 3 (3xTF32: small * big, big * small, big * big) or 1 (big * big only:
+// plain TF32). The split is the header's tf32_split, as in the kernel.
+void mma_split(Acc4& d, const RegA& a, const RegB& b, int passes) {
+  RegA ab(32), as(32);
+  RegB bb(32), bs(32);
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int i = 0; i < 4; ++i) {
+      const mma::Tf32Split sp = mma::tf32_split(a[lane][i]);
+      ab[lane][i] = sp.big, as[lane][i] = sp.small;
+    }
+    for (int i = 0; i < 2; ++i) {
+      const mma::Tf32Split sp = mma::tf32_split(b[lane][i]);
+      bb[lane][i] = sp.big, bs[lane][i] = sp.small;
+    }
+  }
+  if (passes == 3) {
+    mma_1688(d, as, bb);
+    mma_1688(d, ab, bs);
+  }
+  mma_1688(d, ab, bb);
+}
+
+// cp.async of rows [row0, row0 + 64) of a [S][D] fp32 array into a swizzled tile.
+void load_tile_f32(std::vector<float>& tile, const std::vector<float>& src, int D, int row0, int valid_rows) {
+  for (int i = 0; i < mma::kBlockM * D / 4; ++i) {
+    const Coord c = mma::f32_tile_chunk(i, D);
+    const bool ok = c.row < valid_rows;
+    for (int e = 0; e < 4; ++e)
+      tile[mma::f32_smem_offset(c.row, c.col, D) + e] =
+          ok ? src[static_cast<size_t>(row0 + c.row) * D + c.col + e] : 0.0f;
+  }
+}
+
+// Lane-by-lane replay of masked_attention_mma_tf32.cu's work items for one (b, h).
+void replay_tf32(const Head& h, int passes, std::vector<float>& out, std::vector<float>& lse) {
+  const int D = h.D, kKc = D / 8, kNt = mma::kBlockN / 8, kDt = D / 8;
+  const float scale_log2 = h.scale * attn::kLog2e;
+  const int q_tiles = static_cast<int>(attn::ceil_div(h.Sq, mma::kBlockM));
+  const int key_tiles = static_cast<int>(attn::ceil_div(h.Sk, mma::kBlockN));
+  std::vector<float> q_s(mma::kBlockM * D), k_s(mma::kBlockN * D), v_s(mma::kBlockN * D);
+  for (int tile = 0; tile < q_tiles; ++tile) {
+    const int q0 = tile * mma::kBlockM;
+    load_tile_f32(q_s, h.q, D, q0, h.Sq - q0);
+    for (int warp = 0; warp < mma::kWarps; ++warp) {
+      std::vector<RegA> qf(kKc, RegA(32));
+      for (int kc = 0; kc < kKc; ++kc)
+        for (int lane = 0; lane < 32; ++lane)
+          for (int r = 0; r < 4; ++r) {
+            const Coord c = mma::tf32_q(lane, kc, r);
+            qf[kc][lane][r] = q_s[mma::f32_smem_offset(16 * warp + c.row, c.col, D)];
+          }
+      std::vector<Acc4> o(kDt, Acc4(32, {0, 0, 0, 0}));
+      std::vector<std::array<float, 2>> m(32, {attn::neg_inf(), attn::neg_inf()}), l(32, {0.0f, 0.0f});
+      for (int kt = 0; kt < key_tiles; ++kt) {
+        const int key0 = kt * mma::kBlockN;
+        load_tile_f32(k_s, h.k, D, key0, h.Sk - key0);
+        load_tile_f32(v_s, h.v, D, key0, h.Sk - key0);
+        std::vector<Acc4> s(kNt, Acc4(32, {0, 0, 0, 0}));
+        for (int kc = 0; kc < kKc; ++kc)
+          for (int nt = 0; nt < kNt; ++nt) {
+            RegB kf(32);
+            for (int lane = 0; lane < 32; ++lane)
+              for (int r = 0; r < 2; ++r) {
+                const Coord c = mma::tf32_k(lane, nt, kc, r);
+                kf[lane][r] = k_s[mma::f32_smem_offset(c.row, c.col, D)];
+              }
+            mma_split(s[nt], qf[kc], kf, passes);
+          }
+        std::vector<std::array<float, 2>> tmax(32, {attn::neg_inf(), attn::neg_inf()});
+        for (int lane = 0; lane < 32; ++lane)
+          for (int nt = 0; nt < kNt; ++nt)
+            for (int i = 0; i < 4; ++i) {
+              const int key = key0 + nt * 8 + mma::frag_c(lane, i).col;
+              const bool real = key < h.Sk && h.real[key];
+              float& x = s[nt][lane][i];
+              x = real ? x * scale_log2 : attn::neg_inf();
+              tmax[lane][i >> 1] = std::max(tmax[lane][i >> 1], x);
+            }
+        for (int lane = 0; lane < 32; ++lane) {
+          float alpha[2];
+          for (int r = 0; r < 2; ++r) {
+            float qm = attn::neg_inf();
+            for (int t = 0; t < 4; ++t) qm = std::max(qm, tmax[(lane & ~3) + t][r]);
+            alpha[r] = attn::online_softmax_step(m[lane][r], l[lane][r], qm);
+          }
+          for (int dt = 0; dt < kDt; ++dt)
+            for (int i = 0; i < 4; ++i) o[dt][lane][i] *= alpha[i >> 1];
+          for (int nt = 0; nt < kNt; ++nt)
+            for (int i = 0; i < 4; ++i) {
+              float& x = s[nt][lane][i];
+              x = attn::safe_exp2(x, m[lane][i >> 1]);
+              l[lane][i >> 1] += x;
+            }
+        }
+        for (int kc = 0; kc < kNt; ++kc) {
+          RegA pa(32);
+          for (int lane = 0; lane < 32; ++lane)
+            for (int r = 0; r < 4; ++r) pa[lane][r] = s[kc][lane][mma::tf32_p_elem(r)];
+          for (int dt = 0; dt < kDt; ++dt) {
+            RegB vf(32);
+            for (int lane = 0; lane < 32; ++lane)
+              for (int r = 0; r < 2; ++r) {
+                const Coord c = mma::tf32_v(lane, kc, dt, r);
+                vf[lane][r] = v_s[mma::f32_smem_offset(c.row, c.col, D)];
+              }
+            mma_split(o[dt], pa, vf, passes);
+          }
+        }
+      }
+      for (int lane = 0; lane < 32; ++lane) {
+        for (int r = 0; r < 2; ++r) {
+          float sum = 0;
+          for (int t = 0; t < 4; ++t) sum += l[(lane & ~3) + t][r];
+          const float factor = h.gate * attn::softmax_inv_sum(sum);
+          const Coord c = mma::frag_c(lane, 2 * r);
+          const int row = q0 + 16 * warp + c.row;
+          if (row >= h.Sq) continue;
+          for (int dt = 0; dt < kDt; ++dt) {
+            out[static_cast<size_t>(row) * D + dt * 8 + c.col] = o[dt][lane][2 * r] * factor;
+            out[static_cast<size_t>(row) * D + dt * 8 + c.col + 1] = o[dt][lane][2 * r + 1] * factor;
+          }
+          if (mma::thread_in_group(lane) == 0) lse[row] = attn::softmax_lse(m[lane][r], sum);
+        }
+      }
+    }
+  }
+}
+
+double g_tf32_worst3 = 0, g_tf32_best1 = INFINITY, g_tf32_worst1 = 0;
+
+void test_replay_tf32(int D, int Sq, int Sk, bool padded, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  Head h{Sq, Sk, D, {}, {}, {}, {}, 0.7f, 1.0f / std::sqrt(static_cast<float>(D))};
+  for (auto* t : {&h.q, &h.k, &h.v}) {
+    t->resize(static_cast<size_t>(t == &h.q ? Sq : Sk) * D);
+    for (auto& x : *t) x = normal(rng);
+  }
+  h.real.assign(Sk, 1);
+  if (padded) {
+    std::uniform_int_distribution<int> len(1, Sk);
+    const int n = len(rng);
+    for (int j = n; j < Sk; ++j) h.real[j] = 0;
+    if (Sk > 3) h.real[Sk / 3] = 0;
+    h.real[0] = 1;
+  }
+  std::vector<double> ref_out, ref_lse;
+  reference(h, ref_out, ref_lse);
+  double rel[2], lse_err[2];
+  bool written = true;
+  for (int pass_i = 0; pass_i < 2; ++pass_i) {
+    const int passes = pass_i == 0 ? 3 : 1;
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    std::vector<float> out(ref_out.size(), nan), lse(Sq, nan);  // poisoned: every element written
+    replay_tf32(h, passes, out, lse);
+    double err = 0, norm = 0;
+    lse_err[pass_i] = 0;
+    for (size_t i = 0; i < out.size(); ++i) {
+      written &= !std::isnan(out[i]);
+      err += (out[i] - ref_out[i]) * (out[i] - ref_out[i]);
+      norm += ref_out[i] * ref_out[i];
+    }
+    for (int i = 0; i < Sq; ++i) {
+      written &= !std::isnan(lse[i]);
+      lse_err[pass_i] = std::max(lse_err[pass_i], std::abs(lse[i] - ref_lse[i]));
+    }
+    rel[pass_i] = std::sqrt(err / norm);
+  }
+  g_tf32_worst3 = std::max(g_tf32_worst3, rel[0]);
+  g_tf32_best1 = std::min(g_tf32_best1, rel[1]);
+  g_tf32_worst1 = std::max(g_tf32_worst1, rel[1]);
+  // 3xTF32 at fp32 accuracy; plain TF32 (the same replay with one product) visibly not.
+  CHECK(written && rel[0] < 1e-5 && lse_err[0] < 1e-5 && rel[1] > 1e-4,
+        "tf32 replay D=%d Sq=%d Sk=%d padded=%d: written %d, 3xTF32 rel err %.3g lse err %.3g, "
+        "1xTF32 rel err %.3g",
+        D, Sq, Sk, padded, written, rel[0], lse_err[0], rel[1]);
+}
+
 }  // namespace
 
 int main() {
@@ -738,6 +1114,13 @@ int main() {
   for (int D : {32, 64})
     for (auto [sq, sk] : {std::pair{1, 1}, {17, 17}, {100, 128}, {128, 128}, {128, 33}, {40, 97}})
       for (bool padded : {false, true}) test_replay_backward(D, sq, sk, padded, seed++);
+  test_tf32_fragments_and_rounding();
+  for (int D : {32, 64}) test_swizzle_f32(D);
+  for (int D : {32, 64})
+    for (auto [sq, sk] : {std::pair{1, 1}, {17, 17}, {64, 64}, {100, 130}, {128, 128}, {300, 300}, {65, 512}})
+      for (bool padded : {false, true}) test_replay_tf32(D, sq, sk, padded, seed++);
+  std::printf("fp32 replay, relative error vs double attention: 3xTF32 at most %.3g, 1xTF32 %.3g to %.3g\n",
+              g_tf32_worst3, g_tf32_best1, g_tf32_worst1);
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }

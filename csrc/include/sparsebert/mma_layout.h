@@ -120,6 +120,111 @@ SB_MMA_HD int p_pair(int reg) { return reg & 1; }  // 0: (c0, c1), 1: (c2, c3)
 SB_MMA_HD Coord out_chunk(int i, int head_dim) { return tile_chunk(i, head_dim); }
 
 // ---------------------------------------------------------------------------------------------
+// fp32 inputs: 3xTF32 on mma.sync.m16n8k8.row.col.f32.tf32.tf32.f32 (masked_attention_mma_tf32.cu).
+// Same CTA shape, work items, online softmax and double-buffered 64-key stages as above; what
+// changes is the element (4 bytes), the instruction and the operand split:
+//   x = big + small, big = tf32(x), small = tf32(x - big) (tf32 = cvt.rna: nearest, ties away
+//   from zero, 10 mantissa bits); a b ~= a_small b_big + a_big b_small + a_big b_big (the small
+//   products first; a_small b_small, ~2^-22 |a b|, is dropped). Each mma.sync of the fp16 kernel
+//   becomes three.
+//
+// mma.sync.m16n8k8 with .tf32 A/B (PTX ISA, "Matrix Fragments for mma.m16n8k8", .tf32 rows),
+// groupID = lane / 4, tig = lane % 4:
+//   A (16 x 8, 4 regs):  a_r -> row groupID + 8 * (r % 2), col tig + 4 * (r / 2)
+//   B (8 x 8, 2 regs):   b_r -> row (k) tig + 4 * r,       col (n) groupID
+//   C (16 x 8, 4 floats): as m16n8k16 (frag_c).
+// Shared memory: [rows][D] fp32 tiles in 16-byte chunks of 4 floats, chunk c of row r stored at
+// chunk c ^ (r % 8) (D = 32: 8 chunks per row, D = 64: 16; the XOR stays inside the row). A row
+// is a multiple of 128 bytes, so the bank of (r, col) is 4 * ((col / 4) ^ (r % 8)) % 32 + col % 4:
+// the A/B fragment loads (8 rows x 4 consecutive floats) hit 32 distinct banks.
+// Fragments are read with 32-bit shared loads (ldmatrix moves 16-bit pairs).
+//
+// P as the A operand without data movement: the C fragment gives lane (g, t) the keys 2t, 2t + 1
+// of an 8-key n-tile, the A fragment wants k = t, t + 4. The k order of a product is free, so k
+// index kk of key chunk kc stands for key 8 kc + tf32_pv_key(kk) (kk < 4: key 2 kk, else
+// 2 (kk - 4) + 1) on both sides: A register r of P is C element tf32_p_elem(r) of n-tile kc,
+// and V's B fragment reads the rows of those keys.
+// ---------------------------------------------------------------------------------------------
+SB_MMA_HD Coord frag_a_tf32(int lane, int reg) {
+  return {group_id(lane) + 8 * (reg & 1), thread_in_group(lane) + 4 * (reg >> 1)};
+}
+SB_MMA_HD Coord frag_b_tf32(int lane, int reg) {  // {k, n}
+  return {thread_in_group(lane) + 4 * reg, group_id(lane)};
+}
+
+SB_MMA_HD int f32_smem_offset(int row, int col, int head_dim) {  // in floats
+  return row * head_dim + ((((col >> 2) ^ (row & 7))) << 2) + (col & 3);
+}
+// cp.async / 16-byte copies: chunk i (4 floats) of a [rows][D] fp32 tile.
+SB_MMA_HD Coord f32_tile_chunk(int i, int head_dim) {
+  const int u = head_dim / 4;
+  return {i / u, (i % u) * 4};
+}
+
+// Fragment sources (tile row, column) of each register:
+// Q as A of S = Q K^T: the warp's rows (add 16 * warp), k-chunk kc (8 columns of D).
+SB_MMA_HD Coord tf32_q(int lane, int kc, int reg) {
+  const Coord c = frag_a_tf32(lane, reg);
+  return {c.row, 8 * kc + c.col};
+}
+// K as B of S = Q K^T: key n-tile nt (8 keys = the n dim), k-chunk kc: B[k][n] = K[key n][d k].
+SB_MMA_HD Coord tf32_k(int lane, int nt, int kc, int reg) {
+  const Coord c = frag_b_tf32(lane, reg);
+  return {8 * nt + c.col, 8 * kc + c.row};
+}
+// The k index -> key (within an 8-key chunk) permutation of O += P V, and its inverse use.
+SB_MMA_HD int tf32_pv_key(int kk) { return kk < 4 ? 2 * kk : 2 * (kk - 4) + 1; }
+// A register r of P (key chunk kc) = element tf32_p_elem(r) of the S accumulator of n-tile kc.
+SB_MMA_HD int tf32_p_elem(int reg) { return 2 * (reg & 1) + (reg >> 1); }
+// V as B of O = P V: key chunk kc (k dim, permuted as above), d n-tile dt: B[k][n] = V[key][d].
+SB_MMA_HD Coord tf32_v(int lane, int kc, int dt, int reg) {
+  const Coord c = frag_b_tf32(lane, reg);
+  return {8 * kc + tf32_pv_key(c.row), 8 * dt + c.col};
+}
+
+// tf32 rounding as cvt.rna.tf32.f32 (nearest, ties away from zero, 10 mantissa bits; the low 13
+// bits of the result are cleared here, so big + small is exact arithmetic in fp32).
+SB_MMA_HD uint32_t f32_to_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  __builtin_memcpy(&u, &x, sizeof u);
+  return u;
+#endif
+}
+SB_MMA_HD float f32_from_bits(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  __builtin_memcpy(&x, &u, sizeof x);
+  return x;
+#endif
+}
+constexpr uint32_t kTf32Mask = 0xffffe000u;  // sign, exponent and the 10 mantissa bits tf32 keeps
+SB_MMA_HD float tf32_rna(float x) {
+#if defined(__CUDA_ARCH__)
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return __uint_as_float(r & kTf32Mask);
+#else
+  const uint32_t u = f32_to_bits(x);
+  if ((u & 0x7f800000u) == 0x7f800000u) return x;  // inf and NaN pass
+  // Half an ulp of tf32 added to the magnitude, then truncated: ties go away from zero, and a
+  // carry out of the mantissa bumps the exponent (overflow gives inf, as round-to-nearest does).
+  return f32_from_bits((u + 0x1000u) & kTf32Mask);
+#endif
+}
+struct Tf32Split {
+  float big, small;
+};
+SB_MMA_HD Tf32Split tf32_split(float x) {
+  const float big = tf32_rna(x);
+  return {big, tf32_rna(x - big)};
+}
+
+// ---------------------------------------------------------------------------------------------
 // Work items: (active (b, h), query tile). Active heads are counted on the fly from the gate
 // (no host sync, no extra launch): CTAs of a persistent grid take items w = blockIdx.x +
 // k * gridDim.x in increasing order, and a cursor walks the (B*H) gate entries 32 at a time

@@ -1,0 +1,318 @@
+// masked_attention forward for fp32 inputs on tensor cores: 3xTF32 with mma.sync m16n8k8
+// (D in {32, 64}, S <= 512), sm80 code that also runs on sm90. Selected only with
+// SPARSEBERT_ATTENTION_KERNEL=mma (masked_attention.cu), like the fp16/bf16 kernel of
+// masked_attention_mma.cu whose structure it follows: this kernel has been compiled for
+// sm_80/sm_90 and its index math and 3xTF32 arithmetic replayed on the CPU
+// (csrc/tests/test_mma_layout.cpp), but it has NOT yet run on a GPU.
+//
+// Every index comes from sparsebert/mma_layout.h (the "fp32 inputs" section), the online softmax
+// from sparsebert/attention_math.h. One CTA = 4 warps; a persistent grid walks work items
+// (active (b, h), 64-row query tile), so pruned heads get no CTA time and no memory traffic.
+// Per item:
+//   Step 1: cp.async Q tile and K/V stage 0 (16-byte copies into swizzled fp32 tiles).
+//   Step 2: per 64-key tile: prefetch the next K/V stage; S = Q K^T with 3xTF32, Q and K
+//           fragments read from shared memory (32-bit loads) and split per k-chunk (keeping Q's
+//           fragments in registers across key tiles, as the fp16 kernel does, took 250-255
+//           registers and spilled at D = 64); mask, online softmax in registers;
+//           O += P V with 3xTF32, P split from the S accumulators (keys permuted, no shuffles).
+//   Step 3: O * gate / l, 8-byte stores straight from the accumulators (a quad writes one 32-byte
+//           sector per row and d-tile); lse.
+// Shared memory: Q [64][D] + K, V [2 stages][64][D] fp32 = 80 KB at D = 64 (dynamic), 40 KB at 32.
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "masked_attention_mma.cuh"
+#include "mma_ptx.cuh"
+#include "sparsebert/attention_math.h"
+#include "sparsebert/mma_layout.h"
+
+namespace sparsebert {
+namespace cuda_mma {
+namespace {
+
+using mma::Coord;
+
+template <int D>
+constexpr int tf32_smem_bytes() {
+  return (mma::kBlockM + 2 * mma::kStages * mma::kBlockN) * D * 4;
+}
+
+__device__ __forceinline__ float gate_at(const MmaFwdArgs& a, int b, int h) {
+  return a.gate[b * a.gate_sb + h * a.gate_sh];
+}
+
+// Rows [0, rows) of a (b, h) slice (row r at src + r * row_stride) into a swizzled [64][D] fp32
+// tile; rows >= valid_rows are zero-filled. All 128 threads take part.
+template <int D>
+__device__ __forceinline__ void load_tile_f32(float* tile, const float* src, int64_t row_stride,
+                                              int valid_rows) {
+  constexpr int kChunks = mma::kBlockM * D / 4;
+  static_assert(kChunks % mma::kThreads == 0, "whole copy rounds");
+#pragma unroll
+  for (int k = 0; k < kChunks / mma::kThreads; ++k) {
+    const Coord c = mma::f32_tile_chunk(threadIdx.x + k * mma::kThreads, D);
+    const bool ok = c.row < valid_rows;
+    const float* from = src + (ok ? c.row : 0) * row_stride + c.col;
+    cp_async_16(smem_u32(tile + mma::f32_smem_offset(c.row, c.col, D)), from, ok);
+  }
+}
+
+// Zero rows [row0, row0 + rows) of output head slot `oh` of example b (16-byte stores), and lse.
+template <int D>
+__device__ __forceinline__ void zero_slice_f32(const MmaFwdArgs& a, int b, int oh, int row0, int rows) {
+  constexpr int kU = D / 4;
+  float* out = static_cast<float*>(a.out);
+  for (int i = threadIdx.x; i < rows * kU; i += mma::kThreads) {
+    const int s = row0 + i / kU;
+    const int64_t off = (static_cast<int64_t>(b) * a.q_len + s) * a.out_heads * D +
+                        static_cast<int64_t>(oh) * D + (i % kU) * 4;
+    *reinterpret_cast<float4*>(out + off) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
+  for (int i = threadIdx.x; i < rows; i += mma::kThreads)
+    a.lse[attn::bhs_index(b, oh, row0 + i, a.out_heads, a.q_len)] = 0.0f;
+}
+
+__device__ __forceinline__ void split_to(float x, uint32_t& big, uint32_t& small) {
+  const mma::Tf32Split s = mma::tf32_split(x);
+  big = __float_as_uint(s.big);
+  small = __float_as_uint(s.small);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One work item: query rows [q0, q0 + 64) of head h of example b, written to head slot oh.
+// ---------------------------------------------------------------------------------------------
+template <int D>
+__device__ __forceinline__ void attend_tile_tf32(const MmaFwdArgs& a, int b, int h, int oh, int q0, float gate,
+                                                 float* q_s, float* k_s, float* v_s) {
+  constexpr int kKc = D / 8;                // k-chunks of S = Q K^T
+  constexpr int kNt = mma::kBlockN / 8;     // key n-tiles of S (= key chunks of P V)
+  constexpr int kDt = D / 8;                // d n-tiles of O
+  constexpr int kTile = mma::kBlockM * D;   // floats of one tile
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const float* q = static_cast<const float*>(a.q) + b * a.q_st.b + h * a.q_st.h;
+  const float* k = static_cast<const float*>(a.k) + b * a.k_st.b + h * a.k_st.h;
+  const float* v = static_cast<const float*>(a.v) + b * a.v_st.b + h * a.v_st.h;
+  const int key_tiles = static_cast<int>(attn::ceil_div(a.kv_len, mma::kBlockN));
+
+  // Step 1: Q tile and the first K/V stage.
+  load_tile_f32<D>(q_s, q + q0 * a.q_st.s, a.q_st.s, a.q_len - q0);
+  load_tile_f32<D>(k_s, k, a.k_st.s, a.kv_len);
+  load_tile_f32<D>(v_s, v, a.v_st.s, a.kv_len);
+  cp_async_commit();
+
+  float o[kDt][4];
+#pragma unroll
+  for (int dt = 0; dt < kDt; ++dt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[dt][i] = 0.0f;
+  float m[2] = {attn::neg_inf(), attn::neg_inf()};  // rows group, group + 8 (log2 domain)
+  float l[2] = {0.0f, 0.0f};                        // this lane's partial row sums
+  const bool* mask = a.mask == nullptr ? nullptr : a.mask + static_cast<int64_t>(b) * a.kv_len;
+
+  for (int kt = 0; kt < key_tiles; ++kt) {
+    const int stage = kt & 1;
+    // Step 2a: prefetch the next stage (its buffer was released by the barrier ending kt - 1).
+    if (kt + 1 < key_tiles) {
+      const int k0 = (kt + 1) * mma::kBlockN;
+      load_tile_f32<D>(k_s + (stage ^ 1) * kTile, k + k0 * a.k_st.s, a.k_st.s, a.kv_len - k0);
+      load_tile_f32<D>(v_s + (stage ^ 1) * kTile, v + k0 * a.v_st.s, a.v_st.s, a.kv_len - k0);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const float* ks = k_s + stage * kTile;
+    const float* vs = v_s + stage * kTile;
+
+    // Step 2b: S = Q K^T for this warp's 16 rows and the 64 keys (3xTF32).
+    float s[kNt][4];
+#pragma unroll
+    for (int nt = 0; nt < kNt; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[nt][i] = 0.0f;
+#pragma unroll 1
+    for (int kc = 0; kc < kKc; ++kc) {
+      uint32_t qb[4], qsm[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const Coord c = mma::tf32_q(lane, kc, r);
+        split_to(q_s[mma::f32_smem_offset(16 * warp + c.row, c.col, D)], qb[r], qsm[r]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < kNt; ++nt) {
+        uint32_t kb[2], ksm[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const Coord c = mma::tf32_k(lane, nt, kc, r);
+          split_to(ks[mma::f32_smem_offset(c.row, c.col, D)], kb[r], ksm[r]);
+        }
+        mma_1688_3xtf32(s[nt], qb, qsm, kb, ksm);
+      }
+    }
+
+    // Step 2c: log2-domain scores, masked keys -inf, online softmax per row (quad reductions).
+    const int key0 = kt * mma::kBlockN;
+    float tile_max[2] = {attn::neg_inf(), attn::neg_inf()};
+#pragma unroll
+    for (int nt = 0; nt < kNt; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int key = key0 + nt * 8 + mma::frag_c(lane, i).col;
+        const bool real = key < a.kv_len && (mask == nullptr || mask[key]);
+        s[nt][i] = real ? s[nt][i] * a.scale_log2 : attn::neg_inf();
+        tile_max[i >> 1] = fmaxf(tile_max[i >> 1], s[nt][i]);
+      }
+    }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) alpha[r] = attn::online_softmax_step(m[r], l[r], quad_max(tile_max[r]));
+#pragma unroll
+    for (int dt = 0; dt < kDt; ++dt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) o[dt][i] *= alpha[i >> 1];
+#pragma unroll
+    for (int nt = 0; nt < kNt; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        s[nt][i] = attn::safe_exp2(s[nt][i], m[i >> 1]);
+        l[i >> 1] += s[nt][i];
+      }
+
+    // Step 2d: O += P V (3xTF32), P of key chunk kc taken from the S accumulators of n-tile kc.
+#pragma unroll
+    for (int kc = 0; kc < kNt; ++kc) {
+      uint32_t pb[4], psm[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) split_to(s[kc][mma::tf32_p_elem(r)], pb[r], psm[r]);
+#pragma unroll
+      for (int dt = 0; dt < kDt; ++dt) {
+        uint32_t vb[2], vsm[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const Coord c = mma::tf32_v(lane, kc, dt, r);
+          split_to(vs[mma::f32_smem_offset(c.row, c.col, D)], vb[r], vsm[r]);
+        }
+        mma_1688_3xtf32(o[dt], pb, psm, vb, vsm);
+      }
+    }
+    __syncthreads();  // this stage's K/V (and, after the last tile, Q) may be overwritten
+  }
+
+  // Step 3: gate / l once; 8-byte stores of the accumulator pairs.
+  float factor[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] = quad_sum(l[r]);
+    factor[r] = gate * attn::softmax_inv_sum(l[r]);
+  }
+  float* out = static_cast<float*>(a.out);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const Coord c = mma::frag_c(lane, 2 * r);
+    const int s_row = q0 + 16 * warp + c.row;
+    if (s_row >= a.q_len) continue;
+    float* row = out + (static_cast<int64_t>(b) * a.q_len + s_row) * a.out_heads * D +
+                 static_cast<int64_t>(oh) * D + c.col;
+#pragma unroll
+    for (int dt = 0; dt < kDt; ++dt)
+      *reinterpret_cast<float2*>(row + dt * 8) =
+          make_float2(o[dt][2 * r] * factor[r], o[dt][2 * r + 1] * factor[r]);
+  }
+  if (mma::thread_in_group(lane) == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int s_row = q0 + 16 * warp + mma::group_id(lane) + 8 * r;
+      if (s_row < a.q_len)
+        a.lse[attn::bhs_index(b, oh, s_row, a.out_heads, a.q_len)] = attn::softmax_lse(m[r], l[r]);
+    }
+  }
+}
+
+// Occupancy hint per head dim, chosen from the ptxas report (nvcc 13.0): D = 64 without a hint
+// (0) gets 168 registers and no spills on sm_80 and sm_90, while a hint of 1 or 2 lets ptxas take
+// 250-255 registers and spill on sm_80, and 3 spills; D = 32 with 3 gets 168 registers and no
+// spills, while without a hint sm_90 caps it at 128 registers and spills. Shared memory limits
+// D = 64 to 2 CTAs per SM anyway (80 KB each), D = 32 runs 3 (registers).
+template <int D>
+constexpr int tf32_min_ctas() {
+  return D == 64 ? 0 : 3;
+}
+
+template <int D>
+__global__ void __launch_bounds__(mma::kThreads, tf32_min_ctas<D>()) mma_forward_tf32_kernel(const MmaFwdArgs a) {
+  extern __shared__ __align__(128) float smem_f32[];
+  float* q_s = smem_f32;
+  float* k_s = q_s + mma::kBlockM * D;
+  float* v_s = k_s + mma::kStages * mma::kBlockN * D;
+  const int q_tiles = static_cast<int>(attn::ceil_div(a.q_len, mma::kBlockM));
+  const int lane = threadIdx.x & 31;
+
+  // Step 0 (dense output): the slices of pruned heads are zeros.
+  if (a.kept == nullptr) {
+    for (int bh = blockIdx.x; bh < a.batch * a.heads; bh += gridDim.x) {
+      const int b = bh / a.heads, h = bh % a.heads;
+      if (gate_at(a, b, h) == 0.0f) zero_slice_f32<D>(a, b, h, 0, a.q_len);
+    }
+  }
+
+  // Work items in increasing order; an entry is (b, output head slot).
+  const int entries = a.batch * a.out_heads;
+  mma::ActiveCursor cursor;
+  for (int w = blockIdx.x;; w += gridDim.x) {
+    const int act = mma::item_active(w, q_tiles), tile = mma::item_tile(w, q_tiles);
+    int entry;
+    if (a.kept != nullptr) {  // compact: every kept head of every example is an item
+      entry = act < entries ? act : -1;
+    } else {                  // dense: the act-th (b, h) with a non-zero gate
+      entry = mma::find_active(cursor, act, entries, [&](int base) {
+        const int e = base + lane;
+        const bool on = e < entries && gate_at(a, e / a.heads, e % a.heads) != 0.0f;
+        return __ballot_sync(0xffffffffu, on);
+      });
+    }
+    if (entry < 0) break;
+    const int b = entry / a.out_heads, oh = entry % a.out_heads;
+    const int h = a.kept != nullptr ? a.kept[oh] : oh;
+    const bool head_ok = h >= 0 && h < a.heads;  // an index out of range gives zeros
+    const float gate = head_ok ? gate_at(a, b, h) : 0.0f;
+    const int q0 = tile * mma::kBlockM;
+    __syncthreads();  // the previous item's shared-memory reads are done
+    if (gate == 0.0f) {  // compact output of a head pruned for this example (or a bad index)
+      zero_slice_f32<D>(a, b, oh, q0, min(mma::kBlockM, a.q_len - q0));
+      continue;
+    }
+    attend_tile_tf32<D>(a, b, h, oh, q0, gate, q_s, k_s, v_s);
+  }
+}
+
+template <int D>
+void launch(const MmaFwdArgs& a, cudaStream_t stream) {
+  constexpr int kSmem = tf32_smem_bytes<D>();
+  // More than 48 KB of dynamic shared memory must be allowed per device: set on every launch
+  // (a cheap driver call) so that a second GPU of the process gets it too.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(mma_forward_tf32_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      kSmem));
+  static const int ctas_per_sm = [] {
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, mma_forward_tf32_kernel<D>,
+                                                                 mma::kThreads, kSmem));
+    return n > 0 ? n : 1;
+  }();
+  const int64_t q_tiles = attn::ceil_div(a.q_len, mma::kBlockM);
+  const int64_t grid = mma::grid_size(static_cast<int64_t>(a.batch) * a.out_heads * q_tiles,
+                                      a.sm_count, ctas_per_sm);
+  mma_forward_tf32_kernel<D><<<static_cast<unsigned>(grid), mma::kThreads, kSmem, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void launch_mma_forward_tf32(const MmaFwdArgs& a, cudaStream_t stream) {
+  a.head_dim == 32 ? launch<32>(a, stream) : launch<64>(a, stream);
+}
+
+}  // namespace cuda_mma
+}  // namespace sparsebert
