@@ -109,6 +109,7 @@ fi
 # shellcheck disable=SC2086  # extra flags split on spaces
 step bench 170 "$out/bench.log" python3 bench/bench_sweep_gpu.py "${bench_args[@]}" ${GPU_SWEEP_BENCH_ARGS:-}
 grep -h "^target" "$out/bench.log" >> "$summary" 2>/dev/null
+rm -rf "$work"/bench-sweep-gpu-*  # left behind when the bench is cut short (models, runs)
 tar czf "$out/bench-results.tar.gz" bench/results/sweep-gpu-* 2>/dev/null || true
 
 # Step 3: the whole study, with what is left of the budget; GPU utilisation sampled each second.
