@@ -450,6 +450,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.device == "cpu":
         torch.set_num_threads(1)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models or set(models) - set(TARGETS):
+        parser.error(f"--models {args.models!r}: expected a comma-separated subset of "
+                     f"{','.join(TARGETS)}")
     ks = [int(k) for k in args.per_gpu.split(",")]
     started = time.perf_counter()
     records: list[dict] = []
