@@ -226,7 +226,8 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
                                                         config.eval_batch_size, config.precision)
                     metrics_log.write({"step": step, "epoch": step // steps_per_epoch,
                                        "split": split, **dev_metrics[split]})
-                checkpoint()
+                if step < total_steps:  # the last epoch's state is the final model, saved next
+                    checkpoint()
             elif config.checkpoint_every and step % config.checkpoint_every == 0:
                 checkpoint()
             stop = config.stop_after_steps
