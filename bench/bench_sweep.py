@@ -6,7 +6,7 @@ The units are real: a random BERT (--hidden, --layers; the default model's token
 synthetic SST-2-style task written to a temporary folder, every stage of the study (full
 fine-tune, both searches, good/random/bad pruned and retrained, super-survivors, reports).
 
-    python bench/bench_sweep.py --seeds 1,2,3
+    python bench/bench_sweep.py --train-examples 1024 --dev-examples 128 --rounds 3
 """
 
 from __future__ import annotations
@@ -101,6 +101,27 @@ def run_sweep(out: Path, model: str, glue: str, args, workers: int) -> tuple[flo
     return time.perf_counter() - started, len(outcome.done)
 
 
+MODES = [("sequential", "one after another, one process (search --seeds)", 1),
+         ("sweep-1", "sweep, 1 worker", 1), ("sweep-2", "sweep, 2 workers", 2)]
+
+
+def run_round(root: Path, model: str, glue: str, args, order: list[str]) -> dict[str, dict]:
+    """Every mode once, in `order`: {mode: {wall_s, cpu_s[, unit_wall_s, unit_cpu_s, units]}}."""
+    out = {}
+    for mode in order:
+        before = cpu_seconds()
+        if mode == "sequential":
+            wall = run_sequential(root / mode, model, glue, args)
+            out[mode] = {"wall_s": wall}
+        else:
+            wall, units = run_sweep(root / mode, model, glue, args, workers=int(mode[-1]))
+            unit_wall, unit_cpu = unit_times(root / mode)
+            out[mode] = {"wall_s": wall, "units": units, "unit_wall_s": unit_wall,
+                         "unit_cpu_s": unit_cpu}
+        out[mode]["cpu_s"] = cpu_seconds() - before  # workers included
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="1,2,3")
@@ -109,47 +130,56 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-examples", type=int, default=256)
     parser.add_argument("--dev-examples", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="times every mode runs (order rotated per round); the table gives "
+                             "each round and the median ratio")
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     load_before = os.getloadavg()
+    names = [m for m, _, _ in MODES]
+    rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model, glue = make_inputs(root, args)
-        cpu = [cpu_seconds()]
-        sequential = run_sequential(root / "sequential", model, glue, args)
-        cpu.append(cpu_seconds())
-        one, units = run_sweep(root / "sweep-1", model, glue, args, workers=1)
-        cpu.append(cpu_seconds())
-        two, _ = run_sweep(root / "sweep-2", model, glue, args, workers=2)
-        cpu.append(cpu_seconds())
-        in_units = [unit_times(root / "sweep-1"), unit_times(root / "sweep-2")]
-    used = [b - a for a, b in zip(cpu, cpu[1:])]  # CPU seconds per mode (workers included)
+        for r in range(args.rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            rounds.append(run_round(root / f"round-{r}", model, glue, args, order))
     load_after = os.getloadavg()
-    walls = (sequential, one, two)
-    unit_cells = [["", ""]] + [[f"{w:.1f}", f"{c:.1f}"] for w, c in in_units]
-    rows = [[name, workers, f"{wall:.1f}", f"{wall / sequential:.2f}x", f"{cpu_s:.1f}",
-             f"{cpu_s / wall:.2f}", *cells]
-            for (name, workers), wall, cpu_s, cells in zip(
-                [("one after another, one process (search --seeds)", 1),
-                 ("sweep, 1 worker", 1), ("sweep, 2 workers", 2)], walls, used, unit_cells)]
-    records = [{"mode": "sequential", "workers": 1, "wall_s": sequential, "cpu_s": used[0]},
-               {"mode": "sweep", "workers": 1, "wall_s": one, "cpu_s": used[1],
-                "unit_wall_s": in_units[0][0], "unit_cpu_s": in_units[0][1]},
-               {"mode": "sweep", "workers": 2, "wall_s": two, "cpu_s": used[2],
-                "unit_wall_s": in_units[1][0], "unit_cpu_s": in_units[1][1],
-                "ratio_vs_sequential": two / sequential, "ratio_vs_sweep_1": two / one},
-               {"units": units, "cpu_count": os.cpu_count(),
-                "load_average_before": load_before, "load_average_after": load_after}]
+    units = rounds[0]["sweep-1"]["units"]
+    rows, records = [], []
+    for r, result in enumerate(rounds):
+        base = result["sequential"]["wall_s"]
+        for mode, label, workers in MODES:
+            m = result[mode]
+            rows.append([r + 1, label, workers, f"{m['wall_s']:.1f}", f"{m['wall_s'] / base:.2f}x",
+                         f"{m['cpu_s']:.1f}", f"{m['cpu_s'] / m['wall_s']:.2f}",
+                         f"{m['unit_wall_s']:.1f}" if "unit_wall_s" in m else "",
+                         f"{m['unit_cpu_s']:.1f}" if "unit_cpu_s" in m else ""])
+            records.append({"round": r + 1, "mode": mode, "workers": workers, **m,
+                            "ratio_vs_sequential": m["wall_s"] / base})
+    ratios = sorted(res["sweep-2"]["wall_s"] / res["sequential"]["wall_s"] for res in rounds)
+    vs_one = sorted(res["sweep-2"]["wall_s"] / res["sweep-1"]["wall_s"] for res in rounds)
+    median = ratios[len(ratios) // 2] if len(ratios) % 2 else sum(
+        ratios[len(ratios) // 2 - 1:len(ratios) // 2 + 1]) / 2
+    rows.append(["median", "sweep, 2 workers vs one after another", 2, "", f"{median:.2f}x",
+                 "", "", "", ""])
+    records.append({"units": units, "cpu_count": os.cpu_count(), "rounds": args.rounds,
+                    "ratios_vs_sequential": ratios, "ratios_vs_sweep_1": vs_one,
+                    "median_ratio_vs_sequential": median, "target": 0.6,
+                    "load_average_before": load_before, "load_average_after": load_after})
     what = (f"Sweep of {units} units (SST-2-style synthetic task, seeds {args.seeds}, both "
             f"methods, good/random/bad, super-survivors; random BERT hidden {args.hidden}, "
             f"{args.layers} layers; {args.train_examples} train / {args.dev_examples} dev "
             f"examples, {args.epochs} epochs), 1 torch thread per worker, {os.cpu_count()} "
-            f"cores; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
-            f"(a shared machine)")
+            f"cores, {args.rounds} round(s) with the order of the modes rotated; load average "
+            f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (a shared machine). "
+            f"Target: 2 workers <= 0.6x one after another; median {median:.2f}x "
+            f"({'met' if median <= 0.6 else 'not met'})")
     common.report("sweep", args, argv, what,
-                  ["mode", "workers", "wall (s)", "vs one after another", "CPU (s)",
-                   "cores used (CPU / wall)", "units' wall sum (s)", "units' CPU sum (s)"],
+                  ["round", "mode", "workers", "wall (s)", "vs one after another (same round)",
+                   "CPU (s)", "cores used (CPU / wall)", "units' wall sum (s)",
+                   "units' CPU sum (s)"],
                   rows, records)
 
 

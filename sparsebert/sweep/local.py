@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.util
 import os
 import queue
 import signal
@@ -64,8 +65,11 @@ def worker_main(inbox, results, index: int) -> None:
 
     while True:
         spec = inbox.get()
-        if spec is None:
-            return
+        if spec is None:  # sent once every result was received
+            results.close()
+            results.join_thread()  # our results are flushed to the pipe
+            multiprocessing.util._run_finalizers(0)  # e.g. unlink tqdm's semaphore
+            os._exit(0)  # skip the rest of interpreter teardown (about a second after real work)
         try:
             results.put((index, spec["id"], True, run_unit(spec)))
         except BaseException as error:  # noqa: BLE001 (reported to the driver, which retries)
