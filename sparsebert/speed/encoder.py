@@ -54,7 +54,7 @@ class FastEncoder(nn.Module):
     change). unpad: pack real tokens (default True); graphs: CUDA-graph replay per shape bucket on
     CUDA devices; bucket: T is rounded up to a multiple of it for graphs; compile: run the layer
     loop through torch.compile (off by default: on CPU it measured within noise of eager,
-    bench/results/speed-cpu.md, and a cold compile takes most of a minute on 2 cores).
+    runs with --compile in bench/results/speed-cpu.md's history, and a cold compile takes most of a minute on 2 cores).
     """
 
     def __init__(self, blocks: list[tuple[SparseAttention, SparseMLP]], *, unpad: bool = True,
