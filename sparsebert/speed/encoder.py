@@ -53,8 +53,9 @@ class FastEncoder(nn.Module):
     The blocks are not registered here (the model that owns them does; parameter names do not
     change). unpad: pack real tokens (default True); graphs: CUDA-graph replay per shape bucket on
     CUDA devices; bucket: T is rounded up to a multiple of it for graphs; compile: run the layer
-    loop through torch.compile (off by default: on CPU it measured within noise of eager,
-    runs with --compile in bench/results/speed-cpu.md's history, and a cold compile takes most of a minute on 2 cores).
+    loop through torch.compile (off by default: on CPU it measured within noise of eager, in
+    the runs with --compile in bench/results/speed-cpu.md's history, and a cold compile takes
+    most of a minute on 2 cores).
     """
 
     def __init__(self, blocks: list[tuple[SparseAttention, SparseMLP]], *, unpad: bool = True,
