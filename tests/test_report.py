@@ -372,3 +372,19 @@ def test_bad_masks_duplicates_and_mixed_settings(tmp_path: Path):
     (tmp_path / "e" / "summary.json").write_text("{not json")
     with pytest.raises(ReportError, match="cannot read summary"):
         collect(tmp_path / "e")
+
+
+def test_notes_name_seeds_whose_threshold_a_constant_predictor_passes(tmp_path: Path):
+    """0.9 x the full model's score at or below the majority class: the report says so, per
+    task, with the seeds; tasks with a meaningful threshold get no such note."""
+    weak = {"full": [0.74, 0.80, 0.75], "s_good_P": [0.7, 0.7, 0.7],
+            "s_good_R": [0.7, 0.7, 0.7], "m_good_R": [0.7, 0.7, 0.7]}
+    root = make_runs(tmp_path / "runs")
+    for i, seed in enumerate(SEEDS):
+        write_run(root, "MRPC", seed, i, scores=weak)  # 0.9 x 0.74 = 0.666, 0.9 x 0.75 = 0.675 (< 0.684)
+    results = collect(root)
+    assert table.threshold_at_majority(results["MRPC"]) == [1, 3]
+    assert table.threshold_at_majority(results["RTE"]) == []
+    notes = table.results_notes(results)
+    assert "MRPC: in 2 of 3 seeds (seeds 1, 3) the search threshold (0.9 x" in notes
+    assert "RTE: in" not in notes

@@ -104,7 +104,23 @@ def results_notes(results: Mapping[str, TaskResults]) -> str:
         if canon and res.report_metric != paper.METRIC[canon]:
             notes.append(f"{task}: our column is {res.report_metric}, the paper's is "
                          f"{paper.METRIC[canon]}.")
+        weak = threshold_at_majority(res)
+        if weak:
+            which = f"{'seed' if len(weak) == 1 else 'seeds'} {', '.join(map(str, weak))}"
+            notes.append(
+                f"{task}: in {len(weak)} of {res.n_seeds} seeds ({which}) the search threshold ({res.runs[0].threshold}"
+                f" x the full model's {res.runs[0].metric}) is at or below the majority class, "
+                f"so a model that always predicts it passes: those searches can prune almost "
+                f"everything, and their good / random / bad gaps mean little.")
     return "\n\n".join(notes)
+
+
+def threshold_at_majority(res: TaskResults) -> list[int]:
+    """Seeds whose absolute search threshold (threshold x the full model's search score) is at
+    or below the majority-class score (when that score is in the searched metric)."""
+    return [run.seed for run in res.runs
+            if run.majority is not None and run.metric == run.report_metric
+            and run.threshold * run.full_search_score <= run.majority]
 
 
 def _count(stat: Stat | None, total: int | None, digits: int = 1) -> str:
