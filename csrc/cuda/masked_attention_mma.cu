@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "masked_attention_mma.cuh"
+#include "mma_forward_common.cuh"
 #include "mma_ptx.cuh"
 #include "sparsebert/attention_math.h"
 #include "sparsebert/mma_layout.h"
@@ -40,10 +41,6 @@ template <int D>
 __device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* src, int64_t row_stride,
                                           int valid_rows) {
   load_tile_async<D, mma::kBlockM, mma::kThreads>(tile, src, row_stride, valid_rows);
-}
-
-__device__ __forceinline__ float gate_at(const MmaFwdArgs& a, int b, int h) {
-  return a.gate[b * a.gate_sb + h * a.gate_sh];
 }
 
 // Zero rows [0, q_len) of output head slot `oh` of example b (16-byte stores), and its lse.
@@ -135,32 +132,7 @@ __device__ __forceinline__ void attend_tile(const MmaFwdArgs& a, int b, int h, i
     }
 
     // Step 2c: log2-domain scores, masked keys -inf, online softmax per row (quad reductions).
-    const int key0 = kt * mma::kBlockN;
-    float tile_max[2] = {attn::neg_inf(), attn::neg_inf()};
-#pragma unroll
-    for (int nt = 0; nt < kNt; ++nt) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int key = key0 + nt * 8 + mma::frag_c(lane, i).col;
-        const bool real = key < a.kv_len && (mask == nullptr || mask[key]);
-        s[nt][i] = real ? s[nt][i] * a.scale_log2 : attn::neg_inf();
-        tile_max[i >> 1] = fmaxf(tile_max[i >> 1], s[nt][i]);
-      }
-    }
-    float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) alpha[r] = attn::online_softmax_step(m[r], l[r], quad_max(tile_max[r]));
-#pragma unroll
-    for (int dt = 0; dt < kDt; ++dt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) o[dt][i] *= alpha[i >> 1];
-#pragma unroll
-    for (int nt = 0; nt < kNt; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        s[nt][i] = attn::safe_exp2(s[nt][i], m[i >> 1]);
-        l[i >> 1] += s[nt][i];
-      }
+    online_softmax_tile(a, mask, kt * mma::kBlockN, lane, s, m, l, o);
 
     // Step 2d: O += P V, P re-labelled from the S accumulators as A fragments.
 #pragma unroll
@@ -211,60 +183,28 @@ __device__ __forceinline__ void attend_tile(const MmaFwdArgs& a, int b, int h, i
           *reinterpret_cast<const uint4*>(q_s + mma::smem_offset(16 * warp + c.row, c.col, D));
     }
   }
-  if (mma::thread_in_group(lane) == 0) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int s_row = q0 + 16 * warp + mma::group_id(lane) + 8 * r;
-      if (s_row < a.q_len)
-        a.lse[attn::bhs_index(b, oh, s_row, a.out_heads, a.q_len)] = attn::softmax_lse(m[r], l[r]);
-    }
-  }
+  store_lse(a, b, oh, q0, warp, lane, m, l);
 }
+
+
+// The kernel's work item, for walk_work_items (mma_forward_common.cuh).
+template <typename T, int D>
+struct HalfItem {
+  static __device__ __forceinline__ void zero(const MmaFwdArgs& a, int b, int oh, int row0, int rows) {
+    zero_slice<D>(a, b, oh, row0, rows);
+  }
+  static __device__ __forceinline__ void attend(const MmaFwdArgs& a, int b, int h, int oh, int q0,
+                                                float gate, uint16_t* q_s, uint16_t* k_s, uint16_t* v_s) {
+    attend_tile<T, D>(a, b, h, oh, q0, gate, q_s, k_s, v_s);
+  }
+};
 
 template <typename T, int D>
 __global__ void __launch_bounds__(mma::kThreads) mma_forward_kernel(const MmaFwdArgs a) {
   __shared__ __align__(128) uint16_t q_s[mma::kBlockM * D];
   __shared__ __align__(128) uint16_t k_s[mma::kStages * mma::kBlockN * D];
   __shared__ __align__(128) uint16_t v_s[mma::kStages * mma::kBlockN * D];
-  const int q_tiles = static_cast<int>(attn::ceil_div(a.q_len, mma::kBlockM));
-  const int lane = threadIdx.x & 31;
-
-  // Step 0 (dense output): the slices of pruned heads are zeros.
-  if (a.kept == nullptr) {
-    for (int bh = blockIdx.x; bh < a.batch * a.heads; bh += gridDim.x) {
-      const int b = bh / a.heads, h = bh % a.heads;
-      if (gate_at(a, b, h) == 0.0f) zero_slice<D>(a, b, h, 0, a.q_len);
-    }
-  }
-
-  // Work items in increasing order; an entry is (b, output head slot).
-  const int entries = a.batch * a.out_heads;
-  mma::ActiveCursor cursor;
-  for (int w = blockIdx.x;; w += gridDim.x) {
-    const int act = mma::item_active(w, q_tiles), tile = mma::item_tile(w, q_tiles);
-    int entry;
-    if (a.kept != nullptr) {  // compact: every kept head of every example is an item
-      entry = act < entries ? act : -1;
-    } else {                  // dense: the act-th (b, h) with a non-zero gate
-      entry = mma::find_active(cursor, act, entries, [&](int base) {
-        const int e = base + lane;
-        const bool on = e < entries && gate_at(a, e / a.heads, e % a.heads) != 0.0f;
-        return __ballot_sync(0xffffffffu, on);
-      });
-    }
-    if (entry < 0) break;
-    const int b = entry / a.out_heads, oh = entry % a.out_heads;
-    const int h = a.kept != nullptr ? a.kept[oh] : oh;
-    const bool head_ok = h >= 0 && h < a.heads;  // an index out of range gives zeros
-    const float gate = head_ok ? gate_at(a, b, h) : 0.0f;
-    const int q0 = tile * mma::kBlockM;
-    __syncthreads();  // the previous item's shared-memory reads are done
-    if (gate == 0.0f) {  // compact output of a head pruned for this example (or a bad index)
-      zero_slice<D>(a, b, oh, q0, min(mma::kBlockM, a.q_len - q0));
-      continue;
-    }
-    attend_tile<T, D>(a, b, h, oh, q0, gate, q_s, k_s, v_s);
-  }
+  walk_work_items<HalfItem<T, D>>(a, q_s, k_s, v_s);
 }
 
 template <typename T, int D>

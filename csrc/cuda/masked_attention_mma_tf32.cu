@@ -24,6 +24,7 @@
 #include <cstdint>
 
 #include "masked_attention_mma.cuh"
+#include "mma_forward_common.cuh"
 #include "mma_ptx.cuh"
 #include "sparsebert/attention_math.h"
 #include "sparsebert/mma_layout.h"
@@ -37,10 +38,6 @@ using mma::Coord;
 template <int D>
 constexpr int tf32_smem_bytes() {
   return (mma::kBlockM + 2 * mma::kStages * mma::kBlockN) * D * 4;
-}
-
-__device__ __forceinline__ float gate_at(const MmaFwdArgs& a, int b, int h) {
-  return a.gate[b * a.gate_sb + h * a.gate_sh];
 }
 
 // Rows [0, rows) of a (b, h) slice (row r at src + r * row_stride) into a swizzled [64][D] fp32
@@ -154,32 +151,7 @@ __device__ __forceinline__ void attend_tile_tf32(const MmaFwdArgs& a, int b, int
     }
 
     // Step 2c: log2-domain scores, masked keys -inf, online softmax per row (quad reductions).
-    const int key0 = kt * mma::kBlockN;
-    float tile_max[2] = {attn::neg_inf(), attn::neg_inf()};
-#pragma unroll
-    for (int nt = 0; nt < kNt; ++nt) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int key = key0 + nt * 8 + mma::frag_c(lane, i).col;
-        const bool real = key < a.kv_len && (mask == nullptr || mask[key]);
-        s[nt][i] = real ? s[nt][i] * a.scale_log2 : attn::neg_inf();
-        tile_max[i >> 1] = fmaxf(tile_max[i >> 1], s[nt][i]);
-      }
-    }
-    float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) alpha[r] = attn::online_softmax_step(m[r], l[r], quad_max(tile_max[r]));
-#pragma unroll
-    for (int dt = 0; dt < kDt; ++dt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) o[dt][i] *= alpha[i >> 1];
-#pragma unroll
-    for (int nt = 0; nt < kNt; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        s[nt][i] = attn::safe_exp2(s[nt][i], m[i >> 1]);
-        l[i >> 1] += s[nt][i];
-      }
+    online_softmax_tile(a, mask, kt * mma::kBlockN, lane, s, m, l, o);
 
     // Step 2d: O += P V (3xTF32), P of key chunk kc taken from the S accumulators of n-tile kc.
 #pragma unroll
@@ -221,14 +193,7 @@ __device__ __forceinline__ void attend_tile_tf32(const MmaFwdArgs& a, int b, int
       *reinterpret_cast<float2*>(row + dt * 8) =
           make_float2(o[dt][2 * r] * factor[r], o[dt][2 * r + 1] * factor[r]);
   }
-  if (mma::thread_in_group(lane) == 0) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int s_row = q0 + 16 * warp + mma::group_id(lane) + 8 * r;
-      if (s_row < a.q_len)
-        a.lse[attn::bhs_index(b, oh, s_row, a.out_heads, a.q_len)] = attn::softmax_lse(m[r], l[r]);
-    }
-  }
+  store_lse(a, b, oh, q0, warp, lane, m, l);
 }
 
 // Occupancy hint per head dim, chosen from the ptxas report (nvcc 13.0): D = 64 without a hint
@@ -241,51 +206,26 @@ constexpr int tf32_min_ctas() {
   return D == 64 ? 0 : 3;
 }
 
+
+// The kernel's work item, for walk_work_items (mma_forward_common.cuh).
+template <int D>
+struct Tf32Item {
+  static __device__ __forceinline__ void zero(const MmaFwdArgs& a, int b, int oh, int row0, int rows) {
+    zero_slice_f32<D>(a, b, oh, row0, rows);
+  }
+  static __device__ __forceinline__ void attend(const MmaFwdArgs& a, int b, int h, int oh, int q0,
+                                                float gate, float* q_s, float* k_s, float* v_s) {
+    attend_tile_tf32<D>(a, b, h, oh, q0, gate, q_s, k_s, v_s);
+  }
+};
+
 template <int D>
 __global__ void __launch_bounds__(mma::kThreads, tf32_min_ctas<D>()) mma_forward_tf32_kernel(const MmaFwdArgs a) {
   extern __shared__ __align__(128) float smem_f32[];
   float* q_s = smem_f32;
   float* k_s = q_s + mma::kBlockM * D;
   float* v_s = k_s + mma::kStages * mma::kBlockN * D;
-  const int q_tiles = static_cast<int>(attn::ceil_div(a.q_len, mma::kBlockM));
-  const int lane = threadIdx.x & 31;
-
-  // Step 0 (dense output): the slices of pruned heads are zeros.
-  if (a.kept == nullptr) {
-    for (int bh = blockIdx.x; bh < a.batch * a.heads; bh += gridDim.x) {
-      const int b = bh / a.heads, h = bh % a.heads;
-      if (gate_at(a, b, h) == 0.0f) zero_slice_f32<D>(a, b, h, 0, a.q_len);
-    }
-  }
-
-  // Work items in increasing order; an entry is (b, output head slot).
-  const int entries = a.batch * a.out_heads;
-  mma::ActiveCursor cursor;
-  for (int w = blockIdx.x;; w += gridDim.x) {
-    const int act = mma::item_active(w, q_tiles), tile = mma::item_tile(w, q_tiles);
-    int entry;
-    if (a.kept != nullptr) {  // compact: every kept head of every example is an item
-      entry = act < entries ? act : -1;
-    } else {                  // dense: the act-th (b, h) with a non-zero gate
-      entry = mma::find_active(cursor, act, entries, [&](int base) {
-        const int e = base + lane;
-        const bool on = e < entries && gate_at(a, e / a.heads, e % a.heads) != 0.0f;
-        return __ballot_sync(0xffffffffu, on);
-      });
-    }
-    if (entry < 0) break;
-    const int b = entry / a.out_heads, oh = entry % a.out_heads;
-    const int h = a.kept != nullptr ? a.kept[oh] : oh;
-    const bool head_ok = h >= 0 && h < a.heads;  // an index out of range gives zeros
-    const float gate = head_ok ? gate_at(a, b, h) : 0.0f;
-    const int q0 = tile * mma::kBlockM;
-    __syncthreads();  // the previous item's shared-memory reads are done
-    if (gate == 0.0f) {  // compact output of a head pruned for this example (or a bad index)
-      zero_slice_f32<D>(a, b, oh, q0, min(mma::kBlockM, a.q_len - q0));
-      continue;
-    }
-    attend_tile_tf32<D>(a, b, h, oh, q0, gate, q_s, k_s, v_s);
-  }
+  walk_work_items<Tf32Item<D>>(a, q_s, k_s, v_s);
 }
 
 template <int D>

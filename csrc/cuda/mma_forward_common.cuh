@@ -1,0 +1,119 @@
+// What the two mma.sync forward kernels share (masked_attention_mma.cu: fp16/bf16,
+// masked_attention_mma_tf32.cu: fp32 with 3xTF32): the gate read, the persistent grid's walk over
+// work items, the online-softmax step on a tile of S accumulators, and the lse store. The
+// kernels differ only in how they load tiles, multiply, and write O.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "masked_attention_mma.cuh"
+#include "mma_ptx.cuh"
+#include "sparsebert/attention_math.h"
+#include "sparsebert/mma_layout.h"
+
+namespace sparsebert {
+namespace cuda_mma {
+
+__device__ __forceinline__ float gate_at(const MmaFwdArgs& a, int b, int h) {
+  return a.gate[b * a.gate_sb + h * a.gate_sh];
+}
+
+// The persistent grid: every CTA walks the work items (active (b, h), 64-row query tile) in
+// increasing order. Item::zero(a, b, oh, row0, rows) zero-fills rows of output head slot oh (and
+// its lse); Item::attend(a, b, h, oh, q0, gate, q_s, k_s, v_s) computes one item. Dense output
+// first zero-fills the slices of pruned heads, so pruned heads get no work items; compact output
+// visits every kept head. (Static functions rather than lambdas: ptxas allocated registers
+// differently with either kind of lambda capture, spilling in one kernel or the other.)
+template <typename Item, typename Elem>
+__device__ __forceinline__ void walk_work_items(const MmaFwdArgs& a, Elem* q_s, Elem* k_s,
+                                                Elem* v_s) {
+  const int q_tiles = static_cast<int>(attn::ceil_div(a.q_len, mma::kBlockM));
+  const int lane = threadIdx.x & 31;
+
+  // Step 0 (dense output): the slices of pruned heads are zeros.
+  if (a.kept == nullptr) {
+    for (int bh = blockIdx.x; bh < a.batch * a.heads; bh += gridDim.x) {
+      const int b = bh / a.heads, h = bh % a.heads;
+      if (gate_at(a, b, h) == 0.0f) Item::zero(a, b, h, 0, a.q_len);
+    }
+  }
+
+  // Work items in increasing order; an entry is (b, output head slot).
+  const int entries = a.batch * a.out_heads;
+  mma::ActiveCursor cursor;
+  for (int w = blockIdx.x;; w += gridDim.x) {
+    const int act = mma::item_active(w, q_tiles), tile = mma::item_tile(w, q_tiles);
+    int entry;
+    if (a.kept != nullptr) {  // compact: every kept head of every example is an item
+      entry = act < entries ? act : -1;
+    } else {                  // dense: the act-th (b, h) with a non-zero gate
+      entry = mma::find_active(cursor, act, entries, [&](int base) {
+        const int e = base + lane;
+        const bool on = e < entries && gate_at(a, e / a.heads, e % a.heads) != 0.0f;
+        return __ballot_sync(0xffffffffu, on);
+      });
+    }
+    if (entry < 0) break;
+    const int b = entry / a.out_heads, oh = entry % a.out_heads;
+    const int h = a.kept != nullptr ? a.kept[oh] : oh;
+    const bool head_ok = h >= 0 && h < a.heads;  // an index out of range gives zeros
+    const float gate = head_ok ? gate_at(a, b, h) : 0.0f;
+    const int q0 = tile * mma::kBlockM;
+    __syncthreads();  // the previous item's shared-memory reads are done
+    if (gate == 0.0f) {  // compact output of a head pruned for this example (or a bad index)
+      Item::zero(a, b, oh, q0, min(mma::kBlockM, a.q_len - q0));
+      continue;
+    }
+    Item::attend(a, b, h, oh, q0, gate, q_s, k_s, v_s);
+  }
+}
+
+// Step 2c of a key tile starting at key0: S accumulators s[kNt][4] (this lane's rows group and
+// group + 8) to log2-domain scores with masked keys at -inf, the online-softmax update of the row
+// maxima m and partial sums l, O rescaled, and s replaced by P = exp2(s - m).
+template <int kNt, int kDt>
+__device__ __forceinline__ void online_softmax_tile(const MmaFwdArgs& a, const bool* mask, int key0,
+                                                    int lane, float (&s)[kNt][4], float (&m)[2],
+                                                    float (&l)[2], float (&o)[kDt][4]) {
+  float tile_max[2] = {attn::neg_inf(), attn::neg_inf()};
+#pragma unroll
+  for (int nt = 0; nt < kNt; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int key = key0 + nt * 8 + mma::frag_c(lane, i).col;
+      const bool real = key < a.kv_len && (mask == nullptr || mask[key]);
+      s[nt][i] = real ? s[nt][i] * a.scale_log2 : attn::neg_inf();
+      tile_max[i >> 1] = fmaxf(tile_max[i >> 1], s[nt][i]);
+    }
+  }
+  float alpha[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) alpha[r] = attn::online_softmax_step(m[r], l[r], quad_max(tile_max[r]));
+#pragma unroll
+  for (int dt = 0; dt < kDt; ++dt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[dt][i] *= alpha[i >> 1];
+#pragma unroll
+  for (int nt = 0; nt < kNt; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      s[nt][i] = attn::safe_exp2(s[nt][i], m[i >> 1]);
+      l[i >> 1] += s[nt][i];
+    }
+}
+
+// The lse of this warp's rows q0 + 16 * warp + {group, group + 8}, written by one lane per quad
+// (l already summed over the quad).
+__device__ __forceinline__ void store_lse(const MmaFwdArgs& a, int b, int oh, int q0, int warp,
+                                          int lane, const float (&m)[2], const float (&l)[2]) {
+  if (mma::thread_in_group(lane) != 0) return;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int s_row = q0 + 16 * warp + mma::group_id(lane) + 8 * r;
+    if (s_row < a.q_len)
+      a.lse[attn::bhs_index(b, oh, s_row, a.out_heads, a.q_len)] = attn::softmax_lse(m[r], l[r]);
+  }
+}
+
+}  // namespace cuda_mma
+}  // namespace sparsebert
