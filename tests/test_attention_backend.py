@@ -141,6 +141,20 @@ def _gate_reference(model: nn.Module, family: Family, gates: torch.Tensor):
     return handles
 
 
+def _gated_loss(model: nn.Module, family: Family, gates: torch.Tensor, batch: dict,
+                weight: torch.Tensor, *, reference: bool) -> torch.Tensor:
+    """sum(last_hidden_state * weight) with head gates `gates`: through the hook reference
+    (reference=True, a model on "sdpa") or through the backend's gate override."""
+    if reference:
+        handles = _gate_reference(model, family, gates)
+        loss = (model(**batch).last_hidden_state * weight).sum()
+        for handle in handles:
+            handle.remove()
+        return loss
+    with override_head_gates(model, gates):
+        return (model(**batch).last_hidden_state * weight).sum()
+
+
 def _capture_proj_inputs(model: nn.Module, family: Family) -> list[torch.Tensor]:
     """Records the input (B, S, H*D) of every attention output projection on each forward."""
     seen: list[torch.Tensor] = []
@@ -297,14 +311,7 @@ def test_gate_gradients_match_reference(name, per_example, pair, tiny_batch):
     grads = {}
     for key, m in (("want", reference), ("got", model)):
         leaf = gates.clone().requires_grad_(True)
-        if key == "want":
-            handles = _gate_reference(m, family, leaf)
-            loss = (m(**batch).last_hidden_state * weight).sum()
-            for handle in handles:
-                handle.remove()
-        else:
-            with override_head_gates(m, leaf):
-                loss = (m(**batch).last_hidden_state * weight).sum()
+        loss = _gated_loss(m, family, leaf, batch, weight, reference=key == "want")
         params = [p for p in m.parameters() if p.requires_grad]
         grads[key] = torch.autograd.grad(loss, [leaf, *params], allow_unused=True)
     gate_got, gate_want = grads["got"][0], grads["want"][0]
@@ -333,14 +340,7 @@ def test_exact_zero_gate_grad_matches_reference_everywhere(name, pair, tiny_batc
     grads = []
     for m in (reference, model):
         leaf = GATES.clone().requires_grad_(True)
-        if m is reference:
-            handles = _gate_reference(m, family, leaf)
-            loss = (m(**batch).last_hidden_state * weight).sum()
-            for handle in handles:
-                handle.remove()
-        else:
-            with override_head_gates(m, leaf):
-                loss = (m(**batch).last_hidden_state * weight).sum()
+        loss = _gated_loss(m, family, leaf, batch, weight, reference=m is reference)
         grads.append(torch.autograd.grad(loss, leaf)[0])
     want, got = grads
     assert bool((want[GATES == 0] != 0).all())
