@@ -62,7 +62,8 @@ tail -n 3 "$out/cuda-tests.log" >> "$summary"
 
 # Step 3: benchmarks, the training step first (it serves the open fine-tuning work).
 step bench-train-step 120 "$out/bench.log" python3 bench/bench_train_step.py --device cuda; pack
-step bench-masked-attention 120 "$out/bench.log" python3 bench/bench_masked_attention.py --device cuda; pack
+# Eager fwd and fwd+bwd; S=512 runs the mma.sync backward's key-block/query-block items.
+step bench-masked-attention 150 "$out/bench.log" python3 bench/bench_masked_attention.py --device cuda --seq 128 512; pack
 # Graph-replay GPU time; the providers include sparsebert_mma and sparsebert_compact (the mma.sync
 # forward, switched on per call) next to SDPA, whose chosen backend the table names. In the
 # float32 table those two columns are the 3xTF32 mma.sync forward and sparsebert the SIMT kernel.

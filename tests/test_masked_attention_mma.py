@@ -222,20 +222,23 @@ def low_precision_grads(q, k, v, gate, mask, scale, dout):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dim", [32, 64])
-@pytest.mark.parametrize("seq", [1, 17, 100, 128])
+@pytest.mark.parametrize("seq", [1, 17, 100, 128, 129, 300, 512, (65, 512), (300, 40)])
 @pytest.mark.parametrize("pattern", ["all", "some", "per_example"])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
 def test_mma_backward(device, dtype, dim, seq, pattern, padded, mma_switch, assert_native):
-    """The one-launch mma backward (S <= 128): dq, dk, dv, d_head_gate vs the fp32 reference,
-    within twice plain PyTorch's low-precision error; pruned heads get exact zeros."""
+    """The one-launch mma backward (one CTA per head for S <= 128, per 128-row key or query
+    block beyond; seq = (Sq, Sk) for cross lengths): dq, dk, dv, d_head_gate vs the fp32
+    reference, within twice plain PyTorch's low-precision error; pruned heads get exact zeros."""
     assert_native("masked_attention_backward", device)
     key = ("mma bwd", str(dtype), dim, seq, pattern, padded)
     gen = torch.Generator().manual_seed(stable_seed(*key))
     batch, scale = 2, dim**-0.5
-    q, k, v = qkv(batch, seq, HEADS, dim, dtype, device, gen)
+    q_len, kv_len = seq if isinstance(seq, tuple) else (seq, seq)
+    q = qkv(batch, q_len, HEADS, dim, dtype, device, gen)[0]
+    _, k, v = qkv(batch, kv_len, HEADS, dim, dtype, device, gen)
     gate = gate_for(pattern, batch, HEADS, device, gen)
-    mask = make_padding(batch, seq, device, gen) if padded else None
+    mask = make_padding(batch, kv_len, device, gen) if padded else None
     out, lse = torch.ops.sparsebert.masked_attention(q, k, v, gate, mask, scale)
     dout = torch.randn(out.shape, generator=gen).to(device, dtype)
     args = (dout, q, k, v, gate, mask, out, lse, scale)

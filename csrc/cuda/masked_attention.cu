@@ -7,8 +7,9 @@
 // SPARSEBERT_ATTENTION_KERNEL=mma selects the mma.sync forward (masked_attention_mma.cu) where it
 // applies (fp16/bf16, D 32/64, sm80+, 16-byte aligned rows), its 3xTF32 variant for fp32 inputs
 // under the same conditions (masked_attention_mma_tf32.cu; fp32 gradients stay on the SIMT
-// backward), and the one-launch mma.sync backward
-// (masked_attention_mma_bwd.cu) where moreover Sq, Sk <= 128 (longer: the WMMA backward). These
+// backward), and the one-launch mma.sync backward (masked_attention_mma_bwd.cu; one CTA per head
+// for Sq, Sk <= 128, per 128-row key or query block beyond) where moreover dout and out have
+// 16-byte aligned rows. These
 // kernels have not yet run on a GPU: they stay opt-in until the CUDA tests pass on one.
 // masked_attention_compact (output (B, S, H_kept, D)) uses it under the same switch, else it
 // gathers the kept heads and runs the default forward.
@@ -233,9 +234,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_back
                    dout = last_dim_contiguous(dout_in), out = last_dim_contiguous(out_in);
   const GateView gate = gate_view(head_gate);
   const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
-  if (use_mma_forward(q, k, v, s) && s.q_len <= mma::kBwdMaxSeq && s.kv_len <= mma::kBwdMaxSeq &&
-      vec16_ok(dout) && vec16_ok(out)) {
-    // The one-launch mma.sync backward (S <= 128): every output entry written by the kernel.
+  if (use_mma_forward(q, k, v, s) && vec16_ok(dout) && vec16_ok(out)) {
+    // The one-launch mma.sync backward: every output entry written by the kernel.
     at::Tensor dq = at::empty(q.sizes(), q.options());
     at::Tensor dk = at::empty(k.sizes(), k.options());
     at::Tensor dv = at::empty(v.sizes(), v.options());

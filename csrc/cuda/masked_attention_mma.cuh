@@ -63,7 +63,7 @@ struct MmaBwdArgs {
 };
 
 // One launch for the whole backward; the caller guarantees fp16/bf16, head_dim 32 or 64,
-// q_len, kv_len <= mma::kBwdMaxSeq, compute capability >= 8.0 and 16-byte aligned rows.
+// compute capability >= 8.0 and 16-byte aligned rows (any q_len, kv_len).
 void launch_mma_backward(bool bf16, const MmaBwdArgs& a, cudaStream_t stream);
 
 }  // namespace cuda_mma

@@ -12,9 +12,10 @@
 //      (emulated from the ISA fragment tables, not from the header) -> masking and online softmax
 //      in registers with quad shuffles -> P re-labelled as the A operand of P V -> gate / l ->
 //      staged 16-byte output stores and lse, and compares with a plain double attention;
-//   5. replays the one-launch backward (S <= 128) the same way: both phases (keys per warp for
-//      dK/dV, queries per warp for dQ), P^T and dS^T re-labelled from registers, the in-kernel
-//      delta and d_gate = sum delta / gate, against a plain double backward;
+//   5. replays the one-launch backward the same way: both phases (keys per warp for dK/dV,
+//      queries per warp for dQ), P^T and dS^T re-labelled from registers, the in-kernel delta and
+//      d_gate = sum delta / gate, for S <= 128 (one item per head) and longer S (key-block and
+//      query-block items with streamed tiles), against a plain double backward;
 //   6. for the fp32 forward (3xTF32 on mma.m16n8k8, masked_attention_mma_tf32.cu): the .tf32
 //      fragment tables, the P re-labelling by key permutation, the emulated cvt.rna.tf32.f32 on
 //      hand-worked cases and the big + small split's error bound, the fp32 swizzle (bijection,
@@ -496,7 +497,7 @@ void test_replay(int D, int Sq, int Sk, bool padded, unsigned seed) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 5. Replay of the backward kernel (masked_attention_mma_bwd.cu) for one (b, h), S <= 128.
+// 5. Replay of the backward kernel (masked_attention_mma_bwd.cu) for one (b, h).
 // ---------------------------------------------------------------------------------------------
 struct Grads {
   std::vector<double> dq, dk, dv;
@@ -546,6 +547,9 @@ struct KernelGrads {
   float d_gate;
 };
 
+// Lane-by-lane replay of masked_attention_mma_bwd.cu for one (b, h): for S <= 128 the one-item
+// kernel (backward_head), beyond it the key-block and query-block items (backward_key_block,
+// backward_query_block) with their streamed tiles.
 KernelGrads replay_backward(const Head& h, const std::vector<float>& dout, const std::vector<float>& out,
                             const std::vector<float>& lse) {
   const int D = h.D, Sq = h.Sq, Sk = h.Sk, rows = mma::kBwdMaxSeq, chunk = mma::kBwdChunk;
@@ -553,20 +557,22 @@ KernelGrads replay_backward(const Head& h, const std::vector<float>& dout, const
   const float nan = std::numeric_limits<float>::quiet_NaN();
   KernelGrads g{std::vector<float>(Sq * D, nan), std::vector<float>(Sk * D, nan), std::vector<float>(Sk * D, nan), nan};
   const float scale_log2 = h.scale * attn::kLog2e;
+  // The CTA's shared memory.
   std::vector<float> q_s(rows * D), k_s(rows * D), v_s(rows * D), do_s(rows * D), lse2_s(rows), delta_s(rows);
-  load_tile(q_s, h.q, D, 0, Sq, rows);
-  load_tile(k_s, h.k, D, 0, Sk, rows);
-  load_tile(v_s, h.v, D, 0, Sk, rows);
-  load_tile(do_s, dout, D, 0, Sq, rows);
-  for (int row = 0; row < rows; ++row) {
-    float d = 0;
-    for (int c = 0; row < Sq && c < D; ++c) d = attn::delta_accumulate(d, dout[row * D + c], out[row * D + c]);
-    delta_s[row] = d;
-    lse2_s[row] = row < Sq ? attn::lse_to_log2(lse[row]) : INFINITY;
-  }
-  float dsum = 0;
-  for (int i = 0; i < rows; ++i) dsum += delta_s[i];
-  g.d_gate = dsum / h.gate;
+  auto row_stats = [&](int row0) {  // kernel: row_stats
+    for (int local = 0; local < rows; ++local) {
+      const int row = row0 + local;
+      float d = 0;
+      for (int c = 0; row < Sq && c < D; ++c) d = attn::delta_accumulate(d, dout[row * D + c], out[row * D + c]);
+      delta_s[local] = d;
+      lse2_s[local] = row < Sq ? attn::lse_to_log2(lse[row]) : INFINITY;
+    }
+  };
+  auto block_delta_sum = [&] {
+    float s = 0;
+    for (int i = 0; i < rows; ++i) s += delta_s[i];
+    return s;
+  };
   auto frags_a = [&](const std::vector<float>& tile, int warp, int kc) {
     std::vector<int> addr(32);
     for (int lane = 0; lane < 32; ++lane) {
@@ -611,81 +617,159 @@ KernelGrads replay_backward(const Head& h, const std::vector<float>& dout, const
           dst[row * D + dt * 8 + c.col + 1] = acc[dt][lane][2 * r + 1] * factor;
         }
   };
-  for (int warp = 0; warp < mma::kBwdWarps; ++warp) {
-    if (16 * warp < Sk) {  // phase 1: keys of this warp
-      std::vector<Regs> kf(kKc), vf(kKc);
-      for (int kc = 0; kc < kKc; ++kc) kf[kc] = frags_a(k_s, warp, kc), vf[kc] = frags_a(v_s, warp, kc);
-      Acc dk = zeros(kDt), dv = zeros(kDt);
-      for (int qc = 0; qc < attn::ceil_div(Sq, chunk); ++qc) {
-        Acc st = zeros(kNt), dpt = zeros(kNt);
-        for (int kc = 0; kc < kKc; ++kc)
-          for (int p = 0; p < kNt / 2; ++p) {
-            const Regs bq = frags_b(q_s, (chunk / 16) * qc + p, kc), bo = frags_b(do_s, (chunk / 16) * qc + p, kc);
-            mma_16816(st[2 * p], kf[kc], bq, 0, 1);
-            mma_16816(st[2 * p + 1], kf[kc], bq, 2, 3);
-            mma_16816(dpt[2 * p], vf[kc], bo, 0, 1);
-            mma_16816(dpt[2 * p + 1], vf[kc], bo, 2, 3);
+  struct KeyWarp {  // a warp's registers in phase 1
+    std::vector<Regs> kf, vf;
+    Acc dk, dv;
+  };
+  struct QueryWarp {  // ... and in phase 2 (lse2_r, delta_r indexed by the fragment row 0..15)
+    std::vector<Regs> qf, of;
+    std::vector<float> lse2_r, delta_r;
+    Acc dq;
+  };
+  auto key_warp = [&](int warp) {
+    KeyWarp w{std::vector<Regs>(kKc), std::vector<Regs>(kKc), zeros(kDt), zeros(kDt)};
+    for (int kc = 0; kc < kKc; ++kc) w.kf[kc] = frags_a(k_s, warp, kc), w.vf[kc] = frags_a(v_s, warp, kc);
+    return w;
+  };
+  auto query_warp = [&](int warp) {
+    QueryWarp w{std::vector<Regs>(kKc), std::vector<Regs>(kKc), std::vector<float>(16), std::vector<float>(16), zeros(kDt)};
+    for (int kc = 0; kc < kKc; ++kc) w.qf[kc] = frags_a(q_s, warp, kc), w.of[kc] = frags_a(do_s, warp, kc);
+    for (int r = 0; r < 16; ++r) w.lse2_r[r] = lse2_s[16 * warp + r], w.delta_r[r] = delta_s[16 * warp + r];
+    return w;
+  };
+  auto key_phase_tile = [&](int warp, int key0, int q_rows, KeyWarp& w) {
+    for (int qc = 0; qc < attn::ceil_div(q_rows, chunk); ++qc) {
+      Acc st = zeros(kNt), dpt = zeros(kNt);
+      for (int kc = 0; kc < kKc; ++kc)
+        for (int p = 0; p < kNt / 2; ++p) {
+          const Regs bq = frags_b(q_s, (chunk / 16) * qc + p, kc), bo = frags_b(do_s, (chunk / 16) * qc + p, kc);
+          mma_16816(st[2 * p], w.kf[kc], bq, 0, 1);
+          mma_16816(st[2 * p + 1], w.kf[kc], bq, 2, 3);
+          mma_16816(dpt[2 * p], w.vf[kc], bo, 0, 1);
+          mma_16816(dpt[2 * p + 1], w.vf[kc], bo, 2, 3);
+        }
+      for (int lane = 0; lane < 32; ++lane)
+        for (int nt = 0; nt < kNt; ++nt)
+          for (int i = 0; i < 4; ++i) {
+            const Coord c = mma::frag_c(lane, i);
+            const int key = key0 + 16 * warp + c.row, query = chunk * qc + nt * 8 + c.col;
+            const bool real = key < Sk && h.real[key];
+            const float s2 = real ? st[nt][lane][i] * scale_log2 : attn::neg_inf();
+            const float p = attn::backward_prob(s2, lse2_s[query]);
+            dpt[nt][lane][i] = attn::backward_dscore(p, h.gate, dpt[nt][lane][i], delta_s[query]);
+            st[nt][lane][i] = p;
           }
-        for (int lane = 0; lane < 32; ++lane)
-          for (int nt = 0; nt < kNt; ++nt)
-            for (int i = 0; i < 4; ++i) {
-              const Coord c = mma::frag_c(lane, i);
-              const int key = 16 * warp + c.row, query = chunk * qc + nt * 8 + c.col;
-              const bool real = key < Sk && h.real[key];
-              const float s2 = real ? st[nt][lane][i] * scale_log2 : attn::neg_inf();
-              const float p = attn::backward_prob(s2, lse2_s[query]);
-              dpt[nt][lane][i] = attn::backward_dscore(p, h.gate, dpt[nt][lane][i], delta_s[query]);
-              st[nt][lane][i] = p;
-            }
-        for (int kc = 0; kc < chunk / 16; ++kc) {
-          const Regs pa = relabel(st, kc), da = relabel(dpt, kc);
-          for (int p = 0; p < kDt / 2; ++p) {
-            const Regs bo = frags_bt(do_s, (chunk / 16) * qc + kc, p), bq = frags_bt(q_s, (chunk / 16) * qc + kc, p);
-            mma_16816(dv[2 * p], pa, bo, 0, 1);
-            mma_16816(dv[2 * p + 1], pa, bo, 2, 3);
-            mma_16816(dk[2 * p], da, bq, 0, 1);
-            mma_16816(dk[2 * p + 1], da, bq, 2, 3);
-          }
+      for (int kc = 0; kc < chunk / 16; ++kc) {
+        const Regs pa = relabel(st, kc), da = relabel(dpt, kc);
+        for (int p = 0; p < kDt / 2; ++p) {
+          const Regs bo = frags_bt(do_s, (chunk / 16) * qc + kc, p), bq = frags_bt(q_s, (chunk / 16) * qc + kc, p);
+          mma_16816(w.dv[2 * p], pa, bo, 0, 1);
+          mma_16816(w.dv[2 * p + 1], pa, bo, 2, 3);
+          mma_16816(w.dk[2 * p], da, bq, 0, 1);
+          mma_16816(w.dk[2 * p + 1], da, bq, 2, 3);
         }
       }
-      store(dk, h.scale, g.dk, 16 * warp, Sk);
-      store(dv, h.gate, g.dv, 16 * warp, Sk);
     }
-    if (16 * warp < Sq) {  // phase 2: queries of this warp
-      std::vector<Regs> qf(kKc), of(kKc);
-      for (int kc = 0; kc < kKc; ++kc) qf[kc] = frags_a(q_s, warp, kc), of[kc] = frags_a(do_s, warp, kc);
-      Acc dq = zeros(kDt);
-      for (int kcnk = 0; kcnk < attn::ceil_div(Sk, chunk); ++kcnk) {
-        Acc s = zeros(kNt), dp = zeros(kNt);
-        for (int kc = 0; kc < kKc; ++kc)
-          for (int p = 0; p < kNt / 2; ++p) {
-            const Regs bk = frags_b(k_s, (chunk / 16) * kcnk + p, kc), bv = frags_b(v_s, (chunk / 16) * kcnk + p, kc);
-            mma_16816(s[2 * p], qf[kc], bk, 0, 1);
-            mma_16816(s[2 * p + 1], qf[kc], bk, 2, 3);
-            mma_16816(dp[2 * p], of[kc], bv, 0, 1);
-            mma_16816(dp[2 * p + 1], of[kc], bv, 2, 3);
+  };
+  auto query_phase_tile = [&](int key0, int k_rows, QueryWarp& w) {
+    for (int kcnk = 0; kcnk < attn::ceil_div(k_rows, chunk); ++kcnk) {
+      Acc s = zeros(kNt), dp = zeros(kNt);
+      for (int kc = 0; kc < kKc; ++kc)
+        for (int p = 0; p < kNt / 2; ++p) {
+          const Regs bk = frags_b(k_s, (chunk / 16) * kcnk + p, kc), bv = frags_b(v_s, (chunk / 16) * kcnk + p, kc);
+          mma_16816(s[2 * p], w.qf[kc], bk, 0, 1);
+          mma_16816(s[2 * p + 1], w.qf[kc], bk, 2, 3);
+          mma_16816(dp[2 * p], w.of[kc], bv, 0, 1);
+          mma_16816(dp[2 * p + 1], w.of[kc], bv, 2, 3);
+        }
+      for (int lane = 0; lane < 32; ++lane)
+        for (int nt = 0; nt < kNt; ++nt)
+          for (int i = 0; i < 4; ++i) {
+            const Coord c = mma::frag_c(lane, i);
+            const int key = key0 + chunk * kcnk + nt * 8 + c.col;
+            const bool real = key < Sk && h.real[key];
+            const float s2 = real ? s[nt][lane][i] * scale_log2 : attn::neg_inf();
+            const float p = attn::backward_prob(s2, w.lse2_r[c.row]);
+            s[nt][lane][i] = attn::backward_dscore(p, h.gate, dp[nt][lane][i], w.delta_r[c.row]);
           }
-        for (int lane = 0; lane < 32; ++lane)
-          for (int nt = 0; nt < kNt; ++nt)
-            for (int i = 0; i < 4; ++i) {
-              const Coord c = mma::frag_c(lane, i);
-              const int row = 16 * warp + c.row, key = chunk * kcnk + nt * 8 + c.col;
-              const bool real = key < Sk && h.real[key];
-              const float s2 = real ? s[nt][lane][i] * scale_log2 : attn::neg_inf();
-              const float p = attn::backward_prob(s2, lse2_s[row]);
-              s[nt][lane][i] = attn::backward_dscore(p, h.gate, dp[nt][lane][i], delta_s[row]);
-            }
-        for (int kc = 0; kc < chunk / 16; ++kc) {
-          const Regs da = relabel(s, kc);
-          for (int p = 0; p < kDt / 2; ++p) {
-            const Regs bk = frags_bt(k_s, (chunk / 16) * kcnk + kc, p);
-            mma_16816(dq[2 * p], da, bk, 0, 1);
-            mma_16816(dq[2 * p + 1], da, bk, 2, 3);
-          }
+      for (int kc = 0; kc < chunk / 16; ++kc) {
+        const Regs da = relabel(s, kc);
+        for (int p = 0; p < kDt / 2; ++p) {
+          const Regs bk = frags_bt(k_s, (chunk / 16) * kcnk + kc, p);
+          mma_16816(w.dq[2 * p], da, bk, 0, 1);
+          mma_16816(w.dq[2 * p + 1], da, bk, 2, 3);
         }
       }
-      store(dq, h.scale, g.dq, 16 * warp, Sq);
     }
+  };
+
+  if (Sq <= rows && Sk <= rows) {  // backward_head
+    load_tile(q_s, h.q, D, 0, Sq, rows);
+    load_tile(k_s, h.k, D, 0, Sk, rows);
+    load_tile(v_s, h.v, D, 0, Sk, rows);
+    load_tile(do_s, dout, D, 0, Sq, rows);
+    row_stats(0);
+    g.d_gate = block_delta_sum() / h.gate;
+    for (int warp = 0; warp < mma::kBwdWarps; ++warp) {
+      if (16 * warp < Sk) {
+        KeyWarp w = key_warp(warp);
+        key_phase_tile(warp, 0, Sq, w);
+        store(w.dk, h.scale, g.dk, 16 * warp, Sk);
+        store(w.dv, h.gate, g.dv, 16 * warp, Sk);
+      }
+      if (16 * warp < Sq) {
+        QueryWarp w = query_warp(warp);
+        query_phase_tile(0, Sk, w);
+        store(w.dq, h.scale, g.dq, 16 * warp, Sq);
+      }
+    }
+    return g;
+  }
+  // The items of a head in the kernel's order: key blocks, then query blocks.
+  const int key_blocks = mma::bwd_blocks(Sk), query_blocks = mma::bwd_blocks(Sq);
+  for (int kb = 0; kb < key_blocks; ++kb) {  // backward_key_block
+    const int k0 = kb * rows, k_rows = std::min(rows, Sk - k0);
+    load_tile(k_s, h.k, D, k0, k_rows, rows);
+    load_tile(v_s, h.v, D, k0, k_rows, rows);
+    std::vector<KeyWarp> warps(mma::kBwdWarps);
+    float delta_sum = 0;
+    for (int qb = 0; qb < query_blocks; ++qb) {
+      const int q0 = qb * rows, q_rows = std::min(rows, Sq - q0);
+      load_tile(q_s, h.q, D, q0, q_rows, rows);
+      load_tile(do_s, dout, D, q0, q_rows, rows);
+      row_stats(q0);
+      if (kb == 0) delta_sum += block_delta_sum();
+      for (int warp = 0; warp < mma::kBwdWarps; ++warp) {
+        if (16 * warp >= k_rows) continue;
+        if (qb == 0) warps[warp] = key_warp(warp);
+        key_phase_tile(warp, k0, q_rows, warps[warp]);
+      }
+    }
+    if (kb == 0) g.d_gate = delta_sum / h.gate;
+    for (int warp = 0; warp < mma::kBwdWarps; ++warp) {
+      if (16 * warp >= k_rows) continue;
+      store(warps[warp].dk, h.scale, g.dk, k0 + 16 * warp, Sk);
+      store(warps[warp].dv, h.gate, g.dv, k0 + 16 * warp, Sk);
+    }
+  }
+  for (int qb = 0; qb < query_blocks; ++qb) {  // backward_query_block
+    const int q0 = qb * rows, q_rows = std::min(rows, Sq - q0);
+    load_tile(q_s, h.q, D, q0, q_rows, rows);
+    load_tile(do_s, dout, D, q0, q_rows, rows);
+    row_stats(q0);
+    std::vector<QueryWarp> warps(mma::kBwdWarps);
+    for (int kb = 0; kb < key_blocks; ++kb) {
+      const int k0 = kb * rows, k_rows = std::min(rows, Sk - k0);
+      load_tile(k_s, h.k, D, k0, k_rows, rows);
+      load_tile(v_s, h.v, D, k0, k_rows, rows);
+      for (int warp = 0; warp < mma::kBwdWarps; ++warp) {
+        if (16 * warp >= q_rows) continue;
+        if (kb == 0) warps[warp] = query_warp(warp);
+        query_phase_tile(k0, k_rows, warps[warp]);
+      }
+    }
+    for (int warp = 0; warp < mma::kBwdWarps; ++warp)
+      if (16 * warp < q_rows) store(warps[warp].dq, h.scale, g.dq, q0 + 16 * warp, Sq);
   }
   return g;
 }
@@ -1112,7 +1196,8 @@ int main() {
     for (auto [sq, sk] : {std::pair{1, 1}, {17, 17}, {64, 64}, {100, 130}, {128, 128}, {300, 300}, {65, 512}})
       for (bool padded : {false, true}) test_replay(D, sq, sk, padded, seed++);
   for (int D : {32, 64})
-    for (auto [sq, sk] : {std::pair{1, 1}, {17, 17}, {100, 128}, {128, 128}, {128, 33}, {40, 97}})
+    for (auto [sq, sk] : {std::pair{1, 1}, {17, 17}, {100, 128}, {128, 128}, {128, 33}, {40, 97}, {129, 129},
+                          {300, 300}, {65, 512}, {512, 40}})
       for (bool padded : {false, true}) test_replay_backward(D, sq, sk, padded, seed++);
   test_tf32_fragments_and_rounding();
   for (int D : {32, 64}) test_swizzle_f32(D);

@@ -48,8 +48,16 @@ constexpr int kMaxSeq = 512; // longest sequence the forward is built and tested
 // registers, no atomics), keys in chunks of 32.
 constexpr int kBwdWarps = 8;
 constexpr int kBwdThreads = 32 * kBwdWarps;
-constexpr int kBwdMaxSeq = 16 * kBwdWarps;  // 128
+constexpr int kBwdMaxSeq = 16 * kBwdWarps;  // 128: one item per head up to here; the tile height
 constexpr int kBwdChunk = 32;
+
+// Longer sequences (Sq or Sk > 128): the tiled backward in the same file, same CTA and shared
+// memory. Per active (b, h) there are ceil(Sk / 128) key-block items (K, V of 128 keys resident,
+// dK and dV in registers, Q and dO streamed 128 rows at a time) followed by ceil(Sq / 128)
+// query-block items (Q, dO resident, dQ in registers, K and V streamed): every gradient element
+// written once by one CTA, no atomics. Key block 0 also sums delta over all queries for d_gate.
+SB_MMA_HD int bwd_blocks(int len) { return (len + kBwdMaxSeq - 1) / kBwdMaxSeq; }
+SB_MMA_HD int bwd_items_per_head(int q_len, int kv_len) { return bwd_blocks(kv_len) + bwd_blocks(q_len); }
 
 struct Coord {
   int row, col;
