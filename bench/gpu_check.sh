@@ -75,9 +75,8 @@ step trace-mma 40 "$out/bench.log" python3 bench/trace_attention.py; pack
 step bench-group-dot 45 "$out/bench.log" python3 bench/bench_group_dot.py --device cuda; pack
 step bench-importance 60 "$out/bench.log" python3 bench/bench_importance.py --device cuda --model bert-base --profile; pack
 
-# Step 4: the whole masked-attention suite with the mma.sync forward switched on (fp16/bf16
-# D 32/64 calls then run it, fp32 D 32/64 calls the 3xTF32 variant, gradients included: their
-# out and lse feed the verified backward).
+# Step 4: the whole masked-attention suite with the mma.sync kernels switched on (fp16/bf16
+# D 32/64 calls then run them, fp32 D 32/64 calls the 3xTF32 forward and backward).
 SPARSEBERT_ATTENTION_KERNEL=mma step mma-tests 180 "$out/mma-tests.log" \
   python3 -m pytest "${pytest_args[@]}" tests/test_masked_attention.py tests/test_masked_attention_mma.py
 tail -n 3 "$out/mma-tests.log" >> "$summary"

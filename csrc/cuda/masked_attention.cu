@@ -6,10 +6,10 @@
 // forces the SIMT kernels (a debugging aid: the two paths must agree).
 // SPARSEBERT_ATTENTION_KERNEL=mma selects the mma.sync forward (masked_attention_mma.cu) where it
 // applies (fp16/bf16, D 32/64, sm80+, 16-byte aligned rows), its 3xTF32 variant for fp32 inputs
-// under the same conditions (masked_attention_mma_tf32.cu; fp32 gradients stay on the SIMT
-// backward), and the one-launch mma.sync backward (masked_attention_mma_bwd.cu; one CTA per head
-// for Sq, Sk <= 128, per 128-row key or query block beyond) where moreover dout and out have
-// 16-byte aligned rows. These
+// under the same conditions (masked_attention_mma_tf32.cu), and the one-launch mma.sync backward
+// (masked_attention_mma_bwd.cu; one CTA per head for Sq, Sk <= 128, per 128-row key or query
+// block beyond; fp32: the 3xTF32 masked_attention_mma_bwd_tf32.cu, 64-row blocks) where moreover
+// dout and out have 16-byte aligned rows. These
 // kernels have not yet run on a GPU: they stay opt-in until the CUDA tests pass on one.
 // masked_attention_compact (output (B, S, H_kept, D)) uses it under the same switch, else it
 // gathers the kept heads and runs the default forward.
@@ -94,7 +94,7 @@ bool use_mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 }
 
 // The 3xTF32 mma.sync forward applies: switch on, fp32, D 32/64, sm80+, 16-byte aligned rows.
-// Its backward is the verified one (fp32: the SIMT backward kernels).
+// (Also the condition of the 3xTF32 backward, with dout and out 16-byte aligned.)
 bool use_mma_forward_tf32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const AttentionShape& s) {
   if (!kernel_choice_is("mma")) return false;
@@ -234,8 +234,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_back
                    dout = last_dim_contiguous(dout_in), out = last_dim_contiguous(out_in);
   const GateView gate = gate_view(head_gate);
   const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
-  if (use_mma_forward(q, k, v, s) && vec16_ok(dout) && vec16_ok(out)) {
-    // The one-launch mma.sync backward: every output entry written by the kernel.
+  const bool mma_fp16 = use_mma_forward(q, k, v, s), mma_fp32 = use_mma_forward_tf32(q, k, v, s);
+  if ((mma_fp16 || mma_fp32) && vec16_ok(dout) && vec16_ok(out)) {
+    // The one-launch mma.sync backward (3xTF32 for fp32): every output entry written by the kernel.
     at::Tensor dq = at::empty(q.sizes(), q.options());
     at::Tensor dk = at::empty(k.sizes(), k.options());
     at::Tensor dv = at::empty(v.sizes(), v.options());
@@ -243,7 +244,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_back
     cuda_mma::MmaBwdArgs a{};
     fill_backward_args(a, s, dout, q, k, v, out, gate, mask, lse, dq, dk, dv, d_gate, scale);
     a.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    cuda_mma::launch_mma_backward(q.scalar_type() == at::kBFloat16, a, at::cuda::getCurrentCUDAStream());
+    if (mma_fp32) {
+      cuda_mma::launch_mma_backward_tf32(a, at::cuda::getCurrentCUDAStream());
+    } else {
+      cuda_mma::launch_mma_backward(q.scalar_type() == at::kBFloat16, a, at::cuda::getCurrentCUDAStream());
+    }
     return {dq, dk, dv, d_gate};
   }
   const bool tensor_cores = use_tensor_cores(q, s);

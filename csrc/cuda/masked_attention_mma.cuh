@@ -66,5 +66,9 @@ struct MmaBwdArgs {
 // compute capability >= 8.0 and 16-byte aligned rows (any q_len, kv_len).
 void launch_mma_backward(bool bf16, const MmaBwdArgs& a, cudaStream_t stream);
 
+// fp32 inputs, 3xTF32 (masked_attention_mma_bwd_tf32.cu): the same arguments (every tensor fp32),
+// head_dim 32 or 64, compute capability >= 8.0, 16-byte aligned rows, any q_len, kv_len.
+void launch_mma_backward_tf32(const MmaBwdArgs& a, cudaStream_t stream);
+
 }  // namespace cuda_mma
 }  // namespace sparsebert

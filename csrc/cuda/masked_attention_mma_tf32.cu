@@ -40,22 +40,6 @@ constexpr int tf32_smem_bytes() {
   return (mma::kBlockM + 2 * mma::kStages * mma::kBlockN) * D * 4;
 }
 
-// Rows [0, rows) of a (b, h) slice (row r at src + r * row_stride) into a swizzled [64][D] fp32
-// tile; rows >= valid_rows are zero-filled. All 128 threads take part.
-template <int D>
-__device__ __forceinline__ void load_tile_f32(float* tile, const float* src, int64_t row_stride,
-                                              int valid_rows) {
-  constexpr int kChunks = mma::kBlockM * D / 4;
-  static_assert(kChunks % mma::kThreads == 0, "whole copy rounds");
-#pragma unroll
-  for (int k = 0; k < kChunks / mma::kThreads; ++k) {
-    const Coord c = mma::f32_tile_chunk(threadIdx.x + k * mma::kThreads, D);
-    const bool ok = c.row < valid_rows;
-    const float* from = src + (ok ? c.row : 0) * row_stride + c.col;
-    cp_async_16(smem_u32(tile + mma::f32_smem_offset(c.row, c.col, D)), from, ok);
-  }
-}
-
 // Zero rows [row0, row0 + rows) of output head slot `oh` of example b (16-byte stores), and lse.
 template <int D>
 __device__ __forceinline__ void zero_slice_f32(const MmaFwdArgs& a, int b, int oh, int row0, int rows) {
@@ -69,12 +53,6 @@ __device__ __forceinline__ void zero_slice_f32(const MmaFwdArgs& a, int b, int o
   }
   for (int i = threadIdx.x; i < rows; i += mma::kThreads)
     a.lse[attn::bhs_index(b, oh, row0 + i, a.out_heads, a.q_len)] = 0.0f;
-}
-
-__device__ __forceinline__ void split_to(float x, uint32_t& big, uint32_t& small) {
-  const mma::Tf32Split s = mma::tf32_split(x);
-  big = __float_as_uint(s.big);
-  small = __float_as_uint(s.small);
 }
 
 // ---------------------------------------------------------------------------------------------

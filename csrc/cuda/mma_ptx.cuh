@@ -125,5 +125,28 @@ __device__ __forceinline__ void load_tile_async(uint16_t* tile, const uint16_t* 
   }
 }
 
+// fp32 kernels (3xTF32). Rows [0, rows) of a (b, h) slice (row r at src + r * row_stride) into a
+// swizzled [64][D] fp32 tile; rows >= valid_rows are zero-filled. All 128 threads take part.
+template <int D>
+__device__ __forceinline__ void load_tile_f32(float* tile, const float* src, int64_t row_stride,
+                                              int valid_rows) {
+  constexpr int kChunks = mma::kBlockM * D / 4;
+  static_assert(kChunks % mma::kThreads == 0, "whole copy rounds");
+#pragma unroll
+  for (int k = 0; k < kChunks / mma::kThreads; ++k) {
+    const mma::Coord c = mma::f32_tile_chunk(threadIdx.x + k * mma::kThreads, D);
+    const bool ok = c.row < valid_rows;
+    const float* from = src + (ok ? c.row : 0) * row_stride + c.col;
+    cp_async_16(smem_u32(tile + mma::f32_smem_offset(c.row, c.col, D)), from, ok);
+  }
+}
+
+// x = big + small, both tf32 bit patterns (mma::tf32_split), as mma.sync operands.
+__device__ __forceinline__ void split_to(float x, uint32_t& big, uint32_t& small) {
+  const mma::Tf32Split s = mma::tf32_split(x);
+  big = __float_as_uint(s.big);
+  small = __float_as_uint(s.small);
+}
+
 }  // namespace cuda_mma
 }  // namespace sparsebert

@@ -785,10 +785,18 @@ double rel_error(const std::vector<float>& got, const std::vector<double>& want,
   return std::sqrt(err) / std::max(std::sqrt(norm), 1.0);
 }
 
-void test_replay_backward(int D, int Sq, int Sk, bool padded, unsigned seed) {
+// A random head (gate 0.8, optional key padding), dout, and the double forward and backward.
+struct BackwardCase {
+  Head h;
+  std::vector<float> dout, out, lse;
+  Grads want;
+};
+
+BackwardCase make_backward_case(int D, int Sq, int Sk, bool padded, unsigned seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  Head h{Sq, Sk, D, {}, {}, {}, {}, 0.8f, 1.0f / std::sqrt(static_cast<float>(D))};
+  BackwardCase c{Head{Sq, Sk, D, {}, {}, {}, {}, 0.8f, 1.0f / std::sqrt(static_cast<float>(D))}, {}, {}, {}, {}};
+  Head& h = c.h;
   for (auto* t : {&h.q, &h.k, &h.v}) {
     t->resize(static_cast<size_t>(t == &h.q ? Sq : Sk) * D);
     for (auto& x : *t) x = normal(rng);
@@ -800,20 +808,30 @@ void test_replay_backward(int D, int Sq, int Sk, bool padded, unsigned seed) {
     if (Sk > 3) h.real[Sk / 3] = 0;
     h.real[0] = 1;
   }
-  std::vector<float> dout(static_cast<size_t>(Sq) * D);
-  for (auto& x : dout) x = normal(rng);
+  c.dout.resize(static_cast<size_t>(Sq) * D);
+  for (auto& x : c.dout) x = normal(rng);
   std::vector<double> out_d, lse_d;
   reference(h, out_d, lse_d);
-  const std::vector<float> out(out_d.begin(), out_d.end()), lse(lse_d.begin(), lse_d.end());
-  const Grads want = reference_backward(h, dout);
-  const KernelGrads got = replay_backward(h, dout, out, lse);
-  bool written = !std::isnan(got.d_gate);
-  const double eq = rel_error(got.dq, want.dq, written), ek = rel_error(got.dk, want.dk, written),
-               ev = rel_error(got.dv, want.dv, written);
+  c.out.assign(out_d.begin(), out_d.end());
+  c.lse.assign(lse_d.begin(), lse_d.end());
+  c.want = reference_backward(h, c.dout);
+  return c;
+}
+
+// The worst relative error of dq, dk, dv and d_gate; written &= no NaN left in them.
+double worst_grad_error(const KernelGrads& got, const Grads& want, bool& written) {
+  written &= !std::isnan(got.d_gate);
   const double eg = std::abs(got.d_gate - want.d_gate) / std::max(1.0, std::abs(want.d_gate));
-  CHECK(written && eq < 1e-4 && ek < 1e-4 && ev < 1e-4 && eg < 1e-4,
-        "backward replay D=%d Sq=%d Sk=%d padded=%d: written %d, rel err dq %.3g dk %.3g dv %.3g d_gate %.3g",
-        D, Sq, Sk, padded, written, eq, ek, ev, eg);
+  return std::max({rel_error(got.dq, want.dq, written), rel_error(got.dk, want.dk, written),
+                   rel_error(got.dv, want.dv, written), eg});
+}
+
+void test_replay_backward(int D, int Sq, int Sk, bool padded, unsigned seed) {
+  const BackwardCase c = make_backward_case(D, Sq, Sk, padded, seed);
+  bool written = true;
+  const double err = worst_grad_error(replay_backward(c.h, c.dout, c.out, c.lse), c.want, written);
+  CHECK(written && err < 1e-4, "backward replay D=%d Sq=%d Sk=%d padded=%d: written %d, worst rel err %.3g", D, Sq,
+        Sk, padded, written, err);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1185,6 +1203,199 @@ void test_replay_tf32(int D, int Sq, int Sk, bool padded, unsigned seed) {
         D, Sq, Sk, padded, written, rel[0], lse_err[0], rel[1]);
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// 7. The fp32 backward (3xTF32, masked_attention_mma_bwd_tf32.cu): key-block and query-block
+//    items of 64 rows, lane by lane, against the plain double backward.
+// ---------------------------------------------------------------------------------------------
+constexpr int kTf32BwdChunk = 8;  // the kernel's kChunk
+
+KernelGrads replay_backward_tf32(const Head& h, const std::vector<float>& dout, const std::vector<float>& out,
+                                 const std::vector<float>& lse, int passes) {
+  const int D = h.D, Sq = h.Sq, Sk = h.Sk, rows = mma::kBlockM, chunk = kTf32BwdChunk;
+  const int kNt = chunk / 8, kDt = D / 8;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  KernelGrads g{std::vector<float>(Sq * D, nan), std::vector<float>(Sk * D, nan), std::vector<float>(Sk * D, nan), nan};
+  const float scale_log2 = h.scale * attn::kLog2e;
+  std::vector<float> q_s(rows * D), k_s(rows * D), v_s(rows * D), do_s(rows * D), lse2_s(rows), delta_s(rows);
+  auto row_stats = [&](int row0) {  // two threads per row in the kernel: halves summed at the end
+    for (int local = 0; local < rows; ++local) {
+      const int row = row0 + local;
+      float half_sum[2] = {0, 0};
+      for (int half = 0; half < 2 && row < Sq; ++half)
+        for (int c = half * D / 2; c < (half + 1) * D / 2; ++c)
+          half_sum[half] = attn::delta_accumulate(half_sum[half], dout[row * D + c], out[row * D + c]);
+      delta_s[local] = half_sum[0] + half_sum[1];
+      lse2_s[local] = row < Sq ? attn::lse_to_log2(lse[row]) : INFINITY;
+    }
+  };
+  auto rows_a = [&](const std::vector<float>& tile, int warp, int kc) {
+    RegA a(32);
+    for (int lane = 0; lane < 32; ++lane)
+      for (int r = 0; r < 4; ++r) {
+        const Coord c = mma::tf32_q(lane, kc, r);
+        a[lane][r] = tile[mma::f32_smem_offset(16 * warp + c.row, c.col, D)];
+      }
+    return a;
+  };
+  auto rows_b = [&](const std::vector<float>& tile, int nt, int kc) {
+    RegB b(32);
+    for (int lane = 0; lane < 32; ++lane)
+      for (int r = 0; r < 2; ++r) {
+        const Coord c = mma::tf32_k(lane, nt, kc, r);
+        b[lane][r] = tile[mma::f32_smem_offset(c.row, c.col, D)];
+      }
+    return b;
+  };
+  auto cols_b = [&](const std::vector<float>& tile, int kc, int dt) {
+    RegB b(32);
+    for (int lane = 0; lane < 32; ++lane)
+      for (int r = 0; r < 2; ++r) {
+        const Coord c = mma::tf32_v(lane, kc, dt, r);
+        b[lane][r] = tile[mma::f32_smem_offset(c.row, c.col, D)];
+      }
+    return b;
+  };
+  auto acc_a = [&](const Acc4& acc) {
+    RegA a(32);
+    for (int lane = 0; lane < 32; ++lane)
+      for (int r = 0; r < 4; ++r) a[lane][r] = acc[lane][mma::tf32_p_elem(r)];
+    return a;
+  };
+  auto zeros = [](int n) { return std::vector<Acc4>(n, Acc4(32, {0, 0, 0, 0})); };
+  auto store = [&](const std::vector<Acc4>& acc, float factor, std::vector<float>& dst, int row0, int seq) {
+    for (int lane = 0; lane < 32; ++lane)
+      for (int r = 0; r < 2; ++r) {
+        const Coord c = mma::frag_c(lane, 2 * r);
+        const int row = row0 + c.row;
+        if (row >= seq) continue;
+        for (int dt = 0; dt < kDt; ++dt) {
+          dst[row * D + dt * 8 + c.col] = acc[dt][lane][2 * r] * factor;
+          dst[row * D + dt * 8 + c.col + 1] = acc[dt][lane][2 * r + 1] * factor;
+        }
+      }
+  };
+  const int key_blocks = mma::bwd_blocks(Sk, rows), query_blocks = mma::bwd_blocks(Sq, rows);
+  for (int kb = 0; kb < key_blocks; ++kb) {  // backward_key_block
+    const int k0 = kb * rows, k_rows = std::min(rows, Sk - k0);
+    load_tile_f32(k_s, h.k, D, k0, k_rows);
+    load_tile_f32(v_s, h.v, D, k0, k_rows);
+    std::vector<std::vector<Acc4>> dk(mma::kWarps, zeros(kDt)), dv(mma::kWarps, zeros(kDt));
+    float delta_sum = 0;
+    for (int qb = 0; qb < query_blocks; ++qb) {
+      const int q0 = qb * rows, q_rows = std::min(rows, Sq - q0);
+      load_tile_f32(q_s, h.q, D, q0, q_rows);
+      load_tile_f32(do_s, dout, D, q0, q_rows);
+      row_stats(q0);
+      if (kb == 0) {  // warp 0: lane l adds rows l and l + 32, then a butterfly over lanes
+        std::vector<float> lanes(32);
+        for (int l = 0; l < 32; ++l) lanes[l] = delta_s[l] + delta_s[l + 32];
+        for (int off = 16; off > 0; off >>= 1) {
+          std::vector<float> next(32);
+          for (int l = 0; l < 32; ++l) next[l] = lanes[l] + lanes[l ^ off];
+          lanes = next;
+        }
+        delta_sum += lanes[0];
+      }
+      for (int warp = 0; warp < mma::kWarps; ++warp) {
+        if (16 * warp >= k_rows) continue;
+        for (int qc = 0; qc < attn::ceil_div(q_rows, chunk); ++qc) {
+          std::vector<Acc4> st = zeros(kNt), dpt = zeros(kNt);
+          for (int kc = 0; kc < D / 8; ++kc) {
+            const RegA kf = rows_a(k_s, warp, kc), vf = rows_a(v_s, warp, kc);
+            for (int nt = 0; nt < kNt; ++nt) {
+              mma_split(st[nt], kf, rows_b(q_s, kNt * qc + nt, kc), passes);
+              mma_split(dpt[nt], vf, rows_b(do_s, kNt * qc + nt, kc), passes);
+            }
+          }
+          for (int lane = 0; lane < 32; ++lane)
+            for (int nt = 0; nt < kNt; ++nt)
+              for (int i = 0; i < 4; ++i) {
+                const Coord c = mma::frag_c(lane, i);
+                const int key = k0 + 16 * warp + c.row, query = chunk * qc + nt * 8 + c.col;
+                const bool real = key < Sk && h.real[key];
+                const float s2 = real ? st[nt][lane][i] * scale_log2 : attn::neg_inf();
+                const float p = attn::backward_prob(s2, lse2_s[query]);
+                dpt[nt][lane][i] = attn::backward_dscore(p, h.gate, dpt[nt][lane][i], delta_s[query]);
+                st[nt][lane][i] = p;
+              }
+          for (int kc = 0; kc < kNt; ++kc) {
+            const RegA pa = acc_a(st[kc]), da = acc_a(dpt[kc]);
+            for (int dt = 0; dt < kDt; ++dt) mma_split(dv[warp][dt], pa, cols_b(do_s, kNt * qc + kc, dt), passes);
+            for (int dt = 0; dt < kDt; ++dt) mma_split(dk[warp][dt], da, cols_b(q_s, kNt * qc + kc, dt), passes);
+          }
+        }
+      }
+    }
+    if (kb == 0) g.d_gate = delta_sum / h.gate;
+    for (int warp = 0; warp < mma::kWarps; ++warp) {
+      if (16 * warp >= k_rows) continue;
+      store(dk[warp], h.scale, g.dk, k0 + 16 * warp, Sk);
+      store(dv[warp], h.gate, g.dv, k0 + 16 * warp, Sk);
+    }
+  }
+  for (int qb = 0; qb < query_blocks; ++qb) {  // backward_query_block
+    const int q0 = qb * rows, q_rows = std::min(rows, Sq - q0);
+    load_tile_f32(q_s, h.q, D, q0, q_rows);
+    load_tile_f32(do_s, dout, D, q0, q_rows);
+    row_stats(q0);
+    std::vector<std::vector<Acc4>> dq(mma::kWarps, zeros(kDt));
+    for (int kb = 0; kb < key_blocks; ++kb) {
+      const int k0 = kb * rows, k_rows = std::min(rows, Sk - k0);
+      load_tile_f32(k_s, h.k, D, k0, k_rows);
+      load_tile_f32(v_s, h.v, D, k0, k_rows);
+      for (int warp = 0; warp < mma::kWarps; ++warp) {
+        if (16 * warp >= q_rows) continue;
+        for (int kcnk = 0; kcnk < attn::ceil_div(k_rows, chunk); ++kcnk) {
+          std::vector<Acc4> s = zeros(kNt), dp = zeros(kNt);
+          for (int kc = 0; kc < D / 8; ++kc) {
+            const RegA qf = rows_a(q_s, warp, kc), of = rows_a(do_s, warp, kc);
+            for (int nt = 0; nt < kNt; ++nt) {
+              mma_split(s[nt], qf, rows_b(k_s, kNt * kcnk + nt, kc), passes);
+              mma_split(dp[nt], of, rows_b(v_s, kNt * kcnk + nt, kc), passes);
+            }
+          }
+          for (int lane = 0; lane < 32; ++lane)
+            for (int nt = 0; nt < kNt; ++nt)
+              for (int i = 0; i < 4; ++i) {
+                const Coord c = mma::frag_c(lane, i);
+                const int row = 16 * warp + c.row, key = k0 + chunk * kcnk + nt * 8 + c.col;
+                const bool real = key < Sk && h.real[key];
+                const float s2 = real ? s[nt][lane][i] * scale_log2 : attn::neg_inf();
+                const float p = attn::backward_prob(s2, lse2_s[row]);
+                s[nt][lane][i] = attn::backward_dscore(p, h.gate, dp[nt][lane][i], delta_s[row]);
+              }
+          for (int kc = 0; kc < kNt; ++kc) {
+            const RegA da = acc_a(s[kc]);
+            for (int dt = 0; dt < kDt; ++dt) mma_split(dq[warp][dt], da, cols_b(k_s, kNt * kcnk + kc, dt), passes);
+          }
+        }
+      }
+    }
+    for (int warp = 0; warp < mma::kWarps; ++warp)
+      if (16 * warp < q_rows) store(dq[warp], h.scale, g.dq, q0 + 16 * warp, Sq);
+  }
+  return g;
+}
+
+double g_tf32_bwd_worst3 = 0, g_tf32_bwd_best1 = INFINITY;
+
+void test_replay_backward_tf32(int D, int Sq, int Sk, bool padded, unsigned seed) {
+  const BackwardCase c = make_backward_case(D, Sq, Sk, padded, seed);
+  double worst[2] = {0, 0};  // 3xTF32, then 1xTF32
+  bool written = true;
+  for (int pass_i = 0; pass_i < 2; ++pass_i)
+    worst[pass_i] =
+        worst_grad_error(replay_backward_tf32(c.h, c.dout, c.out, c.lse, pass_i == 0 ? 3 : 1), c.want, written);
+  g_tf32_bwd_worst3 = std::max(g_tf32_bwd_worst3, worst[0]);
+  if (Sk > 1) g_tf32_bwd_best1 = std::min(g_tf32_bwd_best1, worst[1]);
+  // 3xTF32 at fp32 accuracy; one TF32 product visibly not (with a single key, dq and dk are 0 and
+  // dv = gate dO: every path is exact).
+  CHECK(written && worst[0] < 1e-5 && (Sk == 1 || worst[1] > 1e-4),
+        "tf32 backward replay D=%d Sq=%d Sk=%d padded=%d: written %d, worst rel err 3xTF32 %.3g, 1xTF32 %.3g",
+        D, Sq, Sk, padded, written, worst[0], worst[1]);
+}
+
 }  // namespace
 
 int main() {
@@ -1206,6 +1417,11 @@ int main() {
       for (bool padded : {false, true}) test_replay_tf32(D, sq, sk, padded, seed++);
   std::printf("fp32 replay, relative error vs double attention: 3xTF32 at most %.3g, 1xTF32 %.3g to %.3g\n",
               g_tf32_worst3, g_tf32_best1, g_tf32_worst1);
+  for (int D : {32, 64})
+    for (auto [sq, sk] : {std::pair{1, 1}, {17, 17}, {64, 64}, {100, 130}, {128, 128}, {65, 300}, {200, 40}})
+      for (bool padded : {false, true}) test_replay_backward_tf32(D, sq, sk, padded, seed++);
+  std::printf("fp32 backward replay, worst relative gradient error vs double: 3xTF32 %.3g, 1xTF32 at least %.3g\n",
+              g_tf32_bwd_worst3, g_tf32_bwd_best1);
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }

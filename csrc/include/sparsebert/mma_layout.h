@@ -56,8 +56,12 @@ constexpr int kBwdChunk = 32;
 // dK and dV in registers, Q and dO streamed 128 rows at a time) followed by ceil(Sq / 128)
 // query-block items (Q, dO resident, dQ in registers, K and V streamed): every gradient element
 // written once by one CTA, no atomics. Key block 0 also sums delta over all queries for d_gate.
-SB_MMA_HD int bwd_blocks(int len) { return (len + kBwdMaxSeq - 1) / kBwdMaxSeq; }
-SB_MMA_HD int bwd_items_per_head(int q_len, int kv_len) { return bwd_blocks(kv_len) + bwd_blocks(q_len); }
+// The fp32 backward (masked_attention_mma_bwd_tf32.cu) uses the same items with 64-row blocks and
+// 4 warps, for every length.
+SB_MMA_HD int bwd_blocks(int len, int rows = kBwdMaxSeq) { return (len + rows - 1) / rows; }
+SB_MMA_HD int bwd_items_per_head(int q_len, int kv_len, int rows = kBwdMaxSeq) {
+  return bwd_blocks(kv_len, rows) + bwd_blocks(q_len, rows);
+}
 
 struct Coord {
   int row, col;
