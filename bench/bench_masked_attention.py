@@ -6,14 +6,15 @@ Providers (all compute gated multi-head attention over (B, S, H, D) inputs):
   sdpa_gate    torch SDPA then multiply by the head gate (the old head_mask way)
   gather_sdpa  index_select the kept heads, SDPA, scatter back (stock way to skip heads)
   sparsebert   sparsebert.ops.masked_attention (pruned heads skipped inside the kernel)
-  sparsebert_mma      the same with SPARSEBERT_ATTENTION_KERNEL=mma (the mma.sync forward, for
-                      float32 its 3xTF32 variant; CUDA)
+  sparsebert_mma      the same with SPARSEBERT_ATTENTION_KERNEL=mma (the mma.sync forward and
+                      backward, for float32 their 3xTF32 variants; CUDA)
   sparsebert_compact  sparsebert.ops.masked_attention_compact over the kept heads, output
                       (B, S, H_kept, D), with the mma switch on (CUDA)
 The SDPA backend torch picked (cuDNN, flash, memory-efficient, math) is named in the table title.
 
-Script:  python bench/bench_masked_attention.py [--device cpu|cuda] [--dtype ...] [--quick]
+Script:  python bench/bench_masked_attention.py [--device cpu|cuda] [--dtype ...]
          prints a table and writes bench/results/masked_attention-<device>.{json,md}
+         (masked_attention_<dtype>-<device> when --dtype is given)
          --timing graph (CUDA): GPU time per call, replayed from a CUDA graph, so the host's
          per-call overhead (Python, dispatcher, launches) is left out; written to
          bench/results/masked_attention_graph_<dtype>-<device>.{json,md}; forward only
@@ -266,8 +267,11 @@ def main(argv=None) -> None:
         rec["sdpa_backend"] = backend
     what = (f"masked attention, {str(dtype).replace('torch.', '')}, H={args.heads}, {timing}; "
             f"SDPA backend: {backend}")
-    stem = "masked_attention" + (f"_graph_{str(dtype).replace('torch.', '')}"
-                                 if args.timing == "graph" else "")
+    dtype_name = str(dtype).replace("torch.", "")
+    if args.timing == "graph":
+        stem = f"masked_attention_graph_{dtype_name}"
+    else:  # eager: the device's default dtype keeps the plain name
+        stem = "masked_attention" + ("" if args.dtype is None else f"_{dtype_name}")
     common.report("masked_attention", args, argv, what, header, rows, records, stem=stem)
 
 

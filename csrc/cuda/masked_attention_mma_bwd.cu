@@ -26,10 +26,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <cmath>
 #include <cstdint>
 
 #include "masked_attention_mma.cuh"
+#include "mma_backward_common.cuh"
 #include "mma_ptx.cuh"
 #include "sparsebert/attention_math.h"
 #include "sparsebert/mma_layout.h"
@@ -41,94 +41,23 @@ namespace {
 using mma::Coord;
 constexpr int kRows = mma::kBwdMaxSeq;  // 128 rows per shared tile (and per block of long S)
 constexpr int kChunk = mma::kBwdChunk;  // 32 queries (phase 1) or keys (phase 2) per step
+constexpr int kNt = kChunk / 8;
+constexpr int kThreads = mma::kBwdThreads;
 
-template <typename T>
-__device__ __forceinline__ float bits_to_float(uint16_t x);
-template <>
-__device__ __forceinline__ float bits_to_float<__half>(uint16_t x) {
-  return __half2float(__ushort_as_half(x));
-}
-template <>
-__device__ __forceinline__ float bits_to_float<__nv_bfloat16>(uint16_t x) {
-  return __bfloat162float(__ushort_as_bfloat16(x));
-}
+// Shared-memory tiles of one CTA: Q, K, V, dO as swizzled [128][D], lse2 and delta of 128 rows.
+struct BwdTiles {
+  uint16_t *q, *k, *v, *dout;
+  float *lse2, *delta;
+};
 
-__device__ __forceinline__ float gate_of(const MmaBwdArgs& a, int b, int h) {
-  return a.gate[b * a.gate_sb + h * a.gate_sh];
-}
-
-// Zero rows [0, rows) of head h of example b of a contiguous (B, rows, H, D) tensor (16 B stores).
-template <int D>
-__device__ __forceinline__ void zero_head(void* dst, int b, int h, int rows, int heads) {
-  constexpr int kU = D / 8;
-  uint16_t* base = static_cast<uint16_t*>(dst);
-  for (int i = threadIdx.x; i < rows * kU; i += mma::kBwdThreads) {
-    const int64_t off = attn::bshd_contiguous_offset(b, i / kU, h, rows, heads, D) + (i % kU) * 8;
-    *reinterpret_cast<uint4*>(base + off) = make_uint4(0u, 0u, 0u, 0u);
-  }
-}
-
-// acc (C fragments of 16 rows starting at row0, D columns) * factor -> contiguous (B, S, H, D),
-// rows >= seq skipped; pairs of 16-bit values per 4-byte store.
 template <typename T, int D>
-__device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], float factor, void* dst, int b, int h,
-                                           int row0, int seq, int heads) {
-  const int lane = threadIdx.x & 31;
-  uint16_t* base = static_cast<uint16_t*>(dst);
-#pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const Coord c = mma::frag_c(lane, 2 * r);
-      const int row = row0 + c.row;
-      if (row < seq) {
-        const int64_t off = attn::bshd_contiguous_offset(b, row, h, seq, heads, D) + dt * 8 + c.col;
-        *reinterpret_cast<uint32_t*>(base + off) =
-            pack2<T>(acc[dt][2 * r] * factor, acc[dt][2 * r + 1] * factor);
-      }
-    }
+__device__ __forceinline__ void load_rows_tile(uint16_t* tile, const void* src, const attn::Strides& st, int b, int h,
+                                               int row0, int rows) {
+  load_tile_async<D, kRows, kThreads>(tile, reinterpret_cast<const uint16_t*>(bwd_rows<T>(src, st, b, h, row0)),
+                                      st.s, rows);
 }
 
-// Step 1 of a 128-row block of queries starting at row0 (rows past q_len give delta 0, lse2 inf):
-// delta_i = dO_i . O_i and lse2_i (log2 domain) into shared memory, two threads per row.
-template <typename T, int D>
-__device__ __forceinline__ void row_stats(const MmaBwdArgs& a, int b, int h, int row0, float* lse2_s,
-                                          float* delta_s) {
-  const int local = threadIdx.x >> 1, half = threadIdx.x & 1;
-  const int row = row0 + local;
-  float d = 0.0f;
-  if (row < a.q_len) {
-    const uint16_t* o = static_cast<const uint16_t*>(a.out) + b * a.out_st.b + h * a.out_st.h +
-                        row * a.out_st.s + half * (D / 2);
-    const uint16_t* g = static_cast<const uint16_t*>(a.dout) + b * a.dout_st.b + h * a.dout_st.h +
-                        row * a.dout_st.s + half * (D / 2);
-#pragma unroll
-    for (int c = 0; c < D / 2; c += 8) {
-      const uint4 ov = *reinterpret_cast<const uint4*>(o + c);
-      const uint4 gv = *reinterpret_cast<const uint4*>(g + c);
-      const uint16_t* op = reinterpret_cast<const uint16_t*>(&ov);
-      const uint16_t* gp = reinterpret_cast<const uint16_t*>(&gv);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) d = attn::delta_accumulate(d, bits_to_float<T>(gp[e]), bits_to_float<T>(op[e]));
-    }
-  }
-  d += __shfl_xor_sync(0xffffffffu, d, 1);
-  if (half == 0) {
-    delta_s[local] = d;
-    lse2_s[local] = row < a.q_len ? attn::lse_to_log2(a.lse[attn::bhs_index(b, h, row, a.heads, a.q_len)]) : INFINITY;
-  }
-}
-
-// Warp 0: the sum of delta_s over the block's 128 rows in a fixed order (every lane gets it).
-__device__ __forceinline__ float block_delta_sum(const float* delta_s) {
-  const int lane = threadIdx.x & 31;
-  float s = 0.0f;
-  for (int i = lane; i < kRows; i += 32) s += delta_s[i];
-  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-  return s;
-}
-
-// Rows of a 128-row tile in shared memory (row0 + 16 * warp + ...) -> A fragments over D.
+// Rows of a 128-row tile in shared memory (16 * warp + ...) -> A fragments over D.
 template <int D>
 __device__ __forceinline__ void load_row_frags(const uint16_t* tile, int warp, int lane, uint32_t (&f)[D / 16][4]) {
 #pragma unroll
@@ -138,64 +67,36 @@ __device__ __forceinline__ void load_row_frags(const uint16_t* tile, int warp, i
   }
 }
 
-template <int D>
-__device__ __forceinline__ void zero_acc(float (&acc)[D / 8][4]) {
-#pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[dt][i] = 0.0f;
-}
-
 // Phase 1 on one tile of queries: the warp's keys key0 + 16 * warp .. + 15 (A fragments kf, vf of
 // the K, V tile) against the q_rows queries in q_s / do_s (with lse2_s, delta_s of those rows):
 // S^T = K Q^T and dP^T = V dO^T per 32-query chunk, P^T and dS^T in registers, then dV += P^T dO
 // and dK += dS^T Q with P^T, dS^T re-labelled as A fragments.
 template <typename T, int D>
 __device__ __forceinline__ void key_phase_tile(const MmaBwdArgs& a, const bool* mask, float gate, int key0,
-                                               int q_rows, const uint16_t* q_s, const uint16_t* do_s,
-                                               const float* lse2_s, const float* delta_s,
-                                               const uint32_t (&kf)[D / 16][4], const uint32_t (&vf)[D / 16][4],
-                                               float (&dk)[D / 8][4], float (&dv)[D / 8][4]) {
-  constexpr int kKc = D / 16;
-  constexpr int kDt = D / 8;
-  constexpr int kNt = kChunk / 8;
+                                               int q_rows, const BwdTiles& t, const uint32_t (&kf)[D / 16][4],
+                                               const uint32_t (&vf)[D / 16][4], float (&dk)[D / 8][4],
+                                               float (&dv)[D / 8][4]) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   bool key_real[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = key0 + 16 * warp + mma::group_id(lane) + 8 * r;
-    key_real[r] = key < a.kv_len && (mask == nullptr || mask[key]);
-  }
+  warp_key_flags(a, mask, key0, warp, lane, key_real);
   const int chunks = static_cast<int>(attn::ceil_div(q_rows, kChunk));
   for (int qc = 0; qc < chunks; ++qc) {
     float st[kNt][4], dpt[kNt][4];  // rows = keys, columns = queries 32 qc ..
+    zero_chunk<kNt>(st, dpt);
 #pragma unroll
-    for (int nt = 0; nt < kNt; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) st[nt][i] = dpt[nt][i] = 0.0f;
-#pragma unroll
-    for (int kc = 0; kc < kKc; ++kc)
+    for (int kc = 0; kc < D / 16; ++kc)
 #pragma unroll
       for (int p = 0; p < kNt / 2; ++p) {
         const Coord c = mma::ldsm_k(lane, (kChunk / 16) * qc + p, kc);
         uint32_t bq[4], bo[4];
-        ldmatrix_x4(bq, smem_u32(q_s + mma::smem_offset(c.row, c.col, D)));
-        ldmatrix_x4(bo, smem_u32(do_s + mma::smem_offset(c.row, c.col, D)));
+        ldmatrix_x4(bq, smem_u32(t.q + mma::smem_offset(c.row, c.col, D)));
+        ldmatrix_x4(bo, smem_u32(t.dout + mma::smem_offset(c.row, c.col, D)));
         mma_16816<T>(st[2 * p], kf[kc], bq[0], bq[1]);
         mma_16816<T>(st[2 * p + 1], kf[kc], bq[2], bq[3]);
         mma_16816<T>(dpt[2 * p], vf[kc], bo[0], bo[1]);
         mma_16816<T>(dpt[2 * p + 1], vf[kc], bo[2], bo[3]);
       }
-#pragma unroll
-    for (int nt = 0; nt < kNt; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int query = kChunk * qc + nt * 8 + mma::frag_c(lane, i).col;
-        const float s2 = key_real[i >> 1] ? st[nt][i] * a.scale_log2 : attn::neg_inf();
-        const float p = attn::backward_prob(s2, lse2_s[query]);
-        dpt[nt][i] = attn::backward_dscore(p, gate, dpt[nt][i], delta_s[query]);
-        st[nt][i] = p;
-      }
+    key_chunk_to_grads<kNt>(a, gate, key_real, kChunk * qc, lane, t.lse2, t.delta, st, dpt);
 #pragma unroll
     for (int kc = 0; kc < kChunk / 16; ++kc) {
       uint32_t pa[4], da[4];
@@ -206,11 +107,11 @@ __device__ __forceinline__ void key_phase_tile(const MmaBwdArgs& a, const bool* 
         da[reg] = pack2<T>(dpt[nt][e], dpt[nt][e + 1]);
       }
 #pragma unroll
-      for (int p = 0; p < kDt / 2; ++p) {
+      for (int p = 0; p < D / 16; ++p) {
         const Coord c = mma::ldsm_v(lane, (kChunk / 16) * qc + kc, p);
         uint32_t bo[4], bq[4];
-        ldmatrix_x4_trans(bo, smem_u32(do_s + mma::smem_offset(c.row, c.col, D)));
-        ldmatrix_x4_trans(bq, smem_u32(q_s + mma::smem_offset(c.row, c.col, D)));
+        ldmatrix_x4_trans(bo, smem_u32(t.dout + mma::smem_offset(c.row, c.col, D)));
+        ldmatrix_x4_trans(bq, smem_u32(t.q + mma::smem_offset(c.row, c.col, D)));
         mma_16816<T>(dv[2 * p], pa, bo[0], bo[1]);
         mma_16816<T>(dv[2 * p + 1], pa, bo[2], bo[3]);
         mma_16816<T>(dk[2 * p], da, bq[0], bq[1]);
@@ -225,44 +126,28 @@ __device__ __forceinline__ void key_phase_tile(const MmaBwdArgs& a, const bool* 
 // dP = dO V^T per 32-key chunk, dS in registers, dQ += dS K.
 template <typename T, int D>
 __device__ __forceinline__ void query_phase_tile(const MmaBwdArgs& a, const bool* mask, float gate, int key0,
-                                                 int k_rows, const uint16_t* k_s, const uint16_t* v_s,
-                                                 const uint32_t (&qf)[D / 16][4], const uint32_t (&of)[D / 16][4],
-                                                 const float (&lse2_r)[2], const float (&delta_r)[2],
-                                                 float (&dq)[D / 8][4]) {
-  constexpr int kKc = D / 16;
-  constexpr int kDt = D / 8;
-  constexpr int kNt = kChunk / 8;
+                                                 int k_rows, const BwdTiles& t, const uint32_t (&qf)[D / 16][4],
+                                                 const uint32_t (&of)[D / 16][4], const float (&lse2_r)[2],
+                                                 const float (&delta_r)[2], float (&dq)[D / 8][4]) {
   const int lane = threadIdx.x & 31;
   const int chunks = static_cast<int>(attn::ceil_div(k_rows, kChunk));
   for (int kcnk = 0; kcnk < chunks; ++kcnk) {
     float s[kNt][4], dp[kNt][4];  // rows = queries, columns = keys 32 kcnk ..
+    zero_chunk<kNt>(s, dp);
 #pragma unroll
-    for (int nt = 0; nt < kNt; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) s[nt][i] = dp[nt][i] = 0.0f;
-#pragma unroll
-    for (int kc = 0; kc < kKc; ++kc)
+    for (int kc = 0; kc < D / 16; ++kc)
 #pragma unroll
       for (int p = 0; p < kNt / 2; ++p) {
         const Coord c = mma::ldsm_k(lane, (kChunk / 16) * kcnk + p, kc);
         uint32_t bk[4], bv[4];
-        ldmatrix_x4(bk, smem_u32(k_s + mma::smem_offset(c.row, c.col, D)));
-        ldmatrix_x4(bv, smem_u32(v_s + mma::smem_offset(c.row, c.col, D)));
+        ldmatrix_x4(bk, smem_u32(t.k + mma::smem_offset(c.row, c.col, D)));
+        ldmatrix_x4(bv, smem_u32(t.v + mma::smem_offset(c.row, c.col, D)));
         mma_16816<T>(s[2 * p], qf[kc], bk[0], bk[1]);
         mma_16816<T>(s[2 * p + 1], qf[kc], bk[2], bk[3]);
         mma_16816<T>(dp[2 * p], of[kc], bv[0], bv[1]);
         mma_16816<T>(dp[2 * p + 1], of[kc], bv[2], bv[3]);
       }
-#pragma unroll
-    for (int nt = 0; nt < kNt; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int key = key0 + kChunk * kcnk + nt * 8 + mma::frag_c(lane, i).col;
-        const bool real = key < a.kv_len && (mask == nullptr || mask[key]);
-        const float s2 = real ? s[nt][i] * a.scale_log2 : attn::neg_inf();
-        const float p = attn::backward_prob(s2, lse2_r[i >> 1]);
-        s[nt][i] = attn::backward_dscore(p, gate, dp[nt][i], delta_r[i >> 1]);
-      }
+    query_chunk_to_grads<kNt>(a, mask, gate, key0 + kChunk * kcnk, lane, lse2_r, delta_r, s, dp);
 #pragma unroll
     for (int kc = 0; kc < kChunk / 16; ++kc) {
       uint32_t da[4];
@@ -272,38 +157,15 @@ __device__ __forceinline__ void query_phase_tile(const MmaBwdArgs& a, const bool
         da[reg] = pack2<T>(s[nt][e], s[nt][e + 1]);
       }
 #pragma unroll
-      for (int p = 0; p < kDt / 2; ++p) {
+      for (int p = 0; p < D / 16; ++p) {
         const Coord c = mma::ldsm_v(lane, (kChunk / 16) * kcnk + kc, p);
         uint32_t bk[4];
-        ldmatrix_x4_trans(bk, smem_u32(k_s + mma::smem_offset(c.row, c.col, D)));
+        ldmatrix_x4_trans(bk, smem_u32(t.k + mma::smem_offset(c.row, c.col, D)));
         mma_16816<T>(dq[2 * p], da, bk[0], bk[1]);
         mma_16816<T>(dq[2 * p + 1], da, bk[2], bk[3]);
       }
     }
   }
-}
-
-// lse2 and delta of this warp's query rows 16 * warp + {group, group + 8} of a resident tile.
-__device__ __forceinline__ void warp_row_stats(const float* lse2_s, const float* delta_s, int warp, int lane,
-                                               float (&lse2_r)[2], float (&delta_r)[2]) {
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = 16 * warp + mma::group_id(lane) + 8 * r;
-    lse2_r[r] = lse2_s[row];
-    delta_r[r] = delta_s[row];
-  }
-}
-
-// Shared-memory tiles of one CTA: Q, K, V, dO as swizzled [128][D], lse2 and delta of 128 rows.
-struct BwdTiles {
-  uint16_t *q, *k, *v, *dout;
-  float *lse2, *delta;
-};
-
-// The head's slice of a (B, S, H, D) input, from row row0 on.
-__device__ __forceinline__ const uint16_t* head_rows(const void* base, const attn::Strides& st, int b, int h,
-                                                     int row0) {
-  return static_cast<const uint16_t*>(base) + b * st.b + h * st.h + static_cast<int64_t>(row0) * st.s;
 }
 
 // S <= 128: one CTA does the whole (b, h).
@@ -313,19 +175,19 @@ __device__ __forceinline__ void backward_head(const MmaBwdArgs& a, int b, int h,
   const int sq = a.q_len, sk = a.kv_len;
 
   // Step 1: tiles, then delta, lse2 and d_gate.
-  load_tile_async<D, kRows, mma::kBwdThreads>(t.q, head_rows(a.q, a.q_st, b, h, 0), a.q_st.s, sq);
-  load_tile_async<D, kRows, mma::kBwdThreads>(t.k, head_rows(a.k, a.k_st, b, h, 0), a.k_st.s, sk);
-  load_tile_async<D, kRows, mma::kBwdThreads>(t.v, head_rows(a.v, a.v_st, b, h, 0), a.v_st.s, sk);
-  load_tile_async<D, kRows, mma::kBwdThreads>(t.dout, head_rows(a.dout, a.dout_st, b, h, 0), a.dout_st.s, sq);
+  load_rows_tile<T, D>(t.q, a.q, a.q_st, b, h, 0, sq);
+  load_rows_tile<T, D>(t.k, a.k, a.k_st, b, h, 0, sk);
+  load_rows_tile<T, D>(t.v, a.v, a.v_st, b, h, 0, sk);
+  load_rows_tile<T, D>(t.dout, a.dout, a.dout_st, b, h, 0, sq);
   cp_async_commit();
   row_stats<T, D>(a, b, h, 0, t.lse2, t.delta);
   cp_async_wait<0>();
   __syncthreads();
   if (warp == 0) {  // d_gate = sum_i delta_i / gate, in a fixed order
-    const float s = block_delta_sum(t.delta);
+    const float s = block_delta_sum<kRows>(t.delta);
     if (lane == 0) a.d_gate[b * a.heads + h] = s / gate;
   }
-  const bool* mask = a.mask == nullptr ? nullptr : a.mask + static_cast<int64_t>(b) * sk;
+  const bool* mask = bwd_mask(a, b);
 
   // Step 2: dK, dV for keys 16w .. 16w + 15.
   if (16 * warp < sk) {
@@ -335,7 +197,7 @@ __device__ __forceinline__ void backward_head(const MmaBwdArgs& a, int b, int h,
     float dk[D / 8][4], dv[D / 8][4];
     zero_acc<D>(dk);
     zero_acc<D>(dv);
-    key_phase_tile<T, D>(a, mask, gate, 0, sq, t.q, t.dout, t.lse2, t.delta, kf, vf, dk, dv);
+    key_phase_tile<T, D>(a, mask, gate, 0, sq, t, kf, vf, dk, dv);
     store_rows<T, D>(dk, a.scale, a.dk, b, h, 16 * warp, sk, a.heads);
     store_rows<T, D>(dv, gate, a.dv, b, h, 16 * warp, sk, a.heads);
   }
@@ -349,7 +211,7 @@ __device__ __forceinline__ void backward_head(const MmaBwdArgs& a, int b, int h,
     warp_row_stats(t.lse2, t.delta, warp, lane, lse2_r, delta_r);
     float dq[D / 8][4];
     zero_acc<D>(dq);
-    query_phase_tile<T, D>(a, mask, gate, 0, sk, t.k, t.v, qf, of, lse2_r, delta_r, dq);
+    query_phase_tile<T, D>(a, mask, gate, 0, sk, t, qf, of, lse2_r, delta_r, dq);
     store_rows<T, D>(dq, a.scale, a.dq, b, h, 16 * warp, sq, a.heads);
   }
 }
@@ -362,22 +224,21 @@ __device__ __forceinline__ void backward_key_block(const MmaBwdArgs& a, int b, i
                                                    const BwdTiles& t) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int k0 = block * kRows, k_rows = min(kRows, a.kv_len - k0);
-  const bool* mask = a.mask == nullptr ? nullptr : a.mask + static_cast<int64_t>(b) * a.kv_len;
+  const bool* mask = bwd_mask(a, b);
   const bool warp_has_keys = 16 * warp < k_rows;
-  load_tile_async<D, kRows, mma::kBwdThreads>(t.k, head_rows(a.k, a.k_st, b, h, k0), a.k_st.s, k_rows);
-  load_tile_async<D, kRows, mma::kBwdThreads>(t.v, head_rows(a.v, a.v_st, b, h, k0), a.v_st.s, k_rows);
+  load_rows_tile<T, D>(t.k, a.k, a.k_st, b, h, k0, k_rows);
+  load_rows_tile<T, D>(t.v, a.v, a.v_st, b, h, k0, k_rows);
   uint32_t kf[D / 16][4], vf[D / 16][4];
   float dk[D / 8][4], dv[D / 8][4];
   zero_acc<D>(dk);
   zero_acc<D>(dv);
   float delta_sum = 0.0f;
-  const int q_blocks = mma::bwd_blocks(a.q_len);
+  const int q_blocks = mma::bwd_blocks(a.q_len, kRows);
   for (int qb = 0; qb < q_blocks; ++qb) {
     const int q0 = qb * kRows, q_rows = min(kRows, a.q_len - q0);
     if (qb > 0) __syncthreads();  // every warp is done with the previous query tile
-    load_tile_async<D, kRows, mma::kBwdThreads>(t.q, head_rows(a.q, a.q_st, b, h, q0), a.q_st.s, q_rows);
-    load_tile_async<D, kRows, mma::kBwdThreads>(t.dout, head_rows(a.dout, a.dout_st, b, h, q0), a.dout_st.s,
-                                                q_rows);
+    load_rows_tile<T, D>(t.q, a.q, a.q_st, b, h, q0, q_rows);
+    load_rows_tile<T, D>(t.dout, a.dout, a.dout_st, b, h, q0, q_rows);
     cp_async_commit();
     row_stats<T, D>(a, b, h, q0, t.lse2, t.delta);
     cp_async_wait<0>();
@@ -386,8 +247,8 @@ __device__ __forceinline__ void backward_key_block(const MmaBwdArgs& a, int b, i
       load_row_frags<D>(t.k, warp, lane, kf);
       load_row_frags<D>(t.v, warp, lane, vf);
     }
-    if (block == 0 && warp == 0) delta_sum += block_delta_sum(t.delta);
-    if (warp_has_keys) key_phase_tile<T, D>(a, mask, gate, k0, q_rows, t.q, t.dout, t.lse2, t.delta, kf, vf, dk, dv);
+    if (block == 0 && warp == 0) delta_sum += block_delta_sum<kRows>(t.delta);
+    if (warp_has_keys) key_phase_tile<T, D>(a, mask, gate, k0, q_rows, t, kf, vf, dk, dv);
   }
   if (block == 0 && warp == 0 && lane == 0) a.d_gate[b * a.heads + h] = delta_sum / gate;
   if (warp_has_keys) {
@@ -403,20 +264,20 @@ __device__ __forceinline__ void backward_query_block(const MmaBwdArgs& a, int b,
                                                      const BwdTiles& t) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int q0 = block * kRows, q_rows = min(kRows, a.q_len - q0);
-  const bool* mask = a.mask == nullptr ? nullptr : a.mask + static_cast<int64_t>(b) * a.kv_len;
+  const bool* mask = bwd_mask(a, b);
   const bool warp_has_queries = 16 * warp < q_rows;
-  load_tile_async<D, kRows, mma::kBwdThreads>(t.q, head_rows(a.q, a.q_st, b, h, q0), a.q_st.s, q_rows);
-  load_tile_async<D, kRows, mma::kBwdThreads>(t.dout, head_rows(a.dout, a.dout_st, b, h, q0), a.dout_st.s, q_rows);
+  load_rows_tile<T, D>(t.q, a.q, a.q_st, b, h, q0, q_rows);
+  load_rows_tile<T, D>(t.dout, a.dout, a.dout_st, b, h, q0, q_rows);
   uint32_t qf[D / 16][4], of[D / 16][4];
   float lse2_r[2], delta_r[2];
   float dq[D / 8][4];
   zero_acc<D>(dq);
-  const int k_blocks = mma::bwd_blocks(a.kv_len);
+  const int k_blocks = mma::bwd_blocks(a.kv_len, kRows);
   for (int kb = 0; kb < k_blocks; ++kb) {
     const int k0 = kb * kRows, k_rows = min(kRows, a.kv_len - k0);
     if (kb > 0) __syncthreads();  // every warp is done with the previous key tile
-    load_tile_async<D, kRows, mma::kBwdThreads>(t.k, head_rows(a.k, a.k_st, b, h, k0), a.k_st.s, k_rows);
-    load_tile_async<D, kRows, mma::kBwdThreads>(t.v, head_rows(a.v, a.v_st, b, h, k0), a.v_st.s, k_rows);
+    load_rows_tile<T, D>(t.k, a.k, a.k_st, b, h, k0, k_rows);
+    load_rows_tile<T, D>(t.v, a.v, a.v_st, b, h, k0, k_rows);
     cp_async_commit();
     if (kb == 0) row_stats<T, D>(a, b, h, q0, t.lse2, t.delta);
     cp_async_wait<0>();
@@ -426,7 +287,7 @@ __device__ __forceinline__ void backward_query_block(const MmaBwdArgs& a, int b,
       load_row_frags<D>(t.dout, warp, lane, of);
       warp_row_stats(t.lse2, t.delta, warp, lane, lse2_r, delta_r);
     }
-    if (warp_has_queries) query_phase_tile<T, D>(a, mask, gate, k0, k_rows, t.k, t.v, qf, of, lse2_r, delta_r, dq);
+    if (warp_has_queries) query_phase_tile<T, D>(a, mask, gate, k0, k_rows, t, qf, of, lse2_r, delta_r, dq);
   }
   if (warp_has_queries) store_rows<T, D>(dq, a.scale, a.dq, b, h, q0 + 16 * warp, a.q_len, a.heads);
 }
@@ -436,11 +297,31 @@ constexpr int smem_bytes() {
   return 4 * kRows * D * 2 + 2 * kRows * 4;
 }
 
-// kTiled = false: Sq, Sk <= 128, one item per head (backward_head); true: the key-block and
-// query-block items. Two instantiations so that the short kernel keeps its own (lower) register
-// allocation: inlining both paths into one kernel raised D = 32 from 128 to 169 registers.
+// The kernel's work items, for walk_backward_items (mma_backward_common.cuh). kTiled = false:
+// Sq, Sk <= 128, one item per head (backward_head); true: the key-block and query-block items.
 template <typename T, int D, bool kTiled>
-__global__ void __launch_bounds__(mma::kBwdThreads) mma_backward_kernel(const MmaBwdArgs a) {
+struct BwdItem {
+  static __device__ __forceinline__ void zero(const MmaBwdArgs& a, int b, int h) {
+    zero_pruned_head<T, D, kThreads>(a, b, h);
+  }
+  static __device__ __forceinline__ void run(const MmaBwdArgs& a, int b, int h, float gate, int part,
+                                             const BwdTiles& t) {
+    if (!kTiled) {
+      backward_head<T, D>(a, b, h, gate, t);
+    } else if (part < mma::bwd_blocks(a.kv_len, kRows)) {
+      backward_key_block<T, D>(a, b, h, gate, part, t);
+    } else {
+      backward_query_block<T, D>(a, b, h, gate, part - mma::bwd_blocks(a.kv_len, kRows), t);
+    }
+  }
+};
+
+// Two instantiations (kTiled) so that the short kernel keeps its own (lower) register
+// allocation: inlining both paths into one kernel raised D = 32 from 128 to 169 registers. The
+// tiled one has a hint of 1 CTA per SM: without it ptxas (nvcc 13.0, sm_90) capped D = 32 at 128
+// registers and spilled 60 bytes; with the hint on both, the short D = 32 kernel took 142.
+template <typename T, int D, bool kTiled>
+__global__ void __launch_bounds__(kThreads, kTiled ? 1 : 0) mma_backward_kernel(const MmaBwdArgs a) {
   extern __shared__ __align__(128) uint8_t smem[];
   BwdTiles t;
   t.q = reinterpret_cast<uint16_t*>(smem);
@@ -449,43 +330,8 @@ __global__ void __launch_bounds__(mma::kBwdThreads) mma_backward_kernel(const Mm
   t.dout = t.v + kRows * D;
   t.lse2 = reinterpret_cast<float*>(t.dout + kRows * D);
   t.delta = t.lse2 + kRows;
-  const int lane = threadIdx.x & 31;
-  const int entries = a.batch * a.heads;
-
-  // Step 0: pruned heads get zero gradients.
-  for (int bh = blockIdx.x; bh < entries; bh += gridDim.x) {
-    const int b = bh / a.heads, h = bh % a.heads;
-    if (gate_of(a, b, h) != 0.0f) continue;
-    zero_head<D>(a.dq, b, h, a.q_len, a.heads);
-    zero_head<D>(a.dk, b, h, a.kv_len, a.heads);
-    zero_head<D>(a.dv, b, h, a.kv_len, a.heads);
-    if (threadIdx.x == 0) a.d_gate[bh] = 0.0f;
-  }
-
-  // Work items: (active (b, h), part); S <= 128 has one part per head, longer S the key blocks
-  // then the query blocks (mma::bwd_items_per_head).
-  const int parts = kTiled ? mma::bwd_items_per_head(a.q_len, a.kv_len) : 1;
-  const int key_blocks = mma::bwd_blocks(a.kv_len);
-  mma::ActiveCursor cursor;
-  for (int w = blockIdx.x;; w += gridDim.x) {
-    const int act = mma::item_active(w, parts), part = mma::item_tile(w, parts);
-    const int entry = mma::find_active(cursor, act, entries, [&](int base) {
-      const int e = base + lane;
-      const bool on = e < entries && gate_of(a, e / a.heads, e % a.heads) != 0.0f;
-      return __ballot_sync(0xffffffffu, on);
-    });
-    if (entry < 0) break;
-    const int b = entry / a.heads, h = entry % a.heads;
-    const float gate = gate_of(a, b, h);
-    __syncthreads();  // the previous item's shared-memory reads are done
-    if (!kTiled) {
-      backward_head<T, D>(a, b, h, gate, t);
-    } else if (part < key_blocks) {
-      backward_key_block<T, D>(a, b, h, gate, part, t);
-    } else {
-      backward_query_block<T, D>(a, b, h, gate, part - key_blocks, t);
-    }
-  }
+  const int parts = kTiled ? mma::bwd_items_per_head(a.q_len, a.kv_len, kRows) : 1;
+  walk_backward_items<BwdItem<T, D, kTiled>>(a, parts, t);
 }
 
 template <typename T, int D, bool kTiled>
@@ -497,13 +343,13 @@ void launch_kernel(const MmaBwdArgs& a, cudaStream_t stream) {
   static const int ctas_per_sm = [] {
     int n = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, mma_backward_kernel<T, D, kTiled>,
-                                                                 mma::kBwdThreads, smem_bytes<D>()));
+                                                                 kThreads, smem_bytes<D>()));
     return n > 0 ? n : 1;
   }();
   const int64_t parts = kTiled ? mma::bwd_items_per_head(a.q_len, a.kv_len) : 1;
   const int64_t grid = mma::grid_size(static_cast<int64_t>(a.batch) * a.heads * parts, a.sm_count, ctas_per_sm);
   mma_backward_kernel<T, D, kTiled>
-      <<<static_cast<unsigned>(grid), mma::kBwdThreads, smem_bytes<D>(), stream>>>(a);
+      <<<static_cast<unsigned>(grid), kThreads, smem_bytes<D>(), stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -30,6 +30,7 @@
 #include <cstdint>
 
 #include "masked_attention_mma.cuh"
+#include "mma_backward_common.cuh"
 #include "mma_ptx.cuh"
 #include "sparsebert/attention_math.h"
 #include "sparsebert/mma_layout.h"
@@ -42,7 +43,7 @@ using mma::Coord;
 constexpr int kRows = mma::kBlockM;     // 64 rows per tile and per block
 // Queries (key blocks) or keys (query blocks) per step. 8, not the 32 of the 16-bit kernel: with
 // 3xTF32 operands split per use, ptxas (nvcc 13.0) took 255 registers and spilled at D = 64 with
-// 32 or 16 (also with a register cap of 168: 200-400 bytes of spills); 8 needs 248-255 at D = 64
+// 32 or 16 (also with a register cap of 168: 200-400 bytes of spills); 8 needs 250-255 at D = 64
 // and 149-159 at D = 32 without spills, at the price of re-reading the A operands per chunk.
 constexpr int kChunk = 8;
 constexpr int kNt = kChunk / 8;         // 8-wide n-tiles of S per chunk
@@ -56,88 +57,6 @@ constexpr int smem_bytes() {
 struct Tiles {  // shared memory of one CTA
   float *q, *k, *v, *dout, *lse2, *delta;
 };
-
-__device__ __forceinline__ float gate_of(const MmaBwdArgs& a, int b, int h) {
-  return a.gate[b * a.gate_sb + h * a.gate_sh];
-}
-
-__device__ __forceinline__ const float* head_rows(const void* base, const attn::Strides& st, int b, int h, int row0) {
-  return static_cast<const float*>(base) + b * st.b + h * st.h + static_cast<int64_t>(row0) * st.s;
-}
-
-// Zero rows [0, rows) of head h of example b of a contiguous (B, rows, H, D) fp32 tensor.
-template <int D>
-__device__ __forceinline__ void zero_head(void* dst, int b, int h, int rows, int heads) {
-  constexpr int kU = D / 4;
-  float* base = static_cast<float*>(dst);
-  for (int i = threadIdx.x; i < rows * kU; i += kThreads) {
-    const int64_t off = attn::bshd_contiguous_offset(b, i / kU, h, rows, heads, D) + (i % kU) * 4;
-    *reinterpret_cast<float4*>(base + off) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  }
-}
-
-// acc (C fragments of 16 rows starting at row0, D columns) * factor -> contiguous (B, S, H, D)
-// fp32, rows >= seq skipped; 8-byte stores of the accumulator pairs.
-template <int D>
-__device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], float factor, void* dst, int b, int h,
-                                           int row0, int seq, int heads) {
-  const int lane = threadIdx.x & 31;
-  float* base = static_cast<float*>(dst);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const Coord c = mma::frag_c(lane, 2 * r);
-    const int row = row0 + c.row;
-    if (row >= seq) continue;
-    float* out = base + attn::bshd_contiguous_offset(b, row, h, seq, heads, D) + c.col;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<float2*>(out + dt * 8) = make_float2(acc[dt][2 * r] * factor, acc[dt][2 * r + 1] * factor);
-  }
-}
-
-template <int D>
-__device__ __forceinline__ void zero_acc(float (&acc)[D / 8][4]) {
-#pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[dt][i] = 0.0f;
-}
-
-// delta_i = dO_i . O_i and lse2_i (log2 domain) of query rows row0 .. row0 + 63 into shared
-// memory (rows past q_len: delta 0, lse2 inf), two threads per row.
-template <int D>
-__device__ __forceinline__ void row_stats(const MmaBwdArgs& a, int b, int h, int row0, float* lse2_s,
-                                          float* delta_s) {
-  const int local = threadIdx.x >> 1, half = threadIdx.x & 1;
-  const int row = row0 + local;
-  float d = 0.0f;
-  if (row < a.q_len) {
-    const float* o = head_rows(a.out, a.out_st, b, h, row) + half * (D / 2);
-    const float* g = head_rows(a.dout, a.dout_st, b, h, row) + half * (D / 2);
-#pragma unroll
-    for (int c = 0; c < D / 2; c += 4) {
-      const float4 ov = *reinterpret_cast<const float4*>(o + c);
-      const float4 gv = *reinterpret_cast<const float4*>(g + c);
-      d = attn::delta_accumulate(d, gv.x, ov.x);
-      d = attn::delta_accumulate(d, gv.y, ov.y);
-      d = attn::delta_accumulate(d, gv.z, ov.z);
-      d = attn::delta_accumulate(d, gv.w, ov.w);
-    }
-  }
-  d += __shfl_xor_sync(0xffffffffu, d, 1);
-  if (half == 0) {
-    delta_s[local] = d;
-    lse2_s[local] = row < a.q_len ? attn::lse_to_log2(a.lse[attn::bhs_index(b, h, row, a.heads, a.q_len)]) : INFINITY;
-  }
-}
-
-// Warp 0: the sum of delta_s over the block's 64 rows in a fixed order (every lane gets it).
-__device__ __forceinline__ float block_delta_sum(const float* delta_s) {
-  const int lane = threadIdx.x & 31;
-  float s = delta_s[lane] + delta_s[lane + 32];
-  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-  return s;
-}
 
 // A operand (3xTF32 split) of k-chunk kc from this warp's 16 rows of a tile.
 template <int D>
@@ -175,74 +94,71 @@ __device__ __forceinline__ void acc_a(const float (&acc)[4], uint32_t (&big)[4],
   for (int r = 0; r < 4; ++r) split_to(acc[mma::tf32_p_elem(r)], big[r], small[r]);
 }
 
-// Key block, one tile of q_rows queries: the warp's keys key0 + 16 * warp .. + 15 (in k_s, v_s).
+// x += A1 B1^T and y += A2 B2^T for one chunk, 3xTF32 over D: A = this warp's 16 rows of tiles a1,
+// a2; B = rows 8 nt0 .. 8 (nt0 + kNt) - 1 of tiles b1, b2 (the chunk's queries or keys).
+template <int D>
+__device__ __forceinline__ void chunk_products(const float* a1, const float* b1, const float* a2, const float* b2,
+                                               int warp, int lane, int nt0, float (&x)[kNt][4],
+                                               float (&y)[kNt][4]) {
+  zero_chunk<kNt>(x, y);
+#pragma unroll 1
+  for (int kc = 0; kc < D / 8; ++kc) {
+    uint32_t a1b[4], a1s[4], a2b[4], a2s[4];
+    rows_a<D>(a1, warp, lane, kc, a1b, a1s);
+    rows_a<D>(a2, warp, lane, kc, a2b, a2s);
+#pragma unroll
+    for (int nt = 0; nt < kNt; ++nt) {
+      uint32_t b1b[2], b1s[2], b2b[2], b2s[2];
+      rows_b<D>(b1, lane, nt0 + nt, kc, b1b, b1s);
+      rows_b<D>(b2, lane, nt0 + nt, kc, b2b, b2s);
+      mma_1688_3xtf32(x[nt], a1b, a1s, b1b, b1s);
+      mma_1688_3xtf32(y[nt], a2b, a2s, b2b, b2s);
+    }
+  }
+}
+
+// acc += P Y, 3xTF32: P = the 8 columns of accumulators p (an n-tile of P^T, dS^T or dS) as the A
+// operand, Y = rows 8 kc .. 8 kc + 7 of tile y (permuted as the A operand's k order) over D.
+template <int D>
+__device__ __forceinline__ void accumulate_chunk(const float (&p)[4], const float* y, int lane, int kc,
+                                                 float (&acc)[D / 8][4]) {
+  uint32_t pb[4], ps[4];
+  acc_a(p, pb, ps);
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) {
+    uint32_t yb[2], ys[2];
+    cols_b<D>(y, lane, kc, dt, yb, ys);
+    mma_1688_3xtf32(acc[dt], pb, ps, yb, ys);
+  }
+}
+
+// Key block, one tile of q_rows queries: the warp's keys key0 + 16 * warp .. + 15 (in k_s, v_s):
+// per chunk S^T = K Q^T and dP^T = V dO^T, then P^T and dS^T in registers, dV += P^T dO and
+// dK += dS^T Q (two passes over D rather than one: a fused loop had ptxas hoist both operands'
+// loads for every d n-tile, 255 registers and spills at D = 64).
 template <int D>
 __device__ __forceinline__ void key_phase_tile(const MmaBwdArgs& a, const bool* mask, float gate, int key0,
                                                int q_rows, const Tiles& t, float (&dk)[D / 8][4],
                                                float (&dv)[D / 8][4]) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   bool key_real[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = key0 + 16 * warp + mma::group_id(lane) + 8 * r;
-    key_real[r] = key < a.kv_len && (mask == nullptr || mask[key]);
-  }
+  warp_key_flags(a, mask, key0, warp, lane, key_real);
   const int chunks = static_cast<int>(attn::ceil_div(q_rows, kChunk));
   for (int qc = 0; qc < chunks; ++qc) {
-    float st[kNt][4], dpt[kNt][4];  // rows = keys, columns = queries 32 qc ..
+    float st[kNt][4], dpt[kNt][4];  // rows = keys, columns = queries kChunk qc ..
+    chunk_products<D>(t.k, t.q, t.v, t.dout, warp, lane, kNt * qc, st, dpt);
+    key_chunk_to_grads<kNt>(a, gate, key_real, kChunk * qc, lane, t.lse2, t.delta, st, dpt);
 #pragma unroll
-    for (int nt = 0; nt < kNt; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) st[nt][i] = dpt[nt][i] = 0.0f;
-#pragma unroll 1
-    for (int kc = 0; kc < D / 8; ++kc) {
-      uint32_t kb[4], ks[4], vb[4], vs[4];
-      rows_a<D>(t.k, warp, lane, kc, kb, ks);
-      rows_a<D>(t.v, warp, lane, kc, vb, vs);
-#pragma unroll
-      for (int nt = 0; nt < kNt; ++nt) {
-        uint32_t qb[2], qs[2], ob[2], os[2];
-        rows_b<D>(t.q, lane, kNt * qc + nt, kc, qb, qs);
-        rows_b<D>(t.dout, lane, kNt * qc + nt, kc, ob, os);
-        mma_1688_3xtf32(st[nt], kb, ks, qb, qs);
-        mma_1688_3xtf32(dpt[nt], vb, vs, ob, os);
-      }
-    }
-#pragma unroll
-    for (int nt = 0; nt < kNt; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int query = kChunk * qc + nt * 8 + mma::frag_c(lane, i).col;
-        const float s2 = key_real[i >> 1] ? st[nt][i] * a.scale_log2 : attn::neg_inf();
-        const float p = attn::backward_prob(s2, t.lse2[query]);
-        dpt[nt][i] = attn::backward_dscore(p, gate, dpt[nt][i], t.delta[query]);
-        st[nt][i] = p;
-      }
-#pragma unroll
-    for (int kc = 0; kc < kNt; ++kc) {  // 8-query chunks of this 32-query chunk
-      uint32_t pb[4], ps[4], db[4], ds[4];
-      acc_a(st[kc], pb, ps);
-      acc_a(dpt[kc], db, ds);
-      // Two loops rather than one: a fused loop had ptxas hoist both operands' loads for every
-      // d n-tile (255 registers and spills at D = 64).
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        uint32_t ob[2], os[2];
-        cols_b<D>(t.dout, lane, kNt * qc + kc, dt, ob, os);
-        mma_1688_3xtf32(dv[dt], pb, ps, ob, os);
-      }
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        uint32_t qb[2], qs[2];
-        cols_b<D>(t.q, lane, kNt * qc + kc, dt, qb, qs);
-        mma_1688_3xtf32(dk[dt], db, ds, qb, qs);
-      }
+    for (int kc = 0; kc < kNt; ++kc) {  // 8-query chunks
+      accumulate_chunk<D>(st[kc], t.dout, lane, kNt * qc + kc, dv);
+      accumulate_chunk<D>(dpt[kc], t.q, lane, kNt * qc + kc, dk);
     }
   }
 }
 
 // Query block, one tile of k_rows keys key0 .. (in k_s, v_s): the warp's 16 queries (rows of the
-// resident q_s, do_s; lse2_r, delta_r of its rows group and group + 8).
+// resident q_s, do_s; lse2_r, delta_r of its rows group and group + 8): per chunk S = Q K^T and
+// dP = dO V^T, dS in registers, dQ += dS K.
 template <int D>
 __device__ __forceinline__ void query_phase_tile(const MmaBwdArgs& a, const bool* mask, float gate, int key0,
                                                  int k_rows, const Tiles& t, const float (&lse2_r)[2],
@@ -250,46 +166,11 @@ __device__ __forceinline__ void query_phase_tile(const MmaBwdArgs& a, const bool
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int chunks = static_cast<int>(attn::ceil_div(k_rows, kChunk));
   for (int kcnk = 0; kcnk < chunks; ++kcnk) {
-    float s[kNt][4], dp[kNt][4];  // rows = queries, columns = keys 32 kcnk ..
+    float s[kNt][4], dp[kNt][4];  // rows = queries, columns = keys kChunk kcnk ..
+    chunk_products<D>(t.q, t.k, t.dout, t.v, warp, lane, kNt * kcnk, s, dp);
+    query_chunk_to_grads<kNt>(a, mask, gate, key0 + kChunk * kcnk, lane, lse2_r, delta_r, s, dp);
 #pragma unroll
-    for (int nt = 0; nt < kNt; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) s[nt][i] = dp[nt][i] = 0.0f;
-#pragma unroll 1
-    for (int kc = 0; kc < D / 8; ++kc) {
-      uint32_t qb[4], qs[4], ob[4], os[4];
-      rows_a<D>(t.q, warp, lane, kc, qb, qs);
-      rows_a<D>(t.dout, warp, lane, kc, ob, os);
-#pragma unroll
-      for (int nt = 0; nt < kNt; ++nt) {
-        uint32_t kb[2], ks[2], vb[2], vs[2];
-        rows_b<D>(t.k, lane, kNt * kcnk + nt, kc, kb, ks);
-        rows_b<D>(t.v, lane, kNt * kcnk + nt, kc, vb, vs);
-        mma_1688_3xtf32(s[nt], qb, qs, kb, ks);
-        mma_1688_3xtf32(dp[nt], ob, os, vb, vs);
-      }
-    }
-#pragma unroll
-    for (int nt = 0; nt < kNt; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int key = key0 + kChunk * kcnk + nt * 8 + mma::frag_c(lane, i).col;
-        const bool real = key < a.kv_len && (mask == nullptr || mask[key]);
-        const float s2 = real ? s[nt][i] * a.scale_log2 : attn::neg_inf();
-        const float p = attn::backward_prob(s2, lse2_r[i >> 1]);
-        s[nt][i] = attn::backward_dscore(p, gate, dp[nt][i], delta_r[i >> 1]);
-      }
-#pragma unroll
-    for (int kc = 0; kc < kNt; ++kc) {  // 8-key chunks of this 32-key chunk
-      uint32_t db[4], ds[4];
-      acc_a(s[kc], db, ds);
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        uint32_t kb[2], ks[2];
-        cols_b<D>(t.k, lane, kNt * kcnk + kc, dt, kb, ks);
-        mma_1688_3xtf32(dq[dt], db, ds, kb, ks);
-      }
-    }
+    for (int kc = 0; kc < kNt; ++kc) accumulate_chunk<D>(s[kc], t.k, lane, kNt * kcnk + kc, dq);  // 8-key chunks
   }
 }
 
@@ -300,10 +181,10 @@ __device__ __forceinline__ void backward_key_block(const MmaBwdArgs& a, int b, i
                                                    const Tiles& t) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int k0 = block * kRows, k_rows = min(kRows, a.kv_len - k0);
-  const bool* mask = a.mask == nullptr ? nullptr : a.mask + static_cast<int64_t>(b) * a.kv_len;
+  const bool* mask = bwd_mask(a, b);
   const bool warp_has_keys = 16 * warp < k_rows;
-  load_tile_f32<D>(t.k, head_rows(a.k, a.k_st, b, h, k0), a.k_st.s, k_rows);
-  load_tile_f32<D>(t.v, head_rows(a.v, a.v_st, b, h, k0), a.v_st.s, k_rows);
+  load_tile_f32<D>(t.k, bwd_rows<float>(a.k, a.k_st, b, h, k0), a.k_st.s, k_rows);
+  load_tile_f32<D>(t.v, bwd_rows<float>(a.v, a.v_st, b, h, k0), a.v_st.s, k_rows);
   float dk[D / 8][4], dv[D / 8][4];
   zero_acc<D>(dk);
   zero_acc<D>(dv);
@@ -312,19 +193,19 @@ __device__ __forceinline__ void backward_key_block(const MmaBwdArgs& a, int b, i
   for (int qb = 0; qb < q_blocks; ++qb) {
     const int q0 = qb * kRows, q_rows = min(kRows, a.q_len - q0);
     if (qb > 0) __syncthreads();  // every warp is done with the previous query tile
-    load_tile_f32<D>(t.q, head_rows(a.q, a.q_st, b, h, q0), a.q_st.s, q_rows);
-    load_tile_f32<D>(t.dout, head_rows(a.dout, a.dout_st, b, h, q0), a.dout_st.s, q_rows);
+    load_tile_f32<D>(t.q, bwd_rows<float>(a.q, a.q_st, b, h, q0), a.q_st.s, q_rows);
+    load_tile_f32<D>(t.dout, bwd_rows<float>(a.dout, a.dout_st, b, h, q0), a.dout_st.s, q_rows);
     cp_async_commit();
-    row_stats<D>(a, b, h, q0, t.lse2, t.delta);
+    row_stats<float, D>(a, b, h, q0, t.lse2, t.delta);
     cp_async_wait<0>();
     __syncthreads();
-    if (block == 0 && warp == 0) delta_sum += block_delta_sum(t.delta);
+    if (block == 0 && warp == 0) delta_sum += block_delta_sum<kRows>(t.delta);
     if (warp_has_keys) key_phase_tile<D>(a, mask, gate, k0, q_rows, t, dk, dv);
   }
   if (block == 0 && warp == 0 && lane == 0) a.d_gate[b * a.heads + h] = delta_sum / gate;
   if (warp_has_keys) {
-    store_rows<D>(dk, a.scale, a.dk, b, h, k0 + 16 * warp, a.kv_len, a.heads);
-    store_rows<D>(dv, gate, a.dv, b, h, k0 + 16 * warp, a.kv_len, a.heads);
+    store_rows<float, D>(dk, a.scale, a.dk, b, h, k0 + 16 * warp, a.kv_len, a.heads);
+    store_rows<float, D>(dv, gate, a.dv, b, h, k0 + 16 * warp, a.kv_len, a.heads);
   }
 }
 
@@ -334,10 +215,10 @@ __device__ __forceinline__ void backward_query_block(const MmaBwdArgs& a, int b,
                                                      const Tiles& t) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int q0 = block * kRows, q_rows = min(kRows, a.q_len - q0);
-  const bool* mask = a.mask == nullptr ? nullptr : a.mask + static_cast<int64_t>(b) * a.kv_len;
+  const bool* mask = bwd_mask(a, b);
   const bool warp_has_queries = 16 * warp < q_rows;
-  load_tile_f32<D>(t.q, head_rows(a.q, a.q_st, b, h, q0), a.q_st.s, q_rows);
-  load_tile_f32<D>(t.dout, head_rows(a.dout, a.dout_st, b, h, q0), a.dout_st.s, q_rows);
+  load_tile_f32<D>(t.q, bwd_rows<float>(a.q, a.q_st, b, h, q0), a.q_st.s, q_rows);
+  load_tile_f32<D>(t.dout, bwd_rows<float>(a.dout, a.dout_st, b, h, q0), a.dout_st.s, q_rows);
   float lse2_r[2], delta_r[2];
   float dq[D / 8][4];
   zero_acc<D>(dq);
@@ -345,24 +226,35 @@ __device__ __forceinline__ void backward_query_block(const MmaBwdArgs& a, int b,
   for (int kb = 0; kb < k_blocks; ++kb) {
     const int k0 = kb * kRows, k_rows = min(kRows, a.kv_len - k0);
     if (kb > 0) __syncthreads();  // every warp is done with the previous key tile
-    load_tile_f32<D>(t.k, head_rows(a.k, a.k_st, b, h, k0), a.k_st.s, k_rows);
-    load_tile_f32<D>(t.v, head_rows(a.v, a.v_st, b, h, k0), a.v_st.s, k_rows);
+    load_tile_f32<D>(t.k, bwd_rows<float>(a.k, a.k_st, b, h, k0), a.k_st.s, k_rows);
+    load_tile_f32<D>(t.v, bwd_rows<float>(a.v, a.v_st, b, h, k0), a.v_st.s, k_rows);
     cp_async_commit();
-    if (kb == 0) row_stats<D>(a, b, h, q0, t.lse2, t.delta);
+    if (kb == 0) row_stats<float, D>(a, b, h, q0, t.lse2, t.delta);
     cp_async_wait<0>();
     __syncthreads();
-    if (kb == 0) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = 16 * warp + mma::group_id(lane) + 8 * r;
-        lse2_r[r] = t.lse2[row];
-        delta_r[r] = t.delta[row];
-      }
-    }
+    if (kb == 0) warp_row_stats(t.lse2, t.delta, warp, lane, lse2_r, delta_r);
     if (warp_has_queries) query_phase_tile<D>(a, mask, gate, k0, k_rows, t, lse2_r, delta_r, dq);
   }
-  if (warp_has_queries) store_rows<D>(dq, a.scale, a.dq, b, h, q0 + 16 * warp, a.q_len, a.heads);
+  if (warp_has_queries) store_rows<float, D>(dq, a.scale, a.dq, b, h, q0 + 16 * warp, a.q_len, a.heads);
 }
+
+// The kernel's work items, for walk_backward_items (mma_backward_common.cuh): the key blocks,
+// then the query blocks of each active head.
+template <int D>
+struct Tf32BwdItem {
+  static __device__ __forceinline__ void zero(const MmaBwdArgs& a, int b, int h) {
+    zero_pruned_head<float, D, kThreads>(a, b, h);
+  }
+  static __device__ __forceinline__ void run(const MmaBwdArgs& a, int b, int h, float gate, int part,
+                                             const Tiles& t) {
+    const int key_blocks = mma::bwd_blocks(a.kv_len, kRows);
+    if (part < key_blocks) {
+      backward_key_block<D>(a, b, h, gate, part, t);
+    } else {
+      backward_query_block<D>(a, b, h, gate, part - key_blocks, t);
+    }
+  }
+};
 
 template <int D>
 __global__ void __launch_bounds__(kThreads) mma_backward_tf32_kernel(const MmaBwdArgs a) {
@@ -374,40 +266,7 @@ __global__ void __launch_bounds__(kThreads) mma_backward_tf32_kernel(const MmaBw
   t.dout = t.v + kRows * D;
   t.lse2 = t.dout + kRows * D;
   t.delta = t.lse2 + kRows;
-  const int lane = threadIdx.x & 31;
-  const int entries = a.batch * a.heads;
-
-  // Step 0: pruned heads get zero gradients.
-  for (int bh = blockIdx.x; bh < entries; bh += gridDim.x) {
-    const int b = bh / a.heads, h = bh % a.heads;
-    if (gate_of(a, b, h) != 0.0f) continue;
-    zero_head<D>(a.dq, b, h, a.q_len, a.heads);
-    zero_head<D>(a.dk, b, h, a.kv_len, a.heads);
-    zero_head<D>(a.dv, b, h, a.kv_len, a.heads);
-    if (threadIdx.x == 0) a.d_gate[bh] = 0.0f;
-  }
-
-  // Work items: (active (b, h), part): the key blocks, then the query blocks.
-  const int parts = mma::bwd_items_per_head(a.q_len, a.kv_len, kRows);
-  const int key_blocks = mma::bwd_blocks(a.kv_len, kRows);
-  mma::ActiveCursor cursor;
-  for (int w = blockIdx.x;; w += gridDim.x) {
-    const int act = mma::item_active(w, parts), part = mma::item_tile(w, parts);
-    const int entry = mma::find_active(cursor, act, entries, [&](int base) {
-      const int e = base + lane;
-      const bool on = e < entries && gate_of(a, e / a.heads, e % a.heads) != 0.0f;
-      return __ballot_sync(0xffffffffu, on);
-    });
-    if (entry < 0) break;
-    const int b = entry / a.heads, h = entry % a.heads;
-    const float gate = gate_of(a, b, h);
-    __syncthreads();  // the previous item's shared-memory reads are done
-    if (part < key_blocks) {
-      backward_key_block<D>(a, b, h, gate, part, t);
-    } else {
-      backward_query_block<D>(a, b, h, gate, part - key_blocks, t);
-    }
-  }
+  walk_backward_items<Tf32BwdItem<D>>(a, mma::bwd_items_per_head(a.q_len, a.kv_len, kRows), t);
 }
 
 template <int D>
