@@ -216,81 +216,44 @@ __device__ __forceinline__ void backward_head(const MmaBwdArgs& a, int b, int h,
   }
 }
 
-// S > 128, key-block item: keys k0 .. k0 + 127 resident, all queries streamed 128 rows at a time
-// (one tile in shared memory, loaded while the row statistics are computed). Block 0 also writes
-// d_gate (its query walk visits every delta once, in a fixed order).
+// S > 128: the key-block and query-block items of mma_backward_common.cuh with 128-row tiles;
+// the warp's A fragments (K, V or Q, dO) are loaded once per item by ldmatrix and kept.
 template <typename T, int D>
-__device__ __forceinline__ void backward_key_block(const MmaBwdArgs& a, int b, int h, float gate, int block,
-                                                   const BwdTiles& t) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int k0 = block * kRows, k_rows = min(kRows, a.kv_len - k0);
-  const bool* mask = bwd_mask(a, b);
-  const bool warp_has_keys = 16 * warp < k_rows;
-  load_rows_tile<T, D>(t.k, a.k, a.k_st, b, h, k0, k_rows);
-  load_rows_tile<T, D>(t.v, a.v, a.v_st, b, h, k0, k_rows);
-  uint32_t kf[D / 16][4], vf[D / 16][4];
-  float dk[D / 8][4], dv[D / 8][4];
-  zero_acc<D>(dk);
-  zero_acc<D>(dv);
-  float delta_sum = 0.0f;
-  const int q_blocks = mma::bwd_blocks(a.q_len, kRows);
-  for (int qb = 0; qb < q_blocks; ++qb) {
-    const int q0 = qb * kRows, q_rows = min(kRows, a.q_len - q0);
-    if (qb > 0) __syncthreads();  // every warp is done with the previous query tile
-    load_rows_tile<T, D>(t.q, a.q, a.q_st, b, h, q0, q_rows);
-    load_rows_tile<T, D>(t.dout, a.dout, a.dout_st, b, h, q0, q_rows);
-    cp_async_commit();
-    row_stats<T, D>(a, b, h, q0, t.lse2, t.delta);
-    cp_async_wait<0>();
-    __syncthreads();
-    if (qb == 0 && warp_has_keys) {
-      load_row_frags<D>(t.k, warp, lane, kf);
-      load_row_frags<D>(t.v, warp, lane, vf);
-    }
-    if (block == 0 && warp == 0) delta_sum += block_delta_sum<kRows>(t.delta);
-    if (warp_has_keys) key_phase_tile<T, D>(a, mask, gate, k0, q_rows, t, kf, vf, dk, dv);
+struct TiledOps {
+  using Elem = T;
+  using Tiles = BwdTiles;
+  static constexpr int kD = D;
+  static constexpr int kRows = mma::kBwdMaxSeq;
+  static __device__ __forceinline__ void load(uint16_t* tile, const void* src, const attn::Strides& st, int b, int h,
+                                              int row0, int rows) {
+    load_rows_tile<T, D>(tile, src, st, b, h, row0, rows);
   }
-  if (block == 0 && warp == 0 && lane == 0) a.d_gate[b * a.heads + h] = delta_sum / gate;
-  if (warp_has_keys) {
-    store_rows<T, D>(dk, a.scale, a.dk, b, h, k0 + 16 * warp, a.kv_len, a.heads);
-    store_rows<T, D>(dv, gate, a.dv, b, h, k0 + 16 * warp, a.kv_len, a.heads);
+  struct KeyFrags {
+    uint32_t k[D / 16][4], v[D / 16][4];
+  };
+  static __device__ __forceinline__ void load_key_frags(KeyFrags& f, const BwdTiles& t, int warp, int lane) {
+    load_row_frags<D>(t.k, warp, lane, f.k);
+    load_row_frags<D>(t.v, warp, lane, f.v);
   }
-}
-
-// S > 128, query-block item: queries q0 .. q0 + 127 resident (with their statistics), all keys
-// streamed 128 at a time.
-template <typename T, int D>
-__device__ __forceinline__ void backward_query_block(const MmaBwdArgs& a, int b, int h, float gate, int block,
-                                                     const BwdTiles& t) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int q0 = block * kRows, q_rows = min(kRows, a.q_len - q0);
-  const bool* mask = bwd_mask(a, b);
-  const bool warp_has_queries = 16 * warp < q_rows;
-  load_rows_tile<T, D>(t.q, a.q, a.q_st, b, h, q0, q_rows);
-  load_rows_tile<T, D>(t.dout, a.dout, a.dout_st, b, h, q0, q_rows);
-  uint32_t qf[D / 16][4], of[D / 16][4];
-  float lse2_r[2], delta_r[2];
-  float dq[D / 8][4];
-  zero_acc<D>(dq);
-  const int k_blocks = mma::bwd_blocks(a.kv_len, kRows);
-  for (int kb = 0; kb < k_blocks; ++kb) {
-    const int k0 = kb * kRows, k_rows = min(kRows, a.kv_len - k0);
-    if (kb > 0) __syncthreads();  // every warp is done with the previous key tile
-    load_rows_tile<T, D>(t.k, a.k, a.k_st, b, h, k0, k_rows);
-    load_rows_tile<T, D>(t.v, a.v, a.v_st, b, h, k0, k_rows);
-    cp_async_commit();
-    if (kb == 0) row_stats<T, D>(a, b, h, q0, t.lse2, t.delta);
-    cp_async_wait<0>();
-    __syncthreads();
-    if (kb == 0 && warp_has_queries) {
-      load_row_frags<D>(t.q, warp, lane, qf);
-      load_row_frags<D>(t.dout, warp, lane, of);
-      warp_row_stats(t.lse2, t.delta, warp, lane, lse2_r, delta_r);
-    }
-    if (warp_has_queries) query_phase_tile<T, D>(a, mask, gate, k0, k_rows, t, qf, of, lse2_r, delta_r, dq);
+  static __device__ __forceinline__ void key_tile(const MmaBwdArgs& a, const bool* mask, float gate, int key0,
+                                                  int q_rows, const BwdTiles& t, const KeyFrags& f,
+                                                  float (&dk)[D / 8][4], float (&dv)[D / 8][4]) {
+    key_phase_tile<T, D>(a, mask, gate, key0, q_rows, t, f.k, f.v, dk, dv);
   }
-  if (warp_has_queries) store_rows<T, D>(dq, a.scale, a.dq, b, h, q0 + 16 * warp, a.q_len, a.heads);
-}
+  struct QueryFrags {
+    uint32_t q[D / 16][4], o[D / 16][4];
+  };
+  static __device__ __forceinline__ void load_query_frags(QueryFrags& f, const BwdTiles& t, int warp, int lane) {
+    load_row_frags<D>(t.q, warp, lane, f.q);
+    load_row_frags<D>(t.dout, warp, lane, f.o);
+  }
+  static __device__ __forceinline__ void query_tile(const MmaBwdArgs& a, const bool* mask, float gate, int key0,
+                                                    int k_rows, const BwdTiles& t, const QueryFrags& f,
+                                                    const float (&lse2_r)[2], const float (&delta_r)[2],
+                                                    float (&dq)[D / 8][4]) {
+    query_phase_tile<T, D>(a, mask, gate, key0, k_rows, t, f.q, f.o, lse2_r, delta_r, dq);
+  }
+};
 
 template <int D>
 constexpr int smem_bytes() {
@@ -306,12 +269,10 @@ struct BwdItem {
   }
   static __device__ __forceinline__ void run(const MmaBwdArgs& a, int b, int h, float gate, int part,
                                              const BwdTiles& t) {
-    if (!kTiled) {
-      backward_head<T, D>(a, b, h, gate, t);
-    } else if (part < mma::bwd_blocks(a.kv_len, kRows)) {
-      backward_key_block<T, D>(a, b, h, gate, part, t);
+    if (kTiled) {
+      backward_block<TiledOps<T, D>>(a, b, h, gate, part, t);
     } else {
-      backward_query_block<T, D>(a, b, h, gate, part - mma::bwd_blocks(a.kv_len, kRows), t);
+      backward_head<T, D>(a, b, h, gate, t);
     }
   }
 };

@@ -54,7 +54,7 @@ constexpr int smem_bytes() {
   return (4 * kRows * D + 2 * kRows) * 4;
 }
 
-struct Tiles {  // shared memory of one CTA
+struct Tf32Tiles {  // shared memory of one CTA
   float *q, *k, *v, *dout, *lse2, *delta;
 };
 
@@ -138,7 +138,7 @@ __device__ __forceinline__ void accumulate_chunk(const float (&p)[4], const floa
 // loads for every d n-tile, 255 registers and spills at D = 64).
 template <int D>
 __device__ __forceinline__ void key_phase_tile(const MmaBwdArgs& a, const bool* mask, float gate, int key0,
-                                               int q_rows, const Tiles& t, float (&dk)[D / 8][4],
+                                               int q_rows, const Tf32Tiles& t, float (&dk)[D / 8][4],
                                                float (&dv)[D / 8][4]) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   bool key_real[2];
@@ -161,7 +161,7 @@ __device__ __forceinline__ void key_phase_tile(const MmaBwdArgs& a, const bool* 
 // dP = dO V^T, dS in registers, dQ += dS K.
 template <int D>
 __device__ __forceinline__ void query_phase_tile(const MmaBwdArgs& a, const bool* mask, float gate, int key0,
-                                                 int k_rows, const Tiles& t, const float (&lse2_r)[2],
+                                                 int k_rows, const Tf32Tiles& t, const float (&lse2_r)[2],
                                                  const float (&delta_r)[2], float (&dq)[D / 8][4]) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int chunks = static_cast<int>(attn::ceil_div(k_rows, kChunk));
@@ -174,69 +174,34 @@ __device__ __forceinline__ void query_phase_tile(const MmaBwdArgs& a, const bool
   }
 }
 
-// Key-block item: keys k0 .. k0 + 63 resident, all queries streamed 64 rows at a time. Block 0
-// also writes d_gate.
+// The key-block and query-block items of mma_backward_common.cuh with 64-row fp32 tiles; no
+// operands are kept across tiles (register pressure: they are re-read and split per chunk).
 template <int D>
-__device__ __forceinline__ void backward_key_block(const MmaBwdArgs& a, int b, int h, float gate, int block,
-                                                   const Tiles& t) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int k0 = block * kRows, k_rows = min(kRows, a.kv_len - k0);
-  const bool* mask = bwd_mask(a, b);
-  const bool warp_has_keys = 16 * warp < k_rows;
-  load_tile_f32<D>(t.k, bwd_rows<float>(a.k, a.k_st, b, h, k0), a.k_st.s, k_rows);
-  load_tile_f32<D>(t.v, bwd_rows<float>(a.v, a.v_st, b, h, k0), a.v_st.s, k_rows);
-  float dk[D / 8][4], dv[D / 8][4];
-  zero_acc<D>(dk);
-  zero_acc<D>(dv);
-  float delta_sum = 0.0f;
-  const int q_blocks = mma::bwd_blocks(a.q_len, kRows);
-  for (int qb = 0; qb < q_blocks; ++qb) {
-    const int q0 = qb * kRows, q_rows = min(kRows, a.q_len - q0);
-    if (qb > 0) __syncthreads();  // every warp is done with the previous query tile
-    load_tile_f32<D>(t.q, bwd_rows<float>(a.q, a.q_st, b, h, q0), a.q_st.s, q_rows);
-    load_tile_f32<D>(t.dout, bwd_rows<float>(a.dout, a.dout_st, b, h, q0), a.dout_st.s, q_rows);
-    cp_async_commit();
-    row_stats<float, D>(a, b, h, q0, t.lse2, t.delta);
-    cp_async_wait<0>();
-    __syncthreads();
-    if (block == 0 && warp == 0) delta_sum += block_delta_sum<kRows>(t.delta);
-    if (warp_has_keys) key_phase_tile<D>(a, mask, gate, k0, q_rows, t, dk, dv);
+struct Tf32Ops {
+  using Elem = float;
+  using Tiles = Tf32Tiles;
+  static constexpr int kD = D;
+  static constexpr int kRows = mma::kBlockM;
+  static __device__ __forceinline__ void load(float* tile, const void* src, const attn::Strides& st, int b, int h,
+                                              int row0, int rows) {
+    load_tile_f32<D>(tile, bwd_rows<float>(src, st, b, h, row0), st.s, rows);
   }
-  if (block == 0 && warp == 0 && lane == 0) a.d_gate[b * a.heads + h] = delta_sum / gate;
-  if (warp_has_keys) {
-    store_rows<float, D>(dk, a.scale, a.dk, b, h, k0 + 16 * warp, a.kv_len, a.heads);
-    store_rows<float, D>(dv, gate, a.dv, b, h, k0 + 16 * warp, a.kv_len, a.heads);
+  struct KeyFrags {};
+  static __device__ __forceinline__ void load_key_frags(KeyFrags&, const Tf32Tiles&, int, int) {}
+  static __device__ __forceinline__ void key_tile(const MmaBwdArgs& a, const bool* mask, float gate, int key0,
+                                                  int q_rows, const Tf32Tiles& t, const KeyFrags&, float (&dk)[D / 8][4],
+                                                  float (&dv)[D / 8][4]) {
+    key_phase_tile<D>(a, mask, gate, key0, q_rows, t, dk, dv);
   }
-}
-
-// Query-block item: queries q0 .. q0 + 63 resident with their statistics, all keys streamed.
-template <int D>
-__device__ __forceinline__ void backward_query_block(const MmaBwdArgs& a, int b, int h, float gate, int block,
-                                                     const Tiles& t) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int q0 = block * kRows, q_rows = min(kRows, a.q_len - q0);
-  const bool* mask = bwd_mask(a, b);
-  const bool warp_has_queries = 16 * warp < q_rows;
-  load_tile_f32<D>(t.q, bwd_rows<float>(a.q, a.q_st, b, h, q0), a.q_st.s, q_rows);
-  load_tile_f32<D>(t.dout, bwd_rows<float>(a.dout, a.dout_st, b, h, q0), a.dout_st.s, q_rows);
-  float lse2_r[2], delta_r[2];
-  float dq[D / 8][4];
-  zero_acc<D>(dq);
-  const int k_blocks = mma::bwd_blocks(a.kv_len, kRows);
-  for (int kb = 0; kb < k_blocks; ++kb) {
-    const int k0 = kb * kRows, k_rows = min(kRows, a.kv_len - k0);
-    if (kb > 0) __syncthreads();  // every warp is done with the previous key tile
-    load_tile_f32<D>(t.k, bwd_rows<float>(a.k, a.k_st, b, h, k0), a.k_st.s, k_rows);
-    load_tile_f32<D>(t.v, bwd_rows<float>(a.v, a.v_st, b, h, k0), a.v_st.s, k_rows);
-    cp_async_commit();
-    if (kb == 0) row_stats<float, D>(a, b, h, q0, t.lse2, t.delta);
-    cp_async_wait<0>();
-    __syncthreads();
-    if (kb == 0) warp_row_stats(t.lse2, t.delta, warp, lane, lse2_r, delta_r);
-    if (warp_has_queries) query_phase_tile<D>(a, mask, gate, k0, k_rows, t, lse2_r, delta_r, dq);
+  struct QueryFrags {};
+  static __device__ __forceinline__ void load_query_frags(QueryFrags&, const Tf32Tiles&, int, int) {}
+  static __device__ __forceinline__ void query_tile(const MmaBwdArgs& a, const bool* mask, float gate, int key0,
+                                                    int k_rows, const Tf32Tiles& t, const QueryFrags&,
+                                                    const float (&lse2_r)[2], const float (&delta_r)[2],
+                                                    float (&dq)[D / 8][4]) {
+    query_phase_tile<D>(a, mask, gate, key0, k_rows, t, lse2_r, delta_r, dq);
   }
-  if (warp_has_queries) store_rows<float, D>(dq, a.scale, a.dq, b, h, q0 + 16 * warp, a.q_len, a.heads);
-}
+};
 
 // The kernel's work items, for walk_backward_items (mma_backward_common.cuh): the key blocks,
 // then the query blocks of each active head.
@@ -246,20 +211,15 @@ struct Tf32BwdItem {
     zero_pruned_head<float, D, kThreads>(a, b, h);
   }
   static __device__ __forceinline__ void run(const MmaBwdArgs& a, int b, int h, float gate, int part,
-                                             const Tiles& t) {
-    const int key_blocks = mma::bwd_blocks(a.kv_len, kRows);
-    if (part < key_blocks) {
-      backward_key_block<D>(a, b, h, gate, part, t);
-    } else {
-      backward_query_block<D>(a, b, h, gate, part - key_blocks, t);
-    }
+                                             const Tf32Tiles& t) {
+    backward_block<Tf32Ops<D>>(a, b, h, gate, part, t);
   }
 };
 
 template <int D>
 __global__ void __launch_bounds__(kThreads) mma_backward_tf32_kernel(const MmaBwdArgs a) {
   extern __shared__ __align__(128) float smem_f32[];
-  Tiles t;
+  Tf32Tiles t;
   t.q = smem_f32;
   t.k = t.q + kRows * D;
   t.v = t.k + kRows * D;

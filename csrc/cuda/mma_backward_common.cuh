@@ -215,6 +215,104 @@ __device__ __forceinline__ void warp_row_stats(const float* lse2_s, const float*
   }
 }
 
+// The tiled work items, shared by the kernels: a kernel is described by a struct K with
+//   K::Elem, K::kD, K::kRows          gradient element type, head dim, rows per tile and block;
+//   K::Tiles                          shared-memory tiles q, k, v, dout and lse2, delta;
+//   K::load(tile, src, st, b, h, row0, rows)      cp.async of rows row0 .. of a head into a tile;
+//   K::KeyFrags, K::load_key_frags(f, t, warp, lane)
+//                                     operands of the warp's keys kept across query tiles (may
+//                                     be empty: the fp32 kernel re-reads them from shared memory);
+//   K::key_tile(a, mask, gate, key0, q_rows, t, f, dk, dv)
+//                                     one query tile into the warp's dK, dV accumulators;
+//   K::QueryFrags, K::load_query_frags(f, t, warp, lane), and
+//   K::query_tile(a, mask, gate, key0, k_rows, t, f, lse2_r, delta_r, dq) likewise for dQ.
+
+// Key-block item: keys k0 .. k0 + kRows - 1 resident (dK, dV in registers), all queries streamed
+// one tile at a time (each tile's load overlaps its row statistics). Block 0 also writes d_gate:
+// its query walk visits every delta once, in a fixed order.
+template <typename K>
+__device__ __forceinline__ void backward_key_block(const MmaBwdArgs& a, int b, int h, float gate, int block,
+                                                   const typename K::Tiles& t) {
+  constexpr int D = K::kD, kRows = K::kRows;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int k0 = block * kRows, k_rows = min(kRows, a.kv_len - k0);
+  const bool* mask = bwd_mask(a, b);
+  const bool warp_has_keys = 16 * warp < k_rows;
+  K::load(t.k, a.k, a.k_st, b, h, k0, k_rows);
+  K::load(t.v, a.v, a.v_st, b, h, k0, k_rows);
+  typename K::KeyFrags frags;
+  float dk[D / 8][4], dv[D / 8][4];
+  zero_acc<D>(dk);
+  zero_acc<D>(dv);
+  float delta_sum = 0.0f;
+  const int q_blocks = mma::bwd_blocks(a.q_len, kRows);
+  for (int qb = 0; qb < q_blocks; ++qb) {
+    const int q0 = qb * kRows, q_rows = min(kRows, a.q_len - q0);
+    if (qb > 0) __syncthreads();  // every warp is done with the previous query tile
+    K::load(t.q, a.q, a.q_st, b, h, q0, q_rows);
+    K::load(t.dout, a.dout, a.dout_st, b, h, q0, q_rows);
+    cp_async_commit();
+    row_stats<typename K::Elem, D>(a, b, h, q0, t.lse2, t.delta);
+    cp_async_wait<0>();
+    __syncthreads();
+    if (qb == 0 && warp_has_keys) K::load_key_frags(frags, t, warp, lane);
+    if (block == 0 && warp == 0) delta_sum += block_delta_sum<kRows>(t.delta);
+    if (warp_has_keys) K::key_tile(a, mask, gate, k0, q_rows, t, frags, dk, dv);
+  }
+  if (block == 0 && warp == 0 && lane == 0) a.d_gate[b * a.heads + h] = delta_sum / gate;
+  if (warp_has_keys) {
+    store_rows<typename K::Elem, D>(dk, a.scale, a.dk, b, h, k0 + 16 * warp, a.kv_len, a.heads);
+    store_rows<typename K::Elem, D>(dv, gate, a.dv, b, h, k0 + 16 * warp, a.kv_len, a.heads);
+  }
+}
+
+// Query-block item: queries q0 .. q0 + kRows - 1 resident with their statistics (dQ in
+// registers), all keys streamed one tile at a time.
+template <typename K>
+__device__ __forceinline__ void backward_query_block(const MmaBwdArgs& a, int b, int h, float gate, int block,
+                                                     const typename K::Tiles& t) {
+  constexpr int D = K::kD, kRows = K::kRows;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int q0 = block * kRows, q_rows = min(kRows, a.q_len - q0);
+  const bool* mask = bwd_mask(a, b);
+  const bool warp_has_queries = 16 * warp < q_rows;
+  K::load(t.q, a.q, a.q_st, b, h, q0, q_rows);
+  K::load(t.dout, a.dout, a.dout_st, b, h, q0, q_rows);
+  typename K::QueryFrags frags;
+  float lse2_r[2], delta_r[2];
+  float dq[D / 8][4];
+  zero_acc<D>(dq);
+  const int k_blocks = mma::bwd_blocks(a.kv_len, kRows);
+  for (int kb = 0; kb < k_blocks; ++kb) {
+    const int k0 = kb * kRows, k_rows = min(kRows, a.kv_len - k0);
+    if (kb > 0) __syncthreads();  // every warp is done with the previous key tile
+    K::load(t.k, a.k, a.k_st, b, h, k0, k_rows);
+    K::load(t.v, a.v, a.v_st, b, h, k0, k_rows);
+    cp_async_commit();
+    if (kb == 0) row_stats<typename K::Elem, D>(a, b, h, q0, t.lse2, t.delta);
+    cp_async_wait<0>();
+    __syncthreads();
+    if (kb == 0 && warp_has_queries) {
+      K::load_query_frags(frags, t, warp, lane);
+      warp_row_stats(t.lse2, t.delta, warp, lane, lse2_r, delta_r);
+    }
+    if (warp_has_queries) K::query_tile(a, mask, gate, k0, k_rows, t, frags, lse2_r, delta_r, dq);
+  }
+  if (warp_has_queries) store_rows<typename K::Elem, D>(dq, a.scale, a.dq, b, h, q0 + 16 * warp, a.q_len, a.heads);
+}
+
+// The tiled items of a head: its key blocks, then its query blocks.
+template <typename K>
+__device__ __forceinline__ void backward_block(const MmaBwdArgs& a, int b, int h, float gate, int part,
+                                               const typename K::Tiles& t) {
+  const int key_blocks = mma::bwd_blocks(a.kv_len, K::kRows);
+  if (part < key_blocks) {
+    backward_key_block<K>(a, b, h, gate, part, t);
+  } else {
+    backward_query_block<K>(a, b, h, gate, part - key_blocks, t);
+  }
+}
+
 // The persistent grid: step 0 zero-fills the gradients of pruned heads (Item::zero(a, b, h)),
 // then every CTA walks the work items (active (b, h), part < parts) in increasing order and runs
 // Item::run(a, b, h, gate, part, tiles). (Static functions rather than lambdas, as in the
