@@ -8,15 +8,17 @@
 #   cuda-tests.log   pytest -m cuda (all CUDA kernels vs the reference, CUDA-graph steps; the
 #                    mma.sync forward's tests set SPARSEBERT_ATTENTION_KERNEL=mma themselves)
 #   simt-tests.log   the masked-attention CUDA tests again with the SIMT kernels forced
-#   mma-tests.log    the masked-attention CUDA tests with the mma.sync forward switched on
-#                    (fp16/bf16, and fp32 through the 3xTF32 variant)
+#   mma-tests.log    the masked-attention CUDA tests with the mma.sync kernels switched on
+#                    (forward and backward: fp16/bf16, and fp32 through the 3xTF32 variants)
 #   bench.log        every benchmark's table
 #   results.tar.gz   bench/results/*-<gpu>.{json,md}, for committing
 # Usage on the GPU machine, from the repository root:  bash bench/gpu_check.sh
 #   GPU_CHECK_STEPS=build,bench-importance bash bench/gpu_check.sh   runs only those steps
 #   GPU_CHECK_STEPS=build,mma-tests,bench-masked-attention-graph,trace-mma   the attention kernels
-#   (the mma.sync forward's correctness, fp16/bf16 and fp32 (3xTF32), its graph-replay GPU time
-#   vs SDPA, one traced call of each)
+#   (the mma.sync forwards' and backwards' correctness, fp16/bf16 and fp32 (3xTF32), the
+#   forwards' graph-replay GPU time vs SDPA, one traced call of each); then
+#   GPU_CHECK_STEPS=bench-masked-attention (add build on a fresh machine) for fwd+bwd wall time
+#   (S 128 and 512, fp32 too)
 # Missing Python packages can travel as wheels in .whl/ (installed into /tmp/site first).
 set -uo pipefail
 out=${OUT:-bench/results/gpu}
