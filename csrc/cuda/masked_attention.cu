@@ -82,31 +82,16 @@ bool kernel_choice_is(const char* name) {
   return env != nullptr && std::strcmp(env, name) == 0;
 }
 
-// The mma.sync forward applies: switch on, fp16/bf16, D 32/64, sm80+, 16-byte aligned rows.
-// (Also the condition of the mma.sync backward, which exists for fp16/bf16 only.)
-bool use_mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const AttentionShape& s) {
+// Whether the mma.sync kernels apply: switch on, fp16/bf16 (or fp32: the 3xTF32 variants), D 32/64,
+// sm80+, 16-byte aligned rows of q, k, v (the backward also needs them for dout and out). The
+// kernels read the dtype from q.
+bool use_mma(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionShape& s) {
   if (!kernel_choice_is("mma")) return false;
-  if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16) return false;
+  const at::ScalarType t = q.scalar_type();
+  if (t != at::kHalf && t != at::kBFloat16 && t != at::kFloat) return false;
   if (s.head_dim != 32 && s.head_dim != 64) return false;
   if (!(vec16_ok(q) && vec16_ok(k) && vec16_ok(v))) return false;
   return at::cuda::getCurrentDeviceProperties()->major >= 8;
-}
-
-// The 3xTF32 mma.sync forward applies: switch on, fp32, D 32/64, sm80+, 16-byte aligned rows.
-// (Also the condition of the 3xTF32 backward, with dout and out 16-byte aligned.)
-bool use_mma_forward_tf32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const AttentionShape& s) {
-  if (!kernel_choice_is("mma")) return false;
-  if (q.scalar_type() != at::kFloat) return false;
-  if (s.head_dim != 32 && s.head_dim != 64) return false;
-  if (!(vec16_ok(q) && vec16_ok(k) && vec16_ok(v))) return false;
-  return at::cuda::getCurrentDeviceProperties()->major >= 8;
-}
-
-bool use_any_mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const AttentionShape& s) {
-  return use_mma_forward(q, k, v, s) || use_mma_forward_tf32(q, k, v, s);
 }
 
 float scale_log2(double scale) { return static_cast<float>(scale * 1.4426950408889634); }
@@ -157,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_cuda(const at::Tensor& q_in,
   const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
   at::Tensor out = at::empty({s.batch, s.q_len, s.heads, s.head_dim}, q.options());
   at::Tensor lse = at::empty({s.batch, s.heads, s.q_len}, q.options().dtype(at::kFloat));
-  if (use_any_mma_forward(q, k, v, s)) {
+  if (use_mma(q, k, v, s)) {
     launch_mma(q, k, v, gate, mask, std::nullopt, s, scale, out, lse);
     return {out, lse};
   }
@@ -234,8 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_back
                    dout = last_dim_contiguous(dout_in), out = last_dim_contiguous(out_in);
   const GateView gate = gate_view(head_gate);
   const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
-  const bool mma_fp16 = use_mma_forward(q, k, v, s), mma_fp32 = use_mma_forward_tf32(q, k, v, s);
-  if ((mma_fp16 || mma_fp32) && vec16_ok(dout) && vec16_ok(out)) {
+  if (use_mma(q, k, v, s) && vec16_ok(dout) && vec16_ok(out)) {
     // The one-launch mma.sync backward (3xTF32 for fp32): every output entry written by the kernel.
     at::Tensor dq = at::empty(q.sizes(), q.options());
     at::Tensor dk = at::empty(k.sizes(), k.options());
@@ -244,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_back
     cuda_mma::MmaBwdArgs a{};
     fill_backward_args(a, s, dout, q, k, v, out, gate, mask, lse, dq, dk, dv, d_gate, scale);
     a.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    if (mma_fp32) {
+    if (q.scalar_type() == at::kFloat) {
       cuda_mma::launch_mma_backward_tf32(a, at::cuda::getCurrentCUDAStream());
     } else {
       cuda_mma::launch_mma_backward(q.scalar_type() == at::kBFloat16, a, at::cuda::getCurrentCUDAStream());
@@ -284,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_compact_cuda(
     return {at::empty({s.batch, s.q_len, 0, s.head_dim}, q.options()),
             at::empty({s.batch, 0, s.q_len}, q.options().dtype(at::kFloat))};
   }
-  if (!use_any_mma_forward(q, k, v, s)) {  // the verified path: gather the kept heads, dense forward
+  if (!use_mma(q, k, v, s)) {  // the verified path: gather the kept heads, dense forward
     const at::Tensor idx = kept_heads.to(at::kLong);
     auto [out, lse] = masked_attention_cuda(q.index_select(2, idx), k.index_select(2, idx),
                                             v.index_select(2, idx), head_gate.index_select(-1, idx),
