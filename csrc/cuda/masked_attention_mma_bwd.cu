@@ -67,6 +67,53 @@ __device__ __forceinline__ void load_row_frags(const uint16_t* tile, int warp, i
   }
 }
 
+// x += A1 B1^T and y += A2 B2^T for one 32-row chunk: A = the warp's A fragments a1, a2 (its 16
+// rows over D), B = rows 32 chunk .. 32 chunk + 31 of tiles b1, b2 (the chunk's queries or keys).
+template <typename T, int D>
+__device__ __forceinline__ void chunk_products(const uint32_t (&a1)[D / 16][4], const uint16_t* b1,
+                                               const uint32_t (&a2)[D / 16][4], const uint16_t* b2, int lane,
+                                               int chunk, float (&x)[kNt][4], float (&y)[kNt][4]) {
+  zero_chunk<kNt>(x, y);
+#pragma unroll
+  for (int kc = 0; kc < D / 16; ++kc)
+#pragma unroll
+    for (int p = 0; p < kNt / 2; ++p) {
+      const Coord c = mma::ldsm_k(lane, (kChunk / 16) * chunk + p, kc);
+      uint32_t f1[4], f2[4];
+      ldmatrix_x4(f1, smem_u32(b1 + mma::smem_offset(c.row, c.col, D)));
+      ldmatrix_x4(f2, smem_u32(b2 + mma::smem_offset(c.row, c.col, D)));
+      mma_16816<T>(x[2 * p], a1[kc], f1[0], f1[1]);
+      mma_16816<T>(x[2 * p + 1], a1[kc], f1[2], f1[3]);
+      mma_16816<T>(y[2 * p], a2[kc], f2[0], f2[1]);
+      mma_16816<T>(y[2 * p + 1], a2[kc], f2[2], f2[3]);
+    }
+}
+
+// 16-column chunk kc of a chunk's accumulators (P^T, dS^T or dS) re-labelled as an A fragment.
+template <typename T>
+__device__ __forceinline__ void acc_to_a(const float (&acc)[kNt][4], int kc, uint32_t (&f)[4]) {
+#pragma unroll
+  for (int reg = 0; reg < 4; ++reg) {
+    const int nt = mma::p_ntile(kc, reg), e = 2 * mma::p_pair(reg);
+    f[reg] = pack2<T>(acc[nt][e], acc[nt][e + 1]);
+  }
+}
+
+// acc += P Y over D: P = the A fragment of one 16-row chunk, Y = rows 16 ky .. 16 ky + 15 of
+// tile y (ldmatrix .trans).
+template <typename T, int D>
+__device__ __forceinline__ void accumulate_chunk(const uint32_t (&p)[4], const uint16_t* y, int lane, int ky,
+                                                 float (&acc)[D / 8][4]) {
+#pragma unroll
+  for (int pt = 0; pt < D / 16; ++pt) {
+    const Coord c = mma::ldsm_v(lane, ky, pt);
+    uint32_t f[4];
+    ldmatrix_x4_trans(f, smem_u32(y + mma::smem_offset(c.row, c.col, D)));
+    mma_16816<T>(acc[2 * pt], p, f[0], f[1]);
+    mma_16816<T>(acc[2 * pt + 1], p, f[2], f[3]);
+  }
+}
+
 // Phase 1 on one tile of queries: the warp's keys key0 + 16 * warp .. + 15 (A fragments kf, vf of
 // the K, V tile) against the q_rows queries in q_s / do_s (with lse2_s, delta_s of those rows):
 // S^T = K Q^T and dP^T = V dO^T per 32-query chunk, P^T and dS^T in registers, then dV += P^T dO
@@ -82,41 +129,15 @@ __device__ __forceinline__ void key_phase_tile(const MmaBwdArgs& a, const bool* 
   const int chunks = static_cast<int>(attn::ceil_div(q_rows, kChunk));
   for (int qc = 0; qc < chunks; ++qc) {
     float st[kNt][4], dpt[kNt][4];  // rows = keys, columns = queries 32 qc ..
-    zero_chunk<kNt>(st, dpt);
-#pragma unroll
-    for (int kc = 0; kc < D / 16; ++kc)
-#pragma unroll
-      for (int p = 0; p < kNt / 2; ++p) {
-        const Coord c = mma::ldsm_k(lane, (kChunk / 16) * qc + p, kc);
-        uint32_t bq[4], bo[4];
-        ldmatrix_x4(bq, smem_u32(t.q + mma::smem_offset(c.row, c.col, D)));
-        ldmatrix_x4(bo, smem_u32(t.dout + mma::smem_offset(c.row, c.col, D)));
-        mma_16816<T>(st[2 * p], kf[kc], bq[0], bq[1]);
-        mma_16816<T>(st[2 * p + 1], kf[kc], bq[2], bq[3]);
-        mma_16816<T>(dpt[2 * p], vf[kc], bo[0], bo[1]);
-        mma_16816<T>(dpt[2 * p + 1], vf[kc], bo[2], bo[3]);
-      }
+    chunk_products<T, D>(kf, t.q, vf, t.dout, lane, qc, st, dpt);
     key_chunk_to_grads<kNt>(a, gate, key_real, kChunk * qc, lane, t.lse2, t.delta, st, dpt);
 #pragma unroll
     for (int kc = 0; kc < kChunk / 16; ++kc) {
       uint32_t pa[4], da[4];
-#pragma unroll
-      for (int reg = 0; reg < 4; ++reg) {
-        const int nt = mma::p_ntile(kc, reg), e = 2 * mma::p_pair(reg);
-        pa[reg] = pack2<T>(st[nt][e], st[nt][e + 1]);
-        da[reg] = pack2<T>(dpt[nt][e], dpt[nt][e + 1]);
-      }
-#pragma unroll
-      for (int p = 0; p < D / 16; ++p) {
-        const Coord c = mma::ldsm_v(lane, (kChunk / 16) * qc + kc, p);
-        uint32_t bo[4], bq[4];
-        ldmatrix_x4_trans(bo, smem_u32(t.dout + mma::smem_offset(c.row, c.col, D)));
-        ldmatrix_x4_trans(bq, smem_u32(t.q + mma::smem_offset(c.row, c.col, D)));
-        mma_16816<T>(dv[2 * p], pa, bo[0], bo[1]);
-        mma_16816<T>(dv[2 * p + 1], pa, bo[2], bo[3]);
-        mma_16816<T>(dk[2 * p], da, bq[0], bq[1]);
-        mma_16816<T>(dk[2 * p + 1], da, bq[2], bq[3]);
-      }
+      acc_to_a<T>(st, kc, pa);
+      acc_to_a<T>(dpt, kc, da);
+      accumulate_chunk<T, D>(pa, t.dout, lane, (kChunk / 16) * qc + kc, dv);
+      accumulate_chunk<T, D>(da, t.q, lane, (kChunk / 16) * qc + kc, dk);
     }
   }
 }
@@ -133,37 +154,13 @@ __device__ __forceinline__ void query_phase_tile(const MmaBwdArgs& a, const bool
   const int chunks = static_cast<int>(attn::ceil_div(k_rows, kChunk));
   for (int kcnk = 0; kcnk < chunks; ++kcnk) {
     float s[kNt][4], dp[kNt][4];  // rows = queries, columns = keys 32 kcnk ..
-    zero_chunk<kNt>(s, dp);
-#pragma unroll
-    for (int kc = 0; kc < D / 16; ++kc)
-#pragma unroll
-      for (int p = 0; p < kNt / 2; ++p) {
-        const Coord c = mma::ldsm_k(lane, (kChunk / 16) * kcnk + p, kc);
-        uint32_t bk[4], bv[4];
-        ldmatrix_x4(bk, smem_u32(t.k + mma::smem_offset(c.row, c.col, D)));
-        ldmatrix_x4(bv, smem_u32(t.v + mma::smem_offset(c.row, c.col, D)));
-        mma_16816<T>(s[2 * p], qf[kc], bk[0], bk[1]);
-        mma_16816<T>(s[2 * p + 1], qf[kc], bk[2], bk[3]);
-        mma_16816<T>(dp[2 * p], of[kc], bv[0], bv[1]);
-        mma_16816<T>(dp[2 * p + 1], of[kc], bv[2], bv[3]);
-      }
+    chunk_products<T, D>(qf, t.k, of, t.v, lane, kcnk, s, dp);
     query_chunk_to_grads<kNt>(a, mask, gate, key0 + kChunk * kcnk, lane, lse2_r, delta_r, s, dp);
 #pragma unroll
     for (int kc = 0; kc < kChunk / 16; ++kc) {
       uint32_t da[4];
-#pragma unroll
-      for (int reg = 0; reg < 4; ++reg) {
-        const int nt = mma::p_ntile(kc, reg), e = 2 * mma::p_pair(reg);
-        da[reg] = pack2<T>(s[nt][e], s[nt][e + 1]);
-      }
-#pragma unroll
-      for (int p = 0; p < D / 16; ++p) {
-        const Coord c = mma::ldsm_v(lane, (kChunk / 16) * kcnk + kc, p);
-        uint32_t bk[4];
-        ldmatrix_x4_trans(bk, smem_u32(t.k + mma::smem_offset(c.row, c.col, D)));
-        mma_16816<T>(dq[2 * p], da, bk[0], bk[1]);
-        mma_16816<T>(dq[2 * p + 1], da, bk[2], bk[3]);
-      }
+      acc_to_a<T>(s, kc, da);
+      accumulate_chunk<T, D>(da, t.k, lane, (kChunk / 16) * kcnk + kc, dq);
     }
   }
 }
