@@ -34,31 +34,6 @@ namespace {
 using mma::Coord;
 
 // ---------------------------------------------------------------------------------------------
-// Tiles.
-// ---------------------------------------------------------------------------------------------
-// A 64-row tile of a (b, h) slice into swizzled shared memory (mma_ptx.cuh), by all 128 threads.
-template <int D>
-__device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* src, int64_t row_stride,
-                                          int valid_rows) {
-  load_tile_async<D, mma::kBlockM, mma::kThreads>(tile, src, row_stride, valid_rows);
-}
-
-// Zero rows [0, q_len) of output head slot `oh` of example b (16-byte stores), and its lse.
-template <int D>
-__device__ __forceinline__ void zero_slice(const MmaFwdArgs& a, int b, int oh, int row0, int rows) {
-  constexpr int kU = D / 8;
-  uint16_t* out = static_cast<uint16_t*>(a.out);
-  for (int i = threadIdx.x; i < rows * kU; i += mma::kThreads) {
-    const int s = row0 + i / kU;
-    const int64_t off = (static_cast<int64_t>(b) * a.q_len + s) * a.out_heads * D +
-                        static_cast<int64_t>(oh) * D + (i % kU) * 8;
-    *reinterpret_cast<uint4*>(out + off) = make_uint4(0u, 0u, 0u, 0u);
-  }
-  for (int i = threadIdx.x; i < rows; i += mma::kThreads)
-    a.lse[attn::bhs_index(b, oh, row0 + i, a.out_heads, a.q_len)] = 0.0f;
-}
-
-// ---------------------------------------------------------------------------------------------
 // One work item: query rows [q0, q0 + 64) of head h of example b, written to head slot oh.
 // ---------------------------------------------------------------------------------------------
 template <typename T, int D>
@@ -69,16 +44,13 @@ __device__ __forceinline__ void attend_tile(const MmaFwdArgs& a, int b, int h, i
   constexpr int kDt = D / 8;                // d n-tiles of O
   constexpr int kTile = mma::kBlockM * D;   // elements of one tile
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const uint16_t* q = static_cast<const uint16_t*>(a.q) + b * a.q_st.b + h * a.q_st.h;
-  const uint16_t* k = static_cast<const uint16_t*>(a.k) + b * a.k_st.b + h * a.k_st.h;
-  const uint16_t* v = static_cast<const uint16_t*>(a.v) + b * a.v_st.b + h * a.v_st.h;
+  const uint16_t* q = head_slice<uint16_t>(a.q, a.q_st, b, h);
+  const uint16_t* k = head_slice<uint16_t>(a.k, a.k_st, b, h);
+  const uint16_t* v = head_slice<uint16_t>(a.v, a.v_st, b, h);
   const int key_tiles = static_cast<int>(attn::ceil_div(a.kv_len, mma::kBlockN));
 
   // Step 1: Q tile and the first K/V stage.
-  load_tile<D>(q_s, q + q0 * a.q_st.s, a.q_st.s, a.q_len - q0);
-  load_tile<D>(k_s, k, a.k_st.s, a.kv_len);
-  load_tile<D>(v_s, v, a.v_st.s, a.kv_len);
-  cp_async_commit();
+  load_first_stage<D>(a, q, k, v, q0, q_s, k_s, v_s);
 
   uint32_t qf[kKc][4];
   float o[kDt][4];
@@ -91,18 +63,8 @@ __device__ __forceinline__ void attend_tile(const MmaFwdArgs& a, int b, int h, i
   const bool* mask = a.mask == nullptr ? nullptr : a.mask + static_cast<int64_t>(b) * a.kv_len;
 
   for (int kt = 0; kt < key_tiles; ++kt) {
-    const int stage = kt & 1;
-    // Step 2a: prefetch the next stage (its buffer was released by the barrier ending kt - 1).
-    if (kt + 1 < key_tiles) {
-      const int k0 = (kt + 1) * mma::kBlockN;
-      load_tile<D>(k_s + (stage ^ 1) * kTile, k + k0 * a.k_st.s, a.k_st.s, a.kv_len - k0);
-      load_tile<D>(v_s + (stage ^ 1) * kTile, v + k0 * a.v_st.s, a.v_st.s, a.kv_len - k0);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    // Step 2a: prefetch the next K/V stage, wait for this one.
+    const int stage = next_kv_stage<D>(a, k, v, kt, key_tiles, k_s, v_s);
     if (kt == 0) {
 #pragma unroll
       for (int kc = 0; kc < kKc; ++kc) {
@@ -191,7 +153,7 @@ __device__ __forceinline__ void attend_tile(const MmaFwdArgs& a, int b, int h, i
 template <typename T, int D>
 struct HalfItem {
   static __device__ __forceinline__ void zero(const MmaFwdArgs& a, int b, int oh, int row0, int rows) {
-    zero_slice<D>(a, b, oh, row0, rows);
+    zero_out_slice<uint16_t, D>(a, b, oh, row0, rows);
   }
   static __device__ __forceinline__ void attend(const MmaFwdArgs& a, int b, int h, int oh, int q0,
                                                 float gate, uint16_t* q_s, uint16_t* k_s, uint16_t* v_s) {

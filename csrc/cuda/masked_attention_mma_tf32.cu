@@ -40,21 +40,6 @@ constexpr int tf32_smem_bytes() {
   return (mma::kBlockM + 2 * mma::kStages * mma::kBlockN) * D * 4;
 }
 
-// Zero rows [row0, row0 + rows) of output head slot `oh` of example b (16-byte stores), and lse.
-template <int D>
-__device__ __forceinline__ void zero_slice_f32(const MmaFwdArgs& a, int b, int oh, int row0, int rows) {
-  constexpr int kU = D / 4;
-  float* out = static_cast<float*>(a.out);
-  for (int i = threadIdx.x; i < rows * kU; i += mma::kThreads) {
-    const int s = row0 + i / kU;
-    const int64_t off = (static_cast<int64_t>(b) * a.q_len + s) * a.out_heads * D +
-                        static_cast<int64_t>(oh) * D + (i % kU) * 4;
-    *reinterpret_cast<float4*>(out + off) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  }
-  for (int i = threadIdx.x; i < rows; i += mma::kThreads)
-    a.lse[attn::bhs_index(b, oh, row0 + i, a.out_heads, a.q_len)] = 0.0f;
-}
-
 // ---------------------------------------------------------------------------------------------
 // One work item: query rows [q0, q0 + 64) of head h of example b, written to head slot oh.
 // ---------------------------------------------------------------------------------------------
@@ -66,16 +51,13 @@ __device__ __forceinline__ void attend_tile_tf32(const MmaFwdArgs& a, int b, int
   constexpr int kDt = D / 8;                // d n-tiles of O
   constexpr int kTile = mma::kBlockM * D;   // floats of one tile
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const float* q = static_cast<const float*>(a.q) + b * a.q_st.b + h * a.q_st.h;
-  const float* k = static_cast<const float*>(a.k) + b * a.k_st.b + h * a.k_st.h;
-  const float* v = static_cast<const float*>(a.v) + b * a.v_st.b + h * a.v_st.h;
+  const float* q = head_slice<float>(a.q, a.q_st, b, h);
+  const float* k = head_slice<float>(a.k, a.k_st, b, h);
+  const float* v = head_slice<float>(a.v, a.v_st, b, h);
   const int key_tiles = static_cast<int>(attn::ceil_div(a.kv_len, mma::kBlockN));
 
   // Step 1: Q tile and the first K/V stage.
-  load_tile_f32<D>(q_s, q + q0 * a.q_st.s, a.q_st.s, a.q_len - q0);
-  load_tile_f32<D>(k_s, k, a.k_st.s, a.kv_len);
-  load_tile_f32<D>(v_s, v, a.v_st.s, a.kv_len);
-  cp_async_commit();
+  load_first_stage<D>(a, q, k, v, q0, q_s, k_s, v_s);
 
   float o[kDt][4];
 #pragma unroll
@@ -87,18 +69,8 @@ __device__ __forceinline__ void attend_tile_tf32(const MmaFwdArgs& a, int b, int
   const bool* mask = a.mask == nullptr ? nullptr : a.mask + static_cast<int64_t>(b) * a.kv_len;
 
   for (int kt = 0; kt < key_tiles; ++kt) {
-    const int stage = kt & 1;
-    // Step 2a: prefetch the next stage (its buffer was released by the barrier ending kt - 1).
-    if (kt + 1 < key_tiles) {
-      const int k0 = (kt + 1) * mma::kBlockN;
-      load_tile_f32<D>(k_s + (stage ^ 1) * kTile, k + k0 * a.k_st.s, a.k_st.s, a.kv_len - k0);
-      load_tile_f32<D>(v_s + (stage ^ 1) * kTile, v + k0 * a.v_st.s, a.v_st.s, a.kv_len - k0);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    // Step 2a: prefetch the next K/V stage, wait for this one.
+    const int stage = next_kv_stage<D>(a, k, v, kt, key_tiles, k_s, v_s);
     const float* ks = k_s + stage * kTile;
     const float* vs = v_s + stage * kTile;
 
@@ -189,7 +161,7 @@ constexpr int tf32_min_ctas() {
 template <int D>
 struct Tf32Item {
   static __device__ __forceinline__ void zero(const MmaFwdArgs& a, int b, int oh, int row0, int rows) {
-    zero_slice_f32<D>(a, b, oh, row0, rows);
+    zero_out_slice<float, D>(a, b, oh, row0, rows);
   }
   static __device__ __forceinline__ void attend(const MmaFwdArgs& a, int b, int h, int oh, int q0,
                                                 float gate, float* q_s, float* k_s, float* v_s) {

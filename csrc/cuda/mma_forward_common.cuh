@@ -18,6 +18,70 @@ __device__ __forceinline__ float gate_at(const MmaFwdArgs& a, int b, int h) {
   return a.gate[b * a.gate_sb + h * a.gate_sh];
 }
 
+// A 64-row tile of a (b, h) slice into swizzled shared memory by all 128 threads (cp.async):
+// 16-bit elements (mma_ptx.cuh's load_tile_async) or fp32 (load_tile_f32).
+template <int D>
+__device__ __forceinline__ void load_block_tile(uint16_t* tile, const uint16_t* src, int64_t row_stride,
+                                                int valid_rows) {
+  load_tile_async<D, mma::kBlockM, mma::kThreads>(tile, src, row_stride, valid_rows);
+}
+template <int D>
+__device__ __forceinline__ void load_block_tile(float* tile, const float* src, int64_t row_stride, int valid_rows) {
+  load_tile_f32<D>(tile, src, row_stride, valid_rows);
+}
+
+// Head h of example b of a (B, S, H, D) input with element strides st.
+template <typename Elem>
+__device__ __forceinline__ const Elem* head_slice(const void* base, const attn::Strides& st, int b, int h) {
+  return static_cast<const Elem*>(base) + b * st.b + h * st.h;
+}
+
+// Step 1 of an item: the Q tile (rows q0 ..) and K/V stage 0, one cp.async group.
+template <int D, typename Elem>
+__device__ __forceinline__ void load_first_stage(const MmaFwdArgs& a, const Elem* q, const Elem* k, const Elem* v,
+                                                 int q0, Elem* q_s, Elem* k_s, Elem* v_s) {
+  load_block_tile<D>(q_s, q + q0 * a.q_st.s, a.q_st.s, a.q_len - q0);
+  load_block_tile<D>(k_s, k, a.k_st.s, a.kv_len);
+  load_block_tile<D>(v_s, v, a.v_st.s, a.kv_len);
+  cp_async_commit();
+}
+
+// Step 2a of key tile kt: prefetch stage kt + 1 (its buffer was released by the barrier ending
+// kt - 1), wait for stage kt, barrier. Returns stage kt's buffer index.
+template <int D, typename Elem>
+__device__ __forceinline__ int next_kv_stage(const MmaFwdArgs& a, const Elem* k, const Elem* v, int kt, int key_tiles,
+                                             Elem* k_s, Elem* v_s) {
+  constexpr int kTile = mma::kBlockM * D;
+  const int stage = kt & 1;
+  if (kt + 1 < key_tiles) {
+    const int k0 = (kt + 1) * mma::kBlockN;
+    load_block_tile<D>(k_s + (stage ^ 1) * kTile, k + k0 * a.k_st.s, a.k_st.s, a.kv_len - k0);
+    load_block_tile<D>(v_s + (stage ^ 1) * kTile, v + k0 * a.v_st.s, a.v_st.s, a.kv_len - k0);
+    cp_async_commit();
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+  __syncthreads();
+  return stage;
+}
+
+// Zero rows [row0, row0 + rows) of output head slot oh of example b (16-byte stores), and its lse.
+template <typename Elem, int D>
+__device__ __forceinline__ void zero_out_slice(const MmaFwdArgs& a, int b, int oh, int row0, int rows) {
+  constexpr int kPer = 16 / static_cast<int>(sizeof(Elem));
+  constexpr int kU = D / kPer;
+  Elem* out = static_cast<Elem*>(a.out);
+  for (int i = threadIdx.x; i < rows * kU; i += mma::kThreads) {
+    const int s = row0 + i / kU;
+    const int64_t off = (static_cast<int64_t>(b) * a.q_len + s) * a.out_heads * D +
+                        static_cast<int64_t>(oh) * D + (i % kU) * kPer;
+    *reinterpret_cast<uint4*>(out + off) = make_uint4(0u, 0u, 0u, 0u);
+  }
+  for (int i = threadIdx.x; i < rows; i += mma::kThreads)
+    a.lse[attn::bhs_index(b, oh, row0 + i, a.out_heads, a.q_len)] = 0.0f;
+}
+
 // The persistent grid: every CTA walks the work items (active (b, h), 64-row query tile) in
 // increasing order. Item::zero(a, b, oh, row0, rows) zero-fills rows of output head slot oh (and
 // its lse); Item::attend(a, b, h, oh, q0, gate, q_s, k_s, v_s) computes one item. Dense output
