@@ -547,6 +547,44 @@ struct KernelGrads {
   float d_gate;
 };
 
+// The kernels' key_chunk_to_grads / query_chunk_to_grads (mma_backward_common.cuh) on replayed
+// accumulators x[n-tile][lane][i] of one chunk.
+// Key-block chunk: rows = keys key_row0 + fragment row, columns = tile queries query0 + ...:
+// S^T -> P^T in st, dP^T -> dS^T in dpt.
+template <typename Chunk>
+void replay_key_chunk_to_grads(const Head& h, int key_row0, int query0, const std::vector<float>& lse2_s,
+                               const std::vector<float>& delta_s, Chunk& st, Chunk& dpt) {
+  const float scale_log2 = h.scale * attn::kLog2e;
+  for (int lane = 0; lane < 32; ++lane)
+    for (size_t nt = 0; nt < st.size(); ++nt)
+      for (int i = 0; i < 4; ++i) {
+        const Coord c = mma::frag_c(lane, i);
+        const int key = key_row0 + c.row, query = query0 + static_cast<int>(nt) * 8 + c.col;
+        const bool real = key < h.Sk && h.real[key];
+        const float s2 = real ? st[nt][lane][i] * scale_log2 : attn::neg_inf();
+        const float p = attn::backward_prob(s2, lse2_s[query]);
+        dpt[nt][lane][i] = attn::backward_dscore(p, h.gate, dpt[nt][lane][i], delta_s[query]);
+        st[nt][lane][i] = p;
+      }
+}
+// Query-block chunk: rows = the warp's 16 queries (lse2, delta indexed by fragment row), columns
+// = keys key0 + ...: S -> dS in s.
+template <typename Chunk>
+void replay_query_chunk_to_grads(const Head& h, int key0, const float* lse2_rows, const float* delta_rows, Chunk& s,
+                                 const Chunk& dp) {
+  const float scale_log2 = h.scale * attn::kLog2e;
+  for (int lane = 0; lane < 32; ++lane)
+    for (size_t nt = 0; nt < s.size(); ++nt)
+      for (int i = 0; i < 4; ++i) {
+        const Coord c = mma::frag_c(lane, i);
+        const int key = key0 + static_cast<int>(nt) * 8 + c.col;
+        const bool real = key < h.Sk && h.real[key];
+        const float s2 = real ? s[nt][lane][i] * scale_log2 : attn::neg_inf();
+        const float p = attn::backward_prob(s2, lse2_rows[c.row]);
+        s[nt][lane][i] = attn::backward_dscore(p, h.gate, dp[nt][lane][i], delta_rows[c.row]);
+      }
+}
+
 // Lane-by-lane replay of masked_attention_mma_bwd.cu for one (b, h): for S <= 128 the one-item
 // kernel (backward_head), beyond it the key-block and query-block items (backward_key_block,
 // backward_query_block) with their streamed tiles.
@@ -556,7 +594,6 @@ KernelGrads replay_backward(const Head& h, const std::vector<float>& dout, const
   const int kKc = D / 16, kDt = D / 8, kNt = chunk / 8;
   const float nan = std::numeric_limits<float>::quiet_NaN();
   KernelGrads g{std::vector<float>(Sq * D, nan), std::vector<float>(Sk * D, nan), std::vector<float>(Sk * D, nan), nan};
-  const float scale_log2 = h.scale * attn::kLog2e;
   // The CTA's shared memory.
   std::vector<float> q_s(rows * D), k_s(rows * D), v_s(rows * D), do_s(rows * D), lse2_s(rows), delta_s(rows);
   auto row_stats = [&](int row0) {  // kernel: row_stats
@@ -637,69 +674,44 @@ KernelGrads replay_backward(const Head& h, const std::vector<float>& dout, const
     for (int r = 0; r < 16; ++r) w.lse2_r[r] = lse2_s[16 * warp + r], w.delta_r[r] = delta_s[16 * warp + r];
     return w;
   };
+  // The kernel's chunk_products: x += A1 B1^T, y += A2 B2^T over D for one 32-row chunk.
+  auto chunk_products = [&](const std::vector<Regs>& a1, const std::vector<float>& b1, const std::vector<Regs>& a2,
+                            const std::vector<float>& b2, int chunk_i, Acc& x, Acc& y) {
+    x = zeros(kNt), y = zeros(kNt);
+    for (int kc = 0; kc < kKc; ++kc)
+      for (int p = 0; p < kNt / 2; ++p) {
+        const Regs f1 = frags_b(b1, (chunk / 16) * chunk_i + p, kc), f2 = frags_b(b2, (chunk / 16) * chunk_i + p, kc);
+        mma_16816(x[2 * p], a1[kc], f1, 0, 1);
+        mma_16816(x[2 * p + 1], a1[kc], f1, 2, 3);
+        mma_16816(y[2 * p], a2[kc], f2, 0, 1);
+        mma_16816(y[2 * p + 1], a2[kc], f2, 2, 3);
+      }
+  };
+  // The kernel's accumulate_chunk: acc += P Y over D, Y = rows 16 ky .. of tile y.
+  auto accumulate_chunk = [&](const Regs& pa, const std::vector<float>& y, int ky, Acc& acc) {
+    for (int p = 0; p < kDt / 2; ++p) {
+      const Regs f = frags_bt(y, ky, p);
+      mma_16816(acc[2 * p], pa, f, 0, 1);
+      mma_16816(acc[2 * p + 1], pa, f, 2, 3);
+    }
+  };
   auto key_phase_tile = [&](int warp, int key0, int q_rows, KeyWarp& w) {
     for (int qc = 0; qc < attn::ceil_div(q_rows, chunk); ++qc) {
-      Acc st = zeros(kNt), dpt = zeros(kNt);
-      for (int kc = 0; kc < kKc; ++kc)
-        for (int p = 0; p < kNt / 2; ++p) {
-          const Regs bq = frags_b(q_s, (chunk / 16) * qc + p, kc), bo = frags_b(do_s, (chunk / 16) * qc + p, kc);
-          mma_16816(st[2 * p], w.kf[kc], bq, 0, 1);
-          mma_16816(st[2 * p + 1], w.kf[kc], bq, 2, 3);
-          mma_16816(dpt[2 * p], w.vf[kc], bo, 0, 1);
-          mma_16816(dpt[2 * p + 1], w.vf[kc], bo, 2, 3);
-        }
-      for (int lane = 0; lane < 32; ++lane)
-        for (int nt = 0; nt < kNt; ++nt)
-          for (int i = 0; i < 4; ++i) {
-            const Coord c = mma::frag_c(lane, i);
-            const int key = key0 + 16 * warp + c.row, query = chunk * qc + nt * 8 + c.col;
-            const bool real = key < Sk && h.real[key];
-            const float s2 = real ? st[nt][lane][i] * scale_log2 : attn::neg_inf();
-            const float p = attn::backward_prob(s2, lse2_s[query]);
-            dpt[nt][lane][i] = attn::backward_dscore(p, h.gate, dpt[nt][lane][i], delta_s[query]);
-            st[nt][lane][i] = p;
-          }
+      Acc st, dpt;
+      chunk_products(w.kf, q_s, w.vf, do_s, qc, st, dpt);
+      replay_key_chunk_to_grads(h, key0 + 16 * warp, chunk * qc, lse2_s, delta_s, st, dpt);
       for (int kc = 0; kc < chunk / 16; ++kc) {
-        const Regs pa = relabel(st, kc), da = relabel(dpt, kc);
-        for (int p = 0; p < kDt / 2; ++p) {
-          const Regs bo = frags_bt(do_s, (chunk / 16) * qc + kc, p), bq = frags_bt(q_s, (chunk / 16) * qc + kc, p);
-          mma_16816(w.dv[2 * p], pa, bo, 0, 1);
-          mma_16816(w.dv[2 * p + 1], pa, bo, 2, 3);
-          mma_16816(w.dk[2 * p], da, bq, 0, 1);
-          mma_16816(w.dk[2 * p + 1], da, bq, 2, 3);
-        }
+        accumulate_chunk(relabel(st, kc), do_s, (chunk / 16) * qc + kc, w.dv);
+        accumulate_chunk(relabel(dpt, kc), q_s, (chunk / 16) * qc + kc, w.dk);
       }
     }
   };
   auto query_phase_tile = [&](int key0, int k_rows, QueryWarp& w) {
     for (int kcnk = 0; kcnk < attn::ceil_div(k_rows, chunk); ++kcnk) {
-      Acc s = zeros(kNt), dp = zeros(kNt);
-      for (int kc = 0; kc < kKc; ++kc)
-        for (int p = 0; p < kNt / 2; ++p) {
-          const Regs bk = frags_b(k_s, (chunk / 16) * kcnk + p, kc), bv = frags_b(v_s, (chunk / 16) * kcnk + p, kc);
-          mma_16816(s[2 * p], w.qf[kc], bk, 0, 1);
-          mma_16816(s[2 * p + 1], w.qf[kc], bk, 2, 3);
-          mma_16816(dp[2 * p], w.of[kc], bv, 0, 1);
-          mma_16816(dp[2 * p + 1], w.of[kc], bv, 2, 3);
-        }
-      for (int lane = 0; lane < 32; ++lane)
-        for (int nt = 0; nt < kNt; ++nt)
-          for (int i = 0; i < 4; ++i) {
-            const Coord c = mma::frag_c(lane, i);
-            const int key = key0 + chunk * kcnk + nt * 8 + c.col;
-            const bool real = key < Sk && h.real[key];
-            const float s2 = real ? s[nt][lane][i] * scale_log2 : attn::neg_inf();
-            const float p = attn::backward_prob(s2, w.lse2_r[c.row]);
-            s[nt][lane][i] = attn::backward_dscore(p, h.gate, dp[nt][lane][i], w.delta_r[c.row]);
-          }
-      for (int kc = 0; kc < chunk / 16; ++kc) {
-        const Regs da = relabel(s, kc);
-        for (int p = 0; p < kDt / 2; ++p) {
-          const Regs bk = frags_bt(k_s, (chunk / 16) * kcnk + kc, p);
-          mma_16816(w.dq[2 * p], da, bk, 0, 1);
-          mma_16816(w.dq[2 * p + 1], da, bk, 2, 3);
-        }
-      }
+      Acc s, dp;
+      chunk_products(w.qf, k_s, w.of, v_s, kcnk, s, dp);
+      replay_query_chunk_to_grads(h, key0 + chunk * kcnk, w.lse2_r.data(), w.delta_r.data(), s, dp);
+      for (int kc = 0; kc < chunk / 16; ++kc) accumulate_chunk(relabel(s, kc), k_s, (chunk / 16) * kcnk + kc, w.dq);
     }
   };
 
@@ -1216,7 +1228,6 @@ KernelGrads replay_backward_tf32(const Head& h, const std::vector<float>& dout, 
   const int kNt = chunk / 8, kDt = D / 8;
   const float nan = std::numeric_limits<float>::quiet_NaN();
   KernelGrads g{std::vector<float>(Sq * D, nan), std::vector<float>(Sk * D, nan), std::vector<float>(Sk * D, nan), nan};
-  const float scale_log2 = h.scale * attn::kLog2e;
   std::vector<float> q_s(rows * D), k_s(rows * D), v_s(rows * D), do_s(rows * D), lse2_s(rows), delta_s(rows);
   auto row_stats = [&](int row0) {  // two threads per row in the kernel: halves summed at the end
     for (int local = 0; local < rows; ++local) {
@@ -1275,6 +1286,24 @@ KernelGrads replay_backward_tf32(const Head& h, const std::vector<float>& dout, 
         }
       }
   };
+  // The kernel's chunk_products (x += A1 B1^T, y += A2 B2^T over D; A = the warp's rows of a1, a2,
+  // B = n-tiles nt0 .. of b1, b2) and accumulate_chunk (acc += P Y, Y = rows 8 kc .. of y).
+  auto chunk_products = [&](const std::vector<float>& a1, const std::vector<float>& b1, const std::vector<float>& a2,
+                            const std::vector<float>& b2, int warp, int nt0, std::vector<Acc4>& x,
+                            std::vector<Acc4>& y) {
+    x = zeros(kNt), y = zeros(kNt);
+    for (int kc = 0; kc < D / 8; ++kc) {
+      const RegA f1 = rows_a(a1, warp, kc), f2 = rows_a(a2, warp, kc);
+      for (int nt = 0; nt < kNt; ++nt) {
+        mma_split(x[nt], f1, rows_b(b1, nt0 + nt, kc), passes);
+        mma_split(y[nt], f2, rows_b(b2, nt0 + nt, kc), passes);
+      }
+    }
+  };
+  auto accumulate_chunk = [&](const Acc4& p, const std::vector<float>& y, int kc, std::vector<Acc4>& acc) {
+    const RegA pa = acc_a(p);
+    for (int dt = 0; dt < kDt; ++dt) mma_split(acc[dt], pa, cols_b(y, kc, dt), passes);
+  };
   const int key_blocks = mma::bwd_blocks(Sk, rows), query_blocks = mma::bwd_blocks(Sq, rows);
   for (int kb = 0; kb < key_blocks; ++kb) {  // backward_key_block
     const int k0 = kb * rows, k_rows = std::min(rows, Sk - k0);
@@ -1300,29 +1329,12 @@ KernelGrads replay_backward_tf32(const Head& h, const std::vector<float>& dout, 
       for (int warp = 0; warp < mma::kWarps; ++warp) {
         if (16 * warp >= k_rows) continue;
         for (int qc = 0; qc < attn::ceil_div(q_rows, chunk); ++qc) {
-          std::vector<Acc4> st = zeros(kNt), dpt = zeros(kNt);
-          for (int kc = 0; kc < D / 8; ++kc) {
-            const RegA kf = rows_a(k_s, warp, kc), vf = rows_a(v_s, warp, kc);
-            for (int nt = 0; nt < kNt; ++nt) {
-              mma_split(st[nt], kf, rows_b(q_s, kNt * qc + nt, kc), passes);
-              mma_split(dpt[nt], vf, rows_b(do_s, kNt * qc + nt, kc), passes);
-            }
-          }
-          for (int lane = 0; lane < 32; ++lane)
-            for (int nt = 0; nt < kNt; ++nt)
-              for (int i = 0; i < 4; ++i) {
-                const Coord c = mma::frag_c(lane, i);
-                const int key = k0 + 16 * warp + c.row, query = chunk * qc + nt * 8 + c.col;
-                const bool real = key < Sk && h.real[key];
-                const float s2 = real ? st[nt][lane][i] * scale_log2 : attn::neg_inf();
-                const float p = attn::backward_prob(s2, lse2_s[query]);
-                dpt[nt][lane][i] = attn::backward_dscore(p, h.gate, dpt[nt][lane][i], delta_s[query]);
-                st[nt][lane][i] = p;
-              }
+          std::vector<Acc4> st, dpt;
+          chunk_products(k_s, q_s, v_s, do_s, warp, kNt * qc, st, dpt);
+          replay_key_chunk_to_grads(h, k0 + 16 * warp, chunk * qc, lse2_s, delta_s, st, dpt);
           for (int kc = 0; kc < kNt; ++kc) {
-            const RegA pa = acc_a(st[kc]), da = acc_a(dpt[kc]);
-            for (int dt = 0; dt < kDt; ++dt) mma_split(dv[warp][dt], pa, cols_b(do_s, kNt * qc + kc, dt), passes);
-            for (int dt = 0; dt < kDt; ++dt) mma_split(dk[warp][dt], da, cols_b(q_s, kNt * qc + kc, dt), passes);
+            accumulate_chunk(st[kc], do_s, kNt * qc + kc, dv[warp]);
+            accumulate_chunk(dpt[kc], q_s, kNt * qc + kc, dk[warp]);
           }
         }
       }
@@ -1347,28 +1359,11 @@ KernelGrads replay_backward_tf32(const Head& h, const std::vector<float>& dout, 
       for (int warp = 0; warp < mma::kWarps; ++warp) {
         if (16 * warp >= q_rows) continue;
         for (int kcnk = 0; kcnk < attn::ceil_div(k_rows, chunk); ++kcnk) {
-          std::vector<Acc4> s = zeros(kNt), dp = zeros(kNt);
-          for (int kc = 0; kc < D / 8; ++kc) {
-            const RegA qf = rows_a(q_s, warp, kc), of = rows_a(do_s, warp, kc);
-            for (int nt = 0; nt < kNt; ++nt) {
-              mma_split(s[nt], qf, rows_b(k_s, kNt * kcnk + nt, kc), passes);
-              mma_split(dp[nt], of, rows_b(v_s, kNt * kcnk + nt, kc), passes);
-            }
-          }
-          for (int lane = 0; lane < 32; ++lane)
-            for (int nt = 0; nt < kNt; ++nt)
-              for (int i = 0; i < 4; ++i) {
-                const Coord c = mma::frag_c(lane, i);
-                const int row = 16 * warp + c.row, key = k0 + chunk * kcnk + nt * 8 + c.col;
-                const bool real = key < Sk && h.real[key];
-                const float s2 = real ? s[nt][lane][i] * scale_log2 : attn::neg_inf();
-                const float p = attn::backward_prob(s2, lse2_s[row]);
-                s[nt][lane][i] = attn::backward_dscore(p, h.gate, dp[nt][lane][i], delta_s[row]);
-              }
-          for (int kc = 0; kc < kNt; ++kc) {
-            const RegA da = acc_a(s[kc]);
-            for (int dt = 0; dt < kDt; ++dt) mma_split(dq[warp][dt], da, cols_b(k_s, kNt * kcnk + kc, dt), passes);
-          }
+          std::vector<Acc4> s, dp;
+          chunk_products(q_s, k_s, do_s, v_s, warp, kNt * kcnk, s, dp);
+          replay_query_chunk_to_grads(h, k0 + chunk * kcnk, lse2_s.data() + 16 * warp, delta_s.data() + 16 * warp, s,
+                                      dp);
+          for (int kc = 0; kc < kNt; ++kc) accumulate_chunk(s[kc], k_s, kNt * kcnk + kc, dq[warp]);
         }
       }
     }
