@@ -115,6 +115,20 @@ def mma_switch(monkeypatch):
     monkeypatch.setenv(SWITCH, "mma")
 
 
+def check_pruned_and_compact(q, k, v, gate, mask, out, lse):
+    """Pruned heads' out and lse are exactly 0; the compact output over the kept heads equals
+    the dense output's slices bit for bit."""
+    batch, seq, heads, dim = q.shape
+    active = gate.expand(batch, heads) != 0
+    pruned = (~active).cpu()
+    assert torch.all(out.cpu().transpose(1, 2)[pruned] == 0), "pruned heads must be exactly 0"
+    assert torch.all(lse.cpu()[pruned] == 0)
+    kept = torch.nonzero(active.any(0)).squeeze(1).to(q.device)
+    compact = ops.masked_attention_compact(q, k, v, gate, kept, mask)
+    assert compact.shape == (batch, seq, kept.numel(), dim)
+    torch.testing.assert_close(compact, out[:, :, kept], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dim", [32, 64])
 @pytest.mark.parametrize("seq", [1, 17, 128, 300, 512])
@@ -140,14 +154,7 @@ def test_mma_forward_dense_and_compact(device, dtype, dim, seq, pattern, padded,
     check_low_precision(out, ref, low, "dense")
     active = (gate.expand(batch, HEADS) != 0)
     torch.testing.assert_close(lse[active], ref_lse[active], atol=2e-3, rtol=1e-3)
-    pruned = (~active).cpu()
-    assert torch.all(out.cpu().transpose(1, 2)[pruned] == 0), "pruned heads must be exactly 0"
-    assert torch.all(lse.cpu()[pruned] == 0)
-
-    kept = torch.nonzero(gate.expand(batch, HEADS).any(0)).squeeze(1).to(device)
-    compact = ops.masked_attention_compact(q, k, v, gate, kept, mask)
-    assert compact.shape == (batch, seq, kept.numel(), dim)
-    torch.testing.assert_close(compact, out[:, :, kept], atol=0, rtol=0)
+    check_pruned_and_compact(q, k, v, gate, mask, out, lse)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -212,6 +219,28 @@ def kernel_ran(name, fn) -> bool:
     return any(name in e.name for e in prof.events())
 
 
+def backward_case(seq, dtype, dim, pattern, padded, device, gen):
+    """Inputs of a backward test: seq = S or (Sq, Sk); q, k, v as views of fused projections;
+    the forward's out and lse; dout. Returns the masked_attention_backward arguments."""
+    batch, scale = 2, dim**-0.5
+    q_len, kv_len = seq if isinstance(seq, tuple) else (seq, seq)
+    q = qkv(batch, q_len, HEADS, dim, dtype, device, gen)[0]
+    _, k, v = qkv(batch, kv_len, HEADS, dim, dtype, device, gen)
+    gate = gate_for(pattern, batch, HEADS, device, gen)
+    mask = make_padding(batch, kv_len, device, gen) if padded else None
+    out, lse = torch.ops.sparsebert.masked_attention(q, k, v, gate, mask, scale)
+    dout = torch.randn(out.shape, generator=gen).to(device, dtype)
+    return dout, q, k, v, gate, mask, out, lse, scale
+
+
+def assert_pruned_grads_zero(grads, gate):
+    """dq, dk, dv slices and d_head_gate of heads with gate 0 are exactly 0."""
+    pruned = (gate.expand(grads[3].shape) == 0).cpu()
+    assert torch.all(grads[3].cpu()[pruned] == 0)
+    for g in grads[:3]:
+        assert torch.all(g.cpu().transpose(1, 2)[pruned] == 0)
+
+
 def low_precision_grads(q, k, v, gate, mask, scale, dout):
     """Gradients of plain PyTorch attention in the inputs' own precision (the error yardstick)."""
     qh, kh, vh = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
@@ -233,15 +262,8 @@ def test_mma_backward(device, dtype, dim, seq, pattern, padded, mma_switch, asse
     assert_native("masked_attention_backward", device)
     key = ("mma bwd", str(dtype), dim, seq, pattern, padded)
     gen = torch.Generator().manual_seed(stable_seed(*key))
-    batch, scale = 2, dim**-0.5
-    q_len, kv_len = seq if isinstance(seq, tuple) else (seq, seq)
-    q = qkv(batch, q_len, HEADS, dim, dtype, device, gen)[0]
-    _, k, v = qkv(batch, kv_len, HEADS, dim, dtype, device, gen)
-    gate = gate_for(pattern, batch, HEADS, device, gen)
-    mask = make_padding(batch, kv_len, device, gen) if padded else None
-    out, lse = torch.ops.sparsebert.masked_attention(q, k, v, gate, mask, scale)
-    dout = torch.randn(out.shape, generator=gen).to(device, dtype)
-    args = (dout, q, k, v, gate, mask, out, lse, scale)
+    args = backward_case(seq, dtype, dim, pattern, padded, device, gen)
+    dout, q, k, v, gate, mask, _, _, scale = args
     if pattern == "some" and padded:
         assert kernel_ran(
             "mma_backward_kernel", lambda: torch.ops.sparsebert.masked_attention_backward(*args)
@@ -253,14 +275,11 @@ def test_mma_backward(device, dtype, dim, seq, pattern, padded, mma_switch, asse
     for name, g, w, lo in zip(("dq", "dk", "dv"), got[:3], want[:3], low[:3]):
         assert g.dtype == dtype and torch.isfinite(g).all(), name
         check_low_precision(g, w, lo, name)
-    active = gate.expand(batch, HEADS) != 0
+    active = gate.expand(got[3].shape) != 0
     # d_head_gate = sum_i delta_i / gate, delta from the low-precision out: relative error.
     rel = (got[3][active] - want[3][active]).norm() / want[3][active].norm().clamp_min(1e-6)
     assert rel < 2e-2, f"d_head_gate: relative error {rel:.3g}"
-    pruned = (~active).cpu()
-    assert torch.all(got[3].cpu()[pruned] == 0)
-    for g in got[:3]:
-        assert torch.all(g.cpu().transpose(1, 2)[pruned] == 0)
+    assert_pruned_grads_zero(got, gate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,14 +327,7 @@ def test_mma_tf32_forward_dense_and_compact(device, dim, seq, pattern, padded, m
     torch.testing.assert_close(out.double(), ref, **TF32_TOL)
     active = gate.expand(batch, HEADS) != 0
     torch.testing.assert_close(lse[active].double(), ref_lse[active], **TF32_TOL)
-    pruned = (~active).cpu()
-    assert torch.all(out.cpu().transpose(1, 2)[pruned] == 0), "pruned heads must be exactly 0"
-    assert torch.all(lse.cpu()[pruned] == 0)
-
-    kept = torch.nonzero(gate.expand(batch, HEADS).any(0)).squeeze(1).to(device)
-    compact = ops.masked_attention_compact(q, k, v, gate, kept, mask)
-    assert compact.shape == (batch, seq, kept.numel(), dim)
-    torch.testing.assert_close(compact, out[:, :, kept], atol=0, rtol=0)
+    check_pruned_and_compact(q, k, v, gate, mask, out, lse)
 
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
@@ -365,15 +377,8 @@ def test_mma_tf32_backward(device, dim, seq, pattern, padded, mma_switch, assert
     float64 backward; pruned heads get exact zeros; seq = (Sq, Sk) for cross lengths."""
     assert_native("masked_attention_backward", device)
     gen = torch.Generator().manual_seed(stable_seed("mma tf32 bwd", dim, seq, pattern, padded))
-    batch, scale = 2, dim**-0.5
-    q_len, kv_len = seq if isinstance(seq, tuple) else (seq, seq)
-    q = qkv(batch, q_len, HEADS, dim, torch.float32, device, gen)[0]
-    _, k, v = qkv(batch, kv_len, HEADS, dim, torch.float32, device, gen)
-    gate = gate_for(pattern, batch, HEADS, device, gen)
-    mask = make_padding(batch, kv_len, device, gen) if padded else None
-    out, lse = torch.ops.sparsebert.masked_attention(q, k, v, gate, mask, scale)
-    dout = torch.randn(out.shape, generator=gen).to(device)
-    args = (dout, q, k, v, gate, mask, out, lse, scale)
+    args = backward_case(seq, torch.float32, dim, pattern, padded, device, gen)
+    dout, q, k, v, gate, mask, _, _, scale = args
     if pattern == "some" and padded:
         assert kernel_ran(
             "mma_backward_tf32_kernel", lambda: torch.ops.sparsebert.masked_attention_backward(*args)
@@ -382,15 +387,11 @@ def test_mma_tf32_backward(device, dim, seq, pattern, padded, mma_switch, assert
     q64, k64, v64, g64 = (t.double() for t in (q, k, v, gate))
     ref_out, ref_lse = masked_attention_ref(q64, k64, v64, g64, mask, scale)
     want = masked_attention_backward_ref(dout.double(), q64, k64, v64, g64, mask, ref_out, ref_lse, scale)
-    active = gate.expand(batch, HEADS) != 0
     for name, g, w in zip(("dq", "dk", "dv", "d_head_gate"), got, want):
         assert g.dtype == torch.float32 and torch.isfinite(g).all(), name
         rel = (g.double() - w).norm() / w.norm().clamp_min(1e-6)
         assert rel < TF32_GRAD_REL, f"{name}: relative error {rel:.3g}"
-    pruned = (~active).cpu()
-    assert torch.all(got[3].cpu()[pruned] == 0)
-    for g in got[:3]:
-        assert torch.all(g.cpu().transpose(1, 2)[pruned] == 0)
+    assert_pruned_grads_zero(got, gate)
 
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
