@@ -23,31 +23,14 @@
 set -uo pipefail
 out=${OUT:-bench/results/gpu}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # bench scripts import sparsebert from here
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+steps=${GPU_CHECK_STEPS:-}  # "build,cuda-tests,...": only those steps (default: all)
+source bench/gpu_common.sh
+gpu_env  # bench scripts import sparsebert from this tree
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} SPARSEBERT_BUILD_CUDA=1 SPARSEBERT_PTXAS_VERBOSE=1
 export SPARSEBERT_REQUIRE_EXT=1 MAX_JOBS=${MAX_JOBS:-16}
 start=$SECONDS
-summary="$out/summary.txt"
-{
-  echo "device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
-  python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
-  echo "git: $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain --untracked-files=no 2>/dev/null | wc -l) files changed"
-} > "$summary" 2>&1
+gpu_summary
 
-step() {  # step NAME LIMIT_S LOG CMD...: run CMD with a time limit, log its status
-  local name=$1 limit=$2 log=$3; shift 3
-  # GPU_CHECK_STEPS="build,cuda-tests,..." runs only the named steps (default: all).
-  if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ ",$GPU_CHECK_STEPS," != *",$name,"* ]]; then return 0; fi
-  local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
-  local rc=$?
-  echo "$name: exit $rc, $((SECONDS - t0)) s$([ $rc = 124 ] && echo ' (time limit)')" | tee -a "$summary"
-  return $rc
-}
 pack() {  # copy benchmark tables/JSON (and profiler traces) written so far into $OUT
   tar czf "$out/results.tar.gz" bench/results/*-nvidia-* bench/results/profiles/*-nvidia-* 2>/dev/null || true
 }

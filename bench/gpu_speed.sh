@@ -17,21 +17,10 @@
 set -uo pipefail
 out=${OUT:-bench/results/gpu}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-summary="$out/summary.txt"
-{
-  echo "device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
-  python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
-  python3 -c "import torch.nn.attention.varlen" 2>/dev/null && echo "varlen attention: yes" || echo "varlen attention: no (re-padded SDPA)"
-  echo "git: $(git rev-parse --short HEAD 2>/dev/null)"
-} > "$summary" 2>&1
-step() {  # step NAME LIMIT_S LOG CMD...
-  local name=$1 limit=$2 log=$3; shift 3
-  local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
-  local rc=$?
-  echo "$name: exit $rc, $((SECONDS - t0)) s$([ $rc = 124 ] && echo ' (time limit)')" | tee -a "$summary"
-}
+steps=""  # every step
+source bench/gpu_common.sh
+gpu_env
+gpu_summary "varlen attention: $(python3 -c "import torch.nn.attention.varlen" 2>/dev/null && echo yes || echo "no (re-padded SDPA)")"
 collect() { cp bench/results/speed-*-nvidia-* "$out/" 2>/dev/null || true; }
 
 # Step 0: build the extension for sm_90 in place (this machine holds a copy of the tree).

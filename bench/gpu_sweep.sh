@@ -52,30 +52,11 @@ inputs=${GPU_SWEEP_INPUTS:-.gpu-sweep}
 work=${GPU_SWEEP_WORK:-/tmp/gpu-sweep}
 study_k=${GPU_SWEEP_K:-8}
 device=${GPU_SWEEP_DEVICE:-cuda:0}
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-summary="$out/summary.txt"
-{
-  echo "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null)"
-  python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
-  echo "git: $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain --untracked-files=no 2>/dev/null | wc -l) files changed"
-  echo "cores: $(nproc), /tmp free: $(df -h /tmp 2>/dev/null | awk 'NR==2 {print $4}'), budget: $budget s"
-} > "$summary" 2>&1
-
-step() {  # step NAME LIMIT_S LOG CMD...: run CMD with a time limit, log its status
-  local name=$1 limit=$2 log=$3; shift 3
-  if [ -n "${GPU_SWEEP_STEPS:-}" ] && [[ ",$GPU_SWEEP_STEPS," != *",$name,"* ]]; then return 0; fi
-  local t0=$SECONDS
-  echo "== $name (limit $limit s)" >> "$log"
-  timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
-  local rc=$?
-  echo "$name: exit $rc, $((SECONDS - t0)) s$([ $rc = 124 ] && echo ' (time limit)')" | tee -a "$summary"
-  return $rc
-}
+steps=${GPU_SWEEP_STEPS:-}  # "build,bench,...": only those steps (default: all)
+source bench/gpu_common.sh
+gpu_env
+gpu_summary "cores: $(nproc), /tmp free: $(df -h /tmp 2>/dev/null | awk 'NR==2 {print $4}'), budget: $budget s"
 
 # Step 0: inputs (model, GLUE) from the carried folder, else what this machine has.
 mkdir -p "$work"

@@ -1,0 +1,38 @@
+# Shared by the prepared GPU scripts (gpu_check.sh, gpu_speed.sh, gpu_sweep.sh); source it after
+# setting $out (the output folder) and, for `step`, $steps (a comma list of step names to run;
+# empty: all).
+#   gpu_env              PYTHONPATH with this tree, and wheels carried in .whl/ installed into
+#                        /tmp/site (missing packages on the GPU machine)
+#   gpu_summary [LINE]   device, versions and git state (and LINE) into $out/summary.txt
+#   step NAME LIMIT_S LOG CMD...
+#                        run CMD with a time limit, its output appended to LOG; its status and
+#                        seconds appended to the summary; returns CMD's exit status
+summary="$out/summary.txt"
+
+gpu_env() {
+  export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+}
+
+gpu_summary() {
+  {
+    echo "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null)"
+    python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+    echo "git: $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain --untracked-files=no 2>/dev/null | wc -l) files changed"
+    if [ $# -gt 0 ]; then echo "$@"; fi
+  } > "$summary" 2>&1
+}
+
+step() {
+  local name=$1 limit=$2 log=$3; shift 3
+  if [ -n "${steps:-}" ] && [[ ",$steps," != *",$name,"* ]]; then return 0; fi
+  local t0=$SECONDS
+  echo "== $name (limit $limit s)" >> "$log"
+  timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc, $((SECONDS - t0)) s$([ $rc = 124 ] && echo ' (time limit)')" | tee -a "$summary"
+  return $rc
+}
