@@ -324,8 +324,7 @@ def masked_attention_compact(
     out[:, :, j] = masked_attention(...)[:, :, kept_heads[j]]; pruned heads are never read.
     Forward only (no autograd). On CUDA with SPARSEBERT_ATTENTION_KERNEL=mma (fp16/bf16, or fp32
     with 3xTF32; D 32/64) one mma.sync kernel reads the kept heads in place; otherwise their
-    slices are gathered and
-    the default forward runs. Index values are checked on the CPU only (on CUDA a check would
+    slices are gathered and the default forward runs. Index values are checked on the CPU only (on CUDA a check would
     synchronise; an index out of range gives zeros there).
     """
     if not isinstance(kept_heads, Tensor):

@@ -107,9 +107,10 @@ def results_notes(results: Mapping[str, TaskResults]) -> str:
         weak = threshold_at_majority(res)
         if weak:
             which = f"{'seed' if len(weak) == 1 else 'seeds'} {', '.join(map(str, weak))}"
+            run = res.runs[0]
             notes.append(
-                f"{task}: in {len(weak)} of {res.n_seeds} seeds ({which}) the search threshold ({res.runs[0].threshold}"
-                f" x the full model's {res.runs[0].metric}) is at or below the majority class, "
+                f"{task}: in {len(weak)} of {res.n_seeds} seeds ({which}) the search threshold "
+                f"({run.threshold} x the full model's {run.metric}) is at or below the majority class, "
                 f"so a model that always predicts it passes: those searches can prune almost "
                 f"everything, and their good / random / bad gaps mean little.")
     return "\n\n".join(notes)
