@@ -106,6 +106,8 @@ PROBES = {  # name: (extra args (tmp_path -> list), expected text in the one err
     "two-mask-sources": (lambda tmp: ["--run", str(tmp), "--prune-heads", "0.5"],
                          "one source of masks"),
     "bad-lengths": (lambda tmp: ["--lengths", "zipf"], "--lengths"),
+    "unknown-glue-task": (lambda tmp: ["--lengths", "glue:FOO"],
+                          "--lengths 'glue:FOO': unknown GLUE task 'FOO'"),
     "bad-fraction": (lambda tmp: ["--prune-heads", "1.5"], "--prune-heads"),
 }
 

@@ -308,9 +308,9 @@ def test_changed_grid_refused_added_seeds_extend(reference, tiny_model_dir, synt
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--tasks", "RTE,FOO"], "unknown GLUE task 'FOO'"),
+    (["--tasks", "RTE,FOO"], "--tasks 'RTE,FOO': unknown GLUE task 'FOO'"),
     (["--methods", "structured,lottery"], "--methods 'structured,lottery': unknown"),
-    (["--devices", "cuda:7"], "--devices: --device cuda:7"),
+    (["--devices", "cuda:7"], "--devices 'cuda:7': cuda:7: "),
     (["--seeds", "1,1"], "expected distinct seeds"),
     (["--backend", "spark"], "--backend 'spark'"),
 ])

@@ -181,6 +181,6 @@ def test_cli_finetune_stop_resume_evaluate(tiny_model_dir, synthetic_glue, tmp_p
     assert capsys.readouterr().out.startswith("SST-2 dev: acc ")
     assert main(["finetune", "--task", "nope", "--out", out]) == 2
     err = capsys.readouterr().err
-    assert "unknown GLUE task 'nope'" in err and "Traceback" not in err
+    assert "--task 'nope': unknown GLUE task 'nope'" in err and "Traceback" not in err
     assert main(["evaluate", "--run", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err

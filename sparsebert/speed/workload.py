@@ -209,7 +209,12 @@ def batch_lengths(spec: str, batch: int, seq: int, tokenizer=None, glue_dir=None
             from sparsebert.hf.loading import load_tokenizer  # noqa: PLC0415
 
             tokenizer = load_tokenizer(None)  # bert-base: the default model's (BERT) vocabulary
-        data = load_split(spec.split(":", 1)[1], "dev", glue_dir)
+        from sparsebert.glue.tasks import GlueError  # noqa: PLC0415
+
+        try:
+            data = load_split(spec.split(":", 1)[1], "dev", glue_dir)
+        except GlueError as error:
+            raise GlueError(f"--lengths {spec!r}: {error}") from None
         lengths = encode(data, tokenizer, max_length=max(seq, 8)).lengths
         lengths = np.minimum(lengths, seq)
         rng = np.random.default_rng(seed)

@@ -17,7 +17,7 @@ from typing import Any
 
 from sparsebert.errors import ConfigError
 from sparsebert.flags import help_field
-from sparsebert.glue.tasks import get_task
+from sparsebert.glue.tasks import GlueError, get_task
 from sparsebert.lottery.config import METHODS, SearchConfig
 from sparsebert.train.config import TrainConfig, resolve_device
 
@@ -55,7 +55,10 @@ class SweepConfig:
 
     def task_list(self) -> list[str]:
         names = _split(self.tasks, "--tasks")
-        return list(dict.fromkeys(get_task(n).name for n in names))
+        try:
+            return list(dict.fromkeys(get_task(n).name for n in names))
+        except GlueError as error:
+            raise GlueError(f"--tasks {self.tasks!r}: {error}") from None
 
     def seed_list(self) -> list[int]:
         try:
@@ -86,8 +89,9 @@ class SweepConfig:
         for name in names:
             try:
                 resolve_device(name)
-            except ConfigError as error:
-                raise SweepError(f"--devices: {error}") from None
+            except ConfigError as error:  # "--device NAME: why" -> "--devices LIST: NAME: why"
+                why = str(error).split(": ", 1)[-1]
+                raise SweepError(f"--devices {self.devices!r}: {name}: {why}") from None
         if "cpu" in names and len(names) > 1:
             raise SweepError(f"--devices {self.devices!r}: cpu or CUDA devices, not both")
         return [str(resolve_device(n)) for n in names]

@@ -18,7 +18,7 @@ import torch
 
 from sparsebert.errors import ConfigError
 from sparsebert.flags import dataclass_from_json, help_field
-from sparsebert.glue.tasks import get_task
+from sparsebert.glue.tasks import GlueError, get_task
 from sparsebert.hf.loading import is_default_model
 
 # The paper's learning rate, and the one measured for the default model (results/README.md).
@@ -72,7 +72,10 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """A copy with task canonical, preset chosen and lr filled in; checks values."""
-        task = get_task(self.task).name
+        try:
+            task = get_task(self.task).name
+        except GlueError as error:
+            raise GlueError(f"--task {self.task!r}: {error}") from None
         preset = self.preset
         if preset == "auto":
             preset = "minilm" if is_default_model(self.model) else "paper"
