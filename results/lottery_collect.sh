@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Copy the summaries of the lottery-ticket runs (runs/, git-ignored) into results/lottery/runs/
+# Copy the summaries of the lottery-ticket runs (runs/, git-ignored), and their `sparsebert speed
+# --run` results (speed/*.json), into results/lottery/runs/
 # and write results/lottery/report.md and figures/ from those copies, so the report can be
 # regenerated from the repository alone: sparsebert report results/lottery/runs --out results/lottery
 set -euo pipefail
@@ -12,4 +13,12 @@ copy() {  # copy SUMMARY NAME
 for dir in runs/mrpc-seeds/seed_*; do copy "$dir/summary.json" "MRPC/$(basename "$dir")"; done
 copy runs/mrpc-seeds/super/summary.json MRPC/super
 copy runs/lottery-WNLI/summary.json WNLI/seed_42
+copy_speed() {  # copy RUN_DIR NAME: the `sparsebert speed --run RUN_DIR` results, if any
+  for f in "$1"/speed/*.json; do
+    [ -f "$f" ] && mkdir -p "$dest/$2/speed" && cp "$f" "$dest/$2/speed/"
+  done
+  return 0
+}
+copy_speed runs/mrpc-seeds MRPC
+copy_speed runs/lottery-WNLI WNLI/seed_42
 .venv/bin/sparsebert report results/lottery/runs --out results/lottery

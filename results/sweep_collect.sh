@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Copy the summaries of a sweep directory (default runs/sweep-cpu, git-ignored) into
-# results/sweep/runs/, its sweep.json and per-unit times into results/sweep/, and write
+# Copy the summaries of a sweep directory (default runs/sweep-cpu, git-ignored), and the
+# `sparsebert speed --run` results beside them (speed/*.json), into results/sweep/runs/, its sweep.json and per-unit times into results/sweep/, and write
 # results/sweep/report.md and figures/ from the copies, so the report regenerates from the
 # repository alone: sparsebert report results/sweep/runs --out results/sweep
 set -euo pipefail
@@ -10,7 +10,8 @@ dest=results/sweep
 sparsebert=${SPARSEBERT:-.venv/bin/sparsebert}
 python=${PYTHON:-.venv/bin/python}
 rm -rf "$dest/runs" "$dest/figures" && mkdir -p "$dest/runs"
-(cd "$src" && find . -name summary.json -not -path "./.sweep/*") | while read -r file; do
+(cd "$src" && find . \( -name summary.json -o -path "*/speed/*.json" \) -not -path "./.sweep/*") |
+while read -r file; do
   mkdir -p "$dest/runs/$(dirname "$file")" && cp "$src/$file" "$dest/runs/$file"
 done
 cp "$src/sweep.json" "$dest/sweep.json"

@@ -388,3 +388,70 @@ def test_notes_name_seeds_whose_threshold_a_constant_predictor_passes(tmp_path: 
     notes = table.results_notes(results)
     assert "MRPC: in 2 of 3 seeds (seeds 1, 3) the search threshold (0.9 x" in notes
     assert "RTE: in" not in notes
+
+
+# ----------------------------------------------------------------------------- speed
+
+
+def _speed_result(names: list[str], dense_ms: float, masked_ms: list[float],
+                  pruned_ms: list[float]) -> dict:
+    """A `sparsebert speed --run` result: hf_eager, dense (unpadded), then masked (unpadded and
+    padded) and pruned rows per subnetwork name."""
+    def row(variant, subnet, ms, unpad=True, kept=(1.0, 1.0)):
+        return {"variant": variant, "subnetwork": subnet, "unpad": unpad, "heads_kept": kept[0],
+                "ffn_kept": kept[1], "median_ms": ms}
+    rows = [row("hf_eager", None, 2 * dense_ms, unpad=False), row("dense", None, dense_ms)]
+    for name, masked, pruned in zip(names, masked_ms, pruned_ms, strict=True):
+        rows += [row("masked", name, masked, kept=(0.5, 0.25)),
+                 row("masked", name, 100.0, unpad=False, kept=(0.5, 0.25)),
+                 row("pruned", name, pruned, unpad=False, kept=(0.5, 0.25))]
+    return {"device": "Test CPU (1 threads)", "dtype": "fp32", "versions": {"torch": "2.x"},
+            "args": {"run": "runs/x", "batch": 16, "seq": 128, "lengths": "full",
+                     "device": "cpu", "model": "minilm", "threads": 1},
+            "lengths": {"mean": 128.0, "min": 128, "max": 128}, "rows": rows}
+
+
+def test_speed_section_and_figure_from_speed_files(runs: Path, tmp_path: Path):
+    # MRPC seed 1: its own run directory's speed/ (plain subnetwork names).
+    (runs / "MRPC" / "seed_1" / "speed").mkdir()
+    (runs / "MRPC" / "seed_1" / "speed" / "cpu.json").write_text(json.dumps(
+        _speed_result(["good", "random", "bad"], 40.0, [20.0, 10.0, 40.0], [25.0, 20.0, 50.0])))
+    # MRPC seeds 2 and 3: the multi-seed parent's speed/ ("seed_<s>/<subnet>").
+    (runs / "MRPC" / "speed").mkdir()
+    (runs / "MRPC" / "speed" / "cpu.json").write_text(json.dumps(
+        _speed_result(["seed_2/good", "seed_3/good"], 60.0, [20.0, 30.0], [30.0, 30.0])))
+    out = report([runs], out_dir=tmp_path / "out")
+    text = Path(out["report"]).read_text()
+    section = text.split("## Speed of the subnetworks")[1].split("## ")[0]
+    assert "Test CPU (1 threads), fp32, batch 16, padded length 128" in section
+    rows = {tuple(c.strip() for c in line.strip("|").split("|"))[:2]:
+            [c.strip() for c in line.strip("|").split("|")]
+            for line in section.splitlines() if line.startswith("| MRPC")}
+    dense = rows[("MRPC", "full model (dense)")]
+    assert dense[2:6] == ["3", "100%", "100%", "0.820 ± 0.020"]  # MRPC full: 0.80, 0.82, 0.84
+    assert dense[7] == "50.0 ± 14.1"  # one dense time per file: 40 and 60 ms
+    good = rows[("MRPC", "good")]
+    # speed-ups 40/20, 60/20, 60/30 = 2, 3, 2; pruned 40/25, 60/30, 60/30 = 1.6, 2, 2
+    assert good[2:5] == ["3", "50% ± 0%", "25% ± 0%"]
+    assert good[5] == "0.750 ± 0.030" and good[6] == "0.770 ± 0.000"  # s good P / R
+    assert good[8] == "2.33x ± 0.58x" and good[9] == "1.87x ± 0.23x"
+    assert rows[("MRPC", "random")][2] == "1" and rows[("MRPC", "random")][8] == "4.00x"
+    assert not any(task == "RTE" for task, _ in rows)  # RTE was not timed
+    assert "sparsebert speed --run runs/x --batch 16 --seq 128" in section
+    fig = tmp_path / "out" / "figures" / "speed_vs_score.png"
+    assert fig in out["figures"] and f"](figures/{fig.name})" in text
+    assert_png(fig)
+
+
+def test_no_speed_section_without_speed_files_and_bad_file_is_named(runs: Path, tmp_path: Path):
+    out = report([runs], out_dir=tmp_path / "out")
+    assert "Speed of the subnetworks" not in Path(out["report"]).read_text()
+    assert not (tmp_path / "out" / "figures" / "speed_vs_score.png").exists()
+    bad = runs / "RTE" / "seed_2" / "speed" / "broken.json"
+    bad.parent.mkdir()
+    bad.write_text('{"rows": ')
+    with pytest.raises(ReportError, match=r"broken.json: not a readable speed result"):
+        report([runs], out_dir=tmp_path / "out")
+    bad.write_text(json.dumps({"rows": []}))
+    with pytest.raises(ReportError, match=r"broken.json: not a `sparsebert speed` result"):
+        report([runs], out_dir=tmp_path / "out")

@@ -124,3 +124,32 @@ def test_speed_bad_input(name, tiny_model_dir, tmp_path, capsys, monkeypatch):
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("sparsebert: error: "), err
     assert expected in lines[0] and "Traceback" not in err
+
+
+def test_speed_of_a_search_is_saved_in_it_with_the_runs_model(tiny_model_dir, tmp_path, capsys):
+    head_mask = np.ones((2, 4), dtype=np.float32)
+    head_mask[1, 1:] = 0
+    search = tmp_path / "search"
+    (search / "structured" / "masks").mkdir(parents=True)
+    (search / "structured" / "masks" / "good.json").write_text(
+        json.dumps({"head_mask": head_mask.tolist(), "mlp_mask": [1.0, 1.0]}))
+    # The run's own model (no --model): a tiny model, which the default model's masks would
+    # not fit.
+    (search / "config.json").write_text(json.dumps({"search": {}, "train": {
+        "model": tiny_model_dir}}))
+    assert main(["speed", "--run", str(search), *FAST]) == 0
+    saved = list((search / "speed").glob("*.json"))
+    assert [p.name for p in saved] == ["cpu-fp32-b3-s12-full.json"]
+    assert f"wrote {saved[0]}" in capsys.readouterr().out
+    result = json.loads(saved[0].read_text())
+    assert result["args"]["model"] == tiny_model_dir
+    # One subnetwork is still named, so the report can match it with its scores.
+    assert [r["subnetwork"] for r in result["rows"] if r["variant"] == "masked"] == ["good"]
+    saved[0].unlink()
+    assert main(["speed", "--run", str(search), *FAST, "--no-save"]) == 0
+    assert not list((search / "speed").glob("*.json"))
+    # A run whose model is not a local directory here: one line naming --run and --model.
+    (search / "config.json").write_text(json.dumps({"train": {"model": "org/some-hub-model"}}))
+    assert main(["speed", "--run", str(search), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "--run" in err and "pass --model" in err and "Traceback" not in err

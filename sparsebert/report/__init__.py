@@ -6,7 +6,8 @@
     out["figures"]  # [runs/report/figures/surviving_heads.png, ...]
 
 Modules: `collect` (find, validate, aggregate summary.json files), `paper` (the paper's numbers,
-from PAPER.md §1.4, §4, §5.1), `table` (markdown tables), `figures` (PNG figures).
+from PAPER.md §1.4, §4, §5.1), `table` (markdown tables), `speed` (`sparsebert speed --run`
+measurements found beside the runs), `figures` (PNG figures).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sparsebert.atomic import atomic_write_text
 from sparsebert.report import table
 from sparsebert.report.collect import ReportError, Stat, TaskResults, collect
 from sparsebert.report.figures import write_figures
+from sparsebert.report.speed import SPEED_NOTE, SpeedEntry, collect_speed, speed_tables
 
 __all__ = ["ReportError", "Stat", "TaskResults", "collect", "render_markdown", "report"]
 
@@ -51,9 +53,9 @@ def _data_line(results: dict[str, TaskResults]) -> str:
 
 
 def render_markdown(results: dict[str, TaskResults], figures: Sequence[Path], out_dir: Path,
-                    command: str) -> str:
+                    command: str, speed: Sequence[SpeedEntry] = ()) -> str:
     """The report.md text: tables, figures linked relative to out_dir, the regenerating
-    command and a line on what the data are."""
+    command and a line on what the data are; `speed`: the runs' speed measurements."""
     parts = ["# Lottery-ticket search report", "", _data_line(results), "",
              "Regenerate with:", "", "```", command, "```", "",
              "## Results (paper §4 layout)", "", table.results_table(results), "",
@@ -64,6 +66,9 @@ def render_markdown(results: dict[str, TaskResults], figures: Sequence[Path], ou
         parts += ["## Stability across seeds", "", stab, ""]
         if not stab.startswith("Stability statistics unavailable"):
             parts += [table.STABILITY_NOTE, ""]
+    if speed:
+        parts += ["## Speed of the subnetworks", "", speed_tables(results, speed), "",
+                  SPEED_NOTE, ""]
     if figures:
         parts += ["## Figures", ""]
         for fig in figures:
@@ -90,9 +95,10 @@ def report(paths: str | os.PathLike | Sequence[str | os.PathLike],
     if out_dir is None:
         out_dir = paths[0] if paths[0].is_dir() else paths[0].parent
     out = Path(out_dir)
-    figures = write_figures(results, out / "figures")
+    speed = collect_speed(results)
+    figures = write_figures(results, out / "figures", speed)
     command = _command(paths, out)  # as given: relative paths stay relative
-    text = render_markdown(results, figures, out, command)
+    text = render_markdown(results, figures, out, command, speed)
     report_path = out / "report.md"
     atomic_write_text(report_path, text)
     return {"report": report_path, "figures": figures, "tasks": list(results),

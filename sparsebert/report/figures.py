@@ -8,6 +8,8 @@
   (s-pruning coloured by phase, m-pruning by seed), with the threshold line.
 * stability.png (>= 2 seeds): mean Jaccard and Fleiss' kappa of the head masks per task.
 * overlap.png (>= 2 tasks with >= 2 seeds): shared super-survivor heads, task x task.
+* speed_vs_score.png (runs timed by `sparsebert speed --run`): each s-pruning subnetwork's dev
+  score against its measured speed-up over the dense model.
 
 Each function takes {task: TaskResults} and an output path and returns the path written (None
 when the figure does not apply); `write_figures` writes all that apply.
@@ -16,10 +18,11 @@ when the figure does not apply); `write_figures` writes all that apply.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -29,6 +32,8 @@ from matplotlib.patches import Patch, Rectangle
 from sparsebert.atomic import atomic_write_with
 from sparsebert.report import paper
 from sparsebert.report.collect import TaskResults, stability, stats_module
+from sparsebert.report.speed import SpeedEntry
+from sparsebert.report.summaries import scores_of
 
 DPI = 130
 PHASES = {0: ("full model", "black"), 1: ("phase 1: heads + MLPs", "tab:blue"),
@@ -349,12 +354,74 @@ def overlap(results: Mapping[str, TaskResults], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def write_figures(results: Mapping[str, TaskResults], out_dir: str | Path) -> list[Path]:
-    """Write every figure that applies into out_dir; returns the paths written."""
+# ----------------------------------------------------------------------------- 6. speed
+
+
+SUBNET_COLORS = {"good": "tab:green", "random": "tab:blue", "bad": "tab:red"}
+
+
+def speed_vs_score(results: Mapping[str, TaskResults], entries: Sequence[SpeedEntry],
+                   path: Path) -> Path | None:
+    """Per task, the dev score of each timed subnetwork (retrained; without retraining when it
+    was not retrained) against its measured speed-up over the dense model, one point per seed,
+    for the first setting measured; the full model at 1x."""
+    if not entries:
+        return None
+    setting = entries[0].setting
+    chosen = [e for e in entries if e.setting == setting]
+    tasks = [t for t in results if any(e.task == t for e in chosen)]
+    rows, cols = _grid(len(tasks), 3)
+    fig = Figure(figsize=(max(7.0, 3.6 * cols + 0.4), 3.2 * rows + 1.3), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[len(tasks):]:
+        ax.set_visible(False)
+    runs = {(r.task, r.seed): r for res in results.values() for r in res.runs}
+    for ax, task in zip(axes, tasks, strict=False):
+        res = results[task]
+        task_entries = [e for e in chosen if e.task == task]
+        for e in task_entries:
+            entry = runs[(task, e.seed)].subnetworks.get("structured", {}).get(e.subnet) or {}
+            retrained, pruned = scores_of(entry.get("retrained")), scores_of(entry.get("pruned"))
+            for scores, marker in ((retrained, "o"), (pruned, "^")):
+                if scores:
+                    ax.scatter(e.masked_speedup, sum(scores) / len(scores), marker=marker,
+                               color=SUBNET_COLORS[e.subnet], s=28, zorder=3,
+                               facecolors="none" if marker == "^" else None)
+        for seed in sorted({e.seed for e in task_entries}):
+            ax.scatter(1.0, runs[(task, seed)].full_score, marker="s", color="black", s=28,
+                       zorder=3)
+        major = res.scores.get("majority baseline")
+        if major is not None:
+            ax.axhline(major.mean, color="grey", linestyle=":", linewidth=1.2)
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("speed-up over the dense model (masked fast path)", fontsize=8)
+        ax.set_ylabel(f"dev {res.report_metric}", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], marker="o", linestyle="", color=c, label=f"{name}, retrained")
+               for name, c in SUBNET_COLORS.items()]
+    handles += [Line2D([], [], marker="^", linestyle="", color="grey", markerfacecolor="none",
+                       label="without retraining"),
+                Line2D([], [], marker="s", linestyle="", color="black", label="full model (1x)"),
+                Line2D([], [], color="grey", linestyle=":", label="majority class")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8)
+    device, rest = setting.split(", ", 1)
+    fig.suptitle("s-pruning subnetworks: dev score vs measured speed-up (one point per seed)\n"
+                 f"{device}\n{rest}", fontsize=9)
+    return _save(fig, path)
+
+
+def write_figures(results: Mapping[str, TaskResults], out_dir: str | Path,
+                  speed: Sequence[SpeedEntry] = ()) -> list[Path]:
+    """Write every figure that applies into out_dir; returns the paths written. `speed`: the
+    speed measurements of the runs (sparsebert.report.speed), for speed_vs_score.png."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     makers = [("surviving_heads.png", surviving_heads), ("subnetworks.png", subnetworks),
               ("pruning_curves.png", pruning_curves), ("stability.png", stability_bars),
               ("overlap.png", overlap)]
     written = [maker(results, out / name) for name, maker in makers]
+    written.append(speed_vs_score(results, speed, out / "speed_vs_score.png"))
     return [p for p in written if p is not None]

@@ -13,6 +13,7 @@ Before timing, every sparsebert row's logits are compared with the masked model'
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,20 +36,23 @@ from sparsebert.speed.workload import (
     MaskSet,
     SpeedError,
     batch_lengths,
+    is_search_dir,
     load_speed_model,
     make_batch,
     masks_from_file,
     masks_from_run,
     model_shape,
     random_masks,
+    run_model,
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `sparsebert speed`."""
-    parser.add_argument("--model", default="minilm",
+    parser.add_argument("--model", default=None,
                         help="bert-base (BERT-base shapes, random weights), minilm (the default "
-                             "model), or a local model directory")
+                             "model), or a local model directory (default: the --run's model, "
+                             "else minilm)")
     masks = parser.add_argument_group("masks (one source)")
     masks.add_argument("--head-mask", default=None,
                        help="masks file: JSON with head_mask (L, H) [+ mlp_mask, neuron_mask], "
@@ -58,8 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     masks.add_argument("--prune-ffn", type=float, default=None,
                        help="fraction of FFN neurons pruned in every layer (random, seeded)")
     masks.add_argument("--run", default=None,
-                       help="run directory: a search (every subnetwork in structured/masks/) "
-                            "or a fine-tune run of a masked model (masks.json)")
+                       help="run directory: a search (every subnetwork in structured/masks/; "
+                            "the results are also written to DIR/speed/<setting>.json, where "
+                            "`sparsebert report` shows them next to the scores) or a fine-tune "
+                            "run of a masked model (masks.json)")
     parser.add_argument("--batch", type=int, default=32, help="batch size B")
     parser.add_argument("--seq", type=int, default=128, help="padded sequence length S")
     parser.add_argument("--lengths", default="full",
@@ -75,6 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per row first")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, masks, lengths")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--no-save", action="store_true",
+                        help="with --run on a search directory: do not write DIR/speed/")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -183,6 +191,8 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (30 if device.type == "cuda" else 10)
     # Step 1: model, masks, batch.
+    if args.model is None:
+        args.model = run_model(args.run) if args.run is not None else "minilm"
     model, tokenizer = load_speed_model(args.model, seed=args.seed)
     shape = model_shape(model)
     if args.seq > shape["max_length"]:
@@ -201,7 +211,7 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
     diffs: dict[str, float] = {}
     notes: list[str] = []
     for masks in sets:
-        name = masks.name if len(sets) > 1 else ""
+        name = masks.name if len(sets) > 1 or args.run is not None else ""
         notes += [f"{masks.name}: {note}" for note in masks.notes]
         masked, patched = fast_variants("masked", model, masks, batch, padded, name)
         variants += masked + [pruned_variant(patched, masks, batch, name)]
@@ -276,12 +286,23 @@ def main(args: argparse.Namespace) -> int:
     print(format_table(result))
     for note in result["notes"]:
         print(f"note: {note}")
-    if args.json:
-        path = Path(args.json)
+    paths = [Path(args.json)] if args.json else []
+    if args.run is not None and not args.no_save and is_search_dir(args.run):
+        paths.append(Path(args.run) / "speed" / f"{setting_slug(result)}.json")
+    for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, result)
         print(f"wrote {path}")
     return 0
+
+
+def setting_slug(result: dict[str, Any]) -> str:
+    """File name stem of a result's setting: device, dtype, batch, length, lengths, e.g.
+    cpu-fp32-b16-s128-glue-mrpc or nvidia-h200-fp16-b32-s128-full."""
+    a = result["args"]
+    device = "cpu" if str(a["device"]).startswith("cpu") else result["device"]
+    parts = [device, result["dtype"], f"b{a['batch']}", f"s{a['seq']}", str(a["lengths"])]
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
 
 
 if __name__ == "__main__":  # pragma: no cover

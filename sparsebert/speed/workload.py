@@ -192,6 +192,35 @@ def masks_from_run(path: str, shape: dict[str, int]) -> list[MaskSet]:
                      "structured/masks/*.json or a run of a masked model with masks.json)")
 
 
+def is_search_dir(path: str) -> bool:
+    """A search directory (structured/masks/), or the parent of a multi-seed search's seeds."""
+    root = Path(path)
+    return (root / "structured" / "masks").is_dir() or any(
+        (seed / "structured" / "masks").is_dir() for seed in root.glob("seed_*"))
+
+
+def run_model(path: str) -> str:
+    """The --model of a run directory's config.json (a search's or a fine-tune's; a multi-seed
+    search: its first seed's): minilm for the default model, else its local directory."""
+    root = Path(path)
+    configs = [root / "config.json", *sorted(root.glob("seed_*/config.json"))]
+    config = next((c for c in configs if c.is_file()), None)
+    if config is None:
+        return "minilm"  # masks_from_run says what is missing
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError) as error:
+        raise SpeedError(f"--run {path}: {config} is damaged ({error})") from None
+    train = data.get("train", data) if isinstance(data, dict) else {}
+    model = train.get("model") if isinstance(train, dict) else None
+    if model in (None, "default", "minilm"):
+        return "minilm"
+    if not Path(model).is_dir():
+        raise SpeedError(f"--run {path}: its model {model!r} is not a local directory here; "
+                         "pass --model (bert-base, minilm or a model directory)")
+    return str(model)
+
+
 # --- batches --------------------------------------------------------------------------------
 def batch_lengths(spec: str, batch: int, seq: int, tokenizer=None, glue_dir=None,
                   seed: int = 0) -> np.ndarray:

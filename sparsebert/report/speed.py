@@ -1,0 +1,196 @@
+"""Real speed next to accuracy: the `sparsebert speed --run` measurements beside the runs.
+
+`sparsebert speed --run DIR` times every subnetwork of a search (masked fast path and physically
+pruned, against the dense model, interleaved in one process) and writes DIR/speed/<setting>.json,
+one file per device, dtype, batch and length setting. The parent of a multi-seed search writes
+one file whose subnetworks are named "seed_<s>/<subnet>".
+
+For every run of a report, `collect_speed` reads the rows of its subnetworks from
+<run>/speed/*.json and <run>/../speed/*.json; `speed_tables` aggregates them per setting, task
+and subnetwork (mean ± sample std over seeds) beside the subnetwork's dev scores (s-pruning, the
+summary's "pruned" and "retrained" entries), with the full model as the dense row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sparsebert.report.collect import ReportError, Stat, TaskResults
+from sparsebert.report.summaries import RunSummary, scores_of
+
+SPEED_DIR = "speed"
+SUBNETS = ("good", "random", "bad")
+
+
+@dataclass(frozen=True)
+class SpeedEntry:
+    """One subnetwork of one run, timed in one setting (times: median ms per batch)."""
+
+    setting: str  # one line naming device, dtype, batch, lengths, model
+    command: str  # the `sparsebert speed` command that measured it
+    task: str
+    seed: int
+    subnet: str
+    heads_kept: float  # fraction of heads kept, over all layers
+    ffn_kept: float  # fraction of FFN neurons kept
+    dense_ms: float  # the dense model (fast path, all heads), same run of the timer
+    masked_ms: float  # the masked model on the fast path
+    pruned_ms: float | None  # the physically pruned model
+    file: Path
+
+    @property
+    def masked_speedup(self) -> float:
+        return self.dense_ms / self.masked_ms
+
+    @property
+    def pruned_speedup(self) -> float | None:
+        return None if self.pruned_ms is None else self.dense_ms / self.pruned_ms
+
+
+def _load(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise ReportError(f"{file}: not a readable speed result ({error})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or not isinstance(
+            data.get("args"), dict):
+        raise ReportError(f"{file}: not a `sparsebert speed` result (no 'rows' and 'args')")
+    return data
+
+
+def _setting(data: dict[str, Any]) -> tuple[str, str]:
+    """(one-line setting, the command that measured it) of a speed result."""
+    a = data["args"]
+    lengths = data.get("lengths") or {}
+    mean = f" (mean {lengths['mean']:.1f} tokens)" if "mean" in lengths else ""
+    versions = data.get("versions") or {}
+    setting = (f"{data.get('device', a.get('device'))}, {data.get('dtype')}, batch {a.get('batch')}"
+               f", padded length {a.get('seq')}, lengths {a.get('lengths')}{mean}, model "
+               f"{a.get('model')}, torch {versions.get('torch', '?')}")
+    flags = [f"--run {a.get('run')}", f"--batch {a.get('batch')}", f"--seq {a.get('seq')}",
+             f"--lengths {a.get('lengths')}", f"--device {a.get('device')}",
+             f"--dtype {data.get('dtype')}"]
+    if a.get("threads"):
+        flags.append(f"--threads {a['threads']}")
+    return setting, "sparsebert speed " + " ".join(flags)
+
+
+def _time(rows: list[dict], file: Path, variant: str, subnet: str | None) -> float | None:
+    """Median ms of the unpadded (fast path) or pruned row of `variant` for `subnet`."""
+    for row in rows:
+        if row.get("variant") != variant or row.get("subnetwork") != subnet:
+            continue
+        if variant in ("dense", "masked") and not row.get("unpad", True):
+            continue
+        value = row.get("median_ms")
+        if not isinstance(value, (int, float)) or not value > 0:
+            raise ReportError(f"{file}: row {variant} {subnet or ''} has no positive median_ms")
+        return float(value)
+    return None
+
+
+def _entries_in(file: Path, run: RunSummary, prefix: str) -> list[SpeedEntry]:
+    """The run's subnetworks in one speed file (subnetwork names `prefix + subnet`)."""
+    data = _load(file)
+    rows = data["rows"]
+    dense = _time(rows, file, "dense", None)
+    setting, command = _setting(data)
+    out = []
+    for subnet in SUBNETS:
+        name = prefix + subnet
+        masked = _time(rows, file, "masked", name)
+        if masked is None:
+            continue
+        if dense is None:
+            raise ReportError(f"{file}: subnetwork rows but no dense row to compare them with")
+        kept = next((r for r in rows if r.get("subnetwork") == name), {})
+        out.append(SpeedEntry(setting, command, run.task, run.seed, subnet,
+                              float(kept.get("heads_kept", math.nan)),
+                              float(kept.get("ffn_kept", math.nan)), dense, masked,
+                              _time(rows, file, "pruned", name), file))
+    return out
+
+
+def collect_speed(results: Mapping[str, TaskResults]) -> list[SpeedEntry]:
+    """Every speed entry of the runs in `results`, in task, seed and subnetwork order."""
+    out: list[SpeedEntry] = []
+    for res in results.values():
+        for run in res.runs:
+            run_dir = run.path.parent
+            for folder, prefix in ((run_dir / SPEED_DIR, ""),
+                                   (run_dir.parent / SPEED_DIR, f"{run_dir.name}/")):
+                for file in sorted(folder.glob("*.json")):
+                    out += _entries_in(file, run, prefix)
+    return out
+
+
+def _score(run: RunSummary, subnet: str, stage: str) -> float | None:
+    entry = run.subnetworks.get("structured", {}).get(subnet) or {}
+    scores = scores_of(entry.get(stage))
+    return sum(scores) / len(scores) if scores else None
+
+
+def _fmt(stat: Stat | None, digits: int, suffix: str = "") -> str:
+    if stat is None:
+        return "—"
+    text = f"{stat.mean:.{digits}f}{suffix}"
+    return text if stat.std is None else text + f" ± {stat.std:.{digits}f}{suffix}"
+
+
+def speed_tables(results: Mapping[str, TaskResults], entries: list[SpeedEntry]) -> str:
+    """Markdown: per setting, a table of task x subnetwork with sizes, dev scores, times and
+    speed-ups (mean ± sample std over the seeds measured), the full model as the dense row."""
+    runs = {(r.task, r.seed): r for res in results.values() for r in res.runs}
+    parts = []
+    for setting in dict.fromkeys(e.setting for e in entries):
+        chosen = [e for e in entries if e.setting == setting]
+        commands = sorted({e.command for e in chosen})
+        header = ["task", "subnetwork", "seeds", "heads kept", "FFN kept",
+                  "dev score, no retraining", "dev score, retrained", "ms per batch", "speed-up, masked (fast path)",
+                  "speed-up, physically pruned"]
+        lines = [f"**{setting}**", "", "| " + " | ".join(header) + " |",
+                 "|" + "|".join([":--", ":--", "--:"] + ["--:"] * (len(header) - 3)) + "|"]
+        for task in results:
+            task_entries = [e for e in chosen if e.task == task]
+            if not task_entries:
+                continue
+            seeds = sorted({e.seed for e in task_entries})
+            full = Stat.of(runs[(task, s)].full_score for s in seeds)
+            dense = Stat.of({e.file: e.dense_ms for e in task_entries}.values())  # per file
+            lines.append(f"| {task} | full model (dense) | {len(seeds)} | 100% | 100% | "
+                         f"{_fmt(full, 3)} | — | {_fmt(dense, 1)} | 1.00x | — |")
+            for subnet in SUBNETS:
+                sub = [e for e in task_entries if e.subnet == subnet]
+                if not sub:
+                    continue
+                pruned_speedups = [e.pruned_speedup for e in sub if e.pruned_speedup is not None]
+                cells = [
+                    task, subnet, str(len(sub)),
+                    _fmt(Stat.of(100 * e.heads_kept for e in sub), 0, "%"),
+                    _fmt(Stat.of(100 * e.ffn_kept for e in sub), 0, "%"),
+                    _fmt(Stat.of(_score(runs[(task, e.seed)], subnet, "pruned") for e in sub), 3),
+                    _fmt(Stat.of(_score(runs[(task, e.seed)], subnet, "retrained")
+                                 for e in sub), 3),
+                    _fmt(Stat.of(e.masked_ms for e in sub), 1),
+                    _fmt(Stat.of(e.masked_speedup for e in sub), 2, "x"),
+                    _fmt(Stat.of(pruned_speedups), 2, "x"),
+                ]
+                lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "Measured with " + "; ".join(f"`{c}`" for c in commands) + "."]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+SPEED_NOTE = (
+    "Times are medians of interleaved repeats after warm-up, all rows of one file from one "
+    "process (so the ratios compare like with like); speed-up = dense time / subnetwork time. "
+    "'masked (fast path)' runs the patched model with its masks on compact weights "
+    "(`sparsebert.accelerate`); 'physically pruned' runs `sparsebert.prune`'s model. Heads kept "
+    "and FFN kept count every layer (an MLP switched off counts as 0% of its neurons). Only "
+    "s-pruning (heads + MLPs) changes the amount of dense work; m-pruning's unstructured "
+    "masks do not, so they are not timed.")
