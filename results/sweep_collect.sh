@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Copy the summaries of a sweep directory (default runs/sweep-cpu, git-ignored), and the
-# `sparsebert speed --run` results beside them (speed/*.json), into results/sweep/runs/, its sweep.json and per-unit times into results/sweep/, and write
-# results/sweep/report.md and figures/ from the copies, so the report regenerates from the
-# repository alone: sparsebert report results/sweep/runs --out results/sweep
+# Copy the summaries of a sweep directory (default runs/sweep-cpu, git-ignored) and the
+# `sparsebert speed --run` results beside them (speed/*.json) into DEST/runs/ (default
+# results/sweep), its sweep.json and per-unit times into DEST/, and write DEST/report.md and
+# figures/ from the copies, so the report regenerates from the repository alone:
+#   sparsebert report results/sweep/runs --out results/sweep
+# Usage: bash results/sweep_collect.sh [SWEEP_DIR [DEST]]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 src=${1:-runs/sweep-cpu}
-dest=results/sweep
+dest=${2:-results/sweep}
 sparsebert=${SPARSEBERT:-.venv/bin/sparsebert}
 python=${PYTHON:-.venv/bin/python}
 rm -rf "$dest/runs" "$dest/figures" && mkdir -p "$dest/runs"
