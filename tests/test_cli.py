@@ -51,14 +51,20 @@ def test_readme_main_command_runs_as_written(tiny, tmp_path):
     budget = (f" --model {tiny[0]} --max-train-examples 24 --epochs 1 --threads 1 --quiet "
               f"--magnitude-max-steps 2 --masking-amount 0.25 --eval-batch-size 256")
     command = command.replace(" search ", " search" + budget + " ", 1)
+    command = command.replace(" speed ", " speed --batch 4 --seq 16 --repeats 2 --warmup 1 "
+                              "--threads 1 --quiet ", 1)
     env = {k: v for k, v in os.environ.items() if k != "GLUE_DIR"}
     done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     out = re.search(r"--out (\S+)", command).group(1)
     assert (tmp_path / out / "summary.json").is_file()
-    assert (tmp_path / out / "report.md").is_file()
     assert f"{task} dev: acc" in done.stdout  # evaluate without GLUE_DIR: the run's data
+    # The subnetworks' timings, saved in the run, land in the report next to the scores.
+    assert [p.name for p in (tmp_path / out / "speed").glob("*.json")] == [
+        f"cpu-fp32-b4-s16-glue-{task.lower()}.json"]
+    report = (tmp_path / out / "report.md").read_text()
+    assert "## Speed of the subnetworks" in report and "speed_vs_score.png" in report
 
 
 def test_info(capsys):
