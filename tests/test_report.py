@@ -427,14 +427,16 @@ def test_speed_section_and_figure_from_speed_files(runs: Path, tmp_path: Path):
     rows = {tuple(c.strip() for c in line.strip("|").split("|"))[:2]:
             [c.strip() for c in line.strip("|").split("|")]
             for line in section.splitlines() if line.startswith("| MRPC")}
-    dense = rows[("MRPC", "full model (dense)")]
-    assert dense[2:6] == ["3", "100%", "100%", "0.820 ± 0.020"]  # MRPC full: 0.80, 0.82, 0.84
-    assert dense[7] == "50.0 ± 14.1"  # one dense time per file: 40 and 60 ms
+    full = rows[("MRPC", "full model")]
+    assert full[2:6] == ["3", "100%", "100%", "0.820 ± 0.020"]  # MRPC full: 0.80, 0.82, 0.84
+    # One full-model time per file: dense 40 and 60 ms, stock HF twice that.
+    assert full[7:11] == ["50.0 ± 14.1", "1.00x", "100.0 ± 28.3", "1.00x"]
     good = rows[("MRPC", "good")]
-    # speed-ups 40/20, 60/20, 60/30 = 2, 3, 2; pruned 40/25, 60/30, 60/30 = 1.6, 2, 2
     assert good[2:5] == ["3", "50% ± 0%", "25% ± 0%"]
     assert good[5] == "0.750 ± 0.030" and good[6] == "0.770 ± 0.000"  # s good P / R
-    assert good[8] == "2.33x ± 0.58x" and good[9] == "1.87x ± 0.23x"
+    # masked vs dense: 40/20, 60/20, 60/30 = 2, 3, 2; pruned vs stock: 80/25, 120/30, 120/30
+    assert good[8] == "2.33x ± 0.58x" and good[10] == "3.73x ± 0.46x"
+    assert good[9] == "28.3 ± 2.9"  # pruned ms: 25, 30, 30
     assert rows[("MRPC", "random")][2] == "1" and rows[("MRPC", "random")][8] == "4.00x"
     assert not any(task == "RTE" for task, _ in rows)  # RTE was not timed
     assert "sparsebert speed --run runs/x --batch 16 --seq 128" in section

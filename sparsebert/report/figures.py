@@ -396,7 +396,7 @@ def speed_vs_score(results: Mapping[str, TaskResults], entries: Sequence[SpeedEn
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
         ax.set_title(task, fontsize=9)
-        ax.set_xlabel("speed-up over the dense model (masked fast path)", fontsize=8)
+        ax.set_xlabel("speed-up over the full model (masked, fast path)", fontsize=8)
         ax.set_ylabel(f"dev {res.report_metric}", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
