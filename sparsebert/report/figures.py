@@ -362,14 +362,16 @@ SUBNET_COLORS = {"good": "tab:green", "random": "tab:blue", "bad": "tab:red"}
 
 def speed_vs_score(results: Mapping[str, TaskResults], entries: Sequence[SpeedEntry],
                    path: Path) -> Path | None:
-    """Per task, the dev score of each timed subnetwork (retrained; without retraining when it
-    was not retrained) against its measured speed-up over the dense model, one point per seed,
-    for the first setting measured; the full model at 1x."""
+    """Per task, the dev score of each timed subnetwork (retrained, and without retraining)
+    against its measured speed-up over the full model on the fast path, one point per seed, in
+    the first setting measured for the task; the full model at 1x."""
     if not entries:
         return None
-    setting = entries[0].setting
-    chosen = [e for e in entries if e.setting == setting]
-    tasks = [t for t in results if any(e.task == t for e in chosen)]
+    first = {}  # task -> its first setting
+    for e in entries:
+        first.setdefault(e.task, e.setting)
+    chosen = [e for e in entries if first[e.task] == e.setting]
+    tasks = [t for t in results if t in first]
     rows, cols = _grid(len(tasks), 3)
     fig = Figure(figsize=(max(7.0, 3.6 * cols + 0.4), 3.2 * rows + 1.3), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
@@ -395,7 +397,8 @@ def speed_vs_score(results: Mapping[str, TaskResults], entries: Sequence[SpeedEn
             ax.axhline(major.mean, color="grey", linestyle=":", linewidth=1.2)
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
-        ax.set_title(task, fontsize=9)
+        lengths = first[task].split(", lengths ", 1)[-1].split(", model ", 1)[0]
+        ax.set_title(f"{task}: lengths {lengths}", fontsize=8)
         ax.set_xlabel("speed-up over the full model (masked, fast path)", fontsize=8)
         ax.set_ylabel(f"dev {res.report_metric}", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -407,9 +410,10 @@ def speed_vs_score(results: Mapping[str, TaskResults], entries: Sequence[SpeedEn
                 Line2D([], [], marker="s", linestyle="", color="black", label="full model (1x)"),
                 Line2D([], [], color="grey", linestyle=":", label="majority class")]
     fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8)
-    device, rest = setting.split(", ", 1)
+    device, rest = chosen[0].setting.split(", ", 1)
+    common = rest.split(", lengths ", 1)[0]  # dtype, batch, padded length
     fig.suptitle("s-pruning subnetworks: dev score vs measured speed-up (one point per seed)\n"
-                 f"{device}\n{rest}", fontsize=9)
+                 f"{device}, {common}", fontsize=9)
     return _save(fig, path)
 
 
