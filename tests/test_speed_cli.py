@@ -95,6 +95,13 @@ def _mask_file(tmp_path, shape):
     return str(path)
 
 
+def _sweep_dir(tmp_path):
+    masks = tmp_path / "sweep" / "RTE" / "seed_1" / "structured" / "masks"
+    masks.mkdir(parents=True)
+    (masks / "good.json").write_text(json.dumps({"head_mask": np.ones((2, 4)).tolist()}))
+    return tmp_path / "sweep"
+
+
 PROBES = {  # name: (extra args (tmp_path -> list), expected text in the one error line)
     "cuda-without-cuda": (lambda tmp: ["--device", "cuda"], "--device cuda"),
     "mask-wrong-shape": (lambda tmp: ["--head-mask", _mask_file(tmp, (3, 4))], "--head-mask"),
@@ -103,6 +110,9 @@ PROBES = {  # name: (extra args (tmp_path -> list), expected text in the one err
     "mask-file-missing": (lambda tmp: ["--head-mask", str(tmp / "nope.json")], "--head-mask"),
     "seq-past-position-limit": (lambda tmp: ["--seq", "4096"], "--seq 4096"),
     "run-without-masks": (lambda tmp: ["--run", str(tmp)], "--run"),
+    "run-on-a-sweep-directory": (lambda tmp: ["--run", str(_sweep_dir(tmp))],
+                                 "a sweep directory; time one task's subnetworks at a time, "
+                                 "e.g. --run"),
     "two-mask-sources": (lambda tmp: ["--run", str(tmp), "--prune-heads", "0.5"],
                          "one source of masks"),
     "bad-lengths": (lambda tmp: ["--lengths", "zipf"], "--lengths"),
