@@ -190,7 +190,8 @@ def _add_report(subparsers) -> None:
         "report", help="the paper's table and figures from search directories",
         description="Aggregate search directories (tasks x seeds) into report.md (the paper's "
                     "table layout, mean +- std over seeds, the paper's numbers beside ours) "
-                    "and figures/*.png.")
+                    "and figures/*.png; subnetwork timings saved by `sparsebert speed --run` "
+                    "in the searches are shown next to their scores.")
     parser.add_argument("paths", nargs="+", help="search directories or parents of them")
     parser.add_argument("--out", default=None, help="output folder (default: the first path)")
 
