@@ -396,6 +396,13 @@ def speed_vs_score(results: Mapping[str, TaskResults], entries: Sequence[SpeedEn
         if major is not None:
             ax.axhline(major.mean, color="grey", linestyle=":", linewidth=1.2)
         ax.set_xscale("log", base=2)
+        # Ticks at powers of 2, finer when the points span less than 2 octaves.
+        span = max([1.0] + [e.masked_speedup for e in task_entries]) / min(
+            [1.0] + [e.masked_speedup for e in task_entries])
+        subs = (tuple(1.0 + 0.1 * k for k in range(10)) if span < 1.6 else
+                (1.0, 1.25, 1.5, 1.75) if span < 4 else (1.0,))
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2, subs=subs))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
         lengths = first[task].split(", lengths ", 1)[-1].split(", model ", 1)[0]
         ax.set_title(f"{task}: lengths {lengths}", fontsize=8)
