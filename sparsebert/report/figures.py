@@ -9,7 +9,7 @@
 * stability.png (>= 2 seeds): mean Jaccard and Fleiss' kappa of the head masks per task.
 * overlap.png (>= 2 tasks with >= 2 seeds): shared super-survivor heads, task x task.
 * speed_vs_score.png (runs timed by `sparsebert speed --run`): each s-pruning subnetwork's dev
-  score against its measured speed-up over the dense model.
+  score against its measured speed-up over the full model.
 
 Each function takes {task: TaskResults} and an output path and returns the path written (None
 when the figure does not apply); `write_figures` writes all that apply.

@@ -1,7 +1,7 @@
 """Real speed next to accuracy: the `sparsebert speed --run` measurements beside the runs.
 
 `sparsebert speed --run DIR` times every subnetwork of a search (masked fast path and physically
-pruned, against the dense model, interleaved in one process) and writes DIR/speed/<setting>.json,
+pruned, against the full model, interleaved in one process) and writes DIR/speed/<setting>.json,
 one file per device, dtype, batch and length setting. The parent of a multi-seed search writes
 one file whose subnetworks are named "seed_<s>/<subnet>".
 
@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from sparsebert.report.collect import ReportError, Stat, TaskResults
+from sparsebert.report.paper import SUBNETS
 from sparsebert.report.summaries import RunSummary, scores_of
 
 SPEED_DIR = "speed"
-SUBNETS = ("good", "random", "bad")
 
 
 @dataclass(frozen=True)
