@@ -32,8 +32,7 @@ from matplotlib.patches import Patch, Rectangle
 from sparsebert.atomic import atomic_write_with
 from sparsebert.report import paper
 from sparsebert.report.collect import TaskResults, stability, stats_module
-from sparsebert.report.speed import SpeedEntry
-from sparsebert.report.summaries import scores_of
+from sparsebert.report.speed import SpeedEntry, subnet_score
 
 DPI = 130
 PHASES = {0: ("full model", "black"), 1: ("phase 1: heads + MLPs", "tab:blue"),
@@ -382,11 +381,10 @@ def speed_vs_score(results: Mapping[str, TaskResults], entries: Sequence[SpeedEn
         res = results[task]
         task_entries = [e for e in chosen if e.task == task]
         for e in task_entries:
-            entry = runs[(task, e.seed)].subnetworks.get("structured", {}).get(e.subnet) or {}
-            retrained, pruned = scores_of(entry.get("retrained")), scores_of(entry.get("pruned"))
-            for scores, marker in ((retrained, "o"), (pruned, "^")):
-                if scores:
-                    ax.scatter(e.masked_speedup, sum(scores) / len(scores), marker=marker,
+            for stage, marker in (("retrained", "o"), ("pruned", "^")):
+                score = subnet_score(runs[(task, e.seed)], e.subnet, stage)
+                if score is not None:
+                    ax.scatter(e.masked_speedup, score, marker=marker,
                                color=SUBNET_COLORS[e.subnet], s=28, zorder=3,
                                facecolors="none" if marker == "^" else None)
         for seed in sorted({e.seed for e in task_entries}):

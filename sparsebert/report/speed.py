@@ -99,9 +99,9 @@ def _time(rows: list[dict], file: Path, variant: str, subnet: str | None) -> flo
     return None
 
 
-def _entries_in(file: Path, run: RunSummary, prefix: str) -> list[SpeedEntry]:
-    """The run's subnetworks in one speed file (subnetwork names `prefix + subnet`)."""
-    data = _load(file)
+def _entries_in(file: Path, data: dict[str, Any], run: RunSummary,
+                prefix: str) -> list[SpeedEntry]:
+    """The run's subnetworks in one loaded speed file (subnetwork names `prefix + subnet`)."""
     rows = data["rows"]
     dense = _time(rows, file, "dense", None)
     stock = _time(rows, file, "hf_eager", None)
@@ -125,17 +125,22 @@ def _entries_in(file: Path, run: RunSummary, prefix: str) -> list[SpeedEntry]:
 def collect_speed(results: Mapping[str, TaskResults]) -> list[SpeedEntry]:
     """Every speed entry of the runs in `results`, in task, seed and subnetwork order."""
     out: list[SpeedEntry] = []
+    loaded: dict[Path, dict[str, Any]] = {}  # a seeds' parent file serves every seed: read once
     for res in results.values():
         for run in res.runs:
             run_dir = run.path.parent
             for folder, prefix in ((run_dir / SPEED_DIR, ""),
                                    (run_dir.parent / SPEED_DIR, f"{run_dir.name}/")):
                 for file in sorted(folder.glob("*.json")):
-                    out += _entries_in(file, run, prefix)
+                    if file not in loaded:
+                        loaded[file] = _load(file)
+                    out += _entries_in(file, loaded[file], run, prefix)
     return out
 
 
-def _score(run: RunSummary, subnet: str, stage: str) -> float | None:
+def subnet_score(run: RunSummary, subnet: str, stage: str) -> float | None:
+    """Mean dev score of an s-pruning subnetwork's "pruned" or "retrained" entry (None if
+    absent)."""
     entry = run.subnetworks.get("structured", {}).get(subnet) or {}
     scores = scores_of(entry.get(stage))
     return sum(scores) / len(scores) if scores else None
@@ -183,8 +188,9 @@ def speed_tables(results: Mapping[str, TaskResults], entries: list[SpeedEntry]) 
                     task, subnet, str(len(sub)),
                     _fmt(Stat.of(100 * e.heads_kept for e in sub), 0, "%"),
                     _fmt(Stat.of(100 * e.ffn_kept for e in sub), 0, "%"),
-                    _fmt(Stat.of(_score(runs[(task, e.seed)], subnet, "pruned") for e in sub), 3),
-                    _fmt(Stat.of(_score(runs[(task, e.seed)], subnet, "retrained")
+                    _fmt(Stat.of(subnet_score(runs[(task, e.seed)], subnet, "pruned")
+                                 for e in sub), 3),
+                    _fmt(Stat.of(subnet_score(runs[(task, e.seed)], subnet, "retrained")
                                  for e in sub), 3),
                     _fmt(Stat.of(e.masked_ms for e in sub), 1),
                     _fmt(Stat.of(e.masked_speedup for e in sub), 2, "x"),
