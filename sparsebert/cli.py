@@ -302,7 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return SUBCOMMANDS[args.command][1](args)
-    except (SparsebertError, FileNotFoundError) as error:
+    except (SparsebertError, FileNotFoundError, PermissionError, IsADirectoryError,
+            NotADirectoryError) as error:  # user-fixable: a bad value, path or permission
         if debug_enabled(args):
             traceback.print_exc()
         return _fail(str(error))

@@ -264,8 +264,34 @@ def test_graph_buckets_without_capture(tiny_bert, tiny_dims, lengths):
     assert len(cache.graphs) <= 2
 
 
+def test_left_padding_runs_padded(shared_bert, tiny_dims):
+    """A left-padded batch: position 0 (the pooler's) is padding in some rows, so the batch runs
+    padded and every output equals the masked model's, logits and padded positions included."""
+    heads, mlps, neurons = _masks(tiny_dims, "some")
+    sparsebert.set_masks(shared_bert, head_mask=heads, mlp_mask=mlps, neuron_mask=neurons)
+    ids, mask = _batch(3, 9, tiny_dims.vocab, [9, 6, 2])
+    ids, mask = ids.flip(1), mask.flip(1)
+    fast = accelerate(shared_bert)
+    with torch.no_grad():
+        expected = shared_bert(input_ids=ids, attention_mask=mask)
+        got = fast(input_ids=ids, attention_mask=mask)
+        hidden = fast.encoder.packing_for(mask, 3, 9, torch.device("cpu"))
+    assert hidden.every_position and hidden.key_mask is not None
+    torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=1e-5)
+
+
+def test_wrapper_exposes_the_models_attributes(shared_bert, tmp_path):
+    fast = accelerate(shared_bert)
+    assert fast.device == shared_bert.device and fast.dtype == shared_bert.dtype
+    assert fast.num_labels == shared_bert.num_labels and fast.config is shared_bert.config
+    assert fast.save_pretrained.__self__ is shared_bert
+    with pytest.raises(AttributeError):
+        fast.no_such_attribute  # noqa: B018
+
+
 def test_default_model(default_model_dir):
-    """The real model: a layer without heads, MLPs off, half the heads and neurons masked."""
+    """The real model: a layer without heads, MLPs off, half the heads and neurons masked; then
+    every MLP off; unpadded and padded execution."""
     from sparsebert.hf.loading import load_model  # noqa: PLC0415
 
     model, _ = load_model(default_model_dir, num_labels=3, seed=0)
@@ -279,14 +305,18 @@ def test_default_model(default_model_dir):
     mlp_mask[[1, layers - 1]] = 0
     neuron_mask = (torch.rand(layers, config.intermediate_size, generator=gen) > 0.5).float()
     sparsebert.set_masks(model, head_mask=head_mask, mlp_mask=mlp_mask, neuron_mask=neuron_mask)
-    fast = accelerate(model)
-    for batch, seq, lengths in [(3, 13, [13, 7, 1]), (1, 1, None), (2, 11, None)]:
-        ids, mask = _batch(batch, seq, 1000, lengths)
-        ids[:, 0] = 101
-        with torch.no_grad():
-            expected = model(input_ids=ids, attention_mask=mask).logits
-        torch.testing.assert_close(fast(input_ids=ids, attention_mask=mask).logits, expected,
-                                   rtol=0, atol=1e-5)
+    variants = [accelerate(model), accelerate(model, unpad=False)]
+    for all_mlps_off in (False, True):
+        if all_mlps_off:
+            sparsebert.set_masks(model, head_mask=head_mask, mlp_mask=torch.zeros(layers))
+        for batch, seq, lengths in [(3, 13, [13, 7, 1]), (1, 1, None), (2, 11, None)]:
+            ids, mask = _batch(batch, seq, 1000, lengths)
+            ids[:, 0] = 101
+            with torch.no_grad():
+                expected = model(input_ids=ids, attention_mask=mask).logits
+            for fast in variants:
+                torch.testing.assert_close(fast(input_ids=ids, attention_mask=mask).logits,
+                                           expected, rtol=0, atol=1e-5)
 
 
 # ---- CUDA graphs (skipped without a GPU) ---------------------------------------------------

@@ -102,6 +102,20 @@ def _sweep_dir(tmp_path):
     return tmp_path / "sweep"
 
 
+def _unreadable_pt(tmp_path):
+    path = tmp_path / "masks.pt"
+    path.write_text("not a torch file")
+    return str(path)
+
+
+def _gpt2_dir(tmp_path):
+    """A saved config of a model type the fast path does not support."""
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    return str(folder)
+
+
 PROBES = {  # name: (extra args (tmp_path -> list), expected text in the one error line)
     "cuda-without-cuda": (lambda tmp: ["--device", "cuda"], "--device cuda"),
     "mask-wrong-shape": (lambda tmp: ["--head-mask", _mask_file(tmp, (3, 4))], "--head-mask"),
@@ -119,6 +133,15 @@ PROBES = {  # name: (extra args (tmp_path -> list), expected text in the one err
     "unknown-glue-task": (lambda tmp: ["--lengths", "glue:FOO"],
                           "--lengths 'glue:FOO': unknown GLUE task 'FOO'"),
     "bad-fraction": (lambda tmp: ["--prune-heads", "1.5"], "--prune-heads"),
+    "mask-file-unreadable": (lambda tmp: ["--head-mask", _unreadable_pt(tmp)],
+                             "cannot read it as a masks file"),
+    "mask-file-is-a-directory": (lambda tmp: ["--head-mask", str(tmp)], "is a directory"),
+    "json-is-a-directory": (lambda tmp: ["--json", str(tmp)], "--json"),
+    "json-under-a-file": (lambda tmp: ["--json", _mask_file(tmp, (2, 4)) + "/out.json"],
+                          "is not a directory"),
+    "unsupported-model-type": (lambda tmp: ["--model", _gpt2_dir(tmp)],
+                               "model type 'gpt2' is not supported"),
+    "model-dir-without-config": (lambda tmp: ["--model", str(tmp)], "no config.json"),
 }
 
 

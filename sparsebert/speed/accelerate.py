@@ -13,8 +13,11 @@ original weights are never modified, so masks stay reversible.
 
 Inference only: the forward runs without gradients and refuses training mode. Outputs: what the
 model returns, computed from the last hidden state, which holds zeros at padded positions (the
-model itself leaves values there that nobody should read); `output_hidden_states` /
-`output_attentions` are not supported (use the model itself).
+model itself leaves values there that nobody should read; `accelerate(model, unpad=False)`
+computes them as the model does); `output_hidden_states` / `output_attentions` are not supported
+(use the model itself). Left-padded batches run padded, so the pooler's first position is the
+model's. Any other attribute (`config`, `device`, `dtype`, `num_labels`, `save_pretrained`, ...)
+is the model's own.
 """
 
 from __future__ import annotations
@@ -80,6 +83,16 @@ class AcceleratedModel(nn.Module):
     @property
     def config(self):
         return self.model.config
+
+    def __getattr__(self, name: str):
+        """Parameters, buffers and submodules as nn.Module finds them; anything else is the
+        wrapped model's (device, dtype, num_labels, save_pretrained, ...)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model" or name.startswith("__"):
+                raise
+            return getattr(super().__getattr__("model"), name)
 
     def invalidate(self) -> None:
         self.encoder.invalidate()

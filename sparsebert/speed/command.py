@@ -13,6 +13,7 @@ Before timing, every sparsebert row's logits are compared with the masked model'
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -124,12 +125,37 @@ def check_args(args: argparse.Namespace) -> None:
         raise SpeedError(f"--warmup {args.warmup}: expected >= 0")
     if args.threads is not None and args.threads < 1:
         raise SpeedError(f"--threads {args.threads}: expected a positive integer")
+    if args.json is not None:
+        check_output_file("--json", Path(args.json))
     sources = [flag for flag, value in (("--head-mask", args.head_mask), ("--run", args.run))
                if value is not None]
     if args.prune_heads is not None or args.prune_ffn is not None:
         sources.append("--prune-heads/--prune-ffn")
     if len(sources) > 1:
         raise SpeedError(f"{' and '.join(sources)}: pass one source of masks")
+
+
+def check_output_file(flag: str, path: Path) -> None:
+    """Before any timing: `path` can be written (not a directory; its nearest existing parent
+    is a writable directory)."""
+    if path.is_dir():
+        raise SpeedError(f"{flag} {path}: is a directory (expected a file name)")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SpeedError(f"{flag} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SpeedError(f"{flag} {path}: {parent} is not writable")
+
+
+def write_result(flag: str, path: Path, result: dict[str, Any]) -> None:
+    """atomic_write_json with errors that name the flag."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, result)
+    except OSError as error:
+        raise SpeedError(f"{flag} {path}: cannot write it ({error.strerror or error})") from None
 
 
 def mask_sets(args: argparse.Namespace, shape: dict[str, int]) -> list[MaskSet]:
@@ -184,12 +210,12 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
     """Build every variant, check their outputs, time them interleaved; the JSON result."""
     check_args(args)
     device = resolve_device(args.device)
-    dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    dtype_name = args.dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[dtype_name]
     check_dtype(dtype_name, dtype, device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    repeats = args.repeats or (30 if device.type == "cuda" else 10)
+    repeats = args.repeats = args.repeats or (30 if device.type == "cuda" else 10)
     # Step 1: model, masks, batch.
     if args.model is None:
         args.model = run_model(args.run) if args.run is not None else "minilm"
@@ -286,12 +312,11 @@ def main(args: argparse.Namespace) -> int:
     print(format_table(result))
     for note in result["notes"]:
         print(f"note: {note}")
-    paths = [Path(args.json)] if args.json else []
+    outputs = [("--json", Path(args.json))] if args.json else []
     if args.run is not None and not args.no_save and is_search_dir(args.run):
-        paths.append(Path(args.run) / "speed" / f"{setting_slug(result)}.json")
-    for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, result)
+        outputs.append(("--run", Path(args.run) / "speed" / f"{setting_slug(result)}.json"))
+    for flag, path in outputs:
+        write_result(flag, path, result)
         print(f"wrote {path}")
     return 0
 

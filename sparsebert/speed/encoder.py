@@ -11,6 +11,9 @@ forward(hidden_states (B, S, hidden), attention_mask=None, ...) -> output with
 4. scatter back to (B, S, hidden) (zeros at padded positions, where the masked model has
    values nobody reads: compare real positions only).
 
+A batch with a padded first position in some row (left padding) runs padded instead: the
+pooler and classification heads read position 0, which unpadding would not compute.
+
 On CUDA, with `graphs=True`, steps 2-4 are captured once per (B, S, T bucket) and replayed
 (sparsebert.speed.graphs); any change of the compact weights drops the captured graphs.
 """
@@ -112,7 +115,10 @@ class FastEncoder(nn.Module):
                     device: torch.device) -> Packing:
         """The packing of a batch from whatever mask HF hands its encoder."""
         mask = to_key_padding_mask(attention_mask, batch, seq)  # (B, S) bool or None
-        if mask is None or not self.unpad:  # padded execution: attention masks the keys
+        if mask is None or not self.unpad or not bool(mask[:, 0].all()):
+            # padded execution (attention masks the keys): unpadding is off, or a row is
+            # left-padded, and the pooler / classification head reads position 0, which only
+            # padded execution computes
             return Packing.full(batch, seq, device, key_mask=mask)
         return Packing.from_mask(mask, bucket=self.bucket if self._use_graphs(device) else 0)
 

@@ -63,11 +63,30 @@ def load_speed_model(name: str, seed: int = 0) -> tuple[nn.Module, object | None
     from sparsebert.hf.loading import load_model  # noqa: PLC0415
 
     source = None if name in ("minilm", "default") else name
-    if source is not None and not Path(source).is_dir():
-        raise SpeedError(f"--model {name!r}: expected bert-base, minilm, or a local model "
-                         "directory (nothing is downloaded)")
+    if source is not None:
+        check_model_dir(name)
     model, tokenizer = load_model(source, num_labels=2, seed=seed)
     return model.eval(), tokenizer
+
+
+def check_model_dir(name: str) -> None:
+    """--model DIR must be a local directory of a model type the fast path supports."""
+    from sparsebert.hf.structure import STRUCTURES, supported_model_types  # noqa: PLC0415
+
+    folder = Path(name)
+    if not folder.is_dir():
+        raise SpeedError(f"--model {name!r}: expected bert-base, minilm, or a local model "
+                         "directory (nothing is downloaded)")
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except FileNotFoundError:
+        raise SpeedError(f"--model {name}: no config.json in it (expected a directory "
+                         "written by save_pretrained)") from None
+    except (OSError, ValueError, AttributeError) as error:
+        raise SpeedError(f"--model {name}: config.json cannot be read ({error})") from None
+    if model_type not in STRUCTURES:
+        raise SpeedError(f"--model {name}: model type {model_type!r} is not supported by the "
+                         f"fast path (supported: {', '.join(supported_model_types())})")
 
 
 def model_shape(model: nn.Module) -> dict[str, int]:
@@ -103,16 +122,23 @@ def random_masks(shape: dict[str, int], prune_heads: float, prune_ffn: float,
                    keep(shape["intermediate"], prune_ffn), source="--prune-heads/--prune-ffn")
 
 
-def _check_shape(flag: str, what: str, value, expected: tuple[int, ...]) -> torch.Tensor:
+_MASK_AXES = {"head_mask": "layers x heads", "mlp_mask": "layers",
+              "neuron_mask": "layers x FFN neurons"}
+
+
+def _check_shape(flag: str, source: str, what: str, value,
+                 expected: tuple[int, ...]) -> torch.Tensor:
+    """One mask of a masks file as a float tensor of the `expected` shape, values in [0, 1]."""
+    where = f"{flag} {source}"
     try:
         tensor = torch.as_tensor(np.asarray(value, dtype=np.float32))
     except (TypeError, ValueError):
-        raise SpeedError(f"{flag}: {what} is not a numeric array") from None
+        raise SpeedError(f"{where}: {what} is not a numeric array") from None
     if tuple(tensor.shape) != expected:
-        raise SpeedError(f"{flag}: {what} has shape {tuple(tensor.shape)}, but this model needs "
-                         f"{expected} (layers x heads); the masks are for another model")
+        raise SpeedError(f"{where}: {what} has shape {tuple(tensor.shape)}, but this model needs "
+                         f"{expected} ({_MASK_AXES[what]}); the masks are for another model")
     if bool(((tensor < 0) | (tensor > 1) | torch.isnan(tensor)).any()):
-        raise SpeedError(f"{flag}: {what} values must lie in [0, 1]")
+        raise SpeedError(f"{where}: {what} values must lie in [0, 1]")
     return tensor
 
 
@@ -122,11 +148,11 @@ def masks_from_dict(flag: str, data: dict, shape: dict[str, int], name: str,
     layers, heads, ffn = shape["layers"], shape["heads"], shape["intermediate"]
     if "head_mask" not in data:
         raise SpeedError(f"{flag} {source}: no head_mask in it (keys: {sorted(data)[:8]})")
-    head = _check_shape(flag, "head_mask", data["head_mask"], (layers, heads))
+    head = _check_shape(flag, source, "head_mask", data["head_mask"], (layers, heads))
     mlp = (torch.ones(layers) if data.get("mlp_mask") is None
-           else _check_shape(flag, "mlp_mask", data["mlp_mask"], (layers,)))
+           else _check_shape(flag, source, "mlp_mask", data["mlp_mask"], (layers,)))
     neuron = (torch.ones(layers, ffn) if data.get("neuron_mask") is None
-              else _check_shape(flag, "neuron_mask", data["neuron_mask"], (layers, ffn)))
+              else _check_shape(flag, source, "neuron_mask", data["neuron_mask"], (layers, ffn)))
     return MaskSet(name, head, mlp, neuron, source=source)
 
 
@@ -134,6 +160,9 @@ def masks_from_file(path: str, shape: dict[str, int]) -> MaskSet:
     """--head-mask FILE: JSON with head_mask (and mlp_mask / neuron_mask), or a (L, H) tensor
     saved with torch.save (.pt) or numpy (.npy)."""
     file = Path(path)
+    if file.is_dir():
+        raise SpeedError(f"--head-mask {path}: is a directory (expected a .json, .pt or .npy "
+                         "file; for a run directory use --run)")
     if not file.is_file():
         raise SpeedError(f"--head-mask {path}: no such file")
     try:
@@ -144,8 +173,9 @@ def masks_from_file(path: str, shape: dict[str, int]) -> MaskSet:
         else:
             loaded = torch.load(file, map_location="cpu", weights_only=True)
             data = loaded if isinstance(loaded, dict) else {"head_mask": loaded}
-    except (OSError, ValueError, RuntimeError) as error:
-        raise SpeedError(f"--head-mask {path}: cannot read it ({error})") from None
+    except Exception as error:  # noqa: BLE001 (json, numpy and pickle each raise their own)
+        first = (str(error).splitlines() or [type(error).__name__])[0]
+        raise SpeedError(f"--head-mask {path}: cannot read it as a masks file ({first})") from None
     if not isinstance(data, dict):
         raise SpeedError(f"--head-mask {path}: expected a JSON object with head_mask")
     return masks_from_dict("--head-mask", data, shape, file.stem, str(file))
