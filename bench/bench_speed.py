@@ -67,23 +67,29 @@ def row_key(row: dict) -> str:
 
 
 def compile_case(args) -> dict:
-    """Fast path eager vs torch.compile, full lengths, dense: compile time and medians."""
+    """The fast path (dense, lengths full) eager vs torch.compile, and on CUDA vs its CUDA
+    graphs (graph replay does not go through torch.compile): compile time and medians."""
     import sparsebert  # noqa: PLC0415
     from sparsebert.speed import accelerate  # noqa: PLC0415
     from sparsebert.speed.timing import summary, time_interleaved  # noqa: PLC0415
-    from sparsebert.speed.workload import load_speed_model, make_batch  # noqa: PLC0415
+    from sparsebert.speed.workload import DTYPES, load_speed_model, make_batch  # noqa: PLC0415
 
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     model, _ = load_speed_model(args.model)
-    model = sparsebert.patch(model.to(args.device))
+    model = sparsebert.patch(model.to(device=device, dtype=dtype))
     batch = make_batch(torch.full((args.batch,), args.seq).numpy(), args.seq,
-                       model.config.vocab_size, args.device)
-    eager, compiled = accelerate(model), accelerate(model, compile=True)
+                       model.config.vocab_size, device)
+    rows = {"eager": accelerate(model, graphs=False),
+            "compile": accelerate(model, graphs=False, compile=True)}
+    if device.type == "cuda":
+        rows["graphs"] = accelerate(model, graphs=True)
     t0 = time.perf_counter()
-    compiled(**batch)
+    rows["compile"](**batch)
     compile_s = time.perf_counter() - t0
-    samples = time_interleaved({"eager": lambda: eager(**batch),
-                                "compile": lambda: compiled(**batch)}, args.repeats, 2,
-                               torch.device(args.device), progress=False)
+    samples = time_interleaved({name: (lambda fast=fast: fast(**batch))
+                                for name, fast in rows.items()}, args.repeats, 2, device,
+                               progress=False)
     return {"compile_s": compile_s, **{k: summary(v) for k, v in samples.items()}}
 
 
@@ -107,7 +113,7 @@ def main(argv=None) -> None:
     device_type = args.device.split(":")[0]
     for threads in thread_counts:
         where = f", {threads} thread{'s' if threads > 1 else ''}" if threads else ""
-        for case in args.cases.split(","):
+        for case in filter(None, args.cases.split(",")):  # --cases '' with --compile: only it
             t0 = time.perf_counter()
             result = run_speed(speed_args(args, case, threads))
             result["wall_s"] = time.perf_counter() - t0
@@ -134,15 +140,20 @@ def main(argv=None) -> None:
             torch.set_num_threads(thread_counts[0])
         results["compile"] = comp = compile_case(args)
         ratio = comp["compile"]["median_ms"] / comp["eager"]["median_ms"]
-        extra = (f"\n### torch.compile vs eager (fast path, dense, lengths full, "
-                 f"{torch.get_num_threads()} threads)\n\n"
-                 f"compile time {comp['compile_s']:.0f} s; median {comp['compile']['median_ms']:.0f}"
-                 f" ms compiled vs {comp['eager']['median_ms']:.0f} ms eager ({ratio:.2f}x), "
-                 "interleaved\n")
+        where = f"{torch.get_num_threads()} threads" if device_type == "cpu" else args.device
+        extra = (f"\n### torch.compile vs eager (fast path, dense, lengths full, {where})\n\n"
+                 f"compile time {comp['compile_s']:.0f} s; median {comp['compile']['median_ms']:.2f}"
+                 f" ms compiled vs {comp['eager']['median_ms']:.2f} ms eager ({ratio:.2f}x)")
+        if "graphs" in comp:
+            extra += (f" vs {comp['graphs']['median_ms']:.2f} ms with CUDA graphs "
+                      f"({comp['graphs']['median_ms'] / comp['compile']['median_ms']:.2f}x "
+                      "compiled)")
+        extra += ", interleaved\n"
         print(extra)
     env = common.environment(args.device)
     env["load_average_end"] = [round(x, 1) for x in os.getloadavg()]
-    first = next(iter(results.values()))
+    first = next((r for r in results.values() if "dtype" in r),
+                 {"dtype": args.dtype or ("fp16" if device_type == "cuda" else "fp32")})
     title = (f"`sparsebert speed` targets: {args.model}, B={args.batch}, S={args.seq}, "
              f"{first['dtype']}, {args.prune:.0%} heads + {args.prune:.0%} FFN neurons masked "
              f"(random, same count per layer); on {env['device'].split(' (')[0]}; torch {env['torch']}, "

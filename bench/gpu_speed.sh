@@ -4,6 +4,7 @@
 #   B=32 S=128 full lengths: stock HF eager / + CUDA graph, dense, 50% heads + 50% FFN masked, pruned
 #   B=32 S=128 full lengths: the same with 75% + 75%
 #   B=128 S=128 lengths uniform in [S/4, S]: unpadded vs padded (50% + 50% for the masked rows)
+#   B=32 S=128 full lengths, dense fast path: eager vs CUDA graphs vs torch.compile
 # The extension is built first (the fast path itself runs PyTorch ops only, but the masked and
 # physically pruned models run sparsebert's attention op: without the CUDA kernels they would
 # time the pure-PyTorch reference); SPEED_BUILD=0 skips the build.
@@ -42,5 +43,9 @@ step speed-b32-75 120 "$out/speed.log" python3 bench/bench_speed.py "${common[@]
   --prune 0.75 --cases full --name speed-b32-p75; collect
 step speed-b128-uniform 150 "$out/speed.log" python3 bench/bench_speed.py "${common[@]}" \
   --batch 128 --prune 0.5 --cases uniform --name speed-b128-uniform; collect
+# Step 3: CUDA graphs vs torch.compile on the fast path (dense, B=32 S=128 full lengths).
+step speed-compile 240 "$out/speed.log" python3 bench/bench_speed.py "${common[@]}" --batch 32 \
+  --cases '' --compile --name speed-b32-compile; collect
 grep -h -A6 "^| target" "$out/speed.log" >> "$summary" 2>/dev/null
+grep -h -A3 "^### torch.compile" "$out/speed.log" >> "$summary" 2>/dev/null
 echo "total: $SECONDS s" | tee -a "$summary"

@@ -77,17 +77,25 @@ def patched_copy(model: nn.Module, masks: MaskSet | None) -> nn.Module:
 
 
 def stock_variants(model: nn.Module, batch: dict, device: torch.device) -> list[Variant]:
-    """hf_eager, and hf_graph on CUDA (a note instead when the forward cannot be captured)."""
-    out = [Variant("hf_eager", _logits(model, batch), None)]
-    if device.type == "cuda" and "attention_mask" in batch:
-        out[0].notes.append("hf_graph: not attempted for padded batches (the stock model's "
-                            "mask handling is not known to be capturable)")
-    elif device.type == "cuda":
-        try:
-            out.append(Variant("hf_graph", cuda_graph(_logits(model, batch), device), None))
-        except RuntimeError as error:  # e.g. a host sync inside the model's mask handling
-            torch.cuda.synchronize(device)
-            out[0].notes.append(f"hf_graph: the stock forward cannot be captured ({error})"[:200])
+    """hf_eager, and hf_graph on CUDA (a note instead when the forward cannot be captured, or
+    when the replay does not give the eager logits: a host-side decision baked into the graph)."""
+    eager = _logits(model, batch)
+    out = [Variant("hf_eager", eager, None)]
+    if device.type != "cuda":
+        return out
+    try:
+        replay = cuda_graph(eager, device)
+    except RuntimeError as error:  # e.g. a host sync inside the model's mask handling
+        torch.cuda.synchronize(device)
+        out[0].notes.append(f"hf_graph: the stock forward cannot be captured ({error})"[:200])
+        return out
+    expected, got = eager().float(), replay().float()
+    tolerance = 1e-3 * (1.0 + float(expected.abs().max()))
+    if not torch.allclose(got, expected, rtol=0, atol=tolerance):
+        out[0].notes.append("hf_graph: left out, its replay differs from the eager forward by "
+                            f"{float((got - expected).abs().max()):.1e}")
+        return out
+    out.append(Variant("hf_graph", replay, None))
     return out
 
 
