@@ -363,3 +363,121 @@ def test_ray_backend_same_results(reference, tiny_model_dir, synthetic_glue, tmp
     local = _results(reference[0])["SST-2/seed_3/summary.json"]
     assert mine["full"] == local["full"]
     assert mine["methods"]["structured"] == local["methods"]["structured"]
+
+
+def test_ray_cluster_probe_and_slots():
+    """--ray-address: a child process connects to the running cluster and reads its resources,
+    which size the slots (CPU slots of --threads CPUs, or GPUs x --per-gpu)."""
+    ray = pytest.importorskip("ray")
+    from sparsebert.sweep.driver import make_slots  # noqa: PLC0415
+    from sparsebert.sweep.ray_backend import probe_cluster  # noqa: PLC0415
+
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    try:
+        address = ray.get_runtime_context().gcs_address
+        resources = probe_cluster(address, timeout=60)
+    finally:
+        ray.shutdown()
+    assert resources["CPU"] == 3 and resources.get("GPU", 0) == 0
+    config = SweepConfig(backend="ray", ray_address=address)
+    slots = make_slots(config, TrainConfig(), resources)
+    assert [(s.device, s.threads) for s in slots] == [("cpu", 1)] * 3
+    assert len(make_slots(config, TrainConfig(threads=2), resources)) == 1
+    gpus = {"CPU": 32.0, "GPU": 2.0}
+    slots = make_slots(SweepConfig(backend="ray", ray_address=address, per_gpu=3),
+                       TrainConfig(), gpus)
+    assert [(s.device, s.threads) for s in slots] == [("cuda", 5)] * 6
+    with pytest.raises(SweepError, match="has no GPUs"):
+        make_slots(SweepConfig(backend="ray", ray_address=address, devices="cuda:0"),
+                   TrainConfig(), resources)
+
+
+def test_ray_address_that_is_not_ray_fails_within_the_deadline(tmp_path, capsys, monkeypatch):
+    """Something else listens at the address (here: a socket that accepts and never answers):
+    the probe is killed at its deadline, one line, exit 2, nothing written."""
+    pytest.importorskip("ray")
+    import socket  # noqa: PLC0415
+
+    from sparsebert.sweep import ray_backend  # noqa: PLC0415
+
+    monkeypatch.setattr(ray_backend, "PROBE_TIMEOUT_S", 8.0)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    out = tmp_path / "not-ray"
+    started = time.monotonic()
+    try:
+        code = main(["sweep", "--out", str(out), "--quiet", "--tasks", "RTE", "--seeds", "1",
+                     "--backend", "ray", "--ray-address", f"127.0.0.1:{port}"])
+    finally:
+        listener.close()
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"--ray-address 127.0.0.1:{port}" in err and "--backend local" in err
+    assert time.monotonic() - started < 30
+    assert not out.exists()
+
+
+def test_failed_unit_blocks_every_dependent(tiny_model_dir, synthetic_glue, tmp_path,
+                                            monkeypatch):
+    """A full fine-tune that fails for good blocks everything after it, transitively."""
+    monkeypatch.setenv("SPARSEBERT_SWEEP_FAIL", "full/*:9")
+    config, search, train = _configs(tiny_model_dir, synthetic_glue, seeds="3",
+                                     methods="structured", workers=1, retries=0)
+    outcome = sweep(tmp_path / "blocked", config, search, train, progress=False)
+    assert list(outcome.failed) == ["full/SST-2/3"]
+    assert sorted(outcome.blocked) == sorted(["search/SST-2/3/structured",
+                                              "pruned/SST-2/3/structured/good",
+                                              "retrained/SST-2/3/structured/good",
+                                              "summary/SST-2/3", "report"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "/no/such/model"], "/no/such/model"),
+    (["--tasks", "SST-2,RTE"], "RTE train split not found"),
+])
+def test_missing_inputs_refused_before_anything_is_written(flags, message, tiny_model_dir,
+                                                           synthetic_glue, tmp_path, capsys):
+    out = tmp_path / "inputs"
+    argv = _argv(tiny_model_dir, synthetic_glue, out)
+    assert main(argv + flags) == 2  # a later flag wins
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ('workers = "two"', "workers = 'two': expected an integer"),
+    ('super_survivors = "no"', "super_survivors = 'no': expected true or false"),
+    ("epochs = 1.5", "epochs = 1.5: expected an integer"),
+    ("lr = true", "lr = True: expected a number"),
+    ("out = 3", "out = 3: expected a directory path"),
+])
+def test_config_file_values_are_type_checked(text, message, tmp_path, capsys):
+    path = tmp_path / "sweep.toml"
+    path.write_text(text + "\n")
+    assert main(["sweep", "--out", str(tmp_path / "s"), "--quiet", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert main(["sweep", "--out", str(tmp_path / "s"), "--config", str(tmp_path)]) == 2
+    assert "--config" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_out_from_the_config_file_and_json_alone_on_stdout(reference, tiny_model_dir,
+                                                           synthetic_glue, tmp_path, capsys):
+    """`out` may come from --config; with --json, stdout is the outcome only (progress and
+    notes go to stderr); a finished sweep has nothing to do."""
+    out = tmp_path / "from-config"
+    shutil.copytree(reference[0], out)
+    path = tmp_path / "sweep.toml"
+    path.write_text(f'out = "{out}"\n')
+    argv = [a for a in _argv(tiny_model_dir, synthetic_glue, out) if a != "--quiet"]
+    at = argv.index("--out")
+    argv = argv[:at] + argv[at + 2:] + ["--config", str(path)]
+    assert main(argv + ["--json"]) == 0
+    total = len(reference[1].done)
+    outcome = json.loads(capsys.readouterr().out)
+    assert outcome["done"] == [] and len(outcome["skipped"]) == total
+    assert main(argv) == 0
+    assert f"nothing to do: all {total} units" in capsys.readouterr().out

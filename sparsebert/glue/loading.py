@@ -208,11 +208,24 @@ def load_split(task: str | GlueTask, split: str = "train",
     root = resolve_glue_dir(glue_dir)
     if root is None:
         return load_hub(task, split)
+    path = find_split_file(task, split, glue_dir)
+    reader = read_tsv if path.suffix == ".tsv" else read_jsonl
+    return reader(path, task, split)
+
+
+def find_split_file(task: str | GlueTask, split: str,
+                    glue_dir: str | os.PathLike | None = None) -> Path:
+    """The local file that holds `split` of `task` under `glue_dir` (else $GLUE_DIR), without
+    reading it; GlueError naming the paths looked for when there is none (or no folder)."""
+    task = get_task(task)
+    split = task.resolve_split(split)
+    root = resolve_glue_dir(glue_dir)
+    if root is None:
+        raise GlueError(f"no GLUE folder: pass --glue-dir or set {GLUE_DIR_ENV}")
     candidates = candidate_paths(task, split, root)
     for path in candidates:
         if path.is_file():
-            reader = read_tsv if path.suffix == ".tsv" else read_jsonl
-            return reader(path, task, split)
+            return path
     origin = "--glue-dir" if glue_dir else f"${GLUE_DIR_ENV}"
     raise GlueError(
         f"{task.name} {split} split not found under {root} (from {origin}): looked for "

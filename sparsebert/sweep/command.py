@@ -22,7 +22,8 @@ def add_sweep(subparsers) -> None:
                     "OUT/<task>/seed_<s>/ (as `sparsebert search`), OUT/<task>/super/ and "
                     "OUT/report.md. Rerunning the same command resumes; adding tasks or seeds "
                     "extends the sweep.")
-    parser.add_argument("--out", required=True, help="sweep directory (created if missing)")
+    parser.add_argument("--out", default=None,
+                        help="sweep directory (created if missing; or `out` in --config)")
     parser.add_argument("--config", default=None,
                         help="TOML file with any of these options (flags override it)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
@@ -37,20 +38,27 @@ def add_sweep(subparsers) -> None:
 def run_sweep(args: argparse.Namespace) -> int:
     from sparsebert.lottery.config import SearchConfig  # noqa: PLC0415
     from sparsebert.sweep import SweepConfig, sweep  # noqa: PLC0415
-    from sparsebert.sweep.config import read_config_file  # noqa: PLC0415
+    from sparsebert.sweep.config import SweepError, read_config_file  # noqa: PLC0415
     from sparsebert.train import TrainConfig  # noqa: PLC0415
 
     configs = []
     from_file = read_config_file(args.config) if args.config else {}
+    file_out = from_file.pop("out", None)
+    out = args.out or file_out
+    if out is None:
+        raise SweepError("--out: the sweep directory is required (or `out = ...` in --config)")
     for cls in (SweepConfig, SearchConfig, TrainConfig):
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in from_file.items() if k in names}
         values.update(overrides(args, cls))
         values.pop("method", None), values.pop("task", None), values.pop("seed", None)
         configs.append(cls(**values))
-    outcome = sweep(args.out, *configs, progress=not args.quiet)
+    outcome = sweep(out, *configs, progress=not args.quiet)
     if args.json:
         print(json.dumps(dataclasses.asdict(outcome), indent=2))
+    elif not (outcome.done or outcome.failed or outcome.blocked):
+        print(f"nothing to do: all {len(outcome.skipped)} units of this sweep were already "
+              f"done; report: {out}/report.md")
     else:
         print(f"{len(outcome.done)} units done, {len(outcome.skipped)} already done, "
               f"{len(outcome.failed)} failed, {len(outcome.blocked)} blocked by failures, "
@@ -59,7 +67,7 @@ def run_sweep(args: argparse.Namespace) -> int:
             print(f"  failed {unit_id} ({info['attempts']} attempts): {info['error']}")
         if outcome.failed:
             print(f"rerun the same command to retry them; details in "
-                  f"{args.out}/.sweep/failed/")
+                  f"{out}/.sweep/failed/")
         else:
-            print(f"report: {args.out}/report.md")
+            print(f"report: {out}/report.md")
     return 1 if outcome.failed else 0

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsebert.errors import ConfigError
-from sparsebert.flags import help_field
+from sparsebert.flags import field_type, help_field
 from sparsebert.glue.tasks import GlueError, get_task
 from sparsebert.lottery.config import METHODS, SearchConfig
 from sparsebert.train.config import TrainConfig, resolve_device
@@ -90,11 +90,15 @@ class SweepConfig:
             try:
                 resolve_device(name)
             except ConfigError as error:  # "--device NAME: why" -> "--devices LIST: NAME: why"
-                why = str(error).split(": ", 1)[-1]
+                why = str(error).split(": ", 1)[-1].replace("--device ", "--devices ")
                 raise SweepError(f"--devices {self.devices!r}: {name}: {why}") from None
         if "cpu" in names and len(names) > 1:
-            raise SweepError(f"--devices {self.devices!r}: cpu or CUDA devices, not both")
-        return [str(resolve_device(n)) for n in names]
+            raise SweepError(f"--devices {self.devices!r}: cpu (alone), or CUDA devices")
+        devices = [str(resolve_device(n)) for n in names]
+        if len(set(devices)) != len(devices):
+            raise SweepError(f"--devices {self.devices!r}: a device is listed twice (use "
+                             "--per-gpu to run more units on one GPU)")
+        return devices
 
     def validate(self) -> SweepConfig:
         self.task_list(), self.seed_list(), self.method_list()
@@ -106,6 +110,9 @@ class SweepConfig:
             raise SweepError(f"--per-gpu {self.per_gpu}: expected >= 1")
         if self.retries < 0:
             raise SweepError(f"--retries {self.retries}: expected >= 0")
+        if self.unit_memory_gb < 0:
+            raise SweepError(f"--unit-memory-gb {self.unit_memory_gb}: expected >= 0 "
+                             "(0 = no reservation)")
         if self.ray_address and self.backend != "ray":
             raise SweepError("--ray-address needs --backend ray")
         return self
@@ -129,6 +136,11 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise SweepError(f"--config {path}: no such file") from None
+    except (IsADirectoryError, UnicodeDecodeError) as error:
+        raise SweepError(f"--config {path}: not a TOML file ({error})") from None
+    except OSError as error:
+        raise SweepError(f"--config {path}: cannot read it ({error.strerror or error})") \
+            from None
     except tomllib.TOMLDecodeError as error:
         raise SweepError(f"--config {path}: not valid TOML ({error})") from None
     flat: dict[str, Any] = {}
@@ -146,4 +158,30 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         if key in flat:
             raise SweepError(f"--config {path}: {key!r} is set by the grid; use "
                              f"{key}s = ... instead")
-    return {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in flat.items()}
+    classes = {f.name: cls for cls in (SweepConfig, SearchConfig, TrainConfig)
+               for f in dataclasses.fields(cls)}
+    return {key: _typed(path, key, value, classes[key]) for key, value in flat.items()
+            if key != "out"} | ({"out": _typed_out(path, flat["out"])} if "out" in flat else {})
+
+
+def _typed(path: Path, key: str, value: Any, cls: type) -> Any:
+    """A config file's value for field `key` of `cls`, checked against the field's type (lists
+    of a comma-separated field joined; ints accepted for floats and for list fields)."""
+    kind = field_type(cls, key)
+    if isinstance(value, list) and kind is str:
+        value = ",".join(map(str, value))
+    ok = {bool: isinstance(value, bool),
+          int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, (str, int)) and not isinstance(value, bool)}.get(kind, True)
+    if not ok:
+        expected = {bool: "true or false", int: "an integer", float: "a number",
+                    str: "a string"}[kind]
+        raise SweepError(f"--config {path}: {key} = {value!r}: expected {expected}")
+    return float(value) if kind is float else str(value) if kind is str else value
+
+
+def _typed_out(path: Path, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise SweepError(f"--config {path}: out = {value!r}: expected a directory path")
+    return value

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,15 @@ from sparsebert.train.evaluate import data_source
 MAX_CPU_WORKERS = 4
 
 
-def make_slots(config: SweepConfig, train: TrainConfig) -> list[Slot]:
+def make_slots(config: SweepConfig, train: TrainConfig,
+               cluster: dict[str, float] | None = None) -> list[Slot]:
     """Workers per device: on the CPU, `workers` slots sharing the cores (threads each:
     --threads, else cores // workers); on GPUs, per_gpu slots per device (or `workers` in
-    all, round-robin over the devices)."""
-    devices = config.device_list() if not config.ray_address else _cluster_devices(config)
+    all, round-robin over the devices). `cluster`: the resources of a running Ray cluster
+    (--ray-address), whose CPUs and GPUs size the slots instead of this machine's."""
+    if cluster is not None:
+        return _cluster_slots(config, train, cluster)
+    devices = config.device_list()
     cores = os.cpu_count() or 1
     if devices == ["cpu"]:
         workers = config.workers or max(1, min(cores, MAX_CPU_WORKERS))
@@ -37,14 +42,40 @@ def make_slots(config: SweepConfig, train: TrainConfig) -> list[Slot]:
     return [Slot(i, devices[i % len(devices)], threads) for i in range(workers)]
 
 
-def _cluster_devices(config: SweepConfig) -> list[str]:
-    """On a Ray cluster the driver's machine may have no GPU: cpu or cuda, unchecked here."""
+def _cluster_slots(config: SweepConfig, train: TrainConfig,
+                   cluster: dict[str, float]) -> list[Slot]:
+    """Slots on a running Ray cluster: GPUs x --per-gpu GPU slots (devices auto or cuda*), or
+    CPU slots of --threads (default 1) CPUs each, as many as the cluster's CPUs hold."""
     names = [d.strip() for d in config.devices.split(",") if d.strip()]
-    if names in (["auto"], ["cpu"]):
-        return ["cpu"] if names == ["cpu"] else ["cuda"]
-    if not all(n == "cuda" or n.startswith("cuda:") for n in names):
+    gpus, cpus = int(cluster.get("GPU", 0)), max(1, int(cluster.get("CPU", 1)))
+    if not names or not all(n in ("auto", "cpu", "cuda") or n.startswith("cuda:")
+                            for n in names):
         raise SweepError(f"--devices {config.devices!r}: expected cpu, auto or cuda devices")
-    return ["cuda"]
+    wants_gpu = names != ["cpu"] and (names != ["auto"] or gpus > 0)
+    if wants_gpu and gpus == 0:
+        raise SweepError(f"--devices {config.devices!r}: the Ray cluster at "
+                         f"{config.ray_address} has no GPUs (resources: {cpus} CPUs); use "
+                         "--devices cpu")
+    if wants_gpu:
+        workers = config.workers or config.per_gpu * gpus
+        threads = train.threads or max(1, cpus // workers)
+        return [Slot(i, "cuda", threads) for i in range(workers)]
+    threads = train.threads or 1
+    workers = config.workers or max(1, cpus // threads)
+    return [Slot(i, "cpu", threads) for i in range(workers)]
+
+
+def check_inputs(grid: Grid, train: TrainConfig) -> None:
+    """Before anything is written: the model loads (a local directory holds config.json) and,
+    with a local GLUE folder, every task's train and dev files are there."""
+    from sparsebert.glue.loading import find_split_file, resolve_glue_dir  # noqa: PLC0415
+    from sparsebert.hf.loading import preflight_model  # noqa: PLC0415
+
+    preflight_model(train.model)
+    if resolve_glue_dir(train.glue_dir) is not None:  # else the hub, checked by each unit
+        for task in grid.tasks:
+            for split in ("train", "dev"):
+                find_split_file(task, split, train.glue_dir)
 
 
 def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
@@ -68,17 +99,19 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
     train.glue_dir = data_source(train.glue_dir).get("path")
     grid = Grid(tuple(config.task_list()), tuple(config.seed_list()), tuple(methods),
                 tuple(search.subnet_list()), search.retrain, config.super_survivors)
+    check_inputs(grid, train)
     units = expand(grid)
-    slots = make_slots(config, train)  # checks the devices before anything is written
+    cluster = None
     if config.backend == "ray":
         from sparsebert.sweep.ray_backend import preflight  # noqa: PLC0415
 
-        preflight(config.ray_address)  # Ray installed, the cluster reachable: before any write
+        cluster = preflight(config.ray_address)  # Ray installed, the cluster answers
+    slots = make_slots(config, train, cluster)  # checks the devices
     out = Path(out).resolve()
     state = SweepDir(out)
     notes = state.open(identity(grid, search, train))
     for note in notes if progress else []:
-        tqdm.write(note)
+        tqdm.write(note, file=sys.stderr)
     base: dict[str, Any] = {"out": str(out), "search": search.to_json(),
                             "train": train.to_json(), "seeds": list(grid.seeds),
                             "reports": config.reports}
@@ -91,6 +124,7 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
         if any(u.id not in done for u in units):  # else nothing to start
             backend = _backend(config, slots)
         outcome = Scheduler(units, state, backend, base, config.retries, progress).run()
+        outcome.notes = list(notes)
         status = "failed" if outcome.failed else "finished"
         return outcome
     finally:

@@ -10,7 +10,12 @@ the task), so a unit is counted and reported the same on both backends.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -18,6 +23,15 @@ from sparsebert.sweep.config import SweepError
 from sparsebert.sweep.local import Event, Slot, error_info
 
 CONNECT_TIMEOUT_S = 5.0
+PROBE_TIMEOUT_S = 30.0  # a child process connects to the cluster within this, or is killed
+_PROBE = """
+import json, sys
+import ray
+ray.init(address=sys.argv[1], include_dashboard=False, log_to_driver=False,
+         logging_level="ERROR")
+print("RESOURCES " + json.dumps(ray.cluster_resources()), flush=True)
+ray.shutdown()
+"""
 
 
 def check_reachable(address: str) -> None:
@@ -38,14 +52,44 @@ def check_reachable(address: str) -> None:
                          ) from None
 
 
-def preflight(address: str | None) -> None:
-    """Ray importable and (with an address) a cluster listening there, else SweepError."""
+def probe_cluster(address: str, timeout: float | None = None) -> dict[str, float]:
+    """The total resources ({"CPU": n, "GPU": m, ...}) of the Ray cluster at `address`, from a
+    child process that connects to it: ray.init keeps retrying for minutes against a port
+    where something else listens (or a stale `auto` address), so the child gets `timeout`
+    seconds and is then killed with its process group; any failure is a SweepError."""
+    timeout = PROBE_TIMEOUT_S if timeout is None else timeout
+    child = subprocess.Popen(
+        [sys.executable, "-c", _PROBE, address], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "RAY_BACKEND_LOG_LEVEL": "error"})
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        raise SweepError(f"--ray-address {address}: no Ray cluster answered within "
+                         f"{timeout:.0f} s (is it the head's GCS address, port 6379 by "
+                         "default, not the dashboard's?); use --backend local") from None
+    for line in out.splitlines():
+        if line.startswith("RESOURCES "):
+            return json.loads(line[len("RESOURCES "):])
+    lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error" in ln.split(":", 1)[0]] or lines or ["no output"]
+    raise SweepError(f"--ray-address {address}: cannot connect ({errors[-1][:300]}); "
+                     "use --backend local")
+
+
+def preflight(address: str | None) -> dict[str, float] | None:
+    """Ray importable and (with an address) a cluster that answers there, else SweepError;
+    returns the cluster's resources (None for the local instance the sweep starts)."""
     try:
         import ray  # noqa: F401, PLC0415
     except ImportError:
         raise SweepError("--backend ray needs Ray: pip install 'sparsebert[ray]'") from None
-    if address:
-        check_reachable(address)
+    if not address:
+        return None
+    check_reachable(address)
+    return probe_cluster(address)
 
 
 def _run_unit(spec: dict[str, Any]) -> dict[str, Any]:
@@ -61,8 +105,8 @@ class RayBackend:
 
     def __init__(self, slots: list[Slot], address: str | None, per_gpu: int,
                  memory_gb: float) -> None:
-        preflight(address)
-        import ray  # noqa: PLC0415
+        import ray  # noqa: PLC0415 (preflight, before the sweep directory was opened, checked
+        # that Ray imports and that the cluster at `address` answers)
 
         self.ray, self.slots = ray, slots
         self.per_gpu, self.memory_gb = per_gpu, memory_gb

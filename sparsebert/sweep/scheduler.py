@@ -6,6 +6,7 @@ failed for good (their dependents are skipped); show done / running / failed and
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ class Outcome:
     blocked: list[str] = field(default_factory=list)    # a dependency failed for good
     retried: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
+    notes: list[str] = field(default_factory=list)      # e.g. what extending the sweep added
 
 
 class Scheduler:
@@ -87,16 +89,13 @@ class Scheduler:
         changed, last_postfix = True, ""
 
         def log(text: str) -> None:
-            if self.progress:
-                tqdm.write(text)
+            if self.progress:  # stderr, as the bar: stdout stays the command's result
+                tqdm.write(text, file=sys.stderr)
 
         while True:
             ready = [i for i in self.order if i not in finished and i not in running
                      and i not in dead and all(d in finished for d in self.units[i].deps)]
-            for i in [i for i in self.order if i not in finished and i not in dead
-                      and any(d in dead for d in self.units[i].deps)]:
-                dead.add(i)
-                outcome.blocked.append(i)
+            self._block_dependents(finished, dead, outcome)
             for slot in self.backend.idle() if ready else []:
                 if not ready:
                     break
@@ -151,6 +150,18 @@ class Scheduler:
         bar.close()
         outcome.wall_s = time.perf_counter() - started
         return outcome
+
+    def _block_dependents(self, finished: set[str], dead: set[str], outcome: Outcome) -> None:
+        """Every unit that depends on a dead one, directly or through others, is blocked."""
+        changed = True
+        while changed:
+            changed = False
+            for i in self.order:
+                if i not in finished and i not in dead and any(
+                        d in dead for d in self.units[i].deps):
+                    dead.add(i)
+                    outcome.blocked.append(i)
+                    changed = True
 
     def _pick(self, ready: list[str], slot) -> Unit:
         """The highest-ranked ready unit, or a warm one for this worker at similar rank."""
