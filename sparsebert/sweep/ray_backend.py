@@ -111,7 +111,8 @@ class RayBackend:
         self.ray, self.slots = ray, slots
         self.per_gpu, self.memory_gb = per_gpu, memory_gb
         self.started = not ray.is_initialized()
-        options = {"include_dashboard": False, "log_to_driver": False}
+        options = {"include_dashboard": False, "log_to_driver": False,
+                   "logging_level": "WARNING"}  # no connection banners in the sweep's output
         try:
             if self.started and address:
                 ray.init(address=address, **options)
