@@ -24,10 +24,10 @@ AttentionShape check_masked_attention_inputs(const at::Tensor& q, const at::Tens
   SB_CHECK_ARG(v.sizes() == k.sizes(), "v", "expected the shape of k ", shape_str(k.sizes()),
                ", got ", shape_str(v.sizes()));
   check_float_dtype(q, "q");
-  SB_CHECK_ARG(k.scalar_type() == q.scalar_type(), "k", "expected dtype ", q.scalar_type(),
-               " like q, got ", k.scalar_type());
-  SB_CHECK_ARG(v.scalar_type() == q.scalar_type(), "v", "expected dtype ", q.scalar_type(),
-               " like q, got ", v.scalar_type());
+  SB_CHECK_ARG(k.scalar_type() == q.scalar_type(), "k", "expected dtype ",
+               dtype_str(q.scalar_type()), " like q, got ", dtype_str(k.scalar_type()));
+  SB_CHECK_ARG(v.scalar_type() == q.scalar_type(), "v", "expected dtype ",
+               dtype_str(q.scalar_type()), " like q, got ", dtype_str(v.scalar_type()));
   check_same_device(k, q, "k", "q");
   check_same_device(v, q, "v", "q");
 
@@ -44,7 +44,7 @@ AttentionShape check_masked_attention_inputs(const at::Tensor& q, const at::Tens
   if (key_padding_mask.has_value()) {
     const at::Tensor& m = *key_padding_mask;
     SB_CHECK_ARG(m.scalar_type() == at::kBool, "key_padding_mask",
-                 "expected a bool tensor (true = real token), got ", m.scalar_type());
+                 "expected a bool tensor (true = real token), got ", dtype_str(m.scalar_type()));
     SB_CHECK_ARG(m.dim() == 2 && m.size(0) == s.batch && m.size(1) == s.kv_len, "key_padding_mask",
                  "expected shape (B, S) = (", s.batch, ", ", s.kv_len, "), got ",
                  shape_str(m.sizes()));
@@ -66,15 +66,16 @@ void check_masked_attention_backward_inputs(const AttentionShape& s, const at::T
                ", got ", shape_str(dout.sizes()));
   SB_CHECK_ARG(out.sizes() == q.sizes(), "out", "expected the shape of q ", shape_str(q.sizes()),
                ", got ", shape_str(out.sizes()));
-  SB_CHECK_ARG(dout.scalar_type() == q.scalar_type(), "dout", "expected dtype ", q.scalar_type(),
-               ", got ", dout.scalar_type());
-  SB_CHECK_ARG(out.scalar_type() == q.scalar_type(), "out", "expected dtype ", q.scalar_type(),
-               ", got ", out.scalar_type());
+  SB_CHECK_ARG(dout.scalar_type() == q.scalar_type(), "dout", "expected dtype ",
+               dtype_str(q.scalar_type()), ", got ", dtype_str(dout.scalar_type()));
+  SB_CHECK_ARG(out.scalar_type() == q.scalar_type(), "out", "expected dtype ",
+               dtype_str(q.scalar_type()), ", got ", dtype_str(out.scalar_type()));
   const auto stat_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   SB_CHECK_ARG(lse.scalar_type() == stat_type && lse.dim() == 3 && lse.size(0) == s.batch &&
                    lse.size(1) == s.heads && lse.size(2) == s.q_len && lse.is_contiguous(),
-               "lse", "expected a contiguous ", stat_type, " (B, H, S) = (", s.batch, ", ", s.heads, ", ",
-               s.q_len, "), got ", lse.scalar_type(), " ", shape_str(lse.sizes()));
+               "lse", "expected a contiguous ", dtype_str(stat_type), " (B, H, S) = (", s.batch,
+               ", ", s.heads, ", ", s.q_len, "), got ", dtype_str(lse.scalar_type()), " ",
+               shape_str(lse.sizes()));
   check_same_device(dout, q, "dout", "q");
   check_same_device(out, q, "out", "q");
   check_same_device(lse, q, "lse", "q");

@@ -50,6 +50,9 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.register_fake(f"{NAMESPACE}::masked_attention")
 def _masked_attention_fake(q, k, v, head_gate, key_padding_mask, scale):
+    # the kernels' shape, dtype and device checks, so that a traced graph fails where the op
+    # is called (values, e.g. a fully padded row, are unknown here)
+    _validate_masked_attention(q, k, v, head_gate, key_padding_mask, check_padding_rows=False)
     batch, q_len, heads, head_dim = q.shape
     out = q.new_empty((batch, q_len, heads, head_dim))
     lse = q.new_empty((batch, heads, q_len), dtype=_stat_dtype(q.dtype))
@@ -58,6 +61,8 @@ def _masked_attention_fake(q, k, v, head_gate, key_padding_mask, scale):
 
 @torch.library.register_fake(f"{NAMESPACE}::masked_attention_compact")
 def _masked_attention_compact_fake(q, k, v, head_gate, kept_heads, key_padding_mask, scale):
+    _validate_masked_attention(q, k, v, head_gate, key_padding_mask, check_padding_rows=False)
+    _validate_kept_heads(kept_heads, q)
     batch, q_len, _, head_dim = q.shape
     kept = kept_heads.shape[0]
     out = q.new_empty((batch, q_len, kept, head_dim))
@@ -200,6 +205,20 @@ def _validate_masked_attention(
         _check_padding_rows(key_padding_mask, q)
 
 
+def _validate_kept_heads(kept_heads: Tensor, q: Tensor) -> None:
+    """masked_attention_compact's index: 1-d int64/int32 on q's device (values unchecked)."""
+    if kept_heads.dim() != 1 or kept_heads.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            "masked_attention_compact: 'kept_heads' must be a 1-d int64/int32 tensor, got "
+            f"{kept_heads.dtype} {tuple(kept_heads.shape)}"
+        )
+    if kept_heads.device != q.device:
+        raise ValueError(
+            f"masked_attention_compact: 'kept_heads' must be on q's device {q.device}, got "
+            f"{kept_heads.device}"
+        )
+
+
 def _check_padding_rows(key_padding_mask: Tensor, q: Tensor) -> None:
     """Reject a fully padded row of key_padding_mask (reads the mask: a device sync on CUDA;
     skipped under CUDA graph capture and torch.compile, and for malformed masks, which the
@@ -258,8 +277,8 @@ def masked_attention(
         # Reference path: Python checks, then the CompositeExplicitAutograd reference.
         _validate_masked_attention(q, k, v, head_gate, key_padding_mask, check_padding_rows)
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    elif check_padding_rows and key_padding_mask is not None:
-        _check_padding_rows(key_padding_mask, q)
+    elif check_padding_rows and key_padding_mask is not None and q.device.type != "cpu":
+        _check_padding_rows(key_padding_mask, q)  # the native CPU kernel checks by itself
     if scale is None:
         # D < 1 is rejected by the checks (native or Python) with a message naming q's shape.
         scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
@@ -273,8 +292,10 @@ def masked_attention(
 class _ZeroGateGrad(torch.autograd.Function):
     """Identity on masked_attention's output whose backward adds the gate gradient where the
     gate is exactly 0: d_head_gate[b, h] = sum_{s, d} ctx[b, s, h, d] * dout[b, s, h, d], with
-    ctx the head's ungated attention, computed here (masked_attention_compact over those heads
-    only, gate 1). Where the gate is nonzero the op's own backward already gives the gradient."""
+    ctx the head's ungated attention, computed here by masked_attention with the gate
+    (gate == 0): those heads at gate 1, every other head skipped. Shapes do not depend on the
+    gate's values (torch.compile traces it whole). Where the gate is nonzero the op's own
+    backward already gives the gradient."""
 
     @staticmethod
     def forward(ctx, out, head_gate, q, k, v, key_padding_mask, scale):
@@ -286,25 +307,15 @@ class _ZeroGateGrad(torch.autograd.Function):
     def backward(ctx, grad_out):
         head_gate, q, k, v, key_padding_mask = ctx.saved_tensors
         zero = head_gate == 0  # (H,) or (B, H)
-        heads = (zero if zero.dim() == 1 else zero.any(0)).nonzero().flatten()  # (P,)
-        d_gate = None
-        if heads.numel():
-            with torch.no_grad():
-                ones = head_gate.new_ones(q.shape[2])
-                ctx_zero = masked_attention_compact(
-                    q, k, v, ones, heads, key_padding_mask, ctx.scale
-                )  # (B, Sq, P, D)
-                acc = _stat_dtype(q.dtype)
-                per_example = (
-                    grad_out.index_select(2, heads).to(acc) * ctx_zero.to(acc)
-                ).sum((1, 3))  # (B, P)
-                full = per_example.new_zeros(q.shape[0], q.shape[2])  # (B, H)
-                full[:, heads] = per_example
-                if head_gate.dim() == 1:
-                    d_gate = torch.where(zero, full.sum(0), 0.0)  # (H,)
-                else:
-                    d_gate = torch.where(zero, full, 0.0)  # (B, H)
-                d_gate = d_gate.to(head_gate.dtype)
+        with torch.no_grad():
+            ctx_zero = _masked_attention_op(
+                q, k, v, zero.to(head_gate.dtype), key_padding_mask, ctx.scale
+            )[0]  # (B, Sq, H, D): the gate-0 heads' attention, zeros elsewhere
+            acc = _stat_dtype(q.dtype)
+            per_example = (grad_out.to(acc) * ctx_zero.to(acc)).sum((1, 3))  # (B, H)
+            if head_gate.dim() == 1:
+                per_example = per_example.sum(0)  # (H,)
+            d_gate = torch.where(zero, per_example, 0.0).to(head_gate.dtype)
         return grad_out, d_gate, None, None, None, None, None
 
 
@@ -334,11 +345,7 @@ def masked_attention_compact(
         )
     if not NATIVE_AUTOGRAD:
         _validate_masked_attention(q, k, v, head_gate, key_padding_mask)
-        if kept_heads.dim() != 1 or kept_heads.dtype not in (torch.int64, torch.int32):
-            raise ValueError(
-                "masked_attention_compact: 'kept_heads' must be a 1-d int64/int32 tensor, got "
-                f"{kept_heads.dtype} {tuple(kept_heads.shape)}"
-            )
+        _validate_kept_heads(kept_heads, q)
         heads = q.shape[2]
         in_range = (kept_heads >= 0) & (kept_heads < heads)
         if kept_heads.numel() and not kept_heads.is_cuda and not bool(in_range.all()):
@@ -465,6 +472,33 @@ if not NATIVE_AUTOGRAD:
         setup_context=_masked_attention_setup_context,
     )
 _masked_attention_op = torch.ops.sparsebert.masked_attention.default
+
+
+def _not_differentiable(what: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"sparsebert: {what}")
+
+    return backward
+
+
+# First-order only: differentiating masked_attention's backward (create_graph=True, then a
+# second backward) and masked_attention_compact (forward only) raise instead of giving zeros.
+torch.library.register_autograd(
+    f"{NAMESPACE}::masked_attention_backward",
+    _not_differentiable(
+        "masked_attention is differentiable once: its backward has no derivative (second "
+        "derivatives, e.g. gradient penalties, are not supported)"
+    ),
+    setup_context=lambda ctx, inputs, output: None,
+)
+torch.library.register_autograd(
+    f"{NAMESPACE}::masked_attention_compact",
+    _not_differentiable(
+        "masked_attention_compact is forward-only (the inference fast path); use "
+        "masked_attention for gradients"
+    ),
+    setup_context=lambda ctx, inputs, output: None,
+)
 
 
 def native_dispatch_keys(op_name: str) -> list[str]:

@@ -5,7 +5,8 @@
 // strided (B, S, H, D) inputs into thread-local buffers in the accumulation type (fp32, or fp64
 // for fp64), then processes queries in blocks of kQueryBlock rows: BLAS GEMMs for q k^T and
 // P v, a vectorised row softmax in between. The backward recomputes P from the saved
-// log-sum-exp and also produces d_head_gate = sum(dout . ctx) from delta = rowsum(dout . out).
+// log-sum-exp and also produces d_head_gate = sum(dout . ctx) from the row sums of P * (dout v^T)
+// (no division by the gate, no read of the stored output).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -131,16 +132,16 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const int64_t B = shape.batch, Sq = shape.q_len, Sk = shape.kv_len, H = shape.heads,
                 D = shape.head_dim;
   const acc scale = static_cast<acc>(scale_d);
-  const Strided4d<const scalar_t> qv(q), kv(k), vv(v), dov(dout), ov(out);
+  const Strided4d<const scalar_t> qv(q), kv(k), vv(v), dov(dout);  // out: unused (see step 4)
   const Strided4d<scalar_t> dqv(dq), dkv(dk), dvv(dv);
   const acc* gate_ptr = gate.values.data_ptr<acc>();  // (H,) or (B, H), read in place
   const acc* lse_ptr = lse.data_ptr<acc>();        // (B, H, Sq)
   acc* d_gate_ptr = d_gate.data_ptr<acc>();        // (B, H)
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> qb(Sq * D), kb(Sk * D), vb(Sk * D), dctx(Sq * D), probs(kQueryBlock * Sk),
-        dprobs(kQueryBlock * Sk), dq_blk(kQueryBlock * D), dk_acc(Sk * D), dv_acc(Sk * D),
-        delta(kQueryBlock), keep(Sk);
+    std::vector<acc> qb(Sq * D), kb(Sk * D), vb(Sk * D), dout_b(Sq * D),
+        probs(kQueryBlock * Sk), dprobs(kQueryBlock * Sk), dq_blk(kQueryBlock * D),
+        dk_acc(Sk * D), dv_acc(Sk * D), keep(Sk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, h = task % H;
       const acc g = gate_ptr[b * gate.stride_b + h * gate.stride_h];
@@ -151,53 +152,51 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
         d_gate_ptr[task] = acc(0);
         continue;
       }
-      // Step 1: load q, k, v and dctx = g * dout as contiguous acc-type buffers.
+      // Step 1: load q, k, v and dout as contiguous acc-type buffers.
       load_head(qv, b, h, Sq, D, acc(1), qb.data());
       load_head(kv, b, h, Sk, D, acc(1), kb.data());
       load_head(vv, b, h, Sk, D, acc(1), vb.data());
-      load_head(dov, b, h, Sq, D, g, dctx.data());
+      load_head(dov, b, h, Sq, D, acc(1), dout_b.data());
       const acc* keep_ptr = load_keep(mask, b, Sk, keep);
       std::fill(dk_acc.begin(), dk_acc.end(), acc(0));
       std::fill(dv_acc.begin(), dv_acc.end(), acc(0));
-      acc dout_dot_out = 0;
+      acc dout_dot_ctx = 0;
       for (int64_t q0 = 0; q0 < Sq; q0 += kQueryBlock) {
         const int64_t rows = std::min(kQueryBlock, Sq - q0);
-        // Step 2: delta_i = dctx_i . ctx_i = dout_i . out_i (out = g ctx).
-        for (int64_t i = 0; i < rows; ++i) {
-          const scalar_t* o = ov.head(b, h) + (q0 + i) * ov.ss;
-          const scalar_t* dO = dov.head(b, h) + (q0 + i) * dov.ss;
-          acc sum = 0;
-          for (int64_t d = 0; d < D; ++d) sum += static_cast<acc>(dO[d]) * static_cast<acc>(o[d]);
-          delta[i] = sum;
-          dout_dot_out += sum;
-        }
-        // Step 3: recompute P = exp(scale * q k^T - lse)  (rows, Sk)
+        // Step 2: recompute P = exp(scale * q k^T - lse)  (rows, Sk)
         gemm_row_major<acc>(false, true, rows, Sk, D, acc(1), qb.data() + q0 * D, D, kb.data(), D,
                             acc(0), probs.data(), Sk);
         probs_from_lse(probs.data(), rows, Sk, keep_ptr, scale, lse_ptr + task * Sq + q0);
-        // Step 4: dP = dctx v^T, then dS = P * (dP - delta) in place.
-        gemm_row_major<acc>(false, true, rows, Sk, D, acc(1), dctx.data() + q0 * D, D, vb.data(),
-                            D, acc(0), dprobs.data(), Sk);
+        // Step 3: dP' = dout v^T (ungated: d ctx = g dout, so dP = g dP').
+        gemm_row_major<acc>(false, true, rows, Sk, D, acc(1), dout_b.data() + q0 * D, D,
+                            vb.data(), D, acc(0), dprobs.data(), Sk);
+        // Step 4: r_i = sum_j P_ij dP'_ij = dout_i . ctx_i (ctx = P v), so that
+        // delta_i = dout_i . out_i = g r_i and dS = P (dP - delta) = g P (dP' - r_i), kept as
+        // P (dP' - r_i) in place with g folded into the GEMMs below. d_gate = sum_i r_i needs
+        // no division by g and no read of the stored (rounded, gate-scaled) output.
         for (int64_t i = 0; i < rows; ++i) {
           acc* ds = dprobs.data() + i * Sk;
           const acc* p = probs.data() + i * Sk;
-          const acc di = delta[i];
+          acc r = 0;
+#pragma omp simd reduction(+ : r)
+          for (int64_t j = 0; j < Sk; ++j) r += p[j] * ds[j];
 #pragma omp simd
-          for (int64_t j = 0; j < Sk; ++j) ds[j] = p[j] * (ds[j] - di);
+          for (int64_t j = 0; j < Sk; ++j) ds[j] = p[j] * (ds[j] - r);
+          dout_dot_ctx += r;
         }
-        // Step 5: dq = scale dS k; dk += scale dS^T q; dv += P^T dctx.
-        gemm_row_major<acc>(false, false, rows, D, Sk, scale, dprobs.data(), Sk, kb.data(), D,
+        // Step 5: dq = scale g dS' k; dk += scale g dS'^T q; dv += g P^T dout.
+        gemm_row_major<acc>(false, false, rows, D, Sk, scale * g, dprobs.data(), Sk, kb.data(), D,
                             acc(0), dq_blk.data(), D);
         store_head(dqv, b, h, q0, rows, D, dq_blk.data());
-        gemm_row_major<acc>(true, false, Sk, D, rows, scale, dprobs.data(), Sk,
+        gemm_row_major<acc>(true, false, Sk, D, rows, scale * g, dprobs.data(), Sk,
                             qb.data() + q0 * D, D, acc(1), dk_acc.data(), D);
-        gemm_row_major<acc>(true, false, Sk, D, rows, acc(1), probs.data(), Sk,
-                            dctx.data() + q0 * D, D, acc(1), dv_acc.data(), D);
+        gemm_row_major<acc>(true, false, Sk, D, rows, g, probs.data(), Sk,
+                            dout_b.data() + q0 * D, D, acc(1), dv_acc.data(), D);
       }
       store_head(dkv, b, h, 0, Sk, D, dk_acc.data());
       store_head(dvv, b, h, 0, Sk, D, dv_acc.data());
-      // Step 6: d_gate = sum_s dout . ctx = sum_s delta_s / g.
-      d_gate_ptr[task] = dout_dot_out / g;
+      // Step 6: d_gate = sum_s dout . ctx.
+      d_gate_ptr[task] = dout_dot_ctx;
     }
   });
 }
