@@ -5,7 +5,8 @@ wrapper, argument checks, dispatcher, autograd, allocation, kernel launch. Provi
   sdpa            F.scaled_dot_product_attention on (B, H, S, D) views (the baseline)
   sparsebert      sparsebert.ops.masked_attention (checks and autograd in C++)
   op              torch.ops.sparsebert.masked_attention directly (no Python wrapper)
-Modes: fwd (no input needs grad) and fwd+bwd (q and the gate need grad; one autograd.grad).
+Modes: fwd (no input needs grad), fwd+bwd (q and the gate need grad; one autograd.grad) and
+fwd+mask (fwd with a key padding mask: SDPA gets it as a boolean attn_mask (B, 1, 1, S)).
 Providers are timed in interleaved rounds (each round times every provider once) and the
 median over rounds is reported, so machine noise hits all providers alike.
 
@@ -38,6 +39,9 @@ def make_call(provider: str, mode: str, shape: tuple[int, int, int, int], device
     grad = mode == "fwd+bwd"
     q, k, v = (torch.randn(batch, seq, heads, dim, device=device) for _ in range(3))
     gate = torch.ones(heads, device=device)
+    mask = torch.ones(batch, seq, dtype=torch.bool, device=device) if mode == "fwd+mask" \
+        else None  # (B, S), True = real token
+    sdpa_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, S)
     if grad:
         q.requires_grad_(True)
         gate.requires_grad_(True)
@@ -46,20 +50,20 @@ def make_call(provider: str, mode: str, shape: tuple[int, int, int, int], device
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
 
         def forward():
-            return F.scaled_dot_product_attention(qt, kt, vt)
+            return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=sdpa_mask)
 
         inputs = (q,)
     elif provider == "sparsebert":
 
         def forward():
-            return ops.masked_attention(q, k, v, gate)
+            return ops.masked_attention(q, k, v, gate, mask)
 
         inputs = (q, gate)
     elif provider == "op":
         op = torch.ops.sparsebert.masked_attention.default
 
         def forward():
-            return op(q, k, v, gate, None, scale)[0]
+            return op(q, k, v, gate, mask, scale)[0]
 
         inputs = (q, gate)
     else:
@@ -93,7 +97,7 @@ def main(argv=None) -> None:
     shape = tuple(args.shape)
 
     rows, records = [], []
-    for mode in ("fwd", "fwd+bwd"):
+    for mode in ("fwd", "fwd+bwd", "fwd+mask"):
         calls = {p: make_call(p, mode, shape, args.device) for p in PROVIDERS}
         for fn in calls.values():  # warm-up
             for _ in range(200):

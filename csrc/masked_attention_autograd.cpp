@@ -6,10 +6,15 @@
 //   backward  calls sparsebert::masked_attention_backward (the kernels' fused backward) with
 //             dout made last-dim contiguous; d_head_gate (B, H) is summed over the batch for an
 //             (H,) gate and cast to the gate's dtype. The lse output carries no gradient.
+// masked_attention_backward and masked_attention_compact are not differentiable: their Autograd
+// kernels here give outputs whose backward raises (with create_graph=True, or inputs that need
+// a gradient), where torch's fallback would warn and return zeros; otherwise they go straight
+// to the kernel.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 
@@ -33,6 +38,18 @@ const c10::TypedOperatorHandle<ForwardSig>& forward_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("sparsebert::masked_attention", "")
                              .typed<ForwardSig>();
+  return op;
+}
+
+using CompactSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                      const at::Tensor&, const at::Tensor&,
+                                                      const at::Tensor&,
+                                                      const std::optional<at::Tensor>&, double);
+
+const c10::TypedOperatorHandle<CompactSig>& compact_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("sparsebert::masked_attention_compact", "")
+                             .typed<CompactSig>();
   return op;
 }
 
@@ -95,9 +112,84 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_autograd(
 
 const KernelRegistration kAutograd("masked_attention", "Autograd");
 
+bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const at::Tensor* t : tensors)
+    if (t->defined() && t->requires_grad()) return true;
+  return false;
+}
+
+// The backward kernel's outputs, recorded with a node that refuses a second derivative.
+class BackwardNotDifferentiable
+    : public torch::autograd::Function<BackwardNotDifferentiable> {
+ public:
+  static variable_list forward(AutogradContext*, const at::Tensor& dout, const at::Tensor& q,
+                               const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& head_gate,
+                               const std::optional<at::Tensor>& key_padding_mask,
+                               const at::Tensor& out, const at::Tensor& lse, double scale) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [dq, dk, dv, d_gate] =
+        backward_op().call(dout, q, k, v, head_gate, key_padding_mask, out, lse, scale);
+    return {dq, dk, dv, d_gate};
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "sparsebert: masked_attention is differentiable once: its backward has "
+                "no derivative (second derivatives, e.g. gradient penalties, are not supported)");
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_autograd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& head_gate, const std::optional<at::Tensor>& key_padding_mask,
+    const at::Tensor& out, const at::Tensor& lse, double scale) {
+  if (!any_requires_grad({&dout, &q, &k, &v, &head_gate, &out})) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return backward_op().call(dout, q, k, v, head_gate, key_padding_mask, out, lse, scale);
+  }
+  variable_list r = BackwardNotDifferentiable::apply(dout, q, k, v, head_gate, key_padding_mask,
+                                                     out, lse, scale);
+  return {r[0], r[1], r[2], r[3]};
+}
+
+// masked_attention_compact is the inference fast path: forward only.
+class CompactForwardOnly : public torch::autograd::Function<CompactForwardOnly> {
+ public:
+  static variable_list forward(AutogradContext*, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& head_gate,
+                               const at::Tensor& kept_heads,
+                               const std::optional<at::Tensor>& key_padding_mask, double scale) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, lse] = compact_op().call(q, k, v, head_gate, kept_heads, key_padding_mask, scale);
+    return {out, lse};
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "sparsebert: masked_attention_compact is forward-only (the inference "
+                "fast path); use masked_attention for gradients");
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> masked_attention_compact_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& head_gate,
+    const at::Tensor& kept_heads, const std::optional<at::Tensor>& key_padding_mask,
+    double scale) {
+  if (!any_requires_grad({&q, &k, &v, &head_gate})) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return compact_op().call(q, k, v, head_gate, kept_heads, key_padding_mask, scale);
+  }
+  variable_list r =
+      CompactForwardOnly::apply(q, k, v, head_gate, kept_heads, key_padding_mask, scale);
+  return {r[0], r[1]};
+}
+
+const KernelRegistration kBackwardAutograd("masked_attention_backward", "Autograd");
+const KernelRegistration kCompactAutograd("masked_attention_compact", "Autograd");
+
 }  // namespace
 }  // namespace sparsebert
 
 TORCH_LIBRARY_IMPL(sparsebert, Autograd, m) {
   m.impl("masked_attention", &sparsebert::masked_attention_autograd);
+  m.impl("masked_attention_backward", &sparsebert::masked_attention_backward_autograd);
+  m.impl("masked_attention_compact", &sparsebert::masked_attention_compact_autograd);
 }

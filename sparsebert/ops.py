@@ -483,22 +483,23 @@ def _not_differentiable(what: str):
 
 # First-order only: differentiating masked_attention's backward (create_graph=True, then a
 # second backward) and masked_attention_compact (forward only) raise instead of giving zeros.
-torch.library.register_autograd(
-    f"{NAMESPACE}::masked_attention_backward",
-    _not_differentiable(
-        "masked_attention is differentiable once: its backward has no derivative (second "
-        "derivatives, e.g. gradient penalties, are not supported)"
-    ),
-    setup_context=lambda ctx, inputs, output: None,
-)
-torch.library.register_autograd(
-    f"{NAMESPACE}::masked_attention_compact",
-    _not_differentiable(
-        "masked_attention_compact is forward-only (the inference fast path); use "
-        "masked_attention for gradients"
-    ),
-    setup_context=lambda ctx, inputs, output: None,
-)
+# The extension registers the same in C++ (no Python on the backward's path).
+_NATIVE_NOT_DIFFERENTIABLE = _C is not None and {
+    "masked_attention_backward", "masked_attention_compact"
+} <= set(_C.build_info()["kernels"].get("Autograd", []))
+if not _NATIVE_NOT_DIFFERENTIABLE:
+    for _op, _why in (
+        ("masked_attention_backward",
+         "masked_attention is differentiable once: its backward has no derivative (second "
+         "derivatives, e.g. gradient penalties, are not supported)"),
+        ("masked_attention_compact",
+         "masked_attention_compact is forward-only (the inference fast path); use "
+         "masked_attention for gradients"),
+    ):
+        torch.library.register_autograd(
+            f"{NAMESPACE}::{_op}", _not_differentiable(_why),
+            setup_context=lambda ctx, inputs, output: None,
+        )
 
 
 def native_dispatch_keys(op_name: str) -> list[str]:
