@@ -125,7 +125,8 @@ def accelerate(model: nn.Module, *, unpad: bool = True, graphs: bool | None = No
     graphs: CUDA-graph replay per (B, S, tokens) bucket on CUDA (default on; ignored on CPU).
     bucket: token-count granularity of the graph buckets.
     compile: torch.compile the layer loop (eager by default: compile measured within noise of
-        eager on CPU, after most of a minute of compiling).
+        eager on CPU, after most of a minute of compiling); on CUDA it applies with
+        graphs=False only (a captured graph replays the eager layer loop).
     Returns an AcceleratedModel: call it like the model (same logits, no gradients).
     """
     patch(model)
