@@ -38,7 +38,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type,
         if f.name in skip:
             continue
         kind = field_type(cls, f.name)
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        help_text = f.metadata.get("help", "")
+        if "default:" not in help_text:  # some help texts say their default in words
+            help_text += f" (default: {f.default})"
         if kind is bool:
             parser.add_argument(flag_name(f.name), dest=f.name,
                                 action=argparse.BooleanOptionalAction,

@@ -33,6 +33,9 @@ def add_sweep(subparsers) -> None:
                             skip=("method",))
     add_dataclass_arguments(parser.add_argument_group("training (--threads: per worker)"),
                             TrainConfig, skip=("task", "seed", "device"))
+    parser._option_string_actions["--threads"].help = (
+        "torch CPU threads per worker (default: the cores / --workers; 1 per unit on a Ray "
+        "cluster of CPUs)")
 
 
 def run_sweep(args: argparse.Namespace) -> int:
