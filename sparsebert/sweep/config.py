@@ -149,19 +149,24 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
             flat.update(value)
         else:
             flat[key] = value
-    known = {f.name: f for cls in (SweepConfig, SearchConfig, TrainConfig)
-             for f in dataclasses.fields(cls)}
-    unknown = sorted(set(flat) - set(known) - {"out"})
+    owner = {f.name: cls for cls in (SweepConfig, SearchConfig, TrainConfig)
+             for f in dataclasses.fields(cls)}  # field name -> its config class
+    unknown = sorted(set(flat) - set(owner) - {"out"})
     if unknown:
         raise SweepError(f"--config {path}: unknown keys {unknown}")
     for key in ("method", "task", "seed"):
         if key in flat:
             raise SweepError(f"--config {path}: {key!r} is set by the grid; use "
                              f"{key}s = ... instead")
-    classes = {f.name: cls for cls in (SweepConfig, SearchConfig, TrainConfig)
-               for f in dataclasses.fields(cls)}
-    return {key: _typed(path, key, value, classes[key]) for key, value in flat.items()
-            if key != "out"} | ({"out": _typed_out(path, flat["out"])} if "out" in flat else {})
+    values = {}
+    for key, value in flat.items():
+        if key == "out":  # the sweep directory, when --out is not given
+            if not isinstance(value, str) or not value.strip():
+                raise SweepError(f"--config {path}: out = {value!r}: expected a directory path")
+            values[key] = value
+        else:
+            values[key] = _typed(path, key, value, owner[key])
+    return values
 
 
 def _typed(path: Path, key: str, value: Any, cls: type) -> Any:
@@ -179,9 +184,3 @@ def _typed(path: Path, key: str, value: Any, cls: type) -> Any:
                     str: "a string"}[kind]
         raise SweepError(f"--config {path}: {key} = {value!r}: expected {expected}")
     return float(value) if kind is float else str(value) if kind is str else value
-
-
-def _typed_out(path: Path, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise SweepError(f"--config {path}: out = {value!r}: expected a directory path")
-    return value
