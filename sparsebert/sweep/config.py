@@ -93,7 +93,7 @@ class SweepConfig:
                 why = str(error).split(": ", 1)[-1].replace("--device ", "--devices ")
                 raise SweepError(f"--devices {self.devices!r}: {name}: {why}") from None
         if "cpu" in names and len(names) > 1:
-            raise SweepError(f"--devices {self.devices!r}: cpu (alone), or CUDA devices")
+            raise SweepError(f"--devices {self.devices!r}: expected cpu alone, or CUDA devices")
         devices = [str(resolve_device(n)) for n in names]
         if len(set(devices)) != len(devices):
             raise SweepError(f"--devices {self.devices!r}: a device is listed twice (use "
