@@ -6,10 +6,10 @@
 //   backward  calls sparsebert::masked_attention_backward (the kernels' fused backward) with
 //             dout made last-dim contiguous; d_head_gate (B, H) is summed over the batch for an
 //             (H,) gate and cast to the gate's dtype. The lse output carries no gradient.
-// masked_attention_backward and masked_attention_compact are not differentiable: their Autograd
-// kernels here give outputs whose backward raises (with create_graph=True, or inputs that need
-// a gradient), where torch's fallback would warn and return zeros; otherwise they go straight
-// to the kernel.
+// Neither the backward nor masked_attention_compact is differentiable: with create_graph=True the
+// backward's outputs get a node that raises on a second derivative, and compact's Autograd kernel
+// gives inputs that need a gradient outputs whose backward raises (torch's fallback would warn
+// and return zeros).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -60,6 +60,28 @@ const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
   return op;
 }
 
+// With create_graph=True, the backward kernel's outputs are recorded with a node that refuses a
+// second derivative. Function::apply runs forward() with grad mode off, so the op is called as
+// in a plain backward (the reference kernel, on devices without a native one, differentiates
+// internally with autograd: it must not run below the autograd keys).
+class BackwardNotDifferentiable
+    : public torch::autograd::Function<BackwardNotDifferentiable> {
+ public:
+  static variable_list forward(AutogradContext*, const at::Tensor& dout, const at::Tensor& q,
+                               const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& head_gate,
+                               const std::optional<at::Tensor>& key_padding_mask,
+                               const at::Tensor& out, const at::Tensor& lse, double scale) {
+    auto [dq, dk, dv, d_gate] =
+        backward_op().call(dout, q, k, v, head_gate, key_padding_mask, out, lse, scale);
+    return {dq, dk, dv, d_gate};
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "sparsebert: masked_attention is differentiable once: its backward has "
+                "no derivative (second derivatives, e.g. gradient penalties, are not supported)");
+  }
+};
+
 class MaskedAttentionFunction : public torch::autograd::Function<MaskedAttentionFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
@@ -81,9 +103,18 @@ class MaskedAttentionFunction : public torch::autograd::Function<MaskedAttention
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &head_gate = saved[3];
     const std::optional<at::Tensor> mask =
         saved[4].defined() ? std::optional<at::Tensor>(saved[4]) : std::nullopt;
-    auto [dq, dk, dv, d_gate] =
-        backward_op().call(last_dim_contiguous(grad_out), q, k, v, head_gate, mask, saved[5],
-                           saved[6], ctx->saved_data["scale"].toDouble());
+    const double scale = ctx->saved_data["scale"].toDouble();
+    at::Tensor dq, dk, dv, d_gate;
+    if (at::GradMode::is_enabled()) {  // create_graph=True: a node that refuses to go further
+      variable_list r = BackwardNotDifferentiable::apply(last_dim_contiguous(grad_out), q, k, v,
+                                                         head_gate, mask, saved[5], saved[6],
+                                                         scale);
+      dq = r[0], dk = r[1], dv = r[2], d_gate = r[3];
+    } else {
+      std::tie(dq, dk, dv, d_gate) = backward_op().call(last_dim_contiguous(grad_out), q, k, v,
+                                                        head_gate, mask, saved[5], saved[6],
+                                                        scale);
+    }
     if (head_gate.dim() == 1) d_gate = d_gate.sum(0);  // (B, H) -> (H,): shared by the batch
     if (d_gate.scalar_type() != head_gate.scalar_type()) d_gate = d_gate.to(head_gate.scalar_type());
     return {ctx->needs_input_grad(0) ? dq : at::Tensor(),
@@ -119,39 +150,6 @@ bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
   return false;
 }
 
-// The backward kernel's outputs, recorded with a node that refuses a second derivative.
-class BackwardNotDifferentiable
-    : public torch::autograd::Function<BackwardNotDifferentiable> {
- public:
-  static variable_list forward(AutogradContext*, const at::Tensor& dout, const at::Tensor& q,
-                               const at::Tensor& k, const at::Tensor& v,
-                               const at::Tensor& head_gate,
-                               const std::optional<at::Tensor>& key_padding_mask,
-                               const at::Tensor& out, const at::Tensor& lse, double scale) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [dq, dk, dv, d_gate] =
-        backward_op().call(dout, q, k, v, head_gate, key_padding_mask, out, lse, scale);
-    return {dq, dk, dv, d_gate};
-  }
-  static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK(false, "sparsebert: masked_attention is differentiable once: its backward has "
-                "no derivative (second derivatives, e.g. gradient penalties, are not supported)");
-  }
-};
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_autograd(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& head_gate, const std::optional<at::Tensor>& key_padding_mask,
-    const at::Tensor& out, const at::Tensor& lse, double scale) {
-  if (!any_requires_grad({&dout, &q, &k, &v, &head_gate, &out})) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return backward_op().call(dout, q, k, v, head_gate, key_padding_mask, out, lse, scale);
-  }
-  variable_list r = BackwardNotDifferentiable::apply(dout, q, k, v, head_gate, key_padding_mask,
-                                                     out, lse, scale);
-  return {r[0], r[1], r[2], r[3]};
-}
-
 // masked_attention_compact is the inference fast path: forward only.
 class CompactForwardOnly : public torch::autograd::Function<CompactForwardOnly> {
  public:
@@ -182,7 +180,6 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_compact_autograd(
   return {r[0], r[1]};
 }
 
-const KernelRegistration kBackwardAutograd("masked_attention_backward", "Autograd");
 const KernelRegistration kCompactAutograd("masked_attention_compact", "Autograd");
 
 }  // namespace
@@ -190,6 +187,5 @@ const KernelRegistration kCompactAutograd("masked_attention_compact", "Autograd"
 
 TORCH_LIBRARY_IMPL(sparsebert, Autograd, m) {
   m.impl("masked_attention", &sparsebert::masked_attention_autograd);
-  m.impl("masked_attention_backward", &sparsebert::masked_attention_backward_autograd);
   m.impl("masked_attention_compact", &sparsebert::masked_attention_compact_autograd);
 }

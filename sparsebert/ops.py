@@ -96,9 +96,12 @@ def _masked_attention_backward(ctx, grad_out, grad_lse):
     q, k, v, head_gate, key_padding_mask, out, lse = ctx.saved_tensors
     if grad_out is None:
         return None, None, None, None, None, None
-    dq, dk, dv, d_gate = torch.ops.sparsebert.masked_attention_backward(
-        _last_dim_contiguous(grad_out), q, k, v, head_gate, key_padding_mask, out, lse, ctx.scale
-    )
+    args = (_last_dim_contiguous(grad_out), q, k, v, head_gate, key_padding_mask, out, lse,
+            ctx.scale)
+    if torch.is_grad_enabled():  # create_graph=True: outputs that refuse a second derivative
+        dq, dk, dv, d_gate = _BackwardOnce.apply(*args)
+    else:
+        dq, dk, dv, d_gate = torch.ops.sparsebert.masked_attention_backward(*args)
     if head_gate.dim() == 1:
         d_gate = d_gate.sum(0)  # (B, H) -> (H,): the gate is shared by the batch
     d_gate = d_gate.to(head_gate.dtype)
@@ -111,6 +114,25 @@ def _masked_attention_backward(ctx, grad_out, grad_lse):
         None,
         None,
     )
+
+
+ONCE_DIFFERENTIABLE = (
+    "masked_attention is differentiable once: its backward has no derivative (second "
+    "derivatives, e.g. gradient penalties, are not supported)"
+)
+
+
+class _BackwardOnce(torch.autograd.Function):
+    """masked_attention_backward whose outputs raise when differentiated (create_graph=True).
+    forward() runs with grad mode off, as a plain backward calls the op."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        return torch.ops.sparsebert.masked_attention_backward(*args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"sparsebert: {ONCE_DIFFERENTIABLE}")
 
 
 def _validate_masked_attention(
@@ -481,25 +503,15 @@ def _not_differentiable(what: str):
     return backward
 
 
-# First-order only: differentiating masked_attention's backward (create_graph=True, then a
-# second backward) and masked_attention_compact (forward only) raise instead of giving zeros.
-# The extension registers the same in C++ (no Python on the backward's path).
-_NATIVE_NOT_DIFFERENTIABLE = _C is not None and {
-    "masked_attention_backward", "masked_attention_compact"
-} <= set(_C.build_info()["kernels"].get("Autograd", []))
-if not _NATIVE_NOT_DIFFERENTIABLE:
-    for _op, _why in (
-        ("masked_attention_backward",
-         "masked_attention is differentiable once: its backward has no derivative (second "
-         "derivatives, e.g. gradient penalties, are not supported)"),
-        ("masked_attention_compact",
-         "masked_attention_compact is forward-only (the inference fast path); use "
-         "masked_attention for gradients"),
-    ):
-        torch.library.register_autograd(
-            f"{NAMESPACE}::{_op}", _not_differentiable(_why),
-            setup_context=lambda ctx, inputs, output: None,
-        )
+# masked_attention_compact is forward only: differentiating it raises instead of giving zeros
+# (the extension registers the same in C++).
+if _C is None or "masked_attention_compact" not in _C.build_info()["kernels"].get("Autograd", []):
+    torch.library.register_autograd(
+        f"{NAMESPACE}::masked_attention_compact",
+        _not_differentiable("masked_attention_compact is forward-only (the inference fast "
+                            "path); use masked_attention for gradients"),
+        setup_context=lambda ctx, inputs, output: None,
+    )
 
 
 def native_dispatch_keys(op_name: str) -> list[str]:

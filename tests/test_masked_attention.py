@@ -554,3 +554,41 @@ def test_torch_compile_fullgraph_matches_eager(exact):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert (got[1][1] != 0) == exact  # the pruned head's gate gradient
+
+
+FALLBACK_SCRIPT = """
+import sys, warnings
+sys.modules["sparsebert._C"] = None  # as if the extension were not built
+warnings.simplefilter("ignore")
+import torch
+from sparsebert import ops
+assert not ops.NATIVE_AUTOGRAD
+q, k, v = (torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+gate = torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64, requires_grad=True)
+mask = torch.ones(2, 5, dtype=torch.bool)
+mask[1, 3:] = False
+assert torch.autograd.gradcheck(lambda q, k, v, g: ops.masked_attention(q, k, v, g, mask),
+                                (q, k, v, gate.detach().clone().fill_(0.7).requires_grad_()))
+out = ops.masked_attention(q, k, v, gate, mask)
+dq, = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+try:
+    torch.autograd.grad(dq.sum(), q)
+except RuntimeError as error:
+    assert "differentiable once" in str(error), error
+else:
+    raise AssertionError("a second derivative did not raise")
+print("ok")
+"""
+
+
+def test_reference_path_without_the_extension():
+    """The pure-PyTorch path (extension not built): gradcheck with a mask, and a second
+    derivative raises as on the native path."""
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    env = {**os.environ, "SPARSEBERT_REQUIRE_EXT": "0"}
+    done = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
