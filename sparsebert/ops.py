@@ -284,7 +284,7 @@ def masked_attention(
     exact_zero_gate_grad=True: then d_head_gate is the true gradient there too (for
     straight-through or movement-style gate learning), from the pruned heads' attention computed
     in the backward only (the forward still skips them; dq, dk, dv are 0 for them either way, as
-    gate * (...) is). First-order only.
+    gate * (...) is). First-order only: a second derivative raises.
 
     Every row of key_padding_mask needs at least one True. check_padding_rows=True (default)
     verifies that; on CUDA the check reads the mask on the host, i.e. synchronises the device on
@@ -355,7 +355,7 @@ def masked_attention_compact(
     q: (B, Sq, H, D); k, v: (B, Sk, H, D); head_gate: (H,) or (B, H); kept_heads: (K,) int64 or
     int32 indices into H (on q's device). Returns out (B, Sq, K, D) with
     out[:, :, j] = masked_attention(...)[:, :, kept_heads[j]]; pruned heads are never read.
-    Forward only (no autograd). On CUDA with SPARSEBERT_ATTENTION_KERNEL=mma (fp16/bf16, or fp32
+    Forward only: differentiating it raises. On CUDA with SPARSEBERT_ATTENTION_KERNEL=mma (fp16/bf16, or fp32
     with 3xTF32; D 32/64) one mma.sync kernel reads the kept heads in place; otherwise their
     slices are gathered and the default forward runs. Index values are checked on the CPU only (on CUDA a check would
     synchronise; an index out of range gives zeros there).
