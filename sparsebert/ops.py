@@ -355,8 +355,8 @@ def masked_attention_compact(
     q: (B, Sq, H, D); k, v: (B, Sk, H, D); head_gate: (H,) or (B, H); kept_heads: (K,) int64 or
     int32 indices into H (on q's device). Returns out (B, Sq, K, D) with
     out[:, :, j] = masked_attention(...)[:, :, kept_heads[j]]; pruned heads are never read.
-    Forward only: differentiating it raises. On CUDA with SPARSEBERT_ATTENTION_KERNEL=mma (fp16/bf16, or fp32
-    with 3xTF32; D 32/64) one mma.sync kernel reads the kept heads in place; otherwise their
+    Forward only: differentiating it raises. On CUDA with SPARSEBERT_ATTENTION_KERNEL=mma
+    (fp16/bf16, or fp32 with 3xTF32; D 32/64) one mma.sync kernel reads the kept heads in place; otherwise their
     slices are gathered and the default forward runs. Index values are checked on the CPU only (on CUDA a check would
     synchronise; an index out of range gives zeros there).
     """
