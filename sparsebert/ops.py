@@ -269,7 +269,8 @@ def masked_attention(
     *,
     check_padding_rows: bool = True,
     exact_zero_gate_grad: bool = False,
-) -> Tensor:
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Multi-head attention with a per-head (or per-example, per-head) gate.
 
     q: (B, Sq, H, D); k, v: (B, Sk, H, D), fp32/fp16/bf16 (fp64 on CPU), any strides (e.g. views of
@@ -292,6 +293,9 @@ def masked_attention(
     the rows are known to be non-empty, as `sparsebert.nn.to_key_padding_mask` guarantees
     (SparseAttention does): no sync. A fully padded row then gives undefined output on CUDA; CPU
     kernels still reject it (there the check costs no sync).
+    return_lse=True also returns lse (B, H, Sq), fp32 (fp64 for fp64 inputs): the log-sum-exp
+    of each query's scaled scores over its real keys, logsumexp_j(scale * q_i . k_j), which the
+    backward reuses; 0 for pruned heads; no gradient flows through it.
     Raises ValueError naming the argument for bad shapes, dtypes, devices, D < 1 or empty sizes
     (checked in C++ when the extension is loaded, else in Python, with the same wording).
     """
@@ -305,10 +309,10 @@ def masked_attention(
         # D < 1 is rejected by the checks (native or Python) with a message naming q's shape.
         scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
     # Native path: argument checks in C++ (same messages), autograd registered in C++.
-    out = _masked_attention_op(q, k, v, head_gate, key_padding_mask, float(scale))[0]
+    out, lse = _masked_attention_op(q, k, v, head_gate, key_padding_mask, float(scale))
     if exact_zero_gate_grad and head_gate.requires_grad and torch.is_grad_enabled():
         out = _ZeroGateGrad.apply(out, head_gate, q, k, v, key_padding_mask, float(scale))
-    return out
+    return (out, lse.detach()) if return_lse else out
 
 
 class _ZeroGateGrad(torch.autograd.Function):

@@ -592,3 +592,21 @@ def test_reference_path_without_the_extension():
     done = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], capture_output=True,
                           text=True, env=env, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_return_lse_is_the_log_sum_exp_of_the_scores(assert_native):
+    """lse (B, H, Sq) = logsumexp over real keys of scale * q . k; 0 for a pruned head."""
+    assert_native("masked_attention", "cpu")
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = make_qkv(2, 6, HEADS, 8, torch.float64, "cpu", gen, "contiguous")
+    gate = torch.tensor([1.0, 0.0, 0.5, 1.0], dtype=torch.float64)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    out, lse = ops.masked_attention(q, k, v, gate, mask, return_lse=True)
+    assert torch.equal(out, ops.masked_attention(q, k, v, gate, mask))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * 8**-0.5
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    want = torch.logsumexp(scores, dim=-1)  # (B, H, Sq)
+    want[:, 1] = 0.0  # the pruned head
+    assert lse.shape == (2, HEADS, 6) and lse.dtype == torch.float64
+    torch.testing.assert_close(lse, want, rtol=1e-10, atol=1e-10)
