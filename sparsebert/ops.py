@@ -500,20 +500,16 @@ if not NATIVE_AUTOGRAD:
 _masked_attention_op = torch.ops.sparsebert.masked_attention.default
 
 
-def _not_differentiable(what: str):
-    def backward(ctx, *grads):
-        raise RuntimeError(f"sparsebert: {what}")
-
-    return backward
+def _compact_backward(ctx, *grads):
+    raise RuntimeError("sparsebert: masked_attention_compact is forward-only (the inference "
+                       "fast path); use masked_attention for gradients")
 
 
 # masked_attention_compact is forward only: differentiating it raises instead of giving zeros
 # (the extension registers the same in C++).
 if _C is None or "masked_attention_compact" not in _C.build_info()["kernels"].get("Autograd", []):
     torch.library.register_autograd(
-        f"{NAMESPACE}::masked_attention_compact",
-        _not_differentiable("masked_attention_compact is forward-only (the inference fast "
-                            "path); use masked_attention for gradients"),
+        f"{NAMESPACE}::masked_attention_compact", _compact_backward,
         setup_context=lambda ctx, inputs, output: None,
     )
 

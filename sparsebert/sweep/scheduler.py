@@ -152,16 +152,12 @@ class Scheduler:
         return outcome
 
     def _block_dependents(self, finished: set[str], dead: set[str], outcome: Outcome) -> None:
-        """Every unit that depends on a dead one, directly or through others, is blocked."""
-        changed = True
-        while changed:
-            changed = False
-            for i in self.order:
-                if i not in finished and i not in dead and any(
-                        d in dead for d in self.units[i].deps):
-                    dead.add(i)
-                    outcome.blocked.append(i)
-                    changed = True
+        """Every unit that depends on a dead one, directly or through others, is blocked: one
+        pass in the grid's order, which lists every dependency before its unit."""
+        for i in self.order:
+            if i not in finished and i not in dead and any(d in dead for d in self.units[i].deps):
+                dead.add(i)
+                outcome.blocked.append(i)
 
     def _pick(self, ready: list[str], slot) -> Unit:
         """The highest-ranked ready unit, or a warm one for this worker at similar rank."""
