@@ -231,6 +231,43 @@ def test_kill_worker_and_driver_then_rerun(reference, tiny_model_dir, synthetic_
     assert _results(out) == _results(reference[0])
 
 
+def test_sigterm_stops_the_sweep_cleanly_then_rerun(reference, tiny_model_dir, synthetic_glue,
+                                                   tmp_path):
+    """SIGTERM to the driver (kill, a scheduler's time limit) stops it as Ctrl-C does: its
+    busy workers are stopped at once, sweep.json records the run as interrupted, exit status
+    143 with a one-line message; the rerun ends with the reference's results."""
+    out = tmp_path / "terminated"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    driver = subprocess.Popen([sys.executable, "-m", "sparsebert",
+                               *_argv(tiny_model_dir, synthetic_glue, out)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: len(_done(out)) >= 4 and _status(out).get("running"),
+                  what="units done and running")
+        workers = [w["pid"] for w in _status(out)["running"].values()]
+        stopped_at = time.monotonic()
+        driver.send_signal(signal.SIGTERM)
+        _, stderr = driver.communicate(timeout=30)
+        assert time.monotonic() - stopped_at < 15  # no wait for the running units to end
+        _wait_for(lambda: not any(_pid_alive(p) for p in workers), timeout=10,
+                  what="the workers to stop")
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert driver.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "terminated; rerun the same command to resume"
+    assert "Traceback" not in stderr and "leaked" not in stderr
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert runs[-1]["status"] == "interrupted" and "finished_at" in runs[-1]
+    before = _done(out)
+    outcome = sweep(out, *_configs(tiny_model_dir, synthetic_glue), progress=False)
+    assert not outcome.failed and set(outcome.skipped) == set(before)
+    assert _results(out) == _results(reference[0])
+
+
 def _forget(out: Path, *unit_ids: str) -> None:
     """Delete units' outputs and markers (and the summaries that depend on them)."""
     for unit_id in unit_ids:

@@ -56,10 +56,22 @@ def _watch_parent() -> None:
     os._exit(3)
 
 
+def _exit_now(code: int) -> None:
+    """Leave at once, after the finalizers that unlink this process's named semaphores (e.g.
+    tqdm's lock), which would otherwise be reported leaked when the sweep ends."""
+    multiprocessing.util._run_finalizers(0)
+    os._exit(code)
+
+
+def _stop_now(signum, frame) -> None:
+    _exit_now(128 + signum)
+
+
 def worker_main(inbox, results, index: int) -> None:
     """A worker's loop: run unit specs from `inbox`, put (index, unit id, ok, info) on
     `results`; None ends it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver handles Ctrl-C and stops us
+    signal.signal(signal.SIGTERM, _stop_now)  # how the driver stops a busy worker
     threading.Thread(target=_watch_parent, daemon=True).start()
     from sparsebert.sweep.units import run_unit  # noqa: PLC0415 (after the spawn)
 
@@ -68,8 +80,7 @@ def worker_main(inbox, results, index: int) -> None:
         if spec is None:  # sent once every result was received
             results.close()
             results.join_thread()  # our results are flushed to the pipe
-            multiprocessing.util._run_finalizers(0)  # e.g. unlink tqdm's semaphore
-            os._exit(0)  # skip the rest of interpreter teardown (about a second after real work)
+            _exit_now(0)  # skip the rest of interpreter teardown (about a second after real work)
         try:
             results.put((index, spec["id"], True, run_unit(spec)))
         except BaseException as error:  # noqa: BLE001 (reported to the driver, which retries)
@@ -129,11 +140,18 @@ class LocalBackend:
         return events
 
     def close(self) -> None:
-        for process, inbox in self.workers.values():
-            if process.is_alive():
+        """Idle workers finish cleanly; busy ones (the sweep was interrupted) are stopped at
+        once: their units have no completion marker and rerun on resume."""
+        for slot in self.slots:
+            process, inbox = self.workers[slot.index]
+            if slot.busy is not None:
+                process.terminate()
+            elif process.is_alive():
                 inbox.put(None)
-        for process, _ in self.workers.values():
+        for process, inbox in self.workers.values():
             process.join(timeout=5)
             if process.is_alive():
-                process.terminate()
+                process.kill()
                 process.join(timeout=5)
+            inbox.close()
+        self.results.close()
