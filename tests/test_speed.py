@@ -234,10 +234,17 @@ def test_packing_round_trip_and_grid():
     back = packing.unpack(packed)
     torch.testing.assert_close(back[mask], x[mask])
     assert back[~mask].abs().sum() == 0
-    index, rows, rank, keys = packing.grid()  # (B, L=3) grid, dummies at B*L / (0, 0)
-    assert index.tolist() == [0, 1, 2, 3, 6, 7, 9, 9]
+    # (B, L) grid, L = max_len 3 rounded up to 16; dummies at B*L / (0, 0)
+    assert packing.grid_len == 16
+    index, rows, rank, keys = packing.grid()
+    assert index.tolist() == [0, 1, 2, 16, 32, 33, 48, 48]
     assert rows.tolist() == [0, 0, 0, 1, 2, 2, 0, 0] and rank.tolist() == [0, 1, 2, 0, 0, 1, 0, 0]
-    assert keys.tolist() == [[True] * 3, [True, False, False], [True, True, False]]
+    pad = [False] * 13
+    assert keys.tolist() == [[True] * 3 + pad, [True, False, False] + pad,
+                             [True, True, False] + pad]
+    assert packing.grid_buffer(5, x).shape == (3 * 16 + 1, 5)  # + the dummy slots' spare row
+    assert [Packing.from_mask(torch.arange(40)[None] < n).grid_len for n in (1, 16, 17, 32, 33)] \
+        == [16, 16, 32, 32, 48]
     full = Packing.from_mask(torch.ones(2, 3, dtype=torch.bool))
     assert full.every_position and full.pack(x[:2, :3]).shape == (6, 2)
 

@@ -6,7 +6,8 @@ Three ways, one result (the softmax attention of each sequence over its own real
 * `varlen`: CUDA with fp16/bf16 and torch's `varlen_attn` (FlashAttention over cumulative
   sequence lengths): no padding computed at all;
 * `repad`: re-pad only around the attention core: scatter the packed q/k/v into a (B, L, ...)
-  grid with L = the longest sequence (not S), SDPA with a key padding mask, gather the real rows
+  grid with L = the longest sequence rounded up to a multiple of 16 (not S), SDPA with a key
+  padding mask, gather the real rows
   back. The linear layers, LayerNorms and FFN around it still see only the T real tokens.
 `choose_core(device, dtype)` picks varlen where available, else repad. On the CPU, one SDPA call
 per sequence (no grid, no mask) measured the same as repad with 1 thread and far slower with 2
@@ -42,9 +43,10 @@ def full_core(qkv: Tensor, packing: Packing, scale: float) -> Tensor:
 
 
 def repad_core(qkv: Tensor, packing: Packing, scale: float) -> Tensor:
-    """qkv (T_pad, 3, k, D) packed -> ctx (T_pad, k*D), via a (B, L) grid, L = packing.max_len
-    (the longest sequence; S for a CUDA graph's static packing)."""
-    batch, length = packing.batch, packing.max_len
+    """qkv (T_pad, 3, k, D) packed -> ctx (T_pad, k*D), via a (B, L) grid, L = packing.grid_len
+    (the longest sequence rounded up to a multiple of 16; from S for a CUDA graph's static
+    packing)."""
+    batch, length = packing.batch, packing.grid_len
     tokens, _, heads, dim = qkv.shape
     index, rows, rank, keys = packing.grid()
     # Step 1: scatter into the grid (the spare row takes a bucket's dummy slots).
