@@ -6,6 +6,7 @@ results as the local one; bad input fails with one line and exit status 2."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -195,18 +196,40 @@ def _done(out: Path) -> dict:
     return found
 
 
-def test_kill_worker_and_driver_then_rerun(reference, tiny_model_dir, synthetic_glue,
-                                           tmp_path):
-    """SIGKILL a worker while it runs a unit (it is retried on a fresh worker), then the
-    driver (its workers exit with it); the rerun ends with the reference's results."""
-    out = tmp_path / "killed"
+@contextlib.contextmanager
+def _sweep_process(tiny_model_dir, synthetic_glue, out: Path):
+    """`python -m sparsebert sweep ...` running on `out` (stderr piped); killed on the way out
+    if still running."""
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
     driver = subprocess.Popen([sys.executable, "-m", "sparsebert",
                                *_argv(tiny_model_dir, synthetic_glue, out)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
+        yield driver
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        driver.communicate()
+
+
+def _rerun_gives_the_reference(reference, tiny_model_dir, synthetic_glue, out: Path) -> None:
+    """Rerunning the interrupted sweep skips what was done and ends with the reference's
+    results."""
+    before = _done(out)
+    assert 0 < len(before) < len(reference[1].done)
+    outcome = sweep(out, *_configs(tiny_model_dir, synthetic_glue), progress=False)
+    assert not outcome.failed and set(outcome.skipped) == set(before)
+    assert _results(out) == _results(reference[0])
+
+
+def test_kill_worker_and_driver_then_rerun(reference, tiny_model_dir, synthetic_glue,
+                                           tmp_path):
+    """SIGKILL a worker while it runs a unit (it is retried on a fresh worker), then the
+    driver (its workers exit with it); the rerun ends with the reference's results."""
+    out = tmp_path / "killed"
+    with _sweep_process(tiny_model_dir, synthetic_glue, out) as driver:
         # A full fine-tune is running (its worker is still importing torch, or training).
         victim_unit, where = _wait_for(lambda: next(
             ((u, w) for u, w in _status(out).get("running", {}).items()
@@ -220,15 +243,8 @@ def test_kill_worker_and_driver_then_rerun(reference, tiny_model_dir, synthetic_
         driver.wait(timeout=30)
         _wait_for(lambda: not any(_pid_alive(p) for p in workers), timeout=20,
                   what="the workers to exit with the driver")
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-    before = _done(out)
-    assert 8 <= len(before) < len(reference[1].done)
-    outcome = sweep(out, *_configs(tiny_model_dir, synthetic_glue), progress=False)
-    assert not outcome.failed and set(outcome.skipped) == set(before)
-    assert _results(out) == _results(reference[0])
+    assert len(_done(out)) >= 8
+    _rerun_gives_the_reference(reference, tiny_model_dir, synthetic_glue, out)
 
 
 def test_sigterm_stops_the_sweep_cleanly_then_rerun(reference, tiny_model_dir, synthetic_glue,
@@ -237,13 +253,7 @@ def test_sigterm_stops_the_sweep_cleanly_then_rerun(reference, tiny_model_dir, s
     busy workers are stopped at once, sweep.json records the run as interrupted, exit status
     143 with a one-line message; the rerun ends with the reference's results."""
     out = tmp_path / "terminated"
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
-    driver = subprocess.Popen([sys.executable, "-m", "sparsebert",
-                               *_argv(tiny_model_dir, synthetic_glue, out)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
+    with _sweep_process(tiny_model_dir, synthetic_glue, out) as driver:
         _wait_for(lambda: len(_done(out)) >= 4 and _status(out).get("running"),
                   what="units done and running")
         workers = [w["pid"] for w in _status(out)["running"].values()]
@@ -253,19 +263,12 @@ def test_sigterm_stops_the_sweep_cleanly_then_rerun(reference, tiny_model_dir, s
         assert time.monotonic() - stopped_at < 15  # no wait for the running units to end
         _wait_for(lambda: not any(_pid_alive(p) for p in workers), timeout=10,
                   what="the workers to stop")
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
     assert driver.returncode == 143, stderr
     assert stderr.strip().splitlines()[-1] == "terminated; rerun the same command to resume"
     assert "Traceback" not in stderr and "leaked" not in stderr
     runs = json.loads((out / "sweep.json").read_text())["runs"]
     assert runs[-1]["status"] == "interrupted" and "finished_at" in runs[-1]
-    before = _done(out)
-    outcome = sweep(out, *_configs(tiny_model_dir, synthetic_glue), progress=False)
-    assert not outcome.failed and set(outcome.skipped) == set(before)
-    assert _results(out) == _results(reference[0])
+    _rerun_gives_the_reference(reference, tiny_model_dir, synthetic_glue, out)
 
 
 def _forget(out: Path, *unit_ids: str) -> None:
