@@ -304,7 +304,12 @@ class Terminated(KeyboardInterrupt):
     command's cleanup runs (a sweep stops its workers and records that it was interrupted)."""
 
 
+_SIGTERM_RECEIVED: list[bool] = []  # set by the handler: some libraries (Ray) re-raise a plain
+# KeyboardInterrupt in place of ours
+
+
 def _raise_terminated(signum, frame) -> None:
+    _SIGTERM_RECEIVED.append(True)
     raise Terminated
 
 
@@ -313,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    _SIGTERM_RECEIVED.clear()
     try:
         return SUBCOMMANDS[args.command][1](args)
     except (SparsebertError, FileNotFoundError, PermissionError, IsADirectoryError,
@@ -321,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         return _fail(str(error))
     except KeyboardInterrupt as stop:
-        terminated = isinstance(stop, Terminated)
+        terminated = isinstance(stop, Terminated) or bool(_SIGTERM_RECEIVED)
         print(f"{'terminated' if terminated else 'interrupted'}; rerun the same command to "
               "resume", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)

@@ -197,14 +197,14 @@ def _done(out: Path) -> dict:
 
 
 @contextlib.contextmanager
-def _sweep_process(tiny_model_dir, synthetic_glue, out: Path):
-    """`python -m sparsebert sweep ...` running on `out` (stderr piped); killed on the way out
-    if still running."""
+def _sweep_process(tiny_model_dir, synthetic_glue, out: Path, *flags: str):
+    """`python -m sparsebert sweep ... [flags]` running on `out` (stderr piped); killed on the
+    way out if still running."""
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
     driver = subprocess.Popen([sys.executable, "-m", "sparsebert",
-                               *_argv(tiny_model_dir, synthetic_glue, out)], env=env,
+                               *_argv(tiny_model_dir, synthetic_glue, out), *flags], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         yield driver
@@ -403,6 +403,24 @@ def test_ray_backend_same_results(reference, tiny_model_dir, synthetic_glue, tmp
     local = _results(reference[0])["SST-2/seed_3/summary.json"]
     assert mine["full"] == local["full"]
     assert mine["methods"]["structured"] == local["methods"]["structured"]
+
+
+def test_ray_backend_sigterm_stops_cleanly(tiny_model_dir, synthetic_glue, tmp_path):
+    """Ray installs its own SIGTERM handler in the driver: the sweep keeps the command's, so
+    SIGTERM still stops it as Ctrl-C does (exit 143, one line, the run recorded as
+    interrupted, no Ray crash report)."""
+    pytest.importorskip("ray")
+    out = tmp_path / "ray-terminated"
+    with _sweep_process(tiny_model_dir, synthetic_glue, out, "--backend", "ray") as driver:
+        _wait_for(lambda: _done(out) and _status(out).get("running"),
+                  what="a unit done and others running")
+        driver.send_signal(signal.SIGTERM)
+        _, stderr = driver.communicate(timeout=60)
+    assert driver.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "terminated; rerun the same command to resume"
+    assert "SIGTERM received" not in stderr and "Traceback" not in stderr
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert runs[-1]["status"] == "interrupted"
 
 
 def test_ray_cluster_probe_and_slots():

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -113,6 +114,7 @@ class RayBackend:
         self.started = not ray.is_initialized()
         options = {"include_dashboard": False, "log_to_driver": False,
                    "logging_level": "WARNING"}  # no connection banners in the sweep's output
+        on_sigterm = signal.getsignal(signal.SIGTERM)
         try:
             if self.started and address:
                 ray.init(address=address, **options)
@@ -121,6 +123,9 @@ class RayBackend:
         except ConnectionError as error:
             raise SweepError(f"--ray-address {address}: {error}; use --backend local") \
                 from None
+        finally:  # ray.init installs its own SIGTERM handler: keep the command's (as Ctrl-C)
+            if threading.current_thread() is threading.main_thread() and on_sigterm is not None:
+                signal.signal(signal.SIGTERM, on_sigterm)
         self.remote = ray.remote(_run_unit)
         self.pending: dict[Any, Slot] = {}
 
