@@ -84,7 +84,9 @@ class Scheduler:
         placed: dict[str, dict[str, Any]] = {}  # running unit -> where (status.json)
         dead: set[str] = set()  # failed for good or blocked
         bar = tqdm(total=len(self.units), initial=len(finished), unit="unit", desc="sweep",
-                   disable=not self.progress, dynamic_ncols=True, smoothing=0)
+                   disable=not self.progress, dynamic_ncols=True, smoothing=0,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                              "[{elapsed}{postfix}]")  # the ETA is ours (per-kind unit times)
 
         changed, last_postfix = True, ""
 
