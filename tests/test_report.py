@@ -405,7 +405,7 @@ def _speed_result(names: list[str], dense_ms: float, masked_ms: list[float],
         rows += [row("masked", name, masked, kept=(0.5, 0.25)),
                  row("masked", name, 100.0, unpad=False, kept=(0.5, 0.25)),
                  row("pruned", name, pruned, unpad=False, kept=(0.5, 0.25))]
-    return {"device": "Test CPU (1 threads)", "dtype": "fp32", "versions": {"torch": "2.x"},
+    return {"device": "Test CPU (1 thread)", "dtype": "fp32", "versions": {"torch": "2.x"},
             "args": {"run": "runs/x", "batch": 16, "seq": 128, "lengths": "full",
                      "device": "cpu", "model": "minilm", "threads": 1},
             "lengths": {"mean": 128.0, "min": 128, "max": 128}, "rows": rows}

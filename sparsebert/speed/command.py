@@ -256,7 +256,7 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
         notes += v.notes
     return {
         "device": device_name(device) + ("" if device.type == "cuda"
-                                         else f" ({torch.get_num_threads()} threads)"),
+                                         else _threads_label(torch.get_num_threads())),
         "versions": versions(), "git_sha": git_sha(), "dtype": dtype_name,
         "args": {k: v for k, v in vars(args).items() if not callable(v)},
         "attention": getattr(model.config, "_attn_implementation", None),
@@ -268,6 +268,10 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
         "rows": _rows(variants, samples, shape, lengths, args.batch, diffs),
         "notes": notes,
     }
+
+
+def _threads_label(threads: int) -> str:
+    return f" ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def _native_kernels() -> list[str]:
