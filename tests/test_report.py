@@ -423,7 +423,7 @@ def test_speed_section_and_figure_from_speed_files(runs: Path, tmp_path: Path):
     out = report([runs], out_dir=tmp_path / "out")
     text = Path(out["report"]).read_text()
     section = text.split("## Speed of the subnetworks")[1].split("## ")[0]
-    assert "Test CPU (1 threads), fp32, batch 16, padded length 128" in section
+    assert "Test CPU (1 thread), fp32, batch 16, padded length 128" in section
     rows = {tuple(c.strip() for c in line.strip("|").split("|"))[:2]:
             [c.strip() for c in line.strip("|").split("|")]
             for line in section.splitlines() if line.startswith("| MRPC")}
