@@ -332,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "resume", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     finally:
-        if in_main_thread:
+        if in_main_thread and previous is not None:  # None: a handler set outside Python
             signal.signal(signal.SIGTERM, previous)
 
 
