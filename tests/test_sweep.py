@@ -58,6 +58,27 @@ def test_grid_expansion_and_order():
                 or u.kind == "retrained"]
 
 
+def test_eta_estimates_from_finished_units():
+    """A kind's estimate is its finished units' mean time; a kind not seen yet gets its weight
+    times the seconds per weight over everything finished (a weighted mean, so cheap units
+    with a fixed cost do not swing it)."""
+    from sparsebert.sweep.scheduler import Scheduler  # noqa: PLC0415
+
+    units = expand(Grid(("RTE",), (1, 2), ("structured",), ("good",), True, True))
+    scheduler = Scheduler(units, state=None, backend=None, base={}, retries=0, progress=False)
+    by_id = {u.id: u for u in units}
+    assert scheduler._estimate(by_id["full/RTE/2"]) is None  # nothing finished yet
+    scheduler._record(by_id["full/RTE/1"], 600.0)
+    scheduler._record(by_id["search/RTE/1/structured"], 300.0)
+    scheduler._record(by_id["pruned/RTE/1/structured/good"], 30.0)  # weight 0.03: 1000 s/weight
+    assert scheduler._estimate(by_id["full/RTE/2"]) == 600.0
+    per_weight = (600 + 300 + 30) / (1.0 + 0.5 + 0.03)
+    assert scheduler._estimate(by_id["retrained/RTE/2/structured/good"]) == \
+        pytest.approx(per_weight)
+    assert scheduler._eta(["full/RTE/2", "retrained/RTE/2/structured/good"], {}) == \
+        f"{(600 + per_weight) / 60:.0f} min"
+
+
 def test_worker_data_cache(tiny_model_dir, synthetic_glue, tmp_path):
     """A worker's fine-tunes tokenize a split once; the cache is off by default."""
     from sparsebert.train import data_cache, finetune  # noqa: PLC0415

@@ -56,8 +56,14 @@ class Scheduler:
         seen = self.durations.get(self._cost_key(unit))
         if seen:
             return sum(seen) / len(seen)
-        per_weight = [s / self.units[i].weight for i, s in self._timed]
-        return unit.weight * sum(per_weight) / len(per_weight) if per_weight else None
+        if not self._timed:
+            return None
+        # Seconds per unit of weight over every finished unit: a weighted mean, which the
+        # heavy units (fine-tunes) dominate, not the mean of per-unit ratios, which cheap units
+        # with a large fixed cost (a pruned evaluation's model load) would inflate or deflate.
+        seconds = sum(s for _, s in self._timed)
+        weight = sum(self.units[i].weight for i, _ in self._timed)
+        return unit.weight * seconds / weight
 
     def _eta(self, remaining: list[str], running: dict[str, float]) -> str:
         estimates = [self._estimate(self.units[i]) for i in remaining]
