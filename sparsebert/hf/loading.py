@@ -198,11 +198,11 @@ def preflight_model(name_or_path: str | os.PathLike | None) -> str:
     Local directories must hold config.json; hub ids must be in the cache or downloadable
     (an offline machine fails here at once, with one message).
     """
-    from transformers import AutoConfig  # noqa: PLC0415
-
     source = resolve_model(name_or_path)
     local = check_model_source(source)
-    if not local:
+    if not local:  # (transformers is imported only here: a second of start-up otherwise)
+        from transformers import AutoConfig  # noqa: PLC0415
+
         _offline_first(lambda offline: AutoConfig.from_pretrained(
             source, local_files_only=offline), source, local, "config")
     return source
