@@ -19,9 +19,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 # Relative cost of a unit kind, in fine-tunes of the full model: priorities and the first ETA
-# (measured on the CPU: a search took 0.1-0.6 of its full fine-tune on RTE, 0.2 on CoLA).
+# (measured on the CPU, RTE and CoLA: a search took 0.1-0.6 of its full fine-tune; a
+# super-survivor re-fine-tune, of a small subnetwork, 0.3-0.6 of a subnetwork's).
 WEIGHTS = {"full": 1.0, "search": 0.5, "pruned": 0.03, "retrained": 1.0, "summary": 0.05,
-           "super-masks": 0.01, "super-pruned": 0.03, "super-retrained": 1.0,
+           "super-masks": 0.01, "super-pruned": 0.03, "super-retrained": 0.5,
            "super-summary": 0.1, "report": 0.1}
 
 
