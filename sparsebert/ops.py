@@ -3,7 +3,8 @@
 Schemas are declared here, once. The pure-PyTorch reference of each op (sparsebert.reference)
 is registered as its CompositeExplicitAutograd kernel, so every op works on every device; the
 native extension (csrc/, loaded at the bottom of this module) adds CPU and CUDA kernels that
-take precedence for their dispatch keys, and masked_attention's autograd in C++.
+take precedence for their dispatch keys, and masked_attention's autograd in C++. The input
+checks with their messages are in sparsebert.op_checks.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparsebert import reference
+from sparsebert import op_checks, reference
 from sparsebert._extension import load_extension
 
 NAMESPACE = "sparsebert"
@@ -52,7 +53,8 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 def _masked_attention_fake(q, k, v, head_gate, key_padding_mask, scale):
     # the kernels' shape, dtype and device checks, so that a traced graph fails where the op
     # is called (values, e.g. a fully padded row, are unknown here)
-    _validate_masked_attention(q, k, v, head_gate, key_padding_mask, check_padding_rows=False)
+    op_checks.validate_masked_attention(q, k, v, head_gate, key_padding_mask,
+                                        check_padding_rows=False)
     batch, q_len, heads, head_dim = q.shape
     out = q.new_empty((batch, q_len, heads, head_dim))
     lse = q.new_empty((batch, heads, q_len), dtype=_stat_dtype(q.dtype))
@@ -61,8 +63,9 @@ def _masked_attention_fake(q, k, v, head_gate, key_padding_mask, scale):
 
 @torch.library.register_fake(f"{NAMESPACE}::masked_attention_compact")
 def _masked_attention_compact_fake(q, k, v, head_gate, kept_heads, key_padding_mask, scale):
-    _validate_masked_attention(q, k, v, head_gate, key_padding_mask, check_padding_rows=False)
-    _validate_kept_heads(kept_heads, q)
+    op_checks.validate_masked_attention(q, k, v, head_gate, key_padding_mask,
+                                        check_padding_rows=False)
+    op_checks.validate_kept_heads(kept_heads, q)
     batch, q_len, _, head_dim = q.shape
     kept = kept_heads.shape[0]
     out = q.new_empty((batch, q_len, kept, head_dim))
@@ -135,130 +138,6 @@ class _BackwardOnce(torch.autograd.Function):
         raise RuntimeError(f"sparsebert: {ONCE_DIFFERENTIABLE}")
 
 
-def _validate_masked_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    head_gate: Tensor,
-    key_padding_mask: Tensor | None,
-    check_padding_rows: bool = True,
-) -> None:
-    """Python-side checks with messages naming the argument (the kernels check again).
-
-    check_padding_rows=False skips the one check that reads tensor values (a fully padded row
-    in key_padding_mask), which on CUDA would synchronise the device.
-    """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(
-                f"masked_attention: '{name}' must be a 4-d tensor (B, S, H, D), got {shape}"
-            )
-        if not t.is_floating_point():
-            raise ValueError(f"masked_attention: '{name}' must be floating point, got {t.dtype}")
-    batch, q_len, heads, head_dim = q.shape
-    if head_dim < 1:
-        raise ValueError(
-            f"masked_attention: 'q' has head dim D = q.shape[-1] = {head_dim}; expected D >= 1 "
-            f"(q is (B, S, H, D), got {tuple(q.shape)})"
-        )
-    sizes = (("q", "B", 0, batch), ("q", "S", 1, q_len), ("q", "H", 2, heads))
-    for name, what, dim, size in (*sizes, ("k", "S", 1, k.shape[1])):
-        if size < 1:
-            raise ValueError(
-                f"masked_attention: '{name}' has {what} = {name}.shape[{dim}] = {size}; expected "
-                f"{what} >= 1 (q {tuple(q.shape)}, k {tuple(k.shape)})"
-            )
-    if k.shape[0] != batch or k.shape[2:] != q.shape[2:]:
-        raise ValueError(
-            f"masked_attention: 'k' must be (B={batch}, S, H={heads}, D={head_dim}) like q "
-            f"{tuple(q.shape)}, got {tuple(k.shape)}"
-        )
-    if v.shape != k.shape:
-        raise ValueError(
-            f"masked_attention: 'v' must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}"
-        )
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise ValueError(
-                f"masked_attention: '{name}' must have q's dtype {q.dtype}, got {t.dtype}"
-            )
-        if t.device != q.device:
-            raise ValueError(
-                f"masked_attention: '{name}' must be on q's device {q.device}, got {t.device}"
-            )
-    if not isinstance(head_gate, Tensor):
-        raise ValueError(
-            "masked_attention: 'head_gate' must be a floating-point tensor (H,) or (B, H), got "
-            f"{type(head_gate).__name__}"
-        )
-    if not head_gate.is_floating_point():
-        raise ValueError(
-            f"masked_attention: 'head_gate' has dtype {head_gate.dtype}; expected a floating-point "
-            "gate (e.g. mask.float(): 1 = keep, 0 = pruned, fractions = soft gates)"
-        )
-    if head_gate.device != q.device:
-        raise ValueError(
-            f"masked_attention: 'head_gate' must be on q's device {q.device}, got {head_gate.device}"
-        )
-    if tuple(head_gate.shape) not in ((heads,), (batch, heads)):
-        raise ValueError(
-            f"masked_attention: 'head_gate' must have shape (H,) = ({heads},) or (B, H) = "
-            f"({batch}, {heads}), got {tuple(head_gate.shape)}"
-        )
-    if key_padding_mask is None:
-        return
-    if key_padding_mask.dtype != torch.bool:
-        raise ValueError(
-            f"masked_attention: 'key_padding_mask' must be bool (True = real token), got "
-            f"{key_padding_mask.dtype}"
-        )
-    if tuple(key_padding_mask.shape) != (batch, k.shape[1]):
-        raise ValueError(
-            f"masked_attention: 'key_padding_mask' must have shape (B, S) = ({batch}, {k.shape[1]}), "
-            f"got {tuple(key_padding_mask.shape)}"
-        )
-    if key_padding_mask.device != q.device:
-        raise ValueError(
-            f"masked_attention: 'key_padding_mask' must be on q's device {q.device}, got "
-            f"{key_padding_mask.device}"
-        )
-    if check_padding_rows:
-        _check_padding_rows(key_padding_mask, q)
-
-
-def _validate_kept_heads(kept_heads: Tensor, q: Tensor) -> None:
-    """masked_attention_compact's index: 1-d int64/int32 on q's device (values unchecked)."""
-    if kept_heads.dim() != 1 or kept_heads.dtype not in (torch.int64, torch.int32):
-        raise ValueError(
-            "masked_attention_compact: 'kept_heads' must be a 1-d int64/int32 tensor, got "
-            f"{kept_heads.dtype} {tuple(kept_heads.shape)}"
-        )
-    if kept_heads.device != q.device:
-        raise ValueError(
-            f"masked_attention_compact: 'kept_heads' must be on q's device {q.device}, got "
-            f"{kept_heads.device}"
-        )
-
-
-def _check_padding_rows(key_padding_mask: Tensor, q: Tensor) -> None:
-    """Reject a fully padded row of key_padding_mask (reads the mask: a device sync on CUDA;
-    skipped under CUDA graph capture and torch.compile, and for malformed masks, which the
-    shape/dtype checks reject with their own message)."""
-    if key_padding_mask.dtype != torch.bool or key_padding_mask.dim() != 2:
-        return
-    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    if (
-        not capturing
-        and not torch.compiler.is_compiling()
-        and not bool(key_padding_mask.any(1).all())
-    ):
-        raise ValueError(
-            "masked_attention: 'key_padding_mask' has a fully padded row (no True); every row "
-            "needs at least one real token"
-        )
-
-
 def masked_attention(
     q: Tensor,
     k: Tensor,
@@ -301,10 +180,12 @@ def masked_attention(
     """
     if not NATIVE_AUTOGRAD:
         # Reference path: Python checks, then the CompositeExplicitAutograd reference.
-        _validate_masked_attention(q, k, v, head_gate, key_padding_mask, check_padding_rows)
+        op_checks.validate_masked_attention(q, k, v, head_gate, key_padding_mask,
+                                            check_padding_rows)
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     elif check_padding_rows and key_padding_mask is not None and q.device.type != "cpu":
-        _check_padding_rows(key_padding_mask, q)  # the native CPU kernel checks by itself
+        # the native CPU kernel checks by itself
+        op_checks.reject_fully_padded_rows(key_padding_mask, q)
     if scale is None:
         # D < 1 is rejected by the checks (native or Python) with a message naming q's shape.
         scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
@@ -370,8 +251,8 @@ def masked_attention_compact(
             f"{type(kept_heads).__name__}"
         )
     if not NATIVE_AUTOGRAD:
-        _validate_masked_attention(q, k, v, head_gate, key_padding_mask)
-        _validate_kept_heads(kept_heads, q)
+        op_checks.validate_masked_attention(q, k, v, head_gate, key_padding_mask)
+        op_checks.validate_kept_heads(kept_heads, q)
         heads = q.shape[2]
         in_range = (kept_heads >= 0) & (kept_heads < heads)
         if kept_heads.numel() and not kept_heads.is_cuda and not bool(in_range.all()):

@@ -1,0 +1,138 @@
+"""Input checks of the sparsebert ops, with messages that name the argument and what was
+expected (the native kernels check again, with terser messages).
+
+    validate_masked_attention(q, k, v, head_gate, key_padding_mask, check_padding_rows)
+        q, k, v (B, S, H, D) floating point; head_gate (H,) or (B, H); key_padding_mask (B, S)
+        bool or None
+    validate_kept_heads(kept_heads, q)     masked_attention_compact's (H_kept,) index
+    reject_fully_padded_rows(key_padding_mask, q)  no fully padded row (reads the mask)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def validate_masked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    head_gate: Tensor,
+    key_padding_mask: Tensor | None,
+    check_padding_rows: bool = True,
+) -> None:
+    """Python-side checks with messages naming the argument (the kernels check again).
+
+    check_padding_rows=False skips the one check that reads tensor values (a fully padded row
+    in key_padding_mask), which on CUDA would synchronise the device.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(
+                f"masked_attention: '{name}' must be a 4-d tensor (B, S, H, D), got {shape}"
+            )
+        if not t.is_floating_point():
+            raise ValueError(f"masked_attention: '{name}' must be floating point, got {t.dtype}")
+    batch, q_len, heads, head_dim = q.shape
+    if head_dim < 1:
+        raise ValueError(
+            f"masked_attention: 'q' has head dim D = q.shape[-1] = {head_dim}; expected D >= 1 "
+            f"(q is (B, S, H, D), got {tuple(q.shape)})"
+        )
+    sizes = (("q", "B", 0, batch), ("q", "S", 1, q_len), ("q", "H", 2, heads))
+    for name, what, dim, size in (*sizes, ("k", "S", 1, k.shape[1])):
+        if size < 1:
+            raise ValueError(
+                f"masked_attention: '{name}' has {what} = {name}.shape[{dim}] = {size}; expected "
+                f"{what} >= 1 (q {tuple(q.shape)}, k {tuple(k.shape)})"
+            )
+    if k.shape[0] != batch or k.shape[2:] != q.shape[2:]:
+        raise ValueError(
+            f"masked_attention: 'k' must be (B={batch}, S, H={heads}, D={head_dim}) like q "
+            f"{tuple(q.shape)}, got {tuple(k.shape)}"
+        )
+    if v.shape != k.shape:
+        raise ValueError(
+            f"masked_attention: 'v' must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}"
+        )
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(
+                f"masked_attention: '{name}' must have q's dtype {q.dtype}, got {t.dtype}"
+            )
+        if t.device != q.device:
+            raise ValueError(
+                f"masked_attention: '{name}' must be on q's device {q.device}, got {t.device}"
+            )
+    if not isinstance(head_gate, Tensor):
+        raise ValueError(
+            "masked_attention: 'head_gate' must be a floating-point tensor (H,) or (B, H), got "
+            f"{type(head_gate).__name__}"
+        )
+    if not head_gate.is_floating_point():
+        raise ValueError(
+            f"masked_attention: 'head_gate' has dtype {head_gate.dtype}; expected a floating-point "
+            "gate (e.g. mask.float(): 1 = keep, 0 = pruned, fractions = soft gates)"
+        )
+    if head_gate.device != q.device:
+        raise ValueError(
+            f"masked_attention: 'head_gate' must be on q's device {q.device}, got {head_gate.device}"
+        )
+    if tuple(head_gate.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(
+            f"masked_attention: 'head_gate' must have shape (H,) = ({heads},) or (B, H) = "
+            f"({batch}, {heads}), got {tuple(head_gate.shape)}"
+        )
+    if key_padding_mask is None:
+        return
+    if key_padding_mask.dtype != torch.bool:
+        raise ValueError(
+            f"masked_attention: 'key_padding_mask' must be bool (True = real token), got "
+            f"{key_padding_mask.dtype}"
+        )
+    if tuple(key_padding_mask.shape) != (batch, k.shape[1]):
+        raise ValueError(
+            f"masked_attention: 'key_padding_mask' must have shape (B, S) = ({batch}, {k.shape[1]}), "
+            f"got {tuple(key_padding_mask.shape)}"
+        )
+    if key_padding_mask.device != q.device:
+        raise ValueError(
+            f"masked_attention: 'key_padding_mask' must be on q's device {q.device}, got "
+            f"{key_padding_mask.device}"
+        )
+    if check_padding_rows:
+        reject_fully_padded_rows(key_padding_mask, q)
+
+
+def validate_kept_heads(kept_heads: Tensor, q: Tensor) -> None:
+    """masked_attention_compact's index: 1-d int64/int32 on q's device (values unchecked)."""
+    if kept_heads.dim() != 1 or kept_heads.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            "masked_attention_compact: 'kept_heads' must be a 1-d int64/int32 tensor, got "
+            f"{kept_heads.dtype} {tuple(kept_heads.shape)}"
+        )
+    if kept_heads.device != q.device:
+        raise ValueError(
+            f"masked_attention_compact: 'kept_heads' must be on q's device {q.device}, got "
+            f"{kept_heads.device}"
+        )
+
+
+def reject_fully_padded_rows(key_padding_mask: Tensor, q: Tensor) -> None:
+    """Reject a fully padded row of key_padding_mask (reads the mask: a device sync on CUDA;
+    skipped under CUDA graph capture and torch.compile, and for malformed masks, which the
+    shape/dtype checks reject with their own message)."""
+    if key_padding_mask.dtype != torch.bool or key_padding_mask.dim() != 2:
+        return
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if (
+        not capturing
+        and not torch.compiler.is_compiling()
+        and not bool(key_padding_mask.any(1).all())
+    ):
+        raise ValueError(
+            "masked_attention: 'key_padding_mask' has a fully padded row (no True); every row "
+            "needs at least one real token"
+        )
