@@ -11,6 +11,7 @@ pre-hook), i.e. the definition of a head gate, differentiated by autograd.
 from __future__ import annotations
 
 import copy
+import inspect
 import subprocess
 import sys
 from collections.abc import Callable
@@ -26,6 +27,11 @@ import sparsebert.hf.attention_backend as backend
 from sparsebert.errors import SparsebertError
 from sparsebert.hf import AttentionBackendError, override_head_gates, use_sparse_attention
 from sparsebert.hf.head_gates import attention_modules
+
+# The KV-cache argument of a causal LM's forward: `cache` in recent transformers 5 releases
+# (5.24), `past_key_values` in earlier ones (5.17).
+_CAUSAL_LM_ARGS = inspect.signature(transformers.LlamaForCausalLM.forward).parameters
+CACHE_ARG = "cache" if "cache" in _CAUSAL_LM_ARGS else "past_key_values"
 
 # Gates for the 3 x 4 tiny models: zeros, soft gates, and a layer with every head pruned.
 GATES = torch.tensor([[1.0, 0.0, 0.5, 0.8], [0.0, 0.0, 0.0, 0.0], [0.3, 1.0, 0.0, 0.7]])
@@ -246,7 +252,7 @@ def test_cached_decoding_equals_sdpa(tiny_config, tiny_dims, tiny_batch, spies):
             out = m(input_ids=ids[:, :6], use_cache=True)
             steps = [out.logits]
             for t in range(6, 9):
-                out = m(input_ids=ids[:, t : t + 1], cache=out.past_key_values)
+                out = m(input_ids=ids[:, t : t + 1], **{CACHE_ARG: out.past_key_values})
                 steps.append(out.logits)
             logits[key] = torch.cat(steps, dim=1)
     torch.testing.assert_close(logits["got"], logits["want"], atol=1e-5, rtol=1e-5)

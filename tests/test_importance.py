@@ -80,7 +80,8 @@ def explicit_gates(model, head_gates, mlp_gates, neuron_gates=None, per_token=Fa
 def loss_of(model, batch, reduction):
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if model.config.num_labels == 1:
-        losses = F.mse_loss(logits.squeeze(-1), batch["labels"].float(), reduction="none")
+        losses = F.mse_loss(logits.squeeze(-1), batch["labels"].to(logits.dtype),
+                            reduction="none")
     else:
         losses = F.cross_entropy(logits, batch["labels"], reduction="none")
     return losses.mean() if reduction == "mean" else losses.sum()
