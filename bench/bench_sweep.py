@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,6 +117,7 @@ MODES = [("search-cmd", "command: sparsebert search --seeds", 1, "search-cmd"),
          ("sequential", "in-process: search_seeds()", 1, "sequential"),
          ("sweep-1", "in-process: sweep(), 1 worker", 1, "sequential"),
          ("sweep-2", "in-process: sweep(), 2 workers", 2, "sequential")]
+WORKERS = {mode: workers for mode, _, workers, _ in MODES}
 
 
 def command_flags(model: str, glue: str, args) -> list[str]:
@@ -146,24 +148,17 @@ def run_round(root: Path, model: str, glue: str, args, order: list[str]) -> dict
             wall = run_sequential(root / mode, model, glue, args)
             out[mode] = {"wall_s": wall}
         elif mode.endswith("-cmd"):
-            workers = 2 if mode.startswith("sweep") else 1
-            wall = run_command(root / mode, model, glue, args, workers)
+            wall = run_command(root / mode, model, glue, args, WORKERS[mode])
             out[mode] = {"wall_s": wall}
-            if workers > 1:
+            if WORKERS[mode] > 1:
                 out[mode]["unit_wall_s"], out[mode]["unit_cpu_s"] = unit_times(root / mode)
         else:
-            wall, units = run_sweep(root / mode, model, glue, args, workers=int(mode[-1]))
+            wall, units = run_sweep(root / mode, model, glue, args, workers=WORKERS[mode])
             unit_wall, unit_cpu = unit_times(root / mode)
             out[mode] = {"wall_s": wall, "units": units, "unit_wall_s": unit_wall,
                          "unit_cpu_s": unit_cpu}
         out[mode]["cpu_s"] = cpu_seconds() - before  # workers included
     return out
-
-
-def median(values: list[float]) -> float:
-    values = sorted(values)
-    middle = len(values) // 2
-    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -202,9 +197,9 @@ def main(argv: list[str] | None = None) -> None:
                          f"{m['unit_cpu_s']:.1f}" if "unit_cpu_s" in m else ""])
             records.append({"round": r + 1, "mode": mode, "workers": workers, **m,
                             "compared_with": base, "ratio": ratio})
-    commands = median([res["sweep-2-cmd"]["wall_s"] / res["search-cmd"]["wall_s"]
+    commands = statistics.median([res["sweep-2-cmd"]["wall_s"] / res["search-cmd"]["wall_s"]
                        for res in rounds])
-    in_process = median([res["sweep-2"]["wall_s"] / res["sequential"]["wall_s"]
+    in_process = statistics.median([res["sweep-2"]["wall_s"] / res["sequential"]["wall_s"]
                          for res in rounds])
     rows.append(["median", "commands: sweep --workers 2 vs search --seeds", 2, "",
                  f"{commands:.2f}x", "", "", "", ""])
