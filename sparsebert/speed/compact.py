@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from sparsebert.errors import SparsebertError
 from sparsebert.nn import SparseAttention, SparseMLP
+from sparsebert.speed.workspace import inplace_activation
 
 
 class FastPathError(SparsebertError):
@@ -50,6 +51,7 @@ class CompactLayer:
     up_weight: Tensor | None  # (f, hidden)
     up_bias: Tensor | None  # (f,)
     activation: Callable[[Tensor], Tensor]
+    activation_inplace: Callable[[Tensor], Tensor] | None  # the same, in place (or None)
     down_weight: Tensor | None  # (hidden, f)
     down_bias: Tensor | None  # (hidden,)
     ffn_norm: nn.Module  # LayerNorm after the FFN (the module's own)
@@ -99,7 +101,9 @@ def _compact_attention(attn: SparseAttention) -> dict:
 
 @torch.no_grad()
 def _compact_mlp(mlp: SparseMLP) -> dict:
-    out = {"ffn_norm": mlp.output_layer_norm(), "activation": mlp.activation()}
+    activation = mlp.activation()
+    out = {"ffn_norm": mlp.output_layer_norm(), "activation": activation,
+           "activation_inplace": inplace_activation(activation)}
     none = {"neurons": 0, "up_weight": None, "up_bias": None, "down_weight": None,
             "down_bias": None}
     if mlp.intermediate_size == 0 or float(mlp.mlp_gate) == 0:

@@ -7,7 +7,8 @@ forward(hidden_states (B, S, hidden), attention_mask=None, ...) -> output with
 2. pack the real tokens once (B, S, hidden) -> (T, hidden) (token unpadding), unless there is
    no padding;
 3. per layer: fused QKV over kept heads -> attention core over each sequence's real tokens ->
-   compact output projection + residual + LayerNorm -> compact FFN + residual + LayerNorm;
+   compact output projection + residual + LayerNorm -> compact FFN + residual + LayerNorm (on
+   the CPU the projections write into buffers reused between calls: sparsebert.speed.workspace);
 4. scatter back to (B, S, hidden) (zeros at padded positions, where the masked model has
    values nobody reads: compare real positions only).
 
@@ -21,7 +22,6 @@ On CUDA, with `graphs=True`, steps 2-4 are captured once per (B, S, T bucket) an
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsebert.nn import SparseAttention, SparseMLP, to_key_padding_mask
@@ -29,22 +29,28 @@ from sparsebert.speed.attention_core import Core, choose_core, full_core
 from sparsebert.speed.compact import CompactLayer, build_compact, check_gates
 from sparsebert.speed.tokens import Packing
 from sparsebert.speed.watch import LayerWatch
+from sparsebert.speed.workspace import Workspace, linear
 
 
-def layer_forward(c: CompactLayer, x: Tensor, packing: Packing, core: Core) -> Tensor:
-    """One encoder layer on packed tokens: x (T_pad, hidden) -> (T_pad, hidden)."""
+def layer_forward(c: CompactLayer, x: Tensor, packing: Packing, core: Core,
+                  workspace: Workspace | None = None) -> Tensor:
+    """One encoder layer on packed tokens: x (T_pad, hidden) -> (T_pad, hidden), a new tensor
+    (LayerNorm's output: never a workspace view). With a workspace, the projections write into
+    its reused buffers and the activation runs in place where that gives the same values."""
     tokens = x.shape[0]
     # Step 1: attention over the kept heads (or LayerNorm(residual) when none is kept).
     if c.heads:
-        qkv = F.linear(x, c.qkv_weight, c.qkv_bias).view(tokens, 3, c.heads, c.head_dim)
-        ctx = core(qkv, packing, c.scaling)  # (T_pad, k*D)
-        x = c.attn_norm(torch.add(x, F.linear(ctx, c.out_weight, c.out_bias)))
+        qkv = linear(x, c.qkv_weight, c.qkv_bias, workspace, "qkv")  # (T_pad, 3*k*D)
+        ctx = core(qkv.view(tokens, 3, c.heads, c.head_dim), packing, c.scaling)  # (T_pad, k*D)
+        x = c.attn_norm(linear(ctx, c.out_weight, c.out_bias, workspace, "hidden").add_(x))
     else:
         x = c.attn_norm(x)
     # Step 2: the kept FFN neurons (or LayerNorm(residual) when the MLP is off).
     if c.neurons:
-        h = c.activation(F.linear(x, c.up_weight, c.up_bias))  # (T_pad, f)
-        x = c.ffn_norm(torch.add(x, F.linear(h, c.down_weight, c.down_bias)))
+        h = linear(x, c.up_weight, c.up_bias, workspace, "ffn")  # (T_pad, f)
+        h = c.activation(h) if workspace is None or c.activation_inplace is None else (
+            c.activation_inplace(h))
+        x = c.ffn_norm(linear(h, c.down_weight, c.down_bias, workspace, "hidden").add_(x))
     else:
         x = c.ffn_norm(x)
     return x
@@ -58,14 +64,19 @@ class FastEncoder(nn.Module):
     CUDA devices; bucket: T is rounded up to a multiple of it for graphs; compile: run the layer
     loop through torch.compile (off by default: on CPU it measured within noise of eager, in
     the runs with --compile in bench/results/speed-cpu.md's history, and a cold compile takes
-    most of a minute on 2 cores).
+    most of a minute on 2 cores); reuse_buffers: on the CPU, write the layers' large
+    intermediates into buffers kept between calls (sparsebert.speed.workspace; they hold about
+    T * (3*k*D + f + hidden) values of the largest batch seen, until `release_buffers()`).
     """
 
     def __init__(self, blocks: list[tuple[SparseAttention, SparseMLP]], *, unpad: bool = True,
-                 graphs: bool = False, bucket: int = 256, compile: bool = False) -> None:
+                 graphs: bool = False, bucket: int = 256, compile: bool = False,
+                 reuse_buffers: bool = True) -> None:
         super().__init__()
         self._layers = torch.compile(self._run_layers) if compile else self._run_layers
         object.__setattr__(self, "_blocks", list(blocks))
+        # the compiled loop allocates through its own graph: no workspace there
+        self.workspace = Workspace() if reuse_buffers and not compile else None
         self.unpad = unpad
         self.graphs = graphs
         self.bucket = bucket
@@ -80,6 +91,11 @@ class FastEncoder(nn.Module):
         after writes that bypass version counters (e.g. through `param.data`)."""
         self._watches = [None] * len(self._blocks)
         self._graph_cache = None
+
+    def release_buffers(self) -> None:
+        """Free the reused CPU buffers (they are allocated again by the next call)."""
+        if self.workspace is not None:
+            self.workspace.release()
 
     def refresh(self) -> list[CompactLayer]:
         """Rebuild the compact weights of layers whose gates or parameters changed."""
@@ -103,12 +119,15 @@ class FastEncoder(nn.Module):
         core = full_core if packing.every_position else choose_core(hidden_states.device,
                                                           hidden_states.dtype)
         x = packing.pack(hidden_states)  # (T_pad, hidden)
-        return packing.unpack(self._layers(layers, x, packing, core))
+        # CUDA's caching allocator already reuses blocks: the workspace is for the CPU
+        workspace = self.workspace if hidden_states.device.type == "cpu" else None
+        return packing.unpack(self._layers(layers, x, packing, core, workspace))
 
     @staticmethod
-    def _run_layers(layers: list[CompactLayer], x: Tensor, packing: Packing, core: Core) -> Tensor:
+    def _run_layers(layers: list[CompactLayer], x: Tensor, packing: Packing, core: Core,
+                    workspace: Workspace | None = None) -> Tensor:
         for c in layers:
-            x = layer_forward(c, x, packing, core)
+            x = layer_forward(c, x, packing, core, workspace)
         return x
 
     def packing_for(self, attention_mask: Tensor | None, batch: int, seq: int,
