@@ -135,7 +135,7 @@ def accelerate(model: nn.Module, *, unpad: bool = True, graphs: bool | None = No
         graphs=False only (a captured graph replays the eager layer loop).
     reuse_buffers: on the CPU, keep the layers' large intermediates (the QKV, FFN and output
         projections) in buffers reused between calls instead of allocating them on every call
-        (default True: 12-14% of the forward's time on the default model, B=16, S=128; the
+        (default True: 11-15% of the forward's time on the default model, B=16, S=128; the
         buffers hold about tokens * (3 * kept heads * head_dim + kept neurons + hidden) values
         of the largest batch seen); the eager layer loop only (not with compile).
     Returns an AcceleratedModel: call it like the model (same logits, no gradients).
