@@ -145,3 +145,19 @@ def test_inplace_activation_equals_the_module(activation):
                          ids=["gelu-new", "gelu-python", "silu", "function"])
 def test_other_activations_run_out_of_place(activation):
     assert inplace_activation(activation) is None
+
+
+def test_autocast_runs_without_the_workspace(masked_bert, tiny_dims):
+    """Under CPU autocast the projections run in bf16 (out= variants would not): the result is
+    the fresh-allocation path's, bit for bit, and within bf16 error of the masked model's."""
+    ids, mask = _batch(3, 9, tiny_dims.vocab, [9, 6, 2])
+    fresh = accelerate(masked_bert, reuse_buffers=False)
+    reused = accelerate(masked_bert)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = fresh(input_ids=ids, attention_mask=mask).logits
+        got = reused(input_ids=ids, attention_mask=mask).logits
+        with torch.no_grad():
+            masked = masked_bert(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(got, expected)
+    assert reused.encoder.workspace.nbytes() == 0
+    torch.testing.assert_close(got.float(), masked.float(), rtol=0, atol=0.05)

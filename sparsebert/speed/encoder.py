@@ -32,6 +32,12 @@ from sparsebert.speed.watch import LayerWatch
 from sparsebert.speed.workspace import Workspace, linear
 
 
+def _residual(y: Tensor, x: Tensor) -> Tensor:
+    """x + y, into y (a fresh or workspace tensor) when that keeps the dtype x + y would have
+    (under autocast y can be bf16 while x is fp32: then a new, promoted tensor, as HF's add)."""
+    return y.add_(x) if y.dtype == torch.result_type(x, y) else torch.add(x, y)
+
+
 def layer_forward(c: CompactLayer, x: Tensor, packing: Packing, core: Core,
                   workspace: Workspace | None = None) -> Tensor:
     """One encoder layer on packed tokens: x (T_pad, hidden) -> (T_pad, hidden), a new tensor
@@ -42,7 +48,7 @@ def layer_forward(c: CompactLayer, x: Tensor, packing: Packing, core: Core,
     if c.heads:
         qkv = linear(x, c.qkv_weight, c.qkv_bias, workspace, "qkv")  # (T_pad, 3*k*D)
         ctx = core(qkv.view(tokens, 3, c.heads, c.head_dim), packing, c.scaling)  # (T_pad, k*D)
-        x = c.attn_norm(linear(ctx, c.out_weight, c.out_bias, workspace, "hidden").add_(x))
+        x = c.attn_norm(_residual(linear(ctx, c.out_weight, c.out_bias, workspace, "hidden"), x))
     else:
         x = c.attn_norm(x)
     # Step 2: the kept FFN neurons (or LayerNorm(residual) when the MLP is off).
@@ -50,7 +56,7 @@ def layer_forward(c: CompactLayer, x: Tensor, packing: Packing, core: Core,
         h = linear(x, c.up_weight, c.up_bias, workspace, "ffn")  # (T_pad, f)
         h = c.activation(h) if workspace is None or c.activation_inplace is None else (
             c.activation_inplace(h))
-        x = c.ffn_norm(linear(h, c.down_weight, c.down_bias, workspace, "hidden").add_(x))
+        x = c.ffn_norm(_residual(linear(h, c.down_weight, c.down_bias, workspace, "hidden"), x))
     else:
         x = c.ffn_norm(x)
     return x
@@ -119,8 +125,10 @@ class FastEncoder(nn.Module):
         core = full_core if packing.every_position else choose_core(hidden_states.device,
                                                           hidden_states.dtype)
         x = packing.pack(hidden_states)  # (T_pad, hidden)
-        # CUDA's caching allocator already reuses blocks: the workspace is for the CPU
-        workspace = self.workspace if hidden_states.device.type == "cpu" else None
+        # CUDA's caching allocator already reuses blocks: the workspace is for the CPU; under
+        # autocast the projections run in the autocast dtype, which out= variants would not do
+        cpu = hidden_states.device.type == "cpu"
+        workspace = self.workspace if cpu and not torch.is_autocast_enabled("cpu") else None
         return packing.unpack(self._layers(layers, x, packing, core, workspace))
 
     @staticmethod
