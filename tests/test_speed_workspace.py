@@ -161,3 +161,16 @@ def test_autocast_runs_without_the_workspace(masked_bert, tiny_dims):
     assert torch.equal(got, expected)
     assert reused.encoder.workspace.nbytes() == 0
     torch.testing.assert_close(got.float(), masked.float(), rtol=0, atol=0.05)
+
+
+def test_inference_mode_then_no_grad(masked_bert, tiny_dims):
+    """Buffers made under torch.inference_mode() are not writable outside it: a later plain
+    call replaces them instead of failing."""
+    fast = accelerate(masked_bert)
+    ids, mask = _batch(3, 9, tiny_dims.vocab, [9, 6, 2])
+    with torch.inference_mode():
+        inside = fast(input_ids=ids, attention_mask=mask).logits
+    outside = fast(input_ids=ids, attention_mask=mask).logits
+    with torch.inference_mode():
+        again = fast(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(inside, outside) and torch.equal(outside, again)

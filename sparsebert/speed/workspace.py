@@ -47,7 +47,9 @@ class Workspace:
         need = rows * cols
         buffer = buffers.get(role)
         if (buffer is None or buffer.numel() < need or buffer.dtype != like.dtype
-                or buffer.device != like.device):
+                or buffer.device != like.device
+                # made under torch.inference_mode(): not writable outside it
+                or (buffer.is_inference() and not torch.is_inference_mode_enabled())):
             buffer = buffers[role] = torch.empty(need, dtype=like.dtype, device=like.device)
         return buffer[:need].view(rows, cols)
 
