@@ -4,6 +4,7 @@ release, and in-place activations equal to the out-of-place ones."""
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -174,3 +175,14 @@ def test_inference_mode_then_no_grad(masked_bert, tiny_dims):
     with torch.inference_mode():
         again = fast(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(inside, outside) and torch.equal(outside, again)
+
+
+def test_accelerated_model_deep_copies(masked_bert, tiny_dims):
+    """copy.deepcopy of an accelerated model works with buffers in use; the copy starts with
+    none of its own and gives the same logits."""
+    fast = accelerate(masked_bert)
+    ids, mask = _batch(3, 9, tiny_dims.vocab, [9, 6, 2])
+    expected = fast(input_ids=ids, attention_mask=mask).logits
+    twin = copy.deepcopy(fast)
+    assert twin.encoder.workspace.nbytes() == 0
+    assert torch.equal(twin(input_ids=ids, attention_mask=mask).logits, expected)

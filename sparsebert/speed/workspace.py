@@ -35,6 +35,11 @@ class Workspace:
     def __init__(self) -> None:
         self._local = threading.local()
 
+    def __reduce__(self):
+        """Copies and pickles start empty: the buffers are a cache, not state (and a
+        threading.local cannot be copied)."""
+        return (Workspace, ())
+
     def _buffers(self) -> dict[str, Tensor]:
         buffers = getattr(self._local, "buffers", None)
         if buffers is None:
