@@ -8,10 +8,9 @@ blocks with mmap), so each forward pays page faults and zero-filling for tens of
 default model (B=16, S=128, fp32), `python bench/bench_speed.py --threads 2,1` measured the
 fast path's dense forward at 1.02x (2 threads) and 1.01x (1 thread) of stock Hugging Face's
 before this workspace and 0.85x-0.87x / 0.90x with it (two runs; bench/results/speed-cpu.md
-holds the second). Stock Hugging Face
-itself gains about as much when the whole process's allocator keeps freed memory
-(MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set high): the saving is the allocator's, which
-the workspace gets without changing the process's settings.
+holds the second). Stock Hugging Face itself gains about as much when the whole process's
+allocator keeps freed memory (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set high): the
+saving is the allocator's, which the workspace gets without changing the process's settings.
 
 Workspace.view(role, rows, cols, like) -> a contiguous (rows, cols) view of the front of one
 flat buffer per role (grown when too small, never shrunk until `release()`), per thread: two
