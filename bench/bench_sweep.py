@@ -198,9 +198,9 @@ def main(argv: list[str] | None = None) -> None:
             records.append({"round": r + 1, "mode": mode, "workers": workers, **m,
                             "compared_with": base, "ratio": ratio})
     commands = statistics.median([res["sweep-2-cmd"]["wall_s"] / res["search-cmd"]["wall_s"]
-                       for res in rounds])
+                                  for res in rounds])
     in_process = statistics.median([res["sweep-2"]["wall_s"] / res["sequential"]["wall_s"]
-                         for res in rounds])
+                                    for res in rounds])
     rows.append(["median", "commands: sweep --workers 2 vs search --seeds", 2, "",
                  f"{commands:.2f}x", "", "", "", ""])
     rows.append(["median", "in-process: 2 workers vs search_seeds()", 2, "",

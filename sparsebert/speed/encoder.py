@@ -42,7 +42,7 @@ def layer_forward(c: CompactLayer, x: Tensor, packing: Packing, core: Core,
                   workspace: Workspace | None = None) -> Tensor:
     """One encoder layer on packed tokens: x (T_pad, hidden) -> (T_pad, hidden), a new tensor
     (LayerNorm's output: never a workspace view). With a workspace, the projections write into
-    its reused buffers and the activation runs in place where that gives the same values."""
+    its reused buffers; the activation runs in place when a known in-place form exists."""
     tokens = x.shape[0]
     # Step 1: attention over the kept heads (or LayerNorm(residual) when none is kept).
     if c.heads:
@@ -53,9 +53,8 @@ def layer_forward(c: CompactLayer, x: Tensor, packing: Packing, core: Core,
         x = c.attn_norm(x)
     # Step 2: the kept FFN neurons (or LayerNorm(residual) when the MLP is off).
     if c.neurons:
-        h = linear(x, c.up_weight, c.up_bias, workspace, "ffn")  # (T_pad, f)
-        h = c.activation(h) if workspace is None or c.activation_inplace is None else (
-            c.activation_inplace(h))
+        h = linear(x, c.up_weight, c.up_bias, workspace, "ffn")  # (T_pad, f), ours to overwrite
+        h = (c.activation_inplace or c.activation)(h)
         x = c.ffn_norm(_residual(linear(h, c.down_weight, c.down_bias, workspace, "hidden"), x))
     else:
         x = c.ffn_norm(x)
