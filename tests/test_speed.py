@@ -203,6 +203,26 @@ def test_state_dict_and_to_reach_the_shared_model(tiny_bert):
     assert model.bert.encoder.layer[0].attention.self.query.weight.dtype == torch.float64
 
 
+def test_whole_accelerated_model_saves_and_loads(tiny_bert, tiny_dims, tmp_path):
+    """torch.save of a used AcceleratedModel (compact weights built, buffers in use) and
+    torch.load give a working model: the same logits, its encoder still sharing the loaded
+    model's modules, so new masks on the loaded model reach it."""
+    model = sparsebert.patch(tiny_bert())
+    heads, mlps, neurons = _masks(tiny_dims, "some")
+    sparsebert.set_masks(model, head_mask=heads, mlp_mask=mlps, neuron_mask=neurons)
+    fast = accelerate(model)
+    ids, mask = _batch(3, 9, tiny_dims.vocab, [9, 6, 2])
+    expected = fast(input_ids=ids, attention_mask=mask).logits
+    torch.save(fast, tmp_path / "fast.pt")
+    loaded = torch.load(tmp_path / "fast.pt", weights_only=False)
+    assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, expected)
+    sparsebert.set_masks(loaded.model, head_mask=torch.ones_like(heads),
+                         mlp_mask=torch.ones_like(mlps), neuron_mask=torch.ones_like(neurons))
+    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits,
+                               loaded.model(input_ids=ids, attention_mask=mask).logits)
+    assert not torch.allclose(loaded(input_ids=ids, attention_mask=mask).logits, expected)
+
+
 def test_bad_use_is_refused(tiny_bert, tiny_dims):
     model = sparsebert.patch(tiny_bert())
     fast = accelerate(model)

@@ -78,6 +78,7 @@ class FastEncoder(nn.Module):
                  graphs: bool = False, bucket: int = 256, compile: bool = False,
                  reuse_buffers: bool = True) -> None:
         super().__init__()
+        self.compile = compile
         self._layers = torch.compile(self._run_layers) if compile else self._run_layers
         object.__setattr__(self, "_blocks", list(blocks))
         # the compiled loop allocates through its own graph: no workspace there
@@ -89,6 +90,21 @@ class FastEncoder(nn.Module):
         self._watches: list[LayerWatch | None] = [None] * len(self._blocks)
         self._graph_cache = None  # sparsebert.speed.graphs.GraphCache, built on first use
         self.builds = 0  # how many layers were (re)built: tests read it
+
+    def __getstate__(self) -> dict:
+        """Pickling (torch.save, deepcopy) keeps the settings and the blocks, not what is
+        derived from them: compact weights, watches, graphs and the compiled loop are rebuilt
+        on the first call after loading (the compact layers hold aten ops, which do not pickle)."""
+        state = self.__dict__.copy()
+        state["_layers"] = None
+        state["_compact"] = [None] * len(self._blocks)
+        state["_watches"] = [None] * len(self._blocks)
+        state["_graph_cache"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._layers = torch.compile(self._run_layers) if self.compile else self._run_layers
 
     # Step 1: the compact weights cache ---------------------------------------------------------
     def invalidate(self) -> None:
