@@ -35,8 +35,12 @@ from sparsebert.report.collect import TaskResults, stability, stats_module
 from sparsebert.report.speed import SpeedEntry, subnet_score
 
 DPI = 130
-PHASES = {0: ("full model", "black"), 1: ("phase 1: heads + MLPs", "tab:blue"),
-          2: ("phase 2: heads only", "tab:orange"), 3: ("phase 3: MLPs only", "tab:green")}
+PHASES = {0: ("full model", "black"), 1: ("s-pruning phase 1: heads + MLPs", "tab:blue"),
+          2: ("s-pruning phase 2: heads only", "tab:orange"),
+          3: ("s-pruning phase 3: MLPs only", "tab:green")}
+# m-pruning curves are coloured by seed (the same seed, the same colour in every panel), with
+# colours the phases and the threshold do not use
+SEED_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 METHOD_TITLES = {"structured": "s-pruning (heads + MLPs)", "magnitude": "m-pruning (weights)",
                  "super": "super-survivors"}
 SUBNET_LABELS = {"structured": ("good", "random", "bad"), "magnitude": ("good", "random", "bad"),
@@ -215,7 +219,8 @@ def subnetworks(results: Mapping[str, TaskResults], path: Path) -> Path | None:
 # ----------------------------------------------------------------------------- 3. curves
 
 
-def _curve_axes(ax: Axes, res: TaskResults, method: str) -> None:
+def _curve_axes(ax: Axes, res: TaskResults, method: str, seed_colors: Mapping[int, str]
+                ) -> None:
     runs = [r for r in res.runs if r.curves.get(method)]
     if not runs:
         ax.set_title(f"{res.task}: {METHOD_TITLES[method]}", fontsize=9)
@@ -224,11 +229,11 @@ def _curve_axes(ax: Axes, res: TaskResults, method: str) -> None:
         ax.set_xticks([])
         ax.set_yticks([])
         return
-    for k, run in enumerate(runs):
+    for run in runs:
         pts = [p for p in run.curves[method] if isinstance(p.get("fraction_kept"), (int, float))
                and isinstance(p.get("search_score"), (int, float))]
         ok = [p for p in pts if p.get("passed", True)]
-        line_color = "grey" if method == "structured" else f"C{k % 10}"
+        line_color = "grey" if method == "structured" else seed_colors[run.seed]
         ax.plot([p["fraction_kept"] for p in ok], [p["search_score"] for p in ok],
                 color=line_color, linewidth=0.8, alpha=0.7,
                 label=None if method == "structured" else f"seed {run.seed}")
@@ -257,9 +262,11 @@ def pruning_curves(results: Mapping[str, TaskResults], path: Path) -> Path | Non
     if not methods:
         return None
     fig, panels = _task_panels(len(results), len(methods), 4.2, 3.0, 1.0)
+    seeds = sorted({run.seed for res in results.values() for run in res.runs})
+    seed_colors = {seed: SEED_COLORS[k % len(SEED_COLORS)] for k, seed in enumerate(seeds)}
     for r, res in enumerate(results.values()):
         for c, method in enumerate(methods):
-            _curve_axes(panels[r][c], res, method)
+            _curve_axes(panels[r][c], res, method, seed_colors)
     thr = next(iter(results.values())).threshold
     many = any(r.n_seeds > 1 for r in results.values())
     handles = [Line2D([], [], marker="o", linestyle="", color=color, label=label)
