@@ -310,8 +310,11 @@ def stability_bars(results: Mapping[str, TaskResults], path: Path) -> Path | Non
                                    (0.2, kap, "tab:orange", "Fleiss' κ (ours)")):
         vals = [nan if v is None else v for v in vals]  # None: undefined (e.g. equal masks)
         bars = ax.bar(x + dx, vals, 0.4, color=color, label=label)
-        ax.bar_label(bars, labels=["n/a" if math.isnan(v) else f"{v:.2f}" for v in vals],
+        ax.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.2f}" for v in vals],
                      fontsize=7, padding=2)
+        for xi, v in zip(x + dx, vals, strict=True):
+            if math.isnan(v):  # a NaN bar has no top for bar_label to write at
+                ax.text(xi, 0.01, "n/a", ha="center", va="bottom", fontsize=7, color="grey")
     pk = [paper.FLEISS_KAPPA_HEADS.get(paper.canonical_task(t) or "", nan) for t in tasks]
     if not all(math.isnan(v) for v in pk):
         ax.scatter(x + 0.2, pk, marker="D", color="black", zorder=3, label="Fleiss' κ (paper)")
@@ -319,10 +322,12 @@ def stability_bars(results: Mapping[str, TaskResults], path: Path) -> Path | Non
     ax.set_xticks(x, [f"{t}\n(n={st[t]['heads']['n_seeds']})" for t in tasks], fontsize=8)
     ax.set_ylabel("agreement of seeds' head masks")
     ax.set_xlabel("task (n = seeds)", fontsize=8)
-    ax.set_ylim(min([0.0] + [v for v in kap + pk if v is not None and not math.isnan(v)]) - 0.05,
-                1.05)
-    ax.legend(fontsize=7, loc="upper right")
-    ax.set_title("Stability of the good head masks across seeds\n(1 = identical masks)",
+    # room below the lowest bar and above 1 for the bar labels
+    ax.set_ylim(min([0.0] + [v for v in kap + pk if v is not None and not math.isnan(v)]) - 0.1,
+                1.12)
+    fig.legend(fontsize=7, loc="outside lower center", ncols=3)  # clear of the bar labels
+    ax.set_title("Stability of the good head masks across seeds\n(1 = identical masks; "
+                 "n/a = κ undefined)",
                  fontsize=10)
     return _save(fig, path)
 
