@@ -192,7 +192,9 @@ def _pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _wait_for(condition, timeout: float = 120.0, what: str = ""):
+def _wait_for(condition, timeout: float = 300.0, what: str = ""):
+    """The condition's first true value; AssertionError after `timeout` seconds (a liveness
+    bound, not a speed check: a loaded 2-core machine starts Ray and a first unit slowly)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         value = condition()
