@@ -374,6 +374,25 @@ def test_bad_masks_duplicates_and_mixed_settings(tmp_path: Path):
         collect(tmp_path / "e")
 
 
+def test_data_line_says_what_each_task_was_fine_tuned_on(tmp_path: Path):
+    """The report says per task whether the fine-tunes saw the full training set or a capped
+    subset (from each summary's config.train), and refuses seeds that differ in it."""
+    def train(cap):
+        return {"config": {"train": {"task": "x", "max_train_examples": cap}}}
+
+    for i, seed in enumerate(SEEDS):
+        write_run(tmp_path / "runs", "MRPC", seed, i, **train(None))
+        write_run(tmp_path / "runs", "RTE", seed, i, **train(1000))
+        write_run(tmp_path / "runs", "CoLA", seed, i)  # no train config: nothing said
+    md = report(tmp_path / "runs")["report"].read_text()
+    assert ("Fine-tuned on: MRPC: the full training set; RTE: 1000 training examples per "
+            "fine-tune (a seeded subset).") in md
+    a = write_run(tmp_path / "a", "MRPC", 1, 0, **train(500))
+    b = write_run(tmp_path / "b", "MRPC", 2, 1, **train(1000))
+    with pytest.raises(ReportError, match="field 'max_train_examples' is 500 in .* but 1000"):
+        collect([a, b])
+
+
 def test_notes_name_seeds_whose_threshold_a_constant_predictor_passes(tmp_path: Path):
     """0.9 x the full model's score at or below the majority class: the report says so, per
     task, with the seeds; tasks with a meaningful threshold get no such note."""

@@ -47,9 +47,27 @@ def _data_line(results: dict[str, TaskResults]) -> str:
         if value is not None)
     n = f"{len(runs)} lottery-search run{'s' if len(runs) > 1 else ''}"
     return (f"Data: {n} (one task x one seed each): {'; '.join(parts)}. Setting: {setting}. "
-            "All scores are on the dev sets. The paper's values (Prasanna et al. 2020: "
-            "BERT-base, 5 seeds; transcribed in sparsebert/report/paper.py) are not comparable "
-            "one to one when the model differs.")
+            f"{_training_data(results)}All scores are on the dev sets. The paper's values "
+            "(Prasanna et al. 2020: BERT-base, 5 seeds; transcribed in "
+            "sparsebert/report/paper.py) are not comparable one to one when the model differs.")
+
+
+def _training_data(results: dict[str, TaskResults]) -> str:
+    """'Fine-tuned on: ...' per task (full training set or a cap on examples), '' when no
+    summary records its training config."""
+    groups: dict[str, list[str]] = {}
+    for task, res in results.items():
+        known = [r for r in res.runs if r.train_data_known]
+        if not known:
+            continue
+        cap = known[0].max_train_examples
+        label = ("the full training set" if cap is None else
+                 f"{cap} training examples per fine-tune (a seeded subset)")
+        groups.setdefault(label, []).append(task)
+    if not groups:
+        return ""
+    return "Fine-tuned on: " + "; ".join(f"{', '.join(tasks)}: {label}"
+                                         for label, tasks in groups.items()) + ". "
 
 
 def render_markdown(results: dict[str, TaskResults], figures: Sequence[Path], out_dir: Path,

@@ -107,7 +107,7 @@ class TaskResults:
 
 
 _SAME_ACROSS_SEEDS = ("model", "metric", "report_metric", "threshold", "num_layers", "num_heads",
-                      "search_data", "importance_mode")
+                      "search_data", "importance_mode", "max_train_examples")
 
 
 def _check_consistent(task: str, runs: list[RunSummary]) -> None:

@@ -107,6 +107,10 @@ class RunSummary:
     model: str | None = None
     search_data: str | None = None
     importance_mode: str | None = None
+    # the fine-tunes' training data: a cap on examples (a seeded subset), None for the full
+    # set; train_data_known is False for summaries without a train config
+    max_train_examples: int | None = None
+    train_data_known: bool = False
     head_mask: np.ndarray | None = None
     mlp_mask: np.ndarray | None = None
     layer_kept_fraction: np.ndarray | None = None
@@ -179,6 +183,10 @@ def _parse_run(data: dict, path: Path) -> RunSummary:
         search_data=_get(data, "search_data", path, required=False, kind=str),
         importance_mode=_get(data, "importance_mode", path, required=False, kind=str),
     )
+    if _get(data, "config.train", path, required=False, kind=dict) is not None:
+        run.train_data_known = True
+        run.max_train_examples = _get(data, "config.train.max_train_examples", path,
+                                      required=False, kind=int)
     methods = _get(data, "methods", path, required=False, kind=dict) or {}
     for method in METHODS:
         block = methods.get(method)
