@@ -19,7 +19,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 def device_name(device: str) -> str:
     """The GPU's name, or the CPU's model name with the torch thread count."""
     name = runtime.device_name(device)
-    return name if device.startswith("cuda") else f"{name} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return name if device.startswith("cuda") else \
+        f"{name} ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def environment(device: str) -> dict:
