@@ -78,7 +78,7 @@ class FastEncoder(nn.Module):
                  graphs: bool = False, bucket: int = 256, compile: bool = False,
                  reuse_buffers: bool = True) -> None:
         super().__init__()
-        self.compile = compile
+        self.compile_layers = compile  # not `compile`: nn.Module.compile is a method
         self._layers = torch.compile(self._run_layers) if compile else self._run_layers
         object.__setattr__(self, "_blocks", list(blocks))
         # the compiled loop allocates through its own graph: no workspace there
@@ -104,7 +104,8 @@ class FastEncoder(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._layers = torch.compile(self._run_layers) if self.compile else self._run_layers
+        self._layers = (torch.compile(self._run_layers) if self.compile_layers
+                        else self._run_layers)
 
     # Step 1: the compact weights cache ---------------------------------------------------------
     def invalidate(self) -> None:
