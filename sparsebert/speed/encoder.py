@@ -79,7 +79,7 @@ class FastEncoder(nn.Module):
                  reuse_buffers: bool = True) -> None:
         super().__init__()
         self.compile_layers = compile  # not `compile`: nn.Module.compile is a method
-        self._layers = torch.compile(self._run_layers) if compile else self._run_layers
+        self._layers = self._layer_loop()
         object.__setattr__(self, "_blocks", list(blocks))
         # the compiled loop allocates through its own graph: no workspace there
         self.workspace = Workspace() if reuse_buffers and not compile else None
@@ -104,8 +104,11 @@ class FastEncoder(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._layers = (torch.compile(self._run_layers) if self.compile_layers
-                        else self._run_layers)
+        self._layers = self._layer_loop()
+
+    def _layer_loop(self):
+        """The layer loop to call: _run_layers, through torch.compile when asked."""
+        return torch.compile(self._run_layers) if self.compile_layers else self._run_layers
 
     # Step 1: the compact weights cache ---------------------------------------------------------
     def invalidate(self) -> None:
