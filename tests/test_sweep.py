@@ -36,7 +36,7 @@ def test_grid_expansion_and_order():
     kinds = Counter(u.kind for u in units)
     assert kinds == {"full": 6, "search": 12, "pruned": 36, "retrained": 36, "summary": 6,
                      "super-masks": 2, "super-pruned": 18, "super-retrained": 18,
-                     "super-summary": 2, "report": 1}
+                     "super-summary": 2, "task-report": 2, "report": 1}
     by_id = {u.id: u for u in units}
     # One full fine-tune per task x seed, shared by both methods' searches.
     assert by_id["search/RTE/2/structured"].deps == ["full/RTE/2"]
@@ -47,6 +47,12 @@ def test_grid_expansion_and_order():
     assert set(by_id["summary/RTE/3"].deps) >= {"full/RTE/3", "pruned/RTE/3/magnitude/good",
                                                 "retrained/RTE/3/structured/bad"}
     assert units[-1].id == "report" and len(units[-1].deps) == 8  # 6 seeds + 2 super
+    # The task's report waits for every summary of the task; the sweep's report does not wait
+    # for it (both read only summary files), so the two run side by side at the end.
+    assert set(by_id["task-report/RTE"].deps) == {"super-summary/RTE", "summary/RTE/1",
+                                                  "summary/RTE/2", "summary/RTE/3"}
+    assert not [d for d in by_id["super-summary/RTE"].deps if d.startswith("summary/")]
+    assert "task-report/RTE" not in units[-1].deps
     rank = upward_rank(units)
     assert rank["full/RTE/1"] > rank["search/RTE/1/structured"] > \
         rank["retrained/RTE/1/structured/good"] > rank["report"]
@@ -295,7 +301,8 @@ def test_sigterm_stops_the_sweep_cleanly_then_rerun(reference, tiny_model_dir, s
 
 
 def _forget(out: Path, *unit_ids: str) -> None:
-    """Delete units' outputs and markers (and the summaries that depend on them)."""
+    """Delete units' outputs and markers; the sweep itself redoes what was done after them
+    (the summaries and reports: SweepDir.drop_stale)."""
     for unit_id in unit_ids:
         kind, task, seed, *rest = unit_id.split("/")
         if kind == "retrained":
@@ -303,8 +310,6 @@ def _forget(out: Path, *unit_ids: str) -> None:
         elif kind == "super-retrained":
             shutil.rmtree(out / task / "super" / "retrained" / rest[0] / f"seed_{seed}")
         (out / ".sweep" / "done" / (unit_id.replace("/", "~") + ".json")).unlink()
-    for name in ("summary~SST-2~4", "super-summary~SST-2"):
-        (out / ".sweep" / "done" / f"{name}.json").unlink(missing_ok=True)
 
 
 def test_failing_unit_is_retried_and_reported(reference, tiny_model_dir, synthetic_glue,
@@ -314,12 +319,13 @@ def test_failing_unit_is_retried_and_reported(reference, tiny_model_dir, synthet
     flaky, broken = "retrained/SST-2/4/magnitude/good", "super-retrained/SST-2/4/good"
     _forget(out, flaky, broken)
     # flaky fails on its first attempt only (retried, done); broken on every attempt
-    # (reported, exit status 1); the other units finish, the super summary and report wait.
+    # (reported, exit status 1); the seed's summary, made before flaky was forgotten, is redone
+    # after it; the super summary and both reports (the task's, the sweep's) wait.
     monkeypatch.setenv("SPARSEBERT_SWEEP_FAIL", f"{flaky}:1, super-retrained/*:9")
     assert main(_argv(tiny_model_dir, synthetic_glue, out) + ["--retries", "2", "--workers",
                                                                "1"]) == 1
     printed = capsys.readouterr().out
-    assert "1 failed, 2 blocked by failures, 2 retried" in printed
+    assert "2 units done, 18 already done, 1 failed, 3 blocked by failures, 2 retried" in printed
     assert f"failed {broken} (3 attempts): InjectedFailure" in printed
     failed = json.loads((out / ".sweep" / "failed" / f"{broken.replace('/', '~')}.json")
                         .read_text())
@@ -330,7 +336,7 @@ def test_failing_unit_is_retried_and_reported(reference, tiny_model_dir, synthet
     # Fixed: the rerun does only what is left, and ends as the reference.
     monkeypatch.delenv("SPARSEBERT_SWEEP_FAIL")
     outcome = sweep(out, *_configs(tiny_model_dir, synthetic_glue, workers=1), progress=False)
-    assert set(outcome.done) == {broken, "super-summary/SST-2", "report"}
+    assert set(outcome.done) == {broken, "super-summary/SST-2", "task-report/SST-2", "report"}
     assert not (out / ".sweep" / "failed" / f"{broken.replace('/', '~')}.json").exists()
     assert _results(out) == _results(reference[0])
 
@@ -362,12 +368,17 @@ def test_changed_grid_refused_added_seeds_extend(reference, tiny_model_dir, synt
     grid = Grid(("SST-2",), (3, 4, 5), ("structured", "magnitude"), ("good",), True, True)
     state = SweepDir(out)
     notes = state.open(identity(grid, search, train))
+    done = state.drop_stale(expand(grid))
     state.close("finished")
     assert notes[0] == "extending the sweep: adding tasks none, seeds [5]"
     assert "super-survivors of seeds [3, 4] moved" in notes[1]
     assert not (out / "SST-2" / "super").exists()
     assert not [p for p in (out / ".sweep" / "done").iterdir() if p.name.startswith("super")]
     assert (out / ".sweep" / "done" / "summary~SST-2~4.json").is_file()
+    # What was made from the old seeds' results is redone; the seeds' own results are kept.
+    assert "summary/SST-2/4" in done and "full/SST-2/3" in done
+    assert "task-report/SST-2" not in done and "report" not in done
+    assert not (out / ".sweep" / "done" / "report.json").exists()
 
 
 @pytest.mark.parametrize("flags, message", [

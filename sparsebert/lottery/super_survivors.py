@@ -165,14 +165,17 @@ class SuperStage:
         found = self.masks_stage()
         summary = self.summarize(found, get_task(self.task_name))
         atomic_write_json(self.root / "summary.json", summary)
-        if not report:
-            return summary
+        if report:
+            self.report_stage()
+        return summary
+
+    def report_stage(self) -> None:
+        """report.md and figures/ over the task's directory (its seeds and super/)."""
         try:
             from sparsebert.report import report  # noqa: PLC0415
         except ImportError:
-            return summary
+            return
         report([self.out], self.out)
-        return summary
 
     def summarize(self, found: dict[str, Any], task: GlueTask) -> dict[str, Any]:
         metric = report_metric(task)

@@ -115,9 +115,7 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
     base: dict[str, Any] = {"out": str(out), "search": search.to_json(),
                             "train": train.to_json(), "seeds": list(grid.seeds),
                             "reports": config.reports}
-    done = state.done()
-    if any(u.id not in done for u in units if u.kind != "report"):
-        (state.meta / "done" / "report.json").unlink(missing_ok=True)  # redo the report
+    done = state.drop_stale(units)  # e.g. the reports, when the grid was extended
     status = "interrupted"
     backend = None
     try:

@@ -7,8 +7,10 @@ Per task x seed (in OUT/<task>/seed_<s>/, a `sparsebert search` directory):
     retrained/<method>/<subnet>   the subnetwork re-fine-tuned from the pre-trained model
     summary                       summary.json (+ report.md, figures/)
 Per task, once every seed's structured search is done (in OUT/<task>/super/):
-    super-masks, super-pruned/<seed>/<subnet>, super-retrained/<seed>/<subnet>, super-summary
-Then `report`: OUT/report.md and figures/ over every summary.
+    super-masks, super-pruned/<seed>/<subnet>, super-retrained/<seed>/<subnet>,
+    super-summary (super/summary.json), then task-report (OUT/<task>/report.md, figures/)
+Then `report`: OUT/report.md and figures/ over every summary (beside the task reports: it
+needs only the summary files).
 
 These are the stages of sparsebert.lottery.search.Search and SuperStage, each run alone.
 """
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 # super-survivor re-fine-tune, of a small subnetwork, 0.3-0.6 of a subnetwork's).
 WEIGHTS = {"full": 1.0, "search": 0.5, "pruned": 0.03, "retrained": 1.0, "summary": 0.05,
            "super-masks": 0.01, "super-pruned": 0.03, "super-retrained": 0.5,
-           "super-summary": 0.1, "report": 0.1}
+           "super-summary": 0.01, "task-report": 0.1, "report": 0.1}
 
 
 @dataclass
@@ -108,8 +110,10 @@ def expand(grid: Grid) -> list[Unit]:
                         units.append(unit)
                         controls.append(unit.id)
             final = Unit(f"super-summary/{task}", "super-summary", task,
-                         deps=[masks.id, *controls, *summaries])
+                         deps=[masks.id, *controls])
             units.append(final)
+            units.append(Unit(f"task-report/{task}", "task-report", task,
+                              deps=[*summaries, final.id]))
             summaries.append(final.id)
     units.append(Unit("report", "report",
                       deps=[u.id for u in units if u.kind in ("summary", "super-summary")]))

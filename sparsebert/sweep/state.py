@@ -148,9 +148,7 @@ class SweepDir:
                 marker.unlink()
             notes.append(f"{task}: super-survivors of seeds {seeds} moved to {dest}; they are "
                          f"redone over the new seeds")
-        for marker in (self.meta / "done").glob("report.json"):
-            marker.unlink()
-        return notes
+        return notes  # the task and sweep reports are redone by drop_stale
 
     def close(self, status: str) -> None:
         if self.record.get("runs"):
@@ -172,6 +170,17 @@ class SweepDir:
                 continue  # markers are written atomically; a foreign file is ignored
             out[info["id"]] = info
         return out
+
+    def drop_stale(self, units: list) -> dict[str, dict[str, Any]]:
+        """Forget the markers of units that were done before one of their dependencies was
+        (re)made or added (a forgotten unit, a grid extended with seeds or tasks): they rerun
+        after it. `units` in the grid's order (dependencies first). Returns done()."""
+        done = self.done()
+        for unit in units:
+            if unit.id in done and any(d not in done for d in unit.deps):
+                (self.meta / "done" / marker_name(unit.id)).unlink(missing_ok=True)
+                del done[unit.id]
+        return done
 
     def mark_done(self, unit_id: str, info: dict[str, Any]) -> None:
         (self.meta / "done").mkdir(parents=True, exist_ok=True)

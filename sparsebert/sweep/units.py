@@ -120,7 +120,10 @@ def run_unit(spec: dict[str, Any]) -> dict[str, Any]:
     elif kind == "super-retrained":
         _super(spec).retrained_stage(seed, subnet)
     elif kind == "super-summary":
-        _super(spec).summary_stage(report=spec["reports"])
+        _super(spec).summary_stage(report=False)
+    elif kind == "task-report":
+        if spec["reports"]:
+            _super(spec).report_stage()
     elif kind == "report":
         from sparsebert.report import report  # noqa: PLC0415
 
