@@ -12,7 +12,7 @@ weight-gradient GEMMs run):
   michel       Michel et al.: sum over examples and real tokens of |ctx_t . d loss_i / d ctx_t|.
 The head gradients come from d_head_gate of the masked-attention backward kernel, the MLP and
 neuron gradients from the fused group_dot reduction (sparsebert.nn.gating); `michel` needs
-per-token values and uses tensor hooks instead.
+per-token values and uses tensor hooks instead (sparsebert.pruning.michel).
 
 Normalisation (normalize=True, each step switchable, as the paper's runs): head scores are
 L2-normalised per layer, then min-max rescaled over the model; MLP and neuron scores are divided
@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from sparsebert.hf.patching import sparse_blocks
 from sparsebert.hf.structure import config_size, structure_for
 from sparsebert.ops import accumulate_importance_
+from sparsebert.pruning.michel import michel_hooks
 
 MODES = ("paper", "per_example", "fisher", "michel")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -179,71 +180,6 @@ def _gates_overridden(blocks, leaves: list[_LayerLeaves]):
         yield
 
 
-def _safe_divide(num: Tensor, gate: Tensor) -> Tensor:
-    """num / gate where gate != 0, else 0 (the gradient w.r.t. the gate from that of the gated tensor)."""
-    return torch.where(gate != 0, num / torch.where(gate != 0, gate, 1.0), 0.0)
-
-
-@contextlib.contextmanager
-def _michel_hooks(blocks, token_mask: Tensor, sums: dict[str, list[Tensor]], neurons: bool):
-    """Per-token |x_t . grad_t| for each head context, FFN output and FFN neuron, summed over real
-    tokens and examples into sums["head"][l] (H_l,), sums["mlp"][l] (), sums["neuron"][l] (F_l,)."""
-    handles = []
-    mask = token_mask[:, :, None].float()  # (B, S, 1)
-
-    def on_tensor(x: Tensor, reduce):
-        if x.requires_grad:
-            x.register_hook(lambda grad, x=x.detach(): reduce(x, grad))
-
-    for layer, (attn, mlp) in enumerate(blocks):
-
-        def head_hook(module, args, layer=layer, attn=attn):
-            (ctx,) = args  # (B, S, H*D): gated context, input of the output dense
-
-            def reduce(x, grad):
-                b, s, _ = x.shape
-                dots = (x.float() * grad.float()).view(b, s, attn.num_heads, attn.head_dim).sum(-1)
-                per_token = _safe_divide(dots, attn.gate.detach().float().expand(b, -1)[:, None, :])
-                sums["head"][layer] += (per_token.abs() * mask).sum(dim=(0, 1))
-
-            on_tensor(ctx, reduce)
-
-        def mlp_hook(module, y, layer=layer, mlp=mlp):
-            def reduce(x, grad):  # grad is w.r.t. y, i.e. gate * d loss / d (gated y)
-                dots = (x.float() * grad.float()).sum(-1)  # (B, S)
-                gate = mlp.gates[0].detach().float()
-                gate = gate.view(-1, 1) if gate.dim() else gate
-                sums["mlp"][layer] += (_safe_divide(dots, gate).abs() * mask[..., 0]).sum()
-
-            on_tensor(y, reduce)
-
-        dense = attn.output_dense()  # None once every head of the layer was removed
-        if dense is not None:
-            handles.append(dense.register_forward_pre_hook(head_hook))
-        handles.append(mlp.register_ffn_output_hook(mlp_hook))
-        if neurons:
-            down = mlp.output_dense()  # None once the MLP was removed
-
-            def neuron_hook(module, args, layer=layer, mlp=mlp):
-                (h,) = args  # (B, S, F): gated activations
-
-                def reduce(x, grad):
-                    gate = mlp.gates[1].detach().float()
-                    gate = gate[:, None, :] if gate.dim() == 2 else gate
-                    per_token = _safe_divide(x.float() * grad.float(), gate)
-                    sums["neuron"][layer] += (per_token.abs() * mask).sum(dim=(0, 1))
-
-                on_tensor(h, reduce)
-
-            if down is not None:
-                handles.append(down.register_forward_pre_hook(neuron_hook))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 # --------------------------------------------------------------------------------------------
 # Normalisation
 # --------------------------------------------------------------------------------------------
@@ -339,7 +275,7 @@ def importance(
             leaves = _make_leaves(blocks, size, per_example and mode != "michel", neurons)
             michel_sums = {"head": head_acc, "mlp": mlp_acc, "neuron": neuron_acc}
             hooks = (
-                _michel_hooks(blocks, token_mask, michel_sums, neurons)
+                michel_hooks(blocks, token_mask, michel_sums, neurons)
                 if mode == "michel"
                 else contextlib.nullcontext()
             )

@@ -9,7 +9,7 @@
 * stability.png (>= 2 seeds): mean Jaccard and Fleiss' kappa of the head masks per task.
 * overlap.png (>= 2 tasks with >= 2 seeds): shared super-survivor heads, task x task.
 * speed_vs_score.png (runs timed by `sparsebert speed --run`): each s-pruning subnetwork's dev
-  score against its measured speed-up over the full model.
+  score against its measured speed-up over the full model (sparsebert.report.speed_figure).
 
 Each function takes {task: TaskResults} and an output path and returns the path written (None
 when the figure does not apply); `write_figures` writes all that apply.
@@ -29,12 +29,12 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
-from sparsebert.atomic import atomic_write_with
 from sparsebert.report import paper
+from sparsebert.report.canvas import panel_grid, save_png
 from sparsebert.report.collect import TaskResults, stability, stats_module
-from sparsebert.report.speed import SpeedEntry, subnet_score
+from sparsebert.report.speed import SpeedEntry
+from sparsebert.report.speed_figure import speed_vs_score
 
-DPI = 130
 PHASES = {0: ("full model", "black"), 1: ("s-pruning phase 1: heads + MLPs", "tab:blue"),
           2: ("s-pruning phase 2: heads only", "tab:orange"),
           3: ("s-pruning phase 3: MLPs only", "tab:green")}
@@ -47,16 +47,6 @@ SUBNET_LABELS = {"structured": ("good", "random", "bad"), "magnitude": ("good", 
                  "super": ("good\n(kept in all seeds)", "random\n('middling')",
                            "bad\n('bizarro')")}
 STAGE_COLORS = {"pruned": "#9ecae1", "retrained": "#2171b5"}
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
-    return path
-
-
-def _grid(n: int, max_cols: int) -> tuple[int, int]:
-    cols = min(n, max_cols)
-    return math.ceil(n / cols), cols
 
 
 def _task_panels(n_tasks: int, n_methods: int, panel_w: float, panel_h: float,
@@ -93,7 +83,7 @@ def surviving_heads(results: Mapping[str, TaskResults], path: Path) -> Path | No
     tasks = {t: r for t, r in results.items() if r.head_masks is not None}
     if not tasks:
         return None
-    rows, cols = _grid(len(tasks), 3)
+    rows, cols = panel_grid(len(tasks), 3)
     some = next(iter(tasks.values()))
     cell_w = 0.32 * (some.num_heads + 2.5) + 0.6
     fig = Figure(figsize=(max(cols * cell_w + 1.2, 6.4), rows * (0.32 * some.num_layers + 2.2)),
@@ -138,7 +128,7 @@ def surviving_heads(results: Mapping[str, TaskResults], path: Path) -> Path | No
                  label="share of seeds keeping it" if many else "kept (1) or pruned (0)")
     fig.suptitle("Heads and MLPs kept by the good s-pruning mask"
                  + (" (○ = kept in every seed)" if many else ""), fontsize=11)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # ----------------------------------------------------------------------------- 2. subnetworks
@@ -213,7 +203,7 @@ def subnetworks(results: Mapping[str, TaskResults], path: Path) -> Path | None:
     many = any(r.n_seeds > 1 for r in results.values())
     fig.suptitle("Good, random and bad subnetworks"
                  + (" (mean over seeds; error bars: ± sample std)" if many else ""), fontsize=11)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # ----------------------------------------------------------------------------- 3. curves
@@ -278,7 +268,7 @@ def pruning_curves(results: Mapping[str, TaskResults], path: Path) -> Path | Non
                        + (" (mean over seeds)" if many else ""))]
     fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8)
     fig.suptitle("Pruning search: dev score after each step", fontsize=11)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # ----------------------------------------------------------------------------- 4. stability
@@ -329,7 +319,7 @@ def stability_bars(results: Mapping[str, TaskResults], path: Path) -> Path | Non
     ax.set_title("Stability of the good head masks across seeds\n(1 = identical masks; "
                  "n/a = κ undefined)",
                  fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def overlap(results: Mapping[str, TaskResults], path: Path) -> Path | None:
@@ -362,76 +352,7 @@ def overlap(results: Mapping[str, TaskResults], path: Path) -> Path | None:
     fig.colorbar(image, ax=ax, label="shared super-survivor heads", shrink=0.8)
     ax.set_title(f"Super-survivor heads shared by two tasks\n(of {int(np.prod(shape))} heads;"
                  " diagonal: the task's own)", fontsize=9)
-    return _save(fig, path)
-
-
-# ----------------------------------------------------------------------------- 6. speed
-
-
-SUBNET_COLORS = {"good": "tab:green", "random": "tab:blue", "bad": "tab:red"}
-
-
-def speed_vs_score(results: Mapping[str, TaskResults], entries: Sequence[SpeedEntry],
-                   path: Path) -> Path | None:
-    """Per task, the dev score of each timed subnetwork (retrained, and without retraining)
-    against its measured speed-up over the full model on the fast path, one point per seed, in
-    the first setting measured for the task; the full model at 1x."""
-    if not entries:
-        return None
-    first = {}  # task -> its first setting
-    for e in entries:
-        first.setdefault(e.task, e.setting)
-    chosen = [e for e in entries if first[e.task] == e.setting]
-    tasks = [t for t in results if t in first]
-    rows, cols = _grid(len(tasks), 3)
-    fig = Figure(figsize=(max(7.0, 3.6 * cols + 0.4), 3.2 * rows + 1.3), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax in axes[len(tasks):]:
-        ax.set_visible(False)
-    runs = {(r.task, r.seed): r for res in results.values() for r in res.runs}
-    for ax, task in zip(axes, tasks, strict=False):
-        res = results[task]
-        task_entries = [e for e in chosen if e.task == task]
-        for e in task_entries:
-            for stage, marker in (("retrained", "o"), ("pruned", "^")):
-                score = subnet_score(runs[(task, e.seed)], e.subnet, stage)
-                if score is not None:
-                    ax.scatter(e.masked_speedup, score, marker=marker,
-                               color=SUBNET_COLORS[e.subnet], s=28, zorder=3,
-                               facecolors="none" if marker == "^" else None)
-        for seed in sorted({e.seed for e in task_entries}):
-            ax.scatter(1.0, runs[(task, seed)].full_score, marker="s", color="black", s=28,
-                       zorder=3)
-        major = res.scores.get("majority baseline")
-        if major is not None:
-            ax.axhline(major.mean, color="grey", linestyle=":", linewidth=1.2)
-        ax.set_xscale("log", base=2)
-        # Ticks at powers of 2, finer when the points span less than 2 octaves.
-        span = max([1.0] + [e.masked_speedup for e in task_entries]) / min(
-            [1.0] + [e.masked_speedup for e in task_entries])
-        subs = (tuple(1.0 + 0.1 * k for k in range(10)) if span < 1.6 else
-                (1.0, 1.25, 1.5, 1.75) if span < 4 else (1.0,))
-        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2, subs=subs))
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
-        lengths = first[task].split(", lengths ", 1)[-1].split(", model ", 1)[0]
-        ax.set_title(f"{task}: lengths {lengths}", fontsize=8)
-        ax.set_xlabel("speed-up over the full model (masked, fast path)", fontsize=8)
-        ax.set_ylabel(f"dev {res.report_metric}", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    handles = [Line2D([], [], marker="o", linestyle="", color=c, label=f"{name}, retrained")
-               for name, c in SUBNET_COLORS.items()]
-    handles += [Line2D([], [], marker="^", linestyle="", color="grey", markerfacecolor="none",
-                       label="without retraining"),
-                Line2D([], [], marker="s", linestyle="", color="black", label="full model (1x)"),
-                Line2D([], [], color="grey", linestyle=":", label="majority class")]
-    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8)
-    device, rest = chosen[0].setting.split(", ", 1)
-    common = rest.split(", lengths ", 1)[0]  # dtype, batch, padded length
-    fig.suptitle("s-pruning subnetworks: dev score vs measured speed-up (one point per seed)\n"
-                 f"{device}, {common}", fontsize=9)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def write_figures(results: Mapping[str, TaskResults], out_dir: str | Path,

@@ -74,7 +74,8 @@ def _setting(data: dict[str, Any]) -> tuple[str, str]:
     lengths = data.get("lengths") or {}
     mean = f" (mean {lengths['mean']:.1f} tokens)" if "mean" in lengths else ""
     versions = data.get("versions") or {}
-    setting = (f"{data.get('device', a.get('device'))}, {data.get('dtype')}, batch {a.get('batch')}"
+    device = str(data.get("device", a.get("device"))).replace("(1 threads)", "(1 thread)")
+    setting = (f"{device}, {data.get('dtype')}, batch {a.get('batch')}"
                f", padded length {a.get('seq')}, lengths {a.get('lengths')}{mean}, model "
                f"{a.get('model')}, torch {versions.get('torch', '?')}")
     flags = [f"--run {a.get('run')}", f"--batch {a.get('batch')}", f"--seq {a.get('seq')}",
