@@ -436,13 +436,17 @@ def test_speed_section_and_figure_from_speed_files(runs: Path, tmp_path: Path):
     (runs / "MRPC" / "seed_1" / "speed" / "cpu.json").write_text(json.dumps(
         _speed_result(["good", "random", "bad"], 40.0, [20.0, 10.0, 40.0], [25.0, 20.0, 50.0])))
     # MRPC seeds 2 and 3: the multi-seed parent's speed/ ("seed_<s>/<subnet>").
+    # That one written by an older version, whose device line said "(1 threads)": read as the
+    # same setting.
     (runs / "MRPC" / "speed").mkdir()
-    (runs / "MRPC" / "speed" / "cpu.json").write_text(json.dumps(
-        _speed_result(["seed_2/good", "seed_3/good"], 60.0, [20.0, 30.0], [30.0, 30.0])))
+    older = _speed_result(["seed_2/good", "seed_3/good"], 60.0, [20.0, 30.0], [30.0, 30.0])
+    older["device"] = "Test CPU (1 threads)"
+    (runs / "MRPC" / "speed" / "cpu.json").write_text(json.dumps(older))
     out = report([runs], out_dir=tmp_path / "out")
     text = Path(out["report"]).read_text()
     section = text.split("## Speed of the subnetworks")[1].split("## ")[0]
     assert "Test CPU (1 thread), fp32, batch 16, padded length 128" in section
+    assert "1 threads" not in text
     rows = {tuple(c.strip() for c in line.strip("|").split("|"))[:2]:
             [c.strip() for c in line.strip("|").split("|")]
             for line in section.splitlines() if line.startswith("| MRPC")}
