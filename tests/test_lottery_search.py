@@ -164,3 +164,12 @@ def test_seeds_and_super_survivors(tiny_setup, tmp_path):
     again = search_seeds("SST-2", tmp_path, [3, 4], search_config=config, train_config=train,
                          progress=False)
     assert again["subnetworks"] == summary["subnetworks"]  # resumed: nothing redone
+    # Without super-survivors, the seeds still get one report over both.
+    plain = tmp_path / "plain"
+    for seed in (3, 4):
+        shutil.copytree(tmp_path / f"seed_{seed}", plain / f"seed_{seed}")
+    last = search_seeds("SST-2", plain, [3, 4], search_config=config, train_config=train,
+                        progress=False, super_survivors=False)
+    assert last["seed"] == 4 and not (plain / "super").exists()
+    text = (plain / "report.md").read_text()
+    assert "(n=2)" in text and "| super good R | — |" in text  # super-survivors: not run

@@ -59,9 +59,13 @@ def test_grid_expansion_and_order():
     # No super-survivors with one seed or without s-pruning; no retraining units when off.
     assert not [u for u in expand(Grid(("RTE",), (1,), ("structured",), ("good",), True, True))
                 if u.kind.startswith("super")]
-    assert not [u for u in expand(Grid(("RTE",), (1, 2), ("magnitude",), ("good",), False,
-                                       True)) if u.kind.startswith("super")
-                or u.kind == "retrained"]
+    no_super = expand(Grid(("RTE",), (1, 2), ("magnitude",), ("good",), False, True))
+    assert not [u for u in no_super if u.kind.startswith("super") or u.kind == "retrained"]
+    # A task report over two or more seeds, with or without super-survivors; none for one seed.
+    assert [u.deps for u in no_super if u.kind == "task-report"] == [["summary/RTE/1",
+                                                                       "summary/RTE/2"]]
+    assert not [u for u in expand(Grid(("RTE",), (1,), ("magnitude",), ("good",), True, True))
+                if u.kind == "task-report"]
 
 
 def test_eta_estimates_from_finished_units():

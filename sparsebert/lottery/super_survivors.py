@@ -7,7 +7,8 @@
     out/super/pruned/<subnet>/seed_<s>.json     each mask on seed s's fine-tuned model
     out/super/retrained/<subnet>/seed_<s>/      each mask re-fine-tuned from the pre-trained
                                                 model with seed s (physically pruned)
-    out/super/summary.json (kind "sparsebert-super"), out/report.md, out/figures/
+    out/super/summary.json (kind "sparsebert-super")
+    out/report.md, out/figures/   the task's report over every seed (and super/), >= 2 seeds
 
 Heads and MLPs get their controls separately (sparsebert.lottery.stats.super_survivor_controls).
 Every stage is resumable as in the single-seed search.
@@ -86,8 +87,20 @@ def search_seeds(task: str, out: str | os.PathLike, seeds: list[int], *,
         except StopSearch:
             return {"status": "stopped", "out": str(out)}
     if not super_survivors or len(seeds) < 2 or "structured" not in search_config.methods():
+        if len(seeds) >= 2:
+            task_report(out)
         return summaries[-1]
     return SuperStage(task, out, seeds, search_config, train_config, progress).run()
+
+
+def task_report(out: Path) -> None:
+    """out/report.md and figures/ over a task's seed directories (and super/, when there);
+    nothing without the report's plotting dependency."""
+    try:
+        from sparsebert.report import report  # noqa: PLC0415
+    except ImportError:
+        return
+    report([out], out)
 
 
 class SuperStage:
@@ -166,16 +179,8 @@ class SuperStage:
         summary = self.summarize(found, get_task(self.task_name))
         atomic_write_json(self.root / "summary.json", summary)
         if report:
-            self.report_stage()
+            task_report(self.out)
         return summary
-
-    def report_stage(self) -> None:
-        """report.md and figures/ over the task's directory (its seeds and super/)."""
-        try:
-            from sparsebert.report import report  # noqa: PLC0415
-        except ImportError:
-            return
-        report([self.out], self.out)
 
     def summarize(self, found: dict[str, Any], task: GlueTask) -> dict[str, Any]:
         metric = report_metric(task)

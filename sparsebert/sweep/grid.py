@@ -8,7 +8,9 @@ Per task x seed (in OUT/<task>/seed_<s>/, a `sparsebert search` directory):
     summary                       summary.json (+ report.md, figures/)
 Per task, once every seed's structured search is done (in OUT/<task>/super/):
     super-masks, super-pruned/<seed>/<subnet>, super-retrained/<seed>/<subnet>,
-    super-summary (super/summary.json), then task-report (OUT/<task>/report.md, figures/)
+    super-summary (super/summary.json)
+Per task with >= 2 seeds, once its summaries are written:
+    task-report                   OUT/<task>/report.md and figures/
 Then `report`: OUT/report.md and figures/ over every summary (beside the task reports: it
 needs only the summary files).
 
@@ -112,9 +114,9 @@ def expand(grid: Grid) -> list[Unit]:
             final = Unit(f"super-summary/{task}", "super-summary", task,
                          deps=[masks.id, *controls])
             units.append(final)
-            units.append(Unit(f"task-report/{task}", "task-report", task,
-                              deps=[*summaries, final.id]))
             summaries.append(final.id)
+        if len(grid.seeds) >= 2:
+            units.append(Unit(f"task-report/{task}", "task-report", task, deps=list(summaries)))
     units.append(Unit("report", "report",
                       deps=[u.id for u in units if u.kind in ("summary", "super-summary")]))
     return units

@@ -26,7 +26,7 @@ import torch
 
 from sparsebert.lottery.config import SearchConfig
 from sparsebert.lottery.search import Search
-from sparsebert.lottery.super_survivors import SuperStage
+from sparsebert.lottery.super_survivors import SuperStage, task_report
 from sparsebert.train import data_cache
 from sparsebert.train.config import TrainConfig
 
@@ -123,7 +123,7 @@ def run_unit(spec: dict[str, Any]) -> dict[str, Any]:
         _super(spec).summary_stage(report=False)
     elif kind == "task-report":
         if spec["reports"]:
-            _super(spec).report_stage()
+            task_report(task_dir(spec))
     elif kind == "report":
         from sparsebert.report import report  # noqa: PLC0415
 
