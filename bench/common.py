@@ -18,10 +18,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 def device_name(device: str) -> str:
     """The GPU's name, or the CPU's model name with the torch thread count."""
-    name = runtime.device_name(device)
-    threads = torch.get_num_threads()
-    return name if device.startswith("cuda") else \
-        f"{name} ({threads} thread{'' if threads == 1 else 's'})"
+    return runtime.device_label(device)
 
 
 def environment(device: str) -> dict:

@@ -29,6 +29,15 @@ def device_name(device: torch.device | str) -> str:
     return cpu_name()
 
 
+def device_label(device: torch.device | str) -> str:
+    """device_name(), with the torch thread count on the CPU: 'Xeon ... (2 threads)'."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return device_name(device)
+    threads = torch.get_num_threads()
+    return f"{device_name(device)} ({threads} thread{'' if threads == 1 else 's'})"
+
+
 def versions() -> dict[str, str]:
     """Versions of python, torch, transformers and sparsebert (and CUDA when built with it)."""
     import transformers  # noqa: PLC0415

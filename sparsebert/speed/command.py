@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsebert.atomic import atomic_write_json
-from sparsebert.runtime import device_name, git_sha, versions
+from sparsebert.runtime import device_label, git_sha, versions
 from sparsebert.speed.timing import summary, time_interleaved
 from sparsebert.speed.variants import (
     Variant,
@@ -255,8 +255,7 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
     for v in variants:
         notes += v.notes
     return {
-        "device": device_name(device) + ("" if device.type == "cuda"
-                                         else _threads_label(torch.get_num_threads())),
+        "device": device_label(device),
         "versions": versions(), "git_sha": git_sha(), "dtype": dtype_name,
         "args": {k: v for k, v in vars(args).items() if not callable(v)},
         "attention": getattr(model.config, "_attn_implementation", None),
@@ -268,10 +267,6 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
         "rows": _rows(variants, samples, shape, lengths, args.batch, diffs),
         "notes": notes,
     }
-
-
-def _threads_label(threads: int) -> str:
-    return f" ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def _native_kernels() -> list[str]:
