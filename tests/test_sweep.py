@@ -181,6 +181,27 @@ def test_reference_sweep(reference, tiny_model_dir, synthetic_glue):
     assert _results(out) == results
 
 
+def test_reports_turned_on_later_are_written(reference, tiny_model_dir, synthetic_glue,
+                                             tmp_path):
+    """A sweep run with --no-reports, rerun with reports on, writes the reports it skipped
+    (the summaries and the task's report) and redoes nothing else."""
+    out = tmp_path / "reports"
+    shutil.copytree(reference[0], out)
+    assert not list(out.glob("SST-2/**/report.md")) and (out / "report.md").is_file()
+    outcome = sweep(out, *_configs(tiny_model_dir, synthetic_glue, reports=True),
+                    progress=False)
+    assert set(outcome.done) == {"summary/SST-2/3", "summary/SST-2/4", "task-report/SST-2",
+                                 "report"}
+    for where in ("SST-2/seed_3", "SST-2/seed_4", "SST-2"):
+        assert (out / where / "report.md").is_file(), where
+    assert _results(out) == _results(reference[0])
+    # Done with reports now: neither a rerun with them nor one without redoes anything.
+    for reports in (True, False):
+        again = sweep(out, *_configs(tiny_model_dir, synthetic_glue, reports=reports),
+                      progress=False)
+        assert not again.done
+
+
 def test_same_directories_as_search(reference, tiny_model_dir, synthetic_glue, tmp_path):
     """A seed's directory in the sweep is the one `sparsebert search` writes."""
     from sparsebert.lottery import search  # noqa: PLC0415

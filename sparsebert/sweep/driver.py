@@ -115,7 +115,7 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
     base: dict[str, Any] = {"out": str(out), "search": search.to_json(),
                             "train": train.to_json(), "seeds": list(grid.seeds),
                             "reports": config.reports}
-    done = state.drop_stale(units)  # e.g. the reports, when the grid was extended
+    done = state.drop_stale(units, config.reports)  # e.g. the reports of an extended grid
     status = "interrupted"
     backend = None
     try:

@@ -113,6 +113,7 @@ def run_unit(spec: dict[str, Any]) -> dict[str, Any]:
         info["score"] = result.score
     elif kind == "summary":
         _search(spec, seed).summary_stage(report=spec["reports"])
+        info["reports"] = spec["reports"]  # a later run with reports on redoes it
     elif kind == "super-masks":
         _super(spec).masks_stage()
     elif kind == "super-pruned":
@@ -124,6 +125,7 @@ def run_unit(spec: dict[str, Any]) -> dict[str, Any]:
     elif kind == "task-report":
         if spec["reports"]:
             task_report(task_dir(spec))
+        info["reports"] = spec["reports"]
     elif kind == "report":
         from sparsebert.report import report  # noqa: PLC0415
 
