@@ -2,7 +2,8 @@
 
     OUT/sweep.json              the grid, the search and training configs, every run's times
     OUT/.sweep/done/<unit>.json     completion markers (atomic): seconds, cpu_seconds, attempts,
-                                    worker
+                                    worker; reports (whether a summary or task report wrote
+                                    its report.md)
     OUT/.sweep/failed/<unit>.json   the last error of a unit that ran out of retries
     OUT/.sweep/status.json      the running units, where (worker pid) and the counts
     OUT/.sweep/lock             held (flock) by the running driver: one driver per directory
