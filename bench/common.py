@@ -16,11 +16,6 @@ from sparsebert.atomic import atomic_write_json, atomic_write_text
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def device_name(device: str) -> str:
-    """The GPU's name, or the CPU's model name with the torch thread count."""
-    return runtime.device_label(device)
-
-
 def environment(device: str) -> dict:
     """Device, versions and git SHA recorded with every benchmark result."""
     import sparsebert
@@ -28,7 +23,7 @@ def environment(device: str) -> dict:
     build = sparsebert.ops._C.build_info() if sparsebert.ops._C is not None else None
     sha = runtime.git_sha(Path(__file__).parent)
     return {
-        "device": device_name(device),
+        "device": runtime.device_label(device),
         "device_type": device.split(":")[0],
         **runtime.versions(),
         "cuda": torch.version.cuda,
@@ -82,7 +77,7 @@ def write_results(name: str, device: str, payload: dict, table: str) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     slug = device.split(":")[0]
     if slug == "cuda":
-        slug = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+        slug = re.sub(r"[^a-z0-9]+", "-", runtime.device_label(device).lower()).strip("-")
     stem = RESULTS_DIR / f"{name}-{slug}"
     json_path = stem.with_suffix(".json")
     atomic_write_json(json_path, payload)

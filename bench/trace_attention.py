@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from sparsebert import ops  # noqa: E402
+from sparsebert import ops, runtime  # noqa: E402
 
 
 def main() -> None:
@@ -48,7 +48,7 @@ def main() -> None:
     }
     out_dir = common.RESULTS_DIR / "profiles"
     out_dir.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", common.device_name("cuda").lower()).strip("-")
+    slug = re.sub(r"[^a-z0-9]+", "-", runtime.device_label("cuda").lower()).strip("-")
     for name, fn in calls.items():
         os.environ["SPARSEBERT_ATTENTION_KERNEL"] = "mma" if "mma" in name else "default"
         for _ in range(3):
