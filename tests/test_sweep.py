@@ -202,6 +202,26 @@ def test_reports_turned_on_later_are_written(reference, tiny_model_dir, syntheti
         assert not again.done
 
 
+def test_report_units_without_plotting_say_so(reference, monkeypatch, tmp_path):
+    """Where sparsebert.report cannot be imported (no matplotlib), the summary, task-report and
+    report units warn and record reports=False, so a later run with reports redoes them."""
+    from sparsebert.sweep.units import run_unit  # noqa: PLC0415
+
+    out = tmp_path / "no-plotting"
+    shutil.copytree(reference[0], out)
+    for old in out.rglob("report.md"):
+        old.unlink()
+    monkeypatch.setitem(sys.modules, "sparsebert.report", None)  # import raises ImportError
+    base = {"out": str(out), "reports": True, "attempt": 1, "device": "cpu", "threads": 1,
+            "task": "SST-2", "seed": None, "method": None, "subnet": None}
+    for unit in ({"id": "task-report/SST-2", "kind": "task-report"},
+                 {"id": "report", "kind": "report"}):
+        with pytest.warns(UserWarning, match="no report written .*matplotlib"):
+            info = run_unit({**base, **unit})
+        assert info["reports"] is False, unit
+    assert not list(out.rglob("report.md"))
+
+
 def test_same_directories_as_search(reference, tiny_model_dir, synthetic_glue, tmp_path):
     """A seed's directory in the sweep is the one `sparsebert search` writes."""
     from sparsebert.lottery import search  # noqa: PLC0415

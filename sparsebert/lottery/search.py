@@ -20,6 +20,7 @@ import copy
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,7 @@ class Search(StructuredStages, MagnitudeStages):
             getattr(self, f"_{method}")()
         summary = self.summary_stage(report=False)
         self._stage_done("summary")
-        self._report()
+        write_report(self.out)
         return summary
 
     # Stages that run alone (a sweep's units): full_stage, then after prepare() or
@@ -160,7 +161,7 @@ class Search(StructuredStages, MagnitudeStages):
         summary = self.summarize()
         atomic_write_json(self.out / "summary.json", summary)
         if report:
-            self._report()
+            write_report(self.out)
         return summary
 
     def prepare(self) -> None:
@@ -241,12 +242,19 @@ class Search(StructuredStages, MagnitudeStages):
 
         return build_summary(self)
 
-    def _report(self) -> None:
-        try:
-            from sparsebert.report import report  # noqa: PLC0415
-        except ImportError:
-            return
-        report([self.out], self.out)
+
+
+def write_report(out: Path) -> bool:
+    """out/report.md and figures/ over the study under `out` (sparsebert.report); False, with a
+    warning, when the report's dependencies (matplotlib) cannot be imported."""
+    try:
+        from sparsebert.report import report  # noqa: PLC0415
+    except ImportError as err:
+        warnings.warn(f"no report written under {out}: sparsebert.report cannot be imported "
+                      f"({err}); install matplotlib and rerun to write it", stacklevel=2)
+        return False
+    report([out], out)
+    return True
 
 
 def search(task: str, out: str | os.PathLike, *, search_config: SearchConfig | None = None,

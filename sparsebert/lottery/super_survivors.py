@@ -30,7 +30,7 @@ from sparsebert.atomic import atomic_write_json
 from sparsebert.glue.tasks import GlueTask, get_task
 from sparsebert.lottery.config import SearchConfig, SearchError
 from sparsebert.lottery.scoring import report_metric
-from sparsebert.lottery.search import Search, StopSearch
+from sparsebert.lottery.search import Search, StopSearch, write_report
 from sparsebert.lottery.stats import stability_summary, super_survivor_controls
 from sparsebert.lottery.structured import kept_fraction
 from sparsebert.lottery.subnetworks import SUBNETWORKS
@@ -93,14 +93,10 @@ def search_seeds(task: str, out: str | os.PathLike, seeds: list[int], *,
     return SuperStage(task, out, seeds, search_config, train_config, progress).run()
 
 
-def task_report(out: Path) -> None:
+def task_report(out: Path) -> bool:
     """out/report.md and figures/ over a task's seed directories (and super/, when there);
-    nothing without the report's plotting dependency."""
-    try:
-        from sparsebert.report import report  # noqa: PLC0415
-    except ImportError:
-        return
-    report([out], out)
+    False, with a warning, without the report's plotting dependency."""
+    return write_report(out)
 
 
 class SuperStage:

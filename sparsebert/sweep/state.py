@@ -2,8 +2,9 @@
 
     OUT/sweep.json              the grid, the search and training configs, every run's times
     OUT/.sweep/done/<unit>.json     completion markers (atomic): seconds, cpu_seconds, attempts,
-                                    worker; reports (whether a summary or task report wrote
-                                    its report.md)
+                                    worker; reports (whether a summary, task report or the
+                                    sweep report wrote its report.md: False with --no-reports
+                                    or without matplotlib)
     OUT/.sweep/failed/<unit>.json   the last error of a unit that ran out of retries
     OUT/.sweep/status.json      the running units, where (worker pid) and the counts
     OUT/.sweep/lock             held (flock) by the running driver: one driver per directory

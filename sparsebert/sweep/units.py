@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from sparsebert.lottery.config import SearchConfig
-from sparsebert.lottery.search import Search
+from sparsebert.lottery.search import Search, write_report
 from sparsebert.lottery.super_survivors import SuperStage, task_report
 from sparsebert.train import data_cache
 from sparsebert.train.config import TrainConfig
@@ -112,8 +112,10 @@ def run_unit(spec: dict[str, Any]) -> dict[str, Any]:
         result = getattr(_search(spec, seed), f"{method}_retrained_stage")(subnet)
         info["score"] = result.score
     elif kind == "summary":
-        _search(spec, seed).summary_stage(report=spec["reports"])
-        info["reports"] = spec["reports"]  # a later run with reports on redoes it
+        runner = _search(spec, seed)
+        runner.summary_stage(report=False)
+        # False (no report written) makes a later run with reports on redo this unit
+        info["reports"] = bool(spec["reports"]) and write_report(runner.out)
     elif kind == "super-masks":
         _super(spec).masks_stage()
     elif kind == "super-pruned":
@@ -123,13 +125,9 @@ def run_unit(spec: dict[str, Any]) -> dict[str, Any]:
     elif kind == "super-summary":
         _super(spec).summary_stage(report=False)
     elif kind == "task-report":
-        if spec["reports"]:
-            task_report(task_dir(spec))
-        info["reports"] = spec["reports"]
-    elif kind == "report":
-        from sparsebert.report import report  # noqa: PLC0415
-
-        report([spec["out"]], spec["out"])
+        info["reports"] = bool(spec["reports"]) and task_report(task_dir(spec))
+    elif kind == "report":  # written with or without --reports (it is the sweep's result)
+        info["reports"] = write_report(Path(spec["out"]))
     else:
         raise ValueError(f"unknown unit kind {kind!r}")
     return {"seconds": time.perf_counter() - started,
