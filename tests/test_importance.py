@@ -186,6 +186,37 @@ def test_masked_components_score_zero_and_others_match_reference(tiny_bert, tiny
     torch.testing.assert_close(imp.mlp, ref_mlp, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["paper", "per_example", "fisher"])
+def test_pruned_components_score_zero_with_exact_zero_gate_grad(mode, tiny_bert, tiny_batches,
+                                                                tiny_dims):
+    """With set_zero_gate_grad (true gradients at gate 0), pruned heads, MLPs and neurons still
+    score 0 (totals and per example) and the rest is unchanged."""
+    from sparsebert.hf import set_zero_gate_grad  # noqa: PLC0415
+
+    model = patch(tiny_bert(num_labels=NUM_LABELS))
+    batches = tiny_batches(num_labels=NUM_LABELS)
+    head_mask = torch.ones(tiny_dims.layers, 4)
+    head_mask[0, 1] = head_mask[1, 3] = 0
+    neuron_mask = torch.ones(tiny_dims.layers, tiny_dims.intermediate)
+    neuron_mask[1, :5] = 0
+    set_masks(model, head_mask=head_mask, mlp_mask=torch.tensor([1.0, 0.0, 1.0]),
+              neuron_mask=neuron_mask)
+    per_example = mode != "paper"
+    options = dict(mode=mode, neurons=True, normalize=False, progress=False,
+                   keep_per_example=per_example)
+    default = importance(model, batches, **options)
+    set_zero_gate_grad(model)
+    exact = importance(model, batches, **options)
+    for imp in (default, exact):
+        assert torch.all(imp.head[head_mask == 0] == 0) and imp.mlp[1] == 0
+        assert torch.all(imp.neuron[neuron_mask == 0] == 0)
+        if per_example:
+            assert torch.all(imp.per_example["head"][:, head_mask == 0] == 0)
+            assert torch.all(imp.per_example["neuron"][:, neuron_mask == 0] == 0)
+    torch.testing.assert_close(exact.head, default.head)
+    torch.testing.assert_close(exact.neuron, default.neuron)
+
+
 def test_normalisation_follows_the_paper(tiny_bert, tiny_batches):
     model = patch(tiny_bert(num_labels=NUM_LABELS))
     batches = tiny_batches(num_labels=NUM_LABELS)

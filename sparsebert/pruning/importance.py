@@ -305,22 +305,26 @@ def importance(
                         power,
                     )
             if keep_per_example:
-                kept["head"].append(
-                    _to_original(blocks, [g.abs() for g in head_g], "head", n_heads, size)
-                )
+                kept["head"].append(_to_original(
+                    blocks, [g.abs() * (a.head_gate != 0) for g, (a, _) in zip(head_g, blocks)],
+                    "head", n_heads, size))
                 live = torch.stack([(m.mlp_gate != 0).float() for _, m in blocks]).cpu()  # (L,)
                 kept["mlp"].append(
                     torch.stack([g.abs().float() for g in mlp_g], dim=1).cpu() * live
                 )
                 if neurons:
                     kept["neuron"].append(
-                        _to_original(blocks, [g.abs() for g in neuron_g], "neuron", n_ffn, size)
+                        _to_original(blocks, [g.abs() * (m.neuron_gate != 0)
+                                              for g, (_, m) in zip(neuron_g, blocks)],
+                                     "neuron", n_ffn, size)
                     )
 
     if examples == 0:
         raise ValueError("importance: 'batches' was empty")
     # Pruned components (gate exactly 0) score exactly 0.
-    for layer, (_, mlp_block) in enumerate(blocks):
+    # (set_zero_gate_grad gives them their true gradient, which must not count here.)
+    for layer, (attention_block, mlp_block) in enumerate(blocks):
+        head_acc[layer] = head_acc[layer] * (attention_block.head_gate != 0)
         mlp_acc[layer] = mlp_acc[layer] * (mlp_block.mlp_gate != 0)
         neuron_acc[layer] = neuron_acc[layer] * (mlp_block.neuron_gate != 0)
     head = _to_original(blocks, head_acc, "head", n_heads) if heads else None
