@@ -485,6 +485,8 @@ def test_gate_changes_take_effect(pair, tiny_batch):
     with torch.no_grad():  # in place, on the buffer itself
         attention_modules(model)[2].head_gate[1] = 0.0
     check(torch.ones(3, 4).index_put_((torch.tensor([2]), torch.tensor([1])), torch.zeros(1)))
+    attention_modules(model)[0].head_gate.data[3] = 0.0  # bypasses the version counter
+    check(torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 1.0, 1.0]]))
     sparsebert.set_masks(model, head_mask=torch.ones(3, 4))
     for gates in (GATES, other, GATES):  # fresh tensors, possibly at a recycled address
         with override_head_gates(model, gates.clone()):

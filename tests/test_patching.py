@@ -52,6 +52,25 @@ def test_attention_implementations_and_output_flags(attn, tiny_bert, tiny_batch)
     assert max_diff(as_tuple[0], ref.logits) < TOL
 
 
+def test_patch_keeps_the_attention_backends_gates(tiny_bert, tiny_batch):
+    """Head gates set on a model that runs on attn_implementation="sparsebert" carry over to the
+    patched blocks (values and outputs unchanged), as does set_zero_gate_grad."""
+    import sparsebert  # noqa: PLC0415
+
+    model = tiny_bert(attn="sparsebert").eval()
+    gates = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.5], [1.0, 1.0, 1.0, 1.0]])
+    sparsebert.set_masks(model, head_mask=gates)
+    sbhf.set_zero_gate_grad(model)
+    ids, mask = tiny_batch()
+    with torch.no_grad():
+        before = model(ids, attention_mask=mask).logits
+        sbhf.patch(model)
+        after = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(sparsebert.get_masks(model)["head_mask"], gates)
+    assert all(attn.exact_zero_gate_grad for attn, _ in sbhf.sparse_blocks(model))
+    assert max_diff(after, before) < TOL
+
+
 def test_head_mask_kwarg_is_an_error_not_ignored(tiny_bert, tiny_batch):
     patched = sbhf.patch(tiny_bert())
     ids, mask = tiny_batch()

@@ -160,13 +160,16 @@ def _active_heads(module: nn.Module, gate: Tensor) -> tuple[Tensor | None, bool]
     """(indices (k,) of heads with a nonzero gate in any example, or None when all are active;
     whether every gate is exactly 1).
 
-    Reading the gate costs a device sync, so the answer is cached on the module until the gate
-    changes: other memory or geometry (the cache holds a detached view, so the memory cannot be
-    recycled for another tensor meanwhile) or an in-place write (the version counter, shared by
-    views, moves)."""
+    On the CPU the gate is read on every call. On an accelerator reading it costs a device
+    sync, so the answer is cached on the module until the gate changes: other memory or
+    geometry (the cache holds a detached view, so the memory cannot be recycled for another
+    tensor meanwhile) or an in-place write (the version counter, shared by views, moves). A
+    write that bypasses the version counter (through `.data` or a NumPy view) is not seen
+    there: change gates with set_masks or in-place ops on the gate itself."""
     cached = getattr(module, "_sparsebert_active_heads", None)
     if (
-        cached is not None
+        gate.device.type != "cpu"
+        and cached is not None
         and cached[0].data_ptr() == gate.data_ptr()
         and cached[0].shape == gate.shape
         and cached[0].stride() == gate.stride()
@@ -180,7 +183,8 @@ def _active_heads(module: nn.Module, gate: Tensor) -> tuple[Tensor | None, bool]
         nonzero = nonzero.any(dim=0)  # (B, H) -> (H,)
     active = None if bool(nonzero.all()) else torch.nonzero(nonzero).flatten()
     answer = (active, bool((values == 1).all()))
-    module._sparsebert_active_heads = (values, gate._version, answer)
+    if gate.device.type != "cpu":
+        module._sparsebert_active_heads = (values, gate._version, answer)
     return answer
 
 

@@ -14,6 +14,7 @@ buffers. With all gates at 1 the outputs equal the unpatched model's (fp32: < 1e
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from sparsebert.hf.structure import ModelStructure, config_size, encoder_layers, structure_for
@@ -44,6 +45,21 @@ def _check_config(model: nn.Module, row: ModelStructure) -> None:
             )
 
 
+def _carry_backend_gates(replaced: nn.Module, sparse: SparseAttention) -> None:
+    """Gates that the "sparsebert" attention backend attached to the replaced self-attention
+    module (set_masks, set_zero_gate_grad) carry over to its SparseAttention."""
+    gate = getattr(replaced, "head_gate", None)
+    if isinstance(gate, torch.Tensor):
+        if gate.shape != sparse.head_gate.shape:
+            raise ValueError(
+                f"patch: the attention backend's head_gate {tuple(gate.shape)} does not match "
+                f"the layer's {sparse.num_heads} heads"
+            )
+        with torch.no_grad():
+            sparse.head_gate.copy_(gate)
+    sparse.exact_zero_gate_grad = bool(getattr(replaced, "exact_zero_gate_grad", False))
+
+
 def _patch_layer(layer: nn.Module, model: nn.Module, row: ModelStructure) -> None:
     """Step 1: attention block -> SparseAttention; Step 2: FFN -> attached SparseMLP."""
     lay = row.attention_layout
@@ -62,6 +78,7 @@ def _patch_layer(layer: nn.Module, model: nn.Module, row: ModelStructure) -> Non
             layout=lay,
         )
         sparse.train(block.training)
+        _carry_backend_gates(projections, sparse)
         setattr(layer, row.attention, sparse)
     if not isinstance(getattr(layer, MLP_ATTR, None), SparseMLP):
         mlp = SparseMLP.attach(layer, layout=row.mlp_layout)
@@ -74,7 +91,9 @@ def patch(model: nn.Module) -> nn.Module:
     """Swap gated SparseAttention / SparseMLP blocks into a HF model in place; returns it.
 
     Supported model types: see `sparsebert.hf.structure.STRUCTURES` (bert, roberta, ...).
-    Idempotent. Gates start at 1 (set them with `sparsebert.set_masks`).
+    Idempotent. Gates start at 1 (set them with `sparsebert.set_masks`), except on a model that
+    runs on the "sparsebert" attention backend, whose head gates (and set_zero_gate_grad choice)
+    carry over.
     """
     row = structure_for(model)
     _check_config(model, row)
