@@ -34,14 +34,17 @@ def compute_path(request, monkeypatch):
     return request.param
 
 
-def attention_reference(module: SparseAttention, x, gate, key_padding_mask=None):
-    """Hand-written gated attention block. x (B, S, hid), gate (H,) or (B, H)."""
+def attention_reference(module: SparseAttention, x, gate, key_padding_mask=None, attend=None):
+    """Hand-written gated attention block. x (B, S, hid), gate (H,) or (B, H); key_padding_mask
+    (B, S) or attend (B, 1|H, S, S), both bool with True = attend."""
     q = module.self.query(x).view(B, S, H, -1).transpose(1, 2)  # (B, H, S, D)
     k = module.self.key(x).view(B, S, H, -1).transpose(1, 2)
     v = module.self.value(x).view(B, S, H, -1).transpose(1, 2)
     scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # (B, H, S, S)
     if key_padding_mask is not None:
         scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    if attend is not None:
+        scores = scores.masked_fill(~attend, float("-inf"))
     ctx = scores.softmax(-1) @ v  # (B, H, S, D)
     g = gate.view(1, H, 1, 1) if gate.dim() == 1 else gate.view(B, H, 1, 1)
     ctx = (ctx * g).transpose(1, 2).reshape(B, S, -1)
@@ -237,6 +240,65 @@ def test_key_padding_mask_conversions():
         to_key_padding_mask(torch.ones(B, S, S), B, S)
     with pytest.raises(TypeError, match="eager"):
         to_key_padding_mask(object(), B, S)
+
+
+def packed_and_causal_masks() -> dict[str, torch.Tensor]:
+    """4-d masks (B, 1|H, S, S), True = attend, that are not padding masks."""
+    segments = torch.tensor([0, 0, 0, 1, 1, 1, 1])  # two sequences packed in one row of S = 7
+    packed = (segments[:, None] == segments[None, :]).expand(B, 1, S, S).clone()
+    causal = torch.ones(S, S, dtype=torch.bool).tril().expand(B, 1, S, S).clone()
+    per_head = padding_mask()[:, None, None, :].expand(B, H, S, S).clone()
+    per_head[:, 1, :, 0] = False  # head 1 does not see key 0
+    return {"packed": packed, "causal": causal, "per-head": per_head}
+
+
+@pytest.mark.parametrize("additive", [False, True], ids=["bool", "additive"])
+@pytest.mark.parametrize("kind", ["packed", "causal", "per-head"])
+def test_attention_with_masks_that_are_not_padding_masks(kind, additive):
+    """Causal, packed-sequence and per-head 4-d masks are applied as given (through SDPA),
+    with the gates (shared and per example) as on the op's path."""
+    attend = packed_and_causal_masks()[kind]
+    mask = (torch.zeros(attend.shape).masked_fill(~attend, torch.finfo(torch.float32).min)
+            if additive else attend)
+    assert not sb_attention.is_padding_mask(mask)
+    module = make_attention()
+    x = torch.randn(B, S, HID)
+    per_example = torch.tensor([[1.0, 0.0, 0.5, 1.0], [0.0, 1.0, 1.0, 0.0], [1.0] * 4])
+    for gate in (torch.ones(H), torch.tensor([0.0, 0.3, 1.0, 0.0]), per_example):
+        with torch.no_grad(), module.override_head_gate(gate):
+            got = module(x, attention_mask=mask)[0]
+        want = attention_reference(module, x, gate, attend=attend)
+        torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+    with pytest.raises(ValueError, match="not a padding mask"):
+        to_key_padding_mask(mask, B, S)
+
+
+def test_is_padding_mask_reads_materialised_masks():
+    """Expanded padding masks pass without a look; materialised ones are compared row by row,
+    and an in-place change of the same tensor is seen."""
+    real = padding_mask()
+    assert sb_attention.is_padding_mask(None) and sb_attention.is_padding_mask(real)
+    assert sb_attention.is_padding_mask(real[:, None, None, :].expand(B, 1, S, S))
+    materialised = real[:, None, None, :].expand(B, H, S, S).clone()
+    assert sb_attention.is_padding_mask(materialised)
+    materialised[0, 2, 3, 1] = False  # one head and query row of one example differs
+    assert not sb_attention.is_padding_mask(materialised)
+    materialised[0, 2, 3, 1] = True
+    assert sb_attention.is_padding_mask(materialised)
+    torch.testing.assert_close(to_key_padding_mask(materialised, B, S), real)
+    with torch.inference_mode():  # inference tensors have no version counter: never cached
+        inference = materialised.clone()
+        assert sb_attention.is_padding_mask(inference)
+        inference[1, 0, 0, 0] = not bool(inference[1, 0, 0, 0])
+        assert not sb_attention.is_padding_mask(inference)
+
+
+def test_output_attentions_warns_and_bad_hidden_states_are_errors():
+    module = make_attention()
+    with pytest.warns(UserWarning, match="output_attentions=True returns no attention"):
+        module(torch.randn(B, S, HID), output_attentions=True)
+    with pytest.raises(ValueError, match=r"hidden_states must be \(batch, seq, hidden\)"):
+        module(torch.randn(S, HID))
 
 
 def test_override_validation():

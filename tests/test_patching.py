@@ -43,7 +43,9 @@ def test_attention_implementations_and_output_flags(attn, tiny_bert, tiny_batch)
     ids, mask = tiny_batch()
     with torch.no_grad():
         ref = model(ids, attention_mask=mask, output_hidden_states=True)
-        out = patched(ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+        with pytest.warns(UserWarning, match="no attention weights"):
+            out = patched(ids, attention_mask=mask, output_hidden_states=True,
+                          output_attentions=True)
         as_tuple = patched(ids, attention_mask=mask, return_dict=False)
     assert max_diff(out.logits, ref.logits) < TOL
     assert len(out.hidden_states) == len(ref.hidden_states)
@@ -69,6 +71,26 @@ def test_patch_keeps_the_attention_backends_gates(tiny_bert, tiny_batch):
     torch.testing.assert_close(sparsebert.get_masks(model)["head_mask"], gates)
     assert all(attn.exact_zero_gate_grad for attn, _ in sbhf.sparse_blocks(model))
     assert max_diff(after, before) < TOL
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_packed_sequence_masks_equal_stock_sdpa(model_type, tiny_model, tiny_batch):
+    """A 4-d block-diagonal mask (two sequences packed in each row) gives the stock model's
+    output; sparsebert.accelerate, which needs padding masks, refuses it by name."""
+    import sparsebert  # noqa: PLC0415
+
+    model = tiny_model(model_type, attn="sdpa")
+    patched = sbhf.patch(copy.deepcopy(model))
+    ids, _ = tiny_batch()
+    batch, seq = ids.shape
+    segments = (torch.arange(seq) >= seq // 2).long()
+    mask = (segments[:, None] == segments[None, :]).expand(batch, 1, seq, seq)
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).last_hidden_state
+        got = patched(ids, attention_mask=mask).last_hidden_state
+    assert max_diff(got, want) < TOL
+    with pytest.raises(ValueError, match="attention_mask .* is not a padding mask"):
+        sparsebert.accelerate(patched)(input_ids=ids, attention_mask=mask)
 
 
 def test_head_mask_kwarg_is_an_error_not_ignored(tiny_bert, tiny_batch):

@@ -11,12 +11,14 @@ Conventions (exact, and identical in masked and physically pruned modules):
   LayerNorm(hidden_states); the output dense, its bias included, contributes nothing. This is the
   paper's code (`self.self = None`, `output.dense = None`, LayerNorm still applied to the residual).
 * Training with attention dropout p > 0 runs torch SDPA (with dropout) and multiplies its output by
-  the gate; eval / p == 0 runs the sparsebert op.
+  the gate; eval / p == 0 runs the sparsebert op. A 4-d attention mask that is not a padding mask
+  (causal, packed sequences: `is_padding_mask`) also runs through SDPA, gated the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -43,6 +45,57 @@ class AttentionLayout:
     output_dropout: str = "dropout"
 
 
+# The verdict on the last materialised 4-d mask checked: HF hands every layer the same mask
+# tensor, so a forward checks its contents once (a device sync on an accelerator), not per layer.
+# (the mask held detached, its version counter, the verdict); the reference keeps the memory
+# from being recycled for another mask meanwhile.
+_last_mask_verdict: tuple[Tensor, int, bool] | None = None
+
+
+def _checking_is_possible() -> bool:
+    """False while torch.compile traces or a CUDA graph is captured (no data-dependent branch)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def is_padding_mask(attention_mask: Tensor | None) -> bool:
+    """True when a Hugging Face attention mask only masks keys, the same for every head and
+    query row (None, (B, S), or a (B, 1|H, Sq, S) mask whose rows all repeat row 0): what
+    `to_key_padding_mask` converts. False for causal, packed (block-diagonal) or other custom
+    4-d masks.
+
+    A 4-d mask with size 1 or stride 0 over heads and queries (an expanded padding mask) is
+    one by construction; a materialised one is compared row by row (the verdict is cached
+    for the same tensor until it is written to; not for inference tensors, which have no
+    version counter). While torch.compile traces or a CUDA graph is captured the rows cannot be
+    compared, and a materialised 4-d mask is taken to be a padding mask.
+    """
+    global _last_mask_verdict
+    if attention_mask is None or attention_mask.dim() != 4:
+        return True
+    if all(attention_mask.shape[d] == 1 or attention_mask.stride(d) == 0 for d in (1, 2)):
+        return True
+    if not _checking_is_possible():
+        return True
+    # Inference tensors (made under torch.inference_mode) have no version counter: not cached.
+    version = None if attention_mask.is_inference() else attention_mask._version
+    cached = _last_mask_verdict
+    if (version is not None and cached is not None
+            and cached[0].data_ptr() == attention_mask.data_ptr()
+            and cached[0].shape == attention_mask.shape
+            and cached[0].stride() == attention_mask.stride()
+            and cached[0].dtype == attention_mask.dtype
+            and cached[0].device == attention_mask.device
+            and cached[1] == version):
+        return cached[2]
+    first_row = attention_mask[:, :1, :1, :].expand_as(attention_mask)  # (B, 1|H, Sq, S)
+    verdict = bool(torch.equal(attention_mask, first_row))
+    if version is not None:
+        _last_mask_verdict = (attention_mask.detach(), version, verdict)
+    return verdict
+
+
 def to_key_padding_mask(attention_mask: Tensor | None, batch: int, seq: int) -> Tensor | None:
     """Convert the attention masks Hugging Face passes to attention modules into the op's
     key_padding_mask (B, S) bool, True = real token.
@@ -50,8 +103,9 @@ def to_key_padding_mask(attention_mask: Tensor | None, batch: int, seq: int) -> 
     Accepted: None; (B, S) bool/int/float with 1/True = real token (flash-attention style);
     (B, 1|H, Sq, S) bool with True = attend (SDPA style); (B, 1|H, Sq, S) float additive with
     0 = attend and a large negative value = masked (eager style). 4-d masks must be padding masks
-    (the same for every query row; row 0 is read). A fully padded row attends to every key
-    (its output is meaningless either way) because the op needs one real token per row.
+    (the same for every head and query row, `is_padding_mask`); others (causal, packed
+    sequences) raise ValueError. A fully padded row attends to every key (its output is
+    meaningless either way) because the op needs one real token per row.
     """
     if attention_mask is None:
         return None
@@ -63,6 +117,13 @@ def to_key_padding_mask(attention_mask: Tensor | None, batch: int, seq: int) -> 
     if attention_mask.dim() == 2:
         mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
     elif attention_mask.dim() == 4:
+        if not is_padding_mask(attention_mask):
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} is not a padding mask: its rows "
+                "differ between heads or query positions (a causal, packed-sequence or other "
+                "custom mask), so it has no (B, S) key-padding form; SparseAttention runs such "
+                "masks through SDPA, sparsebert.accelerate takes padding masks only"
+            )
         row = attention_mask[:, 0, 0, :]  # (B, S): padding masks repeat over heads and queries
         if attention_mask.dtype == torch.bool or not attention_mask.is_floating_point():
             mask = row != 0
@@ -80,6 +141,16 @@ def to_key_padding_mask(attention_mask: Tensor | None, batch: int, seq: int) -> 
         )
     mask = mask.expand(batch, seq)
     return mask | ~mask.any(dim=-1, keepdim=True)  # fully padded rows attend everywhere (no sync)
+
+
+def _sdpa_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A 4-d HF mask (B, 1|H, Sq, S) in SDPA's terms: bool with True = attend (a row that
+    attends nowhere attends everywhere instead, as in to_key_padding_mask, rather than giving
+    NaN), or additive in the queries' dtype. An integer mask counts nonzero as attend."""
+    if attention_mask.is_floating_point():
+        return attention_mask.to(dtype)
+    mask = attention_mask != 0  # (B, 1|H, Sq, S) bool
+    return mask | ~mask.any(dim=-1, keepdim=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,10 +372,24 @@ class SparseAttention(nn.Module):
     ) -> tuple[Tensor, None]:
         """hidden_states (B, S, hidden) -> (LayerNorm(dropout(dense(gated ctx)) + hidden), None).
 
-        attention_mask: anything `to_key_padding_mask` accepts. Extra HF arguments (cache,
-        position_ids, output_attentions...) are accepted and ignored; a `head_mask` (removed in
-        transformers 5, which ignores it silently) raises ValueError pointing to set_masks.
+        attention_mask: None, (B, S), or a 4-d HF mask (B, 1|H, S, S), bool or additive;
+        padding masks run the sparsebert op, other 4-d masks (causal, packed sequences) SDPA.
+        Extra HF arguments (cache, position_ids...) are accepted and ignored;
+        output_attentions=True warns that no attention weights are returned (they are never
+        formed); a `head_mask` (removed in transformers 5, which ignores it silently) raises
+        ValueError pointing to set_masks.
         """
+        if hidden_states.dim() != 3:
+            raise ValueError(
+                "SparseAttention: hidden_states must be (batch, seq, hidden), got shape "
+                f"{tuple(hidden_states.shape)}"
+            )
+        if kwargs.get("output_attentions"):
+            warnings.warn(
+                "SparseAttention never forms attention probabilities: output_attentions=True "
+                "returns no attention weights for patched layers (run an unpatched copy with "
+                "attn_implementation='eager' to get them)", stacklevel=2,
+            )
         if kwargs.get("head_mask") is not None:  # transformers 5 would silently ignore it
             raise ValueError(
                 "SparseAttention: the head_mask argument (removed in transformers 5) is not applied; "
@@ -325,12 +410,17 @@ class SparseAttention(nn.Module):
         q = self.query_linear()(hidden_states).view(batch, seq, heads, dim)
         k = self.key_linear()(hidden_states).view(batch, seq, heads, dim)
         v = self.value_linear()(hidden_states).view(batch, seq, heads, dim)
-        # No fully padded row by construction, so the op skips its (host-syncing) row check.
-        key_padding_mask = to_key_padding_mask(attention_mask, batch, seq)  # (B, S) or None
         # Step 3: gated attention core -> ctx (B, S, H, D).
-        if self.training and self.attention_dropout > 0:
-            ctx = self._sdpa_with_dropout(q, k, v, gate, key_padding_mask)
+        dropout = self.attention_dropout if self.training else 0.0
+        if not is_padding_mask(attention_mask):  # causal, packed or custom 4-d: SDPA takes it
+            ctx = self._sdpa(q, k, v, gate, _sdpa_mask(attention_mask, q.dtype), dropout)
+        elif dropout > 0:
+            key_padding_mask = to_key_padding_mask(attention_mask, batch, seq)  # (B, S) or None
+            attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+            ctx = self._sdpa(q, k, v, gate, attn_mask, dropout)  # attn_mask (B, 1, 1, S)
         else:
+            # No fully padded row by construction, so the op skips its (host-syncing) row check.
+            key_padding_mask = to_key_padding_mask(attention_mask, batch, seq)  # (B, S) or None
             op_gate = gate if gate.dtype in (torch.float32, torch.float64) else gate.float()
             ctx = masked_attention(
                 q, k, v, op_gate, key_padding_mask, self.scaling, check_padding_rows=False,
@@ -343,19 +433,19 @@ class SparseAttention(nn.Module):
         active = active.view(-1, 1, 1) if active.dim() else active
         return layer_norm(torch.addcmul(hidden_states, out, active)), None
 
-    def _sdpa_with_dropout(
-        self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor, key_padding_mask: Tensor | None
+    def _sdpa(
+        self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor, attn_mask: Tensor | None,
+        dropout: float,
     ) -> Tensor:
-        """Training path: torch SDPA with attention dropout, then the gate. Returns (B, S, H, D)."""
-        attn_mask = (
-            None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-        )  # (B,1,1,S)
+        """torch SDPA (training with attention dropout, or a mask that is not a padding mask),
+        then the gate. q, k, v (B, S, H, D); attn_mask broadcastable to (B, H, S, S), bool
+        (True = attend) or additive. Returns (B, S, H, D)."""
         ctx = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),
             attn_mask=attn_mask,
-            dropout_p=self.attention_dropout,
+            dropout_p=dropout,
             scale=self.scaling,
         ).transpose(1, 2)  # (B, S, H, D)
         g = gate.to(ctx.dtype)
