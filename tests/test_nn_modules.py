@@ -323,6 +323,13 @@ def test_override_validation():
         mlp.override_gates(neuron_gate=torch.ones(FF + 1)),
     ):
         pass
+    x = torch.randn(B, S, HID)
+    for gates in (dict(mlp_gate=torch.ones(B + 1)), dict(mlp_gate=torch.ones(1)),
+                  dict(neuron_gate=torch.ones(B - 1, FF))):
+        name = next(iter(gates))
+        with pytest.raises(ValueError, match=f"per-example '{name}' override has .* batch size {B}"):
+            with mlp.override_gates(**gates):
+                mlp(x)
     with pytest.raises(ValueError, match="distinct"):
         module.select_heads([0, 0])
 
@@ -375,8 +382,9 @@ def test_mlp_accessors_standalone_and_attached():
 @pytest.mark.parametrize(
     "kwargs,needle",
     [
-        (dict(num_heads=0), "num_heads 0; pass head_dim"),
-        (dict(num_heads=0, head_dim=8), "num_heads and head_dim must be >= 1"),
+        (dict(num_heads=0), "num_heads must be >= 1, got 0"),
+        (dict(num_heads=0, head_dim=8), "num_heads must be >= 1, got 0"),
+        (dict(num_heads=5), "hidden_size 24 is not a multiple of num_heads 5; pass head_dim"),
         (dict(num_heads=4, head_dim=0), "num_heads and head_dim must be >= 1"),
     ],
 )

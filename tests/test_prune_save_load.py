@@ -136,6 +136,46 @@ def test_save_load_round_trip(tmp_path, prune_first, tiny_bert, tiny_batch):
         assert torch.equal(loaded(ids, attention_mask=mask).logits, expected)
 
 
+def test_bf16_model_reloads_in_bf16(tmp_path, tiny_bert, tiny_batch):
+    """A bf16 model reloads in bf16 with fp32 gates, and its outputs are the saved model's."""
+    model, _, _, _ = masked(tiny_bert())
+    sbhf.prune(model)
+    model.to(torch.bfloat16)
+    ids, mask = tiny_batch()
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+    loaded = sbhf.load_pruned(sbhf.save_pruned(model, tmp_path / "bf16"))
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert all(attn.head_gate.dtype == torch.float32 for attn, _ in sbhf.sparse_blocks(loaded))
+    for key in ("head_mask", "mlp_mask", "neuron_mask"):
+        assert torch.equal(sbhf.get_masks(loaded)[key], sbhf.get_masks(model)[key])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, attention_mask=mask).logits, expected)
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+def test_override_head_gates_on_a_pruned_patched_model(per_example, tiny_bert, tiny_batch):
+    """sparsebert.hf.override_head_gates takes (L, H) gates in the original numbering on a
+    patched, physically pruned model: the same outputs as set_masks with those gates, and
+    gradients for the remaining heads only."""
+    model, head, _, _ = masked(tiny_bert())
+    sbhf.prune(model)  # removes the heads masked 0
+    ids, mask = tiny_batch()
+    torch.manual_seed(1)
+    soft = torch.rand(head.shape) * head  # removed heads: 0
+    gates = soft[:, None, :].expand(-1, ids.shape[0], -1).clone() if per_example else soft
+    gates.requires_grad_(True)
+    with sbhf.override_head_gates(model, gates):
+        got = model(ids, attention_mask=mask).logits
+    got.sum().backward()
+    sbhf.set_masks(model, head_mask=soft)
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+    removed = (head == 0)[:, None, :].expand_as(gates) if per_example else head == 0
+    assert torch.all(gates.grad[removed] == 0) and gates.grad[~removed].abs().sum() > 0
+
+
 def test_unpruned_save_is_a_from_pretrained_directory(tmp_path, tiny_bert, tiny_batch):
     model = sbhf.patch(tiny_bert())
     saved = sbhf.save_pruned(model, tmp_path / "full")

@@ -138,9 +138,14 @@ def override_head_gates(model: nn.Module, gates: Tensor) -> Iterator[Tensor]:
     """Within the block, layer l uses gates[l] instead of its `head_gate` buffer.
 
     gates: (L, H), or per example (L, B, H); floating point, may require grad (its gradient is
-    d loss / d gate, 0 at gates equal to 0). Yields `gates`.
+    d loss / d gate, 0 at gates equal to 0). Yields `gates`. Works on models on the "sparsebert"
+    attention backend and on patched models (there in the original head numbering: a layer
+    whose heads were pruned reads the entries of its remaining heads).
     """
-    modules = attach_head_gates(model)
+    from sparsebert.hf.patching import is_patched, sparse_blocks  # noqa: PLC0415 (cycle)
+
+    patched = is_patched(model)
+    modules = [attn for attn, _ in sparse_blocks(model)] if patched else attach_head_gates(model)
     heads = num_heads(model)
     if not isinstance(gates, Tensor) or not gates.is_floating_point():
         raise AttentionBackendError(
@@ -152,6 +157,12 @@ def override_head_gates(model: nn.Module, gates: Tensor) -> Iterator[Tensor]:
             f"'gates' must have shape (L, H) = ({len(modules)}, {heads}) or (L, B, H), got "
             f"{tuple(gates.shape)}"
         )
+    if patched:
+        with contextlib.ExitStack() as stack:
+            for module, gate in zip(modules, gates, strict=True):
+                stack.enter_context(module.override_head_gate(gate[..., module.head_ids]))
+            yield gates
+        return
     previous = [module.head_gate_override for module in modules]
     try:
         for module, gate in zip(modules, gates, strict=True):

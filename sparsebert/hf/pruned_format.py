@@ -20,6 +20,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 
 from sparsebert.errors import SparsebertError
@@ -236,6 +237,19 @@ def _base_prefix(names: set[str], row: ModelStructure) -> str:
             f"{row.model_type} encoder"
         )
     return found[0]
+
+
+_SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                       "BF16": torch.bfloat16}
+
+
+def weights_dtype(file: Path) -> torch.dtype | None:
+    """The floating dtype every floating tensor in `file` shares (header only), or None when
+    they differ or there is none."""
+    with safe_open(str(file), framework="pt") as handle:
+        found = {handle.get_slice(name).get_dtype() for name in handle.keys()}
+    floats = {_SAFETENSORS_FLOATS[d] for d in found if d in _SAFETENSORS_FLOATS}
+    return floats.pop() if len(floats) == 1 else None
 
 
 def check_weight_shapes(

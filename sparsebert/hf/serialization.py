@@ -39,6 +39,7 @@ from sparsebert.hf.pruned_format import (
     check_weight_shapes,
     config_sizes,
     read_description,
+    weights_dtype,
 )
 from sparsebert.hf.structure import STRUCTURES, structure_for
 
@@ -169,7 +170,8 @@ def load_pruned(
     model_class: type | None = None,
     device: torch.device | str | None = None,
 ) -> nn.Module:
-    """Rebuild a model saved by `save_pruned` (patched, pruned, gates restored, eval mode).
+    """Rebuild a model saved by `save_pruned` (patched, pruned, gates restored, eval mode, in
+    the saved weights' dtype).
 
     model_class: the HF class to build (default: the saved architecture, e.g.
     BertForSequenceClassification). Before anything is built, the description is checked
@@ -187,9 +189,13 @@ def load_pruned(
     check_description(description, sizes, row.config)
     # Step 2: the recorded sizes against the weight shapes (header only, no tensor read).
     check_weight_shapes(root / WEIGHTS_FILE, description, sizes, row)
-    # Step 3: build, patch, shrink, load.
+    # Step 3: build (in the saved weights' dtype: a bf16 model reloads as bf16), patch, shrink,
+    # load.
     model = _model_class(description, model_class)(config)
     structure_for(model)  # clear error for a model_class of an unsupported type
+    dtype = weights_dtype(root / WEIGHTS_FILE)
+    if dtype is not None:
+        model.to(dtype)  # before patch: the gates stay fp32, as when a bf16 model is patched
     patch(model)
     _shrink(model, description)
     try:

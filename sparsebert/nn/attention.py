@@ -197,8 +197,10 @@ class SparseAttention(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        if num_heads < 1:
+            raise ValueError(f"SparseAttention: num_heads must be >= 1, got {num_heads}")
         if head_dim is None:
-            if num_heads <= 0 or hidden_size % num_heads:
+            if hidden_size % num_heads:
                 raise ValueError(
                     f"SparseAttention: hidden_size {hidden_size} is not a multiple of num_heads {num_heads}; "
                     "pass head_dim"

@@ -243,6 +243,13 @@ class SparseMLP(nn.Module):
         """hidden_states (B, S, hidden) (any leading dims for shared gates) -> same shape."""
         layer_norm = self.output_layer_norm()
         mlp_gate, neuron_gate = self.gates
+        for name, gate, per_example in (("mlp_gate", mlp_gate, 1), ("neuron_gate", neuron_gate, 2)):
+            if gate.dim() == per_example and gate.shape[0] != hidden_states.shape[0]:
+                raise ValueError(
+                    f"SparseMLP: the per-example '{name}' override has {gate.shape[0]} rows, but "
+                    f"hidden_states has batch size {hidden_states.shape[0]} (shape "
+                    f"{tuple(hidden_states.shape)})"
+                )
         # Step 1: a removed or fully gated MLP is LayerNorm(residual) (paper's prune_mlp).
         if self.intermediate_size == 0 or known_all_zero(mlp_gate) or known_all_zero(neuron_gate):
             return layer_norm(hidden_states)
