@@ -68,8 +68,10 @@ def _add_evaluate(subparsers) -> None:
     parser.add_argument("--run", required=True, help="run directory written by finetune")
     parser.add_argument("--glue-dir", default=None,
                         help="GLUE folder (default: $GLUE_DIR, else the folder the run used)")
-    parser.add_argument("--batch-size", type=int, default=None, help="eval batch size")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="eval batch size (default: the run's --eval-batch-size)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda when available), cpu, cuda, cuda:N (default: auto)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
 
 
@@ -124,14 +126,22 @@ def _run_search(args: argparse.Namespace) -> int:
 
     search_config = SearchConfig(**overrides(args, SearchConfig))
     train_config = TrainConfig(**overrides(args, TrainConfig))
-    if args.seeds:
-        from sparsebert.lottery.config import SearchError  # noqa: PLC0415
+    from sparsebert.lottery.config import SearchError  # noqa: PLC0415
+
+    if args.no_super and args.seeds is None:
+        raise SearchError("--no-super applies to --seeds only (one search per seed, then the "
+                          "super-survivors)")
+    if args.seeds is not None:
         from sparsebert.lottery.super_survivors import search_seeds  # noqa: PLC0415
 
         if "seed" in overrides(args, TrainConfig):
             raise SearchError("pass either --seed or --seeds, not both")
-
-        summary = search_seeds(args.task, args.out, _seed_list(args.seeds),
+        seeds = _seed_list(args.seeds)
+        if len(seeds) == 1 and not args.quiet:
+            print(f"note: one seed: OUT/seed_{seeds[0]}/ only; the super-survivors and the "
+                  "task's report.md over seeds need >= 2 seeds (a later run with more seeds "
+                  "reuses this one)", file=sys.stderr)
+        summary = search_seeds(args.task, args.out, seeds,
                                search_config=search_config, train_config=train_config,
                                progress=not args.quiet, super_survivors=not args.no_super)
     else:
@@ -152,9 +162,12 @@ def _seed_list(text: str) -> list[int]:
     from sparsebert.lottery.config import SearchError  # noqa: PLC0415
 
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        seeds = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise SearchError(f"--seeds {text!r}: expected comma-separated integers") from None
+    if not seeds:
+        raise SearchError(f"--seeds {text!r}: expected at least one integer seed")
+    return seeds
 
 
 def _print_super(summary: dict[str, Any]) -> None:
@@ -241,7 +254,10 @@ def _run_sweep(args: argparse.Namespace) -> int:
 # --- info ----------------------------------------------------------------------------------
 
 def _add_info(subparsers) -> None:
-    subparsers.add_parser("info", help="versions, devices and native kernels")
+    subparsers.add_parser("info", help="versions, devices and native kernels",
+                          description="Print the versions of sparsebert, torch and "
+                                      "transformers, the visible devices, and which ops have "
+                                      "native CPU/CUDA kernels in this build.")
 
 
 def _run_info(args: argparse.Namespace) -> int:
@@ -290,7 +306,12 @@ def debug_enabled(args: argparse.Namespace | None = None) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsebert", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="sparsebert",
+        description="Lottery-ticket pruning of BERT-family models (Prasanna et al. 2020): "
+                    "fine-tune, search head/MLP and weight masks, re-fine-tune the "
+                    "subnetworks, report, and time them. `sparsebert COMMAND --help` for "
+                    "each command's options.")
     parser.add_argument("--debug", action="store_true",
                         help="show Python tracebacks of errors (also SPARSEBERT_DEBUG=1)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -122,7 +122,42 @@ def _probe_tampered_pruned_model(tiny, tmp_path):
     return ["evaluate", "--run", str(out)], "sparsebert_pruned.json", [description]
 
 
+def _fake_search_dir(tmp_path) -> Path:
+    """A directory that holds a lottery search's config.json (search + train)."""
+    search = tmp_path / "search"
+    search.mkdir()
+    (search / "config.json").write_text(json.dumps({"search": {}, "train": {}}))
+    return search
+
+
+def _probe_evaluate_search_dir(tiny, tmp_path):
+    search = _fake_search_dir(tmp_path)
+    return ["evaluate", "--run", str(search)], "is a search directory, not a run", [
+        search / "config.json"]
+
+
+def _probe_finetune_into_search_dir(tiny, tmp_path):
+    search = _fake_search_dir(tmp_path)
+    return (_finetune_args(tiny, search), "holds a lottery search (sparsebert search), not a "
+            "fine-tuning run", [search / "config.json"])
+
+
+def _probe_evaluate_batch_size(tiny, tmp_path):
+    return ["evaluate", "--run", str(tmp_path), "--batch-size", "-1"], "--batch-size -1", []
+
+
+def _probe_report_out_is_a_file(tiny, tmp_path):
+    file = tmp_path / "existing.txt"
+    file.write_text("keep me")
+    return ["report", str(tmp_path), "--out", str(file)], f"--out {file}: exists and is a file", [
+        file]
+
+
 PROBES = {
+    "evaluate-a-search-directory": _probe_evaluate_search_dir,
+    "finetune-into-a-search-directory": _probe_finetune_into_search_dir,
+    "evaluate-batch-size-below-1": _probe_evaluate_batch_size,
+    "report-out-is-a-file": _probe_report_out_is_a_file,
     "truncated-checkpoint": _probe_truncated_checkpoint,
     "out-is-a-file": _probe_out_is_a_file,
     "device-cuda-without-cuda": _probe_device_cuda,
@@ -158,6 +193,49 @@ def test_probe(name, tiny, tmp_path, capsys, monkeypatch):
     # --debug adds the traceback.
     assert main(["--debug", *args]) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["finetune", "search"])
+@pytest.mark.parametrize("flag,value", [
+    ("--log-every", "0"), ("--warmup-steps", "-5"), ("--threads", "-3"), ("--threads", "0"),
+    ("--max-length", "4"), ("--max-length", "129"), ("--grad-clip", "-1"),
+    ("--weight-decay", "-1"), ("--checkpoint-every", "-1"), ("--stop-after-steps", "0"),
+    ("--max-train-examples", "0"), ("--adam-eps", "0"), ("--model", "MODEL_FILE"),
+])
+def test_bad_training_values_are_refused_before_anything_is_written(command, flag, value, tiny,
+                                                                     tmp_path, capsys):
+    """Each bad value is one error line naming its flag (--max-length 129: past the tiny model's
+    128 positions; --model: a file, not a model directory), and --out is not created, so the
+    corrected command is not refused as "another run"."""
+    if value == "MODEL_FILE":
+        value = str(Path(tiny[0]) / "config.json")
+    out = tmp_path / "out"
+    args = _finetune_args(tiny, out)
+    args[0] = command
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sparsebert: error: ") and "Traceback" not in err, err
+    assert (flag if flag != "--model" else "config.json") in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--seeds", ","], "--seeds ',': expected at least one integer seed"),
+    (["--no-super"], "--no-super applies to --seeds only"),
+    (["--subnets", ""], "--subnets '': expected a comma-separated subset of good,random,bad"),
+])
+def test_search_seed_options_are_checked(args, needle, tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = _finetune_args(tiny, out)
+    base[0] = "search"
+    assert main([*base, *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and not out.exists(), err
 
 
 def test_import_leaves_heavy_optional_modules_unloaded():

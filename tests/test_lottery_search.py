@@ -119,6 +119,23 @@ def test_different_config_is_refused_and_nothing_lost(reference, tiny_setup, tmp
     assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before
 
 
+def test_cli_json_output_is_only_json(reference, tiny_setup, tmp_path, capsys):
+    """`search --json` with progress on: stdout is the summary as JSON, the log lines go to
+    stderr (here on the finished reference copy: nothing is recomputed)."""
+    out, summary = reference
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    model, glue = tiny_setup
+    flags = ["--model", model, "--glue-dir", glue, "--epochs", "2", "--batch-size", "16",
+             "--lr", "2e-3", "--seed", "3", "--threads", "1", "--importance-batch-size", "16",
+             "--log-every", "2"]
+    capsys.readouterr()
+    assert main(["search", "--task", "SST-2", "--out", str(copy), *flags, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert _strip(json.loads(captured.out)) == _strip(summary)
+    assert "[search SST-2 seed 3]" in captured.err
+
+
 def test_cli_search_errors(tiny_setup, tmp_path, capsys):
     model, glue = tiny_setup
     base = ["search", "--task", "SST-2", "--model", model, "--glue-dir", glue, "--quiet"]

@@ -65,7 +65,7 @@ def test_presets(tiny_model_dir):
     assert TrainConfig(task="sts-b").resolved().task == "STS-B"
     with pytest.raises(TrainError, match="unknown preset"):
         TrainConfig(preset="fast").resolved()
-    with pytest.raises(TrainError, match="batch_size must be >= 1"):
+    with pytest.raises(TrainError, match="--batch-size 0: expected an integer >= 1"):
         TrainConfig(batch_size=0).resolved()
 
 
@@ -184,3 +184,17 @@ def test_cli_finetune_stop_resume_evaluate(tiny_model_dir, synthetic_glue, tmp_p
     assert "--task 'nope': unknown GLUE task 'nope'" in err and "Traceback" not in err
     assert main(["evaluate", "--run", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_saved_tokenizer_does_not_depend_on_use(tiny_model_dir, tmp_path):
+    """Tokenizers are saved without the backend's padding/truncation call state (the default
+    model's tokenizer.json pads to 128; each call sets them), so a tokenizer saved before and
+    after use writes the same tokenizer.json (a sweep's cached data leaves tokenizers unused)."""
+    from sparsebert.hf.loading import load_tokenizer, save_tokenizer  # noqa: PLC0415
+
+    unused, used = load_tokenizer(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    used(["a few words"], ["and a pair"], truncation=True, max_length=16, padding=False)
+    save_tokenizer(unused, tmp_path / "unused")
+    save_tokenizer(used, tmp_path / "used")
+    assert ((tmp_path / "unused" / "tokenizer.json").read_text()
+            == (tmp_path / "used" / "tokenizer.json").read_text())

@@ -90,6 +90,8 @@ def train_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int = 
 
 def eval_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Index arrays covering all N examples once, longest first (minimal padding)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = np.argsort(-np.asarray(lengths), kind="stable")
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 

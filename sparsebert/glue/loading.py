@@ -226,7 +226,8 @@ def find_split_file(task: str | GlueTask, split: str,
     for path in candidates:
         if path.is_file():
             return path
-    origin = "--glue-dir" if glue_dir else f"${GLUE_DIR_ENV}"
+    from_env = resolve_glue_dir(None)  # a run records $GLUE_DIR as its glue_dir
+    origin = f"${GLUE_DIR_ENV}" if not glue_dir or root == from_env else "--glue-dir"
     raise GlueError(
         f"{task.name} {split} split not found under {root} (from {origin}): looked for "
         f"{candidates[0]} (also tried "

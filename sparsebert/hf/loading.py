@@ -74,11 +74,32 @@ def quiet_transformers() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
+def clear_call_state(tokenizer) -> None:
+    """Clear a fast tokenizer's backend padding and truncation settings.
+
+    Every call sets them from its arguments (sparsebert always passes them), so they only
+    record the last call, or the file's defaults when there was none (the default model's
+    tokenizer.json pads to 128): cleared on load and before a save, a saved tokenizer.json does
+    not depend on whether the tokenizer was used (a sweep's cached data leaves it unused)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "no_padding") and hasattr(backend,
+                                                                          "no_truncation"):
+        backend.no_padding()
+        backend.no_truncation()
+
+
+def save_tokenizer(tokenizer, path: str | os.PathLike) -> None:
+    """save_pretrained of the tokenizer (call state cleared), without progress bars."""
+    clear_call_state(tokenizer)
+    with quiet_transformers():
+        tokenizer.save_pretrained(path)
+
+
 def save_model(model: torch.nn.Module, tokenizer, path: str | os.PathLike) -> None:
     """save_pretrained of the model and its tokenizer into `path`, without progress bars."""
     with quiet_transformers():
         model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
+    save_tokenizer(tokenizer, path)
 
 
 def check_model_source(source: str) -> bool:
@@ -101,13 +122,16 @@ def check_model_source(source: str) -> bool:
 
 
 def load_tokenizer(name_or_path: str | os.PathLike | None = None):
-    """The model's tokenizer (fast where available), offline first."""
+    """The model's tokenizer (fast where available), offline first; its call state cleared
+    (clear_call_state)."""
     from transformers import AutoTokenizer  # noqa: PLC0415
 
     source = resolve_model(name_or_path)
     local = check_model_source(source)
-    return _offline_first(lambda offline: AutoTokenizer.from_pretrained(
+    tokenizer = _offline_first(lambda offline: AutoTokenizer.from_pretrained(
         source, local_files_only=offline), source, local, "tokenizer")
+    clear_call_state(tokenizer)
+    return tokenizer
 
 
 def hub_offline_reason() -> str | None:
@@ -192,17 +216,40 @@ def load_model(name_or_path: str | os.PathLike | None = None, num_labels: int = 
     return model, tokenizer
 
 
-def preflight_model(name_or_path: str | os.PathLike | None) -> str:
+def position_limit(config) -> int | None:
+    """The most tokens a sequence of this HF config's model can hold (its position embeddings;
+    RoBERTa-style models start positions after the padding index), or None when unknown."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return None
+    if getattr(config, "model_type", None) in ("roberta", "xlm-roberta", "camembert"):
+        positions -= int(getattr(config, "pad_token_id", 1) or 0) + 1
+    return positions
+
+
+def check_max_length(config, max_length: int) -> None:
+    """ModelLoadError naming --max-length when it exceeds the model's position limit."""
+    limit = position_limit(config)
+    if limit is not None and max_length > limit:
+        raise ModelLoadError(f"--max-length {max_length}: longer than the model's position "
+                             f"limit ({limit} tokens)")
+
+
+def preflight_model(name_or_path: str | os.PathLike | None, max_length: int | None = None) -> str:
     """Check that a model can be loaded before any slow work; returns the resolved source.
 
     Local directories must hold config.json; hub ids must be in the cache or downloadable
-    (an offline machine fails here at once, with one message).
+    (an offline machine fails here at once, with one message). With max_length, the model's
+    config is read and the length checked against its position limit (check_max_length).
     """
     source = resolve_model(name_or_path)
     local = check_model_source(source)
-    if not local:  # (transformers is imported only here: a second of start-up otherwise)
+    if not local or max_length is not None:
+        # (transformers is imported only here: a second of start-up otherwise)
         from transformers import AutoConfig  # noqa: PLC0415
 
-        _offline_first(lambda offline: AutoConfig.from_pretrained(
+        config = _offline_first(lambda offline: AutoConfig.from_pretrained(
             source, local_files_only=offline), source, local, "config")
+        if max_length is not None:
+            check_max_length(config, max_length)
     return source

@@ -66,7 +66,8 @@ class SearchConfig:
         unknown = [s for s in self.subnet_list() if s not in SUBNETWORKS]
         if unknown or not self.subnet_list():
             raise SearchError(f"--subnets {self.subnets!r}: expected a comma-separated subset "
-                              f"of {','.join(SUBNETWORKS)} (unknown: {unknown})")
+                              f"of {','.join(SUBNETWORKS)}"
+                              + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
         if not 0 < self.threshold <= 1:
             raise SearchError(f"--threshold {self.threshold}: expected a value in (0, 1]")
         if self.search_data not in SEARCH_DATA:

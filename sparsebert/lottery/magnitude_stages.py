@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from sparsebert.atomic import atomic_write_json
 from sparsebert.errors import RunDirError
 from sparsebert.lottery import magnitude as mag
-from sparsebert.lottery.scoring import report_metric, score_model
+from sparsebert.lottery.scoring import format_metrics, report_metric, score_model
 from sparsebert.pruning.weight_masks import (
     WeightMasks,
     load_weight_masks,
@@ -98,7 +98,7 @@ class MagnitudeStages:
             _restore(params, original)
         pruned_file.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(pruned_file, {"search_score": score, "metrics": dev})
-        self._log(f"m-pruning {name}: pruned dev {dev}")
+        self._log(f"m-pruning {name}: pruned dev {format_metrics(dev)}")
 
     def magnitude_retrained_stage(self, name: str) -> RunResult:
         """retrained/<name>/: the pre-trained weights re-fine-tuned with the mask held."""

@@ -93,6 +93,11 @@ def _safe_metrics(task: GlueTask, predictions: np.ndarray, labels) -> dict[str, 
     return {k: (float(v) if np.isfinite(v) else 0.0) for k, v in metrics.items()}
 
 
+def format_metrics(metrics: Mapping[str, float]) -> str:
+    """{"acc": 0.8304, "f1": 0.86} -> "acc 0.8304, f1 0.8600" (for log lines)."""
+    return ", ".join(f"{name} {float(value):.4f}" for name, value in metrics.items())
+
+
 def score_model(model: torch.nn.Module, data: SearchData, train: TrainConfig,
                 ) -> tuple[float, dict[str, Any]]:
     """(search score, dev metrics) of `model` as it stands (masks included)."""

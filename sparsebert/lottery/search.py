@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 from sparsebert.atomic import atomic_write_json
 from sparsebert.errors import RunDirError
 from sparsebert.glue.tasks import get_task
-from sparsebert.hf.loading import load_model, load_tokenizer
+from sparsebert.hf.loading import load_model, load_tokenizer, preflight_model
 from sparsebert.hf.masks import get_masks, set_masks
 from sparsebert.hf.patching import patch
 from sparsebert.lottery.config import SearchConfig, SearchError
@@ -67,7 +68,7 @@ def check_search_dir(out: Path, search: SearchConfig, train: TrainConfig) -> Non
     mine = {"search": search.to_json(), "train": train.to_json()}
     if saved is not None:
         if "search" not in saved or "train" not in saved:
-            raise RunDirError(f"{out} holds something else than a search (config.json without "
+            raise RunDirError(f"{out} holds something other than a search (config.json without "
                               f"search/train); use another --out")
         theirs = SearchConfig.from_json(saved["search"]).identity()
         diff = {k: (theirs.get(k), v) for k, v in search.identity().items()
@@ -113,7 +114,7 @@ class Search(StructuredStages, MagnitudeStages):
 
     def _log(self, text: str) -> None:
         if self.progress:
-            tqdm.write(f"[search {self.task.name} seed {self.train.seed}] {text}")
+            tqdm.write(f"[search {self.task.name} seed {self.train.seed}] {text}", file=sys.stderr)
 
     # --- stages ------------------------------------------------------------------------------
 
@@ -144,6 +145,7 @@ class Search(StructuredStages, MagnitudeStages):
 
     def full_stage(self) -> RunResult:
         """Check (or claim) the directory and fine-tune the full model (resumable)."""
+        preflight_model(self.train.model, max_length=self.train.max_length)  # before any write
         check_search_dir(self.out, self.config, self.train)
         self.full = self._full()
         return self.full

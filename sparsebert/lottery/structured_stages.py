@@ -19,7 +19,7 @@ from sparsebert.hf.masks import set_masks
 from sparsebert.hf.patching import patch, sparse_blocks
 from sparsebert.hf.structure import config_size, structure_for
 from sparsebert.hf.surgery import prune
-from sparsebert.lottery.scoring import report_metric, score_model
+from sparsebert.lottery.scoring import format_metrics, report_metric, score_model
 from sparsebert.lottery.structured import kept_fraction, structured_search
 from sparsebert.lottery.subnetworks import structured_subnetworks
 from sparsebert.pruning.importance import importance
@@ -89,7 +89,7 @@ class StructuredStages:
         score, dev = score_model(model, self.data, self.train)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {"search_score": score, "metrics": dev})
-        self._log(f"{label}: pruned dev {dev}")
+        self._log(f"{label}: pruned dev {format_metrics(dev)}")
 
     def _structured_search(self, model: torch.nn.Module) -> dict[str, Any]:
         row = structure_for(model)

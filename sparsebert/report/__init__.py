@@ -109,6 +109,9 @@ def report(paths: str | os.PathLike | Sequence[str | os.PathLike],
     paths = [Path(p) for p in paths]
     if not paths:
         raise ReportError("report() needs at least one path (a search run directory or parent)")
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ReportError(f"--out {out_dir}: exists and is a file (expected a directory for "
+                          "report.md and figures/)")
     results = collect(paths)
     if out_dir is None:
         out_dir = paths[0] if paths[0].is_dir() else paths[0].parent

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from sparsebert.errors import SparsebertError
+from sparsebert.hf.loading import position_limit
 
 BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
              "intermediate_size": 3072, "vocab_size": 30522, "max_position_embeddings": 512}
@@ -92,12 +93,9 @@ def check_model_dir(name: str) -> None:
 def model_shape(model: nn.Module) -> dict[str, int]:
     """Unpruned sizes from the config: layers, heads, hidden, intermediate, max_length."""
     config = model.config
-    offset = 0
-    if config.model_type in ("roberta", "xlm-roberta", "camembert"):
-        offset = int(config.pad_token_id) + 1  # positions start after the padding index
     return {"layers": config.num_hidden_layers, "heads": config.num_attention_heads,
             "hidden": config.hidden_size, "intermediate": config.intermediate_size,
-            "max_length": int(config.max_position_embeddings) - offset}
+            "max_length": position_limit(config)}
 
 
 # --- masks ----------------------------------------------------------------------------------

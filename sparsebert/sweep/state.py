@@ -95,7 +95,7 @@ class SweepDir:
             except json.JSONDecodeError as error:
                 raise SweepError(f"{self.path}: damaged ({error})") from None
             if saved.get("kind") != KIND:
-                raise SweepError(f"{self.out} holds something else than a sweep; use another "
+                raise SweepError(f"{self.out} holds something other than a sweep; use another "
                                  f"--out")
         elif self.out.is_dir() and any(self.out.iterdir()):
             raise SweepError(f"--out {self.out}: not empty and not a sweep directory; use "

@@ -26,6 +26,8 @@ PRESETS: dict[str, dict[str, Any]] = {"paper": {"lr": 2e-5}, "minilm": {"lr": 1e
 # Fields that may differ when resuming a run (they do not change what is computed).
 RUNTIME_FIELDS = frozenset({"glue_dir", "threads", "checkpoint_every", "log_every",
                             "stop_after_steps", "device", "eval_batch_size", "cuda_graphs"})
+# The shortest --max-length (room for [CLS], [SEP] and a few tokens of each text).
+MIN_MAX_LENGTH = 8
 # With CUDA graphs, batch widths are rounded up to this multiple (one graph per shape).
 GRAPH_PAD_MULTIPLE = 16
 
@@ -84,18 +86,38 @@ class TrainConfig:
                              f"{sorted(PRESETS)}")
         lr = self.lr if self.lr is not None else PRESETS[preset]["lr"]
         out = dataclasses.replace(self, task=task, preset=preset, lr=float(lr))
-        for name in ("epochs", "batch_size", "max_length", "eval_batch_size"):
-            if getattr(out, name) < 1:
-                raise TrainError(f"{name} must be >= 1, got {getattr(out, name)}")
-        if out.lr <= 0:
-            raise TrainError(f"lr must be > 0, got {out.lr}")
-        if out.padding not in ("dynamic", "max_length"):
-            raise TrainError(f"padding must be dynamic or max_length, got {out.padding!r}")
-        if out.precision not in ("auto", "fp32", "bf16"):
-            raise TrainError(f"precision must be auto, fp32 or bf16, got {out.precision!r}")
-        if out.cuda_graphs not in ("auto", "on", "off"):
-            raise TrainError(f"cuda_graphs must be auto, on or off, got {out.cuda_graphs!r}")
+        out.check_values()
         return out
+
+    def check_values(self) -> None:
+        """Every numeric and choice field in range; TrainError names the flag (--max-length)."""
+        def flag(name: str) -> str:
+            return "--" + name.replace("_", "-")
+
+        at_least = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "log_every": 1,
+                    "max_length": MIN_MAX_LENGTH, "warmup_steps": 0, "checkpoint_every": 0,
+                    "threads": 1, "stop_after_steps": 1, "max_train_examples": 1}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if value is None and name in ("threads", "stop_after_steps", "max_train_examples"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise TrainError(f"{flag(name)} {value!r}: expected an integer >= {low}")
+        for name, positive in (("lr", True), ("adam_eps", True), ("weight_decay", False),
+                               ("grad_clip", False)):
+            value = getattr(self, name)
+            if value is None and name == "lr":
+                continue  # from the preset (resolved)
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not value == value or (value <= 0 if positive else value < 0)):
+                raise TrainError(f"{flag(name)} {value!r}: expected a number "
+                                 f"{'> 0' if positive else '>= 0'}")
+        for name, choices in (("padding", ("dynamic", "max_length")),
+                              ("precision", ("auto", "fp32", "bf16")),
+                              ("cuda_graphs", ("auto", "on", "off"))):
+            if getattr(self, name) not in choices:
+                raise TrainError(f"{flag(name)} {getattr(self, name)!r}: expected one of "
+                                 f"{', '.join(choices)}")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

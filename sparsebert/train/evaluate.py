@@ -16,7 +16,7 @@ from sparsebert.glue import batching
 from sparsebert.glue.loading import GLUE_DIR_ENV, load_split, resolve_glue_dir
 from sparsebert.glue.metrics import compute_metrics
 from sparsebert.glue.tasks import GlueError, get_task
-from sparsebert.train.config import TrainConfig, autocast, resolve_device
+from sparsebert.train.config import TrainConfig, TrainError, autocast, resolve_device
 from sparsebert.train.rundir import load_run_model, require_finished
 
 
@@ -65,7 +65,7 @@ def load_dev_splits(config: TrainConfig, tokenizer) -> dict[str, batching.Encode
         except GlueError as error:
             if i == 0:
                 raise
-            tqdm.write(f"warning: skipping {task.name} {split}: {error}")
+            tqdm.write(f"warning: skipping {task.name} {split}: {error}", file=sys.stderr)
     return out
 
 
@@ -98,6 +98,9 @@ def evaluate(run_dir: str | os.PathLike, glue_dir: str | None = None,
 
     Data: --glue-dir, else $GLUE_DIR, else the folder recorded by the run, else the hub.
     """
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise TrainError(f"--batch-size {batch_size!r}: expected an integer >= 1")
     run_dir = Path(run_dir)
     require_finished(run_dir)
     config = TrainConfig.from_json(json.loads((run_dir / "config.json").read_text()))

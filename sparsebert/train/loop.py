@@ -24,7 +24,7 @@ from sparsebert.atomic import atomic_write_json
 from sparsebert.glue import batching
 from sparsebert.glue.loading import load_split
 from sparsebert.glue.tasks import get_task
-from sparsebert.hf.loading import load_model, preflight_model
+from sparsebert.hf.loading import check_max_length, load_model, preflight_model
 from sparsebert.pruning.weight_masks import WeightMasks
 from sparsebert.runtime import device_name, git_sha, versions
 from sparsebert.train import data_cache
@@ -53,6 +53,7 @@ from sparsebert.train.rundir import (
     check_masks,
     check_out_dir,
     describe_masks,
+    is_search_dir,
     now,
     save_run_model,
 )
@@ -65,6 +66,9 @@ def check_config(out_dir: Path, config: TrainConfig) -> RunResult | None:
     if not saved_path.is_file():
         return None
     saved = json.loads(saved_path.read_text())
+    if is_search_dir(out_dir):
+        raise TrainError(f"--out {out_dir}: holds a lottery search (sparsebert search), not a "
+                         "fine-tuning run; use another --out")
     mine = config.to_json()
     diff = {k: (saved.get(k), mine[k]) for k in mine
             if k not in RUNTIME_FIELDS and saved.get(k) != mine[k]}
@@ -88,6 +92,7 @@ def finetune(config: TrainConfig, out_dir: str | os.PathLike, *,
     If the run stops early (stop_after_steps) the result has status "stopped".
     config.threads applies for the duration of the call only.
     """
+    config.check_values()  # (--threads among them) before anything else
     threads = torch.get_num_threads()
     try:
         if config.threads:
@@ -119,14 +124,14 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
         check_masks(out_dir, mask_info)  # a finished run with other masks is another run
         return finished
     if model is None:
-        preflight_model(config.model)
+        preflight_model(config.model, max_length=config.max_length)
+    else:
+        check_max_length(model.config, config.max_length)
     state = load_checkpoint(out_dir) if out_dir.is_dir() else None  # a bad one fails here
 
     # Step 1: data (train subset drawn with the run's seed), then model and tokenizer.
     train_data = load_split(task, "train", config.glue_dir)
     if config.max_train_examples is not None and config.max_train_examples < len(train_data):
-        if config.max_train_examples < 1:
-            raise TrainError(f"max_train_examples must be >= 1, got {config.max_train_examples}")
         rng = np.random.default_rng([config.seed, 1])
         train_data = train_data.subset(np.sort(rng.choice(
             len(train_data), config.max_train_examples, replace=False)))

@@ -232,7 +232,7 @@ def save_run_model(out_dir: Path, model: nn.Module, tokenizer,
                    weight_masks: WeightMasks | None = None) -> None:
     """model/ (and weight_masks.safetensors): patched models through save_pruned, so gates and
     physical sizes reload; plain models through save_pretrained."""
-    from sparsebert.hf.loading import quiet_transformers, save_model  # noqa: PLC0415
+    from sparsebert.hf.loading import save_model, save_tokenizer  # noqa: PLC0415
     from sparsebert.hf.patching import is_patched  # noqa: PLC0415
     from sparsebert.hf.serialization import save_pruned  # noqa: PLC0415
 
@@ -242,8 +242,7 @@ def save_run_model(out_dir: Path, model: nn.Module, tokenizer,
     def write(path: Path) -> None:
         if is_patched(model):
             save_pruned(model, path)
-            with quiet_transformers():
-                tokenizer.save_pretrained(path)
+            save_tokenizer(tokenizer, path)
         else:
             save_model(model, tokenizer, path)
 
@@ -277,11 +276,37 @@ def check_out_dir(out_dir: Path) -> None:
                           f"pass a directory path")
 
 
+def is_search_dir(path: Path) -> bool:
+    """True when `path` holds a lottery search's config.json (sparsebert search)."""
+    try:
+        saved = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and "search" in saved and "train" in saved
+
+
+def _finished_runs(root: Path, limit: int = 3) -> list[str]:
+    """Up to `limit` finished run directories below `root`, as paths."""
+    found = sorted(str(marker.parent.parent) for marker in root.glob("**/model/config.json"))
+    return found[:limit]
+
+
 def require_finished(run_dir: Path) -> None:
     """A clear error when `run_dir` is no run directory or its run has not finished."""
     if not run_dir.is_dir():
         raise RunDirError(f"--run {run_dir}: not a run directory (no such directory)")
-    if not (run_dir / "config.json").is_file():
+    has_config = (run_dir / "config.json").is_file()
+    inside_search = next((p for p in (run_dir, *run_dir.parents) if is_search_dir(p)), None)
+    if inside_search is not None and (inside_search == run_dir or not has_config):
+        runs = _finished_runs(run_dir)
+        hint = (f"; its finished runs include {', '.join(runs)}" if runs
+                else "; it has no finished run yet")
+        what = ("is a search directory" if inside_search == run_dir
+                else f"is a folder of the search {inside_search}")
+        raise RunDirError(f"--run {run_dir}: {what}, not a run; pass one of its runs, e.g. "
+                          f"{inside_search / 'full'} or "
+                          f"{inside_search / 'structured' / 'retrained' / 'good'}{hint}")
+    if not has_config:
         raise RunDirError(f"--run {run_dir}: not a run directory (no config.json); run "
                           f"`sparsebert finetune --out {run_dir}` first")
     if not (run_dir / "model" / "config.json").is_file():
