@@ -5,7 +5,8 @@
 //             when no input needs a gradient nothing is recorded.
 //   backward  calls sparsebert::masked_attention_backward (the kernels' fused backward) with
 //             dout made last-dim contiguous; d_head_gate (B, H) is summed over the batch for an
-//             (H,) gate and cast to the gate's dtype. The lse output carries no gradient.
+//             (H,) gate and cast to the gate's dtype. The lse output is marked
+//             non-differentiable. Forward-mode AD is refused (no jvp formula).
 // Neither the backward nor masked_attention_compact is differentiable: with create_graph=True the
 // backward's outputs get a node that raises on a second derivative, and compact's Autograd kernel
 // gives inputs that need a gradient outputs whose backward raises (torch's fallback would warn
@@ -93,6 +94,7 @@ class MaskedAttentionFunction : public torch::autograd::Function<MaskedAttention
                             key_padding_mask.has_value() ? *key_padding_mask : at::Tensor(), out,
                             lse});
     ctx->saved_data["scale"] = scale;
+    ctx->mark_non_differentiable({lse});  // a statistic the backward reuses: no gradient
     return {out, lse};
   }
 
@@ -126,9 +128,20 @@ class MaskedAttentionFunction : public torch::autograd::Function<MaskedAttention
   }
 };
 
+// Forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) has no formula here:
+// refuse it rather than return outputs without tangents (read as zero). The Python wrapper
+// sparsebert.ops.masked_attention runs the reference under forward-mode AD instead.
+void reject_forward_ad(std::initializer_list<const at::Tensor*> tensors, const char* op) {
+  for (const at::Tensor* t : tensors)
+    TORCH_CHECK(!t->defined() || !t->_fw_grad(/*level=*/0).defined(), "sparsebert: ", op,
+                " has no forward-mode derivative (jvp); call sparsebert.ops.", op,
+                ", which computes it with the reference there, or use reverse mode");
+}
+
 std::tuple<at::Tensor, at::Tensor> masked_attention_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& head_gate,
     const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  reject_forward_ad({&q, &k, &v, &head_gate}, "masked_attention");
   const bool record = at::GradMode::is_enabled() &&
                       (q.requires_grad() || k.requires_grad() || v.requires_grad() ||
                        head_gate.requires_grad());

@@ -118,6 +118,11 @@ def validate_kept_heads(kept_heads: Tensor, q: Tensor) -> None:
             f"masked_attention_compact: 'kept_heads' must be on q's device {q.device}, got "
             f"{kept_heads.device}"
         )
+    if q.dim() == 4 and kept_heads.shape[0] > q.shape[2]:
+        raise ValueError(
+            f"masked_attention_compact: 'kept_heads' must hold at most H = {q.shape[2]} "
+            f"indices, got {kept_heads.shape[0]}"
+        )
 
 
 def reject_fully_padded_rows(key_padding_mask: Tensor, q: Tensor) -> None:

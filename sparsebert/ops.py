@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from sparsebert import op_checks, reference
 from sparsebert._extension import load_extension
@@ -88,11 +89,26 @@ def _masked_attention_setup_context(ctx, inputs, output):
     q, k, v, head_gate, key_padding_mask, scale = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, head_gate, key_padding_mask, out, lse)
+    ctx.mark_non_differentiable(lse)  # a statistic the backward reuses; no gradient flows
     ctx.scale = scale
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """t with stride 1 in its last dim (a size-1 last dim only gets that stride: same memory)."""
+    if t.stride(-1) == 1:
+        return t
+    if t.shape[-1] == 1:
+        return t.as_strided(t.shape, (*t.stride()[:-1], 1))
+    return t.contiguous()
+
+
+def _has_tangent(*tensors: Tensor | None) -> bool:
+    """True under forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) with a
+    tangent on one of `tensors`. The kernels have no forward-mode formula, so the wrappers run
+    the reference (plain torch ops, which have one) there. The level check is the cheap part."""
+    if forward_ad._current_level < 0:
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _masked_attention_backward(ctx, grad_out, grad_lse):
@@ -189,10 +205,29 @@ def masked_attention(
     if scale is None:
         # D < 1 is rejected by the checks (native or Python) with a message naming q's shape.
         scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
+    if _has_tangent(q, k, v, head_gate):
+        op_checks.validate_masked_attention(q, k, v, head_gate, key_padding_mask,
+                                            check_padding_rows)
+        return _masked_attention_forward_ad(q, k, v, head_gate, key_padding_mask, float(scale),
+                                            exact_zero_gate_grad, return_lse)
     # Native path: argument checks in C++ (same messages), autograd registered in C++.
     out, lse = _masked_attention_op(q, k, v, head_gate, key_padding_mask, float(scale))
     if exact_zero_gate_grad and head_gate.requires_grad and torch.is_grad_enabled():
         out = _ZeroGateGrad.apply(out, head_gate, q, k, v, key_padding_mask, float(scale))
+    return (out, lse.detach()) if return_lse else out
+
+
+def _masked_attention_forward_ad(q, k, v, head_gate, key_padding_mask, scale,
+                                 exact_zero_gate_grad, return_lse):
+    """masked_attention under forward-mode AD: the reference, whose tangent at a gate of 0 is
+    0 (as the kernels' gradient), or with exact_zero_gate_grad the true one (ctx . tangent)."""
+    out, lse = reference.masked_attention_ref(q, k, v, head_gate, key_padding_mask, scale)
+    if exact_zero_gate_grad:
+        gate = head_gate if head_gate.dim() == 2 else head_gate.expand(q.shape[0], -1)  # (B, H)
+        zero = (gate == 0)[:, None, :, None]  # (B, 1, H, 1)
+        ctx, _ = reference.attention_context(q, k, v, key_padding_mask, scale)  # (B, Sq, H, D)
+        # value unchanged (gate * ctx = 0 there); tangent gate' * ctx at the zero gates
+        out = out + torch.where(zero, ctx * gate[:, None, :, None], 0.0).to(out.dtype)
     return (out, lse.detach()) if return_lse else out
 
 
@@ -255,7 +290,8 @@ def masked_attention_compact(
         op_checks.validate_kept_heads(kept_heads, q)
         heads = q.shape[2]
         in_range = (kept_heads >= 0) & (kept_heads < heads)
-        if kept_heads.numel() and not kept_heads.is_cuda and not bool(in_range.all()):
+        if (kept_heads.numel() and not kept_heads.is_cuda
+                and not torch.compiler.is_compiling() and not bool(in_range.all())):
             raise ValueError(
                 f"masked_attention_compact: 'kept_heads' must hold indices in [0, H = {heads})"
             )
@@ -340,6 +376,8 @@ def group_dot(x: Tensor, g: Tensor, group_size: int, token_mask: Tensor | None =
             f"{x.device}, got {token_mask.dtype} {tuple(token_mask.shape)} on {token_mask.device}"
         )
     x, g = _last_dim_contiguous(x), _last_dim_contiguous(g)
+    if _has_tangent(x, g):  # forward-mode AD: the reference has a tangent formula
+        return reference.group_dot_ref(x, g, group_size, token_mask)
     return torch.ops.sparsebert.group_dot(x, g, group_size, token_mask)
 
 

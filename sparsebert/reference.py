@@ -21,7 +21,7 @@ def _gate_per_example(head_gate: Tensor, batch: int) -> Tensor:
     return gate.expand(batch, gate.shape[-1]) if gate.dim() == 1 else gate
 
 
-def _attention_context(
+def attention_context(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, scale: float
 ) -> tuple[Tensor, Tensor]:
     """Ungated attention in the compute dtype.
@@ -60,7 +60,7 @@ def masked_attention_ref(
     """
     batch = q.shape[0]
     gate = _gate_per_example(head_gate, batch)  # (B, H)
-    ctx, lse = _attention_context(q, k, v, key_padding_mask, scale)
+    ctx, lse = attention_context(q, k, v, key_padding_mask, scale)
     active = gate != 0  # (B, H)
     out = torch.where(active[:, None, :, None], ctx * gate[:, None, :, None], 0.0)
     lse = torch.where(active[:, :, None], lse, 0.0)
@@ -116,7 +116,7 @@ def masked_attention_backward_ref(
     with torch.enable_grad():
         qf, kf, vf = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
         gate = _gate_per_example(head_gate.detach(), batch).to(dtype).requires_grad_(True)
-        ctx, _ = _attention_context(qf, kf, vf, key_padding_mask, scale)
+        ctx, _ = attention_context(qf, kf, vf, key_padding_mask, scale)
         active = (gate != 0).detach()
         gated = torch.where(active[:, None, :, None], ctx * gate[:, None, :, None], 0.0)
         dq, dk, dv, d_gate = torch.autograd.grad(gated, (qf, kf, vf, gate), dout.to(dtype))

@@ -158,3 +158,17 @@ def test_accumulate_importance_bad_input(acc, scores, power, needle):
         ops.accumulate_importance_(acc, scores, power)
     with pytest.raises(ValueError, match=needle):
         torch.ops.sparsebert.accumulate_importance_(acc, scores, power)
+
+
+def test_group_dot_forward_mode_ad_and_size_one_strided_last_dim():
+    """jvp through ops.group_dot (linear in x: the tangent is group_dot(tangent, g)), and a
+    size-1 last dimension with a stride other than 1 (any stride is fine there)."""
+    gen = torch.Generator().manual_seed(3)
+    x, g, t = (torch.randn(2, 3, 4, dtype=torch.float64, generator=gen) for _ in range(3))
+    _, tangent = torch.func.jvp(lambda x: ops.group_dot(x, g, 2), (x,), (t,))
+    torch.testing.assert_close(tangent, group_dot_ref(t, g, 2, None))
+    x1 = torch.randn(2, 1, 3, generator=gen).transpose(1, 2)  # (2, 3, 1), last-dim stride 3
+    g1 = torch.randn(2, 3, 1, generator=gen)
+    assert x1.stride(-1) == 3
+    torch.testing.assert_close(ops.group_dot(x1, g1, 1), (x1 * g1).sum(1))
+    torch.testing.assert_close(torch.ops.sparsebert.group_dot(x1, g1, 1, None), (x1 * g1).sum(1))

@@ -610,3 +610,43 @@ def test_return_lse_is_the_log_sum_exp_of_the_scores(assert_native):
     want[:, 1] = 0.0  # the pruned head
     assert lse.shape == (2, HEADS, 6) and lse.dtype == torch.float64
     torch.testing.assert_close(lse, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["zero-gate-tangent-0", "exact"])
+@pytest.mark.parametrize("per_example", [False, True])
+def test_forward_mode_ad_agrees_with_reverse_mode(per_example, exact):
+    """torch.func.jvp through ops.masked_attention (the reference runs under forward-mode AD):
+    <J t, c> equals <t, J^T c> from the kernels' backward, for tangents on every input."""
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 5, 3, 4, dtype=torch.float64, generator=gen) for _ in range(3))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    gate = (torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 1.0]], dtype=torch.float64)
+            if per_example else torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64))
+    inputs = (q, k, v, gate)
+    tangents = tuple(torch.randn(t.shape, dtype=t.dtype, generator=gen) for t in inputs)
+
+    def f(q, k, v, g):
+        return ops.masked_attention(q, k, v, g, mask, exact_zero_gate_grad=exact)
+
+    out, tangent_out = torch.func.jvp(f, inputs, tangents)
+    torch.testing.assert_close(out, f(*inputs))
+    cotangent = torch.randn(out.shape, dtype=out.dtype, generator=gen)
+    leaves = tuple(t.clone().requires_grad_(True) for t in inputs)
+    grads = torch.autograd.grad((f(*leaves) * cotangent).sum(), leaves)
+    torch.testing.assert_close((tangent_out * cotangent).sum(),
+                               sum((g * t).sum() for g, t in zip(grads, tangents)))
+
+
+def test_raw_op_refuses_forward_mode_ad_and_lse_has_no_gradient(assert_native):
+    """The op itself has no jvp: it says so (instead of returning zero tangents); its lse output
+    is marked non-differentiable."""
+    assert_native("masked_attention", "cpu")
+    q, k, v = (torch.randn(1, 3, 2, 4, dtype=torch.float64) for _ in range(3))
+    gate = torch.ones(2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="no forward-mode derivative"):
+        torch.func.jvp(lambda q: torch.ops.sparsebert.masked_attention(q, k, v, gate, None, 0.5)[0],
+                       (q,), (torch.ones_like(q),))
+    out, lse = torch.ops.sparsebert.masked_attention(q.requires_grad_(True), k, v, gate, None,
+                                                     0.5)
+    assert out.requires_grad and not lse.requires_grad

@@ -82,9 +82,14 @@ def test_compact_opcheck():
         (torch.tensor([[0]]), "'kept_heads'.*1-d"),
         (torch.tensor([0.0]), "'kept_heads'.*int"),
         (torch.arange(5), "'kept_heads'.*at most"),
+        (torch.tensor([0, 0, 1, 1, 2]), "'kept_heads'.*at most"),
     ],
 )
-def test_compact_bad_kept_heads(kept, needle):
+@pytest.mark.parametrize("path", ["native", "python"])
+def test_compact_bad_kept_heads(kept, needle, path, monkeypatch):
+    """Both the native checks and the Python ones (builds without the extension)."""
+    if path == "python":
+        monkeypatch.setattr(ops, "NATIVE_AUTOGRAD", False)
     q = torch.randn(2, 5, HEADS, 8)
     with pytest.raises(ValueError, match=needle):
         ops.masked_attention_compact(q, q, q, torch.ones(HEADS), kept)
