@@ -180,7 +180,9 @@ def masked_attention(
     exact_zero_gate_grad=True: then d_head_gate is the true gradient there too (for
     straight-through or movement-style gate learning), from the pruned heads' attention computed
     in the backward only (the forward still skips them; dq, dk, dv are 0 for them either way, as
-    gate * (...) is). First-order only: a second derivative raises.
+    gate * (...) is). First-order only: a second derivative raises. Under forward-mode AD
+    (torch.func.jvp / jacfwd) this wrapper runs the reference, which has a tangent formula (the
+    raw torch.ops op refuses it).
 
     Every row of key_padding_mask needs at least one True. check_padding_rows=True (default)
     verifies that; on CUDA the check reads the mask on the host, i.e. synchronises the device on
