@@ -196,6 +196,11 @@ def masked_attention(
     Raises ValueError naming the argument for bad shapes, dtypes, devices, D < 1 or empty sizes
     (checked in C++ when the extension is loaded, else in Python, with the same wording).
     """
+    for name, t in (("q", q), ("k", k), ("v", v), ("head_gate", head_gate),
+                    ("key_padding_mask", key_padding_mask)):
+        if not isinstance(t, Tensor) and not (name == "key_padding_mask" and t is None):
+            raise ValueError(f"masked_attention: '{name}' must be a torch.Tensor, got "
+                             f"{type(t).__name__}")
     if not NATIVE_AUTOGRAD:
         # Reference path: Python checks, then the CompositeExplicitAutograd reference.
         op_checks.validate_masked_attention(q, k, v, head_gate, key_padding_mask,
@@ -369,13 +374,16 @@ def group_dot(x: Tensor, g: Tensor, group_size: int, token_mask: Tensor | None =
             f"group_dot: 'group_size' must be a positive divisor of D={x.shape[2]}, got {group_size!r}"
         )
     if token_mask is not None and (
-        token_mask.dtype != torch.bool
+        not isinstance(token_mask, Tensor)
+        or token_mask.dtype != torch.bool
         or tuple(token_mask.shape) != tuple(x.shape[:2])
         or token_mask.device != x.device
     ):
+        got = (f"{token_mask.dtype} {tuple(token_mask.shape)} on {token_mask.device}"
+               if isinstance(token_mask, Tensor) else type(token_mask).__name__)
         raise ValueError(
             f"group_dot: 'token_mask' must be a bool (B, S) = {tuple(x.shape[:2])} tensor on "
-            f"{x.device}, got {token_mask.dtype} {tuple(token_mask.shape)} on {token_mask.device}"
+            f"{x.device}, got {got}"
         )
     x, g = _last_dim_contiguous(x), _last_dim_contiguous(g)
     if _has_tangent(x, g):  # forward-mode AD: the reference has a tangent formula
@@ -389,8 +397,15 @@ def accumulate_importance_(acc: Tensor, scores: Tensor, power: int = 1) -> Tenso
     power 1 accumulates |.| (Michel / paper importance), power 2 squares (Fisher, Kwon et al.).
     acc must be fp32 or fp64 and contiguous; scores any float dtype on acc's device.
     """
+    for name, t in (("acc", acc), ("scores", scores)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"accumulate_importance_: '{name}' must be a torch.Tensor, got "
+                             f"{type(t).__name__}")
     if power not in (1, 2):
         raise ValueError(f"accumulate_importance_: 'power' must be 1 or 2, got {power!r}")
+    if acc.requires_grad and torch.is_grad_enabled():
+        raise ValueError("accumulate_importance_: 'acc' requires grad; an in-place update of "
+                         "it cannot be differentiated (accumulate into a plain tensor)")
     if acc.dtype not in (torch.float32, torch.float64) or not acc.is_contiguous():
         raise ValueError(
             f"accumulate_importance_: 'acc' must be a contiguous fp32/fp64 tensor, got {acc.dtype}"

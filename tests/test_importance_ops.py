@@ -172,3 +172,15 @@ def test_group_dot_forward_mode_ad_and_size_one_strided_last_dim():
     assert x1.stride(-1) == 3
     torch.testing.assert_close(ops.group_dot(x1, g1, 1), (x1 * g1).sum(1))
     torch.testing.assert_close(torch.ops.sparsebert.group_dot(x1, g1, 1, None), (x1 * g1).sum(1))
+
+
+def test_wrappers_name_non_tensor_arguments():
+    """Lists where tensors belong are ValueErrors naming the argument (not AttributeErrors),
+    and an accumulator that requires grad is refused (its in-place update is not tracked)."""
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="'token_mask'.*got list"):
+        ops.group_dot(x, x, 2, [[True] * 3] * 2)
+    with pytest.raises(ValueError, match="'scores' must be a torch.Tensor, got list"):
+        ops.accumulate_importance_(torch.zeros(4), [[1.0] * 4])
+    with pytest.raises(ValueError, match="'acc' requires grad"):
+        ops.accumulate_importance_(torch.zeros(4, requires_grad=True), torch.randn(2, 4))

@@ -650,3 +650,11 @@ def test_raw_op_refuses_forward_mode_ad_and_lse_has_no_gradient(assert_native):
     out, lse = torch.ops.sparsebert.masked_attention(q.requires_grad_(True), k, v, gate, None,
                                                      0.5)
     assert out.requires_grad and not lse.requires_grad
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v", "head_gate", "key_padding_mask"])
+def test_non_tensor_arguments_are_named(name):
+    args = _good()
+    args[name] = args[name].tolist() if args[name] is not None else [[True] * 5] * 2
+    with pytest.raises(ValueError, match=f"'{name}' must be a torch.Tensor, got list"):
+        ops.masked_attention(**args)
