@@ -201,6 +201,7 @@ def test_probe(name, tiny, tmp_path, capsys, monkeypatch):
     ("--max-length", "4"), ("--max-length", "129"), ("--grad-clip", "-1"),
     ("--weight-decay", "-1"), ("--checkpoint-every", "-1"), ("--stop-after-steps", "0"),
     ("--max-train-examples", "0"), ("--adam-eps", "0"), ("--model", "MODEL_FILE"),
+    ("--seed", "-1"), ("--seed", str(2**64)),
 ])
 def test_bad_training_values_are_refused_before_anything_is_written(command, flag, value, tiny,
                                                                      tmp_path, capsys):
@@ -226,6 +227,7 @@ def test_bad_training_values_are_refused_before_anything_is_written(command, fla
 
 @pytest.mark.parametrize("args,needle", [
     (["--seeds", ","], "--seeds ',': expected at least one integer seed"),
+    (["--seeds", "1,-2"], "--seeds '1,-2': expected integers in [0, 2**64 - 1]"),
     (["--no-super"], "--no-super applies to --seeds only"),
     (["--subnets", ""], "--subnets '': expected a comma-separated subset of good,random,bad"),
 ])

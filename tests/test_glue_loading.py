@@ -219,3 +219,23 @@ def test_hub_fallback_with_a_fake_datasets_module(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=unlabeled))
     with pytest.raises(GlueError, match="not in the label set"):
         load_split("MNLI", "dev")
+
+
+def test_optional_dev_split_missing_is_skipped_broken_is_an_error(tmp_path, tiny_model_dir):
+    """MNLI's dev_mismatched may be absent (skipped with a warning); present but broken, it is
+    an error rather than a silently smaller evaluation."""
+    from sparsebert.glue import SplitNotFoundError  # noqa: PLC0415
+    from sparsebert.hf.loading import load_tokenizer  # noqa: PLC0415
+    from sparsebert.train import TrainConfig  # noqa: PLC0415
+    from sparsebert.train.evaluate import load_dev_splits  # noqa: PLC0415
+
+    row = {"premise": "p", "hypothesis": "h", "label": "entailment"}
+    _write(tmp_path / "MNLI" / "dev_matched.jsonl", json.dumps(row) + "\n")
+    config = TrainConfig(task="MNLI", glue_dir=str(tmp_path))
+    tokenizer = load_tokenizer(tiny_model_dir)
+    assert list(load_dev_splits(config, tokenizer)) == ["dev_matched"]
+    with pytest.raises(SplitNotFoundError):
+        load_split("MNLI", "dev_mismatched", tmp_path)
+    _write(tmp_path / "MNLI" / "dev_mismatched.jsonl", json.dumps({"premise": "p"}) + "\n")
+    with pytest.raises(GlueError, match="wrong columns"):
+        load_dev_splits(config, tokenizer)

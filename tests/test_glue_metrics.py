@@ -55,6 +55,12 @@ def test_degenerate_inputs_give_zero():
     assert metrics.matthews_corrcoef([1, 1, 1], [0, 1, 1]) == 0.0
     assert metrics.f1([0, 0], [0, 0]) == 0.0
     assert metrics.pearson([1.0, 1.0, 1.0], [0.0, 1.0, 2.0]) == 0.0
+    # A diverged regression run (nan or inf scores): every correlation is 0, not nan, and not
+    # the row order's correlation with the labels (nan != nan gave each nan its own rank).
+    labels = [0.0, 1.0, 2.0, 3.0, 4.0]
+    for bad in ([float("nan")] * 5, [0.5, float("inf"), 1.0, 2.0, 3.0]):
+        assert metrics.compute_metrics("STS-B", bad, labels) == {
+            "pearson": 0.0, "spearman": 0.0, "corr": 0.0}
     with pytest.raises(ValueError, match="differ in length"):
         metrics.accuracy([0, 1], [0])
     with pytest.raises(ValueError, match="empty"):

@@ -198,3 +198,21 @@ def test_saved_tokenizer_does_not_depend_on_use(tiny_model_dir, tmp_path):
     save_tokenizer(used, tmp_path / "used")
     assert ((tmp_path / "unused" / "tokenizer.json").read_text()
             == (tmp_path / "used" / "tokenizer.json").read_text())
+
+
+def test_rerun_at_or_past_the_stop_step_does_not_advance(tiny_model_dir, synthetic_glue,
+                                                          tmp_path):
+    """stop_after_steps N on a run already at step >= N stops there (no extra step per rerun),
+    and the same run still finishes exactly like an uninterrupted one."""
+    out = tmp_path / "run"
+    first = finetune(_config(tiny_model_dir, synthetic_glue, stop_after_steps=3), out,
+                     progress=False)
+    assert (first.status, first.step) == ("stopped", 3)
+    for stop in (3, 1):
+        again = finetune(_config(tiny_model_dir, synthetic_glue, stop_after_steps=stop), out,
+                         progress=False)
+        assert (again.status, again.step) == ("stopped", 3)
+    done = finetune(_config(tiny_model_dir, synthetic_glue), out, progress=False)
+    whole = finetune(_config(tiny_model_dir, synthetic_glue), tmp_path / "whole", progress=False)
+    assert done.metrics == whole.metrics
+    assert _same_weights(_weights(out), _weights(tmp_path / "whole"))

@@ -96,6 +96,20 @@ def eval_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def batch_width(encoded: Encoded, lengths: np.ndarray, padding: str = "dynamic",
+                pad_to_multiple_of: int | None = None) -> int:
+    """The padded width S of a batch whose rows have `lengths` (see collate)."""
+    if padding == "max_length":
+        return encoded.max_length
+    if padding != "dynamic":
+        raise ValueError(f"padding must be 'dynamic' or 'max_length', got {padding!r}")
+    width = int(lengths.max())
+    if pad_to_multiple_of:
+        width = min(math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of,
+                    max(encoded.max_length, width))
+    return width
+
+
 def collate(encoded: Encoded, indices: np.ndarray, padding: str = "dynamic",
             pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
     """Pad the examples at `indices` into tensors.
@@ -106,15 +120,7 @@ def collate(encoded: Encoded, indices: np.ndarray, padding: str = "dynamic",
     index (B,) the example indices (to put eval predictions back in order).
     """
     lengths = encoded.lengths[indices]
-    if padding == "max_length":
-        width = encoded.max_length
-    elif padding == "dynamic":
-        width = int(lengths.max())
-        if pad_to_multiple_of:
-            width = min(math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of,
-                        max(encoded.max_length, width))
-    else:
-        raise ValueError(f"padding must be 'dynamic' or 'max_length', got {padding!r}")
+    width = batch_width(encoded, lengths, padding, pad_to_multiple_of)
     batch_size = len(indices)
     input_ids = torch.full((batch_size, width), encoded.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
@@ -134,11 +140,11 @@ def collate(encoded: Encoded, indices: np.ndarray, padding: str = "dynamic",
 
 
 def padding_stats(encoded: Encoded, batches: list[np.ndarray], padding: str = "dynamic",
-                  ) -> dict[str, float]:
-    """Real vs padded token counts of a list of batches: {"real", "padded", "efficiency"}."""
+                  pad_to_multiple_of: int | None = None) -> dict[str, float]:
+    """Real vs padded token counts of a list of batches, padded as collate pads them:
+    {"real", "padded", "efficiency"}."""
     real = int(encoded.lengths.sum())
     padded = 0
     for b in batches:
-        width = encoded.max_length if padding == "max_length" else int(encoded.lengths[b].max())
-        padded += width * len(b)
+        padded += batch_width(encoded, encoded.lengths[b], padding, pad_to_multiple_of) * len(b)
     return {"real": real, "padded": padded, "efficiency": real / max(padded, 1)}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsebert.glue.tasks import GlueError, GlueTask, get_task
+from sparsebert.glue.tasks import GlueError, GlueTask, SplitNotFoundError, get_task
 
 GLUE_DIR_ENV = "GLUE_DIR"
 HUB_DATASET = "nyu-mll/glue"
@@ -228,7 +228,7 @@ def find_split_file(task: str | GlueTask, split: str,
             return path
     from_env = resolve_glue_dir(None)  # a run records $GLUE_DIR as its glue_dir
     origin = f"${GLUE_DIR_ENV}" if not glue_dir or root == from_env else "--glue-dir"
-    raise GlueError(
+    raise SplitNotFoundError(
         f"{task.name} {split} split not found under {root} (from {origin}): looked for "
         f"{candidates[0]} (also tried "
         f"{', '.join(str(p.relative_to(root)) for p in candidates[1:])}). Point "

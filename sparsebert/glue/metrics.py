@@ -1,8 +1,9 @@
 """GLUE metrics in plain numpy: accuracy, F1, Matthews correlation, Pearson, Spearman.
 
 Conventions match scikit-learn / scipy (the tests compare against them); where those return
-nan or warn for undefined values (constant predictions), these return 0.0, so a degenerate
-model scores 0 instead of poisoning a pruning threshold with nan.
+nan or warn for undefined values (constant predictions, or non-finite scores from a run that
+diverged), these return 0.0, so a degenerate model scores 0 instead of poisoning a pruning
+threshold with nan.
 """
 
 from __future__ import annotations
@@ -67,8 +68,11 @@ def matthews_corrcoef(predictions: ArrayLike, labels: ArrayLike) -> float:
 
 
 def pearson(predictions: ArrayLike, labels: ArrayLike) -> float:
-    """Pearson correlation of two (N,) real vectors (float64); 0 when either is constant."""
+    """Pearson correlation of two (N,) real vectors (float64); 0 when either is constant or
+    holds a non-finite value."""
     x, y = (a.astype(np.float64) for a in _pair(predictions, labels))
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return 0.0
     x, y = x - x.mean(), y - y.mean()
     norm = np.sqrt(np.dot(x, x) * np.dot(y, y))
     if norm == 0:
@@ -92,8 +96,11 @@ def rankdata(values: np.ndarray) -> np.ndarray:
 
 
 def spearman(predictions: ArrayLike, labels: ArrayLike) -> float:
-    """Spearman rank correlation: Pearson of the average ranks."""
+    """Spearman rank correlation: Pearson of the average ranks; 0 when either vector is constant
+    or holds a non-finite value (nan has no rank)."""
     pred, gold = _pair(predictions, labels)
+    if not (np.isfinite(pred.astype(np.float64)).all() and np.isfinite(gold.astype(np.float64)).all()):
+        return 0.0
     return pearson(rankdata(pred), rankdata(gold))
 
 

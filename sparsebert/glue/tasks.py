@@ -19,6 +19,11 @@ class GlueError(SparsebertError):
     """Bad GLUE input: unknown task, missing file, wrong columns, bad labels, empty split."""
 
 
+class SplitNotFoundError(GlueError):
+    """A GLUE folder has no file for the requested split (the one GlueError an optional split,
+    such as MNLI's dev_mismatched, may be skipped on)."""
+
+
 @dataclass(frozen=True)
 class TsvLayout:
     """How one task's GLUE TSV files are laid out.

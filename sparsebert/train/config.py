@@ -26,6 +26,8 @@ PRESETS: dict[str, dict[str, Any]] = {"paper": {"lr": 2e-5}, "minilm": {"lr": 1e
 # Fields that may differ when resuming a run (they do not change what is computed).
 RUNTIME_FIELDS = frozenset({"glue_dir", "threads", "checkpoint_every", "log_every",
                             "stop_after_steps", "device", "eval_batch_size", "cuda_graphs"})
+# Seeds feed numpy's default_rng (non-negative) and torch.manual_seed (at most 2**64 - 1).
+MAX_SEED = 2**64 - 1
 # The shortest --max-length (room for [CLS], [SEP] and a few tokens of each text).
 MIN_MAX_LENGTH = 8
 # With CUDA graphs, batch widths are rounded up to this multiple (one graph per shape).
@@ -103,6 +105,9 @@ class TrainConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise TrainError(f"{flag(name)} {value!r}: expected an integer >= {low}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
+                0 <= self.seed <= MAX_SEED):
+            raise TrainError(f"--seed {self.seed!r}: expected an integer in [0, 2**64 - 1]")
         for name, positive in (("lr", True), ("adam_eps", True), ("weight_decay", False),
                                ("grad_clip", False)):
             value = getattr(self, name)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from sparsebert.glue import batching
 from sparsebert.glue.loading import GLUE_DIR_ENV, load_split, resolve_glue_dir
 from sparsebert.glue.metrics import compute_metrics
-from sparsebert.glue.tasks import GlueError, get_task
+from sparsebert.glue.tasks import SplitNotFoundError, get_task
 from sparsebert.train.config import TrainConfig, TrainError, autocast, resolve_device
 from sparsebert.train.rundir import load_run_model, require_finished
 
@@ -62,7 +62,7 @@ def load_dev_splits(config: TrainConfig, tokenizer) -> dict[str, batching.Encode
         try:
             out[split] = batching.encode(load_split(task, split, config.glue_dir), tokenizer,
                                          config.max_length)
-        except GlueError as error:
+        except SplitNotFoundError as error:  # a broken file is an error, a missing one not
             if i == 0:
                 raise
             tqdm.write(f"warning: skipping {task.name} {split}: {error}", file=sys.stderr)

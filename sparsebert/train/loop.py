@@ -198,6 +198,15 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
                desc=f"{task.name} {out_dir.name}", mininterval=1.0, dynamic_ncols=True)
     t0 = time.perf_counter()
     dev_metrics: dict[str, dict[str, float]] = {}
+    stop = config.stop_after_steps
+
+    def stopped() -> RunResult:
+        bar.close()
+        return RunResult(status="stopped", task=task.name, run=str(out_dir), step=step,
+                         config=config.to_json(), data=data, masks=_summary(mask_info))
+
+    if stop is not None and stop <= step < total_steps:
+        return stopped()  # resumed at or past the stop: its checkpoint is on disk already
     while step < total_steps:
         epoch, first = divmod(step, steps_per_epoch)
         order = batching.train_batches(train.lengths, config.batch_size, config.seed, epoch,
@@ -235,13 +244,10 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
                     checkpoint()
             elif config.checkpoint_every and step % config.checkpoint_every == 0:
                 checkpoint()
-            stop = config.stop_after_steps
             if stop is not None and stop <= step < total_steps:
                 if step % steps_per_epoch:
                     checkpoint()
-                bar.close()
-                return RunResult(status="stopped", task=task.name, run=str(out_dir), step=step,
-                                 config=config.to_json(), data=data, masks=_summary(mask_info))
+                return stopped()
     bar.close()
     train_time = elapsed + time.perf_counter() - t0
     if not dev_metrics:  # resumed a run whose last epoch had ended: evaluate now
@@ -252,7 +258,8 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
     save_run_model(out_dir, model, tokenizer, masks)
     efficiency = batching.padding_stats(
         train, batching.train_batches(train.lengths, config.batch_size, config.seed, 0,
-                                      config.bucket), config.padding)["efficiency"]
+                                      config.bucket), config.padding,
+        pad_multiple)["efficiency"]  # as trained (CUDA graphs pad widths to a multiple)
     first_split = task.dev_splits[0]
     result = RunResult(
         status="finished", task=task.name, run=str(out_dir), step=step,
