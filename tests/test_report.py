@@ -458,7 +458,10 @@ def test_speed_section_and_figure_from_speed_files(runs: Path, tmp_path: Path):
     assert good[2:5] == ["3", "50% ± 0%", "25% ± 0%"]
     assert good[5] == "0.750 ± 0.030" and good[6] == "0.770 ± 0.000"  # s good P / R
     # masked vs dense: 40/20, 60/20, 60/30 = 2, 3, 2; pruned vs stock: 80/25, 120/30, 120/30
-    assert good[8] == "2.33x ± 0.58x" and good[10] == "3.73x ± 0.46x"
+    # (files without per-round samples: ratios of medians; pruned against the stock forward,
+    # marked †)
+    assert good[8] == "2.33x ± 0.58x" and good[10] == "3.73x ± 0.46x †"
+    assert "† against the full model's stock Hugging Face forward" in section
     assert good[9] == "28.3 ± 2.9"  # pruned ms: 25, 30, 30
     assert rows[("MRPC", "random")][2] == "1" and rows[("MRPC", "random")][8] == "4.00x"
     assert not any(task == "RTE" for task, _ in rows)  # RTE was not timed
@@ -480,3 +483,39 @@ def test_no_speed_section_without_speed_files_and_bad_file_is_named(runs: Path, 
     bad.write_text(json.dumps({"rows": []}))
     with pytest.raises(ReportError, match=r"broken.json: not a `sparsebert speed` result"):
         report([runs], out_dir=tmp_path / "out")
+
+
+def test_speed_uses_per_round_ratios_and_counts_each_seed_once(runs: Path, tmp_path: Path):
+    """Files with per-round samples: speed-ups are the medians of per-round ratios (not the
+    ratio of medians), the pruned one against the patched full model; a seed timed both on its
+    own and through its parent counts once; noisy files are named."""
+    dense = [40.0, 80.0, 40.0, 80.0, 40.0]  # a busy machine: the load doubles every other round
+    masked = [20.0, 40.0, 20.0, 40.0, 20.0]  # 2x in every round
+    patched, pruned = [100.0] * 5, [50.0, 50.0, 25.0, 50.0, 50.0]
+
+    def row(variant, subnet, ms, unpad, **extra):
+        return {"variant": variant, "subnetwork": subnet, "unpad": unpad, "heads_kept": 0.5,
+                "ffn_kept": 1.0, "median_ms": sorted(ms)[2], "p20_ms": min(ms),
+                "p80_ms": max(ms), "samples_ms": ms, **extra}
+
+    result = _speed_result([], 40.0, [], [])
+    result["rows"] = [row("hf_eager", None, [200.0] * 5, False), row("dense", None, dense, True),
+                      row("patched", None, patched, False),
+                      row("masked", "good", masked, True, speedup_vs_dense=2.0),
+                      row("pruned", "good", pruned, False, speedup_vs_patched=2.0)]
+    result["notes"] = ["noisy timings: 2 of 5 rows have p80/p20 > 1.25"]
+    for folder in (runs / "MRPC" / "seed_1" / "speed", runs / "MRPC" / "speed"):
+        folder.mkdir()
+    (runs / "MRPC" / "seed_1" / "speed" / "cpu.json").write_text(json.dumps(result))
+    parent = json.loads(json.dumps(result))
+    for r in parent["rows"]:
+        if r["subnetwork"]:
+            r["subnetwork"] = "seed_1/good"
+    (runs / "MRPC" / "speed" / "cpu.json").write_text(json.dumps(parent))
+    text = Path(report([runs], out_dir=tmp_path / "out")["report"]).read_text()
+    section = text.split("## Speed of the subnetworks")[1].split("## ")[0]
+    good = next([c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+                if line.startswith("| MRPC | good"))
+    assert good[2] == "1"  # seed 1 once, though two files time it
+    assert good[8] == "2.00x" and good[10] == "2.00x"  # medians of the medians: 40/20, 100/50
+    assert "†" not in section and "Noisy timings" in section

@@ -35,15 +35,24 @@ def test_speed_table_and_json(tiny_model_dir, tmp_path, capsys):
     assert {"device", "versions", "git_sha", "args", "rows"} <= set(result)
     variants = [(r["variant"], r["unpad"]) for r in result["rows"]]
     assert variants == [("hf_eager", False), ("dense", True), ("dense", False),
-                        ("masked", True), ("masked", False), ("pruned", False)]
+                        ("patched", False), ("masked", True), ("masked", False),
+                        ("pruned", False)]
+    rows = {(r["variant"], r["unpad"]): r for r in result["rows"]}
     for row in result["rows"]:
         assert {"variant", "heads_kept", "ffn_kept", "median_ms", "p20_ms", "p80_ms",
-                "examples_per_s"} <= set(row)
+                "examples_per_s", "samples_ms"} <= set(row)
         assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        # speed-ups are medians of per-round ratios against the dense (fast path) row
+        dense = np.asarray(rows[("dense", True)]["samples_ms"])
+        assert row["speedup_vs_dense"] == pytest.approx(
+            float(np.median(dense / np.asarray(row["samples_ms"]))), rel=1e-3)
         if row["variant"] != "hf_eager":
             assert row["max_abs_diff"] < 1e-5  # same logits as the masked model
         if row["variant"] in ("masked", "pruned"):
             assert row["heads_kept"] == 0.5 and row["ffn_kept"] == 0.5
+    pruned, patched = rows[("pruned", False)], rows[("patched", False)]
+    assert pruned["speedup_vs_patched"] == pytest.approx(float(np.median(
+        np.asarray(patched["samples_ms"]) / np.asarray(pruned["samples_ms"]))), rel=1e-3)
 
 
 def test_speed_masks_from_files_and_runs(tiny_model_dir, synthetic_glue, tmp_path):
@@ -186,3 +195,23 @@ def test_speed_of_a_search_is_saved_in_it_with_the_runs_model(tiny_model_dir, tm
     assert main(["speed", "--run", str(search), *FAST]) == 2
     err = capsys.readouterr().err
     assert "--run" in err and "pass --model" in err and "Traceback" not in err
+
+
+def test_run_masks_from_summaries_of_a_results_copy(tmp_path):
+    """A results copy keeps only summary.json per seed: --run reads the s-pruning masks there
+    (and writes its timings beside them, as for a search directory)."""
+    from sparsebert.speed.workload import is_search_dir, masks_from_run  # noqa: PLC0415
+
+    shape = {"layers": 2, "heads": 4, "intermediate": 8}
+    head = [[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]
+    for seed in (1, 2):
+        subnetworks = {name: {"head_mask": head, "mlp_mask": [1.0, float(i % 2)]}
+                       for i, name in enumerate(("good", "random", "bad"))}
+        (tmp_path / f"seed_{seed}").mkdir()
+        (tmp_path / f"seed_{seed}" / "summary.json").write_text(json.dumps(
+            {"kind": "sparsebert-search", "methods": {"structured": {"subnetworks": subnetworks}}}))
+    assert is_search_dir(str(tmp_path)) and not is_search_dir(str(tmp_path / "missing"))
+    sets = masks_from_run(str(tmp_path), shape)
+    assert [m.name for m in sets] == [f"seed_{s}/{n}" for s in (1, 2)
+                                      for n in ("good", "random", "bad")]
+    assert sets[0].kept() == (0.625, 0.5)  # 5 of 8 heads; one of two MLPs

@@ -40,11 +40,19 @@ def _data_line(results: dict[str, TaskResults]) -> str:
              f"{', '.join(str(s) for s in res.seeds)}"
              + (", + super-survivors" if res.super is not None else "") + ")"
              for t, res in results.items()]
-    first = runs[0]
-    setting = ", ".join(f"{name} {value}" for name, value in (
-        ("model", first.model), ("search on", first.search_data),
-        ("importance mode", first.importance_mode), ("threshold", first.threshold))
-        if value is not None)
+    fields = (("model", "model"), ("search on", "search_data"),
+              ("importance mode", "importance_mode"), ("threshold", "threshold"))
+    described = []
+    for label, attribute in fields:
+        per_task = {task: getattr(res.runs[0], attribute) for task, res in results.items()}
+        values = {v for v in per_task.values() if v is not None}
+        if len(values) == 1:
+            described.append(f"{label} {values.pop()}")
+        elif values:  # tasks run with different settings: say which had which
+            described.append(f"{label} " + ", ".join(
+                f"{value} ({', '.join(t for t, v in per_task.items() if v == value)})"
+                for value in dict.fromkeys(v for v in per_task.values() if v is not None)))
+    setting = ", ".join(described)
     n = f"{len(runs)} lottery-search run{'s' if len(runs) > 1 else ''}"
     return (f"Data: {n} (one task x one seed each): {'; '.join(parts)}. Setting: {setting}. "
             f"{_training_data(results)}All scores are on the dev sets. The paper's values "

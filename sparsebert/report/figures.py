@@ -233,8 +233,8 @@ def _curve_axes(ax: Axes, res: TaskResults, method: str, seed_colors: Mapping[in
             passed = p.get("passed", True)
             ax.scatter(p["fraction_kept"], p["search_score"], s=16 if passed else 22,
                        marker="o" if passed else "x", color=color, zorder=3, linewidths=1)
-    threshold = np.mean([r.threshold * r.full_search_score for r in runs])
-    ax.axhline(threshold, color="tab:red", linestyle="--", linewidth=1)
+    for level in sorted({r.threshold * r.full_search_score for r in runs}):  # each seed's
+        ax.axhline(level, color="tab:red", linestyle="--", linewidth=0.8, alpha=0.7)
     ax.set_xlim(1.02, max(0.0, ax.get_xlim()[0] - 0.02))  # pruning goes to the right
     ax.set_xlabel("fraction kept" + (" (heads + MLP params)" if method == "structured"
                                      else " (eligible weights)"), fontsize=8)
@@ -257,15 +257,17 @@ def pruning_curves(results: Mapping[str, TaskResults], path: Path) -> Path | Non
     for r, res in enumerate(results.values()):
         for c, method in enumerate(methods):
             _curve_axes(panels[r][c], res, method, seed_colors)
-    thr = next(iter(results.values())).threshold
+    ratios = {task: res.threshold for task, res in results.items()}
+    thr = (f"{next(iter(ratios.values())):g}" if len(set(ratios.values())) == 1 else
+           "(" + ", ".join(f"{task} {ratio:g}" for task, ratio in ratios.items()) + ")")
     many = any(r.n_seeds > 1 for r in results.values())
     handles = [Line2D([], [], marker="o", linestyle="", color=color, label=label)
                for label, color in PHASES.values()] if "structured" in methods else []
     handles += [Line2D([], [], marker="x", linestyle="", color="grey", label="step failed "
                        "the threshold (reverted)"),
                 Line2D([], [], color="tab:red", linestyle="--",
-                       label=f"threshold = {thr:g} × full model"
-                       + (" (mean over seeds)" if many else ""))]
+                       label=f"threshold = {thr} × full model"
+                       + (" (one line per seed)" if many else ""))]
     fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8)
     fig.suptitle("Pruning search: dev score after each step", fontsize=11)
     return save_png(fig, path)

@@ -43,15 +43,29 @@ class SpeedEntry:
     stock_ms: float | None  # the full model's own (stock Hugging Face) forward
     pruned_ms: float | None  # the physically pruned model's own forward
     file: Path
+    # Medians of per-round ratios, where the file has them (older files: ratios of medians):
+    masked_paired: float | None = None  # dense / masked
+    pruned_paired: float | None = None  # patched full model / pruned, the same forward
+    noisy: bool = False  # the file notes noisy timings (a busy machine)
 
     @property
     def masked_speedup(self) -> float:
         """Fast path vs fast path: the same code with and without the masks."""
-        return self.dense_ms / self.masked_ms
+        return self.masked_paired if self.masked_paired is not None else (
+            self.dense_ms / self.masked_ms)
+
+    @property
+    def pruned_against_patched(self) -> bool:
+        """Whether pruned_speedup compares like with like (the patched full model on the same
+        padded forward); older files only timed the stock forward."""
+        return self.pruned_paired is not None
 
     @property
     def pruned_speedup(self) -> float | None:
-        """Stock forward vs stock forward: the pruned model against the full one."""
+        """The pruned model against the full one: the patched full model on the same forward
+        (per-round ratios), or in older files the full model's stock forward."""
+        if self.pruned_paired is not None:
+            return self.pruned_paired
         if self.pruned_ms is None or self.stock_ms is None:
             return None
         return self.stock_ms / self.pruned_ms
@@ -100,6 +114,16 @@ def _time(rows: list[dict], file: Path, variant: str, subnet: str | None) -> flo
     return None
 
 
+def _paired(rows: list[dict], variant: str, subnet: str, field: str) -> float | None:
+    """A row's per-round speed-up `field`, when the file has one (from samples_ms)."""
+    for row in rows:
+        if (row.get("variant") == variant and row.get("subnetwork") == subnet
+                and (variant != "masked" or row.get("unpad", True)) and "samples_ms" in row):
+            value = row.get(field)
+            return float(value) if isinstance(value, (int, float)) else None
+    return None
+
+
 def _entries_in(file: Path, data: dict[str, Any], run: RunSummary,
                 prefix: str) -> list[SpeedEntry]:
     """The run's subnetworks in one loaded speed file (subnetwork names `prefix + subnet`)."""
@@ -107,6 +131,7 @@ def _entries_in(file: Path, data: dict[str, Any], run: RunSummary,
     dense = _time(rows, file, "dense", None)
     stock = _time(rows, file, "hf_eager", None)
     setting, command = _setting(data)
+    noisy = any("noisy timings" in str(note) for note in data.get("notes", []))
     out = []
     for subnet in SUBNETS:
         name = prefix + subnet
@@ -119,7 +144,10 @@ def _entries_in(file: Path, data: dict[str, Any], run: RunSummary,
         out.append(SpeedEntry(setting, command, run.task, run.seed, subnet,
                               float(kept.get("heads_kept", math.nan)),
                               float(kept.get("ffn_kept", math.nan)), dense, masked, stock,
-                              _time(rows, file, "pruned", name), file))
+                              _time(rows, file, "pruned", name), file,
+                              masked_paired=_paired(rows, "masked", name, "speedup_vs_dense"),
+                              pruned_paired=_paired(rows, "pruned", name, "speedup_vs_patched"),
+                              noisy=noisy))
     return out
 
 
@@ -136,7 +164,10 @@ def collect_speed(results: Mapping[str, TaskResults]) -> list[SpeedEntry]:
                     if file not in loaded:
                         loaded[file] = _load(file)
                     out += _entries_in(file, loaded[file], run, prefix)
-    return out
+    # A seed timed on its own and through its parent: one entry per (task, seed, subnetwork,
+    # setting), the run's own file first.
+    unique = {(e.task, e.seed, e.subnet, e.setting): e for e in reversed(out)}
+    return [e for e in out if unique[(e.task, e.seed, e.subnet, e.setting)] is e]
 
 
 def subnet_score(run: RunSummary, subnet: str, stage: str) -> float | None:
@@ -165,7 +196,7 @@ def speed_tables(results: Mapping[str, TaskResults], entries: list[SpeedEntry]) 
         header = ["task", "subnetwork", "seeds", "heads kept", "FFN kept",
                   "dev score, no retraining", "dev score, retrained",
                   "ms per batch, masked (fast path)", "speed-up vs full (fast path)",
-                  "ms per batch, physically pruned", "speed-up vs full (stock HF)"]
+                  "ms per batch, physically pruned", "speed-up vs full (same forward)"]
         lines = [f"**{setting}**", "", "| " + " | ".join(header) + " |",
                  "|" + "|".join([":--", ":--", "--:"] + ["--:"] * (len(header) - 3)) + "|"]
         for task in results:
@@ -185,6 +216,8 @@ def speed_tables(results: Mapping[str, TaskResults], entries: list[SpeedEntry]) 
                 if not sub:
                     continue
                 pruned_speedups = [e.pruned_speedup for e in sub if e.pruned_speedup is not None]
+                stock_based = any(e.pruned_speedup is not None and not e.pruned_against_patched
+                                  for e in sub)
                 cells = [
                     task, subnet, str(len(sub)),
                     _fmt(Stat.of(100 * e.heads_kept for e in sub), 0, "%"),
@@ -196,20 +229,31 @@ def speed_tables(results: Mapping[str, TaskResults], entries: list[SpeedEntry]) 
                     _fmt(Stat.of(e.masked_ms for e in sub), 1),
                     _fmt(Stat.of(e.masked_speedup for e in sub), 2, "x"),
                     _fmt(Stat.of(e.pruned_ms for e in sub), 1),
-                    _fmt(Stat.of(pruned_speedups), 2, "x"),
+                    _fmt(Stat.of(pruned_speedups), 2, "x") + (" †" if stock_based else ""),
                 ]
                 lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Measured with " + "; ".join(f"`{c}`" for c in commands) + "."]
+        if any(not e.pruned_against_patched and e.pruned_speedup is not None for e in chosen):
+            lines.append("† against the full model's stock Hugging Face forward: the file "
+                         "predates the patched-full-model row, so this ratio also holds the "
+                         "kernel change, not only the pruning; rerun the command to separate "
+                         "them.")
+        noisy = sorted({str(e.file) for e in chosen if e.noisy})
+        if noisy:
+            lines.append("Noisy timings (a busy machine; see the file's notes): "
+                         + ", ".join(f"`{f}`" for f in noisy) + ".")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
 
 SPEED_NOTE = (
-    "Times are medians of interleaved repeats after warm-up, all rows of one file from one "
-    "process, so the ratios compare like with like. 'masked (fast path)' runs the patched model "
-    "with its masks on compact weights over the real tokens (`sparsebert.accelerate`), against "
-    "the full model on the same fast path; 'physically pruned' runs `sparsebert.prune`'s model "
-    "with its own (stock Hugging Face, padded) forward, against the full model's stock "
+    "Times are medians of interleaved repeats after warm-up (each round runs every row once, "
+    "in a random order), all rows of one file from one process; speed-ups are medians of the "
+    "per-round ratios, which cancel the drift of a shared machine between rounds. 'masked "
+    "(fast path)' runs the patched model with its masks on compact weights over the real "
+    "tokens (`sparsebert.accelerate`), against the full model on the same fast path; "
+    "'physically pruned' runs `sparsebert.prune`'s model with its own padded forward (Hugging "
+    "Face's, with sparsebert's patched blocks), against the patched full model on that same "
     "forward. Heads kept "
     "and FFN kept count every layer (an MLP switched off counts as 0% of its neurons). Only "
     "s-pruning (heads + MLPs) changes the amount of dense work; m-pruning's unstructured "

@@ -4,10 +4,13 @@
         --device cpu --threads 2 --json out.json
 
 One table: stock HF eager, stock HF + CUDA graph (GPU), sparsebert dense, sparsebert masked (fast
-path), physically pruned; per row the median and p20/p80 milliseconds per batch over interleaved
-repeats after warm-up (device-side timing on GPU), examples/s, effective TFLOP/s (the FLOPs the
-row's kept heads and neurons need on the real tokens, over its time) and the speed-up vs dense.
-Before timing, every sparsebert row's logits are compared with the masked model's (max |diff|).
+path), the patched full model and the physically pruned one on their own padded forward; per row
+the median and p20/p80 milliseconds per batch over interleaved repeats after warm-up
+(device-side timing on GPU), examples/s, effective TFLOP/s (the FLOPs the row's kept heads and
+neurons need on the real tokens, over its time) and the speed-ups: vs dense (the fast-path full
+model) and, for pruned rows, vs the patched full model on the same forward, each the median of
+per-round ratios. Before timing, every sparsebert row's logits are compared with the masked
+model's (max |diff|).
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import torch.nn.functional as F
 
 from sparsebert.atomic import atomic_write_json
 from sparsebert.runtime import device_label, git_sha, versions
-from sparsebert.speed.timing import summary, time_interleaved
+from sparsebert.speed.timing import paired_ratio, summary, time_interleaved
 from sparsebert.speed.variants import (
     Variant,
     fast_variants,
     patched_copy,
+    patched_full_variant,
     pruned_variant,
     stock_variants,
 )
@@ -187,24 +191,64 @@ def useful_flops(shape: dict[str, int], masks: MaskSet | None, lengths: np.ndarr
 
 
 # --- the run --------------------------------------------------------------------------------
+# A row whose p80 / p20 exceeds this was timed on a busy machine: say so next to the table.
+NOISY_SPREAD = 1.25
+
+
 def _rows(variants: list[Variant], samples: dict[str, list[float]], shape, lengths, batch,
           diffs: dict[str, float]) -> list[dict[str, Any]]:
-    dense = next((summary(samples[v.key])["median_ms"] for v in variants
-                  if v.variant == "dense" and v.unpad), None)
+    """One row per variant: time statistics, the raw samples (sample r of every row comes from
+    round r of the timer) and speed-ups as medians of per-round ratios (paired_ratio): every
+    row against the fast-path full model (`dense`, unpadded); pruned rows also against the
+    patched full model on the same padded forward (`patched`) and the stock forward."""
+    def key_of(variant: str, unpad: bool) -> str | None:
+        return next((v.key for v in variants if v.variant == variant and v.unpad == unpad
+                     and not v.subnetwork), None)
+
+    dense, patched, stock = key_of("dense", True), key_of("patched", False), key_of(
+        "hf_eager", False)
     rows = []
     for v in variants:
         stats = summary(samples[v.key])
         heads_kept, ffn_kept = (1.0, 1.0) if v.masks is None else v.masks.kept()
         seconds = stats["median_ms"] / 1e3
-        rows.append({
+        row = {
             "variant": v.variant, "subnetwork": v.subnetwork or None, "unpad": v.unpad,
             "heads_kept": heads_kept, "ffn_kept": ffn_kept, **stats,
             "examples_per_s": batch / seconds,
             "effective_tflops": useful_flops(shape, v.masks, lengths) / seconds / 1e12,
-            "speedup_vs_dense": None if dense is None else dense / stats["median_ms"],
-            "max_abs_diff": diffs.get(v.key), "notes": v.notes,
-        })
+            "speedup_vs_dense": None, "max_abs_diff": diffs.get(v.key), "notes": v.notes,
+            "samples_ms": [round(ms, 4) for ms in samples[v.key]],
+        }
+        if dense is not None:
+            paired = paired_ratio(samples[dense], samples[v.key])
+            row["speedup_vs_dense"] = paired["median"]
+            row["speedup_vs_dense_p20_p80"] = [paired["p20"], paired["p80"]]
+        for name, baseline in (("patched", patched), ("stock", stock)):
+            if v.variant == "pruned" and baseline is not None:
+                paired = paired_ratio(samples[baseline], samples[v.key])
+                row[f"speedup_vs_{name}"] = paired["median"]
+                row[f"speedup_vs_{name}_p20_p80"] = [paired["p20"], paired["p80"]]
+        rows.append(row)
     return rows
+
+
+def _noise_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """A note when some rows' per-call times spread widely (a busy machine)."""
+    spread = {_row_name(r): r["p80_ms"] / r["p20_ms"] for r in rows if r["p20_ms"] > 0}
+    noisy = {name: s for name, s in spread.items() if s > NOISY_SPREAD}
+    if not noisy:
+        return []
+    worst = max(noisy, key=noisy.get)
+    return [f"noisy timings: {len(noisy)} of {len(rows)} rows have p80/p20 > {NOISY_SPREAD} "
+            f"(worst {worst}: {noisy[worst]:.2f}); the machine was busy. The speed-ups are "
+            "medians of per-round ratios, which cancel slow drift, but rerun on a quiet "
+            "machine (or with more --repeats) for tighter numbers"]
+
+
+def _row_name(row: dict[str, Any]) -> str:
+    name = row["variant"] + (f" ({row['subnetwork']})" if row["subnetwork"] else "")
+    return name + ("" if row["unpad"] else ", padded")
 
 
 def run_speed(args: argparse.Namespace) -> dict[str, Any]:
@@ -234,7 +278,7 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
     # Step 2: variants (and their outputs vs the masked model's).
     variants = stock_variants(model, batch, device)
     dense, _ = fast_variants("dense", model, None, batch, padded)
-    variants += dense
+    variants += dense + [patched_full_variant(model, batch)]
     diffs: dict[str, float] = {}
     notes: list[str] = []
     for masks in sets:
@@ -248,13 +292,15 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
             diffs[v.key] = float((v.fn().float() - reference).abs().max())
     with torch.no_grad():
         reference = patched_copy(model, None)(**batch).logits.float()
-    for v in dense:
+    for v in dense + [next(v for v in variants if v.variant == "patched")]:
         diffs[v.key] = float((v.fn().float() - reference).abs().max())
     # Step 3: time them side by side.
     samples = time_interleaved({v.key: v.fn for v in variants}, repeats, args.warmup, device,
                                progress=not args.quiet)
     for v in variants:
         notes += v.notes
+    rows = _rows(variants, samples, shape, lengths, args.batch, diffs)
+    notes += _noise_notes(rows)
     return {
         "device": device_label(device),
         "versions": versions(), "git_sha": git_sha(), "dtype": dtype_name,
@@ -265,7 +311,7 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
                     "max": int(lengths.max())},
         "masks": [{"name": m.name, "source": m.source, "heads_kept": m.kept()[0],
                    "ffn_kept": m.kept()[1]} for m in sets],
-        "rows": _rows(variants, samples, shape, lengths, args.batch, diffs),
+        "rows": rows,
         "notes": notes,
     }
 
@@ -280,17 +326,22 @@ def _native_kernels() -> list[str]:
 def format_table(result: dict[str, Any]) -> str:
     """The markdown table of a run_speed result."""
     header = ["variant", "unpad", "heads kept", "FFN kept", "median ms", "p20-p80 ms",
-              "examples/s", "eff. TFLOP/s", "speed-up vs dense", "max abs diff"]
+              "examples/s", "eff. TFLOP/s", "speed-up vs dense", "speed-up vs patched full",
+              "max abs diff"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def ratio(value: float | None) -> str:
+        return "" if value is None else f"{value:.2f}x"
+
     for row in result["rows"]:
         name = row["variant"] + (f" ({row['subnetwork']})" if row["subnetwork"] else "")
         diff = "" if row["max_abs_diff"] is None else f"{row['max_abs_diff']:.1e}"
-        speedup = "" if row["speedup_vs_dense"] is None else f"{row['speedup_vs_dense']:.2f}x"
         lines.append("| " + " | ".join([
             name, "yes" if row["unpad"] else "no", f"{row['heads_kept']:.0%}",
             f"{row['ffn_kept']:.0%}", f"{row['median_ms']:.2f}",
             f"{row['p20_ms']:.2f}-{row['p80_ms']:.2f}", f"{row['examples_per_s']:.0f}",
-            f"{row['effective_tflops']:.3f}", speedup, diff]) + " |")
+            f"{row['effective_tflops']:.3f}", ratio(row["speedup_vs_dense"]),
+            ratio(row.get("speedup_vs_patched")), diff]) + " |")
     return "\n".join(lines)
 
 

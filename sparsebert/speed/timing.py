@@ -1,8 +1,11 @@
 """Interleaved timing of several variants on one device.
 
-`time_interleaved({name: fn}, repeats, warmup, device)` warms every variant up, then runs the
-variants round-robin `repeats` times (the order rotates each round), so slow drift of a shared
-machine (other processes, frequency changes) hits every variant alike. One call per sample:
+`time_interleaved({name: fn}, repeats, warmup, device)` warms every variant up, then runs
+`repeats` rounds, each calling every variant once in a fresh seeded random order (so no variant
+always follows the same one), so slow drift of a shared machine (other processes, frequency
+changes) hits every variant alike. Sample r of every variant comes from round r: ratios of two
+variants are best taken per round (`paired_ratio`), which cancels drift between rounds. One
+call per sample:
 wall time with perf_counter on CPU; on CUDA, device time between two events recorded around
 the call on the current stream (what the GPU spent, launch gaps included), synchronised per call.
 Returns {name: [ms, ...]}; `summary(ms)` gives median, p20, p80.
@@ -45,12 +48,20 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup:
         if cuda:
             torch.cuda.synchronize(device)
         samples: dict[str, list[float]] = {name: [] for name in names}
-        for r in range(repeats):
-            for i in range(len(names)):
-                name = names[(i + r) % len(names)]
-                samples[name].append(_time_once(fns[name], cuda))
+        rng = np.random.default_rng(0)
+        for _ in range(repeats):
+            for i in rng.permutation(len(names)):
+                samples[names[i]].append(_time_once(fns[names[i]], cuda))
                 bar.update()
     return samples
+
+
+def paired_ratio(reference_ms: list[float], ms: list[float]) -> dict[str, float]:
+    """reference / variant per round (samples of one time_interleaved call): median, p20, p80
+    of the per-round speed-ups."""
+    ratios = np.asarray(reference_ms, dtype=np.float64) / np.asarray(ms, dtype=np.float64)
+    return {"median": float(np.median(ratios)), "p20": float(np.percentile(ratios, 20)),
+            "p80": float(np.percentile(ratios, 80))}
 
 
 def summary(ms: list[float]) -> dict[str, float]:

@@ -4,6 +4,8 @@
     hf_graph   the same, its whole forward captured in one CUDA graph (CUDA only)
     dense      sparsebert.accelerate on the patched model with every gate on
     masked     sparsebert.accelerate with the masks (compact kept heads / neurons)
+    patched    the full model patched (every gate on), its own padded forward: the baseline
+               of `pruned`, which runs the same forward (so its speed-up is the pruning's)
     pruned     the physically pruned model (sparsebert.prune), its own forward
 dense and masked unpad padded batches; with padding they are also timed without unpadding
 (`unpad: false` rows). Model copies share nothing, so each variant's caches stay warm.
@@ -27,7 +29,7 @@ from sparsebert.speed.workload import MaskSet
 class Variant:
     """One timed callable and what it is."""
 
-    variant: str  # hf_eager | hf_graph | dense | masked | pruned
+    variant: str  # hf_eager | hf_graph | dense | masked | patched | pruned
     fn: Callable[[], torch.Tensor]  # returns logits (B, C)
     masks: MaskSet | None  # None = every head and neuron
     unpad: bool = False
@@ -110,6 +112,11 @@ def fast_variants(name: str, model: nn.Module, masks: MaskSet | None, batch: dic
         variants.append(Variant(name, _logits(accelerate(patched, unpad=False), batch), masks,
                                 unpad=False, subnetwork=subnetwork))
     return variants, patched
+
+
+def patched_full_variant(model: nn.Module, batch: dict) -> Variant:
+    """The full model patched (all gates on), its own (padded) forward: `pruned`'s baseline."""
+    return Variant("patched", _logits(patched_copy(model, None), batch), None, unpad=False)
 
 
 def pruned_variant(patched: nn.Module, masks: MaskSet, batch: dict,

@@ -192,16 +192,42 @@ def _subnetworks(path: str, folder: Path, prefix: str, shape: dict[str, int]) ->
     return sets
 
 
+def _summary_subnetworks(path: str, summary: Path, prefix: str,
+                         shape: dict[str, int]) -> list[MaskSet]:
+    """The s-pruning subnetworks' head and MLP masks recorded in a search's summary.json (what
+    a results copy keeps of a search), good/random/bad order."""
+    if not summary.is_file():
+        return []
+    try:
+        data = json.loads(summary.read_text())
+    except (OSError, ValueError) as error:
+        raise SpeedError(f"--run {path}: {summary} is damaged ({error})") from None
+    if not isinstance(data, dict) or data.get("kind") != "sparsebert-search":
+        return []
+    subnetworks = (data.get("methods", {}).get("structured") or {}).get("subnetworks") or {}
+    return [masks_from_dict("--run", {"head_mask": entry["head_mask"],
+                                      "mlp_mask": entry.get("mlp_mask")},
+                            shape, prefix + name, f"{summary} ({name})")
+            for name, entry in subnetworks.items()
+            if isinstance(entry, dict) and entry.get("head_mask") is not None]
+
+
+def _search_dirs(root: Path) -> list[tuple[Path, str]]:
+    """(search directory, subnetwork name prefix): root itself and its seed_<s>/ folders."""
+    return [(root, ""), *((d, f"{d.name}/") for d in sorted(root.glob("seed_*")))]
+
+
 def masks_from_run(path: str, shape: dict[str, int]) -> list[MaskSet]:
     """--run DIR: every subnetwork of a search (structured/masks/*.json, good/random/bad first;
-    of every seed_<s>/ for a multi-seed search), or the masks of a fine-tune run of a masked
-    model (masks.json)."""
+    of every seed_<s>/ for a multi-seed search; where a copy keeps only summary.json, the masks
+    recorded there), or the masks of a fine-tune run of a masked model (masks.json)."""
     root = Path(path)
     if not root.is_dir():
         raise SpeedError(f"--run {path}: no such directory")
-    sets = _subnetworks(path, root / "structured" / "masks", "", shape)
-    for seed_dir in sorted(root.glob("seed_*")):
-        sets += _subnetworks(path, seed_dir / "structured" / "masks", f"{seed_dir.name}/", shape)
+    sets = []
+    for search, prefix in _search_dirs(root):
+        found = _subnetworks(path, search / "structured" / "masks", prefix, shape)
+        sets += found or _summary_subnetworks(path, search / "summary.json", prefix, shape)
     if sets:
         return sets
     masks_file = root / "masks.json"
@@ -226,10 +252,18 @@ def masks_from_run(path: str, shape: dict[str, int]) -> list[MaskSet]:
 
 
 def is_search_dir(path: str) -> bool:
-    """A search directory (structured/masks/), or the parent of a multi-seed search's seeds."""
-    root = Path(path)
-    return (root / "structured" / "masks").is_dir() or any(
-        (seed / "structured" / "masks").is_dir() for seed in root.glob("seed_*"))
+    """A search directory (structured/masks/, or a copy with only summary.json), or the parent
+    of a multi-seed search's seeds."""
+    def one(folder: Path) -> bool:
+        if (folder / "structured" / "masks").is_dir():
+            return True
+        try:
+            return json.loads((folder / "summary.json").read_text()).get(
+                "kind") == "sparsebert-search"
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    return any(one(folder) for folder, _ in _search_dirs(Path(path)))
 
 
 def run_model(path: str) -> str:
