@@ -62,8 +62,8 @@ def speed_args(args, lengths: str, threads: int | None) -> argparse.Namespace:
 
 
 def row_key(row: dict) -> str:
-    return row["variant"] + ("" if row["unpad"] or row["variant"] in ("hf_eager", "hf_graph",
-                                                                       "pruned") else " padded")
+    padded_only = ("hf_eager", "hf_graph", "patched", "pruned")  # rows that never unpad
+    return row["variant"] + ("" if row["unpad"] or row["variant"] in padded_only else " padded")
 
 
 def compile_case(args) -> dict:
