@@ -45,10 +45,10 @@ class AttentionLayout:
     output_dropout: str = "dropout"
 
 
-# The verdict on the last materialised 4-d mask checked: HF hands every layer the same mask
-# tensor, so a forward checks its contents once (a device sync on an accelerator), not per layer.
-# (the mask held detached, its version counter, the verdict); the reference keeps the memory
-# from being recycled for another mask meanwhile.
+# (mask, its version counter, verdict) of the last materialised 4-d mask checked: HF hands every
+# layer the same mask tensor, so a forward reads its contents once (a device sync on an
+# accelerator), not once per layer. Holding the (detached) mask keeps its memory from being
+# recycled for another mask while the verdict is cached.
 _last_mask_verdict: tuple[Tensor, int, bool] | None = None
 
 
