@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -67,6 +68,9 @@ def test_presets(tiny_model_dir):
         TrainConfig(preset="fast").resolved()
     with pytest.raises(TrainError, match="--batch-size 0: expected an integer >= 1"):
         TrainConfig(batch_size=0).resolved()
+    # NumPy scalars (e.g. seeds from np.arange) are accepted and become Python numbers.
+    resolved = TrainConfig(seed=np.int64(3), epochs=np.int32(2)).resolved()
+    assert (resolved.seed, resolved.epochs) == (3, 2) and type(resolved.seed) is int
 
 
 def test_determinism_and_outputs(tiny_model_dir, synthetic_glue, tmp_path):

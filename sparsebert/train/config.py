@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -89,6 +90,12 @@ class TrainConfig:
         lr = self.lr if self.lr is not None else PRESETS[preset]["lr"]
         out = dataclasses.replace(self, task=task, preset=preset, lr=float(lr))
         out.check_values()
+        for f in dataclasses.fields(out):  # NumPy scalars -> Python numbers (JSON, seeding)
+            value = getattr(out, f.name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+                setattr(out, f.name, int(value))
+            elif isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+                setattr(out, f.name, float(value))
         return out
 
     def check_values(self) -> None:
@@ -103,9 +110,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is None and name in ("threads", "stop_after_steps", "max_train_examples"):
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise TrainError(f"{flag(name)} {value!r}: expected an integer >= {low}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not (
                 0 <= self.seed <= MAX_SEED):
             raise TrainError(f"--seed {self.seed!r}: expected an integer in [0, 2**64 - 1]")
         for name, positive in (("lr", True), ("adam_eps", True), ("weight_decay", False),
@@ -113,7 +120,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is None and name == "lr":
                 continue  # from the preset (resolved)
-            if (isinstance(value, bool) or not isinstance(value, (int, float))
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real)
                     or not value == value or (value <= 0 if positive else value < 0)):
                 raise TrainError(f"{flag(name)} {value!r}: expected a number "
                                  f"{'> 0' if positive else '>= 0'}")
