@@ -167,9 +167,9 @@ def _seed_list(text: str) -> list[int]:
         raise SearchError(f"--seeds {text!r}: expected comma-separated integers") from None
     if not seeds:
         raise SearchError(f"--seeds {text!r}: expected at least one integer seed")
-    from sparsebert.train.config import MAX_SEED  # noqa: PLC0415
+    from sparsebert.train.config import is_valid_seed  # noqa: PLC0415
 
-    if any(not 0 <= seed <= MAX_SEED for seed in seeds):
+    if not all(map(is_valid_seed, seeds)):
         raise SearchError(f"--seeds {text!r}: expected integers in [0, 2**64 - 1]")
     return seeds
 

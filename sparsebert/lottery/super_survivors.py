@@ -88,15 +88,9 @@ def search_seeds(task: str, out: str | os.PathLike, seeds: list[int], *,
             return {"status": "stopped", "out": str(out)}
     if not super_survivors or len(seeds) < 2 or "structured" not in search_config.methods():
         if len(seeds) >= 2:
-            task_report(out)
+            write_report(out)  # over the seed directories (and super/, when there)
         return summaries[-1]
     return SuperStage(task, out, seeds, search_config, train_config, progress).run()
-
-
-def task_report(out: Path) -> bool:
-    """out/report.md and figures/ over a task's seed directories (and super/, when there);
-    False, with a warning, without the report's plotting dependency."""
-    return write_report(out)
 
 
 class SuperStage:
@@ -175,7 +169,7 @@ class SuperStage:
         summary = self.summarize(found, get_task(self.task_name))
         atomic_write_json(self.root / "summary.json", summary)
         if report:
-            task_report(self.out)
+            write_report(self.out)
         return summary
 
     def summarize(self, found: dict[str, Any], task: GlueTask) -> dict[str, Any]:

@@ -96,7 +96,8 @@ def is_padding_mask(attention_mask: Tensor | None) -> bool:
     return verdict
 
 
-def to_key_padding_mask(attention_mask: Tensor | None, batch: int, seq: int) -> Tensor | None:
+def to_key_padding_mask(attention_mask: Tensor | None, batch: int, seq: int, *,
+                        known_padding: bool = False) -> Tensor | None:
     """Convert the attention masks Hugging Face passes to attention modules into the op's
     key_padding_mask (B, S) bool, True = real token.
 
@@ -105,7 +106,8 @@ def to_key_padding_mask(attention_mask: Tensor | None, batch: int, seq: int) -> 
     0 = attend and a large negative value = masked (eager style). 4-d masks must be padding masks
     (the same for every head and query row, `is_padding_mask`); others (causal, packed
     sequences) raise ValueError. A fully padded row attends to every key (its output is
-    meaningless either way) because the op needs one real token per row.
+    meaningless either way) because the op needs one real token per row. known_padding=True:
+    the caller has established is_padding_mask already (not checked again).
     """
     if attention_mask is None:
         return None
@@ -117,7 +119,7 @@ def to_key_padding_mask(attention_mask: Tensor | None, batch: int, seq: int) -> 
     if attention_mask.dim() == 2:
         mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
     elif attention_mask.dim() == 4:
-        if not is_padding_mask(attention_mask):
+        if not known_padding and not is_padding_mask(attention_mask):
             raise ValueError(
                 f"attention_mask {tuple(attention_mask.shape)} is not a padding mask: its rows "
                 "differ between heads or query positions (a causal, packed-sequence or other "
@@ -414,15 +416,16 @@ class SparseAttention(nn.Module):
         v = self.value_linear()(hidden_states).view(batch, seq, heads, dim)
         # Step 3: gated attention core -> ctx (B, S, H, D).
         dropout = self.attention_dropout if self.training else 0.0
-        if not is_padding_mask(attention_mask):  # causal, packed or custom 4-d: SDPA takes it
+        padding = is_padding_mask(attention_mask)  # else causal, packed or custom 4-d
+        key_padding_mask = (to_key_padding_mask(attention_mask, batch, seq, known_padding=True)
+                            if padding else None)  # (B, S) or None
+        if not padding:  # SDPA takes any 4-d mask
             ctx = self._sdpa(q, k, v, gate, _sdpa_mask(attention_mask, q.dtype), dropout)
         elif dropout > 0:
-            key_padding_mask = to_key_padding_mask(attention_mask, batch, seq)  # (B, S) or None
             attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
             ctx = self._sdpa(q, k, v, gate, attn_mask, dropout)  # attn_mask (B, 1, 1, S)
         else:
             # No fully padded row by construction, so the op skips its (host-syncing) row check.
-            key_padding_mask = to_key_padding_mask(attention_mask, batch, seq)  # (B, S) or None
             op_gate = gate if gate.dtype in (torch.float32, torch.float64) else gate.float()
             ctx = masked_attention(
                 q, k, v, op_gate, key_padding_mask, self.scaling, check_padding_rows=False,

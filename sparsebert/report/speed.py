@@ -100,28 +100,35 @@ def _setting(data: dict[str, Any]) -> tuple[str, str]:
     return setting, "sparsebert speed " + " ".join(flags)
 
 
-def _time(rows: list[dict], file: Path, variant: str, subnet: str | None) -> float | None:
-    """Median ms of the unpadded (fast path) or pruned row of `variant` for `subnet`."""
+def _row(rows: list[dict], variant: str, subnet: str | None) -> dict | None:
+    """The unpadded (fast path) row of dense/masked `variant` for `subnet`, or its only row."""
     for row in rows:
         if row.get("variant") != variant or row.get("subnetwork") != subnet:
             continue
         if variant in ("dense", "masked") and not row.get("unpad", True):
             continue
-        value = row.get("median_ms")
-        if not isinstance(value, (int, float)) or not value > 0:
-            raise ReportError(f"{file}: row {variant} {subnet or ''} has no positive median_ms")
-        return float(value)
+        return row
     return None
+
+
+def _time(rows: list[dict], file: Path, variant: str, subnet: str | None) -> float | None:
+    """Median ms of the unpadded (fast path) or pruned row of `variant` for `subnet`."""
+    row = _row(rows, variant, subnet)
+    if row is None:
+        return None
+    value = row.get("median_ms")
+    if not isinstance(value, (int, float)) or not value > 0:
+        raise ReportError(f"{file}: row {variant} {subnet or ''} has no positive median_ms")
+    return float(value)
 
 
 def _paired(rows: list[dict], variant: str, subnet: str, field: str) -> float | None:
     """A row's per-round speed-up `field`, when the file has one (from samples_ms)."""
-    for row in rows:
-        if (row.get("variant") == variant and row.get("subnetwork") == subnet
-                and (variant != "masked" or row.get("unpad", True)) and "samples_ms" in row):
-            value = row.get(field)
-            return float(value) if isinstance(value, (int, float)) else None
-    return None
+    row = _row(rows, variant, subnet)
+    if row is None or "samples_ms" not in row:
+        return None
+    value = row.get(field)
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _entries_in(file: Path, data: dict[str, Any], run: RunSummary,

@@ -246,9 +246,10 @@ def _noise_notes(rows: list[dict[str, Any]]) -> list[str]:
             "machine (or with more --repeats) for tighter numbers"]
 
 
-def _row_name(row: dict[str, Any]) -> str:
+def _row_name(row: dict[str, Any], say_padded: bool = True) -> str:
+    """"masked (good)", with ", padded" for padded rows unless say_padded is False."""
     name = row["variant"] + (f" ({row['subnetwork']})" if row["subnetwork"] else "")
-    return name + ("" if row["unpad"] else ", padded")
+    return name + ("" if row["unpad"] or not say_padded else ", padded")
 
 
 def run_speed(args: argparse.Namespace) -> dict[str, Any]:
@@ -334,7 +335,7 @@ def format_table(result: dict[str, Any]) -> str:
         return "" if value is None else f"{value:.2f}x"
 
     for row in result["rows"]:
-        name = row["variant"] + (f" ({row['subnetwork']})" if row["subnetwork"] else "")
+        name = _row_name(row, say_padded=False)  # the table has an unpad column
         diff = "" if row["max_abs_diff"] is None else f"{row['max_abs_diff']:.1e}"
         lines.append("| " + " | ".join([
             name, "yes" if row["unpad"] else "no", f"{row['heads_kept']:.0%}",

@@ -19,7 +19,7 @@ from sparsebert.errors import ConfigError
 from sparsebert.flags import field_type, help_field
 from sparsebert.glue.tasks import GlueError, get_task
 from sparsebert.lottery.config import METHODS, SearchConfig
-from sparsebert.train.config import MAX_SEED, TrainConfig, resolve_device
+from sparsebert.train.config import TrainConfig, is_valid_seed, resolve_device
 
 BACKENDS = ("local", "ray")
 
@@ -68,7 +68,7 @@ class SweepConfig:
                 from None
         if len(set(seeds)) != len(seeds):
             raise SweepError(f"--seeds {self.seeds!r}: expected distinct seeds")
-        if any(not 0 <= seed <= MAX_SEED for seed in seeds):
+        if not all(map(is_valid_seed, seeds)):
             raise SweepError(f"--seeds {self.seeds!r}: expected integers in [0, 2**64 - 1]")
         return seeds
 

@@ -26,7 +26,7 @@ import torch
 
 from sparsebert.lottery.config import SearchConfig
 from sparsebert.lottery.search import Search, write_report
-from sparsebert.lottery.super_survivors import SuperStage, task_report
+from sparsebert.lottery.super_survivors import SuperStage
 from sparsebert.train import data_cache
 from sparsebert.train.config import TrainConfig
 
@@ -125,7 +125,7 @@ def run_unit(spec: dict[str, Any]) -> dict[str, Any]:
     elif kind == "super-summary":
         _super(spec).summary_stage(report=False)
     elif kind == "task-report":
-        info["reports"] = bool(spec["reports"]) and task_report(task_dir(spec))
+        info["reports"] = bool(spec["reports"]) and write_report(task_dir(spec))
     elif kind == "report":  # written with or without --reports (it is the sweep's result)
         info["reports"] = write_report(Path(spec["out"]))
     else:

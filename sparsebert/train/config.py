@@ -35,6 +35,12 @@ MIN_MAX_LENGTH = 8
 GRAPH_PAD_MULTIPLE = 16
 
 
+def is_valid_seed(seed: object) -> bool:
+    """An integer (not a bool) in [0, MAX_SEED]: what every RNG of a run accepts."""
+    return (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
+            and 0 <= seed <= MAX_SEED)
+
+
 class TrainError(ConfigError):
     """Bad training config or run directory."""
 
@@ -112,8 +118,7 @@ class TrainConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise TrainError(f"{flag(name)} {value!r}: expected an integer >= {low}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not (
-                0 <= self.seed <= MAX_SEED):
+        if not is_valid_seed(self.seed):
             raise TrainError(f"--seed {self.seed!r}: expected an integer in [0, 2**64 - 1]")
         for name, positive in (("lr", True), ("adam_eps", True), ("weight_decay", False),
                                ("grad_clip", False)):
