@@ -14,6 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import sparsebert
 from sparsebert.hf import patch, set_masks
+from sparsebert.hf.patching import sparse_blocks
 from sparsebert.pruning.importance import Importance, importance, min_max, normalize_by_layer
 
 # --------------------------------------------------------------------------------------------
@@ -87,8 +88,10 @@ def loss_of(model, batch, reduction):
     return losses.mean() if reduction == "mean" else losses.sum()
 
 
-def reference_scores(model, batches, mode, head_mask=None, mlp_mask=None, neurons=False):
-    """Unnormalised (L, H), (L,), (L, F) scores, one backward per example (per batch for paper)."""
+def reference_scores(model, batches, mode, head_mask=None, mlp_mask=None, neurons=False,
+                     keep_masked=False):
+    """Unnormalised (L, H), (L,), (L, F) scores, one backward per example (per batch for paper).
+    keep_masked: masked components keep their true |gradient| (else they score 0)."""
     cfg = model.config
     L, H, Fsz = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size
     head_mask = torch.ones(L, H, dtype=torch.float64) if head_mask is None else head_mask.double()
@@ -121,8 +124,9 @@ def reference_scores(model, batches, mode, head_mask=None, mlp_mask=None, neuron
             mlp_acc[i] += scores[L + i].float()
             if neurons:
                 neuron_acc[i] += scores[2 * L + i].float()
-    head_acc *= (head_mask != 0).float()
-    mlp_acc *= (mlp_mask != 0).float()
+    if not keep_masked:
+        head_acc *= (head_mask != 0).float()
+        mlp_acc *= (mlp_mask != 0).float()
     return head_acc, mlp_acc, neuron_acc
 
 
@@ -235,6 +239,36 @@ def test_normalisation_follows_the_paper(tiny_bert, tiny_batches):
     )
     torch.testing.assert_close(only_layer.head, normalize_by_layer(raw.head))
     torch.testing.assert_close(min_max(torch.tensor([2.0, 2.0])), torch.tensor([2.0, 2.0]))
+
+
+@pytest.mark.parametrize("mode", ["paper", "per_example"])
+def test_masked_heads_count_in_their_layers_norm_as_the_authors_code(mode, tiny_bert,
+                                                                      tiny_batches):
+    """The authors' compute_heads_mlps_importance L2-normalises each layer over all its heads,
+    masked ones with their true |gradient|, then min-max over the model; only then are masked
+    heads excluded. A layer's last active head must not be inflated to 1 by its own norm."""
+    model = tiny_bert(num_labels=NUM_LABELS)
+    batches = tiny_batches(num_labels=NUM_LABELS)
+    head_mask = torch.ones(3, 4)
+    head_mask[0, :3] = 0  # one head left in layer 0
+    head_mask[1, 2] = 0
+    mlp_mask = torch.tensor([1.0, 1.0, 0.0])
+    raw_head, _, _ = reference_scores(model, batches, mode, head_mask, mlp_mask, keep_masked=True)
+    layer_l2 = raw_head / raw_head.norm(dim=1, keepdim=True)  # (L, H), masked heads included
+    patched = patch(copy.deepcopy(model))
+    set_masks(patched, head_mask=head_mask, mlp_mask=mlp_mask)
+    imp = importance(patched, batches, mode=mode, progress=False)
+    live = head_mask != 0
+    assert torch.all(imp.head[~live] == 0)
+    # Masked heads at 0 are the minimum, so the min-max divides the live heads' layer-normed
+    # scores by their maximum: the authors' ranking, on a [0, 1] scale.
+    expected = layer_l2[live] / layer_l2[live].max()
+    torch.testing.assert_close(imp.head[live], expected, rtol=1e-4, atol=1e-6)
+    # The norm over the live heads alone ranks differently (layer 0's last head scores 1 there).
+    live_only = normalize_by_layer(raw_head * live)[live]
+    assert live_only[0] == 1 and not torch.allclose(live_only / live_only.max(), expected)
+    # The module's own setting is restored after scoring.
+    assert not any(attn.exact_zero_gate_grad for attn, _ in sparse_blocks(patched))
 
 
 def test_per_example_scores_are_kept_and_sum_to_the_total(tiny_bert, tiny_batches, tiny_dims):

@@ -97,7 +97,32 @@ def test_schedule_can_mask_everything():
     fake = FakeModel(torch.zeros(2, 4), torch.zeros(2), torch.rand(2, 4), torch.rand(2), [])
     result = structured_search(2, 4, 0.9, 0.5, fake.evaluate, fake.importance, progress=False)
     assert result.head_mask.sum() == 0 and result.mlp_mask.sum() == 0
-    assert any("nothing left" in note for note in result.notes)
+    assert any("no MLPs left to mask" in note for note in result.notes)
+
+
+def test_phase_one_ends_when_the_mlps_run_out():
+    """The authors' phase 1 breaks as soon as no MLP is left (`if mlp_importance[mlp_to_mask] ==
+    inf: break`), keeping the last passing masks; phase 2 then goes on at head_step // 2. Here a
+    6 x 12 model passes while at least 20 heads are kept and MLPs cost nothing."""
+    layers, heads = 6, 12
+
+    def evaluate(head_mask, mlp_mask):
+        score = 1.0 if head_mask.sum() >= 20 else 0.0
+        return score, score
+
+    def importance(head_mask, mlp_mask):
+        return (torch.arange(layers * heads, dtype=torch.float32).view(layers, heads) + 1,
+                torch.arange(layers, dtype=torch.float32) + 1)
+
+    result = structured_search(layers, heads, 0.9, 1.0, evaluate, importance, progress=False)
+    steps = [(r["phase"], r["heads_kept"], r["mlps_kept"], r["passed"]) for r in result.curve]
+    # Phase 1: 7 heads + 1 MLP per step until the 6 MLPs are gone (no 7th step).
+    assert [s for s in steps if s[0] == 1] == [(1, 72 - 7 * k, 6 - k, True) for k in range(1, 7)]
+    # Phase 2 from 30 heads: 3 per step.
+    assert [s for s in steps if s[0] == 2] == [(2, 27, 0, True), (2, 24, 0, True),
+                                               (2, 21, 0, True), (2, 18, 0, False)]
+    assert int(result.head_mask.sum()) == 21 and int(result.mlp_mask.sum()) == 0
+    assert "phase 1: no MLPs left to mask" in result.notes
 
 
 # --- subnetworks ------------------------------------------------------------------------------

@@ -4,12 +4,15 @@ Starting from the fine-tuned full model (all gates 1):
 
   phase 1  mask the `head_step` lowest-importance unmasked heads and the lowest-importance
            unmasked MLP, recompute importance and the search score under the new masks;
-           continue while score >= threshold, else revert to the last passing masks;
+           continue while score >= threshold, else revert to the last passing masks. As in
+           the authors' loop, the phase ends (keeping the last passing masks) as soon as no
+           head or no MLP is left to mask;
   phase 2  from there, `head_step // 2` heads per step, MLPs fixed; revert on failure;
   phase 3  one MLP per step, heads fixed; revert on failure.
 
 `head_step` = max(1, int(num_heads_total * masking_amount)): 14 of 144 heads for BERT-base,
-7 of 72 for the default model. Quirk kept from the authors' code: the first step of phases 2
+7 of 72 for the default model. Phase 2 masks max(1, head_step // 2) heads per step (the authors'
+`num_to_mask // 2` is 0 below 20 heads, which skips phase 2; only tiny models differ). Quirk kept from the authors' code: the first step of phases 2
 and 3 ranks components by the importance computed under the previous phase's *failed* mask
 (the masks are reverted, the scores are not). `recompute_after_revert=True` recomputes
 them under the reverted masks instead (a documented deviation, off by default).
@@ -100,8 +103,9 @@ def structured_search(num_layers: int, num_heads: int, threshold: float, full_sc
             # Step 1: mask the lowest-importance unmasked components of this phase.
             heads = lowest_unmasked(head_scores, head_mask, heads_per_step)
             mlps = lowest_unmasked(mlp_scores, mlp_mask, mlps_per_step)
-            if len(heads) == 0 and len(mlps) == 0:
-                notes.append(f"phase {phase}: nothing left to mask")
+            if (heads_per_step and len(heads) == 0) or (mlps_per_step and len(mlps) == 0):
+                left = "heads" if heads_per_step and len(heads) == 0 else "MLPs"
+                notes.append(f"phase {phase}: no {left} left to mask")
                 break
             new_heads, new_mlps = _masked(head_mask, heads), _masked(mlp_mask, mlps)
             # Step 2: importance and score under the new masks.

@@ -16,7 +16,10 @@ per-token values and uses tensor hooks instead (sparsebert.pruning.michel).
 
 Normalisation (normalize=True, each step switchable, as the paper's runs): head scores are
 L2-normalised per layer, then min-max rescaled over the model; MLP and neuron scores are divided
-by the number of real tokens, then min-max rescaled. Pruned heads/MLPs/neurons (gate exactly 0)
+by the number of real tokens, then min-max rescaled. As in the authors' code, a layer's L2 norm
+counts the |gradient| of its masked heads too (the gate-gradient modes take their true gradient
+at gate 0 for this, computing masked heads in the backward while scoring), so the last heads
+left in a layer are not inflated by the norm. Pruned heads/MLPs/neurons (gate exactly 0) then
 score 0. Scores are in the original (unpruned) numbering: (L, H), (L,), (L, F) from the config.
 """
 
@@ -172,6 +175,21 @@ def _make_leaves(blocks, batch: int, per_example: bool, neurons: bool) -> list[_
 
 
 @contextlib.contextmanager
+def _true_zero_gate_grads(blocks, enabled: bool):
+    """While scoring: masked heads (gate 0) get their true gate gradient (exact_zero_gate_grad),
+    so that they count in the per-layer norm as in the authors' code; restored on exit."""
+    saved = [attn.exact_zero_gate_grad for attn, _ in blocks]
+    try:
+        if enabled:
+            for attn, _ in blocks:
+                attn.exact_zero_gate_grad = True
+        yield
+    finally:
+        for (attn, _), flag in zip(blocks, saved):
+            attn.exact_zero_gate_grad = flag
+
+
+@contextlib.contextmanager
 def _gates_overridden(blocks, leaves: list[_LayerLeaves]):
     with contextlib.ExitStack() as stack:
         for (attn, mlp), leaf in zip(blocks, leaves):
@@ -257,8 +275,18 @@ def importance(
     neuron_acc = [torch.zeros(m.intermediate_size, device=device) for _, m in blocks]
     kept: dict[str, list[Tensor]] = {"head": [], "mlp": [], "neuron": []}
     examples = tokens = 0
+    flags = {
+        "heads_by_layer": normalize
+        if normalize_by_layer_heads is None
+        else normalize_by_layer_heads,
+        "global_min_max": normalize if normalize_global is None else normalize_global,
+        "mlp_by_tokens": normalize if normalize_mlp_by_tokens is None else normalize_mlp_by_tokens,
+    }
+    # Masked heads' |gradient| enters their layer's norm (the authors' code); michel's per-token
+    # scores of a masked head are 0 (its context is), as in Michel et al.'s code.
+    masked_heads_in_norm = heads and flags["heads_by_layer"] and mode != "michel"
 
-    with frozen_for_scoring(model):
+    with frozen_for_scoring(model), _true_zero_gate_grads(blocks, masked_heads_in_norm):
         for batch in tqdm(batches, desc=f"importance ({mode})", disable=not progress, leave=False):
             batch = _batch_to(batch, device)
             labels = batch.pop("labels")
@@ -321,24 +349,21 @@ def importance(
 
     if examples == 0:
         raise ValueError("importance: 'batches' was empty")
-    # Pruned components (gate exactly 0) score exactly 0.
-    # (set_zero_gate_grad gives them their true gradient, which must not count here.)
-    for layer, (attention_block, mlp_block) in enumerate(blocks):
-        head_acc[layer] = head_acc[layer] * (attention_block.head_gate != 0)
+    # Pruned components (gate exactly 0) score exactly 0: heads after their layer's norm (which
+    # counts them, see masked_heads_in_norm), MLPs and neurons now. (Their true gradient, from
+    # set_zero_gate_grad or the norm, must not count as a score.)
+    head_live = [attention_block.head_gate != 0 for attention_block, _ in blocks]
+    for layer, (_, mlp_block) in enumerate(blocks):
         mlp_acc[layer] = mlp_acc[layer] * (mlp_block.mlp_gate != 0)
         neuron_acc[layer] = neuron_acc[layer] * (mlp_block.neuron_gate != 0)
     head = _to_original(blocks, head_acc, "head", n_heads) if heads else None
+    live = _to_original(blocks, [h.float() for h in head_live], "head", n_heads) if heads else None
     mlp = torch.stack([m.float() for m in mlp_acc]).cpu() if mlps else None
     neuron = _to_original(blocks, neuron_acc, "neuron", n_ffn) if neurons else None
-    flags = {
-        "heads_by_layer": normalize
-        if normalize_by_layer_heads is None
-        else normalize_by_layer_heads,
-        "global_min_max": normalize if normalize_global is None else normalize_global,
-        "mlp_by_tokens": normalize if normalize_mlp_by_tokens is None else normalize_mlp_by_tokens,
-    }
     if head is not None and flags["heads_by_layer"]:
         head = normalize_by_layer(head)
+    if head is not None:
+        head = head * live  # (L, H)
     if flags["mlp_by_tokens"]:
         mlp = None if mlp is None else mlp / tokens
         neuron = None if neuron is None else neuron / tokens
