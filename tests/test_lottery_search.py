@@ -107,6 +107,25 @@ def test_interrupted_retraining_resumes(reference, tiny_setup, tmp_path):
     assert _strip(resumed) == _strip(expected)
 
 
+def test_a_kill_between_paired_writes_is_repaired_on_rerun(reference, tiny_setup, tmp_path):
+    """A kill between a stage's two writes: m-pruning's masks/<subnet>.safetensors without its
+    .json, search.json without its curve in metrics.jsonl. The rerun rebuilds what is missing
+    and ends with the same results and log as an uninterrupted search."""
+    ref_out, expected = reference
+    out = tmp_path / "search"
+    search("SST-2", out, progress=False, stop_after="magnitude.search", **_options(tiny_setup))
+    (out / "magnitude" / "masks" / "random.json").unlink()
+    log = out / "metrics.jsonl"
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines()
+                           if json.loads(line)["method"] != "magnitude"))
+    resumed = search("SST-2", out, progress=False, **_options(tiny_setup))
+    assert _strip(resumed) == _strip(expected)
+    for name in ("random.json", "random.safetensors"):
+        assert (out / "magnitude" / "masks" / name).read_bytes() == (
+            ref_out / "magnitude" / "masks" / name).read_bytes()
+    assert log.read_text() == (ref_out / "metrics.jsonl").read_text()
+
+
 def test_different_config_is_refused_and_nothing_lost(reference, tiny_setup, tmp_path):
     out, _ = reference
     copy = tmp_path / "copy"

@@ -104,6 +104,19 @@ def test_metrics_after_resume_equal_an_uninterrupted_run(setup, tmp_path):
         tmp_path / "ref" / "metrics.jsonl")
 
 
+def test_a_damaged_metrics_line_is_dropped_with_a_warning(setup, tmp_path):
+    """A metrics.jsonl line cut off by a power loss does not stop the resume: it is dropped
+    with a warning that names the file, and the run ends as an uninterrupted one."""
+    finetune(_config(setup), tmp_path / "ref", progress=False)
+    run = tmp_path / "run"
+    finetune(_config(setup, stop_after_steps=4), run, progress=False)
+    log = run / "metrics.jsonl"
+    log.write_text(log.read_text() + '{"step": 3, "loss": 0.6')  # a write cut off mid-line
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: dropped 1 damaged line"):
+        finetune(_config(setup), run, progress=False)
+    assert _records(log) == _records(tmp_path / "ref" / "metrics.jsonl")
+
+
 def test_checkpoints_fall_back_and_refuse_unsafe_files(setup, tmp_path):
     run = tmp_path / "c"
     config = _config(setup, checkpoint_every=1)

@@ -56,7 +56,7 @@ class MagnitudeStages:
             found = self._magnitude_search(model, params)
             found["search_time_s"] = time.perf_counter() - started
             atomic_write_json(root / "search.json", found)
-            self._metrics("magnitude", found["curve"])
+        self._metrics("magnitude", found["curve"])
         kept = found["kept"]
         generator = torch.Generator().manual_seed(self.train.seed * 1000 + 7)
         builders = {
@@ -66,11 +66,12 @@ class MagnitudeStages:
         }
         for name in self.config.subnet_list():
             mask_file = root / "masks" / f"{name}.safetensors"
-            if not mask_file.is_file():
+            # The pair is one unit (a kill can fall between the two writes): both or rebuild.
+            if not mask_file.is_file() or self.read_stage(mask_file.with_suffix(".json")) is None:
                 masks = builders[name]()
                 save_weight_masks(mask_file, masks)
                 kept_n, total = mask_counts(masks)
-                atomic_write_json(root / "masks" / f"{name}.json", {
+                atomic_write_json(mask_file.with_suffix(".json"), {
                     "kept": kept_n, "total": total, "fraction_kept": kept_n / total,
                     "layer_kept_fraction": mag.layer_kept_fractions(model, masks),
                     "file": mask_file.name})

@@ -107,8 +107,11 @@ class Search(StructuredStages, MagnitudeStages):
             raise StopSearch(name)
 
     def _metrics(self, method: str, records: list[dict[str, Any]]) -> None:
-        """Append a finished search's steps to out/metrics.jsonl (once per stage)."""
+        """Append a finished search's steps to out/metrics.jsonl, once per method: a stage
+        calls it whether it ran or found its search.json (a kill between the two writes)."""
         log = MetricsLog(self.out / "metrics.jsonl", keep_until_step=10**9)
+        if any(r.get("method") == method for r in log.records):
+            return
         for record in records:
             log.write({"method": method, **record})
 

@@ -53,7 +53,7 @@ class StructuredStages:
             found["search_time_s"] = time.perf_counter() - started
             (root / "masks").mkdir(parents=True, exist_ok=True)
             atomic_write_json(root / "search.json", found)
-            self._metrics("structured", found["curve"])
+        self._metrics("structured", found["curve"])
         good = (torch.tensor(found["head_mask"]), torch.tensor(found["mlp_mask"]))
         subnets = structured_subnetworks(*good, seed=self.train.seed)
         for name in self.config.subnet_list():

@@ -4,24 +4,51 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 from sparsebert.atomic import atomic_write_text
 
 
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl. A line that is not a JSON object (a write cut off by a
+    power loss or a full disk) is dropped with a warning naming the file and line."""
+    records, damaged = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            damaged.append(number)
+    if damaged:
+        lines = ", ".join(map(str, damaged))
+        warnings.warn(f"{path}: dropped {len(damaged)} damaged line(s) ({lines}); the run itself "
+                      "resumes from its checkpoint", stacklevel=2)
+    return records
+
+
 class MetricsLog:
-    """Append-only metrics.jsonl; on resume, drops records written after the checkpoint."""
+    """Append-only metrics.jsonl; on resume, drops records written after the checkpoint (and
+    damaged lines)."""
 
     def __init__(self, path: Path, keep_until_step: int) -> None:
         self.path = path
+        self.records: list[dict[str, Any]] = []
         if path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
-            atomic_write_text(path, "".join(line + "\n" for line in kept))
+            lines = len(path.read_text(encoding="utf-8").splitlines())
+            self.records = [r for r in read_records(path) if r.get("step", 0) <= keep_until_step]
+            if len(self.records) != lines:  # rewritten only when something was dropped
+                atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record: dict[str, Any]) -> None:
         record = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
                   for k, v in record.items()}
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        self.records.append(record)
