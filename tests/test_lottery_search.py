@@ -126,6 +126,21 @@ def test_a_kill_between_paired_writes_is_repaired_on_rerun(reference, tiny_setup
     assert log.read_text() == (ref_out / "metrics.jsonl").read_text()
 
 
+def test_search_resumed_on_other_data_is_refused(tiny_setup, tmp_path):
+    """The search stages (importance and scores on dev) refuse a GLUE folder whose files differ
+    from the ones the search started with, even once the full model is finished."""
+    _, glue = tiny_setup
+    out = tmp_path / "search"
+    search("SST-2", out, progress=False, stop_after="full", **_options(tiny_setup))
+    other = tmp_path / "other_glue"
+    shutil.copytree(glue, other)
+    dev = other / "SST-2" / "dev.tsv"
+    dev.write_text("".join(line + "\n" for line in dev.read_text().splitlines()[:-1]))
+    with pytest.raises(SparsebertError, match="other SST-2 data: the dev data"):
+        search("SST-2", out, progress=False, **_options(tiny_setup, glue_dir=str(other)))
+    assert not (out / "structured").exists()
+
+
 def test_different_config_is_refused_and_nothing_lost(reference, tiny_setup, tmp_path):
     out, _ = reference
     copy = tmp_path / "copy"

@@ -104,6 +104,30 @@ def test_metrics_after_resume_equal_an_uninterrupted_run(setup, tmp_path):
         tmp_path / "ref" / "metrics.jsonl")
 
 
+def test_resume_on_other_data_is_refused_and_a_copy_is_fine(setup, tmp_path):
+    """A run stopped on one GLUE folder and resumed with another --glue-dir whose files differ
+    is refused (it would train on a mix of two datasets); a copy of the same files elsewhere
+    resumes and ends as an uninterrupted run."""
+    model, glue = setup
+    run = tmp_path / "run"
+    finetune(_config(setup, stop_after_steps=3), run, progress=False)
+    recorded = json.loads((run / "data.json").read_text())
+    assert recorded["task"] == "SST-2" and set(recorded["files"]) == {"train", "dev"}
+    other = tmp_path / "other_glue"
+    shutil.copytree(glue, other)
+    train_file = other / "SST-2" / "train.tsv"
+    lines = train_file.read_text().splitlines()
+    train_file.write_text("\n".join(lines[:1] + lines[2:]) + "\n")  # one row fewer
+    with pytest.raises(SparsebertError, match=r"other SST-2 data: the train data under .*other"):
+        finetune(_config(setup, glue_dir=str(other)), run, progress=False)
+    assert load_checkpoint(run)["step"] == 3  # nothing lost
+    same = tmp_path / "same_glue"
+    shutil.copytree(glue, same)
+    resumed = finetune(_config(setup, glue_dir=str(same)), run, progress=False)
+    reference = finetune(_config(setup), tmp_path / "ref", progress=False)
+    assert resumed.metrics == reference.metrics
+
+
 def test_a_damaged_metrics_line_is_dropped_with_a_warning(setup, tmp_path):
     """A metrics.jsonl line cut off by a power loss does not stop the resume: it is dropped
     with a warning that names the file, and the run ends as an uninterrupted one."""

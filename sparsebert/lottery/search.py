@@ -1,6 +1,7 @@
 """`search`: the lottery-ticket study of one task and seed, as resumable stages.
 
     out/config.json                    SearchConfig + TrainConfig (identity checked on rerun)
+    out/data.json                      sha256 of the GLUE files (other data refused on rerun)
     out/full/                          fine-tuned full model (a finetune run directory)
     out/<method>/search.json           the search: curve, good mask, notes
     out/<method>/masks/<subnet>.json   s: head/MLP masks; m: counts (+ .safetensors masks)
@@ -39,6 +40,7 @@ from sparsebert.lottery.magnitude_stages import MagnitudeStages
 from sparsebert.lottery.scoring import load_search_data, report_metric, score_model
 from sparsebert.lottery.structured_stages import StructuredStages
 from sparsebert.train.config import RUNTIME_FIELDS, TrainConfig, resolve_device
+from sparsebert.train.data_identity import check_data
 from sparsebert.train.evaluate import data_source
 from sparsebert.train.loop import finetune
 from sparsebert.train.metrics_log import MetricsLog
@@ -150,6 +152,7 @@ class Search(StructuredStages, MagnitudeStages):
         """Check (or claim) the directory and fine-tune the full model (resumable)."""
         preflight_model(self.train.model, max_length=self.train.max_length)  # before any write
         check_search_dir(self.out, self.config, self.train)
+        check_data(self.out, self.task, self.train.glue_dir)
         self.full = self._full()
         return self.full
 
@@ -170,7 +173,9 @@ class Search(StructuredStages, MagnitudeStages):
         return summary
 
     def prepare(self) -> None:
-        """Tokenize the search and dev data (after the full model is fine-tuned)."""
+        """Tokenize the search and dev data (after the full model is fine-tuned); data other
+        than the search started with is refused."""
+        check_data(self.out, self.task, self.train.glue_dir)
         tokenizer = load_tokenizer(self.out / "full" / "model")
         self.data = load_search_data(self.task, self.train, tokenizer, self.config.search_data,
                                      self.config.importance_batch_size)

@@ -44,6 +44,7 @@ from sparsebert.train.config import (
     resolve_device,
     use_cuda_graphs,
 )
+from sparsebert.train.data_identity import check_data
 from sparsebert.train.evaluate import data_source, evaluate_model, load_dev_splits
 from sparsebert.train.metrics_log import MetricsLog
 from sparsebert.train.optim import make_optimizer
@@ -147,6 +148,7 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
                               lambda: batching.encode(train_data, tokenizer, config.max_length))
     dev = data_cache.cached(("dev", *data_key), lambda: load_dev_splits(config, tokenizer))
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_data(out_dir, task, config.glue_dir)  # refuses other data; writes data.json if new
     check_masks(out_dir, mask_info)  # refuses other masks; writes masks.json for a new run
     atomic_write_json(out_dir / "config.json", config.to_json())  # inputs are good: a run
     model.to(device).train()

@@ -4,6 +4,8 @@
     masks.json                  what was trained: patched or not, physically pruned or not,
                                 head (L, H) / MLP (L,) masks, FFN neurons kept per layer, the
                                 weight masks' counts, and fingerprints of all of them
+    data.json                   sha256 of the GLUE files it started with (resuming on other
+                                data is refused; sparsebert.train.data_identity)
     weight_masks.safetensors    fixed weight masks (bool, by parameter name), when any
     metrics.jsonl               train-loss windows and dev metrics
     checkpoint.pt (+ .prev.pt)  while the run is unfinished (sparsebert.train.checkpoint)

@@ -1,0 +1,72 @@
+"""data.json: what the GLUE files a run (or search) started with contained, so that a resume
+on other data (another --glue-dir or $GLUE_DIR) is refused instead of silently mixing two
+datasets. A copy of the same files in another folder resumes as before.
+
+    {"task": "SST-2", "files": {"train": "<sha256>", "dev": "<sha256>"}}   ({} for hub data)
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from sparsebert.atomic import atomic_write_json
+from sparsebert.errors import RunDirError
+from sparsebert.glue.loading import find_split_file, resolve_glue_dir
+from sparsebert.glue.tasks import GlueTask, SplitNotFoundError
+
+DATA_FILE = "data.json"
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file (cached per process while its size and mtime are unchanged)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_fingerprint(task: GlueTask, glue_dir: str | os.PathLike | None) -> dict[str, str]:
+    """{split: sha256 of its file} for `task`'s train and dev splits under `glue_dir` (else
+    $GLUE_DIR); {} for hub data. A missing optional dev split (MNLI mismatched) is left out."""
+    if resolve_glue_dir(glue_dir) is None:
+        return {}
+    out = {}
+    for i, split in enumerate(("train", *task.dev_splits)):
+        try:
+            path = find_split_file(task, split, glue_dir)
+        except SplitNotFoundError:
+            if i <= 1:  # train and the first dev split are required
+                raise
+            continue
+        stat = path.stat()
+        out[split] = _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return out
+
+
+def check_data(out_dir: Path, task: GlueTask, glue_dir: str | os.PathLike | None) -> None:
+    """Refuse to go on in `out_dir` with data other than it started with; record the data of a
+    new (or older, unrecorded) directory. `out_dir` must exist."""
+    files = data_fingerprint(task, glue_dir)
+    path = out_dir / DATA_FILE
+    try:
+        saved = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        saved = None  # a damaged record is rewritten from the data in use
+    if isinstance(saved, dict) and saved.get("files") is not None:
+        theirs = saved["files"]
+        changed = sorted(k for k in set(theirs) | set(files) if theirs.get(k) != files.get(k))
+        if changed:
+            where = resolve_glue_dir(glue_dir)
+            source = f"under {where}" if where is not None else "from the hub"
+            raise RunDirError(
+                f"{out_dir} was started on other {task.name} data: the {', '.join(changed)} "
+                f"data {source} differ from what it began with ({path}). Resume with the GLUE "
+                f"folder it used (--glue-dir or $GLUE_DIR), or use another --out")
+        return
+    atomic_write_json(path, {"task": task.name, "files": files})
