@@ -435,3 +435,30 @@ def test_tampered_directory_is_rejected_up_front(case, saved_pruned, tmp_path, m
     assert message.startswith("load_pruned: ") and "\n" not in message
     assert len(message) < 300, message
     assert re.search(needle, message), message
+
+
+def test_compiled_model_saves_as_its_model(tmp_path, tiny_bert, tiny_batch):
+    """save_pruned(torch.compile(model)) writes the model itself (no _orig_mod. keys, its own
+    architecture), so load_pruned rebuilds it."""
+    model, _, _, _ = masked(tiny_bert())
+    saved = sbhf.save_pruned(torch.compile(model), tmp_path / "compiled")
+    assert json.loads((saved / "sparsebert_pruned.json").read_text())["architecture"] == (
+        type(model).__name__)
+    ids, mask = tiny_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(sbhf.load_pruned(saved)(ids, attention_mask=mask).logits,
+                                   model(ids, attention_mask=mask).logits)
+
+
+def test_load_pruned_names_a_wrong_model_class(tmp_path, tiny_bert):
+    from transformers import BertModel, RobertaModel  # noqa: PLC0415
+
+    saved = sbhf.save_pruned(masked(tiny_bert())[0], tmp_path / "saved")
+    with pytest.raises(PrunedModelError, match="model_class must be a transformers model class"):
+        sbhf.load_pruned(saved, model_class="BertModel")
+    with pytest.raises(PrunedModelError, match="RobertaModel is for model_type 'roberta'.*"
+                                               "holds a 'bert' model"):
+        sbhf.load_pruned(saved, model_class=RobertaModel)
+    with pytest.raises(PrunedModelError, match="saved as BertForSequenceClassification, built as "
+                                               "BertModel"):
+        sbhf.load_pruned(saved, model_class=BertModel)

@@ -220,3 +220,18 @@ def test_rerun_at_or_past_the_stop_step_does_not_advance(tiny_model_dir, synthet
     whole = finetune(_config(tiny_model_dir, synthetic_glue), tmp_path / "whole", progress=False)
     assert done.metrics == whole.metrics
     assert _same_weights(_weights(out), _weights(tmp_path / "whole"))
+
+
+@pytest.mark.parametrize("value", [0.5, 2.0, float("nan"), -1.0])
+def test_weight_masks_must_be_zero_or_one(value):
+    """apply() runs after every step: a mask value other than 0/1 would compound (0.5 -> 0.5**n)
+    and be saved as True, so it is refused, naming the mask."""
+    from sparsebert.pruning.weight_masks import WeightMaskError, WeightMasks  # noqa: PLC0415
+
+    layer = torch.nn.Linear(2, 2)
+    mask = torch.tensor([[1.0, 0.0], [1.0, value]])
+    with pytest.raises(WeightMaskError, match=r"weight mask 0: values must be 0 or 1"):
+        WeightMasks([(layer.weight, mask)])
+    with pytest.raises(WeightMaskError, match=r"weight mask 'weight': values must be 0 or 1"):
+        WeightMasks.from_named(layer, {"weight": mask})
+    assert len(WeightMasks([(layer.weight, mask != 0), (layer.bias, torch.ones(2))])) == 2

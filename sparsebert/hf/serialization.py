@@ -1,6 +1,8 @@
 """Save and reload physically pruned (or merely masked) patched models.
 
-A saved directory is from_pretrained-style plus one file (sparsebert.hf.pruned_format):
+A saved directory is laid out as save_pretrained's plus one file (sparsebert.hf.pruned_format);
+reload it with `load_pruned`: plain `from_pretrained` drops the gates and re-initialises removed
+MLPs and attention layers (only an unmasked, unpruned save reloads the same there):
     config.json               the model config (save_pretrained's format; original sizes)
     model.safetensors         the weights under the usual HF names, with per-layer shapes
     sparsebert_pruned.json    format/version, architecture, per-layer sizes, kept head/neuron ids,
@@ -90,6 +92,7 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = 
     (and no temporary directory remains) if any step fails; with overwrite=True a failed save
     leaves the previous directory as it was.
     """
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: save the model
     description = _describe(model)  # validates: patched, supported
     target = Path(path)
     if target.exists() and not overwrite:
@@ -111,8 +114,21 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = 
     return target
 
 
-def _model_class(description: dict[str, Any], model_class: type | None) -> type:
+def _model_class(description: dict[str, Any], model_class: type | None, config) -> type:
     if model_class is not None:
+        from transformers import PreTrainedModel  # heavy; only needed here
+
+        if not (isinstance(model_class, type) and issubclass(model_class, PreTrainedModel)):
+            raise PrunedModelError(
+                f"load_pruned: model_class must be a transformers model class (e.g. "
+                f"{description.get('architecture') or 'BertForSequenceClassification'}), got "
+                f"{model_class!r}")
+        wanted = getattr(getattr(model_class, "config_class", None), "model_type", None)
+        if wanted and wanted != config.model_type:
+            raise PrunedModelError(
+                f"load_pruned: model_class {model_class.__name__} is for model_type "
+                f"{wanted!r}; the directory holds a {config.model_type!r} model (saved as "
+                f"{description.get('architecture')})")
         return model_class
     import transformers  # heavy; only needed here
 
@@ -191,7 +207,7 @@ def load_pruned(
     check_weight_shapes(root / WEIGHTS_FILE, description, sizes, row)
     # Step 3: build (in the saved weights' dtype: a bf16 model reloads as bf16), patch, shrink,
     # load.
-    model = _model_class(description, model_class)(config)
+    model = _model_class(description, model_class, config)(config)
     structure_for(model)  # clear error for a model_class of an unsupported type
     dtype = weights_dtype(root / WEIGHTS_FILE)
     if dtype is not None:
@@ -202,9 +218,13 @@ def load_pruned(
         load_model(model, root / WEIGHTS_FILE, strict=True)
     except RuntimeError as error:
         text = " ".join(str(error).split())
+        built = type(model).__name__
+        saved = description.get("architecture")
+        hint = (f" (saved as {saved}, built as {built}: pass model_class={saved} or leave it "
+                f"out)" if saved and saved != built else "")
         raise PrunedModelError(
-            f"load_pruned: {WEIGHTS_FILE} does not fit the model built from {CONFIG_FILE}: "
-            f"{text[:200]}"
+            f"load_pruned: {WEIGHTS_FILE} does not fit the model built from {CONFIG_FILE}"
+            f"{hint}: {text[:200]}"
         ) from None
     model.eval()
     return model if device is None else model.to(device)

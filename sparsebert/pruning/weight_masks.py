@@ -35,9 +35,13 @@ class WeightMasks:
     def __init__(self, masks: Sequence[tuple[nn.Parameter, torch.Tensor]]) -> None:
         self.masks: list[tuple[nn.Parameter, torch.Tensor]] = []
         for i, (param, mask) in enumerate(masks):
+            if not isinstance(mask, torch.Tensor):
+                raise WeightMaskError(f"weight mask {i}: expected a tensor, got "
+                                      f"{type(mask).__name__}")
             if tuple(mask.shape) != tuple(param.shape):
                 raise WeightMaskError(f"weight mask {i}: shape {tuple(mask.shape)} does not "
                                       f"match its parameter {tuple(param.shape)}")
+            _check_binary(mask, f"weight mask {i}")
             self.masks.append((param, mask.detach()))
 
     def __len__(self) -> int:
@@ -81,8 +85,20 @@ class WeightMasks:
             if tuple(mask.shape) != tuple(params[name].shape):
                 raise WeightMaskError(f"weight mask {name!r}: shape {tuple(mask.shape)}, the "
                                       f"parameter has {tuple(params[name].shape)}")
+            _check_binary(mask, f"weight mask {name!r}")
             pairs.append((params[name], mask))
         return cls(pairs)
+
+
+def _check_binary(mask: torch.Tensor, label: str) -> None:
+    """A mask is bool or holds only 0 and 1: apply() runs after every optimizer step, so a 0.5
+    would compound step after step and a NaN would spread."""
+    if mask.dtype == torch.bool:
+        return
+    other = (mask != 0) & (mask != 1)
+    if bool(other.any()):
+        raise WeightMaskError(f"{label}: values must be 0 or 1 (or bool), found "
+                              f"{mask[other].flatten()[0].item()}")
 
 
 def mask_fingerprint(named: Mapping[str, torch.Tensor]) -> str:
