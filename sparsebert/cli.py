@@ -321,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add, _run in SUBCOMMANDS.values():
         add(subparsers)
+    # Whole flag names only: `sweep --seed 3` must not pass for --seeds, nor --task for --tasks.
+    parser.allow_abbrev = False
+    for command_parser in subparsers.choices.values():
+        command_parser.allow_abbrev = False
+    parser.command_parsers = subparsers.choices  # type: ignore[attr-defined]
     return parser
 
 
@@ -340,7 +345,10 @@ def _raise_terminated(signum, frame) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `sparsebert` console script and `python -m sparsebert`."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the command's usage and name, not the top level's
+        parser.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     _SIGTERM_RECEIVED.clear()

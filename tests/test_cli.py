@@ -253,3 +253,18 @@ def test_import_leaves_heavy_optional_modules_unloaded():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("argv, command, wrong", [
+    (["evaluate", "--run", "x", "--foo"], "evaluate", "--foo"),
+    (["sweep", "--out", "o", "--seed", "3"], "sweep", "--seed 3"),  # not an abbreviation of --seeds
+    (["sweep", "--out", "o", "--task", "RTE"], "sweep", "--task RTE"),
+])
+def test_unknown_flags_name_the_command(argv, command, wrong, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"usage: sparsebert {command}" in err
+    assert f"sparsebert {command}: error: unrecognized arguments: {wrong}" in err
+    assert not (tmp_path / "o").exists()

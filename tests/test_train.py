@@ -64,7 +64,7 @@ def test_presets(tiny_model_dir):
     assert TrainConfig(preset="paper").resolved().lr == 2e-5
     assert TrainConfig(preset="paper", lr=1e-3).resolved().lr == 1e-3
     assert TrainConfig(task="sts-b").resolved().task == "STS-B"
-    with pytest.raises(TrainError, match="unknown preset"):
+    with pytest.raises(TrainError, match="--preset 'fast': expected auto or one of minilm, paper"):
         TrainConfig(preset="fast").resolved()
     with pytest.raises(TrainError, match="--batch-size 0: expected an integer >= 1"):
         TrainConfig(batch_size=0).resolved()

@@ -91,8 +91,8 @@ class TrainConfig:
         if preset == "auto":
             preset = "minilm" if is_default_model(self.model) else "paper"
         if preset not in PRESETS:
-            raise TrainError(f"unknown preset {self.preset!r}; expected auto or one of "
-                             f"{sorted(PRESETS)}")
+            raise TrainError(f"--preset {self.preset!r}: expected auto or one of "
+                             f"{', '.join(sorted(PRESETS))}")
         lr = self.lr if self.lr is not None else PRESETS[preset]["lr"]
         out = dataclasses.replace(self, task=task, preset=preset, lr=float(lr))
         out.check_values()

@@ -2,7 +2,7 @@
 on other data (another --glue-dir or $GLUE_DIR) is refused instead of silently mixing two
 datasets. A copy of the same files in another folder resumes as before.
 
-    {"task": "SST-2", "files": {"train": "<sha256>", "dev": "<sha256>"}}   ({} for hub data)
+    {"task": "SST-2", "files": {"train": "<sha256>", "dev": "<sha256>"}}   (none for hub data)
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ def check_data(out_dir: Path, task: GlueTask, glue_dir: str | os.PathLike | None
     """Refuse to go on in `out_dir` with data other than it started with; record the data of a
     new (or older, unrecorded) directory. `out_dir` must exist."""
     files = data_fingerprint(task, glue_dir)
+    if not files:  # hub data: nothing local to fingerprint (and maybe not reachable yet)
+        return
     path = out_dir / DATA_FILE
     try:
         saved = json.loads(path.read_text()) if path.is_file() else None
@@ -62,11 +64,10 @@ def check_data(out_dir: Path, task: GlueTask, glue_dir: str | os.PathLike | None
         theirs = saved["files"]
         changed = sorted(k for k in set(theirs) | set(files) if theirs.get(k) != files.get(k))
         if changed:
-            where = resolve_glue_dir(glue_dir)
-            source = f"under {where}" if where is not None else "from the hub"
             raise RunDirError(
                 f"{out_dir} was started on other {task.name} data: the {', '.join(changed)} "
-                f"data {source} differ from what it began with ({path}). Resume with the GLUE "
-                f"folder it used (--glue-dir or $GLUE_DIR), or use another --out")
+                f"data under {resolve_glue_dir(glue_dir)} differ from what it began with "
+                f"({path}). Resume with the GLUE folder it used (--glue-dir or $GLUE_DIR), or "
+                f"use another --out")
         return
     atomic_write_json(path, {"task": task.name, "files": files})
