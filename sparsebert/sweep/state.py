@@ -62,7 +62,7 @@ def compare(saved: dict[str, Any], mine: dict[str, Any]) -> tuple[list[str], lis
     for key in ("tasks", "seeds"):
         removed = [x for x in old_grid[key] if x not in new_grid[key]]
         if removed:
-            diffs.append(f"{key}: {removed} missing (the directory has {old_grid[key]})")
+            diffs.append(f"{key}: {old_grid[key]!r} -> {new_grid[key]!r} ({removed} missing)")
     if diffs:
         raise SweepError(f"the sweep directory holds another grid ({'; '.join(diffs)}, as "
                          f"saved -> requested); rerun with its options, or use another --out "
