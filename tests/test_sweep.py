@@ -401,7 +401,7 @@ def test_changed_grid_refused_added_seeds_extend(reference, tiny_model_dir, synt
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds another grid" in err
     for part in ("methods: ['structured', 'magnitude'] -> ['structured']", "epochs: 1 -> 2",
-                 "seeds: [3] -> [4] ([3] missing)"):
+                 "seeds: [3, 4] -> [4] ([3] missing)"):
         assert part in err
     assert sorted(p.name for p in (out / ".sweep" / "done").iterdir()) == before
     # Added seeds extend it: the old super-survivors move aside (to be redone), said so.
