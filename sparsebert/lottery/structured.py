@@ -11,9 +11,9 @@ Starting from the fine-tuned full model (all gates 1):
   phase 3  one MLP per step, heads fixed; revert on failure.
 
 `head_step` = max(1, int(num_heads_total * masking_amount)): 14 of 144 heads for BERT-base,
-7 of 72 for the default model. Phase 2 masks max(1, head_step // 2) heads per step (the authors'
-`num_to_mask // 2` is 0 below 20 heads, which skips phase 2; only tiny models differ). Quirk kept from the authors' code: the first step of phases 2
-and 3 ranks components by the importance computed under the previous phase's *failed* mask
+7 of 72 for the default model. Phase 2 masks max(1, head_step // 2) heads per step (the
+authors' `num_to_mask // 2` is 0 below 20 heads, which skips phase 2; only tiny models differ).
+Quirk kept from the authors' code: the first step of phases 2 and 3 ranks components by the importance computed under the previous phase's *failed* mask
 (the masks are reverted, the scores are not). `recompute_after_revert=True` recomputes
 them under the reverted masks instead (a documented deviation, off by default).
 
@@ -103,9 +103,11 @@ def structured_search(num_layers: int, num_heads: int, threshold: float, full_sc
             # Step 1: mask the lowest-importance unmasked components of this phase.
             heads = lowest_unmasked(head_scores, head_mask, heads_per_step)
             mlps = lowest_unmasked(mlp_scores, mlp_mask, mlps_per_step)
-            if (heads_per_step and len(heads) == 0) or (mlps_per_step and len(mlps) == 0):
-                left = "heads" if heads_per_step and len(heads) == 0 else "MLPs"
-                notes.append(f"phase {phase}: no {left} left to mask")
+            exhausted = [name for name, wanted, found in (("heads", heads_per_step, heads),
+                                                          ("MLPs", mlps_per_step, mlps))
+                         if wanted and len(found) == 0]
+            if exhausted:
+                notes.append(f"phase {phase}: no {exhausted[0]} left to mask")
                 break
             new_heads, new_mlps = _masked(head_mask, heads), _masked(mlp_mask, mlps)
             # Step 2: importance and score under the new masks.

@@ -352,12 +352,12 @@ def importance(
     # Pruned components (gate exactly 0) score exactly 0: heads after their layer's norm (which
     # counts them, see masked_heads_in_norm), MLPs and neurons now. (Their true gradient, from
     # set_zero_gate_grad or the norm, must not count as a score.)
-    head_live = [attention_block.head_gate != 0 for attention_block, _ in blocks]
     for layer, (_, mlp_block) in enumerate(blocks):
         mlp_acc[layer] = mlp_acc[layer] * (mlp_block.mlp_gate != 0)
         neuron_acc[layer] = neuron_acc[layer] * (mlp_block.neuron_gate != 0)
     head = _to_original(blocks, head_acc, "head", n_heads) if heads else None
-    live = _to_original(blocks, [h.float() for h in head_live], "head", n_heads) if heads else None
+    live = (_to_original(blocks, [(a.head_gate != 0).float() for a, _ in blocks], "head", n_heads)
+            if heads else None)  # (L, H)
     mlp = torch.stack([m.float() for m in mlp_acc]).cpu() if mlps else None
     neuron = _to_original(blocks, neuron_acc, "neuron", n_ffn) if neurons else None
     if head is not None and flags["heads_by_layer"]:

@@ -32,16 +32,18 @@ class WeightMasks:
     whatever AdamW's moments or weight decay do.
     """
 
-    def __init__(self, masks: Sequence[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    def __init__(self, masks: Sequence[tuple[nn.Parameter, torch.Tensor]],
+                 names: Sequence[str] | None = None) -> None:
+        """names: the parameters' names, for error messages (else masks are named by index)."""
         self.masks: list[tuple[nn.Parameter, torch.Tensor]] = []
         for i, (param, mask) in enumerate(masks):
+            label = f"weight mask {names[i]!r}" if names is not None else f"weight mask {i}"
             if not isinstance(mask, torch.Tensor):
-                raise WeightMaskError(f"weight mask {i}: expected a tensor, got "
-                                      f"{type(mask).__name__}")
+                raise WeightMaskError(f"{label}: expected a tensor, got {type(mask).__name__}")
             if tuple(mask.shape) != tuple(param.shape):
-                raise WeightMaskError(f"weight mask {i}: shape {tuple(mask.shape)} does not "
-                                      f"match its parameter {tuple(param.shape)}")
-            _check_binary(mask, f"weight mask {i}")
+                raise WeightMaskError(f"{label}: shape {tuple(mask.shape)} does not match its "
+                                      f"parameter {tuple(param.shape)}")
+            _check_binary(mask, label)
             self.masks.append((param, mask.detach()))
 
     def __len__(self) -> int:
@@ -80,14 +82,7 @@ class WeightMasks:
         if unknown:
             raise WeightMaskError(f"weight masks name {len(unknown)} parameters the model does "
                                   f"not have (first: {unknown[0]!r})")
-        pairs = []
-        for name, mask in masks.items():
-            if tuple(mask.shape) != tuple(params[name].shape):
-                raise WeightMaskError(f"weight mask {name!r}: shape {tuple(mask.shape)}, the "
-                                      f"parameter has {tuple(params[name].shape)}")
-            _check_binary(mask, f"weight mask {name!r}")
-            pairs.append((params[name], mask))
-        return cls(pairs)
+        return cls([(params[name], mask) for name, mask in masks.items()], names=list(masks))
 
 
 def _check_binary(mask: torch.Tensor, label: str) -> None:

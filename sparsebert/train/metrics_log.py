@@ -11,11 +11,12 @@ from typing import Any
 from sparsebert.atomic import atomic_write_text
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl. A line that is not a JSON object (a write cut off by a
-    power loss or a full disk) is dropped with a warning naming the file and line."""
+def parse_records(path: Path, lines: list[str]) -> list[dict[str, Any]]:
+    """The records in the lines of metrics.jsonl `path`. A line that is not a JSON object (a
+    write cut off by a power loss or a full disk) is dropped with a warning naming the file and
+    line."""
     records, damaged = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -41,9 +42,10 @@ class MetricsLog:
         self.path = path
         self.records: list[dict[str, Any]] = []
         if path.exists():
-            lines = len(path.read_text(encoding="utf-8").splitlines())
-            self.records = [r for r in read_records(path) if r.get("step", 0) <= keep_until_step]
-            if len(self.records) != lines:  # rewritten only when something was dropped
+            lines = path.read_text(encoding="utf-8").splitlines()
+            self.records = [r for r in parse_records(path, lines)
+                            if r.get("step", 0) <= keep_until_step]
+            if len(self.records) != len(lines):  # rewritten only when something was dropped
                 atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record: dict[str, Any]) -> None:
