@@ -426,12 +426,105 @@ def test_changed_grid_refused_added_seeds_extend(reference, tiny_model_dir, synt
     assert not (out / ".sweep" / "done" / "report.json").exists()
 
 
+def test_redo_a_method(reference, tiny_model_dir, synthetic_glue, tmp_path, capsys):
+    """--redo structured sets the s-pruning results aside and computes them (and the
+    super-survivors, summaries and reports built on them) again, keeping the full models and
+    m-pruning; the redone results equal the reference's and no stale curve record survives."""
+    out = tmp_path / "redo"
+    shutil.copytree(reference[0], out)
+    for seed in SEEDS.split(","):  # mark the old s-pruning curve so that leftovers show
+        log = out / "SST-2" / f"seed_{seed}" / "metrics.jsonl"
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        assert any(r.get("method") == "structured" for r in records)
+        log.write_text("".join(json.dumps({**r, "stale": True} if r.get("method") ==
+                                          "structured" else r) + "\n" for r in records))
+    (out / "SST-2" / "speed").mkdir()  # timings of the old subnetworks
+    argv = [a for a in _argv(tiny_model_dir, synthetic_glue, out) if a != "--quiet"]
+    assert main(argv + ["--redo", "structured"]) == 0  # not quiet: the notes are printed
+    err = capsys.readouterr().err
+    assert "--redo structured: set aside 2 searches and SST-2/super, SST-2/speed in " in err
+    assert "re-time the subnetworks with `sparsebert speed --run`" in err
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert runs[-1]["redo"] == ["structured"] and runs[-1]["status"] == "finished"
+    def finish_times(sweep_dir):
+        markers = [json.loads(p.read_text()) for p in (sweep_dir / ".sweep" / "done").iterdir()]
+        return {m["id"]: m["time"] for m in markers}
+
+    done, before = finish_times(out), finish_times(reference[0])
+    assert set(done) == set(before)
+    redone = {u for u in done if done[u] != before[u]}
+    expected = {f"{kind}/SST-2/{seed}/structured{sub}" for seed in SEEDS.split(",")
+                for kind, sub in (("search", ""), ("pruned", "/good"), ("retrained", "/good"))}
+    expected |= {f"{kind}/SST-2/{seed}{sub}" for seed in SEEDS.split(",")
+                 for kind, sub in (("summary", ""), ("super-pruned", "/good"),
+                                   ("super-retrained", "/good"))}
+    expected |= {"super-masks/SST-2", "super-summary/SST-2", "task-report/SST-2", "report"}
+    assert redone == expected  # not the full models, nor m-pruning
+    assert _results(out) == _results(reference[0])
+    aside = next((out / ".sweep" / "superseded").glob("redo-structured-*"))
+    assert (aside / "SST-2" / "seed_3" / "structured" / "search.json").is_file()
+    assert (aside / "SST-2" / "super" / "summary.superseded.json").is_file()
+    assert (aside / "SST-2" / "speed").is_dir() and not (out / "SST-2" / "speed").exists()
+    for seed in SEEDS.split(","):
+        records = [json.loads(line) for line in
+                   (out / "SST-2" / f"seed_{seed}" / "metrics.jsonl").read_text().splitlines()]
+        ref = [json.loads(line) for line in (reference[0] / "SST-2" / f"seed_{seed}" /
+                                              "metrics.jsonl").read_text().splitlines()]
+        assert not any(r.get("stale") for r in records)
+        by_method = {m: [r for r in records if r["method"] == m] for m in ("structured",
+                                                                             "magnitude")}
+        assert by_method == {m: [r for r in ref if r["method"] == m] for m in by_method}
+        assert len(records) == len(ref)  # the m-pruning curve kept, the s one written anew
+
+
+def test_interrupted_redo_resumes(reference, tiny_model_dir, synthetic_glue, tmp_path):
+    """Rerunning the same --redo after an interrupted one resumes it (nothing more is set
+    aside); a --redo after a finished run starts a new one (here with nothing left to redo)."""
+    from sparsebert.sweep.state import SweepDir, identity  # noqa: PLC0415
+
+    out = tmp_path / "redo-resume"
+    shutil.copytree(reference[0], out)
+    _, search, train = _configs(tiny_model_dir, synthetic_glue)
+    search.method = "both"
+    grid = Grid(("SST-2",), (3, 4), ("structured", "magnitude"), ("good",), True, True)
+    ident = identity(grid, search, train.resolved())
+    superseded = out / ".sweep" / "superseded"
+    for status, expect_note in (("interrupted", "set aside 2 searches"),
+                                ("finished", "resuming the redo started at"),
+                                ("finished", "no finished structured results to redo")):
+        state = SweepDir(out)
+        notes = state.open(ident, ("structured",))
+        state.close(status)
+        assert expect_note in notes[-1], notes
+        assert len(list(superseded.glob("redo-structured-*"))) == 1
+        assert not (out / "SST-2" / "seed_3" / "structured").exists()
+        assert not (out / ".sweep" / "done" / "search~SST-2~3~structured.json").exists()
+        assert (out / ".sweep" / "done" / "search~SST-2~3~magnitude.json").exists()
+
+
+def test_report_skips_hidden_folders(reference, tmp_path):
+    """A summary under a hidden folder (a sweep's .sweep/superseded/) is not a report input."""
+    from sparsebert.report.summaries import find_summaries  # noqa: PLC0415
+
+    out = tmp_path / "hidden"
+    shutil.copytree(reference[0], out)
+    hidden = out / ".sweep" / "superseded" / "old" / "summary.json"
+    hidden.parent.mkdir(parents=True)
+    shutil.copy(out / "SST-2" / "super" / "summary.json", hidden)
+    found = find_summaries([out])
+    assert hidden.resolve() not in found and len(found) == 3
+    assert find_summaries([hidden]) == [hidden.resolve()]  # named explicitly: read
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--tasks", "RTE,FOO"], "--tasks 'RTE,FOO': unknown GLUE task 'FOO'"),
     (["--methods", "structured,lottery"], "--methods 'structured,lottery': unknown"),
     (["--devices", "cuda:7"], "--devices 'cuda:7': cuda:7: "),
     (["--seeds", "1,1"], "expected distinct seeds"),
     (["--backend", "spark"], "--backend 'spark'"),
+    (["--methods", "structured", "--redo", "magnitude"],
+     "--redo 'magnitude': ['magnitude'] not among the sweep's --methods (structured)"),
+    (["--redo", ","], "--redo ',': expected a comma-separated list"),
 ])
 def test_bad_input_one_line_exit_2(flags, message, tmp_path, capsys):
     out = tmp_path / "bad"

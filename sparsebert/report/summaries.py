@@ -248,8 +248,9 @@ def load_summary(path: str | Path) -> RunSummary | SuperSummary:
 
 
 def find_summaries(paths: Sequence[str | Path]) -> list[Path]:
-    """Every summary.json under `paths` (a run dir, a parent of many, or the file itself),
-    sorted and without duplicates; ReportError naming the paths when there is none."""
+    """Every summary.json under `paths` (a run dir, a parent of many, or the file itself; hidden
+    folders such as a sweep's .sweep/ skipped), sorted and without duplicates; ReportError
+    naming the paths when there is none."""
     found: dict[Path, None] = {}
     for raw in paths:
         p = Path(raw)
@@ -257,7 +258,8 @@ def find_summaries(paths: Sequence[str | Path]) -> list[Path]:
             found[p.resolve()] = None
         elif p.is_dir():
             for f in sorted(p.rglob(SUMMARY_NAME)):
-                found[f.resolve()] = None
+                if not any(part.startswith(".") for part in f.relative_to(p).parts):
+                    found[f.resolve()] = None  # not in a hidden folder (.sweep/superseded/)
         else:
             raise ReportError(f"report input {str(p)!r} does not exist")
     if not found:

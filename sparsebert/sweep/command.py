@@ -28,6 +28,14 @@ def add_sweep(subparsers) -> None:
                         help="TOML file with any of these options (flags override it)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    parser.add_argument("--redo", default=None, metavar="METHODS",
+                        help="comma-separated methods (structured, magnitude) to compute again "
+                             "in this sweep, after an upgrade that changed them: their "
+                             "searches, subnetworks and retraining (for structured also the "
+                             "super-survivors and the speed timings) are moved to "
+                             "OUT/.sweep/superseded/ and redone; the full models and the other "
+                             "method are kept. Rerunning with the same --redo after an "
+                             "interruption resumes the redo")
     add_dataclass_arguments(parser.add_argument_group("sweep"), SweepConfig)
     add_dataclass_arguments(parser.add_argument_group("search"), SearchConfig,
                             skip=("method",))
@@ -56,7 +64,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         values.update(overrides(args, cls))
         values.pop("method", None), values.pop("task", None), values.pop("seed", None)
         configs.append(cls(**values))
-    outcome = sweep(out, *configs, progress=not args.quiet)
+    outcome = sweep(out, *configs, progress=not args.quiet, redo=args.redo)
     if args.json:
         print(json.dumps(dataclasses.asdict(outcome), indent=2))
     elif not (outcome.done or outcome.failed or outcome.blocked):

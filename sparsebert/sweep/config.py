@@ -80,6 +80,16 @@ class SweepConfig:
                              f"comma-separated subset of {','.join(METHODS)}")
         return [m for m in METHODS if m in methods]  # the search's own order
 
+    def redo_list(self, redo: str) -> tuple[str, ...]:
+        """--redo's methods, each one of the sweep's --methods."""
+        methods = list(dict.fromkeys(_split(redo, "--redo")))
+        grid = self.method_list()
+        outside = [m for m in methods if m not in grid]
+        if outside:
+            raise SweepError(f"--redo {redo!r}: {outside} not among the sweep's --methods "
+                             f"({','.join(grid)})")
+        return tuple(m for m in grid if m in methods)
+
     def device_list(self) -> list[str]:
         """Devices checked to exist on this machine; 'auto' resolved."""
         names = _split(self.devices, "--devices")

@@ -81,14 +81,16 @@ def check_inputs(grid: Grid, train: TrainConfig) -> None:
 
 def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
           search_config: SearchConfig | None = None, train_config: TrainConfig | None = None,
-          progress: bool = True) -> Outcome:
+          progress: bool = True, redo: str | None = None) -> Outcome:
     """Run (or resume, or extend) the sweep in `out`; returns what ran, failed and was
-    skipped. Example:
+    skipped. `redo`: comma-separated methods whose finished results are set aside and computed
+    again (sparsebert.sweep.state). Example:
 
         from sparsebert.sweep import SweepConfig, sweep
         sweep("runs/sweep", SweepConfig(tasks="RTE,MRPC", seeds="1,2"))
     """
     config = (config or SweepConfig()).validate()
+    redo_methods = config.redo_list(redo) if redo is not None else ()
     search = copy.copy(search_config or SearchConfig())
     methods = config.method_list()
     search.method = methods[0] if len(methods) == 1 else "both"
@@ -110,7 +112,7 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
     slots = make_slots(config, train, cluster)  # checks the devices
     out = Path(out).resolve()
     state = SweepDir(out)
-    notes = state.open(identity(grid, search, train))
+    notes = state.open(identity(grid, search, train), redo_methods)
     for note in notes if progress else []:
         tqdm.write(note, file=sys.stderr)
     base: dict[str, Any] = {"out": str(out), "search": search.to_json(),

@@ -8,10 +8,15 @@
     OUT/.sweep/failed/<unit>.json   the last error of a unit that ran out of retries
     OUT/.sweep/status.json      the running units, where (worker pid) and the counts
     OUT/.sweep/lock             held (flock) by the running driver: one driver per directory
+    OUT/.sweep/superseded/      results set aside: super-survivors of an earlier seed set, and
+                                what --redo replaced (redo-<method>-<time>/<task>/...)
 
 A rerun skips units with a completion marker. The directory is tied to its grid: a rerun
 with other options is refused with the differences, except added tasks or seeds, which
 extend the sweep (adding seeds redoes the super-survivors of the tasks already there).
+--redo METHODS sets those methods' searches aside (and, for structured, the super-survivors
+and the speed timings of the subnetworks), so that they and everything built on them run
+again; the full models and the other method's results are kept.
 """
 
 from __future__ import annotations
@@ -20,13 +25,13 @@ import dataclasses
 import fcntl
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from sparsebert.atomic import atomic_write_json
 from sparsebert.lottery.config import SearchConfig
+from sparsebert.lottery.redo import move_aside, retire_method
 from sparsebert.sweep.config import SweepError
 from sparsebert.sweep.grid import Grid
 from sparsebert.train.config import RUNTIME_FIELDS, TrainConfig
@@ -84,8 +89,9 @@ class SweepDir:
     def path(self) -> Path:
         return self.out / "sweep.json"
 
-    def open(self, ident: dict[str, Any]) -> list[str]:
-        """Lock the directory, check the grid against a saved one; returns notes to print."""
+    def open(self, ident: dict[str, Any], redo: tuple[str, ...] = ()) -> list[str]:
+        """Lock the directory, check the grid against a saved one, set the results of the
+        `redo` methods aside; returns notes to print."""
         if self.out.exists() and not self.out.is_dir():
             raise SweepError(f"--out {self.out}: exists and is not a directory")
         saved = None
@@ -118,8 +124,11 @@ class SweepDir:
         else:
             self.record = {"kind": KIND, "version": 1, "runs": []}
         self.record["identity"] = ident
-        self.record["runs"].append({"started_at": now(), "pid": os.getpid(),
-                                    "status": "running"})
+        run = {"started_at": now(), "pid": os.getpid(), "status": "running"}
+        if redo:
+            run["redo"] = list(redo)
+            notes += self._redo(ident["grid"], redo)
+        self.record["runs"].append(run)
         atomic_write_json(self.path, self.record)
         return notes
 
@@ -133,6 +142,50 @@ class SweepDir:
                              f"for it or stop it first") from None
         self._lock = handle
 
+    def _redo(self, grid: dict[str, Any], methods: tuple[str, ...]) -> list[str]:
+        """Set `methods`' results aside (see the module docstring) unless the last run was a
+        redo of the same methods that did not finish: then it is resumed, not restarted."""
+        last = self.record["runs"][-1] if self.record.get("runs") else {}
+        if set(methods) <= set(last.get("redo", ())) and last.get("status") != "finished":
+            return [f"--redo {','.join(methods)}: resuming the redo started at "
+                    f"{last.get('started_at')} ({last.get('status')}); nothing more set aside"]
+        notes = []
+        for method in methods:
+            aside = self.meta / "superseded" / f"redo-{method}-{now().replace(':', '')}"
+            moved = []
+            for task in grid["tasks"]:
+                for seed in grid["seeds"]:
+                    seed_dir = f"{task}/seed_{seed}"
+                    if retire_method(self.out / seed_dir, method, aside / seed_dir):
+                        moved.append(seed_dir)  # drop_stale forgets what was built on it:
+                        self._forget(f"search/{task}/{seed}/{method}")
+            extra = []
+            if method == "structured":
+                for task in grid["tasks"]:
+                    for name in ("super", "speed"):  # built on the s-pruning masks
+                        if (self.out / task / name).exists():
+                            move_aside(self.out / task / name, aside / task / name)
+                            extra.append(f"{task}/{name}")
+                    self._forget_super(task)
+            if moved or extra:
+                speed = (" (re-time the subnetworks with `sparsebert speed --run` afterwards)"
+                         if any(e.endswith("/speed") for e in extra) else "")
+                notes.append(f"--redo {method}: set aside {len(moved)} searches"
+                             f"{' and ' + ', '.join(extra) if extra else ''} in {aside}; "
+                             f"they are redone{speed}")
+            else:
+                notes.append(f"--redo {method}: no finished {method} results to redo")
+        return notes
+
+    def _forget(self, unit_id: str) -> None:
+        (self.meta / "done" / marker_name(unit_id)).unlink(missing_ok=True)
+
+    def _forget_super(self, task: str) -> None:
+        """Drop the completion markers of `task`'s super-survivor units."""
+        for marker in (self.meta / "done").glob("super-*.json"):
+            if marker.stem.split("~")[1:2] == [task]:
+                marker.unlink()
+
     def _retire_super(self, tasks: list[str], seeds: list[int]) -> list[str]:
         """Move the super-survivors of the old seed set aside (kept, out of the report)."""
         notes = []
@@ -141,13 +194,8 @@ class SweepDir:
             if not src.exists():
                 continue
             dest = self.meta / "superseded" / f"{task}-super-seeds_{'_'.join(map(str, seeds))}"
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(dest, ignore_errors=True)
-            shutil.move(str(src), dest)
-            if (dest / "summary.json").is_file():
-                (dest / "summary.json").rename(dest / "summary.superseded.json")
-            for marker in (self.meta / "done").glob(f"super-*~{task}*"):
-                marker.unlink()
+            move_aside(src, dest)
+            self._forget_super(task)
             notes.append(f"{task}: super-survivors of seeds {seeds} moved to {dest}; they are "
                          f"redone over the new seeds")
         return notes  # the task and sweep reports are redone by drop_stale
