@@ -290,6 +290,26 @@ def test_per_example_scores_are_kept_and_sum_to_the_total(tiny_bert, tiny_batche
     torch.testing.assert_close(imp.per_example["mlp"].sum(0), imp.mlp, rtol=1e-5, atol=1e-7)
 
 
+def test_per_example_scores_of_a_physically_pruned_model(tiny_bert, tiny_batches):
+    """A layer with every head removed, or without its MLP, has gates that get no gradient:
+    their kept per-example scores are 0, as for the same model masked but not pruned."""
+    masked = patch(tiny_bert(num_labels=NUM_LABELS))
+    head_mask = torch.ones(3, 4)
+    head_mask[1] = 0
+    head_mask[2, 0] = 0
+    set_masks(masked, head_mask=head_mask, mlp_mask=torch.tensor([1.0, 1.0, 0.0]))
+    pruned = sparsebert.prune(copy.deepcopy(masked))
+    options = dict(mode="per_example", neurons=True, normalize=False, keep_per_example=True,
+                   progress=False)
+    want = importance(masked, tiny_batches(num_labels=NUM_LABELS), **options)
+    got = importance(pruned, tiny_batches(num_labels=NUM_LABELS), **options)
+    for name in ("head", "mlp", "neuron"):
+        torch.testing.assert_close(got.per_example[name], want.per_example[name],
+                                   rtol=1e-4, atol=1e-6)
+    assert not got.per_example["head"][:, 1].any() and not got.per_example["mlp"][:, 2].any()
+    assert got.per_example["head"][:, 0].all()
+
+
 def test_state_is_restored_even_on_error(tiny_bert, tiny_batches):
     model = patch(tiny_bert(num_labels=NUM_LABELS))
     model.train()

@@ -332,7 +332,12 @@ def importance(
                         neuron_g[layer].float().reshape(-1, *neuron_acc[layer].shape),
                         power,
                     )
-            if keep_per_example:
+            if keep_per_example:  # a gate that is not used (every head or the MLP of a layer
+                # physically removed) has no gradient: it scores 0 for every example
+                head_g, mlp_g, neuron_g = (
+                    [torch.zeros_like(w) if g is None else g for g, w in zip(gs, ws)]
+                    for gs, ws in ((head_g, wanted[:n]), (mlp_g, wanted[n : 2 * n]),
+                                   (neuron_g, wanted[2 * n :])))
                 kept["head"].append(_to_original(
                     blocks, [g.abs() * (a.head_gate != 0) for g, (a, _) in zip(head_g, blocks)],
                     "head", n_heads, size))
