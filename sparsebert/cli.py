@@ -114,6 +114,12 @@ def _add_search(subparsers) -> None:
                              "(instead of --seed)")
     parser.add_argument("--no-super", action="store_true",
                         help="with --seeds: skip the super-survivor stage")
+    parser.add_argument("--redo", default=None, metavar="METHODS",
+                        help="comma-separated methods (structured, magnitude) to compute again, "
+                             "after an upgrade that changed them: their finished results (for "
+                             "structured with --seeds also the super-survivors) move to "
+                             "OUT/.superseded/ and are redone; the full model is kept. The same "
+                             "--redo rerun after an interruption resumes the redo")
     group = parser.add_argument_group("search")
     add_dataclass_arguments(group, SearchConfig)
     group = parser.add_argument_group("training (full model and re-fine-tuning)")
@@ -143,10 +149,11 @@ def _run_search(args: argparse.Namespace) -> int:
                   "reuses this one)", file=sys.stderr)
         summary = search_seeds(args.task, args.out, seeds,
                                search_config=search_config, train_config=train_config,
-                               progress=not args.quiet, super_survivors=not args.no_super)
+                               progress=not args.quiet, super_survivors=not args.no_super,
+                               redo=args.redo)
     else:
         summary = search(args.task, args.out, search_config=search_config,
-                         train_config=train_config, progress=not args.quiet)
+                         train_config=train_config, progress=not args.quiet, redo=args.redo)
     if args.json:
         print(json.dumps(summary, indent=2))
     elif summary.get("status") == "stopped":

@@ -126,6 +126,56 @@ def test_a_kill_between_paired_writes_is_repaired_on_rerun(reference, tiny_setup
     assert log.read_text() == (ref_out / "metrics.jsonl").read_text()
 
 
+def test_redo_a_method(reference, tiny_setup, tmp_path):
+    """redo="structured" sets the s-pruning results aside (out/.superseded/) and computes them
+    again: the same results as the reference, no stale curve record; the full model and
+    m-pruning are not touched."""
+    ref_out, expected = reference
+    out = tmp_path / "search"
+    shutil.copytree(ref_out, out)
+    found = out / "structured" / "search.json"
+    found.write_text(json.dumps({**json.loads(found.read_text()), "stale": True}))
+    log = out / "metrics.jsonl"
+    log.write_text("".join(json.dumps({**json.loads(line), "stale": True}) + "\n"
+                           if json.loads(line)["method"] == "structured" else line + "\n"
+                           for line in log.read_text().splitlines()))
+    untouched = {p: p.stat().st_mtime_ns for p in [*(out / "full").rglob("*"),
+                                                   *(out / "magnitude").rglob("*")]}
+    summary = search("SST-2", out, progress=False, redo="structured", **_options(tiny_setup))
+    assert _strip(summary) == _strip(expected)
+    assert "stale" not in json.loads(found.read_text())
+    assert not any("stale" in line for line in log.read_text().splitlines())
+    assert sorted(log.read_text().splitlines()) == sorted(
+        (ref_out / "metrics.jsonl").read_text().splitlines())
+    aside = next((out / ".superseded").glob("redo-structured-*"))
+    assert json.loads((aside / "structured" / "search.json").read_text())["stale"]
+    assert not (out / ".superseded" / "redo.json").exists()  # finished
+    assert {p: p.stat().st_mtime_ns for p in untouched} == untouched
+
+
+def test_interrupted_redo_resumes(reference, tiny_setup, tmp_path, capsys):
+    """The same --redo rerun after an interruption resumes the redo: what it redid so far is
+    kept, nothing more is set aside."""
+    ref_out, expected = reference
+    out = tmp_path / "search"
+    shutil.copytree(ref_out, out)
+    stopped = search("SST-2", out, progress=False, redo="structured",
+                     stop_after="structured.search", **_options(tiny_setup))
+    assert stopped["status"] == "stopped" and (out / ".superseded" / "redo.json").is_file()
+    redone = (out / "structured" / "search.json").stat().st_mtime_ns
+    summary = search("SST-2", out, progress=False, redo="structured", **_options(tiny_setup))
+    assert _strip(summary) == _strip(expected)
+    assert (out / "structured" / "search.json").stat().st_mtime_ns == redone
+    assert len(list((out / ".superseded").glob("redo-*"))) == 1
+    model, glue = tiny_setup
+    assert main(["search", "--task", "SST-2", "--out", str(out), "--model", model,
+                 "--glue-dir", glue, "--method", "structured", "--redo", "magnitude",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--redo 'magnitude': expected comma-separated methods the search runs " \
+           "(structured; --method structured)" in err
+
+
 def test_search_resumed_on_other_data_is_refused(tiny_setup, tmp_path):
     """The search stages (importance and scores on dev) refuse a GLUE folder whose files differ
     from the ones the search started with, even once the full model is finished."""
@@ -215,6 +265,14 @@ def test_seeds_and_super_survivors(tiny_setup, tmp_path):
     again = search_seeds("SST-2", tmp_path, [3, 4], search_config=config, train_config=train,
                          progress=False)
     assert again["subnetworks"] == summary["subnetworks"]  # resumed: nothing redone
+    # --redo structured: every seed's s-pruning and the super-survivors again, same results.
+    redone = search_seeds("SST-2", tmp_path, [3, 4], search_config=config, train_config=train,
+                          progress=False, redo="structured")
+    assert redone["subnetworks"] == summary["subnetworks"]
+    aside = next((tmp_path / ".superseded").glob("redo-structured-*"))
+    assert (aside / "super" / "summary.superseded.json").is_file()
+    assert (aside / "seed_4" / "structured" / "search.json").is_file()
+    assert (tmp_path / "seed_4" / "structured" / "search.json").is_file()
     # Without super-survivors, the seeds still get one report over both.
     plain = tmp_path / "plain"
     for seed in (3, 4):

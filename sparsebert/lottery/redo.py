@@ -7,15 +7,18 @@ In a search directory (see sparsebert.lottery.search):
                               copied to <aside>/metrics.jsonl first)
 Anything moved aside keeps its files, except that a summary.json is renamed
 summary.superseded.json, so that a report over the parent directory does not pick it up.
+`sparsebert search --redo` sets aside into <search>/.superseded/redo-<methods>-<time>/ (see
+PendingRedo); `sparsebert sweep --redo` into OUT/.sweep/superseded/ (sparsebert.sweep.state).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
-from sparsebert.atomic import atomic_write_text
+from sparsebert.atomic import atomic_write_json, atomic_write_text
 from sparsebert.train.metrics_log import parse_records
 
 SUMMARY = "summary.json"
@@ -50,3 +53,34 @@ def retire_method(search_dir: Path, method: str, aside: Path) -> bool:
         atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in kept))
     move_aside(results, aside / method)
     return True
+
+
+class PendingRedo:
+    """A redo of `methods` in the search directory `root`, recorded in
+    root/.superseded/redo.json from its start to its end, so that the same redo rerun after an
+    interruption resumes (sets nothing more aside) instead of starting over."""
+
+    def __init__(self, root: Path, methods: tuple[str, ...]) -> None:
+        self.root, self.methods = Path(root), tuple(methods)
+        self.record = self.root / ".superseded" / "redo.json"
+        self.aside = self.root / ".superseded"
+
+    def start(self) -> bool:
+        """True for a new redo (the caller sets its results aside into self.aside), False when
+        resuming an interrupted one of the same methods."""
+        try:
+            pending = json.loads(self.record.read_text()) if self.record.is_file() else None
+        except (OSError, json.JSONDecodeError):
+            pending = None  # a damaged record: start over, as if there were none
+        if isinstance(pending, dict) and set(self.methods) <= set(pending.get("methods", ())):
+            self.aside = Path(pending["aside"])
+            return False
+        stamp = time.strftime("%Y-%m-%dT%H%M%S%z")
+        self.aside = self.root / ".superseded" / f"redo-{'-'.join(self.methods)}-{stamp}"
+        self.aside.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.record, {"methods": list(self.methods), "started_at": stamp,
+                                        "aside": str(self.aside)})
+        return True
+
+    def finish(self) -> None:
+        self.record.unlink(missing_ok=True)

@@ -37,6 +37,7 @@ from sparsebert.hf.masks import get_masks, set_masks
 from sparsebert.hf.patching import patch
 from sparsebert.lottery.config import SearchConfig, SearchError
 from sparsebert.lottery.magnitude_stages import MagnitudeStages
+from sparsebert.lottery.redo import PendingRedo, move_aside, retire_method
 from sparsebert.lottery.scoring import load_search_data, report_metric, score_model
 from sparsebert.lottery.structured_stages import StructuredStages
 from sparsebert.train.config import RUNTIME_FIELDS, TrainConfig, resolve_device
@@ -82,6 +83,39 @@ def check_search_dir(out: Path, search: SearchConfig, train: TrainConfig) -> Non
                               f"vs requested); use another --out or delete that directory")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", mine)
+
+
+def redo_methods(redo: str | None, search: SearchConfig) -> tuple[str, ...]:
+    """--redo's comma-separated methods, each one the search runs."""
+    if redo is None:
+        return ()
+    methods = list(dict.fromkeys(m.strip() for m in str(redo).split(",") if m.strip()))
+    outside = [m for m in methods if m not in search.methods()]
+    if not methods or outside:
+        raise SearchError(f"--redo {redo!r}: expected comma-separated methods the search runs "
+                          f"({','.join(search.methods())}; --method {search.method})")
+    return tuple(m for m in search.methods() if m in methods)
+
+
+def set_aside_for_redo(runners: list[Search], root: Path, methods: tuple[str, ...],
+                       extra: tuple[str, ...] = ()) -> PendingRedo | None:
+    """Start (or resume) the redo of `methods` in the searches of `runners` under `root`: their
+    results and the folders `extra` of root (super/) go to root/.superseded/redo-.../
+    (sparsebert.lottery.redo). A directory holding another search is refused first."""
+    if not methods or not any((r.out / "config.json").is_file() for r in runners):
+        return None  # nothing was searched here yet: nothing to redo
+    for runner in runners:
+        if (runner.out / "config.json").is_file():
+            check_search_dir(runner.out, runner.config, runner.train)
+    pending = PendingRedo(root, methods)
+    if pending.start():
+        for runner in runners:
+            for method in methods:
+                retire_method(runner.out, method, pending.aside / runner.out.relative_to(root))
+        for name in extra:
+            if (root / name).exists():
+                move_aside(root / name, pending.aside / name)
+    return pending
 
 
 class Search(StructuredStages, MagnitudeStages):
@@ -269,11 +303,14 @@ def write_report(out: Path) -> bool:
 
 def search(task: str, out: str | os.PathLike, *, search_config: SearchConfig | None = None,
            train_config: TrainConfig | None = None, progress: bool = True,
-           stop_after: str | None = None, **options) -> dict[str, Any]:
+           stop_after: str | None = None, redo: str | None = None,
+           **options) -> dict[str, Any]:
     """Run (or resume) the lottery-ticket study of one task and seed; returns summary.json.
 
-    options: SearchConfig or TrainConfig fields by name (e.g. method="structured",
-    max_train_examples=500, seed=1337). Example:
+    redo: comma-separated methods whose finished results are set aside (to out/.superseded/)
+    and computed again, keeping the full model (after an upgrade that changed a method); the
+    same redo rerun after an interruption resumes it. options: SearchConfig or TrainConfig
+    fields by name (e.g. method="structured", max_train_examples=500, seed=1337). Example:
 
         from sparsebert.lottery import search
         summary = search("MRPC", "runs/mrpc", method="both", seed=42)
@@ -290,8 +327,12 @@ def search(task: str, out: str | os.PathLike, *, search_config: SearchConfig | N
         setattr(search_config if key in search_fields else train_config, key, value)
     train_config.task = task
     runner = Search(search_config, train_config, out, progress, stop_after)
+    pending = set_aside_for_redo([runner], runner.out, redo_methods(redo, runner.config))
     try:
-        return runner.run()
+        summary = runner.run()
     except StopSearch:
         return {"status": "stopped", "out": str(out)}
+    if pending is not None:
+        pending.finish()
+    return summary
 

@@ -30,7 +30,13 @@ from sparsebert.atomic import atomic_write_json
 from sparsebert.glue.tasks import GlueTask, get_task
 from sparsebert.lottery.config import SearchConfig, SearchError
 from sparsebert.lottery.scoring import report_metric
-from sparsebert.lottery.search import Search, StopSearch, write_report
+from sparsebert.lottery.search import (
+    Search,
+    StopSearch,
+    redo_methods,
+    set_aside_for_redo,
+    write_report,
+)
 from sparsebert.lottery.stats import stability_summary, super_survivor_controls
 from sparsebert.lottery.structured import kept_fraction
 from sparsebert.lottery.subnetworks import SUBNETWORKS
@@ -68,20 +74,26 @@ def super_masks(out: Path, seeds: list[int], first_seed: int) -> dict[str, Any]:
 def search_seeds(task: str, out: str | os.PathLike, seeds: list[int], *,
                  search_config: SearchConfig | None = None,
                  train_config: TrainConfig | None = None, progress: bool = True,
-                 super_survivors: bool = True) -> dict[str, Any]:
+                 super_survivors: bool = True, redo: str | None = None) -> dict[str, Any]:
     """One search per seed into out/seed_<s>/, then the super-survivor stage (needs the
     structured method and >= 2 seeds). Returns the super summary (or the last seed's summary
-    when super_survivors is False)."""
+    when super_survivors is False). redo: as for search() (for structured, the
+    super-survivors are redone too)."""
     if len(set(seeds)) != len(seeds) or not seeds:
         raise SearchError(f"--seeds {seeds}: expected distinct seeds")
     search_config = (search_config or SearchConfig()).validate()
     train_config = train_config or TrainConfig()
     out = Path(out)
-    summaries = []
+    runners = []
     for seed in seeds:
         train = copy.copy(train_config)
         train.task, train.seed = task, seed
-        runner = Search(search_config, train, seed_dir(out, seed), progress)
+        runners.append(Search(search_config, train, seed_dir(out, seed), progress))
+    methods = redo_methods(redo, search_config)
+    pending = set_aside_for_redo(runners, out, methods,
+                                 ("super",) if "structured" in methods else ())
+    summaries = []
+    for runner in runners:
         try:
             summaries.append(runner.run())
         except StopSearch:
@@ -89,8 +101,12 @@ def search_seeds(task: str, out: str | os.PathLike, seeds: list[int], *,
     if not super_survivors or len(seeds) < 2 or "structured" not in search_config.methods():
         if len(seeds) >= 2:
             write_report(out)  # over the seed directories (and super/, when there)
-        return summaries[-1]
-    return SuperStage(task, out, seeds, search_config, train_config, progress).run()
+        result = summaries[-1]
+    else:
+        result = SuperStage(task, out, seeds, search_config, train_config, progress).run()
+    if pending is not None:
+        pending.finish()
+    return result
 
 
 class SuperStage:
