@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparsebert.cli import main
 from sparsebert.lottery.config import SearchConfig
@@ -424,6 +425,45 @@ def test_changed_grid_refused_added_seeds_extend(reference, tiny_model_dir, synt
     assert "summary/SST-2/4" in done and "full/SST-2/3" in done
     assert "task-report/SST-2" not in done and "report" not in done
     assert not (out / ".sweep" / "done" / "report.json").exists()
+
+
+def test_a_failed_unit_leaves_no_changed_model_behind(tiny_model_dir, synthetic_glue, tmp_path,
+                                                     monkeypatch):
+    """A magnitude search that raises half-way (a CUDA OOM, say) restores the fine-tuned
+    weights it had pruned, and the worker drops its warm searches, so a retry on the same
+    worker starts from the fine-tuned model."""
+    import sparsebert.lottery.magnitude_stages as stages  # noqa: PLC0415
+    from sparsebert.sweep import units  # noqa: PLC0415
+
+    search = SearchConfig(method="magnitude", subnets="good", importance_batch_size=16)
+    train = TrainConfig(model=tiny_model_dir, glue_dir=synthetic_glue, epochs=1,
+                        batch_size=16, lr=2e-3, threads=1).resolved()
+    base = {"out": str(tmp_path), "search": search.to_json(), "train": train.to_json(),
+            "seeds": [3], "reports": False, "device": "cpu", "threads": 1, "task": "SST-2",
+            "seed": 3, "method": "magnitude", "subnet": None, "attempt": 1}
+    units.run_unit({**base, "id": "full/SST-2/3", "kind": "full", "method": None})
+    spec = {**base, "id": "search/SST-2/3/magnitude", "kind": "search"}
+    model = units._search(spec, 3).fine_tuned_plain()  # the worker's warm fine-tuned model
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+
+    def out_of_memory(*args, **kwargs):  # the first score of a pruned model
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(stages, "score_model", out_of_memory)
+    with pytest.raises(RuntimeError, match="simulated"):
+        units.run_unit(spec)
+    assert not units._warm
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert not (tmp_path / "SST-2" / "seed_3" / "magnitude" / "search.json").exists()
+
+
+def test_repeated_subnets_are_one_unit_each():
+    assert SearchConfig(subnets="good,bad,good").subnet_list() == ["good", "bad"]
+    grid = Grid(("SST-2",), (3,), ("magnitude",),
+                tuple(SearchConfig(subnets="good,good").subnet_list()), True, False)
+    ids = [u.id for u in expand(grid)]
+    assert len(ids) == len(set(ids))
 
 
 def test_redo_a_method(reference, tiny_model_dir, synthetic_glue, tmp_path, capsys):

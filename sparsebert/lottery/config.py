@@ -56,7 +56,8 @@ class SearchConfig:
         return list(METHODS) if self.method == "both" else [self.method]
 
     def subnet_list(self) -> list[str]:
-        return [s.strip() for s in self.subnets.split(",") if s.strip()]
+        """--subnets in the order given, each once."""
+        return list(dict.fromkeys(s.strip() for s in self.subnets.split(",") if s.strip()))
 
     def validate(self) -> SearchConfig:
         """Checks every field; returns self. Raises SearchError naming the flag."""

@@ -120,8 +120,10 @@ class MagnitudeStages:
         for step in bar:
             kept = mag.kept_count(total, step, self.config.magnitude_amount)
             WeightMasks.from_named(model, mag.mask_from_order(params, order, kept)).apply()
-            score, dev = score_model(model, self.data, self.train)
-            _restore(params, original)
+            try:
+                score, dev = score_model(model, self.data, self.train)
+            finally:  # the fine-tuned model is shared by later stages (and a sweep's retries)
+                _restore(params, original)
             passed = score >= threshold
             curve.append({"step": step, "kept": kept, "fraction_kept": kept / total,
                           "search_score": score, "score": float(dev[metric]),

@@ -93,11 +93,24 @@ def _check_injected_failure(spec: dict[str, Any]) -> None:
 def run_unit(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one unit (idempotent: finished stages are skipped); returns what its marker
     records: seconds (wall), cpu_seconds (the worker's CPU time over the unit), and the
-    unit's headline numbers when it has some."""
+    unit's headline numbers when it has some. A unit that raises leaves no warm search
+    behind (a stage stopped half-way may have left its loaded models changed)."""
     started, cpu_started = time.perf_counter(), time.process_time()
     data_cache.enable()  # tokenized train/dev splits shared by this worker's fine-tunes
     torch.set_num_threads(spec["threads"])
     _check_injected_failure(spec)
+    try:
+        info = _run(spec)
+    except BaseException:
+        _warm.clear()
+        raise
+    return {"seconds": time.perf_counter() - started,
+            "cpu_seconds": time.process_time() - cpu_started,  # this worker, all its threads
+            "device": spec["device"], **info}
+
+
+def _run(spec: dict[str, Any]) -> dict[str, Any]:
+    """The unit's stage; returns its headline numbers."""
     kind, seed, method, subnet = spec["kind"], spec["seed"], spec["method"], spec["subnet"]
     info: dict[str, Any] = {}
     if kind == "full":
@@ -130,9 +143,7 @@ def run_unit(spec: dict[str, Any]) -> dict[str, Any]:
         info["reports"] = write_report(Path(spec["out"]))
     else:
         raise ValueError(f"unknown unit kind {kind!r}")
-    return {"seconds": time.perf_counter() - started,
-            "cpu_seconds": time.process_time() - cpu_started,  # this worker, all its threads
-            "device": spec["device"], **info}
+    return info
 
 
 def unit_spec(unit, base: dict[str, Any], attempt: int, device: str, threads: int
