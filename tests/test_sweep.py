@@ -223,6 +223,19 @@ def test_report_units_without_plotting_say_so(reference, monkeypatch, tmp_path):
     assert not list(out.rglob("report.md"))
 
 
+def test_sweep_report_missed_for_lack_of_plotting_is_written_on_rerun(reference, tiny_model_dir,
+                                                                      synthetic_glue, tmp_path):
+    """The sweep's report.md is always written: a report unit that could not write it (no
+    matplotlib) runs again on a rerun, even with --no-reports."""
+    out = tmp_path / "late-report"
+    shutil.copytree(reference[0], out)
+    marker = out / ".sweep" / "done" / "report.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "reports": False}))
+    (out / "report.md").unlink()
+    outcome = sweep(out, *_configs(tiny_model_dir, synthetic_glue), progress=False)
+    assert set(outcome.done) == {"report"} and (out / "report.md").is_file()
+
+
 def test_same_directories_as_search(reference, tiny_model_dir, synthetic_glue, tmp_path):
     """A seed's directory in the sweep is the one `sparsebert search` writes."""
     from sparsebert.lottery import search  # noqa: PLC0415

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 
 from sparsebert.flags import add_dataclass_arguments, overrides
 
@@ -69,7 +70,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         print(json.dumps(dataclasses.asdict(outcome), indent=2))
     elif not (outcome.done or outcome.failed or outcome.blocked):
         print(f"nothing to do: all {len(outcome.skipped)} units of this sweep were already "
-              f"done; report: {out}/report.md")
+              f"done; {_report_line(out)}")
     else:
         print(f"{len(outcome.done)} units done, {len(outcome.skipped)} already done, "
               f"{len(outcome.failed)} failed, {len(outcome.blocked)} blocked by failures, "
@@ -80,5 +81,13 @@ def run_sweep(args: argparse.Namespace) -> int:
             print(f"rerun the same command to retry them; details in "
                   f"{out}/.sweep/failed/")
         else:
-            print(f"report: {out}/report.md")
+            print(_report_line(out))
     return 1 if outcome.failed else 0
+
+
+def _report_line(out) -> str:
+    report = Path(out) / "report.md"
+    if report.is_file():
+        return f"report: {report}"
+    return (f"no report written ({report}: see the warning above; with matplotlib installed, "
+            f"rerun the same command to write it)")

@@ -225,12 +225,14 @@ class SweepDir:
         """Forget the markers of units that were done before one of their dependencies was
         (re)made or added (a forgotten unit, a grid extended with seeds or tasks), and with
         `reports`, of units done without writing theirs (an earlier --no-reports run): they
-        rerun after it. `units` in the grid's order (dependencies first). Returns done()."""
+        rerun after it; the sweep's own report unit, which always writes its report, likewise.
+        `units` in the grid's order (dependencies first). Returns done()."""
         done = self.done()
         for unit in units:
             if unit.id not in done:
                 continue
-            without_report = reports and done[unit.id].get("reports") is False
+            without_report = ((reports or unit.kind == "report")  # the sweep's: always
+                              and done[unit.id].get("reports") is False)
             if without_report or any(d not in done for d in unit.deps):
                 (self.meta / "done" / marker_name(unit.id)).unlink(missing_ok=True)
                 del done[unit.id]
