@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from collections import Counter
 from pathlib import Path
 
@@ -88,6 +89,12 @@ def test_eta_estimates_from_finished_units():
         pytest.approx(per_weight)
     assert scheduler._eta(["full/RTE/2", "retrained/RTE/2/structured/good"], {}) == \
         f"{(600 + per_weight) / 60:.0f} min"
+    # With 4 slots, work that cannot spread over them takes as long as its longest chain: one
+    # fine-tune left, a full fine-tune then its search (one after the other).
+    scheduler.backend = types.SimpleNamespace(slots=[object()] * 4)
+    assert scheduler._eta(["full/RTE/2"], {}) == "10 min"
+    assert scheduler._eta(["full/RTE/2"], {"full/RTE/2": time.perf_counter() - 60}) == "9 min"
+    assert scheduler._eta(["full/RTE/2", "search/RTE/2/structured"], {}) == "15 min"
 
 
 def test_worker_data_cache(tiny_model_dir, synthetic_glue, tmp_path):
@@ -587,6 +594,19 @@ def test_bad_input_one_line_exit_2(flags, message, tmp_path, capsys):
     assert not out.exists()  # nothing written
 
 
+def test_stop_after_steps_refused(tmp_path, capsys):
+    """Every fine-tune would stop at that step and fail for good: not a sweep flag, and
+    refused by the Python API before anything is written."""
+    with pytest.raises(SystemExit) as stop:
+        main(["sweep", "--out", str(tmp_path / "s"), "--stop-after-steps", "5"])
+    assert stop.value.code == 2
+    assert "unrecognized arguments: --stop-after-steps 5" in capsys.readouterr().err
+    with pytest.raises(SweepError, match="stop_after_steps does not apply to a sweep"):
+        sweep(tmp_path / "s", SweepConfig(tasks="SST-2", seeds="3"),
+              train_config=TrainConfig(stop_after_steps=2), progress=False)
+    assert not (tmp_path / "s").exists()
+
+
 def test_config_file(tmp_path):
     from sparsebert.sweep.config import read_config_file  # noqa: PLC0415
 
@@ -736,6 +756,8 @@ def test_missing_inputs_refused_before_anything_is_written(flags, message, tiny_
     ("epochs = 1.5", "epochs = 1.5: expected an integer"),
     ("lr = true", "lr = True: expected a number"),
     ("out = 3", "out = 3: expected a directory path"),
+    ('device = "cuda:7"', "'device' is set per unit by the sweep; use devices = ... instead"),
+    ("stop_after_steps = 3", "stop_after_steps does not apply to a sweep"),
 ])
 def test_config_file_values_are_type_checked(text, message, tmp_path, capsys):
     path = tmp_path / "sweep.toml"

@@ -41,7 +41,7 @@ def add_sweep(subparsers) -> None:
     add_dataclass_arguments(parser.add_argument_group("search"), SearchConfig,
                             skip=("method",))
     add_dataclass_arguments(parser.add_argument_group("training (--threads: per worker)"),
-                            TrainConfig, skip=("task", "seed", "device"))
+                            TrainConfig, skip=("task", "seed", "device", "stop_after_steps"))
     parser._option_string_actions["--threads"].help = (
         "torch CPU threads per worker (default: the cores / --workers; 1 per unit on a Ray "
         "cluster of CPUs)")

@@ -22,6 +22,8 @@ from sparsebert.lottery.config import METHODS, SearchConfig
 from sparsebert.train.config import TrainConfig, is_valid_seed, resolve_device
 
 BACKENDS = ("local", "ray")
+NO_STOP_AFTER_STEPS = ("does not apply to a sweep (every fine-tune would stop at that step and "
+                       "fail); stop a sweep with Ctrl-C or kill, and rerun it to resume")
 
 
 class SweepError(ConfigError):
@@ -166,10 +168,12 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     unknown = sorted(set(flat) - set(owner) - {"out"})
     if unknown:
         raise SweepError(f"--config {path}: unknown keys {unknown}")
-    for key in ("method", "task", "seed"):
+    for key in ("method", "task", "seed", "device"):
         if key in flat:
-            raise SweepError(f"--config {path}: {key!r} is set by the grid; use "
+            raise SweepError(f"--config {path}: {key!r} is set per unit by the sweep; use "
                              f"{key}s = ... instead")
+    if "stop_after_steps" in flat:
+        raise SweepError(f"--config {path}: stop_after_steps {NO_STOP_AFTER_STEPS}")
     values = {}
     for key, value in flat.items():
         if key == "out":  # the sweep directory, when --out is not given

@@ -12,7 +12,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from sparsebert.lottery.config import SearchConfig
-from sparsebert.sweep.config import SweepConfig, SweepError
+from sparsebert.sweep.config import NO_STOP_AFTER_STEPS, SweepConfig, SweepError
 from sparsebert.sweep.grid import Grid, expand
 from sparsebert.sweep.local import LocalBackend, Slot
 from sparsebert.sweep.scheduler import Outcome, Scheduler
@@ -98,6 +98,8 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
     train = copy.copy(train_config or TrainConfig())
     if train.seed != TrainConfig.seed or train.task != TrainConfig.task:
         raise SweepError("the sweep sets task and seed per unit: use --tasks / --seeds")
+    if train.stop_after_steps is not None:
+        raise SweepError(f"stop_after_steps {NO_STOP_AFTER_STEPS}")
     train = train.resolved()  # checks the values and fills the preset's lr
     train.glue_dir = data_source(train.glue_dir).get("path")
     grid = Grid(tuple(config.task_list()), tuple(config.seed_list()), tuple(methods),

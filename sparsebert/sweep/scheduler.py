@@ -66,13 +66,22 @@ class Scheduler:
         return unit.weight * seconds / weight
 
     def _eta(self, remaining: list[str], running: dict[str, float]) -> str:
-        estimates = [self._estimate(self.units[i]) for i in remaining]
-        if any(e is None for e in estimates):
+        """The larger of two lower bounds: the work left spread over every slot, and the
+        longest chain of units left that must run one after another (with fewer units ready
+        than slots, or at the end, the chain decides)."""
+        estimates = {i: self._estimate(self.units[i]) for i in remaining}
+        if any(e is None for e in estimates.values()):
             return "?"
         now = time.perf_counter()
-        left = sum(estimates) - sum(min(now - t, self._estimate(self.units[i]) or 0)
-                                    for i, t in running.items())
-        seconds = max(left, 0) / max(len(self.backend.slots) if self.backend else 1, 1)
+        left = {i: max(e - (now - running[i]), 0.0) if i in running else e
+                for i, e in estimates.items()}  # a running unit: what is left of it
+        chain: dict[str, float] = {}
+        for i in self.order:  # dependencies first
+            if i in left:
+                chain[i] = left[i] + max((chain[d] for d in self.units[i].deps if d in chain),
+                                         default=0.0)
+        slots = max(len(self.backend.slots) if self.backend else 1, 1)
+        seconds = max(sum(left.values()) / slots, max(chain.values(), default=0.0))
         return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
     def run(self) -> Outcome:
