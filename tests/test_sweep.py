@@ -363,6 +363,7 @@ def test_sigterm_stops_the_sweep_cleanly_then_rerun(reference, tiny_model_dir, s
     assert "Traceback" not in stderr and "leaked" not in stderr
     runs = json.loads((out / "sweep.json").read_text())["runs"]
     assert runs[-1]["status"] == "interrupted" and "finished_at" in runs[-1]
+    assert _status(out)["running"] == {} and _status(out)["sweep"] == "interrupted"
     _rerun_gives_the_reference(reference, tiny_model_dir, synthetic_glue, out)
 
 
@@ -425,12 +426,18 @@ def test_changed_grid_refused_added_seeds_extend(reference, tiny_model_dir, synt
                  "seeds: [3, 4] -> [4] ([3] missing)"):
         assert part in err
     assert sorted(p.name for p in (out / ".sweep" / "done").iterdir()) == before
-    # Added seeds extend it: the old super-survivors move aside (to be redone), said so.
+    # The refused call did not keep the directory's lock (the Python API, refused then fixed).
     from sparsebert.sweep.state import SweepDir, identity  # noqa: PLC0415
 
     _, search, train = _configs(tiny_model_dir, synthetic_glue)
     search.method = "both"
     train = train.resolved()
+    refused = SweepDir(out)
+    with pytest.raises(SweepError, match="holds another grid"):
+        refused.open(identity(Grid(("SST-2",), (4,), ("structured", "magnitude"), ("good",),
+                                   True, True), search, train))
+    assert refused._lock is None
+    # Added seeds extend it: the old super-survivors move aside (to be redone), said so.
     grid = Grid(("SST-2",), (3, 4, 5), ("structured", "magnitude"), ("good",), True, True)
     state = SweepDir(out)
     notes = state.open(identity(grid, search, train))

@@ -108,6 +108,15 @@ class SweepDir:
                              f"another --out")
         self.meta.mkdir(parents=True, exist_ok=True)
         self._take_lock()
+        try:
+            return self._claim(saved, ident, redo)
+        except BaseException:  # refused (another grid) or failed: the lock is not kept
+            self._release()
+            raise
+
+    def _claim(self, saved: dict[str, Any] | None, ident: dict[str, Any],
+               redo: tuple[str, ...]) -> list[str]:
+        """open() with the lock held: compare, extend or redo, and record this run."""
         notes = []
         if saved is not None:
             tasks, seeds = compare(saved["identity"], ident)
@@ -201,9 +210,21 @@ class SweepDir:
         return notes  # the task and sweep reports are redone by drop_stale
 
     def close(self, status: str) -> None:
+        """Record how this run ended (sweep.json; status.json: nothing runs any more) and
+        release the lock."""
         if self.record.get("runs"):
             self.record["runs"][-1].update(finished_at=now(), status=status)
             atomic_write_json(self.path, self.record)
+        status_file = self.meta / "status.json"
+        try:
+            last = json.loads(status_file.read_text()) if status_file.is_file() else None
+        except (OSError, json.JSONDecodeError):
+            last = None
+        if isinstance(last, dict) and self._lock is not None:
+            self.write_status({**last, "running": {}, "sweep": status})
+        self._release()
+
+    def _release(self) -> None:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
