@@ -675,6 +675,47 @@ def test_ray_backend_sigterm_stops_cleanly(tiny_model_dir, synthetic_glue, tmp_p
     assert runs[-1]["status"] == "interrupted"
 
 
+def test_ray_backend_refuses_what_no_node_holds_and_cancels_on_close(tiny_model_dir,
+                                                                    synthetic_glue, tmp_path,
+                                                                    capsys):
+    """A unit request no live node can hold (here --unit-memory-gb 100000) is refused with the
+    nodes' resources, not left waiting forever; closing the backend on a Ray instance the
+    caller started (and keeps) cancels the units still running."""
+    ray = pytest.importorskip("ray")
+    from sparsebert.sweep.local import Slot  # noqa: PLC0415
+    from sparsebert.sweep.ray_backend import RayBackend  # noqa: PLC0415
+
+    out = tmp_path / "ray-infeasible"
+    assert main(_argv(tiny_model_dir, synthetic_glue, out) + ["--backend", "ray",
+                                                              "--unit-memory-gb", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert "no node of the Ray cluster can run a unit: each needs CPU 1, memory 100000.0 GB" \
+        in err
+    assert json.loads((out / "sweep.json").read_text())["runs"][-1]["status"].startswith(
+        "refused")
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        backend = RayBackend([Slot(0, "cpu", 1)], None, 1, 0.0)
+        assert not backend.started  # the caller's instance
+
+        @ray.remote
+        def long_unit(spec):
+            time.sleep(120)
+
+        backend.remote = long_unit
+        backend.submit(backend.slots[0], {"id": "full/SST-2/3"}, None)
+        ref = next(iter(backend.pending))
+        time.sleep(2)
+        backend.close()
+        started = time.monotonic()
+        with pytest.raises((ray.exceptions.TaskCancelledError,
+                            ray.exceptions.WorkerCrashedError)):
+            ray.get(ref, timeout=30)
+        assert time.monotonic() - started < 30 and ray.is_initialized()
+    finally:
+        ray.shutdown()
+
+
 def test_ray_cluster_probe_and_slots():
     """--ray-address: a child process connects to the running cluster and reads its resources,
     which size the slots (CPU slots of --threads CPUs, or GPUs x --per-gpu)."""

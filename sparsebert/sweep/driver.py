@@ -130,6 +130,9 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
         outcome.notes = list(notes)
         status = "failed" if outcome.failed else "finished"
         return outcome
+    except SweepError as error:  # e.g. a Ray cluster that cannot hold a unit
+        status = f"refused: {error}"
+        raise
     finally:
         if backend is not None:
             backend.close()

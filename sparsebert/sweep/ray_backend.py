@@ -99,6 +99,12 @@ def _run_unit(spec: dict[str, Any]) -> dict[str, Any]:
     return run_unit(spec)
 
 
+def _shown(resources: dict[str, float], keys) -> str:
+    """'CPU 2, memory 3.0 GB' for the `keys` of a Ray resource dict."""
+    return ", ".join(f"{k} {resources.get(k, 0) / 2**30:.1f} GB" if k == "memory"
+                     else f"{k} {resources.get(k, 0):g}" for k in keys)
+
+
 class RayBackend:
     """Units as Ray tasks; at most one per slot at a time (slots bound the sweep's width)."""
 
@@ -126,8 +132,35 @@ class RayBackend:
         finally:  # ray.init installs its own SIGTERM handler: keep the command's (as Ctrl-C)
             if threading.current_thread() is threading.main_thread() and on_sigterm is not None:
                 signal.signal(signal.SIGTERM, on_sigterm)
-        self.remote = ray.remote(_run_unit)
         self.pending: dict[Any, Slot] = {}
+        try:
+            self._check_feasible()
+        except SweepError:
+            self.close()
+            raise
+        self.remote = ray.remote(_run_unit)
+
+    def _needs(self, slot: Slot) -> dict[str, float]:
+        """The Ray resources one unit on `slot` requests."""
+        needs = {"CPU": float(slot.threads)}
+        if slot.device != "cpu":
+            needs["GPU"] = 1 / self.per_gpu
+        if self.memory_gb:
+            needs["memory"] = self.memory_gb * 2**30
+        return needs
+
+    def _check_feasible(self) -> None:
+        """SweepError when no live node can hold a unit's request (Ray would keep such a task
+        waiting forever, and the sweep with it)."""
+        nodes = [n.get("Resources", {}) for n in self.ray.nodes() if n.get("Alive")]
+        for slot in self.slots:
+            needs = self._needs(slot)
+            if any(all(node.get(k, 0) >= v for k, v in needs.items()) for node in nodes):
+                continue
+            have = "; ".join(_shown(node, needs) for node in nodes) or "no live node"
+            raise SweepError(f"no node of the Ray cluster can run a unit: each needs "
+                             f"{_shown(needs, needs)} (--threads, --per-gpu, "
+                             f"--unit-memory-gb), the nodes have {have}")
 
     def idle(self) -> list[Slot]:
         return [s for s in self.slots if s.busy is None]
@@ -136,11 +169,12 @@ class RayBackend:
         gpu = slot.device != "cpu"
         if gpu:
             spec = {**spec, "device": "cuda"}  # Ray gives the task its GPU as cuda:0
+        needs = self._needs(slot)
         options: dict[str, Any] = {"num_cpus": slot.threads, "max_retries": 0}
-        if gpu:
-            options["num_gpus"] = 1 / self.per_gpu
-        if self.memory_gb:
-            options["memory"] = int(self.memory_gb * 2**30)
+        if "GPU" in needs:
+            options["num_gpus"] = needs["GPU"]
+        if "memory" in needs:
+            options["memory"] = int(needs["memory"])
         slot.busy, slot.warm_key = spec["id"], warm_key
         self.pending[self.remote.options(**options).remote(spec)] = slot
 
@@ -162,5 +196,13 @@ class RayBackend:
         return events
 
     def close(self) -> None:
+        """Stop the units still running (an interrupted or failed sweep: on a cluster the
+        caller keeps using, they would otherwise run on), then Ray if the sweep started it."""
+        for ref in list(self.pending):
+            try:
+                self.ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001 (already finished, or its worker already gone)
+                pass
+        self.pending.clear()
         if self.started:
             self.ray.shutdown()
