@@ -485,7 +485,8 @@ def test_no_speed_section_without_speed_files_and_bad_file_is_named(runs: Path, 
         report([runs], out_dir=tmp_path / "out")
 
 
-def test_speed_uses_per_round_ratios_and_counts_each_seed_once(runs: Path, tmp_path: Path):
+def test_speed_uses_per_round_ratios_and_counts_each_seed_once(runs: Path, tmp_path: Path,
+                                                               monkeypatch):
     """Files with per-round samples: speed-ups are the medians of per-round ratios (not the
     ratio of medians), the pruned one against the patched full model; a seed timed both on its
     own and through its parent counts once; noisy files are named."""
@@ -512,8 +513,10 @@ def test_speed_uses_per_round_ratios_and_counts_each_seed_once(runs: Path, tmp_p
         if r["subnetwork"]:
             r["subnetwork"] = "seed_1/good"
     (runs / "MRPC" / "speed" / "cpu.json").write_text(json.dumps(parent))
+    monkeypatch.chdir(tmp_path)  # the noisy file is named as typed from here
     text = Path(report([runs], out_dir=tmp_path / "out")["report"]).read_text()
     section = text.split("## Speed of the subnetworks")[1].split("## ")[0]
+    assert "`runs/MRPC/seed_1/speed/cpu.json`" in section and str(tmp_path) not in section
     good = next([c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
                 if line.startswith("| MRPC | good"))
     assert good[2] == "1"  # seed 1 once, though two files time it

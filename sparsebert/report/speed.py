@@ -245,7 +245,7 @@ def speed_tables(results: Mapping[str, TaskResults], entries: list[SpeedEntry]) 
                          "predates the patched-full-model row, so this ratio also holds the "
                          "kernel change, not only the pruning; rerun the command to separate "
                          "them.")
-        noisy = sorted({str(e.file) for e in chosen if e.noisy})
+        noisy = sorted({_as_typed(e.file) for e in chosen if e.noisy})
         if noisy:
             lines.append("Noisy timings (a busy machine; see the file's notes): "
                          + ", ".join(f"`{f}`" for f in noisy) + ".")
@@ -265,3 +265,12 @@ SPEED_NOTE = (
     "and FFN kept count every layer (an MLP switched off counts as 0% of its neurons). Only "
     "s-pruning (heads + MLPs) changes the amount of dense work; m-pruning's unstructured "
     "masks do not, so they are not timed.")
+
+
+def _as_typed(path: str | Path) -> str:
+    """A file as one would type it here: relative to the working directory when under it (so
+    a committed report names no machine-specific absolute path)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
