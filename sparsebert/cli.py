@@ -117,7 +117,8 @@ def _add_search(subparsers) -> None:
     parser.add_argument("--redo", default=None, metavar="METHODS",
                         help="comma-separated methods (structured, magnitude) to compute again, "
                              "after an upgrade that changed them: their finished results (for "
-                             "structured with --seeds also the super-survivors) move to "
+                             "structured also the speed timings, and with --seeds the "
+                             "super-survivors) move to "
                              "OUT/.superseded/ and are redone; the full model is kept. The same "
                              "--redo rerun after an interruption resumes the redo")
     group = parser.add_argument_group("search")

@@ -141,6 +141,7 @@ def test_redo_a_method(reference, tiny_setup, tmp_path):
                            for line in log.read_text().splitlines()))
     untouched = {p: p.stat().st_mtime_ns for p in [*(out / "full").rglob("*"),
                                                    *(out / "magnitude").rglob("*")]}
+    (out / "speed").mkdir()  # timings of the old s-pruning masks
     summary = search("SST-2", out, progress=False, redo="structured", **_options(tiny_setup))
     assert _strip(summary) == _strip(expected)
     assert "stale" not in json.loads(found.read_text())
@@ -149,6 +150,7 @@ def test_redo_a_method(reference, tiny_setup, tmp_path):
         (ref_out / "metrics.jsonl").read_text().splitlines())
     aside = next((out / ".superseded").glob("redo-structured-*"))
     assert json.loads((aside / "structured" / "search.json").read_text())["stale"]
+    assert (aside / "speed").is_dir() and not (out / "speed").exists()
     assert not (out / ".superseded" / "redo.json").exists()  # finished
     assert {p: p.stat().st_mtime_ns for p in untouched} == untouched
 

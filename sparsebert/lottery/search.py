@@ -100,7 +100,8 @@ def redo_methods(redo: str | None, search: SearchConfig) -> tuple[str, ...]:
 def set_aside_for_redo(runners: list[Search], root: Path, methods: tuple[str, ...],
                        extra: tuple[str, ...] = ()) -> PendingRedo | None:
     """Start (or resume) the redo of `methods` in the searches of `runners` under `root`: their
-    results and the folders `extra` of root (super/) go to root/.superseded/redo-.../
+    results, the folders `extra` of root (super/) and, for structured, the speed timings of
+    the old masks (speed/ of root and of each search) go to root/.superseded/redo-.../
     (sparsebert.lottery.redo). A directory holding another search is refused first."""
     if not methods or not any((r.out / "config.json").is_file() for r in runners):
         return None  # nothing was searched here yet: nothing to redo
@@ -109,12 +110,15 @@ def set_aside_for_redo(runners: list[Search], root: Path, methods: tuple[str, ..
             check_search_dir(runner.out, runner.config, runner.train)
     pending = PendingRedo(root, methods)
     if pending.start():
+        folders = [root / name for name in extra]
+        if "structured" in methods:
+            folders += dict.fromkeys([root / "speed", *(r.out / "speed" for r in runners)])
         for runner in runners:
             for method in methods:
                 retire_method(runner.out, method, pending.aside / runner.out.relative_to(root))
-        for name in extra:
-            if (root / name).exists():
-                move_aside(root / name, pending.aside / name)
+        for folder in folders:
+            if folder.exists():
+                move_aside(folder, pending.aside / folder.relative_to(root))
     return pending
 
 
