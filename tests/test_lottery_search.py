@@ -169,6 +169,14 @@ def test_interrupted_redo_resumes(reference, tiny_setup, tmp_path, capsys):
     assert _strip(summary) == _strip(expected)
     assert (out / "structured" / "search.json").stat().st_mtime_ns == redone
     assert len(list((out / ".superseded").glob("redo-*"))) == 1
+    assert not (out / ".superseded" / "redo.json").exists()
+    # A redo completed by a rerun without --redo is done too: the next --redo starts anew
+    # (in a folder of its own, even within the same second).
+    search("SST-2", out, progress=False, redo="structured", stop_after="structured.search",
+           **_options(tiny_setup))
+    assert len(list((out / ".superseded").glob("redo-*"))) == 2
+    search("SST-2", out, progress=False, **_options(tiny_setup))
+    assert not (out / ".superseded" / "redo.json").exists()
     model, glue = tiny_setup
     assert main(["search", "--task", "SST-2", "--out", str(out), "--model", model,
                  "--glue-dir", glue, "--method", "structured", "--redo", "magnitude",

@@ -37,6 +37,15 @@ def move_aside(src: Path, dest: Path) -> None:
         summary.rename(summary.with_name(SUPERSEDED_SUMMARY))
 
 
+def unused(path: Path) -> Path:
+    """`path`, or `path`-2, -3, ... when it exists (two redos within one second)."""
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}-{number}")
+    return candidate
+
+
 def retire_method(search_dir: Path, method: str, aside: Path) -> bool:
     """Move `method`'s results in `search_dir` to `aside`/<method>/ and drop its curve from
     metrics.jsonl, so that the next run of the search redoes that method. Returns whether there
@@ -57,8 +66,9 @@ def retire_method(search_dir: Path, method: str, aside: Path) -> bool:
 
 class PendingRedo:
     """A redo of `methods` in the search directory `root`, recorded in
-    root/.superseded/redo.json from its start to its end, so that the same redo rerun after an
-    interruption resumes (sets nothing more aside) instead of starting over."""
+    root/.superseded/redo.json from its start until the search runs to its end (finish_redo),
+    so that the same redo rerun after an interruption resumes (sets nothing more aside)
+    instead of starting over."""
 
     def __init__(self, root: Path, methods: tuple[str, ...]) -> None:
         self.root, self.methods = Path(root), tuple(methods)
@@ -76,11 +86,15 @@ class PendingRedo:
             self.aside = Path(pending["aside"])
             return False
         stamp = time.strftime("%Y-%m-%dT%H%M%S%z")
-        self.aside = self.root / ".superseded" / f"redo-{'-'.join(self.methods)}-{stamp}"
+        self.aside = unused(self.root / ".superseded" / f"redo-{'-'.join(self.methods)}-{stamp}")
         self.aside.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.record, {"methods": list(self.methods), "started_at": stamp,
                                         "aside": str(self.aside)})
         return True
 
-    def finish(self) -> None:
-        self.record.unlink(missing_ok=True)
+
+
+def finish_redo(root: Path) -> None:
+    """The search in `root` ran to its end: any redo there is complete (also when the rerun
+    that completed it was given no --redo), so a later --redo starts anew."""
+    (Path(root) / ".superseded" / "redo.json").unlink(missing_ok=True)

@@ -37,7 +37,7 @@ from sparsebert.hf.masks import get_masks, set_masks
 from sparsebert.hf.patching import patch
 from sparsebert.lottery.config import SearchConfig, SearchError
 from sparsebert.lottery.magnitude_stages import MagnitudeStages
-from sparsebert.lottery.redo import PendingRedo, move_aside, retire_method
+from sparsebert.lottery.redo import PendingRedo, finish_redo, move_aside, retire_method
 from sparsebert.lottery.scoring import load_search_data, report_metric, score_model
 from sparsebert.lottery.structured_stages import StructuredStages
 from sparsebert.train.config import RUNTIME_FIELDS, TrainConfig, resolve_device
@@ -98,13 +98,13 @@ def redo_methods(redo: str | None, search: SearchConfig) -> tuple[str, ...]:
 
 
 def set_aside_for_redo(runners: list[Search], root: Path, methods: tuple[str, ...],
-                       extra: tuple[str, ...] = ()) -> PendingRedo | None:
+                       extra: tuple[str, ...] = ()) -> None:
     """Start (or resume) the redo of `methods` in the searches of `runners` under `root`: their
     results, the folders `extra` of root (super/) and, for structured, the speed timings of
     the old masks (speed/ of root and of each search) go to root/.superseded/redo-.../
     (sparsebert.lottery.redo). A directory holding another search is refused first."""
     if not methods or not any((r.out / "config.json").is_file() for r in runners):
-        return None  # nothing was searched here yet: nothing to redo
+        return  # nothing was searched here yet: nothing to redo
     for runner in runners:
         if (runner.out / "config.json").is_file():
             check_search_dir(runner.out, runner.config, runner.train)
@@ -119,7 +119,6 @@ def set_aside_for_redo(runners: list[Search], root: Path, methods: tuple[str, ..
         for folder in folders:
             if folder.exists():
                 move_aside(folder, pending.aside / folder.relative_to(root))
-    return pending
 
 
 class Search(StructuredStages, MagnitudeStages):
@@ -331,12 +330,11 @@ def search(task: str, out: str | os.PathLike, *, search_config: SearchConfig | N
         setattr(search_config if key in search_fields else train_config, key, value)
     train_config.task = task
     runner = Search(search_config, train_config, out, progress, stop_after)
-    pending = set_aside_for_redo([runner], runner.out, redo_methods(redo, runner.config))
+    set_aside_for_redo([runner], runner.out, redo_methods(redo, runner.config))
     try:
         summary = runner.run()
     except StopSearch:
         return {"status": "stopped", "out": str(out)}
-    if pending is not None:
-        pending.finish()
+    finish_redo(runner.out)
     return summary
 

@@ -29,6 +29,7 @@ import torch
 from sparsebert.atomic import atomic_write_json
 from sparsebert.glue.tasks import GlueTask, get_task
 from sparsebert.lottery.config import SearchConfig, SearchError
+from sparsebert.lottery.redo import finish_redo
 from sparsebert.lottery.scoring import report_metric
 from sparsebert.lottery.search import (
     Search,
@@ -90,8 +91,7 @@ def search_seeds(task: str, out: str | os.PathLike, seeds: list[int], *,
         train.task, train.seed = task, seed
         runners.append(Search(search_config, train, seed_dir(out, seed), progress))
     methods = redo_methods(redo, search_config)
-    pending = set_aside_for_redo(runners, out, methods,
-                                 ("super",) if "structured" in methods else ())
+    set_aside_for_redo(runners, out, methods, ("super",) if "structured" in methods else ())
     summaries = []
     for runner in runners:
         try:
@@ -104,8 +104,7 @@ def search_seeds(task: str, out: str | os.PathLike, seeds: list[int], *,
         result = summaries[-1]
     else:
         result = SuperStage(task, out, seeds, search_config, train_config, progress).run()
-    if pending is not None:
-        pending.finish()
+    finish_redo(out)
     return result
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from sparsebert.atomic import atomic_write_json
 from sparsebert.lottery.config import SearchConfig
-from sparsebert.lottery.redo import move_aside, retire_method
+from sparsebert.lottery.redo import move_aside, retire_method, unused
 from sparsebert.sweep.config import SweepError
 from sparsebert.sweep.grid import Grid
 from sparsebert.train.config import RUNTIME_FIELDS, TrainConfig
@@ -160,7 +160,7 @@ class SweepDir:
                     f"{last.get('started_at')} ({last.get('status')}); nothing more set aside"]
         notes = []
         for method in methods:
-            aside = self.meta / "superseded" / f"redo-{method}-{now().replace(':', '')}"
+            aside = unused(self.meta / "superseded" / f"redo-{method}-{now().replace(':', '')}")
             moved = []
             for task in grid["tasks"]:
                 for seed in grid["seeds"]:
