@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from sparsebert.atomic import atomic_write_json, atomic_write_text
-from sparsebert.train.metrics_log import parse_records
+from sparsebert.atomic import atomic_write_json
+from sparsebert.train.metrics_log import MetricsLog
 
 SUMMARY = "summary.json"
 SUPERSEDED_SUMMARY = "summary.superseded.json"
@@ -57,11 +58,31 @@ def retire_method(search_dir: Path, method: str, aside: Path) -> bool:
     if log.is_file():
         aside.mkdir(parents=True, exist_ok=True)
         shutil.copy2(log, aside / log.name)
-        kept = [r for r in parse_records(log, log.read_text(encoding="utf-8").splitlines())
-                if r.get("method") != method]
-        atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in kept))
+        MetricsLog(log, keep_until_step=10**9).drop(lambda r: r.get("method") == method)
     move_aside(results, aside / method)
     return True
+
+
+def set_aside(root: Path, parents: Sequence[Path], searches: Sequence[Path],
+              methods: Sequence[str], aside: Path) -> tuple[list[Path], list[Path]]:
+    """Set `methods`' results in the search directories `searches` aside, and for structured
+    what was built on its masks: the super-survivors (super/) of the multi-seed `parents` and
+    the speed timings (speed/) of the parents and searches. Everything lands in `aside` at its
+    path relative to `root`. Returns (searches that had results, other folders moved)."""
+    moved = []
+    for search in searches:
+        found = [retire_method(search, m, aside / search.relative_to(root)) for m in methods]
+        if any(found):  # (a list first: every method is set aside, not only the first found)
+            moved.append(search)
+    folders = []
+    if "structured" in methods:
+        built_on = [*(p / name for p in parents for name in ("super", "speed")),
+                    *(search / "speed" for search in searches)]
+        for folder in dict.fromkeys(built_on):
+            if folder.exists():
+                move_aside(folder, aside / folder.relative_to(root))
+                folders.append(folder)
+    return moved, folders
 
 
 class PendingRedo:
@@ -91,7 +112,6 @@ class PendingRedo:
         atomic_write_json(self.record, {"methods": list(self.methods), "started_at": stamp,
                                         "aside": str(self.aside)})
         return True
-
 
 
 def finish_redo(root: Path) -> None:

@@ -37,7 +37,7 @@ from sparsebert.hf.masks import get_masks, set_masks
 from sparsebert.hf.patching import patch
 from sparsebert.lottery.config import SearchConfig, SearchError
 from sparsebert.lottery.magnitude_stages import MagnitudeStages
-from sparsebert.lottery.redo import PendingRedo, finish_redo, move_aside, retire_method
+from sparsebert.lottery.redo import PendingRedo, finish_redo, set_aside
 from sparsebert.lottery.scoring import load_search_data, report_metric, score_model
 from sparsebert.lottery.structured_stages import StructuredStages
 from sparsebert.train.config import RUNTIME_FIELDS, TrainConfig, resolve_device
@@ -97,12 +97,11 @@ def redo_methods(redo: str | None, search: SearchConfig) -> tuple[str, ...]:
     return tuple(m for m in search.methods() if m in methods)
 
 
-def set_aside_for_redo(runners: list[Search], root: Path, methods: tuple[str, ...],
-                       extra: tuple[str, ...] = ()) -> None:
-    """Start (or resume) the redo of `methods` in the searches of `runners` under `root`: their
-    results, the folders `extra` of root (super/) and, for structured, the speed timings of
-    the old masks (speed/ of root and of each search) go to root/.superseded/redo-.../
-    (sparsebert.lottery.redo). A directory holding another search is refused first."""
+def set_aside_for_redo(runners: list[Search], root: Path, methods: tuple[str, ...]) -> None:
+    """Start (or resume) the redo of `methods` in the searches of `runners` under `root`
+    (root itself, or the parent of seed_<s>/ folders): their results and what was built on
+    them go to root/.superseded/redo-.../ (sparsebert.lottery.redo.set_aside). A directory
+    holding another search is refused first."""
     if not methods or not any((r.out / "config.json").is_file() for r in runners):
         return  # nothing was searched here yet: nothing to redo
     for runner in runners:
@@ -110,15 +109,7 @@ def set_aside_for_redo(runners: list[Search], root: Path, methods: tuple[str, ..
             check_search_dir(runner.out, runner.config, runner.train)
     pending = PendingRedo(root, methods)
     if pending.start():
-        folders = [root / name for name in extra]
-        if "structured" in methods:
-            folders += dict.fromkeys([root / "speed", *(r.out / "speed" for r in runners)])
-        for runner in runners:
-            for method in methods:
-                retire_method(runner.out, method, pending.aside / runner.out.relative_to(root))
-        for folder in folders:
-            if folder.exists():
-                move_aside(folder, pending.aside / folder.relative_to(root))
+        set_aside(root, [root], [runner.out for runner in runners], methods, pending.aside)
 
 
 class Search(StructuredStages, MagnitudeStages):

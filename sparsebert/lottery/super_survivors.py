@@ -91,7 +91,7 @@ def search_seeds(task: str, out: str | os.PathLike, seeds: list[int], *,
         train.task, train.seed = task, seed
         runners.append(Search(search_config, train, seed_dir(out, seed), progress))
     methods = redo_methods(redo, search_config)
-    set_aside_for_redo(runners, out, methods, ("super",) if "structured" in methods else ())
+    set_aside_for_redo(runners, out, methods)
     summaries = []
     for runner in runners:
         try:

@@ -15,8 +15,8 @@ A rerun skips units with a completion marker. The directory is tied to its grid:
 with other options is refused with the differences, except added tasks or seeds, which
 extend the sweep (adding seeds redoes the super-survivors of the tasks already there).
 --redo METHODS sets those methods' searches aside (and, for structured, the super-survivors
-and the speed timings of the subnetworks), so that they and everything built on them run
-again; the full models and the other method's results are kept.
+and the speed timings of the subnetworks: sparsebert.lottery.redo.set_aside), so that they and
+everything built on them run again; the full models and the other method's results are kept.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 
 from sparsebert.atomic import atomic_write_json
 from sparsebert.lottery.config import SearchConfig
-from sparsebert.lottery.redo import move_aside, retire_method, unused
+from sparsebert.lottery.redo import move_aside, set_aside, unused
 from sparsebert.sweep.config import SweepError
 from sparsebert.sweep.grid import Grid
 from sparsebert.train.config import RUNTIME_FIELDS, TrainConfig
@@ -159,26 +159,22 @@ class SweepDir:
             return [f"--redo {','.join(methods)}: resuming the redo started at "
                     f"{last.get('started_at')} ({last.get('status')}); nothing more set aside"]
         notes = []
+        searches = {self.out / task / f"seed_{seed}": (task, seed)
+                    for task in grid["tasks"] for seed in grid["seeds"]}
         for method in methods:
             aside = unused(self.meta / "superseded" / f"redo-{method}-{now().replace(':', '')}")
-            moved = []
-            for task in grid["tasks"]:
-                for seed in grid["seeds"]:
-                    seed_dir = f"{task}/seed_{seed}"
-                    if retire_method(self.out / seed_dir, method, aside / seed_dir):
-                        moved.append(seed_dir)  # drop_stale forgets what was built on it:
-                        self._forget(f"search/{task}/{seed}/{method}")
-            extra = []
+            moved, folders = set_aside(self.out, [self.out / task for task in grid["tasks"]],
+                                       list(searches), (method,), aside)
+            for search in moved:  # drop_stale then forgets what was built on these
+                task, seed = searches[search]
+                self._forget(f"search/{task}/{seed}/{method}")
             if method == "structured":
                 for task in grid["tasks"]:
-                    for name in ("super", "speed"):  # built on the s-pruning masks
-                        if (self.out / task / name).exists():
-                            move_aside(self.out / task / name, aside / task / name)
-                            extra.append(f"{task}/{name}")
                     self._forget_super(task)
+            extra = [str(folder.relative_to(self.out)) for folder in folders]
             if moved or extra:
                 speed = (" (re-time the subnetworks with `sparsebert speed --run` afterwards)"
-                         if any(e.endswith("/speed") for e in extra) else "")
+                         if any(folder.name == "speed" for folder in folders) else "")
                 notes.append(f"--redo {method}: set aside {len(moved)} searches"
                              f"{' and ' + ', '.join(extra) if extra else ''} in {aside}; "
                              f"they are redone{speed}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,17 @@ class MetricsLog:
             self.records = [r for r in parse_records(path, lines)
                             if r.get("step", 0) <= keep_until_step]
             if len(self.records) != len(lines):  # rewritten only when something was dropped
-                atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
+                self._rewrite()
+
+    def drop(self, unwanted: Callable[[dict[str, Any]], bool]) -> None:
+        """Remove the records `unwanted` picks, from memory and from the file."""
+        kept = [r for r in self.records if not unwanted(r)]
+        if len(kept) != len(self.records):
+            self.records = kept
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record: dict[str, Any]) -> None:
         record = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
