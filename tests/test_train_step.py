@@ -71,7 +71,8 @@ def make_batches(shapes: list[tuple[int, int]], seed: int = 0) -> list[dict[str,
 SHAPES = [(8, 16), (8, 32), (8, 16), (5, 32), (8, 32), (8, 16)]
 
 
-def stock_loop(model, batches, lr: float, total_steps: int, warmup: int) -> list[float]:
+def stock_loop(model, batches, lr: float, total_steps: int, warmup: int,
+               clip: float = 1.0) -> list[float]:
     """What a user writes with torch + transformers (the paper's recipe, fp32)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, eps=1e-8, weight_decay=0.0,
                                   fused=True)
@@ -80,7 +81,7 @@ def stock_loop(model, batches, lr: float, total_steps: int, warmup: int) -> list
     for batch in batches:
         loss = model(**batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
@@ -90,12 +91,12 @@ def stock_loop(model, batches, lr: float, total_steps: int, warmup: int) -> list
 
 def sparsebert_loop(model, batches, lr: float, total_steps: int, warmup: int,
                     device: torch.device, graphs: bool, precision: str = "fp32",
-                    masks: WeightMasks | None = None) -> list[float]:
+                    masks: WeightMasks | None = None, clip: float = 1.0) -> list[float]:
     config = TrainConfig(lr=lr, warmup_steps=warmup).resolved()
     optimizer, schedule = make_optimizer(model, config, total_steps, capturable=graphs)
     if masks is not None:
         masks.attach(optimizer)
-    settings = StepSettings(1.0, lambda: autocast(device, precision, cache_enabled=not graphs))
+    settings = StepSettings(clip, lambda: autocast(device, precision, cache_enabled=not graphs))
     step = (CudaGraphStep if graphs else EagerStep)(model, optimizer, settings, device)
     losses = []
     for batch in batches:
@@ -114,6 +115,60 @@ def test_eager_step_equals_stock_loop_exactly():
     assert got == expected
     for (name, a), b in zip(stock.state_dict().items(), ours.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_weight_masks_train_as_torch_prune_does():
+    """Fixed weight masks as the authors held them (torch.nn.utils.prune.custom_from_mask:
+    weight = weight_orig * mask): the same losses and weights, gradient clipping included (the
+    masked weights' gradients stay out of the clipped norm)."""
+    from torch.nn.utils import prune  # noqa: PLC0415
+
+    batches = make_batches(SHAPES)
+    stock, ours = tiny_classifier(dropout=0.0), tiny_classifier(dropout=0.0)
+    names = ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.intermediate.dense",
+             "bert.encoder.layer.1.output.dense"]
+    generator = torch.Generator().manual_seed(1)
+    pairs = []
+    for name in names:
+        mask = torch.rand(ours.get_submodule(name).weight.shape, generator=generator) > 0.3
+        prune.custom_from_mask(stock.get_submodule(name), "weight", mask)
+        pairs.append((ours.get_submodule(name).weight, mask))
+    torch.manual_seed(5)
+    clip = 0.05  # below every step's gradient norm (0.3 to 0.6): clipping acts at each step
+    expected = stock_loop(stock, batches, 1e-2, total_steps=8, warmup=2, clip=clip)
+    torch.manual_seed(5)
+    got = sparsebert_loop(ours, batches, 1e-2, 8, 2, torch.device("cpu"), graphs=False,
+                          masks=WeightMasks(pairs), clip=clip)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # Adam hides a constant rescaling of the gradient; the norm that clipping sees does not.
+    for model in (stock, ours):
+        model.zero_grad()
+        model(**batches[0]).loss.backward()
+    norms = [float(torch.nn.utils.get_total_norm([p.grad for p in m.parameters()]))
+             for m in (stock, ours)]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-5)
+    for name in names:
+        prune.remove(stock.get_submodule(name), "weight")  # weight = weight_orig * mask, a param
+    expected_state = stock.state_dict()
+    assert expected_state.keys() == ours.state_dict().keys()
+    for name, value in ours.state_dict().items():
+        torch.testing.assert_close(value, expected_state[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_weight_masks_gradient_hooks_come_off():
+    """attach()'s handles remove the gradient masking too: the model trains freely after."""
+    model = tiny_classifier(dropout=0.0)
+    weight = model.bert.encoder.layer[0].intermediate.dense.weight
+    mask = torch.zeros(weight.shape, dtype=torch.bool)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    handles = WeightMasks([(weight, mask)]).attach(optimizer)
+    batch = make_batches([(4, 8)])[0]
+    model(**batch).loss.backward()
+    assert weight.grad is not None and not weight.grad.any()
+    handles.remove()
+    model.zero_grad()
+    model(**batch).loss.backward()
+    assert weight.grad.any()
 
 
 def test_warmup_steps_leave_no_trace():

@@ -8,6 +8,7 @@ names and bits) that run directories use as part of a run's identity.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
@@ -27,9 +28,9 @@ class WeightMasks:
     """Fixed 0/1 masks on parameters, enforced around optimizer steps.
 
     masks: (parameter, mask) pairs; each mask has the parameter's shape (bool or 0/1 float).
-    `apply()` multiplies every parameter by its mask in place; `attach(optimizer)` registers
-    apply() as an optimizer step post-hook, so weights that start at zero stay exactly zero
-    whatever AdamW's moments or weight decay do.
+    `apply()` multiplies every parameter by its mask in place; `attach(optimizer)` masks the
+    parameters' gradients and registers apply() as an optimizer step post-hook, so weights that
+    start at zero stay exactly zero whatever AdamW's moments or weight decay do.
     """
 
     def __init__(self, masks: Sequence[tuple[nn.Parameter, torch.Tensor]],
@@ -58,10 +59,20 @@ class WeightMasks:
                 self.masks[i] = (param, mask)
             param.mul_(mask)
 
-    def attach(self, optimizer: torch.optim.Optimizer):
-        """Zero the masked weights now and after every optimizer.step(); returns the handle."""
-        self.apply()
-        return optimizer.register_step_post_hook(lambda _opt, _args, _kwargs: self.apply())
+    def attach(self, optimizer: torch.optim.Optimizer) -> HookHandles:
+        """Zero the masked weights now and after every optimizer.step(), and mask their
+        gradients; returns the handles (remove() detaches both).
+
+        Masking the gradients is what torch.nn.utils.prune's reparametrization (weight =
+        weight_orig * mask, the authors' CustomFromMask) does: gradient clipping then sees the
+        norm over the kept weights only, and AdamW's moments of masked weights stay zero.
+        """
+        self.apply()  # also casts each mask to its parameter's device and dtype
+        handles = [param.register_hook(functools.partial(_masked_grad, mask))
+                   for param, mask in self.masks]
+        handles.append(optimizer.register_step_post_hook(
+            lambda _opt, _args, _kwargs: self.apply()))
+        return HookHandles(handles)
 
     def named(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """{parameter name in `model`: bool mask (CPU)}; every parameter must belong to model."""
@@ -83,6 +94,23 @@ class WeightMasks:
             raise WeightMaskError(f"weight masks name {len(unknown)} parameters the model does "
                                   f"not have (first: {unknown[0]!r})")
         return cls([(params[name], mask) for name, mask in masks.items()], names=list(masks))
+
+
+class HookHandles:
+    """Several hook handles removed together."""
+
+    def __init__(self, handles: Sequence) -> None:
+        self.handles = list(handles)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def _masked_grad(mask: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """A parameter's gradient with the masked entries zeroed (mask in the gradient's dtype)."""
+    return grad * mask.to(device=grad.device, dtype=grad.dtype)
 
 
 def _check_binary(mask: torch.Tensor, label: str) -> None:

@@ -9,6 +9,7 @@ window are checkpointed, so a resumed run logs and computes what an uninterrupte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -98,14 +99,15 @@ def finetune(config: TrainConfig, out_dir: str | os.PathLike, *,
     try:
         if config.threads:
             torch.set_num_threads(config.threads)
-        return _finetune(config, Path(out_dir), model, tokenizer, weight_masks, on_step,
-                         progress)
+        with contextlib.ExitStack() as cleanup:  # hooks put on a caller's model come off
+            return _finetune(config, Path(out_dir), model, tokenizer, weight_masks, on_step,
+                             progress, cleanup)
     finally:
         torch.set_num_threads(threads)
 
 
 def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks, on_step,
-              progress: bool) -> RunResult:
+              progress: bool, cleanup: contextlib.ExitStack) -> RunResult:
     start_wall = time.perf_counter()
     config = config.resolved()
     task = get_task(config.task)
@@ -159,7 +161,7 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
     graphs = use_cuda_graphs(config, device)
     optimizer, scheduler = make_optimizer(model, config, total_steps, capturable=graphs)
     if len(masks):
-        masks.attach(optimizer)
+        cleanup.callback(masks.attach(optimizer).remove)
 
     # Step 3: resume from the checkpoint, if any; else seed dropout.
     step, elapsed = 0, 0.0
