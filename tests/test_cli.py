@@ -62,7 +62,7 @@ def test_readme_main_command_runs_as_written(tiny, tmp_path):
     assert f"{task} dev: acc" in done.stdout  # evaluate without GLUE_DIR: the run's data
     # The subnetworks' timings, saved in the run, land in the report next to the scores.
     assert [p.name for p in (tmp_path / out / "speed").glob("*.json")] == [
-        f"cpu-fp32-b4-s16-glue-{task.lower()}.json"]
+        f"cpu-t1-fp32-b4-s16-glue-{task.lower()}.json"]
     report = (tmp_path / out / "report.md").read_text()
     assert "## Speed of the subnetworks" in report and "speed_vs_score.png" in report
 

@@ -229,6 +229,11 @@ def test_bad_use_is_refused(tiny_bert, tiny_dims):
     ids, mask = _batch(2, 5, tiny_dims.vocab, [5, 3])
     with pytest.raises(FastPathError, match="output_hidden_states"):
         fast(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    model.config.output_attentions = True  # the config asks for them when the call does not
+    with pytest.raises(FastPathError, match="config.output_attentions"):
+        fast(input_ids=ids, attention_mask=mask)
+    fast(input_ids=ids, attention_mask=mask, output_attentions=False)  # the call wins
+    model.config.output_attentions = False
     with pytest.raises(FastPathError, match="inference"):
         fast.train()
     model.train()

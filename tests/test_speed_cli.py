@@ -125,6 +125,26 @@ def _gpt2_dir(tmp_path):
     return str(folder)
 
 
+def _pruned_model_dir(tiny_model_dir, tmp):
+    """A physically pruned save of the tiny model (save_pruned)."""
+    import sparsebert  # noqa: PLC0415
+    from sparsebert.hf.loading import load_model  # noqa: PLC0415
+
+    model, _ = load_model(tiny_model_dir, num_labels=2, seed=0)
+    model = sparsebert.patch(model.eval())
+    sparsebert.set_masks(model, head_mask=torch.tensor([[1.0, 0, 1, 0], [0, 0, 0, 0]]))
+    sparsebert.save_pruned(sparsebert.prune(model), tmp / "pruned")
+    return str(tmp / "pruned")
+
+
+def _run_with_json(tmp, relative, text):
+    """A run directory whose file `relative` holds `text`."""
+    file = tmp / "run" / relative
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(text)
+    return str(tmp / "run")
+
+
 PROBES = {  # name: (extra args (tmp_path -> list), expected text in the one error line)
     "cuda-without-cuda": (lambda tmp: ["--device", "cuda"], "--device cuda"),
     "mask-wrong-shape": (lambda tmp: ["--head-mask", _mask_file(tmp, (3, 4))], "--head-mask"),
@@ -151,6 +171,16 @@ PROBES = {  # name: (extra args (tmp_path -> list), expected text in the one err
     "unsupported-model-type": (lambda tmp: ["--model", _gpt2_dir(tmp)],
                                "model type 'gpt2' is not supported"),
     "model-dir-without-config": (lambda tmp: ["--model", str(tmp)], "no config.json"),
+    "model-dir-physically-pruned": (lambda tmp, model: ["--model", _pruned_model_dir(model, tmp)],
+                                    "a physically pruned model"),
+    "run-masks-json-null": (lambda tmp: ["--run", _run_with_json(tmp, "masks.json", "null")],
+                            "masks.json is damaged (expected a JSON object, found NoneType)"),
+    "run-mask-file-a-list": (lambda tmp: ["--run", _run_with_json(
+        tmp, "structured/masks/good.json", "[]")], "good.json is damaged (expected a JSON object"),
+    "run-summary-null": (lambda tmp: ["--run", _run_with_json(tmp, "summary.json", "null")],
+                         "summary.json is damaged (expected a JSON object"),
+    "run-summary-methods-a-list": (lambda tmp: ["--run", _run_with_json(
+        tmp, "summary.json", '{"kind": "sparsebert-search", "methods": []}')], "no masks found"),
 }
 
 
@@ -160,7 +190,9 @@ def test_speed_bad_input(name, tiny_model_dir, tmp_path, capsys, monkeypatch):
         pytest.skip("a CUDA device is visible")
     monkeypatch.delenv("SPARSEBERT_DEBUG", raising=False)
     extra, expected = PROBES[name]
-    args = ["speed", "--model", tiny_model_dir, *FAST, *extra(tmp_path)]  # a later flag wins
+    extra = (extra(tmp_path, tiny_model_dir) if extra.__code__.co_argcount == 2
+             else extra(tmp_path))
+    args = ["speed", "--model", tiny_model_dir, *FAST, *extra]  # a later flag wins
     assert main(args) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.strip().splitlines() if line.strip()]
@@ -181,13 +213,18 @@ def test_speed_of_a_search_is_saved_in_it_with_the_runs_model(tiny_model_dir, tm
         "model": tiny_model_dir}}))
     assert main(["speed", "--run", str(search), *FAST]) == 0
     saved = list((search / "speed").glob("*.json"))
-    assert [p.name for p in saved] == ["cpu-fp32-b3-s12-full.json"]
+    assert [p.name for p in saved] == ["cpu-t1-fp32-b3-s12-full.json"]
     assert f"wrote {saved[0]}" in capsys.readouterr().out
     result = json.loads(saved[0].read_text())
     assert result["args"]["model"] == tiny_model_dir
     # One subnetwork is still named, so the report can match it with its scores.
     assert [r["subnetwork"] for r in result["rows"] if r["variant"] == "masked"] == ["good"]
-    saved[0].unlink()
+    # Another thread count is another setting: its own file, the first one kept.
+    assert main(["speed", "--run", str(search), *FAST, "--threads", "2"]) == 0
+    assert sorted(p.name for p in (search / "speed").glob("*.json")) == [
+        "cpu-t1-fp32-b3-s12-full.json", "cpu-t2-fp32-b3-s12-full.json"]
+    for file in (search / "speed").glob("*.json"):
+        file.unlink()
     assert main(["speed", "--run", str(search), *FAST, "--no-save"]) == 0
     assert not list((search / "speed").glob("*.json"))
     # A run whose model is not a local directory here: one line naming --run and --model.
@@ -215,3 +252,17 @@ def test_run_masks_from_summaries_of_a_results_copy(tmp_path):
     assert [m.name for m in sets] == [f"seed_{s}/{n}" for s in (1, 2)
                                       for n in ("good", "random", "bad")]
     assert sets[0].kept() == (0.625, 0.5)  # 5 of 8 heads; one of two MLPs
+
+
+def test_threads_apply_for_the_call_only(tiny_model_dir, capsys):
+    """--threads sets torch's thread count while the command runs, then restores it (also
+    when the command fails)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["speed", "--model", tiny_model_dir, *FAST]) == 0  # FAST has --threads 1
+        assert torch.get_num_threads() == 2
+        assert main(["speed", "--model", tiny_model_dir, *FAST, "--seq", "4096"]) == 2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -112,8 +112,12 @@ class AcceleratedModel(nn.Module):
     def forward(self, *args, **kwargs):
         """The model's forward (same arguments, same output type), on the fast path."""
         for flag in ("output_hidden_states", "output_attentions"):
-            if kwargs.get(flag):
-                raise FastPathError(f"accelerate: {flag}=True is not supported; call the model")
+            asked = kwargs.get(flag)  # None: the model's config decides, as in Hugging Face
+            if asked is None:
+                asked = getattr(self.model.config, flag, False)
+            if asked:
+                where = f"{flag}=True" if kwargs.get(flag) else f"config.{flag}=True"
+                raise FastPathError(f"accelerate: {where} is not supported; call the model")
         if self.model.training:
             raise FastPathError("accelerate: the model is in training mode; call model.eval()")
         with torch.no_grad():

@@ -253,7 +253,16 @@ def _row_name(row: dict[str, Any], say_padded: bool = True) -> str:
 
 
 def run_speed(args: argparse.Namespace) -> dict[str, Any]:
-    """Build every variant, check their outputs, time them interleaved; the JSON result."""
+    """Build every variant, check their outputs, time them interleaved; the JSON result.
+    --threads applies for the duration of the call only."""
+    threads = torch.get_num_threads()
+    try:
+        return _run_speed(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_speed(args: argparse.Namespace) -> dict[str, Any]:
     check_args(args)
     device = resolve_device(args.device)
     dtype_name = args.dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
@@ -306,6 +315,7 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
         "device": device_label(device),
         "versions": versions(), "git_sha": git_sha(), "dtype": dtype_name,
         "args": {k: v for k, v in vars(args).items() if not callable(v)},
+        "threads": torch.get_num_threads(),
         "attention": getattr(model.config, "_attn_implementation", None),
         "native_kernels": _native_kernels(),
         "lengths": {"mean": float(lengths.mean()), "min": int(lengths.min()),
@@ -374,10 +384,14 @@ def main(args: argparse.Namespace) -> int:
 
 
 def setting_slug(result: dict[str, Any]) -> str:
-    """File name stem of a result's setting: device, dtype, batch, length, lengths, e.g.
-    cpu-fp32-b16-s128-glue-mrpc or nvidia-h200-fp16-b32-s128-full."""
+    """File name stem of a result's setting: device (on the CPU with its thread count), dtype,
+    batch, length, lengths, e.g. cpu-t1-fp32-b16-s128-glue-mrpc or
+    nvidia-h200-fp16-b32-s128-full. Timings at other thread counts keep their own files."""
     a = result["args"]
-    device = "cpu" if str(a["device"]).startswith("cpu") else result["device"]
+    device = result["device"]
+    if str(a["device"]).startswith("cpu"):
+        threads = result.get("threads") or a.get("threads")
+        device = f"cpu-t{threads}" if threads else "cpu"
     parts = [device, result["dtype"], f"b{a['batch']}", f"s{a['seq']}", str(a["lengths"])]
     return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
 

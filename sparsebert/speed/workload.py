@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,6 +73,7 @@ def load_speed_model(name: str, seed: int = 0) -> tuple[nn.Module, object | None
 
 def check_model_dir(name: str) -> None:
     """--model DIR must be a local directory of a model type the fast path supports."""
+    from sparsebert.hf.pruned_format import PRUNED_JSON  # noqa: PLC0415
     from sparsebert.hf.structure import STRUCTURES, supported_model_types  # noqa: PLC0415
 
     folder = Path(name)
@@ -88,6 +90,10 @@ def check_model_dir(name: str) -> None:
     if model_type not in STRUCTURES:
         raise SpeedError(f"--model {name}: model type {model_type!r} is not supported by the "
                          f"fast path (supported: {', '.join(supported_model_types())})")
+    if (folder / PRUNED_JSON).is_file():
+        raise SpeedError(f"--model {name}: a physically pruned model (written by save_pruned); "
+                         "expected the unpruned model, with its masks from --run or "
+                         "--head-mask (the command builds the pruned variants itself)")
 
 
 def model_shape(model: nn.Module) -> dict[str, int]:
@@ -184,10 +190,7 @@ def _subnetworks(path: str, folder: Path, prefix: str, shape: dict[str, int]) ->
     order = {"good": 0, "random": 1, "bad": 2}
     sets = []
     for file in sorted(folder.glob("*.json"), key=lambda p: (order.get(p.stem, 3), p.stem)):
-        try:
-            data = json.loads(file.read_text())
-        except (OSError, ValueError) as error:
-            raise SpeedError(f"--run {path}: {file} is damaged ({error})") from None
+        data = _read_object(path, file)
         sets.append(masks_from_dict("--run", data, shape, prefix + file.stem, str(file)))
     return sets
 
@@ -198,18 +201,31 @@ def _summary_subnetworks(path: str, summary: Path, prefix: str,
     a results copy keeps of a search), good/random/bad order."""
     if not summary.is_file():
         return []
-    try:
-        data = json.loads(summary.read_text())
-    except (OSError, ValueError) as error:
-        raise SpeedError(f"--run {path}: {summary} is damaged ({error})") from None
-    if not isinstance(data, dict) or data.get("kind") != "sparsebert-search":
+    data = _read_object(path, summary)
+    if data.get("kind") != "sparsebert-search":
         return []
-    subnetworks = (data.get("methods", {}).get("structured") or {}).get("subnetworks") or {}
+    methods = data.get("methods")
+    structured = methods.get("structured") if isinstance(methods, dict) else None
+    subnetworks = structured.get("subnetworks") if isinstance(structured, dict) else None
+    if not isinstance(subnetworks, dict):
+        return []
     return [masks_from_dict("--run", {"head_mask": entry["head_mask"],
                                       "mlp_mask": entry.get("mlp_mask")},
                             shape, prefix + name, f"{summary} ({name})")
             for name, entry in subnetworks.items()
             if isinstance(entry, dict) and entry.get("head_mask") is not None]
+
+
+def _read_object(path: str, file: Path) -> dict[str, Any]:
+    """The JSON object in `file` of --run `path`; a SpeedError when it is not one."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise SpeedError(f"--run {path}: {file} is damaged ({error})") from None
+    if not isinstance(data, dict):
+        raise SpeedError(f"--run {path}: {file} is damaged (expected a JSON object, found "
+                         f"{type(data).__name__})")
+    return data
 
 
 def _search_dirs(root: Path) -> list[tuple[Path, str]]:
@@ -232,10 +248,7 @@ def masks_from_run(path: str, shape: dict[str, int]) -> list[MaskSet]:
         return sets
     masks_file = root / "masks.json"
     if masks_file.is_file():
-        try:
-            data = json.loads(masks_file.read_text())
-        except (OSError, ValueError) as error:
-            raise SpeedError(f"--run {path}: masks.json is damaged ({error})") from None
+        data = _read_object(path, masks_file)
         if data.get("head_mask") is not None:
             masks = masks_from_dict("--run", data, shape, root.name, str(masks_file))
             if any(n < shape["intermediate"] for n in data.get("neurons_kept", [])):
