@@ -13,7 +13,8 @@
 #   build.log    compiler output
 #   tests.log    pytest of tests/test_speed.py on the GPU (CUDA-graph cases included)
 #   speed.log    the three tables
-#   speed-*.json / speed-*.md  the result files, for committing under bench/results/
+#   speed-results.tar.gz  bench/results/speed-*-<gpu>.{json,md}, to unpack in the repository
+# (5 files: what comes back from a device run is limited to a few files).
 # Usage on the GPU machine, from the repository root:  bash bench/gpu_speed.sh
 set -uo pipefail
 out=${OUT:-bench/results/gpu}
@@ -22,7 +23,7 @@ steps=""  # every step
 source bench/gpu_common.sh
 gpu_env
 gpu_summary "varlen attention: $(python3 -c "import torch.nn.attention.varlen" 2>/dev/null && echo yes || echo "no (re-padded SDPA)")"
-collect() { cp bench/results/speed-*-nvidia-* "$out/" 2>/dev/null || true; }
+collect() { tar czf "$out/speed-results.tar.gz" bench/results/speed-*-nvidia-* 2>/dev/null || true; }
 
 # Step 0: build the extension for sm_90 in place (this machine holds a copy of the tree).
 if [ "${SPEED_BUILD:-1}" = 1 ]; then

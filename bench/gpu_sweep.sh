@@ -26,7 +26,10 @@
 # to fp16, the six tasks as a tar.gz). Prepare them once where the package is installed:
 #   python bench/bench_sweep_gpu.py --prepare-inputs .gpu-sweep --glue-dir ../shared/data/glue
 # and name .gpu-sweep in the run's carry. Without them the bench falls back to the default
-# model's package (if installed) or BERT-base only, and a synthetic task; the study is skipped.
+# model's package where it is installed, with a synthetic task (the study is skipped); where
+# neither is there (the GPU machine), the script stops before the build and says so in
+# summary.txt: every model here, BERT-base's random one included, takes the default model's
+# tokenizer.
 #
 # $OUT (default bench/results/gpu-sweep) gets at most 6 files, each written when its step ends:
 #   summary.txt          device, versions, each step's exit status and seconds, the targets
@@ -72,6 +75,10 @@ elif [ -d ../shared/data/glue/SST-2 ]; then
   glue=$(cd ../shared/data/glue && pwd)
 fi
 echo "inputs: model ${model:-none}, GLUE ${glue:-none (synthetic task for the bench; no study)}" | tee -a "$summary"
+if [ -z "$model" ]; then
+  echo "stopped: no model here ($inputs/model is missing and the default model's package is not installed); prepare the inputs with python bench/bench_sweep_gpu.py --prepare-inputs $inputs --glue-dir ../shared/data/glue and carry $inputs" | tee -a "$summary"
+  exit 2
+fi
 
 # Step 1: build (in place: this machine holds a copy of the tree). A failed build leaves the
 # PyTorch reference attention, which the bench and the study still run (slower); noted here.
@@ -80,12 +87,8 @@ step build 150 "$out/build.log" python3 setup.py build_ext --inplace || tail -n 
 python3 -c "from sparsebert import ops; print('masked_attention native kernels:', ops.native_dispatch_keys('masked_attention'))" >> "$summary" 2>&1
 
 # Step 2: throughput, stock process vs sweep (each result written as soon as measured).
-bench_args=(--device "$device" --per-gpu "${GPU_SWEEP_BENCH_K:-8,4,1}" --budget-s 140 --work-dir "$work")
-if [ -n "$model" ]; then
-  bench_args+=(--models default,bert-base --default-model "$model")
-else
-  bench_args+=(--models bert-base)
-fi
+bench_args=(--device "$device" --per-gpu "${GPU_SWEEP_BENCH_K:-8,4,1}" --budget-s 140 --work-dir "$work"
+            --models default,bert-base --default-model "$model")
 [ -n "$glue" ] && bench_args+=(--glue-dir "$glue")
 # shellcheck disable=SC2086  # extra flags split on spaces
 step bench 170 "$out/bench.log" python3 bench/bench_sweep_gpu.py "${bench_args[@]}" ${GPU_SWEEP_BENCH_ARGS:-}
