@@ -196,27 +196,35 @@ def load_hub(task: str | GlueTask, split: str = "train") -> GlueData:
 
 
 def load_split(task: str | GlueTask, split: str = "train",
-               glue_dir: str | os.PathLike | None = None) -> GlueData:
+               glue_dir: str | os.PathLike | None = None, *,
+               origin: str | None = None) -> GlueData:
     """Load one split: `glue_dir`, else $GLUE_DIR, else the hub.
 
     split: "train", "dev" (the first dev split: MNLI matched), or a task's own split name
     ("dev_matched", "dev_mismatched"); hub names ("validation") work too.
-    Raises GlueError naming the paths looked for when a local folder lacks the file.
+    Raises GlueError naming the paths looked for when a local folder lacks the file (origin:
+    where the folder came from, as find_split_file takes it).
     """
     task = get_task(task)
     split = task.resolve_split(split)
     root = resolve_glue_dir(glue_dir)
     if root is None:
         return load_hub(task, split)
-    path = find_split_file(task, split, glue_dir)
+    path = find_split_file(task, split, glue_dir, origin=origin)
     reader = read_tsv if path.suffix == ".tsv" else read_jsonl
     return reader(path, task, split)
 
 
 def find_split_file(task: str | GlueTask, split: str,
-                    glue_dir: str | os.PathLike | None = None) -> Path:
+                    glue_dir: str | os.PathLike | None = None, *,
+                    origin: str | None = None) -> Path:
     """The local file that holds `split` of `task` under `glue_dir` (else $GLUE_DIR), without
-    reading it; GlueError naming the paths looked for when there is none (or no folder)."""
+    reading it; GlueError naming the paths looked for when there is none (or no folder).
+
+    origin: where the folder came from, named in that error: "--glue-dir", "$GLUE_DIR", or a
+    description such as "the run's recorded data folder, recorded in run/config.json".
+    Default: $GLUE_DIR when `glue_dir` is not given or equals it, else --glue-dir.
+    """
     task = get_task(task)
     split = task.resolve_split(split)
     root = resolve_glue_dir(glue_dir)
@@ -226,11 +234,19 @@ def find_split_file(task: str | GlueTask, split: str,
     for path in candidates:
         if path.is_file():
             return path
-    from_env = resolve_glue_dir(None)  # a run records $GLUE_DIR as its glue_dir
-    origin = f"${GLUE_DIR_ENV}" if not glue_dir or root == from_env else "--glue-dir"
+    if origin is None:
+        from_env = resolve_glue_dir(None)  # a run records $GLUE_DIR as its glue_dir
+        origin = f"${GLUE_DIR_ENV}" if not glue_dir or root == from_env else "--glue-dir"
+    layout = f"<dir>/{task.folder}/{split}.tsv"
+    if origin == f"${GLUE_DIR_ENV}":
+        hint = (f"Point {GLUE_DIR_ENV} or --glue-dir at a GLUE download with the layout "
+                f"{layout}, or unset {GLUE_DIR_ENV} to use the hub")
+    elif origin == "--glue-dir":
+        hint = f"Point --glue-dir at a GLUE download with the layout {layout}"
+    else:
+        hint = (f"Pass --glue-dir or set {GLUE_DIR_ENV} to a GLUE download with the layout "
+                f"{layout}")
     raise SplitNotFoundError(
         f"{task.name} {split} split not found under {root} (from {origin}): looked for "
         f"{candidates[0]} (also tried "
-        f"{', '.join(str(p.relative_to(root)) for p in candidates[1:])}). Point "
-        f"{GLUE_DIR_ENV} or --glue-dir at a GLUE download with the layout "
-        f"<dir>/{task.folder}/{split}.tsv, or unset {GLUE_DIR_ENV} to use the hub")
+        f"{', '.join(str(p.relative_to(root)) for p in candidates[1:])}). {hint}")

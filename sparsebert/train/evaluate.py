@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sparsebert.errors import RunDirError
 from sparsebert.glue import batching
-from sparsebert.glue.loading import GLUE_DIR_ENV, load_split, resolve_glue_dir
+from sparsebert.glue.loading import GLUE_DIR_ENV, find_split_file, load_split, resolve_glue_dir
 from sparsebert.glue.metrics import compute_metrics
 from sparsebert.glue.tasks import SplitNotFoundError, get_task
 from sparsebert.train.config import TrainConfig, TrainError, autocast, resolve_device
@@ -54,14 +55,16 @@ def evaluate_model(model: torch.nn.Module, task: str, encoded: batching.Encoded,
     return compute_metrics(glue_task, predictions, encoded.labels)
 
 
-def load_dev_splits(config: TrainConfig, tokenizer) -> dict[str, batching.Encoded]:
-    """Tokenized dev split(s); the first is required, later ones (MNLI mismatched) optional."""
+def load_dev_splits(config: TrainConfig, tokenizer, origin: str | None = None,
+                    ) -> dict[str, batching.Encoded]:
+    """Tokenized dev split(s); the first is required, later ones (MNLI mismatched) optional.
+    origin: where config.glue_dir came from, for the error of a missing file (load_split)."""
     task = get_task(config.task)
     out: dict[str, batching.Encoded] = {}
     for i, split in enumerate(task.dev_splits):
         try:
-            out[split] = batching.encode(load_split(task, split, config.glue_dir), tokenizer,
-                                         config.max_length)
+            out[split] = batching.encode(load_split(task, split, config.glue_dir, origin=origin),
+                                         tokenizer, config.max_length)
         except SplitNotFoundError as error:  # a broken file is an error, a missing one not
             if i == 0:
                 raise
@@ -80,14 +83,47 @@ def data_source(glue_dir: str | os.PathLike | None) -> dict[str, Any]:
 def choose_data(recorded: str | None, glue_dir: str | None) -> tuple[str | None, str]:
     """(glue_dir to use, why) for evaluating a run: --glue-dir, else $GLUE_DIR, else the
     folder the run recorded, else the hub."""
+    glue_dir, why, _origin = _choose_data(recorded, glue_dir, None)
+    return glue_dir, why
+
+
+def _choose_data(recorded: str | None, glue_dir: str | None, run_config: Path | None,
+                 ) -> tuple[str | None, str, str | None]:
+    """choose_data's (glue_dir, why), and where the folder came from for the error of a
+    missing file (find_split_file's origin; None for the hub)."""
     if glue_dir:
-        return glue_dir, f"--glue-dir {glue_dir}"
+        return glue_dir, f"--glue-dir {glue_dir}", "--glue-dir"
     env = os.environ.get(GLUE_DIR_ENV, "")
     if env:
-        return env, f"${GLUE_DIR_ENV} ({env})"
+        origin = (f"${GLUE_DIR_ENV}, which evaluate uses before the run's recorded data folder"
+                  if recorded else f"${GLUE_DIR_ENV}")
+        return env, f"${GLUE_DIR_ENV} ({env})", origin
     if recorded:
-        return recorded, f"the run's data folder ({recorded})"
-    return None, "the hub (the run was trained on hub data)"
+        where = f"recorded in {run_config}" if run_config is not None else "recorded by the run"
+        return (recorded, f"the run's data folder ({recorded})",
+                f"the run's recorded data folder, {where}")
+    return None, "the hub (the run was trained on hub data)", None
+
+
+def read_run_config(run_dir: Path) -> TrainConfig:
+    """The TrainConfig of a run directory's config.json; RunDirError naming the file when it
+    is damaged (not JSON, or not a run's config)."""
+    path = run_dir / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except UnicodeDecodeError as error:
+        raise RunDirError(f"{path}: damaged, not a text file ({error.reason}); restore it or "
+                          f"rerun the same finetune command into a new --out") from None
+    except json.JSONDecodeError as error:
+        raise RunDirError(f"{path}: damaged, not valid JSON ({error}); restore it or rerun the "
+                          f"same finetune command into a new --out") from None
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path}: damaged, expected a JSON object of the run's settings, "
+                          f"found {type(data).__name__}")
+    try:
+        return TrainConfig.from_json(data)
+    except TypeError as error:
+        raise RunDirError(f"{path}: not a run's config ({error})") from None
 
 
 def evaluate(run_dir: str | os.PathLike, glue_dir: str | None = None,
@@ -103,9 +139,12 @@ def evaluate(run_dir: str | os.PathLike, glue_dir: str | None = None,
         raise TrainError(f"--batch-size {batch_size!r}: expected an integer >= 1")
     run_dir = Path(run_dir)
     require_finished(run_dir)
-    config = TrainConfig.from_json(json.loads((run_dir / "config.json").read_text()))
-    config.glue_dir, why = choose_data(config.glue_dir, glue_dir)
+    config = read_run_config(run_dir)
+    config.glue_dir, why, origin = _choose_data(config.glue_dir, glue_dir,
+                                                run_dir / "config.json")
     task = get_task(config.task)
+    if resolve_glue_dir(config.glue_dir) is not None:  # a missing file: one error, at once
+        find_split_file(task, task.dev_splits[0], config.glue_dir, origin=origin)
     model, tokenizer = load_run_model(run_dir, task.num_labels, task.labels)
     if verbose:
         print(f"data: {why}", file=sys.stderr)
@@ -113,7 +152,7 @@ def evaluate(run_dir: str | os.PathLike, glue_dir: str | None = None,
     model.to(target)
     metrics = {split: evaluate_model(model, task.name, encoded,
                                      batch_size or config.eval_batch_size, config.precision)
-               for split, encoded in load_dev_splits(config, tokenizer).items()}
+               for split, encoded in load_dev_splits(config, tokenizer, origin).items()}
     first = task.dev_splits[0]
     return {"task": task.name, "run": str(run_dir), "metrics": metrics,
             "threshold_metric": task.threshold_metric,

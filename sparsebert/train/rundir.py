@@ -293,8 +293,28 @@ def _finished_runs(root: Path, limit: int = 3) -> list[str]:
     return found[:limit]
 
 
+# Weight files of a Hugging Face model directory (save_pretrained / save_pruned).
+MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json")
+
+
+def _is_model_dir(path: Path) -> bool:
+    """True when `path` holds a saved model: an HF config.json and weights."""
+    return ((path / "config.json").is_file()
+            and any((path / name).is_file() for name in MODEL_WEIGHT_FILES))
+
+
+def _is_finished_run(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model" / "config.json").is_file()
+
+
 def require_finished(run_dir: Path) -> None:
     """A clear error when `run_dir` is no run directory or its run has not finished."""
+    if run_dir.is_file() or (run_dir.exists() and not run_dir.is_dir()):
+        parent = run_dir.parent
+        hint = (f"; it is in the run {parent}: pass --run {parent}" if _is_finished_run(parent)
+                else "; pass the --out directory of a `sparsebert finetune` run")
+        raise RunDirError(f"--run {run_dir}: is a file, not a run directory{hint}")
     if not run_dir.is_dir():
         raise RunDirError(f"--run {run_dir}: not a run directory (no such directory)")
     has_config = (run_dir / "config.json").is_file()
@@ -311,6 +331,14 @@ def require_finished(run_dir: Path) -> None:
     if not has_config:
         raise RunDirError(f"--run {run_dir}: not a run directory (no config.json); run "
                           f"`sparsebert finetune --out {run_dir}` first")
+    if _is_model_dir(run_dir):
+        parent = run_dir.parent
+        if run_dir.name == "model" and _is_finished_run(parent):
+            raise RunDirError(f"--run {run_dir}: is the model folder of the run {parent}, not "
+                              f"a run directory; pass --run {parent}")
+        raise RunDirError(f"--run {run_dir}: is a model directory (config.json and weights), "
+                          f"not a run directory; pass the --out directory of a `sparsebert "
+                          f"finetune` run")
     if not (run_dir / "model" / "config.json").is_file():
         raise RunDirError(f"--run {run_dir}: the run is unfinished (no model/); rerun the "
                           f"same finetune command to resume it")

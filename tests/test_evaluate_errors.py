@@ -1,0 +1,114 @@
+"""`sparsebert evaluate` (and `finetune --model`) on broken inputs: a model folder without
+tokenizer files, damaged run files, a run whose data folder is gone, and --run pointing at the
+wrong kind of path. Each gives one `sparsebert: error:` line and exit status 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sparsebert.cli import main
+from sparsebert.hf.loading import ModelLoadError, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, synthetic_glue, tmp_path_factory) -> Path:
+    """A finished plain SST-2 run of the tiny model on the synthetic data."""
+    run = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["finetune", "--task", "SST-2", "--out", str(run), "--model", tiny_model_dir,
+                 "--glue-dir", synthetic_glue, "--epochs", "1", "--batch-size", "32",
+                 "--threads", "1", "--quiet"]) == 0
+    return run
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path) -> Path:
+    """A copy of the finished run that a test may damage."""
+    return Path(shutil.copytree(finished_run, tmp_path / "run"))
+
+
+@pytest.fixture(autouse=True)
+def _plain_env(monkeypatch):
+    monkeypatch.delenv("SPARSEBERT_DEBUG", raising=False)
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+
+
+def fails(args: list[str], capsys) -> str:
+    """The one error line of a command that must exit with status 2."""
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("sparsebert: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_model_folder_without_tokenizer_files(run_copy, tiny_model_dir, synthetic_glue,
+                                              tmp_path, capsys):
+    model_dir = run_copy / "model"
+    for file in model_dir.glob("tokenizer*"):
+        file.unlink()
+    line = fails(["evaluate", "--run", str(run_copy)], capsys)
+    assert str(model_dir) in line and "no tokenizer files found" in line
+    assert "tokenizer.json" in line and "vocab.txt" in line
+
+    # What model.save_pretrained() alone writes: config.json and weights.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(tiny_model_dir) / name, bare / name)
+    out = tmp_path / "out"
+    line = fails(["finetune", "--task", "SST-2", "--out", str(out), "--model", str(bare),
+                  "--glue-dir", synthetic_glue, "--epochs", "1", "--threads", "1", "--quiet"],
+                 capsys)
+    assert str(bare) in line and "no tokenizer files found" in line
+    assert not out.exists()
+
+    # A vocabulary far smaller than the model's embedding: not this model's tokenizer.
+    (bare / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\nfilm\n")
+    with pytest.raises(ModelLoadError, match="the tokenizer has 7 tokens .* vocab_size 30522"):
+        load_tokenizer(bare)
+
+
+def test_damaged_run_files(run_copy, tmp_path, capsys):
+    config = run_copy / "config.json"
+    good = config.read_text()
+    config.write_text('{"task": "SST-2",\n')
+    line = fails(["evaluate", "--run", str(run_copy)], capsys)
+    assert str(config) in line and "not valid JSON" in line
+    config.write_text("[1, 2]")
+    line = fails(["evaluate", "--run", str(run_copy)], capsys)
+    assert str(config) in line and "expected a JSON object" in line
+    config.write_text(good)
+
+    weights = run_copy / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    line = fails(["evaluate", "--run", str(run_copy)], capsys)
+    assert str(weights) in line and "damaged" in line
+
+
+def test_recorded_data_folder_missing(run_copy, tmp_path, capsys):
+    config = run_copy / "config.json"
+    saved = json.loads(config.read_text())
+    gone = tmp_path / "glue_gone"
+    saved["glue_dir"] = str(gone)
+    config.write_text(json.dumps(saved))
+    line = fails(["evaluate", "--run", str(run_copy)], capsys)
+    assert f"not found under {gone}" in line
+    assert f"the run's recorded data folder, recorded in {config}" in line
+    assert "Pass --glue-dir or set GLUE_DIR" in line
+    assert "from --glue-dir" not in line and "unset" not in line
+
+
+def test_run_is_a_model_folder_or_a_file(finished_run, capsys):
+    line = fails(["evaluate", "--run", str(finished_run / "model")], capsys)
+    assert f"is the model folder of the run {finished_run}" in line
+    assert f"pass --run {finished_run}" in line and "unfinished" not in line
+    results = finished_run / "results.json"
+    line = fails(["evaluate", "--run", str(results)], capsys)
+    assert f"--run {results}: is a file, not a run directory" in line
+    assert "no such directory" not in line
