@@ -12,6 +12,7 @@ SPARSEBERT_DEBUG=1 builds with -O0 -g. SPARSEBERT_PTXAS_VERBOSE=1 adds -Xptxas -
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import sys
 
@@ -28,6 +29,18 @@ def _log(msg: str) -> None:
 def _env_flag(name: str, default: str) -> str:
     value = os.environ.get(name, default).strip().lower()
     return value
+
+
+SWITCH_VALUES = {"1": True, "true": True, "yes": True, "on": True,
+                 "0": False, "false": False, "no": False, "off": False, "": False}
+
+
+def _switch(name: str) -> bool:
+    """An on/off environment switch (1/true/yes/on or 0/false/no/off; unset is off)."""
+    value = _env_flag(name, "0")
+    if value not in SWITCH_VALUES:
+        raise SystemExit(f"{name} must be 1/true/yes/on or 0/false/no/off; got {value!r}")
+    return SWITCH_VALUES[value]
 
 
 def _is_toolkit(folder: str | None) -> bool:
@@ -71,18 +84,30 @@ def _cuda_decision() -> tuple[bool, str]:
     return True, f"torch CUDA {torch.version.cuda}, toolkit at {cuda_home}"
 
 
+def _schema_fingerprint() -> str:
+    """The fingerprint of sparsebert/ops.py's op schemas (sparsebert/schema.py, run by path:
+    the package itself is not imported), embedded in the library."""
+    path = os.path.join(ROOT, "sparsebert", "schema.py")
+    spec = importlib.util.spec_from_file_location("_sparsebert_schema", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.source_fingerprint(os.path.join(ROOT, "sparsebert", "ops.py"))
+
+
 def _extension():
     import torch
     from torch.utils import cpp_extension
 
-    debug = _env_flag("SPARSEBERT_DEBUG", "0") == "1"
+    debug = _switch("SPARSEBERT_DEBUG")
     build_cuda, reason = _cuda_decision()
     _log(f"CUDA kernels: {'on' if build_cuda else 'off'} ({reason})")
 
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags = opt + ["-fopenmp"]
-    define_macros = []
+    schemas = _schema_fingerprint()
+    _log(f"op schemas: {schemas}")
+    define_macros = [("SPARSEBERT_SCHEMA_FINGERPRINT", f'"{schemas}"')]
     nvcc_flags = []
 
     if build_cuda:
@@ -98,7 +123,7 @@ def _extension():
         nvcc_flags = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + [
             "--expt-relaxed-constexpr",
         ]
-        if _env_flag("SPARSEBERT_PTXAS_VERBOSE", "0") == "1":
+        if _switch("SPARSEBERT_PTXAS_VERBOSE"):
             nvcc_flags.append("-Xptxas=-v")
         ext_cls = cpp_extension.CUDAExtension
     else:

@@ -12,6 +12,16 @@
 #define SPARSEBERT_CUDA_VERSION ""
 #endif
 
+// The fingerprint of the op schemas in sparsebert/ops.py this library was built against
+// (sparsebert/schema.py; setup.py and CMakeLists.txt pass it). Python reads these bytes from the
+// file before loading it: a library built from other schemas is refused with a warning instead
+// of torch aborting the process while the kernels register.
+#ifndef SPARSEBERT_SCHEMA_FINGERPRINT
+#error "SPARSEBERT_SCHEMA_FINGERPRINT is not defined (build with setup.py or CMakeLists.txt)"
+#endif
+extern "C" __attribute__((used, visibility("default"))) const char sparsebert_op_schemas[] =
+    "sparsebert-op-schemas:" SPARSEBERT_SCHEMA_FINGERPRINT;
+
 namespace sparsebert {
 
 std::vector<std::pair<std::string, std::string>>& compiled_kernels() {
@@ -44,6 +54,7 @@ pybind11::dict build_info() {
     kernels[key.c_str()].cast<pybind11::list>().append(op);
   }
   info["kernels"] = kernels;
+  info["op_schemas"] = SPARSEBERT_SCHEMA_FINGERPRINT;
   return info;
 }
 

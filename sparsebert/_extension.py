@@ -3,34 +3,88 @@
 Importing `_C` registers the C++/CUDA kernels into the torch dispatcher. If it cannot be loaded,
 one warning says how to fix it and the pure-PyTorch references (the ops' default kernels) run.
 SPARSEBERT_REQUIRE_EXT=1 turns that into an ImportError (CI sets it).
+
+A `_C` built from other op schemas than sparsebert/ops.py's (sources updated, extension not
+rebuilt) is refused the same way before it is loaded: loading it would make torch abort the
+process while the kernels register (sparsebert/schema.py).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import warnings
+from pathlib import Path
 from types import ModuleType
+
+from sparsebert import schema
 
 _FIX = (
     "build it with `pip install --no-build-isolation -e .` from the repository (needs a C++ "
     "compiler and the torch you run with), or set SPARSEBERT_REQUIRE_EXT=1 to make this an error"
 )
+SWITCH_VALUES = {"1": True, "true": True, "yes": True, "on": True,
+                 "0": False, "false": False, "no": False, "off": False, "": False}
+
+
+def env_switch(name: str) -> bool:
+    """An on/off environment switch: 1/true/yes/on or 0/false/no/off (any case; unset is off);
+    ValueError naming the variable for anything else."""
+    value = os.environ.get(name, "").strip().lower()
+    if value not in SWITCH_VALUES:
+        raise ValueError(f"{name}={os.environ[name]!r}: expected 1/true/yes/on or "
+                         f"0/false/no/off")
+    return SWITCH_VALUES[value]
+
+
+def _unavailable(reason: str) -> None:
+    """The warning (or, with SPARSEBERT_REQUIRE_EXT on, the ImportError) for an unusable _C."""
+    if env_switch("SPARSEBERT_REQUIRE_EXT"):
+        raise ImportError(f"sparsebert._C failed to load and SPARSEBERT_REQUIRE_EXT="
+                          f"{os.environ['SPARSEBERT_REQUIRE_EXT']}: {reason}")
+    warnings.warn(f"sparsebert native kernels unavailable ({reason}); the PyTorch reference "
+                  f"implementations run instead. To fix: {_FIX}", RuntimeWarning, stacklevel=4)
+
+
+def _schema_mismatch(library: str) -> str | None:
+    """Why the library at `library` does not fit this source's op schemas, or None when it
+    does (or when the sources cannot be read to tell)."""
+    ops_source = Path(__file__).with_name("ops.py")
+    try:
+        expected = schema.source_fingerprint(ops_source)
+    except (OSError, ValueError, SyntaxError):
+        return None  # no readable sources (a bytecode-only install): nothing to compare
+    try:
+        built = schema.built_fingerprint(library)
+    except (OSError, ValueError) as error:
+        return f"{library} cannot be read ({error})"
+    if built is None:
+        return (f"{library} carries no op-schema fingerprint: it was built by an older "
+                f"version of sparsebert; rebuild it")
+    if built != expected:
+        return (f"{library} was built for other op schemas ({built}) than "
+                f"sparsebert/ops.py defines ({expected}): the sources changed since the build; "
+                f"rebuild it")
+    return None
 
 
 def load_extension() -> ModuleType | None:
     """Import sparsebert._C; returns None (after one warning) if it is unavailable."""
     try:
-        from sparsebert import _C  # noqa: PLC0415
+        spec = importlib.util.find_spec("sparsebert._C")
     except ImportError as error:
-        if os.environ.get("SPARSEBERT_REQUIRE_EXT", "0") == "1":
-            raise ImportError(
-                f"sparsebert._C failed to load and SPARSEBERT_REQUIRE_EXT=1: {error}"
-            ) from error
-        warnings.warn(
-            f"sparsebert native kernels unavailable ({error}); the PyTorch reference "
-            f"implementations run instead. To fix: {_FIX}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        _unavailable(str(error))
         return None
-    return _C
+    if spec is None or spec.origin is None:
+        _unavailable("sparsebert._C is not built")
+        return None
+    mismatch = _schema_mismatch(spec.origin)
+    if mismatch is not None:
+        _unavailable(mismatch)
+        return None
+    try:
+        return importlib.import_module("sparsebert._C")
+    except ImportError as error:
+        _unavailable(str(error))
+        return None

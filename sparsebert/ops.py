@@ -9,6 +9,8 @@ checks with their messages are in sparsebert.op_checks.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
@@ -203,8 +205,9 @@ def masked_attention(
                              f"{type(t).__name__}")
     if not NATIVE_AUTOGRAD:
         # Reference path: Python checks, then the CompositeExplicitAutograd reference.
+        # On the CPU the padded-row check costs no sync: always made, as the CPU kernel does.
         op_checks.validate_masked_attention(q, k, v, head_gate, key_padding_mask,
-                                            check_padding_rows)
+                                            check_padding_rows or q.device.type == "cpu")
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     elif check_padding_rows and key_padding_mask is not None and q.device.type != "cpu":
         # the native CPU kernel checks by itself
@@ -419,6 +422,15 @@ def accumulate_importance_(acc: Tensor, scores: Tensor, power: int = 1) -> Tenso
     torch.ops.sparsebert.accumulate_importance_(acc, scores, power)
     return acc
 
+
+# The CUDA host code reads SPARSEBERT_ATTENTION_KERNEL at each call (simt: the SIMT kernels;
+# mma: the mma.sync ones; unset or default: the verified defaults). A typo would silently run
+# the defaults: refused here.
+ATTENTION_KERNEL_CHOICES = ("default", "simt", "mma")
+_kernel_choice = os.environ.get("SPARSEBERT_ATTENTION_KERNEL", "default") or "default"
+if _kernel_choice not in ATTENTION_KERNEL_CHOICES:
+    raise ValueError(f"SPARSEBERT_ATTENTION_KERNEL={_kernel_choice!r}: expected one of "
+                     f"{', '.join(ATTENTION_KERNEL_CHOICES)} (or unset)")
 
 _C = load_extension()
 
