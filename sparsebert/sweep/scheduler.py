@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,6 +140,10 @@ class Scheduler:
             if not running:
                 break
             for event in self.backend.poll(timeout=1.0):
+                if event.unit_id not in running:  # a backend's stray or repeated result
+                    warnings.warn(f"a result for {event.unit_id!r}, which is not running, was "
+                                  "ignored", RuntimeWarning)
+                    continue
                 changed = True
                 unit = self.units[event.unit_id]
                 placed.pop(event.unit_id, None)
