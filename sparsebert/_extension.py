@@ -71,6 +71,7 @@ def _schema_mismatch(library: str) -> str | None:
 
 def load_extension() -> ModuleType | None:
     """Import sparsebert._C; returns None (after one warning) if it is unavailable."""
+    env_switch("SPARSEBERT_REQUIRE_EXT")  # a bad value is refused even when _C loads
     try:
         spec = importlib.util.find_spec("sparsebert._C")
     except ImportError as error:

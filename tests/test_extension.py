@@ -163,6 +163,10 @@ def test_env_switch_refuses_other_values(monkeypatch):
     monkeypatch.setenv("SPARSEBERT_REQUIRE_EXT", "required")
     with pytest.raises(ValueError, match="SPARSEBERT_REQUIRE_EXT='required': expected 1/true"):
         env_switch("SPARSEBERT_REQUIRE_EXT")
+    from sparsebert._extension import load_extension  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match="SPARSEBERT_REQUIRE_EXT='required'"):
+        load_extension()  # refused even where _C would load
     monkeypatch.delenv("SPARSEBERT_REQUIRE_EXT")
     assert env_switch("SPARSEBERT_REQUIRE_EXT") is False
 
