@@ -26,6 +26,7 @@ from sparsebert.lottery.config import SearchConfig
 from sparsebert.sweep import Grid, SweepConfig, SweepError, expand, sweep
 from sparsebert.sweep.grid import check_order, upward_rank
 from sparsebert.train import TrainConfig
+from tests.processes import pid_alive
 
 SEEDS = "3,4"
 
@@ -255,15 +256,6 @@ def test_same_directories_as_search(reference, tiny_model_dir, synthetic_glue, t
     assert mine == _results(reference[0])["SST-2/seed_3/summary.json"]
 
 
-def _pid_alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie left by a killed parent counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
-
-
 def _wait_for(condition, timeout: float = 300.0, what: str = ""):
     """The condition's first true value; AssertionError after `timeout` seconds (a liveness
     bound, not a speed check: a loaded 2-core machine starts Ray and a first unit slowly)."""
@@ -336,7 +328,7 @@ def test_kill_worker_and_driver_then_rerun(reference, tiny_model_dir, synthetic_
         workers = [w["pid"] for w in _status(out).get("running", {}).values()]
         driver.kill()
         driver.wait(timeout=30)
-        _wait_for(lambda: not any(_pid_alive(p) for p in workers), timeout=20,
+        _wait_for(lambda: not any(pid_alive(p) for p in workers), timeout=20,
                   what="the workers to exit with the driver")
     assert len(_done(out)) >= 8
     _rerun_gives_the_reference(reference, tiny_model_dir, synthetic_glue, out)
@@ -356,7 +348,7 @@ def test_sigterm_stops_the_sweep_cleanly_then_rerun(reference, tiny_model_dir, s
         driver.send_signal(signal.SIGTERM)
         _, stderr = driver.communicate(timeout=30)
         assert time.monotonic() - stopped_at < 15  # no wait for the running units to end
-        _wait_for(lambda: not any(_pid_alive(p) for p in workers), timeout=10,
+        _wait_for(lambda: not any(pid_alive(p) for p in workers), timeout=10,
                   what="the workers to stop")
     assert driver.returncode == 143, stderr
     assert stderr.strip().splitlines()[-1] == "terminated; rerun the same command to resume"

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from sparsebert.sweep.local import Event, LocalBackend, Slot
+from tests.processes import pid_alive
 
 DEADLINE_S = 20.0  # a liveness bound for one worker to start and answer on a loaded machine
 
@@ -37,15 +38,6 @@ def trivial_unit(spec: dict) -> dict:
     return info
 
 
-def _pid_alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
-
-
 @contextlib.contextmanager
 def _backend(workers: int = 1):
     """A LocalBackend running trivial_unit on `workers` CPU slots; on the way out it is
@@ -64,7 +56,7 @@ def _backend(workers: int = 1):
         yield backend
     finally:
         backend.close()
-        assert not [p for p in started if _pid_alive(p)], "workers left running after close()"
+        assert not [p for p in started if pid_alive(p)], "workers left running after close()"
 
 
 def _events(backend: LocalBackend, count: int, deadline: float = DEADLINE_S) -> list[Event]:

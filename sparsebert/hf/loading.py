@@ -150,6 +150,14 @@ def has_tokenizer_files(path: str | os.PathLike) -> bool:
     return any(p.is_file() for pattern in TOKENIZER_FILE_PATTERNS for p in path.glob(pattern))
 
 
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The weight files of a saved model directory (WEIGHT_FILE_PATTERNS, index files
+    included), sorted."""
+    path = Path(path)
+    return sorted({p for pattern in WEIGHT_FILE_PATTERNS for p in path.glob(pattern)
+                   if p.is_file()})
+
+
 def check_tokenizer_files(source: str) -> None:
     """ModelLoadError for a local model directory without tokenizer files.
 
@@ -231,9 +239,8 @@ def hub_offline_reason() -> str | None:
 def _damaged_files(source: str, what: str) -> str:
     """The local files a damaged-file error of loading `what` from `source` points at."""
     path = Path(source).expanduser()
-    patterns = WEIGHT_FILE_PATTERNS if what == "model" else ("*.safetensors",)
-    files = sorted({str(p) for pattern in patterns for p in path.glob(pattern) if p.is_file()
-                    and not p.name.endswith(".json")})
+    found = weight_files(path) if what == "model" else sorted(path.glob("*.safetensors"))
+    files = [str(p) for p in found if p.is_file() and not p.name.endswith(".json")]
     if not files:
         return f"a .safetensors file in {source}"
     return files[0] if len(files) == 1 else f"one of {', '.join(files[:4])}"

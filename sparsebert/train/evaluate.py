@@ -80,17 +80,11 @@ def data_source(glue_dir: str | os.PathLike | None) -> dict[str, Any]:
     return {"source": "glue_dir", "path": str(Path(resolved).resolve())}
 
 
-def choose_data(recorded: str | None, glue_dir: str | None) -> tuple[str | None, str]:
-    """(glue_dir to use, why) for evaluating a run: --glue-dir, else $GLUE_DIR, else the
-    folder the run recorded, else the hub."""
-    glue_dir, why, _origin = _choose_data(recorded, glue_dir, None)
-    return glue_dir, why
-
-
-def _choose_data(recorded: str | None, glue_dir: str | None, run_config: Path | None,
-                 ) -> tuple[str | None, str, str | None]:
-    """choose_data's (glue_dir, why), and where the folder came from for the error of a
-    missing file (find_split_file's origin; None for the hub)."""
+def choose_data(recorded: str | None, glue_dir: str | None, run_config: Path | None = None,
+                ) -> tuple[str | None, str, str | None]:
+    """(glue_dir to use, why, origin) for evaluating a run: --glue-dir, else $GLUE_DIR, else
+    the folder the run recorded (in `run_config`), else the hub. origin: where the folder came
+    from, for the error of a missing file (find_split_file's origin; None for the hub)."""
     if glue_dir:
         return glue_dir, f"--glue-dir {glue_dir}", "--glue-dir"
     env = os.environ.get(GLUE_DIR_ENV, "")
@@ -140,8 +134,8 @@ def evaluate(run_dir: str | os.PathLike, glue_dir: str | None = None,
     run_dir = Path(run_dir)
     require_finished(run_dir)
     config = read_run_config(run_dir)
-    config.glue_dir, why, origin = _choose_data(config.glue_dir, glue_dir,
-                                                run_dir / "config.json")
+    config.glue_dir, why, origin = choose_data(config.glue_dir, glue_dir,
+                                               run_dir / "config.json")
     task = get_task(config.task)
     if resolve_glue_dir(config.glue_dir) is not None:  # a missing file: one error, at once
         find_split_file(task, task.dev_splits[0], config.glue_dir, origin=origin)

@@ -293,15 +293,11 @@ def _finished_runs(root: Path, limit: int = 3) -> list[str]:
     return found[:limit]
 
 
-# Weight files of a Hugging Face model directory (save_pretrained / save_pruned).
-MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                      "pytorch_model.bin.index.json")
-
-
 def _is_model_dir(path: Path) -> bool:
     """True when `path` holds a saved model: an HF config.json and weights."""
-    return ((path / "config.json").is_file()
-            and any((path / name).is_file() for name in MODEL_WEIGHT_FILES))
+    from sparsebert.hf.loading import weight_files  # noqa: PLC0415
+
+    return (path / "config.json").is_file() and bool(weight_files(path))
 
 
 def _is_finished_run(path: Path) -> bool:
