@@ -93,6 +93,31 @@ def test_speed_masks_from_files_and_runs(tiny_model_dir, synthetic_glue, tmp_pat
     assert masked["ffn_kept"] == 0.5
 
 
+def test_glue_lengths_read_the_runs_recorded_data_folder(tiny_model_dir, synthetic_glue,
+                                                       tmp_path, monkeypatch, capsys):
+    """--run with --lengths glue:TASK and neither --glue-dir nor $GLUE_DIR: the folder the run
+    recorded in its config.json, as `evaluate` does (not the hub)."""
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    search = tmp_path / "search"
+    (search / "structured" / "masks").mkdir(parents=True)
+    (search / "structured" / "masks" / "good.json").write_text(
+        json.dumps({"head_mask": np.ones((2, 4)).tolist(), "mlp_mask": [1.0, 1.0]}))
+    config = {"search": {}, "train": {"model": str(tiny_model_dir), "glue_dir": synthetic_glue}}
+    (search / "config.json").write_text(json.dumps(config))
+    args = ["speed", "--run", str(search), *FAST, "--batch", "40", "--lengths", "glue:SST-2",
+            "--json", str(tmp_path / "speed.json")]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "speed.json").read_text())
+    assert result["lengths"]["min"] < result["lengths"]["max"] <= 12  # real, padded lengths
+    # A recorded folder without the task's file: the error names where the folder came from.
+    config["train"]["glue_dir"] = str(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").mkdir()
+    (search / "config.json").write_text(json.dumps(config))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "glue:SST-2" in err and "recorded data folder" in err and "Traceback" not in err
+
+
 def test_unsupported_dtype_is_one_line():
     with pytest.raises(SpeedError, match="--dtype int32 is not supported on cpu"):
         check_dtype("int32", torch.int32, torch.device("cpu"))

@@ -48,8 +48,10 @@ from sparsebert.speed.workload import (
     masks_from_run,
     model_shape,
     random_masks,
+    run_glue_dir,
     run_model,
 )
+from sparsebert.train.evaluate import choose_data
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", default="full",
                         help="full, uniform (in [S/4, S]) or glue:TASK (the task's dev lengths; "
                              "default: full)")
-    parser.add_argument("--glue-dir", default=None, help="GLUE folder (default: $GLUE_DIR)")
+    parser.add_argument("--glue-dir", default=None,
+                        help="GLUE folder for --lengths glue:TASK (default: $GLUE_DIR, else "
+                        "the folder the --run recorded, else the hub)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda when visible)")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
@@ -280,8 +284,9 @@ def _run_speed(args: argparse.Namespace) -> dict[str, Any]:
         raise SpeedError(f"--seq {args.seq}: longer than the model's position limit "
                          f"({shape['max_length']} tokens)")
     sets = mask_sets(args, shape)
-    lengths = batch_lengths(args.lengths, args.batch, args.seq, tokenizer, args.glue_dir,
-                            args.seed)
+    glue_dir, glue_origin = _glue_source(args)
+    lengths = batch_lengths(args.lengths, args.batch, args.seq, tokenizer, glue_dir,
+                            args.seed, origin=glue_origin)
     model = model.to(device=device, dtype=dtype)
     batch = make_batch(lengths, args.seq, model.config.vocab_size, device, args.seed)
     padded = "attention_mask" in batch
@@ -325,6 +330,15 @@ def _run_speed(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "notes": notes,
     }
+
+
+def _glue_source(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(GLUE folder, origin) for --lengths glue:TASK: --glue-dir, else $GLUE_DIR, else the
+    folder a --run recorded, else the hub (as `evaluate` chooses)."""
+    recorded, config = (run_glue_dir(args.run) if args.run is not None and
+                        args.lengths.startswith("glue:") else (None, None))
+    glue_dir, _, origin = choose_data(recorded, args.glue_dir, config)
+    return glue_dir, origin
 
 
 def _native_kernels() -> list[str]:

@@ -279,20 +279,26 @@ def is_search_dir(path: str) -> bool:
     return any(one(folder) for folder, _ in _search_dirs(Path(path)))
 
 
-def run_model(path: str) -> str:
-    """The --model of a run directory's config.json (a search's or a fine-tune's; a multi-seed
-    search: its first seed's): minilm for the default model, else its local directory."""
+def _run_train_config(path: str) -> tuple[dict[str, Any], Path | None]:
+    """The training settings of a run directory's config.json (a search's or a fine-tune's; a
+    multi-seed search: its first seed's) and that file; ({}, None) when there is none."""
     root = Path(path)
     configs = [root / "config.json", *sorted(root.glob("seed_*/config.json"))]
     config = next((c for c in configs if c.is_file()), None)
     if config is None:
-        return "minilm"  # masks_from_run says what is missing
+        return {}, None  # masks_from_run says what is missing
     try:
         data = json.loads(config.read_text())
     except (OSError, ValueError) as error:
         raise SpeedError(f"--run {path}: {config} is damaged ({error})") from None
     train = data.get("train", data) if isinstance(data, dict) else {}
-    model = train.get("model") if isinstance(train, dict) else None
+    return (train if isinstance(train, dict) else {}), config
+
+
+def run_model(path: str) -> str:
+    """The --model of a run directory's config.json (a search's or a fine-tune's; a multi-seed
+    search: its first seed's): minilm for the default model, else its local directory."""
+    model = _run_train_config(path)[0].get("model")
     if model in (None, "default", "minilm"):
         return "minilm"
     if not Path(model).is_dir():
@@ -301,10 +307,19 @@ def run_model(path: str) -> str:
     return str(model)
 
 
+def run_glue_dir(path: str) -> tuple[str | None, Path | None]:
+    """The GLUE folder a run directory recorded (its config.json's glue_dir) and that file;
+    (None, None) when it recorded none (it read $GLUE_DIR or the hub)."""
+    train, config = _run_train_config(path)
+    recorded = train.get("glue_dir")
+    return (recorded, config) if isinstance(recorded, str) and recorded else (None, None)
+
+
 # --- batches --------------------------------------------------------------------------------
 def batch_lengths(spec: str, batch: int, seq: int, tokenizer=None, glue_dir=None,
-                  seed: int = 0) -> np.ndarray:
-    """(B,) lengths for --lengths full | uniform | glue:TASK."""
+                  seed: int = 0, origin: str | None = None) -> np.ndarray:
+    """(B,) lengths for --lengths full | uniform | glue:TASK (glue_dir: the GLUE folder, else
+    $GLUE_DIR, else the hub; origin: where glue_dir came from, named when a file is missing)."""
     if spec == "full":
         return np.full(batch, seq, dtype=np.int64)
     if spec == "uniform":
@@ -321,7 +336,7 @@ def batch_lengths(spec: str, batch: int, seq: int, tokenizer=None, glue_dir=None
         from sparsebert.glue.tasks import GlueError  # noqa: PLC0415
 
         try:
-            data = load_split(spec.split(":", 1)[1], "dev", glue_dir)
+            data = load_split(spec.split(":", 1)[1], "dev", glue_dir, origin=origin)
         except GlueError as error:
             raise GlueError(f"--lengths {spec!r}: {error}") from None
         lengths = encode(data, tokenizer, max_length=max(seq, 8)).lengths
