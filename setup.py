@@ -31,16 +31,22 @@ def _env_flag(name: str, default: str) -> str:
     return value
 
 
-SWITCH_VALUES = {"1": True, "true": True, "yes": True, "on": True,
-                 "0": False, "false": False, "no": False, "off": False, "": False}
+def _package_file(name: str):
+    """sparsebert/<name>.py run by path (standard library only): the package itself is not
+    imported, as its dependencies may not be installed yet."""
+    path = os.path.join(ROOT, "sparsebert", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_sparsebert_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _switch(name: str) -> bool:
-    """An on/off environment switch (1/true/yes/on or 0/false/no/off; unset is off)."""
-    value = _env_flag(name, "0")
-    if value not in SWITCH_VALUES:
-        raise SystemExit(f"{name} must be 1/true/yes/on or 0/false/no/off; got {value!r}")
-    return SWITCH_VALUES[value]
+    """An on/off environment switch, read as the package reads it (sparsebert/switches.py)."""
+    try:
+        return _package_file("switches").env_switch(name)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
 
 def _is_toolkit(folder: str | None) -> bool:
@@ -85,13 +91,9 @@ def _cuda_decision() -> tuple[bool, str]:
 
 
 def _schema_fingerprint() -> str:
-    """The fingerprint of sparsebert/ops.py's op schemas (sparsebert/schema.py, run by path:
-    the package itself is not imported), embedded in the library."""
-    path = os.path.join(ROOT, "sparsebert", "schema.py")
-    spec = importlib.util.spec_from_file_location("_sparsebert_schema", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.source_fingerprint(os.path.join(ROOT, "sparsebert", "ops.py"))
+    """The fingerprint of sparsebert/ops.py's op schemas (sparsebert/schema.py), embedded in
+    the library."""
+    return _package_file("schema").source_fingerprint(os.path.join(ROOT, "sparsebert", "ops.py"))
 
 
 def _extension():

@@ -19,25 +19,14 @@ from pathlib import Path
 from types import ModuleType
 
 from sparsebert import schema
+from sparsebert.switches import env_switch
+
+__all__ = ["env_switch", "load_extension"]
 
 _FIX = (
     "build it with `pip install --no-build-isolation -e .` from the repository (needs a C++ "
     "compiler and the torch you run with), or set SPARSEBERT_REQUIRE_EXT=1 to make this an error"
 )
-SWITCH_VALUES = {"1": True, "true": True, "yes": True, "on": True,
-                 "0": False, "false": False, "no": False, "off": False, "": False}
-
-
-def env_switch(name: str) -> bool:
-    """An on/off environment switch: 1/true/yes/on or 0/false/no/off (any case; unset is off);
-    ValueError naming the variable for anything else."""
-    value = os.environ.get(name, "").strip().lower()
-    if value not in SWITCH_VALUES:
-        raise ValueError(f"{name}={os.environ[name]!r}: expected 1/true/yes/on or "
-                         f"0/false/no/off")
-    return SWITCH_VALUES[value]
-
-
 def _unavailable(reason: str) -> None:
     """The warning (or, with SPARSEBERT_REQUIRE_EXT on, the ImportError) for an unusable _C."""
     if env_switch("SPARSEBERT_REQUIRE_EXT"):

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,14 +152,14 @@ def test_an_unbuilt_extension_is_named_as_such(monkeypatch):
                                            ("on", True), ("0", False), ("false", False),
                                            ("no", False), ("OFF", False), ("", False)])
 def test_env_switch_values(monkeypatch, value, on):
-    from sparsebert._extension import env_switch  # noqa: PLC0415
+    from sparsebert.switches import env_switch  # noqa: PLC0415
 
     monkeypatch.setenv("SPARSEBERT_REQUIRE_EXT", value)
     assert env_switch("SPARSEBERT_REQUIRE_EXT") is on
 
 
 def test_env_switch_refuses_other_values(monkeypatch):
-    from sparsebert._extension import env_switch  # noqa: PLC0415
+    from sparsebert.switches import env_switch  # noqa: PLC0415
 
     monkeypatch.setenv("SPARSEBERT_REQUIRE_EXT", "required")
     with pytest.raises(ValueError, match="SPARSEBERT_REQUIRE_EXT='required': expected 1/true"):
@@ -169,6 +170,17 @@ def test_env_switch_refuses_other_values(monkeypatch):
         load_extension()  # refused even where _C would load
     monkeypatch.delenv("SPARSEBERT_REQUIRE_EXT")
     assert env_switch("SPARSEBERT_REQUIRE_EXT") is False
+
+
+def test_the_build_reads_switches_as_the_package_does():
+    """setup.py reads sparsebert/switches.py (no second table): a bad value stops the build
+    with the package's message, before anything is compiled."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "SPARSEBERT_DEBUG": "Maybe"}
+    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "SPARSEBERT_DEBUG='Maybe': expected 1/true/yes/on or 0/false/no/off" in result.stderr
 
 
 def test_an_unknown_attention_kernel_switch_is_refused():

@@ -1,0 +1,22 @@
+"""On/off environment switches (SPARSEBERT_REQUIRE_EXT, SPARSEBERT_DEBUG, ...).
+
+Standard library only: setup.py runs this file by path, before anything is built, so the build
+and the package read a switch the same way.
+"""
+
+from __future__ import annotations
+
+import os
+
+SWITCH_VALUES = {"1": True, "true": True, "yes": True, "on": True,
+                 "0": False, "false": False, "no": False, "off": False, "": False}
+
+
+def env_switch(name: str) -> bool:
+    """An on/off environment switch: 1/true/yes/on or 0/false/no/off (any case, spaces ignored;
+    unset is off); ValueError naming the variable for anything else."""
+    value = os.environ.get(name, "").strip().lower()
+    if value not in SWITCH_VALUES:
+        raise ValueError(f"{name}={os.environ[name]!r}: expected 1/true/yes/on or "
+                         f"0/false/no/off")
+    return SWITCH_VALUES[value]
