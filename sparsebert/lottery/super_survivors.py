@@ -19,6 +19,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ import torch
 from sparsebert.atomic import atomic_write_json
 from sparsebert.glue.tasks import GlueTask, get_task
 from sparsebert.lottery.config import SearchConfig, SearchError
-from sparsebert.lottery.redo import finish_redo
+from sparsebert.lottery.redo import finish_redo, move_aside, unused
 from sparsebert.lottery.scoring import report_metric
 from sparsebert.lottery.search import (
     Search,
@@ -80,7 +82,9 @@ def search_seeds(task: str, out: str | os.PathLike, seeds: list[int], *,
     structured method and >= 2 seeds). Returns the super summary (or the last seed's summary
     when super_survivors is False). redo: as for search() (for structured, the
     super-survivors are redone too)."""
-    if len(set(seeds)) != len(seeds) or not seeds:
+    if not seeds:
+        raise SearchError("--seeds: expected at least one seed")
+    if len(set(seeds)) != len(seeds):
         raise SearchError(f"--seeds {seeds}: expected distinct seeds")
     search_config = (search_config or SearchConfig()).validate()
     train_config = train_config or TrainConfig()
@@ -145,12 +149,30 @@ class SuperStage:
     # summary_stage.
 
     def masks_stage(self) -> dict[str, Any]:
-        """super/masks.json (once): the controls' masks, notes and stability statistics."""
+        """super/masks.json (once per seed list): the controls' masks, notes and stability
+        statistics, with the seeds they come from. Masks of another seed list (a rerun with
+        more seeds, say) are set aside with everything built on them, and drawn again."""
         masks_file = self.root / "masks.json"
-        if not masks_file.is_file():
-            self.root.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(masks_file, super_masks(self.out, self.seeds, self.seeds[0]))
-        return json.loads(masks_file.read_text())
+        found = json.loads(masks_file.read_text()) if masks_file.is_file() else None
+        if found is not None and found.get("seeds") == self.seeds:
+            return found
+        fresh = {**super_masks(self.out, self.seeds, self.seeds[0]), "seeds": self.seeds}
+        written_before_seeds = found is not None and "seeds" not in found
+        if found is not None and not (written_before_seeds and found["masks"] == fresh["masks"]):
+            self._set_aside(found.get("seeds"))
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(masks_file, fresh)
+        return fresh
+
+    def _set_aside(self, seeds: list[int] | None) -> None:
+        """Move super/ (masks of `seeds`, and the pruned and retrained runs of those masks) to
+        out/.superseded/super-seeds-<seeds>-<time>/."""
+        label = "-".join(map(str, seeds)) if seeds else "unknown"
+        stamp = time.strftime("%Y-%m-%dT%H%M%S%z")
+        aside = unused(self.out / ".superseded" / f"super-seeds-{label}-{stamp}")
+        move_aside(self.root, aside)
+        print(f"[super] {self.root}: its masks come from seeds {seeds or 'unknown'}, not "
+              f"{self.seeds}; set aside in {aside}, drawing them again", file=sys.stderr)
 
     def _masks(self, name: str) -> dict[str, torch.Tensor]:
         found = Search.read_stage(self.root / "masks.json")

@@ -1,0 +1,77 @@
+"""The super-survivor masks (super/masks.json) belong to one seed list: a rerun with other
+seeds draws them again and sets the old ones aside, with what was built on them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sparsebert.lottery.config import SearchConfig, SearchError
+from sparsebert.lottery.super_survivors import SuperStage, search_seeds
+from sparsebert.train.config import TrainConfig
+
+HEADS = {1: [[1, 1, 1], [1, 0, 0]], 2: [[1, 1, 0], [1, 0, 0]], 3: [[1, 0, 0], [0, 0, 0]]}
+MLPS = {1: [1, 1], 2: [1, 0], 3: [0, 1]}
+
+
+@pytest.fixture
+def seeds_dir(tmp_path):
+    """Three seeds' finished structured searches (their good masks), (L, H) = (2, 3)."""
+    for seed in HEADS:
+        found = tmp_path / f"seed_{seed}" / "structured"
+        found.mkdir(parents=True)
+        (found / "search.json").write_text(json.dumps({"head_mask": HEADS[seed],
+                                                       "mlp_mask": MLPS[seed]}))
+    return tmp_path
+
+
+def _stage(out, seeds):
+    return SuperStage("MRPC", out, seeds, SearchConfig(), TrainConfig(), progress=False)
+
+
+def _kept_in_every(seeds):
+    return np.all([HEADS[s] for s in seeds], axis=0).astype(float).tolist()
+
+
+def test_masks_of_another_seed_list_are_drawn_again(seeds_dir, capsys):
+    first = _stage(seeds_dir, [1, 2]).masks_stage()
+    assert first["seeds"] == [1, 2] and first["masks"]["good"]["head_mask"] == _kept_in_every([1, 2])
+    built_on = seeds_dir / "super" / "pruned" / "good" / "seed_1.json"
+    built_on.parent.mkdir(parents=True)
+    built_on.write_text("{}")
+    assert _stage(seeds_dir, [1, 2]).masks_stage() == first and built_on.is_file()  # reused
+
+    later = _stage(seeds_dir, [1, 2, 3]).masks_stage()
+    assert later["seeds"] == [1, 2, 3]
+    assert later["masks"]["good"]["head_mask"] == _kept_in_every([1, 2, 3])
+    assert later["stability"]["heads"]["n_seeds"] == 3
+    assert not built_on.exists()  # scores of the old masks are not mixed with the new ones
+    aside = list((seeds_dir / ".superseded").glob("super-seeds-1-2-*"))
+    assert len(aside) == 1 and (aside[0] / "pruned" / "good" / "seed_1.json").is_file()
+    assert json.loads((aside[0] / "masks.json").read_text())["seeds"] == [1, 2]
+    assert "set aside" in capsys.readouterr().err
+    assert _stage(seeds_dir, [1, 2, 3]).masks_stage() == later  # and then reused
+    assert len(list((seeds_dir / ".superseded").iterdir())) == 1
+
+
+def test_masks_written_before_they_named_their_seeds(seeds_dir):
+    """An older masks.json (no "seeds"): kept when it holds this seed list's masks, else
+    drawn again."""
+    current = _stage(seeds_dir, [1, 2]).masks_stage()
+    masks_file = seeds_dir / "super" / "masks.json"
+    masks_file.write_text(json.dumps({k: v for k, v in current.items() if k != "seeds"}))
+    assert _stage(seeds_dir, [1, 2]).masks_stage() == current
+    assert not (seeds_dir / ".superseded").exists()
+    masks_file.write_text(json.dumps({k: v for k, v in current.items() if k != "seeds"}))
+    later = _stage(seeds_dir, [1, 3]).masks_stage()
+    assert later["masks"]["good"]["head_mask"] == _kept_in_every([1, 3])
+    assert list((seeds_dir / ".superseded").glob("super-seeds-unknown-*"))
+
+
+def test_seed_list_errors(tmp_path):
+    with pytest.raises(SearchError, match="--seeds: expected at least one seed"):
+        search_seeds("MRPC", tmp_path, [])
+    with pytest.raises(SearchError, match=r"--seeds \[1, 1\]: expected distinct seeds"):
+        search_seeds("MRPC", tmp_path, [1, 1])
