@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import types
 from pathlib import Path
 
@@ -350,6 +351,58 @@ def test_bad_summary_names_file_and_field(tmp_path: Path, override: dict, messag
     with pytest.raises(ReportError, match=message) as err:
         collect(run)
     assert str(run / "summary.json") in str(err.value)
+
+
+def _edit_field(path: Path, dotted: str, value) -> None:
+    data = json.loads(path.read_text())
+    node = data
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node[part]
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    path.write_text(json.dumps(data))
+
+
+_DELETE = object()
+GOOD_HEADS = "methods.structured.good_mask.head_mask"
+
+
+@pytest.mark.parametrize(
+    ("edits", "message"),
+    [([(GOOD_HEADS, [[1, 0], [1]]), ("num_layers", _DELETE)],
+      f"field '{GOOD_HEADS}' is not a rectangular numeric array"),
+     ([("methods.magnitude.layer_kept_fraction", [0.5, [0.4]])],
+      "field 'methods.magnitude.layer_kept_fraction' is not a rectangular numeric array"),
+     ([(GOOD_HEADS, [[2] * H] * L)], f"field '{GOOD_HEADS}' should hold only 0 and 1, found 2"),
+     ([(GOOD_HEADS, [[None] * H] * L)], f"field '{GOOD_HEADS}' holds values that are not finite")],
+)
+def test_malformed_run_arrays_name_the_field(tmp_path: Path, edits, message):
+    run = write_run(tmp_path, "MRPC", 1, 0)
+    for dotted, value in edits:
+        _edit_field(run / "summary.json", dotted, value)
+    with pytest.raises(ReportError, match=re.escape(message)) as err:
+        load_summary(run / "summary.json")
+    assert str(run / "summary.json") in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("head_mask", [[1, 0], [1]], "field 'head_mask' is not a rectangular numeric array"),
+     ("head_mask", [["a", "b"]], "field 'head_mask' is not a rectangular numeric array"),
+     ("head_mask", [[1, 0.5]], "field 'head_mask' should hold only 0 and 1, found 0.5"),
+     ("mlp_mask", [1, [0]], "field 'mlp_mask' is not a rectangular numeric array"),
+     ("seeds", ["a"], "field 'seeds' should be a list of integers")],
+)
+def test_malformed_super_summary_names_the_field(tmp_path: Path, field, value, message):
+    write_super(tmp_path, "MRPC")
+    path = tmp_path / "MRPC" / "super" / "summary.json"
+    _edit_field(path, field, value)
+    with pytest.raises(ReportError, match=re.escape(message)) as err:
+        load_summary(path)
+    assert str(path) in str(err.value)
 
 
 def test_bad_masks_duplicates_and_mixed_settings(tmp_path: Path):

@@ -73,14 +73,25 @@ def scores_of(entry: Any) -> list[float]:
     return [s for s in (score_of(e) for e in entries) if s is not None]
 
 
-def _mask(value: Any, shape: tuple[int, ...], path: Path, name: str) -> np.ndarray:
-    """A 0/1 mask as a bool array of `shape`; ReportError naming the field otherwise."""
+def _array(value: Any, path: Path, name: str) -> np.ndarray:
+    """A rectangular array of finite numbers; ReportError naming the field otherwise."""
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ReportError(f"{path}: field '{name}' is not a numeric array") from None
+        raise ReportError(f"{path}: field '{name}' is not a rectangular numeric array") from None
+    if not np.isfinite(arr).all():
+        raise ReportError(f"{path}: field '{name}' holds values that are not finite numbers")
+    return arr
+
+
+def _mask(value: Any, shape: tuple[int, ...], path: Path, name: str) -> np.ndarray:
+    """A 0/1 mask as a bool array of `shape`; ReportError naming the field otherwise."""
+    arr = _array(value, path, name)
     if arr.shape != shape:
         raise ReportError(f"{path}: field '{name}' has shape {arr.shape}, expected {shape}")
+    if not np.isin(arr, (0.0, 1.0)).all():
+        raise ReportError(f"{path}: field '{name}' should hold only 0 and 1, found "
+                          f"{arr[~np.isin(arr, (0.0, 1.0))].flat[0]:g}")
     return arr > 0.5
 
 
@@ -164,7 +175,8 @@ def _parse_run(data: dict, path: Path) -> RunSummary:
     num_heads = _get(data, "num_heads", path, required=False, kind=int)
     good = _get(data, "methods.structured.good_mask", path, required=False, kind=dict)
     if good is not None and (num_layers is None or num_heads is None):
-        shape = np.shape(good.get("head_mask"))
+        shape = _array(good.get("head_mask"), path,
+                       "methods.structured.good_mask.head_mask").shape
         if len(shape) != 2:
             raise ReportError(f"{path}: missing required field 'num_layers'/'num_heads' (the "
                               "good head mask does not give them either)")
@@ -208,20 +220,23 @@ def _parse_run(data: dict, path: Path) -> RunSummary:
                              "methods.structured.good_mask.mlp_mask")
     lkf = _get(data, "methods.magnitude.layer_kept_fraction", path, required=False, kind=list)
     if lkf is not None:
-        run.layer_kept_fraction = np.asarray(lkf, dtype=np.float64)
+        run.layer_kept_fraction = _array(lkf, path, "methods.magnitude.layer_kept_fraction")
     return run
 
 
 def _parse_super(data: dict, path: Path) -> SuperSummary:
     task = _task(data, path)
-    head = np.asarray(_get(data, "head_mask", path, kind=list), dtype=np.float64)
+    head = _array(_get(data, "head_mask", path, kind=list), path, "head_mask")
     if head.ndim != 2:
         raise ReportError(f"{path}: field 'head_mask' should be (num_layers, num_heads), "
                           f"got shape {head.shape}")
+    seeds = _get(data, "seeds", path, required=False, kind=list) or []
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ReportError(f"{path}: field 'seeds' should be a list of integers, got "
+                          f"{seeds!r:.60}")
     return SuperSummary(
-        path=path, task=task,
-        seeds=[int(s) for s in _get(data, "seeds", path, required=False, kind=list) or []],
-        head_mask=head > 0.5,
+        path=path, task=task, seeds=seeds,
+        head_mask=_mask(head, head.shape, path, "head_mask"),
         mlp_mask=_mask(_get(data, "mlp_mask", path, kind=list), head.shape[:1], path, "mlp_mask"),
         subnetworks=_subnetworks(data.get("subnetworks"), path, "subnetworks"),
     )
