@@ -34,9 +34,11 @@ def compute_path(request, monkeypatch):
     return request.param
 
 
-def attention_reference(module: SparseAttention, x, gate, key_padding_mask=None, attend=None):
+def attention_reference(module: SparseAttention, x, gate, key_padding_mask=None, attend=None,
+                        bias=None):
     """Hand-written gated attention block. x (B, S, hid), gate (H,) or (B, H); key_padding_mask
-    (B, S) or attend (B, 1|H, S, S), both bool with True = attend."""
+    (B, S) or attend (B, 1|H, S, S), both bool with True = attend; bias: added to the scores
+    (broadcastable to (B, H, S, S))."""
     q = module.self.query(x).view(B, S, H, -1).transpose(1, 2)  # (B, H, S, D)
     k = module.self.key(x).view(B, S, H, -1).transpose(1, 2)
     v = module.self.value(x).view(B, S, H, -1).transpose(1, 2)
@@ -45,6 +47,8 @@ def attention_reference(module: SparseAttention, x, gate, key_padding_mask=None,
         scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
     if attend is not None:
         scores = scores.masked_fill(~attend, float("-inf"))
+    if bias is not None:
+        scores = scores + bias
     ctx = scores.softmax(-1) @ v  # (B, H, S, D)
     g = gate.view(1, H, 1, 1) if gate.dim() == 1 else gate.view(B, H, 1, 1)
     ctx = (ctx * g).transpose(1, 2).reshape(B, S, -1)
@@ -291,6 +295,52 @@ def test_is_padding_mask_reads_materialised_masks():
         assert sb_attention.is_padding_mask(inference)
         inference[1, 0, 0, 0] = not bool(inference[1, 0, 0, 0])
         assert not sb_attention.is_padding_mask(inference)
+
+
+def test_soft_additive_masks_are_added_to_the_scores():
+    """An additive mask with values other than 0 and <= -1e4 (a soft key bias) is applied as
+    given, as stock attention adds it, not read as padding; hard ones still are padding."""
+    bias = torch.zeros(B, 1, 1, S)
+    bias[:, :, :, 2] = -1.0
+    bias[1, :, :, 4] = 0.5
+    bias[0, :, :, 5] = torch.finfo(torch.float32).min  # a hard-masked key beside soft ones
+    module = make_attention()
+    x = torch.randn(B, S, HID)
+    gate = torch.tensor([0.0, 0.3, 1.0, 1.0])
+    for mask in (bias, bias.expand(B, 1, S, S), bias.expand(B, 1, S, S).clone()):
+        assert not sb_attention.is_padding_mask(mask)
+        with torch.no_grad(), module.override_head_gate(gate):
+            got = module(x, attention_mask=mask)[0]
+        torch.testing.assert_close(got, attention_reference(module, x, gate, bias=bias),
+                                   atol=TOL, rtol=TOL)
+        with pytest.raises(ValueError, match="soft biases"):
+            to_key_padding_mask(mask, B, S)
+    real = padding_mask()
+    for masked in (-1e4, torch.finfo(torch.float32).min, float("-inf")):
+        hard = torch.zeros(B, 1, 1, S).masked_fill(~real[:, None, None, :], masked)
+        assert sb_attention.is_padding_mask(hard.expand(B, 1, S, S).clone())
+        assert torch.equal(to_key_padding_mask(hard, B, S), real)
+
+
+def test_masks_that_cannot_be_read_while_compiling_run_through_sdpa(monkeypatch):
+    """While torch.compile traces (or a CUDA graph is captured) a mask's values cannot be read:
+    only bool/int masks that repeat by construction (size 1 or stride 0) are padding masks;
+    a materialised causal mask is applied as given, not taken for padding."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    real = padding_mask()
+    assert sb_attention.is_padding_mask(real[:, None, None, :].expand(B, 1, S, S))
+    assert sb_attention.is_padding_mask(real[:, None, None, :].long())
+    additive = torch.zeros(B, 1, 1, S).masked_fill(~real[:, None, None, :], -1e9)
+    assert not sb_attention.is_padding_mask(additive)  # values unread: could be soft
+    causal = packed_and_causal_masks()["causal"]
+    assert not sb_attention.is_padding_mask(causal)
+    module = make_attention()
+    x = torch.randn(B, S, HID)
+    gate = torch.tensor([1.0, 0.0, 0.5, 1.0])
+    with torch.no_grad(), module.override_head_gate(gate):
+        got = module(x, attention_mask=causal)[0]
+    torch.testing.assert_close(got, attention_reference(module, x, gate, attend=causal),
+                               atol=TOL, rtol=TOL)
 
 
 def test_output_attentions_warns_and_bad_hidden_states_are_errors():

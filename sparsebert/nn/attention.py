@@ -12,7 +12,8 @@ Conventions (exact, and identical in masked and physically pruned modules):
   paper's code (`self.self = None`, `output.dense = None`, LayerNorm still applied to the residual).
 * Training with attention dropout p > 0 runs torch SDPA (with dropout) and multiplies its output by
   the gate; eval / p == 0 runs the sparsebert op. A 4-d attention mask that is not a padding mask
-  (causal, packed sequences: `is_padding_mask`) also runs through SDPA, gated the same way.
+  (causal, packed sequences, soft additive biases: `is_padding_mask`) also runs through SDPA,
+  gated the same way.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class AttentionLayout:
 # accelerator), not once per layer. Holding the (detached) mask keeps its memory from being
 # recycled for another mask while the verdict is cached.
 _last_mask_verdict: tuple[Tensor, int, bool] | None = None
+# An additive mask value at or below this masks its key exactly (exp underflows to 0 in every
+# floating dtype); transformers uses finfo.min, older code -10000.
+HARD_MASK_BIAS = -1e4
 
 
 def _checking_is_possible() -> bool:
@@ -61,23 +65,26 @@ def _checking_is_possible() -> bool:
 
 def is_padding_mask(attention_mask: Tensor | None) -> bool:
     """True when a Hugging Face attention mask only masks keys, the same for every head and
-    query row (None, (B, S), or a (B, 1|H, Sq, S) mask whose rows all repeat row 0): what
-    `to_key_padding_mask` converts. False for causal, packed (block-diagonal) or other custom
-    4-d masks.
+    query row, and only hard-masks them (None, (B, S), or a (B, 1|H, Sq, S) mask whose rows all
+    repeat row 0 and, when additive (float), hold only 0 = attend and <= -1e4 = masked): what
+    `to_key_padding_mask` converts without changing the attention. False for causal, packed
+    (block-diagonal) or other custom 4-d masks, and for soft additive biases (-1.0, +0.5, ...).
 
-    A 4-d mask with size 1 or stride 0 over heads and queries (an expanded padding mask) is
-    one by construction; a materialised one is compared row by row (the verdict is cached
+    A bool or integer 4-d mask with size 1 or stride 0 over heads and queries (an expanded
+    padding mask) is one by construction; any other 4-d mask is read (the verdict is cached
     for the same tensor until it is written to; not for inference tensors, which have no
-    version counter). While torch.compile traces or a CUDA graph is captured the rows cannot be
-    compared, and a materialised 4-d mask is taken to be a padding mask.
+    version counter). While torch.compile traces or a CUDA graph is captured a mask cannot be
+    read: such masks are then not taken for padding masks (SDPA runs them, exactly).
     """
     global _last_mask_verdict
     if attention_mask is None or attention_mask.dim() != 4:
         return True
-    if all(attention_mask.shape[d] == 1 or attention_mask.stride(d) == 0 for d in (1, 2)):
+    hard = not attention_mask.is_floating_point()  # bool/int: attend or masked, nothing between
+    repeats = all(attention_mask.shape[d] == 1 or attention_mask.stride(d) == 0 for d in (1, 2))
+    if repeats and hard:
         return True
     if not _checking_is_possible():
-        return True
+        return False
     # Inference tensors (made under torch.inference_mode) have no version counter: not cached.
     version = None if attention_mask.is_inference() else attention_mask._version
     cached = _last_mask_verdict
@@ -89,8 +96,10 @@ def is_padding_mask(attention_mask: Tensor | None) -> bool:
             and cached[0].device == attention_mask.device
             and cached[1] == version):
         return cached[2]
-    first_row = attention_mask[:, :1, :1, :].expand_as(attention_mask)  # (B, 1|H, Sq, S)
-    verdict = bool(torch.equal(attention_mask, first_row))
+    first_row = attention_mask[:, :1, :1, :]  # (B, 1, 1, S)
+    verdict = repeats or bool(torch.equal(attention_mask, first_row.expand_as(attention_mask)))
+    if verdict and not hard:  # additive: 0 = attend, <= -1e4 = masked (exp underflows to 0)
+        verdict = bool(((first_row == 0) | (first_row <= HARD_MASK_BIAS)).all())
     if version is not None:
         _last_mask_verdict = (attention_mask.detach(), version, verdict)
     return verdict
@@ -104,9 +113,10 @@ def to_key_padding_mask(attention_mask: Tensor | None, batch: int, seq: int, *,
     Accepted: None; (B, S) bool/int/float with 1/True = real token (flash-attention style);
     (B, 1|H, Sq, S) bool with True = attend (SDPA style); (B, 1|H, Sq, S) float additive with
     0 = attend and a large negative value = masked (eager style). 4-d masks must be padding masks
-    (the same for every head and query row, `is_padding_mask`); others (causal, packed
-    sequences) raise ValueError. A fully padded row attends to every key (its output is
-    meaningless either way) because the op needs one real token per row. known_padding=True:
+    (the same for every head and query row, and hard: `is_padding_mask`); others (causal,
+    packed sequences, soft additive biases) raise ValueError. A fully padded row attends to
+    every key (its output is meaningless either way) because the op needs one real token per
+    row. known_padding=True:
     the caller has established is_padding_mask already (not checked again).
     """
     if attention_mask is None:
@@ -123,8 +133,9 @@ def to_key_padding_mask(attention_mask: Tensor | None, batch: int, seq: int, *,
             raise ValueError(
                 f"attention_mask {tuple(attention_mask.shape)} is not a padding mask: its rows "
                 "differ between heads or query positions (a causal, packed-sequence or other "
-                "custom mask), so it has no (B, S) key-padding form; SparseAttention runs such "
-                "masks through SDPA, sparsebert.accelerate takes padding masks only"
+                "custom mask) or it adds soft biases (additive values other than 0 and <= -1e4), "
+                "so it has no (B, S) key-padding form; SparseAttention runs such masks through "
+                "SDPA, sparsebert.accelerate takes padding masks only"
             )
         row = attention_mask[:, 0, 0, :]  # (B, S): padding masks repeat over heads and queries
         if attention_mask.dtype == torch.bool or not attention_mask.is_floating_point():
