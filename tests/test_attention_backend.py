@@ -455,6 +455,47 @@ def test_models_without_the_interface_are_rejected(tiny_bert):
         use_sparse_attention(nn.Linear(2, 2))
 
 
+def _bart(encoder_heads: int, decoder_heads: int) -> nn.Module:
+    config = transformers.BartConfig(
+        d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=encoder_heads,
+        decoder_attention_heads=decoder_heads, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        vocab_size=100, dropout=0.0, attention_dropout=0.0, max_position_embeddings=64)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return transformers.BartModel(config).eval()
+
+
+def test_encoder_decoder_models():
+    """BART: every attention module (the decoder's cross-attention too) gets gates when the head
+    counts agree; with different encoder and decoder head counts, which no (L, H) mask can
+    describe, use_sparse_attention and set_masks refuse before anything runs."""
+    ids = torch.randint(3, 100, (2, 9))
+    decoder_ids = torch.randint(3, 100, (2, 5))
+    stock = _bart(4, 4)
+    model = use_sparse_attention(copy.deepcopy(stock))
+    assert len(attention_modules(model)) == 6  # 2 encoder, 2 x (self + cross) decoder
+    head_mask = torch.ones(6, 4)
+    head_mask[0, 1] = head_mask[3, 2] = 0
+    sparsebert.set_masks(model, head_mask=head_mask)
+    with torch.no_grad():
+        got = model(ids, decoder_input_ids=decoder_ids).last_hidden_state
+        sparsebert.set_masks(model, head_mask=torch.ones(6, 4))
+        ones = model(ids, decoder_input_ids=decoder_ids).last_hidden_state
+        want = stock(ids, decoder_input_ids=decoder_ids).last_hidden_state
+    torch.testing.assert_close(ones, want, atol=1e-5, rtol=1e-5)
+    assert (got - want).abs().max() > 1e-3  # the masked heads count
+    uneven = _bart(4, 2)
+    with pytest.raises(AttentionBackendError, match=r"another head count than "
+                       r"config.num_attention_heads = 4 \(decoder.layers.0.self_attn: 2"):
+        use_sparse_attention(uneven)
+    assert uneven.config._attn_implementation == "sdpa"  # refused before switching
+    uneven.set_attn_implementation("sparsebert")
+    with pytest.raises(AttentionBackendError, match="another head count"):
+        sparsebert.set_masks(uneven, head_mask=torch.ones(6, 4))
+    with torch.no_grad():  # without gates it still runs (every gate at 1)
+        uneven(ids, decoder_input_ids=decoder_ids)
+
+
 def test_unsupported_arguments_are_rejected(pair):
     _, model = pair("gpt2")
     module = attention_modules(model)[0]

@@ -73,6 +73,38 @@ def test_patch_keeps_the_attention_backends_gates(tiny_bert, tiny_batch):
     assert max_diff(after, before) < TOL
 
 
+def test_config_output_attentions_warns(tiny_bert, tiny_batch):
+    """config.output_attentions=True (which transformers does not pass to the layers) warns as
+    the call argument does; an explicit output_attentions=False in the call does not."""
+    import warnings  # noqa: PLC0415
+
+    patched = sbhf.patch(sbhf.patch(tiny_bert(attn="eager")))  # idempotent: one hook
+    patched.config.output_attentions = True
+    ids, mask = tiny_batch()
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="config.output_attentions=True returns no"):
+            out = patched(ids, attention_mask=mask)
+        assert not out.attentions
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            patched(ids, attention_mask=mask, output_attentions=False)
+        copied = copy.deepcopy(patched)
+        with pytest.warns(UserWarning, match="config.output_attentions=True") as record:
+            copied(ids, attention_mask=mask)
+    assert len([r for r in record if "config.output_attentions" in str(r.message)]) == 1
+
+
+def test_patch_warns_when_a_carried_layer_has_every_head_gated_off(tiny_bert):
+    import sparsebert  # noqa: PLC0415
+
+    model = tiny_bert(attn="sparsebert").eval()
+    gates = torch.ones(3, 4)
+    gates[1] = 0
+    sparsebert.set_masks(model, head_mask=gates)
+    with pytest.warns(UserWarning, match="head gates are all 0 .* bias included"):
+        sbhf.patch(model)
+
+
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
 def test_packed_sequence_masks_equal_stock_sdpa(model_type, tiny_model, tiny_batch):
     """A 4-d block-diagonal mask (two sequences packed in each row) gives the stock model's
@@ -173,6 +205,10 @@ def test_unsupported_models_raise_clear_errors(tiny_model):
     )
     with pytest.raises(ValueError, match="unsupported model type 'distilbert'.*bert.*roberta"):
         sbhf.patch(distil)
+    import sparsebert  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match="sparsebert.use_sparse_attention"):  # the way there
+        sparsebert.set_masks(distil, head_mask=torch.ones(1, 4))
     with pytest.raises(TypeError, match="Hugging Face"):
         sbhf.patch(torch.nn.Linear(3, 3))
     decoder = tiny_model("bert", is_decoder=True)

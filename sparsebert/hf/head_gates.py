@@ -45,8 +45,11 @@ def _is_cross_attention(module: nn.Module) -> bool:
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The self-attention modules of a model that run their core through AttentionInterface, in
-    model (= layer) order; entry l holds the gates of row l of a (L, H) head mask.
+    """The attention modules of a model that run their core through AttentionInterface, in
+    model (= layer) order; entry l holds the gates of row l of a (L, H) head mask. Modules
+    that are cross-attention by class (`is_cross_attention`, "CrossAttention" in the name) are
+    left out; encoder-decoder models whose attention class serves both (BART, T5) have their
+    decoder's cross-attention modules listed too, each after its layer's self-attention.
 
     Raises AttentionBackendError when there is none (the model does not use the interface).
     """
@@ -81,11 +84,45 @@ def num_heads(model: nn.Module) -> int:
     return heads
 
 
+_HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+
+
+def module_heads(module: nn.Module) -> int | None:
+    """The query heads an attention module computes, from its own attributes (num_heads,
+    num_attention_heads, n_heads or n_head); None when it names none (e.g. Llama's, which
+    take config.num_attention_heads)."""
+    for name in _HEAD_COUNT_ATTRIBUTES:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _check_head_counts(model: nn.Module, modules: list[nn.Module], heads: int) -> None:
+    """AttentionBackendError when an attention module computes another number of heads than
+    `heads` (config.num_attention_heads)."""
+    names = {id(m): name for name, m in model.named_modules()}
+    other = {names[id(m)]: module_heads(m) for m in modules
+             if module_heads(m) not in (None, heads)}
+    if other:
+        shown = ", ".join(f"{name}: {count}" for name, count in list(other.items())[:4])
+        more = ", ..." if len(other) > 4 else ""
+        raise AttentionBackendError(
+            f"'model' ({type(model).__name__}) has attention modules with another head count "
+            f"than config.num_attention_heads = {heads} ({shown}{more}); head gates take one "
+            "(L, H) mask, so models whose layers differ in head count are not supported"
+        )
+
+
 def attach_head_gates(model: nn.Module) -> list[nn.Module]:
     """Give every attention module of `model` a `head_gate` (H,) buffer of ones (kept where it
-    already exists) and a `head_gate_override` attribute; returns the modules in layer order."""
+    already exists) and a `head_gate_override` attribute; returns the modules in layer order.
+    AttentionBackendError when a module computes another number of heads than H (an
+    encoder-decoder model whose encoder and decoder differ): a (L, H) head mask cannot
+    describe it."""
     heads = num_heads(model)
     modules = attention_modules(model)
+    _check_head_counts(model, modules, heads)
     for module in modules:
         gate = getattr(module, "head_gate", None)
         if not isinstance(gate, Tensor):
@@ -116,7 +153,8 @@ def use_sparse_attention(model: nn.Module) -> nn.Module:
         raise AttentionBackendError(
             f"'model' must be a transformers PreTrainedModel, got {type(model).__name__}"
         )
-    attention_modules(model)  # raises with the fix when the interface is not used
+    # raises with the fix when the interface is not used, or when a (L, H) mask cannot fit
+    _check_head_counts(model, attention_modules(model), num_heads(model))
     if not model._can_set_attn_implementation():
         raise AttentionBackendError(
             f"'model' ({type(model).__name__}) cannot switch its attention implementation; load "

@@ -14,6 +14,8 @@ buffers. With all gates at 1 the outputs equal the unpatched model's (fp32: < 1e
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -57,6 +59,12 @@ def _carry_backend_gates(replaced: nn.Module, sparse: SparseAttention) -> None:
             )
         with torch.no_grad():
             sparse.head_gate.copy_(gate)
+        if not bool(gate.any()):
+            warnings.warn(
+                "patch: a layer whose head gates are all 0 on the attention backend (which still "
+                "adds the output projection's bias) now follows the paper's convention: the "
+                "block adds nothing, bias included, so that layer's outputs change",
+                stacklevel=4)
     sparse.exact_zero_gate_grad = bool(getattr(replaced, "exact_zero_gate_grad", False))
 
 
@@ -87,6 +95,22 @@ def _patch_layer(layer: nn.Module, model: nn.Module, row: ModelStructure) -> Non
         setattr(layer, row.ffn_entry, _FFNEntry(mlp))  # instance attribute shadows the method
 
 
+_ATTENTIONS_WARNING = (
+    "patched layers never form attention probabilities: config.output_attentions=True returns no "
+    "attention weights for them (run an unpatched copy with attn_implementation='eager' to get "
+    "them)"
+)
+
+
+def _warn_output_attentions(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a patched model: config.output_attentions=True (which transformers
+    does not pass down to the layers, so SparseAttention cannot see it) warns as the call
+    argument does."""
+    if kwargs.get("output_attentions") is None and getattr(model.config, "output_attentions",
+                                                           False):
+        warnings.warn(_ATTENTIONS_WARNING, stacklevel=3)
+
+
 def patch(model: nn.Module) -> nn.Module:
     """Swap gated SparseAttention / SparseMLP blocks into a HF model in place; returns it.
 
@@ -99,6 +123,8 @@ def patch(model: nn.Module) -> nn.Module:
     _check_config(model, row)
     for layer in encoder_layers(model, row):
         _patch_layer(layer, model, row)
+    if _warn_output_attentions not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_warn_output_attentions, with_kwargs=True)
     return model
 
 

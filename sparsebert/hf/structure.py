@@ -73,8 +73,11 @@ def structure_for(model: nn.Module) -> ModelStructure:
         )
     if model_type not in STRUCTURES:
         raise ValueError(
-            f"unsupported model type {model_type!r}; supported model types: "
-            f"{', '.join(supported_model_types())} (add a row to sparsebert/hf/structure.py)"
+            f"unsupported model type {model_type!r} for patching (SparseAttention / SparseMLP "
+            f"blocks): supported model types: {', '.join(supported_model_types())}. Head gates "
+            "on other models whose attention goes through transformers' AttentionInterface: "
+            "sparsebert.use_sparse_attention(model), or load it with "
+            "attn_implementation='sparsebert'"
         )
     return STRUCTURES[model_type]
 
