@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
@@ -22,6 +21,7 @@ import numpy as np
 
 from sparsebert.errors import SparsebertError
 from sparsebert.flags import add_dataclass_arguments, overrides
+from sparsebert.switches import env_switch
 
 # --- finetune ------------------------------------------------------------------------------
 
@@ -312,9 +312,14 @@ def _fail(message: str) -> int:
 
 
 def debug_enabled(args: argparse.Namespace | None = None) -> bool:
-    """--debug or SPARSEBERT_DEBUG=1: show tracebacks of user errors."""
-    flag = bool(getattr(args, "debug", False))
-    return flag or os.environ.get("SPARSEBERT_DEBUG", "").strip() not in ("", "0")
+    """--debug or SPARSEBERT_DEBUG on (1/true/yes/on; sparsebert.switches): show tracebacks
+    of user errors. A value that is neither on nor off counts as off here (main refuses it)."""
+    if getattr(args, "debug", False):
+        return True
+    try:
+        return env_switch("SPARSEBERT_DEBUG")
+    except ValueError:
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,6 +362,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the command's usage and name, not the top level's
         parser.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        env_switch("SPARSEBERT_DEBUG")
+    except ValueError as error:
+        return _fail(str(error))
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     _SIGTERM_RECEIVED.clear()

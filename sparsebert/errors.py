@@ -1,8 +1,8 @@
 """One base class for errors a user can fix (bad input, bad files, bad config).
 
 The `sparsebert` command catches SparsebertError and prints its message on one line with exit
-status 2 (a traceback only with --debug or SPARSEBERT_DEBUG=1). Subclasses also derive from
-ValueError, so callers that caught ValueError before keep working.
+status 2 (a traceback only with --debug or SPARSEBERT_DEBUG on: 1/true/yes/on). Subclasses also
+derive from ValueError, so callers that caught ValueError before keep working.
 """
 
 from __future__ import annotations

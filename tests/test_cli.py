@@ -195,6 +195,20 @@ def test_probe(name, tiny, tmp_path, capsys, monkeypatch):
     assert "Traceback" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("value", "traceback"), [("1", True), ("yes", True), ("0", False),
+                                               ("off", False), ("false", False), ("no", False)])
+def test_debug_switch_reads_on_and_off(value, traceback, tmp_path, capsys, monkeypatch):
+    """SPARSEBERT_DEBUG reads as every sparsebert switch does; an unknown value is refused."""
+    monkeypatch.setenv("SPARSEBERT_DEBUG", value)
+    args = ["evaluate", "--run", str(tmp_path / "missing")]
+    assert main(args) == 2
+    assert ("Traceback" in capsys.readouterr().err) is traceback
+    monkeypatch.setenv("SPARSEBERT_DEBUG", "verbose")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "SPARSEBERT_DEBUG='verbose': expected 1/true/yes/on or 0/false/no/off" in err
+
+
 @pytest.mark.parametrize("command", ["finetune", "search"])
 @pytest.mark.parametrize("flag,value", [
     ("--log-every", "0"), ("--warmup-steps", "-5"), ("--threads", "-3"), ("--threads", "0"),

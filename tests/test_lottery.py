@@ -14,6 +14,7 @@ from sparsebert.lottery import magnitude as mag
 from sparsebert.lottery.config import SearchConfig, SearchError
 from sparsebert.lottery.structured import (
     head_step_size,
+    kept_fraction,
     lowest_unmasked,
     structured_search,
 )
@@ -79,6 +80,18 @@ def test_schedule_phases_counts_and_reverts():
     # Quirk: phase 2's first ranking comes from the importance under phase 1's failed mask.
     failed_phase1 = trace[2]
     assert int(failed_phase1[0].sum()) == 58 and int(failed_phase1[1].sum()) == 4
+
+
+def test_schedule_progress_bar_shows_the_kept_fraction(capsys):
+    """The s-pruning bar shows the step's phase, heads, MLPs, kept fraction and score."""
+    fake = FakeModel(torch.full((2, 4), 0.04), torch.full((2,), 0.5), torch.rand(2, 4),
+                     torch.tensor([1.0, 2.0]), [])
+    sizes = {"layers": 2, "heads": 4, "hidden": 16, "head_dim": 4, "intermediate": 32}
+    structured_search(2, 4, 0.9, 1.0, fake.evaluate, fake.importance, progress=True,
+                      kept_fraction=lambda h, m: kept_fraction(h, m, sizes))
+    err = capsys.readouterr().err
+    assert "s-pruning" in err and "heads=7" in err and "score=" in err
+    assert f"kept={kept_fraction(7, 2, sizes):.3f}" in err
 
 
 def test_schedule_recompute_after_revert_option():

@@ -76,12 +76,16 @@ def _masked(mask: Tensor, indices: Tensor) -> Tensor:
 def structured_search(num_layers: int, num_heads: int, threshold: float, full_score: float,
                       evaluate: Evaluate, importance: Importance, masking_amount: float = 0.1,
                       recompute_after_revert: bool = False, progress: bool = True,
-                      full_report_score: float | None = None) -> StructuredResult:
+                      full_report_score: float | None = None,
+                      kept_fraction: Callable[[int, int], float] | None = None,
+                      ) -> StructuredResult:
     """Run phases 1-3 and return the last passing masks (see the module docstring).
 
     threshold: the absolute search score a step must reach (e.g. 0.9 x full_score).
     evaluate(head_mask, mlp_mask) -> (search_score, report_score).
     importance(head_mask, mlp_mask) -> (head scores (L, H), MLP scores (L,)).
+    kept_fraction(heads kept, MLPs kept) -> the kept fraction of the s-prunable parameters,
+    shown on the progress bar (`kept_fraction` below with the model's sizes).
     """
     head_mask = torch.ones(num_layers, num_heads)
     mlp_mask = torch.ones(num_layers)
@@ -120,8 +124,10 @@ def structured_search(num_layers: int, num_heads: int, threshold: float, full_sc
                           "search_score": search_score, "score": report_score,
                           "passed": bool(passed)})
             bar.update(1)
+            kept = ({} if kept_fraction is None else
+                    {"kept": f"{kept_fraction(int(new_heads.sum()), int(new_mlps.sum())):.3f}"})
             bar.set_postfix(phase=phase, heads=int(new_heads.sum()), mlps=int(new_mlps.sum()),
-                            score=f"{search_score:.4f}")
+                            **kept, score=f"{search_score:.4f}")
             # Step 3: keep on success, revert (stop the phase) on failure.
             if not passed:
                 break

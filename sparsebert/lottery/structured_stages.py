@@ -111,10 +111,6 @@ class StructuredStages:
                              precision=self.config.importance_precision, progress=False)
             return imp.head, imp.mlp
 
-        result = structured_search(layers, heads, threshold, full_search, evaluate, scores,
-                                   self.config.masking_amount,
-                                   self.config.recompute_after_revert, self.progress,
-                                   full_report_score=float(full_dev[metric]))
         sizes = {"hidden": config_size(model, row, "hidden_size"), "head_dim":
                  config_size(model, row, "hidden_size") // heads,
                  "intermediate": config_size(model, row, "intermediate_size"),
@@ -122,6 +118,12 @@ class StructuredStages:
 
         def fraction(heads_kept: int, mlps_kept: int) -> float:
             return kept_fraction(heads_kept, mlps_kept, sizes)
+
+        result = structured_search(layers, heads, threshold, full_search, evaluate, scores,
+                                   self.config.masking_amount,
+                                   self.config.recompute_after_revert, self.progress,
+                                   full_report_score=float(full_dev[metric]),
+                                   kept_fraction=fraction)
 
         for record in result.curve:
             record["fraction_kept"] = fraction(record["heads_kept"], record["mlps_kept"])
