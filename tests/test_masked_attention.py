@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import zlib
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 
 from sparsebert import ops
 from sparsebert.reference import masked_attention_backward_ref, masked_attention_ref
+from tests.attention_kit import make_padding, plain_pytorch_attention, stable_seed
 
 HEADS = 4
 GATE_PATTERNS = ("all_on", "all_off", "one_head", "fractional", "per_example")
@@ -52,19 +52,6 @@ def make_qkv(batch, seq, heads, dim, dtype, device, generator, layout="fused_qkv
     return tuple(
         torch.randn(batch, seq, heads, dim, generator=generator).to(device, dtype) for _ in range(3)
     )
-
-
-def make_padding(batch, seq, device, generator):
-    lengths = torch.randint(1, seq + 1, (batch,), generator=generator)
-    lengths[0] = seq
-    mask = torch.arange(seq)[None, :] < lengths[:, None]
-    return mask.to(device)
-
-
-def stable_seed(*key) -> int:
-    """A seed from test parameters that is the same in every process (hash() of a str is
-    randomised per process by PYTHONHASHSEED; crc32 of the repr is not)."""
-    return zlib.crc32(repr(key).encode())
 
 
 def call_op(q, k, v, gate, mask, scale):
@@ -156,17 +143,6 @@ def test_gate_views_are_read_in_place(device, view, assert_native):
     want = masked_attention_backward_ref(dout, q, k, v, gate, None, ref, ref_lse, 8**-0.5)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
-
-
-def plain_pytorch_attention(q, k, v, gate, mask, scale):
-    """Attention in the inputs' own (low) precision with stock PyTorch ops: the error yardstick."""
-    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    ctx = torch.matmul(torch.softmax(scores, dim=-1), vh).transpose(1, 2)
-    gate = gate.to(q.dtype)
-    return ctx * (gate[None, None, :, None] if gate.dim() == 1 else gate[:, None, :, None])
 
 
 @pytest.mark.all_devices

@@ -17,7 +17,7 @@ from sparsebert.reference import (
     masked_attention_compact_ref,
     masked_attention_ref,
 )
-from tests.test_masked_attention import make_padding, plain_pytorch_attention, stable_seed
+from tests.attention_kit import make_padding, plain_pytorch_attention, stable_seed
 
 CUDA = torch.cuda.is_available()
 cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="no CUDA device")]
