@@ -242,3 +242,25 @@ def test_block_accessors_reach_the_layer_modules(model_type, tiny_model):
         assert mlp.intermediate_dense() is ffn_in and mlp.output_dense() is layer.output.dense
         assert list(attn.linears()) == ["query", "key", "value", "output"]
         assert list(mlp.linears()) == ["intermediate", "output"]
+
+
+def test_compiled_models_apply_their_masks(tiny_bert, tiny_batch):
+    """Under torch.compile (dynamo tracing), a patched model applies a causal 4-d mask as
+    given (not as a padding mask) and sparsebert.accelerate still reads HF's padding masks."""
+    import sparsebert  # noqa: PLC0415
+
+    torch._dynamo.reset()
+    stock = tiny_bert(attn="sdpa")  # eager attention would add a bool mask to the scores
+    patched = sbhf.patch(tiny_bert(attn="eager"))
+    ids, mask = tiny_batch()
+    batch, seq = ids.shape
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril().expand(batch, 1, seq, seq).clone()
+    with torch.no_grad():
+        want = stock(ids, attention_mask=causal).logits
+        got = torch.compile(patched, backend="eager")(ids, attention_mask=causal).logits
+        torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+        fast = sparsebert.accelerate(copy.deepcopy(patched))
+        want = stock(ids, attention_mask=mask).logits
+        got = torch.compile(fast, backend="eager")(ids, attention_mask=mask).logits
+        torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+    torch._dynamo.reset()

@@ -105,6 +105,14 @@ def is_padding_mask(attention_mask: Tensor | None) -> bool:
     return verdict
 
 
+def _read_is_padding_mask(attention_mask: Tensor) -> bool:
+    """is_padding_mask, reading the mask's values also while torch.compile traces (the check
+    then runs outside the graph, a graph break), for callers that need the (B, S) form."""
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(is_padding_mask)(attention_mask)
+    return is_padding_mask(attention_mask)
+
+
 def to_key_padding_mask(attention_mask: Tensor | None, batch: int, seq: int, *,
                         known_padding: bool = False) -> Tensor | None:
     """Convert the attention masks Hugging Face passes to attention modules into the op's
@@ -129,7 +137,7 @@ def to_key_padding_mask(attention_mask: Tensor | None, batch: int, seq: int, *,
     if attention_mask.dim() == 2:
         mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
     elif attention_mask.dim() == 4:
-        if not known_padding and not is_padding_mask(attention_mask):
+        if not known_padding and not _read_is_padding_mask(attention_mask):
             raise ValueError(
                 f"attention_mask {tuple(attention_mask.shape)} is not a padding mask: its rows "
                 "differ between heads or query positions (a causal, packed-sequence or other "
