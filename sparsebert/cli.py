@@ -120,7 +120,9 @@ def _add_search(subparsers) -> None:
                              "structured also the speed timings, and with --seeds the "
                              "super-survivors) move to "
                              "OUT/.superseded/ and are redone; the full model is kept. The same "
-                             "--redo rerun after an interruption resumes the redo")
+                             "--redo rerun after an interruption resumes the redo. Search "
+                             "settings may change with it when only these methods use them "
+                             "(e.g. --redo magnitude --magnitude-amount 0.2)")
     group = parser.add_argument_group("search")
     add_dataclass_arguments(group, SearchConfig)
     group = parser.add_argument_group("training (full model and re-fine-tuning)")

@@ -155,6 +155,30 @@ def test_redo_a_method(reference, tiny_setup, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in untouched} == untouched
 
 
+def test_redo_with_a_changed_method_setting(reference, tiny_setup, tmp_path):
+    """A search setting that only one method uses (here m-pruning's step) may change with
+    --redo of that method: its results are recomputed under the new setting, the full model
+    and the other method's results kept, and config.json records the new setting."""
+    ref_out, expected = reference
+    out = tmp_path / "search"
+    shutil.copytree(ref_out, out)
+    untouched = {p: p.stat().st_mtime_ns for p in [*(out / "full").rglob("*"),
+                                                   *(out / "structured").rglob("*")]}
+    with pytest.raises(SparsebertError, match="--redo magnitude"):
+        search("SST-2", out, progress=False, **_options(tiny_setup, magnitude_amount=0.3))
+    summary = search("SST-2", out, progress=False, redo="magnitude",
+                     **_options(tiny_setup, magnitude_amount=0.3))
+    curve = summary["methods"]["magnitude"]["curve"]
+    assert curve[1]["fraction_kept"] == pytest.approx(0.7, abs=1e-3)
+    assert expected["methods"]["magnitude"]["curve"][1]["fraction_kept"] == pytest.approx(
+        0.9, abs=1e-3)
+    assert summary["methods"]["structured"] == expected["methods"]["structured"]
+    assert {p: p.stat().st_mtime_ns for p in untouched} == untouched
+    assert json.loads((out / "config.json").read_text())["search"]["magnitude_amount"] == 0.3
+    again = search("SST-2", out, progress=False, **_options(tiny_setup, magnitude_amount=0.3))
+    assert _strip(again) == _strip(summary)  # a plain rerun with the new setting resumes
+
+
 def test_interrupted_redo_resumes(reference, tiny_setup, tmp_path, capsys):
     """The same --redo rerun after an interruption resumes the redo: what it redid so far is
     kept, nothing more is set aside."""
@@ -206,8 +230,13 @@ def test_different_config_is_refused_and_nothing_lost(reference, tiny_setup, tmp
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
-    with pytest.raises(SparsebertError, match="different config.*threshold"):
+    with pytest.raises(SparsebertError, match="different config.*threshold.*to keep the "
+                       "fine-tuned full model, redo what the change affects: --redo "
+                       "structured,magnitude"):
         search("SST-2", copy, progress=False, **_options(tiny_setup, threshold=0.8))
+    with pytest.raises(SparsebertError, match="--redo structured,magnitude"):  # not enough
+        search("SST-2", copy, progress=False, redo="structured",
+               **_options(tiny_setup, threshold=0.8))
     with pytest.raises(SparsebertError, match="different config.*lr"):
         search("SST-2", copy, progress=False, **_options(tiny_setup, lr=1e-3))
     assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before

@@ -23,6 +23,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +64,29 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         raise RunDirError(f"{path}: damaged ({error}); delete it to redo that stage") from None
 
 
-def check_search_dir(out: Path, search: SearchConfig, train: TrainConfig) -> None:
-    """Refuse a directory that holds a search with another config; write config.json."""
+# Search settings whose change makes a method's finished results stale; any other setting
+# (threshold, search_data, ...) is used by both methods.
+METHOD_SETTINGS = {
+    "structured": frozenset({"importance_mode", "importance_batch_size", "importance_precision",
+                             "masking_amount", "recompute_after_revert"}),
+    "magnitude": frozenset({"magnitude_amount", "magnitude_max_steps"}),
+}
+
+
+def methods_affected(changed: Iterable[str]) -> list[str]:
+    """The methods whose results depend on the changed search settings `changed`."""
+    affected = set()
+    for name in changed:
+        owners = [m for m, settings in METHOD_SETTINGS.items() if name in settings]
+        affected.update(owners or METHOD_SETTINGS)
+    return [m for m in METHOD_SETTINGS if m in affected]
+
+
+def check_search_dir(out: Path, search: SearchConfig, train: TrainConfig,
+                     redo: tuple[str, ...] = (), write: bool = True) -> None:
+    """Refuse a directory that holds a search with another config, except for search settings
+    that only `redo`'s methods depend on (their results are set aside and computed again,
+    the fine-tuned full model kept); then (`write`) write config.json."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out}: exists and is a file, not a search directory")
     saved = _read_json(out / "config.json")
@@ -74,15 +96,23 @@ def check_search_dir(out: Path, search: SearchConfig, train: TrainConfig) -> Non
             raise RunDirError(f"{out} holds something other than a search (config.json without "
                               f"search/train); use another --out")
         theirs = SearchConfig.from_json(saved["search"]).identity()
-        diff = {k: (theirs.get(k), v) for k, v in search.identity().items()
-                if theirs.get(k) != v}
-        diff.update({k: (saved["train"].get(k), v) for k, v in mine["train"].items()
-                     if k not in RUNTIME_FIELDS and saved["train"].get(k) != v})
-        if diff:
-            raise SearchError(f"{out} holds a search with a different config ({diff}, as saved "
-                              f"vs requested); use another --out or delete that directory")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", mine)
+        search_diff = {k: (theirs.get(k), v) for k, v in search.identity().items()
+                       if theirs.get(k) != v}
+        train_diff = {k: (saved["train"].get(k), v) for k, v in mine["train"].items()
+                      if k not in RUNTIME_FIELDS and saved["train"].get(k) != v}
+        affected = [m for m in methods_affected(search_diff)
+                    if m in search.methods() or (out / m).exists()]
+        if train_diff or not set(affected) <= set(redo):
+            hint = ("" if train_diff else
+                    f"; to keep the fine-tuned full model, redo what the change affects: "
+                    f"--redo {','.join(affected)}"
+                    + ("" if set(affected) <= set(search.methods()) else " --method both"))
+            raise SearchError(f"{out} holds a search with a different config "
+                              f"({search_diff | train_diff}, as saved vs requested){hint}; or "
+                              f"use another --out, or delete that directory")
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", mine)
 
 
 def redo_methods(redo: str | None, search: SearchConfig) -> tuple[str, ...]:
@@ -101,15 +131,18 @@ def set_aside_for_redo(runners: list[Search], root: Path, methods: tuple[str, ..
     """Start (or resume) the redo of `methods` in the searches of `runners` under `root`
     (root itself, or the parent of seed_<s>/ folders): their results and what was built on
     them go to root/.superseded/redo-.../ (sparsebert.lottery.redo.set_aside). A directory
-    holding another search is refused first."""
+    holding another search is refused first, unless it differs only in search settings that
+    `methods` alone depend on (the new settings are recorded once their results are aside)."""
     if not methods or not any((r.out / "config.json").is_file() for r in runners):
         return  # nothing was searched here yet: nothing to redo
-    for runner in runners:
-        if (runner.out / "config.json").is_file():
-            check_search_dir(runner.out, runner.config, runner.train)
+    done = [runner for runner in runners if (runner.out / "config.json").is_file()]
+    for runner in done:
+        check_search_dir(runner.out, runner.config, runner.train, methods, write=False)
     pending = PendingRedo(root, methods)
     if pending.start():
         set_aside(root, [root], [runner.out for runner in runners], methods, pending.aside)
+    for runner in done:  # the new settings, once what they make stale is set aside
+        check_search_dir(runner.out, runner.config, runner.train, methods)
 
 
 class Search(StructuredStages, MagnitudeStages):
