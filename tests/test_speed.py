@@ -172,6 +172,21 @@ def test_cache_follows_masks_and_weights(tiny_bert, tiny_dims):
     check()
     model.bert.encoder.layer[2].output.LayerNorm = torch.nn.LayerNorm(tiny_dims.hidden, eps=1e-3)
     check()
+    # A fused optimizer step (sparsebert.train's AdamW) writes without moving version counters.
+    model.train()
+    loss = model(input_ids=ids, attention_mask=mask).logits.square().sum()
+    loss.backward()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    optimizer.step()
+    model.eval()
+    check()
+    # Replaced modules outside the encoder's blocks, and a deleted layer.
+    model.classifier = torch.nn.Linear(tiny_dims.hidden, model.config.num_labels)
+    check()
+    model.bert.pooler.dense = torch.nn.Linear(tiny_dims.hidden, tiny_dims.hidden)
+    check()
+    del model.bert.encoder.layer[tiny_dims.layers - 1]
+    check()
 
 
 def test_masks_stay_reversible(tiny_bert, tiny_dims):
@@ -240,6 +255,11 @@ def test_bad_use_is_refused(tiny_bert, tiny_dims):
     with pytest.raises(FastPathError, match="training mode"):
         fast(input_ids=ids, attention_mask=mask)
     model.eval()
+    with pytest.raises(FastPathError, match=r"\(B, S\) = \(2, 0\); expected B >= 1 and S >= 1"):
+        fast(input_ids=ids[:, :0], attention_mask=mask[:, :0])
+    with pytest.raises(FastPathError, match="head_mask argument is not applied"):
+        fast(input_ids=ids, attention_mask=mask,
+             head_mask=torch.zeros(tiny_dims.layers, tiny_dims.heads))
     attn = model.bert.encoder.layer[0].attention
     with attn.override_head_gate(torch.ones(2, tiny_dims.heads)):
         with pytest.raises(FastPathError, match="layer 0 has a gate override"):

@@ -13,8 +13,8 @@ original weights are never modified, so masks stay reversible.
 
 Inference only: the forward runs without gradients and refuses training mode. Outputs: what the
 model returns, computed from the last hidden state, which holds zeros at padded positions (the
-model itself leaves values there that nobody should read; `accelerate(model, unpad=False)`
-computes them as the model does); `output_hidden_states` / `output_attentions` are not supported
+model itself leaves meaningless values there: a token-level loss over them must use label -100
+there to match the model's; `accelerate(model, unpad=False)` computes them as the model does); `output_hidden_states` / `output_attentions` are not supported
 (use the model itself). Left-padded batches run padded, so the pooler's first position is the
 model's. Any other attribute (`config`, `device`, `dtype`, `num_labels`, `save_pretrained`, ...)
 is the model's own. On the CPU the encoder keeps its large per-layer intermediates in buffers
@@ -62,6 +62,20 @@ def _runner(model: nn.Module, encoder: FastEncoder) -> nn.Module:
     return runner
 
 
+def _structure_tables(model: nn.Module) -> list[dict]:
+    """The child tables (`_modules`) a runner is built from: the model's, its base model's, the
+    encoder's and its layer list's, and every encoder layer's."""
+    base, name = _encoder_owner(model)
+    encoder = base._modules[name]
+    row = structure_for(model)
+    layers = encoder
+    for part in row.layers.split(".")[1:]:
+        layers = layers._modules[part]
+    tables = [model._modules, base._modules, encoder._modules, layers._modules]
+    tables += [layer._modules for layer in layers._modules.values()]
+    return list({id(table): table for table in tables}.values())
+
+
 class AcceleratedModel(nn.Module):
     """A patched HF model's forward on the fast path (see the module docstring).
 
@@ -75,12 +89,30 @@ class AcceleratedModel(nn.Module):
                  bucket: int = 256, compile: bool = False, reuse_buffers: bool = True) -> None:
         super().__init__()
         self.model = model
-        blocks = sparse_blocks(model)
-        object.__setattr__(self, "encoder", FastEncoder(
-            blocks, unpad=unpad, graphs=True if graphs is None else graphs, bucket=bucket,
-            compile=compile, reuse_buffers=reuse_buffers))
-        object.__setattr__(self, "_runner", _runner(model, self.encoder))
+        object.__setattr__(self, "_options", {
+            "unpad": unpad, "graphs": True if graphs is None else graphs, "bucket": bucket,
+            "compile": compile, "reuse_buffers": reuse_buffers})
+        self._build()
         self.train(False)
+
+    def _build(self) -> None:
+        """The FastEncoder over the model's blocks, the runner around it, and a snapshot of
+        the child tables they were built from (`_structure_changed`)."""
+        object.__setattr__(self, "encoder", FastEncoder(sparse_blocks(self.model),
+                                                        **self._options))
+        object.__setattr__(self, "_runner", _runner(self.model, self.encoder))
+        object.__setattr__(self, "_tables", [(table, dict(table)) for table in
+                                             _structure_tables(self.model)])
+
+    def _structure_changed(self) -> bool:
+        """True when a module of the model was replaced, added or removed since _build (a new
+        classifier, pooler or embeddings, a deleted or re-patched layer): the runner and the
+        encoder's blocks would still run the old ones."""
+        for table, snapshot in self._tables:
+            if len(table) != len(snapshot) or any(
+                    table.get(name) is not module for name, module in snapshot.items()):
+                return True
+        return False
 
     @property
     def config(self):
@@ -118,8 +150,13 @@ class AcceleratedModel(nn.Module):
             if asked:
                 where = f"{flag}=True" if kwargs.get(flag) else f"config.{flag}=True"
                 raise FastPathError(f"accelerate: {where} is not supported; call the model")
+        if kwargs.get("head_mask") is not None:  # transformers 5 would silently ignore it
+            raise FastPathError("accelerate: the head_mask argument is not applied; set gates "
+                                "with sparsebert.set_masks(model, head_mask=...) instead")
         if self.model.training:
             raise FastPathError("accelerate: the model is in training mode; call model.eval()")
+        if self._structure_changed():
+            self._build()
         with torch.no_grad():
             return self._runner(*args, **kwargs)
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from sparsebert.nn import SparseAttention, SparseMLP, to_key_padding_mask
 from sparsebert.speed.attention_core import Core, choose_core, full_core
-from sparsebert.speed.compact import CompactLayer, build_compact, check_gates
+from sparsebert.speed.compact import CompactLayer, FastPathError, build_compact, check_gates
 from sparsebert.speed.tokens import Packing
 from sparsebert.speed.watch import LayerWatch
 from sparsebert.speed.workspace import Workspace, linear
@@ -180,6 +180,9 @@ class FastEncoder(nn.Module):
 
         self.refresh()
         batch, seq, _ = hidden_states.shape
+        if seq < 1 or batch < 1:
+            raise FastPathError(f"accelerate: the inputs have shape (B, S) = ({batch}, {seq}); "
+                                "expected B >= 1 and S >= 1 tokens")
         packing = self.packing_for(attention_mask, batch, seq, hidden_states.device)
         if self._use_graphs(hidden_states.device):
             out = self._graphs().run(hidden_states, packing)

@@ -8,6 +8,9 @@ set_masks / optimizer steps / copy_ (version counters), `.to()` (new storage), a
 Parameter or module, or physical pruning (replaced Linear modules). Plain dict lookups instead of
 nn.Module attribute access keep it to a few microseconds per layer, which matters under CUDA-graph
 replay. Writes through `tensor.data` bypass version counters: invalidate explicitly after those.
+Fused optimizer kernels (AdamW(fused=True), as sparsebert.train uses) write parameters without
+moving their version counters either, so while a watch exists every optimizer step moves them
+(`watch_optimizer_steps`: a global torch.optim step post-hook, registered once).
 """
 
 from __future__ import annotations
@@ -15,9 +18,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from sparsebert.nn import SparseAttention, SparseMLP
+
+_optimizer_hook: list[object] = []  # the step post-hook's handle, once registered
+
+
+def _bump_parameter_versions(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Optimizer step post-hook: move the version counters of the parameters it updated."""
+    params = [p for group in optimizer.param_groups for p in group["params"]
+              if isinstance(p, Tensor) and not p.is_inference()]
+    if params:
+        torch.autograd.graph.increment_version(params)
+
+
+def watch_optimizer_steps() -> None:
+    """Make every optimizer step visible to version counters, fused kernels included (once per
+    process; a loop over the stepped parameters' counters, no data touched)."""
+    if not _optimizer_hook:
+        _optimizer_hook.append(
+            register_optimizer_step_post_hook(_bump_parameter_versions))
 
 
 def _slot(owner: object, name: str) -> dict:
@@ -39,6 +62,7 @@ class LayerWatch:
 
     @classmethod
     def of(cls, attn: SparseAttention, mlp: SparseMLP) -> LayerWatch:
+        watch_optimizer_steps()
         lay_a, lay_m = attn.layout, mlp.layout
         owner = mlp.host if mlp.host is not None else mlp
         paths: list[tuple[nn.Module, Sequence[str]]] = [(attn, ["head_gate"]),
