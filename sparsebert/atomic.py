@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sparsebert.errors import SparsebertError
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically (temp file in the same folder, fsync, os.replace)."""
@@ -55,18 +57,32 @@ def atomic_save_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> N
     """Build a directory with write(tmp_dir) and move it into place at `path` atomically.
 
     write() gets a path that does not exist yet. An existing directory at `path` is moved
-    aside first and removed only after the new one is in place; on failure nothing changes.
+    aside first and removed only after the new one is in place; on failure (of write() or of
+    a move) the previous directory is put back and the temporary one removed. `path` must name
+    a directory that can be renamed: not ".", "..", a symbolic link or a mount point
+    (SparsebertError naming it).
     """
     path = Path(path)
+    what = ("not a named folder" if path.name in ("", ".", "..") else "a symbolic link"
+            if path.is_symlink() else "a mount point" if path.is_mount() else None)
+    if what is not None:
+        raise SparsebertError(f"{str(path)!r} cannot be replaced as a whole ({what}); save "
+                              "into a folder inside it")
     tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
     for stale in (tmp, old):
         shutil.rmtree(stale, ignore_errors=True)
     try:
         write(tmp)
+        moved_aside = path.exists()
+        if moved_aside:
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if moved_aside:
+                os.replace(old, path)  # the previous directory back where it was
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparsebert.cli import main
 from sparsebert.hf.loading import ModelLoadError, load_tokenizer
@@ -112,3 +113,34 @@ def test_run_is_a_model_folder_or_a_file(finished_run, capsys):
     line = fails(["evaluate", "--run", str(results)], capsys)
     assert f"--run {results}: is a file, not a run directory" in line
     assert "no such directory" not in line
+
+
+def test_model_folders_load_model_cannot_use(finished_run, tiny_model_dir, tmp_path,
+                                             monkeypatch, capsys):
+    """load_model (finetune --model): a folder written by save_pruned is refused (from_pretrained
+    would drop its masks or re-initialise its removed parts), as is a classifier of another
+    label count; a ~/ path is expanded."""
+    import sparsebert  # noqa: PLC0415
+    from sparsebert.hf.loading import load_model  # noqa: PLC0415
+
+    with pytest.raises(ModelLoadError, match="3-label classifier .* holds a classifier for 2 "
+                       "labels"):
+        load_model(finished_run / "model", 3)
+    model, _ = load_model(finished_run / "model", 2)
+    sparsebert.patch(model)
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    head_mask = torch.ones(layers, heads)
+    head_mask[:, 0] = 0
+    sparsebert.set_masks(model, head_mask=head_mask)
+    sparsebert.prune(model)
+    sparsebert.save_pruned(model, tmp_path / "pruned")
+    with pytest.raises(ModelLoadError, match="written by sparsebert's save_pruned .* load it "
+                       "with sparsebert.load_pruned"):
+        load_model(tmp_path / "pruned", 2)
+    line = fails(["finetune", "--task", "SST-2", "--out", str(tmp_path / "run"), "--model",
+                  str(tmp_path / "pruned"), "--quiet"], capsys)
+    assert "save_pruned" in line
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "tiny").symlink_to(tiny_model_dir)
+    model, _ = load_model("~/tiny", 2)
+    assert type(model).__name__ == "BertForSequenceClassification"

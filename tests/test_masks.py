@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsebert.hf as sbhf
+from sparsebert.hf.masks import MaskError
 
 
 @pytest.fixture
@@ -131,7 +132,12 @@ def test_masks_on_pruned_model_use_original_numbering(patched, dims):
     softer = heads * 0.5
     sbhf.set_masks(model, head_mask=softer)  # kept entries may change
     assert torch.equal(sbhf.get_masks(model)["head_mask"], softer)
-    with pytest.raises(ValueError, match="layer 0 head 0.*removed by sparsebert.prune"):
+    with pytest.raises(MaskError, match="layer 0 head 0.*removed by sparsebert.prune"):
         sbhf.set_masks(model, head_mask=torch.ones(L, H))
-    with pytest.raises(ValueError, match="layer 1.*MLP was removed"):
+    with pytest.raises(MaskError, match="layer 1.*MLP was removed"):
         sbhf.set_masks(model, mlp_mask=torch.ones(L))
+    neurons = torch.ones(L, model.config.intermediate_size)
+    with pytest.raises(MaskError, match="'neuron_mask' sets layer 1 neuron 0"):
+        sbhf.set_masks(model, neuron_mask=neurons)
+    with pytest.raises(MaskError, match="'mlp_mask' sets layer 1 neuron 0"):
+        sbhf.set_masks(model, mlp_mask=neurons)  # (L, F): neuron masks

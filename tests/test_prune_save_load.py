@@ -228,6 +228,40 @@ def test_save_is_atomic(tmp_path, monkeypatch, tiny_bert):
         sbhf.save_pruned(model, tmp_path / "file", overwrite=True)
 
 
+def test_save_into_unreplaceable_paths_and_a_failed_final_move(tmp_path, monkeypatch,
+                                                              tiny_bert):
+    """"." or a symbolic link cannot be swapped for a new directory: refused by name. A save
+    whose final move fails puts the previous directory back and leaves no temporary one."""
+    import os  # noqa: PLC0415
+
+    from sparsebert.errors import SparsebertError  # noqa: PLC0415
+
+    model, _, _, _ = masked(tiny_bert())
+    target = tmp_path / "out"
+    sbhf.save_pruned(model, target)
+    (tmp_path / "link").symlink_to(target)
+    with pytest.raises(SparsebertError, match="'.*link' cannot be replaced as a whole \\(a "
+                       "symbolic link\\)"):
+        sbhf.save_pruned(model, tmp_path / "link", overwrite=True)
+    monkeypatch.chdir(target)
+    with pytest.raises(SparsebertError, match="not a named folder"):
+        sbhf.save_pruned(model, ".", overwrite=True)
+    monkeypatch.chdir(tmp_path)
+    real_replace = os.replace
+
+    def failing_final_move(src, dst):
+        if str(src).endswith(".out.tmp"):
+            raise OSError("device busy")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_final_move)
+    with pytest.raises(OSError, match="device busy"):
+        sbhf.save_pruned(model, target, overwrite=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "out"]
+    assert sbhf.load_pruned(target) is not None  # the previous save, back in place
+
+
 def test_load_errors(tmp_path, tiny_model, tiny_bert):
     with pytest.raises(FileNotFoundError, match="not a directory") as info:
         sbhf.load_pruned(tmp_path / "missing")

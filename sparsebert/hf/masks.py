@@ -67,7 +67,7 @@ def _check_removed(name: str, mask: Tensor, kept_ids: list[list[int]], what: str
         row = mask[layer]  # (N,)
         if bool((row[removed] != 0).any()):
             index = int(torch.nonzero(removed & (row != 0))[0])
-            raise ValueError(
+            raise MaskError(
                 f"'{name}' sets layer {layer} {what} {index} to {float(row[index])}, but it was removed "
                 "by sparsebert.prune (removed entries must be 0)"
             )
@@ -127,6 +127,7 @@ def set_masks(
         _, heads = _as_mask("head_mask", head_mask, {"(L, H) =": (n_layers, n_heads)})
         _check_removed("head_mask", heads, [attn.head_ids for attn, _ in blocks], "head")
     mlps = neurons = None
+    neuron_name = "neuron_mask"
     if mlp_mask is not None:
         kind, mask = _as_mask(
             "mlp_mask", mlp_mask, {"(L,) =": (n_layers,), "(L, F) =": (n_layers, n_neurons)}
@@ -135,18 +136,18 @@ def set_masks(
             mlps = mask
         else:
             if neuron_mask is not None:
-                raise ValueError(
+                raise MaskError(
                     "pass neuron masks once: either mlp_mask of shape (L, F) or neuron_mask"
                 )
-            neurons = mask
+            neurons, neuron_name = mask, "mlp_mask"
     if neuron_mask is not None:
         _, neurons = _as_mask("neuron_mask", neuron_mask, {"(L, F) =": (n_layers, n_neurons)})
     if neurons is not None:
-        _check_removed("neuron mask", neurons, [mlp.neuron_ids for _, mlp in blocks], "neuron")
+        _check_removed(neuron_name, neurons, [mlp.neuron_ids for _, mlp in blocks], "neuron")
     if mlps is not None:
         for layer, (_, mlp) in enumerate(blocks):
             if mlp.intermediate_size == 0 and float(mlps[layer]) != 0:
-                raise ValueError(
+                raise MaskError(
                     f"'mlp_mask' sets layer {layer} to {float(mlps[layer])}, but its MLP was removed by "
                     "sparsebert.prune (removed entries must be 0)"
                 )
