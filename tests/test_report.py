@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import re
+import shutil
 import types
 from pathlib import Path
 
@@ -575,3 +576,77 @@ def test_speed_uses_per_round_ratios_and_counts_each_seed_once(runs: Path, tmp_p
     assert good[2] == "1"  # seed 1 once, though two files time it
     assert good[8] == "2.00x" and good[10] == "2.00x"  # medians of the medians: 40/20, 100/50
     assert "†" not in section and "Noisy timings" in section
+
+
+def test_seeds_of_different_settings_are_not_averaged(tmp_path: Path):
+    """Seeds whose recorded train or search settings differ (a 1000-example cap against the
+    full training set, another lr, another masking amount) are refused, not averaged; run-time
+    settings (threads, the data folder) and the methods a seed ran may differ."""
+    def config(seed, **train):
+        return {"train": {"seed": seed, "lr": 1e-4, "max_train_examples": None, "threads": 1,
+                          "glue_dir": f"/data/{seed}", **train},
+                "search": {"method": "both" if seed == 1 else "structured", "threshold": 0.9,
+                           "masking_amount": 0.1}}
+
+    write_run(tmp_path / "a", "MRPC", 1, 0, config=config(1))
+    write_run(tmp_path / "a", "MRPC", 2, 1, config=config(2, threads=4))
+    assert "MRPC" in collect(tmp_path / "a")
+    for name, value in (("max_train_examples", 1000), ("lr", 2e-5)):
+        root = tmp_path / name
+        write_run(root, "MRPC", 1, 0, config=config(1))
+        write_run(root, "MRPC", 2, 1, config=config(2, **{name: value}))
+        with pytest.raises(ReportError, match=f"field 'config.train.{name}' is .* but "
+                           f"{value!r} in .*seed_2"):
+            collect(root)
+    root = tmp_path / "search"
+    write_run(root, "MRPC", 1, 0, config=config(1))
+    other = config(2)
+    other["search"]["masking_amount"] = 0.05
+    write_run(root, "MRPC", 2, 1, config=other)
+    with pytest.raises(ReportError, match="field 'config.search.masking_amount'"):
+        collect(root)
+
+
+def test_super_survivors_must_come_from_the_runs_beside_them(tmp_path: Path):
+    runs = make_runs(tmp_path / "runs")
+    assert collect(runs)["MRPC"].super is not None
+    shutil.rmtree(runs / "MRPC" / "seed_3")
+    with pytest.raises(ReportError, match=r"super-survivors of seeds \[1, 2, 3\], but the MRPC "
+                       r"runs among the inputs are seeds \[1, 2\]"):
+        collect(runs)
+    runs = make_runs(tmp_path / "other")
+    path = runs / "MRPC" / "super" / "summary.json"
+    data = json.loads(path.read_text())
+    data["head_mask"][5] = [1] * H  # heads no run kept in every seed
+    path.write_text(json.dumps(data))
+    with pytest.raises(ReportError, match="'head_mask' is not the heads kept in every good mask"):
+        collect(runs)
+
+
+def test_a_rerun_into_the_same_folder_leaves_no_stale_figures(tmp_path: Path):
+    runs = make_runs(tmp_path / "runs")
+    out = tmp_path / "out"
+    first = {p.name for p in report(runs, out_dir=out)["figures"]}
+    assert "stability.png" in first
+    again = {p.name for p in report(runs / "RTE" / "seed_1", out_dir=out)["figures"]}
+    assert "stability.png" not in again  # one seed: no stability figure
+    assert {p.name for p in (out / "figures").iterdir()} == again
+
+
+@pytest.mark.parametrize(("value", "shown"), [(float("nan"), "nan"), ("0.7", "'0.7'"),
+                                              (True, "True")])
+def test_scores_and_sizes_must_be_finite_numbers(tmp_path: Path, value, shown):
+    for field, where in (("score", "retrained"), ("heads_kept", None)):
+        run = write_run(tmp_path / f"{field}-{shown}", "MRPC", 1, 0)
+        data = json.loads((run / "summary.json").read_text())
+        good = data["methods"]["structured"]["subnetworks"]["good"]
+        if where is None:
+            good[field] = value
+            name = f"methods.structured.subnetworks.good.{field}"
+        else:
+            good[where] = {"score": value, "metrics": {}}
+            name = f"methods.structured.subnetworks.good.{where}.{field}"
+        (run / "summary.json").write_text(json.dumps(data))
+        with pytest.raises(ReportError, match=re.escape(f"field '{name}' should be a finite "
+                                                        f"number, got {shown}")):
+            load_summary(run / "summary.json")

@@ -15,6 +15,7 @@ from types import ModuleType
 
 import numpy as np
 
+from sparsebert.lottery.config import SCOPE_FIELDS
 from sparsebert.report.paper import SUBNETS, TASKS, row_key
 from sparsebert.report.summaries import (  # noqa: F401 (re-exported)
     KIND_RUN,
@@ -30,6 +31,7 @@ from sparsebert.report.summaries import (  # noqa: F401 (re-exported)
     load_summary,
     scores_of,
 )
+from sparsebert.train.config import RUNTIME_FIELDS
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -106,6 +108,9 @@ class TaskResults:
         return next((r.num_heads for r in self.runs if r.num_heads is not None), None)
 
 
+# config.train fields that may differ between the seeds of one setting (the seed itself, where
+# the data and the run lived, how it ran).
+_TRAIN_NOT_SETTINGS = RUNTIME_FIELDS | {"seed", "task", "model"}
 _SAME_ACROSS_SEEDS = ("model", "metric", "report_metric", "threshold", "num_layers", "num_heads",
                       "search_data", "importance_mode", "max_train_examples")
 
@@ -125,6 +130,34 @@ def _check_consistent(task: str, runs: list[RunSummary]) -> None:
             if a is not None and b is not None and a != b:
                 raise ReportError(f"task {task}: field '{name}' is {a!r} in {first.path} but "
                                   f"{b!r} in {run.path}; report one setting at a time")
+        for section, ignored in (("train", _TRAIN_NOT_SETTINGS), ("search", SCOPE_FIELDS)):
+            a_config, b_config = first.config.get(section), run.config.get(section)
+            if a_config is None or b_config is None:
+                continue  # a summary written before it recorded its config
+            for name in sorted((set(a_config) | set(b_config)) - ignored):
+                a, b = a_config.get(name), b_config.get(name)
+                if a != b:
+                    raise ReportError(
+                        f"task {task}: field 'config.{section}.{name}' is {a!r} in "
+                        f"{first.path} but {b!r} in {run.path}; report one setting at a time")
+
+
+def _check_super(task: str, runs: list[RunSummary], sup: SuperSummary) -> None:
+    """The super-survivors must come from exactly these runs: the same seeds, and heads kept
+    in every one of their good masks."""
+    seeds = sorted(run.seed for run in runs)
+    if sup.seeds and sorted(sup.seeds) != seeds:
+        raise ReportError(f"{sup.path}: super-survivors of seeds {sorted(sup.seeds)}, but the "
+                          f"{task} runs among the inputs are seeds {seeds}; pass the runs of "
+                          "exactly those seeds")
+    masks = [run.head_mask for run in runs]
+    if masks and all(m is not None for m in masks):
+        kept_in_every = np.logical_and.reduce(np.stack(masks))  # (L, H)
+        if kept_in_every.shape == sup.head_mask.shape and not np.array_equal(
+                kept_in_every, sup.head_mask):
+            raise ReportError(f"{sup.path}: its 'head_mask' is not the heads kept in every "
+                              f"good mask of the {task} runs among the inputs (from another "
+                              "search?); pass the runs it was computed from")
 
 
 def _aggregate(task: str, runs: list[RunSummary], sup: SuperSummary | None) -> TaskResults:
@@ -208,6 +241,8 @@ def collect(paths: str | Path | Sequence[str | Path]) -> dict[str, TaskResults]:
             raise ReportError(f"{res.super.path}: field 'head_mask' has shape "
                               f"{res.super.head_mask.shape}, but the {task} runs have "
                               f"{shape[0]} layers x {shape[1]} heads")
+        if res.super is not None:
+            _check_super(task, task_runs, res.super)
         results[task] = res
     return results
 

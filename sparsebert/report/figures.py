@@ -242,7 +242,7 @@ def _curve_axes(ax: Axes, res: TaskResults, method: str, seed_colors: Mapping[in
     ax.set_title(f"{res.task}: {METHOD_TITLES[method]}", fontsize=9)
     ax.tick_params(labelsize=7)
     if method == "magnitude":
-        ax.legend(fontsize=6, loc="lower left")
+        ax.legend(fontsize=6, loc="best")  # away from the points
 
 
 def pruning_curves(results: Mapping[str, TaskResults], path: Path) -> Path | None:
@@ -368,4 +368,8 @@ def write_figures(results: Mapping[str, TaskResults], out_dir: str | Path,
               ("overlap.png", overlap)]
     written = [maker(results, out / name) for name, maker in makers]
     written.append(speed_vs_score(results, speed, out / "speed_vs_score.png"))
-    return [p for p in written if p is not None]
+    written = [p for p in written if p is not None]
+    for name in [*(name for name, _ in makers), "speed_vs_score.png"]:
+        if out / name not in written:  # from an earlier report over other inputs
+            (out / name).unlink(missing_ok=True)
+    return written

@@ -29,6 +29,8 @@ def speed_vs_score(results: Mapping[str, TaskResults], entries: Sequence[SpeedEn
         first.setdefault(e.task, e.setting)
     chosen = [e for e in entries if first[e.task] == e.setting]
     tasks = [t for t in results if t in first]
+    measured = {t: first[t].split(", lengths ", 1)[0] for t in tasks}  # device, dtype, batch, S
+    shared = len(set(measured.values())) == 1  # else each panel names its own
     rows, cols = panel_grid(len(tasks), 3)
     fig = Figure(figsize=(max(7.0, 3.6 * cols + 0.4), 3.2 * rows + 1.3), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
@@ -61,7 +63,9 @@ def speed_vs_score(results: Mapping[str, TaskResults], entries: Sequence[SpeedEn
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
         lengths = first[task].split(", lengths ", 1)[-1].split(", model ", 1)[0]
-        ax.set_title(f"{task}: lengths {lengths}", fontsize=8)
+        ax.set_title(f"{task}: lengths {lengths}" if shared else
+                     f"{task}: " + measured[task].replace(", ", "\n", 1)
+                     + f"\nlengths {lengths}", fontsize=8)  # device, then dtype, batch, S
         ax.set_xlabel("speed-up over the full model (masked, fast path)", fontsize=8)
         ax.set_ylabel(f"dev {res.report_metric}", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -73,8 +77,6 @@ def speed_vs_score(results: Mapping[str, TaskResults], entries: Sequence[SpeedEn
                 Line2D([], [], marker="s", linestyle="", color="black", label="full model (1x)"),
                 Line2D([], [], color="grey", linestyle=":", label="majority class")]
     fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8)
-    device, rest = chosen[0].setting.split(", ", 1)
-    common = rest.split(", lengths ", 1)[0]  # dtype, batch, padded length
-    fig.suptitle("s-pruning subnetworks: dev score vs measured speed-up (one point per seed)\n"
-                 f"{device}, {common}", fontsize=9)
+    title = "s-pruning subnetworks: dev score vs measured speed-up (one point per seed)"
+    fig.suptitle(title + (f"\n{measured[tasks[0]]}" if shared else ""), fontsize=9)
     return save_png(fig, path)

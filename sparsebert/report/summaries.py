@@ -13,6 +13,7 @@ ReportError naming the file and the field.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,7 @@ class RunSummary:
     layer_kept_fraction: np.ndarray | None = None
     curves: dict[str, list[dict]] = field(default_factory=dict)
     subnetworks: dict[str, dict[str, dict]] = field(default_factory=dict)
+    config: dict[str, dict] = field(default_factory=dict)  # "train" / "search" settings, if any
 
     @property
     def full_search_score(self) -> float:
@@ -153,12 +155,43 @@ class SuperSummary:
     subnetworks: dict[str, dict]
 
 
+_SIZE_FIELDS = ("heads_kept", "mlps_kept", "fraction_kept")
+
+
+def _check_number(value: Any, path: Path, name: str) -> None:
+    """None (not there: not run yet) or a finite number (not a bool); ReportError naming the
+    field otherwise."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, NUMBER) or not math.isfinite(value):
+        raise ReportError(f"{path}: field '{name}' should be a finite number, got {value!r:.60}")
+
+
+def _finite(value: float, path: Path, name: str) -> float:
+    _check_number(value, path, name)
+    return float(value)
+
+
 def _subnetworks(value: Any, path: Path, name: str) -> dict[str, dict]:
+    """good/random/bad entries, their scores ("pruned"/"retrained": an entry or a list of them,
+    each {"score", ...}) and sizes checked to be finite numbers where present."""
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise ReportError(f"{path}: field '{name}' should be an object of good/random/bad")
-    return {k: v for k, v in value.items() if k in SUBNETS and isinstance(v, dict)}
+    found = {k: v for k, v in value.items() if k in SUBNETS and isinstance(v, dict)}
+    for subnet, entry in found.items():
+        for size in _SIZE_FIELDS:
+            _check_number(entry.get(size), path, f"{name}.{subnet}.{size}")
+        for stage in ("pruned", "retrained"):
+            evaluations = entry.get(stage)
+            listed = evaluations if isinstance(evaluations, list) else [evaluations]
+            for i, evaluation in enumerate(listed):
+                where = f"{name}.{subnet}.{stage}" + (f"[{i}]" if isinstance(evaluations, list)
+                                                      else "")
+                if isinstance(evaluation, dict):
+                    _check_number(evaluation.get("score"), path, f"{where}.score")
+    return found
 
 
 def _task(data: dict, path: Path) -> str:
@@ -188,13 +221,17 @@ def _parse_run(data: dict, path: Path) -> RunSummary:
         report_metric=_get(data, "report_metric", path, kind=str),
         threshold=float(_get(data, "threshold", path, kind=NUMBER)),
         num_layers=num_layers, num_heads=num_heads,
-        full_score=float(_get(data, "full.score", path, kind=NUMBER)),
+        full_score=_finite(_get(data, "full.score", path, kind=NUMBER), path, "full.score"),
         full_metrics={k: float(v) for k, v in metrics.items() if isinstance(v, NUMBER)},
         majority=_get(data, "majority", path, required=False, kind=NUMBER),
         model=_get(data, "model", path, required=False, kind=str),
         search_data=_get(data, "search_data", path, required=False, kind=str),
         importance_mode=_get(data, "importance_mode", path, required=False, kind=str),
     )
+    for section in ("train", "search"):
+        settings = _get(data, f"config.{section}", path, required=False, kind=dict)
+        if settings is not None:
+            run.config[section] = settings
     if _get(data, "config.train", path, required=False, kind=dict) is not None:
         run.train_data_known = True
         run.max_train_examples = _get(data, "config.train.max_train_examples", path,
