@@ -245,7 +245,8 @@ def test_results_table_layout_and_paper_values(runs: Path):
     assert _row(md, "m good R")[1:5] == ["0.810 ± 0.020 (n=3)", "0.840 ± 0.010", "—",
                                          "0.614 ± 0.017"]
     assert _row(md, "s bad R")[1] == "—"
-    assert _row(md, "super good R")[1:3] == ["0.700", "0.711 ± 0.004"]
+    # one value where the task has 3 seeds: its n is shown
+    assert _row(md, "super good R")[1:3] == ["0.700 (n=1)", "0.711 ± 0.004"]
 
 
 def test_sizes_and_stability_tables(runs: Path):
@@ -506,8 +507,9 @@ def test_speed_section_and_figure_from_speed_files(runs: Path, tmp_path: Path):
             for line in section.splitlines() if line.startswith("| MRPC")}
     full = rows[("MRPC", "full model")]
     assert full[2:6] == ["3", "100%", "100%", "0.820 ± 0.020"]  # MRPC full: 0.80, 0.82, 0.84
-    # One full-model time per file: dense 40 and 60 ms, stock HF twice that.
-    assert full[7:11] == ["50.0 ± 14.1", "1.00x", "100.0 ± 28.3", "1.00x"]
+    # One full-model time per file: dense 40 and 60 ms, stock HF twice that (these files have
+    # no patched full-model row: the stock forward stands in, marked †).
+    assert full[7:11] == ["50.0 ± 14.1", "1.00x", "100.0 ± 28.3 †", "1.00x"]
     good = rows[("MRPC", "good")]
     assert good[2:5] == ["3", "50% ± 0%", "25% ± 0%"]
     assert good[5] == "0.750 ± 0.030" and good[6] == "0.770 ± 0.000"  # s good P / R
@@ -575,6 +577,9 @@ def test_speed_uses_per_round_ratios_and_counts_each_seed_once(runs: Path, tmp_p
                 if line.startswith("| MRPC | good"))
     assert good[2] == "1"  # seed 1 once, though two files time it
     assert good[8] == "2.00x" and good[10] == "2.00x"  # medians of the medians: 40/20, 100/50
+    full = next([c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+                if line.startswith("| MRPC | full model"))
+    assert full[9] == "100.0"  # the patched full model, which the pruned row is timed against
     assert "†" not in section and "Noisy timings" in section
 
 

@@ -47,6 +47,8 @@ class SpeedEntry:
     masked_paired: float | None = None  # dense / masked
     pruned_paired: float | None = None  # patched full model / pruned, the same forward
     noisy: bool = False  # the file notes noisy timings (a busy machine)
+    patched_ms: float | None = None  # the patched full model's forward (what pruned is timed
+    # against; older files lack it)
 
     @property
     def masked_speedup(self) -> float:
@@ -137,6 +139,7 @@ def _entries_in(file: Path, data: dict[str, Any], run: RunSummary,
     rows = data["rows"]
     dense = _time(rows, file, "dense", None)
     stock = _time(rows, file, "hf_eager", None)
+    patched = _time(rows, file, "patched", None)
     setting, command = _setting(data)
     noisy = any("noisy timings" in str(note) for note in data.get("notes", []))
     out = []
@@ -154,7 +157,7 @@ def _entries_in(file: Path, data: dict[str, Any], run: RunSummary,
                               _time(rows, file, "pruned", name), file,
                               masked_paired=_paired(rows, "masked", name, "speedup_vs_dense"),
                               pruned_paired=_paired(rows, "pruned", name, "speedup_vs_patched"),
-                              noisy=noisy))
+                              noisy=noisy, patched_ms=patched))
     return out
 
 
@@ -214,10 +217,13 @@ def speed_tables(results: Mapping[str, TaskResults], entries: list[SpeedEntry]) 
             full = Stat.of(runs[(task, s)].full_score for s in seeds)
             per_file = {e.file: e for e in task_entries}.values()  # one full-model time a file
             dense = Stat.of(e.dense_ms for e in per_file)
-            stock = Stat.of(e.stock_ms for e in per_file)
+            # the full model on the pruned model's forward: the patched full model, which
+            # the pruned rows' speed-ups compare with (older files: the stock forward, †)
+            patched = Stat.of(e.patched_ms for e in per_file if e.patched_ms is not None)
+            same = (_fmt(patched, 1) if patched is not None else
+                    _fmt(Stat.of(e.stock_ms for e in per_file), 1) + " †")
             lines.append(f"| {task} | full model | {len(seeds)} | 100% | 100% | "
-                         f"{_fmt(full, 3)} | — | {_fmt(dense, 1)} | 1.00x | {_fmt(stock, 1)} | "
-                         "1.00x |")
+                         f"{_fmt(full, 3)} | — | {_fmt(dense, 1)} | 1.00x | {same} | 1.00x |")
             for subnet in SUBNETS:
                 sub = [e for e in task_entries if e.subnet == subnet]
                 if not sub:
@@ -240,7 +246,8 @@ def speed_tables(results: Mapping[str, TaskResults], entries: list[SpeedEntry]) 
                 ]
                 lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Measured with " + "; ".join(f"`{c}`" for c in commands) + "."]
-        if any(not e.pruned_against_patched and e.pruned_speedup is not None for e in chosen):
+        if any(not e.pruned_against_patched and e.pruned_speedup is not None
+               or e.patched_ms is None for e in chosen):
             lines.append("† against the full model's stock Hugging Face forward: the file "
                          "predates the patched-full-model row, so this ratio also holds the "
                          "kernel change, not only the pruning; rerun the command to separate "

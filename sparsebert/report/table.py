@@ -3,7 +3,8 @@ sizes, and stability across seeds.
 
 Every function takes the {task: TaskResults} of `collect.collect` (tasks in column order) and
 returns GitHub-flavoured markdown. Cells read "0.781 ± 0.012 (n=3)" (mean ± sample std over n
-seeds), just "0.781" for one seed, and "—" for a setting that was not run.
+seeds), just "0.781" for one seed ("0.781 (n=1)" where the task has more seeds), and "—" for a
+setting that was not run.
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ from sparsebert.report.collect import Stat, TaskResults, cochran_pvalue, stabili
 DASH = "—"
 
 
-def fmt_stat(stat: Stat | None, digits: int = 3, *, show_n: bool = True) -> str:
-    """'0.781 ± 0.012 (n=3)', or '0.781' for one seed, or '—' for None."""
+def fmt_stat(stat: Stat | None, digits: int = 3, *, show_n: bool = True,
+             seeds: int | None = None) -> str:
+    """'0.781 ± 0.012 (n=3)', or '0.781' for one seed, or '—' for None. seeds: how many seeds
+    the task has; a cell over fewer says its n even for one value ('0.730 (n=1)')."""
     if stat is None:
         return DASH
     text = _num(stat.mean, digits)
     if stat.std is not None:
         text += f" ± {_num(stat.std, digits)}"
-        if show_n:
-            text += f" (n={stat.n})"
+    if show_n and (stat.std is not None or (seeds is not None and stat.n < seeds)):
+        text += f" (n={stat.n})"
     return text
 
 
@@ -83,7 +86,7 @@ def results_table(results: Mapping[str, TaskResults]) -> str:
             if row.key == "majority baseline" and stat is not None:
                 cells.append(_num(stat.mean))  # a property of the dev set, the same every seed
             else:
-                cells.append(fmt_stat(stat))
+                cells.append(fmt_stat(stat, seeds=res.n_seeds))
             if paper.canonical_task(task):
                 cells.append(fmt_paper(paper.paper_value(row.key, task)))
         body.append(cells)
@@ -97,7 +100,8 @@ def results_notes(results: Mapping[str, TaskResults]) -> str:
         "BERT-base, mean ± sample std over 5 seeds. P = the mask applied to the fine-tuned "
         "model (no retraining); R = the masked pre-trained model fine-tuned again. "
         "s = structured (heads + MLPs), m = magnitude; super = heads/MLPs kept in every seed, "
-        "random = the paper's 'middling', bad = its 'bizarro'. — = not run.",
+        "random = the paper's 'middling', bad = its 'bizarro'. — = not run; (n=1) after a "
+        "single value: run on fewer of the task's seeds than the other rows.",
     ]
     for task, res in results.items():
         canon = paper.canonical_task(task)
@@ -124,19 +128,25 @@ def threshold_at_majority(res: TaskResults) -> list[int]:
             and run.threshold * run.full_search_score <= run.majority]
 
 
-def _count(stat: Stat | None, total: int | None, digits: int = 1) -> str:
+def _fewer(stat: Stat, seeds: int | None) -> str:
+    """' (n=1)' when `stat` covers fewer than the task's `seeds`, else ''."""
+    return f" (n={stat.n})" if seeds is not None and stat.n < seeds else ""
+
+
+def _count(stat: Stat | None, total: int | None, digits: int = 1,
+           seeds: int | None = None) -> str:
     if stat is None:
         return DASH
     std = "" if stat.std is None else f" ± {stat.std:.{digits}f}"
     of = f" of {total} ({stat.mean / total:.0%})" if total else ""
-    return f"{stat.mean:.{digits}f}{std}{of}"
+    return f"{stat.mean:.{digits}f}{std}{of}{_fewer(stat, seeds)}"
 
 
-def _fraction(stat: Stat | None) -> str:
+def _fraction(stat: Stat | None, seeds: int | None = None) -> str:
     if stat is None:
         return DASH
     std = "" if stat.std is None else f" ± {stat.std:.2f}"
-    return f"{stat.mean:.2f}{std}"
+    return f"{stat.mean:.2f}{std}{_fewer(stat, seeds)}"
 
 
 def sizes_table(results: Mapping[str, TaskResults]) -> str:
@@ -154,10 +164,12 @@ def sizes_table(results: Mapping[str, TaskResults]) -> str:
         if ("super", "good", "heads_kept") in sz:
             sup = (f"{sz[('super', 'good', 'heads_kept')].mean:.0f} / "
                    f"{sz[('super', 'good', 'mlps_kept')].mean:.0f}")
-        row = [task, str(res.n_seeds), _count(sz.get(("s", "good", "heads_kept")), n_heads),
-               _count(sz.get(("s", "good", "mlps_kept")), n_layers),
-               _fraction(sz.get(("s", "good", "fraction_kept"))),
-               _fraction(sz.get(("m", "good", "fraction_kept"))), sup]
+        seeds = res.n_seeds
+        row = [task, str(seeds), _count(sz.get(("s", "good", "heads_kept")), n_heads,
+                                        seeds=seeds),
+               _count(sz.get(("s", "good", "mlps_kept")), n_layers, seeds=seeds),
+               _fraction(sz.get(("s", "good", "fraction_kept")), seeds),
+               _fraction(sz.get(("m", "good", "fraction_kept")), seeds), sup]
         ps = paper.SIZES.get(paper.canonical_task(task) or "")
         if ps is None:
             row += [DASH] * 5
