@@ -153,7 +153,8 @@ def _bars(ax: Axes, res: TaskResults, method: str) -> float:
             ax.bar(x, stat.mean, width, yerr=err, capsize=3, color=STAGE_COLORS[stage],
                    edgecolor="black", linewidth=0.5, error_kw={"linewidth": 0.8})
             y = stat.mean + (err or 0)
-            ax.annotate(f"{stat.mean:.2f}", (x, max(y, 0)), xytext=(0, 2),
+            fewer = f"\nn={stat.n}" if stat.n < res.n_seeds else ""  # fewer seeds than the task
+            ax.annotate(f"{stat.mean:.2f}{fewer}", (x, max(y, 0)), xytext=(0, 2),
                         textcoords="offset points", ha="center", va="bottom", fontsize=6,
                         bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.3,
                               "alpha": 0.8})
@@ -202,7 +203,8 @@ def subnetworks(results: Mapping[str, TaskResults], path: Path) -> Path | None:
     fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=8)
     many = any(r.n_seeds > 1 for r in results.values())
     fig.suptitle("Good, random and bad subnetworks"
-                 + (" (mean over seeds; error bars: ± sample std)" if many else ""), fontsize=11)
+                 + (" (mean over seeds; error bars: ± sample std; n=: over fewer seeds)"
+                    if many else ""), fontsize=11)
     return save_png(fig, path)
 
 
