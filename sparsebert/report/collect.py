@@ -134,7 +134,8 @@ def _check_consistent(task: str, runs: list[RunSummary]) -> None:
             a_config, b_config = first.config.get(section), run.config.get(section)
             if a_config is None or b_config is None:
                 continue  # a summary written before it recorded its config
-            for name in sorted((set(a_config) | set(b_config)) - ignored):
+            # (settings only one of them records: added by a later version, not compared)
+            for name in sorted((set(a_config) & set(b_config)) - ignored):
                 a, b = a_config.get(name), b_config.get(name)
                 if a != b:
                     raise ReportError(
