@@ -144,13 +144,19 @@ def check_model_source(source: str) -> bool:
         raise ModelLoadError(f"--model {source!r}: directory has no config.json, so it is not "
                              f"a Hugging Face model directory (files: "
                              f"{sorted(p.name for p in path.iterdir())[:10]})")
-    if (path / PRUNED_JSON).is_file():
+    return True
+
+
+def refuse_pruned_folder(source: str) -> None:
+    """ModelLoadError for a folder written by save_pruned (a masked or physically pruned
+    model): from_pretrained would load it without its masks or with its removed parts
+    re-initialised. Its tokenizer loads as any other."""
+    if (Path(source).expanduser() / PRUNED_JSON).is_file():
         raise ModelLoadError(f"--model {source!r}: written by sparsebert's save_pruned (a masked "
                              f"or physically pruned model, {PRUNED_JSON}), which "
                              "from_pretrained would load without its masks or removed parts; "
                              "load it with sparsebert.load_pruned, or start from the "
                              "pre-trained model")
-    return True
 
 
 def has_tokenizer_files(path: str | os.PathLike) -> bool:
@@ -303,6 +309,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, num_labels: int = 
         raise ModelLoadError(f"num_labels must be >= 1, got {num_labels}")
     source = resolve_model(name_or_path)
     local = check_model_source(source)
+    if local:
+        refuse_pruned_folder(source)
     # Step 1: config with the head's size and problem type.
     config = _offline_first(lambda offline: AutoConfig.from_pretrained(
         source, local_files_only=offline), source, local, "config")
@@ -361,6 +369,7 @@ def preflight_model(name_or_path: str | os.PathLike | None, max_length: int | No
     source = resolve_model(name_or_path)
     local = check_model_source(source)
     if local:
+        refuse_pruned_folder(source)
         check_tokenizer_files(source)
     if not local or max_length is not None:
         # (transformers is imported only here: a second of start-up otherwise)
