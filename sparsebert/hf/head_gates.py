@@ -101,11 +101,11 @@ def module_heads(module: nn.Module) -> int | None:
 def _check_head_counts(model: nn.Module, modules: list[nn.Module], heads: int) -> None:
     """AttentionBackendError when an attention module computes another number of heads than
     `heads` (config.num_attention_heads)."""
-    names = {id(m): name for name, m in model.named_modules()}
-    other = {names[id(m)]: module_heads(m) for m in modules
-             if module_heads(m) not in (None, heads)}
-    if other:
-        shown = ", ".join(f"{name}: {count}" for name, count in list(other.items())[:4])
+    counts = [(m, module_heads(m)) for m in modules]
+    other = [(m, count) for m, count in counts if count not in (None, heads)]
+    if other:  # (module names looked up only for the message)
+        names = {id(m): name for name, m in model.named_modules()}
+        shown = ", ".join(f"{names[id(m)]}: {count}" for m, count in other[:4])
         more = ", ..." if len(other) > 4 else ""
         raise AttentionBackendError(
             f"'model' ({type(model).__name__}) has attention modules with another head count "
