@@ -298,6 +298,27 @@ def test_graph_step_keeps_weight_masks():
     assert torch.count_nonzero(weight[mask]) == mask.sum()
 
 
+@cuda_test
+def test_graph_step_replays_reach_an_accelerated_model():
+    """A replayed step moves the parameters' version counters (the optimizer's hooks do not
+    run on replay): an accelerated model rebuilds its compact weights after each step."""
+    from sparsebert.speed.accelerate import accelerate  # noqa: PLC0415
+
+    device = torch.device("cuda")
+    model = sbhf.patch(tiny_classifier(dropout=0.0)).to(device)
+    fast = accelerate(model)
+    batch = {k: v.to(device) for k, v in make_batches(SHAPES)[0].items() if k != "labels"}
+    before = fast(**batch).logits  # compact weights built from the initial parameters
+    versions = [p._version for p in model.parameters()]
+    sparsebert_loop(model, make_batches(SHAPES), 1e-2, 8, 0, device, True)
+    assert all(p._version > v for p, v in zip(model.parameters(), versions, strict=True))
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    assert (expected - before).abs().max() > 1e-3  # training moved the logits
+    torch.testing.assert_close(fast(**batch).logits, expected, rtol=1e-4, atol=1e-4)
+
+
 
 @pytest.fixture(scope="module")
 def word_model(tmp_path_factory) -> str:

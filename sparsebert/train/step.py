@@ -189,6 +189,11 @@ class CudaGraphStep:
         self.graphs: dict[tuple, _Captured] = {}
         self.pool = None
         self.eager = EagerStep(model, optimizer, settings, device)
+        # A replay writes the parameters without running the optimizer's step hooks or moving
+        # their version counters: __call__ moves the counters, so code that caches work on the
+        # weights (sparsebert.accelerate's compact weights) sees every step.
+        self.stepped = [p for group in optimizer.param_groups for p in group["params"]
+                        if isinstance(p, torch.Tensor) and not p.is_inference()]
 
     @staticmethod
     def _key(batch: Batch) -> tuple:
@@ -207,6 +212,8 @@ class CudaGraphStep:
         for name, tensor in batch.items():
             entry.inputs[name].copy_(tensor, non_blocking=True)
         entry.graph.replay()
+        if self.stepped:
+            torch.autograd.graph.increment_version(self.stepped)
         return entry.loss.clone()
 
     # -- capture ------------------------------------------------------------------------
