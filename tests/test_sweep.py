@@ -536,6 +536,39 @@ def test_redo_a_method(reference, tiny_model_dir, synthetic_glue, tmp_path, caps
         assert len(records) == len(ref)  # the m-pruning curve kept, the s one written anew
 
 
+def test_redo_with_changed_method_settings(reference, tiny_model_dir, synthetic_glue, tmp_path,
+                                           capsys):
+    """A search setting that only one method uses may change along with --redo of that method:
+    its results are redone under the new setting, recorded in sweep.json and in the searches'
+    config.json; without the --redo the change is refused, naming the --redo it needs."""
+    out = tmp_path / "redo-settings"
+    shutil.copytree(reference[0], out)
+    argv = _argv(tiny_model_dir, synthetic_glue, out) + ["--magnitude-amount", "0.3"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "magnitude_amount: 0.1 -> 0.3" in err and "add --redo magnitude" in err
+    assert main(argv + ["--redo", "structured"]) == 2  # not the method the setting belongs to
+    assert "add --redo magnitude" in capsys.readouterr().err
+    assert main(argv + ["--redo", "magnitude"]) == 0
+    saved = json.loads((out / "sweep.json").read_text())
+    assert saved["identity"]["search"]["magnitude_amount"] == 0.3
+    assert saved["runs"][-1]["status"] == "finished"
+    results, before = _results(out), _results(reference[0])
+    for seed in SEEDS.split(","):
+        folder = out / "SST-2" / f"seed_{seed}"
+        assert json.loads((folder / "config.json").read_text())["search"]["magnitude_amount"] \
+            == 0.3
+        summary, old = (r[f"SST-2/seed_{seed}/summary.json"] for r in (results, before))
+        assert summary["config"]["search"]["magnitude_amount"] == 0.3
+        assert summary["full"] == old["full"]
+        assert summary["methods"]["structured"] == old["methods"]["structured"]
+        steps = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["method"] == "magnitude"]
+        assert steps[1]["fraction_kept"] == pytest.approx(0.7, abs=0.01)  # 30% per step
+    assert main(_argv(tiny_model_dir, synthetic_glue, out)) == 2  # the new setting is the grid's
+    assert main(argv) == 0  # and a rerun with it has nothing to do
+
+
 def test_interrupted_redo_resumes(reference, tiny_model_dir, synthetic_glue, tmp_path):
     """Rerunning the same --redo after an interrupted one resumes it (nothing more is set
     aside); a --redo after a finished run starts a new one (here with nothing left to redo)."""

@@ -35,8 +35,10 @@ def add_sweep(subparsers) -> None:
                              "searches, subnetworks and retraining (for structured also the "
                              "super-survivors and the speed timings) are moved to "
                              "OUT/.sweep/superseded/ and redone; the full models and the other "
-                             "method are kept. Rerunning with the same --redo after an "
-                             "interruption resumes the redo")
+                             "method are kept. Search settings that only these methods use "
+                             "may change with it (--redo magnitude --magnitude-amount 0.2). "
+                             "Rerunning with the same --redo after an interruption resumes "
+                             "the redo")
     add_dataclass_arguments(parser.add_argument_group("sweep"), SweepConfig)
     add_dataclass_arguments(parser.add_argument_group("search"), SearchConfig,
                             skip=("method",))

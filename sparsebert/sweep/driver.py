@@ -12,6 +12,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from sparsebert.lottery.config import SearchConfig
+from sparsebert.lottery.search import check_search_dir
 from sparsebert.sweep.config import NO_STOP_AFTER_STEPS, SweepConfig, SweepError
 from sparsebert.sweep.grid import Grid, expand
 from sparsebert.sweep.local import LocalBackend, Slot
@@ -114,7 +115,8 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
     slots = make_slots(config, train, cluster)  # checks the devices
     out = Path(out).resolve()
     state = SweepDir(out)
-    notes = state.open(identity(grid, search, train), redo_methods)
+    notes = state.open(identity(grid, search, train), redo_methods,
+                       after_redo=lambda: _record_settings(out, grid, search, train, redo_methods))
     for note in notes if progress else []:
         tqdm.write(note, file=sys.stderr)
     base: dict[str, Any] = {"out": str(out), "search": search.to_json(),
@@ -137,6 +139,20 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
         if backend is not None:
             backend.close()
         state.close(status)
+
+
+def _record_settings(out: Path, grid: Grid, search: SearchConfig, train: TrainConfig,
+                     redo: tuple[str, ...]) -> None:
+    """After --redo set its methods' results aside: the searches already begun take this
+    run's search settings (their config.json), which may differ in the redone methods'
+    settings only."""
+    for task in grid.tasks:
+        for seed in grid.seeds:
+            folder = out / task / f"seed_{seed}"
+            if (folder / "config.json").is_file():
+                seed_train = copy.copy(train)
+                seed_train.task, seed_train.seed = task, seed
+                check_search_dir(folder, search, seed_train, redo)
 
 
 def _backend(config: SweepConfig, slots: list[Slot]):

@@ -17,6 +17,9 @@ extend the sweep (adding seeds redoes the super-survivors of the tasks already t
 --redo METHODS sets those methods' searches aside (and, for structured, the super-survivors
 and the speed timings of the subnetworks: sparsebert.lottery.redo.set_aside), so that they and
 everything built on them run again; the full models and the other method's results are kept.
+With --redo, search settings that only the redone methods use may change as well
+(sparsebert.lottery.search.METHOD_SETTINGS): the searches' config.json files take the new
+settings once their results are aside.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ import fcntl
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sparsebert.atomic import atomic_write_json
 from sparsebert.lottery.config import SearchConfig
 from sparsebert.lottery.redo import move_aside, set_aside, unused
+from sparsebert.lottery.search import methods_affected
 from sparsebert.sweep.config import SweepError
 from sparsebert.sweep.grid import Grid
 from sparsebert.train.config import RUNTIME_FIELDS, TrainConfig
@@ -52,17 +57,29 @@ def identity(grid: Grid, search: SearchConfig, train: TrainConfig) -> dict[str, 
     return json.loads(json.dumps(ident))  # as saved in sweep.json (tuples as lists)
 
 
-def compare(saved: dict[str, Any], mine: dict[str, Any]) -> tuple[list[str], list[int]]:
-    """(added tasks, added seeds) when `mine` only adds tasks/seeds to `saved`; raises
-    SweepError listing every other difference."""
+def compare(saved: dict[str, Any], mine: dict[str, Any], redo: tuple[str, ...] = ()
+            ) -> tuple[list[str], list[int]]:
+    """(added tasks, added seeds) when `mine` only adds tasks/seeds to `saved`, or changes
+    search settings that only the `redo` methods use; raises SweepError listing every other
+    difference."""
     diffs = []
+    changed_search = []  # search settings that differ
     for section in ("grid", "search", "train"):
         old, new = saved.get(section, {}), mine[section]
         for key in sorted(set(old) | set(new)):
             if key in ("tasks", "seeds") and section == "grid":
                 continue
             if old.get(key) != new.get(key):
+                if section == "search":
+                    changed_search.append(key)
                 diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    affected = methods_affected(changed_search)
+    hint = ""
+    if changed_search and len(diffs) == len(changed_search):  # only search settings differ
+        if set(affected) <= set(redo):
+            diffs = []
+        elif set(affected) <= set(mine["grid"]["methods"]):
+            hint = f"; to keep the fine-tuned full models, add --redo {','.join(affected)}"
     old_grid, new_grid = saved["grid"], mine["grid"]
     for key in ("tasks", "seeds"):
         removed = [x for x in old_grid[key] if x not in new_grid[key]]
@@ -70,8 +87,8 @@ def compare(saved: dict[str, Any], mine: dict[str, Any]) -> tuple[list[str], lis
             diffs.append(f"{key}: {old_grid[key]!r} -> {new_grid[key]!r} ({removed} missing)")
     if diffs:
         raise SweepError(f"the sweep directory holds another grid ({'; '.join(diffs)}, as "
-                         f"saved -> requested); rerun with its options, or use another --out "
-                         f"(only added tasks or seeds extend a sweep)")
+                         f"saved -> requested){hint}; rerun with its options, or use another "
+                         f"--out (only added tasks or seeds extend a sweep)")
     return ([t for t in new_grid["tasks"] if t not in old_grid["tasks"]],
             [s for s in new_grid["seeds"] if s not in old_grid["seeds"]])
 
@@ -89,9 +106,12 @@ class SweepDir:
     def path(self) -> Path:
         return self.out / "sweep.json"
 
-    def open(self, ident: dict[str, Any], redo: tuple[str, ...] = ()) -> list[str]:
+    def open(self, ident: dict[str, Any], redo: tuple[str, ...] = (),
+             after_redo: Callable[[], None] | None = None) -> list[str]:
         """Lock the directory, check the grid against a saved one, set the results of the
-        `redo` methods aside; returns notes to print."""
+        `redo` methods aside and call `after_redo` (the driver records changed search settings
+        in the searches' config.json there) before this run is recorded; returns notes to
+        print."""
         if self.out.exists() and not self.out.is_dir():
             raise SweepError(f"--out {self.out}: exists and is not a directory")
         saved = None
@@ -109,17 +129,17 @@ class SweepDir:
         self.meta.mkdir(parents=True, exist_ok=True)
         self._take_lock()
         try:
-            return self._claim(saved, ident, redo)
+            return self._claim(saved, ident, redo, after_redo)
         except BaseException:  # refused (another grid) or failed: the lock is not kept
             self._release()
             raise
 
     def _claim(self, saved: dict[str, Any] | None, ident: dict[str, Any],
-               redo: tuple[str, ...]) -> list[str]:
+               redo: tuple[str, ...], after_redo: Callable[[], None] | None) -> list[str]:
         """open() with the lock held: compare, extend or redo, and record this run."""
         notes = []
         if saved is not None:
-            tasks, seeds = compare(saved["identity"], ident)
+            tasks, seeds = compare(saved["identity"], ident, redo)
             if tasks or seeds:
                 notes.append(f"extending the sweep: adding tasks {tasks or 'none'}, seeds "
                              f"{seeds or 'none'}")
@@ -137,6 +157,8 @@ class SweepDir:
         if redo:
             run["redo"] = list(redo)
             notes += self._redo(ident["grid"], redo)
+            if after_redo is not None:
+                after_redo()
         self.record["runs"].append(run)
         atomic_write_json(self.path, self.record)
         return notes
