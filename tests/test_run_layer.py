@@ -104,7 +104,7 @@ def test_metrics_after_resume_equal_an_uninterrupted_run(setup, tmp_path):
         tmp_path / "ref" / "metrics.jsonl")
 
 
-def test_resume_on_other_data_is_refused_and_a_copy_is_fine(setup, tmp_path):
+def test_resume_on_other_data_is_refused_and_a_copy_is_fine(setup, tmp_path, monkeypatch):
     """A run stopped on one GLUE folder and resumed with another --glue-dir whose files differ
     is refused (it would train on a mix of two datasets); a copy of the same files elsewhere
     resumes and ends as an uninterrupted run."""
@@ -112,7 +112,8 @@ def test_resume_on_other_data_is_refused_and_a_copy_is_fine(setup, tmp_path):
     run = tmp_path / "run"
     finetune(_config(setup, stop_after_steps=3), run, progress=False)
     recorded = json.loads((run / "data.json").read_text())
-    assert recorded["task"] == "SST-2" and set(recorded["files"]) == {"train", "dev"}
+    assert recorded["task"] == "SST-2" and recorded["source"] == "glue_dir"
+    assert set(recorded["files"]) == {"train", "dev"}
     other = tmp_path / "other_glue"
     shutil.copytree(glue, other)
     train_file = other / "SST-2" / "train.tsv"
@@ -126,6 +127,53 @@ def test_resume_on_other_data_is_refused_and_a_copy_is_fine(setup, tmp_path):
     resumed = finetune(_config(setup, glue_dir=str(same)), run, progress=False)
     reference = finetune(_config(setup), tmp_path / "ref", progress=False)
     assert resumed.metrics == reference.metrics
+    # Finished, it is still tied to its data: other files, or the hub instead of a folder, are
+    # refused (before anything is loaded: the hub is not reachable here).
+    with pytest.raises(SparsebertError, match=r"other SST-2 data: the train data under .*other"):
+        finetune(_config(setup, glue_dir=str(other)), run, progress=False)
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    with pytest.raises(SparsebertError, match=r"started on a local GLUE folder .* would go on "
+                                              r"with the hub's GLUE data"):
+        finetune(_config(setup, glue_dir=None), run, progress=False)
+    assert finetune(_config(setup, glue_dir=str(same)), run, progress=False).metrics == \
+        resumed.metrics
+
+
+def test_the_data_cache_follows_the_files(setup, tmp_path):
+    """With the tokenized-data cache on (a sweep's workers), a run after the GLUE files changed
+    in place trains on the new files, as a run without the cache does."""
+    from sparsebert.train import data_cache  # noqa: PLC0415
+
+    model, glue = setup
+    folder = tmp_path / "glue"
+    shutil.copytree(glue, folder)
+    config = _config(setup, glue_dir=str(folder), epochs=1)
+    data_cache.enable()
+    try:
+        finetune(config, tmp_path / "before", progress=False)
+        train_file = folder / "SST-2" / "train.tsv"
+        header, *rows = train_file.read_text().splitlines()
+        flipped = [f"{text}\t{1 - int(label)}" for text, label in (r.rsplit("\t", 1) for r in rows)]
+        train_file.write_text("\n".join([header, *flipped]) + "\n")
+        cached = finetune(config, tmp_path / "cached", progress=False)
+    finally:
+        data_cache.disable()
+    fresh = finetune(config, tmp_path / "fresh", progress=False)
+    assert _records(tmp_path / "cached" / "metrics.jsonl") == _records(
+        tmp_path / "fresh" / "metrics.jsonl")
+    assert cached.metrics == fresh.metrics
+
+
+def test_a_finished_run_drops_checkpoints_left_by_a_kill(setup, tmp_path):
+    """A kill between results.json and the checkpoints' removal: the next call on the finished
+    run removes them (and a temporary file of an unfinished checkpoint write)."""
+    run = tmp_path / "run"
+    finetune(_config(setup), run, progress=False)
+    leftovers = [run / "checkpoint.pt", run / "checkpoint.prev.pt", run / ".checkpoint.pt.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"left behind")
+    assert finetune(_config(setup), run, progress=False).finished
+    assert not any(path.exists() for path in leftovers)
 
 
 def test_a_damaged_metrics_line_is_dropped_with_a_warning(setup, tmp_path):

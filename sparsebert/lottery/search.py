@@ -170,13 +170,15 @@ class Search(StructuredStages, MagnitudeStages):
             raise StopSearch(name)
 
     def _metrics(self, method: str, records: list[dict[str, Any]]) -> None:
-        """Append a finished search's steps to out/metrics.jsonl, once per method: a stage
-        calls it whether it ran or found its search.json (a kill between the two writes)."""
+        """Add a finished search's steps to out/metrics.jsonl, once per method and all at once:
+        a stage calls it whether it ran or found its search.json (a kill between the two
+        writes). An incomplete set (written line by line by older versions, cut by a kill) is
+        replaced."""
         log = MetricsLog(self.out / "metrics.jsonl", keep_until_step=10**9)
-        if any(r.get("method") == method for r in log.records):
+        if sum(r.get("method") == method for r in log.records) == len(records):
             return
-        for record in records:
-            log.write({"method": method, **record})
+        log.drop(lambda r: r.get("method") == method)
+        log.extend([{"method": method, **record} for record in records])
 
     def _log(self, text: str) -> None:
         if self.progress:

@@ -110,6 +110,7 @@ def load_checkpoint(out_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def remove_checkpoints(out_dir: str | os.PathLike) -> None:
-    """Drop checkpoint.pt and checkpoint.prev.pt (the run has finished)."""
-    for name in (CHECKPOINT_NAME, PREVIOUS_NAME):
+    """Drop checkpoint.pt, checkpoint.prev.pt and an unfinished write's temporary file (the run
+    has finished)."""
+    for name in (CHECKPOINT_NAME, PREVIOUS_NAME, f".{CHECKPOINT_NAME}.tmp"):
         (Path(out_dir) / name).unlink(missing_ok=True)

@@ -1,8 +1,12 @@
 """data.json: what the GLUE files a run (or search) started with contained, so that a resume
 on other data (another --glue-dir or $GLUE_DIR) is refused instead of silently mixing two
-datasets. A copy of the same files in another folder resumes as before.
+datasets. A copy of the same files in another folder resumes as before; a switch between a
+local folder and the hub is refused too.
 
-    {"task": "SST-2", "files": {"train": "<sha256>", "dev": "<sha256>"}}   (none for hub data)
+    {"task": "SST-2", "source": "glue_dir", "files": {"train": "<sha256>", "dev": "<sha256>"}}
+    {"task": "SST-2", "source": "hub", "files": {}}        (hub data: nothing to fingerprint)
+
+Records written before "source" existed are read as "glue_dir" when they list files.
 """
 
 from __future__ import annotations
@@ -49,19 +53,30 @@ def data_fingerprint(task: GlueTask, glue_dir: str | os.PathLike | None) -> dict
     return out
 
 
+def _describe(source: str, glue_dir: str | os.PathLike | None) -> str:
+    return ("the hub's GLUE data (no --glue-dir, no $GLUE_DIR)" if source == "hub"
+            else f"the GLUE folder {resolve_glue_dir(glue_dir)}")
+
+
 def check_data(out_dir: Path, task: GlueTask, glue_dir: str | os.PathLike | None) -> None:
     """Refuse to go on in `out_dir` with data other than it started with; record the data of a
     new (or older, unrecorded) directory. `out_dir` must exist."""
     files = data_fingerprint(task, glue_dir)
-    if not files:  # hub data: nothing local to fingerprint (and maybe not reachable yet)
-        return
+    source = "glue_dir" if files else "hub"  # hub data: nothing local to fingerprint
     path = out_dir / DATA_FILE
     try:
         saved = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         saved = None  # a damaged record is rewritten from the data in use
-    if isinstance(saved, dict) and saved.get("files") is not None:
+    if isinstance(saved, dict) and isinstance(saved.get("files"), dict):
         theirs = saved["files"]
+        their_source = saved.get("source", "glue_dir" if theirs else "hub")
+        if their_source != source:
+            where = "the hub's GLUE data" if their_source == "hub" else "a local GLUE folder"
+            raise RunDirError(
+                f"{out_dir} was started on {where} ({path}) and would go on with "
+                f"{_describe(source, glue_dir)}. Resume with the data it used (--glue-dir or "
+                f"$GLUE_DIR for a folder, neither for the hub), or use another --out")
         changed = sorted(k for k in set(theirs) | set(files) if theirs.get(k) != files.get(k))
         if changed:
             raise RunDirError(
@@ -70,4 +85,4 @@ def check_data(out_dir: Path, task: GlueTask, glue_dir: str | os.PathLike | None
                 f"({path}). Resume with the GLUE folder it used (--glue-dir or $GLUE_DIR), or "
                 f"use another --out")
         return
-    atomic_write_json(path, {"task": task.name, "files": files})
+    atomic_write_json(path, {"task": task.name, "source": source, "files": files})

@@ -45,7 +45,7 @@ from sparsebert.train.config import (
     resolve_device,
     use_cuda_graphs,
 )
-from sparsebert.train.data_identity import check_data
+from sparsebert.train.data_identity import check_data, data_fingerprint
 from sparsebert.train.evaluate import data_source, evaluate_model, load_dev_splits
 from sparsebert.train.metrics_log import MetricsLog
 from sparsebert.train.optim import make_optimizer
@@ -123,8 +123,11 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
         raise TrainError("finetune(weight_masks=...) needs the model the masks belong to")
     mask_info = describe_masks(model, masks) if model is not None else PLAIN_MASKS
     finished = check_config(out_dir, config)
+    if out_dir.is_dir():  # a run (finished or not) on other data is refused before any loading
+        check_data(out_dir, task, config.glue_dir)
     if finished is not None and finished.finished:
         check_masks(out_dir, mask_info)  # a finished run with other masks is another run
+        remove_checkpoints(out_dir)  # left by a kill between results.json and their removal
         return finished
     if model is None:
         preflight_model(config.model, max_length=config.max_length)
@@ -144,8 +147,9 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
     # Tokenized once per process when data_cache is enabled (a sweep's workers), else now.
     subset = None if config.max_train_examples is None else (config.seed,
                                                               config.max_train_examples)
-    data_key = (task.name, config.glue_dir, data_cache.tokenizer_key(tokenizer),
-                config.max_length)
+    data_key = (task.name, config.glue_dir,
+                tuple(sorted(data_fingerprint(task, config.glue_dir).items())),  # the contents
+                data_cache.tokenizer_key(tokenizer), config.max_length)
     train = data_cache.cached(("train", subset, *data_key),
                               lambda: batching.encode(train_data, tokenizer, config.max_length))
     dev = data_cache.cached(("dev", *data_key), lambda: load_dev_splits(config, tokenizer))
@@ -176,7 +180,8 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
         masks.apply()
     else:
         torch.manual_seed(config.seed)
-    window["t"] = time.perf_counter()
+    # The log window's clock: its examples before a resume came in its recorded seconds.
+    window["t"] = time.perf_counter() - float(window.pop("seconds", 0.0))
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", keep_until_step=step)
     settings = StepSettings(config.grad_clip,
                             lambda: autocast(device, config.precision, cache_enabled=not graphs))
@@ -195,7 +200,8 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
             "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step,
             "elapsed_s": elapsed + time.perf_counter() - t0, "config": config.to_json(),
             "log_window": {"loss": float(window["loss"]), "n": window["n"],
-                           "examples": window["examples"]}})
+                           "examples": window["examples"],
+                           "seconds": time.perf_counter() - window["t"]}})
 
     # Step 4: the loop; batch order is a function of (seed, epoch), so resuming skips batches.
     bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="step",

@@ -59,9 +59,18 @@ class MetricsLog:
     def _rewrite(self) -> None:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
+    @staticmethod
+    def _rounded(record: dict[str, Any]) -> dict[str, Any]:
+        return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
+                for k, v in record.items()}
+
     def write(self, record: dict[str, Any]) -> None:
-        record = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
-                  for k, v in record.items()}
+        record = self._rounded(record)
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         self.records.append(record)
+
+    def extend(self, records: list[dict[str, Any]]) -> None:
+        """Add `records` all at once (an atomic rewrite: a kill leaves all or none of them)."""
+        self.records += [self._rounded(r) for r in records]
+        self._rewrite()
