@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sparsebert.errors import SparsebertError
+from sparsebert.errors import RunDirError, SparsebertError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -39,6 +39,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """json.dumps(obj, indent=2) to `path`, atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path: str | os.PathLike, fix: str) -> Any:
+    """The JSON value in `path` (which must exist). A damaged file (not UTF-8 text, or not JSON:
+    a write cut off by a power loss, say) raises RunDirError naming it, with `fix`: what to do
+    about it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        reason = f"not a text file: {error.reason}"
+    except json.JSONDecodeError as error:
+        reason = f"not valid JSON: {error}"
+    raise RunDirError(f"{path}: damaged ({reason}); {fix}")
 
 
 def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> None:

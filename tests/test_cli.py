@@ -136,6 +136,21 @@ def _probe_evaluate_search_dir(tiny, tmp_path):
         search / "config.json"]
 
 
+def test_a_search_directory_hint_names_current_runs_only(tmp_path):
+    """--run <search>: the hint lists its finished runs, not those --redo set aside."""
+    from sparsebert.errors import RunDirError  # noqa: PLC0415
+    from sparsebert.train.rundir import require_finished  # noqa: PLC0415
+
+    search = _fake_search_dir(tmp_path)
+    for run in ("full", ".superseded/redo-structured-1/structured/retrained/bad"):
+        (search / run / "model").mkdir(parents=True)
+        (search / run / "config.json").write_text("{}")
+        (search / run / "model" / "config.json").write_text("{}")
+    with pytest.raises(RunDirError, match="its finished runs include ") as error:
+        require_finished(search)
+    assert str(search / "full") in str(error.value) and ".superseded" not in str(error.value)
+
+
 def _probe_finetune_into_search_dir(tiny, tmp_path):
     search = _fake_search_dir(tmp_path)
     return (_finetune_args(tiny, search), "holds a lottery search (sparsebert search), not a "

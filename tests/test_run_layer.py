@@ -164,6 +164,24 @@ def test_the_data_cache_follows_the_files(setup, tmp_path):
     assert cached.metrics == fresh.metrics
 
 
+@pytest.mark.parametrize("name, advice", [
+    ("config.json", "delete that run directory to fine-tune again"),
+    ("masks.json", "delete that run directory to fine-tune again"),
+    ("results.json", "fine-tune the run again (its checkpoints are gone"),
+])
+def test_a_damaged_run_file_is_named(setup, tmp_path, name, advice):
+    """A cut-off config.json, masks.json or results.json: one error naming the file and what
+    to do, not a JSON traceback."""
+    run = tmp_path / "run"
+    finetune(_config(setup), run, progress=False)
+    text = (run / name).read_text()
+    (run / name).write_text(text[: len(text) // 2])
+    with pytest.raises(SparsebertError) as error:
+        finetune(_config(setup), run, progress=False)
+    assert str(error.value).startswith(f"{run / name}: damaged (not valid JSON: ")
+    assert advice in str(error.value)
+
+
 def test_a_finished_run_drops_checkpoints_left_by_a_kill(setup, tmp_path):
     """A kill between results.json and the checkpoints' removal: the next call on the finished
     run removes them (and a temporary file of an unfinished checkpoint write)."""

@@ -18,7 +18,6 @@ with another config is refused.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sparsebert.atomic import atomic_write_json
+from sparsebert.atomic import atomic_write_json, read_json
 from sparsebert.errors import RunDirError
 from sparsebert.glue.tasks import get_task
 from sparsebert.hf.loading import load_model, load_tokenizer, preflight_model
@@ -58,10 +57,7 @@ class StopSearch(Exception):
 def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise RunDirError(f"{path}: damaged ({error}); delete it to redo that stage") from None
+    return read_json(path, "delete it to redo that stage")
 
 
 # Search settings whose change makes a method's finished results stale; any other setting

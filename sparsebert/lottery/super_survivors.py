@@ -17,7 +17,6 @@ Every stage is resumable as in the single-seed search.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparsebert.atomic import atomic_write_json
+from sparsebert.atomic import atomic_write_json, read_json
 from sparsebert.glue.tasks import GlueTask, get_task
 from sparsebert.lottery.config import SearchConfig, SearchError
 from sparsebert.lottery.redo import finish_redo, move_aside, unused
@@ -58,7 +57,8 @@ def super_masks(out: Path, seeds: list[int], first_seed: int) -> dict[str, Any]:
     with the per-seed stability statistics; drawn with a generator seeded by the seeds."""
     heads, mlps = [], []
     for seed in seeds:
-        found = json.loads((seed_dir(out, seed) / "structured" / "search.json").read_text())
+        found = read_json(seed_dir(out, seed) / "structured" / "search.json",
+                          "delete it to redo that seed's s-pruning search")
         heads.append(found["head_mask"])
         mlps.append(found["mlp_mask"])
     heads_arr, mlps_arr = np.asarray(heads), np.asarray(mlps)
@@ -153,7 +153,8 @@ class SuperStage:
         statistics, with the seeds they come from. Masks of another seed list (a rerun with
         more seeds, say) are set aside with everything built on them, and drawn again."""
         masks_file = self.root / "masks.json"
-        found = json.loads(masks_file.read_text()) if masks_file.is_file() else None
+        found = (read_json(masks_file, "delete it to draw the masks again")
+                 if masks_file.is_file() else None)
         if found is not None and found.get("seeds") == self.seeds:
             return found
         fresh = {**super_masks(self.out, self.seeds, self.seeds[0]), "seeds": self.seeds}
@@ -212,8 +213,8 @@ class SuperStage:
     def summarize(self, found: dict[str, Any], task: GlueTask) -> dict[str, Any]:
         metric = report_metric(task)
         first = task.dev_splits[0]
-        sizes = json.loads((seed_dir(self.out, self.seeds[0]) / "structured" /
-                            "search.json").read_text())["sizes"]  # the model's sizes
+        sizes = read_json(seed_dir(self.out, self.seeds[0]) / "structured" / "search.json",
+                          "delete it to redo that seed's s-pruning search")["sizes"]
         subnetworks = {}
         for name in self.search_config.subnet_list():
             masks = found["masks"][name]
@@ -221,7 +222,8 @@ class SuperStage:
             for seed in self.seeds:
                 path = self.root / "pruned" / name / f"seed_{seed}.json"
                 if path.is_file():
-                    metrics = json.loads(path.read_text())["metrics"]
+                    metrics = read_json(path, "delete it to score that subnetwork again"
+                                        )["metrics"]
                     pruned.append({"seed": seed, "score": float(metrics[metric]),
                                    "metrics": metrics})
                 result = RunResult.load(self.root / "retrained" / name / f"seed_{seed}")

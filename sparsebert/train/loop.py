@@ -10,7 +10,6 @@ window are checkpointed, so a resumed run logs and computes what an uninterrupte
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sparsebert.atomic import atomic_write_json
+from sparsebert.atomic import atomic_write_json, read_json
 from sparsebert.glue import batching
 from sparsebert.glue.loading import load_split
 from sparsebert.glue.tasks import get_task
@@ -67,7 +66,7 @@ def check_config(out_dir: Path, config: TrainConfig) -> RunResult | None:
     saved_path = out_dir / "config.json"
     if not saved_path.is_file():
         return None
-    saved = json.loads(saved_path.read_text())
+    saved = read_json(saved_path, "restore it, or delete that run directory to fine-tune again")
     if is_search_dir(out_dir):
         raise TrainError(f"--out {out_dir}: holds a lottery search (sparsebert search), not a "
                          "fine-tuning run; use another --out")

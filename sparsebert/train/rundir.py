@@ -31,7 +31,7 @@ from typing import Any
 
 from torch import nn
 
-from sparsebert.atomic import atomic_save_dir, atomic_write_json
+from sparsebert.atomic import atomic_save_dir, atomic_write_json, read_json
 from sparsebert.errors import RunDirError
 from sparsebert.pruning.weight_masks import (
     WeightMasks,
@@ -109,11 +109,9 @@ class RunResult:
         path = Path(run_dir) / RESULTS_NAME
         if not path.is_file():
             return None
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise RunDirError(f"{path}: not valid JSON ({error}); delete it and rerun the same "
-                              f"command to evaluate the run again") from None
+        data = read_json(path, "restore it, or delete it and rerun the same command to "
+                               "fine-tune the run again (its checkpoints are gone once it "
+                               "finished); `sparsebert evaluate` scores its model/ meanwhile")
         return cls.from_json(data, str(path))
 
     def save(self, run_dir: str | os.PathLike) -> None:
@@ -219,7 +217,7 @@ def check_masks(out_dir: Path, masks: dict[str, Any]) -> None:
     """Refuse a run directory whose masks.json differs from `masks`; write it if missing."""
     path = out_dir / MASKS_NAME
     if path.is_file():
-        saved = json.loads(path.read_text())
+        saved = read_json(path, "restore it, or delete that run directory to fine-tune again")
         difference = masks_difference(saved, masks)
         if difference:
             raise RunDirError(f"{out_dir} holds a run trained with other masks ({difference}); "
@@ -288,8 +286,11 @@ def is_search_dir(path: Path) -> bool:
 
 
 def _finished_runs(root: Path, limit: int = 3) -> list[str]:
-    """Up to `limit` finished run directories below `root`, as paths."""
-    found = sorted(str(marker.parent.parent) for marker in root.glob("**/model/config.json"))
+    """Up to `limit` finished run directories below `root`, as paths (none under hidden
+    folders: .superseded/ holds runs set aside by --redo)."""
+    found = sorted(str(marker.parent.parent) for marker in root.glob("**/model/config.json")
+                   if not any(part.startswith(".")
+                              for part in marker.relative_to(root).parts))
     return found[:limit]
 
 
