@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import sparsebert
-from sparsebert.hf import patch, set_masks
+from sparsebert.hf import patch, prune, set_masks
 from sparsebert.hf.patching import sparse_blocks
 from sparsebert.pruning.importance import Importance, importance, min_max, normalize_by_layer
 
@@ -172,6 +172,25 @@ def test_michel_matches_per_token_reference(tiny_bert, tiny_batches):
     torch.testing.assert_close(imp.mlp, ref_mlp, **tol)
     torch.testing.assert_close(imp.neuron, ref_neuron, **tol)
     assert bool((ref_mlp > 0).all()) and bool((ref_neuron > 0).all())  # nothing trivially 0
+
+
+@pytest.mark.parametrize("neurons", [False, True])
+def test_michel_scores_a_pruned_first_layer_mlp(neurons, tiny_bert, tiny_batches):
+    """Layer 0's heads all removed by physical pruning: its MLP's input and FFN output depend on
+    no gate, yet michel mode still scores the MLP (as the per-token reference on the masked
+    model does), with or without neuron scores."""
+    model = tiny_bert(num_labels=NUM_LABELS)
+    batches = tiny_batches(num_labels=NUM_LABELS)
+    head_mask, mlp_mask = torch.ones(3, 4), torch.ones(3)
+    head_mask[0] = 0
+    _, ref_mlp, _ = reference_scores(model, batches, "michel", head_mask, mlp_mask)
+    pruned = patch(copy.deepcopy(model))
+    set_masks(pruned, head_mask=head_mask, mlp_mask=mlp_mask)
+    prune(pruned)
+    imp = importance(pruned, batches, mode="michel", neurons=neurons, normalize=False,
+                     progress=False)
+    assert bool((imp.mlp > 0).all())
+    torch.testing.assert_close(imp.mlp, ref_mlp, rtol=5e-5, atol=1e-9)
 
 
 def test_masked_components_score_zero_and_others_match_reference(tiny_bert, tiny_batches):

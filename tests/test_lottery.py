@@ -184,6 +184,26 @@ def test_eligible_parameters_follow_the_paper():
         assert excluded not in names
 
 
+def test_eligible_parameters_of_a_physically_pruned_model():
+    """Removed heads and MLPs have no weights left to prune: the rest is listed as usual."""
+    from sparsebert.hf import patch, prune, set_masks  # noqa: PLC0415
+
+    model = patch(_tiny_bert())
+    layers = model.config.num_hidden_layers
+    head_mask = torch.ones(layers, model.config.num_attention_heads)
+    head_mask[0] = 0  # every head of layer 0
+    mlp_mask = torch.ones(layers)
+    mlp_mask[1] = 0
+    set_masks(model, head_mask=head_mask, mlp_mask=mlp_mask)
+    prune(model)
+    names = set(mag.eligible_parameters(model))
+    assert len(names) == 2 * 11 - 8 - 3  # layer 0: Q, K, V, out (w+b); layer 1: FFN in (w+b), out
+    assert not any(name.startswith("bert.encoder.layer.0.attention") for name in names)
+    assert "bert.encoder.layer.0.intermediate.dense.weight" in names
+    assert "bert.encoder.layer.1.attention.self.query.weight" in names
+    assert not any(".layer.1.intermediate" in n or ".layer.1.output.dense" in n for n in names)
+
+
 @pytest.mark.parametrize("steps", [0, 1, 3, 9])
 def test_magnitude_amounts_and_ordering(steps):
     model = _tiny_bert()

@@ -171,6 +171,29 @@ def test_weight_masks_gradient_hooks_come_off():
     assert weight.grad.any()
 
 
+def test_weight_masks_on_a_frozen_parameter():
+    """A frozen (requires_grad=False) masked parameter is zeroed and stays so; the trainable
+    ones' gradients are masked as usual, and every hook comes off."""
+    model = tiny_classifier(dropout=0.0)
+    layer = model.bert.encoder.layer[0]
+    frozen, trained = layer.intermediate.dense.weight, layer.output.dense.weight
+    frozen.requires_grad_(False)
+    generator = torch.Generator().manual_seed(0)
+    pairs = [(p, torch.rand(p.shape, generator=generator) > 0.5) for p in (frozen, trained)]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    handles = WeightMasks(pairs).attach(optimizer)
+    for batch in make_batches(SHAPES):
+        model(**batch).loss.backward()
+        assert not trained.grad[~pairs[1][1]].any()
+        optimizer.step()
+        optimizer.zero_grad()
+    for param, mask in pairs:
+        assert not param[~mask].any() and param[mask].all()
+    handles.remove()
+    model(**make_batches(SHAPES)[0]).loss.backward()
+    assert trained.grad[~pairs[1][1]].any()
+
+
 def test_warmup_steps_leave_no_trace():
     """What CudaGraphStep does around a capture: snapshot, eager warm-up steps, restore. A
     run with that detour (at the start, fresh optimizer state, and mid-run) equals one

@@ -20,25 +20,30 @@ from torch import Tensor, nn
 from sparsebert.hf.structure import encoder_layers, resolve, structure_for
 
 
+def _weights(linear: nn.Module | None, bias: bool = True) -> list[nn.Parameter | None]:
+    """A Linear's weight (and bias); none for a part physical pruning removed (None)."""
+    if linear is None:
+        return []
+    return [linear.weight, linear.bias] if bias else [linear.weight]
+
+
 def eligible_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """{name: parameter} of the m-prunable weights of an (unpatched) HF model, found through
-    the model's row of the architecture table; names as in model.named_parameters()."""
+    """{name: parameter} of the m-prunable weights of an HF model, found through the model's
+    row of the architecture table; names as in model.named_parameters(). On a physically
+    pruned model, the projections of removed heads and MLPs are gone and not listed."""
     row = structure_for(model)
     attention, ffn = row.attention_layout, row.mlp_layout
-    chosen: list[nn.Parameter] = []
+    chosen: list[nn.Parameter | None] = []
     for layer in encoder_layers(model, row):
         block = getattr(layer, row.attention)
         self_attention = getattr(block, attention.self_attention)
         for child in (attention.query, attention.key, attention.value):
-            linear = getattr(self_attention, child)
-            chosen += [linear.weight, linear.bias]
+            chosen += _weights(getattr(self_attention, child))
         out = resolve(block, attention.output)
-        dense = getattr(out, attention.output_dense)
-        chosen += [dense.weight, dense.bias]
-        up = getattr(getattr(layer, ffn.intermediate), ffn.intermediate_dense)
-        chosen += [up.weight, up.bias]
+        chosen += _weights(getattr(out, attention.output_dense))
+        chosen += _weights(getattr(getattr(layer, ffn.intermediate), ffn.intermediate_dense))
         down = getattr(getattr(layer, ffn.output), ffn.output_dense)
-        chosen.append(down.weight)  # the FFN output bias is never pruned
+        chosen += _weights(down, bias=False)  # the FFN output bias is never pruned
     ids = {id(p) for p in chosen if p is not None}
     return {name: p for name, p in model.named_parameters() if id(p) in ids}
 

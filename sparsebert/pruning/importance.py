@@ -10,6 +10,11 @@ weight-gradient GEMMs run):
   per_example  sum over examples of |d loss_i / d gate| (per-example gates (B, H), one pass).
   fisher       sum over examples of (d loss_i / d gate)^2 (Kwon et al. 2022).
   michel       Michel et al.: sum over examples and real tokens of |ctx_t . d loss_i / d ctx_t|.
+               Their code then divides each layer's head sums by the token count, the last
+               layer's by the example count (only [CLS] gets a gradient there); that per-layer
+               factor cancels in the per-layer L2 normalisation (the default) and is not
+               applied: with normalize_by_layer_heads=False the last layer's heads score lower
+               relative to the other layers' than in their code.
 The head gradients come from d_head_gate of the masked-attention backward kernel, the MLP and
 neuron gradients from the fused group_dot reduction (sparsebert.nn.gating); `michel` needs
 per-token values and uses tensor hooks instead (sparsebert.pruning.michel).
@@ -302,8 +307,9 @@ def importance(
             # Step 1: gate leaves (shared by the batch, or per example) replace the buffers.
             leaves = _make_leaves(blocks, size, per_example and mode != "michel", neurons)
             michel_sums = {"head": head_acc, "mlp": mlp_acc, "neuron": neuron_acc}
+            extra_inputs: list[Tensor] = []  # michel: leaves for inputs that depend on no gate
             hooks = (
-                michel_hooks(blocks, token_mask, michel_sums, neurons)
+                michel_hooks(blocks, token_mask, michel_sums, neurons, extra_inputs)
                 if mode == "michel"
                 else contextlib.nullcontext()
             )
@@ -316,7 +322,7 @@ def importance(
                 # Step 3: backward to the gates only (weights are frozen).
                 wanted = [leaf.head for leaf in leaves] + [leaf.mlp for leaf in leaves]
                 wanted += [leaf.neuron for leaf in leaves if leaf.neuron is not None]
-                grads = torch.autograd.grad(loss, wanted, allow_unused=True)
+                grads = torch.autograd.grad(loss, wanted + extra_inputs, allow_unused=True)
             if mode == "michel":
                 continue  # the hooks accumulated per-token scores
             # Step 4: accumulate |grad| (or grad^2), per batch (paper) or per example.

@@ -17,10 +17,25 @@ def safe_divide(num: Tensor, gate: Tensor) -> Tensor:
 
 
 @contextlib.contextmanager
-def michel_hooks(blocks, token_mask: Tensor, sums: dict[str, list[Tensor]], neurons: bool):
+def michel_hooks(blocks, token_mask: Tensor, sums: dict[str, list[Tensor]], neurons: bool,
+                 extra_inputs: list[Tensor]):
     """Per-token |x_t . grad_t| for each head context, FFN output and FFN neuron, summed over real
-    tokens and examples into sums["head"][l] (H_l,), sums["mlp"][l] (), sums["neuron"][l] (F_l,)."""
+    tokens and examples into sums["head"][l] (H_l,), sums["mlp"][l] (), sums["neuron"][l] (F_l,).
+
+    An MLP input that depends on no gate (the first MLP once its layer's heads were all
+    removed) is replaced by a leaf copy that requires grad and is appended to `extra_inputs`:
+    the caller differentiates with respect to those too, so the tensors hooked below them get
+    gradients (a leaf copy of a tensor without history changes no other gradient)."""
     handles = []
+
+    def input_requires_grad(module, args):
+        if (args and isinstance(args[0], Tensor) and not args[0].requires_grad
+                and torch.is_grad_enabled()):
+            leaf = args[0].detach().requires_grad_()
+            extra_inputs.append(leaf)
+            return (leaf, *args[1:])
+        return None
+
     mask = token_mask[:, :, None].float()  # (B, S, 1)
 
     def on_tensor(x: Tensor, reduce):
@@ -52,6 +67,7 @@ def michel_hooks(blocks, token_mask: Tensor, sums: dict[str, list[Tensor]], neur
         dense = attn.output_dense()  # None once every head of the layer was removed
         if dense is not None:
             handles.append(dense.register_forward_pre_hook(head_hook))
+        handles.append(mlp.register_forward_pre_hook(input_requires_grad))
         handles.append(mlp.register_ffn_output_hook(mlp_hook))
         if neurons:
             down = mlp.output_dense()  # None once the MLP was removed

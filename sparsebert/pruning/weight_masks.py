@@ -66,10 +66,11 @@ class WeightMasks:
         Masking the gradients is what torch.nn.utils.prune's reparametrization (weight =
         weight_orig * mask, the authors' CustomFromMask) does: gradient clipping then sees the
         norm over the kept weights only, and AdamW's moments of masked weights stay zero.
+        A frozen parameter (requires_grad=False) has no gradient to mask: it is zeroed only.
         """
         self.apply()  # also casts each mask to its parameter's device and dtype
         handles = [param.register_hook(functools.partial(_masked_grad, mask))
-                   for param, mask in self.masks]
+                   for param, mask in self.masks if param.requires_grad]
         handles.append(optimizer.register_step_post_hook(
             lambda _opt, _args, _kwargs: self.apply()))
         return HookHandles(handles)
