@@ -54,16 +54,27 @@ def versions() -> dict[str, str]:
 
 
 def git_sha(path: str | Path | None = None) -> str | None:
-    """HEAD commit of the repository holding `path` (default: this package), or None."""
-    where = Path(path) if path else Path(__file__).resolve().parent
+    """HEAD commit of the repository holding `path`, or None. By default, of this package's
+    source checkout: None for an installed copy (site-packages), even one inside some other
+    repository (a project's .venv), whose HEAD says nothing about this code."""
+    package = Path(__file__).resolve().parent
+    return _head(Path(path)) if path else _head(package, package=package)
+
+
+def _head(where: Path, package: Path | None = None) -> str | None:
+    """HEAD (with -dirty) of the repository holding `where`; with `package`, only when that
+    repository's top level holds `package` as its top-level folder."""
     try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
-                                text=True, timeout=10, check=False)
+        result = subprocess.run(["git", "rev-parse", "HEAD", "--show-toplevel"], cwd=where,
+                                capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
-    sha = result.stdout.strip()
-    if not sha:
+    lines = result.stdout.splitlines()
+    if result.returncode != 0 or len(lines) != 2:
         return None
+    sha, top = lines
+    if package is not None and Path(top).resolve() / package.name != package:
+        return None  # not this package's checkout
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
                            capture_output=True, text=True, timeout=10, check=False).stdout
     return sha + ("-dirty" if dirty.strip() else "")
