@@ -178,6 +178,14 @@ def test_jsonl_hub_and_tsv_field_names(tmp_path):
         {"premise": "p", "hypothesis": "h", "label": 3}) + "\n")
     with pytest.raises(GlueError, match="not in the label set"):
         read_jsonl(out_of_range, "MNLI")
+    null_text = _write(tmp_path / "n.jsonl", json.dumps(
+        {"premise": "p", "hypothesis": None, "label": 0}) + "\n")
+    with pytest.raises(GlueError, match=r"n.jsonl:1: field 'hypothesis' is null, expected a "
+                                        r"string"):
+        read_jsonl(null_text, "MNLI")
+    not_an_object = _write(tmp_path / "s.jsonl", json.dumps("premise and hypothesis") + "\n")
+    with pytest.raises(GlueError, match=r"s.jsonl:1: expected a JSON object per line, found str"):
+        read_jsonl(not_an_object, "MNLI")
 
 
 def test_no_glue_dir_and_no_datasets_gives_clear_error(monkeypatch):

@@ -155,12 +155,18 @@ def read_jsonl(path: str | os.PathLike, task: str | GlueTask, split: str = "trai
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise GlueError(f"{where}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise GlueError(f"{where}: expected a JSON object per line, found "
+                                f"{type(record).__name__}")
             for column, keys in zip(texts, text_keys):
                 key = next((k for k in keys if k in record), None)
                 if key is None:
                     raise GlueError(f"{where}: wrong columns for {task.name}: expected one of "
                                     f"{list(keys)}, found {sorted(record)}")
-                column.append(str(record[key]))
+                if not isinstance(record[key], str):
+                    raise GlueError(f"{where}: field {key!r} is {json.dumps(record[key])}, "
+                                    f"expected a string")
+                column.append(record[key])
             key = next((k for k in ("label", task.tsv.label_column) if k in record), None)
             if key is None:
                 raise GlueError(f"{where}: no label field ('label' or "
