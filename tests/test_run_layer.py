@@ -139,6 +139,22 @@ def test_resume_on_other_data_is_refused_and_a_copy_is_fine(setup, tmp_path, mon
         resumed.metrics
 
 
+def test_a_refused_start_leaves_the_data_open(setup, tmp_path):
+    """A first call that fails before training (here: no such model) records no data: the
+    corrected call may use another GLUE folder."""
+    model, glue = setup
+    other = tmp_path / "other_glue"
+    shutil.copytree(glue, other)
+    train_file = other / "SST-2" / "train.tsv"
+    train_file.write_text(train_file.read_text() + train_file.read_text().splitlines()[1] + "\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(SparsebertError):
+        finetune(_config(setup, model=str(tmp_path / "no-such-model"), glue_dir=str(other)),
+                 run, progress=False)
+    assert finetune(_config(setup, epochs=1), run, progress=False).finished
+
+
 def test_the_data_cache_follows_the_files(setup, tmp_path):
     """With the tokenized-data cache on (a sweep's workers), a run after the GLUE files changed
     in place trains on the new files, as a run without the cache does."""

@@ -122,8 +122,8 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
         raise TrainError("finetune(weight_masks=...) needs the model the masks belong to")
     mask_info = describe_masks(model, masks) if model is not None else PLAIN_MASKS
     finished = check_config(out_dir, config)
-    if out_dir.is_dir():  # a run (finished or not) on other data is refused before any loading
-        check_data(out_dir, task, config.glue_dir)
+    if (out_dir / "config.json").is_file():  # a run (finished or not) on other data is
+        check_data(out_dir, task, config.glue_dir)  # refused before anything is loaded
     if finished is not None and finished.finished:
         check_masks(out_dir, mask_info)  # a finished run with other masks is another run
         remove_checkpoints(out_dir)  # left by a kill between results.json and their removal
