@@ -129,6 +129,22 @@ def test_a_kill_between_paired_writes_is_repaired_on_rerun(reference, tiny_setup
     assert log.read_text() == (ref_out / "metrics.jsonl").read_text()
 
 
+def test_a_rerun_drops_checkpoints_left_in_finished_retrainings(reference, tiny_setup,
+                                                                  tmp_path):
+    """A kill after a re-fine-tune's results.json but before its checkpoints went: the rerun,
+    which skips that finished run, removes them."""
+    ref_out, expected = reference
+    out = tmp_path / "search"
+    shutil.copytree(ref_out, out)
+    leftovers = [out / method / "retrained" / "good" / "checkpoint.pt"
+                 for method in ("structured", "magnitude")]
+    for path in leftovers:
+        path.write_bytes(b"left behind")
+    assert _strip(search("SST-2", out, progress=False, **_options(tiny_setup))) == \
+        _strip(expected)
+    assert not any(path.exists() for path in leftovers)
+
+
 def test_redo_a_method(reference, tiny_setup, tmp_path):
     """redo="structured" sets the s-pruning results aside (out/.superseded/) and computes them
     again: the same results as the reference, no stale curve record; the full model and

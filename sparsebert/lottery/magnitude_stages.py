@@ -24,7 +24,7 @@ from sparsebert.pruning.weight_masks import (
     mask_counts,
     save_weight_masks,
 )
-from sparsebert.train.loop import finetune
+from sparsebert.train.loop import finetune, finished_run
 from sparsebert.train.rundir import RunResult
 
 
@@ -144,8 +144,8 @@ class MagnitudeStages:
 
     def _retrain_magnitude(self, name: str, masks: dict[str, torch.Tensor]) -> RunResult:
         run_dir = self.out / "magnitude" / "retrained" / name
-        done = RunResult.load(run_dir)
-        if done is not None and done.finished:
+        done = finished_run(run_dir)
+        if done is not None:
             return done
         self._log(f"m-pruning {name}: re-fine-tuning the pre-trained weights, mask held")
         model, tokenizer = self._pretrained()  # rewinding: the mask goes on pre-trained weights

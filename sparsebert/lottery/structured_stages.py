@@ -23,7 +23,7 @@ from sparsebert.lottery.scoring import format_metrics, report_metric, score_mode
 from sparsebert.lottery.structured import kept_fraction, structured_search
 from sparsebert.lottery.subnetworks import structured_subnetworks
 from sparsebert.pruning.importance import importance
-from sparsebert.train.loop import finetune
+from sparsebert.train.loop import finetune, finished_run
 from sparsebert.train.rundir import RunResult
 
 
@@ -143,8 +143,8 @@ class StructuredStages:
                            label: str) -> RunResult:
         """Re-fine-tune the pre-trained model, physically pruned to `masks` (head_mask (L, H),
         mlp_mask (L,)), into `run_dir` (resumable; a finished run is returned as is)."""
-        done = RunResult.load(run_dir)
-        if done is not None and done.finished:
+        done = finished_run(run_dir)
+        if done is not None:
             return done
         self._log(f"{label}: re-fine-tuning the pre-trained model, pruned")
         model, tokenizer = self._pretrained()

@@ -43,6 +43,7 @@ from sparsebert.lottery.stats import stability_summary, super_survivor_controls
 from sparsebert.lottery.structured import kept_fraction
 from sparsebert.lottery.subnetworks import SUBNETWORKS
 from sparsebert.train.config import TrainConfig
+from sparsebert.train.loop import finished_run
 from sparsebert.train.rundir import RunResult, now
 
 SUPER_VERSION = 1
@@ -194,8 +195,7 @@ class SuperStage:
     def retrained_stage(self, seed: int, name: str, runner: Search | None = None) -> None:
         """super/retrained/<name>/seed_<s>/: the control re-fine-tuned with seed s."""
         run_dir = self.root / "retrained" / name / f"seed_{seed}"
-        done = RunResult.load(run_dir)
-        if done is not None and done.finished:
+        if finished_run(run_dir) is not None:
             return
         runner = runner or self._runner(seed)
         runner.retrain_structured(run_dir, self._masks(name), f"super {name} seed {seed}")

@@ -79,6 +79,17 @@ def check_config(out_dir: Path, config: TrainConfig) -> RunResult | None:
     return RunResult.load(out_dir)
 
 
+def finished_run(run_dir: Path) -> RunResult | None:
+    """The finished result in `run_dir`, else None; checkpoints a kill left behind between its
+    results.json and their removal are removed (for callers that skip finished runs without
+    calling finetune, which does the same)."""
+    done = RunResult.load(run_dir)
+    if done is None or not done.finished:
+        return None
+    remove_checkpoints(run_dir)
+    return done
+
+
 def finetune(config: TrainConfig, out_dir: str | os.PathLike, *,
              model: torch.nn.Module | None = None, tokenizer=None,
              weight_masks: Sequence[tuple[torch.nn.Parameter, torch.Tensor]] | None = None,
