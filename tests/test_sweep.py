@@ -594,6 +594,32 @@ def test_interrupted_redo_resumes(reference, tiny_model_dir, synthetic_glue, tmp
         assert (out / ".sweep" / "done" / "search~SST-2~3~magnitude.json").exists()
 
 
+def test_a_sweep_killed_in_its_first_write_starts_afresh(tiny_model_dir, synthetic_glue,
+                                                          tmp_path):
+    """A kill before the first sweep.json was in place leaves .sweep/lock and .sweep.json.tmp:
+    the rerun starts the sweep; any other content is still refused."""
+    from sparsebert.sweep.state import SweepDir, identity  # noqa: PLC0415
+
+    _, search, train = _configs(tiny_model_dir, synthetic_glue)
+    search.method = "both"
+    ident = identity(Grid(("SST-2",), (3,), ("structured", "magnitude"), ("good",), True, True),
+                     search, train.resolved())
+    out = tmp_path / "cut"
+    (out / ".sweep").mkdir(parents=True)
+    (out / ".sweep" / "lock").touch()
+    (out / ".sweep.json.tmp").write_text('{"kind": "sparsebert-sw')
+    state = SweepDir(out)
+    assert state.open(ident) == []
+    state.close("finished")
+    assert json.loads((out / "sweep.json").read_text())["identity"] == ident
+    other = tmp_path / "other"
+    (other / ".sweep").mkdir(parents=True)
+    (other / ".sweep" / "lock").touch()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(SweepError, match="not empty and not a sweep directory"):
+        SweepDir(other).open(ident)
+
+
 def test_report_skips_hidden_folders(reference, tmp_path):
     """A summary under a hidden folder (a sweep's .sweep/superseded/) is not a report input."""
     from sparsebert.report.summaries import find_summaries  # noqa: PLC0415

@@ -123,7 +123,7 @@ class SweepDir:
             if saved.get("kind") != KIND:
                 raise SweepError(f"{self.out} holds something other than a sweep; use another "
                                  f"--out")
-        elif self.out.is_dir() and any(self.out.iterdir()):
+        elif self.out.is_dir() and not self._first_write_cut() and any(self.out.iterdir()):
             raise SweepError(f"--out {self.out}: not empty and not a sweep directory; use "
                              f"another --out")
         self.meta.mkdir(parents=True, exist_ok=True)
@@ -133,6 +133,14 @@ class SweepDir:
         except BaseException:  # refused (another grid) or failed: the lock is not kept
             self._release()
             raise
+
+    def _first_write_cut(self) -> bool:
+        """True when `out` holds only what a sweep killed before its first sweep.json leaves
+        behind (.sweep/lock, the temporary .sweep.json.tmp): it starts afresh."""
+        names = {p.name for p in self.out.iterdir()}
+        if not names or not names <= {self.meta.name, f".{self.path.name}.tmp"}:
+            return False
+        return not self.meta.exists() or {p.name for p in self.meta.iterdir()} <= {"lock"}
 
     def _claim(self, saved: dict[str, Any] | None, ident: dict[str, Any],
                redo: tuple[str, ...], after_redo: Callable[[], None] | None) -> list[str]:
