@@ -229,6 +229,22 @@ def test_interrupted_redo_resumes(reference, tiny_setup, tmp_path, capsys):
            "(structured; --method structured)" in err
 
 
+def test_interrupted_redo_with_other_settings_starts_anew(reference, tiny_setup, tmp_path):
+    """A --redo magnitude interrupted under one amount and rerun under another: what it made
+    under the first is set aside too, and the search runs under the second."""
+    ref_out, _ = reference
+    out = tmp_path / "search"
+    shutil.copytree(ref_out, out)
+    stopped = search("SST-2", out, progress=False, redo="magnitude",
+                     stop_after="magnitude.search", **_options(tiny_setup, magnitude_amount=0.3))
+    assert stopped["status"] == "stopped"
+    summary = search("SST-2", out, progress=False, redo="magnitude",
+                     **_options(tiny_setup, magnitude_amount=0.5))
+    assert summary["methods"]["magnitude"]["curve"][1]["fraction_kept"] == pytest.approx(
+        0.5, abs=1e-3)
+    assert len(list((out / ".superseded").glob("redo-*"))) == 2
+
+
 def test_search_resumed_on_other_data_is_refused(tiny_setup, tmp_path):
     """The search stages (importance and scores on dev) refuse a GLUE folder whose files differ
     from the ones the search started with, even once the full model is finished."""

@@ -594,6 +594,64 @@ def test_interrupted_redo_resumes(reference, tiny_model_dir, synthetic_glue, tmp
         assert (out / ".sweep" / "done" / "search~SST-2~3~magnitude.json").exists()
 
 
+def test_a_redo_resumes_only_under_its_own_settings(reference, tiny_model_dir, synthetic_glue,
+                                                      tmp_path):
+    """An interrupted --redo magnitude under one amount, rerun with another: the results made
+    under the first are set aside too (not resumed); rerun under the same: resumed."""
+    from sparsebert.sweep.state import SweepDir, identity  # noqa: PLC0415
+
+    out = tmp_path / "redo-amounts"
+    shutil.copytree(reference[0], out)
+    _, search, train = _configs(tiny_model_dir, synthetic_glue)
+    search.method = "both"
+    grid = Grid(("SST-2",), (3, 4), ("structured", "magnitude"), ("good",), True, True)
+
+    def open_with(amount: float) -> list[str]:
+        search.magnitude_amount = amount
+        state = SweepDir(out)
+        notes = state.open(identity(grid, search, train.resolved()), ("magnitude",))
+        state.close("interrupted")
+        return notes
+
+    assert "set aside 2 searches" in open_with(0.3)[-1]
+    # Units of the interrupted redo had searched seed 3 again, under 0.3.
+    shutil.copytree(reference[0] / "SST-2" / "seed_3" / "magnitude",
+                    out / "SST-2" / "seed_3" / "magnitude")
+    assert "--redo magnitude: set aside 1 searches" in open_with(0.5)[-1]
+    assert "resuming the redo" in open_with(0.5)[-1]
+
+
+def test_a_redo_cut_short_is_completed_on_the_next_start(reference, tiny_model_dir,
+                                                         synthetic_glue, tmp_path):
+    """A kill after the redo was recorded but before its results were all aside and the
+    searches' config.json rewritten: the next start completes it, even without --redo."""
+    from sparsebert.sweep.state import SweepDir, identity  # noqa: PLC0415
+
+    out = tmp_path / "redo-cut"
+    shutil.copytree(reference[0], out)
+    _, search, train = _configs(tiny_model_dir, synthetic_glue)
+    search.method, search.magnitude_amount = "both", 0.3
+    grid = Grid(("SST-2",), (3, 4), ("structured", "magnitude"), ("good",), True, True)
+    ident = identity(grid, search, train.resolved())
+    recorded = []
+
+    def killed(methods):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        SweepDir(out).open(ident, ("magnitude",), after_redo=killed)
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert runs[-1]["redo"] == ["magnitude"] and runs[-1]["set_aside"] is False
+    state = SweepDir(out)
+    notes = state.open(ident, (), after_redo=recorded.append)
+    state.close("finished")
+    assert "completing the --redo magnitude started at" in notes[0]
+    assert recorded == [("magnitude",)]
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert runs[-1]["set_aside"] is True and runs[-1]["redo"] == ["magnitude"]
+    assert not (out / "SST-2" / "seed_3" / "magnitude").exists()
+
+
 def test_a_sweep_killed_in_its_first_write_starts_afresh(tiny_model_dir, synthetic_glue,
                                                           tmp_path):
     """A kill before the first sweep.json was in place leaves .sweep/lock and .sweep.json.tmp:

@@ -86,32 +86,45 @@ def set_aside(root: Path, parents: Sequence[Path], searches: Sequence[Path],
 
 
 class PendingRedo:
-    """A redo of `methods` in the search directory `root`, recorded in
-    root/.superseded/redo.json from its start until the search runs to its end (finish_redo),
-    so that the same redo rerun after an interruption resumes (sets nothing more aside)
-    instead of starting over."""
+    """A redo of `methods` in the search directory `root` under search settings `settings`,
+    recorded in root/.superseded/redo.json from its start until the search runs to its end
+    (finish_redo), so that the same redo rerun after an interruption resumes (sets nothing
+    more aside) instead of starting over. It resumes only once its set-aside was complete
+    (set_aside_done) and under the same settings: else it starts anew."""
 
-    def __init__(self, root: Path, methods: tuple[str, ...]) -> None:
+    def __init__(self, root: Path, methods: tuple[str, ...], settings: dict) -> None:
         self.root, self.methods = Path(root), tuple(methods)
+        self.settings = json.loads(json.dumps(settings))  # as read back (tuples as lists)
         self.record = self.root / ".superseded" / "redo.json"
         self.aside = self.root / ".superseded"
+        self.started_at = ""
 
     def start(self) -> bool:
-        """True for a new redo (the caller sets its results aside into self.aside), False when
-        resuming an interrupted one of the same methods."""
+        """True for a new redo (the caller sets its results aside into self.aside, then calls
+        set_aside_done), False when resuming an interrupted one of the same methods."""
         try:
             pending = json.loads(self.record.read_text()) if self.record.is_file() else None
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             pending = None  # a damaged record: start over, as if there were none
-        if isinstance(pending, dict) and set(self.methods) <= set(pending.get("methods", ())):
-            self.aside = Path(pending["aside"])
+        if (isinstance(pending, dict) and set(self.methods) <= set(pending.get("methods", ()))
+                and pending.get("set_aside", True)  # records before this flag: set aside
+                and pending.get("settings", self.settings) == self.settings):
+            self.aside, self.started_at = Path(pending["aside"]), pending.get("started_at", "")
             return False
-        stamp = time.strftime("%Y-%m-%dT%H%M%S%z")
+        stamp = self.started_at = time.strftime("%Y-%m-%dT%H%M%S%z")
         self.aside = unused(self.root / ".superseded" / f"redo-{'-'.join(self.methods)}-{stamp}")
         self.aside.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.record, {"methods": list(self.methods), "started_at": stamp,
-                                        "aside": str(self.aside)})
+        atomic_write_json(self.record, self._entry(set_aside=False))
         return True
+
+    def set_aside_done(self) -> None:
+        """The redo's results are aside and its settings recorded: a rerun resumes it."""
+        atomic_write_json(self.record, self._entry(set_aside=True))
+
+    def _entry(self, set_aside: bool) -> dict:
+        return {"methods": list(self.methods), "aside": str(self.aside),
+                "settings": self.settings, "set_aside": set_aside,
+                "started_at": self.started_at}
 
 
 def finish_redo(root: Path) -> None:

@@ -134,11 +134,12 @@ def set_aside_for_redo(runners: list[Search], root: Path, methods: tuple[str, ..
     done = [runner for runner in runners if (runner.out / "config.json").is_file()]
     for runner in done:
         check_search_dir(runner.out, runner.config, runner.train, methods, write=False)
-    pending = PendingRedo(root, methods)
+    pending = PendingRedo(root, methods, runners[0].config.identity())
     if pending.start():
         set_aside(root, [root], [runner.out for runner in runners], methods, pending.aside)
     for runner in done:  # the new settings, once what they make stale is set aside
         check_search_dir(runner.out, runner.config, runner.train, methods)
+    pending.set_aside_done()
 
 
 class Search(StructuredStages, MagnitudeStages):

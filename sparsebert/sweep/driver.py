@@ -116,7 +116,8 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
     out = Path(out).resolve()
     state = SweepDir(out)
     notes = state.open(identity(grid, search, train), redo_methods,
-                       after_redo=lambda: _record_settings(out, grid, search, train, redo_methods))
+                       after_redo=lambda methods: _record_settings(out, grid, search, train,
+                                                                   methods))
     for note in notes if progress else []:
         tqdm.write(note, file=sys.stderr)
     base: dict[str, Any] = {"out": str(out), "search": search.to_json(),

@@ -107,11 +107,10 @@ class SweepDir:
         return self.out / "sweep.json"
 
     def open(self, ident: dict[str, Any], redo: tuple[str, ...] = (),
-             after_redo: Callable[[], None] | None = None) -> list[str]:
+             after_redo: Callable[[tuple[str, ...]], None] | None = None) -> list[str]:
         """Lock the directory, check the grid against a saved one, set the results of the
-        `redo` methods aside and call `after_redo` (the driver records changed search settings
-        in the searches' config.json there) before this run is recorded; returns notes to
-        print."""
+        `redo` methods aside and call `after_redo(methods)` (the driver records changed search
+        settings in the searches' config.json there); returns notes to print."""
         if self.out.exists() and not self.out.is_dir():
             raise SweepError(f"--out {self.out}: exists and is not a directory")
         saved = None
@@ -143,9 +142,21 @@ class SweepDir:
         return not self.meta.exists() or {p.name for p in self.meta.iterdir()} <= {"lock"}
 
     def _claim(self, saved: dict[str, Any] | None, ident: dict[str, Any],
-               redo: tuple[str, ...], after_redo: Callable[[], None] | None) -> list[str]:
-        """open() with the lock held: compare, extend or redo, and record this run."""
+               redo: tuple[str, ...], after_redo: Callable[[tuple[str, ...]], None] | None
+               ) -> list[str]:
+        """open() with the lock held: compare, extend or redo, and record this run.
+
+        A redo is recorded (with the settings it runs under) before anything is set aside,
+        and marked set_aside once its results are aside and the searches' config.json hold
+        its settings: a redo cut short before that is completed by the next start, with or
+        without --redo."""
         notes = []
+        last = saved["runs"][-1] if saved is not None and saved.get("runs") else {}
+        cut = tuple(last.get("redo", ())) if last.get("set_aside") is False else ()
+        if cut:
+            notes.append(f"completing the --redo {','.join(cut)} started at "
+                         f"{last.get('started_at')}, cut short while setting results aside")
+            redo = tuple(dict.fromkeys(redo + cut))
         if saved is not None:
             tasks, seeds = compare(saved["identity"], ident, redo)
             if tasks or seeds:
@@ -161,15 +172,33 @@ class SweepDir:
         else:
             self.record = {"kind": KIND, "version": 1, "runs": []}
         self.record["identity"] = ident
-        run = {"started_at": now(), "pid": os.getpid(), "status": "running"}
+        run: dict[str, Any] = {"started_at": now(), "pid": os.getpid(), "status": "running"}
+        resumed = bool(redo) and not cut and self._resumes(last, redo, ident["search"])
         if redo:
-            run["redo"] = list(redo)
-            notes += self._redo(ident["grid"], redo)
-            if after_redo is not None:
-                after_redo()
+            run.update({"redo": list(redo), "redo_search": ident["search"],
+                        "set_aside": False})
         self.record["runs"].append(run)
-        atomic_write_json(self.path, self.record)
+        atomic_write_json(self.path, self.record)  # the redo is on record before it starts
+        if redo:
+            if resumed:
+                notes.append(f"--redo {','.join(redo)}: resuming the redo started at "
+                             f"{last.get('started_at')} ({last.get('status')}); nothing more "
+                             f"set aside")
+            else:
+                notes += self._redo(ident["grid"], redo)
+            if after_redo is not None:
+                after_redo(redo)
+            run["set_aside"] = True
+            atomic_write_json(self.path, self.record)
         return notes
+
+    @staticmethod
+    def _resumes(last: dict[str, Any], redo: tuple[str, ...], search: dict[str, Any]) -> bool:
+        """True when the last run was an unfinished redo of these methods, under the same
+        search settings (records written before settings were kept: the same by
+        construction)."""
+        return (set(redo) <= set(last.get("redo", ())) and last.get("status") != "finished"
+                and last.get("redo_search", search) == search)
 
     def _take_lock(self) -> None:
         handle = open(self.meta / "lock", "a+")  # noqa: SIM115 (held until close())
@@ -182,12 +211,7 @@ class SweepDir:
         self._lock = handle
 
     def _redo(self, grid: dict[str, Any], methods: tuple[str, ...]) -> list[str]:
-        """Set `methods`' results aside (see the module docstring) unless the last run was a
-        redo of the same methods that did not finish: then it is resumed, not restarted."""
-        last = self.record["runs"][-1] if self.record.get("runs") else {}
-        if set(methods) <= set(last.get("redo", ())) and last.get("status") != "finished":
-            return [f"--redo {','.join(methods)}: resuming the redo started at "
-                    f"{last.get('started_at')} ({last.get('status')}); nothing more set aside"]
+        """Set `methods`' results aside (see the module docstring); returns notes."""
         notes = []
         searches = {self.out / task / f"seed_{seed}": (task, seed)
                     for task in grid["tasks"] for seed in grid["seeds"]}
