@@ -4,7 +4,10 @@ resume after an interruption at each stage, refusal of a different config, bad t
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ import pytest
 from sparsebert.cli import main
 from sparsebert.errors import SparsebertError
 from sparsebert.lottery import search
+from sparsebert.lottery.search import Search
 
 STAGES = ["full", "structured.search", "structured.pruned.good", "structured.retrained.random",
           "magnitude.search", "magnitude.pruned.bad", "magnitude.retrained.good"]
@@ -143,6 +147,32 @@ def test_a_rerun_drops_checkpoints_left_in_finished_retrainings(reference, tiny_
     assert _strip(search("SST-2", out, progress=False, **_options(tiny_setup))) == \
         _strip(expected)
     assert not any(path.exists() for path in leftovers)
+
+
+def _write_curve(barrier, out: Path, method: str) -> None:
+    records = [{"step": i, "kept": 100 - i, "fraction_kept": 1 - i / 100, "search_score": 0.5}
+               for i in range(20)]
+    barrier.wait()
+    Search._metrics(types.SimpleNamespace(out=out), method, records)
+
+
+def test_both_methods_curves_survive_parallel_writers(tmp_path):
+    """A sweep runs a seed's two method searches at once: both curves end up in its
+    metrics.jsonl (each writer reads and rewrites it under a lock)."""
+    context = multiprocessing.get_context("fork")
+    for trial in range(8):
+        out = tmp_path / str(trial)
+        out.mkdir()
+        barrier = context.Barrier(2)
+        workers = [context.Process(target=_write_curve, args=(barrier, out, method))
+                   for method in ("structured", "magnitude")]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+        assert [worker.exitcode for worker in workers] == [0, 0]
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert sorted(r["method"] for r in records) == ["magnitude"] * 20 + ["structured"] * 20
 
 
 def test_redo_a_method(reference, tiny_setup, tmp_path):

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sparsebert.atomic import atomic_write_json, read_json
+from sparsebert.atomic import atomic_write_json, file_lock, read_json
 from sparsebert.errors import RunDirError
 from sparsebert.glue.tasks import get_task
 from sparsebert.hf.loading import load_model, load_tokenizer, preflight_model
@@ -170,12 +170,13 @@ class Search(StructuredStages, MagnitudeStages):
         """Add a finished search's steps to out/metrics.jsonl, once per method and all at once:
         a stage calls it whether it ran or found its search.json (a kill between the two
         writes). An incomplete set (written line by line by older versions, cut by a kill) is
-        replaced."""
-        log = MetricsLog(self.out / "metrics.jsonl", keep_until_step=10**9)
-        if sum(r.get("method") == method for r in log.records) == len(records):
-            return
-        log.drop(lambda r: r.get("method") == method)
-        log.extend([{"method": method, **record} for record in records])
+        replaced. Under a lock: a sweep runs both methods' searches of a seed at once."""
+        with file_lock(self.out / ".metrics.jsonl.lock"):
+            log = MetricsLog(self.out / "metrics.jsonl", keep_until_step=10**9)
+            if sum(r.get("method") == method for r in log.records) == len(records):
+                return
+            log.drop(lambda r: r.get("method") == method)
+            log.extend([{"method": method, **record} for record in records])
 
     def _log(self, text: str) -> None:
         if self.progress:
