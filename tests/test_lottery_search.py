@@ -290,6 +290,23 @@ def test_search_resumed_on_other_data_is_refused(tiny_setup, tmp_path):
     assert not (out / "structured").exists()
 
 
+def test_a_search_refused_at_its_start_records_no_data(tiny_setup, tmp_path):
+    """A first call on a GLUE folder that cannot be read records nothing about the data: the
+    corrected call, on another folder, runs."""
+    _, glue = tiny_setup
+    broken = tmp_path / "broken_glue"
+    shutil.copytree(glue, broken)
+    (broken / "SST-2" / "train.tsv").write_text("text\twhat\nfine\t1\n")
+    out = tmp_path / "search"
+    with pytest.raises(SparsebertError, match="wrong columns"):
+        search("SST-2", out, progress=False, stop_after="full",
+               **_options(tiny_setup, glue_dir=str(broken)))
+    assert not (out / "data.json").exists()
+    stopped = search("SST-2", out, progress=False, stop_after="full", **_options(tiny_setup))
+    assert stopped["status"] == "stopped"
+    assert json.loads((out / "data.json").read_text())["source"] == "glue_dir"
+
+
 def test_different_config_is_refused_and_nothing_lost(reference, tiny_setup, tmp_path):
     out, _ = reference
     copy = tmp_path / "copy"

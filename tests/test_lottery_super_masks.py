@@ -75,3 +75,19 @@ def test_seed_list_errors(tmp_path):
         search_seeds("MRPC", tmp_path, [])
     with pytest.raises(SearchError, match=r"--seeds \[1, 1\]: expected distinct seeds"):
         search_seeds("MRPC", tmp_path, [1, 1])
+
+
+def test_a_missing_or_damaged_seed_search_is_named(seeds_dir):
+    """The masks need every seed's s-pruning search: a missing or damaged search.json is one
+    error naming it and the --redo that remakes it (a sweep skips a deleted unit's output)."""
+    from sparsebert.errors import RunDirError  # noqa: PLC0415
+
+    found = seeds_dir / "seed_2" / "structured" / "search.json"
+    found.write_text('{"head_mask": [[1, 1')
+    with pytest.raises(RunDirError, match=r"seed_2/structured/search.json: damaged .*--redo "
+                                          r"structured"):
+        _stage(seeds_dir, [1, 2]).masks_stage()
+    found.unlink()
+    with pytest.raises(RunDirError, match=r"seed_2/structured/search.json: missing: .*--redo "
+                                          r"structured"):
+        _stage(seeds_dir, [1, 2]).masks_stage()

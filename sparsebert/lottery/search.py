@@ -85,7 +85,9 @@ def check_search_dir(out: Path, search: SearchConfig, train: TrainConfig,
     the fine-tuned full model kept); then (`write`) write config.json."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out}: exists and is a file, not a search directory")
-    saved = _read_json(out / "config.json")
+    saved = (read_json(out / "config.json", "restore it, or use another --out (deleting it "
+                       "would let other settings reuse this search's results)")
+             if (out / "config.json").is_file() else None)
     mine = {"search": search.to_json(), "train": train.to_json()}
     if saved is not None:
         if "search" not in saved or "train" not in saved:
@@ -213,8 +215,8 @@ class Search(StructuredStages, MagnitudeStages):
         """Check (or claim) the directory and fine-tune the full model (resumable)."""
         preflight_model(self.train.model, max_length=self.train.max_length)  # before any write
         check_search_dir(self.out, self.config, self.train)
-        check_data(self.out, self.task, self.train.glue_dir)
-        self.full = self._full()
+        self.full = self._full()  # refuses other data than full/ was trained on
+        check_data(self.out, self.task, self.train.glue_dir)  # recorded once it trained on it
         return self.full
 
     def load_full(self) -> None:

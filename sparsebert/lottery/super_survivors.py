@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from sparsebert.atomic import atomic_write_json, read_json
+from sparsebert.errors import RunDirError
 from sparsebert.glue.tasks import GlueTask, get_task
 from sparsebert.lottery.config import SearchConfig, SearchError
 from sparsebert.lottery.redo import finish_redo, move_aside, unused
@@ -53,13 +54,26 @@ def seed_dir(out: Path, seed: int) -> Path:
     return out / f"seed_{seed}"
 
 
+REDO_SEARCH = ("rerun that seed's search with --redo structured (in a sweep: the sweep's command "
+               "with --redo structured)")
+
+
+def seed_search(out: Path, seed: int) -> dict[str, Any]:
+    """The seed's finished s-pruning search (structured/search.json); a clear error when it is
+    missing or damaged."""
+    path = seed_dir(out, seed) / "structured" / "search.json"
+    if not path.is_file():
+        raise RunDirError(f"{path}: missing: the super-survivors need every seed's finished "
+                          f"s-pruning search; {REDO_SEARCH}")
+    return read_json(path, REDO_SEARCH)
+
+
 def super_masks(out: Path, seeds: list[int], first_seed: int) -> dict[str, Any]:
     """good / random / bad head (L, H) and MLP (L,) masks from the seeds' good s-pruning masks,
     with the per-seed stability statistics; drawn with a generator seeded by the seeds."""
     heads, mlps = [], []
     for seed in seeds:
-        found = read_json(seed_dir(out, seed) / "structured" / "search.json",
-                          "delete it to redo that seed's s-pruning search")
+        found = seed_search(out, seed)
         heads.append(found["head_mask"])
         mlps.append(found["mlp_mask"])
     heads_arr, mlps_arr = np.asarray(heads), np.asarray(mlps)
@@ -213,8 +227,7 @@ class SuperStage:
     def summarize(self, found: dict[str, Any], task: GlueTask) -> dict[str, Any]:
         metric = report_metric(task)
         first = task.dev_splits[0]
-        sizes = read_json(seed_dir(self.out, self.seeds[0]) / "structured" / "search.json",
-                          "delete it to redo that seed's s-pruning search")["sizes"]
+        sizes = seed_search(self.out, self.seeds[0])["sizes"]
         subnetworks = {}
         for name in self.search_config.subnet_list():
             masks = found["masks"][name]
