@@ -556,8 +556,10 @@ def test_redo_with_changed_method_settings(reference, tiny_model_dir, synthetic_
     results, before = _results(out), _results(reference[0])
     for seed in SEEDS.split(","):
         folder = out / "SST-2" / f"seed_{seed}"
-        assert json.loads((folder / "config.json").read_text())["search"]["magnitude_amount"] \
-            == 0.3
+        config = json.loads((folder / "config.json").read_text())
+        assert config["search"]["magnitude_amount"] == 0.3
+        assert config["train"] == json.loads((reference[0] / "SST-2" / f"seed_{seed}" /
+                                              "config.json").read_text())["train"]
         summary, old = (r[f"SST-2/seed_{seed}/summary.json"] for r in (results, before))
         assert summary["config"]["search"]["magnitude_amount"] == 0.3
         assert summary["full"] == old["full"]
@@ -650,6 +652,31 @@ def test_a_redo_cut_short_is_completed_on_the_next_start(reference, tiny_model_d
     runs = json.loads((out / "sweep.json").read_text())["runs"]
     assert runs[-1]["set_aside"] is True and runs[-1]["redo"] == ["magnitude"]
     assert not (out / "SST-2" / "seed_3" / "magnitude").exists()
+
+
+def test_a_redo_killed_while_moving_results_aside_is_completed(reference, tiny_model_dir,
+                                                                synthetic_glue, tmp_path,
+                                                                monkeypatch):
+    """A kill after one seed's s-pruning results were moved aside and before the rest: the
+    rerun redoes that seed too (its completion markers went before its results did) and ends
+    with the reference's results."""
+    import sparsebert.sweep.state as state_module  # noqa: PLC0415
+
+    out = tmp_path / "redo-killed"
+    shutil.copytree(reference[0], out)
+    real_set_aside = state_module.set_aside
+
+    def killed_midway(root, roots, searches, methods, aside):
+        real_set_aside(root, roots, searches[:1], methods, aside)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(state_module, "set_aside", killed_midway)
+    argv = _argv(tiny_model_dir, synthetic_glue, out) + ["--redo", "structured"]
+    assert main(argv) == 130  # interrupted
+    monkeypatch.setattr(state_module, "set_aside", real_set_aside)
+    assert not (out / "SST-2" / "seed_3" / "structured").exists()
+    assert main(argv) == 0
+    assert _results(out) == _results(reference[0])
 
 
 def test_a_sweep_killed_in_its_first_write_starts_afresh(tiny_model_dir, synthetic_glue,

@@ -11,6 +11,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from sparsebert.atomic import atomic_write_json, read_json
 from sparsebert.lottery.config import SearchConfig
 from sparsebert.lottery.search import check_search_dir
 from sparsebert.sweep.config import NO_STOP_AFTER_STEPS, SweepConfig, SweepError
@@ -146,14 +147,16 @@ def _record_settings(out: Path, grid: Grid, search: SearchConfig, train: TrainCo
                      redo: tuple[str, ...]) -> None:
     """After --redo set its methods' results aside: the searches already begun take this
     run's search settings (their config.json), which may differ in the redone methods'
-    settings only."""
+    settings only; the training settings stay as the search recorded them."""
     for task in grid.tasks:
         for seed in grid.seeds:
             folder = out / task / f"seed_{seed}"
             if (folder / "config.json").is_file():
                 seed_train = copy.copy(train)
                 seed_train.task, seed_train.seed = task, seed
-                check_search_dir(folder, search, seed_train, redo)
+                check_search_dir(folder, search, seed_train, redo, write=False)
+                saved = read_json(folder / "config.json", "restore it, or use another --out")
+                atomic_write_json(folder / "config.json", {**saved, "search": search.to_json()})
 
 
 def _backend(config: SweepConfig, slots: list[Slot]):

@@ -216,15 +216,17 @@ class SweepDir:
         searches = {self.out / task / f"seed_{seed}": (task, seed)
                     for task in grid["tasks"] for seed in grid["seeds"]}
         for method in methods:
-            aside = unused(self.meta / "superseded" / f"redo-{method}-{now().replace(':', '')}")
-            moved, folders = set_aside(self.out, [self.out / task for task in grid["tasks"]],
-                                       list(searches), (method,), aside)
-            for search in moved:  # drop_stale then forgets what was built on these
-                task, seed = searches[search]
+            # Markers first, then the moves: a kill in between leaves units to redo, never a
+            # marker whose results were moved away. drop_stale then forgets what was built
+            # on these units.
+            for task, seed in searches.values():
                 self._forget(f"search/{task}/{seed}/{method}")
             if method == "structured":
                 for task in grid["tasks"]:
                     self._forget_super(task)
+            aside = unused(self.meta / "superseded" / f"redo-{method}-{now().replace(':', '')}")
+            moved, folders = set_aside(self.out, [self.out / task for task in grid["tasks"]],
+                                       list(searches), (method,), aside)
             extra = [str(folder.relative_to(self.out)) for folder in folders]
             if moved or extra:
                 speed = (" (re-time the subnetworks with `sparsebert speed --run` afterwards)"
