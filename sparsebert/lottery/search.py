@@ -54,10 +54,11 @@ class StopSearch(Exception):
     """Raised by `stop_after` to end a search after a stage (tests, partial runs)."""
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(path: Path, fix: str = "delete it to redo that stage") -> dict[str, Any] | None:
+    """The JSON in `path`, or None when it is missing; a damaged file names `fix`."""
     if not path.is_file():
         return None
-    return read_json(path, "delete it to redo that stage")
+    return read_json(path, fix)
 
 
 # Search settings whose change makes a method's finished results stale; any other setting
@@ -85,9 +86,8 @@ def check_search_dir(out: Path, search: SearchConfig, train: TrainConfig,
     the fine-tuned full model kept); then (`write`) write config.json."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out}: exists and is a file, not a search directory")
-    saved = (read_json(out / "config.json", "restore it, or use another --out (deleting it "
+    saved = _read_json(out / "config.json", "restore it, or use another --out (deleting it "
                        "would let other settings reuse this search's results)")
-             if (out / "config.json").is_file() else None)
     mine = {"search": search.to_json(), "train": train.to_json()}
     if saved is not None:
         if "search" not in saved or "train" not in saved:
