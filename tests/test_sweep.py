@@ -530,9 +530,7 @@ def test_redo_a_method(reference, tiny_model_dir, synthetic_glue, tmp_path, caps
         ref = [json.loads(line) for line in (reference[0] / "SST-2" / f"seed_{seed}" /
                                               "metrics.jsonl").read_text().splitlines()]
         assert not any(r.get("stale") for r in records)
-        by_method = {m: [r for r in records if r["method"] == m] for m in ("structured",
-                                                                             "magnitude")}
-        assert by_method == {m: [r for r in ref if r["method"] == m] for m in by_method}
+        assert records == ref  # the curves in METHODS order, whichever search ended first
         assert len(records) == len(ref)  # the m-pruning curve kept, the s one written anew
 
 

@@ -35,7 +35,7 @@ from sparsebert.glue.tasks import get_task
 from sparsebert.hf.loading import load_model, load_tokenizer, preflight_model
 from sparsebert.hf.masks import get_masks, set_masks
 from sparsebert.hf.patching import patch
-from sparsebert.lottery.config import SearchConfig, SearchError
+from sparsebert.lottery.config import METHODS, SearchConfig, SearchError
 from sparsebert.lottery.magnitude_stages import MagnitudeStages
 from sparsebert.lottery.redo import PendingRedo, finish_redo, set_aside
 from sparsebert.lottery.scoring import load_search_data, report_metric, score_model
@@ -172,13 +172,16 @@ class Search(StructuredStages, MagnitudeStages):
         """Add a finished search's steps to out/metrics.jsonl, once per method and all at once:
         a stage calls it whether it ran or found its search.json (a kill between the two
         writes). An incomplete set (written line by line by older versions, cut by a kill) is
-        replaced. Under a lock: a sweep runs both methods' searches of a seed at once."""
+        replaced. Under a lock: a sweep runs both methods' searches of a seed at once; the
+        curves are kept in METHODS order whichever finished first (the same file either way)."""
         with file_lock(self.out / ".metrics.jsonl.lock"):
             log = MetricsLog(self.out / "metrics.jsonl", keep_until_step=10**9)
             if sum(r.get("method") == method for r in log.records) == len(records):
                 return
-            log.drop(lambda r: r.get("method") == method)
-            log.extend([{"method": method, **record} for record in records])
+            kept = [r for r in log.records if r.get("method") != method]
+            rank = {name: i for i, name in enumerate(METHODS)}
+            log.replace(sorted([*kept, *({"method": method, **r} for r in records)],
+                               key=lambda r: rank.get(r.get("method"), -1)))
 
     def _log(self, text: str) -> None:
         if self.progress:

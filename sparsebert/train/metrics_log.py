@@ -70,7 +70,9 @@ class MetricsLog:
             handle.write(json.dumps(record) + "\n")
         self.records.append(record)
 
-    def extend(self, records: list[dict[str, Any]]) -> None:
-        """Add `records` all at once (an atomic rewrite: a kill leaves all or none of them)."""
-        self.records += [self._rounded(r) for r in records]
+    def replace(self, records: list[dict[str, Any]]) -> None:
+        """The file becomes `records`, all at once (an atomic rewrite: a kill leaves the old
+        records or the new ones)."""
+        self.records = [self._rounded(r) for r in records]
         self._rewrite()
+
