@@ -25,6 +25,7 @@ pytest:  pytest bench/bench_masked_attention.py --benchmark-only
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import sys
@@ -48,23 +49,20 @@ CUDA_ONLY = ("sparsebert_mma", "sparsebert_compact")
 SWITCH = "SPARSEBERT_ATTENTION_KERNEL"
 
 
-def with_kernel(choice, fn):
-    """fn run with SPARSEBERT_ATTENTION_KERNEL=choice (read by the CUDA host code per call, the
-    backward's included when fn runs it; under graph timing the choice made at capture is
-    replayed)."""
-
-    def call():
-        old = os.environ.get(SWITCH)
-        os.environ[SWITCH] = choice
-        try:
-            return fn()
-        finally:
-            if old is None:
-                del os.environ[SWITCH]
-            else:
-                os.environ[SWITCH] = old
-
-    return call
+@contextlib.contextmanager
+def kernel_switch(choice):
+    """SPARSEBERT_ATTENTION_KERNEL=choice while the block runs (the CUDA host code reads it per
+    call, the backward's included; under graph timing the choice made at capture is replayed).
+    Set once around a whole timing, so the timed calls pay no environment writes."""
+    old = os.environ.get(SWITCH)
+    os.environ[SWITCH] = choice
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[SWITCH]
+        else:
+            os.environ[SWITCH] = old
 
 
 def sdpa_backend(q, k, v) -> str:
@@ -136,7 +134,8 @@ def timed(name, batch, seq, heads, dim, active, dtype, device, backward, timing=
     if name in CUDA_ONLY:  # the mma.sync kernels: the switch is on for every call they make
 
         def time_call(f):
-            return timer(with_kernel("mma", f))
+            with kernel_switch("mma"):
+                return timer(f)
     else:
         time_call = timer
     if not backward:

@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from sparsebert import runtime  # noqa: E402
 from sparsebert.speed.command import add_arguments, format_table, run_speed  # noqa: E402
 
 
@@ -151,6 +152,9 @@ def main(argv=None) -> None:
         extra += ", interleaved\n"
         print(extra)
     env = common.environment(args.device)
+    if device_type == "cpu":  # the timed thread counts (each result has its own), not the default
+        env["device"] = runtime.device_name(torch.device(args.device))
+        env["threads"] = thread_counts if len(thread_counts) > 1 else thread_counts[0]
     env["load_average_end"] = [round(x, 1) for x in os.getloadavg()]
     first = next((r for r in results.values() if "dtype" in r),
                  {"dtype": args.dtype or ("fp16" if device_type == "cuda" else "fp32")})

@@ -12,11 +12,6 @@ void check_group_dot_inputs(const at::Tensor& x, const at::Tensor& g, int64_t gr
                "expected shape ", shape_str(x.sizes()), " and dtype ", dtype_str(x.scalar_type()),
                ", got ", shape_str(g.sizes()), " ", dtype_str(g.scalar_type()));
   check_same_device(g, x, "g", "x");
-  // (a size-1 last dimension is read at offset 0 whatever its stride)
-  SB_CHECK_ARG(x.size(2) == 1 || x.stride(2) == 1, "x",
-               "expected a contiguous last dimension, got stride ", x.stride(2));
-  SB_CHECK_ARG(g.size(2) == 1 || g.stride(2) == 1, "g",
-               "expected a contiguous last dimension, got stride ", g.stride(2));
   SB_CHECK_ARG(group_size > 0 && x.size(2) % group_size == 0, "group_size",
                "expected a positive divisor of D = ", x.size(2), ", got ", group_size);
   if (token_mask.has_value()) {

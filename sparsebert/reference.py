@@ -59,7 +59,9 @@ def masked_attention_ref(
     fp64 inputs; 0 for heads whose gate is 0).
     """
     batch = q.shape[0]
-    gate = _gate_per_example(head_gate, batch)  # (B, H)
+    # (B, H) in q's compute dtype, as the kernels and the backward read it: an fp64 gate of 1e-50
+    # on fp32 inputs is 0 there, so pruned
+    gate = _gate_per_example(head_gate, batch).to(_compute_dtype(q.dtype))
     ctx, lse = attention_context(q, k, v, key_padding_mask, scale)
     active = gate != 0  # (B, H)
     out = torch.where(active[:, None, :, None], ctx * gate[:, None, :, None], 0.0)
@@ -134,8 +136,8 @@ def group_dot_ref(x: Tensor, g: Tensor, group_size: int, token_mask: Tensor | No
     """
     dtype = _compute_dtype(x.dtype)
     prod = x.to(dtype) * g.to(dtype)  # (B, S, D)
-    if token_mask is not None:
-        prod = prod * token_mask[:, :, None].to(dtype)
+    if token_mask is not None:  # padded tokens are skipped, not multiplied by 0 (0 * inf = nan)
+        prod = torch.where(token_mask[:, :, None], prod, torch.zeros((), dtype=dtype))
     batch, seq, dim = prod.shape
     return prod.reshape(batch, seq, dim // group_size, group_size).sum(dim=(1, 3)).contiguous()
 

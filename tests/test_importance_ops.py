@@ -184,3 +184,46 @@ def test_wrappers_name_non_tensor_arguments():
         ops.accumulate_importance_(torch.zeros(4), [[1.0] * 4])
     with pytest.raises(ValueError, match="'acc' requires grad"):
         ops.accumulate_importance_(torch.zeros(4, requires_grad=True), torch.randn(2, 4))
+
+
+@pytest.mark.all_devices
+def test_group_dot_skips_non_finite_padded_tokens(device, assert_native):
+    """A padded token contributes nothing, even an inf or nan one (fp16 overflow at padding):
+    the reference skips it as the kernels do, rather than multiplying it by 0."""
+    assert_native("group_dot", device)
+    x = torch.ones(1, 2, 4, device=device)
+    x[0, 1] = torch.tensor([float("inf"), float("nan"), 1.0, -float("inf")])
+    g = torch.ones(1, 2, 4, device=device)
+    mask = torch.tensor([[True, False]], device=device)
+    expected = torch.tensor([[2.0, 2.0]], device=device)
+    torch.testing.assert_close(group_dot_ref(x, g, 2, mask), expected)
+    torch.testing.assert_close(torch.ops.sparsebert.group_dot(x, g, 2, mask), expected)
+    _, tangent = torch.func.jvp(lambda x: ops.group_dot(x, g, 2, mask), (x,), (torch.ones_like(x),))
+    torch.testing.assert_close(tangent, expected)  # forward AD runs the reference
+
+
+@pytest.mark.all_devices
+def test_group_dot_raw_op_takes_any_last_dim_stride(device, assert_native):
+    """The op itself (not only the wrapper) takes a last dimension with a stride other than 1,
+    as its reference and fake kernel do: opcheck's schema test calls it that way."""
+    assert_native("group_dot", device)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 3, generator=gen).transpose(1, 2).to(device)  # (2, 3, 6), stride 3
+    g = torch.randn(2, 3, 6, generator=gen).to(device)
+    assert x.stride(-1) == 3
+    torch.testing.assert_close(torch.ops.sparsebert.group_dot(x, g, 2, None),
+                               (x * g).reshape(2, 3, 3, 2).sum(dim=(1, 3)))
+    torch.library.opcheck(torch.ops.sparsebert.group_dot.default, (x, g, 3, None))
+
+
+@pytest.mark.all_devices
+def test_accumulate_importance_adds_the_row_sum_once(device, assert_native):
+    """acc += sum_n |scores[n]|: the rows are summed before the add, so an fp32 accumulator at
+    2^24 still takes four +1s (adding them one by one would round each away)."""
+    assert_native("accumulate_importance_", device)
+    acc = torch.full((3,), 2.0**24, device=device)
+    ops.accumulate_importance_(acc, torch.ones(4, 3, device=device))
+    assert acc.tolist() == [2.0**24 + 4] * 3
+    small = torch.zeros(1, device=device)
+    ops.accumulate_importance_(small, torch.full((20000, 1), 1e-3, device=device))
+    torch.testing.assert_close(small, torch.tensor([20.0], device=device), rtol=1e-6, atol=0)

@@ -634,3 +634,31 @@ def test_non_tensor_arguments_are_named(name):
     args[name] = args[name].tolist() if args[name] is not None else [[True] * 5] * 2
     with pytest.raises(ValueError, match=f"'{name}' must be a torch.Tensor, got list"):
         ops.masked_attention(**args)
+
+
+@pytest.mark.all_devices
+def test_keys_far_below_the_row_max_get_no_weight(device, assert_native):
+    """A key whose scaled score is 200 below the row's max has weight exp(-200) ~ 1e-87: 0 in
+    fp32, however large its value (not exp(-87) ~ 1.6e-38 from a clamped exponent)."""
+    assert_native("masked_attention", device)
+    q = torch.ones(1, 1, 1, 1, device=device)
+    k = torch.tensor([0.0, -200.0], device=device).view(1, 2, 1, 1)
+    v = torch.tensor([0.0, 1e30], device=device).view(1, 2, 1, 1)
+    out = ops.masked_attention(q, k, v, torch.ones(1, device=device), None, 1.0)
+    assert out.item() == 0.0
+    assert masked_attention_ref(q, k, v, torch.ones(1, device=device), None, 1.0)[0].item() == 0.0
+
+
+@pytest.mark.all_devices
+def test_gate_is_read_in_the_inputs_compute_dtype(device, assert_native):
+    """An fp64 gate on fp32 inputs is read in fp32 by the kernels and by both references: a gate
+    of 1e-50 is 0 there, so the head is pruned (output and lse 0) everywhere."""
+    assert_native("masked_attention", device)
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 3, 2, 4, generator=gen).to(device) for _ in range(3))
+    gate = torch.tensor([1e-50, 1.0], dtype=torch.float64, device=device)
+    out, lse = torch.ops.sparsebert.masked_attention(q, k, v, gate, None, 0.5)
+    ref_out, ref_lse = masked_attention_ref(q, k, v, gate, None, 0.5)
+    assert not lse[:, 0].any() and not ref_lse[:, 0].any() and not out[:, :, 0].any()
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)

@@ -11,6 +11,7 @@
 #include "sparsebert/checks.h"
 #include "sparsebert/dispatch.h"
 #include "sparsebert/importance.h"
+#include "sparsebert/masked_attention.h"
 #include "sparsebert/registry.h"
 
 namespace sparsebert::cpu {
@@ -51,10 +52,13 @@ void group_dot_impl(const at::Tensor& x, const at::Tensor& g, int64_t group_size
   });
 }
 
-at::Tensor group_dot_cpu(const at::Tensor& x, const at::Tensor& g, int64_t group_size,
+at::Tensor group_dot_cpu(const at::Tensor& x_in, const at::Tensor& g_in, int64_t group_size,
                          const std::optional<at::Tensor>& token_mask) {
-  check_group_dot_inputs(x, g, group_size, token_mask);
-  SB_CHECK_ARG(x.device().is_cpu(), "x", "the CPU kernel needs CPU tensors, got ", x.device());
+  check_group_dot_inputs(x_in, g_in, group_size, token_mask);
+  SB_CHECK_ARG(x_in.device().is_cpu(), "x", "the CPU kernel needs CPU tensors, got ",
+               x_in.device());
+  // Any strides, as the reference: rows are read with unit feature stride, so copy otherwise.
+  const at::Tensor x = last_dim_contiguous(x_in), g = last_dim_contiguous(g_in);
   const auto stat = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty({x.size(0), x.size(2) / group_size}, x.options().dtype(stat));
   SB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "group_dot_cpu", [&] {
@@ -69,23 +73,26 @@ void accumulate_importance_cpu(at::Tensor& acc_tensor, const at::Tensor& scores,
                acc_tensor.device());
   const at::Tensor s = scores.contiguous();
   const int64_t N = s.size(0), G = acc_tensor.numel();
-  AT_DISPATCH_FLOATING_TYPES(acc_tensor.scalar_type(), "accumulate_importance_acc", [&] {
-    using acc = scalar_t;
-    acc* ap = acc_tensor.data_ptr<acc>();
-    SB_DISPATCH_FLOATING_TYPES(s.scalar_type(), "accumulate_importance_cpu", [&] {
-      const scalar_t* sp = s.data_ptr<scalar_t>();
-      for (int64_t n = 0; n < N; ++n) {
-        const scalar_t* row = sp + n * G;
-        if (power == 1) {
-          for (int64_t j = 0; j < G; ++j) ap[j] += std::abs(static_cast<acc>(row[j]));
-        } else {
-          for (int64_t j = 0; j < G; ++j) {
-            const acc v = static_cast<acc>(row[j]);
-            ap[j] += v * v;
-          }
+  // The N rows are summed first (in fp64), then added to acc once, as "acc += sum": adding row
+  // by row would round at acc's magnitude N times (acc = 2^24 in fp32 absorbs every +1).
+  std::vector<double> sum(static_cast<size_t>(G), 0.0);
+  SB_DISPATCH_FLOATING_TYPES(s.scalar_type(), "accumulate_importance_cpu", [&] {
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    for (int64_t n = 0; n < N; ++n) {
+      const scalar_t* row = sp + n * G;
+      if (power == 1) {
+        for (int64_t j = 0; j < G; ++j) sum[j] += std::abs(static_cast<double>(row[j]));
+      } else {
+        for (int64_t j = 0; j < G; ++j) {
+          const double v = static_cast<double>(row[j]);
+          sum[j] += v * v;
         }
       }
-    });
+    }
+  });
+  AT_DISPATCH_FLOATING_TYPES(acc_tensor.scalar_type(), "accumulate_importance_acc", [&] {
+    scalar_t* ap = acc_tensor.data_ptr<scalar_t>();
+    for (int64_t j = 0; j < G; ++j) ap[j] += static_cast<scalar_t>(sum[j]);
   });
 }
 

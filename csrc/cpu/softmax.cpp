@@ -15,8 +15,9 @@ namespace {
 
 // exp(x) for x <= 0 in float, branch-free so loops calling it vectorise. Relative error ~1e-7:
 // x = n ln2 + r with |r| <= ln2/2, exp(r) by its degree-7 Taylor polynomial, 2^n from the bits.
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
+// Below -87 (exp < 1.7e-38, the end of fp32's normal range) the result is 0, as for -inf.
+inline float exp_nonpositive(float x_in) {
+  const float x = x_in < -87.0f ? -87.0f : x_in;
   const float t = x * 1.44269504088896341f;
   const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
   const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
@@ -31,7 +32,7 @@ inline float exp_nonpositive(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
-  return p * two_n;
+  return x_in < -87.0f ? 0.0f : p * two_n;
 }
 
 inline double exp_nonpositive(double x) { return std::exp(x); }

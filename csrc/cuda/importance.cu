@@ -31,6 +31,7 @@
 #include "sparsebert/checks.h"
 #include "sparsebert/dispatch.h"
 #include "sparsebert/importance.h"
+#include "sparsebert/masked_attention.h"
 #include "sparsebert/group_dot_math.h"
 #include "sparsebert/registry.h"
 
@@ -270,10 +271,12 @@ void group_dot_cuda_impl(const at::Tensor& x, const at::Tensor& g, int64_t group
   TORCH_CHECK(launched, "sparsebert: group_dot: internal error, vector width ", vec);
 }
 
-at::Tensor group_dot_cuda(const at::Tensor& x, const at::Tensor& g, int64_t group_size,
+at::Tensor group_dot_cuda(const at::Tensor& x_in, const at::Tensor& g_in, int64_t group_size,
                           const std::optional<at::Tensor>& token_mask) {
-  check_group_dot_inputs(x, g, group_size, token_mask);
-  SB_CHECK_ARG(x.is_cuda(), "x", "the CUDA kernel needs a CUDA tensor, got ", x.device());
+  check_group_dot_inputs(x_in, g_in, group_size, token_mask);
+  SB_CHECK_ARG(x_in.is_cuda(), "x", "the CUDA kernel needs a CUDA tensor, got ", x_in.device());
+  // Any strides, as the reference: the vector loads need unit feature stride, so copy otherwise.
+  const at::Tensor x = last_dim_contiguous(x_in), g = last_dim_contiguous(g_in);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const auto stat = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // Zero-initialised: blocks add their partial group sums with atomicAdd.

@@ -7,12 +7,13 @@ changes) hits every variant alike. Sample r of every variant comes from round r:
 variants are best taken per round (`paired_ratio`), which cancels drift between rounds. One
 call per sample:
 wall time with perf_counter on CPU; on CUDA, device time between two events recorded around
-the call on the current stream (what the GPU spent, launch gaps included), synchronised per call.
+the call on the device's current stream (what the GPU spent, launch gaps included), synchronised per call.
 Returns {name: [ms, ...]}; `summary(ms)` gives median, p20, p80.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -38,9 +39,12 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup:
                      device: torch.device, progress: bool = True) -> dict[str, list[float]]:
     """Milliseconds per call of each variant, `repeats` samples each, interleaved."""
     cuda = device.type == "cuda"
+    # On cuda:N the events and the current stream must be cuda:N's (they follow the current
+    # device, which stays cuda:0 unless set).
+    on_device = torch.cuda.device(device) if cuda else contextlib.nullcontext()
     names = list(fns)
     total = len(names) * (warmup + repeats)
-    with tqdm(total=total, desc="timing", disable=not progress, leave=False) as bar:
+    with on_device, tqdm(total=total, desc="timing", disable=not progress, leave=False) as bar:
         for name in names:  # warm-up: lazy init, caches, graph capture
             for _ in range(warmup):
                 fns[name]()
