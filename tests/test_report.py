@@ -19,6 +19,7 @@ from PIL import Image  # noqa: E402
 from sparsebert.errors import SparsebertError  # noqa: E402
 from sparsebert.report import ReportError, collect, paper, report, table  # noqa: E402
 from sparsebert.report.collect import Stat, load_summary  # noqa: E402
+from sparsebert.report.summaries import find_summaries  # noqa: E402
 
 L, H = 6, 12
 SEEDS = (1, 2, 3)
@@ -655,3 +656,20 @@ def test_scores_and_sizes_must_be_finite_numbers(tmp_path: Path, value, shown):
         with pytest.raises(ReportError, match=re.escape(f"field '{name}' should be a finite "
                                                         f"number, got {shown}")):
             load_summary(run / "summary.json")
+
+
+def test_find_summaries_follows_linked_seed_folders(tmp_path):
+    """A seed searched on its own and linked into a multi-seed run (results/lottery/README.md:
+    `ln -sfn ../mrpc runs/mrpc-seeds/seed_42`) is found; each real folder counts once, a link
+    back up does not loop, and hidden folders stay skipped."""
+    single, seeds = tmp_path / "mrpc", tmp_path / "mrpc-seeds"
+    for folder in (single, seeds / "seed_86", seeds / "super", seeds / ".sweep" / "old"):
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text("{}")
+    (seeds / "seed_42").symlink_to("../mrpc")
+    (seeds / "seed_86" / "up").symlink_to("..")
+    (seeds / "again").symlink_to("seed_86")
+    expected = sorted(p.resolve() for p in (single / "summary.json", seeds / "seed_86" /
+                                           "summary.json", seeds / "super" / "summary.json"))
+    assert find_summaries([seeds]) == expected
+    assert find_summaries([seeds, single]) == expected

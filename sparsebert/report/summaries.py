@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -299,6 +300,22 @@ def load_summary(path: str | Path) -> RunSummary | SuperSummary:
     raise ReportError(f"{path}: field 'kind' is {kind!r}, expected {KIND_RUN!r} or {KIND_SUPER!r}")
 
 
+def _summaries_under(root: Path) -> Iterator[Path]:
+    """The summary.json files under `root`, hidden folders (.sweep/superseded/) skipped.
+    Symlinked folders are followed, each real folder once: a multi-seed run may link a seed
+    searched on its own (runs/mrpc-seeds/seed_42 -> ../mrpc)."""
+    seen: set[str] = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up, or a second link to the same folder
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        if SUMMARY_NAME in files:
+            yield Path(folder) / SUMMARY_NAME
+
+
 def find_summaries(paths: Sequence[str | Path]) -> list[Path]:
     """Every summary.json under `paths` (a run dir, a parent of many, or the file itself; hidden
     folders such as a sweep's .sweep/ skipped), sorted and without duplicates; ReportError
@@ -309,9 +326,8 @@ def find_summaries(paths: Sequence[str | Path]) -> list[Path]:
         if p.is_file():
             found[p.resolve()] = None
         elif p.is_dir():
-            for f in sorted(p.rglob(SUMMARY_NAME)):
-                if not any(part.startswith(".") for part in f.relative_to(p).parts):
-                    found[f.resolve()] = None  # not in a hidden folder (.sweep/superseded/)
+            for f in _summaries_under(p):
+                found[f.resolve()] = None
         else:
             raise ReportError(f"report input {str(p)!r} does not exist")
     if not found:
