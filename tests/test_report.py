@@ -673,3 +673,32 @@ def test_find_summaries_follows_linked_seed_folders(tmp_path):
                                            "summary.json", seeds / "super" / "summary.json"))
     assert find_summaries([seeds]) == expected
     assert find_summaries([seeds, single]) == expected
+
+
+REPO = Path(__file__).resolve().parent.parent
+REPORT_COMMANDS = {
+    readme.parent.name: " ".join(match.group(1).replace("\\\n", " ").split())
+    for readme in sorted((REPO / "results").glob("*/README.md"))
+    for match in [re.search(r"^(sparsebert report [^`]*?--out \S+)\s*$",
+                            readme.read_text(encoding="utf-8"), re.M | re.S)]
+    if match
+}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("statsmodels") is None,
+                    reason="the reports' stability statistics need statsmodels")
+@pytest.mark.parametrize("folder", sorted(REPORT_COMMANDS))
+def test_committed_reports_regenerate_from_their_commands(folder, tmp_path, monkeypatch):
+    """Each committed results/<folder>/report.md is what the command in its README writes now
+    (the figures are checked by eye: their pixels depend on the matplotlib version)."""
+    from sparsebert.cli import main
+
+    argv = REPORT_COMMANDS[folder].split()[1:]
+    committed = argv[argv.index("--out") + 1]
+    assert committed == f"results/{folder}"
+    argv[argv.index("--out") + 1] = str(tmp_path)
+    monkeypatch.chdir(REPO)
+    assert main(argv) == 0
+    regenerated = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert regenerated.replace(str(tmp_path), committed) == \
+        (REPO / committed / "report.md").read_text(encoding="utf-8")
