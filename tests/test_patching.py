@@ -199,6 +199,52 @@ def test_training_mode_runs_sdpa_dropout_path(tiny_bert, tiny_batch):
     assert patched.bert.encoder.layer[0].attention.self.query.weight.grad is not None
 
 
+@pytest.mark.parametrize("order", ["disable_then_patch", "patch_then_disable"])
+def test_attention_dropout_follows_the_stock_dropout_module(order, tiny_bert, tiny_batch):
+    """The patched block keeps the stock `attention.self.dropout` module and reads its p: setting
+    p = 0 on every nn.Dropout (the usual way to turn dropout off) makes the patched model in train
+    mode equal the stock one, before or after patching (not a rate frozen from the config)."""
+    model = tiny_bert(attention_probs_dropout_prob=0.3, hidden_dropout_prob=0.1)
+    patched = copy.deepcopy(model)
+
+    def disable_dropout(m):
+        for module in m.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+
+    if order == "disable_then_patch":
+        disable_dropout(patched)
+        sbhf.patch(patched)
+    else:
+        sbhf.patch(patched)
+        block = patched.bert.encoder.layer[0].attention
+        assert block.attention_dropout == 0.3 and block.self.dropout.p == 0.3
+        disable_dropout(patched)
+    disable_dropout(model)
+    model.train()
+    patched.train()
+    ids, mask = tiny_batch()
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        out = patched(ids, attention_mask=mask).logits
+    assert max_diff(out, ref) < TOL
+    assert all(block.attention_dropout == 0.0 for block, _ in sbhf.sparse_blocks(patched))
+    block = patched.bert.encoder.layer[1].attention
+    block.attention_dropout = 0.2  # the setter writes the module's p
+    assert block.self.dropout.p == 0.2
+
+
+def test_flex_attention_block_masks_get_the_hint(tiny_bert, tiny_batch):
+    """flex_attention hands the layers BlockMask objects: the patched model says to use eager or
+    sdpa (a TypeError naming the type), not an AttributeError from inside the mask checks."""
+    model = sbhf.patch(tiny_bert())
+    ids, mask = tiny_batch()
+    model.set_attn_implementation("flex_attention")
+    with pytest.raises(TypeError, match="BlockMask.*attn_implementation='eager' or 'sdpa'"):
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+
+
 def test_unsupported_models_raise_clear_errors(tiny_model):
     distil = transformers.DistilBertModel(
         transformers.DistilBertConfig(vocab_size=99, dim=32, n_layers=1, n_heads=4, hidden_dim=37)

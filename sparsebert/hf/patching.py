@@ -68,6 +68,16 @@ def _carry_backend_gates(replaced: nn.Module, sparse: SparseAttention) -> None:
     sparse.exact_zero_gate_grad = bool(getattr(replaced, "exact_zero_gate_grad", False))
 
 
+def _attention_dropout(projections: nn.Module, model: nn.Module,
+                       row: ModelStructure) -> nn.Dropout | float:
+    """The block's own dropout module on the attention probabilities (kept: its p stays live),
+    else the config's rate."""
+    module = getattr(projections, row.attention_layout.attention_dropout, None)
+    if isinstance(module, nn.Dropout):
+        return module
+    return float(getattr(model.config, row.config.attention_dropout, 0.0))
+
+
 def _patch_layer(layer: nn.Module, model: nn.Module, row: ModelStructure) -> None:
     """Step 1: attention block -> SparseAttention; Step 2: FFN -> attached SparseMLP."""
     lay = row.attention_layout
@@ -82,7 +92,7 @@ def _patch_layer(layer: nn.Module, model: nn.Module, row: ModelStructure) -> Non
             layer_norm=getattr(output, lay.output_layer_norm),
             dropout=getattr(output, lay.output_dropout),
             num_heads=config_size(model, row, "num_heads"),
-            attention_dropout=float(getattr(model.config, row.config.attention_dropout, 0.0)),
+            attention_dropout=_attention_dropout(projections, model, row),
             layout=lay,
         )
         sparse.train(block.training)

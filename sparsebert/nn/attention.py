@@ -33,13 +33,14 @@ from sparsebert.ops import masked_attention
 
 @dataclass(frozen=True)
 class AttentionLayout:
-    """Child names of an attention block: `<self_attention>.<query|key|value>` and
-    `<output>.<output_dense|output_layer_norm|output_dropout>` (BERT names by default)."""
+    """Child names of an attention block: `<self_attention>.<query|key|value|attention_dropout>`
+    and `<output>.<output_dense|output_layer_norm|output_dropout>` (BERT names by default)."""
 
     self_attention: str = "self"
     query: str = "query"
     key: str = "key"
     value: str = "value"
+    attention_dropout: str = "dropout"  # nn.Dropout on the attention probabilities
     output: str = "output"
     output_dense: str = "dense"
     output_layer_norm: str = "LayerNorm"
@@ -54,6 +55,12 @@ _last_mask_verdict: tuple[Tensor, int, bool] | None = None
 # An additive mask value at or below this masks its key exactly (exp underflows to 0 in every
 # floating dtype); transformers uses finfo.min, older code -10000.
 HARD_MASK_BIAS = -1e4
+
+
+def _unsupported_mask(attention_mask: object) -> TypeError:
+    return TypeError(
+        f"SparseAttention: unsupported attention_mask type {type(attention_mask).__name__}; "
+        "use attn_implementation='eager' or 'sdpa' (flex-attention BlockMasks are not supported)")
 
 
 def _checking_is_possible() -> bool:
@@ -77,6 +84,8 @@ def is_padding_mask(attention_mask: Tensor | None) -> bool:
     read: such masks are then not taken for padding masks (SDPA runs them, exactly).
     """
     global _last_mask_verdict
+    if attention_mask is not None and not isinstance(attention_mask, Tensor):
+        raise _unsupported_mask(attention_mask)
     if attention_mask is None or attention_mask.dim() != 4:
         return True
     hard = not attention_mask.is_floating_point()  # bool/int: attend or masked, nothing between
@@ -130,10 +139,7 @@ def to_key_padding_mask(attention_mask: Tensor | None, batch: int, seq: int, *,
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, Tensor):
-        raise TypeError(
-            f"SparseAttention: unsupported attention_mask type {type(attention_mask).__name__}; "
-            "use attn_implementation='eager' or 'sdpa' (flex-attention BlockMasks are not supported)"
-        )
+        raise _unsupported_mask(attention_mask)
     if attention_mask.dim() == 2:
         mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
     elif attention_mask.dim() == 4:
@@ -259,10 +265,12 @@ class SparseAttention(nn.Module):
         layer_norm: nn.Module,
         dropout: nn.Module,
         num_heads: int,
-        attention_dropout: float = 0.0,
+        attention_dropout: float | nn.Dropout = 0.0,
         layout: AttentionLayout = AttentionLayout(),
     ) -> SparseAttention:
-        """Build around existing modules (no copies: the same Parameter objects are reused)."""
+        """Build around existing modules (no copies: the same Parameter objects are reused).
+        attention_dropout: a rate, or the replaced block's own nn.Dropout module (kept, so that
+        setting its p, as one does on the stock model, keeps acting)."""
         if num_heads < 1 or query.out_features < num_heads:
             raise ValueError(
                 f"SparseAttention.from_modules: num_heads must be in [1, query out_features "
@@ -309,11 +317,13 @@ class SparseAttention(nn.Module):
         self.head_dim = head_dim
         self.hidden_size = hidden_size
         self.scaling = head_dim**-0.5
-        self.attention_dropout = float(attention_dropout)
         self.head_ids: list[int] = list(range(num_heads))
         self.head_gate_override: Tensor | None = None
         self.exact_zero_gate_grad = False
-        projections = Container(**{layout.query: query, layout.key: key, layout.value: value})
+        probs_dropout = (attention_dropout if isinstance(attention_dropout, nn.Dropout)
+                         else nn.Dropout(float(attention_dropout)))
+        projections = Container(**{layout.query: query, layout.key: key, layout.value: value,
+                                   layout.attention_dropout: probs_dropout})
         output = Container(
             **{
                 layout.output_dense: dense,
@@ -334,6 +344,17 @@ class SparseAttention(nn.Module):
         return getattr(getattr(self, self.layout.output), name)
 
     # Public accessors (whatever the layout calls them) ---------------------------------------
+    @property
+    def attention_dropout(self) -> float:
+        """Dropout rate on the attention probabilities (training only): the p of the
+        `<self>.dropout` module, where the stock model keeps it, so code that sets p on a
+        model's nn.Dropout modules (e.g. to turn dropout off) reaches it."""
+        return float(self._proj(self.layout.attention_dropout).p)
+
+    @attention_dropout.setter
+    def attention_dropout(self, p: float) -> None:
+        self._proj(self.layout.attention_dropout).p = float(p)
+
     def query_linear(self) -> nn.Linear | None:
         """The query projection, hidden -> num_heads * head_dim (output rows grouped by head:
         rows [h*D, (h+1)*D) are head h); None once every head was removed."""
