@@ -469,3 +469,30 @@ def test_bf16_precision_keeps_the_head_ranking(tiny_bert, tiny_batches):
 def test_bad_precision_is_an_error(tiny_bert, tiny_batches):
     with pytest.raises(ValueError, match="'precision'"):
         importance(patch(tiny_bert()), tiny_batches(), precision="fp16", progress=False)
+
+
+@pytest.mark.parametrize("mode", ["paper", "per_example"])
+def test_score_masked_heads_keeps_their_true_score(mode, tiny_bert, tiny_batches):
+    """score_masked_heads=True: a head masked by a gate of 0 scores its true |gradient| at gate 0
+    (what the authors' search ranks the heads of a failed step by, PAPER.md §1.3), raw and after
+    the layer norm and min-max; a masked MLP still scores 0; the default still gives such heads 0."""
+    model = tiny_bert(num_labels=NUM_LABELS)
+    batches = tiny_batches(num_labels=NUM_LABELS)
+    head_mask = torch.ones(3, 4)
+    head_mask[0, :3] = 0
+    head_mask[1, 2] = 0
+    mlp_mask = torch.tensor([1.0, 0.0, 1.0])
+    raw_head, _, _ = reference_scores(model, batches, mode, head_mask, mlp_mask, keep_masked=True)
+    assert torch.all(raw_head[head_mask == 0] > 0)
+    patched = patch(copy.deepcopy(model))
+    set_masks(patched, head_mask=head_mask, mlp_mask=mlp_mask)
+    options = dict(mode=mode, progress=False, score_masked_heads=True)
+    raw = importance(patched, batches, normalize=False, **options)
+    torch.testing.assert_close(raw.head, raw_head, rtol=1e-4, atol=1e-6)
+    assert raw.mlp[1] == 0
+    normalized = importance(patched, batches, **options)
+    torch.testing.assert_close(normalized.head, min_max(normalize_by_layer(raw_head)),
+                               rtol=1e-4, atol=1e-6)
+    default = importance(patched, batches, mode=mode, progress=False)
+    assert torch.all(default.head[head_mask == 0] == 0)
+    assert not any(attn.exact_zero_gate_grad for attn, _ in sparse_blocks(patched))

@@ -23,7 +23,8 @@ from sparsebert.lottery.subnetworks import structured_bad, structured_random
 # --- s-pruning schedule ---------------------------------------------------------------------
 
 class FakeModel:
-    """Score = 1 - cost of the masked components; importance = fixed per-component values."""
+    """Score = 1 - cost of the masked components; importance = fixed per-component values, masked
+    components included (as the search's importance scores them: score_masked_heads)."""
 
     def __init__(self, head_cost, mlp_cost, head_imp, mlp_imp, trace):
         self.head_cost, self.mlp_cost = head_cost, mlp_cost
@@ -37,7 +38,7 @@ class FakeModel:
 
     def importance(self, head_mask, mlp_mask):
         self.trace.append((head_mask.clone(), mlp_mask.clone()))
-        return self.head_imp * head_mask, self.mlp_imp * mlp_mask
+        return self.head_imp.clone(), self.mlp_imp.clone()
 
 
 def test_step_sizes_follow_the_model():

@@ -404,3 +404,21 @@ def test_seeds_and_super_survivors(tiny_setup, tmp_path):
     assert last["seed"] == 4 and not (plain / "super").exists()
     text = (plain / "report.md").read_text()
     assert "(n=2)" in text and "| super good R | — |" in text  # super-survivors: not run
+
+
+def test_s_pruning_scores_masked_heads(tiny_setup, tmp_path, monkeypatch):
+    """The s-pruning search asks for masked heads' true scores (score_masked_heads): the first
+    step of phases 2 and 3 ranks the heads of the previous phase's failed step by them, as the
+    authors' code does, rather than taking them first (by index) at a score of 0."""
+    import sparsebert.lottery.structured_stages as stages  # noqa: PLC0415
+
+    asked, real = [], stages.importance
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs.get("score_masked_heads", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "importance", recording)
+    search("SST-2", tmp_path / "search", progress=False,
+           **_options(tiny_setup, method="structured", subnets="good"))
+    assert asked and all(asked)

@@ -13,9 +13,12 @@ Starting from the fine-tuned full model (all gates 1):
 `head_step` = max(1, int(num_heads_total * masking_amount)): 14 of 144 heads for BERT-base,
 7 of 72 for the default model. Phase 2 masks max(1, head_step // 2) heads per step (the
 authors' `num_to_mask // 2` is 0 below 20 heads, which skips phase 2; only tiny models differ).
-Quirk kept from the authors' code: the first step of phases 2 and 3 ranks components by the importance computed under the previous phase's *failed* mask
-(the masks are reverted, the scores are not). `recompute_after_revert=True` recomputes
-them under the reverted masks instead (a documented deviation, off by default).
+Quirk kept from the authors' code: the first step of phases 2 and 3 ranks components by the
+importance computed under the previous phase's *failed* mask (the masks are reverted, the scores
+are not). The heads that failed step had masked are live again and ranked by their true scores
+under that mask, so `importance` must score masked components (the search's importance does:
+score_masked_heads=True), not give them 0. `recompute_after_revert=True` recomputes the scores
+under the reverted masks instead (a documented deviation, off by default).
 
 The search is model-agnostic: it calls `evaluate(head_mask, mlp_mask) -> (score, report)`
 and `importance(head_mask, mlp_mask) -> (head (L, H), mlp (L,))`, so the schedule is tested

@@ -105,10 +105,14 @@ class StructuredStages:
             return score, float(dev[metric])
 
         def scores(head_mask, mlp_mask):
+            # Masked heads keep their true score: the search never picks them again, except in
+            # the first step of phases 2 and 3, which ranks the previous phase's failed step's
+            # heads by it, as the authors' code does (structured.py).
             set_masks(model, head_mask=head_mask, mlp_mask=mlp_mask)
             imp = importance(model, self.data.importance_batches,
                              mode=self.config.importance_mode,
-                             precision=self.config.importance_precision, progress=False)
+                             precision=self.config.importance_precision, progress=False,
+                             score_masked_heads=True)
             return imp.head, imp.mlp
 
         sizes = {"hidden": config_size(model, row, "hidden_size"), "head_dim":

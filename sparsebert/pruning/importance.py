@@ -25,7 +25,7 @@ by the number of real tokens, then min-max rescaled. As in the authors' code, a 
 counts the |gradient| of its masked heads too (the gate-gradient modes take their true gradient
 at gate 0 for this, computing masked heads in the backward while scoring), so the last heads
 left in a layer are not inflated by the norm. Pruned heads/MLPs/neurons (gate exactly 0) then
-score 0. Scores are in the original (unpruned) numbering: (L, H), (L,), (L, F) from the config.
+score 0 (masked heads keep that true score with score_masked_heads=True). Scores are in the original (unpruned) numbering: (L, H), (L,), (L, F) from the config.
 """
 
 from __future__ import annotations
@@ -246,8 +246,14 @@ def importance(
     keep_per_example: bool = False,
     progress: bool = True,
     precision: str = "auto",
+    score_masked_heads: bool = False,
 ) -> Importance:
     """Score heads (L, H), MLPs (L,) and optionally FFN neurons (L, F) of a patched model.
+
+    score_masked_heads: heads masked by a gate of exactly 0 (not physically removed) keep the
+    score of their true gradient at gate 0 instead of 0 (gate-gradient modes; michel scores
+    them 0 either way). The s-pruning search needs it: the authors' first step of phases 2 and
+    3 ranks the heads its failed step had masked by these scores (PAPER.md §1.3).
 
     precision: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or "bf16" (autocast on any
     device); the gates, their gradients and the accumulated scores stay fp32.
@@ -290,8 +296,9 @@ def importance(
     # Masked heads' |gradient| enters their layer's norm (the authors' code); michel's per-token
     # scores of a masked head are 0 (its context is), as in Michel et al.'s code.
     masked_heads_in_norm = heads and flags["heads_by_layer"] and mode != "michel"
+    true_masked_grads = masked_heads_in_norm or (heads and score_masked_heads and mode != "michel")
 
-    with frozen_for_scoring(model), _true_zero_gate_grads(blocks, masked_heads_in_norm):
+    with frozen_for_scoring(model), _true_zero_gate_grads(blocks, true_masked_grads):
         for batch in tqdm(batches, desc=f"importance ({mode})", disable=not progress, leave=False):
             batch = _batch_to(batch, device)
             labels = batch.pop("labels")
@@ -373,7 +380,7 @@ def importance(
     neuron = _to_original(blocks, neuron_acc, "neuron", n_ffn) if neurons else None
     if head is not None and flags["heads_by_layer"]:
         head = normalize_by_layer(head)
-    if head is not None:
+    if head is not None and not score_masked_heads:
         head = head * live  # (L, H)
     if flags["mlp_by_tokens"]:
         mlp = None if mlp is None else mlp / tokens
