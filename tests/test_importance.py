@@ -496,3 +496,33 @@ def test_score_masked_heads_keeps_their_true_score(mode, tiny_bert, tiny_batches
     default = importance(patched, batches, mode=mode, progress=False)
     assert torch.all(default.head[head_mask == 0] == 0)
     assert not any(attn.exact_zero_gate_grad for attn, _ in sparse_blocks(patched))
+
+
+def test_regression_labels_as_a_column_score_as_a_vector(tiny_bert, tiny_batches):
+    """(B, 1) regression labels, which the model's own loss takes, give the scores of (B,)
+    labels (not an MSE broadcast to (B, B)); labels of another size are a named error."""
+    model = patch(tiny_bert(num_labels=1))
+    batches = tiny_batches(num_labels=1)
+    column = [dict(b, labels=b["labels"][:, None]) for b in batches]
+    for mode in ("paper", "per_example"):
+        flat = importance(model, batches, mode=mode, normalize=False, progress=False)
+        col = importance(model, column, mode=mode, normalize=False, progress=False)
+        torch.testing.assert_close(col.head, flat.head)
+        torch.testing.assert_close(col.mlp, flat.mlp)
+    wrong = [dict(batches[0], labels=batches[0]["labels"][:2])]
+    with pytest.raises(ValueError, match=r"'labels' must be \(4,\), one per example, got \(2,\)"):
+        importance(model, wrong, progress=False)
+
+
+def test_each_submodule_mode_is_restored_and_no_grad_is_overridden(tiny_bert, tiny_batches):
+    """A model in train mode with a part in eval mode (frozen embeddings) gets each module's own
+    mode back; scoring inside a caller's torch.no_grad() still differentiates."""
+    model = patch(tiny_bert(num_labels=NUM_LABELS))
+    batches = tiny_batches(num_labels=NUM_LABELS)
+    model.train()
+    model.bert.embeddings.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    with torch.no_grad():
+        scored = importance(model, batches, progress=False)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    torch.testing.assert_close(scored.head, importance(model, batches, progress=False).head)

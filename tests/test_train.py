@@ -235,3 +235,21 @@ def test_weight_masks_must_be_zero_or_one(value):
     with pytest.raises(WeightMaskError, match=r"weight mask 'weight': values must be 0 or 1"):
         WeightMasks.from_named(layer, {"weight": mask})
     assert len(WeightMasks([(layer.weight, mask != 0), (layer.bias, torch.ones(2))])) == 2
+
+
+def test_predict_restores_each_submodule_mode(tiny_bert):
+    """predict runs in eval mode and gives every submodule its own mode back (a part the caller
+    keeps in eval mode, such as frozen embeddings, stays in eval mode)."""
+    from sparsebert.glue.batching import Encoded  # noqa: PLC0415
+    from sparsebert.train.evaluate import predict  # noqa: PLC0415
+
+    model = tiny_bert(num_labels=2)
+    model.train()
+    model.bert.embeddings.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    encoded = Encoded(input_ids=[[2, 5, 7, 3], [2, 9, 3]], token_type_ids=None,
+                      labels=np.array([0, 1]), lengths=np.array([4, 3]), pad_token_id=0,
+                      max_length=8)
+    first = predict(model, encoded, regression=False)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    np.testing.assert_array_equal(first, predict(model, encoded, regression=False))

@@ -1,10 +1,27 @@
 """Helpers shared by SparseAttention and SparseMLP: child containers, gate checks, the
-host-side all-zero test, and slicing a Linear for physical pruning."""
+host-side all-zero test, and slicing a Linear for physical pruning; and `eval_mode`, which
+restores every submodule's mode."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode; on exit (even on error) every submodule's own training flag is
+    restored, so a part the caller had put in eval mode (frozen embeddings) stays so."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 class Container(nn.Module):

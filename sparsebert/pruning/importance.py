@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from sparsebert.hf.patching import sparse_blocks
 from sparsebert.hf.structure import config_size, structure_for
+from sparsebert.nn.common import eval_mode
 from sparsebert.ops import accumulate_importance_
 from sparsebert.pruning.michel import michel_hooks
 
@@ -128,22 +129,28 @@ class Importance:
 # --------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def frozen_for_scoring(model: nn.Module):
-    """Eval mode and requires_grad=False on every parameter; both restored on exit (even on error)."""
-    was_training = model.training
+    """Eval mode, requires_grad=False on every parameter and grad mode on (a caller's no_grad
+    would leave nothing to differentiate); each module's mode and each flag restored on exit
+    (even on error)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield model
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
+    with eval_mode(model), torch.enable_grad():
+        try:
+            for p, _ in flags:
+                p.requires_grad_(False)
+            yield model
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
 
 def per_example_loss(logits: Tensor, labels: Tensor, num_labels: int) -> Tensor:
-    """(B,) losses: cross-entropy for classification, MSE for regression (num_labels == 1)."""
+    """(B,) losses: cross-entropy for classification, MSE for regression (num_labels == 1).
+    labels: (B,), or (B, 1) as the model's own loss takes them."""
+    if labels.dim() > 1 and labels.numel() == logits.shape[0]:
+        labels = labels.reshape(-1)  # (B, 1) -> (B,): not broadcast against (B,) to (B, B)
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(f"importance: 'labels' must be ({logits.shape[0]},), one per example, "
+                         f"got {tuple(labels.shape)}")
     if num_labels == 1:
         return F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction="none")
     return F.cross_entropy(logits.float(), labels.long(), reduction="none")

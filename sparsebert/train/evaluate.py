@@ -17,6 +17,7 @@ from sparsebert.glue import batching
 from sparsebert.glue.loading import GLUE_DIR_ENV, find_split_file, load_split, resolve_glue_dir
 from sparsebert.glue.metrics import compute_metrics
 from sparsebert.glue.tasks import SplitNotFoundError, get_task
+from sparsebert.nn.common import eval_mode
 from sparsebert.train.config import TrainConfig, TrainError, autocast, resolve_device
 from sparsebert.train.rundir import load_run_model, require_finished
 
@@ -32,17 +33,15 @@ def predict(model: torch.nn.Module, encoded: batching.Encoded, regression: bool,
             precision: str = "auto") -> np.ndarray:
     """Predictions (N,) in example order: class indices, or scores for regression."""
     device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out = np.zeros(len(encoded), dtype=np.float32 if regression else np.int64)
-    for indices in batching.eval_batches(encoded.lengths, batch_size):
-        batch = to_device(batching.collate(encoded, indices), device)
-        batch.pop("labels")
-        with autocast(device, precision):
-            logits = model(**batch).logits.float()  # (B, num_labels)
-        values = logits[:, 0] if regression else logits.argmax(dim=-1)
-        out[indices] = values.cpu().numpy()
-    model.train(was_training)
+    with eval_mode(model):  # each submodule's mode restored afterwards
+        for indices in batching.eval_batches(encoded.lengths, batch_size):
+            batch = to_device(batching.collate(encoded, indices), device)
+            batch.pop("labels")
+            with autocast(device, precision):
+                logits = model(**batch).logits.float()  # (B, num_labels)
+            values = logits[:, 0] if regression else logits.argmax(dim=-1)
+            out[indices] = values.cpu().numpy()
     return out
 
 
