@@ -240,7 +240,9 @@ def super_survivor_controls(
     Rule for a pool smaller than G: the whole pool is taken (no top-up), so the control is
     smaller than good, and "notes" says so. This keeps bad within never-kept and random within
     neither set. (The authors' script instead tops bad up from the middle pool and draws
-    midling from everything outside good and the resampled bad, so its sizes always match.)
+    midling from everything outside good and the resampled bad, so its sizes always match.
+    It also draws a fresh midling mask for each seed's run, where one draw here serves every
+    seed: the random row's spread over seeds leaves out the spread between draws.)
     Draws come from rng in a fixed order (bad, then random), so a seeded rng reproduces them.
     """
     if not isinstance(rng, np.random.Generator):
