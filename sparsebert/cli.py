@@ -53,7 +53,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     elif result.status == "stopped":
-        print(f"stopped after step {result.step}; rerun the same command to resume")
+        print(f"stopped at step {result.step} (--stop-after-steps); rerun without it, or with "
+              "a larger value, to go on")
     else:
         _print_metrics(result.to_json())
     return 0
@@ -160,7 +161,7 @@ def _run_search(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     elif summary.get("status") == "stopped":
-        print("stopped; rerun the same command to resume")
+        print("stopped (--stop-after-steps); rerun without it, or with a larger value, to go on")
     elif summary.get("kind") == "sparsebert-super":
         _print_super(summary)
     else:
@@ -306,6 +307,7 @@ SUBCOMMANDS: dict[str, tuple[Callable, Callable]] = {
     "sweep": (_add_sweep, _run_sweep),
     "info": (_add_info, _run_info),
 }
+RESUMABLE = ("finetune", "search", "sweep")  # an interrupted run goes on from where it was
 
 
 def _fail(message: str) -> int:
@@ -373,15 +375,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     _SIGTERM_RECEIVED.clear()
     try:
         return SUBCOMMANDS[args.command][1](args)
-    except (SparsebertError, FileNotFoundError, PermissionError, IsADirectoryError,
-            NotADirectoryError) as error:  # user-fixable: a bad value, path or permission
+    except (SparsebertError, OSError) as error:  # user-fixable: a bad value, a path, a
+        # permission, a read-only or full file system
         if debug_enabled(args):
             traceback.print_exc()
         return _fail(str(error))
     except KeyboardInterrupt as stop:
         terminated = isinstance(stop, Terminated) or bool(_SIGTERM_RECEIVED)
-        print(f"{'terminated' if terminated else 'interrupted'}; rerun the same command to "
-              "resume", file=sys.stderr)
+        then = ("; rerun the same command to resume" if args.command in RESUMABLE else "")
+        print(f"{'terminated' if terminated else 'interrupted'}{then}", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     finally:
         if in_main_thread and previous is not None:  # None: a handler set outside Python

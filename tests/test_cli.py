@@ -297,3 +297,35 @@ def test_unknown_flags_name_the_command(argv, command, wrong, capsys, tmp_path, 
     assert stop.value.code == 2 and f"usage: sparsebert {command}" in err
     assert f"sparsebert {command}: error: unrecognized arguments: {wrong}" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_file_system_errors_are_one_line(monkeypatch, capsys):
+    """A read-only or full file system under --out is one error line and exit 2 (not a
+    traceback), like the other user-fixable errors."""
+    import errno  # noqa: PLC0415
+
+    import sparsebert.cli as cli  # noqa: PLC0415
+
+    def read_only(args):
+        raise OSError(errno.EROFS, "Read-only file system", "/mnt/ro/out")
+
+    monkeypatch.setitem(cli.SUBCOMMANDS, "report", (cli.SUBCOMMANDS["report"][0], read_only))
+    assert main(["report", "anything"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "sparsebert: error: [Errno 30] Read-only file system: '/mnt/ro/out'"
+
+
+@pytest.mark.parametrize("command,resumes", [("speed", False), ("search", True)])
+def test_interrupt_message_says_resume_only_where_a_rerun_resumes(command, resumes, monkeypatch,
+                                                                   capsys):
+    import sparsebert.cli as cli  # noqa: PLC0415
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.SUBCOMMANDS, command, (cli.SUBCOMMANDS[command][0], interrupted))
+    argv = [command, "--run", "x"] if command == "speed" else [command, "--task", "SST-2",
+                                                               "--out", "x"]
+    assert main(argv) == 130
+    expected = "interrupted; rerun the same command to resume" if resumes else "interrupted"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == expected

@@ -422,3 +422,44 @@ def test_s_pruning_scores_masked_heads(tiny_setup, tmp_path, monkeypatch):
     search("SST-2", tmp_path / "search", progress=False,
            **_options(tiny_setup, method="structured", subnets="good"))
     assert asked and all(asked)
+
+
+def test_a_rerun_refused_for_other_data_leaves_config_json(reference, tiny_setup, tmp_path,
+                                                            monkeypatch):
+    """A finished search rerun on the hub's data instead of its GLUE folder is refused before
+    anything is written: config.json keeps its glue_dir (which `speed --run` reads)."""
+    ref_out, _ = reference
+    out = tmp_path / "search"
+    shutil.copytree(ref_out, out)
+    before = (out / "config.json").read_bytes()
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    with pytest.raises(SparsebertError, match="was started on a local GLUE folder"):
+        search("SST-2", out, progress=False, **_options(tiny_setup, glue_dir=None))
+    assert (out / "config.json").read_bytes() == before
+
+
+def test_search_refuses_another_layout(reference, tiny_setup, tmp_path):
+    """--out of a sweep (or inside one), a multi-seed search's folder for a single-seed search,
+    and a single-seed search's folder for --seeds are refused before anything is written."""
+    from sparsebert.lottery.super_survivors import search_seeds  # noqa: PLC0415
+
+    sweep = tmp_path / "sweep"
+    (sweep / "SST-2").mkdir(parents=True)
+    (sweep / "sweep.json").write_text("{}")
+    for out in (sweep, sweep / "SST-2"):
+        with pytest.raises(SparsebertError, match="sweep directory"):
+            search("SST-2", out, progress=False, **_options(tiny_setup))
+        with pytest.raises(SparsebertError, match="sweep directory"):
+            search_seeds("SST-2", out, [1, 2], progress=False)
+    seeds = tmp_path / "seeds"
+    (seeds / "seed_1").mkdir(parents=True)
+    (seeds / "seed_1" / "config.json").write_text("{}")
+    with pytest.raises(SparsebertError, match="holds a multi-seed search"):
+        search("SST-2", seeds, progress=False, **_options(tiny_setup))
+    single = tmp_path / "single"
+    shutil.copytree(reference[0], single)
+    listing = sorted(p.relative_to(single) for p in single.rglob("*"))
+    with pytest.raises(SparsebertError, match="holds a single-seed search"):
+        search_seeds("SST-2", single, [1, 2], progress=False)
+    assert sorted(p.relative_to(single) for p in single.rglob("*")) == listing
+    assert not (sweep / "SST-2" / "config.json").exists() and not (sweep / "config.json").exists()

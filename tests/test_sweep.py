@@ -968,3 +968,19 @@ def test_out_from_the_config_file_and_json_alone_on_stdout(reference, tiny_model
     assert outcome["done"] == [] and len(outcome["skipped"]) == total
     assert main(argv) == 0
     assert f"nothing to do: all {total} units" in capsys.readouterr().out
+
+
+def test_a_shared_setting_in_a_one_method_sweep_needs_only_that_methods_redo():
+    """In a --methods magnitude sweep, a setting both methods use (threshold) affects only
+    magnitude: refused with the hint "--redo magnitude", accepted with it."""
+    from sparsebert.sweep.state import compare  # noqa: PLC0415
+
+    grid = {"tasks": ["SST-2"], "seeds": [1], "methods": ["magnitude"]}
+    saved = {"grid": grid, "search": {"threshold": 0.9}, "train": {}}
+    mine = {"grid": grid, "search": {"threshold": 0.8}, "train": {}}
+    with pytest.raises(SweepError, match=r"add --redo magnitude;"):
+        compare(saved, mine)
+    assert compare(saved, mine, ("magnitude",)) == ([], [])
+    both = {**grid, "methods": ["structured", "magnitude"]}
+    with pytest.raises(SweepError, match=r"add --redo structured,magnitude;"):
+        compare({**saved, "grid": both}, {**mine, "grid": both}, ("magnitude",))

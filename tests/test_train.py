@@ -175,7 +175,8 @@ def test_cli_finetune_stop_resume_evaluate(tiny_model_dir, synthetic_glue, tmp_p
             synthetic_glue, "--epochs", "1", "--lr", "1e-3", "--batch-size", "16", "--threads", "1",
             "--quiet"]
     assert main([*args, "--stop-after-steps", "3"]) == 0
-    assert "rerun the same command to resume" in capsys.readouterr().out
+    assert ("stopped at step 3 (--stop-after-steps); rerun without it, or with a larger value, "
+            "to go on") in capsys.readouterr().out
     assert main([*args, "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert results["status"] == "finished" and results["step"] == 6

@@ -41,7 +41,7 @@ from sparsebert.lottery.redo import PendingRedo, finish_redo, set_aside
 from sparsebert.lottery.scoring import load_search_data, report_metric, score_model
 from sparsebert.lottery.structured_stages import StructuredStages
 from sparsebert.train.config import RUNTIME_FIELDS, TrainConfig, resolve_device
-from sparsebert.train.data_identity import check_data
+from sparsebert.train.data_identity import DATA_FILE, check_data
 from sparsebert.train.evaluate import data_source
 from sparsebert.train.loop import finetune
 from sparsebert.train.metrics_log import MetricsLog
@@ -111,6 +111,25 @@ def check_search_dir(out: Path, search: SearchConfig, train: TrainConfig,
     if write:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", mine)
+
+
+def check_search_root(out: Path, seeds: bool) -> None:
+    """Refuse an --out that holds another layout: a sweep directory (the sweep runs its own
+    searches), a multi-seed search (seed_<s>/ folders) for a single-seed search, or a
+    single-seed search for a multi-seed one (its summary would join the seeds' report)."""
+    for folder in (out, out.parent):
+        if (folder / "sweep.json").is_file() or (folder / ".sweep").is_dir():
+            raise SearchError(f"--out {out}: {'is' if folder == out else 'is inside'} a sweep "
+                              f"directory ({folder}); rerun `sparsebert sweep` there, or use "
+                              f"another --out")
+    if seeds and (out / "config.json").is_file():
+        raise SearchError(f"--out {out} holds a single-seed search (config.json); a search "
+                          f"with --seeds needs its own --out (an existing seed's search can be "
+                          f"linked in as OUT/seed_<s>)")
+    if not seeds and not (out / "config.json").exists() and any(
+            (folder / "config.json").is_file() for folder in out.glob("seed_*")):
+        raise SearchError(f"--out {out} holds a multi-seed search (seed_<s>/ folders); rerun it "
+                          f"with its --seeds, or use another --out")
 
 
 def redo_methods(redo: str | None, search: SearchConfig) -> tuple[str, ...]:
@@ -217,6 +236,9 @@ class Search(StructuredStages, MagnitudeStages):
     def full_stage(self) -> RunResult:
         """Check (or claim) the directory and fine-tune the full model (resumable)."""
         preflight_model(self.train.model, max_length=self.train.max_length)  # before any write
+        for folder in (self.out, self.out / "full"):  # other data is refused before config.json
+            if (folder / DATA_FILE).is_file():  # records this call's settings (only checks here)
+                check_data(folder, self.task, self.train.glue_dir)
         check_search_dir(self.out, self.config, self.train)
         self.full = self._full()  # refuses other data than full/ was trained on
         check_data(self.out, self.task, self.train.glue_dir)  # recorded once it trained on it
@@ -359,6 +381,7 @@ def search(task: str, out: str | os.PathLike, *, search_config: SearchConfig | N
         setattr(search_config if key in search_fields else train_config, key, value)
     train_config.task = task
     runner = Search(search_config, train_config, out, progress, stop_after)
+    check_search_root(runner.out, seeds=False)
     set_aside_for_redo([runner], runner.out, redo_methods(redo, runner.config))
     try:
         summary = runner.run()

@@ -36,6 +36,7 @@ from sparsebert.lottery.scoring import report_metric
 from sparsebert.lottery.search import (
     Search,
     StopSearch,
+    check_search_root,
     redo_methods,
     set_aside_for_redo,
     write_report,
@@ -104,6 +105,7 @@ def search_seeds(task: str, out: str | os.PathLike, seeds: list[int], *,
     search_config = (search_config or SearchConfig()).validate()
     train_config = train_config or TrainConfig()
     out = Path(out)
+    check_search_root(out, seeds=True)
     runners = []
     for seed in seeds:
         train = copy.copy(train_config)

@@ -73,7 +73,7 @@ def compare(saved: dict[str, Any], mine: dict[str, Any], redo: tuple[str, ...] =
                 if section == "search":
                     changed_search.append(key)
                 diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
-    affected = methods_affected(changed_search)
+    affected = [m for m in methods_affected(changed_search) if m in mine["grid"]["methods"]]
     hint = ""
     if changed_search and len(diffs) == len(changed_search):  # only search settings differ
         if set(affected) <= set(redo):

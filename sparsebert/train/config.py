@@ -78,8 +78,9 @@ class TrainConfig:
     checkpoint_every: int = _help("also checkpoint every N steps (0 = at epoch ends only)", 0)
     log_every: int = _help("log train loss / throughput every N steps", 20)
     threads: int | None = _help("torch CPU threads (default: torch's choice)", None)
-    stop_after_steps: int | None = _help("checkpoint and stop after N steps (resume later)",
-                                         None)
+    stop_after_steps: int | None = _help(
+        "checkpoint and stop once the run reaches step N (a rerun with the same N stops there "
+        "again: drop it or raise it to go on)", None)
 
     def resolved(self) -> TrainConfig:
         """A copy with task canonical, preset chosen and lr filled in; checks values."""
