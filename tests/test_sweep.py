@@ -984,3 +984,19 @@ def test_a_shared_setting_in_a_one_method_sweep_needs_only_that_methods_redo():
     both = {**grid, "methods": ["structured", "magnitude"]}
     with pytest.raises(SweepError, match=r"add --redo structured,magnitude;"):
         compare({**saved, "grid": both}, {**mine, "grid": both}, ("magnitude",))
+
+
+def test_one_method_sweep_redoes_a_shared_setting(tiny_model_dir, synthetic_glue, tmp_path,
+                                                  capsys):
+    """End to end: a --methods magnitude sweep rerun with another --threshold is refused naming
+    --redo magnitude, and runs with it (the searches' config.json take the new threshold)."""
+    out = tmp_path / "magnitude-only"
+    argv = [a if a != SEEDS else SEEDS.split(",")[0] for a in
+            _argv(tiny_model_dir, synthetic_glue, out)] + ["--methods", "magnitude"]
+    assert main(argv) == 0
+    assert main(argv + ["--threshold", "0.8"]) == 2
+    assert "add --redo magnitude" in capsys.readouterr().err
+    assert main(argv + ["--threshold", "0.8", "--redo", "magnitude"]) == 0
+    (folder,) = (out / "SST-2").glob("seed_*")
+    assert json.loads((folder / "config.json").read_text())["search"]["threshold"] == 0.8
+    assert json.loads((out / "sweep.json").read_text())["runs"][-1]["status"] == "finished"
