@@ -475,7 +475,7 @@ def test_bad_precision_is_an_error(tiny_bert, tiny_batches):
 def test_score_masked_heads_keeps_their_true_score(mode, tiny_bert, tiny_batches):
     """score_masked_heads=True: a head masked by a gate of 0 scores its true |gradient| at gate 0
     (what the authors' search ranks the heads of a failed step by, PAPER.md §1.3), raw and after
-    the layer norm and min-max; a masked MLP still scores 0; the default still gives such heads 0."""
+    the layer norm and min-max; a masked MLP still scores 0; the default gives such heads 0."""
     model = tiny_bert(num_labels=NUM_LABELS)
     batches = tiny_batches(num_labels=NUM_LABELS)
     head_mask = torch.ones(3, 4)

@@ -25,7 +25,8 @@ by the number of real tokens, then min-max rescaled. As in the authors' code, a 
 counts the |gradient| of its masked heads too (the gate-gradient modes take their true gradient
 at gate 0 for this, computing masked heads in the backward while scoring), so the last heads
 left in a layer are not inflated by the norm. Pruned heads/MLPs/neurons (gate exactly 0) then
-score 0 (masked heads keep that true score with score_masked_heads=True). Scores are in the original (unpruned) numbering: (L, H), (L,), (L, F) from the config.
+score 0 (masked heads keep that true score with score_masked_heads=True). Scores are in the
+original (unpruned) numbering: (L, H), (L,), (L, F) from the config.
 """
 
 from __future__ import annotations

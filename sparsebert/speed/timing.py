@@ -7,7 +7,8 @@ changes) hits every variant alike. Sample r of every variant comes from round r:
 variants are best taken per round (`paired_ratio`), which cancels drift between rounds. One
 call per sample:
 wall time with perf_counter on CPU; on CUDA, device time between two events recorded around
-the call on the device's current stream (what the GPU spent, launch gaps included), synchronised per call.
+the call on the device's current stream (what the GPU spent, launch gaps included),
+synchronised per call.
 Returns {name: [ms, ...]}; `summary(ms)` gives median, p20, p80.
 """
 
