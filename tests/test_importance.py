@@ -496,6 +496,9 @@ def test_score_masked_heads_keeps_their_true_score(mode, tiny_bert, tiny_batches
     default = importance(patched, batches, mode=mode, progress=False)
     assert torch.all(default.head[head_mask == 0] == 0)
     assert not any(attn.exact_zero_gate_grad for attn, _ in sparse_blocks(patched))
+    if mode == "per_example":  # the per-example scores agree: they sum to the totals
+        kept = importance(patched, batches, normalize=False, keep_per_example=True, **options)
+        torch.testing.assert_close(kept.per_example["head"].sum(0), raw.head)
 
 
 def test_regression_labels_as_a_column_score_as_a_vector(tiny_bert, tiny_batches):

@@ -463,3 +463,14 @@ def test_search_refuses_another_layout(reference, tiny_setup, tmp_path):
         search_seeds("SST-2", single, [1, 2], progress=False)
     assert sorted(p.relative_to(single) for p in single.rglob("*")) == listing
     assert not (sweep / "SST-2" / "config.json").exists() and not (sweep / "config.json").exists()
+
+
+def test_a_rerun_for_another_task_is_refused_for_the_task(reference, tiny_setup, tmp_path):
+    """Another --task in a search's directory is refused as another config (naming the task),
+    not as changed GLUE files."""
+    out = tmp_path / "search"
+    shutil.copytree(reference[0], out)
+    before = (out / "config.json").read_bytes()
+    with pytest.raises(SparsebertError, match=r"different config \(\{'task': \('SST-2', 'RTE'\)"):
+        search("RTE", out, progress=False, **_options(tiny_setup))
+    assert (out / "config.json").read_bytes() == before

@@ -17,8 +17,11 @@ Quirk kept from the authors' code: the first step of phases 2 and 3 ranks compon
 importance computed under the previous phase's *failed* mask (the masks are reverted, the scores
 are not). The heads that failed step had masked are live again and ranked by their true scores
 under that mask, so `importance` must score masked components (the search's importance does:
-score_masked_heads=True), not give them 0. `recompute_after_revert=True` recomputes the scores
-under the reverted masks instead (a documented deviation, off by default).
+score_masked_heads=True), not give them 0. One difference remains: when the failed step masked
+the last heads of a layer, those heads score 0 here (the layer is LayerNorm(residual), no gate
+reaches it) and are masked first, where the authors' masked layer keeps the attention output's
+bias and their heads a gradient. `recompute_after_revert=True` recomputes the scores under the
+reverted masks instead (a documented deviation, off by default).
 
 The search is model-agnostic: it calls `evaluate(head_mask, mlp_mask) -> (score, report)`
 and `importance(head_mask, mlp_mask) -> (head (L, H), mlp (L,))`, so the schedule is tested

@@ -259,9 +259,11 @@ def importance(
     """Score heads (L, H), MLPs (L,) and optionally FFN neurons (L, F) of a patched model.
 
     score_masked_heads: heads masked by a gate of exactly 0 (not physically removed) keep the
-    score of their true gradient at gate 0 instead of 0 (gate-gradient modes; michel scores
-    them 0 either way). The s-pruning search needs it: the authors' first step of phases 2 and
-    3 ranks the heads its failed step had masked by these scores (PAPER.md §1.3).
+    score of their true gradient at gate 0 instead of 0, per example too (gate-gradient modes;
+    michel scores them 0 either way). The s-pruning search needs it: the authors' first step of
+    phases 2 and 3 ranks the heads its failed step had masked by these scores (PAPER.md §1.3).
+    A layer with every head masked still scores 0: its block is LayerNorm(residual), which no
+    gate reaches (the authors' masked model keeps the attention output's bias there).
 
     precision: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or "bf16" (autocast on any
     device); the gates, their gradients and the accumulated scores stay fp32.
@@ -360,8 +362,8 @@ def importance(
                     for gs, ws in ((head_g, wanted[:n]), (mlp_g, wanted[n : 2 * n]),
                                    (neuron_g, wanted[2 * n :])))
                 kept["head"].append(_to_original(
-                    blocks, [g.abs() * (a.head_gate != 0) for g, (a, _) in zip(head_g, blocks)],
-                    "head", n_heads, size))
+                    blocks, [g.abs() if score_masked_heads else g.abs() * (a.head_gate != 0)
+                             for g, (a, _) in zip(head_g, blocks)], "head", n_heads, size))
                 live = torch.stack([(m.mlp_gate != 0).float() for _, m in blocks]).cpu()  # (L,)
                 kept["mlp"].append(
                     torch.stack([g.abs().float() for g in mlp_g], dim=1).cpu() * live
