@@ -197,12 +197,17 @@ class RayBackend:
 
     def close(self) -> None:
         """Stop the units still running (an interrupted or failed sweep: on a cluster the
-        caller keeps using, they would otherwise run on), then Ray if the sweep started it."""
+        caller keeps using, they would otherwise run on), then Ray if the sweep started it.
+        An instance the sweep started is shut down with its workers and nothing is cancelled
+        first: a force-cancel racing a unit's reply can abort the driver inside Ray's core
+        worker ("Tried to complete task that was not pending", seen with Ray 2.60)."""
+        if self.started:
+            self.pending.clear()
+            self.ray.shutdown()
+            return
         for ref in list(self.pending):
             try:
                 self.ray.cancel(ref, force=True)
             except Exception:  # noqa: BLE001 (already finished, or its worker already gone)
                 pass
         self.pending.clear()
-        if self.started:
-            self.ray.shutdown()
