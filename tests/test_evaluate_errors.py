@@ -144,3 +144,39 @@ def test_model_folders_load_model_cannot_use(finished_run, tiny_model_dir, tmp_p
     (tmp_path / "tiny").symlink_to(tiny_model_dir)
     model, _ = load_model("~/tiny", 2)
     assert type(model).__name__ == "BertForSequenceClassification"
+
+
+@pytest.mark.parametrize("saved, reordered", [
+    (("contradiction", "neutral", "entailment"), True),     # e.g. roberta-large-mnli's order
+    (("ENTAILMENT", "Neutral", "contradiction"), False),    # the task's order, other case
+    (("LABEL_0", "LABEL_1", "LABEL_2"), False),             # no names: rows kept
+    (("yes", "maybe", "no"), False),                        # other classes: rows kept
+])
+def test_a_head_saved_in_another_label_order_keeps_its_meaning(tiny_model_dir, tmp_path, saved,
+                                                               reordered):
+    """load_model writes the task's id2label over the checkpoint's: a head trained on the same
+    classes in another order has its output rows permuted to match, so a prediction keeps its
+    class (an MNLI head saying "contradiction" must not come back saying "entailment")."""
+    from transformers import BertForSequenceClassification  # noqa: PLC0415
+
+    from sparsebert.glue import get_task  # noqa: PLC0415
+    from sparsebert.hf.loading import load_model  # noqa: PLC0415
+
+    task = get_task("MNLI")
+    torch.manual_seed(0)
+    source = BertForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=3, id2label=dict(enumerate(saved)),
+        label2id={name: i for i, name in enumerate(saved)})
+    source.save_pretrained(tmp_path / "mnli")
+    load_tokenizer(tiny_model_dir).save_pretrained(tmp_path / "mnli")
+    model, _ = load_model(tmp_path / "mnli", task.num_labels, labels=task.labels)
+    assert model.config.id2label == dict(enumerate(task.labels))
+    # the saved row of each task class (task order: entailment, neutral, contradiction)
+    order = [saved.index(label) for label in task.labels] if reordered else [0, 1, 2]
+    torch.testing.assert_close(model.classifier.weight, source.classifier.weight[order])
+    torch.testing.assert_close(model.classifier.bias, source.classifier.bias[order])
+    inputs = {"input_ids": torch.tensor([[101, 2023, 2003, 102]])}
+    source.eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, source(**inputs).logits[:, order])

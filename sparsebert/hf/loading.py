@@ -297,7 +297,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, num_labels: int = 
     """Load (model, tokenizer): AutoModelForSequenceClassification with `num_labels` outputs.
 
     name_or_path: None/"default" (the default model), a local directory, or a hub id.
-    num_labels == 1 makes a regression head (MSE loss); labels name the classes (id2label).
+    num_labels == 1 makes a regression head (MSE loss); labels name the classes (id2label). A
+    checkpoint whose head names the same classes in another order has its output rows permuted
+    into this order (each output keeps its class).
     seed: seeds torch before the classifier is initialized (same seed -> same head).
     kwargs go to from_pretrained (e.g. attn_implementation="eager"). Weights load as float32
     whatever dtype the checkpoint stores (transformers 5 would keep fp16/bf16 ones, and training
@@ -315,6 +317,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, num_labels: int = 
     config = _offline_first(lambda offline: AutoConfig.from_pretrained(
         source, local_files_only=offline), source, local, "config")
     saved_labels = config.num_labels
+    saved_names = [str(config.id2label[i]) for i in range(saved_labels)] \
+        if saved_labels == num_labels and len(config.id2label) == saved_labels else []
     config.num_labels = num_labels
     config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
     if labels and len(labels) == num_labels:
@@ -335,8 +339,46 @@ def load_model(name_or_path: str | os.PathLike | None = None, num_labels: int = 
             f"a {num_labels}-label classifier of its config needs (it holds a classifier for "
             f"{saved_labels} labels: a model fine-tuned for another task?); start from the "
             "pre-trained model, or from a model of this task") from None
+    if saved_names and labels and len(labels) == num_labels:
+        _reorder_classifier(model, saved_names, labels, source)
     tokenizer = load_tokenizer(source, vocab_size=getattr(config, "vocab_size", None))
     return model, tokenizer
+
+
+def label_permutation(saved: list[str], labels: tuple[str, ...]) -> list[int] | None:
+    """For a head saved with classes `saved` (its id2label order), the saved row of each of
+    `labels` (case-insensitive), when both name the same classes in another order; else None
+    (same order, default LABEL_i names, or other classes: the rows are kept as they are)."""
+    saved_keys = [name.lower() for name in saved]
+    label_keys = [str(label).lower() for label in labels]
+    if saved_keys == label_keys or len(set(saved_keys)) != len(saved_keys) \
+            or sorted(saved_keys) != sorted(label_keys):
+        return None
+    return [saved_keys.index(key) for key in label_keys]
+
+
+def _reorder_classifier(model: torch.nn.Module, saved: list[str], labels: tuple[str, ...],
+                        source: str) -> None:
+    """A checkpoint fine-tuned with the task's classes in another order (e.g. an MNLI model
+    whose index 0 is "contradiction") gets its output rows permuted into the task's order, so
+    that each output index keeps its meaning under the id2label written over it."""
+    order = label_permutation(saved, labels)
+    if order is None:
+        return
+    heads = [module for module in model.modules()
+             if isinstance(module, torch.nn.Linear) and module.out_features == len(labels)]
+    if len(heads) != 1:
+        raise ModelLoadError(
+            f"cannot load the model from {source}: its classifier names the classes {saved}, "
+            f"the task's order is {list(labels)}, and its output layer (one Linear with "
+            f"{len(labels)} outputs) cannot be told apart to reorder it; re-save the model "
+            "with the task's label order")
+    head = heads[0]
+    index = torch.tensor(order, device=head.weight.device)
+    with torch.no_grad():
+        head.weight.copy_(head.weight.index_select(0, index))
+        if head.bias is not None:
+            head.bias.copy_(head.bias.index_select(0, index))
 
 
 def position_limit(config) -> int | None:
