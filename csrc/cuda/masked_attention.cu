@@ -269,10 +269,16 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_compact_cuda(
             at::empty({s.batch, 0, s.q_len}, q.options().dtype(at::kFloat))};
   }
   if (!use_mma(q, k, v, s)) {  // the verified path: gather the kept heads, dense forward
-    const at::Tensor idx = kept_heads.to(at::kLong);
+    // Index values are not checked here (that would synchronise): an index out of range reads
+    // head 0 and its slot is then zeroed (out and lse), as the mma.sync kernel does.
+    const at::Tensor raw = kept_heads.to(at::kLong);
+    const at::Tensor bad = raw.lt(0).logical_or(raw.ge(s.heads));
+    const at::Tensor idx = raw.masked_fill(bad, 0);
     auto [out, lse] = masked_attention_cuda(q.index_select(2, idx), k.index_select(2, idx),
                                             v.index_select(2, idx), head_gate.index_select(-1, idx),
                                             key_padding_mask, scale);
+    out.masked_fill_(bad.view({1, 1, -1, 1}), 0);
+    lse.masked_fill_(bad.view({1, -1, 1}), 0);
     return {out, lse};
   }
   const GateView gate = gate_view(head_gate);
