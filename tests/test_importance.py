@@ -529,3 +529,40 @@ def test_each_submodule_mode_is_restored_and_no_grad_is_overridden(tiny_bert, ti
         scored = importance(model, batches, progress=False)
     assert {name: m.training for name, m in model.named_modules()} == modes
     torch.testing.assert_close(scored.head, importance(model, batches, progress=False).head)
+
+
+def test_inputs_embeds_without_attention_mask_score_as_input_ids(tiny_bert, tiny_batches):
+    """A batch of word embeddings (inputs_embeds, no attention_mask) scores as the same tokens
+    given as input_ids: the token count comes from the embeddings' (B, L)."""
+    model = patch(tiny_bert(num_labels=NUM_LABELS))
+    batch = tiny_batches(num_labels=NUM_LABELS)[0]
+    ids = {"input_ids": batch["input_ids"], "labels": batch["labels"]}
+    with torch.no_grad():
+        embeds = model.bert.embeddings.word_embeddings(batch["input_ids"])
+    for mode in ("paper", "per_example"):
+        by_ids = importance(model, [ids], mode=mode, normalize=False, progress=False)
+        by_embeds = importance(model, [{"inputs_embeds": embeds, "labels": batch["labels"]}],
+                               mode=mode, normalize=False, progress=False)
+        torch.testing.assert_close(by_embeds.head, by_ids.head)
+        assert by_embeds.tokens == by_ids.tokens == batch["input_ids"].numel()
+    with pytest.raises(ValueError, match="needs 'input_ids' or 'inputs_embeds'"):
+        importance(model, [{"labels": batch["labels"]}], progress=False)
+
+
+def test_multiple_choice_scores_in_paper_mode_and_names_it_otherwise(tiny_bert):
+    """(B, choices, L) inputs run B x choices sequences for B labels: mode="paper" scores them
+    (one gate for the batch); per-example modes are refused with a message naming the fix."""
+    from transformers import BertForMultipleChoice  # noqa: PLC0415
+
+    config = tiny_bert().config
+    torch.manual_seed(0)
+    model = patch(BertForMultipleChoice(config).eval())
+    ids = torch.randint(3, config.vocab_size, (4, 2, 9))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "labels": torch.tensor([0, 1, 1, 0])}
+    scores = importance(model, [batch], mode="paper", normalize=False, progress=False)
+    assert scores.head.shape == (config.num_hidden_layers, config.num_attention_heads)
+    assert bool((scores.head > 0).all())
+    for mode in ("per_example", "fisher", "michel"):
+        with pytest.raises(ValueError, match=rf"mode='{mode}'.*\(4, 2, 9\).*use mode='paper'"):
+            importance(model, [batch], mode=mode, progress=False)

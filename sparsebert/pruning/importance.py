@@ -239,6 +239,24 @@ def _batch_to(batch: Mapping, device: torch.device) -> dict:
     return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
 
 
+def _token_shape(batch: Mapping, mode: str) -> torch.Size:
+    """The (B, L) of a batch's tokens, from input_ids or inputs_embeds (B, L, hidden). Inputs
+    with more dimensions (multiple choice: (B, choices, L)) run several sequences per example,
+    which per-example gates cannot follow: only mode="paper" scores them."""
+    if isinstance(batch.get("input_ids"), Tensor):
+        shape = batch["input_ids"].shape
+    elif isinstance(batch.get("inputs_embeds"), Tensor):
+        shape = batch["inputs_embeds"].shape[:-1]
+    else:
+        raise ValueError("importance: each batch needs 'input_ids' or 'inputs_embeds'")
+    if len(shape) != 2 and mode != "paper":
+        raise ValueError(
+            f"importance: mode={mode!r} gates each example's sequence, but the batch's tokens "
+            f"are {tuple(shape)}, not (B, L) (multiple choice runs several sequences per "
+            "example); use mode='paper'")
+    return shape
+
+
 def importance(
     model: nn.Module,
     batches: Iterable[Mapping],
@@ -269,8 +287,10 @@ def importance(
     device); the gates, their gradients and the accumulated scores stay fp32.
 
     batches: an iterable of dicts as the model takes them, labels included (e.g. input_ids,
-    attention_mask, token_type_ids, labels). The model's training mode, requires_grad flags and
-    gates are restored afterwards, even on error. See the module docstring for the modes.
+    attention_mask, token_type_ids, labels; or inputs_embeds for input_ids). Multiple-choice
+    inputs (B, choices, L) score in mode "paper" only. The model's training mode, requires_grad
+    flags and gates are restored afterwards, even on error. See the module docstring for the
+    modes.
     """
     if mode not in MODES:
         raise ValueError(f"importance: 'mode' must be one of {MODES}, got {mode!r}")
@@ -313,11 +333,10 @@ def importance(
             batch = _batch_to(batch, device)
             labels = batch.pop("labels")
             size = labels.shape[0]
+            token_shape = _token_shape(batch, mode)  # (B, L)
             token_mask = batch.get("attention_mask")
             token_mask = (
-                torch.ones(batch["input_ids"].shape, device=device)
-                if token_mask is None
-                else token_mask
+                torch.ones(token_shape, device=device) if token_mask is None else token_mask
             ).bool()
             examples += size
             tokens += int(token_mask.sum())
