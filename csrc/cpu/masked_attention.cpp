@@ -174,14 +174,25 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
         // delta_i = dout_i . out_i = g r_i and dS = P (dP - delta) = g P (dP' - r_i), kept as
         // P (dP' - r_i) in place with g folded into the GEMMs below. d_gate = sum_i r_i needs
         // no division by g and no read of the stored (rounded, gate-scaled) output.
+        // P's row is first renormalised: exp(s - lse) carries the stored lse's rounding, an
+        // error of about eps |max score| common to the row, which dP' - r_i cancels badly when
+        // attention is nearly one-hot (large scores).
         for (int64_t i = 0; i < rows; ++i) {
           acc* ds = dprobs.data() + i * Sk;
-          const acc* p = probs.data() + i * Sk;
-          acc r = 0;
-#pragma omp simd reduction(+ : r)
-          for (int64_t j = 0; j < Sk; ++j) r += p[j] * ds[j];
+          acc* p = probs.data() + i * Sk;
+          acc total = 0, r = 0;
+#pragma omp simd reduction(+ : total, r)
+          for (int64_t j = 0; j < Sk; ++j) {
+            total += p[j];
+            r += p[j] * ds[j];
+          }
+          const acc inv = total > acc(0) ? acc(1) / total : acc(0);  // 0: a row with no key
+          r *= inv;
 #pragma omp simd
-          for (int64_t j = 0; j < Sk; ++j) ds[j] = p[j] * (ds[j] - r);
+          for (int64_t j = 0; j < Sk; ++j) {
+            p[j] *= inv;
+            ds[j] = p[j] * (ds[j] - r);
+          }
           dout_dot_ctx += r;
         }
         // Step 5: dq = scale g dS' k; dk += scale g dS'^T q; dv += g P^T dout.
