@@ -485,6 +485,23 @@ def test_repeated_subnets_are_one_unit_each():
     assert len(ids) == len(set(ids))
 
 
+def test_the_same_subnets_in_another_order_are_the_same_grid(tiny_model_dir, synthetic_glue):
+    """--subnets bad,good and good,bad build the same units: a sweep directory written with one
+    order (or by an older version, which kept the order given) accepts the other."""
+    from sparsebert.sweep.state import compare, identity  # noqa: PLC0415
+
+    _, search, train = _configs(tiny_model_dir, synthetic_glue)
+    train = train.resolved()
+
+    def ident(subnets):
+        return identity(Grid(("SST-2",), (3,), ("magnitude",), subnets, True, False), search,
+                        train)
+
+    assert compare(ident(("good", "bad")), ident(("bad", "good"))) == ([], [])
+    with pytest.raises(SweepError, match=r"subnets: \['good', 'bad'\] -> \['good'\]"):
+        compare(ident(("good", "bad")), ident(("good",)))
+
+
 def test_redo_a_method(reference, tiny_model_dir, synthetic_glue, tmp_path, capsys):
     """--redo structured sets the s-pruning results aside and computes them (and the
     super-survivors, summaries and reports built on them) again, keeping the full models and
@@ -592,6 +609,35 @@ def test_interrupted_redo_resumes(reference, tiny_model_dir, synthetic_glue, tmp
         assert not (out / "SST-2" / "seed_3" / "structured").exists()
         assert not (out / ".sweep" / "done" / "search~SST-2~3~structured.json").exists()
         assert (out / ".sweep" / "done" / "search~SST-2~3~magnitude.json").exists()
+
+
+def test_a_redo_resumes_across_unfinished_runs_without_redo(reference, tiny_model_dir,
+                                                             synthetic_glue, tmp_path):
+    """--redo interrupted, then a plain rerun that fails or is interrupted, then the same --redo:
+    the redo resumes (nothing more set aside); once a plain rerun finishes, it is done."""
+    from sparsebert.sweep.state import SweepDir, identity  # noqa: PLC0415
+
+    out = tmp_path / "redo-between"
+    shutil.copytree(reference[0], out)
+    _, search, train = _configs(tiny_model_dir, synthetic_glue)
+    search.method = "both"
+    grid = Grid(("SST-2",), (3, 4), ("structured", "magnitude"), ("good",), True, True)
+    ident = identity(grid, search, train.resolved())
+    superseded = out / ".sweep" / "superseded"
+
+    def start(redo: tuple[str, ...], status: str) -> list[str]:
+        state = SweepDir(out)
+        notes = state.open(ident, redo)
+        state.close(status)
+        return notes
+
+    assert "set aside 2 searches" in start(("structured",), "interrupted")[-1]
+    start((), "failed")
+    start((), "interrupted")
+    assert "resuming the redo started at" in start(("structured",), "interrupted")[-1]
+    assert len(list(superseded.glob("redo-structured-*"))) == 1
+    start((), "finished")
+    assert "no finished structured results to redo" in start(("structured",), "finished")[-1]
 
 
 def test_a_redo_resumes_only_under_its_own_settings(reference, tiny_model_dir, synthetic_glue,
@@ -846,6 +892,37 @@ def test_ray_backend_refuses_what_no_node_holds_and_cancels_on_close(tiny_model_
                             ray.exceptions.WorkerCrashedError)):
             ray.get(ref, timeout=30)
         assert time.monotonic() - started < 30 and ray.is_initialized()
+    finally:
+        ray.shutdown()
+
+
+def test_ray_backend_reports_a_unit_as_soon_as_it_ends():
+    """poll() returns when one unit ends (so its slot is refilled at once), not when every
+    running unit has ended or the poll's timeout has passed."""
+    ray = pytest.importorskip("ray")
+    from sparsebert.sweep.local import Slot  # noqa: PLC0415
+    from sparsebert.sweep.ray_backend import RayBackend  # noqa: PLC0415
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        backend = RayBackend([Slot(0, "cpu", 1), Slot(1, "cpu", 1)], None, 1, 0.0)
+
+        @ray.remote
+        def sleeping_unit(spec):
+            time.sleep(spec["seconds"])
+            return {"seconds": spec["seconds"]}
+
+        backend.remote = sleeping_unit
+        backend.submit(backend.slots[0], {"id": "short", "seconds": 0.5}, None)
+        backend.submit(backend.slots[1], {"id": "long", "seconds": 120}, None)
+        started = time.monotonic()
+        events = []
+        while not events:
+            events = backend.poll(timeout=60)
+        assert [(e.unit_id, e.ok) for e in events] == [("short", True)]
+        assert time.monotonic() - started < 45  # waiting for every unit: the whole 60 s
+        assert backend.slots[0].busy is None and backend.slots[1].busy == "long"
+        backend.close()
     finally:
         ray.shutdown()
 

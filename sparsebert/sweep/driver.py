@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from sparsebert.atomic import atomic_write_json, read_json
 from sparsebert.lottery.config import SearchConfig
 from sparsebert.lottery.search import check_search_dir
+from sparsebert.lottery.subnetworks import SUBNETWORKS
 from sparsebert.sweep.config import NO_STOP_AFTER_STEPS, SweepConfig, SweepError
 from sparsebert.sweep.grid import Grid, expand
 from sparsebert.sweep.local import LocalBackend, Slot
@@ -104,8 +105,9 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
         raise SweepError(f"stop_after_steps {NO_STOP_AFTER_STEPS}")
     train = train.resolved()  # checks the values and fills the preset's lr
     train.glue_dir = data_source(train.glue_dir).get("path")
+    subnets = tuple(s for s in SUBNETWORKS if s in search.subnet_list())  # in a fixed order
     grid = Grid(tuple(config.task_list()), tuple(config.seed_list()), tuple(methods),
-                tuple(search.subnet_list()), search.retrain, config.super_survivors)
+                subnets, search.retrain, config.super_survivors)
     check_inputs(grid, train)
     units = expand(grid)
     cluster = None

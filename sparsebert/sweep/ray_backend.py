@@ -182,8 +182,12 @@ class RayBackend:
         if not self.pending:
             time.sleep(timeout)
             return []
-        ready, _ = self.ray.wait(list(self.pending), num_returns=len(self.pending),
-                                 timeout=timeout)
+        # Return as soon as one unit ends (its slot is refilled at once), with every other
+        # unit that has ended by then.
+        refs = list(self.pending)
+        ready, _ = self.ray.wait(refs, num_returns=1, timeout=timeout)
+        if ready and len(refs) > 1:
+            ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
         events = []
         for ref in ready:
             slot = self.pending.pop(ref)

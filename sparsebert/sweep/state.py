@@ -57,6 +57,11 @@ def identity(grid: Grid, search: SearchConfig, train: TrainConfig) -> dict[str, 
     return json.loads(json.dumps(ident))  # as saved in sweep.json (tuples as lists)
 
 
+def _setting(section: str, key: str, value: Any) -> Any:
+    """A setting as compared: the grid's subnetworks as a set (the same units in any order)."""
+    return sorted(value) if (section, key) == ("grid", "subnets") and value else value
+
+
 def compare(saved: dict[str, Any], mine: dict[str, Any], redo: tuple[str, ...] = ()
             ) -> tuple[list[str], list[int]]:
     """(added tasks, added seeds) when `mine` only adds tasks/seeds to `saved`, or changes
@@ -69,7 +74,7 @@ def compare(saved: dict[str, Any], mine: dict[str, Any], redo: tuple[str, ...] =
         for key in sorted(set(old) | set(new)):
             if key in ("tasks", "seeds") and section == "grid":
                 continue
-            if old.get(key) != new.get(key):
+            if _setting(section, key, old.get(key)) != _setting(section, key, new.get(key)):
                 if section == "search":
                     changed_search.append(key)
                 diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
@@ -173,7 +178,8 @@ class SweepDir:
             self.record = {"kind": KIND, "version": 1, "runs": []}
         self.record["identity"] = ident
         run: dict[str, Any] = {"started_at": now(), "pid": os.getpid(), "status": "running"}
-        resumed = bool(redo) and not cut and self._resumes(last, redo, ident["search"])
+        pending = self._pending_redo(saved.get("runs", []) if saved is not None else [])
+        resumed = bool(redo) and not cut and self._resumes(pending, redo, ident["search"])
         if redo:
             run.update({"redo": list(redo), "redo_search": ident["search"],
                         "set_aside": False})
@@ -182,8 +188,8 @@ class SweepDir:
         if redo:
             if resumed:
                 notes.append(f"--redo {','.join(redo)}: resuming the redo started at "
-                             f"{last.get('started_at')} ({last.get('status')}); nothing more "
-                             f"set aside")
+                             f"{pending.get('started_at')} ({pending.get('status')}); nothing "
+                             f"more set aside")
             else:
                 notes += self._redo(ident["grid"], redo)
             if after_redo is not None:
@@ -193,12 +199,23 @@ class SweepDir:
         return notes
 
     @staticmethod
-    def _resumes(last: dict[str, Any], redo: tuple[str, ...], search: dict[str, Any]) -> bool:
-        """True when the last run was an unfinished redo of these methods, under the same
-        search settings (records written before settings were kept: the same by
+    def _pending_redo(runs: list[dict[str, Any]]) -> dict[str, Any]:
+        """The latest run with a --redo when no finished run came after it ({} if none): runs
+        without --redo that stopped early in between (failed, interrupted) leave it pending."""
+        for run in reversed(runs):
+            if run.get("redo"):
+                return run if run.get("status") != "finished" else {}
+            if run.get("status") == "finished":
+                return {}
+        return {}
+
+    @staticmethod
+    def _resumes(pending: dict[str, Any], redo: tuple[str, ...], search: dict[str, Any]) -> bool:
+        """True when `pending` (see _pending_redo) is an unfinished redo of these methods, under
+        the same search settings (records written before settings were kept: the same by
         construction)."""
-        return (set(redo) <= set(last.get("redo", ())) and last.get("status") != "finished"
-                and last.get("redo_search", search) == search)
+        return (set(redo) <= set(pending.get("redo", ())) and pending.get("status") != "finished"
+                and pending.get("redo_search", search) == search)
 
     def _take_lock(self) -> None:
         handle = open(self.meta / "lock", "a+")  # noqa: SIM115 (held until close())
