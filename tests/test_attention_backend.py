@@ -532,3 +532,27 @@ def test_gate_changes_take_effect(pair, tiny_batch):
     for gates in (GATES, other, GATES):  # fresh tensors, possibly at a recycled address
         with override_head_gates(model, gates.clone()):
             check(gates)
+
+
+def test_mask_reads_nothing_on_the_host_while_a_cuda_graph_is_captured(monkeypatch):
+    """An all-real padding mask is dropped (no mask, as sdpa_mask) only where the mask may be
+    read on the host: under CUDA-graph capture (simulated here) that read is not allowed, and
+    the (B, 1, Sq, Sk) key mask comes back instead."""
+    from transformers.masking_utils import bidirectional_mask_function  # noqa: PLC0415
+
+    from sparsebert.hf.attention_backend import sparsebert_mask  # noqa: PLC0415
+
+    padding = torch.ones(2, 5, dtype=torch.long)
+
+    def mask():
+        return sparsebert_mask(2, 5, 5, mask_function=bidirectional_mask_function,
+                               attention_mask=padding, allow_is_bidirectional_skip=True)
+
+    assert mask() is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda self: pytest.fail("read on the host"))
+    captured = mask()
+    assert captured.shape == (2, 1, 5, 5) and captured.dtype == torch.bool
+    monkeypatch.undo()
+    assert bool(captured.all())

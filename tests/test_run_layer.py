@@ -257,3 +257,27 @@ def test_out_must_be_a_directory(setup, tmp_path):
     with pytest.raises(SparsebertError, match="is a file"):
         finetune(_config(setup), file, progress=False)
     assert file.read_text() == "x"
+
+
+def test_checkpoint_rng_is_the_training_devices_and_resumes_on_any_gpu(monkeypatch):
+    """A checkpoint keeps the CPU generator and the training GPU's (not every visible GPU's by
+    index): it resumes on another GPU index, or with fewer GPUs visible, into the resume
+    device's generator. Older checkpoints (a list by index) still load. (torch.cuda's
+    generator calls are replaced by recorders: this runs without a GPU.)"""
+    from sparsebert.train.checkpoint import rng_state, set_rng_state  # noqa: PLC0415
+
+    states = {0: torch.tensor([0], dtype=torch.uint8), 1: torch.tensor([1], dtype=torch.uint8)}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: states[device.index])
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device: restored.append((int(state[0]), str(device))))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all",
+                        lambda: pytest.fail("every GPU's state saved"))
+    saved = rng_state(torch.device("cuda:1"))
+    assert set(saved) == {"torch", "cuda_device"} and int(saved["cuda_device"][0]) == 1
+    assert set(rng_state("cpu")) == {"torch"}
+    set_rng_state(saved, torch.device("cuda:0"))  # resumed on another GPU
+    set_rng_state({"torch": saved["torch"], "cuda": [states[0], states[1]]}, "cuda:1")
+    set_rng_state({"torch": saved["torch"], "cuda": [states[0]]}, "cuda:1")  # fewer GPUs now
+    set_rng_state(saved, "cpu")
+    assert restored == [(1, "cuda:0"), (1, "cuda:1")]

@@ -3,6 +3,7 @@ schedule equals transformers', and the CUDA-graph step equals the eager step on 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -277,8 +278,9 @@ def test_graph_step_rejects_bad_setup():
         make_optimizer(model, TrainConfig(lr=1e-3).resolved(), 10, capturable=True)
 
 
-def _graph_vs_eager(model_fn, precision: str, shapes=SHAPES, seed: int = 3):
-    device = torch.device("cuda")
+def _graph_vs_eager(model_fn, precision: str, shapes=SHAPES, seed: int = 3,
+                    device: str = "cuda"):
+    device = torch.device(device)
     batches = make_batches(shapes, seed)
     eager, graphed = model_fn().to(device), model_fn().to(device)
     torch.manual_seed(seed)
@@ -300,6 +302,62 @@ def test_graph_step_equals_eager_fp32(patched):
     for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values(),
                             strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@cuda_test
+@pytest.mark.skipif(CUDA and torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_graph_step_on_a_second_gpu_trains_as_eager():
+    """On cuda:1 the graphs are captured on cuda:1 (a capture on the current device, cuda:0,
+    records nothing: every replay would leave the weights as they are)."""
+    eager, graphed, eager_losses, graph_losses = _graph_vs_eager(
+        lambda: tiny_classifier(dropout=0.0), "fp32", device="cuda:1")
+    torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_every_graph_capture_names_its_device(monkeypatch):
+    """capture(graph, device) enters torch.cuda.graph on a stream of that device (one per
+    device, reused) with the device current; the package captures through it only. (Run on
+    the CPU with torch.cuda's stream, device and graph replaced by recorders.)"""
+    import pathlib  # noqa: PLC0415
+
+    import sparsebert  # noqa: PLC0415
+    from sparsebert import graph_capture  # noqa: PLC0415
+
+    events = []
+
+    class Stream:
+        def __init__(self, device):
+            self.device = torch.device("cuda", device)
+            events.append(("stream", str(self.device)))
+
+    class Device(contextlib.nullcontext):
+        def __init__(self, device):
+            super().__init__()
+            events.append(("device", str(device)))
+
+    class Graph(contextlib.nullcontext):
+        def __init__(self, graph, pool=None, stream=None):
+            super().__init__()
+            events.append(("graph", graph, pool, str(stream.device)))
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(torch.cuda, "graph", Graph)
+    monkeypatch.setattr(graph_capture, "_STREAMS", {})
+    for _ in range(2):
+        with graph_capture.capture("g", torch.device("cuda:1"), pool="p"):
+            events.append(("body",))
+    assert events == [("stream", "cuda:1")] + [("device", "cuda:1"), ("graph", "g", "p", "cuda:1"),
+                                              ("body",)] * 2
+    with pytest.raises(ValueError, match="'device' must be a CUDA device"):
+        graph_capture.capture_stream("cpu")
+    package = pathlib.Path(sparsebert.__file__).parent
+    direct = [str(path.relative_to(package)) for path in package.rglob("*.py")
+              if "torch.cuda.graph(" in path.read_text()]
+    assert direct == ["graph_capture.py"]
 
 
 @cuda_test

@@ -39,7 +39,7 @@ from torch.nn.functional import scaled_dot_product_attention
 
 from sparsebert.errors import SparsebertError
 from sparsebert.hf.post_import import when_imported
-from sparsebert.nn.attention import to_key_padding_mask
+from sparsebert.nn.attention import can_read_on_host, to_key_padding_mask
 from sparsebert.ops import masked_attention
 
 ATTN_IMPLEMENTATION = "sparsebert"
@@ -133,8 +133,10 @@ def sparsebert_mask(
         )
     padding = prepare_padding_mask(attention_mask.bool(), kv_length, kv_offset)
     padding = padding[:, kv_offset : kv_offset + kv_length]  # (B, Sk), True = real token
-    if allow_is_bidirectional_skip and not torch.compiler.is_compiling() and bool(padding.all()):
-        return None  # nothing masked: as sdpa_mask, no mask at all
+    # Nothing masked: as sdpa_mask, no mask at all (a read on the host: skipped while
+    # torch.compile traces or a CUDA graph is captured, as sdpa_mask does).
+    if allow_is_bidirectional_skip and can_read_on_host() and bool(padding.all()):
+        return None
     return padding[:, None, None, :].expand(batch_size, 1, q_length, kv_length)
 
 

@@ -63,7 +63,7 @@ def _unsupported_mask(attention_mask: object) -> TypeError:
         "use attn_implementation='eager' or 'sdpa' (flex-attention BlockMasks are not supported)")
 
 
-def _checking_is_possible() -> bool:
+def can_read_on_host() -> bool:
     """False while torch.compile traces or a CUDA graph is captured (no data-dependent branch)."""
     if torch.compiler.is_compiling():
         return False
@@ -92,7 +92,7 @@ def is_padding_mask(attention_mask: Tensor | None) -> bool:
     repeats = all(attention_mask.shape[d] == 1 or attention_mask.stride(d) == 0 for d in (1, 2))
     if repeats and hard:
         return True
-    if not _checking_is_possible():
+    if not can_read_on_host():
         return False
     # Inference tensors (made under torch.inference_mode) have no version counter: not cached.
     version = None if attention_mask.is_inference() else attention_mask._version

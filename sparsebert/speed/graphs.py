@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sparsebert.graph_capture import capture
 from sparsebert.speed.attention_core import choose_core, full_core
 from sparsebert.speed.tokens import Packing
 
@@ -129,7 +130,7 @@ class GraphCache:
         # Step 2: capture into the shared pool; a bucket that cannot be captured runs eagerly.
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
+            with capture(graph, hidden.device, pool=self.pool):
                 out = body()
         except RuntimeError as error:
             warnings.warn(f"sparsebert.accelerate: CUDA-graph capture failed for bucket "

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import sparsebert
+from sparsebert.graph_capture import capture
 from sparsebert.speed.accelerate import accelerate
 from sparsebert.speed.workload import MaskSet
 
@@ -59,7 +60,7 @@ def cuda_graph(fn: Callable[[], torch.Tensor], device: torch.device) -> Callable
             fn()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with capture(graph, device):
         out = fn()
 
     def replay() -> torch.Tensor:

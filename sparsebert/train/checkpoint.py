@@ -33,19 +33,32 @@ class CheckpointError(RunDirError):
     """A checkpoint that cannot be read safely."""
 
 
-def rng_state() -> dict[str, Any]:
-    """torch's CPU (and CUDA) generator states as tensors, for exact resumption of dropout."""
+def rng_state(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """torch's CPU generator state, and the training device's when it is a GPU, as tensors (for
+    exact resumption of dropout). Only that device's: a run resumed on another GPU, or with
+    fewer GPUs visible, draws from its own device's generator what the run would have."""
+    device = torch.device(device)
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    if device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what rng_state() returned (CUDA states only when CUDA is present)."""
+def set_rng_state(state: dict[str, Any], device: torch.device | str = "cpu") -> None:
+    """Restore what rng_state() returned; the saved GPU state goes to `device`'s generator.
+    (Checkpoints of earlier versions hold every visible GPU's state by index: `device`'s index
+    is used when it is there.)"""
+    device = torch.device(device)
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type != "cuda":
+        return
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"], device)
+        return
+    saved = state.get("cuda") or []
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index < len(saved):
+        torch.cuda.set_rng_state(saved[index], device)
 
 
 def _first_line(error: BaseException) -> str:

@@ -184,7 +184,7 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
         model.load_state_dict(state["model"])
         load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], device)
         step, elapsed = int(state["step"]), float(state["elapsed_s"])
         window.update(state.get("log_window", {}))
         masks.apply()
@@ -207,7 +207,7 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
         saved_at[0] = step
         save_checkpoint(out_dir, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step,
+            "scheduler": scheduler.state_dict(), "rng": rng_state(device), "step": step,
             "elapsed_s": elapsed + time.perf_counter() - t0, "config": config.to_json(),
             "log_window": {"loss": float(window["loss"]), "n": window["n"],
                            "examples": window["examples"],

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from sparsebert.graph_capture import capture
+
 Batch = dict[str, torch.Tensor]
 
 
@@ -230,7 +232,7 @@ class CudaGraphStep:
         graph = torch.cuda.CUDAGraph()
         # Gradients are None here, so backward allocates them inside the graph and every
         # replay overwrites (not accumulates) them: no zeroing kernel needed.
-        with torch.cuda.graph(graph, pool=self.pool):
+        with capture(graph, self.device, pool=self.pool):
             loss = _forward_backward_step(self.model, self.optimizer, self.settings, inputs)
         if self.pool is None:
             self.pool = graph.pool()
