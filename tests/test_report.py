@@ -482,7 +482,8 @@ def _speed_result(names: list[str], dense_ms: float, masked_ms: list[float],
                  row("pruned", name, pruned, unpad=False, kept=(0.5, 0.25))]
     return {"device": "Test CPU (1 thread)", "dtype": "fp32", "versions": {"torch": "2.x"},
             "args": {"run": "runs/x", "batch": 16, "seq": 128, "lengths": "full",
-                     "device": "cpu", "model": "minilm", "threads": 1},
+                     "device": "cpu", "model": "minilm", "threads": 1, "repeats": 10,
+                     "warmup": 3, "seed": 7, "glue_dir": None},
             "lengths": {"mean": 128.0, "min": 128, "max": 128}, "rows": rows}
 
 
@@ -522,7 +523,9 @@ def test_speed_section_and_figure_from_speed_files(runs: Path, tmp_path: Path):
     assert good[9] == "28.3 ± 2.9"  # pruned ms: 25, 30, 30
     assert rows[("MRPC", "random")][2] == "1" and rows[("MRPC", "random")][8] == "4.00x"
     assert not any(task == "RTE" for task, _ in rows)  # RTE was not timed
-    assert "sparsebert speed --run runs/x --batch 16 --seq 128" in section
+    # The command repeats every flag that shaped the measurement (seed: lengths and tokens).
+    assert ("`sparsebert speed --run runs/x --batch 16 --seq 128 --lengths full --device cpu "
+            "--dtype fp32 --threads 1 --repeats 10 --warmup 3 --seed 7 --model minilm`") in section
     fig = tmp_path / "out" / "figures" / "speed_vs_score.png"
     assert fig in out["figures"] and f"](figures/{fig.name})" in text
     assert_png(fig)
@@ -675,6 +678,27 @@ def test_find_summaries_follows_linked_seed_folders(tmp_path):
     assert find_summaries([seeds, single]) == expected
 
 
+def test_timings_of_a_linked_seed_are_found_through_the_link(runs, tmp_path):
+    """A seed folder that is a link (searched on its own elsewhere) keeps the path it was found
+    under: the multi-seed parent's speed/ rows "seed_<s>/<subnet>" reach it."""
+    from sparsebert.report.speed import collect_speed  # noqa: PLC0415
+    from sparsebert.report.summaries import find_summary_locations  # noqa: PLC0415
+
+    seed = SEEDS[1]
+    elsewhere = tmp_path / "elsewhere"
+    (runs / "MRPC" / f"seed_{seed}").rename(elsewhere)
+    (runs / "MRPC" / f"seed_{seed}").symlink_to(elsewhere)
+    (runs / "MRPC" / "speed").mkdir()
+    (runs / "MRPC" / "speed" / "cpu.json").write_text(json.dumps(
+        _speed_result([f"seed_{seed}/good"], 40.0, [20.0], [25.0])))
+    located = find_summary_locations([runs / "MRPC"])
+    assert located[(elsewhere / "summary.json").resolve()] == [
+        runs / "MRPC" / f"seed_{seed}" / "summary.json"]
+    entries = collect_speed(collect([runs / "MRPC"]))
+    assert [(e.seed, e.subnet) for e in entries] == [(seed, "good")]
+    assert entries[0].masked_speedup == pytest.approx(2.0)
+
+
 REPO = Path(__file__).resolve().parent.parent
 REPORT_COMMANDS = {
     readme.parent.name: " ".join(match.group(1).replace("\\\n", " ").split())
@@ -702,3 +726,27 @@ def test_committed_reports_regenerate_from_their_commands(folder, tmp_path, monk
     regenerated = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert regenerated.replace(str(tmp_path), committed) == \
         (REPO / committed / "report.md").read_text(encoding="utf-8")
+
+
+def test_bottom_legend_fits_a_one_panel_figure():
+    """Four long entries below one narrow panel wrap into fewer columns instead of running
+    past the figure's edges; a wide figure keeps them side by side."""
+    from matplotlib.figure import Figure  # noqa: PLC0415
+    from matplotlib.patches import Patch  # noqa: PLC0415
+
+    from sparsebert.report.canvas import bottom_legend  # noqa: PLC0415
+
+    handles = [Patch(label=label) for label in ("pruned (no retraining)",
+                                                "retrained from pre-trained", "full model",
+                                                "majority class")]
+    heights = []
+    for width in (4.0, 12.0):
+        fig = Figure(figsize=(width, 3.5), layout="constrained")
+        fig.subplots()
+        legend = bottom_legend(fig, 4, 8, handles)
+        fig.draw_without_rendering()
+        box = legend.get_window_extent()
+        assert 0 <= box.x0 and box.x1 <= fig.bbox.width, (width, box)
+        assert fig.legends == [legend]
+        heights.append(box.height)
+    assert heights[0] > 1.5 * heights[1]  # narrow: two rows or more; wide: one row

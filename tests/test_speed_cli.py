@@ -279,6 +279,19 @@ def test_run_masks_from_summaries_of_a_results_copy(tmp_path):
     assert sets[0].kept() == (0.625, 0.5)  # 5 of 8 heads; one of two MLPs
 
 
+def test_a_results_copy_times_with_the_model_its_summary_names(tiny_model_dir, tmp_path):
+    """A results copy (summary.json, no config.json) of a search on a local model: --run
+    without --model loads the model the summary records, not the default model."""
+    head_mask = [[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]
+    subnetworks = {"good": {"head_mask": head_mask, "mlp_mask": [1.0, 1.0]}}
+    (tmp_path / "summary.json").write_text(json.dumps({
+        "kind": "sparsebert-search", "methods": {"structured": {"subnetworks": subnetworks}},
+        "config": {"search": {}, "train": {"model": tiny_model_dir}}}))
+    assert main(["speed", "--run", str(tmp_path), *FAST]) == 0
+    saved = json.loads(next((tmp_path / "speed").glob("*.json")).read_text())
+    assert saved["args"]["model"] == tiny_model_dir
+
+
 def test_threads_apply_for_the_call_only(tiny_model_dir, capsys):
     """--threads sets torch's thread count while the command runs, then restores it (also
     when the command fails)."""

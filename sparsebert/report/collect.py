@@ -28,6 +28,7 @@ from sparsebert.report.summaries import (  # noqa: F401 (re-exported)
     RunSummary,
     SuperSummary,
     find_summaries,
+    find_summary_locations,
     load_summary,
     scores_of,
 )
@@ -219,8 +220,10 @@ def collect(paths: str | Path | Sequence[str | Path]) -> dict[str, TaskResults]:
         paths = [paths]
     runs: dict[str, list[RunSummary]] = {}
     supers: dict[str, SuperSummary] = {}
-    for file in find_summaries(list(paths)):
+    for file, locations in find_summary_locations(list(paths)).items():
         summary = load_summary(file)
+        if isinstance(summary, RunSummary):
+            summary.locations = tuple(locations)
         if isinstance(summary, SuperSummary):
             if summary.task in supers:
                 raise ReportError(f"two super-survivor summaries for task {summary.task}: "

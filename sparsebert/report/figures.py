@@ -30,7 +30,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
 from sparsebert.report import paper
-from sparsebert.report.canvas import panel_grid, save_png
+from sparsebert.report.canvas import bottom_legend, panel_grid, save_png
 from sparsebert.report.collect import TaskResults, stability, stats_module
 from sparsebert.report.speed import SpeedEntry
 from sparsebert.report.speed_figure import speed_vs_score
@@ -200,7 +200,7 @@ def subnetworks(results: Mapping[str, TaskResults], path: Path) -> Path | None:
                Patch(color=STAGE_COLORS["retrained"], label="retrained from pre-trained"),
                Line2D([], [], color="black", linestyle="--", label="full model"),
                Line2D([], [], color="tab:red", linestyle=":", label="majority class")]
-    fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=8)
+    bottom_legend(fig, 4, 8, handles)
     many = any(r.n_seeds > 1 for r in results.values())
     fig.suptitle("Good, random and bad subnetworks"
                  + (" (mean over seeds; error bars: ± sample std; n=: over fewer seeds)"
@@ -270,7 +270,7 @@ def pruning_curves(results: Mapping[str, TaskResults], path: Path) -> Path | Non
                 Line2D([], [], color="tab:red", linestyle="--",
                        label=f"threshold = {thr} × full model"
                        + (" (one line per seed)" if many else ""))]
-    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8)
+    bottom_legend(fig, 3, 8, handles)
     fig.suptitle("Pruning search: dev score after each step", fontsize=11)
     return save_png(fig, path)
 
@@ -319,7 +319,7 @@ def stability_bars(results: Mapping[str, TaskResults], path: Path) -> Path | Non
     # room below the lowest bar and above 1 for the bar labels
     ax.set_ylim(min([0.0] + [v for v in kap + pk if v is not None and not math.isnan(v)]) - 0.1,
                 1.12)
-    fig.legend(fontsize=7, loc="outside lower center", ncols=3)  # clear of the bar labels
+    bottom_legend(fig, 3, 7)  # clear of the bar labels
     ax.set_title("Stability of the good head masks across seeds\n(1 = identical masks; "
                  "n/a = κ undefined)",
                  fontsize=10)

@@ -97,8 +97,11 @@ def _setting(data: dict[str, Any]) -> tuple[str, str]:
     flags = [f"--run {a.get('run')}", f"--batch {a.get('batch')}", f"--seq {a.get('seq')}",
              f"--lengths {a.get('lengths')}", f"--device {a.get('device')}",
              f"--dtype {data.get('dtype')}"]
-    if a.get("threads"):
-        flags.append(f"--threads {a['threads']}")
+    # Every other flag that shapes the workload or the timing, when it was given (the file's
+    # name does not tell these apart: the command must repeat them).
+    for flag in ("threads", "repeats", "warmup", "seed", "model", "glue_dir"):
+        if a.get(flag) is not None:
+            flags.append(f"--{flag.replace('_', '-')} {a[flag]}")
     return setting, "sparsebert speed " + " ".join(flags)
 
 
@@ -167,9 +170,15 @@ def collect_speed(results: Mapping[str, TaskResults]) -> list[SpeedEntry]:
     loaded: dict[Path, dict[str, Any]] = {}  # a seeds' parent file serves every seed: read once
     for res in results.values():
         for run in res.runs:
-            run_dir = run.path.parent
-            for folder, prefix in ((run_dir / SPEED_DIR, ""),
-                                   (run_dir.parent / SPEED_DIR, f"{run_dir.name}/")):
+            # The run's own speed/, and its parent's (a multi-seed run's, rows named
+            # "seed_<s>/<subnet>"), for each path the summary was found under (a linked seed:
+            # the link's parent too).
+            places = []
+            for found in run.locations or (run.path,):
+                run_dir = found.parent
+                places += [(run_dir / SPEED_DIR, ""),
+                           (run_dir.parent / SPEED_DIR, f"{run_dir.name}/")]
+            for folder, prefix in dict.fromkeys(places):
                 for file in sorted(folder.glob("*.json")):
                     if file not in loaded:
                         loaded[file] = _load(file)

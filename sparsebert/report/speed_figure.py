@@ -10,7 +10,7 @@ import matplotlib.ticker
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from sparsebert.report.canvas import panel_grid, save_png
+from sparsebert.report.canvas import bottom_legend, panel_grid, save_png
 from sparsebert.report.collect import TaskResults
 from sparsebert.report.speed import SpeedEntry, subnet_score
 
@@ -76,7 +76,7 @@ def speed_vs_score(results: Mapping[str, TaskResults], entries: Sequence[SpeedEn
                        label="without retraining"),
                 Line2D([], [], marker="s", linestyle="", color="black", label="full model (1x)"),
                 Line2D([], [], color="grey", linestyle=":", label="majority class")]
-    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8)
+    bottom_legend(fig, 3, 8, handles)
     title = "s-pruning subnetworks: dev score vs measured speed-up (one point per seed)"
     fig.suptitle(title + (f"\n{measured[tasks[0]]}" if shared else ""), fontsize=9)
     return save_png(fig, path)

@@ -130,6 +130,9 @@ class RunSummary:
     curves: dict[str, list[dict]] = field(default_factory=dict)
     subnetworks: dict[str, dict[str, dict]] = field(default_factory=dict)
     config: dict[str, dict] = field(default_factory=dict)  # "train" / "search" settings, if any
+    # the paths the file was found under (a seed linked into a multi-seed run: the link's path
+    # too; its timings may sit in either parent's speed/); () when loaded on its own
+    locations: tuple[Path, ...] = ()
 
     @property
     def full_search_score(self) -> float:
@@ -301,37 +304,47 @@ def load_summary(path: str | Path) -> RunSummary | SuperSummary:
 
 
 def _summaries_under(root: Path) -> Iterator[Path]:
-    """The summary.json files under `root`, hidden folders (.sweep/superseded/) skipped.
-    Symlinked folders are followed, each real folder once: a multi-seed run may link a seed
-    searched on its own (runs/mrpc-seeds/seed_42 -> ../mrpc)."""
+    """The summary.json files under `root` as found (links kept in the path), hidden folders
+    (.sweep/superseded/) skipped. Symlinked folders are followed, each real folder's contents
+    once: a multi-seed run may link a seed searched on its own (runs/mrpc-seeds/seed_42 ->
+    ../mrpc); a folder reached again (a second link to it, a link back up) still yields its
+    summary under that path, but is not walked again."""
     seen: set[str] = set()
     for folder, subfolders, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
-        if real in seen:  # a link back up, or a second link to the same folder
+        if SUMMARY_NAME in files:
+            yield Path(folder) / SUMMARY_NAME
+        if real in seen:
             subfolders.clear()
             continue
         seen.add(real)
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-        if SUMMARY_NAME in files:
-            yield Path(folder) / SUMMARY_NAME
 
 
-def find_summaries(paths: Sequence[str | Path]) -> list[Path]:
+def find_summary_locations(paths: Sequence[str | Path]) -> dict[Path, list[Path]]:
     """Every summary.json under `paths` (a run dir, a parent of many, or the file itself; hidden
-    folders such as a sweep's .sweep/ skipped), sorted and without duplicates; ReportError
-    naming the paths when there is none."""
-    found: dict[Path, None] = {}
+    folders such as a sweep's .sweep/ skipped): {resolved file: the paths it was found under},
+    sorted by file; ReportError naming the paths when there is none."""
+    found: dict[Path, list[Path]] = {}
     for raw in paths:
         p = Path(raw)
         if p.is_file():
-            found[p.resolve()] = None
+            files = [p]
         elif p.is_dir():
-            for f in _summaries_under(p):
-                found[f.resolve()] = None
+            files = list(_summaries_under(p))
         else:
             raise ReportError(f"report input {str(p)!r} does not exist")
+        for file in files:
+            places = found.setdefault(file.resolve(), [])
+            if file not in places:
+                places.append(file)
     if not found:
         names = ", ".join(repr(str(p)) for p in paths) or "(no paths given)"
         raise ReportError(f"no {SUMMARY_NAME} found under {names}: pass search run "
                           "directories or their parent")
-    return sorted(found)
+    return dict(sorted(found.items()))
+
+
+def find_summaries(paths: Sequence[str | Path]) -> list[Path]:
+    """The resolved summary.json files of find_summary_locations, sorted, each once."""
+    return list(find_summary_locations(paths))

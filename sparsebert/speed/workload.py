@@ -281,9 +281,11 @@ def is_search_dir(path: str) -> bool:
 
 def _run_train_config(path: str) -> tuple[dict[str, Any], Path | None]:
     """The training settings of a run directory's config.json (a search's or a fine-tune's; a
-    multi-seed search: its first seed's) and that file; ({}, None) when there is none."""
+    multi-seed search: its first seed's), else of its summary.json (a results copy holds only
+    that), and that file; ({}, None) when there is none."""
     root = Path(path)
-    configs = [root / "config.json", *sorted(root.glob("seed_*/config.json"))]
+    configs = [root / "config.json", *sorted(root.glob("seed_*/config.json")),
+               root / "summary.json", *sorted(root.glob("seed_*/summary.json"))]
     config = next((c for c in configs if c.is_file()), None)
     if config is None:
         return {}, None  # masks_from_run says what is missing
@@ -291,6 +293,8 @@ def _run_train_config(path: str) -> tuple[dict[str, Any], Path | None]:
         data = json.loads(config.read_text())
     except (OSError, ValueError) as error:
         raise SpeedError(f"--run {path}: {config} is damaged ({error})") from None
+    if config.name == "summary.json":  # a search's summary: {"config": {"train": {...}}}
+        data = data.get("config", {}) if isinstance(data, dict) else {}
     train = data.get("train", data) if isinstance(data, dict) else {}
     return (train if isinstance(train, dict) else {}), config
 
