@@ -308,6 +308,24 @@ def test_a_search_refused_at_its_start_records_no_data(tiny_setup, tmp_path):
     assert json.loads((out / "data.json").read_text())["source"] == "glue_dir"
 
 
+@pytest.mark.parametrize("missing", ["train", "dev"])
+def test_a_search_without_a_split_writes_nothing(tiny_setup, tmp_path, missing):
+    """A GLUE folder without the task's train (or dev) file is refused before --out is
+    claimed: the corrected call runs, whatever its other settings."""
+    _, glue = tiny_setup
+    partial = tmp_path / "partial_glue"
+    shutil.copytree(glue, partial)
+    (partial / "SST-2" / f"{missing}.tsv").unlink()
+    out = tmp_path / "search"
+    with pytest.raises(SparsebertError, match=f"SST-2 {missing} split not found"):
+        search("SST-2", out, progress=False, stop_after="full",
+               **_options(tiny_setup, glue_dir=str(partial)))
+    assert not out.exists()
+    stopped = search("SST-2", out, progress=False, stop_after="full",
+                     **_options(tiny_setup, lr=3e-3))
+    assert stopped["status"] == "stopped"
+
+
 def test_different_config_is_refused_and_nothing_lost(reference, tiny_setup, tmp_path):
     out, _ = reference
     copy = tmp_path / "copy"

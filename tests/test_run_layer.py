@@ -281,3 +281,33 @@ def test_checkpoint_rng_is_the_training_devices_and_resumes_on_any_gpu(monkeypat
     set_rng_state({"torch": saved["torch"], "cuda": [states[0]]}, "cuda:1")  # fewer GPUs now
     set_rng_state(saved, "cpu")
     assert restored == [(1, "cuda:0"), (1, "cuda:1")]
+
+
+def test_a_relative_model_path_is_recorded_as_the_directory_it_named(setup, tmp_path,
+                                                                     monkeypatch):
+    """--model m (relative) names the directory seen from where the run started: a resume from
+    another folder holding another ./m is refused (it would go on from other weights), while
+    the same directory by its absolute path, or with a trailing slash, resumes. A run that
+    recorded a relative path (older versions) resumes where that path names the model."""
+    model_dir, _ = setup
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    shutil.copytree(model_dir, tmp_path / "a" / "m")
+    shutil.copytree(model_dir, tmp_path / "b" / "m")
+    run = tmp_path / "run"
+    monkeypatch.chdir(tmp_path / "a")
+    assert finetune(_config(setup, model="m", stop_after_steps=2), run,
+                    progress=False).status == "stopped"
+    recorded = json.loads((run / "config.json").read_text())["model"]
+    assert recorded == str((tmp_path / "a" / "m").resolve())
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(SparsebertError, match="different config.*'model'"):
+        finetune(_config(setup, model="m", stop_after_steps=3), run, progress=False)
+    assert finetune(_config(setup, model=recorded + "/", stop_after_steps=3), run,
+                    progress=False).status == "stopped"
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**saved, "model": "m"}))  # an older record
+    with pytest.raises(SparsebertError, match="different config.*'model'"):
+        finetune(_config(setup, model=recorded), run, progress=False)  # ./m here is b's
+    monkeypatch.chdir(tmp_path / "a")
+    assert finetune(_config(setup, model=recorded), run, progress=False).status == "finished"

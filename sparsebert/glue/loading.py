@@ -221,6 +221,16 @@ def load_split(task: str | GlueTask, split: str = "train",
     return reader(path, task, split)
 
 
+def check_local_splits(task: str | GlueTask, glue_dir: str | os.PathLike | None,
+                       splits: tuple[str, ...] = ("train", "dev")) -> None:
+    """Before a run writes anything: with a local GLUE folder (`glue_dir`, else $GLUE_DIR),
+    the task's files for `splits` are there (GlueError naming the paths looked for); with the
+    hub, nothing is checked here."""
+    if resolve_glue_dir(glue_dir) is not None:
+        for split in splits:
+            find_split_file(task, split, glue_dir)
+
+
 def find_split_file(task: str | GlueTask, split: str,
                     glue_dir: str | os.PathLike | None = None, *,
                     origin: str | None = None) -> Path:

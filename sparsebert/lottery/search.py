@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from sparsebert.atomic import atomic_write_json, file_lock, read_json
 from sparsebert.errors import RunDirError
+from sparsebert.glue.loading import check_local_splits
 from sparsebert.glue.tasks import get_task
 from sparsebert.hf.loading import load_model, load_tokenizer, preflight_model
 from sparsebert.hf.masks import get_masks, set_masks
@@ -40,7 +41,7 @@ from sparsebert.lottery.magnitude_stages import MagnitudeStages
 from sparsebert.lottery.redo import PendingRedo, finish_redo, set_aside
 from sparsebert.lottery.scoring import load_search_data, report_metric, score_model
 from sparsebert.lottery.structured_stages import StructuredStages
-from sparsebert.train.config import RUNTIME_FIELDS, TrainConfig, resolve_device
+from sparsebert.train.config import RUNTIME_FIELDS, TrainConfig, resolve_device, same_setting
 from sparsebert.train.data_identity import DATA_FILE, check_data
 from sparsebert.train.evaluate import data_source
 from sparsebert.train.loop import finetune
@@ -97,7 +98,7 @@ def check_search_dir(out: Path, search: SearchConfig, train: TrainConfig,
         search_diff = {k: (theirs.get(k), v) for k, v in search.identity().items()
                        if theirs.get(k) != v}
         train_diff = {k: (saved["train"].get(k), v) for k, v in mine["train"].items()
-                      if k not in RUNTIME_FIELDS and saved["train"].get(k) != v}
+                      if k not in RUNTIME_FIELDS and not same_setting(k, saved["train"].get(k), v)}
         affected = [m for m in methods_affected(search_diff)
                     if m in search.methods() or (out / m).exists()]
         if train_diff or not set(affected) <= set(redo):
@@ -236,6 +237,7 @@ class Search(StructuredStages, MagnitudeStages):
     def full_stage(self) -> RunResult:
         """Check (or claim) the directory and fine-tune the full model (resumable)."""
         preflight_model(self.train.model, max_length=self.train.max_length)  # before any write
+        check_local_splits(self.task, self.train.glue_dir)  # the data is there
         check_search_dir(self.out, self.config, self.train, write=False)  # another config
         for folder in (self.out, self.out / "full"):  # then other data, before config.json
             if (folder / DATA_FILE).is_file():  # records this call's settings (only checks here)

@@ -72,14 +72,12 @@ def check_inputs(grid: Grid, train: TrainConfig) -> None:
     """Before anything is written: the model loads (a local directory holds config.json),
     --max-length fits its position limit and, with a local GLUE folder, every task's train and
     dev files are there."""
-    from sparsebert.glue.loading import find_split_file, resolve_glue_dir  # noqa: PLC0415
+    from sparsebert.glue.loading import check_local_splits  # noqa: PLC0415
     from sparsebert.hf.loading import preflight_model  # noqa: PLC0415
 
     preflight_model(train.model, max_length=train.max_length)
-    if resolve_glue_dir(train.glue_dir) is not None:  # else the hub, checked by each unit
-        for task in grid.tasks:
-            for split in ("train", "dev"):
-                find_split_file(task, split, train.glue_dir)
+    for task in grid.tasks:  # (with the hub: checked by each unit)
+        check_local_splits(task, train.glue_dir)
 
 
 def sweep(out: str | os.PathLike, config: SweepConfig | None = None,

@@ -39,7 +39,7 @@ from sparsebert.lottery.redo import move_aside, set_aside, unused
 from sparsebert.lottery.search import methods_affected
 from sparsebert.sweep.config import SweepError
 from sparsebert.sweep.grid import Grid
-from sparsebert.train.config import RUNTIME_FIELDS, TrainConfig
+from sparsebert.train.config import RUNTIME_FIELDS, TrainConfig, same_setting
 from sparsebert.train.rundir import now
 
 KIND = "sparsebert-sweep"
@@ -62,6 +62,12 @@ def _setting(section: str, key: str, value: Any) -> Any:
     return sorted(value) if (section, key) == ("grid", "subnets") and value else value
 
 
+def _same(section: str, key: str, saved: Any, requested: Any) -> bool:
+    if section == "train":
+        return same_setting(key, saved, requested)
+    return _setting(section, key, saved) == _setting(section, key, requested)
+
+
 def compare(saved: dict[str, Any], mine: dict[str, Any], redo: tuple[str, ...] = ()
             ) -> tuple[list[str], list[int]]:
     """(added tasks, added seeds) when `mine` only adds tasks/seeds to `saved`, or changes
@@ -74,7 +80,7 @@ def compare(saved: dict[str, Any], mine: dict[str, Any], redo: tuple[str, ...] =
         for key in sorted(set(old) | set(new)):
             if key in ("tasks", "seeds") and section == "grid":
                 continue
-            if _setting(section, key, old.get(key)) != _setting(section, key, new.get(key)):
+            if not _same(section, key, old.get(key), new.get(key)):
                 if section == "search":
                     changed_search.append(key)
                 diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import numbers
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,27 @@ PRESETS: dict[str, dict[str, Any]] = {"paper": {"lr": 2e-5}, "minilm": {"lr": 1e
 # Fields that may differ when resuming a run (they do not change what is computed).
 RUNTIME_FIELDS = frozenset({"glue_dir", "threads", "checkpoint_every", "log_every",
                             "stop_after_steps", "device", "eval_batch_size", "cuda_graphs"})
+def local_model_path(model: str) -> str:
+    """A --model naming a local directory, as its absolute path (a relative path would name
+    another model when a run is resumed from another directory; ./m/ and /abs/m are the same
+    model); the default model and hub ids as given."""
+    if is_default_model(model):
+        return model
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
+
+
+def same_setting(name: str, saved: Any, requested: Any) -> bool:
+    """Whether a run's recorded training setting is the requested one. A model recorded as a
+    relative path (by versions that kept --model as typed) is the requested absolute path
+    when it names that directory from here."""
+    if saved == requested:
+        return True
+    return (name == "model" and isinstance(saved, str) and isinstance(requested, str)
+            and not Path(saved).expanduser().is_absolute()
+            and local_model_path(saved) == requested)
+
+
 # Seeds feed numpy's default_rng (non-negative) and torch.manual_seed (at most 2**64 - 1).
 MAX_SEED = 2**64 - 1
 # The shortest --max-length (room for [CLS], [SEP] and a few tokens of each text).
@@ -95,7 +117,8 @@ class TrainConfig:
             raise TrainError(f"--preset {self.preset!r}: expected auto or one of "
                              f"{', '.join(sorted(PRESETS))}")
         lr = self.lr if self.lr is not None else PRESETS[preset]["lr"]
-        out = dataclasses.replace(self, task=task, preset=preset, lr=float(lr))
+        out = dataclasses.replace(self, task=task, preset=preset, lr=float(lr),
+                                  model=local_model_path(self.model))
         out.check_values()
         for f in dataclasses.fields(out):  # NumPy scalars -> Python numbers (JSON, seeding)
             value = getattr(out, f.name)

@@ -42,6 +42,7 @@ from sparsebert.train.config import (
     TrainError,
     autocast,
     resolve_device,
+    same_setting,
     use_cuda_graphs,
 )
 from sparsebert.train.data_identity import check_data, data_fingerprint
@@ -72,7 +73,7 @@ def check_config(out_dir: Path, config: TrainConfig) -> RunResult | None:
                          "fine-tuning run; use another --out")
     mine = config.to_json()
     diff = {k: (saved.get(k), mine[k]) for k in mine
-            if k not in RUNTIME_FIELDS and saved.get(k) != mine[k]}
+            if k not in RUNTIME_FIELDS and not same_setting(k, saved.get(k), mine[k])}
     if diff:
         raise TrainError(f"{out_dir} holds a run with a different config ({diff}, as "
                          f"saved vs requested); use another --out or delete that directory")
