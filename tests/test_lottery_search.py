@@ -81,6 +81,8 @@ def test_outputs(reference):
     assert (out / "summary.json").is_file() and (out / "report.md").is_file()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["method"] for r in records} == {"structured", "magnitude"}
+    full_result = json.loads((out / "full" / "results.json").read_text())
+    assert summary["full"]["train_examples"] == full_result["train_examples"] > 0
     if summary["full"]["score"] <= summary["majority"]:  # the threshold is meaningless: said
         assert any("meaningless" in note for note in summary["methods"]["structured"]["notes"])
 

@@ -436,12 +436,17 @@ def test_data_line_says_what_each_task_was_fine_tuned_on(tmp_path: Path):
     def train(cap):
         return {"config": {"train": {"task": "x", "max_train_examples": cap}}}
 
+    def full(examples):
+        return {"full": {"score": 0.5, "metrics": {"acc": 0.5}, "train_examples": examples}}
+
     for i, seed in enumerate(SEEDS):
         write_run(tmp_path / "runs", "MRPC", seed, i, **train(None))
-        write_run(tmp_path / "runs", "RTE", seed, i, **train(1000))
+        write_run(tmp_path / "runs", "RTE", seed, i, **train(1000), **full(1000))
+        # A cap above the training set's size (WNLI: 635 examples) trains on all of it.
+        write_run(tmp_path / "runs", "WNLI", seed, i, **train(1000), **full(635))
         write_run(tmp_path / "runs", "CoLA", seed, i)  # no train config: nothing said
     md = report(tmp_path / "runs")["report"].read_text()
-    assert ("Fine-tuned on: MRPC: the full training set; RTE: 1000 training examples per "
+    assert ("Fine-tuned on: MRPC, WNLI: the full training set; RTE: 1000 training examples per "
             "fine-tune (a seeded subset).") in md
     a = write_run(tmp_path / "a", "MRPC", 1, 0, **train(500))
     b = write_run(tmp_path / "b", "MRPC", 2, 1, **train(1000))

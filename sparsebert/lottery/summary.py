@@ -87,7 +87,7 @@ def build_summary(search) -> dict[str, Any]:
         **_model_shape(structured, read(out / "full" / "model" / "config.json") or {}),
         "majority": float(search.data.majority[metric]),
         "full": {"score": float(full.metrics[first][metric]), "metrics": full.metrics[first],
-                 "train_time_s": full.train_time_s},
+                 "train_examples": full.train_examples, "train_time_s": full.train_time_s},
         "methods": methods,
         "config": {"search": search.config.to_json(), "train": train.to_json()},
         "device": str(search.device), "device_name": device_name(search.device),

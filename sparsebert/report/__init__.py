@@ -68,8 +68,9 @@ def _training_data(results: dict[str, TaskResults]) -> str:
         known = [r for r in res.runs if r.train_data_known]
         if not known:
             continue
-        cap = known[0].max_train_examples
-        label = ("the full training set" if cap is None else
+        cap, used = known[0].max_train_examples, known[0].train_examples
+        whole = cap is None or (used is not None and used < cap)  # a cap above the set's size
+        label = ("the full training set" if whole else
                  f"{cap} training examples per fine-tune (a seeded subset)")
         groups.setdefault(label, []).append(task)
     if not groups:

@@ -124,6 +124,7 @@ class RunSummary:
     # set; train_data_known is False for summaries without a train config
     max_train_examples: int | None = None
     train_data_known: bool = False
+    train_examples: int | None = None  # what the full fine-tune trained on (newer summaries)
     head_mask: np.ndarray | None = None
     mlp_mask: np.ndarray | None = None
     layer_kept_fraction: np.ndarray | None = None
@@ -240,6 +241,7 @@ def _parse_run(data: dict, path: Path) -> RunSummary:
         run.train_data_known = True
         run.max_train_examples = _get(data, "config.train.max_train_examples", path,
                                       required=False, kind=int)
+        run.train_examples = _get(data, "full.train_examples", path, required=False, kind=int)
     methods = _get(data, "methods", path, required=False, kind=dict) or {}
     for method in METHODS:
         block = methods.get(method)
