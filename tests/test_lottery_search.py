@@ -444,6 +444,23 @@ def test_s_pruning_scores_masked_heads(tiny_setup, tmp_path, monkeypatch):
     assert asked and all(asked)
 
 
+def test_a_narrower_rerun_keeps_every_finished_subnetwork(reference, tiny_setup, tmp_path):
+    """--subnets and --method only say what to compute: rerunning a finished search with
+    --method structured --subnets good rewrites the summary with every subnetwork of both
+    methods, as they are on disk."""
+    ref_out, ref_summary = reference
+    out = tmp_path / "search"
+    shutil.copytree(ref_out, out)
+    summary = search("SST-2", out, progress=False,
+                     **_options(tiny_setup, method="structured", subnets="good"))
+    for method in ("structured", "magnitude"):
+        assert list(summary["methods"][method]["subnetworks"]) == ["good", "random", "bad"]
+    mine, ref = _strip(summary), _strip(ref_summary)
+    assert mine.pop("config")["search"]["subnets"] == "good"  # this call's scope, recorded
+    ref.pop("config")
+    assert mine == ref
+
+
 def test_a_rerun_refused_for_other_data_leaves_config_json(reference, tiny_setup, tmp_path,
                                                             monkeypatch):
     """A finished search rerun on the hub's data instead of its GLUE folder is refused before

@@ -12,6 +12,7 @@ from typing import Any
 
 from sparsebert.lottery.scoring import report_metric
 from sparsebert.lottery.structured import kept_fraction
+from sparsebert.lottery.subnetworks import SUBNETWORKS
 from sparsebert.runtime import device_name, git_sha, versions
 from sparsebert.train.rundir import RunResult, now
 
@@ -45,7 +46,7 @@ def build_summary(search) -> dict[str, Any]:
     structured = read(out / "structured" / "search.json")
     if structured is not None:
         subnets = {}
-        for name in search.config.subnet_list():
+        for name in SUBNETWORKS:  # every one built here (a rerun may ask for fewer)
             masks = read(out / "structured" / "masks" / f"{name}.json")
             if masks is None:
                 continue
@@ -64,7 +65,7 @@ def build_summary(search) -> dict[str, Any]:
     magnitude = read(out / "magnitude" / "search.json")
     if magnitude is not None:
         subnets = {}
-        for name in search.config.subnet_list():
+        for name in SUBNETWORKS:  # every one built here (a rerun may ask for fewer)
             info = read(out / "magnitude" / "masks" / f"{name}.json")
             if info is None:
                 continue
