@@ -5,21 +5,25 @@
 # (default bench/results/gpu):
 #   summary.txt      device, versions, each step's exit status and seconds
 #   build.log        compiler output, ptxas register/spill lines included
-#   cuda-tests.log   pytest -m cuda (all CUDA kernels vs the reference, CUDA-graph steps; the
-#                    mma.sync forward's tests set SPARSEBERT_ATTENTION_KERNEL=mma themselves)
+#   cuda-tests.log   pytest -m cuda (all CUDA kernels vs the reference, CUDA-graph steps), but
+#                    tests/test_masked_attention_mma.py, which mma-tests runs
 #   simt-tests.log   the masked-attention CUDA tests again with the SIMT kernels forced
 #   mma-tests.log    the masked-attention CUDA tests with the mma.sync kernels switched on
 #                    (forward and backward: fp16/bf16, and fp32 through the 3xTF32 variants)
 #   bench.log        every benchmark's table
 #   results.tar.gz   bench/results/*-<gpu>.{json,md}, for committing
 # Usage on the GPU machine, from the repository root:  bash bench/gpu_check.sh
-#   GPU_CHECK_STEPS=build,bench-importance bash bench/gpu_check.sh   runs only those steps
-#   GPU_CHECK_STEPS=build,mma-tests,bench-masked-attention-graph,trace-mma   the attention kernels
-#   (the mma.sync forwards' and backwards' correctness, fp16/bf16 and fp32 (3xTF32), the
-#   forwards' graph-replay GPU time vs SDPA, one traced call of each); then
-#   GPU_CHECK_STEPS=bench-masked-attention (add build on a fresh machine) for fwd+bwd wall time
-#   (S 128 and 512, fp32 too)
-# Missing Python packages can travel as wheels in .whl/ (installed into /tmp/site first).
+# The steps run in this order, the most valuable first; GPU_CHECK_STEPS=a,b,... runs only those
+# (in this order whatever order it lists them; an unknown name stops the script):
+#   build (200 s), mma-tests (150 s), bench-masked-attention-graph (150 s), trace-mma (40 s)
+#     = the attention kernels, within 540 s: the mma.sync forwards' and backwards' correctness
+#     (fp16/bf16, and fp32 through 3xTF32), the forwards' graph-replay GPU time vs SDPA, one
+#     traced call of each. The first call on a GPU machine:
+#       GPU_CHECK_STEPS=build,mma-tests,bench-masked-attention-graph,trace-mma
+#   cuda-tests (180 s), bench-masked-attention (180 s: eager fwd and fwd+bwd, S 128 and 512,
+#     fp32 too), bench-train-step (120 s), bench-group-dot (45 s), bench-importance (60 s),
+#     simt-tests (60 s) = the rest, a second call on the same (warm) machine, which keeps the
+#     built extension: GPU_CHECK_STEPS=cuda-tests,bench-masked-attention,... (no build)
 set -uo pipefail
 out=${OUT:-bench/results/gpu}
 mkdir -p "$out"
@@ -35,41 +39,48 @@ pack() {  # copy benchmark tables/JSON (and profiler traces) written so far into
   tar czf "$out/results.tar.gz" bench/results/*-nvidia-* bench/results/profiles/*-nvidia-* 2>/dev/null || true
 }
 
+check_steps build mma-tests bench-masked-attention-graph trace-mma cuda-tests \
+  bench-masked-attention bench-train-step bench-group-dot bench-importance simt-tests
+
 # Step 1: build (in place: this machine is a copy of the tree).
-if ! step build 240 "$out/build.log" python3 setup.py build_ext --inplace; then
+if ! step build 200 "$out/build.log" python3 setup.py build_ext --inplace; then
   tail -n 60 "$out/build.log"; exit 1
 fi
+# -v: a line per test, kept even when a step is cut at its limit
+pytest_args=(-v -m cuda -p no:cacheprovider -rfE --timeout=60)
 
-# Step 2: CUDA tests (each kernel test first asserts the CUDA kernel is registered).
-pytest_args=(-q -m cuda -p no:cacheprovider -rfE --timeout=60)
-step cuda-tests 180 "$out/cuda-tests.log" python3 -m pytest "${pytest_args[@]}" tests/
-tail -n 3 "$out/cuda-tests.log" >> "$summary"
+# Step 2: the masked-attention suite with the mma.sync kernels switched on (fp16/bf16 D 32/64
+# calls then run them, fp32 D 32/64 calls the 3xTF32 forward and backward), and the mma tests.
+SPARSEBERT_ATTENTION_KERNEL=mma step mma-tests 150 "$out/mma-tests.log" \
+  python3 -m pytest "${pytest_args[@]}" tests/test_masked_attention.py tests/test_masked_attention_mma.py
+tail -n 3 "$out/mma-tests.log" >> "$summary"
 
-# Step 3: benchmarks, the training step first (it serves the open fine-tuning work).
-step bench-train-step 120 "$out/bench.log" python3 bench/bench_train_step.py --device cuda; pack
-# Eager fwd and fwd+bwd; S=512 runs the mma.sync backward's key-block/query-block items, the
-# float32 table the 3xTF32 backward (sparsebert_mma) against the SIMT one (sparsebert).
-step bench-masked-attention 180 "$out/bench.log" bash -c "
-  python3 bench/bench_masked_attention.py --device cuda --seq 128 512
-  python3 bench/bench_masked_attention.py --device cuda --dtype float32 --dim 64 --seq 128"; pack
-# Graph-replay GPU time; the providers include sparsebert_mma and sparsebert_compact (the mma.sync
-# forward, switched on per call) next to SDPA, whose chosen backend the table names. In the
-# float32 table those two columns are the 3xTF32 mma.sync forward and sparsebert the SIMT kernel.
-step bench-masked-attention-graph 180 "$out/bench.log" bash -c "
+# Step 3: graph-replay GPU time; the providers include sparsebert_mma and sparsebert_compact (the
+# mma.sync forward, switched on per call) next to SDPA, whose chosen backend the table names. In
+# the float32 table those two columns are the 3xTF32 mma.sync forward and sparsebert the SIMT
+# kernel. Then one traced call of each kernel.
+step bench-masked-attention-graph 150 "$out/bench.log" bash -c "
   python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --seq 128 512
   python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --dtype bfloat16 --seq 128 512
   python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --dtype float32 --seq 128 512"; pack
 step trace-mma 40 "$out/bench.log" python3 bench/trace_attention.py; pack
+
+# Step 4: the other CUDA tests (each kernel test first asserts the CUDA kernel is registered;
+# the mma tests ran in step 2).
+step cuda-tests 180 "$out/cuda-tests.log" python3 -m pytest "${pytest_args[@]}" \
+  --ignore=tests/test_masked_attention_mma.py tests/
+tail -n 3 "$out/cuda-tests.log" >> "$summary"
+
+# Step 5: eager fwd and fwd+bwd; S=512 runs the mma.sync backward's key-block/query-block items,
+# the float32 table the 3xTF32 backward (sparsebert_mma) against the SIMT one (sparsebert).
+step bench-masked-attention 180 "$out/bench.log" bash -c "
+  python3 bench/bench_masked_attention.py --device cuda --seq 128 512
+  python3 bench/bench_masked_attention.py --device cuda --dtype float32 --dim 64 --seq 128"; pack
+step bench-train-step 120 "$out/bench.log" python3 bench/bench_train_step.py --device cuda; pack
 step bench-group-dot 45 "$out/bench.log" python3 bench/bench_group_dot.py --device cuda; pack
 step bench-importance 60 "$out/bench.log" python3 bench/bench_importance.py --device cuda --model bert-base --profile; pack
 
-# Step 4: the whole masked-attention suite with the mma.sync kernels switched on (fp16/bf16
-# D 32/64 calls then run them, fp32 D 32/64 calls the 3xTF32 forward and backward).
-SPARSEBERT_ATTENTION_KERNEL=mma step mma-tests 180 "$out/mma-tests.log" \
-  python3 -m pytest "${pytest_args[@]}" tests/test_masked_attention.py tests/test_masked_attention_mma.py
-tail -n 3 "$out/mma-tests.log" >> "$summary"
-
-# Step 5: the SIMT attention kernels (the tensor-core ones are the default for D=32/64).
+# Step 6: the SIMT attention kernels (the tensor-core ones are the default for D=32/64).
 export SPARSEBERT_ATTENTION_KERNEL=simt
 step simt-tests 60 "$out/simt-tests.log" \
   python3 -m pytest "${pytest_args[@]}" tests/test_masked_attention.py

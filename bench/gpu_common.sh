@@ -4,10 +4,26 @@
 #   gpu_env              PYTHONPATH with this tree, and wheels carried in .whl/ installed into
 #                        /tmp/site (missing packages on the GPU machine)
 #   gpu_summary [LINE]   device, versions and git state (and LINE) into $out/summary.txt
+#   check_steps NAME...  exit 2 unless every name in $steps is one of NAME... (a typo would
+#                        skip a step silently)
 #   step NAME LIMIT_S LOG CMD...
 #                        run CMD with a time limit, its output appended to LOG; its status and
-#                        seconds appended to the summary; returns CMD's exit status
+#                        seconds appended to the summary; returns CMD's exit status. At the limit
+#                        CMD gets SIGINT (pytest then still prints its summary of failures),
+#                        and SIGKILL 15 s later.
 summary="$out/summary.txt"
+
+check_steps() {
+  local name known=",$(IFS=,; echo "$*"),"
+  [ -z "${steps:-}" ] && return 0
+  IFS=, read -ra wanted <<< "$steps"
+  for name in "${wanted[@]}"; do
+    if [[ "$known" != *",$name,"* ]]; then
+      echo "unknown step '$name' in '$steps'; the steps: $*" | tee -a "$summary" >&2
+      exit 2
+    fi
+  done
+}
 
 gpu_env() {
   export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -31,7 +47,7 @@ step() {
   if [ -n "${steps:-}" ] && [[ ",$steps," != *",$name,"* ]]; then return 0; fi
   local t0=$SECONDS
   echo "== $name (limit $limit s)" >> "$log"
-  timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
+  timeout -s INT --kill-after=15 "$limit" "$@" >> "$log" 2>&1
   local rc=$?
   echo "$name: exit $rc, $((SECONDS - t0)) s$([ $rc = 124 ] && echo ' (time limit)')" | tee -a "$summary"
   return $rc

@@ -16,11 +16,17 @@
 #   speed-results.tar.gz  bench/results/speed-*-<gpu>.{json,md}, to unpack in the repository
 # (5 files: what comes back from a device run is limited to a few files).
 # Usage on the GPU machine, from the repository root:  bash bench/gpu_speed.sh
+# The step limits add up to more than one device call allows (600 s): run it as two calls on the
+# same (warm) machine, which keeps the built extension:
+#   GPU_SPEED_STEPS=build,tests,speed-b32-50,speed-b32-75 bash bench/gpu_speed.sh      (590 s)
+#   GPU_SPEED_STEPS=speed-b128-uniform,speed-compile SPEED_BUILD=0 bash bench/gpu_speed.sh (390 s)
+# (an unknown step name stops the script).
 set -uo pipefail
 out=${OUT:-bench/results/gpu}
 mkdir -p "$out"
-steps=""  # every step
+steps=${GPU_SPEED_STEPS:-}  # "build,tests,...": only those steps (default: all)
 source bench/gpu_common.sh
+check_steps build tests speed-b32-50 speed-b32-75 speed-b128-uniform speed-compile
 gpu_env
 gpu_summary "varlen attention: $(python3 -c "import torch.nn.attention.varlen" 2>/dev/null && echo yes || echo "no (re-padded SDPA)")"
 collect() { tar czf "$out/speed-results.tar.gz" bench/results/speed-*-nvidia-* 2>/dev/null || true; }
@@ -28,7 +34,7 @@ collect() { tar czf "$out/speed-results.tar.gz" bench/results/speed-*-nvidia-* 2
 # Step 0: build the extension for sm_90 in place (this machine holds a copy of the tree).
 if [ "${SPEED_BUILD:-1}" = 1 ]; then
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} SPARSEBERT_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
-  step build 300 "$out/build.log" python3 setup.py build_ext --inplace
+  step build 200 "$out/build.log" python3 setup.py build_ext --inplace
 fi
 python3 -c "from sparsebert import ops; print('masked_attention native kernels:', ops.native_dispatch_keys('masked_attention'))" >> "$summary" 2>&1
 

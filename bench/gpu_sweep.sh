@@ -58,6 +58,7 @@ device=${GPU_SWEEP_DEVICE:-cuda:0}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 steps=${GPU_SWEEP_STEPS:-}  # "build,bench,...": only those steps (default: all)
 source bench/gpu_common.sh
+check_steps build bench study collect
 gpu_env
 gpu_summary "cores: $(nproc), /tmp free: $(df -h /tmp 2>/dev/null | awk 'NR==2 {print $4}'), budget: $budget s"
 

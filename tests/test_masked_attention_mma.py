@@ -414,7 +414,9 @@ def test_mma_tf32_backward(device, dim, seq, pattern, padded, mma_switch, assert
     want = masked_attention_backward_ref(dout.double(), q64, k64, v64, g64, mask, ref_out, ref_lse, scale)
     for name, g, w in zip(("dq", "dk", "dv", "d_head_gate"), got, want):
         assert g.dtype == torch.float32 and torch.isfinite(g).all(), name
-        rel = (g.double() - w).norm() / w.norm().clamp_min(1e-6)
+        # relative, floored at a norm of 1 as in the replay: with one key (seq 1) the true dq
+        # and dk are 0 and fp32 rounding alone gives them ~1e-7
+        rel = (g.double() - w).norm() / w.norm().clamp_min(1.0)
         assert rel < TF32_GRAD_REL, f"{name}: relative error {rel:.3g}"
     assert_pruned_grads_zero(got, gate)
 

@@ -3,6 +3,8 @@ variant (unpadded, padded, graph buckets), cache invalidation, reversibility, ba
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -372,6 +374,14 @@ def test_default_model(default_model_dir):
 
 
 # ---- CUDA graphs (skipped without a GPU) ---------------------------------------------------
+def _fp64_on_cpu(model, ids, mask):
+    """The model's float64 logits (on the CPU: the CUDA attention kernels take no float64),
+    back on the inputs' device."""
+    cpu = copy.deepcopy(model).double().cpu()
+    logits = cpu(input_ids=ids.cpu(), attention_mask=None if mask is None else mask.cpu()).logits
+    return logits.to(ids.device)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -385,7 +395,7 @@ def test_cuda_graphs_equal_masked_model(tiny_bert, tiny_dims, dtype):
         ids = ids.cuda()
         mask = None if mask is None else mask.cuda()
         with torch.no_grad():
-            reference = model.double()(input_ids=ids, attention_mask=mask).logits
+            reference = _fp64_on_cpu(model, ids, mask)
             plain = model.to(dtype)(input_ids=ids, attention_mask=mask).logits.double()
         got = fast(input_ids=ids, attention_mask=mask).logits.double()
         tolerance = 1e-5 if dtype == torch.float32 else 2 * (plain - reference).abs().max() + 1e-6
@@ -414,7 +424,7 @@ def test_cuda_unpadded_fp16_within_twice_pytorch(tiny_bert, tiny_dims, graphs):
     ids, mask = _batch(4, 16, tiny_dims.vocab, [16, 9, 1, 12])
     ids, mask = ids.cuda(), mask.cuda()
     with torch.no_grad():
-        reference = model.double()(input_ids=ids, attention_mask=mask).logits
+        reference = _fp64_on_cpu(model, ids, mask)
         plain = model.half()(input_ids=ids, attention_mask=mask).logits.double()
     fast = accelerate(model, graphs=graphs, bucket=16)
     for _ in range(2):  # capture, then replay
