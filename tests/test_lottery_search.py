@@ -83,6 +83,7 @@ def test_outputs(reference):
     assert {r["method"] for r in records} == {"structured", "magnitude"}
     full_result = json.loads((out / "full" / "results.json").read_text())
     assert summary["full"]["train_examples"] == full_result["train_examples"] > 0
+    assert summary["full"]["train_set_examples"] == full_result["train_set_examples"] > 0
     if summary["full"]["score"] <= summary["majority"]:  # the threshold is meaningless: said
         assert any("meaningless" in note for note in summary["methods"]["structured"]["notes"])
 

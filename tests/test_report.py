@@ -436,22 +436,36 @@ def test_data_line_says_what_each_task_was_fine_tuned_on(tmp_path: Path):
     def train(cap):
         return {"config": {"train": {"task": "x", "max_train_examples": cap}}}
 
-    def full(examples):
-        return {"full": {"score": 0.5, "metrics": {"acc": 0.5}, "train_examples": examples}}
+    def full(examples, size=None):
+        return {"full": {"score": 0.5, "metrics": {"acc": 0.5}, "train_examples": examples,
+                         "train_set_examples": size}}
 
     for i, seed in enumerate(SEEDS):
         write_run(tmp_path / "runs", "MRPC", seed, i, **train(None))
-        write_run(tmp_path / "runs", "RTE", seed, i, **train(1000), **full(1000))
-        # A cap above the training set's size (WNLI: 635 examples) trains on all of it.
+        write_run(tmp_path / "runs", "RTE", seed, i, **train(1000), **full(1000, 2490))
+        # A cap above the training set's size (WNLI: 635 examples) trains on all of it, as
+        # does a cap equal to it (STS-B: 5749); older summaries do not record the size.
         write_run(tmp_path / "runs", "WNLI", seed, i, **train(1000), **full(635))
+        write_run(tmp_path / "runs", "STS-B", seed, i, **train(5749), **full(5749, 5749))
         write_run(tmp_path / "runs", "CoLA", seed, i)  # no train config: nothing said
     md = report(tmp_path / "runs")["report"].read_text()
-    assert ("Fine-tuned on: MRPC, WNLI: the full training set; RTE: 1000 training examples per "
-            "fine-tune (a seeded subset).") in md
+    assert ("Fine-tuned on: MRPC, STS-B, WNLI: the full training set; RTE: 1000 training "
+            "examples per fine-tune (a seeded subset).") in md
     a = write_run(tmp_path / "a", "MRPC", 1, 0, **train(500))
     b = write_run(tmp_path / "b", "MRPC", 2, 1, **train(1000))
     with pytest.raises(ReportError, match="field 'max_train_examples' is 500 in .* but 1000"):
         collect([a, b])
+
+
+def test_seeds_recording_one_model_relative_and_absolute_are_one_setting(tmp_path: Path):
+    """A study extended after runs began recording absolute model paths: the older seeds say
+    models/tiny, the newer /abs/models/tiny. They are one setting; another folder is not."""
+    a = write_run(tmp_path / "a", "MRPC", 1, 0, model="models/tiny")
+    b = write_run(tmp_path / "b", "MRPC", 2, 1, model="/data/study/models/tiny")
+    assert collect([a, b])["MRPC"].n_seeds == 2
+    c = write_run(tmp_path / "c", "MRPC", 3, 2, model="/data/study/models/other")
+    with pytest.raises(ReportError, match="field 'model'"):
+        collect([a, c])
 
 
 def test_notes_name_seeds_whose_threshold_a_constant_predictor_passes(tmp_path: Path):

@@ -311,3 +311,25 @@ def test_a_relative_model_path_is_recorded_as_the_directory_it_named(setup, tmp_
         finetune(_config(setup, model=recorded), run, progress=False)  # ./m here is b's
     monkeypatch.chdir(tmp_path / "a")
     assert finetune(_config(setup, model=recorded), run, progress=False).status == "finished"
+
+
+def test_a_recorded_model_is_the_same_folder_however_written(tmp_path, monkeypatch):
+    """same_setting (resume checks of finetune, search and sweep): a model recorded through a
+    link, with ~, relative, or as an absolute path to a folder since deleted, is the requested
+    one when both name the same folder; other folders and hub ids are not."""
+    from sparsebert.train.config import local_model_path, same_setting  # noqa: PLC0415
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    real = local_model_path("real")
+    assert real == str((tmp_path / "real").resolve()) == local_model_path("~/link/")
+    for saved in (str(tmp_path / "link"), "~/real", "real", "./link/", real):
+        assert same_setting("model", saved, real), saved
+    assert not same_setting("model", str(tmp_path / "other"), real)
+    assert not same_setting("model", "org/model", "org/other")
+    assert not same_setting("lr", "real", real)  # only the model is a path
+    gone = str(tmp_path / "gone")  # a run's folder since deleted, asked for relatively
+    assert same_setting("model", gone, local_model_path("gone"))

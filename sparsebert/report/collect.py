@@ -8,10 +8,12 @@ one seed), and n.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -116,6 +118,19 @@ _SAME_ACROSS_SEEDS = ("model", "metric", "report_metric", "threshold", "num_laye
                       "search_data", "importance_mode", "max_train_examples")
 
 
+def _same_value(name: str, a: Any, b: Any) -> bool:
+    """Equal; for the model, also a path relative to where a run started (as recorded before
+    runs recorded absolute paths) and an absolute path that ends with it."""
+    if a == b:
+        return True
+    if name != "model" or not isinstance(a, str) or not isinstance(b, str):
+        return False
+    (rel, full) = (a, b) if not Path(a).is_absolute() else (b, a)
+    rel_parts = Path(os.path.normpath(rel)).parts
+    return (not Path(rel).is_absolute() and Path(full).is_absolute() and ".." not in rel_parts
+            and Path(full).parts[-len(rel_parts):] == rel_parts)
+
+
 def _check_consistent(task: str, runs: list[RunSummary]) -> None:
     """All seeds of a task must come from the same setting (else averaging mixes settings)."""
     seen: dict[int, Path] = {}
@@ -128,7 +143,7 @@ def _check_consistent(task: str, runs: list[RunSummary]) -> None:
     for run in runs[1:]:
         for name in _SAME_ACROSS_SEEDS:
             a, b = getattr(first, name), getattr(run, name)
-            if a is not None and b is not None and a != b:
+            if a is not None and b is not None and not _same_value(name, a, b):
                 raise ReportError(f"task {task}: field '{name}' is {a!r} in {first.path} but "
                                   f"{b!r} in {run.path}; report one setting at a time")
         for section, ignored in (("train", _TRAIN_NOT_SETTINGS), ("search", SCOPE_FIELDS)):

@@ -125,6 +125,7 @@ class RunSummary:
     max_train_examples: int | None = None
     train_data_known: bool = False
     train_examples: int | None = None  # what the full fine-tune trained on (newer summaries)
+    train_set_examples: int | None = None  # the size of the task's training split (newer)
     head_mask: np.ndarray | None = None
     mlp_mask: np.ndarray | None = None
     layer_kept_fraction: np.ndarray | None = None
@@ -242,6 +243,8 @@ def _parse_run(data: dict, path: Path) -> RunSummary:
         run.max_train_examples = _get(data, "config.train.max_train_examples", path,
                                       required=False, kind=int)
         run.train_examples = _get(data, "full.train_examples", path, required=False, kind=int)
+        run.train_set_examples = _get(data, "full.train_set_examples", path, required=False,
+                                      kind=int)
     methods = _get(data, "methods", path, required=False, kind=dict) or {}
     for method in METHODS:
         block = methods.get(method)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import numbers
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,15 +39,21 @@ def local_model_path(model: str) -> str:
     return str(path.resolve()) if path.is_dir() else model
 
 
+def _model_forms(model: str) -> set[str]:
+    """The strings that name the same model as `model` here: as given, its local directory's
+    real path, and its absolute path without following links (a folder since deleted)."""
+    path = Path(model).expanduser()
+    return {model, local_model_path(model), os.path.normpath(path.absolute())}
+
+
 def same_setting(name: str, saved: Any, requested: Any) -> bool:
-    """Whether a run's recorded training setting is the requested one. A model recorded as a
-    relative path (by versions that kept --model as typed) is the requested absolute path
-    when it names that directory from here."""
+    """Whether a run's recorded training setting is the requested one. A model is the same when
+    both name the same folder from here, however written: a relative path (which versions
+    before real paths were recorded kept as typed), ~, a link, a trailing slash."""
     if saved == requested:
         return True
     return (name == "model" and isinstance(saved, str) and isinstance(requested, str)
-            and not Path(saved).expanduser().is_absolute()
-            and local_model_path(saved) == requested)
+            and bool(_model_forms(saved) & _model_forms(requested)))
 
 
 # Seeds feed numpy's default_rng (non-negative) and torch.manual_seed (at most 2**64 - 1).

@@ -148,6 +148,7 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
 
     # Step 1: data (train subset drawn with the run's seed), then model and tokenizer.
     train_data = load_split(task, "train", config.glue_dir)
+    train_set_examples = len(train_data)
     if config.max_train_examples is not None and config.max_train_examples < len(train_data):
         rng = np.random.default_rng([config.seed, 1])
         train_data = train_data.subset(np.sort(rng.choice(
@@ -286,7 +287,8 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
         status="finished", task=task.name, run=str(out_dir), step=step,
         config=config.to_json(), metrics=dev_metrics, threshold_metric=task.threshold_metric,
         score=dev_metrics[first_split][task.threshold_metric], data=data,
-        masks=_summary(mask_info), train_examples=len(train), train_time_s=train_time,
+        masks=_summary(mask_info), train_examples=len(train),
+        train_set_examples=train_set_examples, train_time_s=train_time,
         train_examples_per_s=len(train) * config.epochs / max(train_time, 1e-9),
         padding_efficiency=efficiency,
         wall_time_s=time.perf_counter() - start_wall + (elapsed if state else 0.0),

@@ -69,6 +69,7 @@ class RunResult:
     data: dict[str, Any] = field(default_factory=dict)
     masks: dict[str, Any] = field(default_factory=dict)
     train_examples: int | None = None
+    train_set_examples: int | None = None  # the whole training split (train_examples: a subset)
     train_time_s: float | None = None
     train_examples_per_s: float | None = None
     padding_efficiency: float | None = None
