@@ -586,17 +586,23 @@ def test_redo_with_changed_method_settings(reference, tiny_model_dir, synthetic_
     assert main(argv) == 0  # and a rerun with it has nothing to do
 
 
-def test_interrupted_redo_resumes(reference, tiny_model_dir, synthetic_glue, tmp_path):
-    """Rerunning the same --redo after an interrupted one resumes it (nothing more is set
-    aside); a --redo after a finished run starts a new one (here with nothing left to redo)."""
-    from sparsebert.sweep.state import SweepDir, identity  # noqa: PLC0415
+def _copied_sweep(reference, tiny_model_dir, synthetic_glue, out):
+    """(out, identity): a copy of the reference sweep in `out` and the identity of its grid."""
+    from sparsebert.sweep.state import identity  # noqa: PLC0415
 
-    out = tmp_path / "redo-resume"
     shutil.copytree(reference[0], out)
     _, search, train = _configs(tiny_model_dir, synthetic_glue)
     search.method = "both"
     grid = Grid(("SST-2",), (3, 4), ("structured", "magnitude"), ("good",), True, True)
-    ident = identity(grid, search, train.resolved())
+    return out, identity(grid, search, train.resolved())
+
+
+def test_interrupted_redo_resumes(reference, tiny_model_dir, synthetic_glue, tmp_path):
+    """Rerunning the same --redo after an interrupted one resumes it (nothing more is set
+    aside); a --redo after a finished run starts a new one (here with nothing left to redo)."""
+    from sparsebert.sweep.state import SweepDir  # noqa: PLC0415
+
+    out, ident = _copied_sweep(reference, tiny_model_dir, synthetic_glue, tmp_path / "redo")
     superseded = out / ".sweep" / "superseded"
     for status, expect_note in (("interrupted", "set aside 2 searches"),
                                 ("finished", "resuming the redo started at"),
@@ -615,14 +621,9 @@ def test_a_redo_resumes_across_unfinished_runs_without_redo(reference, tiny_mode
                                                              synthetic_glue, tmp_path):
     """--redo interrupted, then a plain rerun that fails or is interrupted, then the same --redo:
     the redo resumes (nothing more set aside); once a plain rerun finishes, it is done."""
-    from sparsebert.sweep.state import SweepDir, identity  # noqa: PLC0415
+    from sparsebert.sweep.state import SweepDir  # noqa: PLC0415
 
-    out = tmp_path / "redo-between"
-    shutil.copytree(reference[0], out)
-    _, search, train = _configs(tiny_model_dir, synthetic_glue)
-    search.method = "both"
-    grid = Grid(("SST-2",), (3, 4), ("structured", "magnitude"), ("good",), True, True)
-    ident = identity(grid, search, train.resolved())
+    out, ident = _copied_sweep(reference, tiny_model_dir, synthetic_glue, tmp_path / "redo")
     superseded = out / ".sweep" / "superseded"
 
     def start(redo: tuple[str, ...], status: str) -> list[str]:
