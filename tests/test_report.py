@@ -444,8 +444,8 @@ def test_data_line_says_what_each_task_was_fine_tuned_on(tmp_path: Path):
         write_run(tmp_path / "runs", "MRPC", seed, i, **train(None))
         write_run(tmp_path / "runs", "RTE", seed, i, **train(1000), **full(1000, 2490))
         # A cap above the training set's size (WNLI: 635 examples) trains on all of it, as
-        # does a cap equal to it (STS-B: 5749); older summaries do not record the size.
-        write_run(tmp_path / "runs", "WNLI", seed, i, **train(1000), **full(635))
+        # does a cap equal to it (STS-B: 5749).
+        write_run(tmp_path / "runs", "WNLI", seed, i, **train(1000), **full(635, 635))
         write_run(tmp_path / "runs", "STS-B", seed, i, **train(5749), **full(5749, 5749))
         write_run(tmp_path / "runs", "CoLA", seed, i)  # no train config: nothing said
     md = report(tmp_path / "runs")["report"].read_text()

@@ -68,12 +68,9 @@ def _training_data(results: dict[str, TaskResults]) -> str:
         known = [r for r in res.runs if r.train_data_known]
         if not known:
             continue
-        cap, used, size = (known[0].max_train_examples, known[0].train_examples,
-                           known[0].train_set_examples)
-        # a cap at or above the set's size trains on all of it (older summaries: only the
-        # examples used are known, fewer than the cap then)
-        whole = cap is None or (size is not None and cap >= size) or (
-            used is not None and used < cap)
+        cap, size = known[0].max_train_examples, known[0].train_set_examples
+        # a cap at or above the set's size trains on all of it (older summaries: size unknown)
+        whole = cap is None or (size is not None and cap >= size)
         label = ("the full training set" if whole else
                  f"{cap} training examples per fine-tune (a seeded subset)")
         groups.setdefault(label, []).append(task)

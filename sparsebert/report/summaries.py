@@ -124,7 +124,6 @@ class RunSummary:
     # set; train_data_known is False for summaries without a train config
     max_train_examples: int | None = None
     train_data_known: bool = False
-    train_examples: int | None = None  # what the full fine-tune trained on (newer summaries)
     train_set_examples: int | None = None  # the size of the task's training split (newer)
     head_mask: np.ndarray | None = None
     mlp_mask: np.ndarray | None = None
@@ -242,7 +241,6 @@ def _parse_run(data: dict, path: Path) -> RunSummary:
         run.train_data_known = True
         run.max_train_examples = _get(data, "config.train.max_train_examples", path,
                                       required=False, kind=int)
-        run.train_examples = _get(data, "full.train_examples", path, required=False, kind=int)
         run.train_set_examples = _get(data, "full.train_set_examples", path, required=False,
                                       kind=int)
     methods = _get(data, "methods", path, required=False, kind=dict) or {}
