@@ -97,6 +97,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     args = parser.parse_args(argv)
+    common.use_device(args.device)
     cuda = args.device.startswith("cuda")
     if not cuda:
         torch.set_num_threads(args.threads)

@@ -92,6 +92,7 @@ def main(argv=None) -> None:
     parser.add_argument("--stem", default="call_overhead",
                         help="result file name (e.g. to keep a run of another checkout apart)")
     args = parser.parse_args(argv)
+    common.use_device(args.device)
     torch.set_num_threads(1)
     cuda = args.device.startswith("cuda")
     shape = tuple(args.shape)

@@ -62,6 +62,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    common.use_device(args.device)
     cuda = args.device.startswith("cuda")
     if not cuda:
         torch.set_num_threads(args.threads)

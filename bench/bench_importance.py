@@ -110,6 +110,7 @@ def main(argv=None) -> None:
                         help="also print torch.profiler's top kernels of fwd_bwd_weights, "
                              "hook_gates and sb_paper")
     args = parser.parse_args(argv)
+    common.use_device(args.device)
     cuda = args.device.startswith("cuda")
     if not cuda:
         torch.set_num_threads(args.threads)

@@ -189,6 +189,7 @@ def main(argv=None) -> None:
                         help="eager: wall time per call (host overhead included); graph: GPU "
                              "time per call replayed from a CUDA graph (CUDA only)")
     args = parser.parse_args(argv)
+    common.use_device(args.device)
     if args.timing == "graph" and not args.device.startswith("cuda"):
         parser.error("--timing graph needs --device cuda")
     if args.timing == "graph" and not args.no_backward:

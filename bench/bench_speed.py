@@ -109,6 +109,7 @@ def main(argv=None) -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--name", default="speed", help="result files' stem")
     args = parser.parse_args(argv)
+    common.use_device(args.device)
     thread_counts = [int(t) for t in args.threads.split(",")] if args.device == "cpu" else [0]
     results, sections, checks, target_rows = {}, [], [], []
     device_type = args.device.split(":")[0]

@@ -314,7 +314,7 @@ def stock_baseline(shape: dict, device: str, args) -> dict:
 
     for i in range(args.baseline_warmup):
         step(i)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     sync()
     with GpuSampler(device) as sampler:
         started = time.perf_counter()

@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per loop")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
+    common.use_device(args.device)
     device = torch.device(args.device)
     if device.type != "cuda":
         args.loops = ",".join(n for n in args.loops.split(",") if not n.startswith("graphs"))

@@ -53,7 +53,7 @@ class ModeRunner:
 
     def run(self, steps: int, timed: bool = True) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         start = time.perf_counter()
         for _ in range(steps):
             indices = self.batches[self.next % len(self.batches)]
@@ -68,7 +68,7 @@ class ModeRunner:
                 self.stats["real_tokens"] += int(self.train.lengths[indices].sum())
                 self.stats["padded_tokens"] += int(batch["input_ids"].numel())
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         if timed:
             self.stats["seconds"] += time.perf_counter() - start
 

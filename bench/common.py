@@ -34,6 +34,15 @@ def environment(device: str) -> dict:
     }
 
 
+def use_device(device: str | torch.device) -> torch.device:
+    """Make a CUDA `device` (e.g. cuda:1) the current one, so that the timing helpers' device-less
+    calls (synchronize, streams, events, graphs) act on it; returns it as a torch.device."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 def time_call(fn: Callable[[], object], min_run_time: float = 0.5) -> float:
     """Median seconds per call (CUDA synchronised by torch.utils.benchmark)."""
     fn()  # warm-up (allocations, lazy init)
