@@ -31,8 +31,8 @@ AttentionShape check_masked_attention_inputs(const at::Tensor& q, const at::Tens
   check_same_device(k, q, "k", "q");
   check_same_device(v, q, "v", "q");
 
-  SB_CHECK_ARG(at::isFloatingType(head_gate.scalar_type()), "head_gate",
-               "expected a floating-point gate (e.g. mask.float(): 1 = keep, 0 = pruned, "
+  SB_CHECK_ARG(is_kernel_float(head_gate.scalar_type()), "head_gate",
+               "expected a float16/bfloat16/float32/float64 gate (e.g. mask.float(): 1 = keep, 0 = pruned, "
                "fractions = soft gates), got ", dtype_str(head_gate.scalar_type()));
   check_same_device(head_gate, q, "head_gate", "q");
   const bool gate_ok = (head_gate.dim() == 1 && head_gate.size(0) == s.heads) ||

@@ -13,6 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# The floating-point dtypes the kernels compute in (not fp8 or other float types).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNEL_DTYPE_NAMES = "float16, bfloat16, float32 or float64"
+
 
 def validate_masked_attention(
     q: Tensor,
@@ -33,8 +37,9 @@ def validate_masked_attention(
             raise ValueError(
                 f"masked_attention: '{name}' must be a 4-d tensor (B, S, H, D), got {shape}"
             )
-        if not t.is_floating_point():
-            raise ValueError(f"masked_attention: '{name}' must be floating point, got {t.dtype}")
+        if t.dtype not in KERNEL_DTYPES:
+            raise ValueError(
+                f"masked_attention: '{name}' must be {KERNEL_DTYPE_NAMES}, got {t.dtype}")
     batch, q_len, heads, head_dim = q.shape
     if head_dim < 1:
         raise ValueError(
@@ -71,10 +76,10 @@ def validate_masked_attention(
             "masked_attention: 'head_gate' must be a floating-point tensor (H,) or (B, H), got "
             f"{type(head_gate).__name__}"
         )
-    if not head_gate.is_floating_point():
+    if head_gate.dtype not in KERNEL_DTYPES:
         raise ValueError(
-            f"masked_attention: 'head_gate' has dtype {head_gate.dtype}; expected a floating-point "
-            "gate (e.g. mask.float(): 1 = keep, 0 = pruned, fractions = soft gates)"
+            f"masked_attention: 'head_gate' has dtype {head_gate.dtype}; expected a "
+            f"{KERNEL_DTYPE_NAMES} gate (e.g. mask.float(): 1 = keep, 0 = pruned, fractions = soft gates)"
         )
     if head_gate.device != q.device:
         raise ValueError(

@@ -183,8 +183,10 @@ def masked_attention(
     straight-through or movement-style gate learning), from the pruned heads' attention computed
     in the backward only (the forward still skips them; dq, dk, dv are 0 for them either way, as
     gate * (...) is). First-order only: a second derivative raises. Under forward-mode AD
-    (torch.func.jvp / jacfwd) this wrapper runs the reference, which has a tangent formula (the
-    raw torch.ops op refuses it).
+    (torch.func.jvp / jacfwd) this wrapper runs the reference, which has a tangent formula. The
+    raw torch.ops op refuses forward-mode AD only with the extension's C++ autograd; without
+    the extension its Python registration (torch.library.register_autograd) gives a tangent of
+    0, so call this wrapper for jvp.
 
     Every row of key_padding_mask needs at least one True. check_padding_rows=True (default)
     verifies that; on CUDA the check reads the mask on the host, i.e. synchronises the device on
@@ -363,10 +365,13 @@ def group_dot(x: Tensor, g: Tensor, group_size: int, token_mask: Tensor | None =
     group_size = D gives one score per example (an MLP gate); group_size = 1 one per feature
     (FFN neurons). With x an activation and g its gradient this is the gate gradient of a gate
     that multiplies x, per example: the importance signal, without materialising x * g.
+    Under forward-mode AD (torch.func.jvp) this wrapper runs the reference, which has a tangent
+    formula; the raw torch.ops op's registration has none and would give a tangent of 0.
     """
     for name, t in (("x", x), ("g", g)):
-        if not isinstance(t, Tensor) or t.dim() != 3 or not t.is_floating_point():
-            raise ValueError(f"group_dot: '{name}' must be a floating-point (B, S, D) tensor")
+        if not isinstance(t, Tensor) or t.dim() != 3 or t.dtype not in op_checks.KERNEL_DTYPES:
+            raise ValueError(f"group_dot: '{name}' must be a (B, S, D) tensor of "
+                             f"{op_checks.KERNEL_DTYPE_NAMES}")
     if g.shape != x.shape or g.dtype != x.dtype or g.device != x.device:
         raise ValueError(
             f"group_dot: 'g' must match x (shape {tuple(x.shape)}, {x.dtype}, {x.device}), got "
@@ -398,7 +403,7 @@ def accumulate_importance_(acc: Tensor, scores: Tensor, power: int = 1) -> Tenso
     """In place: acc (G...) += sum over the leading dim of |scores (N, G...)| ** power; returns acc.
 
     power 1 accumulates |.| (Michel / paper importance), power 2 squares (Fisher, Kwon et al.).
-    acc must be fp32 or fp64 and contiguous; scores any float dtype on acc's device.
+    acc must be fp32 or fp64 and contiguous; scores fp16, bf16, fp32 or fp64 on acc's device.
     """
     for name, t in (("acc", acc), ("scores", scores)):
         if not isinstance(t, Tensor):
@@ -417,8 +422,9 @@ def accumulate_importance_(acc: Tensor, scores: Tensor, power: int = 1) -> Tenso
         raise ValueError(
             f"accumulate_importance_: 'scores' must be (N, *{tuple(acc.shape)}), got {tuple(scores.shape)}"
         )
-    if scores.device != acc.device or not scores.is_floating_point():
-        raise ValueError(f"accumulate_importance_: 'scores' must be floating point on {acc.device}")
+    if scores.device != acc.device or scores.dtype not in op_checks.KERNEL_DTYPES:
+        raise ValueError(f"accumulate_importance_: 'scores' must be {op_checks.KERNEL_DTYPE_NAMES} "
+                         f"on {acc.device}, got {scores.dtype} on {scores.device}")
     torch.ops.sparsebert.accumulate_importance_(acc, scores, power)
     return acc
 

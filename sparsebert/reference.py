@@ -122,6 +122,9 @@ def masked_attention_backward_ref(
         active = (gate != 0).detach()
         gated = torch.where(active[:, None, :, None], ctx * gate[:, None, :, None], 0.0)
         dq, dk, dv, d_gate = torch.autograd.grad(gated, (qf, kf, vf, gate), dout.to(dtype))
+    # A pruned head is never computed: 0 even where its inputs are inf/NaN (0 * NaN would leak).
+    pruned = ~active[:, None, :, None]  # (B, 1, H, 1)
+    dq, dk, dv = (torch.where(pruned, 0.0, g) for g in (dq, dk, dv))
     d_gate = torch.where(active, d_gate, 0.0)
     grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_gate)
     return tuple(g.contiguous() for g in grads)

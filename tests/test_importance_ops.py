@@ -8,6 +8,8 @@ import torch
 from sparsebert import ops
 from sparsebert.reference import accumulate_importance_ref, group_dot_ref
 
+FLOAT8 = getattr(torch, "float8_e4m3fn", None)
+
 
 def make_xg(batch, seq, dim, dtype, device, gen, strided=False):
     if strided:  # views into a wider buffer: non-contiguous batch/sequence strides
@@ -134,6 +136,8 @@ def test_accumulate_importance_opcheck(device, assert_native):
         (dict(group_size=0), "'group_size'"),
         (dict(token_mask=torch.ones(2, 3)), "'token_mask'"),
         (dict(token_mask=torch.ones(2, 4, dtype=torch.bool)), "'token_mask'"),
+        *([(dict(x=torch.randn(2, 3, 6).to(FLOAT8), g=torch.randn(2, 3, 6).to(FLOAT8)),
+            "'x'.*float32")] if FLOAT8 else []),
     ],
 )
 @pytest.mark.parametrize("native", [False, True])
@@ -151,6 +155,8 @@ def test_group_dot_bad_input(kwargs, needle, native):
         (torch.zeros(4), torch.randn(2, 4), 3, "'power'"),
         (torch.zeros(4, dtype=torch.float16), torch.randn(2, 4), 1, "'acc'"),
         (torch.zeros(4), torch.randn(2, 5), 1, "'scores'"),
+        *([(torch.zeros(4), torch.randn(2, 4).to(FLOAT8), 1, "'scores'.*float32")]
+          if FLOAT8 else []),
     ],
 )
 def test_accumulate_importance_bad_input(acc, scores, power, needle):

@@ -328,7 +328,58 @@ def test_integer_gate_message_names_dtype(dtype):
     with pytest.raises(ValueError) as info:
         ops.masked_attention(q, q, q, torch.ones(HEADS, dtype=dtype))
     message = str(info.value)
-    assert "'head_gate'" in message and str(dtype) in message and "floating-point" in message
+    assert "'head_gate'" in message and str(dtype) in message and "float32" in message
+
+
+FLOAT8 = getattr(torch, "float8_e4m3fn", None)
+
+
+@pytest.mark.skipif(FLOAT8 is None, reason="this torch has no float8_e4m3fn")
+@pytest.mark.parametrize("argument", ["q", "head_gate"])
+def test_float8_inputs_are_refused_by_name(argument):
+    """fp8 passed the floating-point checks, then the native kernel raised an unnamed
+    NotImplementedError and the reference computed in fp8."""
+    q = torch.randn(2, 5, HEADS, 8)
+    gate = torch.ones(HEADS)
+    if argument == "q":
+        q = q.to(FLOAT8)
+    else:
+        gate = gate.to(FLOAT8)
+    with pytest.raises(ValueError, match=f"'{argument}'.*float16.*bfloat16.*float32.*float64"):
+        ops.masked_attention(q, q.clone(), q.clone(), gate)
+
+
+@pytest.mark.skipif(FLOAT8 is None, reason="this torch has no float8_e4m3fn")
+def test_native_op_refuses_float8_by_name(assert_native):
+    assert_native("masked_attention", "cpu")
+    q = torch.randn(2, 5, HEADS, 8).to(FLOAT8)
+    with pytest.raises(ValueError, match="'q'.*torch.float32"):
+        torch.ops.sparsebert.masked_attention(q, q, q, torch.ones(HEADS), None, 0.5)
+
+
+@pytest.mark.parametrize("kernel", ["reference", "op"])
+def test_pruned_heads_have_zero_gradients_whatever_their_inputs(kernel):
+    """A pruned head is never computed: inf/NaN in its q, k, v must not reach any gradient
+    (the reference's autograd used to give NaN dq, dk for it)."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 6, HEADS, 8, generator=gen) for _ in range(3))
+    gate = torch.tensor([1.0, 0.0, 0.5, 0.0])
+    q[:, :, 1] = float("nan")
+    k[:, 2, 1] = float("inf")
+    v[:, :, 3] = float("nan")
+    dout = torch.randn(2, 6, HEADS, 8, generator=gen)
+    if kernel == "reference":
+        dq, dk, dv, d_gate = masked_attention_backward_ref(dout, q, k, v, gate, None, None, None,
+                                                           8 ** -0.5)
+    else:
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        gate_leaf = gate.clone().requires_grad_(True)
+        ops.masked_attention(*leaves, gate_leaf).backward(dout)
+        dq, dk, dv, d_gate = (t.grad for t in (*leaves, gate_leaf))
+    for grad in (dq, dk, dv):
+        assert torch.isfinite(grad).all()
+        assert (grad[:, :, [1, 3]] == 0).all()
+    assert torch.isfinite(d_gate).all() and (d_gate[..., [1, 3]] == 0).all()
 
 
 def test_padding_row_check_can_be_skipped(monkeypatch):

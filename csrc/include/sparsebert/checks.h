@@ -48,9 +48,15 @@ inline std::string dtype_str(at::ScalarType t) {
   }
 }
 
+// The floating-point dtypes the kernels compute in (fp8 and other float types are not).
+inline bool is_kernel_float(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
 inline void check_float_dtype(const at::Tensor& t, const char* arg) {
-  SB_CHECK_ARG(at::isFloatingType(t.scalar_type()), arg,
-               "expected a floating-point tensor, got ", dtype_str(t.scalar_type()));
+  SB_CHECK_ARG(is_kernel_float(t.scalar_type()), arg,
+               "expected torch.float16, torch.bfloat16, torch.float32 or torch.float64, got ",
+               dtype_str(t.scalar_type()));
 }
 
 }  // namespace sparsebert
