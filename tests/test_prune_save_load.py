@@ -484,6 +484,22 @@ def test_compiled_model_saves_as_its_model(tmp_path, tiny_bert, tiny_batch):
                                    model(ids, attention_mask=mask).logits)
 
 
+def test_accelerated_model_saves_as_its_model(tmp_path, tiny_bert, tiny_batch):
+    """save_pruned(accelerate(model)) wrote architecture 'AcceleratedModel' and 'model.'-prefixed
+    weights, which no load_pruned call could read back."""
+    from sparsebert.speed import accelerate  # noqa: PLC0415
+
+    model, _, _, _ = masked(tiny_bert())
+    saved = sbhf.save_pruned(accelerate(model), tmp_path / "accelerated")
+    assert json.loads((saved / "sparsebert_pruned.json").read_text())["architecture"] == (
+        type(model).__name__)
+    assert not any(key.startswith("model.") for key in load_file(saved / "model.safetensors"))
+    ids, mask = tiny_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(sbhf.load_pruned(saved)(ids, attention_mask=mask).logits,
+                                   model(ids, attention_mask=mask).logits)
+
+
 def test_load_pruned_names_a_wrong_model_class(tmp_path, tiny_bert):
     from transformers import BertModel, RobertaModel  # noqa: PLC0415
 

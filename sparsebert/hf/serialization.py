@@ -85,6 +85,19 @@ def _describe(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's and sparsebert.accelerate's wrappers (in any nesting)."""
+    from sparsebert.speed.accelerate import AcceleratedModel  # speed imports hf: not at the top
+
+    while True:
+        if isinstance(model, AcceleratedModel):
+            model = model.model
+        elif isinstance(model, nn.Module) and "_orig_mod" in model._modules:
+            model = model._orig_mod
+        else:
+            return model
+
+
 def save_pruned(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write a patched (pruned or masked) model to directory `path`; returns the path.
 
@@ -92,7 +105,7 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = 
     (and no temporary directory remains) if any step fails; with overwrite=True a failed save
     leaves the previous directory as it was.
     """
-    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: save the model
+    model = _unwrapped(model)
     description = _describe(model)  # validates: patched, supported
     target = Path(path)
     if target.exists() and not overwrite:
