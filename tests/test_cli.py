@@ -269,6 +269,33 @@ def test_search_seed_options_are_checked(args, needle, tiny, tmp_path, capsys):
     assert needle in err and not out.exists(), err
 
 
+@pytest.mark.parametrize("command", [
+    ["search", "--task", "SST-2"],
+    ["search", "--task", "SST-2", "--seeds", "1,2"],
+    ["sweep", "--tasks", "SST-2", "--seeds", "1", "--workers", "1"],
+])
+def test_a_model_that_cannot_be_patched_is_refused_before_any_work(command, tiny, tmp_path,
+                                                                    capsys):
+    """A DistilBERT folder was fine-tuned in full, then the search died with a traceback (the
+    sweep: every full unit ran, every search unit failed)."""
+    from transformers import DistilBertConfig, DistilBertModel  # noqa: PLC0415
+
+    from sparsebert.hf.loading import load_tokenizer  # noqa: PLC0415
+
+    model_dir = tmp_path / "distilbert"
+    tokenizer = load_tokenizer(tiny[0])
+    DistilBertModel(DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=1,
+                                     n_heads=2, hidden_dim=64)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    capsys.readouterr()  # (save_pretrained's progress bar)
+    out = tmp_path / "out"
+    assert main([*command, "--out", str(out), "--model", str(model_dir), "--glue-dir", tiny[1],
+                 "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sparsebert: error: unsupported model type 'distilbert'"), err
+    assert "Traceback" not in err and not out.exists()
+
+
 def test_import_leaves_heavy_optional_modules_unloaded():
     """`import sparsebert` (and what a sweep worker or the CLI imports at start) does not pull in
     statsmodels/scipy.stats, torch._dynamo or matplotlib: together they cost seconds per process

@@ -400,20 +400,22 @@ def check_max_length(config, max_length: int) -> None:
                              f"limit ({limit} tokens)")
 
 
-def preflight_model(name_or_path: str | os.PathLike | None, max_length: int | None = None) -> str:
+def preflight_model(name_or_path: str | os.PathLike | None, max_length: int | None = None,
+                    patchable: bool = False) -> str:
     """Check that a model can be loaded before any slow work; returns the resolved source.
 
     Local directories must hold config.json and tokenizer files; hub ids must be in the cache
     or downloadable (an offline machine fails here at once, with one message). With
     max_length, the model's config is read and the length checked against its position limit
-    (check_max_length).
+    (check_max_length). patchable=True (the lottery search: it patches the model) also refuses
+    a model type sparsebert cannot patch (hf.structure.check_patchable).
     """
     source = resolve_model(name_or_path)
     local = check_model_source(source)
     if local:
         refuse_pruned_folder(source)
         check_tokenizer_files(source)
-    if not local or max_length is not None:
+    if not local or max_length is not None or patchable:
         # (transformers is imported only here: a second of start-up otherwise)
         from transformers import AutoConfig  # noqa: PLC0415
 
@@ -421,4 +423,8 @@ def preflight_model(name_or_path: str | os.PathLike | None, max_length: int | No
             source, local_files_only=offline), source, local, "config")
         if max_length is not None:
             check_max_length(config, max_length)
+        if patchable:
+            from sparsebert.hf.structure import check_patchable  # noqa: PLC0415
+
+            check_patchable(config.model_type)
     return source

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from sparsebert.errors import SparsebertError
 from sparsebert.nn import AttentionLayout, MLPLayout
 
 
@@ -63,6 +64,22 @@ def supported_model_types() -> list[str]:
     return sorted(STRUCTURES)
 
 
+class UnsupportedModelError(SparsebertError):
+    """A model type with no row in STRUCTURES (cannot be patched with gated blocks)."""
+
+
+def check_patchable(model_type: str | None) -> None:
+    """UnsupportedModelError unless `model_type` (config.model_type) can be patched."""
+    if model_type not in STRUCTURES:
+        raise UnsupportedModelError(
+            f"unsupported model type {model_type!r} for patching (SparseAttention / SparseMLP "
+            f"blocks): supported model types: {', '.join(supported_model_types())}. Head gates "
+            "on other models whose attention goes through transformers' AttentionInterface: "
+            "sparsebert.use_sparse_attention(model), or load it with "
+            "attn_implementation='sparsebert'"
+        )
+
+
 def structure_for(model: nn.Module) -> ModelStructure:
     """The row for a Hugging Face model (uses `model.config.model_type`)."""
     config = getattr(model, "config", None)
@@ -71,14 +88,7 @@ def structure_for(model: nn.Module) -> ModelStructure:
         raise TypeError(
             f"expected a Hugging Face PreTrainedModel (with .config.model_type), got {type(model).__name__}"
         )
-    if model_type not in STRUCTURES:
-        raise ValueError(
-            f"unsupported model type {model_type!r} for patching (SparseAttention / SparseMLP "
-            f"blocks): supported model types: {', '.join(supported_model_types())}. Head gates "
-            "on other models whose attention goes through transformers' AttentionInterface: "
-            "sparsebert.use_sparse_attention(model), or load it with "
-            "attn_implementation='sparsebert'"
-        )
+    check_patchable(model_type)
     return STRUCTURES[model_type]
 
 

@@ -236,7 +236,8 @@ class Search(StructuredStages, MagnitudeStages):
 
     def full_stage(self) -> RunResult:
         """Check (or claim) the directory and fine-tune the full model (resumable)."""
-        preflight_model(self.train.model, max_length=self.train.max_length)  # before any write
+        preflight_model(self.train.model, max_length=self.train.max_length,  # before any write
+                        patchable=True)
         check_search_dir(self.out, self.config, self.train, write=False)  # another config
         check_local_splits(self.task, self.train.glue_dir)  # the data is there
         for folder in (self.out, self.out / "full"):  # then other data, before config.json

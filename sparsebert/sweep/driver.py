@@ -69,13 +69,13 @@ def _cluster_slots(config: SweepConfig, train: TrainConfig,
 
 
 def check_inputs(grid: Grid, train: TrainConfig) -> None:
-    """Before anything is written: the model loads (a local directory holds config.json),
-    --max-length fits its position limit and, with a local GLUE folder, every task's train and
-    dev files are there."""
+    """Before anything is written: the model loads (a local directory holds config.json), can
+    be patched, --max-length fits its position limit and, with a local GLUE folder, every task's
+    train and dev files are there."""
     from sparsebert.glue.loading import check_local_splits  # noqa: PLC0415
     from sparsebert.hf.loading import preflight_model  # noqa: PLC0415
 
-    preflight_model(train.model, max_length=train.max_length)
+    preflight_model(train.model, max_length=train.max_length, patchable=True)
     for task in grid.tasks:  # (with the hub: checked by each unit)
         check_local_splits(task, train.glue_dir)
 
