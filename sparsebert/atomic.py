@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,51 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _lock_path(directory: Path) -> Path:
+    """The lock file of `directory`: in a per-user folder under the temp directory, named by
+    a hash of the resolved path (the run directory itself stays untouched, even before it
+    exists; links and relative spellings of one folder share a lock)."""
+    key = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:32]
+    folder = Path(tempfile.gettempdir()) / f"sparsebert-locks-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder / f"{key}.lock"
+
+
+@contextlib.contextmanager
+def run_lock(directory: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold `directory`'s exclusive lock for the block, or raise RunDirError at once when
+    another process holds it (two commands writing one run would race on its files). `what`
+    names the work in the message ("search", "fine-tune"). Released when the block ends or
+    the process dies; the lock file is removed by its last holder."""
+    directory = Path(directory)
+    path = _lock_path(directory)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise RunDirError(
+                f"{directory}: another {what} is running on this directory"
+                f"{f' (process {holder})' if holder.isdigit() else ''}; wait for it to finish "
+                f"or stop it, then rerun (it resumes)") from None
+        try:  # a holder may have removed the file between our open and flock: take the new one
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # while still held: a waiting opener re-checks the inode
+        os.close(fd)
 
 
 def read_json(path: str | os.PathLike, fix: str) -> Any:

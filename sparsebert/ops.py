@@ -207,7 +207,9 @@ def masked_attention(
                              f"{type(t).__name__}")
     if not NATIVE_AUTOGRAD:
         # Reference path: Python checks, then the CompositeExplicitAutograd reference.
-        # On the CPU the padded-row check costs no sync: always made, as the CPU kernel does.
+        # On the CPU the padded-row check costs no sync: made whatever check_padding_rows says,
+        # as the native CPU kernel does (except under torch.compile, where it cannot run:
+        # op_checks.reject_fully_padded_rows).
         op_checks.validate_masked_attention(q, k, v, head_gate, key_padding_mask,
                                             check_padding_rows or q.device.type == "cpu")
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))

@@ -296,6 +296,31 @@ def test_a_model_that_cannot_be_patched_is_refused_before_any_work(command, tiny
     assert "Traceback" not in err and not out.exists()
 
 
+@pytest.mark.parametrize("command", [
+    ["finetune", "--task", "SST-2"],
+    ["search", "--task", "SST-2"],
+    ["sweep", "--tasks", "SST-2", "--seeds", "1", "--workers", "1", "--devices", "cpu"],
+])
+def test_cuda_graphs_on_the_cpu_is_refused_before_anything_is_written(command, tiny, tmp_path,
+                                                                       capsys):
+    out = tmp_path / "out"
+    device = [] if command[0] == "sweep" else ["--device", "cpu"]
+    assert main([*command, *device, "--cuda-graphs", "on", "--out", str(out), "--model", tiny[0],
+                 "--glue-dir", tiny[1], "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sparsebert: error: --cuda-graphs on: needs") and "CUDA" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--weight-decay", "--adam-eps"])
+def test_infinite_optimizer_settings_are_refused(flag, tiny, tmp_path, capsys):
+    """--lr inf trained to NaN losses, exited 0 and wrote "lr": Infinity (not JSON)."""
+    out = tmp_path / "out"
+    assert main([*_finetune_args(tiny, out), flag, "inf"]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} inf: expected a finite number" in err and not out.exists(), err
+
+
 def test_import_leaves_heavy_optional_modules_unloaded():
     """`import sparsebert` (and what a sweep worker or the CLI imports at start) does not pull in
     statsmodels/scipy.stats, torch._dynamo or matplotlib: together they cost seconds per process

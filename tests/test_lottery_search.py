@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sparsebert.atomic import run_lock
 from sparsebert.cli import main
 from sparsebert.errors import SparsebertError
 from sparsebert.lottery import search
@@ -51,6 +52,19 @@ def _strip(summary):
 def reference(tiny_setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "search"
     return out, search("SST-2", out, progress=False, **_options(tiny_setup))
+
+
+@pytest.mark.parametrize("seeds", [None, "1,2"])
+def test_a_second_search_on_a_busy_directory_is_refused(seeds, tiny_setup, tmp_path, capsys):
+    """Two searches on one --out raced on its files (a checkpoint's temporary file, appended
+    metrics); the second is refused at once, before anything is written."""
+    out = tmp_path / "search"
+    args = ["search", "--task", "SST-2", "--out", str(out), "--model", tiny_setup[0],
+            "--glue-dir", tiny_setup[1], "--epochs", "1", "--quiet"]
+    with run_lock(out, "search"):
+        assert main([*args, *(["--seeds", seeds] if seeds else [])]) == 2
+    err = capsys.readouterr().err
+    assert "another search is running on this directory" in err and not out.exists(), err
 
 
 def test_outputs(reference):

@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from sparsebert.errors import SparsebertError
+from sparsebert.atomic import _lock_path, run_lock
+from sparsebert.errors import RunDirError, SparsebertError
 from sparsebert.hf import patch, prune, set_masks
 from sparsebert.hf.loading import load_model
 from sparsebert.train import TrainConfig, evaluate, finetune
@@ -257,6 +260,52 @@ def test_out_must_be_a_directory(setup, tmp_path):
     with pytest.raises(SparsebertError, match="is a file"):
         finetune(_config(setup), file, progress=False)
     assert file.read_text() == "x"
+
+
+def test_run_lock_is_one_per_folder_however_written(tmp_path, monkeypatch):
+    folder = tmp_path / "runs" / "a"
+    folder.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(folder)
+    monkeypatch.chdir(tmp_path)
+    with run_lock(folder, "search"):
+        for spelling in (folder, tmp_path / "link", "runs/a", "runs/./a/"):
+            with pytest.raises(RunDirError, match=rf"another search is running on this "
+                                                  rf"directory \(process {os.getpid()}\)"):
+                with run_lock(spelling, "search"):
+                    pass
+        with run_lock(tmp_path / "runs" / "b", "search"):  # another folder: its own lock
+            pass
+    assert not _lock_path(folder).exists()  # removed by its last holder
+    with run_lock("runs/a", "search"):  # free again
+        pass
+
+
+def test_run_lock_of_a_killed_holder_is_free(tmp_path):
+    code = ("import sys, time; from sparsebert.atomic import run_lock\n"
+            "with run_lock(sys.argv[1], 'fine-tune'):\n"
+            "    print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], text=True,
+                              stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirError, match=f"another fine-tune.*process {holder.pid}"):
+            with run_lock(tmp_path, "fine-tune"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    with run_lock(tmp_path, "fine-tune"):
+        pass
+
+
+def test_a_second_fine_tune_on_a_busy_directory_is_refused(setup, tmp_path):
+    """Two fine-tunes on one --out raced on its checkpoint's temporary file and both appended
+    to metrics.jsonl; the second is now refused before anything is written."""
+    out = tmp_path / "run"
+    with run_lock(out, "fine-tune"):
+        with pytest.raises(RunDirError, match="another fine-tune is running"):
+            finetune(_config(setup), out, progress=False)
+    assert not out.exists()
 
 
 def test_checkpoint_rng_is_the_training_devices_and_resumes_on_any_gpu(monkeypatch):

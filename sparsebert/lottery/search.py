@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sparsebert.atomic import atomic_write_json, file_lock, read_json
+from sparsebert.atomic import atomic_write_json, file_lock, read_json, run_lock
 from sparsebert.errors import RunDirError
 from sparsebert.glue.loading import check_local_splits
 from sparsebert.glue.tasks import get_task
@@ -41,7 +41,13 @@ from sparsebert.lottery.magnitude_stages import MagnitudeStages
 from sparsebert.lottery.redo import PendingRedo, finish_redo, set_aside
 from sparsebert.lottery.scoring import load_search_data, report_metric, score_model
 from sparsebert.lottery.structured_stages import StructuredStages
-from sparsebert.train.config import RUNTIME_FIELDS, TrainConfig, resolve_device, same_setting
+from sparsebert.train.config import (
+    RUNTIME_FIELDS,
+    TrainConfig,
+    resolve_device,
+    same_setting,
+    use_cuda_graphs,
+)
 from sparsebert.train.data_identity import DATA_FILE, check_data
 from sparsebert.train.evaluate import data_source
 from sparsebert.train.loop import finetune
@@ -238,6 +244,7 @@ class Search(StructuredStages, MagnitudeStages):
         """Check (or claim) the directory and fine-tune the full model (resumable)."""
         preflight_model(self.train.model, max_length=self.train.max_length,  # before any write
                         patchable=True)
+        use_cuda_graphs(self.train, resolve_device(self.train.device))  # on: needs CUDA
         check_search_dir(self.out, self.config, self.train, write=False)  # another config
         check_local_splits(self.task, self.train.glue_dir)  # the data is there
         for folder in (self.out, self.out / "full"):  # then other data, before config.json
@@ -385,12 +392,13 @@ def search(task: str, out: str | os.PathLike, *, search_config: SearchConfig | N
         setattr(search_config if key in search_fields else train_config, key, value)
     train_config.task = task
     runner = Search(search_config, train_config, out, progress, stop_after)
-    check_search_root(runner.out, seeds=False)
-    set_aside_for_redo([runner], runner.out, redo_methods(redo, runner.config))
-    try:
-        summary = runner.run()
-    except StopSearch:
-        return {"status": "stopped", "out": str(out)}
-    finish_redo(runner.out)
-    return summary
+    with run_lock(runner.out, "search"):
+        check_search_root(runner.out, seeds=False)
+        set_aside_for_redo([runner], runner.out, redo_methods(redo, runner.config))
+        try:
+            summary = runner.run()
+        except StopSearch:
+            return {"status": "stopped", "out": str(out)}
+        finish_redo(runner.out)
+        return summary
 

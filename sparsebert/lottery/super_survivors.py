@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparsebert.atomic import atomic_write_json, read_json
+from sparsebert.atomic import atomic_write_json, read_json, run_lock
 from sparsebert.errors import RunDirError
 from sparsebert.glue.tasks import GlueTask, get_task
 from sparsebert.lottery.config import SearchConfig, SearchError
@@ -105,28 +105,29 @@ def search_seeds(task: str, out: str | os.PathLike, seeds: list[int], *,
     search_config = (search_config or SearchConfig()).validate()
     train_config = train_config or TrainConfig()
     out = Path(out)
-    check_search_root(out, seeds=True)
-    runners = []
-    for seed in seeds:
-        train = copy.copy(train_config)
-        train.task, train.seed = task, seed
-        runners.append(Search(search_config, train, seed_dir(out, seed), progress))
-    methods = redo_methods(redo, search_config)
-    set_aside_for_redo(runners, out, methods)
-    summaries = []
-    for runner in runners:
-        try:
-            summaries.append(runner.run())
-        except StopSearch:
-            return {"status": "stopped", "out": str(out)}
-    if not super_survivors or len(seeds) < 2 or "structured" not in search_config.methods():
-        if len(seeds) >= 2:
-            write_report(out)  # over the seed directories (and super/, when there)
-        result = summaries[-1]
-    else:
-        result = SuperStage(task, out, seeds, search_config, train_config, progress).run()
-    finish_redo(out)
-    return result
+    with run_lock(out, "search"):
+        check_search_root(out, seeds=True)
+        runners = []
+        for seed in seeds:
+            train = copy.copy(train_config)
+            train.task, train.seed = task, seed
+            runners.append(Search(search_config, train, seed_dir(out, seed), progress))
+        methods = redo_methods(redo, search_config)
+        set_aside_for_redo(runners, out, methods)
+        summaries = []
+        for runner in runners:
+            try:
+                summaries.append(runner.run())
+            except StopSearch:
+                return {"status": "stopped", "out": str(out)}
+        if not super_survivors or len(seeds) < 2 or "structured" not in search_config.methods():
+            if len(seeds) >= 2:
+                write_report(out)  # over the seed directories (and super/, when there)
+            result = summaries[-1]
+        else:
+            result = SuperStage(task, out, seeds, search_config, train_config, progress).run()
+        finish_redo(out)
+        return result
 
 
 class SuperStage:

@@ -51,6 +51,7 @@ from sparsebert.speed.workload import (
     run_glue_dir,
     run_model,
 )
+from sparsebert.train.config import is_valid_seed
 from sparsebert.train.evaluate import choose_data
 
 
@@ -132,6 +133,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise SpeedError(f"--repeats {args.repeats}: expected a positive integer")
     if args.warmup < 0:
         raise SpeedError(f"--warmup {args.warmup}: expected >= 0")
+    if not is_valid_seed(args.seed):
+        raise SpeedError(f"--seed {args.seed}: expected an integer in [0, 2**64 - 1]")
     if args.threads is not None and args.threads < 1:
         raise SpeedError(f"--threads {args.threads}: expected a positive integer")
     if args.json is not None:

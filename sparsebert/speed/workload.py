@@ -239,7 +239,8 @@ def masks_from_run(path: str, shape: dict[str, int]) -> list[MaskSet]:
     recorded there), or the masks of a fine-tune run of a masked model (masks.json)."""
     root = Path(path)
     if not root.is_dir():
-        raise SpeedError(f"--run {path}: no such directory")
+        raise SpeedError(f"--run {path}: " + ("is a file, not a run directory" if root.exists()
+                                               else "no such directory"))
     sets = []
     for search, prefix in _search_dirs(root):
         found = _subnetworks(path, search / "structured" / "masks", prefix, shape)

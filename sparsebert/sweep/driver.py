@@ -114,6 +114,9 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
 
         cluster = preflight(config.ray_address)  # Ray installed, the cluster answers
     slots = make_slots(config, train, cluster)  # checks the devices
+    if train.cuda_graphs == "on" and any(slot.device == "cpu" for slot in slots):
+        raise SweepError(f"--cuda-graphs on: needs CUDA devices, got --devices {config.devices!r} "
+                         "(CPU slots)")
     out = Path(out).resolve()
     state = SweepDir(out)
     notes = state.open(identity(grid, search, train), redo_methods,

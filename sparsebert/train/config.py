@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import numbers
 import os
 from dataclasses import asdict, dataclass
@@ -157,8 +158,8 @@ class TrainConfig:
             if value is None and name == "lr":
                 continue  # from the preset (resolved)
             if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-                    or not value == value or (value <= 0 if positive else value < 0)):
-                raise TrainError(f"{flag(name)} {value!r}: expected a number "
+                    or not math.isfinite(value) or (value <= 0 if positive else value < 0)):
+                raise TrainError(f"{flag(name)} {value!r}: expected a finite number "
                                  f"{'> 0' if positive else '>= 0'}")
         for name, choices in (("padding", ("dynamic", "max_length")),
                               ("precision", ("auto", "fp32", "bf16")),
@@ -209,5 +210,5 @@ def autocast(device: torch.device, precision: str, cache_enabled: bool = True):
 def use_cuda_graphs(config: TrainConfig, device: torch.device) -> bool:
     """Whether the run captures its training step as CUDA graphs."""
     if config.cuda_graphs == "on" and device.type != "cuda":
-        raise TrainError(f"cuda_graphs=on needs a CUDA device, got {device}")
+        raise TrainError(f"--cuda-graphs on: needs a CUDA device, got --device {device}")
     return config.cuda_graphs == "on" or (config.cuda_graphs == "auto" and device.type == "cuda")

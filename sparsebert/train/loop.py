@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sparsebert.atomic import atomic_write_json, read_json
+from sparsebert.atomic import atomic_write_json, read_json, run_lock
 from sparsebert.glue import batching
 from sparsebert.glue.loading import load_split
 from sparsebert.glue.tasks import get_task
@@ -110,7 +110,8 @@ def finetune(config: TrainConfig, out_dir: str | os.PathLike, *,
     try:
         if config.threads:
             torch.set_num_threads(config.threads)
-        with contextlib.ExitStack() as cleanup:  # hooks put on a caller's model come off
+        with run_lock(out_dir, "fine-tune"), contextlib.ExitStack() as cleanup:
+            # (cleanup: hooks put on a caller's model come off)
             return _finetune(config, Path(out_dir), model, tokenizer, weight_masks, on_step,
                              progress, cleanup)
     finally:
@@ -125,6 +126,7 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
     # Step 0: cheap checks before any data or model is loaded.
     check_out_dir(out_dir)
     device = resolve_device(config.device)
+    graphs = use_cuda_graphs(config, device)  # --cuda-graphs on without CUDA: refused here
     data = data_source(config.glue_dir)
     config.glue_dir = data.get("path")  # the run remembers where its data came from
     if model is not None and tokenizer is None:
@@ -174,7 +176,6 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
     # Step 2: optimizer, schedule, fixed weight masks.
     steps_per_epoch = batching.num_batches(len(train), config.batch_size)
     total_steps = steps_per_epoch * config.epochs
-    graphs = use_cuda_graphs(config, device)
     optimizer, scheduler = make_optimizer(model, config, total_steps, capturable=graphs)
     if len(masks):
         cleanup.callback(masks.attach(optimizer).remove)
