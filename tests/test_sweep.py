@@ -1014,7 +1014,7 @@ def test_missing_inputs_refused_before_anything_is_written(flags, message, tiny_
     ('workers = "two"', "workers = 'two': expected an integer"),
     ('super_survivors = "no"', "super_survivors = 'no': expected true or false"),
     ("epochs = 1.5", "epochs = 1.5: expected an integer"),
-    ("lr = true", "lr = True: expected a finite number"),
+    ("lr = true", "lr = True: expected a number"),
     ("out = 3", "out = 3: expected a directory path"),
     ('device = "cuda:7"', "'device' is set per unit by the sweep; use devices = ... instead"),
     ("stop_after_steps = 3", "stop_after_steps does not apply to a sweep"),
