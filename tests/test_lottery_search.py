@@ -526,3 +526,13 @@ def test_a_rerun_for_another_task_is_refused_for_the_task(reference, tiny_setup,
     with pytest.raises(SparsebertError, match=r"different config \(\{'task': \('SST-2', 'RTE'\)"):
         search("RTE", out, progress=False, **_options(tiny_setup))
     assert (out / "config.json").read_bytes() == before
+
+
+def test_the_largest_seeds_run_the_magnitude_stage(tiny_setup, tmp_path):
+    """Every seed the config accepts (up to 2**64 - 1) builds the m-random mask: the derived
+    generator seed wraps instead of overflowing after the fine-tune and the search."""
+    from sparsebert.train.config import MAX_SEED  # noqa: PLC0415
+
+    summary = search("SST-2", tmp_path / "big-seed", progress=False, method="magnitude",
+                     retrain=False, subnets="random", **_options(tiny_setup, seed=MAX_SEED))
+    assert summary["methods"]["magnitude"]["subnetworks"]["random"]["pruned"]["score"] >= 0

@@ -58,7 +58,8 @@ class MagnitudeStages:
             atomic_write_json(root / "search.json", found)
         self._metrics("magnitude", found["curve"])
         kept = found["kept"]
-        generator = torch.Generator().manual_seed(self.train.seed * 1000 + 7)
+        # Any valid seed (< 2**64): the derived seed wraps into torch's 64-bit range.
+        generator = torch.Generator().manual_seed((self.train.seed * 1000 + 7) % 2**64)
         builders = {
             "good": lambda: mag.magnitude_mask(params, kept, largest=True),
             "random": lambda: mag.random_mask(params, kept, generator),
