@@ -255,6 +255,10 @@ def test_interrupted_redo_resumes(reference, tiny_setup, tmp_path, capsys):
     stopped = search("SST-2", out, progress=False, redo="structured",
                      stop_after="structured.search", **_options(tiny_setup))
     assert stopped["status"] == "stopped" and (out / ".superseded" / "redo.json").is_file()
+    # The old summary (and the report over it) no longer passes for the search's results.
+    assert not any((out / name).exists() for name in ("summary.json", "report.md", "figures"))
+    aside = next((out / ".superseded").glob("redo-structured-*"))
+    assert json.loads((aside / "summary.superseded.json").read_text()) == expected
     redone = (out / "structured" / "search.json").stat().st_mtime_ns
     summary = search("SST-2", out, progress=False, redo="structured", **_options(tiny_setup))
     assert _strip(summary) == _strip(expected)

@@ -5,6 +5,8 @@ In a search directory (see sparsebert.lottery.search):
     <search>/<method>/        moved to <aside>/<method>/ (search, masks, pruned, retrained)
     <search>/metrics.jsonl    the method's search-curve records dropped (the whole file is
                               copied to <aside>/metrics.jsonl first)
+    <search>/summary.json     moved to <aside>/ with report.md and figures/: they describe the
+                              old results until the search ends and writes them again
 Anything moved aside keeps its files, except that a summary.json is renamed
 summary.superseded.json, so that a report over the parent directory does not pick it up.
 `sparsebert search --redo` sets aside into <search>/.superseded/redo-<methods>-<time>/ (see
@@ -24,6 +26,7 @@ from sparsebert.train.metrics_log import MetricsLog
 
 SUMMARY = "summary.json"
 SUPERSEDED_SUMMARY = "summary.superseded.json"
+SEARCH_REPORT = ("report.md", "figures")  # what a search writes beside its summary.json
 
 
 def move_aside(src: Path, dest: Path) -> None:
@@ -60,6 +63,9 @@ def retire_method(search_dir: Path, method: str, aside: Path) -> bool:
         shutil.copy2(log, aside / log.name)
         MetricsLog(log, keep_until_step=10**9).drop(lambda r: r.get("method") == method)
     move_aside(results, aside / method)
+    for name in (SUMMARY, *SEARCH_REPORT):  # (moved once: gone when a 2nd method is retired)
+        if (search_dir / name).exists():
+            move_aside(search_dir / name, aside / name)
     return True
 
 
