@@ -299,21 +299,36 @@ def test_search_data_train_subset_and_majority(synthetic_glue, tiny_model_dir):
     assert len(load_split(task, "train", synthetic_glue)) == 96
     majority = majority_baseline(task, np.asarray([1, 1, 0]), on_dev.dev)
     assert majority["acc"] == float(np.mean(np.asarray(on_dev.dev.labels) == 1))
+    # The stopping rule's constant-predictor check uses the set the threshold is computed on.
+    assert on_dev.search_majority == on_dev.majority
+    train_labels = np.asarray(load_split(task, "train", synthetic_glue).labels)
+    common = np.bincount(train_labels).argmax()
+    assert on_train.search_majority["acc"] == pytest.approx(
+        float(np.mean(np.asarray(on_train.search.labels) == common)))
+    assert on_train.majority["acc"] == pytest.approx(
+        float(np.mean(np.asarray(on_train.dev.labels) == common)))
 
 
-@pytest.mark.parametrize("full,threshold,expected", [
-    (0.80, 0.72, None),  # a meaningful search
-    (0.70, 0.63, "majority class passes"),  # MRPC on a small train subset
-    (0.338, 0.30, "meaningless"),  # WNLI: the full model is below the majority class
+@pytest.mark.parametrize("full,threshold,on_search,expected", [
+    (0.80, 0.72, None, None),  # a meaningful search
+    (0.70, 0.63, None, "majority class passes"),  # MRPC on a small train subset
+    (0.338, 0.30, None, "meaningless"),  # WNLI: the full model is below the majority class
+    # --search-data train: the threshold is on the train subset, so is the comparison
+    (0.80, 0.72, 0.75, "majority class passes"),  # passes on a skewed train subset
+    (0.70, 0.63, 0.55, None),  # the dev majority (0.684) is not what the threshold is on
 ])
-def test_threshold_notes(full, threshold, expected):
+def test_threshold_notes(full, threshold, on_search, expected):
     from types import SimpleNamespace  # noqa: PLC0415
 
     from sparsebert.glue.tasks import get_task  # noqa: PLC0415
     from sparsebert.lottery.search import Search  # noqa: PLC0415
 
-    fake = SimpleNamespace(task=get_task("MRPC"),
-                           data=SimpleNamespace(majority={"acc": 0.684, "f1": 0.812}))
+    majority = {"acc": 0.684, "f1": 0.812}
+    data = SimpleNamespace(majority=majority, search_majority=majority, same_sets=True)
+    if on_search is not None:
+        data = SimpleNamespace(majority=majority, search_majority={"acc": on_search, "f1": 0.5},
+                               same_sets=False)
+    fake = SimpleNamespace(task=get_task("MRPC"), data=data)
     notes = Search._notes_on_threshold(fake, {"acc": full, "f1": 0.8}, threshold)
     if expected is None:
         assert notes == []
@@ -321,3 +336,4 @@ def test_threshold_notes(full, threshold, expected):
         assert len(notes) == 1 and "meaningless" in notes[0]
     else:
         assert len(notes) == 1 and "always predicts the majority class passes" in notes[0]
+        assert ("on the search set" in notes[0]) == (on_search is not None)

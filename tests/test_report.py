@@ -484,6 +484,25 @@ def test_notes_name_seeds_whose_threshold_a_constant_predictor_passes(tmp_path: 
     assert "RTE: in" not in notes
 
 
+def test_threshold_on_a_train_subset_is_compared_with_that_subsets_majority(tmp_path: Path):
+    """--search-data train: the threshold is on a train subset, so the constant predictor is
+    scored there (search_majority); a summary without it is not compared with dev's majority;
+    the pruning curves are labelled with the set they were computed on."""
+    from sparsebert.report.figures import search_set  # noqa: PLC0415
+
+    root = tmp_path / "runs"
+    write_run(root, "MRPC", 1, 0, search_data="train", search_majority=0.80)  # 0.72 <= 0.80
+    write_run(root, "MRPC", 2, 1, search_data="train", search_majority=0.60)
+    write_run(root, "MRPC", 3, 2, search_data="train", majority=0.99)  # no search_majority
+    results = collect(root)
+    assert table.threshold_at_majority(results["MRPC"]) == [1]
+    assert search_set(results["MRPC"].runs) == "train-subset"
+    write_run(root, "RTE", 1, 0)
+    assert search_set(collect(root)["RTE"].runs) == "dev"
+    both = collect(root)
+    assert search_set([run for res in both.values() for run in res.runs]) == "search-set"
+
+
 # ----------------------------------------------------------------------------- speed
 
 

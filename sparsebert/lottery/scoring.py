@@ -33,13 +33,16 @@ def report_metric(task: GlueTask) -> str:
 class SearchData:
     """Tokenized sets of one search. search: importance and the stopping test; dev: reported
     scores (the same object when search_data is dev). importance_batches: sequential chunks
-    of the search set, collated (dicts of (B, S) tensors with labels), as the authors' loop."""
+    of the search set, collated (dicts of (B, S) tensors with labels), as the authors' loop.
+    majority / search_majority: the metrics of predicting the train set's majority class on dev
+    / on the search set (the same numbers when the search set is dev)."""
 
     task: GlueTask
     search: batching.Encoded
     dev: batching.Encoded
     importance_batches: list[dict[str, torch.Tensor]]
     majority: dict[str, float]
+    search_majority: dict[str, float]
 
     @property
     def same_sets(self) -> bool:
@@ -65,14 +68,16 @@ def load_search_data(task: GlueTask, train: TrainConfig, tokenizer, search_data:
         batch = batching.collate(search, indices)
         batch.pop("index", None)
         batches.append(batch)
-    return SearchData(task, search, dev, batches, majority_baseline(task, train_rows.labels,
-                                                                     dev))
+    majority = majority_baseline(task, train_rows.labels, dev)
+    search_majority = majority if search is dev else majority_baseline(task, train_rows.labels,
+                                                                       search)
+    return SearchData(task, search, dev, batches, majority, search_majority)
 
 
 def majority_baseline(task: GlueTask, train_labels: np.ndarray,
                       dev: batching.Encoded) -> dict[str, float]:
-    """Dev metrics of predicting the train set's majority class (regression: its mean;
-    correlations of a constant are undefined and reported as 0)."""
+    """Metrics on `dev` (any labelled set) of predicting the train set's majority class
+    (regression: its mean; correlations of a constant are undefined and reported as 0)."""
     if task.is_regression:
         predictions = np.full(len(dev), float(np.mean(train_labels)), dtype=np.float32)
         metrics = {name: 0.0 for name in task.metrics}

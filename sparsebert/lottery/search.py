@@ -328,9 +328,11 @@ class Search(StructuredStages, MagnitudeStages):
                     f"the majority class ({majority[metric]:.4f}), so a threshold relative to "
                     f"it is meaningless; the search ran with the rule as specified and its "
                     f"masks mostly reflect noise"]
-        if threshold <= majority[search_metric]:
+        on_search = self.data.search_majority[search_metric]  # the set the threshold is on
+        if threshold <= on_search:
+            where = "" if self.data.same_sets else " on the search set"
             return [f"the threshold ({threshold:.4f} {search_metric}) is at or below the "
-                    f"majority class ({majority[search_metric]:.4f}): a model that always "
+                    f"majority class ({on_search:.4f}{where}): a model that always "
                     f"predicts the majority class passes it, so the search can prune almost "
                     f"everything; train the full model better (more data) for a meaningful "
                     f"search"]

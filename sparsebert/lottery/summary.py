@@ -87,6 +87,7 @@ def build_summary(search) -> dict[str, Any]:
         "importance_mode": search.config.importance_mode,
         **_model_shape(structured, read(out / "full" / "model" / "config.json") or {}),
         "majority": float(search.data.majority[metric]),
+        "search_majority": float(search.data.search_majority[task.threshold_metric]),
         "full": {"score": float(full.metrics[first][metric]), "metrics": full.metrics[first],
                  "train_examples": full.train_examples,
                  "train_set_examples": full.train_set_examples,

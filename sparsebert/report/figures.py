@@ -210,6 +210,15 @@ def subnetworks(results: Mapping[str, TaskResults], path: Path) -> Path | None:
 
 # ----------------------------------------------------------------------------- 3. curves
 
+SEARCH_SETS = {"dev": "dev", "train": "train-subset"}  # --search-data -> the curve's label
+
+
+def search_set(runs) -> str:
+    """What the curves' scores were computed on: "dev" (also for summaries that predate
+    --search-data), "train-subset", or "search-set" when the runs differ."""
+    found = {SEARCH_SETS.get(run.search_data or "dev", "search-set") for run in runs}
+    return found.pop() if len(found) == 1 else "search-set"
+
 
 def _curve_axes(ax: Axes, res: TaskResults, method: str, seed_colors: Mapping[int, str]
                 ) -> None:
@@ -240,7 +249,7 @@ def _curve_axes(ax: Axes, res: TaskResults, method: str, seed_colors: Mapping[in
     ax.set_xlim(1.02, max(0.0, ax.get_xlim()[0] - 0.02))  # pruning goes to the right
     ax.set_xlabel("fraction kept" + (" (heads + MLP params)" if method == "structured"
                                      else " (eligible weights)"), fontsize=8)
-    ax.set_ylabel(f"dev {res.metric} (search metric)", fontsize=8)
+    ax.set_ylabel(f"{search_set(res.runs)} {res.metric} (search metric)", fontsize=8)
     ax.set_title(f"{res.task}: {METHOD_TITLES[method]}", fontsize=9)
     ax.tick_params(labelsize=7)
     if method == "magnitude":
@@ -271,7 +280,8 @@ def pruning_curves(results: Mapping[str, TaskResults], path: Path) -> Path | Non
                        label=f"threshold = {thr} × full model"
                        + (" (one line per seed)" if many else ""))]
     bottom_legend(fig, 3, 8, handles)
-    fig.suptitle("Pruning search: dev score after each step", fontsize=11)
+    where = search_set([run for res in results.values() for run in res.runs])
+    fig.suptitle(f"Pruning search: {where} score after each step", fontsize=11)
     return save_png(fig, path)
 
 

@@ -2,7 +2,8 @@
 
 Input contract (written by the search, one file per run directory = one task x one seed):
 ``{"version": 1, "kind": "sparsebert-search", "task", "seed", "metric", "report_metric",
-"threshold", "num_layers", "num_heads", "full": {"score", ...}, "majority"?, "methods"?:
+"threshold", "num_layers", "num_heads", "full": {"score", ...}, "majority"?, "search_majority"?,
+"search_data"?, "methods"?:
 {"structured"?: {"curve"?, "good_mask"?, "subnetworks"?}, "magnitude"?: {"curve"?,
 "layer_kept_fraction"?, "subnetworks"?}}}``, and optionally a multi-seed parent's
 ``super/summary.json`` with ``"kind": "sparsebert-super"``, "task", "seeds", "head_mask",
@@ -116,7 +117,8 @@ class RunSummary:
     num_heads: int | None
     full_score: float
     full_metrics: dict[str, float]
-    majority: float | None = None
+    majority: float | None = None  # dev, in report_metric
+    search_majority: float | None = None  # the search set, in metric (newer summaries)
     model: str | None = None
     search_data: str | None = None
     importance_mode: str | None = None
@@ -229,6 +231,7 @@ def _parse_run(data: dict, path: Path) -> RunSummary:
         full_score=_finite(_get(data, "full.score", path, kind=NUMBER), path, "full.score"),
         full_metrics={k: float(v) for k, v in metrics.items() if isinstance(v, NUMBER)},
         majority=_get(data, "majority", path, required=False, kind=NUMBER),
+        search_majority=_get(data, "search_majority", path, required=False, kind=NUMBER),
         model=_get(data, "model", path, required=False, kind=str),
         search_data=_get(data, "search_data", path, required=False, kind=str),
         importance_mode=_get(data, "importance_mode", path, required=False, kind=str),

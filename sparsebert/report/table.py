@@ -122,10 +122,17 @@ def results_notes(results: Mapping[str, TaskResults]) -> str:
 
 def threshold_at_majority(res: TaskResults) -> list[int]:
     """Seeds whose absolute search threshold (threshold x the full model's search score) is at
-    or below the majority-class score (when that score is in the searched metric)."""
+    or below the majority-class score on the search set (older summaries record it on dev only:
+    used when the search ran on dev and in the searched metric)."""
+    def majority_on_search_set(run) -> float | None:
+        if run.search_majority is not None:
+            return run.search_majority
+        on_dev = run.search_data in (None, "dev") and run.metric == run.report_metric
+        return run.majority if on_dev else None
+
     return [run.seed for run in res.runs
-            if run.majority is not None and run.metric == run.report_metric
-            and run.threshold * run.full_search_score <= run.majority]
+            if (majority := majority_on_search_set(run)) is not None
+            and run.threshold * run.full_search_score <= majority]
 
 
 def _fewer(stat: Stat, seeds: int | None) -> str:
