@@ -1,7 +1,8 @@
 """The speed targets of pruned models, measured with `sparsebert speed`'s own code.
 
-Cases (each a `sparsebert speed` run: its rows are timed interleaved, round-robin, in one
-process, so the ratios below come from the same minutes of the same machine):
+Cases (each a `sparsebert speed` run: its rows are timed interleaved, every round calling each
+row once in a fresh seeded random order, in one process, so the ratios below come from the same
+minutes of the same machine):
   full      lengths full: stock HF eager, sparsebert dense, masked (--prune-heads/--prune-ffn),
             pruned  -> targets "dense <= 1.0x stock HF eager", "masked <= 0.6x dense"
   uniform   lengths uniform in [S/4, S]: the same rows with and without unpadding
@@ -164,7 +165,8 @@ def main(argv=None) -> None:
              f"(random, same count per layer); on {env['device'].split(' (')[0]}; torch {env['torch']}, "
              f"transformers {env['transformers']}, sparsebert {env['git_sha']}\n\n"
              f"Command: python bench/bench_speed.py {' '.join(argv or sys.argv[1:])}\n\n"
-             "Rows of one table were timed interleaved (round-robin, rotating order) in one "
+             "Rows of one table were timed interleaved (each round calls every row once, in a "
+             "fresh seeded random order) in one "
              f"process, {args.repeats} calls each after warm-up; the machine is shared with other "
              "processes, so absolute times are noisy and only the ratios within a table mean "
              "much. Ratios are of median times (lower = faster). Load average (1, 5, 15 min) at "
