@@ -43,7 +43,7 @@ for step in "${steps[@]}"; do
       sparsebert search --task MRPC --seeds 1337,86,42 --method structured --threads 1 \
         --out runs/mrpc-seeds
       sparsebert search --task WNLI --seed 42 --threads 1 --out runs/lottery-WNLI
-      sparsebert report runs/mrpc-seeds runs/lottery-WNLI --out results/lottery ;;
+      bash results/lottery_collect.sh ;;  # copies the summaries, then the report over them
     tables)
       python results/collect.py runs/glue-minilm-s42
       python results/collect.py runs/lr-sweep runs/glue-minilm-s42/RTE runs/glue-minilm-s42/MRPC \

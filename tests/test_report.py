@@ -788,3 +788,13 @@ def test_bottom_legend_fits_a_one_panel_figure():
         assert fig.legends == [legend]
         heights.append(box.height)
     assert heights[0] > 1.5 * heights[1]  # narrow: two rows or more; wide: one row
+
+
+@pytest.mark.parametrize("study", ["lottery", "sweep"])
+def test_readme_results_tables_are_the_committed_reports(study):
+    """README.md's results tables are pasted from the committed reports
+    (python results/readme_table.py STUDY): they must not drift apart."""
+    text = (REPO / "results" / study / "report.md").read_text(encoding="utf-8")
+    start = text.index("| Setting |")
+    table = text[start:text.index("\n\n", start)]
+    assert table in (REPO / "README.md").read_text(encoding="utf-8")
