@@ -773,6 +773,8 @@ def test_report_skips_hidden_folders(reference, tmp_path):
     (["--methods", "structured", "--redo", "magnitude"],
      "--redo 'magnitude': ['magnitude'] not among the sweep's --methods (structured)"),
     (["--redo", ","], "--redo ',': expected a comma-separated list"),
+    (["--unit-memory-gb", "nan"], "--unit-memory-gb nan: expected a finite number >= 0"),
+    (["--unit-memory-gb", "inf"], "--unit-memory-gb inf: expected a finite number >= 0"),
 ])
 def test_bad_input_one_line_exit_2(flags, message, tmp_path, capsys):
     out = tmp_path / "bad"
@@ -1027,6 +1029,49 @@ def test_config_file_values_are_type_checked(text, message, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and message in err, err
     assert main(["sweep", "--out", str(tmp_path / "s"), "--config", str(tmp_path)]) == 2
     assert "--config" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_a_sweep_resumed_on_other_data_is_refused(reference, tiny_model_dir, synthetic_glue,
+                                                   tmp_path, capsys):
+    """A rerun (or an extension by seeds) of a sweep with a GLUE folder whose files differ from
+    those its started seeds began with is refused before anything is written; a copy of the
+    same files in another folder resumes."""
+    out = tmp_path / "sweep"
+    shutil.copytree(reference[0], out)
+    same, other = tmp_path / "glue-copy", tmp_path / "glue-other"
+    shutil.copytree(synthetic_glue, same)
+    shutil.copytree(synthetic_glue, other)
+    train = other / "SST-2" / "train.tsv"
+    train.write_text("".join(train.read_text().splitlines(keepends=True)[:-1]))  # one row less
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    for seeds in (SEEDS, SEEDS + ",9"):
+        argv = _argv(tiny_model_dir, str(other), out) + ["--seeds", seeds]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "started on other SST-2 data: the train data" \
+            in err and "the sweep's other seeds must use the same data" in err, err
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert main(_argv(tiny_model_dir, str(same), out)) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_out_in_the_config_file_expands_the_home_folder(reference, tiny_model_dir,
+                                                        synthetic_glue, tmp_path, capsys,
+                                                        monkeypatch):
+    """`out = "~/..."` in --config names a folder of the home directory (no shell expands it),
+    not a literal ./~ folder."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    shutil.copytree(reference[0], home / "sweep")
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    path = tmp_path / "sweep.toml"
+    path.write_text('out = "~/sweep"\n')
+    argv = [a for a in _argv(tiny_model_dir, synthetic_glue, "unused") if a != "--quiet"]
+    at = argv.index("--out")
+    assert main(argv[:at] + argv[at + 2:] + ["--config", str(path)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert not (cwd / "~").exists()
 
 
 def test_out_from_the_config_file_and_json_alone_on_stdout(reference, tiny_model_dir,

@@ -61,6 +61,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     out = args.out or file_out
     if out is None:
         raise SweepError("--out: the sweep directory is required (or `out = ...` in --config)")
+    out = str(Path(out).expanduser())  # `out = "~/..."` in a config file is not shell-expanded
     for cls in (SweepConfig, SearchConfig, TrainConfig):
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in from_file.items() if k in names}

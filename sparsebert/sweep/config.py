@@ -10,6 +10,7 @@ and the optional TOML file (--config) that sets any of the three: CLI flags win 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,9 +125,9 @@ class SweepConfig:
             raise SweepError(f"--per-gpu {self.per_gpu}: expected >= 1")
         if self.retries < 0:
             raise SweepError(f"--retries {self.retries}: expected >= 0")
-        if self.unit_memory_gb < 0:
-            raise SweepError(f"--unit-memory-gb {self.unit_memory_gb}: expected >= 0 "
-                             "(0 = no reservation)")
+        if not math.isfinite(self.unit_memory_gb) or self.unit_memory_gb < 0:
+            raise SweepError(f"--unit-memory-gb {self.unit_memory_gb}: expected a finite "
+                             "number >= 0 (0 = no reservation)")
         if self.ray_address and self.backend != "ray":
             raise SweepError("--ray-address needs --backend ray")
         return self

@@ -12,6 +12,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from sparsebert.atomic import atomic_write_json, read_json
+from sparsebert.errors import RunDirError
 from sparsebert.lottery.config import SearchConfig
 from sparsebert.lottery.search import check_search_dir
 from sparsebert.lottery.subnetworks import SUBNETWORKS
@@ -68,16 +69,25 @@ def _cluster_slots(config: SweepConfig, train: TrainConfig,
     return [Slot(i, "cpu", threads) for i in range(workers)]
 
 
-def check_inputs(grid: Grid, train: TrainConfig) -> None:
+def check_inputs(grid: Grid, train: TrainConfig, out: Path) -> None:
     """Before anything is written: the model loads (a local directory holds config.json), can
     be patched, --max-length fits its position limit and, with a local GLUE folder, every task's
-    train and dev files are there."""
+    train and dev files are there; and every seed already started in `out` began on the same
+    data (its data.json), so that a resumed or extended sweep never mixes two datasets."""
     from sparsebert.glue.loading import check_local_splits  # noqa: PLC0415
+    from sparsebert.glue.tasks import get_task  # noqa: PLC0415
     from sparsebert.hf.loading import preflight_model  # noqa: PLC0415
+    from sparsebert.train.data_identity import DATA_FILE, check_data  # noqa: PLC0415
 
     preflight_model(train.model, max_length=train.max_length, patchable=True)
     for task in grid.tasks:  # (with the hub: checked by each unit)
         check_local_splits(task, train.glue_dir)
+        for started in sorted((out / task).glob(f"seed_*/{DATA_FILE}")):
+            try:
+                check_data(started.parent, get_task(task), train.glue_dir)
+            except RunDirError as error:
+                raise SweepError(f"{error} (the sweep's other seeds must use the same data)"
+                                 ) from None
 
 
 def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
@@ -106,7 +116,7 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
     subnets = tuple(s for s in SUBNETWORKS if s in search.subnet_list())  # in a fixed order
     grid = Grid(tuple(config.task_list()), tuple(config.seed_list()), tuple(methods),
                 subnets, search.retrain, config.super_survivors)
-    check_inputs(grid, train)
+    check_inputs(grid, train, Path(out).expanduser().resolve())
     units = expand(grid)
     cluster = None
     if config.backend == "ray":
@@ -117,7 +127,7 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
     if train.cuda_graphs == "on" and any(slot.device == "cpu" for slot in slots):
         raise SweepError(f"--cuda-graphs on: needs CUDA devices, got --devices {config.devices!r} "
                          "(CPU slots)")
-    out = Path(out).resolve()
+    out = Path(out).expanduser().resolve()
     state = SweepDir(out)
     notes = state.open(identity(grid, search, train), redo_methods,
                        after_redo=lambda methods: _record_settings(out, grid, search, train,
