@@ -176,18 +176,19 @@ def test_mma_compact_int32_index_and_order(device, dtype, mma_switch):
     check_low_precision(out, ref, low, "compact")
 
 
+@pytest.mark.parametrize("bad", [(HEADS, -1), (2**32 + 1, -(2**32) + 2)])  # 2nd: wrap in int32
 @pytest.mark.parametrize("kernel", ["default", "mma"])
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
-def test_compact_index_out_of_range_gives_zeros_on_cuda(device, kernel, monkeypatch):
+def test_compact_index_out_of_range_gives_zeros_on_cuda(device, kernel, bad, monkeypatch):
     """On CUDA index values are not checked (a check would synchronise): a slot whose index is
-    out of range is zeros (out and lse) on both kernels, the other slots are as usual, and the
-    device stays usable (no device-side assert from a gather)."""
-    if kernel == "mma":
-        monkeypatch.setenv(SWITCH, "mma")
+    out of range is zeros (out and lse) on both kernels, also an int64 index that would wrap
+    onto a valid head in int32; the other slots are as usual, and the device stays usable (no
+    device-side assert from a gather)."""
+    monkeypatch.setenv(SWITCH, kernel)  # (the script running this file may have set mma)
     gen = torch.Generator().manual_seed(13)
     q, k, v = qkv(2, 40, HEADS, 64, torch.float16, device, gen)
     gate = torch.ones(HEADS, device=device)
-    kept = torch.tensor([2, HEADS, -1, 0], device=device)
+    kept = torch.tensor([2, *bad, 0], device=device)
     out, lse = torch.ops.sparsebert.masked_attention_compact(q, k, v, gate, kept, None, 64**-0.5)
     torch.cuda.synchronize()
     assert torch.all(out[:, :, 1:3] == 0) and torch.all(lse[:, 1:3] == 0)

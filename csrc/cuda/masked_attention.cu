@@ -283,7 +283,13 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_compact_cuda(
   }
   const GateView gate = gate_view(head_gate);
   const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
-  const at::Tensor kept = kept_heads.to(at::kInt).contiguous();
+  // int64 indices outside int32 would wrap onto a valid head: mark them -1 (a zeroed slot, as
+  // any index out of range) before narrowing. int32 indices go in as they are.
+  const at::Tensor kept =
+      (kept_heads.scalar_type() == at::kInt
+           ? kept_heads
+           : kept_heads.masked_fill(kept_heads.lt(0).logical_or(kept_heads.ge(s.heads)), -1).to(at::kInt))
+          .contiguous();
   const int64_t n_kept = kept.size(0);
   at::Tensor out = at::empty({s.batch, s.q_len, n_kept, s.head_dim}, q.options());
   at::Tensor lse = at::empty({s.batch, n_kept, s.q_len}, q.options().dtype(at::kFloat));

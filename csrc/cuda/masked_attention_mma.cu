@@ -1,4 +1,4 @@
-// masked_attention forward on tensor cores with mma.sync (fp16/bf16, D in {32, 64}, S <= 512),
+// masked_attention forward on tensor cores with mma.sync (fp16/bf16, D in {32, 64}, any S),
 // sm80 code that also runs on sm90. Selected only with SPARSEBERT_ATTENTION_KERNEL=mma (see
 // masked_attention.cu) and by masked_attention_compact under the same switch: this kernel has
 // been compiled for sm_80/sm_90 and its index math replayed on the CPU
@@ -163,10 +163,12 @@ struct HalfItem {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(mma::kThreads) mma_forward_kernel(const MmaFwdArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800  // cp.async, m16n8k16: sm_80+ (never launched below)
   __shared__ __align__(128) uint16_t q_s[mma::kBlockM * D];
   __shared__ __align__(128) uint16_t k_s[mma::kStages * mma::kBlockN * D];
   __shared__ __align__(128) uint16_t v_s[mma::kStages * mma::kBlockN * D];
   walk_work_items<HalfItem<T, D>>(a, q_s, k_s, v_s);
+#endif
 }
 
 template <typename T, int D>

@@ -280,6 +280,7 @@ struct BwdItem {
 // registers and spilled 60 bytes; with the hint on both, the short D = 32 kernel took 142.
 template <typename T, int D, bool kTiled>
 __global__ void __launch_bounds__(kThreads, kTiled ? 1 : 0) mma_backward_kernel(const MmaBwdArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800  // cp.async, m16n8k16: sm_80+ (never launched below)
   extern __shared__ __align__(128) uint8_t smem[];
   BwdTiles t;
   t.q = reinterpret_cast<uint16_t*>(smem);
@@ -290,6 +291,7 @@ __global__ void __launch_bounds__(kThreads, kTiled ? 1 : 0) mma_backward_kernel(
   t.delta = t.lse2 + kRows;
   const int parts = kTiled ? mma::bwd_items_per_head(a.q_len, a.kv_len, kRows) : 1;
   walk_backward_items<BwdItem<T, D, kTiled>>(a, parts, t);
+#endif
 }
 
 template <typename T, int D, bool kTiled>

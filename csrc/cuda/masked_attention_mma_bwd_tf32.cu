@@ -218,6 +218,7 @@ struct Tf32BwdItem {
 
 template <int D>
 __global__ void __launch_bounds__(kThreads) mma_backward_tf32_kernel(const MmaBwdArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800  // cp.async, m16n8k16: sm_80+ (never launched below)
   extern __shared__ __align__(128) float smem_f32[];
   Tf32Tiles t;
   t.q = smem_f32;
@@ -227,6 +228,7 @@ __global__ void __launch_bounds__(kThreads) mma_backward_tf32_kernel(const MmaBw
   t.lse2 = t.dout + kRows * D;
   t.delta = t.lse2 + kRows;
   walk_backward_items<Tf32BwdItem<D>>(a, mma::bwd_items_per_head(a.q_len, a.kv_len, kRows), t);
+#endif
 }
 
 template <int D>

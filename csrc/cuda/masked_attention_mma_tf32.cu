@@ -1,5 +1,5 @@
 // masked_attention forward for fp32 inputs on tensor cores: 3xTF32 with mma.sync m16n8k8
-// (D in {32, 64}, S <= 512), sm80 code that also runs on sm90. Selected only with
+// (D in {32, 64}, any S), sm80 code that also runs on sm90. Selected only with
 // SPARSEBERT_ATTENTION_KERNEL=mma (masked_attention.cu), like the fp16/bf16 kernel of
 // masked_attention_mma.cu whose structure it follows: this kernel has been compiled for
 // sm_80/sm_90 and its index math and 3xTF32 arithmetic replayed on the CPU
@@ -171,11 +171,13 @@ struct Tf32Item {
 
 template <int D>
 __global__ void __launch_bounds__(mma::kThreads, tf32_min_ctas<D>()) mma_forward_tf32_kernel(const MmaFwdArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800  // cp.async, m16n8k16: sm_80+ (never launched below)
   extern __shared__ __align__(128) float smem_f32[];
   float* q_s = smem_f32;
   float* k_s = q_s + mma::kBlockM * D;
   float* v_s = k_s + mma::kStages * mma::kBlockN * D;
   walk_work_items<Tf32Item<D>>(a, q_s, k_s, v_s);
+#endif
 }
 
 template <int D>
