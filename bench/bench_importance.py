@@ -10,8 +10,13 @@ Providers (one batch of GLUE-like inputs, B x S, all tokens real):
   sb_paper          sparsebert.importance(mode="paper"): batch-level gates, weights frozen
   sb_per_example    sparsebert.importance(mode="per_example"): per-example scores
   sb_fisher         sparsebert.importance(mode="fisher")
+Each provider runs at every --precision: fp32 (plain), and bf16 (the baselines under
+torch.autocast(bfloat16), the sparsebert rows with importance(precision="bf16"), which is what
+importance's default precision "auto" picks on CUDA); each row's ratio is against
+fwd_bwd_weights at the same precision, so a precision gain is never counted as a kernel gain.
 
 Script:  python bench/bench_importance.py [--device cpu|cuda] [--batch 16] [--seq 128]
+         [--precision fp32,bf16]   (default: fp32,bf16 on CUDA, fp32 on the CPU)
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import contextlib
 import copy
 import importlib.resources
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -106,6 +112,8 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--rounds", type=int, default=3, help="interleaved rounds over the providers (median kept)"
     )
+    parser.add_argument("--precision", default=None,
+                        help="comma list of fp32, bf16 (default: fp32,bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--profile", action="store_true",
                         help="also print torch.profiler's top kernels of fwd_bwd_weights, "
                              "hook_gates and sb_paper")
@@ -114,6 +122,9 @@ def main(argv=None) -> None:
     cuda = args.device.startswith("cuda")
     if not cuda:
         torch.set_num_threads(args.threads)
+    precisions = (args.precision or ("fp32,bf16" if cuda else "fp32")).split(",")
+    if not precisions or not set(precisions) <= {"fp32", "bf16"}:
+        parser.error(f"--precision {args.precision!r}: expected a comma list of fp32, bf16")
     dtype = torch.float32
     batch_size = args.batch or (32 if cuda else 16)
     plain = load_model(args.model, args.device, dtype)
@@ -121,36 +132,53 @@ def main(argv=None) -> None:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     patched = sparsebert.patch(copy.deepcopy(plain))
 
-    def fwd_bwd_weights():
-        plain.zero_grad(set_to_none=True)
-        F.cross_entropy(plain(**inputs).logits, batch["labels"]).backward()
+    device_type = torch.device(args.device).type
 
-    def hooked():
-        with hook_gates(plain) as leaves:
-            loss = F.cross_entropy(plain(**inputs).logits, batch["labels"])
-            torch.autograd.grad(loss, leaves)
+    def autocast(precision):
+        return (torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
 
-    def sb(mode):
-        return lambda: sparsebert.importance(patched, [batch], mode=mode, progress=False)
+    def fwd_bwd_weights(precision):
+        def run():
+            plain.zero_grad(set_to_none=True)
+            with autocast(precision):
+                loss = F.cross_entropy(plain(**inputs).logits.float(), batch["labels"])
+            loss.backward()
+        return run
 
-    providers = {
-        "fwd_bwd_weights": fwd_bwd_weights,
-        "hook_gates": hooked,
-        "sb_paper": sb("paper"),
-        "sb_per_example": sb("per_example"),
-        "sb_fisher": sb("fisher"),
-    }
+    def hooked(precision):
+        def run():
+            with hook_gates(plain) as leaves:
+                with autocast(precision):
+                    loss = F.cross_entropy(plain(**inputs).logits.float(), batch["labels"])
+                torch.autograd.grad(loss, leaves)
+        return run
+
+    def sb(mode, precision):
+        return lambda: sparsebert.importance(patched, [batch], mode=mode, progress=False,
+                                             precision=precision)
+
+    providers = {}  # (name, precision) -> call
+    for precision in precisions:
+        providers.update({
+            ("fwd_bwd_weights", precision): fwd_bwd_weights(precision),
+            ("hook_gates", precision): hooked(precision),
+            ("sb_paper", precision): sb("paper", precision),
+            ("sb_per_example", precision): sb("per_example", precision),
+            ("sb_fisher", precision): sb("fisher", precision),
+        })
     # Interleaved rounds so that load on a shared machine hits every provider alike.
-    samples: dict[str, list[float]] = {name: [] for name in providers}
+    samples: dict[tuple[str, str], list[float]] = {key: [] for key in providers}
     for _ in range(args.rounds):
-        for name, fn in providers.items():
-            samples[name].append(common.time_call(fn, args.min_run_time))
-    times = {name: statistics.median(values) for name, values in samples.items()}
-    base, paper = times["fwd_bwd_weights"], times["sb_paper"]
+        for key, fn in providers.items():
+            samples[key].append(common.time_call(fn, args.min_run_time))
+    times = {key: statistics.median(values) for key, values in samples.items()}
     rows, records = [], []
-    for name, seconds in times.items():
+    for (name, precision), seconds in times.items():
+        base, paper = times[("fwd_bwd_weights", precision)], times[("sb_paper", precision)]
         rec = dict(
             provider=name,
+            precision=precision,
             batch=batch_size,
             seq=args.seq,
             ms=seconds * 1e3,
@@ -161,21 +189,30 @@ def main(argv=None) -> None:
         rows.append(
             [
                 name,
+                precision,
                 f"{rec['ms']:.1f}",
                 f"{rec['vs_fwd_bwd_weights']:.2f}x",
                 f"{rec['vs_sb_paper']:.3f}x",
             ]
         )
-    header = ["provider", "time (ms)", "vs fwd+bwd with weight grads", "vs sb_paper"]
+    header = ["provider", "precision", "time (ms)",
+              "vs fwd+bwd with weight grads (same precision)", "vs sb_paper (same precision)"]
     cfg = plain.config
     model_name = ("default model (MiniLM-L6)" if args.model == "default"
                   else f"random {args.model}-shaped model")
     what = (f"importance pass, {model_name}, {cfg.num_attention_heads} heads x "
-            f"{cfg.num_hidden_layers} layers, fp32, B={batch_size}, S={args.seq}")
+            f"{cfg.num_hidden_layers} layers, fp32 weights, {' and '.join(precisions)} "
+            f"compute, B={batch_size}, S={args.seq}")
     stem = "importance" if args.model == "default" else f"importance_{args.model}"
+    kernel = os.environ.get("SPARSEBERT_ATTENTION_KERNEL") or "default"
+    if kernel != "default":  # e.g. mma: its own table, next to the default kernels'
+        what, stem = f"{what}, SPARSEBERT_ATTENTION_KERNEL={kernel}", f"{stem}_{kernel}"
     common.report("importance", args, argv, what, header, rows, records, stem=stem)
     if args.profile:
-        profile(providers, ("fwd_bwd_weights", "hook_gates", "sb_paper"), cuda)
+        last = precisions[-1]
+        profile({f"{name} ({p})": fn for (name, p), fn in providers.items()},
+                [f"{name} ({last})" for name in ("fwd_bwd_weights", "hook_gates", "sb_paper")],
+                cuda)
 
 
 def profile(providers, names, cuda: bool, calls: int = 3) -> None:

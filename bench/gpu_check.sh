@@ -15,15 +15,23 @@
 # Usage on the GPU machine, from the repository root:  bash bench/gpu_check.sh
 # The steps run in this order, the most valuable first; GPU_CHECK_STEPS=a,b,... runs only those
 # (in this order whatever order it lists them; an unknown name stops the script):
-#   build (200 s), mma-tests (150 s), bench-masked-attention-graph (150 s), trace-mma (40 s)
-#     = the attention kernels, within 540 s: the mma.sync forwards' and backwards' correctness
-#     (fp16/bf16, and fp32 through 3xTF32), the forwards' graph-replay GPU time vs SDPA, one
-#     traced call of each. The first call on a GPU machine:
-#       GPU_CHECK_STEPS=build,mma-tests,bench-masked-attention-graph,trace-mma
-#   cuda-tests (180 s), bench-masked-attention (180 s: eager fwd and fwd+bwd, S 128 and 512,
-#     fp32 too), bench-train-step (120 s), bench-group-dot (45 s), bench-importance (60 s),
-#     simt-tests (60 s) = the rest, a second call on the same (warm) machine, which keeps the
-#     built extension: GPU_CHECK_STEPS=cuda-tests,bench-masked-attention,... (no build)
+# Three groups, each one device call within 600 s even when every step runs to its limit (and
+# its 15 s grace). A session's device time (900 s, the machine's start included) fits the first
+# group and a rerun of part of it; the others wait for a later session. Each group starts with
+# `build`: on a fresh machine it compiles (sm_90, 16 jobs), on a warm one it finds nothing to do.
+#   1. the attention kernels, limits 420 s: build (150 s), mma-tests (120 s: the mma.sync
+#      forwards' and backwards' correctness, fp16/bf16 and fp32 through 3xTF32),
+#      bench-masked-attention-graph (120 s: the forwards' graph-replay GPU time vs SDPA),
+#      trace-mma (30 s: one traced call of each kernel). The first call on a GPU machine:
+#        GPU_CHECK_STEPS=build,mma-tests,bench-masked-attention-graph,trace-mma
+#   2. the other CUDA tests and the backward's speed, limits 510 s: build, cuda-tests (150 s),
+#      bench-masked-attention (150 s: eager fwd and fwd+bwd, S 128 and 512, fp32 too),
+#      simt-tests (60 s):
+#        GPU_CHECK_STEPS=build,cuda-tests,bench-masked-attention,simt-tests
+#   3. the training-step, group_dot and importance benchmarks, limits 405 s: build,
+#      bench-train-step (120 s), bench-group-dot (45 s), bench-importance (90 s: fp32 and bf16,
+#      default and mma.sync kernels):
+#        GPU_CHECK_STEPS=build,bench-train-step,bench-group-dot,bench-importance
 set -uo pipefail
 out=${OUT:-bench/results/gpu}
 mkdir -p "$out"
@@ -35,15 +43,18 @@ export SPARSEBERT_REQUIRE_EXT=1 MAX_JOBS=${MAX_JOBS:-16}
 start=$SECONDS
 gpu_summary
 
-pack() {  # copy benchmark tables/JSON (and profiler traces) written so far into $OUT
-  tar czf "$out/results.tar.gz" bench/results/*-nvidia-* bench/results/profiles/*-nvidia-* 2>/dev/null || true
+pack() {  # copy the benchmark tables/JSON (and profiler traces) this run wrote into $OUT (files
+  # newer than its summary: a committed table of an earlier run is left out, so a benchmark
+  # that failed here cannot pass off the old one)
+  find bench/results -name '*-nvidia-*' -newer "$summary" -type f -print0 \
+    | tar czf "$out/results.tar.gz" --null -T - 2>/dev/null || true
 }
 
 check_steps build mma-tests bench-masked-attention-graph trace-mma cuda-tests \
   bench-masked-attention bench-train-step bench-group-dot bench-importance simt-tests
 
 # Step 1: build (in place: this machine is a copy of the tree).
-if ! step build 200 "$out/build.log" python3 setup.py build_ext --inplace; then
+if ! step build 150 "$out/build.log" python3 setup.py build_ext --inplace; then
   tail -n 60 "$out/build.log"; exit 1
 fi
 # -v: a line per test, kept even when a step is cut at its limit
@@ -51,7 +62,7 @@ pytest_args=(-v -m cuda -p no:cacheprovider -rfE --timeout=60)
 
 # Step 2: the masked-attention suite with the mma.sync kernels switched on (fp16/bf16 D 32/64
 # calls then run them, fp32 D 32/64 calls the 3xTF32 forward and backward), and the mma tests.
-SPARSEBERT_ATTENTION_KERNEL=mma step mma-tests 150 "$out/mma-tests.log" \
+SPARSEBERT_ATTENTION_KERNEL=mma step mma-tests 120 "$out/mma-tests.log" \
   python3 -m pytest "${pytest_args[@]}" tests/test_masked_attention.py tests/test_masked_attention_mma.py
 tail -n 3 "$out/mma-tests.log" >> "$summary"
 
@@ -59,26 +70,30 @@ tail -n 3 "$out/mma-tests.log" >> "$summary"
 # mma.sync forward, switched on per call) next to SDPA, whose chosen backend the table names. In
 # the float32 table those two columns are the 3xTF32 mma.sync forward and sparsebert the SIMT
 # kernel. Then one traced call of each kernel.
-step bench-masked-attention-graph 150 "$out/bench.log" bash -c "
+step bench-masked-attention-graph 120 "$out/bench.log" bash -c "
   python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --seq 128 512
   python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --dtype bfloat16 --seq 128 512
   python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --dtype float32 --seq 128 512"; pack
-step trace-mma 40 "$out/bench.log" python3 bench/trace_attention.py; pack
+step trace-mma 30 "$out/bench.log" python3 bench/trace_attention.py; pack
 
 # Step 4: the other CUDA tests (each kernel test first asserts the CUDA kernel is registered;
 # the mma tests ran in step 2).
-step cuda-tests 180 "$out/cuda-tests.log" python3 -m pytest "${pytest_args[@]}" \
+step cuda-tests 150 "$out/cuda-tests.log" python3 -m pytest "${pytest_args[@]}" \
   --ignore=tests/test_masked_attention_mma.py tests/
 tail -n 3 "$out/cuda-tests.log" >> "$summary"
 
 # Step 5: eager fwd and fwd+bwd; S=512 runs the mma.sync backward's key-block/query-block items,
 # the float32 table the 3xTF32 backward (sparsebert_mma) against the SIMT one (sparsebert).
-step bench-masked-attention 180 "$out/bench.log" bash -c "
+step bench-masked-attention 150 "$out/bench.log" bash -c "
   python3 bench/bench_masked_attention.py --device cuda --seq 128 512
   python3 bench/bench_masked_attention.py --device cuda --dtype float32 --dim 64 --seq 128"; pack
 step bench-train-step 120 "$out/bench.log" python3 bench/bench_train_step.py --device cuda; pack
 step bench-group-dot 45 "$out/bench.log" python3 bench/bench_group_dot.py --device cuda; pack
-step bench-importance 60 "$out/bench.log" python3 bench/bench_importance.py --device cuda --model bert-base --profile; pack
+# fp32 and bf16 rows (importance's CUDA default), with the default kernels, then with the mma.sync
+# kernels (their own table, importance_bert-base_mma-<gpu>.md).
+step bench-importance 90 "$out/bench.log" bash -c "
+  python3 bench/bench_importance.py --device cuda --model bert-base --min-run-time 0.5 --profile
+  SPARSEBERT_ATTENTION_KERNEL=mma python3 bench/bench_importance.py --device cuda --model bert-base --min-run-time 0.5"; pack
 
 # Step 6: the SIMT attention kernels (the tensor-core ones are the default for D=32/64).
 export SPARSEBERT_ATTENTION_KERNEL=simt

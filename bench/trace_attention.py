@@ -1,7 +1,7 @@
 """One profiled call of each CUDA attention forward (default kernels, the mma.sync forward, SDPA)
 at B=32, S=128, H=12, D=64, fp16, 6 of 12 heads kept, and the same in fp32 (default: the SIMT
 kernel; mma: the 3xTF32 mma.sync forward): prints the kernels each launches with their GPU time
-and writes a Chrome trace to bench/results/profiles/attention_trace-<gpu>.json.
+and writes one Chrome trace per call to bench/results/profiles/attention_trace_<call>-<gpu>.json.
 
 Script:  python bench/trace_attention.py   (CUDA only)
 """

@@ -4,6 +4,7 @@ its time limit gets SIGINT first (pytest then still prints its failures)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -41,3 +42,25 @@ def test_a_step_at_its_limit_is_interrupted_then_logged(tmp_path):
     assert done.returncode == 124 and "slow: exit 124" in done.stdout
     assert "interrupted" in log.read_text()
     assert "slow: exit 124" in (tmp_path / "summary.txt").read_text()
+
+
+def _limits(script: Path) -> dict[str, int]:
+    """{step name: its time limit in seconds} from the script's `step NAME LIMIT ...` lines."""
+    return {m.group(1): int(m.group(2))
+            for m in re.finditer(r"^\s*(?:if ! )?(?:\S+=\S+ )*step ([\w-]+) (\d+) ",
+                                 script.read_text(), re.M)}
+
+
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_speed.sh"])
+def test_every_documented_call_fits_one_device_call(script):
+    """Each call the header documents (GPU_*_STEPS=...) fits the 600 s a device call may run even
+    when every step runs to its limit plus the 15 s before SIGKILL, and starts with the build
+    (a fresh machine has no extension; a warm one rebuilds nothing)."""
+    path = BENCH / script
+    limits = _limits(path)
+    calls = re.findall(r"^#\s+GPU_\w+_STEPS=([\w,-]+)", path.read_text(), re.M)
+    assert len(calls) >= 2, calls
+    for call in calls:
+        names = call.split(",")
+        assert names[0] == "build" and set(names) <= set(limits), (call, limits)
+        assert sum(limits[n] + 15 for n in names) <= 600, (call, limits)
