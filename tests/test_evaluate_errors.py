@@ -180,3 +180,44 @@ def test_a_head_saved_in_another_label_order_keeps_its_meaning(tiny_model_dir, t
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, source(**inputs).logits[:, order])
+
+
+@pytest.mark.parametrize("trained_on, precision, expected", [
+    ("cpu", "auto", "fp32"), ("cuda:0", "auto", "bf16"), ("cuda:0", "fp32", "fp32"),
+    ("cpu", "bf16", "bf16"), (None, "auto", "auto")])
+def test_evaluate_scores_in_the_precision_the_run_trained_with(run_copy, monkeypatch, trained_on,
+                                                                precision, expected):
+    """precision "auto" means bf16 on CUDA and fp32 elsewhere: `evaluate` resolves it on the
+    device the run trained on (results.json), not on the one it evaluates on, so that its scores
+    are the run's; unknown (no device recorded): "auto" on the evaluating device."""
+    import importlib  # noqa: PLC0415
+
+    evaluate_module = importlib.import_module("sparsebert.train.evaluate")  # (not the function)
+
+    results = json.loads((run_copy / "results.json").read_text())
+    if trained_on is None:
+        results.pop("device")
+    else:
+        results["device"] = trained_on
+    (run_copy / "results.json").write_text(json.dumps(results))
+    config = json.loads((run_copy / "config.json").read_text())
+    (run_copy / "config.json").write_text(json.dumps({**config, "precision": precision}))
+    seen = []
+    real = evaluate_module.evaluate_model
+    monkeypatch.setattr(evaluate_module, "evaluate_model",
+                        lambda *args: seen.append(args[4]) or real(*args))
+    evaluate_module.evaluate(run_copy, device="cpu")
+    assert seen and set(seen) == {expected}
+
+
+def test_metrics_log_keeps_seven_significant_digits(tmp_path):
+    """A learning rate of 2e-5's schedule keeps its steps in metrics.jsonl (6 decimal places
+    flattened 1.94e-5 and 1.89e-5 alike to 1.9e-5)."""
+    from sparsebert.train.metrics_log import MetricsLog  # noqa: PLC0415
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", keep_until_step=0)
+    log.write({"step": 1, "lr": 1.9444444444e-05, "loss": 0.123456789, "n": 3})
+    log.write({"step": 2, "lr": 1.8888888888e-05, "loss": float("nan")})
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0] == {"step": 1, "lr": 1.944444e-05, "loss": 0.1234568, "n": 3}
+    assert lines[1]["lr"] == 1.888889e-05

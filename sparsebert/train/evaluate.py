@@ -119,6 +119,24 @@ def read_run_config(run_dir: Path) -> TrainConfig:
         raise RunDirError(f"{path}: not a run's config ({error})") from None
 
 
+def trained_precision(run_dir: Path, config: TrainConfig) -> str:
+    """The precision the run was trained and scored with. "auto" depends on the device (bf16 on
+    CUDA, fp32 elsewhere), so it is resolved on the device the run trained on (its results.json),
+    not on the one evaluating now; "auto" again when that is unknown."""
+    if config.precision != "auto":
+        return config.precision
+    try:
+        trained_on = json.loads((run_dir / "results.json").read_text()).get("device")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        trained_on = None
+    trained_on = trained_on if isinstance(trained_on, str) else config.device
+    try:
+        kind = torch.device(trained_on).type if trained_on not in (None, "auto") else None
+    except (RuntimeError, TypeError):
+        kind = None
+    return "auto" if kind is None else "bf16" if kind == "cuda" else "fp32"
+
+
 def evaluate(run_dir: str | os.PathLike, glue_dir: str | None = None,
              batch_size: int | None = None, device: str = "auto",
              verbose: bool = False) -> dict[str, Any]:
@@ -143,8 +161,9 @@ def evaluate(run_dir: str | os.PathLike, glue_dir: str | None = None,
         print(f"data: {why}", file=sys.stderr)
     target = resolve_device(device)
     model.to(target)
+    precision = trained_precision(run_dir, config)
     metrics = {split: evaluate_model(model, task.name, encoded,
-                                     batch_size or config.eval_batch_size, config.precision)
+                                     batch_size or config.eval_batch_size, precision)
                for split, encoded in load_dev_splits(config, tokenizer, origin).items()}
     first = task.dev_splits[0]
     return {"task": task.name, "run": str(run_dir), "metrics": metrics,

@@ -61,7 +61,9 @@ class MetricsLog:
 
     @staticmethod
     def _rounded(record: dict[str, Any]) -> dict[str, Any]:
-        return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
+        """Floats to 7 significant digits (a learning rate of 2e-5 keeps its schedule's steps;
+        decimal places would flatten it)."""
+        return {k: (float(f"{v:.7g}") if isinstance(v, float) and math.isfinite(v) else v)
                 for k, v in record.items()}
 
     def write(self, record: dict[str, Any]) -> None:
