@@ -116,7 +116,8 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
     subnets = tuple(s for s in SUBNETWORKS if s in search.subnet_list())  # in a fixed order
     grid = Grid(tuple(config.task_list()), tuple(config.seed_list()), tuple(methods),
                 subnets, search.retrain, config.super_survivors)
-    check_inputs(grid, train, Path(out).expanduser().resolve())
+    out = Path(out).expanduser().resolve()
+    check_inputs(grid, train, out)
     units = expand(grid)
     cluster = None
     if config.backend == "ray":
@@ -127,7 +128,6 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
     if train.cuda_graphs == "on" and any(slot.device == "cpu" for slot in slots):
         raise SweepError(f"--cuda-graphs on: needs CUDA devices, got --devices {config.devices!r} "
                          "(CPU slots)")
-    out = Path(out).expanduser().resolve()
     state = SweepDir(out)
     notes = state.open(identity(grid, search, train), redo_methods,
                        after_redo=lambda methods: _record_settings(out, grid, search, train,
