@@ -26,9 +26,11 @@ if [ -x "$venv/bin/python" ] && ! usable "$venv/bin/python"; then
 fi
 if [ ! -x "$venv/bin/python" ]; then
   command -v "$python" > /dev/null || fail "$python not found (set SPARSEBERT_PYTHON=/path/to/python3.10+)"
+  version=$("$python" -c 'import platform; print(platform.python_version())' 2>/dev/null) \
+    || fail "$python is not a working Python (set SPARSEBERT_PYTHON=/path/to/python3.10+)"
   "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
-    || fail "$python is Python $("$python" -c 'import platform; print(platform.python_version())'):" \
-            "sparsebert needs 3.10 or newer (set SPARSEBERT_PYTHON=/path/to/python3.10+)"
+    || fail "$python is Python $version: sparsebert needs 3.10 or newer (set" \
+            "SPARSEBERT_PYTHON=/path/to/python3.10+)"
   echo "[setup] creating $venv with $python"
   "$python" -m venv "$venv" || { rm -rf "$venv"; fail "$python -m venv failed (on Debian/Ubuntu:" \
                                                       "apt install python3-venv)"; }
