@@ -254,3 +254,42 @@ def test_predict_restores_each_submodule_mode(tiny_bert):
     first = predict(model, encoded, regression=False)
     assert {name: m.training for name, m in model.named_modules()} == modes
     np.testing.assert_array_equal(first, predict(model, encoded, regression=False))
+
+
+def _gpt2_folder(path: Path) -> Path:
+    """A tiny random GPT-2 classifier with a character-level tokenizer that has an
+    end-of-sequence token but, as GPT-2's own, no padding token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(["<eos>", " "] + [chr(i) for i in range(33, 127)])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>",
+                                        unk_token="<eos>")
+    config = GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                        bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_decoder_model_without_padding_token(synthetic_glue, tmp_path):
+    """GPT-2 has no padding token: it pads with its end-of-sequence token, the classifier is
+    told that id, and the saved run evaluates to the same score."""
+    folder = str(_gpt2_folder(tmp_path / "gpt2"))
+    model, tokenizer = load_model(folder, 2)
+    assert tokenizer.pad_token == tokenizer.eos_token
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    config = TrainConfig(task="sst2", model=folder, glue_dir=synthetic_glue, epochs=1,
+                         batch_size=16, max_length=32, threads=1, seed=3)
+    results = finetune(config, tmp_path / "run", progress=False)
+    assert results.finished
+    assert evaluate(tmp_path / "run")["metrics"] == results.metrics
+    # A caller's own model and tokenizer are refused before anything is written.
+    model, tokenizer = load_model(folder, 2)
+    tokenizer.pad_token = None
+    with pytest.raises(TrainError, match="no padding token"):
+        finetune(config, tmp_path / "own", model=model, tokenizer=tokenizer, progress=False)
+    assert not (tmp_path / "own").exists()

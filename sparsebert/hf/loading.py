@@ -342,7 +342,24 @@ def load_model(name_or_path: str | os.PathLike | None = None, num_labels: int = 
     if saved_names and labels and len(labels) == num_labels:
         _reorder_classifier(model, saved_names, labels, source)
     tokenizer = load_tokenizer(source, vocab_size=getattr(config, "vocab_size", None))
+    use_padding_token(model, tokenizer, source)
     return model, tokenizer
+
+
+def use_padding_token(model: torch.nn.Module, tokenizer, source: str) -> None:
+    """Give a decoder-style checkpoint (GPT-2 and kin: no padding token) one, as batches of
+    unequal lengths need: its end-of-sequence token, the usual choice (padded positions are
+    masked out, and the classifier reads the last token before the padding). The model's
+    config learns the id, so the classification head finds that token; a saved run keeps
+    both. Raises ModelLoadError when the tokenizer has neither token."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(
+                f"{source}: its tokenizer has no padding token and no end-of-sequence token "
+                "to pad with; save the tokenizer with a pad_token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
 
 
 def label_permutation(saved: list[str], labels: tuple[str, ...]) -> list[int] | None:

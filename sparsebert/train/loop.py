@@ -131,6 +131,10 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
     config.glue_dir = data.get("path")  # the run remembers where its data came from
     if model is not None and tokenizer is None:
         raise TrainError("finetune(model=...) needs the tokenizer too")
+    if model is not None and tokenizer.pad_token_id is None:  # batches are padded
+        raise TrainError("finetune(tokenizer=...): the tokenizer has no padding token; set "
+                         "tokenizer.pad_token (e.g. to its eos_token) and "
+                         "model.config.pad_token_id to its id")
     masks = WeightMasks(weight_masks or [])
     if weight_masks and model is None:
         raise TrainError("finetune(weight_masks=...) needs the model the masks belong to")
