@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from collections import Counter
@@ -824,20 +825,96 @@ def test_ray_unreachable_address_fails_fast(tmp_path, capsys):
     assert not out.exists()  # refused before anything is written
 
 
-def test_ray_backend_same_results(reference, tiny_model_dir, synthetic_glue, tmp_path):
-    """Ray tasks on a local Ray instance (2 CPUs) compute what the local backend did: a
-    one-seed s-pruning sweep against the same units of the reference sweep."""
+@contextlib.contextmanager
+def _ray_head(cpus: int):
+    """A running Ray cluster of one node with `cpus` CPUs (`ray start --head`, token
+    authentication off); yields its GCS address and stops every process of it at the end."""
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    temp_dir = tempfile.mkdtemp(prefix="ray-head-")  # (short: Ray's sockets live there)
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head",
+                             "--block", f"--port={port}", f"--num-cpus={cpus}", "--num-gpus=0",
+                             "--include-dashboard=false", f"--temp-dir={temp_dir}"], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: _listening(port), what="the Ray head's GCS port")
+        yield f"127.0.0.1:{port}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):  # raylet, GCS, workers: one group
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _listening(port: int) -> bool:
+    import socket  # noqa: PLC0415
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_ray_cluster_same_results(reference, tiny_model_dir, synthetic_glue, tmp_path,
+                                  monkeypatch, capsys):
+    """Ray tasks on a running cluster (--ray-address; one node, 2 CPUs) compute what the
+    local backend did: a one-seed s-pruning sweep against the same units of the reference
+    sweep. A unit no node can hold is refused before anything is written."""
     pytest.importorskip("ray")
-    out = tmp_path / "ray"
-    config, search, train = _configs(tiny_model_dir, synthetic_glue, backend="ray")
-    config.seeds, config.methods = "3", "structured"
-    outcome = sweep(out, config, search, train, progress=False)
+    from sparsebert.sweep.ray_backend import probe_cluster  # noqa: PLC0415
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as the head was started
+    with _ray_head(cpus=2) as address:
+        _wait_for(lambda: probe_cluster(address).nodes, what="the head's node")
+        refused = tmp_path / "ray-infeasible"
+        assert main(_argv(tiny_model_dir, synthetic_glue, refused)
+                    + ["--backend", "ray", "--ray-address", address,
+                       "--unit-memory-gb", "100000"]) == 2
+        err = capsys.readouterr().err
+        assert ("no node of the Ray cluster can run a unit: each needs CPU 1, memory "
+                "100000.0 GB (--threads, --per-gpu, --unit-memory-gb), the nodes have CPU 2, "
+                "memory ") in err
+        assert not refused.exists()
+        out = tmp_path / "ray"
+        config, search, train = _configs(tiny_model_dir, synthetic_glue, backend="ray",
+                                         ray_address=address)
+        config.seeds, config.methods = "3", "structured"
+        outcome = sweep(out, config, search, train, progress=False)
     assert not outcome.failed and len(outcome.done) == 6  # full, search, P, R, summary, report
     assert {m["backend"] for m in _done(out).values()} == {"ray"}
     mine = _results(out)["SST-2/seed_3/summary.json"]
     local = _results(reference[0])["SST-2/seed_3/summary.json"]
     assert mine["full"] == local["full"]
     assert mine["methods"]["structured"] == local["methods"]["structured"]
+
+
+def test_ray_backend_starts_its_own_instance(monkeypatch):
+    """Without --ray-address the backend starts a local instance as wide as its slots, even
+    when RAY_ADDRESS (or the machine's last `ray start`) names a cluster: here one that is
+    gone, which Ray's default would try to join."""
+    ray = pytest.importorskip("ray")
+    from sparsebert.sweep.local import Slot  # noqa: PLC0415
+    from sparsebert.sweep.ray_backend import RayBackend  # noqa: PLC0415
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
+    backend = RayBackend([Slot(0, "cpu", 1), Slot(1, "cpu", 2)], None, 1, 0.0)
+    try:
+        assert backend.started and ray.cluster_resources()["CPU"] == 3
+    finally:
+        backend.close()
+    assert not ray.is_initialized()
 
 
 def test_ray_backend_sigterm_stops_cleanly(tiny_model_dir, synthetic_glue, tmp_path):
@@ -862,8 +939,9 @@ def test_ray_backend_refuses_what_no_node_holds_and_cancels_on_close(tiny_model_
                                                                     synthetic_glue, tmp_path,
                                                                     capsys):
     """A unit request no live node can hold (here --unit-memory-gb 100000) is refused with the
-    nodes' resources, not left waiting forever; closing the backend on a Ray instance the
-    caller started (and keeps) cancels the units still running."""
+    nodes' resources, not left waiting forever (more memory than the machine has: before the
+    sweep directory is written); closing the backend on a Ray instance the caller started
+    (and keeps) cancels the units still running."""
     ray = pytest.importorskip("ray")
     from sparsebert.sweep.local import Slot  # noqa: PLC0415
     from sparsebert.sweep.ray_backend import RayBackend  # noqa: PLC0415
@@ -871,13 +949,14 @@ def test_ray_backend_refuses_what_no_node_holds_and_cancels_on_close(tiny_model_
     out = tmp_path / "ray-infeasible"
     assert main(_argv(tiny_model_dir, synthetic_glue, out) + ["--backend", "ray",
                                                               "--unit-memory-gb", "100000"]) == 2
-    err = capsys.readouterr().err
-    assert "no node of the Ray cluster can run a unit: each needs CPU 1, memory 100000.0 GB" \
-        in err
-    assert json.loads((out / "sweep.json").read_text())["runs"][-1]["status"].startswith(
-        "refused")
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    assert "--unit-memory-gb 100000: more than this machine's memory (" \
+        in capsys.readouterr().err
+    assert not out.exists()
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
+        with pytest.raises(SweepError, match="no node of the Ray cluster can run a unit: each "
+                                             "needs CPU 1, memory 100000.0 GB"):
+            RayBackend([Slot(0, "cpu", 1)], None, 1, 100000.0)
         backend = RayBackend([Slot(0, "cpu", 1)], None, 1, 0.0)
         assert not backend.started  # the caller's instance
 
@@ -906,7 +985,7 @@ def test_ray_backend_reports_a_unit_as_soon_as_it_ends():
     from sparsebert.sweep.local import Slot  # noqa: PLC0415
     from sparsebert.sweep.ray_backend import RayBackend  # noqa: PLC0415
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         backend = RayBackend([Slot(0, "cpu", 1), Slot(1, "cpu", 1)], None, 1, 0.0)
 
@@ -937,13 +1016,15 @@ def test_ray_cluster_probe_and_slots():
     from sparsebert.sweep.driver import make_slots  # noqa: PLC0415
     from sparsebert.sweep.ray_backend import probe_cluster  # noqa: PLC0415
 
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     try:
         address = ray.get_runtime_context().gcs_address
-        resources = probe_cluster(address, timeout=60)
+        cluster = probe_cluster(address, timeout=60)
     finally:
         ray.shutdown()
+    resources = cluster.resources
     assert resources["CPU"] == 3 and resources.get("GPU", 0) == 0
+    assert [node["CPU"] for node in cluster.nodes] == [3]
     config = SweepConfig(backend="ray", ray_address=address)
     slots = make_slots(config, TrainConfig(), resources)
     assert [(s.device, s.threads) for s in slots] == [("cpu", 1)] * 3

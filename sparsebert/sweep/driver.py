@@ -121,10 +121,14 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
     units = expand(grid)
     cluster = None
     if config.backend == "ray":
-        from sparsebert.sweep.ray_backend import preflight  # noqa: PLC0415
+        from sparsebert.sweep import ray_backend  # noqa: PLC0415
 
-        cluster = preflight(config.ray_address)  # Ray installed, the cluster answers
-    slots = make_slots(config, train, cluster)  # checks the devices
+        cluster = ray_backend.preflight(config.ray_address)  # Ray installed, the cluster answers
+    slots = make_slots(config, train, cluster and cluster.resources)  # checks the devices
+    if cluster is not None:  # a unit that no node can hold: refused before anything is written
+        ray_backend.check_feasible(slots, cluster.nodes, config.per_gpu, config.unit_memory_gb)
+    elif config.backend == "ray":  # (the instance the sweep starts: its share of the memory
+        ray_backend.check_local_memory(config.unit_memory_gb)  # is checked when it starts)
     if train.cuda_graphs == "on" and any(slot.device == "cpu" for slot in slots):
         raise SweepError(f"--cuda-graphs on: needs CUDA devices, got --devices {config.devices!r} "
                          "(CPU slots)")

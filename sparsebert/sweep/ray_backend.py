@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from sparsebert.sweep.config import SweepError
 from sparsebert.sweep.local import Event, Slot, error_info
@@ -31,6 +31,8 @@ import ray
 ray.init(address=sys.argv[1], include_dashboard=False, log_to_driver=False,
          logging_level="ERROR")
 print("RESOURCES " + json.dumps(ray.cluster_resources()), flush=True)
+print("NODES " + json.dumps([n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]),
+      flush=True)
 ray.shutdown()
 """
 
@@ -53,8 +55,16 @@ def check_reachable(address: str) -> None:
                          ) from None
 
 
-def probe_cluster(address: str, timeout: float | None = None) -> dict[str, float]:
-    """The total resources ({"CPU": n, "GPU": m, ...}) of the Ray cluster at `address`, from a
+class Cluster(NamedTuple):
+    """A running Ray cluster's resources: in all ({"CPU": n, "GPU": m, "memory": bytes, ...})
+    and of each live node."""
+
+    resources: dict[str, float]
+    nodes: list[dict[str, float]]
+
+
+def probe_cluster(address: str, timeout: float | None = None) -> Cluster:
+    """The resources of the Ray cluster at `address` (in all and per live node), from a
     child process that connects to it: ray.init keeps retrying for minutes against a port
     where something else listens (or a stale `auto` address), so the child gets `timeout`
     seconds and is then killed with its process group; any failure is a SweepError."""
@@ -71,16 +81,17 @@ def probe_cluster(address: str, timeout: float | None = None) -> dict[str, float
         raise SweepError(f"--ray-address {address}: no Ray cluster answered within "
                          f"{timeout:.0f} s (is it the head's GCS address, port 6379 by "
                          "default, not the dashboard's?); use --backend local") from None
-    for line in out.splitlines():
-        if line.startswith("RESOURCES "):
-            return json.loads(line[len("RESOURCES "):])
+    found = {key: json.loads(line[len(key) + 1:]) for line in out.splitlines()
+             for key in ("RESOURCES", "NODES") if line.startswith(key + " ")}
+    if len(found) == 2:
+        return Cluster(found["RESOURCES"], found["NODES"])
     lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
     errors = [ln for ln in lines if "Error" in ln.split(":", 1)[0]] or lines or ["no output"]
     raise SweepError(f"--ray-address {address}: cannot connect ({errors[-1][:300]}); "
                      "use --backend local")
 
 
-def preflight(address: str | None) -> dict[str, float] | None:
+def preflight(address: str | None) -> Cluster | None:
     """Ray importable and (with an address) a cluster that answers there, else SweepError;
     returns the cluster's resources (None for the local instance the sweep starts)."""
     try:
@@ -105,6 +116,41 @@ def _shown(resources: dict[str, float], keys) -> str:
                      else f"{k} {resources.get(k, 0):g}" for k in keys)
 
 
+def unit_needs(slot: Slot, per_gpu: int, memory_gb: float) -> dict[str, float]:
+    """The Ray resources one unit on `slot` requests."""
+    needs = {"CPU": float(slot.threads)}
+    if slot.device != "cpu":
+        needs["GPU"] = 1 / per_gpu
+    if memory_gb:
+        needs["memory"] = memory_gb * 2**30
+    return needs
+
+
+def check_feasible(slots: list[Slot], nodes: list[dict[str, float]], per_gpu: int,
+                   memory_gb: float) -> None:
+    """SweepError when none of the live `nodes` (their Ray resources) can hold a unit's
+    request (Ray would keep such a task waiting forever, and the sweep with it)."""
+    for slot in slots:
+        needs = unit_needs(slot, per_gpu, memory_gb)
+        if any(all(node.get(k, 0) >= v for k, v in needs.items()) for node in nodes):
+            continue
+        have = "; ".join(_shown(node, needs) for node in nodes) or "no live node"
+        raise SweepError(f"no node of the Ray cluster can run a unit: each needs "
+                         f"{_shown(needs, needs)} (--threads, --per-gpu, "
+                         f"--unit-memory-gb), the nodes have {have}")
+
+
+def check_local_memory(memory_gb: float) -> None:
+    """SweepError when --unit-memory-gb exceeds this machine's physical memory, so the local
+    Ray instance the sweep would start could never hold a unit (the exact limit, Ray's
+    share of the memory, is checked when the instance starts)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") \
+        if hasattr(os, "sysconf") else None
+    if total and memory_gb * 2**30 > total:
+        raise SweepError(f"--unit-memory-gb {memory_gb:g}: more than this machine's memory "
+                         f"({total / 2**30:.1f} GB), so its Ray instance cannot run a unit")
+
+
 class RayBackend:
     """Units as Ray tasks; at most one per slot at a time (slots bound the sweep's width)."""
 
@@ -124,8 +170,9 @@ class RayBackend:
         try:
             if self.started and address:
                 ray.init(address=address, **options)
-            elif self.started:  # a local instance as wide as the slots
-                ray.init(num_cpus=sum(s.threads for s in slots), **options)
+            elif self.started:  # a new local instance as wide as the slots (not a cluster
+                # that RAY_ADDRESS or the machine's last `ray start` names: Ray's default)
+                ray.init(address="local", num_cpus=sum(s.threads for s in slots), **options)
         except ConnectionError as error:
             raise SweepError(f"--ray-address {address}: {error}; use --backend local") \
                 from None
@@ -141,26 +188,11 @@ class RayBackend:
         self.remote = ray.remote(_run_unit)
 
     def _needs(self, slot: Slot) -> dict[str, float]:
-        """The Ray resources one unit on `slot` requests."""
-        needs = {"CPU": float(slot.threads)}
-        if slot.device != "cpu":
-            needs["GPU"] = 1 / self.per_gpu
-        if self.memory_gb:
-            needs["memory"] = self.memory_gb * 2**30
-        return needs
+        return unit_needs(slot, self.per_gpu, self.memory_gb)
 
     def _check_feasible(self) -> None:
-        """SweepError when no live node can hold a unit's request (Ray would keep such a task
-        waiting forever, and the sweep with it)."""
         nodes = [n.get("Resources", {}) for n in self.ray.nodes() if n.get("Alive")]
-        for slot in self.slots:
-            needs = self._needs(slot)
-            if any(all(node.get(k, 0) >= v for k, v in needs.items()) for node in nodes):
-                continue
-            have = "; ".join(_shown(node, needs) for node in nodes) or "no live node"
-            raise SweepError(f"no node of the Ray cluster can run a unit: each needs "
-                             f"{_shown(needs, needs)} (--threads, --per-gpu, "
-                             f"--unit-memory-gb), the nodes have {have}")
+        check_feasible(self.slots, nodes, self.per_gpu, self.memory_gb)
 
     def idle(self) -> list[Slot]:
         return [s for s in self.slots if s.busy is None]
