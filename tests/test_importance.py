@@ -143,9 +143,9 @@ def test_matches_brute_force_reference(mode, num_labels, tiny_bert, tiny_batches
     ref_head, ref_mlp, ref_neuron = reference_scores(model, batches, mode, neurons=True)
     patched = patch(copy.deepcopy(model))
     imp = importance(patched, batches, mode=mode, neurons=True, normalize=False, progress=False)
-    torch.testing.assert_close(imp.head, ref_head, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(imp.mlp, ref_mlp, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(imp.neuron, ref_neuron, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(imp.head, ref_head, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(imp.mlp, ref_mlp, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(imp.neuron, ref_neuron, rtol=1e-4, atol=1e-9)
     assert imp.examples == 8 and imp.tokens == sum(int(b["attention_mask"].sum()) for b in batches)
 
 
@@ -205,8 +205,8 @@ def test_masked_components_score_zero_and_others_match_reference(tiny_bert, tiny
     set_masks(patched, head_mask=head_mask, mlp_mask=mlp_mask)
     imp = importance(patched, batches, mode="per_example", normalize=False, progress=False)
     assert torch.all(imp.head[head_mask == 0] == 0) and imp.mlp[1] == 0
-    torch.testing.assert_close(imp.head, ref_head, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(imp.mlp, ref_mlp, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(imp.head, ref_head, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(imp.mlp, ref_mlp, rtol=1e-4, atol=1e-9)
 
 
 @pytest.mark.parametrize("mode", ["paper", "per_example", "fisher"])
@@ -282,7 +282,7 @@ def test_masked_heads_count_in_their_layers_norm_as_the_authors_code(mode, tiny_
     # Masked heads at 0 are the minimum, so the min-max divides the live heads' layer-normed
     # scores by their maximum: the authors' ranking, on a [0, 1] scale.
     expected = layer_l2[live] / layer_l2[live].max()
-    torch.testing.assert_close(imp.head[live], expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(imp.head[live], expected, rtol=1e-4, atol=1e-9)
     # The norm over the live heads alone ranks differently (layer 0's last head scores 1 there).
     live_only = normalize_by_layer(raw_head * live)[live]
     assert live_only[0] == 1 and not torch.allclose(live_only / live_only.max(), expected)
@@ -324,7 +324,7 @@ def test_per_example_scores_of_a_physically_pruned_model(tiny_bert, tiny_batches
     got = importance(pruned, tiny_batches(num_labels=NUM_LABELS), **options)
     for name in ("head", "mlp", "neuron"):
         torch.testing.assert_close(got.per_example[name], want.per_example[name],
-                                   rtol=1e-4, atol=1e-6)
+                                   rtol=1e-4, atol=1e-9)
     assert not got.per_example["head"][:, 1].any() and not got.per_example["mlp"][:, 2].any()
     assert got.per_example["head"][:, 0].all()
 
@@ -438,8 +438,8 @@ def test_real_default_model_matches_brute_force(default_model_dir):
     imp = importance(
         patch(copy.deepcopy(model)), batches, mode="per_example", normalize=False, progress=False
     )
-    torch.testing.assert_close(imp.head, ref_head, rtol=2e-3, atol=1e-6)
-    torch.testing.assert_close(imp.mlp, ref_mlp, rtol=2e-3, atol=1e-6)
+    torch.testing.assert_close(imp.head, ref_head, rtol=2e-3, atol=1e-9)
+    torch.testing.assert_close(imp.mlp, ref_mlp, rtol=2e-3, atol=1e-9)
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -488,11 +488,11 @@ def test_score_masked_heads_keeps_their_true_score(mode, tiny_bert, tiny_batches
     set_masks(patched, head_mask=head_mask, mlp_mask=mlp_mask)
     options = dict(mode=mode, progress=False, score_masked_heads=True)
     raw = importance(patched, batches, normalize=False, **options)
-    torch.testing.assert_close(raw.head, raw_head, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(raw.head, raw_head, rtol=1e-4, atol=1e-9)
     assert raw.mlp[1] == 0
     normalized = importance(patched, batches, **options)
     torch.testing.assert_close(normalized.head, min_max(normalize_by_layer(raw_head)),
-                               rtol=1e-4, atol=1e-6)
+                               rtol=1e-4, atol=1e-9)
     default = importance(patched, batches, mode=mode, progress=False)
     assert torch.all(default.head[head_mask == 0] == 0)
     assert not any(attn.exact_zero_gate_grad for attn, _ in sparse_blocks(patched))
@@ -566,3 +566,101 @@ def test_multiple_choice_scores_in_paper_mode_and_names_it_otherwise(tiny_bert):
     for mode in ("per_example", "fisher", "michel"):
         with pytest.raises(ValueError, match=rf"mode='{mode}'.*\(4, 2, 9\).*use mode='paper'"):
             importance(model, [batch], mode=mode, progress=False)
+
+
+def _gate_gradients_by_hooks(model, batches, head_mask, mlp_mask, neuron_mask, per_token):
+    """An independent reference: sum over examples (each cut to its real length) of
+    |d loss_i / d gate|, the gates put into an unpatched fp64 copy of `model` by forward hooks
+    at the given mask values; per_token: one gate per token, |.| summed over the tokens
+    (Michel et al.). Pruned (gate 0) components score 0. Returns (L, H), (L,), (L, F)."""
+    model = copy.deepcopy(model).double()
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    ffn = model.config.intermediate_size
+    head, mlp, neuron = torch.zeros(layers, heads), torch.zeros(layers), torch.zeros(layers, ffn)
+    for batch in batches:
+        for i in range(batch["input_ids"].shape[0]):
+            n = int(batch["attention_mask"][i].sum())
+            shape = (n,) if per_token else ()
+
+            def leaf(values, *size):
+                return torch.broadcast_to(values.double(), (*shape, *size)).clone() \
+                    .requires_grad_()
+
+            head_gates = [leaf(head_mask[layer], heads) for layer in range(layers)]
+            mlp_gates = [leaf(mlp_mask[layer]) for layer in range(layers)]
+            neuron_gates = [leaf(neuron_mask[layer], ffn) for layer in range(layers)]
+            handles = []
+            for layer, block in enumerate(model.bert.encoder.layer):
+                def gate_context(module, args, out, layer=layer):
+                    gate = head_gates[layer]
+                    gate = gate[None, :, :, None] if per_token else gate[:, None]
+                    return ((out[0].view(1, n, heads, -1) * gate).view(1, n, -1), *out[1:])
+
+                def gate_ffn(module, args, out, layer=layer):
+                    gate = mlp_gates[layer]
+                    return out * (gate[:, None] if per_token else gate)
+
+                handles += [
+                    block.attention.self.register_forward_hook(gate_context),
+                    block.output.dense.register_forward_hook(gate_ffn),
+                    block.intermediate.register_forward_hook(
+                        lambda module, args, out, layer=layer: out * neuron_gates[layer]),
+                ]
+            try:
+                logits = model(input_ids=batch["input_ids"][i:i + 1, :n],
+                               attention_mask=batch["attention_mask"][i:i + 1, :n]).logits
+                loss = F.cross_entropy(logits, batch["labels"][i:i + 1])
+                grads = torch.autograd.grad(loss, head_gates + mlp_gates + neuron_gates)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            grads = [g.abs().sum(0) if per_token else g.abs() for g in grads]
+            for layer in range(layers):
+                head[layer] += grads[layer].float()
+                mlp[layer] += grads[layers + layer].float()
+                neuron[layer] += grads[2 * layers + layer].float()
+    return head * (head_mask != 0), mlp * (mlp_mask != 0), neuron * (neuron_mask != 0)
+
+
+@pytest.mark.parametrize("mode", ["per_example", "michel"])
+def test_neuron_and_soft_gates_match_gradients_by_hooks(mode, tiny_bert, tiny_batches,
+                                                        tiny_dims):
+    """Neuron gates of 0 and fractions inside a live MLP, soft head and MLP gates: every
+    score in every layer is the |gradient| at those gates (fp64 reference by hooks on the
+    unpatched model); pruned neurons score 0. Tight atol: tiny models' scores are ~1e-4."""
+    model = tiny_bert(num_labels=3)
+    batches = tiny_batches(num_labels=3)
+    head_mask = torch.ones(tiny_dims.layers, tiny_dims.heads)
+    head_mask[0, 1] = 0.5
+    mlp_mask = torch.ones(tiny_dims.layers)
+    mlp_mask[1] = 0.5
+    neuron_mask = torch.ones(tiny_dims.layers, tiny_dims.intermediate)
+    neuron_mask[1, :5] = 0.0  # pruned neurons in a live MLP
+    neuron_mask[1, 5:10] = 0.5
+    neuron_mask[0, 3] = 0.25
+    want_head, want_mlp, want_neuron = _gate_gradients_by_hooks(
+        model, batches, head_mask, mlp_mask, neuron_mask, per_token=mode == "michel")
+    patched = patch(copy.deepcopy(model))
+    set_masks(patched, head_mask=head_mask, mlp_mask=mlp_mask, neuron_mask=neuron_mask)
+    got = importance(patched, batches, mode=mode, neurons=True, normalize=False, progress=False)
+    assert torch.all(got.neuron[neuron_mask == 0] == 0)
+    tolerance = dict(rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(got.head, want_head, **tolerance)
+    torch.testing.assert_close(got.mlp, want_mlp, **tolerance)
+    torch.testing.assert_close(got.neuron, want_neuron, **tolerance)
+
+
+def test_mlp_and_neuron_scores_are_divided_by_real_tokens(tiny_bert, tiny_batches):
+    """normalize_mlp_by_tokens alone (min-max would hide a constant factor): MLP and neuron
+    scores are the raw ones over the number of real tokens, counted by hand; heads unchanged."""
+    model = patch(tiny_bert(num_labels=3))
+    batches = tiny_batches(num_labels=3)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    assert tokens != sum(int(b["labels"].shape[0]) for b in batches)
+    raw = importance(model, batches, neurons=True, normalize=False, progress=False)
+    per_token = importance(model, batches, neurons=True, normalize=False,
+                           normalize_mlp_by_tokens=True, progress=False)
+    exact = dict(rtol=1e-6, atol=0)
+    torch.testing.assert_close(per_token.mlp, raw.mlp / tokens, **exact)
+    torch.testing.assert_close(per_token.neuron, raw.neuron / tokens, **exact)
+    torch.testing.assert_close(per_token.head, raw.head, **exact)

@@ -4,13 +4,17 @@ eligibility, random/bad subnetworks, rewinding, and the search directory (resume
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.utils.prune as prune
+from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from sparsebert.lottery import magnitude as mag
+from sparsebert.lottery import magnitude_stages as stages
 from sparsebert.lottery.config import SearchConfig, SearchError
 from sparsebert.lottery.structured import (
     head_step_size,
@@ -45,6 +49,8 @@ def test_step_sizes_follow_the_model():
     assert head_step_size(144, 0.1) == 14  # BERT-base: 14 heads (PAPER.md §1.3)
     assert head_step_size(72, 0.1) == 7  # the default model
     assert head_step_size(4, 0.1) == 1
+    assert head_step_size(48, 0.1) == 4  # int() truncates, as the authors' num_to_mask
+    assert head_step_size(144, 0.15) == 21
 
 
 def test_lowest_unmasked_skips_masked_and_breaks_ties_by_index():
@@ -337,3 +343,103 @@ def test_threshold_notes(full, threshold, on_search, expected):
     else:
         assert len(notes) == 1 and "always predicts the majority class passes" in notes[0]
         assert ("on the search set" in notes[0]) == (on_search is not None)
+
+
+# A score equal to the threshold passes (PAPER.md §1.3, §2: "continue while score >=
+# threshold"); the m-pruning loop; its amounts against torch's own pruning.
+
+def test_structured_search_a_score_equal_to_the_threshold_passes():
+    """MLPs cost exactly 0.25 each, heads nothing; threshold 0.5: masking the second MLP gives
+    0.5 exactly (binary fractions, no rounding), which passes, so both MLPs end masked."""
+    def evaluate(head_mask, mlp_mask):
+        score = 1.0 - 0.25 * float((1 - mlp_mask).sum())
+        return score, score
+
+    def scores(head_mask, mlp_mask):
+        return torch.arange(8.0).view(2, 4), torch.tensor([1.0, 2.0])
+
+    result = structured_search(2, 4, 0.5, 1.0, evaluate, scores, progress=False)
+    assert [r["search_score"] for r in result.curve if r["phase"] == 1] == [0.75, 0.5]
+    assert all(r["passed"] for r in result.curve if r["phase"] == 1)
+    assert result.mlp_mask.tolist() == [0.0, 0.0]
+
+
+class _StubSearch:
+    """What MagnitudeStages._magnitude_search reads from its Search."""
+
+    def __init__(self, max_steps=9):
+        self.config = types.SimpleNamespace(threshold=0.5, magnitude_max_steps=max_steps,
+                                      magnitude_amount=0.1)
+        self.progress, self.data, self.train, self.task = False, None, None, None
+
+    def _full_scores(self, model):
+        return 1.0, {"acc": 1.0}
+
+    def _notes_on_threshold(self, full_dev, threshold):
+        return []
+
+
+def _tiny_magnitude_model():
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=24, max_position_embeddings=16)
+    return BertForSequenceClassification(config).eval()
+
+
+def test_magnitude_search_a_score_equal_to_the_threshold_passes_and_weights_are_restored(
+        monkeypatch):
+    """Scores 0.75, 0.5, 0.25 at steps 1, 2, 3 with threshold 0.5 x 1.0: step 2 (== threshold)
+    passes, so the good mask is step 2's; every weight the search pruned is restored after it."""
+    model = _tiny_magnitude_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = mag.eligible_parameters(model)
+    total = sum(p.numel() for p in params.values())
+    calls = []
+
+    def score_model(model, data, train):
+        calls.append(sum(int((p == 0).sum()) for p in params.values()))
+        score = [0.75, 0.5, 0.25][len(calls) - 1]
+        return score, {"acc": score}
+
+    monkeypatch.setattr(stages, "score_model", score_model)
+    monkeypatch.setattr(stages, "report_metric", lambda task: "acc")
+    found = stages.MagnitudeStages._magnitude_search(_StubSearch(), model, params)
+    assert found["good_step"] == 2 and found["kept"] == mag.kept_count(total, 2)
+    assert [r["passed"] for r in found["curve"]] == [True, True, True, False]
+    # each step is evaluated from the original weights, which are all back afterwards
+    assert calls == [total - mag.kept_count(total, k) for k in (1, 2, 3)]
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def test_magnitude_search_that_reaches_the_step_cap_keeps_the_last_saved_mask(monkeypatch):
+    """Every step passes: the authors' loop saves the mask before each prune, so with
+    magnitude_max_steps=3 the good mask is step 2's (PAPER.md §2: at most 1 - 0.9^(cap - 1))."""
+    model = _tiny_magnitude_model()
+    params = mag.eligible_parameters(model)
+    monkeypatch.setattr(stages, "score_model", lambda m, d, t: (1.0, {"acc": 1.0}))
+    monkeypatch.setattr(stages, "report_metric", lambda task: "acc")
+    found = stages.MagnitudeStages._magnitude_search(_StubSearch(max_steps=3), model, params)
+    assert len(found["curve"]) == 4 and found["good_step"] == 2
+
+
+def test_kept_counts_and_masks_match_torch_global_l1_unstructured():
+    """The authors' m-pruning step, torch.nn.utils.prune.global_unstructured(L1Unstructured,
+    amount=0.1) applied repeatedly (a PruningContainer prunes round(0.1 x remaining)), is the
+    reference: same kept count and same mask at every step."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(7, 3), nn.Linear(3, 2)
+    params = {"a.weight": nn.Parameter(a.weight.detach().clone()),
+              "a.bias": nn.Parameter(a.bias.detach().clone()),
+              "b.weight": nn.Parameter(b.weight.detach().clone())}
+    total = sum(p.numel() for p in params.values())  # 30
+    targets = [(a, "weight"), (a, "bias"), (b, "weight")]
+    for step in range(1, 10):
+        prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=0.1)
+        torch_masks = {f"{'a' if m is a else 'b'}.{n}": getattr(m, f"{n}_mask").bool()
+                       for m, n in targets}
+        kept = sum(int(m.sum()) for m in torch_masks.values())
+        assert mag.kept_count(total, step) == kept, step
+        ours = mag.magnitude_mask(params, kept)
+        for name, mask in torch_masks.items():
+            assert torch.equal(ours[name], mask), (step, name)

@@ -604,13 +604,21 @@ except RuntimeError as error:
     assert "differentiable once" in str(error), error
 else:
     raise AssertionError("a second derivative did not raise")
+for bad in ([0, 3], [-1]):  # one past the end, negative: the wrapper's error, not IndexError
+    try:
+        ops.masked_attention_compact(q, k, v, gate, torch.tensor(bad))
+    except ValueError as error:
+        assert "[0, H = 3)" in str(error), error
+    else:
+        raise AssertionError(f"kept_heads {bad} was accepted")
 print("ok")
 """
 
 
 def test_reference_path_without_the_extension():
-    """The pure-PyTorch path (extension not built): gradcheck with a mask, and a second
-    derivative raises as on the native path."""
+    """The pure-PyTorch path (extension not built): gradcheck with a mask, a second
+    derivative raises as on the native path, and the compact op names a kept head out of
+    [0, H)."""
     import os  # noqa: PLC0415
     import subprocess  # noqa: PLC0415
     import sys  # noqa: PLC0415

@@ -95,6 +95,32 @@ def test_prune_twice_and_train_after(tiny_roberta, tiny_batch):
     assert attention.self.query.weight.grad.shape[0] == attention.num_heads * attention.head_dim
 
 
+def test_pruning_twice_keeps_the_original_numbering(tiny_bert, tiny_batch):
+    """Prune head 0 and neurons 0-1 of layer 0, then head 2 and neuron 5 (original numbers,
+    which are no longer the current ones): the kept ids, get_masks and the logits follow
+    the original numbering, as the masked unpruned model computes them."""
+    model = sbhf.patch(tiny_bert(num_labels=3))
+    reference = copy.deepcopy(model)
+    ids, mask = tiny_batch()
+    cfg = model.config
+    heads = torch.ones(cfg.num_hidden_layers, cfg.num_attention_heads)
+    neurons = torch.ones(cfg.num_hidden_layers, cfg.intermediate_size)
+    heads[0, 0], neurons[0, :2] = 0, 0
+    sbhf.set_masks(model, head_mask=heads, neuron_mask=neurons)
+    sbhf.prune(model)
+    heads[0, 2], neurons[0, 5] = 0, 0
+    sbhf.set_masks(model, head_mask=heads, neuron_mask=neurons)
+    sbhf.prune(model)
+    kept = [h for h in range(cfg.num_attention_heads) if h not in (0, 2)]
+    assert model.bert.encoder.layer[0].attention.head_ids == kept
+    got = sbhf.get_masks(model)
+    assert torch.equal(got["head_mask"], heads) and torch.equal(got["neuron_mask"], neurons)
+    sbhf.set_masks(reference, head_mask=heads, neuron_mask=neurons)
+    with torch.no_grad():
+        assert max_diff(model(ids, attention_mask=mask).logits,
+                        reference(ids, attention_mask=mask).logits) < TOL
+
+
 def test_real_minilm_prune_equals_masked(default_model_dir, tiny_batch):
     model = sbhf.patch(AutoModel.from_pretrained(str(default_model_dir)).eval())
     cfg = model.config
