@@ -198,7 +198,8 @@ def masked_attention(
     of each query's scaled scores over its real keys, logsumexp_j(scale * q_i . k_j), which the
     backward reuses; 0 for pruned heads; no gradient flows through it.
     Raises ValueError naming the argument for bad shapes, dtypes, devices, D < 1 or empty sizes
-    (checked in C++ when the extension is loaded, else in Python, with the same wording).
+    (checked in C++ when the extension is loaded, else in Python; both name the argument and
+    the expected shape or type, in their own wording).
     """
     for name, t in (("q", q), ("k", k), ("v", v), ("head_gate", head_gate),
                     ("key_padding_mask", key_padding_mask)):

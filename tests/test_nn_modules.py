@@ -380,6 +380,14 @@ def test_override_validation():
         with pytest.raises(ValueError, match=f"per-example '{name}' override has .* batch size {B}"):
             with mlp.override_gates(**gates):
                 mlp(x)
+    for gate in (torch.rand(B + 1, 4) + 0.1, torch.rand(1, 4) + 0.1, torch.zeros(B + 1, 4)):
+        for training in (False, True):  # the op path; SDPA with dropout
+            module.train(training)
+            with pytest.raises(ValueError, match=f"per-example 'head_gate' override has "
+                                                 f"{gate.shape[0]} rows, but .* batch size {B}"):
+                with module.override_head_gate(gate):
+                    module(x)
+    module.eval()
     with pytest.raises(ValueError, match="distinct"):
         module.select_heads([0, 0])
 

@@ -179,6 +179,27 @@ def test_bf16_model_reloads_in_bf16(tmp_path, tiny_bert, tiny_batch):
         assert torch.equal(loaded(ids, attention_mask=mask).logits, expected)
 
 
+def test_mixed_precision_model_reloads_each_weight_in_its_dtype(tmp_path, tiny_bert,
+                                                                tiny_batch):
+    """bf16 weights with fp32 LayerNorms (a common mixed-precision setup): every parameter
+    reloads in its saved dtype, and the outputs are the saved model's."""
+    model, _, _, _ = masked(tiny_bert())
+    sbhf.prune(model)
+    model.to(torch.bfloat16)
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.float()
+    ids, mask = tiny_batch()
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+    loaded = sbhf.load_pruned(sbhf.save_pruned(model, tmp_path / "mixed"))
+    saved = {name: p.dtype for name, p in model.named_parameters()}
+    assert {name: p.dtype for name, p in loaded.named_parameters()} == saved
+    assert set(saved.values()) == {torch.bfloat16, torch.float32}
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, attention_mask=mask).logits, expected)
+
+
 @pytest.mark.parametrize("per_example", [False, True])
 def test_override_head_gates_on_a_pruned_patched_model(per_example, tiny_bert, tiny_batch):
     """sparsebert.hf.override_head_gates takes (L, H) gates in the original numbering on a

@@ -243,12 +243,17 @@ _SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "BF16": torch.bfloat16}
 
 
+def float_dtypes(file: Path) -> dict[str, torch.dtype]:
+    """The dtype of each floating tensor in `file`, by name (header only)."""
+    with safe_open(str(file), framework="pt") as handle:
+        found = {name: handle.get_slice(name).get_dtype() for name in handle.keys()}
+    return {name: _SAFETENSORS_FLOATS[d] for name, d in found.items() if d in _SAFETENSORS_FLOATS}
+
+
 def weights_dtype(file: Path) -> torch.dtype | None:
     """The floating dtype every floating tensor in `file` shares (header only), or None when
     they differ or there is none."""
-    with safe_open(str(file), framework="pt") as handle:
-        found = {handle.get_slice(name).get_dtype() for name in handle.keys()}
-    floats = {_SAFETENSORS_FLOATS[d] for d in found if d in _SAFETENSORS_FLOATS}
+    floats = set(float_dtypes(file).values())
     return floats.pop() if len(floats) == 1 else None
 
 

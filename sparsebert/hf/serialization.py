@@ -40,6 +40,7 @@ from sparsebert.hf.pruned_format import (
     check_description,
     check_weight_shapes,
     config_sizes,
+    float_dtypes,
     read_description,
     weights_dtype,
 )
@@ -193,14 +194,29 @@ def _read_config(root: Path, description: dict[str, Any]):
     return config
 
 
+def _cast_to_saved(model: nn.Module, saved: dict[str, torch.dtype]) -> None:
+    """Each floating parameter and buffer named in `saved` takes its saved dtype, in place
+    (a tied parameter stays one object, so it stays tied)."""
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for name, param in module.named_parameters(recurse=False):
+            dtype = saved.get(prefix + name)
+            if dtype is not None and param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        for name, buffer in module.named_buffers(recurse=False):
+            dtype = saved.get(prefix + name)
+            if dtype is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                setattr(module, name, buffer.to(dtype))
+
+
 def load_pruned(
     path: str | os.PathLike,
     *,
     model_class: type | None = None,
     device: torch.device | str | None = None,
 ) -> nn.Module:
-    """Rebuild a model saved by `save_pruned` (patched, pruned, gates restored, eval mode, in
-    the saved weights' dtype).
+    """Rebuild a model saved by `save_pruned` (patched, pruned, gates restored, eval mode,
+    each weight in its saved dtype).
 
     model_class: the HF class to build (default: the saved architecture, e.g.
     BertForSequenceClassification). Before anything is built, the description is checked
@@ -227,6 +243,8 @@ def load_pruned(
         model.to(dtype)  # before patch: the gates stay fp32, as when a bf16 model is patched
     patch(model)
     _shrink(model, description)
+    if dtype is None:  # mixed precision (e.g. bf16 weights, fp32 LayerNorms): tensor by tensor
+        _cast_to_saved(model, float_dtypes(root / WEIGHTS_FILE))
     try:
         load_model(model, root / WEIGHTS_FILE, strict=True)
     except RuntimeError as error:

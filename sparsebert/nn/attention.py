@@ -445,6 +445,12 @@ class SparseAttention(nn.Module):
             )
         layer_norm = self.output_layer_norm()
         gate = self.gate  # (H,) or (B, H)
+        if gate.dim() == 2 and gate.shape[0] != hidden_states.shape[0]:
+            raise ValueError(
+                f"SparseAttention: the per-example 'head_gate' override has {gate.shape[0]} "
+                f"rows, but hidden_states has batch size {hidden_states.shape[0]} (shape "
+                f"{tuple(hidden_states.shape)})"
+            )
         # Step 1: a block with no active head is LayerNorm(residual) (paper: self/dense removed).
         if self.num_heads == 0 or known_all_zero(gate):
             return layer_norm(hidden_states), None
