@@ -77,3 +77,16 @@ def test_compute_metrics_per_task():
     stsb = metrics.compute_metrics("STS-B", scores + rng.normal(0, 1, 100), scores)
     assert stsb["corr"] == pytest.approx((stsb["pearson"] + stsb["spearman"]) / 2)
     assert metrics.threshold_score("sts-b", stsb) == stsb["corr"]
+
+
+def test_mrpc_qqp_f1_is_the_positive_class_f1_by_hand():
+    """TP 2, FP 1, FN 1: F1 of class 1 = 4 / 6 (class 0's would be 0.5); accuracy 3 / 5."""
+    predictions, labels = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]
+    for task in ("MRPC", "QQP"):
+        out = metrics.compute_metrics(task, predictions, labels)
+        assert out["f1"] == pytest.approx(2 / 3) and out["acc"] == pytest.approx(3 / 5)
+
+
+def test_mcc_with_constant_labels_is_zero_not_nan():
+    """sklearn's convention: 0 whenever either marginal is constant (here the labels)."""
+    assert metrics.matthews_corrcoef([0, 1, 1], [1, 1, 1]) == 0.0

@@ -17,12 +17,17 @@ from sparsebert.lottery import magnitude as mag
 from sparsebert.lottery import magnitude_stages as stages
 from sparsebert.lottery.config import SearchConfig, SearchError
 from sparsebert.lottery.structured import (
+    component_fractions,
     head_step_size,
     kept_fraction,
     lowest_unmasked,
     structured_search,
 )
-from sparsebert.lottery.subnetworks import structured_bad, structured_random
+from sparsebert.lottery.subnetworks import (
+    structured_bad,
+    structured_random,
+    structured_subnetworks,
+)
 
 # --- s-pruning schedule ---------------------------------------------------------------------
 
@@ -443,3 +448,75 @@ def test_kept_counts_and_masks_match_torch_global_l1_unstructured():
         ours = mag.magnitude_mask(params, kept)
         for name, mask in torch_masks.items():
             assert torch.equal(ours[name], mask), (step, name)
+
+
+def test_bad_top_up_is_a_random_draw_from_the_good_components():
+    """Paper §3: bad = all pruned ones plus a *random* top-up from the good ones."""
+    good = torch.ones(10)
+    good[8:] = 0  # 8 kept, 2 pruned: top-up of 6 drawn from the 8 kept
+    counts = np.zeros(10)
+    for seed in range(200):
+        counts += structured_bad(good, np.random.default_rng(seed)).numpy()
+    assert (counts[8:] == 200).all()
+    freq = counts[:8] / 200  # each kept component: 6/8 = 0.75 in expectation
+    assert (np.abs(freq - 0.75) < 0.12).all(), freq
+
+
+def test_structured_subnetworks_match_heads_and_mlps_separately():
+    """random: Bernoulli(p) with p = the good mask's kept fraction, per component kind; bad: as
+    many as good of that kind, pruned ones first."""
+    head = torch.zeros(12, 12)
+    head.view(-1)[:72] = 1  # 50% of heads kept
+    mlp = torch.zeros(12)
+    mlp[:3] = 1  # 25% of MLPs kept
+    head_means, mlp_means = [], []
+    for seed in range(200):
+        out = structured_subnetworks(head, mlp, seed)
+        head_means.append(float(out["random"]["head_mask"].mean()))
+        mlp_means.append(float(out["random"]["mlp_mask"].mean()))
+        assert int(out["bad"]["mlp_mask"].sum()) == 3
+        assert out["bad"]["mlp_mask"][:3].sum() == 0  # 9 pruned >= 3: pruned ones only
+        assert int(out["bad"]["head_mask"].sum()) == 72
+    assert abs(np.mean(head_means) - 0.5) < 0.02
+    assert abs(np.mean(mlp_means) - 0.25) < 0.03
+
+
+def test_s_prunable_parameter_count_by_brute_force():
+    """A head's parameters = its slices of the attention projections; an MLP's = its two
+    dense layers. BERT-base: 144 heads + 12 MLPs = 85,008,384 parameters (PAPER.md §2)."""
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=32,
+                        max_position_embeddings=32)
+    model = BertForSequenceClassification(config)
+    attn = model.bert.encoder.layer[0].attention
+    # A head: its rows of Q, K, V (weights and biases) and its columns of the output dense (the
+    # output bias is shared by all heads and stays).
+    per_head = (sum(p.numel() for m in (attn.self.query, attn.self.key, attn.self.value)
+                    for p in m.parameters()) + attn.output.dense.weight.numel()) // 4
+    layer = model.bert.encoder.layer[1]
+    per_mlp = sum(p.numel() for m in (layer.intermediate.dense, layer.output.dense)
+                  for p in m.parameters())
+    total = 8 * per_head + 2 * per_mlp
+    assert component_fractions(7, 2, 8, 2, 16, 4, 32) == (total - per_head) / total
+    assert component_fractions(8, 1, 8, 2, 16, 4, 32) == (total - per_mlp) / total
+    assert component_fractions(1, 0, 144, 12, 768, 64, 3072) == 196800 / 85008384
+
+
+def test_report_metric_and_majority_baseline_by_hand():
+    """Paper §4 table: CoLA MCC, STS-B Pearson, accuracy elsewhere; the majority baseline
+    predicts the train set's most frequent class."""
+    from sparsebert.glue.tasks import get_task  # noqa: PLC0415
+    from sparsebert.lottery.scoring import majority_baseline, report_metric  # noqa: PLC0415
+
+    assert [report_metric(get_task(t)) for t in ("CoLA", "STS-B", "MRPC", "MNLI")] == [
+        "mcc", "pearson", "acc", "acc"]
+
+    class Dev:
+        labels = np.array([1, 0, 1, 1, 0])
+
+        def __len__(self):
+            return 5
+
+    out = majority_baseline(get_task("MRPC"), np.array([1, 1, 1, 0]), Dev())
+    assert out["acc"] == 3 / 5  # always 1: 3 of 5 right
+    assert out["f1"] == 2 * 3 / (2 * 3 + 2)  # TP 3, FP 2, FN 0

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from sparsebert.atomic import run_lock
 from sparsebert.cli import main
 from sparsebert.errors import SparsebertError
 from sparsebert.lottery import search
+from sparsebert.lottery.config import SearchConfig
 from sparsebert.lottery.search import Search
 
 STAGES = ["full", "structured.search", "structured.pruned.good", "structured.retrained.random",
@@ -540,3 +542,54 @@ def test_the_largest_seeds_run_the_magnitude_stage(tiny_setup, tmp_path):
     summary = search("SST-2", tmp_path / "big-seed", progress=False, method="magnitude",
                      retrain=False, subnets="random", **_options(tiny_setup, seed=MAX_SEED))
     assert summary["methods"]["magnitude"]["subnetworks"]["random"]["pruned"]["score"] >= 0
+
+
+def test_magnitude_good_keeps_the_largest_weights_and_bad_the_smallest(reference):
+    """Against the fine-tuned weights: every weight the good mask keeps is at least as large
+    in magnitude as every one it removes, and the reverse for bad (PAPER.md §2, §3)."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    out, _ = reference
+    weights = load_file(str(out / "full" / "model" / "model.safetensors"))
+    for name in ("good", "bad"):
+        mask = {k: v.bool() for k, v in
+                load_file(str(out / "magnitude" / "masks" / f"{name}.safetensors")).items()}
+        kept = torch.cat([weights[k][m].abs().flatten() for k, m in mask.items()])
+        gone = torch.cat([weights[k][~m].abs().flatten() for k, m in mask.items()])
+        assert len(kept) and len(gone), name
+        if name == "good":
+            assert kept.min() >= gone.max()
+        else:
+            assert kept.max() <= gone.min()
+
+
+def test_magnitude_saved_mask_is_the_last_passing_step_below_the_cap(reference):
+    """The authors' loop saves the mask before each prune step, so the last of its
+    magnitude_max_steps iterations is evaluated but never saved (PAPER.md §2)."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    from sparsebert.lottery import magnitude as mag  # noqa: PLC0415
+
+    out, _ = reference
+    found = json.loads((out / "magnitude" / "search.json").read_text())
+    cap = SearchConfig().magnitude_max_steps
+    last_pass = max(c["step"] for c in found["curve"] if c["passed"])
+    assert found["good_step"] == min(last_pass, cap - 1)
+    total = found["curve"][0]["kept"]
+    good = load_file(str(out / "magnitude" / "masks" / "good.safetensors"))
+    assert sum(int(v.sum()) for v in good.values()) == mag.kept_count(total, found["good_step"])
+
+
+def test_stsb_threshold_is_on_the_full_models_corr(tiny_setup, tmp_path):
+    """STS-B searches on corr = (Pearson + Spearman) / 2 of the full model (PAPER.md §0) and
+    reports Pearson."""
+    out = tmp_path / "search"
+    search("STS-B", out, progress=False, method="structured", subnets="good", retrain=False,
+           **_options(tiny_setup, epochs=1))
+    full = json.loads((out / "full" / "results.json").read_text())["metrics"]["dev"]
+    found = json.loads((out / "structured" / "search.json").read_text())
+    corr = (full["pearson"] + full["spearman"]) / 2  # (the search re-scores the patched model)
+    assert abs(full["pearson"] - corr) > 1e-3  # the two metrics tell apart here
+    assert found["full_search_score"] == pytest.approx(corr, abs=1e-4)
+    assert found["threshold_score"] == pytest.approx(0.9 * corr, abs=1e-4)
+    assert found["curve"][0]["score"] == pytest.approx(full["pearson"], abs=1e-4)

@@ -91,3 +91,19 @@ def test_a_missing_or_damaged_seed_search_is_named(seeds_dir):
     with pytest.raises(RunDirError, match=r"seed_2/structured/search.json: missing: .*--redo "
                                           r"structured"):
         _stage(seeds_dir, [1, 2]).masks_stage()
+
+
+def test_super_mlps_are_the_mlps_kept_in_every_seed(tmp_path):
+    """Each MLP is kept in two of three seeds: none is a super-survivor, none is pruned in
+    every seed (so the bad mask has none), by hand."""
+    mlps = {1: [1, 1, 0], 2: [1, 0, 1], 3: [0, 1, 1]}
+    for seed, mlp_mask in mlps.items():
+        found = tmp_path / f"seed_{seed}" / "structured"
+        found.mkdir(parents=True)
+        (found / "search.json").write_text(json.dumps({"head_mask": [[1, 1, 1]] * 3,
+                                                       "mlp_mask": mlp_mask}))
+    masks = SuperStage("MRPC", tmp_path, [1, 2, 3], SearchConfig(), TrainConfig(),
+                       progress=False).masks_stage()
+    assert masks["masks"]["good"]["mlp_mask"] == [0.0, 0.0, 0.0]
+    assert masks["stability"]["mlps"]["super_survivors"] == 0
+    assert np.sum(masks["masks"]["bad"]["mlp_mask"]) == 0

@@ -798,3 +798,17 @@ def test_readme_results_tables_are_the_committed_reports(study):
     start = text.index("| Setting |")
     table = text[start:text.index("\n\n", start)]
     assert table in (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def test_weak_threshold_note_uses_the_searched_metric(tmp_path):
+    """STS-B searches on corr and reports Pearson: full Pearson 0.60, corr 0.50, a constant
+    predictor scores 0.47 on the search set; 0.9 x 0.50 = 0.45 <= 0.47 is flagged (0.9 x 0.60
+    would not be)."""
+    run = tmp_path / "STS-B" / "seed_1"
+    run.mkdir(parents=True)
+    run.joinpath("summary.json").write_text(json.dumps({
+        "version": 1, "kind": "sparsebert-search", "task": "STS-B", "seed": 1,
+        "metric": "corr", "report_metric": "pearson", "threshold": 0.9,
+        "search_data": "train", "search_majority": 0.47,
+        "full": {"score": 0.60, "metrics": {"pearson": 0.60, "corr": 0.50}}}))
+    assert table.threshold_at_majority(collect(tmp_path)["STS-B"]) == [1]

@@ -293,3 +293,61 @@ def test_decoder_model_without_padding_token(synthetic_glue, tmp_path):
     with pytest.raises(TrainError, match="no padding token"):
         finetune(config, tmp_path / "own", model=model, tokenizer=tokenizer, progress=False)
     assert not (tmp_path / "own").exists()
+
+
+def test_each_step_uses_the_scheduled_lr(tiny_model_dir, synthetic_glue, tmp_path):
+    """The learning rate each optimizer step of finetune actually uses is transformers'
+    linear schedule with warmup: step i of T with warmup W has lr = peak * i / W, then
+    peak * (T - i) / (T - W). SST-2: 96 examples, batch 16 -> T = 6."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook  # noqa: PLC0415
+
+    peak, warmup, total = 1e-3, 2, 6
+    seen = []
+    handle = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: seen.append(float(optimizer.param_groups[0]["lr"])))
+    try:
+        finetune(_config(tiny_model_dir, synthetic_glue, epochs=1, lr=peak,
+                         warmup_steps=warmup), tmp_path / "run", progress=False)
+    finally:
+        handle.remove()
+    assert seen == pytest.approx([peak * (i / warmup if i < warmup else
+                                          (total - i) / (total - warmup))
+                                  for i in range(total)], rel=1e-12)
+
+
+def test_no_weight_decay_on_biases_and_layer_norms(tiny_bert):
+    """As transformers' run_glue: no decay for biases and LayerNorm weights."""
+    from sparsebert.train.optim import make_optimizer  # noqa: PLC0415
+
+    model = tiny_bert()
+    optimizer, _ = make_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.01).resolved(), 10)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for group in optimizer.param_groups if group["weight_decay"] > 0
+               for p in group["params"]}
+    assert decayed == {n for n in names.values()
+                       if not (n.endswith("bias") or "LayerNorm" in n)}
+
+
+def test_mnli_score_is_dev_matched(tiny_model_dir, tmp_path):
+    """MNLI's run score is on dev_matched (PAPER.md §0); the two dev sets hold the same
+    inputs with other gold labels, so they score differently."""
+    glue = tmp_path / "glue" / "MNLI"
+    glue.mkdir(parents=True)
+    words = ["good", "bad", "cat", "dog", "runs", "sits", "a", "the"]
+    classes = ("entailment", "neutral", "contradiction")
+    rows = [f"{words[i % 8]} {words[(i * 3) % 8]} .\t{words[(i * 5) % 8]} .\t{classes[i % 3]}"
+            for i in range(24)]
+    head = "sentence1\tsentence2\tgold_label"
+    (glue / "train.tsv").write_text("\n".join([head, *rows]) + "\n")
+    inputs = [row.rsplit("\t", 1)[0] for row in rows[:12]]
+    gold = {"dev_matched": [classes[0]] * 6 + [classes[1]] * 4 + [classes[2]] * 2,
+            "dev_mismatched": [classes[0]] * 2 + [classes[1]] * 6 + [classes[2]] * 4}
+    for split, labels in gold.items():
+        lines = [f"{text}\t{label}" for text, label in zip(inputs, labels)]
+        (glue / f"{split}.tsv").write_text("\n".join([head, *lines]) + "\n")
+    result = finetune(TrainConfig(task="mnli", model=tiny_model_dir,
+                                  glue_dir=str(tmp_path / "glue"), epochs=1, batch_size=8,
+                                  lr=1e-3, seed=7, threads=1), tmp_path / "run", progress=False)
+    matched = result.metrics["dev_matched"]["acc"]
+    assert matched != result.metrics["dev_mismatched"]["acc"]
+    assert result.score == matched
