@@ -593,3 +593,21 @@ def test_stsb_threshold_is_on_the_full_models_corr(tiny_setup, tmp_path):
     assert found["full_search_score"] == pytest.approx(corr, abs=1e-4)
     assert found["threshold_score"] == pytest.approx(0.9 * corr, abs=1e-4)
     assert found["curve"][0]["score"] == pytest.approx(full["pearson"], abs=1e-4)
+
+
+def test_a_search_resumed_from_changed_model_files_is_refused(tiny_setup, tmp_path):
+    """The retrainings and m-pruning rewinds reload the pre-trained weights long after the
+    full fine-tune: a search whose --model folder changed since it started is refused."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_setup[0], folder)
+    options = _options(tiny_setup, model=str(folder), epochs=1)
+    out = tmp_path / "search"
+    search("SST-2", out, progress=False, method="structured", subnets="good", retrain=False,
+           **options)
+    assert json.loads((out / "model.json").read_text())["files"] == \
+        json.loads((out / "full" / "model.json").read_text())["files"]
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.5}))
+    with pytest.raises(SparsebertError, match=r"other model files: config\.json"):
+        search("SST-2", out, progress=False, method="structured", subnets="good",
+               retrain=False, **options)

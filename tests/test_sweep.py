@@ -1136,6 +1136,25 @@ def test_a_sweep_resumed_on_other_data_is_refused(reference, tiny_model_dir, syn
     assert "nothing to do" in capsys.readouterr().out
 
 
+def test_a_sweep_resumed_from_changed_model_files_is_refused(reference, tiny_model_dir,
+                                                              synthetic_glue, tmp_path, capsys):
+    """A started seed whose model.json records other model files than --model's folder now
+    holds (its weights were overwritten since) refuses the rerun before anything is written."""
+    out = tmp_path / "sweep"
+    shutil.copytree(reference[0], out)
+    record = out / "SST-2" / f"seed_{SEEDS.split(',')[0]}" / "model.json"
+    saved = json.loads(record.read_text())
+    assert saved["source"] == "local" and "model.safetensors" in saved["files"]
+    saved["files"]["model.safetensors"] = "0" * 64  # as if the weights had been other ones
+    record.write_text(json.dumps(saved))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert main(_argv(tiny_model_dir, synthetic_glue, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "other model files: model.safetensors" in err and \
+        "the sweep's other seeds must use the same model" in err, err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
 def test_out_in_the_config_file_expands_the_home_folder(reference, tiny_model_dir,
                                                         synthetic_glue, tmp_path, capsys,
                                                         monkeypatch):

@@ -286,7 +286,7 @@ def test_decoder_model_without_padding_token(synthetic_glue, tmp_path):
                          batch_size=16, max_length=32, threads=1, seed=3)
     results = finetune(config, tmp_path / "run", progress=False)
     assert results.finished
-    assert evaluate(tmp_path / "run")["metrics"] == results.metrics
+    assert evaluate(tmp_path / "run", glue_dir=synthetic_glue)["metrics"] == results.metrics
     # A caller's own model and tokenizer are refused before anything is written.
     model, tokenizer = load_model(folder, 2)
     tokenizer.pad_token = None
@@ -351,3 +351,33 @@ def test_mnli_score_is_dev_matched(tiny_model_dir, tmp_path):
     matched = result.metrics["dev_matched"]["acc"]
     assert matched != result.metrics["dev_mismatched"]["acc"]
     assert result.score == matched
+
+
+def test_a_run_resumed_from_changed_model_files_is_refused(tiny_model_dir, synthetic_glue,
+                                                           tmp_path):
+    """model.json records the model folder's files: a run stopped early and resumed after
+    the folder's weights were overwritten is refused (naming the file) before anything is
+    written; with the original files back it resumes."""
+    import shutil  # noqa: PLC0415
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = _config(str(folder), synthetic_glue, epochs=1, stop_after_steps=2)
+    finetune(config, tmp_path / "run", progress=False)
+    recorded = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert recorded["source"] == "local" and "model.safetensors" in recorded["files"]
+    original = (folder / "model.safetensors").read_bytes()
+    weights = load_file(str(folder / "model.safetensors"))
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    save_file({k: v + 1 for k, v in weights.items()}, str(folder / "model.safetensors"))
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    with pytest.raises(SparsebertError, match=r"other model files: model\.safetensors in "
+                                              r"--model .* differ from what it began with"):
+        finetune(_config(str(folder), synthetic_glue, epochs=1), tmp_path / "run",
+                 progress=False)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    (folder / "model.safetensors").write_bytes(original)  # the same files again: resumes
+    (folder / "README.md").write_text("notes")  # (documentation is not fingerprinted)
+    assert finetune(_config(str(folder), synthetic_glue, epochs=1), tmp_path / "run",
+                    progress=False).finished

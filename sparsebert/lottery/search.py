@@ -52,6 +52,7 @@ from sparsebert.train.data_identity import DATA_FILE, check_data
 from sparsebert.train.evaluate import data_source
 from sparsebert.train.loop import finetune
 from sparsebert.train.metrics_log import MetricsLog
+from sparsebert.train.model_identity import MODEL_FILE, check_model
 from sparsebert.train.rundir import RunResult, load_run_model
 
 SUMMARY_VERSION = 1
@@ -247,12 +248,15 @@ class Search(StructuredStages, MagnitudeStages):
         use_cuda_graphs(self.train, resolve_device(self.train.device))  # on: needs CUDA
         check_search_dir(self.out, self.config, self.train, write=False)  # another config
         check_local_splits(self.task, self.train.glue_dir)  # the data is there
-        for folder in (self.out, self.out / "full"):  # then other data, before config.json
-            if (folder / DATA_FILE).is_file():  # records this call's settings (only checks here)
-                check_data(folder, self.task, self.train.glue_dir)
+        for folder in (self.out, self.out / "full"):  # then other data or model files,
+            if (folder / DATA_FILE).is_file():  # before config.json records this call's
+                check_data(folder, self.task, self.train.glue_dir)  # settings (only checks)
+            if (folder / MODEL_FILE).is_file():
+                check_model(folder, self.train.model)
         check_search_dir(self.out, self.config, self.train)
         self.full = self._full()  # refuses other data than full/ was trained on
         check_data(self.out, self.task, self.train.glue_dir)  # recorded once it trained on it
+        check_model(self.out, self.train.model)  # (the retrainings reload its weights)
         return self.full
 
     def load_full(self) -> None:
@@ -275,6 +279,7 @@ class Search(StructuredStages, MagnitudeStages):
         """Tokenize the search and dev data (after the full model is fine-tuned); data other
         than the search started with is refused."""
         check_data(self.out, self.task, self.train.glue_dir)
+        check_model(self.out, self.train.model)
         tokenizer = load_tokenizer(self.out / "full" / "model")
         self.data = load_search_data(self.task, self.train, tokenizer, self.config.search_data,
                                      self.config.importance_batch_size)

@@ -73,11 +73,13 @@ def check_inputs(grid: Grid, train: TrainConfig, out: Path) -> None:
     """Before anything is written: the model loads (a local directory holds config.json), can
     be patched, --max-length fits its position limit and, with a local GLUE folder, every task's
     train and dev files are there; and every seed already started in `out` began on the same
-    data (its data.json), so that a resumed or extended sweep never mixes two datasets."""
+    data and model files (its data.json and model.json), so that a resumed or extended sweep
+    never mixes two datasets or two models."""
     from sparsebert.glue.loading import check_local_splits  # noqa: PLC0415
     from sparsebert.glue.tasks import get_task  # noqa: PLC0415
     from sparsebert.hf.loading import preflight_model  # noqa: PLC0415
     from sparsebert.train.data_identity import DATA_FILE, check_data  # noqa: PLC0415
+    from sparsebert.train.model_identity import MODEL_FILE, check_model  # noqa: PLC0415
 
     preflight_model(train.model, max_length=train.max_length, patchable=True)
     for task in grid.tasks:  # (with the hub: checked by each unit)
@@ -87,6 +89,12 @@ def check_inputs(grid: Grid, train: TrainConfig, out: Path) -> None:
                 check_data(started.parent, get_task(task), train.glue_dir)
             except RunDirError as error:
                 raise SweepError(f"{error} (the sweep's other seeds must use the same data)"
+                                 ) from None
+        for started in sorted((out / task).glob(f"seed_*/{MODEL_FILE}")):
+            try:
+                check_model(started.parent, train.model)
+            except RunDirError as error:
+                raise SweepError(f"{error} (the sweep's other seeds must use the same model)"
                                  ) from None
 
 

@@ -48,6 +48,7 @@ from sparsebert.train.config import (
 from sparsebert.train.data_identity import check_data, data_fingerprint
 from sparsebert.train.evaluate import data_source, evaluate_model, load_dev_splits
 from sparsebert.train.metrics_log import MetricsLog
+from sparsebert.train.model_identity import check_model
 from sparsebert.train.optim import make_optimizer
 from sparsebert.train.rundir import (
     PLAIN_MASKS,
@@ -140,8 +141,9 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
         raise TrainError("finetune(weight_masks=...) needs the model the masks belong to")
     mask_info = describe_masks(model, masks) if model is not None else PLAIN_MASKS
     finished = check_config(out_dir, config)
-    if (out_dir / "config.json").is_file():  # a run (finished or not) on other data is
-        check_data(out_dir, task, config.glue_dir)  # refused before anything is loaded
+    if (out_dir / "config.json").is_file():  # a run (finished or not) on other data or
+        check_data(out_dir, task, config.glue_dir)  # model files is refused before anything
+        check_model(out_dir, config.model)  # is loaded
     if finished is not None and finished.finished:
         check_masks(out_dir, mask_info)  # a finished run with other masks is another run
         remove_checkpoints(out_dir)  # left by a kill between results.json and their removal
@@ -173,6 +175,7 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
     dev = data_cache.cached(("dev", *data_key), lambda: load_dev_splits(config, tokenizer))
     out_dir.mkdir(parents=True, exist_ok=True)
     check_data(out_dir, task, config.glue_dir)  # refuses other data; writes data.json if new
+    check_model(out_dir, config.model)  # the same for the model's files (model.json)
     check_masks(out_dir, mask_info)  # refuses other masks; writes masks.json for a new run
     atomic_write_json(out_dir / "config.json", config.to_json())  # inputs are good: a run
     model.to(device).train()

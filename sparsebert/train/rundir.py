@@ -6,6 +6,9 @@
                                 weight masks' counts, and fingerprints of all of them
     data.json                   sha256 of the GLUE files it started with (resuming on other
                                 data is refused; sparsebert.train.data_identity)
+    model.json                  sha256 of the --model folder's files it started from
+                                (resuming after they changed is refused;
+                                sparsebert.train.model_identity)
     weight_masks.safetensors    fixed weight masks (bool, by parameter name), when any
     metrics.jsonl               train-loss windows and dev metrics
     checkpoint.pt (+ .prev.pt)  while the run is unfinished (sparsebert.train.checkpoint)

@@ -1,0 +1,65 @@
+"""model.json: what the pre-trained model folder a run (or search) started from contained, so
+that a resume after the folder's files changed (weights overwritten, another checkpoint saved
+in its place) is refused instead of silently mixing two models: a search reloads the
+pre-trained weights for every retraining and m-pruning rewind, long after its full fine-tune.
+A copy of the same files in another folder resumes as before.
+
+    {"source": "local", "files": {"config.json": "<sha256>", "model.safetensors": "<sha256>"}}
+    {"source": "hub", "files": {}}          (a hub id: the hub's revision is not tracked)
+
+Fingerprinted: the folder's top-level files but documentation (*.md) and hidden files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from sparsebert.atomic import atomic_write_json
+from sparsebert.errors import RunDirError
+from sparsebert.train.data_identity import _file_sha256
+
+MODEL_FILE = "model.json"
+
+
+def model_fingerprint(model: str | os.PathLike | None) -> dict[str, str]:
+    """{file name: sha256} of the model folder's top-level files (documentation and hidden
+    files aside); {} for a hub id. `model`: --model as given (None / "default" included)."""
+    from sparsebert.hf.loading import check_model_source, resolve_model  # noqa: PLC0415
+
+    source = resolve_model(model)
+    if not check_model_source(source):
+        return {}
+    folder = Path(source).expanduser()
+    out = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and path.suffix != ".md":
+            stat = path.stat()
+            out[path.name] = _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return out
+
+
+def check_model(out_dir: Path, model: str | os.PathLike | None) -> None:
+    """Refuse to go on in `out_dir` from a model folder whose files differ from those it
+    started with; record them for a new (or older, unrecorded) directory. `out_dir` must
+    exist."""
+    files = model_fingerprint(model)
+    source = "local" if files else "hub"
+    path = out_dir / MODEL_FILE
+    try:
+        saved = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        saved = None  # a damaged record is rewritten from the model in use
+    if isinstance(saved, dict) and isinstance(saved.get("files"), dict):
+        theirs = saved["files"]
+        if saved.get("source") == source == "local":
+            changed = sorted(k for k in set(theirs) | set(files) if theirs.get(k) != files.get(k))
+            if changed:
+                raise RunDirError(
+                    f"{out_dir} was started from other model files: {', '.join(changed)} "
+                    f"in --model {model} differ from what it began with ({path}). Resume "
+                    f"with the model it used, or use another --out")
+        if saved.get("source") == source:
+            return
+    atomic_write_json(path, {"source": source, "files": files})
