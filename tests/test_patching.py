@@ -10,6 +10,7 @@ import torch
 import transformers
 from transformers import AutoModel
 
+import sparsebert
 import sparsebert.hf as sbhf
 from sparsebert.nn import SparseAttention, SparseMLP
 
@@ -310,3 +311,43 @@ def test_compiled_models_apply_their_masks(tiny_bert, tiny_batch):
         got = torch.compile(fast, backend="eager")(ids, attention_mask=mask).logits
         torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
     torch._dynamo.reset()
+
+
+# Structure rows, partial patches, position limits
+# --------------------------------------------------------------------------------------------
+def test_every_documented_model_type_patches(tiny_model):
+    """README: bert, roberta, xlm-roberta, camembert, electra (the table must not lose one:
+    the parametrized tests iterate over the table itself)."""
+    from sparsebert.hf.structure import supported_model_types  # noqa: PLC0415
+
+    documented = {"bert", "roberta", "xlm-roberta", "camembert", "electra"}
+    assert documented <= set(supported_model_types())
+    model = tiny_model("electra")
+    ids = torch.randint(5, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids).last_hidden_state
+        got = sparsebert.patch(copy.deepcopy(model))(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_a_partly_patched_model_is_not_patched(tiny_bert):
+    from sparsebert.hf.patching import is_patched, sparse_blocks  # noqa: PLC0415
+
+    stock = tiny_bert()
+    model = sparsebert.patch(copy.deepcopy(stock))
+    model.bert.encoder.layer[1] = stock.bert.encoder.layer[1]  # an unpatched layer
+    assert not is_patched(model)
+    with pytest.raises(ValueError, match="is not patched"):
+        sparse_blocks(model)
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "bert"])
+def test_position_limit_is_the_longest_input_the_model_takes(model_type, tiny_model):
+    from sparsebert.hf.loading import position_limit  # noqa: PLC0415
+
+    model = tiny_model(model_type, max_position_embeddings=20)
+    limit = position_limit(model.config)
+    with torch.no_grad():
+        model(input_ids=torch.full((1, limit), 5))  # the limit fits
+        with pytest.raises((IndexError, RuntimeError)):
+            model(input_ids=torch.full((1, limit + 1), 5))  # one more does not

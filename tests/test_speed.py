@@ -4,6 +4,8 @@ variant (unpadded, padded, graph buckets), cache invalidation, reversibility, ba
 from __future__ import annotations
 
 import copy
+import statistics
+import time
 
 import pytest
 import torch
@@ -430,3 +432,93 @@ def test_cuda_unpadded_fp16_within_twice_pytorch(tiny_bert, tiny_dims, graphs):
     for _ in range(2):  # capture, then replay
         got = fast(input_ids=ids, attention_mask=mask).logits.double()
         assert (got - reference).abs().max() <= 2 * (plain - reference).abs().max() + 1e-6
+
+
+# Timing statistics, warm-up and derived columns; the fast path with real biases
+# --------------------------------------------------------------------------------------------
+def test_summary_is_median_and_percentiles():
+    from sparsebert.speed.timing import summary  # noqa: PLC0415
+
+    ms = [1.0, 2.0, 3.0, 4.0, 100.0]
+    q = statistics.quantiles(ms, n=5, method="inclusive")  # 20/40/60/80th, linear
+    got = summary(ms)
+    assert got["median_ms"] == statistics.median(ms) == 3.0  # not the mean (22)
+    assert got["p20_ms"] == pytest.approx(q[0]) and got["p80_ms"] == pytest.approx(q[3])
+
+
+def test_paired_ratio_percentiles_are_in_order():
+    from sparsebert.speed.timing import paired_ratio  # noqa: PLC0415
+
+    reference, variant = [10.0, 20.0, 30.0, 40.0, 50.0], [5.0] * 5
+    ratios = [r / v for r, v in zip(reference, variant)]
+    q = statistics.quantiles(ratios, n=5, method="inclusive")
+    got = paired_ratio(reference, variant)
+    assert got["median"] == statistics.median(ratios)
+    assert got["p20"] == pytest.approx(q[0]) and got["p80"] == pytest.approx(q[3])
+    assert got["p20"] < got["median"] < got["p80"]
+
+
+def test_warmup_calls_run_first_and_are_not_timed():
+    from sparsebert.speed.timing import time_interleaved  # noqa: PLC0415
+
+    calls = {"a": 0, "b": 0}
+
+    def make(name):
+        def fn():
+            calls[name] += 1
+            if calls[name] <= 2:  # the first (cold) calls are slow
+                time.sleep(0.05)
+        return fn
+
+    samples = time_interleaved({"a": make("a"), "b": make("b")}, repeats=3, warmup=2,
+                               device=torch.device("cpu"), progress=False)
+    assert calls == {"a": 5, "b": 5}
+    assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3}
+    assert max(max(v) for v in samples.values()) < 25.0  # ms: no warm-up call timed
+
+
+def test_speed_rows_derive_from_their_samples(tiny_model_dir, tmp_path):
+    import json  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+
+    from sparsebert.cli import main  # noqa: PLC0415
+
+    out = tmp_path / "speed.json"
+    batch = 3
+    assert main(["speed", "--model", tiny_model_dir, "--batch", str(batch), "--seq", "12",
+                 "--repeats", "4", "--warmup", "0", "--threads", "1", "--quiet",
+                 "--json", str(out)]) == 0
+    for row in json.loads(out.read_text())["rows"]:
+        samples = row["samples_ms"]
+        assert len(samples) == 4
+        assert row["median_ms"] == pytest.approx(float(np.median(samples)), rel=1e-3)
+        assert row["examples_per_s"] == pytest.approx(batch / (row["median_ms"] / 1e3),
+                                                      rel=1e-6)
+
+
+def _randomize(model, seed=0):
+    """Non-zero biases and non-identity LayerNorms (HF's init leaves them 0 and 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name:
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def test_fast_path_with_soft_gates_and_real_biases(tiny_bert, tiny_dims):
+    model = sparsebert.patch(_randomize(tiny_bert()))
+    heads = torch.ones(tiny_dims.layers, tiny_dims.heads)
+    heads[0, 0] = 0.5
+    mlps = torch.ones(tiny_dims.layers)
+    mlps[1] = 0.5
+    neurons = torch.ones(tiny_dims.layers, tiny_dims.intermediate)
+    neurons[0, ::2] = 0  # compact FFN rows: the kept neurons' biases must follow them
+    sparsebert.set_masks(model, head_mask=heads, mlp_mask=mlps, neuron_mask=neurons)
+    ids = torch.randint(0, tiny_dims.vocab, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    for unpad in (True, False):
+        got = accelerate(model, unpad=unpad)(input_ids=ids).logits
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

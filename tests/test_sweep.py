@@ -1223,3 +1223,89 @@ def test_one_method_sweep_redoes_a_shared_setting(tiny_model_dir, synthetic_glue
     (folder,) = (out / "SST-2").glob("seed_*")
     assert json.loads((folder / "config.json").read_text())["search"]["threshold"] == 0.8
     assert json.loads((out / "sweep.json").read_text())["runs"][-1]["status"] == "finished"
+
+
+# Grid priorities, the scheduler's estimate and placement, slots, flags over the file
+# --------------------------------------------------------------------------------------------
+def test_upward_rank_is_the_heaviest_chain_by_brute_force():
+    """rank = own weight + the heaviest chain of dependents (critical path), not their sum."""
+    units = expand(Grid(("RTE",), (1, 2), ("structured", "magnitude"), ("good", "bad"),
+                        True, True))
+    children = {u.id: [] for u in units}
+    for u in units:
+        for d in u.deps:
+            children[d].append(u.id)
+    weight = {u.id: u.weight for u in units}
+
+    def longest(i):  # every path enumerated: independent of the memoised pass
+        return weight[i] + max((longest(c) for c in children[i]), default=0.0)
+
+    rank = upward_rank(units)
+    for u in units:
+        if u.kind in ("full", "search", "summary", "super-masks", "report"):
+            assert rank[u.id] == pytest.approx(longest(u.id)), u.id
+
+
+def test_estimate_is_the_mean_of_the_kinds_finished_times():
+    from sparsebert.sweep.scheduler import Scheduler  # noqa: PLC0415
+
+    units = expand(Grid(("RTE",), (1, 2, 3), ("magnitude",), ("good",), False, False))
+    by_id = {u.id: u for u in units}
+    scheduler = Scheduler(units, state=None, backend=None, base={}, retries=0, progress=False)
+    scheduler._record(by_id["full/RTE/1"], 100.0)
+    scheduler._record(by_id["full/RTE/2"], 300.0)
+    assert scheduler._estimate(by_id["full/RTE/3"]) == pytest.approx((100 + 300) / 2)
+
+
+def test_pick_prefers_a_warm_unit_only_at_similar_rank():
+    """A worker with (RTE, 1) loaded takes RTE/1's unit only when its rank is at least
+    AFFINITY (0.5) of the best ready unit's; else the critical path wins."""
+    from sparsebert.sweep.scheduler import AFFINITY, Scheduler  # noqa: PLC0415
+
+    units = expand(Grid(("RTE",), (1, 2), ("magnitude",), ("good",), True, False))
+    scheduler = Scheduler(units, state=None, backend=None, base={}, retries=0, progress=False)
+    warm = types.SimpleNamespace(warm_key=("RTE", 1))
+    low, high = "pruned/RTE/1/magnitude/good", "full/RTE/2"
+    assert scheduler.rank[low] < AFFINITY * scheduler.rank[high]  # the premise
+    assert scheduler._pick([low, high], warm).id == high
+    assert scheduler._pick(["full/RTE/2", "full/RTE/1"], warm).id == "full/RTE/1"  # same rank
+
+
+def test_cpu_slots_take_the_threads_flag():
+    from sparsebert.sweep import SweepConfig  # noqa: PLC0415
+    from sparsebert.sweep.driver import make_slots  # noqa: PLC0415
+    from sparsebert.train import TrainConfig  # noqa: PLC0415
+
+    slots = make_slots(SweepConfig(workers=2, devices="cpu"), TrainConfig(threads=3))
+    assert [s.threads for s in slots] == [3, 3]
+
+
+def test_gpu_slots_go_round_robin_over_the_devices(monkeypatch):
+    from sparsebert.sweep import SweepConfig  # noqa: PLC0415
+    from sparsebert.sweep.driver import make_slots  # noqa: PLC0415
+    from sparsebert.train import TrainConfig  # noqa: PLC0415
+
+    monkeypatch.setattr(SweepConfig, "device_list", lambda self: ["cuda:0", "cuda:1"])
+    slots = make_slots(SweepConfig(workers=4, devices="cuda:0,cuda:1"), TrainConfig(threads=1))
+    assert [s.device for s in slots] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+
+
+def test_sweep_flags_override_the_config_file(tmp_path, monkeypatch):
+    """`--config` help: "flags override it"."""
+    import sparsebert.sweep as sweep_pkg  # noqa: PLC0415
+    from sparsebert.cli import main  # noqa: PLC0415
+    from sparsebert.sweep.scheduler import Outcome  # noqa: PLC0415
+
+    seen = {}
+
+    def fake_sweep(out, sweep_config, search_config, train_config, **kw):
+        seen.update(sweep=sweep_config, search=search_config, train=train_config)
+        return Outcome()
+
+    monkeypatch.setattr(sweep_pkg, "sweep", fake_sweep)
+    path = tmp_path / "sweep.toml"
+    path.write_text('tasks = "RTE"\nworkers = 1\n[train]\nepochs = 1\nlr = 0.001\n')
+    assert main(["sweep", "--config", str(path), "--out", str(tmp_path / "o"), "--quiet",
+                 "--epochs", "2", "--workers", "3", "--tasks", "MRPC"]) == 0
+    assert seen["train"].epochs == 2 and seen["train"].lr == 0.001  # flag wins, file fills
+    assert seen["sweep"].workers == 3 and seen["sweep"].tasks == "MRPC"
