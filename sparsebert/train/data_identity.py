@@ -58,17 +58,24 @@ def _describe(source: str, glue_dir: str | os.PathLike | None) -> str:
             else f"the GLUE folder {resolve_glue_dir(glue_dir)}")
 
 
+def read_record(path: Path) -> dict | None:
+    """A data.json / model.json record with its "files" dict; None when there is none or it
+    is damaged (it is then rewritten from what is in use)."""
+    try:
+        saved = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return saved if isinstance(saved, dict) and isinstance(saved.get("files"), dict) else None
+
+
 def check_data(out_dir: Path, task: GlueTask, glue_dir: str | os.PathLike | None) -> None:
     """Refuse to go on in `out_dir` with data other than it started with; record the data of a
     new (or older, unrecorded) directory. `out_dir` must exist."""
     files = data_fingerprint(task, glue_dir)
     source = "glue_dir" if files else "hub"  # hub data: nothing local to fingerprint
     path = out_dir / DATA_FILE
-    try:
-        saved = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        saved = None  # a damaged record is rewritten from the data in use
-    if isinstance(saved, dict) and isinstance(saved.get("files"), dict):
+    saved = read_record(path)
+    if saved is not None:
         theirs = saved["files"]
         their_source = saved.get("source", "glue_dir" if theirs else "hub")
         if their_source != source:

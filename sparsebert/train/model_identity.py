@@ -12,13 +12,12 @@ Fingerprinted: the folder's top-level files but documentation (*.md) and hidden 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from sparsebert.atomic import atomic_write_json
 from sparsebert.errors import RunDirError
-from sparsebert.train.data_identity import _file_sha256
+from sparsebert.train.data_identity import _file_sha256, read_record
 
 MODEL_FILE = "model.json"
 
@@ -47,11 +46,8 @@ def check_model(out_dir: Path, model: str | os.PathLike | None) -> None:
     files = model_fingerprint(model)
     source = "local" if files else "hub"
     path = out_dir / MODEL_FILE
-    try:
-        saved = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        saved = None  # a damaged record is rewritten from the model in use
-    if isinstance(saved, dict) and isinstance(saved.get("files"), dict):
+    saved = read_record(path)
+    if saved is not None:
         theirs = saved["files"]
         if saved.get("source") == source == "local":
             changed = sorted(k for k in set(theirs) | set(files) if theirs.get(k) != files.get(k))
