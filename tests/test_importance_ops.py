@@ -233,3 +233,54 @@ def test_accumulate_importance_adds_the_row_sum_once(device, assert_native):
     small = torch.zeros(1, device=device)
     ops.accumulate_importance_(small, torch.full((20000, 1), 1e-3, device=device))
     torch.testing.assert_close(small, torch.tensor([20.0], device=device), rtol=1e-6, atol=0)
+
+
+def _randn(*shape, gen, dtype=torch.float32):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# group_dot and accumulate_importance_
+# ---------------------------------------------------------------------------------------------
+def test_group_dot_x_and_g_with_different_strides(assert_native):
+    """x contiguous and g a view with other batch / sequence strides, and the reverse."""
+    assert_native("group_dot", "cpu")
+    gen = torch.Generator().manual_seed(26)
+    x = _randn(3, 5, 12, gen=gen)
+    g = _randn(3, 7, 20, gen=gen)[:, 1:6, 4:16]
+    assert x.stride() != g.stride() and g.stride(-1) == 1
+    for a, b in ((x, g), (g, x)):
+        torch.testing.assert_close(torch.ops.sparsebert.group_dot(a, b, 4, None),
+                                   group_dot_ref(a, b, 4, None), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask_view", ["sliced", "transposed"])
+def test_group_dot_non_contiguous_token_mask(mask_view, assert_native):
+    assert_native("group_dot", "cpu")
+    gen = torch.Generator().manual_seed(27)
+    batch, seq = 3, 6
+    x, g = (_randn(batch, seq, 8, gen=gen) for _ in "xg")
+    dense = torch.rand(batch, seq, generator=gen) > 0.4
+    if mask_view == "sliced":
+        wide = torch.zeros(batch, seq + 5, dtype=torch.bool)
+        wide[:, 2:seq + 2] = dense
+        mask = wide[:, 2:seq + 2]
+    else:
+        mask = dense.t().contiguous().t()
+    assert not mask.is_contiguous()
+    torch.testing.assert_close(torch.ops.sparsebert.group_dot(x, g, 2, mask),
+                               group_dot_ref(x, g, 2, dense), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("power", [1, 2])
+def test_accumulate_importance_non_contiguous_scores(power, assert_native):
+    """scores as a permuted (non-contiguous) view: read through its strides."""
+    assert_native("accumulate_importance_", "cpu")
+    gen = torch.Generator().manual_seed(30 + power)
+    scores = _randn(4, 3, 5, gen=gen).permute(2, 0, 1)  # (5, 4, 3), not contiguous
+    assert not scores.is_contiguous()
+    acc = torch.rand(4, 3, generator=gen)
+    expected = acc.clone()
+    accumulate_importance_ref(expected, scores, power)
+    torch.ops.sparsebert.accumulate_importance_(acc, scores, power)
+    torch.testing.assert_close(acc, expected)

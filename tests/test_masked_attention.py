@@ -9,7 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from sparsebert import ops
-from sparsebert.reference import masked_attention_backward_ref, masked_attention_ref
+from sparsebert.reference import (
+    masked_attention_backward_ref,
+    masked_attention_compact_ref,
+    masked_attention_ref,
+)
 from tests.attention_kit import make_padding, plain_pytorch_attention, stable_seed
 
 HEADS = 4
@@ -756,3 +760,138 @@ def test_fp32_gradients_of_near_one_hot_attention_as_accurate_as_sdpa(seed, asse
         err = (got.double() - want).abs().max().item()
         base_err = (ref.double() - want).abs().max().item()
         assert err <= 3 * base_err + 1e-6, f"{name}: error {err:.3g} vs SDPA's {base_err:.3g}"
+
+
+def _randn(*shape, gen, dtype=torch.float32):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def _check_strided_grads(q, k, v, gate, mask, dout, scale, atol, rtol):
+    # copies with the same strides (clone() of a non-dense view would be contiguous)
+    leaves = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t).requires_grad_(True)
+              for t in (q, k, v, gate)]
+    assert [t.stride() for t in leaves] == [t.stride() for t in (q, k, v, gate)]
+    out = ops.masked_attention(*leaves, mask, scale)
+    out.backward(dout)
+    ref_out, ref_lse = masked_attention_ref(q, k, v, gate, mask, scale)
+    torch.testing.assert_close(out.detach(), ref_out, atol=atol, rtol=rtol)
+    want = masked_attention_backward_ref(dout, q, k, v, gate, mask, ref_out, ref_lse, scale)
+    want = (*want[:3], want[3].sum(0) if gate.dim() == 1 else want[3])
+    for name, leaf, w in zip(("dq", "dk", "dv", "d_head_gate"), leaves, want):
+        torch.testing.assert_close(leaf.grad, w, atol=atol, rtol=rtol,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# masked_attention
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sq,sk", [(5, 13), (13, 5), (130, 7), (3, 131)])
+def test_backward_with_cross_lengths_and_padding(sq, sk, assert_native):
+    """Sq != Sk in the backward: the lse rows are Sq long, the padding mask is Sk long."""
+    assert_native("masked_attention_backward", "cpu")
+    gen = torch.Generator().manual_seed(sq * 1000 + sk)
+    batch, dim = 3, 16
+    q = _randn(batch, sq, HEADS, dim, gen=gen)
+    k, v = (_randn(batch, sk, HEADS, dim, gen=gen) for _ in "kv")
+    gate = torch.tensor([[1.0, 0.0, 0.4, 1.0], [1.0, 1.0, 0.0, 0.7], [0.2, 1.0, 1.0, 1.0]])
+    lengths = torch.tensor([sk, max(1, sk // 2), 1])
+    mask = torch.arange(sk)[None, :] < lengths[:, None]
+    dout = _randn(batch, sq, HEADS, dim, gen=gen)
+    _check_strided_grads(q, k, v, gate, mask, dout, dim**-0.5, atol=5e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("mask_view", ["sliced", "transposed"])
+def test_non_contiguous_key_padding_mask(mask_view, assert_native):
+    """A (B, Sk) mask that is a view (a slice of a longer mask, or a transposed (Sk, B) one) is
+    read through its strides, forward and backward."""
+    assert_native("masked_attention", "cpu")
+    gen = torch.Generator().manual_seed(21)
+    batch, seq, dim = 3, 9, 8
+    q, k, v = (_randn(batch, seq, HEADS, dim, gen=gen) for _ in "qkv")
+    lengths = torch.tensor([seq, 4, 1])
+    dense = torch.arange(seq)[None, :] < lengths[:, None]
+    if mask_view == "sliced":
+        wide = torch.zeros(batch, 2 * seq + 3, dtype=torch.bool)
+        wide[:, :seq] = dense
+        mask = wide[:, :seq]
+    else:
+        mask = dense.t().contiguous().t()
+    assert not mask.is_contiguous() and torch.equal(mask, dense)
+    gate = torch.tensor([1.0, 0.5, 0.0, 1.0])
+    out = ops.masked_attention(q, k, v, gate, mask)
+    torch.testing.assert_close(out, masked_attention_ref(q, k, v, gate, dense, dim**-0.5)[0],
+                               atol=2e-5, rtol=1e-4)
+    dout = _randn(batch, seq, HEADS, dim, gen=gen)
+    _check_strided_grads(q, k, v, gate, mask, dout, dim**-0.5, atol=5e-5, rtol=2e-4)
+
+
+def test_k_and_v_with_different_strides(assert_native):
+    """k contiguous and v a view of a fused projection: each is read through its own
+    strides, forward and backward."""
+    assert_native("masked_attention", "cpu")
+    gen = torch.Generator().manual_seed(22)
+    batch, seq, dim = 2, 7, 8
+    q = _randn(batch, seq, HEADS, dim, gen=gen)
+    k = _randn(batch, seq, HEADS, dim, gen=gen)
+    v = _randn(batch, seq, 2 * HEADS * dim, gen=gen)[..., HEADS * dim:].view(batch, seq, HEADS, dim)
+    assert k.stride() != v.stride()
+    gate = torch.tensor([1.0, 0.3, 0.0, 1.0])
+    mask = torch.tensor([[True] * seq, [True] * 3 + [False] * (seq - 3)])
+    dout = _randn(batch, seq, HEADS, dim, gen=gen)
+    _check_strided_grads(q, k, v, gate, mask, dout, dim**-0.5, atol=5e-5, rtol=2e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks of the native op (the wrapper defers to them when the extension is loaded)
+# ---------------------------------------------------------------------------------------------
+def test_native_checks_refuse_wrong_head_counts(assert_native):
+    """A (B, H') gate with H' != H and a k/v with another head count are refused naming the
+    argument, by the op and by the wrapper (which defers to the native checks)."""
+    assert_native("masked_attention", "cpu")
+    q = torch.randn(2, 5, HEADS, 8)
+    with pytest.raises(ValueError, match="'head_gate'"):
+        torch.ops.sparsebert.masked_attention(q, q, q, torch.ones(2, HEADS + 1), None, 0.3)
+    with pytest.raises(ValueError, match="'head_gate'"):
+        ops.masked_attention(q, q, q, torch.ones(2, HEADS + 1))
+    kv = torch.randn(2, 5, HEADS + 2, 8)
+    with pytest.raises(ValueError, match="'k'"):
+        torch.ops.sparsebert.masked_attention(q, kv, kv, torch.ones(HEADS), None, 0.3)
+    with pytest.raises(ValueError, match="'k'"):
+        ops.masked_attention(q, kv, kv, torch.ones(HEADS))
+
+
+def test_native_compact_refuses_kept_head_h(assert_native):
+    """kept_heads = [H] (one past the end) is a ValueError naming 'kept_heads' with the range,
+    from the op and from the wrapper with the extension loaded."""
+    assert_native("masked_attention_compact", "cpu")
+    q = torch.randn(2, 5, HEADS, 8)
+    for call in (
+        lambda kept: torch.ops.sparsebert.masked_attention_compact(
+            q, q, q, torch.ones(HEADS), kept, None, 0.3),
+        lambda kept: ops.masked_attention_compact(q, q, q, torch.ones(HEADS), kept),
+    ):
+        with pytest.raises(ValueError, match=rf"'kept_heads'.*\[0, H = {HEADS}\)"):
+            call(torch.tensor([0, HEADS]))
+
+
+# ---------------------------------------------------------------------------------------------
+# masked_attention_compact: values against the reference and the dense op
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kept", [[3, 0, 2], [1], [2, 3]])
+@pytest.mark.parametrize("per_example", [False, True])
+def test_compact_matches_reference_and_dense_op(kept, per_example, assert_native):
+    assert_native("masked_attention_compact", "cpu")
+    gen = torch.Generator().manual_seed(25)
+    batch, sq, sk, dim = 3, 6, 9, 8
+    q = _randn(batch, sq, HEADS, dim, gen=gen)
+    k, v = (_randn(batch, sk, HEADS, dim, gen=gen) for _ in "kv")
+    gate = (torch.tensor([[1.0, 0.5, 1.0, 0.3], [0.7, 1.0, 1.0, 1.0], [1.0, 1.0, 0.2, 1.0]])
+            if per_example else torch.tensor([0.9, 1.0, 0.4, 1.0]))
+    mask = torch.arange(sk)[None, :] < torch.tensor([sk, 4, 1])[:, None]
+    kept_heads = torch.tensor(kept)
+    out = ops.masked_attention_compact(q, k, v, gate, kept_heads, mask)
+    want, _ = masked_attention_compact_ref(q, k, v, gate, kept_heads, mask, dim**-0.5)
+    assert out.shape == (batch, sq, len(kept), dim)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
+    dense = ops.masked_attention(q, k, v, gate, mask)
+    torch.testing.assert_close(out, dense[:, :, kept_heads], atol=1e-6, rtol=1e-6)
