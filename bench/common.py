@@ -39,6 +39,8 @@ def use_device(device: str | torch.device) -> torch.device:
     calls (synchronize, streams, events, graphs) act on it; returns it as a torch.device."""
     device = torch.device(device)
     if device.type == "cuda":
+        if device.index is None:  # "cuda": the current device (set_device needs an index)
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     return device
 

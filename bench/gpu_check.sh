@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One prepared GPU check (H100/H200): build the extension with CUDA for sm_90, run the CUDA tests,
 # run the benchmarks. Every step has its own time limit, and its output lands in $OUT as soon as
-# it ends, so a run cut short still returns what it finished. At most 7 files in $OUT
-# (default bench/results/gpu):
+# it ends, so a run cut short still returns what it finished. At most 8 files in $OUT (the
+# device's limit; default bench/results/gpu; a run of only some steps writes fewer):
 #   summary.txt      device, versions, each step's exit status and seconds
 #   build.log        compiler output, ptxas register/spill lines included
 #   cuda-tests.log   pytest -m cuda (all CUDA kernels vs the reference, CUDA-graph steps), but
 #                    tests/test_masked_attention_mma.py, which mma-tests runs
+#   cuda-tests-mma.log  the same with SPARSEBERT_ATTENTION_KERNEL=mma
 #   simt-tests.log   the masked-attention CUDA tests again with the SIMT kernels forced
 #   mma-tests.log    the masked-attention CUDA tests with the mma.sync kernels switched on
 #                    (forward and backward: fp16/bf16, and fp32 through the 3xTF32 variants)
@@ -28,6 +29,9 @@
 #      bench-masked-attention (150 s: eager fwd and fwd+bwd, S 128 and 512, fp32 too),
 #      simt-tests (60 s):
 #        GPU_CHECK_STEPS=build,cuda-tests,bench-masked-attention,simt-tests
+#   Making the mma.sync kernels the default: build, mma-tests, bench-masked-attention-graph,
+#      trace-mma, cuda-tests-mma (150 s), bench-masked-attention: their correctness everywhere
+#      and their speed, forward and backward, in one call of under 600 s (typically ~400 s).
 #   3. the training-step, group_dot and importance benchmarks, limits 405 s: build,
 #      bench-train-step (120 s), bench-group-dot (45 s), bench-importance (90 s: fp32 and bf16,
 #      default and mma.sync kernels):
@@ -50,7 +54,7 @@ pack() {  # copy the benchmark tables/JSON (and profiler traces) this run wrote 
     | tar czf "$out/results.tar.gz" --null -T - 2>/dev/null || true
 }
 
-check_steps build mma-tests bench-masked-attention-graph trace-mma cuda-tests \
+check_steps build mma-tests bench-masked-attention-graph trace-mma cuda-tests cuda-tests-mma \
   bench-masked-attention bench-train-step bench-group-dot bench-importance simt-tests
 
 # Step 1: build (in place: this machine is a copy of the tree).
@@ -81,6 +85,11 @@ step trace-mma 30 "$out/bench.log" python3 bench/trace_attention.py; pack
 step cuda-tests 150 "$out/cuda-tests.log" python3 -m pytest "${pytest_args[@]}" \
   --ignore=tests/test_masked_attention_mma.py tests/
 tail -n 3 "$out/cuda-tests.log" >> "$summary"
+# The same with the mma.sync kernels switched on: every other CUDA test (HF modules, importance,
+# training steps, CUDA graphs) through them, the evidence for making them the default.
+SPARSEBERT_ATTENTION_KERNEL=mma step cuda-tests-mma 150 "$out/cuda-tests-mma.log" \
+  python3 -m pytest "${pytest_args[@]}" --ignore=tests/test_masked_attention_mma.py tests/
+tail -n 3 "$out/cuda-tests-mma.log" >> "$summary"
 
 # Step 5: eager fwd and fwd+bwd; S=512 runs the mma.sync backward's key-block/query-block items,
 # the float32 table the 3xTF32 backward (sparsebert_mma) against the SIMT one (sparsebert).

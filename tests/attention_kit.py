@@ -31,3 +31,26 @@ def plain_pytorch_attention(q, k, v, gate, mask, scale):
     ctx = torch.matmul(torch.softmax(scores, dim=-1), vh).transpose(1, 2)
     gate = gate.to(q.dtype)
     return ctx * (gate[None, None, :, None] if gate.dim() == 1 else gate[:, None, :, None])
+
+
+def flash_formulation_grads(dout, q, k, v, gate, mask, out, scale):
+    """dq, dk, dv of gated attention in float64, computed the way a FlashAttention-2 backward
+    does: delta = rowsum(dO . O) taken from the `out` given (what the forward stored, rounded to
+    its dtype), P from the exact scores, dP = gate dO V^T, dS = P (dP - delta), dq = scale dS K,
+    dk = scale dS^T Q, dv = gate P^T dO; pruned heads (gate 0) 0. Against the exact gradients its
+    error is what that formulation owes to the stored out's rounding alone (the second yardstick
+    of the low-precision backward checks). q, dout, out: (B, Sq, H, D); k, v: (B, Sk, H, D);
+    gate (H,) or (B, H); mask (B, Sk) bool, True = real token, or None."""
+    batch, _, heads, _ = q.shape
+    g = gate.double().expand(batch, heads)[:, :, None, None]  # (B, H, 1, 1)
+    qh, kh, vh, douth, outh = (t.double().transpose(1, 2) for t in (q, k, v, dout, out))
+    scores = qh @ kh.transpose(-1, -2) * scale  # (B, H, Sq, Sk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    d_probs = g * (douth @ vh.transpose(-1, -2))  # (B, H, Sq, Sk)
+    delta = (douth * outh).sum(-1, keepdim=True)  # (B, H, Sq, 1)
+    d_scores = probs * (d_probs - delta)
+    grads = (scale * d_scores @ kh, scale * d_scores.transpose(-1, -2) @ qh,
+             g * (probs.transpose(-1, -2) @ douth))  # (B, H, S, D) each
+    return tuple(torch.where(g != 0, t, 0.0).transpose(1, 2) for t in grads)

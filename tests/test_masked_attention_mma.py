@@ -17,7 +17,12 @@ from sparsebert.reference import (
     masked_attention_compact_ref,
     masked_attention_ref,
 )
-from tests.attention_kit import make_padding, plain_pytorch_attention, stable_seed
+from tests.attention_kit import (
+    flash_formulation_grads,
+    make_padding,
+    plain_pytorch_attention,
+    stable_seed,
+)
 
 CUDA = torch.cuda.is_available()
 cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="no CUDA device")]
@@ -109,10 +114,13 @@ def mma_kernel_ran(fn) -> bool:
 
 
 def check_low_precision(out, ref, low, what):
-    """flash-attention's rule: |out - ref| <= 2 |low - ref| + 1e-3 (max abs, fp32 ref)."""
+    """flash-attention's rule: |out - ref| <= 2 |low - ref| + 1e-3 (max abs, fp32 ref); low: one
+    yardstick or a tuple of them (the largest error counts)."""
     err = (out.float() - ref.float()).abs().max().item()
-    base = (low.float() - ref.float()).abs().max().item()
-    assert err <= 2 * base + 1e-3, f"{what}: error {err:.3g} vs plain PyTorch {base:.3g}"
+    lows = low if isinstance(low, tuple) else (low,)
+    base = max((t.float() - ref.float()).abs().max().item() for t in lows)
+    assert err <= 2 * base + 1e-3, f"{what}: error {err:.3g} vs the yardstick's {base:.3g}"
+
 
 
 @pytest.fixture
@@ -275,6 +283,50 @@ def low_precision_grads(q, k, v, gate, mask, scale, dout):
     return torch.autograd.grad(out, (qh, kh, vh, gh), dout)
 
 
+@pytest.mark.parametrize("pattern", ["some", "per_example"])
+@pytest.mark.parametrize("seq", [1, 17, (9, 30)])
+def test_flash_formulation_grads_match_the_reference(seq, pattern):
+    """The second yardstick of the backward checks, given the exact out, is the exact backward
+    (float64: padding, gates, cross lengths)."""
+    gen = torch.Generator().manual_seed(stable_seed("flash formulation", seq, pattern))
+    q_len, kv_len = seq if isinstance(seq, tuple) else (seq, seq)
+    q = qkv(2, q_len, HEADS, 16, torch.float64, "cpu", gen)[0]
+    _, k, v = qkv(2, kv_len, HEADS, 16, torch.float64, "cpu", gen)
+    gate = gate_for(pattern, 2, HEADS, "cpu", gen).double()
+    mask = make_padding(2, kv_len, "cpu", gen)
+    dout = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    out, lse = masked_attention_ref(q, k, v, gate, mask, 0.25)
+    want = masked_attention_backward_ref(dout, q, k, v, gate, mask, out, lse, 0.25)
+    got = flash_formulation_grads(dout, q, k, v, gate, mask, out, 0.25)
+    for g, w in zip(got, want[:3]):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dim", [32, 64])
+def test_one_key_bf16_gradients_need_the_flash_yardstick(dim):
+    """Why the backward checks have a second yardstick: with one key the exact dq, dk are 0, and
+    plain PyTorch's bf16 ones are exactly 0 too (P (dP - P dP) with P = 1), so its error is no
+    measure there; delta taken from the out rounded to bf16 (what the forward stored) leaves
+    dq, dk above the 1e-3 floor (the CUDA kernel showed 1.2e-3..2.8e-3); fp16's rounding, 8x
+    finer, leaves less but can reach it too."""
+    gen = torch.Generator().manual_seed(stable_seed("one key", dim))
+    worst = {torch.bfloat16: 0.0, torch.float16: 0.0}
+    for _ in range(4):
+        q, k, v = qkv(2, 1, HEADS, dim, torch.float32, "cpu", gen)
+        gate = gate_for("some", 2, HEADS, "cpu", gen)
+        dout = torch.randn(q.shape, generator=gen)
+        out, lse = masked_attention_ref(q, k, v, gate, None, dim**-0.5)
+        exact = masked_attention_backward_ref(dout, q, k, v, gate, None, out, lse, dim**-0.5)
+        assert exact[0].abs().max() < 1e-6 and exact[1].abs().max() < 1e-6
+        low = low_precision_grads(*(t.bfloat16() for t in (q, k, v)), gate, None, dim**-0.5,
+                                  dout.bfloat16())
+        assert torch.all(low[0] == 0) and torch.all(low[1] == 0)
+        for dtype in worst:
+            got = flash_formulation_grads(dout, q, k, v, gate, None, out.to(dtype), dim**-0.5)
+            worst[dtype] = max(worst[dtype], *(g.abs().max().item() for g in got[:2]))
+    assert worst[torch.bfloat16] > 1e-3 and worst[torch.float16] < worst[torch.bfloat16] / 4
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dim", [32, 64])
 @pytest.mark.parametrize("seq", [1, 17, 100, 128, 129, 300, 512, (65, 512), (300, 40)])
@@ -298,9 +350,11 @@ def test_mma_backward(device, dtype, dim, seq, pattern, padded, mma_switch, asse
     ref_out, ref_lse = masked_attention_ref(q, k, v, gate, mask, scale)
     want = masked_attention_backward_ref(dout, q, k, v, gate, mask, ref_out, ref_lse, scale)
     low = low_precision_grads(q, k, v, gate, mask, scale, dout)
-    for name, g, w, lo in zip(("dq", "dk", "dv"), got[:3], want[:3], low[:3]):
+    # The kernel takes delta from the stored out (args[6]): its rounding is no kernel error.
+    flash = flash_formulation_grads(dout, q, k, v, gate, mask, args[6], scale)
+    for name, g, w, lo, fl in zip(("dq", "dk", "dv"), got[:3], want[:3], low[:3], flash):
         assert g.dtype == dtype and torch.isfinite(g).all(), name
-        check_low_precision(g, w, lo, name)
+        check_low_precision(g, w, (lo, fl), name)
     active = gate.expand(got[3].shape) != 0
     # d_head_gate = sum_i delta_i / gate, delta from the low-precision out: relative error.
     rel = (got[3][active] - want[3][active]).norm() / want[3][active].norm().clamp_min(1e-6)
