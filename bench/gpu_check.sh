@@ -47,10 +47,11 @@ export SPARSEBERT_REQUIRE_EXT=1 MAX_JOBS=${MAX_JOBS:-16}
 start=$SECONDS
 gpu_summary
 
+started=$(mktemp)  # the mark of this run's start (the summary itself is appended to by each step)
 pack() {  # copy the benchmark tables/JSON (and profiler traces) this run wrote into $OUT (files
-  # newer than its summary: a committed table of an earlier run is left out, so a benchmark
+  # newer than its start: a committed table of an earlier run is left out, so a benchmark
   # that failed here cannot pass off the old one)
-  find bench/results -name '*-nvidia-*' -newer "$summary" -type f -print0 \
+  find bench/results -name '*-nvidia-*' -newer "$started" -type f -print0 \
     | tar czf "$out/results.tar.gz" --null -T - 2>/dev/null || true
 }
 

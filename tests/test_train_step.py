@@ -423,7 +423,8 @@ def word_model(tmp_path_factory) -> str:
 @cuda_test
 def test_finetune_with_cuda_graphs_matches_eager_and_resumes(word_model, synthetic_glue, tmp_path):
     base = dict(task="sst2", model=word_model, glue_dir=synthetic_glue, epochs=2, batch_size=16,
-                lr=1e-3, seed=7, device="cuda", precision="fp32", log_every=2)
+                lr=1e-3, seed=7, device="cuda", precision="fp32", log_every=2,
+                max_length=32)  # (the model's position limit is 64)
     eager = finetune(TrainConfig(**base, cuda_graphs="off"), tmp_path / "eager", progress=False)
     graphs = finetune(TrainConfig(**base, cuda_graphs="on"), tmp_path / "graphs",
                       progress=False)

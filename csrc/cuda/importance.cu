@@ -40,9 +40,6 @@ namespace {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
-__device__ __forceinline__ float abs_acc(float v) { return fabsf(v); }
-__device__ __forceinline__ double abs_acc(double v) { return fabs(v); }
-
 // ---------------------------------------------------------------------------------------------
 // group_dot
 // ---------------------------------------------------------------------------------------------
@@ -300,17 +297,19 @@ __global__ void accumulate_importance_kernel(Acc* __restrict__ acc, const T* __r
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < numel;
        j += stride) {
-    Acc sum = Acc(0);
+    // The rows are summed in fp64 as on the CPU, then added to acc once: an fp32 running sum
+    // drifts with N (20000 rows of 1e-3 came to 20.0006).
+    double sum = 0.0;
     const T* col = scores + j;
     if (power == 1) {
-      for (int64_t n = 0; n < n_rows; ++n) sum += abs_acc(static_cast<Acc>(col[n * numel]));
+      for (int64_t n = 0; n < n_rows; ++n) sum += fabs(static_cast<double>(col[n * numel]));
     } else {
       for (int64_t n = 0; n < n_rows; ++n) {
-        const Acc v = static_cast<Acc>(col[n * numel]);
+        const double v = static_cast<double>(col[n * numel]);
         sum += v * v;
       }
     }
-    acc[j] += sum;
+    acc[j] += static_cast<Acc>(sum);
   }
 }
 
