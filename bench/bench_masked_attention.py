@@ -5,15 +5,16 @@ Providers (all compute gated multi-head attention over (B, S, H, D) inputs):
   sdpa         torch SDPA over all heads (dense; ignores the gate: the speed to beat)
   sdpa_gate    torch SDPA then multiply by the head gate (the old head_mask way)
   gather_sdpa  index_select the kept heads, SDPA, scatter back (stock way to skip heads)
-  sparsebert   sparsebert.ops.masked_attention (pruned heads skipped inside the kernel)
-  sparsebert_mma      the same with SPARSEBERT_ATTENTION_KERNEL=mma (the mma.sync forward and
-                      backward, for float32 their 3xTF32 variants; CUDA)
+  sparsebert   sparsebert.ops.masked_attention (pruned heads skipped inside the kernel; on CUDA
+               the mma.sync forward and backward, for float32 their 3xTF32 variants)
+  sparsebert_wmma     the same with SPARSEBERT_ATTENTION_KERNEL=wmma: the kernels before the
+                      mma.sync ones (WMMA for fp16/bf16, SIMT for float32; CUDA)
   sparsebert_compact  sparsebert.ops.masked_attention_compact over the kept heads, output
-                      (B, S, H_kept, D), with the mma switch on (CUDA)
+                      (B, S, H_kept, D) (on CUDA the mma.sync forward)
 The SDPA backend torch picked (cuDNN, flash, memory-efficient, math) is named in the table title.
 Columns: "vs SDPA" (all heads, same shape), and "vs its kernel, all heads": each row against the
-same kernel with every head kept (sparsebert_compact against sparsebert_mma, the mma.sync
-forward it runs), which is what "pruning k of H heads costs k/H" reads from.
+same kernel with every head kept (sparsebert_compact against sparsebert, the mma.sync forward
+it runs), which is what "pruning k of H heads costs k/H" reads from.
 
 Script:  python bench/bench_masked_attention.py [--device cpu|cuda] [--dtype ...]
          prints a table and writes bench/results/masked_attention-<device>.{json,md}
@@ -45,12 +46,14 @@ from sparsebert import ops  # noqa: E402
 from sparsebert.reference import masked_attention_ref  # noqa: E402
 
 PROVIDERS = (
-    "reference", "sdpa", "sdpa_gate", "gather_sdpa", "sparsebert", "sparsebert_mma",
+    "reference", "sdpa", "sdpa_gate", "gather_sdpa", "sparsebert", "sparsebert_wmma",
     "sparsebert_compact",
 )
-CUDA_ONLY = ("sparsebert_mma", "sparsebert_compact")
+CUDA_ONLY = ("sparsebert_wmma", "sparsebert_compact")
+# Providers timed under a kernel choice (SPARSEBERT_ATTENTION_KERNEL) of their own.
+KERNEL_CHOICE = {"sparsebert_wmma": "wmma"}
 # The all-heads time each provider is compared with (default: its own at every head kept).
-ALL_HEADS_BASELINE = {"sparsebert_compact": "sparsebert_mma"}
+ALL_HEADS_BASELINE = {"sparsebert_compact": "sparsebert"}
 SWITCH = "SPARSEBERT_ATTENTION_KERNEL"
 
 
@@ -124,7 +127,7 @@ def provider_fn(name, q, k, v, gate):
         return gather
     if name == "sparsebert":
         return lambda: ops.masked_attention(q, k, v, gate)
-    if name == "sparsebert_mma":  # timed() sets the switch around forward and backward
+    if name == "sparsebert_wmma":  # timed() sets the switch around forward and backward
         return lambda: ops.masked_attention(q, k, v, gate)
     if name == "sparsebert_compact":
         kept = gate.detach().nonzero().squeeze(1)
@@ -136,10 +139,10 @@ def timed(name, batch, seq, heads, dim, active, dtype, device, backward, timing=
     fused, q, k, v, gate = make_inputs(batch, seq, heads, dim, active, dtype, device, backward)
     fn = provider_fn(name, q, k, v, gate)
     timer = common.time_call_graph if timing == "graph" else common.time_call
-    if name in CUDA_ONLY:  # the mma.sync kernels: the switch is on for every call they make
+    if name in KERNEL_CHOICE:  # the switch is on for every call it makes
 
         def time_call(f):
-            with kernel_switch("mma"):
+            with kernel_switch(KERNEL_CHOICE[name]):
                 return timer(f)
     else:
         time_call = timer

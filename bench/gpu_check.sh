@@ -7,10 +7,10 @@
 #   build.log        compiler output, ptxas register/spill lines included
 #   cuda-tests.log   pytest -m cuda (all CUDA kernels vs the reference, CUDA-graph steps), but
 #                    tests/test_masked_attention_mma.py, which mma-tests runs
-#   cuda-tests-mma.log  the same with SPARSEBERT_ATTENTION_KERNEL=mma
+#   mma-tests.log    the masked-attention CUDA tests with the mma.sync kernels (the default; forward
+#                    and backward: fp16/bf16, and fp32 through the 3xTF32 variants)
+#   wmma-tests.log   the masked-attention CUDA tests again with the WMMA kernels (wmma)
 #   simt-tests.log   the masked-attention CUDA tests again with the SIMT kernels forced
-#   mma-tests.log    the masked-attention CUDA tests with the mma.sync kernels switched on
-#                    (forward and backward: fp16/bf16, and fp32 through the 3xTF32 variants)
 #   bench.log        every benchmark's table
 #   results.tar.gz   bench/results/*-<gpu>.{json,md}, for committing
 # Usage on the GPU machine, from the repository root:  bash bench/gpu_check.sh
@@ -20,21 +20,19 @@
 # its 15 s grace). A session's device time (900 s, the machine's start included) fits the first
 # group and a rerun of part of it; the others wait for a later session. Each group starts with
 # `build`: on a fresh machine it compiles (sm_90, 16 jobs), on a warm one it finds nothing to do.
-#   1. the attention kernels, limits 420 s: build (150 s), mma-tests (120 s: the mma.sync
+#   1. the attention kernels, limits 480 s: build (150 s), mma-tests (120 s: the mma.sync
 #      forwards' and backwards' correctness, fp16/bf16 and fp32 through 3xTF32),
-#      bench-masked-attention-graph (120 s: the forwards' graph-replay GPU time vs SDPA),
-#      trace-mma (30 s: one traced call of each kernel). The first call on a GPU machine:
-#        GPU_CHECK_STEPS=build,mma-tests,bench-masked-attention-graph,trace-mma
+#      bench-masked-attention-graph (120 s: the forwards' graph-replay GPU time vs SDPA and the
+#      WMMA/SIMT kernels), trace-mma (30 s: one traced call of each kernel), wmma-tests (60 s).
+#      The first call on a GPU machine (on an H200 the first four steps took 134 s):
+#        GPU_CHECK_STEPS=build,mma-tests,bench-masked-attention-graph,trace-mma,wmma-tests
 #   2. the other CUDA tests and the backward's speed, limits 510 s: build, cuda-tests (150 s),
 #      bench-masked-attention (150 s: eager fwd and fwd+bwd, S 128 and 512, fp32 too),
 #      simt-tests (60 s):
 #        GPU_CHECK_STEPS=build,cuda-tests,bench-masked-attention,simt-tests
-#   Making the mma.sync kernels the default: build, mma-tests, bench-masked-attention-graph,
-#      trace-mma, cuda-tests-mma (150 s), bench-masked-attention: their correctness everywhere
-#      and their speed, forward and backward, in one call of under 600 s (typically ~400 s).
 #   3. the training-step, group_dot and importance benchmarks, limits 405 s: build,
 #      bench-train-step (120 s), bench-group-dot (45 s), bench-importance (90 s: fp32 and bf16,
-#      default and mma.sync kernels):
+#      default (mma.sync) and WMMA/SIMT kernels):
 #        GPU_CHECK_STEPS=build,bench-train-step,bench-group-dot,bench-importance
 set -uo pipefail
 out=${OUT:-bench/results/gpu}
@@ -55,7 +53,7 @@ pack() {  # copy the benchmark tables/JSON (and profiler traces) this run wrote 
     | tar czf "$out/results.tar.gz" --null -T - 2>/dev/null || true
 }
 
-check_steps build mma-tests bench-masked-attention-graph trace-mma cuda-tests cuda-tests-mma \
+check_steps build mma-tests bench-masked-attention-graph trace-mma cuda-tests wmma-tests \
   bench-masked-attention bench-train-step bench-group-dot bench-importance simt-tests
 
 # Step 1: build (in place: this machine is a copy of the tree).
@@ -65,16 +63,17 @@ fi
 # -v: a line per test, kept even when a step is cut at its limit
 pytest_args=(-v -m cuda -p no:cacheprovider -rfE --timeout=60)
 
-# Step 2: the masked-attention suite with the mma.sync kernels switched on (fp16/bf16 D 32/64
-# calls then run them, fp32 D 32/64 calls the 3xTF32 forward and backward), and the mma tests.
+# Step 2: the masked-attention suite with the mma.sync kernels (the default, named explicitly:
+# fp16/bf16 D 32/64 calls run them, fp32 D 32/64 calls the 3xTF32 forward and backward), and the
+# mma tests.
 SPARSEBERT_ATTENTION_KERNEL=mma step mma-tests 120 "$out/mma-tests.log" \
   python3 -m pytest "${pytest_args[@]}" tests/test_masked_attention.py tests/test_masked_attention_mma.py
 tail -n 3 "$out/mma-tests.log" >> "$summary"
 
-# Step 3: graph-replay GPU time; the providers include sparsebert_mma and sparsebert_compact (the
-# mma.sync forward, switched on per call) next to SDPA, whose chosen backend the table names. In
-# the float32 table those two columns are the 3xTF32 mma.sync forward and sparsebert the SIMT
-# kernel. Then one traced call of each kernel.
+# Step 3: graph-replay GPU time; the providers sparsebert and sparsebert_compact (the mma.sync
+# forward) and sparsebert_wmma (the WMMA kernel, switched on per call) next to SDPA, whose chosen
+# backend the table names. In the float32 table sparsebert is the 3xTF32 mma.sync forward and
+# sparsebert_wmma the SIMT kernel. Then one traced call of each kernel.
 step bench-masked-attention-graph 120 "$out/bench.log" bash -c "
   python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --seq 128 512
   python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --dtype bfloat16 --seq 128 512
@@ -86,26 +85,25 @@ step trace-mma 30 "$out/bench.log" python3 bench/trace_attention.py; pack
 step cuda-tests 150 "$out/cuda-tests.log" python3 -m pytest "${pytest_args[@]}" \
   --ignore=tests/test_masked_attention_mma.py tests/
 tail -n 3 "$out/cuda-tests.log" >> "$summary"
-# The same with the mma.sync kernels switched on: every other CUDA test (HF modules, importance,
-# training steps, CUDA graphs) through them, the evidence for making them the default.
-SPARSEBERT_ATTENTION_KERNEL=mma step cuda-tests-mma 150 "$out/cuda-tests-mma.log" \
-  python3 -m pytest "${pytest_args[@]}" --ignore=tests/test_masked_attention_mma.py tests/
-tail -n 3 "$out/cuda-tests-mma.log" >> "$summary"
 
 # Step 5: eager fwd and fwd+bwd; S=512 runs the mma.sync backward's key-block/query-block items,
-# the float32 table the 3xTF32 backward (sparsebert_mma) against the SIMT one (sparsebert).
+# the float32 table the 3xTF32 backward (sparsebert) against the SIMT one (sparsebert_wmma).
 step bench-masked-attention 150 "$out/bench.log" bash -c "
   python3 bench/bench_masked_attention.py --device cuda --seq 128 512
   python3 bench/bench_masked_attention.py --device cuda --dtype float32 --dim 64 --seq 128"; pack
 step bench-train-step 120 "$out/bench.log" python3 bench/bench_train_step.py --device cuda; pack
 step bench-group-dot 45 "$out/bench.log" python3 bench/bench_group_dot.py --device cuda; pack
-# fp32 and bf16 rows (importance's CUDA default), with the default kernels, then with the mma.sync
-# kernels (their own table, importance_bert-base_mma-<gpu>.md).
+# fp32 and bf16 rows (importance's CUDA default), with the default kernels, then with the WMMA
+# and SIMT kernels (their own table, importance_bert-base_wmma-<gpu>.md).
 step bench-importance 90 "$out/bench.log" bash -c "
   python3 bench/bench_importance.py --device cuda --model bert-base --min-run-time 0.5 --profile
-  SPARSEBERT_ATTENTION_KERNEL=mma python3 bench/bench_importance.py --device cuda --model bert-base --min-run-time 0.5"; pack
+  SPARSEBERT_ATTENTION_KERNEL=wmma python3 bench/bench_importance.py --device cuda --model bert-base --min-run-time 0.5"; pack
 
-# Step 6: the SIMT attention kernels (the tensor-core ones are the default for D=32/64).
+# Step 6: the kernels the mma.sync ones replaced (still run where those do not apply: unaligned
+# rows, sm < 80, other head dims): WMMA, then SIMT.
+SPARSEBERT_ATTENTION_KERNEL=wmma step wmma-tests 60 "$out/wmma-tests.log" \
+  python3 -m pytest "${pytest_args[@]}" tests/test_masked_attention.py
+tail -n 3 "$out/wmma-tests.log" >> "$summary"
 export SPARSEBERT_ATTENTION_KERNEL=simt
 step simt-tests 60 "$out/simt-tests.log" \
   python3 -m pytest "${pytest_args[@]}" tests/test_masked_attention.py

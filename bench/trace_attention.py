@@ -1,6 +1,6 @@
-"""One profiled call of each CUDA attention forward (default kernels, the mma.sync forward, SDPA)
-at B=32, S=128, H=12, D=64, fp16, 6 of 12 heads kept, and the same in fp32 (default: the SIMT
-kernel; mma: the 3xTF32 mma.sync forward): prints the kernels each launches with their GPU time
+"""One profiled call of each CUDA attention forward (default: the mma.sync forward; wmma: the WMMA
+kernel before it; SDPA) at B=32, S=128, H=12, D=64, fp16, 6 of 12 heads kept, and the same in fp32
+(default: the 3xTF32 mma.sync forward; wmma: the SIMT kernel): prints the kernels each launches with their GPU time
 and writes one Chrome trace per call to bench/results/profiles/attention_trace_<call>-<gpu>.json.
 
 Script:  python bench/trace_attention.py   (CUDA only)
@@ -35,13 +35,13 @@ def main() -> None:
     q32, k32, v32 = (t.float() for t in (q, k, v))
     calls = {
         "default": lambda: ops.masked_attention(q, k, v, gate),
-        "mma": lambda: ops.masked_attention(q, k, v, gate),
-        "compact_mma": lambda: ops.masked_attention_compact(q, k, v, gate, kept),
+        "wmma": lambda: ops.masked_attention(q, k, v, gate),
+        "compact": lambda: ops.masked_attention_compact(q, k, v, gate, kept),
         "sdpa": lambda: F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         ),
         "default_fp32": lambda: ops.masked_attention(q32, k32, v32, gate),
-        "mma_fp32": lambda: ops.masked_attention(q32, k32, v32, gate),
+        "wmma_fp32": lambda: ops.masked_attention(q32, k32, v32, gate),
         "sdpa_fp32": lambda: F.scaled_dot_product_attention(
             q32.transpose(1, 2), k32.transpose(1, 2), v32.transpose(1, 2)
         ),
@@ -50,7 +50,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", runtime.device_label("cuda").lower()).strip("-")
     for name, fn in calls.items():
-        os.environ["SPARSEBERT_ATTENTION_KERNEL"] = "mma" if "mma" in name else "default"
+        os.environ["SPARSEBERT_ATTENTION_KERNEL"] = "wmma" if "wmma" in name else "default"
         for _ in range(3):
             fn()
         torch.cuda.synchronize()

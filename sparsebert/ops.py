@@ -290,9 +290,9 @@ def masked_attention_compact(
     q: (B, Sq, H, D); k, v: (B, Sk, H, D); head_gate: (H,) or (B, H); kept_heads: (K,) int64 or
     int32 indices into H (on q's device). Returns out (B, Sq, K, D) with
     out[:, :, j] = masked_attention(...)[:, :, kept_heads[j]]; pruned heads are never read.
-    Forward only: differentiating it raises. On CUDA with SPARSEBERT_ATTENTION_KERNEL=mma
-    (fp16/bf16, or fp32 with 3xTF32; D 32/64) one mma.sync kernel reads the kept heads in place; otherwise their
-    slices are gathered and the default forward runs. Index values are checked on the CPU only (on CUDA a check would
+    Forward only: differentiating it raises. On CUDA (fp16/bf16, or fp32 with 3xTF32; D 32/64;
+    16-byte aligned rows) one mma.sync kernel reads the kept heads in place; otherwise (and with
+    SPARSEBERT_ATTENTION_KERNEL=wmma or simt) their slices are gathered and the other forward runs. Index values are checked on the CPU only (on CUDA a check would
     synchronise; an index out of range gives zeros there).
     """
     if not isinstance(kept_heads, Tensor):
@@ -432,10 +432,10 @@ def accumulate_importance_(acc: Tensor, scores: Tensor, power: int = 1) -> Tenso
     return acc
 
 
-# The CUDA host code reads SPARSEBERT_ATTENTION_KERNEL at each call (simt: the SIMT kernels;
-# mma: the mma.sync ones; unset or default: the verified defaults). A typo would silently run
-# the defaults: refused here.
-ATTENTION_KERNEL_CHOICES = ("default", "simt", "mma")
+# The CUDA host code reads SPARSEBERT_ATTENTION_KERNEL at each call (unset, default or mma: the
+# mma.sync kernels where they apply; wmma: the WMMA and SIMT kernels, the defaults before them;
+# simt: the SIMT kernels). A typo would silently run the defaults: refused here.
+ATTENTION_KERNEL_CHOICES = ("default", "mma", "wmma", "simt")
 _kernel_choice = os.environ.get("SPARSEBERT_ATTENTION_KERNEL", "default") or "default"
 if _kernel_choice not in ATTENTION_KERNEL_CHOICES:
     raise ValueError(f"SPARSEBERT_ATTENTION_KERNEL={_kernel_choice!r}: expected one of "

@@ -1,5 +1,6 @@
-"""masked_attention_compact (CPU and CUDA), and the mma.sync forward behind
-SPARSEBERT_ATTENTION_KERNEL=mma (CUDA only: those tests are marked cuda and skip without a GPU).
+"""masked_attention_compact (CPU and CUDA), and the mma.sync kernels, CUDA's default (named
+explicitly with SPARSEBERT_ATTENTION_KERNEL=mma; CUDA only: those tests are marked cuda and skip
+without a GPU).
 
 The mma kernel is compared with the fp32 reference under flash-attention's rule: its error is at
 most twice that of plain PyTorch attention computed in the same low precision (plus a tiny floor).
@@ -185,7 +186,7 @@ def test_mma_compact_int32_index_and_order(device, dtype, mma_switch):
 
 
 @pytest.mark.parametrize("bad", [(HEADS, -1), (2**32 + 1, -(2**32) + 2)])  # 2nd: wrap in int32
-@pytest.mark.parametrize("kernel", ["default", "mma"])
+@pytest.mark.parametrize("kernel", ["wmma", "mma"])
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
 def test_compact_index_out_of_range_gives_zeros_on_cuda(device, kernel, bad, monkeypatch):
     """On CUDA index values are not checked (a check would synchronise): a slot whose index is

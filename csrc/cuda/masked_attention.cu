@@ -1,18 +1,19 @@
 // masked_attention on CUDA: host entry points (validation, allocation, path choice) and the
 // dispatcher registration. Kernels: masked_attention_fwd.cu, masked_attention_bwd.cu.
 //
-// Path choice: fp16/bf16 with head_dim 32 or 64 on sm80+ use the tensor-core (WMMA) kernels; fp32,
-// other head dims (<= 512) and older GPUs use the SIMT kernels. SPARSEBERT_ATTENTION_KERNEL=simt
-// forces the SIMT kernels (a debugging aid: the two paths must agree).
-// SPARSEBERT_ATTENTION_KERNEL=mma selects the mma.sync forward (masked_attention_mma.cu) where it
-// applies (fp16/bf16, D 32/64, sm80+, 16-byte aligned rows), its 3xTF32 variant for fp32 inputs
-// under the same conditions (masked_attention_mma_tf32.cu), and the one-launch mma.sync backward
-// (masked_attention_mma_bwd.cu; one CTA per head for Sq, Sk <= 128, per 128-row key or query
-// block beyond; fp32: the 3xTF32 masked_attention_mma_bwd_tf32.cu, 64-row blocks) where moreover
-// dout and out have 16-byte aligned rows. These
-// kernels have not yet run on a GPU: they stay opt-in until the CUDA tests pass on one.
-// masked_attention_compact (output (B, S, H_kept, D)) uses it under the same switch, else it
-// gathers the kept heads and runs the default forward.
+// Path choice (SPARSEBERT_ATTENTION_KERNEL unset, "default" or "mma"): the mma.sync forward
+// (masked_attention_mma.cu) where it applies (fp16/bf16, D 32/64, sm80+, 16-byte aligned rows),
+// its 3xTF32 variant for fp32 inputs under the same conditions (masked_attention_mma_tf32.cu),
+// and the one-launch mma.sync backward (masked_attention_mma_bwd.cu; one CTA per head for
+// Sq, Sk <= 128, per 128-row key or query block beyond; fp32: the 3xTF32
+// masked_attention_mma_bwd_tf32.cu, 64-row blocks) where moreover dout and out have 16-byte
+// aligned rows. They passed the CUDA tests on an H200 and are faster there than the kernels
+// below (bench/results/*-nvidia-h200.md). Elsewhere, and with SPARSEBERT_ATTENTION_KERNEL=wmma
+// (the defaults before them): fp16/bf16 with head_dim 32 or 64 on sm80+ use the WMMA kernels,
+// fp32, other head dims (<= 512) and older GPUs the SIMT kernels. SPARSEBERT_ATTENTION_KERNEL=simt
+// forces the SIMT kernels (a debugging aid: the paths must agree).
+// masked_attention_compact (output (B, S, H_kept, D)) runs the mma.sync forward on the kept heads
+// where it applies, else it gathers the kept heads and runs the other forward.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -82,11 +83,11 @@ bool kernel_choice_is(const char* name) {
   return env != nullptr && std::strcmp(env, name) == 0;
 }
 
-// Whether the mma.sync kernels apply: switch on, fp16/bf16 (or fp32: the 3xTF32 variants), D 32/64,
-// sm80+, 16-byte aligned rows of q, k, v (the backward also needs them for dout and out). The
-// kernels read the dtype from q.
+// Whether the mma.sync kernels apply: not switched off (simt, wmma), fp16/bf16 (or fp32: the
+// 3xTF32 variants), D 32/64, sm80+, 16-byte aligned rows of q, k, v (the backward also needs them
+// for dout and out). The kernels read the dtype from q.
 bool use_mma(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionShape& s) {
-  if (!kernel_choice_is("mma")) return false;
+  if (kernel_choice_is("simt") || kernel_choice_is("wmma")) return false;
   const at::ScalarType t = q.scalar_type();
   if (t != at::kHalf && t != at::kBFloat16 && t != at::kFloat) return false;
   if (s.head_dim != 32 && s.head_dim != 64) return false;
@@ -268,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_compact_cuda(
     return {at::empty({s.batch, s.q_len, 0, s.head_dim}, q.options()),
             at::empty({s.batch, 0, s.q_len}, q.options().dtype(at::kFloat))};
   }
-  if (!use_mma(q, k, v, s)) {  // the verified path: gather the kept heads, dense forward
+  if (!use_mma(q, k, v, s)) {  // the other kernels: gather the kept heads, dense forward
     // Index values are not checked here (that would synchronise): an index out of range reads
     // head 0 and its slot is then zeroed (out and lse), as the mma.sync kernel does.
     const at::Tensor raw = kept_heads.to(at::kLong);

@@ -1,9 +1,8 @@
 // masked_attention forward on tensor cores with mma.sync (fp16/bf16, D in {32, 64}, any S),
-// sm80 code that also runs on sm90. Selected only with SPARSEBERT_ATTENTION_KERNEL=mma (see
-// masked_attention.cu) and by masked_attention_compact under the same switch: this kernel has
-// been compiled for sm_80/sm_90 and its index math replayed on the CPU
-// (csrc/tests/test_mma_layout.cpp), but it has NOT yet run on a GPU. It becomes the default only
-// after the CUDA tests pass on one.
+// sm80 code that also runs on sm90. The default where it applies (masked_attention.cu), and
+// masked_attention_compact's; SPARSEBERT_ATTENTION_KERNEL=wmma or simt turn it off. Its index
+// math is replayed on the CPU (csrc/tests/test_mma_layout.cpp); it passed the CUDA tests on an
+// H200.
 //
 // Every index (fragment layouts, ldmatrix addresses, swizzle, copy chunks, P re-labelling, work
 // items) comes from sparsebert/mma_layout.h; the online softmax from sparsebert/attention_math.h.
