@@ -556,3 +556,158 @@ def test_mask_reads_nothing_on_the_host_while_a_cuda_graph_is_captured(monkeypat
     assert captured.shape == (2, 1, 5, 5) and captured.dtype == torch.bool
     monkeypatch.undo()
     assert bool(captured.all())
+
+
+# --------------------------------------------------------------------------------------------
+# The attention function called directly, against transformers' own sdpa function
+# --------------------------------------------------------------------------------------------
+def _sdpa_gated(module: nn.Module, query, key, value, mask, gate: torch.Tensor, **kwargs):
+    """transformers' "sdpa" attention function with each head's output scaled by its gate:
+    (B, Sq, H, D)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: PLC0415
+
+    out, _ = sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+    return out * gate[None, None, :, None]
+
+
+@pytest.mark.parametrize("core", ["op", "causal", "per-head-mask", "per-head-key-mask"])
+def test_direct_call_equals_gated_sdpa(core, pair):
+    """The backend as transformers calls it (grouped-query attention, 2 query heads per
+    key/value head): the `scaling` argument is used as given (models such as Gemma pass one
+    other than D ** -0.5), and per-head 4-d masks follow their heads when gated-off heads are
+    left out of the gathered ones (a per-head mask that repeats over query rows is no padding
+    mask: it differs between heads)."""
+    _, model = pair("llama")
+    sparsebert.set_masks(model, head_mask=GATES)
+    module = attention_modules(model)[0]  # gates [1, 0, 0.5, 0.8]: head 1 not computed
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, 5, 8, generator=gen)
+    key, value = torch.randn(2, 2, 2, 5, 8, generator=gen)
+    mask = None
+    if core == "per-head-mask":  # (B, H, Sq, Sk) bool, True = attend; every row attends somewhere
+        mask = torch.rand(2, 4, 5, 5, generator=gen) > 0.4
+        mask[..., 0] = True
+    if core == "per-head-key-mask":  # (B, H, 1, Sk) expanded over queries (stride 0)
+        mask = torch.rand(2, 4, 1, 5, generator=gen) > 0.4
+        mask[..., 0] = True
+        mask = mask.expand(2, 4, 5, 5)
+    kwargs = {"scaling": 0.3, "is_causal": core == "causal"}
+    got, weights = backend.sparsebert_attention_forward(module, query, key, value, mask, **kwargs)
+    want = _sdpa_gated(module, query, key, value, mask, GATES[0], **kwargs)
+    assert weights is None
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert bool((got[:, :, 1] == 0).all())
+
+
+@pytest.mark.parametrize("name", ["electra", "llama"])
+def test_gate_gradients_at_all_ones(name, pair, tiny_batch):
+    """Gates at 1 with requires_grad (where importance scores start): the outputs are the
+    model's, and d loss / d gate is the hook reference's, on the op (ELECTRA's padding masks)
+    and on the gathered-heads SDPA path (Llama's causal masks)."""
+    family = FAMILIES[name]
+    reference, model = pair(name)
+    batch = _inputs(tiny_batch, padded=True)
+    weight = torch.randn(*batch["input_ids"].shape, reference.config.hidden_size)
+    grads = []
+    for m in (reference, model):
+        leaf = torch.ones(3, 4, requires_grad=True)
+        loss = _gated_loss(m, family, leaf, batch, weight, reference=m is reference)
+        grads.append(torch.autograd.grad(loss, leaf)[0])
+    want, got = grads
+    assert bool((want != 0).all())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_nested_overrides_restore_the_outer_gates(pair, tiny_batch):
+    """Leaving an inner override_head_gates block brings back the outer block's gates, and
+    leaving the outer one the set_masks gates."""
+    family = FAMILIES["electra"]
+    reference, model = pair("electra")
+    batch = _inputs(tiny_batch, padded=True)
+    inner = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.2]])
+    buffer_gates = torch.ones(3, 4)
+    buffer_gates[2, 3] = 0.0
+    sparsebert.set_masks(model, head_mask=buffer_gates)
+
+    def check(gates):
+        handles = _gate_reference(reference, family, gates)
+        with torch.no_grad():
+            want = reference(**batch).last_hidden_state
+            got = model(**batch).last_hidden_state
+        for handle in handles:
+            handle.remove()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    with override_head_gates(model, GATES):
+        check(GATES)
+        with override_head_gates(model, inner):
+            check(inner)
+        check(GATES)
+    check(buffer_gates)
+    assert all(m.head_gate_override is None for m in attention_modules(model))
+
+
+def test_gates_are_made_on_the_model_device(tiny_config, tiny_dims):
+    """use_sparse_attention makes each layer's gates where the layer's weights are (the meta
+    device stands in for an accelerator here)."""
+    with torch.device("meta"):
+        model = transformers.AutoModel.from_config(_llama(tiny_config, tiny_dims))
+    use_sparse_attention(model)
+    assert {m.head_gate.device.type for m in attention_modules(model)} == {"meta"}
+
+
+@pytest.mark.parametrize("name", ["electra", "llama"])
+def test_fp32_gates_on_a_bf16_model(name, pair, tiny_batch):
+    """A model cast to bf16 before use_sparse_attention keeps fp32 gates: outputs come back in
+    bf16, with an error vs the fp32 model at most 2x that of stock SDPA in bf16."""
+    family = FAMILIES[name]
+    reference, _ = pair(name)
+    model = use_sparse_attention(copy.deepcopy(reference).to(torch.bfloat16))
+    sparsebert.set_masks(model, head_mask=GATES)
+    assert {m.head_gate.dtype for m in attention_modules(model)} == {torch.float32}
+    batch = _inputs(tiny_batch, padded=True)
+    _gate_reference(reference, family, GATES)
+    with torch.no_grad():
+        gold = reference(**batch).last_hidden_state
+        got = model(**batch).last_hidden_state
+        low = reference.to(torch.bfloat16)(**batch).last_hidden_state
+    assert got.dtype == torch.bfloat16
+    err_sdpa = (low.float() - gold).abs().max()
+    err_ours = (got.float() - gold).abs().max()
+    assert err_ours <= 2 * err_sdpa + 1e-6, (float(err_ours), float(err_sdpa))
+
+
+@pytest.mark.parametrize("case", ["padding", "all-real", "all-real-no-skip", "kv-offset",
+                                  "causal"])
+def test_mask_equals_sdpa_mask(case):
+    """sparsebert_mask allows what transformers' sdpa_mask allows for the same arguments (as
+    transformers' bidirectional and causal mask builders call them): for plain padding masks
+    as a (B, 1, Sq, Sk) bool view of the key mask, None for an all-real one where a skip is
+    allowed, and sdpa_mask's own masks otherwise."""
+    from transformers.masking_utils import (  # noqa: PLC0415
+        bidirectional_mask_function,
+        causal_mask_function,
+        sdpa_mask,
+    )
+
+    from sparsebert.hf.attention_backend import sparsebert_mask  # noqa: PLC0415
+
+    padding = torch.ones(2, 7, dtype=torch.bool)
+    padding[1, 4:] = False
+    kwargs = {"batch_size": 2, "q_length": 5, "kv_length": 5, "attention_mask": padding[:, :5],
+              "mask_function": bidirectional_mask_function, "allow_is_causal_skip": False,
+              "allow_is_bidirectional_skip": True}
+    if case.startswith("all-real"):
+        kwargs["attention_mask"] = torch.ones(2, 5, dtype=torch.bool)
+        kwargs["allow_is_bidirectional_skip"] = case == "all-real"
+    elif case == "kv-offset":  # keys 2..6 of the padding mask
+        kwargs.update(attention_mask=padding, kv_offset=2)
+    elif case == "causal":
+        kwargs["mask_function"] = causal_mask_function
+    got, want = sparsebert_mask(**kwargs), sdpa_mask(**kwargs)
+    assert (got is None) == (case == "all-real")
+    full = torch.ones(2, 1, 5, 5, dtype=torch.bool)  # no mask: every key attended
+    got = full if got is None else got
+    want = full if want is None else want
+    assert got.dtype == torch.bool and got.shape == (2, 1, 5, 5)
+    assert torch.equal(got, want.expand_as(got))

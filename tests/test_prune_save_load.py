@@ -226,6 +226,8 @@ def test_override_head_gates_on_a_pruned_patched_model(per_example, tiny_bert, t
 def test_unpruned_save_is_a_from_pretrained_directory(tmp_path, tiny_bert, tiny_batch):
     model = sbhf.patch(tiny_bert())
     saved = sbhf.save_pruned(model, tmp_path / "full")
+    config = json.loads((saved / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"]
     plain = BertForSequenceClassification.from_pretrained(saved, attn_implementation="eager").eval()
     ids, mask = tiny_batch()
     with torch.no_grad():
@@ -368,6 +370,7 @@ def _retype_weight(directory: Path, name: str, shape) -> None:
 LAYER0_Q = "bert.encoder.layer.0.attention.self.query.weight"
 LAYER1_Q = "bert.encoder.layer.1.attention.self.query.weight"
 LAYER0_FFN = "bert.encoder.layer.0.intermediate.dense.weight"
+LAYER0_FFN_BIAS = "bert.encoder.layer.0.intermediate.dense.bias"
 
 # case -> (edit(directory, description), regex the one-line message must match)
 TAMPERING = {
@@ -396,6 +399,10 @@ TAMPERING = {
             d / "config.json", lambda c: c.update(hidden_size=64, num_attention_heads=8)
         ),
         rf"model.safetensors {LAYER0_Q} has shape \(\d+, 32\), expected \(\d+, 64\)",
+    ),
+    "config_zero_heads": (
+        lambda d: _edit_json(d / "config.json", lambda c: c.update(num_attention_heads=0)),
+        r"config.json num_attention_heads must be a positive int, got 0",
     ),
     "config_model_type": (
         lambda d: _edit_json(d / "config.json", lambda c: c.update(model_type="roberta")),
@@ -437,6 +444,15 @@ TAMPERING = {
         _tamper_layer(0, lambda e: e["head_ids"].__setitem__(0, "a")),
         r"layers\[0\].head_ids\[0\] is 'a'",
     ),
+    "head_ids_bool": (  # JSON true is no id, although Python counts it as 1
+        _tamper_layer(0, lambda e: e["head_ids"].__setitem__(0, True)),
+        r"layers\[0\].head_ids\[0\] is True; ids must be ints",
+    ),
+    "num_heads_negative": (
+        _tamper_layer(0, lambda e: e.update(num_heads=-1)),
+        r"layers\[0\].num_heads is -1 but config.json num_attention_heads is 4 "
+        r"\(expected an int in \[0, 4\]\)",
+    ),
     "neuron_ids_short": (
         _tamper_layer(0, lambda e: e["neuron_ids"].pop()),
         r"layers\[0\].neuron_ids has \d+ ids but intermediate_size is \d+",
@@ -448,6 +464,18 @@ TAMPERING = {
     "head_gate_length": (
         _tamper_layer(0, lambda e: e["head_gate"].pop()),
         r"layers\[0\].head_gate has \d values but num_heads is \d",
+    ),
+    "head_gate_negative": (
+        _tamper_layer(0, lambda e: e["head_gate"].__setitem__(0, -0.5)),
+        r"layers\[0\].head_gate\[0\] is -0.5; gates lie in \[0, 1\]",
+    ),
+    "head_gate_not_a_list": (
+        _tamper_layer(0, lambda e: e.update(head_gate="ones")),
+        r"layers\[0\].head_gate must be a list of numbers, got str",
+    ),
+    "mlp_gate_value": (
+        _tamper_layer(0, lambda e: e.update(mlp_gate=1.5)),
+        r"layers\[0\].mlp_gate is 1.5; gates lie in \[0, 1\]",
     ),
     "neuron_gate_value": (
         _tamper_layer(0, lambda e: e["neuron_gate"].__setitem__(0, 2.0)),
@@ -464,6 +492,11 @@ TAMPERING = {
     "weights_reshaped": (
         lambda d: _retype_weight(d, LAYER0_FFN, (5, 32)),
         rf"model.safetensors {LAYER0_FFN} has shape \(5, 32\), expected \(\d+, 32\) from "
+        r"sparsebert_pruned.json layers\[0\].intermediate_size = \d+",
+    ),
+    "bias_reshaped": (
+        lambda d: _retype_weight(d, LAYER0_FFN_BIAS, (5,)),
+        rf"model.safetensors {LAYER0_FFN_BIAS} has shape \(5,\), expected \(\d+,\) from "
         r"sparsebert_pruned.json layers\[0\].intermediate_size = \d+",
     ),
     "weights_for_removed_heads": (
@@ -559,3 +592,14 @@ def test_load_pruned_names_a_wrong_model_class(tmp_path, tiny_bert):
     with pytest.raises(PrunedModelError, match="saved as BertForSequenceClassification, built as "
                                                "BertModel"):
         sbhf.load_pruned(saved, model_class=BertModel)
+
+
+def test_load_pruned_onto_a_device(tmp_path, tiny_bert):
+    """device= moves the rebuilt model, gates included (the meta device stands in for an
+    accelerator here); the sizes are the saved ones."""
+    model, _, _, _ = masked(tiny_bert())
+    sbhf.prune(model)
+    loaded = sbhf.load_pruned(sbhf.save_pruned(model, tmp_path / "pruned"), device="meta")
+    assert {p.device.type for p in loaded.parameters()} == {"meta"}
+    assert {b.device.type for b in loaded.buffers()} == {"meta"}
+    assert sbhf.layer_sizes(loaded) == sbhf.layer_sizes(model) and not loaded.training
