@@ -502,6 +502,10 @@ def test_unsupported_arguments_are_rejected(pair):
     q = torch.randn(1, 4, 3, 8)
     with pytest.raises(AttentionBackendError, match="'softcap'.*attn_implementation='eager'"):
         backend.sparsebert_attention_forward(module, q, q, q, None, softcap=30.0)
+    kv = torch.randn(1, 3, 3, 8)
+    with pytest.raises(AttentionBackendError, match="query heads 4 are not a multiple of "
+                                                    "key/value heads 3"):
+        backend.sparsebert_attention_forward(module, q, kv, kv, None)
 
 
 def test_gate_changes_take_effect(pair, tiny_batch):
@@ -597,6 +601,18 @@ def test_direct_call_equals_gated_sdpa(core, pair):
     assert weights is None
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert bool((got[:, :, 1] == 0).all())
+
+
+def test_direct_call_on_a_module_without_gates_or_is_causal():
+    """A module with no gates and no is_causal attribute: every head at gate 1 and causal
+    attention, as transformers' sdpa function defaults."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: PLC0415
+
+    module = nn.Module()
+    query, key, value = torch.randn(3, 1, 4, 5, 8, generator=torch.Generator().manual_seed(0))
+    got, _ = backend.sparsebert_attention_forward(module, query, key, value, None)
+    want, _ = sdpa_attention_forward(module, query, key, value, None)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["electra", "llama"])
