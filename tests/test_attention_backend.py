@@ -442,9 +442,25 @@ def test_bad_masks_are_clear_errors(pair):
         with override_head_gates(model, torch.ones(2, 4)):
             pass
     module = attention_modules(model)[0]
+    module.head_gate = torch.ones(5)
+    with pytest.raises(AttentionBackendError, match=r"head_gate has shape \(5,\); expected "
+                                                    r"\(H,\) = \(4,\)"):
+        sparsebert.set_masks(model, head_mask=GATES)
+    module.head_gate = torch.ones(4)
     module.head_gate_override = torch.ones(5)
     with pytest.raises(AttentionBackendError, match=r"head gate has shape \(5,\); expected"):
         model(input_ids=torch.ones(1, 3, dtype=torch.long))
+
+
+def test_cross_attention_modules_take_no_gates(tiny_config):
+    """An ELECTRA decoder with cross-attention: only the self-attention modules carry gates
+    (one per layer), so a (L, H) head mask fits; the cross-attention runs ungated."""
+    config = tiny_config("electra", attn="sdpa", is_decoder=True, add_cross_attention=True)
+    model = use_sparse_attention(transformers.ElectraModel(config).eval())
+    assert attention_modules(model) == [layer.attention.self for layer in model.encoder.layer]
+    sparsebert.set_masks(model, head_mask=GATES)
+    torch.testing.assert_close(sparsebert.get_masks(model)["head_mask"], GATES)
+    assert not hasattr(model.encoder.layer[0].crossattention.self, "head_gate")
 
 
 def test_models_without_the_interface_are_rejected(tiny_bert):
