@@ -441,6 +441,13 @@ def test_bad_masks_are_clear_errors(pair):
     with pytest.raises(AttentionBackendError, match=r"'gates' must have shape \(L, H\) = \(3, 4\)"):
         with override_head_gates(model, torch.ones(2, 4)):
             pass
+    for gates in (torch.ones(3, 2), torch.ones(3, 2, 2, 4)):
+        with pytest.raises(AttentionBackendError, match=r"'gates' must have shape \(L, H\)"):
+            with override_head_gates(model, gates):
+                pass
+    with pytest.raises(AttentionBackendError, match="'gates' must be a floating-point tensor"):
+        with override_head_gates(model, torch.ones(3, 4, dtype=torch.long)):
+            pass
     module = attention_modules(model)[0]
     module.head_gate = torch.ones(5)
     with pytest.raises(AttentionBackendError, match=r"head_gate has shape \(5,\); expected "
