@@ -340,6 +340,7 @@ def test_import_leaves_heavy_optional_modules_unloaded():
     (["evaluate", "--run", "x", "--foo"], "evaluate", "--foo"),
     (["sweep", "--out", "o", "--seed", "3"], "sweep", "--seed 3"),  # not an abbreviation of --seeds
     (["sweep", "--out", "o", "--task", "RTE"], "sweep", "--task RTE"),
+    (["--deb", "evaluate", "--run", "x"], "evaluate", "--deb"),  # not an abbreviation of --debug
 ])
 def test_unknown_flags_name_the_command(argv, command, wrong, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -381,3 +382,125 @@ def test_interrupt_message_says_resume_only_where_a_rerun_resumes(command, resum
     assert main(argv) == 130
     expected = "interrupted; rerun the same command to resume" if resumes else "interrupted"
     assert capsys.readouterr().err.strip().splitlines()[-1] == expected
+
+
+def _search_summary(status=None):
+    summary = {"kind": "sparsebert-search", "task": "SST-2", "seed": 3, "report_metric": "acc",
+               "full": {"score": 0.8125}, "majority": 0.5,
+               "methods": {"structured": {"notes": ["kept everything"], "subnetworks": {
+                   "good": {"heads_kept": 5, "mlps_kept": 1, "fraction_kept": 0.625,
+                            "pruned": {"score": 0.75}, "retrained": None}}}}}
+    return {**summary, "status": status} if status else summary
+
+
+def _super_summary():
+    return {"kind": "sparsebert-super", "task": "SST-2", "seeds": [1, 2], "notes": ["n"],
+            "subnetworks": {"good": {"heads_kept": 4, "mlps_kept": 2,
+                                     "pruned": [{"score": 0.5}, {"score": 0.75}],
+                                     "retrained": []}}}
+
+
+@pytest.mark.parametrize("extra,function,passed,printed", [
+    (["--redo", "magnitude"], "search", {"redo": "magnitude", "progress": True},
+     ["SST-2 seed 3: full model dev acc 0.8125 (majority class 0.5000)",
+      "  note (structured): kept everything",
+      "  structured good   5 heads, 1 MLPs, 62.5% kept: pruned 0.7500, retrained -"]),
+    (["--quiet", "--seeds", "1,2", "--no-super", "--redo", "structured"], "search_seeds",
+     {"progress": False, "super_survivors": False, "redo": "structured"}, None),
+    (["--seeds", "1,2"], "search_seeds", {"progress": True, "super_survivors": True,
+                                          "redo": None},
+     ["SST-2 seeds [1, 2]: super-survivors", "  note: n",
+      "  super good   4 heads, 2 MLPs: pruned 0.6250, retrained - (mean over seeds)"]),
+])
+def test_search_passes_its_options_on_and_prints_the_summary(extra, function, passed, printed,
+                                                              monkeypatch, capsys):
+    """--redo, --no-super and --quiet reach the search; the summary's lines: 4 decimals, "-"
+    for a subnetwork not evaluated or not retrained, a super-survivor's mean over seeds."""
+    import sparsebert.lottery as lottery  # noqa: PLC0415
+    import sparsebert.lottery.super_survivors as super_survivors  # noqa: PLC0415
+
+    calls = []
+
+    def fake(task, out, *args, **kwargs):
+        calls.append((task, out, args, kwargs))
+        return _search_summary() if function == "search" else (
+            _super_summary() if kwargs["super_survivors"] else _search_summary())
+
+    monkeypatch.setattr(lottery if function == "search" else super_survivors, function, fake)
+    assert main(["search", "--task", "SST-2", "--out", "o", *extra]) == 0
+    [(task, out, args, kwargs)] = calls
+    assert (task, out) == ("SST-2", "o")
+    assert args == (([1, 2],) if function == "search_seeds" else ())
+    assert {k: kwargs[k] for k in passed} == passed
+    if printed is not None:
+        assert capsys.readouterr().out.splitlines() == printed
+
+
+def test_a_stopped_search_says_how_to_go_on(monkeypatch, capsys):
+    import sparsebert.lottery as lottery  # noqa: PLC0415
+
+    monkeypatch.setattr(lottery, "search", lambda *a, **k: _search_summary(status="stopped"))
+    assert main(["search", "--task", "SST-2", "--out", "o", "--stop-after-steps", "2"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "stopped (--stop-after-steps); rerun without it, or with a larger value, to go on"]
+
+
+def test_seed_and_seeds_together_are_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["search", "--task", "SST-2", "--out", str(out), "--seeds", "1,2",
+                 "--seed", "3"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "sparsebert: error: pass either --seed or --seeds, not both"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["finetune", "search", "sweep"])
+def test_sigterm_stops_a_command_as_ctrl_c_does(command, monkeypatch, capsys):
+    """SIGTERM during a command: exit status 143 and one line, also when a library turned it
+    into a plain KeyboardInterrupt; the handler that was there before is put back, and a later
+    Ctrl-C reads as an interrupt again."""
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    import sparsebert.cli as cli  # noqa: PLC0415
+
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM was not handled")
+
+    def terminated_then_replaced(args):
+        try:
+            terminated(args)
+        except cli.Terminated:
+            raise KeyboardInterrupt from None
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    def outside(signum, frame):
+        raise RuntimeError("the handler from before the command ran")
+
+    previous = signal.signal(signal.SIGTERM, outside)
+    try:
+        argv = ([command, "--task", "SST-2", "--out", "x"] if command != "sweep"
+                else [command, "--out", "x"])
+        for run, code, word in ((terminated, 143, "terminated"),
+                                (terminated_then_replaced, 143, "terminated"),
+                                (interrupted, 130, "interrupted")):
+            monkeypatch.setitem(cli.SUBCOMMANDS, command, (cli.SUBCOMMANDS[command][0], run))
+            assert main(argv) == code
+            assert capsys.readouterr().err.strip().splitlines()[-1] == \
+                f"{word}; rerun the same command to resume"
+            assert signal.getsignal(signal.SIGTERM) is outside
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_an_unknown_debug_value_counts_as_off(monkeypatch):
+    from sparsebert.cli import debug_enabled  # noqa: PLC0415
+
+    monkeypatch.setenv("SPARSEBERT_DEBUG", "verbose")
+    assert debug_enabled() is False
+    import argparse  # noqa: PLC0415
+
+    assert debug_enabled(argparse.Namespace(debug=True)) is True

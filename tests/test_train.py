@@ -1,6 +1,9 @@
 """Fine-tuning loop on a tiny random BERT: determinism, resume, fixed masks, bad input, CLI."""
 
+import dataclasses
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -381,3 +384,127 @@ def test_a_run_resumed_from_changed_model_files_is_refused(tiny_model_dir, synth
     (folder / "README.md").write_text("notes")  # (documentation is not fingerprinted)
     assert finetune(_config(str(folder), synthetic_glue, epochs=1), tmp_path / "run",
                     progress=False).finished
+
+
+def test_cli_evaluate_options_and_output(tiny_model_dir, synthetic_glue, tmp_path, capsys,
+                                         monkeypatch):
+    """evaluate's --glue-dir, --batch-size and --device reach the evaluation; the plain output
+    is one line per dev split with each metric to 4 decimals, and names the data folder on
+    stderr; --quiet finetune shows no progress, without it a progress bar goes to stderr."""
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    out = str(tmp_path / "run")
+    args = ["finetune", "--task", "SST-2", "--out", out, "--model", tiny_model_dir,
+            "--glue-dir", synthetic_glue, "--epochs", "1", "--batch-size", "16", "--threads", "1",
+            "--max-train-examples", "32"]
+    assert main([*args, "--stop-after-steps", "1", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main([*args, "--json"]) == 0
+    captured = capsys.readouterr()
+    results = json.loads(captured.out)
+    assert "SST-2 run: 100%" in captured.err
+    assert main(["evaluate", "--run", out]) == 0
+    captured = capsys.readouterr()
+    [line] = captured.out.splitlines()
+    assert re.fullmatch(r"SST-2 dev: acc \d\.\d{4}", line), line
+    assert float(line.split()[-1]) == round(results["metrics"]["dev"]["acc"], 4)
+    assert f"data: the run's data folder ({synthetic_glue})" in captured.err
+    copy = tmp_path / "glue-copy"
+    shutil.copytree(synthetic_glue, copy)
+    assert main(["evaluate", "--run", out, "--glue-dir", str(copy), "--device", "cpu",
+                 "--batch-size", "5", "--json"]) == 0
+    captured = capsys.readouterr()
+    again = json.loads(captured.out)
+    assert again["data"]["chosen_by"] == f"--glue-dir {copy}" and again["device"] == "cpu"
+    assert again["metrics"] == results["metrics"] and "data: " not in captured.err
+    assert main(["evaluate", "--run", out, "--device", "meta"]) == 2
+    assert "--device 'meta': expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+def test_config_values_at_their_bounds_are_accepted():
+    """The edge values each flag's error message allows (and the other choices) resolve."""
+    for values in ({"seed": 0}, {"seed": 2**64 - 1}, {"max_length": 8}, {"epochs": 1},
+                   {"eval_batch_size": 1}, {"grad_clip": 0.0}, {"weight_decay": 0.0},
+                   {"warmup_steps": 0}, {"checkpoint_every": 0}, {"stop_after_steps": 1},
+                   {"padding": "max_length"}, {"precision": "bf16"}, {"precision": "fp32"},
+                   {"cuda_graphs": "off"}, {"cuda_graphs": "on"}):
+        config = TrainConfig(**values).resolved()
+        assert {name: getattr(config, name) for name in values} == values
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"lr": 0.0}, "--lr 0.0: expected a finite number > 0"),
+    ({"lr": -1e-5}, "--lr -1e-05: expected a finite number > 0"),
+    ({"grad_clip": float("nan")}, "--grad-clip nan: expected a finite number >= 0"),
+    ({"epochs": 0}, "--epochs 0: expected an integer >= 1"),
+    ({"epochs": True}, "--epochs True: expected an integer >= 1"),
+    ({"epochs": 1.5}, "--epochs 1.5: expected an integer >= 1"),
+    ({"eval_batch_size": 0}, "--eval-batch-size 0: expected an integer >= 1"),
+    ({"max_length": 7}, "--max-length 7: expected an integer >= 8"),
+    ({"seed": True}, "--seed True: expected an integer in [0, 2**64 - 1]"),
+    ({"padding": "longest"}, "--padding 'longest': expected one of dynamic, max_length"),
+    ({"precision": "fp16"}, "--precision 'fp16': expected one of auto, fp32, bf16"),
+    ({"cuda_graphs": "yes"}, "--cuda-graphs 'yes': expected one of auto, on, off"),
+])
+def test_bad_config_values_name_their_flag(values, message):
+    with pytest.raises(TrainError, match=re.escape(message)):
+        TrainConfig(**values).resolved()
+
+
+def test_numpy_floats_become_python_floats():
+    config = TrainConfig(weight_decay=np.float32(0.25), grad_clip=np.float16(2.0)).resolved()
+    assert type(config.weight_decay) is float and type(config.grad_clip) is float
+    assert json.loads(json.dumps(config.to_json()))["weight_decay"] == 0.25
+
+
+def test_resolve_device(monkeypatch):
+    from sparsebert.train import resolve_device  # noqa: PLC0415
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(TrainError, match=re.escape("--device 'meta': expected auto, cpu")):
+        resolve_device("meta")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(TrainError, match=re.escape("--device cuda:2: only 2 CUDA device(s) "
+                                                   "visible (cuda:0..cuda:1)")):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(TrainError, match="--device cuda: no CUDA device is visible"):
+        resolve_device("cuda")
+
+
+def test_precision_and_cuda_graph_choices():
+    from sparsebert.train import autocast, use_cuda_graphs  # noqa: PLC0415
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    a = torch.ones(2, 2)
+    for precision, dtype in (("bf16", torch.bfloat16), ("auto", torch.float32),
+                             ("fp32", torch.float32)):
+        with autocast(cpu, precision):
+            assert (a @ a).dtype == dtype, precision
+    assert [use_cuda_graphs(TrainConfig(cuda_graphs=mode), device)
+            for mode, device in (("auto", cpu), ("auto", cuda), ("off", cuda), ("on", cuda))] \
+        == [False, True, False, True]
+
+
+def test_a_rerun_may_change_the_runtime_settings_only(tiny_model_dir, synthetic_glue, tmp_path):
+    """Settings that do not change what is computed may differ when a run is resumed; the
+    others are refused as another run."""
+    from sparsebert.train.loop import check_config  # noqa: PLC0415
+
+    config = _config(tiny_model_dir, synthetic_glue, epochs=1, max_train_examples=32,
+                     stop_after_steps=1)
+    out = tmp_path / "run"
+    assert finetune(config, out, progress=False).status == "stopped"
+    for change in ({"threads": 2}, {"log_every": 5}, {"checkpoint_every": 3},
+                   {"eval_batch_size": 7}, {"stop_after_steps": 2}, {"device": "cpu"},
+                   {"cuda_graphs": "off"}, {"glue_dir": str(tmp_path / "elsewhere")}):
+        assert check_config(out, dataclasses.replace(config, **change).resolved()) is None
+    for change in ({"warmup_steps": 1}, {"max_length": 64}, {"weight_decay": 0.1},
+                   {"seed": 8}, {"grad_clip": 0.5}, {"bucket": False}):
+        with pytest.raises(TrainError, match="different config"):
+            check_config(out, dataclasses.replace(config, **change).resolved())
