@@ -72,6 +72,12 @@ def test_info(capsys):
     out = capsys.readouterr().out
     for line in ("torch", "transformers", "sparsebert", "extension", "masked_attention"):
         assert line in out
+    from sparsebert import ops  # noqa: PLC0415
+
+    loaded = ops._C is not None  # the build's CPU kernels come with the extension
+    assert re.search(rf"^extension +{'loaded' if loaded else 'not loaded'}$", out, re.M), out
+    [native] = re.findall(r"^  masked_attention +native: (.+)$", out, re.M)
+    assert ("CPU" in native) is loaded and (native == "none (reference)") is not loaded
 
 
 def _probe_truncated_checkpoint(tiny, tmp_path):

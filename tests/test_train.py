@@ -434,6 +434,8 @@ def test_config_values_at_their_bounds_are_accepted():
 @pytest.mark.parametrize("values,message", [
     ({"lr": 0.0}, "--lr 0.0: expected a finite number > 0"),
     ({"lr": -1e-5}, "--lr -1e-05: expected a finite number > 0"),
+    ({"lr": True}, "--lr True: expected a finite number > 0"),  # was trained at lr 1.0
+    ({"lr": "2e-5"}, "--lr '2e-5': expected a finite number > 0"),  # was a ValueError
     ({"grad_clip": float("nan")}, "--grad-clip nan: expected a finite number >= 0"),
     ({"epochs": 0}, "--epochs 0: expected an integer >= 1"),
     ({"epochs": True}, "--epochs True: expected an integer >= 1"),

@@ -125,9 +125,10 @@ class TrainConfig:
             raise TrainError(f"--preset {self.preset!r}: expected auto or one of "
                              f"{', '.join(sorted(PRESETS))}")
         lr = self.lr if self.lr is not None else PRESETS[preset]["lr"]
-        out = dataclasses.replace(self, task=task, preset=preset, lr=float(lr),
+        out = dataclasses.replace(self, task=task, preset=preset, lr=lr,
                                   model=local_model_path(self.model))
-        out.check_values()
+        out.check_values()  # before float(lr): lr=True or "2e-5" is refused, not read as a number
+        out.lr = float(out.lr)
         for f in dataclasses.fields(out):  # NumPy scalars -> Python numbers (JSON, seeding)
             value = getattr(out, f.name)
             if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
