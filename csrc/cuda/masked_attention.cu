@@ -1,5 +1,7 @@
 // masked_attention on CUDA: host entry points (validation, allocation, path choice) and the
-// dispatcher registration. Kernels: masked_attention_fwd.cu, masked_attention_bwd.cu.
+// dispatcher registration. Kernels: masked_attention_mma.cu, masked_attention_mma_bwd.cu and their
+// fp32 variants masked_attention_mma_tf32.cu, masked_attention_mma_bwd_tf32.cu (the mma.sync
+// ones); masked_attention_fwd.cu, masked_attention_bwd.cu (WMMA and SIMT).
 //
 // Path choice (SPARSEBERT_ATTENTION_KERNEL unset, "default" or "mma"): the mma.sync forward
 // (masked_attention_mma.cu) where it applies (fp16/bf16, D 32/64, sm80+, 16-byte aligned rows),
