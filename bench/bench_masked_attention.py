@@ -125,9 +125,7 @@ def provider_fn(name, q, k, v, gate):
             return out.index_copy(2, kept, ctx * gate[kept].to(q.dtype)[None, None, :, None])
 
         return gather
-    if name == "sparsebert":
-        return lambda: ops.masked_attention(q, k, v, gate)
-    if name == "sparsebert_wmma":  # timed() sets the switch around forward and backward
+    if name in ("sparsebert", "sparsebert_wmma"):  # (timed() sets wmma's switch: KERNEL_CHOICE)
         return lambda: ops.masked_attention(q, k, v, gate)
     if name == "sparsebert_compact":
         kept = gate.detach().nonzero().squeeze(1)

@@ -147,6 +147,19 @@ def _gate_reference(model: nn.Module, family: Family, gates: torch.Tensor):
     return handles
 
 
+def _assert_matches_gated_reference(model: nn.Module, reference: nn.Module, family: Family,
+                                    gates: torch.Tensor, batch: dict) -> None:
+    """model's last hidden state equals the stock reference's with `gates` applied by hooks
+    (the hooks are removed afterwards)."""
+    handles = _gate_reference(reference, family, gates)
+    with torch.no_grad():
+        want = reference(**batch).last_hidden_state
+        got = model(**batch).last_hidden_state
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def _gated_loss(model: nn.Module, family: Family, gates: torch.Tensor, batch: dict,
                 weight: torch.Tensor, *, reference: bool) -> torch.Tensor:
     """sum(last_hidden_state * weight) with head gates `gates`: through the hook reference
@@ -539,13 +552,7 @@ def test_gate_changes_take_effect(pair, tiny_batch):
     other = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.2]])
 
     def check(gates):
-        handles = _gate_reference(reference, family, gates)
-        with torch.no_grad():
-            want = reference(**batch).last_hidden_state
-            got = model(**batch).last_hidden_state
-        for handle in handles:
-            handle.remove()
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        _assert_matches_gated_reference(model, reference, family, gates, batch)
 
     for gates in (GATES, other, torch.ones(3, 4)):
         sparsebert.set_masks(model, head_mask=gates)
@@ -669,13 +676,7 @@ def test_nested_overrides_restore_the_outer_gates(pair, tiny_batch):
     sparsebert.set_masks(model, head_mask=buffer_gates)
 
     def check(gates):
-        handles = _gate_reference(reference, family, gates)
-        with torch.no_grad():
-            want = reference(**batch).last_hidden_state
-            got = model(**batch).last_hidden_state
-        for handle in handles:
-            handle.remove()
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        _assert_matches_gated_reference(model, reference, family, gates, batch)
 
     with override_head_gates(model, GATES):
         check(GATES)
