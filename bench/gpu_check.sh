@@ -11,7 +11,7 @@
 #                    and backward: fp16/bf16, and fp32 through the 3xTF32 variants)
 #   wmma-tests.log   the masked-attention CUDA tests again with the WMMA kernels (wmma)
 #   simt-tests.log   the masked-attention CUDA tests again with the SIMT kernels forced
-#   bench.log        every benchmark's table
+#   bench.log        every benchmark's table (and ncu-mma's Nsight Compute sections)
 #   results.tar.gz   bench/results/*-<gpu>.{json,md}, for committing
 # Usage on the GPU machine, from the repository root:  bash bench/gpu_check.sh
 # The steps run in this order, the most valuable first; GPU_CHECK_STEPS=a,b,... runs only those
@@ -23,7 +23,8 @@
 #   1. the attention kernels, limits 480 s: build (150 s), mma-tests (120 s: the mma.sync
 #      forwards' and backwards' correctness, fp16/bf16 and fp32 through 3xTF32),
 #      bench-masked-attention-graph (120 s: the forwards' graph-replay GPU time vs SDPA and the
-#      WMMA/SIMT kernels), trace-mma (30 s: one traced call of each kernel), wmma-tests (60 s).
+#      WMMA/SIMT kernels), trace-mma (30 s: one traced call of each kernel), ncu-mma (60 s:
+#      Nsight Compute sections of the forward at S=128 and 512), wmma-tests (60 s).
 #      The first call on a GPU machine (on an H200 the first four steps took 134 s):
 #        GPU_CHECK_STEPS=build,mma-tests,bench-masked-attention-graph,trace-mma,wmma-tests
 #   2. the other CUDA tests and the backward's speed, limits 510 s: build, cuda-tests (150 s),
@@ -53,7 +54,7 @@ pack() {  # copy the benchmark tables/JSON (and profiler traces) this run wrote 
     | tar czf "$out/results.tar.gz" --null -T - 2>/dev/null || true
 }
 
-check_steps build mma-tests bench-masked-attention-graph trace-mma cuda-tests wmma-tests \
+check_steps build mma-tests bench-masked-attention-graph trace-mma ncu-mma cuda-tests wmma-tests \
   bench-masked-attention bench-train-step bench-group-dot bench-importance simt-tests
 
 # Step 1: build (in place: this machine is a copy of the tree).
@@ -79,6 +80,13 @@ step bench-masked-attention-graph 120 "$out/bench.log" bash -c "
   python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --dtype bfloat16 --seq 128 512
   python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --dtype float32 --seq 128 512"; pack
 step trace-mma 30 "$out/bench.log" python3 bench/trace_attention.py; pack
+# Nsight Compute counters of the mma.sync forward at S=128 and S=512 (bench/ncu_attention.py):
+# throughput against the ceilings, occupancy, and where warps stall. Needs a runtime that exposes
+# the counters; elsewhere ncu says so and the step fails without stopping the others.
+ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
+step ncu-mma 60 "$out/bench.log" "${ncu_bin:-ncu}" --clock-control none -k regex:mma_forward_kernel \
+  --launch-skip 2 --launch-count 2 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+  --section SchedulerStats --section LaunchStats python3 bench/ncu_attention.py
 
 # Step 4: the other CUDA tests (each kernel test first asserts the CUDA kernel is registered;
 # the mma tests ran in step 2).

@@ -99,8 +99,8 @@ bool use_mma(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
 
 float scale_log2(double scale) { return static_cast<float>(scale * 1.4426950408889634); }
 
-// The mma.sync forward into out (B, Sq, H or H_kept, D) and lse (B, H or H_kept, Sq); kept: int32
-// (H_kept,) head of each output slot (compact), or none (dense: every head, pruned ones zero).
+// The mma.sync forward into out (B, Sq, H or H_kept, D) and lse (B, H or H_kept, Sq); kept: int32 or
+// int64 (H_kept,) head of each output slot (compact), or none (dense: every head, pruned ones zero).
 void launch_mma(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const GateView& gate,
                 const at::Tensor& mask, const std::optional<at::Tensor>& kept, const AttentionShape& s,
                 double scale, at::Tensor& out, at::Tensor& lse) {
@@ -115,7 +115,8 @@ void launch_mma(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   a.gate_sb = gate.stride_b;
   a.gate_sh = gate.stride_h;
   a.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  a.kept = kept.has_value() ? kept->data_ptr<int32_t>() : nullptr;
+  a.kept = kept.has_value() ? kept->data_ptr() : nullptr;
+  a.kept_int64 = kept.has_value() && kept->scalar_type() == at::kLong;
   a.out = out.data_ptr();
   a.lse = lse.data_ptr<float>();
   a.batch = static_cast<int>(s.batch);
@@ -286,13 +287,8 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_compact_cuda(
   }
   const GateView gate = gate_view(head_gate);
   const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
-  // int64 indices outside int32 would wrap onto a valid head: mark them -1 (a zeroed slot, as
-  // any index out of range) before narrowing. int32 indices go in as they are.
-  const at::Tensor kept =
-      (kept_heads.scalar_type() == at::kInt
-           ? kept_heads
-           : kept_heads.masked_fill(kept_heads.lt(0).logical_or(kept_heads.ge(s.heads)), -1).to(at::kInt))
-          .contiguous();
+  // int32 or int64 indices, read in place by the kernel (an index out of range: a zeroed slot).
+  const at::Tensor kept = kept_heads.contiguous();
   const int64_t n_kept = kept.size(0);
   at::Tensor out = at::empty({s.batch, s.q_len, n_kept, s.head_dim}, q.options());
   at::Tensor lse = at::empty({s.batch, n_kept, s.q_len}, q.options().dtype(at::kFloat));

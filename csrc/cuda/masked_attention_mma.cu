@@ -51,7 +51,6 @@ __device__ __forceinline__ void attend_tile(const MmaFwdArgs& a, int b, int h, i
   // Step 1: Q tile and the first K/V stage.
   load_first_stage<D>(a, q, k, v, q0, q_s, k_s, v_s);
 
-  uint32_t qf[kKc][4];
   float o[kDt][4];
 #pragma unroll
   for (int dt = 0; dt < kDt; ++dt)
@@ -64,15 +63,11 @@ __device__ __forceinline__ void attend_tile(const MmaFwdArgs& a, int b, int h, i
   for (int kt = 0; kt < key_tiles; ++kt) {
     // Step 2a: prefetch the next K/V stage, wait for this one.
     const int stage = next_kv_stage<D>(a, k, v, kt, key_tiles, k_s, v_s);
-    if (kt == 0) {
-#pragma unroll
-      for (int kc = 0; kc < kKc; ++kc) {
-        const Coord c = mma::ldsm_q(lane, kc);
-        ldmatrix_x4(qf[kc], smem_u32(q_s + mma::smem_offset(16 * warp + c.row, c.col, D)));
-      }
-    }
     const uint16_t* ks = k_s + stage * kTile;
     const uint16_t* vs = v_s + stage * kTile;
+    // The tile's real keys (a mask read issued before the products; no test at all when every
+    // key is real).
+    const TileKeys keys = tile_keys(a, mask, kt * mma::kBlockN);
 
     // Step 2b: S = Q K^T for this warp's 16 rows and the 64 keys.
     float s[kNt][4];
@@ -82,18 +77,24 @@ __device__ __forceinline__ void attend_tile(const MmaFwdArgs& a, int b, int h, i
       for (int i = 0; i < 4; ++i) s[nt][i] = 0.0f;
 #pragma unroll
     for (int kc = 0; kc < kKc; ++kc) {
+      // The warp's Q fragments, re-read from shared memory every tile (one ldmatrix per k-chunk):
+      // 16 registers fewer than keeping them, which lets 4 CTAs share a multiprocessor.
+      uint32_t qf[4];
+      const Coord cq = mma::ldsm_q(lane, kc);
+      ldmatrix_x4(qf, smem_u32(q_s + mma::smem_offset(16 * warp + cq.row, cq.col, D)));
 #pragma unroll
       for (int p = 0; p < kNt / 2; ++p) {
         uint32_t kf[4];
         const Coord c = mma::ldsm_k(lane, p, kc);
         ldmatrix_x4(kf, smem_u32(ks + mma::smem_offset(c.row, c.col, D)));
-        mma_16816<T>(s[2 * p], qf[kc], kf[0], kf[1]);
-        mma_16816<T>(s[2 * p + 1], qf[kc], kf[2], kf[3]);
+        mma_16816<T>(s[2 * p], qf, kf[0], kf[1]);
+        mma_16816<T>(s[2 * p + 1], qf, kf[2], kf[3]);
       }
     }
 
-    // Step 2c: log2-domain scores, masked keys -inf, online softmax per row (quad reductions).
-    online_softmax_tile(a, mask, kt * mma::kBlockN, lane, s, m, l, o);
+    // Step 2c: log2-domain scores, keys that are not real -inf, online softmax per row (quad
+    // reductions).
+    online_softmax_tile(a, keys, lane, s, m, l, o);
 
     // Step 2d: O += P V, P re-labelled from the S accumulators as A fragments.
 #pragma unroll
@@ -161,7 +162,7 @@ struct HalfItem {
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(mma::kThreads) mma_forward_kernel(const MmaFwdArgs a) {
+__global__ void __launch_bounds__(mma::kThreads, 4) mma_forward_kernel(const MmaFwdArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800  // cp.async, m16n8k16: sm_80+ (never launched below)
   __shared__ __align__(128) uint16_t q_s[mma::kBlockM * D];
   __shared__ __align__(128) uint16_t k_s[mma::kStages * mma::kBlockN * D];

@@ -20,7 +20,9 @@ struct MmaFwdArgs {
   const float* gate;               // gate[b, h] = gate[b * gate_sb + h * gate_sh]; (H,): gate_sb = 0
   int64_t gate_sb, gate_sh;
   const bool* mask;     // (B, Sk) contiguous, true = real token; nullptr = no padding
-  const int32_t* kept;  // compact output: (out_heads,) head index of each output slot; dense: nullptr
+  const void* kept;     // compact output: (out_heads,) head index of each output slot, int32 or
+                        // int64 (kept_int64), read in place; dense: nullptr
+  bool kept_int64;
   void* out;            // (B, Sq, out_heads, D) contiguous, dtype of q
   float* lse;           // (B, out_heads, Sq) contiguous fp32
   int batch, q_len, kv_len, heads, head_dim, out_heads;

@@ -72,6 +72,9 @@ __device__ __forceinline__ void attend_tile_tf32(const MmaFwdArgs& a, int b, int
     const int stage = next_kv_stage<D>(a, k, v, kt, key_tiles, k_s, v_s);
     const float* ks = k_s + stage * kTile;
     const float* vs = v_s + stage * kTile;
+    // The tile's real keys (a mask read issued before the products; no test at all when every
+    // key is real).
+    const TileKeys keys = tile_keys(a, mask, kt * mma::kBlockN);
 
     // Step 2b: S = Q K^T for this warp's 16 rows and the 64 keys (3xTF32).
     float s[kNt][4];
@@ -99,8 +102,9 @@ __device__ __forceinline__ void attend_tile_tf32(const MmaFwdArgs& a, int b, int
       }
     }
 
-    // Step 2c: log2-domain scores, masked keys -inf, online softmax per row (quad reductions).
-    online_softmax_tile(a, mask, kt * mma::kBlockN, lane, s, m, l, o);
+    // Step 2c: log2-domain scores, keys that are not real -inf, online softmax per row (quad
+    // reductions).
+    online_softmax_tile(a, keys, lane, s, m, l, o);
 
     // Step 2d: O += P V (3xTF32), P of key chunk kc taken from the S accumulators of n-tile kc.
 #pragma unroll

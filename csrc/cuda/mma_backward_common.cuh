@@ -179,8 +179,7 @@ __device__ __forceinline__ void key_chunk_to_grads(const MmaBwdArgs& a, float ga
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int query = query0 + nt * 8 + mma::frag_c(lane, i).col;
-      const float s2 = key_real[i >> 1] ? st[nt][i] * a.scale_log2 : attn::neg_inf();
-      const float p = attn::backward_prob(s2, lse2_s[query]);
+      const float p = attn::backward_prob_approx(st[nt][i], a.scale_log2, lse2_s[query], key_real[i >> 1]);
       dpt[nt][i] = attn::backward_dscore(p, gate, dpt[nt][i], delta_s[query]);
       st[nt][i] = p;
     }
@@ -192,14 +191,14 @@ template <int kNt>
 __device__ __forceinline__ void query_chunk_to_grads(const MmaBwdArgs& a, const bool* mask, float gate, int key0,
                                                      int lane, const float (&lse2_r)[2], const float (&delta_r)[2],
                                                      float (&s)[kNt][4], const float (&dp)[kNt][4]) {
+  static_assert(kNt * 8 <= 32, "one 32-key word per chunk");
+  const uint32_t real = real_key_word(mask, a.kv_len, key0);  // one ballot, a bit test per score
 #pragma unroll
   for (int nt = 0; nt < kNt; ++nt)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int key = key0 + nt * 8 + mma::frag_c(lane, i).col;
-      const bool real = key < a.kv_len && (mask == nullptr || mask[key]);
-      const float s2 = real ? s[nt][i] * a.scale_log2 : attn::neg_inf();
-      const float p = attn::backward_prob(s2, lse2_r[i >> 1]);
+      const float p = attn::backward_prob_approx(s[nt][i], a.scale_log2, lse2_r[i >> 1],
+                                                 mma::frag_c_key_real(&real, lane, nt, i));
       s[nt][i] = attn::backward_dscore(p, gate, dp[nt][i], delta_r[i >> 1]);
     }
 }
@@ -319,20 +318,16 @@ __device__ __forceinline__ void backward_block(const MmaBwdArgs& a, int b, int h
 // forward: ptxas allocates registers differently with lambdas.)
 template <typename Item, typename Tiles>
 __device__ __forceinline__ void walk_backward_items(const MmaBwdArgs& a, int parts, const Tiles& tiles) {
-  const int lane = threadIdx.x & 31;
   const int entries = a.batch * a.heads;
   for (int bh = blockIdx.x; bh < entries; bh += gridDim.x) {
     const int b = bh / a.heads, h = bh % a.heads;
     if (bwd_gate(a, b, h) == 0.0f) Item::zero(a, b, h);
   }
   mma::ActiveCursor cursor;
+  GateChunks chunks{a.gate, a.gate_sb, a.gate_sh, a.heads, entries};
   for (int w = blockIdx.x;; w += gridDim.x) {
     const int act = mma::item_active(w, parts), part = mma::item_tile(w, parts);
-    const int entry = mma::find_active(cursor, act, entries, [&](int base) {
-      const int e = base + lane;
-      const bool on = e < entries && bwd_gate(a, e / a.heads, e % a.heads) != 0.0f;
-      return __ballot_sync(0xffffffffu, on);
-    });
+    const int entry = mma::find_active(cursor, act, entries, chunks);
     if (entry < 0) break;
     const int b = entry / a.heads, h = entry % a.heads;
     __syncthreads();  // the previous item's shared-memory reads are done

@@ -92,7 +92,6 @@ template <typename Item, typename Elem>
 __device__ __forceinline__ void walk_work_items(const MmaFwdArgs& a, Elem* q_s, Elem* k_s,
                                                 Elem* v_s) {
   const int q_tiles = static_cast<int>(attn::ceil_div(a.q_len, mma::kBlockM));
-  const int lane = threadIdx.x & 31;
 
   // Step 0 (dense output): the slices of pruned heads are zeros.
   if (a.kept == nullptr) {
@@ -105,22 +104,22 @@ __device__ __forceinline__ void walk_work_items(const MmaFwdArgs& a, Elem* q_s, 
   // Work items in increasing order; an entry is (b, output head slot).
   const int entries = a.batch * a.out_heads;
   mma::ActiveCursor cursor;
+  GateChunks chunks{a.gate, a.gate_sb, a.gate_sh, a.heads, entries};
   for (int w = blockIdx.x;; w += gridDim.x) {
     const int act = mma::item_active(w, q_tiles), tile = mma::item_tile(w, q_tiles);
     int entry;
     if (a.kept != nullptr) {  // compact: every kept head of every example is an item
       entry = act < entries ? act : -1;
     } else {                  // dense: the act-th (b, h) with a non-zero gate
-      entry = mma::find_active(cursor, act, entries, [&](int base) {
-        const int e = base + lane;
-        const bool on = e < entries && gate_at(a, e / a.heads, e % a.heads) != 0.0f;
-        return __ballot_sync(0xffffffffu, on);
-      });
+      entry = mma::find_active(cursor, act, entries, chunks);
     }
     if (entry < 0) break;
     const int b = entry / a.out_heads, oh = entry % a.out_heads;
-    const int h = a.kept != nullptr ? a.kept[oh] : oh;
-    const bool head_ok = h >= 0 && h < a.heads;  // an index out of range gives zeros
+    const int64_t kept_h = a.kept == nullptr ? oh
+                           : a.kept_int64   ? static_cast<const int64_t*>(a.kept)[oh]
+                                            : static_cast<const int32_t*>(a.kept)[oh];
+    const bool head_ok = kept_h >= 0 && kept_h < a.heads;  // an index out of range gives zeros
+    const int h = head_ok ? static_cast<int>(kept_h) : 0;
     const float gate = head_ok ? gate_at(a, b, h) : 0.0f;
     const int q0 = tile * mma::kBlockM;
     __syncthreads();  // the previous item's shared-memory reads are done
@@ -132,27 +131,57 @@ __device__ __forceinline__ void walk_work_items(const MmaFwdArgs& a, Elem* q_s, 
   }
 }
 
-// Step 2c of a key tile starting at key0: S accumulators s[kNt][4] (this lane's rows group and
-// group + 8) to log2-domain scores with masked keys at -inf, the online-softmax update of the row
-// maxima m and partial sums l, O rescaled, and s replaced by P = exp2(s - m).
+// The real keys of the 64-key tile starting at key0 (all_real: every key, no per-score test).
+struct TileKeys {
+  uint32_t word[2];  // bit j of word w: key key0 + 32 w + j is real
+  bool all_real;     // the same for every thread of the CTA
+};
+__device__ __forceinline__ TileKeys tile_keys(const MmaFwdArgs& a, const bool* mask, int key0) {
+  static_assert(mma::kBlockN == 64, "two 32-key words per tile");
+  TileKeys t;
+  t.all_real = mask == nullptr && key0 + mma::kBlockN <= a.kv_len;
+  if (!t.all_real) {
+    t.word[0] = real_key_word(mask, a.kv_len, key0);
+    t.word[1] = real_key_word(mask, a.kv_len, key0 + 32);
+  }
+  return t;
+}
+
+// Step 2c of a key tile: S accumulators s[kNt][4] (this lane's rows group and group + 8) with the
+// keys that are not real at -inf, the online-softmax update of the row maxima m (log2 domain) and
+// partial sums l, O rescaled, and s replaced by P = exp2(scale_log2 s - m) (attention_math.h:
+// online_softmax_update, exp2_shift, exp2_approx). With scale > 0 (always, in practice) the row
+// max is taken on the raw scores and the scale folded into the exponent's FFMA.
 template <int kNt, int kDt>
-__device__ __forceinline__ void online_softmax_tile(const MmaFwdArgs& a, const bool* mask, int key0,
-                                                    int lane, float (&s)[kNt][4], float (&m)[2],
-                                                    float (&l)[2], float (&o)[kDt][4]) {
+__device__ __forceinline__ void online_softmax_tile(const MmaFwdArgs& a, const TileKeys& keys, int lane,
+                                                    float (&s)[kNt][4], float (&m)[2], float (&l)[2],
+                                                    float (&o)[kDt][4]) {
+  const bool fold = a.scale_log2 > 0.0f;  // max(c s) = c max(s)
+  if (!fold) {
+#pragma unroll
+    for (int nt = 0; nt < kNt; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[nt][i] *= a.scale_log2;
+  }
+  if (!keys.all_real) {
+#pragma unroll
+    for (int nt = 0; nt < kNt; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (!mma::frag_c_key_real(keys.word, lane, nt, i)) s[nt][i] = attn::neg_inf();
+  }
+  const float mul = fold ? a.scale_log2 : 1.0f;
   float tile_max[2] = {attn::neg_inf(), attn::neg_inf()};
 #pragma unroll
-  for (int nt = 0; nt < kNt; ++nt) {
+  for (int nt = 0; nt < kNt; ++nt)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int key = key0 + nt * 8 + mma::frag_c(lane, i).col;
-      const bool real = key < a.kv_len && (mask == nullptr || mask[key]);
-      s[nt][i] = real ? s[nt][i] * a.scale_log2 : attn::neg_inf();
-      tile_max[i >> 1] = fmaxf(tile_max[i >> 1], s[nt][i]);
-    }
+    for (int i = 0; i < 4; ++i) tile_max[i >> 1] = fmaxf(tile_max[i >> 1], s[nt][i]);
+  float alpha[2], shift[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    alpha[r] = attn::online_softmax_update(m[r], l[r], quad_max(tile_max[r]) * mul);
+    shift[r] = attn::exp2_shift(m[r]);
   }
-  float alpha[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) alpha[r] = attn::online_softmax_step(m[r], l[r], quad_max(tile_max[r]));
 #pragma unroll
   for (int dt = 0; dt < kDt; ++dt)
 #pragma unroll
@@ -161,7 +190,7 @@ __device__ __forceinline__ void online_softmax_tile(const MmaFwdArgs& a, const b
   for (int nt = 0; nt < kNt; ++nt)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      s[nt][i] = attn::safe_exp2(s[nt][i], m[i >> 1]);
+      s[nt][i] = attn::exp2_approx(fmaf(s[nt][i], mul, -shift[i >> 1]));
       l[i >> 1] += s[nt][i];
     }
 }

@@ -108,20 +108,58 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+// The chunk masks of mma::find_active for a (B, H) gate read in place (entry e = (e / heads,
+// e % heads), at gate[b * sb + h * sh]; active: non-zero). The gate is read a round of 1024
+// entries at a time (mma::gate_round_word: lane j loads chunk j, 32 independent loads, one memory
+// latency), and a chunk's mask is a shuffle from its lane: a CTA's first item costs one latency
+// however far into the gate it lies, not one per 32 entries. Call it with the same base from every
+// lane of the warp (find_active does).
+struct GateChunks {
+  const float* gate;
+  int64_t sb, sh;
+  int heads, total;
+  int round = -1;     // first entry of the round held
+  uint32_t word = 0;  // this lane's chunk of that round
+
+  __device__ __forceinline__ uint32_t operator()(int base) {
+    const int first = mma::gate_round_first(base);
+    if (first != round) {
+      round = first;
+      word = mma::gate_round_word(first, threadIdx.x & 31, total, heads,
+                                  [&](int b, int h) { return gate[b * sb + h * sh] != 0.0f; });
+    }
+    return __shfl_sync(0xffffffffu, word, mma::gate_round_lane(base));
+  }
+};
+
+// Bit j set: key key0 + j is real (inside the sequence, kv_len keys, and not padding: mask, or
+// nullptr for no padding). One ballot of the whole warp (every lane gets the word), one byte read
+// per lane at most: the per-score test is then a bit test (mma::frag_c_key_real).
+__device__ __forceinline__ uint32_t real_key_word(const bool* mask, int kv_len, int key0) {
+  const int key = key0 + (threadIdx.x & 31);
+  bool real = key < kv_len;
+  if (real && mask != nullptr) real = mask[key];
+  return __ballot_sync(0xffffffffu, real);
+}
+
 
 // Rows [0, rows) of a (b, h) slice (row r at src + r * row_stride) into a swizzled [rows][D]
-// tile; rows >= valid_rows are zero-filled. All `threads` threads of the CTA take part.
+// tile; rows >= valid_rows are zero-filled. All `threads` threads of the CTA take part: thread t
+// copies chunks t + k * THREADS (mma::tile_chunk), which are the rows of its first chunk plus
+// k * kRowStep at the same columns, so one source pointer per thread serves every copy round.
 template <int D, int ROWS, int THREADS>
 __device__ __forceinline__ void load_tile_async(uint16_t* tile, const uint16_t* src, int64_t row_stride,
                                                 int valid_rows) {
   constexpr int kChunks = ROWS * D / 8;
-  static_assert(kChunks % THREADS == 0, "whole copy rounds");
+  constexpr int kRowStep = THREADS / (D / 8);  // rows between a thread's copies
+  static_assert(kChunks % THREADS == 0 && THREADS % (D / 8) == 0, "whole copy rounds");
+  const mma::Coord c = mma::tile_chunk(threadIdx.x, D);
+  const uint16_t* from = src + (c.row * row_stride + c.col);
 #pragma unroll
   for (int k = 0; k < kChunks / THREADS; ++k) {
-    const mma::Coord c = mma::tile_chunk(threadIdx.x + k * THREADS, D);
-    const bool ok = c.row < valid_rows;
-    const uint16_t* from = src + (ok ? c.row : 0) * row_stride + c.col;
-    cp_async_16(smem_u32(tile + mma::smem_offset(c.row, c.col, D)), from, ok);
+    const int row = c.row + k * kRowStep;
+    const bool ok = row < valid_rows;
+    cp_async_16(smem_u32(tile + mma::smem_offset(row, c.col, D)), ok ? from + k * kRowStep * row_stride : src, ok);
   }
 }
 
@@ -136,7 +174,7 @@ __device__ __forceinline__ void load_tile_f32(float* tile, const float* src, int
   for (int k = 0; k < kChunks / mma::kThreads; ++k) {
     const mma::Coord c = mma::f32_tile_chunk(threadIdx.x + k * mma::kThreads, D);
     const bool ok = c.row < valid_rows;
-    const float* from = src + (ok ? c.row : 0) * row_stride + c.col;
+    const float* from = ok ? src + (c.row * row_stride + c.col) : src;
     cp_async_16(smem_u32(tile + mma::f32_smem_offset(c.row, c.col, D)), from, ok);
   }
 }

@@ -618,6 +618,23 @@ void test_scalar_helpers() {
   CHECK(m == 5.0f && l == 3.0f && alpha == 1.0f, "tile max below the running max");
   alpha = online_softmax_step(m, l, 6.0f);
   CHECK(m == 6.0f && std::abs(l - 1.5f) < 1e-6f && std::abs(alpha - 0.5f) < 1e-7f, "tile max above the running max");
+  // The tensor-core kernels' variant: no -inf test per score, the shift does it.
+  CHECK(exp2_approx(ninf) == 0.0f && exp2_approx(-2.0f) == 0.25f, "exp2_approx(-inf) = 0");
+  CHECK(exp2_shift(ninf) == 0.0f && exp2_shift(-3.5f) == -3.5f, "exp2_shift: 0 for an empty row, else m");
+  m = ninf, l = 0.0f;
+  alpha = online_softmax_update(m, l, ninf);  // a fully masked first tile
+  CHECK(m == ninf && l == 0.0f && alpha == 0.0f && !std::isnan(alpha), "update: all-masked tile keeps the state empty");
+  CHECK(exp2_approx(ninf - exp2_shift(m)) == 0.0f, "a masked score in an empty row gives p = 0, not NaN");
+  alpha = online_softmax_update(m, l, 5.0f);
+  CHECK(m == 5.0f && l == 0.0f && alpha == 0.0f, "update: first real tile");
+  l = 3.0f;
+  alpha = online_softmax_update(m, l, 4.0f);
+  CHECK(m == 5.0f && l == 3.0f && alpha == 1.0f, "update: tile max below the running max");
+  alpha = online_softmax_update(m, l, 6.0f);
+  CHECK(m == 6.0f && std::abs(l - 1.5f) < 1e-6f && std::abs(alpha - 0.5f) < 1e-7f, "update: tile max above");
+  CHECK(backward_prob_approx(1.0f, 2.0f, ninf, false) == 0.0f, "masked key of an empty row (lse2 -inf): p = 0");
+  CHECK(backward_prob_approx(1.0f, 2.0f, INFINITY, true) == 0.0f, "row past the sequence (lse2 +inf): p = 0");
+  CHECK(std::abs(backward_prob_approx(1.0f, 2.0f, 4.0f, true) - 0.25f) < 1e-7f, "p = exp2(s c - lse2)");
   CHECK(softmax_inv_sum(0.0f) == 0.0f && softmax_inv_sum(4.0f) == 0.25f, "inv sum");
   CHECK(softmax_lse(ninf, 0.0f) == ninf, "lse of an empty row is -inf");
   // lse from the log2-domain state equals the natural log-sum-exp.

@@ -249,7 +249,8 @@ void test_work_items() {
   std::mt19937 rng(7);
   int cases = 0;
   bool all_ok = true;
-  for (int entries : {1, 5, 31, 32, 33, 96, 384, 1000}) {
+  for (int entries : {1, 5, 31, 32, 33, 96, 384, 1000, 1023, 1024, 1025, 2600}) {
+    const int heads = entries % 12 == 0 ? 12 : (entries % 5 == 0 ? 5 : 1);  // entry = b * heads + h
     for (double keep : {0.0, 0.1, 0.5, 1.0}) {
       std::vector<char> active(entries);
       std::bernoulli_distribution coin(keep);
@@ -262,12 +263,23 @@ void test_work_items() {
           std::vector<int> seen(static_cast<size_t>(all_items), 0);
           for (int cta = 0; cta < grid; ++cta) {
             mma::ActiveCursor cur;
+            int round = -1;  // GateChunks: the round held, the 32 lanes' words of it
+            std::array<uint32_t, 32> words{};
             for (int w = cta;; w += grid) {
               const int a = mma::item_active(w, q_tiles), t = mma::item_tile(w, q_tiles);
               const int e = mma::find_active(cur, a, entries, [&](int base) {
-                uint32_t m = 0;  // the warp ballot: lane l votes for entry base + l
+                const int first = mma::gate_round_first(base);
+                if (first != round) {
+                  round = first;
+                  for (int lane = 0; lane < 32; ++lane)
+                    words[lane] = mma::gate_round_word(first, lane, entries, heads,
+                                                       [&](int b, int h) { return active[b * heads + h] == 1; });
+                }
+                const uint32_t m = words[mma::gate_round_lane(base)];  // the shuffle
+                uint32_t ballot = 0;  // what one ballot per 32 entries would give
                 for (int l = 0; l < 32; ++l)
-                  if (base + l < entries && active[base + l]) m |= 1u << l;
+                  if (base + l < entries && active[base + l]) ballot |= 1u << l;
+                all_ok &= m == ballot;
                 return m;
               });
               if (e < 0) break;
@@ -286,7 +298,28 @@ void test_work_items() {
     }
   }
   CHECK(all_ok, "work items: some (active head, tile) missed, repeated, or a pruned head taken");
-  CHECK(cases == 8 * 4 * 3 * 3, "work-item cases run: %d", cases);
+  CHECK(cases == 12 * 4 * 3 * 3, "work-item cases run: %d", cases);
+}
+
+// load_tile_async (cuda/mma_ptx.cuh) keeps one source pointer per thread: thread t's copy k is
+// chunk t + k * threads (tile_chunk), which must be its first chunk's row + k * (threads / (D / 8))
+// at the same columns.
+void test_copy_rounds() {
+  bool ok = true;
+  int cases = 0;
+  for (int D : {32, 64})
+    for (auto [rows, threads] : {std::pair{mma::kBlockM, mma::kThreads}, {mma::kBwdMaxSeq, mma::kBwdThreads}}) {
+      const int step = threads / (D / 8);
+      for (int t = 0; t < threads; ++t) {
+        const Coord c0 = mma::tile_chunk(t, D);
+        for (int k = 0; k < rows * D / 8 / threads; ++k) {
+          const Coord c = mma::tile_chunk(t + k * threads, D);
+          ok &= c.row == c0.row + k * step && c.col == c0.col;
+        }
+      }
+      ++cases;
+    }
+  CHECK(ok && cases == 4, "a thread's copies are its first chunk's columns, rows k * threads / (D / 8) apart");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -336,9 +369,56 @@ void load_tile(std::vector<float>& tile, const std::vector<float>& src, int D, i
   }
 }
 
+// online_softmax_tile (mma_forward_common.cuh) on replayed accumulators s[n-tile][lane][i] of the
+// 64-key tile at key0, with the lanes' row state m, l [lane][2] and O accumulators o[d-tile][lane][i].
+// Real keys come as the kernel's two ballot words (lane j of word w answers for key key0 + 32 w +
+// j); the row max is taken on raw scores when scale > 0 (the scale folded into the exponent's
+// FFMA), on scaled ones otherwise.
+template <typename S, typename M, typename O>
+void replay_softmax_tile(const Head& h, int key0, S& s, M& m, M& l, O& o) {
+  const int kNt = mma::kBlockN / 8, kDt = h.D / 8;
+  const float scale_log2 = h.scale * attn::kLog2e;
+  uint32_t words[2] = {0u, 0u};
+  for (int w = 0; w < 2; ++w)
+    for (int j = 0; j < 32; ++j) {
+      const int key = key0 + 32 * w + j;
+      if (key < h.Sk && h.real[key]) words[w] |= 1u << j;
+    }
+  const bool fold = scale_log2 > 0.0f;
+  const float mul = fold ? scale_log2 : 1.0f;
+  std::vector<std::array<float, 2>> tmax(32, {attn::neg_inf(), attn::neg_inf()});
+  for (int lane = 0; lane < 32; ++lane)
+    for (int nt = 0; nt < kNt; ++nt)
+      for (int i = 0; i < 4; ++i) {
+        const int key = key0 + nt * 8 + mma::frag_c(lane, i).col;
+        const bool real = mma::frag_c_key_real(words, lane, nt, i);
+        CHECK(real == (key < h.Sk && h.real[key]), "frag_c_key_real: lane %d n-tile %d c%d", lane, nt, i);
+        float& x = s[nt][lane][i];
+        if (!fold) x *= scale_log2;
+        if (!real) x = attn::neg_inf();
+        tmax[lane][i >> 1] = std::max(tmax[lane][i >> 1], x);
+      }
+  for (int lane = 0; lane < 32; ++lane) {
+    float alpha[2], shift[2];
+    for (int r = 0; r < 2; ++r) {
+      float qm = attn::neg_inf();  // shfl_xor 1, 2 over the quad
+      for (int t = 0; t < 4; ++t) qm = std::max(qm, tmax[(lane & ~3) + t][r]);
+      alpha[r] = attn::online_softmax_update(m[lane][r], l[lane][r], qm * mul);
+      shift[r] = attn::exp2_shift(m[lane][r]);
+    }
+    for (int dt = 0; dt < kDt; ++dt)
+      for (int i = 0; i < 4; ++i) o[dt][lane][i] *= alpha[i >> 1];
+    for (int nt = 0; nt < kNt; ++nt)
+      for (int i = 0; i < 4; ++i) {
+        float& x = s[nt][lane][i];
+        x = attn::exp2_approx(std::fma(x, mul, -shift[i >> 1]));
+        l[lane][i >> 1] += x;
+      }
+  }
+}
+
 void replay(const Head& h, std::vector<float>& out, std::vector<float>& lse) {
   const int D = h.D, kKc = D / 16, kNt = mma::kBlockN / 8, kDt = D / 8;
-  const float scale_log2 = h.scale * attn::kLog2e;
   const int q_tiles = static_cast<int>(attn::ceil_div(h.Sq, mma::kBlockM));
   const int key_tiles = static_cast<int>(attn::ceil_div(h.Sk, mma::kBlockN));
   std::vector<float> q_s(mma::kBlockM * D), k_s(mma::kBlockN * D), v_s(mma::kBlockN * D);
@@ -375,34 +455,7 @@ void replay(const Head& h, std::vector<float>& out, std::vector<float>& lse) {
             mma_16816(s[2 * p], qf[kc], kf, 0, 1);
             mma_16816(s[2 * p + 1], qf[kc], kf, 2, 3);
           }
-        // Mask, online softmax with quad reductions.
-        std::vector<std::vector<float>> tmax(32, std::vector<float>(2, attn::neg_inf()));
-        for (int lane = 0; lane < 32; ++lane)
-          for (int nt = 0; nt < kNt; ++nt)
-            for (int i = 0; i < 4; ++i) {
-              const int key = key0 + nt * 8 + mma::frag_c(lane, i).col;
-              const bool real = key < h.Sk && h.real[key];
-              float& x = s[nt][lane][i];
-              x = real ? x * scale_log2 : attn::neg_inf();
-              tmax[lane][i >> 1] = std::max(tmax[lane][i >> 1], x);
-            }
-        std::vector<std::vector<float>> alpha(32, std::vector<float>(2));
-        for (int lane = 0; lane < 32; ++lane)
-          for (int r = 0; r < 2; ++r) {
-            float qm = attn::neg_inf();  // shfl_xor 1, 2 over the quad
-            for (int t = 0; t < 4; ++t) qm = std::max(qm, tmax[(lane & ~3) + t][r]);
-            alpha[lane][r] = attn::online_softmax_step(m[lane][r], l[lane][r], qm);
-          }
-        for (int lane = 0; lane < 32; ++lane) {
-          for (int dt = 0; dt < kDt; ++dt)
-            for (int i = 0; i < 4; ++i) o[dt][lane][i] *= alpha[lane][i >> 1];
-          for (int nt = 0; nt < kNt; ++nt)
-            for (int i = 0; i < 4; ++i) {
-              float& x = s[nt][lane][i];
-              x = attn::safe_exp2(x, m[lane][i >> 1]);
-              l[lane][i >> 1] += x;
-            }
-        }
+        replay_softmax_tile(h, key0, s, m, l, o);
         // O += P V with P re-labelled from the S accumulators.
         for (int kc = 0; kc < mma::kBlockN / 16; ++kc) {
           Regs pa(32, std::vector<float>(8));
@@ -561,8 +614,7 @@ void replay_key_chunk_to_grads(const Head& h, int key_row0, int query0, const st
         const Coord c = mma::frag_c(lane, i);
         const int key = key_row0 + c.row, query = query0 + static_cast<int>(nt) * 8 + c.col;
         const bool real = key < h.Sk && h.real[key];
-        const float s2 = real ? st[nt][lane][i] * scale_log2 : attn::neg_inf();
-        const float p = attn::backward_prob(s2, lse2_s[query]);
+        const float p = attn::backward_prob_approx(st[nt][lane][i], scale_log2, lse2_s[query], real);
         dpt[nt][lane][i] = attn::backward_dscore(p, h.gate, dpt[nt][lane][i], delta_s[query]);
         st[nt][lane][i] = p;
       }
@@ -573,14 +625,17 @@ template <typename Chunk>
 void replay_query_chunk_to_grads(const Head& h, int key0, const float* lse2_rows, const float* delta_rows, Chunk& s,
                                  const Chunk& dp) {
   const float scale_log2 = h.scale * attn::kLog2e;
+  uint32_t word = 0u;  // the kernel's ballot: lane j answers for key key0 + j
+  for (int j = 0; j < 32; ++j)
+    if (key0 + j < h.Sk && h.real[key0 + j]) word |= 1u << j;
   for (int lane = 0; lane < 32; ++lane)
     for (size_t nt = 0; nt < s.size(); ++nt)
       for (int i = 0; i < 4; ++i) {
         const Coord c = mma::frag_c(lane, i);
+        const bool real = mma::frag_c_key_real(&word, lane, static_cast<int>(nt), i);
         const int key = key0 + static_cast<int>(nt) * 8 + c.col;
-        const bool real = key < h.Sk && h.real[key];
-        const float s2 = real ? s[nt][lane][i] * scale_log2 : attn::neg_inf();
-        const float p = attn::backward_prob(s2, lse2_rows[c.row]);
+        CHECK(real == (key < h.Sk && h.real[key]), "frag_c_key_real (backward): key %d", key);
+        const float p = attn::backward_prob_approx(s[nt][lane][i], scale_log2, lse2_rows[c.row], real);
         s[nt][lane][i] = attn::backward_dscore(p, h.gate, dp[nt][lane][i], delta_rows[c.row]);
       }
 }
@@ -1073,7 +1128,6 @@ void load_tile_f32(std::vector<float>& tile, const std::vector<float>& src, int 
 // Lane-by-lane replay of masked_attention_mma_tf32.cu's work items for one (b, h).
 void replay_tf32(const Head& h, int passes, std::vector<float>& out, std::vector<float>& lse) {
   const int D = h.D, kKc = D / 8, kNt = mma::kBlockN / 8, kDt = D / 8;
-  const float scale_log2 = h.scale * attn::kLog2e;
   const int q_tiles = static_cast<int>(attn::ceil_div(h.Sq, mma::kBlockM));
   const int key_tiles = static_cast<int>(attn::ceil_div(h.Sk, mma::kBlockN));
   std::vector<float> q_s(mma::kBlockM * D), k_s(mma::kBlockN * D), v_s(mma::kBlockN * D);
@@ -1105,32 +1159,7 @@ void replay_tf32(const Head& h, int passes, std::vector<float>& out, std::vector
               }
             mma_split(s[nt], qf[kc], kf, passes);
           }
-        std::vector<std::array<float, 2>> tmax(32, {attn::neg_inf(), attn::neg_inf()});
-        for (int lane = 0; lane < 32; ++lane)
-          for (int nt = 0; nt < kNt; ++nt)
-            for (int i = 0; i < 4; ++i) {
-              const int key = key0 + nt * 8 + mma::frag_c(lane, i).col;
-              const bool real = key < h.Sk && h.real[key];
-              float& x = s[nt][lane][i];
-              x = real ? x * scale_log2 : attn::neg_inf();
-              tmax[lane][i >> 1] = std::max(tmax[lane][i >> 1], x);
-            }
-        for (int lane = 0; lane < 32; ++lane) {
-          float alpha[2];
-          for (int r = 0; r < 2; ++r) {
-            float qm = attn::neg_inf();
-            for (int t = 0; t < 4; ++t) qm = std::max(qm, tmax[(lane & ~3) + t][r]);
-            alpha[r] = attn::online_softmax_step(m[lane][r], l[lane][r], qm);
-          }
-          for (int dt = 0; dt < kDt; ++dt)
-            for (int i = 0; i < 4; ++i) o[dt][lane][i] *= alpha[i >> 1];
-          for (int nt = 0; nt < kNt; ++nt)
-            for (int i = 0; i < 4; ++i) {
-              float& x = s[nt][lane][i];
-              x = attn::safe_exp2(x, m[lane][i >> 1]);
-              l[lane][i >> 1] += x;
-            }
-        }
+        replay_softmax_tile(h, key0, s, m, l, o);
         for (int kc = 0; kc < kNt; ++kc) {
           RegA pa(32);
           for (int lane = 0; lane < 32; ++lane)
@@ -1397,6 +1426,7 @@ int main() {
   test_fragment_layouts();
   for (int D : {32, 64}) test_swizzle(D);
   test_work_items();
+  test_copy_rounds();
   unsigned seed = 1;
   for (int D : {32, 64})
     for (auto [sq, sk] : {std::pair{1, 1}, {17, 17}, {64, 64}, {100, 130}, {128, 128}, {300, 300}, {65, 512}})

@@ -251,6 +251,38 @@ SB_HOST_DEVICE float online_softmax_step(float& m, float& l, float tile_max) {
   return alpha;
 }
 
+// The tensor-core (mma.sync) kernels' variant of the step above, on the multi-function unit's
+// exp2 (exp2_approx: one MUFU.EX2, no -inf test per score). Per tile and row:
+//   alpha = online_softmax_update(m, l, tile_max);  // m, l as above; o *= alpha
+//   shift = exp2_shift(m);                          // once per row and tile
+//   for each score s (log2 domain, masked keys -inf): p = exp2_approx(s - shift); l += p;
+// exp2_approx(-inf) = 0, so a masked score gives p = 0 and a row that has seen only masked keys
+// (m = -inf, shift 0) keeps l = 0 and o = 0: no -inf - -inf anywhere.
+
+// exp2 on the GPU's multi-function unit: ex2.approx.ftz (relative error about 2^-22, results below
+// 2^-126 flushed to 0, exp2_approx(-inf) = 0); std::exp2 on the host.
+SB_HOST_DEVICE float exp2_approx(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return std::exp2(x);
+#endif
+}
+
+// What a row's log2-domain scores are shifted by before exp2: its running max m, or 0 while it has
+// seen only masked keys (m = -inf).
+SB_HOST_DEVICE float exp2_shift(float m) { return m == neg_inf() ? 0.0f : m; }
+
+SB_HOST_DEVICE float online_softmax_update(float& m, float& l, float tile_max) {
+  const float m_new = max_f(m, tile_max);
+  const float alpha = exp2_approx(m - exp2_shift(m_new));  // m = -inf: 0 (l and o are 0 anyway)
+  m = m_new;
+  l *= alpha;
+  return alpha;
+}
+
 // 1 / l, and 0 for a row whose keys were all masked (then o is 0 too and so is the output).
 SB_HOST_DEVICE float softmax_inv_sum(float l) { return l > 0.0f ? 1.0f / l : 0.0f; }
 
@@ -272,6 +304,13 @@ SB_HOST_DEVICE float softmax_lse(float m, float l) {
 // P from a log2-domain score and the natural lse saved by the forward (lse2 = lse * log2 e).
 SB_HOST_DEVICE float lse_to_log2(float lse) { return lse * kLog2e; }
 SB_HOST_DEVICE float backward_prob(float s2, float lse2) { return safe_exp2(s2, lse2); }
+
+// The tensor-core backward's P of one raw score s (before scaling): exp2(s * scale_log2 - lse2)
+// for a real key (one FFMA and one MUFU.EX2), exactly 0 for a masked one whatever lse2 is (a row
+// whose keys are all masked has lse2 = -inf; rows past the sequence +inf, giving 0).
+SB_HOST_DEVICE float backward_prob_approx(float s, float scale_log2, float lse2, bool real_key) {
+  return real_key ? exp2_approx(s * scale_log2 - lse2) : 0.0f;
+}
 
 SB_HOST_DEVICE float backward_dscore(float p, float gate, float dp_raw, float delta) {
   return p * (gate * dp_raw - delta);

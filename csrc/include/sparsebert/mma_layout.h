@@ -127,6 +127,14 @@ SB_MMA_HD Coord ldsm_v(int lane, int kc, int p) {
 SB_MMA_HD int p_ntile(int kc, int reg) { return 2 * kc + (reg >> 1); }
 SB_MMA_HD int p_pair(int reg) { return reg & 1; }  // 0: (c0, c1), 1: (c2, c3)
 
+// Real keys (inside the sequence, not padding) of a tile as bit words, built by one ballot per 32
+// keys (lane j answers for key 32 w + j of word w): the score in accumulator i of key n-tile nt
+// (column nt * 8 + frag_c(lane, i).col of the tile) is real when this bit is set.
+SB_MMA_HD bool frag_c_key_real(const uint32_t* words, int lane, int nt, int i) {
+  const int col = nt * 8 + frag_c(lane, i).col;
+  return ((words[col >> 5] >> (col & 31)) & 1u) != 0u;
+}
+
 // Output staging: a warp writes its O accumulators (pairs at frag_c) into its 16 rows of the Q
 // tile, then copies 16-byte chunks i = lane + 32 k (k < D / 16) to global memory.
 SB_MMA_HD Coord out_chunk(int i, int head_dim) { return tile_chunk(i, head_dim); }
@@ -239,8 +247,9 @@ SB_MMA_HD Tf32Split tf32_split(float x) {
 // ---------------------------------------------------------------------------------------------
 // Work items: (active (b, h), query tile). Active heads are counted on the fly from the gate
 // (no host sync, no extra launch): CTAs of a persistent grid take items w = blockIdx.x +
-// k * gridDim.x in increasing order, and a cursor walks the (B*H) gate entries 32 at a time
-// (one warp ballot per chunk), never moving backwards.
+// k * gridDim.x in increasing order, and a cursor walks the (B*H) gate entries 32 at a time,
+// never moving backwards (on the GPU a chunk's mask is a shuffle from the lane that read it: the
+// gate is read 1024 entries at a time, cuda/mma_ptx.cuh's GateChunks).
 // ---------------------------------------------------------------------------------------------
 SB_MMA_HD int popc32(uint32_t x) {
 #if defined(__CUDA_ARCH__)
@@ -268,7 +277,7 @@ struct ActiveCursor {
 // or -1 when fewer than a + 1 entries are active. chunk_mask(base) returns the bit mask of the
 // active entries base .. base + 31 (bits past total are 0): a __ballot_sync on the GPU.
 template <typename ChunkMask>
-SB_MMA_HD int find_active(ActiveCursor& cur, int a, int total, ChunkMask chunk_mask) {
+SB_MMA_HD int find_active(ActiveCursor& cur, int a, int total, ChunkMask&& chunk_mask) {
   while (cur.base < total) {
     const uint32_t mask = chunk_mask(cur.base);
     const int n = popc32(mask);
@@ -278,6 +287,28 @@ SB_MMA_HD int find_active(ActiveCursor& cur, int a, int total, ChunkMask chunk_m
   }
   return -1;
 }
+
+// The GPU's chunk masks come in rounds of 1024 entries, lane j of a warp reading chunk j of the
+// round: bit j of the word of lane `lane` in the round starting at `first` (a multiple of 1024) is
+// set when entry first + 32 lane + j < total is active, is_active(b, h) for entry b * heads + h.
+// (b, h) advance together, so there is one division per word, not one per entry.
+constexpr int kGateRound = 1024;
+template <typename IsActive>
+SB_MMA_HD uint32_t gate_round_word(int first, int lane, int total, int heads, IsActive&& is_active) {
+  const int e = first + 32 * lane;
+  int b = e / heads, h = e % heads;
+  uint32_t word = 0u;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int j = 0; j < 32; ++j) {
+    if (e + j < total && is_active(b, h)) word |= 1u << j;
+    if (++h == heads) h = 0, ++b;
+  }
+  return word;
+}
+SB_MMA_HD int gate_round_first(int base) { return base - base % kGateRound; }
+SB_MMA_HD int gate_round_lane(int base) { return (base % kGateRound) / 32; }
 
 // Work-item split: item w -> (active index a, query tile t), tiles fastest (a head's tiles are
 // taken by neighbouring CTAs at the same time and share its K/V through L2).
