@@ -86,7 +86,8 @@ step trace-mma 30 "$out/bench.log" python3 bench/trace_attention.py; pack
 ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
 step ncu-mma 60 "$out/bench.log" "${ncu_bin:-ncu}" --clock-control none -k regex:mma_forward_kernel \
   --launch-skip 2 --launch-count 2 --section SpeedOfLight --section Occupancy --section WarpStateStats \
-  --section SchedulerStats --section LaunchStats python3 bench/ncu_attention.py
+  --section SchedulerStats --section LaunchStats \
+  --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' python3 bench/ncu_attention.py
 
 # Step 4: the other CUDA tests (each kernel test first asserts the CUDA kernel is registered;
 # the mma tests ran in step 2).
@@ -97,8 +98,10 @@ tail -n 3 "$out/cuda-tests.log" >> "$summary"
 # Step 5: eager fwd and fwd+bwd; S=512 runs the mma.sync backward's key-block/query-block items,
 # the float32 table the 3xTF32 backward (sparsebert) against the SIMT one (sparsebert_wmma).
 step bench-masked-attention 150 "$out/bench.log" bash -c "
-  python3 bench/bench_masked_attention.py --device cuda --seq 128 512
-  python3 bench/bench_masked_attention.py --device cuda --dtype float32 --dim 64 --seq 128"; pack
+  python3 bench/bench_masked_attention.py --device cuda --seq 128 512 \
+    --providers sdpa sdpa_gate gather_sdpa sparsebert sparsebert_wmma sparsebert_compact
+  python3 bench/bench_masked_attention.py --device cuda --dtype float32 --dim 64 --seq 128 \
+    --providers sdpa sparsebert sparsebert_wmma"; pack
 step bench-train-step 120 "$out/bench.log" python3 bench/bench_train_step.py --device cuda; pack
 step bench-group-dot 45 "$out/bench.log" python3 bench/bench_group_dot.py --device cuda; pack
 # fp32 and bf16 rows (importance's CUDA default), with the default kernels, then with the WMMA

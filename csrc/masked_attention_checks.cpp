@@ -1,5 +1,7 @@
 #include "sparsebert/masked_attention.h"
 
+#include <cstdint>
+
 #include "sparsebert/checks.h"
 
 namespace sparsebert {
@@ -100,6 +102,9 @@ void check_kept_heads(const at::Tensor& kept_heads, const at::Tensor& q, const A
 GateView gate_view(const at::Tensor& head_gate, at::ScalarType dtype) {
   GateView g;
   g.values = head_gate.scalar_type() == dtype ? head_gate : head_gate.to(dtype);
+  int64_t last = 0;  // the largest offset the view reaches
+  for (int64_t d = 0; d < g.values.dim(); ++d) last += (g.values.size(d) - 1) * g.values.stride(d);
+  if (last > INT32_MAX) g.values = g.values.contiguous();
   g.stride_b = g.values.dim() == 1 ? 0 : g.values.stride(0);  // (H,): one row shared by the batch
   g.stride_h = g.values.stride(-1);
   return g;

@@ -114,7 +114,6 @@ __device__ __forceinline__ void attend_tile(const MmaFwdArgs& a, int b, int h, i
         mma_16816<T>(o[2 * p + 1], pa, vf[2], vf[3]);
       }
     }
-    __syncthreads();  // this stage's K/V (and, after the last tile, Q) may be overwritten
   }
 
   // Step 3: gate / l once, staged in the warp's own 16 rows of the Q tile, 16-byte stores.

@@ -123,7 +123,6 @@ __device__ __forceinline__ void attend_tile_tf32(const MmaFwdArgs& a, int b, int
         mma_1688_3xtf32(o[dt], pb, psm, vb, vsm);
       }
     }
-    __syncthreads();  // this stage's K/V (and, after the last tile, Q) may be overwritten
   }
 
   // Step 3: gate / l once; 8-byte stores of the accumulator pairs.

@@ -324,7 +324,7 @@ __device__ __forceinline__ void walk_backward_items(const MmaBwdArgs& a, int par
     if (bwd_gate(a, b, h) == 0.0f) Item::zero(a, b, h);
   }
   mma::ActiveCursor cursor;
-  GateChunks chunks{a.gate, a.gate_sb, a.gate_sh, a.heads, entries};
+  GateChunks chunks{a.gate, static_cast<int>(a.gate_sb), static_cast<int>(a.gate_sh), a.heads, entries};
   for (int w = blockIdx.x;; w += gridDim.x) {
     const int act = mma::item_active(w, parts), part = mma::item_tile(w, parts);
     const int entry = mma::find_active(cursor, act, entries, chunks);

@@ -46,23 +46,22 @@ __device__ __forceinline__ void load_first_stage(const MmaFwdArgs& a, const Elem
   cp_async_commit();
 }
 
-// Step 2a of key tile kt: prefetch stage kt + 1 (its buffer was released by the barrier ending
-// kt - 1), wait for stage kt, barrier. Returns stage kt's buffer index.
+// Step 2a of key tile kt: wait for stage kt, barrier (it also means every warp is done with tile
+// kt - 1, whose buffer is then free), prefetch stage kt + 1 into that buffer. One barrier per tile:
+// Q is only ever read by the warp that owns its rows. Returns stage kt's buffer index.
 template <int D, typename Elem>
 __device__ __forceinline__ int next_kv_stage(const MmaFwdArgs& a, const Elem* k, const Elem* v, int kt, int key_tiles,
                                              Elem* k_s, Elem* v_s) {
   constexpr int kTile = mma::kBlockM * D;
   const int stage = kt & 1;
+  cp_async_wait<0>();
+  __syncthreads();
   if (kt + 1 < key_tiles) {
     const int k0 = (kt + 1) * mma::kBlockN;
     load_block_tile<D>(k_s + (stage ^ 1) * kTile, k + k0 * a.k_st.s, a.k_st.s, a.kv_len - k0);
     load_block_tile<D>(v_s + (stage ^ 1) * kTile, v + k0 * a.v_st.s, a.v_st.s, a.kv_len - k0);
     cp_async_commit();
-    cp_async_wait<1>();
-  } else {
-    cp_async_wait<0>();
   }
-  __syncthreads();
   return stage;
 }
 
@@ -104,7 +103,7 @@ __device__ __forceinline__ void walk_work_items(const MmaFwdArgs& a, Elem* q_s, 
   // Work items in increasing order; an entry is (b, output head slot).
   const int entries = a.batch * a.out_heads;
   mma::ActiveCursor cursor;
-  GateChunks chunks{a.gate, a.gate_sb, a.gate_sh, a.heads, entries};
+  GateChunks chunks{a.gate, static_cast<int>(a.gate_sb), static_cast<int>(a.gate_sh), a.heads, entries};
   for (int w = blockIdx.x;; w += gridDim.x) {
     const int act = mma::item_active(w, q_tiles), tile = mma::item_tile(w, q_tiles);
     int entry;
@@ -147,6 +146,20 @@ __device__ __forceinline__ TileKeys tile_keys(const MmaFwdArgs& a, const bool* m
   return t;
 }
 
+// Max over this lane's scores of row group + 8 r (accumulators 2 r and 2 r + 1 of every n-tile),
+// as a tree (depth log2(2 kNt) rather than a chain of 2 kNt dependent steps).
+template <int kNt>
+__device__ __forceinline__ float row_max_tree(const float (&s)[kNt][4], int r) {
+  float v[kNt];
+#pragma unroll
+  for (int nt = 0; nt < kNt; ++nt) v[nt] = fmaxf(s[nt][2 * r], s[nt][2 * r + 1]);
+#pragma unroll
+  for (int width = kNt / 2; width > 0; width /= 2)
+#pragma unroll
+    for (int i = 0; i < width; ++i) v[i] = fmaxf(v[i], v[i + width]);
+  return v[0];
+}
+
 // Step 2c of a key tile: S accumulators s[kNt][4] (this lane's rows group and group + 8) with the
 // keys that are not real at -inf, the online-softmax update of the row maxima m (log2 domain) and
 // partial sums l, O rescaled, and s replaced by P = exp2(scale_log2 s - m) (attention_math.h:
@@ -171,11 +184,9 @@ __device__ __forceinline__ void online_softmax_tile(const MmaFwdArgs& a, const T
         if (!mma::frag_c_key_real(keys.word, lane, nt, i)) s[nt][i] = attn::neg_inf();
   }
   const float mul = fold ? a.scale_log2 : 1.0f;
-  float tile_max[2] = {attn::neg_inf(), attn::neg_inf()};
+  float tile_max[2];
 #pragma unroll
-  for (int nt = 0; nt < kNt; ++nt)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) tile_max[i >> 1] = fmaxf(tile_max[i >> 1], s[nt][i]);
+  for (int r = 0; r < 2; ++r) tile_max[r] = row_max_tree<kNt>(s, r);
   float alpha[2], shift[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {

@@ -109,26 +109,30 @@ __device__ __forceinline__ float quad_sum(float v) {
 }
 
 // The chunk masks of mma::find_active for a (B, H) gate read in place (entry e = (e / heads,
-// e % heads), at gate[b * sb + h * sh]; active: non-zero). The gate is read a round of 1024
-// entries at a time (mma::gate_round_word: lane j loads chunk j, 32 independent loads, one memory
-// latency), and a chunk's mask is a shuffle from its lane: a CTA's first item costs one latency
-// however far into the gate it lies, not one per 32 entries. Call it with the same base from every
-// lane of the warp (find_active does).
+// e % heads), at gate[b * sb + h * sh], 32-bit offsets (GateView); active: non-zero). The gate is
+// read a round of 256 entries at a time (mma::gate_round_bits: 8 per lane, loads back to back, one
+// memory latency); two xor-shuffles give each group of 4 lanes its 32-entry chunk, and a chunk's
+// mask is one shuffle from its group. A CTA's first item costs one latency per 256 entries before
+// it, not one per 32. Call it with the same base from every lane of the warp (find_active does).
 struct GateChunks {
   const float* gate;
-  int64_t sb, sh;
+  int sb, sh;
   int heads, total;
   int round = -1;     // first entry of the round held
-  uint32_t word = 0;  // this lane's chunk of that round
+  uint32_t word = 0;  // the chunk of this lane's group of 4 in that round
 
   __device__ __forceinline__ uint32_t operator()(int base) {
     const int first = mma::gate_round_first(base);
     if (first != round) {
       round = first;
-      word = mma::gate_round_word(first, threadIdx.x & 31, total, heads,
-                                  [&](int b, int h) { return gate[b * sb + h * sh] != 0.0f; });
+      const int lane = threadIdx.x & 31;
+      const uint32_t bits = mma::gate_round_bits(first, lane, total, heads,
+                                                 [&](int b, int h) { return gate[b * sb + h * sh] != 0.0f; });
+      word = bits << (mma::kGatePerLane * (lane & 3));
+      word |= __shfl_xor_sync(0xffffffffu, word, 1);
+      word |= __shfl_xor_sync(0xffffffffu, word, 2);
     }
-    return __shfl_sync(0xffffffffu, word, mma::gate_round_lane(base));
+    return __shfl_sync(0xffffffffu, word, mma::gate_round_chunk_lane(base));
   }
 };
 

@@ -263,7 +263,7 @@ void test_work_items() {
           std::vector<int> seen(static_cast<size_t>(all_items), 0);
           for (int cta = 0; cta < grid; ++cta) {
             mma::ActiveCursor cur;
-            int round = -1;  // GateChunks: the round held, the 32 lanes' words of it
+            int round = -1;  // GateChunks: the round held, the chunk words of its lanes
             std::array<uint32_t, 32> words{};
             for (int w = cta;; w += grid) {
               const int a = mma::item_active(w, q_tiles), t = mma::item_tile(w, q_tiles);
@@ -271,11 +271,13 @@ void test_work_items() {
                 const int first = mma::gate_round_first(base);
                 if (first != round) {
                   round = first;
-                  for (int lane = 0; lane < 32; ++lane)
-                    words[lane] = mma::gate_round_word(first, lane, entries, heads,
-                                                       [&](int b, int h) { return active[b * heads + h] == 1; });
+                  words.fill(0u);
+                  for (int lane = 0; lane < 32; ++lane)  // bytes, then the xor-shuffles' OR per group of 4
+                    words[lane & ~3] |= mma::gate_round_bits(first, lane, entries, heads,
+                                                             [&](int b, int h) { return active[b * heads + h] == 1; })
+                                        << (mma::kGatePerLane * (lane & 3));
                 }
-                const uint32_t m = words[mma::gate_round_lane(base)];  // the shuffle
+                const uint32_t m = words[mma::gate_round_chunk_lane(base)];  // the shuffle
                 uint32_t ballot = 0;  // what one ballot per 32 entries would give
                 for (int l = 0; l < 32; ++l)
                   if (base + l < entries && active[base + l]) ballot |= 1u << l;

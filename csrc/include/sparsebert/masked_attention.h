@@ -42,6 +42,8 @@ void check_kept_heads(const at::Tensor& kept_heads, const at::Tensor& q, const A
 // head_gate read in place: gate[b, h] = values[b * stride_b + h * stride_h]. An (H,) gate has
 // stride_b = 0 (no expanded copy); values is converted to `dtype` only when it differs (fp32 for
 // the CUDA kernels and fp16/bf16/fp32 CPU inputs, fp64 for fp64 so gradcheck sees an exact gate).
+// Every offset fits in 32 bits (a view whose strides reach further is copied contiguous): the
+// CUDA kernels' gate scan indexes it with int.
 struct GateView {
   at::Tensor values;  // (H,) or (B, H), any strides
   int64_t stride_b;

@@ -248,8 +248,8 @@ SB_MMA_HD Tf32Split tf32_split(float x) {
 // Work items: (active (b, h), query tile). Active heads are counted on the fly from the gate
 // (no host sync, no extra launch): CTAs of a persistent grid take items w = blockIdx.x +
 // k * gridDim.x in increasing order, and a cursor walks the (B*H) gate entries 32 at a time,
-// never moving backwards (on the GPU a chunk's mask is a shuffle from the lane that read it: the
-// gate is read 1024 entries at a time, cuda/mma_ptx.cuh's GateChunks).
+// never moving backwards (on the GPU a chunk's mask is a shuffle from the lanes that read it: the
+// gate is read 256 entries at a time, cuda/mma_ptx.cuh's GateChunks).
 // ---------------------------------------------------------------------------------------------
 SB_MMA_HD int popc32(uint32_t x) {
 #if defined(__CUDA_ARCH__)
@@ -288,27 +288,33 @@ SB_MMA_HD int find_active(ActiveCursor& cur, int a, int total, ChunkMask&& chunk
   return -1;
 }
 
-// The GPU's chunk masks come in rounds of 1024 entries, lane j of a warp reading chunk j of the
-// round: bit j of the word of lane `lane` in the round starting at `first` (a multiple of 1024) is
-// set when entry first + 32 lane + j < total is active, is_active(b, h) for entry b * heads + h.
-// (b, h) advance together, so there is one division per word, not one per entry.
-constexpr int kGateRound = 1024;
+// The GPU's chunk masks come in rounds of 256 entries, 8 per lane of a warp: bit j of lane
+// `lane`'s byte in the round starting at `first` (a multiple of 256) is set when entry
+// first + 8 lane + j < total is active, is_active(b, h) for entry b * heads + h. (b, h) advance
+// together (one division per lane), and every is_active call is unconditional (entries past the
+// end ask about entry 0 and are masked off after), so the GPU issues the 8 loads back to back: one
+// memory latency per round. Chunk c of the round (its 32 entries 32 c ..) is the bytes of lanes
+// 4 c .. 4 c + 3, byte (lane % 4) at bit 8 (lane % 4): gate_round_chunk_lane(base) names lane 4 c.
+constexpr int kGateRound = 256;
+constexpr int kGatePerLane = kGateRound / 32;
 template <typename IsActive>
-SB_MMA_HD uint32_t gate_round_word(int first, int lane, int total, int heads, IsActive&& is_active) {
-  const int e = first + 32 * lane;
+SB_MMA_HD uint32_t gate_round_bits(int first, int lane, int total, int heads, IsActive&& is_active) {
+  const int e = first + kGatePerLane * lane;
   int b = e / heads, h = e % heads;
-  uint32_t word = 0u;
+  uint32_t bits = 0u;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-  for (int j = 0; j < 32; ++j) {
-    if (e + j < total && is_active(b, h)) word |= 1u << j;
+  for (int j = 0; j < kGatePerLane; ++j) {
+    const bool inside = e + j < total;
+    const bool active = is_active(inside ? b : 0, inside ? h : 0);
+    bits |= (inside && active ? 1u : 0u) << j;
     if (++h == heads) h = 0, ++b;
   }
-  return word;
+  return bits;
 }
 SB_MMA_HD int gate_round_first(int base) { return base - base % kGateRound; }
-SB_MMA_HD int gate_round_lane(int base) { return (base % kGateRound) / 32; }
+SB_MMA_HD int gate_round_chunk_lane(int base) { return 4 * ((base % kGateRound) / 32); }
 
 // Work-item split: item w -> (active index a, query tile t), tiles fastest (a head's tiles are
 // taken by neighbouring CTAs at the same time and share its K/V through L2).
