@@ -83,22 +83,14 @@ __device__ __forceinline__ void zero_out_slice(const MmaFwdArgs& a, int b, int o
 
 // The persistent grid: every CTA walks the work items (active (b, h), 64-row query tile) in
 // increasing order. Item::zero(a, b, oh, row0, rows) zero-fills rows of output head slot oh (and
-// its lse); Item::attend(a, b, h, oh, q0, gate, q_s, k_s, v_s) computes one item. Dense output
-// first zero-fills the slices of pruned heads, so pruned heads get no work items; compact output
-// visits every kept head. (Static functions rather than lambdas: ptxas allocated registers
+// its lse); Item::attend(a, b, h, oh, q0, gate, q_s, k_s, v_s) computes one item. Pruned heads get
+// no work items: dense output zero-fills their slices after the items; compact output visits every
+// kept head. (Static functions rather than lambdas: ptxas allocated registers
 // differently with either kind of lambda capture, spilling in one kernel or the other.)
 template <typename Item, typename Elem>
 __device__ __forceinline__ void walk_work_items(const MmaFwdArgs& a, Elem* q_s, Elem* k_s,
                                                 Elem* v_s) {
   const int q_tiles = static_cast<int>(attn::ceil_div(a.q_len, mma::kBlockM));
-
-  // Step 0 (dense output): the slices of pruned heads are zeros.
-  if (a.kept == nullptr) {
-    for (int bh = blockIdx.x; bh < a.batch * a.heads; bh += gridDim.x) {
-      const int b = bh / a.heads, h = bh % a.heads;
-      if (gate_at(a, b, h) == 0.0f) Item::zero(a, b, h, 0, a.q_len);
-    }
-  }
 
   // Work items in increasing order; an entry is (b, output head slot).
   const int entries = a.batch * a.out_heads;
@@ -127,6 +119,16 @@ __device__ __forceinline__ void walk_work_items(const MmaFwdArgs& a, Elem* q_s, 
       continue;
     }
     Item::attend(a, b, h, oh, q0, gate, q_s, k_s, v_s);
+  }
+
+  // Last (dense output): the slices of pruned heads are zeros, taken by the CTAs from the last
+  // one down (those with the fewest items), their gate bits from the scan's round when it is the
+  // same (no memory latency before the first item, usually none here either).
+  if (a.kept == nullptr) {
+    for (int bh = gridDim.x - 1 - blockIdx.x; bh < entries; bh += gridDim.x) {
+      const int bit = bh % 32;
+      if (((chunks(bh - bit) >> bit) & 1u) == 0u) Item::zero(a, bh / a.heads, bh % a.heads, 0, a.q_len);
+    }
   }
 }
 
