@@ -9,10 +9,12 @@
 // One CTA = 4 warps; a persistent grid walks work items (active (b, h), 64-row query tile), so
 // pruned heads get no CTA time and no memory traffic. Per item:
 //   Step 1: cp.async Q tile and K/V stage 0 (16-byte copies into swizzled shared memory).
-//   Step 2: per 64-key tile: prefetch the next K/V stage, S = Q K^T (ldmatrix + mma.sync),
-//           mask, online softmax in registers, O += P V with P re-used from registers.
+//   Step 2: per 64-key tile: wait for its K/V stage, one barrier, prefetch the next stage,
+//           S = Q K^T (ldmatrix + mma.sync; the warp's Q rows re-read each tile), real keys
+//           from two ballot words, online softmax in registers (ex2.approx), O += P V with P
+//           re-used from registers.
 //   Step 3: O * gate / l, staged through the warp's rows of the Q tile, 16-byte stores; lse.
-// Dense output zero-fills the slices of pruned heads with 16-byte stores first.
+// Dense output zero-fills the slices of pruned heads with 16-byte stores after its items.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <c10/cuda/CUDAException.h>
@@ -61,7 +63,7 @@ __device__ __forceinline__ void attend_tile(const MmaFwdArgs& a, int b, int h, i
   const bool* mask = a.mask == nullptr ? nullptr : a.mask + static_cast<int64_t>(b) * a.kv_len;
 
   for (int kt = 0; kt < key_tiles; ++kt) {
-    // Step 2a: prefetch the next K/V stage, wait for this one.
+    // Step 2a: wait for this K/V stage, barrier, prefetch the next one.
     const int stage = next_kv_stage<D>(a, k, v, kt, key_tiles, k_s, v_s);
     const uint16_t* ks = k_s + stage * kTile;
     const uint16_t* vs = v_s + stage * kTile;
@@ -160,8 +162,16 @@ struct HalfItem {
   }
 };
 
+// 4 CTAs per multiprocessor (128 registers) on sm_90, where the loop then has no spills; sm_80's
+// ptxas spills about 100 bytes at D = 64 under that bound, so it gets 3 (168 registers, none).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define SB_MMA_FWD_MIN_CTAS 3
+#else
+#define SB_MMA_FWD_MIN_CTAS 4
+#endif
+
 template <typename T, int D>
-__global__ void __launch_bounds__(mma::kThreads, 4) mma_forward_kernel(const MmaFwdArgs a) {
+__global__ void __launch_bounds__(mma::kThreads, SB_MMA_FWD_MIN_CTAS) mma_forward_kernel(const MmaFwdArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800  // cp.async, m16n8k16: sm_80+ (never launched below)
   __shared__ __align__(128) uint16_t q_s[mma::kBlockM * D];
   __shared__ __align__(128) uint16_t k_s[mma::kStages * mma::kBlockN * D];

@@ -9,9 +9,9 @@
 // (active (b, h), 64-row query tile), so pruned heads get no CTA time and no memory traffic.
 // Per item:
 //   Step 1: cp.async Q tile and K/V stage 0 (16-byte copies into swizzled fp32 tiles).
-//   Step 2: per 64-key tile: prefetch the next K/V stage; S = Q K^T with 3xTF32, Q and K
-//           fragments read from shared memory (32-bit loads) and split per k-chunk (keeping Q's
-//           fragments in registers across key tiles, as the fp16 kernel does, took 250-255
+//   Step 2: per 64-key tile: wait, barrier, prefetch the next K/V stage; S = Q K^T with
+//           3xTF32, Q and K fragments read from shared memory (32-bit loads) and split per
+//           k-chunk (keeping Q's split fragments in registers across key tiles took 250-255
 //           registers and spilled at D = 64); mask, online softmax in registers;
 //           O += P V with 3xTF32, P split from the S accumulators (keys permuted, no shuffles).
 //   Step 3: O * gate / l, 8-byte stores straight from the accumulators (a quad writes one 32-byte
@@ -68,7 +68,7 @@ __device__ __forceinline__ void attend_tile_tf32(const MmaFwdArgs& a, int b, int
   const bool* mask = a.mask == nullptr ? nullptr : a.mask + static_cast<int64_t>(b) * a.kv_len;
 
   for (int kt = 0; kt < key_tiles; ++kt) {
-    // Step 2a: prefetch the next K/V stage, wait for this one.
+    // Step 2a: wait for this K/V stage, barrier, prefetch the next one.
     const int stage = next_kv_stage<D>(a, k, v, kt, key_tiles, k_s, v_s);
     const float* ks = k_s + stage * kTile;
     const float* vs = v_s + stage * kTile;

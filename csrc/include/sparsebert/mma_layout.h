@@ -6,7 +6,7 @@
 // The kernel (csrc/cuda/masked_attention_mma.cu), per CTA of 4 warps and work item
 // (active (b, h), query tile of 64 rows):
 //   global --cp.async 16 B--> shared Q [64][D], K/V [2 stages][64][D], rows swizzled (below)
-//   Q  --ldmatrix.x4-->        A fragments (16 rows per warp), kept in registers for all key tiles
+//   Q  --ldmatrix.x4-->        A fragments (16 rows per warp), re-read by the warp every key tile
 //   K  --ldmatrix.x4-->        B fragments of S = Q K^T (mma.sync m16n8k16, fp32 accumulators)
 //   S  --online softmax in registers (row max/sum over the 4 lanes of a quad)--> P (16-bit)
 //   P  --re-labelled (no data movement)--> A fragments of O += P V
