@@ -315,7 +315,8 @@ def importance(
     mlp_acc = [torch.zeros((), device=device) for _ in blocks]
     neuron_acc = [torch.zeros(m.intermediate_size, device=device) for _, m in blocks]
     kept: dict[str, list[Tensor]] = {"head": [], "mlp": [], "neuron": []}
-    examples = tokens = 0
+    examples = 0
+    token_count = torch.zeros((), dtype=torch.long, device=device)
     flags = {
         "heads_by_layer": normalize
         if normalize_by_layer_heads is None
@@ -339,7 +340,7 @@ def importance(
                 torch.ones(token_shape, device=device) if token_mask is None else token_mask
             ).bool()
             examples += size
-            tokens += int(token_mask.sum())
+            token_count = token_count + token_mask.sum()  # on the device: no sync per batch
             # Step 1: gate leaves (shared by the batch, or per example) replace the buffers.
             leaves = _make_leaves(blocks, size, per_example and mode != "michel", neurons)
             michel_sums = {"head": head_acc, "mlp": mlp_acc, "neuron": neuron_acc}
@@ -396,6 +397,7 @@ def importance(
 
     if examples == 0:
         raise ValueError("importance: 'batches' was empty")
+    tokens = int(token_count)
     # Pruned components (gate exactly 0) score exactly 0: heads after their layer's norm (which
     # counts them, see masked_heads_in_norm), MLPs and neurons now. (Their true gradient, from
     # set_zero_gate_grad or the norm, must not count as a score.)
