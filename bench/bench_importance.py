@@ -10,6 +10,11 @@ Providers (one batch of GLUE-like inputs, B x S, all tokens real):
   sb_paper          sparsebert.importance(mode="paper"): batch-level gates, weights frozen
   sb_per_example    sparsebert.importance(mode="per_example"): per-example scores
   sb_fisher         sparsebert.importance(mode="fisher")
+  sb_paper_graph    sparsebert.importance(mode="paper", cuda_graph=True) (CUDA): each batch
+                    replayed from a CUDA graph; every call captures anew (two eager warm-up
+                    passes and a capture), so its time per batch includes that cost / --batches
+Every call runs --batches batches of the same shape (default 8 on CUDA, 1 on the CPU); times are
+per batch.
 Each provider runs at every --precision: fp32 (plain), and bf16 (the baselines under
 torch.autocast(bfloat16), the sparsebert rows with importance(precision="bf16"), which is what
 importance's default precision "auto" picks on CUDA); each row's ratio is against
@@ -17,6 +22,7 @@ fwd_bwd_weights at the same precision, so a precision gain is never counted as a
 
 Script:  python bench/bench_importance.py [--device cpu|cuda] [--batch 16] [--seq 128]
          [--precision fp32,bf16]   (default: fp32,bf16 on CUDA, fp32 on the CPU)
+         [--batches N]
 """
 
 from __future__ import annotations
@@ -104,6 +110,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=None, help="default: 32 on CUDA, 16 on CPU")
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batches", type=int, default=None,
+                        help="batches per call, times per batch (default: 8 on CUDA, 1 on CPU)")
     parser.add_argument("--model", default="default",
                         help="default (the pre-trained default model) or a random model of "
                              f"shape {sorted(common.MODEL_SHAPES)}")
@@ -127,6 +135,9 @@ def main(argv=None) -> None:
         parser.error(f"--precision {args.precision!r}: expected a comma list of fp32, bf16")
     dtype = torch.float32
     batch_size = args.batch or (32 if cuda else 16)
+    n_batches = args.batches or (8 if cuda else 1)
+    if n_batches < 1:
+        parser.error(f"--batches {n_batches}: expected at least 1")
     plain = load_model(args.model, args.device, dtype)
     batch = make_batch(plain, batch_size, args.seq, args.device)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -140,23 +151,26 @@ def main(argv=None) -> None:
 
     def fwd_bwd_weights(precision):
         def run():
-            plain.zero_grad(set_to_none=True)
-            with autocast(precision):
-                loss = F.cross_entropy(plain(**inputs).logits.float(), batch["labels"])
-            loss.backward()
+            for _ in range(n_batches):
+                plain.zero_grad(set_to_none=True)
+                with autocast(precision):
+                    loss = F.cross_entropy(plain(**inputs).logits.float(), batch["labels"])
+                loss.backward()
         return run
 
     def hooked(precision):
         def run():
-            with hook_gates(plain) as leaves:
-                with autocast(precision):
-                    loss = F.cross_entropy(plain(**inputs).logits.float(), batch["labels"])
-                torch.autograd.grad(loss, leaves)
+            for _ in range(n_batches):
+                with hook_gates(plain) as leaves:
+                    with autocast(precision):
+                        loss = F.cross_entropy(plain(**inputs).logits.float(), batch["labels"])
+                    torch.autograd.grad(loss, leaves)
         return run
 
-    def sb(mode, precision):
-        return lambda: sparsebert.importance(patched, [batch], mode=mode, progress=False,
-                                             precision=precision)
+    def sb(mode, precision, cuda_graph=False):
+        return lambda: sparsebert.importance(patched, [batch] * n_batches, mode=mode,
+                                             progress=False, precision=precision,
+                                             cuda_graph=cuda_graph)
 
     providers = {}  # (name, precision) -> call
     for precision in precisions:
@@ -167,11 +181,13 @@ def main(argv=None) -> None:
             ("sb_per_example", precision): sb("per_example", precision),
             ("sb_fisher", precision): sb("fisher", precision),
         })
+        if cuda:
+            providers[("sb_paper_graph", precision)] = sb("paper", precision, cuda_graph=True)
     # Interleaved rounds so that load on a shared machine hits every provider alike.
     samples: dict[tuple[str, str], list[float]] = {key: [] for key in providers}
     for _ in range(args.rounds):
         for key, fn in providers.items():
-            samples[key].append(common.time_call(fn, args.min_run_time))
+            samples[key].append(common.time_call(fn, args.min_run_time) / n_batches)
     times = {key: statistics.median(values) for key, values in samples.items()}
     rows, records = [], []
     for (name, precision), seconds in times.items():
@@ -181,6 +197,7 @@ def main(argv=None) -> None:
             precision=precision,
             batch=batch_size,
             seq=args.seq,
+            batches_per_call=n_batches,
             ms=seconds * 1e3,
             vs_fwd_bwd_weights=seconds / base,
             vs_sb_paper=seconds / paper,
@@ -195,14 +212,14 @@ def main(argv=None) -> None:
                 f"{rec['vs_sb_paper']:.3f}x",
             ]
         )
-    header = ["provider", "precision", "time (ms)",
+    header = ["provider", "precision", "time per batch (ms)",
               "vs fwd+bwd with weight grads (same precision)", "vs sb_paper (same precision)"]
     cfg = plain.config
     model_name = ("default model (MiniLM-L6)" if args.model == "default"
                   else f"random {args.model}-shaped model")
     what = (f"importance pass, {model_name}, {cfg.num_attention_heads} heads x "
             f"{cfg.num_hidden_layers} layers, fp32 weights, {' and '.join(precisions)} "
-            f"compute, B={batch_size}, S={args.seq}")
+            f"compute, B={batch_size}, S={args.seq}, {n_batches} batch(es) per call")
     stem = "importance" if args.model == "default" else f"importance_{args.model}"
     kernel = os.environ.get("SPARSEBERT_ATTENTION_KERNEL") or "default"
     if kernel != "default":  # e.g. mma: its own table, next to the default kernels'

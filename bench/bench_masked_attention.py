@@ -21,8 +21,9 @@ Script:  python bench/bench_masked_attention.py [--device cpu|cuda] [--dtype ...
          (masked_attention_<dtype>-<device> when --dtype is given)
          --timing graph (CUDA): GPU time per call, replayed from a CUDA graph, so the host's
          per-call overhead (Python, dispatcher, launches) is left out; written to
-         bench/results/masked_attention_graph_<dtype>-<device>.{json,md}; forward only
-         for now (capturing autograd.grad there fails with a stream-capture error)
+         bench/results/masked_attention_graph_<dtype>-<device>.{json,md}; without
+         --no-backward also forward+backward (autograd.grad captured in the graph: a provider
+         whose capture fails gets a row naming the error instead of a time)
 pytest:  pytest bench/bench_masked_attention.py --benchmark-only
 """
 
@@ -139,9 +140,9 @@ def timed(name, batch, seq, heads, dim, active, dtype, device, backward, timing=
     timer = common.time_call_graph if timing == "graph" else common.time_call
     if name in KERNEL_CHOICE:  # the switch is on for every call it makes
 
-        def time_call(f):
+        def time_call(f, **kwargs):
             with kernel_switch(KERNEL_CHOICE[name]):
-                return timer(f)
+                return timer(f, **kwargs)
     else:
         time_call = timer
     if not backward:
@@ -160,7 +161,19 @@ def timed(name, batch, seq, heads, dim, active, dtype, device, backward, timing=
         inputs = (fused, gate) if name not in ("sdpa",) else (fused,)
         torch.autograd.grad(out, inputs, dout, allow_unused=True)
 
-    return time_call(fwd_bwd)
+    if timing != "graph":
+        return time_call(fwd_bwd)
+    # The backward runs on autograd's device thread: if a global-mode capture fails, try again
+    # with only the capturing thread checked, and report both errors if that fails too.
+    try:
+        return time_call(fwd_bwd)
+    except RuntimeError as first:
+        torch.cuda.synchronize()
+        try:
+            return time_call(fwd_bwd, capture_error_mode="thread_local")
+        except RuntimeError as second:
+            raise RuntimeError(f"global capture: {str(first).strip().splitlines()[0]}; "
+                               f"thread_local: {str(second).strip().splitlines()[0]}") from second
 
 
 # ---------------------------------------------------------------- pytest-benchmark entry points
@@ -198,8 +211,6 @@ def main(argv=None) -> None:
     common.use_device(args.device)
     if args.timing == "graph" and not args.device.startswith("cuda"):
         parser.error("--timing graph needs --device cuda")
-    if args.timing == "graph" and not args.no_backward:
-        parser.error("--timing graph times the forward only: add --no-backward")
 
     cuda = args.device.startswith("cuda")
     if not cuda:
@@ -223,8 +234,20 @@ def main(argv=None) -> None:
                     continue  # dense SDPA does not depend on the gate
                 if name == "reference" and args.timing == "graph":
                     continue  # the fp32 oracle is no contender, and not capturable
-                seconds = timed(name, batch, seq, args.heads, dim, active, dtype, args.device,
-                                mode != "fwd", args.timing)
+                try:
+                    seconds = timed(name, batch, seq, args.heads, dim, active, dtype,
+                                    args.device, mode != "fwd", args.timing)
+                except RuntimeError as error:  # a graph capture that failed: say how
+                    if args.timing != "graph":
+                        raise
+                    message = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
+                    print(f"{mode} {name} B={batch} S={seq} D={dim} {active}/{args.heads}: "
+                          f"capture failed: {message}", flush=True)
+                    records.append(dict(mode=mode, provider=name, batch=batch, seq=seq,
+                                        heads=args.heads, dim=dim, active=active,
+                                        dtype=str(dtype).replace("torch.", ""), us=None,
+                                        error=message))
+                    continue
                 if name == "sdpa":
                     base["sdpa"] = seconds
                 if active == args.heads:
@@ -243,6 +266,11 @@ def main(argv=None) -> None:
                 records.append(rec)
         for rec in records:
             if (rec["mode"], rec["batch"], rec["seq"], rec["dim"]) != (mode, batch, seq, dim):
+                continue
+            if rec["us"] is None:
+                rows.append([rec["mode"], rec["provider"], batch, seq, dim,
+                             f"{rec['active']}/{args.heads}",
+                             f"capture failed ({rec['error'][:80]})", "-", "-"])
                 continue
             rec["vs_sdpa"] = rec["us"] / (base["sdpa"] * 1e6) if "sdpa" in base else None
             all_heads = base.get(ALL_HEADS_BASELINE.get(rec["provider"], rec["provider"]))
@@ -273,8 +301,9 @@ def main(argv=None) -> None:
     what = (f"masked attention, {str(dtype).replace('torch.', '')}, H={args.heads}, {timing}; "
             f"SDPA backend: {backend}")
     dtype_name = str(dtype).replace("torch.", "")
-    if args.timing == "graph":
-        stem = f"masked_attention_graph_{dtype_name}"
+    if args.timing == "graph":  # the forward-only tables keep their name
+        stem = ("masked_attention_graph_" + ("" if args.no_backward else "fwd_bwd_")
+                + dtype_name)
     else:  # eager: the device's default dtype keeps the plain name
         stem = "masked_attention" + ("" if args.dtype is None else f"_{dtype_name}")
     common.report("masked_attention", args, argv, what, header, rows, records, stem=stem)

@@ -55,9 +55,11 @@ def time_call(fn: Callable[[], object], min_run_time: float = 0.5) -> float:
 
 
 def time_call_graph(fn: Callable[[], object], replays: int = 20, calls_per_graph: int = 10,
-                    ) -> float:
+                    capture_error_mode: str = "global") -> float:
     """Median GPU seconds per call with the host's launch overhead removed: `calls_per_graph`
-    calls captured in one CUDA graph, replayed `replays` times, timed with CUDA events."""
+    calls captured in one CUDA graph, replayed `replays` times, timed with CUDA events.
+    capture_error_mode: torch.cuda.graph's ("global": a CUDA call that cannot be captured fails
+    in any thread during the capture; "thread_local": only in the capturing thread)."""
     import statistics
 
     side = torch.cuda.Stream()
@@ -67,7 +69,7 @@ def time_call_graph(fn: Callable[[], object], replays: int = 20, calls_per_graph
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode=capture_error_mode):
         for _ in range(calls_per_graph):
             fn()
     graph.replay()

@@ -16,25 +16,30 @@
 # Usage on the GPU machine, from the repository root:  bash bench/gpu_check.sh
 # The steps run in this order, the most valuable first; GPU_CHECK_STEPS=a,b,... runs only those
 # (in this order whatever order it lists them; an unknown name stops the script):
-# Three groups, each one device call within 600 s even when every step runs to its limit (and
-# its 15 s grace). A session's device time (900 s, the machine's start included) fits the first
+# Four groups, each one device call within 600 s even when every step runs to its limit (and
+# its 15 s grace). A session's device time (900 s, the machine's start included) fits one
 # group and a rerun of part of it; the others wait for a later session. Each group starts with
 # `build`: on a fresh machine it compiles (sm_90, 16 jobs), on a warm one it finds nothing to do.
+#   0. what is not yet measured or verified on a GPU, limits 450 s: build (150 s),
+#      importance-graph-tests (60 s: importance(cuda_graph=True) vs the eager pass),
+#      bench-masked-attention-graph-bwd (90 s: forward+backward in graph-replay GPU time vs
+#      SDPA's), bench-importance (150 s: the eager and the graph-replayed importance pass vs a
+#      plain forward+backward):
+#        GPU_CHECK_STEPS=build,importance-graph-tests,bench-masked-attention-graph-bwd,bench-importance
 #   1. the attention kernels, limits 480 s: build (150 s), mma-tests (120 s: the mma.sync
 #      forwards' and backwards' correctness, fp16/bf16 and fp32 through 3xTF32),
 #      bench-masked-attention-graph (120 s: the forwards' graph-replay GPU time vs SDPA and the
 #      WMMA/SIMT kernels), trace-mma (30 s: one traced call of each kernel), ncu-mma (60 s:
 #      Nsight Compute sections of the forward at S=128 and 512), wmma-tests (60 s).
-#      The first call on a GPU machine (on an H200 the first four steps took 134 s):
+#      After a kernel change (on an H200 the first four steps took 134 s):
 #        GPU_CHECK_STEPS=build,mma-tests,bench-masked-attention-graph,trace-mma,wmma-tests
 #   2. the other CUDA tests and the backward's speed, limits 510 s: build, cuda-tests (150 s),
 #      bench-masked-attention (150 s: eager fwd and fwd+bwd, S 128 and 512, fp32 too),
 #      simt-tests (60 s):
 #        GPU_CHECK_STEPS=build,cuda-tests,bench-masked-attention,simt-tests
-#   3. the training-step, group_dot and importance benchmarks, limits 405 s: build,
-#      bench-train-step (120 s), bench-group-dot (45 s), bench-importance (90 s: fp32 and bf16,
-#      default (mma.sync) and WMMA/SIMT kernels):
-#        GPU_CHECK_STEPS=build,bench-train-step,bench-group-dot,bench-importance
+#   3. the training-step and group_dot benchmarks, limits 315 s: build, bench-train-step
+#      (120 s), bench-group-dot (45 s):
+#        GPU_CHECK_STEPS=build,bench-train-step,bench-group-dot
 set -uo pipefail
 out=${OUT:-bench/results/gpu}
 mkdir -p "$out"
@@ -54,7 +59,8 @@ pack() {  # copy the benchmark tables/JSON (and profiler traces) this run wrote 
     | tar czf "$out/results.tar.gz" --null -T - 2>/dev/null || true
 }
 
-check_steps build mma-tests bench-masked-attention-graph trace-mma ncu-mma cuda-tests wmma-tests \
+check_steps build mma-tests importance-graph-tests bench-masked-attention-graph \
+  bench-masked-attention-graph-bwd trace-mma ncu-mma cuda-tests wmma-tests \
   bench-masked-attention bench-train-step bench-group-dot bench-importance simt-tests
 
 # Step 1: build (in place: this machine is a copy of the tree).
@@ -71,6 +77,12 @@ SPARSEBERT_ATTENTION_KERNEL=mma step mma-tests 120 "$out/mma-tests.log" \
   python3 -m pytest "${pytest_args[@]}" tests/test_masked_attention.py tests/test_masked_attention_mma.py
 tail -n 3 "$out/mma-tests.log" >> "$summary"
 
+# importance(cuda_graph=True) against the eager pass (forward, backward and accumulation
+# replayed from one CUDA graph per batch shape; the option stays off by default until this passes).
+step importance-graph-tests 60 "$out/cuda-tests.log" python3 -m pytest "${pytest_args[@]}" \
+  tests/test_importance_graph.py
+tail -n 3 "$out/cuda-tests.log" >> "$summary"
+
 # Step 3: graph-replay GPU time; the providers sparsebert and sparsebert_compact (the mma.sync
 # forward) and sparsebert_wmma (the WMMA kernel, switched on per call) next to SDPA, whose chosen
 # backend the table names. In the float32 table sparsebert is the 3xTF32 mma.sync forward and
@@ -79,6 +91,10 @@ step bench-masked-attention-graph 120 "$out/bench.log" bash -c "
   python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --seq 128 512
   python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --dtype bfloat16 --seq 128 512
   python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --dtype float32 --seq 128 512"; pack
+# Forward+backward (autograd.grad to q, k, v and the gate) in graph-replay GPU time, fp16, next to
+# SDPA's; a provider whose capture fails gets a row naming the error.
+step bench-masked-attention-graph-bwd 90 "$out/bench.log" python3 bench/bench_masked_attention.py \
+  --device cuda --timing graph --seq 128 512 --providers sdpa sparsebert; pack
 step trace-mma 30 "$out/bench.log" python3 bench/trace_attention.py; pack
 # Nsight Compute counters of the mma.sync forward at S=128 and S=512 (bench/ncu_attention.py):
 # throughput against the ceilings, occupancy, and where warps stall. Needs a runtime that exposes
@@ -104,11 +120,10 @@ step bench-masked-attention 150 "$out/bench.log" bash -c "
     --providers sdpa sparsebert sparsebert_wmma"; pack
 step bench-train-step 120 "$out/bench.log" python3 bench/bench_train_step.py --device cuda; pack
 step bench-group-dot 45 "$out/bench.log" python3 bench/bench_group_dot.py --device cuda; pack
-# fp32 and bf16 rows (importance's CUDA default), with the default kernels, then with the WMMA
-# and SIMT kernels (their own table, importance_bert-base_wmma-<gpu>.md).
-step bench-importance 90 "$out/bench.log" bash -c "
-  python3 bench/bench_importance.py --device cuda --model bert-base --min-run-time 0.5 --profile
-  SPARSEBERT_ATTENTION_KERNEL=wmma python3 bench/bench_importance.py --device cuda --model bert-base --min-run-time 0.5"; pack
+# fp32 and bf16 rows (importance's CUDA default), 8 batches per call, the eager pass and the
+# CUDA-graph one (sb_paper_graph) against a plain forward+backward, then a profile.
+step bench-importance 150 "$out/bench.log" python3 bench/bench_importance.py --device cuda \
+  --model bert-base --min-run-time 0.5 --rounds 2 --profile; pack
 
 # Step 6: the kernels the mma.sync ones replaced (still run where those do not apply: unaligned
 # rows, sm < 80, other head dims): WMMA, then SIMT.

@@ -50,16 +50,18 @@ MODES = ("paper", "per_example", "fisher", "michel")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def _precision_context(precision: str, device: torch.device):
+def _precision_context(precision: str, device: torch.device, cache_enabled: bool = True):
     """The forward's numerics: bf16 autocast (matmul inputs in bf16, fp32 accumulation and
     gates) or plain fp32. "auto" is bf16 on CUDA and fp32 elsewhere. Measured by CPU emulation on
     the default model (512 SST-2 sentences): bf16 keeps the head ranking (Spearman 0.9999 vs fp32,
-    same bottom 18 and 36 heads); fp16 would need loss scaling, so it is not offered."""
+    same bottom 18 and 36 heads); fp16 would need loss scaling, so it is not offered.
+    cache_enabled=False: no cache of the weights' bf16 copies (a CUDA graph cannot capture it)."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          cache_enabled=cache_enabled)
 
 
 @dataclass
@@ -190,12 +192,16 @@ def _make_leaves(blocks, batch: int, per_example: bool, neurons: bool) -> list[_
 @contextlib.contextmanager
 def _true_zero_gate_grads(blocks, enabled: bool):
     """While scoring: masked heads (gate 0) get their true gate gradient (exact_zero_gate_grad),
-    so that they count in the per-layer norm as in the authors' code; restored on exit."""
+    so that they count in the per-layer norm as in the authors' code; restored on exit. Only
+    layers with a masked head get the flag (one host read of the gates for all layers): elsewhere
+    it changes no gradient and would cost an extra attention call per layer in the backward."""
     saved = [attn.exact_zero_gate_grad for attn, _ in blocks]
     try:
-        if enabled:
-            for attn, _ in blocks:
-                attn.exact_zero_gate_grad = True
+        if enabled and blocks:
+            has_masked = torch.stack(
+                [(attn.head_gate == 0).any() for attn, _ in blocks]).tolist()  # (L,), one sync
+            for (attn, _), masked in zip(blocks, has_masked):
+                attn.exact_zero_gate_grad = attn.exact_zero_gate_grad or masked
         yield
     finally:
         for (attn, _), flag in zip(blocks, saved):
@@ -209,6 +215,88 @@ def _gates_overridden(blocks, leaves: list[_LayerLeaves]):
             stack.enter_context(attn.override_head_gate(leaf.head))
             stack.enter_context(mlp.override_gates(mlp_gate=leaf.mlp, neuron_gate=leaf.neuron))
         yield
+
+
+# --------------------------------------------------------------------------------------------
+# One batch: gate gradients and their accumulation
+# --------------------------------------------------------------------------------------------
+@dataclass
+class GateGrads:
+    """One batch's gate gradients per layer (None where a gate is unused: a layer's heads or
+    MLP physically removed): head (H_l,) or (B, H_l), mlp () or (B,), neuron (F_l,) or (B, F_l)
+    (an empty list when neurons are not scored)."""
+
+    head: list[Tensor | None]
+    mlp: list[Tensor | None]
+    neuron: list[Tensor | None]
+
+
+@dataclass
+class ScoreSums:
+    """Per-layer running sums of the scores: head (H_l,), mlp (), neuron (F_l,)."""
+
+    head: list[Tensor]
+    mlp: list[Tensor]
+    neuron: list[Tensor]
+
+    @classmethod
+    def zeros(cls, blocks, device: torch.device) -> ScoreSums:
+        return cls(head=[torch.zeros(a.num_heads, device=device) for a, _ in blocks],
+                   mlp=[torch.zeros((), device=device) for _ in blocks],
+                   neuron=[torch.zeros(m.intermediate_size, device=device) for _, m in blocks])
+
+    def zeros_like(self) -> ScoreSums:
+        return ScoreSums(*([torch.zeros_like(t) for t in ts]
+                           for ts in (self.head, self.mlp, self.neuron)))
+
+
+@dataclass
+class BatchScorer:
+    """The importance loop's body for one batch: forward with fresh gate leaves, per-example
+    losses, backward to the leaves only, then |grad| (or grad^2) added to the running sums.
+    Run eagerly, or captured once per batch shape in a CUDA graph (importance_graph)."""
+
+    model: nn.Module
+    blocks: list
+    mode: str
+    precision: str
+    num_labels: int
+    neurons: bool
+    device: torch.device
+    autocast_cache: bool = True
+
+    def leaves(self, size: int) -> list[_LayerLeaves]:
+        """Gate leaves for a batch of `size` examples: shared (paper, michel) or per example."""
+        return _make_leaves(self.blocks, size, self.mode in ("per_example", "fisher"),
+                            self.neurons)
+
+    def gradients(self, inputs: Mapping, labels: Tensor, leaves: list[_LayerLeaves],
+                  hooks=None, extra_inputs: list[Tensor] | None = None) -> GateGrads:
+        """d loss / d gate at the leaves: the batch-mean loss (paper) or the sum of per-example
+        losses. hooks: a context entered with the leaves in place (michel's per-token hooks,
+        which add the tensors they need gradients of to extra_inputs during the forward)."""
+        extra_inputs = [] if extra_inputs is None else extra_inputs
+        with _gates_overridden(self.blocks, leaves), hooks or contextlib.nullcontext():
+            with _precision_context(self.precision, self.device, self.autocast_cache):
+                logits = self.model(**inputs).logits
+            losses = per_example_loss(logits.float(), labels, self.num_labels)  # (B,)
+            loss = losses.mean() if self.mode == "paper" else losses.sum()
+            wanted = [leaf.head for leaf in leaves] + [leaf.mlp for leaf in leaves]
+            wanted += [leaf.neuron for leaf in leaves if leaf.neuron is not None]
+            grads = torch.autograd.grad(loss, wanted + extra_inputs, allow_unused=True)
+        n = len(leaves)
+        return GateGrads(head=list(grads[:n]), mlp=list(grads[n:2 * n]),
+                         neuron=list(grads[2 * n:len(wanted)]))
+
+    def accumulate(self, grads: GateGrads, sums: ScoreSums) -> None:
+        """sums += |grad| (fisher: grad^2), summed over the batch's rows for per-example gates."""
+        power = 2 if self.mode == "fisher" else 1
+        pairs = list(zip(sums.head, grads.head)) + list(zip(sums.mlp, grads.mlp))
+        if self.neurons:
+            pairs += list(zip(sums.neuron, grads.neuron))
+        for acc, g in pairs:
+            if g is not None:
+                accumulate_importance_(acc, g.float().reshape(-1, *acc.shape), power)
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,6 +361,7 @@ def importance(
     progress: bool = True,
     precision: str = "auto",
     score_masked_heads: bool = False,
+    cuda_graph: bool = False,
 ) -> Importance:
     """Score heads (L, H), MLPs (L,) and optionally FFN neurons (L, F) of a patched model.
 
@@ -285,6 +374,12 @@ def importance(
 
     precision: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or "bf16" (autocast on any
     device); the gates, their gradients and the accumulated scores stay fp32.
+
+    cuda_graph: replay each batch from a CUDA graph captured once per batch shape (forward,
+    backward and accumulation; sparsebert.pruning.importance_graph): a batch then costs one
+    launch instead of a few thousand. CUDA models and the gate-gradient modes only (michel's
+    hooks run eagerly); each new shape costs two eager passes and a capture, so pad batches to
+    few shapes.
 
     batches: an iterable of dicts as the model takes them, labels included (e.g. input_ids,
     attention_mask, token_type_ids, labels; or inputs_embeds for input_ids). Multiple-choice
@@ -308,12 +403,8 @@ def importance(
     n_ffn = config_size(model, row, "intermediate_size")
     num_labels = int(model.config.num_labels)
     device = next(model.parameters()).device
-    per_example = mode in ("per_example", "fisher", "michel")
-    power = 2 if mode == "fisher" else 1
 
-    head_acc = [torch.zeros(a.num_heads, device=device) for a, _ in blocks]
-    mlp_acc = [torch.zeros((), device=device) for _ in blocks]
-    neuron_acc = [torch.zeros(m.intermediate_size, device=device) for _, m in blocks]
+    sums = ScoreSums.zeros(blocks, device)
     kept: dict[str, list[Tensor]] = {"head": [], "mlp": [], "neuron": []}
     examples = 0
     token_count = torch.zeros((), dtype=torch.long, device=device)
@@ -328,6 +419,12 @@ def importance(
     # scores of a masked head are 0 (its context is), as in Michel et al.'s code.
     masked_heads_in_norm = heads and flags["heads_by_layer"] and mode != "michel"
     true_masked_grads = masked_heads_in_norm or (heads and score_masked_heads and mode != "michel")
+    scorer = BatchScorer(model, blocks, mode, precision, num_labels, neurons, device)
+    graphed = None
+    if cuda_graph:
+        from sparsebert.pruning.importance_graph import GraphedScorer  # noqa: PLC0415
+
+        graphed = GraphedScorer(scorer, sums)  # raises for a CPU model or mode="michel"
 
     with frozen_for_scoring(model), _true_zero_gate_grads(blocks, true_masked_grads):
         for batch in tqdm(batches, desc=f"importance ({mode})", disable=not progress, leave=False):
@@ -341,59 +438,27 @@ def importance(
             ).bool()
             examples += size
             token_count = token_count + token_mask.sum()  # on the device: no sync per batch
-            # Step 1: gate leaves (shared by the batch, or per example) replace the buffers.
-            leaves = _make_leaves(blocks, size, per_example and mode != "michel", neurons)
-            michel_sums = {"head": head_acc, "mlp": mlp_acc, "neuron": neuron_acc}
-            extra_inputs: list[Tensor] = []  # michel: leaves for inputs that depend on no gate
-            hooks = (
-                michel_hooks(blocks, token_mask, michel_sums, neurons, extra_inputs)
-                if mode == "michel"
-                else contextlib.nullcontext()
-            )
-            with _gates_overridden(blocks, leaves), hooks:
-                # Step 2: forward, per-example losses; batch mean (paper) or sum (per example).
-                with _precision_context(precision, device):
-                    logits = model(**batch).logits
-                losses = per_example_loss(logits.float(), labels, num_labels)  # (B,)
-                loss = losses.mean() if mode == "paper" else losses.sum()
-                # Step 3: backward to the gates only (weights are frozen).
-                wanted = [leaf.head for leaf in leaves] + [leaf.mlp for leaf in leaves]
-                wanted += [leaf.neuron for leaf in leaves if leaf.neuron is not None]
-                grads = torch.autograd.grad(loss, wanted + extra_inputs, allow_unused=True)
-            if mode == "michel":
-                continue  # the hooks accumulated per-token scores
-            # Step 4: accumulate |grad| (or grad^2), per batch (paper) or per example.
-            n = len(blocks)
-            head_g, mlp_g, neuron_g = grads[:n], grads[n : 2 * n], grads[2 * n :]
-            for layer in range(n):
-                for acc, g in ((head_acc[layer], head_g[layer]), (mlp_acc[layer], mlp_g[layer])):
-                    if g is not None:
-                        accumulate_importance_(acc, g.float().reshape(-1, *acc.shape), power)
-                if neurons and neuron_g[layer] is not None:
-                    accumulate_importance_(
-                        neuron_acc[layer],
-                        neuron_g[layer].float().reshape(-1, *neuron_acc[layer].shape),
-                        power,
-                    )
-            if keep_per_example:  # a gate that is not used (every head or the MLP of a layer
-                # physically removed) has no gradient: it scores 0 for every example
-                head_g, mlp_g, neuron_g = (
-                    [torch.zeros_like(w) if g is None else g for g, w in zip(gs, ws)]
-                    for gs, ws in ((head_g, wanted[:n]), (mlp_g, wanted[n : 2 * n]),
-                                   (neuron_g, wanted[2 * n :])))
-                kept["head"].append(_to_original(
-                    blocks, [g.abs() if score_masked_heads else g.abs() * (a.head_gate != 0)
-                             for g, (a, _) in zip(head_g, blocks)], "head", n_heads, size))
-                live = torch.stack([(m.mlp_gate != 0).float() for _, m in blocks]).cpu()  # (L,)
-                kept["mlp"].append(
-                    torch.stack([g.abs().float() for g in mlp_g], dim=1).cpu() * live
-                )
-                if neurons:
-                    kept["neuron"].append(
-                        _to_original(blocks, [g.abs() * (m.neuron_gate != 0)
-                                              for g, (_, m) in zip(neuron_g, blocks)],
-                                     "neuron", n_ffn, size)
-                    )
+            if graphed is not None:
+                # Forward, backward and accumulation replayed from the batch shape's graph.
+                grads, leaves = graphed(batch, labels)
+            elif mode == "michel":
+                # Per-token scores, accumulated by the hooks during the backward.
+                extra_inputs: list[Tensor] = []  # leaves for inputs that depend on no gate
+                michel_sums = {"head": sums.head, "mlp": sums.mlp, "neuron": sums.neuron}
+                hooks = michel_hooks(blocks, token_mask, michel_sums, neurons, extra_inputs)
+                scorer.gradients(batch, labels, scorer.leaves(size), hooks, extra_inputs)
+                continue
+            else:
+                # Gate leaves (shared by the batch, or per example) replace the buffers; forward,
+                # backward to the leaves; |grad| (or grad^2) added per batch or per example.
+                leaves = scorer.leaves(size)
+                grads = scorer.gradients(batch, labels, leaves)
+                scorer.accumulate(grads, sums)
+            if keep_per_example:
+                kept_rows = _per_example_rows(blocks, grads, leaves, size, n_heads, n_ffn,
+                                              neurons, score_masked_heads)
+                for key, value in kept_rows.items():
+                    kept[key].append(value)
 
     if examples == 0:
         raise ValueError("importance: 'batches' was empty")
@@ -402,13 +467,13 @@ def importance(
     # counts them, see masked_heads_in_norm), MLPs and neurons now. (Their true gradient, from
     # set_zero_gate_grad or the norm, must not count as a score.)
     for layer, (_, mlp_block) in enumerate(blocks):
-        mlp_acc[layer] = mlp_acc[layer] * (mlp_block.mlp_gate != 0)
-        neuron_acc[layer] = neuron_acc[layer] * (mlp_block.neuron_gate != 0)
-    head = _to_original(blocks, head_acc, "head", n_heads) if heads else None
+        sums.mlp[layer] = sums.mlp[layer] * (mlp_block.mlp_gate != 0)
+        sums.neuron[layer] = sums.neuron[layer] * (mlp_block.neuron_gate != 0)
+    head = _to_original(blocks, sums.head, "head", n_heads) if heads else None
     live = (_to_original(blocks, [(a.head_gate != 0).float() for a, _ in blocks], "head", n_heads)
             if heads else None)  # (L, H)
-    mlp = torch.stack([m.float() for m in mlp_acc]).cpu() if mlps else None
-    neuron = _to_original(blocks, neuron_acc, "neuron", n_ffn) if neurons else None
+    mlp = torch.stack([m.float() for m in sums.mlp]).cpu() if mlps else None
+    neuron = _to_original(blocks, sums.neuron, "neuron", n_ffn) if neurons else None
     if head is not None and flags["heads_by_layer"]:
         head = normalize_by_layer(head)
     if head is not None and not score_masked_heads:
@@ -431,6 +496,31 @@ def importance(
         tokens=tokens,
         per_example=per_ex,
     )
+
+
+def _per_example_rows(blocks, grads: GateGrads, leaves: list[_LayerLeaves], size: int,
+                      n_heads: int, n_ffn: int, neurons: bool,
+                      score_masked_heads: bool) -> dict[str, Tensor]:
+    """One batch's per-example |gradient| in the original numbering, on the CPU: head (B, L, H),
+    mlp (B, L), neuron (B, L, F). Pruned components score 0 (masked heads keep their score with
+    score_masked_heads); a gate that is not used (every head or the MLP of a layer physically
+    removed) has no gradient and scores 0 for every example."""
+    def filled(gs: list[Tensor | None], ws: list[Tensor]) -> list[Tensor]:
+        return [torch.zeros_like(w) if g is None else g for g, w in zip(gs, ws)]
+
+    head_g = filled(grads.head, [leaf.head for leaf in leaves])
+    mlp_g = filled(grads.mlp, [leaf.mlp for leaf in leaves])
+    rows = {"head": _to_original(
+        blocks, [g.abs() if score_masked_heads else g.abs() * (a.head_gate != 0)
+                 for g, (a, _) in zip(head_g, blocks)], "head", n_heads, size)}
+    live = torch.stack([(m.mlp_gate != 0).float() for _, m in blocks]).cpu()  # (L,)
+    rows["mlp"] = torch.stack([g.abs().float() for g in mlp_g], dim=1).cpu() * live  # (B, L)
+    if neurons:
+        neuron_g = filled(grads.neuron, [leaf.neuron for leaf in leaves])
+        rows["neuron"] = _to_original(blocks, [g.abs() * (m.neuron_gate != 0)
+                                               for g, (_, m) in zip(neuron_g, blocks)],
+                                      "neuron", n_ffn, size)
+    return rows
 
 
 def _to_original(
