@@ -114,3 +114,38 @@ def test_cuda_graph_is_an_error_for_michel_and_on_the_cpu(tiny_bert, tiny_batche
         importance(model, batches, mode="michel", cuda_graph=True, progress=False)
     with pytest.raises(ValueError, match="CUDA device, got one on cpu"):
         importance(model, batches, cuda_graph=True, progress=False)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padding_masks_as_views_changes_the_mask_not_the_outputs(attn, tiny_bert, tiny_batches):
+    """Under padding_masks_as_views the patched attention gets a stride-0 padding mask (read
+    without a host read, as a capture needs), the logits are the same, the config is restored."""
+    from sparsebert.nn import attention as attention_module
+    from sparsebert.pruning.importance_graph import padding_masks_as_views
+
+    model = patch(tiny_bert(num_labels=NUM_LABELS, attn=attn)).eval()
+    batch = tiny_batches(num_labels=NUM_LABELS)[0]
+    assert not bool(batch["attention_mask"].all())  # some padding
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    masks = []
+    original = attention_module.is_padding_mask
+
+    def spy(mask):
+        masks.append(mask)
+        return original(mask)
+
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        attention_module.is_padding_mask = spy
+        try:
+            with padding_masks_as_views(model):
+                logits = model(**inputs).logits
+        finally:
+            attention_module.is_padding_mask = original
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
+    assert masks and all(m.dtype == torch.bool and m.dim() == 4 and m.stride(2) == 0
+                         for m in masks)
+    assert model.config._attn_implementation == attn
+    with pytest.raises(RuntimeError, match="inside"), padding_masks_as_views(model):
+        raise RuntimeError("inside")
+    assert model.config._attn_implementation == attn

@@ -11,6 +11,10 @@ the pace (DESIGN.md §7). `GraphedScorer` captures the whole batch body of
   * two eager warm-up passes per new shape run on a side stream first (lazy initialisation,
     cuBLAS plans), accumulating into scratch sums, so they count nothing twice;
   * autocast runs without its weight cache (a captured graph cannot fill it);
+  * during warm-up and capture transformers builds padding masks with the "sparsebert" mask
+    function: a stride-0 view that the patched attention takes for a key padding mask without
+    reading it. SDPA's mask function materialises (B, 1, S, S), which a capture cannot read
+    (the attention would then run SDPA where the warm-up ran the masked-attention kernels);
   * all graphs share one memory pool: everything that outlives a replay (sums, inputs, leaves)
     lives outside it, and replays never overlap.
 Shapes beyond `max_graphs` run eagerly. The gradients a replay returns are the graph's static
@@ -19,14 +23,35 @@ outputs: valid until the next batch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from sparsebert.graph_capture import capture
+from sparsebert.hf.attention_backend import ATTN_IMPLEMENTATION, register_attention_backend
 from sparsebert.pruning.importance import BatchScorer, GateGrads, ScoreSums
+
+
+@contextlib.contextmanager
+def padding_masks_as_views(model: torch.nn.Module) -> Iterator[None]:
+    """While the block runs, the model's config names the "sparsebert" attention implementation,
+    whose mask function gives a padding mask as a (B, 1, Sq, Sk) bool view of the (B, Sk) key
+    mask (stride 0 over queries); restored on exit. Only the masks change: a patched model's
+    attention modules do not go through transformers' attention interface."""
+    config = getattr(model, "config", None)
+    previous = getattr(config, "_attn_implementation", None)
+    if config is None or previous == ATTN_IMPLEMENTATION:
+        yield
+        return
+    register_attention_backend()
+    config._attn_implementation = ATTN_IMPLEMENTATION
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 @dataclass
@@ -96,15 +121,16 @@ class GraphedScorer:
         scratch = self.sums.zeros_like()
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up: lazy inits, cuBLAS plans; counts nothing
-            for _ in range(self.warmup_passes):
-                grads = self.scorer.gradients(static, static_labels, leaves)
-                self.scorer.accumulate(grads, scratch)
-        torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with capture(graph, device, pool=self.pool):
-            grads = self.scorer.gradients(static, static_labels, leaves)
-            self.scorer.accumulate(grads, self.sums)
+        with padding_masks_as_views(self.scorer.model):
+            with torch.cuda.stream(side):  # warm-up: lazy inits, cuBLAS plans; counts nothing
+                for _ in range(self.warmup_passes):
+                    grads = self.scorer.gradients(static, static_labels, leaves)
+                    self.scorer.accumulate(grads, scratch)
+            torch.cuda.current_stream(device).wait_stream(side)
+            with capture(graph, device, pool=self.pool):
+                grads = self.scorer.gradients(static, static_labels, leaves)
+                self.scorer.accumulate(grads, self.sums)
         if self.pool is None:
             self.pool = graph.pool()
         return _Captured(graph, static, static_labels, leaves, grads)
