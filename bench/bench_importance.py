@@ -12,9 +12,10 @@ Providers (one batch of GLUE-like inputs, B x S, all tokens real):
   sb_fisher         sparsebert.importance(mode="fisher")
   sb_paper_graph    sparsebert.importance(mode="paper", cuda_graph=True) (CUDA): each batch
                     replayed from a CUDA graph; every call captures anew (two eager warm-up
-                    passes and a capture), so its time per batch includes that cost / --batches
-Every call runs --batches batches of the same shape (default 8 on CUDA, 1 on the CPU); times are
-per batch.
+                    passes and a capture), which its time per batch includes, spread over
+                    --graph-batches batches per call (default 32)
+Every other call runs --batches batches of the same shape (default 8 on CUDA, 1 on the CPU);
+times are per batch.
 Each provider runs at every --precision: fp32 (plain), and bf16 (the baselines under
 torch.autocast(bfloat16), the sparsebert rows with importance(precision="bf16"), which is what
 importance's default precision "auto" picks on CUDA); each row's ratio is against
@@ -22,7 +23,7 @@ fwd_bwd_weights at the same precision, so a precision gain is never counted as a
 
 Script:  python bench/bench_importance.py [--device cpu|cuda] [--batch 16] [--seq 128]
          [--precision fp32,bf16]   (default: fp32,bf16 on CUDA, fp32 on the CPU)
-         [--batches N]
+         [--batches N] [--graph-batches N]
 """
 
 from __future__ import annotations
@@ -112,6 +113,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batches", type=int, default=None,
                         help="batches per call, times per batch (default: 8 on CUDA, 1 on CPU)")
+    parser.add_argument("--graph-batches", type=int, default=32,
+                        help="batches per call of sb_paper_graph (its capture cost is spread "
+                             "over them)")
     parser.add_argument("--model", default="default",
                         help="default (the pre-trained default model) or a random model of "
                              f"shape {sorted(common.MODEL_SHAPES)}")
@@ -136,8 +140,9 @@ def main(argv=None) -> None:
     dtype = torch.float32
     batch_size = args.batch or (32 if cuda else 16)
     n_batches = args.batches or (8 if cuda else 1)
-    if n_batches < 1:
-        parser.error(f"--batches {n_batches}: expected at least 1")
+    if n_batches < 1 or args.graph_batches < 1:
+        parser.error(f"--batches {n_batches} / --graph-batches {args.graph_batches}: expected "
+                     "at least 1")
     plain = load_model(args.model, args.device, dtype)
     batch = make_batch(plain, batch_size, args.seq, args.device)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -168,10 +173,11 @@ def main(argv=None) -> None:
         return run
 
     def sb(mode, precision, cuda_graph=False):
-        return lambda: sparsebert.importance(patched, [batch] * n_batches, mode=mode,
-                                             progress=False, precision=precision,
+        return lambda: sparsebert.importance(patched, [batch] * batches_per_call[cuda_graph],
+                                             mode=mode, progress=False, precision=precision,
                                              cuda_graph=cuda_graph)
 
+    batches_per_call = {False: n_batches, True: args.graph_batches}  # by cuda_graph
     providers = {}  # (name, precision) -> call
     for precision in precisions:
         providers.update({
@@ -185,10 +191,21 @@ def main(argv=None) -> None:
             providers[("sb_paper_graph", precision)] = sb("paper", precision, cuda_graph=True)
     # Interleaved rounds so that load on a shared machine hits every provider alike.
     samples: dict[tuple[str, str], list[float]] = {key: [] for key in providers}
+    failed: dict[tuple[str, str], str] = {}  # a graph capture that failed: its error
     for _ in range(args.rounds):
         for key, fn in providers.items():
-            samples[key].append(common.time_call(fn, args.min_run_time) / n_batches)
-    times = {key: statistics.median(values) for key, values in samples.items()}
+            if key in failed:
+                continue
+            per_call = args.graph_batches if key[0] == "sb_paper_graph" else n_batches
+            try:
+                samples[key].append(common.time_call(fn, args.min_run_time) / per_call)
+            except RuntimeError as error:
+                if key[0] != "sb_paper_graph":
+                    raise
+                failed[key] = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
+                print(f"{key[0]} ({key[1]}) failed: {failed[key]}", flush=True)
+                torch.cuda.synchronize()
+    times = {key: statistics.median(values) for key, values in samples.items() if values}
     rows, records = [], []
     for (name, precision), seconds in times.items():
         base, paper = times[("fwd_bwd_weights", precision)], times[("sb_paper", precision)]
@@ -197,7 +214,7 @@ def main(argv=None) -> None:
             precision=precision,
             batch=batch_size,
             seq=args.seq,
-            batches_per_call=n_batches,
+            batches_per_call=args.graph_batches if name == "sb_paper_graph" else n_batches,
             ms=seconds * 1e3,
             vs_fwd_bwd_weights=seconds / base,
             vs_sb_paper=seconds / paper,
@@ -212,6 +229,10 @@ def main(argv=None) -> None:
                 f"{rec['vs_sb_paper']:.3f}x",
             ]
         )
+    for (name, precision), error in failed.items():
+        records.append(dict(provider=name, precision=precision, batch=batch_size, seq=args.seq,
+                            error=error))
+        rows.append([name, precision, f"failed ({error[:80]})", "-", "-"])
     header = ["provider", "precision", "time per batch (ms)",
               "vs fwd+bwd with weight grads (same precision)", "vs sb_paper (same precision)"]
     cfg = plain.config
@@ -219,7 +240,8 @@ def main(argv=None) -> None:
                   else f"random {args.model}-shaped model")
     what = (f"importance pass, {model_name}, {cfg.num_attention_heads} heads x "
             f"{cfg.num_hidden_layers} layers, fp32 weights, {' and '.join(precisions)} "
-            f"compute, B={batch_size}, S={args.seq}, {n_batches} batch(es) per call")
+            f"compute, B={batch_size}, S={args.seq}, {n_batches} batch(es) per call"
+            + (f" ({args.graph_batches} for sb_paper_graph)" if cuda else ""))
     stem = "importance" if args.model == "default" else f"importance_{args.model}"
     kernel = os.environ.get("SPARSEBERT_ATTENTION_KERNEL") or "default"
     if kernel != "default":  # e.g. mma: its own table, next to the default kernels'
