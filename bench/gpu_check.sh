@@ -30,9 +30,12 @@
 #      forwards' and backwards' correctness, fp16/bf16 and fp32 through 3xTF32),
 #      bench-masked-attention-graph (120 s: the forwards' graph-replay GPU time vs SDPA and the
 #      WMMA/SIMT kernels), trace-mma (30 s: one traced call of each kernel), ncu-mma (60 s:
-#      Nsight Compute sections of the forward at S=128 and 512), wmma-tests (60 s).
+#      Nsight Compute sections of the forward at S=128 and 512), ncu-dense-compact (45 s: the
+#      same for the dense and the compact output at S=128), wmma-tests (60 s).
 #      After a kernel change (on an H200 the first four steps took 134 s):
 #        GPU_CHECK_STEPS=build,mma-tests,bench-masked-attention-graph,trace-mma,wmma-tests
+#      To read counters instead (limits 405 s; ncu needs a machine that exposes them):
+#        GPU_CHECK_STEPS=build,mma-tests,ncu-mma,ncu-dense-compact
 #   2. the other CUDA tests and the backward's speed, limits 510 s: build, cuda-tests (150 s),
 #      bench-masked-attention (150 s: eager fwd and fwd+bwd, S 128 and 512, fp32 too),
 #      simt-tests (60 s):
@@ -60,7 +63,7 @@ pack() {  # copy the benchmark tables/JSON (and profiler traces) this run wrote 
 }
 
 check_steps build mma-tests importance-graph-tests bench-masked-attention-graph \
-  bench-masked-attention-graph-bwd trace-mma ncu-mma cuda-tests wmma-tests \
+  bench-masked-attention-graph-bwd trace-mma ncu-mma ncu-dense-compact cuda-tests wmma-tests \
   bench-masked-attention bench-train-step bench-group-dot bench-importance simt-tests
 
 # Step 1: build (in place: this machine is a copy of the tree).
@@ -104,6 +107,12 @@ step ncu-mma 60 "$out/bench.log" "${ncu_bin:-ncu}" --clock-control none -k regex
   --launch-skip 2 --launch-count 2 --section SpeedOfLight --section Occupancy --section WarpStateStats \
   --section SchedulerStats --section LaunchStats \
   --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' python3 bench/ncu_attention.py
+# The same sections for the dense and the compact output at S=128, all heads (dense is ~2 us slower).
+step ncu-dense-compact 45 "$out/bench.log" "${ncu_bin:-ncu}" --clock-control none -k regex:mma_forward_kernel \
+  --launch-skip 2 --launch-count 2 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+  --section SchedulerStats --section LaunchStats \
+  --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+  python3 bench/ncu_attention.py --dense-vs-compact
 
 # Step 4: the other CUDA tests (each kernel test first asserts the CUDA kernel is registered;
 # the mma tests ran in step 2).
