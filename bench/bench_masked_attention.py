@@ -9,6 +9,9 @@ Providers (all compute gated multi-head attention over (B, S, H, D) inputs):
                the mma.sync forward and backward, for float32 their 3xTF32 variants)
   sparsebert_wmma     the same with SPARSEBERT_ATTENTION_KERNEL=wmma: the kernels before the
                       mma.sync ones (WMMA for fp16/bf16, SIMT for float32; CUDA)
+  sparsebert_wgmma    the same with SPARSEBERT_ATTENTION_KERNEL=wgmma: the forward on Hopper's
+                      wgmma (fp16/bf16; CUDA; on a build with sm_90a code and a compute
+                      capability 9.0 GPU, else the row repeats the mma.sync kernel and is left out)
   sparsebert_compact  sparsebert.ops.masked_attention_compact over the kept heads, output
                       (B, S, H_kept, D) (on CUDA the mma.sync forward)
 The SDPA backend torch picked (cuDNN, flash, memory-efficient, math) is named in the table title.
@@ -48,11 +51,11 @@ from sparsebert.reference import masked_attention_ref  # noqa: E402
 
 PROVIDERS = (
     "reference", "sdpa", "sdpa_gate", "gather_sdpa", "sparsebert", "sparsebert_wmma",
-    "sparsebert_compact",
+    "sparsebert_wgmma", "sparsebert_compact",
 )
-CUDA_ONLY = ("sparsebert_wmma", "sparsebert_compact")
+CUDA_ONLY = ("sparsebert_wmma", "sparsebert_wgmma", "sparsebert_compact")
 # Providers timed under a kernel choice (SPARSEBERT_ATTENTION_KERNEL) of their own.
-KERNEL_CHOICE = {"sparsebert_wmma": "wmma"}
+KERNEL_CHOICE = {"sparsebert_wmma": "wmma", "sparsebert_wgmma": "wgmma"}
 # The all-heads time each provider is compared with (default: its own at every head kept).
 ALL_HEADS_BASELINE = {"sparsebert_compact": "sparsebert"}
 SWITCH = "SPARSEBERT_ATTENTION_KERNEL"
@@ -72,6 +75,15 @@ def kernel_switch(choice):
             del os.environ[SWITCH]
         else:
             os.environ[SWITCH] = old
+
+
+def wgmma_runs() -> bool:
+    """SPARSEBERT_ATTENTION_KERNEL=wgmma runs the wgmma forward: a build with sm_90a code and a
+    compute capability 9.0 GPU (elsewhere it runs the mma.sync one)."""
+    if not torch.cuda.is_available() or ops._C is None:
+        return False
+    arch = (ops._C.build_info().get("cuda_arch_list") or "").replace(";", " ").split()
+    return torch.cuda.get_device_capability() == (9, 0) and "9.0a" in arch
 
 
 def sdpa_backend(q, k, v) -> str:
@@ -126,7 +138,7 @@ def provider_fn(name, q, k, v, gate):
             return out.index_copy(2, kept, ctx * gate[kept].to(q.dtype)[None, None, :, None])
 
         return gather
-    if name in ("sparsebert", "sparsebert_wmma"):  # (timed() sets wmma's switch: KERNEL_CHOICE)
+    if name in ("sparsebert", "sparsebert_wmma", "sparsebert_wgmma"):  # (timed() sets the switch)
         return lambda: ops.masked_attention(q, k, v, gate)
     if name == "sparsebert_compact":
         kept = gate.detach().nonzero().squeeze(1)
@@ -204,6 +216,9 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--no-backward", action="store_true")
+    parser.add_argument("--tag", default="",
+                        help="appended to the results file name (a run with other providers "
+                             "keeps the full tables)")
     parser.add_argument("--timing", choices=("eager", "graph"), default="eager",
                         help="eager: wall time per call (host overhead included); graph: GPU "
                              "time per call replayed from a CUDA graph (CUDA only)")
@@ -228,6 +243,8 @@ def main(argv=None) -> None:
             for name in args.providers:
                 if name in CUDA_ONLY and not cuda:
                     continue
+                if name == "sparsebert_wgmma" and not wgmma_runs():
+                    continue  # it would time the mma.sync kernel again
                 if name == "sparsebert_compact" and mode != "fwd":
                     continue  # forward only (inference fast path)
                 if name in ("sdpa",) and active != args.heads:
@@ -306,6 +323,8 @@ def main(argv=None) -> None:
                 + dtype_name)
     else:  # eager: the device's default dtype keeps the plain name
         stem = "masked_attention" + ("" if args.dtype is None else f"_{dtype_name}")
+    if args.tag:
+        stem = f"{stem}_{args.tag}"
     common.report("masked_attention", args, argv, what, header, rows, records, stem=stem)
 
 

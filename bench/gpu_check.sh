@@ -16,10 +16,16 @@
 # Usage on the GPU machine, from the repository root:  bash bench/gpu_check.sh
 # The steps run in this order, the most valuable first; GPU_CHECK_STEPS=a,b,... runs only those
 # (in this order whatever order it lists them; an unknown name stops the script):
-# Four groups, each one device call within 600 s even when every step runs to its limit (and
+# Five groups, each one device call within 600 s even when every step runs to its limit (and
 # its 15 s grace). A session's device time (900 s, the machine's start included) fits one
 # group and a rerun of part of it; the others wait for a later session. Each group starts with
-# `build`: on a fresh machine it compiles (sm_90, 16 jobs), on a warm one it finds nothing to do.
+# `build`: on a fresh machine it compiles (sm_90a, 16 jobs), on a warm one it finds nothing to do.
+#   W. the opt-in wgmma forward, limits 300 s: build (150 s), wgmma-forward-tests (75 s: the
+#      forward tests with the mma.sync and the wgmma kernel), bench-wgmma-graph (75 s):
+#        GPU_CHECK_STEPS=build,wgmma-forward-tests,bench-wgmma-graph
+#      With group 0 in the same call (limits 600 s; on the H200 the build took 39-49 s, so the
+#      steps' grace periods are not needed):
+#        GPU_CHECK_STEPS=build,wgmma-forward-tests,bench-wgmma-graph,importance-graph-tests,bench-masked-attention-graph-bwd,bench-importance
 #   0. what is not yet measured or verified on a GPU, limits 450 s: build (150 s),
 #      importance-graph-tests (60 s: importance(cuda_graph=True) vs the eager pass),
 #      bench-masked-attention-graph-bwd (90 s: forward+backward in graph-replay GPU time vs
@@ -49,7 +55,8 @@ mkdir -p "$out"
 steps=${GPU_CHECK_STEPS:-}  # "build,cuda-tests,...": only those steps (default: all)
 source bench/gpu_common.sh
 gpu_env  # bench scripts import sparsebert from this tree
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} SPARSEBERT_BUILD_CUDA=1 SPARSEBERT_PTXAS_VERBOSE=1
+# sm_90a: the same code as sm_90 for every kernel, plus the opt-in wgmma forward
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} SPARSEBERT_BUILD_CUDA=1 SPARSEBERT_PTXAS_VERBOSE=1
 export SPARSEBERT_REQUIRE_EXT=1 MAX_JOBS=${MAX_JOBS:-16}
 start=$SECONDS
 gpu_summary
@@ -62,7 +69,8 @@ pack() {  # copy the benchmark tables/JSON (and profiler traces) this run wrote 
     | tar czf "$out/results.tar.gz" --null -T - 2>/dev/null || true
 }
 
-check_steps build mma-tests importance-graph-tests bench-masked-attention-graph \
+check_steps build mma-tests wgmma-forward-tests bench-wgmma-graph importance-graph-tests \
+  bench-masked-attention-graph \
   bench-masked-attention-graph-bwd trace-mma ncu-mma ncu-dense-compact cuda-tests wmma-tests \
   bench-masked-attention bench-train-step bench-group-dot bench-importance simt-tests
 
@@ -79,6 +87,19 @@ pytest_args=(-v -m cuda -p no:cacheprovider -rfE --timeout=60)
 SPARSEBERT_ATTENTION_KERNEL=mma step mma-tests 120 "$out/mma-tests.log" \
   python3 -m pytest "${pytest_args[@]}" tests/test_masked_attention.py tests/test_masked_attention_mma.py
 tail -n 3 "$out/mma-tests.log" >> "$summary"
+
+# The opt-in wgmma forward (SPARSEBERT_ATTENTION_KERNEL=wgmma; sm_90a, not yet run on a GPU): the
+# forward tests with both forward kernels (each test first proves its kernel ran), then its
+# graph-replay GPU time next to the mma.sync forward and SDPA (fp16 and bf16, its own tables
+# masked_attention_graph_<dtype>_wgmma-<gpu>.md).
+step wgmma-forward-tests 75 "$out/mma-tests.log" python3 -m pytest "${pytest_args[@]}" \
+  tests/test_masked_attention_mma.py -k "forward or compact or cross_lengths"
+tail -n 3 "$out/mma-tests.log" >> "$summary"
+step bench-wgmma-graph 75 "$out/bench.log" bash -c "
+  python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --seq 128 512 \
+    --providers sdpa sparsebert sparsebert_wgmma sparsebert_compact --tag wgmma
+  python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --seq 128 512 \
+    --providers sdpa sparsebert sparsebert_wgmma --dtype bfloat16 --tag wgmma"; pack
 
 # importance(cuda_graph=True) against the eager pass (forward, backward and accumulation
 # replayed from one CUDA graph per batch shape; the option stays off by default until this passes).

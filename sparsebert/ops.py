@@ -433,9 +433,11 @@ def accumulate_importance_(acc: Tensor, scores: Tensor, power: int = 1) -> Tenso
 
 
 # The CUDA host code reads SPARSEBERT_ATTENTION_KERNEL at each call (unset, default or mma: the
-# mma.sync kernels where they apply; wmma: the WMMA and SIMT kernels, the defaults before them;
-# simt: the SIMT kernels). A typo would silently run the defaults: refused here.
-ATTENTION_KERNEL_CHOICES = ("default", "mma", "wmma", "simt")
+# mma.sync kernels where they apply; wgmma: the forward with Hopper's wgmma where the build has
+# sm_90a code and the GPU is compute capability 9.0, else as mma (opt-in: not yet run on a GPU);
+# wmma: the WMMA and SIMT kernels, the defaults before them; simt: the SIMT kernels). A typo
+# would silently run the defaults: refused here.
+ATTENTION_KERNEL_CHOICES = ("default", "mma", "wgmma", "wmma", "simt")
 _kernel_choice = os.environ.get("SPARSEBERT_ATTENTION_KERNEL", "default") or "default"
 if _kernel_choice not in ATTENTION_KERNEL_CHOICES:
     raise ValueError(f"SPARSEBERT_ATTENTION_KERNEL={_kernel_choice!r}: expected one of "

@@ -188,7 +188,7 @@ def test_an_unknown_attention_kernel_switch_is_refused():
                             text=True, timeout=120,
                             env={**os.environ, "SPARSEBERT_ATTENTION_KERNEL": "MMA"})
     assert result.returncode == 1
-    assert "SPARSEBERT_ATTENTION_KERNEL='MMA': expected one of default, mma, wmma, simt" in result.stderr
+    assert "SPARSEBERT_ATTENTION_KERNEL='MMA': expected one of default, mma, wgmma, wmma, simt" in result.stderr
 
 
 def test_reference_path_rejects_a_fully_padded_row_on_the_cpu():

@@ -102,18 +102,9 @@ def test_compact_bad_kept_heads(kept, needle, path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# The mma.sync forward on CUDA (switch on). Each test first proves the kernel ran.
+# The mma.sync forward on CUDA (switch on), and the wgmma one where it can run (sm_90a build,
+# compute capability 9.0). Each test first proves the kernel ran.
 # ---------------------------------------------------------------------------------------------
-def mma_kernel_ran(fn) -> bool:
-    """True if a CUDA kernel named like the mma forward ran during fn()."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return any("mma_forward_kernel" in e.name for e in prof.events())
-
-
 def check_low_precision(out, ref, low, what):
     """flash-attention's rule: |out - ref| <= 2 |low - ref| + 1e-3 (max abs, fp32 ref); low: one
     yardstick or a tuple of them (the largest error counts)."""
@@ -127,6 +118,37 @@ def check_low_precision(out, ref, low, what):
 @pytest.fixture
 def mma_switch(monkeypatch):
     monkeypatch.setenv(SWITCH, "mma")
+
+
+def wgmma_available() -> bool:
+    """The wgmma forward can run: a build with sm_90a code and a compute capability 9.0 GPU."""
+    if not CUDA or ops._C is None:
+        return False
+    arch = (ops._C.build_info().get("cuda_arch_list") or "").replace(";", " ").split()
+    return torch.cuda.get_device_capability() == (9, 0) and "9.0a" in arch
+
+
+@pytest.fixture(params=["mma", "wgmma"])
+def forward_switch(request, monkeypatch):
+    """The forward kernels: mma.sync (the default, named), and wgmma where it can run."""
+    if request.param == "wgmma" and not wgmma_available():
+        pytest.skip("the wgmma forward needs a build with sm_90a code (TORCH_CUDA_ARCH_LIST=9.0a) "
+                    "and a compute capability 9.0 GPU")
+    monkeypatch.setenv(SWITCH, request.param)
+    return request.param
+
+
+def forward_kernel_ran(switch, fn) -> bool:
+    """True if the forward kernel of `switch` (and not the other one) ran during fn()."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    wgmma = any("wgmma_forward_kernel" in n for n in names)
+    mma = any("mma_forward_kernel" in n and "wgmma_forward_kernel" not in n for n in names)
+    return (wgmma and not mma) if switch == "wgmma" else (mma and not wgmma)
 
 
 def check_pruned_and_compact(q, k, v, gate, mask, out, lse):
@@ -149,7 +171,7 @@ def check_pruned_and_compact(q, k, v, gate, mask, out, lse):
 @pytest.mark.parametrize("pattern", ["all", "some", "none", "per_example"])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
-def test_mma_forward_dense_and_compact(device, dtype, dim, seq, pattern, padded, mma_switch,
+def test_mma_forward_dense_and_compact(device, dtype, dim, seq, pattern, padded, forward_switch,
                                        assert_native):
     assert_native("masked_attention", device)
     gen = torch.Generator().manual_seed(stable_seed("mma", str(dtype), dim, seq, pattern, padded))
@@ -158,8 +180,8 @@ def test_mma_forward_dense_and_compact(device, dtype, dim, seq, pattern, padded,
     gate = gate_for(pattern, batch, HEADS, device, gen)
     mask = make_padding(batch, seq, device, gen) if padded else None
     if pattern == "some" and padded:  # the routing depends on dtype, D and strides only
-        assert mma_kernel_ran(
-            lambda: torch.ops.sparsebert.masked_attention(q, k, v, gate, mask, scale)
+        assert forward_kernel_ran(
+            forward_switch, lambda: torch.ops.sparsebert.masked_attention(q, k, v, gate, mask, scale)
         )
     out, lse = torch.ops.sparsebert.masked_attention(q, k, v, gate, mask, scale)
     ref, ref_lse = masked_attention_ref(q, k, v, gate, mask, scale)
@@ -173,12 +195,13 @@ def test_mma_forward_dense_and_compact(device, dtype, dim, seq, pattern, padded,
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
-def test_mma_compact_int32_index_and_order(device, dtype, mma_switch):
+def test_mma_compact_int32_index_and_order(device, dtype, forward_switch):
     gen = torch.Generator().manual_seed(11)
     q, k, v = qkv(3, 70, 8, 64, dtype, device, gen)
     gate = torch.rand(3, 8, generator=gen).to(device)
     kept = torch.tensor([5, 0, 7], dtype=torch.int32, device=device)
-    assert mma_kernel_ran(lambda: ops.masked_attention_compact(q, k, v, gate, kept))
+    assert forward_kernel_ran(forward_switch,
+                              lambda: ops.masked_attention_compact(q, k, v, gate, kept))
     out = ops.masked_attention_compact(q, k, v, gate, kept)
     ref, _ = masked_attention_compact_ref(q, k, v, gate, kept, None, 64**-0.5)
     low = plain_pytorch_attention(q, k, v, gate, None, 64**-0.5)[:, :, kept.long()]
@@ -207,7 +230,7 @@ def test_compact_index_out_of_range_gives_zeros_on_cuda(device, kernel, bad, mon
 
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
-def test_mma_pruned_heads_never_read_and_cross_lengths(device, mma_switch):
+def test_mma_pruned_heads_never_read_and_cross_lengths(device, forward_switch):
     """NaN in pruned heads' q/k/v never reaches the output; Sq != Sk; deterministic."""
     gen = torch.Generator().manual_seed(12)
     q = torch.randn(2, 33, HEADS, 32, generator=gen).to(device, torch.float16)
@@ -225,7 +248,7 @@ def test_mma_pruned_heads_never_read_and_cross_lengths(device, mma_switch):
 
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
-def test_mma_forward_with_the_verified_backward(device, mma_switch):
+def test_mma_forward_with_the_verified_backward(device, forward_switch):
     """Gradients through ops.masked_attention with the mma forward (its out and lse feed the
     existing backward kernel) match the fp32 reference's."""
     gen = torch.Generator().manual_seed(13)

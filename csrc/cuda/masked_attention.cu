@@ -13,7 +13,10 @@
 // below (bench/results/*-nvidia-h200.md). Elsewhere, and with SPARSEBERT_ATTENTION_KERNEL=wmma
 // (the defaults before them): fp16/bf16 with head_dim 32 or 64 on sm80+ use the WMMA kernels,
 // fp32, other head dims (<= 512) and older GPUs the SIMT kernels. SPARSEBERT_ATTENTION_KERNEL=simt
-// forces the SIMT kernels (a debugging aid: the paths must agree).
+// forces the SIMT kernels (a debugging aid: the paths must agree). SPARSEBERT_ATTENTION_KERNEL=wgmma
+// runs the forward with Hopper's wgmma instead of mma.sync (masked_attention_wgmma.cu) where the
+// build has sm_90a code and the GPU is compute capability 9.0, the mma.sync kernels elsewhere and
+// for the backward; opt-in: not yet run on a GPU.
 // masked_attention_compact (output (B, S, H_kept, D)) runs the mma.sync forward on the kept heads
 // where it applies, else it gathers the kept heads and runs the other forward.
 #include <ATen/ATen.h>
@@ -97,6 +100,15 @@ bool use_mma(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   return at::cuda::getCurrentDeviceProperties()->major >= 8;
 }
 
+// SPARSEBERT_ATTENTION_KERNEL=wgmma: the wgmma forward (fp16/bf16) where the build has sm_90a code
+// and the GPU is compute capability 9.0 exactly (sm_90a code runs nowhere else); otherwise the
+// mma.sync one. Opt-in until it has passed the CUDA tests on a GPU.
+bool use_wgmma() {
+  if (!kernel_choice_is("wgmma") || !cuda_mma::wgmma_forward_built()) return false;
+  const cudaDeviceProp* p = at::cuda::getCurrentDeviceProperties();
+  return p->major == 9 && p->minor == 0;
+}
+
 float scale_log2(double scale) { return static_cast<float>(scale * 1.4426950408889634); }
 
 // The mma.sync forward into out (B, Sq, H or H_kept, D) and lse (B, H or H_kept, Sq); kept: int32 or
@@ -129,6 +141,8 @@ void launch_mma(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   a.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   if (q.scalar_type() == at::kFloat) {
     cuda_mma::launch_mma_forward_tf32(a, at::cuda::getCurrentCUDAStream());
+  } else if (use_wgmma()) {
+    cuda_mma::launch_wgmma_forward(q.scalar_type() == at::kBFloat16, a, at::cuda::getCurrentCUDAStream());
   } else {
     cuda_mma::launch_mma_forward(q.scalar_type() == at::kBFloat16, a, at::cuda::getCurrentCUDAStream());
   }

@@ -38,6 +38,11 @@ void launch_mma_forward(bool bf16, const MmaFwdArgs& a, cudaStream_t stream);
 // head_dim 32 or 64, compute capability >= 8.0, 16-byte aligned base pointers and strides.
 void launch_mma_forward_tf32(const MmaFwdArgs& a, cudaStream_t stream);
 
+// The same forward with wgmma (masked_attention_wgmma.cu; fp16/bf16): only on a compute
+// capability 9.0 GPU of a build with sm_90a code (wgmma_forward_built()).
+bool wgmma_forward_built();
+void launch_wgmma_forward(bool bf16, const MmaFwdArgs& a, cudaStream_t stream);
+
 }  // namespace cuda_mma
 }  // namespace sparsebert
 

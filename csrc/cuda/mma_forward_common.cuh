@@ -49,12 +49,17 @@ __device__ __forceinline__ void load_first_stage(const MmaFwdArgs& a, const Elem
 // Step 2a of key tile kt: wait for stage kt, barrier (it also means every warp is done with tile
 // kt - 1, whose buffer is then free), prefetch stage kt + 1 into that buffer. One barrier per tile:
 // Q is only ever read by the warp that owns its rows. Returns stage kt's buffer index.
+// async_proxy (the wgmma forward, sm_90a): the copies are also made visible to wgmma's reads
+// (fence.proxy.async before the barrier).
 template <int D, typename Elem>
 __device__ __forceinline__ int next_kv_stage(const MmaFwdArgs& a, const Elem* k, const Elem* v, int kt, int key_tiles,
-                                             Elem* k_s, Elem* v_s) {
+                                             Elem* k_s, Elem* v_s, bool async_proxy = false) {
   constexpr int kTile = mma::kBlockM * D;
   const int stage = kt & 1;
   cp_async_wait<0>();
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if (async_proxy) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
   __syncthreads();
   if (kt + 1 < key_tiles) {
     const int k0 = (kt + 1) * mma::kBlockN;

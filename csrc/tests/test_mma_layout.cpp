@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "sparsebert/attention_math.h"
+#include "sparsebert/wgmma_layout.h"
 
 using namespace sparsebert;
 using mma::Coord;
@@ -1422,6 +1423,98 @@ void test_replay_backward_tf32(int D, int Sq, int Sk, bool padded, unsigned seed
         D, Sq, Sk, padded, written, worst[0], worst[1]);
 }
 
+// ---------------------------------------------------------------------------------------------
+// 7. wgmma (sm_90a) descriptors over the same tiles (sparsebert/wgmma_layout.h): every operand
+//    element the hardware would fetch through a descriptor, computed from the canonical layouts
+//    (written out here from the ISA's description: a K-major operand ((8, m), 2) 16-byte units
+//    with strides ((row bytes / 16, SBO), 1); an MN-major one ((row bytes / 16, n), (8, k)) with
+//    strides ((1, LBO), (row bytes / 16, SBO)); then the swizzle of the absolute address: bits
+//    [4, 4 + b) ^= bits [7, 7 + b), b = 3 for 128 B, 2 for 64 B), is the element the tile holds
+//    there; and the accumulator fragment is mma.sync's C fragment per warp.
+// ---------------------------------------------------------------------------------------------
+struct DescFields {
+  uint32_t start, leading, stride, swizzle;
+};
+DescFields decode(uint64_t d) {
+  return {static_cast<uint32_t>(d & 0x3FFFu) << 4, static_cast<uint32_t>((d >> 16) & 0x3FFFu) << 4,
+          static_cast<uint32_t>((d >> 32) & 0x3FFFu) << 4, static_cast<uint32_t>(d >> 62)};
+}
+uint32_t swizzle_address(uint32_t addr, uint32_t mode) {
+  const int bits = mode == 1 ? 3 : mode == 2 ? 2 : mode == 3 ? 1 : 0;
+  const uint32_t mask = (1u << bits) - 1u;
+  return addr ^ (((addr >> 7) & mask) << 4);
+}
+// Byte address of element (mn, k) of a 64 x 16 (K-major) or 16 x N (MN-major) operand.
+uint32_t k_major_fetch(uint64_t desc, int mn, int k, int row_bytes) {
+  const DescFields f = decode(desc);
+  const uint32_t linear = f.start + (mn / 8) * f.stride + (mn % 8) * row_bytes + 16 * (k / 8) + 2 * (k % 8);
+  return swizzle_address(linear, f.swizzle);
+}
+uint32_t mn_major_fetch(uint64_t desc, int k, int n, int row_bytes) {
+  const DescFields f = decode(desc);
+  const int per_row = row_bytes / 2;  // elements of N in one swizzle atom's row
+  const uint32_t linear = f.start + (n / per_row) * f.leading + 2 * (n % per_row) + (k % 8) * row_bytes +
+                          (k / 8) * f.stride;
+  return swizzle_address(linear, f.swizzle);
+}
+
+void test_wgmma_descriptors(int D) {
+  const int rows = mma::kBlockM, tile_bytes = 2 * rows * D;
+  bool q_ok = true, v_ok = true, fields_ok = true, atom_ok = true;
+  int checked = 0;
+  for (uint32_t base : {0u, 8192u, 40960u, 0x30000u}) {  // atom-aligned tiles (1024 B multiples)
+    atom_ok &= base % static_cast<uint32_t>(wgmma::atom_bytes(D)) == 0;
+    // element (row, col) of the tile lives at base + 2 smem_offset(row, col, D)
+    std::vector<int> at(base + tile_bytes + 64, -1);
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < D; ++c) at[base + 2 * mma::smem_offset(r, c, D)] = r * D + c;
+    for (int kc = 0; kc < D / 16; ++kc) {  // K-major: Q as A / K as B of S, d columns 16 kc ..
+      const uint64_t d = wgmma::k_major_desc(base, D, kc);
+      const DescFields f = decode(d);
+      fields_ok &= f.leading == 16 && f.stride == static_cast<uint32_t>(8 * 2 * D) &&
+                   f.swizzle == (D == 64 ? 1u : 2u) && (d >> 49 & 7u) == 0;
+      for (int m = 0; m < rows; ++m)
+        for (int k = 0; k < 16; ++k, ++checked) q_ok &= at[k_major_fetch(d, m, k, 2 * D)] == m * D + 16 * kc + k;
+    }
+    for (int kc = 0; kc < mma::kBlockN / 16; ++kc) {  // MN-major: V as B of O, keys 16 kc ..
+      const uint64_t d = wgmma::mn_major_desc(base, D, kc);
+      for (int k = 0; k < 16; ++k)
+        for (int n = 0; n < D; ++n, ++checked) v_ok &= at[mn_major_fetch(d, k, n, 2 * D)] == (16 * kc + k) * D + n;
+    }
+  }
+  CHECK(fields_ok, "D=%d: descriptor fields (leading 16 B, stride one 8-row atom, swizzle, base offset 0)", D);
+  CHECK(atom_ok, "D=%d: test tiles not atom-aligned", D);
+  CHECK(q_ok, "D=%d: a K-major descriptor fetches another element than the tile holds", D);
+  CHECK(v_ok, "D=%d: the MN-major descriptor fetches another element than the tile holds", D);
+  CHECK(checked == 4 * (64 * D + 16 * D * 4), "D=%d: %d elements checked", D, checked);
+
+  // The swizzle check can fail: a descriptor without the swizzle field misses elements.
+  std::vector<int> at(tile_bytes + 64, -1);
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < D; ++c) at[2 * mma::smem_offset(r, c, D)] = r * D + c;
+  const uint64_t plain = wgmma::make_desc(0, 16, 8 * 2 * D, 0);
+  bool plain_ok = true;
+  for (int m = 0; m < rows; ++m)
+    for (int k = 0; k < 16; ++k) plain_ok &= at[k_major_fetch(plain, m, k, 2 * D)] == m * D + k;
+  CHECK(!plain_ok, "D=%d: an unswizzled descriptor should miss the tile (the check is blind)", D);
+}
+
+void test_wgmma_accumulator() {
+  // wgmma's f32 accumulator (64 x N over a warpgroup) is, per warp w and 8 columns, the
+  // mma.sync C fragment of rows 16 w ..: register 4 nt + j = s[nt][j].
+  bool ok = true;
+  std::set<std::pair<int, int>> seen;
+  for (int t = 0; t < 128; ++t)
+    for (int i = 0; i < 32; ++i) {
+      const Coord c = wgmma::accumulator(t, i);
+      const Coord f = mma::frag_c(t % 32, i % 4);
+      ok &= c.row == 16 * (t / 32) + f.row && c.col == 8 * (i / 4) + f.col;
+      seen.insert({c.row, c.col});
+    }
+  CHECK(ok, "wgmma accumulator differs from the per-warp mma.sync C fragments");
+  CHECK(seen.size() == 64 * 64, "wgmma accumulators cover %zu of 64x64", seen.size());
+}
+
 }  // namespace
 
 int main() {
@@ -1449,6 +1542,8 @@ int main() {
       for (bool padded : {false, true}) test_replay_backward_tf32(D, sq, sk, padded, seed++);
   std::printf("fp32 backward replay, worst relative gradient error vs double: 3xTF32 %.3g, 1xTF32 at least %.3g\n",
               g_tf32_bwd_worst3, g_tf32_bwd_best1);
+  for (int D : {32, 64}) test_wgmma_descriptors(D);
+  test_wgmma_accumulator();
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }
