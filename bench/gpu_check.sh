@@ -23,9 +23,8 @@
 #   W. the opt-in wgmma forward, limits 300 s: build (150 s), wgmma-forward-tests (75 s: the
 #      forward tests with the mma.sync and the wgmma kernel), bench-wgmma-graph (75 s):
 #        GPU_CHECK_STEPS=build,wgmma-forward-tests,bench-wgmma-graph
-#      With group 0 in the same call (limits 600 s; on the H200 the build took 39-49 s, so the
-#      steps' grace periods are not needed):
-#        GPU_CHECK_STEPS=build,wgmma-forward-tests,bench-wgmma-graph,importance-graph-tests,bench-masked-attention-graph-bwd,bench-importance
+#      With most of group 0 in the same call (limits 510 s):
+#        GPU_CHECK_STEPS=build,wgmma-forward-tests,bench-wgmma-graph,importance-graph-tests,bench-importance
 #   0. what is not yet measured or verified on a GPU, limits 450 s: build (150 s),
 #      importance-graph-tests (60 s: importance(cuda_graph=True) vs the eager pass),
 #      bench-masked-attention-graph-bwd (90 s: forward+backward in graph-replay GPU time vs
