@@ -172,12 +172,16 @@ def main(argv=None) -> None:
                     torch.autograd.grad(loss, leaves)
         return run
 
+    def batches_per_call(name):
+        """sb_paper_graph spreads its capture over --graph-batches; the others run --batches."""
+        return args.graph_batches if name == "sb_paper_graph" else n_batches
+
     def sb(mode, precision, cuda_graph=False):
-        return lambda: sparsebert.importance(patched, [batch] * batches_per_call[cuda_graph],
-                                             mode=mode, progress=False, precision=precision,
+        calls = batches_per_call("sb_paper_graph" if cuda_graph else "sb_paper")
+        return lambda: sparsebert.importance(patched, [batch] * calls, mode=mode,
+                                             progress=False, precision=precision,
                                              cuda_graph=cuda_graph)
 
-    batches_per_call = {False: n_batches, True: args.graph_batches}  # by cuda_graph
     providers = {}  # (name, precision) -> call
     for precision in precisions:
         providers.update({
@@ -196,9 +200,9 @@ def main(argv=None) -> None:
         for key, fn in providers.items():
             if key in failed:
                 continue
-            per_call = args.graph_batches if key[0] == "sb_paper_graph" else n_batches
             try:
-                samples[key].append(common.time_call(fn, args.min_run_time) / per_call)
+                samples[key].append(common.time_call(fn, args.min_run_time)
+                                    / batches_per_call(key[0]))
             except RuntimeError as error:
                 if key[0] != "sb_paper_graph":
                     raise
@@ -214,7 +218,7 @@ def main(argv=None) -> None:
             precision=precision,
             batch=batch_size,
             seq=args.seq,
-            batches_per_call=args.graph_batches if name == "sb_paper_graph" else n_batches,
+            batches_per_call=batches_per_call(name),
             ms=seconds * 1e3,
             vs_fwd_bwd_weights=seconds / base,
             vs_sb_paper=seconds / paper,

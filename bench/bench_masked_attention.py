@@ -77,15 +77,6 @@ def kernel_switch(choice):
             os.environ[SWITCH] = old
 
 
-def wgmma_runs() -> bool:
-    """SPARSEBERT_ATTENTION_KERNEL=wgmma runs the wgmma forward: a build with sm_90a code and a
-    compute capability 9.0 GPU (elsewhere it runs the mma.sync one)."""
-    if not torch.cuda.is_available() or ops._C is None:
-        return False
-    arch = (ops._C.build_info().get("cuda_arch_list") or "").replace(";", " ").split()
-    return torch.cuda.get_device_capability() == (9, 0) and "9.0a" in arch
-
-
 def sdpa_backend(q, k, v) -> str:
     """Which SDPA kernel torch runs for these inputs, from the kernel names of one profiled call."""
     if not q.is_cuda:
@@ -243,7 +234,7 @@ def main(argv=None) -> None:
             for name in args.providers:
                 if name in CUDA_ONLY and not cuda:
                     continue
-                if name == "sparsebert_wgmma" and not wgmma_runs():
+                if name == "sparsebert_wgmma" and not ops.wgmma_forward_available():
                     continue  # it would time the mma.sync kernel again
                 if name == "sparsebert_compact" and mode != "fwd":
                     continue  # forward only (inference fast path)

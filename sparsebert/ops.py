@@ -459,6 +459,16 @@ if not NATIVE_AUTOGRAD:
 _masked_attention_op = torch.ops.sparsebert.masked_attention.default
 
 
+def wgmma_forward_available() -> bool:
+    """Whether SPARSEBERT_ATTENTION_KERNEL=wgmma runs the wgmma forward here: an extension built
+    with sm_90a code (TORCH_CUDA_ARCH_LIST holding 9.0a) and a compute capability 9.0 GPU
+    (elsewhere that choice runs the mma.sync forward)."""
+    if not torch.cuda.is_available() or _C is None:
+        return False
+    arch = (_C.build_info().get("cuda_arch_list") or "").replace(";", " ").split()
+    return torch.cuda.get_device_capability() == (9, 0) and "9.0a" in arch
+
+
 def _compact_backward(ctx, *grads):
     raise RuntimeError("sparsebert: masked_attention_compact is forward-only (the inference "
                        "fast path); use masked_attention for gradients")

@@ -120,18 +120,10 @@ def mma_switch(monkeypatch):
     monkeypatch.setenv(SWITCH, "mma")
 
 
-def wgmma_available() -> bool:
-    """The wgmma forward can run: a build with sm_90a code and a compute capability 9.0 GPU."""
-    if not CUDA or ops._C is None:
-        return False
-    arch = (ops._C.build_info().get("cuda_arch_list") or "").replace(";", " ").split()
-    return torch.cuda.get_device_capability() == (9, 0) and "9.0a" in arch
-
-
 @pytest.fixture(params=["mma", "wgmma"])
 def forward_switch(request, monkeypatch):
     """The forward kernels: mma.sync (the default, named), and wgmma where it can run."""
-    if request.param == "wgmma" and not wgmma_available():
+    if request.param == "wgmma" and not ops.wgmma_forward_available():
         pytest.skip("the wgmma forward needs a build with sm_90a code (TORCH_CUDA_ARCH_LIST=9.0a) "
                     "and a compute capability 9.0 GPU")
     monkeypatch.setenv(SWITCH, request.param)
