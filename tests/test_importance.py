@@ -4,6 +4,7 @@ paper mode), plain autograd. Independent of the sparsebert kernels and modules."
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 
@@ -664,3 +665,43 @@ def test_mlp_and_neuron_scores_are_divided_by_real_tokens(tiny_bert, tiny_batche
     torch.testing.assert_close(per_token.mlp, raw.mlp / tokens, **exact)
     torch.testing.assert_close(per_token.neuron, raw.neuron / tokens, **exact)
     torch.testing.assert_close(per_token.head, raw.head, **exact)
+
+
+@pytest.mark.parametrize("mode", ["paper", "per_example"])
+def test_a_batch_reads_no_gate_per_layer_and_makes_no_leaves(mode, tiny_bert, tiny_batches,
+                                                              tiny_dims):
+    """The pass reads its gates once: a batch neither works out per layer which gates are live
+    (the pass tells the blocks) nor makes new gate leaves (made once per batch size), and the
+    attention mask is converted once per forward, not per layer. Counted as the tensor ops one
+    more batch adds; a masked head and pruned neurons included."""
+    from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    model = patch(tiny_bert(num_labels=NUM_LABELS))
+    head_mask = torch.ones(tiny_dims.layers, 4)
+    head_mask[1, 2] = 0
+    neuron_mask = torch.ones(tiny_dims.layers, tiny_dims.intermediate)
+    neuron_mask[0, :3] = 0
+    set_masks(model, head_mask=head_mask, neuron_mask=neuron_mask)
+    batch = tiny_batches(num_labels=NUM_LABELS, num_batches=1)[0]
+    counts = []
+    for n in (1, 2):
+        with Count() as count:
+            importance(model, [batch] * n, mode=mode, progress=False)
+        counts.append(count.ops)
+    per_batch = counts[1] - counts[0]
+    assert per_batch["mm"] > 0  # the batch ran (weight products of forward and backward)
+    # Per forward, not per layer: the mask's padding check (eq) and its conversion (eq, any);
+    # and in the backward of the one layer with a masked head, its gradient at gate 0 (eq).
+    assert tiny_dims.layers > 2
+    seen = {op: per_batch[op] for op in ("any", "ne", "eq", "clone")}
+    assert per_batch["any"] <= 1 and per_batch["ne"] + per_batch["eq"] <= 3, seen
+    assert per_batch["clone"] == 0, seen

@@ -106,6 +106,35 @@ def test_attention_per_example_gate_and_gradient():
     assert (grad - ref_grad).abs().max() < TOL
 
 
+def test_live_gate_promise_changes_no_output_or_gradient():
+    """override_head_gate(live=True) / override_gates(neurons_live=True), given only when every
+    row of the gate has a non-zero entry, skip working out liveness per call: outputs and gate
+    gradients are exactly those of the default path; the promise ends with the block."""
+    attn, mlp = make_attention(), make_mlp()
+    x = torch.randn(B, S, HID)
+    head = torch.tensor([[1.0, 0.0, 0.5, 1.0], [0.0, 0.0, 0.0, 0.3], [1.0, 1.0, 1.0, 0.2]])
+    neuron = (torch.arange(FF) % 3 != 0).float()
+    results = {}
+    for live in (None, True):
+        h_leaf, m_leaf = head.clone().requires_grad_(True), torch.ones(B, requires_grad=True)
+        with attn.override_head_gate(h_leaf, live=live):
+            hidden, _ = attn(x)
+        with mlp.override_gates(mlp_gate=m_leaf, neuron_gate=neuron, neurons_live=live):
+            out = mlp(hidden)
+        assert attn.head_gate_live is None and mlp.neuron_gate_live is None  # restored
+        grads = torch.autograd.grad(out, (h_leaf, m_leaf), torch.randn_like(out,
+                                    generator=torch.Generator().manual_seed(1)))
+        results[live] = (out, *grads)
+    for default, promised in zip(results[None], results[True]):
+        assert torch.equal(default, promised)
+    with pytest.raises(TypeError, match="'live' must be None or a bool"):
+        with attn.override_head_gate(head, live=1):
+            pass
+    with pytest.raises(TypeError, match="'neurons_live' must be None or a bool"):
+        with mlp.override_gates(neurons_live="yes"):
+            pass
+
+
 def test_attention_training_dropout_path_uses_sdpa_then_gate():
     module = make_attention(attention_dropout=0.5)
     module.train()
@@ -295,6 +324,25 @@ def test_is_padding_mask_reads_materialised_masks():
         assert sb_attention.is_padding_mask(inference)
         inference[1, 0, 0, 0] = not bool(inference[1, 0, 0, 0])
         assert not sb_attention.is_padding_mask(inference)
+
+
+def test_key_padding_mask_is_converted_once_per_mask_and_version():
+    """The layers of a forward share one mask tensor: its conversion is reused while that tensor
+    is unchanged, and redone after an in-place write, for another tensor or other sizes."""
+    real = padding_mask()
+    additive = torch.zeros(B, 1, S, S).masked_fill(~real[:, None, None, :], -1e9)
+    first = to_key_padding_mask(additive, B, S)
+    assert to_key_padding_mask(additive, B, S) is first and torch.equal(first, real)
+    additive[0, :, :, 0] = -1e9  # example 0 loses its first key
+    changed = to_key_padding_mask(additive, B, S)
+    assert changed is not first and not changed[0, 0] and torch.equal(changed[1:], real[1:])
+    other = additive.clone()
+    assert to_key_padding_mask(other, B, S) is not changed
+    flat = to_key_padding_mask(real, B, S)  # (B, S) masks too
+    assert to_key_padding_mask(real[:1], B, S) is not flat  # one row, expanded to the batch
+    with torch.inference_mode():  # no version counter: converted every time
+        inference = real.clone()
+        assert to_key_padding_mask(inference, B, S) is not to_key_padding_mask(inference, B, S)
 
 
 def test_soft_additive_masks_are_added_to_the_scores():

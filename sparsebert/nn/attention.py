@@ -52,6 +52,10 @@ class AttentionLayout:
 # accelerator), not once per layer. Holding the (detached) mask keeps its memory from being
 # recycled for another mask while the verdict is cached.
 _last_mask_verdict: tuple[Tensor, int, bool] | None = None
+# The last conversion of to_key_padding_mask: (mask, its version, batch, seq, key padding mask).
+# Every layer of a forward gets the same mask object; the first converts it (four small
+# kernels), the others reuse the result.
+_last_key_padding: tuple[Tensor, int, int, int, Tensor] | None = None
 # An additive mask value at or below this masks its key exactly (exp underflows to 0 in every
 # floating dtype); transformers uses finfo.min, older code -10000.
 HARD_MASK_BIAS = -1e4
@@ -136,10 +140,20 @@ def to_key_padding_mask(attention_mask: Tensor | None, batch: int, seq: int, *,
     row. known_padding=True:
     the caller has established is_padding_mask already (not checked again).
     """
+    global _last_key_padding
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, Tensor):
         raise _unsupported_mask(attention_mask)
+    # The same tensor, not written to since (inference tensors have no version counter), gives
+    # the same result; not while torch.compile traces or a CUDA graph is captured (a result from
+    # outside the capture would not be recomputed on replay).
+    version = None if attention_mask.is_inference() else attention_mask._version
+    reuse = version is not None and can_read_on_host()
+    cached = _last_key_padding
+    if (reuse and cached is not None and cached[0] is attention_mask and cached[1] == version
+            and cached[2:4] == (batch, seq)):
+        return cached[4]
     if attention_mask.dim() == 2:
         mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
     elif attention_mask.dim() == 4:
@@ -167,7 +181,10 @@ def to_key_padding_mask(attention_mask: Tensor | None, batch: int, seq: int, *,
             f"batch {batch} and sequence length {seq}"
         )
     mask = mask.expand(batch, seq)
-    return mask | ~mask.any(dim=-1, keepdim=True)  # fully padded rows attend everywhere (no sync)
+    mask = mask | ~mask.any(dim=-1, keepdim=True)  # fully padded rows attend everywhere (no sync)
+    if reuse:
+        _last_key_padding = (attention_mask, version, batch, seq, mask)
+    return mask
 
 
 def _sdpa_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -196,6 +213,10 @@ class SparseAttention(nn.Module):
     * `head_gate_override`: None, or a tensor (num_heads,) or per-example (B, num_heads) used
       instead of the buffer (e.g. a leaf with requires_grad for importance scores; the op's
       backward returns its gradient). Use `with module.override_head_gate(t): ...`.
+    * `head_gate_live`: None, or True while an override is known to have a non-zero entry in
+      every row (`override_head_gate(t, live=True)`): forward then adds the output projection
+      to the residual as is, instead of computing per call which rows have an active head (three
+      small kernels and a product in the backward, per layer and call).
     * `num_heads`, `head_dim` (per module: pruned layers differ), `head_ids`: original index of
       each current head (kept in sync by `select_heads`).
     * `exact_zero_gate_grad` (default False): when True, a head whose gate is exactly 0 still gets
@@ -319,6 +340,7 @@ class SparseAttention(nn.Module):
         self.scaling = head_dim**-0.5
         self.head_ids: list[int] = list(range(num_heads))
         self.head_gate_override: Tensor | None = None
+        self.head_gate_live: bool | None = None
         self.exact_zero_gate_grad = False
         probs_dropout = (attention_dropout if isinstance(attention_dropout, nn.Dropout)
                          else nn.Dropout(float(attention_dropout)))
@@ -401,15 +423,20 @@ class SparseAttention(nn.Module):
         return self.head_gate if self.head_gate_override is None else self.head_gate_override
 
     @contextlib.contextmanager
-    def override_head_gate(self, gate: Tensor) -> Iterator[Tensor]:
+    def override_head_gate(self, gate: Tensor, live: bool | None = None) -> Iterator[Tensor]:
         """Within the block, forward uses `gate` ((H,) or per-example (B, H), may require grad)
-        instead of the buffer."""
+        instead of the buffer. live=True promises that every row of `gate` has a non-zero entry
+        (the caller read it once, e.g. for a whole importance pass), so forward need not find
+        out per call; None (default) or False: found out per call."""
         check_gate("head_gate override", gate, self.num_heads)
-        previous, self.head_gate_override = self.head_gate_override, gate
+        if live is not None and not isinstance(live, bool):
+            raise TypeError(f"override_head_gate: 'live' must be None or a bool, got {live!r}")
+        previous = self.head_gate_override, self.head_gate_live
+        self.head_gate_override, self.head_gate_live = gate, live
         try:
             yield gate
         finally:
-            self.head_gate_override = previous
+            self.head_gate_override, self.head_gate_live = previous
 
     def forward(
         self, hidden_states: Tensor, attention_mask: Tensor | None = None, *args, **kwargs
@@ -480,6 +507,8 @@ class SparseAttention(nn.Module):
         # Step 4: output projection; it contributes nothing (bias included) where no head is active.
         out = self.output_dense()(ctx.reshape(batch, seq, heads * dim))
         out = self.output_dropout()(out)  # (B, S, hidden)
+        if self.head_gate_live:  # every row has an active head (the override's promise)
+            return layer_norm(hidden_states + out), None
         active = (gate != 0).any(dim=-1).to(out.dtype)  # () or (B,)
         active = active.view(-1, 1, 1) if active.dim() else active
         return layer_norm(torch.addcmul(hidden_states, out, active)), None

@@ -68,6 +68,9 @@ class SparseMLP(nn.Module):
     * `mlp_gate_override` (None, () or per-example (B,)) and `neuron_gate_override` (None, (F,) or
       (B, F)) replace the buffers while set: `with module.override_gates(mlp_gate=t): ...`.
       A leaf with requires_grad gets d loss / d gate = sum over tokens of (FFN output . grad).
+    * `neuron_gate_live`: None, or True while the neuron gate in use is known to have a non-zero
+      entry in every row (`override_gates(..., neurons_live=True)`): forward then skips finding
+      out per call whether any neuron is active.
     * `register_ffn_output_hook(hook)`: hook(module, ffn_output) is called on every forward with
       the FFN output (..., hidden) after output dense + dropout, *before* the MLP gate multiply (the
       tensor whose dot product with its gradient is the MLP gate's gradient; call
@@ -155,6 +158,7 @@ class SparseMLP(nn.Module):
         self.neuron_ids: list[int] = list(range(intermediate_size))
         self.mlp_gate_override: Tensor | None = None
         self.neuron_gate_override: Tensor | None = None
+        self.neuron_gate_live: bool | None = None
         self._ffn_output_hooks: OrderedDict[int, FFNOutputHook] = OrderedDict()
         self.register_buffer("mlp_gate", torch.ones((), device=device), persistent=False)
         self.register_buffer(
@@ -213,10 +217,16 @@ class SparseMLP(nn.Module):
 
     @contextlib.contextmanager
     def override_gates(
-        self, mlp_gate: Tensor | None = None, neuron_gate: Tensor | None = None
+        self, mlp_gate: Tensor | None = None, neuron_gate: Tensor | None = None,
+        neurons_live: bool | None = None,
     ) -> Iterator[None]:
         """Within the block, forward uses these gates (None = keep the buffer): mlp_gate () or
-        (B,), neuron_gate (F,) or (B, F); they may require grad."""
+        (B,), neuron_gate (F,) or (B, F); they may require grad. neurons_live=True promises that
+        every row of the neuron gate in use (override or buffer) has a non-zero entry, so forward
+        need not find out per call; None (default) or False: found out per call."""
+        if neurons_live is not None and not isinstance(neurons_live, bool):
+            raise TypeError(f"override_gates: 'neurons_live' must be None or a bool, got "
+                            f"{neurons_live!r}")
         if mlp_gate is not None:
             if not isinstance(mlp_gate, Tensor) or not mlp_gate.is_floating_point():
                 raise TypeError("'mlp_gate' override must be a floating-point torch.Tensor")
@@ -226,12 +236,13 @@ class SparseMLP(nn.Module):
                 )
         if neuron_gate is not None:
             check_gate("neuron_gate override", neuron_gate, self.intermediate_size)
-        previous = (self.mlp_gate_override, self.neuron_gate_override)
+        previous = (self.mlp_gate_override, self.neuron_gate_override, self.neuron_gate_live)
         self.mlp_gate_override, self.neuron_gate_override = mlp_gate, neuron_gate
+        self.neuron_gate_live = neurons_live
         try:
             yield
         finally:
-            self.mlp_gate_override, self.neuron_gate_override = previous
+            self.mlp_gate_override, self.neuron_gate_override, self.neuron_gate_live = previous
 
     def register_ffn_output_hook(self, hook: FFNOutputHook) -> RemovableHandle:
         """hook(module, ffn_output (..., hidden)) runs on each forward, before the MLP gate."""
@@ -251,7 +262,8 @@ class SparseMLP(nn.Module):
                     f"{tuple(hidden_states.shape)})"
                 )
         # Step 1: a removed or fully gated MLP is LayerNorm(residual) (paper's prune_mlp).
-        if self.intermediate_size == 0 or known_all_zero(mlp_gate) or known_all_zero(neuron_gate):
+        no_neuron = not self.neuron_gate_live and known_all_zero(neuron_gate)
+        if self.intermediate_size == 0 or known_all_zero(mlp_gate) or no_neuron:
             return layer_norm(hidden_states)
         # Step 2: up projection, activation, neuron gates.
         h = self.intermediate_dense()(hidden_states)  # (B, S, F)
@@ -266,7 +278,9 @@ class SparseMLP(nn.Module):
         for hook in tuple(self._ffn_output_hooks.values()):
             hook(self, y)
         # Step 4: MLP gate, zeroed where no neuron is active, then residual + LayerNorm.
-        gate = mlp_gate * (neuron_gate != 0).any(dim=-1).to(mlp_gate.dtype)  # () or (B,)
+        gate = mlp_gate  # () or (B,)
+        if not self.neuron_gate_live:  # else every row has an active neuron (a promise)
+            gate = gate * (neuron_gate != 0).any(dim=-1).to(gate.dtype)
         if gate.requires_grad:  # importance scoring: fused per-example gate gradient (group_dot)
             return layer_norm(gated_residual(hidden_states, y, gate))
         gate = gate.to(y.dtype)

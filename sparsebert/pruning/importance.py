@@ -189,18 +189,38 @@ def _make_leaves(blocks, batch: int, per_example: bool, neurons: bool) -> list[_
     return leaves
 
 
+@dataclass
+class GateFacts:
+    """What a pass reads of the model's gates, once (one host read for all layers; the gates do
+    not change during a pass): per layer, whether a head is masked (gate exactly 0), whether a
+    head is live (non-zero gate) and whether a neuron is live."""
+
+    head_masked: list[bool]
+    head_live: list[bool]
+    neuron_live: list[bool]
+
+    @classmethod
+    def read(cls, blocks) -> GateFacts:
+        if not blocks:
+            return cls([], [], [])
+        flags = torch.stack([
+            torch.stack([(a.head_gate == 0).any(), (a.head_gate != 0).any(),
+                         (m.neuron_gate != 0).any()])
+            for a, m in blocks]).tolist()  # (L, 3): one sync
+        head_masked, head_live, neuron_live = (list(column) for column in zip(*flags))
+        return cls(head_masked, head_live, neuron_live)
+
+
 @contextlib.contextmanager
-def _true_zero_gate_grads(blocks, enabled: bool):
+def _true_zero_gate_grads(blocks, enabled: bool, facts: GateFacts):
     """While scoring: masked heads (gate 0) get their true gate gradient (exact_zero_gate_grad),
     so that they count in the per-layer norm as in the authors' code; restored on exit. Only
-    layers with a masked head get the flag (one host read of the gates for all layers): elsewhere
-    it changes no gradient and would cost an extra attention call per layer in the backward."""
+    layers with a masked head get the flag: elsewhere it changes no gradient and would cost an
+    extra attention call per layer in the backward."""
     saved = [attn.exact_zero_gate_grad for attn, _ in blocks]
     try:
-        if enabled and blocks:
-            has_masked = torch.stack(
-                [(attn.head_gate == 0).any() for attn, _ in blocks]).tolist()  # (L,), one sync
-            for (attn, _), masked in zip(blocks, has_masked):
+        if enabled:
+            for (attn, _), masked in zip(blocks, facts.head_masked):
                 attn.exact_zero_gate_grad = attn.exact_zero_gate_grad or masked
         yield
     finally:
@@ -209,11 +229,17 @@ def _true_zero_gate_grads(blocks, enabled: bool):
 
 
 @contextlib.contextmanager
-def _gates_overridden(blocks, leaves: list[_LayerLeaves]):
+def _gates_overridden(blocks, leaves: list[_LayerLeaves], facts: GateFacts | None):
+    """The leaves in place of the gates. With facts, each block is told which of its gates
+    have a live entry in every row (leaves are the model's gate values, per-example leaves the
+    same row repeated), so it does not work that out per call."""
     with contextlib.ExitStack() as stack:
-        for (attn, mlp), leaf in zip(blocks, leaves):
-            stack.enter_context(attn.override_head_gate(leaf.head))
-            stack.enter_context(mlp.override_gates(mlp_gate=leaf.mlp, neuron_gate=leaf.neuron))
+        for layer, ((attn, mlp), leaf) in enumerate(zip(blocks, leaves)):
+            head_live = None if facts is None else facts.head_live[layer]
+            neuron_live = None if facts is None else facts.neuron_live[layer]
+            stack.enter_context(attn.override_head_gate(leaf.head, live=head_live))
+            stack.enter_context(mlp.override_gates(mlp_gate=leaf.mlp, neuron_gate=leaf.neuron,
+                                                   neurons_live=neuron_live))
         yield
 
 
@@ -252,9 +278,11 @@ class ScoreSums:
 
 @dataclass
 class BatchScorer:
-    """The importance loop's body for one batch: forward with fresh gate leaves, per-example
+    """The importance loop's body for one batch: forward with the gate leaves, per-example
     losses, backward to the leaves only, then |grad| (or grad^2) added to the running sums.
-    Run eagerly, or captured once per batch shape in a CUDA graph (importance_graph)."""
+    Run eagerly, or captured once per batch shape in a CUDA graph (importance_graph).
+    facts: the pass's one read of the gates (GateFacts), which lets the blocks skip working out
+    per call which rows have live gates; None: they work it out."""
 
     model: nn.Module
     blocks: list
@@ -264,11 +292,18 @@ class BatchScorer:
     neurons: bool
     device: torch.device
     autocast_cache: bool = True
+    facts: GateFacts | None = None
+    _leaves: dict = field(default_factory=dict, repr=False)
 
     def leaves(self, size: int) -> list[_LayerLeaves]:
-        """Gate leaves for a batch of `size` examples: shared (paper, michel) or per example."""
-        return _make_leaves(self.blocks, size, self.mode in ("per_example", "fisher"),
-                            self.neurons)
+        """Gate leaves for a batch of `size` examples: shared (paper, michel) or per example.
+        Made once per size and reused: the gates do not change during a pass, and gradients are
+        taken with torch.autograd.grad, which leaves the leaves untouched."""
+        per_example = self.mode in ("per_example", "fisher")
+        key = size if per_example else None
+        if key not in self._leaves:
+            self._leaves[key] = _make_leaves(self.blocks, size, per_example, self.neurons)
+        return self._leaves[key]
 
     def gradients(self, inputs: Mapping, labels: Tensor, leaves: list[_LayerLeaves],
                   hooks=None, extra_inputs: list[Tensor] | None = None) -> GateGrads:
@@ -276,7 +311,8 @@ class BatchScorer:
         losses. hooks: a context entered with the leaves in place (michel's per-token hooks,
         which add the tensors they need gradients of to extra_inputs during the forward)."""
         extra_inputs = [] if extra_inputs is None else extra_inputs
-        with _gates_overridden(self.blocks, leaves), hooks or contextlib.nullcontext():
+        overridden = _gates_overridden(self.blocks, leaves, self.facts)
+        with overridden, hooks or contextlib.nullcontext():
             with _precision_context(self.precision, self.device, self.autocast_cache):
                 logits = self.model(**inputs).logits
             losses = per_example_loss(logits.float(), labels, self.num_labels)  # (B,)
@@ -419,14 +455,15 @@ def importance(
     # scores of a masked head are 0 (its context is), as in Michel et al.'s code.
     masked_heads_in_norm = heads and flags["heads_by_layer"] and mode != "michel"
     true_masked_grads = masked_heads_in_norm or (heads and score_masked_heads and mode != "michel")
-    scorer = BatchScorer(model, blocks, mode, precision, num_labels, neurons, device)
+    facts = GateFacts.read(blocks)
+    scorer = BatchScorer(model, blocks, mode, precision, num_labels, neurons, device, facts=facts)
     graphed = None
     if cuda_graph:
         from sparsebert.pruning.importance_graph import GraphedScorer  # noqa: PLC0415
 
         graphed = GraphedScorer(scorer, sums)  # raises for a CPU model or mode="michel"
 
-    with frozen_for_scoring(model), _true_zero_gate_grads(blocks, true_masked_grads):
+    with frozen_for_scoring(model), _true_zero_gate_grads(blocks, true_masked_grads, facts):
         for batch in tqdm(batches, desc=f"importance ({mode})", disable=not progress, leave=False):
             batch = _batch_to(batch, device)
             labels = batch.pop("labels")
