@@ -15,7 +15,11 @@ Providers (one batch of GLUE-like inputs, B x S, all tokens real):
                     passes and a capture), which its time per batch includes, spread over
                     --graph-batches batches per call (default 32)
 Every other call runs --batches batches of the same shape (default 8 on CUDA, 1 on the CPU);
-times are per batch.
+times are per batch. The eager rows also count the tensor ops (views and bare allocations left
+out; on a GPU about one kernel launch each) and host reads (item(), bool(): on a GPU a wait for
+the device) that one more batch adds, as the dispatcher sees them (a custom op counts once).
+--model bert-base-host (BERT-base's 12 layers x 12 heads at tiny widths) makes a CPU run
+measure the host's share.
 Each provider runs at every --precision: fp32 (plain), and bf16 (the baselines under
 torch.autocast(bfloat16), the sparsebert rows with importance(precision="bf16"), which is what
 importance's default precision "auto" picks on CUDA); each row's ratio is against
@@ -154,18 +158,18 @@ def main(argv=None) -> None:
         return (torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
 
-    def fwd_bwd_weights(precision):
+    def fwd_bwd_weights(precision, batches=n_batches):
         def run():
-            for _ in range(n_batches):
+            for _ in range(batches):
                 plain.zero_grad(set_to_none=True)
                 with autocast(precision):
                     loss = F.cross_entropy(plain(**inputs).logits.float(), batch["labels"])
                 loss.backward()
         return run
 
-    def hooked(precision):
+    def hooked(precision, batches=n_batches):
         def run():
-            for _ in range(n_batches):
+            for _ in range(batches):
                 with hook_gates(plain) as leaves:
                     with autocast(precision):
                         loss = F.cross_entropy(plain(**inputs).logits.float(), batch["labels"])
@@ -176,21 +180,26 @@ def main(argv=None) -> None:
         """sb_paper_graph spreads its capture over --graph-batches; the others run --batches."""
         return args.graph_batches if name == "sb_paper_graph" else n_batches
 
-    def sb(mode, precision, cuda_graph=False):
-        calls = batches_per_call("sb_paper_graph" if cuda_graph else "sb_paper")
+    def sb(mode, precision, cuda_graph=False, batches=None):
+        calls = batches or batches_per_call("sb_paper_graph" if cuda_graph else "sb_paper")
         return lambda: sparsebert.importance(patched, [batch] * calls, mode=mode,
                                              progress=False, precision=precision,
                                              cuda_graph=cuda_graph)
 
+    def eager_providers(precision, batches=None):
+        """The eager providers at one precision; batches: per call (default: --batches)."""
+        runs = batches or n_batches
+        return {
+            ("fwd_bwd_weights", precision): fwd_bwd_weights(precision, runs),
+            ("hook_gates", precision): hooked(precision, runs),
+            ("sb_paper", precision): sb("paper", precision, batches=batches),
+            ("sb_per_example", precision): sb("per_example", precision, batches=batches),
+            ("sb_fisher", precision): sb("fisher", precision, batches=batches),
+        }
+
     providers = {}  # (name, precision) -> call
     for precision in precisions:
-        providers.update({
-            ("fwd_bwd_weights", precision): fwd_bwd_weights(precision),
-            ("hook_gates", precision): hooked(precision),
-            ("sb_paper", precision): sb("paper", precision),
-            ("sb_per_example", precision): sb("per_example", precision),
-            ("sb_fisher", precision): sb("fisher", precision),
-        })
+        providers.update(eager_providers(precision))
         if cuda:
             providers[("sb_paper_graph", precision)] = sb("paper", precision, cuda_graph=True)
     # Interleaved rounds so that load on a shared machine hits every provider alike.
@@ -210,6 +219,14 @@ def main(argv=None) -> None:
                 print(f"{key[0]} ({key[1]}) failed: {failed[key]}", flush=True)
                 torch.cuda.synchronize()
     times = {key: statistics.median(values) for key, values in samples.items() if values}
+    # Tensor ops and host reads one more batch adds (two batches per call minus one), eager
+    # providers only: on a GPU about one kernel launch per op, and one device wait per read.
+    per_batch_ops = {}
+    for precision in precisions:
+        one, two = eager_providers(precision, 1), eager_providers(precision, 2)
+        for key in one:
+            (ops1, reads1), (ops2, reads2) = common.count_ops(one[key]), common.count_ops(two[key])
+            per_batch_ops[key] = (ops2 - ops1, reads2 - reads1)
     rows, records = [], []
     for (name, precision), seconds in times.items():
         base, paper = times[("fwd_bwd_weights", precision)], times[("sb_paper", precision)]
@@ -223,6 +240,8 @@ def main(argv=None) -> None:
             vs_fwd_bwd_weights=seconds / base,
             vs_sb_paper=seconds / paper,
         )
+        ops, reads = per_batch_ops.get((name, precision), (None, None))
+        rec.update(tensor_ops_per_batch=ops, host_reads_per_batch=reads)
         records.append(rec)
         rows.append(
             [
@@ -231,14 +250,17 @@ def main(argv=None) -> None:
                 f"{rec['ms']:.1f}",
                 f"{rec['vs_fwd_bwd_weights']:.2f}x",
                 f"{rec['vs_sb_paper']:.3f}x",
+                "-" if ops is None else ops,
+                "-" if reads is None else reads,
             ]
         )
     for (name, precision), error in failed.items():
         records.append(dict(provider=name, precision=precision, batch=batch_size, seq=args.seq,
                             error=error))
-        rows.append([name, precision, f"failed ({error[:80]})", "-", "-"])
+        rows.append([name, precision, f"failed ({error[:80]})", "-", "-", "-", "-"])
     header = ["provider", "precision", "time per batch (ms)",
-              "vs fwd+bwd with weight grads (same precision)", "vs sb_paper (same precision)"]
+              "vs fwd+bwd with weight grads (same precision)", "vs sb_paper (same precision)",
+              "tensor ops per batch", "host reads per batch"]
     cfg = plain.config
     model_name = ("default model (MiniLM-L6)" if args.model == "default"
                   else f"random {args.model}-shaped model")

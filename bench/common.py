@@ -54,6 +54,34 @@ def time_call(fn: Callable[[], object], min_run_time: float = 0.5) -> float:
     return measurement.median
 
 
+# Ops that launch no kernel: views, aliases and bare allocations.
+_NO_KERNEL_OPS = {"detach", "alias", "empty", "empty_strided", "empty_like", "lift_fresh",
+                  "_local_scalar_dense"}
+
+
+def count_ops(fn: Callable[[], object]) -> tuple[int, int]:
+    """(tensor ops, host reads) of one call of fn, as the dispatcher sees them (forward and
+    backward; a custom op counts once, whatever it runs inside). Tensor ops leave out views and
+    bare allocations: on a GPU each is about one kernel launch from the host. Host reads are
+    values brought to the host (item(), bool(), tolist()): on a GPU each waits for the device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name == "_local_scalar_dense":
+                self.reads += 1
+            elif not func.is_view and name not in _NO_KERNEL_OPS:
+                self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as count:
+        fn()
+    return count.ops, count.reads
+
+
 def time_call_graph(fn: Callable[[], object], replays: int = 20, calls_per_graph: int = 10,
                     capture_error_mode: str = "global") -> float:
     """Median GPU seconds per call with the host's launch overhead removed: `calls_per_graph`
