@@ -1,0 +1,53 @@
+"""bench/common.py's op counter (the tensor ops and host reads bench_importance reports)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+COMMON = Path(__file__).resolve().parents[1] / "bench" / "common.py"
+
+
+@pytest.fixture(scope="module")
+def common():
+    spec = importlib.util.spec_from_file_location("bench_common", COMMON)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_count_ops_leaves_out_views_and_counts_host_reads(common):
+    x = torch.randn(4, 6)
+
+    def work():
+        y = x.view(24).t().reshape(4, 6).detach()  # views only: no kernel
+        z = torch.empty(3)  # a bare allocation: no kernel
+        total = (y * 2 + 1).sum()  # three kernels
+        z.fill_(float(total))  # one host read, one kernel
+        return z
+
+    assert common.count_ops(work) == (4, 1)
+
+
+def test_count_ops_sees_the_backward_and_custom_ops_once(common):
+    from sparsebert.ops import group_dot  # noqa: PLC0415
+
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    g = torch.randn(2, 3, 4)
+
+    def forward_only():
+        return group_dot(x.detach(), g, 4)
+
+    def forward():
+        return (x * 3).sum()
+
+    def forward_backward():
+        forward().backward()
+
+    assert common.count_ops(forward_only) == (1, 0)  # the custom op, whatever it runs inside
+    assert common.count_ops(forward) == (2, 0)  # mul, sum
+    ops, reads = common.count_ops(forward_backward)
+    assert ops > 2 and reads == 0  # the backward's ops too (the grad seed, mul, accumulation)
