@@ -10,12 +10,17 @@ data loader would deliver them. Loops:
   graphs         sparsebert's step captured as a CUDA graph per batch shape (what
                  `sparsebert finetune` does on a GPU)
   graphs_patched the same on the model patched with sparsebert's masked attention
+  eager_patched  sparsebert's eager step on the patched model (the CPU path of `finetune`)
+  *_half         the patched loops with every other head of every layer masked (a head
+                 mask as the lottery search gives, retrained): masked heads cost no product
 Widths: fixed sequence lengths, and "mixed" (widths 16, 32, ..., 128 in turn: one graph
 per width, as bucketed GLUE batches padded to a multiple of 16 give). Loops are timed in
 interleaved rounds so machine noise hits all alike.
 
     python bench/bench_train_step.py --device cuda                  # both model shapes
     python bench/bench_train_step.py --device cpu --models minilm --lengths 64 --steps 6
+    python bench/bench_train_step.py --device cpu --models minilm --lengths 128 --steps 9 \
+        --loops stock,eager,eager_patched,eager_patched_half
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ import sparsebert.hf as sbhf  # noqa: E402
 from sparsebert.train import TrainConfig, autocast, make_optimizer  # noqa: E402
 from sparsebert.train.step import CudaGraphStep, EagerStep, StepSettings  # noqa: E402
 
-LOOPS = ("stock", "eager", "graphs", "graphs_patched")
+LOOPS = ("stock", "eager", "graphs", "graphs_patched", "eager_patched", "eager_patched_half",
+         "graphs_patched_half")
+DEFAULT_LOOPS = LOOPS[:4]  # the others with --loops
 MIXED_WIDTHS = tuple(range(16, 129, 16))
 
 
@@ -97,8 +104,12 @@ def make_loop(name: str, base_model, device: torch.device, total_steps: int):
     model = copy.deepcopy(base_model).to(device)
     if name == "stock":
         return StockLoop(model, device, total_steps)
-    if name == "graphs_patched":
+    if "patched" in name:
         model = sbhf.patch(model)
+    if name.endswith("_half"):  # every other head of every layer masked
+        layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+        keep = (torch.arange(heads) % 2 == 1).float()
+        sbhf.set_masks(model, head_mask=keep.expand(layers, heads).clone())
     return SparsebertLoop(model, device, total_steps, graphs=name.startswith("graphs"))
 
 
@@ -142,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="bert-base,minilm")
     parser.add_argument("--lengths", default="32,64,128,mixed",
                         help="comma-separated sequence lengths, and/or 'mixed'")
-    parser.add_argument("--loops", default=",".join(LOOPS))
+    parser.add_argument("--loops", default=",".join(DEFAULT_LOOPS),
+                        help=f"comma list of {', '.join(LOOPS)}")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=60, help="timed steps per loop")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per loop")
@@ -152,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if device.type != "cuda":
         args.loops = ",".join(n for n in args.loops.split(",") if not n.startswith("graphs"))
+    unknown = set(args.loops.split(",")) - set(LOOPS)
+    if unknown:
+        parser.error(f"--loops: unknown {sorted(unknown)}; expected a comma list of {LOOPS}")
     rows, records = [], []
     for shape in args.models.split(","):
         if shape not in common.MODEL_SHAPES:

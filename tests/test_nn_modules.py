@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertAttention, BertIntermediate, BertOutput
 
@@ -19,6 +20,7 @@ from sparsebert.nn import (
     SparseMLP,
     to_key_padding_mask,
 )
+from sparsebert.nn.common import BufferSummary
 
 TOL = 1e-5
 B, S, HID, H, FF = 3, 7, 24, 4, 20
@@ -26,11 +28,14 @@ B, S, HID, H, FF = 3, 7, 24, 4, 20
 
 @pytest.fixture(params=["host_skip", "tensor_gate"])
 def compute_path(request, monkeypatch):
-    """'host_skip': all-zero gates short-circuit on the host (CPU default); 'tensor_gate': the
-    sync-free path used on CUDA / with grad-requiring gates (monkeypatched here)."""
+    """'host_skip': gate buffers read on the host (once per change: what the gates mean, live
+    heads only), the default outside graph capture and torch.compile; 'tensor_gate': the
+    read-free path used while a CUDA graph is captured, under torch.compile and with
+    grad-requiring gates (monkeypatched here)."""
     if request.param == "tensor_gate":
         monkeypatch.setattr(sb_attention, "known_all_zero", lambda gate: False)
         monkeypatch.setattr(sb_mlp, "known_all_zero", lambda gate: False)
+        monkeypatch.setattr(BufferSummary, "__call__", lambda self, gate: None)
     return request.param
 
 
@@ -167,6 +172,92 @@ def test_attention_select_heads_equals_masked(compute_path):
     module.select_heads([])
     assert module.num_heads == 0 and module.self.query is None and module.output.dense is None
     assert torch.equal(module(x)[0], module.output.LayerNorm(x))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train_no_dropout", "train_dropout"])
+@pytest.mark.parametrize("gate", [[0.0, 1.0, 0.0, 1.0], [0.0, 0.7, 1.0, 0.2], [1.0] * 4])
+def test_masked_heads_cost_no_product_and_train_as_before(mode, gate, compute_path):
+    """With a gate buffer that masks heads, the projections of the live heads only are computed
+    (their weight rows / output-dense columns); outputs and every gradient equal the
+    hand-written all-heads reference (masked heads' weights get zero gradients); in training
+    each live head gets the same attention dropout as without the slicing."""
+    module = make_attention(attention_dropout=0.5 if mode == "train_dropout" else 0.0)
+    module.train(mode != "eval")
+    module.head_gate.copy_(torch.tensor(gate))
+    x = torch.randn(B, S, HID, requires_grad=True)
+    mask = padding_mask()
+    from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
+
+    class Products(TorchDispatchMode):  # output widths of the matrix products of a forward
+        widths: list[int] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ in ("addmm", "mm", "linear"):
+                self.widths.append(out.shape[-1])
+            return out
+
+    with torch.no_grad(), Products() as products:
+        module(x, attention_mask=mask)
+    live = sum(1 for g in gate if g != 0)
+    qkv = live * (HID // H) if compute_path == "host_skip" else HID  # read-free: every head
+    assert products.widths == [qkv, qkv, qkv, HID]
+    torch.manual_seed(7)
+    out, _ = module(x, attention_mask=mask)
+    dout = torch.randn_like(out)
+    params = [p for p in module.parameters()]
+    got = torch.autograd.grad(out, [x, *params], dout)
+    torch.manual_seed(7)
+    if mode == "train_dropout":  # SDPA with the same dropout, then the gate
+        q, k, v = (getattr(module.self, n)(x).view(B, S, H, -1).transpose(1, 2)
+                   for n in ("query", "key", "value"))
+        attend = mask[:, None, None, :]
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=0.5)
+        ctx = ctx * module.head_gate.view(1, H, 1, 1)
+        ref = module.output.LayerNorm(
+            module.output.dense(ctx.transpose(1, 2).reshape(B, S, -1)) + x)
+    else:
+        ref = attention_reference(module, x, module.head_gate, mask)
+    want = torch.autograd.grad(ref, [x, *params], dout)
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=TOL)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    masked_rows = torch.tensor(gate).repeat_interleave(HID // H) == 0
+    grads = dict(zip([n for n, _ in module.named_parameters()], got[1:]))
+    assert torch.all(grads["self.query.weight"][masked_rows] == 0)
+    assert torch.all(grads["output.dense.weight"][:, masked_rows] == 0)
+
+
+def test_gate_buffer_changes_are_seen():
+    """The buffer's summary follows in-place writes, a new tensor and .to(); a linear with a
+    hook keeps the whole product (a weight slice would bypass the hook)."""
+    module, mlp = make_attention(), make_mlp()
+    x, mask = torch.randn(B, S, HID), padding_mask()
+    for gate in ([1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.5, 1.0, 0.0, 0.0], [1.0] * 4):
+        module.head_gate.copy_(torch.tensor(gate))  # in place: the version counter moves
+        got = module(x, attention_mask=mask)[0]
+        want = attention_reference(module, x, module.head_gate, mask)
+        torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+    module.head_gate = torch.tensor([0.0, 1.0, 1.0, 0.0])  # another tensor
+    torch.testing.assert_close(module(x, attention_mask=mask)[0],
+                               attention_reference(module, x, module.head_gate, mask),
+                               atol=TOL, rtol=TOL)
+    module.to(torch.float64)
+    x64 = x.double()
+    torch.testing.assert_close(module(x64, attention_mask=mask)[0],
+                               attention_reference(module, x64, module.head_gate, mask))
+    module.to(torch.float32)
+    seen = []
+    handle = module.self.query.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    module(x, attention_mask=mask)
+    handle.remove()
+    assert seen == [(B, S, HID)]  # the whole projection, hook called
+    for mlp_gate, neurons in ((1.0, torch.ones(FF)), (0.0, torch.ones(FF)),
+                              (1.0, (torch.arange(FF) % 2).float()), (0.3, torch.zeros(FF))):
+        mlp.mlp_gate.fill_(mlp_gate)
+        mlp.neuron_gate.copy_(neurons)
+        torch.testing.assert_close(mlp(x), mlp_reference(mlp, x, mlp_gate, neurons),
+                                   atol=TOL, rtol=TOL)
 
 
 def test_attention_loads_hf_state_dict():

@@ -27,7 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsebert.nn.common import Container, check_gate, known_all_zero, slice_linear
+from sparsebert.nn.common import (
+    BufferSummary,
+    Container,
+    GateSummary,
+    can_read_on_host,
+    check_gate,
+    known_all_zero,
+    slice_linear,
+)
 from sparsebert.ops import masked_attention
 
 
@@ -65,13 +73,6 @@ def _unsupported_mask(attention_mask: object) -> TypeError:
     return TypeError(
         f"SparseAttention: unsupported attention_mask type {type(attention_mask).__name__}; "
         "use attn_implementation='eager' or 'sdpa' (flex-attention BlockMasks are not supported)")
-
-
-def can_read_on_host() -> bool:
-    """False while torch.compile traces or a CUDA graph is captured (no data-dependent branch)."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def is_padding_mask(attention_mask: Tensor | None) -> bool:
@@ -185,6 +186,30 @@ def to_key_padding_mask(attention_mask: Tensor | None, batch: int, seq: int, *,
     if reuse:
         _last_key_padding = (attention_mask, version, batch, seq, mask)
     return mask
+
+
+def _plain_linear(linear: nn.Module | None) -> bool:
+    """An nn.Linear itself (not a subclass, a parametrized or wrapped one) with no hooks."""
+    return (type(linear) is nn.Linear and not linear._forward_hooks
+            and not linear._forward_pre_hooks and not nn.modules.module._global_forward_hooks
+            and not nn.modules.module._global_forward_pre_hooks)
+
+
+def _rows_of(linear: nn.Linear, x: Tensor, rows: Tensor) -> Tensor:
+    """linear(x)[..., rows] without computing the other outputs. x (..., in) -> (..., R)."""
+    bias = None if linear.bias is None else linear.bias.index_select(0, rows)
+    return F.linear(x, linear.weight.index_select(0, rows), bias)
+
+
+def _all_heads(x: Tensor, heads: Tensor, num_heads: int) -> Tensor:
+    """(B, S, K, D) of heads `heads` (K,) -> (B, S, num_heads, D), zeros at the other heads."""
+    batch, seq, _, dim = x.shape
+    return x.new_zeros(batch, seq, num_heads, dim).index_copy(2, heads, x)
+
+
+def _columns_of(linear: nn.Linear, x: Tensor, columns: Tensor) -> Tensor:
+    """linear(y) for y zero outside `columns`, given x = y[..., columns]. x (..., C) -> (..., out)."""
+    return F.linear(x, linear.weight.index_select(1, columns), linear.bias)
 
 
 def _sdpa_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -422,6 +447,16 @@ class SparseAttention(nn.Module):
         """The gate in use: `head_gate_override` if set, else the `head_gate` buffer."""
         return self.head_gate if self.head_gate_override is None else self.head_gate_override
 
+    def gate_summary(self) -> GateSummary | None:
+        """The `head_gate` buffer's summary (live heads, all ones), read once per change of the
+        buffer; None while an override is in use, or where it cannot be read (BufferSummary)."""
+        if self.head_gate_override is not None:
+            return None
+        reader = self.__dict__.get("_head_gate_reader")
+        if reader is None:
+            reader = self._head_gate_reader = BufferSummary()
+        return reader(self.head_gate)
+
     @contextlib.contextmanager
     def override_head_gate(self, gate: Tensor, live: bool | None = None) -> Iterator[Tensor]:
         """Within the block, forward uses `gate` ((H,) or per-example (B, H), may require grad)
@@ -479,24 +514,47 @@ class SparseAttention(nn.Module):
                 f"{tuple(hidden_states.shape)})"
             )
         # Step 1: a block with no active head is LayerNorm(residual) (paper: self/dense removed).
-        if self.num_heads == 0 or known_all_zero(gate):
+        summary = self.gate_summary()  # the buffer's, read once per change; else None
+        no_head = known_all_zero(gate) if summary is None else not summary.any_live
+        if self.num_heads == 0 or no_head:
             return layer_norm(hidden_states), None
         batch, seq, _ = hidden_states.shape
-        heads, dim = self.num_heads, self.head_dim
-        # Step 2: projections as (B, S, H, D) views (no transposes or copies).
-        q = self.query_linear()(hidden_states).view(batch, seq, heads, dim)
-        k = self.key_linear()(hidden_states).view(batch, seq, heads, dim)
-        v = self.value_linear()(hidden_states).view(batch, seq, heads, dim)
-        # Step 3: gated attention core -> ctx (B, S, H, D).
-        dropout = self.attention_dropout if self.training else 0.0
+        dim = self.head_dim
         padding = is_padding_mask(attention_mask)  # else causal, packed or custom 4-d
+        # Step 2: projections as (B, S, H, D) views (no transposes or copies). When the gate
+        # buffer masks heads (and the mask is a padding mask), of the K live heads only: their
+        # rows of the q/k/v weights and columns of the output dense, so masked heads cost no
+        # product, in training as in evaluation, and their weights get zero gradients as before.
+        live = self._live_projection(summary) if padding else None  # (rows, heads) or None
+        if live is None:
+            heads, ones = self.num_heads, summary is not None and summary.all_ones
+            q = self.query_linear()(hidden_states).view(batch, seq, heads, dim)
+            k = self.key_linear()(hidden_states).view(batch, seq, heads, dim)
+            v = self.value_linear()(hidden_states).view(batch, seq, heads, dim)
+        else:
+            rows, live_heads = live  # (K * D,), (K,)
+            heads, ones = live_heads.numel(), summary.live_ones
+            q = _rows_of(self.query_linear(), hidden_states, rows).view(batch, seq, heads, dim)
+            k = _rows_of(self.key_linear(), hidden_states, rows).view(batch, seq, heads, dim)
+            v = _rows_of(self.value_linear(), hidden_states, rows).view(batch, seq, heads, dim)
+            gate = gate.index_select(0, live_heads)  # (K,)
+        # Step 3: gated attention core -> ctx (B, S, heads, D).
+        dropout = self.attention_dropout if self.training else 0.0
         key_padding_mask = (to_key_padding_mask(attention_mask, batch, seq, known_padding=True)
                             if padding else None)  # (B, S) or None
+        sdpa_gate = None if ones else gate  # None: a gate of ones, nothing to multiply
         if not padding:  # SDPA takes any 4-d mask
-            ctx = self._sdpa(q, k, v, gate, _sdpa_mask(attention_mask, q.dtype), dropout)
+            ctx = self._sdpa(q, k, v, sdpa_gate, _sdpa_mask(attention_mask, q.dtype), dropout)
         elif dropout > 0:
             attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-            ctx = self._sdpa(q, k, v, gate, attn_mask, dropout)  # attn_mask (B, 1, 1, S)
+            if live is None:
+                ctx = self._sdpa(q, k, v, sdpa_gate, attn_mask, dropout)  # mask (B, 1, 1, S)
+            else:
+                # Attention dropout draws its random numbers for every head, masked ones too
+                # (zeros there): each live head gets the dropout it gets without the slicing.
+                q, k, v = (_all_heads(t, live[1], self.num_heads) for t in (q, k, v))
+                ctx = self._sdpa(q, k, v, None, attn_mask, dropout).index_select(2, live[1])
+                ctx = ctx if sdpa_gate is None else ctx * sdpa_gate.to(ctx.dtype)[:, None]
         else:
             # No fully padded row by construction, so the op skips its (host-syncing) row check.
             op_gate = gate if gate.dtype in (torch.float32, torch.float64) else gate.float()
@@ -505,21 +563,45 @@ class SparseAttention(nn.Module):
                 exact_zero_gate_grad=self.exact_zero_gate_grad,
             )  # (B, S, H, D)
         # Step 4: output projection; it contributes nothing (bias included) where no head is active.
-        out = self.output_dense()(ctx.reshape(batch, seq, heads * dim))
+        ctx = ctx.reshape(batch, seq, heads * dim)
+        out = (self.output_dense()(ctx) if live is None
+               else _columns_of(self.output_dense(), ctx, live[0]))
         out = self.output_dropout()(out)  # (B, S, hidden)
-        if self.head_gate_live:  # every row has an active head (the override's promise)
+        if self.head_gate_live or summary is not None:  # known: every row has an active head
             return layer_norm(hidden_states + out), None
         active = (gate != 0).any(dim=-1).to(out.dtype)  # () or (B,)
         active = active.view(-1, 1, 1) if active.dim() else active
         return layer_norm(torch.addcmul(hidden_states, out, active)), None
 
+    def _live_projection(self, summary: GateSummary | None) -> tuple[Tensor, Tensor] | None:
+        """(rows (K * D,), heads (K,)), int64 on the weights' device: the live heads of a gate
+        buffer that masks some, and their rows in the q/k/v projections; kept per summary. None
+        (project every head) when no head is masked, or when a projection is not a plain
+        nn.Linear without hooks: a slice of its weight would bypass what wraps it."""
+        if summary is None or summary.all_live:
+            return None
+        linears = (self.query_linear(), self.key_linear(), self.value_linear(),
+                   self.output_dense())
+        if not all(_plain_linear(linear) for linear in linears):
+            return None
+        device = linears[0].weight.device
+        cached = self.__dict__.get("_live_projection_cache")
+        if cached is not None and cached[0] is summary and cached[1] == device:
+            return cached[2]
+        heads = torch.tensor(summary.live, dtype=torch.long, device=device)  # (K,)
+        offsets = torch.arange(self.head_dim, device=device)
+        rows = (heads[:, None] * self.head_dim + offsets).flatten()  # (K * D,)
+        self._live_projection_cache = (summary, device, (rows, heads))
+        return rows, heads
+
     def _sdpa(
-        self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor, attn_mask: Tensor | None,
+        self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, attn_mask: Tensor | None,
         dropout: float,
     ) -> Tensor:
         """torch SDPA (training with attention dropout, or a mask that is not a padding mask),
-        then the gate. q, k, v (B, S, H, D); attn_mask broadcastable to (B, H, S, S), bool
-        (True = attend) or additive. Returns (B, S, H, D)."""
+        then the gate (None: a gate known to be all ones, nothing to multiply). q, k, v
+        (B, S, H, D); attn_mask broadcastable to (B, H, S, S), bool (True = attend) or
+        additive. Returns (B, S, H, D)."""
         ctx = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
@@ -528,6 +610,8 @@ class SparseAttention(nn.Module):
             dropout_p=dropout,
             scale=self.scaling,
         ).transpose(1, 2)  # (B, S, H, D)
+        if gate is None:
+            return ctx
         g = gate.to(ctx.dtype)
         g = g.view(1, 1, -1, 1) if g.dim() == 1 else g[:, None, :, None]  # (1|B, 1, H, 1)
         if self.exact_zero_gate_grad:

@@ -1,11 +1,12 @@
 """Helpers shared by SparseAttention and SparseMLP: child containers, gate checks, the
-host-side all-zero test, and slicing a Linear for physical pruning; and `eval_mode`, which
-restores every submodule's mode."""
+host-side all-zero test, gate buffers summarised once per change, and slicing a Linear for
+physical pruning; and `eval_mode`, which restores every submodule's mode."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,63 @@ class Container(nn.Module):
         super().__init__()
         for name, child in children.items():
             setattr(self, name, child)
+
+
+def can_read_on_host() -> bool:
+    """False while torch.compile traces or a CUDA graph is captured (no data-dependent branch)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+@dataclass(frozen=True, eq=False)
+class GateSummary:
+    """What a gate buffer's values mean for its block's work. live: indices of the non-zero
+    entries of a 1-d gate (for a 0-d gate, (0,) or ()); size: its number of entries."""
+
+    live: tuple[int, ...]
+    size: int
+    all_ones: bool  # every entry exactly 1: multiplying by the gate changes nothing
+    live_ones: bool  # every non-zero entry exactly 1 (a 0/1 mask)
+
+    @property
+    def any_live(self) -> bool:
+        return len(self.live) > 0
+
+    @property
+    def all_live(self) -> bool:
+        return len(self.live) == self.size
+
+
+class BufferSummary:
+    """The GateSummary of a gate buffer, read on the host once per change of the buffer (another
+    tensor, or an in-place write, which bumps its version counter), so that a forward need not
+    work out per call what the gate means (on a GPU: one device sync per change instead of
+    kernels on every call). Returns None where it cannot know without reading now: while
+    torch.compile traces or a CUDA graph is captured (what the graph computes must follow the
+    gate's values on every replay), and for tensors without a version counter (inference
+    tensors). Writes through `.data` bypass the version counter: they are not seen."""
+
+    def __init__(self) -> None:
+        self._last: tuple[Tensor, int, GateSummary] | None = None
+
+    def __call__(self, gate: Tensor) -> GateSummary | None:
+        if gate.is_inference() or gate.dim() > 1 or not can_read_on_host():
+            return None
+        last = self._last
+        if last is not None and last[0] is gate and last[1] == gate._version:
+            return last[2]
+        flat = gate.detach().reshape(-1)
+        values = flat.tolist() if flat.device.type == "cpu" else flat.cpu().tolist()  # one sync
+        live = tuple(i for i, value in enumerate(values) if value != 0)
+        summary = GateSummary(live=live, size=len(values),
+                              all_ones=all(value == 1 for value in values),
+                              live_ones=all(values[i] == 1 for i in live))
+        self._last = (gate, gate._version, summary)
+        return summary
+
+    def __deepcopy__(self, memo) -> BufferSummary:
+        return BufferSummary()  # a copy's buffers are other tensors: read them afresh
 
 
 def known_all_zero(gate: Tensor) -> bool:

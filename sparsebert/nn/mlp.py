@@ -30,7 +30,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from sparsebert.nn.common import Container, check_gate, known_all_zero, slice_linear
+from sparsebert.nn.common import (
+    BufferSummary,
+    Container,
+    GateSummary,
+    check_gate,
+    known_all_zero,
+    slice_linear,
+)
 from sparsebert.nn.gating import gate_features, gated_residual
 
 FFNOutputHook = Callable[["SparseMLP", Tensor], None]
@@ -244,6 +251,23 @@ class SparseMLP(nn.Module):
         finally:
             self.mlp_gate_override, self.neuron_gate_override, self.neuron_gate_live = previous
 
+    def gate_summaries(self) -> tuple[GateSummary | None, GateSummary | None]:
+        """(mlp gate, neuron gate) buffer summaries (live entries, all ones), each read once per
+        change of its buffer; None for a gate overridden, or where it cannot be read
+        (BufferSummary)."""
+        summaries = []
+        for name, override in (("mlp_gate", self.mlp_gate_override),
+                               ("neuron_gate", self.neuron_gate_override)):
+            if override is not None:
+                summaries.append(None)
+                continue
+            reader = self.__dict__.get(f"_{name}_reader")
+            if reader is None:
+                reader = BufferSummary()
+                setattr(self, f"_{name}_reader", reader)
+            summaries.append(reader(getattr(self, name)))
+        return summaries[0], summaries[1]
+
     def register_ffn_output_hook(self, hook: FFNOutputHook) -> RemovableHandle:
         """hook(module, ffn_output (..., hidden)) runs on each forward, before the MLP gate."""
         handle = RemovableHandle(self._ffn_output_hooks)
@@ -262,14 +286,21 @@ class SparseMLP(nn.Module):
                     f"{tuple(hidden_states.shape)})"
                 )
         # Step 1: a removed or fully gated MLP is LayerNorm(residual) (paper's prune_mlp).
-        no_neuron = not self.neuron_gate_live and known_all_zero(neuron_gate)
-        if self.intermediate_size == 0 or known_all_zero(mlp_gate) or no_neuron:
+        mlp_summary, neuron_summary = self.gate_summaries()  # buffers': once per change
+        no_mlp = known_all_zero(mlp_gate) if mlp_summary is None else not mlp_summary.any_live
+        no_neuron = (not self.neuron_gate_live and known_all_zero(neuron_gate)
+                     if neuron_summary is None else not neuron_summary.any_live)
+        if self.intermediate_size == 0 or no_mlp or no_neuron:
             return layer_norm(hidden_states)
+        # A neuron gate buffer past step 1 has a live entry; an override may be promised to.
+        neurons_live = self.neuron_gate_live or neuron_summary is not None
         # Step 2: up projection, activation, neuron gates.
         h = self.intermediate_dense()(hidden_states)  # (B, S, F)
         h = self.activation()(h)
         if neuron_gate.requires_grad:  # importance scoring: fused per-example gate gradient
             h = gate_features(h, neuron_gate)
+        elif neuron_summary is not None and neuron_summary.all_ones:
+            pass  # every neuron gate is 1: nothing to multiply
         else:
             ng = neuron_gate.to(h.dtype)
             h = h * (ng[:, None, :] if ng.dim() == 2 else ng)
@@ -279,10 +310,12 @@ class SparseMLP(nn.Module):
             hook(self, y)
         # Step 4: MLP gate, zeroed where no neuron is active, then residual + LayerNorm.
         gate = mlp_gate  # () or (B,)
-        if not self.neuron_gate_live:  # else every row has an active neuron (a promise)
+        if not neurons_live:
             gate = gate * (neuron_gate != 0).any(dim=-1).to(gate.dtype)
         if gate.requires_grad:  # importance scoring: fused per-example gate gradient (group_dot)
             return layer_norm(gated_residual(hidden_states, y, gate))
+        if neurons_live and mlp_summary is not None and mlp_summary.all_ones:
+            return layer_norm(hidden_states + y)  # the MLP gate is 1: nothing to multiply
         gate = gate.to(y.dtype)
         gate = gate.view(-1, *([1] * (y.dim() - 1))) if gate.dim() else gate
         return layer_norm(torch.addcmul(hidden_states, y, gate))
