@@ -45,9 +45,10 @@
 #      bench-masked-attention (150 s: eager fwd and fwd+bwd, S 128 and 512, fp32 too),
 #      simt-tests (60 s):
 #        GPU_CHECK_STEPS=build,cuda-tests,bench-masked-attention,simt-tests
-#   3. the training-step and group_dot benchmarks, limits 315 s: build, bench-train-step
-#      (120 s), bench-group-dot (45 s):
-#        GPU_CHECK_STEPS=build,bench-train-step,bench-group-dot
+#   3. the training-step, group_dot and masked-model benchmarks, limits 360 s: build,
+#      bench-train-step (120 s), bench-group-dot (45 s), bench-masked-model (45 s: a whole
+#      patched BERT-base with heads masked, evaluation forward and training forward+backward):
+#        GPU_CHECK_STEPS=build,bench-train-step,bench-group-dot,bench-masked-model
 set -uo pipefail
 out=${OUT:-bench/results/gpu}
 mkdir -p "$out"
@@ -71,7 +72,8 @@ pack() {  # copy the benchmark tables/JSON (and profiler traces) this run wrote 
 check_steps build mma-tests wgmma-forward-tests bench-wgmma-graph importance-graph-tests \
   bench-masked-attention-graph \
   bench-masked-attention-graph-bwd trace-mma ncu-mma ncu-dense-compact cuda-tests wmma-tests \
-  bench-masked-attention bench-train-step bench-group-dot bench-importance simt-tests
+  bench-masked-attention bench-train-step bench-group-dot bench-masked-model bench-importance \
+  simt-tests
 
 # Step 1: build (in place: this machine is a copy of the tree).
 if ! step build 150 "$out/build.log" python3 setup.py build_ext --inplace; then
@@ -149,6 +151,8 @@ step bench-masked-attention 150 "$out/bench.log" bash -c "
     --providers sdpa sparsebert sparsebert_wmma"; pack
 step bench-train-step 120 "$out/bench.log" python3 bench/bench_train_step.py --device cuda; pack
 step bench-group-dot 45 "$out/bench.log" python3 bench/bench_group_dot.py --device cuda; pack
+step bench-masked-model 45 "$out/bench.log" python3 bench/bench_masked_model.py --device cuda \
+  --model bert-base --batch 32 --min-run-time 0.5; pack
 # fp32 and bf16 rows (importance's CUDA default), 8 batches per call, the eager pass and the
 # CUDA-graph one (sb_paper_graph) against a plain forward+backward, then a profile.
 step bench-importance 150 "$out/bench.log" python3 bench/bench_importance.py --device cuda \

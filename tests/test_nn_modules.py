@@ -247,6 +247,14 @@ def test_gate_buffer_changes_are_seen():
     torch.testing.assert_close(module(x64, attention_mask=mask)[0],
                                attention_reference(module, x64, module.head_gate, mask))
     module.to(torch.float32)
+    with torch.no_grad():  # evaluation keeps the live heads' weight slices while unchanged
+        first = module(x, attention_mask=mask)[0]
+        assert torch.equal(module(x, attention_mask=mask)[0], first)
+        module.self.query.weight.mul_(0.5)  # an optimizer step or a load: in place
+        module.output.dense.bias.add_(0.1)
+        torch.testing.assert_close(module(x, attention_mask=mask)[0],
+                                   attention_reference(module, x, module.head_gate, mask),
+                                   atol=TOL, rtol=TOL)
     seen = []
     handle = module.self.query.register_forward_hook(lambda m, args, out: seen.append(out.shape))
     module(x, attention_mask=mask)

@@ -195,21 +195,45 @@ def _plain_linear(linear: nn.Module | None) -> bool:
             and not nn.modules.module._global_forward_pre_hooks)
 
 
-def _rows_of(linear: nn.Linear, x: Tensor, rows: Tensor) -> Tensor:
-    """linear(x)[..., rows] without computing the other outputs. x (..., in) -> (..., R)."""
-    bias = None if linear.bias is None else linear.bias.index_select(0, rows)
-    return F.linear(x, linear.weight.index_select(0, rows), bias)
-
-
 def _all_heads(x: Tensor, heads: Tensor, num_heads: int) -> Tensor:
     """(B, S, K, D) of heads `heads` (K,) -> (B, S, num_heads, D), zeros at the other heads."""
     batch, seq, _, dim = x.shape
     return x.new_zeros(batch, seq, num_heads, dim).index_copy(2, heads, x)
 
 
-def _columns_of(linear: nn.Linear, x: Tensor, columns: Tensor) -> Tensor:
-    """linear(y) for y zero outside `columns`, given x = y[..., columns]. x (..., C) -> (..., out)."""
-    return F.linear(x, linear.weight.index_select(1, columns), linear.bias)
+class _LiveHeads:
+    """The live heads of a gate buffer that masks some (K of H) and the slices of the block's
+    linears they use: q/k/v weight rows and output-dense columns. rows (K * D,), heads (K,):
+    int64 on the weights' device. With gradients on, `weights` slices anew on every call (the
+    slices' gradients reach the full weights, zeros at masked heads); without (evaluation) it
+    keeps them while the parameters are unchanged (same storage, same version counter)."""
+
+    def __init__(self, summary: GateSummary, head_dim: int, device: torch.device) -> None:
+        self.summary = summary
+        self.heads = torch.tensor(summary.live, dtype=torch.long, device=device)  # (K,)
+        offsets = torch.arange(head_dim, device=device)
+        self.rows = (self.heads[:, None] * head_dim + offsets).flatten()  # (K * D,)
+        self._kept: tuple[tuple, list] | None = None
+
+    def weights(self, q: nn.Linear, k: nn.Linear, v: nn.Linear, out: nn.Linear,
+                ) -> list[tuple[Tensor, Tensor | None]]:
+        """[(weight, bias)] of q, k, v (their live rows) and of the output dense (its live
+        columns, the whole bias)."""
+        params = [p for linear in (q, k, v, out) for p in (linear.weight, linear.bias)
+                  if p is not None]
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        if not torch.is_grad_enabled() and self._kept is not None and self._kept[0] == key:
+            return self._kept[1]
+
+        def rows_of(linear: nn.Linear) -> tuple[Tensor, Tensor | None]:
+            bias = None if linear.bias is None else linear.bias.index_select(0, self.rows)
+            return linear.weight.index_select(0, self.rows), bias
+
+        sliced = [rows_of(q), rows_of(k), rows_of(v),
+                  (out.weight.index_select(1, self.rows), out.bias)]
+        if not torch.is_grad_enabled():
+            self._kept = (key, sliced)
+        return sliced
 
 
 def _sdpa_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -525,19 +549,20 @@ class SparseAttention(nn.Module):
         # buffer masks heads (and the mask is a padding mask), of the K live heads only: their
         # rows of the q/k/v weights and columns of the output dense, so masked heads cost no
         # product, in training as in evaluation, and their weights get zero gradients as before.
-        live = self._live_projection(summary) if padding else None  # (rows, heads) or None
+        live = self._live_heads(summary, hidden_states) if padding else None
         if live is None:
             heads, ones = self.num_heads, summary is not None and summary.all_ones
             q = self.query_linear()(hidden_states).view(batch, seq, heads, dim)
             k = self.key_linear()(hidden_states).view(batch, seq, heads, dim)
             v = self.value_linear()(hidden_states).view(batch, seq, heads, dim)
         else:
-            rows, live_heads = live  # (K * D,), (K,)
-            heads, ones = live_heads.numel(), summary.live_ones
-            q = _rows_of(self.query_linear(), hidden_states, rows).view(batch, seq, heads, dim)
-            k = _rows_of(self.key_linear(), hidden_states, rows).view(batch, seq, heads, dim)
-            v = _rows_of(self.value_linear(), hidden_states, rows).view(batch, seq, heads, dim)
-            gate = gate.index_select(0, live_heads)  # (K,)
+            heads, ones = live.heads.numel(), summary.live_ones
+            (wq, bq), (wk, bk), (wv, bv), (wo, bo) = live.weights(
+                self.query_linear(), self.key_linear(), self.value_linear(), self.output_dense())
+            q = F.linear(hidden_states, wq, bq).view(batch, seq, heads, dim)  # (B, S, K, D)
+            k = F.linear(hidden_states, wk, bk).view(batch, seq, heads, dim)
+            v = F.linear(hidden_states, wv, bv).view(batch, seq, heads, dim)
+            gate = gate.index_select(0, live.heads)  # (K,)
         # Step 3: gated attention core -> ctx (B, S, heads, D).
         dropout = self.attention_dropout if self.training else 0.0
         key_padding_mask = (to_key_padding_mask(attention_mask, batch, seq, known_padding=True)
@@ -552,8 +577,8 @@ class SparseAttention(nn.Module):
             else:
                 # Attention dropout draws its random numbers for every head, masked ones too
                 # (zeros there): each live head gets the dropout it gets without the slicing.
-                q, k, v = (_all_heads(t, live[1], self.num_heads) for t in (q, k, v))
-                ctx = self._sdpa(q, k, v, None, attn_mask, dropout).index_select(2, live[1])
+                q, k, v = (_all_heads(t, live.heads, self.num_heads) for t in (q, k, v))
+                ctx = self._sdpa(q, k, v, None, attn_mask, dropout).index_select(2, live.heads)
                 ctx = ctx if sdpa_gate is None else ctx * sdpa_gate.to(ctx.dtype)[:, None]
         else:
             # No fully padded row by construction, so the op skips its (host-syncing) row check.
@@ -564,8 +589,7 @@ class SparseAttention(nn.Module):
             )  # (B, S, H, D)
         # Step 4: output projection; it contributes nothing (bias included) where no head is active.
         ctx = ctx.reshape(batch, seq, heads * dim)
-        out = (self.output_dense()(ctx) if live is None
-               else _columns_of(self.output_dense(), ctx, live[0]))
+        out = self.output_dense()(ctx) if live is None else F.linear(ctx, wo, bo)
         out = self.output_dropout()(out)  # (B, S, hidden)
         if self.head_gate_live or summary is not None:  # known: every row has an active head
             return layer_norm(hidden_states + out), None
@@ -573,26 +597,26 @@ class SparseAttention(nn.Module):
         active = active.view(-1, 1, 1) if active.dim() else active
         return layer_norm(torch.addcmul(hidden_states, out, active)), None
 
-    def _live_projection(self, summary: GateSummary | None) -> tuple[Tensor, Tensor] | None:
-        """(rows (K * D,), heads (K,)), int64 on the weights' device: the live heads of a gate
-        buffer that masks some, and their rows in the q/k/v projections; kept per summary. None
-        (project every head) when no head is masked, or when a projection is not a plain
-        nn.Linear without hooks: a slice of its weight would bypass what wraps it."""
+    def _live_heads(self, summary: GateSummary | None, x: Tensor) -> _LiveHeads | None:
+        """The live heads when the gate buffer masks some and leaving the others out pays:
+        always without gradients (evaluation: the slices are kept) and on the CPU; not on a
+        GPU with gradients on (eager training there is bound by the host, which slicing per
+        call adds to; CUDA-graph training captures the whole product). None (project every
+        head) also when a projection is not a plain nn.Linear without hooks: a slice of its
+        weight would bypass what wraps it."""
         if summary is None or summary.all_live:
+            return None
+        if torch.is_grad_enabled() and x.device.type != "cpu":
             return None
         linears = (self.query_linear(), self.key_linear(), self.value_linear(),
                    self.output_dense())
         if not all(_plain_linear(linear) for linear in linears):
             return None
         device = linears[0].weight.device
-        cached = self.__dict__.get("_live_projection_cache")
-        if cached is not None and cached[0] is summary and cached[1] == device:
-            return cached[2]
-        heads = torch.tensor(summary.live, dtype=torch.long, device=device)  # (K,)
-        offsets = torch.arange(self.head_dim, device=device)
-        rows = (heads[:, None] * self.head_dim + offsets).flatten()  # (K * D,)
-        self._live_projection_cache = (summary, device, (rows, heads))
-        return rows, heads
+        live = self.__dict__.get("_live_heads_kept")
+        if live is None or live.summary is not summary or live.heads.device != device:
+            live = self._live_heads_kept = _LiveHeads(summary, self.head_dim, device)
+        return live
 
     def _sdpa(
         self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, attn_mask: Tensor | None,
