@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertAttention, BertIntermediate, BertOutput
 
@@ -260,6 +259,11 @@ def test_gate_buffer_changes_are_seen():
     module(x, attention_mask=mask)
     handle.remove()
     assert seen == [(B, S, HID)]  # the whole projection, hook called
+    plain_forward = module.self.key.forward
+    module.self.key.forward = lambda t: seen.append("own forward") or plain_forward(t)
+    module(x, attention_mask=mask)  # a replaced forward (offloading wrappers) runs too
+    del module.self.key.forward
+    assert seen[-1] == "own forward"
     for mlp_gate, neurons in ((1.0, torch.ones(FF)), (0.0, torch.ones(FF)),
                               (1.0, (torch.arange(FF) % 2).float()), (0.3, torch.zeros(FF))):
         mlp.mlp_gate.fill_(mlp_gate)

@@ -189,9 +189,11 @@ def to_key_padding_mask(attention_mask: Tensor | None, batch: int, seq: int, *,
 
 
 def _plain_linear(linear: nn.Module | None) -> bool:
-    """An nn.Linear itself (not a subclass, a parametrized or wrapped one) with no hooks."""
-    return (type(linear) is nn.Linear and not linear._forward_hooks
-            and not linear._forward_pre_hooks and not nn.modules.module._global_forward_hooks
+    """An nn.Linear itself (not a subclass, a parametrized or wrapped one) with no hooks and its
+    own forward (accelerate's offloading, for one, replaces a module's forward)."""
+    return (type(linear) is nn.Linear and "forward" not in linear.__dict__
+            and not linear._forward_hooks and not linear._forward_pre_hooks
+            and not nn.modules.module._global_forward_hooks
             and not nn.modules.module._global_forward_pre_hooks)
 
 
@@ -234,6 +236,9 @@ class _LiveHeads:
         if not torch.is_grad_enabled():
             self._kept = (key, sliced)
         return sliced
+
+    def __deepcopy__(self, memo) -> None:
+        return None  # a copied block rebuilds it for its own weights (and keeps no slices)
 
 
 def _sdpa_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
