@@ -221,11 +221,13 @@ class _LiveHeads:
                 ) -> list[tuple[Tensor, Tensor | None]]:
         """[(weight, bias)] of q, k, v (their live rows) and of the output dense (its live
         columns, the whole bias)."""
-        params = [p for linear in (q, k, v, out) for p in (linear.weight, linear.bias)
-                  if p is not None]
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-        if not torch.is_grad_enabled() and self._kept is not None and self._kept[0] == key:
-            return self._kept[1]
+        keep = not torch.is_grad_enabled()
+        if keep:
+            params = [p for linear in (q, k, v, out) for p in (linear.weight, linear.bias)
+                      if p is not None]
+            key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+            if self._kept is not None and self._kept[0] == key:
+                return self._kept[1]
 
         def rows_of(linear: nn.Linear) -> tuple[Tensor, Tensor | None]:
             bias = None if linear.bias is None else linear.bias.index_select(0, self.rows)
@@ -233,7 +235,7 @@ class _LiveHeads:
 
         sliced = [rows_of(q), rows_of(k), rows_of(v),
                   (out.weight.index_select(1, self.rows), out.bias)]
-        if not torch.is_grad_enabled():
+        if keep:
             self._kept = (key, sliced)
         return sliced
 

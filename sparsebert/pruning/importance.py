@@ -191,24 +191,26 @@ def _make_leaves(blocks, batch: int, per_example: bool, neurons: bool) -> list[_
 
 @dataclass
 class GateFacts:
-    """What a pass reads of the model's gates, once (one host read for all layers; the gates do
-    not change during a pass): per layer, whether a head is masked (gate exactly 0), whether a
-    head is live (non-zero gate) and whether a neuron is live."""
+    """What a pass knows of the model's gates (they do not change during a pass), per layer:
+    whether a head is masked (gate exactly 0), whether a head is live (non-zero gate) and
+    whether a neuron is live; None where not known (work it out per call)."""
 
     head_masked: list[bool]
-    head_live: list[bool]
-    neuron_live: list[bool]
+    head_live: list[bool | None]
+    neuron_live: list[bool | None]
 
     @classmethod
     def read(cls, blocks) -> GateFacts:
-        if not blocks:
-            return cls([], [], [])
-        flags = torch.stack([
-            torch.stack([(a.head_gate == 0).any(), (a.head_gate != 0).any(),
-                         (m.neuron_gate != 0).any()])
-            for a, m in blocks]).tolist()  # (L, 3): one sync
-        head_masked, head_live, neuron_live = (list(column) for column in zip(*flags))
-        return cls(head_masked, head_live, neuron_live)
+        """From the blocks' gate-buffer summaries (read on the host once per change of a
+        buffer). A layer whose head summary is unknown counts as having a masked head: its
+        true gradient at gate 0 is then computed, which changes nothing where none is."""
+        facts = cls([], [], [])
+        for attn, mlp in blocks:
+            heads, neurons = attn.gate_summary(), mlp.gate_summaries()[1]
+            facts.head_masked.append(True if heads is None else not heads.all_live)
+            facts.head_live.append(None if heads is None else heads.any_live)
+            facts.neuron_live.append(None if neurons is None else neurons.any_live)
+        return facts
 
 
 @contextlib.contextmanager
@@ -235,7 +237,7 @@ def _gates_overridden(blocks, leaves: list[_LayerLeaves], facts: GateFacts | Non
     same row repeated), so it does not work that out per call."""
     with contextlib.ExitStack() as stack:
         for layer, ((attn, mlp), leaf) in enumerate(zip(blocks, leaves)):
-            head_live = None if facts is None else facts.head_live[layer]
+            head_live = None if facts is None else facts.head_live[layer]  # None: unknown
             neuron_live = None if facts is None else facts.neuron_live[layer]
             stack.enter_context(attn.override_head_gate(leaf.head, live=head_live))
             stack.enter_context(mlp.override_gates(mlp_gate=leaf.mlp, neuron_gate=leaf.neuron,
