@@ -13,6 +13,10 @@ data loader would deliver them. Loops:
   eager_patched  sparsebert's eager step on the patched model (the CPU path of `finetune`)
   *_half         the patched loops with every other head of every layer masked (a head
                  mask as the lottery search gives, retrained): masked heads cost no product
+                 in the eager loop on the CPU (on a GPU eager and graphs compute every head)
+  graphs_patched_half_fixed
+                 graphs_patched_half with fixed gates (CudaGraphStep(fixed_gates=True)): the
+                 graphs leave the masked heads' products out
 Widths: fixed sequence lengths, and "mixed" (widths 16, 32, ..., 128 in turn: one graph
 per width, as bucketed GLUE batches padded to a multiple of 16 give). Loops are timed in
 interleaved rounds so machine noise hits all alike.
@@ -21,6 +25,8 @@ interleaved rounds so machine noise hits all alike.
     python bench/bench_train_step.py --device cpu --models minilm --lengths 64 --steps 6
     python bench/bench_train_step.py --device cpu --models minilm --lengths 128 --steps 9 \
         --loops stock,eager,eager_patched,eager_patched_half
+    python bench/bench_train_step.py --device cuda --models bert-base --stem train_step_masked \
+        --loops graphs,graphs_patched,graphs_patched_half,graphs_patched_half_fixed
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from sparsebert.train import TrainConfig, autocast, make_optimizer  # noqa: E402
 from sparsebert.train.step import CudaGraphStep, EagerStep, StepSettings  # noqa: E402
 
 LOOPS = ("stock", "eager", "graphs", "graphs_patched", "eager_patched", "eager_patched_half",
-         "graphs_patched_half")
+         "graphs_patched_half", "graphs_patched_half_fixed")
 DEFAULT_LOOPS = LOOPS[:4]  # the others with --loops
 MIXED_WIDTHS = tuple(range(16, 129, 16))
 
@@ -89,11 +95,15 @@ class StockLoop:
 class SparsebertLoop:
     """sparsebert's training step (eager or CUDA graphs) with its schedule."""
 
-    def __init__(self, model, device: torch.device, total_steps: int, graphs: bool) -> None:
+    def __init__(self, model, device: torch.device, total_steps: int, graphs: bool,
+                 fixed_gates: bool = False) -> None:
         config = TrainConfig(lr=2e-5).resolved()
         optimizer, self.schedule = make_optimizer(model, config, total_steps, capturable=graphs)
         settings = StepSettings(1.0, lambda: autocast(device, "auto", cache_enabled=not graphs))
-        self.step = (CudaGraphStep if graphs else EagerStep)(model, optimizer, settings, device)
+        if graphs:
+            self.step = CudaGraphStep(model, optimizer, settings, device, fixed_gates=fixed_gates)
+        else:
+            self.step = EagerStep(model, optimizer, settings, device)
 
     def __call__(self, batch) -> None:
         self.step(batch)
@@ -106,11 +116,12 @@ def make_loop(name: str, base_model, device: torch.device, total_steps: int):
         return StockLoop(model, device, total_steps)
     if "patched" in name:
         model = sbhf.patch(model)
-    if name.endswith("_half"):  # every other head of every layer masked
+    if "_half" in name:  # every other head of every layer masked
         layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
         keep = (torch.arange(heads) % 2 == 1).float()
         sbhf.set_masks(model, head_mask=keep.expand(layers, heads).clone())
-    return SparsebertLoop(model, device, total_steps, graphs=name.startswith("graphs"))
+    return SparsebertLoop(model, device, total_steps, graphs=name.startswith("graphs"),
+                          fixed_gates=name.endswith("_fixed"))
 
 
 def sync(device: torch.device) -> None:
@@ -159,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=60, help="timed steps per loop")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per loop")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--stem", default="train_step",
+                        help="result files' name in bench/results (default train_step)")
     args = parser.parse_args(argv)
     common.use_device(args.device)
     device = torch.device(args.device)
@@ -167,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(args.loops.split(",")) - set(LOOPS)
     if unknown:
         parser.error(f"--loops: unknown {sorted(unknown)}; expected a comma list of {LOOPS}")
+    names = args.loops.split(",")
+    baseline = "stock" if "stock" in names else names[0]  # the ratios' denominator
     rows, records = [], []
     for shape in args.models.split(","):
         if shape not in common.MODEL_SHAPES:
@@ -175,18 +190,20 @@ def main(argv: list[str] | None = None) -> None:
         for length in args.lengths.split(","):
             widths = MIXED_WIDTHS if length == "mixed" else (int(length),)
             rates = measure(shape, widths, args, device)
-            stock = rates.get("stock")
+            base = rates.get(baseline)
             for name, rate in rates.items():
-                ratio = f"{rate / stock:.2f}x" if stock else "-"
+                ratio = f"{rate / base:.2f}x" if base else "-"
                 rows.append([shape, length, name, f"{rate:.0f}",
                              f"{1000 * args.batch_size / rate:.2f}", ratio])
                 records.append({"model": shape, "length": length, "loop": name,
-                                "examples_per_s": rate, "vs_stock": rate / stock if stock else None})
+                                "examples_per_s": rate,
+                                f"vs_{baseline}": rate / base if base else None})
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     common.report("train_step", args, argv,
                   f"Training step throughput, batch {args.batch_size}, {precision}, "
                   f"{args.steps} timed steps per loop in {args.rounds} interleaved rounds",
-                  ["model", "seq len", "loop", "examples/s", "ms/step", "vs stock"], rows, records)
+                  ["model", "seq len", "loop", "examples/s", "ms/step", f"vs {baseline}"], rows,
+                  records, stem=args.stem)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@
 # Usage on the GPU machine, from the repository root:  bash bench/gpu_check.sh
 # The steps run in this order, the most valuable first; GPU_CHECK_STEPS=a,b,... runs only those
 # (in this order whatever order it lists them; an unknown name stops the script):
-# Five groups, each one device call within 600 s even when every step runs to its limit (and
+# Six groups, each one device call within 600 s even when every step runs to its limit (and
 # its 15 s grace). A session's device time (900 s, the machine's start included) fits one
 # group and a rerun of part of it; the others wait for a later session. Each group starts with
 # `build`: on a fresh machine it compiles (sm_90a, 16 jobs), on a warm one it finds nothing to do.
@@ -25,6 +25,12 @@
 #        GPU_CHECK_STEPS=build,wgmma-forward-tests,bench-wgmma-graph
 #      With most of group 0 in the same call (limits 510 s):
 #        GPU_CHECK_STEPS=build,wgmma-forward-tests,bench-wgmma-graph,importance-graph-tests,bench-importance
+#      With group F instead (limits 435 s):
+#        GPU_CHECK_STEPS=build,wgmma-forward-tests,bench-wgmma-graph,fixed-gates-tests,bench-train-step-fixed
+#   F. CUDA-graph training with fixed gates, limits 285 s: build, fixed-gates-tests (60 s: graphs
+#      with fixed gates train as the eager step), bench-train-step-fixed (75 s: BERT-base with half
+#      its heads masked, graphs with and without fixed gates):
+#        GPU_CHECK_STEPS=build,fixed-gates-tests,bench-train-step-fixed
 #   0. what is not yet measured or verified on a GPU, limits 450 s: build (150 s),
 #      importance-graph-tests (60 s: importance(cuda_graph=True) vs the eager pass),
 #      bench-masked-attention-graph-bwd (90 s: forward+backward in graph-replay GPU time vs
@@ -70,7 +76,7 @@ pack() {  # copy the benchmark tables/JSON (and profiler traces) this run wrote 
 }
 
 check_steps build mma-tests wgmma-forward-tests bench-wgmma-graph importance-graph-tests \
-  bench-masked-attention-graph \
+  fixed-gates-tests bench-train-step-fixed bench-masked-attention-graph \
   bench-masked-attention-graph-bwd trace-mma ncu-mma ncu-dense-compact cuda-tests wmma-tests \
   bench-masked-attention bench-train-step bench-group-dot bench-masked-model bench-importance \
   simt-tests
@@ -107,6 +113,17 @@ step bench-wgmma-graph 75 "$out/bench.log" bash -c "
 step importance-graph-tests 60 "$out/cuda-tests.log" python3 -m pytest "${pytest_args[@]}" \
   tests/test_importance_graph.py
 tail -n 3 "$out/cuda-tests.log" >> "$summary"
+
+# CUDA-graph training with fixed gates (CudaGraphStep(fixed_gates=True); off by default until this
+# passes): the graphs leave masked heads' products and masked MLPs out; the tests compare training
+# with the eager step (masks changed mid-run included), the benchmark a patched BERT-base with
+# every other head masked, graphs with and without fixed gates (train_step_masked-<gpu>.md).
+step fixed-gates-tests 60 "$out/cuda-tests.log" python3 -m pytest "${pytest_args[@]}" \
+  tests/test_train_step.py -k fixed_gates
+tail -n 3 "$out/cuda-tests.log" >> "$summary"
+step bench-train-step-fixed 75 "$out/bench.log" python3 bench/bench_train_step.py --device cuda \
+  --models bert-base --lengths 128,mixed --stem train_step_masked \
+  --loops graphs,graphs_patched,graphs_patched_half,graphs_patched_half_fixed; pack
 
 # Step 3: graph-replay GPU time; the providers sparsebert and sparsebert_compact (the mma.sync
 # forward) and sparsebert_wmma (the WMMA kernel, switched on per call) next to SDPA, whose chosen

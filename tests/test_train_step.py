@@ -368,6 +368,62 @@ def test_graph_step_with_dropout_and_bf16_matches_eager():
 
 
 @cuda_test
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_graph_step_with_fixed_gates_trains_as_eager(dropout):
+    """CudaGraphStep(fixed_gates=True) on a patched model with masked heads and a masked MLP:
+    the graphs leave them out (the eager step on a GPU computes them, times zero), train as the
+    eager step does (the same dropout too), and are captured anew when set_masks writes the
+    gates mid-run."""
+    device = torch.device("cuda")
+    first = {"head_mask": torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0]]),
+             "mlp_mask": torch.tensor([1.0, 0.0])}
+    second = {"head_mask": torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]]),
+              "mlp_mask": torch.tensor([1.0, 1.0])}
+    batches = make_batches(SHAPES, seed=3)
+    runs = {}
+    for graphs in (False, True):
+        model = sbhf.patch(tiny_classifier(dropout)).to(device)
+        sbhf.set_masks(model, **first)
+        config = TrainConfig(lr=1e-3, warmup_steps=2).resolved()
+        optimizer, schedule = make_optimizer(model, config, len(batches), capturable=graphs)
+        settings = StepSettings(1.0, lambda: autocast(device, "fp32", cache_enabled=not graphs))
+        step = (CudaGraphStep(model, optimizer, settings, device, fixed_gates=True) if graphs
+                else EagerStep(model, optimizer, settings, device))
+        torch.manual_seed(3)
+        losses = []
+        for index, batch in enumerate(batches):
+            if index == 3:
+                sbhf.set_masks(model, **second)
+            losses.append(float(step(batch)))
+            schedule.step()
+            if graphs and index == 2:
+                assert len(step.graphs) == 2 and len(step.gates.buffers) == 6  # 2 layers x 3
+        runs[graphs] = model, losses
+    (eager, eager_losses), (graphed, graph_losses) = runs[False], runs[True]
+    assert len(step.graphs) == 3  # dropped at the new masks, then the 3 shapes captured
+    torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@cuda_test
+def test_graph_step_fixed_gates_option_is_checked(monkeypatch):
+    device = torch.device("cuda")
+    model = tiny_classifier().to(device)
+    optimizer, _ = make_optimizer(model, TrainConfig(lr=1e-3).resolved(), 10, capturable=True)
+    with pytest.raises(TypeError, match="'fixed_gates' must be None or a bool"):
+        CudaGraphStep(model, optimizer, StepSettings(), device, fixed_gates="yes")
+    monkeypatch.setenv("SPARSEBERT_GRAPH_FIXED_GATES", "1")
+    assert CudaGraphStep(model, optimizer, StepSettings(), device).gates is not None
+    monkeypatch.setenv("SPARSEBERT_GRAPH_FIXED_GATES", "maybe")
+    with pytest.raises(ValueError, match="SPARSEBERT_GRAPH_FIXED_GATES"):
+        CudaGraphStep(model, optimizer, StepSettings(), device)
+    monkeypatch.delenv("SPARSEBERT_GRAPH_FIXED_GATES")
+    assert CudaGraphStep(model, optimizer, StepSettings(), device).gates is None
+
+
+@cuda_test
 def test_graph_step_keeps_weight_masks():
     device = torch.device("cuda")
     model = tiny_classifier(dropout=0.0).to(device)

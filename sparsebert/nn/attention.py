@@ -33,6 +33,7 @@ from sparsebert.nn.common import (
     GateSummary,
     can_read_on_host,
     check_gate,
+    fixed_gates,
     known_all_zero,
     slice_linear,
 )
@@ -208,7 +209,8 @@ class _LiveHeads:
     linears they use: q/k/v weight rows and output-dense columns. rows (K * D,), heads (K,):
     int64 on the weights' device. With gradients on, `weights` slices anew on every call (the
     slices' gradients reach the full weights, zeros at masked heads); without (evaluation) it
-    keeps them while the parameters are unchanged (same storage, same version counter)."""
+    keeps them while the parameters are unchanged (same storage, same version counter), except
+    while a CUDA graph is captured (its replays slice the weights as they are then)."""
 
     def __init__(self, summary: GateSummary, head_dim: int, device: torch.device) -> None:
         self.summary = summary
@@ -221,7 +223,7 @@ class _LiveHeads:
                 ) -> list[tuple[Tensor, Tensor | None]]:
         """[(weight, bias)] of q, k, v (their live rows) and of the output dense (its live
         columns, the whole bias)."""
-        keep = not torch.is_grad_enabled()
+        keep = not torch.is_grad_enabled() and can_read_on_host()  # a graph slices in replay
         if keep:
             params = [p for linear in (q, k, v, out) for p in (linear.weight, linear.bias)
                       if p is not None]
@@ -606,14 +608,16 @@ class SparseAttention(nn.Module):
 
     def _live_heads(self, summary: GateSummary | None, x: Tensor) -> _LiveHeads | None:
         """The live heads when the gate buffer masks some and leaving the others out pays:
-        always without gradients (evaluation: the slices are kept) and on the CPU; not on a
-        GPU with gradients on (eager training there is bound by the host, which slicing per
-        call adds to; CUDA-graph training captures the whole product). None (project every
-        head) also when a projection is not a plain nn.Linear without hooks: a slice of its
-        weight would bypass what wraps it."""
+        always without gradients (evaluation: the slices are kept) and on the CPU; on a GPU with
+        gradients on only within a FixedGates block (CUDA-graph training that opted in: the
+        slicing's host cost is paid once, at capture), not otherwise (eager training there is
+        bound by the host, which slicing per call adds to). None (project every head) also
+        when a projection is not a plain nn.Linear without hooks: a slice of its weight would
+        bypass what wraps it, and while a graph is captured if the index tensors are not made
+        yet (making them copies from the host)."""
         if summary is None or summary.all_live:
             return None
-        if torch.is_grad_enabled() and x.device.type != "cpu":
+        if torch.is_grad_enabled() and x.device.type != "cpu" and fixed_gates() is None:
             return None
         linears = (self.query_linear(), self.key_linear(), self.value_linear(),
                    self.output_dense())
@@ -622,7 +626,12 @@ class SparseAttention(nn.Module):
         device = linears[0].weight.device
         live = self.__dict__.get("_live_heads_kept")
         if live is None or live.summary is not summary or live.heads.device != device:
+            if not can_read_on_host():
+                return None
             live = self._live_heads_kept = _LiveHeads(summary, self.head_dim, device)
+        fixed = fixed_gates()
+        if fixed is not None and not can_read_on_host():
+            fixed.keep(live)  # the graph being captured reads its index tensors
         return live
 
     def _sdpa(

@@ -1,6 +1,7 @@
 """Helpers shared by SparseAttention and SparseMLP: child containers, gate checks, the
-host-side all-zero test, gate buffers summarised once per change, and slicing a Linear for
-physical pruning; and `eval_mode`, which restores every submodule's mode."""
+host-side all-zero test, gate buffers summarised once per change (and held fixed for a CUDA
+graph's capture), and slicing a Linear for physical pruning; and `eval_mode`, which restores
+every submodule's mode."""
 
 from __future__ import annotations
 
@@ -41,7 +42,66 @@ def can_read_on_host() -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-@dataclass(frozen=True, eq=False)
+class FixedGates:
+    """`with FixedGates() as fixed:` around the warm-up and capture of a CUDA graph that its
+    owner replays only while the gate buffers it relied on are unchanged (`CudaGraphStep`).
+
+    Within the block, a BufferSummary that cannot read its buffer because a CUDA graph is being
+    captured answers with the summary it read last, when the buffer is still the same tensor at
+    the same version, and `fixed` records that buffer; the captured graph then leaves out what
+    the gates mask (a masked MLP, the masked heads' products) instead of computing it and
+    multiplying by zero. Within the block the attention blocks also leave masked heads out in
+    training on a GPU (the slicing's host cost is paid once, at capture). Outside a capture,
+    summaries are read as always; under torch.compile nothing changes (its graphs carry no
+    such check).
+
+    The owner calls `fixed.settle()` once the capture's own writes are done (restoring a
+    snapshot bumps the version counters) and, before each replay, `fixed.unchanged()`: False
+    after an in-place write to a recorded buffer (set_masks, for one), and the graph must be
+    captured anew. Writes through `.data` bypass the version counter and are not seen."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[int, tuple[Tensor, int]] = {}  # id -> (buffer, version)
+        self._kept: dict[int, object] = {}  # id -> what captured work reads (index tensors)
+
+    def __enter__(self) -> FixedGates:
+        _FIXED_GATES.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _FIXED_GATES.remove(self)
+
+    def record(self, gate: Tensor) -> None:
+        self._buffers[id(gate)] = (gate, gate._version)
+
+    def keep(self, value: object) -> None:
+        """Keep `value` (tensors a captured graph reads) alive as long as this record: a block
+        that replaces it must not free memory that a replay still reads."""
+        self._kept[id(value)] = value
+
+    @property
+    def buffers(self) -> list[Tensor]:
+        """The buffers whose summaries the captured work relied on."""
+        return [gate for gate, _ in self._buffers.values()]
+
+    def settle(self) -> None:
+        """Take the recorded buffers' versions as they are now."""
+        self._buffers = {key: (gate, gate._version) for key, (gate, _) in self._buffers.items()}
+
+    def unchanged(self) -> bool:
+        """Every recorded buffer is at the version `settle` (or the capture) saw."""
+        return all(gate._version == version for gate, version in self._buffers.values())
+
+
+_FIXED_GATES: list[FixedGates] = []  # the FixedGates blocks entered, innermost last
+
+
+def fixed_gates() -> FixedGates | None:
+    """The innermost FixedGates block entered, or None."""
+    return _FIXED_GATES[-1] if _FIXED_GATES else None
+
+
+@dataclass(frozen=True)
 class GateSummary:
     """What a gate buffer's values mean for its block's work. live: indices of the non-zero
     entries of a 1-d gate (for a 0-d gate, (0,) or ()); size: its number of entries."""
@@ -66,15 +126,18 @@ class BufferSummary:
     work out per call what the gate means (on a GPU: one device sync per change instead of
     kernels on every call). Returns None where it cannot know without reading now: while
     torch.compile traces or a CUDA graph is captured (what the graph computes must follow the
-    gate's values on every replay), and for tensors without a version counter (inference
+    gate's values on every replay; within a FixedGates block, the capture gets the last summary
+    instead, when it is still current), and for tensors without a version counter (inference
     tensors). Writes through `.data` bypass the version counter: they are not seen."""
 
     def __init__(self) -> None:
         self._last: tuple[Tensor, int, GateSummary] | None = None
 
     def __call__(self, gate: Tensor) -> GateSummary | None:
-        if gate.is_inference() or gate.dim() > 1 or not can_read_on_host():
+        if gate.is_inference() or gate.dim() > 1:
             return None
+        if not can_read_on_host():
+            return self._fixed(gate)
         last = self._last
         if last is not None and last[0] is gate and last[1] == gate._version:
             return last[2]
@@ -84,8 +147,20 @@ class BufferSummary:
         summary = GateSummary(live=live, size=len(values),
                               all_ones=all(value == 1 for value in values),
                               live_ones=all(values[i] == 1 for i in live))
+        if last is not None and last[2] == summary:
+            summary = last[2]  # the same meaning: the same object (work keyed on it is kept)
         self._last = (gate, gate._version, summary)
         return summary
+
+    def _fixed(self, gate: Tensor) -> GateSummary | None:
+        """While a CUDA graph is captured in a FixedGates block: the last summary, when it is
+        still current (recorded in the block); None otherwise."""
+        fixed, last = fixed_gates(), self._last
+        if (fixed is None or torch.compiler.is_compiling() or last is None
+                or last[0] is not gate or last[1] != gate._version):
+            return None
+        fixed.record(gate)
+        return last[2]
 
     def __deepcopy__(self, memo) -> BufferSummary:
         return BufferSummary()  # a copy's buffers are other tensors: read them afresh

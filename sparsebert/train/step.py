@@ -13,7 +13,12 @@ launch. What it computes is the eager step's computation:
     capture leave no trace on training;
   * all graphs share one memory pool. That is safe because everything that outlives a
     replay (parameters, optimizer state, the static inputs, the returned loss) lives outside
-    the pool, and replays never overlap.
+    the pool, and replays never overlap;
+  * with fixed gates (`fixed_gates=True`, or SPARSEBERT_GRAPH_FIXED_GATES=1), the graphs are
+    captured in a `FixedGates` block: what the gate buffers mask is left out of the graph (a
+    masked MLP, the masked heads' products) rather than computed and multiplied by zero, and
+    an in-place change of a gate buffer the capture relied on (set_masks) drops every graph
+    before the next step, which captures anew. Off by default: not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from typing import Any
 import torch
 
 from sparsebert.graph_capture import capture
+from sparsebert.nn.common import FixedGates
+from sparsebert.switches import env_switch
 
 Batch = dict[str, torch.Tensor]
 
@@ -171,11 +178,13 @@ class CudaGraphStep:
     The optimizer must be AdamW built by `make_adamw(..., capturable=True)`. Shapes beyond
     `max_graphs` run eagerly (pad batches to a multiple of 8 or 16 to keep shapes few).
     The returned loss is a fresh device tensor (valid after later steps too).
+    fixed_gates: capture in a FixedGates block (see the module docstring); None reads the
+    SPARSEBERT_GRAPH_FIXED_GATES switch (default off).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  settings: StepSettings, device: torch.device, warmup_steps: int = 2,
-                 max_graphs: int = 32) -> None:
+                 max_graphs: int = 32, fixed_gates: bool | None = None) -> None:
         if device.type != "cuda":
             raise ValueError(f"CudaGraphStep needs a CUDA device, got {device}")
         if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
@@ -187,7 +196,15 @@ class CudaGraphStep:
                                  "and a tensor lr (sparsebert.train.step.make_adamw(..., "
                                  "capturable=True))")
         self.model, self.optimizer, self.settings, self.device = model, optimizer, settings, device
+        if fixed_gates is None:
+            fixed_gates = env_switch("SPARSEBERT_GRAPH_FIXED_GATES")
+        elif not isinstance(fixed_gates, bool):
+            raise TypeError(f"CudaGraphStep: 'fixed_gates' must be None or a bool, got "
+                            f"{fixed_gates!r}")
         self.warmup_steps, self.max_graphs = warmup_steps, max_graphs
+        # With fixed gates: the gate buffers the captured graphs rely on, one record for all
+        # of them (restoring the snapshot after a capture moves every buffer's version).
+        self.gates = FixedGates() if fixed_gates else None
         self.graphs: dict[tuple, _Captured] = {}
         self.pool = None
         self.eager = EagerStep(model, optimizer, settings, device)
@@ -202,6 +219,8 @@ class CudaGraphStep:
         return tuple((name, tuple(t.shape), t.dtype) for name, t in sorted(batch.items()))
 
     def __call__(self, batch: Batch) -> torch.Tensor:
+        if self.gates is not None and not self.gates.unchanged():
+            self.drop_graphs()  # a gate the graphs rely on was written: capture anew
         key = self._key(batch)
         entry = self.graphs.get(key)
         if entry is None:
@@ -218,25 +237,36 @@ class CudaGraphStep:
             torch.autograd.graph.increment_version(self.stepped)
         return entry.loss.clone()
 
+    def drop_graphs(self) -> None:
+        """Forget every captured graph (and their memory pool): the next step captures anew."""
+        self.graphs.clear()
+        self.pool = None
+        if self.gates is not None:
+            self.gates = FixedGates()
+        self.optimizer.zero_grad(set_to_none=True)  # the gradients lived in the graphs' pool
+
     # -- capture ------------------------------------------------------------------------
     def _capture(self, batch: Batch) -> _Captured:
         inputs = {name: t.to(self.device).clone() for name, t in batch.items()}
         saved = snapshot(self.model, self.optimizer, self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up: lazy inits, optimizer state, cuBLAS plans
-            for _ in range(self.warmup_steps):
-                self.eager(inputs)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # Gradients are None here, so backward allocates them inside the graph and every
-        # replay overwrites (not accumulates) them: no zeroing kernel needed.
-        with capture(graph, self.device, pool=self.pool):
-            loss = _forward_backward_step(self.model, self.optimizer, self.settings, inputs)
+        with self.gates or contextlib.nullcontext():
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up: lazy inits, optimizer state, cuBLAS plans
+                for _ in range(self.warmup_steps):
+                    self.eager(inputs)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # Gradients are None here, so backward allocates them inside the graph and every
+            # replay overwrites (not accumulates) them: no zeroing kernel needed.
+            with capture(graph, self.device, pool=self.pool):
+                loss = _forward_backward_step(self.model, self.optimizer, self.settings, inputs)
         if self.pool is None:
             self.pool = graph.pool()
         restore(saved, self.optimizer)
+        if self.gates is not None:
+            self.gates.settle()  # restore wrote every buffer back (same values): versions moved
         return _Captured(graph, inputs, loss)
 
 
@@ -281,8 +311,8 @@ def restore(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
 
 def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     settings: StepSettings, device: torch.device, cuda_graphs: bool,
-                    ) -> EagerStep | CudaGraphStep:
-    """CudaGraphStep when cuda_graphs (CUDA only), else EagerStep."""
+                    fixed_gates: bool | None = None) -> EagerStep | CudaGraphStep:
+    """CudaGraphStep when cuda_graphs (CUDA only; fixed_gates as there), else EagerStep."""
     if cuda_graphs:
-        return CudaGraphStep(model, optimizer, settings, device)
+        return CudaGraphStep(model, optimizer, settings, device, fixed_gates=fixed_gates)
     return EagerStep(model, optimizer, settings, device)

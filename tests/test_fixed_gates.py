@@ -1,0 +1,194 @@
+"""FixedGates: while a CUDA graph is captured inside a FixedGates block, the blocks use the gate
+summaries read before the capture (masked heads' products and masked MLPs left out), the block
+records the buffers it relied on and sees in-place writes to them afterwards. Without the block
+a capture computes everything (a replay must follow the gates' values).
+
+On the CPU the capture is simulated: `can_read_on_host` answers False, as it does while a CUDA
+graph is captured, and `known_all_zero` False, as it does for CUDA tensors
+(tests/test_train_step.py runs the real capture on a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import sparsebert.nn.attention as sb_attention
+import sparsebert.nn.common as sb_common
+import sparsebert.nn.mlp as sb_mlp
+from sparsebert.nn import SparseAttention, SparseMLP
+from sparsebert.nn.common import FixedGates, fixed_gates
+
+B, S, HID, H, FF = 3, 7, 24, 4, 20
+D = HID // H
+TOL = 1e-5
+
+
+@pytest.fixture
+def capturing(monkeypatch):
+    """capturing(True|False): whether the blocks see a CUDA graph being captured."""
+    state = {"on": False}
+
+    def can_read_on_host() -> bool:
+        return not state["on"]
+
+    monkeypatch.setattr(sb_common, "can_read_on_host", can_read_on_host)
+    monkeypatch.setattr(sb_attention, "can_read_on_host", can_read_on_host)
+    for module in (sb_attention, sb_mlp):
+        known_all_zero = module.known_all_zero
+        monkeypatch.setattr(module, "known_all_zero",
+                            lambda gate, known=known_all_zero: not state["on"] and known(gate))
+
+    def set_capturing(on: bool) -> None:
+        state["on"] = on
+
+    return set_capturing
+
+
+class Products(TorchDispatchMode):
+    """The output widths of the matrix products run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.widths: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in ("addmm", "mm", "linear"):
+            self.widths.append(out.shape[-1])
+        return out
+
+
+def forward_widths(module, *args, **kwargs) -> tuple[torch.Tensor, list[int]]:
+    with torch.no_grad(), Products() as products:
+        out = module(*args, **kwargs)
+    return (out[0] if isinstance(out, tuple) else out), products.widths
+
+
+def attention_with_gate(gate: list[float], dropout: float = 0.0) -> SparseAttention:
+    torch.manual_seed(0)
+    module = SparseAttention(HID, H, attention_dropout=dropout).eval()
+    module.head_gate.copy_(torch.tensor(gate))
+    return module
+
+
+def padding_mask() -> torch.Tensor:
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[1, 4:] = False
+    return mask
+
+
+def test_a_capture_outside_the_block_computes_every_head(capturing):
+    module = attention_with_gate([0.0, 1.0, 0.0, 1.0])
+    x, mask = torch.randn(B, S, HID), padding_mask()
+    eager, widths = forward_widths(module, x, attention_mask=mask)
+    assert widths == [2 * D, 2 * D, 2 * D, HID]  # read on the host: live heads only
+    capturing(True)
+    captured, widths = forward_widths(module, x, attention_mask=mask)
+    assert widths == [HID, HID, HID, HID]  # nothing read: every head, times its gate
+    torch.testing.assert_close(captured, eager, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train", "train_dropout"])
+def test_a_capture_in_the_block_uses_the_summary_read_before(capturing, mode):
+    """The warm-up (eager, in the block) reads the gate; the capture then projects the live
+    heads only, with the same output and gradients as the eager forward, and the block records
+    the buffer and keeps the index tensors the capture reads."""
+    module = attention_with_gate([0.0, 1.0, 0.0, 0.5], dropout=0.5 if "dropout" in mode else 0.0)
+    module.train(mode != "eval")
+    x, mask = torch.randn(B, S, HID, requires_grad=True), padding_mask()
+    params = list(module.parameters())
+    with FixedGates() as fixed:
+        assert fixed_gates() is fixed
+        torch.manual_seed(5)
+        eager = module(x, attention_mask=mask)[0]
+        dout = torch.randn_like(eager)
+        want = torch.autograd.grad(eager, [x, *params], dout)
+        assert fixed.buffers == []  # an eager forward relies on nothing
+        capturing(True)
+        _, widths = forward_widths(module, x, attention_mask=mask)
+        assert widths == [2 * D, 2 * D, 2 * D, HID]
+        torch.manual_seed(5)
+        captured = module(x, attention_mask=mask)[0]
+        got = torch.autograd.grad(captured, [x, *params], dout)
+    assert fixed_gates() is None
+    torch.testing.assert_close(captured, eager, atol=TOL, rtol=TOL)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    assert len(fixed.buffers) == 1 and fixed.buffers[0] is module.head_gate
+    live = module._live_heads_kept
+    assert any(kept is live for kept in fixed._kept.values())
+    if mode == "eval":  # a capture slices in its replays: no slices kept from the capture
+        assert live._kept is None
+
+
+def test_a_gate_never_read_or_written_since_is_computed_in_full(capturing):
+    module = attention_with_gate([1.0, 0.0, 0.0, 1.0])
+    x, mask = torch.randn(B, S, HID), padding_mask()
+    with FixedGates() as fixed:
+        capturing(True)
+        _, widths = forward_widths(module, x, attention_mask=mask)  # never read: nothing known
+        assert widths == [HID] * 4 and fixed.buffers == []
+        capturing(False)
+        forward_widths(module, x, attention_mask=mask)  # read
+        module.head_gate[1] = 1.0  # then written in place: the summary is stale
+        capturing(True)
+        captured, widths = forward_widths(module, x, attention_mask=mask)
+        assert widths == [HID] * 4 and fixed.buffers == []
+    capturing(False)
+    torch.testing.assert_close(captured, forward_widths(module, x, attention_mask=mask)[0],
+                               atol=TOL, rtol=TOL)
+
+
+def test_the_block_sees_writes_to_the_buffers_it_recorded(capturing):
+    module = attention_with_gate([0.0, 1.0, 1.0, 1.0])
+    x, mask = torch.randn(B, S, HID), padding_mask()
+    with FixedGates() as fixed:
+        forward_widths(module, x, attention_mask=mask)
+        capturing(True)
+        forward_widths(module, x, attention_mask=mask)
+    assert fixed.unchanged()
+    module.head_gate.copy_(module.head_gate.clone())  # the same values, written: a new version
+    assert not fixed.unchanged()
+    fixed.settle()
+    assert fixed.unchanged()
+    module.head_gate.zero_()  # set_masks writes in place
+    assert not fixed.unchanged()
+
+
+def test_a_masked_mlp_is_left_out_of_the_capture(capturing):
+    torch.manual_seed(0)
+    mlp = SparseMLP(HID, FF).eval()
+    mlp.mlp_gate.zero_()
+    x = torch.randn(B, S, HID)
+    with FixedGates() as fixed:
+        out, widths = forward_widths(mlp, x)
+        assert widths == []
+        capturing(True)
+        captured, widths = forward_widths(mlp, x)
+    assert widths == []  # neither dense runs
+    torch.testing.assert_close(captured, mlp.output.LayerNorm(x))
+    assert {id(b) for b in fixed.buffers} == {id(mlp.mlp_gate), id(mlp.neuron_gate)}
+    capturing(True)
+    _, widths = forward_widths(mlp, x)  # outside the block: computed, times the zero gate
+    assert widths == [FF, HID]
+
+
+def test_the_same_values_read_again_give_the_same_summary():
+    """A block keyed on its summary (the live heads' index tensors a graph reads) survives a
+    write of the same values: restoring a snapshot after a capture writes every buffer."""
+    module = attention_with_gate([0.0, 1.0, 0.0, 1.0])
+    first = module.gate_summary()
+    module.head_gate.copy_(module.head_gate.clone())
+    assert module.gate_summary() is first
+    module.head_gate[0] = 1.0
+    second = module.gate_summary()
+    assert second is not first and second.live == (0, 1, 3)
+
+
+def test_the_block_does_nothing_under_torch_compile(monkeypatch):
+    module = attention_with_gate([0.0, 1.0, 0.0, 1.0])
+    module.gate_summary()  # read
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with FixedGates() as fixed:
+        assert module.gate_summary() is None and fixed.buffers == []
