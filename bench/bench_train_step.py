@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if device.type != "cuda":
         args.loops = ",".join(n for n in args.loops.split(",") if not n.startswith("graphs"))
+        if not args.loops:
+            parser.error("--loops: the graphs loops need a CUDA device")
     unknown = set(args.loops.split(",")) - set(LOOPS)
     if unknown:
         parser.error(f"--loops: unknown {sorted(unknown)}; expected a comma list of {LOOPS}")
