@@ -14,9 +14,9 @@ data loader would deliver them. Loops:
   *_half         the patched loops with every other head of every layer masked (a head
                  mask as the lottery search gives, retrained): masked heads cost no product
                  in the eager loop on the CPU (on a GPU eager and graphs compute every head)
-  graphs_patched_half_fixed
-                 graphs_patched_half with fixed gates (CudaGraphStep(fixed_gates=True)): the
-                 graphs leave the masked heads' products out
+  graphs_patched_fixed, graphs_patched_half_fixed
+                 the patched graphs loops with fixed gates (CudaGraphStep(fixed_gates=True)):
+                 no gate multiplies, the masked_attention op, masked heads' products left out
 Widths: fixed sequence lengths, and "mixed" (widths 16, 32, ..., 128 in turn: one graph
 per width, as bucketed GLUE batches padded to a multiple of 16 give). Loops are timed in
 interleaved rounds so machine noise hits all alike.
@@ -26,7 +26,7 @@ interleaved rounds so machine noise hits all alike.
     python bench/bench_train_step.py --device cpu --models minilm --lengths 128 --steps 9 \
         --loops stock,eager,eager_patched,eager_patched_half
     python bench/bench_train_step.py --device cuda --models bert-base --stem train_step_masked \
-        --loops graphs,graphs_patched,graphs_patched_half,graphs_patched_half_fixed
+        --loops graphs,graphs_patched,graphs_patched_fixed,graphs_patched_half,graphs_patched_half_fixed
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from sparsebert.train import TrainConfig, autocast, make_optimizer  # noqa: E402
 from sparsebert.train.step import CudaGraphStep, EagerStep, StepSettings  # noqa: E402
 
 LOOPS = ("stock", "eager", "graphs", "graphs_patched", "eager_patched", "eager_patched_half",
-         "graphs_patched_half", "graphs_patched_half_fixed")
+         "graphs_patched_half", "graphs_patched_fixed", "graphs_patched_half_fixed")
 DEFAULT_LOOPS = LOOPS[:4]  # the others with --loops
 MIXED_WIDTHS = tuple(range(16, 129, 16))
 

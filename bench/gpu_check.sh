@@ -25,12 +25,13 @@
 #        GPU_CHECK_STEPS=build,wgmma-forward-tests,bench-wgmma-graph
 #      With most of group 0 in the same call (limits 510 s):
 #        GPU_CHECK_STEPS=build,wgmma-forward-tests,bench-wgmma-graph,importance-graph-tests,bench-importance
-#      With group F instead (limits 435 s):
-#        GPU_CHECK_STEPS=build,wgmma-forward-tests,bench-wgmma-graph,fixed-gates-tests,bench-train-step-fixed
-#   F. CUDA-graph training with fixed gates, limits 285 s: build, fixed-gates-tests (60 s: graphs
-#      with fixed gates train as the eager step), bench-train-step-fixed (75 s: BERT-base with half
-#      its heads masked, graphs with and without fixed gates):
-#        GPU_CHECK_STEPS=build,fixed-gates-tests,bench-train-step-fixed
+#      With group F instead (limits 465 s):
+#        GPU_CHECK_STEPS=build,wgmma-forward-tests,bench-wgmma-graph,fixed-gates-tests,bench-train-step-fixed,bench-captured-ops
+#   F. CUDA-graph training with fixed gates, limits 315 s: build, fixed-gates-tests (60 s: graphs
+#      with fixed gates train as the eager step), bench-train-step-fixed (75 s: BERT-base, all
+#      heads and half its heads masked, graphs with and without fixed gates), bench-captured-ops
+#      (30 s: tensor ops and FLOPs those graphs hold):
+#        GPU_CHECK_STEPS=build,fixed-gates-tests,bench-train-step-fixed,bench-captured-ops
 #   0. what is not yet measured or verified on a GPU, limits 450 s: build (150 s),
 #      importance-graph-tests (60 s: importance(cuda_graph=True) vs the eager pass),
 #      bench-masked-attention-graph-bwd (90 s: forward+backward in graph-replay GPU time vs
@@ -76,7 +77,7 @@ pack() {  # copy the benchmark tables/JSON (and profiler traces) this run wrote 
 }
 
 check_steps build mma-tests wgmma-forward-tests bench-wgmma-graph importance-graph-tests \
-  fixed-gates-tests bench-train-step-fixed bench-masked-attention-graph \
+  fixed-gates-tests bench-train-step-fixed bench-captured-ops bench-masked-attention-graph \
   bench-masked-attention-graph-bwd trace-mma ncu-mma ncu-dense-compact cuda-tests wmma-tests \
   bench-masked-attention bench-train-step bench-group-dot bench-masked-model bench-importance \
   simt-tests
@@ -123,7 +124,11 @@ step fixed-gates-tests 60 "$out/cuda-tests.log" python3 -m pytest "${pytest_args
 tail -n 3 "$out/cuda-tests.log" >> "$summary"
 step bench-train-step-fixed 75 "$out/bench.log" python3 bench/bench_train_step.py --device cuda \
   --models bert-base --lengths 128,mixed --stem train_step_masked \
-  --loops graphs,graphs_patched,graphs_patched_half,graphs_patched_half_fixed; pack
+  --loops graphs,graphs_patched,graphs_patched_fixed,graphs_patched_half,graphs_patched_half_fixed
+pack
+# What those graphs hold, counted during a real capture: tensor ops and matrix-product FLOPs.
+step bench-captured-ops 30 "$out/bench.log" python3 bench/bench_captured_ops.py --device cuda \
+  --model bert-base --batch 32 --seq 128; pack
 
 # Step 3: graph-replay GPU time; the providers sparsebert and sparsebert_compact (the mma.sync
 # forward) and sparsebert_wmma (the WMMA kernel, switched on per call) next to SDPA, whose chosen

@@ -9,6 +9,8 @@ graph is captured, and `known_all_zero` False, as it does for CUDA tensors
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -192,3 +194,118 @@ def test_the_block_does_nothing_under_torch_compile(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     with FixedGates() as fixed:
         assert module.gate_summary() is None and fixed.buffers == []
+
+
+# --- whole patched models: the masks they build -----------------------------------------------
+def tiny_patched_classifier() -> torch.nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification  # noqa: PLC0415
+
+    import sparsebert.hf as sbhf  # noqa: PLC0415
+
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, num_labels=3)
+    torch.manual_seed(0)
+    model = sbhf.patch(BertForSequenceClassification(config).train())
+    sbhf.set_masks(model, head_mask=torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]]))
+    return model
+
+
+def model_batch() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.ones(4, 12, dtype=torch.long)
+    mask[1, 7:] = 0
+    mask[3, 3:] = 0
+    return {"input_ids": torch.randint(1, 100, (4, 12), generator=gen) * mask,
+            "attention_mask": mask, "labels": torch.randint(0, 3, (4,), generator=gen)}
+
+
+class AttentionCalls(TorchDispatchMode):
+    """How often the masked_attention op ran, and the q/k/v/output products' widths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.op = 0
+        self.widths: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        self.op += name == "masked_attention"
+        if name in ("addmm", "mm", "linear") and not torch.is_grad_enabled():
+            self.widths.append(out.shape[-1])
+        return out
+
+
+def loss_and_grads(model, batch, **extra):
+    loss = model(**batch, **extra).loss
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    return loss.detach(), grads
+
+
+def test_a_patched_models_masks_are_taken_as_built_in_a_captured_block(capturing):
+    """A patched model called with a 2-d mask builds its blocks' 4-d masks from it: while a
+    graph is captured in a FixedGates block they run the op over the live heads without being
+    read, with the eager forward's loss and gradients; the decision is remembered for the mask
+    (a layer recomputed later decides the same) until the mask is written."""
+    model, batch = tiny_patched_classifier(), model_batch()
+    with FixedGates():
+        want_loss, want = loss_and_grads(model, batch)  # eager: the gates are read here
+        capturing(True)
+        with AttentionCalls() as calls:
+            got_loss, got = loss_and_grads(model, batch)
+        assert calls.op == 2  # the op, not SDPA, in both layers
+        with torch.no_grad(), AttentionCalls() as calls:
+            model(**batch)
+        hid, dim = 32, 8
+        assert calls.widths[:4] == [2 * dim, 2 * dim, 2 * dim, hid]  # layer 0: 2 live heads
+        assert calls.widths[6:10] == [3 * dim, 3 * dim, 3 * dim, hid]  # layer 1: 3 live heads
+        built = []
+        hook = model.bert.encoder.layer[0].attention.register_forward_pre_hook(
+            lambda module, args, kwargs: built.append(kwargs.get("attention_mask", args[1:2])),
+            with_kwargs=True)
+        model(**batch)
+        hook.remove()
+        mask = built[0] if isinstance(built[0], torch.Tensor) else built[0][0]
+        # (B, 1, S, S) as transformers builds it, looked at outside the model's forward:
+        assert mask.dim() == 4 and sb_attention.is_padding_mask(mask)  # remembered
+        mask.logical_not_()  # written since: not taken any more
+        assert not sb_attention.is_padding_mask(mask)
+    torch.testing.assert_close(got_loss, want_loss, atol=TOL, rtol=TOL)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    assert sb_attention._model_forwards.stack == []
+
+
+@pytest.mark.parametrize("call", ["outside_block", "position_ids", "mask_4d", "decoder"])
+def test_masks_a_patched_model_did_not_build_from_padding_are_not_assumed(capturing, call):
+    """Outside a FixedGates block, with position ids (transformers may build packed-sequence
+    masks from them), with a 4-d mask given by the caller, or on a decoder config, a mask that
+    cannot be read runs through SDPA, as before."""
+    model, batch = tiny_patched_classifier(), model_batch()
+    extra = {}
+    if call == "position_ids":
+        extra["position_ids"] = torch.arange(12).expand(4, 12)
+    if call == "mask_4d":
+        keys = batch.pop("attention_mask").bool()
+        extra["attention_mask"] = keys[:, None, None, :].expand(4, 1, 12, 12).clone()
+    if call == "decoder":
+        model.config.is_decoder = True  # after patching (patch refuses decoders)
+    want_loss, want = loss_and_grads(model, batch, **extra)
+    with FixedGates() if call != "outside_block" else contextlib.nullcontext():
+        loss_and_grads(model, batch, **extra)  # warm-up
+        capturing(True)
+        with AttentionCalls() as calls:
+            got_loss, got = loss_and_grads(model, batch, **extra)
+    assert calls.op == 0  # SDPA
+    torch.testing.assert_close(got_loss, want_loss, atol=TOL, rtol=TOL)
+    assert sb_attention._model_forwards.stack == []
+
+
+def test_a_forward_that_raises_leaves_no_padding_mark(capturing):
+    model, batch = tiny_patched_classifier(), model_batch()
+    batch["input_ids"] = batch["input_ids"][:, :70].repeat(1, 6)  # longer than the positions
+    batch["attention_mask"] = batch["attention_mask"].repeat(1, 6)
+    with pytest.raises((IndexError, RuntimeError, ValueError)):
+        model(**batch)
+    assert sb_attention._model_forwards.stack == []
