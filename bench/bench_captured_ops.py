@@ -7,8 +7,9 @@ Rows (random BERT-shaped classifier, dropout off, padded rows; no optimizer step
   patched             sparsebert.patch'ed, every gate 1: a capture can read neither the gates
                       nor the 4-d masks, so every layer multiplies by its gates (and tests
                       them) and runs SDPA with the materialised mask
-  patched_fixed       the same captured in a FixedGates block: no gate multiplies, and the masks
-                      the model builds from its 2-d padding mask go to the masked_attention op
+  patched_fixed       the same captured as CudaGraphStep(fixed_gates=True) does (a FixedGates
+                      block, padding masks as views): no gate multiplies, and the
+                      masked_attention op instead of SDPA
   patched_half        every other head of every layer masked (set_masks)
   patched_half_fixed  the same in a FixedGates block: the masked heads' products left out (the
                       live heads' weight slices and their gradients' scatter are the extra ops)
@@ -42,6 +43,7 @@ import sparsebert.nn.attention as sb_attention  # noqa: E402
 import sparsebert.nn.common as sb_common  # noqa: E402
 import sparsebert.nn.mlp as sb_mlp  # noqa: E402
 from sparsebert.graph_capture import capture  # noqa: E402
+from sparsebert.hf.attention_backend import padding_masks_as_views  # noqa: E402
 from sparsebert.nn.common import FixedGates  # noqa: E402
 
 VARIANTS = ("stock", "patched", "patched_fixed", "patched_half", "patched_half_fixed")
@@ -110,7 +112,10 @@ def count_captured_step(model, batch, device: torch.device, fixed: bool) -> OpCo
     def step() -> None:
         model(**batch).loss.backward()
 
-    with FixedGates() if fixed else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        if fixed:  # as CudaGraphStep(fixed_gates=True) captures
+            stack.enter_context(FixedGates())
+            stack.enter_context(padding_masks_as_views(model))
         for _ in range(2):  # warm-up (eager): lazy inits; in the block, the gates are read here
             step()
         model.zero_grad(set_to_none=True)

@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import sparsebert.nn.attention as sb_attention
 import sparsebert.nn.common as sb_common
 import sparsebert.nn.mlp as sb_mlp
+from sparsebert.hf.attention_backend import padding_masks_as_views
 from sparsebert.nn import SparseAttention, SparseMLP
 from sparsebert.nn.common import FixedGates, fixed_gates
 
@@ -243,69 +244,42 @@ def loss_and_grads(model, batch, **extra):
     return loss.detach(), grads
 
 
-def test_a_patched_models_masks_are_taken_as_built_in_a_captured_block(capturing):
-    """A patched model called with a 2-d mask builds its blocks' 4-d masks from it: while a
-    graph is captured in a FixedGates block they run the op over the live heads without being
-    read, with the eager forward's loss and gradients; the decision is remembered for the mask
-    (a layer recomputed later decides the same) until the mask is written."""
+def test_a_patched_model_captured_as_the_training_step_does(capturing):
+    """As CudaGraphStep(fixed_gates=True) captures (a FixedGates block, padding masks as
+    views): a patched model's capture runs the masked_attention op over the live heads only,
+    with the eager forward's loss and gradients."""
     model, batch = tiny_patched_classifier(), model_batch()
-    with FixedGates():
-        want_loss, want = loss_and_grads(model, batch)  # eager: the gates are read here
+    want_loss, want = loss_and_grads(model, batch)
+    with FixedGates(), padding_masks_as_views(model):
+        loss_and_grads(model, batch)  # warm-up: the gates are read here
         capturing(True)
         with AttentionCalls() as calls:
             got_loss, got = loss_and_grads(model, batch)
         assert calls.op == 2  # the op, not SDPA, in both layers
         with torch.no_grad(), AttentionCalls() as calls:
             model(**batch)
-        hid, dim = 32, 8
-        assert calls.widths[:4] == [2 * dim, 2 * dim, 2 * dim, hid]  # layer 0: 2 live heads
-        assert calls.widths[6:10] == [3 * dim, 3 * dim, 3 * dim, hid]  # layer 1: 3 live heads
-        built = []
-        hook = model.bert.encoder.layer[0].attention.register_forward_pre_hook(
-            lambda module, args, kwargs: built.append(kwargs.get("attention_mask", args[1:2])),
-            with_kwargs=True)
-        model(**batch)
-        hook.remove()
-        mask = built[0] if isinstance(built[0], torch.Tensor) else built[0][0]
-        # (B, 1, S, S) as transformers builds it, looked at outside the model's forward:
-        assert mask.dim() == 4 and sb_attention.is_padding_mask(mask)  # remembered
-        mask.logical_not_()  # written since: not taken any more
-        assert not sb_attention.is_padding_mask(mask)
+    hid, dim = 32, 8
+    assert calls.widths[:4] == [2 * dim, 2 * dim, 2 * dim, hid]  # layer 0: 2 live heads
+    assert calls.widths[6:10] == [3 * dim, 3 * dim, 3 * dim, hid]  # layer 1: 3 live heads
     torch.testing.assert_close(got_loss, want_loss, atol=TOL, rtol=TOL)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
-    assert sb_attention._model_forwards.stack == []
 
 
-@pytest.mark.parametrize("call", ["outside_block", "position_ids", "mask_4d", "decoder"])
-def test_masks_a_patched_model_did_not_build_from_padding_are_not_assumed(capturing, call):
-    """Outside a FixedGates block, with position ids (transformers may build packed-sequence
-    masks from them), with a 4-d mask given by the caller, or on a decoder config, a mask that
-    cannot be read runs through SDPA, as before."""
+@pytest.mark.parametrize("setting", ["plain", "views_only"])
+def test_a_capture_without_fixed_gates_follows_the_gates_values(capturing, setting):
+    """Without the block a capture multiplies by every gate (the graph must follow in-place
+    gate writes); a materialised 4-d mask cannot be read, so SDPA runs unless the masks come
+    as views."""
     model, batch = tiny_patched_classifier(), model_batch()
-    extra = {}
-    if call == "position_ids":
-        extra["position_ids"] = torch.arange(12).expand(4, 12)
-    if call == "mask_4d":
-        keys = batch.pop("attention_mask").bool()
-        extra["attention_mask"] = keys[:, None, None, :].expand(4, 1, 12, 12).clone()
-    if call == "decoder":
-        model.config.is_decoder = True  # after patching (patch refuses decoders)
-    want_loss, want = loss_and_grads(model, batch, **extra)
-    with FixedGates() if call != "outside_block" else contextlib.nullcontext():
-        loss_and_grads(model, batch, **extra)  # warm-up
+    want_loss, _ = loss_and_grads(model, batch)
+    with padding_masks_as_views(model) if setting == "views_only" else contextlib.nullcontext():
+        loss_and_grads(model, batch)
         capturing(True)
         with AttentionCalls() as calls:
-            got_loss, got = loss_and_grads(model, batch, **extra)
-    assert calls.op == 0  # SDPA
+            got_loss, _ = loss_and_grads(model, batch)
+        with torch.no_grad(), AttentionCalls() as products:
+            model(**batch)
+    assert calls.op == (2 if setting == "views_only" else 0)
+    assert products.widths[:4] == [32] * 4  # every head projected
     torch.testing.assert_close(got_loss, want_loss, atol=TOL, rtol=TOL)
-    assert sb_attention._model_forwards.stack == []
-
-
-def test_a_forward_that_raises_leaves_no_padding_mark(capturing):
-    model, batch = tiny_patched_classifier(), model_batch()
-    batch["input_ids"] = batch["input_ids"][:, :70].repeat(1, 6)  # longer than the positions
-    batch["attention_mask"] = batch["attention_mask"].repeat(1, 6)
-    with pytest.raises((IndexError, RuntimeError, ValueError)):
-        model(**batch)
-    assert sb_attention._model_forwards.stack == []

@@ -120,8 +120,8 @@ def test_cuda_graph_is_an_error_for_michel_and_on_the_cpu(tiny_bert, tiny_batche
 def test_padding_masks_as_views_changes_the_mask_not_the_outputs(attn, tiny_bert, tiny_batches):
     """Under padding_masks_as_views the patched attention gets a stride-0 padding mask (read
     without a host read, as a capture needs), the logits are the same, the config is restored."""
+    from sparsebert.hf.attention_backend import padding_masks_as_views
     from sparsebert.nn import attention as attention_module
-    from sparsebert.pruning.importance_graph import padding_masks_as_views
 
     model = patch(tiny_bert(num_labels=NUM_LABELS, attn=attn)).eval()
     batch = tiny_batches(num_labels=NUM_LABELS)[0]

@@ -31,7 +31,9 @@ Two attention cores:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -138,6 +140,28 @@ def sparsebert_mask(
     if allow_is_bidirectional_skip and can_read_on_host() and bool(padding.all()):
         return None
     return padding[:, None, None, :].expand(batch_size, 1, q_length, kv_length)
+
+
+@contextlib.contextmanager
+def padding_masks_as_views(model: torch.nn.Module) -> Iterator[None]:
+    """While the block runs, the model's config names the "sparsebert" attention implementation,
+    whose mask function gives a padding mask as a (B, 1, Sq, Sk) bool view of the (B, Sk) key
+    mask (stride 0 over queries); restored on exit. Only the masks change: a patched model's
+    attention modules do not go through transformers' attention interface. The CUDA-graph
+    captures of patched models use it (importance(cuda_graph=True), CudaGraphStep with fixed
+    gates): SDPA's mask function materialises (B, 1, S, S), which a capture cannot read, so the
+    attention would run SDPA rather than the masked-attention kernels."""
+    config = getattr(model, "config", None)
+    previous = getattr(config, "_attn_implementation", None)
+    if config is None or previous == ATTN_IMPLEMENTATION:
+        yield
+        return
+    register_attention_backend()
+    config._attn_implementation = ATTN_IMPLEMENTATION
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 # --------------------------------------------------------------------------------------------

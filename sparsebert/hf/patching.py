@@ -21,7 +21,6 @@ from torch import nn
 
 from sparsebert.hf.structure import ModelStructure, config_size, encoder_layers, structure_for
 from sparsebert.nn import SparseAttention, SparseMLP
-from sparsebert.nn.attention import model_forward_begins, model_forward_ends
 
 MLP_ATTR = "sparse_mlp"
 """Name under which a patched layer registers its SparseMLP (our name, not the model's)."""
@@ -122,22 +121,6 @@ def _warn_output_attentions(model: nn.Module, args: tuple, kwargs: dict) -> None
         warnings.warn(_ATTENTIONS_WARNING, stacklevel=3)
 
 
-def _forward_begins(model: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook of a patched model: whether the 4-d masks its blocks get in this forward
-    are built from a padding mask (a 2-d attention mask or none, no position ids, which could
-    make packed-sequence masks, and an encoder: BERT-family forwards take (input_ids,
-    attention_mask, ...), so further positional arguments are not looked into)."""
-    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-    built = (len(args) <= 2 and kwargs.get("position_ids") is None
-             and (mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2))
-             and not getattr(model.config, "is_decoder", False))
-    model_forward_begins(model, built)
-
-
-def _forward_ends(model: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-    model_forward_ends(model)
-
-
 def patch(model: nn.Module) -> nn.Module:
     """Swap gated SparseAttention / SparseMLP blocks into a HF model in place; returns it.
 
@@ -152,9 +135,6 @@ def patch(model: nn.Module) -> nn.Module:
         _patch_layer(layer, model, row)
     if _warn_output_attentions not in model._forward_pre_hooks.values():
         model.register_forward_pre_hook(_warn_output_attentions, with_kwargs=True)
-    if _forward_begins not in model._forward_pre_hooks.values():
-        model.register_forward_pre_hook(_forward_begins, with_kwargs=True)
-        model.register_forward_hook(_forward_ends, with_kwargs=True, always_call=True)
     return model
 
 

@@ -19,7 +19,6 @@ Conventions (exact, and identical in masked and physically pruned modules):
 from __future__ import annotations
 
 import contextlib
-import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from sparsebert.nn.common import (
     BufferSummary,
@@ -67,12 +65,6 @@ _last_mask_verdict: tuple[Tensor, int, bool] | None = None
 # Every layer of a forward gets the same mask object; the first converts it (four small
 # kernels), the others reuse the result.
 _last_key_padding: tuple[Tensor, int, int, int, Tensor] | None = None
-# Per thread, one entry per patched model's forward in progress: (the model's id, whether the 4-d
-# masks its blocks receive are built from a padding mask: `model_forward_begins`).
-_model_forwards = threading.local()
-# Masks taken for padding masks by construction while a graph was captured (mask -> version), so
-# that recomputing a layer later (activation checkpointing) decides as its forward did.
-_built_padding_masks = WeakIdKeyDictionary()
 # An additive mask value at or below this masks its key exactly (exp underflows to 0 in every
 # floating dtype); transformers uses finfo.min, older code -10000.
 HARD_MASK_BIAS = -1e4
@@ -95,9 +87,7 @@ def is_padding_mask(attention_mask: Tensor | None) -> bool:
     padding mask) is one by construction; any other 4-d mask is read (the verdict is cached
     for the same tensor until it is written to; not for inference tensors, which have no
     version counter). While torch.compile traces or a CUDA graph is captured a mask cannot be
-    read: such masks are then not taken for padding masks (SDPA runs them, exactly), except the
-    masks a patched model builds from a padding mask, inside a FixedGates block
-    (`model_forward_begins`).
+    read: such masks are then not taken for padding masks (SDPA runs them, exactly).
     """
     global _last_mask_verdict
     if attention_mask is not None and not isinstance(attention_mask, Tensor):
@@ -109,7 +99,7 @@ def is_padding_mask(attention_mask: Tensor | None) -> bool:
     if repeats and hard:
         return True
     if not can_read_on_host():
-        return _padding_by_construction(attention_mask)
+        return False
     # Inference tensors (made under torch.inference_mode) have no version counter: not cached.
     version = None if attention_mask.is_inference() else attention_mask._version
     cached = _last_mask_verdict
@@ -128,40 +118,6 @@ def is_padding_mask(attention_mask: Tensor | None) -> bool:
     if version is not None:
         _last_mask_verdict = (attention_mask.detach(), version, verdict)
     return verdict
-
-
-def model_forward_begins(model: nn.Module, built_from_padding: bool) -> None:
-    """A patched model's forward begins (its forward pre-hook). built_from_padding: the 4-d masks
-    its self-attention blocks receive in this forward are padding masks by construction (the
-    call gave a 2-d attention mask or none, no position ids, and the model is a bidirectional
-    encoder), so they need not be read while a CUDA graph is captured in a FixedGates block."""
-    stack = _model_forwards.__dict__.setdefault("stack", [])
-    stack.append((id(model), built_from_padding))
-
-
-def model_forward_ends(model: nn.Module) -> None:
-    """The forward that model_forward_begins announced has ended (or raised)."""
-    stack = _model_forwards.__dict__.get("stack")
-    if stack and stack[-1][0] == id(model):
-        stack.pop()
-
-
-def _padding_by_construction(attention_mask: Tensor) -> bool:
-    """is_padding_mask for a mask that cannot be read now: False, except while a CUDA graph is
-    captured in a FixedGates block (the gates and masks fixed by their owner): True for a
-    (B, 1, Sq, S) mask of a patched model's forward that built it from a padding mask
-    (model_forward_begins), and for a mask taken so before and not written since."""
-    if torch.compiler.is_compiling() or fixed_gates() is None:
-        return False
-    inference = attention_mask.is_inference()  # no version counter: not remembered
-    if not inference and _built_padding_masks.get(attention_mask) == attention_mask._version:
-        return True
-    stack = _model_forwards.__dict__.get("stack")
-    if not (stack and stack[-1][1] and attention_mask.shape[1] == 1):
-        return False
-    if not inference:
-        _built_padding_masks[attention_mask] = attention_mask._version
-    return True
 
 
 def _read_is_padding_mask(attention_mask: Tensor) -> bool:

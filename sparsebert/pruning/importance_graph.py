@@ -23,35 +23,15 @@ outputs: valid until the next batch.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from sparsebert.graph_capture import capture
-from sparsebert.hf.attention_backend import ATTN_IMPLEMENTATION, register_attention_backend
+from sparsebert.hf.attention_backend import padding_masks_as_views
 from sparsebert.pruning.importance import BatchScorer, GateGrads, ScoreSums
-
-
-@contextlib.contextmanager
-def padding_masks_as_views(model: torch.nn.Module) -> Iterator[None]:
-    """While the block runs, the model's config names the "sparsebert" attention implementation,
-    whose mask function gives a padding mask as a (B, 1, Sq, Sk) bool view of the (B, Sk) key
-    mask (stride 0 over queries); restored on exit. Only the masks change: a patched model's
-    attention modules do not go through transformers' attention interface."""
-    config = getattr(model, "config", None)
-    previous = getattr(config, "_attn_implementation", None)
-    if config is None or previous == ATTN_IMPLEMENTATION:
-        yield
-        return
-    register_attention_backend()
-    config._attn_implementation = ATTN_IMPLEMENTATION
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
 
 
 @dataclass

@@ -18,7 +18,10 @@ launch. What it computes is the eager step's computation:
     captured in a `FixedGates` block: what the gate buffers mask is left out of the graph (a
     masked MLP, the masked heads' products) rather than computed and multiplied by zero, and
     an in-place change of a gate buffer the capture relied on (set_masks) drops every graph
-    before the next step, which captures anew. Off by default: not yet run on a GPU.
+    before the next step, which captures anew. Warm-up and capture then also build padding
+    masks as views (`padding_masks_as_views`), which the patched attention takes for key
+    padding masks without reading them: the graphs run the masked-attention kernels, not SDPA
+    over a materialised (B, 1, S, S) mask. Off by default: not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 import torch
 
 from sparsebert.graph_capture import capture
+from sparsebert.hf.attention_backend import padding_masks_as_views
 from sparsebert.nn.common import FixedGates
 from sparsebert.switches import env_switch
 
@@ -250,7 +254,10 @@ class CudaGraphStep:
         inputs = {name: t.to(self.device).clone() for name, t in batch.items()}
         saved = snapshot(self.model, self.optimizer, self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        with self.gates or contextlib.nullcontext():
+        with contextlib.ExitStack() as fixed:
+            if self.gates is not None:  # the gates read at warm-up, padding masks as views
+                fixed.enter_context(self.gates)
+                fixed.enter_context(padding_masks_as_views(self.model))
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up: lazy inits, optimizer state, cuBLAS plans
