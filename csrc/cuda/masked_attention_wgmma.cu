@@ -121,8 +121,10 @@ __device__ __forceinline__ void attend_tile_wgmma(const MmaFwdArgs& a, int b, in
     keep_regs(pa);
   }
 
-  // Step 3: gate / l once, staged in the warp's own 16 rows of the Q tile, 16-byte stores (every
-  // wgmma reading Q is complete: the last batch was waited for).
+  // Step 3: gate / l once, staged in the warp's own 16 rows of the Q tile, 16-byte stores. A
+  // warp's waits cover its own view of the warpgroup's batches; the barrier makes sure that no
+  // warp's part of the last S = Q K^T still reads Q when another warp overwrites its rows.
+  __syncthreads();
   float factor[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
