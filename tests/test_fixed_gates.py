@@ -283,3 +283,15 @@ def test_a_capture_without_fixed_gates_follows_the_gates_values(capturing, setti
     assert calls.op == (2 if setting == "views_only" else 0)
     assert products.widths[:4] == [32] * 4  # every head projected
     torch.testing.assert_close(got_loss, want_loss, atol=TOL, rtol=TOL)
+
+
+def test_a_block_is_seen_by_its_own_thread_only():
+    import threading  # noqa: PLC0415
+
+    seen = []
+    with FixedGates() as fixed:
+        thread = threading.Thread(target=lambda: seen.append(fixed_gates()))
+        thread.start()
+        thread.join()
+        assert fixed_gates() is fixed
+    assert seen == [None] and fixed_gates() is None

@@ -168,7 +168,9 @@ def to_key_padding_mask(attention_mask: Tensor | None, batch: int, seq: int, *,
                 "SDPA, sparsebert.accelerate takes padding masks only"
             )
         row = attention_mask[:, 0, 0, :]  # (B, S): padding masks repeat over heads and queries
-        if attention_mask.dtype == torch.bool or not attention_mask.is_floating_point():
+        if row.dtype == torch.bool:
+            mask = row  # (the rows' fix below makes a new tensor: the caller's is not aliased)
+        elif not attention_mask.is_floating_point():
             mask = row != 0
         else:
             mask = row == 0  # additive: 0 = attend, finfo.min (or -1e4) = masked

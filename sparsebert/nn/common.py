@@ -6,6 +6,7 @@ every submodule's mode."""
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -65,11 +66,11 @@ class FixedGates:
         self._kept: dict[int, object] = {}  # id -> what captured work reads (index tensors)
 
     def __enter__(self) -> FixedGates:
-        _FIXED_GATES.append(self)
+        _entered_fixed_gates().append(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        _FIXED_GATES.remove(self)
+        _entered_fixed_gates().remove(self)
 
     def record(self, gate: Tensor) -> None:
         self._buffers[id(gate)] = (gate, gate._version)
@@ -93,12 +94,18 @@ class FixedGates:
         return all(gate._version == version for gate, version in self._buffers.values())
 
 
-_FIXED_GATES: list[FixedGates] = []  # the FixedGates blocks entered, innermost last
+_FIXED_GATES = threading.local()  # .entered: this thread's FixedGates blocks, innermost last
+
+
+def _entered_fixed_gates() -> list[FixedGates]:
+    return _FIXED_GATES.__dict__.setdefault("entered", [])
 
 
 def fixed_gates() -> FixedGates | None:
-    """The innermost FixedGates block entered, or None."""
-    return _FIXED_GATES[-1] if _FIXED_GATES else None
+    """The innermost FixedGates block this thread has entered, or None (a capture on another
+    thread is not affected by this one's block)."""
+    entered = _FIXED_GATES.__dict__.get("entered")
+    return entered[-1] if entered else None
 
 
 @dataclass(frozen=True)
