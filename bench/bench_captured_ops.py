@@ -84,16 +84,6 @@ def simulated_capture():
             setattr(module, name, value)
 
 
-def make_batch(batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=gen)
-    lengths[0] = seq
-    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()  # (B, S)
-    ids = torch.randint(1000, 30000, (batch, seq), generator=gen) * mask
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-            "labels": torch.randint(0, 2, (batch,), generator=gen).to(device)}
-
-
 def build(variant: str, base: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     model = copy.deepcopy(base).to(device)
     if variant == "stock":
@@ -150,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     base.config.attention_probs_dropout_prob = 0.0
-    batch = make_batch(args.batch, args.seq, device)
+    batch = common.padded_classifier_batch(args.batch, args.seq, 30000, device)
     counts = {}
     for variant in VARIANTS:
         model = build(variant, base, device)

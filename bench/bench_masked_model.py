@@ -30,17 +30,6 @@ import common  # noqa: E402
 import sparsebert  # noqa: E402
 
 
-def make_batch(batch: int, seq: int, vocab: int, device: str) -> dict[str, torch.Tensor]:
-    """Padded rows: lengths in [S/2, S] (the first row full), random tokens, binary labels."""
-    gen = torch.Generator().manual_seed(0)
-    lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=gen)
-    lengths[0] = seq
-    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()  # (B, S)
-    ids = torch.randint(1000, vocab, (batch, seq), generator=gen) * mask
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-            "labels": torch.randint(0, 2, (batch,), generator=gen).to(device)}
-
-
 def head_mask(layers: int, heads: int, kept: int) -> torch.Tensor:
     """(L, H) 0/1 with `kept` heads per layer, evenly spread (kept = H/2: every other head)."""
     keep = torch.zeros(heads)
@@ -70,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     kept = [int(k) for k in args.kept.split(",") if k]
     if any(k < 1 or k > heads for k in kept):
         parser.error(f"--kept {args.kept!r}: expected heads kept per layer in [1, {heads}]")
-    batch = make_batch(args.batch, args.seq, cfg.vocab_size, args.device)
+    batch = common.padded_classifier_batch(args.batch, args.seq, cfg.vocab_size, args.device)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     models = {"stock": stock, "patched": sparsebert.patch(copy.deepcopy(stock))}
     for k in kept:

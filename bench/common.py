@@ -173,6 +173,19 @@ MODEL_SHAPES = {
 }
 
 
+def padded_classifier_batch(batch: int, seq: int, vocab: int,
+                            device: str | torch.device) -> dict[str, torch.Tensor]:
+    """A classifier batch of padded rows: lengths in [S/2, S] (the first row full), random
+    tokens in [1000, vocab), binary labels; on `device`."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=gen)
+    lengths[0] = seq
+    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()  # (B, S)
+    ids = torch.randint(1000, vocab, (batch, seq), generator=gen) * mask
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+            "labels": torch.randint(0, 2, (batch,), generator=gen).to(device)}
+
+
 def random_classifier(shape: str, num_labels: int = 2, seed: int = 0):
     """BertForSequenceClassification with MODEL_SHAPES[shape] and random weights (SDPA)."""
     from transformers import BertConfig, BertForSequenceClassification
