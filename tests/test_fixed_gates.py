@@ -85,7 +85,7 @@ def test_a_capture_outside_the_block_computes_every_head(capturing):
     module = attention_with_gate([0.0, 1.0, 0.0, 1.0])
     x, mask = torch.randn(B, S, HID), padding_mask()
     eager, widths = forward_widths(module, x, attention_mask=mask)
-    assert widths == [2 * D, 2 * D, 2 * D, HID]  # read on the host: live heads only
+    assert widths == [3 * 2 * D, HID]  # read on the host: live heads only, q/k/v in one
     capturing(True)
     captured, widths = forward_widths(module, x, attention_mask=mask)
     assert widths == [HID, HID, HID, HID]  # nothing read: every head, times its gate
@@ -110,7 +110,7 @@ def test_a_capture_in_the_block_uses_the_summary_read_before(capturing, mode):
         assert fixed.buffers == []  # an eager forward relies on nothing
         capturing(True)
         _, widths = forward_widths(module, x, attention_mask=mask)
-        assert widths == [2 * D, 2 * D, 2 * D, HID]
+        assert widths == [3 * 2 * D, HID]
         torch.manual_seed(5)
         captured = module(x, attention_mask=mask)[0]
         got = torch.autograd.grad(captured, [x, *params], dout)
@@ -259,8 +259,8 @@ def test_a_patched_model_captured_as_the_training_step_does(capturing):
         with torch.no_grad(), AttentionCalls() as calls:
             model(**batch)
     hid, dim = 32, 8
-    assert calls.widths[:4] == [2 * dim, 2 * dim, 2 * dim, hid]  # layer 0: 2 live heads
-    assert calls.widths[6:10] == [3 * dim, 3 * dim, 3 * dim, hid]  # layer 1: 3 live heads
+    assert calls.widths[:2] == [3 * 2 * dim, hid]  # layer 0: 2 live heads, q/k/v in one
+    assert calls.widths[4:6] == [3 * 3 * dim, hid]  # layer 1: 3 live heads
     torch.testing.assert_close(got_loss, want_loss, atol=TOL, rtol=TOL)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)

@@ -199,8 +199,10 @@ def test_masked_heads_cost_no_product_and_train_as_before(mode, gate, compute_pa
     with torch.no_grad(), Products() as products:
         module(x, attention_mask=mask)
     live = sum(1 for g in gate if g != 0)
-    qkv = live * (HID // H) if compute_path == "host_skip" else HID  # read-free: every head
-    assert products.widths == [qkv, qkv, qkv, HID]
+    if compute_path == "host_skip" and live < H:  # q, k, v of the live heads in one product
+        assert products.widths == [3 * live * (HID // H), HID]
+    else:  # every head live, or read-free: every head
+        assert products.widths == [HID, HID, HID, HID]
     torch.manual_seed(7)
     out, _ = module(x, attention_mask=mask)
     dout = torch.randn_like(out)
@@ -225,6 +227,31 @@ def test_masked_heads_cost_no_product_and_train_as_before(mode, gate, compute_pa
     grads = dict(zip([n for n, _ in module.named_parameters()], got[1:]))
     assert torch.all(grads["self.query.weight"][masked_rows] == 0)
     assert torch.all(grads["output.dense.weight"][:, masked_rows] == 0)
+
+
+@pytest.mark.parametrize("without_bias", [("value",), ("query", "key"), ("query", "key", "value")])
+def test_live_heads_of_projections_without_bias(without_bias):
+    """The live heads' q/k/v rows are stacked into one product: a projection without a bias
+    (alone, or all three) adds nothing to its part of the stacked bias; output and gradients
+    equal the hand-written reference, and the weights' gradients are zero at masked heads."""
+    module = make_attention().train()
+    for name in without_bias:
+        getattr(module.self, name).bias = None
+    gate = torch.tensor([0.0, 0.7, 1.0, 0.0])
+    module.head_gate.copy_(gate)
+    x, mask = torch.randn(B, S, HID, requires_grad=True), padding_mask()
+    params = [p for p in module.parameters()]
+    out = module(x, attention_mask=mask)[0]
+    want = attention_reference(module, x, module.head_gate, mask)
+    torch.testing.assert_close(out, want, atol=TOL, rtol=TOL)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, *params], dout)
+    for g, w in zip(got, torch.autograd.grad(want, [x, *params], dout), strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    masked_rows = gate.repeat_interleave(HID // H) == 0
+    for name, grad in zip([n for n, _ in module.named_parameters()], got[1:], strict=True):
+        if name.startswith("self.") and name.endswith("weight"):
+            assert torch.all(grad[masked_rows] == 0) and torch.any(grad[~masked_rows] != 0), name
 
 
 def test_gate_buffer_changes_are_seen():

@@ -208,23 +208,29 @@ def _all_heads(x: Tensor, heads: Tensor, num_heads: int) -> Tensor:
 
 class _LiveHeads:
     """The live heads of a gate buffer that masks some (K of H) and the slices of the block's
-    linears they use: q/k/v weight rows and output-dense columns. rows (K * D,), heads (K,):
-    int64 on the weights' device. With gradients on, `weights` slices anew on every call (the
-    slices' gradients reach the full weights, zeros at masked heads); without (evaluation) it
-    keeps them while the parameters are unchanged (same storage, same version counter), except
-    while a CUDA graph is captured (its replays slice the weights as they are then)."""
+    linears they use: q/k/v weight rows, gathered into one (3 * K * D, hidden) weight so that
+    one product projects all three, and output-dense columns. heads (K,), rows (K * D,),
+    qkv_rows (3 * K * D,): int64 on the weights' device. With gradients on, `weights` slices anew
+    on every call (the slices' gradients reach the full weights, zeros at masked heads); without
+    (evaluation) it keeps them while the parameters are unchanged (same storage, same version
+    counter), except while a CUDA graph is captured (its replays slice the weights as they are
+    then)."""
 
-    def __init__(self, summary: GateSummary, head_dim: int, device: torch.device) -> None:
+    def __init__(self, summary: GateSummary, num_heads: int, head_dim: int,
+                 device: torch.device) -> None:
         self.summary = summary
         self.heads = torch.tensor(summary.live, dtype=torch.long, device=device)  # (K,)
         offsets = torch.arange(head_dim, device=device)
         self.rows = (self.heads[:, None] * head_dim + offsets).flatten()  # (K * D,)
-        self._kept: tuple[tuple, list] | None = None
+        width = num_heads * head_dim  # rows of each of q, k, v
+        self.qkv_rows = torch.cat([self.rows, self.rows + width, self.rows + 2 * width])  # (3KD,)
+        self._kept: tuple[tuple, tuple] | None = None
 
     def weights(self, q: nn.Linear, k: nn.Linear, v: nn.Linear, out: nn.Linear,
-                ) -> list[tuple[Tensor, Tensor | None]]:
-        """[(weight, bias)] of q, k, v (their live rows) and of the output dense (its live
-        columns, the whole bias)."""
+                ) -> tuple[tuple[Tensor, Tensor | None], tuple[Tensor, Tensor | None]]:
+        """((qkv_weight (3 * K * D, hidden), qkv_bias (3 * K * D,) or None), (out_weight
+        (hidden, K * D), out_bias)): the live rows of q, k and v stacked in that order, and the
+        output dense's live columns with its whole bias."""
         keep = not torch.is_grad_enabled() and can_read_on_host()  # a graph slices in replay
         if keep:
             params = [p for linear in (q, k, v, out) for p in (linear.weight, linear.bias)
@@ -232,13 +238,15 @@ class _LiveHeads:
             key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
             if self._kept is not None and self._kept[0] == key:
                 return self._kept[1]
-
-        def rows_of(linear: nn.Linear) -> tuple[Tensor, Tensor | None]:
-            bias = None if linear.bias is None else linear.bias.index_select(0, self.rows)
-            return linear.weight.index_select(0, self.rows), bias
-
-        sliced = [rows_of(q), rows_of(k), rows_of(v),
-                  (out.weight.index_select(1, self.rows), out.bias)]
+        projections = (q, k, v)
+        weight = torch.cat([linear.weight for linear in projections]).index_select(
+            0, self.qkv_rows)  # (3 * K * D, hidden): one gather, one product
+        bias = None
+        if any(linear.bias is not None for linear in projections):
+            bias = torch.cat([linear.weight.new_zeros(linear.out_features)
+                              if linear.bias is None else linear.bias
+                              for linear in projections]).index_select(0, self.qkv_rows)
+        sliced = ((weight, bias), (out.weight.index_select(1, self.rows), out.bias))
         if keep:
             self._kept = (key, sliced)
         return sliced
@@ -568,11 +576,10 @@ class SparseAttention(nn.Module):
             v = self.value_linear()(hidden_states).view(batch, seq, heads, dim)
         else:
             heads, ones = live.heads.numel(), summary.live_ones
-            (wq, bq), (wk, bk), (wv, bv), (wo, bo) = live.weights(
+            (wqkv, bqkv), (wo, bo) = live.weights(
                 self.query_linear(), self.key_linear(), self.value_linear(), self.output_dense())
-            q = F.linear(hidden_states, wq, bq).view(batch, seq, heads, dim)  # (B, S, K, D)
-            k = F.linear(hidden_states, wk, bk).view(batch, seq, heads, dim)
-            v = F.linear(hidden_states, wv, bv).view(batch, seq, heads, dim)
+            qkv = F.linear(hidden_states, wqkv, bqkv)  # (B, S, 3 * K * D)
+            q, k, v = qkv.view(batch, seq, 3, heads, dim).unbind(2)  # (B, S, K, D) views each
             gate = gate.index_select(0, live.heads)  # (K,)
         # Step 3: gated attention core -> ctx (B, S, heads, D).
         dropout = self.attention_dropout if self.training else 0.0
@@ -614,8 +621,9 @@ class SparseAttention(nn.Module):
         gradients on only within a FixedGates block (CUDA-graph training that opted in: the
         slicing's host cost is paid once, at capture), not otherwise (eager training there is
         bound by the host, which slicing per call adds to). None (project every head) also
-        when a projection is not a plain nn.Linear without hooks: a slice of its weight would
-        bypass what wraps it, and while a graph is captured if the index tensors are not made
+        when a projection is not a plain nn.Linear without hooks (a slice of its weight would
+        bypass what wraps it) or q, k, v are not all (H * D, hidden) of one dtype and device
+        (they are stacked), and while a graph is captured if the index tensors are not made
         yet (making them copies from the host)."""
         if summary is None or summary.all_live:
             return None
@@ -625,12 +633,17 @@ class SparseAttention(nn.Module):
                    self.output_dense())
         if not all(_plain_linear(linear) for linear in linears):
             return None
+        width = self.num_heads * self.head_dim  # q, k, v are stacked into one weight
+        if any(linear.out_features != width or linear.weight.dtype != linears[0].weight.dtype
+               or linear.weight.device != linears[0].weight.device for linear in linears[:3]):
+            return None
         device = linears[0].weight.device
         live = self.__dict__.get("_live_heads_kept")
         if live is None or live.summary is not summary or live.heads.device != device:
             if not can_read_on_host():
                 return None
-            live = self._live_heads_kept = _LiveHeads(summary, self.head_dim, device)
+            live = self._live_heads_kept = _LiveHeads(
+                summary, self.num_heads, self.head_dim, device)
         fixed = fixed_gates()
         if fixed is not None and not can_read_on_host():
             fixed.keep(live)  # the graph being captured reads its index tensors
