@@ -5,8 +5,9 @@
 //             when no input needs a gradient nothing is recorded.
 //   backward  calls sparsebert::masked_attention_backward (the kernels' fused backward) with
 //             dout made last-dim contiguous; d_head_gate (B, H) is summed over the batch for an
-//             (H,) gate and cast to the gate's dtype. The lse output is marked
-//             non-differentiable. Forward-mode AD is refused (no jvp formula).
+//             (H,) gate and cast to the gate's dtype (when the gate needs a gradient). The lse
+//             output is marked non-differentiable and undefined gradients are not materialised
+//             (no zeros for lse's). Forward-mode AD is refused (no jvp formula).
 // Neither the backward nor masked_attention_compact is differentiable: with create_graph=True the
 // backward's outputs get a node that raises on a second derivative, and compact's Autograd kernel
 // gives inputs that need a gradient outputs whose backward raises (torch's fallback would warn
@@ -95,6 +96,7 @@ class MaskedAttentionFunction : public torch::autograd::Function<MaskedAttention
                             lse});
     ctx->saved_data["scale"] = scale;
     ctx->mark_non_differentiable({lse});  // a statistic the backward reuses: no gradient
+    ctx->set_materialize_grads(false);       // so no zeros are made for lse's gradient
     return {out, lse};
   }
 
@@ -117,8 +119,11 @@ class MaskedAttentionFunction : public torch::autograd::Function<MaskedAttention
                                                         head_gate, mask, saved[5], saved[6],
                                                         scale);
     }
-    if (head_gate.dim() == 1) d_gate = d_gate.sum(0);  // (B, H) -> (H,): shared by the batch
-    if (d_gate.scalar_type() != head_gate.scalar_type()) d_gate = d_gate.to(head_gate.scalar_type());
+    if (ctx->needs_input_grad(3)) {  // else no reduction or cast of an unused d_head_gate
+      if (head_gate.dim() == 1) d_gate = d_gate.sum(0);  // (B, H) -> (H,): shared by the batch
+      if (d_gate.scalar_type() != head_gate.scalar_type())
+        d_gate = d_gate.to(head_gate.scalar_type());
+    }
     return {ctx->needs_input_grad(0) ? dq : at::Tensor(),
             ctx->needs_input_grad(1) ? dk : at::Tensor(),
             ctx->needs_input_grad(2) ? dv : at::Tensor(),

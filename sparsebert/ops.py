@@ -92,6 +92,7 @@ def _masked_attention_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, head_gate, key_padding_mask, out, lse)
     ctx.mark_non_differentiable(lse)  # a statistic the backward reuses; no gradient flows
+    ctx.set_materialize_grads(False)  # no zeros made for lse's (unused) gradient
     ctx.scale = scale
 
 
@@ -123,10 +124,11 @@ def _masked_attention_backward(ctx, grad_out, grad_lse):
         dq, dk, dv, d_gate = _BackwardOnce.apply(*args)
     else:
         dq, dk, dv, d_gate = torch.ops.sparsebert.masked_attention_backward(*args)
-    if head_gate.dim() == 1:
-        d_gate = d_gate.sum(0)  # (B, H) -> (H,): the gate is shared by the batch
-    d_gate = d_gate.to(head_gate.dtype)
     needs = ctx.needs_input_grad
+    if needs[3]:
+        if head_gate.dim() == 1:
+            d_gate = d_gate.sum(0)  # (B, H) -> (H,): the gate is shared by the batch
+        d_gate = d_gate.to(head_gate.dtype)
     return (
         dq if needs[0] else None,
         dk if needs[1] else None,

@@ -25,10 +25,12 @@ BLOCK_EXTENSION = textwrap.dedent(
 )
 
 
-def run_python(code: str, **env) -> subprocess.CompletedProcess:
+def run_python(code: str, block: bool = True, **env) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter, with sparsebert._C made unimportable when `block`."""
     full_env = {**os.environ, **env}
     return subprocess.run(
-        [sys.executable, "-W", "always", "-c", BLOCK_EXTENSION + textwrap.dedent(code)],
+        [sys.executable, "-W", "always", "-c",
+         (BLOCK_EXTENSION if block else "") + textwrap.dedent(code)],
         capture_output=True,
         text=True,
         env=full_env,
@@ -209,3 +211,72 @@ def test_reference_path_rejects_a_fully_padded_row_on_the_cpu():
     )
     assert result.returncode == 0, result.stderr
     assert "refused:" in result.stdout and "real token" in result.stdout
+
+
+
+BACKWARD_OPS = """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    import sparsebert
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:  # views (detach) launch nothing
+                self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = (torch.randn(2, 5, 3, 8, requires_grad=True) for _ in range(3))
+    for gate_grad in (False, True):
+        gate = torch.tensor([1.0, 0.0, 0.5], requires_grad=gate_grad)
+        out = sparsebert.masked_attention(q, k, v, gate)
+        leaves, dout = [q, k, v, gate] if gate_grad else [q, k, v], torch.ones_like(out)
+        with Ops() as ops:
+            torch.autograd.grad(out, leaves, dout)
+        print(gate_grad, ",".join(ops.names))
+"""
+
+
+def test_native_backward_runs_the_kernel_and_nothing_it_does_not_need():
+    """The C++ autograd of masked_attention: its backward makes no zeros for lse's gradient
+    (lse has none) and reduces d_head_gate over the batch only when the gate needs one."""
+    result = run_python(BACKWARD_OPS, block=False, SPARSEBERT_REQUIRE_EXT="1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "masked_attention_backward",
+                                     "True", "masked_attention_backward,sum"]
+
+
+def test_python_autograd_gives_the_reference_gradients():
+    """The Python registration (builds without the extension; undefined gradients not
+    materialised, d_head_gate reduced only when needed) gives the reference's gradients, with
+    and without a gate that needs one, and with lse used too (it has no gradient)."""
+    result = run_python(
+        """
+        import torch
+        import sparsebert
+        from sparsebert.reference import masked_attention_ref
+        gen = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(2, 5, 3, 8, generator=gen, dtype=torch.float64,
+                               requires_grad=True) for _ in range(3))
+        mask = torch.ones(2, 5, dtype=torch.bool)
+        mask[1, 3:] = False
+        for gate_grad in (False, True):
+            gate = torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64, requires_grad=gate_grad)
+            leaves = [q, k, v, gate] if gate_grad else [q, k, v]
+            out, lse = sparsebert.masked_attention(q, k, v, gate, mask, return_lse=True)
+            assert not lse.requires_grad
+            dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+            got = torch.autograd.grad((out * dout).sum() + lse.sum(), leaves)
+            want_out, _ = masked_attention_ref(q, k, v, gate, mask, 8 ** -0.5)
+            want = torch.autograd.grad((want_out * dout).sum(), leaves)
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w)
+        print("ok")
+        """,
+        SPARSEBERT_REQUIRE_EXT="0",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
