@@ -467,7 +467,8 @@ def wgmma_forward_available() -> bool:
     (elsewhere that choice runs the mma.sync forward)."""
     if not torch.cuda.is_available() or _C is None:
         return False
-    arch = (_C.build_info().get("cuda_arch_list") or "").replace(";", " ").split()
+    arch = (_C.build_info().get("cuda_arch_list") or "").replace(";", " ").replace("+PTX", "")
+    arch = arch.split()
     return torch.cuda.get_device_capability() == (9, 0) and "9.0a" in arch
 
 

@@ -239,6 +239,50 @@ def test_mma_pruned_heads_never_read_and_cross_lengths(device, forward_switch):
     check_low_precision(out.nan_to_num(), ref.nan_to_num(), low.nan_to_num(), "cross lengths")
 
 
+def many_items_case(dim, dtype, device, gen):
+    """B=32, S=300, H=12: 1920 work items (5 query tiles per active (b, h)), several per CTA of
+    the persistent grid on any GPU of up to 240 SMs x 8 CTAs, 5 key tiles with a ragged last one,
+    per-example gates and key padding."""
+    batch, seq, heads = 32, 300, 12
+    q, k, v = qkv(batch, seq, heads, dim, dtype, device, gen)
+    gate = (torch.rand(batch, heads, generator=gen) > 0.3).float().to(device)
+    mask = make_padding(batch, seq, device, gen)
+    return q, k, v, gate, mask, dim**-0.5
+
+
+@pytest.mark.parametrize("dim", [32, 64])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_mma_forward_many_work_items_per_cta(device, dim, forward_switch):
+    """Every CTA walks several work items: each one is computed once and right."""
+    gen = torch.Generator().manual_seed(stable_seed("many items", dim))
+    q, k, v, gate, mask, scale = many_items_case(dim, torch.float16, device, gen)
+    out, lse = torch.ops.sparsebert.masked_attention(q, k, v, gate, mask, scale)
+    ref, ref_lse = masked_attention_ref(q, k, v, gate, mask, scale)
+    check_low_precision(out, ref, plain_pytorch_attention(q, k, v, gate, mask, scale), "many items")
+    active = gate != 0
+    torch.testing.assert_close(lse[active], ref_lse[active], atol=2e-3, rtol=1e-3)
+    check_pruned_and_compact(q, k, v, gate, mask, out, lse)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_mma_backward_many_work_items_per_cta(device, mma_switch):
+    """The backward's persistent grid over the same many work items: the fp32 reference's
+    gradients, and exact zeros for pruned heads."""
+    gen = torch.Generator().manual_seed(stable_seed("many items backward"))
+    q, k, v, gate, mask, scale = many_items_case(64, torch.bfloat16, device, gen)
+    inputs = [t.detach().requires_grad_(True) for t in (q, k, v, gate)]
+    out = ops.masked_attention(*inputs, mask, scale)
+    dout = torch.randn(out.shape, generator=gen).to(device, out.dtype)
+    grads = torch.autograd.grad(out, inputs, dout)
+    floats = [t.detach().float().requires_grad_(True) for t in (q, k, v, gate)]
+    ref = masked_attention_ref(*floats, mask, scale)[0]
+    ref_grads = torch.autograd.grad(ref, floats, dout.float())
+    for name, got, want in zip("q k v gate".split(), grads, ref_grads):
+        rel = (got.float() - want).norm() / want.norm().clamp_min(1e-6)
+        assert rel < 2e-2, f"d{name}: relative error {rel:.3g}"
+    assert_pruned_grads_zero(grads, gate)
+
+
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
 def test_mma_forward_with_the_verified_backward(device, forward_switch):
     """Gradients through ops.masked_attention with the mma forward (its out and lse feed the

@@ -112,6 +112,9 @@ __device__ __forceinline__ void attend_tile_wgmma(const MmaFwdArgs& a, int b, in
         const float* c = s[mma::p_ntile(kc, reg)] + 2 * mma::p_pair(reg);
         pa[kc][reg] = pack2<T>(c[0], c[1]);
       }
+    // The rescaled O and the packed P are final before the fence (the batch reads both).
+    keep_regs(o);
+    keep_regs(pa);
     wgmma_fence();
 #pragma unroll
     for (int kc = 0; kc < kPc; ++kc) wgmma_pv<T>(o, pa[kc], wgmma::mn_major_desc(v_addr, D, kc));
