@@ -281,11 +281,13 @@ def main(argv=None) -> None:
 
 
 def profile(providers, names, cuda: bool, calls: int = 3) -> None:
-    """Print where the time of each named provider goes (torch.profiler, `calls` calls)."""
+    """Print where the time of each named provider goes (torch.profiler, `calls` calls). On
+    CUDA two tables: by GPU time, and by the host's own time per op (self CPU), which is where
+    a pass bound by the host (small kernels, bf16) spends its time."""
     from torch.profiler import ProfilerActivity  # noqa: PLC0415
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    sort_by = "cuda_time_total" if cuda else "cpu_time_total"
+    orders = ["cuda_time_total", "self_cpu_time_total"] if cuda else ["cpu_time_total"]
     for name in names:
         providers[name]()  # warm
         with torch.profiler.profile(activities=activities) as prof:
@@ -293,8 +295,10 @@ def profile(providers, names, cuda: bool, calls: int = 3) -> None:
                 providers[name]()
             if cuda:
                 torch.cuda.synchronize()
-        print(f"\n### profile: {name} ({calls} calls)\n")
-        print(prof.key_averages().table(sort_by=sort_by, row_limit=18, max_name_column_width=60))
+        for sort_by in orders:
+            print(f"\n### profile: {name} ({calls} calls), by {sort_by}\n")
+            print(prof.key_averages().table(sort_by=sort_by, row_limit=18,
+                                            max_name_column_width=60))
 
 
 if __name__ == "__main__":
