@@ -4,6 +4,7 @@ state dicts unchanged, HF call paths (output_attentions / hidden_states, trainin
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -176,6 +177,26 @@ def test_patch_reuses_parameters_and_is_idempotent(tiny_model):
     clone_layer = clone.encoder.layer[0]
     assert clone_layer.feed_forward_chunk.mlp is clone_layer.sparse_mlp
     assert clone_layer.sparse_mlp.host is clone_layer
+
+
+def test_chunked_feed_forward_matches_unpatched(tiny_bert, tiny_batch):
+    """config.chunk_size_feed_forward > 0: HF calls the FFN entry once per chunk of tokens."""
+    model = tiny_bert(chunk_size_feed_forward=3).eval()
+    patched = sbhf.patch(copy.deepcopy(model))
+    ids, mask = tiny_batch()
+    assert ids.shape[1] % 3 == 0  # HF requires whole chunks
+    with torch.no_grad():
+        assert max_diff(patched(ids, attention_mask=mask).logits,
+                        model(ids, attention_mask=mask).logits) < TOL
+
+
+def test_ffn_entry_signature_is_its_call_signature(tiny_model):
+    """HF's apply_chunking_to_forward counts the FFN entry's parameters (inspect.signature):
+    the precomputed signature is the one __call__ has."""
+    model = sbhf.patch(tiny_model("bert"))
+    entry = model.encoder.layer[0].feed_forward_chunk
+    call = inspect.signature(type(entry).__call__)
+    assert list(inspect.signature(entry).parameters) == list(call.parameters)[1:]  # minus self
 
 
 def test_gradients_match_unpatched(tiny_bert, tiny_batch):
