@@ -121,7 +121,7 @@ def _extension():
         define_macros.append(("SPARSEBERT_WITH_CUDA", "1"))
         define_macros.append(("SPARSEBERT_CUDA_ARCH_LIST", f'"{arch_list or "native"}"'))
         define_macros.append(("SPARSEBERT_CUDA_VERSION", f'"{torch.version.cuda}"'))
-        if "9.0a" in (arch_list or "").replace(";", " ").replace("+PTX", "").split():
+        if _package_file("switches").arch_list_has_sm90a(arch_list):
             # sm_90a code (wgmma): the opt-in wgmma forward can run (masked_attention_wgmma.cu)
             define_macros.append(("SPARSEBERT_HAS_SM90A", "1"))
         # The C++ standard is left to torch (2.14 headers need C++20).

@@ -17,6 +17,7 @@ from torch.autograd import forward_ad
 
 from sparsebert import op_checks, reference
 from sparsebert._extension import load_extension
+from sparsebert.switches import arch_list_has_sm90a
 
 NAMESPACE = "sparsebert"
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -467,9 +468,8 @@ def wgmma_forward_available() -> bool:
     (elsewhere that choice runs the mma.sync forward)."""
     if not torch.cuda.is_available() or _C is None:
         return False
-    arch = (_C.build_info().get("cuda_arch_list") or "").replace(";", " ").replace("+PTX", "")
-    arch = arch.split()
-    return torch.cuda.get_device_capability() == (9, 0) and "9.0a" in arch
+    return (torch.cuda.get_device_capability() == (9, 0)
+            and arch_list_has_sm90a(_C.build_info().get("cuda_arch_list")))
 
 
 def _compact_backward(ctx, *grads):

@@ -1,7 +1,8 @@
-"""On/off environment switches (SPARSEBERT_REQUIRE_EXT, SPARSEBERT_DEBUG, ...).
+"""On/off environment switches (SPARSEBERT_REQUIRE_EXT, SPARSEBERT_DEBUG, ...), and what a
+CUDA arch list builds.
 
 Standard library only: setup.py runs this file by path, before anything is built, so the build
-and the package read a switch the same way.
+and the package read a switch (and an arch list) the same way.
 """
 
 from __future__ import annotations
@@ -20,3 +21,9 @@ def env_switch(name: str) -> bool:
         raise ValueError(f"{name}={os.environ[name]!r}: expected 1/true/yes/on or "
                          f"0/false/no/off")
     return SWITCH_VALUES[value]
+
+
+def arch_list_has_sm90a(arch_list: str | None) -> bool:
+    """Whether a TORCH_CUDA_ARCH_LIST ("8.0;9.0a", "8.0 9.0a+PTX", ...) builds sm_90a code (the
+    wgmma forward)."""
+    return "9.0a" in (arch_list or "").replace(";", " ").replace("+PTX", "").split()

@@ -185,6 +185,17 @@ def test_the_build_reads_switches_as_the_package_does():
     assert "SPARSEBERT_DEBUG='Maybe': expected 1/true/yes/on or 0/false/no/off" in result.stderr
 
 
+@pytest.mark.parametrize("arch_list, sm90a", [
+    ("9.0a", True), ("8.0;9.0a", True), ("8.0 9.0a+PTX", True), ("9.0a+PTX", True),
+    ("9.0", False), ("8.0;9.0+PTX", False), ("", False), (None, False), ("10.0a", False),
+])
+def test_arch_list_sm90a(arch_list, sm90a):
+    """The build (SPARSEBERT_HAS_SM90A) and wgmma_forward_available read an arch list alike."""
+    from sparsebert.switches import arch_list_has_sm90a
+
+    assert arch_list_has_sm90a(arch_list) is sm90a
+
+
 def test_an_unknown_attention_kernel_switch_is_refused():
     result = subprocess.run([sys.executable, "-c", "import sparsebert"], capture_output=True,
                             text=True, timeout=120,
