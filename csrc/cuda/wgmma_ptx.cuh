@@ -8,7 +8,8 @@
 // ordinary instructions are then visible to it), closed by wgmma_commit(), and its results (and
 // the end of its reads of A registers and shared memory) are only there after wgmma_wait<0>().
 // keep_regs() after the wait ties the registers the batch used to that point, so the compiler
-// neither reads accumulators nor reuses A registers before it.
+// neither reads accumulators nor reuses A registers before it; before the fence it makes their
+// last ordinary writes (the rescaled accumulators, the packed A operand) happen before it.
 #pragma once
 
 #include <cuda_bf16.h>
