@@ -224,7 +224,6 @@ def test_reference_path_rejects_a_fully_padded_row_on_the_cpu():
     assert "refused:" in result.stdout and "real token" in result.stdout
 
 
-
 BACKWARD_OPS = """
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode

@@ -274,13 +274,19 @@ def test_mma_backward_many_work_items_per_cta(device, mma_switch):
     out = ops.masked_attention(*inputs, mask, scale)
     dout = torch.randn(out.shape, generator=gen).to(device, out.dtype)
     grads = torch.autograd.grad(out, inputs, dout)
-    floats = [t.detach().float().requires_grad_(True) for t in (q, k, v, gate)]
+    check_grads_near_fp32_reference(grads, (q, k, v, gate), mask, scale, dout)
+    assert_pruned_grads_zero(grads, gate)
+
+
+def check_grads_near_fp32_reference(grads, inputs, mask, scale, dout, tol=2e-2):
+    """Each of the q, k, v, gate gradients within relative error (norm) `tol` of the fp32
+    reference's for the same inputs and dout."""
+    floats = [t.detach().float().requires_grad_(True) for t in inputs]
     ref = masked_attention_ref(*floats, mask, scale)[0]
     ref_grads = torch.autograd.grad(ref, floats, dout.float())
-    for name, got, want in zip("q k v gate".split(), grads, ref_grads):
+    for name, got, want in zip("q k v gate".split(), grads, ref_grads, strict=True):
         rel = (got.float() - want).norm() / want.norm().clamp_min(1e-6)
-        assert rel < 2e-2, f"d{name}: relative error {rel:.3g}"
-    assert_pruned_grads_zero(grads, gate)
+        assert rel < tol, f"d{name}: relative error {rel:.3g}"
 
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
@@ -294,13 +300,7 @@ def test_mma_forward_with_the_verified_backward(device, forward_switch):
     out = ops.masked_attention(q, k, v, gate)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v, gate), dout)
-    qf, kf, vf = (t.detach().float().requires_grad_(True) for t in (q, k, v))
-    gf = gate.detach().clone().requires_grad_(True)
-    ref = masked_attention_ref(qf, kf, vf, gf, None, 64**-0.5)[0]
-    ref_grads = torch.autograd.grad(ref, (qf, kf, vf, gf), dout.float())
-    for name, got, want in zip("q k v gate".split(), grads, ref_grads):
-        rel = (got.float() - want).norm() / want.norm().clamp_min(1e-6)
-        assert rel < 2e-2, f"d{name}: relative error {rel:.3g}"
+    check_grads_near_fp32_reference(grads, (q, k, v, gate), None, 64**-0.5, dout)
 
 
 def kernel_ran(name, fn) -> bool:

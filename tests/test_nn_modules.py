@@ -240,7 +240,7 @@ def test_live_heads_of_projections_without_bias(without_bias):
     gate = torch.tensor([0.0, 0.7, 1.0, 0.0])
     module.head_gate.copy_(gate)
     x, mask = torch.randn(B, S, HID, requires_grad=True), padding_mask()
-    params = [p for p in module.parameters()]
+    params = list(module.parameters())
     out = module(x, attention_mask=mask)[0]
     want = attention_reference(module, x, module.head_gate, mask)
     torch.testing.assert_close(out, want, atol=TOL, rtol=TOL)
