@@ -266,6 +266,62 @@ def test_a_patched_model_captured_as_the_training_step_does(capturing):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
+class OpCount(TorchDispatchMode):
+    """How often an op (by name) ran inside it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name, self.count = name, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ == self.name
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("in_block", [True, False])
+def test_a_capture_in_the_block_converts_the_mask_once_for_every_layer(capturing, in_block):
+    """The key-padding form of the model's mask (its `|` with the fully-padded-rows fix) is
+    recorded once per captured forward in a FixedGates block, by the first layer; without the
+    block every layer converts it during a capture (a result kept from before the capture would
+    not be recomputed on replay)."""
+    model, batch = tiny_patched_classifier(), model_batch()
+    want_loss, want = loss_and_grads(model, batch)
+    with FixedGates() if in_block else contextlib.nullcontext(), padding_masks_as_views(model):
+        loss_and_grads(model, batch)  # warm-up
+        capturing(True)
+        with OpCount("bitwise_or") as conversions:
+            got_loss, got = loss_and_grads(model, batch)
+    layers = model.config.num_hidden_layers
+    assert conversions.count == (1 if in_block else layers)
+    torch.testing.assert_close(got_loss, want_loss, atol=TOL, rtol=TOL)
+    if in_block:  # (out of it every head is projected and multiplied by its gate)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_the_blocks_mask_conversion_follows_the_mask_and_ends_with_the_entry(capturing):
+    convert = sb_attention.to_key_padding_mask
+    mask = padding_mask()[:, None, None, :].expand(B, 1, S, S)  # a padding mask as a view
+    capturing(True)
+    assert convert(mask, B, S) is not convert(mask, B, S)  # no block: converted every call
+    fixed = FixedGates()
+    with fixed:
+        first = convert(mask, B, S)
+        assert convert(mask, B, S) is first  # the same tensor at the same version
+        assert torch.equal(first, padding_mask())
+        other = padding_mask()[:, None, None, :].expand(B, 1, S, S)
+        assert convert(other, B, S) is not first  # another tensor
+        base = mask._base
+        base[0, 2] = False  # an in-place write moves the version counter of its views too
+        fresh = convert(mask, B, S)
+        assert fresh is not first and not bool(fresh[0, 2])
+    assert fixed._shared == {}  # nothing of the capture is kept past the entry
+    with fixed:
+        assert convert(mask, B, S) is not fresh  # a new entry, a new capture: converted anew
+    capturing(False)
+    assert convert(mask, B, S) is convert(mask, B, S)  # eager: the last conversion is kept
+
+
 @pytest.mark.parametrize("setting", ["plain", "views_only"])
 def test_a_capture_without_fixed_gates_follows_the_gates_values(capturing, setting):
     """Without the block a capture multiplies by every gate (the graph must follow in-place

@@ -148,14 +148,30 @@ def to_key_padding_mask(attention_mask: Tensor | None, batch: int, seq: int, *,
     if not isinstance(attention_mask, Tensor):
         raise _unsupported_mask(attention_mask)
     # The same tensor, not written to since (inference tensors have no version counter), gives
-    # the same result; not while torch.compile traces or a CUDA graph is captured (a result from
-    # outside the capture would not be recomputed on replay).
+    # the same result. While torch.compile traces or a CUDA graph is captured a result from
+    # outside the capture would not be recomputed on replay: not kept then, except within the
+    # capture of a FixedGates block (one capture per entry), where the first layer's conversion
+    # is recorded once and the others read it.
     version = None if attention_mask.is_inference() else attention_mask._version
-    reuse = version is not None and can_read_on_host()
+    if version is not None and not can_read_on_host():
+        fixed = None if torch.compiler.is_compiling() else fixed_gates()
+        if fixed is not None:
+            return fixed.shared("key_padding_mask", attention_mask, (batch, seq), lambda: (
+                _convert_to_key_padding(attention_mask, batch, seq, known_padding)))
+        return _convert_to_key_padding(attention_mask, batch, seq, known_padding)
     cached = _last_key_padding
-    if (reuse and cached is not None and cached[0] is attention_mask and cached[1] == version
-            and cached[2:4] == (batch, seq)):
+    if (version is not None and cached is not None and cached[0] is attention_mask
+            and cached[1] == version and cached[2:4] == (batch, seq)):
         return cached[4]
+    mask = _convert_to_key_padding(attention_mask, batch, seq, known_padding)
+    if version is not None:
+        _last_key_padding = (attention_mask, version, batch, seq, mask)
+    return mask
+
+
+def _convert_to_key_padding(attention_mask: Tensor, batch: int, seq: int,
+                            known_padding: bool) -> Tensor:
+    """to_key_padding_mask's conversion of a tensor mask (no caching): (B, S) bool."""
     if attention_mask.dim() == 2:
         mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
     elif attention_mask.dim() == 4:
@@ -185,10 +201,7 @@ def to_key_padding_mask(attention_mask: Tensor | None, batch: int, seq: int, *,
             f"batch {batch} and sequence length {seq}"
         )
     mask = mask.expand(batch, seq)
-    mask = mask | ~mask.any(dim=-1, keepdim=True)  # fully padded rows attend everywhere (no sync)
-    if reuse:
-        _last_key_padding = (attention_mask, version, batch, seq, mask)
-    return mask
+    return mask | ~mask.any(dim=-1, keepdim=True)  # fully padded rows attend everywhere (no sync)
 
 
 def _plain_linear(linear: nn.Module | None) -> bool:

@@ -59,18 +59,38 @@ class FixedGates:
     The owner calls `fixed.settle()` once the capture's own writes are done (restoring a
     snapshot bumps the version counters) and, before each replay, `fixed.unchanged()`: False
     after an in-place write to a recorded buffer (set_masks, for one), and the graph must be
-    captured anew. Writes through `.data` bypass the version counter and are not seen."""
+    captured anew. Writes through `.data` bypass the version counter and are not seen.
+
+    One entry of the block holds one capture: work the capture records once and every layer
+    reads (the key-padding form of the attention mask, `shared`) is kept from entry to exit,
+    so a block entered around two captures would hand the second a tensor of the first."""
 
     def __init__(self) -> None:
         self._buffers: dict[int, tuple[Tensor, int]] = {}  # id -> (buffer, version)
         self._kept: dict[int, object] = {}  # id -> what captured work reads (index tensors)
+        self._shared: dict[tuple, tuple[Tensor, int, Tensor]] = {}  # see `shared`
 
     def __enter__(self) -> FixedGates:
         _entered_fixed_gates().append(self)
+        self._shared.clear()
         return self
 
     def __exit__(self, *exc) -> None:
         _entered_fixed_gates().remove(self)
+        self._shared.clear()  # those tensors belong to the capture that just ended
+
+    def shared(self, kind: str, source: Tensor, key: tuple, make) -> Tensor:
+        """`make()` (a tensor computed from `source`), made once per capture: while the block is
+        entered, a later call with the same kind, the same `source` tensor at the same version
+        and the same key returns the first call's tensor, which the graph being captured
+        computes before any of its readers. For the capture only: outside one, a result would
+        not be recomputed on replay."""
+        entry = self._shared.get((kind, id(source), key))
+        if entry is not None and entry[0] is source and entry[1] == source._version:
+            return entry[2]
+        value = make()
+        self._shared[(kind, id(source), key)] = (source, source._version, value)
+        return value
 
     def record(self, gate: Tensor) -> None:
         self._buffers[id(gate)] = (gate, gate._version)
