@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +79,7 @@ class FixedGates:
         _entered_fixed_gates().remove(self)
         self._shared.clear()  # those tensors belong to the capture that just ended
 
-    def shared(self, kind: str, source: Tensor, key: tuple, make) -> Tensor:
+    def shared(self, kind: str, source: Tensor, key: tuple, make: Callable[[], Tensor]) -> Tensor:
         """`make()` (a tensor computed from `source`), made once per capture: while the block is
         entered, a later call with the same kind, the same `source` tensor at the same version
         and the same key returns the first call's tensor, which the graph being captured
