@@ -153,9 +153,9 @@ def to_key_padding_mask(attention_mask: Tensor | None, batch: int, seq: int, *,
     # capture of a FixedGates block (one capture per entry), where the first layer's conversion
     # is recorded once and the others read it.
     version = None if attention_mask.is_inference() else attention_mask._version
-    if version is not None and not can_read_on_host():
+    if not can_read_on_host():
         fixed = None if torch.compiler.is_compiling() else fixed_gates()
-        if fixed is not None:
+        if fixed is not None and version is not None:
             return fixed.shared("key_padding_mask", attention_mask, (batch, seq), lambda: (
                 _convert_to_key_padding(attention_mask, batch, seq, known_padding)))
         return _convert_to_key_padding(attention_mask, batch, seq, known_padding)

@@ -72,7 +72,6 @@ class FixedGates:
 
     def __enter__(self) -> FixedGates:
         _entered_fixed_gates().append(self)
-        self._shared.clear()
         return self
 
     def __exit__(self, *exc) -> None:
