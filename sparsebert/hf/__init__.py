@@ -27,6 +27,7 @@ from sparsebert.hf.head_gates import (
 )
 from sparsebert.hf.masks import get_masks, set_masks, set_zero_gate_grad
 from sparsebert.hf.patching import is_patched, patch, sparse_blocks
+from sparsebert.hf.readout import first_token_readout, reads_first_token_only
 from sparsebert.hf.serialization import (
     PrunedModelError,
     PrunedModelNotFoundError,
@@ -46,6 +47,7 @@ __all__ = [
     "PrunedModelError",
     "PrunedModelNotFoundError",
     "attention_modules",
+    "first_token_readout",
     "get_masks",
     "is_patched",
     "layer_sizes",
@@ -53,6 +55,7 @@ __all__ = [
     "override_head_gates",
     "patch",
     "prune",
+    "reads_first_token_only",
     "register_attention_backend",
     "save_pruned",
     "set_masks",

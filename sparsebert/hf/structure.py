@@ -34,7 +34,10 @@ class ModelStructure:
     attention_layout: child names inside that block (q/k/v, output dense/LayerNorm/dropout);
     ffn_entry: the layer method that runs intermediate + output on the attention output (routed to
     SparseMLP); mlp_layout: the layer's FFN child names; config: size fields; unsupported_flags:
-    config flags that must be false (decoder / cross-attention layers are not handled).
+    config flags that must be false (decoder / cross-attention layers are not handled);
+    first_token_classifier: the class name of transformers' sequence-classification model of this
+    type, whose head reads the last layer's first position only (the pooler or classifier takes
+    hidden[:, 0]), or None.
     """
 
     model_type: str
@@ -45,17 +48,19 @@ class ModelStructure:
     mlp_layout: MLPLayout = field(default_factory=MLPLayout)
     config: ConfigFields = field(default_factory=ConfigFields)
     unsupported_flags: tuple[str, ...] = ("is_decoder", "add_cross_attention")
+    first_token_classifier: str | None = None
 
 
 # BERT and its direct descendants share the HF BertLayer layout.
 STRUCTURES: dict[str, ModelStructure] = {
     row.model_type: row
     for row in (
-        ModelStructure("bert"),
-        ModelStructure("roberta"),
-        ModelStructure("xlm-roberta"),
-        ModelStructure("camembert"),
-        ModelStructure("electra"),
+        ModelStructure("bert", first_token_classifier="BertForSequenceClassification"),
+        ModelStructure("roberta", first_token_classifier="RobertaForSequenceClassification"),
+        ModelStructure("xlm-roberta",
+                       first_token_classifier="XLMRobertaForSequenceClassification"),
+        ModelStructure("camembert", first_token_classifier="CamembertForSequenceClassification"),
+        ModelStructure("electra", first_token_classifier="ElectraForSequenceClassification"),
     )
 }
 

@@ -306,6 +306,12 @@ class SparseAttention(nn.Module):
       and get d_gate 0. Set it model-wide with `sparsebert.hf.set_zero_gate_grad`. A block whose
       heads are all at 0 adds nothing to the residual (the paper's convention), so its gates get 0
       either way.
+    * `output_rows` (default None): n to return only the first n positions, (B, n, hidden): their
+      queries attend to every key, and only their rows are projected, attended and normalised.
+      In training mode every row is still computed and returned, so that the dropouts here and
+      in the SparseMLP after it draw the random numbers they draw without it (that SparseMLP,
+      set alike, keeps the first n). Set on a model's last layer by
+      `sparsebert.hf.first_token_readout`.
 
     Parts, whatever the layout names them: `query_linear()`, `key_linear()`, `value_linear()`
     (hidden -> H*D), `output_dense()` (H*D -> hidden), `output_layer_norm()`, `output_dropout()`,
@@ -423,6 +429,7 @@ class SparseAttention(nn.Module):
         self.head_gate_override: Tensor | None = None
         self.head_gate_live: bool | None = None
         self.exact_zero_gate_grad = False
+        self.output_rows: int | None = None
         probs_dropout = (attention_dropout if isinstance(attention_dropout, nn.Dropout)
                          else nn.Dropout(float(attention_dropout)))
         projections = Container(**{layout.query: query, layout.key: key, layout.value: value,
@@ -532,7 +539,8 @@ class SparseAttention(nn.Module):
     def forward(
         self, hidden_states: Tensor, attention_mask: Tensor | None = None, *args, **kwargs
     ) -> tuple[Tensor, None]:
-        """hidden_states (B, S, hidden) -> (LayerNorm(dropout(dense(gated ctx)) + hidden), None).
+        """hidden_states (B, S, hidden) -> (LayerNorm(dropout(dense(gated ctx)) + hidden), None);
+        the first n rows only, (B, n, hidden), with output_rows = n outside training.
 
         attention_mask: None, (B, S), or a 4-d HF mask (B, 1|H, S, S), bool or additive;
         padding masks run the sparsebert op, other 4-d masks (causal, packed sequences) SDPA.
@@ -572,9 +580,12 @@ class SparseAttention(nn.Module):
         # Step 1: a block with no active head is LayerNorm(residual) (paper: self/dense removed).
         summary = self.gate_summary()  # the buffer's, read once per change; else None
         no_head = known_all_zero(gate) if summary is None else not summary.any_live
-        if self.num_heads == 0 or no_head:
-            return layer_norm(hidden_states), None
         batch, seq, _ = hidden_states.shape
+        # The rows computed and returned: the first output_rows only, outside training.
+        q_len = seq if self.output_rows is None or self.training else min(self.output_rows, seq)
+        queries = hidden_states[:, :q_len]  # (B, Sq, hidden)
+        if self.num_heads == 0 or no_head:
+            return layer_norm(queries), None
         dim = self.head_dim
         padding = is_padding_mask(attention_mask)  # else causal, packed or custom 4-d
         # Step 2: projections as (B, S, H, D) views (no transposes or copies). When the gate
@@ -584,23 +595,31 @@ class SparseAttention(nn.Module):
         live = self._live_heads(summary, hidden_states) if padding else None
         if live is None:
             heads, ones = self.num_heads, summary is not None and summary.all_ones
-            q = self.query_linear()(hidden_states).view(batch, seq, heads, dim)
+            q = self.query_linear()(queries).view(batch, q_len, heads, dim)  # (B, Sq, H, D)
             k = self.key_linear()(hidden_states).view(batch, seq, heads, dim)
             v = self.value_linear()(hidden_states).view(batch, seq, heads, dim)
         else:
             heads, ones = live.heads.numel(), summary.live_ones
             (wqkv, bqkv), (wo, bo) = live.weights(
                 self.query_linear(), self.key_linear(), self.value_linear(), self.output_dense())
-            qkv = F.linear(hidden_states, wqkv, bqkv)  # (B, S, 3 * K * D)
-            q, k, v = qkv.view(batch, seq, 3, heads, dim).unbind(2)  # (B, S, K, D) views each
+            if q_len == seq:
+                qkv = F.linear(hidden_states, wqkv, bqkv)  # (B, S, 3 * K * D)
+                q, k, v = qkv.view(batch, seq, 3, heads, dim).unbind(2)  # (B, S, K, D) each
+            else:  # fewer query rows: q apart, k and v in one product
+                width = heads * dim
+                q = F.linear(queries, wqkv[:width], None if bqkv is None else bqkv[:width])
+                q = q.view(batch, q_len, heads, dim)  # (B, Sq, K, D)
+                kv = F.linear(hidden_states, wqkv[width:], None if bqkv is None else bqkv[width:])
+                k, v = kv.view(batch, seq, 2, heads, dim).unbind(2)  # (B, S, K, D) views each
             gate = gate.index_select(0, live.heads)  # (K,)
-        # Step 3: gated attention core -> ctx (B, S, heads, D).
+        # Step 3: gated attention core -> ctx (B, Sq, heads, D).
         dropout = self.attention_dropout if self.training else 0.0
         key_padding_mask = (to_key_padding_mask(attention_mask, batch, seq, known_padding=True)
                             if padding else None)  # (B, S) or None
         sdpa_gate = None if ones else gate  # None: a gate of ones, nothing to multiply
         if not padding:  # SDPA takes any 4-d mask
-            ctx = self._sdpa(q, k, v, sdpa_gate, _sdpa_mask(attention_mask, q.dtype), dropout)
+            mask = _sdpa_mask(attention_mask, q.dtype)[..., :q_len, :]  # (B, 1|H, Sq, S)
+            ctx = self._sdpa(q, k, v, sdpa_gate, mask, dropout)
         elif dropout > 0:
             attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
             if live is None:
@@ -617,16 +636,16 @@ class SparseAttention(nn.Module):
             ctx = masked_attention(
                 q, k, v, op_gate, key_padding_mask, self.scaling, check_padding_rows=False,
                 exact_zero_gate_grad=self.exact_zero_gate_grad,
-            )  # (B, S, H, D)
+            )  # (B, Sq, H, D)
         # Step 4: output projection; it contributes nothing (bias included) where no head is active.
-        ctx = ctx.reshape(batch, seq, heads * dim)
+        ctx = ctx.reshape(batch, q_len, heads * dim)
         out = self.output_dense()(ctx) if live is None else F.linear(ctx, wo, bo)
-        out = self.output_dropout()(out)  # (B, S, hidden)
+        out = self.output_dropout()(out)  # (B, Sq, hidden)
         if self.head_gate_live or summary is not None:  # known: every row has an active head
-            return layer_norm(hidden_states + out), None
+            return layer_norm(queries + out), None
         active = (gate != 0).any(dim=-1).to(out.dtype)  # () or (B,)
         active = active.view(-1, 1, 1) if active.dim() else active
-        return layer_norm(torch.addcmul(hidden_states, out, active)), None
+        return layer_norm(torch.addcmul(queries, out, active)), None
 
     def _live_heads(self, summary: GateSummary | None, x: Tensor) -> _LiveHeads | None:
         """The live heads when the gate buffer masks some and leaving the others out pays:

@@ -1,7 +1,7 @@
 """Helpers shared by SparseAttention and SparseMLP: child containers, gate checks, the
-host-side all-zero test, gate buffers summarised once per change (and held fixed for a CUDA
-graph's capture), and slicing a Linear for physical pruning; and `eval_mode`, which restores
-every submodule's mode."""
+host-side all-zero test, whether a dropout draws random numbers, gate buffers summarised once per
+change (and held fixed for a CUDA graph's capture), and slicing a Linear for physical pruning;
+and `eval_mode`, which restores every submodule's mode."""
 
 from __future__ import annotations
 
@@ -190,6 +190,17 @@ class BufferSummary:
 
     def __deepcopy__(self, memo) -> BufferSummary:
         return BufferSummary()  # a copy's buffers are other tensors: read them afresh
+
+
+def draws_random_numbers(module: nn.Module | Callable) -> bool:
+    """Whether a block's dropout part draws random numbers when called: an nn.Dropout in
+    training mode with p > 0; nn.Identity and an inactive nn.Dropout draw none, and any other
+    module or callable counts as drawing (the safe answer)."""
+    if isinstance(module, nn.Identity):
+        return False
+    if isinstance(module, nn.Dropout):
+        return module.training and module.p > 0
+    return True
 
 
 def known_all_zero(gate: Tensor) -> bool:

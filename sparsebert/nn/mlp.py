@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -35,6 +36,7 @@ from sparsebert.nn.common import (
     Container,
     GateSummary,
     check_gate,
+    draws_random_numbers,
     known_all_zero,
     slice_linear,
 )
@@ -82,6 +84,10 @@ class SparseMLP(nn.Module):
       the FFN output (..., hidden) after output dense + dropout, *before* the MLP gate multiply (the
       tensor whose dot product with its gradient is the MLP gate's gradient; call
       `ffn_output.register_hook` inside the hook for per-token / per-example scores).
+    * `output_rows` (default None): n to compute and return only the first n positions of a
+      (B, S, hidden) input, (B, n, hidden); an active dropout still runs at full size (on zero
+      padding), so training draws the random numbers it draws without it. Set on a model's last
+      layer by `sparsebert.hf.first_token_readout`.
     * `intermediate_size`, `neuron_ids` (original index of each current neuron).
 
     Parts, whatever the layout names them and whoever owns them (`host`): `intermediate_dense()`
@@ -166,6 +172,7 @@ class SparseMLP(nn.Module):
         self.mlp_gate_override: Tensor | None = None
         self.neuron_gate_override: Tensor | None = None
         self.neuron_gate_live: bool | None = None
+        self.output_rows: int | None = None
         self._ffn_output_hooks: OrderedDict[int, FFNOutputHook] = OrderedDict()
         self.register_buffer("mlp_gate", torch.ones((), device=device), persistent=False)
         self.register_buffer(
@@ -275,8 +282,12 @@ class SparseMLP(nn.Module):
         return handle
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        """hidden_states (B, S, hidden) (any leading dims for shared gates) -> same shape."""
+        """hidden_states (B, S, hidden) (any leading dims for shared gates) -> same shape; with
+        output_rows = n (and 3-d input) -> (B, min(n, S), hidden), the first rows only."""
         layer_norm = self.output_layer_norm()
+        seq = hidden_states.shape[1] if hidden_states.dim() == 3 else None  # before narrowing
+        if seq is not None and self.output_rows is not None and self.output_rows < seq:
+            hidden_states = hidden_states[:, :self.output_rows]  # (B, n, hidden)
         mlp_gate, neuron_gate = self.gates
         for name, gate, per_example in (("mlp_gate", mlp_gate, 1), ("neuron_gate", neuron_gate, 2)):
             if gate.dim() == per_example and gate.shape[0] != hidden_states.shape[0]:
@@ -305,7 +316,15 @@ class SparseMLP(nn.Module):
             ng = neuron_gate.to(h.dtype)
             h = h * (ng[:, None, :] if ng.dim() == 2 else ng)
         # Step 3: down projection and dropout: the FFN output (hook point).
-        y = self.output_dropout()(self.output_dense()(h))  # (B, S, hidden)
+        y = self.output_dense()(h)  # (B, S, hidden)
+        dropout = self.output_dropout()
+        rows = hidden_states.shape[1] if seq is not None else None
+        if seq is not None and rows < seq and draws_random_numbers(dropout):
+            # Fewer rows: dropout runs at full size, on zero padding, and keeps the first rows,
+            # so that it draws the random numbers (and masks) it draws without output_rows.
+            y = dropout(F.pad(y, (0, 0, 0, seq - rows)))[:, :rows]
+        else:
+            y = dropout(y)
         for hook in tuple(self._ffn_output_hooks.values()):
             hook(self, y)
         # Step 4: MLP gate, zeroed where no neuron is active, then residual + LayerNorm.

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sparsebert.hf.patching import sparse_blocks
+from sparsebert.hf.readout import first_token_readout
 from sparsebert.hf.structure import config_size, structure_for
 from sparsebert.nn.common import eval_mode
 from sparsebert.ops import accumulate_importance_
@@ -314,7 +315,11 @@ class BatchScorer:
         which add the tensors they need gradients of to extra_inputs during the forward)."""
         extra_inputs = [] if extra_inputs is None else extra_inputs
         overridden = _gates_overridden(self.blocks, leaves, self.facts)
-        with overridden, hooks or contextlib.nullcontext():
+        # The last layer at [CLS] only where the classifier reads nothing else (its gates' exact
+        # gradients come from that row alone); michel's per-token hooks read every row.
+        readout = (first_token_readout(self.model) if self.mode != "michel"
+                   else contextlib.nullcontext())
+        with overridden, readout, hooks or contextlib.nullcontext():
             with _precision_context(self.precision, self.device, self.autocast_cache):
                 logits = self.model(**inputs).logits
             losses = per_example_loss(logits.float(), labels, self.num_labels)  # (B,)

@@ -17,6 +17,7 @@ from sparsebert.glue import batching
 from sparsebert.glue.loading import GLUE_DIR_ENV, find_split_file, load_split, resolve_glue_dir
 from sparsebert.glue.metrics import compute_metrics
 from sparsebert.glue.tasks import SplitNotFoundError, get_task
+from sparsebert.hf.readout import first_token_readout
 from sparsebert.nn.common import eval_mode
 from sparsebert.train.config import TrainConfig, TrainError, autocast, resolve_device
 from sparsebert.train.rundir import load_run_model, require_finished
@@ -34,7 +35,9 @@ def predict(model: torch.nn.Module, encoded: batching.Encoded, regression: bool,
     """Predictions (N,) in example order: class indices, or scores for regression."""
     device = device or next(model.parameters()).device
     out = np.zeros(len(encoded), dtype=np.float32 if regression else np.int64)
-    with eval_mode(model):  # each submodule's mode restored afterwards
+    # Each submodule's mode restored afterwards; the last layer at [CLS] only where the
+    # classifier reads nothing else.
+    with eval_mode(model), first_token_readout(model):
         for indices in batching.eval_batches(encoded.lengths, batch_size):
             batch = to_device(batching.collate(encoded, indices), device)
             batch.pop("labels")

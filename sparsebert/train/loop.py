@@ -25,6 +25,7 @@ from sparsebert.glue import batching
 from sparsebert.glue.loading import load_split
 from sparsebert.glue.tasks import get_task
 from sparsebert.hf.loading import check_max_length, load_model, preflight_model
+from sparsebert.hf.readout import first_token_readout
 from sparsebert.pruning.weight_masks import WeightMasks
 from sparsebert.runtime import device_name, git_sha, versions
 from sparsebert.train import data_cache
@@ -205,6 +206,8 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", keep_until_step=step)
     settings = StepSettings(config.grad_clip,
                             lambda: autocast(device, config.precision, cache_enabled=not graphs))
+    # The classifier reads the last layer at [CLS] only: that layer's FFN runs on that row.
+    cleanup.enter_context(first_token_readout(model))
     train_step = make_train_step(model, optimizer, settings, device, graphs)
     pad_multiple = GRAPH_PAD_MULTIPLE if graphs else None
     pin = device.type == "cuda"
