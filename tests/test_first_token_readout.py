@@ -256,3 +256,36 @@ def test_masked_attention_with_one_query_row(device, assert_native):
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
     for name, g, w in zip(("dq", "dk", "dv", "d_head_gate"), got, want):
         torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_cuda_importance_and_logits_equal_the_full_computation(tiny_bert, monkeypatch, precision,
+                                                              cuda_graph):
+    """On a GPU (the masked-attention kernels with one query row; eager and graph-replayed
+    importance): scores and evaluation logits as with the full last layer."""
+    model = sparsebert.patch(tiny_bert(num_labels=3)).cuda()
+    head_mask = torch.ones(model.config.num_hidden_layers, model.config.num_attention_heads)
+    head_mask[-1, ::2] = 0
+    set_masks(model, head_mask=head_mask)
+    batches = [{k: v.cuda() for k, v in make_inputs(model.config.vocab_size, seed).items()}
+               for seed in range(2)]
+
+    def run():
+        imp = sparsebert.importance(model, batches, mode="paper", precision=precision,
+                                    cuda_graph=cuda_graph, progress=False, normalize=False)
+        inputs = {k: v for k, v in batches[0].items() if k != "labels"}
+        with torch.no_grad(), first_token_readout(model):
+            logits = model.eval()(**inputs).logits
+        return imp, logits
+
+    monkeypatch.setenv(FULL_LAST_LAYER_ENV, "1")
+    full, full_logits = run()
+    monkeypatch.delenv(FULL_LAST_LAYER_ENV)
+    short, short_logits = run()
+    tol = dict(atol=1e-6, rtol=1e-4) if precision == "fp32" else dict(atol=1e-3, rtol=2e-2)
+    torch.testing.assert_close(short_logits, full_logits, **tol)
+    for name in ("head", "mlp"):
+        torch.testing.assert_close(getattr(short, name), getattr(full, name), msg=name, **tol)
