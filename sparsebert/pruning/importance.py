@@ -17,7 +17,9 @@ weight-gradient GEMMs run):
                relative to the other layers' than in their code.
 The head gradients come from d_head_gate of the masked-attention backward kernel, the MLP and
 neuron gradients from the fused group_dot reduction (sparsebert.nn.gating); `michel` needs
-per-token values and uses tensor hooks instead (sparsebert.pruning.michel).
+per-token values and uses tensor hooks instead (sparsebert.pruning.michel). In the gate-gradient
+modes a sequence classifier's last layer runs at [CLS] only (sparsebert.hf.first_token_readout):
+its gates' gradients come from that row alone, so the scores are the same.
 
 Normalisation (normalize=True, each step switchable, as the paper's runs): head scores are
 L2-normalised per layer, then min-max rescaled over the model; MLP and neuron scores are divided
