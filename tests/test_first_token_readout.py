@@ -198,6 +198,18 @@ def test_only_transformers_sequence_classifiers_that_are_patched_take_it(tiny_be
         assert sparse_blocks(patched)[-1][0].output_rows is None
 
 
+@pytest.mark.parametrize("rows", [0, -1, 1.0, True])
+def test_a_bad_output_rows_names_itself(tiny_bert, rows):
+    model = sparsebert.patch(tiny_bert(num_labels=3)).eval()
+    attention, mlp = sparse_blocks(model)[-1]
+    hidden = torch.randn(2, 5, model.config.hidden_size)
+    for block, call in ((attention, lambda: attention(hidden)), (mlp, lambda: mlp(hidden))):
+        block.output_rows = rows
+        with pytest.raises(ValueError, match=f"{type(block).__name__}: output_rows must be"):
+            call()
+        block.output_rows = None
+
+
 def test_settings_are_restored_on_exit_on_error_and_when_nested(tiny_bert):
     model = sparsebert.patch(tiny_bert(num_labels=3))
     attention, mlp = sparse_blocks(model)[-1]

@@ -33,6 +33,7 @@ from sparsebert.nn.common import (
     GateSummary,
     can_read_on_host,
     check_gate,
+    check_output_rows,
     fixed_gates,
     known_all_zero,
     slice_linear,
@@ -582,6 +583,7 @@ class SparseAttention(nn.Module):
         no_head = known_all_zero(gate) if summary is None else not summary.any_live
         batch, seq, _ = hidden_states.shape
         # The rows computed and returned: the first output_rows only, outside training.
+        check_output_rows("SparseAttention", self.output_rows)
         q_len = seq if self.output_rows is None or self.training else min(self.output_rows, seq)
         queries = hidden_states[:, :q_len]  # (B, Sq, hidden)
         if self.num_heads == 0 or no_head:

@@ -203,6 +203,12 @@ def draws_random_numbers(module: nn.Module | Callable) -> bool:
     return True
 
 
+def check_output_rows(block: str, rows: object) -> None:
+    """ValueError unless a block's `output_rows` is None or an int >= 1."""
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise ValueError(f"{block}: output_rows must be None or an int >= 1, got {rows!r}")
+
+
 def known_all_zero(gate: Tensor) -> bool:
     """True when `gate` is all zeros and that is known without a device sync or a graph break
     (a CPU tensor that needs no grad, outside torch.compile); False means "compute"."""

@@ -36,6 +36,7 @@ from sparsebert.nn.common import (
     Container,
     GateSummary,
     check_gate,
+    check_output_rows,
     draws_random_numbers,
     known_all_zero,
     slice_linear,
@@ -285,6 +286,7 @@ class SparseMLP(nn.Module):
         """hidden_states (B, S, hidden) (any leading dims for shared gates) -> same shape; with
         output_rows = n (and 3-d input) -> (B, min(n, S), hidden), the first rows only."""
         layer_norm = self.output_layer_norm()
+        check_output_rows("SparseMLP", self.output_rows)
         seq = hidden_states.shape[1] if hidden_states.dim() == 3 else None  # before narrowing
         if seq is not None and self.output_rows is not None and self.output_rows < seq:
             hidden_states = hidden_states[:, :self.output_rows]  # (B, n, hidden)
