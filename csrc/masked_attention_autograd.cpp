@@ -4,7 +4,9 @@
 //   forward   redispatches below autograd to the CPU/CUDA kernel (or the fake, under tracing);
 //             when no input needs a gradient nothing is recorded.
 //   backward  calls sparsebert::masked_attention_backward (the kernels' fused backward) with
-//             dout made last-dim contiguous; d_head_gate (B, H) is summed over the batch for an
+//             dout made last-dim contiguous, or, when only the gate needs a gradient (fp32/bf16),
+//             reads d_head_gate off the output (gate_grad_from_output); d_head_gate (B, H) is
+//             summed over the batch for an
 //             (H,) gate and cast to the gate's dtype (when the gate needs a gradient). The lse
 //             output is marked non-differentiable and undefined gradients are not materialised
 //             (no zeros for lse's). Forward-mode AD is refused (no jvp formula).
@@ -84,6 +86,28 @@ class BackwardNotDifferentiable
   }
 };
 
+// d_head_gate (B, H) alone, for a backward where q, k and v need no gradient (the first layer of
+// an importance pass: frozen weights over embeddings that need none). The output is the gate
+// times the head's attention, out[b, s, h] = gate[b, h] ctx[b, s, h], so
+//   d_gate[b, h] = sum_{s, d} dout . ctx = sum_{s, d} dout . out / gate[b, h]
+// where the gate is nonzero, and 0 where it is 0 (as every kernel's backward gives): one
+// elementwise product and a sum, in fp32, instead of the attention backward. fp32 and bf16 only:
+// fp16's output loses digits for a small soft gate (gate x |v| in its subnormal range), which
+// the division cannot restore; fp16 keeps the kernels' backward, which sums P * (dout V^T).
+bool gate_grad_only_applies(const at::Tensor& out) {
+  return out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16;
+}
+
+at::Tensor gate_grad_from_output(const at::Tensor& dout, const at::Tensor& out,
+                                 const at::Tensor& head_gate) {
+  const at::Tensor per_head =
+      (dout.to(at::kFloat) * out.to(at::kFloat)).sum({1, 3});  // (B, H): sum_{s, d}
+  const at::Tensor gate = head_gate.to(at::kFloat).expand_as(per_head);  // (H,) read as (B, H)
+  const at::Tensor live = gate != 0;
+  return at::where(live, per_head / at::where(live, gate, at::ones_like(gate)),
+                   at::zeros_like(per_head));
+}
+
 class MaskedAttentionFunction : public torch::autograd::Function<MaskedAttentionFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
@@ -109,7 +133,11 @@ class MaskedAttentionFunction : public torch::autograd::Function<MaskedAttention
         saved[4].defined() ? std::optional<at::Tensor>(saved[4]) : std::nullopt;
     const double scale = ctx->saved_data["scale"].toDouble();
     at::Tensor dq, dk, dv, d_gate;
-    if (at::GradMode::is_enabled()) {  // create_graph=True: a node that refuses to go further
+    const bool gate_only = !ctx->needs_input_grad(0) && !ctx->needs_input_grad(1) &&
+                           !ctx->needs_input_grad(2) && ctx->needs_input_grad(3);
+    if (gate_only && !at::GradMode::is_enabled() && gate_grad_only_applies(saved[5])) {
+      d_gate = gate_grad_from_output(grad_out, saved[5], head_gate);
+    } else if (at::GradMode::is_enabled()) {  // create_graph=True: a node that refuses to go further
       variable_list r = BackwardNotDifferentiable::apply(last_dim_contiguous(grad_out), q, k, v,
                                                          head_gate, mask, saved[5], saved[6],
                                                          scale);

@@ -115,17 +115,39 @@ def _has_tangent(*tensors: Tensor | None) -> bool:
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
+# When only the gate needs a gradient (q, k and v need none: the first layer of an importance
+# pass), d_head_gate is read off the output instead of running the attention backward. fp16 is
+# left out: its stored output loses digits for small soft gates (csrc/masked_attention_autograd.cpp
+# does the same).
+GATE_GRAD_FROM_OUTPUT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _gate_grad_from_output(dout: Tensor, out: Tensor, head_gate: Tensor) -> Tensor:
+    """d_head_gate (B, H), fp32, from out = gate * ctx per head: sum_{s, d} dout * out / gate
+    where the gate is nonzero, 0 where it is 0 (as the kernels' backward). dout, out:
+    (B, Sq, H, D); head_gate: (H,) or (B, H)."""
+    per_head = (dout.float() * out.float()).sum((1, 3))  # (B, H)
+    gate = head_gate.float().expand_as(per_head)  # (H,) read as (B, H)
+    live = gate != 0
+    return torch.where(live, per_head / torch.where(live, gate, 1.0), 0.0)
+
+
 def _masked_attention_backward(ctx, grad_out, grad_lse):
     q, k, v, head_gate, key_padding_mask, out, lse = ctx.saved_tensors
     if grad_out is None:
         return None, None, None, None, None, None
+    needs = ctx.needs_input_grad
+    if (needs[3] and not any(needs[:3]) and not torch.is_grad_enabled()
+            and out.dtype in GATE_GRAD_FROM_OUTPUT_DTYPES):
+        d_gate = _gate_grad_from_output(grad_out, out, head_gate)
+        d_gate = d_gate.sum(0) if head_gate.dim() == 1 else d_gate
+        return None, None, None, d_gate.to(head_gate.dtype), None, None
     args = (_last_dim_contiguous(grad_out), q, k, v, head_gate, key_padding_mask, out, lse,
             ctx.scale)
     if torch.is_grad_enabled():  # create_graph=True: outputs that refuse a second derivative
         dq, dk, dv, d_gate = _BackwardOnce.apply(*args)
     else:
         dq, dk, dv, d_gate = torch.ops.sparsebert.masked_attention_backward(*args)
-    needs = ctx.needs_input_grad
     if needs[3]:
         if head_gate.dim() == 1:
             d_gate = d_gate.sum(0)  # (B, H) -> (H,): the gate is shared by the batch
