@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <initializer_list>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -86,26 +87,25 @@ class BackwardNotDifferentiable
   }
 };
 
-// d_head_gate (B, H) alone, for a backward where q, k and v need no gradient (the first layer of
-// an importance pass: frozen weights over embeddings that need none). The output is the gate
-// times the head's attention, out[b, s, h] = gate[b, h] ctx[b, s, h], so
+// d_head_gate alone, for a backward where q, k and v need no gradient (the first layer of an
+// importance pass: frozen weights over embeddings that need none). The output is the gate times
+// the head's attention, out[b, s, h] = gate[b, h] ctx[b, s, h], so
 //   d_gate[b, h] = sum_{s, d} dout . ctx = sum_{s, d} dout . out / gate[b, h]
-// where the gate is nonzero, and 0 where it is 0 (as every kernel's backward gives): one
-// elementwise product and a sum, in fp32, instead of the attention backward. fp32 and bf16 only:
-// fp16's output loses digits for a small soft gate (gate x |v| in its subnormal range), which
-// the division cannot restore; fp16 keeps the kernels' backward, which sums P * (dout V^T).
+// where the gate is nonzero; where it is 0 the kernels wrote out = 0, and dividing by infinity
+// there gives the 0 every kernel's backward gives. Five tensor ops (product, sum, compare,
+// select, divide), in fp32, instead of the attention backward. fp32 and bf16 only: fp16's output
+// loses digits for a small soft gate (gate x |v| in its subnormal range), which the division
+// cannot restore; fp16 (and fp64) keep the kernels' backward, which sums P * (dout V^T).
 bool gate_grad_only_applies(const at::Tensor& out) {
   return out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16;
 }
 
+// (B, H) fp32; dout, out (B, Sq, H, D); head_gate (H,) (broadcast over the batch) or (B, H).
 at::Tensor gate_grad_from_output(const at::Tensor& dout, const at::Tensor& out,
                                  const at::Tensor& head_gate) {
-  const at::Tensor per_head =
-      (dout.to(at::kFloat) * out.to(at::kFloat)).sum({1, 3});  // (B, H): sum_{s, d}
-  const at::Tensor gate = head_gate.to(at::kFloat).expand_as(per_head);  // (H,) read as (B, H)
-  const at::Tensor live = gate != 0;
-  return at::where(live, per_head / at::where(live, gate, at::ones_like(gate)),
-                   at::zeros_like(per_head));
+  const at::Tensor per_head = (dout.to(at::kFloat) * out.to(at::kFloat)).sum({1, 3});
+  const at::Tensor gate = head_gate.to(at::kFloat);
+  return per_head.div(at::where(gate == 0, std::numeric_limits<float>::infinity(), gate));
 }
 
 class MaskedAttentionFunction : public torch::autograd::Function<MaskedAttentionFunction> {

@@ -9,6 +9,7 @@ checks with their messages are in sparsebert.op_checks.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -124,12 +125,11 @@ GATE_GRAD_FROM_OUTPUT_DTYPES = (torch.float32, torch.bfloat16)
 
 def _gate_grad_from_output(dout: Tensor, out: Tensor, head_gate: Tensor) -> Tensor:
     """d_head_gate (B, H), fp32, from out = gate * ctx per head: sum_{s, d} dout * out / gate
-    where the gate is nonzero, 0 where it is 0 (as the kernels' backward). dout, out:
-    (B, Sq, H, D); head_gate: (H,) or (B, H)."""
+    where the gate is nonzero; where it is 0 the output is 0 and the division by infinity gives
+    0 (as the kernels' backward). dout, out: (B, Sq, H, D); head_gate: (H,) or (B, H)."""
     per_head = (dout.float() * out.float()).sum((1, 3))  # (B, H)
-    gate = head_gate.float().expand_as(per_head)  # (H,) read as (B, H)
-    live = gate != 0
-    return torch.where(live, per_head / torch.where(live, gate, 1.0), 0.0)
+    gate = head_gate.float()  # (H,) broadcast over the batch, or (B, H)
+    return per_head / torch.where(gate == 0, math.inf, gate)
 
 
 def _masked_attention_backward(ctx, grad_out, grad_lse):

@@ -701,7 +701,7 @@ def test_a_batch_reads_no_gate_per_layer_and_makes_no_leaves(mode, tiny_bert, ti
     assert per_batch["mm"] > 0  # the batch ran (weight products of forward and backward)
     # Per forward, not per layer: the mask's padding check (eq) and its conversion (eq, any);
     # in the backward of the one layer with a masked head, its gradient at gate 0 (eq); and in
-    # the first layer's, which reads d_head_gate off the output, its zero gates (ne).
+    # the first layer's, which reads d_head_gate off the output, its zero gates (eq).
     assert tiny_dims.layers > 2
     seen = {op: per_batch[op] for op in ("any", "ne", "eq", "clone")}
     assert per_batch["any"] <= 1 and per_batch["ne"] + per_batch["eq"] <= 4, seen
