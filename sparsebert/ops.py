@@ -129,7 +129,7 @@ def _gate_grad_from_output(dout: Tensor, out: Tensor, head_gate: Tensor) -> Tens
     0 (as the kernels' backward). dout, out: (B, Sq, H, D); head_gate: (H,) or (B, H)."""
     per_head = (dout.float() * out.float()).sum((1, 3))  # (B, H)
     gate = head_gate.float()  # (H,) broadcast over the batch, or (B, H)
-    return per_head / torch.where(gate == 0, math.inf, gate)
+    return per_head / gate.masked_fill(gate == 0, math.inf)
 
 
 def _masked_attention_backward(ctx, grad_out, grad_lse):
