@@ -46,9 +46,11 @@ def use_device(device: str | torch.device) -> torch.device:
 
 
 def time_call(fn: Callable[[], object], min_run_time: float = 0.5) -> float:
-    """Median seconds per call (CUDA synchronised by torch.utils.benchmark)."""
+    """Median seconds per call (CUDA synchronised by torch.utils.benchmark), with the caller's
+    torch thread count (torch.utils.benchmark.Timer would otherwise time with 1 thread)."""
     fn()  # warm-up (allocations, lazy init)
-    measurement = tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(
+    measurement = tb.Timer(stmt="fn()", globals={"fn": fn},
+                           num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=min_run_time
     )
     return measurement.median

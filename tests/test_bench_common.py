@@ -1,4 +1,5 @@
-"""bench/common.py's op counter (the tensor ops and host reads bench_importance reports)."""
+"""bench/common.py's op counter (the tensor ops and host reads bench_importance reports) and its
+timer."""
 
 from __future__ import annotations
 
@@ -51,3 +52,16 @@ def test_count_ops_sees_the_backward_and_custom_ops_once(common):
     assert common.count_ops(forward) == (2, 0)  # mul, sum
     ops, reads = common.count_ops(forward_backward)
     assert ops > 2 and reads == 0  # the backward's ops too (the grad seed, mul, accumulation)
+
+
+def test_time_call_times_with_the_callers_threads(common):
+    """The thread count a table's header reports is the one its calls ran with
+    (torch.utils.benchmark.Timer times with 1 thread unless told otherwise)."""
+    before = torch.get_num_threads()
+    seen = []
+    try:
+        torch.set_num_threads(2)
+        common.time_call(lambda: seen.append(torch.get_num_threads()), min_run_time=0.01)
+    finally:
+        torch.set_num_threads(before)
+    assert set(seen) == {2}
