@@ -137,7 +137,8 @@ class MaskedAttentionFunction : public torch::autograd::Function<MaskedAttention
                            !ctx->needs_input_grad(2) && ctx->needs_input_grad(3);
     if (gate_only && !at::GradMode::is_enabled() && gate_grad_only_applies(saved[5])) {
       d_gate = gate_grad_from_output(grad_out, saved[5], head_gate);
-    } else if (at::GradMode::is_enabled()) {  // create_graph=True: a node that refuses to go further
+    } else if (at::GradMode::is_enabled()) {
+      // create_graph=True: a node that refuses to go further
       variable_list r = BackwardNotDifferentiable::apply(last_dim_contiguous(grad_out), q, k, v,
                                                          head_gate, mask, saved[5], saved[6],
                                                          scale);
