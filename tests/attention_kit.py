@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import zlib
 
 import torch
+
+WITHOUT_EXTENSION = """
+import sys, warnings
+sys.modules["sparsebert._C"] = None  # as if the extension were not built
+warnings.simplefilter("ignore")
+"""
+
+
+def run_without_extension(script: str) -> None:
+    """Run `script` in a fresh interpreter where sparsebert._C cannot load (the pure-PyTorch
+    path); it must print "ok" and exit 0."""
+    env = {**os.environ, "SPARSEBERT_REQUIRE_EXT": "0"}
+    done = subprocess.run([sys.executable, "-c", WITHOUT_EXTENSION + script],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def make_padding(batch, seq, device, generator):

@@ -6,16 +6,12 @@ float64 reference differentiated by autograd, against the op's full backward, on
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparsebert import ops, reference
-from tests.attention_kit import plain_pytorch_attention
+from tests.attention_kit import plain_pytorch_attention, run_without_extension
 
 BATCH, SEQ, HEADS, DIM = 3, 9, 4, 8
 
@@ -147,9 +143,6 @@ def test_gate_only_backward_under_create_graph_keeps_the_kernel_backward():
 
 
 FALLBACK_SCRIPT = """
-import sys, warnings
-sys.modules["sparsebert._C"] = None  # as if the extension were not built
-warnings.simplefilter("ignore")
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from sparsebert import ops, reference
@@ -179,7 +172,4 @@ print("ok")
 
 def test_gate_only_backward_without_the_extension():
     """The Python autograd registration (extension not built) takes the same shortcut."""
-    env = {**os.environ, "SPARSEBERT_REQUIRE_EXT": "0"}
-    done = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], capture_output=True,
-                          text=True, env=env, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    run_without_extension(FALLBACK_SCRIPT)

@@ -14,7 +14,12 @@ from sparsebert.reference import (
     masked_attention_compact_ref,
     masked_attention_ref,
 )
-from tests.attention_kit import make_padding, plain_pytorch_attention, stable_seed
+from tests.attention_kit import (
+    make_padding,
+    plain_pytorch_attention,
+    run_without_extension,
+    stable_seed,
+)
 
 HEADS = 4
 GATE_PATTERNS = ("all_on", "all_off", "one_head", "fractional", "per_example")
@@ -588,9 +593,6 @@ def test_torch_compile_fullgraph_matches_eager(exact):
 
 
 FALLBACK_SCRIPT = """
-import sys, warnings
-sys.modules["sparsebert._C"] = None  # as if the extension were not built
-warnings.simplefilter("ignore")
 import torch
 from sparsebert import ops
 assert not ops.NATIVE_AUTOGRAD
@@ -623,14 +625,7 @@ def test_reference_path_without_the_extension():
     """The pure-PyTorch path (extension not built): gradcheck with a mask, a second
     derivative raises as on the native path, and the compact op names a kept head out of
     [0, H)."""
-    import os  # noqa: PLC0415
-    import subprocess  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-
-    env = {**os.environ, "SPARSEBERT_REQUIRE_EXT": "0"}
-    done = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], capture_output=True,
-                          text=True, env=env, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    run_without_extension(FALLBACK_SCRIPT)
 
 
 def test_return_lse_is_the_log_sum_exp_of_the_scores(assert_native):
