@@ -7,9 +7,11 @@ Models (random weights, built from configs; nothing downloaded):
   llama        a Llama decoder (4 layers, 12 query heads, 4 key/value heads, hidden 768),
                causal: SDPA over the active heads only
 Variants: sdpa (stock, every head), sparsebert with H, H/2, H/4 heads kept per layer (the same
-heads in every layer; set through sparsebert.set_masks).
+heads in every layer; set through sparsebert.set_masks). Each row: median time per call over
+interleaved rounds (each round times every variant), the ratio to sdpa as the median of
+per-round ratios and their range over rounds.
 
-Script:  python bench/bench_attention_backend.py [--device cpu|cuda] [--dtype ...] [--batch 8]
+Script:  python bench/bench_attention_backend.py [--device cpu|cuda] [--dtype ...] [--batch 8] [--rounds 5]
          prints a table and writes bench/results/attention_backend-<device>.{json,md}
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 from pathlib import Path
 
@@ -96,7 +99,13 @@ def main(argv=None) -> None:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved rounds over the variants (medians kept)")
+    parser.add_argument("--min-run-time", type=float, default=1.0,
+                        help="seconds of calls per timing")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: expected at least 1")
     common.use_device(args.device)
     cuda = args.device.startswith("cuda")
     if not cuda:
@@ -113,36 +122,47 @@ def main(argv=None) -> None:
         gated = sparsebert.use_sparse_attention(copy.deepcopy(stock))
         layers = len(sparsebert.hf.attention_modules(gated))
         batch = make_batch(name, batch_size, args.seq, args.device)
-        variants = [("sdpa", args.heads, stock)] + [("sparsebert", k, gated) for k in kept_counts]
-        base = {}
-        for variant, kept, model in variants:
+        variants = {("sdpa", args.heads): stock}
+        variants.update({("sparsebert", k): gated for k in kept_counts})
+
+        def set_kept(key):  # the sparsebert variants share one model: masks set per timing
+            _, variant, kept = key
             if variant == "sparsebert":
                 mask = torch.zeros(layers, args.heads)
                 mask[:, :kept] = 1.0
-                sparsebert.set_masks(model, head_mask=mask)
-            calls = {
-                "attention": attention_call(name, model, batch, variant),
-                "model": lambda m=model: m(**batch),
-            }
-            for level, call in calls.items():
-                with torch.no_grad():
-                    seconds = common.time_call(call, min_run_time=1.0)
-                if variant == "sdpa":
-                    base[level] = seconds
-                rec = dict(model=name, level=level, variant=variant, heads_kept=kept,
-                           heads=args.heads, batch=batch_size, seq=args.seq,
-                           dtype=str(dtype).replace("torch.", ""), ms=seconds * 1e3,
-                           vs_sdpa=seconds / base[level])
-                records.append(rec)
+                sparsebert.set_masks(gated, head_mask=mask)
+
+        calls = {}
+        for level in ("attention", "model"):
+            for (variant, kept), model in variants.items():
+                calls[(level, variant, kept)] = (
+                    attention_call(name, model, batch, variant) if level == "attention"
+                    else lambda m=model: m(**batch))
+        with torch.no_grad():
+            samples = common.time_interleaved(calls, args.rounds, args.min_run_time,
+                                              before=set_kept)
+        for level, variant, kept in calls:
+            key = (level, variant, kept)
+            ratios = common.round_ratios(samples, key, (level, "sdpa", args.heads))
+            rec = dict(model=name, level=level, variant=variant, heads_kept=kept,
+                       heads=args.heads, batch=batch_size, seq=args.seq,
+                       dtype=str(dtype).replace("torch.", ""),
+                       ms=statistics.median(samples[key]) * 1e3,
+                       vs_sdpa=statistics.median(ratios), vs_sdpa_min=min(ratios),
+                       vs_sdpa_max=max(ratios), rounds=args.rounds)
+            records.append(rec)
     records.sort(key=lambda r: (r["model"], r["level"] != "attention"))
     for rec in records:
         rows.append([rec["model"], rec["level"], rec["variant"],
                      f"{rec['heads_kept']}/{args.heads}", f"{rec['ms']:.2f}",
-                     f"{rec['vs_sdpa']:.2f}x"])
+                     f"{rec['vs_sdpa']:.2f}x",
+                     f"{rec['vs_sdpa_min']:.2f}x-{rec['vs_sdpa_max']:.2f}x"])
 
-    header = ["model", "timed", "attention", "heads kept", "forward (ms)", "vs sdpa"]
+    header = ["model", "timed", "attention", "heads kept", "forward (ms, median)",
+              "vs sdpa (median of rounds)", "range over rounds"]
     what = (f"attention_backend: attention call and model forward, B={batch_size}, S={args.seq}, "
-            f"{str(dtype).replace('torch.', '')}, wall time per call")
+            f"{str(dtype).replace('torch.', '')}, wall time per call, {args.rounds} interleaved "
+            f"rounds")
     common.report("attention_backend", args, argv, what, header, rows, records)
 
 

@@ -1,6 +1,9 @@
 """group_dot (fused segmented x*g reduction) vs the plain PyTorch expression, in GB/s.
 
-Script:  python bench/bench_group_dot.py [--device cpu|cuda]
+Each row: median time per call over interleaved rounds (each round times both providers), the
+speed-up as the median of per-round ratios and their range over rounds.
+
+Script:  python bench/bench_group_dot.py [--device cpu|cuda] [--rounds 5]
          prints a table and writes bench/results/group_dot-<device>.{json,md}
 pytest:  pytest bench/bench_group_dot.py --benchmark-only
 """
@@ -8,6 +11,7 @@ pytest:  pytest bench/bench_group_dot.py --benchmark-only
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -61,7 +65,11 @@ def main(argv=None) -> None:
         "--dim", type=int, nargs="+", default=None, help="default: 3072 on CUDA, 1536 on CPU"
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved rounds over the providers (medians kept)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: expected at least 1")
     common.use_device(args.device)
     cuda = args.device.startswith("cuda")
     if not cuda:
@@ -75,10 +83,12 @@ def main(argv=None) -> None:
         for group_size in (1, 64, dim):
             x, g, mask = make_inputs(batch, args.seq, dim, dtype, args.device)
             bytes_moved = 2 * x.numel() * x.element_size()
-            times = {}
-            for name, fn in PROVIDERS.items():
-                times[name] = common.time_call(lambda fn=fn: fn(x, g, group_size, mask))
-            for name, seconds in times.items():
+            calls = {name: (lambda fn=fn: fn(x, g, group_size, mask))
+                     for name, fn in PROVIDERS.items()}
+            samples = common.time_interleaved(calls, args.rounds)
+            for name, values in samples.items():
+                seconds = statistics.median(values)
+                speedups = [1 / r for r in common.round_ratios(samples, name, "torch")]
                 rec = dict(
                     provider=name,
                     batch=batch,
@@ -88,7 +98,10 @@ def main(argv=None) -> None:
                     dtype=str(dtype).replace("torch.", ""),
                     us=seconds * 1e6,
                     gb_per_s=bytes_moved / seconds / 1e9,
-                    speedup_vs_torch=times["torch"] / seconds,
+                    speedup_vs_torch=statistics.median(speedups),
+                    speedup_min=min(speedups),
+                    speedup_max=max(speedups),
+                    rounds=args.rounds,
                 )
                 records.append(rec)
                 rows.append(
@@ -101,11 +114,14 @@ def main(argv=None) -> None:
                         f"{rec['us']:.1f}",
                         f"{rec['gb_per_s']:.1f}",
                         f"{rec['speedup_vs_torch']:.2f}x",
+                        f"{rec['speedup_min']:.2f}x-{rec['speedup_max']:.2f}x",
                     ]
                 )
     header = ["provider", "B", "S", "D", "group", "time (us)",
-              "effective GB/s (x+g, all tokens)", "speedup vs torch"]
-    what = f"group_dot, {str(dtype).replace('torch.', '')}, padding mask ~25% tokens"
+              "effective GB/s (x+g, all tokens)", "speedup vs torch (median of rounds)",
+              "range over rounds"]
+    what = (f"group_dot, {str(dtype).replace('torch.', '')}, padding mask ~25% tokens, "
+            f"{args.rounds} interleaved rounds")
     common.report("group_dot", args, argv, what, header, rows, records)
 
 

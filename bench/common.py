@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
 import torch.utils.benchmark as tb
@@ -54,6 +54,30 @@ def time_call(fn: Callable[[], object], min_run_time: float = 0.5) -> float:
         min_run_time=min_run_time
     )
     return measurement.median
+
+
+def time_interleaved(calls: dict[Hashable, Callable[[], object]], rounds: int,
+                     min_run_time: float = 0.5, before: Callable[[Hashable], None] | None = None,
+                     ) -> dict[Hashable, list[float]]:
+    """Seconds per call of each named call, `rounds` times over, interleaved (each round times
+    every call once, in order), so that load on a shared machine hits all of them alike.
+    before(name), when given, runs untimed before each call's timing (e.g. to set its masks).
+    Returns {name: [median seconds per round]}."""
+    if rounds < 1:
+        raise ValueError(f"time_interleaved: rounds must be >= 1, got {rounds}")
+    samples: dict[Hashable, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            if before is not None:
+                before(name)
+            samples[name].append(time_call(fn, min_run_time))
+    return samples
+
+
+def round_ratios(samples: dict[Hashable, list[float]], name: Hashable,
+                 base: Hashable) -> list[float]:
+    """Per-round time ratios name / base from time_interleaved's samples (same round paired)."""
+    return [t / b for t, b in zip(samples[name], samples[base], strict=True)]
 
 
 # Ops that launch no kernel: views, aliases and bare allocations.

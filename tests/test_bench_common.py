@@ -65,3 +65,25 @@ def test_time_call_times_with_the_callers_threads(common):
     finally:
         torch.set_num_threads(before)
     assert set(seen) == {2}
+
+
+def test_time_interleaved_times_every_call_each_round_and_pairs_rounds(common, monkeypatch):
+    """Each round times every call once, in order, after its before() hook; round_ratios pairs
+    the same round's timings."""
+    events = []
+    fake_seconds = {"a": iter([1.0, 2.0, 4.0]), "b": iter([2.0, 2.0, 2.0])}
+
+    def fake_time_call(fn, min_run_time=0.5):
+        name = fn()
+        events.append(("time", name))
+        return next(fake_seconds[name])
+
+    monkeypatch.setattr(common, "time_call", fake_time_call)
+    calls = {"a": lambda: "a", "b": lambda: "b"}
+    samples = common.time_interleaved(calls, rounds=3,
+                                      before=lambda name: events.append(("before", name)))
+    assert samples == {"a": [1.0, 2.0, 4.0], "b": [2.0, 2.0, 2.0]}
+    assert events == [("before", "a"), ("time", "a"), ("before", "b"), ("time", "b")] * 3
+    assert common.round_ratios(samples, "a", "b") == [0.5, 1.0, 2.0]
+    with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
+        common.time_interleaved(calls, rounds=0)

@@ -1,0 +1,82 @@
+"""The interleaved-round benchmarks (group_dot, attention backend) run end to end at tiny sizes
+and write tables whose ratios are medians of per-round ratios, with their range."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture
+def bench(monkeypatch, tmp_path):
+    """Imports a bench script with its results written under tmp_path (not bench/results)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    common = importlib.import_module("common")
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(common, "time_call", lambda fn, min_run_time=0.5: _timed_once(fn))
+    threads = torch.get_num_threads()
+    yield lambda name: importlib.reload(importlib.import_module(name))
+    torch.set_num_threads(threads)
+    for name in ("bench_group_dot", "bench_attention_backend", "common"):
+        sys.modules.pop(name, None)
+
+
+def _timed_once(fn):
+    import time
+
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def test_group_dot_bench_reports_medians_and_ranges(bench, tmp_path):
+    bench("bench_group_dot").main(["--device", "cpu", "--batch", "2", "--seq", "8",
+                                   "--dim", "128", "--rounds", "3", "--threads", "1"])
+    records = json.loads((tmp_path / "group_dot-cpu.json").read_text())["results"]
+    assert [(r["provider"], r["group_size"]) for r in records] == [
+        (p, g) for g in (1, 64, 128) for p in ("torch", "sparsebert")]
+    for rec in records:
+        assert rec["rounds"] == 3
+        assert rec["speedup_min"] <= rec["speedup_vs_torch"] <= rec["speedup_max"]
+        if rec["provider"] == "torch":
+            assert rec["speedup_vs_torch"] == rec["speedup_min"] == rec["speedup_max"] == 1.0
+    assert "range over rounds" in (tmp_path / "group_dot-cpu.md").read_text()
+
+
+def test_group_dot_bench_refuses_zero_rounds(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench("bench_group_dot").main(["--device", "cpu", "--rounds", "0"])
+    assert "--rounds 0: expected at least 1" in capsys.readouterr().err
+
+
+def test_attention_backend_bench_sets_each_variants_masks(bench, tmp_path, monkeypatch):
+    import sparsebert
+
+    kept_per_timing = []
+    set_masks = sparsebert.set_masks
+
+    def recording_set_masks(model, head_mask=None, **kwargs):
+        kept_per_timing.append(sorted({int(k) for k in head_mask.sum(-1)}))
+        return set_masks(model, head_mask=head_mask, **kwargs)
+
+    monkeypatch.setattr(sparsebert, "set_masks", recording_set_masks)
+    bench("bench_attention_backend").main(["--device", "cpu", "--batch", "2", "--seq", "16",
+                                           "--heads", "4", "--models", "distilbert",
+                                           "--rounds", "2", "--threads", "1"])
+    records = json.loads((tmp_path / "attention_backend-cpu.json").read_text())["results"]
+    rows = [(r["level"], r["variant"], r["heads_kept"]) for r in records]
+    assert rows == [(level, variant, kept) for level in ("attention", "model")
+                    for variant, kept in (("sdpa", 4), ("sparsebert", 4), ("sparsebert", 2),
+                                          ("sparsebert", 1))]
+    for rec in records:
+        assert rec["rounds"] == 2
+        assert rec["vs_sdpa_min"] <= rec["vs_sdpa"] <= rec["vs_sdpa_max"]
+    # before each sparsebert timing (2 rounds x 2 levels), its own heads kept in every layer
+    assert kept_per_timing == [[4], [2], [1]] * 4
