@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import importlib
 
 import pytest
 import torch
@@ -16,7 +17,15 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import sparsebert
 from sparsebert.hf import patch, prune, set_masks
 from sparsebert.hf.patching import sparse_blocks
-from sparsebert.pruning.importance import Importance, importance, min_max, normalize_by_layer
+from sparsebert.pruning.importance import (
+    BatchScorer,
+    GateGrads,
+    Importance,
+    ScoreSums,
+    importance,
+    min_max,
+    normalize_by_layer,
+)
 
 # --------------------------------------------------------------------------------------------
 # Models and data
@@ -706,3 +715,72 @@ def test_a_batch_reads_no_gate_per_layer_and_makes_no_leaves(mode, tiny_bert, ti
     seen = {op: per_batch[op] for op in ("any", "ne", "eq", "clone")}
     assert per_batch["any"] <= 1 and per_batch["ne"] + per_batch["eq"] <= 4, seen
     assert per_batch["clone"] == 0, seen
+    # Every layer's scores added by one accumulate call (one concatenation), not one per gate.
+    assert per_batch["accumulate_importance_"] == 1 and per_batch["cat"] == 1, per_batch
+
+
+def test_score_sums_are_views_of_one_buffer():
+    """Layout [heads of every layer, MLPs, neurons of every layer]; empty layers take no room."""
+    sums = ScoreSums.over([3, 0, 2], [4, 1, 0], torch.device("cpu"))
+    assert sums.flat.shape == (3 + 0 + 2 + 3 + 4 + 1 + 0,)
+    assert [tuple(t.shape) for t in sums.head] == [(3,), (0,), (2,)]
+    assert all(t.shape == () for t in sums.mlp)
+    sums.head[2] += 1
+    sums.mlp[1] += 2
+    sums.neuron[0][3] += 3
+    expected = torch.zeros(13)
+    expected[3:5], expected[6], expected[11] = 1, 2, 3
+    assert torch.equal(sums.flat, expected)
+    assert torch.equal(sums.zeros_like().flat, torch.zeros(13))
+    with pytest.raises(ValueError, match="3 layers of heads but 2 of neurons"):
+        ScoreSums.over([1, 1, 1], [1, 1], torch.device("cpu"))
+
+
+@pytest.mark.parametrize("mode,rows", [("paper", None), ("per_example", 3), ("fisher", 3)])
+@pytest.mark.parametrize("neurons", [False, True])
+@pytest.mark.parametrize("unused_mlp", [False, True])
+def test_accumulate_adds_every_gate_in_one_call(mode, rows, neurons, unused_mlp):
+    """One accumulate call for all layers adds sum over rows of |grad| (fisher: grad^2) to each
+    gate's running sum; a gate without a gradient (no output depends on it) keeps its sum."""
+    heads, ffn = [4, 0, 2], [5, 3, 1]
+    gen = torch.Generator().manual_seed(0)
+    lead = () if rows is None else (rows,)
+
+    def grad(*shape):
+        return torch.randn((*lead, *shape), generator=gen, dtype=torch.float64)
+
+    grads = GateGrads(head=[grad(h) for h in heads], mlp=[grad() for _ in heads],
+                      neuron=[grad(f) for f in ffn])
+    if unused_mlp:
+        grads.mlp[1] = None
+    scorer = BatchScorer(model=None, blocks=[], mode=mode, precision="fp32", num_labels=2,
+                         neurons=neurons, device=torch.device("cpu"))
+    sums = ScoreSums.over(heads, ffn, torch.device("cpu"))
+    sums.flat.fill_(0.5)  # running sums from earlier batches
+    calls = []
+    # the module (sparsebert.pruning's `importance` attribute is the function)
+    importance_module = importlib.import_module("sparsebert.pruning.importance")
+    accumulate = importance_module.accumulate_importance_
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return accumulate(*args)
+
+    with pytest.MonkeyPatch.context() as patcher:
+        patcher.setattr(importance_module, "accumulate_importance_", counted)
+        scorer.accumulate(grads, sums)
+        scorer.accumulate(grads, sums)  # a second batch
+    n = sum(heads) + len(heads) + (sum(ffn) if neurons else 0)
+    assert calls == [(n,), (n,)]
+
+    def expected(g):
+        if g is None:
+            return torch.tensor(0.5)
+        per_row = g.abs() if mode != "fisher" else g.square()
+        return 0.5 + 2 * (per_row.sum(0) if rows is not None else per_row).float()
+
+    for got, g in zip(sums.head + sums.mlp, grads.head + grads.mlp):
+        torch.testing.assert_close(got, expected(g), rtol=1e-6, atol=1e-6)
+    for got, g in zip(sums.neuron, grads.neuron):
+        want = expected(g) if neurons else torch.full(g.shape[len(lead):], 0.5)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -264,21 +264,35 @@ class GateGrads:
 
 @dataclass
 class ScoreSums:
-    """Per-layer running sums of the scores: head (H_l,), mlp (), neuron (F_l,)."""
+    """Per-layer running sums of the scores: head (H_l,), mlp (), neuron (F_l,), views into one
+    fp32 buffer `flat` laid out as [heads of every layer, MLPs, neurons of every layer], so that
+    a batch's scores are added by one accumulate call (BatchScorer.accumulate)."""
 
     head: list[Tensor]
     mlp: list[Tensor]
     neuron: list[Tensor]
+    flat: Tensor  # (sum_l H_l + L + sum_l F_l,)
+
+    @classmethod
+    def over(cls, heads: list[int], ffn: list[int], device: torch.device) -> ScoreSums:
+        """Zeros for layers with heads[l] heads and ffn[l] neurons."""
+        layers = len(heads)
+        if len(ffn) != layers:
+            raise ValueError(f"ScoreSums: {layers} layers of heads but {len(ffn)} of neurons")
+        flat = torch.zeros(sum(heads) + layers + sum(ffn), device=device)
+        parts = flat.split(list(heads) + [1] * layers + list(ffn))
+        return cls(head=list(parts[:layers]),
+                   mlp=[part.view(()) for part in parts[layers:2 * layers]],
+                   neuron=list(parts[2 * layers:]), flat=flat)
 
     @classmethod
     def zeros(cls, blocks, device: torch.device) -> ScoreSums:
-        return cls(head=[torch.zeros(a.num_heads, device=device) for a, _ in blocks],
-                   mlp=[torch.zeros((), device=device) for _ in blocks],
-                   neuron=[torch.zeros(m.intermediate_size, device=device) for _, m in blocks])
+        return cls.over([a.num_heads for a, _ in blocks],
+                        [m.intermediate_size for _, m in blocks], device)
 
     def zeros_like(self) -> ScoreSums:
-        return ScoreSums(*([torch.zeros_like(t) for t in ts]
-                           for ts in (self.head, self.mlp, self.neuron)))
+        return ScoreSums.over([t.numel() for t in self.head], [t.numel() for t in self.neuron],
+                              self.flat.device)
 
 
 @dataclass
@@ -334,14 +348,24 @@ class BatchScorer:
                          neuron=list(grads[2 * n:len(wanted)]))
 
     def accumulate(self, grads: GateGrads, sums: ScoreSums) -> None:
-        """sums += |grad| (fisher: grad^2), summed over the batch's rows for per-example gates."""
+        """sums += |grad| (fisher: grad^2), summed over the batch's rows for per-example gates.
+        Every layer's gradients in one accumulate call on the front of sums.flat (heads, MLPs,
+        and neurons when scored, in its layout): two tensor ops per batch, not one per gate."""
         power = 2 if self.mode == "fisher" else 1
         pairs = list(zip(sums.head, grads.head)) + list(zip(sums.mlp, grads.mlp))
         if self.neurons:
             pairs += list(zip(sums.neuron, grads.neuron))
-        for acc, g in pairs:
-            if g is not None:
-                accumulate_importance_(acc, g.float().reshape(-1, *acc.shape), power)
+        given = [g for _, g in pairs if g is not None]
+        if not given:
+            return
+        rows = given[0].shape[0] if self.mode in ("per_example", "fisher") else 1
+        # A gate no output depends on (a removed MLP, a layer without heads) has no gradient:
+        # it adds zeros (nothing where it has no entries).
+        blocks = [g.float().reshape(rows, acc.numel()) if g is not None
+                  else sums.flat.new_zeros(rows, acc.numel())
+                  for acc, g in pairs if g is not None or acc.numel()]
+        scores = torch.cat(blocks, dim=1)  # (R, n): this batch's scores in sums.flat's layout
+        accumulate_importance_(sums.flat[:scores.shape[1]], scores, power)
 
 
 # --------------------------------------------------------------------------------------------
