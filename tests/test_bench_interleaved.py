@@ -1,5 +1,6 @@
-"""The interleaved-round benchmarks (group_dot, attention backend) run end to end at tiny sizes
-and write tables whose ratios are medians of per-round ratios, with their range."""
+"""The interleaved-round benchmarks (group_dot, attention backend, importance setup) run end
+to end at tiny sizes and write tables whose ratios are medians of per-round ratios, with their
+range."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def bench(monkeypatch, tmp_path):
     threads = torch.get_num_threads()
     yield lambda name: importlib.reload(importlib.import_module(name))
     torch.set_num_threads(threads)
-    for name in ("bench_group_dot", "bench_attention_backend", "common"):
+    for name in ("bench_group_dot", "bench_attention_backend", "bench_importance_setup",
+                 "common"):
         sys.modules.pop(name, None)
 
 
@@ -80,3 +82,14 @@ def test_attention_backend_bench_sets_each_variants_masks(bench, tmp_path, monke
         assert rec["vs_sdpa_min"] <= rec["vs_sdpa"] <= rec["vs_sdpa_max"]
     # before each sparsebert timing (2 rounds x 2 levels), its own heads kept in every layer
     assert kept_per_timing == [[4], [2], [1]] * 4
+
+
+def test_importance_setup_bench_times_both_setups_and_restores_the_scorer(bench, tmp_path):
+    scorer_class = importlib.import_module("sparsebert.pruning.importance").BatchScorer
+    held = scorer_class.held
+    bench("bench_importance_setup").main(["--device", "cpu", "--batches", "2", "--rounds", "2",
+                                          "--threads", "1"])
+    assert scorer_class.held is held  # the per-batch variant is undone after each timing
+    records = json.loads((tmp_path / "importance_setup-cpu.json").read_text())["results"]
+    assert [r["setup"] for r in records] == ["held", "per batch"]
+    assert records[0]["ratio_min"] <= records[0]["ratio"] <= records[0]["ratio_max"]

@@ -784,3 +784,63 @@ def test_accumulate_adds_every_gate_in_one_call(mode, rows, neurons, unused_mlp)
     for got, g in zip(sums.neuron, grads.neuron):
         want = expected(g) if neurons else torch.full(g.shape[len(lead):], 0.5)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _scoring_state(model):
+    """Every block's gate overrides and output rows: what a pass sets up and must undo."""
+    state = []
+    for attn, mlp in sparse_blocks(model):
+        state.append((attn.head_gate_override, attn.head_gate_live, attn.output_rows,
+                      mlp.mlp_gate_override, mlp.neuron_gate_override, mlp.output_rows))
+    return state
+
+
+@pytest.mark.parametrize("mode,sizes,setups", [
+    ("paper", [4, 4, 3, 4], 1),  # shared leaves: one set for the pass
+    ("per_example", [4, 4, 3, 4], 3),  # per-example leaves per batch size: 4, then 3, then 4
+    ("michel", [4, 4], 1),
+])
+def test_a_pass_sets_the_gates_up_once_per_set_of_leaves(mode, sizes, setups, tiny_bert,
+                                                         tiny_batches, monkeypatch):
+    """The gate overrides and the first-token readout stay in place from one batch to the next
+    (set up again only when the leaves change), give the scores of a pass that sets them up
+    per batch, and are undone after the pass."""
+    module = importlib.import_module("sparsebert.pruning.importance")
+    model = patch(tiny_bert(num_labels=NUM_LABELS))
+    batches = [{k: v[:n] for k, v in batch.items()}
+               for batch, n in zip(tiny_batches(num_labels=NUM_LABELS, num_batches=len(sizes)),
+                                   sizes)]
+    before = _scoring_state(model)
+    per_batch = [importance(model, [b], mode=mode, normalize=False, progress=False)
+                 for b in batches]
+    entered = []
+    overridden = module._gates_overridden
+
+    def counted(blocks, leaves, facts):
+        entered.append(len(leaves))
+        return overridden(blocks, leaves, facts)
+
+    monkeypatch.setattr(module, "_gates_overridden", counted)
+    whole = importance(model, batches, mode=mode, normalize=False, progress=False)
+    assert len(entered) == setups
+    assert _scoring_state(model) == before
+    torch.testing.assert_close(whole.head, sum(imp.head for imp in per_batch),
+                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(whole.mlp, sum(imp.mlp for imp in per_batch),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_an_error_mid_pass_undoes_the_scoring_setup(tiny_bert, tiny_batches):
+    model = patch(tiny_bert(num_labels=NUM_LABELS))
+    good, bad = tiny_batches(num_labels=NUM_LABELS, num_batches=2)
+    bad = dict(bad, labels=bad["labels"][:1])  # one label for a batch of four
+    before = _scoring_state(model)
+    with pytest.raises(Exception):  # noqa: B017 - whatever the loss raises for the mismatch
+        importance(model, [good, bad], progress=False)
+    assert _scoring_state(model) == before
+    scorer = BatchScorer(model=model, blocks=sparse_blocks(model), mode="paper",
+                         precision="fp32", num_labels=NUM_LABELS, neurons=False,
+                         device=torch.device("cpu"))
+    with scorer.held(), pytest.raises(RuntimeError, match="already open"):
+        with scorer.held():
+            pass
