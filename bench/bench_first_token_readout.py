@@ -106,7 +106,7 @@ def main(argv=None) -> None:
                     finally:
                         os.environ.pop(FULL_LAST_LAYER_ENV, None)
             full, short = (statistics.median(samples[k]) for k in ("full", "readout"))
-            ratio = statistics.median(r / f for f, r in zip(samples["full"], samples["readout"]))
+            ratio = statistics.median(common.round_ratios(samples, "readout", "full"))
             records.append(dict(workload=name, batch=args.batch, seq=seq, full_ms=full * 1e3,
                                 readout_ms=short * 1e3, ratio=ratio, rounds=args.rounds))
             rows.append([name, args.batch, seq, f"{full * 1e3:.1f}", f"{short * 1e3:.1f}",

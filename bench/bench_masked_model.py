@@ -82,11 +82,9 @@ def main(argv: list[str] | None = None) -> None:
         return run
 
     modes = {"eval forward": forward, "train fwd+bwd": train}
-    samples = {(mode, name): [] for mode in modes for name in models}
-    for _ in range(args.rounds):  # interleaved, so load on a shared machine hits all alike
-        for mode, make in modes.items():
-            for name, model in models.items():
-                samples[(mode, name)].append(common.time_call(make(model), args.min_run_time))
+    calls = {(mode, name): make(model) for mode, make in modes.items()
+             for name, model in models.items()}
+    samples = common.time_interleaved(calls, args.rounds, args.min_run_time)
     times = {key: statistics.median(values) for key, values in samples.items()}
     rows, records = [], []
     for (mode, name), seconds in times.items():
