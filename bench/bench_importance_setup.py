@@ -1,15 +1,24 @@
-"""What keeping the importance pass's scoring setup between batches saves: the gate leaves in
-place of every block's gates and the first-token readout, set up once per set of leaves
-(BatchScorer.held(), what sparsebert.importance does) against set up and undone around every
-batch (held() replaced by a block that holds nothing, so each batch enters the setup itself).
+"""What two host-side choices of the importance pass save, each against the pass without it, side
+by side in one process (--compare):
 
-A host-side saving (attribute writes and context managers per block), so the default model is
+  setup        the scoring setup kept between batches: the gate leaves in place of every block's
+               gates and the first-token readout, set up once per set of leaves
+               (BatchScorer.held(), what sparsebert.importance does) against set up and undone
+               around every batch (held() replaced by a block that holds nothing, so each batch
+               enters the setup itself). fp32.
+  bf16-weights under bf16 autocast, the frozen linears' weights cast to bf16 once per pass
+               (sparsebert.pruning.precision.bf16_linears, what sparsebert.importance does)
+               against autocast casting them on every use (its weight cache skips frozen
+               weights): two casts fewer per linear per batch, bitwise the same scores.
+
+Host-side savings (attribute writes, context managers, small tensor ops), so the default model is
 BERT-base's 12 layers x 12 heads at tiny widths (bench/common.py's bert-base-host), where the
 time per batch is almost all host work: the part a GPU does not make faster. Each row: median
 time per batch over interleaved rounds of one pass over --batches batches, and the median of
-the per-round ratios (held / per batch) with their range.
+the per-round ratios (with / without) with their range.
 
     python bench/bench_importance_setup.py --threads 1 --rounds 15
+    python bench/bench_importance_setup.py --compare bf16-weights --threads 1 --rounds 15
 """
 
 from __future__ import annotations
@@ -38,6 +47,21 @@ def setup_per_batch(scorer):
     yield scorer
 
 
+def casts_per_batch(model, precision, device):
+    """scoring_precision copying nothing: autocast casts the weights on every use."""
+    return contextlib.nullcontext(0)
+
+
+# --compare: (the module, its attribute swapped, the replacement without the saving, the
+# precision, the rows' names with / without, the results file)
+COMPARISONS = {
+    "setup": (importance_module.BatchScorer, "held", setup_per_batch, "fp32",
+              ("held", "per batch"), "importance_setup"),
+    "bf16-weights": (importance_module.numerics, "scoring_precision", casts_per_batch, "bf16",
+                     ("cast once per pass", "cast per batch"), "importance_bf16_weights"),
+}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -49,6 +73,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seq", type=int, default=16)
     parser.add_argument("--batches", type=int, default=20, help="batches per timed pass")
     parser.add_argument("--mode", default="paper", choices=importance_module.MODES)
+    parser.add_argument("--compare", default="setup", choices=sorted(COMPARISONS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--min-run-time", type=float, default=0.5)
@@ -62,25 +87,29 @@ def main(argv=None) -> None:
     batch = common.padded_classifier_batch(args.batch, args.seq, model.config.vocab_size,
                                            args.device)
     batches = [batch] * args.batches
-    held = importance_module.BatchScorer.held
+    owner, attribute, without, precision, (with_name, without_name), results = \
+        COMPARISONS[args.compare]
+    saving = getattr(owner, attribute)
 
-    def scoring_pass(holder):
+    def scoring_pass(variant):
         def run():
-            importance_module.BatchScorer.held = holder
+            setattr(owner, attribute, variant)
             try:
-                sparsebert.importance(model, batches, mode=args.mode, progress=False)
+                sparsebert.importance(model, batches, mode=args.mode, progress=False,
+                                      precision=precision)
             finally:
-                importance_module.BatchScorer.held = held
+                setattr(owner, attribute, saving)
         return run
 
-    calls = {"held": scoring_pass(held), "per batch": scoring_pass(setup_per_batch)}
+    calls = {with_name: scoring_pass(saving), without_name: scoring_pass(without)}
     samples = common.time_interleaved(calls, args.rounds, args.min_run_time)
-    ratios = common.round_ratios(samples, "held", "per batch")
+    ratios = common.round_ratios(samples, with_name, without_name)
     rows, records = [], []
     for name, values in samples.items():
         ms = statistics.median(values) / args.batches * 1e3
-        rec = dict(setup=name, ms_per_batch=ms, rounds=args.rounds, batches=args.batches)
-        if name == "held":
+        rec = dict(setup=name, precision=precision, ms_per_batch=ms, rounds=args.rounds,
+                   batches=args.batches)
+        if name == with_name:
             rec.update(ratio=statistics.median(ratios), ratio_min=min(ratios),
                        ratio_max=max(ratios))
         records.append(rec)
@@ -89,12 +118,15 @@ def main(argv=None) -> None:
                      f"{rec['ratio_min']:.3f}x-{rec['ratio_max']:.3f}x" if "ratio" in rec
                      else "-"])
     cfg = model.config
-    what = (f"importance pass ({args.mode}, fp32), scoring setup held between batches vs set up "
-            f"per batch, random {args.model}-shaped model ({cfg.num_hidden_layers} layers x "
-            f"{cfg.num_attention_heads} heads), B={args.batch}, S={args.seq}, {args.batches} "
-            f"batches per pass, {args.rounds} interleaved rounds")
-    common.report("importance_setup", args, argv, what,
-                  ["setup", "time per batch (ms)", "vs per batch (median of rounds)",
+    compared = ("scoring setup held between batches vs set up per batch"
+                if args.compare == "setup" else
+                "linear weights cast to bf16 once per pass vs by autocast per batch")
+    what = (f"importance pass ({args.mode}, {precision}), {compared}, random {args.model}-shaped "
+            f"model ({cfg.num_hidden_layers} layers x {cfg.num_attention_heads} heads), "
+            f"B={args.batch}, S={args.seq}, {args.batches} batches per pass, {args.rounds} "
+            "interleaved rounds")
+    common.report(results, args, argv, what,
+                  ["variant", "time per batch (ms)", f"vs {without_name} (median of rounds)",
                    "range over rounds"], rows, records)
 
 

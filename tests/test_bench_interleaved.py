@@ -93,3 +93,15 @@ def test_importance_setup_bench_times_both_setups_and_restores_the_scorer(bench,
     records = json.loads((tmp_path / "importance_setup-cpu.json").read_text())["results"]
     assert [r["setup"] for r in records] == ["held", "per batch"]
     assert records[0]["ratio_min"] <= records[0]["ratio"] <= records[0]["ratio_max"]
+
+
+def test_importance_bf16_weights_bench_times_both_and_restores_the_copies(bench, tmp_path):
+    numerics = importlib.import_module("sparsebert.pruning.precision")
+    scoring_precision = numerics.scoring_precision
+    bench("bench_importance_setup").main(["--device", "cpu", "--compare", "bf16-weights",
+                                          "--batches", "2", "--rounds", "2", "--threads", "1"])
+    assert numerics.scoring_precision is scoring_precision  # undone after each timing
+    records = json.loads((tmp_path / "importance_bf16_weights-cpu.json").read_text())["results"]
+    assert [r["setup"] for r in records] == ["cast once per pass", "cast per batch"]
+    assert {r["precision"] for r in records} == {"bf16"}
+    assert records[0]["ratio_min"] <= records[0]["ratio"] <= records[0]["ratio_max"]

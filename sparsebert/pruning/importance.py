@@ -47,24 +47,11 @@ from sparsebert.hf.readout import first_token_readout
 from sparsebert.hf.structure import config_size, structure_for
 from sparsebert.nn.common import eval_mode
 from sparsebert.ops import accumulate_importance_
+from sparsebert.pruning import precision as numerics
 from sparsebert.pruning.michel import michel_hooks
+from sparsebert.pruning.precision import PRECISIONS
 
 MODES = ("paper", "per_example", "fisher", "michel")
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def _precision_context(precision: str, device: torch.device, cache_enabled: bool = True):
-    """The forward's numerics: bf16 autocast (matmul inputs in bf16, fp32 accumulation and
-    gates) or plain fp32. "auto" is bf16 on CUDA and fp32 elsewhere. Measured by CPU emulation on
-    the default model (512 SST-2 sentences): bf16 keeps the head ranking (Spearman 0.9999 vs fp32,
-    same bottom 18 and 36 heads); fp16 would need loss scaling, so it is not offered.
-    cache_enabled=False: no cache of the weights' bf16 copies (a CUDA graph cannot capture it)."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                          cache_enabled=cache_enabled)
 
 
 @dataclass
@@ -371,7 +358,7 @@ class BatchScorer:
         which add the tensors they need gradients of to extra_inputs during the forward)."""
         extra_inputs = [] if extra_inputs is None else extra_inputs
         with self._set_up(leaves), hooks or contextlib.nullcontext():
-            with _precision_context(self.precision, self.device, self.autocast_cache):
+            with numerics.autocast(self.precision, self.device, self.autocast_cache):
                 logits = self.model(**inputs).logits
             losses = per_example_loss(logits.float(), labels, self.num_labels)  # (B,)
             loss = losses.mean() if self.mode == "paper" else losses.sum()
@@ -477,7 +464,9 @@ def importance(
     gate reaches (the authors' masked model keeps the attention output's bias there).
 
     precision: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or "bf16" (autocast on any
-    device); the gates, their gradients and the accumulated scores stay fp32.
+    device); the gates, their gradients and the accumulated scores stay fp32. Under bf16 the
+    linears' fp32 weights are cast to bf16 once for the pass (sparsebert.pruning.precision), not
+    by autocast on every batch: the same values, about half their size again in memory meanwhile.
 
     cuda_graph: replay each batch from a CUDA graph captured once per batch shape (forward,
     backward and accumulation; sparsebert.pruning.importance_graph): a batch then costs one
@@ -531,8 +520,9 @@ def importance(
 
         graphed = GraphedScorer(scorer, sums)  # raises for a CPU model or mode="michel"
 
-    with (frozen_for_scoring(model), _true_zero_gate_grads(blocks, true_masked_grads, facts),
-          scorer.held()):
+    # bf16: the frozen linears' weights cast once for the pass, not by autocast per batch.
+    with (frozen_for_scoring(model), numerics.scoring_precision(model, precision, device),
+          _true_zero_gate_grads(blocks, true_masked_grads, facts), scorer.held()):
         for batch in tqdm(batches, desc=f"importance ({mode})", disable=not progress, leave=False):
             batch = _batch_to(batch, device)
             labels = batch.pop("labels")

@@ -1,0 +1,81 @@
+"""The numerics of an importance pass: fp32, or bf16 autocast with the frozen weights cast once.
+
+    with scoring_precision(model, "bf16", device):     # the whole pass
+        with autocast("bf16", device):                 # each batch's forward
+            logits = model(**inputs).logits
+
+bf16 autocast runs every matrix product with bf16 inputs (fp32 accumulation); the gates, their
+gradients and the scores stay fp32. Autocast casts an fp32 weight to bf16 on every use, and its
+cache of those casts only keeps weights that require grad, which a scoring pass's frozen weights
+do not: every batch would cast every weight and bias of every linear again (148 casts per batch on
+BERT-base's 74 linears). `bf16_linears` casts them once for the whole pass instead; the products
+see exactly the values autocast would have made, so the scores are bitwise the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve(precision: str, device: torch.device) -> str:
+    """"fp32" or "bf16": "auto" is bf16 on CUDA, fp32 elsewhere. Measured by CPU emulation on the
+    default model (512 SST-2 sentences): bf16 keeps the head ranking (Spearman 0.9999 vs fp32,
+    same bottom 18 and 36 heads); fp16 would need loss scaling, so it is not offered."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(precision: str, device: torch.device, cache_enabled: bool = True):
+    """The forward's context: bf16 autocast (matmul inputs in bf16, fp32 accumulation) or none.
+    cache_enabled=False: no cache of weights' bf16 copies (a CUDA graph cannot capture it)."""
+    if resolve(precision, device) == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          cache_enabled=cache_enabled)
+
+
+@contextlib.contextmanager
+def bf16_linears(model: nn.Module) -> Iterator[int]:
+    """Within the block, the fp32 weight and bias of every nn.Linear in `model` are replaced by
+    bf16 copies that require no grad (a parameter shared by several linears gets one copy); the
+    original Parameter objects are put back on exit, also on error. Yields the number of
+    parameters replaced. For frozen passes under bf16 autocast only: the copies are what autocast
+    would make on each use, and nothing trains them."""
+    copies: dict[int, nn.Parameter] = {}  # id(original) -> its bf16 copy
+    replaced: list[tuple[nn.Module, str, nn.Parameter]] = []
+    try:
+        with torch.no_grad():
+            for module in model.modules():
+                if not isinstance(module, nn.Linear):
+                    continue
+                for name in ("weight", "bias"):
+                    param = module._parameters.get(name)
+                    if param is None or param.dtype != torch.float32:
+                        continue
+                    copy = copies.get(id(param))
+                    if copy is None:
+                        copy = copies[id(param)] = nn.Parameter(param.to(torch.bfloat16),
+                                                                requires_grad=False)
+                    module._parameters[name] = copy
+                    replaced.append((module, name, param))
+        yield len(replaced)
+    finally:
+        for module, name, param in reversed(replaced):
+            module._parameters[name] = param
+
+
+def scoring_precision(model: nn.Module, precision: str, device: torch.device):
+    """The pass-wide part of `precision` for a frozen model: bf16_linears under bf16, else
+    nothing. (The autocast region itself is entered per batch: `autocast`.)"""
+    if resolve(precision, device) == "fp32":
+        return contextlib.nullcontext(0)
+    return bf16_linears(model)

@@ -1,0 +1,152 @@
+"""The importance pass's numerics (sparsebert.pruning.precision): under bf16 the frozen linears'
+weights are cast once per pass instead of by autocast on every batch. The oracle is the same pass
+with autocast doing the casts (the copies disabled): the scores must be bitwise equal."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+from sparsebert.hf import patch, set_masks
+from sparsebert.pruning import precision as numerics
+from sparsebert.pruning.importance import importance
+
+importance_module = importlib.import_module("sparsebert.pruning.importance")
+NUM_LABELS = 3
+
+
+def _linear_params(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in model.modules() if isinstance(m, nn.Linear)
+            for p in (m.weight, m.bias) if p is not None]
+
+
+@contextlib.contextmanager
+def _autocast_casts_every_batch():
+    """The pass without the once-per-pass copies: autocast casts the weights on each use."""
+    original = importance_module.numerics.scoring_precision
+    importance_module.numerics.scoring_precision = lambda *args: contextlib.nullcontext(0)
+    try:
+        yield
+    finally:
+        importance_module.numerics.scoring_precision = original
+
+
+def _scores(imp):
+    return [t for t in (imp.head, imp.mlp, imp.neuron) if t is not None]
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("mode", ["paper", "per_example", "fisher", "michel"])
+def test_bf16_scores_are_bitwise_those_of_per_batch_autocast(family, mode, tiny_bert, tiny_roberta,
+                                                             tiny_batches):
+    make = tiny_bert if family == "bert" else tiny_roberta
+    model = patch(make(num_labels=NUM_LABELS))
+    batches = tiny_batches(num_batches=3, num_labels=NUM_LABELS, seq=8)
+    kw = dict(mode=mode, precision="bf16", neurons=True, progress=False)
+    new = importance(model, batches, **kw)
+    with _autocast_casts_every_batch():
+        reference = importance(model, batches, **kw)
+    for got, want in zip(_scores(new), _scores(reference), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_bf16_scores_with_masked_heads_and_a_pruned_mlp(tiny_bert, tiny_batches, tiny_dims):
+    """Live-head weight slices (masked heads) and a removed MLP, scored with masked heads' true
+    gradients: still bitwise the per-batch-autocast scores."""
+    model = patch(tiny_bert(num_labels=NUM_LABELS))
+    head_mask = torch.ones(tiny_dims.layers, tiny_dims.heads)
+    head_mask[0, :2] = 0
+    mlp_mask = torch.ones(tiny_dims.layers)
+    mlp_mask[-1] = 0
+    set_masks(model, head_mask=head_mask, mlp_mask=mlp_mask)
+    batches = tiny_batches(num_batches=2, num_labels=NUM_LABELS)
+    kw = dict(mode="paper", precision="bf16", score_masked_heads=True, progress=False)
+    new = importance(model, batches, **kw)
+    with _autocast_casts_every_batch():
+        reference = importance(model, batches, **kw)
+    for got, want in zip(_scores(new), _scores(reference), strict=True):
+        assert torch.equal(got, want)
+
+
+def _casts_per_batch(model, batches, **kw) -> int:
+    """aten::_to_copy calls that one more batch adds to a pass."""
+    def count(n):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            importance(model, batches[:n], progress=False, **kw)
+        return collections.Counter(e.name for e in prof.events())["aten::_to_copy"]
+
+    return count(2) - count(1)
+
+
+def test_bf16_pass_casts_no_weight_per_batch(tiny_bert, tiny_batches):
+    """Per batch, the pass casts every linear weight and bias fewer times than autocast alone."""
+    model = patch(tiny_bert(num_labels=NUM_LABELS))
+    batches = tiny_batches(num_batches=2, num_labels=NUM_LABELS)
+    kw = dict(mode="paper", precision="bf16")
+    new = _casts_per_batch(model, batches, **kw)
+    with _autocast_casts_every_batch():
+        before = _casts_per_batch(model, batches, **kw)
+    assert before - new == len(_linear_params(model))
+
+
+def test_model_is_restored_after_a_bf16_pass(tiny_bert, tiny_batches):
+    model = patch(tiny_bert(num_labels=NUM_LABELS))
+    params = dict(model.named_parameters())
+    flags = {name: p.requires_grad for name, p in params.items()}
+    importance(model, tiny_batches(num_labels=NUM_LABELS), precision="bf16", progress=False)
+    after = dict(model.named_parameters())
+    assert after.keys() == params.keys()
+    for name, p in after.items():
+        assert p is params[name], name
+        assert p.dtype == torch.float32 and p.requires_grad == flags[name], name
+
+
+def test_bf16_linears_swaps_and_restores(tiny_bert):
+    model = tiny_bert()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    originals = [(m.weight, m.bias) for m in linears]
+    norm = model.bert.embeddings.LayerNorm.weight
+    embedding = model.bert.embeddings.word_embeddings.weight
+    with numerics.bf16_linears(model) as replaced:
+        assert replaced == len(_linear_params(model))
+        for m, (w, b) in zip(linears, originals, strict=True):
+            assert m.weight.dtype == torch.bfloat16 and not m.weight.requires_grad
+            assert torch.equal(m.weight, w.to(torch.bfloat16))
+            assert torch.equal(m.bias, b.to(torch.bfloat16))
+        assert model.bert.embeddings.LayerNorm.weight is norm  # not a linear: untouched
+        assert model.bert.embeddings.word_embeddings.weight is embedding
+    for m, (w, b) in zip(linears, originals, strict=True):
+        assert m.weight is w and m.bias is b
+
+
+def test_bf16_linears_restores_after_an_error_and_shares_one_copy():
+    shared = nn.Linear(4, 4)
+    tied = nn.Linear(4, 4, bias=False)
+    tied.weight = shared.weight  # one Parameter, two modules
+    half = nn.Linear(4, 4).to(torch.float16)
+    model = nn.Sequential(shared, tied, half)
+    with pytest.raises(RuntimeError, match="inside"):
+        with numerics.bf16_linears(model) as replaced:
+            assert replaced == 3  # shared weight twice (one copy), shared bias; not the fp16 one
+            assert tied.weight is shared.weight and tied.weight.dtype == torch.bfloat16
+            assert half.weight.dtype == torch.float16
+            raise RuntimeError("inside")
+    assert tied.weight is shared.weight and shared.weight.dtype == torch.float32
+    assert half.weight.dtype == torch.float16
+
+
+def test_scoring_precision_resolves_auto_by_device():
+    model = nn.Sequential(nn.Linear(2, 2))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert numerics.resolve("auto", cpu) == "fp32" and numerics.resolve("auto", cuda) == "bf16"
+    with numerics.scoring_precision(model, "auto", cpu) as replaced:  # fp32 on the CPU
+        assert replaced == 0 and model[0].weight.dtype == torch.float32
+    with numerics.scoring_precision(model, "bf16", cpu) as replaced:
+        assert replaced == 2 and model[0].weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="precision must be one of"):
+        numerics.resolve("fp16", cpu)
