@@ -7,7 +7,7 @@ by side in one process (--compare):
                around every batch (held() replaced by a block that holds nothing, so each batch
                enters the setup itself). fp32.
   bf16-weights under bf16 autocast, the frozen linears' weights cast to bf16 once per pass
-               (sparsebert.pruning.precision.bf16_linears, what sparsebert.importance does)
+               (sparsebert.precision.bf16_linears, what sparsebert.importance does)
                against autocast casting them on every use (its weight cache skips frozen
                weights): two casts fewer per linear per batch, bitwise the same scores.
 
@@ -48,7 +48,7 @@ def setup_per_batch(scorer):
 
 
 def casts_per_batch(model, precision, device):
-    """scoring_precision copying nothing: autocast casts the weights on every use."""
+    """weights_cast_once copying nothing: autocast casts the weights on every use."""
     return contextlib.nullcontext(0)
 
 
@@ -57,7 +57,7 @@ def casts_per_batch(model, precision, device):
 COMPARISONS = {
     "setup": (importance_module.BatchScorer, "held", setup_per_batch, "fp32",
               ("held", "per batch"), "importance_setup"),
-    "bf16-weights": (importance_module.numerics, "scoring_precision", casts_per_batch, "bf16",
+    "bf16-weights": (importance_module.numerics, "weights_cast_once", casts_per_batch, "bf16",
                      ("cast once per pass", "cast per batch"), "importance_bf16_weights"),
 }
 

@@ -96,11 +96,11 @@ def test_importance_setup_bench_times_both_setups_and_restores_the_scorer(bench,
 
 
 def test_importance_bf16_weights_bench_times_both_and_restores_the_copies(bench, tmp_path):
-    numerics = importlib.import_module("sparsebert.pruning.precision")
-    scoring_precision = numerics.scoring_precision
+    numerics = importlib.import_module("sparsebert.precision")
+    weights_cast_once = numerics.weights_cast_once
     bench("bench_importance_setup").main(["--device", "cpu", "--compare", "bf16-weights",
                                           "--batches", "2", "--rounds", "2", "--threads", "1"])
-    assert numerics.scoring_precision is scoring_precision  # undone after each timing
+    assert numerics.weights_cast_once is weights_cast_once  # undone after each timing
     records = json.loads((tmp_path / "importance_bf16_weights-cpu.json").read_text())["results"]
     assert [r["setup"] for r in records] == ["cast once per pass", "cast per batch"]
     assert {r["precision"] for r in records} == {"bf16"}

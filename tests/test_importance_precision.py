@@ -1,6 +1,7 @@
-"""The importance pass's numerics (sparsebert.pruning.precision): under bf16 the frozen linears'
-weights are cast once per pass instead of by autocast on every batch. The oracle is the same pass
-with autocast doing the casts (the copies disabled): the scores must be bitwise equal."""
+"""Numerics of passes that change no weight (sparsebert.precision): under bf16 the linears'
+weights are cast once per pass (importance, evaluation) instead of by autocast on every batch.
+The oracle is the same pass with autocast doing the casts (the copies disabled): the results
+must be bitwise equal."""
 
 from __future__ import annotations
 
@@ -8,15 +9,20 @@ import collections
 import contextlib
 import importlib
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from sparsebert import precision as numerics
+from sparsebert.glue import batching
 from sparsebert.hf import patch, set_masks
-from sparsebert.pruning import precision as numerics
+from sparsebert.hf.patching import sparse_blocks
 from sparsebert.pruning.importance import importance
+from sparsebert.train import predict
 
-importance_module = importlib.import_module("sparsebert.pruning.importance")
+evaluate_module = importlib.import_module("sparsebert.train.evaluate")
+
 NUM_LABELS = 3
 
 
@@ -28,12 +34,12 @@ def _linear_params(model: nn.Module) -> list[nn.Parameter]:
 @contextlib.contextmanager
 def _autocast_casts_every_batch():
     """The pass without the once-per-pass copies: autocast casts the weights on each use."""
-    original = importance_module.numerics.scoring_precision
-    importance_module.numerics.scoring_precision = lambda *args: contextlib.nullcontext(0)
+    original = numerics.weights_cast_once
+    numerics.weights_cast_once = lambda *args: contextlib.nullcontext(0)
     try:
         yield
     finally:
-        importance_module.numerics.scoring_precision = original
+        numerics.weights_cast_once = original
 
 
 def _scores(imp):
@@ -140,13 +146,69 @@ def test_bf16_linears_restores_after_an_error_and_shares_one_copy():
     assert half.weight.dtype == torch.float16
 
 
-def test_scoring_precision_resolves_auto_by_device():
+def test_weights_cast_once_resolves_auto_by_device():
     model = nn.Sequential(nn.Linear(2, 2))
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert numerics.resolve("auto", cpu) == "fp32" and numerics.resolve("auto", cuda) == "bf16"
-    with numerics.scoring_precision(model, "auto", cpu) as replaced:  # fp32 on the CPU
+    with numerics.weights_cast_once(model, "auto", cpu) as replaced:  # fp32 on the CPU
         assert replaced == 0 and model[0].weight.dtype == torch.float32
-    with numerics.scoring_precision(model, "bf16", cpu) as replaced:
+    with numerics.weights_cast_once(model, "bf16", cpu) as replaced:
         assert replaced == 2 and model[0].weight.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="precision must be one of"):
         numerics.resolve("fp16", cpu)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation (sparsebert.train.predict)
+# --------------------------------------------------------------------------------------------
+def _encoded(vocab: int, rows: int = 11, seed: int = 4):
+    gen = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(3, vocab, (int(n),), generator=gen).tolist()
+           for n in torch.randint(3, 20, (rows,), generator=gen)]
+    return batching.Encoded(input_ids=ids, token_type_ids=None,
+                            labels=np.zeros(len(ids), dtype=np.int64),
+                            lengths=np.array([len(r) for r in ids]), pad_token_id=0,
+                            max_length=32)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_bf16_predictions_are_bitwise_those_of_per_batch_autocast(masked, tiny_bert, tiny_dims,
+                                                                  monkeypatch):
+    """Regression scores (the logits themselves) under bf16, weights cast once per call vs by
+    autocast per batch; with masked heads the live heads' weight slices are kept per call."""
+    model = patch(tiny_bert(num_labels=1))
+    if masked:
+        head_mask = torch.ones(tiny_dims.layers, tiny_dims.heads)
+        head_mask[:, 1] = 0
+        set_masks(model, head_mask=head_mask)
+    params = dict(model.named_parameters())
+    encoded = _encoded(model.config.vocab_size)
+    got = predict(model, encoded, regression=True, batch_size=4, precision="bf16")
+    assert all(p is params[name] and p.dtype == torch.float32
+               for name, p in model.named_parameters())  # the model's own parameters again
+    monkeypatch.setattr(evaluate_module, "weights_cast_once",
+                        lambda *args: contextlib.nullcontext(0))
+    want = predict(model, encoded, regression=True, batch_size=4, precision="bf16")
+    np.testing.assert_array_equal(got, want)
+    fp32 = predict(model, encoded, regression=True, batch_size=4, precision="fp32")
+    assert not np.array_equal(got, fp32)  # bf16 did change the numerics
+
+
+def test_predictions_after_a_weight_change_between_calls(tiny_bert, tiny_dims):
+    """Each call's bf16 copies are new tensors (possibly where the last call's were): a weight
+    changed between two calls is seen, masked heads' kept slices included."""
+    model = patch(tiny_bert(num_labels=1))
+    head_mask = torch.ones(tiny_dims.layers, tiny_dims.heads)
+    head_mask[:, 0] = 0
+    set_masks(model, head_mask=head_mask)
+    encoded = _encoded(model.config.vocab_size)
+    predict(model, encoded, regression=True, batch_size=4, precision="bf16")
+    with torch.no_grad():
+        for block, _ in sparse_blocks(model):
+            block.query_linear().weight.mul_(-2.0)
+    got = predict(model, encoded, regression=True, batch_size=4, precision="bf16")
+    fresh = patch(tiny_bert(num_labels=1))
+    fresh.load_state_dict(model.state_dict())
+    set_masks(fresh, head_mask=head_mask)
+    want = predict(fresh, encoded, regression=True, batch_size=4, precision="bf16")
+    np.testing.assert_array_equal(got, want)

@@ -254,6 +254,32 @@ def test_live_heads_of_projections_without_bias(without_bias):
             assert torch.all(grad[masked_rows] == 0) and torch.any(grad[~masked_rows] != 0), name
 
 
+def test_a_replaced_parameter_at_the_old_address_is_sliced_anew():
+    """Evaluation keeps the live heads' weight slices while the parameters are unchanged; a
+    parameter replaced by a new one that sits at the same address with the same version count
+    (as after the allocator reuses a freed block) is another parameter: sliced anew."""
+    module = make_attention()
+    module.head_gate.copy_(torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    x, mask = torch.randn(B, S, HID), padding_mask()
+    query = module.self.query
+    with torch.no_grad():
+        module(x, attention_mask=mask)  # slices kept
+        old = query.weight
+        query.weight = torch.nn.Parameter(old.data)  # same storage, its own version counter
+        while query.weight._version < old._version:  # brought to the old one's count
+            query.weight.mul_(1.0)
+        query.weight.data.copy_(torch.randn_like(old))  # through .data: no version change
+        assert query.weight.data_ptr() == old.data_ptr() and query.weight._version == old._version
+        got = module(x, attention_mask=mask)[0]
+    torch.testing.assert_close(got, attention_reference(module, x, module.head_gate, mask),
+                               atol=TOL, rtol=TOL)
+    with torch.no_grad():
+        query.bias.data = torch.randn_like(query.bias)  # new storage, the same version count
+        got = module(x, attention_mask=mask)[0]
+    torch.testing.assert_close(got, attention_reference(module, x, module.head_gate, mask),
+                               atol=TOL, rtol=TOL)
+
+
 def test_gate_buffer_changes_are_seen():
     """The buffer's summary follows in-place writes, a new tensor and .to(); a linear with a
     hook keeps the whole product (a weight slice would bypass the hook)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -220,15 +221,31 @@ def _all_heads(x: Tensor, heads: Tensor, num_heads: int) -> Tensor:
     return x.new_zeros(batch, seq, num_heads, dim).index_copy(2, heads, x)
 
 
+def _tensor_state(t: Tensor) -> tuple[weakref.ref, int, int]:
+    """What tells a tensor's contents apart from a later state (_same_tensors): the object (a
+    weak reference), its version counter and its storage address (`param.data = other` moves
+    it without a version change)."""
+    return weakref.ref(t), t._version, t.data_ptr()
+
+
+def _same_tensors(kept: list[tuple[weakref.ref, int, int]], tensors: list[Tensor]) -> bool:
+    """Whether `tensors` are the very tensors `kept` describes (alive), unmodified since."""
+    return len(kept) == len(tensors) and all(
+        ref() is t and version == t._version and ptr == t.data_ptr()
+        for (ref, version, ptr), t in zip(kept, tensors))
+
+
 class _LiveHeads:
     """The live heads of a gate buffer that masks some (K of H) and the slices of the block's
     linears they use: q/k/v weight rows, gathered into one (3 * K * D, hidden) weight so that
     one product projects all three, and output-dense columns. heads (K,), rows (K * D,),
     qkv_rows (3 * K * D,): int64 on the weights' device. With gradients on, `weights` slices anew
     on every call (the slices' gradients reach the full weights, zeros at masked heads); without
-    (evaluation) it keeps them while the parameters are unchanged (same storage, same version
-    counter), except while a CUDA graph is captured (its replays slice the weights as they are
-    then)."""
+    (evaluation) it keeps them while the parameters are unchanged (the same tensor objects, still
+    alive, with the same version counters and storage: a parameter replaced by a new one, even
+    one the allocator put at the freed one's address, or given new storage through `.data =`, is
+    sliced anew), except while a CUDA graph is captured (its replays slice the weights as they
+    are then)."""
 
     def __init__(self, summary: GateSummary, num_heads: int, head_dim: int,
                  device: torch.device) -> None:
@@ -249,8 +266,7 @@ class _LiveHeads:
         if keep:
             params = [p for linear in (q, k, v, out) for p in (linear.weight, linear.bias)
                       if p is not None]
-            key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-            if self._kept is not None and self._kept[0] == key:
+            if self._kept is not None and _same_tensors(self._kept[0], params):
                 return self._kept[1]
         projections = (q, k, v)
         weight = torch.cat([linear.weight for linear in projections]).index_select(
@@ -261,8 +277,8 @@ class _LiveHeads:
                               if linear.bias is None else linear.bias
                               for linear in projections]).index_select(0, self.qkv_rows)
         sliced = ((weight, bias), (out.weight.index_select(1, self.rows), out.bias))
-        if keep:
-            self._kept = (key, sliced)
+        if keep:  # weak references: the slices keep no replaced parameter alive
+            self._kept = ([_tensor_state(p) for p in params], sliced)
         return sliced
 
     def __deepcopy__(self, memo) -> None:

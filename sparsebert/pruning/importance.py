@@ -42,14 +42,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from sparsebert import precision as numerics
 from sparsebert.hf.patching import sparse_blocks
 from sparsebert.hf.readout import first_token_readout
 from sparsebert.hf.structure import config_size, structure_for
 from sparsebert.nn.common import eval_mode
 from sparsebert.ops import accumulate_importance_
-from sparsebert.pruning import precision as numerics
+from sparsebert.precision import PRECISIONS
 from sparsebert.pruning.michel import michel_hooks
-from sparsebert.pruning.precision import PRECISIONS
 
 MODES = ("paper", "per_example", "fisher", "michel")
 
@@ -358,7 +358,7 @@ class BatchScorer:
         which add the tensors they need gradients of to extra_inputs during the forward)."""
         extra_inputs = [] if extra_inputs is None else extra_inputs
         with self._set_up(leaves), hooks or contextlib.nullcontext():
-            with numerics.autocast(self.precision, self.device, self.autocast_cache):
+            with numerics.autocast(self.device, self.precision, self.autocast_cache):
                 logits = self.model(**inputs).logits
             losses = per_example_loss(logits.float(), labels, self.num_labels)  # (B,)
             loss = losses.mean() if self.mode == "paper" else losses.sum()
@@ -465,7 +465,7 @@ def importance(
 
     precision: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or "bf16" (autocast on any
     device); the gates, their gradients and the accumulated scores stay fp32. Under bf16 the
-    linears' fp32 weights are cast to bf16 once for the pass (sparsebert.pruning.precision), not
+    linears' fp32 weights are cast to bf16 once for the pass (sparsebert.precision), not
     by autocast on every batch: the same values, about half their size again in memory meanwhile.
 
     cuda_graph: replay each batch from a CUDA graph captured once per batch shape (forward,
@@ -521,7 +521,7 @@ def importance(
         graphed = GraphedScorer(scorer, sums)  # raises for a CPU model or mode="michel"
 
     # bf16: the frozen linears' weights cast once for the pass, not by autocast per batch.
-    with (frozen_for_scoring(model), numerics.scoring_precision(model, precision, device),
+    with (frozen_for_scoring(model), numerics.weights_cast_once(model, precision, device),
           _true_zero_gate_grads(blocks, true_masked_grads, facts), scorer.held()):
         for batch in tqdm(batches, desc=f"importance ({mode})", disable=not progress, leave=False):
             batch = _batch_to(batch, device)

@@ -10,12 +10,12 @@ CUDA graph), optim (AdamW + linear schedule), checkpoint (weights-only checkpoin
 state), metrics_log (metrics.jsonl), rundir (RunResult, masks.json, the saved model).
 """
 
+from sparsebert.precision import autocast
 from sparsebert.train.config import (
     PRESETS,
     RUNTIME_FIELDS,
     TrainConfig,
     TrainError,
-    autocast,
     resolve_device,
     use_cuda_graphs,
 )

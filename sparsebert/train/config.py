@@ -1,4 +1,5 @@
-"""The fine-tuning run's configuration, presets and device / precision choices.
+"""The fine-tuning run's configuration, presets and device / precision choices (the precisions
+themselves: sparsebert.precision).
 
 The base recipe is the paper's (PAPER.md §0): AdamW, lr 2e-5, 3 epochs, batch 32, max length
 128, linear decay, no warmup, no weight decay, gradient clipping at 1.0. Preset "paper" is that
@@ -9,7 +10,6 @@ recipe; preset "minilm" is the same with the learning rate measured to train the
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import numbers
@@ -24,6 +24,7 @@ from sparsebert.errors import ConfigError
 from sparsebert.flags import dataclass_from_json, help_field
 from sparsebert.glue.tasks import GlueError, get_task
 from sparsebert.hf.loading import is_default_model
+from sparsebert.precision import PRECISIONS
 
 # The paper's learning rate, and the one measured for the default model (results/README.md).
 PRESETS: dict[str, dict[str, Any]] = {"paper": {"lr": 2e-5}, "minilm": {"lr": 1e-4}}
@@ -163,7 +164,7 @@ class TrainConfig:
                 raise TrainError(f"{flag(name)} {value!r}: expected a finite number "
                                  f"{'> 0' if positive else '>= 0'}")
         for name, choices in (("padding", ("dynamic", "max_length")),
-                              ("precision", ("auto", "fp32", "bf16")),
+                              ("precision", PRECISIONS),
                               ("cuda_graphs", ("auto", "on", "off"))):
             if getattr(self, name) not in choices:
                 raise TrainError(f"{flag(name)} {getattr(self, name)!r}: expected one of "
@@ -198,14 +199,6 @@ def resolve_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise TrainError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
     return device
-
-
-def autocast(device: torch.device, precision: str, cache_enabled: bool = True):
-    """bf16 autocast context for precision bf16 (auto: bf16 on CUDA), else a no-op.
-    cache_enabled=False is needed inside CUDA graph capture."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
-    return contextlib.nullcontext()
 
 
 def use_cuda_graphs(config: TrainConfig, device: torch.device) -> bool:

@@ -19,7 +19,8 @@ from sparsebert.glue.metrics import compute_metrics
 from sparsebert.glue.tasks import SplitNotFoundError, get_task
 from sparsebert.hf.readout import first_token_readout
 from sparsebert.nn.common import eval_mode
-from sparsebert.train.config import TrainConfig, TrainError, autocast, resolve_device
+from sparsebert.precision import autocast, weights_cast_once
+from sparsebert.train.config import TrainConfig, TrainError, resolve_device
 from sparsebert.train.rundir import load_run_model, require_finished
 
 
@@ -36,8 +37,9 @@ def predict(model: torch.nn.Module, encoded: batching.Encoded, regression: bool,
     device = device or next(model.parameters()).device
     out = np.zeros(len(encoded), dtype=np.float32 if regression else np.int64)
     # Each submodule's mode restored afterwards; the last layer at [CLS] only where the
-    # classifier reads nothing else.
-    with eval_mode(model), first_token_readout(model):
+    # classifier reads nothing else; under bf16 the linears' weights cast once, not per batch.
+    with (eval_mode(model), first_token_readout(model),
+          weights_cast_once(model, precision, device)):
         for indices in batching.eval_batches(encoded.lengths, batch_size):
             batch = to_device(batching.collate(encoded, indices), device)
             batch.pop("labels")

@@ -26,6 +26,7 @@ from sparsebert.glue.loading import load_split
 from sparsebert.glue.tasks import get_task
 from sparsebert.hf.loading import check_max_length, load_model, preflight_model
 from sparsebert.hf.readout import first_token_readout
+from sparsebert.precision import autocast
 from sparsebert.pruning.weight_masks import WeightMasks
 from sparsebert.runtime import device_name, git_sha, versions
 from sparsebert.train import data_cache
@@ -41,7 +42,6 @@ from sparsebert.train.config import (
     RUNTIME_FIELDS,
     TrainConfig,
     TrainError,
-    autocast,
     resolve_device,
     same_setting,
     use_cuda_graphs,

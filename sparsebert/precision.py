@@ -1,15 +1,17 @@
-"""The numerics of an importance pass: fp32, or bf16 autocast with the frozen weights cast once.
+"""Numerics of a forward: fp32, or bf16 autocast; passes that change no weight (an importance
+pass, an evaluation) cast the linears' weights to bf16 once rather than on every batch.
 
-    with scoring_precision(model, "bf16", device):     # the whole pass
-        with autocast("bf16", device):                 # each batch's forward
-            logits = model(**inputs).logits
+    with weights_cast_once(model, "bf16", device):     # the whole pass
+        for batch in batches:
+            with autocast(device, "bf16"):             # each batch's forward
+                logits = model(**batch).logits
 
-bf16 autocast runs every matrix product with bf16 inputs (fp32 accumulation); the gates, their
-gradients and the scores stay fp32. Autocast casts an fp32 weight to bf16 on every use, and its
-cache of those casts only keeps weights that require grad, which a scoring pass's frozen weights
-do not: every batch would cast every weight and bias of every linear again (148 casts per batch on
-BERT-base's 74 linears). `bf16_linears` casts them once for the whole pass instead; the products
-see exactly the values autocast would have made, so the scores are bitwise the same.
+bf16 autocast runs every matrix product with bf16 inputs (fp32 accumulation). It casts an fp32
+weight to bf16 on every use; its cache of those casts lasts one autocast region and keeps only
+weights that require grad, which an importance pass's frozen weights do not: every batch would
+cast every weight and bias of every linear again (148 casts per batch on BERT-base's 74
+linears). `bf16_linears` casts them once for the whole pass instead; the products see exactly
+the values autocast would have made, so the results are bitwise the same.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ def resolve(precision: str, device: torch.device) -> str:
     return precision
 
 
-def autocast(precision: str, device: torch.device, cache_enabled: bool = True):
-    """The forward's context: bf16 autocast (matmul inputs in bf16, fp32 accumulation) or none.
-    cache_enabled=False: no cache of weights' bf16 copies (a CUDA graph cannot capture it)."""
+def autocast(device: torch.device, precision: str, cache_enabled: bool = True):
+    """The forward's context: bf16 autocast (matmul inputs in bf16, fp32 accumulation) for
+    precision bf16 ("auto": on CUDA), else none. cache_enabled=False: no cache of weights' bf16
+    copies (a CUDA graph cannot capture it)."""
     if resolve(precision, device) == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
@@ -48,8 +51,8 @@ def bf16_linears(model: nn.Module) -> Iterator[int]:
     """Within the block, the fp32 weight and bias of every nn.Linear in `model` are replaced by
     bf16 copies that require no grad (a parameter shared by several linears gets one copy); the
     original Parameter objects are put back on exit, also on error. Yields the number of
-    parameters replaced. For frozen passes under bf16 autocast only: the copies are what autocast
-    would make on each use, and nothing trains them."""
+    parameters replaced. For passes that change no weight, under bf16 autocast: the copies are
+    what autocast would make on each use, and nothing trains them."""
     copies: dict[int, nn.Parameter] = {}  # id(original) -> its bf16 copy
     replaced: list[tuple[nn.Module, str, nn.Parameter]] = []
     try:
@@ -73,9 +76,9 @@ def bf16_linears(model: nn.Module) -> Iterator[int]:
             module._parameters[name] = param
 
 
-def scoring_precision(model: nn.Module, precision: str, device: torch.device):
-    """The pass-wide part of `precision` for a frozen model: bf16_linears under bf16, else
-    nothing. (The autocast region itself is entered per batch: `autocast`.)"""
+def weights_cast_once(model: nn.Module, precision: str, device: torch.device):
+    """The pass-wide part of `precision` for a pass that changes no weight: bf16_linears under
+    bf16, else nothing. (The autocast region itself is entered per batch: `autocast`.)"""
     if resolve(precision, device) == "fp32":
         return contextlib.nullcontext(0)
     return bf16_linears(model)
