@@ -10,7 +10,9 @@ the pace (DESIGN.md §7). `GraphedScorer` captures the whole batch body of
     the forward, the backward and the in-place accumulation into the pass's running sums;
   * two eager warm-up passes per new shape run on a side stream first (lazy initialisation,
     cuBLAS plans), accumulating into scratch sums, so they count nothing twice;
-  * autocast runs without its weight cache (a captured graph cannot fill it);
+  * autocast runs without its weight cache (a captured graph cannot fill it); under bf16 the
+    linears' weights are already bf16 copies made once for the pass (sparsebert.precision), so
+    a graph holds no weight casts, and the copies outlive every replay of the pass;
   * during warm-up and capture transformers builds padding masks with the "sparsebert" mask
     function: a stride-0 view that the patched attention takes for a key padding mask without
     reading it. SDPA's mask function materialises (B, 1, S, S), which a capture cannot read
