@@ -125,9 +125,9 @@ def main(argv=None) -> None:
             f"model ({cfg.num_hidden_layers} layers x {cfg.num_attention_heads} heads), "
             f"B={args.batch}, S={args.seq}, {args.batches} batches per pass, {args.rounds} "
             "interleaved rounds")
-    common.report(results, args, argv, what,
+    common.report("importance_setup", args, argv, what,
                   ["variant", "time per batch (ms)", f"vs {without_name} (median of rounds)",
-                   "range over rounds"], rows, records)
+                   "range over rounds"], rows, records, stem=results)
 
 
 if __name__ == "__main__":

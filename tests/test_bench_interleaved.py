@@ -104,4 +104,7 @@ def test_importance_bf16_weights_bench_times_both_and_restores_the_copies(bench,
     records = json.loads((tmp_path / "importance_bf16_weights-cpu.json").read_text())["results"]
     assert [r["setup"] for r in records] == ["cast once per pass", "cast per batch"]
     assert {r["precision"] for r in records} == {"bf16"}
+    command = (tmp_path / "importance_bf16_weights-cpu.md").read_text().splitlines()[2]
+    assert command.startswith("Command: python bench/bench_importance_setup.py --device cpu "
+                              "--compare bf16-weights")
     assert records[0]["ratio_min"] <= records[0]["ratio"] <= records[0]["ratio_max"]
