@@ -56,7 +56,9 @@ def bf16_linears(model: nn.Module) -> Iterator[int]:
     copies: dict[int, nn.Parameter] = {}  # id(original) -> its bf16 copy
     replaced: list[tuple[nn.Module, str, nn.Parameter]] = []
     try:
-        with torch.no_grad():
+        # Ordinary tensors even under torch.inference_mode (whose tensors have no version
+        # counter, which caches of weight slices key on).
+        with torch.no_grad(), torch.inference_mode(False):
             for module in model.modules():
                 if not isinstance(module, nn.Linear):
                     continue

@@ -481,6 +481,15 @@ def test_bad_precision_is_an_error(tiny_bert, tiny_batches):
         importance(patch(tiny_bert()), tiny_batches(), precision="fp16", progress=False)
 
 
+def test_inference_mode_is_an_error_and_no_grad_is_not(tiny_bert, tiny_batches):
+    model, batches = patch(tiny_bert()), tiny_batches()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        importance(model, batches, progress=False)
+    with torch.no_grad():
+        scored = importance(model, batches, progress=False)
+    assert torch.equal(scored.head, importance(model, batches, progress=False).head)
+
+
 @pytest.mark.parametrize("mode", ["paper", "per_example"])
 def test_score_masked_heads_keeps_their_true_score(mode, tiny_bert, tiny_batches):
     """score_masked_heads=True: a head masked by a gate of 0 scores its true |gradient| at gate 0

@@ -212,3 +212,19 @@ def test_predictions_after_a_weight_change_between_calls(tiny_bert, tiny_dims):
     set_masks(fresh, head_mask=head_mask)
     want = predict(fresh, encoded, regression=True, batch_size=4, precision="bf16")
     np.testing.assert_array_equal(got, want)
+
+
+def test_bf16_predictions_under_inference_mode(tiny_bert, tiny_dims):
+    """Under torch.inference_mode the copies are ordinary tensors (masked heads' weight slices
+    are kept by version counter) and the predictions are those outside it."""
+    model = patch(tiny_bert(num_labels=1))
+    head_mask = torch.ones(tiny_dims.layers, tiny_dims.heads)
+    head_mask[:, 0] = 0
+    set_masks(model, head_mask=head_mask)
+    encoded = _encoded(model.config.vocab_size)
+    want = predict(model, encoded, regression=True, batch_size=4, precision="bf16")
+    with torch.inference_mode():
+        got = predict(model, encoded, regression=True, batch_size=4, precision="bf16")
+        with numerics.bf16_linears(model):
+            assert not any(p.is_inference() for p in model.parameters())
+    np.testing.assert_array_equal(got, want)

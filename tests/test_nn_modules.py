@@ -280,6 +280,23 @@ def test_a_replaced_parameter_at_the_old_address_is_sliced_anew():
                                atol=TOL, rtol=TOL)
 
 
+def test_inference_tensor_weights_are_sliced_on_every_call():
+    """Weights that are inference tensors (no version counter) are never kept: a write to them
+    between calls is seen."""
+    with torch.inference_mode():
+        module = make_attention()
+        module.head_gate.copy_(torch.tensor([1.0, 0.0, 1.0, 1.0]))
+        x, mask = torch.randn(B, S, HID), padding_mask()
+        query = module.self.query
+        query.weight = torch.nn.Parameter(query.weight.detach().clone(), requires_grad=False)
+        assert query.weight.is_inference()
+        module(x, attention_mask=mask)
+        query.weight.mul_(-1.0)
+        got = module(x, attention_mask=mask)[0]
+        want = attention_reference(module, x, module.head_gate, mask)
+    torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+
+
 def test_gate_buffer_changes_are_seen():
     """The buffer's summary follows in-place writes, a new tensor and .to(); a linear with a
     hook keeps the whole product (a weight slice would bypass the hook)."""

@@ -266,6 +266,10 @@ class _LiveHeads:
         if keep:
             params = [p for linear in (q, k, v, out) for p in (linear.weight, linear.bias)
                       if p is not None]
+            # Inference tensors (e.g. bf16 copies made under torch.inference_mode) have no
+            # version counter: sliced anew on every call.
+            keep = not any(p.is_inference() for p in params)
+        if keep:
             if self._kept is not None and _same_tensors(self._kept[0], params):
                 return self._kept[1]
         projections = (q, k, v)

@@ -488,6 +488,10 @@ def importance(
         )
     if not (heads or mlps or neurons):
         raise ValueError("importance: nothing to score (heads, mlps and neurons are all False)")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("importance: called under torch.inference_mode(), where no gradient "
+                           "can be taken; call it outside that block (torch.no_grad() is fine: "
+                           "the pass turns gradients on for itself)")
     if keep_per_example and mode not in ("per_example", "fisher"):
         raise ValueError("importance: keep_per_example needs mode='per_example' or 'fisher'")
     blocks = sparse_blocks(model)  # raises if not patched
