@@ -46,12 +46,13 @@ def _scores(imp):
     return [t for t in (imp.head, imp.mlp, imp.neuron) if t is not None]
 
 
+@pytest.mark.all_devices
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 @pytest.mark.parametrize("mode", ["paper", "per_example", "fisher", "michel"])
-def test_bf16_scores_are_bitwise_those_of_per_batch_autocast(family, mode, tiny_bert, tiny_roberta,
-                                                             tiny_batches):
+def test_bf16_scores_are_bitwise_those_of_per_batch_autocast(family, mode, device, tiny_bert,
+                                                             tiny_roberta, tiny_batches):
     make = tiny_bert if family == "bert" else tiny_roberta
-    model = patch(make(num_labels=NUM_LABELS))
+    model = patch(make(num_labels=NUM_LABELS)).to(device)
     batches = tiny_batches(num_batches=3, num_labels=NUM_LABELS, seq=8)
     kw = dict(mode=mode, precision="bf16", neurons=True, progress=False)
     new = importance(model, batches, **kw)
@@ -61,10 +62,12 @@ def test_bf16_scores_are_bitwise_those_of_per_batch_autocast(family, mode, tiny_
         assert torch.equal(got, want)
 
 
-def test_bf16_scores_with_masked_heads_and_a_pruned_mlp(tiny_bert, tiny_batches, tiny_dims):
+@pytest.mark.all_devices
+def test_bf16_scores_with_masked_heads_and_a_pruned_mlp(device, tiny_bert, tiny_batches,
+                                                        tiny_dims):
     """Live-head weight slices (masked heads) and a removed MLP, scored with masked heads' true
     gradients: still bitwise the per-batch-autocast scores."""
-    model = patch(tiny_bert(num_labels=NUM_LABELS))
+    model = patch(tiny_bert(num_labels=NUM_LABELS)).to(device)
     head_mask = torch.ones(tiny_dims.layers, tiny_dims.heads)
     head_mask[0, :2] = 0
     mlp_mask = torch.ones(tiny_dims.layers)
