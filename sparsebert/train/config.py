@@ -24,7 +24,7 @@ from sparsebert.errors import ConfigError
 from sparsebert.flags import dataclass_from_json, help_field
 from sparsebert.glue.tasks import GlueError, get_task
 from sparsebert.hf.loading import is_default_model
-from sparsebert.precision import PRECISIONS
+from sparsebert.precision import PRECISIONS, autocast  # noqa: F401 (re-exported)
 
 # The paper's learning rate, and the one measured for the default model (results/README.md).
 PRESETS: dict[str, dict[str, Any]] = {"paper": {"lr": 2e-5}, "minilm": {"lr": 1e-4}}
