@@ -1,7 +1,7 @@
 """Numerics of passes that change no weight (sparsebert.precision): under bf16 the linears'
 weights are cast once per pass (importance, evaluation) instead of by autocast on every batch.
 The oracle is the same pass with autocast doing the casts (the copies disabled): the results
-must be bitwise equal."""
+must be bitwise equal (on CUDA, equal to the last bits that group_dot's atomics vary)."""
 
 from __future__ import annotations
 
@@ -46,6 +46,16 @@ def _scores(imp):
     return [t for t in (imp.head, imp.mlp, imp.neuron) if t is not None]
 
 
+def _assert_same_scores(got, want, device: str) -> None:
+    """Bitwise on the CPU; on CUDA the MLP and neuron gate gradients come from group_dot, whose
+    float atomics sum in a varying order (last bits), so there: equal to fp32 rounding."""
+    for g, w in zip(_scores(got), _scores(want), strict=True):
+        if device == "cpu":
+            assert torch.equal(g, w)
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.all_devices
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 @pytest.mark.parametrize("mode", ["paper", "per_example", "fisher", "michel"])
@@ -58,8 +68,7 @@ def test_bf16_scores_are_bitwise_those_of_per_batch_autocast(family, mode, devic
     new = importance(model, batches, **kw)
     with _autocast_casts_every_batch():
         reference = importance(model, batches, **kw)
-    for got, want in zip(_scores(new), _scores(reference), strict=True):
-        assert torch.equal(got, want)
+    _assert_same_scores(new, reference, device)
 
 
 @pytest.mark.all_devices
@@ -78,8 +87,7 @@ def test_bf16_scores_with_masked_heads_and_a_pruned_mlp(device, tiny_bert, tiny_
     new = importance(model, batches, **kw)
     with _autocast_casts_every_batch():
         reference = importance(model, batches, **kw)
-    for got, want in zip(_scores(new), _scores(reference), strict=True):
-        assert torch.equal(got, want)
+    _assert_same_scores(new, reference, device)
 
 
 def _casts_per_batch(model, batches, **kw) -> int:
