@@ -29,6 +29,7 @@ import importlib
 import statistics
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -52,13 +53,28 @@ def casts_per_batch(model, precision, device):
     return contextlib.nullcontext(0)
 
 
-# --compare: (the module, its attribute swapped, the replacement without the saving, the
-# precision, the rows' names with / without, the results file)
+class Comparison(NamedTuple):
+    """One --compare choice: `attribute` of `owner` swapped for `without` (the pass without the
+    saving), timed at `precision`; the rows' names; the results file; the table's title part."""
+
+    owner: object
+    attribute: str
+    without: object
+    precision: str
+    with_name: str
+    without_name: str
+    results: str
+    title: str
+
+
 COMPARISONS = {
-    "setup": (importance_module.BatchScorer, "held", setup_per_batch, "fp32",
-              ("held", "per batch"), "importance_setup"),
-    "bf16-weights": (importance_module.numerics, "weights_cast_once", casts_per_batch, "bf16",
-                     ("cast once per pass", "cast per batch"), "importance_bf16_weights"),
+    "setup": Comparison(importance_module.BatchScorer, "held", setup_per_batch, "fp32",
+                        "held", "per batch", "importance_setup",
+                        "scoring setup held between batches vs set up per batch"),
+    "bf16-weights": Comparison(importance_module.numerics, "weights_cast_once", casts_per_batch,
+                               "bf16", "cast once per pass", "cast per batch",
+                               "importance_bf16_weights", "linear weights cast to bf16 once per "
+                               "pass vs by autocast per batch"),
 }
 
 
@@ -87,7 +103,7 @@ def main(argv=None) -> None:
     batch = common.padded_classifier_batch(args.batch, args.seq, model.config.vocab_size,
                                            args.device)
     batches = [batch] * args.batches
-    owner, attribute, without, precision, (with_name, without_name), results = \
+    owner, attribute, without, precision, with_name, without_name, results, title = \
         COMPARISONS[args.compare]
     saving = getattr(owner, attribute)
 
@@ -118,10 +134,7 @@ def main(argv=None) -> None:
                      f"{rec['ratio_min']:.3f}x-{rec['ratio_max']:.3f}x" if "ratio" in rec
                      else "-"])
     cfg = model.config
-    compared = ("scoring setup held between batches vs set up per batch"
-                if args.compare == "setup" else
-                "linear weights cast to bf16 once per pass vs by autocast per batch")
-    what = (f"importance pass ({args.mode}, {precision}), {compared}, random {args.model}-shaped "
+    what = (f"importance pass ({args.mode}, {precision}), {title}, random {args.model}-shaped "
             f"model ({cfg.num_hidden_layers} layers x {cfg.num_attention_heads} heads), "
             f"B={args.batch}, S={args.seq}, {args.batches} batches per pass, {args.rounds} "
             "interleaved rounds")
