@@ -21,7 +21,13 @@
 //      hand-worked cases and the big + small split's error bound, the fp32 swizzle (bijection,
 //      conflict-free 32-bit fragment loads and cp.async writes), and a lane-by-lane replay of the
 //      work items against a plain double attention: 3xTF32 < 1e-5 relative, while the same replay
-//      with one TF32 product stays above 1e-4 (the split is needed, and done right).
+//      with one TF32 product stays above 1e-4 (the split is needed, and done right), and the
+//      fp32 backward's key-block and query-block items the same way;
+//   7. for the wgmma forward (sm_90a, masked_attention_wgmma.cu): every element its shared-memory
+//      descriptors make the hardware fetch, and its accumulator layout;
+//   8. replays the wgmma forward's work items: both products as warpgroup MMAs through those
+//      descriptors (A from registers for P V), the softmax and P re-labelling per warp, against a
+//      plain double attention (and two mutants of the P / V pairing fail it).
 // Plain C++17, no torch, no CUDA: prints "N passed, M failed" and exits non-zero on failure.
 #include "sparsebert/mma_layout.h"
 
@@ -29,6 +35,7 @@
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <limits>
 #include <random>
 #include <set>
@@ -420,6 +427,45 @@ void replay_softmax_tile(const Head& h, int key0, S& s, M& m, M& l, O& o) {
   }
 }
 
+// The end of a work item for one warp (both forwards): gate / l, staged in the warp's rows of
+// q_s (element offsets smem_offset), 16-byte copies out; lse. o[d-tile][lane][i], m, l [lane][2].
+template <typename O, typename M>
+void store_warp_rows(const Head& h, int q0, int warp, const O& o, const M& m, const M& l,
+                     std::vector<float>& q_s, std::vector<float>& out, std::vector<float>& lse) {
+  const int D = h.D, kDt = D / 8;
+  std::vector<std::vector<float>> factor(32, std::vector<float>(2)), lsum(32, std::vector<float>(2));
+  for (int lane = 0; lane < 32; ++lane)
+    for (int r = 0; r < 2; ++r) {
+      float sum = 0;
+      for (int t = 0; t < 4; ++t) sum += l[(lane & ~3) + t][r];
+      lsum[lane][r] = sum;
+      factor[lane][r] = h.gate * attn::softmax_inv_sum(sum);
+    }
+  for (int lane = 0; lane < 32; ++lane)
+    for (int dt = 0; dt < kDt; ++dt)
+      for (int r = 0; r < 2; ++r) {
+        const Coord c = mma::frag_c(lane, 2 * r);
+        const int off = mma::smem_offset(16 * warp + c.row, dt * 8 + c.col, D);
+        q_s[off] = o[dt][lane][2 * r] * factor[lane][r];
+        q_s[off + 1] = o[dt][lane][2 * r + 1] * factor[lane][r];
+      }
+  for (int it = 0; it < D / 16; ++it)
+    for (int lane = 0; lane < 32; ++lane) {
+      const Coord c = mma::out_chunk(lane + 32 * it, D);
+      const int row = q0 + 16 * warp + c.row;
+      if (row >= h.Sq) continue;
+      for (int e = 0; e < 8; ++e)
+        out[static_cast<size_t>(row) * D + c.col + e] = q_s[mma::smem_offset(16 * warp + c.row, c.col, D) + e];
+    }
+  for (int lane = 0; lane < 32; ++lane) {
+    if (mma::thread_in_group(lane) != 0) continue;
+    for (int r = 0; r < 2; ++r) {
+      const int row = q0 + 16 * warp + mma::group_id(lane) + 8 * r;
+      if (row < h.Sq) lse[row] = attn::softmax_lse(m[lane][r], lsum[lane][r]);
+    }
+  }
+}
+
 void replay(const Head& h, std::vector<float>& out, std::vector<float>& lse) {
   const int D = h.D, kKc = D / 16, kNt = mma::kBlockN / 8, kDt = D / 8;
   const int q_tiles = static_cast<int>(attn::ceil_div(h.Sq, mma::kBlockM));
@@ -478,43 +524,14 @@ void replay(const Head& h, std::vector<float>& out, std::vector<float>& lse) {
           }
         }
       }
-      // Gate / l, staging in the warp's rows of q_s, 16-byte copies out; lse.
-      std::vector<std::vector<float>> factor(32, std::vector<float>(2)), lsum(32, std::vector<float>(2));
-      for (int lane = 0; lane < 32; ++lane)
-        for (int r = 0; r < 2; ++r) {
-          float sum = 0;
-          for (int t = 0; t < 4; ++t) sum += l[(lane & ~3) + t][r];
-          lsum[lane][r] = sum;
-          factor[lane][r] = h.gate * attn::softmax_inv_sum(sum);
-        }
-      for (int lane = 0; lane < 32; ++lane)
-        for (int dt = 0; dt < kDt; ++dt)
-          for (int r = 0; r < 2; ++r) {
-            const Coord c = mma::frag_c(lane, 2 * r);
-            const int off = mma::smem_offset(16 * warp + c.row, dt * 8 + c.col, D);
-            q_s[off] = o[dt][lane][2 * r] * factor[lane][r];
-            q_s[off + 1] = o[dt][lane][2 * r + 1] * factor[lane][r];
-          }
-      for (int it = 0; it < D / 16; ++it)
-        for (int lane = 0; lane < 32; ++lane) {
-          const Coord c = mma::out_chunk(lane + 32 * it, D);
-          const int row = q0 + 16 * warp + c.row;
-          if (row >= h.Sq) continue;
-          for (int e = 0; e < 8; ++e)
-            out[static_cast<size_t>(row) * D + c.col + e] = q_s[mma::smem_offset(16 * warp + c.row, c.col, D) + e];
-        }
-      for (int lane = 0; lane < 32; ++lane) {
-        if (mma::thread_in_group(lane) != 0) continue;
-        for (int r = 0; r < 2; ++r) {
-          const int row = q0 + 16 * warp + mma::group_id(lane) + 8 * r;
-          if (row < h.Sq) lse[row] = attn::softmax_lse(m[lane][r], lsum[lane][r]);
-        }
-      }
+      store_warp_rows(h, q0, warp, o, m, l, q_s, out, lse);
     }
   }
 }
 
-void test_replay(int D, int Sq, int Sk, bool padded, unsigned seed) {
+// A random head: normal q, k, v, gate 0.7, scale 1 / sqrt(D); padded: the keys past a random
+// length and one hole are not real (key 0 always is).
+Head random_head(int D, int Sq, int Sk, bool padded, unsigned seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   Head h{Sq, Sk, D, {}, {}, {}, {}, 0.7f, 1.0f / std::sqrt(static_cast<float>(D))};
@@ -530,11 +547,22 @@ void test_replay(int D, int Sq, int Sk, bool padded, unsigned seed) {
     if (Sk > 3) h.real[Sk / 3] = 0;  // a hole too
     h.real[0] = 1;
   }
+  return h;
+}
+
+// A forward replay's output (relative L2 error) and lse (max abs error) against plain double
+// attention; written: every element was written (the outputs start as NaN).
+struct ReplayError {
+  bool written;
+  double rel, lse;
+};
+using ForwardReplay = std::function<void(const Head&, std::vector<float>&, std::vector<float>&)>;
+ReplayError replay_error(const Head& h, const ForwardReplay& forward) {
   std::vector<double> ref_out, ref_lse;
   reference(h, ref_out, ref_lse);
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  std::vector<float> out(ref_out.size(), nan), lse(Sq, nan);  // poisoned: every element written
-  replay(h, out, lse);
+  std::vector<float> out(ref_out.size(), nan), lse(h.Sq, nan);
+  forward(h, out, lse);
   double err = 0, norm = 0, lse_err = 0;
   bool written = true;
   for (size_t i = 0; i < out.size(); ++i) {
@@ -542,14 +570,18 @@ void test_replay(int D, int Sq, int Sk, bool padded, unsigned seed) {
     err += (out[i] - ref_out[i]) * (out[i] - ref_out[i]);
     norm += ref_out[i] * ref_out[i];
   }
-  for (int i = 0; i < Sq; ++i) {
+  for (int i = 0; i < h.Sq; ++i) {
     written &= !std::isnan(lse[i]);
     lse_err = std::max(lse_err, std::abs(lse[i] - ref_lse[i]));
   }
-  const double rel = std::sqrt(err / norm);
-  CHECK(written && rel < 1e-5 && lse_err < 1e-4,
+  return {written, std::sqrt(err / norm), lse_err};
+}
+
+void test_replay(int D, int Sq, int Sk, bool padded, unsigned seed) {
+  const ReplayError e = replay_error(random_head(D, Sq, Sk, padded, seed), replay);
+  CHECK(e.written && e.rel < 1e-5 && e.lse < 1e-4,
         "replay D=%d Sq=%d Sk=%d padded=%d: written %d, rel err %.3g, lse err %.3g", D, Sq, Sk,
-        padded, written, rel, lse_err);
+        padded, e.written, e.rel, e.lse);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1249,7 +1281,7 @@ void test_replay_tf32(int D, int Sq, int Sk, bool padded, unsigned seed) {
 
 
 // ---------------------------------------------------------------------------------------------
-// 7. The fp32 backward (3xTF32, masked_attention_mma_bwd_tf32.cu): key-block and query-block
+// 6b. The fp32 backward (3xTF32, masked_attention_mma_bwd_tf32.cu): key-block and query-block
 //    items of 64 rows, lane by lane, against the plain double backward.
 // ---------------------------------------------------------------------------------------------
 constexpr int kTf32BwdChunk = 8;  // the kernel's kChunk
@@ -1515,6 +1547,142 @@ void test_wgmma_accumulator() {
   CHECK(seen.size() == 64 * 64, "wgmma accumulators cover %zu of 64x64", seen.size());
 }
 
+// ---------------------------------------------------------------------------------------------
+// 8. Replay of the wgmma forward's work items (masked_attention_wgmma.cu) for one (b, h): the
+//    tiles in one emulated shared memory laid out as the kernel's static arrays (Q, then the two
+//    K stages, then the two V stages; byte addresses), S = Q K^T as wgmma.m64n64k16 reading both
+//    operands through the kernel's descriptors (fetched by the rules of section 7, written from
+//    the ISA's canonical layouts), the accumulator handed to the threads in the ISA's layout,
+//    each warp's online softmax and P re-labelling as in the mma.sync replay (the kernel shares
+//    that code), O += P V as wgmma.m64n{D}k16 with A from the four warps' registers (the ISA's
+//    register-A layout: per warp, mma.m16n8k16's A fragment) and V through the MN-major
+//    descriptor; then the mma.sync forward's end (gate / l, staged stores, lse). Against plain
+//    double attention; two mutants of the kernel's pairing (V's k-chunk, P's register pair) must
+//    fail it.
+// ---------------------------------------------------------------------------------------------
+// wgmma.m64nNk16's f32 accumulator per the ISA's figure for D (written out here, independently
+// of wgmma_layout.h): register i of thread t of the warpgroup.
+Coord isa_wgmma_d(int t, int i) {
+  const int lane = t % 32;
+  return {16 * (t / 32) + lane / 4 + 8 * ((i % 4) / 2), 8 * (i / 4) + 2 * (lane % 4) + i % 2};
+}
+
+using WarpgroupRegs = std::vector<std::vector<float>>;  // [thread 0..127][register]
+
+// acc (64 x N, f32) {=, +=} A B^T, A (64 x 16) and B (N x 16) both K-major through descriptors.
+void wgmma_ss(WarpgroupRegs& acc, const std::vector<float>& smem, uint64_t desc_a, uint64_t desc_b,
+              int N, int row_bytes, bool accumulate) {
+  for (int t = 0; t < 128; ++t)
+    for (int i = 0; i < N / 2; ++i) {
+      const Coord c = isa_wgmma_d(t, i);
+      double sum = 0;
+      for (int k = 0; k < 16; ++k)
+        sum += double(smem[k_major_fetch(desc_a, c.row, k, row_bytes) / 2]) *
+               smem[k_major_fetch(desc_b, c.col, k, row_bytes) / 2];
+      acc[t][i] = (accumulate ? acc[t][i] : 0.0f) + static_cast<float>(sum);
+    }
+}
+
+// acc (64 x N, f32) += A B: A (64 x 16) from the warps' registers a[warp] ([lane][8 halves], the
+// ISA's register-A layout), B (16 x N) MN-major through a descriptor (the transpose flag).
+void wgmma_rs(WarpgroupRegs& acc, const std::vector<Regs>& a, const std::vector<float>& smem,
+              uint64_t desc_b, int N, int row_bytes) {
+  double A[64][16];
+  for (int warp = 0; warp < 4; ++warp)
+    for (int lane = 0; lane < 32; ++lane)
+      for (int i = 0; i < 8; ++i) {
+        const Coord c = isa_a(lane, i);
+        A[16 * warp + c.row][c.col] = a[warp][lane][i];
+      }
+  for (int t = 0; t < 128; ++t)
+    for (int i = 0; i < N / 2; ++i) {
+      const Coord c = isa_wgmma_d(t, i);
+      double sum = 0;
+      for (int k = 0; k < 16; ++k) sum += A[c.row][k] * smem[mn_major_fetch(desc_b, k, c.col, row_bytes) / 2];
+      acc[t][i] += static_cast<float>(sum);
+    }
+}
+
+enum class WgmmaMutant { kNone, kVChunk, kPPair };
+
+void replay_wgmma(const Head& h, std::vector<float>& out, std::vector<float>& lse,
+                  WgmmaMutant mutant = WgmmaMutant::kNone) {
+  const int D = h.D, kNt = mma::kBlockN / 8, kDt = D / 8, kPc = mma::kBlockN / 16, row_bytes = 2 * D;
+  const uint32_t tile_bytes = 2u * mma::kBlockM * D;  // a 64-row tile (Q, a K or a V stage)
+  const uint32_t q_addr = 0, k_base = tile_bytes, v_base = k_base + mma::kStages * tile_bytes;
+  std::vector<float> smem((v_base + mma::kStages * tile_bytes) / 2), tile(mma::kBlockM * D);
+  const auto put = [&](uint32_t addr) { std::copy(tile.begin(), tile.end(), smem.begin() + addr / 2); };
+  const int q_tiles = static_cast<int>(attn::ceil_div(h.Sq, mma::kBlockM));
+  const int key_tiles = static_cast<int>(attn::ceil_div(h.Sk, mma::kBlockN));
+  using Frag = std::vector<std::vector<std::vector<float>>>;  // [n-tile][lane][4]
+  for (int qt = 0; qt < q_tiles; ++qt) {
+    const int q0 = qt * mma::kBlockM;
+    load_tile(tile, h.q, D, q0, h.Sq - q0);
+    put(q_addr);
+    std::vector<Frag> o(4, Frag(kDt, std::vector<std::vector<float>>(32, std::vector<float>(4, 0.0f))));
+    std::vector<std::vector<std::vector<float>>> m(4, std::vector<std::vector<float>>(32, std::vector<float>(2, attn::neg_inf())));
+    auto l = std::vector<std::vector<std::vector<float>>>(4, std::vector<std::vector<float>>(32, std::vector<float>(2, 0.0f)));
+    for (int kt = 0; kt < key_tiles; ++kt) {
+      const int key0 = kt * mma::kBlockN, stage = kt % mma::kStages;
+      const uint32_t k_addr = k_base + stage * tile_bytes, v_addr = v_base + stage * tile_bytes;
+      load_tile(tile, h.k, D, key0, h.Sk - key0);
+      put(k_addr);
+      load_tile(tile, h.v, D, key0, h.Sk - key0);
+      put(v_addr);
+      // S = Q K^T: D / 16 k-steps, the first one overwriting.
+      WarpgroupRegs acc(128, std::vector<float>(32));
+      for (int kc = 0; kc < D / 16; ++kc)
+        wgmma_ss(acc, smem, wgmma::k_major_desc(q_addr, D, kc), wgmma::k_major_desc(k_addr, D, kc),
+                 mma::kBlockN, row_bytes, kc > 0);
+      // Per warp: its 16 rows as s[n-tile][lane][j] = register 4 n-tile + j, softmax, P.
+      std::vector<std::vector<Regs>> pa(kPc, std::vector<Regs>(4, Regs(32, std::vector<float>(8))));
+      for (int warp = 0; warp < 4; ++warp) {
+        Frag s(kNt, std::vector<std::vector<float>>(32, std::vector<float>(4)));
+        for (int lane = 0; lane < 32; ++lane)
+          for (int r = 0; r < 32; ++r) s[r / 4][lane][r % 4] = acc[32 * warp + lane][r];
+        replay_softmax_tile(h, key0, s, m[warp], l[warp], o[warp]);
+        for (int kc = 0; kc < kPc; ++kc)
+          for (int lane = 0; lane < 32; ++lane)
+            for (int reg = 0; reg < 4; ++reg) {
+              const int pair = mutant == WgmmaMutant::kPPair ? 1 - mma::p_pair(reg) : mma::p_pair(reg);
+              for (int e = 0; e < 2; ++e) pa[kc][warp][lane][reg * 2 + e] = s[mma::p_ntile(kc, reg)][lane][2 * pair + e];
+            }
+      }
+      // O += P V: one k-step per 16 keys, V's rows 16 kc .. through the MN-major descriptor.
+      WarpgroupRegs acc_o(128, std::vector<float>(D / 2));
+      for (int t = 0; t < 128; ++t)
+        for (int r = 0; r < D / 2; ++r) acc_o[t][r] = o[t / 32][r / 4][t % 32][r % 4];
+      for (int kc = 0; kc < kPc; ++kc) {
+        const int v_chunk = mutant == WgmmaMutant::kVChunk ? (kc + 1) % kPc : kc;
+        wgmma_rs(acc_o, pa[kc], smem, wgmma::mn_major_desc(v_addr, D, v_chunk), D, row_bytes);
+      }
+      for (int t = 0; t < 128; ++t)
+        for (int r = 0; r < D / 2; ++r) o[t / 32][r / 4][t % 32][r % 4] = acc_o[t][r];
+    }
+    std::vector<float> q_s(mma::kBlockM * D);
+    for (int warp = 0; warp < 4; ++warp) store_warp_rows(h, q0, warp, o[warp], m[warp], l[warp], q_s, out, lse);
+  }
+}
+
+void test_replay_wgmma(int D, int Sq, int Sk, bool padded, unsigned seed) {
+  const Head h = random_head(D, Sq, Sk, padded, seed);
+  const ReplayError e = replay_error(h, [](const Head& x, auto& out, auto& lse) { replay_wgmma(x, out, lse); });
+  CHECK(e.written && e.rel < 1e-5 && e.lse < 1e-4,
+        "wgmma replay D=%d Sq=%d Sk=%d padded=%d: written %d, rel err %.3g, lse err %.3g", D, Sq, Sk,
+        padded, e.written, e.rel, e.lse);
+}
+
+void test_replay_wgmma_mutants(int D) {
+  const Head h = random_head(D, 100, 130, true, 7u);
+  for (WgmmaMutant mutant : {WgmmaMutant::kVChunk, WgmmaMutant::kPPair}) {
+    const ReplayError e = replay_error(h, [mutant](const Head& x, auto& out, auto& lse) {
+      replay_wgmma(x, out, lse, mutant);
+    });
+    CHECK(e.rel > 1e-2, "D=%d: the wgmma replay's mutant %d passes (rel err %.3g): the check is blind", D,
+          static_cast<int>(mutant), e.rel);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -1544,6 +1712,10 @@ int main() {
               g_tf32_bwd_worst3, g_tf32_bwd_best1);
   for (int D : {32, 64}) test_wgmma_descriptors(D);
   test_wgmma_accumulator();
+  for (int D : {32, 64})
+    for (auto [sq, sk] : {std::pair{1, 1}, {17, 17}, {64, 64}, {100, 130}, {128, 128}, {300, 300}, {65, 512}})
+      for (bool padded : {false, true}) test_replay_wgmma(D, sq, sk, padded, seed++);
+  for (int D : {32, 64}) test_replay_wgmma_mutants(D);
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }
