@@ -1615,13 +1615,15 @@ void replay_wgmma(const Head& h, std::vector<float>& out, std::vector<float>& ls
   const int q_tiles = static_cast<int>(attn::ceil_div(h.Sq, mma::kBlockM));
   const int key_tiles = static_cast<int>(attn::ceil_div(h.Sk, mma::kBlockN));
   using Frag = std::vector<std::vector<std::vector<float>>>;  // [n-tile][lane][4]
+  using RowState = std::vector<std::vector<float>>;           // [lane][2]: rows group, group + 8
   for (int qt = 0; qt < q_tiles; ++qt) {
     const int q0 = qt * mma::kBlockM;
     load_tile(tile, h.q, D, q0, h.Sq - q0);
     put(q_addr);
+    // Per warp: its O accumulators, row maxima and partial row sums.
     std::vector<Frag> o(4, Frag(kDt, std::vector<std::vector<float>>(32, std::vector<float>(4, 0.0f))));
-    std::vector<std::vector<std::vector<float>>> m(4, std::vector<std::vector<float>>(32, std::vector<float>(2, attn::neg_inf())));
-    auto l = std::vector<std::vector<std::vector<float>>>(4, std::vector<std::vector<float>>(32, std::vector<float>(2, 0.0f)));
+    std::vector<RowState> m(4, RowState(32, std::vector<float>(2, attn::neg_inf())));
+    std::vector<RowState> l(4, RowState(32, std::vector<float>(2, 0.0f)));
     for (int kt = 0; kt < key_tiles; ++kt) {
       const int key0 = kt * mma::kBlockN, stage = kt % mma::kStages;
       const uint32_t k_addr = k_base + stage * tile_bytes, v_addr = v_base + stage * tile_bytes;
