@@ -103,8 +103,9 @@ def main(argv=None) -> None:
     batch = common.padded_classifier_batch(args.batch, args.seq, model.config.vocab_size,
                                            args.device)
     batches = [batch] * args.batches
-    owner, attribute, without, precision, with_name, without_name, results, title = \
-        COMPARISONS[args.compare]
+    comparison = COMPARISONS[args.compare]
+    owner, attribute, precision = comparison.owner, comparison.attribute, comparison.precision
+    with_name, without_name = comparison.with_name, comparison.without_name
     saving = getattr(owner, attribute)
 
     def scoring_pass(variant):
@@ -117,7 +118,7 @@ def main(argv=None) -> None:
                 setattr(owner, attribute, saving)
         return run
 
-    calls = {with_name: scoring_pass(saving), without_name: scoring_pass(without)}
+    calls = {with_name: scoring_pass(saving), without_name: scoring_pass(comparison.without)}
     samples = common.time_interleaved(calls, args.rounds, args.min_run_time)
     ratios = common.round_ratios(samples, with_name, without_name)
     rows, records = [], []
@@ -134,13 +135,13 @@ def main(argv=None) -> None:
                      f"{rec['ratio_min']:.3f}x-{rec['ratio_max']:.3f}x" if "ratio" in rec
                      else "-"])
     cfg = model.config
-    what = (f"importance pass ({args.mode}, {precision}), {title}, random {args.model}-shaped "
+    what = (f"importance pass ({args.mode}, {precision}), {comparison.title}, random {args.model}-shaped "
             f"model ({cfg.num_hidden_layers} layers x {cfg.num_attention_heads} heads), "
             f"B={args.batch}, S={args.seq}, {args.batches} batches per pass, {args.rounds} "
             "interleaved rounds")
     common.report("importance_setup", args, argv, what,
                   ["variant", "time per batch (ms)", f"vs {without_name} (median of rounds)",
-                   "range over rounds"], rows, records, stem=results)
+                   "range over rounds"], rows, records, stem=comparison.results)
 
 
 if __name__ == "__main__":

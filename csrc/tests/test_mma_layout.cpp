@@ -39,6 +39,7 @@
 #include <limits>
 #include <random>
 #include <set>
+#include <utility>
 #include <vector>
 
 #include "sparsebert/attention_math.h"
@@ -577,10 +578,16 @@ ReplayError replay_error(const Head& h, const ForwardReplay& forward) {
   return {written, std::sqrt(err / norm), lse_err};
 }
 
-void test_replay(int D, int Sq, int Sk, bool padded, unsigned seed) {
-  const ReplayError e = replay_error(random_head(D, Sq, Sk, padded, seed), replay);
+// The (Sq, Sk) of the forward replays (mma.sync, 3xTF32, wgmma): single rows, partial and whole
+// tiles, cross lengths, several tiles each way.
+constexpr std::pair<int, int> kForwardShapes[] = {{1, 1}, {17, 17}, {64, 64}, {100, 130}, {128, 128}, {300, 300}, {65, 512}};
+
+// A forward replay (`name`) of a random head against plain double attention.
+void test_replay(const char* name, const ForwardReplay& forward, int D, int Sq, int Sk, bool padded,
+                 unsigned seed) {
+  const ReplayError e = replay_error(random_head(D, Sq, Sk, padded, seed), forward);
   CHECK(e.written && e.rel < 1e-5 && e.lse < 1e-4,
-        "replay D=%d Sq=%d Sk=%d padded=%d: written %d, rel err %.3g, lse err %.3g", D, Sq, Sk,
+        "%s D=%d Sq=%d Sk=%d padded=%d: written %d, rel err %.3g, lse err %.3g", name, D, Sq, Sk,
         padded, e.written, e.rel, e.lse);
 }
 
@@ -1666,14 +1673,6 @@ void replay_wgmma(const Head& h, std::vector<float>& out, std::vector<float>& ls
   }
 }
 
-void test_replay_wgmma(int D, int Sq, int Sk, bool padded, unsigned seed) {
-  const Head h = random_head(D, Sq, Sk, padded, seed);
-  const ReplayError e = replay_error(h, [](const Head& x, auto& out, auto& lse) { replay_wgmma(x, out, lse); });
-  CHECK(e.written && e.rel < 1e-5 && e.lse < 1e-4,
-        "wgmma replay D=%d Sq=%d Sk=%d padded=%d: written %d, rel err %.3g, lse err %.3g", D, Sq, Sk,
-        padded, e.written, e.rel, e.lse);
-}
-
 void test_replay_wgmma_mutants(int D) {
   const Head h = random_head(D, 100, 130, true, 7u);
   for (WgmmaMutant mutant : {WgmmaMutant::kVChunk, WgmmaMutant::kPPair}) {
@@ -1694,8 +1693,8 @@ int main() {
   test_copy_rounds();
   unsigned seed = 1;
   for (int D : {32, 64})
-    for (auto [sq, sk] : {std::pair{1, 1}, {17, 17}, {64, 64}, {100, 130}, {128, 128}, {300, 300}, {65, 512}})
-      for (bool padded : {false, true}) test_replay(D, sq, sk, padded, seed++);
+    for (auto [sq, sk] : kForwardShapes)
+      for (bool padded : {false, true}) test_replay("replay", replay, D, sq, sk, padded, seed++);
   for (int D : {32, 64})
     for (auto [sq, sk] : {std::pair{1, 1}, {17, 17}, {100, 128}, {128, 128}, {128, 33}, {40, 97}, {129, 129},
                           {300, 300}, {65, 512}, {512, 40}})
@@ -1703,7 +1702,7 @@ int main() {
   test_tf32_fragments_and_rounding();
   for (int D : {32, 64}) test_swizzle_f32(D);
   for (int D : {32, 64})
-    for (auto [sq, sk] : {std::pair{1, 1}, {17, 17}, {64, 64}, {100, 130}, {128, 128}, {300, 300}, {65, 512}})
+    for (auto [sq, sk] : kForwardShapes)
       for (bool padded : {false, true}) test_replay_tf32(D, sq, sk, padded, seed++);
   std::printf("fp32 replay, relative error vs double attention: 3xTF32 at most %.3g, 1xTF32 %.3g to %.3g\n",
               g_tf32_worst3, g_tf32_best1, g_tf32_worst1);
@@ -1715,8 +1714,10 @@ int main() {
   for (int D : {32, 64}) test_wgmma_descriptors(D);
   test_wgmma_accumulator();
   for (int D : {32, 64})
-    for (auto [sq, sk] : {std::pair{1, 1}, {17, 17}, {64, 64}, {100, 130}, {128, 128}, {300, 300}, {65, 512}})
-      for (bool padded : {false, true}) test_replay_wgmma(D, sq, sk, padded, seed++);
+    for (auto [sq, sk] : kForwardShapes)
+      for (bool padded : {false, true})
+        test_replay("wgmma replay", [](const Head& h, auto& out, auto& lse) { replay_wgmma(h, out, lse); }, D, sq,
+                    sk, padded, seed++);
   for (int D : {32, 64}) test_replay_wgmma_mutants(D);
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
