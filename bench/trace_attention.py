@@ -1,7 +1,8 @@
 """One profiled call of each CUDA attention forward (default: the mma.sync forward; wmma: the WMMA
 kernel before it; SDPA) at B=32, S=128, H=12, D=64, fp16, 6 of 12 heads kept, and the same in fp32
-(default: the 3xTF32 mma.sync forward; wmma: the SIMT kernel): prints the kernels each launches with their GPU time
-and writes one Chrome trace per call to bench/results/profiles/attention_trace_<call>-<gpu>.json.
+(default: the 3xTF32 mma.sync forward; wmma: the SIMT kernel): prints the kernels each launches with
+their GPU time and writes one Chrome trace per call to
+bench/results/profiles/attention_trace_<call>-<gpu>.json.
 
 Script:  python bench/trace_attention.py   (CUDA only)
 """

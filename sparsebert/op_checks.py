@@ -79,11 +79,13 @@ def validate_masked_attention(
     if head_gate.dtype not in KERNEL_DTYPES:
         raise ValueError(
             f"masked_attention: 'head_gate' has dtype {head_gate.dtype}; expected a "
-            f"{KERNEL_DTYPE_NAMES} gate (e.g. mask.float(): 1 = keep, 0 = pruned, fractions = soft gates)"
+            f"{KERNEL_DTYPE_NAMES} gate (e.g. mask.float(): 1 = keep, 0 = pruned, "
+            "fractions = soft gates)"
         )
     if head_gate.device != q.device:
         raise ValueError(
-            f"masked_attention: 'head_gate' must be on q's device {q.device}, got {head_gate.device}"
+            f"masked_attention: 'head_gate' must be on q's device {q.device}, "
+            f"got {head_gate.device}"
         )
     if tuple(head_gate.shape) not in ((heads,), (batch, heads)):
         raise ValueError(
@@ -99,7 +101,8 @@ def validate_masked_attention(
         )
     if tuple(key_padding_mask.shape) != (batch, k.shape[1]):
         raise ValueError(
-            f"masked_attention: 'key_padding_mask' must have shape (B, S) = ({batch}, {k.shape[1]}), "
+            "masked_attention: 'key_padding_mask' must have shape "
+            f"(B, S) = ({batch}, {k.shape[1]}), "
             f"got {tuple(key_padding_mask.shape)}"
         )
     if key_padding_mask.device != q.device:

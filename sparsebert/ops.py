@@ -317,8 +317,9 @@ def masked_attention_compact(
     out[:, :, j] = masked_attention(...)[:, :, kept_heads[j]]; pruned heads are never read.
     Forward only: differentiating it raises. On CUDA (fp16/bf16, or fp32 with 3xTF32; D 32/64;
     16-byte aligned rows) one mma.sync kernel reads the kept heads in place; otherwise (and with
-    SPARSEBERT_ATTENTION_KERNEL=wmma or simt) their slices are gathered and the other forward runs. Index values are checked on the CPU only (on CUDA a check would
-    synchronise; an index out of range gives zeros there).
+    SPARSEBERT_ATTENTION_KERNEL=wmma or simt) their slices are gathered and the other forward
+    runs. Index values are checked on the CPU only (on CUDA a check would synchronise; an index
+    out of range gives zeros there).
     """
     if not isinstance(kept_heads, Tensor):
         raise ValueError(
@@ -407,7 +408,8 @@ def group_dot(x: Tensor, g: Tensor, group_size: int, token_mask: Tensor | None =
         )
     if not isinstance(group_size, int) or group_size < 1 or x.shape[2] % group_size != 0:
         raise ValueError(
-            f"group_dot: 'group_size' must be a positive divisor of D={x.shape[2]}, got {group_size!r}"
+            f"group_dot: 'group_size' must be a positive divisor of D={x.shape[2]}, "
+            f"got {group_size!r}"
         )
     if token_mask is not None and (
         not isinstance(token_mask, Tensor)
@@ -448,7 +450,8 @@ def accumulate_importance_(acc: Tensor, scores: Tensor, power: int = 1) -> Tenso
         )
     if scores.dim() != acc.dim() + 1 or scores.shape[1:] != acc.shape:
         raise ValueError(
-            f"accumulate_importance_: 'scores' must be (N, *{tuple(acc.shape)}), got {tuple(scores.shape)}"
+            f"accumulate_importance_: 'scores' must be (N, *{tuple(acc.shape)}), "
+            f"got {tuple(scores.shape)}"
         )
     if scores.device != acc.device or scores.dtype not in op_checks.KERNEL_DTYPES:
         raise ValueError(f"accumulate_importance_: 'scores' must be {op_checks.KERNEL_DTYPE_NAMES} "

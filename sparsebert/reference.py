@@ -108,8 +108,9 @@ def masked_attention_backward_ref(
     """Gradients of masked_attention by autograd through the fp32 reference.
 
     dout: (B, Sq, H, D); out and lse are accepted for signature parity with the native kernels and
-    not used. Returns dq, dk, dv (shapes and dtypes of q, k, v) and d_head_gate (B, H) in the compute dtype,
-    d_head_gate[b, h] = sum_{s, d} ctx[b, s, h, d] * dout[b, s, h, d] with ctx the ungated output.
+    not used. Returns dq, dk, dv (shapes and dtypes of q, k, v) and d_head_gate (B, H) in the
+    compute dtype, d_head_gate[b, h] = sum_{s, d} ctx[b, s, h, d] * dout[b, s, h, d] with ctx the
+    ungated output.
     Heads whose gate is exactly 0 are pruned: all their gradients are 0.
     """
     del out, lse

@@ -99,7 +99,7 @@ def spearman(predictions: ArrayLike, labels: ArrayLike) -> float:
     """Spearman rank correlation: Pearson of the average ranks; 0 when either vector is constant
     or holds a non-finite value (nan has no rank)."""
     pred, gold = _pair(predictions, labels)
-    if not (np.isfinite(pred.astype(np.float64)).all() and np.isfinite(gold.astype(np.float64)).all()):
+    if not all(np.isfinite(x.astype(np.float64)).all() for x in (pred, gold)):
         return 0.0
     return pearson(rankdata(pred), rankdata(gold))
 

@@ -304,8 +304,9 @@ def sparsebert_attention_forward(
     (B|1, 1|H, Sq, Sk). Returns (out (B, Sq, H, D), None): out[:, :, h] = gate[h] * head h's
     attention, exactly 0 (and never computed) where gate[h] == 0. Differentiable in the gate:
     d out[:, :, h] / d gate[h] = head h's attention, and the gate gradient is 0 where gate[h] == 0
-    (as the op's). Attention weights are never materialised. The causal rule is transformers' sdpa backend's: causal when Sq > 1, no mask
-    is given and is_causal (else module.is_causal, default True) says so.
+    (as the op's). Attention weights are never materialised. The causal rule is transformers'
+    sdpa backend's: causal when Sq > 1, no mask is given and is_causal (else module.is_causal,
+    default True) says so.
     """
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:

@@ -44,8 +44,8 @@ def _as_mask(name: str, value, allowed: dict[str, tuple[int, ...]]) -> tuple[str
         )
     if not (value.dtype == torch.bool or value.is_floating_point()):
         raise TypeError(
-            f"'{name}' must be floating point (1 = keep, 0 = pruned, fractions = soft gates) or bool, "
-            f"got {value.dtype}"
+            f"'{name}' must be floating point (1 = keep, 0 = pruned, fractions = soft gates) or "
+            f"bool, got {value.dtype}"
         )
     shape = tuple(value.shape)
     matches = [label for label, expected in allowed.items() if shape == expected]
@@ -68,8 +68,8 @@ def _check_removed(name: str, mask: Tensor, kept_ids: list[list[int]], what: str
         if bool((row[removed] != 0).any()):
             index = int(torch.nonzero(removed & (row != 0))[0])
             raise MaskError(
-                f"'{name}' sets layer {layer} {what} {index} to {float(row[index])}, but it was removed "
-                "by sparsebert.prune (removed entries must be 0)"
+                f"'{name}' sets layer {layer} {what} {index} to {float(row[index])}, but it was "
+                "removed by sparsebert.prune (removed entries must be 0)"
             )
 
 
@@ -148,8 +148,8 @@ def set_masks(
         for layer, (_, mlp) in enumerate(blocks):
             if mlp.intermediate_size == 0 and float(mlps[layer]) != 0:
                 raise MaskError(
-                    f"'mlp_mask' sets layer {layer} to {float(mlps[layer])}, but its MLP was removed by "
-                    "sparsebert.prune (removed entries must be 0)"
+                    f"'mlp_mask' sets layer {layer} to {float(mlps[layer])}, but its MLP was "
+                    "removed by sparsebert.prune (removed entries must be 0)"
                 )
     # Step 2: write the gates (kept entries only, in each module's current numbering).
     with torch.no_grad():

@@ -49,7 +49,8 @@ def _check_config(model: nn.Module, row: ModelStructure) -> None:
     for flag in row.unsupported_flags:
         if getattr(model.config, flag, False):
             raise ValueError(
-                f"sparsebert.patch: config.{flag}=True is not supported (encoder self-attention only)"
+                f"sparsebert.patch: config.{flag}=True is not supported "
+                "(encoder self-attention only)"
             )
 
 

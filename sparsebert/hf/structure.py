@@ -91,7 +91,8 @@ def structure_for(model: nn.Module) -> ModelStructure:
     model_type = getattr(config, "model_type", None)
     if not isinstance(model, nn.Module) or model_type is None:
         raise TypeError(
-            f"expected a Hugging Face PreTrainedModel (with .config.model_type), got {type(model).__name__}"
+            "expected a Hugging Face PreTrainedModel (with .config.model_type), got "
+            f"{type(model).__name__}"
         )
     check_patchable(model_type)
     return STRUCTURES[model_type]

@@ -358,8 +358,8 @@ class SparseAttention(nn.Module):
         if head_dim is None:
             if hidden_size % num_heads:
                 raise ValueError(
-                    f"SparseAttention: hidden_size {hidden_size} is not a multiple of num_heads {num_heads}; "
-                    "pass head_dim"
+                    f"SparseAttention: hidden_size {hidden_size} is not a multiple of num_heads "
+                    f"{num_heads}; pass head_dim"
                 )
             head_dim = hidden_size // num_heads
         if num_heads < 1 or head_dim < 1:
@@ -407,7 +407,8 @@ class SparseAttention(nn.Module):
             )
         if query.out_features % num_heads:
             raise ValueError(
-                f"query out_features {query.out_features} is not a multiple of num_heads {num_heads}"
+                f"query out_features {query.out_features} is not a multiple of num_heads "
+                f"{num_heads}"
             )
         module = cls.__new__(cls)
         module._init_from_parts(
@@ -583,8 +584,8 @@ class SparseAttention(nn.Module):
             )
         if kwargs.get("head_mask") is not None:  # transformers 5 would silently ignore it
             raise ValueError(
-                "SparseAttention: the head_mask argument (removed in transformers 5) is not applied; "
-                "set gates with sparsebert.set_masks(model, head_mask=...) instead"
+                "SparseAttention: the head_mask argument (removed in transformers 5) is not "
+                "applied; set gates with sparsebert.set_masks(model, head_mask=...) instead"
             )
         if kwargs.get("encoder_hidden_states") is not None:
             raise ValueError(
@@ -763,6 +764,6 @@ class SparseAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
-            f"attention_dropout={self.attention_dropout}"
+            f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, "
+            f"head_dim={self.head_dim}, attention_dropout={self.attention_dropout}"
         )

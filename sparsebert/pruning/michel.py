@@ -12,7 +12,8 @@ from torch import Tensor
 
 
 def safe_divide(num: Tensor, gate: Tensor) -> Tensor:
-    """num / gate where gate != 0, else 0 (the gradient w.r.t. the gate from that of the gated tensor)."""
+    """num / gate where gate != 0, else 0 (the gradient w.r.t. the gate from that of the gated
+    tensor)."""
     return torch.where(gate != 0, num / torch.where(gate != 0, gate, 1.0), 0.0)
 
 

@@ -114,9 +114,9 @@ def results_notes(results: Mapping[str, TaskResults]) -> str:
             run = res.runs[0]
             notes.append(
                 f"{task}: in {len(weak)} of {res.n_seeds} seeds ({which}) the search threshold "
-                f"({run.threshold} x the full model's {run.metric}) is at or below the majority class, "
-                f"so a model that always predicts it passes: those searches can prune almost "
-                f"everything, and their good / random / bad gaps mean little.")
+                f"({run.threshold} x the full model's {run.metric}) is at or below the majority "
+                "class, so a model that always predicts it passes: those searches can prune almost "
+                "everything, and their good / random / bad gaps mean little.")
     return "\n\n".join(notes)
 
 

@@ -1,7 +1,7 @@
 """Fast masked inference and honest speed measurement.
 
     fast = sparsebert.accelerate(model)     # compact kept heads/neurons, unpadding, CUDA graphs
-    `sparsebert speed --model minilm --prune-heads 0.5 --prune-ffn 0.5`   # dense vs masked vs pruned
+    `sparsebert speed --model minilm --prune-heads 0.5 --prune-ffn 0.5`  # dense vs masked vs pruned
 
 Modules: compact (compact weights per layer), watch (when they are stale), tokens (unpadding),
 attention_core (attention over packed tokens), encoder (FastEncoder), graphs (CUDA-graph

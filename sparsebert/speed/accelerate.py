@@ -12,13 +12,14 @@ with `sparsebert.set_masks(model, ...)` or weights in place is picked up on the 
 original weights are never modified, so masks stay reversible.
 
 Inference only: the forward runs without gradients and refuses training mode. Outputs: what the
-model returns, computed from the last hidden state, which holds zeros at padded positions (the
-model itself leaves meaningless values there: a token-level loss over them must use label -100
-there to match the model's; `accelerate(model, unpad=False)` computes them as the model does); `output_hidden_states` / `output_attentions` are not supported
-(use the model itself). Left-padded batches run padded, so the pooler's first position is the
-model's. Any other attribute (`config`, `device`, `dtype`, `num_labels`, `save_pretrained`, ...)
-is the model's own. On the CPU the encoder keeps its large per-layer intermediates in buffers
-reused between calls (`fast.release_buffers()` frees them; `reuse_buffers=False` turns that off).
+model returns, computed from the last hidden state, which holds zeros at padded positions (the model
+itself leaves meaningless values there: a token-level loss over them must use label -100 there to
+match the model's; `accelerate(model, unpad=False)` computes them as the model does);
+`output_hidden_states` / `output_attentions` are not supported (use the model itself). Left-padded
+batches run padded, so the pooler's first position is the model's. Any other attribute (`config`,
+`device`, `dtype`, `num_labels`, `save_pretrained`, ...) is the model's own. On the CPU the encoder
+keeps its large per-layer intermediates in buffers reused between calls (`fast.release_buffers()`
+frees them; `reuse_buffers=False` turns that off).
 """
 
 from __future__ import annotations

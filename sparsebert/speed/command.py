@@ -75,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "`sparsebert report` shows them next to the scores) or a fine-tune "
                             "run of a masked model (masks.json)")
     parser.add_argument("--batch", type=int, default=32, help="batch size B (default: 32)")
-    parser.add_argument("--seq", type=int, default=128, help="padded sequence length S (default: 128)")
+    parser.add_argument("--seq", type=int, default=128,
+                        help="padded sequence length S (default: 128)")
     parser.add_argument("--lengths", default="full",
                         help="full, uniform (in [S/4, S]) or glue:TASK (the task's dev lengths; "
                              "default: full)")
@@ -86,11 +87,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu, cuda or cuda:N (default: cuda when visible)")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                         help="weights and activations (default: fp16 on cuda, fp32 on cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed calls per row (default: 30 on cuda, 10 on cpu)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per row first (default: 3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights, masks, lengths (default: 0)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed calls per row first (default: 3)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of weights, masks, lengths (default: 0)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--no-save", action="store_true",
                         help="with --run on a search directory: do not write DIR/speed/")

@@ -1,12 +1,12 @@
 """CUDA-graph replay of a FastEncoder, one graph per shape bucket.
 
-A bucket is (B, S, T_pad, every_position, padded keys, dtype): T_pad is the number of real tokens rounded up
-to the encoder's `bucket` (tokens.Packing pads the rest with dummy slots), so batches with
-slightly different lengths replay the same graph. Each graph reads static input buffers (hidden
-states, token positions, cumulative lengths, the attention grid) that `run` fills before the
-replay; the attention grid is S long so it fits every batch of the bucket. All graphs share one
-memory pool. The FastEncoder drops this cache whenever its compact weights are rebuilt (the
-graphs captured their addresses).
+A bucket is (B, S, T_pad, every_position, padded keys, dtype): T_pad is the number of real tokens
+rounded up to the encoder's `bucket` (tokens.Packing pads the rest with dummy slots), so batches
+with slightly different lengths replay the same graph. Each graph reads static input buffers (hidden
+states, token positions, cumulative lengths, the attention grid) that `run` fills before the replay;
+the attention grid is S long so it fits every batch of the bucket. All graphs share one memory pool.
+The FastEncoder drops this cache whenever its compact weights are rebuilt (the graphs captured their
+addresses).
 
 `GraphCache(encoder, capture=False)` runs the same static-buffer bucket logic eagerly, without
 CUDA (tests check the buckets on CPU that way).
