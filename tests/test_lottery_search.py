@@ -447,6 +447,52 @@ def test_seeds_and_super_survivors(tiny_setup, tmp_path):
     assert "(n=2)" in text and "| super good R | — |" in text  # super-survivors: not run
 
 
+def test_seeds_reruns_with_other_seeds_order_or_subnetworks(tiny_setup, tmp_path, capsys):
+    """A seeds directory run again with fewer subnetworks, more seeds without super-survivors,
+    fewer seeds, or the same seeds in another order: the super-survivors' summary keeps every
+    subnetwork built, the report covers the command's seeds (other seed folders and
+    super-survivors of another seed list left out, with a note; nothing fails), and the same
+    seeds in another order reuse the super-survivors."""
+    import dataclasses  # noqa: PLC0415
+
+    from sparsebert.lottery.super_survivors import search_seeds  # noqa: PLC0415
+    from sparsebert.train.config import TrainConfig  # noqa: PLC0415
+
+    options = _options(tiny_setup)
+    train = TrainConfig(**{k: v for k, v in options.items() if k != "importance_batch_size"})
+    config = SearchConfig(method="structured", importance_batch_size=16, masking_amount=0.25,
+                          retrain=False)
+
+    def run(seeds, **kw):
+        return search_seeds("SST-2", tmp_path, seeds, train_config=train, progress=False,
+                            **{"search_config": config, **kw})
+
+    first = run([3, 4])
+    assert set(first["subnetworks"]) == {"good", "random", "bad"}
+    narrow = run([3, 4], search_config=dataclasses.replace(config, subnets="good"))
+    assert narrow["subnetworks"] == first["subnetworks"]  # random and bad were built: kept
+    assert "| super bad P | — |" not in (tmp_path / "report.md").read_text()
+    capsys.readouterr()
+
+    run([3, 4, 5], super_survivors=False)  # a third seed, no super-survivors of three seeds
+    err = capsys.readouterr().err
+    assert "super-survivors of seeds [3, 4], not [3, 4, 5]; left out" in err
+    text = (tmp_path / "report.md").read_text()
+    assert "(n=3)" in text and "| super good P | — |" in text
+
+    again = run([4, 3])  # the same seeds in another order: nothing drawn or scored again
+    assert again["seeds"] == [4, 3]
+    for name, sub in first["subnetworks"].items():
+        other = again["subnetworks"][name]
+        assert other["head_mask"] == sub["head_mask"] and other["mlp_mask"] == sub["mlp_mask"]
+        assert sorted(other["pruned"], key=lambda e: e["seed"]) == sub["pruned"]
+    assert not (tmp_path / ".superseded").exists()
+    err = capsys.readouterr().err
+    assert "seed_5: not one of the seeds [4, 3]; left out" in err
+    text = (tmp_path / "report.md").read_text()
+    assert "(n=2)" in text and "| super good P | — |" not in text
+
+
 def test_s_pruning_scores_masked_heads(tiny_setup, tmp_path, monkeypatch):
     """The s-pruning search asks for masked heads' true scores (score_masked_heads): the first
     step of phases 2 and 3 ranks the heads of the previous phase's failed step by them, as the

@@ -360,16 +360,17 @@ class Search(StructuredStages, MagnitudeStages):
 
 
 
-def write_report(out: Path) -> bool:
-    """out/report.md and figures/ over the study under `out` (sparsebert.report); False, with a
-    warning, when the report's dependencies (matplotlib) cannot be imported."""
+def write_report(out: Path, inputs: list[Path] | None = None) -> bool:
+    """out/report.md and figures/ over the study under `out` (sparsebert.report), or over
+    `inputs` (run directories) when given; False, with a warning, when the report's dependencies
+    (matplotlib) cannot be imported."""
     try:
         from sparsebert.report import report  # noqa: PLC0415
     except ImportError as err:
         warnings.warn(f"no report written under {out}: sparsebert.report cannot be imported "
                       f"({err}); install matplotlib and rerun to write it", stacklevel=2)
         return False
-    report([out], out)
+    report(inputs or [out], out)
     return True
 
 

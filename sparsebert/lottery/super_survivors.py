@@ -90,6 +90,34 @@ def super_masks(out: Path, seeds: list[int], first_seed: int) -> dict[str, Any]:
                           "mlps": stability_summary(mlps_arr)}}
 
 
+def seeds_report(out: Path, seeds: list[int]) -> bool:
+    """out/report.md and figures/ over this seed list: out/seed_<s>/ of each seed, and super/
+    when its super-survivors come from these seeds. Seed directories of other seeds under out
+    (an earlier run with more seeds) and super-survivors of another seed list (an earlier run,
+    before --no-super) are left out, with a note, so that the report of a mixed directory is
+    that of the command run. False as write_report's."""
+    leave_out = sorted((p for p in out.glob("seed_*") if p.is_dir()
+                        and p.name not in {seed_dir(out, s).name for s in seeds}),
+                       key=lambda p: p.name)
+    sup = out / "super" / "summary.json"
+    super_seeds = (read_json(sup, "delete it to write the super-survivors' summary again"
+                             ).get("seeds") if sup.is_file() else None)
+    super_fits = super_seeds is None or sorted(super_seeds) == sorted(seeds)
+    if not leave_out and super_fits:
+        return write_report(out)  # everything under out is this seed list's
+    for path in leave_out:
+        print(f"[report] {path}: not one of the seeds {seeds}; left out of {out / 'report.md'}",
+              file=sys.stderr)
+    inputs = [seed_dir(out, s) for s in seeds]
+    if sup.is_file():
+        if super_fits:
+            inputs.append(out / "super")
+        else:
+            print(f"[report] {out / 'super'}: super-survivors of seeds {super_seeds}, not "
+                  f"{seeds}; left out of {out / 'report.md'}", file=sys.stderr)
+    return write_report(out, inputs)
+
+
 def search_seeds(task: str, out: str | os.PathLike, seeds: list[int], *,
                  search_config: SearchConfig | None = None,
                  train_config: TrainConfig | None = None, progress: bool = True,
@@ -122,7 +150,7 @@ def search_seeds(task: str, out: str | os.PathLike, seeds: list[int], *,
                 return {"status": "stopped", "out": str(out)}
         if not super_survivors or len(seeds) < 2 or "structured" not in search_config.methods():
             if len(seeds) >= 2:
-                write_report(out)  # over the seed directories (and super/, when there)
+                seeds_report(out, seeds)  # over the seed directories (and super/ of these seeds)
             result = summaries[-1]
         else:
             result = SuperStage(task, out, seeds, search_config, train_config, progress).run()
@@ -169,11 +197,12 @@ class SuperStage:
     def masks_stage(self) -> dict[str, Any]:
         """super/masks.json (once per seed list): the controls' masks, notes and stability
         statistics, with the seeds they come from. Masks of another seed list (a rerun with
-        more seeds, say) are set aside with everything built on them, and drawn again."""
+        more seeds, say) are set aside with everything built on them, and drawn again; the same
+        seeds in another order are the same list (a fresh draw follows the order given)."""
         masks_file = self.root / "masks.json"
         found = (read_json(masks_file, "delete it to draw the masks again")
                  if masks_file.is_file() else None)
-        if found is not None and found.get("seeds") == self.seeds:
+        if found is not None and sorted(found.get("seeds") or []) == sorted(self.seeds):
             return found
         fresh = {**super_masks(self.out, self.seeds, self.seeds[0]), "seeds": self.seeds}
         written_before_seeds = found is not None and "seeds" not in found
@@ -224,7 +253,7 @@ class SuperStage:
         summary = self.summarize(found, get_task(self.task_name))
         atomic_write_json(self.root / "summary.json", summary)
         if report:
-            write_report(self.out)
+            seeds_report(self.out, self.seeds)
         return summary
 
     def summarize(self, found: dict[str, Any], task: GlueTask) -> dict[str, Any]:
@@ -232,7 +261,8 @@ class SuperStage:
         first = task.dev_splits[0]
         sizes = seed_search(self.out, self.seeds[0])["sizes"]
         subnetworks = {}
-        for name in self.search_config.subnet_list():
+        asked = self.search_config.subnet_list()
+        for name in SUBNETWORKS:  # those asked for and any built before (a rerun may ask for fewer)
             masks = found["masks"][name]
             pruned, retrained = [], []
             for seed in self.seeds:
@@ -247,6 +277,8 @@ class SuperStage:
                     retrained.append({"seed": seed,
                                       "score": float(result.metrics[first][metric]),
                                       "metrics": result.metrics[first]})
+            if name not in asked and not pruned and not retrained:
+                continue
             heads = int(np.asarray(masks["head_mask"]).sum())
             mlps = int(np.asarray(masks["mlp_mask"]).sum())
             subnetworks[name] = {"heads_kept": heads, "mlps_kept": mlps,
