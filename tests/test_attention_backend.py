@@ -441,6 +441,17 @@ def test_registered_when_transformers_loads_after_sparsebert():
     assert done.stdout.strip().endswith("sparsebert")
 
 
+def test_gate_overrides_on_a_model_that_ignores_gates_are_refused(pair, tiny_batch):
+    """override_head_gates on a model neither patched nor on the sparsebert backend raises
+    (its attention would not read the gates) and leaves the model as it was."""
+    plain, _ = pair("llama")
+    with pytest.raises(AttentionBackendError, match=r"neither patched nor on attn_implementation="
+                                                    r"'sparsebert' \(it uses 'sdpa'\)"):
+        with override_head_gates(plain, torch.zeros(3, 4, requires_grad=True)):
+            pass
+    assert not any(hasattr(module, "head_gate") for module in plain.modules())
+
+
 def test_bad_masks_are_clear_errors(pair):
     _, model = pair("llama")
     before = sparsebert.get_masks(model)["head_mask"]

@@ -96,6 +96,31 @@ def test_config_output_attentions_warns(tiny_bert, tiny_batch):
     assert len([r for r in record if "config.output_attentions" in str(r.message)]) == 1
 
 
+def test_a_masked_model_pickles_after_evaluation(tiny_bert, tiny_batch):
+    """A patched model with masked heads pickles (torch.save of the whole model) after an
+    evaluation forward kept its live heads' weight slices, before and after sparsebert.prune,
+    and the loaded copy computes the same outputs."""
+    import io  # noqa: PLC0415
+
+    model = sbhf.patch(tiny_bert(attn="eager")).eval()
+    gates = torch.ones(3, 4)
+    gates[0, 1] = gates[2, :3] = 0
+    sparsebert.set_masks(model, head_mask=gates)
+    ids, mask = tiny_batch()
+    for step in ("masked", "pruned"):
+        with torch.no_grad():
+            want = model(ids, attention_mask=mask).logits  # keeps the slices
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, want,
+                                       rtol=0, atol=0, msg=step)
+        if step == "masked":
+            sbhf.prune(model)
+
+
 def test_patch_warns_when_a_carried_layer_has_every_head_gated_off(tiny_bert):
     import sparsebert  # noqa: PLC0415
 

@@ -183,6 +183,14 @@ def override_head_gates(model: nn.Module, gates: Tensor) -> Iterator[Tensor]:
     from sparsebert.hf.patching import is_patched, sparse_blocks  # noqa: PLC0415 (cycle)
 
     patched = is_patched(model)
+    if not patched and not uses_sparse_attention(model):
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        raise AttentionBackendError(
+            f"override_head_gates: 'model' ({type(model).__name__}) is neither patched nor on "
+            f"attn_implementation='sparsebert' (it uses {impl!r}), so its attention would "
+            "ignore the gates; call sparsebert.patch(model) (BERT-family models) or "
+            "sparsebert.hf.use_sparse_attention(model) first"
+        )
     modules = [attn for attn, _ in sparse_blocks(model)] if patched else attach_head_gates(model)
     heads = num_heads(model)
     if not isinstance(gates, Tensor) or not gates.is_floating_point():

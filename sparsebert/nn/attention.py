@@ -245,7 +245,8 @@ class _LiveHeads:
     alive, with the same version counters and storage: a parameter replaced by a new one, even
     one the allocator put at the freed one's address, or given new storage through `.data =`, is
     sliced anew), except while a CUDA graph is captured (its replays slice the weights as they
-    are then)."""
+    are then). In-place writes through `.data` (`param.data.mul_(2)`) bypass the version counter
+    and are not seen: write under torch.no_grad() instead (`param.mul_(2)`)."""
 
     def __init__(self, summary: GateSummary, num_heads: int, head_dim: int,
                  device: torch.device) -> None:
@@ -287,6 +288,10 @@ class _LiveHeads:
 
     def __deepcopy__(self, memo) -> None:
         return None  # a copied block rebuilds it for its own weights (and keeps no slices)
+
+    def __getstate__(self) -> dict:
+        # pickled without the kept slices (weak references do not pickle): sliced anew
+        return {**self.__dict__, "_kept": None}
 
 
 def _sdpa_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
