@@ -175,6 +175,20 @@ def test_importance_scores_equal_the_full_computation(tiny_bert, mode, monkeypat
         torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-4, msg=name)
 
 
+def test_importance_of_a_model_with_chunked_feed_forward_layers(tiny_bert):
+    """config.chunk_size_feed_forward > 1 (rows cut into chunks of that many, which one row is
+    not): the importance pass runs the whole last layer, with the scores of the same model
+    unchunked; chunks of 1 row keep the readout."""
+    batches = [make_inputs(99, seed) for seed in range(2)]
+    assert reads_first_token_only(sparsebert.patch(tiny_bert(chunk_size_feed_forward=1)))
+    scores = []
+    for chunk in (0, SEQ):
+        model = sparsebert.patch(tiny_bert(num_labels=3, chunk_size_feed_forward=chunk))
+        scores.append(sparsebert.importance(model, batches, progress=False, normalize=False))
+    torch.testing.assert_close(scores[1].head, scores[0].head, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(scores[1].mlp, scores[0].mlp, atol=1e-7, rtol=1e-5)
+
+
 def test_only_transformers_sequence_classifiers_that_are_patched_take_it(tiny_bert, tiny_model,
                                                                           monkeypatch):
     plain = tiny_bert(num_labels=3)
@@ -190,6 +204,8 @@ def test_only_transformers_sequence_classifiers_that_are_patched_take_it(tiny_be
 
     custom = sparsebert.patch(MyClassifier(plain.config))
     assert not reads_first_token_only(custom)
+    chunked = sparsebert.patch(tiny_bert(num_labels=3, chunk_size_feed_forward=4))
+    assert not reads_first_token_only(chunked)  # its FFN cuts the rows into chunks of 4
     patched = sparsebert.patch(plain)
     assert reads_first_token_only(patched)
     monkeypatch.setenv(FULL_LAST_LAYER_ENV, "1")

@@ -40,10 +40,14 @@ FULL_LAST_LAYER_ENV = "SPARSEBERT_FULL_LAST_LAYER"
 
 def reads_first_token_only(model: nn.Module) -> bool:
     """Whether `model` is transformers' own sequence classifier of a supported type (exactly
-    that class, not a subclass that may read other positions), patched."""
+    that class, not a subclass that may read other positions), patched, and without chunked
+    feed-forward layers (config.chunk_size_feed_forward > 1 cuts the sequence into chunks of
+    that many rows, which one row is not)."""
     config = getattr(model, "config", None)
     row = STRUCTURES.get(getattr(config, "model_type", None))
     if row is None or row.first_token_classifier is None:
+        return False
+    if (getattr(config, "chunk_size_feed_forward", 0) or 0) > 1:
         return False
     cls = type(model)
     if cls.__name__ != row.first_token_classifier or not cls.__module__.startswith(
