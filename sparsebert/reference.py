@@ -105,27 +105,39 @@ def masked_attention_backward_ref(
     lse: Tensor,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of masked_attention by autograd through the fp32 reference.
+    """Gradients of masked_attention in closed form, in the compute dtype (fp32, fp64 for fp64).
 
     dout: (B, Sq, H, D); out and lse are accepted for signature parity with the native kernels and
     not used. Returns dq, dk, dv (shapes and dtypes of q, k, v) and d_head_gate (B, H) in the
     compute dtype, d_head_gate[b, h] = sum_{s, d} ctx[b, s, h, d] * dout[b, s, h, d] with ctx the
-    ungated output.
+    ungated output. With P = softmax(scale * q k^T) over the real keys and dctx = gate * dout:
+    dv = P^T dctx, dP = dctx v^T, dS = P * (dP - rowsum(P * dP)), dq = scale * dS k and
+    dk = scale * dS^T q. No autograd runs inside (it works under inference_mode and dispatch
+    modes, where this kernel runs below the autograd keys).
     Heads whose gate is exactly 0 are pruned: all their gradients are 0.
     """
     del out, lse
     dtype = _compute_dtype(q.dtype)
     batch = q.shape[0]
-    with torch.enable_grad():
-        qf, kf, vf = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
-        gate = _gate_per_example(head_gate.detach(), batch).to(dtype).requires_grad_(True)
-        ctx, _ = attention_context(qf, kf, vf, key_padding_mask, scale)
-        active = (gate != 0).detach()
-        gated = torch.where(active[:, None, :, None], ctx * gate[:, None, :, None], 0.0)
-        dq, dk, dv, d_gate = torch.autograd.grad(gated, (qf, kf, vf, gate), dout.to(dtype))
+    gate = _gate_per_example(head_gate.detach(), batch).to(dtype)  # (B, H)
+    active = gate != 0  # (B, H)
+    qh, kh, vh = (t.detach().to(dtype).transpose(1, 2) for t in (q, k, v))  # (B, H, S*, D)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)  # (B, H, Sq, Sk): 0 at padded keys
+    dout_h = dout.detach().to(dtype).transpose(1, 2)  # (B, H, Sq, D)
+    dctx = dout_h * gate[:, :, None, None]  # (B, H, Sq, D)
+    dv = torch.matmul(probs.transpose(-1, -2), dctx)  # (B, H, Sk, D)
+    dprobs = torch.matmul(dctx, vh.transpose(-1, -2))  # (B, H, Sq, Sk)
+    dscores = probs * (dprobs - (probs * dprobs).sum(-1, keepdim=True))  # (B, H, Sq, Sk)
+    dq = torch.matmul(dscores, kh) * scale  # (B, H, Sq, D)
+    dk = torch.matmul(dscores.transpose(-1, -2), qh) * scale  # (B, H, Sk, D)
+    ctx = torch.matmul(probs, vh)  # (B, H, Sq, D)
+    d_gate = (dout_h * ctx).sum((-2, -1))  # (B, H)
     # A pruned head is never computed: 0 even where its inputs are inf/NaN (0 * NaN would leak).
     pruned = ~active[:, None, :, None]  # (B, 1, H, 1)
-    dq, dk, dv = (torch.where(pruned, 0.0, g) for g in (dq, dk, dv))
+    dq, dk, dv = (torch.where(pruned, 0.0, g.transpose(1, 2)) for g in (dq, dk, dv))
     d_gate = torch.where(active, d_gate, 0.0)
     grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_gate)
     return tuple(g.contiguous() for g in grads)

@@ -617,14 +617,31 @@ for bad in ([0, 3], [-1]):  # one past the end, negative: the wrapper's error, n
         assert "[0, H = 3)" in str(error), error
     else:
         raise AssertionError(f"kept_heads {bad} was accepted")
+# The backward kernel (closed form, no autograd inside) under inference_mode, under a dispatch
+# mode (FlopCounterMode) and through opcheck, with the gradients of plain autograd.
+from torch.utils.flop_counter import FlopCounterMode
+q0, k0, v0, g0 = (t.detach() for t in (q, k, v, gate))
+out0, lse0 = torch.ops.sparsebert.masked_attention(q0, k0, v0, g0, mask, 0.5)
+dout = torch.randn_like(out0)
+args = (dout, q0, k0, v0, g0, mask, out0, lse0, 0.5)
+want = torch.ops.sparsebert.masked_attention_backward(*args)
+with torch.inference_mode():
+    got = torch.ops.sparsebert.masked_attention_backward(*args)
+assert all(torch.equal(a, b) for a, b in zip(got, want))
+with FlopCounterMode(display=False):
+    ops.masked_attention(q, k, v, gate, mask).backward(dout)
+plain = torch.autograd.grad(ops.masked_attention(q, k, v, gate, mask), (q, k, v, gate), dout)
+for a, b in zip((q.grad, k.grad, v.grad, gate.grad), plain):
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+torch.library.opcheck(torch.ops.sparsebert.masked_attention_backward.default, args)
 print("ok")
 """
 
 
 def test_reference_path_without_the_extension():
     """The pure-PyTorch path (extension not built): gradcheck with a mask, a second
-    derivative raises as on the native path, and the compact op names a kept head out of
-    [0, H)."""
+    derivative raises as on the native path, the compact op names a kept head out of [0, H),
+    and the backward runs under inference_mode, a dispatch mode and opcheck."""
     run_without_extension(FALLBACK_SCRIPT)
 
 
