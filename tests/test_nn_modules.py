@@ -564,6 +564,31 @@ def test_masks_that_cannot_be_read_while_compiling_run_through_sdpa(monkeypatch)
                                atol=TOL, rtol=TOL)
 
 
+@pytest.mark.slow  # dynamo traces three modules
+def test_blocks_compile_with_fullgraph():
+    """torch.compile(fullgraph=True) traces SparseAttention (a masked head in its buffer, a
+    padding mask; and a gate override) and SparseMLP without a graph break, with the eager
+    outputs."""
+    torch._dynamo.reset()
+    module = make_attention().eval()
+    with torch.no_grad():
+        module.head_gate[1] = 0
+    x, mask = torch.randn(B, S, HID), padding_mask().long()
+
+    def attend(x, mask):
+        return module(x, attention_mask=mask)[0]
+
+    def attend_overridden(x, mask):
+        with module.override_head_gate(torch.tensor([1.0, 0.5, 0.0, 1.0])):
+            return module(x, attention_mask=mask)[0]
+
+    mlp = SparseMLP(HID, FF).eval()
+    with torch.no_grad():
+        for f, args in ((attend, (x, mask)), (attend_overridden, (x, mask)), (mlp, (x,))):
+            compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+            torch.testing.assert_close(compiled(*args), f(*args), atol=TOL, rtol=TOL)
+
+
 def test_output_attentions_warns_and_bad_hidden_states_are_errors():
     module = make_attention()
     with pytest.warns(UserWarning, match="output_attentions=True returns no attention"):

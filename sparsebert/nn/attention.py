@@ -154,9 +154,11 @@ def to_key_padding_mask(attention_mask: Tensor | None, batch: int, seq: int, *,
     # outside the capture would not be recomputed on replay: not kept then, except within the
     # capture of a FixedGates block (one capture per entry), where the first layer's conversion
     # is recorded once and the others read it.
+    if torch.compiler.is_compiling():  # (before is_inference(), which dynamo cannot trace)
+        return _convert_to_key_padding(attention_mask, batch, seq, known_padding)
     version = None if attention_mask.is_inference() else attention_mask._version
     if not can_read_on_host():
-        fixed = None if torch.compiler.is_compiling() else fixed_gates()
+        fixed = fixed_gates()
         if fixed is not None and version is not None:
             return fixed.shared("key_padding_mask", attention_mask, (batch, seq), lambda: (
                 _convert_to_key_padding(attention_mask, batch, seq, known_padding)))

@@ -160,6 +160,8 @@ class BufferSummary:
         self._last: tuple[Tensor, int, GateSummary] | None = None
 
     def __call__(self, gate: Tensor) -> GateSummary | None:
+        if torch.compiler.is_compiling():  # (before is_inference(), which dynamo cannot trace)
+            return None
         if gate.is_inference() or gate.dim() > 1:
             return None
         if not can_read_on_host():
