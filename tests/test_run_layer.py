@@ -17,7 +17,12 @@ from sparsebert.errors import RunDirError, SparsebertError
 from sparsebert.hf import patch, prune, set_masks
 from sparsebert.hf.loading import load_model
 from sparsebert.train import TrainConfig, evaluate, finetune
-from sparsebert.train.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, load_checkpoint
+from sparsebert.train.checkpoint import (
+    CHECKPOINT_NAME,
+    DAMAGED_NAME,
+    PREVIOUS_NAME,
+    load_checkpoint,
+)
 
 
 @pytest.fixture
@@ -206,7 +211,8 @@ def test_a_finished_run_drops_checkpoints_left_by_a_kill(setup, tmp_path):
     run removes them (and a temporary file of an unfinished checkpoint write)."""
     run = tmp_path / "run"
     finetune(_config(setup), run, progress=False)
-    leftovers = [run / "checkpoint.pt", run / "checkpoint.prev.pt", run / ".checkpoint.pt.tmp"]
+    leftovers = [run / "checkpoint.pt", run / "checkpoint.prev.pt", run / "checkpoint.damaged.pt",
+                 run / ".checkpoint.pt.tmp"]
     for path in leftovers:
         path.write_bytes(b"left behind")
     assert finetune(_config(setup), run, progress=False).finished
@@ -252,6 +258,26 @@ def test_checkpoints_fall_back_and_refuse_unsafe_files(setup, tmp_path):
     torch.save({"step": 1, "model": {}, "evil": shutil.rmtree}, unsafe / CHECKPOINT_NAME)
     with pytest.raises(SparsebertError, match="refused"):
         load_checkpoint(unsafe)
+
+
+def test_a_fallback_keeps_the_good_previous_checkpoint_through_the_next_save(setup, tmp_path,
+                                                                            capsys):
+    """After resuming from checkpoint.prev.pt (checkpoint.pt damaged), the damaged file is set
+    aside, so the next save does not rotate it onto the good previous one: every step after
+    the fallback leaves two loadable checkpoints, and a second damage falls back again."""
+    run = tmp_path / "run"
+    finetune(_config(setup, checkpoint_every=2, stop_after_steps=4), run, progress=False)
+    data = (run / CHECKPOINT_NAME).read_bytes()
+    (run / CHECKPOINT_NAME).write_bytes(data[:1000])
+    finetune(_config(setup, checkpoint_every=2, stop_after_steps=4), run, progress=False)
+    assert "the damaged file is now checkpoint.damaged.pt" in capsys.readouterr().err
+    steps = [torch.load(run / name, weights_only=True)["step"]
+             for name in (CHECKPOINT_NAME, PREVIOUS_NAME)]
+    assert steps == [4, 2] and (run / DAMAGED_NAME).is_file()
+    (run / CHECKPOINT_NAME).write_bytes(data[:1000])  # damaged again: the previous still loads
+    assert load_checkpoint(run)["step"] == 2
+    assert finetune(_config(setup, checkpoint_every=2), run, progress=False).finished
+    assert not (run / DAMAGED_NAME).exists()
 
 
 def test_out_must_be_a_directory(setup, tmp_path):

@@ -9,7 +9,9 @@ someone else cannot run code. Writing is fail-safe:
   3. the verified file is moved onto checkpoint.pt.
 
 A truncated or damaged checkpoint.pt is then never the only copy: loading falls back to
-checkpoint.prev.pt (and says so), and when neither is usable the error names the files.
+checkpoint.prev.pt (and says so) and sets the damaged file aside as checkpoint.damaged.pt, so
+that the next write keeps the good previous one; when neither is usable the error names the
+files.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from sparsebert.errors import RunDirError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_NAME = "checkpoint.prev.pt"
+DAMAGED_NAME = "checkpoint.damaged.pt"
 
 
 class CheckpointError(RunDirError):
@@ -98,8 +101,9 @@ def save_checkpoint(out_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
 def load_checkpoint(out_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The latest readable checkpoint's state (CPU tensors), or None when there is none.
 
-    Falls back to checkpoint.prev.pt when checkpoint.pt is damaged (a note on stderr);
-    raises CheckpointError when checkpoints exist but none is usable.
+    Falls back to checkpoint.prev.pt when checkpoint.pt is damaged (a note on stderr), and then
+    moves the damaged file to checkpoint.damaged.pt (else the next save would rotate it onto
+    the good previous one); raises CheckpointError when checkpoints exist but none is usable.
     """
     out_dir = Path(out_dir)
     current, previous = out_dir / CHECKPOINT_NAME, out_dir / PREVIOUS_NAME
@@ -115,15 +119,19 @@ def load_checkpoint(out_dir: str | os.PathLike) -> dict[str, Any] | None:
             errors.append(str(error))
             continue
         if path == previous and errors:
+            damaged = out_dir / DAMAGED_NAME
+            if current.exists():
+                os.replace(current, damaged)
             print(f"sparsebert: warning: {errors[0]}; resuming from the previous checkpoint "
-                  f"{previous.name} (step {state['step']})", file=sys.stderr)
+                  f"{previous.name} (step {state['step']}); the damaged file is now "
+                  f"{damaged.name}", file=sys.stderr)
         return state
     raise CheckpointError(f"{errors[-1]}; no usable earlier checkpoint. Delete it (and "
                           f"{previous.name}, if there) to start the run over")
 
 
 def remove_checkpoints(out_dir: str | os.PathLike) -> None:
-    """Drop checkpoint.pt, checkpoint.prev.pt and an unfinished write's temporary file (the run
-    has finished)."""
-    for name in (CHECKPOINT_NAME, PREVIOUS_NAME, f".{CHECKPOINT_NAME}.tmp"):
+    """Drop checkpoint.pt, checkpoint.prev.pt, a damaged one set aside and an unfinished write's
+    temporary file (the run has finished)."""
+    for name in (CHECKPOINT_NAME, PREVIOUS_NAME, DAMAGED_NAME, f".{CHECKPOINT_NAME}.tmp"):
         (Path(out_dir) / name).unlink(missing_ok=True)
