@@ -532,8 +532,10 @@ def test_regression_labels_as_a_column_score_as_a_vector(tiny_bert, tiny_batches
         torch.testing.assert_close(col.head, flat.head)
         torch.testing.assert_close(col.mlp, flat.mlp)
     wrong = [dict(batches[0], labels=batches[0]["labels"][:2])]
-    with pytest.raises(ValueError, match=r"'labels' must be \(4,\), one per example, got \(2,\)"):
-        importance(model, wrong, progress=False)
+    for mode in ("paper", "per_example", "fisher", "michel"):  # named before any gate is made
+        with pytest.raises(ValueError,
+                           match=r"'labels' must be \(4,\), one per example, got \(2,\)"):
+            importance(model, wrong, mode=mode, progress=False)
 
 
 def test_each_submodule_mode_is_restored_and_no_grad_is_overridden(tiny_bert, tiny_batches):

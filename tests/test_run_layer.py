@@ -288,6 +288,32 @@ def test_out_must_be_a_directory(setup, tmp_path):
     assert file.read_text() == "x"
 
 
+def test_study_folders_are_no_run_directories(setup, tmp_path):
+    """finetune --out refuses a sweep directory, a sweep's task folder and a multi-seed
+    search's root (writing nothing there), and evaluate --run names what they are with their
+    finished runs instead of suggesting a fine-tune there."""
+    from sparsebert.train.evaluate import evaluate  # noqa: PLC0415
+
+    sweep = tmp_path / "sweep"
+    (sweep / "SST-2").mkdir(parents=True)
+    (sweep / "sweep.json").write_text("{}")
+    seeds = tmp_path / "seeds"
+    (seeds / "seed_1").mkdir(parents=True)
+    (seeds / "seed_1" / "config.json").write_text("{}")
+    finetune(_config(setup), seeds / "seed_1" / "full", progress=False)  # a run inside: fine
+    cases = [(sweep, "is a sweep directory"), (sweep / "SST-2", "is inside a sweep directory"),
+             (seeds, "holds a multi-seed search")]
+    for out, what in cases:
+        before = sorted(p.name for p in out.iterdir())
+        with pytest.raises(SparsebertError, match=f"--out {out}: {what}"):
+            finetune(_config(setup), out, progress=False)
+        assert sorted(p.name for p in out.iterdir()) == before
+        with pytest.raises(SparsebertError, match=f"--run {out}: {what}") as error:
+            evaluate(out)
+        assert "sparsebert finetune" not in str(error.value)
+    assert f"finished runs include {seeds / 'seed_1' / 'full'}" in str(error.value)
+
+
 def test_run_lock_is_one_per_folder_however_written(tmp_path, monkeypatch):
     folder = tmp_path / "runs" / "a"
     folder.mkdir(parents=True)

@@ -530,8 +530,11 @@ def importance(
         for batch in tqdm(batches, desc=f"importance ({mode})", disable=not progress, leave=False):
             batch = _batch_to(batch, device)
             labels = batch.pop("labels")
-            size = labels.shape[0]
             token_shape = _token_shape(batch, mode)  # (B, L)
+            if labels.dim() == 0 or labels.shape[0] != token_shape[0]:
+                raise ValueError(f"importance: 'labels' must be ({token_shape[0]},), one per "
+                                 f"example, got {tuple(labels.shape)}")
+            size = labels.shape[0]
             token_mask = batch.get("attention_mask")
             token_mask = (
                 torch.ones(token_shape, device=device) if token_mask is None else token_mask

@@ -274,10 +274,29 @@ def load_run_model(run_dir: str | os.PathLike, num_labels: int, labels: tuple[st
 
 
 def check_out_dir(out_dir: Path) -> None:
-    """--out must be a directory or not exist yet (checked before any data is loaded)."""
+    """--out must be a directory or not exist yet, and not the folder of a study: a sweep
+    directory, a task folder of one, or a multi-seed search (checked before any data is
+    loaded)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise RunDirError(f"--out {out_dir}: exists and is a file, not a run directory; "
                           f"pass a directory path")
+    study = study_folder(out_dir)
+    if study is not None:
+        raise RunDirError(f"--out {out_dir}: {study}, not a run directory; use another --out")
+
+
+def study_folder(path: Path) -> str | None:
+    """What `path` is when it is the folder of a study rather than a run: a sweep directory,
+    a sweep's task folder, or a multi-seed search's root (seed_<s>/ folders); None else."""
+    for folder in (path, path.parent):
+        if (folder / "sweep.json").is_file() or (folder / ".sweep").is_dir():
+            return (f"{'is' if folder == path else 'is inside'} a sweep directory ({folder}; "
+                    "its runs are the seed_<s>/ searches of its task folders)")
+    if not (path / "config.json").exists() and any(
+            (folder / "config.json").is_file() for folder in path.glob("seed_*")):
+        return ("holds a multi-seed search (seed_<s>/ folders; its runs are in each seed's "
+                "search)")
+    return None
 
 
 def is_search_dir(path: Path) -> bool:
@@ -330,6 +349,12 @@ def require_finished(run_dir: Path) -> None:
                           f"{inside_search / 'full'} or "
                           f"{inside_search / 'structured' / 'retrained' / 'good'}{hint}")
     if not has_config:
+        study = study_folder(run_dir)
+        if study is not None:
+            runs = _finished_runs(run_dir)
+            hint = (f"; its finished runs include {', '.join(runs)}" if runs
+                    else "; it has no finished run yet")
+            raise RunDirError(f"--run {run_dir}: {study}, not a run; pass one of its runs{hint}")
         raise RunDirError(f"--run {run_dir}: not a run directory (no config.json); run "
                           f"`sparsebert finetune --out {run_dir}` first")
     if _is_model_dir(run_dir):
