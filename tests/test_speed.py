@@ -193,6 +193,38 @@ def test_cache_follows_masks_and_weights(tiny_bert, tiny_dims):
     check()
 
 
+def test_models_made_under_inference_mode(tiny_bert, tiny_dims, monkeypatch):
+    """accelerate (which patches) inside torch.inference_mode makes ordinary gate buffers, so
+    the compact weights are kept between calls; a model converted inside inference_mode (its
+    parameters inference tensors, without version counters) is rebuilt on every call, with a
+    warning once, and stays correct when masks change there."""
+    import sparsebert.speed.watch as watch  # noqa: PLC0415
+
+    monkeypatch.setattr(watch, "_warned_inference", [])
+    ids, mask = _batch(3, 9, tiny_dims.vocab, [9, 6, 2])
+    heads, mlps, neurons = _masks(tiny_dims, "some")
+    model = tiny_bert()
+    with torch.inference_mode():
+        fast = accelerate(model)
+        for _ in range(2):
+            got = fast(input_ids=ids, attention_mask=mask).logits
+        assert fast.encoder.builds == tiny_dims.layers  # kept: the gates are ordinary tensors
+        torch.testing.assert_close(got, model(input_ids=ids, attention_mask=mask).logits,
+                                   rtol=0, atol=1e-5)
+    converted = sparsebert.patch(tiny_bert())
+    with torch.inference_mode():
+        converted.double()
+    fast = accelerate(converted)
+    with pytest.warns(UserWarning, match="inference tensors .* rebuilt on every call"):
+        fast(input_ids=ids, attention_mask=mask)
+    with torch.inference_mode():
+        sparsebert.set_masks(converted, head_mask=heads, mlp_mask=mlps, neuron_mask=neurons)
+        got = fast(input_ids=ids, attention_mask=mask).logits
+        want = converted(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+    assert fast.encoder.builds == 2 * tiny_dims.layers  # both calls rebuilt every layer
+
+
 def test_masks_stay_reversible(tiny_bert, tiny_dims):
     model = sparsebert.patch(tiny_bert())
     before = {name: p.detach().clone() for name, p in model.named_parameters()}

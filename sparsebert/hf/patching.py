@@ -138,8 +138,11 @@ def patch(model: nn.Module) -> nn.Module:
     """
     row = structure_for(model)
     _check_config(model, row)
-    for layer in encoder_layers(model, row):
-        _patch_layer(layer, model, row)
+    # Gate buffers made as ordinary tensors even under torch.inference_mode (inference tensors
+    # have no version counter, which tells the blocks and accelerate that a gate changed).
+    with torch.inference_mode(False):
+        for layer in encoder_layers(model, row):
+            _patch_layer(layer, model, row)
     if _warn_output_attentions not in model._forward_pre_hooks.values():
         model.register_forward_pre_hook(_warn_output_attentions, with_kwargs=True)
     return model

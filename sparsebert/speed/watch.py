@@ -8,6 +8,9 @@ set_masks / optimizer steps / copy_ (version counters), `.to()` (new storage), a
 Parameter or module, or physical pruning (replaced Linear modules). Plain dict lookups instead of
 nn.Module attribute access keep it to a few microseconds per layer, which matters under CUDA-graph
 replay. Writes through `tensor.data` bypass version counters: invalidate explicitly after those.
+Inference tensors (made or converted under torch.inference_mode) have no version counter: a layer
+holding one is never known unchanged, so its compact weights are rebuilt on every call (correct,
+slower; a warning says so once).
 Fused optimizer kernels (AdamW(fused=True), as sparsebert.train uses) write parameters without
 moving their version counters either, so while a watch exists every optimizer step moves them
 (`watch_optimizer_steps`: a global torch.optim step post-hook, registered once).
@@ -15,6 +18,7 @@ moving their version counters either, so while a watch exists every optimizer st
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,6 +29,13 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from sparsebert.nn import SparseAttention, SparseMLP
 
 _optimizer_hook: list[object] = []  # the step post-hook's handle, once registered
+_warned_inference: list[bool] = []  # the inference-tensor warning, once per process
+
+INFERENCE_TENSORS_WARNING = (
+    "sparsebert.accelerate: the model's gates or weights are inference tensors (made or "
+    "converted under torch.inference_mode), which have no version counter, so the compact "
+    "weights are rebuilt on every call; create, patch or convert the model outside "
+    "inference_mode (calling it inside is fine) to keep them")
 
 
 def _bump_parameter_versions(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -58,7 +69,7 @@ class LayerWatch:
     """What one layer's compact weights were built from (see the module docstring)."""
 
     slots: list[tuple[dict, str, object]]  # (dict, key, the object it held)
-    tensors: list[tuple[Tensor, int, int]]  # (tensor, version, data_ptr)
+    tensors: list[tuple[Tensor, int | None, int]]  # (tensor, version or None, data_ptr)
 
     @classmethod
     def of(cls, attn: SparseAttention, mlp: SparseMLP) -> LayerWatch:
@@ -78,7 +89,7 @@ class LayerWatch:
         paths.append((owner, [lay_m.intermediate, lay_m.activation]))
         paths.append((owner, [lay_m.output, lay_m.output_layer_norm]))
         slots: dict[tuple[int, str], tuple[dict, str, object]] = {}
-        tensors: list[tuple[Tensor, int, int]] = []
+        tensors: list[tuple[Tensor, int | None, int]] = []
         for root, names in paths:
             node: object = root
             for name in names:
@@ -88,7 +99,11 @@ class LayerWatch:
                 node = table.get(name)
                 slots[(id(table), name)] = (table, name, node)
             if isinstance(node, Tensor):
-                tensors.append((node, node._version, node.data_ptr()))
+                version = None if node.is_inference() else node._version  # None: no counter
+                tensors.append((node, version, node.data_ptr()))
+        if any(version is None for _, version, _ in tensors) and not _warned_inference:
+            _warned_inference.append(True)
+            warnings.warn(INFERENCE_TENSORS_WARNING, stacklevel=4)
         return cls(list(slots.values()), tensors)
 
     def valid(self) -> bool:
@@ -97,6 +112,6 @@ class LayerWatch:
             if table.get(name) is not obj:
                 return False
         for tensor, version, pointer in self.tensors:
-            if tensor._version != version or tensor.data_ptr() != pointer:
+            if version is None or tensor._version != version or tensor.data_ptr() != pointer:
                 return False
         return True
