@@ -176,6 +176,12 @@ def test_cache_follows_masks_and_weights(tiny_bert, tiny_dims):
     check()
     model.bert.encoder.layer[2].output.LayerNorm = torch.nn.LayerNorm(tiny_dims.hidden, eps=1e-3)
     check()
+    # A LayerNorm's replaced Parameter (a captured CUDA graph would read its old storage).
+    built = fast.encoder.builds
+    norm = model.bert.encoder.layer[0].output.LayerNorm
+    norm.weight = torch.nn.Parameter(norm.weight.detach() * 2)
+    check()
+    assert fast.encoder.builds == built + 1
     # A fused optimizer step (sparsebert.train's AdamW) writes without moving version counters.
     model.train()
     loss = model(input_ids=ids, attention_mask=mask).logits.square().sum()
@@ -350,6 +356,19 @@ def test_graph_buckets_without_capture(tiny_bert, tiny_dims, lengths):
         real = mask.bool()
         torch.testing.assert_close(got[real], expected[real], rtol=0, atol=1e-5)
     assert len(cache.graphs) <= 2
+
+
+def test_graph_buckets_follow_the_autocast_state():
+    """A graph computes in the autocast dtype it was captured under: the same shapes under
+    another autocast state (or none) are another bucket."""
+    hidden = torch.zeros(2, 5, 8)
+    packing = Packing.from_mask(torch.ones(2, 5, dtype=torch.bool))
+    plain = GraphCache.key(hidden, packing)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = GraphCache.key(hidden, packing)
+    with torch.autocast("cpu", dtype=torch.float16):
+        fp16 = GraphCache.key(hidden, packing)
+    assert len({plain, bf16, fp16}) == 3 and plain == GraphCache.key(hidden, packing)
 
 
 def test_left_padding_runs_padded(shared_bert, tiny_dims):

@@ -58,8 +58,13 @@ class GraphCache:
 
     @staticmethod
     def key(hidden: Tensor, packing: Packing) -> tuple:
+        """The bucket: shapes, packing, dtype, device and the autocast state on that device (a
+        graph captured under autocast computes in its dtype on every replay)."""
+        kind = hidden.device.type
+        autocast = (torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind)
+                    else None)
         return (*hidden.shape, packing.padded_tokens, packing.every_position,
-                packing.key_mask is not None, hidden.dtype, hidden.device)
+                packing.key_mask is not None, hidden.dtype, hidden.device, autocast)
 
     def run(self, hidden: Tensor, packing: Packing) -> Tensor:
         """(B, S, hidden) -> (B, S, hidden) by replaying (capturing first) the bucket's graph."""

@@ -1,19 +1,19 @@
 """Knowing cheaply, on every call, whether a layer's compact weights are stale.
 
-`LayerWatch.of(attn, mlp)` records, for one layer, every place the compact weights were read
-from: each gate buffer, Linear weight/bias and LayerNorm along its attribute path (the dict slot
-that holds it: a module's _parameters, _buffers or _modules) and each tensor's storage pointer
-and in-place version counter. `valid()` is True while all of them are unchanged; it fails after
-set_masks / optimizer steps / copy_ (version counters), `.to()` (new storage), a replaced
-Parameter or module, or physical pruning (replaced Linear modules). Plain dict lookups instead of
-nn.Module attribute access keep it to a few microseconds per layer, which matters under CUDA-graph
-replay. Writes through `tensor.data` bypass version counters: invalidate explicitly after those.
-Inference tensors (made or converted under torch.inference_mode) have no version counter: a layer
-holding one is never known unchanged, so its compact weights are rebuilt on every call (correct,
-slower; a warning says so once).
-Fused optimizer kernels (AdamW(fused=True), as sparsebert.train uses) write parameters without
-moving their version counters either, so while a watch exists every optimizer step moves them
-(`watch_optimizer_steps`: a global torch.optim step post-hook, registered once).
+`LayerWatch.of(attn, mlp)` records, for one layer, every place the compact weights were read from:
+each gate buffer, Linear weight/bias and LayerNorm (module, weight and bias) along its attribute
+path (the dict slot that holds it: a module's _parameters, _buffers or _modules) and each tensor's
+storage pointer and in-place version counter. `valid()` is True while all of them are unchanged; it
+fails after set_masks / optimizer steps / copy_ (version counters), `.to()` (new storage), a
+replaced Parameter or module, or physical pruning (replaced Linear modules). Plain dict lookups
+instead of nn.Module attribute access keep it to a few microseconds per layer, which matters under
+CUDA-graph replay. Writes through `tensor.data` bypass version counters: invalidate explicitly after
+those. Inference tensors (made or converted under torch.inference_mode) have no version counter: a
+layer holding one is never known unchanged, so its compact weights are rebuilt on every call
+(correct, slower; a warning says so once). Fused optimizer kernels (AdamW(fused=True), as
+sparsebert.train uses) write parameters without moving their version counters either, so while a
+watch exists every optimizer step moves them (`watch_optimizer_steps`: a global torch.optim step
+post-hook, registered once).
 """
 
 from __future__ import annotations
@@ -82,12 +82,14 @@ class LayerWatch:
         for name in (lay_a.query, lay_a.key, lay_a.value):
             paths += [(attn, [lay_a.self_attention, name, p]) for p in ("weight", "bias")]
         paths += [(attn, [lay_a.output, lay_a.output_dense, p]) for p in ("weight", "bias")]
-        paths.append((attn, [lay_a.output, lay_a.output_layer_norm]))
+        # LayerNorms: the module and its parameters (a replaced Parameter moves the storage a
+        # captured CUDA graph reads)
+        paths += [(attn, [lay_a.output, lay_a.output_layer_norm, p]) for p in ("weight", "bias")]
         for block, name in ((lay_m.intermediate, lay_m.intermediate_dense),
                             (lay_m.output, lay_m.output_dense)):
             paths += [(owner, [block, name, p]) for p in ("weight", "bias")]
         paths.append((owner, [lay_m.intermediate, lay_m.activation]))
-        paths.append((owner, [lay_m.output, lay_m.output_layer_norm]))
+        paths += [(owner, [lay_m.output, lay_m.output_layer_norm, p]) for p in ("weight", "bias")]
         slots: dict[tuple[int, str], tuple[dict, str, object]] = {}
         tensors: list[tuple[Tensor, int | None, int]] = []
         for root, names in paths:
