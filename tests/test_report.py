@@ -339,6 +339,10 @@ def test_error_when_no_summary_found(tmp_path: Path):
     with pytest.raises(ReportError, match="does not exist"):
         collect(tmp_path / "missing")
     assert issubclass(ReportError, SparsebertError)
+    # Among other inputs, a path with no summary (a fine-tuning run, a typo) is named too.
+    run = write_run(tmp_path / "runs", "MRPC", SEEDS[0], 0)
+    with pytest.raises(ReportError, match=f"no summary.json found under '{empty}' \\(one of"):
+        collect([run, empty])
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,9 @@
 """Save and reload physically pruned (or merely masked) patched models.
 
 A saved directory is laid out as save_pretrained's plus one file (sparsebert.hf.pruned_format);
-reload it with `load_pruned`: plain `from_pretrained` drops the gates and re-initialises removed
-MLPs and attention layers (only an unmasked, unpruned save reloads the same there):
+reload it with `load_pruned`: plain `from_pretrained` drops the gates, re-initialises removed
+MLPs and attention layers and refuses layers that lost some heads or neurons (a size mismatch;
+only an unmasked, unpruned save reloads the same there):
     config.json               the model config (save_pretrained's format; original sizes)
     model.safetensors         the weights under the usual HF names, with per-layer shapes
     sparsebert_pruned.json    format/version, architecture, per-layer sizes, kept head/neuron ids,

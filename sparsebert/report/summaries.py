@@ -330,7 +330,8 @@ def _summaries_under(root: Path) -> Iterator[Path]:
 def find_summary_locations(paths: Sequence[str | Path]) -> dict[Path, list[Path]]:
     """Every summary.json under `paths` (a run dir, a parent of many, or the file itself; hidden
     folders such as a sweep's .sweep/ skipped): {resolved file: the paths it was found under},
-    sorted by file; ReportError naming the paths when there is none."""
+    sorted by file; ReportError naming the paths when there is none, or naming a path that holds
+    none among others (a fine-tuning run or a typo would otherwise drop out of the report)."""
     found: dict[Path, list[Path]] = {}
     for raw in paths:
         p = Path(raw)
@@ -340,6 +341,9 @@ def find_summary_locations(paths: Sequence[str | Path]) -> dict[Path, list[Path]
             files = list(_summaries_under(p))
         else:
             raise ReportError(f"report input {str(p)!r} does not exist")
+        if not files and len(paths) > 1:
+            raise ReportError(f"no {SUMMARY_NAME} found under {str(p)!r} (one of the report's "
+                              "inputs): pass search run directories or their parent")
         for file in files:
             places = found.setdefault(file.resolve(), [])
             if file not in places:
