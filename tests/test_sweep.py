@@ -1065,6 +1065,46 @@ def test_ray_address_that_is_not_ray_fails_within_the_deadline(tmp_path, capsys,
     assert not out.exists()
 
 
+def test_an_interrupted_ray_probe_leaves_no_process(monkeypatch):
+    """Ctrl-C (or SIGTERM) while the driver waits for the probe: the probe, in its own session
+    out of the signal's reach, is killed with its process group before the interrupt goes on."""
+    pytest.importorskip("ray")
+    import signal  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    from sparsebert.sweep import ray_backend  # noqa: PLC0415
+
+    started = []
+
+    class InterruptedWait(subprocess.Popen):
+        def communicate(self, *args, **kwargs):
+            if "timeout" in kwargs and not getattr(self, "interrupted", False):
+                self.interrupted = True
+                time.sleep(1.0)  # the probe is connecting, and keeps retrying
+                raise KeyboardInterrupt
+            return super().communicate(*args, **kwargs)
+
+    def popen(*args, **kwargs):
+        child = InterruptedWait(*args, **kwargs)
+        started.append(child)
+        return child
+
+    monkeypatch.setattr(ray_backend.subprocess, "Popen", popen)
+    listener = socket.socket()  # accepts and never answers
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ray_backend.probe_cluster(f"127.0.0.1:{listener.getsockname()[1]}", timeout=60)
+    finally:
+        listener.close()
+    (child,) = started
+    assert child.returncode == -signal.SIGKILL
+    with pytest.raises(ProcessLookupError):  # nothing of its process group is left
+        os.killpg(child.pid, 0)
+
+
 def test_failed_unit_blocks_every_dependent(tiny_model_dir, synthetic_glue, tmp_path,
                                             monkeypatch):
     """A full fine-tune that fails for good blocks everything after it, transitively."""

@@ -10,6 +10,7 @@ the task), so a unit is counted and reported the same on both backends.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -67,7 +68,9 @@ def probe_cluster(address: str, timeout: float | None = None) -> Cluster:
     """The resources of the Ray cluster at `address` (in all and per live node), from a
     child process that connects to it: ray.init keeps retrying for minutes against a port
     where something else listens (or a stale `auto` address), so the child gets `timeout`
-    seconds and is then killed with its process group; any failure is a SweepError."""
+    seconds and is then killed with its process group (also when the wait itself is
+    interrupted: the child runs in its own session, which Ctrl-C and SIGTERM of the driver do
+    not reach); any failure is a SweepError."""
     timeout = PROBE_TIMEOUT_S if timeout is None else timeout
     child = subprocess.Popen(
         [sys.executable, "-c", _PROBE, address], stdout=subprocess.PIPE,
@@ -75,9 +78,12 @@ def probe_cluster(address: str, timeout: float | None = None) -> Cluster:
         env={**os.environ, "RAY_BACKEND_LOG_LEVEL": "error"})
     try:
         out, err = child.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
+    except BaseException as error:  # the timeout, or an interrupt of the driver
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
         child.communicate()
+        if not isinstance(error, subprocess.TimeoutExpired):
+            raise
         raise SweepError(f"--ray-address {address}: no Ray cluster answered within "
                          f"{timeout:.0f} s (is it the head's GCS address, port 6379 by "
                          "default, not the dashboard's?); use --backend local") from None
