@@ -550,7 +550,7 @@ def test_search_refuses_another_layout(reference, tiny_setup, tmp_path):
     sweep = tmp_path / "sweep"
     (sweep / "SST-2").mkdir(parents=True)
     (sweep / "sweep.json").write_text("{}")
-    for out in (sweep, sweep / "SST-2"):
+    for out in (sweep, sweep / "SST-2", sweep / "SST-2" / "seed_3"):
         with pytest.raises(SparsebertError, match="sweep directory"):
             search("SST-2", out, progress=False, **_options(tiny_setup))
         with pytest.raises(SparsebertError, match="sweep directory"):

@@ -301,7 +301,9 @@ def test_study_folders_are_no_run_directories(setup, tmp_path):
     (seeds / "seed_1").mkdir(parents=True)
     (seeds / "seed_1" / "config.json").write_text("{}")
     finetune(_config(setup), seeds / "seed_1" / "full", progress=False)  # a run inside: fine
+    (sweep / "SST-2" / "seed_3").mkdir()
     cases = [(sweep, "is a sweep directory"), (sweep / "SST-2", "is inside a sweep directory"),
+             (sweep / "SST-2" / "seed_3", "is inside a sweep directory"),
              (seeds, "holds a multi-seed search")]
     for out, what in cases:
         before = sorted(p.name for p in out.iterdir())

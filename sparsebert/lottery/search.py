@@ -125,7 +125,7 @@ def check_search_root(out: Path, seeds: bool) -> None:
     """Refuse an --out that holds another layout: a sweep directory (the sweep runs its own
     searches), a multi-seed search (seed_<s>/ folders) for a single-seed search, or a
     single-seed search for a multi-seed one (its summary would join the seeds' report)."""
-    for folder in (out, out.parent):
+    for folder in (out, out.parent, out.parent.parent):  # a sweep, its task or seed folder
         if (folder / "sweep.json").is_file() or (folder / ".sweep").is_dir():
             raise SearchError(f"--out {out}: {'is' if folder == out else 'is inside'} a sweep "
                               f"directory ({folder}); rerun `sparsebert sweep` there, or use "

@@ -288,7 +288,7 @@ def check_out_dir(out_dir: Path) -> None:
 def study_folder(path: Path) -> str | None:
     """What `path` is when it is the folder of a study rather than a run: a sweep directory,
     a sweep's task folder, or a multi-seed search's root (seed_<s>/ folders); None else."""
-    for folder in (path, path.parent):
+    for folder in (path, path.parent, path.parent.parent):  # a sweep, its task or seed folder
         if (folder / "sweep.json").is_file() or (folder / ".sweep").is_dir():
             return (f"{'is' if folder == path else 'is inside'} a sweep directory ({folder}; "
                     "its runs are the seed_<s>/ searches of its task folders)")
