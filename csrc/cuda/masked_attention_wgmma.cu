@@ -90,6 +90,7 @@ __device__ __forceinline__ void attend_tile_wgmma(const MmaFwdArgs& a, int b, in
     for (int nt = 0; nt < kNt; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) s[nt][i] = 0.0f;
+    keep_regs(s);  // the zeroing stays before the fence (the first product also ignores it)
     wgmma_fence();
 #pragma unroll
     for (int kc = 0; kc < kKc; ++kc)

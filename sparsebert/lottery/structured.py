@@ -21,7 +21,10 @@ score_masked_heads=True), not give them 0. One difference remains: when the fail
 the last heads of a layer, those heads score 0 here (the layer is LayerNorm(residual), no gate
 reaches it) and are masked first, where the authors' masked layer keeps the attention output's
 bias and their heads a gradient. `recompute_after_revert=True` recomputes the scores under the
-reverted masks instead (a documented deviation, off by default).
+reverted masks instead (a documented deviation, off by default). Likewise a step's dev score:
+a layer with every head masked is scored as physically pruned, without the attention output's
+bias (sparsebert.nn.attention's convention), where the authors' masked model keeps that bias;
+the search can then stop at another step when a step empties a layer.
 
 The search is model-agnostic: it calls `evaluate(head_mask, mlp_mask) -> (score, report)`
 and `importance(head_mask, mlp_mask) -> (head (L, H), mlp (L,))`, so the schedule is tested

@@ -9,7 +9,10 @@ Conventions (exact, and identical in masked and physically pruned modules):
 * gate[h] == 0: head h is never computed (sparsebert.ops.masked_attention skips it) and adds 0.
 * Every head of an example gated to 0 (or num_heads == 0 after pruning): the block returns
   LayerNorm(hidden_states); the output dense, its bias included, contributes nothing. This is the
-  paper's code (`self.self = None`, `output.dense = None`, LayerNorm still applied to the residual).
+  paper's code for a physically pruned layer (`self.self = None`, `output.dense = None`, LayerNorm
+  still applied to the residual), which its "pruned" evaluation uses. Its masked model (the
+  search's dev scores) keeps the bias there instead, LayerNorm(b_O + hidden_states): a search
+  step that masks a whole layer scores the layer as pruned here, so the step's score can differ.
 * Training with attention dropout p > 0 runs torch SDPA (with dropout) and multiplies its output by
   the gate; eval / p == 0 runs the sparsebert op. A 4-d attention mask that is not a padding mask
   (causal, packed sequences, soft additive biases: `is_padding_mask`) also runs through SDPA,
