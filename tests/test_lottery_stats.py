@@ -22,6 +22,7 @@ from sparsebert.lottery.stats import (  # noqa: E402
     cochrans_q,
     fleiss_kappa,
     kept_in_at_least,
+    krippendorff_alpha,
     mean_pairwise_jaccard,
     never_kept,
     overlap_matrix,
@@ -51,6 +52,25 @@ def textbook_fleiss(masks: np.ndarray) -> float:
     p_j = [sum(row[j] for row in counts) / (n_subjects * n) for j in range(2)]
     p_e = sum(p * p for p in p_j)
     return (p_bar - p_e) / (1 - p_e)
+
+
+def coincidence_alpha(masks: np.ndarray) -> float:
+    """Krippendorff (2011), nominal: the coincidence matrix built by enumerating, in each unit
+    (component), every ordered pair of values from two different coders (seeds), each pair
+    weighted 1 / (m_u - 1); alpha = 1 - (n - 1) * sum_{c != k} o_ck / sum_{c != k} n_c n_k."""
+    units = masks.reshape(masks.shape[0], -1).T.astype(int)  # (components, coders)
+    o = np.zeros((2, 2))
+    for values in units:
+        m = len(values)
+        for i in range(m):
+            for j in range(m):
+                if i != j:
+                    o[values[i], values[j]] += 1.0 / (m - 1)
+    n_c = o.sum(axis=1)
+    n = n_c.sum()
+    observed = o[0, 1] + o[1, 0]
+    expected = (n_c[0] * n_c[1] + n_c[1] * n_c[0]) / (n - 1)
+    return 1.0 - observed / expected
 
 
 def textbook_cochran(masks: np.ndarray) -> tuple[float, float]:
@@ -153,6 +173,30 @@ def test_fleiss_kappa_degenerate_cases():
     assert math.isnan(fleiss_kappa(np.zeros((5, 12, 12))))
     # Every component unanimous but both categories used: perfect agreement.
     assert fleiss_kappa(np.array([[1, 0, 1], [1, 0, 1]])) == pytest.approx(1.0)
+
+
+# ---- Krippendorff's alpha ---------------------------------------------------------------------
+
+
+def test_krippendorff_alpha_hand_example_and_coincidence_matrix():
+    # 3 seeds x 4 components, kept counts 3, 2, 0, 1: pairable values n = 12 (6 kept),
+    # disagreeing coincidences 2*2*1/2 + 2*1*2/2 = 4, alpha = 1 - 11 * 4 / (2 * 6 * 6) = 7/18
+    # (Fleiss' kappa of the same masks: 1/3).
+    masks = np.array([[1, 1, 0, 0], [1, 0, 0, 1], [1, 1, 0, 0]])
+    assert krippendorff_alpha(masks) == pytest.approx(7 / 18)
+    for seed in range(6):
+        masks = random_masks(seed, n_seeds=2 + seed, shape=(3 + seed, 4), p=0.2 + 0.1 * seed)
+        assert krippendorff_alpha(masks) == pytest.approx(coincidence_alpha(masks), abs=1e-12)
+
+
+def test_krippendorff_alpha_degenerate_cases_and_summary():
+    assert math.isnan(krippendorff_alpha(np.ones((5, 12))))  # one value only: 0/0
+    assert math.isnan(krippendorff_alpha(np.zeros((3, 12, 12))))
+    assert krippendorff_alpha(np.array([[1, 0, 1], [1, 0, 1]])) == pytest.approx(1.0)
+    mlps = random_masks(9, shape=(12,))
+    summary = stability_summary(mlps)
+    assert summary["krippendorff_alpha"] == pytest.approx(krippendorff_alpha(mlps))
+    assert stability_summary(np.ones((5, 12)))["krippendorff_alpha"] is None
 
 
 # ---- Cochran's Q ------------------------------------------------------------------------------

@@ -266,7 +266,11 @@ def test_sizes_and_stability_tables(runs: Path):
     super_heads = int(np.all([_masks(s)[0] for s in SEEDS], axis=0).sum())  # by hand
     assert row[1] == "3" and row[3] == str(super_heads)
     assert row[2] == ", ".join(str(int(_masks(s)[0].sum())) for s in SEEDS)
-    assert row[10:] == ["28 of 144", "0.22", "0.014"]
+    assert row[11:] == ["28 of 144", "0.22", "0.014"]
+    from sparsebert.lottery.stats import krippendorff_alpha  # noqa: PLC0415
+
+    mlp_masks = np.stack([_masks(s)[1] for s in SEEDS])
+    assert row[9] == table._num(krippendorff_alpha(mlp_masks), 2)  # the paper's MLP statistic
 
 
 def test_stability_wiring_with_a_stub_module(runs: Path, monkeypatch):
@@ -283,7 +287,8 @@ def test_stability_wiring_with_a_stub_module(runs: Path, monkeypatch):
     stub.stability_summary = stability_summary
     monkeypatch.setitem(__import__("sys").modules, "sparsebert.lottery.stats", stub)
     row = _row(table.stability_table(collect(runs)), "RTE")
-    assert row[1:10] == ["3", "1, 2, 3", "7", "0.50", "0.25", "0.012", "7", "0.25", "0.012"]
+    assert row[1:11] == ["3", "1, 2, 3", "7", "0.50", "0.25", "0.012", "7", "0.25", "—",
+                         "0.012"]  # α: not in this stub's summary
     assert (3, L, H) in calls and (3, L) in calls
 
 

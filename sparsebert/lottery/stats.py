@@ -9,6 +9,8 @@ masks, or torch tensors, are accepted too. Nothing here touches a model.
 * Jaccard: |A ∩ B| / |A ∪ B| of two seeds' kept sets; the mean is over seed pairs i < j.
 * Fleiss' kappa: agreement of seeds (raters) on kept/pruned (categories) per component
   (subjects), corrected for chance from the pooled kept rate (§5.1, statistics_on_pruning).
+* Krippendorff's alpha (nominal): the same agreement from the coincidence of values within each
+  component (§5.1 uses it for the MLPs); every component is rated by every seed here.
 * Cochran's Q: test that all seeds keep components at the same rate, with components as blocks
   and seeds as treatments; chi-square with n_seeds - 1 df (§5.1).
 * overlap matrix: task x task count of shared super-survivors (§5.2, task_v_task figures).
@@ -40,7 +42,7 @@ def require_statsmodels() -> None:
 
 __all__ = [
     "survivors", "super_survivors", "never_kept", "kept_in_at_least", "pairwise_jaccard",
-    "mean_pairwise_jaccard", "fleiss_kappa", "cochrans_q", "overlap_matrix",
+    "mean_pairwise_jaccard", "fleiss_kappa", "krippendorff_alpha", "cochrans_q", "overlap_matrix",
     "stability_summary", "SuperSurvivorControls", "super_survivor_controls",
 ]  # fmt: skip
 
@@ -151,6 +153,29 @@ def fleiss_kappa(masks: npt.ArrayLike) -> float:
     return float(_sm_fleiss_kappa(table, method="fleiss"))
 
 
+def krippendorff_alpha(masks: npt.ArrayLike) -> float:
+    """Krippendorff's alpha for nominal data: seeds as coders, components as units, {pruned,
+    kept} as values, every unit coded by every seed (the paper's MLP statistic, PAPER.md §5.1).
+
+    masks (n_seeds >= 2, *shape) -> float <= 1 (1 = identical masks, about 0 = chance).
+    alpha = 1 - (n - 1) * (o_pk + o_kp) / (2 n_p n_k): n = n_seeds * components pairable
+    values, n_p / n_k of them pruned / kept, and o_pk + o_kp = sum over components of
+    2 k (m - k) / (m - 1), the coincidences of a kept and a pruned value within a component
+    (k of its m = n_seeds values kept). When every value is the same (all kept or all pruned)
+    the expected disagreement is 0 and alpha is 0/0: returns nan.
+    """
+    flat = _flat(_as_masks(masks))  # (m, components)
+    m = flat.shape[0]
+    kept = flat.sum(axis=0).astype(np.float64)  # (components,) kept count per component
+    n = float(flat.size)
+    n_kept = float(kept.sum())
+    n_pruned = n - n_kept
+    if n_kept == 0 or n_pruned == 0:
+        return float("nan")
+    disagreeing = float((2.0 * kept * (m - kept) / (m - 1)).sum())  # o_pk + o_kp
+    return 1.0 - (n - 1.0) * disagreeing / (2.0 * n_pruned * n_kept)
+
+
 def cochrans_q(masks: npt.ArrayLike) -> dict[str, float | int]:
     """Cochran's Q test that every seed keeps components with the same probability.
 
@@ -213,6 +238,7 @@ def stability_summary(masks: npt.ArrayLike) -> dict[str, Any]:
         "kept_in_all_but_one": int(kept_in_at_least(arr, n - 1).sum()),
         "mean_jaccard": _json_float(mean_pairwise_jaccard(arr)),
         "fleiss_kappa": _json_float(fleiss_kappa(arr)),
+        "krippendorff_alpha": _json_float(krippendorff_alpha(arr)),
         "cochran_q_statistic": _json_float(float(q["statistic"])),
         "cochran_q_pvalue": _json_float(float(q["pvalue"])),
         "cochran_q_df": int(q["df"]),

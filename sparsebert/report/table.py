@@ -209,7 +209,8 @@ def stability_table(results: Mapping[str, TaskResults]) -> str | None:
     if module is None:
         return f"Stability statistics unavailable: {why}."
     header = ["Task", "seeds", "heads kept per seed", "super-survivor heads", "mean Jaccard",
-              "Fleiss κ", "Cochran Q p", "MLP super-survivors", "MLP Fleiss κ", "MLP Cochran Q p",
+              "Fleiss κ", "Cochran Q p", "MLP super-survivors", "MLP Fleiss κ",
+              "MLP Krippendorff α", "MLP Cochran Q p",
               "paper: super-survivor heads", "paper: Fleiss κ", "paper: Cochran Q p"]
     body = []
     for task, res in tasks.items():
@@ -219,7 +220,7 @@ def stability_table(results: Mapping[str, TaskResults]) -> str | None:
                str(heads["super_survivors"]), _num(heads["mean_jaccard"], 2),
                _num(heads["fleiss_kappa"], 2), _pvalue(cochran_pvalue(heads)),
                str(mlps["super_survivors"]), _num(mlps["fleiss_kappa"], 2),
-               _pvalue(cochran_pvalue(mlps))]
+               _num(mlps.get("krippendorff_alpha"), 2), _pvalue(cochran_pvalue(mlps))]
         canon = paper.canonical_task(task)
         if canon is None:
             row += [DASH] * 3
@@ -234,7 +235,8 @@ def stability_table(results: Mapping[str, TaskResults]) -> str | None:
 STABILITY_NOTE = (
     "Columns without 'MLP' are about heads. Super-survivors: kept in every seed. Jaccard: "
     "mean over seed pairs of |A ∩ B| / |A ∪ B| of the kept sets. Fleiss κ: agreement of the "
-    "seeds beyond chance (1 = identical masks, 0 = chance). Cochran's Q: a small p rejects "
-    "'every seed keeps components at the same rate'. Paper: Prasanna et al. 2020, 5 seeds, "
-    "144 heads."
+    "seeds beyond chance (1 = identical masks, 0 = chance); Krippendorff α: the same from the "
+    "coincidence of values within each component, the paper's MLP statistic (it reports -0.10 "
+    "to 0.45 across tasks). Cochran's Q: a small p rejects 'every seed keeps components at the "
+    "same rate'. Paper: Prasanna et al. 2020, 5 seeds, 144 heads."
 )
