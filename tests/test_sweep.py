@@ -1034,8 +1034,11 @@ def test_ray_cluster_probe_and_slots():
                        TrainConfig(), gpus)
     assert [(s.device, s.threads) for s in slots] == [("cuda", 5)] * 6
     with pytest.raises(SweepError, match="has no GPUs"):
-        make_slots(SweepConfig(backend="ray", ray_address=address, devices="cuda:0"),
+        make_slots(SweepConfig(backend="ray", ray_address=address, devices="cuda"),
                    TrainConfig(), resources)
+    with pytest.raises(SweepError, match="'cuda:1': on the Ray cluster .* Ray assigns the GPUs"):
+        make_slots(SweepConfig(backend="ray", ray_address=address, devices="cuda:1"),
+                   TrainConfig(), gpus)
 
 
 def test_ray_address_that_is_not_ray_fails_within_the_deadline(tmp_path, capsys, monkeypatch):

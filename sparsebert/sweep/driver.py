@@ -55,6 +55,11 @@ def _cluster_slots(config: SweepConfig, train: TrainConfig,
     if not names or not all(n in ("auto", "cpu", "cuda") or n.startswith("cuda:")
                             for n in names):
         raise SweepError(f"--devices {config.devices!r}: expected cpu, auto or cuda devices")
+    indexed = [n for n in names if n.startswith("cuda:")]
+    if indexed:  # Ray hands each task the GPU it chose (as cuda:0): an index would be ignored
+        raise SweepError(f"--devices {config.devices!r}: on the Ray cluster at "
+                         f"{config.ray_address} Ray assigns the GPUs; pass --devices cuda "
+                         "(or auto), with --per-gpu units per GPU")
     wants_gpu = names != ["cpu"] and (names != ["auto"] or gpus > 0)
     if wants_gpu and gpus == 0:
         raise SweepError(f"--devices {config.devices!r}: the Ray cluster at "
