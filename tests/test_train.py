@@ -96,6 +96,22 @@ def test_determinism_and_outputs(tiny_model_dir, synthetic_glue, tmp_path):
     assert again.finished_at == a.finished_at  # a finished run is not redone
 
 
+def test_gradients_the_given_model_holds_are_not_trained_on(tiny_model_dir, synthetic_glue,
+                                                            tmp_path):
+    """finetune(model=...) of a model that holds gradients (the caller's own backward) trains
+    as the same model without them: the first step starts from zero gradients."""
+    config = _config(tiny_model_dir, synthetic_glue, epochs=1)
+    runs = []
+    for name, stale in (("clean", False), ("stale", True)):
+        model, tokenizer = load_model(tiny_model_dir, 2, seed=0)
+        if stale:
+            ids = torch.randint(5, 50, (4, 8), generator=torch.Generator().manual_seed(0))
+            (model(input_ids=ids).logits.sum() * 1000).backward()
+        finetune(config, tmp_path / name, model=model, tokenizer=tokenizer, progress=False)
+        runs.append(_weights(tmp_path / name))
+    assert _same_weights(*runs)
+
+
 def test_resume_after_interruption(tiny_model_dir, synthetic_glue, tmp_path):
     config = _config(tiny_model_dir, synthetic_glue, checkpoint_every=4)
     finetune(config, tmp_path / "ref", progress=False)

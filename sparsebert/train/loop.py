@@ -185,6 +185,7 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
     steps_per_epoch = batching.num_batches(len(train), config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     optimizer, scheduler = make_optimizer(model, config, total_steps, capturable=graphs)
+    optimizer.zero_grad(set_to_none=True)  # gradients a caller's model holds are not this run's
     if len(masks):
         cleanup.callback(masks.attach(optimizer).remove)
 
