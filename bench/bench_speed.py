@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -164,7 +165,7 @@ def main(argv=None) -> None:
              f"{first['dtype']}, {args.prune:.0%} heads + {args.prune:.0%} FFN neurons masked "
              f"(random, same count per layer); on {env['device'].split(' (')[0]}; torch {env['torch']}, "
              f"transformers {env['transformers']}, sparsebert {env['git_sha']}\n\n"
-             f"Command: python bench/bench_speed.py {' '.join(argv or sys.argv[1:])}\n\n"
+             f"Command: python bench/bench_speed.py {shlex.join(argv or sys.argv[1:])}\n\n"
              "Rows of one table were timed interleaved (each round calls every row once, in a "
              "fresh seeded random order) in one "
              f"process, {args.repeats} calls each after warm-up; the machine is shared with other "

@@ -129,12 +129,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(shape: str, widths: tuple[int, ...], args, device: torch.device) -> dict[str, float]:
-    """Examples/s of every loop on one (model shape, widths) setting."""
+def timed_steps(args) -> int:
+    """Steps timed per loop: --steps split evenly over --rounds (at least one per round)."""
+    return max(1, args.steps // args.rounds) * args.rounds
+
+
+def measure(shape: str, widths: tuple[int, ...], args, device: torch.device
+            ) -> tuple[dict[str, float], dict[str, str]]:
+    """Examples/s of every loop on one (model shape, widths) setting, and {loop: error} of the
+    loops that failed to build or warm up (they are reported, not timed)."""
     base = common.random_classifier(shape).train()
     total = args.warmup + args.steps
     batches = make_batches(widths, args.batch_size, max(len(widths), 8), args.device)
-    loops, seconds = {}, {}
+    loops, seconds, failed = {}, {}, {}
     for name in args.loops.split(","):
         try:
             loops[name] = make_loop(name, base, device, total)
@@ -144,6 +151,7 @@ def measure(shape: str, widths: tuple[int, ...], args, device: torch.device) -> 
             seconds[name] = 0.0
         except Exception as error:  # noqa: BLE001 - report the loop as failed, keep going
             print(f"{shape} {widths} {name}: failed: {type(error).__name__}: {error}")
+            failed[name] = f"{type(error).__name__}: {error}"
             loops.pop(name, None)
     per_round = max(1, args.steps // args.rounds)
     for round_index in range(args.rounds):
@@ -154,8 +162,8 @@ def measure(shape: str, widths: tuple[int, ...], args, device: torch.device) -> 
                 loop(batches[(round_index * per_round + i) % len(batches)])
             sync(device)
             seconds[name] += time.perf_counter() - start
-    examples = per_round * args.rounds * args.batch_size
-    return {name: examples / s for name, s in seconds.items()}
+    examples = timed_steps(args) * args.batch_size
+    return {name: examples / s for name, s in seconds.items()}, failed
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -184,14 +192,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--loops: unknown {sorted(unknown)}; expected a comma list of {LOOPS}")
     names = args.loops.split(",")
     baseline = "stock" if "stock" in names else names[0]  # the ratios' denominator
-    rows, records = [], []
+    rows, records, failures = [], [], 0
     for shape in args.models.split(","):
         if shape not in common.MODEL_SHAPES:
             parser.error(f"--models: unknown model shape {shape!r}; expected "
                          f"{sorted(common.MODEL_SHAPES)}")
         for length in args.lengths.split(","):
             widths = MIXED_WIDTHS if length == "mixed" else (int(length),)
-            rates = measure(shape, widths, args, device)
+            rates, failed = measure(shape, widths, args, device)
             base = rates.get(baseline)
             for name, rate in rates.items():
                 ratio = f"{rate / base:.2f}x" if base else "-"
@@ -200,12 +208,19 @@ def main(argv: list[str] | None = None) -> None:
                 records.append({"model": shape, "length": length, "loop": name,
                                 "examples_per_s": rate,
                                 f"vs_{baseline}": rate / base if base else None})
+            for name, error in failed.items():  # a row, so that a failure is not a gap
+                rows.append([shape, length, name, "failed", "-", error[:100]])
+                records.append({"model": shape, "length": length, "loop": name,
+                                "failed": error})
+            failures += len(failed)
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     common.report("train_step", args, argv,
                   f"Training step throughput, batch {args.batch_size}, {precision}, "
-                  f"{args.steps} timed steps per loop in {args.rounds} interleaved rounds",
+                  f"{timed_steps(args)} timed steps per loop in {args.rounds} interleaved rounds",
                   ["model", "seq len", "loop", "examples/s", "ms/step", f"vs {baseline}"], rows,
                   records, stem=args.stem)
+    if failures:
+        sys.exit(f"{failures} loop(s) failed (rows marked 'failed')")
 
 
 if __name__ == "__main__":

@@ -123,7 +123,8 @@ def main() -> None:
     base = rows.get("fixed", {}).get("examples_per_s")
     print(f"\n{task.name} training throughput, {device_name(device)}, "
           f"{torch.get_num_threads()} threads, batch {args.batch_size}, max_length "
-          f"{args.max_length}, {args.steps} timed steps per mode in {args.rounds} rounds")
+          f"{args.max_length}, {max(1, args.steps // args.rounds) * args.rounds} timed steps "
+          f"per mode in {args.rounds} rounds")
     print(f"{'mode':<10}{'examples/s':>12}{'vs fixed':>10}{'pad eff.':>10}")
     for mode, row in rows.items():
         ratio = f"{row['examples_per_s'] / base:.2f}x" if base else "-"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
+import shlex
 from pathlib import Path
 from typing import Callable, Hashable
 
@@ -152,6 +153,16 @@ def write_results(name: str, device: str, payload: dict, table: str) -> Path:
     return json_path
 
 
+def result_title(name: str, env: dict, argv: list[str] | None, what: str) -> str:
+    """A result table's title: what, the device, torch and the git SHA, and the command that
+    reproduces it (argv: the script's arguments, default sys.argv[1:])."""
+    import sys
+
+    command = shlex.join(argv if argv is not None else sys.argv[1:])  # pastes back as given
+    return (f"{what}, on {env['device']}; torch {env['torch']}, sparsebert {env['git_sha']}\n\n"
+            f"Command: python bench/bench_{name}.py {command}\n")
+
+
 def report(
     name: str,
     args,
@@ -168,14 +179,8 @@ def report(
     the command that reproduces it are added. args: the script's argparse namespace (has .device).
     stem: the result files' name (default: `name`).
     """
-    import sys
-
     env = environment(args.device)
-    command = " ".join(argv if argv is not None else sys.argv[1:])
-    title = (
-        f"{what}, on {env['device']}; torch {env['torch']}, sparsebert {env['git_sha']}\n\n"
-        f"Command: python bench/bench_{name}.py {command}\n"
-    )
+    title = result_title(name, env, argv, what)
     table = markdown_table(header, rows)
     print(title)
     print(table)

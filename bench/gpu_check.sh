@@ -40,15 +40,16 @@
 #      SDPA's), bench-importance (150 s: the eager and the graph-replayed importance pass vs a
 #      plain forward+backward):
 #        GPU_CHECK_STEPS=build,importance-graph-tests,bench-masked-attention-graph-bwd,bench-importance
-#   1. the attention kernels, limits 480 s: build (150 s), mma-tests (120 s: the mma.sync
+#   1. the attention kernels, in two calls (its seven steps' limits add up to 585 s): build
+#      (150 s), mma-tests (120 s: the mma.sync
 #      forwards' and backwards' correctness, fp16/bf16 and fp32 through 3xTF32),
 #      bench-masked-attention-graph (120 s: the forwards' graph-replay GPU time vs SDPA and the
 #      WMMA/SIMT kernels), trace-mma (30 s: one traced call of each kernel), ncu-mma (60 s:
 #      Nsight Compute sections of the forward at S=128 and 512), ncu-dense-compact (45 s: the
 #      same for the dense and the compact output at S=128), wmma-tests (60 s).
-#      After a kernel change (on an H200 the first four steps took 134 s):
+#      After a kernel change (limits 480 s; on an H200 the first four steps took 134 s):
 #        GPU_CHECK_STEPS=build,mma-tests,bench-masked-attention-graph,trace-mma,wmma-tests
-#      To read counters instead (limits 405 s; ncu needs a machine that exposes them):
+#      To read counters instead (limits 375 s; ncu needs a machine that exposes them):
 #        GPU_CHECK_STEPS=build,mma-tests,ncu-mma,ncu-dense-compact
 #   2. the other CUDA tests and the backward's speed, limits 510 s: build, cuda-tests (150 s),
 #      bench-masked-attention (150 s: eager fwd and fwd+bwd, S 128 and 512, fp32 too),

@@ -34,8 +34,13 @@ collect() { tar czf "$out/speed-results.tar.gz" bench/results/speed-*-nvidia-* 2
 
 # Step 0: build the extension for sm_90 in place (this machine holds a copy of the tree).
 if [ "${SPEED_BUILD:-1}" = 1 ]; then
+  # the tables must time the CUDA kernels: a failed build stops here, and a missing extension
+  # fails at import instead of timing the pure-PyTorch references
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} SPARSEBERT_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
-  step build 150 "$out/build.log" python3 setup.py build_ext --inplace
+  export SPARSEBERT_REQUIRE_EXT=1
+  if ! step build 150 "$out/build.log" python3 setup.py build_ext --inplace; then
+    tail -n 60 "$out/build.log"; exit 1
+  fi
 fi
 python3 -c "from sparsebert import ops; print('masked_attention native kernels:', ops.native_dispatch_keys('masked_attention'))" >> "$summary" 2>&1
 
