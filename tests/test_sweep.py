@@ -598,6 +598,21 @@ def _copied_sweep(reference, tiny_model_dir, synthetic_glue, out):
     return out, identity(grid, search, train.resolved())
 
 
+def test_foreign_files_among_the_done_markers_are_ignored(tmp_path):
+    """A file in .sweep/done that is no marker (not JSON, not UTF-8, JSON without a unit id)
+    is ignored: its unit, if any, runs again; the markers beside it are read."""
+    from sparsebert.sweep.state import SweepDir, marker_name  # noqa: PLC0415
+
+    done = tmp_path / ".sweep" / "done"
+    done.mkdir(parents=True)
+    (done / marker_name("full/SST-2/3")).write_text(json.dumps({"id": "full/SST-2/3"}))
+    (done / "notes.json").write_text(json.dumps({"written": "by hand"}))
+    (done / "list.json").write_text("[1, 2]")
+    (done / "binary.json").write_bytes(b"\xff\xfe\x00")
+    (done / "cut.json").write_text('{"id": "search/SST-2/3/structu')
+    assert list(SweepDir(tmp_path).done()) == ["full/SST-2/3"]
+
+
 def test_interrupted_redo_resumes(reference, tiny_model_dir, synthetic_glue, tmp_path):
     """Rerunning the same --redo after an interrupted one resumes it (nothing more is set
     aside); a --redo after a finished run starts a new one (here with nothing left to redo)."""

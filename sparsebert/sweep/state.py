@@ -312,9 +312,10 @@ class SweepDir:
         for path in (self.meta / "done").glob("*.json"):
             try:
                 info = json.loads(path.read_text())
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 continue  # markers are written atomically; a foreign file is ignored
-            out[info["id"]] = info
+            if isinstance(info, dict) and isinstance(info.get("id"), str):
+                out[info["id"]] = info  # (else a foreign file too: its unit runs again)
         return out
 
     def drop_stale(self, units: list, reports: bool = False) -> dict[str, dict[str, Any]]:
