@@ -129,9 +129,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_steps(args) -> int:
-    """Steps timed per loop: --steps split evenly over --rounds (at least one per round)."""
-    return max(1, args.steps // args.rounds) * args.rounds
+def steps_per_round(args) -> int:
+    """Steps timed per loop and round: --steps split evenly over --rounds (at least one)."""
+    return max(1, args.steps // args.rounds)
 
 
 def measure(shape: str, widths: tuple[int, ...], args, device: torch.device
@@ -153,7 +153,7 @@ def measure(shape: str, widths: tuple[int, ...], args, device: torch.device
             print(f"{shape} {widths} {name}: failed: {type(error).__name__}: {error}")
             failed[name] = f"{type(error).__name__}: {error}"
             loops.pop(name, None)
-    per_round = max(1, args.steps // args.rounds)
+    per_round = steps_per_round(args)
     for round_index in range(args.rounds):
         for name, loop in loops.items():
             sync(device)
@@ -162,7 +162,7 @@ def measure(shape: str, widths: tuple[int, ...], args, device: torch.device
                 loop(batches[(round_index * per_round + i) % len(batches)])
             sync(device)
             seconds[name] += time.perf_counter() - start
-    examples = timed_steps(args) * args.batch_size
+    examples = per_round * args.rounds * args.batch_size
     return {name: examples / s for name, s in seconds.items()}, failed
 
 
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     common.report("train_step", args, argv,
                   f"Training step throughput, batch {args.batch_size}, {precision}, "
-                  f"{timed_steps(args)} timed steps per loop in {args.rounds} interleaved rounds",
+                  f"{steps_per_round(args) * args.rounds} timed steps per loop in {args.rounds} interleaved rounds",
                   ["model", "seq len", "loop", "examples/s", "ms/step", f"vs {baseline}"], rows,
                   records, stem=args.stem)
     if failures:

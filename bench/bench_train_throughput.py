@@ -80,6 +80,11 @@ class ModeRunner:
                 "padding_efficiency_epoch": epoch["efficiency"]}
 
 
+def steps_per_round(args) -> int:
+    """Steps timed per mode and round: --steps split evenly over --rounds (at least one)."""
+    return max(1, args.steps // args.rounds)
+
+
 def measure(args: argparse.Namespace, train: batching.Encoded, task, device: torch.device,
             ) -> dict[str, dict[str, float]]:
     """Step 1: warm every mode up; Step 2: time them in interleaved rounds, so load from
@@ -88,7 +93,7 @@ def measure(args: argparse.Namespace, train: batching.Encoded, task, device: tor
                for mode in args.modes.split(",")}
     for runner in runners.values():
         runner.run(args.warmup, timed=False)
-    per_round = max(1, args.steps // args.rounds)
+    per_round = steps_per_round(args)
     for _ in range(args.rounds):
         for runner in runners.values():
             runner.run(per_round)
@@ -123,7 +128,7 @@ def main() -> None:
     base = rows.get("fixed", {}).get("examples_per_s")
     print(f"\n{task.name} training throughput, {device_name(device)}, "
           f"{torch.get_num_threads()} threads, batch {args.batch_size}, max_length "
-          f"{args.max_length}, {max(1, args.steps // args.rounds) * args.rounds} timed steps "
+          f"{args.max_length}, {steps_per_round(args) * args.rounds} timed steps "
           f"per mode in {args.rounds} rounds")
     print(f"{'mode':<10}{'examples/s':>12}{'vs fixed':>10}{'pad eff.':>10}")
     for mode, row in rows.items():

@@ -53,7 +53,12 @@ from sparsebert.train.evaluate import data_source
 from sparsebert.train.loop import finetune
 from sparsebert.train.metrics_log import MetricsLog
 from sparsebert.train.model_identity import MODEL_FILE, check_model
-from sparsebert.train.rundir import RunResult, load_run_model
+from sparsebert.train.rundir import (
+    RunResult,
+    enclosing_sweep,
+    is_multi_seed_root,
+    load_run_model,
+)
 
 SUMMARY_VERSION = 1
 
@@ -125,17 +130,16 @@ def check_search_root(out: Path, seeds: bool) -> None:
     """Refuse an --out that holds another layout: a sweep directory (the sweep runs its own
     searches), a multi-seed search (seed_<s>/ folders) for a single-seed search, or a
     single-seed search for a multi-seed one (its summary would join the seeds' report)."""
-    for folder in (out, out.parent, out.parent.parent):  # a sweep, its task or seed folder
-        if (folder / "sweep.json").is_file() or (folder / ".sweep").is_dir():
-            raise SearchError(f"--out {out}: {'is' if folder == out else 'is inside'} a sweep "
-                              f"directory ({folder}); rerun `sparsebert sweep` there, or use "
-                              f"another --out")
+    sweep = enclosing_sweep(out)  # a sweep, its task or seed folder
+    if sweep is not None:
+        raise SearchError(f"--out {out}: {'is' if sweep == out else 'is inside'} a sweep "
+                          f"directory ({sweep}); rerun `sparsebert sweep` there, or use "
+                          f"another --out")
     if seeds and (out / "config.json").is_file():
         raise SearchError(f"--out {out} holds a single-seed search (config.json); a search "
                           f"with --seeds needs its own --out (an existing seed's search can be "
                           f"linked in as OUT/seed_<s>)")
-    if not seeds and not (out / "config.json").exists() and any(
-            (folder / "config.json").is_file() for folder in out.glob("seed_*")):
+    if not seeds and is_multi_seed_root(out):
         raise SearchError(f"--out {out} holds a multi-seed search (seed_<s>/ folders); rerun it "
                           f"with its --seeds, or use another --out")
 

@@ -96,8 +96,8 @@ def seeds_report(out: Path, seeds: list[int]) -> bool:
     (an earlier run with more seeds) and super-survivors of another seed list (an earlier run,
     before --no-super) are left out, with a note, so that the report of a mixed directory is
     that of the command run. False as write_report's."""
-    leave_out = sorted((p for p in out.glob("seed_*") if p.is_dir()
-                        and p.name not in {seed_dir(out, s).name for s in seeds}),
+    mine = {seed_dir(out, s).name for s in seeds}
+    leave_out = sorted((p for p in out.glob("seed_*") if p.is_dir() and p.name not in mine),
                        key=lambda p: p.name)
     sup = out / "super" / "summary.json"
     super_seeds = (read_json(sup, "delete it to write the super-survivors' summary again"

@@ -285,15 +285,30 @@ def check_out_dir(out_dir: Path) -> None:
         raise RunDirError(f"--out {out_dir}: {study}, not a run directory; use another --out")
 
 
+def enclosing_sweep(path: Path) -> Path | None:
+    """The sweep directory that `path` is, or is a task or seed folder of (up to two levels
+    below its sweep.json / .sweep/); None when there is none."""
+    for folder in (path, path.parent, path.parent.parent):
+        if (folder / "sweep.json").is_file() or (folder / ".sweep").is_dir():
+            return folder
+    return None
+
+
+def is_multi_seed_root(path: Path) -> bool:
+    """True when `path` holds a multi-seed search (seed_<s>/ folders with a config.json) and no
+    run of its own."""
+    return not (path / "config.json").exists() and any(
+        (folder / "config.json").is_file() for folder in path.glob("seed_*"))
+
+
 def study_folder(path: Path) -> str | None:
     """What `path` is when it is the folder of a study rather than a run: a sweep directory,
     a sweep's task folder, or a multi-seed search's root (seed_<s>/ folders); None else."""
-    for folder in (path, path.parent, path.parent.parent):  # a sweep, its task or seed folder
-        if (folder / "sweep.json").is_file() or (folder / ".sweep").is_dir():
-            return (f"{'is' if folder == path else 'is inside'} a sweep directory ({folder}; "
-                    "its runs are the seed_<s>/ searches of its task folders)")
-    if not (path / "config.json").exists() and any(
-            (folder / "config.json").is_file() for folder in path.glob("seed_*")):
+    sweep = enclosing_sweep(path)
+    if sweep is not None:
+        return (f"{'is' if sweep == path else 'is inside'} a sweep directory ({sweep}; "
+                "its runs are the seed_<s>/ searches of its task folders)")
+    if is_multi_seed_root(path):
         return ("holds a multi-seed search (seed_<s>/ folders; its runs are in each seed's "
                 "search)")
     return None
