@@ -21,6 +21,18 @@ def _gate_per_example(head_gate: Tensor, batch: int) -> Tensor:
     return gate.expand(batch, gate.shape[-1]) if gate.dim() == 1 else gate
 
 
+def _attention_probs(
+    qh: Tensor, kh: Tensor, key_padding_mask: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor]:
+    """qh (B, H, Sq, D), kh (B, H, Sk, D) in the compute dtype -> probs (B, H, Sq, Sk), the
+    softmax of the scaled scores over the real keys (0 at padded ones), and lse (B, H, Sq)."""
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, Sq)
+    return torch.exp(scores - lse.unsqueeze(-1)), lse
+
+
 def attention_context(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, scale: float
 ) -> tuple[Tensor, Tensor]:
@@ -33,11 +45,7 @@ def attention_context(
     qh = q.to(dtype).transpose(1, 2)  # (B, H, Sq, D)
     kh = k.to(dtype).transpose(1, 2)  # (B, H, Sk, D)
     vh = v.to(dtype).transpose(1, 2)  # (B, H, Sk, D)
-    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
-    if key_padding_mask is not None:
-        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # (B, H, Sq)
-    probs = torch.exp(scores - lse.unsqueeze(-1))  # (B, H, Sq, Sk)
+    probs, lse = _attention_probs(qh, kh, key_padding_mask, scale)  # (B, H, Sq, Sk), (B, H, Sq)
     ctx = torch.matmul(probs, vh).transpose(1, 2)  # (B, Sq, H, D)
     return ctx, lse
 
@@ -122,10 +130,7 @@ def masked_attention_backward_ref(
     gate = _gate_per_example(head_gate.detach(), batch).to(dtype)  # (B, H)
     active = gate != 0  # (B, H)
     qh, kh, vh = (t.detach().to(dtype).transpose(1, 2) for t in (q, k, v))  # (B, H, S*, D)
-    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
-    if key_padding_mask is not None:
-        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)  # (B, H, Sq, Sk): 0 at padded keys
+    probs, _ = _attention_probs(qh, kh, key_padding_mask, scale)  # (B, H, Sq, Sk)
     dout_h = dout.detach().to(dtype).transpose(1, 2)  # (B, H, Sq, D)
     dctx = dout_h * gate[:, :, None, None]  # (B, H, Sq, D)
     dv = torch.matmul(probs.transpose(-1, -2), dctx)  # (B, H, Sk, D)
