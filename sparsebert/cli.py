@@ -15,6 +15,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -360,6 +361,17 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated
 
 
+def _rerun_hint(args: argparse.Namespace) -> str:
+    """What to do after an interrupted run: resume it, or start it where its --out is still
+    missing or empty (nothing was written yet)."""
+    out = getattr(args, "out", None)
+    if out is not None:
+        out = Path(out).expanduser()
+        if not out.is_dir() or not any(out.iterdir()):
+            return "; nothing was written yet: rerun the same command to start it"
+    return "; rerun the same command to resume"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `sparsebert` console script and `python -m sparsebert`."""
     parser = build_parser()
@@ -382,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(error))
     except KeyboardInterrupt as stop:
         terminated = isinstance(stop, Terminated) or bool(_SIGTERM_RECEIVED)
-        then = ("; rerun the same command to resume" if args.command in RESUMABLE else "")
+        then = _rerun_hint(args) if args.command in RESUMABLE else ""
         print(f"{'terminated' if terminated else 'interrupted'}{then}", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     finally:

@@ -374,19 +374,24 @@ def test_file_system_errors_are_one_line(monkeypatch, capsys):
         "sparsebert: error: [Errno 30] Read-only file system: '/mnt/ro/out'"
 
 
-@pytest.mark.parametrize("command,resumes", [("speed", False), ("search", True)])
-def test_interrupt_message_says_resume_only_where_a_rerun_resumes(command, resumes, monkeypatch,
-                                                                   capsys):
+@pytest.mark.parametrize("command,written,expected", [
+    ("speed", True, "interrupted"),
+    ("search", True, "interrupted; rerun the same command to resume"),
+    ("search", False, "interrupted; nothing was written yet: rerun the same command to start it"),
+])
+def test_interrupt_message_says_resume_only_where_a_rerun_resumes(command, written, expected,
+                                                                   monkeypatch, capsys, tmp_path):
     import sparsebert.cli as cli  # noqa: PLC0415
 
     def interrupted(args):
+        if written:
+            (tmp_path / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
     monkeypatch.setitem(cli.SUBCOMMANDS, command, (cli.SUBCOMMANDS[command][0], interrupted))
     argv = [command, "--run", "x"] if command == "speed" else [command, "--task", "SST-2",
-                                                               "--out", "x"]
+                                                               "--out", str(tmp_path)]
     assert main(argv) == 130
-    expected = "interrupted; rerun the same command to resume" if resumes else "interrupted"
     assert capsys.readouterr().err.strip().splitlines()[-1] == expected
 
 
@@ -461,7 +466,7 @@ def test_seed_and_seeds_together_are_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", ["finetune", "search", "sweep"])
-def test_sigterm_stops_a_command_as_ctrl_c_does(command, monkeypatch, capsys):
+def test_sigterm_stops_a_command_as_ctrl_c_does(command, monkeypatch, capsys, tmp_path):
     """SIGTERM during a command: exit status 143 and one line, also when a library turned it
     into a plain KeyboardInterrupt; the handler that was there before is put back, and a later
     Ctrl-C reads as an interrupt again."""
@@ -488,8 +493,9 @@ def test_sigterm_stops_a_command_as_ctrl_c_does(command, monkeypatch, capsys):
 
     previous = signal.signal(signal.SIGTERM, outside)
     try:
-        argv = ([command, "--task", "SST-2", "--out", "x"] if command != "sweep"
-                else [command, "--out", "x"])
+        (tmp_path / "sweep.json").write_text("{}")  # the run had begun writing
+        argv = ([command, "--task", "SST-2", "--out", str(tmp_path)] if command != "sweep"
+                else [command, "--out", str(tmp_path)])
         for run, code, word in ((terminated, 143, "terminated"),
                                 (terminated_then_replaced, 143, "terminated"),
                                 (interrupted, 130, "interrupted")):

@@ -232,6 +232,22 @@ def test_report_units_without_plotting_say_so(reference, monkeypatch, tmp_path):
     assert not list(out.rglob("report.md"))
 
 
+def test_report_units_under_no_reports_leave_no_stale_report(reference, tmp_path):
+    """A summary or task report made again under --no-reports (after an extended grid or a
+    redo) removes the report.md that described the results before, instead of keeping it."""
+    from sparsebert.sweep.units import run_unit  # noqa: PLC0415
+
+    out = tmp_path / "stale"
+    shutil.copytree(reference[0], out)
+    base = {"out": str(out), "reports": False, "attempt": 1, "device": "cpu", "threads": 1,
+            "task": "SST-2", "seed": None, "method": None, "subnet": None}
+    stale = out / "SST-2" / "report.md"
+    stale.write_text("# the report over seeds 3 and 4 only\n")
+    info = run_unit({**base, "id": "task-report/SST-2", "kind": "task-report"})
+    assert info["reports"] is False and not stale.exists()
+    assert (out / "SST-2" / "seed_3" / "summary.json").is_file()  # the results stay
+
+
 def test_sweep_report_missed_for_lack_of_plotting_is_written_on_rerun(reference, tiny_model_dir,
                                                                       synthetic_glue, tmp_path):
     """The sweep's report.md is always written: a report unit that could not write it (no
@@ -764,6 +780,38 @@ def test_a_sweep_killed_in_its_first_write_starts_afresh(tiny_model_dir, synthet
     (other / "notes.txt").write_text("mine")
     with pytest.raises(SweepError, match="not empty and not a sweep directory"):
         SweepDir(other).open(ident)
+
+
+def test_sweep_json_is_read_under_the_lock(tiny_model_dir, synthetic_glue, tmp_path,
+                                           monkeypatch):
+    """A driver that finished (and released the lock) between this one's first look at
+    sweep.json and its lock: its run is kept on record, not overwritten by the older read."""
+    from sparsebert.sweep.state import SweepDir, identity  # noqa: PLC0415
+
+    _, search, train = _configs(tiny_model_dir, synthetic_glue)
+    search.method = "both"
+    ident = identity(Grid(("SST-2",), (3,), ("structured", "magnitude"), ("good",), True, True),
+                     search, train.resolved())
+    out = tmp_path / "raced"
+    first = SweepDir(out)
+    first.open(ident)
+    first.close("finished")
+    take_lock = SweepDir._take_lock
+
+    def other_driver_runs_first(self):
+        other = SweepDir(self.out)
+        take_lock(other)
+        other._claim(other._read_saved(), ident, (), None)
+        other.close("finished by the other driver")
+        take_lock(self)
+
+    monkeypatch.setattr(SweepDir, "_take_lock", other_driver_runs_first)
+    state = SweepDir(out)
+    state.open(ident)
+    state.close("finished")
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert [run["status"] for run in runs] == ["finished", "finished by the other driver",
+                                                "finished"]
 
 
 def test_report_skips_hidden_folders(reference, tmp_path):

@@ -4,7 +4,8 @@
     OUT/.sweep/done/<unit>.json     completion markers (atomic): seconds, cpu_seconds, attempts,
                                     worker; reports (whether a summary, task report or the
                                     sweep report wrote its report.md: False with --no-reports
-                                    or without matplotlib)
+                                    or without matplotlib; a summary or task report made
+                                    again under --no-reports removes its stale report.md)
     OUT/.sweep/failed/<unit>.json   the last error of a unit that ran out of retries
     OUT/.sweep/status.json      the running units, where (worker pid) and the counts
     OUT/.sweep/lock             held (flock) by the running driver: one driver per directory
@@ -124,25 +125,31 @@ class SweepDir:
         settings in the searches' config.json there); returns notes to print."""
         if self.out.exists() and not self.out.is_dir():
             raise SweepError(f"--out {self.out}: exists and is not a directory")
-        saved = None
-        if self.path.is_file():
-            try:
-                saved = json.loads(self.path.read_text())
-            except json.JSONDecodeError as error:
-                raise SweepError(f"{self.path}: damaged ({error})") from None
-            if saved.get("kind") != KIND:
-                raise SweepError(f"{self.out} holds something other than a sweep; use another "
-                                 f"--out")
-        elif self.out.is_dir() and not self._first_write_cut() and any(self.out.iterdir()):
-            raise SweepError(f"--out {self.out}: not empty and not a sweep directory; use "
-                             f"another --out")
+        self._read_saved()  # refuses a foreign directory before .sweep/ is made in it
         self.meta.mkdir(parents=True, exist_ok=True)
         self._take_lock()
-        try:
-            return self._claim(saved, ident, redo, after_redo)
+        try:  # read again under the lock: a driver that held it may have changed sweep.json
+            return self._claim(self._read_saved(), ident, redo, after_redo)
         except BaseException:  # refused (another grid) or failed: the lock is not kept
             self._release()
             raise
+
+    def _read_saved(self) -> dict[str, Any] | None:
+        """sweep.json (None for a new sweep); refuses a damaged one and a directory that holds
+        something other than a sweep."""
+        if self.path.is_file():
+            try:
+                saved = json.loads(self.path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise SweepError(f"{self.path}: damaged ({error})") from None
+            if not isinstance(saved, dict) or saved.get("kind") != KIND:
+                raise SweepError(f"{self.out} holds something other than a sweep; use another "
+                                 f"--out")
+            return saved
+        if self.out.is_dir() and not self._first_write_cut() and any(self.out.iterdir()):
+            raise SweepError(f"--out {self.out}: not empty and not a sweep directory; use "
+                             f"another --out")
+        return None
 
     def _first_write_cut(self) -> bool:
         """True when `out` holds only what a sweep killed before its first sweep.json leaves

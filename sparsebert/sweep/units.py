@@ -127,8 +127,7 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
     elif kind == "summary":
         runner = _search(spec, seed)
         runner.summary_stage(report=False)
-        # False (no report written) makes a later run with reports on redo this unit
-        info["reports"] = bool(spec["reports"]) and write_report(runner.out)
+        info["reports"] = _report(runner.out, spec["reports"])
     elif kind == "super-masks":
         _super(spec).masks_stage()
     elif kind == "super-pruned":
@@ -138,12 +137,23 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
     elif kind == "super-summary":
         _super(spec).summary_stage(report=False)
     elif kind == "task-report":
-        info["reports"] = bool(spec["reports"]) and write_report(task_dir(spec))
+        info["reports"] = _report(task_dir(spec), spec["reports"])
     elif kind == "report":  # written with or without --reports (it is the sweep's result)
         info["reports"] = write_report(Path(spec["out"]))
     else:
         raise ValueError(f"unknown unit kind {kind!r}")
     return info
+
+
+def _report(folder: Path, reports: bool) -> bool:
+    """Write `folder`'s report.md (sparsebert.report) when `reports` is on. Off (--no-reports),
+    a report.md already there described the results before this unit ran again (an extended
+    grid, a redo): it is removed rather than left stale. False (no report written) makes a
+    later run with reports on redo the unit."""
+    if reports:
+        return write_report(folder)
+    (folder / "report.md").unlink(missing_ok=True)
+    return False
 
 
 def unit_spec(unit, base: dict[str, Any], attempt: int, device: str, threads: int
