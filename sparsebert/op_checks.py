@@ -133,11 +133,20 @@ def validate_kept_heads(kept_heads: Tensor, q: Tensor) -> None:
         )
 
 
+def _under_vmap() -> bool:
+    """True inside torch.func.vmap (at any depth of transforms): tensor values cannot be read."""
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    return any(level.key() == torch._C._functorch.TransformType.Vmap for level in stack)
+
+
 def reject_fully_padded_rows(key_padding_mask: Tensor, q: Tensor) -> None:
     """Reject a fully padded row of key_padding_mask (reads the mask: a device sync on CUDA;
-    skipped under CUDA graph capture and torch.compile, and for malformed masks, which the
-    shape/dtype checks reject with their own message)."""
+    skipped under CUDA graph capture, torch.compile and torch.func.vmap, where values cannot
+    be read, and for malformed masks, which the shape/dtype checks reject
+    with their own message)."""
     if key_padding_mask.dtype != torch.bool or key_padding_mask.dim() != 2:
+        return
+    if _under_vmap():
         return
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
     if (

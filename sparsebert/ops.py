@@ -107,10 +107,15 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t.contiguous()
 
 
-def _has_tangent(*tensors: Tensor | None) -> bool:
-    """True under forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) with a
-    tangent on one of `tensors`. The kernels have no forward-mode formula, so the wrappers run
-    the reference (plain torch ops, which have one) there. The level check is the cheap part."""
+def _needs_reference(*tensors: Tensor | None) -> bool:
+    """True under a torch.func transform (grad, vjp, jacrev, vmap, jvp, ...) or under
+    forward-mode AD (torch.autograd.forward_ad) with a tangent on one of `tensors`. The kernels'
+    autograd (C++, or Python-registered) works with neither, so the wrappers run the reference
+    (plain torch ops) there. The level checks are the cheap part."""
+    if torch.compiler.is_compiling():  # traced: dynamo handles the transforms itself
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
     if forward_ad._current_level < 0:
         return False
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
@@ -207,11 +212,11 @@ def masked_attention(
     exact_zero_gate_grad=True: then d_head_gate is the true gradient there too (for
     straight-through or movement-style gate learning), from the pruned heads' attention computed
     in the backward only (the forward still skips them; dq, dk, dv are 0 for them either way, as
-    gate * (...) is). First-order only: a second derivative raises. Under forward-mode AD
-    (torch.func.jvp / jacfwd) this wrapper runs the reference, which has a tangent formula. The
-    raw torch.ops op refuses forward-mode AD only with the extension's C++ autograd; without
-    the extension its Python registration (torch.library.register_autograd) gives a tangent of
-    0, so call this wrapper for jvp.
+    gate * (...) is). First-order only: a second derivative raises. Under torch.func
+    transforms (grad, vjp, jacrev, jvp, jacfwd, vmap, hessian) and forward-mode AD this wrapper
+    runs the reference (plain torch ops, same gradient convention at a gate of 0, any order of
+    derivative); call the wrapper there, not the raw torch.ops op (its autograd refuses
+    torch.func.grad/vjp, and without the extension gives forward-mode AD a tangent of 0).
 
     Every row of key_padding_mask needs at least one True. check_padding_rows=True (default)
     verifies that; on CUDA the check reads the mask on the host, i.e. synchronises the device on
@@ -245,10 +250,10 @@ def masked_attention(
     if scale is None:
         # D < 1 is rejected by the checks (native or Python) with a message naming q's shape.
         scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
-    if _has_tangent(q, k, v, head_gate):
+    if _needs_reference(q, k, v, head_gate):
         op_checks.validate_masked_attention(q, k, v, head_gate, key_padding_mask,
                                             check_padding_rows)
-        return _masked_attention_forward_ad(q, k, v, head_gate, key_padding_mask, float(scale),
+        return _masked_attention_by_reference(q, k, v, head_gate, key_padding_mask, float(scale),
                                             exact_zero_gate_grad, return_lse)
     # Native path: argument checks in C++ (same messages), autograd registered in C++.
     out, lse = _masked_attention_op(q, k, v, head_gate, key_padding_mask, float(scale))
@@ -257,10 +262,11 @@ def masked_attention(
     return (out, lse.detach()) if return_lse else out
 
 
-def _masked_attention_forward_ad(q, k, v, head_gate, key_padding_mask, scale,
-                                 exact_zero_gate_grad, return_lse):
-    """masked_attention under forward-mode AD: the reference, whose tangent at a gate of 0 is
-    0 (as the kernels' gradient), or with exact_zero_gate_grad the true one (ctx . tangent)."""
+def _masked_attention_by_reference(q, k, v, head_gate, key_padding_mask, scale,
+                                   exact_zero_gate_grad, return_lse):
+    """masked_attention under torch.func transforms and forward-mode AD: the reference, whose
+    derivative in a gate of 0 is 0 (as the kernels' gradient), or with exact_zero_gate_grad
+    the true one (ctx . tangent, ctx . dout)."""
     out, lse = reference.masked_attention_ref(q, k, v, head_gate, key_padding_mask, scale)
     if exact_zero_gate_grad:
         gate = head_gate if head_gate.dim() == 2 else head_gate.expand(q.shape[0], -1)  # (B, H)
@@ -394,8 +400,9 @@ def group_dot(x: Tensor, g: Tensor, group_size: int, token_mask: Tensor | None =
     group_size = D gives one score per example (an MLP gate); group_size = 1 one per feature
     (FFN neurons). With x an activation and g its gradient this is the gate gradient of a gate
     that multiplies x, per example: the importance signal, without materialising x * g.
-    Under forward-mode AD (torch.func.jvp) this wrapper runs the reference, which has a tangent
-    formula; the raw torch.ops op's registration has none and would give a tangent of 0.
+    Under torch.func transforms (grad, vjp, vmap, jvp, ...) and forward-mode AD this wrapper runs
+    the reference (plain torch ops); the raw torch.ops op's registration gives forward-mode AD a
+    tangent of 0.
     """
     for name, t in (("x", x), ("g", g)):
         if not isinstance(t, Tensor) or t.dim() != 3 or t.dtype not in op_checks.KERNEL_DTYPES:
@@ -424,7 +431,7 @@ def group_dot(x: Tensor, g: Tensor, group_size: int, token_mask: Tensor | None =
             f"{x.device}, got {got}"
         )
     x, g = _last_dim_contiguous(x), _last_dim_contiguous(g)
-    if _has_tangent(x, g):  # forward-mode AD: the reference has a tangent formula
+    if _needs_reference(x, g):  # torch.func transforms, forward-mode AD: the reference
         return reference.group_dot_ref(x, g, group_size, token_mask)
     return torch.ops.sparsebert.group_dot(x, g, group_size, token_mask)
 

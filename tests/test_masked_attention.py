@@ -689,6 +689,46 @@ def test_forward_mode_ad_agrees_with_reverse_mode(per_example, exact):
                                sum((g * t).sum() for g, t in zip(grads, tangents)))
 
 
+@pytest.mark.parametrize("exact", [False, True], ids=["zero-gate-grad-0", "exact"])
+@pytest.mark.parametrize("per_example", [False, True])
+def test_torch_func_grad_vjp_and_per_example_grads_match_autograd(per_example, exact):
+    """torch.func.grad / vjp / vmap(grad) through ops.masked_attention (the reference runs under
+    the transforms) give the kernels' reverse-mode gradients, the gate-0 convention included."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 5, 3, 4, dtype=torch.float64, generator=gen) for _ in range(3))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    gate = (torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 1.0]], dtype=torch.float64)
+            if per_example else torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64))
+    weight = torch.randn(2, 5, 3, 4, dtype=torch.float64, generator=gen)
+
+    def loss(q, k, v, g):
+        return (ops.masked_attention(q, k, v, g, mask, exact_zero_gate_grad=exact) * weight).sum()
+
+    leaves = tuple(t.clone().requires_grad_(True) for t in (q, k, v, gate))
+    want = torch.autograd.grad(loss(*leaves), leaves)  # the kernels' backward
+    got = torch.func.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, gate)
+    for name, g, w in zip(("q", "k", "v", "gate"), got, want):
+        torch.testing.assert_close(g, w, msg=name)
+    out, pullback = torch.func.vjp(
+        lambda *a: ops.masked_attention(*a, mask, exact_zero_gate_grad=exact), q, k, v, gate)
+    torch.testing.assert_close(out, ops.masked_attention(q, k, v, gate, mask))
+    for g, w in zip(pullback(weight), want):
+        torch.testing.assert_close(g, w)
+    if per_example:
+        return
+    # Per-example gate gradients with vmap(grad): example b alone, its own mask row.
+    def one(q, k, v, m, w):
+        f = lambda g: (ops.masked_attention(q[None], k[None], v[None], g, m[None],  # noqa: E731
+                                            exact_zero_gate_grad=exact) * w[None]).sum()
+        return torch.func.grad(f)(gate)
+
+    per_example_grads = torch.func.vmap(one)(q, k, v, mask, weight)  # (B, H)
+    torch.testing.assert_close(per_example_grads.sum(0), want[3])
+    for b in range(q.shape[0]):
+        torch.testing.assert_close(per_example_grads[b], one(q[b], k[b], v[b], mask[b], weight[b]))
+
+
 def test_raw_op_refuses_forward_mode_ad_and_lse_has_no_gradient(assert_native):
     """The op itself has no jvp: it says so (instead of returning zero tangents); its lse output
     is marked non-differentiable."""
