@@ -387,6 +387,21 @@ def test_left_padding_runs_padded(shared_bert, tiny_dims):
     torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=1e-5)
 
 
+def test_run_packed_called_directly(shared_bert, tiny_dims):
+    """FastEncoder.run_packed called on its own, with gradients on and before any forward:
+    it brings the compact weights up to date and runs without gradients, as the forward does."""
+    heads, mlps, neurons = _masks(tiny_dims, "some")
+    sparsebert.set_masks(shared_bert, head_mask=heads, mlp_mask=mlps, neuron_mask=neurons)
+    ids, mask = _batch(3, 9, tiny_dims.vocab, [9, 6, 2])
+    fast = accelerate(shared_bert)
+    hidden = shared_bert.bert.embeddings(input_ids=ids).detach().requires_grad_(True)
+    packing = fast.encoder.packing_for(mask, 3, 9, torch.device("cpu"))
+    out = fast.encoder.run_packed(hidden, packing)  # (3, 9, hidden)
+    assert not out.requires_grad
+    want = fast.encoder(hidden, mask).last_hidden_state
+    torch.testing.assert_close(out[mask], want[mask], rtol=0, atol=0)
+
+
 def test_wrapper_exposes_the_models_attributes(shared_bert, tmp_path):
     fast = accelerate(shared_bert)
     assert fast.device == shared_bert.device and fast.dtype == shared_bert.dtype

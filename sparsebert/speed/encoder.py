@@ -138,8 +138,15 @@ class FastEncoder(nn.Module):
         return self._compact  # type: ignore[return-value]
 
     # Steps 2-4: packed execution --------------------------------------------------------------
+    @torch.no_grad()
     def run_packed(self, hidden_states: Tensor, packing: Packing) -> Tensor:
-        """(B, S, hidden) and a packing -> (B, S, hidden) through every layer, eager."""
+        """(B, S, hidden) and a packing (packing_for) -> (B, S, hidden) through every layer,
+        eager, on compact weights brought up to date first; inference only (no gradients)."""
+        self.refresh()
+        return self._run_packed(hidden_states, packing)
+
+    def _run_packed(self, hidden_states: Tensor, packing: Packing) -> Tensor:
+        """run_packed after refresh(), under no_grad."""
         layers = self._compact
         core = full_core if packing.every_position else choose_core(hidden_states.device,
                                                           hidden_states.dtype)
@@ -187,7 +194,7 @@ class FastEncoder(nn.Module):
         if self._use_graphs(hidden_states.device):
             out = self._graphs().run(hidden_states, packing)
         else:
-            out = self.run_packed(hidden_states, packing)
+            out = self._run_packed(hidden_states, packing)
         return Output(last_hidden_state=out)  # the class HF encoders return
 
     def _graphs(self):
