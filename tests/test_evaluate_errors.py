@@ -182,19 +182,23 @@ def test_a_head_saved_in_another_label_order_keeps_its_meaning(tiny_model_dir, t
         torch.testing.assert_close(model(**inputs).logits, source(**inputs).logits[:, order])
 
 
-@pytest.mark.parametrize("trained_on, precision, expected", [
-    ("cpu", "auto", "fp32"), ("cuda:0", "auto", "bf16"), ("cuda:0", "fp32", "fp32"),
-    ("cpu", "bf16", "bf16"), (None, "auto", "auto")])
+@pytest.mark.parametrize("trained_on, recorded, precision, expected", [
+    ("cpu", None, "auto", "fp32"), ("cuda:0", None, "auto", "bf16"),
+    ("cuda:0", None, "fp32", "fp32"), ("cpu", None, "bf16", "bf16"), (None, None, "auto", "auto"),
+    ("cpu", "bf16", "auto", "bf16"), ("cuda:0", "fp32", "auto", "fp32")])
 def test_evaluate_scores_in_the_precision_the_run_trained_with(run_copy, monkeypatch, trained_on,
-                                                                precision, expected):
-    """precision "auto" means bf16 on CUDA and fp32 elsewhere: `evaluate` resolves it on the
-    device the run trained on (results.json), not on the one it evaluates on, so that its scores
-    are the run's; unknown (no device recorded): "auto" on the evaluating device."""
+                                                                recorded, precision, expected):
+    """precision "auto" means bf16 on CUDA and fp32 elsewhere: `evaluate` uses the precision
+    results.json records (a run resumed on another device keeps the one it began in), and for
+    older results.json files resolves it on the device the run trained on, not on the one it
+    evaluates on, so that its scores are the run's; unknown (no device recorded): "auto" on the
+    evaluating device."""
     import importlib  # noqa: PLC0415
 
     evaluate_module = importlib.import_module("sparsebert.train.evaluate")  # (not the function)
 
     results = json.loads((run_copy / "results.json").read_text())
+    results["precision"] = recorded  # None: a results.json from before it was recorded
     if trained_on is None:
         results.pop("device")
     else:

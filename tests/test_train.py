@@ -242,6 +242,32 @@ def test_rerun_at_or_past_the_stop_step_does_not_advance(tiny_model_dir, synthet
     assert _same_weights(_weights(out), _weights(tmp_path / "whole"))
 
 
+def test_a_resumed_run_keeps_the_precision_it_started_with(tiny_model_dir, synthetic_glue,
+                                                             tmp_path):
+    """precision auto resolves per device (bf16 on CUDA, fp32 on the CPU), and the device may
+    change on resume: the run goes on in the precision its checkpoint records (a run begun in
+    bf16 on a GPU, resumed on the CPU, stays bf16), with a warning, and results.json and
+    evaluate say which."""
+    from sparsebert.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: PLC0415
+    from sparsebert.train.evaluate import trained_precision  # noqa: PLC0415
+
+    out = tmp_path / "run"
+    stopped = finetune(_config(tiny_model_dir, synthetic_glue, stop_after_steps=2), out,
+                       progress=False)
+    assert stopped.status == "stopped"
+    state = load_checkpoint(out)
+    assert state["precision"] == "fp32"  # auto on the CPU
+    save_checkpoint(out, {**state, "precision": "bf16"})  # as if begun on a GPU
+    with pytest.warns(UserWarning, match="started in bf16 and resumes on cpu in bf16"):
+        done = finetune(_config(tiny_model_dir, synthetic_glue), out, progress=False)
+    assert done.precision == "bf16"
+    assert json.loads((out / "results.json").read_text())["precision"] == "bf16"
+    assert trained_precision(out, _config(tiny_model_dir, synthetic_glue)) == "bf16"
+    whole = finetune(_config(tiny_model_dir, synthetic_glue), tmp_path / "whole", progress=False)
+    assert whole.precision == "fp32"
+    assert not _same_weights(_weights(out), _weights(tmp_path / "whole"))  # bf16 did run
+
+
 @pytest.mark.parametrize("value", [0.5, 2.0, float("nan"), -1.0])
 def test_weight_masks_must_be_zero_or_one(value):
     """apply() runs after every step: a mask value other than 0/1 would compound (0.5 -> 0.5**n)

@@ -126,14 +126,17 @@ def read_run_config(run_dir: Path) -> TrainConfig:
 
 def trained_precision(run_dir: Path, config: TrainConfig) -> str:
     """The precision the run was trained and scored with. "auto" depends on the device (bf16 on
-    CUDA, fp32 elsewhere), so it is resolved on the device the run trained on (its results.json),
-    not on the one evaluating now; "auto" again when that is unknown."""
+    CUDA, fp32 elsewhere): results.json records the one it ran in (older ones: resolved on the
+    device the run finished on, not on the one evaluating now); "auto" again when unknown."""
     if config.precision != "auto":
         return config.precision
     try:
-        trained_on = json.loads((run_dir / "results.json").read_text()).get("device")
+        results = json.loads((run_dir / "results.json").read_text())
+        trained_on, recorded = results.get("device"), results.get("precision")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        trained_on = None
+        trained_on = recorded = None
+    if recorded in ("fp32", "bf16"):
+        return recorded
     trained_on = trained_on if isinstance(trained_on, str) else config.device
     try:
         kind = torch.device(trained_on).type if trained_on not in (None, "auto") else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from sparsebert.glue.tasks import get_task
 from sparsebert.hf.loading import check_max_length, load_model, preflight_model
 from sparsebert.hf.readout import first_token_readout
 from sparsebert.precision import autocast
+from sparsebert.precision import resolve as resolve_precision
 from sparsebert.pruning.weight_masks import WeightMasks
 from sparsebert.runtime import device_name, git_sha, versions
 from sparsebert.train import data_cache
@@ -202,11 +204,12 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
         masks.apply()
     else:
         torch.manual_seed(config.seed)
+    precision = _run_precision(config, device, state)
     # The log window's clock: its examples before a resume came in its recorded seconds.
     window["t"] = time.perf_counter() - float(window.pop("seconds", 0.0))
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", keep_until_step=step)
     settings = StepSettings(config.grad_clip,
-                            lambda: autocast(device, config.precision, cache_enabled=not graphs))
+                            lambda: autocast(device, precision, cache_enabled=not graphs))
     # The classifier reads the last layer at [CLS] only: that layer's FFN runs on that row.
     cleanup.enter_context(first_token_readout(model))
     train_step = make_train_step(model, optimizer, settings, device, graphs)
@@ -223,6 +226,7 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": rng_state(device), "step": step,
             "elapsed_s": elapsed + time.perf_counter() - t0, "config": config.to_json(),
+            "precision": precision,
             "log_window": {"loss": float(window["loss"]), "n": window["n"],
                            "examples": window["examples"],
                            "seconds": time.perf_counter() - window["t"]}})
@@ -271,7 +275,7 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
             if step % steps_per_epoch == 0:  # epoch end: dev metrics, then a checkpoint
                 for split, encoded in dev.items():
                     dev_metrics[split] = evaluate_model(model, task.name, encoded,
-                                                        config.eval_batch_size, config.precision)
+                                                        config.eval_batch_size, precision)
                     metrics_log.write({"step": step, "epoch": step // steps_per_epoch,
                                        "split": split, **dev_metrics[split]})
                 if step < total_steps:  # the last epoch's state is the final model, saved next
@@ -286,7 +290,7 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
     train_time = elapsed + time.perf_counter() - t0
     if not dev_metrics:  # resumed a run whose last epoch had ended: evaluate now
         dev_metrics = {s: evaluate_model(model, task.name, e, config.eval_batch_size,
-                                         config.precision) for s, e in dev.items()}
+                                         precision) for s, e in dev.items()}
 
     # Step 5: final model (masks included), results.json, drop the checkpoints.
     save_run_model(out_dir, model, tokenizer, masks)
@@ -304,11 +308,25 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
         train_examples_per_s=len(train) * config.epochs / max(train_time, 1e-9),
         padding_efficiency=efficiency,
         wall_time_s=time.perf_counter() - start_wall + (elapsed if state else 0.0),
-        device=str(device), device_name=device_name(device), threads=torch.get_num_threads(),
+        device=str(device), device_name=device_name(device), precision=precision,
+        threads=torch.get_num_threads(),
         versions=versions(), git_sha=git_sha(), finished_at=now())
     result.save(out_dir)
     remove_checkpoints(out_dir)
     return result
+
+
+def _run_precision(config: TrainConfig, device: torch.device, state: dict | None) -> str:
+    """fp32 or bf16 for this run. A resumed run keeps the precision it started with (its
+    checkpoint's): with precision "auto" a resume on another kind of device (the device is a
+    runtime setting) would otherwise switch fp32 and bf16 half-way, with a warning."""
+    precision = resolve_precision(config.precision, device)
+    started = state.get("precision") if state is not None else None
+    if config.precision == "auto" and started in ("fp32", "bf16") and started != precision:
+        warnings.warn(f"precision auto: the run started in {started} and resumes on {device} "
+                      f"in {started} as well (auto would pick {precision} there)", stacklevel=3)
+        return started
+    return precision
 
 
 def _summary(mask_info: dict[str, Any]) -> dict[str, Any]:

@@ -79,6 +79,7 @@ class RunResult:
     wall_time_s: float | None = None
     device: str | None = None
     device_name: str | None = None
+    precision: str | None = None  # resolved: fp32 or bf16 ("auto" as on the device it started)
     threads: int | None = None
     versions: dict[str, str] = field(default_factory=dict)
     git_sha: str | None = None
