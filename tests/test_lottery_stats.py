@@ -142,10 +142,16 @@ def test_pairwise_jaccard_matches_sets():
 
 def test_jaccard_small_hand_example_and_empty_sets():
     masks = np.array([[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0]])
-    # {0,1} vs {1,2}: 1/3; anything non-empty vs the empty set: 0; empty vs empty: 1 (convention).
-    np.testing.assert_allclose(pairwise_jaccard(masks), [[1, 1 / 3, 0], [1 / 3, 1, 0], [0, 0, 1]])
+    # {0,1} vs {1,2}: 1/3; anything non-empty vs the empty set: 0; empty vs empty: 0/0, nan.
+    nan = np.nan
+    np.testing.assert_allclose(pairwise_jaccard(masks),
+                               [[1, 1 / 3, 0], [1 / 3, 1, 0], [0, 0, nan]])
     assert mean_pairwise_jaccard(masks) == pytest.approx(1 / 9)
-    assert pairwise_jaccard(np.zeros((2, 5)))[0, 1] == 1.0
+    assert np.isnan(pairwise_jaccard(np.zeros((2, 5)))[0, 1])
+    assert np.isnan(mean_pairwise_jaccard(np.zeros((3, 5))))  # every seed keeps nothing
+    # Empty-empty pairs are left out of the mean: {0} with two empty seeds -> pairs 0, 0, nan.
+    assert mean_pairwise_jaccard(np.array([[1, 0], [0, 0], [0, 0]])) == 0.0
+    assert stability_summary(np.zeros((3, 6, 12)))["mean_jaccard"] is None
 
 
 # ---- Fleiss' kappa ----------------------------------------------------------------------------
@@ -250,7 +256,7 @@ def test_wnli_heads_reproduce_paper_kappa_and_rejection():
     assert res["statistic"] == pytest.approx(576.0)
     assert res["pvalue"] < 1e-100
     assert super_survivors(heads).sum() == 0
-    assert mean_pairwise_jaccard(heads) == pytest.approx(0.6)  # 6 empty-empty pairs of 10
+    assert mean_pairwise_jaccard(heads) == 0.0  # 4 pairs empty vs all; 6 empty-empty left out
     mlps = np.zeros((5, 12))
     summary = stability_summary(mlps)
     assert summary["fleiss_kappa"] is None and summary["cochran_q_pvalue"] is None

@@ -466,6 +466,39 @@ def test_data_line_says_what_each_task_was_fine_tuned_on(tmp_path: Path):
         collect([a, b])
 
 
+def test_data_line_names_the_default_model_and_regression_baseline_is_explained(tmp_path):
+    """The data line says what --model default is; a regression task's 'majority baseline'
+    (a constant prediction, correlation scored 0) is explained beside the paper's value."""
+    for i, seed in enumerate(SEEDS):
+        write_run(tmp_path / "runs", "STS-B", seed, i, metric="pearson",
+                  report_metric="pearson", majority=0.0,
+                  full={"score": 0.8, "metrics": {"pearson": 0.8, "spearmanr": 0.79}})
+    md = report(tmp_path / "runs")["report"].read_text()
+    assert "model default (sentence-transformers/all-MiniLM-L6-v2: 6 layers x 12 heads" in md
+    assert ("STS-B is a regression task: its 'majority baseline' is a constant prediction (the "
+            "mean training score), whose correlation with the labels is undefined and scored 0 "
+            "(the paper lists 0.024") in md
+
+
+def test_good_mask_point_on_the_pruning_curve():
+    """The star of pruning_curves.png: m-pruning's good_step (the authors' loop never saves
+    the last step's mask: here step 2 of 3, though step 3 passed), s-pruning's last passing
+    point at the good mask's fraction kept."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from sparsebert.report.figures import _good_point  # noqa: PLC0415
+
+    curve = [{"step": s, "fraction_kept": f, "search_score": 0.8 - s / 10, "passed": True}
+             for s, f in enumerate((1.0, 0.9, 0.81, 0.73))]
+    run = SimpleNamespace(good_steps={"magnitude": 2},
+                          subnetworks={"structured": {"good": {"fraction_kept": 0.9}}})
+    assert _good_point(run, "magnitude", curve)["step"] == 2
+    assert _good_point(run, "structured", curve)["step"] == 1
+    run = SimpleNamespace(good_steps={}, subnetworks={})  # the summary does not say
+    assert _good_point(run, "magnitude", curve) is None
+    assert _good_point(run, "structured", curve) is None
+
+
 def test_seeds_recording_one_model_relative_and_absolute_are_one_setting(tmp_path: Path):
     """A study extended after runs began recording absolute model paths: the older seeds say
     models/tiny, the newer /abs/models/tiny. They are one setting; another folder is not."""
@@ -576,6 +609,16 @@ def test_speed_section_and_figure_from_speed_files(runs: Path, tmp_path: Path):
     fig = tmp_path / "out" / "figures" / "speed_vs_score.png"
     assert fig in out["figures"] and f"](figures/{fig.name})" in text
     assert_png(fig)
+    # A seed timed but without a retrained score (its re-fine-tune failed): the score cell says
+    # over how many seeds it is, beside the row's 3 timed seeds.
+    path = runs / "MRPC" / "seed_2" / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["methods"]["structured"]["subnetworks"]["good"]["retrained"] = None
+    path.write_text(json.dumps(summary))
+    text = Path(report([runs], out_dir=tmp_path / "out")["report"]).read_text()
+    good = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| MRPC | good |")][0]
+    assert good[2] == "3" and good[5] == "0.750 ± 0.030" and good[6].endswith("(n=2)")
 
 
 def test_no_speed_section_without_speed_files_and_bad_file_is_named(runs: Path, tmp_path: Path):

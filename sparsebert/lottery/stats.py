@@ -121,18 +121,23 @@ def kept_in_at_least(masks: npt.ArrayLike, k: int) -> np.ndarray:
 
 def pairwise_jaccard(masks: npt.ArrayLike) -> np.ndarray:
     """Jaccard index of every pair of seeds' kept sets. masks (n_seeds, *shape) -> float
-    (n_seeds, n_seeds), symmetric, diagonal 1. Two empty kept sets count as identical: J = 1.0."""
+    (n_seeds, n_seeds), symmetric, diagonal 1 for non-empty sets. J of two empty kept sets is
+    0/0: nan (undefined; counting it as 1 would make seeds that prune everything look like the
+    most stable ones)."""
     flat = _flat(_as_masks(masks)).astype(np.int64)  # (n, m)
     inter = flat @ flat.T  # (n, n)
     sizes = flat.sum(axis=1)  # (n,)
     union = sizes[:, None] + sizes[None, :] - inter  # (n, n)
-    return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+    return np.where(union == 0, np.nan, inter / np.maximum(union, 1))
 
 
 def mean_pairwise_jaccard(masks: npt.ArrayLike) -> float:
-    """Mean Jaccard index over seed pairs i < j. masks (n_seeds >= 2, *shape) -> float."""
+    """Mean Jaccard index over seed pairs i < j whose union is not empty (see pairwise_jaccard).
+    masks (n_seeds >= 2, *shape) -> float; nan when every seed keeps nothing."""
     jac = pairwise_jaccard(masks)
-    return float(jac[np.triu_indices(jac.shape[0], k=1)].mean())
+    pairs = jac[np.triu_indices(jac.shape[0], k=1)]  # (n (n - 1) / 2,)
+    defined = pairs[~np.isnan(pairs)]
+    return float(defined.mean()) if defined.size else float("nan")
 
 
 def fleiss_kappa(masks: npt.ArrayLike) -> float:

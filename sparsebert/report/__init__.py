@@ -33,6 +33,15 @@ def _command(paths: Sequence[Path], out_dir: Path) -> str:
     return f"sparsebert report {args} --out {shlex.quote(str(out_dir))}"
 
 
+# what --model default is (sparsebert.hf.loading), named in the report's data line
+DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2: 6 layers x 12 heads, hidden 384"
+
+
+def _model_name(model: str | None) -> str | None:
+    """--model as the report names it: the default model with its name and size."""
+    return f"{model} ({DEFAULT_MODEL_NAME})" if model == "default" else model
+
+
 def _data_line(results: dict[str, TaskResults]) -> str:
     """One paragraph on what the data are: runs, tasks, seeds and the search setting."""
     runs = [r for res in results.values() for r in res.runs]
@@ -45,6 +54,8 @@ def _data_line(results: dict[str, TaskResults]) -> str:
     described = []
     for label, attribute in fields:
         per_task = {task: getattr(res.runs[0], attribute) for task, res in results.items()}
+        per_task = {task: _model_name(v) if attribute == "model" else v
+                    for task, v in per_task.items()}
         values = {v for v in per_task.values() if v is not None}
         if len(values) == 1:
             described.append(f"{label} {values.pop()}")

@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
-from sparsebert.report import paper
+from sparsebert.report import paper, table
 from sparsebert.report.canvas import bottom_legend, panel_grid, save_png
 from sparsebert.report.collect import TaskResults, stability, stats_module
 from sparsebert.report.speed import SpeedEntry
@@ -199,7 +199,9 @@ def subnetworks(results: Mapping[str, TaskResults], path: Path) -> Path | None:
     handles = [Patch(color=STAGE_COLORS["pruned"], label="pruned (no retraining)"),
                Patch(color=STAGE_COLORS["retrained"], label="retrained from pre-trained"),
                Line2D([], [], color="black", linestyle="--", label="full model"),
-               Line2D([], [], color="tab:red", linestyle=":", label="majority class")]
+               Line2D([], [], color="tab:red", linestyle=":", label="majority class" + (
+                   " (regression: a constant prediction)"
+                   if any(table.is_regression_task(t) for t in results) else ""))]
     bottom_legend(fig, 4, 8, handles)
     many = any(r.n_seeds > 1 for r in results.values())
     fig.suptitle("Good, random and bad subnetworks"
@@ -234,26 +236,44 @@ def _curve_axes(ax: Axes, res: TaskResults, method: str, seed_colors: Mapping[in
         pts = [p for p in run.curves[method] if isinstance(p.get("fraction_kept"), (int, float))
                and isinstance(p.get("search_score"), (int, float))]
         ok = [p for p in pts if p.get("passed", True)]
-        line_color = "grey" if method == "structured" else seed_colors[run.seed]
+        seed_color = seed_colors[run.seed]  # its line, threshold and good-mask star
         ax.plot([p["fraction_kept"] for p in ok], [p["search_score"] for p in ok],
-                color=line_color, linewidth=0.8, alpha=0.7,
-                label=None if method == "structured" else f"seed {run.seed}")
+                color=seed_color, linewidth=0.8, alpha=0.7, label=f"seed {run.seed}")
         for p in pts:
             color = PHASES.get(p.get("phase", 1), ("", "grey"))[1] if method == "structured" \
-                else line_color
+                else seed_color
             passed = p.get("passed", True)
             ax.scatter(p["fraction_kept"], p["search_score"], s=16 if passed else 22,
                        marker="o" if passed else "x", color=color, zorder=3, linewidths=1)
-    for level in sorted({r.threshold * r.full_search_score for r in runs}):  # each seed's
-        ax.axhline(level, color="tab:red", linestyle="--", linewidth=0.8, alpha=0.7)
-    ax.set_xlim(1.02, max(0.0, ax.get_xlim()[0] - 0.02))  # pruning goes to the right
+        ax.axhline(run.threshold * run.full_search_score, color=seed_color, linestyle="--",
+                   linewidth=0.8, alpha=0.8)
+        good = _good_point(run, method, ok)
+        if good is not None:
+            ax.scatter(good["fraction_kept"], good["search_score"], s=110, marker="*",
+                       facecolor=seed_color, edgecolor="black", linewidths=0.6, zorder=4)
+    # pruning goes to the right; a little room past 0 for a star drawn at nothing kept
+    ax.set_xlim(1.02, max(-0.03, ax.get_xlim()[0] - 0.02))
     ax.set_xlabel("fraction kept" + (" (heads + MLP params)" if method == "structured"
                                      else " (eligible weights)"), fontsize=8)
     ax.set_ylabel(f"{search_set(res.runs)} {res.metric} (search metric)", fontsize=8)
     ax.set_title(f"{res.task}: {METHOD_TITLES[method]}", fontsize=9)
     ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6, loc="best")  # away from the points
+
+
+def _good_point(run, method: str, passed: list[dict]) -> dict | None:
+    """The curve point of the good subnetwork's mask: m-pruning's good_step (the authors' loop
+    never saves its last step's mask, so it may sit before the curve's end), s-pruning's last
+    passing point at the good mask's fraction kept; None when the summary does not say."""
+    good = run.subnetworks.get(method, {}).get("good") or {}
     if method == "magnitude":
-        ax.legend(fontsize=6, loc="best")  # away from the points
+        step = run.good_steps.get(method)
+        found = [p for p in passed if p.get("step") == step] if step is not None else []
+    else:
+        fraction = good.get("fraction_kept")
+        found = [p for p in passed if isinstance(fraction, (int, float))
+                 and math.isclose(p["fraction_kept"], fraction, abs_tol=1e-9)]
+    return found[-1] if found else None
 
 
 def pruning_curves(results: Mapping[str, TaskResults], path: Path) -> Path | None:
@@ -276,9 +296,12 @@ def pruning_curves(results: Mapping[str, TaskResults], path: Path) -> Path | Non
                for label, color in PHASES.values()] if "structured" in methods else []
     handles += [Line2D([], [], marker="x", linestyle="", color="grey", label="step failed "
                        "the threshold (reverted)"),
-                Line2D([], [], color="tab:red", linestyle="--",
+                Line2D([], [], marker="*", linestyle="", markersize=10, color="grey",
+                       markeredgecolor="black", markeredgewidth=0.6,
+                       label="the good subnetwork's mask"),
+                Line2D([], [], color="grey", linestyle="--",
                        label=f"threshold = {thr} × full model"
-                       + (" (one line per seed)" if many else ""))]
+                       + (" (each seed's, in its colour)" if many else ""))]
     bottom_legend(fig, 3, 8, handles)
     where = search_set([run for res in results.values() for run in res.runs])
     fig.suptitle(f"Pruning search: {where} score after each step", fontsize=11)

@@ -197,11 +197,14 @@ def subnet_score(run: RunSummary, subnet: str, stage: str) -> float | None:
     return sum(scores) / len(scores) if scores else None
 
 
-def _fmt(stat: Stat | None, digits: int, suffix: str = "") -> str:
+def _fmt(stat: Stat | None, digits: int, suffix: str = "", seeds: int | None = None) -> str:
+    """'1.23x ± 0.04x'; ' (n=2)' added when the cell covers fewer than the row's `seeds` (a
+    score missing for a seed that was timed)."""
     if stat is None:
         return "—"
     text = f"{stat.mean:.{digits}f}{suffix}"
-    return text if stat.std is None else text + f" ± {stat.std:.{digits}f}{suffix}"
+    text = text if stat.std is None else text + f" ± {stat.std:.{digits}f}{suffix}"
+    return text + (f" (n={stat.n})" if seeds is not None and stat.n < seeds else "")
 
 
 def speed_tables(results: Mapping[str, TaskResults], entries: list[SpeedEntry]) -> str:
@@ -232,7 +235,8 @@ def speed_tables(results: Mapping[str, TaskResults], entries: list[SpeedEntry]) 
             same = (_fmt(patched, 1) if patched is not None else
                     _fmt(Stat.of(e.stock_ms for e in per_file), 1) + " †")
             lines.append(f"| {task} | full model | {len(seeds)} | 100% | 100% | "
-                         f"{_fmt(full, 3)} | — | {_fmt(dense, 1)} | 1.00x | {same} | 1.00x |")
+                         f"{_fmt(full, 3, seeds=len(seeds))} | — | {_fmt(dense, 1)} | 1.00x | "
+                         f"{same} | 1.00x |")
             for subnet in SUBNETS:
                 sub = [e for e in task_entries if e.subnet == subnet]
                 if not sub:
@@ -245,9 +249,9 @@ def speed_tables(results: Mapping[str, TaskResults], entries: list[SpeedEntry]) 
                     _fmt(Stat.of(100 * e.heads_kept for e in sub), 0, "%"),
                     _fmt(Stat.of(100 * e.ffn_kept for e in sub), 0, "%"),
                     _fmt(Stat.of(subnet_score(runs[(task, e.seed)], subnet, "pruned")
-                                 for e in sub), 3),
+                                 for e in sub), 3, seeds=len(sub)),
                     _fmt(Stat.of(subnet_score(runs[(task, e.seed)], subnet, "retrained")
-                                 for e in sub), 3),
+                                 for e in sub), 3, seeds=len(sub)),
                     _fmt(Stat.of(e.masked_ms for e in sub), 1),
                     _fmt(Stat.of(e.masked_speedup for e in sub), 2, "x"),
                     _fmt(Stat.of(e.pruned_ms for e in sub), 1),

@@ -131,6 +131,7 @@ class RunSummary:
     mlp_mask: np.ndarray | None = None
     layer_kept_fraction: np.ndarray | None = None
     curves: dict[str, list[dict]] = field(default_factory=dict)
+    good_steps: dict[str, int] = field(default_factory=dict)  # method -> the good mask's step
     subnetworks: dict[str, dict[str, dict]] = field(default_factory=dict)
     config: dict[str, dict] = field(default_factory=dict)  # "train" / "search" settings, if any
     # the paths the file was found under (a seed linked into a multi-seed run: the link's path
@@ -257,6 +258,9 @@ def _parse_run(data: dict, path: Path) -> RunSummary:
         if not isinstance(curve, list) or not all(isinstance(p, dict) for p in curve):
             raise ReportError(f"{path}: field 'methods.{method}.curve' should be a list of objects")
         run.curves[method] = curve
+        step = block.get("good_step")
+        if isinstance(step, int) and not isinstance(step, bool):
+            run.good_steps[method] = step
         run.subnetworks[method] = _subnetworks(
             block.get("subnetworks"), path, f"methods.{method}.subnetworks"
         )

@@ -108,6 +108,12 @@ def results_notes(results: Mapping[str, TaskResults]) -> str:
         if canon and res.report_metric != paper.METRIC[canon]:
             notes.append(f"{task}: our column is {res.report_metric}, the paper's is "
                          f"{paper.METRIC[canon]}.")
+        if is_regression_task(task) and "majority baseline" in res.scores:
+            theirs = paper.paper_value("majority baseline", task) if canon else None
+            notes.append(f"{task} is a regression task: its 'majority baseline' is a constant "
+                         "prediction (the mean training score), whose correlation with the "
+                         "labels is undefined and scored 0"
+                         + (f" (the paper lists {fmt_paper(theirs)})" if theirs else "") + ".")
         weak = threshold_at_majority(res)
         if weak:
             which = f"{'seed' if len(weak) == 1 else 'seeds'} {', '.join(map(str, weak))}"
@@ -118,6 +124,16 @@ def results_notes(results: Mapping[str, TaskResults]) -> str:
                 "class, so a model that always predicts it passes: those searches can prune almost "
                 "everything, and their good / random / bad gaps mean little.")
     return "\n\n".join(notes)
+
+
+def is_regression_task(task: str) -> bool:
+    """True for a GLUE regression task (STS-B); False for names outside GLUE."""
+    from sparsebert.glue.tasks import GlueError, get_task  # noqa: PLC0415
+
+    try:
+        return get_task(task).is_regression
+    except GlueError:  # not a GLUE task name
+        return False
 
 
 def threshold_at_majority(res: TaskResults) -> list[int]:
@@ -234,7 +250,9 @@ def stability_table(results: Mapping[str, TaskResults]) -> str | None:
 
 STABILITY_NOTE = (
     "Columns without 'MLP' are about heads. Super-survivors: kept in every seed. Jaccard: "
-    "mean over seed pairs of |A ∩ B| / |A ∪ B| of the kept sets. Fleiss κ: agreement of the "
+    "mean over seed pairs of |A ∩ B| / |A ∪ B| of the kept sets (pairs that both keep nothing "
+    "left out: 0/0). — = undefined (every seed keeps nothing, or all agree by construction). "
+    "Fleiss κ: agreement of the "
     "seeds beyond chance (1 = identical masks, 0 = chance); Krippendorff α: the same from the "
     "coincidence of values within each component, the paper's MLP statistic (it reports -0.10 "
     "to 0.45 across tasks). Cochran's Q: a small p rejects 'every seed keeps components at the "
