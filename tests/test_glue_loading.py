@@ -128,8 +128,45 @@ def test_wrong_columns(tmp_path):
     with pytest.raises(GlueError, match=r"wrong columns.*sentence1"):
         read_tsv(path, "RTE", "dev")
     short = _write(tmp_path / "x.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\n")
-    with pytest.raises(GlueError, match=r"x.tsv:2: row has 3 columns"):
+    with pytest.raises(GlueError, match=r"x.tsv:2: row has 3 fields, the header has 4"):
         read_tsv(short, "RTE")
+
+
+@pytest.mark.parametrize("task, text", [
+    ("CoLA", "gj04\t1\t\tThe sailors rode\tthe breeze clear of the rocks.\n"),
+    ("MRPC", "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+             "1\t1\t2\tFirst half\tsecond half of one.\tSentence two.\n"),
+    ("MNLI", "index\tpromptID\tpairID\tgenre\tsentence1\tsentence2\tgold_label\n"
+             "0\t1\t1e\tfiction\tPremise part A\tpremise part B\tHypothesis.\tentailment\n"),
+])
+def test_a_row_with_more_fields_than_the_header_is_refused(tmp_path, task, text):
+    """A tab inside a text shifts the columns: the text would be cut and, where the label is
+    read by position, the wrong field taken; refused, naming the line."""
+    path = _write(tmp_path / "x.tsv", text)
+    with pytest.raises(GlueError, match=r"x.tsv:\d: row has \d+ fields, the header has \d+ .*"
+                                        r"\(a tab inside a field\?\)"):
+        read_tsv(path, task)
+
+
+def test_qqp_skips_malformed_rows_with_a_warning(tmp_path):
+    """QQP: rows with a field count other than the header's are skipped, as GLUE's reference
+    QQP reader did (it dropped rows it could not index), with a warning naming them."""
+    path = _write(tmp_path / "QQP" / "dev.tsv",
+                  "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
+                  "0\t1\t2\tHow?\tWhy?\t0\n"
+                  "1\t3\t4\tA question cut short\n"
+                  "2\t5\t6\tWhat?\tWhat is it?\t1\n")
+    with pytest.warns(UserWarning, match=r"skipped 1 row\(s\) .* header's 6 \(lines 3\)"):
+        data = read_tsv(path, "QQP", "dev")
+    assert [list(t) for t in data.texts] == [["How?", "What?"], ["Why?", "What is it?"]]
+    assert data.labels.tolist() == [0, 1]
+
+
+def test_jsonl_that_is_not_utf8_is_a_named_error(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes('{"sentence": "caf\u00e9", "label": 1}\n'.encode("latin-1"))
+    with pytest.raises(GlueError, match=r"train.jsonl: not valid UTF-8"):
+        read_jsonl(path, "SST-2")
 
 
 def test_labels_outside_label_set(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,17 +127,28 @@ def read_tsv(path: str | os.PathLike, task: str | GlueTask, split: str = "train"
         raise GlueError(f"{path}: wrong columns for {task.name}: missing {missing}; expected "
                         f"columns {list(wanted)} in the header, found {header}")
     index = [header.index(name) for name in wanted]
-    need = max(index) + 1
-    # Step 2: rows -> texts and labels, checking every row.
+    # Step 2: rows -> texts and labels, checking every row. A row with another field count
+    # than the header's is refused: with more fields a tab inside a text would shift the
+    # columns and silently cut texts or take the wrong label.
     texts: list[list[str]] = [[] for _ in layout.text_columns]
     labels: list = []
+    skipped = []
     for number, row in rows_with_numbers:
-        if len(row) < need:
-            raise GlueError(f"{path}:{number}: row has {len(row)} columns, {task.name} needs "
-                            f"at least {need} ({header})")
+        if len(row) != len(header):
+            if layout.skip_malformed_rows:
+                skipped.append(number)
+                continue
+            hint = " (a tab inside a field?)" if len(row) > len(header) else ""
+            raise GlueError(f"{path}:{number}: row has {len(row)} fields, the header has "
+                            f"{len(header)} ({header}){hint}")
         for column, i in zip(texts, index[:-1]):
             column.append(row[i])
         labels.append(_parse_label(task, row[index[-1]], f"{path}:{number}"))
+    if skipped:
+        warnings.warn(f"{path}: skipped {len(skipped)} row(s) whose field count differs from the "
+                      f"header's {len(header)} (lines {', '.join(map(str, skipped[:5]))}"
+                      f"{', ...' if len(skipped) > 5 else ''}), as GLUE's reference {task.name} "
+                      "reader does", stacklevel=2)
     return _finish(task, split, texts, labels, str(path))
 
 
@@ -146,32 +158,36 @@ def read_jsonl(path: str | os.PathLike, task: str | GlueTask, split: str = "trai
     text_keys = [(hub, tsv) for hub, tsv in zip(task.text_fields, task.tsv.text_columns)]
     texts: list[list[str]] = [[] for _ in text_keys]
     labels: list = []
-    with open(path, encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise GlueError(f"{where}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise GlueError(f"{where}: expected a JSON object per line, found "
-                                f"{type(record).__name__}")
-            for column, keys in zip(texts, text_keys):
-                key = next((k for k in keys if k in record), None)
-                if key is None:
-                    raise GlueError(f"{where}: wrong columns for {task.name}: expected one of "
-                                    f"{list(keys)}, found {sorted(record)}")
-                if not isinstance(record[key], str):
-                    raise GlueError(f"{where}: field {key!r} is {json.dumps(record[key])}, "
-                                    f"expected a string")
-                column.append(record[key])
-            key = next((k for k in ("label", task.tsv.label_column) if k in record), None)
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            lines = handle.readlines()
+    except UnicodeDecodeError as error:
+        raise GlueError(f"{path}: not valid UTF-8 ({error})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise GlueError(f"{where}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise GlueError(f"{where}: expected a JSON object per line, found "
+                            f"{type(record).__name__}")
+        for column, keys in zip(texts, text_keys):
+            key = next((k for k in keys if k in record), None)
             if key is None:
-                raise GlueError(f"{where}: no label field ('label' or "
-                                f"'{task.tsv.label_column}'), found {sorted(record)}")
-            labels.append(_parse_label(task, record[key], where))
+                raise GlueError(f"{where}: wrong columns for {task.name}: expected one of "
+                                f"{list(keys)}, found {sorted(record)}")
+            if not isinstance(record[key], str):
+                raise GlueError(f"{where}: field {key!r} is {json.dumps(record[key])}, "
+                                f"expected a string")
+            column.append(record[key])
+        key = next((k for k in ("label", task.tsv.label_column) if k in record), None)
+        if key is None:
+            raise GlueError(f"{where}: no label field ('label' or "
+                            f"'{task.tsv.label_column}'), found {sorted(record)}")
+        labels.append(_parse_label(task, record[key], where))
     return _finish(task, split, texts, labels, str(path))
 
 

@@ -31,12 +31,15 @@ class TsvLayout:
     header: whether the first line names the columns. Without a header (CoLA train/dev),
     `columns` gives the names of the fixed columns in order.
     text_columns / label_column: column names (header names, or names from `columns`).
+    skip_malformed_rows: rows whose field count differs from the header's are skipped with a
+    warning (QQP, as GLUE's reference reader did) instead of refused.
     """
 
     text_columns: tuple[str, ...]
     label_column: str
     header: bool = True
     columns: tuple[str, ...] = ()
+    skip_malformed_rows: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,7 @@ TASKS: dict[str, GlueTask] = {
         GlueTask(
             name="QQP", folder="QQP", hub_config="qqp", text_fields=("question1", "question2"),
             labels=_BINARY, metrics=("acc", "f1"), threshold_metric="acc",
-            tsv=TsvLayout(("question1", "question2"), "is_duplicate"),
+            tsv=TsvLayout(("question1", "question2"), "is_duplicate", skip_malformed_rows=True),
         ),
         GlueTask(
             name="MNLI", folder="MNLI", hub_config="mnli", text_fields=("premise", "hypothesis"),
