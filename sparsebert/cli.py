@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from sparsebert.errors import SparsebertError
-from sparsebert.flags import add_dataclass_arguments, overrides
+from sparsebert.flags import add_dataclass_arguments, output_path, overrides
 from sparsebert.switches import env_switch
 
 # --- finetune ------------------------------------------------------------------------------
@@ -29,7 +29,8 @@ from sparsebert.switches import env_switch
 def _add_task_and_out(parser: argparse.ArgumentParser, out_what: str, json_what: str) -> None:
     parser.add_argument("--task", required=True,
                         help="GLUE task: CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI")
-    parser.add_argument("--out", required=True, help=f"{out_what} (created if missing)")
+    parser.add_argument("--out", required=True, type=output_path,
+                        help=f"{out_what} (created if missing)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--json", action="store_true", help=f"print {json_what} as JSON")
 
@@ -224,7 +225,8 @@ def _add_report(subparsers) -> None:
                     "and figures/*.png; subnetwork timings saved by `sparsebert speed --run` "
                     "in the searches are shown next to their scores.")
     parser.add_argument("paths", nargs="+", help="search directories or parents of them")
-    parser.add_argument("--out", default=None, help="output folder (default: the first path)")
+    parser.add_argument("--out", default=None, type=output_path,
+                        help="output folder (default: the first path)")
 
 
 def _run_report(args: argparse.Namespace) -> int:

@@ -15,6 +15,14 @@ from collections.abc import Sequence
 from typing import Any
 
 
+def output_path(value: str) -> str:
+    """argparse type of an output folder or file: refuses an empty (or blank) value, which
+    would name the working directory (an unset shell variable, `--out "$OUT"`)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(f"expected a path, got {value!r}")
+    return value
+
+
 def help_field(text: str, default: Any) -> Any:
     """A dataclass field with a default and a help text for its flag."""
     return dataclasses.field(default=default, metadata={"help": text})

@@ -508,6 +508,20 @@ def test_sigterm_stops_a_command_as_ctrl_c_does(command, monkeypatch, capsys, tm
         signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.parametrize("argv", [
+    ["finetune", "--task", "SST-2", "--out", ""], ["search", "--task", "SST-2", "--out", " "],
+    ["report", "runs", "--out", ""], ["speed", "--json", ""]])
+def test_an_empty_output_path_is_refused(argv, tmp_path, monkeypatch, capsys):
+    """An empty output path (an unset shell variable) would name the working directory and
+    scatter a run's files there: a usage error, exit status 2, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert "expected a path, got" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_an_unknown_debug_value_counts_as_off(monkeypatch):
     from sparsebert.cli import debug_enabled  # noqa: PLC0415
 

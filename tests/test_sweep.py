@@ -388,6 +388,28 @@ def _forget(out: Path, *unit_ids: str) -> None:
         (out / ".sweep" / "done" / (unit_id.replace("/", "~") + ".json")).unlink()
 
 
+def test_no_more_workers_than_units_left(reference, tiny_model_dir, synthetic_glue, tmp_path,
+                                        monkeypatch):
+    """--workers 8 with two units left to run (the task's report and the sweep's): two worker
+    processes start, not eight."""
+    import sparsebert.sweep.driver as driver  # noqa: PLC0415
+
+    out = tmp_path / "few"
+    shutil.copytree(reference[0], out)
+    for unit_id in ("task-report/SST-2", "report"):
+        (out / ".sweep" / "done" / (unit_id.replace("/", "~") + ".json")).unlink()
+    started = []
+    real = driver.LocalBackend
+
+    def counting(slots):
+        started.append(len(slots))
+        return real(slots)
+
+    monkeypatch.setattr(driver, "LocalBackend", counting)
+    outcome = sweep(out, *_configs(tiny_model_dir, synthetic_glue, workers=8), progress=False)
+    assert set(outcome.done) == {"task-report/SST-2", "report"} and started == [2]
+
+
 def test_failing_unit_is_retried_and_reported(reference, tiny_model_dir, synthetic_glue,
                                               tmp_path, monkeypatch, capsys):
     out = tmp_path / "failing"
@@ -870,6 +892,21 @@ def test_config_file(tmp_path):
     path.write_text('tasks = "RTE"\nlearning_rate = 3\n')
     with pytest.raises(SweepError, match=r"unknown keys \['learning_rate'\]"):
         read_config_file(path)
+
+
+def test_an_empty_out_is_refused(tmp_path, capsys, monkeypatch):
+    """An empty --out (an unset shell variable) or `out = ""` in --config would name the
+    working directory: refused, nothing written there."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["sweep", "--out", "", "--quiet", "--tasks", "RTE"])
+    assert stop.value.code == 2
+    assert "argument --out: expected a path, got ''" in capsys.readouterr().err
+    config = tmp_path / "sweep.toml"
+    config.write_text('out = ""\ntasks = "RTE"\n')
+    assert main(["sweep", "--quiet", "--config", str(config)]) == 2
+    assert "out = '': expected a directory path" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.toml"]
 
 
 # --------------------------------------------------------------------------------------------

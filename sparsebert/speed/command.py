@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsebert.atomic import atomic_write_json
+from sparsebert.flags import output_path
 from sparsebert.runtime import device_label, git_sha, versions
 from sparsebert.speed.timing import paired_ratio, summary, time_interleaved
 from sparsebert.speed.variants import (
@@ -95,7 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="untimed calls per row first (default: 3)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of weights, masks, lengths (default: 0)")
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--json", default=None, type=output_path,
+                        help="also write the results to this JSON file")
     parser.add_argument("--no-save", action="store_true",
                         help="with --run on a search directory: do not write DIR/speed/")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

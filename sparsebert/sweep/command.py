@@ -7,7 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from sparsebert.flags import add_dataclass_arguments, overrides
+from sparsebert.flags import add_dataclass_arguments, output_path, overrides
 
 
 def add_sweep(subparsers) -> None:
@@ -23,7 +23,7 @@ def add_sweep(subparsers) -> None:
                     "OUT/<task>/seed_<s>/ (as `sparsebert search`), OUT/<task>/super/ and "
                     "OUT/report.md. Rerunning the same command resumes; adding tasks or seeds "
                     "extends the sweep.")
-    parser.add_argument("--out", default=None,
+    parser.add_argument("--out", default=None, type=output_path,
                         help="sweep directory (created if missing; or `out` in --config)")
     parser.add_argument("--config", default=None,
                         help="TOML file with any of these options (flags override it)")

@@ -158,8 +158,9 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
     status = "interrupted"
     backend = None
     try:
-        if any(u.id not in done for u in units):  # else nothing to start
-            backend = _backend(config, slots)
+        pending = sum(u.id not in done for u in units)
+        if pending:  # else nothing to start; never more workers than units left to run
+            backend = _backend(config, slots[:pending])
         outcome = Scheduler(units, state, backend, base, config.retries, progress).run()
         outcome.notes = list(notes)
         status = "failed" if outcome.failed else "finished"
