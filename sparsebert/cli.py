@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -363,6 +364,12 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the commands print it: `sparsebert: warning: ...` (with --debug or
+    SPARSEBERT_DEBUG, Python's own format, with the file and line)."""
+    return f"sparsebert: warning: {message}\n"
+
+
 def _rerun_hint(args: argparse.Namespace) -> str:
     """What to do after an interrupted run: resume it, or start it where its --out is still
     missing or empty (nothing was written yet)."""
@@ -387,6 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     _SIGTERM_RECEIVED.clear()
+    previous_format = warnings.formatwarning
+    if not debug_enabled(args):  # one line per warning, without the source line
+        warnings.formatwarning = _format_warning
     try:
         return SUBCOMMANDS[args.command][1](args)
     except (SparsebertError, OSError) as error:  # user-fixable: a bad value, a path, a
@@ -400,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{'terminated' if terminated else 'interrupted'}{then}", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     finally:
+        warnings.formatwarning = previous_format
         if in_main_thread and previous is not None:  # None: a handler set outside Python
             signal.signal(signal.SIGTERM, previous)
 

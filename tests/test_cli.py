@@ -522,6 +522,29 @@ def test_an_empty_output_path_is_refused(argv, tmp_path, monkeypatch, capsys):
     assert not any(tmp_path.iterdir())
 
 
+def test_warnings_print_as_one_line(monkeypatch):
+    """During a command a warning is formatted as `sparsebert: warning: ...` (no file, line or
+    source); with SPARSEBERT_DEBUG, in Python's format. The format is put back after."""
+    import warnings  # noqa: PLC0415
+
+    import sparsebert.cli as cli  # noqa: PLC0415
+
+    seen = []
+
+    def formats(args):
+        seen.append(warnings.formatwarning("the workers compete", UserWarning, "driver.py", 7))
+        return 0
+
+    monkeypatch.setitem(cli.SUBCOMMANDS, "report", (cli.SUBCOMMANDS["report"][0], formats))
+    before = warnings.formatwarning
+    assert main(["report", "x"]) == 0
+    assert seen[-1] == "sparsebert: warning: the workers compete\n"
+    monkeypatch.setenv("SPARSEBERT_DEBUG", "1")
+    assert main(["report", "x"]) == 0
+    assert seen[-1].startswith("driver.py:7: UserWarning: the workers compete")
+    assert warnings.formatwarning is before
+
+
 def test_an_unknown_debug_value_counts_as_off(monkeypatch):
     from sparsebert.cli import debug_enabled  # noqa: PLC0415
 

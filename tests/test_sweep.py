@@ -894,6 +894,16 @@ def test_config_file(tmp_path):
         read_config_file(path)
 
 
+def test_more_cpu_workers_than_cores_warn(monkeypatch):
+    from sparsebert.sweep.driver import make_slots  # noqa: PLC0415
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with pytest.warns(UserWarning, match=r"--workers 3 x 1 thread\(s\) each on 2 cores"):
+        assert len(make_slots(SweepConfig(workers=3, devices="cpu"), TrainConfig())) == 3
+    with pytest.warns(UserWarning, match=r"--workers 2 x 2 thread\(s\) each on 2 cores"):
+        make_slots(SweepConfig(workers=2, devices="cpu"), TrainConfig(threads=2))
+
+
 def test_an_empty_out_is_refused(tmp_path, capsys, monkeypatch):
     """An empty --out (an unset shell variable) or `out = ""` in --config would name the
     working directory: refused, nothing written there."""

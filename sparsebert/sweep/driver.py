@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,9 @@ def make_slots(config: SweepConfig, train: TrainConfig,
     if devices == ["cpu"]:
         workers = config.workers or max(1, min(cores, MAX_CPU_WORKERS))
         threads = train.threads or max(1, cores // workers)
+        if workers * threads > cores:
+            warnings.warn(f"--workers {workers} x {threads} thread(s) each on {cores} cores: the "
+                          "workers compete for the cores (more memory, no faster)", stacklevel=3)
         return [Slot(i, "cpu", threads) for i in range(workers)]
     workers = config.workers or config.per_gpu * len(devices)
     threads = train.threads or max(1, cores // workers)
