@@ -328,8 +328,9 @@ def stability_bars(results: Mapping[str, TaskResults], path: Path) -> Path | Non
         return None
     tasks = list(st)
     x = np.arange(len(tasks))
-    fig = Figure(figsize=(max(4.5, 1.3 * len(tasks) + 2.5), 3.6), layout="constrained")
+    fig = Figure(figsize=(max(5.2, 1.3 * len(tasks) + 2.5), 3.6), layout="constrained")
     ax = fig.subplots()
+    ax.set_xlim(-0.6, len(tasks) - 0.4)  # set here: NaN bars (undefined values) set no limits
     jac = [st[t]["heads"]["mean_jaccard"] for t in tasks]
     kap = [st[t]["heads"]["fleiss_kappa"] for t in tasks]
     nan = float("nan")
@@ -354,7 +355,7 @@ def stability_bars(results: Mapping[str, TaskResults], path: Path) -> Path | Non
                 1.12)
     bottom_legend(fig, 3, 7)  # clear of the bar labels
     ax.set_title("Stability of the good head masks across seeds\n(1 = identical masks; "
-                 "n/a = κ undefined)",
+                 "n/a = undefined, see the table note)",
                  fontsize=10)
     return save_png(fig, path)
 
