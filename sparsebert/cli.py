@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from sparsebert.errors import SparsebertError
+from sparsebert.errors import SparsebertError, Terminated
 from sparsebert.flags import add_dataclass_arguments, output_path, overrides
 from sparsebert.switches import env_switch
 
@@ -348,11 +348,6 @@ def build_parser() -> argparse.ArgumentParser:
         command_parser.allow_abbrev = False
     parser.command_parsers = subparsers.choices  # type: ignore[attr-defined]
     return parser
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (kill, a job scheduler's time limit, `docker stop`), handled as Ctrl-C is: the
-    command's cleanup runs (a sweep stops its workers and records that it was interrupted)."""
 
 
 _SIGTERM_RECEIVED: list[bool] = []  # set by the handler: some libraries (Ray) re-raise a plain

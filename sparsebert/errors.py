@@ -18,3 +18,8 @@ class ConfigError(SparsebertError):
 
 class RunDirError(SparsebertError):
     """A run directory that is missing, holds another run, or has damaged files."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a job scheduler's time limit, `docker stop`), handled as Ctrl-C is: the
+    command's cleanup runs (a sweep stops its workers and records that it was interrupted)."""

@@ -861,6 +861,7 @@ def test_report_skips_hidden_folders(reference, tmp_path):
     (["--redo", ","], "--redo ',': expected a comma-separated list"),
     (["--unit-memory-gb", "nan"], "--unit-memory-gb nan: expected a finite number >= 0"),
     (["--unit-memory-gb", "inf"], "--unit-memory-gb inf: expected a finite number >= 0"),
+    (["--per-gpu", "20000"], "--per-gpu 20000: expected 1 to 256 units per GPU"),
 ])
 def test_bad_input_one_line_exit_2(flags, message, tmp_path, capsys):
     out = tmp_path / "bad"
@@ -1025,6 +1026,71 @@ def test_ray_backend_starts_its_own_instance(monkeypatch):
     finally:
         backend.close()
     assert not ray.is_initialized()
+
+
+def test_ray_backend_sigterm_while_its_instance_starts(monkeypatch):
+    """SIGTERM inside ray.init (Ray's own handler exits with SystemExit(15)): the half-started
+    instance is shut down and the command sees a termination (exit 143, its message), not a
+    bare exit status 15."""
+    ray = pytest.importorskip("ray")
+    from sparsebert.errors import Terminated  # noqa: PLC0415
+    from sparsebert.sweep.local import Slot  # noqa: PLC0415
+    from sparsebert.sweep.ray_backend import RayBackend  # noqa: PLC0415
+
+    shut = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: bool(calls) and not shut)
+    calls = []
+
+    def init(**options):
+        calls.append(options)
+        raise SystemExit(signal.SIGTERM)
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: shut.append(True))
+    with pytest.raises(Terminated):
+        RayBackend([Slot(0, "cpu", 1)], None, 1, 0.0)
+    assert calls and shut == [True]
+
+
+def test_ray_task_errors_keep_the_workers_traceback():
+    """A unit that failed on a Ray worker: the one-line error of its own exception, and the
+    traceback as the worker formatted it (the cause's frames are lost in pickling)."""
+    from sparsebert.sweep.ray_backend import _task_error_info  # noqa: PLC0415
+
+    class FakeTaskError(Exception):
+        cause = RuntimeError("the unit failed")
+        traceback_str = 'Traceback (most recent call last):\n  File "units.py", line 9\nboom'
+
+    info = _task_error_info(FakeTaskError("wrapped"))
+    assert info["error"] == "RuntimeError: the unit failed"
+    assert info["traceback"].endswith('File "units.py", line 9\nboom')
+
+
+def test_ray_probe_names_an_authentication_failure(monkeypatch):
+    """A cluster with token authentication refuses a client without the token: the probe's
+    error names that cause (not the ConnectionError it led to) and how to fix it."""
+    from sparsebert.sweep import ray_backend  # noqa: PLC0415
+
+    monkeypatch.setattr(ray_backend, "_PROBE", (
+        "import sys; sys.stderr.write('ray.exceptions.AuthenticationError: InvalidAuthToken: "
+        "RAY_AUTH_MODE is currently disabled\\nConnectionError: Failed to connect to Ray "
+        "cluster\\n'); sys.exit(1)"))
+    with pytest.raises(SweepError, match=r"cannot connect \(ray.exceptions.AuthenticationError"
+                                         r".*RAY_AUTH_MODE=token"):
+        ray_backend.probe_cluster("127.0.0.1:6390", timeout=60)
+
+
+def test_injected_failures_travel_in_the_unit_spec(monkeypatch):
+    """SPARSEBERT_SWEEP_FAIL is read in the driver and passed in each unit's spec: workers on a
+    Ray cluster do not share the driver's environment."""
+    from sparsebert.sweep.units import InjectedFailure, _check_injected_failure  # noqa: PLC0415
+
+    monkeypatch.delenv("SPARSEBERT_SWEEP_FAIL", raising=False)
+    spec = {"id": "full/RTE/1", "attempt": 1, "fail_injection": "full/*:1"}
+    with pytest.raises(InjectedFailure):
+        _check_injected_failure(spec)
+    _check_injected_failure({**spec, "attempt": 2})
+    _check_injected_failure({**spec, "fail_injection": ""})  # the driver had none set
 
 
 def test_ray_backend_sigterm_stops_cleanly(tiny_model_dir, synthetic_glue, tmp_path):

@@ -22,6 +22,7 @@ from sparsebert.glue.tasks import GlueError, get_task
 from sparsebert.lottery.config import METHODS, SearchConfig
 from sparsebert.train.config import TrainConfig, is_valid_seed, resolve_device
 
+MAX_PER_GPU = 256  # units packed on one GPU; Ray requests 1 / per_gpu of it (>= 1e-4)
 BACKENDS = ("local", "ray")
 NO_STOP_AFTER_STEPS = ("does not apply to a sweep (every fine-tune would stop at that step and "
                        "fail); stop a sweep with Ctrl-C or kill, and rerun it to resume")
@@ -121,8 +122,9 @@ class SweepConfig:
             raise SweepError(f"--backend {self.backend!r}: expected local or ray")
         if self.workers is not None and self.workers < 1:
             raise SweepError(f"--workers {self.workers}: expected >= 1")
-        if self.per_gpu < 1:
-            raise SweepError(f"--per-gpu {self.per_gpu}: expected >= 1")
+        if not 1 <= self.per_gpu <= MAX_PER_GPU:
+            raise SweepError(f"--per-gpu {self.per_gpu}: expected 1 to {MAX_PER_GPU} units per "
+                             "GPU")
         if self.retries < 0:
             raise SweepError(f"--retries {self.retries}: expected >= 0")
         if not math.isfinite(self.unit_memory_gb) or self.unit_memory_gb < 0:

@@ -22,6 +22,7 @@ from sparsebert.sweep.grid import Grid, expand
 from sparsebert.sweep.local import LocalBackend, Slot
 from sparsebert.sweep.scheduler import Outcome, Scheduler
 from sparsebert.sweep.state import SweepDir, identity
+from sparsebert.sweep.units import FAIL_ENV
 from sparsebert.train.config import TrainConfig
 from sparsebert.train.evaluate import data_source
 
@@ -157,7 +158,8 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
         tqdm.write(note, file=sys.stderr)
     base: dict[str, Any] = {"out": str(out), "search": search.to_json(),
                             "train": train.to_json(), "seeds": list(grid.seeds),
-                            "reports": config.reports}
+                            "reports": config.reports,
+                            "fail_injection": os.environ.get(FAIL_ENV, "")}
     done = state.drop_stale(units, config.reports)  # e.g. the reports of an extended grid
     status = "interrupted"
     backend = None

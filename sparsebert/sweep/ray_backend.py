@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Any, NamedTuple
 
+from sparsebert.errors import Terminated
 from sparsebert.sweep.config import SweepError
 from sparsebert.sweep.local import Event, Slot, error_info
 
@@ -93,8 +94,14 @@ def probe_cluster(address: str, timeout: float | None = None) -> Cluster:
         return Cluster(found["RESOURCES"], found["NODES"])
     lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
     errors = [ln for ln in lines if "Error" in ln.split(":", 1)[0]] or lines or ["no output"]
-    raise SweepError(f"--ray-address {address}: cannot connect ({errors[-1][:300]}); "
-                     "use --backend local")
+    # the root cause (e.g. an AuthenticationError) before the ConnectionError it led to
+    auth = [ln for ln in errors if "AuthenticationError" in ln or "InvalidAuthToken" in ln]
+    hint = ("; a cluster started with token authentication (`ray start` turns it on by "
+            "default) needs RAY_AUTH_MODE=token and its token in this environment"
+            if auth else "")
+    cause = auth[0] if auth else errors[-1]
+    raise SweepError(f"--ray-address {address}: cannot connect ({cause[:300]}){hint}; use "
+                     "--backend local")
 
 
 def preflight(address: str | None) -> Cluster | None:
@@ -157,6 +164,17 @@ def check_local_memory(memory_gb: float) -> None:
                          f"({total / 2**30:.1f} GB), so its Ray instance cannot run a unit")
 
 
+def _task_error_info(error: BaseException) -> dict[str, Any]:
+    """error_info of a failed Ray task: the one-line error of the unit's own exception (the
+    cause), and the traceback as the worker formatted it (the cause's frames do not survive
+    pickling)."""
+    info = error_info(getattr(error, "cause", None) or error)
+    remote = getattr(error, "traceback_str", None)
+    if isinstance(remote, str) and remote.strip():
+        info["traceback"] = remote[-4000:]
+    return info
+
+
 class RayBackend:
     """Units as Ray tasks; at most one per slot at a time (slots bound the sweep's width)."""
 
@@ -182,6 +200,12 @@ class RayBackend:
         except ConnectionError as error:
             raise SweepError(f"--ray-address {address}: {error}; use --backend local") \
                 from None
+        except BaseException as error:  # e.g. SIGTERM while the instance starts
+            if self.started and ray.is_initialized():
+                ray.shutdown()  # an instance started half-way: its processes go with it
+            if isinstance(error, SystemExit) and error.code == signal.SIGTERM:
+                raise Terminated from None  # Ray's handler exits: report it as the command's
+            raise
         finally:  # ray.init installs its own SIGTERM handler: keep the command's (as Ctrl-C)
             if threading.current_thread() is threading.main_thread() and on_sigterm is not None:
                 signal.signal(signal.SIGTERM, on_sigterm)
@@ -233,8 +257,7 @@ class RayBackend:
             try:
                 events.append(Event(unit_id, True, self.ray.get(ref)))
             except Exception as error:  # noqa: BLE001 (a task error, a dead worker or node)
-                events.append(Event(unit_id, False,
-                                    error_info(getattr(error, "cause", None) or error)))
+                events.append(Event(unit_id, False, _task_error_info(error)))
         return events
 
     def close(self) -> None:

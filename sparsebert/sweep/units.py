@@ -7,9 +7,9 @@ A unit's spec is a plain dict (it crosses process and Ray boundaries): the unit'
 out (the sweep directory), search / train (config JSON), seeds, reports, device, threads and
 attempt (1 for the first try).
 
-SPARSEBERT_SWEEP_FAIL=PATTERN[:N][,PATTERN[:N]...] makes units whose id matches an fnmatch
-PATTERN fail on their first N attempts (default 1): a failure injected through the real
-runner, to exercise retries and failure reports.
+SPARSEBERT_SWEEP_FAIL=PATTERN[:N][,PATTERN[:N]...] in the driver's environment makes units
+whose id matches an fnmatch PATTERN fail on their first N attempts (default 1): a failure
+injected through the real runner, to exercise retries and failure reports.
 """
 
 from __future__ import annotations
@@ -82,7 +82,10 @@ def _super(spec: dict[str, Any]) -> SuperStage:
 
 
 def _check_injected_failure(spec: dict[str, Any]) -> None:
-    for rule in os.environ.get(FAIL_ENV, "").split(","):
+    """The driver's SPARSEBERT_SWEEP_FAIL, passed in the spec (workers on a Ray cluster run
+    with the environment of `ray start`, not the driver's); this process's when absent."""
+    rules = spec.get("fail_injection")
+    for rule in (os.environ.get(FAIL_ENV, "") if rules is None else rules).split(","):
         pattern, _, count = rule.strip().partition(":")
         if (pattern and fnmatch.fnmatchcase(spec["id"], pattern)
                 and spec["attempt"] <= int(count or 1)):
