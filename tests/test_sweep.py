@@ -97,6 +97,9 @@ def test_eta_estimates_from_finished_units():
     assert scheduler._eta(["full/RTE/2"], {}) == "10 min"
     assert scheduler._eta(["full/RTE/2"], {"full/RTE/2": time.perf_counter() - 60}) == "9 min"
     assert scheduler._eta(["full/RTE/2", "search/RTE/2/structured"], {}) == "15 min"
+    # A running unit past its estimate: the bound says so rather than standing still unmarked.
+    overdue = {"full/RTE/2": time.perf_counter() - 700}
+    assert scheduler._eta(["full/RTE/2", "search/RTE/2/structured"], overdue) == ">5 min"
 
 
 def test_worker_data_cache(tiny_model_dir, synthetic_glue, tmp_path):

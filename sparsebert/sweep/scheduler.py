@@ -20,6 +20,7 @@ from sparsebert.sweep.state import SweepDir
 from sparsebert.sweep.units import unit_spec
 
 AFFINITY = 0.5  # a warm unit is preferred when its rank is at least this fraction of the best
+REDRAW_S = 5.0  # the live line is redrawn at least this often while units run
 
 
 @dataclass
@@ -69,7 +70,8 @@ class Scheduler:
     def _eta(self, remaining: list[str], running: dict[str, float]) -> str:
         """The larger of two lower bounds: the work left spread over every slot, and the
         longest chain of units left that must run one after another (with fewer units ready
-        than slots, or at the end, the chain decides)."""
+        than slots, or at the end, the chain decides). '>' in front once a running unit has
+        taken longer than its estimate (it counts as nearly done, so the bound holds still)."""
         estimates = {i: self._estimate(self.units[i]) for i in remaining}
         if any(e is None for e in estimates.values()):
             return "?"
@@ -83,7 +85,9 @@ class Scheduler:
                                          default=0.0)
         slots = max(len(self.backend.slots) if self.backend else 1, 1)
         seconds = max(sum(left.values()) / slots, max(chain.values(), default=0.0))
-        return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+        overdue = any(now - running[i] > estimates[i] for i in running if i in estimates)
+        text = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+        return (">" if overdue else "") + text
 
     def run(self) -> Outcome:
         started = time.perf_counter()
@@ -104,7 +108,7 @@ class Scheduler:
                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
                               "[{elapsed}{postfix}]")  # the ETA is ours (per-kind unit times)
 
-        changed, last_postfix = True, ""
+        changed, last_postfix, drawn_at = True, "", time.perf_counter()
 
         def log(text: str) -> None:
             if self.progress:  # stderr, as the bar: stdout stays the command's result
@@ -129,9 +133,9 @@ class Scheduler:
             remaining = [i for i in self.order if i not in finished and i not in dead]
             postfix = (f"running {len(running)}, failed {len(outcome.failed)}, "
                        f"ETA {self._eta(remaining, running)}")
-            if postfix != last_postfix:
-                bar.set_postfix_str(postfix, refresh=True)
-                last_postfix = postfix
+            if postfix != last_postfix or time.perf_counter() - drawn_at >= REDRAW_S:
+                bar.set_postfix_str(postfix, refresh=True)  # (the elapsed clock too)
+                last_postfix, drawn_at = postfix, time.perf_counter()
             if changed:
                 self.state.write_status({"running": placed, "done": len(finished),
                                          "failed": sorted(outcome.failed),
