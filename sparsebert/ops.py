@@ -107,6 +107,11 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t.contiguous()
 
 
+_AUTOGRAD_TRANSFORMS = frozenset((torch._C._functorch.TransformType.Grad,
+                                  torch._C._functorch.TransformType.Jvp,
+                                  torch._C._functorch.TransformType.Vmap))
+
+
 def _needs_reference(*tensors: Tensor | None) -> bool:
     """True under a torch.func transform (grad, vjp, jacrev, vmap, jvp, ...) or under
     forward-mode AD (torch.autograd.forward_ad) with a tangent on one of `tensors`. The kernels'
@@ -114,8 +119,10 @@ def _needs_reference(*tensors: Tensor | None) -> bool:
     (plain torch ops) there. The level checks are the cheap part."""
     if torch.compiler.is_compiling():  # traced: dynamo handles the transforms itself
         return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return True
+    if torch._C._functorch.peek_interpreter_stack() is not None and any(
+            level.key() in _AUTOGRAD_TRANSFORMS
+            for level in torch._C._functorch.get_interpreter_stack()):
+        return True  # (functionalize alone, as make_fx uses it, keeps the op)
     if forward_ad._current_level < 0:
         return False
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)

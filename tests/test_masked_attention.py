@@ -729,6 +729,19 @@ def test_torch_func_grad_vjp_and_per_example_grads_match_autograd(per_example, e
         torch.testing.assert_close(per_example_grads[b], one(q[b], k[b], v[b], mask[b], weight[b]))
 
 
+def test_functionalize_keeps_the_op():
+    """torch.func.functionalize (as make_fx and export use it) is not an autograd transform:
+    the traced graph holds the masked_attention op, not the reference's plain ops."""
+    from torch.fx.experimental.proxy_tensor import make_fx  # noqa: PLC0415
+
+    q = torch.randn(1, 4, 2, 8)
+    gate = torch.ones(2)
+    graph = make_fx(torch.func.functionalize(
+        lambda q: ops.masked_attention(q, q, q, gate)))(q).graph
+    targets = [str(n.target) for n in graph.nodes if n.op == "call_function"]
+    assert "sparsebert.masked_attention.default" in targets
+
+
 def test_raw_op_refuses_forward_mode_ad_and_lse_has_no_gradient(assert_native):
     """The op itself has no jvp: it says so (instead of returning zero tangents); its lse output
     is marked non-differentiable."""
