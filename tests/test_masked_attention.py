@@ -663,17 +663,24 @@ def test_return_lse_is_the_log_sum_exp_of_the_scores(assert_native):
     torch.testing.assert_close(lse, want, rtol=1e-10, atol=1e-10)
 
 
+def _transform_case(gen: torch.Generator, per_example: bool):
+    """fp64 q, k, v (B=2, S=5, H=3, D=4), a mask with padding in example 1, and a gate with a
+    pruned head, (H,) or (B, H): the torch.func tests' inputs."""
+    q, k, v = (torch.randn(2, 5, 3, 4, dtype=torch.float64, generator=gen) for _ in range(3))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    gate = (torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 1.0]], dtype=torch.float64)
+            if per_example else torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64))
+    return q, k, v, mask, gate
+
+
 @pytest.mark.parametrize("exact", [False, True], ids=["zero-gate-tangent-0", "exact"])
 @pytest.mark.parametrize("per_example", [False, True])
 def test_forward_mode_ad_agrees_with_reverse_mode(per_example, exact):
     """torch.func.jvp through ops.masked_attention (the reference runs under forward-mode AD):
     <J t, c> equals <t, J^T c> from the kernels' backward, for tangents on every input."""
     gen = torch.Generator().manual_seed(7)
-    q, k, v = (torch.randn(2, 5, 3, 4, dtype=torch.float64, generator=gen) for _ in range(3))
-    mask = torch.ones(2, 5, dtype=torch.bool)
-    mask[1, 3:] = False
-    gate = (torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 1.0]], dtype=torch.float64)
-            if per_example else torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64))
+    q, k, v, mask, gate = _transform_case(gen, per_example)
     inputs = (q, k, v, gate)
     tangents = tuple(torch.randn(t.shape, dtype=t.dtype, generator=gen) for t in inputs)
 
@@ -695,11 +702,7 @@ def test_torch_func_grad_vjp_and_per_example_grads_match_autograd(per_example, e
     """torch.func.grad / vjp / vmap(grad) through ops.masked_attention (the reference runs under
     the transforms) give the kernels' reverse-mode gradients, the gate-0 convention included."""
     gen = torch.Generator().manual_seed(11)
-    q, k, v = (torch.randn(2, 5, 3, 4, dtype=torch.float64, generator=gen) for _ in range(3))
-    mask = torch.ones(2, 5, dtype=torch.bool)
-    mask[1, 3:] = False
-    gate = (torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 1.0]], dtype=torch.float64)
-            if per_example else torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64))
+    q, k, v, mask, gate = _transform_case(gen, per_example)
     weight = torch.randn(2, 5, 3, 4, dtype=torch.float64, generator=gen)
 
     def loss(q, k, v, g):
