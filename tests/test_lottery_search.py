@@ -657,3 +657,31 @@ def test_a_search_resumed_from_changed_model_files_is_refused(tiny_setup, tmp_pa
     with pytest.raises(SparsebertError, match=r"other model files: config\.json"):
         search("SST-2", out, progress=False, method="structured", subnets="good",
                retrain=False, **options)
+
+
+def test_the_search_scores_in_its_full_models_precision(tiny_setup, tmp_path, monkeypatch):
+    """With precision auto, every score of a search is in the precision its full model was
+    fine-tuned in (results.json), also when a later stage runs on another kind of device: here
+    a full model recorded as trained in bf16 (on a GPU) and a search resumed on the CPU, where
+    auto would pick fp32. The search says so and records it in search.json."""
+    import sparsebert.lottery.scoring as scoring  # noqa: PLC0415
+
+    out = tmp_path / "search"
+    options = _options(tiny_setup, method="structured", subnets="good", retrain=False)
+    search("SST-2", out, progress=False, stop_after="full", **options)
+    results_file = out / "full" / "results.json"
+    results = json.loads(results_file.read_text())
+    assert results["precision"] == "fp32"  # trained here, on the CPU
+    results_file.write_text(json.dumps({**results, "precision": "bf16"}))
+    asked, real = [], scoring.evaluate_model
+
+    def recording(*args, **kwargs):
+        asked.append(args[4] if len(args) > 4 else kwargs["precision"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "evaluate_model", recording)
+    with pytest.warns(UserWarning, match="fine-tuned in bf16; the search scores in bf16"):
+        search("SST-2", out, progress=False, **options)
+    assert asked and set(asked) == {"bf16"}
+    found = json.loads((out / "structured" / "search.json").read_text())
+    assert found["precision"] == "bf16"

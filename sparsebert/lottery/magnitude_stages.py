@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from sparsebert.atomic import atomic_write_json
 from sparsebert.errors import RunDirError
 from sparsebert.lottery import magnitude as mag
-from sparsebert.lottery.scoring import format_metrics, report_metric, score_model
+from sparsebert.lottery.scoring import format_metrics, report_metric
 from sparsebert.pruning.weight_masks import (
     WeightMasks,
     load_weight_masks,
@@ -55,6 +55,7 @@ class MagnitudeStages:
             started = time.perf_counter()
             found = self._magnitude_search(model, params)
             found["search_time_s"] = time.perf_counter() - started
+            found["precision"] = self.precision  # of every score in it
             atomic_write_json(root / "search.json", found)
         self._metrics("magnitude", found["curve"])
         kept = found["kept"]
@@ -95,7 +96,7 @@ class MagnitudeStages:
         original = {n: p.detach().clone() for n, p in params.items()}
         WeightMasks.from_named(model, self.magnitude_masks(name)).apply()
         try:
-            score, dev = score_model(model, self.data, self.train)
+            score, dev = self.score(model)
         finally:
             _restore(params, original)
         pruned_file.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +123,7 @@ class MagnitudeStages:
             kept = mag.kept_count(total, step, self.config.magnitude_amount)
             WeightMasks.from_named(model, mag.mask_from_order(params, order, kept)).apply()
             try:
-                score, dev = score_model(model, self.data, self.train)
+                score, dev = self.score(model)
             finally:  # the fine-tuned model is shared by later stages (and a sweep's retries)
                 _restore(params, original)
             passed = score >= threshold

@@ -104,13 +104,15 @@ def format_metrics(metrics: Mapping[str, float]) -> str:
 
 
 def score_model(model: torch.nn.Module, data: SearchData, train: TrainConfig,
-                ) -> tuple[float, dict[str, Any]]:
-    """(search score, dev metrics) of `model` as it stands (masks included)."""
+                precision: str | None = None) -> tuple[float, dict[str, Any]]:
+    """(search score, dev metrics) of `model` as it stands (masks included), in `precision`
+    (default: train.precision)."""
+    precision = train.precision if precision is None else precision
     dev_metrics = evaluate_model(model, data.task.name, data.dev, train.eval_batch_size,
-                                 train.precision)
+                                 precision)
     if data.same_sets:
         search_metrics: Mapping[str, float] = dev_metrics
     else:
         search_metrics = evaluate_model(model, data.task.name, data.search,
-                                        train.eval_batch_size, train.precision)
+                                        train.eval_batch_size, precision)
     return float(search_metrics[data.task.threshold_metric]), dev_metrics

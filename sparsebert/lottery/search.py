@@ -41,6 +41,7 @@ from sparsebert.lottery.magnitude_stages import MagnitudeStages
 from sparsebert.lottery.redo import PendingRedo, finish_redo, set_aside
 from sparsebert.lottery.scoring import load_search_data, report_metric, score_model
 from sparsebert.lottery.structured_stages import StructuredStages
+from sparsebert.precision import resolve as resolve_precision
 from sparsebert.train.config import (
     RUNTIME_FIELDS,
     TrainConfig,
@@ -49,7 +50,7 @@ from sparsebert.train.config import (
     use_cuda_graphs,
 )
 from sparsebert.train.data_identity import DATA_FILE, check_data
-from sparsebert.train.evaluate import data_source
+from sparsebert.train.evaluate import data_source, trained_precision
 from sparsebert.train.loop import finetune
 from sparsebert.train.metrics_log import MetricsLog
 from sparsebert.train.model_identity import MODEL_FILE, check_model
@@ -287,6 +288,7 @@ class Search(StructuredStages, MagnitudeStages):
         tokenizer = load_tokenizer(self.out / "full" / "model")
         self.data = load_search_data(self.task, self.train, tokenizer, self.config.search_data,
                                      self.config.importance_batch_size)
+        self.precision = scoring_precision(self.out / "full", self.train, self.device)
 
     def _full(self) -> RunResult:
         self._log("fine-tuning the full model")
@@ -325,8 +327,12 @@ class Search(StructuredStages, MagnitudeStages):
         model, tokenizer = self._models["pretrained"]
         return copy.deepcopy(model), tokenizer
 
+    def score(self, model: torch.nn.Module) -> tuple[float, dict[str, Any]]:
+        """(search score, dev metrics) of `model` as it stands, in the search's precision."""
+        return score_model(model, self.data, self.train, self.precision)
+
     def _full_scores(self, model: torch.nn.Module) -> tuple[float, dict[str, Any]]:
-        return score_model(model, self.data, self.train)
+        return self.score(model)
 
     def _notes_on_threshold(self, full_dev: dict[str, Any], threshold: float) -> list[str]:
         """Say when the stopping rule cannot tell a pruned model from a constant predictor."""
@@ -362,6 +368,23 @@ class Search(StructuredStages, MagnitudeStages):
 
         return build_summary(self)
 
+
+
+def scoring_precision(full_dir: Path, train: TrainConfig, device: torch.device) -> str:
+    """The precision every score of a search is computed in: the one its full model was
+    fine-tuned and scored in (its results.json), so the search's full score is the run's own and
+    every stage scores alike wherever it runs. With precision auto, a stage on another kind of
+    device than the full model's (a resumed search, a sweep's unit on another node) keeps it,
+    with a warning. The importance pass keeps its own setting (--importance-precision)."""
+    precision = trained_precision(full_dir, train)
+    here = resolve_precision(train.precision, device)
+    if precision == "auto":  # an old run directory that records neither precision nor device
+        return here
+    if precision != here:
+        warnings.warn(f"precision auto: the full model was fine-tuned in {precision}; the "
+                      f"search scores in {precision} on {device} as well (auto would pick "
+                      f"{here} there)", stacklevel=3)
+    return precision
 
 
 def write_report(out: Path, inputs: list[Path] | None = None) -> bool:

@@ -19,7 +19,7 @@ from sparsebert.hf.masks import set_masks
 from sparsebert.hf.patching import patch, sparse_blocks
 from sparsebert.hf.structure import config_size, structure_for
 from sparsebert.hf.surgery import prune
-from sparsebert.lottery.scoring import format_metrics, report_metric, score_model
+from sparsebert.lottery.scoring import format_metrics, report_metric
 from sparsebert.lottery.structured import kept_fraction, structured_search
 from sparsebert.lottery.subnetworks import structured_subnetworks
 from sparsebert.pruning.importance import importance
@@ -51,6 +51,7 @@ class StructuredStages:
             started = time.perf_counter()
             found = self._structured_search(self.fine_tuned_patched())
             found["search_time_s"] = time.perf_counter() - started
+            found["precision"] = self.precision  # of every score in it
             (root / "masks").mkdir(parents=True, exist_ok=True)
             atomic_write_json(root / "search.json", found)
         self._metrics("structured", found["curve"])
@@ -86,7 +87,7 @@ class StructuredStages:
         if path.is_file():
             return
         set_masks(model, head_mask=masks["head_mask"], mlp_mask=masks["mlp_mask"])
-        score, dev = score_model(model, self.data, self.train)
+        score, dev = self.score(model)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {"search_score": score, "metrics": dev})
         self._log(f"{label}: pruned dev {format_metrics(dev)}")
@@ -101,7 +102,7 @@ class StructuredStages:
 
         def evaluate(head_mask, mlp_mask):
             set_masks(model, head_mask=head_mask, mlp_mask=mlp_mask)
-            score, dev = score_model(model, self.data, self.train)
+            score, dev = self.score(model)
             return score, float(dev[metric])
 
         def scores(head_mask, mlp_mask):
