@@ -1024,11 +1024,93 @@ def test_ray_backend_starts_its_own_instance(monkeypatch):
 
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
     backend = RayBackend([Slot(0, "cpu", 1), Slot(1, "cpu", 2)], None, 1, 0.0)
+    watchdog = backend.watchdog
     try:
         assert backend.started and ray.cluster_resources()["CPU"] == 3
+        assert (watchdog is not None) == sys.platform.startswith("linux")
     finally:
         backend.close()
     assert not ray.is_initialized()
+    if watchdog is not None:  # told the instance is shut down, it ended at once
+        assert watchdog.process.poll() == 0 and backend.watchdog is None
+
+
+def test_ray_watchdog_stops_only_its_instances_processes():
+    """The watchdog's choice of processes: one it was given, only while its start time is the
+    one given (a reused pid is left alone), and any whose environment names its raylet."""
+    from sparsebert.sweep import ray_watchdog  # noqa: PLC0415
+
+    if not Path("/proc/self/stat").is_file():
+        pytest.skip("the watchdog reads /proc (Linux)")
+    raylet = 2**22 + 12345  # above any pid this machine hands out (pid_max <= 2**22)
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    given = subprocess.Popen(sleep)
+    agent = subprocess.Popen(sleep, env={**os.environ, "RAY_RAYLET_PID": str(raylet)})
+    other = subprocess.Popen(sleep, env={**os.environ, "RAY_RAYLET_PID": str(raylet + 1)})
+    try:
+        start = ray_watchdog.start_time(given.pid)
+        assert start is not None
+        assert ray_watchdog.leftovers(raylet, [(given.pid, start + 1)]) == {agent.pid}
+        found = ray_watchdog.leftovers(raylet, [(given.pid, start)])
+        assert found == {given.pid, agent.pid}
+        ray_watchdog.stop(found)
+        assert given.wait(10) == agent.wait(10) == -signal.SIGTERM
+        assert other.poll() is None
+    finally:
+        for process in (given, agent, other):
+            process.kill()
+            process.wait()
+
+
+_RAY_DRIVER = """
+import time
+from sparsebert.sweep.local import Slot
+from sparsebert.sweep.ray_backend import RayBackend
+backend = RayBackend([Slot(0, "cpu", 1)], None, 1, 0.0)
+print("WATCHDOG", backend.watchdog.process.pid, *backend.watchdog.process.args[3:], flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the watchdog needs /proc")
+def test_a_killed_sweep_driver_leaves_no_ray_process(tmp_path):
+    """kill -9 of a driver that started a local Ray instance: Ray's raylet, GCS and workers
+    exit on their own, its agents (ray::DashboardAgent, ray::RuntimeEnvAgent) did not; the
+    watchdog stops every process of that instance, and ends."""
+    pytest.importorskip("ray")
+    from sparsebert.sweep import ray_watchdog  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parents[1]
+    driver = subprocess.Popen([sys.executable, "-c", _RAY_DRIVER], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              env={**os.environ, "PYTHONPATH": str(root)},
+                              start_new_session=True)
+    given: list[tuple[int, int]] = []
+    raylet = watchdog = None
+    try:
+        line = driver.stdout.readline().split()
+        assert line[:1] == ["WATCHDOG"], line
+        watchdog, raylet = int(line[1]), int(line[2])
+        given = [tuple(int(x) for x in item.split(":")) for item in line[3:]]
+        names = {ray_watchdog._read(f"/proc/{pid}/comm").strip() for pid, _ in given}
+        assert {b"raylet", b"gcs_server"} <= names
+        agents = set(ray_watchdog.started_by_raylet(raylet))
+        assert agents  # the agents (and an idle worker)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and ray_watchdog.leftovers(raylet, given):
+            time.sleep(0.5)
+        assert not ray_watchdog.leftovers(raylet, given)
+        while time.monotonic() < deadline and pid_alive(watchdog):
+            time.sleep(0.2)
+        assert not pid_alive(watchdog)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        if raylet is not None:
+            ray_watchdog.stop(ray_watchdog.leftovers(raylet, given))
 
 
 def test_ray_backend_sigterm_while_its_instance_starts(monkeypatch):

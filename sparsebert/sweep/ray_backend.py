@@ -22,6 +22,7 @@ import time
 from typing import Any, NamedTuple
 
 from sparsebert.errors import Terminated
+from sparsebert.sweep import ray_watchdog
 from sparsebert.sweep.config import SweepError
 from sparsebert.sweep.local import Event, Slot, error_info
 
@@ -175,6 +176,47 @@ def _task_error_info(error: BaseException) -> dict[str, Any]:
     return info
 
 
+class Watchdog:
+    """The watchdog of the local Ray instance this process started (ray_watchdog.py): it
+    stops the instance's processes if this process dies without shutting it down. close()
+    after ray.shutdown() ends it."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process = process
+
+    @classmethod
+    def start(cls) -> Watchdog | None:
+        """A watchdog for the instance now running below this process; None off Linux (no
+        /proc) or when no raylet of it is found."""
+        if not sys.platform.startswith("linux"):
+            return None
+        raylet, given = ray_watchdog.ray_processes(os.getpid())
+        if raylet is None:
+            return None
+        # its own session: a terminal's Ctrl-C or a kill of the command's process group reaches
+        # the driver, which then shuts its instance down and closes the pipe
+        return cls(subprocess.Popen(
+            [sys.executable, "-I", ray_watchdog.__file__, str(raylet), *given],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True))
+
+    def close(self, shut_down: bool = True) -> None:
+        """End the watchdog: at once when the instance was shut down (`shut_down`), else after
+        it stopped the instance's processes (it is not waited for)."""
+        if shut_down:
+            with contextlib.suppress(OSError):
+                self.process.stdin.write(ray_watchdog.CLOSED)
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+        if not shut_down:
+            return
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
 class RayBackend:
     """Units as Ray tasks; at most one per slot at a time (slots bound the sweep's width)."""
 
@@ -209,6 +251,8 @@ class RayBackend:
         finally:  # ray.init installs its own SIGTERM handler: keep the command's (as Ctrl-C)
             if threading.current_thread() is threading.main_thread() and on_sigterm is not None:
                 signal.signal(signal.SIGTERM, on_sigterm)
+        # a kill -9 of this process would leave the started instance's agents running
+        self.watchdog = Watchdog.start() if self.started and not address else None
         self.pending: dict[Any, Slot] = {}
         try:
             self._check_feasible()
@@ -268,7 +312,14 @@ class RayBackend:
         worker ("Tried to complete task that was not pending", seen with Ray 2.60)."""
         if self.started:
             self.pending.clear()
-            self.ray.shutdown()
+            shut_down = False
+            try:
+                self.ray.shutdown()
+                shut_down = True
+            finally:  # a shutdown cut short (a second Ctrl-C): the watchdog stops what is left
+                if self.watchdog is not None:
+                    self.watchdog.close(shut_down)
+                    self.watchdog = None
             return
         for ref in list(self.pending):
             try:
