@@ -372,10 +372,11 @@ def test_structured_search_a_score_equal_to_the_threshold_passes():
 class _StubSearch:
     """What MagnitudeStages._magnitude_search reads from its Search."""
 
-    def __init__(self, max_steps=9):
+    def __init__(self, score, max_steps=9):
         self.config = types.SimpleNamespace(threshold=0.5, magnitude_max_steps=max_steps,
                                       magnitude_amount=0.1)
         self.progress, self.data, self.train, self.task = False, None, None, None
+        self.score = score  # (search score, dev metrics) of the model as it stands
 
     def _full_scores(self, model):
         return 1.0, {"acc": 1.0}
@@ -401,14 +402,13 @@ def test_magnitude_search_a_score_equal_to_the_threshold_passes_and_weights_are_
     total = sum(p.numel() for p in params.values())
     calls = []
 
-    def score_model(model, data, train):
+    def score(model):
         calls.append(sum(int((p == 0).sum()) for p in params.values()))
-        score = [0.75, 0.5, 0.25][len(calls) - 1]
-        return score, {"acc": score}
+        value = [0.75, 0.5, 0.25][len(calls) - 1]
+        return value, {"acc": value}
 
-    monkeypatch.setattr(stages, "score_model", score_model)
     monkeypatch.setattr(stages, "report_metric", lambda task: "acc")
-    found = stages.MagnitudeStages._magnitude_search(_StubSearch(), model, params)
+    found = stages.MagnitudeStages._magnitude_search(_StubSearch(score), model, params)
     assert found["good_step"] == 2 and found["kept"] == mag.kept_count(total, 2)
     assert [r["passed"] for r in found["curve"]] == [True, True, True, False]
     # each step is evaluated from the original weights, which are all back afterwards
@@ -422,9 +422,9 @@ def test_magnitude_search_that_reaches_the_step_cap_keeps_the_last_saved_mask(mo
     magnitude_max_steps=3 the good mask is step 2's (PAPER.md §2: at most 1 - 0.9^(cap - 1))."""
     model = _tiny_magnitude_model()
     params = mag.eligible_parameters(model)
-    monkeypatch.setattr(stages, "score_model", lambda m, d, t: (1.0, {"acc": 1.0}))
     monkeypatch.setattr(stages, "report_metric", lambda task: "acc")
-    found = stages.MagnitudeStages._magnitude_search(_StubSearch(max_steps=3), model, params)
+    found = stages.MagnitudeStages._magnitude_search(
+        _StubSearch(lambda m: (1.0, {"acc": 1.0}), max_steps=3), model, params)
     assert len(found["curve"]) == 4 and found["good_step"] == 2
 
 

@@ -493,7 +493,7 @@ def test_a_failed_unit_leaves_no_changed_model_behind(tiny_model_dir, synthetic_
     """A magnitude search that raises half-way (a CUDA OOM, say) restores the fine-tuned
     weights it had pruned, and the worker drops its warm searches, so a retry on the same
     worker starts from the fine-tuned model."""
-    import sparsebert.lottery.magnitude_stages as stages  # noqa: PLC0415
+    from sparsebert.lottery.search import Search  # noqa: PLC0415
     from sparsebert.sweep import units  # noqa: PLC0415
 
     search = SearchConfig(method="magnitude", subnets="good", importance_batch_size=16)
@@ -507,10 +507,15 @@ def test_a_failed_unit_leaves_no_changed_model_behind(tiny_model_dir, synthetic_
     model = units._search(spec, 3).fine_tuned_plain()  # the worker's warm fine-tuned model
     before = {name: value.clone() for name, value in model.state_dict().items()}
 
-    def out_of_memory(*args, **kwargs):  # the first score of a pruned model
-        raise RuntimeError("CUDA out of memory (simulated)")
+    scored, real_score = [], Search.score
 
-    monkeypatch.setattr(stages, "score_model", out_of_memory)
+    def out_of_memory(self, scored_model):  # the first score of a pruned model (the full
+        scored.append(True)  # model's comes first)
+        if len(scored) > 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_score(self, scored_model)
+
+    monkeypatch.setattr(Search, "score", out_of_memory)
     with pytest.raises(RuntimeError, match="simulated"):
         units.run_unit(spec)
     assert not units._warm
