@@ -281,6 +281,18 @@ def test_bad_search_options(field, value, match):
         SearchConfig(**{field: value}).validate()
 
 
+def test_michel_importance_needs_recompute_after_revert_for_s_pruning():
+    """michel scores masked heads 0, so phase 2's first step (ranked under the failed step's
+    mask) would take that step's heads by index: s-pruning with it must recompute after a
+    revert; m-pruning does not use importance."""
+    for method in ("structured", "both"):
+        with pytest.raises(SearchError, match="--recompute-after-revert"):
+            SearchConfig(method=method, importance_mode="michel").validate()
+        SearchConfig(method=method, importance_mode="michel",
+                     recompute_after_revert=True).validate()
+    SearchConfig(method="magnitude", importance_mode="michel").validate()
+
+
 def test_search_config_round_trips():
     config = SearchConfig(method="magnitude", subnets="good,bad", threshold=0.8)
     assert SearchConfig.from_json(json.loads(json.dumps(config.to_json()))) == config

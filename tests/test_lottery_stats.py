@@ -389,6 +389,7 @@ def test_super_survivor_controls_rejects_non_generator_rng():
     "masks, match",
     [
         ([np.ones((12, 12)), np.ones((12, 11))], "different shapes"),
+        ([[[1, 0], [1]], [[1, 0], [1]]], "ragged"),
         (np.ones((1, 12, 12)), "at least 2 seeds"),
         (np.ones(12), r"shape \(n_seeds, \*component_shape\)"),
         (np.full((3, 4), 2.0), "only 0 and 1"),

@@ -76,6 +76,13 @@ class SearchConfig:
         if self.importance_mode not in MODES:
             raise SearchError(f"--importance-mode {self.importance_mode!r}: expected one of "
                               f"{', '.join(MODES)}")
+        if (self.importance_mode == "michel" and self.method != "magnitude"
+                and not self.recompute_after_revert):
+            raise SearchError(
+                "--importance-mode michel needs --recompute-after-revert for s-pruning: michel "
+                "scores a masked head 0, and the first step of phases 2 and 3 ranks the heads "
+                "under the previous phase's failed mask (the authors' code), so it would take "
+                "that step's heads in index order, not by importance")
         if self.importance_precision not in PRECISIONS:
             raise SearchError(f"--importance-precision {self.importance_precision!r}: expected "
                               f"one of {', '.join(PRECISIONS)}")

@@ -47,16 +47,20 @@ __all__ = [
 ]  # fmt: skip
 
 
-def _to_numpy(x: Any) -> np.ndarray:
+def _to_numpy(x: Any, name: str = "masks") -> np.ndarray:
     if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
         x = x.detach().cpu().numpy()
-    return np.asarray(x)
+    try:
+        return np.asarray(x)
+    except ValueError:  # ragged nested lists (numpy: "inhomogeneous shape")
+        raise SparsebertError(f"{name}: a mask is ragged (rows of different lengths); every "
+                              f"seed's mask must be a full array, e.g. (layers, heads)") from None
 
 
 def _as_masks(masks: npt.ArrayLike, name: str = "masks", min_seeds: int = 2) -> np.ndarray:
     """Validate and return masks as bool (n_seeds, *component_shape)."""
     if isinstance(masks, (list, tuple)):
-        arrays = [_to_numpy(m) for m in masks]
+        arrays = [_to_numpy(m, name) for m in masks]
         shapes = [a.shape for a in arrays]
         if len(set(shapes)) > 1:
             raise SparsebertError(
@@ -65,7 +69,7 @@ def _as_masks(masks: npt.ArrayLike, name: str = "masks", min_seeds: int = 2) -> 
             )
         arr = np.stack(arrays) if arrays else np.zeros((0, 0))
     else:
-        arr = _to_numpy(masks)
+        arr = _to_numpy(masks, name)
     if arr.ndim < 2:
         raise SparsebertError(
             f"{name} must have shape (n_seeds, *component_shape), e.g. (n_seeds, layers, heads) "

@@ -4,9 +4,9 @@ Starting from the fine-tuned full model (all gates 1):
 
   phase 1  mask the `head_step` lowest-importance unmasked heads and the lowest-importance
            unmasked MLP, recompute importance and the search score under the new masks;
-           continue while score >= threshold, else revert to the last passing masks. As in
-           the authors' loop, the phase ends (keeping the last passing masks) as soon as no
-           head or no MLP is left to mask;
+           continue while score >= threshold, else revert to the last passing masks. The
+           phase ends as soon as no head or no MLP is left to mask, keeping the last passing
+           head and MLP masks (both from the same step);
   phase 2  from there, `head_step // 2` heads per step, MLPs fixed; revert on failure;
   phase 3  one MLP per step, heads fixed; revert on failure.
 
@@ -17,14 +17,15 @@ Quirk kept from the authors' code: the first step of phases 2 and 3 ranks compon
 importance computed under the previous phase's *failed* mask (the masks are reverted, the scores
 are not). The heads that failed step had masked are live again and ranked by their true scores
 under that mask, so `importance` must score masked components (the search's importance does:
-score_masked_heads=True), not give them 0. One difference remains: when the failed step masked
-the last heads of a layer, those heads score 0 here (the layer is LayerNorm(residual), no gate
-reaches it) and are masked first, where the authors' masked layer keeps the attention output's
-bias and their heads a gradient. `recompute_after_revert=True` recomputes the scores under the
-reverted masks instead (a documented deviation, off by default). Likewise a step's dev score:
-a layer with every head masked is scored as physically pruned, without the attention output's
-bias (sparsebert.nn.attention's convention), where the authors' masked model keeps that bias;
-the search can then stop at another step when a step empties a layer.
+score_masked_heads=True), not give them 0; importance mode michel scores masked heads 0, so the
+search refuses it without recompute_after_revert. One difference remains: when the failed step
+masked the last heads of a layer, those heads score 0 here (the layer is LayerNorm(residual), no
+gate reaches it) and are masked first, where the authors' masked layer keeps the attention
+output's bias and their heads a gradient. `recompute_after_revert=True` recomputes the scores
+under the reverted masks instead (a documented deviation, off by default). Likewise a step's dev
+score: a layer with every head masked is scored as physically pruned, without the attention
+output's bias (sparsebert.nn.attention's convention), where the authors' masked model keeps that
+bias; the search can then stop at another step when a step empties a layer.
 
 The search is model-agnostic: it calls `evaluate(head_mask, mlp_mask) -> (score, report)`
 and `importance(head_mask, mlp_mask) -> (head (L, H), mlp (L,))`, so the schedule is tested
