@@ -38,12 +38,22 @@ def resolve(precision: str, device: torch.device) -> str:
 
 def autocast(device: torch.device, precision: str, cache_enabled: bool = True):
     """The forward's context: bf16 autocast (matmul inputs in bf16, fp32 accumulation) for
-    precision bf16 ("auto": on CUDA), else none. cache_enabled=False: no cache of weights' bf16
-    copies (a CUDA graph cannot capture it)."""
+    precision bf16 ("auto": on CUDA), else none: fp32, also inside a caller's own autocast
+    region (switched off for the block). cache_enabled=False: no cache of weights' bf16 copies
+    (a CUDA graph cannot capture it)."""
     if resolve(precision, device) == "fp32":
-        return contextlib.nullcontext()
+        return outside_autocast(device)
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
                           cache_enabled=cache_enabled)
+
+
+def outside_autocast(device: torch.device):
+    """A block that runs as outside any autocast region: a caller's own autocast on `device` is
+    switched off for it (a backward taken in such a region would run its products in the
+    region's dtype), else nothing changes."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager

@@ -409,6 +409,66 @@ def test_bad_arguments(kwargs, error, needle, tiny_bert, tiny_batches):
         )
 
 
+def _reshaped(batches, key, change):
+    return [{**batch, key: change(batch[key])} for batch in batches]
+
+
+@pytest.mark.parametrize("mode", ["paper", "michel"])
+@pytest.mark.parametrize("bad,error,needle", [
+    (lambda b: _reshaped(b, "labels", lambda t: t.tolist()), TypeError, "'labels' must be a "
+     "tensor"),
+    (lambda b: _reshaped(b, "input_ids", lambda t: t[0]), ValueError, r"must be \(B, L\)"),
+    (lambda b: _reshaped(b, "attention_mask", lambda t: t[:, :5]), ValueError,
+     "'attention_mask' must be a tensor shaped like the tokens"),
+    (lambda b: b[0], TypeError, "got a single dict; pass \\[batch\\]"),
+])
+def test_bad_batches_name_what_is_wrong(mode, bad, error, needle, tiny_bert, tiny_batches):
+    """Labels as a list, one unbatched sequence, an attention mask of another length (michel
+    crashed on it, the other modes divided the MLP scores by a wrong token count) and a single
+    batch dict in place of the batches: errors that name the input."""
+    batches = tiny_batches(num_labels=NUM_LABELS)
+    with pytest.raises(error, match=needle):
+        importance(patch(tiny_bert(num_labels=NUM_LABELS)), bad(batches), mode=mode,
+                   progress=False)
+
+
+def test_a_model_without_logits_is_an_error(tiny_bert, tiny_batches):
+    """A patched encoder without a classification head (BertModel) has no loss to score by."""
+    encoder = patch(tiny_bert(num_labels=NUM_LABELS).bert)
+    with pytest.raises(TypeError, match="without logits; it needs a classification head"):
+        importance(encoder, tiny_batches(num_labels=NUM_LABELS), progress=False)
+
+
+@pytest.mark.parametrize("mode", ["paper", "per_example", "fisher", "michel"])
+def test_a_model_with_every_head_and_mlp_removed_scores_zero(mode, tiny_bert, tiny_batches):
+    """No gate reaches the loss of a model pruned of every head and MLP (WNLI's good masks keep
+    nothing in most of the paper's seeds): every score is 0, as for that model masked, where
+    the gradient modes raised autograd's 'does not require grad'."""
+    model = patch(tiny_bert(num_labels=NUM_LABELS))
+    set_masks(model, head_mask=torch.zeros(3, 4), mlp_mask=torch.zeros(3))
+    pruned = sparsebert.prune(copy.deepcopy(model))
+    options = dict(mode=mode, neurons=True, normalize=False, progress=False)
+    for scored in (model, pruned):
+        imp = importance(scored, tiny_batches(num_labels=NUM_LABELS), **options)
+        assert not imp.head.any() and not imp.mlp.any() and not imp.neuron.any()
+        assert imp.head.shape == (3, 4) and imp.examples == 8
+
+
+def test_fp32_precision_holds_inside_a_callers_autocast(tiny_bert, tiny_batches):
+    """precision="fp32" forces fp32 also inside the caller's own bf16 autocast region (it ran in
+    bf16 there), and "bf16" still gives bf16's scores."""
+    model = patch(tiny_bert(num_labels=NUM_LABELS))
+    batches = tiny_batches(num_labels=NUM_LABELS)
+    kw = dict(mode="paper", normalize=False, progress=False)
+    fp32, bf16 = (importance(model, batches, precision=p, **kw) for p in ("fp32", "bf16"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside_fp32 = importance(model, batches, precision="fp32", **kw)
+        inside_bf16 = importance(model, batches, precision="bf16", **kw)
+        assert torch.is_autocast_enabled("cpu")  # the caller's region is on again after it
+    assert torch.equal(inside_fp32.head, fp32.head) and torch.equal(inside_fp32.mlp, fp32.mlp)
+    assert torch.equal(inside_bf16.head, bf16.head)
+
+
 def test_unpatched_model_is_an_error(tiny_bert, tiny_batches):
     with pytest.raises(ValueError, match="patch"):
         importance(

@@ -27,8 +27,12 @@ by the number of real tokens, then min-max rescaled. As in the authors' code, a 
 counts the |gradient| of its masked heads too (the gate-gradient modes take their true gradient
 at gate 0 for this, computing masked heads in the backward while scoring), so the last heads
 left in a layer are not inflated by the norm. Pruned heads/MLPs/neurons (gate exactly 0) then
-score 0 (masked heads keep that true score with score_masked_heads=True). Scores are in the
-original (unpruned) numbering: (L, H), (L,), (L, F) from the config.
+score 0 (masked heads keep that true score with score_masked_heads=True). Physically removed
+heads have no gate, so they cannot count in their layer's norm: a pruned model's normalised head
+scores can rank differently from the same model masked (a layer's one remaining head
+normalises to 1 there; scoring the masked model is the authors' convention), though its raw scores
+(normalize=False) are the masked model's. Scores are in the original (unpruned) numbering:
+(L, H), (L,), (L, F) from the config.
 """
 
 from __future__ import annotations
@@ -357,14 +361,25 @@ class BatchScorer:
         losses. hooks: a context entered with the leaves in place (michel's per-token hooks,
         which add the tensors they need gradients of to extra_inputs during the forward)."""
         extra_inputs = [] if extra_inputs is None else extra_inputs
-        with self._set_up(leaves), hooks or contextlib.nullcontext():
+        # the pass's precision alone, also in a caller's autocast region (the backward too)
+        with (self._set_up(leaves), numerics.outside_autocast(self.device),
+              hooks or contextlib.nullcontext()):
             with numerics.autocast(self.device, self.precision, self.autocast_cache):
-                logits = self.model(**inputs).logits
+                output = self.model(**inputs)
+            logits = getattr(output, "logits", None)
+            if not isinstance(logits, Tensor):
+                raise TypeError(f"importance: the model returned {type(output).__name__} "
+                                f"without logits; it needs a classification head (e.g. "
+                                f"AutoModelForSequenceClassification): the loss defines the "
+                                f"importance")
             losses = per_example_loss(logits.float(), labels, self.num_labels)  # (B,)
             loss = losses.mean() if self.mode == "paper" else losses.sum()
             wanted = [leaf.head for leaf in leaves] + [leaf.mlp for leaf in leaves]
             wanted += [leaf.neuron for leaf in leaves if leaf.neuron is not None]
-            grads = torch.autograd.grad(loss, wanted + extra_inputs, allow_unused=True)
+            if loss.requires_grad:
+                grads = torch.autograd.grad(loss, wanted + extra_inputs, allow_unused=True)
+            else:  # no gate reaches the loss (every head and MLP physically removed)
+                grads = (None,) * len(wanted + extra_inputs)
         n = len(leaves)
         return GateGrads(head=list(grads[:n]), mlp=list(grads[n:2 * n]),
                          neuron=list(grads[2 * n:len(wanted)]))
@@ -428,6 +443,9 @@ def _token_shape(batch: Mapping, mode: str) -> torch.Size:
         shape = batch["inputs_embeds"].shape[:-1]
     else:
         raise ValueError("importance: each batch needs 'input_ids' or 'inputs_embeds'")
+    if len(shape) < 2:
+        raise ValueError(f"importance: the batch's tokens must be (B, L), got {tuple(shape)} "
+                         f"(a single sequence needs a batch dimension: input_ids[None])")
     if len(shape) != 2 and mode != "paper":
         raise ValueError(
             f"importance: mode={mode!r} gates each example's sequence, but the batch's tokens "
@@ -492,6 +510,9 @@ def importance(
         raise RuntimeError("importance: called under torch.inference_mode(), where no gradient "
                            "can be taken; call it outside that block (torch.no_grad() is fine: "
                            "the pass turns gradients on for itself)")
+    if isinstance(batches, Mapping):
+        raise TypeError("importance: 'batches' must be an iterable of batches (dicts of tensors), "
+                        "got a single dict; pass [batch]")
     if keep_per_example and mode not in ("per_example", "fisher"):
         raise ValueError("importance: keep_per_example needs mode='per_example' or 'fisher'")
     blocks = sparse_blocks(model)  # raises if not patched
@@ -531,11 +552,19 @@ def importance(
             batch = _batch_to(batch, device)
             labels = batch.pop("labels")
             token_shape = _token_shape(batch, mode)  # (B, L)
+            if not isinstance(labels, Tensor):
+                raise TypeError(f"importance: 'labels' must be a tensor ({token_shape[0]},), "
+                                f"got {type(labels).__name__}")
             if labels.dim() == 0 or labels.shape[0] != token_shape[0]:
                 raise ValueError(f"importance: 'labels' must be ({token_shape[0]},), one per "
                                  f"example, got {tuple(labels.shape)}")
             size = labels.shape[0]
             token_mask = batch.get("attention_mask")
+            if token_mask is not None and (not isinstance(token_mask, Tensor)
+                                           or token_mask.shape != token_shape):
+                raise ValueError(f"importance: 'attention_mask' must be a tensor shaped like "
+                                 f"the tokens {tuple(token_shape)}, got "
+                                 f"{tuple(getattr(token_mask, 'shape', ())) or token_mask!r}")
             token_mask = (
                 torch.ones(token_shape, device=device) if token_mask is None else token_mask
             ).bool()
