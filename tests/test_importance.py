@@ -421,6 +421,8 @@ def _reshaped(batches, key, change):
     (lambda b: _reshaped(b, "attention_mask", lambda t: t[:, :5]), ValueError,
      "'attention_mask' must be a tensor shaped like the tokens"),
     (lambda b: b[0], TypeError, "got a single dict; pass \\[batch\\]"),
+    (lambda b: _reshaped(b, "labels", lambda t: t.float() + 0.5), ValueError,
+     "must be class ids, got fractional values"),
 ])
 def test_bad_batches_name_what_is_wrong(mode, bad, error, needle, tiny_bert, tiny_batches):
     """Labels as a list, one unbatched sequence, an attention mask of another length (michel

@@ -140,6 +140,11 @@ def frozen_for_scoring(model: nn.Module):
                 p.requires_grad_(flag)
 
 
+def _capturing(tensor: Tensor) -> bool:
+    """Whether a CUDA graph capture is under way on `tensor`'s device."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def per_example_loss(logits: Tensor, labels: Tensor, num_labels: int) -> Tensor:
     """(B,) losses: cross-entropy for classification, MSE for regression (num_labels == 1).
     labels: (B,), or (B, 1) as the model's own loss takes them."""
@@ -150,6 +155,13 @@ def per_example_loss(logits: Tensor, labels: Tensor, num_labels: int) -> Tensor:
                          f"got {tuple(labels.shape)}")
     if num_labels == 1:
         return F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction="none")
+    # float class ids are taken when whole (a check only they pay for: it reads the values,
+    # which a CUDA graph capture cannot)
+    if (labels.is_floating_point() and not _capturing(labels)
+            and not torch.equal(labels, labels.round())):
+        raise ValueError(f"importance: 'labels' of a {num_labels}-class model must be class "
+                         f"ids, got fractional values (soft or multi-label targets are not "
+                         f"supported)")
     return F.cross_entropy(logits.float(), labels.long(), reduction="none")
 
 
