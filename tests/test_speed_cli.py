@@ -136,6 +136,14 @@ def _sweep_dir(tmp_path):
     return tmp_path / "sweep"
 
 
+def _sweep_results_copy(tmp_path):
+    """A sweep's results as committed: each seed keeps only its summary.json."""
+    seed = tmp_path / "runs" / "RTE" / "seed_1"
+    seed.mkdir(parents=True)
+    (seed / "summary.json").write_text(json.dumps({"kind": "sparsebert-search", "methods": {}}))
+    return tmp_path / "runs"
+
+
 def _unreadable_pt(tmp_path):
     path = tmp_path / "masks.pt"
     path.write_text("not a torch file")
@@ -170,6 +178,17 @@ def _run_with_json(tmp, relative, text):
     return str(tmp / "run")
 
 
+def _search_with_speed_file(tmp, model):
+    """A search directory whose speed/ (where the result goes) is a file."""
+    search = tmp / "search"
+    (search / "structured" / "masks").mkdir(parents=True)
+    (search / "structured" / "masks" / "good.json").write_text(
+        json.dumps({"head_mask": np.ones((2, 4)).tolist(), "mlp_mask": [1.0, 1.0]}))
+    (search / "config.json").write_text(json.dumps({"search": {}, "train": {"model": model}}))
+    (search / "speed").write_text("")
+    return str(search)
+
+
 PROBES = {  # name: (extra args (tmp_path -> list), expected text in the one error line)
     "cuda-without-cuda": (lambda tmp: ["--device", "cuda"], "--device cuda"),
     "mask-wrong-shape": (lambda tmp: ["--head-mask", _mask_file(tmp, (3, 4))], "--head-mask"),
@@ -181,6 +200,9 @@ PROBES = {  # name: (extra args (tmp_path -> list), expected text in the one err
     "run-on-a-sweep-directory": (lambda tmp: ["--run", str(_sweep_dir(tmp))],
                                  "a sweep directory; time one task's subnetworks at a time, "
                                  "e.g. --run"),
+    "run-on-a-sweep-results-copy": (lambda tmp: ["--run", str(_sweep_results_copy(tmp))],
+                                    "a sweep directory; time one task's subnetworks at a "
+                                    "time, e.g. --run"),
     "two-mask-sources": (lambda tmp: ["--run", str(tmp), "--prune-heads", "0.5"],
                          "one source of masks"),
     "bad-lengths": (lambda tmp: ["--lengths", "zipf"], "--lengths"),
@@ -191,6 +213,12 @@ PROBES = {  # name: (extra args (tmp_path -> list), expected text in the one err
     "unknown-glue-task": (lambda tmp: ["--lengths", "glue:FOO"],
                           "--lengths 'glue:FOO': unknown GLUE task 'FOO'"),
     "bad-fraction": (lambda tmp: ["--prune-heads", "1.5"], "--prune-heads"),
+    "bad-ffn-fraction": (lambda tmp: ["--prune-ffn", "-0.5"], "--prune-ffn -0.5: expected a "
+                         "fraction in [0, 1]"),
+    "glue-lengths-without-task": (lambda tmp: ["--lengths", "glue:"], "--lengths 'glue:'"),
+    "run-whose-speed-folder-is-a-file": (
+        lambda tmp, model: ["--run", _search_with_speed_file(tmp, model)],
+        "speed/result.json: "),
     "mask-file-unreadable": (lambda tmp: ["--head-mask", _unreadable_pt(tmp)],
                              "cannot read it as a masks file"),
     "mask-file-is-a-directory": (lambda tmp: ["--head-mask", str(tmp)], "is a directory"),
@@ -227,6 +255,56 @@ def test_speed_bad_input(name, tiny_model_dir, tmp_path, capsys, monkeypatch):
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("sparsebert: error: "), err
     assert expected in lines[0] and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["bad-fraction", "bad-lengths",
+                                  "run-whose-speed-folder-is-a-file"])
+def test_speed_refuses_bad_input_before_loading_the_model(name, tiny_model_dir, tmp_path,
+                                                            capsys, monkeypatch):
+    """Arguments that can be checked without the model are, before it loads (and, for where
+    a --run result goes, before minutes of timing)."""
+    import sparsebert.speed.command as command  # noqa: PLC0415
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(command, "load_speed_model", no_model)
+    extra, expected = PROBES[name]
+    extra = (extra(tmp_path, tiny_model_dir) if extra.__code__.co_argcount == 2
+             else extra(tmp_path))
+    assert main(["speed", "--model", tiny_model_dir, *FAST, *extra]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_speed_fails_when_a_rows_logits_differ(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A pruned model that computes another function (here its classifier scaled by 3) is not
+    a speed-up: the row is marked, a note says so, and the command exits 1 (result written)."""
+    import sparsebert  # noqa: PLC0415
+
+    real_prune = sparsebert.prune
+
+    def wrong_prune(model, *args, **kwargs):
+        model = real_prune(model, *args, **kwargs)
+        with torch.no_grad():
+            model.classifier.weight.mul_(3)
+        return model
+
+    monkeypatch.setattr(sparsebert, "prune", wrong_prune)
+    out = tmp_path / "speed.json"
+    assert main(["speed", "--model", tiny_model_dir, *FAST, "--prune-heads", "0.5",
+                 "--json", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "pruned: logits differ from the reference beyond rounding" in captured.err
+    assert "note: pruned: its logits differ from the patched model's" in captured.out
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["pruned"]["outputs_match"] is False
+    assert rows["pruned"]["max_abs_diff"] > rows["pruned"]["tolerance"]
+    assert rows["masked"]["outputs_match"] is True and rows["hf_eager"]["outputs_match"] is None
+
+
+def test_speed_without_masks_says_what_it_times(tiny_model_dir, capsys):
+    _speed(tiny_model_dir)
+    assert "note: no masks given" in capsys.readouterr().out
 
 
 def test_speed_of_a_search_is_saved_in_it_with_the_runs_model(tiny_model_dir, tmp_path, capsys):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +144,19 @@ def check_args(args: argparse.Namespace) -> None:
         raise SpeedError(f"--seed {args.seed}: expected an integer in [0, 2**64 - 1]")
     if args.threads is not None and args.threads < 1:
         raise SpeedError(f"--threads {args.threads}: expected a positive integer")
+    for flag, value in (("--prune-heads", args.prune_heads), ("--prune-ffn", args.prune_ffn)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise SpeedError(f"{flag} {value}: expected a fraction in [0, 1]")
+    if args.lengths not in ("full", "uniform") and not (
+            args.lengths.startswith("glue:") and args.lengths[len("glue:"):]):
+        raise SpeedError(f"--lengths {args.lengths!r}: expected full, uniform or glue:TASK "
+                         f"(e.g. glue:SST-2)")
     if args.json is not None:
         check_output_file("--json", Path(args.json))
+    if args.run is not None and not args.no_save and is_search_dir(args.run):
+        # where the result will go (its name depends on the timing's setting): checked now,
+        # not after minutes of timing
+        check_output_file("--run", Path(args.run) / "speed" / "result.json")
     sources = [flag for flag, value in (("--head-mask", args.head_mask), ("--run", args.run))
                if value is not None]
     if args.prune_heads is not None or args.prune_ffn is not None:
@@ -206,10 +218,28 @@ def useful_flops(shape: dict[str, int], masks: MaskSet | None, lengths: np.ndarr
 # --- the run --------------------------------------------------------------------------------
 # A row whose p80 / p20 exceeds this was timed on a busy machine: say so next to the table.
 NOISY_SPREAD = 1.25
+# A row's logits may differ from its reference model's (the patched model with the same masks)
+# by rounding only: at most this times max(1, max |reference logit|). fp32 rows differ by
+# about 1e-7 on the CPU; half-precision kernels accumulate in another order.
+OUTPUT_RTOL = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
+
+
+def output_tolerance(dtype_name: str, reference: torch.Tensor) -> float:
+    """The largest max |logit difference| a row may have against `reference` (its logits)."""
+    return OUTPUT_RTOL[dtype_name] * max(1.0, float(reference.abs().max()))
+
+
+def _mismatch_notes(rows: list[dict[str, Any]], padded: bool) -> list[str]:
+    """A note for each row whose logits differ from its reference beyond rounding."""
+    return [f"{_row_name(r, say_padded=padded)}: its logits differ from the patched model's "
+            f"with the same masks by {r['max_abs_diff']:.1e} (tolerance "
+            f"{r['tolerance']:.1e}): it does not compute the same function, so its timing is "
+            f"not comparable" for r in rows
+            if r["outputs_match"] is False]
 
 
 def _rows(variants: list[Variant], samples: dict[str, list[float]], shape, lengths, batch,
-          diffs: dict[str, float]) -> list[dict[str, Any]]:
+          diffs: dict[str, float], tolerances: dict[str, float]) -> list[dict[str, Any]]:
     """One row per variant: time statistics, the raw samples (sample r of every row comes from
     round r of the timer) and speed-ups as medians of per-round ratios (paired_ratio): every
     row against the fast-path full model (`dense`, unpadded); pruned rows also against the
@@ -230,7 +260,11 @@ def _rows(variants: list[Variant], samples: dict[str, list[float]], shape, lengt
             "heads_kept": heads_kept, "ffn_kept": ffn_kept, **stats,
             "examples_per_s": batch / seconds,
             "effective_tflops": useful_flops(shape, v.masks, lengths) / seconds / 1e12,
-            "speedup_vs_dense": None, "max_abs_diff": diffs.get(v.key), "notes": v.notes,
+            "speedup_vs_dense": None, "max_abs_diff": diffs.get(v.key),
+            "tolerance": tolerances.get(v.key),
+            "outputs_match": (None if v.key not in diffs
+                              else bool(diffs[v.key] <= tolerances[v.key])),
+            "notes": v.notes,
             "samples_ms": [round(ms, 4) for ms in samples[v.key]],
         }
         if dense is not None:
@@ -246,9 +280,11 @@ def _rows(variants: list[Variant], samples: dict[str, list[float]], shape, lengt
     return rows
 
 
-def _noise_notes(rows: list[dict[str, Any]]) -> list[str]:
-    """A note when some rows' per-call times spread widely (a busy machine)."""
-    spread = {_row_name(r): r["p80_ms"] / r["p20_ms"] for r in rows if r["p20_ms"] > 0}
+def _noise_notes(rows: list[dict[str, Any]], padded: bool = True) -> list[str]:
+    """A note when some rows' per-call times spread widely (a busy machine). padded: whether
+    the batch has padding (rows that run it padded are named so)."""
+    spread = {_row_name(r, say_padded=padded): r["p80_ms"] / r["p20_ms"] for r in rows
+              if r["p20_ms"] > 0}
     noisy = {name: s for name, s in spread.items() if s > NOISY_SPREAD}
     if not noisy:
         return []
@@ -304,27 +340,34 @@ def _run_speed(args: argparse.Namespace) -> dict[str, Any]:
     dense, _ = fast_variants("dense", model, None, batch, padded)
     variants += dense + [patched_full_variant(model, batch)]
     diffs: dict[str, float] = {}
+    tolerances: dict[str, float] = {}
     notes: list[str] = []
+    if args.head_mask is None and args.run is None and not (args.prune_heads or args.prune_ffn):
+        notes.append("no masks given (--head-mask, --run or --prune-heads/--prune-ffn): the "
+                     "masked and pruned rows keep every head and FFN neuron")
+
+    def check_outputs(rows: list[Variant], reference: torch.Tensor) -> None:
+        for v in rows:
+            diffs[v.key] = float((v.fn().float() - reference).abs().max())
+            tolerances[v.key] = output_tolerance(dtype_name, reference)
+
     for masks in sets:
         name = masks.name if len(sets) > 1 or args.run is not None else ""
         notes += [f"{masks.name}: {note}" for note in masks.notes]
         masked, patched = fast_variants("masked", model, masks, batch, padded, name)
         variants += masked + [pruned_variant(patched, masks, batch, name)]
         with torch.no_grad():
-            reference = patched(**batch).logits.float()
-        for v in variants[-len(masked) - 1:]:
-            diffs[v.key] = float((v.fn().float() - reference).abs().max())
+            check_outputs(variants[-len(masked) - 1:], patched(**batch).logits.float())
     with torch.no_grad():
         reference = patched_copy(model, None)(**batch).logits.float()
-    for v in dense + [next(v for v in variants if v.variant == "patched")]:
-        diffs[v.key] = float((v.fn().float() - reference).abs().max())
+    check_outputs(dense + [next(v for v in variants if v.variant == "patched")], reference)
     # Step 3: time them side by side.
     samples = time_interleaved({v.key: v.fn for v in variants}, repeats, args.warmup, device,
                                progress=not args.quiet)
     for v in variants:
         notes += v.notes
-    rows = _rows(variants, samples, shape, lengths, args.batch, diffs)
-    notes += _noise_notes(rows)
+    rows = _rows(variants, samples, shape, lengths, args.batch, diffs, tolerances)
+    notes += _mismatch_notes(rows, padded) + _noise_notes(rows, padded)
     return {
         "device": device_label(device),
         "versions": versions(), "git_sha": git_sha(), "dtype": dtype_name,
@@ -334,6 +377,7 @@ def _run_speed(args: argparse.Namespace) -> dict[str, Any]:
         "native_kernels": _native_kernels(),
         "lengths": {"mean": float(lengths.mean()), "min": int(lengths.min()),
                     "max": int(lengths.max())},
+        "padded": padded,  # the batch has padding (an attention mask)
         "masks": [{"name": m.name, "source": m.source, "heads_kept": m.kept()[0],
                    "ffn_kept": m.kept()[1]} for m in sets],
         "rows": rows,
@@ -403,6 +447,12 @@ def main(args: argparse.Namespace) -> int:
     for flag, path in outputs:
         write_result(flag, path, result)
         print(f"wrote {path}")
+    wrong = [_row_name(r, say_padded=result["padded"]) for r in result["rows"]
+             if r.get("outputs_match") is False]
+    if wrong:
+        print(f"sparsebert: error: {', '.join(wrong)}: logits differ from the reference "
+              f"beyond rounding (see the notes)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -257,12 +257,14 @@ def masks_from_run(path: str, shape: dict[str, int]) -> list[MaskSet]:
                                    "of kept MLPs counted as kept")
             return [masks]
     tasks = sorted({p.parent.parent.parent.name
-                    for p in root.glob("*/seed_*/structured/masks")})
+                    for p in root.glob("*/seed_*/structured/masks")}
+                   | {p.parent.parent.name for p in root.glob("*/seed_*/summary.json")})
     if tasks:  # a sweep directory: one task at a time
         raise SpeedError(f"--run {path}: a sweep directory; time one task's subnetworks at a "
                          f"time, e.g. --run {root / tasks[0]} (tasks here: {', '.join(tasks)})")
     raise SpeedError(f"--run {path}: no masks found (expected a search directory with "
-                     "structured/masks/*.json or a run of a masked model with masks.json)")
+                     "structured/masks/*.json or its summary.json, a multi-seed search's "
+                     "directory, or a run of a masked model with masks.json)")
 
 
 def is_search_dir(path: str) -> bool:
