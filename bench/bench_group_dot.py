@@ -58,7 +58,8 @@ def main(argv=None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                        help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--batch", type=int, default=None, help="default: 32 on CUDA, 16 on CPU")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument(
@@ -70,6 +71,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: expected at least 1")
+    bad = [d for d in args.dim or () if d < 64 or d % 64]
+    if bad:
+        parser.error(f"--dim {' '.join(map(str, bad))}: expected multiples of 64 (the groups "
+                     f"timed are 1, 64 and the whole dim)")
     common.use_device(args.device)
     cuda = args.device.startswith("cuda")
     if not cuda:
@@ -80,7 +85,7 @@ def main(argv=None) -> None:
 
     rows, records = [], []
     for dim in dims:
-        for group_size in (1, 64, dim):
+        for group_size in dict.fromkeys((1, 64, dim)):  # --dim 64: group 64 once
             x, g, mask = make_inputs(batch, args.seq, dim, dtype, args.device)
             bytes_moved = 2 * x.numel() * x.element_size()
             calls = {name: (lambda fn=fn: fn(x, g, group_size, mask))

@@ -219,6 +219,9 @@ def main(argv=None) -> None:
         parser.error("--timing graph needs --device cuda")
 
     cuda = args.device.startswith("cuda")
+    if not cuda and set(args.providers) <= set(CUDA_ONLY):
+        parser.error(f"--providers {' '.join(args.providers)}: CUDA-only; on the CPU add "
+                     f"others (nothing would be timed, and the CPU results file overwritten)")
     if not cuda:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("float16" if cuda else "float32"))

@@ -31,6 +31,7 @@ import common  # noqa: E402
 
 from sparsebert import runtime  # noqa: E402
 from sparsebert.speed.command import add_arguments, format_table, run_speed  # noqa: E402
+from sparsebert.speed.workload import DTYPES, SpeedError  # noqa: E402
 
 
 def targets(device_type: str, prune: float) -> list[tuple[str, str, str, str, float]]:
@@ -75,7 +76,7 @@ def compile_case(args) -> dict:
     import sparsebert  # noqa: PLC0415
     from sparsebert.speed import accelerate  # noqa: PLC0415
     from sparsebert.speed.timing import summary, time_interleaved  # noqa: PLC0415
-    from sparsebert.speed.workload import DTYPES, load_speed_model, make_batch  # noqa: PLC0415
+    from sparsebert.speed.workload import load_speed_model, make_batch  # noqa: PLC0415
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
@@ -100,7 +101,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="minilm")
-    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES))
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--threads", default="2",
@@ -111,15 +112,26 @@ def main(argv=None) -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--name", default="speed", help="result files' stem")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.prune <= 1.0:
+        parser.error(f"--prune {args.prune}: expected a fraction in [0, 1]")
     common.use_device(args.device)
-    thread_counts = [int(t) for t in args.threads.split(",")] if args.device == "cpu" else [0]
+    try:
+        thread_counts = ([int(t) for t in args.threads.split(",")] if args.device == "cpu"
+                         else [0])
+    except ValueError:
+        parser.error(f"--threads {args.threads!r}: expected comma-separated integers")
+    if any(t < 1 for t in thread_counts if args.device == "cpu"):
+        parser.error(f"--threads {args.threads!r}: expected positive integers")
     results, sections, checks, target_rows = {}, [], [], []
     device_type = args.device.split(":")[0]
     for threads in thread_counts:
         where = f", {threads} thread{'s' if threads > 1 else ''}" if threads else ""
         for case in filter(None, args.cases.split(",")):  # --cases '' with --compile: only it
             t0 = time.perf_counter()
-            result = run_speed(speed_args(args, case, threads))
+            try:
+                result = run_speed(speed_args(args, case, threads))
+            except SpeedError as error:  # e.g. --seq past the model's limit: one line
+                parser.error(str(error))
             result["wall_s"] = time.perf_counter() - t0
             results[f"{case}{where}"] = result
             table = format_table(result)

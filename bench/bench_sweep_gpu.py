@@ -447,6 +447,7 @@ def main(argv: list[str] | None = None) -> None:
         args.train_examples, args.dev_examples = min(args.train_examples, 32), 32
         args.baseline_steps, args.baseline_warmup = min(args.baseline_steps, 3), 1
         args.seq, args.glue_dir = min(args.seq, 32), None
+    common.use_device(args.device)  # a clear exit when it is not there
     if args.device == "cpu":
         torch.set_num_threads(1)
     models = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from sparsebert.errors import SparsebertError
 from sparsebert.glue import batching
 from sparsebert.glue.loading import load_split
 from sparsebert.glue.tasks import get_task
@@ -119,8 +120,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    task = get_task(args.task)
+    try:
+        device = resolve_device(args.device)
+        task = get_task(args.task)
+    except SparsebertError as error:  # a bad --device or --task: one line
+        parser.error(str(error))
     _, tokenizer = load_model(args.model, task.num_labels, labels=task.labels)
     train = batching.encode(load_split(task, "train", args.glue_dir), tokenizer, args.max_length)
 

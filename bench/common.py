@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import re
 import shlex
+import sys
 from pathlib import Path
 from typing import Callable, Hashable
 
@@ -38,8 +39,17 @@ def environment(device: str) -> dict:
 def use_device(device: str | torch.device) -> torch.device:
     """Make a CUDA `device` (e.g. cuda:1) the current one, so that the timing helpers' device-less
     calls (synchronize, streams, events, graphs) act on it; returns it as a torch.device."""
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        sys.exit(f"--device {device}: {str(error).splitlines()[0]}")
     if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            sys.exit(f"--device {device}: no CUDA device visible (torch {torch.__version__}); "
+                     f"use --device cpu")
+        if device.index is not None and device.index >= count:
+            sys.exit(f"--device {device}: only {count} CUDA device(s) visible")
         if device.index is None:  # "cuda": the current device (set_device needs an index)
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)

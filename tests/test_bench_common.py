@@ -87,3 +87,19 @@ def test_time_interleaved_times_every_call_each_round_and_pairs_rounds(common, m
     assert common.round_ratios(samples, "a", "b") == [0.5, 1.0, 2.0]
     with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
         common.time_interleaved(calls, rounds=0)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:3", "tpu"])
+def test_use_device_without_it_is_one_line(common, device):
+    """A benchmark's --device that this machine lacks ends with one line naming it, not with a
+    traceback from inside torch."""
+    needed = {"cuda": 1, "cuda:3": 4}.get(device)
+    if needed is not None and torch.cuda.device_count() >= needed:
+        pytest.skip(f"this machine has {device}")
+    with pytest.raises(SystemExit) as info:
+        common.use_device(device)
+    assert str(info.value).startswith(f"--device {device}: ")
+
+
+def test_use_device_cpu(common):
+    assert common.use_device("cpu") == torch.device("cpu")
