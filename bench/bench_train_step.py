@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loops", default=",".join(DEFAULT_LOOPS),
                         help=f"comma list of {', '.join(LOOPS)}")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=60, help="timed steps per loop")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per loop, split evenly over the rounds (rounded down "
+                        "to a multiple of --rounds)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per loop")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--stem", default="train_step",

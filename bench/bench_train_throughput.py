@@ -26,6 +26,7 @@ from sparsebert.glue.tasks import get_task
 from sparsebert.hf.loading import load_model
 from sparsebert.runtime import device_name, git_sha, versions
 from sparsebert.train import TrainConfig, autocast, make_optimizer, resolve_device
+from sparsebert.train.evaluate import data_source
 from sparsebert.train.step import EagerStep, StepSettings
 
 MODES = {"bucketed": (True, "dynamic"), "dynamic": (False, "dynamic"),
@@ -142,6 +143,7 @@ def main() -> None:
     record = {"benchmark": "train_throughput", "task": task.name, "device": str(device),
               "device_name": device_name(device), "threads": torch.get_num_threads(),
               "versions": versions(), "git_sha": git_sha(), "args": vars(args),
+              "data": data_source(args.glue_dir),  # the folder read ($GLUE_DIR too)
               "results": rows, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

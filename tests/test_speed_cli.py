@@ -386,3 +386,12 @@ def test_threads_apply_for_the_call_only(tiny_model_dir, capsys):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("extra,said", [
+    (["--glue-dir", "."], "--glue-dir is read for --lengths glue:TASK only"),
+    (["--no-save"], "--no-save applies to a search directory's --run only"),
+])
+def test_speed_flags_without_effect_are_named(extra, said, tiny_model_dir):
+    with pytest.warns(UserWarning, match=said):
+        _speed(tiny_model_dir, *extra)

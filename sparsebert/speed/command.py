@@ -19,6 +19,7 @@ import argparse
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,15 @@ def check_args(args: argparse.Namespace) -> None:
         sources.append("--prune-heads/--prune-ffn")
     if len(sources) > 1:
         raise SpeedError(f"{' and '.join(sources)}: pass one source of masks")
+    unused = []
+    if args.glue_dir is not None and not args.lengths.startswith("glue:"):
+        unused.append(f"--glue-dir is read for --lengths glue:TASK only (--lengths "
+                      f"{args.lengths})")
+    if args.no_save and (args.run is None or not is_search_dir(args.run)):
+        unused.append("--no-save applies to a search directory's --run only (nothing is "
+                      "written there otherwise)")
+    for text in unused:
+        warnings.warn(f"{text}: ignored", stacklevel=2)
 
 
 def check_output_file(flag: str, path: Path) -> None:
