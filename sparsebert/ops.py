@@ -387,10 +387,16 @@ def _group_dot_backward(ctx, grad_out):
     x, g, token_mask = ctx.saved_tensors
     # grad_out (B, G) -> per feature (B, 1, D), masked per token (B, S, 1).
     per_feature = grad_out.repeat_interleave(ctx.group_size, dim=1)[:, None, :]
-    if token_mask is not None:
-        per_feature = per_feature * token_mask[:, :, None].to(per_feature.dtype)
-    dx = (g * per_feature).to(x.dtype) if ctx.needs_input_grad[0] else None
-    dg = (x * per_feature).to(g.dtype) if ctx.needs_input_grad[1] else None
+
+    def grad_of(other: Tensor, dtype: torch.dtype) -> Tensor:
+        grad = other * per_feature  # (B, S, D)
+        if token_mask is not None:  # padded tokens get 0, as the forward skips them (an inf
+            # there times a mask of 0 would be nan)
+            grad = torch.where(token_mask[:, :, None], grad, 0)
+        return grad.to(dtype)
+
+    dx = grad_of(g, x.dtype) if ctx.needs_input_grad[0] else None
+    dg = grad_of(x, g.dtype) if ctx.needs_input_grad[1] else None
     return dx, dg, None, None
 
 
@@ -420,7 +426,8 @@ def group_dot(x: Tensor, g: Tensor, group_size: int, token_mask: Tensor | None =
             f"group_dot: 'g' must match x (shape {tuple(x.shape)}, {x.dtype}, {x.device}), got "
             f"{tuple(g.shape)}, {g.dtype}, {g.device}"
         )
-    if not isinstance(group_size, int) or group_size < 1 or x.shape[2] % group_size != 0:
+    if (not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1
+            or x.shape[2] % group_size != 0):
         raise ValueError(
             f"group_dot: 'group_size' must be a positive divisor of D={x.shape[2]}, "
             f"got {group_size!r}"
@@ -453,8 +460,9 @@ def accumulate_importance_(acc: Tensor, scores: Tensor, power: int = 1) -> Tenso
         if not isinstance(t, Tensor):
             raise ValueError(f"accumulate_importance_: '{name}' must be a torch.Tensor, got "
                              f"{type(t).__name__}")
-    if power not in (1, 2):
-        raise ValueError(f"accumulate_importance_: 'power' must be 1 or 2, got {power!r}")
+    if type(power) is not int or power not in (1, 2):  # not 2.0, not True
+        raise ValueError(f"accumulate_importance_: 'power' must be 1 or 2 (an int), got "
+                         f"{power!r}")
     if acc.requires_grad and torch.is_grad_enabled():
         raise ValueError("accumulate_importance_: 'acc' requires grad; an in-place update of "
                          "it cannot be differentiated (accumulate into a plain tensor)")

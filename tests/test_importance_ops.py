@@ -149,6 +149,16 @@ def test_group_dot_bad_input(kwargs, needle, native):
         call(args["x"], args["g"], args["group_size"], args["token_mask"])
 
 
+def test_wrappers_refuse_bools_and_floats_for_integer_arguments():
+    """True is an int to Python (and to the ops' schemas), 2.0 equals 2: the wrappers refuse
+    both with their usual error rather than taking them (or failing in the schema's cast)."""
+    with pytest.raises(ValueError, match="'group_size'"):
+        ops.group_dot(torch.randn(2, 3, 6), torch.randn(2, 3, 6), True)
+    for power in (2.0, True):
+        with pytest.raises(ValueError, match="'power' must be 1 or 2"):
+            ops.accumulate_importance_(torch.zeros(4), torch.randn(2, 4), power)
+
+
 @pytest.mark.parametrize(
     "acc,scores,power,needle",
     [
@@ -164,6 +174,27 @@ def test_accumulate_importance_bad_input(acc, scores, power, needle):
         ops.accumulate_importance_(acc, scores, power)
     with pytest.raises(ValueError, match=needle):
         torch.ops.sparsebert.accumulate_importance_(acc, scores, power)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_group_dot_gradient_is_zero_at_padded_tokens(bad):
+    """The forward skips padded tokens (an inf there is not multiplied by 0); so does the
+    backward: their gradient is 0, not nan, and the real tokens' match autograd of x * g."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, generator=gen, requires_grad=True)
+    g = torch.randn(2, 3, 4, generator=gen)
+    g[0, 2] = bad
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    g.requires_grad_(True)
+    out = ops.group_dot(x, g, 2, mask)
+    assert torch.isfinite(out).all()
+    dout = torch.randn_like(out)
+    dx, dg = torch.autograd.grad(out, (x, g), dout)
+    assert torch.equal(dx[0, 2], torch.zeros(4)) and torch.equal(dg[0, 2], torch.zeros(4))
+    per_feature = dout.repeat_interleave(2, dim=1)[:, None, :]  # (B, 1, D)
+    real = mask[:, :, None].expand_as(dx)
+    torch.testing.assert_close(dx[real], (g.detach() * per_feature)[real])
+    torch.testing.assert_close(dg[real], (x.detach() * per_feature)[real])
 
 
 def test_group_dot_forward_mode_ad_and_size_one_strided_last_dim():

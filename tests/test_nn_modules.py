@@ -735,6 +735,27 @@ def test_attention_exact_zero_gate_grad(training):
     assert bool((grad[0, 1] != 0) & (grad[2, 0] != 0)) and bool((grad[1] == 0).all())
 
 
+def test_exact_zero_gate_grad_through_a_gate_buffer_that_requires_grad():
+    """exact_zero_gate_grad with the head_gate buffer itself requiring grad: the masked heads
+    are computed (not sliced away), so their gradient is the true one, as through an override
+    leaf of the same values."""
+    module = make_attention().eval()
+    module.exact_zero_gate_grad = True
+    x = torch.randn(B, S, HID)
+    values = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    leaf = values.clone().requires_grad_(True)
+    with module.override_head_gate(leaf):
+        out, _ = module(x)
+    dout = torch.randn_like(out)
+    (want,) = torch.autograd.grad(out, leaf, dout)
+    module.head_gate.copy_(values)
+    module.head_gate.requires_grad_(True)
+    out, _ = module(x)
+    (got,) = torch.autograd.grad(out, module.head_gate, dout)
+    assert want[0] != 0 and want[2] != 0
+    torch.testing.assert_close(got, want)
+
+
 def test_set_zero_gate_grad_on_a_patched_model(tiny_bert):
     import sparsebert
 

@@ -692,6 +692,8 @@ class SparseAttention(nn.Module):
         yet (making them copies from the host)."""
         if summary is None or summary.all_live:
             return None
+        if self.exact_zero_gate_grad and self.head_gate.requires_grad and torch.is_grad_enabled():
+            return None  # the masked heads' true gradient is asked for: compute them
         if torch.is_grad_enabled() and x.device.type != "cpu" and fixed_gates() is None:
             return None
         linears = (self.query_linear(), self.key_linear(), self.value_linear(),
