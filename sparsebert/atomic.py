@@ -18,11 +18,44 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sparsebert.errors import RunDirError, SparsebertError
+from sparsebert.errors import RunDirError, SparsebertError, WriteError
+
+
+def write_failure(path: Path, error: BaseException) -> WriteError | None:
+    """A WriteError (a RunDirError and an OSError) naming `path` for a write that failed
+    because of the file system (an OSError: a full disk, a read-only or unwritable folder),
+    also when a library reports it without an errno (torch.save: "unexpected pos",
+    safetensors: "os error 28") on a disk that is full; None for any other error (a bug: its
+    traceback is kept)."""
+    if isinstance(error, WriteError):
+        return error  # already named
+    if isinstance(error, OSError):
+        reason, errno = error.strerror or str(error) or type(error).__name__, error.errno
+    else:
+        text = str(error)
+        reason = ("No space left on device" if "os error 28" in text
+                  or "No space left" in text or _nearly_full(path) else None)
+        if reason is None:
+            return None
+        errno = 28  # ENOSPC
+    return WriteError(f"{path}: cannot write it ({reason}); free some space or make the "
+                      f"folder writable, then rerun the same command (it resumes)", errno)
+
+
+def _nearly_full(path: Path, margin: int = 1 << 20) -> bool:
+    """Whether the file system holding `path` has less than `margin` bytes free."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free < margin
+    except OSError:
+        return False
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` atomically (temp file in the same folder, fsync, os.replace)."""
+    """Write `data` to `path` atomically (temp file in the same folder, fsync, os.replace); a
+    file-system failure raises RunDirError naming `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -31,8 +64,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        raise write_failure(path, error) from None
     finally:  # nothing left behind when the write or the move fails
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -58,13 +94,31 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def lock_root() -> Path:
+    """Where run locks live: $SPARSEBERT_LOCK_DIR, else /tmp (the machine's, not $TMPDIR: a
+    job scheduler gives each job its own TMPDIR, and two jobs on one run would not see each
+    other's locks), else the temp directory. Locks hold between the processes of one machine."""
+    configured = os.environ.get("SPARSEBERT_LOCK_DIR", "").strip()
+    if configured:
+        return Path(configured).expanduser()
+    shared = Path("/tmp")
+    if shared.is_dir() and os.access(shared, os.W_OK | os.X_OK):
+        return shared
+    return Path(tempfile.gettempdir())
+
+
 def _lock_path(directory: Path) -> Path:
-    """The lock file of `directory`: in a per-user folder under the temp directory, named by
-    a hash of the resolved path (the run directory itself stays untouched, even before it
-    exists; links and relative spellings of one folder share a lock)."""
+    """The lock file of `directory`: in a per-user folder under lock_root(), named by a hash
+    of the resolved path (the run directory itself stays untouched, even before it exists;
+    links and relative spellings of one folder share a lock)."""
     key = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:32]
-    folder = Path(tempfile.gettempdir()) / f"sparsebert-locks-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
+    folder = lock_root() / f"sparsebert-locks-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunDirError(f"{folder}: cannot create the run locks' folder "
+                          f"({error.strerror or error}); set SPARSEBERT_LOCK_DIR to a "
+                          f"writable folder") from None
     return folder / f"{key}.lock"
 
 
@@ -125,8 +179,14 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) ->
     try:
         write(tmp)
         os.replace(tmp, path)
+    except Exception as error:
+        failure = write_failure(path, error)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_save_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
@@ -158,7 +218,10 @@ def atomic_save_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> N
             if moved_aside:
                 os.replace(old, path)  # the previous directory back where it was
             raise
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        failure = write_failure(path, error) if isinstance(error, Exception) else None
+        if failure is None:
+            raise
+        raise failure from None
     shutil.rmtree(old, ignore_errors=True)

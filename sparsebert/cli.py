@@ -52,6 +52,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
     from sparsebert.train import TrainConfig, finetune  # noqa: PLC0415
 
     config = TrainConfig(**overrides(args, TrainConfig))
+    done_before = _finished_step(Path(args.out))
     result = finetune(config, args.out, progress=not args.quiet)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
@@ -59,8 +60,23 @@ def _run_finetune(args: argparse.Namespace) -> int:
         print(f"stopped at step {result.step} (--stop-after-steps); rerun without it, or with "
               "a larger value, to go on")
     else:
+        if done_before is not None:
+            print(f"{args.out}: already finished (step {done_before}): nothing to do; its "
+                  f"results:")
         _print_metrics(result.to_json())
     return 0
+
+
+def _finished_step(out: Path) -> int | None:
+    """The step of the finished run in `out`, if one is there (a damaged results.json is
+    finetune's to report)."""
+    from sparsebert.train.rundir import RunResult  # noqa: PLC0415
+
+    try:
+        done = RunResult.load(out)
+    except SparsebertError:
+        return None
+    return done.step if done is not None and done.finished else None
 
 
 # --- evaluate ------------------------------------------------------------------------------
@@ -95,8 +111,9 @@ def _print_metrics(results: dict[str, Any]) -> None:
     for split, metrics in results["metrics"].items():
         values = "  ".join(f"{name} {value:.4f}" for name, value in metrics.items())
         print(f"{results['task']} {split}: {values}")
-    if "train_time_s" in results:
-        print(f"train time {results['train_time_s']:.0f} s on {results.get('device_name')}")
+    if results.get("train_time_s") is not None:
+        print(f"train time {results['train_time_s']:.0f} s on {results.get('device_name')}"
+              + (f" ({results['precision']})" if results.get("precision") else ""))
 
 
 # --- search ------------------------------------------------------------------------------

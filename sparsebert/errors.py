@@ -20,6 +20,15 @@ class RunDirError(SparsebertError):
     """A run directory that is missing, holds another run, or has damaged files."""
 
 
+class WriteError(RunDirError, OSError):
+    """A file that could not be written (a full disk, a read-only folder), named in the message;
+    an OSError as well, so callers that handle those keep doing so (errno: the cause's)."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (kill, a job scheduler's time limit, `docker stop`), handled as Ctrl-C is: the
     command's cleanup runs (a sweep stops its workers and records that it was interrupted)."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -249,9 +251,15 @@ def test_checkpoints_fall_back_and_refuse_unsafe_files(setup, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / CHECKPOINT_NAME).write_bytes(b"")
-    with pytest.raises(SparsebertError, match="checkpoint.pt: truncated or damaged.*Delete it"):
+    with pytest.raises(SparsebertError, match="checkpoint.pt: truncated or damaged.*Delete "
+                                              "checkpoint.pt in"):
         load_checkpoint(broken)
     assert (broken / CHECKPOINT_NAME).exists()
+    (broken / PREVIOUS_NAME).write_bytes(b"")  # both damaged: both named
+    with pytest.raises(SparsebertError, match=r"checkpoint.pt: truncated.*; .*checkpoint.prev."
+                                              r"pt: truncated.*Delete checkpoint.pt and "
+                                              r"checkpoint.prev.pt in"):
+        load_checkpoint(broken)
     # Arbitrary pickled objects are refused (weights_only loading).
     unsafe = tmp_path / "unsafe"
     unsafe.mkdir()
@@ -436,3 +444,161 @@ def test_a_recorded_model_is_the_same_folder_however_written(tmp_path, monkeypat
     assert not same_setting("lr", "real", real)  # only the model is a path
     gone = str(tmp_path / "gone")  # a run's folder since deleted, asked for relatively
     assert same_setting("model", gone, local_model_path("gone"))
+
+
+def test_an_out_holding_other_files_is_refused_and_left_alone(setup, tmp_path, tiny_model_dir):
+    """finetune --out into a folder of someone's files (a model/ folder, a metrics.jsonl), a
+    run whose config.json was lost, a model's own folder, or a config.json that is no run's:
+    refused, naming what is there, nothing changed (it replaced model/ and appended to the
+    metrics before)."""
+    mine = tmp_path / "project"
+    (mine / "model").mkdir(parents=True)
+    (mine / "model" / "notes.txt").write_text("my notes")
+    (mine / "metrics.jsonl").write_text('{"mine": 1}\n')
+    with pytest.raises(SparsebertError, match=r"holds files that are not a fine-tuning run's "
+                                              r"\(metrics.jsonl, model\)"):
+        finetune(_config(setup), mine, progress=False)
+    assert (mine / "model" / "notes.txt").read_text() == "my notes"
+    assert sorted(p.name for p in mine.iterdir()) == ["metrics.jsonl", "model"]
+
+    run = tmp_path / "run"
+    finetune(_config(setup, epochs=1), run, progress=False)
+    (run / "config.json").unlink()
+    weights = (run / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(SparsebertError, match="a run whose config.json is missing"):
+        finetune(_config(setup, epochs=1, seed=7), run, progress=False)
+    assert (run / "model" / "model.safetensors").read_bytes() == weights
+
+    model_copy = tmp_path / "model-copy"
+    shutil.copytree(tiny_model_dir, model_copy)
+    with pytest.raises(SparsebertError, match="holds a model's folder .*pass it as --model"):
+        finetune(_config(setup), model_copy, progress=False)
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    (listed / "config.json").write_text("[1, 2]")
+    with pytest.raises(SparsebertError, match="a config.json that is not a run's"):
+        finetune(_config(setup), listed, progress=False)
+
+
+def test_a_run_killed_before_its_config_resumes(setup, tmp_path, monkeypatch):
+    """What a run writes before config.json (data.json, model.json, masks.json, a temporary
+    file of one) is no foreign file: a run killed just before config.json starts again."""
+    import sparsebert.train.loop as loop  # noqa: PLC0415
+
+    real = loop.atomic_write_json
+
+    def killed_at_config(path, obj):
+        if Path(path).name == "config.json":
+            Path(path).with_name(".config.json.tmp").write_text("{")
+            raise KeyboardInterrupt
+        real(path, obj)
+
+    monkeypatch.setattr(loop, "atomic_write_json", killed_at_config)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_config(setup, epochs=1), out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [".config.json.tmp", "data.json",
+                                                     "masks.json", "model.json"]
+    monkeypatch.undo()
+    assert finetune(_config(setup, epochs=1), out, progress=False).finished
+
+
+def test_a_full_disk_names_the_file_and_leaves_no_temporary_file(setup, tmp_path,
+                                                                    monkeypatch):
+    """A checkpoint that cannot be written for lack of space (torch.save reports it without an
+    errno) or a JSON file whose write fails (ENOSPC): one error naming the file, an OSError
+    too, and no temporary file left to fill the disk further."""
+    import errno  # noqa: PLC0415
+
+    import sparsebert.train.checkpoint as checkpoint  # noqa: PLC0415
+    from sparsebert.atomic import atomic_write_json  # noqa: PLC0415
+    from sparsebert.errors import WriteError  # noqa: PLC0415
+
+    def full_disk_save(state, path):
+        path.write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 19008 "
+                           "vs 18902 (File write failed: No space left on device)")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk_save)
+    out = tmp_path / "run"
+    with pytest.raises(WriteError, match=rf"{out / CHECKPOINT_NAME}: cannot write it \(No "
+                                         r"space left on device\)"):
+        finetune(_config(setup, checkpoint_every=1), out, progress=False)
+    assert not list(out.glob(".*.tmp"))
+    monkeypatch.undo()
+
+    def no_space(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    target = tmp_path / "results.json"
+    with pytest.raises(OSError, match=rf"{target}: cannot write it \(No space left on device\)"
+                       ) as error:
+        atomic_write_json(target, {"a": 1})
+    assert isinstance(error.value, RunDirError) and error.value.errno == errno.ENOSPC
+    assert not target.exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_rerunning_a_finished_run_says_so(setup, tmp_path, capsys):
+    from sparsebert.cli import main  # noqa: PLC0415
+
+    model, glue = setup
+    out = tmp_path / "run"
+    args = ["finetune", "--task", "SST-2", "--out", str(out), "--model", model, "--glue-dir",
+            glue, "--epochs", "1", "--batch-size", "16", "--threads", "1", "--quiet"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "already finished" not in first and "(fp32)" in first
+    assert main(args) == 0
+    again = capsys.readouterr().out
+    assert again.startswith(f"{out}: already finished (step ") and "nothing to do" in again
+
+
+def test_run_locks_do_not_follow_tmpdir(monkeypatch, tmp_path):
+    """A job scheduler's per-job TMPDIR does not split a run's lock; SPARSEBERT_LOCK_DIR
+    moves it."""
+    from sparsebert.atomic import lock_root  # noqa: PLC0415
+
+    monkeypatch.delenv("SPARSEBERT_LOCK_DIR", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "job-tmp"))
+    first = _lock_path(tmp_path / "run")
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "another-job-tmp"))
+    assert _lock_path(tmp_path / "run") == first and lock_root() == Path("/tmp")
+    monkeypatch.setenv("SPARSEBERT_LOCK_DIR", str(tmp_path / "locks"))
+    assert _lock_path(tmp_path / "run").parent.parent == tmp_path / "locks"
+
+
+@pytest.mark.parametrize("change, said", [
+    (lambda c: c.pop("task"), "not a run's config (no task)"),
+    (lambda c: c.update(bogus=1), "not a run's config (unknown"),
+])
+def test_evaluate_names_a_config_json_that_is_no_runs(setup, tmp_path, change, said):
+    """A run config.json without its task (a default would evaluate another task) or with a
+    field no run has: an error naming the file."""
+    out = tmp_path / "run"
+    finetune(_config(setup, epochs=1), out, progress=False)
+    config = json.loads((out / "config.json").read_text())
+    change(config)
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunDirError, match=rf"{out / 'config.json'}: {re.escape(said)}"):
+        evaluate(out)
+
+
+def test_evaluate_on_other_dev_data_warns(setup, tmp_path):
+    """evaluate on a GLUE folder whose dev file differs from the one the run was scored on
+    (data.json): the metrics come with a warning; an identical copy gives none."""
+    import warnings  # noqa: PLC0415
+
+    out = tmp_path / "run"
+    finetune(_config(setup, epochs=1), out, progress=False)
+    copy = tmp_path / "glue-copy"
+    shutil.copytree(setup[1], copy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate(out, glue_dir=str(copy))
+    dev = copy / "SST-2" / "dev.tsv"
+    lines = dev.read_text().splitlines(keepends=True)
+    dev.write_text("".join(lines[:-1]))
+    with pytest.warns(UserWarning, match=r"the dev data under .* differ from those .* was "
+                                         r"scored on"):
+        evaluate(out, glue_dir=str(copy))

@@ -16,6 +16,7 @@ files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import sys
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 
+from sparsebert.atomic import write_failure
 from sparsebert.errors import RunDirError
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -90,11 +92,22 @@ def save_checkpoint(out_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write `state` as <out_dir>/checkpoint.pt, verified, keeping the previous one."""
     path = Path(out_dir) / CHECKPOINT_NAME
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
+    try:
+        torch.save(state, tmp)
+    except Exception as error:  # a full disk: no half-written file left to fill it further
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        failure = write_failure(path, error)
+        if failure is None:
+            raise
+        raise failure from None
     _read(tmp)  # Step 1: the new file must load before it replaces anything
-    if path.exists():
-        os.replace(path, path.with_name(PREVIOUS_NAME))  # Step 2: keep the last good one
-    os.replace(tmp, path)  # Step 3
+    try:
+        if path.exists():
+            os.replace(path, path.with_name(PREVIOUS_NAME))  # Step 2: keep the last good one
+        os.replace(tmp, path)  # Step 3
+    except OSError as error:
+        raise write_failure(path, error) from None
     return path
 
 
@@ -126,12 +139,15 @@ def load_checkpoint(out_dir: str | os.PathLike) -> dict[str, Any] | None:
                   f"{previous.name} (step {state['step']}); the damaged file is now "
                   f"{damaged.name}", file=sys.stderr)
         return state
-    raise CheckpointError(f"{errors[-1]}; no usable earlier checkpoint. Delete it (and "
-                          f"{previous.name}, if there) to start the run over")
+    damaged = [name for name in (current.name, previous.name) if (out_dir / name).exists()]
+    raise CheckpointError(f"{'; '.join(errors)}; no usable checkpoint. Delete "
+                          f"{' and '.join(damaged)} in {out_dir} to start the run over")
 
 
 def remove_checkpoints(out_dir: str | os.PathLike) -> None:
     """Drop checkpoint.pt, checkpoint.prev.pt, a damaged one set aside and an unfinished write's
     temporary file (the run has finished)."""
     for name in (CHECKPOINT_NAME, PREVIOUS_NAME, DAMAGED_NAME, f".{CHECKPOINT_NAME}.tmp"):
-        (Path(out_dir) / name).unlink(missing_ok=True)
+        path = Path(out_dir) / name
+        if path.exists() or path.is_symlink():  # (a read-only folder refuses even the unlink of
+            path.unlink(missing_ok=True)  # a missing file)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sparsebert.errors import RunDirError
+from sparsebert.errors import RunDirError, SparsebertError
 from sparsebert.glue import batching
 from sparsebert.glue.loading import GLUE_DIR_ENV, find_split_file, load_split, resolve_glue_dir
 from sparsebert.glue.metrics import compute_metrics
@@ -20,6 +21,7 @@ from sparsebert.glue.tasks import SplitNotFoundError, get_task
 from sparsebert.hf.readout import first_token_readout
 from sparsebert.nn.common import eval_mode
 from sparsebert.precision import autocast, weights_cast_once
+from sparsebert.precision import resolve as resolve_precision
 from sparsebert.train.config import TrainConfig, TrainError, resolve_device
 from sparsebert.train.rundir import load_run_model, require_finished
 
@@ -118,10 +120,37 @@ def read_run_config(run_dir: Path) -> TrainConfig:
     if not isinstance(data, dict):
         raise RunDirError(f"{path}: damaged, expected a JSON object of the run's settings, "
                           f"found {type(data).__name__}")
+    if not isinstance(data.get("task"), str):  # (a default would evaluate another task)
+        raise RunDirError(f"{path}: not a run's config (no task); restore it or rerun the "
+                          f"same finetune command into a new --out")
     try:
         return TrainConfig.from_json(data)
-    except TypeError as error:
+    except (TypeError, SparsebertError) as error:
         raise RunDirError(f"{path}: not a run's config ({error})") from None
+
+
+def _warn_if_other_dev_data(run_dir: Path, task, glue_dir: str | None) -> None:
+    """A warning when a dev file under `glue_dir` differs from the one the run was scored on
+    (its data.json): the metrics then describe other data."""
+    from sparsebert.train.data_identity import DATA_FILE, _file_sha256, read_record  # noqa: PLC0415
+
+    saved = read_record(run_dir / DATA_FILE)
+    if saved is None or not saved["files"]:
+        return
+    changed = []
+    for split in task.dev_splits:
+        try:
+            path = find_split_file(task, split, glue_dir)
+        except SplitNotFoundError:
+            continue
+        stat = path.stat()
+        digest = _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if saved["files"].get(split) not in (None, digest):
+            changed.append(split)
+    if changed:
+        warnings.warn(f"the {', '.join(changed)} data under {resolve_glue_dir(glue_dir)} differ "
+                      f"from those {run_dir} was scored on ({run_dir / DATA_FILE}): these "
+                      f"metrics are on other data", stacklevel=3)
 
 
 def trained_precision(run_dir: Path, config: TrainConfig) -> str:
@@ -164,12 +193,16 @@ def evaluate(run_dir: str | os.PathLike, glue_dir: str | None = None,
     task = get_task(config.task)
     if resolve_glue_dir(config.glue_dir) is not None:  # a missing file: one error, at once
         find_split_file(task, task.dev_splits[0], config.glue_dir, origin=origin)
+        _warn_if_other_dev_data(run_dir, task, config.glue_dir)
     model, tokenizer = load_run_model(run_dir, task.num_labels, task.labels)
     if verbose:
         print(f"data: {why}", file=sys.stderr)
     target = resolve_device(device)
     model.to(target)
     precision = trained_precision(run_dir, config)
+    if verbose:
+        print(f"precision: {resolve_precision(precision, target)} on {target} (the run's)"
+              if precision != "auto" else f"precision: auto on {target}", file=sys.stderr)
     metrics = {split: evaluate_model(model, task.name, encoded,
                                      batch_size or config.eval_batch_size, precision)
                for split, encoded in load_dev_splits(config, tokenizer, origin).items()}
@@ -177,4 +210,5 @@ def evaluate(run_dir: str | os.PathLike, glue_dir: str | None = None,
     return {"task": task.name, "run": str(run_dir), "metrics": metrics,
             "threshold_metric": task.threshold_metric,
             "score": metrics[first][task.threshold_metric], "device": str(target),
+            "precision": resolve_precision(precision, target),  # the one it ran in
             "data": {**data_source(config.glue_dir), "chosen_by": why}}

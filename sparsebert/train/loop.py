@@ -48,12 +48,13 @@ from sparsebert.train.config import (
     same_setting,
     use_cuda_graphs,
 )
-from sparsebert.train.data_identity import check_data, data_fingerprint
+from sparsebert.train.data_identity import DATA_FILE, check_data, data_fingerprint
 from sparsebert.train.evaluate import data_source, evaluate_model, load_dev_splits
 from sparsebert.train.metrics_log import MetricsLog
-from sparsebert.train.model_identity import check_model
+from sparsebert.train.model_identity import MODEL_FILE, check_model
 from sparsebert.train.optim import make_optimizer
 from sparsebert.train.rundir import (
+    MASKS_NAME,
     PLAIN_MASKS,
     RunResult,
     check_masks,
@@ -65,16 +66,28 @@ from sparsebert.train.rundir import (
 )
 from sparsebert.train.step import StepSettings, load_optimizer_state, make_train_step
 
+# What a run directory holds before its config.json (written once its inputs are checked): a
+# run killed in between resumes there.
+_BEFORE_CONFIG = frozenset({DATA_FILE, MODEL_FILE, MASKS_NAME, "config.json"})
+
 
 def check_config(out_dir: Path, config: TrainConfig) -> RunResult | None:
-    """Existing finished result or None; raises if the directory holds another run."""
+    """Existing finished result or None; raises if the directory holds another run, or
+    something other than a run (files that fine-tuning would overwrite or mix with its own)."""
     saved_path = out_dir / "config.json"
     if not saved_path.is_file():
+        _check_no_foreign_files(out_dir)
         return None
     saved = read_json(saved_path, "restore it, or delete that run directory to fine-tune again")
     if is_search_dir(out_dir):
         raise TrainError(f"--out {out_dir}: holds a lottery search (sparsebert search), not a "
                          "fine-tuning run; use another --out")
+    if not isinstance(saved, dict) or "task" not in saved or "model_type" in saved:
+        what = ("a model's folder (its config.json is a model configuration)"
+                if isinstance(saved, dict) and "model_type" in saved
+                else "a config.json that is not a run's")
+        raise TrainError(f"--out {out_dir}: holds {what}, not a fine-tuning run; use another "
+                         f"--out (to fine-tune that model, pass it as --model)")
     mine = config.to_json()
     diff = {k: (saved.get(k), mine[k]) for k in mine
             if k not in RUNTIME_FIELDS and not same_setting(k, saved.get(k), mine[k])}
@@ -82,6 +95,26 @@ def check_config(out_dir: Path, config: TrainConfig) -> RunResult | None:
         raise TrainError(f"{out_dir} holds a run with a different config ({diff}, as "
                          f"saved vs requested); use another --out or delete that directory")
     return RunResult.load(out_dir)
+
+
+def _check_no_foreign_files(out_dir: Path) -> None:
+    """Refuse an --out without a run's config.json that holds anything but what a run writes
+    before it (fine-tuning would replace its model/ folder, append to its metrics.jsonl, or
+    take over a run whose config.json was lost)."""
+    if not out_dir.is_dir():
+        return
+    foreign = sorted(entry.name for entry in out_dir.iterdir()
+                     if entry.name not in _BEFORE_CONFIG
+                     and not (entry.name.startswith(".") and entry.name.endswith(".tmp")))
+    if not foreign:
+        return
+    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
+                                       else "")
+    lost = ("; it looks like a run whose config.json is missing: restore it to resume or "
+            "reuse that run" if {"results.json", "checkpoint.pt", "model"} & set(foreign)
+            else "")
+    raise TrainError(f"--out {out_dir}: holds files that are not a fine-tuning run's ({shown}) "
+                     f"and no run config.json{lost}; use another (or an empty) --out")
 
 
 def finished_run(run_dir: Path) -> RunResult | None:

@@ -2,7 +2,8 @@
 that a resume after the folder's files changed (weights overwritten, another checkpoint saved
 in its place) is refused instead of silently mixing two models: a search reloads the
 pre-trained weights for every retraining and m-pruning rewind, long after its full fine-tune.
-A copy of the same files in another folder resumes as before.
+The folder replaced by a copy of the same files resumes as before; a --model that names
+another folder is another setting (config.json refuses it, even with the same files).
 
     {"source": "local", "files": {"config.json": "<sha256>", "model.safetensors": "<sha256>"}}
     {"source": "hub", "files": {}}          (a hub id: the hub's revision is not tracked)
