@@ -157,6 +157,26 @@ def run_lock(directory: str | os.PathLike, what: str) -> Iterator[None]:
         os.close(fd)
 
 
+def lock_holder(directory: str | os.PathLike) -> int | None:
+    """The pid of the process holding `directory`'s run lock (0 when it did not write one yet),
+    or None when none does (looked at without taking it)."""
+    path = _lock_path(Path(directory))
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:  # held
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else 0
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def read_json(path: str | os.PathLike, fix: str) -> Any:
     """The JSON value in `path` (which must exist). A damaged file (not UTF-8 text, or not JSON:
     a write cut off by a power loss, say) raises RunDirError naming it, with `fix`: what to do

@@ -602,3 +602,20 @@ def test_evaluate_on_other_dev_data_warns(setup, tmp_path):
     with pytest.warns(UserWarning, match=r"the dev data under .* differ from those .* was "
                                          r"scored on"):
         evaluate(out, glue_dir=str(copy))
+
+
+def test_evaluate_on_a_run_still_training_says_so(setup, tmp_path):
+    """An unfinished run whose lock a process holds is training: evaluate says so (and which
+    process), rather than suggesting to resume it; without a holder, to resume it."""
+    from sparsebert.atomic import lock_holder  # noqa: PLC0415
+
+    out = tmp_path / "run"
+    finetune(_config(setup, stop_after_steps=1), out, progress=False)
+    assert lock_holder(out) is None
+    with pytest.raises(RunDirError, match="unfinished .*rerun the same finetune command"):
+        evaluate(out)
+    with run_lock(out, "fine-tune"):
+        assert lock_holder(out) == os.getpid()
+        with pytest.raises(RunDirError, match=rf"still training \(process {os.getpid()}\)"):
+            evaluate(out)
+    assert lock_holder(out) is None

@@ -28,7 +28,8 @@ from sparsebert.precision import PRECISIONS, autocast  # noqa: F401 (re-exported
 
 # The paper's learning rate, and the one measured for the default model (results/README.md).
 PRESETS: dict[str, dict[str, Any]] = {"paper": {"lr": 2e-5}, "minilm": {"lr": 1e-4}}
-# Fields that may differ when resuming a run (they do not change what is computed).
+# Fields that may differ when resuming a run (they change what is computed by rounding at most:
+# another thread count sums in another order, within about 1e-7 of the weights).
 RUNTIME_FIELDS = frozenset({"glue_dir", "threads", "checkpoint_every", "log_every",
                             "stop_after_steps", "device", "eval_batch_size", "cuda_graphs"})
 def local_model_path(model: str) -> str:

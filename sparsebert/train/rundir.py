@@ -34,7 +34,7 @@ from typing import Any
 
 from torch import nn
 
-from sparsebert.atomic import atomic_save_dir, atomic_write_json, read_json
+from sparsebert.atomic import atomic_save_dir, atomic_write_json, lock_holder, read_json
 from sparsebert.errors import RunDirError
 from sparsebert.pruning.weight_masks import (
     WeightMasks,
@@ -382,5 +382,10 @@ def require_finished(run_dir: Path) -> None:
                           f"not a run directory; pass the --out directory of a `sparsebert "
                           f"finetune` run")
     if not (run_dir / "model" / "config.json").is_file():
+        holder = lock_holder(run_dir)
+        if holder is not None:
+            who = f" (process {holder})" if holder else ""
+            raise RunDirError(f"--run {run_dir}: the run is still training{who}; evaluate it "
+                              f"once it has finished")
         raise RunDirError(f"--run {run_dir}: the run is unfinished (no model/); rerun the "
                           f"same finetune command to resume it")
