@@ -1,5 +1,6 @@
-"""Atomic files and directories: written under a temporary name, moved into place with
-os.replace, so an interrupted writer never leaves a half-written file behind.
+"""Atomic files and directories: written under a temporary name, flushed to the disk (fsync)
+and moved into place with os.replace (the folder flushed after it), so neither an interrupted
+writer nor a power loss leaves a half-written or empty file behind.
 
 The one implementation every layer uses (run directories, checkpoints, pruned-model
 directories, benchmark results).
@@ -53,6 +54,34 @@ def _nearly_full(path: Path, margin: int = 1 << 20) -> bool:
         return False
 
 
+def fsync_path(path: Path) -> None:
+    """Flush `path` to the disk: a file's data, or a folder's files (recursively) and the
+    folder's entries, so that a rename that publishes it is not followed, after a power loss, by
+    empty files. A file system that cannot fsync a folder is let be."""
+    if path.is_dir():
+        for entry in path.iterdir():
+            if not entry.is_symlink():
+                fsync_path(entry)
+        fsync_folder(path)
+        return
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename in it) to the disk, where the file system can."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # e.g. EINVAL: not supported there
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically (temp file in the same folder, fsync, os.replace); a
     file-system failure raises RunDirError naming `path`."""
@@ -64,6 +93,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_folder(path.parent)
     except OSError as error:
         raise write_failure(path, error) from None
     finally:  # nothing left behind when the write or the move fails
@@ -198,7 +228,9 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) ->
     tmp.unlink(missing_ok=True)
     try:
         write(tmp)
+        fsync_path(tmp)  # on the disk before the rename publishes it
         os.replace(tmp, path)
+        fsync_folder(path.parent)
     except Exception as error:
         failure = write_failure(path, error)
         if failure is None:
@@ -229,6 +261,7 @@ def atomic_save_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> N
         shutil.rmtree(stale, ignore_errors=True)
     try:
         write(tmp)
+        fsync_path(tmp)  # on the disk before the rename publishes it
         moved_aside = path.exists()
         if moved_aside:
             os.replace(path, old)
@@ -244,4 +277,5 @@ def atomic_save_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> N
         if failure is None:
             raise
         raise failure from None
+    fsync_folder(path.parent)
     shutil.rmtree(old, ignore_errors=True)

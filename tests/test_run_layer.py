@@ -619,3 +619,34 @@ def test_evaluate_on_a_run_still_training_says_so(setup, tmp_path):
         with pytest.raises(RunDirError, match=rf"still training \(process {os.getpid()}\)"):
             evaluate(out)
     assert lock_holder(out) is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads /proc/self/fd")
+def test_atomic_writes_reach_the_disk_before_they_are_published(tmp_path, monkeypatch):
+    """A directory saved atomically has every file fsynced before the rename publishes it, and
+    its parent folder after; a checkpoint likewise (a power loss then leaves no empty model
+    files behind a results.json)."""
+    import sparsebert.atomic as atomic  # noqa: PLC0415
+    from sparsebert.train.checkpoint import save_checkpoint  # noqa: PLC0415
+
+    synced, real = [], os.fsync
+
+    def recording(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", recording)
+
+    def write(folder):
+        folder.mkdir()
+        (folder / "a.bin").write_bytes(b"a")
+        (folder / "sub").mkdir()
+        (folder / "sub" / "b.bin").write_bytes(b"b")
+
+    atomic.atomic_save_dir(tmp_path / "model", write)
+    tmp = str(tmp_path / ".model.tmp")
+    assert {f"{tmp}/a.bin", f"{tmp}/sub/b.bin", f"{tmp}/sub", tmp} <= set(synced)
+    assert synced[-1] == str(tmp_path)  # the rename, flushed
+    synced.clear()
+    save_checkpoint(tmp_path, {"step": 1, "model": {}})
+    assert synced == [str(tmp_path / f".{CHECKPOINT_NAME}.tmp"), str(tmp_path)]

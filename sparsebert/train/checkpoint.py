@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from sparsebert.atomic import write_failure
+from sparsebert.atomic import fsync_folder, fsync_path, write_failure
 from sparsebert.errors import RunDirError
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -103,9 +103,11 @@ def save_checkpoint(out_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
         raise failure from None
     _read(tmp)  # Step 1: the new file must load before it replaces anything
     try:
+        fsync_path(tmp)  # (and be on the disk: the run's later files rely on it)
         if path.exists():
             os.replace(path, path.with_name(PREVIOUS_NAME))  # Step 2: keep the last good one
         os.replace(tmp, path)  # Step 3
+        fsync_folder(path.parent)
     except OSError as error:
         raise write_failure(path, error) from None
     return path
