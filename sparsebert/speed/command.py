@@ -231,7 +231,7 @@ NOISY_SPREAD = 1.25
 # A row's logits may differ from its reference model's (the patched model with the same masks)
 # by rounding only: at most this times max(1, max |reference logit|). fp32 rows differ by
 # about 1e-7 on the CPU; half-precision kernels accumulate in another order.
-OUTPUT_RTOL = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
+OUTPUT_RTOL = {"fp32": 1e-4, "fp16": 5e-2, "bf16": 2.5e-1}
 
 
 def output_tolerance(dtype_name: str, reference: torch.Tensor) -> float:
