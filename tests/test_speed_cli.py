@@ -218,7 +218,7 @@ PROBES = {  # name: (extra args (tmp_path -> list), expected text in the one err
     "glue-lengths-without-task": (lambda tmp: ["--lengths", "glue:"], "--lengths 'glue:'"),
     "run-whose-speed-folder-is-a-file": (
         lambda tmp, model: ["--run", _search_with_speed_file(tmp, model)],
-        "speed/result.json: "),
+        "; pass --no-save to time it without saving"),
     "mask-file-unreadable": (lambda tmp: ["--head-mask", _unreadable_pt(tmp)],
                              "cannot read it as a masks file"),
     "mask-file-is-a-directory": (lambda tmp: ["--head-mask", str(tmp)], "is a directory"),

@@ -157,7 +157,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.run is not None and not args.no_save and is_search_dir(args.run):
         # where the result will go (its name depends on the timing's setting): checked now,
         # not after minutes of timing
-        check_output_file("--run", Path(args.run) / "speed" / "result.json")
+        try:
+            check_output_file("--run", Path(args.run) / "speed" / "result.json")
+        except SpeedError as error:
+            raise SpeedError(f"{error}; pass --no-save to time it without saving") from None
     sources = [flag for flag, value in (("--head-mask", args.head_mask), ("--run", args.run))
                if value is not None]
     if args.prune_heads is not None or args.prune_ffn is not None:
