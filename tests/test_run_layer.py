@@ -500,6 +500,7 @@ def test_a_run_killed_before_its_config_resumes(setup, tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == [".config.json.tmp", "data.json",
                                                      "masks.json", "model.json"]
     monkeypatch.undo()
+    (out / ".gitkeep").write_text("")  # a hidden file of the user's: no run file, no harm
     assert finetune(_config(setup, epochs=1), out, progress=False).finished
 
 

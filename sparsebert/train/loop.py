@@ -103,9 +103,9 @@ def _check_no_foreign_files(out_dir: Path) -> None:
     take over a run whose config.json was lost)."""
     if not out_dir.is_dir():
         return
-    foreign = sorted(entry.name for entry in out_dir.iterdir()
-                     if entry.name not in _BEFORE_CONFIG
-                     and not (entry.name.startswith(".") and entry.name.endswith(".tmp")))
+    foreign = sorted(entry.name for entry in out_dir.iterdir()  # hidden ones aside: a
+                     if entry.name not in _BEFORE_CONFIG  # write's .tmp, a .gitkeep
+                     and not entry.name.startswith("."))
     if not foreign:
         return
     shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
