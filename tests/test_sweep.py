@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -1093,7 +1094,9 @@ def test_a_killed_sweep_driver_leaves_no_ray_process(tmp_path):
     given: list[tuple[int, int]] = []
     raylet = watchdog = None
     try:
-        line = driver.stdout.readline().split()
+        # the driver's one line, once its instance runs (not waited for forever if Ray hangs)
+        ready, _, _ = select.select([driver.stdout], [], [], 180)
+        line = driver.stdout.readline().split() if ready else ["(nothing within 180 s)"]
         assert line[:1] == ["WATCHDOG"], line
         watchdog, raylet = int(line[1]), int(line[2])
         given = [tuple(int(x) for x in item.split(":")) for item in line[3:]]
