@@ -43,6 +43,19 @@ def write_failure(path: Path, error: BaseException) -> WriteError | None:
                       f"folder writable, then rerun the same command (it resumes)", errno)
 
 
+@contextlib.contextmanager
+def write_errors_named(path: Path) -> Iterator[None]:
+    """Within the block, an error of writing `path` that write_failure recognises is raised as
+    its WriteError; any other error as it is."""
+    try:
+        yield
+    except Exception as error:
+        failure = write_failure(path, error)
+        if failure is None or failure is error:
+            raise
+        raise failure from None
+
+
 def _nearly_full(path: Path, margin: int = 1 << 20) -> bool:
     """Whether the file system holding `path` has less than `margin` bytes free."""
     folder = path.parent
@@ -88,14 +101,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        with write_errors_named(path):
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
         fsync_folder(path.parent)
-    except OSError as error:
-        raise write_failure(path, error) from None
     finally:  # nothing left behind when the write or the move fails
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
@@ -165,11 +177,11 @@ def run_lock(directory: str | os.PathLike, what: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            holder = _holder_pid(fd)
             os.close(fd)
             raise RunDirError(
                 f"{directory}: another {what} is running on this directory"
-                f"{f' (process {holder})' if holder.isdigit() else ''}; wait for it to finish "
+                f"{f' (process {holder})' if holder else ''}; wait for it to finish "
                 f"or stop it, then rerun (it resumes)") from None
         try:  # a holder may have removed the file between our open and flock: take the new one
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
@@ -198,13 +210,18 @@ def lock_holder(directory: str | os.PathLike) -> int | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:  # held
-        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        return int(text) if text.isdigit() else 0
+        return _holder_pid(fd)
     else:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
         os.close(fd)
+
+
+def _holder_pid(fd: int) -> int:
+    """The pid a run lock's holder wrote into its file (`fd`), or 0 before it did."""
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else 0
 
 
 def read_json(path: str | os.PathLike, fix: str) -> Any:
@@ -227,15 +244,11 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) ->
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
     try:
-        write(tmp)
-        fsync_path(tmp)  # on the disk before the rename publishes it
-        os.replace(tmp, path)
+        with write_errors_named(path):
+            write(tmp)
+            fsync_path(tmp)  # on the disk before the rename publishes it
+            os.replace(tmp, path)
         fsync_folder(path.parent)
-    except Exception as error:
-        failure = write_failure(path, error)
-        if failure is None:
-            raise
-        raise failure from None
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
@@ -260,22 +273,20 @@ def atomic_save_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> N
     for stale in (tmp, old):
         shutil.rmtree(stale, ignore_errors=True)
     try:
-        write(tmp)
-        fsync_path(tmp)  # on the disk before the rename publishes it
-        moved_aside = path.exists()
-        if moved_aside:
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
+        with write_errors_named(path):
+            write(tmp)
+            fsync_path(tmp)  # on the disk before the rename publishes it
+            moved_aside = path.exists()
             if moved_aside:
-                os.replace(old, path)  # the previous directory back where it was
-            raise
-    except BaseException as error:
+                os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                if moved_aside:
+                    os.replace(old, path)  # the previous directory back where it was
+                raise
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        failure = write_failure(path, error) if isinstance(error, Exception) else None
-        if failure is None:
-            raise
-        raise failure from None
+        raise
     fsync_folder(path.parent)
     shutil.rmtree(old, ignore_errors=True)

@@ -154,7 +154,8 @@ def check_args(args: argparse.Namespace) -> None:
                          f"(e.g. glue:SST-2)")
     if args.json is not None:
         check_output_file("--json", Path(args.json))
-    if args.run is not None and not args.no_save and is_search_dir(args.run):
+    run_is_search = args.run is not None and is_search_dir(args.run)
+    if run_is_search and not args.no_save:
         # where the result will go (its name depends on the timing's setting): checked now,
         # not after minutes of timing
         try:
@@ -171,7 +172,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.glue_dir is not None and not args.lengths.startswith("glue:"):
         unused.append(f"--glue-dir is read for --lengths glue:TASK only (--lengths "
                       f"{args.lengths})")
-    if args.no_save and (args.run is None or not is_search_dir(args.run)):
+    if args.no_save and not run_is_search:
         unused.append("--no-save applies to a search directory's --run only (nothing is "
                       "written there otherwise)")
     for text in unused:
@@ -360,9 +361,10 @@ def _run_speed(args: argparse.Namespace) -> dict[str, Any]:
                      "masked and pruned rows keep every head and FFN neuron")
 
     def check_outputs(rows: list[Variant], reference: torch.Tensor) -> None:
+        tolerance = output_tolerance(dtype_name, reference)
         for v in rows:
             diffs[v.key] = float((v.fn().float() - reference).abs().max())
-            tolerances[v.key] = output_tolerance(dtype_name, reference)
+            tolerances[v.key] = tolerance
 
     for masks in sets:
         name = masks.name if len(sets) > 1 or args.run is not None else ""

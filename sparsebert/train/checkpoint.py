@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from sparsebert.atomic import fsync_folder, fsync_path, write_failure
+from sparsebert.atomic import fsync_folder, fsync_path, write_errors_named
 from sparsebert.errors import RunDirError
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -92,24 +92,20 @@ def save_checkpoint(out_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write `state` as <out_dir>/checkpoint.pt, verified, keeping the previous one."""
     path = Path(out_dir) / CHECKPOINT_NAME
     tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(state, tmp)
-    except Exception as error:  # a full disk: no half-written file left to fill it further
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        failure = write_failure(path, error)
-        if failure is None:
+    with write_errors_named(path):
+        try:
+            torch.save(state, tmp)
+        except BaseException:  # a full disk: no half-written file left to fill it further
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             raise
-        raise failure from None
     _read(tmp)  # Step 1: the new file must load before it replaces anything
-    try:
+    with write_errors_named(path):
         fsync_path(tmp)  # (and be on the disk: the run's later files rely on it)
         if path.exists():
             os.replace(path, path.with_name(PREVIOUS_NAME))  # Step 2: keep the last good one
         os.replace(tmp, path)  # Step 3
-        fsync_folder(path.parent)
-    except OSError as error:
-        raise write_failure(path, error) from None
+    fsync_folder(path.parent)
     return path
 
 

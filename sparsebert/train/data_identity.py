@@ -35,6 +35,12 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of the file at `path` (computed once per process while it is unchanged)."""
+    stat = path.stat()
+    return _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
 def data_fingerprint(task: GlueTask, glue_dir: str | os.PathLike | None) -> dict[str, str]:
     """{split: sha256 of its file} for `task`'s train and dev splits under `glue_dir` (else
     $GLUE_DIR); {} for hub data. A missing optional dev split (MNLI mismatched) is left out."""
@@ -48,8 +54,7 @@ def data_fingerprint(task: GlueTask, glue_dir: str | os.PathLike | None) -> dict
             if i <= 1:  # train and the first dev split are required
                 raise
             continue
-        stat = path.stat()
-        out[split] = _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        out[split] = file_sha256(path)
     return out
 
 

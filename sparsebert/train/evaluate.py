@@ -132,7 +132,7 @@ def read_run_config(run_dir: Path) -> TrainConfig:
 def _warn_if_other_dev_data(run_dir: Path, task, glue_dir: str | None) -> None:
     """A warning when a dev file under `glue_dir` differs from the one the run was scored on
     (its data.json): the metrics then describe other data."""
-    from sparsebert.train.data_identity import DATA_FILE, _file_sha256, read_record  # noqa: PLC0415
+    from sparsebert.train.data_identity import DATA_FILE, file_sha256, read_record  # noqa: PLC0415
 
     saved = read_record(run_dir / DATA_FILE)
     if saved is None or not saved["files"]:
@@ -143,9 +143,7 @@ def _warn_if_other_dev_data(run_dir: Path, task, glue_dir: str | None) -> None:
             path = find_split_file(task, split, glue_dir)
         except SplitNotFoundError:
             continue
-        stat = path.stat()
-        digest = _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        if saved["files"].get(split) not in (None, digest):
+        if saved["files"].get(split) not in (None, file_sha256(path)):
             changed.append(split)
     if changed:
         warnings.warn(f"the {', '.join(changed)} data under {resolve_glue_dir(glue_dir)} differ "
@@ -200,9 +198,9 @@ def evaluate(run_dir: str | os.PathLike, glue_dir: str | None = None,
     target = resolve_device(device)
     model.to(target)
     precision = trained_precision(run_dir, config)
+    ran_in = resolve_precision(precision, target)  # ("auto": the run's is not recorded)
     if verbose:
-        print(f"precision: {resolve_precision(precision, target)} on {target} (the run's)"
-              if precision != "auto" else f"precision: auto on {target}", file=sys.stderr)
+        print(f"precision: {ran_in} on {target}", file=sys.stderr)
     metrics = {split: evaluate_model(model, task.name, encoded,
                                      batch_size or config.eval_batch_size, precision)
                for split, encoded in load_dev_splits(config, tokenizer, origin).items()}
@@ -210,5 +208,5 @@ def evaluate(run_dir: str | os.PathLike, glue_dir: str | None = None,
     return {"task": task.name, "run": str(run_dir), "metrics": metrics,
             "threshold_metric": task.threshold_metric,
             "score": metrics[first][task.threshold_metric], "device": str(target),
-            "precision": resolve_precision(precision, target),  # the one it ran in
+            "precision": ran_in,
             "data": {**data_source(config.glue_dir), "chosen_by": why}}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sparsebert.atomic import atomic_write_json
 from sparsebert.errors import RunDirError
-from sparsebert.train.data_identity import _file_sha256, read_record
+from sparsebert.train.data_identity import file_sha256, read_record
 
 MODEL_FILE = "model.json"
 
@@ -35,8 +35,7 @@ def model_fingerprint(model: str | os.PathLike | None) -> dict[str, str]:
     out = {}
     for path in sorted(folder.iterdir()):
         if path.is_file() and not path.name.startswith(".") and path.suffix != ".md":
-            stat = path.stat()
-            out[path.name] = _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+            out[path.name] = file_sha256(path)
     return out
 
 
