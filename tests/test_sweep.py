@@ -12,6 +12,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -1014,6 +1015,8 @@ def test_ray_cluster_same_results(reference, tiny_model_dir, synthetic_glue, tmp
         outcome = sweep(out, config, search, train, progress=False)
     assert not outcome.failed and len(outcome.done) == 6  # full, search, P, R, summary, report
     assert {m["backend"] for m in _done(out).values()} == {"ray"}
+    assert {m["host"] for m in _done(out).values()} == {socket.gethostname()}
+    assert all(m["pid"] != os.getpid() for m in _done(out).values())  # a Ray worker's
     mine = _results(out)["SST-2/seed_3/summary.json"]
     local = _results(reference[0])["SST-2/seed_3/summary.json"]
     assert mine["full"] == local["full"]
@@ -1266,6 +1269,9 @@ def test_ray_backend_reports_a_unit_as_soon_as_it_ends():
         backend.remote = sleeping_unit
         backend.submit(backend.slots[0], {"id": "short", "seconds": 0.5}, None)
         backend.submit(backend.slots[1], {"id": "long", "seconds": 120}, None)
+        # status.json names a running Ray unit by its task (its worker is Ray's choice)
+        tasks = {ref.task_id().hex(): slot.index for ref, slot in backend.pending.items()}
+        assert {s.where()["ray_task"]: s.index for s in backend.slots} == tasks
         started = time.monotonic()
         events = []
         while not events:
@@ -1273,6 +1279,7 @@ def test_ray_backend_reports_a_unit_as_soon_as_it_ends():
         assert [(e.unit_id, e.ok) for e in events] == [("short", True)]
         assert time.monotonic() - started < 45  # waiting for every unit: the whole 60 s
         assert backend.slots[0].busy is None and backend.slots[1].busy == "long"
+        assert backend.slots[0].where() == {"pid": None} and backend.slots[1].task
         backend.close()
     finally:
         ray.shutdown()

@@ -34,7 +34,13 @@ class Slot:
     threads: int
     busy: str | None = None
     warm_key: Any = None
-    pid: int | None = None
+    pid: int | None = None  # the local worker process
+    task: str | None = None  # the Ray task running here (its id, as `ray list tasks` shows)
+
+    def where(self) -> dict[str, Any]:
+        """Where its unit runs, for status.json: the worker's pid, or the Ray task's id (its
+        worker is chosen by Ray when the task starts)."""
+        return {"pid": self.pid} if self.task is None else {"ray_task": self.task}
 
 
 @dataclass

@@ -281,8 +281,9 @@ class RayBackend:
             options["num_gpus"] = needs["GPU"]
         if "memory" in needs:
             options["memory"] = int(needs["memory"])
-        slot.busy, slot.warm_key = spec["id"], warm_key
-        self.pending[self.remote.options(**options).remote(spec)] = slot
+        ref = self.remote.options(**options).remote(spec)
+        slot.busy, slot.warm_key, slot.task = spec["id"], warm_key, ref.task_id().hex()
+        self.pending[ref] = slot
 
     def poll(self, timeout: float) -> list[Event]:
         if not self.pending:
@@ -297,7 +298,7 @@ class RayBackend:
         events = []
         for ref in ready:
             slot = self.pending.pop(ref)
-            unit_id, slot.busy = slot.busy, None
+            unit_id, slot.busy, slot.task = slot.busy, None, None
             try:
                 events.append(Event(unit_id, True, self.ray.get(ref)))
             except Exception as error:  # noqa: BLE001 (a task error, a dead worker or node)

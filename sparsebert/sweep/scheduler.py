@@ -128,7 +128,7 @@ class Scheduler:
                                                     slot.device, slot.threads), unit.warm_key)
                 running[unit.id] = time.perf_counter()
                 placed[unit.id] = {"slot": slot.index, "device": slot.device,
-                                   "pid": slot.pid, "attempt": attempts[unit.id]}
+                                   **slot.where(), "attempt": attempts[unit.id]}
                 changed = True
             remaining = [i for i in self.order if i not in finished and i not in dead]
             postfix = (f"running {len(running)}, failed {len(outcome.failed)}, "

@@ -2,12 +2,14 @@
 
     OUT/sweep.json              the grid, the search and training configs, every run's times
     OUT/.sweep/done/<unit>.json     completion markers (atomic): seconds, cpu_seconds, attempts,
-                                    worker; reports (whether a summary, task report or the
-                                    sweep report wrote its report.md: False with --no-reports
-                                    or without matplotlib; a summary or task report made
-                                    again under --no-reports removes its stale report.md)
+                                    backend, host and worker pid; reports (whether a summary,
+                                    task report or the sweep report wrote its report.md: False
+                                    with --no-reports or without matplotlib; a summary or task
+                                    report made again under --no-reports removes its stale
+                                    report.md)
     OUT/.sweep/failed/<unit>.json   the last error of a unit that ran out of retries
-    OUT/.sweep/status.json      the running units, where (worker pid) and the counts
+    OUT/.sweep/status.json      the running units, where (slot, device, and the worker's pid
+                                    or, on Ray, the task's id) and the counts
     OUT/.sweep/lock             held (flock) by the running driver: one driver per directory
     OUT/.sweep/superseded/      results set aside: super-survivors of an earlier seed set, and
                                 what --redo replaced (redo-<method>-<time>/<task>/...)
@@ -349,7 +351,8 @@ class SweepDir:
         (self.meta / "failed" / marker_name(unit_id)).unlink(missing_ok=True)
 
     def write_status(self, status: dict[str, Any]) -> None:
-        """.sweep/status.json: what runs where now (unit -> slot, device, worker pid)."""
+        """.sweep/status.json: what runs where now (unit -> slot, device, worker pid or Ray
+        task id)."""
         atomic_write_json(self.meta / "status.json", {"updated_at": now(), **status})
 
     def mark_failed(self, unit_id: str, info: dict[str, Any]) -> None:

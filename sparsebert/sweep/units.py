@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import os
+import socket
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -95,8 +96,9 @@ def _check_injected_failure(spec: dict[str, Any]) -> None:
 
 def run_unit(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one unit (idempotent: finished stages are skipped); returns what its marker
-    records: seconds (wall), cpu_seconds (the worker's CPU time over the unit), and the
-    unit's headline numbers when it has some. A unit that raises leaves no warm search
+    records: seconds (wall), cpu_seconds (the worker's CPU time over the unit), where it ran
+    (host and worker pid: a Ray task's worker is known only here), and the unit's headline
+    numbers when it has some. A unit that raises leaves no warm search
     behind (a stage stopped half-way may have left its loaded models changed)."""
     started, cpu_started = time.perf_counter(), time.process_time()
     data_cache.enable()  # tokenized train/dev splits shared by this worker's fine-tunes
@@ -109,7 +111,7 @@ def run_unit(spec: dict[str, Any]) -> dict[str, Any]:
         raise
     return {"seconds": time.perf_counter() - started,
             "cpu_seconds": time.process_time() - cpu_started,  # this worker, all its threads
-            "device": spec["device"], **info}
+            "device": spec["device"], "host": socket.gethostname(), "pid": os.getpid(), **info}
 
 
 def _run(spec: dict[str, Any]) -> dict[str, Any]:
