@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparsebert.glue.loading import GlueError, load_split, read_jsonl, read_tsv
+from sparsebert.glue.loading import (
+    GlueError,
+    SplitNotFoundError,
+    load_split,
+    read_jsonl,
+    read_tsv,
+    resolve_glue_dir,
+)
 from sparsebert.glue.tasks import get_task
 
 GLUE_DIR = os.environ.get("GLUE_DIR", "")
@@ -264,6 +271,42 @@ def test_hub_fallback_with_a_fake_datasets_module(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=unlabeled))
     with pytest.raises(GlueError, match="not in the label set"):
         load_split("MNLI", "dev")
+
+    def missing_text(name, config, split):
+        return {"premise": ["p", None], "hypothesis": ["h", "h2"], "label": [0, 1]}
+
+    monkeypatch.setitem(sys.modules, "datasets",
+                        types.SimpleNamespace(load_dataset=missing_text))
+    with pytest.raises(GlueError, match=r"validation_matched row 1: premise is None, expected "
+                                        r"a string"):  # not the text "None"
+        load_split("MNLI", "dev")
+
+
+def test_blank_lines_are_skipped_and_a_boolean_score_is_refused(tmp_path):
+    """Empty and whitespace-only lines are no rows; JSON true is no STS-B score."""
+    path = _write(tmp_path / "SST-2" / "train.tsv", "sentence\tlabel\ngood\t1\n \n\t\nbad\t0\n\n")
+    data = read_tsv(path, "SST-2")
+    assert data.texts == (["good", "bad"],) and data.labels.tolist() == [1, 0]
+    scores = _write(tmp_path / "STS-B" / "train.jsonl",
+                    '{"sentence1": "a", "sentence2": "b", "label": true}\n')
+    with pytest.raises(GlueError, match=r"train.jsonl:1: label True is not a number"):
+        read_jsonl(scores, "STS-B")
+
+
+def test_a_wrong_glue_folder_is_named(tmp_path, monkeypatch):
+    """A folder that does not exist, a file, or the task's own folder given as the GLUE
+    folder: the error says which; a GLUE_DIR of blanks counts as unset."""
+    _write(tmp_path / "SST-2" / "dev.tsv", "sentence\tlabel\ngood\t1\n")
+    for folder, expected in ((tmp_path / "nowhere", "nowhere does not exist"),
+                             (tmp_path / "SST-2" / "dev.tsv", "dev.tsv is not a folder"),
+                             (tmp_path / "SST-2", "looks like the SST-2 folder itself: give "
+                                                  f"its parent ({tmp_path})")):
+        with pytest.raises(SplitNotFoundError) as info:
+            load_split("SST-2", "dev", folder)
+        assert expected in str(info.value)
+    monkeypatch.setenv("GLUE_DIR", "  ")
+    assert resolve_glue_dir(None) is None
+    assert resolve_glue_dir(f" {tmp_path} ") == tmp_path
 
 
 def test_optional_dev_split_missing_is_skipped_broken_is_an_error(tmp_path, tiny_model_dir):

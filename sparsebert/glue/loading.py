@@ -57,9 +57,9 @@ class GlueData:
 
 def resolve_glue_dir(glue_dir: str | os.PathLike | None = None) -> Path | None:
     """`glue_dir` if given, else $GLUE_DIR if set, else None (meaning: use the hub)."""
-    if glue_dir is not None and str(glue_dir) != "":
-        return Path(glue_dir).expanduser()
-    env = os.environ.get(GLUE_DIR_ENV, "")
+    if glue_dir is not None and str(glue_dir).strip() != "":
+        return Path(str(glue_dir).strip()).expanduser()
+    env = os.environ.get(GLUE_DIR_ENV, "").strip()
     return Path(env).expanduser() if env else None
 
 
@@ -75,6 +75,8 @@ def _parse_label(task: GlueTask, raw: object, where: str) -> float | int:
     """One label as a class index (classification) or a float score (STS-B)."""
     if task.is_regression:
         try:
+            if isinstance(raw, bool):  # JSON true/false: not a score
+                raise TypeError
             value = float(raw)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise GlueError(f"{where}: label {raw!r} is not a number ({task.name} is a "
@@ -111,7 +113,8 @@ def read_tsv(path: str | os.PathLike, task: str | GlueTask, split: str = "train"
             rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
         except UnicodeDecodeError as error:
             raise GlueError(f"{path}: not valid UTF-8 ({error})") from None
-    rows_with_numbers = [(number, row) for number, row in enumerate(rows, start=1) if row]
+    rows_with_numbers = [(number, row) for number, row in enumerate(rows, start=1)
+                         if any(field.strip() for field in row)]  # blank lines: none
     # Step 1: column names, from the header or the task's fixed layout (CoLA).
     has_header = layout.header or (
         bool(rows_with_numbers) and layout.label_column in rows_with_numbers[0][1])
@@ -191,6 +194,13 @@ def read_jsonl(path: str | os.PathLike, task: str | GlueTask, split: str = "trai
     return _finish(task, split, texts, labels, str(path))
 
 
+def _hub_text(text: object, where: str, field: str) -> str:
+    """One text field of a hub row: a string (a missing one is an error, not "None")."""
+    if not isinstance(text, str):
+        raise GlueError(f"{where}: {field} is {text!r}, expected a string")
+    return text
+
+
 def load_hub(task: str | GlueTask, split: str = "train") -> GlueData:
     """Download a split from the Hugging Face hub (`datasets`, imported lazily)."""
     task = get_task(task)
@@ -211,7 +221,8 @@ def load_hub(task: str | GlueTask, split: str = "train") -> GlueData:
         raise GlueError(
             f"could not load {source} from the hub ({type(error).__name__}: {error}). Offline? "
             f"Set {GLUE_DIR_ENV} (or --glue-dir) to a local GLUE download") from None
-    texts = [[str(t) for t in table[name]] for name in task.text_fields]
+    texts = [[_hub_text(text, f"{source} row {row}", name)
+              for row, text in enumerate(table[name])] for name in task.text_fields]
     labels = [_parse_label(task, value if task.is_regression else int(value),
                            f"{source} row {row}") for row, value in enumerate(table["label"])]
     return _finish(task, split, texts, labels, source)
@@ -278,6 +289,13 @@ def find_split_file(task: str | GlueTask, split: str,
     else:
         hint = (f"Pass --glue-dir or set {GLUE_DIR_ENV} to a GLUE download with the layout "
                 f"{layout}")
+    if not root.exists():
+        hint = f"{root} does not exist. {hint}"
+    elif not root.is_dir():
+        hint = f"{root} is not a folder. {hint}"
+    elif root.name in (task.folder, task.name, task.hub_config):
+        hint = (f"{root} looks like the {task.name} folder itself: give its parent "
+                f"({root.parent}). {hint}")
     raise SplitNotFoundError(
         f"{task.name} {split} split not found under {root} (from {origin}): looked for "
         f"{candidates[0]} (also tried "
