@@ -280,6 +280,32 @@ def test_a_replaced_parameter_at_the_old_address_is_sliced_anew():
                                atol=TOL, rtol=TOL)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw_fused", "sgd_fused", "adamw_foreach"])
+def test_an_optimizer_step_is_seen_by_the_kept_slices(optimizer):
+    """Fused optimizer kernels write parameters without moving their version counters: the
+    slices kept by an evaluation are still made anew after a step (not the weights of before)."""
+    module = make_attention()
+    module.head_gate.copy_(torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    x, mask = torch.randn(B, S, HID), padding_mask()
+    params = list(module.parameters())
+    kind, flavour = optimizer.split("_")
+    options = {"fused": True} if flavour == "fused" else {"foreach": True}
+    opt = (torch.optim.AdamW(params, lr=1e-2, **options) if kind == "adamw"
+           else torch.optim.SGD(params, lr=1e-1, **options))
+    module.eval()
+    with torch.no_grad():
+        before = module(x, attention_mask=mask)[0]  # slices kept
+    module.train()
+    module(x, attention_mask=mask)[0].square().sum().backward()
+    opt.step()
+    module.eval()
+    with torch.no_grad():
+        got = module(x, attention_mask=mask)[0]
+        want = attention_reference(module, x, module.head_gate, mask)
+    assert (got - before).abs().max() > 1e-3  # the step changed the output
+    torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+
+
 def test_inference_tensor_weights_are_sliced_on_every_call():
     """Weights that are inference tensors (no version counter) are never kept: a write to them
     between calls is seen."""

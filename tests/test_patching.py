@@ -307,6 +307,9 @@ def test_unsupported_models_raise_clear_errors(tiny_model):
     decoder = tiny_model("bert", is_decoder=True)
     with pytest.raises(ValueError, match="is_decoder"):
         sbhf.patch(decoder)
+    empty = tiny_model("bert", num_hidden_layers=0)  # would never count as patched
+    with pytest.raises(ValueError, match="has no encoder layers .num_hidden_layers 0."):
+        sbhf.patch(empty)
     assert "bert" in sbhf.supported_model_types() and "roberta" in sbhf.supported_model_types()
 
 

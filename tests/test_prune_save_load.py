@@ -75,6 +75,34 @@ def test_prune_equals_masked(path, monkeypatch, tiny_bert, tiny_batch):
     assert torch.equal(sbhf.get_masks(model)["head_mask"], head)
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_a_per_head_mask_runs_on_the_pruned_and_reloaded_model(attn, kind, tiny_bert,
+                                                               tiny_batch, tmp_path):
+    """A 4-d mask with one entry per head (B, H, S, S) gives a physically pruned model, and
+    the same model saved and reloaded, the masked model's logits (each kept head reads its own
+    entry); a mask of another head count is an error naming attention_mask."""
+    model, *_ = masked(tiny_bert(attn=attn))
+    ids, _ = tiny_batch()
+    batch, seq = ids.shape
+    heads = model.config.num_attention_heads
+    gen = torch.Generator().manual_seed(3)
+    attend = torch.rand(batch, heads, seq, seq, generator=gen) > 0.3
+    attend[..., 0] = True  # every query row attends somewhere
+    mask = attend if kind == "bool" else torch.zeros(attend.shape).masked_fill(~attend, -1e4)
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        sbhf.prune(model)
+        pruned = model(ids, attention_mask=mask).logits
+        loaded = sbhf.load_pruned(sbhf.save_pruned(model, tmp_path / "pruned")).eval()
+        reloaded = loaded(ids, attention_mask=mask).logits
+    assert max_diff(pruned, want) < TOL and max_diff(reloaded, want) < TOL
+    with torch.no_grad(), pytest.raises(ValueError, match=r"attention_mask \(3, 3, 9, 9\): "
+                                                         r"dimension 1 must be 1 or the model's "
+                                                         r"number of heads \(4\), got 3"):
+        model(ids, attention_mask=mask[:, :3])
+
+
 def test_prune_twice_and_train_after(tiny_roberta, tiny_batch):
     model, head, _, _ = masked(tiny_roberta())
     ids, mask = tiny_batch()

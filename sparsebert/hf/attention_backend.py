@@ -42,6 +42,7 @@ from torch.nn.functional import scaled_dot_product_attention
 from sparsebert.errors import SparsebertError
 from sparsebert.hf.post_import import when_imported
 from sparsebert.nn.attention import can_read_on_host, to_key_padding_mask
+from sparsebert.nn.optimizer_steps import watch_optimizer_steps
 from sparsebert.ops import masked_attention
 
 ATTN_IMPLEMENTATION = "sparsebert"
@@ -191,7 +192,8 @@ def _active_heads(module: nn.Module, gate: Tensor) -> tuple[Tensor | None, bool]
     geometry (the cache holds a detached view, so the memory cannot be recycled for another
     tensor meanwhile) or an in-place write (the version counter, shared by views, moves). A
     write that bypasses the version counter (through `.data` or a NumPy view) is not seen
-    there: change gates with set_masks or in-place ops on the gate itself."""
+    there: change gates with set_masks, in-place ops on the gate itself or an optimizer step
+    (sparsebert.nn.optimizer_steps)."""
     cached = getattr(module, "_sparsebert_active_heads", None)
     if (
         gate.device.type != "cpu"
@@ -210,6 +212,7 @@ def _active_heads(module: nn.Module, gate: Tensor) -> tuple[Tensor | None, bool]
     active = None if bool(nonzero.all()) else torch.nonzero(nonzero).flatten()
     answer = (active, bool((values == 1).all()))
     if gate.device.type != "cpu":
+        watch_optimizer_steps()  # a gate trained by a fused optimizer step moves no counter
         module._sparsebert_active_heads = (values, gate._version, answer)
     return answer
 

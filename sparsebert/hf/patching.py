@@ -138,6 +138,9 @@ def patch(model: nn.Module) -> nn.Module:
     """
     row = structure_for(model)
     _check_config(model, row)
+    if not encoder_layers(model, row):
+        raise ValueError(f"patch: the {type(model).__name__} has no encoder layers "
+                         f"(num_hidden_layers 0): nothing to gate or prune")
     # Gate buffers made as ordinary tensors even under torch.inference_mode (inference tensors
     # have no version counter, which tells the blocks and accelerate that a gate changed).
     with torch.inference_mode(False):

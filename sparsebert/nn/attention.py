@@ -42,6 +42,7 @@ from sparsebert.nn.common import (
     known_all_zero,
     slice_linear,
 )
+from sparsebert.nn.optimizer_steps import watch_optimizer_steps
 from sparsebert.ops import masked_attention
 
 
@@ -250,8 +251,9 @@ class _LiveHeads:
     alive, with the same version counters and storage: a parameter replaced by a new one, even
     one the allocator put at the freed one's address, or given new storage through `.data =`, is
     sliced anew), except while a CUDA graph is captured (its replays slice the weights as they
-    are then). In-place writes through `.data` (`param.data.mul_(2)`) bypass the version counter
-    and are not seen: write under torch.no_grad() instead (`param.mul_(2)`)."""
+    are then). Optimizer steps are seen, fused ones included (sparsebert.nn.optimizer_steps).
+    In-place writes through `.data` (`param.data.mul_(2)`) bypass the version counter and are
+    not seen: write under torch.no_grad() instead (`param.mul_(2)`)."""
 
     def __init__(self, summary: GateSummary, num_heads: int, head_dim: int,
                  device: torch.device) -> None:
@@ -288,6 +290,7 @@ class _LiveHeads:
                               for linear in projections]).index_select(0, self.qkv_rows)
         sliced = ((weight, bias), (out.weight.index_select(1, self.rows), out.bias))
         if keep:  # weak references: the slices keep no replaced parameter alive
+            watch_optimizer_steps()  # a fused optimizer step moves no version counter itself
             self._kept = ([_tensor_state(p) for p in params], sliced)
         return sliced
 
@@ -458,6 +461,7 @@ class SparseAttention(nn.Module):
         self.hidden_size = hidden_size
         self.scaling = head_dim**-0.5
         self.head_ids: list[int] = list(range(num_heads))
+        self.original_num_heads = num_heads  # before any physical pruning (per-head masks)
         self.head_gate_override: Tensor | None = None
         self.head_gate_live: bool | None = None
         self.exact_zero_gate_grad = False
@@ -651,7 +655,8 @@ class SparseAttention(nn.Module):
                             if padding else None)  # (B, S) or None
         sdpa_gate = None if ones else gate  # None: a gate of ones, nothing to multiply
         if not padding:  # SDPA takes any 4-d mask
-            mask = _sdpa_mask(attention_mask, q.dtype)[..., :q_len, :]  # (B, 1|H, Sq, S)
+            mask = _sdpa_mask(self._own_heads(attention_mask), q.dtype)[..., :q_len, :]
+            # (B, 1|H, Sq, S)
             ctx = self._sdpa(q, k, v, sdpa_gate, mask, dropout)
         elif dropout > 0:
             attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
@@ -679,6 +684,20 @@ class SparseAttention(nn.Module):
         active = (gate != 0).any(dim=-1).to(out.dtype)  # () or (B,)
         active = active.view(-1, 1, 1) if active.dim() else active
         return layer_norm(torch.addcmul(queries, out, active)), None
+
+    def _own_heads(self, attention_mask: Tensor) -> Tensor:
+        """A per-head 4-d mask (B, H0, Sq, S), one entry per head of the model as built (H0),
+        cut to this block's heads (B, H, Sq, S) once some were physically pruned; a mask
+        shared by the heads (B, 1, Sq, S) as it is."""
+        mask_heads = attention_mask.shape[1]
+        if mask_heads == 1 or mask_heads == self.num_heads == self.original_num_heads:
+            return attention_mask
+        if mask_heads != self.original_num_heads:
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)}: dimension 1 must be 1 or the "
+                f"model's number of heads ({self.original_num_heads}), got {mask_heads}")
+        index = torch.tensor(self.head_ids, dtype=torch.long, device=attention_mask.device)
+        return attention_mask.index_select(1, index)  # (B, H, Sq, S)
 
     def _live_heads(self, summary: GateSummary | None, x: Tensor) -> _LiveHeads | None:
         """The live heads when the gate buffer masks some and leaving the others out pays:

@@ -12,8 +12,8 @@ those. Inference tensors (made or converted under torch.inference_mode) have no 
 layer holding one is never known unchanged, so its compact weights are rebuilt on every call
 (correct, slower; a warning says so once). Fused optimizer kernels (AdamW(fused=True), as
 sparsebert.train uses) write parameters without moving their version counters either, so while a
-watch exists every optimizer step moves them (`watch_optimizer_steps`: a global torch.optim step
-post-hook, registered once).
+watch exists every optimizer step moves them (`sparsebert.nn.optimizer_steps`: a global
+torch.optim step post-hook, registered once).
 """
 
 from __future__ import annotations
@@ -22,13 +22,11 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from sparsebert.nn import SparseAttention, SparseMLP
+from sparsebert.nn.optimizer_steps import watch_optimizer_steps
 
-_optimizer_hook: list[object] = []  # the step post-hook's handle, once registered
 _warned_inference: list[bool] = []  # the inference-tensor warning, once per process
 
 INFERENCE_TENSORS_WARNING = (
@@ -36,22 +34,6 @@ INFERENCE_TENSORS_WARNING = (
     "converted under torch.inference_mode), which have no version counter, so the compact "
     "weights are rebuilt on every call; create, patch or convert the model outside "
     "inference_mode (calling it inside is fine) to keep them")
-
-
-def _bump_parameter_versions(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """Optimizer step post-hook: move the version counters of the parameters it updated."""
-    params = [p for group in optimizer.param_groups for p in group["params"]
-              if isinstance(p, Tensor) and not p.is_inference()]
-    if params:
-        torch.autograd.graph.increment_version(params)
-
-
-def watch_optimizer_steps() -> None:
-    """Make every optimizer step visible to version counters, fused kernels included (once per
-    process; a loop over the stepped parameters' counters, no data touched)."""
-    if not _optimizer_hook:
-        _optimizer_hook.append(
-            register_optimizer_step_post_hook(_bump_parameter_versions))
 
 
 def _slot(owner: object, name: str) -> dict:
