@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import re
 import shutil
 import types
@@ -663,10 +664,21 @@ def test_speed_uses_per_round_ratios_and_counts_each_seed_once(runs: Path, tmp_p
         if r["subnetwork"]:
             r["subnetwork"] = "seed_1/good"
     (runs / "MRPC" / "speed" / "cpu.json").write_text(json.dumps(parent))
-    monkeypatch.chdir(tmp_path)  # the noisy file is named as typed from here
-    text = Path(report([runs], out_dir=tmp_path / "out")["report"]).read_text()
+    for file in (runs / "MRPC" / "speed" / "cpu.json", runs / "MRPC" / "seed_1" / "speed" /
+                 "cpu.json"):
+        os.utime(file, (1e9, 1e9))  # timed at once: the run's own file counts
+    monkeypatch.chdir(tmp_path)  # the files are named as the inputs are given (relative)
+    text = Path(report([Path("runs")], out_dir="out")["report"]).read_text()
+    monkeypatch.chdir(runs)  # the same bytes from any working directory
+    assert Path(report([Path("../runs")], out_dir="../out")["report"]).read_text() == (
+        text.replace("sparsebert report runs --out out", "sparsebert report ../runs --out ../out"
+                     ).replace("`runs/", "`../runs/"))
     section = text.split("## Speed of the subnetworks")[1].split("## ")[0]
-    assert "`runs/MRPC/seed_1/speed/cpu.json`" in section and str(tmp_path) not in section
+    assert "Noisy timings (a busy machine; see the file's notes): `runs/MRPC/seed_1/speed/" \
+           "cpu.json`." in section and str(tmp_path) not in section
+    assert ("Timed more than once (the latest file counts; on a tie the run's own): "
+            "`runs/MRPC/seed_1/speed/cpu.json` counts, `runs/MRPC/speed/cpu.json` left out."
+            ) in section
     good = next([c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
                 if line.startswith("| MRPC | good"))
     assert good[2] == "1"  # seed 1 once, though two files time it
@@ -675,6 +687,37 @@ def test_speed_uses_per_round_ratios_and_counts_each_seed_once(runs: Path, tmp_p
                 if line.startswith("| MRPC | full model"))
     assert full[9] == "100.0"  # the patched full model, which the pruned row is timed against
     assert "†" not in section and "Noisy timings" in section
+
+
+def test_a_setting_timed_again_counts_by_its_latest_file(runs: Path, tmp_path: Path):
+    """Two files timing one setting (one from before file names carried the thread count):
+    the one written later counts, by its recorded time, else its modification time; the
+    report names the file left out."""
+    folder = runs / "MRPC" / "seed_1" / "speed"
+    folder.mkdir()
+    old, new = folder / "cpu-fp32-b16-s128-full.json", folder / "cpu-t1-fp32-b16-s128-full.json"
+    old.write_text(json.dumps(_speed_result(["good"], 40.0, [40.0], [40.0])))  # 1.00x
+    new.write_text(json.dumps(_speed_result(["good"], 40.0, [20.0], [20.0])))  # 2.00x
+
+    def good_speedup() -> str:
+        text = Path(report([runs], out_dir=tmp_path / "out")["report"]).read_text()
+        good = next([c.strip() for c in line.strip("|").split("|")]
+                    for line in text.splitlines() if line.startswith("| MRPC | good"))
+        assert good[2] == "1"  # one seed, counted once
+        return good[8], text
+
+    os.utime(old, (1e9, 1e9))
+    os.utime(new, (2e9, 2e9))
+    speedup, text = good_speedup()
+    assert speedup == "2.00x"
+    assert f"`{new.as_posix()}` counts, `{old.as_posix()}` left out" in text
+    os.utime(old, (3e9, 3e9))  # touched later: by modification time the old one is newer
+    assert good_speedup()[0] == "1.00x"
+    data = json.loads(new.read_text())
+    data["written_at"] = "2026-12-06T07:00:00Z"  # a recorded time beats files without one
+    new.write_text(json.dumps(data))
+    os.utime(new, (1e9, 1e9))
+    assert good_speedup()[0] == "2.00x"
 
 
 def test_seeds_of_different_settings_are_not_averaged(tmp_path: Path):
@@ -713,12 +756,38 @@ def test_super_survivors_must_come_from_the_runs_beside_them(tmp_path: Path):
     with pytest.raises(ReportError, match=r"super-survivors of seeds \[1, 2, 3\], but the MRPC "
                        r"runs among the inputs are seeds \[1, 2\]"):
         collect(runs)
+    shutil.copytree(runs / "MRPC" / "seed_2", runs / "MRPC" / "seed_3")
+    summary = runs / "MRPC" / "seed_3" / "summary.json"
+    summary.write_text(summary.read_text().replace('"seed": 2', '"seed": 3'))
+    write_run(runs, "MRPC", 4, 1)  # a seed added after the super-survivors
+    with pytest.raises(ReportError, match=r"seeds \[1, 2, 3, 4\]; pass the runs of exactly "
+                       r"those seeds \(their seed_<s> folders and super/\), or recompute the "
+                       r"super-survivors over every seed \(`sparsebert search` with --seeds "
+                       r"listing 4 too\)"):
+        collect(runs)
     runs = make_runs(tmp_path / "other")
     path = runs / "MRPC" / "super" / "summary.json"
     data = json.loads(path.read_text())
     data["head_mask"][5] = [1] * H  # heads no run kept in every seed
     path.write_text(json.dumps(data))
     with pytest.raises(ReportError, match="'head_mask' is not the heads kept in every good mask"):
+        collect(runs)
+
+
+def test_a_good_mask_without_its_mlp_mask_or_a_nan_majority_is_named(tmp_path: Path):
+    runs = make_runs(tmp_path / "runs")
+    path = runs / "RTE" / "seed_2" / "summary.json"
+    original = path.read_text()
+    data = json.loads(original)
+    del data["methods"]["structured"]["good_mask"]["mlp_mask"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ReportError, match=r"missing required field "
+                                          r"'methods.structured.good_mask.mlp_mask'"):
+        collect(runs)
+    data = json.loads(original)
+    data["majority"] = math.nan  # would switch the weak-threshold note off without a word
+    path.write_text(json.dumps(data))
+    with pytest.raises(ReportError, match=r"field 'majority' should be a finite number, got nan"):
         collect(runs)
 
 

@@ -164,9 +164,13 @@ def _check_super(task: str, runs: list[RunSummary], sup: SuperSummary) -> None:
     in every one of their good masks."""
     seeds = sorted(run.seed for run in runs)
     if sup.seeds and sorted(sup.seeds) != seeds:
-        raise ReportError(f"{sup.path}: super-survivors of seeds {sorted(sup.seeds)}, but the "
-                          f"{task} runs among the inputs are seeds {seeds}; pass the runs of "
-                          "exactly those seeds")
+        extra = sorted(set(seeds) - set(sup.seeds))
+        raise ReportError(
+            f"{sup.path}: super-survivors of seeds {sorted(sup.seeds)}, but the {task} runs "
+            f"among the inputs are seeds {seeds}; pass the runs of exactly those seeds (their "
+            f"seed_<s> folders and {sup.path.parent.name}/)"
+            + (f", or recompute the super-survivors over every seed (`sparsebert search` with "
+               f"--seeds listing {', '.join(map(str, extra))} too)" if extra else ""))
     masks = [run.head_mask for run in runs]
     if masks and all(m is not None for m in masks):
         kept_in_every = np.logical_and.reduce(np.stack(masks))  # (L, H)

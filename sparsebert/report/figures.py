@@ -173,6 +173,7 @@ def subnetworks(results: Mapping[str, TaskResults], path: Path) -> Path | None:
     fig, panels = _task_panels(len(results), len(methods), 3.4, 2.6, 0.9)
     for r, (task, res) in enumerate(results.items()):
         full, major = res.scores.get("full model"), res.scores.get("majority baseline")
+        labelled = False
         for c, method in enumerate(methods):
             ax = panels[r][c]
             ax.set_title(f"{task}: {METHOD_TITLES[method]}", fontsize=9)
@@ -193,8 +194,9 @@ def subnetworks(results: Mapping[str, TaskResults], path: Path) -> Path | None:
             low = min([0.0, *refs] + [st.mean - (st.std or 0) for k, st in res.scores.items()
                                       if k.startswith(prefix) and not math.isnan(st.mean)])
             ax.set_ylim(0.0 if low >= 0 else low - 0.05, max([top, *refs, 0.1]) * 1.15 + 0.02)
-            if c == 0:
+            if not labelled:  # the task's first panel with bars (s-pruning may have none)
                 ax.set_ylabel(f"dev {res.report_metric}")
+                labelled = True
             ax.tick_params(axis="y", labelsize=7)
     handles = [Patch(color=STAGE_COLORS["pruned"], label="pruned (no retraining)"),
                Patch(color=STAGE_COLORS["retrained"], label="retrained from pre-trained"),

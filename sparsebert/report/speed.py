@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ class SpeedEntry:
     noisy: bool = False  # the file notes noisy timings (a busy machine)
     patched_ms: float | None = None  # the patched full model's forward (what pruned is timed
     # against; older files lack it)
+    replaces: tuple[Path, ...] = ()  # older files timing the same subnetwork and setting
 
     @property
     def masked_speedup(self) -> float:
@@ -183,10 +184,25 @@ def collect_speed(results: Mapping[str, TaskResults]) -> list[SpeedEntry]:
                     if file not in loaded:
                         loaded[file] = _load(file)
                     out += _entries_in(file, loaded[file], run, prefix)
-    # A seed timed on its own and through its parent: one entry per (task, seed, subnetwork,
-    # setting), the run's own file first.
-    unique = {(e.task, e.seed, e.subnet, e.setting): e for e in reversed(out)}
-    return [e for e in out if unique[(e.task, e.seed, e.subnet, e.setting)] is e]
+    # One entry per (task, seed, subnetwork, setting): a setting timed again (another file
+    # name, e.g. one from before names carried the thread count; or a seed timed on its own
+    # and through its parent) counts once, by its latest file; on a tie the run's own file.
+    groups: dict[tuple, list[int]] = {}
+    for index, e in enumerate(out):
+        groups.setdefault((e.task, e.seed, e.subnet, e.setting), []).append(index)
+    kept: dict[int, SpeedEntry] = {}
+    for indices in groups.values():
+        best = max(indices, key=lambda i: (_recency(out[i].file, loaded[out[i].file]), -i))
+        older = tuple(dict.fromkeys(out[i].file for i in indices if out[i].file != out[best].file))
+        kept[best] = replace(out[best], replaces=older)
+    return [kept[i] for i in sorted(kept)]
+
+
+def _recency(file: Path, data: dict[str, Any]) -> tuple[str, float]:
+    """How recent a speed file is: its recorded UTC time (files from before it was recorded
+    rank below every file that has one), then its modification time."""
+    written = data.get("written_at")
+    return (written if isinstance(written, str) else "", file.stat().st_mtime)
 
 
 def subnet_score(run: RunSummary, subnet: str, stage: str) -> float | None:
@@ -265,7 +281,14 @@ def speed_tables(results: Mapping[str, TaskResults], entries: list[SpeedEntry]) 
                          "predates the patched-full-model row, so this ratio also holds the "
                          "kernel change, not only the pruning; rerun the command to separate "
                          "them.")
-        noisy = sorted({_as_typed(e.file) for e in chosen if e.noisy})
+        replaced = sorted({(old.as_posix(), e.file.as_posix()) for e in chosen
+                           for old in e.replaces})
+        if replaced:
+            lines.append("Timed more than once (the latest file counts; on a tie the run's "
+                         "own): " + "; ".join(f"`{new}` counts, `{old}` left out"
+                                             for old, new in replaced) + ".")
+        noisy = sorted({e.file.as_posix() for e in chosen if e.noisy})  # as found: as the
+        # command above names its inputs (the same bytes from any working directory)
         if noisy:
             lines.append("Noisy timings (a busy machine; see the file's notes): "
                          + ", ".join(f"`{f}`" for f in noisy) + ".")
@@ -286,11 +309,3 @@ SPEED_NOTE = (
     "s-pruning (heads + MLPs) changes the amount of dense work; m-pruning's unstructured "
     "masks do not, so they are not timed.")
 
-
-def _as_typed(path: str | Path) -> str:
-    """A file as one would type it here: relative to the working directory when under it (so
-    a committed report names no machine-specific absolute path)."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)

@@ -175,6 +175,14 @@ def _check_number(value: Any, path: Path, name: str) -> None:
         raise ReportError(f"{path}: field '{name}' should be a finite number, got {value!r:.60}")
 
 
+def _optional_finite(data: dict, name: str, path: Path) -> float | None:
+    """An optional top-level number: None when absent, else finite (a NaN majority would
+    silently switch the weak-threshold notes off)."""
+    value = _get(data, name, path, required=False, kind=NUMBER)
+    _check_number(value, path, name)
+    return value
+
+
 def _finite(value: float, path: Path, name: str) -> float:
     _check_number(value, path, name)
     return float(value)
@@ -215,6 +223,9 @@ def _parse_run(data: dict, path: Path) -> RunSummary:
     num_layers = _get(data, "num_layers", path, required=False, kind=int)
     num_heads = _get(data, "num_heads", path, required=False, kind=int)
     good = _get(data, "methods.structured.good_mask", path, required=False, kind=dict)
+    if good is not None:  # both masks, or neither (not "values that are not finite")
+        good = {name: _get(data, f"methods.structured.good_mask.{name}", path, kind=list)
+                for name in ("head_mask", "mlp_mask")}
     if good is not None and (num_layers is None or num_heads is None):
         shape = _array(good.get("head_mask"), path,
                        "methods.structured.good_mask.head_mask").shape
@@ -231,8 +242,8 @@ def _parse_run(data: dict, path: Path) -> RunSummary:
         num_layers=num_layers, num_heads=num_heads,
         full_score=_finite(_get(data, "full.score", path, kind=NUMBER), path, "full.score"),
         full_metrics={k: float(v) for k, v in metrics.items() if isinstance(v, NUMBER)},
-        majority=_get(data, "majority", path, required=False, kind=NUMBER),
-        search_majority=_get(data, "search_majority", path, required=False, kind=NUMBER),
+        majority=_optional_finite(data, "majority", path),
+        search_majority=_optional_finite(data, "search_majority", path),
         model=_get(data, "model", path, required=False, kind=str),
         search_data=_get(data, "search_data", path, required=False, kind=str),
         importance_mode=_get(data, "importance_mode", path, required=False, kind=str),

@@ -19,6 +19,7 @@ import argparse
 import os
 import re
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -397,6 +398,8 @@ def _run_speed(args: argparse.Namespace) -> dict[str, Any]:
                    "ffn_kept": m.kept()[1]} for m in sets],
         "rows": rows,
         "notes": notes,
+        # when (UTC): a report keeps the latest of two files timing one setting
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
