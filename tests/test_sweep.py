@@ -881,6 +881,71 @@ def test_bad_input_one_line_exit_2(flags, message, tmp_path, capsys):
     assert not out.exists()  # nothing written
 
 
+def test_an_out_that_cannot_be_made_is_named(tmp_path, tiny_model_dir, synthetic_glue,
+                                             capsys):
+    """--out below a file: one line naming --out and why, exit status 2."""
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "sub"
+    argv = _argv(tiny_model_dir, synthetic_glue, out)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"--out {out}: cannot create it (Not a directory)"), err
+
+
+def test_slots_are_no_more_than_the_units(monkeypatch):
+    """A huge --workers makes no more slots than the grid has units (it used to build them
+    all first); their threads stay those of the full width."""
+    from sparsebert.sweep.driver import make_slots  # noqa: PLC0415
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    with pytest.warns(UserWarning, match="compete for the cores"):
+        slots = make_slots(SweepConfig(workers=10**20, devices="cpu"), TrainConfig(), None, 3)
+    assert [(s.index, s.threads) for s in slots] == [(0, 1), (1, 1), (2, 1)]
+    slots = make_slots(SweepConfig(workers=4, devices="cpu"), TrainConfig(), None, 1)
+    assert [(s.index, s.threads) for s in slots] == [(0, 1)]
+
+
+def test_the_closing_status_counts_the_markers(tmp_path):
+    """A unit that finished after the last status.json was written (an interrupt between the
+    two) is counted when the sweep closes."""
+    from sparsebert.sweep.state import SweepDir  # noqa: PLC0415
+
+    state = SweepDir(tmp_path / "s")
+    state.open({"grid": 1})
+    state.write_status({"running": {"full/SST-2/3": {"slot": 0}}, "done": 0, "failed": [],
+                        "total": 3})
+    state.mark_done("full/SST-2/3", {"seconds": 1.0})
+    state.close("interrupted")
+    status = json.loads((tmp_path / "s" / ".sweep" / "status.json").read_text())
+    assert status["done"] == 1 and status["running"] == {} and status["sweep"] == "interrupted"
+
+
+def test_a_script_that_calls_sweep_unguarded_gets_the_way_out(tmp_path, tiny_model_dir,
+                                                             synthetic_glue):
+    """Workers are spawned: each imports the main script. One that calls sweep() at its top
+    level used to fail every unit with "worker died with exit code 1" (the nested sweep only
+    met the lock); now the sweep stops at once and says what to do, no unit marked failed."""
+    out = tmp_path / "unguarded"
+    script = tmp_path / "run_sweep.py"
+    script.write_text(
+        "from sparsebert.lottery.config import SearchConfig\n"
+        "from sparsebert.sweep import SweepConfig, sweep\n"
+        "from sparsebert.train import TrainConfig\n"
+        f"sweep({str(out)!r}, SweepConfig(tasks='SST-2', seeds='3', workers=1, "
+        "devices='cpu', reports=False), SearchConfig(subnets='good'), "
+        f"TrainConfig(model={tiny_model_dir!r}, glue_dir={synthetic_glue!r}, epochs=1, "
+        "threads=1), progress=False)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, timeout=300,
+                          capture_output=True, text=True)
+    assert done.returncode == 1
+    assert ("SweepError: sweep() was called again while a worker imported the script that "
+            "calls it") in done.stderr and 'under `if __name__ == "__main__":`' in done.stderr
+    assert not list((out / ".sweep").glob("failed/*.json"))
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert runs[-1]["status"].startswith("refused: sweep() was called again")
+
+
 def test_stop_after_steps_refused(tmp_path, capsys):
     """Every fine-tune would stop at that step and fail for good: not a sweep flag, and
     refused by the Python API before anything is written."""

@@ -2,7 +2,9 @@
 command that runs the search's stages as units on a local process pool or a Ray cluster.
 
     from sparsebert.sweep import SweepConfig, sweep
-    outcome = sweep("runs/sweep", SweepConfig(tasks="RTE,MRPC", seeds="1337,42"))
+
+    if __name__ == "__main__":  # workers are spawned processes: each imports this script
+        outcome = sweep("runs/sweep", SweepConfig(tasks="RTE,MRPC", seeds="1337,42"))
 
 Modules: config (SweepConfig, --config TOML), grid (units and dependencies), state (the sweep
 directory: grid identity, markers, lock), units (running one unit in a worker), local and

@@ -4,6 +4,7 @@ devices and run the units on the chosen backend (sparsebert.sweep.scheduler)."""
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import os
 import sys
 import warnings
@@ -19,7 +20,13 @@ from sparsebert.lottery.search import check_search_dir
 from sparsebert.lottery.subnetworks import SUBNETWORKS
 from sparsebert.sweep.config import NO_STOP_AFTER_STEPS, SweepConfig, SweepError
 from sparsebert.sweep.grid import Grid, expand
-from sparsebert.sweep.local import LocalBackend, Slot
+from sparsebert.sweep.local import (
+    UNGUARDED_SCRIPT,
+    UNGUARDED_SCRIPT_EXIT,
+    WORKER_NAME,
+    LocalBackend,
+    Slot,
+)
 from sparsebert.sweep.scheduler import Outcome, Scheduler
 from sparsebert.sweep.state import SweepDir, identity
 from sparsebert.sweep.units import FAIL_ENV
@@ -30,13 +37,14 @@ MAX_CPU_WORKERS = 4
 
 
 def make_slots(config: SweepConfig, train: TrainConfig,
-               cluster: dict[str, float] | None = None) -> list[Slot]:
+               cluster: dict[str, float] | None = None, most: int | None = None) -> list[Slot]:
     """Workers per device: on the CPU, `workers` slots sharing the cores (threads each:
     --threads, else cores // workers); on GPUs, per_gpu slots per device (or `workers` in
     all, round-robin over the devices). `cluster`: the resources of a running Ray cluster
-    (--ray-address), whose CPUs and GPUs size the slots instead of this machine's."""
+    (--ray-address), whose CPUs and GPUs size the slots instead of this machine's. `most`:
+    at most that many slots (the grid's units), their threads still those of the full width."""
     if cluster is not None:
-        return _cluster_slots(config, train, cluster)
+        return _cluster_slots(config, train, cluster, most)
     devices = config.device_list()
     cores = os.cpu_count() or 1
     if devices == ["cpu"]:
@@ -45,14 +53,19 @@ def make_slots(config: SweepConfig, train: TrainConfig,
         if workers * threads > cores:
             warnings.warn(f"--workers {workers} x {threads} thread(s) each on {cores} cores: the "
                           "workers compete for the cores (more memory, no faster)", stacklevel=3)
-        return [Slot(i, "cpu", threads) for i in range(workers)]
+        return [Slot(i, "cpu", threads) for i in range(_width(workers, most))]
     workers = config.workers or config.per_gpu * len(devices)
     threads = train.threads or max(1, cores // workers)
-    return [Slot(i, devices[i % len(devices)], threads) for i in range(workers)]
+    return [Slot(i, devices[i % len(devices)], threads) for i in range(_width(workers, most))]
+
+
+def _width(workers: int, most: int | None) -> int:
+    """How many of `workers` slots to make: no more than `most` (at least one)."""
+    return workers if most is None else min(workers, max(1, most))
 
 
 def _cluster_slots(config: SweepConfig, train: TrainConfig,
-                   cluster: dict[str, float]) -> list[Slot]:
+                   cluster: dict[str, float], most: int | None) -> list[Slot]:
     """Slots on a running Ray cluster: GPUs x --per-gpu GPU slots (devices auto or cuda*), or
     CPU slots of --threads (default 1) CPUs each, as many as the cluster's CPUs hold."""
     names = [d.strip() for d in config.devices.split(",") if d.strip()]
@@ -73,10 +86,10 @@ def _cluster_slots(config: SweepConfig, train: TrainConfig,
     if wants_gpu:
         workers = config.workers or config.per_gpu * gpus
         threads = train.threads or max(1, cpus // workers)
-        return [Slot(i, "cuda", threads) for i in range(workers)]
+        return [Slot(i, "cuda", threads) for i in range(_width(workers, most))]
     threads = train.threads or 1
     workers = config.workers or max(1, cpus // threads)
-    return [Slot(i, "cpu", threads) for i in range(workers)]
+    return [Slot(i, "cpu", threads) for i in range(_width(workers, most))]
 
 
 def check_inputs(grid: Grid, train: TrainConfig, out: Path) -> None:
@@ -116,8 +129,15 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
     again (sparsebert.sweep.state). Example:
 
         from sparsebert.sweep import SweepConfig, sweep
-        sweep("runs/sweep", SweepConfig(tasks="RTE,MRPC", seeds="1,2"))
+
+        if __name__ == "__main__":  # (each spawned worker imports this script)
+            sweep("runs/sweep", SweepConfig(tasks="RTE,MRPC", seeds="1,2"))
     """
+    if multiprocessing.current_process().name.startswith(WORKER_NAME):
+        # a worker importing a script that calls sweep() unguarded: a nested sweep would only
+        # fail on the lock; the driver tells the user (UNGUARDED_SCRIPT) and stops
+        print(f"sparsebert sweep: {UNGUARDED_SCRIPT}", file=sys.stderr)
+        raise SystemExit(UNGUARDED_SCRIPT_EXIT)
     config = (config or SweepConfig()).validate()
     redo_methods = config.redo_list(redo) if redo is not None else ()
     search = copy.copy(search_config or SearchConfig())
@@ -142,7 +162,8 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
         from sparsebert.sweep import ray_backend  # noqa: PLC0415
 
         cluster = ray_backend.preflight(config.ray_address)  # Ray installed, the cluster answers
-    slots = make_slots(config, train, cluster and cluster.resources)  # checks the devices
+    slots = make_slots(config, train, cluster and cluster.resources, len(units))  # checks
+    # the devices
     if cluster is not None:  # a unit that no node can hold: refused before anything is written
         ray_backend.check_feasible(slots, cluster.nodes, config.per_gpu, config.unit_memory_gb)
     elif config.backend == "ray":  # (the instance the sweep starts: its share of the memory

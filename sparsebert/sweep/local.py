@@ -11,6 +11,7 @@ reads whatever a dead worker sent before it died before it reports the worker's 
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.util
@@ -19,10 +20,20 @@ import signal
 import threading
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
+
+from sparsebert.sweep.config import SweepError
+
+WORKER_NAME = "sparsebert-sweep-"  # + the slot's index: each worker process's name
+# A worker whose start-up import of the caller's script called sweep() again (no
+# `if __name__ == "__main__":` guard) exits with this code (sparsebert.sweep.driver).
+UNGUARDED_SCRIPT_EXIT = 78
+UNGUARDED_SCRIPT = ("sweep() was called again while a worker imported the script that calls "
+                    "it (workers are spawned: each imports the main script): put the call "
+                    "under `if __name__ == \"__main__\":`")
 
 
 @dataclass
@@ -75,8 +86,26 @@ def _exit_now(code: int) -> None:
 
 
 def _stop_now(signum, frame) -> None:
-    """SIGTERM in a worker: leave at once (see _exit_now)."""
+    """SIGTERM in a worker: leave at once (see _exit_now). A second SIGTERM (a signal to the
+    whole process group, then the driver's own) must not cut the finalizers short: a semaphore
+    unlinked but not yet unregistered would be reported leaked."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _exit_now(128 + signum)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored for the block (in the main thread; elsewhere as it is), so that a process
+    started in it begins with SIGINT ignored (Python keeps an ignored SIGINT at start-up)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:  # (None: a handler not set from Python, which cannot be put back: the default)
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None
+                      else previous)
 
 
 def _unit_runner(runner: Callable[[dict[str, Any]], dict[str, Any]] | None):
@@ -165,9 +194,10 @@ class LocalBackend:
         results, results_end = self.context.Pipe(duplex=False)
         process = self.context.Process(target=worker_main,
                                        args=(inbox_end, results_end, slot.index, self.runner),
-                                       name=f"sparsebert-sweep-{slot.index}", daemon=True)
+                                       name=f"{WORKER_NAME}{slot.index}", daemon=True)
         try:
-            process.start()
+            with _sigint_ignored():  # inherited: a Ctrl-C while the worker starts up (imports
+                process.start()  # torch) is the driver's alone, not a traceback per worker
         finally:  # the worker's ends are its own: its death then reads as the pipe's end
             inbox_end.close()
             results_end.close()
@@ -241,6 +271,8 @@ class LocalBackend:
         (its result never came) is reported failed."""
         worker = self.workers[slot.index]
         worker.process.join(timeout=5)  # reaped: its exit code is known
+        if worker.process.exitcode == UNGUARDED_SCRIPT_EXIT:  # every worker would: stop here
+            raise SweepError(UNGUARDED_SCRIPT)
         events = []
         if slot.busy is not None:
             events.append(Event(slot.busy, False, {

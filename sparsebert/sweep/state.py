@@ -128,7 +128,11 @@ class SweepDir:
         if self.out.exists() and not self.out.is_dir():
             raise SweepError(f"--out {self.out}: exists and is not a directory")
         self._read_saved()  # refuses a foreign directory before .sweep/ is made in it
-        self.meta.mkdir(parents=True, exist_ok=True)
+        try:
+            self.meta.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a file on the way, no permission, a read-only file system
+            raise SweepError(f"--out {self.out}: cannot create it "
+                             f"({error.strerror or error})") from None
         self._take_lock()
         try:  # read again under the lock: a driver that held it may have changed sweep.json
             return self._claim(self._read_saved(), ident, redo, after_redo)
@@ -305,7 +309,9 @@ class SweepDir:
         except (OSError, json.JSONDecodeError):
             last = None
         if isinstance(last, dict) and self._lock is not None:
-            self.write_status({**last, "running": {}, "sweep": status})
+            # counted again: a unit may have finished after the last status was written
+            done = len(self.done()) if isinstance(last.get("done"), int) else last.get("done")
+            self.write_status({**last, "running": {}, "sweep": status, "done": done})
         self._release()
 
     def _release(self) -> None:
