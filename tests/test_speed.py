@@ -588,3 +588,90 @@ def test_fast_path_with_soft_gates_and_real_biases(tiny_bert, tiny_dims):
     for unpad in (True, False):
         got = accelerate(model, unpad=unpad)(input_ids=ids).logits
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("missing", [("query",), ("key",), ("value", "key")])
+def test_projections_with_some_biases_missing(tiny_bert, tiny_dims, missing):
+    """q, k and v are stacked into one projection: a missing bias adds zeros to its part, as
+    in the model (it used to drop the others' biases, or fail)."""
+    model = sparsebert.patch(_randomize(tiny_bert()))
+    heads = torch.ones(tiny_dims.layers, tiny_dims.heads)
+    heads[0, 1] = 0
+    sparsebert.set_masks(model, head_mask=heads)
+    for name in missing:
+        setattr(model.bert.encoder.layer[0].attention.self, name, _without_bias(
+            getattr(model.bert.encoder.layer[0].attention.self, name)))
+    ids, mask = _batch(3, 9, tiny_dims.vocab, [9, 6, 2])
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    got = accelerate(model)(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def _without_bias(linear: torch.nn.Linear) -> torch.nn.Linear:
+    plain = torch.nn.Linear(linear.in_features, linear.out_features, bias=False)
+    plain.weight = linear.weight
+    return plain
+
+
+def test_hooked_or_wrapped_projections_are_refused(tiny_bert, tiny_dims):
+    """The fast path reads weights and never calls the projections: a forward hook, a Linear
+    subclass (an adapter) or a torch pruning reparametrization, which the model honours, is
+    refused, naming the layer and projection, instead of silently bypassed."""
+    from torch.nn.utils import prune as torch_prune  # noqa: PLC0415
+
+    model = sparsebert.patch(tiny_bert())
+    fast = accelerate(model)
+    ids, mask = _batch(2, 5, tiny_dims.vocab, [5, 3])
+    fast(input_ids=ids, attention_mask=mask)  # fine, and cached
+    layer = model.bert.encoder.layer[1]
+    handle = layer.attention.self.value.register_forward_hook(lambda mod, args, out: 2 * out)
+    with pytest.raises(FastPathError, match=r"layer 1: its value projection \(Linear\) is not a "
+                                            r"plain nn.Linear without hooks"):
+        fast(input_ids=ids, attention_mask=mask)
+    handle.remove()
+    fast(input_ids=ids, attention_mask=mask)
+
+    class Adapter(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    up = layer.intermediate.dense
+    adapter = Adapter(up.in_features, up.out_features)
+    adapter.load_state_dict(up.state_dict())
+    layer.intermediate.dense = adapter
+    with pytest.raises(FastPathError, match=r"layer 1: its intermediate projection \(Adapter\)"):
+        fast(input_ids=ids, attention_mask=mask)
+    layer.intermediate.dense = up
+    torch_prune.l1_unstructured(model.bert.encoder.layer[0].output.dense, "weight", amount=0.5)
+    with pytest.raises(FastPathError, match=r"layer 0: its FFN output projection"):
+        fast(input_ids=ids, attention_mask=mask)
+
+
+def test_an_input_asking_for_gradients_is_refused(shared_bert, tiny_dims):
+    ids, mask = _batch(2, 5, tiny_dims.vocab, [5, 3])
+    fast = accelerate(shared_bert)
+    embeds = shared_bert.bert.embeddings.word_embeddings(ids).detach().requires_grad_()
+    with pytest.raises(FastPathError, match="an input requires grad, but the fast path computes "
+                                            "no gradients; call the model itself"):
+        fast(inputs_embeds=embeds, attention_mask=mask)
+    with torch.no_grad():  # nothing asks for them here
+        fast(inputs_embeds=embeds, attention_mask=mask)
+
+
+def test_question_answering_span_loss_runs_padded(tiny_model, tiny_dims):
+    """A span loss is a softmax over every position, padding included: such a call runs
+    padded, so the loss equals the model's (the unpadded logits at padding differ)."""
+    model = sparsebert.patch(tiny_model("bert", "BertForQuestionAnswering")).eval()
+    heads = torch.ones(tiny_dims.layers, tiny_dims.heads)
+    heads[0, 1] = 0
+    sparsebert.set_masks(model, head_mask=heads)
+    ids, mask = _batch(3, 8, tiny_dims.vocab, [8, 5, 2])
+    spans = {"start_positions": torch.tensor([1, 2, 0]), "end_positions": torch.tensor([3, 4, 1])}
+    fast = accelerate(model)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, **spans)
+    got = fast(input_ids=ids, attention_mask=mask, **spans)
+    torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.start_logits, want.start_logits, rtol=0, atol=1e-5)
+    assert fast.encoder.unpad  # the setting is back for the next call

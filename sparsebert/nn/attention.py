@@ -212,7 +212,7 @@ def _convert_to_key_padding(attention_mask: Tensor, batch: int, seq: int,
     return mask | ~mask.any(dim=-1, keepdim=True)  # fully padded rows attend everywhere (no sync)
 
 
-def _plain_linear(linear: nn.Module | None) -> bool:
+def plain_linear(linear: nn.Module | None) -> bool:
     """An nn.Linear itself (not a subclass, a parametrized or wrapped one) with no hooks and its
     own forward (accelerate's offloading, for one, replaces a module's forward)."""
     return (type(linear) is nn.Linear and "forward" not in linear.__dict__
@@ -717,7 +717,7 @@ class SparseAttention(nn.Module):
             return None
         linears = (self.query_linear(), self.key_linear(), self.value_linear(),
                    self.output_dense())
-        if not all(_plain_linear(linear) for linear in linears):
+        if not all(plain_linear(linear) for linear in linears):
             return None
         width = self.num_heads * self.head_dim  # q, k, v are stacked into one weight
         if any(linear.out_features != width or linear.weight.dtype != linears[0].weight.dtype

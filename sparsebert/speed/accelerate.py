@@ -77,6 +77,9 @@ def _structure_tables(model: nn.Module) -> list[dict]:
     return list({id(table): table for table in tables}.values())
 
 
+SPAN_LABELS = ("start_positions", "end_positions")  # question answering's loss arguments
+
+
 class AcceleratedModel(nn.Module):
     """A patched HF model's forward on the fast path (see the module docstring).
 
@@ -156,9 +159,17 @@ class AcceleratedModel(nn.Module):
                                 "with sparsebert.set_masks(model, head_mask=...) instead")
         if self.model.training:
             raise FastPathError("accelerate: the model is in training mode; call model.eval()")
+        if torch.is_grad_enabled() and any(
+                isinstance(value, torch.Tensor) and value.requires_grad
+                for value in (*args, *kwargs.values())):
+            raise FastPathError("accelerate: an input requires grad, but the fast path computes "
+                                "no gradients; call the model itself")
         if self._structure_changed():
             self._build()
-        with torch.no_grad():
+        # A span loss (question answering) is a softmax over every position, padding included:
+        # those positions must hold the model's values, so such a call runs padded.
+        every_position = any(kwargs.get(name) is not None for name in SPAN_LABELS)
+        with torch.no_grad(), self.encoder.unpadding(not every_position):
             return self._runner(*args, **kwargs)
 
 

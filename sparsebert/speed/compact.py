@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from sparsebert.errors import SparsebertError
 from sparsebert.nn import SparseAttention, SparseMLP
+from sparsebert.nn.attention import plain_linear
 from sparsebert.speed.workspace import inplace_activation
 
 
@@ -68,6 +69,22 @@ def check_gates(layer: int, attn: SparseAttention, mlp: SparseMLP) -> None:
         )
 
 
+def check_plain_linears(layer: int, attn: SparseAttention, mlp: SparseMLP) -> None:
+    """The fast path reads the projections' weights and never calls them: each must be a plain
+    nn.Linear without hooks (not a subclass such as a LoRA adapter, a parametrized or
+    torch.nn.utils.prune'd one, or one with a replaced forward), which the model itself would
+    honour. A few dict lookups per layer, on every call (a hook may come later)."""
+    linears = {**attn.linears(), "intermediate": mlp.intermediate_dense(),
+               "FFN output": mlp.output_dense()}
+    for name, linear in linears.items():
+        if linear is not None and not plain_linear(linear):
+            raise FastPathError(
+                f"layer {layer}: its {name} projection ({type(linear).__name__}) is not a plain "
+                "nn.Linear without hooks (a subclass, parametrization, pruning reparametrization, "
+                "forward hook or replaced forward): the fast path would read its weight and "
+                "bypass it; call the model itself")
+
+
 def _rows(heads: Tensor, head_dim: int) -> Tensor:
     """Row indices (k*D,) of heads `heads` (k,) in a head-major (H*D) projection."""
     return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
@@ -87,8 +104,9 @@ def _compact_attention(attn: SparseAttention) -> dict:
     rows = _rows(kept, attn.head_dim).to(device)  # (k*D,)
     weight = torch.cat([lin.weight.detach().index_select(0, rows) for lin in (q, k, v)])
     bias = None
-    if q.bias is not None:
-        bias = torch.cat([lin.bias.detach().index_select(0, rows) for lin in (q, k, v)])
+    if any(lin.bias is not None for lin in (q, k, v)):  # a missing one adds zeros
+        bias = torch.cat([lin.weight.new_zeros(rows.numel()) if lin.bias is None
+                          else lin.bias.detach().index_select(0, rows) for lin in (q, k, v)])
     # Step 2: output columns of the kept heads, scaled by their gates (exact for gate 1).
     col_gate = gate.to(device)[kept.to(device)].repeat_interleave(attn.head_dim)  # (k*D,)
     out_weight = dense.weight.detach().index_select(1, rows)  # (hidden, k*D)

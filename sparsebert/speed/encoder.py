@@ -21,12 +21,21 @@ On CUDA, with `graphs=True`, steps 2-4 are captured once per (B, S, T bucket) an
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
 from sparsebert.nn import SparseAttention, SparseMLP, to_key_padding_mask
 from sparsebert.speed.attention_core import Core, choose_core, full_core
-from sparsebert.speed.compact import CompactLayer, FastPathError, build_compact, check_gates
+from sparsebert.speed.compact import (
+    CompactLayer,
+    FastPathError,
+    build_compact,
+    check_gates,
+    check_plain_linears,
+)
 from sparsebert.speed.tokens import Packing
 from sparsebert.speed.watch import LayerWatch
 from sparsebert.speed.workspace import Workspace, linear
@@ -117,6 +126,16 @@ class FastEncoder(nn.Module):
         self._watches = [None] * len(self._blocks)
         self._graph_cache = None
 
+    @contextlib.contextmanager
+    def unpadding(self, allowed: bool) -> Iterator[None]:
+        """Within the block, padded tokens are dropped only if `allowed` (and unpad is on)."""
+        unpad = self.unpad
+        self.unpad = unpad and allowed
+        try:
+            yield
+        finally:
+            self.unpad = unpad
+
     def release_buffers(self) -> None:
         """Free the reused CPU buffers (they are allocated again by the next call)."""
         if self.workspace is not None:
@@ -127,6 +146,7 @@ class FastEncoder(nn.Module):
         changed = False
         for i, (attn, mlp) in enumerate(self._blocks):
             check_gates(i, attn, mlp)
+            check_plain_linears(i, attn, mlp)
             watch = self._watches[i]
             if watch is None or not watch.valid():
                 self._watches[i] = LayerWatch.of(attn, mlp)
