@@ -177,12 +177,15 @@ def run_lock(directory: str | os.PathLike, what: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _holder_pid(fd)
+            holder, holder_what = _holder(fd)
             os.close(fd)
+            running = (f"another {what}" if holder_what in (None, what)
+                       else f"a {holder_what}")  # (a search's lock seen by a fine-tune, ...)
+            then = (", then rerun (it resumes)" if holder_what in (None, what) else "")
             raise RunDirError(
-                f"{directory}: another {what} is running on this directory"
+                f"{directory}: {running} is running on this directory"
                 f"{f' (process {holder})' if holder else ''}; wait for it to finish "
-                f"or stop it, then rerun (it resumes)") from None
+                f"or stop it{then}") from None
         try:  # a holder may have removed the file between our open and flock: take the new one
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break
@@ -191,7 +194,7 @@ def run_lock(directory: str | os.PathLike, what: str) -> Iterator[None]:
         os.close(fd)
     try:
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{os.getpid()} {what}\n".encode())  # who holds it, for the others
         yield
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -210,7 +213,7 @@ def lock_holder(directory: str | os.PathLike) -> int | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:  # held
-        return _holder_pid(fd)
+        return _holder(fd)[0]
     else:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
@@ -218,10 +221,10 @@ def lock_holder(directory: str | os.PathLike) -> int | None:
         os.close(fd)
 
 
-def _holder_pid(fd: int) -> int:
-    """The pid a run lock's holder wrote into its file (`fd`), or 0 before it did."""
-    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-    return int(text) if text.isdigit() else 0
+def _holder(fd: int) -> tuple[int, str | None]:
+    """(pid, work) a run lock's holder wrote into its file (`fd`): (0, None) before it did."""
+    pid, _, what = os.pread(fd, 128, 0).decode(errors="replace").strip().partition(" ")
+    return (int(pid), what or None) if pid.isdigit() else (0, None)
 
 
 def read_json(path: str | os.PathLike, fix: str) -> Any:

@@ -560,6 +560,18 @@ def test_search_refuses_another_layout(reference, tiny_setup, tmp_path):
     (seeds / "seed_1" / "config.json").write_text("{}")
     with pytest.raises(SparsebertError, match="holds a multi-seed search"):
         search("SST-2", seeds, progress=False, **_options(tiny_setup))
+    # a folder of other files: a search would write beside (and over) them
+    for folder, run in ((tmp_path / "docs", lambda out: search(
+            "SST-2", out, progress=False, **_options(tiny_setup))),
+            (tmp_path / "docs-seeds", lambda out: search_seeds(
+                "SST-2", out, [1, 2], progress=False))):
+        folder.mkdir()
+        (folder / "notes.txt").write_text("mine")
+        (folder / ".keep").write_text("")  # hidden: no matter
+        with pytest.raises(SparsebertError, match=rf"--out {folder}: holds files that are not "
+                                                  r"a search's \(notes.txt\)"):
+            run(folder)
+        assert sorted(p.name for p in folder.iterdir()) == [".keep", "notes.txt"]
     single = tmp_path / "single"
     shutil.copytree(reference[0], single)
     listing = sorted(p.relative_to(single) for p in single.rglob("*"))

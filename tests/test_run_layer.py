@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsebert.atomic import _lock_path, run_lock
+from sparsebert.atomic import _lock_path, lock_holder, run_lock
 from sparsebert.errors import RunDirError, SparsebertError
 from sparsebert.hf import patch, prune, set_masks
 from sparsebert.hf.loading import load_model
@@ -353,6 +353,13 @@ def test_run_lock_of_a_killed_holder_is_free(tmp_path):
         with pytest.raises(RunDirError, match=f"another fine-tune.*process {holder.pid}"):
             with run_lock(tmp_path, "fine-tune"):
                 pass
+        # a search on the fine-tune's folder names what runs there (no "rerun: it resumes")
+        with pytest.raises(RunDirError, match=rf"{tmp_path}: a fine-tune is running on this "
+                                              rf"directory \(process {holder.pid}\); wait for "
+                                              rf"it to finish or stop it$"):
+            with run_lock(tmp_path, "search"):
+                pass
+        assert lock_holder(tmp_path) == holder.pid
     finally:
         holder.kill()
         holder.wait(timeout=60)
