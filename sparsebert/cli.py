@@ -43,7 +43,8 @@ def _add_finetune(subparsers) -> None:
         "finetune", help="fine-tune a model on a GLUE task (resumable)",
         description="Fine-tune on one GLUE task; writes config.json, metrics.jsonl, model/ and "
                     "results.json to --out. Rerunning the same command resumes an interrupted "
-                    "run. Flags left out come from the preset (--preset).")
+                    "run. --preset sets the learning rate when --lr is not given; the other "
+                    "flags have the defaults shown.")
     _add_task_and_out(parser, "run directory", "results")
     add_dataclass_arguments(parser, TrainConfig, skip=("task",))
 
@@ -92,12 +93,20 @@ def _add_evaluate(subparsers) -> None:
                         help="eval batch size (default: the run's --eval-batch-size)")
     parser.add_argument("--device", default="auto",
                         help="auto (cuda when available), cpu, cuda, cuda:N (default: auto)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    import torch  # noqa: PLC0415
+
     from sparsebert.train import evaluate  # noqa: PLC0415
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SparsebertError(f"--threads {args.threads}: expected an integer >= 1")
+        torch.set_num_threads(args.threads)
     results = evaluate(args.run, glue_dir=args.glue_dir, batch_size=args.batch_size,
                        device=args.device, verbose=not args.json)
     if args.json:
@@ -371,6 +380,17 @@ _SIGTERM_RECEIVED: list[bool] = []  # set by the handler: some libraries (Ray) r
 # KeyboardInterrupt in place of ours
 
 
+def _close_progress_bars() -> None:
+    """Close the progress bars an interrupt left open (each ends its line)."""
+    from tqdm import tqdm  # noqa: PLC0415 (the class every tqdm flavour registers with)
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 (a bar half torn down: nothing more to show)
+            pass
+
+
 def _raise_terminated(signum, frame) -> None:
     _SIGTERM_RECEIVED.append(True)
     raise Terminated
@@ -419,6 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as stop:
         terminated = isinstance(stop, Terminated) or bool(_SIGTERM_RECEIVED)
         then = _rerun_hint(args) if args.command in RESUMABLE else ""
+        _close_progress_bars()  # (else the line lands at the end of a bar's, redrawn later)
         print(f"{'terminated' if terminated else 'interrupted'}{then}", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     finally:

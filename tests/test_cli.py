@@ -174,7 +174,15 @@ def _probe_report_out_is_a_file(tiny, tmp_path):
         file]
 
 
+def _probe_out_below_a_file(tiny, tmp_path):
+    file = tmp_path / "afile"
+    file.write_text("keep me")
+    return (_finetune_args(tiny, file / "run"), f"--out {file / 'run'}: cannot create it (Not a "
+            "directory)", [file])
+
+
 PROBES = {
+    "out-below-a-file": _probe_out_below_a_file,
     "evaluate-a-search-directory": _probe_evaluate_search_dir,
     "finetune-into-a-search-directory": _probe_finetune_into_search_dir,
     "evaluate-batch-size-below-1": _probe_evaluate_batch_size,
@@ -393,6 +401,43 @@ def test_interrupt_message_says_resume_only_where_a_rerun_resumes(command, writt
                                                                "--out", str(tmp_path)]
     assert main(argv) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == expected
+
+
+def test_an_interrupt_closes_the_progress_bars_before_its_line(monkeypatch, capsys, tmp_path):
+    """The interrupt's line starts a line of its own (not at the end of a bar's), and no bar
+    is drawn again after it."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    import sparsebert.cli as cli  # noqa: PLC0415
+
+    def interrupted(args):
+        bar = tqdm(total=10, desc="work", file=sys.stderr)
+        bar.update(3)
+        raise KeyboardInterrupt  # the bar is never closed by its owner
+
+    monkeypatch.setitem(cli.SUBCOMMANDS, "search", (cli.SUBCOMMANDS["search"][0], interrupted))
+    assert main(["search", "--task", "SST-2", "--out", str(tmp_path / "s")]) == 130
+    err = capsys.readouterr().err
+    assert err.endswith("\ninterrupted; nothing was written yet: rerun the same command to "
+                        "start it\n"), err
+
+
+def test_evaluate_threads_and_progress(tiny, tmp_path, capsys, monkeypatch):
+    """evaluate takes --threads (refusing < 1) and shows a progress bar over the dev examples
+    on stderr, none with --json."""
+    out = tmp_path / "run"
+    assert main(_finetune_args(tiny, out)) == 0
+    capsys.readouterr()
+    monkeypatch.delenv("GLUE_DIR", raising=False)  # the run's own data folder
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    assert main(["evaluate", "--run", str(out), "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert seen == [1] and "SST-2 dev:   0%|          | 0/32 " in err  # (cleared when done)
+    assert main(["evaluate", "--run", str(out), "--json"]) == 0
+    assert "SST-2 dev:" not in capsys.readouterr().err
+    assert main(["evaluate", "--run", str(out), "--threads", "0"]) == 2
+    assert "--threads 0: expected an integer >= 1" in capsys.readouterr().err
 
 
 def _search_summary(status=None):

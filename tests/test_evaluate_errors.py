@@ -209,7 +209,7 @@ def test_evaluate_scores_in_the_precision_the_run_trained_with(run_copy, monkeyp
     seen = []
     real = evaluate_module.evaluate_model
     monkeypatch.setattr(evaluate_module, "evaluate_model",
-                        lambda *args: seen.append(args[4]) or real(*args))
+                        lambda *args, **kwargs: seen.append(args[4]) or real(*args, **kwargs))
     evaluate_module.evaluate(run_copy, device="cpu")
     assert seen and set(seen) == {expected}
 

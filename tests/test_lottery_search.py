@@ -224,6 +224,27 @@ def test_redo_a_method(reference, tiny_setup, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in untouched} == untouched
 
 
+def test_a_rerun_says_what_it_skips_and_a_redo_of_nothing_says_so(reference, tiny_setup,
+                                                                 tmp_path, capsys):
+    """A finished search run again says its full model is fine-tuned already (not "fine-tuning
+    the full model"); --redo where nothing was searched yet warns that there is nothing to
+    redo."""
+    import types  # noqa: PLC0415
+
+    from sparsebert.lottery.search import set_aside_for_redo  # noqa: PLC0415
+
+    out = tmp_path / "search"
+    shutil.copytree(reference[0], out)
+    search("SST-2", out, progress=True, **_options(tiny_setup))
+    err = capsys.readouterr().err
+    assert "] the full model is fine-tuned already (dev acc " in err
+    assert "fine-tuning the full model" not in err
+    with pytest.warns(UserWarning, match=r"--redo structured: nothing was searched in .*new yet, "
+                                         r"so there is nothing to redo"):
+        set_aside_for_redo([types.SimpleNamespace(out=tmp_path / "new")], tmp_path / "new",
+                           ("structured",))
+
+
 def test_redo_with_a_changed_method_setting(reference, tiny_setup, tmp_path):
     """A search setting that only one method uses (here m-pruning's step) may change with
     --redo of that method: its results are recomputed under the new setting, the full model

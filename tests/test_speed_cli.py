@@ -102,11 +102,16 @@ def test_glue_lengths_read_the_runs_recorded_data_folder(tiny_model_dir, synthet
     (search / "structured" / "masks").mkdir(parents=True)
     (search / "structured" / "masks" / "good.json").write_text(
         json.dumps({"head_mask": np.ones((2, 4)).tolist(), "mlp_mask": [1.0, 1.0]}))
-    config = {"search": {}, "train": {"model": str(tiny_model_dir), "glue_dir": synthetic_glue}}
+    config = {"search": {}, "train": {"model": str(tiny_model_dir), "glue_dir": synthetic_glue,
+                                      "task": "STS-B"}}
     (search / "config.json").write_text(json.dumps(config))
     args = ["speed", "--run", str(search), *FAST, "--batch", "40", "--lengths", "glue:SST-2",
             "--json", str(tmp_path / "speed.json")]
-    assert main(args) == 0
+    # another task's lengths than the run's: timed, with a word on where they are reported
+    with pytest.warns(UserWarning, match=r"--lengths glue:SST-2: the run in --run .* is a STS-B "
+                                         r"run; its timings at SST-2's lengths are saved with "
+                                         r"it and reported beside STS-B's scores"):
+        assert main(args) == 0
     result = json.loads((tmp_path / "speed.json").read_text())
     assert result["lengths"]["min"] < result["lengths"]["max"] <= 12  # real, padded lengths
     # A recorded folder without the task's file: the error names where the folder came from.

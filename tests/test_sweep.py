@@ -892,6 +892,18 @@ def test_an_out_that_cannot_be_made_is_named(tmp_path, tiny_model_dir, synthetic
     assert err.endswith(f"--out {out}: cannot create it (Not a directory)"), err
 
 
+def test_flags_without_effect_on_this_backend_are_named(monkeypatch):
+    from sparsebert.sweep.driver import make_slots  # noqa: PLC0415
+
+    with pytest.warns(UserWarning, match=r"--unit-memory-gb 5: reserved by Ray tasks only "
+                                         r"\(--backend ray\); ignored with --backend local"):
+        SweepConfig(unit_memory_gb=5.0).validate()
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    with pytest.warns(UserWarning, match=r"--per-gpu 8: no GPU among --devices \(cpu\); "
+                                         r"ignored"):
+        make_slots(SweepConfig(per_gpu=8, devices="cpu", workers=1), TrainConfig())
+
+
 def test_slots_are_no_more_than_the_units(monkeypatch):
     """A huge --workers makes no more slots than the grid has units (it used to build them
     all first); their threads stay those of the full width."""
@@ -1079,6 +1091,7 @@ def test_ray_cluster_same_results(reference, tiny_model_dir, synthetic_glue, tmp
         config.seeds, config.methods = "3", "structured"
         outcome = sweep(out, config, search, train, progress=False)
     assert not outcome.failed and len(outcome.done) == 6  # full, search, P, R, summary, report
+    assert any(n.startswith("one seed: no super-survivors") for n in outcome.notes)
     assert {m["backend"] for m in _done(out).values()} == {"ray"}
     assert {m["host"] for m in _done(out).values()} == {socket.gethostname()}
     assert all(m["pid"] != os.getpid() for m in _done(out).values())  # a Ray worker's

@@ -51,7 +51,7 @@ from sparsebert.train.config import (
 )
 from sparsebert.train.data_identity import DATA_FILE, check_data
 from sparsebert.train.evaluate import data_source, trained_precision
-from sparsebert.train.loop import finetune
+from sparsebert.train.loop import finetune, finished_run
 from sparsebert.train.metrics_log import MetricsLog
 from sparsebert.train.model_identity import MODEL_FILE, check_model
 from sparsebert.train.rundir import (
@@ -123,7 +123,11 @@ def check_search_dir(out: Path, search: SearchConfig, train: TrainConfig,
                               f"({search_diff | train_diff}, as saved vs requested){hint}; or "
                               f"use another --out, or delete that directory")
     if write:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a file on the way, no permission, a read-only file system
+            raise SearchError(f"--out {out}: cannot create it ({error.strerror or error})"
+                              ) from None
         atomic_write_json(out / "config.json", mine)
 
 
@@ -185,8 +189,12 @@ def set_aside_for_redo(runners: list[Search], root: Path, methods: tuple[str, ..
     them go to root/.superseded/redo-.../ (sparsebert.lottery.redo.set_aside). A directory
     holding another search is refused first, unless it differs only in search settings that
     `methods` alone depend on (the new settings are recorded once their results are aside)."""
-    if not methods or not any((r.out / "config.json").is_file() for r in runners):
-        return  # nothing was searched here yet: nothing to redo
+    if not methods:
+        return
+    if not any((r.out / "config.json").is_file() for r in runners):
+        warnings.warn(f"--redo {','.join(methods)}: nothing was searched in {root} yet, so "
+                      "there is nothing to redo; the search runs from the start", stacklevel=2)
+        return
     done = [runner for runner in runners if (runner.out / "config.json").is_file()]
     for runner in done:
         check_search_dir(runner.out, runner.config, runner.train, methods, write=False)
@@ -313,7 +321,11 @@ class Search(StructuredStages, MagnitudeStages):
         self.precision = scoring_precision(self.out / "full", self.train, self.device)
 
     def _full(self) -> RunResult:
-        self._log("fine-tuning the full model")
+        done = finished_run(self.out / "full")
+        self._log("fine-tuning the full model" if done is None else
+                  "the full model is fine-tuned already"
+                  + ("" if done.score is None else f" (dev {done.threshold_metric} "
+                                                    f"{done.score:.4f})"))
         result = finetune(self.train, self.out / "full", progress=self.progress)
         if not result.finished:
             raise StopSearch("full")

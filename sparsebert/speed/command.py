@@ -54,6 +54,7 @@ from sparsebert.speed.workload import (
     random_masks,
     run_glue_dir,
     run_model,
+    run_task,
 )
 from sparsebert.train.config import is_valid_seed
 from sparsebert.train.evaluate import choose_data
@@ -178,6 +179,26 @@ def check_args(args: argparse.Namespace) -> None:
                       "written there otherwise)")
     for text in unused:
         warnings.warn(f"{text}: ignored", stacklevel=2)
+    _warn_other_task_lengths(args)
+
+
+def _warn_other_task_lengths(args: argparse.Namespace) -> None:
+    """--lengths glue:TASK of another task than the --run's: allowed (timing one task's
+    subnetworks at another's lengths), but the result is saved with the run and reported beside
+    its task's scores, so say so."""
+    if args.run is None or not args.lengths.startswith("glue:"):
+        return
+    from sparsebert.glue.tasks import GlueError, get_task  # noqa: PLC0415
+
+    trained = run_task(args.run)
+    try:
+        wanted, own = get_task(args.lengths[len("glue:"):]).name, get_task(trained or "").name
+    except GlueError:
+        return  # an unknown name is refused where the lengths are read; no task recorded: quiet
+    if wanted != own:
+        warnings.warn(f"--lengths {args.lengths}: the run in --run {args.run} is a {own} run; "
+                      f"its timings at {wanted}'s lengths are saved with it and reported beside "
+                      f"{own}'s scores (use --lengths glue:{own} for its own)", stacklevel=3)
 
 
 def check_output_file(flag: str, path: Path) -> None:

@@ -314,6 +314,13 @@ def run_model(path: str) -> str:
     return str(model)
 
 
+def run_task(path: str) -> str | None:
+    """The GLUE task a run directory was trained on (its config.json's, a multi-seed search:
+    its first seed's), or None when it records none."""
+    task = _run_train_config(path)[0].get("task")
+    return task if isinstance(task, str) else None
+
+
 def run_glue_dir(path: str) -> tuple[str | None, Path | None]:
     """The GLUE folder a run directory recorded (its config.json's glue_dir) and that file;
     (None, None) when it recorded none (it read $GLUE_DIR or the hub)."""

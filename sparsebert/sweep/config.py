@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,10 @@ class SweepConfig:
                              "number >= 0 (0 = no reservation)")
         if self.ray_address and self.backend != "ray":
             raise SweepError("--ray-address needs --backend ray")
+        if self.unit_memory_gb and self.backend != "ray":
+            warnings.warn(f"--unit-memory-gb {self.unit_memory_gb:g}: reserved by Ray tasks "
+                          f"only (--backend ray); ignored with --backend {self.backend}",
+                          stacklevel=2)
         return self
 
 

@@ -48,6 +48,10 @@ def make_slots(config: SweepConfig, train: TrainConfig,
     devices = config.device_list()
     cores = os.cpu_count() or 1
     if devices == ["cpu"]:
+        if config.per_gpu != SweepConfig.per_gpu:
+            warnings.warn(f"--per-gpu {config.per_gpu}: no GPU among --devices "
+                          f"({config.devices}); ignored (--workers sets the CPU units)",
+                          stacklevel=3)
         workers = config.workers or max(1, min(cores, MAX_CPU_WORKERS))
         threads = train.threads or max(1, cores // workers)
         if workers * threads > cores:
@@ -175,6 +179,9 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
     notes = state.open(identity(grid, search, train), redo_methods,
                        after_redo=lambda methods: _record_settings(out, grid, search, train,
                                                                    methods))
+    if len(grid.seeds) == 1 and "structured" in grid.methods and grid.super_survivors:
+        notes.append("one seed: no super-survivors and no task report over seeds (they need "
+                     ">= 2 seeds; a later sweep with more seeds reuses this one)")
     for note in notes if progress else []:
         tqdm.write(note, file=sys.stderr)
     base: dict[str, Any] = {"out": str(out), "search": search.to_json(),

@@ -34,14 +34,17 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 @torch.no_grad()
 def predict(model: torch.nn.Module, encoded: batching.Encoded, regression: bool,
             batch_size: int = 128, device: torch.device | None = None,
-            precision: str = "auto") -> np.ndarray:
-    """Predictions (N,) in example order: class indices, or scores for regression."""
+            precision: str = "auto", progress: str | None = None) -> np.ndarray:
+    """Predictions (N,) in example order: class indices, or scores for regression.
+    progress: a label for a progress bar on stderr over the examples (None: no bar)."""
     device = device or next(model.parameters()).device
     out = np.zeros(len(encoded), dtype=np.float32 if regression else np.int64)
     # Each submodule's mode restored afterwards; the last layer at [CLS] only where the
     # classifier reads nothing else; under bf16 the linears' weights cast once, not per batch.
     with (eval_mode(model), first_token_readout(model),
-          weights_cast_once(model, precision, device)):
+          weights_cast_once(model, precision, device),
+          tqdm(total=len(encoded), desc=progress, unit="ex", disable=progress is None,
+               leave=False, file=sys.stderr, dynamic_ncols=True) as bar):
         for indices in batching.eval_batches(encoded.lengths, batch_size):
             batch = to_device(batching.collate(encoded, indices), device)
             batch.pop("labels")
@@ -49,15 +52,17 @@ def predict(model: torch.nn.Module, encoded: batching.Encoded, regression: bool,
                 logits = model(**batch).logits.float()  # (B, num_labels)
             values = logits[:, 0] if regression else logits.argmax(dim=-1)
             out[indices] = values.cpu().numpy()
+            bar.update(len(indices))
     return out
 
 
 def evaluate_model(model: torch.nn.Module, task: str, encoded: batching.Encoded,
-                   batch_size: int = 128, precision: str = "auto") -> dict[str, float]:
-    """Task metrics of `model` on one tokenized split."""
+                   batch_size: int = 128, precision: str = "auto",
+                   progress: str | None = None) -> dict[str, float]:
+    """Task metrics of `model` on one tokenized split (progress: a bar's label, or None)."""
     glue_task = get_task(task)
     predictions = predict(model, encoded, glue_task.is_regression, batch_size,
-                          precision=precision)
+                          precision=precision, progress=progress)
     return compute_metrics(glue_task, predictions, encoded.labels)
 
 
@@ -202,7 +207,8 @@ def evaluate(run_dir: str | os.PathLike, glue_dir: str | None = None,
     if verbose:
         print(f"precision: {ran_in} on {target}", file=sys.stderr)
     metrics = {split: evaluate_model(model, task.name, encoded,
-                                     batch_size or config.eval_batch_size, precision)
+                                     batch_size or config.eval_batch_size, precision,
+                                     progress=f"{task.name} {split}" if verbose else None)
                for split, encoded in load_dev_splits(config, tokenizer, origin).items()}
     first = task.dev_splits[0]
     return {"task": task.name, "run": str(run_dir), "metrics": metrics,

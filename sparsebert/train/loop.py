@@ -209,7 +209,11 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
     train = data_cache.cached(("train", subset, *data_key),
                               lambda: batching.encode(train_data, tokenizer, config.max_length))
     dev = data_cache.cached(("dev", *data_key), lambda: load_dev_splits(config, tokenizer))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file on the way, no permission, a read-only file system
+        raise TrainError(f"--out {out_dir}: cannot create it ({error.strerror or error})"
+                         ) from None
     check_data(out_dir, task, config.glue_dir)  # refuses other data; writes data.json if new
     check_model(out_dir, config.model)  # the same for the model's files (model.json)
     check_masks(out_dir, mask_info)  # refuses other masks; writes masks.json for a new run
@@ -307,8 +311,9 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
                 on_step(step, float(loss))
             if step % steps_per_epoch == 0:  # epoch end: dev metrics, then a checkpoint
                 for split, encoded in dev.items():
-                    dev_metrics[split] = evaluate_model(model, task.name, encoded,
-                                                        config.eval_batch_size, precision)
+                    dev_metrics[split] = evaluate_model(
+                        model, task.name, encoded, config.eval_batch_size, precision,
+                        progress=f"{task.name} {split}" if progress else None)
                     metrics_log.write({"step": step, "epoch": step // steps_per_epoch,
                                        "split": split, **dev_metrics[split]})
                 if step < total_steps:  # the last epoch's state is the final model, saved next

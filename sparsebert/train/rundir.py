@@ -388,4 +388,5 @@ def require_finished(run_dir: Path) -> None:
             raise RunDirError(f"--run {run_dir}: the run is still training{who}; evaluate it "
                               f"once it has finished")
         raise RunDirError(f"--run {run_dir}: the run is unfinished (no model/); rerun the "
-                          f"same finetune command to resume it")
+                          f"same finetune command to resume it (without --stop-after-steps, or "
+                          f"with a later step, if it stopped there)")
