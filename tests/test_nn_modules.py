@@ -306,6 +306,25 @@ def test_an_optimizer_step_is_seen_by_the_kept_slices(optimizer):
     torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
 
 
+def test_new_storage_at_the_old_address_is_sliced_anew():
+    """A parameter given new storage at the address of its old one (what a `.to()` round trip
+    on a caching allocator can do: same object, same version count, same data_ptr) is sliced
+    anew: the storage object tells them apart."""
+    module = make_attention()
+    module.head_gate.copy_(torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    x, mask = torch.randn(B, S, HID), padding_mask()
+    query = module.self.query
+    with torch.no_grad():
+        module(x, attention_mask=mask)  # slices kept
+        shared = query.weight.detach().numpy()  # the same memory, outside torch's counters
+        shared *= 2.0
+        query.weight.data = torch.from_numpy(shared)  # new storage object, the same address
+        assert query.weight.data_ptr() == shared.ctypes.data
+        got = module(x, attention_mask=mask)[0]
+    torch.testing.assert_close(got, attention_reference(module, x, module.head_gate, mask),
+                               atol=TOL, rtol=TOL)
+
+
 def test_inference_tensor_weights_are_sliced_on_every_call():
     """Weights that are inference tensors (no version counter) are never kept: a write to them
     between calls is seen."""

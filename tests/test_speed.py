@@ -675,3 +675,25 @@ def test_question_answering_span_loss_runs_padded(tiny_model, tiny_dims):
     torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=1e-5)
     torch.testing.assert_close(got.start_logits, want.start_logits, rtol=0, atol=1e-5)
     assert fast.encoder.unpad  # the setting is back for the next call
+
+
+def test_new_storage_at_the_old_address_rebuilds_the_compact_weights(tiny_bert, tiny_dims):
+    """A `.to()` round trip can give a parameter new storage at its old address (same object,
+    version and data_ptr): the compact weights are rebuilt (the storage object differs)."""
+    model = sparsebert.patch(tiny_bert())
+    heads = torch.ones(tiny_dims.layers, tiny_dims.heads)
+    heads[0, 1] = 0
+    sparsebert.set_masks(model, head_mask=heads)
+    fast = accelerate(model)
+    ids, mask = _batch(2, 5, tiny_dims.vocab, [5, 3])
+    fast(input_ids=ids, attention_mask=mask)
+    builds = fast.encoder.builds
+    value = model.bert.encoder.layer[0].attention.self.value
+    with torch.no_grad():
+        shared = value.weight.detach().numpy()
+        shared *= -1.0  # written outside torch's counters
+        value.weight.data = torch.from_numpy(shared)  # a new storage at the same address
+        want = model(input_ids=ids, attention_mask=mask).logits
+    got = fast(input_ids=ids, attention_mask=mask).logits
+    assert fast.encoder.builds == builds + 1
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

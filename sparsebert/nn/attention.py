@@ -227,18 +227,21 @@ def _all_heads(x: Tensor, heads: Tensor, num_heads: int) -> Tensor:
     return x.new_zeros(batch, seq, num_heads, dim).index_copy(2, heads, x)
 
 
-def _tensor_state(t: Tensor) -> tuple[weakref.ref, int, int]:
+def _tensor_state(t: Tensor) -> tuple[weakref.ref, int, int, weakref.ref]:
     """What tells a tensor's contents apart from a later state (_same_tensors): the object (a
-    weak reference), its version counter and its storage address (`param.data = other` moves
-    it without a version change)."""
-    return weakref.ref(t), t._version, t.data_ptr()
+    weak reference), its version counter, its storage address (`param.data = other` moves it
+    without a version change) and its storage object (weakly: a `.to()` round trip, half then
+    float, may put new storage at the old address)."""
+    return weakref.ref(t), t._version, t.data_ptr(), weakref.ref(t.untyped_storage())
 
 
-def _same_tensors(kept: list[tuple[weakref.ref, int, int]], tensors: list[Tensor]) -> bool:
+def _same_tensors(kept: list[tuple[weakref.ref, int, int, weakref.ref]],
+                  tensors: list[Tensor]) -> bool:
     """Whether `tensors` are the very tensors `kept` describes (alive), unmodified since."""
     return len(kept) == len(tensors) and all(
         ref() is t and version == t._version and ptr == t.data_ptr()
-        for (ref, version, ptr), t in zip(kept, tensors))
+        and storage() is t.untyped_storage()
+        for (ref, version, ptr, storage), t in zip(kept, tensors))
 
 
 class _LiveHeads:
@@ -263,7 +266,7 @@ class _LiveHeads:
         self.rows = (self.heads[:, None] * head_dim + offsets).flatten()  # (K * D,)
         width = num_heads * head_dim  # rows of each of q, k, v
         self.qkv_rows = torch.cat([self.rows, self.rows + width, self.rows + 2 * width])  # (3KD,)
-        self._kept: tuple[tuple, tuple] | None = None
+        self._kept: tuple[list, tuple] | None = None
 
     def weights(self, q: nn.Linear, k: nn.Linear, v: nn.Linear, out: nn.Linear,
                 ) -> tuple[tuple[Tensor, Tensor | None], tuple[Tensor, Tensor | None]]:

@@ -4,7 +4,8 @@
 each gate buffer, Linear weight/bias and LayerNorm (module, weight and bias) along its attribute
 path (the dict slot that holds it: a module's _parameters, _buffers or _modules) and each tensor's
 storage pointer and in-place version counter. `valid()` is True while all of them are unchanged; it
-fails after set_masks / optimizer steps / copy_ (version counters), `.to()` (new storage), a
+fails after set_masks / optimizer steps / copy_ (version counters), `.to()` (new storage, told
+apart from the old even at the same address), a
 replaced Parameter or module, or physical pruning (replaced Linear modules). Plain dict lookups
 instead of nn.Module attribute access keep it to a few microseconds per layer, which matters under
 CUDA-graph replay. Writes through `tensor.data` bypass version counters: invalidate explicitly after
@@ -19,6 +20,7 @@ torch.optim step post-hook, registered once).
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,7 +53,10 @@ class LayerWatch:
     """What one layer's compact weights were built from (see the module docstring)."""
 
     slots: list[tuple[dict, str, object]]  # (dict, key, the object it held)
-    tensors: list[tuple[Tensor, int | None, int]]  # (tensor, version or None, data_ptr)
+    # (tensor, version or None, data_ptr, its storage (weakly)): a `.to()` round trip (half,
+    # then float) gives a parameter new storage that the caching allocator may put at the old
+    # address, with no version change; the storage object itself tells them apart
+    tensors: list[tuple[Tensor, int | None, int, weakref.ref]]
 
     @classmethod
     def of(cls, attn: SparseAttention, mlp: SparseMLP) -> LayerWatch:
@@ -73,7 +78,7 @@ class LayerWatch:
         paths.append((owner, [lay_m.intermediate, lay_m.activation]))
         paths += [(owner, [lay_m.output, lay_m.output_layer_norm, p]) for p in ("weight", "bias")]
         slots: dict[tuple[int, str], tuple[dict, str, object]] = {}
-        tensors: list[tuple[Tensor, int | None, int]] = []
+        tensors: list[tuple[Tensor, int | None, int, weakref.ref]] = []
         for root, names in paths:
             node: object = root
             for name in names:
@@ -84,8 +89,9 @@ class LayerWatch:
                 slots[(id(table), name)] = (table, name, node)
             if isinstance(node, Tensor):
                 version = None if node.is_inference() else node._version  # None: no counter
-                tensors.append((node, version, node.data_ptr()))
-        if any(version is None for _, version, _ in tensors) and not _warned_inference:
+                tensors.append((node, version, node.data_ptr(),
+                                weakref.ref(node.untyped_storage())))
+        if any(version is None for _, version, _, _ in tensors) and not _warned_inference:
             _warned_inference.append(True)
             warnings.warn(INFERENCE_TENSORS_WARNING, stacklevel=4)
         return cls(list(slots.values()), tensors)
@@ -95,7 +101,8 @@ class LayerWatch:
         for table, name, obj in self.slots:
             if table.get(name) is not obj:
                 return False
-        for tensor, version, pointer in self.tensors:
-            if version is None or tensor._version != version or tensor.data_ptr() != pointer:
+        for tensor, version, pointer, storage in self.tensors:
+            if (version is None or tensor._version != version or tensor.data_ptr() != pointer
+                    or storage() is not tensor.untyped_storage()):
                 return False
         return True
