@@ -1470,6 +1470,12 @@ def test_failed_unit_blocks_every_dependent(tiny_model_dir, synthetic_glue, tmp_
                                      methods="structured", workers=1, retries=0)
     outcome = sweep(tmp_path / "blocked", config, search, train, progress=False)
     assert list(outcome.failed) == ["full/SST-2/3"]
+    # a failed marker an earlier run left for a unit a later run blocks: not that run's error
+    stale = tmp_path / "blocked" / ".sweep" / "failed" / "summary~SST-2~3.json"
+    stale.write_text('{"id": "summary/SST-2/3", "error": "from an earlier run"}')
+    outcome = sweep(tmp_path / "blocked", config, search, train, progress=False)
+    assert list(outcome.failed) == ["full/SST-2/3"]
+    assert sorted(p.name for p in stale.parent.iterdir()) == ["full~SST-2~3.json"]
     assert sorted(outcome.blocked) == sorted(["search/SST-2/3/structured",
                                               "pruned/SST-2/3/structured/good",
                                               "retrained/SST-2/3/structured/good",

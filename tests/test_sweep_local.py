@@ -164,6 +164,23 @@ def test_result_that_cannot_be_pickled_fails_the_unit():
         assert slot.pid == pid
 
 
+def test_a_worker_that_died_idle_is_replaced_before_its_next_unit():
+    """A worker killed while idle (after the last poll) does not cost the next unit sent to its
+    slot an attempt: a fresh worker takes the slot first and runs it."""
+    with _backend() as backend:
+        slot = backend.slots[0]
+        backend.submit(slot, {"id": "a"}, None)
+        assert [(e.unit_id, e.ok) for e in _events(backend, 1)] == [("a", True)]
+        old = slot.pid
+        os.kill(old, signal.SIGKILL)
+        _wait_for(lambda: backend.workers[slot.index].process.exitcode is not None,
+                  "the idle worker's death")
+        backend.submit(slot, {"id": "b"}, None)  # no poll in between
+        events = _events(backend, 1)
+        assert [(e.unit_id, e.ok) for e in events] == [("b", True)] and slot.pid != old
+        assert events[0].info["pid"] == slot.pid
+
+
 def test_close_stops_busy_workers_at_once():
     """close() while a unit runs stops its worker at once; an idle one ends on its own."""
     with _backend(workers=2) as backend:
@@ -196,6 +213,9 @@ class _Markers:
 
     def mark_done(self, unit_id: str, info: dict) -> None:
         self.marked.setdefault(unit_id, []).append(info)
+
+    def forget_failure(self, unit_id: str) -> None:
+        self.failed.pop(unit_id, None)
 
     def mark_failed(self, unit_id: str, info: dict) -> None:
         self.failed[unit_id] = info

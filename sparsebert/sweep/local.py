@@ -212,6 +212,8 @@ class LocalBackend:
         """Start the unit `spec` on `slot`'s worker (which must be idle)."""
         if slot.busy is not None:
             raise RuntimeError(f"slot {slot.index} runs {slot.busy}; expected an idle slot")
+        if self.workers[slot.index].process.exitcode is not None:
+            self._replace(slot)  # died idle since the last poll: the unit is not charged for it
         slot.busy, slot.warm_key = spec["id"], warm_key
         try:
             self.workers[slot.index].inbox.send(spec)

@@ -184,6 +184,7 @@ class Scheduler:
             if i not in finished and i not in dead and any(d in dead for d in self.units[i].deps):
                 dead.add(i)
                 outcome.blocked.append(i)
+                self.state.forget_failure(i)  # an earlier run's error is not why it waits now
 
     def _pick(self, ready: list[str], slot) -> Unit:
         """The highest-ranked ready unit, or a warm one for this worker at similar rank."""

@@ -361,6 +361,11 @@ class SweepDir:
         task id)."""
         atomic_write_json(self.meta / "status.json", {"updated_at": now(), **status})
 
+    def forget_failure(self, unit_id: str) -> None:
+        """Remove a unit's failed marker (an earlier run's error: the unit is blocked now, by a
+        dependency that failed in this run)."""
+        (self.meta / "failed" / marker_name(unit_id)).unlink(missing_ok=True)
+
     def mark_failed(self, unit_id: str, info: dict[str, Any]) -> None:
         (self.meta / "failed").mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.meta / "failed" / marker_name(unit_id),
