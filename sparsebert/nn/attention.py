@@ -693,12 +693,15 @@ class SparseAttention(nn.Module):
         cut to this block's heads (B, H, Sq, S) once some were physically pruned; a mask
         shared by the heads (B, 1, Sq, S) as it is."""
         mask_heads = attention_mask.shape[1]
-        if mask_heads == 1 or mask_heads == self.num_heads == self.original_num_heads:
+        # (a block pickled before it recorded the count: its highest head id tells a bound)
+        built = getattr(self, "original_num_heads", None) or max(
+            [self.num_heads, *(h + 1 for h in self.head_ids)])
+        if mask_heads == 1 or mask_heads == self.num_heads == built:
             return attention_mask
-        if mask_heads != self.original_num_heads:
+        if mask_heads != built:
             raise ValueError(
                 f"attention_mask {tuple(attention_mask.shape)}: dimension 1 must be 1 or the "
-                f"model's number of heads ({self.original_num_heads}), got {mask_heads}")
+                f"model's number of heads ({built}), got {mask_heads}")
         index = torch.tensor(self.head_ids, dtype=torch.long, device=attention_mask.device)
         return attention_mask.index_select(1, index)  # (B, H, Sq, S)
 
