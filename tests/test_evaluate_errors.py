@@ -75,6 +75,44 @@ def test_model_folder_without_tokenizer_files(run_copy, tiny_model_dir, syntheti
         load_tokenizer(bare)
 
 
+def test_a_tokenizer_larger_than_the_embedding_or_a_model_without_a_classifier(
+        tiny_model_dir, synthetic_glue, tmp_path, capsys):
+    """A model folder whose tokenizer knows more tokens than its embedding has rows (the
+    first forward would fail on an id past the last row), or whose architecture has no
+    sequence-classification model: one line naming it, before anything is written."""
+    import json as json_module  # noqa: PLC0415
+
+    from transformers import BertConfig, BertModel  # noqa: PLC0415
+
+    from sparsebert.hf.loading import load_model  # noqa: PLC0415
+
+    small = tmp_path / "small-vocab"  # a model of 1000 ids, saved with a 30522-token tokenizer
+    BertModel(BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=64)).save_pretrained(small)
+    for file in Path(tiny_model_dir).iterdir():
+        if file.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            shutil.copy(file, small / file.name)
+    with pytest.raises(ModelLoadError, match=r"the tokenizer has 30522 tokens but the model's "
+                                             r"embedding has only vocab_size 1000 rows"):
+        load_model(small, 2, seed=0)
+    out = tmp_path / "out"
+    finetune = ["finetune", "--task", "SST-2", "--out", str(out), "--glue-dir", synthetic_glue,
+                "--epochs", "1", "--threads", "1", "--quiet", "--model"]
+    assert "vocab_size 1000 rows" in fails([*finetune, str(small)], capsys)
+    assert not out.exists()
+    vit = tmp_path / "vit"
+    shutil.copytree(tiny_model_dir, vit)
+    (vit / "config.json").write_text(json_module.dumps(
+        {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "intermediate_size": 64, "image_size": 8, "patch_size": 4}))
+    line = fails([*finetune, str(vit)], capsys)
+    assert "model type 'vit' has no sequence-classification model in transformers" in line
+    assert not out.exists()
+    with pytest.raises(ModelLoadError, match=r"labels \('a', 'b'\) name 2 classes, but "
+                                             r"num_labels is 3"):
+        load_model(tiny_model_dir, 3, labels=("a", "b"))
+
+
 def test_damaged_run_files(run_copy, tmp_path, capsys):
     config = run_copy / "config.json"
     good = config.read_text()

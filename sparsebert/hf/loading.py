@@ -197,10 +197,16 @@ def _config_vocab_size(source: str) -> int | None:
 
 def check_tokenizer_size(tokenizer, vocab_size: int | None, source: str) -> None:
     """ModelLoadError when the tokenizer knows far fewer tokens (under half) than the model's
-    embedding has rows: its files are incomplete or belong to another model."""
+    embedding has rows (its files are incomplete or belong to another model), or more (ids past
+    the embedding's last row would fail in the first forward)."""
     if vocab_size is None or vocab_size <= 0:
         return
     size = len(tokenizer)
+    if size > vocab_size:
+        raise ModelLoadError(
+            f"{source}: the tokenizer has {size} tokens but the model's embedding has only "
+            f"vocab_size {vocab_size} rows: its tokenizer belongs to another model; save this "
+            f"model's own tokenizer with it (tokenizer.save_pretrained)")
     if size * 2 < vocab_size:
         raise ModelLoadError(
             f"{source}: the tokenizer has {size} tokens but the model's config says "
@@ -309,6 +315,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, num_labels: int = 
 
     if num_labels < 1:
         raise ModelLoadError(f"num_labels must be >= 1, got {num_labels}")
+    if labels and len(labels) != num_labels:
+        raise ModelLoadError(f"labels {tuple(labels)!r} name {len(labels)} classes, but "
+                             f"num_labels is {num_labels}")
     source = resolve_model(name_or_path)
     local = check_model_source(source)
     if local:
@@ -316,12 +325,13 @@ def load_model(name_or_path: str | os.PathLike | None = None, num_labels: int = 
     # Step 1: config with the head's size and problem type.
     config = _offline_first(lambda offline: AutoConfig.from_pretrained(
         source, local_files_only=offline), source, local, "config")
+    check_classifiable(config, source)
     saved_labels = config.num_labels
     saved_names = [str(config.id2label[i]) for i in range(saved_labels)] \
         if saved_labels == num_labels and len(config.id2label) == saved_labels else []
     config.num_labels = num_labels
     config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
-    if labels and len(labels) == num_labels:
+    if labels:
         config.id2label = dict(enumerate(labels))
         config.label2id = {label: i for i, label in enumerate(labels)}
     # Step 2: weights; the classifier is freshly initialized from torch's RNG.
@@ -417,6 +427,18 @@ def check_max_length(config, max_length: int) -> None:
                              f"limit ({limit} tokens)")
 
 
+def check_classifiable(config, source: str) -> None:
+    """ModelLoadError (one line) when transformers has no sequence-classification model for
+    the config's architecture (AutoModelForSequenceClassification would list every type)."""
+    from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING  # noqa: PLC0415
+
+    if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+        raise ModelLoadError(
+            f"--model {source!r}: model type {config.model_type!r} has no sequence-"
+            f"classification model in transformers (AutoModelForSequenceClassification); "
+            f"pass an encoder such as BERT or RoBERTa")
+
+
 def preflight_model(name_or_path: str | os.PathLike | None, max_length: int | None = None,
                     patchable: bool = False) -> str:
     """Check that a model can be loaded before any slow work; returns the resolved source.
@@ -438,6 +460,7 @@ def preflight_model(name_or_path: str | os.PathLike | None, max_length: int | No
 
         config = _offline_first(lambda offline: AutoConfig.from_pretrained(
             source, local_files_only=offline), source, local, "config")
+        check_classifiable(config, source)
         if max_length is not None:
             check_max_length(config, max_length)
         if patchable:
