@@ -254,13 +254,18 @@ def test_live_heads_of_projections_without_bias(without_bias):
             assert torch.all(grad[masked_rows] == 0) and torch.any(grad[~masked_rows] != 0), name
 
 
+def _one_head_masked():
+    """(an attention block with head 1 masked, its input (B, S, HID), a padding mask)."""
+    module = make_attention()
+    module.head_gate.copy_(torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    return module, torch.randn(B, S, HID), padding_mask()
+
+
 def test_a_replaced_parameter_at_the_old_address_is_sliced_anew():
     """Evaluation keeps the live heads' weight slices while the parameters are unchanged; a
     parameter replaced by a new one that sits at the same address with the same version count
     (as after the allocator reuses a freed block) is another parameter: sliced anew."""
-    module = make_attention()
-    module.head_gate.copy_(torch.tensor([1.0, 0.0, 1.0, 1.0]))
-    x, mask = torch.randn(B, S, HID), padding_mask()
+    module, x, mask = _one_head_masked()
     query = module.self.query
     with torch.no_grad():
         module(x, attention_mask=mask)  # slices kept
@@ -284,9 +289,7 @@ def test_a_replaced_parameter_at_the_old_address_is_sliced_anew():
 def test_an_optimizer_step_is_seen_by_the_kept_slices(optimizer):
     """Fused optimizer kernels write parameters without moving their version counters: the
     slices kept by an evaluation are still made anew after a step (not the weights of before)."""
-    module = make_attention()
-    module.head_gate.copy_(torch.tensor([1.0, 0.0, 1.0, 1.0]))
-    x, mask = torch.randn(B, S, HID), padding_mask()
+    module, x, mask = _one_head_masked()
     params = list(module.parameters())
     kind, flavour = optimizer.split("_")
     options = {"fused": True} if flavour == "fused" else {"foreach": True}
@@ -310,9 +313,7 @@ def test_new_storage_at_the_old_address_is_sliced_anew():
     """A parameter given new storage at the address of its old one (what a `.to()` round trip
     on a caching allocator can do: same object, same version count, same data_ptr) is sliced
     anew: the storage object tells them apart."""
-    module = make_attention()
-    module.head_gate.copy_(torch.tensor([1.0, 0.0, 1.0, 1.0]))
-    x, mask = torch.randn(B, S, HID), padding_mask()
+    module, x, mask = _one_head_masked()
     query = module.self.query
     with torch.no_grad():
         module(x, attention_mask=mask)  # slices kept

@@ -57,8 +57,11 @@ from sparsebert.train.model_identity import MODEL_FILE, check_model
 from sparsebert.train.rundir import (
     RunResult,
     enclosing_sweep,
+    foreign_entries,
     is_multi_seed_root,
+    listed,
     load_run_model,
+    make_out_dir,
 )
 
 SUMMARY_VERSION = 1
@@ -123,11 +126,7 @@ def check_search_dir(out: Path, search: SearchConfig, train: TrainConfig,
                               f"({search_diff | train_diff}, as saved vs requested){hint}; or "
                               f"use another --out, or delete that directory")
     if write:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as error:  # a file on the way, no permission, a read-only file system
-            raise SearchError(f"--out {out}: cannot create it ({error.strerror or error})"
-                              ) from None
+        make_out_dir(out, SearchError)
         atomic_write_json(out / "config.json", mine)
 
 
@@ -147,28 +146,18 @@ def check_search_root(out: Path, seeds: bool) -> None:
     if not seeds and is_multi_seed_root(out):
         raise SearchError(f"--out {out} holds a multi-seed search (seed_<s>/ folders); rerun it "
                           f"with its --seeds, or use another --out")
-    foreign = _foreign_entries(out, seeds)
+    # Files a search would write beside or over: a single-seed search's --out is its own
+    # once its config.json is there (check_search_dir reads it), else it must be empty; a
+    # multi-seed root holds seed_<s>/ folders and the seeds' report, super-survivors, timings.
+    foreign = [] if not seeds and (out / "config.json").is_file() else foreign_entries(
+        out, lambda name: seeds and (name in _MULTI_SEED_ENTRIES or name.startswith("seed_")))
     if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
-                                           else "")
-        raise SearchError(f"--out {out}: holds files that are not a search's ({shown}); use "
-                          f"another (or an empty) --out")
+        raise SearchError(f"--out {out}: holds files that are not a search's "
+                          f"({listed(foreign)}); use another (or an empty) --out")
 
 
 # What the root of a multi-seed search holds besides its seed_<s>/ folders.
 _MULTI_SEED_ENTRIES = frozenset({"super", "report.md", "figures", "speed"})
-
-
-def _foreign_entries(out: Path, seeds: bool) -> list[str]:
-    """Entries of `out` a search would write beside or over (hidden ones aside: a .gitkeep,
-    an interrupted write's .tmp): a single-seed search's --out is its own once its config.json
-    is there (check_search_dir reads it), else it must be empty; a multi-seed root holds
-    seed_<s>/ folders and the seeds' report, super-survivors and timings."""
-    if not out.is_dir() or (not seeds and (out / "config.json").is_file()):
-        return []
-    return sorted(entry.name for entry in out.iterdir() if not entry.name.startswith(".")
-                  and not (seeds and (entry.name in _MULTI_SEED_ENTRIES
-                                      or entry.name.startswith("seed_"))))
 
 
 def redo_methods(redo: str | None, search: SearchConfig) -> tuple[str, ...]:

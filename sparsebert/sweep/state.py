@@ -43,7 +43,7 @@ from sparsebert.lottery.search import methods_affected
 from sparsebert.sweep.config import SweepError
 from sparsebert.sweep.grid import Grid
 from sparsebert.train.config import RUNTIME_FIELDS, TrainConfig, same_setting
-from sparsebert.train.rundir import now
+from sparsebert.train.rundir import make_out_dir, now
 
 KIND = "sparsebert-sweep"
 
@@ -128,11 +128,7 @@ class SweepDir:
         if self.out.exists() and not self.out.is_dir():
             raise SweepError(f"--out {self.out}: exists and is not a directory")
         self._read_saved()  # refuses a foreign directory before .sweep/ is made in it
-        try:
-            self.meta.mkdir(parents=True, exist_ok=True)
-        except OSError as error:  # a file on the way, no permission, a read-only file system
-            raise SweepError(f"--out {self.out}: cannot create it "
-                             f"({error.strerror or error})") from None
+        make_out_dir(self.meta, SweepError, shown=self.out)
         self._take_lock()
         try:  # read again under the lock: a driver that held it may have changed sweep.json
             return self._claim(self._read_saved(), ident, redo, after_redo)

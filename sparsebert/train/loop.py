@@ -60,7 +60,10 @@ from sparsebert.train.rundir import (
     check_masks,
     check_out_dir,
     describe_masks,
+    foreign_entries,
     is_search_dir,
+    listed,
+    make_out_dir,
     now,
     save_run_model,
 )
@@ -101,19 +104,14 @@ def _check_no_foreign_files(out_dir: Path) -> None:
     """Refuse an --out without a run's config.json that holds anything but what a run writes
     before it (fine-tuning would replace its model/ folder, append to its metrics.jsonl, or
     take over a run whose config.json was lost)."""
-    if not out_dir.is_dir():
-        return
-    foreign = sorted(entry.name for entry in out_dir.iterdir()  # hidden ones aside: a
-                     if entry.name not in _BEFORE_CONFIG  # write's .tmp, a .gitkeep
-                     and not entry.name.startswith("."))
+    foreign = foreign_entries(out_dir, _BEFORE_CONFIG.__contains__)
     if not foreign:
         return
-    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
-                                       else "")
     lost = ("; it looks like a run whose config.json is missing: restore it to resume or "
             "reuse that run" if {"results.json", "checkpoint.pt", "model"} & set(foreign)
             else "")
-    raise TrainError(f"--out {out_dir}: holds files that are not a fine-tuning run's ({shown}) "
+    raise TrainError(f"--out {out_dir}: holds files that are not a fine-tuning run's "
+                     f"({listed(foreign)}) "
                      f"and no run config.json{lost}; use another (or an empty) --out")
 
 
@@ -209,11 +207,7 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
     train = data_cache.cached(("train", subset, *data_key),
                               lambda: batching.encode(train_data, tokenizer, config.max_length))
     dev = data_cache.cached(("dev", *data_key), lambda: load_dev_splits(config, tokenizer))
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # a file on the way, no permission, a read-only file system
-        raise TrainError(f"--out {out_dir}: cannot create it ({error.strerror or error})"
-                         ) from None
+    make_out_dir(out_dir, TrainError)
     check_data(out_dir, task, config.glue_dir)  # refuses other data; writes data.json if new
     check_model(out_dir, config.model)  # the same for the model's files (model.json)
     check_masks(out_dir, mask_info)  # refuses other masks; writes masks.json for a new run

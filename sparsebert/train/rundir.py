@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,6 +285,31 @@ def check_out_dir(out_dir: Path) -> None:
     study = study_folder(out_dir)
     if study is not None:
         raise RunDirError(f"--out {out_dir}: {study}, not a run directory; use another --out")
+
+
+def make_out_dir(folder: Path, error: type[Exception], shown: Path | None = None) -> None:
+    """Create --out `folder` (and its parents); an OSError (a file on the way, no permission,
+    a read-only file system) raised as `error` naming --out `shown` (default: the folder)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as failure:
+        raise error(f"--out {shown or folder}: cannot create it "
+                    f"({failure.strerror or failure})") from None
+
+
+def foreign_entries(folder: Path, expected: Callable[[str], bool]) -> list[str]:
+    """The names in `folder` (sorted) that a command would write beside or over: neither
+    `expected` nor hidden (a .gitkeep, an interrupted write's .tmp); [] without the folder."""
+    if not folder.is_dir():
+        return []
+    return sorted(entry.name for entry in folder.iterdir()
+                  if not entry.name.startswith(".") and not expected(entry.name))
+
+
+def listed(names: list[str], most: int = 5) -> str:
+    """'a, b, c and 4 more': the first `most` names and how many others."""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
 
 
 def enclosing_sweep(path: Path) -> Path | None:
