@@ -872,6 +872,11 @@ def test_report_skips_hidden_folders(reference, tmp_path):
     (["--unit-memory-gb", "nan"], "--unit-memory-gb nan: expected a finite number >= 0"),
     (["--unit-memory-gb", "inf"], "--unit-memory-gb inf: expected a finite number >= 0"),
     (["--per-gpu", "20000"], "--per-gpu 20000: expected 1 to 256 units per GPU"),
+    (["--unit-timeout", "soon"], "--unit-timeout 'soon': expected a positive number of "
+                                 "seconds, or one with s, m or h (e.g. 90m, 2h)"),
+    (["--unit-timeout", "0m"], "--unit-timeout '0m': expected a positive number"),
+    (["--unit-timeout", "h"], "--unit-timeout 'h': expected a positive number"),
+    (["--unit-timeout", "inf"], "--unit-timeout 'inf': expected a positive number"),
 ])
 def test_bad_input_one_line_exit_2(flags, message, tmp_path, capsys):
     out = tmp_path / "bad"
@@ -879,6 +884,13 @@ def test_bad_input_one_line_exit_2(flags, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize("text, seconds", [
+    (None, None), ("45", 45.0), ("45s", 45.0), ("90m", 5400.0), ("1.5h", 5400.0),
+    (" 2H ", 7200.0), (3600, 3600.0)])
+def test_unit_timeout_units(text, seconds):
+    assert SweepConfig(unit_timeout=text).validate().timeout_seconds() == seconds
 
 
 def test_an_out_that_cannot_be_made_is_named(tmp_path, tiny_model_dir, synthetic_glue,
@@ -1120,6 +1132,33 @@ def test_ray_backend_starts_its_own_instance(monkeypatch):
     assert not ray.is_initialized()
     if watchdog is not None:  # told the instance is shut down, it ended at once
         assert watchdog.process.poll() == 0 and backend.watchdog is None
+
+
+def test_ray_backend_stops_a_unit_past_its_time():
+    """stop() of a running Ray task cancels it (its worker is killed) and reports the unit
+    failed with the given info; the slot then runs the next unit."""
+    pytest.importorskip("ray")
+    from sparsebert.sweep.local import Slot  # noqa: PLC0415
+    from sparsebert.sweep.ray_backend import RayBackend  # noqa: PLC0415
+    from tests.test_sweep_local import trivial_unit  # noqa: PLC0415
+
+    backend = RayBackend([Slot(0, "cpu", 1)], None, 1, 0.0, runner=trivial_unit)
+    slot = backend.slots[0]
+    try:
+        backend.submit(slot, {"id": "stuck", "sleep": 600.0}, None)
+        assert backend.poll(timeout=1.0) == []
+        assert backend.stop("never/given", {"error": "late"}) == []
+        events = backend.stop("stuck", {"error": "timed out", "timed_out": True})
+        assert [(e.unit_id, e.ok, e.info) for e in events] == [
+            ("stuck", False, {"error": "timed out", "timed_out": True})]
+        assert slot.busy is None and not backend.pending
+        backend.submit(slot, {"id": "after"}, None)
+        events, deadline = [], time.monotonic() + 120
+        while not events and time.monotonic() < deadline:
+            events = backend.poll(timeout=1.0)
+        assert [(e.unit_id, e.ok) for e in events] == [("after", True)]
+    finally:
+        backend.close()
 
 
 def test_ray_watchdog_stops_only_its_instances_processes():

@@ -24,7 +24,11 @@ DEADLINE_S = 20.0  # a liveness bound for one worker to start and answer on a lo
 def trivial_unit(spec: dict) -> dict:
     """A unit run in a worker (importable by name, as the workers are spawned). Spec keys:
     `touch` (a file created on start), `sleep` (seconds), `kill_on_attempt` (SIGKILL this
-    worker on that attempt), `blob` (characters of payload returned), `unpicklable`."""
+    worker on that attempt), `blob` (characters of payload returned), `unpicklable`,
+    `ignore_term` (SIGTERM ignored: a unit stuck in native code, which never returns to the
+    interpreter to run the handler)."""
+    if spec.get("ignore_term"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if "touch" in spec:
         Path(spec["touch"]).touch()
     if spec.get("kill_on_attempt") == spec.get("attempt", 1):
@@ -198,6 +202,37 @@ def test_close_stops_busy_workers_at_once():
                                                                -signal.SIGTERM)
 
 
+def test_stop_ends_a_unit_past_its_time_and_the_slot_goes_on(tmp_path, monkeypatch):
+    """stop() of a running unit: its worker is terminated, killed when it ignores SIGTERM,
+    and replaced; the unit is reported failed with the given info, once, and the slot runs
+    the next unit. A result already sent counts instead; a unit no slot runs gives nothing."""
+    monkeypatch.setattr("sparsebert.sweep.local.STOP_GRACE_S", 0.5)
+    with _backend(workers=1) as backend:
+        slot = backend.slots[0]
+        assert backend.stop("never/given", {"error": "late"}) == []
+        backend.submit(slot, {"id": "quick"}, None)
+        _wait_for(lambda: backend.workers[slot.index].results.poll(), "the quick result")
+        worker_pid = slot.pid
+        events = backend.stop("quick", {"error": "late"})
+        assert [(e.unit_id, e.ok) for e in events] == [("quick", True)]
+        assert slot.pid == worker_pid and pid_alive(worker_pid) and slot.busy is None
+
+        started = tmp_path / "started"
+        backend.submit(slot, {"id": "stuck", "sleep": 600.0, "ignore_term": True,
+                              "touch": str(started)}, None)
+        _wait_for(started.exists, "the stuck unit's start")
+        stopping = time.monotonic()
+        events = backend.stop("stuck", {"error": "timed out", "timed_out": True})
+        assert time.monotonic() - stopping < 10
+        assert [(e.unit_id, e.ok, e.info) for e in events] == [
+            ("stuck", False, {"error": "timed out", "timed_out": True})]
+        assert not pid_alive(worker_pid)
+        assert backend.workers[slot.index].process.pid != worker_pid  # a fresh worker
+        assert backend.stop("stuck", {"error": "again"}) == []
+        backend.submit(slot, {"id": "after"}, None)
+        assert [(e.unit_id, e.ok) for e in _events(backend, 1)] == [("after", True)]
+
+
 class _Markers:
     """The part of SweepDir the scheduler uses, in memory."""
 
@@ -286,3 +321,35 @@ def test_sweep_with_a_worker_killed_mid_unit_completes():
     assert outcome.retried == {victim: 1}
     assert markers.marked[victim][0]["attempts"] == 2
     assert {i: len(m) for i, m in markers.marked.items()} == {u.id: 1 for u in units}
+
+
+def test_scheduler_stops_a_unit_past_the_unit_timeout(monkeypatch):
+    """A unit that runs past --unit-timeout is stopped on each attempt, reported failed with
+    the timeout named, and its dependents are blocked; every other unit is done."""
+    from sparsebert.sweep.scheduler import Scheduler  # noqa: PLC0415
+
+    monkeypatch.setattr("sparsebert.sweep.local.STOP_GRACE_S", 0.5)
+    units, markers = _units(), _Markers()
+    victim = "search/RTE/1/magnitude"
+    with _backend(workers=2) as backend:
+        for slot in backend.slots:  # started and warm: only the victim takes long
+            backend.submit(slot, {"id": f"warm-{slot.index}"}, None)
+        assert len(_events(backend, len(backend.slots))) == len(backend.slots)
+        submit = backend.submit
+
+        def submit_hanging_the_victim(slot, spec, warm_key):
+            submit(slot, {**spec, "sleep": 600.0} if spec["id"] == victim else spec, warm_key)
+
+        backend.submit = submit_hanging_the_victim
+        started = time.monotonic()
+        outcome = Scheduler(units, markers, backend, {}, retries=1, progress=False,
+                            unit_timeout=3.0).run()
+    assert time.monotonic() - started < 60
+    assert list(outcome.failed) == [victim] and outcome.retried == {victim: 1}
+    failure = outcome.failed[victim]
+    assert failure["timed_out"] and failure["attempts"] == 2
+    assert failure["error"].startswith("timed out: stopped after ")
+    assert failure["error"].endswith(" s (--unit-timeout 3 s)")
+    assert markers.failed == {victim: failure}
+    assert outcome.blocked and victim not in markers.marked
+    assert sorted(outcome.done + outcome.blocked + [victim]) == sorted(u.id for u in units)

@@ -25,6 +25,7 @@ from sparsebert.train.config import TrainConfig, is_valid_seed, resolve_device
 
 MAX_PER_GPU = 256  # units packed on one GPU; Ray requests 1 / per_gpu of it (>= 1e-4)
 BACKENDS = ("local", "ray")
+UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}  # --unit-timeout's suffixes
 NO_STOP_AFTER_STEPS = ("does not apply to a sweep (every fine-tune would stop at that step and "
                        "fail); stop a sweep with Ctrl-C or kill, and rerun it to resume")
 
@@ -57,6 +58,26 @@ class SweepConfig:
                                          "local Ray instance)", None)
     retries: int = help_field("times a failed unit is retried in one run", 1)
     unit_memory_gb: float = help_field("ray: memory each unit reserves, GB (0 = none)", 0.0)
+    unit_timeout: str | None = help_field(
+        "stop a unit that runs longer than this and count it failed (retried per --retries): "
+        "seconds, or a number with s, m or h (90m, 2h); above the longest unit, a full "
+        "fine-tune (default: no limit)", None)
+
+    def timeout_seconds(self) -> float | None:
+        """--unit-timeout in seconds; None when unset."""
+        if self.unit_timeout is None:
+            return None
+        text = str(self.unit_timeout).strip().lower()
+        scale = UNIT_SECONDS.get(text[-1:], None) if text else None
+        number = text[:-1] if scale is not None else text
+        try:
+            seconds = float(number) * (scale or 1.0)
+        except ValueError:
+            seconds = math.nan
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise SweepError(f"--unit-timeout {self.unit_timeout!r}: expected a positive "
+                             "number of seconds, or one with s, m or h (e.g. 90m, 2h)")
+        return seconds
 
     def task_list(self) -> list[str]:
         names = _split(self.tasks, "--tasks")
@@ -128,6 +149,7 @@ class SweepConfig:
                              "GPU")
         if self.retries < 0:
             raise SweepError(f"--retries {self.retries}: expected >= 0")
+        self.timeout_seconds()
         if not math.isfinite(self.unit_memory_gb) or self.unit_memory_gb < 0:
             raise SweepError(f"--unit-memory-gb {self.unit_memory_gb}: expected a finite "
                              "number >= 0 (0 = no reservation)")

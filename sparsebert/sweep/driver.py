@@ -195,7 +195,8 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
         pending = sum(u.id not in done for u in units)
         if pending:  # else nothing to start; never more workers than units left to run
             backend = _backend(config, slots[:pending])
-        outcome = Scheduler(units, state, backend, base, config.retries, progress).run()
+        outcome = Scheduler(units, state, backend, base, config.retries, progress,
+                            unit_timeout=config.timeout_seconds()).run()
         outcome.notes = list(notes)
         status = "failed" if outcome.failed else "finished"
         return outcome

@@ -27,6 +27,7 @@ from typing import Any
 
 from sparsebert.sweep.config import SweepError
 
+STOP_GRACE_S = 5.0  # a worker told to stop (SIGTERM) is killed (SIGKILL) after this
 WORKER_NAME = "sparsebert-sweep-"  # + the slot's index: each worker process's name
 # A worker whose start-up import of the caller's script called sweep() again (no
 # `if __name__ == "__main__":` guard) exits with this code (sparsebert.sweep.driver).
@@ -267,6 +268,26 @@ class LocalBackend:
             return None
         slot.busy = None
         return Event(unit_id, ok, info)
+
+    def stop(self, unit_id: str, info: dict[str, Any]) -> list[Event]:
+        """Stop the running unit `unit_id` (past its timeout): its worker is terminated (killed
+        if still alive after STOP_GRACE_S: a unit stuck in native code does not run Python's
+        signal handler) and replaced, and the unit reported failed with `info`; a result that
+        came just before counts instead. [] when no slot runs it."""
+        slot = next((s for s in self.slots if s.busy == unit_id), None)
+        if slot is None:
+            return []
+        events = self._receive(slot)
+        if slot.busy != unit_id:  # its result came after all
+            return events
+        process = self.workers[slot.index].process
+        process.terminate()
+        process.join(timeout=STOP_GRACE_S)
+        if process.is_alive():
+            process.kill()
+        slot.busy = None  # (so that _replace reports no death of its own for the unit)
+        events.append(Event(unit_id, False, info))
+        return events + self._replace(slot)
 
     def _replace(self, slot: Slot) -> list[Event]:
         """`slot`'s worker has exited: a fresh one takes the slot, and the unit it was running

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from sparsebert.errors import Terminated
@@ -223,7 +224,10 @@ class RayBackend:
     name = "ray"
 
     def __init__(self, slots: list[Slot], address: str | None, per_gpu: int,
-                 memory_gb: float) -> None:
+                 memory_gb: float, runner: Callable[[dict[str, Any]], dict[str, Any]] | None
+                 = None) -> None:
+        """`runner`: the function each task runs its unit spec with (default
+        sparsebert.sweep.units.run_unit)."""
         import ray  # noqa: PLC0415 (preflight, before the sweep directory was opened, checked
         # that Ray imports and that the cluster at `address` answers)
 
@@ -259,7 +263,7 @@ class RayBackend:
         except SweepError:
             self.close()
             raise
-        self.remote = ray.remote(_run_unit)
+        self.remote = ray.remote(runner or _run_unit)
 
     def _needs(self, slot: Slot) -> dict[str, float]:
         return unit_needs(slot, self.per_gpu, self.memory_gb)
@@ -295,15 +299,34 @@ class RayBackend:
         ready, _ = self.ray.wait(refs, num_returns=1, timeout=timeout)
         if ready and len(refs) > 1:
             ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
-        events = []
-        for ref in ready:
-            slot = self.pending.pop(ref)
-            unit_id, slot.busy, slot.task = slot.busy, None, None
-            try:
-                events.append(Event(unit_id, True, self.ray.get(ref)))
-            except Exception as error:  # noqa: BLE001 (a task error, a dead worker or node)
-                events.append(Event(unit_id, False, _task_error_info(error)))
-        return events
+        return [self._collect(ref) for ref in ready]
+
+    def _collect(self, ref) -> Event:
+        """The event of the finished task `ref`, whose slot is free again."""
+        slot = self.pending.pop(ref)
+        unit_id, slot.busy, slot.task = slot.busy, None, None
+        try:
+            return Event(unit_id, True, self.ray.get(ref))
+        except Exception as error:  # noqa: BLE001 (a task error, a dead worker or node)
+            return Event(unit_id, False, _task_error_info(error))
+
+    def stop(self, unit_id: str, info: dict[str, Any]) -> list[Event]:
+        """Stop the running unit `unit_id` (past its timeout): its task is force-cancelled
+        (Ray kills the worker running it) and the unit reported failed with `info`; a result
+        that came just before counts instead. [] when no slot runs it."""
+        ref = next((r for r, s in self.pending.items() if s.busy == unit_id), None)
+        if ref is None:
+            return []
+        ready, _ = self.ray.wait([ref], num_returns=1, timeout=0)
+        if ready:
+            return [self._collect(ref)]
+        slot = self.pending.pop(ref)
+        slot.busy, slot.task = None, None
+        try:
+            self.ray.cancel(ref, force=True)
+        except Exception:  # noqa: BLE001 (it has just finished, or its worker is gone)
+            pass
+        return [Event(unit_id, False, info)]
 
     def close(self) -> None:
         """Stop the units still running (an interrupted or failed sweep: on a cluster the

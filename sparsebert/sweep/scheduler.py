@@ -1,7 +1,8 @@
 """The driver's loop: run every unit whose dependencies are done, as many at once as the
 backend has slots, highest critical path first (and, at similar priority, on a worker that
 has the unit's task x seed loaded); retry failures up to a limit; keep going past units that
-failed for good (their dependents are skipped); show done / running / failed and an ETA.
+failed for good (their dependents are skipped); stop a unit that runs past --unit-timeout
+(a failure like any other); show done / running / failed and an ETA.
 """
 
 from __future__ import annotations
@@ -36,12 +37,14 @@ class Outcome:
 
 class Scheduler:
     def __init__(self, units: list[Unit], state: SweepDir, backend, base: dict[str, Any],
-                 retries: int, progress: bool = True) -> None:
+                 retries: int, progress: bool = True, unit_timeout: float | None = None
+                 ) -> None:
         self.units = {u.id: u for u in units}
         self.order = [u.id for u in units]
         self.rank = upward_rank(units)
         self.state, self.backend, self.base = state, backend, base
         self.retries, self.progress = retries, progress
+        self.unit_timeout = unit_timeout  # seconds a unit may run; None: no limit
         self.durations: dict[str, list[float]] = defaultdict(list)  # cost key -> seconds
         self._timed: list[tuple[str, float]] = []  # (unit id, seconds) of finished units
 
@@ -143,7 +146,9 @@ class Scheduler:
                 changed = False
             if not running:
                 break
-            for event in self.backend.poll(timeout=1.0):
+            events = self.backend.poll(timeout=1.0)
+            events += self._stop_overdue(running, {e.unit_id for e in events})
+            for event in events:
                 if event.unit_id not in running:  # a backend's stray or repeated result
                     warnings.warn(f"a result for {event.unit_id!r}, which is not running, was "
                                   "ignored", RuntimeWarning)
@@ -176,6 +181,21 @@ class Scheduler:
         bar.close()
         outcome.wall_s = time.perf_counter() - started
         return outcome
+
+    def _stop_overdue(self, running: dict[str, float], ended: set[str]) -> list:
+        """Stop every running unit (not among `ended`) that has run past the unit timeout:
+        the backend's events for them, each a failure naming the timeout (or the unit's own
+        result, had it just come)."""
+        if self.unit_timeout is None:
+            return []
+        now, events = time.perf_counter(), []
+        for unit_id, started in list(running.items()):
+            if unit_id not in ended and now - started > self.unit_timeout:
+                events += self.backend.stop(unit_id, {
+                    "error": f"timed out: stopped after {now - started:.0f} s "
+                             f"(--unit-timeout {self.unit_timeout:g} s)",
+                    "timed_out": True})
+        return events
 
     def _block_dependents(self, finished: set[str], dead: set[str], outcome: Outcome) -> None:
         """Every unit that depends on a dead one, directly or through others, is blocked: one
