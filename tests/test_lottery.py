@@ -120,7 +120,7 @@ def test_schedule_recompute_after_revert_option():
 def test_schedule_can_mask_everything():
     """A task where masking never hurts (WNLI-like) ends with nothing left to mask."""
     fake = FakeModel(torch.zeros(2, 4), torch.zeros(2), torch.rand(2, 4), torch.rand(2), [])
-    result = structured_search(2, 4, 0.9, 0.5, fake.evaluate, fake.importance, progress=False)
+    result = structured_search(2, 4, 0.9, 1.0, fake.evaluate, fake.importance, progress=False)
     assert result.head_mask.sum() == 0 and result.mlp_mask.sum() == 0
     assert any("no MLPs left to mask" in note for note in result.notes)
 
@@ -438,6 +438,35 @@ def test_magnitude_search_that_reaches_the_step_cap_keeps_the_last_saved_mask(mo
     found = stages.MagnitudeStages._magnitude_search(
         _StubSearch(lambda m: (1.0, {"acc": 1.0}), max_steps=3), model, params)
     assert len(found["curve"]) == 4 and found["good_step"] == 2
+
+
+def test_a_full_model_below_its_own_threshold_prunes_nothing(monkeypatch):
+    """A negative full score (a Matthews correlation below 0) lies below 0.9 x itself: the
+    authors' loops test the full model first and never prune (PAPER.md §1.3, §2), so both
+    searches keep the full masks, evaluate no step, and say why."""
+    calls = []
+
+    def evaluate(head_mask, mlp_mask):  # every step would pass the threshold
+        calls.append(1)
+        return -0.05, -0.05
+
+    def scores(head_mask, mlp_mask):
+        return torch.arange(8.0).view(2, 4), torch.tensor([1.0, 2.0])
+
+    result = structured_search(2, 4, 0.9 * -0.1, -0.1, evaluate, scores, progress=False)
+    assert not calls and result.head_mask.all() and result.mlp_mask.all()
+    assert [r["passed"] for r in result.curve] == [False]
+    assert len(result.notes) == 1 and "below the threshold (-0.0900)" in result.notes[0]
+
+    model = _tiny_magnitude_model()
+    params = mag.eligible_parameters(model)
+    monkeypatch.setattr(stages, "report_metric", lambda task: "acc")
+    search = _StubSearch(lambda m: calls.append(1) or (1.0, {"acc": 1.0}))
+    search._full_scores = lambda model: (-0.1, {"acc": -0.1})
+    found = stages.MagnitudeStages._magnitude_search(search, model, params)
+    assert not calls and found["good_step"] == 0 and found["fraction_kept"] == 1.0
+    assert [r["passed"] for r in found["curve"]] == [False]
+    assert "nothing was pruned" in found["notes"][-1]
 
 
 def test_kept_counts_and_masks_match_torch_global_l1_unstructured():

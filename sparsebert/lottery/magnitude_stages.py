@@ -18,6 +18,7 @@ from sparsebert.atomic import atomic_write_json
 from sparsebert.errors import RunDirError
 from sparsebert.lottery import magnitude as mag
 from sparsebert.lottery.scoring import format_metrics, report_metric
+from sparsebert.lottery.structured import full_fails_threshold
 from sparsebert.pruning.weight_masks import (
     WeightMasks,
     load_weight_masks,
@@ -115,10 +116,14 @@ class MagnitudeStages:
         original = {n: p.detach().clone() for n, p in params.items()}
         order = mag.magnitude_order(params)  # the weights do not change: sort once
         curve = [{"step": 0, "kept": total, "fraction_kept": 1.0, "search_score": full_search,
-                  "score": float(full_dev[metric]), "passed": True}]
+                  "score": float(full_dev[metric]), "passed": full_search >= threshold}]
         good_step = 0
-        bar = tqdm(range(1, self.config.magnitude_max_steps + 1), desc="m-pruning",
-                   unit="step", disable=not self.progress, leave=False)
+        notes = self._notes_on_threshold(full_dev, threshold)
+        if full_search < threshold:  # the authors' loop tests the full model's score first
+            notes.append(full_fails_threshold(full_search, threshold))
+        steps = range(1, self.config.magnitude_max_steps + 1) if curve[0]["passed"] else ()
+        bar = tqdm(steps, desc="m-pruning", unit="step", disable=not self.progress,
+                   leave=False)
         for step in bar:
             kept = mag.kept_count(total, step, self.config.magnitude_amount)
             WeightMasks.from_named(model, mag.mask_from_order(params, order, kept)).apply()
@@ -141,8 +146,7 @@ class MagnitudeStages:
         kept = mag.kept_count(total, good_step, self.config.magnitude_amount)
         return {"full_search_score": full_search, "threshold_score": threshold,
                 "good_step": good_step, "kept": kept, "total": total,
-                "fraction_kept": kept / total, "curve": curve,
-                "notes": self._notes_on_threshold(full_dev, threshold)}
+                "fraction_kept": kept / total, "curve": curve, "notes": notes}
 
     def _retrain_magnitude(self, name: str, masks: dict[str, torch.Tensor]) -> RunResult:
         run_dir = self.out / "magnitude" / "retrained" / name

@@ -83,6 +83,14 @@ def _masked(mask: Tensor, indices: Tensor) -> Tensor:
     return out.view_as(mask)
 
 
+def full_fails_threshold(full_score: float, threshold: float) -> str:
+    """The note of a search that pruned nothing: its full model fails its own threshold (a
+    negative score, e.g. a Matthews correlation below 0, lies below 0.9 x itself)."""
+    return (f"the full model's search score ({full_score:.4f}) is below the threshold "
+            f"({threshold:.4f}), as a negative score is below 0.9 x itself: nothing was pruned "
+            f"(the authors' loops test the full model's score before the first step)")
+
+
 def structured_search(num_layers: int, num_heads: int, threshold: float, full_score: float,
                       evaluate: Evaluate, importance: Importance, masking_amount: float = 0.1,
                       recompute_after_revert: bool = False, progress: bool = True,
@@ -104,8 +112,11 @@ def structured_search(num_layers: int, num_heads: int, threshold: float, full_sc
         "phase": 0, "step": 0, "heads_kept": num_layers * num_heads, "mlps_kept": num_layers,
         "search_score": full_score,
         "score": full_score if full_report_score is None else full_report_score,
-        "passed": True}]
+        "passed": full_score >= threshold}]
     notes: list[str] = []
+    if full_score < threshold:  # the authors' loop tests the full model's score first
+        notes.append(full_fails_threshold(full_score, threshold))
+        return StructuredResult(head_mask, mlp_mask, curve, notes)
     head_scores, mlp_scores = importance(head_mask, mlp_mask)
     bar = tqdm(desc="s-pruning", unit="step", disable=not progress, leave=False)
     phases = ((1, head_step, 1), (2, max(1, head_step // 2), 0), (3, 0, 1))
