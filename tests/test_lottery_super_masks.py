@@ -70,6 +70,59 @@ def test_masks_written_before_they_named_their_seeds(seeds_dir):
     assert list((seeds_dir / ".superseded").glob("super-seeds-unknown-*"))
 
 
+def _search_again(seeds_dir, seed, heads, mlps):
+    """Seed `seed`'s structured search redone alone: new good masks in its search.json."""
+    found = seeds_dir / f"seed_{seed}" / "structured" / "search.json"
+    found.write_text(json.dumps({"head_mask": heads, "mlp_mask": mlps}))
+
+
+def test_masks_drawn_before_a_seed_was_searched_again_are_drawn_again(seeds_dir, capsys):
+    """The same seed list, but seed 2's search redone since (`search --redo structured` of
+    that seed alone): the masks, and what was built on them, are set aside and drawn from the
+    seeds' current masks; a search that found the same masks again (written as floats) keeps
+    them."""
+    first = _stage(seeds_dir, [1, 2]).masks_stage()
+    assert set(first["sources"]) == {"1", "2"}
+    built_on = seeds_dir / "super" / "retrained" / "good" / "seed_2" / "results.json"
+    built_on.parent.mkdir(parents=True)
+    built_on.write_text("{}")
+    _search_again(seeds_dir, 2, [[float(v) for v in row] for row in HEADS[2]],
+                  [float(v) for v in MLPS[2]])
+    assert _stage(seeds_dir, [1, 2]).masks_stage() == first and built_on.is_file()
+
+    HEADS[2], MLPS[2], saved = [[1, 0, 0], [0, 0, 0]], [0, 0], (HEADS[2], MLPS[2])
+    try:
+        _search_again(seeds_dir, 2, HEADS[2], MLPS[2])
+        capsys.readouterr()
+        later = _stage(seeds_dir, [1, 2]).masks_stage()
+        assert later["masks"]["good"]["head_mask"] == _kept_in_every([1, 2])
+        assert later["masks"]["good"]["mlp_mask"] == [0.0, 0.0]
+        assert later["sources"]["1"] == first["sources"]["1"] != first["sources"]["2"]
+        assert not built_on.exists()
+        aside = list((seeds_dir / ".superseded").glob("super-seeds-1-2-*"))
+        assert len(aside) == 1 and (aside[0] / "retrained" / "good" / "seed_2").is_dir()
+        assert "good masks of seed(s) 2 that were searched again since" in \
+            capsys.readouterr().err
+        assert _stage(seeds_dir, [1, 2]).masks_stage() == later  # and then reused
+    finally:
+        HEADS[2], MLPS[2] = saved
+
+
+def test_masks_written_before_they_recorded_their_sources(seeds_dir):
+    """An older masks.json (seeds, no "sources"): kept while its good masks are those kept in
+    every seed's current masks, drawn again once a seed's search found others."""
+    current = _stage(seeds_dir, [1, 2]).masks_stage()
+    masks_file = seeds_dir / "super" / "masks.json"
+    older = {k: v for k, v in current.items() if k != "sources"}
+    masks_file.write_text(json.dumps(older))
+    assert _stage(seeds_dir, [1, 2]).masks_stage() == older
+    assert not (seeds_dir / ".superseded").exists()
+    _search_again(seeds_dir, 1, [[1, 0, 0], [1, 0, 0]], MLPS[1])
+    later = _stage(seeds_dir, [1, 2]).masks_stage()
+    assert later["masks"]["good"]["head_mask"] == [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
+    assert "sources" in later and list((seeds_dir / ".superseded").glob("super-seeds-1-2-*"))
+
+
 def test_seed_list_errors(tmp_path):
     with pytest.raises(SearchError, match="--seeds: expected at least one seed"):
         search_seeds("MRPC", tmp_path, [])

@@ -17,6 +17,8 @@ Every stage is resumable as in the single-seed search.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import sys
 import time
@@ -69,14 +71,29 @@ def seed_search(out: Path, seed: int) -> dict[str, Any]:
     return read_json(path, REDO_SEARCH)
 
 
+def mask_digest(found: dict[str, Any]) -> str:
+    """A short digest of a seed search's good head and MLP masks (as kept / pruned bits)."""
+    bits = [(np.asarray(found[key], dtype=float) != 0).astype(int).tolist()
+            for key in ("head_mask", "mlp_mask")]
+    return hashlib.sha256(json.dumps(bits).encode()).hexdigest()[:16]
+
+
+def mask_sources(out: Path, seeds: list[int]) -> dict[str, str]:
+    """{seed: mask_digest} of each seed's good s-pruning masks: what super/masks.json records
+    it was drawn from, so that masks drawn before a seed's search was redone are not reused."""
+    return {str(seed): mask_digest(seed_search(out, seed)) for seed in seeds}
+
+
 def super_masks(out: Path, seeds: list[int], first_seed: int) -> dict[str, Any]:
     """good / random / bad head (L, H) and MLP (L,) masks from the seeds' good s-pruning masks,
-    with the per-seed stability statistics; drawn with a generator seeded by the seeds."""
-    heads, mlps = [], []
+    with the per-seed stability statistics and the digests of the masks they come from; drawn
+    with a generator seeded by the seeds."""
+    heads, mlps, sources = [], [], {}
     for seed in seeds:
         found = seed_search(out, seed)
         heads.append(found["head_mask"])
         mlps.append(found["mlp_mask"])
+        sources[str(seed)] = mask_digest(found)
     heads_arr, mlps_arr = np.asarray(heads), np.asarray(mlps)
     rng = np.random.default_rng([first_seed, *seeds, 5])
     head_controls = super_survivor_controls(heads_arr, rng)
@@ -87,7 +104,8 @@ def super_masks(out: Path, seeds: list[int], first_seed: int) -> dict[str, Any]:
             "notes": [f"heads: {n}" for n in head_controls["notes"]]
             + [f"MLPs: {n}" for n in mlp_controls["notes"]],
             "stability": {"heads": stability_summary(heads_arr),
-                          "mlps": stability_summary(mlps_arr)}}
+                          "mlps": stability_summary(mlps_arr)},
+            "sources": sources}
 
 
 def seeds_report(out: Path, seeds: list[int]) -> bool:
@@ -198,29 +216,56 @@ class SuperStage:
         """super/masks.json (once per seed list): the controls' masks, notes and stability
         statistics, with the seeds they come from. Masks of another seed list (a rerun with
         more seeds, say) are set aside with everything built on them, and drawn again; the same
-        seeds in another order are the same list (a fresh draw follows the order given)."""
+        seeds in another order are the same list (a fresh draw follows the order given). So are
+        masks drawn before a seed's search was redone (--redo structured of that seed alone):
+        they record the digests of the seed masks they come from."""
         masks_file = self.root / "masks.json"
         found = (read_json(masks_file, "delete it to draw the masks again")
                  if masks_file.is_file() else None)
+        redone: list[str] = []
         if found is not None and sorted(found.get("seeds") or []) == sorted(self.seeds):
-            return found
+            redone = self._redone_seeds(found)
+            if not redone:
+                return found
         fresh = {**super_masks(self.out, self.seeds, self.seeds[0]), "seeds": self.seeds}
         written_before_seeds = found is not None and "seeds" not in found
-        if found is not None and not (written_before_seeds and found["masks"] == fresh["masks"]):
-            self._set_aside(found.get("seeds"))
+        if redone:
+            self._set_aside(found["seeds"], f"its masks come from good masks of seed(s) "
+                                            f"{', '.join(redone)} that were searched again since")
+        elif found is not None and not (written_before_seeds
+                                        and found["masks"] == fresh["masks"]):
+            self._set_aside(found.get("seeds"), f"its masks come from seeds "
+                                                f"{found.get('seeds') or 'unknown'}, not "
+                                                f"{self.seeds}")
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(masks_file, fresh)
         return fresh
 
-    def _set_aside(self, seeds: list[int] | None) -> None:
+    def _redone_seeds(self, found: dict[str, Any]) -> list[str]:
+        """The seeds whose good masks are no longer those `found` (masks.json of this seed
+        list) was drawn from. Masks written before they recorded their sources: all seeds when
+        their good masks are not the heads and MLPs kept in every seed's current masks."""
+        sources = mask_sources(self.out, self.seeds)
+        recorded = found.get("sources")
+        if recorded is not None:
+            return [seed for seed, digest in sources.items() if recorded.get(seed) != digest]
+        searches = [seed_search(self.out, seed) for seed in self.seeds]
+        for key in ("head_mask", "mlp_mask"):
+            kept_in_all = np.all([np.asarray(f[key], dtype=float) != 0 for f in searches],
+                                 axis=0)
+            if not np.array_equal(kept_in_all, np.asarray(found["masks"]["good"][key]) != 0):
+                return list(sources)
+        return []
+
+    def _set_aside(self, seeds: list[int] | None, why: str) -> None:
         """Move super/ (masks of `seeds`, and the pruned and retrained runs of those masks) to
-        out/.superseded/super-seeds-<seeds>-<time>/."""
+        out/.superseded/super-seeds-<seeds>-<time>/, saying `why`."""
         label = "-".join(map(str, seeds)) if seeds else "unknown"
         stamp = time.strftime("%Y-%m-%dT%H%M%S%z")
         aside = unused(self.out / ".superseded" / f"super-seeds-{label}-{stamp}")
         move_aside(self.root, aside)
-        print(f"[super] {self.root}: its masks come from seeds {seeds or 'unknown'}, not "
-              f"{self.seeds}; set aside in {aside}, drawing them again", file=sys.stderr)
+        print(f"[super] {self.root}: {why}; set aside in {aside}, drawing them again",
+              file=sys.stderr)
 
     def _masks(self, name: str) -> dict[str, torch.Tensor]:
         found = Search.read_stage(self.root / "masks.json")
