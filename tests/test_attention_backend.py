@@ -87,6 +87,27 @@ def _gpt2(tiny_config, dims):
     )
 
 
+def _deepseek_v3(tiny_config, dims):
+    """Multi-head latent attention: value heads of another size (8) than query/key heads
+    (16 + 8 rotary), every layer dense (no experts)."""
+    return transformers.DeepseekV3Config(
+        hidden_size=dims.hidden,
+        num_hidden_layers=dims.layers,
+        num_attention_heads=dims.heads,
+        num_key_value_heads=dims.heads,
+        intermediate_size=dims.intermediate,
+        vocab_size=dims.vocab,
+        max_position_embeddings=dims.max_positions,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        first_k_dense_replace=dims.layers,
+        attn_implementation="sdpa",
+    )
+
+
 def _bert_layers(model):
     return [layer.attention.output.dense for layer in model.encoder.layer]
 
@@ -104,6 +125,8 @@ FAMILIES = {
         ),
         Family("llama", _llama, lambda m: [layer.self_attn.o_proj for layer in m.layers], True),
         Family("gpt2", _gpt2, lambda m: [block.attn.c_proj for block in m.h], True),
+        Family("deepseek-v3", _deepseek_v3,
+               lambda m: [layer.self_attn.o_proj for layer in m.layers], True),
     )
 }
 NAMES = list(FAMILIES)
@@ -296,7 +319,34 @@ def test_masked_heads_contribute_zero(name, pair, tiny_batch):
             assert is_zero == (GATES[layer, head] == 0), (layer, head)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "distilbert"])
+def test_value_heads_of_another_size_decode_as_the_reference(tiny_config, tiny_dims, tiny_batch,
+                                                            spies):
+    """DeepSeek-V3's latent attention (value heads of 8, query/key heads of 24) under gates,
+    prefill then cached decoding: the reference's logits; the op (equal sizes only) is never
+    called, SDPA over the active heads is."""
+    torch.manual_seed(0)
+    family = FAMILIES["deepseek-v3"]
+    reference = transformers.DeepseekV3ForCausalLM(family.config(tiny_config, tiny_dims)).eval()
+    model = use_sparse_attention(copy.deepcopy(reference))
+    sparsebert.set_masks(model, head_mask=GATES)
+    _gate_reference(reference, family, GATES)
+    ids, _ = tiny_batch()
+    logits = {}
+    with torch.no_grad():
+        for key, m in (("want", reference), ("got", model)):
+            out = m(input_ids=ids[:, :6], use_cache=True)
+            steps = [out.logits]
+            for t in range(6, 9):
+                out = m(input_ids=ids[:, t : t + 1], **{CACHE_ARG: out.past_key_values})
+                steps.append(out.logits)
+            logits[key] = torch.cat(steps, dim=1)
+    torch.testing.assert_close(logits["got"], logits["want"], atol=1e-5, rtol=1e-5)
+    op, sdpa = spies
+    assert op.calls == [] and len(sdpa.calls) == 2 * 4  # layers 0 and 2, prefill + 3 steps
+    assert {(args[0].shape[-1], args[2].shape[-1]) for args, _ in sdpa.calls} == {(24, 8)}
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "distilbert", "deepseek-v3"])
 def test_pruned_heads_are_not_computed(name, pair, tiny_batch, spies):
     _, model = pair(name)
     sparsebert.set_masks(model, head_mask=GATES)
@@ -423,6 +473,63 @@ def test_training_with_dropout_runs_active_heads(pair, tiny_batch, spies):
 # Registration and bad input
 # --------------------------------------------------------------------------------------------
 @pytest.mark.slow  # a fresh interpreter imports torch and transformers
+def test_head_mask_and_output_attentions_are_not_silently_dropped(pair, tiny_batch):
+    """A head_mask the model passes on to the attention function is an error naming set_masks
+    (it was ignored: the logits of all heads); output_attentions=True warns that no weights
+    come back."""
+    _, model = pair("llama")
+    with pytest.raises((AttentionBackendError, TypeError), match="head_mask"):
+        model(**_inputs(tiny_batch, padded=True), head_mask=torch.zeros(3, 4))
+    module = attention_modules(model)[0]
+    heads = model.config.num_attention_heads
+    query = torch.randn(2, heads, 5, 8)
+    key = value = torch.randn(2, model.config.num_key_value_heads, 5, 8)
+    with pytest.raises(AttentionBackendError, match=r"head_mask is not applied by the backend; "
+                                                    r"set the heads' gates with "
+                                                    r"sparsebert.set_masks"):
+        backend.sparsebert_attention_forward(module, query, key, value, None,
+                                             head_mask=torch.ones(heads))
+    with pytest.warns(UserWarning, match=r"output_attentions=True returns none"):
+        _, weights = backend.sparsebert_attention_forward(module, query, key, value, None,
+                                                          output_attentions=True)
+    assert weights is None
+
+
+def test_gates_attached_under_inference_mode_are_ordinary_tensors(pair, tiny_batch):
+    """use_sparse_attention inside torch.inference_mode: set_masks works outside it after
+    (an inference-tensor gate refused the in-place write), and the model is the reference."""
+    reference, _ = pair("electra")
+    with torch.inference_mode():
+        model = use_sparse_attention(copy.deepcopy(reference))
+    assert not any(m.head_gate.is_inference() for m in attention_modules(model))
+    sparsebert.set_masks(model, head_mask=GATES)
+    _assert_matches_gated_reference(model, reference, FAMILIES["electra"], GATES,
+                                    _inputs(tiny_batch, padded=True))
+
+
+def test_shared_layers_take_one_gate_row_per_shared_module(tiny_dims, tiny_batch):
+    """ALBERT's 6 layers run one shared attention module: a (6, H) mask is refused with that
+    said, a (1, H) row gates the heads in every layer, as the hook reference does."""
+    from sparsebert.hf.masks import MaskError  # noqa: PLC0415
+
+    config = transformers.AlbertConfig(
+        vocab_size=tiny_dims.vocab, embedding_size=16, hidden_size=tiny_dims.hidden,
+        num_hidden_layers=6, num_attention_heads=tiny_dims.heads,
+        intermediate_size=tiny_dims.intermediate, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    reference = transformers.AlbertModel(config).eval()
+    model = use_sparse_attention(copy.deepcopy(reference))
+    with pytest.raises(MaskError, match=r"must have shape \(L, H\) = \(1, 4\), got \(6, 4\); "
+                                        r"this model's 6 layers share 1 attention module"):
+        sparsebert.set_masks(model, head_mask=torch.ones(6, tiny_dims.heads))
+    gates = GATES[:1]  # (1, H)
+    sparsebert.set_masks(model, head_mask=gates)
+    family = Family("albert", None, lambda m: [m.encoder.albert_layer_groups[0]
+                                               .albert_layers[0].attention.dense], False)
+    _assert_matches_gated_reference(model, reference, family, gates,
+                                    _inputs(tiny_batch, padded=True))
+
+
 def test_registered_when_transformers_loads_after_sparsebert():
     """`import sparsebert` does not load transformers, yet attn_implementation="sparsebert"
     works once it does (a fresh interpreter, so the import order is the real one)."""

@@ -159,6 +159,33 @@ def test_head_mask_kwarg_is_an_error_not_ignored(tiny_bert, tiny_batch):
         patched(ids, attention_mask=mask, head_mask=torch.ones(3, 4))
 
 
+def test_evaluation_under_inference_mode_then_training(tiny_bert, tiny_batch):
+    """A masked patched model evaluated under torch.inference_mode, then trained: the live
+    heads' index tensors made by the evaluation are ordinary tensors, so the backward runs
+    (it failed: "Inference tensors cannot be saved for backward"), with the gradients of a
+    model never run under inference_mode."""
+    heads = torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]])
+    models = [sbhf.patch(tiny_bert()) for _ in range(2)]
+    ids, mask = tiny_batch()
+    labels = torch.tensor([0, 1, 0])
+    grads = []
+    for evaluated_first, model in zip((True, False), models):
+        sparsebert.set_masks(model, head_mask=heads)
+        if evaluated_first:
+            with torch.inference_mode():
+                model(ids, attention_mask=mask)
+        model.train()
+        model.config.attention_probs_dropout_prob = 0.0
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        model(ids, attention_mask=mask, labels=labels).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], atol=1e-6, rtol=1e-6)
+
+
 def test_real_minilm_patched_equals_unpatched(default_model_dir, tiny_batch):
     model = AutoModel.from_pretrained(str(default_model_dir), attn_implementation="eager").eval()
     patched = sbhf.patch(copy.deepcopy(model))

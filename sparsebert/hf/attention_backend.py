@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -195,8 +196,10 @@ def _active_heads(module: nn.Module, gate: Tensor) -> tuple[Tensor | None, bool]
     there: change gates with set_masks, in-place ops on the gate itself or an optimizer step
     (sparsebert.nn.optimizer_steps)."""
     cached = getattr(module, "_sparsebert_active_heads", None)
+    # (an inference tensor has no version counter: read every time, never cached)
+    cacheable = gate.device.type != "cpu" and not gate.is_inference()
     if (
-        gate.device.type != "cpu"
+        cacheable
         and cached is not None
         and cached[0].data_ptr() == gate.data_ptr()
         and cached[0].shape == gate.shape
@@ -211,7 +214,7 @@ def _active_heads(module: nn.Module, gate: Tensor) -> tuple[Tensor | None, bool]
         nonzero = nonzero.any(dim=0)  # (B, H) -> (H,)
     active = None if bool(nonzero.all()) else torch.nonzero(nonzero).flatten()
     answer = (active, bool((values == 1).all()))
-    if gate.device.type != "cpu":
+    if cacheable and not (active is not None and active.is_inference()):
         watch_optimizer_steps()  # a gate trained by a fused optimizer step moves no counter
         module._sparsebert_active_heads = (values, gate._version, answer)
     return answer
@@ -248,10 +251,11 @@ def _sdpa_active_heads(
     causal: bool,
     exact_zero_gate_grad: bool = False,
 ) -> Tensor:
-    """General path. query (B, H, Sq, D), key/value (B, Hkv, Sk, D) -> gated (B, H, Sq, D).
-    exact_zero_gate_grad: plain gate * ctx (pass every head as active), so a gate at 0 gets its
-    true gradient."""
-    batch, heads, q_len, head_dim = query.shape
+    """General path. query (B, H, Sq, D), key (B, Hkv, Sk, D), value (B, Hkv, Sk, Dv) -> gated
+    (B, H, Sq, Dv). exact_zero_gate_grad: plain gate * ctx (pass every head as active), so a
+    gate at 0 gets its true gradient."""
+    batch, heads, q_len, _ = query.shape
+    head_dim = value.shape[-1]  # the output's: Dv
     groups = heads // key.shape[1]
     # Step 1: gather the active query heads and the key/value head of each (with every head
     # active and no mask, SDPA shares the key/value heads itself, as transformers' sdpa does).
@@ -317,6 +321,19 @@ def sparsebert_attention_forward(
                 f"attn_implementation='sparsebert' does not support the '{name}' argument of "
                 f"{type(module).__name__}; use attn_implementation='eager' for this model"
             )
+    if kwargs.get("head_mask") is not None:  # passed on by models that take **kwargs
+        raise AttentionBackendError(
+            "attn_implementation='sparsebert': head_mask is not applied by the backend; set "
+            "the heads' gates with sparsebert.set_masks(model, head_mask=...) (per-example "
+            "gates: sparsebert.hf.override_head_gates)"
+        )
+    if kwargs.get("output_attentions"):
+        warnings.warn(
+            "attn_implementation='sparsebert' computes no attention weights: "
+            "output_attentions=True returns none (load the model with "
+            "attn_implementation='eager' to get them)",
+            stacklevel=2,
+        )
     batch, heads, q_len, head_dim = query.shape
     if key.shape[1] < 1 or heads % key.shape[1]:
         raise AttentionBackendError(
@@ -329,7 +346,8 @@ def sparsebert_attention_forward(
         is_causal = getattr(module, "is_causal", True)
     causal = bool(q_len > 1 and attention_mask is None and is_causal)
 
-    if dropout == 0.0 and not causal and _is_padding_mask(attention_mask):
+    same_dims = value.shape[-1] == head_dim  # (the op's; e.g. DeepSeek's MLA differs)
+    if dropout == 0.0 and not causal and same_dims and _is_padding_mask(attention_mask):
         # Op path: (B, S, H, D) views, key/value heads repeated for grouped-query attention.
         groups = heads // key.shape[1]
         if groups > 1:

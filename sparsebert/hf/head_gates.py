@@ -67,6 +67,17 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+def shared_modules_note(model: nn.Module, modules: list[nn.Module]) -> str:
+    """'' or, for a model with fewer attention modules than layers (ALBERT's layers run one
+    shared module), what a row of its (L, H) head mask is: '; ...' to end an error about the
+    mask's shape."""
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not isinstance(layers, int) or layers <= len(modules):
+        return ""
+    return (f"; this model's {layers} layers share {len(modules)} attention module(s), so L "
+            "counts the shared modules: a row gates its heads in every layer that runs it")
+
+
 def uses_sparse_attention(model: nn.Module) -> bool:
     """True when the model's config selects attn_implementation="sparsebert"."""
     config = getattr(model, "config", None)
@@ -128,7 +139,9 @@ def attach_head_gates(model: nn.Module) -> list[nn.Module]:
         if not isinstance(gate, Tensor):
             param = next(module.parameters(), None)
             device = param.device if param is not None else None
-            module.register_buffer("head_gate", torch.ones(heads, device=device), persistent=False)
+            with torch.inference_mode(False):  # a normal tensor: set_masks writes it later
+                ones = torch.ones(heads, device=device)
+            module.register_buffer("head_gate", ones, persistent=False)
         elif tuple(gate.shape) != (heads,):
             raise AttentionBackendError(
                 f"{type(module).__name__}.head_gate has shape {tuple(gate.shape)}; expected "
@@ -201,7 +214,7 @@ def override_head_gates(model: nn.Module, gates: Tensor) -> Iterator[Tensor]:
     if gates.dim() not in (2, 3) or gates.shape[0] != len(modules) or gates.shape[-1] != heads:
         raise AttentionBackendError(
             f"'gates' must have shape (L, H) = ({len(modules)}, {heads}) or (L, B, H), got "
-            f"{tuple(gates.shape)}"
+            f"{tuple(gates.shape)}{shared_modules_note(model, modules)}"
         )
     if patched:
         with contextlib.ExitStack() as stack:

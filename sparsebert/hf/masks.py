@@ -21,6 +21,7 @@ from sparsebert.hf.head_gates import (
     attach_head_gates,
     attention_modules,
     num_heads,
+    shared_modules_note,
     uses_sparse_attention,
 )
 from sparsebert.hf.patching import is_patched, sparse_blocks
@@ -87,10 +88,14 @@ def _set_backend_head_gates(model: nn.Module, head_mask, mlp_mask, neuron_mask) 
                 f"'{name}': a model on attn_implementation='sparsebert' has head gates only; "
                 "for MLP and neuron gates use sparsebert.patch(model) (BERT-family models)"
             )
-    n_layers = len(attention_modules(model))
+    modules = attention_modules(model)
     heads = None
     if head_mask is not None:
-        _, heads = _as_mask("head_mask", head_mask, {"(L, H) =": (n_layers, num_heads(model))})
+        try:
+            _, heads = _as_mask("head_mask", head_mask,
+                                {"(L, H) =": (len(modules), num_heads(model))})
+        except MaskError as error:
+            raise MaskError(f"{error}{shared_modules_note(model, modules)}") from None
     modules = attach_head_gates(model)  # gates at 1 where missing: outputs unchanged
     if heads is None:
         return

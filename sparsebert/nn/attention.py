@@ -734,8 +734,9 @@ class SparseAttention(nn.Module):
         if live is None or live.summary is not summary or live.heads.device != device:
             if not can_read_on_host():
                 return None
-            live = self._live_heads_kept = _LiveHeads(
-                summary, self.num_heads, self.head_dim, device)
+            with torch.inference_mode(False):  # kept for later calls, with gradients too
+                live = self._live_heads_kept = _LiveHeads(
+                    summary, self.num_heads, self.head_dim, device)
         fixed = fixed_gates()
         if fixed is not None and not can_read_on_host():
             fixed.keep(live)  # the graph being captured reads its index tensors
