@@ -107,6 +107,18 @@ def test_shapes_beyond_the_graph_limit_run_eagerly(tiny_bert, tiny_batches):
     assert_same_scores(graphed, eager, rtol=1e-5, atol=1e-6)
 
 
+@cuda_test
+def test_fractional_labels_of_a_replayed_shape_are_refused(tiny_bert, tiny_batches):
+    """Float labels are class ids when whole; a later batch of an already captured shape with
+    fractional ones is refused, as in the eager pass (a replay would truncate them)."""
+    model = masked_model(tiny_bert, "cuda")
+    batches = tiny_batches(num_batches=2, batch=4, num_labels=NUM_LABELS)
+    batches[0]["labels"] = batches[0]["labels"].float()
+    batches[1]["labels"] = batches[1]["labels"].float() + 0.5
+    with pytest.raises(ValueError, match="must be class ids, got fractional values"):
+        importance(model, batches, cuda_graph=True, progress=False)
+
+
 def test_cuda_graph_is_an_error_for_michel_and_on_the_cpu(tiny_bert, tiny_batches):
     model = patch(tiny_bert(num_labels=NUM_LABELS))
     batches = tiny_batches(num_labels=NUM_LABELS)

@@ -155,14 +155,19 @@ def per_example_loss(logits: Tensor, labels: Tensor, num_labels: int) -> Tensor:
                          f"got {tuple(labels.shape)}")
     if num_labels == 1:
         return F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction="none")
-    # float class ids are taken when whole (a check only they pay for: it reads the values,
-    # which a CUDA graph capture cannot)
-    if (labels.is_floating_point() and not _capturing(labels)
+    if not _capturing(labels):  # (a capture cannot read values: its replays check instead)
+        check_class_ids(labels, num_labels)
+    return F.cross_entropy(logits.float(), labels.long(), reduction="none")
+
+
+def check_class_ids(labels: Tensor, num_labels: int) -> None:
+    """Float class ids are taken when whole (a check only they pay for: it reads the values);
+    ValueError for fractional ones. A regression model's (num_labels == 1) are not checked."""
+    if (num_labels != 1 and labels.is_floating_point()
             and not torch.equal(labels, labels.round())):
         raise ValueError(f"importance: 'labels' of a {num_labels}-class model must be class "
                          f"ids, got fractional values (soft or multi-label targets are not "
                          f"supported)")
-    return F.cross_entropy(logits.float(), labels.long(), reduction="none")
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from sparsebert.graph_capture import capture
 from sparsebert.hf.attention_backend import padding_masks_as_views
-from sparsebert.pruning.importance import BatchScorer, GateGrads, ScoreSums
+from sparsebert.pruning.importance import BatchScorer, GateGrads, ScoreSums, check_class_ids
 
 
 @dataclass
@@ -87,6 +87,8 @@ class GraphedScorer:
             return grads, leaves
         if entry is None:
             entry = self.graphs[key] = self._capture(inputs, labels)
+        else:  # (the capture checked its own batch's; a replay computes with .long() ids)
+            check_class_ids(labels, self.scorer.num_labels)
         for name, value in inputs.items():
             if isinstance(value, Tensor):
                 entry.inputs[name].copy_(value, non_blocking=True)
