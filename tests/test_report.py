@@ -733,7 +733,8 @@ def test_seeds_of_different_settings_are_not_averaged(tmp_path: Path):
     write_run(tmp_path / "a", "MRPC", 1, 0, config=config(1))
     write_run(tmp_path / "a", "MRPC", 2, 1, config=config(2, threads=4))
     assert "MRPC" in collect(tmp_path / "a")
-    for name, value in (("max_train_examples", 1000), ("lr", 2e-5)):
+    # (grad_accum is recorded only away from its default, 1: seed 1's has none)
+    for name, value in (("max_train_examples", 1000), ("lr", 2e-5), ("grad_accum", 2)):
         root = tmp_path / name
         write_run(root, "MRPC", 1, 0, config=config(1))
         write_run(root, "MRPC", 2, 1, config=config(2, **{name: value}))

@@ -17,6 +17,7 @@ from sparsebert.flags import add_dataclass_arguments, dataclass_to_argv, overrid
 from sparsebert.glue.tasks import GlueError
 from sparsebert.hf.loading import ModelLoadError, load_model
 from sparsebert.train import PRESETS, TrainConfig, TrainError, evaluate, finetune
+from sparsebert.train.config import use_cuda_graphs
 
 
 def _config(tiny_model_dir, synthetic_glue, **kw) -> TrainConfig:
@@ -110,6 +111,56 @@ def test_gradients_the_given_model_holds_are_not_trained_on(tiny_model_dir, synt
         finetune(config, tmp_path / name, model=model, tokenizer=tokenizer, progress=False)
         runs.append(_weights(tmp_path / name))
     assert _same_weights(*runs)
+
+
+def _without_dropout(tiny_model_dir):
+    model, tokenizer = load_model(tiny_model_dir, 2, seed=0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model, tokenizer
+
+
+def test_gradient_accumulation_is_the_batch_update(tiny_model_dir, synthetic_glue, tmp_path):
+    """--grad-accum 3 runs each batch of 16 as micro-batches of 6, 5 and 5 (the last batch's
+    too): without dropout the weights, losses and scores are those of whole batches, up to
+    rounding; a run of other --grad-accum is another run, and a whole-batch run records no
+    grad_accum (as runs did before it existed)."""
+    runs = {}
+    for accum in (1, 3):
+        config = _config(tiny_model_dir, synthetic_glue, epochs=1, grad_accum=accum)
+        model, tokenizer = _without_dropout(tiny_model_dir)
+        runs[accum] = finetune(config, tmp_path / f"accum{accum}", model=model,
+                               tokenizer=tokenizer, progress=False)
+    whole, split = (_weights(tmp_path / f"accum{a}") for a in (1, 3))
+    assert not _same_weights(whole, split)  # really computed another way
+    for name, value in whole.items():
+        torch.testing.assert_close(split[name], value, atol=1e-5, rtol=1e-4, msg=name)
+    assert runs[1].step == runs[3].step
+    assert runs[3].score == pytest.approx(runs[1].score, abs=1e-6)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / f"accum{a}" / "metrics.jsonl")
+               .read_text().splitlines() if "loss" in json.loads(line)] for a in (1, 3)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    saved = {a: json.loads((tmp_path / f"accum{a}" / "config.json").read_text()) for a in (1, 3)}
+    assert "grad_accum" not in saved[1] and saved[3]["grad_accum"] == 3
+    config = _config(tiny_model_dir, synthetic_glue, epochs=1)
+    with pytest.raises(TrainError, match=r"'grad_accum': \(3, 1\)"):
+        finetune(config, tmp_path / "accum3", progress=False)
+    with pytest.raises(TrainError, match=r"'grad_accum': \(1, 2\)"):
+        finetune(_config(tiny_model_dir, synthetic_glue, epochs=1, grad_accum=2),
+                 tmp_path / "accum1", progress=False)
+
+
+def test_gradient_accumulation_settings():
+    assert TrainConfig().to_json().get("grad_accum") is None
+    assert TrainConfig.from_json(TrainConfig(grad_accum=4).to_json()).grad_accum == 4
+    assert TrainConfig.from_json(TrainConfig().to_json()).grad_accum == 1
+    with pytest.raises(TrainError, match=re.escape("--grad-accum 33: expected at most "
+                                                   "--batch-size (32) micro-batches")):
+        TrainConfig(grad_accum=33).resolved()
+    with pytest.raises(TrainError, match=re.escape("--cuda-graphs on: not with --grad-accum 2")):
+        use_cuda_graphs(TrainConfig(grad_accum=2, cuda_graphs="on"), torch.device("cuda"))
+    assert not use_cuda_graphs(TrainConfig(grad_accum=2), torch.device("cuda"))
 
 
 def test_resume_after_interruption(tiny_model_dir, synthetic_glue, tmp_path):
@@ -480,6 +531,7 @@ def test_config_values_at_their_bounds_are_accepted():
     ({"lr": "2e-5"}, "--lr '2e-5': expected a finite number > 0"),  # was a ValueError
     ({"grad_clip": float("nan")}, "--grad-clip nan: expected a finite number >= 0"),
     ({"epochs": 0}, "--epochs 0: expected an integer >= 1"),
+    ({"grad_accum": 0}, "--grad-accum 0: expected an integer >= 1"),
     ({"epochs": True}, "--epochs True: expected an integer >= 1"),
     ({"epochs": 1.5}, "--epochs 1.5: expected an integer >= 1"),
     ({"eval_batch_size": 0}, "--eval-batch-size 0: expected an integer >= 1"),

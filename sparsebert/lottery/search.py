@@ -45,6 +45,8 @@ from sparsebert.precision import resolve as resolve_precision
 from sparsebert.train.config import (
     RUNTIME_FIELDS,
     TrainConfig,
+    compared_settings,
+    recorded,
     resolve_device,
     same_setting,
     use_cuda_graphs,
@@ -113,8 +115,11 @@ def check_search_dir(out: Path, search: SearchConfig, train: TrainConfig,
         theirs = SearchConfig.from_json(saved["search"]).identity()
         search_diff = {k: (theirs.get(k), v) for k, v in search.identity().items()
                        if theirs.get(k) != v}
-        train_diff = {k: (saved["train"].get(k), v) for k, v in mine["train"].items()
-                      if k not in RUNTIME_FIELDS and not same_setting(k, saved["train"].get(k), v)}
+        theirs_train = saved["train"]
+        train_diff = {k: (recorded(theirs_train, k), recorded(mine["train"], k))
+                      for k in compared_settings(theirs_train, mine["train"])
+                      if k not in RUNTIME_FIELDS
+                      and not same_setting(k, theirs_train.get(k), mine["train"].get(k))}
         affected = [m for m in methods_affected(search_diff)
                     if m in search.methods() or (out / m).exists()]
         if train_diff or not set(affected) <= set(redo):

@@ -34,7 +34,7 @@ from sparsebert.report.summaries import (  # noqa: F401 (re-exported)
     load_summary,
     scores_of,
 )
-from sparsebert.train.config import RUNTIME_FIELDS
+from sparsebert.train.config import NEW_FIELDS, RUNTIME_FIELDS, recorded
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -150,9 +150,14 @@ def _check_consistent(task: str, runs: list[RunSummary]) -> None:
             a_config, b_config = first.config.get(section), run.config.get(section)
             if a_config is None or b_config is None:
                 continue  # a summary written before it recorded its config
-            # (settings only one of them records: added by a later version, not compared)
-            for name in sorted((set(a_config) & set(b_config)) - ignored):
-                a, b = a_config.get(name), b_config.get(name)
+            # (settings only one of them records: added by a later version, not compared;
+            # except training settings recorded only away from their default, NEW_FIELDS)
+            names = set(a_config) & set(b_config)
+            if section == "train":
+                names |= (set(a_config) | set(b_config)) & set(NEW_FIELDS)
+            for name in sorted(names - ignored):
+                a, b = ((recorded(a_config, name), recorded(b_config, name))
+                        if section == "train" else (a_config.get(name), b_config.get(name)))
                 if a != b:
                     raise ReportError(
                         f"task {task}: field 'config.{section}.{name}' is {a!r} in "

@@ -53,10 +53,29 @@ def same_setting(name: str, saved: Any, requested: Any) -> bool:
     """Whether a run's recorded training setting is the requested one. A model is the same when
     both name the same folder from here, however written: a relative path (which versions
     before real paths were recorded kept as typed), ~, a link, a trailing slash."""
+    if name in NEW_FIELDS:  # left out of a record at its default
+        saved = NEW_FIELDS[name] if saved is None else saved
+        requested = NEW_FIELDS[name] if requested is None else requested
     if saved == requested:
         return True
     return (name == "model" and isinstance(saved, str) and isinstance(requested, str)
             and bool(_model_forms(saved) & _model_forms(requested)))
+
+
+# Fields added after runs were recorded, with the default that runs without them had: left out
+# of to_json() at that default, so that earlier runs, searches and sweeps keep their identity.
+NEW_FIELDS: dict[str, Any] = {"grad_accum": 1}
+
+
+def compared_settings(saved: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """The training settings to compare between a record and a request (both to_json()): the
+    requested ones and any NEW_FIELDS the record holds (a non-default one it has)."""
+    return list(requested) + [k for k in NEW_FIELDS if k in saved and k not in requested]
+
+
+def recorded(data: dict[str, Any], name: str) -> Any:
+    """A training setting of a to_json() record, NEW_FIELDS' defaults where left out."""
+    return data.get(name, NEW_FIELDS.get(name))
 
 
 # Seeds feed numpy's default_rng (non-negative) and torch.manual_seed (at most 2**64 - 1).
@@ -91,7 +110,10 @@ class TrainConfig:
                         "default model, else paper); sets lr when --lr is not given", "auto")
     lr: float | None = _help("peak learning rate (default: from the preset)", None)
     epochs: int = _help("training epochs", 3)
-    batch_size: int = _help("training batch size", 32)
+    batch_size: int = _help("training batch size (examples per optimizer step)", 32)
+    grad_accum: int = _help("gradient accumulation: run each batch as N micro-batches whose "
+                            "gradients add up before the optimizer step (less memory; the same "
+                            "update up to rounding and dropout draws; no CUDA graphs)", 1)
     max_length: int = _help("max tokens per example (pairs truncated longest-first)", 128)
     seed: int = _help("seed of data order, subset, classifier init and dropout", 42)
     warmup_steps: int = _help("linear warmup steps", 0)
@@ -144,7 +166,8 @@ class TrainConfig:
         def flag(name: str) -> str:
             return "--" + name.replace("_", "-")
 
-        at_least = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "log_every": 1,
+        at_least = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "eval_batch_size": 1,
+                    "log_every": 1,
                     "max_length": MIN_MAX_LENGTH, "warmup_steps": 0, "checkpoint_every": 0,
                     "threads": 1, "stop_after_steps": 1, "max_train_examples": 1}
         for name, low in at_least.items():
@@ -153,6 +176,9 @@ class TrainConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise TrainError(f"{flag(name)} {value!r}: expected an integer >= {low}")
+        if self.grad_accum > self.batch_size:
+            raise TrainError(f"--grad-accum {self.grad_accum}: expected at most --batch-size "
+                             f"({self.batch_size}) micro-batches per batch")
         if not is_valid_seed(self.seed):
             raise TrainError(f"--seed {self.seed!r}: expected an integer in [0, 2**64 - 1]")
         for name, positive in (("lr", True), ("adam_eps", True), ("weight_decay", False),
@@ -172,7 +198,13 @@ class TrainConfig:
                                  f"{', '.join(choices)}")
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every field, except those added since runs were first recorded while they hold
+        their default (NEW_FIELDS): a run of the defaults is recorded as before them."""
+        data = asdict(self)
+        for name, default in NEW_FIELDS.items():
+            if data[name] == default:
+                del data[name]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrainConfig:
@@ -206,4 +238,9 @@ def use_cuda_graphs(config: TrainConfig, device: torch.device) -> bool:
     """Whether the run captures its training step as CUDA graphs."""
     if config.cuda_graphs == "on" and device.type != "cuda":
         raise TrainError(f"--cuda-graphs on: needs a CUDA device, got --device {device}")
+    if config.grad_accum > 1:  # (a graph captures one forward and backward per step)
+        if config.cuda_graphs == "on":
+            raise TrainError(f"--cuda-graphs on: not with --grad-accum {config.grad_accum} "
+                             "(use --cuda-graphs auto or off)")
+        return False
     return config.cuda_graphs == "on" or (config.cuda_graphs == "auto" and device.type == "cuda")

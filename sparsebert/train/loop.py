@@ -44,6 +44,8 @@ from sparsebert.train.config import (
     RUNTIME_FIELDS,
     TrainConfig,
     TrainError,
+    compared_settings,
+    recorded,
     resolve_device,
     same_setting,
     use_cuda_graphs,
@@ -92,8 +94,8 @@ def check_config(out_dir: Path, config: TrainConfig) -> RunResult | None:
         raise TrainError(f"--out {out_dir}: holds {what}, not a fine-tuning run; use another "
                          f"--out (to fine-tune that model, pass it as --model)")
     mine = config.to_json()
-    diff = {k: (saved.get(k), mine[k]) for k in mine
-            if k not in RUNTIME_FIELDS and not same_setting(k, saved.get(k), mine[k])}
+    diff = {k: (recorded(saved, k), recorded(mine, k)) for k in compared_settings(saved, mine)
+            if k not in RUNTIME_FIELDS and not same_setting(k, saved.get(k), mine.get(k))}
     if diff:
         raise TrainError(f"{out_dir} holds a run with a different config ({diff}, as "
                          f"saved vs requested); use another --out or delete that directory")
@@ -281,11 +283,13 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
         order = batching.train_batches(train.lengths, config.batch_size, config.seed, epoch,
                                        bucket=config.bucket)
         for indices in order[first:]:
-            batch = batching.collate(train, indices, config.padding, pad_multiple)
-            batch.pop("index")
-            if pin:
-                batch = {k: v.pin_memory() for k, v in batch.items()}
-            loss = train_step(batch)  # forward, backward, clip, optimizer step
+            micro = []  # the batch, or its micro-batches (--grad-accum)
+            for part in _micro_batches(indices, config.grad_accum):
+                batch = batching.collate(train, part, config.padding, pad_multiple)
+                batch.pop("index")
+                micro.append({k: v.pin_memory() for k, v in batch.items()} if pin else batch)
+            # forward(s), backward(s), clip, optimizer step
+            loss = train_step(micro if len(micro) > 1 else micro[0])
             scheduler.step()
             step += 1
             # On the GPU the loss stays there until logged: no host sync per step.
@@ -327,8 +331,9 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
     # Step 5: final model (masks included), results.json, drop the checkpoints.
     save_run_model(out_dir, model, tokenizer, masks)
     efficiency = batching.padding_stats(
-        train, batching.train_batches(train.lengths, config.batch_size, config.seed, 0,
-                                      config.bucket), config.padding,
+        train, [part for b in batching.train_batches(train.lengths, config.batch_size,
+                                                     config.seed, 0, config.bucket)
+                for part in _micro_batches(b, config.grad_accum)], config.padding,
         pad_multiple)["efficiency"]  # as trained (CUDA graphs pad widths to a multiple)
     first_split = task.dev_splits[0]
     result = RunResult(
@@ -346,6 +351,14 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
     result.save(out_dir)
     remove_checkpoints(out_dir)
     return result
+
+
+def _micro_batches(indices: np.ndarray, count: int) -> list[np.ndarray]:
+    """A batch's indices (B,) as `count` micro-batches of near-equal size, in order (fewer
+    when B < count: none is empty)."""
+    if count == 1:
+        return [indices]
+    return [part for part in np.array_split(indices, count) if len(part)]
 
 
 def _run_precision(config: TrainConfig, device: torch.device, state: dict | None) -> str:

@@ -151,22 +151,50 @@ def _forward_backward_step(model: torch.nn.Module, optimizer: torch.optim.Optimi
     return loss.detach()
 
 
+def _accumulated_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      settings: StepSettings, batches: list[Batch]) -> torch.Tensor:
+    """One batch's step run as micro-batches (gradient accumulation): each micro-batch's mean
+    loss, weighted by its share of the batch's examples, goes backward in turn, so that the
+    gradients add up to those of the batch's mean loss; then clip and optimizer.step().
+    Returns the detached batch mean loss."""
+    sizes = [next(iter(batch.values())).shape[0] for batch in batches]
+    total = sum(sizes)
+    losses = []
+    for batch, size in zip(batches, sizes, strict=True):
+        with settings.autocast():
+            loss = model(**batch).loss * (size / total)
+        loss.backward()
+        losses.append(loss.detach())
+    if settings.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(_trainable(model), settings.grad_clip)
+    optimizer.step()
+    return torch.stack(losses).sum()
+
+
 def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
 class EagerStep:
-    """The plain training step; batches are moved to the model's device."""
+    """The plain training step; batches are moved to the model's device. A list of batches is
+    one batch's micro-batches (gradient accumulation: one optimizer step for all of them)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  settings: StepSettings, device: torch.device) -> None:
         self.model, self.optimizer, self.settings, self.device = model, optimizer, settings, device
 
-    def __call__(self, batch: Batch) -> torch.Tensor:
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        loss = _forward_backward_step(self.model, self.optimizer, self.settings, batch)
+    def __call__(self, batch: Batch | list[Batch]) -> torch.Tensor:
+        if isinstance(batch, list):
+            micro = [self._moved(b) for b in batch]
+            loss = _accumulated_step(self.model, self.optimizer, self.settings, micro)
+        else:
+            loss = _forward_backward_step(self.model, self.optimizer, self.settings,
+                                          self._moved(batch))
         self.optimizer.zero_grad(set_to_none=True)
         return loss
+
+    def _moved(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
 
 @dataclass
