@@ -19,7 +19,6 @@
 #include <torch/library.h>
 
 #include <initializer_list>
-#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -91,9 +90,9 @@ class BackwardNotDifferentiable
 // importance pass: frozen weights over embeddings that need none). The output is the gate times
 // the head's attention, out[b, s, h] = gate[b, h] ctx[b, s, h], so
 //   d_gate[b, h] = sum_{s, d} dout . ctx = sum_{s, d} dout . out / gate[b, h]
-// where the gate is nonzero; where it is 0 the kernels wrote out = 0, and dividing by infinity
-// there gives the 0 every kernel's backward gives. Five tensor ops (product, sum, compare,
-// fill, divide), in fp32, instead of the attention backward. fp32 and bf16 only: fp16's output
+// where the gate is nonzero; where it is 0 the result is the 0 every kernel's backward gives
+// (selected, not divided: dout * out is NaN there for an infinite dout). Five tensor ops
+// (product, sum, compare, divide, select), in fp32, instead of the attention backward. fp32 and bf16 only: fp16's output
 // loses digits for a small soft gate (gate x |v| in its subnormal range), which the division
 // cannot restore; fp16 (and fp64) keep the kernels' backward, which sums P * (dout V^T).
 bool gate_grad_only_applies(const at::Tensor& out) {
@@ -105,7 +104,8 @@ at::Tensor gate_grad_from_output(const at::Tensor& dout, const at::Tensor& out,
                                  const at::Tensor& head_gate) {
   const at::Tensor per_head = (dout.to(at::kFloat) * out.to(at::kFloat)).sum({1, 3});
   const at::Tensor gate = head_gate.to(at::kFloat);
-  return per_head.div(gate.masked_fill(gate == 0, std::numeric_limits<float>::infinity()));
+  // exactly 0 where the gate is 0, also for a non-finite dout there (0 * inf is NaN)
+  return at::where(gate != 0, per_head.div(gate), at::zeros({}, per_head.options()));
 }
 
 class MaskedAttentionFunction : public torch::autograd::Function<MaskedAttentionFunction> {

@@ -146,14 +146,10 @@ def reject_fully_padded_rows(key_padding_mask: Tensor, q: Tensor) -> None:
     with their own message)."""
     if key_padding_mask.dtype != torch.bool or key_padding_mask.dim() != 2:
         return
-    if _under_vmap():
-        return
+    if torch.compiler.is_compiling() or _under_vmap():  # (first: Dynamo cannot trace the
+        return  # functorch stack _under_vmap reads)
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    if (
-        not capturing
-        and not torch.compiler.is_compiling()
-        and not bool(key_padding_mask.any(1).all())
-    ):
+    if not capturing and not bool(key_padding_mask.any(1).all()):
         raise ValueError(
             "masked_attention: 'key_padding_mask' has a fully padded row (no True); every row "
             "needs at least one real token"

@@ -9,7 +9,6 @@ checks with their messages are in sparsebert.op_checks.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -137,11 +136,11 @@ GATE_GRAD_FROM_OUTPUT_DTYPES = (torch.float32, torch.bfloat16)
 
 def _gate_grad_from_output(dout: Tensor, out: Tensor, head_gate: Tensor) -> Tensor:
     """d_head_gate (B, H), fp32, from out = gate * ctx per head: sum_{s, d} dout * out / gate
-    where the gate is nonzero; where it is 0 the output is 0 and the division by infinity gives
-    0 (as the kernels' backward). dout, out: (B, Sq, H, D); head_gate: (H,) or (B, H)."""
+    where the gate is nonzero, and exactly 0 where it is 0 (as the kernels' backward, also for
+    a non-finite dout there). dout, out: (B, Sq, H, D); head_gate: (H,) or (B, H)."""
     per_head = (dout.float() * out.float()).sum((1, 3))  # (B, H)
     gate = head_gate.float()  # (H,) broadcast over the batch, or (B, H)
-    return per_head / gate.masked_fill(gate == 0, math.inf)
+    return torch.where(gate != 0, per_head / gate, 0.0)
 
 
 def _masked_attention_backward(ctx, grad_out, grad_lse):

@@ -88,6 +88,21 @@ def test_gate_only_backward_reads_the_gradient_off_the_output(dtype, gate_shape,
     torch.testing.assert_close(got, full, **tol)
 
 
+@pytest.mark.all_devices
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_only_backward_is_zero_at_a_pruned_head_for_any_dout(dtype, device):
+    """An infinite or NaN dout at a pruned head (gate 0, output 0) gives its gate exactly the 0
+    of the full backward, not NaN (0 * inf); the other heads' gradients are unchanged."""
+    q, k, v, gate, mask, dout = make_inputs(dtype, "H", device=device)
+    finite = gate_grad(q, k, v, gate, mask, dout)
+    for bad in (float("inf"), float("nan")):
+        broken = dout.clone()
+        broken[:, :, 1] = bad  # head 1's gate is 0
+        got = gate_grad(q, k, v, gate, mask, broken)
+        assert got[1] == 0
+        torch.testing.assert_close(got, finite)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 def test_other_dtypes_keep_the_attention_backward(dtype):
     """fp16 (a small soft gate's output loses digits in its subnormal range) and fp64 keep the
@@ -166,6 +181,11 @@ for gate in (torch.tensor([0.0, 1.0, 0.5]), torch.tensor([[0.0, 1.0, 0.5], [2.0,
     want, = torch.autograd.grad((out * dout.double()).sum(), g64)
     want = torch.where(gate == 0, 0.0, want)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    broken = dout.clone()
+    broken[..., 0, :] = float("inf")  # head 0's gate is 0 in both gates' first row
+    leaf = gate.clone().requires_grad_()
+    got, = torch.autograd.grad((ops.masked_attention(q, k, v, leaf, mask) * broken).sum(), leaf)
+    assert (got[..., 0] == 0).all() if gate.dim() == 1 else got[0, 0] == 0, got
 print("ok")
 """
 

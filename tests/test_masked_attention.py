@@ -592,10 +592,54 @@ def test_torch_compile_fullgraph_matches_eager(exact):
     assert (got[1][1] != 0) == exact  # the pruned head's gate gradient
 
 
+def test_torch_compile_fullgraph_off_the_cpu_with_a_mask():
+    """Off the CPU the wrapper checks for fully padded rows (meta tensors stand in for CUDA
+    ones): a compiled call with a mask traces whole, the check skipped while compiling (it
+    read the functorch stack first, which Dynamo cannot trace)."""
+    q = torch.randn(2, 7, HEADS, 8, device="meta")
+    mask = torch.ones(2, 7, dtype=torch.bool, device="meta")
+    gate = torch.ones(HEADS, device="meta")
+    for heads, op in ((HEADS, lambda q, m: ops.masked_attention(q, q, q, gate, m)),
+                      (2, lambda q, m: ops.masked_attention_compact(  # the kept heads only
+                          q, q, q, gate, torch.arange(2, device="meta"), m))):
+        out = torch.compile(op, backend="aot_eager", fullgraph=True)(q, mask)
+        assert out.shape == (2, 7, heads, 8) and out.device.type == "meta"
+
+
+def test_non_finite_scores_of_real_keys_turn_rows_nan_as_softmax(assert_native):
+    """A NaN or infinite score on a real key makes its rows NaN, as softmax (and the
+    reference) do, with a padding mask too (it was clamped into a finite, wrong output); a
+    NaN on a padded key changes nothing."""
+    assert_native("masked_attention", "cpu")
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = make_qkv(2, 6, HEADS, 8, torch.float32, "cpu", gen, "contiguous")
+    gate = torch.ones(HEADS)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    k[0, 2, 0, 0] = float("nan")  # a real key of batch 0, head 0
+    q[1, 3, 1, 0] = float("inf")  # a query of batch 1, head 1
+    k[1, 5, 2, :] = float("nan")  # a padded key of batch 1, head 2
+    for padding in (mask, None):
+        got = ops.masked_attention(q, k, v, gate, padding)
+        want, _ = masked_attention_ref(q, k, v, gate, padding, 8**-0.5)
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-5, atol=1e-6)
+        assert got[0, :, 0].isnan().all() and got[1, 3, 1].isnan().all()
+    assert not got[0, :, 1:].isnan().any()
+    clean = ops.masked_attention(q, k, v, gate, mask)[1, :, 2]
+    assert not clean.isnan().any()  # the padded key's NaN stays out
+
+
 FALLBACK_SCRIPT = """
 import torch
 from sparsebert import ops
 assert not ops.NATIVE_AUTOGRAD
+full = torch.ones(2, 5, dtype=torch.bool)
+for check in (True, False):  # the wrapper's padding-row check, skipped while compiling
+    f = torch.compile(lambda q, m: ops.masked_attention(q, q, q, torch.ones(3), m,
+                                                        check_padding_rows=check),
+                      backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 5, 3, 4)
+    torch.testing.assert_close(f(x, full), ops.masked_attention(x, x, x, torch.ones(3), full))
 q, k, v = (torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
 gate = torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64, requires_grad=True)
 mask = torch.ones(2, 5, dtype=torch.bool)

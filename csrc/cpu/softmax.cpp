@@ -53,7 +53,7 @@ inline T row_max(const T* s, int64_t cols, const T* keep, T scale) {
   return m;
 }
 
-// p = keep * exp(scale * s - shift) in place; returns the sum of p.
+// p = keep ? exp(scale * s - shift) : 0 in place; returns the sum of p.
 template <typename T>
 inline T exp_shifted(T* s, int64_t cols, const T* keep, T scale, T shift) {
   T sum = 0;
@@ -67,8 +67,10 @@ inline T exp_shifted(T* s, int64_t cols, const T* keep, T scale, T shift) {
   } else {
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < cols; ++j) {
+      // A kept key has x <= 0, or NaN (a NaN or +inf score), which stays NaN: the row turns
+      // NaN, as softmax's does. A masked key's x may be anything: clamped and never used.
       const T x = s[j] * scale - shift;
-      const T p = keep[j] * exp_nonpositive(x < T(0) ? x : T(0));
+      const T p = keep[j] != T(0) ? exp_nonpositive(x > T(0) ? T(0) : x) : T(0);
       s[j] = p;
       sum += p;
     }
