@@ -140,14 +140,16 @@ def _under_vmap() -> bool:
 
 
 def reject_fully_padded_rows(key_padding_mask: Tensor, q: Tensor) -> None:
-    """Reject a fully padded row of key_padding_mask (reads the mask: a device sync on CUDA;
-    skipped under CUDA graph capture, torch.compile and torch.func.vmap, where values cannot
-    be read, and for malformed masks, which the shape/dtype checks reject
-    with their own message)."""
+    """Reject a fully padded row of key_padding_mask (reads the mask: a device sync on CUDA).
+    Skipped where values cannot be read (CUDA graph capture, torch.compile, torch.func.vmap,
+    the meta device) and for malformed masks, which the shape/dtype checks reject with their
+    own message."""
     if key_padding_mask.dtype != torch.bool or key_padding_mask.dim() != 2:
         return
     if torch.compiler.is_compiling() or _under_vmap():  # (first: Dynamo cannot trace the
         return  # functorch stack _under_vmap reads)
+    if key_padding_mask.device.type == "meta":  # shapes only: no values to read
+        return
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
     if not capturing and not bool(key_padding_mask.any(1).all()):
         raise ValueError(
