@@ -243,6 +243,10 @@ PROBES = {  # name: (extra args (tmp_path -> list), expected text in the one err
                          "summary.json is damaged (expected a JSON object"),
     "run-summary-methods-a-list": (lambda tmp: ["--run", _run_with_json(
         tmp, "summary.json", '{"kind": "sparsebert-search", "methods": []}')], "no masks found"),
+    "run-of-an-unmasked-model": (lambda tmp: ["--run", _run_with_json(
+        tmp, "masks.json", '{"patched": false, "pruned": false}')],
+        "masks.json holds no head mask (a run of an unpatched model, unmasked or with weight "
+        "masks only): nothing to time but the full model"),
 }
 
 

@@ -256,6 +256,10 @@ def masks_from_run(path: str, shape: dict[str, int]) -> list[MaskSet]:
                 masks.notes.append("FFN neuron masks are not stored in masks.json: all neurons "
                                    "of kept MLPs counted as kept")
             return [masks]
+        raise SpeedError(f"--run {path}: its masks.json holds no head mask (a run of an "
+                         "unpatched model, unmasked or with weight masks only): nothing to time "
+                         "but the full model; pass a search directory or a run of a head-masked "
+                         "model")
     tasks = sorted({p.parent.parent.parent.name
                     for p in root.glob("*/seed_*/structured/masks")}
                    | {p.parent.parent.name for p in root.glob("*/seed_*/summary.json")})
