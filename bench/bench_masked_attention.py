@@ -17,7 +17,9 @@ Providers (all compute gated multi-head attention over (B, S, H, D) inputs):
 The SDPA backend torch picked (cuDNN, flash, memory-efficient, math) is named in the table title.
 Columns: "vs SDPA" (all heads, same shape), and "vs its kernel, all heads": each row against the
 same kernel with every head kept (sparsebert_compact against sparsebert, the mma.sync forward
-it runs), which is what "pruning k of H heads costs k/H" reads from.
+it runs), which is what "pruning k of H heads costs k/H" reads from. Each provider's output is
+checked against the reference before it is timed (a mismatch stops the run). Providers are
+timed one after another, not interleaved: their ratios are of medians of separate runs.
 
 Script:  python bench/bench_masked_attention.py [--device cpu|cuda] [--dtype ...]
          prints a table and writes bench/results/masked_attention-<device>.{json,md}
@@ -137,9 +139,40 @@ def provider_fn(name, q, k, v, gate):
     raise ValueError(name)
 
 
+# Largest |difference| from the fp32 reference a provider's output may show before timing
+# (fp32 on CUDA: the 3xTF32 kernels; fp16/bf16: their rounding of inputs and outputs).
+OUTPUT_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
+HALF_TOLERANCE = 5e-2
+
+
+def check_output(name, fn, q, k, v, gate) -> None:
+    """The provider's forward output equals the fp32 reference's (sdpa: with every head kept, as
+    it ignores the gate; sparsebert_compact: the kept heads' slice), else ValueError: a row of
+    the table times only what computes the same attention."""
+    with torch.no_grad():
+        if name in KERNEL_CHOICE:
+            with kernel_switch(KERNEL_CHOICE[name]):
+                got = fn()
+        else:
+            got = fn()
+        used = torch.ones_like(gate) if name == "sdpa" else gate
+        want = masked_attention_ref(q.float(), k.float(), v.float(), used.float(), None,
+                                    q.shape[-1] ** -0.5)[0]  # (B, S, H, D)
+    if name in ("sdpa", "sdpa_gate"):
+        got = got.transpose(1, 2)  # (B, H, S, D) -> (B, S, H, D)
+    if name == "sparsebert_compact":
+        want = want[:, :, gate.detach().nonzero().squeeze(1)]
+    worst = float((got.float() - want).abs().max())
+    if not worst <= OUTPUT_TOLERANCE.get(q.dtype, HALF_TOLERANCE):
+        raise ValueError(f"{name}: output differs from the reference by {worst:.3g} "
+                         f"(B={q.shape[0]}, S={q.shape[1]}, D={q.shape[-1]}, {q.dtype}); not "
+                         "timed")
+
+
 def timed(name, batch, seq, heads, dim, active, dtype, device, backward, timing="eager"):
     fused, q, k, v, gate = make_inputs(batch, seq, heads, dim, active, dtype, device, backward)
     fn = provider_fn(name, q, k, v, gate)
+    check_output(name, fn, q, k, v, gate)
     timer = common.time_call_graph if timing == "graph" else common.time_call
     if name in KERNEL_CHOICE:  # the switch is on for every call it makes
 

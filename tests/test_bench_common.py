@@ -103,3 +103,24 @@ def test_use_device_without_it_is_one_line(common, device):
 
 def test_use_device_cpu(common):
     assert common.use_device("cpu") == torch.device("cpu")
+
+
+def test_masked_attention_benchmark_checks_outputs_before_timing():
+    """bench_masked_attention times only providers whose output is the reference's: each CPU
+    provider passes; a wrong one (another gate) is refused with the difference named."""
+    import sys  # noqa: PLC0415
+
+    sys.path.insert(0, str(COMMON.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "bench_masked_attention", COMMON.parent / "bench_masked_attention.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(COMMON.parent))
+    _, q, k, v, gate = bench.make_inputs(2, 16, 4, 8, 2, torch.float32, "cpu")
+    for name in ("reference", "sdpa", "sdpa_gate", "gather_sdpa", "sparsebert"):
+        bench.check_output(name, bench.provider_fn(name, q, k, v, gate), q, k, v, gate)
+    wrong = bench.provider_fn("sparsebert", q, k, v, 1 - gate)
+    with pytest.raises(ValueError, match="sparsebert: output differs from the reference by"):
+        bench.check_output("sparsebert", wrong, q, k, v, gate)
