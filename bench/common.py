@@ -23,7 +23,11 @@ def environment(device: str) -> dict:
     import sparsebert
 
     build = sparsebert.ops._C.build_info() if sparsebert.ops._C is not None else None
-    sha = runtime.git_sha(Path(__file__).parent)
+    # the code measured: the imported package's checkout (else, for an installed copy, the
+    # benchmark's own); the benchmark's checkout beside it when it is another one
+    bench_sha = runtime.git_sha(Path(__file__).parent)
+    sha = runtime.git_sha() or bench_sha
+    extra = {"bench_git_sha": bench_sha or "unknown"} if sha != bench_sha else {}
     return {
         "device": runtime.device_label(device),
         "device_type": device.split(":")[0],
@@ -31,6 +35,7 @@ def environment(device: str) -> dict:
         "cuda": torch.version.cuda,
         "sparsebert_build": build,
         "git_sha": sha or "unknown",
+        **extra,
         "threads": torch.get_num_threads(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

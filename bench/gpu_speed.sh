@@ -30,7 +30,12 @@ source bench/gpu_common.sh
 check_steps build tests speed-b32-50 speed-b32-75 speed-b128-uniform speed-compile
 gpu_env
 gpu_summary "varlen attention: $(python3 -c "import torch.nn.attention.varlen" 2>/dev/null && echo yes || echo "no (re-padded SDPA)")"
-collect() { tar czf "$out/speed-results.tar.gz" bench/results/speed-*-nvidia-* 2>/dev/null || true; }
+started=$(mktemp)  # the mark of this run's start
+collect() {  # the speed tables this run wrote (newer than its start: a committed table of an
+  # earlier run is left out, so a step that failed here cannot pass off the old one)
+  find bench/results -name 'speed-*-nvidia-*' -newer "$started" -type f -print0 \
+    | tar czf "$out/speed-results.tar.gz" --null -T - 2>/dev/null || true
+}
 
 # Step 0: build the extension for sm_90 in place (this machine holds a copy of the tree).
 if [ "${SPEED_BUILD:-1}" = 1 ]; then

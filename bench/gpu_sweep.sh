@@ -48,6 +48,7 @@
 #   --magnitude-max-steps 2 --subnets good --no-super-survivors" bash bench/gpu_sweep.sh
 set -uo pipefail
 start=$SECONDS
+started=$(mktemp)  # the mark of this run's start (its tables are the files newer than it)
 out=${OUT:-bench/results/gpu-sweep}
 mkdir -p "$out"
 budget=${GPU_SWEEP_BUDGET_S:-540}
@@ -95,7 +96,9 @@ bench_args=(--device "$device" --per-gpu "${GPU_SWEEP_BENCH_K:-8,4,1}" --budget-
 step bench 170 "$out/bench.log" python3 bench/bench_sweep_gpu.py "${bench_args[@]}" ${GPU_SWEEP_BENCH_ARGS:-}
 grep -h "^target" "$out/bench.log" >> "$summary" 2>/dev/null
 rm -rf "$work"/bench-sweep-gpu-*  # left behind when the bench is cut short (models, runs)
-tar czf "$out/bench-results.tar.gz" bench/results/sweep-gpu-* 2>/dev/null || true
+# (only the tables this run wrote: a committed one of an earlier run is left out)
+find bench/results -name 'sweep-gpu-*' -newer "$started" -type f -print0 \
+  | tar czf "$out/bench-results.tar.gz" --null -T - 2>/dev/null || true
 
 # Step 3: the whole study, with what is left of the budget; GPU utilisation sampled each second.
 study=$work/study
