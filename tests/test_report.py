@@ -689,6 +689,25 @@ def test_speed_uses_per_round_ratios_and_counts_each_seed_once(runs: Path, tmp_p
     assert "†" not in section and "Noisy timings" in section
 
 
+def test_timings_of_a_model_with_other_logits_are_left_out(runs: Path, tmp_path: Path):
+    """A speed file whose masked row gave other logits than its reference (it timed another
+    function): that subnetwork's times are not in the table or the figure, and the report
+    names the file; the file's other subnetworks count."""
+    folder = runs / "MRPC" / "seed_1" / "speed"
+    folder.mkdir()
+    result = _speed_result(["good", "bad"], 40.0, [20.0, 10.0], [25.0, 12.0])
+    for row in result["rows"]:
+        row["outputs_match"] = not (row["variant"] == "masked" and row["subnetwork"] == "bad")
+    (folder / "cpu.json").write_text(json.dumps(result))
+    text = Path(report([runs], out_dir=tmp_path / "out")["report"]).read_text()
+    table = [line for line in text.splitlines() if line.startswith("| MRPC |")]
+    assert any(line.startswith("| MRPC | good") for line in table)
+    assert not any(line.startswith("| MRPC | bad") for line in table)
+    assert (f"Left out: timings of a model whose logits differ from its reference beyond "
+            f"rounding (another function, so no speed-up; see the file's notes): "
+            f"`{(folder / 'cpu.json').as_posix()}` (bad).") in text
+
+
 def test_a_setting_timed_again_counts_by_its_latest_file(runs: Path, tmp_path: Path):
     """Two files timing one setting (one from before file names carried the thread count):
     the one written later counts, by its recorded time, else its modification time; the

@@ -4,6 +4,7 @@ and run directories, real GLUE lengths, and bad input (one line, exit 2, no trac
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -70,8 +71,9 @@ def test_speed_masks_from_files_and_runs(tiny_model_dir, synthetic_glue, tmp_pat
     for name, mlp in (("bad", [1.0, 0.0]), ("good", [1.0, 1.0]), ("random", [0.0, 1.0])):
         (search / "structured" / "masks" / f"{name}.json").write_text(
             json.dumps({"head_mask": head_mask.tolist(), "mlp_mask": mlp}))
-    result = _speed(tiny_model_dir, "--run", str(search), "--lengths", "glue:SST-2",
+    result = _speed(tiny_model_dir, "--run", str(search), "--lengths", "glue:sst2",
                     "--glue-dir", synthetic_glue, tmp_path=tmp_path)
+    assert result["args"]["lengths"] == "glue:SST-2"  # one setting, one file name per task
     subnets = [r["subnetwork"] for r in result["rows"] if r["variant"] == "pruned"]
     assert subnets == ["good", "random", "bad"]
     assert result["rows"][0]["variant"] == "hf_eager" and "native_kernels" in result
@@ -304,11 +306,41 @@ def test_speed_fails_when_a_rows_logits_differ(tiny_model_dir, tmp_path, capsys,
                  "--json", str(out)]) == 1
     captured = capsys.readouterr()
     assert "pruned: logits differ from the reference beyond rounding" in captured.err
-    assert "note: pruned: its logits differ from the patched model's" in captured.out
+    assert "note: pruned: its logits differ from its reference's" in captured.out
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["pruned"]["outputs_match"] is False
     assert rows["pruned"]["max_abs_diff"] > rows["pruned"]["tolerance"]
     assert rows["masked"]["outputs_match"] is True and rows["hf_eager"]["outputs_match"] is None
+
+
+def test_small_logits_do_not_widen_the_half_precision_check(tiny_model_dir, tmp_path, capsys,
+                                                             monkeypatch):
+    """bf16 rows may differ by rounding, a quarter of the logits' own scale: a pruned model
+    whose logits are 1.5x the masked model's is caught although they are far below 1 (the
+    tolerance had a floor of 1, a quarter of a logit, which let it pass); every honest row
+    passes, and the full rows are checked against the stock model."""
+    import sparsebert  # noqa: PLC0415
+
+    real_prune = sparsebert.prune
+
+    def wrong_prune(model, *args, **kwargs):
+        model = real_prune(model, *args, **kwargs)
+        with torch.no_grad():
+            model.classifier.weight.mul_(1.5)
+            model.classifier.bias.mul_(1.5)
+        return model
+
+    monkeypatch.setattr(sparsebert, "prune", wrong_prune)
+    out = tmp_path / "speed.json"
+    assert main(["speed", "--model", tiny_model_dir, *FAST, "--prune-heads", "0.5",
+                 "--dtype", "bf16", "--json", str(out)]) == 1
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["pruned"]["outputs_match"] is False
+    assert rows["pruned"]["tolerance"] < 0.25 * 0.5  # the logits' scale, not 1
+    assert all(r["outputs_match"] for name, r in rows.items()
+               if name not in ("pruned", "hf_eager"))
+    assert rows["patched"]["max_abs_diff"] > 0  # against the stock model, not a copy of itself
+    capsys.readouterr()
 
 
 def test_speed_without_masks_says_what_it_times(tiny_model_dir, capsys):
@@ -338,6 +370,15 @@ def test_speed_of_a_search_is_saved_in_it_with_the_runs_model(tiny_model_dir, tm
     # Another thread count is another setting: its own file, the first one kept.
     assert main(["speed", "--run", str(search), *FAST, "--threads", "2"]) == 0
     assert sorted(p.name for p in (search / "speed").glob("*.json")) == [
+        "cpu-t1-fp32-b3-s12-full.json", "cpu-t2-fp32-b3-s12-full.json"]
+    # So are another seed and another --model than the run's (it replaced the run's file).
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_model_dir, other)
+    assert main(["speed", "--run", str(search), *FAST, "--seed", "1"]) == 0
+    assert main(["speed", "--run", str(search), *FAST, "--model", str(other)]) == 0
+    assert main(["speed", "--run", str(search), *FAST, "--model", tiny_model_dir]) == 0
+    assert sorted(p.name for p in (search / "speed").glob("*.json")) == [
+        "cpu-t1-fp32-b3-s12-full-model-other-model.json", "cpu-t1-fp32-b3-s12-full-seed1.json",
         "cpu-t1-fp32-b3-s12-full.json", "cpu-t2-fp32-b3-s12-full.json"]
     for file in (search / "speed").glob("*.json"):
         file.unlink()

@@ -138,7 +138,7 @@ def report(paths: str | os.PathLike | Sequence[str | os.PathLike],
         out_dir = paths[0] if paths[0].is_dir() else paths[0].parent
     out = Path(out_dir)
     speed = collect_speed(results)
-    figures = write_figures(results, out / "figures", speed)
+    figures = write_figures(results, out / "figures", [e for e in speed if not e.mismatch])
     command = _command(paths, out)  # as given: relative paths stay relative
     text = render_markdown(results, figures, out, command, speed)
     report_path = out / "report.md"

@@ -50,6 +50,9 @@ class SpeedEntry:
     patched_ms: float | None = None  # the patched full model's forward (what pruned is timed
     # against; older files lack it)
     replaces: tuple[Path, ...] = ()  # older files timing the same subnetwork and setting
+    # a row it reads (full model, masked, pruned) gave other logits than its reference: it
+    # timed another function, so its times are left out of the tables and the figure
+    mismatch: bool = False
 
     @property
     def masked_speedup(self) -> float:
@@ -155,13 +158,16 @@ def _entries_in(file: Path, data: dict[str, Any], run: RunSummary,
         if dense is None:
             raise ReportError(f"{file}: subnetwork rows but no dense row to compare them with")
         kept = next((r for r in rows if r.get("subnetwork") == name), {})
+        read = [_row(rows, variant, sub) for variant, sub in (
+            ("dense", None), ("patched", None), ("masked", name), ("pruned", name))]
+        mismatch = any(row is not None and row.get("outputs_match") is False for row in read)
         out.append(SpeedEntry(setting, command, run.task, run.seed, subnet,
                               float(kept.get("heads_kept", math.nan)),
                               float(kept.get("ffn_kept", math.nan)), dense, masked, stock,
                               _time(rows, file, "pruned", name), file,
                               masked_paired=_paired(rows, "masked", name, "speedup_vs_dense"),
                               pruned_paired=_paired(rows, "pruned", name, "speedup_vs_patched"),
-                              noisy=noisy, patched_ms=patched))
+                              noisy=noisy, patched_ms=patched, mismatch=mismatch))
     return out
 
 
@@ -229,8 +235,10 @@ def speed_tables(results: Mapping[str, TaskResults], entries: list[SpeedEntry]) 
     runs = {(r.task, r.seed): r for res in results.values() for r in res.runs}
     parts = []
     for setting in dict.fromkeys(e.setting for e in entries):
-        chosen = [e for e in entries if e.setting == setting]
-        commands = sorted({e.command for e in chosen})
+        chosen = [e for e in entries if e.setting == setting and not e.mismatch]
+        wrong = sorted({(e.file.as_posix(), e.subnet) for e in entries
+                        if e.setting == setting and e.mismatch})
+        commands = sorted({e.command for e in entries if e.setting == setting})
         header = ["task", "subnetwork", "seeds", "heads kept", "FFN kept",
                   "dev score, no retraining", "dev score, retrained",
                   "ms per batch, masked (fast path)", "speed-up vs full (fast path)",
@@ -287,6 +295,11 @@ def speed_tables(results: Mapping[str, TaskResults], entries: list[SpeedEntry]) 
             lines.append("Timed more than once (the latest file counts; on a tie the run's "
                          "own): " + "; ".join(f"`{new}` counts, `{old}` left out"
                                              for old, new in replaced) + ".")
+        if wrong:
+            lines.append("Left out: timings of a model whose logits differ from its reference "
+                         "beyond rounding (another function, so no speed-up; see the file's "
+                         "notes): " + ", ".join(f"`{f}` ({subnet})" for f, subnet in wrong)
+                         + ".")
         noisy = sorted({e.file.as_posix() for e in chosen if e.noisy})  # as found: as the
         # command above names its inputs (the same bytes from any working directory)
         if noisy:
