@@ -217,6 +217,48 @@ def test_reports_turned_on_later_are_written(reference, tiny_model_dir, syntheti
         assert not again.done
 
 
+def test_outputs_deleted_or_damaged_by_hand_are_made_again(reference, tiny_model_dir,
+                                                           synthetic_glue, tmp_path):
+    """A done unit whose output is gone (the super-survivors' folder deleted, a pruned score
+    deleted, a summary damaged, a re-fine-tune's results deleted) runs again with what is
+    built on it, and the sweep ends as the uninterrupted one; the run says so."""
+    out = tmp_path / "deleted"
+    shutil.copytree(reference[0], out)
+    shutil.rmtree(out / "SST-2" / "super")
+    (out / "SST-2" / "seed_3" / "structured" / "pruned" / "good.json").unlink()
+    (out / "SST-2" / "seed_4" / "summary.json").write_text("{trunc")
+    (out / "SST-2" / "seed_4" / "magnitude" / "retrained" / "good" / "results.json").unlink()
+    outcome = sweep(out, *_configs(tiny_model_dir, synthetic_glue), progress=False)
+    assert not outcome.failed
+    assert {"super-masks/SST-2", "pruned/SST-2/3/structured/good", "summary/SST-2/3",
+            "summary/SST-2/4", "retrained/SST-2/4/magnitude/good", "super-summary/SST-2",
+            "report"} <= set(outcome.done)
+    assert "full/SST-2/3" not in outcome.done and "search/SST-2/4/magnitude" not in outcome.done
+    assert any("done unit(s) whose output is gone (deleted or damaged) run again" in note
+               for note in outcome.notes)
+    assert _results(out) == _results(reference[0])
+    assert not sweep(out, *_configs(tiny_model_dir, synthetic_glue), progress=False).done
+
+
+def test_seeds_listed_in_another_order_draw_as_the_first_run(reference, tiny_model_dir,
+                                                              synthetic_glue, tmp_path):
+    """The same seeds in another order are the same sweep, and its super-survivors (whose draw
+    follows the seed order) are drawn in the order the sweep recorded: here after its super/
+    folder was lost, a rerun listing the seeds backwards makes what the first run made."""
+    from sparsebert.sweep.driver import _in_saved_order  # noqa: PLC0415
+
+    out = tmp_path / "reordered"
+    shutil.copytree(reference[0], out)
+    shutil.rmtree(out / "SST-2" / "super")
+    backwards = ",".join(reversed(SEEDS.split(",")))
+    outcome = sweep(out, *_configs(tiny_model_dir, synthetic_glue, seeds=backwards),
+                    progress=False)
+    assert "super-masks/SST-2" in outcome.done and not outcome.failed
+    assert _results(out) == _results(reference[0])  # super/summary.json: seeds [3, 4]
+    assert _in_saved_order(out, [9, 4, 3]) == [3, 4, 9]  # added seeds after
+    assert _in_saved_order(tmp_path / "new", [4, 3]) == [4, 3]
+
+
 def test_report_units_without_plotting_say_so(reference, monkeypatch, tmp_path):
     """Where sparsebert.report cannot be imported (no matplotlib), the summary, task-report and
     report units warn and record reports=False, so a later run with reports redoes them."""
@@ -248,8 +290,11 @@ def test_report_units_under_no_reports_leave_no_stale_report(reference, tmp_path
             "task": "SST-2", "seed": None, "method": None, "subnet": None}
     stale = out / "SST-2" / "report.md"
     stale.write_text("# the report over seeds 3 and 4 only\n")
+    (out / "SST-2" / "figures").mkdir(exist_ok=True)
+    (out / "SST-2" / "figures" / "pruning_curves.png").write_bytes(b"old")
     info = run_unit({**base, "id": "task-report/SST-2", "kind": "task-report"})
     assert info["reports"] is False and not stale.exists()
+    assert not (out / "SST-2" / "figures").exists()  # its figures with it
     assert (out / "SST-2" / "seed_3" / "summary.json").is_file()  # the results stay
 
 

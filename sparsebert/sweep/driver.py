@@ -4,6 +4,7 @@ devices and run the units on the chosen backend (sparsebert.sweep.scheduler)."""
 from __future__ import annotations
 
 import copy
+import json
 import multiprocessing
 import os
 import sys
@@ -29,7 +30,7 @@ from sparsebert.sweep.local import (
 )
 from sparsebert.sweep.scheduler import Outcome, Scheduler
 from sparsebert.sweep.state import SweepDir, identity
-from sparsebert.sweep.units import FAIL_ENV
+from sparsebert.sweep.units import FAIL_ENV, output_present
 from sparsebert.train.config import TrainConfig
 from sparsebert.train.evaluate import data_source
 
@@ -156,9 +157,9 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
     train = train.resolved()  # checks the values and fills the preset's lr
     train.glue_dir = data_source(train.glue_dir).get("path")
     subnets = tuple(s for s in SUBNETWORKS if s in search.subnet_list())  # in a fixed order
-    grid = Grid(tuple(config.task_list()), tuple(config.seed_list()), tuple(methods),
-                subnets, search.retrain, config.super_survivors)
     out = Path(out).expanduser().resolve()
+    grid = Grid(tuple(config.task_list()), tuple(_in_saved_order(out, config.seed_list())),
+                tuple(methods), subnets, search.retrain, config.super_survivors)
     check_inputs(grid, train, out)
     units = expand(grid)
     cluster = None
@@ -188,7 +189,15 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
                             "train": train.to_json(), "seeds": list(grid.seeds),
                             "reports": config.reports,
                             "fail_injection": os.environ.get(FAIL_ENV, "")}
-    done = state.drop_stale(units, config.reports)  # e.g. the reports of an extended grid
+    # e.g. the reports of an extended grid, or an output deleted by hand
+    done = state.drop_stale(units, config.reports,
+                            present=lambda unit, marker: output_present(out, unit, marker))
+    if state.missing:
+        shown = ", ".join(state.missing[:5]) + (" ..." if len(state.missing) > 5 else "")
+        notes.append(f"{len(state.missing)} done unit(s) whose output is gone (deleted or "
+                     f"damaged) run again, with what is built on them: {shown}")
+        if progress:
+            tqdm.write(notes[-1], file=sys.stderr)
     status = "interrupted"
     backend = None
     try:
@@ -207,6 +216,19 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
         if backend is not None:
             backend.close()
         state.close(status)
+
+
+def _in_saved_order(out: Path, seeds: list[int]) -> list[int]:
+    """`seeds` in the order the sweep in `out` recorded them, added ones after: the
+    super-survivor draw follows the seed order, so a rerun that lists the same seeds in
+    another order (an accepted, equal grid) draws what the first run would have."""
+    try:
+        saved = json.loads((out / "sweep.json").read_text())["identity"]["grid"]["seeds"]
+    except (OSError, ValueError, KeyError, TypeError):  # a new sweep (or not one: refused
+        return seeds  # when the directory is claimed)
+    if not isinstance(saved, list):
+        return seeds
+    return [s for s in saved if s in seeds] + [s for s in seeds if s not in saved]
 
 
 def _record_settings(out: Path, grid: Grid, search: SearchConfig, train: TrainConfig,

@@ -115,6 +115,7 @@ class SweepDir:
         self.meta = self.out / ".sweep"
         self._lock = None
         self.record: dict[str, Any] = {}
+        self.missing: list[str] = []  # done units whose output drop_stale found gone
 
     @property
     def path(self) -> Path:
@@ -329,19 +330,27 @@ class SweepDir:
                 out[info["id"]] = info  # (else a foreign file too: its unit runs again)
         return out
 
-    def drop_stale(self, units: list, reports: bool = False) -> dict[str, dict[str, Any]]:
+    def drop_stale(self, units: list, reports: bool = False,
+                   present: Callable[[Any, dict[str, Any]], bool] | None = None,
+                   ) -> dict[str, dict[str, Any]]:
         """Forget the markers of units that were done before one of their dependencies was
-        (re)made or added (a forgotten unit, a grid extended with seeds or tasks), and with
-        `reports`, of units done without writing theirs (an earlier --no-reports run): they
-        rerun after it; the sweep's own report unit, which always writes its report, likewise.
-        `units` in the grid's order (dependencies first). Returns done()."""
+        (re)made or added (a forgotten unit, a grid extended with seeds or tasks), with
+        `reports`, of units done without writing theirs (an earlier --no-reports run), and
+        of units whose output is gone (present(unit, marker) False: deleted or damaged by
+        hand): they rerun, with what is built on them; the sweep's own report unit, which
+        always writes its report, likewise. `units` in the grid's order (dependencies first).
+        Returns done()."""
         done = self.done()
+        self.missing = []
         for unit in units:
             if unit.id not in done:
                 continue
             without_report = ((reports or unit.kind == "report")  # the sweep's: always
                               and done[unit.id].get("reports") is False)
-            if without_report or any(d not in done for d in unit.deps):
+            gone = present is not None and not present(unit, done[unit.id])
+            if gone:
+                self.missing.append(unit.id)
+            if without_report or gone or any(d not in done for d in unit.deps):
                 (self.meta / "done" / marker_name(unit.id)).unlink(missing_ok=True)
                 del done[unit.id]
         return done

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import json
 import os
+import shutil
 import socket
 import time
 from collections import OrderedDict
@@ -30,6 +32,7 @@ from sparsebert.lottery.search import Search, write_report
 from sparsebert.lottery.super_survivors import SuperStage
 from sparsebert.train import data_cache
 from sparsebert.train.config import TrainConfig
+from sparsebert.train.rundir import RESULTS_NAME
 
 FAIL_ENV = "SPARSEBERT_SWEEP_FAIL"
 WARM_SEARCHES = 3  # prepared searches kept per worker (model copies + tokenized dev sets)
@@ -151,14 +154,55 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _report(folder: Path, reports: bool) -> bool:
-    """Write `folder`'s report.md (sparsebert.report) when `reports` is on. Off (--no-reports),
-    a report.md already there described the results before this unit ran again (an extended
-    grid, a redo): it is removed rather than left stale. False (no report written) makes a
-    later run with reports on redo the unit."""
+    """Write `folder`'s report.md and figures/ (sparsebert.report) when `reports` is on. Off
+    (--no-reports), a report already there described the results before this unit ran again
+    (an extended grid, a redo): report.md and figures/ are removed rather than left stale.
+    False (no report written) makes a later run with reports on redo the unit."""
     if reports:
         return write_report(folder)
     (folder / "report.md").unlink(missing_ok=True)
+    shutil.rmtree(folder / "figures", ignore_errors=True)
     return False
+
+
+def output_present(out: Path, unit, marker: dict[str, Any]) -> bool:
+    """Whether what `unit` wrote is still in the sweep directory `out` (its done `marker`
+    stands for it: a folder deleted or a summary damaged by hand is made again, with what is
+    built on it). The report units' report.md counts where the marker says one was written."""
+    seed = out / str(unit.task) / f"seed_{unit.seed}"
+    sup = out / str(unit.task) / "super"
+    files = {
+        "search": seed / str(unit.method) / "search.json",
+        "pruned": seed / str(unit.method) / "pruned" / f"{unit.subnet}.json",
+        "super-masks": sup / "masks.json",
+        "super-pruned": sup / "pruned" / str(unit.subnet) / f"seed_{unit.seed}.json",
+    }
+    runs = {
+        "full": seed / "full",
+        "retrained": seed / str(unit.method) / "retrained" / str(unit.subnet),
+        "super-retrained": sup / "retrained" / str(unit.subnet) / f"seed_{unit.seed}",
+    }
+    summaries = {"summary": seed / "summary.json", "super-summary": sup / "summary.json"}
+    reports = {"summary": seed, "task-report": out / str(unit.task), "report": out}
+    if unit.kind in files:
+        return files[unit.kind].is_file()
+    if unit.kind in runs:  # a finished run (its results.json, as the stage itself checks)
+        results = _json_object(runs[unit.kind] / RESULTS_NAME)
+        return results is not None and results.get("status") == "finished"
+    if unit.kind in summaries and _json_object(summaries[unit.kind]) is None:
+        return False
+    if unit.kind in reports and marker.get("reports") is True:
+        return (reports[unit.kind] / "report.md").is_file()
+    return True
+
+
+def _json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object `path` holds; None when it is missing, damaged or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def unit_spec(unit, base: dict[str, Any], attempt: int, device: str, threads: int
