@@ -272,15 +272,16 @@ def test_load_with_attn_implementation(tiny_config, tiny_dims, tiny_batch):
     torch.testing.assert_close(model(**batch).last_hidden_state, want, atol=1e-5, rtol=1e-5)
 
 
-def test_cached_decoding_equals_sdpa(tiny_config, tiny_dims, tiny_batch, spies):
-    """Prefill (causal: SDPA over active heads), then one token at a time with a KV cache
-    (Sq = 1, no mask: the op, key/value heads repeated for their query heads)."""
+def _assert_gated_decoding_matches(name: str, lm_class, tiny_config, tiny_dims,
+                                   tiny_batch) -> None:
+    """Family `name`'s causal LM on the backend with GATES: a 6-token prefill, then 3 tokens
+    one at a time with a KV cache, gives the logits of the stock model gated by hooks."""
     torch.manual_seed(0)
-    config = _llama(tiny_config, tiny_dims)
-    reference = transformers.LlamaForCausalLM(config).eval()
+    family = FAMILIES[name]
+    reference = lm_class(family.config(tiny_config, tiny_dims)).eval()
     model = use_sparse_attention(copy.deepcopy(reference))
     sparsebert.set_masks(model, head_mask=GATES)
-    _gate_reference(reference, FAMILIES["llama"], GATES)
+    _gate_reference(reference, family, GATES)
     ids, _ = tiny_batch()
     logits = {}
     with torch.no_grad():
@@ -292,6 +293,13 @@ def test_cached_decoding_equals_sdpa(tiny_config, tiny_dims, tiny_batch, spies):
                 steps.append(out.logits)
             logits[key] = torch.cat(steps, dim=1)
     torch.testing.assert_close(logits["got"], logits["want"], atol=1e-5, rtol=1e-5)
+
+
+def test_cached_decoding_equals_sdpa(tiny_config, tiny_dims, tiny_batch, spies):
+    """Prefill (causal: SDPA over active heads), then one token at a time with a KV cache
+    (Sq = 1, no mask: the op, key/value heads repeated for their query heads)."""
+    _assert_gated_decoding_matches("llama", transformers.LlamaForCausalLM, tiny_config,
+                                   tiny_dims, tiny_batch)
     op, sdpa = spies
     assert len(sdpa.calls) == 2  # prefill: layers 0 and 2 (layer 1 has no active head)
     assert [tuple(args[1].shape) for args, _ in op.calls[:3]] == [(3, 7, 4, 8)] * 3
@@ -324,23 +332,8 @@ def test_value_heads_of_another_size_decode_as_the_reference(tiny_config, tiny_d
     """DeepSeek-V3's latent attention (value heads of 8, query/key heads of 24) under gates,
     prefill then cached decoding: the reference's logits; the op (equal sizes only) is never
     called, SDPA over the active heads is."""
-    torch.manual_seed(0)
-    family = FAMILIES["deepseek-v3"]
-    reference = transformers.DeepseekV3ForCausalLM(family.config(tiny_config, tiny_dims)).eval()
-    model = use_sparse_attention(copy.deepcopy(reference))
-    sparsebert.set_masks(model, head_mask=GATES)
-    _gate_reference(reference, family, GATES)
-    ids, _ = tiny_batch()
-    logits = {}
-    with torch.no_grad():
-        for key, m in (("want", reference), ("got", model)):
-            out = m(input_ids=ids[:, :6], use_cache=True)
-            steps = [out.logits]
-            for t in range(6, 9):
-                out = m(input_ids=ids[:, t : t + 1], **{CACHE_ARG: out.past_key_values})
-                steps.append(out.logits)
-            logits[key] = torch.cat(steps, dim=1)
-    torch.testing.assert_close(logits["got"], logits["want"], atol=1e-5, rtol=1e-5)
+    _assert_gated_decoding_matches("deepseek-v3", transformers.DeepseekV3ForCausalLM,
+                                   tiny_config, tiny_dims, tiny_batch)
     op, sdpa = spies
     assert op.calls == [] and len(sdpa.calls) == 2 * 4  # layers 0 and 2, prefill + 3 steps
     assert {(args[0].shape[-1], args[2].shape[-1]) for args, _ in sdpa.calls} == {(24, 8)}
