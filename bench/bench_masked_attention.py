@@ -18,8 +18,10 @@ The SDPA backend torch picked (cuDNN, flash, memory-efficient, math) is named in
 Columns: "vs SDPA" (all heads, same shape), and "vs its kernel, all heads": each row against the
 same kernel with every head kept (sparsebert_compact against sparsebert, the mma.sync forward
 it runs), which is what "pruning k of H heads costs k/H" reads from. Each provider's output is
-checked against the reference before it is timed (a mismatch stops the run). Providers are
-timed one after another, not interleaved: their ratios are of medians of separate runs.
+checked against the reference before it is timed (a mismatch stops the run). Rows are timed
+in interleaved rounds (--rounds; each round times every row of one shape once, so load on a
+shared machine hits all alike): a time is the median over rounds, a ratio the median of the
+per-round ratios.
 
 Script:  python bench/bench_masked_attention.py [--device cpu|cuda] [--dtype ...]
          prints a table and writes bench/results/masked_attention-<device>.{json,md}
@@ -38,6 +40,7 @@ import argparse
 import contextlib
 import itertools
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -169,10 +172,36 @@ def check_output(name, fn, q, k, v, gate) -> None:
                          "timed")
 
 
-def timed(name, batch, seq, heads, dim, active, dtype, device, backward, timing="eager"):
+def wanted(name, active, mode, args, cuda) -> bool:
+    """Whether the table has a row for provider `name` with `active` heads kept in `mode`."""
+    if name in CUDA_ONLY and not cuda:
+        return False
+    if name == "sparsebert_wgmma" and not ops.wgmma_forward_available():
+        return False  # it would time the mma.sync kernel again
+    if name == "sparsebert_compact" and mode != "fwd":
+        return False  # forward only (inference fast path)
+    if name == "sdpa" and active != args.heads:
+        return False  # dense SDPA does not depend on the gate
+    # The fp32 oracle is no contender, and not capturable.
+    return not (name == "reference" and args.timing == "graph")
+
+
+def median_ratio(samples, key, base):
+    """Median over rounds of samples[key] / samples[base] (same round paired); None when the
+    base row was not timed (left out, or its capture failed)."""
+    if not samples.get(base):
+        return None
+    return statistics.median(common.round_ratios(samples, key, base))
+
+
+def timed(name, batch, seq, heads, dim, active, dtype, device, backward, timing="eager",
+          check=True):
+    """Seconds per call of one provider on fresh inputs; check: compare its output with the
+    reference first (the first round does, later rounds time the same computation)."""
     fused, q, k, v, gate = make_inputs(batch, seq, heads, dim, active, dtype, device, backward)
     fn = provider_fn(name, q, k, v, gate)
-    check_output(name, fn, q, k, v, gate)
+    if check:
+        check_output(name, fn, q, k, v, gate)
     timer = common.time_call_graph if timing == "graph" else common.time_call
     if name in KERNEL_CHOICE:  # the switch is on for every call it makes
 
@@ -240,6 +269,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--no-backward", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds over the rows of one shape (medians kept)")
     parser.add_argument("--tag", default="",
                         help="appended to the results file name (a run with other providers "
                              "keeps the full tables)")
@@ -250,6 +281,8 @@ def main(argv=None) -> None:
     common.use_device(args.device)
     if args.timing == "graph" and not args.device.startswith("cuda"):
         parser.error("--timing graph needs --device cuda")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
 
     cuda = args.device.startswith("cuda")
     if not cuda and set(args.providers) <= set(CUDA_ONLY):
@@ -265,78 +298,49 @@ def main(argv=None) -> None:
 
     rows, records = [], []
     for mode, batch, seq, dim in itertools.product(modes, batches, args.seq, dims):
-        base = {}
-        for active in actives:
-            for name in args.providers:
-                if name in CUDA_ONLY and not cuda:
+        keys = [(name, active) for active in actives for name in args.providers
+                if wanted(name, active, mode, args, cuda)]
+        samples = {key: [] for key in keys}  # (provider, heads kept) -> seconds per round
+        errors = {}  # (provider, heads kept) -> why its graph capture failed
+        for round_index in range(args.rounds):  # each round times every row once
+            for name, active in keys:
+                if (name, active) in errors:
                     continue
-                if name == "sparsebert_wgmma" and not ops.wgmma_forward_available():
-                    continue  # it would time the mma.sync kernel again
-                if name == "sparsebert_compact" and mode != "fwd":
-                    continue  # forward only (inference fast path)
-                if name in ("sdpa",) and active != args.heads:
-                    continue  # dense SDPA does not depend on the gate
-                if name == "reference" and args.timing == "graph":
-                    continue  # the fp32 oracle is no contender, and not capturable
                 try:
-                    seconds = timed(name, batch, seq, args.heads, dim, active, dtype,
-                                    args.device, mode != "fwd", args.timing)
+                    samples[name, active].append(
+                        timed(name, batch, seq, args.heads, dim, active, dtype, args.device,
+                              mode != "fwd", args.timing, check=round_index == 0))
                 except RuntimeError as error:  # a graph capture that failed: say how
                     if args.timing != "graph":
                         raise
-                    message = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
+                    samples[name, active] = []  # a row is timed in every round or not at all
+                    errors[name, active] = (f"{type(error).__name__}: "
+                                            f"{str(error).strip().splitlines()[0]}")
                     print(f"{mode} {name} B={batch} S={seq} D={dim} {active}/{args.heads}: "
-                          f"capture failed: {message}", flush=True)
-                    records.append(dict(mode=mode, provider=name, batch=batch, seq=seq,
-                                        heads=args.heads, dim=dim, active=active,
-                                        dtype=str(dtype).replace("torch.", ""), us=None,
-                                        error=message))
-                    continue
-                if name == "sdpa":
-                    base["sdpa"] = seconds
-                if active == args.heads:
-                    base[name] = seconds  # this kernel's all-heads time
-                rec = dict(
-                    mode=mode,
-                    provider=name,
-                    batch=batch,
-                    seq=seq,
-                    heads=args.heads,
-                    dim=dim,
-                    active=active,
-                    dtype=str(dtype).replace("torch.", ""),
-                    us=seconds * 1e6,
-                )
-                records.append(rec)
-        for rec in records:
-            if (rec["mode"], rec["batch"], rec["seq"], rec["dim"]) != (mode, batch, seq, dim):
+                          f"capture failed: {errors[name, active]}", flush=True)
+        for name, active in keys:
+            rec = dict(mode=mode, provider=name, batch=batch, seq=seq, heads=args.heads, dim=dim,
+                       active=active, dtype=str(dtype).replace("torch.", ""), rounds=args.rounds)
+            records.append(rec)
+            if (name, active) in errors:
+                rec.update(us=None, error=errors[name, active])
+                rows.append([mode, name, batch, seq, dim, f"{active}/{args.heads}",
+                             f"capture failed ({errors[name, active][:80]})", "-", "-"])
                 continue
-            if rec["us"] is None:
-                rows.append([rec["mode"], rec["provider"], batch, seq, dim,
-                             f"{rec['active']}/{args.heads}",
-                             f"capture failed ({rec['error'][:80]})", "-", "-"])
-                continue
-            rec["vs_sdpa"] = rec["us"] / (base["sdpa"] * 1e6) if "sdpa" in base else None
-            all_heads = base.get(ALL_HEADS_BASELINE.get(rec["provider"], rec["provider"]))
-            rec["vs_all_heads"] = None if all_heads is None else rec["us"] / (all_heads * 1e6)
-            rows.append(
-                [
-                    rec["mode"],
-                    rec["provider"],
-                    batch,
-                    seq,
-                    dim,
-                    f"{rec['active']}/{args.heads}",
-                    f"{rec['us']:.1f}",
-                    "-" if rec["vs_sdpa"] is None else f"{rec['vs_sdpa']:.2f}x",
-                    "-" if rec["vs_all_heads"] is None else f"{rec['vs_all_heads']:.2f}x",
-                ]
-            )
+            rec["us"] = statistics.median(samples[name, active]) * 1e6
+            rec["vs_sdpa"] = median_ratio(samples, (name, active), ("sdpa", args.heads))
+            rec["vs_all_heads"] = median_ratio(
+                samples, (name, active), (ALL_HEADS_BASELINE.get(name, name), args.heads))
+            rows.append([mode, name, batch, seq, dim, f"{active}/{args.heads}",
+                         f"{rec['us']:.1f}",
+                         "-" if rec["vs_sdpa"] is None else f"{rec['vs_sdpa']:.2f}x",
+                         "-" if rec["vs_all_heads"] is None else f"{rec['vs_all_heads']:.2f}x"])
 
     header = ["mode", "provider", "B", "S", "D", "heads kept", "time (us)", "vs SDPA",
               "vs its kernel, all heads"]
     timing = ("GPU time per call, replayed from a CUDA graph (no host overhead)"
               if args.timing == "graph" else "wall time per call")
+    timing += f", median of {args.rounds} interleaved rounds"
     _, q0, k0, v0, _ = make_inputs(batches[0], args.seq[0], args.heads, dims[0], args.heads, dtype,
                                    args.device)
     backend = sdpa_backend(q0, k0, v0)

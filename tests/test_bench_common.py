@@ -4,6 +4,7 @@ timer."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -105,9 +106,8 @@ def test_use_device_cpu(common):
     assert common.use_device("cpu") == torch.device("cpu")
 
 
-def test_masked_attention_benchmark_checks_outputs_before_timing():
-    """bench_masked_attention times only providers whose output is the reference's: each CPU
-    provider passes; a wrong one (another gate) is refused with the difference named."""
+@pytest.fixture(scope="module")
+def bench_masked_attention():
     import sys  # noqa: PLC0415
 
     sys.path.insert(0, str(COMMON.parent))
@@ -118,9 +118,49 @@ def test_masked_attention_benchmark_checks_outputs_before_timing():
         spec.loader.exec_module(bench)
     finally:
         sys.path.remove(str(COMMON.parent))
+    return bench
+
+
+def test_masked_attention_benchmark_checks_outputs_before_timing(bench_masked_attention):
+    """bench_masked_attention times only providers whose output is the reference's: each CPU
+    provider passes; a wrong one (another gate) is refused with the difference named."""
+    bench = bench_masked_attention
     _, q, k, v, gate = bench.make_inputs(2, 16, 4, 8, 2, torch.float32, "cpu")
     for name in ("reference", "sdpa", "sdpa_gate", "gather_sdpa", "sparsebert"):
         bench.check_output(name, bench.provider_fn(name, q, k, v, gate), q, k, v, gate)
     wrong = bench.provider_fn("sparsebert", q, k, v, 1 - gate)
     with pytest.raises(ValueError, match="sparsebert: output differs from the reference by"):
         bench.check_output("sparsebert", wrong, q, k, v, gate)
+
+
+def test_masked_attention_benchmark_interleaves_rounds(bench_masked_attention, monkeypatch,
+                                                       tmp_path):
+    """Each round times every row of a shape once (the output checked in the first round only);
+    a row's time is its median over rounds and its ratios the medians of per-round ratios."""
+    bench = bench_masked_attention
+    monkeypatch.setattr(bench.common, "RESULTS_DIR", tmp_path)
+    calls = []
+    # Seconds per round of each (provider, heads kept): the median of per-round ratios differs
+    # from the ratio of medians where rounds disagree.
+    seconds = {("sdpa", 4): [1.0, 3.0, 2.0], ("sparsebert", 4): [4.0, 3.0, 1.0],
+               ("sparsebert", 2): [2.0, 1.0, 4.0], ("sparsebert", 1): [0.5, 0.5, 0.5]}
+
+    def fake_timed(name, batch, seq, heads, dim, active, dtype, device, backward,
+                   timing="eager", check=True):
+        calls.append((name, active, check))
+        return seconds[name, active][sum(c[:2] == (name, active) for c in calls) - 1]
+
+    monkeypatch.setattr(bench, "timed", fake_timed)
+    bench.main(["--device", "cpu", "--batch", "2", "--seq", "8", "--heads", "4", "--dim", "8",
+                "--providers", "sdpa", "sparsebert", "--no-backward", "--rounds", "3"])
+    one_round = [("sdpa", 4), ("sparsebert", 4), ("sparsebert", 2), ("sparsebert", 1)]
+    assert [c[:2] for c in calls] == one_round * 3
+    assert [c[2] for c in calls] == [True] * 4 + [False] * 8
+    payload = json.loads((tmp_path / "masked_attention-cpu.json").read_text())
+    got = {(r["provider"], r["active"]): r for r in payload["results"]}
+    assert got["sdpa", 4]["us"] == pytest.approx(2e6)
+    assert got["sparsebert", 4]["us"] == pytest.approx(3e6)
+    assert got["sparsebert", 4]["vs_sdpa"] == pytest.approx(1.0)  # rounds 4, 1, 1/2 (not 3/2)
+    assert got["sparsebert", 2]["vs_all_heads"] == pytest.approx(0.5)  # 1/2, 1/3, 4 (not 2/3)
+    assert got["sparsebert", 1]["vs_sdpa"] == pytest.approx(0.25)  # 1/2, 1/6, 1/4
+    assert {r["rounds"] for r in payload["results"]} == {3}
