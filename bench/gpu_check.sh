@@ -13,6 +13,8 @@
 #   simt-tests.log   the masked-attention CUDA tests again with the SIMT kernels forced
 #   bench.log        every benchmark's table (and ncu-mma's Nsight Compute sections)
 #   results.tar.gz   bench/results/*-<gpu>.{json,md}, for committing
+# bench_masked_attention runs one round here (--rounds 1; its default of 3 interleaved rounds
+# would not fit the step limits).
 # Usage on the GPU machine, from the repository root:  bash bench/gpu_check.sh
 # The steps run in this order, the most valuable first; GPU_CHECK_STEPS=a,b,... runs only those
 # (in this order whatever order it lists them; an unknown name stops the script):
@@ -107,9 +109,9 @@ step wgmma-forward-tests 75 "$out/mma-tests.log" python3 -m pytest "${pytest_arg
   tests/test_masked_attention_mma.py -k "forward or compact or cross_lengths"
 tail -n 3 "$out/mma-tests.log" >> "$summary"
 step bench-wgmma-graph 75 "$out/bench.log" bash -c "
-  python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --seq 128 512 \
+  python3 bench/bench_masked_attention.py --rounds 1 --device cuda --timing graph --no-backward --seq 128 512 \
     --providers sdpa sparsebert sparsebert_wgmma sparsebert_compact --tag wgmma
-  python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --seq 128 512 \
+  python3 bench/bench_masked_attention.py --rounds 1 --device cuda --timing graph --no-backward --seq 128 512 \
     --providers sdpa sparsebert sparsebert_wgmma --dtype bfloat16 --tag wgmma"; pack
 
 # importance(cuda_graph=True) against the eager pass (forward, backward and accumulation
@@ -143,12 +145,12 @@ step bench-captured-ops 30 "$out/bench.log" python3 bench/bench_captured_ops.py 
 # backend the table names. In the float32 table sparsebert is the 3xTF32 mma.sync forward and
 # sparsebert_wmma the SIMT kernel. Then one traced call of each kernel.
 step bench-masked-attention-graph 120 "$out/bench.log" bash -c "
-  python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --seq 128 512
-  python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --dtype bfloat16 --seq 128 512
-  python3 bench/bench_masked_attention.py --device cuda --timing graph --no-backward --dtype float32 --seq 128 512"; pack
+  python3 bench/bench_masked_attention.py --rounds 1 --device cuda --timing graph --no-backward --seq 128 512
+  python3 bench/bench_masked_attention.py --rounds 1 --device cuda --timing graph --no-backward --dtype bfloat16 --seq 128 512
+  python3 bench/bench_masked_attention.py --rounds 1 --device cuda --timing graph --no-backward --dtype float32 --seq 128 512"; pack
 # Forward+backward (autograd.grad to q, k, v and the gate) in graph-replay GPU time, fp16, next to
 # SDPA's; a provider whose capture fails gets a row naming the error.
-step bench-masked-attention-graph-bwd 90 "$out/bench.log" python3 bench/bench_masked_attention.py \
+step bench-masked-attention-graph-bwd 90 "$out/bench.log" python3 bench/bench_masked_attention.py --rounds 1 \
   --device cuda --timing graph --seq 128 512 --providers sdpa sparsebert; pack
 step trace-mma 30 "$out/bench.log" python3 bench/trace_attention.py; pack
 # Nsight Compute counters of the mma.sync forward at S=128 and S=512 (bench/ncu_attention.py):
@@ -175,9 +177,9 @@ tail -n 3 "$out/cuda-tests.log" >> "$summary"
 # Step 5: eager fwd and fwd+bwd; S=512 runs the mma.sync backward's key-block/query-block items,
 # the float32 table the 3xTF32 backward (sparsebert) against the SIMT one (sparsebert_wmma).
 step bench-masked-attention 150 "$out/bench.log" bash -c "
-  python3 bench/bench_masked_attention.py --device cuda --seq 128 512 \
+  python3 bench/bench_masked_attention.py --rounds 1 --device cuda --seq 128 512 \
     --providers sdpa sdpa_gate gather_sdpa sparsebert sparsebert_wmma sparsebert_compact
-  python3 bench/bench_masked_attention.py --device cuda --dtype float32 --dim 64 --seq 128 \
+  python3 bench/bench_masked_attention.py --rounds 1 --device cuda --dtype float32 --dim 64 --seq 128 \
     --providers sdpa sparsebert sparsebert_wmma"; pack
 step bench-train-step 120 "$out/bench.log" python3 bench/bench_train_step.py --device cuda; pack
 step bench-group-dot 45 "$out/bench.log" python3 bench/bench_group_dot.py --device cuda; pack
