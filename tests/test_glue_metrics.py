@@ -55,6 +55,18 @@ def test_degenerate_inputs_give_zero():
     assert metrics.matthews_corrcoef([1, 1, 1], [0, 1, 1]) == 0.0
     assert metrics.f1([0, 0], [0, 0]) == 0.0
     assert metrics.pearson([1.0, 1.0, 1.0], [0.0, 1.0, 2.0]) == 0.0
+    # A constant whose mean rounds (0.1 * 7 / 7 != 0.1) is still exactly 0, not -1.7e-16.
+    assert metrics.pearson([0.1] * 7, [1, 2, 3, 4, 5, 6, 8]) == 0.0
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200, 1e-310])
+def test_pearson_of_huge_and_tiny_values(scale):
+    """The sums of squares of values near the float64 range's ends neither overflow nor
+    underflow: a perfect correlation stays 1, as scipy computes it."""
+    labels = [1.0, 2.0, 3.0, 5.0]
+    predictions = [value * scale for value in labels]
+    assert metrics.pearson(predictions, labels) == pytest.approx(1.0, abs=1e-12)
+    assert metrics.pearson(labels, [-p for p in predictions]) == pytest.approx(-1.0, abs=1e-12)
     # A diverged regression run (nan or inf scores): every correlation is 0, not nan, and not
     # the row order's correlation with the labels (nan != nan gave each nan its own rank).
     labels = [0.0, 1.0, 2.0, 3.0, 4.0]

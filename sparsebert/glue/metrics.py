@@ -73,10 +73,14 @@ def pearson(predictions: ArrayLike, labels: ArrayLike) -> float:
     x, y = (a.astype(np.float64) for a in _pair(predictions, labels))
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         return 0.0
-    x, y = x - x.mean(), y - y.mean()
-    norm = np.sqrt(np.dot(x, x) * np.dot(y, y))
-    if norm == 0:
+    if np.ptp(x) == 0 or np.ptp(y) == 0:  # constant (a mean's rounding leaves no residue)
         return 0.0
+    # Scaled to a largest |value| of 1 before and after centring, so neither the mean nor the
+    # sums of squares overflow or underflow whatever the inputs' magnitude.
+    x, y = (a / np.abs(a).max() for a in (x, y))
+    x, y = (a - a.mean() for a in (x, y))
+    x, y = (a / np.abs(a).max() for a in (x, y))
+    norm = np.sqrt(np.dot(x, x)) * np.sqrt(np.dot(y, y))
     return float(np.clip(np.dot(x, y) / norm, -1.0, 1.0))
 
 
