@@ -94,7 +94,8 @@ class BackwardNotDifferentiable
 // (selected, not divided: dout * out is NaN there for an infinite dout). Five tensor ops
 // (product, sum, compare, divide, select), in fp32, instead of the attention backward. fp32 and bf16 only: fp16's output
 // loses digits for a small soft gate (gate x |v| in its subnormal range), which the division
-// cannot restore; fp16 (and fp64) keep the kernels' backward, which sums P * (dout V^T).
+// cannot restore; fp16 (and fp64) keep the kernels' backward, which sums P * (dout V^T) (but
+// the CUDA mma.sync backward, whose d_gate is delta / gate: csrc/README.md).
 bool gate_grad_only_applies(const at::Tensor& out) {
   return out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16;
 }

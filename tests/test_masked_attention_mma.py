@@ -422,6 +422,50 @@ def test_mma_backward(device, dtype, dim, seq, pattern, padded, mma_switch, asse
     assert_pruned_grads_zero(got, gate)
 
 
+# fp16's stored output g * ctx loses digits for a small soft gate (subnormal below 6.1e-5, 0
+# below ~3e-8 x |ctx|): the mma backward's d_head_gate = sum_i delta_i / gate, delta from that
+# output, cannot restore them (a CPU replay of its arithmetic: 4.4e-2 relative error at 1e-6, 0
+# at 1e-9). The CPU kernel and the WMMA/SIMT backward sum P * (dout V^T) instead. To fix: sum
+# p * dP in key_chunk_to_grads (csrc/cuda/mma_backward_common.cuh); see csrc/README.md.
+FP16_SMALL_GATE = pytest.mark.xfail(
+    strict=True, reason="fp16 mma backward: d_head_gate from the stored output (csrc/README.md)")
+
+
+@pytest.mark.parametrize("dtype, small", [
+    (torch.float16, 1e-4),
+    pytest.param(torch.float16, 1e-6, marks=FP16_SMALL_GATE),
+    pytest.param(torch.float16, 1e-9, marks=FP16_SMALL_GATE),
+    (torch.bfloat16, 1e-6), (torch.bfloat16, 1e-9)])
+@pytest.mark.parametrize("seq", [64, 300])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_mma_gate_gradient_of_small_gates(device, seq, dtype, small, mma_switch):
+    """d_head_gate of a small soft gate within twice plain PyTorch's error in the same dtype,
+    against fp64 on the same inputs rounded to the dtype (their rounding is no kernel error;
+    the CPU kernel is within 1e-5 relative of it, plain PyTorch 1e-4..2e-2, the fp16 output
+    divided by the gate 7e-2 at 1e-6 and 1.0 at 1e-9). S=64 runs the one-block-per-head
+    backward, S=300 the key/query-block one."""
+    gen = torch.Generator().manual_seed(stable_seed("small gate", str(dtype), small, seq))
+    q, k, v = (t.to(dtype).double() for t in qkv(2, seq, 2, 32, torch.float64, "cpu", gen))
+    dout = torch.randn(2, seq, 2, 32, generator=gen, dtype=torch.float64).to(dtype).double()
+
+    def gate_grad(fn, dtype, where):
+        gate = torch.tensor([small, 1.0], dtype=torch.float32 if dtype != torch.float64
+                            else dtype, device=where, requires_grad=True)
+        out = fn(*(t.to(where, dtype) for t in (q, k, v)), gate)
+        return torch.autograd.grad(out, gate, dout.to(where, out.dtype))[0].double().cpu()
+
+    def plain(q, k, v, gate):
+        ctx = torch.nn.functional.scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in (q, k, v)))
+        return ctx.transpose(1, 2) * gate.to(q.dtype)[None, None, :, None]
+
+    truth = gate_grad(plain, torch.float64, "cpu")
+    ours = gate_grad(ops.masked_attention, dtype, device)
+    theirs = gate_grad(plain, dtype, device)
+    error = ((ours - truth).abs() / truth.abs()).max()
+    assert error <= 2 * ((theirs - truth).abs() / truth.abs()).max() + 1e-6, error
+
+
 # ---------------------------------------------------------------------------------------------
 # fp32 inputs with the switch on: the 3xTF32 forward (masked_attention_mma_tf32.cu), compared
 # with a float64 reference.
