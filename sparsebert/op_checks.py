@@ -6,9 +6,13 @@ expected (the native kernels check again, with terser messages).
         bool or None
     validate_kept_heads(kept_heads, q)     masked_attention_compact's (H_kept,) index
     reject_fully_padded_rows(key_padding_mask, q)  no fully padded row (reads the mask)
+    attention_scale(op, scale, q)          the scores' scale as a float (default D ** -0.5)
 """
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -156,3 +160,17 @@ def reject_fully_padded_rows(key_padding_mask: Tensor, q: Tensor) -> None:
             "masked_attention: 'key_padding_mask' has a fully padded row (no True); every row "
             "needs at least one real token"
         )
+
+
+def attention_scale(op: str, scale, q: Tensor) -> float:
+    """The scores' scale as a float: D ** -0.5 for None, else a finite real number (an int, a
+    float, a numpy scalar; not a bool, a string or a tensor), or ValueError naming 'scale'."""
+    if scale is None:
+        # D < 1 is rejected by the tensor checks with a message naming q's shape.
+        return q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
+    if isinstance(scale, (torch.SymFloat, torch.SymInt)):  # traced by torch.compile
+        return scale
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"{op}: 'scale' must be a finite real number (or None for D ** -0.5), "
+                         f"got {scale!r} ({type(scale).__name__})")
+    return float(scale)

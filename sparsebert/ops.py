@@ -253,9 +253,7 @@ def masked_attention(
     elif check_padding_rows and key_padding_mask is not None and q.device.type != "cpu":
         # the native CPU kernel checks by itself
         op_checks.reject_fully_padded_rows(key_padding_mask, q)
-    if scale is None:
-        # D < 1 is rejected by the checks (native or Python) with a message naming q's shape.
-        scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
+    scale = op_checks.attention_scale("masked_attention", scale, q)
     if _needs_reference(q, k, v, head_gate):
         op_checks.validate_masked_attention(q, k, v, head_gate, key_padding_mask,
                                             check_padding_rows)
@@ -348,8 +346,7 @@ def masked_attention_compact(
             raise ValueError(
                 f"masked_attention_compact: 'kept_heads' must hold indices in [0, H = {heads})"
             )
-    if scale is None:
-        scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
+    scale = op_checks.attention_scale("masked_attention_compact", scale, q)
     return torch.ops.sparsebert.masked_attention_compact(
         q, k, v, head_gate, kept_heads, key_padding_mask, float(scale)
     )[0]
@@ -374,6 +371,18 @@ def _group_dot_fake(x, g, group_size, token_mask):
 @torch.library.register_fake(f"{NAMESPACE}::accumulate_importance_")
 def _accumulate_importance_fake(acc, scores, power):
     return None
+
+
+def _accumulate_importance_version_bump(acc, scores, power):
+    """The ADInplaceOrView kernel an in-place op needs: runs the op below it, then bumps acc's
+    version counter, so that autograd refuses a backward through a saved acc written since
+    (as for add_) and version-keyed caches see the write."""
+    with torch._C._AutoDispatchBelowADInplaceOrView():
+        torch.ops.sparsebert.accumulate_importance_(acc, scores, power)
+    torch.autograd.graph.increment_version(acc)
+
+
+_lib.impl("accumulate_importance_", _accumulate_importance_version_bump, "ADInplaceOrView")
 
 
 def _group_dot_setup_context(ctx, inputs, output):

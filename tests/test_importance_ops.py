@@ -288,6 +288,30 @@ def test_accumulate_importance_adds_the_row_sum_once(device, assert_native):
     torch.testing.assert_close(small, torch.tensor([20.0], device=device), rtol=1e-6, atol=0)
 
 
+@pytest.mark.all_devices
+@pytest.mark.parametrize("call", ["wrapper", "raw op"])
+def test_accumulate_importance_bumps_the_version_counter(device, call, assert_native):
+    """An in-place write autograd can see, as add_'s: acc's version moves, and a backward
+    through a product that saved acc before the write refuses (instead of a wrong gradient)."""
+    assert_native("accumulate_importance_", device)
+
+    def accumulate(acc, scores):
+        if call == "wrapper":
+            ops.accumulate_importance_(acc, scores)
+        else:
+            torch.ops.sparsebert.accumulate_importance_(acc, scores, 1)
+
+    acc = torch.zeros(3, device=device)
+    before = acc._version
+    accumulate(acc, torch.ones(2, 3, device=device))
+    assert acc._version > before and acc.tolist() == [2.0] * 3
+    weight = torch.ones(3, device=device, requires_grad=True)
+    product = (acc * weight).sum()  # saves acc for weight's gradient
+    accumulate(acc, torch.full((1, 3), 4.0, device=device))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        product.backward()
+
+
 def _randn(*shape, gen, dtype=torch.float32):
     return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
 

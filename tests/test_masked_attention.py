@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -338,6 +339,30 @@ def test_integer_gate_message_names_dtype(dtype):
         ops.masked_attention(q, q, q, torch.ones(HEADS, dtype=dtype))
     message = str(info.value)
     assert "'head_gate'" in message and str(dtype) in message and "float32" in message
+
+
+@pytest.mark.parametrize("scale", ["0.5", [0.5], True, float("nan"), float("inf"),
+                                   torch.tensor(0.5)])
+@pytest.mark.parametrize("compact", [False, True])
+def test_bad_scale_is_refused_by_name(scale, compact):
+    """A scale that is no finite real number was taken by float() (a string, True as 1.0, nan)
+    or failed there without naming the argument."""
+    q = torch.randn(2, 5, HEADS, 8)
+    gate = torch.ones(HEADS)
+    with pytest.raises(ValueError, match="'scale' must be a finite real number"):
+        if compact:
+            ops.masked_attention_compact(q, q, q, gate, torch.tensor([0, 2]), None, scale)
+        else:
+            ops.masked_attention(q, q, q, gate, None, scale)
+
+
+@pytest.mark.parametrize("scale", [1, 0.25, np.float32(0.25), np.float64(0.25), 0])
+def test_real_scales_are_taken(scale):
+    q = torch.randn(2, 5, HEADS, 8, dtype=torch.float64)
+    gate = torch.ones(HEADS, dtype=torch.float64)
+    out = ops.masked_attention(q, q, q, gate, None, scale)
+    want, _ = masked_attention_ref(q, q, q, gate, None, float(scale))
+    torch.testing.assert_close(out, want)
 
 
 FLOAT8 = getattr(torch, "float8_e4m3fn", None)
