@@ -25,6 +25,7 @@ from sparsebert.hf.attention_backend import (
     AttentionBackendError,
     register_attention_backend,
 )
+from sparsebert.overrides import override_attributes
 
 _INTERFACE_CALL = "ALL_ATTENTION_FUNCTIONS.get_interface("
 
@@ -222,11 +223,7 @@ def override_head_gates(model: nn.Module, gates: Tensor) -> Iterator[Tensor]:
                 stack.enter_context(module.override_head_gate(gate[..., module.head_ids]))
             yield gates
         return
-    previous = [module.head_gate_override for module in modules]
-    try:
+    with contextlib.ExitStack() as stack:
         for module, gate in zip(modules, gates, strict=True):
-            module.head_gate_override = gate
+            stack.enter_context(override_attributes(module, head_gate_override=gate))
         yield gates
-    finally:
-        for module, gate in zip(modules, previous, strict=True):
-            module.head_gate_override = gate

@@ -33,6 +33,7 @@ from torch import nn
 
 from sparsebert.hf.patching import is_patched, sparse_blocks
 from sparsebert.hf.structure import STRUCTURES
+from sparsebert.overrides import override_attributes
 from sparsebert.switches import env_switch
 
 FULL_LAST_LAYER_ENV = "SPARSEBERT_FULL_LAST_LAYER"
@@ -66,9 +67,5 @@ def first_token_readout(model: nn.Module) -> Iterator[bool]:
         yield False
         return
     attention, mlp = sparse_blocks(model)[-1]
-    saved = attention.output_rows, mlp.output_rows
-    try:
-        attention.output_rows = mlp.output_rows = 1
+    with override_attributes(attention, output_rows=1), override_attributes(mlp, output_rows=1):
         yield True
-    finally:
-        attention.output_rows, mlp.output_rows = saved

@@ -44,6 +44,7 @@ from sparsebert.nn.common import (
 )
 from sparsebert.nn.optimizer_steps import watch_optimizer_steps
 from sparsebert.ops import masked_attention
+from sparsebert.overrides import override_attributes
 
 
 @dataclass(frozen=True)
@@ -568,12 +569,8 @@ class SparseAttention(nn.Module):
         check_gate("head_gate override", gate, self.num_heads)
         if live is not None and not isinstance(live, bool):
             raise TypeError(f"override_head_gate: 'live' must be None or a bool, got {live!r}")
-        previous = self.head_gate_override, self.head_gate_live
-        self.head_gate_override, self.head_gate_live = gate, live
-        try:
+        with override_attributes(self, head_gate_override=gate, head_gate_live=live):
             yield gate
-        finally:
-            self.head_gate_override, self.head_gate_live = previous
 
     def forward(
         self, hidden_states: Tensor, attention_mask: Tensor | None = None, *args, **kwargs

@@ -42,6 +42,7 @@ from sparsebert.nn.common import (
     slice_linear,
 )
 from sparsebert.nn.gating import gate_features, gated_residual
+from sparsebert.overrides import override_attributes
 
 FFNOutputHook = Callable[["SparseMLP", Tensor], None]
 
@@ -251,13 +252,9 @@ class SparseMLP(nn.Module):
                 )
         if neuron_gate is not None:
             check_gate("neuron_gate override", neuron_gate, self.intermediate_size)
-        previous = (self.mlp_gate_override, self.neuron_gate_override, self.neuron_gate_live)
-        self.mlp_gate_override, self.neuron_gate_override = mlp_gate, neuron_gate
-        self.neuron_gate_live = neurons_live
-        try:
+        with override_attributes(self, mlp_gate_override=mlp_gate,
+                                 neuron_gate_override=neuron_gate, neuron_gate_live=neurons_live):
             yield
-        finally:
-            self.mlp_gate_override, self.neuron_gate_override, self.neuron_gate_live = previous
 
     def gate_summaries(self) -> tuple[GateSummary | None, GateSummary | None]:
         """(mlp gate, neuron gate) buffer summaries (live entries, all ones), each read once per

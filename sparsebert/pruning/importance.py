@@ -52,6 +52,7 @@ from sparsebert.hf.readout import first_token_readout
 from sparsebert.hf.structure import config_size, structure_for
 from sparsebert.nn.common import eval_mode
 from sparsebert.ops import accumulate_importance_
+from sparsebert.overrides import override_attributes
 from sparsebert.precision import PRECISIONS
 from sparsebert.pruning.michel import michel_hooks
 
@@ -230,15 +231,12 @@ def _true_zero_gate_grads(blocks, enabled: bool, facts: GateFacts):
     so that they count in the per-layer norm as in the authors' code; restored on exit. Only
     layers with a masked head get the flag: elsewhere it changes no gradient and would cost an
     extra attention call per layer in the backward."""
-    saved = [attn.exact_zero_gate_grad for attn, _ in blocks]
-    try:
+    with contextlib.ExitStack() as stack:
         if enabled:
             for (attn, _), masked in zip(blocks, facts.head_masked):
-                attn.exact_zero_gate_grad = attn.exact_zero_gate_grad or masked
+                stack.enter_context(override_attributes(
+                    attn, exact_zero_gate_grad=attn.exact_zero_gate_grad or masked))
         yield
-    finally:
-        for (attn, _), flag in zip(blocks, saved):
-            attn.exact_zero_gate_grad = flag
 
 
 @contextlib.contextmanager

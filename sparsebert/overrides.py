@@ -1,0 +1,65 @@
+"""Attribute overrides for the length of a `with` block, that may end in any order.
+
+    with override_attributes(module, head_gate_override=gate, head_gate_live=None):
+        ...  # module.head_gate_override is gate here
+
+A block restores on exit what the attributes held when it began. Blocks on one object usually
+nest (the last one begun ends first); when they overlap instead (two threads each overriding
+the same module, each block ending after the other began), restoring "what I saw on entry"
+would put back the other block's value and leave it in place after every block has ended.
+Here each object keeps its open blocks in order: a block that ends while a later block also
+set an attribute hands its saved value on to that block instead of writing it, so the object
+holds its original values once every block has ended, whatever the order. (While blocks of
+several threads overlap, each thread's calls see the latest value: overrides are per object,
+not per thread; nn.DataParallel's worker threads rely on seeing the caller's.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections.abc import Iterator
+
+import torch
+
+_LOCK = threading.Lock()
+# object -> its open blocks, oldest first; each block: {attribute: value to restore}
+_OPEN: weakref.WeakKeyDictionary[object, list[dict[str, object]]] = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def override_attributes(obj: object, **values: object) -> Iterator[None]:
+    """Within the block, obj.<name> = value for each keyword; restored on exit (also on error)
+    to what it held when the block began, or handed on to a later overlapping block. While
+    torch.compile traces, a plain save and restore (what the traced graph can hold)."""
+    if torch.compiler.is_compiling():
+        saved = {name: getattr(obj, name) for name in values}
+        for name, value in values.items():
+            setattr(obj, name, value)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(obj, name, value)
+        return
+    with _LOCK:
+        saved = {name: getattr(obj, name) for name in values}
+        _OPEN.setdefault(obj, []).append(saved)
+        for name, value in values.items():
+            setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        with _LOCK:
+            blocks = _OPEN[obj]
+            index = next(i for i, block in enumerate(blocks) if block is saved)
+            for name, value in saved.items():
+                heir = next((block for block in blocks[index + 1:] if name in block), None)
+                if heir is None:  # no later block set it: the value before this block returns
+                    setattr(obj, name, value)
+                else:  # the later block's value stays; it restores this block's saved one
+                    heir[name] = value
+            del blocks[index]
+            if not blocks:
+                del _OPEN[obj]

@@ -1,0 +1,111 @@
+"""override_attributes: blocks that end in any order leave the object as it was, and the gate
+overrides built on it (SparseAttention, SparseMLP, override_head_gates, first_token_readout)."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+
+import pytest
+import torch
+
+from sparsebert.nn.attention import SparseAttention
+from sparsebert.nn.mlp import SparseMLP
+from sparsebert.overrides import _OPEN, override_attributes
+
+
+class Thing:
+    def __init__(self):
+        self.a, self.b = "a0", "b0"
+
+
+def test_nested_blocks_restore_in_turn():
+    thing = Thing()
+    with override_attributes(thing, a="a1"):
+        with override_attributes(thing, a="a2", b="b2"):
+            assert (thing.a, thing.b) == ("a2", "b2")
+        assert (thing.a, thing.b) == ("a1", "b0")
+    assert (thing.a, thing.b) == ("a0", "b0")
+    assert thing not in _OPEN
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1),
+                                   (2, 1, 0)])
+def test_blocks_ending_in_any_order_leave_the_original_values(order):
+    """Three overlapping blocks (as from three threads) ended in every order: while some are
+    open, each attribute holds the latest open block's value; after all, the originals."""
+    thing = Thing()
+    values = [dict(a="a1"), dict(a="a2", b="b2"), dict(b="b3")]
+    blocks = [override_attributes(thing, **v) for v in values]
+    for block in blocks:
+        block.__enter__()
+    assert (thing.a, thing.b) == ("a2", "b3")
+    open_blocks = [0, 1, 2]
+    for index in order:
+        blocks[index].__exit__(None, None, None)
+        open_blocks.remove(index)
+        for name in ("a", "b"):
+            setters = [i for i in open_blocks if name in values[i]]
+            want = values[setters[-1]][name] if setters else f"{name}0"
+            assert getattr(thing, name) == want, (order, index, name)
+    assert thing not in _OPEN
+
+
+def test_a_block_restores_on_error_and_holds_no_reference():
+    thing = Thing()
+    with pytest.raises(RuntimeError), override_attributes(thing, a="a1"):
+        raise RuntimeError("inside")
+    assert thing.a == "a0"
+    with override_attributes(thing, a="a1"):
+        pass
+    ref = weakref.ref(thing)
+    del thing
+    gc.collect()
+    assert ref() is None
+
+
+def test_overlapping_head_gate_overrides_from_two_threads_end_clean():
+    """Thread A overrides a block's head gate, B overrides it too, A's block ends, then B's:
+    once both have ended the block has no override and computes with its own gate (restoring
+    what each saw on entry left A's gate in place for good)."""
+    torch.manual_seed(0)
+    block = SparseAttention(16, 4).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        plain = block(x)[0]
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def thread_a():
+        with block.override_head_gate(torch.tensor([1.0, 0.0, 0.0, 0.0])):
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def thread_b():
+        a_in.wait(10)
+        with block.override_head_gate(torch.tensor([0.0, 0.0, 0.0, 1.0])):
+            b_in.set()
+            a_out.wait(10)
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert block.head_gate_override is None and block.head_gate_live is None
+    with torch.no_grad():
+        torch.testing.assert_close(block(x)[0], plain, rtol=0, atol=0)
+
+
+def test_mlp_gate_overrides_ending_out_of_order():
+    mlp = SparseMLP(16, 32).eval()
+    first = mlp.override_gates(torch.tensor(0.5), torch.ones(32), neurons_live=True)
+    second = mlp.override_gates(None, torch.zeros(32))
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert mlp.mlp_gate_override is None and mlp.neuron_gate_override is not None
+    second.__exit__(None, None, None)
+    assert (mlp.mlp_gate_override, mlp.neuron_gate_override, mlp.neuron_gate_live) == (
+        None, None, None)
