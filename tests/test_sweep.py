@@ -1081,9 +1081,10 @@ def test_ray_unreachable_address_fails_fast(tmp_path, capsys):
 
 
 @contextlib.contextmanager
-def _ray_head(cpus: int):
+def _ray_head(cpus: int, heads: list | None = None):
     """A running Ray cluster of one node with `cpus` CPUs (`ray start --head`, token
-    authentication off); yields its GCS address and stops every process of it at the end."""
+    authentication off); yields its GCS address and stops every process of it at the end.
+    heads: a list that gets the head's process (its group holds the whole cluster)."""
     import socket  # noqa: PLC0415
 
     with socket.socket() as probe:  # a free port
@@ -1096,6 +1097,8 @@ def _ray_head(cpus: int):
                              "--include-dashboard=false", f"--temp-dir={temp_dir}"], env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    if heads is not None:
+        heads.append(head)
     try:
         _wait_for(lambda: _listening(port), what="the Ray head's GCS port")
         yield f"127.0.0.1:{port}"
@@ -1156,6 +1159,60 @@ def test_ray_cluster_same_results(reference, tiny_model_dir, synthetic_glue, tmp
     local = _results(reference[0])["SST-2/seed_3/summary.json"]
     assert mine["full"] == local["full"]
     assert mine["methods"]["structured"] == local["methods"]["structured"]
+
+
+_CLUSTER_DRIVER = """
+import sys, time
+from sparsebert.sweep.config import ClusterLost
+from sparsebert.sweep.local import Slot
+from sparsebert.sweep.ray_backend import RayBackend
+from tests.test_sweep_local import trivial_unit
+backend = RayBackend([Slot(0, "cpu", 1)], sys.argv[1], 1, 0.0, runner=trivial_unit)
+backend.submit(backend.slots[0], {"id": "long", "sleep": 600.0}, None)
+print("SUBMITTED", flush=True)
+sys.stdin.readline()  # the cluster is gone
+start = time.monotonic()
+try:
+    while time.monotonic() - start < 50:
+        backend.poll(timeout=1.0)
+except ClusterLost as error:
+    backend.close()
+    print(f"LOST {time.monotonic() - start:.1f} {error}", flush=True)
+"""
+
+
+def test_ray_cluster_lost_mid_sweep_is_named(tmp_path):
+    """The cluster a sweep joined dies while a unit runs: within seconds the backend raises
+    ClusterLost naming --ray-address (Ray itself ends such a driver after 60 s, with a log
+    line and exit status 1, as if units had failed)."""
+    pytest.importorskip("ray")
+    root = Path(__file__).resolve().parents[1]
+    heads: list[subprocess.Popen] = []
+    with _ray_head(cpus=1, heads=heads) as address:
+        driver = subprocess.Popen(
+            [sys.executable, "-c", _CLUSTER_DRIVER, address], cwd=root, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            env={**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(root)},
+            start_new_session=True)
+        try:
+            ready, _, _ = select.select([driver.stdout], [], [], 180)
+            line = driver.stdout.readline() if ready else "(nothing within 180 s)"
+            assert line.startswith("SUBMITTED"), line
+            os.killpg(heads[0].pid, signal.SIGKILL)  # the whole cluster
+            heads[0].wait(timeout=30)
+            driver.stdin.write("\n")
+            driver.stdin.flush()
+            ready, _, _ = select.select([driver.stdout], [], [], 120)
+            line = driver.stdout.readline() if ready else "(nothing within 120 s)"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    assert line.startswith("LOST "), line
+    _, seconds, message = line.split(" ", 2)
+    assert float(seconds) < 30  # well before Ray's own 60 s exit
+    assert message.startswith(f"--ray-address {address}: the Ray cluster stopped answering")
+    assert "with 1 unit(s) running; rerun the same command once it is back" in message
 
 
 def test_ray_backend_starts_its_own_instance(monkeypatch):

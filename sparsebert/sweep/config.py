@@ -34,6 +34,10 @@ class SweepError(ConfigError):
     """A bad sweep option, a sweep directory that holds another grid, or a backend failure."""
 
 
+class ClusterLost(SweepError):
+    """The Ray cluster the sweep joined stopped answering while units ran."""
+
+
 @dataclass
 class SweepConfig:
     """The grid and how it is run."""

@@ -19,7 +19,12 @@ from sparsebert.errors import RunDirError
 from sparsebert.lottery.config import SearchConfig
 from sparsebert.lottery.search import check_search_dir
 from sparsebert.lottery.subnetworks import SUBNETWORKS
-from sparsebert.sweep.config import NO_STOP_AFTER_STEPS, SweepConfig, SweepError
+from sparsebert.sweep.config import (
+    NO_STOP_AFTER_STEPS,
+    ClusterLost,
+    SweepConfig,
+    SweepError,
+)
 from sparsebert.sweep.grid import Grid, expand
 from sparsebert.sweep.local import (
     UNGUARDED_SCRIPT,
@@ -209,6 +214,9 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
         outcome.notes = list(notes)
         status = "failed" if outcome.failed else "finished"
         return outcome
+    except ClusterLost as error:  # the cluster stopped answering while units ran
+        status = f"stopped: {error}"
+        raise
     except SweepError as error:  # e.g. a Ray cluster that cannot hold a unit
         status = f"refused: {error}"
         raise

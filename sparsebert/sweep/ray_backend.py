@@ -24,10 +24,13 @@ from typing import Any, NamedTuple
 
 from sparsebert.errors import Terminated
 from sparsebert.sweep import ray_watchdog
-from sparsebert.sweep.config import SweepError
+from sparsebert.sweep.config import ClusterLost, SweepError
 from sparsebert.sweep.local import Event, Slot, error_info
 
 CONNECT_TIMEOUT_S = 5.0
+# How often a sweep on a cluster it joined checks that the cluster still answers (also after
+# every failed task): Ray ends a driver whose cluster is gone after 60 s, with no word of why.
+HEALTH_CHECK_S = 5.0
 PROBE_TIMEOUT_S = 30.0  # a child process connects to the cluster within this, or is killed
 _PROBE = """
 import json, sys
@@ -41,22 +44,32 @@ ray.shutdown()
 """
 
 
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise SweepError(f"--ray-address {address!r}: expected HOST:PORT (e.g. "
+                         f"10.0.0.5:6379), ray://HOST:PORT or auto")
+    return host, int(port)
+
+
+def unreachable(host: str, port: int) -> str | None:
+    """Why nothing listens at host:port (within CONNECT_TIMEOUT_S), or None if something does."""
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        return error.strerror or str(error) or type(error).__name__
+    return None
+
+
 def check_reachable(address: str) -> None:
     """A clear error within seconds when nothing listens at HOST:PORT (ray.init would keep
     retrying for a long time)."""
     if address == "auto":
         return
-    host, _, port = address.split("://", 1)[-1].rpartition(":")
-    if not host or not port.isdigit():
-        raise SweepError(f"--ray-address {address!r}: expected HOST:PORT (e.g. "
-                         f"10.0.0.5:6379), ray://HOST:PORT or auto")
-    try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as error:
-        reason = error.strerror or str(error) or type(error).__name__
+    reason = unreachable(*_host_port(address))
+    if reason is not None:
         raise SweepError(f"--ray-address {address}: no Ray cluster reachable there "
-                         f"({reason}); start one (ray start --head) or use --backend local"
-                         ) from None
+                         f"({reason}); start one (ray start --head) or use --backend local")
 
 
 class Cluster(NamedTuple):
@@ -117,6 +130,15 @@ def preflight(address: str | None) -> Cluster | None:
         return None
     check_reachable(address)
     return probe_cluster(address)
+
+
+def _gcs_address(ray) -> tuple[str, int] | None:
+    """(host, port) of the GCS of the cluster this process is connected to, or None where
+    this Ray does not say."""
+    try:
+        return _host_port(ray.get_runtime_context().gcs_address)
+    except (AttributeError, SweepError, TypeError):
+        return None
 
 
 def _run_unit(spec: dict[str, Any]) -> dict[str, Any]:
@@ -258,6 +280,11 @@ class RayBackend:
         # a kill -9 of this process would leave the started instance's agents running
         self.watchdog = Watchdog.start() if self.started and not address else None
         self.pending: dict[Any, Slot] = {}
+        # A cluster joined (not an instance of this sweep's own): its GCS, checked while units
+        # run, and the address to name when it stops answering.
+        self.joined = address or "the Ray instance this process had already joined"
+        self.gcs = None if self.started and not address else _gcs_address(ray)
+        self.checked_at, self.lost = time.monotonic(), False
         try:
             self._check_feasible()
         except SweepError:
@@ -289,17 +316,37 @@ class RayBackend:
         slot.busy, slot.warm_key, slot.task = spec["id"], warm_key, ref.task_id().hex()
         self.pending[ref] = slot
 
+    def _check_cluster(self, now: bool = False, running: int | None = None) -> None:
+        """ClusterLost when the joined cluster's GCS stopped answering (every HEALTH_CHECK_S,
+        or now): the sweep stops with its address named, before Ray's own 60 s exit.
+        running: the units that were running (default: those still pending)."""
+        if self.gcs is None or (not now and time.monotonic() - self.checked_at < HEALTH_CHECK_S):
+            return
+        self.checked_at = time.monotonic()
+        reason = unreachable(*self.gcs)
+        if reason is not None:
+            self.lost = True
+            raise ClusterLost(f"--ray-address {self.joined}: the Ray cluster stopped answering "
+                              f"({reason} at {self.gcs[0]}:{self.gcs[1]}) with "
+                              f"{len(self.pending) if running is None else running} unit(s) "
+                              "running; rerun the same command "
+                              "once it is back (finished units are kept)")
+
     def poll(self, timeout: float) -> list[Event]:
+        self._check_cluster()
         if not self.pending:
             time.sleep(timeout)
             return []
         # Return as soon as one unit ends (its slot is refilled at once), with every other
         # unit that has ended by then.
-        refs = list(self.pending)
+        refs = list(self.pending)  # (the units running now)
         ready, _ = self.ray.wait(refs, num_returns=1, timeout=timeout)
         if ready and len(refs) > 1:
             ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
-        return [self._collect(ref) for ref in ready]
+        events = [self._collect(ref) for ref in ready]
+        if any(not event.ok for event in events):  # a dead node or worker: is the cluster?
+            self._check_cluster(now=True, running=len(refs))
+        return events
 
     def _collect(self, ref) -> Event:
         """The event of the finished task `ref`, whose slot is free again."""
@@ -334,6 +381,9 @@ class RayBackend:
         An instance the sweep started is shut down with its workers and nothing is cancelled
         first: a force-cancel racing a unit's reply can abort the driver inside Ray's core
         worker ("Tried to complete task that was not pending", seen with Ray 2.60)."""
+        if self.lost:  # nothing answers to cancel with; the units go with this driver
+            self.pending.clear()
+            return
         if self.started:
             self.pending.clear()
             shut_down = False
