@@ -1215,6 +1215,43 @@ def test_ray_cluster_lost_mid_sweep_is_named(tmp_path):
     assert "with 1 unit(s) running; rerun the same command once it is back" in message
 
 
+def test_ray_backend_tells_queued_units_from_started_ones(tmp_path, monkeypatch):
+    """Two units on a 1-CPU cluster: the second waits in Ray's queue until the first ends.
+    begun() says which has begun (from the marker its task writes in OUT/.sweep/started/),
+    so that --unit-timeout counts from there; markers go when their units end."""
+    pytest.importorskip("ray")
+    from sparsebert.sweep.local import Slot  # noqa: PLC0415
+    from sparsebert.sweep.ray_backend import RayBackend, start_marker  # noqa: PLC0415
+    from tests.test_sweep_local import trivial_unit  # noqa: PLC0415
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as the head was started
+    with _ray_head(cpus=1) as address:
+        backend = RayBackend([Slot(0, "cpu", 1), Slot(1, "cpu", 1)], address, 1, 0.0,
+                             runner=trivial_unit)
+        try:
+            specs = [{"id": f"u/{i}", "out": str(tmp_path), "sleep": 4.0} for i in range(2)]
+            for slot, spec in zip(backend.slots, specs, strict=True):
+                backend.submit(slot, spec, None)
+            first = _wait_for(lambda: next((s["id"] for s in specs
+                                            if backend.begun(s["id"])), None),
+                              what="a unit to begin")
+            second = next(s["id"] for s in specs if s["id"] != first)
+            assert not backend.begun(second)  # queued behind the first
+            events = []
+            while not events:
+                events = backend.poll(timeout=1.0)
+            assert [(e.unit_id, e.ok) for e in events] == [(first, True)]
+            assert not start_marker(specs[int(first[-1])]).exists()
+            _wait_for(lambda: backend.begun(second), what="the queued unit to begin")
+            events = []
+            while not events:
+                events = backend.poll(timeout=1.0)
+            assert [(e.unit_id, e.ok) for e in events] == [(second, True)]
+            assert not list((tmp_path / ".sweep" / "started").iterdir())
+        finally:
+            backend.close()
+
+
 def test_ray_backend_starts_its_own_instance(monkeypatch):
     """Without --ray-address the backend starts a local instance as wide as its slots, even
     when RAY_ADDRESS (or the machine's last `ray start`) names a cluster: here one that is

@@ -323,6 +323,62 @@ def test_sweep_with_a_worker_killed_mid_unit_completes():
     assert {i: len(m) for i, m in markers.marked.items()} == {u.id: 1 for u in units}
 
 
+class _QueueingBackend:
+    """A backend (one slot) whose units wait `queued_s` in a queue before they begin (as Ray
+    tasks do while other jobs hold the cluster), then run `run_s`."""
+
+    name = "queueing"
+
+    def __init__(self, queued_s: float, run_s: float) -> None:
+        self.slots = [Slot(0, "cpu", 1)]
+        self.queued_s, self.run_s = queued_s, run_s
+        self.submitted_at: dict[str, float] = {}
+        self.stopped: list[str] = []
+
+    def idle(self) -> list[Slot]:
+        return [s for s in self.slots if s.busy is None]
+
+    def submit(self, slot: Slot, spec: dict, warm_key) -> None:
+        slot.busy = spec["id"]
+        self.submitted_at[spec["id"]] = time.monotonic()
+
+    def begun(self, unit_id: str) -> bool:
+        return time.monotonic() - self.submitted_at[unit_id] >= self.queued_s
+
+    def poll(self, timeout: float) -> list[Event]:
+        time.sleep(min(timeout, 0.05))
+        unit_id = self.slots[0].busy
+        if unit_id is None or (time.monotonic() - self.submitted_at[unit_id]
+                               < self.queued_s + self.run_s):
+            return []
+        self.slots[0].busy = None
+        return [Event(unit_id, True, {"seconds": self.run_s})]
+
+    def stop(self, unit_id: str, info: dict) -> list[Event]:
+        self.stopped.append(unit_id)
+        self.slots[0].busy = None
+        return [Event(unit_id, False, info)]
+
+
+def test_unit_timeout_counts_from_when_a_unit_begins():
+    """A unit that waits in its backend's queue longer than --unit-timeout, then runs within
+    it, is not stopped: the clock starts when the backend says the unit began (it counted from
+    submission, so queued units timed out; the local backend's units begin on submission)."""
+    from sparsebert.sweep.grid import Grid, expand  # noqa: PLC0415
+    from sparsebert.sweep.scheduler import Scheduler  # noqa: PLC0415
+
+    units = [u for u in expand(Grid(("RTE",), (1,), ("magnitude",), ("good",), False, True))
+             if not u.deps][:1]
+    backend, markers = _QueueingBackend(queued_s=1.5, run_s=0.5), _Markers()
+    outcome = Scheduler(units, markers, backend, {}, retries=0, progress=False,
+                        unit_timeout=1.0).run()
+    assert outcome.done == [units[0].id] and not outcome.failed and not backend.stopped
+    backend, markers = _QueueingBackend(queued_s=0.2, run_s=30.0), _Markers()
+    outcome = Scheduler(units, markers, backend, {}, retries=0, progress=False,
+                        unit_timeout=1.0).run()  # a unit that runs too long still stops
+    assert list(outcome.failed) == [units[0].id] and backend.stopped == [units[0].id]
+
+
 def test_scheduler_stops_a_unit_past_the_unit_timeout(monkeypatch):
     """A unit that runs past --unit-timeout is stopped on each attempt, reported failed with
     the timeout named, and its dependents are blocked; every other unit is done."""

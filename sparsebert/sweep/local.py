@@ -48,6 +48,7 @@ class Slot:
     warm_key: Any = None
     pid: int | None = None  # the local worker process
     task: str | None = None  # the Ray task running here (its id, as `ray list tasks` shows)
+    spec: dict[str, Any] | None = None  # the unit spec of that Ray task
 
     def where(self) -> dict[str, Any]:
         """Where its unit runs, for status.json: the worker's pid, or the Ray task's id (its

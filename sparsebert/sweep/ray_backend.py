@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from sparsebert.errors import Terminated
@@ -141,7 +142,21 @@ def _gcs_address(ray) -> tuple[str, int] | None:
         return None
 
 
-def _run_unit(spec: dict[str, Any]) -> dict[str, Any]:
+def start_marker(spec: dict[str, Any]) -> Path:
+    """OUT/.sweep/started/<unit id>: written by the task when its unit begins (a task may wait
+    in Ray's queue first, for resources other jobs hold or an autoscaler has yet to add)."""
+    return Path(spec["out"]) / ".sweep" / "started" / spec["id"].replace("/", "__")
+
+
+def _run_unit(spec: dict[str, Any], runner: Callable[[dict[str, Any]], dict[str, Any]] | None
+              = None) -> dict[str, Any]:
+    """The Ray task: mark the unit started (on the shared filesystem), then run it."""
+    if "out" in spec:
+        marker = start_marker(spec)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    if runner is not None:
+        return runner(spec)
     from sparsebert.sweep.units import run_unit  # noqa: PLC0415 (in the Ray worker)
 
     return run_unit(spec)
@@ -290,7 +305,8 @@ class RayBackend:
         except SweepError:
             self.close()
             raise
-        self.remote = ray.remote(runner or _run_unit)
+        self.remote, self.runner = ray.remote(_run_unit), runner
+        self.began: set[str] = set()  # units whose task has started (its marker seen)
 
     def _needs(self, slot: Slot) -> dict[str, float]:
         return unit_needs(slot, self.per_gpu, self.memory_gb)
@@ -312,9 +328,25 @@ class RayBackend:
             options["num_gpus"] = needs["GPU"]
         if "memory" in needs:
             options["memory"] = int(needs["memory"])
-        ref = self.remote.options(**options).remote(spec)
+        if "out" in spec:  # a marker from an earlier attempt says nothing of this one
+            start_marker(spec).unlink(missing_ok=True)
+        ref = self.remote.options(**options).remote(spec, self.runner)
         slot.busy, slot.warm_key, slot.task = spec["id"], warm_key, ref.task_id().hex()
+        slot.spec = spec
+        self.began.discard(spec["id"])
         self.pending[ref] = slot
+
+    def begun(self, unit_id: str) -> bool:
+        """Whether the running unit `unit_id` has begun (its task left Ray's queue): its
+        marker is on the shared filesystem. Units without a sweep directory count as begun."""
+        if unit_id in self.began:
+            return True
+        slot = next((s for s in self.pending.values() if s.busy == unit_id), None)
+        spec = None if slot is None else slot.spec
+        if spec is None or "out" not in spec or start_marker(spec).exists():
+            self.began.add(unit_id)
+            return True
+        return False
 
     def _check_cluster(self, now: bool = False, running: int | None = None) -> None:
         """ClusterLost when the joined cluster's GCS stopped answering (every HEALTH_CHECK_S,
@@ -351,6 +383,7 @@ class RayBackend:
     def _collect(self, ref) -> Event:
         """The event of the finished task `ref`, whose slot is free again."""
         slot = self.pending.pop(ref)
+        self._forget(slot)
         unit_id, slot.busy, slot.task = slot.busy, None, None
         try:
             return Event(unit_id, True, self.ray.get(ref))
@@ -368,12 +401,22 @@ class RayBackend:
         if ready:
             return [self._collect(ref)]
         slot = self.pending.pop(ref)
+        self._forget(slot)
         slot.busy, slot.task = None, None
         try:
             self.ray.cancel(ref, force=True)
         except Exception:  # noqa: BLE001 (it has just finished, or its worker is gone)
             pass
         return [Event(unit_id, False, info)]
+
+    def _forget(self, slot: Slot) -> None:
+        """The ended unit of `slot`: its start marker and begun flag go."""
+        spec = slot.spec
+        if spec is not None and "out" in spec:
+            with contextlib.suppress(OSError):
+                start_marker(spec).unlink(missing_ok=True)
+        self.began.discard(slot.busy)
+        slot.spec = None
 
     def close(self) -> None:
         """Stop the units still running (an interrupted or failed sweep: on a cluster the

@@ -185,12 +185,19 @@ class Scheduler:
     def _stop_overdue(self, running: dict[str, float], ended: set[str]) -> list:
         """Stop every running unit (not among `ended`) that has run past the unit timeout:
         the backend's events for them, each a failure naming the timeout (or the unit's own
-        result, had it just come)."""
+        result, had it just come). A unit's time counts from when its backend says it began
+        (`begun`: a Ray task leaves Ray's queue), until then its clock is held at now."""
         if self.unit_timeout is None:
             return []
         now, events = time.perf_counter(), []
+        begun = getattr(self.backend, "begun", None)  # (local workers start on submission)
         for unit_id, started in list(running.items()):
-            if unit_id not in ended and now - started > self.unit_timeout:
+            if unit_id in ended:
+                continue
+            if begun is not None and not begun(unit_id):  # queued (on Ray): no time counts yet
+                running[unit_id] = now
+                continue
+            if now - started > self.unit_timeout:
                 events += self.backend.stop(unit_id, {
                     "error": f"timed out: stopped after {now - started:.0f} s "
                              f"(--unit-timeout {self.unit_timeout:g} s)",
