@@ -12,7 +12,6 @@ expected (the native kernels check again, with terser messages).
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor
@@ -163,14 +162,20 @@ def reject_fully_padded_rows(key_padding_mask: Tensor, q: Tensor) -> None:
 
 
 def attention_scale(op: str, scale, q: Tensor) -> float:
-    """The scores' scale as a float: D ** -0.5 for None, else a finite real number (an int, a
-    float, a numpy scalar; not a bool, a string or a tensor), or ValueError naming 'scale'."""
+    """The scores' scale as a float: D ** -0.5 for None, else anything float() reads as a finite
+    number (an int, a float, a numpy scalar, a one-element tensor or array; not a bool or a
+    string), or ValueError naming 'scale'. While torch.compile traces, the value as given (a
+    scale that changes between calls is traced as a symbolic float)."""
     if scale is None:
         # D < 1 is rejected by the tensor checks with a message naming q's shape.
         return q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
-    if isinstance(scale, (torch.SymFloat, torch.SymInt)):  # traced by torch.compile
+    if isinstance(scale, (torch.SymFloat, torch.SymInt)) or torch.compiler.is_compiling():
         return scale
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    try:
+        value = None if isinstance(scale, (bool, str, bytes)) else float(scale)
+    except (TypeError, ValueError, RuntimeError):  # (RuntimeError: a tensor of several values)
+        value = None
+    if value is None or not math.isfinite(value):
         raise ValueError(f"{op}: 'scale' must be a finite real number (or None for D ** -0.5), "
                          f"got {scale!r} ({type(scale).__name__})")
-    return float(scale)
+    return value

@@ -342,7 +342,7 @@ def test_integer_gate_message_names_dtype(dtype):
 
 
 @pytest.mark.parametrize("scale", ["0.5", [0.5], True, float("nan"), float("inf"),
-                                   torch.tensor(0.5)])
+                                   torch.tensor([0.5, 0.5])])
 @pytest.mark.parametrize("compact", [False, True])
 def test_bad_scale_is_refused_by_name(scale, compact):
     """A scale that is no finite real number was taken by float() (a string, True as 1.0, nan)
@@ -356,7 +356,8 @@ def test_bad_scale_is_refused_by_name(scale, compact):
             ops.masked_attention(q, q, q, gate, None, scale)
 
 
-@pytest.mark.parametrize("scale", [1, 0.25, np.float32(0.25), np.float64(0.25), 0])
+@pytest.mark.parametrize("scale", [1, 0.25, np.float32(0.25), np.float64(0.25), 0,
+                                   torch.tensor(0.25), torch.tensor([0.25]), np.array(0.25)])
 def test_real_scales_are_taken(scale):
     q = torch.randn(2, 5, HEADS, 8, dtype=torch.float64)
     gate = torch.ones(HEADS, dtype=torch.float64)
@@ -615,6 +616,20 @@ def test_torch_compile_fullgraph_matches_eager(exact):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert (got[1][1] != 0) == exact  # the pruned head's gate gradient
+
+
+def test_torch_compile_fullgraph_with_a_changing_scale():
+    """A scale that changes between calls is traced as a symbolic float after the first
+    recompile (torch's specialize_float off): still one graph, no break at the scale's check."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 4, 2, 8, generator=gen) for _ in range(3))
+    gate = torch.ones(2)
+    compiled = torch.compile(lambda q, scale: ops.masked_attention(q, k, v, gate, None, scale),
+                             backend="aot_eager", fullgraph=True)
+    for scale in (0.25, 0.5, 0.75):
+        want, _ = masked_attention_ref(q, k, v, gate, None, scale)
+        torch.testing.assert_close(compiled(q, scale), want, rtol=1e-5, atol=1e-6)
 
 
 def test_torch_compile_fullgraph_off_the_cpu_with_a_mask():
