@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import weakref
 from collections.abc import Iterator
 
 import torch
 
 _LOCK = threading.Lock()
-# object -> its open blocks, oldest first; each block: {attribute: value to restore}
-_OPEN: weakref.WeakKeyDictionary[object, list[dict[str, object]]] = weakref.WeakKeyDictionary()
+# id(object) -> its open blocks, oldest first; each block: {attribute: value to restore}. Keyed
+# by identity, not by the object's own hash and equality (a module may define __eq__); an
+# entry lives while a block holds its object, and goes with the last of them.
+_OPEN: dict[int, list[dict[str, object]]] = {}
 
 
 @contextlib.contextmanager
@@ -45,14 +46,25 @@ def override_attributes(obj: object, **values: object) -> Iterator[None]:
         return
     with _LOCK:
         saved = {name: getattr(obj, name) for name in values}
-        _OPEN.setdefault(obj, []).append(saved)
-        for name, value in values.items():
-            setattr(obj, name, value)
+        blocks = _OPEN.setdefault(id(obj), [])
+        blocks.append(saved)
+        done = []
+        try:
+            for name, value in values.items():
+                setattr(obj, name, value)
+                done.append(name)
+        except BaseException:  # e.g. a property that refuses the value: the block never began
+            for name in reversed(done):
+                setattr(obj, name, saved[name])
+            blocks.pop()  # (its own: appended above, under the lock)
+            if not blocks:
+                del _OPEN[id(obj)]
+            raise
     try:
         yield
     finally:
         with _LOCK:
-            blocks = _OPEN[obj]
+            blocks = _OPEN[id(obj)]
             index = next(i for i, block in enumerate(blocks) if block is saved)
             for name, value in saved.items():
                 heir = next((block for block in blocks[index + 1:] if name in block), None)
@@ -62,4 +74,4 @@ def override_attributes(obj: object, **values: object) -> Iterator[None]:
                     heir[name] = value
             del blocks[index]
             if not blocks:
-                del _OPEN[obj]
+                del _OPEN[id(obj)]

@@ -27,7 +27,7 @@ def test_nested_blocks_restore_in_turn():
             assert (thing.a, thing.b) == ("a2", "b2")
         assert (thing.a, thing.b) == ("a1", "b0")
     assert (thing.a, thing.b) == ("a0", "b0")
-    assert thing not in _OPEN
+    assert id(thing) not in _OPEN
 
 
 @pytest.mark.parametrize("order", [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1),
@@ -49,7 +49,7 @@ def test_blocks_ending_in_any_order_leave_the_original_values(order):
             setters = [i for i in open_blocks if name in values[i]]
             want = values[setters[-1]][name] if setters else f"{name}0"
             assert getattr(thing, name) == want, (order, index, name)
-    assert thing not in _OPEN
+    assert id(thing) not in _OPEN
 
 
 def test_a_block_restores_on_error_and_holds_no_reference():
@@ -109,3 +109,56 @@ def test_mlp_gate_overrides_ending_out_of_order():
     second.__exit__(None, None, None)
     assert (mlp.mlp_gate_override, mlp.neuron_gate_override, mlp.neuron_gate_live) == (
         None, None, None)
+
+
+class Equal(Thing):
+    """Instances equal to each other, and unhashable (__eq__ without __hash__)."""
+
+    def __eq__(self, other):
+        return isinstance(other, Equal)
+
+
+class EqualHashed(Equal):
+    def __hash__(self):
+        return 0
+
+
+def test_objects_are_told_apart_by_identity():
+    """Objects that define __eq__ (so unhashable) or compare equal to each other: overrides
+    key on identity, so each works and neither inherits the other's saved values."""
+    with override_attributes(Equal(), a="a1"):
+        pass
+    first, second = EqualHashed(), EqualHashed()
+    one, two = override_attributes(first, a="x"), override_attributes(second, a="y")
+    one.__enter__()
+    two.__enter__()
+    one.__exit__(None, None, None)
+    two.__exit__(None, None, None)
+    assert (first.a, second.a) == ("a0", "a0") and not _OPEN
+
+
+class Refusing(Thing):
+    """b refuses None (a validating property)."""
+
+    @property
+    def b(self):
+        return self._b
+
+    @b.setter
+    def b(self, value):
+        if value is None:
+            raise ValueError("b must not be None")
+        self._b = value
+
+
+def test_a_block_that_fails_to_begin_leaves_nothing_behind():
+    """A setattr that raises while a block begins: the attributes it set are put back and the
+    block is not left open (an earlier block's restore would have been handed to it)."""
+    thing = Refusing()
+    first = override_attributes(thing, a="a1")
+    first.__enter__()
+    with pytest.raises(ValueError, match="must not be None"):
+        override_attributes(thing, a="a2", b=None).__enter__()
+    assert (thing.a, thing.b) == ("a1", "b0")
+    first.__exit__(None, None, None)
+    assert (thing.a, thing.b) == ("a0", "b0") and id(thing) not in _OPEN
