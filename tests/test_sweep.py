@@ -1252,6 +1252,66 @@ def test_ray_backend_tells_queued_units_from_started_ones(tmp_path, monkeypatch)
             backend.close()
 
 
+def _fake_ray(gcs_address: str) -> types.ModuleType:
+    """A stand-in for the ray module: joins anything, one 8-CPU node, tasks that never end,
+    and `gcs_address` as the runtime context's GCS (in Ray Client mode, the address as seen
+    inside the cluster)."""
+    ray = types.ModuleType("ray")
+    joined = []
+    ray.is_initialized = lambda: bool(joined)
+    ray.init = lambda address=None, **options: joined.append(address)
+    ray.shutdown = lambda: joined.clear()
+    ray.cancel = lambda *args, **kwargs: None
+    ray.nodes = lambda: [{"Alive": True, "Resources": {"CPU": 8.0}}]
+
+    class Ref:  # a task's object ref (hashable, as Ray's)
+        def task_id(self):
+            return types.SimpleNamespace(hex=lambda: "t1")
+
+    def wait(refs, num_returns=1, timeout=None):  # nothing ever ends
+        time.sleep(timeout or 0)
+        return [], refs
+
+    options = types.SimpleNamespace(remote=lambda *args: Ref())
+    ray.remote = lambda fn: types.SimpleNamespace(options=lambda **kw: options)
+    ray.wait = wait
+    ray.get_runtime_context = lambda: types.SimpleNamespace(gcs_address=gcs_address)
+    return ray
+
+
+def test_ray_cluster_check_targets_what_the_driver_reached(monkeypatch):
+    """The health check connects where the driver joined (for ray://, the Ray Client server),
+    not to the GCS address Ray reports (inside the cluster, unreachable from a client): no
+    false ClusterLost while that address answers; ClusterLost once it stops. With `auto`, a
+    reported GCS that does not answer from here turns the check off."""
+    from sparsebert.sweep import ray_backend  # noqa: PLC0415
+    from sparsebert.sweep.config import ClusterLost  # noqa: PLC0415
+    from sparsebert.sweep.local import Slot  # noqa: PLC0415
+
+    monkeypatch.setattr(ray_backend, "HEALTH_CHECK_S", 0.2)
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        inside = f"127.0.0.1:{closed.getsockname()[1]}"
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    address = f"ray://127.0.0.1:{server.getsockname()[1]}"
+    monkeypatch.setitem(sys.modules, "ray", _fake_ray(inside))
+    backend = ray_backend.RayBackend([Slot(0, "cpu", 1)], address, 1, 0.0)
+    backend.submit(backend.slots[0], {"id": "full/SST-2/1"}, None)
+    for _ in range(5):  # past several checks
+        assert backend.poll(timeout=0.1) == []
+    server.close()
+    time.sleep(0.3)
+    with pytest.raises(ClusterLost, match=f"--ray-address {address}: the Ray cluster stopped "
+                                          r"answering \(Connection refused"):
+        backend.poll(timeout=0.1)
+    backend.close()
+    auto = ray_backend.RayBackend([Slot(0, "cpu", 1)], "auto", 1, 0.0)
+    assert auto.gcs is None  # the reported GCS does not answer from here: no check
+    auto.close()
+
+
 def test_ray_backend_starts_its_own_instance(monkeypatch):
     """Without --ray-address the backend starts a local instance as wide as its slots, even
     when RAY_ADDRESS (or the machine's last `ray start`) names a cluster: here one that is

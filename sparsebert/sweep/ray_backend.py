@@ -295,10 +295,20 @@ class RayBackend:
         # a kill -9 of this process would leave the started instance's agents running
         self.watchdog = Watchdog.start() if self.started and not address else None
         self.pending: dict[Any, Slot] = {}
-        # A cluster joined (not an instance of this sweep's own): its GCS, checked while units
-        # run, and the address to name when it stops answering.
+        # A cluster joined (not an instance of this sweep's own): where to check, while units
+        # run, that it still answers, and the address to name when it stops. The address
+        # given, which answered before the sweep began (HOST:PORT of the GCS, or of the Ray
+        # Client server for ray://); for `auto` or a Ray this process had already joined, the
+        # GCS address Ray reports, if it answers from here now (a GCS bound to an address the
+        # driver cannot reach would read as a lost cluster: not checked then).
         self.joined = address or "the Ray instance this process had already joined"
-        self.gcs = None if self.started and not address else _gcs_address(ray)
+        if self.started and not address:
+            self.gcs = None
+        elif address and address != "auto":
+            self.gcs = _host_port(address)
+        else:
+            gcs = _gcs_address(ray)
+            self.gcs = gcs if gcs is not None and unreachable(*gcs) is None else None
         self.checked_at, self.lost = time.monotonic(), False
         try:
             self._check_feasible()
