@@ -172,12 +172,13 @@ def check_output(name, fn, q, k, v, gate) -> None:
                          "timed")
 
 
-def wanted(name, active, mode, args, cuda) -> bool:
+def wanted(name, active, mode, args, cuda, dtype=None) -> bool:
     """Whether the table has a row for provider `name` with `active` heads kept in `mode`."""
     if name in CUDA_ONLY and not cuda:
         return False
-    if name == "sparsebert_wgmma" and not ops.wgmma_forward_available():
-        return False  # it would time the mma.sync kernel again
+    if name == "sparsebert_wgmma" and (not ops.wgmma_forward_available()
+                                       or dtype not in (torch.float16, torch.bfloat16)):
+        return False  # it would time the mma.sync kernel (fp32: the 3xTF32 one) again
     if name == "sparsebert_compact" and mode != "fwd":
         return False  # forward only (inference fast path)
     if name == "sdpa" and active != args.heads:
@@ -267,7 +268,8 @@ def main(argv=None) -> None:
         "--active", type=int, nargs="+", default=None, help="heads kept (default H, H/2, H/4)"
     )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--providers", nargs="+", default=None, choices=PROVIDERS,
+                        help="default: every provider this device and build can run")
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds over the rows of one shape (medians kept)")
@@ -285,6 +287,13 @@ def main(argv=None) -> None:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
 
     cuda = args.device.startswith("cuda")
+    named = args.providers is not None
+    args.providers = args.providers or list(PROVIDERS)
+    if cuda and named and "sparsebert_wgmma" in args.providers and not (
+            ops.wgmma_forward_available()):
+        parser.error("--providers sparsebert_wgmma: this build has no wgmma forward (build with "
+                     "TORCH_CUDA_ARCH_LIST=9.0a for a compute capability 9.0 GPU); its rows "
+                     "would be left out")
     if not cuda and set(args.providers) <= set(CUDA_ONLY):
         parser.error(f"--providers {' '.join(args.providers)}: CUDA-only; on the CPU add "
                      f"others (nothing would be timed, and the CPU results file overwritten)")
@@ -299,7 +308,7 @@ def main(argv=None) -> None:
     rows, records = [], []
     for mode, batch, seq, dim in itertools.product(modes, batches, args.seq, dims):
         keys = [(name, active) for active in actives for name in args.providers
-                if wanted(name, active, mode, args, cuda)]
+                if wanted(name, active, mode, args, cuda, dtype)]
         samples = {key: [] for key in keys}  # (provider, heads kept) -> seconds per round
         errors = {}  # (provider, heads kept) -> why its graph capture failed
         for round_index in range(args.rounds):  # each round times every row once

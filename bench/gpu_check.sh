@@ -67,8 +67,12 @@ mkdir -p "$out"
 steps=${GPU_CHECK_STEPS:-}  # "build,cuda-tests,...": only those steps (default: all)
 source bench/gpu_common.sh
 gpu_env  # bench scripts import sparsebert from this tree
-# sm_90a: the same code as sm_90 for every kernel, plus the opt-in wgmma forward
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} SPARSEBERT_BUILD_CUDA=1 SPARSEBERT_PTXAS_VERBOSE=1
+# sm_90a: the same code as sm_90 for every kernel, plus the opt-in wgmma forward. A list without
+# it (a machine's TORCH_CUDA_ARCH_LIST=9.0) would build no wgmma code: its tests would all skip
+# and its benchmark rows drop out, so 9.0a is used instead (it runs on H100/H200, sm_90).
+arch=${TORCH_CUDA_ARCH_LIST:-9.0a}
+[[ ";${arch// /;};" == *";9.0a;"* ]] || arch=9.0a
+export TORCH_CUDA_ARCH_LIST=$arch SPARSEBERT_BUILD_CUDA=1 SPARSEBERT_PTXAS_VERBOSE=1
 export SPARSEBERT_REQUIRE_EXT=1 MAX_JOBS=${MAX_JOBS:-16}
 start=$SECONDS
 gpu_summary
@@ -105,14 +109,15 @@ tail -n 3 "$out/mma-tests.log" >> "$summary"
 # forward tests with both forward kernels (each test first proves its kernel ran), then its
 # graph-replay GPU time next to the mma.sync forward and SDPA (fp16 and bf16, its own tables
 # masked_attention_graph_<dtype>_wgmma-<gpu>.md).
-step wgmma-forward-tests 75 "$out/mma-tests.log" python3 -m pytest "${pytest_args[@]}" \
+SPARSEBERT_REQUIRE_WGMMA=1 step wgmma-forward-tests 75 "$out/mma-tests.log" python3 -m pytest "${pytest_args[@]}" \
   tests/test_masked_attention_mma.py -k "forward or compact or cross_lengths"
 tail -n 3 "$out/mma-tests.log" >> "$summary"
-step bench-wgmma-graph 75 "$out/bench.log" bash -c "
+step bench-wgmma-graph 75 "$out/bench.log" bash -c "rc=0
   python3 bench/bench_masked_attention.py --rounds 1 --device cuda --timing graph --no-backward --seq 128 512 \
-    --providers sdpa sparsebert sparsebert_wgmma sparsebert_compact --tag wgmma
+    --providers sdpa sparsebert sparsebert_wgmma sparsebert_compact --tag wgmma || rc=\$?
   python3 bench/bench_masked_attention.py --rounds 1 --device cuda --timing graph --no-backward --seq 128 512 \
-    --providers sdpa sparsebert sparsebert_wgmma --dtype bfloat16 --tag wgmma"; pack
+    --providers sdpa sparsebert sparsebert_wgmma --dtype bfloat16 --tag wgmma || rc=\$?
+  exit \$rc"; pack
 
 # importance(cuda_graph=True) against the eager pass (forward, backward and accumulation
 # replayed from one CUDA graph per batch shape; the option stays off by default until this passes),
@@ -144,10 +149,11 @@ step bench-captured-ops 30 "$out/bench.log" python3 bench/bench_captured_ops.py 
 # forward) and sparsebert_wmma (the WMMA kernel, switched on per call) next to SDPA, whose chosen
 # backend the table names. In the float32 table sparsebert is the 3xTF32 mma.sync forward and
 # sparsebert_wmma the SIMT kernel. Then one traced call of each kernel.
-step bench-masked-attention-graph 120 "$out/bench.log" bash -c "
-  python3 bench/bench_masked_attention.py --rounds 1 --device cuda --timing graph --no-backward --seq 128 512
-  python3 bench/bench_masked_attention.py --rounds 1 --device cuda --timing graph --no-backward --dtype bfloat16 --seq 128 512
-  python3 bench/bench_masked_attention.py --rounds 1 --device cuda --timing graph --no-backward --dtype float32 --seq 128 512"; pack
+step bench-masked-attention-graph 120 "$out/bench.log" bash -c "rc=0
+  python3 bench/bench_masked_attention.py --rounds 1 --device cuda --timing graph --no-backward --seq 128 512 || rc=\$?
+  python3 bench/bench_masked_attention.py --rounds 1 --device cuda --timing graph --no-backward --dtype bfloat16 --seq 128 512 || rc=\$?
+  python3 bench/bench_masked_attention.py --rounds 1 --device cuda --timing graph --no-backward --dtype float32 --seq 128 512 || rc=\$?
+  exit \$rc"; pack
 # Forward+backward (autograd.grad to q, k, v and the gate) in graph-replay GPU time, fp16, next to
 # SDPA's; a provider whose capture fails gets a row naming the error.
 step bench-masked-attention-graph-bwd 90 "$out/bench.log" python3 bench/bench_masked_attention.py --rounds 1 \
@@ -176,11 +182,12 @@ tail -n 3 "$out/cuda-tests.log" >> "$summary"
 
 # Step 5: eager fwd and fwd+bwd; S=512 runs the mma.sync backward's key-block/query-block items,
 # the float32 table the 3xTF32 backward (sparsebert) against the SIMT one (sparsebert_wmma).
-step bench-masked-attention 150 "$out/bench.log" bash -c "
+step bench-masked-attention 150 "$out/bench.log" bash -c "rc=0
   python3 bench/bench_masked_attention.py --rounds 1 --device cuda --seq 128 512 \
-    --providers sdpa sdpa_gate gather_sdpa sparsebert sparsebert_wmma sparsebert_compact
+    --providers sdpa sdpa_gate gather_sdpa sparsebert sparsebert_wmma sparsebert_compact || rc=\$?
   python3 bench/bench_masked_attention.py --rounds 1 --device cuda --dtype float32 --dim 64 --seq 128 \
-    --providers sdpa sparsebert sparsebert_wmma"; pack
+    --providers sdpa sparsebert sparsebert_wmma || rc=\$?
+  exit \$rc"; pack
 step bench-train-step 120 "$out/bench.log" python3 bench/bench_train_step.py --device cuda; pack
 step bench-group-dot 45 "$out/bench.log" python3 bench/bench_group_dot.py --device cuda; pack
 step bench-masked-model 45 "$out/bench.log" python3 bench/bench_masked_model.py --device cuda \

@@ -9,6 +9,8 @@ Its fp32 variant (3xTF32) is compared with a float64 reference at 1e-5 (see TF32
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -124,8 +126,11 @@ def mma_switch(monkeypatch):
 def forward_switch(request, monkeypatch):
     """The forward kernels: mma.sync (the default, named), and wgmma where it can run."""
     if request.param == "wgmma" and not ops.wgmma_forward_available():
-        pytest.skip("the wgmma forward needs a build with sm_90a code (TORCH_CUDA_ARCH_LIST=9.0a) "
-                    "and a compute capability 9.0 GPU")
+        why = ("the wgmma forward needs a build with sm_90a code (TORCH_CUDA_ARCH_LIST=9.0a) "
+               "and a compute capability 9.0 GPU")
+        if os.environ.get("SPARSEBERT_REQUIRE_WGMMA") == "1":  # bench/gpu_check.sh's wgmma step
+            pytest.fail(f"SPARSEBERT_REQUIRE_WGMMA=1: {why}")
+        pytest.skip(why)
     monkeypatch.setenv(SWITCH, request.param)
     return request.param
 

@@ -340,7 +340,8 @@ class RayBackend:
             options["memory"] = int(needs["memory"])
         if "out" in spec:  # a marker from an earlier attempt says nothing of this one
             start_marker(spec).unlink(missing_ok=True)
-        ref = self.remote.options(**options).remote(spec, self.runner)
+        task = self.remote.options(**options)
+        ref = task.remote(spec) if self.runner is None else task.remote(spec, self.runner)
         slot.busy, slot.warm_key, slot.task = spec["id"], warm_key, ref.task_id().hex()
         slot.spec = spec
         self.began.discard(spec["id"])
