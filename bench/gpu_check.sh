@@ -103,7 +103,7 @@ pytest_args=(-v -m cuda -p no:cacheprovider -rfE --timeout=60)
 # mma tests.
 SPARSEBERT_ATTENTION_KERNEL=mma step mma-tests 120 "$out/mma-tests.log" \
   python3 -m pytest "${pytest_args[@]}" tests/test_masked_attention.py tests/test_masked_attention_mma.py
-tail -n 3 "$out/mma-tests.log" >> "$summary"
+step_tail "$out/mma-tests.log" 3
 
 # The opt-in wgmma forward (SPARSEBERT_ATTENTION_KERNEL=wgmma; sm_90a, not yet run on a GPU): the
 # forward tests with both forward kernels (each test first proves its kernel ran), then its
@@ -111,7 +111,7 @@ tail -n 3 "$out/mma-tests.log" >> "$summary"
 # masked_attention_graph_<dtype>_wgmma-<gpu>.md).
 SPARSEBERT_REQUIRE_WGMMA=1 step wgmma-forward-tests 75 "$out/mma-tests.log" python3 -m pytest "${pytest_args[@]}" \
   tests/test_masked_attention_mma.py -k "forward or compact or cross_lengths"
-tail -n 3 "$out/mma-tests.log" >> "$summary"
+step_tail "$out/mma-tests.log" 3
 step bench-wgmma-graph 75 "$out/bench.log" bash -c "rc=0
   python3 bench/bench_masked_attention.py --rounds 1 --device cuda --timing graph --no-backward --seq 128 512 \
     --providers sdpa sparsebert sparsebert_wgmma sparsebert_compact --tag wgmma || rc=\$?
@@ -128,7 +128,7 @@ step bench-wgmma-graph 75 "$out/bench.log" bash -c "rc=0
 step importance-graph-tests 60 "$out/cuda-tests.log" python3 -m pytest "${pytest_args[@]}" \
   tests/test_importance_graph.py tests/test_first_token_readout.py tests/test_gate_grad_only.py \
   tests/test_importance_precision.py
-tail -n 3 "$out/cuda-tests.log" >> "$summary"
+step_tail "$out/cuda-tests.log" 3
 
 # CUDA-graph training with fixed gates (CudaGraphStep(fixed_gates=True); off by default until this
 # passes): the graphs leave masked heads' products and masked MLPs out; the tests compare training
@@ -136,7 +136,7 @@ tail -n 3 "$out/cuda-tests.log" >> "$summary"
 # every other head masked, graphs with and without fixed gates (train_step_masked-<gpu>.md).
 step fixed-gates-tests 60 "$out/cuda-tests.log" python3 -m pytest "${pytest_args[@]}" \
   tests/test_train_step.py -k fixed_gates
-tail -n 3 "$out/cuda-tests.log" >> "$summary"
+step_tail "$out/cuda-tests.log" 3
 step bench-train-step-fixed 75 "$out/bench.log" python3 bench/bench_train_step.py --device cuda \
   --models bert-base --lengths 128,mixed --stem train_step_masked \
   --loops graphs,graphs_patched,graphs_patched_fixed,graphs_patched_half,graphs_patched_half_fixed
@@ -178,7 +178,7 @@ step ncu-dense-compact 45 "$out/bench.log" "${ncu_bin:-ncu}" --clock-control non
 # the mma tests ran in step 2).
 step cuda-tests 150 "$out/cuda-tests.log" python3 -m pytest "${pytest_args[@]}" \
   --ignore=tests/test_masked_attention_mma.py tests/
-tail -n 3 "$out/cuda-tests.log" >> "$summary"
+step_tail "$out/cuda-tests.log" 3
 
 # Step 5: eager fwd and fwd+bwd; S=512 runs the mma.sync backward's key-block/query-block items,
 # the float32 table the 3xTF32 backward (sparsebert) against the SIMT one (sparsebert_wmma).
@@ -201,9 +201,9 @@ step bench-importance 150 "$out/bench.log" python3 bench/bench_importance.py --d
 # rows, sm < 80, other head dims): WMMA, then SIMT.
 SPARSEBERT_ATTENTION_KERNEL=wmma step wmma-tests 60 "$out/wmma-tests.log" \
   python3 -m pytest "${pytest_args[@]}" tests/test_masked_attention.py
-tail -n 3 "$out/wmma-tests.log" >> "$summary"
+step_tail "$out/wmma-tests.log" 3
 export SPARSEBERT_ATTENTION_KERNEL=simt
 step simt-tests 60 "$out/simt-tests.log" \
   python3 -m pytest "${pytest_args[@]}" tests/test_masked_attention.py
-tail -n 3 "$out/simt-tests.log" >> "$summary"
+step_tail "$out/simt-tests.log" 3
 echo "total: $((SECONDS - start)) s" | tee -a "$summary"

@@ -44,11 +44,21 @@ gpu_summary() {
 
 step() {
   local name=$1 limit=$2 log=$3; shift 3
+  step_ran=0  # (read by step_tail)
   if [ -n "${steps:-}" ] && [[ ",$steps," != *",$name,"* ]]; then return 0; fi
+  step_ran=1
   local t0=$SECONDS
   echo "== $name (limit $limit s)" >> "$log"
   timeout -s INT --kill-after=15 "$limit" "$@" >> "$log" 2>&1
   local rc=$?
   echo "$name: exit $rc, $((SECONDS - t0)) s$([ $rc = 124 ] && echo ' (time limit)')" | tee -a "$summary"
   return $rc
+}
+
+# The last lines of a step's log into the summary (a test step's pass/fail counts), only when
+# that step ran in this call (a skipped step's log is missing, or another step's).
+step_tail() {
+  local log=$1 lines=${2:-3}
+  if [ "${step_ran:-0}" = 1 ] && [ -f "$log" ]; then tail -n "$lines" "$log" >> "$summary"; fi
+  return 0
 }

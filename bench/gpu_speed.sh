@@ -51,7 +51,7 @@ python3 -c "from sparsebert import ops; print('masked_attention native kernels:'
 
 # Step 1: the fast path on the GPU (CUDA graphs, varlen), and its CPU tests for good measure.
 step tests 120 "$out/tests.log" python3 -m pytest -q -p no:cacheprovider -rfEs tests/test_speed.py
-tail -n 2 "$out/tests.log" >> "$summary"
+step_tail "$out/tests.log" 2
 
 # Step 2: the tables (each run times its rows interleaved; device-side timing with CUDA events).
 common=(--device cuda --model bert-base --dtype fp16 --seq 128 --repeats 30)
