@@ -69,9 +69,15 @@ source bench/gpu_common.sh
 gpu_env  # bench scripts import sparsebert from this tree
 # sm_90a: the same code as sm_90 for every kernel, plus the opt-in wgmma forward. A list without
 # it (a machine's TORCH_CUDA_ARCH_LIST=9.0) would build no wgmma code: its tests would all skip
-# and its benchmark rows drop out, so 9.0a is used instead (it runs on H100/H200, sm_90).
+# and its benchmark rows drop out, so its 9.0 becomes 9.0a, or 9.0a is added (sm_90a code runs
+# on H100/H200).
 arch=${TORCH_CUDA_ARCH_LIST:-9.0a}
-[[ ";${arch// /;};" == *";9.0a;"* ]] || arch=9.0a
+plain=${arch//+PTX/}
+if [[ ";${plain// /;};" != *";9.0a;"* ]]; then  # 9.0 becomes 9.0a (one build, not two), or add it
+  arch=$(sed -E 's/(^|[; ])9\.0(\+PTX)?($|[; ])/\19.0a\2\3/' <<< "$arch")
+  plain=${arch//+PTX/}
+  [[ ";${plain// /;};" == *";9.0a;"* ]] || arch="$arch;9.0a"
+fi
 export TORCH_CUDA_ARCH_LIST=$arch SPARSEBERT_BUILD_CUDA=1 SPARSEBERT_PTXAS_VERBOSE=1
 export SPARSEBERT_REQUIRE_EXT=1 MAX_JOBS=${MAX_JOBS:-16}
 start=$SECONDS

@@ -12,6 +12,7 @@ expected (the native kernels check again, with terser messages).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -162,20 +163,34 @@ def reject_fully_padded_rows(key_padding_mask: Tensor, q: Tensor) -> None:
 
 
 def attention_scale(op: str, scale, q: Tensor) -> float:
-    """The scores' scale as a float: D ** -0.5 for None, else anything float() reads as a finite
-    number (an int, a float, a numpy scalar, a one-element tensor or array; not a bool or a
-    string), or ValueError naming 'scale'. While torch.compile traces, the value as given (a
-    scale that changes between calls is traced as a symbolic float)."""
+    """The scores' scale as a float: D ** -0.5 for None, else a finite real number (an int, a
+    float, a numpy scalar or 0-d array, a one-element tensor that needs no grad; not a bool, a
+    string or a complex number), or ValueError naming 'scale'. While torch.compile traces: a
+    Python number as given (a scale that changes between calls is traced as a symbolic float,
+    whose finiteness cannot be read), a tensor refused."""
     if scale is None:
         # D < 1 is rejected by the tensor checks with a message naming q's shape.
         return q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
-    if isinstance(scale, (torch.SymFloat, torch.SymInt)) or torch.compiler.is_compiling():
+    if isinstance(scale, (torch.SymFloat, torch.SymInt)):
         return scale
-    try:
-        value = None if isinstance(scale, (bool, str, bytes)) else float(scale)
-    except (TypeError, ValueError, RuntimeError):  # (RuntimeError: a tensor of several values)
-        value = None
+    compiling = torch.compiler.is_compiling()
+    if isinstance(scale, Tensor):
+        usable = (not compiling and not scale.requires_grad and scale.numel() == 1
+                  and not scale.is_complex())
+    else:
+        usable = not isinstance(scale, (bool, str, bytes)) and not (
+            isinstance(scale, numbers.Complex) and not isinstance(scale, numbers.Real))
+    value = None
+    if usable and compiling:  # (comparisons trace where math.isfinite and float() cannot)
+        if -math.inf < scale < math.inf:
+            return scale
+        usable = False
+    if usable:
+        try:
+            value = float(scale)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            value = None
     if value is None or not math.isfinite(value):
-        raise ValueError(f"{op}: 'scale' must be a finite real number (or None for D ** -0.5), "
-                         f"got {scale!r} ({type(scale).__name__})")
+        raise ValueError(f"{op}: 'scale' must be a finite real number (a Python float, or "
+                         f"None for D ** -0.5), got {scale!r} ({type(scale).__name__})")
     return value

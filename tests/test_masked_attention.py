@@ -341,8 +341,9 @@ def test_integer_gate_message_names_dtype(dtype):
     assert "'head_gate'" in message and str(dtype) in message and "float32" in message
 
 
-@pytest.mark.parametrize("scale", ["0.5", [0.5], True, float("nan"), float("inf"),
-                                   torch.tensor([0.5, 0.5])])
+@pytest.mark.parametrize("scale", ["0.5", [0.5], True, float("nan"), float("inf"), 10**400,
+                                   np.complex128(1 + 2j), torch.tensor([0.5, 0.5]),
+                                   torch.tensor(0.5, requires_grad=True)])
 @pytest.mark.parametrize("compact", [False, True])
 def test_bad_scale_is_refused_by_name(scale, compact):
     """A scale that is no finite real number was taken by float() (a string, True as 1.0, nan)
@@ -630,6 +631,17 @@ def test_torch_compile_fullgraph_with_a_changing_scale():
     for scale in (0.25, 0.5, 0.75):
         want, _ = masked_attention_ref(q, k, v, gate, None, scale)
         torch.testing.assert_close(compiled(q, scale), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", ["0.5", True, float("nan")])
+def test_compiled_calls_refuse_a_bad_scale_too(scale):
+    """While torch.compile traces, a bad constant scale is refused as in eager mode."""
+    torch._dynamo.reset()
+    q = torch.randn(1, 4, 2, 8)
+    compiled = torch.compile(lambda q, scale: ops.masked_attention(q, q, q, torch.ones(2), None,
+                                                                   scale), backend="eager")
+    with pytest.raises(ValueError, match="'scale' must be a finite real number"):
+        compiled(q, scale)
 
 
 def test_torch_compile_fullgraph_off_the_cpu_with_a_mask():

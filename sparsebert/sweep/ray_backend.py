@@ -304,7 +304,7 @@ class RayBackend:
         self.joined = address or "the Ray instance this process had already joined"
         if self.started and not address:
             self.gcs = None
-        elif address and address != "auto":
+        elif self.started and address and address != "auto":  # (joined just now)
             self.gcs = _host_port(address)
         else:
             gcs = _gcs_address(ray)
