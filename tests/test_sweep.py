@@ -1312,6 +1312,26 @@ def test_ray_cluster_check_targets_what_the_driver_reached(monkeypatch):
     auto.close()
 
 
+def test_ray_task_refuses_another_sparsebert_than_the_drivers(tmp_path):
+    """A Ray task checks that its worker imports the driver's sparsebert (a cluster's nodes use
+    their own environment): another version, or another commit where both are checkouts, fails
+    the unit naming both; the same code runs it (a missing commit on one side does not count)."""
+    from sparsebert.sweep.ray_backend import _run_unit, code_identity  # noqa: PLC0415
+    from tests.test_sweep_local import trivial_unit  # noqa: PLC0415
+
+    mine = code_identity()
+    spec = {"id": "full/SST-2/3", "out": str(tmp_path)}
+    assert _run_unit({**spec, "driver_code": dict(mine)}, trivial_unit)["pid"] == os.getpid()
+    assert _run_unit({**spec, "driver_code": {**mine, "git_sha": None}}, trivial_unit)
+    with pytest.raises(RuntimeError, match=r"runs sparsebert .* the sweep's driver sparsebert "
+                                           r"0\.0\.1 from /elsewhere: install the driver's"):
+        _run_unit({**spec, "driver_code": {"version": "0.0.1", "git_sha": None,
+                                           "path": "/elsewhere"}}, trivial_unit)
+    if mine["git_sha"] is not None:
+        with pytest.raises(RuntimeError, match=r"\(0{40}\) from"):
+            _run_unit({**spec, "driver_code": {**mine, "git_sha": "0" * 40}}, trivial_unit)
+
+
 def test_ray_backend_starts_its_own_instance(monkeypatch):
     """Without --ray-address the backend starts a local instance as wide as its slots, even
     when RAY_ADDRESS (or the machine's last `ray start`) names a cluster: here one that is

@@ -11,6 +11,7 @@ the task), so a unit is counted and reported the same on both backends.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -148,9 +149,42 @@ def start_marker(spec: dict[str, Any]) -> Path:
     return Path(spec["out"]) / ".sweep" / "started" / spec["id"].replace("/", "__")
 
 
+@functools.cache
+def code_identity() -> dict[str, str | None]:
+    """The sparsebert this process imports: its version, the commit of its checkout (None for
+    an installed copy) and its folder."""
+    import sparsebert  # noqa: PLC0415
+    from sparsebert.runtime import git_sha  # noqa: PLC0415
+
+    return {"version": sparsebert.__version__, "git_sha": git_sha(),
+            "path": str(Path(sparsebert.__file__).resolve().parent)}
+
+
+def check_same_code(driver: dict[str, str | None]) -> None:
+    """RuntimeError when this worker's sparsebert is not the driver's (another version, or
+    another commit where both run from checkouts): a cluster's nodes import their own
+    environment's copy, and a unit run by other code would mix results silently."""
+    mine = code_identity()
+    shas = (driver.get("git_sha"), mine["git_sha"])
+    if driver.get("version") != mine["version"] or (all(shas) and shas[0] != shas[1]):
+        def shown(code):
+            return (f"sparsebert {code.get('version')}"
+                    + (f" ({code['git_sha']})" if code.get("git_sha") else "")
+                    + f" from {code.get('path')}")
+
+        raise RuntimeError(f"this Ray worker ({socket.gethostname()}) runs {shown(mine)}, the "
+                           f"sweep's driver {shown(driver)}: install the driver's version on "
+                           "every node (or share its checkout at the same path)")
+
+
 def _run_unit(spec: dict[str, Any], runner: Callable[[dict[str, Any]], dict[str, Any]] | None
               = None) -> dict[str, Any]:
-    """The Ray task: mark the unit started (on the shared filesystem), then run it."""
+    """The Ray task: check that this worker runs the driver's sparsebert, mark the unit
+    started (on the shared filesystem), then run it."""
+    spec = dict(spec)
+    driver = spec.pop("driver_code", None)
+    if driver is not None:
+        check_same_code(driver)
     if "out" in spec:
         marker = start_marker(spec)
         marker.parent.mkdir(parents=True, exist_ok=True)
@@ -340,6 +374,7 @@ class RayBackend:
             options["memory"] = int(needs["memory"])
         if "out" in spec:  # a marker from an earlier attempt says nothing of this one
             start_marker(spec).unlink(missing_ok=True)
+        spec = {**spec, "driver_code": code_identity()}
         task = self.remote.options(**options)
         ref = task.remote(spec) if self.runner is None else task.remote(spec, self.runner)
         slot.busy, slot.warm_key, slot.task = spec["id"], warm_key, ref.task_id().hex()
