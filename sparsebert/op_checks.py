@@ -11,6 +11,7 @@ expected (the native kernels check again, with terser messages).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -184,12 +185,9 @@ def attention_scale(op: str, scale, q: Tensor) -> float:
     if usable and compiling:  # (comparisons trace where math.isfinite and float() cannot)
         if -math.inf < scale < math.inf:
             return scale
-        usable = False
-    if usable:
-        try:
+    elif usable:
+        with contextlib.suppress(TypeError, ValueError, RuntimeError, OverflowError):
             value = float(scale)
-        except (TypeError, ValueError, RuntimeError, OverflowError):
-            value = None
     if value is None or not math.isfinite(value):
         raise ValueError(f"{op}: 'scale' must be a finite real number (a Python float, or "
                          f"None for D ** -0.5), got {scale!r} ({type(scale).__name__})")
