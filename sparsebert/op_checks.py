@@ -175,6 +175,8 @@ def attention_scale(op: str, scale, q: Tensor) -> float:
     if isinstance(scale, (torch.SymFloat, torch.SymInt)):
         return scale
     compiling = torch.compiler.is_compiling()
+    if type(scale) is float and not compiling and math.isfinite(scale):  # the common case, fast
+        return scale
     if isinstance(scale, Tensor):
         usable = (not compiling and not scale.requires_grad and scale.numel() == 1
                   and not scale.is_complex())
