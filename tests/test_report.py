@@ -953,3 +953,72 @@ def test_weak_threshold_note_uses_the_searched_metric(tmp_path):
         "search_data": "train", "search_majority": 0.47,
         "full": {"score": 0.60, "metrics": {"pearson": 0.60, "corr": 0.50}}}))
     assert table.threshold_at_majority(collect(tmp_path)["STS-B"]) == [1]
+    notes = table.results_notes(collect(tmp_path))
+    assert ("STS-B: the search thresholds corr = (Pearson + Spearman) / 2, the table shows "
+            "pearson: a subnetwork that keeps 0.9 x the full model's corr can score below 0.9 x "
+            "its pearson.") in notes
+
+
+def test_data_line_names_the_commits_that_wrote_the_summaries(tmp_path: Path):
+    """Each summary records the commit of the code that wrote it: the report lists them with
+    the tasks (or a task's seeds) each wrote, and says nothing when none is recorded."""
+    a, b, c = "0a668b218ea37205afc68a311113318172f9c5db", "9b3c28a1f39e", "65b305def22b-dirty"
+    for i, seed in enumerate(SEEDS):
+        write_run(tmp_path / "one", "MRPC", seed, i, git_sha=a)
+        write_run(tmp_path / "many", "MRPC", seed, i, git_sha=a)
+        write_run(tmp_path / "many", "RTE", seed, i, git_sha=b if seed != SEEDS[-1] else c)
+        write_run(tmp_path / "many", "CoLA", seed, i)
+        write_run(tmp_path / "none", "MRPC", seed, i)
+    assert "Code: every summary written at commit 0a668b2. " in \
+        report(tmp_path / "one")["report"].read_text()
+    seeds = ", ".join(map(str, SEEDS[:-1]))
+    assert (f"Code: summaries written at commits 0a668b2 (MRPC); 9b3c28a (RTE seeds {seeds}); "
+            f"65b305d-dirty (RTE seed {SEEDS[-1]}); not recorded (CoLA) (results of different "
+            "commits are comparable only where") in report(tmp_path / "many")["report"].read_text()
+    assert "Code:" not in report(tmp_path / "none")["report"].read_text()
+
+
+def test_overlap_compares_only_tasks_of_one_model(tmp_path: Path, monkeypatch):
+    """Head (l, h) of one model is not head (l, h) of another of the same shape: the overlap
+    figure counts only tasks run on one model (the most numerous), and draws nothing when no
+    two tasks share one."""
+    from sparsebert.report import figures  # noqa: PLC0415
+
+    for i, seed in enumerate(SEEDS):
+        write_run(tmp_path / "two", "MRPC", seed, i)
+        write_run(tmp_path / "two", "RTE", seed, i, model="/models/other")
+        write_run(tmp_path / "three", "MRPC", seed, i)
+        write_run(tmp_path / "three", "CoLA", seed, i)
+        write_run(tmp_path / "three", "RTE", seed, i, model="/models/other")
+    pytest.importorskip("statsmodels")
+    assert figures.overlap(collect(tmp_path / "two"), tmp_path / "two.png") is None
+    compared = []
+    stats, _ = figures.stats_module()
+    real = stats.overlap_matrix
+    monkeypatch.setattr(stats, "overlap_matrix", lambda masks: compared.append(set(masks))
+                        or real(masks))
+    assert_png(figures.overlap(collect(tmp_path / "three"), tmp_path / "three.png"))
+    assert compared == [{"MRPC", "CoLA"}]
+
+
+def test_a_one_panel_subnetworks_figure_has_room_for_its_title(tmp_path: Path):
+    """One task, one method, several seeds: the figure is at least 6.4 in wide and the title
+    (two lines) fits inside it."""
+    from sparsebert.report import figures  # noqa: PLC0415
+
+    for i, seed in enumerate(SEEDS):
+        write_run(tmp_path / "runs", "RTE", seed, i, magnitude=False)
+    captured = []
+    monkeypatch = pytest.MonkeyPatch()
+    real = figures.save_png
+    monkeypatch.setattr(figures, "save_png", lambda fig, path: captured.append(fig)
+                        or real(fig, path))
+    try:
+        assert_png(figures.subnetworks(collect(tmp_path / "runs"), tmp_path / "s.png"))
+    finally:
+        monkeypatch.undo()
+    fig, = captured
+    assert fig.get_figwidth() >= 6.4
+    fig.draw_without_rendering()
+    box = fig._suptitle.get_window_extent()
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width, box

@@ -66,9 +66,40 @@ def _data_line(results: dict[str, TaskResults]) -> str:
     setting = ", ".join(described)
     n = f"{len(runs)} lottery-search run{'s' if len(runs) > 1 else ''}"
     return (f"Data: {n} (one task x one seed each): {'; '.join(parts)}. Setting: {setting}. "
-            f"{_training_data(results)}All scores are on the dev sets. The paper's values "
+            f"{_training_data(results)}{_code_line(results)}All scores are on the dev sets. "
+            "The paper's values "
             "(Prasanna et al. 2020: BERT-base, 5 seeds; transcribed in "
             "sparsebert/report/paper.py) are not comparable one to one when the model differs.")
+
+
+def _short_sha(sha: str | None) -> str | None:
+    """A recorded commit as the report prints it: 7 hex digits, "-dirty" kept."""
+    if sha is None:
+        return None
+    return sha[:7] + ("-dirty" if sha.endswith("-dirty") else "")
+
+
+def _code_line(results: dict[str, TaskResults]) -> str:
+    """'Code: ...': the commits of the code that wrote the summaries, each with the tasks (or a
+    task's seeds) it wrote; '' when no summary records one."""
+    groups: dict[str | None, list[str]] = {}
+    for task, res in results.items():
+        shas = [(run.seed, _short_sha(run.git_sha)) for run in res.runs]
+        distinct = list(dict.fromkeys(sha for _, sha in shas))
+        for sha in distinct:
+            seeds = [str(seed) for seed, s in shas if s == sha]
+            groups.setdefault(sha, []).append(
+                task if len(distinct) == 1 else
+                f"{task} seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}")
+    if set(groups) <= {None}:
+        return ""
+    items = [f"{sha or 'not recorded'} ({', '.join(names)})"  # the unrecorded last
+             for sha, names in sorted(groups.items(), key=lambda item: item[0] is None)]
+    if len(groups) == 1:
+        return f"Code: every summary written at commit {next(iter(groups))}. "
+    return ("Code: summaries written at commits " + "; ".join(items) + " (results of different "
+            "commits are comparable only where the code between them did not change the "
+            "method). ")
 
 
 def _training_data(results: dict[str, TaskResults]) -> str:

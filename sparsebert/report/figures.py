@@ -7,7 +7,7 @@
 * pruning_curves.png: the search score after every pruning step vs the fraction kept, per task
   (s-pruning coloured by phase, m-pruning by seed), with the threshold line.
 * stability.png (>= 2 seeds): mean Jaccard and Fleiss' kappa of the head masks per task.
-* overlap.png (>= 2 tasks with >= 2 seeds): shared super-survivor heads, task x task.
+* overlap.png (>= 2 tasks of one model with >= 2 seeds): shared super-survivor heads, task x task.
 * speed_vs_score.png (runs timed by `sparsebert speed --run`): each s-pruning subnetwork's dev
   score against its measured speed-up over the full model (sparsebert.report.speed_figure).
 
@@ -55,7 +55,9 @@ def _task_panels(n_tasks: int, n_methods: int, panel_w: float, panel_h: float,
     up to 4 panels; returns it and, per task, its panels."""
     per_row = max(1, 4 // n_methods)  # tasks side by side
     rows, cols = math.ceil(n_tasks / per_row), min(n_tasks, per_row) * n_methods
-    fig = Figure(figsize=(panel_w * cols + 0.6, panel_h * rows + extra_h), layout="constrained")
+    # at least 6.4 in wide: room for the title and the legend when there is a single panel
+    fig = Figure(figsize=(max(panel_w * cols + 0.6, 6.4), panel_h * rows + extra_h),
+                 layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     panels = [[axes[t // per_row, (t % per_row) * n_methods + m] for m in range(n_methods)]
               for t in range(n_tasks)]
@@ -207,7 +209,7 @@ def subnetworks(results: Mapping[str, TaskResults], path: Path) -> Path | None:
     bottom_legend(fig, 4, 8, handles)
     many = any(r.n_seeds > 1 for r in results.values())
     fig.suptitle("Good, random and bad subnetworks"
-                 + (" (mean over seeds; error bars: ± sample std; n=: over fewer seeds)"
+                 + ("\n(mean over seeds; error bars: ± sample std; n=: over fewer seeds)"
                     if many else ""), fontsize=11)
     return save_png(fig, path)
 
@@ -257,7 +259,8 @@ def _curve_axes(ax: Axes, res: TaskResults, method: str, seed_colors: Mapping[in
     ax.set_xlim(1.02, max(-0.03, ax.get_xlim()[0] - 0.02))
     ax.set_xlabel("fraction kept" + (" (heads + MLP params)" if method == "structured"
                                      else " (eligible weights)"), fontsize=8)
-    ax.set_ylabel(f"{search_set(res.runs)} {res.metric} (search metric)", fontsize=8)
+    ax.set_ylabel(f"{search_set(res.runs)} {table.metric_name(res.metric)}\n(search metric)",
+                  fontsize=8)
     ax.set_title(f"{res.task}: {METHOD_TITLES[method]}", fontsize=9)
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=6, loc="best")  # away from the points
@@ -364,14 +367,20 @@ def stability_bars(results: Mapping[str, TaskResults], path: Path) -> Path | Non
 
 def overlap(results: Mapping[str, TaskResults], path: Path) -> Path | None:
     """Task x task count of shared super-survivor heads (>= 2 tasks with >= 2 seeds of masks of
-    one shape); the diagonal is each task's own count."""
+    one model); the diagonal is each task's own count. Heads of different models are not the
+    same heads: with tasks of several models, the most tasks of one model are drawn and the
+    title names the tasks left out."""
     stats, _ = stats_module()
     masks = {t: r.head_masks for t, r in results.items()
              if r.head_masks is not None and len(r.head_masks) > 1}
     if stats is None or not masks:
         return None
-    shape = next(iter(masks.values())).shape[1:]
-    masks = {t: m for t, m in masks.items() if m.shape[1:] == shape}
+    groups: dict[tuple, list[str]] = {}  # (model, mask shape) -> its tasks
+    for task, m in masks.items():
+        groups.setdefault((results[task].runs[0].model, m.shape[1:]), []).append(task)
+    (_, shape), tasks = max(groups.items(), key=lambda item: len(item[1]))  # first of ties
+    left_out = [t for t in masks if t not in tasks]
+    masks = {t: masks[t] for t in tasks}
     if len(masks) < 2:
         return None
     names, mat = stats.overlap_matrix(masks)
@@ -391,7 +400,9 @@ def overlap(results: Mapping[str, TaskResults], path: Path) -> Path | None:
     ax.set_ylabel("task")
     fig.colorbar(image, ax=ax, label="shared super-survivor heads", shrink=0.8)
     ax.set_title(f"Super-survivor heads shared by two tasks\n(of {int(np.prod(shape))} heads;"
-                 " diagonal: the task's own)", fontsize=9)
+                 " diagonal: the task's own)"
+                 + (f"\nleft out, run on another model: {', '.join(left_out)}" if left_out
+                    else ""), fontsize=9)
     return save_png(fig, path)
 
 

@@ -122,6 +122,7 @@ class RunSummary:
     model: str | None = None
     search_data: str | None = None
     importance_mode: str | None = None
+    git_sha: str | None = None  # the commit of the code that wrote the summary, if recorded
     # the fine-tunes' training data: a cap on examples (a seeded subset), None for the full
     # set; train_data_known is False for summaries without a train config
     max_train_examples: int | None = None
@@ -247,6 +248,7 @@ def _parse_run(data: dict, path: Path) -> RunSummary:
         model=_get(data, "model", path, required=False, kind=str),
         search_data=_get(data, "search_data", path, required=False, kind=str),
         importance_mode=_get(data, "importance_mode", path, required=False, kind=str),
+        git_sha=_get(data, "git_sha", path, required=False, kind=str),
     )
     for section in ("train", "search"):
         settings = _get(data, f"config.{section}", path, required=False, kind=dict)

@@ -108,6 +108,12 @@ def results_notes(results: Mapping[str, TaskResults]) -> str:
         if canon and res.report_metric != paper.METRIC[canon]:
             notes.append(f"{task}: our column is {res.report_metric}, the paper's is "
                          f"{paper.METRIC[canon]}.")
+        run = res.runs[0]
+        if run.metric != res.report_metric:  # STS-B: thresholded in corr, reported in Pearson
+            notes.append(f"{task}: the search thresholds {metric_name(run.metric)}, the table "
+                         f"shows {res.report_metric}: a subnetwork that keeps {run.threshold} x "
+                         f"the full model's {run.metric} can score below {run.threshold} x its "
+                         f"{res.report_metric}.")
         if is_regression_task(task) and "majority baseline" in res.scores:
             theirs = paper.paper_value("majority baseline", task) if canon else None
             notes.append(f"{task} is a regression task: its 'majority baseline' is a constant "
@@ -117,13 +123,21 @@ def results_notes(results: Mapping[str, TaskResults]) -> str:
         weak = threshold_at_majority(res)
         if weak:
             which = f"{'seed' if len(weak) == 1 else 'seeds'} {', '.join(map(str, weak))}"
-            run = res.runs[0]
             notes.append(
                 f"{task}: in {len(weak)} of {res.n_seeds} seeds ({which}) the search threshold "
                 f"({run.threshold} x the full model's {run.metric}) is at or below the majority "
                 "class, so a model that always predicts it passes: those searches can prune almost "
                 "everything, and their good / random / bad gaps mean little.")
     return "\n\n".join(notes)
+
+
+# the threshold metrics whose names do not say what they are
+METRIC_DEFINITIONS = {"corr": "corr = (Pearson + Spearman) / 2"}
+
+
+def metric_name(metric: str) -> str:
+    """A metric's name with its definition where the name alone does not give it."""
+    return METRIC_DEFINITIONS.get(metric, metric)
 
 
 def is_regression_task(task: str) -> bool:
