@@ -13,6 +13,7 @@ from transformers import AutoModel
 
 import sparsebert
 import sparsebert.hf as sbhf
+from sparsebert.errors import SparsebertError
 from sparsebert.nn import SparseAttention, SparseMLP
 
 TOL = 1e-5
@@ -332,7 +333,7 @@ def test_unsupported_models_raise_clear_errors(tiny_model):
     with pytest.raises(TypeError, match="Hugging Face"):
         sbhf.patch(torch.nn.Linear(3, 3))
     decoder = tiny_model("bert", is_decoder=True)
-    with pytest.raises(ValueError, match="is_decoder"):
+    with pytest.raises(SparsebertError, match="is_decoder"):  # a one-line CLI error
         sbhf.patch(decoder)
     empty = tiny_model("bert", num_hidden_layers=0)  # would never count as patched
     with pytest.raises(ValueError, match="has no encoder layers .num_hidden_layers 0."):

@@ -177,6 +177,15 @@ def _pruned_model_dir(tiny_model_dir, tmp):
     return str(tmp / "pruned")
 
 
+def _config_copy(tiny_model_dir, tmp, **fields):
+    """A copy of the tiny model whose config.json has `fields` changed."""
+    folder = tmp / "edited"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **fields}))
+    return str(folder)
+
+
 def _run_with_json(tmp, relative, text):
     """A run directory whose file `relative` holds `text`."""
     file = tmp / "run" / relative
@@ -236,7 +245,11 @@ PROBES = {  # name: (extra args (tmp_path -> list), expected text in the one err
                                "model type 'gpt2' is not supported"),
     "model-dir-without-config": (lambda tmp: ["--model", str(tmp)], "no config.json"),
     "model-dir-physically-pruned": (lambda tmp, model: ["--model", _pruned_model_dir(model, tmp)],
-                                    "a physically pruned model"),
+                                    "a masked or physically pruned model"),
+    "decoder-model": (lambda tmp, model: ["--model", _config_copy(model, tmp, is_decoder=True)],
+                      "config.is_decoder=True is not supported"),
+    "mask-file-null-head-mask": (lambda tmp: ["--head-mask", _run_with_json(
+        tmp, "m.json", '{"head_mask": null}') + "/m.json"], "no head_mask in it"),
     "run-masks-json-null": (lambda tmp: ["--run", _run_with_json(tmp, "masks.json", "null")],
                             "masks.json is damaged (expected a JSON object, found NoneType)"),
     "run-mask-file-a-list": (lambda tmp: ["--run", _run_with_json(
@@ -445,3 +458,61 @@ def test_threads_apply_for_the_call_only(tiny_model_dir, capsys):
 def test_speed_flags_without_effect_are_named(extra, said, tiny_model_dir):
     with pytest.warns(UserWarning, match=said):
         _speed(tiny_model_dir, *extra)
+
+
+@pytest.mark.parametrize("num_labels", [1, 3])
+def test_a_fine_tuned_head_of_any_size_is_timed_with_its_own_weights(num_labels, tiny_model_dir,
+                                                                      tmp_path):
+    """An STS-B (1 output) or MNLI (3 outputs) fine-tune is timed as saved: its classifier
+    keeps its size and weights instead of being refused as 'not a 2-label classifier'."""
+    from transformers import AutoModelForSequenceClassification  # noqa: PLC0415
+
+    torch.manual_seed(1)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir,
+                                                               num_labels=num_labels)
+    model.save_pretrained(tmp_path / "fine-tuned")
+    shutil.copy(f"{tiny_model_dir}/tokenizer.json", tmp_path / "fine-tuned")
+    result = _speed(str(tmp_path / "fine-tuned"), tmp_path=tmp_path)
+    assert {row["variant"] for row in result["rows"]} >= {"dense", "masked", "pruned"}
+    from sparsebert.speed.workload import load_speed_model  # noqa: PLC0415
+
+    loaded, _ = load_speed_model(str(tmp_path / "fine-tuned"))
+    assert torch.equal(loaded.classifier.weight, model.classifier.weight)
+
+
+def test_a_bfloat16_mask_file_is_read(tiny_model_dir, tmp_path):
+    """torch.save of a bf16 (or bool) head mask: numpy has no bfloat16, the file still reads."""
+    for dtype in (torch.bfloat16, torch.bool):
+        path = tmp_path / f"mask-{dtype}.pt"
+        torch.save({"head_mask": torch.tensor([[1, 0, 1, 1], [1, 1, 0, 0]], dtype=dtype)}, path)
+        result = _speed(tiny_model_dir, "--head-mask", str(path), tmp_path=tmp_path)
+        assert {row["heads_kept"] for row in result["rows"]
+                if row["variant"] == "pruned"} == {0.625}
+
+
+@pytest.mark.parametrize("error", [MemoryError("Unable to allocate 7 TiB"),
+                                   torch.OutOfMemoryError("CUDA out of memory"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory")])
+def test_out_of_memory_is_one_line_naming_the_batch(error, tiny_model_dir, capsys, monkeypatch):
+    import sparsebert.speed.command as command  # noqa: PLC0415
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.delenv("SPARSEBERT_DEBUG", raising=False)
+    monkeypatch.setattr(command, "make_batch", fail)
+    assert main(["speed", "--model", tiny_model_dir, *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert "out of memory for --batch 3 x --seq 12" in err and "lower --batch or --seq" in err
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory(tiny_model_dir, monkeypatch):
+    import sparsebert.speed.command as command  # noqa: PLC0415
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(command, "make_batch", fail)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["speed", "--model", tiny_model_dir, *FAST])

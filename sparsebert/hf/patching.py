@@ -20,7 +20,13 @@ import warnings
 import torch
 from torch import nn
 
-from sparsebert.hf.structure import ModelStructure, config_size, encoder_layers, structure_for
+from sparsebert.hf.structure import (
+    ModelStructure,
+    UnsupportedModelError,
+    config_size,
+    encoder_layers,
+    structure_for,
+)
 from sparsebert.nn import SparseAttention, SparseMLP
 
 MLP_ATTR = "sparse_mlp"
@@ -48,7 +54,7 @@ class _FFNEntry:
 def _check_config(model: nn.Module, row: ModelStructure) -> None:
     for flag in row.unsupported_flags:
         if getattr(model.config, flag, False):
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"sparsebert.patch: config.{flag}=True is not supported "
                 "(encoder self-attention only)"
             )

@@ -354,8 +354,21 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
     threads = torch.get_num_threads()
     try:
         return _run_speed(args)
+    except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        if not _out_of_memory(error):
+            raise
+        raise SpeedError(f"out of memory for --batch {args.batch} x --seq {args.seq} with "
+                         f"--model {args.model} on {args.device or 'the default device'} "
+                         f"({type(error).__name__}); lower --batch or --seq") from error
     finally:
         torch.set_num_threads(threads)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """True for an allocation failure: MemoryError (numpy's too), CUDA's OutOfMemoryError, or
+    the CPU allocator's RuntimeError."""
+    return (isinstance(error, (MemoryError, torch.OutOfMemoryError))
+            or "can't allocate memory" in str(error))
 
 
 def _run_speed(args: argparse.Namespace) -> dict[str, Any]:

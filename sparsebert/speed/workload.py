@@ -65,14 +65,18 @@ def load_speed_model(name: str, seed: int = 0) -> tuple[nn.Module, object | None
     from sparsebert.hf.loading import load_model  # noqa: PLC0415
 
     source = None if name in ("minilm", "default") else name
+    num_labels = 2  # the default model: a fresh 2-label head
     if source is not None:
-        check_model_dir(name)
-    model, tokenizer = load_model(source, num_labels=2, seed=seed)
+        num_labels = check_model_dir(name).num_labels  # a fine-tuned head keeps its size
+    model, tokenizer = load_model(source, num_labels=num_labels, seed=seed)
     return model.eval(), tokenizer
 
 
-def check_model_dir(name: str) -> None:
-    """--model DIR must be a local directory of a model type the fast path supports."""
+def check_model_dir(name: str):
+    """--model DIR must be a local directory of an encoder the fast path supports; returns its
+    config (transformers' PretrainedConfig)."""
+    from transformers import AutoConfig  # noqa: PLC0415
+
     from sparsebert.hf.pruned_format import PRUNED_JSON  # noqa: PLC0415
     from sparsebert.hf.structure import STRUCTURES, supported_model_types  # noqa: PLC0415
 
@@ -91,9 +95,19 @@ def check_model_dir(name: str) -> None:
         raise SpeedError(f"--model {name}: model type {model_type!r} is not supported by the "
                          f"fast path (supported: {', '.join(supported_model_types())})")
     if (folder / PRUNED_JSON).is_file():
-        raise SpeedError(f"--model {name}: a physically pruned model (written by save_pruned); "
-                         "expected the unpruned model, with its masks from --run or "
-                         "--head-mask (the command builds the pruned variants itself)")
+        raise SpeedError(f"--model {name}: a masked or physically pruned model (written by "
+                         "save_pruned); expected the unpruned model, with its masks from --run "
+                         "or --head-mask (the command builds the pruned variants itself)")
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SpeedError(f"--model {name}: config.json cannot be read ({error})") from None
+    flags = [flag for flag in STRUCTURES[model_type].unsupported_flags
+             if getattr(config, flag, False)]
+    if flags:
+        raise SpeedError(f"--model {name}: config.{flags[0]}=True is not supported (the fast "
+                         "path runs encoder self-attention only)")
+    return config
 
 
 def model_shape(model: nn.Module) -> dict[str, int]:
@@ -135,8 +149,13 @@ def _check_shape(flag: str, source: str, what: str, value,
     """One mask of a masks file as a float tensor of the `expected` shape, values in [0, 1]."""
     where = f"{flag} {source}"
     try:
-        tensor = torch.as_tensor(np.asarray(value, dtype=np.float32))
-    except (TypeError, ValueError):
+        if isinstance(value, torch.Tensor):  # any real dtype (numpy has no bfloat16)
+            if value.is_complex():
+                raise TypeError("complex")
+            tensor = value.detach().to("cpu", torch.float32)
+        else:
+            tensor = torch.as_tensor(np.asarray(value, dtype=np.float32))
+    except (TypeError, ValueError, RuntimeError):
         raise SpeedError(f"{where}: {what} is not a numeric array") from None
     if tuple(tensor.shape) != expected:
         raise SpeedError(f"{where}: {what} has shape {tuple(tensor.shape)}, but this model needs "
@@ -150,7 +169,7 @@ def masks_from_dict(flag: str, data: dict, shape: dict[str, int], name: str,
                     source: str) -> MaskSet:
     """A MaskSet from {"head_mask": (L, H), "mlp_mask": (L,) optional, "neuron_mask" optional}."""
     layers, heads, ffn = shape["layers"], shape["heads"], shape["intermediate"]
-    if "head_mask" not in data:
+    if data.get("head_mask") is None:  # absent, or null: a run that masked nothing
         raise SpeedError(f"{flag} {source}: no head_mask in it (keys: {sorted(data)[:8]})")
     head = _check_shape(flag, source, "head_mask", data["head_mask"], (layers, heads))
     mlp = (torch.ones(layers) if data.get("mlp_mask") is None
