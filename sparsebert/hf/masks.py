@@ -7,7 +7,9 @@ of removed heads/neurons read 0, and setting them to anything but 0 is an error.
 
 Models that run the "sparsebert" attention backend (attn_implementation="sparsebert", any
 architecture whose attention uses transformers' AttentionInterface) have head gates only:
-head_mask (L, H) with L = their self-attention modules in order (sparsebert.hf.head_gates).
+head_mask (L, H) with L = the attention modules `sparsebert.hf.attention_modules` lists, in
+order: the self-attention modules, and for encoder-decoder models whose attention class serves
+both (BART, T5) each decoder layer's cross-attention too.
 """
 
 from __future__ import annotations
@@ -117,7 +119,8 @@ def set_masks(
     is written, so a bad mask changes nothing.
 
     On a model loaded with attn_implementation="sparsebert" (or `use_sparse_attention`), only
-    head_mask applies, with L = its self-attention modules; gates are attached on first use.
+    head_mask applies, with L = the modules `sparsebert.hf.attention_modules(model)` lists (for
+    BART/T5 the decoder's cross-attention too); gates are attached on first use.
     """
     if _backend_model(model):
         _set_backend_head_gates(model, head_mask, mlp_mask, neuron_mask)
