@@ -288,6 +288,54 @@ def test_a_fallback_keeps_the_good_previous_checkpoint_through_the_next_save(set
     assert not (run / DAMAGED_NAME).exists()
 
 
+def test_another_runs_checkpoint_is_not_resumed(setup, tmp_path, capsys):
+    """A checkpoint copied in from a run with other settings (seed, lr) is not this run's: with
+    this run's previous checkpoint beside it, that one is used and the run ends as an
+    uninterrupted one; alone, a one-line error names the file and the settings."""
+    run, other = tmp_path / "run", tmp_path / "other"
+    finetune(_config(setup, checkpoint_every=2, stop_after_steps=4), run, progress=False)
+    finetune(_config(setup, seed=7, lr=1e-3, stop_after_steps=6), other, progress=False)
+    shutil.copy(other / CHECKPOINT_NAME, run / CHECKPOINT_NAME)
+    resumed = finetune(_config(setup), run, progress=False)
+    assert "not this run's checkpoint (written with other settings" in capsys.readouterr().err
+    assert resumed.metrics == finetune(_config(setup), tmp_path / "ref", progress=False).metrics
+    alone = tmp_path / "alone"
+    finetune(_config(setup, stop_after_steps=2), alone, progress=False)
+    (alone / PREVIOUS_NAME).unlink(missing_ok=True)
+    shutil.copy(other / CHECKPOINT_NAME, alone / CHECKPOINT_NAME)
+    with pytest.raises(RunDirError, match=r"checkpoint.pt: not this run's checkpoint \(written "
+                                          r"with other settings: .*'lr': \(0.001, 0.002\), "
+                                          r"'seed': \(7, 5\)"):
+        finetune(_config(setup), alone, progress=False)
+
+
+def test_a_checkpoint_that_does_not_fit_is_named(setup, tmp_path):
+    """A checkpoint without an entry the resume reads, or whose weights are another model's
+    (its settings recorded as this run's): a RunDirError naming the file, not a KeyError or
+    a state-dict RuntimeError."""
+    run = tmp_path / "run"
+    finetune(_config(setup, stop_after_steps=2), run, progress=False)
+    (run / PREVIOUS_NAME).unlink(missing_ok=True)
+    good = torch.load(run / CHECKPOINT_NAME, weights_only=True)
+    torch.save({k: v for k, v in good.items() if k != "scheduler"}, run / CHECKPOINT_NAME)
+    with pytest.raises(RunDirError, match=r"checkpoint.pt: damaged \(no scheduler in it\)"):
+        finetune(_config(setup), run, progress=False)
+    torch.save({**good, "model": {**good["model"], "extra.weight": torch.zeros(1)}},
+               run / CHECKPOINT_NAME)
+    with pytest.raises(RunDirError, match=r"checkpoint.pt: does not fit this run's model or "
+                                          r"optimizer \(.*extra.weight"):
+        finetune(_config(setup), run, progress=False)
+
+
+def test_a_masks_file_that_is_not_an_object_is_named(setup, tmp_path):
+    run = tmp_path / "run"
+    finetune(_config(setup, stop_after_steps=2), run, progress=False)
+    (run / "masks.json").write_text("[]")
+    with pytest.raises(RunDirError, match=r"masks.json: damaged \(expected a JSON object, "
+                                          r"found list\)"):
+        finetune(_config(setup), run, progress=False)
+
+
 def test_out_must_be_a_directory(setup, tmp_path):
     file = tmp_path / "f"
     file.write_text("x")

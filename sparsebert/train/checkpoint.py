@@ -21,6 +21,7 @@ import os
 import pickle
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,10 @@ from sparsebert.errors import RunDirError
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_NAME = "checkpoint.prev.pt"
 DAMAGED_NAME = "checkpoint.damaged.pt"
+
+
+# what resuming reads from a checkpoint (the loop's Step 3)
+REQUIRED_KEYS = ("model", "optimizer", "scheduler", "rng", "step", "elapsed_s")
 
 
 class CheckpointError(RunDirError):
@@ -109,12 +114,17 @@ def save_checkpoint(out_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(out_dir: str | os.PathLike) -> dict[str, Any] | None:
+def load_checkpoint(out_dir: str | os.PathLike,
+                    foreign: Callable[[dict[str, Any]], str | None] | None = None
+                    ) -> dict[str, Any] | None:
     """The latest readable checkpoint's state (CPU tensors), or None when there is none.
 
     Falls back to checkpoint.prev.pt when checkpoint.pt is damaged (a note on stderr), and then
     moves the damaged file to checkpoint.damaged.pt (else the next save would rotate it onto
     the good previous one); raises CheckpointError when checkpoints exist but none is usable.
+    foreign(state): why a readable checkpoint is not this run's (e.g. its recorded settings
+    differ), or None; such a checkpoint counts as unusable. The state's "path" entry names the
+    file it came from.
     """
     out_dir = Path(out_dir)
     current, previous = out_dir / CHECKPOINT_NAME, out_dir / PREVIOUS_NAME
@@ -126,9 +136,16 @@ def load_checkpoint(out_dir: str | os.PathLike) -> dict[str, Any] | None:
             continue
         try:
             state = _read(path)
+            missing = [key for key in REQUIRED_KEYS if key not in state]
+            if missing:
+                raise CheckpointError(f"{path}: damaged (no {', '.join(missing)} in it)")
+            reason = foreign(state) if foreign is not None else None
+            if reason:
+                raise CheckpointError(f"{path}: not this run's checkpoint ({reason})")
         except CheckpointError as error:
             errors.append(str(error))
             continue
+        state["path"] = str(path)
         if path == previous and errors:
             damaged = out_dir / DAMAGED_NAME
             if current.exists():

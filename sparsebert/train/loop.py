@@ -33,6 +33,8 @@ from sparsebert.pruning.weight_masks import WeightMasks
 from sparsebert.runtime import device_name, git_sha, versions
 from sparsebert.train import data_cache
 from sparsebert.train.checkpoint import (
+    PREVIOUS_NAME,
+    CheckpointError,
     load_checkpoint,
     remove_checkpoints,
     rng_state,
@@ -93,13 +95,51 @@ def check_config(out_dir: Path, config: TrainConfig) -> RunResult | None:
                 else "a config.json that is not a run's")
         raise TrainError(f"--out {out_dir}: holds {what}, not a fine-tuning run; use another "
                          f"--out (to fine-tune that model, pass it as --model)")
-    mine = config.to_json()
-    diff = {k: (recorded(saved, k), recorded(mine, k)) for k in compared_settings(saved, mine)
-            if k not in RUNTIME_FIELDS and not same_setting(k, saved.get(k), mine.get(k))}
+    diff = settings_diff(saved, config)
     if diff:
         raise TrainError(f"{out_dir} holds a run with a different config ({diff}, as "
                          f"saved vs requested); use another --out or delete that directory")
     return RunResult.load(out_dir)
+
+
+def settings_diff(saved: dict[str, Any], config: TrainConfig) -> dict[str, tuple]:
+    """{setting: (saved, requested)} for each training setting a record (a config.json or a
+    checkpoint's "config") has other than `config`; runtime fields may differ."""
+    mine = config.to_json()
+    return {k: (recorded(saved, k), recorded(mine, k)) for k in compared_settings(saved, mine)
+            if k not in RUNTIME_FIELDS and not same_setting(k, saved.get(k), mine.get(k))}
+
+
+def _foreign_checkpoint(config: TrainConfig) -> Callable[[dict[str, Any]], str | None]:
+    """load_checkpoint's test: a checkpoint written with other settings (one copied in from
+    another run) is not this run's."""
+    def reason(state: dict[str, Any]) -> str | None:
+        saved = state.get("config")
+        if saved is None:  # (not recorded: nothing to compare)
+            return None
+        if not isinstance(saved, dict):
+            return "its recorded settings are not an object"
+        diff = settings_diff(saved, config)
+        return f"written with other settings: {diff}, as saved vs this run's" if diff else None
+
+    return reason
+
+
+def _restore(state: dict[str, Any], model: torch.nn.Module, optimizer, scheduler,
+             device: torch.device) -> None:
+    """Load a checkpoint's model, optimizer, schedule and RNG states; CheckpointError naming
+    the file when they do not fit this run (another model's weights, a damaged entry)."""
+    try:
+        model.load_state_dict(state["model"])
+        load_optimizer_state(optimizer, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"], device)
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as error:
+        first = " ".join(str(error).split())[:200] or type(error).__name__
+        where = state.get("path", "the checkpoint")
+        raise CheckpointError(f"{where}: does not fit this run's model or optimizer ({first}); "
+                              f"delete it (and {PREVIOUS_NAME} beside it) to start the run "
+                              "over") from None
 
 
 def _check_no_foreign_files(out_dir: Path) -> None:
@@ -188,7 +228,8 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
         preflight_model(config.model, max_length=config.max_length)
     else:
         check_max_length(model.config, config.max_length)
-    state = load_checkpoint(out_dir) if out_dir.is_dir() else None  # a bad one fails here
+    state = (load_checkpoint(out_dir, _foreign_checkpoint(config)) if out_dir.is_dir()
+             else None)  # a bad one fails here
 
     # Step 1: data (train subset drawn with the run's seed), then model and tokenizer.
     train_data = load_split(task, "train", config.glue_dir)
@@ -228,10 +269,7 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
     step, elapsed = 0, 0.0
     window: dict[str, Any] = {"loss": 0.0, "n": 0, "examples": 0}
     if state is not None:
-        model.load_state_dict(state["model"])
-        load_optimizer_state(optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"], device)
+        _restore(state, model, optimizer, scheduler, device)
         step, elapsed = int(state["step"]), float(state["elapsed_s"])
         window.update(state.get("log_window", {}))
         masks.apply()

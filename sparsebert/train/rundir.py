@@ -224,6 +224,10 @@ def check_masks(out_dir: Path, masks: dict[str, Any]) -> None:
     path = out_dir / MASKS_NAME
     if path.is_file():
         saved = read_json(path, "restore it, or delete that run directory to fine-tune again")
+        if not isinstance(saved, dict):
+            raise RunDirError(f"{path}: damaged (expected a JSON object, found "
+                              f"{type(saved).__name__}); restore it, or delete that run "
+                              "directory to fine-tune again")
         difference = masks_difference(saved, masks)
         if difference:
             raise RunDirError(f"{out_dir} holds a run trained with other masks ({difference}); "
