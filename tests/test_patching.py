@@ -428,3 +428,37 @@ def test_position_limit_is_the_longest_input_the_model_takes(model_type, tiny_mo
         model(input_ids=torch.full((1, limit), 5))  # the limit fits
         with pytest.raises((IndexError, RuntimeError)):
             model(input_ids=torch.full((1, limit + 1), 5))  # one more does not
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_torch_func_grad_through_a_padded_batch(attn, tiny_model, tiny_dims):
+    """torch.func.grad through a patched model on a padded batch: the attention mask is a
+    functorch-wrapped tensor there (no storage to compare): read, never cached, and the next
+    plain forward of another patched model is unaffected. vmap over a 4-d float mask: SDPA."""
+    ids = torch.randint(1, tiny_dims.vocab, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    grads = []
+    for patched in (False, True):
+        model = tiny_model("bert", "BertForSequenceClassification", attn=attn)
+        if patched:
+            sparsebert.patch(model)
+
+        def loss(scale, model=model):
+            return (model(input_ids=ids, attention_mask=mask).logits * scale).sum()
+
+        grads.append(torch.func.grad(loss)(torch.tensor(1.0)))
+    torch.testing.assert_close(grads[1], grads[0])
+    other = sparsebert.patch(tiny_model("bert", "BertForSequenceClassification", attn=attn))
+    additive = torch.zeros(2, 1, 6, 6)
+    additive[1, ..., 4:] = torch.finfo(torch.float32).min
+    expected = tiny_model("bert", "BertForSequenceClassification", attn=attn)(
+        input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(other(input_ids=ids, attention_mask=mask).logits, expected)
+    attention = other.bert.encoder.layer[0].attention
+    hidden = torch.randn(2, 6, tiny_dims.hidden)
+    stacked = torch.func.vmap(lambda h, m: attention(h[None], attention_mask=m[None])[0][0])(
+        hidden, additive)
+    for b in range(2):
+        torch.testing.assert_close(
+            stacked[b], attention(hidden[b:b + 1], attention_mask=additive[b:b + 1])[0][0])

@@ -94,7 +94,8 @@ def is_padding_mask(attention_mask: Tensor | None) -> bool:
     padding mask) is one by construction; any other 4-d mask is read (the verdict is cached
     for the same tensor until it is written to; not for inference tensors, which have no
     version counter). While torch.compile traces or a CUDA graph is captured a mask cannot be
-    read: such masks are then not taken for padding masks (SDPA runs them, exactly).
+    read: such masks are then not taken for padding masks (SDPA runs them, exactly); the same
+    for a mask batched by torch.func.vmap. Masks of torch.func transforms are never cached.
     """
     global _last_mask_verdict
     if attention_mask is not None and not isinstance(attention_mask, Tensor):
@@ -107,6 +108,11 @@ def is_padding_mask(attention_mask: Tensor | None) -> bool:
         return True
     if not can_read_on_host():
         return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(attention_mask):  # under torch.func
+        try:  # (grad: readable; vmap: a batched mask's values cannot steer Python)
+            return _padding_verdict(attention_mask, repeats, hard)
+        except RuntimeError:
+            return False  # SDPA runs it, exactly
     # Inference tensors (made under torch.inference_mode) have no version counter: not cached.
     version = None if attention_mask.is_inference() else attention_mask._version
     cached = _last_mask_verdict
@@ -118,12 +124,18 @@ def is_padding_mask(attention_mask: Tensor | None) -> bool:
             and cached[0].device == attention_mask.device
             and cached[1] == version):
         return cached[2]
+    verdict = _padding_verdict(attention_mask, repeats, hard)
+    if version is not None:
+        _last_mask_verdict = (attention_mask.detach(), version, verdict)
+    return verdict
+
+
+def _padding_verdict(attention_mask: Tensor, repeats: bool, hard: bool) -> bool:
+    """is_padding_mask's reading of a (B, 1 or H, S or 1, S) mask's values."""
     first_row = attention_mask[:, :1, :1, :]  # (B, 1, 1, S)
     verdict = repeats or bool(torch.equal(attention_mask, first_row.expand_as(attention_mask)))
     if verdict and not hard:  # additive: 0 = attend, <= -1e4 = masked (exp underflows to 0)
         verdict = bool(((first_row == 0) | (first_row <= HARD_MASK_BIAS)).all())
-    if version is not None:
-        _last_mask_verdict = (attention_mask.detach(), version, verdict)
     return verdict
 
 
