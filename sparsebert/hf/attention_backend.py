@@ -197,7 +197,9 @@ def _active_heads(module: nn.Module, gate: Tensor) -> tuple[Tensor | None, bool]
     (sparsebert.nn.optimizer_steps)."""
     cached = getattr(module, "_sparsebert_active_heads", None)
     # (an inference tensor has no version counter: read every time, never cached)
-    cacheable = gate.device.type != "cpu" and not gate.is_inference()
+    # (nor a torch.func-wrapped gate: it has no storage to compare)
+    cacheable = (gate.device.type != "cpu" and not gate.is_inference()
+                 and not torch._C._functorch.is_functorch_wrapped_tensor(gate))
     if (
         cacheable
         and cached is not None
