@@ -263,3 +263,22 @@ def test_metrics_log_keeps_seven_significant_digits(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[0] == {"step": 1, "lr": 1.944444e-05, "loss": 0.1234568, "n": 3}
     assert lines[1]["lr"] == 1.888889e-05
+
+
+def test_a_weights_file_this_process_may_not_read_is_named(tiny_model_dir, monkeypatch):
+    """safetensors reports a denied read as 'No such file or directory': the error says which
+    file may not be read instead (os.access, as a non-root user meets it)."""
+    import sparsebert.hf.loading as loading  # noqa: PLC0415
+
+    real_access = loading.os.access
+    monkeypatch.setattr(loading.os, "access", lambda path, mode: (
+        not str(path).endswith("model.safetensors") and real_access(path, mode)))
+
+    def load(offline):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    with pytest.raises(ModelLoadError, match=r"no permission to read .*model.safetensors"):
+        loading._offline_first(load, tiny_model_dir, True, "model")
+    monkeypatch.setattr(loading.os, "access", real_access)
+    with pytest.raises(ModelLoadError, match="No such file or directory"):
+        loading._offline_first(load, tiny_model_dir, True, "model")

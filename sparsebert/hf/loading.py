@@ -267,6 +267,16 @@ def _damaged_files(source: str, what: str) -> str:
     return files[0] if len(files) == 1 else f"one of {', '.join(files[:4])}"
 
 
+def _unreadable_files(source: str) -> list[str]:
+    """The files of a local model folder this process may not read."""
+    folder = Path(source).expanduser()
+    try:
+        return [str(p) for p in sorted(folder.iterdir())
+                if p.is_file() and not os.access(p, os.R_OK)]
+    except OSError:
+        return []
+
+
 def _offline_first(load, source: str, local: bool, what: str):
     """Try load(offline=True); for hub ids retry online; wrap failures in ModelLoadError."""
     try:
@@ -279,7 +289,10 @@ def _offline_first(load, source: str, local: bool, what: str):
             f"safetensors file: {error}); restore or re-save it") from None
     except (OSError, ValueError) as error:
         if local:
-            raise ModelLoadError(f"cannot load the {what} from {source}: {error}") from None
+            unreadable = _unreadable_files(source)
+            reason = (f"no permission to read {', '.join(unreadable[:4])}" if unreadable
+                      else str(error))  # (safetensors reports a denied read as a missing file)
+            raise ModelLoadError(f"cannot load the {what} from {source}: {reason}") from None
         first = error
     reason = hub_offline_reason()
     if reason is not None:
