@@ -127,7 +127,8 @@ def preflight(address: str | None) -> Cluster | None:
     try:
         import ray  # noqa: F401, PLC0415
     except ImportError:
-        raise SweepError("--backend ray needs Ray: pip install 'sparsebert[ray]'") from None
+        raise SweepError("--backend ray needs Ray: pip install 'ray>=2.40' (the package's "
+                         "'ray' extra)") from None
     if not address:
         return None
     check_reachable(address)
