@@ -289,10 +289,10 @@ def _offline_first(load, source: str, local: bool, what: str):
             f"safetensors file: {error}); restore or re-save it") from None
     except (OSError, ValueError) as error:
         if local:
-            unreadable = _unreadable_files(source)
-            reason = (f"no permission to read {', '.join(unreadable[:4])}" if unreadable
-                      else str(error))  # (safetensors reports a denied read as a missing file)
-            raise ModelLoadError(f"cannot load the {what} from {source}: {reason}") from None
+            unreadable = _unreadable_files(source)  # (safetensors reports a denied read as a
+            note = (f" (this process may not read {', '.join(unreadable[:4])})"  # missing file)
+                    if unreadable else "")
+            raise ModelLoadError(f"cannot load the {what} from {source}: {error}{note}") from None
         first = error
     reason = hub_offline_reason()
     if reason is not None:

@@ -367,7 +367,8 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
 def _out_of_memory(error: BaseException) -> bool:
     """True for an allocation failure: MemoryError (numpy's too), CUDA's OutOfMemoryError, or
     the CPU allocator's RuntimeError."""
-    return (isinstance(error, (MemoryError, torch.OutOfMemoryError))
+    cuda_oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # (torch < 2.5)
+    return (isinstance(error, (MemoryError, cuda_oom))
             or "can't allocate memory" in str(error))
 
 
