@@ -93,10 +93,10 @@ def _code_line(results: dict[str, TaskResults]) -> str:
                 f"{task} seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}")
     if set(groups) <= {None}:
         return ""
-    items = [f"{sha or 'not recorded'} ({', '.join(names)})"  # the unrecorded last
-             for sha, names in sorted(groups.items(), key=lambda item: item[0] is None)]
     if len(groups) == 1:
         return f"Code: every summary written at commit {next(iter(groups))}. "
+    items = [f"{sha or 'not recorded'} ({', '.join(names)})"  # the unrecorded last
+             for sha, names in sorted(groups.items(), key=lambda item: item[0] is None)]
     return ("Code: summaries written at commits " + "; ".join(items) + " (results of different "
             "commits are comparable only where the code between them did not change the "
             "method). ")

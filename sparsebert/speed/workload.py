@@ -98,16 +98,10 @@ def check_model_dir(name: str):
         raise SpeedError(f"--model {name}: a masked or physically pruned model (written by "
                          "save_pruned); expected the unpruned model, with its masks from --run "
                          "or --head-mask (the command builds the pruned variants itself)")
-    try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    try:  # (a decoder config is refused by sparsebert.patch, as everywhere)
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise SpeedError(f"--model {name}: config.json cannot be read ({error})") from None
-    flags = [flag for flag in STRUCTURES[model_type].unsupported_flags
-             if getattr(config, flag, False)]
-    if flags:
-        raise SpeedError(f"--model {name}: config.{flags[0]}=True is not supported (the fast "
-                         "path runs encoder self-attention only)")
-    return config
 
 
 def model_shape(model: nn.Module) -> dict[str, int]:
