@@ -409,6 +409,12 @@ def test_each_step_uses_the_scheduled_lr(tiny_model_dir, synthetic_glue, tmp_pat
     assert seen == pytest.approx([peak * (i / warmup if i < warmup else
                                           (total - i) / (total - warmup))
                                   for i in range(total)], rel=1e-12)
+    # metrics.jsonl's lr at step s (log_every 2) is the rate step s itself used
+    logged = [json.loads(line) for line in
+              (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["lr"] for r in logged if "lr" in r}
+    assert sorted(logged) == [2, 4, 6]
+    assert all(logged[s] == pytest.approx(seen[s - 1], rel=1e-12) for s in logged)
 
 
 def test_no_weight_decay_on_biases_and_layer_norms(tiny_bert):

@@ -328,6 +328,7 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
                 micro.append({k: v.pin_memory() for k, v in batch.items()} if pin else batch)
             # forward(s), backward(s), clip, optimizer step
             loss = train_step(micro if len(micro) > 1 else micro[0])
+            step_lr = scheduler.get_last_lr()[0]  # the rate this step used, logged below
             scheduler.step()
             step += 1
             # On the GPU the loss stays there until logged: no host sync per step.
@@ -339,7 +340,7 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
                 rate = window["examples"] / max(time.perf_counter() - window["t"], 1e-9)
                 metrics_log.write({"step": step, "epoch": step / steps_per_epoch,
                                    "loss": window["loss"] / window["n"],
-                                   "lr": scheduler.get_last_lr()[0], "examples_per_s": rate})
+                                   "lr": step_lr, "examples_per_s": rate})
                 bar.set_postfix(loss=f"{window['loss'] / window['n']:.4f}", ex_s=f"{rate:.1f}")
                 window = {"loss": 0.0, "n": 0, "examples": 0, "t": time.perf_counter()}
             bar.update(1)
