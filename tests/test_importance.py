@@ -423,6 +423,10 @@ def _reshaped(batches, key, change):
     (lambda b: b[0], TypeError, "got a single dict; pass \\[batch\\]"),
     (lambda b: _reshaped(b, "labels", lambda t: t.float() + 0.5), ValueError,
      "must be class ids, got fractional values"),
+    (lambda b: _reshaped(b, "labels", lambda t: torch.where(t == 0, NUM_LABELS, t)), ValueError,
+     rf"class ids in \[0, {NUM_LABELS}\), got \[{NUM_LABELS}\]"),  # was cross_entropy's
+    (lambda b: _reshaped(b, "labels", lambda t: torch.where(t == 0, -100, t)), ValueError,
+     r"got \[-100\] \(-100, an ignored example"),  # was scored as an example with loss 0
 ])
 def test_bad_batches_name_what_is_wrong(mode, bad, error, needle, tiny_bert, tiny_batches):
     """Labels as a list, one unbatched sequence, an attention mask of another length (michel

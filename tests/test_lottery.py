@@ -491,6 +491,22 @@ def test_kept_counts_and_masks_match_torch_global_l1_unstructured():
             assert torch.equal(ours[name], mask), (step, name)
 
 
+@pytest.mark.parametrize("call,needle", [
+    (lambda p: mag.random_mask(p, -1, torch.Generator()), r"kept must be in \[0, 30\], got -1"),
+    (lambda p: mag.random_mask(p, 35, torch.Generator()), r"kept must be in \[0, 30\], got 35"),
+    (lambda p: mag.magnitude_mask(p, 31), r"kept must be in \[0, 30\], got 31"),
+    (lambda p: mag.kept_count(30, 2, amount=-0.1), r"amount must be a fraction in \[0, 1\]"),
+    (lambda p: mag.kept_count(30, 2, amount=1.5), r"amount must be a fraction in \[0, 1\]"),
+    (lambda p: mag.kept_count(30, -1), "total and steps must be >= 0"),
+])
+def test_impossible_mask_sizes_are_errors(call, needle):
+    """random_mask kept N - 1 weights for kept=-1 (a slice from the end) and all for kept > N;
+    kept_count gave more than the total for a negative amount."""
+    params = {"w": nn.Parameter(torch.randn(5, 6))}
+    with pytest.raises(ValueError, match=needle):
+        call(params)
+
+
 def test_bad_top_up_is_a_random_draw_from_the_good_components():
     """Paper §3: bad = all pruned ones plus a *random* top-up from the good ones."""
     good = torch.ones(10)

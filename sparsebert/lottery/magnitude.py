@@ -50,6 +50,10 @@ def eligible_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def kept_count(total: int, steps: int, amount: float = 0.1) -> int:
     """Weights kept after `steps` steps that each prune round(amount x remaining)."""
+    if not 0.0 <= amount <= 1.0:
+        raise ValueError(f"amount must be a fraction in [0, 1], got {amount}")
+    if steps < 0 or total < 0:
+        raise ValueError(f"total and steps must be >= 0, got total={total}, steps={steps}")
     kept = total
     for _ in range(steps):
         kept -= int(round(amount * kept))
@@ -97,6 +101,8 @@ def random_mask(params: dict[str, nn.Parameter], kept: int,
     """Keep `kept` weights drawn uniformly at random over all of `params` (global, as torch's
     RandomUnstructured at the same amount)."""
     total = sum(p.numel() for p in params.values())
+    if not 0 <= kept <= total:
+        raise ValueError(f"kept must be in [0, {total}], got {kept}")
     keep = torch.zeros(total, dtype=torch.bool)
     keep[torch.randperm(total, generator=generator)[:kept]] = True
     return _unflatten(params, keep)

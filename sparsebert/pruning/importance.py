@@ -171,6 +171,22 @@ def check_class_ids(labels: Tensor, num_labels: int) -> None:
                          f"supported)")
 
 
+def check_class_range(labels: Tensor, num_labels: int) -> None:
+    """ValueError unless a classifier's (num_labels > 1) labels are class ids in
+    [0, num_labels): an out-of-range id would fail inside cross_entropy, and -100 (Hugging
+    Face's "ignore this example") would count as an example with zero loss."""
+    if num_labels == 1 or labels.numel() == 0:
+        return
+    bad = labels[(labels < 0) | (labels >= num_labels)]
+    if bad.numel():
+        shown = sorted({float(v) if labels.is_floating_point() else int(v)
+                        for v in bad.flatten()[:100].tolist()})[:5]
+        raise ValueError(f"importance: 'labels' of a {num_labels}-class model must be class "
+                         f"ids in [0, {num_labels}), got {shown}"
+                         + (" (-100, an ignored example: drop such examples from the batch)"
+                            if -100 in shown else ""))
+
+
 # --------------------------------------------------------------------------------------------
 # Gate leaves for one batch
 # --------------------------------------------------------------------------------------------
@@ -438,13 +454,16 @@ def min_max(scores: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # The entry point
 # --------------------------------------------------------------------------------------------
-def _batch_to(batch: Mapping, device: torch.device) -> dict:
+def _batch_to(batch: Mapping, device: torch.device, num_labels: int) -> dict:
     if not isinstance(batch, Mapping):
         raise TypeError(
             f"importance: each batch must be a dict of tensors, got {type(batch).__name__}"
         )
     if "labels" not in batch:
         raise ValueError("importance: batches need 'labels' (the loss defines the importance)")
+    labels = batch["labels"]
+    if isinstance(labels, Tensor) and labels.device.type == "cpu":
+        check_class_range(labels, num_labels)  # (free here: on a GPU it would read them back)
     return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
 
 
@@ -508,10 +527,11 @@ def importance(
     few shapes.
 
     batches: an iterable of dicts as the model takes them, labels included (e.g. input_ids,
-    attention_mask, token_type_ids, labels; or inputs_embeds for input_ids). Multiple-choice
-    inputs (B, choices, L) score in mode "paper" only. The model's training mode, requires_grad
-    flags and gates are restored afterwards, even on error. See the module docstring for the
-    modes.
+    attention_mask, token_type_ids, labels; or inputs_embeds for input_ids). A classifier's
+    labels are class ids in [0, num_labels), every example labelled (no -100; checked where
+    they come on the CPU). Multiple-choice inputs (B, choices, L) score in mode "paper" only.
+    The model's training mode, requires_grad flags and gates are restored afterwards, even on
+    error. See the module docstring for the modes.
     """
     if mode not in MODES:
         raise ValueError(f"importance: 'mode' must be one of {MODES}, got {mode!r}")
@@ -564,7 +584,7 @@ def importance(
     with (frozen_for_scoring(model), numerics.weights_cast_once(model, precision, device),
           _true_zero_gate_grads(blocks, true_masked_grads, facts), scorer.held()):
         for batch in tqdm(batches, desc=f"importance ({mode})", disable=not progress, leave=False):
-            batch = _batch_to(batch, device)
+            batch = _batch_to(batch, device, num_labels)
             labels = batch.pop("labels")
             token_shape = _token_shape(batch, mode)  # (B, L)
             if not isinstance(labels, Tensor):
