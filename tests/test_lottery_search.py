@@ -224,6 +224,26 @@ def test_redo_a_method(reference, tiny_setup, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in untouched} == untouched
 
 
+def test_a_redo_of_both_methods_keeps_the_whole_curve_file_aside(tmp_path):
+    """The set-aside copy of metrics.jsonl is the file before any record was dropped: the
+    second method's copy replaced it with one the first had filtered, so the first method's
+    curve was lost from both places."""
+    from sparsebert.lottery.redo import set_aside  # noqa: PLC0415
+
+    records = [{"method": "structured", "step": 1, "score": 0.8},
+               {"method": "magnitude", "step": 1, "score": 0.7}, {"step": 5, "loss": 0.3}]
+    whole = "".join(json.dumps(r) + "\n" for r in records)
+    (tmp_path / "metrics.jsonl").write_text(whole)
+    for method in ("structured", "magnitude"):
+        (tmp_path / method).mkdir()
+        (tmp_path / method / "search.json").write_text("{}")
+    aside = tmp_path / ".superseded" / "redo"
+    set_aside(tmp_path, [tmp_path], [tmp_path], ("structured", "magnitude"), aside)
+    assert (aside / "metrics.jsonl").read_text() == whole
+    assert [json.loads(line) for line in
+            (tmp_path / "metrics.jsonl").read_text().splitlines()] == records[2:]
+
+
 def test_a_rerun_says_what_it_skips_and_a_redo_of_nothing_says_so(reference, tiny_setup,
                                                                  tmp_path, capsys):
     """A finished search run again says its full model is fine-tuned already (not "fine-tuning

@@ -4,7 +4,7 @@ that changed the method, say), keeping the fine-tuned full model and the other m
 In a search directory (see sparsebert.lottery.search):
     <search>/<method>/        moved to <aside>/<method>/ (search, masks, pruned, retrained)
     <search>/metrics.jsonl    the method's search-curve records dropped (the whole file is
-                              copied to <aside>/metrics.jsonl first)
+                              copied to <aside>/metrics.jsonl first, once per set-aside)
     <search>/summary.json     moved to <aside>/ with report.md and figures/: they describe the
                               old results until the search ends and writes them again
 Anything moved aside keeps its files, except that a summary.json is renamed
@@ -60,7 +60,8 @@ def retire_method(search_dir: Path, method: str, aside: Path) -> bool:
         return False
     if log.is_file():
         aside.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(log, aside / log.name)
+        if not (aside / log.name).exists():  # the file before any method's records were dropped
+            shutil.copy2(log, aside / log.name)
         MetricsLog(log, keep_until_step=10**9).drop(lambda r: r.get("method") == method)
     move_aside(results, aside / method)
     for name in (SUMMARY, *SEARCH_REPORT):  # (moved once: gone when a 2nd method is retired)
