@@ -284,3 +284,25 @@ def test_a_weights_file_this_process_may_not_read_is_named(tiny_model_dir, monke
     with pytest.raises(ModelLoadError, match="No such file or directory") as refused:
         loading._offline_first(load, tiny_model_dir, True, "model")
     assert "may not read" not in str(refused.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_pytorch_model_bin_is_named(tiny_model_dir, tmp_path, damage):
+    """A damaged pytorch_model.bin ended in torch.load's RuntimeError or UnpicklingError,
+    naming no file (a damaged model.safetensors is a ModelLoadError naming it)."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    from sparsebert.hf.loading import load_model  # noqa: PLC0415
+
+    folder = tmp_path / "bin_model"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(weights, folder / "pytorch_model.bin")
+    load_model(folder)  # an intact .bin loads
+    data = (folder / "pytorch_model.bin").read_bytes()
+    (folder / "pytorch_model.bin").write_bytes(
+        data[: len(data) // 2] if damage == "truncated" else b"\x80\x02garbage" * 64)
+    with pytest.raises(ModelLoadError, match=r"pytorch_model\.bin is damaged \(truncated or not "
+                                             r"a torch file"):
+        load_model(folder)

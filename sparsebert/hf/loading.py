@@ -13,6 +13,7 @@ import contextlib
 import importlib.resources
 import json
 import os
+import pickle
 import socket
 import urllib.parse
 from collections.abc import Iterator
@@ -277,6 +278,12 @@ def _unreadable_files(source: str) -> list[str]:
         return []
 
 
+def _damaged_torch_file(error: BaseException) -> bool:
+    """Whether `error` is torch.load's on a truncated or damaged pytorch_model.bin."""
+    return (isinstance(error, (pickle.UnpicklingError, EOFError))
+            or any(sign in str(error) for sign in ("PytorchStreamReader", "zip archive")))
+
+
 def _offline_first(load, source: str, local: bool, what: str):
     """Try load(offline=True); for hub ids retry online; wrap failures in ModelLoadError."""
     try:
@@ -287,6 +294,13 @@ def _offline_first(load, source: str, local: bool, what: str):
         raise ModelLoadError(
             f"cannot load the {what} from {source}: {where} is damaged (truncated or not a "
             f"safetensors file: {error}); restore or re-save it") from None
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as error:
+        if not (local and _damaged_torch_file(error)):
+            raise  # (transformers' shape mismatch is load_model's to explain)
+        raise ModelLoadError(
+            f"cannot load the {what} from {source}: {_damaged_files(source, what)} is damaged "
+            f"(truncated or not a torch file: {str(error).splitlines()[0][:200]}); restore or "
+            f"re-save it") from None
     except (OSError, ValueError) as error:
         if local:
             unreadable = _unreadable_files(source)  # (safetensors reports a denied read as a

@@ -227,6 +227,20 @@ def load_pruned(
     PrunedModelError (a SparsebertError, hence ValueError) for anything wrong inside it.
     """
     root = Path(path)
+    try:
+        return _load_pruned(root, model_class, device)
+    except PrunedModelNotFoundError:
+        raise  # (names the folder)
+    except PrunedModelError as error:  # name the folder: a sweep reloads many model/ folders
+        message = str(error)
+        if str(root) in message:
+            raise
+        message = message.removeprefix("load_pruned: ")
+        raise PrunedModelError(f"load_pruned: {root}: {message}") from None
+
+
+def _load_pruned(root: Path, model_class: type | None, device: torch.device | str | None,
+                 ) -> nn.Module:
     # Step 1: read the description and the config; check them against each other.
     description = read_description(root)
     config = _read_config(root, description)
