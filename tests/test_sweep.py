@@ -1042,11 +1042,84 @@ def test_config_file(tmp_path):
 def test_more_cpu_workers_than_cores_warn(monkeypatch):
     from sparsebert.sweep.driver import make_slots  # noqa: PLC0415
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     with pytest.warns(UserWarning, match=r"--workers 3 x 1 thread\(s\) each on 2 cores"):
         assert len(make_slots(SweepConfig(workers=3, devices="cpu"), TrainConfig())) == 3
     with pytest.warns(UserWarning, match=r"--workers 2 x 2 thread\(s\) each on 2 cores"):
         make_slots(SweepConfig(workers=2, devices="cpu"), TrainConfig(threads=2))
+
+
+def test_cpu_slots_count_the_cores_this_process_may_use(monkeypatch):
+    """A cpuset (a cluster job's, taskset's) of 4 of 64 cores: 4 workers x 1 thread, not the
+    machine's count (4 x 16)."""
+    from sparsebert.sweep.driver import make_slots  # noqa: PLC0415
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {8, 9, 10, 11}, raising=False)
+    slots = make_slots(SweepConfig(devices="cpu"), TrainConfig())
+    assert [(slot.device, slot.threads) for slot in slots] == [("cpu", 1)] * 4
+
+
+def test_one_gpu_named_twice_is_refused(monkeypatch):
+    """"cuda" is the current GPU, cuda:0: "cuda,cuda:0" put 2 x --per-gpu workers on it."""
+    import torch  # noqa: PLC0415
+
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert SweepConfig(devices="cuda,cuda:1").device_list() == ["cuda:0", "cuda:1"]
+    for devices in ("cuda,cuda:0", "cuda:0,cuda"):
+        with pytest.raises(SweepError, match="a device is listed twice"):
+            SweepConfig(devices=devices).device_list()
+
+
+def test_a_config_key_set_twice_is_refused(tmp_path):
+    """tasks at the top and in [sweep], epochs in [search] and [train]: the table read last
+    won without a word."""
+    from sparsebert.sweep.config import read_config_file  # noqa: PLC0415
+
+    path = tmp_path / "sweep.toml"
+    path.write_text('tasks = "SST-2"\n[sweep]\ntasks = "STS-B"\n')
+    with pytest.raises(SweepError, match=r"'tasks' is set twice \(top-level tasks and \[sweep\] "
+                                         r"tasks\)"):
+        read_config_file(path)
+    path.write_text('[search]\nepochs = 5\n[train]\nepochs = 1\n')
+    with pytest.raises(SweepError, match=r"'epochs' is set twice \(\[search\] epochs and "
+                                         r"\[train\] epochs\)"):
+        read_config_file(path)
+
+
+def test_a_sweep_inside_a_sweep_is_refused(tiny_model_dir, synthetic_glue, tmp_path):
+    """An --out inside a sweep directory (as search and finetune refuse): its summaries broke
+    the outer sweep's report for good. Nothing is written."""
+    from sparsebert.sweep.state import SweepDir, identity  # noqa: PLC0415
+
+    _, search, train = _configs(tiny_model_dir, synthetic_glue)
+    ident = identity(Grid(("SST-2",), (3,), ("structured",), ("good",), True, True),
+                     search, train.resolved())
+    outer = tmp_path / "outer"
+    (outer / ".sweep").mkdir(parents=True)
+    for inner in (outer / "inner", outer / "SST-2" / "deeper" / "inner"):
+        with pytest.raises(SweepError, match=f"--out {inner}: is inside the sweep directory "
+                                             f"{outer}; use a folder outside it"):
+            SweepDir(inner).open(ident)
+        assert not inner.exists()
+
+
+@pytest.mark.parametrize("saved", [{}, {"runs": []}, {"runs": [], "identity": {}},
+                                   {"runs": [], "identity": {"grid": {"tasks": ["SST-2"]}}}])
+def test_a_sweep_json_missing_its_parts_is_damaged(saved, tiny_model_dir, synthetic_glue,
+                                                   tmp_path):
+    """A sweep.json of the right kind without its runs or grid ended in a KeyError."""
+    from sparsebert.sweep.state import KIND, SweepDir, identity  # noqa: PLC0415
+
+    _, search, train = _configs(tiny_model_dir, synthetic_glue)
+    ident = identity(Grid(("SST-2",), (3,), ("structured",), ("good",), True, True),
+                     search, train.resolved())
+    (tmp_path / "sweep.json").write_text(json.dumps({"kind": KIND, **saved}))
+    with pytest.raises(SweepError, match=r"sweep.json: damaged \(no '(runs|identity)"):
+        SweepDir(tmp_path).open(ident)
 
 
 def test_an_empty_out_is_refused(tmp_path, capsys, monkeypatch):

@@ -53,7 +53,8 @@ class SweepConfig:
                                "`sparsebert search` writes (the sweep's report is always "
                                "written)", True)
     workers: int | None = help_field("units run at once (default: per --devices: the CPU "
-                                     "count, capped at 4, on CPU; --per-gpu per GPU)", None)
+                                     "cores this process may use, capped at 4, on CPU; "
+                                     "--per-gpu per GPU)", None)
     devices: str = help_field("cpu, or comma-separated CUDA devices (cuda:0,cuda:1); auto: "
                               "every visible GPU, else cpu", "auto")
     per_gpu: int = help_field("units packed onto each GPU at once", 4)
@@ -136,7 +137,7 @@ class SweepConfig:
                 raise SweepError(f"--devices {self.devices!r}: {name}: {why}") from None
         if "cpu" in names and len(names) > 1:
             raise SweepError(f"--devices {self.devices!r}: expected cpu alone, or CUDA devices")
-        devices = [str(resolve_device(n)) for n in names]
+        devices = [str(_indexed(resolve_device(n))) for n in names]
         if len(set(devices)) != len(devices):
             raise SweepError(f"--devices {self.devices!r}: a device is listed twice (use "
                              "--per-gpu to run more units on one GPU)")
@@ -166,6 +167,18 @@ class SweepConfig:
         return self
 
 
+def _indexed(device):
+    """A torch.device with its index: plain "cuda" is the current GPU (so that "cuda,cuda:0"
+    is seen to name one GPU twice)."""
+    if device.type == "cuda" and device.index is None:
+        import torch  # noqa: PLC0415
+
+        # (0 unless this process chose another: CUDA is not initialised here for the index)
+        return torch.device("cuda", torch.cuda.current_device()
+                            if torch.cuda.is_initialized() else 0)
+    return device
+
+
 def _split(text: str, flag: str) -> list[str]:
     parts = [p.strip() for p in str(text).split(",") if p.strip()]
     if not parts:
@@ -192,11 +205,15 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as error:
         raise SweepError(f"--config {path}: not valid TOML ({error})") from None
     flat: dict[str, Any] = {}
+    place: dict[str, str] = {}  # key -> where the file sets it
     for key, value in data.items():
-        if isinstance(value, dict) and key in ("sweep", "search", "train"):
-            flat.update(value)
-        else:
-            flat[key] = value
+        section = isinstance(value, dict) and key in ("sweep", "search", "train")
+        for name, item in (value.items() if section else [(key, value)]):
+            here = f"[{key}] {name}" if section else f"top-level {name}"
+            if name in flat:
+                raise SweepError(f"--config {path}: {name!r} is set twice ({place[name]} and "
+                                 f"{here}); set it once")
+            flat[name], place[name] = item, here
     owner = {f.name: cls for cls in (SweepConfig, SearchConfig, TrainConfig)
              for f in dataclasses.fields(cls)}  # field name -> its config class
     unknown = sorted(set(flat) - set(owner) - {"out"})

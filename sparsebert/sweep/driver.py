@@ -42,17 +42,27 @@ from sparsebert.train.evaluate import data_source
 MAX_CPU_WORKERS = 4
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity: a cluster job's cpuset, taskset),
+    not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # (no affinity API: macOS, Windows)
+        return os.cpu_count() or 1
+
+
 def make_slots(config: SweepConfig, train: TrainConfig,
                cluster: dict[str, float] | None = None, most: int | None = None) -> list[Slot]:
-    """Workers per device: on the CPU, `workers` slots sharing the cores (threads each:
-    --threads, else cores // workers); on GPUs, per_gpu slots per device (or `workers` in
-    all, round-robin over the devices). `cluster`: the resources of a running Ray cluster
-    (--ray-address), whose CPUs and GPUs size the slots instead of this machine's. `most`:
-    at most that many slots (the grid's units), their threads still those of the full width."""
+    """Workers per device: on the CPU, `workers` slots sharing the cores this process may use
+    (threads each: --threads, else cores // workers); on GPUs, per_gpu slots per device (or
+    `workers` in all, round-robin over the devices). `cluster`: the resources of a running Ray
+    cluster (--ray-address), whose CPUs and GPUs size the slots instead of this machine's.
+    `most`: at most that many slots (the grid's units), their threads still those of the full
+    width."""
     if cluster is not None:
         return _cluster_slots(config, train, cluster, most)
     devices = config.device_list()
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     if devices == ["cpu"]:
         if config.per_gpu != SweepConfig.per_gpu:
             warnings.warn(f"--per-gpu {config.per_gpu}: no GPU among --devices "

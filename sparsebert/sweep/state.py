@@ -107,6 +107,21 @@ def compare(saved: dict[str, Any], mine: dict[str, Any], redo: tuple[str, ...] =
             [s for s in new_grid["seeds"] if s not in old_grid["seeds"]])
 
 
+def _missing_parts(saved: dict[str, Any]) -> str:
+    """What a sweep.json of the right kind lacks ('' when whole): a runs list and the
+    identity's grid with tasks and seeds lists."""
+    identity = saved.get("identity")
+    grid = identity.get("grid") if isinstance(identity, dict) else None
+    for part, value in (("'runs' list", saved.get("runs")),
+                        ("'identity' object", identity), ("'identity.grid' object", grid)):
+        if not isinstance(value, list if part.startswith("'runs'") else dict):
+            return part
+    for key in ("tasks", "seeds"):
+        if not isinstance(grid.get(key), list):
+            return f"'identity.grid.{key}' list"
+    return ""
+
+
 class SweepDir:
     """The sweep's files under `out`; open() takes the lock and checks (or writes) the grid."""
 
@@ -128,6 +143,11 @@ class SweepDir:
         settings in the searches' config.json there); returns notes to print."""
         if self.out.exists() and not self.out.is_dir():
             raise SweepError(f"--out {self.out}: exists and is not a directory")
+        outer = next((folder for folder in self.out.resolve().parents
+                      if (folder / "sweep.json").is_file() or (folder / ".sweep").is_dir()), None)
+        if outer is not None:  # its reports and extensions would take this sweep's runs
+            raise SweepError(f"--out {self.out}: is inside the sweep directory {outer}; use a "
+                             f"folder outside it")
         self._read_saved()  # refuses a foreign directory before .sweep/ is made in it
         make_out_dir(self.meta, SweepError, shown=self.out)
         self._take_lock()
@@ -148,6 +168,10 @@ class SweepDir:
             if not isinstance(saved, dict) or saved.get("kind") != KIND:
                 raise SweepError(f"{self.out} holds something other than a sweep; use another "
                                  f"--out")
+            missing = _missing_parts(saved)
+            if missing:
+                raise SweepError(f"{self.path}: damaged (no {missing}); restore it, or use "
+                                 f"another --out")
             return saved
         if self.out.is_dir() and not self._first_write_cut() and any(self.out.iterdir()):
             raise SweepError(f"--out {self.out}: not empty and not a sweep directory; use "
