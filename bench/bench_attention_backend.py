@@ -93,19 +93,18 @@ def main(argv=None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: float16 on CUDA, float32 on CPU")
+    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                        help="default: float16 on CUDA, float32 on CPU")
     parser.add_argument("--batch", type=int, default=None, help="default: 32 on CUDA, 8 on CPU")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--rounds", type=int, default=5,
+    parser.add_argument("--rounds", type=common.positive_int, default=5,
                         help="interleaved rounds over the variants (medians kept)")
     parser.add_argument("--min-run-time", type=float, default=1.0,
                         help="seconds of calls per timing")
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error(f"--rounds {args.rounds}: expected at least 1")
     common.use_device(args.device)
     cuda = args.device.startswith("cuda")
     if not cuda:
@@ -149,7 +148,8 @@ def main(argv=None) -> None:
                        dtype=str(dtype).replace("torch.", ""),
                        ms=statistics.median(samples[key]) * 1e3,
                        vs_sdpa=statistics.median(ratios), vs_sdpa_min=min(ratios),
-                       vs_sdpa_max=max(ratios), rounds=args.rounds)
+                       vs_sdpa_max=max(ratios), rounds=args.rounds,
+                       samples_s=samples[key])  # per round, paired with sdpa's by position
             records.append(rec)
     records.sort(key=lambda r: (r["model"], r["level"] != "attention"))
     for rec in records:

@@ -87,8 +87,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shape", type=int, nargs=4, default=[1, 1, 1, 8],
                         metavar=("B", "S", "H", "D"))
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--calls", type=int, default=2000, help="calls per provider per round")
+    parser.add_argument("--rounds", type=common.positive_int, default=15)
+    parser.add_argument("--calls", type=common.positive_int, default=2000, help="calls per provider per round")
     parser.add_argument("--stem", default="call_overhead",
                         help="result file name (e.g. to keep a run of another checkout apart)")
     args = parser.parse_args(argv)

@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lengths", default="32,64,128", help="comma list of S")
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=common.positive_int, default=5)
     parser.add_argument("--min-run-time", type=float, default=1.0)
     args = parser.parse_args(argv)
     args.device = "cpu"
@@ -108,7 +108,8 @@ def main(argv=None) -> None:
             full, short = (statistics.median(samples[k]) for k in ("full", "readout"))
             ratio = statistics.median(common.round_ratios(samples, "readout", "full"))
             records.append(dict(workload=name, batch=args.batch, seq=seq, full_ms=full * 1e3,
-                                readout_ms=short * 1e3, ratio=ratio, rounds=args.rounds))
+                                readout_ms=short * 1e3, ratio=ratio, rounds=args.rounds,
+                                samples_s=samples))  # per round: ratio = median of pairs
             rows.append([name, args.batch, seq, f"{full * 1e3:.1f}", f"{short * 1e3:.1f}",
                          f"{ratio:.3f}x"])
             print(rows[-1], flush=True)

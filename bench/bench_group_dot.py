@@ -66,11 +66,9 @@ def main(argv=None) -> None:
         "--dim", type=int, nargs="+", default=None, help="default: 3072 on CUDA, 1536 on CPU"
     )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5,
+    parser.add_argument("--rounds", type=common.positive_int, default=5,
                         help="interleaved rounds over the providers (medians kept)")
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error(f"--rounds {args.rounds}: expected at least 1")
     bad = [d for d in args.dim or () if d < 64 or d % 64]
     if bad:
         parser.error(f"--dim {' '.join(map(str, bad))}: expected multiples of 64 (the groups "
@@ -107,6 +105,7 @@ def main(argv=None) -> None:
                     speedup_min=min(speedups),
                     speedup_max=max(speedups),
                     rounds=args.rounds,
+                    samples_s=values,  # per round, paired with torch's by position
                 )
                 records.append(rec)
                 rows.append(

@@ -107,9 +107,9 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=None, help="default: 32 on CUDA, 16 on CPU")
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batches", type=int, default=None,
+    parser.add_argument("--batches", type=common.positive_int, default=None,
                         help="batches per call, times per batch (default: 8 on CUDA, 1 on CPU)")
-    parser.add_argument("--graph-batches", type=int, default=32,
+    parser.add_argument("--graph-batches", type=common.positive_int, default=32,
                         help="batches per call of sb_paper_graph (its capture cost is spread "
                              "over them)")
     parser.add_argument("--model", default="default",
@@ -118,7 +118,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--min-run-time", type=float, default=2.0)
     parser.add_argument(
-        "--rounds", type=int, default=3, help="interleaved rounds over the providers (median kept)"
+        "--rounds", type=common.positive_int, default=3, help="interleaved rounds over the providers (median kept)"
     )
     parser.add_argument("--precision", default=None,
                         help="comma list of fp32, bf16 (default: fp32,bf16 on CUDA, fp32 on CPU)")
@@ -136,9 +136,6 @@ def main(argv=None) -> None:
     dtype = torch.float32
     batch_size = args.batch or (32 if cuda else 16)
     n_batches = args.batches or (8 if cuda else 1)
-    if n_batches < 1 or args.graph_batches < 1:
-        parser.error(f"--batches {n_batches} / --graph-batches {args.graph_batches}: expected "
-                     "at least 1")
     plain = load_model(args.model, args.device, dtype)
     batch = make_batch(plain, batch_size, args.seq, args.device)
     inputs = {k: v for k, v in batch.items() if k != "labels"}

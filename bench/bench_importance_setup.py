@@ -87,15 +87,13 @@ def main(argv=None) -> None:
                         help=f"a random model of shape {sorted(common.MODEL_SHAPES)}")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=16)
-    parser.add_argument("--batches", type=int, default=20, help="batches per timed pass")
+    parser.add_argument("--batches", type=common.positive_int, default=20, help="batches per timed pass")
     parser.add_argument("--mode", default="paper", choices=importance_module.MODES)
     parser.add_argument("--compare", default="setup", choices=sorted(COMPARISONS))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=common.positive_int, default=15)
     parser.add_argument("--min-run-time", type=float, default=0.5)
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.batches < 1:
-        parser.error(f"--rounds {args.rounds} / --batches {args.batches}: expected at least 1")
     device = common.use_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
@@ -125,7 +123,7 @@ def main(argv=None) -> None:
     for name, values in samples.items():
         ms = statistics.median(values) / args.batches * 1e3
         rec = dict(setup=name, precision=precision, ms_per_batch=ms, rounds=args.rounds,
-                   batches=args.batches)
+                   batches=args.batches, samples_s=values)  # per round (a whole pass)
         if name == with_name:
             rec.update(ratio=statistics.median(ratios), ratio_min=min(ratios),
                        ratio_max=max(ratios))

@@ -259,7 +259,8 @@ def main(argv=None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: float16 on CUDA, float32 on CPU")
+    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                        help="default: float16 on CUDA, float32 on CPU")
     parser.add_argument("--batch", type=int, nargs="+", default=None)
     parser.add_argument("--seq", type=int, nargs="+", default=[128])
     parser.add_argument("--heads", type=int, default=12)
@@ -271,7 +272,7 @@ def main(argv=None) -> None:
     parser.add_argument("--providers", nargs="+", default=None, choices=PROVIDERS,
                         help="default: every provider this device and build can run")
     parser.add_argument("--no-backward", action="store_true")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=common.positive_int, default=3,
                         help="interleaved rounds over the rows of one shape (medians kept)")
     parser.add_argument("--tag", default="",
                         help="appended to the results file name (a run with other providers "
@@ -283,8 +284,6 @@ def main(argv=None) -> None:
     common.use_device(args.device)
     if args.timing == "graph" and not args.device.startswith("cuda"):
         parser.error("--timing graph needs --device cuda")
-    if args.rounds < 1:
-        parser.error(f"--rounds must be >= 1, got {args.rounds}")
 
     cuda = args.device.startswith("cuda")
     named = args.providers is not None
@@ -337,6 +336,7 @@ def main(argv=None) -> None:
                              f"capture failed ({errors[name, active][:80]})", "-", "-"])
                 continue
             rec["us"] = statistics.median(samples[name, active]) * 1e6
+            rec["samples_s"] = samples[name, active]  # per round: ratios pair rounds by position
             rec["vs_sdpa"] = median_ratio(samples, (name, active), ("sdpa", args.heads))
             rec["vs_all_heads"] = median_ratio(
                 samples, (name, active), (ALL_HEADS_BASELINE.get(name, name), args.heads))

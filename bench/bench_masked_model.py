@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma list of heads kept per layer in the masked rows")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--min-run-time", type=float, default=2.0)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=common.positive_int, default=3)
     args = parser.parse_args(argv)
     device = common.use_device(args.device)
     if device.type == "cpu":

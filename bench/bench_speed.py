@@ -30,7 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from sparsebert import runtime  # noqa: E402
-from sparsebert.speed.command import add_arguments, format_table, run_speed  # noqa: E402
+from sparsebert.speed.command import (  # noqa: E402
+    add_arguments,
+    check_args,
+    format_table,
+    run_speed,
+)
 from sparsebert.speed.workload import DTYPES, SpeedError  # noqa: E402
 
 
@@ -107,7 +112,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", default="2",
                         help="CPU thread counts, comma-separated: every case runs at each")
     parser.add_argument("--prune", type=float, default=0.5)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=common.positive_int, default=10)
     parser.add_argument("--cases", default="full,uniform")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--name", default="speed", help="result files' stem")
@@ -122,6 +127,12 @@ def main(argv=None) -> None:
         parser.error(f"--threads {args.threads!r}: expected comma-separated integers")
     if any(t < 1 for t in thread_counts if args.device == "cpu"):
         parser.error(f"--threads {args.threads!r}: expected positive integers")
+    for case in filter(None, args.cases.split(",")):  # every case checked before any is timed
+        try:
+            check_args(speed_args(args, case, thread_counts[0]))
+        except SpeedError as error:
+            parser.error(f"--cases {args.cases!r}: "
+                         + str(error).replace(f"--lengths {case!r}: ", f"{case!r}: "))
     results, sections, checks, target_rows = {}, [], [], []
     mismatched: list[str] = []  # rows whose logits differ from the reference
     device_type = args.device.split(":")[0]

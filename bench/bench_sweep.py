@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-examples", type=int, default=256)
     parser.add_argument("--dev-examples", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--rounds", type=common.positive_int, default=1,
                         help="times every mode runs (order rotated per round); the table gives "
                              "each round and the median ratio")
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=60, help="timed steps per loop, split evenly over the rounds (rounded down "
                         "to a multiple of --rounds)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per loop")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=common.positive_int, default=3)
     parser.add_argument("--stem", default="train_step",
                         help="result files' name in bench/results (default train_step)")
     args = parser.parse_args(argv)
@@ -193,11 +193,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--loops: unknown {sorted(unknown)}; expected a comma list of {LOOPS}")
     names = args.loops.split(",")
     baseline = "stock" if "stock" in names else names[0]  # the ratios' denominator
-    rows, records, failures = [], [], 0
-    for shape in args.models.split(","):
+    for shape in args.models.split(","):  # every entry checked before anything is timed
         if shape not in common.MODEL_SHAPES:
             parser.error(f"--models: unknown model shape {shape!r}; expected "
                          f"{sorted(common.MODEL_SHAPES)}")
+    for length in args.lengths.split(","):
+        if length != "mixed" and not (length.isdigit() and int(length) > 0):
+            parser.error(f"--lengths: {length!r} is neither a positive integer nor 'mixed'")
+    rows, records, failures = [], [], 0
+    for shape in args.models.split(","):
         for length in args.lengths.split(","):
             widths = MIXED_WIDTHS if length == "mixed" else (int(length),)
             rates, failed = measure(shape, widths, args, device)

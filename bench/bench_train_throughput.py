@@ -14,20 +14,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from sparsebert.errors import SparsebertError
-from sparsebert.glue import batching
-from sparsebert.glue.loading import load_split
-from sparsebert.glue.tasks import get_task
-from sparsebert.hf.loading import load_model
-from sparsebert.runtime import device_name, git_sha, versions
-from sparsebert.train import TrainConfig, autocast, make_optimizer, resolve_device
-from sparsebert.train.evaluate import data_source
-from sparsebert.train.step import EagerStep, StepSettings
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from sparsebert.errors import SparsebertError  # noqa: E402
+from sparsebert.glue import batching  # noqa: E402
+from sparsebert.glue.loading import load_split  # noqa: E402
+from sparsebert.glue.tasks import get_task  # noqa: E402
+from sparsebert.hf.loading import load_model  # noqa: E402
+from sparsebert.runtime import device_name, git_sha, versions  # noqa: E402
+from sparsebert.train import TrainConfig, autocast, make_optimizer, resolve_device  # noqa: E402
+from sparsebert.train.evaluate import data_source  # noqa: E402
+from sparsebert.train.step import EagerStep, StepSettings  # noqa: E402
 
 MODES = {"bucketed": (True, "dynamic"), "dynamic": (False, "dynamic"),
          "fixed": (False, "max_length")}
@@ -102,14 +106,14 @@ def measure(args: argparse.Namespace, train: batching.Encoded, task, device: tor
     return {mode: runner.result() for mode, runner in runners.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="RTE")
     parser.add_argument("--model", default="default")
     parser.add_argument("--glue-dir", default=None, help="default: $GLUE_DIR, else the hub")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per mode")
-    parser.add_argument("--rounds", type=int, default=5,
+    parser.add_argument("--rounds", type=common.positive_int, default=5,
                         help="interleaved rounds (steps are split across them)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
@@ -118,7 +122,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--modes", default="bucketed,dynamic,fixed")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.modes.split(",")) - set(MODES))
+    if unknown:
+        parser.error(f"--modes {args.modes!r}: unknown {unknown}; expected a comma list of "
+                     f"{', '.join(MODES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import re
 import shlex
@@ -16,6 +17,19 @@ from sparsebert import runtime
 from sparsebert.atomic import atomic_write_json, atomic_write_text
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts (--rounds, --calls, --repeats, --batches): an int >= 1, else a
+    usage error naming the flag (0 rounds timed nothing, and some scripts then wrote an empty
+    table over the recorded one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def environment(device: str) -> dict:

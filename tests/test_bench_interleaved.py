@@ -25,8 +25,8 @@ def bench(monkeypatch, tmp_path):
     threads = torch.get_num_threads()
     yield lambda name: importlib.reload(importlib.import_module(name))
     torch.set_num_threads(threads)
-    for name in ("bench_group_dot", "bench_attention_backend", "bench_importance_setup",
-                 "common"):
+    for name in [*{script for script, _ in COUNTS}, "bench_group_dot",
+                 "bench_attention_backend", "bench_importance_setup", "common"]:
         sys.modules.pop(name, None)
 
 
@@ -52,10 +52,51 @@ def test_group_dot_bench_reports_medians_and_ranges(bench, tmp_path):
     assert "range over rounds" in (tmp_path / "group_dot-cpu.md").read_text()
 
 
-def test_group_dot_bench_refuses_zero_rounds(bench, capsys):
-    with pytest.raises(SystemExit):
-        bench("bench_group_dot").main(["--device", "cpu", "--rounds", "0"])
-    assert "--rounds 0: expected at least 1" in capsys.readouterr().err
+COUNTS = [("bench_attention_backend", "--rounds"), ("bench_call_overhead", "--rounds"),
+          ("bench_call_overhead", "--calls"), ("bench_first_token_readout", "--rounds"),
+          ("bench_group_dot", "--rounds"), ("bench_importance", "--rounds"),
+          ("bench_importance", "--batches"), ("bench_importance_setup", "--rounds"),
+          ("bench_masked_attention", "--rounds"), ("bench_masked_model", "--rounds"),
+          ("bench_speed", "--repeats"), ("bench_sweep", "--rounds"),
+          ("bench_train_step", "--rounds"), ("bench_train_throughput", "--rounds")]
+
+
+@pytest.mark.parametrize("script,flag", COUNTS)
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_counts_below_one_are_usage_errors(script, flag, value, bench, tmp_path, capsys):
+    """bench_importance --rounds 0 wrote an empty table over the recorded one (exit 0); the
+    others ended in a ZeroDivisionError or StatisticsError traceback, some after minutes."""
+    with pytest.raises(SystemExit) as stop:
+        bench(script).main([f"{flag}={value}"])
+    assert stop.value.code == 2
+    assert f"argument {flag}: expected an integer >= 1, got {value}" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("script,argv,needle", [
+    ("bench_speed", ["--cases", "full,unifrom"], "--cases 'full,unifrom': 'unifrom': expected "
+                                                 "full, uniform or glue:TASK"),
+    ("bench_train_step", ["--models", "minilm,bert-bse", "--device", "cpu"],
+     "--models: unknown model shape 'bert-bse'"),
+    ("bench_train_step", ["--lengths", "32,6x4", "--device", "cpu"],
+     "--lengths: '6x4' is neither a positive integer nor 'mixed'"),
+    ("bench_train_throughput", ["--modes", "bucketed,fixd"], "--modes 'bucketed,fixd': unknown "
+                                                             "['fixd']"),
+    ("bench_masked_attention", ["--dtype", "fp16"], "argument --dtype: invalid choice: 'fp16'"),
+    ("bench_attention_backend", ["--dtype", "fp16"], "argument --dtype: invalid choice: 'fp16'"),
+])
+def test_a_bad_later_entry_is_refused_before_anything_is_timed(script, argv, needle, bench,
+                                                               monkeypatch, capsys):
+    """A typo in the last --cases / --models entry was found after the ones before it had been
+    timed (minutes, then thrown away); --modes and --dtype typos ended in tracebacks."""
+    module = bench(script)
+    for name in ("run_speed", "measure"):  # nothing may be timed before the refusal
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("timed first"))
+    with pytest.raises(SystemExit) as stop:
+        module.main(argv)
+    assert stop.value.code == 2
+    assert needle in capsys.readouterr().err
 
 
 def test_attention_backend_bench_sets_each_variants_masks(bench, tmp_path, monkeypatch):
