@@ -610,3 +610,30 @@ def test_a_rerun_may_change_the_runtime_settings_only(tiny_model_dir, synthetic_
                    {"seed": 8}, {"grad_clip": 0.5}, {"bucket": False}):
         with pytest.raises(TrainError, match="different config"):
             check_config(out, dataclasses.replace(config, **change).resolved())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_of_the_caller_is_refused(tiny_model_dir, synthetic_glue,
+                                                         tmp_path, dtype):
+    """finetune(model=...) trained a bf16/fp16 model's weights in that dtype (most updates of
+    a 2e-5 step lost) and recorded precision fp32; load_model gives fp32 master weights."""
+    model, tokenizer = load_model(tiny_model_dir, 2)
+    with pytest.raises(TrainError, match=rf"the model has {str(dtype)[6:]} parameters; pass "
+                                         r"it in float32 \(model.float\(\)\)"):
+        finetune(_config(tiny_model_dir, synthetic_glue, epochs=1), tmp_path / "run",
+                 model=model.to(dtype), tokenizer=tokenizer, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_callers_autocast_region_does_not_change_the_run(tiny_model_dir, synthetic_glue,
+                                                           tmp_path):
+    """An fp32 run started inside a caller's bf16 autocast region took its backward in bf16
+    (weights off by as much as bf16 training moves them) and recorded fp32: the run's own
+    precision holds for the whole run, so the weights are those of a run outside it."""
+    config = _config(tiny_model_dir, synthetic_glue, epochs=1, precision="fp32")
+    plain = finetune(config, tmp_path / "plain", progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = finetune(config, tmp_path / "inside", progress=False)
+        assert torch.is_autocast_enabled("cpu")  # the caller's region is back after the run
+    assert _same_weights(_weights(tmp_path / "plain"), _weights(tmp_path / "inside"))
+    assert inside.metrics == plain.metrics

@@ -27,7 +27,7 @@ from sparsebert.glue.loading import load_split
 from sparsebert.glue.tasks import get_task
 from sparsebert.hf.loading import check_max_length, load_model, preflight_model
 from sparsebert.hf.readout import first_token_readout
-from sparsebert.precision import autocast
+from sparsebert.precision import autocast, outside_autocast
 from sparsebert.precision import resolve as resolve_precision
 from sparsebert.pruning.weight_masks import WeightMasks
 from sparsebert.runtime import device_name, git_sha, versions
@@ -212,6 +212,13 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
         raise TrainError("finetune(tokenizer=...): the tokenizer has no padding token; set "
                          "tokenizer.pad_token (e.g. to its eos_token) and "
                          "model.config.pad_token_id to its id")
+    if model is not None:  # half-precision master weights lose updates (load_model: fp32)
+        half = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                       if p.dtype in (torch.float16, torch.bfloat16)})
+        if half:
+            raise TrainError(f"finetune(model=...): the model has {' and '.join(half)} "
+                             f"parameters; pass it in float32 (model.float()): --precision "
+                             f"bf16 trains under bf16 autocast over float32 weights")
     masks = WeightMasks(weight_masks or [])
     if weight_masks and model is None:
         raise TrainError("finetune(weight_masks=...) needs the model the masks belong to")
@@ -281,6 +288,9 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", keep_until_step=step)
     settings = StepSettings(config.grad_clip,
                             lambda: autocast(device, precision, cache_enabled=not graphs))
+    # The run's precision alone, also in a caller's own autocast region: its backward (and the
+    # optimizer step) would otherwise run in the region's dtype.
+    cleanup.enter_context(outside_autocast(device))
     # The classifier reads the last layer at [CLS] only: that layer's FFN runs on that row.
     cleanup.enter_context(first_token_readout(model))
     train_step = make_train_step(model, optimizer, settings, device, graphs)
