@@ -262,6 +262,11 @@ def _run_report(args: argparse.Namespace) -> int:
     result = report(args.paths, args.out)
     print(f"wrote {result['report']} and {len(result['figures'])} figures "
           f"({', '.join(result['tasks'])})")
+    if result["unfinished"]:
+        count = len(result["unfinished"])
+        print(f"note: left out {count} search{'es' if count > 1 else ''} without a summary.json "
+              f"yet (named in the report): {', '.join(map(str, result['unfinished'][:3]))}"
+              + (" ..." if count > 3 else ""), file=sys.stderr)
     return 0
 
 

@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("matplotlib")  # a core dependency; absent on bare GPU machines
 from PIL import Image  # noqa: E402
 
+from sparsebert.cli import main  # noqa: E402
 from sparsebert.errors import SparsebertError  # noqa: E402
 from sparsebert.report import ReportError, collect, paper, report, table  # noqa: E402
 from sparsebert.report.collect import Stat, load_summary  # noqa: E402
@@ -1022,3 +1023,60 @@ def test_a_one_panel_subnetworks_figure_has_room_for_its_title(tmp_path: Path):
     fig.draw_without_rendering()
     box = fig._suptitle.get_window_extent()
     assert 0 <= box.x0 and box.x1 <= fig.bbox.width, box
+
+
+def test_a_model_recorded_relative_and_absolute_across_tasks_is_one_model(tmp_path: Path,
+                                                                           monkeypatch):
+    """RTE's first seed recorded /home/me/models/tiny, the other tasks models/tiny: one model
+    (as within a task), so the data line names it once and the overlap figure compares all
+    three tasks (it left RTE out, 'run on another model')."""
+    from sparsebert.report import _data_line, figures  # noqa: PLC0415
+
+    for i, seed in enumerate(SEEDS):
+        for task in ("MRPC", "CoLA", "RTE"):
+            absolute = task == "RTE" and i == 0
+            write_run(tmp_path, task, seed, i,
+                      model="/home/me/models/tiny" if absolute else "models/tiny")
+    results = collect(tmp_path)
+    assert "model /home/me/models/tiny, search on" in _data_line(results)
+    pytest.importorskip("statsmodels")
+    compared = []
+    stats, _ = figures.stats_module()
+    real = stats.overlap_matrix
+    monkeypatch.setattr(stats, "overlap_matrix", lambda masks: compared.append(set(masks))
+                        or real(masks))
+    assert_png(figures.overlap(results, tmp_path / "overlap.png"))
+    assert compared == [{"MRPC", "CoLA", "RTE"}]
+
+
+def test_searches_without_a_summary_yet_are_named(runs: Path, tmp_path: Path, capsys):
+    """A seed whose search has not finished (config.json, full/, no summary.json) dropped out
+    of the report without a word; it is named in report.md and on stderr, and when no search
+    has finished the error names them."""
+    unfinished = runs / "MRPC" / "seed_99"
+    (unfinished / "full").mkdir(parents=True)
+    (unfinished / "config.json").write_text(json.dumps(
+        {"search": {"method": "both"}, "train": {"task": "MRPC", "seed": 99}}))
+    (runs / "MRPC" / "seed_99" / "full" / "config.json").write_text('{"task": "MRPC"}')
+    assert main(["report", str(runs), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert (f"Left out: 1 search without a summary.json yet (still running or cut short; rerun "
+            f"the same command to finish it): {unfinished} (MRPC seed 99).") in text
+    assert f"left out 1 search without a summary.json yet (named in the report): {unfinished}" \
+        in capsys.readouterr().err
+    alone = tmp_path / "alone"
+    shutil.copytree(unfinished, alone / "seed_99")
+    with pytest.raises(ReportError, match=r"no summary.json found under .*\. Left out: 1 "
+                                          r"search .*seed_99 \(MRPC seed 99\)"):
+        report([alone], tmp_path / "out2")
+
+
+def test_a_damaged_summary_reached_through_a_link_names_the_link(tmp_path: Path):
+    """A dangling summary.json link was named by its target alone, which the user may never
+    have seen."""
+    run = write_run(tmp_path / "runs", "MRPC", 1, 0)
+    (run / "summary.json").unlink()
+    (run / "summary.json").symlink_to(tmp_path / "old_disk" / "summary.json")
+    with pytest.raises(ReportError, match=rf"^{re.escape(str(run / 'summary.json'))} \(-> "
+                                          rf"{re.escape(str(tmp_path / 'old_disk'))}"):
+        collect(tmp_path / "runs")

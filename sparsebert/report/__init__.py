@@ -12,6 +12,7 @@ measurements found beside the runs), `figures` (PNG figures).
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 from collections.abc import Sequence
@@ -20,9 +21,10 @@ from typing import Any
 
 from sparsebert.atomic import atomic_write_text
 from sparsebert.report import table
-from sparsebert.report.collect import ReportError, Stat, TaskResults, collect
+from sparsebert.report.collect import ReportError, Stat, TaskResults, collect, task_models
 from sparsebert.report.figures import write_figures
 from sparsebert.report.speed import SPEED_NOTE, SpeedEntry, collect_speed, speed_tables
+from sparsebert.report.summaries import NoSummaryError, unfinished_searches
 
 __all__ = ["ReportError", "Stat", "TaskResults", "collect", "render_markdown", "report"]
 
@@ -52,8 +54,10 @@ def _data_line(results: dict[str, TaskResults]) -> str:
     fields = (("model", "model"), ("search on", "search_data"),
               ("importance mode", "importance_mode"), ("threshold", "threshold"))
     described = []
+    models = task_models(results)  # (a path recorded relative and absolute: one model)
     for label, attribute in fields:
-        per_task = {task: getattr(res.runs[0], attribute) for task, res in results.items()}
+        per_task = (models if attribute == "model" else
+                    {task: getattr(res.runs[0], attribute) for task, res in results.items()})
         per_task = {task: _model_name(v) if attribute == "model" else v
                     for task, v in per_task.items()}
         values = {v for v in per_task.values() if v is not None}
@@ -122,11 +126,30 @@ def _training_data(results: dict[str, TaskResults]) -> str:
                                          for label, tasks in groups.items()) + ". "
 
 
+def _unfinished_line(unfinished: Sequence[Path]) -> str:
+    """'Left out: ...': the search directories among the inputs without a summary.json yet."""
+    def name(folder: Path) -> str:
+        try:
+            train = json.loads((folder / "config.json").read_text())["train"]
+            return f"{folder} ({train['task']} seed {train['seed']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            return str(folder)
+
+    shown = [name(folder) for folder in unfinished[:10]]
+    more = f" and {len(unfinished) - 10} more" if len(unfinished) > 10 else ""
+    return (f"Left out: {len(unfinished)} search{'es' if len(unfinished) > 1 else ''} without a "
+            f"summary.json yet (still running or cut short; rerun the same command to finish "
+            f"{'them' if len(unfinished) > 1 else 'it'}): {', '.join(shown)}{more}.")
+
+
 def render_markdown(results: dict[str, TaskResults], figures: Sequence[Path], out_dir: Path,
-                    command: str, speed: Sequence[SpeedEntry] = ()) -> str:
+                    command: str, speed: Sequence[SpeedEntry] = (),
+                    unfinished: Sequence[Path] = ()) -> str:
     """The report.md text: tables, figures linked relative to out_dir, the regenerating
-    command and a line on what the data are; `speed`: the runs' speed measurements."""
+    command and a line on what the data are; `speed`: the runs' speed measurements;
+    `unfinished`: search directories among the inputs that have no summary yet."""
     parts = ["# Lottery-ticket search report", "", _data_line(results), "",
+             *([_unfinished_line(unfinished), ""] if unfinished else []),
              "Regenerate with:", "", "```", command, "```", "",
              "## Results (paper §4 layout)", "", table.results_table(results), "",
              table.results_notes(results), "",
@@ -154,7 +177,8 @@ def report(paths: str | os.PathLike | Sequence[str | os.PathLike],
     paths: run directories, parents of many, or summary.json files. out_dir: defaults to the
     first path if it is a directory (else the folder holding that file). Returns {"report":
     path of report.md, "figures": [paths], "tasks": [task names], "table": the results table
-    as markdown}. Raises ReportError when no summary is found or a summary is malformed.
+    as markdown, "unfinished": [search directories left out for want of a summary.json]}.
+    Raises ReportError when no summary is found or a summary is malformed.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -164,15 +188,21 @@ def report(paths: str | os.PathLike | Sequence[str | os.PathLike],
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ReportError(f"--out {out_dir}: exists and is a file (expected a directory for "
                           "report.md and figures/)")
-    results = collect(paths)
+    unfinished = unfinished_searches(paths)
+    try:
+        results = collect(paths)
+    except NoSummaryError as error:
+        if not unfinished:
+            raise
+        raise NoSummaryError(f"{error}. {_unfinished_line(unfinished)}") from None
     if out_dir is None:
         out_dir = paths[0] if paths[0].is_dir() else paths[0].parent
     out = Path(out_dir)
     speed = collect_speed(results)
     figures = write_figures(results, out / "figures", [e for e in speed if not e.mismatch])
     command = _command(paths, out)  # as given: relative paths stay relative
-    text = render_markdown(results, figures, out, command, speed)
+    text = render_markdown(results, figures, out, command, speed, unfinished)
     report_path = out / "report.md"
     atomic_write_text(report_path, text)
     return {"report": report_path, "figures": figures, "tasks": list(results),
-            "table": table.results_table(results)}
+            "table": table.results_table(results), "unfinished": unfinished}

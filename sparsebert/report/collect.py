@@ -131,6 +131,22 @@ def _same_value(name: str, a: Any, b: Any) -> bool:
             and Path(full).parts[-len(rel_parts):] == rel_parts)
 
 
+def task_models(results: dict[str, TaskResults]) -> dict[str, str | None]:
+    """The model each task's runs started from, one spelling per model across tasks: a path
+    recorded relative (as older runs did) and one recorded absolute that ends with it are the
+    same model (_same_value), named by the absolute one. None where no run records it."""
+    per_task = {}
+    for task, res in results.items():
+        values = [run.model for run in res.runs if run.model is not None]
+        absolute = [value for value in values if Path(value).is_absolute()]
+        per_task[task] = (absolute or values or [None])[0]
+    known = sorted({value for value in per_task.values() if value is not None},
+                   key=lambda value: (not Path(value).is_absolute(), value))
+    return {task: None if value is None else
+            next(name for name in known if _same_value("model", value, name))
+            for task, value in per_task.items()}
+
+
 def _check_consistent(task: str, runs: list[RunSummary]) -> None:
     """All seeds of a task must come from the same setting (else averaging mixes settings)."""
     seen: dict[int, Path] = {}
@@ -245,7 +261,13 @@ def collect(paths: str | Path | Sequence[str | Path]) -> dict[str, TaskResults]:
     runs: dict[str, list[RunSummary]] = {}
     supers: dict[str, SuperSummary] = {}
     for file, locations in find_summary_locations(list(paths)).items():
-        summary = load_summary(file)
+        try:
+            summary = load_summary(file)
+        except ReportError as error:  # found through a link: name the path the user has too
+            if Path(locations[0]) == file:
+                raise
+            raise ReportError(f"{locations[0]} (-> {file}): "
+                              f"{str(error).removeprefix(f'{file}: ')}") from None
         if isinstance(summary, RunSummary):
             summary.locations = tuple(locations)
         if isinstance(summary, SuperSummary):

@@ -31,7 +31,7 @@ from matplotlib.patches import Patch, Rectangle
 
 from sparsebert.report import paper, table
 from sparsebert.report.canvas import bottom_legend, panel_grid, save_png
-from sparsebert.report.collect import TaskResults, stability, stats_module
+from sparsebert.report.collect import TaskResults, stability, stats_module, task_models
 from sparsebert.report.speed import SpeedEntry
 from sparsebert.report.speed_figure import speed_vs_score
 
@@ -376,8 +376,9 @@ def overlap(results: Mapping[str, TaskResults], path: Path) -> Path | None:
     if stats is None or not masks:
         return None
     groups: dict[tuple, list[str]] = {}  # (model, mask shape) -> its tasks
+    models = task_models(dict(results))
     for task, m in masks.items():
-        groups.setdefault((results[task].runs[0].model, m.shape[1:]), []).append(task)
+        groups.setdefault((models[task], m.shape[1:]), []).append(task)
     (_, shape), tasks = max(groups.items(), key=lambda item: len(item[1]))  # first of ties
     left_out = [t for t in masks if t not in tasks]
     masks = {t: masks[t] for t in tasks}

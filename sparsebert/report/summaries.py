@@ -37,6 +37,10 @@ class ReportError(SparsebertError):
     """Report input that cannot be used: no summaries found, bad version/kind, missing field."""
 
 
+class NoSummaryError(ReportError):
+    """An input (or every input) holds no summary.json."""
+
+
 # ----------------------------------------------------------------------------- one file
 
 
@@ -344,6 +348,38 @@ def _summaries_under(root: Path) -> Iterator[Path]:
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
 
 
+def unfinished_searches(paths: Sequence[str | Path]) -> list[Path]:
+    """Search directories under `paths` (a config.json with the search's settings) that hold no
+    summary.json yet: searches still running or cut short, which a report cannot include.
+    Hidden folders are skipped and each real folder walked once, as by _summaries_under."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for raw in paths:
+        if not Path(raw).is_dir():
+            continue
+        for folder, subfolders, files in os.walk(raw, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen:
+                subfolders.clear()
+                continue
+            seen.add(real)
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+            if "config.json" in files and SUMMARY_NAME not in files and _is_search_config(
+                    Path(folder) / "config.json"):
+                found.append(Path(folder))
+                subfolders.clear()  # (its full/, structured/, ... are parts of it)
+    return found
+
+
+def _is_search_config(path: Path) -> bool:
+    """Whether `path` is a search's config.json (its search and train settings)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and "search" in saved and "train" in saved
+
+
 def find_summary_locations(paths: Sequence[str | Path]) -> dict[Path, list[Path]]:
     """Every summary.json under `paths` (a run dir, a parent of many, or the file itself; hidden
     folders such as a sweep's .sweep/ skipped): {resolved file: the paths it was found under},
@@ -359,7 +395,7 @@ def find_summary_locations(paths: Sequence[str | Path]) -> dict[Path, list[Path]
         else:
             raise ReportError(f"report input {str(p)!r} does not exist")
         if not files and len(paths) > 1:
-            raise ReportError(f"no {SUMMARY_NAME} found under {str(p)!r} (one of the report's "
+            raise NoSummaryError(f"no {SUMMARY_NAME} found under {str(p)!r} (one of the report's "
                               "inputs): pass search run directories or their parent")
         for file in files:
             places = found.setdefault(file.resolve(), [])
@@ -367,7 +403,7 @@ def find_summary_locations(paths: Sequence[str | Path]) -> dict[Path, list[Path]
                 places.append(file)
     if not found:
         names = ", ".join(repr(str(p)) for p in paths) or "(no paths given)"
-        raise ReportError(f"no {SUMMARY_NAME} found under {names}: pass search run "
+        raise NoSummaryError(f"no {SUMMARY_NAME} found under {names}: pass search run "
                           "directories or their parent")
     return dict(sorted(found.items()))
 
