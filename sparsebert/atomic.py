@@ -9,6 +9,7 @@ directories, benchmark results).
 from __future__ import annotations
 
 import contextlib
+import errno as _errno
 import fcntl
 import hashlib
 import json
@@ -38,9 +39,24 @@ def write_failure(path: Path, error: BaseException) -> WriteError | None:
                   or "No space left" in text or _nearly_full(path) else None)
         if reason is None:
             return None
-        errno = 28  # ENOSPC
-    return WriteError(f"{path}: cannot write it ({reason}); free some space or make the "
-                      f"folder writable, then rerun the same command (it resumes)", errno)
+        errno = _errno.ENOSPC
+    advice = ("; free some space, then rerun the same command" if errno in _FULL else
+              "; make the folder writable, then rerun the same command" if errno in _DENIED
+              else "")
+    return WriteError(f"{path}: cannot write it ({reason}){advice}", errno)
+
+
+_FULL = {_errno.ENOSPC, _errno.EDQUOT}  # the disk (or the user's quota) is full
+_DENIED = {_errno.EROFS, _errno.EACCES, _errno.EPERM}  # the folder may not be written
+
+
+def temp_sibling(path: Path, suffix: str) -> Path:
+    """`.NAME.suffix` beside `path`, where a write goes before it is moved onto `path`; for a
+    name too long for that (file systems allow names of 255 bytes), a hash of the name."""
+    name = f".{path.name}.{suffix}"
+    if len(name.encode()) > 255:
+        name = f".{hashlib.sha256(path.name.encode()).hexdigest()[:32]}.{suffix}"
+    return path.with_name(name)
 
 
 @contextlib.contextmanager
@@ -99,7 +115,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically (temp file in the same folder, fsync, os.replace); a
     file-system failure raises RunDirError naming `path`."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_sibling(path, "tmp")
     try:
         with write_errors_named(path):
             with open(tmp, "wb") as handle:
@@ -244,10 +260,10 @@ def read_json(path: str | os.PathLike, fix: str) -> Any:
 def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Let write(tmp_path) produce a file, then move it onto `path` atomically."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
+    tmp = temp_sibling(path, "tmp")
     try:
         with write_errors_named(path):
+            tmp.unlink(missing_ok=True)  # (a read-only folder fails here: named as the write)
             write(tmp)
             fsync_path(tmp)  # on the disk before the rename publishes it
             os.replace(tmp, path)
@@ -272,7 +288,7 @@ def atomic_save_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> N
     if what is not None:
         raise SparsebertError(f"{str(path)!r} cannot be replaced as a whole ({what}); save "
                               "into a folder inside it")
-    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    tmp, old = temp_sibling(path, "tmp"), temp_sibling(path, "old")
     for stale in (tmp, old):
         shutil.rmtree(stale, ignore_errors=True)
     try:

@@ -595,6 +595,62 @@ def test_a_full_disk_names_the_file_and_leaves_no_temporary_file(setup, tmp_path
     assert not target.exists() and not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.mark.parametrize("code,advice", [
+    ("ENOSPC", "; free some space, then rerun the same command"),
+    ("EROFS", "; make the folder writable, then rerun the same command"),
+    ("ENOENT", ""),  # (a file removed under the writer: no advice that does not apply)
+])
+def test_write_errors_advise_by_their_cause(code, advice, tmp_path):
+    """Every failed write advised 'free some space or make the folder writable ... (it
+    resumes)', also where neither applies and for commands that do not resume."""
+    import errno  # noqa: PLC0415
+
+    from sparsebert.atomic import write_failure  # noqa: PLC0415
+
+    number = getattr(errno, code)
+    failure = write_failure(tmp_path / "x.json", OSError(number, os.strerror(number)))
+    assert str(failure) == f"{tmp_path / 'x.json'}: cannot write it ({os.strerror(number)})" \
+        f"{advice}"
+
+
+def test_a_name_of_up_to_255_bytes_is_written(tmp_path):
+    """The temporary name (.NAME.tmp) added 5 bytes: a valid 251-255 byte name could never be
+    written (File name too long)."""
+    from sparsebert.atomic import atomic_save_dir, atomic_write_json  # noqa: PLC0415
+
+    target = tmp_path / ("b" * 250 + ".json")
+    atomic_write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+    folder = tmp_path / ("c" * 255)
+    atomic_save_dir(folder, lambda tmp: (tmp.mkdir(), (tmp / "f").write_text("x")))
+    atomic_save_dir(folder, lambda tmp: (tmp.mkdir(), (tmp / "f").write_text("y")))  # replaced
+    assert (folder / "f").read_text() == "y"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, folder.name])
+
+
+def test_a_full_disk_while_logging_names_metrics_jsonl(tmp_path, monkeypatch):
+    """A metrics line that cannot be appended ended in a bare '[Errno 28] No space left on
+    device'."""
+    import builtins  # noqa: PLC0415
+    import errno  # noqa: PLC0415
+
+    from sparsebert.errors import WriteError  # noqa: PLC0415
+    from sparsebert.train.metrics_log import MetricsLog  # noqa: PLC0415
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", keep_until_step=0)
+    real_open = builtins.open
+
+    def full(file, mode="r", *args, **kwargs):
+        if str(file).endswith("metrics.jsonl") and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full)
+    with pytest.raises(WriteError, match=rf"{tmp_path / 'metrics.jsonl'}: cannot write it \(No "
+                                         r"space left on device\); free some space"):
+        log.write({"step": 1, "loss": 0.5})
+
+
 def test_rerunning_a_finished_run_says_so(setup, tmp_path, capsys):
     from sparsebert.cli import main  # noqa: PLC0415
 

@@ -516,3 +516,20 @@ def test_other_runtime_errors_are_not_called_out_of_memory(tiny_model_dir, monke
     monkeypatch.setattr(command, "make_batch", fail)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["speed", "--model", tiny_model_dir, *FAST])
+
+
+def test_a_result_that_cannot_be_written_is_named_once(tmp_path, monkeypatch):
+    """A full disk under --json read '--json P: cannot write it (P: cannot write it (No space
+    left on device); free some space ... (it resumes))': nested, and speed does not resume."""
+    import errno  # noqa: PLC0415
+
+    from sparsebert.speed import command  # noqa: PLC0415
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(command.os, "fsync", full)
+    target = tmp_path / "speed.json"
+    with pytest.raises(command.SpeedError) as refused:
+        command.write_result("--json", target, {"rows": []})
+    assert str(refused.value) == f"--json {target}: cannot write it (No space left on device)"

@@ -225,8 +225,9 @@ def write_result(flag: str, path: Path, result: dict[str, Any]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, result)
-    except OSError as error:
-        raise SpeedError(f"{flag} {path}: cannot write it ({error.strerror or error})") from None
+    except OSError as error:  # (a WriteError names the path itself: its reason alone here)
+        reason = error.strerror or (os.strerror(error.errno) if error.errno else str(error))
+        raise SpeedError(f"{flag} {path}: cannot write it ({reason})") from None
 
 
 def mask_sets(args: argparse.Namespace, shape: dict[str, int]) -> list[MaskSet]:

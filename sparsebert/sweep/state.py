@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sparsebert.atomic import atomic_write_json
+from sparsebert.atomic import atomic_write_json, write_errors_named
 from sparsebert.lottery.config import SearchConfig
 from sparsebert.lottery.redo import move_aside, set_aside, unused
 from sparsebert.lottery.search import methods_affected
@@ -258,7 +258,8 @@ class SweepDir:
                 and pending.get("redo_search", search) == search)
 
     def _take_lock(self) -> None:
-        handle = open(self.meta / "lock", "a+")  # noqa: SIM115 (held until close())
+        with write_errors_named(self.meta / "lock"):  # (a read-only folder: named)
+            handle = open(self.meta / "lock", "a+")  # noqa: SIM115 (held until close())
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

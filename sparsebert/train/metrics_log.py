@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sparsebert.atomic import atomic_write_text
+from sparsebert.atomic import atomic_write_text, write_errors_named
 
 
 def parse_records(path: Path, lines: list[str]) -> list[dict[str, Any]]:
@@ -68,7 +68,7 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         record = self._rounded(record)
-        with open(self.path, "a", encoding="utf-8") as handle:
+        with write_errors_named(self.path), open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         self.records.append(record)
 
