@@ -130,9 +130,10 @@ def main(argv=None) -> None:
     for case in filter(None, args.cases.split(",")):  # every case checked before any is timed
         try:
             check_args(speed_args(args, case, thread_counts[0]))
-        except SpeedError as error:
-            parser.error(f"--cases {args.cases!r}: "
-                         + str(error).replace(f"--lengths {case!r}: ", f"{case!r}: "))
+        except SpeedError as error:  # (a case is a --lengths of sparsebert speed)
+            message = str(error)
+            parser.error(f"--cases {args.cases!r}: {case!r}: {message.split(': ', 1)[1]}"
+                         if message.startswith("--lengths ") else message)
     results, sections, checks, target_rows = {}, [], [], []
     mismatched: list[str] = []  # rows whose logits differ from the reference
     device_type = args.device.split(":")[0]

@@ -306,3 +306,23 @@ def test_a_damaged_pytorch_model_bin_is_named(tiny_model_dir, tmp_path, damage):
     with pytest.raises(ModelLoadError, match=r"pytorch_model\.bin is damaged \(truncated or not "
                                              r"a torch file"):
         load_model(folder)
+
+
+def test_an_intact_bin_that_the_safe_loader_refuses_keeps_torchs_explanation(tiny_model_dir,
+                                                                            tmp_path):
+    """A whole pytorch_model.bin holding an object torch's weights_only loader refuses is not
+    'damaged': torch's own error (what it refused, the two ways out) stays."""
+    import pickle  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    from sparsebert.hf.loading import load_model  # noqa: PLC0415
+
+    folder = tmp_path / "bin_model"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save({**weights, "extra": np.arange(3)}, folder / "pytorch_model.bin")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_model(folder)

@@ -653,6 +653,16 @@ def test_multiple_choice_scores_in_paper_mode_and_names_it_otherwise(tiny_bert):
     for mode in ("per_example", "fisher", "michel"):
         with pytest.raises(ValueError, match=rf"mode='{mode}'.*\(4, 2, 9\).*use mode='paper'"):
             importance(model, [batch], mode=mode, progress=False)
+    # Labels pick one of the choices, whatever config.num_labels (2) says: 4 choices score,
+    # a label past the last choice is named as such.
+    ids = torch.randint(3, config.vocab_size, (4, 4, 9))
+    four = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "labels": torch.tensor([0, 1, 2, 3])}
+    assert bool((importance(model, [four], mode="paper", normalize=False,
+                            progress=False).head > 0).all())
+    with pytest.raises(ValueError, match=r"'labels' of 4-choice inputs must be class ids in "
+                                         r"\[0, 4\), got \[4\]"):
+        importance(model, [{**four, "labels": torch.tensor([0, 1, 2, 4])}], progress=False)
 
 
 def _gate_gradients_by_hooks(model, batches, head_mask, mlp_mask, neuron_mask, per_token):

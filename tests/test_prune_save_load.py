@@ -577,6 +577,9 @@ def test_tampered_directory_is_rejected_up_front(case, saved_pruned, tmp_path, m
     assert message.startswith("load_pruned: ") and "\n" not in message
     assert str(directory) in message, message  # which of a sweep's many model/ folders
     assert len(message) < 300 + len(str(directory)), message
+    monkeypatch.chdir(tmp_path)  # a relative folder whose name is part of a file's name
+    with pytest.raises(PrunedModelError, match=r"^load_pruned: pruned(: | has no )"):
+        sbhf.load_pruned("pruned")
     assert re.search(needle, message), message
 
 

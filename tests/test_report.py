@@ -1060,8 +1060,9 @@ def test_searches_without_a_summary_yet_are_named(runs: Path, tmp_path: Path, ca
     (runs / "MRPC" / "seed_99" / "full" / "config.json").write_text('{"task": "MRPC"}')
     assert main(["report", str(runs), "--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "report.md").read_text()
-    assert (f"Left out: 1 search without a summary.json yet (still running or cut short; rerun "
-            f"the same command to finish it): {unfinished} (MRPC seed 99).") in text
+    assert (f"Left out: 1 search without a summary.json yet (still running, or cut short: "
+            f"finish it by rerunning the search or sweep that started it, then this report): "
+            f"{unfinished} (MRPC seed 99).") in text
     assert f"left out 1 search without a summary.json yet (named in the report): {unfinished}" \
         in capsys.readouterr().err
     alone = tmp_path / "alone"
@@ -1071,7 +1072,7 @@ def test_searches_without_a_summary_yet_are_named(runs: Path, tmp_path: Path, ca
         report([alone], tmp_path / "out2")
 
 
-def test_a_damaged_summary_reached_through_a_link_names_the_link(tmp_path: Path):
+def test_a_damaged_summary_reached_through_a_link_names_the_link(tmp_path: Path, monkeypatch):
     """A dangling summary.json link was named by its target alone, which the user may never
     have seen."""
     run = write_run(tmp_path / "runs", "MRPC", 1, 0)
@@ -1080,3 +1081,9 @@ def test_a_damaged_summary_reached_through_a_link_names_the_link(tmp_path: Path)
     with pytest.raises(ReportError, match=rf"^{re.escape(str(run / 'summary.json'))} \(-> "
                                           rf"{re.escape(str(tmp_path / 'old_disk'))}"):
         collect(tmp_path / "runs")
+    (run / "summary.json").unlink()
+    (run / "summary.json").write_text("{")  # no link: the path alone, also given relative
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ReportError, match=r"runs/MRPC/seed_1/summary.json: cannot read") as bad:
+        collect("runs")
+    assert "->" not in str(bad.value)

@@ -1093,18 +1093,24 @@ def test_a_config_key_set_twice_is_refused(tmp_path):
 def test_a_sweep_inside_a_sweep_is_refused(tiny_model_dir, synthetic_glue, tmp_path):
     """An --out inside a sweep directory (as search and finetune refuse): its summaries broke
     the outer sweep's report for good. Nothing is written."""
-    from sparsebert.sweep.state import SweepDir, identity  # noqa: PLC0415
+    from sparsebert.sweep.state import KIND, SweepDir, identity  # noqa: PLC0415
 
     _, search, train = _configs(tiny_model_dir, synthetic_glue)
     ident = identity(Grid(("SST-2",), (3,), ("structured",), ("good",), True, True),
                      search, train.resolved())
     outer = tmp_path / "outer"
-    (outer / ".sweep").mkdir(parents=True)
+    outer.mkdir()
+    (outer / "sweep.json").write_text(json.dumps({"kind": KIND, "runs": []}))
     for inner in (outer / "inner", outer / "SST-2" / "deeper" / "inner"):
         with pytest.raises(SweepError, match=f"--out {inner}: is inside the sweep directory "
                                              f"{outer}; use a folder outside it"):
             SweepDir(inner).open(ident)
         assert not inner.exists()
+    # Another tool's sweep.json above (a wandb sweep's, say) is not a sweep directory.
+    (outer / "sweep.json").write_text('{"name": "my wandb sweep"}')
+    state = SweepDir(outer / "inner")
+    assert state.open(ident) == []
+    state.close("finished")
 
 
 @pytest.mark.parametrize("saved", [{}, {"runs": []}, {"runs": [], "identity": {}},

@@ -233,7 +233,7 @@ def load_pruned(
         raise  # (names the folder)
     except PrunedModelError as error:  # name the folder: a sweep reloads many model/ folders
         message = str(error)
-        if str(root) in message:
+        if message.startswith(f"load_pruned: {root}"):
             raise
         message = message.removeprefix("load_pruned: ")
         raise PrunedModelError(f"load_pruned: {root}: {message}") from None

@@ -171,18 +171,30 @@ def check_class_ids(labels: Tensor, num_labels: int) -> None:
                          f"supported)")
 
 
-def check_class_range(labels: Tensor, num_labels: int) -> None:
+def _classes(batch: Mapping, num_labels: int) -> tuple[int, str]:
+    """(how many classes the batch's labels choose from, what to call them): a multiple-choice
+    batch's (input_ids (B, choices, L), inputs_embeds (B, choices, L, hidden)) labels pick one
+    of its choices, whatever config.num_labels says; else the model's num_labels."""
+    ids, embeds = batch.get("input_ids"), batch.get("inputs_embeds")
+    for tensor, dims in ((ids, 3), (embeds, 4)):
+        if isinstance(tensor, Tensor) and tensor.dim() == dims:
+            return tensor.shape[1], f"{tensor.shape[1]}-choice inputs"
+    return num_labels, f"a {num_labels}-class model"
+
+
+def check_class_range(labels: Tensor, num_labels: int, what: str | None = None) -> None:
     """ValueError unless a classifier's (num_labels > 1) labels are class ids in
     [0, num_labels): an out-of-range id would fail inside cross_entropy, and -100 (Hugging
-    Face's "ignore this example") would count as an example with zero loss."""
+    Face's "ignore this example") would count as an example with zero loss. `what` names the
+    classes in the message (default: "a {num_labels}-class model")."""
     if num_labels == 1 or labels.numel() == 0:
         return
     bad = labels[(labels < 0) | (labels >= num_labels)]
     if bad.numel():
         shown = sorted({float(v) if labels.is_floating_point() else int(v)
                         for v in bad.flatten()[:100].tolist()})[:5]
-        raise ValueError(f"importance: 'labels' of a {num_labels}-class model must be class "
-                         f"ids in [0, {num_labels}), got {shown}"
+        raise ValueError(f"importance: 'labels' of {what or f'a {num_labels}-class model'} "
+                         f"must be class ids in [0, {num_labels}), got {shown}"
                          + (" (-100, an ignored example: drop such examples from the batch)"
                             if -100 in shown else ""))
 
@@ -463,7 +475,8 @@ def _batch_to(batch: Mapping, device: torch.device, num_labels: int) -> dict:
         raise ValueError("importance: batches need 'labels' (the loss defines the importance)")
     labels = batch["labels"]
     if isinstance(labels, Tensor) and labels.device.type == "cpu":
-        check_class_range(labels, num_labels)  # (free here: on a GPU it would read them back)
+        # (free here: on a GPU it would read them back)
+        check_class_range(labels, *_classes(batch, num_labels))
     return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
 
 

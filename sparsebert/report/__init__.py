@@ -137,9 +137,10 @@ def _unfinished_line(unfinished: Sequence[Path]) -> str:
 
     shown = [name(folder) for folder in unfinished[:10]]
     more = f" and {len(unfinished) - 10} more" if len(unfinished) > 10 else ""
+    them = "them" if len(unfinished) > 1 else "it"
     return (f"Left out: {len(unfinished)} search{'es' if len(unfinished) > 1 else ''} without a "
-            f"summary.json yet (still running or cut short; rerun the same command to finish "
-            f"{'them' if len(unfinished) > 1 else 'it'}): {', '.join(shown)}{more}.")
+            f"summary.json yet (still running, or cut short: finish {them} by rerunning the "
+            f"search or sweep that started {them}, then this report): {', '.join(shown)}{more}.")
 
 
 def render_markdown(results: dict[str, TaskResults], figures: Sequence[Path], out_dir: Path,

@@ -264,7 +264,7 @@ def collect(paths: str | Path | Sequence[str | Path]) -> dict[str, TaskResults]:
         try:
             summary = load_summary(file)
         except ReportError as error:  # found through a link: name the path the user has too
-            if Path(locations[0]) == file:
+            if Path(os.path.abspath(locations[0])) == file:  # (no link on the way)
                 raise
             raise ReportError(f"{locations[0]} (-> {file}): "
                               f"{str(error).removeprefix(f'{file}: ')}") from None

@@ -107,6 +107,18 @@ def compare(saved: dict[str, Any], mine: dict[str, Any], redo: tuple[str, ...] =
             [s for s in new_grid["seeds"] if s not in old_grid["seeds"]])
 
 
+def _is_sweep(folder: Path) -> bool:
+    """Whether `folder` is a sweep directory: its sweep.json is a sweep's (another tool's
+    sweep.json is not), or a sweep was started there (.sweep/lock)."""
+    if (folder / ".sweep" / "lock").is_file():
+        return True
+    try:
+        saved = json.loads((folder / "sweep.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and saved.get("kind") == KIND
+
+
 def _missing_parts(saved: dict[str, Any]) -> str:
     """What a sweep.json of the right kind lacks ('' when whole): a runs list and the
     identity's grid with tasks and seeds lists."""
@@ -143,8 +155,8 @@ class SweepDir:
         settings in the searches' config.json there); returns notes to print."""
         if self.out.exists() and not self.out.is_dir():
             raise SweepError(f"--out {self.out}: exists and is not a directory")
-        outer = next((folder for folder in self.out.resolve().parents
-                      if (folder / "sweep.json").is_file() or (folder / ".sweep").is_dir()), None)
+        outer = next((folder for folder in self.out.resolve().parents if _is_sweep(folder)),
+                     None)
         if outer is not None:  # its reports and extensions would take this sweep's runs
             raise SweepError(f"--out {self.out}: is inside the sweep directory {outer}; use a "
                              f"folder outside it")
