@@ -25,6 +25,7 @@ import numpy as np
 
 from sparsebert.errors import SparsebertError
 from sparsebert.report.paper import SUBNETS, canonical_task
+from sparsebert.train.rundir import is_search_dir
 
 SUMMARY_NAME = "summary.json"
 VERSION = 1
@@ -330,54 +331,40 @@ def load_summary(path: str | Path) -> RunSummary | SuperSummary:
     raise ReportError(f"{path}: field 'kind' is {kind!r}, expected {KIND_RUN!r} or {KIND_SUPER!r}")
 
 
-def _summaries_under(root: Path) -> Iterator[Path]:
-    """The summary.json files under `root` as found (links kept in the path), hidden folders
+def _walk(root: str | Path, seen: set[str]) -> Iterator[tuple[Path, list[str], bool]]:
+    """(folder, its file names, first) for every folder under `root`, hidden folders
     (.sweep/superseded/) skipped. Symlinked folders are followed, each real folder's contents
-    once: a multi-seed run may link a seed searched on its own (runs/mrpc-seeds/seed_42 ->
-    ../mrpc); a folder reached again (a second link to it, a link back up) still yields its
-    summary under that path, but is not walked again."""
-    seen: set[str] = set()
+    once: a folder reached again (a second link to it, a link back up) comes with first=False
+    and is not walked again. `seen`: the real folders walked so far (shared across calls)."""
     for folder, subfolders, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
-        if SUMMARY_NAME in files:
-            yield Path(folder) / SUMMARY_NAME
-        if real in seen:
+        first = real not in seen
+        yield Path(folder), files, first
+        if not first:
             subfolders.clear()
             continue
         seen.add(real)
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
 
 
+def _summaries_under(root: Path) -> Iterator[Path]:
+    """The summary.json files under `root` as found (links kept in the path), walked by _walk:
+    a multi-seed run may link a seed searched on its own (runs/mrpc-seeds/seed_42 -> ../mrpc);
+    a folder reached again still yields its summary under that path."""
+    for folder, files, _ in _walk(root, set()):
+        if SUMMARY_NAME in files:
+            yield folder / SUMMARY_NAME
+
+
 def unfinished_searches(paths: Sequence[str | Path]) -> list[Path]:
     """Search directories under `paths` (a config.json with the search's settings) that hold no
     summary.json yet: searches still running or cut short, which a report cannot include.
-    Hidden folders are skipped and each real folder walked once, as by _summaries_under."""
-    found: list[Path] = []
+    Each real folder is looked at once (see _walk)."""
     seen: set[str] = set()
-    for raw in paths:
-        if not Path(raw).is_dir():
-            continue
-        for folder, subfolders, files in os.walk(raw, followlinks=True):
-            real = os.path.realpath(folder)
-            if real in seen:
-                subfolders.clear()
-                continue
-            seen.add(real)
-            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-            if "config.json" in files and SUMMARY_NAME not in files and _is_search_config(
-                    Path(folder) / "config.json"):
-                found.append(Path(folder))
-                subfolders.clear()  # (its full/, structured/, ... are parts of it)
-    return found
-
-
-def _is_search_config(path: Path) -> bool:
-    """Whether `path` is a search's config.json (its search and train settings)."""
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(saved, dict) and "search" in saved and "train" in saved
+    return [folder for raw in paths if Path(raw).is_dir()
+            for folder, files, first in _walk(raw, seen)
+            if first and "config.json" in files and SUMMARY_NAME not in files
+            and is_search_dir(folder)]
 
 
 def find_summary_locations(paths: Sequence[str | Path]) -> dict[Path, list[Path]]:

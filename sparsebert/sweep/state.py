@@ -124,10 +124,12 @@ def _missing_parts(saved: dict[str, Any]) -> str:
     identity's grid with tasks and seeds lists."""
     identity = saved.get("identity")
     grid = identity.get("grid") if isinstance(identity, dict) else None
-    for part, value in (("'runs' list", saved.get("runs")),
-                        ("'identity' object", identity), ("'identity.grid' object", grid)):
-        if not isinstance(value, list if part.startswith("'runs'") else dict):
-            return part
+    if not isinstance(saved.get("runs"), list):
+        return "'runs' list"
+    if not isinstance(identity, dict):
+        return "'identity' object"
+    if not isinstance(grid, dict):
+        return "'identity.grid' object"
     for key in ("tasks", "seeds"):
         if not isinstance(grid.get(key), list):
             return f"'identity.grid.{key}' list"
