@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from sparsebert import __version__
 from sparsebert.errors import SparsebertError, Terminated
 from sparsebert.flags import add_dataclass_arguments, output_path, overrides
-from sparsebert.switches import env_switch
+from sparsebert.switches import check_switches, env_switch
 
 # --- finetune ------------------------------------------------------------------------------
 
@@ -368,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "fine-tune, search head/MLP and weight masks, re-fine-tune the "
                     "subnetworks, report, and time them. `sparsebert COMMAND --help` for "
                     "each command's options.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show Python tracebacks of errors (also SPARSEBERT_DEBUG=1)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -425,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:  # the command's usage and name, not the top level's
         parser.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        env_switch("SPARSEBERT_DEBUG")
+        check_switches()
     except ValueError as error:
         return _fail(str(error))
     in_main_thread = threading.current_thread() is threading.main_thread()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import platform
 import subprocess
 from pathlib import Path
@@ -42,12 +41,10 @@ def versions() -> dict[str, str]:
     """Versions of python, torch, transformers and sparsebert (and CUDA when built with it)."""
     import transformers  # noqa: PLC0415
 
-    try:
-        ours = importlib.metadata.version("sparsebert")
-    except importlib.metadata.PackageNotFoundError:
-        ours = "not installed"
+    import sparsebert  # noqa: PLC0415  (the code that runs, installed or not)
+
     out = {"python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "sparsebert": ours}
+           "transformers": transformers.__version__, "sparsebert": sparsebert.__version__}
     if torch.version.cuda:
         out["cuda"] = torch.version.cuda
     return out

@@ -13,6 +13,12 @@ SWITCH_VALUES = {"1": True, "true": True, "yes": True, "on": True,
                  "0": False, "false": False, "no": False, "off": False, "": False}
 
 
+# Every on/off switch the package reads: the command line checks them all before it starts,
+# so a bad value is an error up front, not after a run has begun writing its folder.
+SWITCHES = ("SPARSEBERT_DEBUG", "SPARSEBERT_REQUIRE_EXT", "SPARSEBERT_FULL_LAST_LAYER",
+            "SPARSEBERT_GRAPH_FIXED_GATES")
+
+
 def env_switch(name: str) -> bool:
     """An on/off environment switch: 1/true/yes/on or 0/false/no/off (any case, spaces ignored;
     unset is off); ValueError naming the variable for anything else."""
@@ -21,6 +27,12 @@ def env_switch(name: str) -> bool:
         raise ValueError(f"{name}={os.environ[name]!r}: expected 1/true/yes/on or "
                          f"0/false/no/off")
     return SWITCH_VALUES[value]
+
+
+def check_switches() -> None:
+    """ValueError naming the first of SWITCHES set to a value env_switch refuses."""
+    for name in SWITCHES:
+        env_switch(name)
 
 
 def arch_list_has_sm90a(arch_list: str | None) -> bool:

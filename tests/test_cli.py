@@ -238,6 +238,44 @@ def test_debug_switch_reads_on_and_off(value, traceback, tmp_path, capsys, monke
     assert "SPARSEBERT_DEBUG='verbose': expected 1/true/yes/on or 0/false/no/off" in err
 
 
+@pytest.mark.parametrize("switch", ["SPARSEBERT_FULL_LAST_LAYER", "SPARSEBERT_GRAPH_FIXED_GATES",
+                                    "SPARSEBERT_REQUIRE_EXT"])
+def test_a_bad_switch_is_refused_before_anything_is_written(switch, tiny, tmp_path, capsys,
+                                                            monkeypatch):
+    """Every switch is checked when the command starts: one error line, no --out (a switch
+    read mid-run failed with a traceback after the run folder was written)."""
+    monkeypatch.setenv(switch, "maybe")
+    out = tmp_path / "out"
+    assert main(_finetune_args(tiny, out)) == 2
+    err = capsys.readouterr().err
+    assert f"{switch}='maybe': expected 1/true/yes/on or 0/false/no/off" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_every_switch_read_is_checked_up_front():
+    """Each env_switch(...) in the package names a variable of switches.SWITCHES (the list the
+    command line checks first)."""
+    from sparsebert.switches import SWITCHES  # noqa: PLC0415
+
+    package = Path(__file__).resolve().parents[1] / "sparsebert"
+    read = set()
+    for source in package.rglob("*.py"):
+        text = source.read_text()
+        constants = dict(re.findall(r'^(\w+) = "(SPARSEBERT_\w+)"$', text, re.M))
+        for name in re.findall(r"env_switch\((\"?\w+\"?)\)", text):
+            read.add(name.strip('"') if name.startswith('"') else constants.get(name, name))
+    read.discard("name")  # switches.py's own parameter
+    assert read and read <= set(SWITCHES), read - set(SWITCHES)
+
+
+def test_version(capsys):
+    from sparsebert import __version__  # noqa: PLC0415
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out == f"sparsebert {__version__}\n"
+
+
 @pytest.mark.parametrize("command", ["finetune", "search"])
 @pytest.mark.parametrize("flag,value", [
     ("--log-every", "0"), ("--warmup-steps", "-5"), ("--threads", "-3"), ("--threads", "0"),

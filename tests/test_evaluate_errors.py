@@ -326,3 +326,14 @@ def test_an_intact_bin_that_the_safe_loader_refuses_keeps_torchs_explanation(tin
     torch.save({**weights, "extra": np.arange(3)}, folder / "pytorch_model.bin")
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         load_model(folder)
+
+
+@pytest.mark.parametrize("blank", [" ", "\t"])
+def test_a_blank_glue_dir_counts_as_unset(blank, monkeypatch):
+    """GLUE_DIR of spaces is unset, as the data loader reads it: evaluate uses the run's
+    recorded data folder (it used the blank value, which meant the hub)."""
+    from sparsebert.train.evaluate import choose_data  # noqa: PLC0415
+
+    monkeypatch.setenv("GLUE_DIR", blank)
+    assert choose_data("/data/glue", None)[0] == "/data/glue"
+    assert choose_data("/data/glue", blank)[0] == "/data/glue"

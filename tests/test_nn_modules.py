@@ -802,6 +802,37 @@ def test_exact_zero_gate_grad_through_a_gate_buffer_that_requires_grad():
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("path", ["block-diagonal 4-d mask", "attention dropout"])
+@pytest.mark.parametrize("values", [[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 1.0, 1.0]])
+def test_a_gate_buffer_that_requires_grad_gets_its_gradient_on_the_sdpa_path(path, values):
+    """The SDPA branches (a 4-d mask that is no padding mask; attention dropout in training)
+    with the head_gate buffer requiring grad and its live entries all 1: the buffer gets the
+    gradient an override leaf of the same values gets (it got none: a gate of ones was left
+    out of the product)."""
+    module = make_attention(attention_dropout=0.1 if path == "attention dropout" else 0.0)
+    module.train(path == "attention dropout")
+    x = torch.randn(B, S, HID)
+    mask = padding_mask()
+    if path == "block-diagonal 4-d mask":
+        block = torch.zeros(S, S, dtype=torch.bool)
+        block[: S // 2, : S // 2] = block[S // 2:, S // 2:] = True
+        mask = block[None, None].expand(B, 1, S, S)
+    values = torch.tensor(values)
+    dout = torch.randn(B, S, HID)
+    leaf = values.clone().requires_grad_(True)
+    torch.manual_seed(1)
+    with module.override_head_gate(leaf):
+        out, _ = module(x, attention_mask=mask)
+    (want,) = torch.autograd.grad(out, leaf, dout)
+    module.head_gate.copy_(values)
+    module.head_gate.requires_grad_(True)
+    torch.manual_seed(1)
+    out, _ = module(x, attention_mask=mask)
+    (got,) = torch.autograd.grad(out, module.head_gate, dout)
+    assert want[values == 1].abs().min() > 0
+    torch.testing.assert_close(got[values == 1], want[values == 1])
+
+
 def test_set_zero_gate_grad_on_a_patched_model(tiny_bert):
     import sparsebert
 

@@ -762,3 +762,18 @@ def test_atomic_writes_reach_the_disk_before_they_are_published(tmp_path, monkey
     synced.clear()
     save_checkpoint(tmp_path, {"step": 1, "model": {}})
     assert synced == [str(tmp_path / f".{CHECKPOINT_NAME}.tmp"), str(tmp_path)]
+
+
+def test_the_data_cache_tells_tokenizer_settings_apart(tiny_model_dir):
+    """Two tokenizers of one folder loaded with other settings (casing, the truncated side)
+    tokenize differently: the cache keys them apart."""
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    from sparsebert.train.data_cache import tokenizer_key  # noqa: PLC0415
+
+    plain = AutoTokenizer.from_pretrained(tiny_model_dir)
+    keys = [tokenizer_key(tokenizer) for tokenizer in (
+        plain, AutoTokenizer.from_pretrained(tiny_model_dir),
+        AutoTokenizer.from_pretrained(tiny_model_dir, do_lower_case=False),
+        AutoTokenizer.from_pretrained(tiny_model_dir, truncation_side="left"))]
+    assert keys[0] == keys[1] and len(set(keys[1:])) == 3

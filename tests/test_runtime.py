@@ -40,3 +40,12 @@ def test_sha_of_the_package_checkout_only(tmp_path):
     assert _head(installed) is not None  # an explicit path: that repository's HEAD
     (checkout / "README").write_text("changed\n")
     assert _head(checkout / "sparsebert", package=checkout / "sparsebert") == head + "-dirty"
+
+
+def test_versions_name_the_code_that_runs():
+    """The sparsebert version is the imported package's (a checkout on PYTHONPATH is not the
+    installed copy's version)."""
+    import sparsebert  # noqa: PLC0415
+    from sparsebert.runtime import versions  # noqa: PLC0415
+
+    assert versions()["sparsebert"] == sparsebert.__version__

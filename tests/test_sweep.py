@@ -1604,6 +1604,23 @@ def test_injected_failures_travel_in_the_unit_spec(monkeypatch):
     _check_injected_failure({**spec, "fail_injection": ""})  # the driver had none set
 
 
+@pytest.mark.parametrize("rules", ["SST-2*:two", "full/*:0", ":3", "a:1,:", "x:-1"])
+def test_a_malformed_failure_rule_is_refused_when_the_sweep_starts(rules, tmp_path,
+                                                                   monkeypatch):
+    """SPARSEBERT_SWEEP_FAIL is parsed once, up front: a rule whose count is no integer >= 1
+    (or that has no pattern) is an error naming the variable, before the sweep writes
+    anything (it failed with int()'s message, and only in a unit it matched)."""
+    from sparsebert.errors import ConfigError  # noqa: PLC0415
+    from sparsebert.sweep import SweepConfig, sweep  # noqa: PLC0415
+    from sparsebert.sweep.units import fail_rules  # noqa: PLC0415
+
+    assert fail_rules(" full/*:2 , super-*, ") == [("full/*", 2), ("super-*", 1)]
+    monkeypatch.setenv("SPARSEBERT_SWEEP_FAIL", rules)
+    with pytest.raises(ConfigError, match=r"SPARSEBERT_SWEEP_FAIL=.*PATTERN\[:N\]"):
+        sweep(tmp_path / "sweep", SweepConfig(tasks="RTE", seeds="1"), progress=False)
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_ray_backend_sigterm_stops_cleanly(tiny_model_dir, synthetic_glue, tmp_path):
     """Ray installs its own SIGTERM handler in the driver: the sweep keeps the command's, so
     SIGTERM still stops it as Ctrl-C does (exit 143, one line, the run recorded as

@@ -665,7 +665,8 @@ class SparseAttention(nn.Module):
         dropout = self.attention_dropout if self.training else 0.0
         key_padding_mask = (to_key_padding_mask(attention_mask, batch, seq, known_padding=True)
                             if padding else None)  # (B, S) or None
-        sdpa_gate = None if ones else gate  # None: a gate of ones, nothing to multiply
+        # None: a gate of ones, nothing to multiply (unless its gradient is asked for)
+        sdpa_gate = None if ones and not (gate.requires_grad and torch.is_grad_enabled()) else gate
         if not padding:  # SDPA takes any 4-d mask
             mask = _sdpa_mask(self._own_heads(attention_mask), q.dtype)[..., :q_len, :]
             # (B, 1|H, Sq, S)

@@ -35,7 +35,7 @@ from sparsebert.sweep.local import (
 )
 from sparsebert.sweep.scheduler import Outcome, Scheduler
 from sparsebert.sweep.state import SweepDir, identity
-from sparsebert.sweep.units import FAIL_ENV, output_present
+from sparsebert.sweep.units import FAIL_ENV, fail_rules, output_present
 from sparsebert.train.config import TrainConfig
 from sparsebert.train.evaluate import data_source
 
@@ -159,6 +159,8 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
         print(f"sparsebert sweep: {UNGUARDED_SCRIPT}", file=sys.stderr)
         raise SystemExit(UNGUARDED_SCRIPT_EXIT)
     config = (config or SweepConfig()).validate()
+    fail_injection = os.environ.get(FAIL_ENV, "")
+    fail_rules(fail_injection)  # a malformed rule is refused before anything runs
     redo_methods = config.redo_list(redo) if redo is not None else ()
     search = copy.copy(search_config or SearchConfig())
     methods = config.method_list()
@@ -203,7 +205,7 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
     base: dict[str, Any] = {"out": str(out), "search": search.to_json(),
                             "train": train.to_json(), "seeds": list(grid.seeds),
                             "reports": config.reports,
-                            "fail_injection": os.environ.get(FAIL_ENV, "")}
+                            "fail_injection": fail_injection}
     # e.g. the reports of an extended grid, or an output deleted by hand
     done = state.drop_stale(units, config.reports,
                             present=lambda unit, marker: output_present(out, unit, marker))

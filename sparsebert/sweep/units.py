@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from sparsebert.errors import ConfigError
 from sparsebert.lottery.config import SearchConfig
 from sparsebert.lottery.search import Search, write_report
 from sparsebert.lottery.super_survivors import SuperStage
@@ -85,15 +86,28 @@ def _super(spec: dict[str, Any]) -> SuperStage:
                       progress=False, runner_for=lambda seed: _search(spec, seed))
 
 
+def fail_rules(text: str) -> list[tuple[str, int]]:
+    """SPARSEBERT_SWEEP_FAIL's (pattern, attempts) rules; ConfigError naming the variable for
+    a rule that is not PATTERN[:N] with N an integer >= 1."""
+    rules = []
+    for rule in filter(None, (part.strip() for part in text.split(","))):
+        pattern, colon, count = rule.partition(":")
+        pattern, count = pattern.strip(), count.strip()
+        if not pattern or (colon and not (count.isdecimal() and int(count) >= 1)):
+            raise ConfigError(f"{FAIL_ENV}={text!r}: rule {rule!r} is not PATTERN[:N] with N "
+                              f"an integer >= 1")
+        rules.append((pattern, int(count) if colon else 1))
+    return rules
+
+
 def _check_injected_failure(spec: dict[str, Any]) -> None:
     """The driver's SPARSEBERT_SWEEP_FAIL, passed in the spec (workers on a Ray cluster run
     with the environment of `ray start`, not the driver's); this process's when absent."""
     rules = spec.get("fail_injection")
-    for rule in (os.environ.get(FAIL_ENV, "") if rules is None else rules).split(","):
-        pattern, _, count = rule.strip().partition(":")
-        if (pattern and fnmatch.fnmatchcase(spec["id"], pattern)
-                and spec["attempt"] <= int(count or 1)):
-            raise InjectedFailure(f"{FAIL_ENV} {rule.strip()}: failing {spec['id']} on "
+    for pattern, attempts in fail_rules(os.environ.get(FAIL_ENV, "") if rules is None
+                                        else rules):
+        if fnmatch.fnmatchcase(spec["id"], pattern) and spec["attempt"] <= attempts:
+            raise InjectedFailure(f"{FAIL_ENV} {pattern}:{attempts}: failing {spec['id']} on "
                                   f"attempt {spec['attempt']}")
 
 

@@ -29,8 +29,12 @@ def disable() -> None:
 
 
 def tokenizer_key(tokenizer) -> tuple:
-    """What identifies a tokenizer's output: its source, class and vocabulary size."""
-    return (getattr(tokenizer, "name_or_path", None), type(tokenizer).__name__, len(tokenizer))
+    """What identifies a tokenizer's output: its source, class, vocabulary size and settings
+    (the options it was loaded with, e.g. do_lower_case, and its truncation side)."""
+    settings = sorted((str(name), repr(value))
+                      for name, value in (getattr(tokenizer, "init_kwargs", None) or {}).items())
+    return (getattr(tokenizer, "name_or_path", None), type(tokenizer).__name__, len(tokenizer),
+            repr(settings), getattr(tokenizer, "truncation_side", None))
 
 
 def cached(key: Hashable, build: Callable[[], Any]) -> Any:
