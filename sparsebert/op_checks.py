@@ -92,7 +92,11 @@ def validate_masked_attention(
             f"masked_attention: 'head_gate' must be on q's device {q.device}, "
             f"got {head_gate.device}"
         )
-    if tuple(head_gate.shape) not in ((heads,), (batch, heads)):
+    # (element by element: under torch.compile with dynamic shapes a tuple of symbolic sizes
+    # never equals one of plain ints)
+    if not ((head_gate.dim() == 1 and head_gate.shape[0] == heads) or (
+            head_gate.dim() == 2 and head_gate.shape[0] == batch
+            and head_gate.shape[1] == heads)):
         raise ValueError(
             f"masked_attention: 'head_gate' must have shape (H,) = ({heads},) or (B, H) = "
             f"({batch}, {heads}), got {tuple(head_gate.shape)}"

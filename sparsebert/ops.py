@@ -325,7 +325,9 @@ def masked_attention_compact(
     q: (B, Sq, H, D); k, v: (B, Sk, H, D); head_gate: (H,) or (B, H); kept_heads: (K,) int64 or
     int32 indices into H (on q's device). Returns out (B, Sq, K, D) with
     out[:, :, j] = masked_attention(...)[:, :, kept_heads[j]]; pruned heads are never read.
-    Forward only: differentiating it raises. On CUDA (fp16/bf16, or fp32 with 3xTF32; D 32/64;
+    Forward only: differentiating it raises (traced by torch.compile with inputs that need
+    gradients, where a forward-only op cannot be compiled, it runs as masked_attention of the
+    gathered kept heads, which differentiates). On CUDA (fp16/bf16, or fp32 with 3xTF32; D 32/64;
     16-byte aligned rows) one mma.sync kernel reads the kept heads in place; otherwise (and with
     SPARSEBERT_ATTENTION_KERNEL=wmma or simt) their slices are gathered and the other forward
     runs. Index values are checked on the CPU only (on CUDA a check would synchronise; an index
@@ -346,6 +348,13 @@ def masked_attention_compact(
             raise ValueError(
                 f"masked_attention_compact: 'kept_heads' must hold indices in [0, H = {heads})"
             )
+    if (torch.compiler.is_compiling() and torch.is_grad_enabled()
+            and any(t.requires_grad for t in (q, k, v, head_gate))):
+        op_checks.validate_kept_heads(kept_heads, q)
+        index = kept_heads.long()  # (K,)
+        return masked_attention(q.index_select(2, index), k.index_select(2, index),
+                                v.index_select(2, index), head_gate.index_select(-1, index),
+                                key_padding_mask, scale)  # (B, Sq, K, D)
     scale = op_checks.attention_scale("masked_attention_compact", scale, q)
     return torch.ops.sparsebert.masked_attention_compact(
         q, k, v, head_gate, kept_heads, key_padding_mask, float(scale)

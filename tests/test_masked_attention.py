@@ -619,6 +619,38 @@ def test_torch_compile_fullgraph_matches_eager(exact):
     assert (got[1][1] != 0) == exact  # the pruned head's gate gradient
 
 
+def test_compact_compiles_with_inputs_that_need_gradients():
+    """Traced by torch.compile with q, k, v from a layer that needs gradients (a forward-only
+    op cannot be compiled there: it failed at compile time, also for a forward-only call),
+    compact runs as masked_attention of the gathered kept heads: eager's outputs, and the
+    gradients of that."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(9)
+    qkv = torch.randn(2, 7, 3 * HEADS * 8, generator=gen, requires_grad=True)
+    gate = torch.tensor([1.0, 0.0, 0.5, 1.0])
+    kept = torch.tensor([0, 2, 3])
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 5:] = False
+    weights = torch.randn(2, 7, len(kept), 8, generator=gen)
+
+    def compact(qkv):
+        q, k, v = qkv.view(2, 7, 3, HEADS, 8).unbind(2)
+        return ops.masked_attention_compact(q, k, v, gate, kept, mask)
+
+    def gathered(qkv):
+        q, k, v = (t.index_select(2, kept) for t in qkv.view(2, 7, 3, HEADS, 8).unbind(2))
+        return ops.masked_attention(q, k, v, gate[kept], mask)
+
+    compiled = torch.compile(compact, backend="aot_eager", fullgraph=True)
+    out = compiled(qkv)
+    torch.testing.assert_close(out, compact(qkv.detach()), rtol=1e-5, atol=1e-6)
+    (got,) = torch.autograd.grad((out * weights).sum(), qkv)
+    (want,) = torch.autograd.grad((gathered(qkv) * weights).sum(), qkv)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="forward-only"):  # eager still refuses gradients
+        compact(qkv).sum().backward()
+
+
 def test_torch_compile_fullgraph_with_a_changing_scale():
     """A scale that changes between calls is traced as a symbolic float after the first
     recompile (torch's specialize_float off): still one graph, no break at the scale's check."""
@@ -662,7 +694,8 @@ def test_torch_compile_fullgraph_off_the_cpu_with_a_mask():
 def test_non_finite_scores_of_real_keys_turn_rows_nan_as_softmax(assert_native):
     """A NaN or infinite score on a real key makes its rows NaN, as softmax (and the
     reference) do, with a padding mask too (it was clamped into a finite, wrong output); a
-    NaN on a padded key changes nothing."""
+    NaN in a padded key's k leaves the output as it is (its score is never used; a NaN in
+    its v row is not kept out, as with SDPA: README, Ops)."""
     assert_native("masked_attention", "cpu")
     gen = torch.Generator().manual_seed(11)
     q, k, v = make_qkv(2, 6, HEADS, 8, torch.float32, "cpu", gen, "contiguous")
@@ -693,6 +726,12 @@ for check in (True, False):  # the wrapper's padding-row check, skipped while co
                       backend="aot_eager", fullgraph=True)
     x = torch.randn(2, 5, 3, 4)
     torch.testing.assert_close(f(x, full), ops.masked_attention(x, x, x, torch.ones(3), full))
+# dynamic shapes with a gate made inside the traced function (the shape check compared q's
+# symbolic H with the gate's plain 3 and refused the call)
+f = torch.compile(lambda q: ops.masked_attention(q, q, q, torch.ones(3)),
+                  backend="aot_eager", fullgraph=True, dynamic=True)
+x = torch.randn(2, 5, 3, 4)
+torch.testing.assert_close(f(x), ops.masked_attention(x, x, x, torch.ones(3)))
 q, k, v = (torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
 gate = torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64, requires_grad=True)
 mask = torch.ones(2, 5, dtype=torch.bool)
