@@ -85,6 +85,8 @@ def test_group_dot_gradcheck():
     mask = make_mask(2, 4, "cpu", gen)
     inputs = (x.requires_grad_(True), g.requires_grad_(True))
     assert torch.autograd.gradcheck(lambda a, b: ops.group_dot(a, b, 3, mask), inputs)
+    # its backward is itself differentiable (README, Ops)
+    assert torch.autograd.gradgradcheck(lambda a, b: ops.group_dot(a, b, 3, mask), inputs)
 
 
 @pytest.mark.all_devices

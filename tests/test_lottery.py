@@ -457,6 +457,12 @@ def test_a_full_model_below_its_own_threshold_prunes_nothing(monkeypatch):
     assert not calls and result.head_mask.all() and result.mlp_mask.all()
     assert [r["passed"] for r in result.curve] == [False]
     assert len(result.notes) == 1 and "below the threshold (-0.0900)" in result.notes[0]
+    assert "negative score lies below any fraction of itself" in result.notes[0]
+    # A threshold above a positive full score (structured_search's absolute threshold, or a
+    # ratio above 1) says no more than that: the note named 0.9 x and a negative score.
+    positive = structured_search(2, 4, 0.95, 0.9, evaluate, scores, progress=False).notes[0]
+    assert "below the threshold (0.9500): nothing was pruned" in positive
+    assert "0.9 x" not in positive and "negative" not in positive
 
     model = _tiny_magnitude_model()
     params = mag.eligible_parameters(model)

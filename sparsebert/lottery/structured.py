@@ -85,10 +85,13 @@ def _masked(mask: Tensor, indices: Tensor) -> Tensor:
 
 def full_fails_threshold(full_score: float, threshold: float) -> str:
     """The note of a search that pruned nothing: its full model fails its own threshold (a
-    negative score, e.g. a Matthews correlation below 0, lies below 0.9 x itself)."""
+    negative score, e.g. a Matthews correlation below 0, lies below any fraction of itself;
+    else the threshold asked for more than the full model's score)."""
+    why = (", as a negative score lies below any fraction of itself" if full_score < 0
+           else "")
     return (f"the full model's search score ({full_score:.4f}) is below the threshold "
-            f"({threshold:.4f}), as a negative score is below 0.9 x itself: nothing was pruned "
-            f"(the authors' loops test the full model's score before the first step)")
+            f"({threshold:.4f}){why}: nothing was pruned (the authors' loops test the full "
+            f"model's score before the first step)")
 
 
 def structured_search(num_layers: int, num_heads: int, threshold: float, full_score: float,
