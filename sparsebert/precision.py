@@ -25,32 +25,34 @@ from torch import nn
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def resolve(precision: str, device: torch.device) -> str:
+def resolve(precision: str, device: torch.device | str) -> str:
     """"fp32" or "bf16": "auto" is bf16 on CUDA, fp32 elsewhere. Measured by CPU emulation on the
     default model (512 SST-2 sentences): bf16 keeps the head ranking (Spearman 0.9999 vs fp32,
     same bottom 18 and 36 heads); fp16 would need loss scaling, so it is not offered."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
     return precision
 
 
-def autocast(device: torch.device, precision: str, cache_enabled: bool = True):
+def autocast(device: torch.device | str, precision: str, cache_enabled: bool = True):
     """The forward's context: bf16 autocast (matmul inputs in bf16, fp32 accumulation) for
     precision bf16 ("auto": on CUDA), else none: fp32, also inside a caller's own autocast
     region (switched off for the block). cache_enabled=False: no cache of weights' bf16 copies
     (a CUDA graph cannot capture it)."""
+    device = torch.device(device)
     if resolve(precision, device) == "fp32":
         return outside_autocast(device)
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
                           cache_enabled=cache_enabled)
 
 
-def outside_autocast(device: torch.device):
+def outside_autocast(device: torch.device | str):
     """A block that runs as outside any autocast region: a caller's own autocast on `device` is
     switched off for it (a backward taken in such a region would run its products in the
     region's dtype), else nothing changes."""
+    device = torch.device(device)
     if torch.is_autocast_enabled(device.type):
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()

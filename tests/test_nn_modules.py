@@ -732,15 +732,37 @@ def test_mlp_accessors_standalone_and_attached():
 @pytest.mark.parametrize(
     "kwargs,needle",
     [
-        (dict(num_heads=0), "num_heads must be >= 1, got 0"),
-        (dict(num_heads=0, head_dim=8), "num_heads must be >= 1, got 0"),
+        (dict(num_heads=0), "num_heads must be an int >= 1, got 0"),
+        (dict(num_heads=0, head_dim=8), "num_heads must be an int >= 1, got 0"),
         (dict(num_heads=5), "hidden_size 24 is not a multiple of num_heads 5; pass head_dim"),
-        (dict(num_heads=4, head_dim=0), "num_heads and head_dim must be >= 1"),
+        (dict(num_heads=4, head_dim=0), "head_dim must be an int >= 1, got 0"),
+        (dict(num_heads=4.0), "num_heads must be an int >= 1, got 4.0"),
+        (dict(num_heads=None), "num_heads must be an int >= 1, got None"),
+        (dict(num_heads=4, layer_norm_eps=-1), "layer_norm_eps must be a finite number > 0"),
+        (dict(num_heads=4, attention_dropout=1.5), "attention_dropout must be a probability"),
+        (dict(num_heads=4, layout="bert"), "layout must be an AttentionLayout"),
     ],
 )
 def test_attention_rejects_empty_heads(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         SparseAttention(HID, **kwargs)
+    with pytest.raises(ValueError, match="hidden_size must be an int >= 1, got '32'"):
+        SparseAttention("32", 4)
+
+
+@pytest.mark.parametrize(("args", "kwargs", "needle"), [
+    ((8, -1), {}, "intermediate_size must be an int >= 1, got -1"),
+    ((0, 8), {}, "hidden_size must be an int >= 1, got 0"),
+    ((8, 16), {"activation": None}, "activation must be a name"),
+    ((8, 16), {"activation": 5}, "activation must be a name"),
+    ((8, 16), {"hidden_dropout": -0.1}, "hidden_dropout must be a probability"),
+    ((8, 16), {"layer_norm_eps": float("nan")}, "layer_norm_eps must be a finite number"),
+])
+def test_mlp_constructor_names_a_bad_argument(args, kwargs, needle):
+    """Each bad argument is a ValueError naming it, at construction (a None activation failed
+    at the first forward, a negative size inside torch)."""
+    with pytest.raises(ValueError, match=needle):
+        SparseMLP(*args, **kwargs)
 
 
 def test_attention_skips_the_padding_row_check(monkeypatch):

@@ -13,6 +13,7 @@ ceil(N / batch_size) in every mode; only the last batch of an epoch can be small
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,8 +44,10 @@ class Encoded:
 
 def encode(data: GlueData, tokenizer, max_length: int = 128) -> Encoded:
     """Tokenize every row of `data` once (truncating pairs longest-first to max_length)."""
-    if max_length < 8:
-        raise ValueError(f"max_length must be >= 8, got {max_length}")
+    _check_integer("encode", "max_length", max_length, 8)
+    if not callable(tokenizer):
+        raise ValueError(f"encode: 'tokenizer' must be a Hugging Face tokenizer, got "
+                         f"{type(tokenizer).__name__}")
     pair = data.texts[1] if len(data.texts) > 1 else None
     enc = tokenizer(data.texts[0], pair, truncation=True, max_length=max_length,
                     padding=False, return_attention_mask=False)
@@ -67,8 +70,9 @@ def train_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int = 
 
     bucket=False gives plain shuffled batches. Same (seed, epoch) -> same batches.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for name, value, low in (("batch_size", batch_size, 1), ("bucket_batches", bucket_batches, 1),
+                             ("seed", seed, 0), ("epoch", epoch, 0)):
+        _check_integer("train_batches", name, value, low)
     n = len(lengths)
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(n)  # Step 1
@@ -88,10 +92,15 @@ def train_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int = 
     return [full[i] for i in permutation] + partial
 
 
+def _check_integer(function: str, name: str, value: object, low: int) -> None:
+    """ValueError naming `name` unless `value` is an integer (not a bool) >= `low`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{function}: {name!r} must be an integer >= {low}, got {value!r}")
+
+
 def eval_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Index arrays covering all N examples once, longest first (minimal padding)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_integer("eval_batches", "batch_size", batch_size, 1)
     order = np.argsort(-np.asarray(lengths), kind="stable")
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
@@ -103,6 +112,10 @@ def batch_width(encoded: Encoded, lengths: np.ndarray, padding: str = "dynamic",
         return encoded.max_length
     if padding != "dynamic":
         raise ValueError(f"padding must be 'dynamic' or 'max_length', got {padding!r}")
+    if pad_to_multiple_of is not None:
+        _check_integer("collate", "pad_to_multiple_of", pad_to_multiple_of, 1)
+    if len(lengths) == 0:
+        raise ValueError("collate: 'indices' is empty (a batch needs at least one example)")
     width = int(lengths.max())
     if pad_to_multiple_of:
         width = min(math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of,

@@ -18,8 +18,12 @@ ArrayLike = np.ndarray | Sequence[float] | Sequence[int]
 
 
 def _pair(predictions: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    pred = np.asarray(predictions).reshape(-1)
-    gold = np.asarray(labels).reshape(-1)
+    pred, gold = np.asarray(predictions), np.asarray(labels)
+    for name, values in (("predictions", pred), ("labels", gold)):
+        if values.ndim > 1 and values.size != len(values):  # e.g. (N, C) logits
+            raise ValueError(f"{name} must be (N,) values, got shape {values.shape} (for "
+                             f"logits, pass argmax(-1), or column 0 for a regression)")
+    pred, gold = pred.reshape(-1), gold.reshape(-1)
     if pred.shape != gold.shape:
         raise ValueError(f"predictions {pred.shape} and labels {gold.shape} differ in length")
     if pred.size == 0:
@@ -137,4 +141,8 @@ def compute_metrics(task: str | GlueTask, predictions: ArrayLike, labels: ArrayL
 
 def threshold_score(task: str | GlueTask, metrics: dict[str, float]) -> float:
     """The metric the paper's pruning threshold uses (CoLA mcc, STS-B corr, else acc)."""
-    return metrics[get_task(task).threshold_metric]
+    name = get_task(task).threshold_metric
+    if name not in metrics:
+        raise ValueError(f"threshold_score: 'metrics' has no {name!r} (the metric "
+                         f"{get_task(task).name}'s threshold reads), got keys {sorted(metrics)}")
+    return metrics[name]

@@ -87,6 +87,9 @@ class GlueTask:
 
     def resolve_split(self, split: str) -> str:
         """Canonical split name; "dev"/"validation" mean the first dev split (MNLI: matched)."""
+        if not isinstance(split, str):
+            raise GlueError(f"split {split!r}: expected a split name of task {self.name}, one "
+                            f"of {list(self.splits)} (or dev)")
         key = split.lower()
         if key in ("dev", "validation", "val"):
             return self.dev_splits[0]

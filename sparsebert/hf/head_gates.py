@@ -54,6 +54,9 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 
     Raises AttentionBackendError when there is none (the model does not use the interface).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"'model' must be a torch.nn.Module (a Hugging Face model), got "
+                        f"{type(model).__name__}")
     found = [
         m
         for m in model.modules()

@@ -107,9 +107,9 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = 
     (and no temporary directory remains) if any step fails; with overwrite=True a failed save
     leaves the previous directory as it was.
     """
+    target = Path(_checked_path("save_pruned", path))
     model = _unwrapped(model)
     description = _describe(model)  # validates: patched, supported
-    target = Path(path)
     if target.exists() and not overwrite:
         raise FileExistsError(f"save_pruned: {target} exists (pass overwrite=True to replace it)")
     if target.exists() and not target.is_dir():
@@ -210,6 +210,26 @@ def _cast_to_saved(model: nn.Module, saved: dict[str, torch.dtype]) -> None:
                 setattr(module, name, buffer.to(dtype))
 
 
+def _checked_path(function: str, path: object) -> str | os.PathLike:
+    """`path` when it is a str or os.PathLike; else TypeError naming it."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{function}: 'path' must be a str or os.PathLike (a directory), got "
+                        f"{type(path).__name__}")
+    return path
+
+
+def _checked_device(device: object) -> torch.device:
+    """`device` as a torch.device that exists here; else ValueError naming it."""
+    try:
+        checked = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"load_pruned: 'device' {device!r}: expected a torch device (cpu, "
+                         f"cuda, cuda:N)") from None
+    if checked.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"load_pruned: 'device' {device!r}: no CUDA device is visible here")
+    return checked
+
+
 def load_pruned(
     path: str | os.PathLike,
     *,
@@ -226,7 +246,9 @@ def load_pruned(
     Raises PrunedModelNotFoundError (a FileNotFoundError) for a missing directory and
     PrunedModelError (a SparsebertError, hence ValueError) for anything wrong inside it.
     """
-    root = Path(path)
+    root = Path(_checked_path("load_pruned", path))
+    if device is not None:  # checked before a model is built
+        device = _checked_device(device)
     try:
         return _load_pruned(root, model_class, device)
     except PrunedModelNotFoundError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,11 @@ SEARCH_DATA = ("dev", "train")
 # Fields that choose how much work is done, not what it computes: they may change between
 # runs on one directory (e.g. add --subnets bad later, or retrain after --no-retrain).
 SCOPE_FIELDS = frozenset({"method", "subnets", "retrain"})
+
+
+def _flag(name: str) -> str:
+    """The command-line flag of a field: importance_batch_size -> --importance-batch-size."""
+    return "--" + name.replace("_", "-")
 
 
 class SearchError(ConfigError):
@@ -61,6 +67,18 @@ class SearchConfig:
 
     def validate(self) -> SearchConfig:
         """Checks every field; returns self. Raises SearchError naming the flag."""
+        for name in ("method", "subnets", "search_data", "importance_mode",
+                     "importance_precision"):
+            if not isinstance(getattr(self, name), str):
+                raise SearchError(f"{_flag(name)} {getattr(self, name)!r}: expected a string")
+        for name in ("retrain", "recompute_after_revert"):
+            if not isinstance(getattr(self, name), bool):
+                raise SearchError(f"{_flag(name)} {getattr(self, name)!r}: expected True or "
+                                  f"False")
+        for name in ("threshold", "masking_amount", "magnitude_amount"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise SearchError(f"{_flag(name)} {value!r}: expected a number")
         if self.method not in (*METHODS, "both"):
             raise SearchError(f"--method {self.method!r}: expected structured, magnitude or "
                               f"both")
@@ -91,8 +109,9 @@ class SearchConfig:
                 raise SearchError(f"--{name.replace('_', '-')} {getattr(self, name)}: "
                                   f"expected a value in (0, 1)")
         for name in ("importance_batch_size", "magnitude_max_steps"):
-            if getattr(self, name) < 1:
-                raise SearchError(f"--{name.replace('_', '-')} must be >= 1")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise SearchError(f"{_flag(name)} {value!r}: expected an integer >= 1")
         return self
 
     def to_json(self) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from sparsebert.lottery.magnitude_stages import MagnitudeStages
 from sparsebert.lottery.redo import PendingRedo, finish_redo, set_aside
 from sparsebert.lottery.scoring import load_search_data, report_metric, score_model
 from sparsebert.lottery.structured_stages import StructuredStages
+from sparsebert.lottery.subnetworks import SUBNETWORKS
 from sparsebert.precision import resolve as resolve_precision
 from sparsebert.train.config import (
     RUNTIME_FIELDS,
@@ -200,6 +201,13 @@ def set_aside_for_redo(runners: list[Search], root: Path, methods: tuple[str, ..
     pending.set_aside_done()
 
 
+# The stages a search finishes (in order, for the default subnetworks), by the names
+# stop_after takes.
+STAGES = ("full", *(f"{method}.{stage}" for method in METHODS for stage in (
+    "search", *(f"{kind}.{name}" for name in SUBNETWORKS for kind in ("pruned", "retrained")))),
+    "summary")
+
+
 class Search(StructuredStages, MagnitudeStages):
     """One task x seed search in `out` (see the module docstring); call run()."""
 
@@ -211,6 +219,9 @@ class Search(StructuredStages, MagnitudeStages):
         self.train, self.out, self.progress = train, Path(out), progress
         self.task = get_task(train.task)
         self.device = resolve_device(train.device)
+        if stop_after is not None and stop_after not in STAGES:
+            raise SearchError(f"stop_after {stop_after!r}: expected a stage name, one of "
+                              f"{', '.join(STAGES)}")
         self.stop_after = stop_after
         self.started = time.perf_counter()
         self._models: dict[str, Any] = {}  # loaded once per search: see fine_tuned_patched()
@@ -449,6 +460,11 @@ def search(task: str, out: str | os.PathLike, *, search_config: SearchConfig | N
     unknown = sorted(set(options) - search_fields - train_fields)
     if unknown:
         raise SearchError(f"search: unknown options {unknown}")
+    for name, given, kind in (("search_config", search_config, SearchConfig),
+                              ("train_config", train_config, TrainConfig)):
+        if given is not None and not isinstance(given, kind):
+            raise SearchError(f"search: {name!r} must be a {kind.__name__} (or None), got "
+                              f"{type(given).__name__}; or pass fields as keyword options")
     search_config = copy.copy(search_config or SearchConfig())
     train_config = copy.copy(train_config or TrainConfig())
     for key, value in options.items():

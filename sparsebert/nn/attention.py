@@ -36,6 +36,7 @@ from sparsebert.nn.common import (
     Container,
     GateSummary,
     can_read_on_host,
+    check_block_args,
     check_gate,
     check_output_rows,
     fixed_gates,
@@ -382,8 +383,14 @@ class SparseAttention(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if num_heads < 1:
-            raise ValueError(f"SparseAttention: num_heads must be >= 1, got {num_heads}")
+        check_block_args("SparseAttention", layer_norm_eps,
+                         {"attention_dropout": attention_dropout,
+                          "hidden_dropout": hidden_dropout},
+                         hidden_size=hidden_size, num_heads=num_heads,
+                         **({} if head_dim is None else {"head_dim": head_dim}))
+        if not isinstance(layout, AttentionLayout):
+            raise ValueError(f"SparseAttention: layout must be an AttentionLayout, got "
+                             f"{layout!r}")
         if head_dim is None:
             if hidden_size % num_heads:
                 raise ValueError(

@@ -35,6 +35,7 @@ from sparsebert.nn.common import (
     BufferSummary,
     Container,
     GateSummary,
+    check_block_args,
     check_gate,
     check_output_rows,
     draws_random_numbers,
@@ -111,12 +112,20 @@ class SparseMLP(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_block_args("SparseMLP", layer_norm_eps, {"hidden_dropout": hidden_dropout},
+                         hidden_size=hidden_size, intermediate_size=intermediate_size)
+        if not isinstance(layout, MLPLayout):
+            raise ValueError(f"SparseMLP: layout must be an MLPLayout, got {layout!r}")
         if isinstance(activation, str):
             if activation not in _ACTIVATIONS:
                 raise ValueError(
                     f"SparseMLP: unknown activation {activation!r}; one of {sorted(_ACTIVATIONS)}"
                 )
             activation = _ACTIVATIONS[activation]()
+        elif not callable(activation):
+            raise ValueError(f"SparseMLP: activation must be a name (one of "
+                             f"{sorted(_ACTIVATIONS)}), an nn.Module or a callable, got "
+                             f"{activation!r}")
         kw = {"device": device, "dtype": dtype}
         intermediate = Container(
             **{layout.intermediate_dense: nn.Linear(hidden_size, intermediate_size, **kw)}

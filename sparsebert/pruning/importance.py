@@ -466,7 +466,8 @@ def min_max(scores: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # The entry point
 # --------------------------------------------------------------------------------------------
-def _batch_to(batch: Mapping, device: torch.device, num_labels: int) -> dict:
+def _batch_to(batch: Mapping, device: torch.device, num_labels: int,
+              vocab_size: int | None = None) -> dict:
     if not isinstance(batch, Mapping):
         raise TypeError(
             f"importance: each batch must be a dict of tensors, got {type(batch).__name__}"
@@ -477,6 +478,12 @@ def _batch_to(batch: Mapping, device: torch.device, num_labels: int) -> dict:
     if isinstance(labels, Tensor) and labels.device.type == "cpu":
         # (free here: on a GPU it would read them back)
         check_class_range(labels, *_classes(batch, num_labels))
+    ids = batch.get("input_ids")
+    if (vocab_size is not None and isinstance(ids, Tensor) and ids.device.type == "cpu"
+            and ids.numel() and not bool(((ids >= 0) & (ids < vocab_size)).all())):
+        raise ValueError(f"importance: 'input_ids' must be token ids in [0, vocab_size = "
+                         f"{vocab_size}), got values in [{int(ids.min())}, {int(ids.max())}] "
+                         f"(a tokenizer of another model?)")
     return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
 
 
@@ -561,6 +568,9 @@ def importance(
     if isinstance(batches, Mapping):
         raise TypeError("importance: 'batches' must be an iterable of batches (dicts of tensors), "
                         "got a single dict; pass [batch]")
+    if not isinstance(batches, Iterable) or isinstance(batches, (str, bytes, Tensor)):
+        raise TypeError(f"importance: 'batches' must be an iterable of batches (dicts of "
+                        f"tensors), got {type(batches).__name__}")
     if keep_per_example and mode not in ("per_example", "fisher"):
         raise ValueError("importance: keep_per_example needs mode='per_example' or 'fisher'")
     blocks = sparse_blocks(model)  # raises if not patched
@@ -568,6 +578,7 @@ def importance(
     _n_layers, n_heads = len(blocks), config_size(model, row, "num_heads")
     n_ffn = config_size(model, row, "intermediate_size")
     num_labels = int(model.config.num_labels)
+    vocab_size = getattr(model.config, "vocab_size", None)
     device = next(model.parameters()).device
 
     sums = ScoreSums.zeros(blocks, device)
@@ -597,7 +608,7 @@ def importance(
     with (frozen_for_scoring(model), numerics.weights_cast_once(model, precision, device),
           _true_zero_gate_grads(blocks, true_masked_grads, facts), scorer.held()):
         for batch in tqdm(batches, desc=f"importance ({mode})", disable=not progress, leave=False):
-            batch = _batch_to(batch, device, num_labels)
+            batch = _batch_to(batch, device, num_labels, vocab_size)
             labels = batch.pop("labels")
             token_shape = _token_shape(batch, mode)  # (B, L)
             if not isinstance(labels, Tensor):

@@ -183,6 +183,10 @@ def report(paths: str | os.PathLike | Sequence[str | os.PathLike],
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    if not isinstance(paths, Sequence) or not all(isinstance(p, (str, os.PathLike))
+                                                  for p in paths):
+        raise ReportError(f"report: 'paths' must be a path or a list of paths (run "
+                          f"directories, their parents, or summary.json files), got {paths!r}")
     paths = [Path(p) for p in paths]
     if not paths:
         raise ReportError("report() needs at least one path (a search run directory or parent)")

@@ -256,8 +256,12 @@ def collect(paths: str | Path | Sequence[str | Path]) -> dict[str, TaskResults]:
     Returns {task: TaskResults}, the paper's tasks in its order, then others by name. A super
     summary for a task with no search run is an error (nothing to compare it with).
     """
-    if isinstance(paths, (str, Path)):
+    if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    if not isinstance(paths, Sequence) or not all(isinstance(p, (str, os.PathLike))
+                                                  for p in paths):
+        raise ReportError(f"collect: 'paths' must be a path or a list of paths (run "
+                          f"directories, their parents, or summary.json files), got {paths!r}")
     runs: dict[str, list[RunSummary]] = {}
     supers: dict[str, SuperSummary] = {}
     for file, locations in find_summary_locations(list(paths)).items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import warnings
 from dataclasses import dataclass
@@ -147,16 +148,21 @@ class SweepConfig:
         self.task_list(), self.seed_list(), self.method_list()
         if self.backend not in BACKENDS:
             raise SweepError(f"--backend {self.backend!r}: expected local or ray")
-        if self.workers is not None and self.workers < 1:
-            raise SweepError(f"--workers {self.workers}: expected >= 1")
-        if not 1 <= self.per_gpu <= MAX_PER_GPU:
+        for name, low in (("workers", 1), ("per_gpu", 1), ("retries", 0)):
+            value = getattr(self, name)
+            if value is None and name == "workers":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise SweepError(f"--{name.replace('_', '-')} {value!r}: expected an integer "
+                                 f">= {low}")
+        if self.per_gpu > MAX_PER_GPU:
             raise SweepError(f"--per-gpu {self.per_gpu}: expected 1 to {MAX_PER_GPU} units per "
                              "GPU")
-        if self.retries < 0:
-            raise SweepError(f"--retries {self.retries}: expected >= 0")
         self.timeout_seconds()
-        if not math.isfinite(self.unit_memory_gb) or self.unit_memory_gb < 0:
-            raise SweepError(f"--unit-memory-gb {self.unit_memory_gb}: expected a finite "
+        if (isinstance(self.unit_memory_gb, bool)
+                or not isinstance(self.unit_memory_gb, numbers.Real)
+                or not math.isfinite(self.unit_memory_gb) or self.unit_memory_gb < 0):
+            raise SweepError(f"--unit-memory-gb {self.unit_memory_gb!r}: expected a finite "
                              "number >= 0 (0 = no reservation)")
         if self.ray_address and self.backend != "ray":
             raise SweepError("--ray-address needs --backend ray")

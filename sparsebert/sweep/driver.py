@@ -158,6 +158,12 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
         # fail on the lock; the driver tells the user (UNGUARDED_SCRIPT) and stops
         print(f"sparsebert sweep: {UNGUARDED_SCRIPT}", file=sys.stderr)
         raise SystemExit(UNGUARDED_SCRIPT_EXIT)
+    for name, given, kind in (("config", config, SweepConfig),
+                              ("search_config", search_config, SearchConfig),
+                              ("train_config", train_config, TrainConfig)):
+        if given is not None and not isinstance(given, kind):
+            raise SweepError(f"sweep: {name!r} must be a {kind.__name__} (or None), got "
+                             f"{type(given).__name__}")
     config = (config or SweepConfig()).validate()
     fail_injection = os.environ.get(FAIL_ENV, "")
     fail_rules(fail_injection)  # a malformed rule is refused before anything runs

@@ -33,11 +33,11 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, encoded: batching.Encoded, regression: bool,
-            batch_size: int = 128, device: torch.device | None = None,
+            batch_size: int = 128, device: torch.device | str | None = None,
             precision: str = "auto", progress: str | None = None) -> np.ndarray:
     """Predictions (N,) in example order: class indices, or scores for regression.
     progress: a label for a progress bar on stderr over the examples (None: no bar)."""
-    device = device or next(model.parameters()).device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     out = np.zeros(len(encoded), dtype=np.float32 if regression else np.int64)
     # Each submodule's mode restored afterwards; the last layer at [CLS] only where the
     # classifier reads nothing else; under bf16 the linears' weights cast once, not per batch.
@@ -61,6 +61,11 @@ def evaluate_model(model: torch.nn.Module, task: str, encoded: batching.Encoded,
                    progress: str | None = None) -> dict[str, float]:
     """Task metrics of `model` on one tokenized split (progress: a bar's label, or None)."""
     glue_task = get_task(task)
+    outputs = getattr(getattr(model, "config", None), "num_labels", None)
+    if outputs is not None and outputs != glue_task.num_labels:  # else a metric of the wrong
+        # head: argmax over another task's classes, or a regression read off logit 0
+        raise TrainError(f"evaluate_model: the model has {outputs} output(s) "
+                         f"(config.num_labels), {glue_task.name} needs {glue_task.num_labels}")
     predictions = predict(model, encoded, glue_task.is_regression, batch_size,
                           precision=precision, progress=progress)
     return compute_metrics(glue_task, predictions, encoded.labels)

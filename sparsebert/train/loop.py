@@ -182,6 +182,9 @@ def finetune(config: TrainConfig, out_dir: str | os.PathLike, *,
     If the run stops early (stop_after_steps) the result has status "stopped".
     config.threads applies for the duration of the call only.
     """
+    if not isinstance(config, TrainConfig):
+        raise TrainError(f"finetune: 'config' must be a TrainConfig (e.g. TrainConfig(task="
+                         f"'RTE')), got {type(config).__name__}")
     config.check_values()  # (--threads among them) before anything else
     threads = torch.get_num_threads()
     try:

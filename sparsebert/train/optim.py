@@ -14,8 +14,10 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, total_steps: int
     and a linear schedule with `warmup_steps` of linear warmup. capturable=True (CUDA) makes
     the step capturable in a CUDA graph (sparsebert.train.step.CudaGraphStep).
 
-    Buffers (pruning gates, masks) are never handed to the optimizer.
+    Buffers (pruning gates, masks) are never handed to the optimizer. `config` is checked and
+    its lr filled in from its preset when unset (TrainConfig.resolved).
     """
+    config = config.resolved()
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:

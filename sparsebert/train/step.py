@@ -27,6 +27,8 @@ launch. What it computes is the eager step's computation:
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -52,10 +54,15 @@ class LinearSchedule:
 
     def __init__(self, optimizer: torch.optim.Optimizer, peak_lr: float, total_steps: int,
                  warmup_steps: int = 0) -> None:
-        if total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        for name, value, low in (("total_steps", total_steps, 1),
+                                 ("warmup_steps", warmup_steps, 0)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"LinearSchedule: {name!r} must be an integer >= {low}, got "
+                                 f"{value!r}")
+        if (isinstance(peak_lr, bool) or not isinstance(peak_lr, numbers.Real)
+                or not math.isfinite(peak_lr) or peak_lr <= 0):
+            raise ValueError(f"LinearSchedule: 'peak_lr' must be a finite number > 0, got "
+                             f"{peak_lr!r}")
         self.optimizer, self.peak_lr = optimizer, float(peak_lr)
         self.total_steps, self.warmup_steps = total_steps, warmup_steps
         self.step_count = 0
