@@ -6,6 +6,8 @@
 #   bash bench/gpu_finetune.sh MODEL_DIR GLUE_DIR [TASK...]    (default tasks: RTE MRPC STS-B CoLA SST-2)
 #
 # MODEL_DIR is the default model's directory (or any BERT); the lr preset is `minilm`.
+# Each run is limited to 150 s: the default tasks make 6 runs (up to 900 s), more than one
+# 600-second device command; name at most 3 tasks per call (RTE runs twice in each).
 # FINETUNE_ARGS adds flags to every run (e.g. "--max-train-examples 64 --epochs 1").
 set -uo pipefail
 model=$1 glue=$2; shift 2

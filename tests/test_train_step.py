@@ -30,8 +30,7 @@ from sparsebert.train.step import (
     restore,
     snapshot,
 )
-
-WORDS = "the a film movie plot actor scene story music ending script cast".split()
+from tests.conftest import word_tokenizer
 
 
 def _weights(run) -> dict[str, torch.Tensor]:
@@ -461,14 +460,11 @@ def test_graph_step_replays_reach_an_accelerated_model():
 def word_model(tmp_path_factory) -> str:
     """A random 2-layer BERT with a word-level vocabulary of the synthetic SST-2 (no
     download, no model package), dropout off."""
-    from transformers import BertModel, BertTokenizer  # noqa: PLC0415
+    from transformers import BertModel  # noqa: PLC0415
 
     path = tmp_path_factory.mktemp("word-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "good", "bad", "."]
-    # (transformers 5 ignores vocab_file=: the vocabulary goes in as a mapping)
-    tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(vocab)})
-    assert len(tokenizer) == len(vocab)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+    tokenizer = word_tokenizer()
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=4, intermediate_size=48, max_position_embeddings=64,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
