@@ -7,7 +7,8 @@
 #
 # MODEL_DIR is the default model's directory (or any BERT); the lr preset is `minilm`.
 # Each run is limited to 150 s: the default tasks make 6 runs (up to 900 s), more than one
-# 600-second device command; name at most 3 tasks per call (RTE runs twice in each).
+# 600-second device command; name one task per call (RTE runs twice in every call, so a call
+# makes at most 3 runs, 450 s).
 # FINETUNE_ARGS adds flags to every run (e.g. "--max-train-examples 64 --epochs 1").
 set -uo pipefail
 model=$1 glue=$2; shift 2
