@@ -180,7 +180,8 @@ def wanted(name, active, mode, args, cuda, dtype=None) -> bool:
                                        or dtype not in (torch.float16, torch.bfloat16)):
         return False  # it would time the mma.sync kernel (fp32: the 3xTF32 one) again
     if name == "sparsebert_compact" and mode != "fwd":
-        return False  # forward only (inference fast path)
+        return False  # timed forward only: the inference fast path (its backward is
+        # masked_attention's on the gathered kept heads)
     if name == "sdpa" and active != args.heads:
         return False  # dense SDPA does not depend on the gate
     # The fp32 oracle is no contender, and not capturable.

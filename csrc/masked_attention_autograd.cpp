@@ -10,10 +10,9 @@
 //             (H,) gate and cast to the gate's dtype (when the gate needs a gradient). The lse
 //             output is marked non-differentiable and undefined gradients are not materialised
 //             (no zeros for lse's). Forward-mode AD is refused (no jvp formula).
-// Neither the backward nor masked_attention_compact is differentiable: with create_graph=True the
-// backward's outputs get a node that raises on a second derivative, and compact's Autograd kernel
-// gives inputs that need a gradient outputs whose backward raises (torch's fallback would warn
-// and return zeros).
+// The backward is not differentiable: with create_graph=True its outputs get a node that raises
+// on a second derivative. masked_attention_compact's Autograd kernel (CompactFunction) runs the
+// same backward on the gathered kept heads and scatters its gradients back.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -198,20 +197,68 @@ bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
   return false;
 }
 
-// masked_attention_compact is the inference fast path: forward only.
-class CompactForwardOnly : public torch::autograd::Function<CompactForwardOnly> {
+// masked_attention_compact's backward is masked_attention's on the kept heads: their q, k, v and
+// gate slices are gathered (index_select), the fused backward runs on them with the compact
+// out and lse, and the gradients are scattered back (index_add: a head listed twice gets both
+// contributions; heads not kept get zeros). The forward stays the one-kernel fast path.
+class CompactFunction : public torch::autograd::Function<CompactFunction> {
  public:
-  static variable_list forward(AutogradContext*, const at::Tensor& q, const at::Tensor& k,
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const at::Tensor& head_gate,
                                const at::Tensor& kept_heads,
                                const std::optional<at::Tensor>& key_padding_mask, double scale) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, lse] = compact_op().call(q, k, v, head_gate, kept_heads, key_padding_mask, scale);
+    ctx->save_for_backward({q, k, v, head_gate, kept_heads,
+                            key_padding_mask.has_value() ? *key_padding_mask : at::Tensor(), out,
+                            lse});
+    ctx->saved_data["scale"] = scale;
+    ctx->mark_non_differentiable({lse});
+    ctx->set_materialize_grads(false);
     return {out, lse};
   }
-  static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK(false, "sparsebert: masked_attention_compact is forward-only (the inference "
-                "fast path); use masked_attention for gradients");
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& grad_out = grads[0];  // (B, Sq, K, D)
+    if (!grad_out.defined()) return variable_list(7);
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &head_gate = saved[3];
+    const at::Tensor index = saved[4].to(at::kLong);  // (K,)
+    const std::optional<at::Tensor> mask =
+        saved[5].defined() ? std::optional<at::Tensor>(saved[5]) : std::nullopt;
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const at::Tensor qk = q.index_select(2, index), kk = k.index_select(2, index),
+                     vk = v.index_select(2, index);  // (B, S, K, D) each
+    const at::Tensor gate = head_gate.index_select(-1, index);  // (K,) or (B, K)
+    at::Tensor dq, dk, dv, d_gate;
+    if (at::GradMode::is_enabled()) {  // create_graph=True: a node that refuses to go further
+      variable_list r = BackwardNotDifferentiable::apply(last_dim_contiguous(grad_out), qk, kk,
+                                                         vk, gate, mask, saved[6], saved[7],
+                                                         scale);
+      dq = r[0], dk = r[1], dv = r[2], d_gate = r[3];
+    } else {
+      std::tie(dq, dk, dv, d_gate) = backward_op().call(last_dim_contiguous(grad_out), qk, kk,
+                                                        vk, gate, mask, saved[6], saved[7],
+                                                        scale);
+    }
+    // (B, S, K, D) -> (B, S, H, D), zeros at the heads not kept
+    auto scatter = [&index](const at::Tensor& grad, const at::Tensor& like) {
+      return at::zeros(like.sizes(), like.options()).index_add_(2, index, grad.to(like.dtype()));
+    };
+    at::Tensor gate_grad;
+    if (ctx->needs_input_grad(3)) {  // (B, K) -> (B, H), then (H,) for a gate shared by the batch
+      gate_grad = at::zeros({d_gate.size(0), head_gate.size(-1)}, d_gate.options())
+                      .index_add_(1, index, d_gate);
+      if (head_gate.dim() == 1) gate_grad = gate_grad.sum(0);
+      gate_grad = gate_grad.to(head_gate.scalar_type());
+    }
+    return {ctx->needs_input_grad(0) ? scatter(dq, q) : at::Tensor(),
+            ctx->needs_input_grad(1) ? scatter(dk, k) : at::Tensor(),
+            ctx->needs_input_grad(2) ? scatter(dv, v) : at::Tensor(),
+            gate_grad,
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -219,12 +266,13 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_compact_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& head_gate,
     const at::Tensor& kept_heads, const std::optional<at::Tensor>& key_padding_mask,
     double scale) {
+  reject_forward_ad({&q, &k, &v, &head_gate}, "masked_attention_compact");
   if (!any_requires_grad({&q, &k, &v, &head_gate})) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return compact_op().call(q, k, v, head_gate, kept_heads, key_padding_mask, scale);
   }
   variable_list r =
-      CompactForwardOnly::apply(q, k, v, head_gate, kept_heads, key_padding_mask, scale);
+      CompactFunction::apply(q, k, v, head_gate, kept_heads, key_padding_mask, scale);
   return {r[0], r[1]};
 }
 

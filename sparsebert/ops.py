@@ -325,9 +325,10 @@ def masked_attention_compact(
     q: (B, Sq, H, D); k, v: (B, Sk, H, D); head_gate: (H,) or (B, H); kept_heads: (K,) int64 or
     int32 indices into H (on q's device). Returns out (B, Sq, K, D) with
     out[:, :, j] = masked_attention(...)[:, :, kept_heads[j]]; pruned heads are never read.
-    Forward only: differentiating it raises (traced by torch.compile with inputs that need
-    gradients, where a forward-only op cannot be compiled, it runs as masked_attention of the
-    gathered kept heads, which differentiates). On CUDA (fp16/bf16, or fp32 with 3xTF32; D 32/64;
+    Differentiable in q, k, v and head_gate as masked_attention is (the same gradients at the
+    kept heads, zeros elsewhere; first order): the backward gathers the kept heads' slices and
+    runs masked_attention's fused backward on them. Under torch.func transforms and
+    forward-mode AD it runs the reference. On CUDA (fp16/bf16, or fp32 with 3xTF32; D 32/64;
     16-byte aligned rows) one mma.sync kernel reads the kept heads in place; otherwise (and with
     SPARSEBERT_ATTENTION_KERNEL=wmma or simt) their slices are gathered and the other forward
     runs. Index values are checked on the CPU only (on CUDA a check would synchronise; an index
@@ -348,14 +349,12 @@ def masked_attention_compact(
             raise ValueError(
                 f"masked_attention_compact: 'kept_heads' must hold indices in [0, H = {heads})"
             )
-    if (torch.compiler.is_compiling() and torch.is_grad_enabled()
-            and any(t.requires_grad for t in (q, k, v, head_gate))):
-        op_checks.validate_kept_heads(kept_heads, q)
-        index = kept_heads.long()  # (K,)
-        return masked_attention(q.index_select(2, index), k.index_select(2, index),
-                                v.index_select(2, index), head_gate.index_select(-1, index),
-                                key_padding_mask, scale)  # (B, Sq, K, D)
     scale = op_checks.attention_scale("masked_attention_compact", scale, q)
+    if _needs_reference(q, k, v, head_gate):
+        op_checks.validate_masked_attention(q, k, v, head_gate, key_padding_mask)
+        op_checks.validate_kept_heads(kept_heads, q)
+        return reference.masked_attention_compact_ref(q, k, v, head_gate, kept_heads,
+                                                      key_padding_mask, float(scale))[0]
     return torch.ops.sparsebert.masked_attention_compact(
         q, k, v, head_gate, kept_heads, key_padding_mask, float(scale)
     )[0]
@@ -536,17 +535,49 @@ def wgmma_forward_available() -> bool:
             and arch_list_has_sm90a(_C.build_info().get("cuda_arch_list")))
 
 
-def _compact_backward(ctx, *grads):
-    raise RuntimeError("sparsebert: masked_attention_compact is forward-only (the inference "
-                       "fast path); use masked_attention for gradients")
+def _compact_setup_context(ctx, inputs, output):
+    q, k, v, head_gate, kept_heads, key_padding_mask, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, head_gate, kept_heads, key_padding_mask, out, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
 
 
-# masked_attention_compact is forward only: differentiating it raises instead of giving zeros
-# (the extension registers the same in C++).
+def _compact_backward(ctx, grad_out, grad_lse):
+    """masked_attention's backward on the kept heads' gathered slices (grad_out (B, Sq, K, D)),
+    its gradients scattered back to all H heads (index_add: a head listed twice gets both
+    contributions; heads not kept get zeros)."""
+    q, k, v, head_gate, kept_heads, key_padding_mask, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        return (None,) * 7
+    needs = ctx.needs_input_grad
+    index = kept_heads.long()  # (K,)
+    gathered = [t.index_select(2, index) for t in (q, k, v)]  # (B, S, K, D) each
+    args = (_last_dim_contiguous(grad_out), *gathered, head_gate.index_select(-1, index),
+            key_padding_mask, out, lse, ctx.scale)
+    if torch.is_grad_enabled():  # create_graph=True: outputs that refuse a second derivative
+        dq, dk, dv, d_gate = _BackwardOnce.apply(*args)
+    else:
+        dq, dk, dv, d_gate = torch.ops.sparsebert.masked_attention_backward(*args)
+
+    def scatter(grad: Tensor, like: Tensor) -> Tensor:  # (B, S, K, D) -> (B, S, H, D)
+        return like.new_zeros(like.shape).index_add_(2, index, grad.to(like.dtype))
+
+    gate_grad = None
+    if needs[3]:  # (B, K) -> (B, H), then (H,) for a gate shared by the batch
+        gate_grad = d_gate.new_zeros(d_gate.shape[0], head_gate.shape[-1])
+        gate_grad = gate_grad.index_add_(1, index, d_gate)
+        gate_grad = (gate_grad.sum(0) if head_gate.dim() == 1 else gate_grad).to(head_gate.dtype)
+    return (scatter(dq, q) if needs[0] else None, scatter(dk, k) if needs[1] else None,
+            scatter(dv, v) if needs[2] else None, gate_grad, None, None, None)
+
+
+# The extension registers the same autograd in C++ (csrc/masked_attention_autograd.cpp).
 if _C is None or "masked_attention_compact" not in _C.build_info()["kernels"].get("Autograd", []):
     torch.library.register_autograd(
         f"{NAMESPACE}::masked_attention_compact", _compact_backward,
-        setup_context=lambda ctx, inputs, output: None,
+        setup_context=_compact_setup_context,
     )
 
 

@@ -568,16 +568,61 @@ def test_second_derivative_raises():
         torch.autograd.grad(dq.sum(), q)
 
 
-def test_compact_is_forward_only():
+@pytest.mark.parametrize("gate_shape", ["(H,)", "(B, H)"])
+def test_compact_gradients_are_the_gathered_heads(gate_shape):
+    """compact differentiates as masked_attention of the kept heads' slices: the same
+    gradients there, zeros at the heads not kept, a head listed twice gets both contributions
+    (float64 gradcheck too); no graph without inputs that need gradients."""
     gen = torch.Generator().manual_seed(3)
-    q, k, v = make_qkv(2, 5, HEADS, 8, torch.float32, "cpu", gen, "contiguous")
-    q.requires_grad_(True)
-    out = ops.masked_attention_compact(q, k, v, torch.ones(HEADS), torch.tensor([1, 3]))
-    with pytest.raises(RuntimeError, match="forward-only"):
-        out.sum().backward()
+    q, k, v = make_qkv(2, 5, HEADS, 8, torch.float64, "cpu", gen, "contiguous")
+    gate = torch.tensor([1.0, 0.5, 0.0, 0.8], dtype=torch.float64)
+    if gate_shape == "(B, H)":
+        gate = torch.stack([gate, gate.flip(0)])
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    kept = torch.tensor([3, 1, 2, 1])  # head 1 twice, head 0 not at all
+    inputs = [t.clone().requires_grad_(True) for t in (q, k, v, gate)]
+    dout = torch.randn(2, 5, len(kept), 8, dtype=torch.float64, generator=gen)
+    out = ops.masked_attention_compact(*inputs, kept, mask)
+    got = torch.autograd.grad(out, inputs, dout)
+    want = torch.autograd.grad(
+        ops.masked_attention(*(t.index_select(2, kept) for t in inputs[:3]),
+                             inputs[3].index_select(-1, kept), mask), inputs, dout)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert not got[0][:, :, 0].any() and got[0][:, :, 1].any()
+    assert torch.autograd.gradcheck(
+        lambda *t: ops.masked_attention_compact(*t, kept, mask),
+        [t.detach().clone().requires_grad_(True) for t in (q, k, v, gate.clamp(min=0.3))])
     with torch.no_grad():  # the fast path's use
-        assert ops.masked_attention_compact(q, k, v, torch.ones(HEADS), torch.tensor([1])
-                                            ).grad_fn is None
+        assert ops.masked_attention_compact(q, k, v, gate, torch.tensor([1])).grad_fn is None
+
+
+def test_compact_passes_opcheck_with_inputs_that_need_gradients():
+    """(it failed test_aot_dispatch_dynamic while its backward raised)"""
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = make_qkv(2, 5, HEADS, 8, torch.float32, "cpu", gen, "contiguous")
+    gate = torch.tensor([1.0, 0.5, 0.0, 0.8], requires_grad=True)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, 4:] = False
+    torch.library.opcheck(torch.ops.sparsebert.masked_attention_compact.default,
+                          (q.requires_grad_(True), k, v, gate, torch.tensor([0, 3]), mask, 0.35))
+
+
+def test_compact_under_torch_func_runs_the_reference():
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = make_qkv(2, 5, HEADS, 8, torch.float64, "cpu", gen, "contiguous")
+    gate = torch.tensor([1.0, 0.5, 0.3, 0.8], dtype=torch.float64)
+    kept = torch.tensor([0, 2])
+
+    def loss(gate):
+        return ops.masked_attention_compact(q, k, v, gate, kept).pow(2).sum()
+
+    got = torch.func.grad(loss)(gate)
+    g = gate.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(loss(g), g)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert got[1] == 0 and got[3] == 0
 
 
 def test_fake_kernels_check_shapes():
@@ -620,10 +665,9 @@ def test_torch_compile_fullgraph_matches_eager(exact):
 
 
 def test_compact_compiles_with_inputs_that_need_gradients():
-    """Traced by torch.compile with q, k, v from a layer that needs gradients (a forward-only
-    op cannot be compiled there: it failed at compile time, also for a forward-only call),
-    compact runs as masked_attention of the gathered kept heads: eager's outputs, and the
-    gradients of that."""
+    """Traced by torch.compile with q, k, v from a layer that needs gradients (it failed at
+    compile time while its backward raised, also for a forward-only call): eager's outputs and
+    the gradients of masked_attention on the gathered kept heads."""
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(9)
     qkv = torch.randn(2, 7, 3 * HEADS * 8, generator=gen, requires_grad=True)
@@ -647,8 +691,8 @@ def test_compact_compiles_with_inputs_that_need_gradients():
     (got,) = torch.autograd.grad((out * weights).sum(), qkv)
     (want,) = torch.autograd.grad((gathered(qkv) * weights).sum(), qkv)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    with pytest.raises(RuntimeError, match="forward-only"):  # eager still refuses gradients
-        compact(qkv).sum().backward()
+    (eager,) = torch.autograd.grad((compact(qkv) * weights).sum(), qkv)
+    torch.testing.assert_close(eager, want, rtol=1e-5, atol=1e-6)
 
 
 def test_torch_compile_fullgraph_with_a_changing_scale():
@@ -746,6 +790,15 @@ except RuntimeError as error:
     assert "differentiable once" in str(error), error
 else:
     raise AssertionError("a second derivative did not raise")
+kept = torch.tensor([2, 0, 2])  # compact's gradients: masked_attention's of the gathered heads
+got = torch.autograd.grad(ops.masked_attention_compact(q, k, v, gate, kept, mask).sum(),
+                          (q, k, v, gate))
+want = torch.autograd.grad(ops.masked_attention(*(t.index_select(2, kept) for t in (q, k, v)),
+                                                gate[kept], mask).sum(), (q, k, v, gate))
+for a, b in zip(got, want):
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+torch.library.opcheck(torch.ops.sparsebert.masked_attention_compact.default,
+                      (q, k, v, gate, kept, mask, 0.5))
 for bad in ([0, 3], [-1]):  # one past the end, negative: the wrapper's error, not IndexError
     try:
         ops.masked_attention_compact(q, k, v, gate, torch.tensor(bad))
@@ -776,8 +829,9 @@ print("ok")
 
 def test_reference_path_without_the_extension():
     """The pure-PyTorch path (extension not built): gradcheck with a mask, a second
-    derivative raises as on the native path, the compact op names a kept head out of [0, H),
-    and the backward runs under inference_mode, a dispatch mode and opcheck."""
+    derivative raises as on the native path, the compact op's gradients and opcheck, it names
+    a kept head out of [0, H), and the backward runs under inference_mode, a dispatch mode and
+    opcheck."""
     run_without_extension(FALLBACK_SCRIPT)
 
 
