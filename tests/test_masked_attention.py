@@ -598,6 +598,30 @@ def test_compact_gradients_are_the_gathered_heads(gate_shape):
         assert ops.masked_attention_compact(q, k, v, gate, torch.tensor([1])).grad_fn is None
 
 
+@pytest.mark.all_devices
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compact_gradients_on_each_device(device, dtype, assert_native):
+    """The native compact forward (on CUDA the mma.sync one) with its backward: the gradients
+    of masked_attention on the gathered kept heads."""
+    assert_native("masked_attention_compact", device)
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (t.to(device) for t in make_qkv(2, 33, HEADS, 64, dtype, "cpu", gen, "contiguous"))
+    gate = torch.tensor([1.0, 0.5, 0.0, 0.8], device=device)
+    mask = torch.ones(2, 33, dtype=torch.bool, device=device)
+    mask[1, 20:] = False
+    kept = torch.tensor([3, 1], device=device)
+    inputs = [t.clone().requires_grad_(True) for t in (q, k, v, gate)]
+    dout = torch.randn(2, 33, 2, 64, generator=gen).to(device, dtype)
+    got = torch.autograd.grad(ops.masked_attention_compact(*inputs, kept, mask), inputs, dout)
+    want = torch.autograd.grad(
+        ops.masked_attention(*(t.index_select(2, kept) for t in inputs[:3]),
+                             inputs[3].index_select(-1, kept), mask), inputs, dout)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+    assert not got[0][:, :, [0, 2]].any()
+
+
 def test_compact_passes_opcheck_with_inputs_that_need_gradients():
     """(it failed test_aot_dispatch_dynamic while its backward raised)"""
     gen = torch.Generator().manual_seed(6)
