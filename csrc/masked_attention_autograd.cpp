@@ -227,6 +227,15 @@ class CompactFunction : public torch::autograd::Function<CompactFunction> {
     const std::optional<at::Tensor> mask =
         saved[5].defined() ? std::optional<at::Tensor>(saved[5]) : std::nullopt;
     const double scale = ctx->saved_data["scale"].toDouble();
+    // (sym_ sizes: under torch.compile's dynamic shapes the sizes are symbolic)
+    if (index.sym_size(0) == 0) {  // no head kept: no attention to differentiate, zero gradients
+      auto zero = [&ctx](int i, const at::Tensor& like) {
+        return ctx->needs_input_grad(i) ? at::zeros_like(like, at::MemoryFormat::Contiguous)
+                                        : at::Tensor();
+      };
+      return {zero(0, q), zero(1, k), zero(2, v), zero(3, head_gate),
+              at::Tensor(), at::Tensor(), at::Tensor()};
+    }
     const at::Tensor qk = q.index_select(2, index), kk = k.index_select(2, index),
                      vk = v.index_select(2, index);  // (B, S, K, D) each
     const at::Tensor gate = head_gate.index_select(-1, index);  // (K,) or (B, K)
@@ -243,11 +252,12 @@ class CompactFunction : public torch::autograd::Function<CompactFunction> {
     }
     // (B, S, K, D) -> (B, S, H, D), zeros at the heads not kept
     auto scatter = [&index](const at::Tensor& grad, const at::Tensor& like) {
-      return at::zeros(like.sizes(), like.options()).index_add_(2, index, grad.to(like.dtype()));
+      return at::zeros_like(like, at::MemoryFormat::Contiguous)
+          .index_add_(2, index, grad.to(like.dtype()));
     };
     at::Tensor gate_grad;
     if (ctx->needs_input_grad(3)) {  // (B, K) -> (B, H), then (H,) for a gate shared by the batch
-      gate_grad = at::zeros({d_gate.size(0), head_gate.size(-1)}, d_gate.options())
+      gate_grad = at::zeros_symint({d_gate.sym_size(0), head_gate.sym_size(-1)}, d_gate.options())
                       .index_add_(1, index, d_gate);
       if (head_gate.dim() == 1) gate_grad = gate_grad.sum(0);
       gate_grad = gate_grad.to(head_gate.scalar_type());

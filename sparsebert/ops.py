@@ -552,6 +552,9 @@ def _compact_backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         return (None,) * 7
     needs = ctx.needs_input_grad
+    if kept_heads.numel() == 0:  # no head kept: zero gradients (the backward op needs H >= 1)
+        return tuple(t.new_zeros(t.shape) if need else None
+                     for t, need in zip((q, k, v, head_gate), needs)) + (None,) * 3
     index = kept_heads.long()  # (K,)
     gathered = [t.index_select(2, index) for t in (q, k, v)]  # (B, S, K, D) each
     args = (_last_dim_contiguous(grad_out), *gathered, head_gate.index_select(-1, index),

@@ -180,3 +180,25 @@ def test_models_and_modules_are_checked(tiny_bert):
     sparsebert.patch(model)
     with pytest.raises(ValueError, match="'bucket' must be an int >= 1"):
         sparsebert.accelerate(model, bucket=-5)
+
+
+def test_numpy_numbers_pass_the_checks(tiny_bert, tmp_path):
+    """The checks take numpy integers and floats (numbers.Integral / numbers.Real), as the
+    values were taken before them; a glob's generator is a list of paths to report."""
+    from sparsebert.nn import SparseAttention, SparseMLP  # noqa: PLC0415
+    from sparsebert.report import ReportError, report  # noqa: PLC0415
+
+    attention = SparseAttention(np.int64(32), np.int64(4), layer_norm_eps=np.float32(1e-5),
+                                attention_dropout=np.float32(0.1))
+    assert attention(torch.randn(2, 3, 32))[0].shape == (2, 3, 32)
+    assert SparseMLP(np.int64(32), np.int64(64))(torch.randn(2, 3, 32)).shape == (2, 3, 32)
+    assert len(batching.train_batches(np.arange(1, 9), np.int64(2), np.int64(1))) == 4
+    SearchConfig(importance_batch_size=np.int64(16), threshold=np.float64(0.9)).validate()
+    SweepConfig(workers=np.int64(2)).validate()
+    model = tiny_bert()
+    sparsebert.patch(model)
+    sparsebert.accelerate(model, bucket=np.int64(128))
+    missing = tmp_path / "missing"
+    with pytest.raises(ReportError, match="missing") as error:
+        report(path for path in [missing])
+    assert "must be a path or a list" not in str(error.value)

@@ -337,3 +337,4 @@ def test_a_blank_glue_dir_counts_as_unset(blank, monkeypatch):
     monkeypatch.setenv("GLUE_DIR", blank)
     assert choose_data("/data/glue", None)[0] == "/data/glue"
     assert choose_data("/data/glue", blank)[0] == "/data/glue"
+    assert choose_data("/data/glue", Path("/other/glue"))[0] == Path("/other/glue")  # PathLike

@@ -596,6 +596,12 @@ def test_compact_gradients_are_the_gathered_heads(gate_shape):
         [t.detach().clone().requires_grad_(True) for t in (q, k, v, gate.clamp(min=0.3))])
     with torch.no_grad():  # the fast path's use
         assert ops.masked_attention_compact(q, k, v, gate, torch.tensor([1])).grad_fn is None
+    # no head kept: an empty output, zero gradients (the backward op refused H = 0)
+    none = ops.masked_attention_compact(*inputs, torch.tensor([], dtype=torch.long), mask)
+    assert none.shape == (2, 5, 0, 8)
+    got = torch.autograd.grad(none.sum(), inputs, allow_unused=True)
+    assert all(g is not None and not g.any() and g.shape == t.shape
+               for g, t in zip(got, inputs))
 
 
 @pytest.mark.all_devices
@@ -823,6 +829,8 @@ for a, b in zip(got, want):
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 torch.library.opcheck(torch.ops.sparsebert.masked_attention_compact.default,
                       (q, k, v, gate, kept, mask, 0.5))
+none = ops.masked_attention_compact(q, k, v, gate, torch.tensor([], dtype=torch.long), mask)
+assert not any(g.any() for g in torch.autograd.grad(none.sum(), (q, k, v, gate)))
 for bad in ([0, 3], [-1]):  # one past the end, negative: the wrapper's error, not IndexError
     try:
         ops.masked_attention_compact(q, k, v, gate, torch.tensor(bad))

@@ -391,6 +391,10 @@ class SparseAttention(nn.Module):
         if not isinstance(layout, AttentionLayout):
             raise ValueError(f"SparseAttention: layout must be an AttentionLayout, got "
                              f"{layout!r}")
+        hidden_size, num_heads = int(hidden_size), int(num_heads)  # (numpy integers too)
+        head_dim = None if head_dim is None else int(head_dim)
+        attention_dropout, hidden_dropout = float(attention_dropout), float(hidden_dropout)
+        layer_norm_eps = float(layer_norm_eps)
         if head_dim is None:
             if hidden_size % num_heads:
                 raise ValueError(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -210,15 +211,15 @@ def check_block_args(block: str, layer_norm_eps: object, dropouts: dict[str, obj
                      **sizes: object) -> None:
     """ValueError naming the argument unless every size is an int >= 1, layer_norm_eps a
     finite number > 0 and each dropout a probability in [0, 1) (a block's constructor)."""
-    for name, size in sizes.items():
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    for name, size in sizes.items():  # (numpy integers count: numbers.Integral)
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
             raise ValueError(f"{block}: {name} must be an int >= 1, got {size!r}")
-    if (isinstance(layer_norm_eps, bool) or not isinstance(layer_norm_eps, (int, float))
+    if (isinstance(layer_norm_eps, bool) or not isinstance(layer_norm_eps, numbers.Real)
             or not math.isfinite(layer_norm_eps) or layer_norm_eps <= 0):
         raise ValueError(f"{block}: layer_norm_eps must be a finite number > 0, got "
                          f"{layer_norm_eps!r}")
     for name, p in dropouts.items():
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
             raise ValueError(f"{block}: {name} must be a probability in [0, 1), got {p!r}")
 
 

@@ -116,6 +116,8 @@ class SparseMLP(nn.Module):
                          hidden_size=hidden_size, intermediate_size=intermediate_size)
         if not isinstance(layout, MLPLayout):
             raise ValueError(f"SparseMLP: layout must be an MLPLayout, got {layout!r}")
+        hidden_size, intermediate_size = int(hidden_size), int(intermediate_size)
+        hidden_dropout, layer_norm_eps = float(hidden_dropout), float(layer_norm_eps)
         if isinstance(activation, str):
             if activation not in _ACTIVATIONS:
                 raise ValueError(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -181,10 +181,10 @@ def report(paths: str | os.PathLike | Sequence[str | os.PathLike],
     as markdown, "unfinished": [search directories left out for want of a summary.json]}.
     Raises ReportError when no summary is found or a summary is malformed.
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    if not isinstance(paths, Sequence) or not all(isinstance(p, (str, os.PathLike))
-                                                  for p in paths):
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else (
+        list(paths) if isinstance(paths, Iterable) else paths)  # (a glob's generator too)
+    if not isinstance(paths, list) or not all(isinstance(p, (str, os.PathLike))
+                                              for p in paths):
         raise ReportError(f"report: 'paths' must be a path or a list of paths (run "
                           f"directories, their parents, or summary.json files), got {paths!r}")
     paths = [Path(p) for p in paths]

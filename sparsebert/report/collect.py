@@ -256,10 +256,10 @@ def collect(paths: str | Path | Sequence[str | Path]) -> dict[str, TaskResults]:
     Returns {task: TaskResults}, the paper's tasks in its order, then others by name. A super
     summary for a task with no search run is an error (nothing to compare it with).
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    if not isinstance(paths, Sequence) or not all(isinstance(p, (str, os.PathLike))
-                                                  for p in paths):
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else (
+        list(paths) if isinstance(paths, Iterable) else paths)  # (a glob's generator too)
+    if not isinstance(paths, list) or not all(isinstance(p, (str, os.PathLike))
+                                              for p in paths):
         raise ReportError(f"collect: 'paths' must be a path or a list of paths (run "
                           f"directories, their parents, or summary.json files), got {paths!r}")
     runs: dict[str, list[RunSummary]] = {}

@@ -25,6 +25,7 @@ frees them; `reuse_buffers=False` turns that off).
 from __future__ import annotations
 
 import copy
+import numbers
 
 import torch
 from torch import nn
@@ -92,12 +93,12 @@ class AcceleratedModel(nn.Module):
     def __init__(self, model: nn.Module, *, unpad: bool = True, graphs: bool | None = None,
                  bucket: int = 256, compile: bool = False, reuse_buffers: bool = True) -> None:
         super().__init__()
-        if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1:
+        if isinstance(bucket, bool) or not isinstance(bucket, numbers.Integral) or bucket < 1:
             raise ValueError(f"accelerate: 'bucket' must be an int >= 1 (the token-count "
                              f"granularity of the CUDA graph buckets), got {bucket!r}")
         self.model = model
         object.__setattr__(self, "_options", {
-            "unpad": unpad, "graphs": True if graphs is None else graphs, "bucket": bucket,
+            "unpad": unpad, "graphs": True if graphs is None else graphs, "bucket": int(bucket),
             "compile": compile, "reuse_buffers": reuse_buffers})
         self._build()
         self.train(False)

@@ -101,7 +101,7 @@ def choose_data(recorded: str | None, glue_dir: str | None, run_config: Path | N
     """(glue_dir to use, why, origin) for evaluating a run: --glue-dir, else $GLUE_DIR, else
     the folder the run recorded (in `run_config`), else the hub. origin: where the folder came
     from, for the error of a missing file (find_split_file's origin; None for the hub)."""
-    if glue_dir and glue_dir.strip():
+    if glue_dir is not None and str(glue_dir).strip():
         return glue_dir, f"--glue-dir {glue_dir}", "--glue-dir"
     env = os.environ.get(GLUE_DIR_ENV, "").strip()
     if env:
