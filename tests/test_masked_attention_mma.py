@@ -75,7 +75,8 @@ def test_compact_cpu_matches_reference(dtype, kept, padded, assert_native):
     torch.testing.assert_close(out, dense[:, :, kept_heads], atol=0, rtol=0)
 
 
-def test_compact_opcheck():
+def test_compact_opcheck(assert_native):
+    assert_native("masked_attention_compact", "cpu")
     gen = torch.Generator().manual_seed(3)
     q, k, v = qkv(2, 5, HEADS, 8, torch.float32, "cpu", gen)
     args = (q, k, v, torch.tensor([1.0, 0.0, 0.5, 1.0]), torch.tensor([3, 0]), None, 8**-0.5)
