@@ -15,13 +15,20 @@ from __future__ import annotations
 import json
 import os
 import shlex
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from sparsebert.atomic import atomic_write_text
 from sparsebert.report import table
-from sparsebert.report.collect import ReportError, Stat, TaskResults, collect, task_models
+from sparsebert.report.collect import (
+    ReportError,
+    Stat,
+    TaskResults,
+    collect,
+    path_list,
+    task_models,
+)
 from sparsebert.report.figures import write_figures
 from sparsebert.report.speed import SPEED_NOTE, SpeedEntry, collect_speed, speed_tables
 from sparsebert.report.summaries import NoSummaryError, unfinished_searches
@@ -181,13 +188,7 @@ def report(paths: str | os.PathLike | Sequence[str | os.PathLike],
     as markdown, "unfinished": [search directories left out for want of a summary.json]}.
     Raises ReportError when no summary is found or a summary is malformed.
     """
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else (
-        list(paths) if isinstance(paths, Iterable) else paths)  # (a glob's generator too)
-    if not isinstance(paths, list) or not all(isinstance(p, (str, os.PathLike))
-                                              for p in paths):
-        raise ReportError(f"report: 'paths' must be a path or a list of paths (run "
-                          f"directories, their parents, or summary.json files), got {paths!r}")
-    paths = [Path(p) for p in paths]
+    paths = [Path(p) for p in path_list("report", paths)]
     if not paths:
         raise ReportError("report() needs at least one path (a search run directory or parent)")
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():

@@ -250,18 +250,25 @@ def _aggregate(task: str, runs: list[RunSummary], sup: SuperSummary | None) -> T
     return res
 
 
+def path_list(function: str, paths: object) -> list[str | os.PathLike]:
+    """`paths` (a path, or any iterable of paths: a list, a glob's generator) as a list;
+    ReportError naming `function` for anything else."""
+    listed = [paths] if isinstance(paths, (str, os.PathLike)) else (
+        list(paths) if isinstance(paths, Iterable) else paths)
+    if not isinstance(listed, list) or not all(isinstance(p, (str, os.PathLike))
+                                               for p in listed):
+        raise ReportError(f"{function}: 'paths' must be a path or a list of paths (run "
+                          f"directories, their parents, or summary.json files), got {paths!r}")
+    return listed
+
+
 def collect(paths: str | Path | Sequence[str | Path]) -> dict[str, TaskResults]:
     """Find, load, validate and aggregate every summary under `paths`.
 
     Returns {task: TaskResults}, the paper's tasks in its order, then others by name. A super
     summary for a task with no search run is an error (nothing to compare it with).
     """
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else (
-        list(paths) if isinstance(paths, Iterable) else paths)  # (a glob's generator too)
-    if not isinstance(paths, list) or not all(isinstance(p, (str, os.PathLike))
-                                              for p in paths):
-        raise ReportError(f"collect: 'paths' must be a path or a list of paths (run "
-                          f"directories, their parents, or summary.json files), got {paths!r}")
+    paths = path_list("collect", paths)
     runs: dict[str, list[RunSummary]] = {}
     supers: dict[str, SuperSummary] = {}
     for file, locations in find_summary_locations(list(paths)).items():
