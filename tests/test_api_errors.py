@@ -202,3 +202,19 @@ def test_numpy_numbers_pass_the_checks(tiny_bert, tmp_path):
     with pytest.raises(ReportError, match="missing") as error:
         report(path for path in [missing])
     assert "must be a path or a list" not in str(error.value)
+
+
+def test_argument_checks_take_numpy_numbers_and_refuse_bools():
+    from sparsebert.checks import is_finite_number, is_integer, is_number
+    assert is_integer(3) and is_integer(np.int64(3)) and is_integer(-1)
+    assert not any(is_integer(v) for v in (True, 3.0, "3", None, np.float32(3)))
+    assert is_number(2.5) and is_number(np.float32(2.5)) and is_number(7) and is_number(math.nan)
+    assert not any(is_number(v) for v in (False, "2.5", None, 1j))
+    assert is_finite_number(np.float64(1e300)) and is_finite_number(0)
+    assert not any(is_finite_number(v) for v in (math.nan, math.inf, -math.inf, True))
+    # one check through each kind of caller: a config, a batching helper, an nn block
+    with pytest.raises(ConfigError, match="--batch-size True"):
+        TrainConfig(task="rte", batch_size=True).resolved()
+    assert len(batching.eval_batches(np.array([3, 2, 1]), np.int64(2))) == 2
+    block = sparsebert.nn.SparseMLP(np.int64(8), np.int64(16), layer_norm_eps=np.float32(1e-5))
+    assert block.intermediate_size == 16

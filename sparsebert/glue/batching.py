@@ -13,12 +13,12 @@ ceil(N / batch_size) in every mode; only the last batch of an epoch can be small
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from sparsebert.checks import is_integer
 from sparsebert.glue.loading import GlueData
 
 
@@ -94,7 +94,7 @@ def train_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int = 
 
 def _check_integer(function: str, name: str, value: object, low: int) -> None:
     """ValueError naming `name` unless `value` is an integer (not a bool) >= `low`."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+    if not is_integer(value) or value < low:
         raise ValueError(f"{function}: {name!r} must be an integer >= {low}, got {value!r}")
 
 

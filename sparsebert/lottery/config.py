@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
+from sparsebert.checks import is_integer, is_number
 from sparsebert.errors import ConfigError
 from sparsebert.flags import dataclass_from_json, help_field
 from sparsebert.lottery.subnetworks import SUBNETWORKS
@@ -77,7 +77,7 @@ class SearchConfig:
                                   f"False")
         for name in ("threshold", "masking_amount", "magnitude_amount"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            if not is_number(value):
                 raise SearchError(f"{_flag(name)} {value!r}: expected a number")
         if self.method not in (*METHODS, "both"):
             raise SearchError(f"--method {self.method!r}: expected structured, magnitude or "
@@ -110,7 +110,7 @@ class SearchConfig:
                                   f"expected a value in (0, 1)")
         for name in ("importance_batch_size", "magnitude_max_steps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise SearchError(f"{_flag(name)} {value!r}: expected an integer >= 1")
         return self
 

@@ -29,6 +29,7 @@ from typing import Any, TypedDict
 import numpy as np
 import numpy.typing as npt
 
+from sparsebert.checks import is_integer
 from sparsebert.errors import SparsebertError
 
 # statsmodels (with scipy.stats) takes about a second to import: it is imported where used, so
@@ -118,7 +119,7 @@ def kept_in_at_least(masks: npt.ArrayLike, k: int) -> np.ndarray:
     """Kept in at least k seeds, 1 <= k <= n_seeds. masks (n_seeds, *shape) -> bool (*shape)."""
     arr = _as_masks(masks)
     n = arr.shape[0]
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+    if not is_integer(k) or not 1 <= k <= n:
         raise SparsebertError(f"k must be an integer in [1, n_seeds={n}]; got {k!r}")
     return arr.sum(axis=0) >= k
 

@@ -6,14 +6,14 @@ and `eval_mode`, which restores every submodule's mode."""
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from sparsebert.checks import is_finite_number, is_integer, is_number
 
 
 @contextlib.contextmanager
@@ -211,21 +211,20 @@ def check_block_args(block: str, layer_norm_eps: object, dropouts: dict[str, obj
                      **sizes: object) -> None:
     """ValueError naming the argument unless every size is an int >= 1, layer_norm_eps a
     finite number > 0 and each dropout a probability in [0, 1) (a block's constructor)."""
-    for name, size in sizes.items():  # (numpy integers count: numbers.Integral)
-        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+    for name, size in sizes.items():
+        if not is_integer(size) or size < 1:
             raise ValueError(f"{block}: {name} must be an int >= 1, got {size!r}")
-    if (isinstance(layer_norm_eps, bool) or not isinstance(layer_norm_eps, numbers.Real)
-            or not math.isfinite(layer_norm_eps) or layer_norm_eps <= 0):
+    if not is_finite_number(layer_norm_eps) or layer_norm_eps <= 0:
         raise ValueError(f"{block}: layer_norm_eps must be a finite number > 0, got "
                          f"{layer_norm_eps!r}")
     for name, p in dropouts.items():
-        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
+        if not is_number(p) or not 0 <= p < 1:
             raise ValueError(f"{block}: {name} must be a probability in [0, 1), got {p!r}")
 
 
 def check_output_rows(block: str, rows: object) -> None:
     """ValueError unless a block's `output_rows` is None or an int >= 1."""
-    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+    if rows is not None and (not is_integer(rows) or rows < 1):
         raise ValueError(f"{block}: output_rows must be None or an int >= 1, got {rows!r}")
 
 

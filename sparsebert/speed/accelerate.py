@@ -25,11 +25,11 @@ frees them; `reuse_buffers=False` turns that off).
 from __future__ import annotations
 
 import copy
-import numbers
 
 import torch
 from torch import nn
 
+from sparsebert.checks import is_integer
 from sparsebert.hf.patching import patch, sparse_blocks
 from sparsebert.hf.structure import structure_for
 from sparsebert.speed.compact import FastPathError
@@ -93,7 +93,7 @@ class AcceleratedModel(nn.Module):
     def __init__(self, model: nn.Module, *, unpad: bool = True, graphs: bool | None = None,
                  bucket: int = 256, compile: bool = False, reuse_buffers: bool = True) -> None:
         super().__init__()
-        if isinstance(bucket, bool) or not isinstance(bucket, numbers.Integral) or bucket < 1:
+        if not is_integer(bucket) or bucket < 1:
             raise ValueError(f"accelerate: 'bucket' must be an int >= 1 (the token-count "
                              f"granularity of the CUDA graph buckets), got {bucket!r}")
         self.model = model

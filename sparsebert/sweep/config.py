@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sparsebert.checks import is_finite_number, is_integer
 from sparsebert.errors import ConfigError
 from sparsebert.flags import field_type, help_field
 from sparsebert.glue.tasks import GlueError, get_task
@@ -152,16 +152,14 @@ class SweepConfig:
             value = getattr(self, name)
             if value is None and name == "workers":
                 continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            if not is_integer(value) or value < low:
                 raise SweepError(f"--{name.replace('_', '-')} {value!r}: expected an integer "
                                  f">= {low}")
         if self.per_gpu > MAX_PER_GPU:
             raise SweepError(f"--per-gpu {self.per_gpu}: expected 1 to {MAX_PER_GPU} units per "
                              "GPU")
         self.timeout_seconds()
-        if (isinstance(self.unit_memory_gb, bool)
-                or not isinstance(self.unit_memory_gb, numbers.Real)
-                or not math.isfinite(self.unit_memory_gb) or self.unit_memory_gb < 0):
+        if not is_finite_number(self.unit_memory_gb) or self.unit_memory_gb < 0:
             raise SweepError(f"--unit-memory-gb {self.unit_memory_gb!r}: expected a finite "
                              "number >= 0 (0 = no reservation)")
         if self.ray_address and self.backend != "ray":

@@ -11,7 +11,6 @@ recipe; preset "minilm" is the same with the learning rate measured to train the
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 import os
 from dataclasses import asdict, dataclass
@@ -20,6 +19,7 @@ from typing import Any
 
 import torch
 
+from sparsebert.checks import is_finite_number, is_integer
 from sparsebert.errors import ConfigError
 from sparsebert.flags import dataclass_from_json, help_field
 from sparsebert.glue.tasks import GlueError, get_task
@@ -88,8 +88,7 @@ GRAPH_PAD_MULTIPLE = 16
 
 def is_valid_seed(seed: object) -> bool:
     """An integer (not a bool) in [0, MAX_SEED]: what every RNG of a run accepts."""
-    return (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
-            and 0 <= seed <= MAX_SEED)
+    return is_integer(seed) and 0 <= seed <= MAX_SEED
 
 
 class TrainError(ConfigError):
@@ -174,7 +173,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is None and name in ("threads", "stop_after_steps", "max_train_examples"):
                 continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            if not is_integer(value) or value < low:
                 raise TrainError(f"{flag(name)} {value!r}: expected an integer >= {low}")
         if self.grad_accum > self.batch_size:
             raise TrainError(f"--grad-accum {self.grad_accum}: expected at most --batch-size "
@@ -186,8 +185,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is None and name == "lr":
                 continue  # from the preset (resolved)
-            if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-                    or not math.isfinite(value) or (value <= 0 if positive else value < 0)):
+            if not is_finite_number(value) or (value <= 0 if positive else value < 0):
                 raise TrainError(f"{flag(name)} {value!r}: expected a finite number "
                                  f"{'> 0' if positive else '>= 0'}")
         for name, choices in (("padding", ("dynamic", "max_length")),

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sparsebert.checks import is_integer
 from sparsebert.errors import RunDirError, SparsebertError
 from sparsebert.glue import batching
 from sparsebert.glue.loading import GLUE_DIR_ENV, find_split_file, load_split, resolve_glue_dir
@@ -190,8 +191,7 @@ def evaluate(run_dir: str | os.PathLike, glue_dir: str | None = None,
 
     Data: --glue-dir, else $GLUE_DIR, else the folder recorded by the run, else the hub.
     """
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                   or batch_size < 1):
+    if batch_size is not None and (not is_integer(batch_size) or batch_size < 1):
         raise TrainError(f"--batch-size {batch_size!r}: expected an integer >= 1")
     run_dir = Path(run_dir)
     require_finished(run_dir)

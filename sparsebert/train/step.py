@@ -27,14 +27,13 @@ launch. What it computes is the eager step's computation:
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from sparsebert.checks import is_finite_number, is_integer
 from sparsebert.graph_capture import capture
 from sparsebert.hf.attention_backend import padding_masks_as_views
 from sparsebert.nn.common import FixedGates
@@ -56,11 +55,10 @@ class LinearSchedule:
                  warmup_steps: int = 0) -> None:
         for name, value, low in (("total_steps", total_steps, 1),
                                  ("warmup_steps", warmup_steps, 0)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            if not is_integer(value) or value < low:
                 raise ValueError(f"LinearSchedule: {name!r} must be an integer >= {low}, got "
                                  f"{value!r}")
-        if (isinstance(peak_lr, bool) or not isinstance(peak_lr, numbers.Real)
-                or not math.isfinite(peak_lr) or peak_lr <= 0):
+        if not is_finite_number(peak_lr) or peak_lr <= 0:
             raise ValueError(f"LinearSchedule: 'peak_lr' must be a finite number > 0, got "
                              f"{peak_lr!r}")
         self.optimizer, self.peak_lr = optimizer, float(peak_lr)
