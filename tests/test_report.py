@@ -1087,3 +1087,21 @@ def test_a_damaged_summary_reached_through_a_link_names_the_link(tmp_path: Path,
     with pytest.raises(ReportError, match=r"runs/MRPC/seed_1/summary.json: cannot read") as bad:
         collect("runs")
     assert "->" not in str(bad.value)
+
+
+def test_every_seed_gets_its_own_curve_colour_whatever_the_number_of_seeds():
+    from matplotlib.colors import to_rgba
+
+    from sparsebert.report.figures import SEED_COLORS, seed_palette
+    for n in (1, 5, len(SEED_COLORS), len(SEED_COLORS) + 1, 40):
+        palette = seed_palette(list(range(100, 100 + n)))
+        assert sorted(palette) == list(range(100, 100 + n))
+        assert len({to_rgba(c) for c in palette.values()}) == n
+    assert seed_palette([7, 3])[7] == SEED_COLORS[0]  # the first seeds keep the fixed colours
+
+
+def test_the_papers_wnli_cochran_q_reads_rejected_not_undefined():
+    from sparsebert.report import paper, table
+    assert paper.COCHRAN_Q_PVALUE_HEADS["WNLI"] is None  # PAPER.md §5.1: rejected, no p given
+    assert table._paper_pvalue(None) == "rejected (p not given)"
+    assert table._paper_pvalue(0.014) == "0.014"

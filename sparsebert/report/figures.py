@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import matplotlib.ticker
@@ -40,7 +41,8 @@ PHASES = {0: ("full model", "black"), 1: ("s-pruning phase 1: heads + MLPs", "ta
           3: ("s-pruning phase 3: MLPs only", "tab:green")}
 # m-pruning curves are coloured by seed (the same seed, the same colour in every panel), with
 # colours the phases and the threshold do not use
-SEED_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+SEED_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "navy", "gold",
+               "teal", "maroon", "darkkhaki")
 METHOD_TITLES = {"structured": "s-pruning (heads + MLPs)", "magnitude": "m-pruning (weights)",
                  "super": "super-survivors"}
 SUBNET_LABELS = {"structured": ("good", "random", "bad"), "magnitude": ("good", "random", "bad"),
@@ -226,7 +228,7 @@ def search_set(runs) -> str:
     return found.pop() if len(found) == 1 else "search-set"
 
 
-def _curve_axes(ax: Axes, res: TaskResults, method: str, seed_colors: Mapping[int, str]
+def _curve_axes(ax: Axes, res: TaskResults, method: str, seed_colors: Mapping[int, Any]
                 ) -> None:
     runs = [r for r in res.runs if r.curves.get(method)]
     if not runs:
@@ -281,6 +283,15 @@ def _good_point(run, method: str, passed: list[dict]) -> dict | None:
     return found[-1] if found else None
 
 
+def seed_palette(seeds: Sequence[int]) -> dict[int, Any]:
+    """A different colour for each seed: SEED_COLORS in order, or, for more seeds than those,
+    evenly spaced colours of the turbo colormap (no two seeds alike, whatever their number)."""
+    if len(seeds) <= len(SEED_COLORS):
+        return dict(zip(seeds, SEED_COLORS))
+    cmap = matplotlib.colormaps["turbo"]
+    return {seed: cmap(k / (len(seeds) - 1)) for k, seed in enumerate(seeds)}
+
+
 def pruning_curves(results: Mapping[str, TaskResults], path: Path) -> Path | None:
     """Search score vs fraction kept at every step, per task (rows) and method (columns)."""
     methods = [m for m in ("structured", "magnitude")
@@ -289,7 +300,7 @@ def pruning_curves(results: Mapping[str, TaskResults], path: Path) -> Path | Non
         return None
     fig, panels = _task_panels(len(results), len(methods), 4.2, 3.0, 1.0)
     seeds = sorted({run.seed for res in results.values() for run in res.runs})
-    seed_colors = {seed: SEED_COLORS[k % len(SEED_COLORS)] for k, seed in enumerate(seeds)}
+    seed_colors = seed_palette(seeds)
     for r, res in enumerate(results.values()):
         for c, method in enumerate(methods):
             _curve_axes(panels[r][c], res, method, seed_colors)

@@ -44,6 +44,11 @@ def _pvalue(p: float | None) -> str:
     return "nan" if math.isnan(p) else f"{p:.2g}"
 
 
+def _paper_pvalue(p: float | None) -> str:
+    """The paper's Cochran's Q p-value; None where it reports the test rejected without a p."""
+    return "rejected (p not given)" if p is None else _pvalue(p)
+
+
 def fmt_paper(cell: paper.Cell | None) -> str:
     """A §4 cell: '0.771 ± 0.012' (the paper's n is 5), '0.684' without std."""
     if cell is None:
@@ -257,7 +262,7 @@ def stability_table(results: Mapping[str, TaskResults]) -> str | None:
         else:
             row += [f"{paper.SIZES[canon].super_heads} of {paper.TOTAL_HEADS}",
                     f"{paper.FLEISS_KAPPA_HEADS[canon]:.2f}",
-                    _pvalue(paper.COCHRAN_Q_PVALUE_HEADS[canon])]
+                    _paper_pvalue(paper.COCHRAN_Q_PVALUE_HEADS[canon])]
         body.append(row)
     return _markdown(header, body)
 
