@@ -34,6 +34,12 @@ import sparsebert  # noqa: E402
 MODELS = ("distilbert", "llama")
 
 
+def kv_heads(heads: int) -> int:
+    """Llama's key/value heads (grouped-query attention): the largest divisor of `heads` that
+    is at most heads // 3 (4 for 12 heads), 1 for fewer than 3 heads."""
+    return max(d for d in range(1, max(1, heads // 3) + 1) if heads % d == 0)
+
+
 def make_config(name: str, heads: int):
     if name == "distilbert":
         return transformers.DistilBertConfig(
@@ -41,7 +47,7 @@ def make_config(name: str, heads: int):
             attn_implementation="sdpa",
         )
     return transformers.LlamaConfig(
-        hidden_size=64 * heads, num_attention_heads=heads, num_key_value_heads=heads // 3,
+        hidden_size=64 * heads, num_attention_heads=heads, num_key_value_heads=kv_heads(heads),
         num_hidden_layers=4, intermediate_size=256 * heads, vocab_size=32000,
         attn_implementation="sdpa",
     )
@@ -95,10 +101,11 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                         help="default: float16 on CUDA, float32 on CPU")
-    parser.add_argument("--batch", type=int, default=None, help="default: 32 on CUDA, 8 on CPU")
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--batch", type=common.positive_int, default=None,
+                        help="default: 32 on CUDA, 8 on CPU")
+    parser.add_argument("--seq", type=common.positive_int, default=128)
+    parser.add_argument("--heads", type=common.positive_int, default=12)
+    parser.add_argument("--threads", type=common.positive_int, default=2, help="CPU threads")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--rounds", type=common.positive_int, default=5,
                         help="interleaved rounds over the variants (medians kept)")
@@ -113,7 +120,7 @@ def main(argv=None) -> None:
     batch_size = args.batch or (32 if cuda else 8)
     kept_counts = [args.heads, args.heads // 2, args.heads // 4]
 
-    rows, records = [], []
+    rows, records, backends = [], [], {}
     for name in args.models:
         torch.manual_seed(0)
         stock = transformers.AutoModel.from_config(make_config(name, args.heads))
@@ -122,6 +129,7 @@ def main(argv=None) -> None:
         layers = len(sparsebert.hf.attention_modules(gated))
         batch = make_batch(name, batch_size, args.seq, args.device)
         variants = {("sdpa", args.heads): stock}
+        backends[name] = common.sdpa_backend(lambda: stock(**batch), cuda)
         variants.update({("sparsebert", k): gated for k in kept_counts})
 
         def set_kept(key):  # the sparsebert variants share one model: masks set per timing
@@ -145,7 +153,7 @@ def main(argv=None) -> None:
             ratios = common.round_ratios(samples, key, (level, "sdpa", args.heads))
             rec = dict(model=name, level=level, variant=variant, heads_kept=kept,
                        heads=args.heads, batch=batch_size, seq=args.seq,
-                       dtype=str(dtype).replace("torch.", ""),
+                       dtype=str(dtype).replace("torch.", ""), sdpa_backend=backends[name],
                        ms=statistics.median(samples[key]) * 1e3,
                        vs_sdpa=statistics.median(ratios), vs_sdpa_min=min(ratios),
                        vs_sdpa_max=max(ratios), rounds=args.rounds,
@@ -162,7 +170,7 @@ def main(argv=None) -> None:
               "vs sdpa (median of rounds)", "range over rounds"]
     what = (f"attention_backend: attention call and model forward, B={batch_size}, S={args.seq}, "
             f"{str(dtype).replace('torch.', '')}, wall time per call, {args.rounds} interleaved "
-            f"rounds")
+            f"rounds; SDPA ran " + ", ".join(f"{m}: {b}" for m, b in backends.items()))
     common.report("attention_backend", args, argv, what, header, rows, records)
 
 

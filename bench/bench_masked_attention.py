@@ -82,23 +82,6 @@ def kernel_switch(choice):
             os.environ[SWITCH] = old
 
 
-def sdpa_backend(q, k, v) -> str:
-    """Which SDPA kernel torch runs for these inputs, from the kernel names of one profiled call."""
-    if not q.is_cuda:
-        return "cpu"
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        torch.cuda.synchronize()
-    names = " ".join(e.name.lower() for e in prof.events())
-    for needle, backend in (("cudnn", "cuDNN"), ("flash", "flash"), ("fmha", "memory-efficient"),
-                            ("efficient", "memory-efficient")):
-        if needle in names:
-            return backend
-    return "math"
-
-
 def make_inputs(batch, seq, heads, dim, active, dtype, device, requires_grad=False):
     """q, k, v as views of one fused QKV projection (B, S, 3*H*D); gate with `active` heads on."""
     gen = torch.Generator().manual_seed(0)
@@ -353,7 +336,8 @@ def main(argv=None) -> None:
     timing += f", median of {args.rounds} interleaved rounds"
     _, q0, k0, v0, _ = make_inputs(batches[0], args.seq[0], args.heads, dims[0], args.heads, dtype,
                                    args.device)
-    backend = sdpa_backend(q0, k0, v0)
+    backend = common.sdpa_backend(lambda: F.scaled_dot_product_attention(
+        q0.transpose(1, 2), k0.transpose(1, 2), v0.transpose(1, 2)), q0.is_cuda)
     for rec in records:
         rec["sdpa_backend"] = backend
     what = (f"masked attention, {str(dtype).replace('torch.', '')}, H={args.heads}, {timing}; "

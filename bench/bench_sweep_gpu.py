@@ -33,6 +33,7 @@ import contextlib
 import datetime as dt
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -454,7 +455,15 @@ def main(argv: list[str] | None = None) -> None:
     if not models or set(models) - set(TARGETS):
         parser.error(f"--models {args.models!r}: expected a comma-separated subset of "
                      f"{','.join(TARGETS)}")
-    ks = [int(k) for k in args.per_gpu.split(",")]
+    try:
+        ks = [common.positive_int(k) for k in args.per_gpu.split(",")]
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"--per-gpu {args.per_gpu!r}: comma-separated counts, each {error}")
+    if args.work_dir is not None:  # checked before the baselines spend their time
+        work_dir = Path(args.work_dir)
+        if not work_dir.is_dir() or not os.access(work_dir, os.W_OK | os.X_OK):
+            parser.error(f"--work-dir {args.work_dir!r}: expected an existing folder this user "
+                         "can write to")
     started = time.perf_counter()
     records: list[dict] = []
 

@@ -75,6 +75,25 @@ def use_device(device: str | torch.device) -> torch.device:
     return device
 
 
+def sdpa_backend(call: Callable[[], object], cuda: bool) -> str:
+    """Which SDPA kernel torch runs in `call` (one SDPA call, or a model forward made of them),
+    from the kernel names of one profiled call: cuDNN, flash, memory-efficient or math; "cpu"
+    off CUDA. Torch 2.11 on sm90 prefers cuDNN: every attention benchmark names what it met."""
+    if not cuda:
+        return "cpu"
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    names = " ".join(e.name.lower() for e in prof.events())
+    for needle, backend in (("cudnn", "cuDNN"), ("flash", "flash"), ("fmha", "memory-efficient"),
+                            ("efficient", "memory-efficient")):
+        if needle in names:
+            return backend
+    return "math"
+
+
 def time_call(fn: Callable[[], object], min_run_time: float = 0.5) -> float:
     """Median seconds per call (CUDA synchronised by torch.utils.benchmark), with the caller's
     torch thread count (torch.utils.benchmark.Timer would otherwise time with 1 thread)."""

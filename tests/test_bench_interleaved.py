@@ -26,7 +26,8 @@ def bench(monkeypatch, tmp_path):
     yield lambda name: importlib.reload(importlib.import_module(name))
     torch.set_num_threads(threads)
     for name in [*{script for script, _ in COUNTS}, "bench_group_dot",
-                 "bench_attention_backend", "bench_importance_setup", "common"]:
+                 "bench_attention_backend", "bench_importance_setup", "bench_sweep_gpu",
+                 "common"]:
         sys.modules.pop(name, None)
 
 
@@ -84,13 +85,17 @@ def test_counts_below_one_are_usage_errors(script, flag, value, bench, tmp_path,
                                                              "['fixd']"),
     ("bench_masked_attention", ["--dtype", "fp16"], "argument --dtype: invalid choice: 'fp16'"),
     ("bench_attention_backend", ["--dtype", "fp16"], "argument --dtype: invalid choice: 'fp16'"),
+    ("bench_sweep_gpu", ["--tiny", "--device", "cpu", "--work-dir", "/nonexistent/work"],
+     "--work-dir '/nonexistent/work': expected an existing folder"),
+    ("bench_sweep_gpu", ["--tiny", "--device", "cpu", "--per-gpu", "2,0"],
+     "--per-gpu '2,0': comma-separated counts, each expected an integer >= 1, got 0"),
 ])
 def test_a_bad_later_entry_is_refused_before_anything_is_timed(script, argv, needle, bench,
                                                                monkeypatch, capsys):
     """A typo in the last --cases / --models entry was found after the ones before it had been
     timed (minutes, then thrown away); --modes and --dtype typos ended in tracebacks."""
     module = bench(script)
-    for name in ("run_speed", "measure"):  # nothing may be timed before the refusal
+    for name in ("run_speed", "measure", "stock_baseline"):  # nothing timed before the refusal
         if hasattr(module, name):
             monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("timed first"))
     with pytest.raises(SystemExit) as stop:
@@ -149,3 +154,19 @@ def test_importance_bf16_weights_bench_times_both_and_restores_the_copies(bench,
     assert command.startswith("Command: python bench/bench_importance_setup.py --device cpu "
                               "--compare bf16-weights")
     assert records[0]["ratio_min"] <= records[0]["ratio"] <= records[0]["ratio_max"]
+
+
+def test_attention_backend_bench_gives_llama_a_kv_head_count_that_divides_the_heads(bench):
+    kv_heads = bench("bench_attention_backend").kv_heads
+    assert [kv_heads(h) for h in (1, 2, 3, 10, 12, 16)] == [1, 1, 1, 2, 4, 4]
+
+
+def test_attention_backend_bench_names_the_sdpa_backend(bench, tmp_path):
+    bench("bench_attention_backend").main(["--device", "cpu", "--batch", "1", "--seq", "8",
+                                           "--heads", "2", "--threads", "1", "--rounds", "1",
+                                           "--min-run-time", "0.01"])
+    records = json.loads((tmp_path / "attention_backend-cpu.json").read_text())["results"]
+    assert {r["model"] for r in records} == {"distilbert", "llama"}  # llama at 2 heads: 1 kv head
+    assert {r["sdpa_backend"] for r in records} == {"cpu"}
+    assert "SDPA ran distilbert: cpu, llama: cpu" in (tmp_path / "attention_backend-cpu.md"
+                                                      ).read_text()
