@@ -13,7 +13,8 @@ Providers (all compute gated multi-head attention over (B, S, H, D) inputs):
                       wgmma (fp16/bf16; CUDA; on a build with sm_90a code and a compute
                       capability 9.0 GPU, else the row repeats the mma.sync kernel and is left out)
   sparsebert_compact  sparsebert.ops.masked_attention_compact over the kept heads, output
-                      (B, S, H_kept, D) (on CUDA the mma.sync forward)
+                      (B, S, H_kept, D) (on CUDA the mma.sync forward; on the CPU its own
+                      kernel)
 The SDPA backend torch picked (cuDNN, flash, memory-efficient, math) is named in the table title.
 Columns: "vs SDPA" (all heads, same shape), and "vs its kernel, all heads": each row against the
 same kernel with every head kept (sparsebert_compact against sparsebert, the mma.sync forward
@@ -58,7 +59,7 @@ PROVIDERS = (
     "reference", "sdpa", "sdpa_gate", "gather_sdpa", "sparsebert", "sparsebert_wmma",
     "sparsebert_wgmma", "sparsebert_compact",
 )
-CUDA_ONLY = ("sparsebert_wmma", "sparsebert_wgmma", "sparsebert_compact")
+CUDA_ONLY = ("sparsebert_wmma", "sparsebert_wgmma")
 # Providers timed under a kernel choice (SPARSEBERT_ATTENTION_KERNEL) of their own.
 KERNEL_CHOICE = {"sparsebert_wmma": "wmma", "sparsebert_wgmma": "wgmma"}
 # The all-heads time each provider is compared with (default: its own at every head kept).

@@ -328,11 +328,11 @@ def masked_attention_compact(
     Differentiable in q, k, v and head_gate as masked_attention is (the same gradients at the
     kept heads, zeros elsewhere; first order): the backward gathers the kept heads' slices and
     runs masked_attention's fused backward on them. Under torch.func transforms and
-    forward-mode AD it runs the reference. On CUDA (fp16/bf16, or fp32 with 3xTF32; D 32/64;
-    16-byte aligned rows) one mma.sync kernel reads the kept heads in place; otherwise (and with
-    SPARSEBERT_ATTENTION_KERNEL=wmma or simt) their slices are gathered and the other forward
-    runs. Index values are checked on the CPU only (on CUDA a check would synchronise; an index
-    out of range gives zeros there).
+    forward-mode AD it runs the reference. On the CPU the kernel reads the kept heads in place.
+    On CUDA (fp16/bf16, or fp32 with 3xTF32; D 32/64; 16-byte aligned rows) one mma.sync kernel
+    reads the kept heads in place; otherwise (and with SPARSEBERT_ATTENTION_KERNEL=wmma or simt)
+    their slices are gathered and the other forward runs. Index values are checked on the CPU
+    only (on CUDA a check would synchronise; an index out of range gives zeros there).
     """
     if not isinstance(kept_heads, Tensor):
         raise ValueError(

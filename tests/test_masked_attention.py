@@ -1185,3 +1185,25 @@ def test_compact_matches_reference_and_dense_op(kept, per_example, assert_native
     torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
     dense = ops.masked_attention(q, k, v, gate, mask)
     torch.testing.assert_close(out, dense[:, :, kept_heads], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_native_compact_reads_kept_heads_in_place_from_strided_inputs(dtype, assert_native):
+    """The CPU compact kernel walks (batch, kept head) pairs over q/k/v views of one fused QKV
+    projection (no gathered copies): its output and log-sum-exp equal the dense op's slices for
+    kept heads out of order, listed twice, gated 0, and given as int32."""
+    assert_native("masked_attention_compact", "cpu")
+    gen = torch.Generator().manual_seed(31)
+    batch, seq, dim = 2, 7, 8
+    fused = _randn(batch, seq, 3 * HEADS * dim, gen=gen).to(dtype)  # (B, S, 3*H*D)
+    q, k, v = (t.view(batch, seq, HEADS, dim) for t in fused.split(HEADS * dim, dim=-1))
+    gate = torch.tensor([[1.0, 0.0, 0.6, 1.0], [0.3, 1.0, 1.0, 0.0]])  # (B, H)
+    mask = torch.arange(seq)[None, :] < torch.tensor([seq, 3])[:, None]
+    kept = torch.tensor([3, 1, 3, 0], dtype=torch.int32)
+    scale = dim**-0.5
+    out, lse = torch.ops.sparsebert.masked_attention_compact(q, k, v, gate, kept, mask, scale)
+    dense, dense_lse = torch.ops.sparsebert.masked_attention(q, k, v, gate, mask, scale)
+    index = kept.long()
+    assert out.shape == (batch, seq, 4, dim) and lse.shape == (batch, 4, seq)
+    assert torch.equal(out, dense[:, :, index]) and torch.equal(lse, dense_lse[:, index])
+    assert not out[0, :, 1].any() and not out[1, :, 0].any() and not out[1, :, 2].any()

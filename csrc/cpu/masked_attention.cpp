@@ -1,7 +1,8 @@
 // CPU kernels of sparsebert::masked_attention and its backward.
 //
 // Work is split over (batch, head) pairs with at::parallel_for. A pair whose gate is exactly 0
-// only writes zeros: its q/k/v are never read. An active pair loads its (S, D) slices from the
+// only writes zeros: its q/k/v are never read. The compact forward runs the same loop over
+// (batch, kept head) pairs, reading each kept head's slices in place (no gathered copies). An active pair loads its (S, D) slices from the
 // strided (B, S, H, D) inputs into thread-local buffers in the accumulation type (fp32, or fp64
 // for fp64), then processes queries in blocks of kQueryBlock rows: BLAS GEMMs for q k^T and
 // P v, a vectorised row softmax in between. The backward recomputes P from the saved
@@ -75,29 +76,33 @@ const acc_t* load_keep(const std::optional<at::Tensor>& mask, int64_t b, int64_t
   return buf.data();
 }
 
+// out (B, Sq, H_out, D) and lse (B, H_out, Sq): slot j holds input head heads_of[j], or head j
+// when heads_of is null (H_out = H).
 template <typename scalar_t>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const GateView& gate, const std::optional<at::Tensor>& mask, double scale_d,
-                  const AttentionShape& shape, at::Tensor& out, at::Tensor& lse) {
+                  const AttentionShape& shape, const int64_t* heads_of, at::Tensor& out,
+                  at::Tensor& lse) {
   using acc = acc_t<scalar_t>;
-  const int64_t B = shape.batch, Sq = shape.q_len, Sk = shape.kv_len, H = shape.heads,
-                D = shape.head_dim;
+  const int64_t B = shape.batch, Sq = shape.q_len, Sk = shape.kv_len, D = shape.head_dim;
+  const int64_t H = out.size(2);  // output slots: every head, or the kept ones
   const acc scale = static_cast<acc>(scale_d);
   const Strided4d<const scalar_t> qv(q), kv(k), vv(v);
   const Strided4d<scalar_t> ov(out);
   const acc* gate_ptr = gate.values.data_ptr<acc>();  // (H,) or (B, H), read in place
-  acc* lse_ptr = lse.data_ptr<acc>();              // (B, H, Sq)
+  acc* lse_ptr = lse.data_ptr<acc>();              // (B, H_out, Sq)
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     // Thread-local buffers, in the accumulation type.
     std::vector<acc> qb(Sq * D), kb(Sk * D), vb(Sk * D), scores(kQueryBlock * Sk),
         ctx(kQueryBlock * D), keep(Sk);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / H, h = task % H;
+      const int64_t b = task / H, slot = task % H;
+      const int64_t h = heads_of ? heads_of[slot] : slot;  // the input head
       const acc g = gate_ptr[b * gate.stride_b + h * gate.stride_h];
       acc* lse_row = lse_ptr + task * Sq;
       if (g == acc(0)) {  // pruned head: never read, output exactly 0
-        zero_head(ov, b, h, Sq, D);
+        zero_head(ov, b, slot, Sq, D);
         std::fill_n(lse_row, Sq, acc(0));
         continue;
       }
@@ -116,7 +121,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         // Step 4: out_blk = g * P v  (rows, D)
         gemm_row_major<acc>(false, false, rows, D, Sk, g, scores.data(), Sk, vb.data(), D, acc(0),
                             ctx.data(), D);
-        store_head(ov, b, h, q0, rows, D, ctx.data());
+        store_head(ov, b, slot, q0, rows, D, ctx.data());
       }
     }
   });
@@ -234,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_cpu(
   at::Tensor lse =
       at::empty({shape.batch, shape.heads, shape.q_len}, q.options().dtype(stat_type(q)));
   SB_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_attention_cpu", [&] {
-    forward_impl<scalar_t>(q, k, v, gate, key_padding_mask, scale, shape, out, lse);
+    forward_impl<scalar_t>(q, k, v, gate, key_padding_mask, scale, shape, nullptr, out, lse);
   });
   return {out, lse};
 }
@@ -263,21 +268,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_back
   return {dq, dk, dv, d_gate};
 }
 
-// Compact output (B, Sq, H_kept, D): slot j is head kept_heads[j]. On the CPU the kept heads'
-// slices are gathered (cheap next to the attention) and the forward above runs on them.
+// Compact output (B, Sq, H_kept, D) and lse (B, H_kept, Sq): slot j is head kept_heads[j]. The
+// forward above walks (batch, slot) pairs and reads each kept head's q/k/v and gate in place, so
+// the other heads are never touched (a gather of their slices cost more than the attention).
 std::tuple<at::Tensor, at::Tensor> masked_attention_compact_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& head_gate,
-    const at::Tensor& kept_heads, const std::optional<at::Tensor>& key_padding_mask, double scale) {
-  const AttentionShape shape = check_masked_attention_inputs(q, k, v, head_gate, key_padding_mask);
-  check_kept_heads(kept_heads, q, shape);
-  check_cpu(q, "q");
-  if (kept_heads.numel() == 0) {
-    return {at::empty({shape.batch, shape.q_len, 0, shape.head_dim}, q.options()),
-            at::empty({shape.batch, 0, shape.q_len}, q.options().dtype(stat_type(q)))};
-  }
-  const at::Tensor idx = kept_heads.to(at::kLong);
-  return masked_attention_cpu(q.index_select(2, idx), k.index_select(2, idx), v.index_select(2, idx),
-                              head_gate.index_select(-1, idx), key_padding_mask, scale);
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& head_gate, const at::Tensor& kept_heads,
+    const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  const AttentionShape shape =
+      check_masked_attention_inputs(q_in, k_in, v_in, head_gate, key_padding_mask);
+  check_kept_heads(kept_heads, q_in, shape);  // on the CPU: every index in [0, H)
+  check_cpu(q_in, "q");
+  const int64_t kept = kept_heads.size(0);
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
+                   v = last_dim_contiguous(v_in);
+  const at::Tensor heads_of = kept_heads.to(at::kLong).contiguous();  // (H_kept,)
+  const GateView gate = gate_view(head_gate, stat_type(q));
+  at::Tensor out = at::empty({shape.batch, shape.q_len, kept, shape.head_dim}, q.options());
+  at::Tensor lse = at::empty({shape.batch, kept, shape.q_len}, q.options().dtype(stat_type(q)));
+  if (kept == 0) return {out, lse};
+  SB_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_attention_compact_cpu", [&] {
+    forward_impl<scalar_t>(q, k, v, gate, key_padding_mask, scale, shape,
+                           heads_of.data_ptr<int64_t>(), out, lse);
+  });
+  return {out, lse};
 }
 
 const KernelRegistration kCompact("masked_attention_compact", "CPU");
