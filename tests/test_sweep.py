@@ -2066,3 +2066,93 @@ def test_sweep_flags_override_the_config_file(tmp_path, monkeypatch):
                  "--epochs", "2", "--workers", "3", "--tasks", "MRPC"]) == 0
     assert seen["train"].epochs == 2 and seen["train"].lr == 0.001  # flag wins, file fills
     assert seen["sweep"].workers == 3 and seen["sweep"].tasks == "MRPC"
+
+
+def test_a_number_of_seconds_in_a_config_file_is_a_unit_timeout(tmp_path):
+    """`unit_timeout = 1.5` in a config file was refused with "expected a string", while
+    --unit-timeout 1.5 was taken."""
+    from sparsebert.sweep.config import read_config_file  # noqa: PLC0415
+
+    path = tmp_path / "sweep.toml"
+    for text, seconds in (("90", 90.0), ("1.5", 1.5), ('"2m"', 120.0)):
+        path.write_text(f"unit_timeout = {text}\n")
+        value = read_config_file(path)["unit_timeout"]
+        assert SweepConfig(unit_timeout=value).validate().timeout_seconds() == seconds
+    path.write_text("unit_timeout = true\n")
+    with pytest.raises(SweepError, match="unit_timeout = True: expected a string or a number"):
+        read_config_file(path)
+
+
+def test_signals_held_delivers_a_ctrl_c_after_the_block():
+    from sparsebert.sweep.state import signals_held  # noqa: PLC0415
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # (a handler runs between bytecodes: it had its chance)
+            reached.append("end of block")
+    assert reached == ["end of block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_ctrl_c_while_the_run_closes_still_records_its_end(tmp_path, monkeypatch):
+    """A second Ctrl-C while sweep.json and status.json were being written left them saying
+    that the run was still running, on workers that no longer existed."""
+    from sparsebert.sweep import state as state_module  # noqa: PLC0415
+
+    state = state_module.SweepDir(tmp_path / "s")
+    state.open({"grid": 1})
+    state.write_status({"running": {"full/SST-2/3": {"slot": 0}}, "done": 0, "failed": [],
+                        "total": 3})
+    written = state_module.atomic_write_json
+
+    def interrupted_write(path, payload, *args, **kwargs):  # Ctrl-C in the first write
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        return written(path, payload, *args, **kwargs)
+
+    monkeypatch.setattr(state_module, "atomic_write_json", interrupted_write)
+    with pytest.raises(KeyboardInterrupt):
+        state.close("interrupted")
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "s" / "sweep.json").read_text())["runs"][-1]["status"] == \
+        "interrupted"
+    status = json.loads((tmp_path / "s" / ".sweep" / "status.json").read_text())
+    assert status["running"] == {} and status["sweep"] == "interrupted"
+
+
+def test_an_interrupt_before_the_units_start_is_recorded(tiny_model_dir, synthetic_glue,
+                                                         tmp_path, monkeypatch):
+    """A Ctrl-C between opening the sweep and starting its workers (while done units were
+    checked) left sweep.json's run "running" with no end."""
+    from sparsebert.sweep.state import SweepDir  # noqa: PLC0415
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SweepDir, "drop_stale", interrupted)
+    out = tmp_path / "early"
+    with pytest.raises(KeyboardInterrupt):
+        sweep(out, *_configs(tiny_model_dir, synthetic_glue), progress=False)
+    run = json.loads((out / "sweep.json").read_text())["runs"][-1]
+    assert run["status"] == "interrupted" and "finished_at" in run
+
+
+def test_json_output_is_the_outcome_alone_whatever_the_sweep_prints(tmp_path, monkeypatch,
+                                                                   capsys):
+    """Ray prints a dead worker's note on stdout, before --json's outcome: stdout was no
+    longer JSON. What the sweep prints now goes to stderr."""
+    from sparsebert.sweep import command  # noqa: PLC0415
+    from sparsebert.sweep.scheduler import Outcome  # noqa: PLC0415
+
+    def noisy_sweep(*args, **kwargs):
+        print("(raylet) A worker died or was killed while executing a task")
+        return Outcome(done=["full/SST-2/3"], wall_s=1.0)
+
+    monkeypatch.setattr("sparsebert.sweep.sweep", noisy_sweep)
+    assert command.run_sweep(types.SimpleNamespace(
+        config=None, out=str(tmp_path / "s"), json=True, quiet=True, redo=None)) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["done"] == ["full/SST-2/3"]
+    assert "A worker died" in captured.err

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 from sparsebert.flags import add_dataclass_arguments, output_path, overrides
@@ -68,7 +70,10 @@ def run_sweep(args: argparse.Namespace) -> int:
         values.update(overrides(args, cls))
         values.pop("method", None), values.pop("task", None), values.pop("seed", None)
         configs.append(cls(**values))
-    outcome = sweep(out, *configs, progress=not args.quiet, redo=args.redo)
+    # stdout carries the outcome alone (--json is parsed by scripts): whatever the sweep or a
+    # library under it prints there (Ray's notes on a worker that died) goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        outcome = sweep(out, *configs, progress=not args.quiet, redo=args.redo)
     if args.json:
         print(json.dumps(dataclasses.asdict(outcome), indent=2))
     elif not (outcome.done or outcome.failed or outcome.blocked):

@@ -242,16 +242,18 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 def _typed(path: Path, key: str, value: Any, cls: type) -> Any:
     """A config file's value for field `key` of `cls`, checked against the field's type (lists
-    of a comma-separated field joined; ints accepted for floats and for list fields)."""
+    of a comma-separated field joined; ints accepted for floats, numbers for string fields:
+    `unit_timeout = 90` or `= 1.5` is a number of seconds)."""
     kind = field_type(cls, key)
     if isinstance(value, list) and kind is str:
         value = ",".join(map(str, value))
     ok = {bool: isinstance(value, bool),
           int: isinstance(value, int) and not isinstance(value, bool),
           float: isinstance(value, (int, float)) and not isinstance(value, bool),
-          str: isinstance(value, (str, int)) and not isinstance(value, bool)}.get(kind, True)
+          str: isinstance(value, (str, int, float)) and not isinstance(value, bool)
+          }.get(kind, True)
     if not ok:
         expected = {bool: "true or false", int: "an integer", float: "a number",
-                    str: "a string"}[kind]
+                    str: "a string or a number"}[kind]
         raise SweepError(f"--config {path}: {key} = {value!r}: expected {expected}")
     return float(value) if kind is float else str(value) if kind is str else value

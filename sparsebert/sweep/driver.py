@@ -203,27 +203,27 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
     notes = state.open(identity(grid, search, train), redo_methods,
                        after_redo=lambda methods: _record_settings(out, grid, search, train,
                                                                    methods))
-    if len(grid.seeds) == 1 and "structured" in grid.methods and grid.super_survivors:
-        notes.append("one seed: no super-survivors and no task report over seeds (they need "
-                     ">= 2 seeds; a later sweep with more seeds reuses this one)")
-    for note in notes if progress else []:
-        tqdm.write(note, file=sys.stderr)
-    base: dict[str, Any] = {"out": str(out), "search": search.to_json(),
-                            "train": train.to_json(), "seeds": list(grid.seeds),
-                            "reports": config.reports,
-                            "fail_injection": fail_injection}
-    # e.g. the reports of an extended grid, or an output deleted by hand
-    done = state.drop_stale(units, config.reports,
-                            present=lambda unit, marker: output_present(out, unit, marker))
-    if state.missing:
-        shown = ", ".join(state.missing[:5]) + (" ..." if len(state.missing) > 5 else "")
-        notes.append(f"{len(state.missing)} done unit(s) whose output is gone (deleted or "
-                     f"damaged) run again, with what is built on them: {shown}")
-        if progress:
-            tqdm.write(notes[-1], file=sys.stderr)
     status = "interrupted"
     backend = None
-    try:
+    try:  # from here on, however the run ends, sweep.json and status.json record it
+        if len(grid.seeds) == 1 and "structured" in grid.methods and grid.super_survivors:
+            notes.append("one seed: no super-survivors and no task report over seeds (they "
+                         "need >= 2 seeds; a later sweep with more seeds reuses this one)")
+        for note in notes if progress else []:
+            tqdm.write(note, file=sys.stderr)
+        base: dict[str, Any] = {"out": str(out), "search": search.to_json(),
+                                "train": train.to_json(), "seeds": list(grid.seeds),
+                                "reports": config.reports,
+                                "fail_injection": fail_injection}
+        # e.g. the reports of an extended grid, or an output deleted by hand
+        done = state.drop_stale(units, config.reports,
+                                present=lambda unit, marker: output_present(out, unit, marker))
+        if state.missing:
+            shown = ", ".join(state.missing[:5]) + (" ..." if len(state.missing) > 5 else "")
+            notes.append(f"{len(state.missing)} done unit(s) whose output is gone (deleted or "
+                         f"damaged) run again, with what is built on them: {shown}")
+            if progress:
+                tqdm.write(notes[-1], file=sys.stderr)
         pending = sum(u.id not in done for u in units)
         if pending:  # else nothing to start; never more workers than units left to run
             backend = _backend(config, slots[:pending])
@@ -239,9 +239,11 @@ def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
         status = f"refused: {error}"
         raise
     finally:
-        if backend is not None:
-            backend.close()
-        state.close(status)
+        try:  # a second Ctrl-C while the workers stop still records the run's end
+            if backend is not None:
+                backend.close()
+        finally:
+            state.close(status)
 
 
 def _in_saved_order(out: Path, seeds: list[int]) -> list[int]:

@@ -27,12 +27,15 @@ settings once their results are aside.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +137,27 @@ def _missing_parts(saved: dict[str, Any]) -> str:
         if not isinstance(grid.get(key), list):
             return f"'identity.grid.{key}' list"
     return ""
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM received in the block are delivered when it ends (to the handlers
+    in place before it), so a second Ctrl-C cannot cut a short bookkeeping write in two. In
+    the main thread only (elsewhere signals cannot be handled); a no-op in other threads."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():  # (None: a handler set outside Python)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        if received:
+            signal.raise_signal(received[0])
 
 
 class SweepDir:
@@ -335,7 +359,11 @@ class SweepDir:
 
     def close(self, status: str) -> None:
         """Record how this run ended (sweep.json; status.json: nothing runs any more) and
-        release the lock."""
+        release the lock. A Ctrl-C or SIGTERM meanwhile waits until that is written."""
+        with signals_held():
+            self._close(status)
+
+    def _close(self, status: str) -> None:
         if self.record.get("runs"):
             self.record["runs"][-1].update(finished_at=now(), status=status)
             atomic_write_json(self.path, self.record)
