@@ -697,3 +697,69 @@ def test_new_storage_at_the_old_address_rebuilds_the_compact_weights(tiny_bert, 
     got = fast(input_ids=ids, attention_mask=mask).logits
     assert fast.encoder.builds == builds + 1
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_a_span_loss_call_in_one_thread_leaves_other_threads_unpadded(tiny_model, tiny_dims):
+    """unpadding() used to switch the shared encoder's `unpad` off and back around a span-loss
+    call: a plain call in another thread meanwhile ran padded, and one ending in between left
+    unpadding off for good. The padded-call setting is now per thread."""
+    import threading  # noqa: PLC0415
+
+    model = sparsebert.patch(tiny_model("bert", "BertForQuestionAnswering")).eval()
+    fast = accelerate(model)
+    ids, mask = _batch(3, 8, tiny_dims.vocab, [8, 5, 2])
+    spans = {"start_positions": torch.tensor([1, 2, 0]), "end_positions": torch.tensor([3, 4, 1])}
+    with torch.no_grad():
+        want_loss = model(input_ids=ids, attention_mask=mask, **spans).loss
+    unpadded = fast(input_ids=ids, attention_mask=mask).start_logits
+    assert not unpadded[2, 2:].any()  # padded positions of an unpadded call are zeros
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def hold(module, args):  # the QA call waits inside its forward for the other thread
+        if threading.current_thread().name == "qa":
+            inside.set()
+            assert release.wait(30)
+
+    hook = model.bert.embeddings.register_forward_pre_hook(hold)
+    try:
+        qa = threading.Thread(name="qa", target=lambda: seen.update(
+            loss=fast(input_ids=ids, attention_mask=mask, **spans).loss))
+        qa.start()
+        assert inside.wait(30)
+        seen["plain"] = fast(input_ids=ids, attention_mask=mask).start_logits  # meanwhile
+        release.set()
+        qa.join(30)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(seen["plain"], unpadded, rtol=0, atol=0)
+    torch.testing.assert_close(seen["loss"], want_loss, rtol=0, atol=1e-5)
+    assert fast.encoder.unpad
+    assert not fast(input_ids=ids, attention_mask=mask).start_logits[2, 2:].any()
+
+
+def test_a_hook_on_the_ffn_activation_is_honoured(shared_bert, tiny_dims):
+    """The fast path ran GELU in place (aten.gelu_) and skipped the activation module's hooks;
+    it now calls the module whenever it has a hook."""
+    fast = accelerate(shared_bert)
+    ids, mask = _batch(2, 5, tiny_dims.vocab, [5, 3])
+    fast(input_ids=ids, attention_mask=mask)  # compact weights built before the hook
+    act = shared_bert.bert.encoder.layer[0].intermediate.intermediate_act_fn
+    hook = act.register_forward_hook(lambda module, args, out: out * 0)
+    try:
+        with torch.no_grad():
+            want = shared_bert(input_ids=ids, attention_mask=mask).logits
+        got = fast(input_ids=ids, attention_mask=mask).logits
+    finally:
+        hook.remove()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(shared_bert(input_ids=ids, attention_mask=mask).logits, want)
+
+
+@pytest.mark.parametrize("option, value", [("unpad", "False"), ("compile", "no"),
+                                           ("reuse_buffers", None), ("graphs", "x")])
+def test_on_off_options_must_be_bools(shared_bert, option, value):
+    with pytest.raises(ValueError, match=rf"accelerate: '{option}' must be True or False.*got "
+                                         rf"{value!r}"):
+        accelerate(shared_bert, **{option: value})
+    accelerate(shared_bert, graphs=None)  # the default: on where CUDA graphs run

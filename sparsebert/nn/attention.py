@@ -226,13 +226,19 @@ def _convert_to_key_padding(attention_mask: Tensor, batch: int, seq: int,
     return mask | ~mask.any(dim=-1, keepdim=True)  # fully padded rows attend everywhere (no sync)
 
 
-def plain_linear(linear: nn.Module | None) -> bool:
-    """An nn.Linear itself (not a subclass, a parametrized or wrapped one) with no hooks and its
-    own forward (accelerate's offloading, for one, replaces a module's forward)."""
-    return (type(linear) is nn.Linear and "forward" not in linear.__dict__
-            and not linear._forward_hooks and not linear._forward_pre_hooks
+def unhooked(module: nn.Module) -> bool:
+    """No forward hooks or pre-hooks (its own or global ones) and its class's own forward
+    (accelerate's offloading, for one, replaces a module's forward): calling it runs nothing
+    but its class's forward, so code that skips the call skips nothing."""
+    return ("forward" not in module.__dict__
+            and not module._forward_hooks and not module._forward_pre_hooks
             and not nn.modules.module._global_forward_hooks
             and not nn.modules.module._global_forward_pre_hooks)
+
+
+def plain_linear(linear: nn.Module | None) -> bool:
+    """An nn.Linear itself (not a subclass, a parametrized or wrapped one) that is unhooked."""
+    return type(linear) is nn.Linear and unhooked(linear)
 
 
 def _all_heads(x: Tensor, heads: Tensor, num_heads: int) -> Tensor:

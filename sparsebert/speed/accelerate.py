@@ -96,6 +96,12 @@ class AcceleratedModel(nn.Module):
         if not is_integer(bucket) or bucket < 1:
             raise ValueError(f"accelerate: 'bucket' must be an int >= 1 (the token-count "
                              f"granularity of the CUDA graph buckets), got {bucket!r}")
+        for name, value in (("unpad", unpad), ("graphs", graphs), ("compile", compile),
+                            ("reuse_buffers", reuse_buffers)):
+            if not isinstance(value, bool) and not (name == "graphs" and value is None):
+                raise ValueError(f"accelerate: {name!r} must be True or False"
+                                 + (" (or None, the default: on)" if name == "graphs"
+                                    else "") + f", got {value!r}")
         self.model = model
         object.__setattr__(self, "_options", {
             "unpad": unpad, "graphs": True if graphs is None else graphs, "bucket": int(bucket),

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor, nn
 
 from sparsebert.nn import SparseAttention, SparseMLP, to_key_padding_mask
+from sparsebert.nn.attention import unhooked
 from sparsebert.speed.attention_core import Core, choose_core, full_core
 from sparsebert.speed.compact import (
     CompactLayer,
@@ -63,11 +65,19 @@ def layer_forward(c: CompactLayer, x: Tensor, packing: Packing, core: Core,
     # Step 2: the kept FFN neurons (or LayerNorm(residual) when the MLP is off).
     if c.neurons:
         h = linear(x, c.up_weight, c.up_bias, workspace, "ffn")  # (T_pad, f), ours to overwrite
-        h = (c.activation_inplace or c.activation)(h)
+        # in place only while the module is unhooked (a hook may come after the build)
+        inplace = c.activation_inplace is not None and unhooked(c.activation)
+        h = c.activation_inplace(h) if inplace else c.activation(h)
         x = c.ffn_norm(_residual(linear(h, c.down_weight, c.down_bias, workspace, "hidden"), x))
     else:
         x = c.ffn_norm(x)
     return x
+
+
+# The encoders running a call padded (a span loss reads every position): per thread (and task),
+# so two threads sharing one accelerated model never see each other's setting.
+_RUN_PADDED: ContextVar[tuple[FastEncoder, ...]] = ContextVar("sparsebert_run_padded",
+                                                               default=())
 
 
 class FastEncoder(nn.Module):
@@ -128,13 +138,17 @@ class FastEncoder(nn.Module):
 
     @contextlib.contextmanager
     def unpadding(self, allowed: bool) -> Iterator[None]:
-        """Within the block, padded tokens are dropped only if `allowed` (and unpad is on)."""
-        unpad = self.unpad
-        self.unpad = unpad and allowed
+        """Within the block, padded tokens are dropped only if `allowed` (and unpad is on), in
+        this thread's calls only: other threads calling the same encoder are not affected."""
+        token = _RUN_PADDED.set(_RUN_PADDED.get() + (() if allowed else (self,)))
         try:
             yield
         finally:
-            self.unpad = unpad
+            _RUN_PADDED.reset(token)
+
+    def _unpads(self) -> bool:
+        """Whether this call drops padded tokens: unpad is on and no unpadding(False) holds."""
+        return self.unpad and not any(encoder is self for encoder in _RUN_PADDED.get())
 
     def release_buffers(self) -> None:
         """Free the reused CPU buffers (they are allocated again by the next call)."""
@@ -188,7 +202,7 @@ class FastEncoder(nn.Module):
                     device: torch.device) -> Packing:
         """The packing of a batch from whatever mask HF hands its encoder."""
         mask = to_key_padding_mask(attention_mask, batch, seq)  # (B, S) bool or None
-        if mask is None or not self.unpad or not bool(mask[:, 0].all()):
+        if mask is None or not self._unpads() or not bool(mask[:, 0].all()):
             # padded execution (attention masks the keys): unpadding is off, or a row is
             # left-padded, and the pooler / classification head reads position 0, which only
             # padded execution computes
