@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import select
 import signal
 import sys
 import threading
@@ -351,6 +353,17 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (`sparsebert ... | head`): poll
+    reports an error condition on its write end."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no real file behind stdout
+        return False
+
+
 def debug_enabled(args: argparse.Namespace | None = None) -> bool:
     """--debug or SPARSEBERT_DEBUG on (1/true/yes/on; sparsebert.switches): show tracebacks
     of user errors. A value that is neither on nor off counts as off here (main refuses it)."""
@@ -440,6 +453,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return SUBCOMMANDS[args.command][1](args)
     except (SparsebertError, OSError) as error:  # user-fixable: a bad value, a path, a
         # permission, a read-only or full file system
+        if isinstance(error, BrokenPipeError) and _stdout_reader_gone():
+            # the reader of the output stopped (`| head`): end quietly, as `cat` does, and keep
+            # Python's exit-time flush of stdout from failing again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + signal.SIGPIPE
         if debug_enabled(args):
             traceback.print_exc()
         return _fail(str(error))

@@ -636,3 +636,17 @@ def test_an_unknown_debug_value_counts_as_off(monkeypatch):
     import argparse  # noqa: PLC0415
 
     assert debug_enabled(argparse.Namespace(debug=True)) is True
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`sparsebert ... | head` whose reader has gone: exit 141 (SIGPIPE's status) without the
+    "error: [Errno 32] Broken pipe" line and exit 2 that a user error gets."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command writes anything
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    try:
+        done = subprocess.run([sys.executable, "-m", "sparsebert", "info"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, env=env, timeout=300)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")
