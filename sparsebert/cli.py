@@ -25,7 +25,7 @@ import numpy as np
 
 from sparsebert import __version__
 from sparsebert.errors import SparsebertError, Terminated
-from sparsebert.flags import add_dataclass_arguments, output_path, overrides
+from sparsebert.flags import add_dataclass_arguments, input_path, output_path, overrides
 from sparsebert.switches import check_switches, env_switch
 
 # --- finetune ------------------------------------------------------------------------------
@@ -89,7 +89,8 @@ def _add_evaluate(subparsers) -> None:
     parser = subparsers.add_parser("evaluate", help="dev metrics of a fine-tuned run",
                                    description="Evaluate a finished run's model on its task's "
                                                "dev split(s) and print the metrics.")
-    parser.add_argument("--run", required=True, help="run directory written by finetune")
+    parser.add_argument("--run", required=True, type=input_path,
+                        help="run directory written by finetune")
     parser.add_argument("--glue-dir", default=None,
                         help="GLUE folder (default: $GLUE_DIR, else the folder the run used)")
     parser.add_argument("--batch-size", type=int, default=None,
@@ -254,7 +255,8 @@ def _add_report(subparsers) -> None:
                     "table layout, mean +- std over seeds, the paper's numbers beside ours) "
                     "and figures/*.png; subnetwork timings saved by `sparsebert speed --run` "
                     "in the searches are shown next to their scores.")
-    parser.add_argument("paths", nargs="+", help="search directories or parents of them")
+    parser.add_argument("paths", nargs="+", type=input_path,
+                        help="search directories or parents of them")
     parser.add_argument("--out", default=None, type=output_path,
                         help="output folder (default: the first path)")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import typing
 from collections.abc import Sequence
 from typing import Any
@@ -17,10 +18,17 @@ from typing import Any
 
 def output_path(value: str) -> str:
     """argparse type of an output folder or file: refuses an empty (or blank) value, which
-    would name the working directory (an unset shell variable, `--out "$OUT"`)."""
+    would name the working directory (an unset shell variable, `--out "$OUT"`); expands a
+    leading ~ (the shell leaves `--out=~/x` and '~/x' as they are, and a literal ./~ folder
+    is a trap: the models written there are then looked for in the home folder)."""
     if not value.strip():
         raise argparse.ArgumentTypeError(f"expected a path, got {value!r}")
-    return value
+    return os.path.expanduser(value)
+
+
+def input_path(value: str) -> str:
+    """argparse type of a folder or file to read: not empty, a leading ~ expanded."""
+    return output_path(value)
 
 
 def help_field(text: str, default: Any) -> Any:

@@ -650,3 +650,35 @@ def test_output_into_a_closed_pipe_ends_quietly():
     finally:
         os.close(write_end)
     assert (done.returncode, done.stderr) == (141, "")
+
+
+def test_a_tilde_in_out_or_run_is_the_home_folder(tmp_path, monkeypatch, capsys):
+    """`--out=~/x` (which the shell leaves as it is) wrote a literal ./~ folder, and the model
+    written there was then looked for in the home folder: a search could never finish."""
+    from sparsebert.flags import input_path, output_path  # noqa: PLC0415
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert output_path("~/runs/x") == str(tmp_path / "home" / "runs" / "x")
+    assert input_path("~") == str(tmp_path / "home")
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "--run=~/missing"]) == 2
+    assert str(tmp_path / "home" / "missing") in capsys.readouterr().err
+    assert not (tmp_path / "~").exists()
+
+
+def test_an_empty_model_is_refused(tmp_path, capsys):
+    """--model "$MODEL" with MODEL unset trained the default model, under an identity ('')
+    that the default model itself could then not resume."""
+    assert main(["finetune", "--task", "RTE", "--out", str(tmp_path / "r"), "--model", ""]) == 2
+    assert "--model '': expected 'default', a local model directory or a hub id" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_report_names_an_out_it_cannot_create(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    summaries = Path(__file__).resolve().parents[1] / "results" / "sweep_rte_full"
+    assert main(["report", str(summaries), "--out", str(blocker / "sub")]) == 2
+    assert f"--out {blocker / 'sub'}: cannot create it (Not a directory)" in \
+        capsys.readouterr().err

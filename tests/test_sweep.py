@@ -2083,7 +2083,15 @@ def test_a_number_of_seconds_in_a_config_file_is_a_unit_timeout(tmp_path):
         read_config_file(path)
 
 
-def test_signals_held_delivers_a_ctrl_c_after_the_block():
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test, whatever ran before."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_signals_held_delivers_a_ctrl_c_after_the_block(ctrl_c_raises):
     from sparsebert.sweep.state import signals_held  # noqa: PLC0415
 
     reached = []
@@ -2096,7 +2104,8 @@ def test_signals_held_delivers_a_ctrl_c_after_the_block():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_a_ctrl_c_while_the_run_closes_still_records_its_end(tmp_path, monkeypatch):
+def test_a_ctrl_c_while_the_run_closes_still_records_its_end(tmp_path, monkeypatch,
+                                                             ctrl_c_raises):
     """A second Ctrl-C while sweep.json and status.json were being written left them saying
     that the run was still running, on workers that no longer existed."""
     from sparsebert.sweep import state as state_module  # noqa: PLC0415

@@ -216,7 +216,7 @@ class Search(StructuredStages, MagnitudeStages):
         self.config = search.validate()
         train = train.resolved()
         train.glue_dir = data_source(train.glue_dir).get("path")
-        self.train, self.out, self.progress = train, Path(out), progress
+        self.train, self.out, self.progress = train, Path(out).expanduser(), progress
         self.task = get_task(train.task)
         self.device = resolve_device(train.device)
         if stop_after is not None and stop_after not in STAGES:

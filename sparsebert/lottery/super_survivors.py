@@ -150,7 +150,7 @@ def search_seeds(task: str, out: str | os.PathLike, seeds: list[int], *,
         raise SearchError(f"--seeds {seeds}: expected distinct seeds")
     search_config = (search_config or SearchConfig()).validate()
     train_config = train_config or TrainConfig()
-    out = Path(out)
+    out = Path(out).expanduser()
     with run_lock(out, "search"):
         check_search_root(out, seeds=True)
         runners = []

@@ -191,7 +191,9 @@ def report(paths: str | os.PathLike | Sequence[str | os.PathLike],
     paths = [Path(p) for p in path_list("report", paths)]
     if not paths:
         raise ReportError("report() needs at least one path (a search run directory or parent)")
-    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+    if out_dir is not None:
+        out_dir = Path(out_dir).expanduser()
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise ReportError(f"--out {out_dir}: exists and is a file (expected a directory for "
                           "report.md and figures/)")
     unfinished = unfinished_searches(paths)
@@ -204,6 +206,10 @@ def report(paths: str | os.PathLike | Sequence[str | os.PathLike],
     if out_dir is None:
         out_dir = paths[0] if paths[0].is_dir() else paths[0].parent
     out = Path(out_dir)
+    try:  # (a file on the way, a read-only folder: named here, not as an OS error)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ReportError(f"--out {out}: cannot create it ({error.strerror or error})") from None
     speed = collect_speed(results)
     figures = write_figures(results, out / "figures", [e for e in speed if not e.mismatch])
     command = _command(paths, out)  # as given: relative paths stay relative

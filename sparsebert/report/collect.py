@@ -250,16 +250,16 @@ def _aggregate(task: str, runs: list[RunSummary], sup: SuperSummary | None) -> T
     return res
 
 
-def path_list(function: str, paths: object) -> list[str | os.PathLike]:
-    """`paths` (a path, or any iterable of paths: a list, a glob's generator) as a list;
-    ReportError naming `function` for anything else."""
+def path_list(function: str, paths: object) -> list[str]:
+    """`paths` (a path, or any iterable of paths: a list, a glob's generator) as a list, each
+    with a leading ~ expanded; ReportError naming `function` for anything else."""
     listed = [paths] if isinstance(paths, (str, os.PathLike)) else (
         list(paths) if isinstance(paths, Iterable) else paths)
     if not isinstance(listed, list) or not all(isinstance(p, (str, os.PathLike))
                                                for p in listed):
         raise ReportError(f"{function}: 'paths' must be a path or a list of paths (run "
                           f"directories, their parents, or summary.json files), got {paths!r}")
-    return listed
+    return [os.path.expanduser(p) for p in listed]
 
 
 def collect(paths: str | Path | Sequence[str | Path]) -> dict[str, TaskResults]:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsebert.atomic import atomic_write_json
-from sparsebert.flags import output_path
+from sparsebert.flags import input_path, output_path
 from sparsebert.runtime import device_label, git_sha, versions
 from sparsebert.speed.timing import paired_ratio, summary, time_interleaved
 from sparsebert.speed.variants import (
@@ -61,7 +61,7 @@ from sparsebert.train.evaluate import choose_data
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `sparsebert speed`."""
-    parser.add_argument("--model", default=None,
+    parser.add_argument("--model", default=None, type=input_path,
                         help="bert-base (BERT-base shapes, random weights), minilm (the default "
                              "model), or a local model directory (default: the --run's model, "
                              "else minilm)")
@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="fraction of heads pruned in every layer (random, seeded)")
     masks.add_argument("--prune-ffn", type=float, default=None,
                        help="fraction of FFN neurons pruned in every layer (random, seeded)")
-    masks.add_argument("--run", default=None,
+    masks.add_argument("--run", default=None, type=input_path,
                        help="run directory: a search (every subnetwork in structured/masks/; "
                             "the results are also written to DIR/speed/<setting>.json, where "
                             "`sparsebert report` shows them next to the scores) or a fine-tune "

@@ -165,6 +165,10 @@ class TrainConfig:
         def flag(name: str) -> str:
             return "--" + name.replace("_", "-")
 
+        if not isinstance(self.model, (str, os.PathLike)) or not str(self.model).strip():
+            # (an unset shell variable, --model "$MODEL", would train the default model)
+            raise TrainError(f"--model {self.model!r}: expected 'default', a local model "
+                             "directory or a hub id")
         at_least = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "eval_batch_size": 1,
                     "log_every": 1,
                     "max_length": MIN_MAX_LENGTH, "warmup_steps": 0, "checkpoint_every": 0,

@@ -193,7 +193,7 @@ def evaluate(run_dir: str | os.PathLike, glue_dir: str | None = None,
     """
     if batch_size is not None and (not is_integer(batch_size) or batch_size < 1):
         raise TrainError(f"--batch-size {batch_size!r}: expected an integer >= 1")
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).expanduser()
     require_finished(run_dir)
     config = read_run_config(run_dir)
     config.glue_dir, why, origin = choose_data(config.glue_dir, glue_dir,

@@ -186,13 +186,14 @@ def finetune(config: TrainConfig, out_dir: str | os.PathLike, *,
         raise TrainError(f"finetune: 'config' must be a TrainConfig (e.g. TrainConfig(task="
                          f"'RTE')), got {type(config).__name__}")
     config.check_values()  # (--threads among them) before anything else
+    out_dir = Path(out_dir).expanduser()  # (the model is later loaded from it, ~ expanded)
     threads = torch.get_num_threads()
     try:
         if config.threads:
             torch.set_num_threads(config.threads)
         with run_lock(out_dir, "fine-tune"), contextlib.ExitStack() as cleanup:
             # (cleanup: hooks put on a caller's model come off)
-            return _finetune(config, Path(out_dir), model, tokenizer, weight_masks, on_step,
+            return _finetune(config, out_dir, model, tokenizer, weight_masks, on_step,
                              progress, cleanup)
     finally:
         torch.set_num_threads(threads)
