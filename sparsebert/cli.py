@@ -452,7 +452,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not debug_enabled(args):  # one line per warning, without the source line
         warnings.formatwarning = _format_warning
     try:
-        return SUBCOMMANDS[args.command][1](args)
+        status = SUBCOMMANDS[args.command][1](args)
+        sys.stdout.flush()  # buffered output reaches a closed pipe here, not at exit
+        return status
     except (SparsebertError, OSError) as error:  # user-fixable: a bad value, a path, a
         # permission, a read-only or full file system
         if isinstance(error, BrokenPipeError) and _stdout_reader_gone():

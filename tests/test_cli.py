@@ -644,6 +644,7 @@ def test_output_into_a_closed_pipe_ends_quietly():
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader is gone before the command writes anything
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("PYTHONUNBUFFERED", None)  # buffered, as usual: written when the command ends
     try:
         done = subprocess.run([sys.executable, "-m", "sparsebert", "info"], stdout=write_end,
                               stderr=subprocess.PIPE, text=True, env=env, timeout=300)
@@ -681,4 +682,13 @@ def test_report_names_an_out_it_cannot_create(tmp_path, capsys):
     summaries = Path(__file__).resolve().parents[1] / "results" / "sweep_rte_full"
     assert main(["report", str(summaries), "--out", str(blocker / "sub")]) == 2
     assert f"--out {blocker / 'sub'}: cannot create it (Not a directory)" in \
+        capsys.readouterr().err
+
+
+def test_a_tilde_in_a_config_or_masks_file_is_the_home_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert main(["sweep", "--config=~/s.toml", "--out", str(tmp_path / "sw"), "--quiet"]) == 2
+    assert f"--config {tmp_path / 'home' / 's.toml'}: no such file" in capsys.readouterr().err
+    assert main(["speed", "--head-mask=~/m.json", "--model", "bert-base"]) == 2
+    assert f"--head-mask {tmp_path / 'home' / 'm.json'}: no such file" in \
         capsys.readouterr().err

@@ -737,10 +737,12 @@ def test_a_span_loss_call_in_one_thread_leaves_other_threads_unpadded(tiny_model
     assert not fast(input_ids=ids, attention_mask=mask).start_logits[2, 2:].any()
 
 
-def test_a_hook_on_the_ffn_activation_is_honoured(shared_bert, tiny_dims):
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_hook_on_the_ffn_activation_is_honoured(shared_bert, tiny_dims, compile):
     """The fast path ran GELU in place (aten.gelu_) and skipped the activation module's hooks;
-    it now calls the module whenever it has a hook."""
-    fast = accelerate(shared_bert)
+    it now calls the module whenever it has a hook, added after the first call included
+    (compiled: the layer is rebuilt, so the compiled loop's guards see the change)."""
+    fast = accelerate(shared_bert, compile=compile)
     ids, mask = _batch(2, 5, tiny_dims.vocab, [5, 3])
     fast(input_ids=ids, attention_mask=mask)  # compact weights built before the hook
     act = shared_bert.bert.encoder.layer[0].intermediate.intermediate_act_fn
@@ -753,7 +755,10 @@ def test_a_hook_on_the_ffn_activation_is_honoured(shared_bert, tiny_dims):
         hook.remove()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     with torch.no_grad():
-        assert not torch.allclose(shared_bert(input_ids=ids, attention_mask=mask).logits, want)
+        unhooked = shared_bert(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(unhooked, want)
+    torch.testing.assert_close(fast(input_ids=ids, attention_mask=mask).logits, unhooked,
+                               rtol=0, atol=1e-5)  # the hook removed: in place again
 
 
 @pytest.mark.parametrize("option, value", [("unpad", "False"), ("compile", "no"),

@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "model), or a local model directory (default: the --run's model, "
                              "else minilm)")
     masks = parser.add_argument_group("masks (one source)")
-    masks.add_argument("--head-mask", default=None,
+    masks.add_argument("--head-mask", default=None, type=input_path,
                        help="masks file: JSON with head_mask (L, H) [+ mlp_mask, neuron_mask], "
                             "or a (L, H) tensor (.pt / .npy)")
     masks.add_argument("--prune-heads", type=float, default=None,

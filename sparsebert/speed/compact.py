@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from sparsebert.errors import SparsebertError
 from sparsebert.nn import SparseAttention, SparseMLP
-from sparsebert.nn.attention import plain_linear
+from sparsebert.nn.attention import plain_linear, unhooked
 from sparsebert.speed.workspace import inplace_activation
 
 
@@ -53,6 +53,7 @@ class CompactLayer:
     up_bias: Tensor | None  # (f,)
     activation: Callable[[Tensor], Tensor]
     activation_inplace: Callable[[Tensor], Tensor] | None  # the same, in place (or None)
+    activation_hooked: bool  # the module had a hook when built: no in-place form, it is called
     down_weight: Tensor | None  # (hidden, f)
     down_bias: Tensor | None  # (hidden,)
     ffn_norm: nn.Module  # LayerNorm after the FFN (the module's own)
@@ -120,8 +121,10 @@ def _compact_attention(attn: SparseAttention) -> dict:
 @torch.no_grad()
 def _compact_mlp(mlp: SparseMLP) -> dict:
     activation = mlp.activation()
+    hooked = not unhooked(activation)  # (its hooks run only if the module is called)
     out = {"ffn_norm": mlp.output_layer_norm(), "activation": activation,
-           "activation_inplace": inplace_activation(activation)}
+           "activation_inplace": None if hooked else inplace_activation(activation),
+           "activation_hooked": hooked}
     none = {"neurons": 0, "up_weight": None, "up_bias": None, "down_weight": None,
             "down_bias": None}
     if mlp.intermediate_size == 0 or float(mlp.mlp_gate) == 0:

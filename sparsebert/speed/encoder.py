@@ -65,9 +65,7 @@ def layer_forward(c: CompactLayer, x: Tensor, packing: Packing, core: Core,
     # Step 2: the kept FFN neurons (or LayerNorm(residual) when the MLP is off).
     if c.neurons:
         h = linear(x, c.up_weight, c.up_bias, workspace, "ffn")  # (T_pad, f), ours to overwrite
-        # in place only while the module is unhooked (a hook may come after the build)
-        inplace = c.activation_inplace is not None and unhooked(c.activation)
-        h = c.activation_inplace(h) if inplace else c.activation(h)
+        h = (c.activation_inplace or c.activation)(h)  # (None while the module has a hook)
         x = c.ffn_norm(_residual(linear(h, c.down_weight, c.down_bias, workspace, "hidden"), x))
     else:
         x = c.ffn_norm(x)
@@ -162,7 +160,9 @@ class FastEncoder(nn.Module):
             check_gates(i, attn, mlp)
             check_plain_linears(i, attn, mlp)
             watch = self._watches[i]
-            if watch is None or not watch.valid():
+            hooked = not unhooked(mlp.activation())  # a hook added or removed since the build
+            if watch is None or not watch.valid() or hooked != (
+                    self._compact[i] is not None and self._compact[i].activation_hooked):
                 self._watches[i] = LayerWatch.of(attn, mlp)
                 self._compact[i] = build_compact(attn, mlp)
                 self.builds += 1

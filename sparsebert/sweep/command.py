@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from sparsebert.flags import add_dataclass_arguments, output_path, overrides
+from sparsebert.flags import add_dataclass_arguments, input_path, output_path, overrides
 
 
 def add_sweep(subparsers) -> None:
@@ -27,7 +27,7 @@ def add_sweep(subparsers) -> None:
                     "extends the sweep.")
     parser.add_argument("--out", default=None, type=output_path,
                         help="sweep directory (created if missing; or `out` in --config)")
-    parser.add_argument("--config", default=None,
+    parser.add_argument("--config", default=None, type=input_path,
                         help="TOML file with any of these options (flags override it)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
