@@ -15,6 +15,9 @@
   tiny_model_dir     a saved random 2-layer BERT with the default tokenizer (for --model)
   synthetic_glue     a GLUE-layout folder with synthetic SST-2 and STS-B
 
+Every test ends with the SIGINT and SIGTERM handlers it started with (a test that runs a sweep
+driver or worker in this process may leave them changed).
+
 Models are random, seeded, in eval mode, with attn_implementation="eager" unless asked otherwise;
 batches come from their own torch.Generator, so results never depend on test order.
 """
@@ -22,6 +25,7 @@ batches come from their own torch.Generator, so results never depend on test ord
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +42,16 @@ DEVICES = [
         "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="no CUDA device")]
     ),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+    """SIGINT and SIGTERM handled after the test as before it."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        if handler is not None and signal.getsignal(signum) is not handler:
+            signal.signal(signum, handler)
 
 
 def pytest_configure(config: pytest.Config) -> None:
