@@ -1,18 +1,21 @@
 """sparsebert: a C++/CUDA-accelerated pruning toolkit for BERT-family transformers."""
 
-from sparsebert import hf, nn, ops
-from sparsebert.hf import (
-    get_masks,
-    load_pruned,
-    patch,
-    prune,
-    save_pruned,
-    set_masks,
-    use_sparse_attention,
-)
-from sparsebert.ops import group_dot, masked_attention
-from sparsebert.pruning import Importance, importance
-from sparsebert.speed import accelerate
+from sparsebert._command import package_import
+
+with package_import():  # (for the `sparsebert` command: its own errors, warnings and Ctrl-C)
+    from sparsebert import hf, nn, ops
+    from sparsebert.hf import (
+        get_masks,
+        load_pruned,
+        patch,
+        prune,
+        save_pruned,
+        set_masks,
+        use_sparse_attention,
+    )
+    from sparsebert.ops import group_dot, masked_attention
+    from sparsebert.pruning import Importance, importance
+    from sparsebert.speed import accelerate
 
 __version__ = "0.1.0"
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import ModuleType
 
 from sparsebert import schema
+from sparsebert.errors import ExtensionUnavailable
 from sparsebert.switches import env_switch
 
 __all__ = ["env_switch", "load_extension"]
@@ -30,7 +31,7 @@ _FIX = (
 def _unavailable(reason: str) -> None:
     """The warning (or, with SPARSEBERT_REQUIRE_EXT on, the ImportError) for an unusable _C."""
     if env_switch("SPARSEBERT_REQUIRE_EXT"):
-        raise ImportError(f"sparsebert._C failed to load and SPARSEBERT_REQUIRE_EXT="
+        raise ExtensionUnavailable(f"sparsebert._C failed to load and SPARSEBERT_REQUIRE_EXT="
                           f"{os.environ['SPARSEBERT_REQUIRE_EXT']}: {reason}")
     warnings.warn(f"sparsebert native kernels unavailable ({reason}); the PyTorch reference "
                   f"implementations run instead. To fix: {_FIX}", RuntimeWarning, stacklevel=4)

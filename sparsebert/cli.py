@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from sparsebert import __version__
+from sparsebert._command import one_line_warning
 from sparsebert.errors import SparsebertError, Terminated
 from sparsebert.flags import add_dataclass_arguments, input_path, output_path, overrides
 from sparsebert.switches import check_switches, env_switch
@@ -418,12 +419,6 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated
 
 
-def _format_warning(message, category, filename, lineno, line=None) -> str:
-    """A warning as the commands print it: `sparsebert: warning: ...` (with --debug or
-    SPARSEBERT_DEBUG, Python's own format, with the file and line)."""
-    return f"sparsebert: warning: {message}\n"
-
-
 def _rerun_hint(args: argparse.Namespace) -> str:
     """What to do after an interrupted run: resume it, or start it where its --out is still
     missing or empty (nothing was written yet)."""
@@ -450,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _SIGTERM_RECEIVED.clear()
     previous_format = warnings.formatwarning
     if not debug_enabled(args):  # one line per warning, without the source line
-        warnings.formatwarning = _format_warning
+        warnings.formatwarning = one_line_warning
     try:
         status = SUBCOMMANDS[args.command][1](args)
         sys.stdout.flush()  # buffered output reaches a closed pipe here, not at exit

@@ -29,6 +29,11 @@ class WriteError(RunDirError, OSError):
         self.errno = errno
 
 
+class ExtensionUnavailable(ImportError):
+    """The native extension (sparsebert._C) could not be loaded and SPARSEBERT_REQUIRE_EXT is on;
+    the message says why and how to build it."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (kill, a job scheduler's time limit, `docker stop`), handled as Ctrl-C is: the
     command's cleanup runs (a sweep stops its workers and records that it was interrupted)."""

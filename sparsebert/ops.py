@@ -9,15 +9,13 @@ checks with their messages are in sparsebert.op_checks.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
 from sparsebert import op_checks, reference
 from sparsebert._extension import load_extension
-from sparsebert.switches import arch_list_has_sm90a
+from sparsebert.switches import arch_list_has_sm90a, check_attention_kernel
 
 NAMESPACE = "sparsebert"
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -498,16 +496,7 @@ def accumulate_importance_(acc: Tensor, scores: Tensor, power: int = 1) -> Tenso
     return acc
 
 
-# The CUDA host code reads SPARSEBERT_ATTENTION_KERNEL at each call (unset, default or mma: the
-# mma.sync kernels where they apply; wgmma: the forward with Hopper's wgmma where the build has
-# sm_90a code and the GPU is compute capability 9.0, else as mma (opt-in: not yet run on a GPU);
-# wmma: the WMMA and SIMT kernels, the defaults before them; simt: the SIMT kernels). A typo
-# would silently run the defaults: refused here.
-ATTENTION_KERNEL_CHOICES = ("default", "mma", "wgmma", "wmma", "simt")
-_kernel_choice = os.environ.get("SPARSEBERT_ATTENTION_KERNEL", "default") or "default"
-if _kernel_choice not in ATTENTION_KERNEL_CHOICES:
-    raise ValueError(f"SPARSEBERT_ATTENTION_KERNEL={_kernel_choice!r}: expected one of "
-                     f"{', '.join(ATTENTION_KERNEL_CHOICES)} (or unset)")
+check_attention_kernel()  # (the CUDA host code reads it at each call: a typo is refused here)
 
 _C = load_extension()
 

@@ -30,9 +30,27 @@ def env_switch(name: str) -> bool:
 
 
 def check_switches() -> None:
-    """ValueError naming the first of SWITCHES set to a value env_switch refuses."""
+    """ValueError naming the first of SWITCHES set to a value env_switch refuses, or a
+    SPARSEBERT_ATTENTION_KERNEL that is none of its choices."""
     for name in SWITCHES:
         env_switch(name)
+    check_attention_kernel()
+
+
+# The CUDA host code reads SPARSEBERT_ATTENTION_KERNEL at each call (unset, default or mma: the
+# mma.sync kernels where they apply; wgmma: the forward with Hopper's wgmma where the build has
+# sm_90a code and the GPU is compute capability 9.0, else as mma (opt-in: not yet run on a GPU);
+# wmma: the WMMA and SIMT kernels, the defaults before them; simt: the SIMT kernels). A typo
+# would silently run the defaults: refused when sparsebert.ops is imported.
+ATTENTION_KERNEL_CHOICES = ("default", "mma", "wgmma", "wmma", "simt")
+
+
+def check_attention_kernel() -> None:
+    """ValueError naming SPARSEBERT_ATTENTION_KERNEL when it is set to none of its choices."""
+    choice = os.environ.get("SPARSEBERT_ATTENTION_KERNEL", "default") or "default"
+    if choice not in ATTENTION_KERNEL_CHOICES:
+        raise ValueError(f"SPARSEBERT_ATTENTION_KERNEL={choice!r}: expected one of "
+                         f"{', '.join(ATTENTION_KERNEL_CHOICES)} (or unset)")
 
 
 def arch_list_has_sm90a(arch_list: str | None) -> bool:

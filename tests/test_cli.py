@@ -252,6 +252,64 @@ def test_a_bad_switch_is_refused_before_anything_is_written(switch, tiny, tmp_pa
     assert "Traceback" not in err and not out.exists()
 
 
+# A process that blocks sparsebert._C, then runs the command as its console script does
+# (argv[0] is the script's path): the extension cannot load.
+_COMMAND_WITHOUT_EXTENSION = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "sparsebert._C":
+            raise ImportError("blocked for the test")
+sys.meta_path.insert(0, Block())
+sys.argv = ["/usr/local/bin/sparsebert", *sys.argv[1:]]
+from sparsebert.cli import main
+sys.exit(main())
+"""
+
+
+def _command(args: list[str], env: dict[str, str], block_extension: bool = False):
+    """The command in a fresh process (the package imported by it, as a user's shell does):
+    `python -m sparsebert ...`, or the console script's way with the extension blocked."""
+    launch = (["-c", _COMMAND_WITHOUT_EXTENSION] if block_extension else ["-m", "sparsebert"])
+    return subprocess.run([sys.executable, *launch, *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **env})
+
+
+@pytest.mark.parametrize(("switch", "value", "expected"), [
+    ("SPARSEBERT_ATTENTION_KERNEL", "bogus", "expected one of default, mma, wgmma, wmma, simt (or unset)"),
+    ("SPARSEBERT_REQUIRE_EXT", "maybe", "expected 1/true/yes/on or 0/false/no/off"),
+])
+def test_a_switch_read_while_the_package_imports_is_refused_as_the_command_refuses(
+        switch, value, expected):
+    """The package reads these two while it is imported, before the command's own checks run:
+    still one error line and status 2 (it was a traceback and status 1); importing the package
+    from Python still raises."""
+    for block in (False, True):
+        result = _command(["info"], {switch: value}, block_extension=block)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr == f"sparsebert: error: {switch}={value!r}: {expected}\n"
+    library = subprocess.run([sys.executable, "-c", "import sparsebert"], capture_output=True,
+                             text=True, timeout=120, env={**os.environ, switch: value})
+    assert library.returncode == 1 and f"ValueError: {switch}={value!r}" in library.stderr
+
+
+def test_the_command_without_its_extension_warns_or_fails_in_one_line():
+    """No extension: one `sparsebert: warning:` line, then the references run; with
+    SPARSEBERT_REQUIRE_EXT on, one error line and status 2 (a traceback with --debug)."""
+    result = _command(["info"], {"SPARSEBERT_REQUIRE_EXT": "0"}, block_extension=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("sparsebert: warning: sparsebert native kernels unavailable")
+    assert result.stderr.count("\n") == 1 and "none (reference)" in result.stdout
+    result = _command(["info"], {"SPARSEBERT_REQUIRE_EXT": "1"}, block_extension=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("sparsebert: error: sparsebert._C failed to load and "
+                                    "SPARSEBERT_REQUIRE_EXT=1: blocked for the test")
+    assert result.stderr.count("\n") == 1
+    result = _command(["--debug", "info"], {"SPARSEBERT_REQUIRE_EXT": "1"},
+                      block_extension=True)
+    assert result.returncode == 2 and "Traceback" in result.stderr
+
+
 def test_every_switch_read_is_checked_up_front():
     """Each env_switch(...) in the package names a variable of switches.SWITCHES (the list the
     command line checks first)."""
