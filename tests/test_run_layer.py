@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -266,6 +267,28 @@ def test_checkpoints_fall_back_and_refuse_unsafe_files(setup, tmp_path):
     torch.save({"step": 1, "model": {}, "evil": shutil.rmtree}, unsafe / CHECKPOINT_NAME)
     with pytest.raises(SparsebertError, match="refused"):
         load_checkpoint(unsafe)
+
+
+def test_a_checkpoint_with_damaged_bytes_falls_back_to_the_previous(setup, tmp_path, capsys):
+    """Bytes flipped inside checkpoint.pt's weights (a bad sector, a copy gone wrong) keep the
+    file's length and layout, so torch.load reads it without complaint: the records' CRC-32
+    tells, and the previous checkpoint is resumed (it was the damaged weights, silently)."""
+    run = tmp_path / "c"
+    finetune(_config(setup, checkpoint_every=1, stop_after_steps=3), run, progress=False)
+    path = run / CHECKPOINT_NAME
+    with zipfile.ZipFile(path) as archive:  # the largest record: a weight tensor's bytes
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = (int.from_bytes(data[record.header_offset + at:][:2], "little")
+                                 for at in (26, 28))  # from the record's local header
+    start = record.header_offset + 30 + name_length + extra_length
+    data[start:start + 64] = bytes(byte ^ 0xFF for byte in data[start:start + 64])
+    path.write_bytes(bytes(data))
+    state = load_checkpoint(run)
+    assert state["step"] == 2 and state["path"].endswith(PREVIOUS_NAME)
+    err = capsys.readouterr().err
+    assert f"checkpoint.pt: truncated or damaged (its record {record.filename!r} fails its " \
+           f"CRC-32 check); resuming from the previous checkpoint" in err
 
 
 def test_a_fallback_keeps_the_good_previous_checkpoint_through_the_next_save(setup, tmp_path,
@@ -694,6 +717,36 @@ def test_evaluate_names_a_config_json_that_is_no_runs(setup, tmp_path, change, s
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(RunDirError, match=rf"{out / 'config.json'}: {re.escape(said)}"):
         evaluate(out)
+
+
+@pytest.mark.parametrize(("record", "what"), [("data.json", "the GLUE data"),
+                                              ("model.json", "the model files")])
+def test_a_damaged_identity_record_is_refused_not_rewritten(setup, tmp_path, record, what):
+    """A damaged data.json / model.json (a write cut off) was rewritten from the files in use,
+    so a resume on changed data went on silently: it is named, and the run waits for it to be
+    restored (or deleted, which records the files in use again); nothing else is touched.
+    evaluate, which writes nothing, warns that it cannot check the dev data and goes on."""
+    run = tmp_path / "run"
+    finetune(_config(setup, stop_after_steps=3), run, progress=False)
+    path = run / record
+    good = path.read_text()
+    path.write_text(good[: len(good) // 2])
+    with pytest.raises(RunDirError, match=rf"{record}: damaged \(not valid JSON.*\); restore it, "
+                                          rf"or delete it to go on with {what} now in use"):
+        finetune(_config(setup), run, progress=False)
+    assert path.read_text() == good[: len(good) // 2] and load_checkpoint(run)["step"] == 3
+    path.write_text('{"task": "SST-2"}')
+    with pytest.raises(RunDirError, match=rf'{record}: damaged \(expected a JSON object with a '
+                                          rf'"files" object\)'):
+        finetune(_config(setup), run, progress=False)
+    path.unlink()
+    resumed = finetune(_config(setup), run, progress=False)
+    assert resumed.metrics == finetune(_config(setup), tmp_path / "ref", progress=False).metrics
+    assert json.loads(path.read_text()) == json.loads(good)
+    if record == "data.json":
+        path.write_text("{")
+        with pytest.warns(UserWarning, match=r"data.json: damaged .*cannot be checked"):
+            assert evaluate(run)["metrics"] == resumed.metrics
 
 
 def test_evaluate_on_other_dev_data_warns(setup, tmp_path):

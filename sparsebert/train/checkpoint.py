@@ -77,9 +77,14 @@ def _first_line(error: BaseException) -> str:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    """torch.load(weights_only=True); CheckpointError for anything unreadable or unsafe."""
+    """torch.load(weights_only=True); CheckpointError for anything unreadable or unsafe,
+    damaged bytes included (torch.load does not check the CRC-32 that torch.save writes for each
+    record of its zip archive: zipfile does, at the cost of one more read of the file)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # the first record whose bytes fail its CRC-32, or None
+        state = (None if damaged is not None
+                 else torch.load(path, map_location="cpu", weights_only=True))
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{path}: refused: it holds objects other than tensors and plain values "
@@ -88,6 +93,9 @@ def _read(path: Path) -> dict[str, Any]:
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
         raise CheckpointError(f"{path}: truncated or damaged "
                               f"({_first_line(error)[:80]})") from None
+    if damaged is not None:
+        raise CheckpointError(f"{path}: truncated or damaged (its record {damaged!r} fails its "
+                              f"CRC-32 check)")
     if not isinstance(state, dict) or "step" not in state or "model" not in state:
         raise CheckpointError(f"{path}: not a sparsebert training checkpoint (no step/model)")
     return state

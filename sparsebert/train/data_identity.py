@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 from pathlib import Path
 
-from sparsebert.atomic import atomic_write_json
+from sparsebert.atomic import atomic_write_json, read_json
 from sparsebert.errors import RunDirError
 from sparsebert.glue.loading import find_split_file, resolve_glue_dir
 from sparsebert.glue.tasks import GlueTask, SplitNotFoundError
@@ -63,14 +62,19 @@ def _describe(source: str, glue_dir: str | os.PathLike | None) -> str:
             else f"the GLUE folder {resolve_glue_dir(glue_dir)}")
 
 
-def read_record(path: Path) -> dict | None:
-    """A data.json / model.json record with its "files" dict; None when there is none or it
-    is damaged (it is then rewritten from what is in use)."""
-    try:
-        saved = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+def read_record(path: Path, what: str) -> dict | None:
+    """A data.json / model.json record with its "files" dict; None when there is none (a new
+    directory, or one from before these records). A damaged record raises RunDirError naming it:
+    rewriting it from `what` is in use now would accept exactly the change it guards against."""
+    if not path.is_file():
         return None
-    return saved if isinstance(saved, dict) and isinstance(saved.get("files"), dict) else None
+    fix = (f"restore it, or delete it to go on with {what} now in use (they are then recorded "
+           f"again)")
+    saved = read_json(path, fix)
+    if not isinstance(saved, dict) or not isinstance(saved.get("files"), dict):
+        raise RunDirError(f"{path}: damaged (expected a JSON object with a \"files\" object); "
+                          f"{fix}")
+    return saved
 
 
 def check_data(out_dir: Path, task: GlueTask, glue_dir: str | os.PathLike | None) -> None:
@@ -79,7 +83,7 @@ def check_data(out_dir: Path, task: GlueTask, glue_dir: str | os.PathLike | None
     files = data_fingerprint(task, glue_dir)
     source = "glue_dir" if files else "hub"  # hub data: nothing local to fingerprint
     path = out_dir / DATA_FILE
-    saved = read_record(path)
+    saved = read_record(path, "the GLUE data")
     if saved is not None:
         theirs = saved["files"]
         their_source = saved.get("source", "glue_dir" if theirs else "hub")

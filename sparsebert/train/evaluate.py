@@ -145,7 +145,12 @@ def _warn_if_other_dev_data(run_dir: Path, task, glue_dir: str | None) -> None:
     (its data.json): the metrics then describe other data."""
     from sparsebert.train.data_identity import DATA_FILE, file_sha256, read_record  # noqa: PLC0415
 
-    saved = read_record(run_dir / DATA_FILE)
+    try:
+        saved = read_record(run_dir / DATA_FILE, "the GLUE data")
+    except RunDirError as error:  # evaluating writes nothing: say what cannot be checked
+        warnings.warn(f"{error}. The dev data scored now cannot be checked against those the run "
+                      f"was scored on", stacklevel=3)
+        return
     if saved is None or not saved["files"]:
         return
     changed = []

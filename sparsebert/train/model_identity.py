@@ -46,7 +46,7 @@ def check_model(out_dir: Path, model: str | os.PathLike | None) -> None:
     files = model_fingerprint(model)
     source = "local" if files else "hub"
     path = out_dir / MODEL_FILE
-    saved = read_record(path)
+    saved = read_record(path, "the model files")
     if saved is not None:
         theirs = saved["files"]
         if saved.get("source") == source == "local":
