@@ -142,8 +142,10 @@ def read_tsv(path: str | os.PathLike, task: str | GlueTask, split: str = "train"
                 skipped.append(number)
                 continue
             hint = " (a tab inside a field?)" if len(row) > len(header) else ""
-            raise GlueError(f"{path}:{number}: row has {len(row)} fields, the header has "
-                            f"{len(header)} ({header}){hint}")
+            expected = (f"the header has {len(header)}" if has_header else
+                        f"{task.name} files have no header and {len(header)} columns")
+            raise GlueError(f"{path}:{number}: row has {len(row)} fields, {expected} "
+                            f"({header}){hint}")
         for column, i in zip(texts, index[:-1]):
             column.append(row[i])
         labels.append(_parse_label(task, row[index[-1]], f"{path}:{number}"))
