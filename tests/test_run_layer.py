@@ -746,7 +746,7 @@ def test_a_damaged_identity_record_is_refused_not_rewritten(setup, tmp_path, rec
     if record == "data.json":
         path.write_text("{")
         with pytest.warns(UserWarning, match=r"data.json: damaged .*cannot be checked"):
-            assert evaluate(run)["metrics"] == resumed.metrics
+            assert evaluate(run, glue_dir=str(setup[1]))["metrics"] == resumed.metrics
 
 
 def test_evaluate_on_other_dev_data_warns(setup, tmp_path):
