@@ -583,3 +583,31 @@ def test_report_metric_and_majority_baseline_by_hand():
     out = majority_baseline(get_task("MRPC"), np.array([1, 1, 1, 0]), Dev())
     assert out["acc"] == 3 / 5  # always 1: 3 of 5 right
     assert out["f1"] == 2 * 3 / (2 * 3 + 2)  # TP 3, FP 2, FN 0
+
+
+def test_a_weight_mask_file_with_damaged_bytes_is_refused(tmp_path):
+    """safetensors has no checksum: a byte flipped in a bool mask's data read as True (a kept
+    weight the search never chose). Every byte must be 0 or 1, and the dtype bool."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    from sparsebert.pruning.weight_masks import (  # noqa: PLC0415
+        WeightMaskError,
+        load_weight_masks,
+        save_weight_masks,
+    )
+
+    masks = {"a.weight": torch.rand(6, 5) > 0.5, "b.weight": torch.zeros(7, dtype=torch.bool)}
+    path = tmp_path / "good.safetensors"
+    save_weight_masks(path, masks)
+    loaded = load_weight_masks(path)
+    assert loaded.keys() == masks.keys()
+    assert all(torch.equal(loaded[name], masks[name]) for name in masks)
+    data = bytearray(path.read_bytes())
+    data[-1] = 0xFF  # the last byte of the last tensor's data
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightMaskError, match=r"good.safetensors: damaged \('.*' holds bytes "
+                                              r"other than 0 and 1\)"):
+        load_weight_masks(path)
+    save_file({"a.weight": torch.ones(3)}, str(path))
+    with pytest.raises(WeightMaskError, match=r"'a.weight' holds torch.float32"):
+        load_weight_masks(path)

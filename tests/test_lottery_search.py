@@ -15,7 +15,7 @@ import torch
 
 from sparsebert.atomic import run_lock
 from sparsebert.cli import main
-from sparsebert.errors import SparsebertError
+from sparsebert.errors import RunDirError, SparsebertError
 from sparsebert.lottery import search
 from sparsebert.lottery.config import SearchConfig
 from sparsebert.lottery.search import Search
@@ -738,3 +738,26 @@ def test_the_search_scores_in_its_full_models_precision(tiny_setup, tmp_path, mo
     assert asked and set(asked) == {"bf16"}
     found = json.loads((out / "structured" / "search.json").read_text())
     assert found["precision"] == "bf16"
+
+
+def test_a_magnitude_mask_that_disagrees_with_its_record_is_refused(reference, tiny_setup,
+                                                                   tmp_path):
+    """A kept weight's byte turned 0 (valid as a mask, so the file reads fine) gave a smaller
+    mask than the search chose, retrained silently: the file's kept count must be the one its
+    .json records, and the error says how to rebuild both."""
+    out = tmp_path / "search"
+    shutil.copytree(reference[0], out)
+    mask_file = out / "magnitude" / "masks" / "random.safetensors"
+    data = bytearray(mask_file.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")  # after safetensors' header
+    data[data.index(1, start)] = 0
+    mask_file.write_bytes(bytes(data))
+    (out / "magnitude" / "pruned" / "random.json").unlink()
+    with pytest.raises(RunDirError, match=r"random.safetensors: damaged \(it keeps (\d+) of (\d+) "
+                                          r"weights, random.json records (?!\1 )\d+ of \2\); "
+                                          r"delete both to rebuild them"):
+        search("SST-2", out, progress=False, **_options(tiny_setup))
+    mask_file.unlink()
+    mask_file.with_suffix(".json").unlink()
+    assert _strip(search("SST-2", out, progress=False, **_options(tiny_setup))) == \
+        _strip(reference[1])

@@ -83,9 +83,17 @@ class MagnitudeStages:
     def magnitude_masks(self, name: str) -> dict[str, torch.Tensor]:
         """Subnetwork `name`'s weight masks by parameter name, from its mask file."""
         path = self.out / "magnitude" / "masks" / f"{name}.safetensors"
-        if not path.is_file() or self.read_stage(path.with_suffix(".json")) is None:
+        record = self.read_stage(path.with_suffix(".json"))
+        if not path.is_file() or record is None:
             raise RunDirError(f"{path}: missing; run the magnitude search stage first")
-        return load_weight_masks(path)
+        masks = load_weight_masks(path)
+        counts = mask_counts(masks)
+        if isinstance(record, dict) and [record.get("kept"), record.get("total")] != [*counts]:
+            raise RunDirError(
+                f"{path}: damaged (it keeps {counts[0]} of {counts[1]} weights, "
+                f"{path.with_suffix('.json').name} records {record.get('kept')} of "
+                f"{record.get('total')}); delete both to rebuild them from the search")
+        return masks
 
     def magnitude_pruned_stage(self, name: str) -> None:
         """pruned/<name>.json: the mask on the fine-tuned weights (restored afterwards)."""

@@ -152,7 +152,9 @@ def save_weight_masks(path: str | os.PathLike, named: Mapping[str, torch.Tensor]
 
 
 def load_weight_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """{name: bool mask} from save_weight_masks' file; a clear error if it is unreadable."""
+    """{name: bool mask} from save_weight_masks' file; a clear error if it is unreadable or its
+    entries are not the bool 0/1 bytes it was written with (safetensors has no checksum: a
+    damaged byte in the data would otherwise read as a kept entry)."""
     from safetensors.torch import load_file  # noqa: PLC0415
 
     path = Path(path)
@@ -161,4 +163,12 @@ def load_weight_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as error:  # safetensors raises several types for a damaged file
         raise WeightMaskError(f"{path}: not a readable weight-mask file ({error}); "
                               f"restore it or delete the run directory") from None
-    return {name: t.bool() for name, t in loaded.items()}
+    for name, mask in loaded.items():
+        if mask.dtype != torch.bool:
+            raise WeightMaskError(f"{path}: damaged ({name!r} holds {mask.dtype}, a weight-mask "
+                                  f"file holds bool masks); restore it or delete the run "
+                                  f"directory")
+        if mask.numel() and int(mask.view(torch.uint8).max()) > 1:
+            raise WeightMaskError(f"{path}: damaged ({name!r} holds bytes other than 0 and 1); "
+                                  f"restore it or delete the run directory")
+    return dict(loaded)
