@@ -222,14 +222,17 @@ def test_a_finished_run_drops_checkpoints_left_by_a_kill(setup, tmp_path):
     assert not any(path.exists() for path in leftovers)
 
 
-def test_a_damaged_metrics_line_is_dropped_with_a_warning(setup, tmp_path):
-    """A metrics.jsonl line cut off by a power loss does not stop the resume: it is dropped
-    with a warning that names the file, and the run ends as an uninterrupted one."""
+@pytest.mark.parametrize("damage", [b'{"step": 3, "loss": 0.6',  # a write cut off mid-line
+                                    b'{"step": 3, "lo\xddss": 0.6}\n'])  # a byte gone bad
+def test_a_damaged_metrics_line_is_dropped_with_a_warning(setup, tmp_path, damage):
+    """A metrics.jsonl line cut off by a power loss, or not UTF-8 (a damaged byte: that was a
+    UnicodeDecodeError traceback), does not stop the resume: it is dropped with a warning that
+    names the file, and the run ends as an uninterrupted one."""
     finetune(_config(setup), tmp_path / "ref", progress=False)
     run = tmp_path / "run"
     finetune(_config(setup, stop_after_steps=4), run, progress=False)
     log = run / "metrics.jsonl"
-    log.write_text(log.read_text() + '{"step": 3, "loss": 0.6')  # a write cut off mid-line
+    log.write_bytes(log.read_bytes() + damage)
     with pytest.warns(UserWarning, match=r"metrics.jsonl: dropped 1 damaged line"):
         finetune(_config(setup), run, progress=False)
     assert _records(log) == _records(tmp_path / "ref" / "metrics.jsonl")

@@ -12,17 +12,17 @@ from typing import Any
 from sparsebert.atomic import atomic_write_text, write_errors_named
 
 
-def parse_records(path: Path, lines: list[str]) -> list[dict[str, Any]]:
-    """The records in the lines of metrics.jsonl `path`. A line that is not a JSON object (a
-    write cut off by a power loss or a full disk) is dropped with a warning naming the file and
-    line."""
+def parse_records(path: Path, lines: list[bytes]) -> list[dict[str, Any]]:
+    """The records in the lines of metrics.jsonl `path`. A line that is not UTF-8 text holding
+    a JSON object (a write cut off by a power loss or a full disk, bytes damaged on the disk) is
+    dropped with a warning naming the file and line."""
     records, damaged = [], []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             record = None
         if isinstance(record, dict):
             records.append(record)
@@ -43,7 +43,7 @@ class MetricsLog:
         self.path = path
         self.records: list[dict[str, Any]] = []
         if path.exists():
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_bytes().splitlines()  # (each line decoded on its own)
             self.records = [r for r in parse_records(path, lines)
                             if r.get("step", 0) <= keep_until_step]
             if len(self.records) != len(lines):  # rewritten only when something was dropped
