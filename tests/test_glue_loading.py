@@ -329,3 +329,18 @@ def test_optional_dev_split_missing_is_skipped_broken_is_an_error(tmp_path, tiny
     _write(tmp_path / "MNLI" / "dev_mismatched.jsonl", json.dumps({"premise": "p"}) + "\n")
     with pytest.raises(GlueError, match="wrong columns"):
         load_dev_splits(config, tokenizer)
+
+
+def test_a_field_over_the_csv_size_limit_is_named(tmp_path):
+    """csv refuses a field longer than its limit (128 KiB here, 16 MiB by default: a file
+    exported wrong, without tabs or line ends) with a bare csv.Error: the file and line are
+    named as for every other malformed row."""
+    import csv  # noqa: PLC0415
+
+    limit = csv.field_size_limit(1 << 17)
+    try:
+        path = _write(tmp_path / "x.tsv", "sentence\tlabel\nok\t1\n" + "a " * (1 << 17) + "\t1\n")
+        with pytest.raises(GlueError, match=r"x.tsv:3: field larger than field limit"):
+            read_tsv(path, "SST-2")
+    finally:
+        csv.field_size_limit(limit)

@@ -109,10 +109,13 @@ def read_tsv(path: str | os.PathLike, task: str | GlueTask, split: str = "train"
     layout = task.tsv
     wanted = (*layout.text_columns, layout.label_column)
     with open(path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         try:
-            rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+            rows = list(reader)
         except UnicodeDecodeError as error:
             raise GlueError(f"{path}: not valid UTF-8 ({error})") from None
+        except csv.Error as error:  # a field over csv's size limit (a file that is not a TSV)
+            raise GlueError(f"{path}:{reader.line_num}: {error}") from None
     rows_with_numbers = [(number, row) for number, row in enumerate(rows, start=1)
                          if any(field.strip() for field in row)]  # blank lines: none
     # Step 1: column names, from the header or the task's fixed layout (CoLA).
