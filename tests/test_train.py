@@ -637,3 +637,38 @@ def test_a_callers_autocast_region_does_not_change_the_run(tiny_model_dir, synth
         assert torch.is_autocast_enabled("cpu")  # the caller's region is back after the run
     assert _same_weights(_weights(tmp_path / "plain"), _weights(tmp_path / "inside"))
     assert inside.metrics == plain.metrics
+
+
+@pytest.mark.parametrize("model_type", ["roberta-prelayernorm", "data2vec-text", "mpnet"])
+def test_max_length_of_a_roberta_style_type_is_checked_before_training(model_type, tmp_path,
+                                                                        tiny_model_dir,
+                                                                        synthetic_glue,
+                                                                        monkeypatch):
+    """Types whose position ids start after the padding index hold pad_token_id + 1 fewer
+    tokens than max_position_embeddings: a longer --max-length crashed mid-training (index
+    out of range) on the first long batch. The limit is read from the config's type, and from
+    the loaded model's position table for any type (here with the type list emptied)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification  # noqa: PLC0415
+
+    from sparsebert.hf import loading  # noqa: PLC0415
+    from sparsebert.hf.loading import check_max_length, load_tokenizer, position_limit  # noqa: PLC0415,E501
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=16,
+                                  num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=8, max_position_embeddings=40,
+                                  pad_token_id=1)
+    model = AutoModelForSequenceClassification.from_config(config)
+    assert position_limit(config) == position_limit(config, model) == 38
+    with pytest.raises(ModelLoadError, match=r"--max-length 39: longer than the model's "
+                                             r"position limit \(38 tokens\)"):
+        check_max_length(config, 39)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    monkeypatch.setattr(loading, "PADDING_OFFSET_TYPES", ())  # a type not in the list
+    assert position_limit(config) == 40
+    with pytest.raises(ModelLoadError, match=r"--max-length 39: .*\(38 tokens\)"):
+        finetune(_config(str(folder), synthetic_glue, max_length=39), tmp_path / "run",
+                 progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained

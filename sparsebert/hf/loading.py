@@ -437,20 +437,42 @@ def _reorder_classifier(model: torch.nn.Module, saved: list[str], labels: tuple[
             head.bias.copy_(head.bias.index_select(0, index))
 
 
-def position_limit(config) -> int | None:
+# Model types whose position ids start after the padding index (transformers'
+# create_position_ids_from_input_ids): pad_token_id + 1 of their position embeddings hold no
+# token's position. Read from the model itself where it is loaded (position_limit(model=...)).
+PADDING_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert", "roberta-prelayernorm",
+                        "data2vec-text", "xmod", "xlm-roberta-xl", "mpnet", "longformer", "luke",
+                        "ibert", "markuplm", "lilt")
+
+
+def _position_embeddings(model) -> torch.nn.Embedding | None:
+    """The encoder's position embedding table (`<base model>.embeddings.position_embeddings`),
+    or None when the model has none by that name."""
+    base = getattr(model, "base_model", model)
+    table = getattr(getattr(base, "embeddings", None), "position_embeddings", None)
+    return table if isinstance(table, torch.nn.Embedding) else None
+
+
+def position_limit(config, model=None) -> int | None:
     """The most tokens a sequence of this HF config's model can hold (its position embeddings;
-    RoBERTa-style models start positions after the padding index), or None when unknown."""
+    RoBERTa-style models start positions after the padding index), or None when unknown. With
+    the loaded `model`, an embedding table with a padding index says so for any model type;
+    from the config alone, PADDING_OFFSET_TYPES do."""
     positions = getattr(config, "max_position_embeddings", None)
     if not isinstance(positions, int):
         return None
-    if getattr(config, "model_type", None) in ("roberta", "xlm-roberta", "camembert"):
+    table = _position_embeddings(model) if model is not None else None
+    if table is not None and table.padding_idx is not None:
+        return min(positions, table.num_embeddings - table.padding_idx - 1)
+    if getattr(config, "model_type", None) in PADDING_OFFSET_TYPES:
         positions -= int(getattr(config, "pad_token_id", 1) or 0) + 1
     return positions
 
 
-def check_max_length(config, max_length: int) -> None:
-    """ModelLoadError naming --max-length when it exceeds the model's position limit."""
-    limit = position_limit(config)
+def check_max_length(config, max_length: int, model=None) -> None:
+    """ModelLoadError naming --max-length when it exceeds the model's position limit
+    (position_limit: pass the loaded `model` where there is one)."""
+    limit = position_limit(config, model)
     if limit is not None and max_length > limit:
         raise ModelLoadError(f"--max-length {max_length}: longer than the model's position "
                              f"limit ({limit} tokens)")

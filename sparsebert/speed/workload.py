@@ -109,7 +109,7 @@ def model_shape(model: nn.Module) -> dict[str, int]:
     config = model.config
     return {"layers": config.num_hidden_layers, "heads": config.num_attention_heads,
             "hidden": config.hidden_size, "intermediate": config.intermediate_size,
-            "max_length": position_limit(config)}
+            "max_length": position_limit(config, model)}
 
 
 # --- masks ----------------------------------------------------------------------------------

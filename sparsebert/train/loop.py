@@ -238,7 +238,7 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
     if model is None:
         preflight_model(config.model, max_length=config.max_length)
     else:
-        check_max_length(model.config, config.max_length)
+        check_max_length(model.config, config.max_length, model)
     state = (load_checkpoint(out_dir, _foreign_checkpoint(config)) if out_dir.is_dir()
              else None)  # a bad one fails here
 
@@ -252,6 +252,8 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
     if model is None:
         model, tokenizer = load_model(config.model, task.num_labels, labels=task.labels,
                                       seed=config.seed)
+        check_max_length(model.config, config.max_length, model)  # (a type the config alone
+        # does not tell starts positions after its padding index: before the first batch)
     # Tokenized once per process when data_cache is enabled (a sweep's workers), else now.
     subset = None if config.max_train_examples is None else (config.seed,
                                                               config.max_train_examples)
