@@ -1128,6 +1128,36 @@ def test_a_sweep_json_missing_its_parts_is_damaged(saved, tiny_model_dir, synthe
         SweepDir(tmp_path).open(ident)
 
 
+def test_a_sweep_folder_without_its_record_says_so(tiny_model_dir, synthetic_glue, tmp_path):
+    """sweep.json deleted, replaced or cut off in a folder whose .sweep/ holds the sweep's
+    records: the error names sweep.json and says to restore it (it said "not a sweep
+    directory" or "holds something other than a sweep", and that the work was to be left)."""
+    from sparsebert.sweep.state import SweepDir, identity  # noqa: PLC0415
+
+    _, search, train = _configs(tiny_model_dir, synthetic_glue)
+    ident = identity(Grid(("SST-2",), (3,), ("structured",), ("good",), True, True),
+                     search, train.resolved())
+    out = tmp_path / "sweep"
+    state = SweepDir(out)
+    assert state.open(ident) == []
+    state.write_status({"running": {}})  # (what a sweep that ran leaves in .sweep/)
+    state.close("finished")
+    record = out / "sweep.json"
+    good = record.read_text()
+    record.unlink()
+    with pytest.raises(SweepError, match=rf"--out {out}: a sweep's folder \(.sweep/ is there\) "
+                                         r"without its sweep.json, .*restore it"):
+        SweepDir(out).open(ident)
+    record.write_text('{"name": "something else"}')
+    with pytest.raises(SweepError, match=r"sweep.json: damaged \(not a sweep's record, though "
+                                         r".sweep/ is there\); restore it"):
+        SweepDir(out).open(ident)
+    record.write_text(good[:20])
+    with pytest.raises(SweepError, match=r"sweep.json: damaged \(.*\); restore it, or use "
+                                         r"another --out"):
+        SweepDir(out).open(ident)
+
+
 def test_an_empty_out_is_refused(tmp_path, capsys, monkeypatch):
     """An empty --out (an unset shell variable) or `out = ""` in --config would name the
     working directory: refused, nothing written there."""

@@ -202,8 +202,13 @@ class SweepDir:
             try:
                 saved = json.loads(self.path.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise SweepError(f"{self.path}: damaged ({error})") from None
+                raise SweepError(f"{self.path}: damaged ({error}); restore it, or use another "
+                                 f"--out") from None
             if not isinstance(saved, dict) or saved.get("kind") != KIND:
+                if self._meta_holds_records():  # the sweep's own folder: its record replaced
+                    raise SweepError(f"{self.path}: damaged (not a sweep's record, though "
+                                     f"{self.meta.name}/ is there); restore it, or use another "
+                                     f"--out")
                 raise SweepError(f"{self.out} holds something other than a sweep; use another "
                                  f"--out")
             missing = _missing_parts(saved)
@@ -212,9 +217,17 @@ class SweepDir:
                                  f"another --out")
             return saved
         if self.out.is_dir() and not self._first_write_cut() and any(self.out.iterdir()):
+            if self._meta_holds_records():  # a sweep's folder whose sweep.json is gone
+                raise SweepError(f"--out {self.out}: a sweep's folder ({self.meta.name}/ is "
+                                 f"there) without its {self.path.name}, which records the "
+                                 f"grid and settings; restore it, or use another --out")
             raise SweepError(f"--out {self.out}: not empty and not a sweep directory; use "
                              f"another --out")
         return None
+
+    def _meta_holds_records(self) -> bool:
+        """Whether .sweep/ holds more than a lock file: what only a sweep that ran writes."""
+        return self.meta.is_dir() and any(p.name != "lock" for p in self.meta.iterdir())
 
     def _first_write_cut(self) -> bool:
         """True when `out` holds only what a sweep killed before its first sweep.json leaves
