@@ -74,14 +74,16 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 def _finished_step(out: Path) -> int | None:
     """The step of the finished run in `out`, if one is there (a damaged results.json is
-    finetune's to report)."""
-    from sparsebert.train.rundir import RunResult  # noqa: PLC0415
+    finetune's to report; one whose model/ is gone is fine-tuned again)."""
+    from sparsebert.train.rundir import RunResult, model_missing  # noqa: PLC0415
 
     try:
         done = RunResult.load(out)
     except SparsebertError:
         return None
-    return done.step if done is not None and done.finished else None
+    if done is None or not done.finished or model_missing(out) is not None:
+        return None
+    return done.step
 
 
 # --- evaluate ------------------------------------------------------------------------------

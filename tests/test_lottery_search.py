@@ -244,6 +244,33 @@ def test_a_redo_of_both_methods_keeps_the_whole_curve_file_aside(tmp_path):
             (tmp_path / "metrics.jsonl").read_text().splitlines()] == records[2:]
 
 
+def test_a_run_whose_model_is_gone_is_fine_tuned_again(reference, tiny_setup, tmp_path):
+    """A finished run whose model/ was deleted (results.json still says finished) is not
+    done: a stage run alone names the full model's folder and how to redo it, and the rerun
+    fine-tunes the full model and the re-fine-tune again (the same results on the CPU)
+    rather than skipping them, or failing on a --model the user never passed."""
+    from sparsebert.errors import RunDirError  # noqa: PLC0415
+    from sparsebert.train import TrainConfig  # noqa: PLC0415
+
+    ref_out, expected = reference
+    out = tmp_path / "search"
+    shutil.copytree(ref_out, out)
+    gone = [out / "full" / "model", out / "structured" / "retrained" / "good" / "model"]
+    for folder in gone:
+        shutil.rmtree(folder)
+    options = _options(tiny_setup)
+    train = TrainConfig(task="SST-2", **{k: v for k, v in options.items()
+                                         if k in TrainConfig.__dataclass_fields__})
+    alone = Search(SearchConfig(importance_batch_size=16), train, out, progress=False)
+    with pytest.raises(RunDirError, match=r"full: the full model's folder is gone \(.*full/model "
+                                          r"is missing\).*delete the run directory"):
+        alone.load_full()
+    with pytest.warns(UserWarning, match="its model is gone"):
+        resumed = search("SST-2", out, progress=False, **options)
+    assert _strip(resumed) == _strip(expected)
+    assert all((folder / "config.json").is_file() for folder in gone)
+
+
 def test_a_rerun_says_what_it_skips_and_a_redo_of_nothing_says_so(reference, tiny_setup,
                                                                  tmp_path, capsys):
     """A finished search run again says its full model is fine-tuned already (not "fine-tuning

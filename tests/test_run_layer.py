@@ -833,3 +833,56 @@ def test_the_data_cache_tells_tokenizer_settings_apart(tiny_model_dir):
         AutoTokenizer.from_pretrained(tiny_model_dir, do_lower_case=False),
         AutoTokenizer.from_pretrained(tiny_model_dir, truncation_side="left"))]
     assert keys[0] == keys[1] and len(set(keys[1:])) == 3
+
+
+@pytest.mark.parametrize(("kind", "damage"), [
+    ("dense", "model"), ("dense", "model/config.json"), ("dense", "model/model.safetensors"),
+    ("masked", "model/sparsebert_pruned.json"),
+])
+def test_a_finished_run_whose_model_is_gone_is_fine_tuned_again(setup, tmp_path, kind, damage):
+    """results.json says finished but model/ was deleted or emptied by hand (no config.json,
+    no weight file, a patched run's save_pruned description gone): evaluate names the folder
+    and how to redo it, and finetune trains the run again (the same result on the CPU) rather
+    than returning the finished result of a model that is no longer there."""
+    out = tmp_path / "run"
+
+    def train():
+        model, tokenizer, weight_masks = _model(setup, kind)
+        return finetune(_config(setup, epochs=1), out, model=model, tokenizer=tokenizer,
+                        weight_masks=weight_masks, progress=False)
+
+    first = train()
+    records = _records(out / "metrics.jsonl")
+    path = out / damage
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    run = re.escape(str(out))
+    with pytest.raises(RunDirError, match=rf"--run {run}: the run finished but its model is "
+                                          rf"gone \({re.escape(str(out / 'model'))}.*delete "
+                                          rf"the run directory {run} to redo it"):
+        evaluate(out)
+    with pytest.warns(UserWarning, match=rf"{run}: the run finished, but its model is gone"):
+        again = train()
+    assert again.metrics == first.metrics and path.exists()
+    assert evaluate(out, glue_dir=str(setup[1]))["metrics"] == first.metrics
+    assert _records(out / "metrics.jsonl") == records  # one run's records, not two
+
+
+def test_finetune_on_a_finished_run_whose_model_is_gone_trains_it_again(setup, tmp_path, capsys):
+    """The finetune command on such a run does not say it is already finished: it fine-tunes
+    it again, and its metrics.jsonl holds one run's records, not two."""
+    from sparsebert.cli import main  # noqa: PLC0415
+
+    model, glue = setup
+    out = tmp_path / "run"
+    args = ["finetune", "--task", "SST-2", "--out", str(out), "--model", model, "--glue-dir",
+            glue, "--epochs", "1", "--batch-size", "16", "--threads", "1", "--quiet"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    records = _records(out / "metrics.jsonl")
+    shutil.rmtree(out / "model")
+    with pytest.warns(UserWarning, match="its model is gone"):
+        assert main(args) == 0
+    again = capsys.readouterr().out
+    assert "already finished" not in again and again == first
+    assert (out / "model" / "config.json").is_file()
+    assert _records(out / "metrics.jsonl") == records

@@ -240,6 +240,30 @@ def test_outputs_deleted_or_damaged_by_hand_are_made_again(reference, tiny_model
     assert not sweep(out, *_configs(tiny_model_dir, synthetic_glue), progress=False).done
 
 
+def test_a_run_whose_model_is_gone_is_fine_tuned_again(reference, tiny_model_dir,
+                                                       synthetic_glue, tmp_path):
+    """A finished run whose model/ folder was deleted or emptied (results.json still says
+    finished) is not done: a full model's folder deleted (with a stage file built on it) is
+    fine-tuned again with everything built on it, a re-fine-tune without its weight file is
+    fine-tuned again, and the sweep ends as the uninterrupted one (fp32 on the CPU)."""
+    out = tmp_path / "model-gone"
+    shutil.copytree(reference[0], out)
+    shutil.rmtree(out / "SST-2" / "seed_3" / "full" / "model")
+    (out / "SST-2" / "seed_3" / "structured" / "pruned" / "good.json").unlink()
+    retrained = out / "SST-2" / "seed_4" / "structured" / "retrained" / "good"
+    (retrained / "model" / "model.safetensors").unlink()
+    outcome = sweep(out, *_configs(tiny_model_dir, synthetic_glue), progress=False)
+    assert not outcome.failed
+    assert {"full/SST-2/3", "search/SST-2/3/structured", "pruned/SST-2/3/structured/good",
+            "retrained/SST-2/4/structured/good", "summary/SST-2/3",
+            "summary/SST-2/4"} <= set(outcome.done)
+    assert "full/SST-2/4" not in outcome.done
+    assert (out / "SST-2" / "seed_3" / "full" / "model" / "config.json").is_file()
+    assert (retrained / "model" / "model.safetensors").is_file()
+    assert _results(out) == _results(reference[0])
+    assert not sweep(out, *_configs(tiny_model_dir, synthetic_glue), progress=False).done
+
+
 def test_seeds_listed_in_another_order_draw_as_the_first_run(reference, tiny_model_dir,
                                                               synthetic_glue, tmp_path):
     """The same seeds in another order are the same sweep, and its super-survivors (whose draw

@@ -65,6 +65,7 @@ from sparsebert.train.rundir import (
     listed,
     load_run_model,
     make_out_dir,
+    model_missing,
 )
 
 SUMMARY_VERSION = 1
@@ -305,6 +306,11 @@ class Search(StructuredStages, MagnitudeStages):
         if self.full is None or not self.full.finished:
             raise RunDirError(f"{self.out / 'full'}: the full model is not fine-tuned yet; "
                               f"run the full stage first")
+        gone = model_missing(self.out / "full")
+        if gone is not None:
+            raise RunDirError(f"{self.out / 'full'}: the full model's folder is gone ({gone}); "
+                              f"rerun the search (or sweep) command to fine-tune it again, or "
+                              f"delete the run directory {self.out / 'full'} to redo it")
         self.prepare()
 
     def summary_stage(self, report: bool = True) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from sparsebert.lottery.search import Search, write_report
 from sparsebert.lottery.super_survivors import SuperStage
 from sparsebert.train import data_cache
 from sparsebert.train.config import TrainConfig
-from sparsebert.train.rundir import RESULTS_NAME
+from sparsebert.train.rundir import RESULTS_NAME, model_missing
 
 FAIL_ENV = "SPARSEBERT_SWEEP_FAIL"
 WARM_SEARCHES = 3  # prepared searches kept per worker (model copies + tokenized dev sets)
@@ -200,9 +200,10 @@ def output_present(out: Path, unit, marker: dict[str, Any]) -> bool:
     reports = {"summary": seed, "task-report": out / str(unit.task), "report": out}
     if unit.kind in files:
         return files[unit.kind].is_file()
-    if unit.kind in runs:  # a finished run (its results.json, as the stage itself checks)
+    if unit.kind in runs:  # a finished run (its results.json and model/, as the stage checks)
         results = _json_object(runs[unit.kind] / RESULTS_NAME)
-        return results is not None and results.get("status") == "finished"
+        return (results is not None and results.get("status") == "finished"
+                and model_missing(runs[unit.kind]) is None)
     if unit.kind in summaries and _json_object(summaries[unit.kind]) is None:
         return False
     if unit.kind in reports and marker.get("reports") is True:

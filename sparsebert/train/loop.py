@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sparsebert.atomic import atomic_write_json, read_json, run_lock
+from sparsebert.errors import SparsebertError
 from sparsebert.glue import batching
 from sparsebert.glue.loading import load_split
 from sparsebert.glue.tasks import get_task
@@ -68,6 +69,7 @@ from sparsebert.train.rundir import (
     is_search_dir,
     listed,
     make_out_dir,
+    model_missing,
     now,
     save_run_model,
 )
@@ -160,9 +162,10 @@ def _check_no_foreign_files(out_dir: Path) -> None:
 def finished_run(run_dir: Path) -> RunResult | None:
     """The finished result in `run_dir`, else None; checkpoints a kill left behind between its
     results.json and their removal are removed (for callers that skip finished runs without
-    calling finetune, which does the same)."""
+    calling finetune, which does the same). A run whose model/ folder is gone or incomplete
+    is not finished: finetune trains it again."""
     done = RunResult.load(run_dir)
-    if done is None or not done.finished:
+    if done is None or not done.finished or model_missing(run_dir) is not None:
         return None
     remove_checkpoints(run_dir)
     return done
@@ -231,14 +234,27 @@ def _finetune(config: TrainConfig, out_dir: Path, model, tokenizer, weight_masks
     if (out_dir / "config.json").is_file():  # a run (finished or not) on other data or
         check_data(out_dir, task, config.glue_dir)  # model files is refused before anything
         check_model(out_dir, config.model)  # is loaded
+    gone = model_missing(out_dir) if finished is not None and finished.finished else None
     if finished is not None and finished.finished:
         check_masks(out_dir, mask_info)  # a finished run with other masks is another run
-        remove_checkpoints(out_dir)  # left by a kill between results.json and their removal
-        return finished
-    if model is None:
-        preflight_model(config.model, max_length=config.max_length)
-    else:
-        check_max_length(model.config, config.max_length, model)
+        if gone is None:
+            remove_checkpoints(out_dir)  # left by a kill between results.json and their removal
+            return finished
+        # Its model/ is gone (deleted, or emptied by hand): the run is trained again (the same
+        # result on the CPU); results.json is replaced when it finishes.
+        warnings.warn(f"{out_dir}: the run finished, but its model is gone ({gone}): "
+                      "fine-tuning it again", stacklevel=3)
+    try:
+        if model is None:
+            preflight_model(config.model, max_length=config.max_length)
+        else:
+            check_max_length(model.config, config.max_length, model)
+    except SparsebertError as error:
+        if gone is None:
+            raise
+        raise TrainError(f"{out_dir}: the run finished, but its model is gone ({gone}), and "
+                         f"it cannot be fine-tuned again: {error}; restore its model/, or "
+                         f"delete the run directory {out_dir} to redo it") from None
     state = (load_checkpoint(out_dir, _foreign_checkpoint(config)) if out_dir.is_dir()
              else None)  # a bad one fails here
 

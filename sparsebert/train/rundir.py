@@ -259,14 +259,44 @@ def save_run_model(out_dir: Path, model: nn.Module, tokenizer,
     atomic_save_dir(out_dir / "model", write)
 
 
+def model_missing(run_dir: str | os.PathLike) -> str | None:
+    """What is missing from the model/ folder of run `run_dir` (no folder, no config.json, no
+    weight file, or, for a patched run (masks.json), no save_pruned description), or None
+    when it holds a saved model. A finished run without one is fine-tuned again."""
+    from sparsebert.hf.loading import WEIGHT_FILE_PATTERNS, weight_files  # noqa: PLC0415
+    from sparsebert.hf.pruned_format import PRUNED_JSON  # noqa: PLC0415
+
+    model_dir = Path(run_dir) / "model"
+    if not model_dir.is_dir():
+        return f"{model_dir} is missing"
+    if not (model_dir / "config.json").is_file():
+        return f"{model_dir} has no config.json"
+    if not weight_files(model_dir):
+        return f"{model_dir} has no weight file ({', '.join(WEIGHT_FILE_PATTERNS)})"
+    try:
+        masks = json.loads((Path(run_dir) / MASKS_NAME).read_text())
+    except (OSError, ValueError):
+        masks = None
+    if (isinstance(masks, dict) and masks.get("patched") is True
+            and not (model_dir / PRUNED_JSON).is_file()):
+        return f"{model_dir} has no {PRUNED_JSON} (the run trained a patched model)"
+    return None
+
+
 def load_run_model(run_dir: str | os.PathLike, num_labels: int, labels: tuple[str, ...] = (),
                    ) -> tuple[nn.Module, Any]:
     """(model, tokenizer) exactly as the run trained it: gates, physical pruning and fixed
-    weight masks restored. The model is in eval mode on the CPU."""
+    weight masks restored. The model is in eval mode on the CPU. RunDirError naming the
+    folder when model/ is missing or incomplete."""
     from sparsebert.hf.loading import load_model, load_tokenizer  # noqa: PLC0415
     from sparsebert.hf.serialization import PRUNED_JSON, load_pruned  # noqa: PLC0415
 
     run_dir = Path(run_dir)
+    missing = model_missing(run_dir)
+    if missing is not None:
+        raise RunDirError(f"{run_dir}: the run's model is gone ({missing}); rerun the command "
+                          f"that fine-tuned it to fine-tune it again, or delete the run "
+                          f"directory {run_dir} to redo it")
     model_dir = run_dir / "model"
     if (model_dir / PRUNED_JSON).is_file():
         model, tokenizer = load_pruned(model_dir), load_tokenizer(model_dir)
@@ -411,12 +441,19 @@ def require_finished(run_dir: Path) -> None:
         raise RunDirError(f"--run {run_dir}: is a model directory (config.json and weights), "
                           f"not a run directory; pass the --out directory of a `sparsebert "
                           f"finetune` run")
-    if not (run_dir / "model" / "config.json").is_file():
+    missing = model_missing(run_dir)
+    if missing is not None:
         holder = lock_holder(run_dir)
         if holder is not None:
             who = f" (process {holder})" if holder else ""
             raise RunDirError(f"--run {run_dir}: the run is still training{who}; evaluate it "
                               f"once it has finished")
+        done = RunResult.load(run_dir)
+        if done is not None and done.finished:
+            raise RunDirError(f"--run {run_dir}: the run finished but its model is gone "
+                              f"({missing}); rerun the same finetune command (or the search or "
+                              f"sweep command it is part of) to fine-tune it again, or delete "
+                              f"the run directory {run_dir} to redo it")
         raise RunDirError(f"--run {run_dir}: the run is unfinished (no model/); rerun the "
                           f"same finetune command to resume it (without --stop-after-steps, or "
                           f"with a later step, if it stopped there)")
