@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import re
 import shutil
 import types
 from pathlib import Path
@@ -788,3 +789,66 @@ def test_a_magnitude_mask_that_disagrees_with_its_record_is_refused(reference, t
     mask_file.with_suffix(".json").unlink()
     assert _strip(search("SST-2", out, progress=False, **_options(tiny_setup))) == \
         _strip(reference[1])
+
+
+_DAMAGED_STAGE_FILES = [
+    ("structured/search.json", {"x": 1}, r"no 'curve'"),
+    ("magnitude/search.json", {"x": 1}, r"no 'curve'"),
+    ("structured/masks/good.json", {"x": 1}, r"no 'head_mask'"),
+    ("structured/masks/random.json", [1, 2], r"expected a JSON object, found a list"),
+    ("structured/masks/bad.json", {"head_mask": [[1.0, 1.0]], "mlp_mask": [1.0]},
+     r"head_mask is \(1, 2\), the search's model has \(L, H\) = "),
+    ("structured/pruned/good.json", {"x": 1}, r"no 'metrics'"),
+    ("magnitude/pruned/bad.json", {"metrics": 3}, r"'metrics' is a number, expected an object"),
+    ("magnitude/pruned/good.json", {"metrics": {}}, r"metrics 'acc' is missing"),
+    ("magnitude/masks/good.json", {"x": 1}, r"no 'fraction_kept', 'layer_kept_fraction'"),
+]
+
+
+@pytest.mark.parametrize("name, content, problem", _DAMAGED_STAGE_FILES,
+                         ids=[f"{n}-{c}" for n, c, _ in _DAMAGED_STAGE_FILES])
+def test_a_stage_file_of_the_wrong_shape_is_named(reference, tiny_setup, tmp_path, name,
+                                                  content, problem):
+    """A stage file that is valid JSON but not what its stage writes (a wrong object, a list,
+    a mask of another shape, a score without the metric) is one error naming the file, what is
+    wrong and what to do (was a KeyError, AttributeError or TypeError from a later stage)."""
+    out = tmp_path / "search"
+    shutil.copytree(reference[0], out)
+    (out / name).write_text(json.dumps(content))
+    if name.startswith("structured/masks/"):  # read again by the pruned stage
+        (out / "structured" / "pruned" / Path(name).name).unlink()
+    with pytest.raises(SparsebertError) as error:
+        search("SST-2", out, progress=False, **_options(tiny_setup))
+    assert re.fullmatch(rf"{re.escape(str(out / name))}: damaged \({problem}.*\); delete it to "
+                        rf"redo that stage", str(error.value)), str(error.value)
+
+
+def test_a_stage_file_of_the_wrong_shape_is_one_line_and_exit_2(reference, tiny_setup,
+                                                                tmp_path, capsys):
+    """From the command line, such a file is one error line and status 2, no traceback."""
+    out = tmp_path / "search"
+    shutil.copytree(reference[0], out)
+    (out / "structured" / "search.json").write_text('{"x": 1}')
+    model, glue = tiny_setup
+    assert main(["search", "--task", "SST-2", "--out", str(out), "--model", model,
+                 "--glue-dir", glue, "--epochs", "2", "--batch-size", "16", "--lr", "2e-3",
+                 "--seed", "3", "--threads", "1", "--importance-batch-size", "16",
+                 "--log-every", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sparsebert: error: {out / 'structured' / 'search.json'}: damaged")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_integer_masks_in_a_mask_file_are_read_as_floats(reference, tiny_setup, tmp_path):
+    """A structured mask file with 0/1 integers (written by hand or by another tool) scores as
+    the same mask in floats (was a TypeError: head_mask must be floating point)."""
+    ref_out, expected = reference
+    out = tmp_path / "search"
+    shutil.copytree(ref_out, out)
+    masks = out / "structured" / "masks" / "good.json"
+    found = json.loads(masks.read_text())
+    masks.write_text(json.dumps({k: np.asarray(v, dtype=int).tolist() for k, v in found.items()}))
+    (out / "structured" / "pruned" / "good.json").unlink()
+    summary = search("SST-2", out, progress=False, **_options(tiny_setup))
+    good = summary["methods"]["structured"]["subnetworks"]["good"]
+    assert good["pruned"] == expected["methods"]["structured"]["subnetworks"]["good"]["pruned"]

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from sparsebert.lottery.config import SearchConfig, SearchError
 from sparsebert.lottery.super_survivors import SuperStage, search_seeds
@@ -160,3 +161,68 @@ def test_super_mlps_are_the_mlps_kept_in_every_seed(tmp_path):
     assert masks["masks"]["good"]["mlp_mask"] == [0.0, 0.0, 0.0]
     assert masks["stability"]["mlps"]["super_survivors"] == 0
     assert np.sum(masks["masks"]["bad"]["mlp_mask"]) == 0
+
+
+@pytest.mark.parametrize("content, problem", [
+    ({"x": 1}, r"no 'masks' in it"),
+    ([1, 2, 3], r"expected a JSON object, found a list"),
+    ({"masks": {"good": {"head_mask": [[1, 0, 0]] * 2, "mlp_mask": [1, 1]}}},
+     r"masks 'random': expected an object, found null"),
+    ({"masks": {name: {"head_mask": [[1, 0, 0]] * 2, "mlp_mask": [1]} for name in
+                ("good", "random", "bad")}}, r"masks 'good': mlp_mask is a list of 1"),
+])
+def test_a_super_masks_file_of_the_wrong_shape_is_named(seeds_dir, content, problem):
+    """super/masks.json that is valid JSON but not the masks of every subnetwork is one error
+    naming it and what to do (was a KeyError or AttributeError)."""
+    from sparsebert.errors import RunDirError  # noqa: PLC0415
+
+    (seeds_dir / "super").mkdir()
+    (seeds_dir / "super" / "masks.json").write_text(json.dumps(content))
+    with pytest.raises(RunDirError, match=rf"super/masks.json: damaged \({problem}.*\); delete "
+                                          rf"it to draw the masks again"):
+        _stage(seeds_dir, [1, 2]).masks_stage()
+
+
+def test_super_masks_are_floats_of_the_seeds_shape(seeds_dir):
+    """A control's masks come as float tensors (0/1 integers in masks.json too); masks of
+    another (L, H) than the seeds' good masks are named with the file."""
+    from sparsebert.errors import RunDirError  # noqa: PLC0415
+
+    stage = _stage(seeds_dir, [1, 2])
+    stage.masks_stage()
+    path = seeds_dir / "super" / "masks.json"
+    found = json.loads(path.read_text())
+    found["masks"]["good"] = {"head_mask": [[1, 1, 0], [0, 0, 1]], "mlp_mask": [1, 0]}
+    path.write_text(json.dumps(found))
+    masks = stage._masks("good")
+    assert masks["head_mask"].dtype == masks["mlp_mask"].dtype == torch.float32
+    assert masks["head_mask"].tolist() == [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    found["masks"]["good"] = {"head_mask": [[1, 1], [0, 0]], "mlp_mask": [1, 0]}
+    path.write_text(json.dumps(found))
+    with pytest.raises(RunDirError, match=r"masks.json: damaged \(head_mask is \(2, 2\), the "
+                                          r"search's model has \(L, H\) = \(2, 3\)\)"):
+        stage._masks("good")
+
+
+@pytest.mark.parametrize("content, problem", [
+    ({"x": 1}, r"no 'metrics' in it"),
+    ({"metrics": [1]}, r"'metrics' is a list, expected an object"),
+    ({"metrics": {"acc": "high"}}, r"metrics 'acc' is a string, expected a number"),
+])
+def test_a_super_pruned_score_of_the_wrong_shape_is_named(seeds_dir, content, problem):
+    """super/pruned/<subnet>/seed_<s>.json without its metrics is one error naming it and what
+    to do when the summary is written (was a KeyError)."""
+    from sparsebert.errors import RunDirError  # noqa: PLC0415
+    from sparsebert.glue.tasks import get_task  # noqa: PLC0415
+
+    search = seeds_dir / "seed_1" / "structured" / "search.json"
+    sizes = {"layers": 2, "heads": 3, "hidden": 6, "head_dim": 2, "intermediate": 8}
+    search.write_text(json.dumps({**json.loads(search.read_text()), "sizes": sizes}))
+    stage = _stage(seeds_dir, [1, 2])
+    found = stage.masks_stage()
+    pruned = seeds_dir / "super" / "pruned" / "good" / "seed_2.json"
+    pruned.parent.mkdir(parents=True)
+    pruned.write_text(json.dumps(content))
+    with pytest.raises(RunDirError, match=rf"good/seed_2.json: damaged \({problem}\); delete it "
+                                          rf"to score that subnetwork again"):
+        stage.summarize(found, get_task("MRPC"))

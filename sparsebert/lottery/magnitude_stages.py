@@ -51,7 +51,7 @@ class MagnitudeStages:
         (root / "masks").mkdir(parents=True, exist_ok=True)
         model = self.fine_tuned_plain()
         params = mag.eligible_parameters(model)
-        found = self.read_stage(root / "search.json")
+        found = self.read_stage(root / "search.json", "magnitude search")
         if found is None:
             started = time.perf_counter()
             found = self._magnitude_search(model, params)
@@ -70,7 +70,8 @@ class MagnitudeStages:
         for name in self.config.subnet_list():
             mask_file = root / "masks" / f"{name}.safetensors"
             # The pair is one unit (a kill can fall between the two writes): both or rebuild.
-            if not mask_file.is_file() or self.read_stage(mask_file.with_suffix(".json")) is None:
+            if not mask_file.is_file() or self.read_stage(mask_file.with_suffix(".json"),
+                                                             "magnitude masks") is None:
                 masks = builders[name]()
                 save_weight_masks(mask_file, masks)
                 kept_n, total = mask_counts(masks)
@@ -83,16 +84,16 @@ class MagnitudeStages:
     def magnitude_masks(self, name: str) -> dict[str, torch.Tensor]:
         """Subnetwork `name`'s weight masks by parameter name, from its mask file."""
         path = self.out / "magnitude" / "masks" / f"{name}.safetensors"
-        record = self.read_stage(path.with_suffix(".json"))
+        record = self.read_stage(path.with_suffix(".json"), "magnitude masks")
         if not path.is_file() or record is None:
             raise RunDirError(f"{path}: missing; run the magnitude search stage first")
         masks = load_weight_masks(path)
         counts = mask_counts(masks)
-        if isinstance(record, dict) and [record.get("kept"), record.get("total")] != [*counts]:
+        if [record["kept"], record["total"]] != [*counts]:
             raise RunDirError(
                 f"{path}: damaged (it keeps {counts[0]} of {counts[1]} weights, "
-                f"{path.with_suffix('.json').name} records {record.get('kept')} of "
-                f"{record.get('total')}); delete both to rebuild them from the search")
+                f"{path.with_suffix('.json').name} records {record['kept']} of "
+                f"{record['total']}); delete both to rebuild them from the search")
         return masks
 
     def magnitude_pruned_stage(self, name: str) -> None:

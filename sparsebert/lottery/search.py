@@ -40,6 +40,7 @@ from sparsebert.lottery.config import METHODS, SearchConfig, SearchError
 from sparsebert.lottery.magnitude_stages import MagnitudeStages
 from sparsebert.lottery.redo import PendingRedo, finish_redo, set_aside
 from sparsebert.lottery.scoring import load_search_data, report_metric, score_model
+from sparsebert.lottery.stage_files import read_stage_file
 from sparsebert.lottery.structured_stages import StructuredStages
 from sparsebert.lottery.subnetworks import SUBNETWORKS
 from sparsebert.precision import resolve as resolve_precision
@@ -228,9 +229,10 @@ class Search(StructuredStages, MagnitudeStages):
         self._models: dict[str, Any] = {}  # loaded once per search: see fine_tuned_patched()
 
     @staticmethod
-    def read_stage(path: Path) -> dict[str, Any] | None:
-        """A finished stage's JSON file, or None when the stage has not finished."""
-        return _read_json(path)
+    def read_stage(path: Path, kind: str) -> dict[str, Any] | None:
+        """A finished stage's JSON file, or None when the stage has not finished; one that is
+        not what a stage of `kind` writes (sparsebert.lottery.stage_files) is named."""
+        return read_stage_file(path, kind)
 
     def _stage_done(self, name: str) -> None:
         if self.stop_after == name:

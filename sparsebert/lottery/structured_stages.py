@@ -20,6 +20,7 @@ from sparsebert.hf.patching import patch, sparse_blocks
 from sparsebert.hf.structure import config_size, structure_for
 from sparsebert.hf.surgery import prune
 from sparsebert.lottery.scoring import format_metrics, report_metric
+from sparsebert.lottery.stage_files import stage_masks
 from sparsebert.lottery.structured import kept_fraction, structured_search
 from sparsebert.lottery.subnetworks import structured_subnetworks
 from sparsebert.pruning.importance import importance
@@ -46,7 +47,7 @@ class StructuredStages:
     def structured_search_stage(self) -> dict[str, Any]:
         """search.json and every subnetwork's masks/<subnet>.json; returns search.json."""
         root = self.out / "structured"
-        found = self.read_stage(root / "search.json")
+        found = self.read_stage(root / "search.json", "structured search")
         if found is None:
             started = time.perf_counter()
             found = self._structured_search(self.fine_tuned_patched())
@@ -55,7 +56,8 @@ class StructuredStages:
             (root / "masks").mkdir(parents=True, exist_ok=True)
             atomic_write_json(root / "search.json", found)
         self._metrics("structured", found["curve"])
-        good = (torch.tensor(found["head_mask"]), torch.tensor(found["mlp_mask"]))
+        good = (torch.tensor(found["head_mask"], dtype=torch.float32),  # (L, H); 0/1 integers too
+                torch.tensor(found["mlp_mask"], dtype=torch.float32))  # (L,)
         subnets = structured_subnetworks(*good, seed=self.train.seed)
         for name in self.config.subnet_list():
             mask_file = root / "masks" / f"{name}.json"
@@ -65,11 +67,14 @@ class StructuredStages:
 
     def structured_masks(self, name: str) -> dict[str, torch.Tensor]:
         """Subnetwork `name`'s head_mask (L, H) and mlp_mask (L,) from its mask file."""
-        path = self.out / "structured" / "masks" / f"{name}.json"
-        masks = self.read_stage(path)
-        if masks is None:
+        root = self.out / "structured"
+        path = root / "masks" / f"{name}.json"
+        masks = self.read_stage(path, "structured masks")
+        found = self.read_stage(root / "search.json", "structured search")
+        if masks is None or found is None:
             raise RunDirError(f"{path}: missing; run the structured search stage first")
-        return {k: torch.tensor(v) for k, v in masks.items()}
+        sizes = found["sizes"]
+        return stage_masks(path, masks, (sizes["layers"], sizes["heads"]))
 
     def structured_pruned_stage(self, name: str) -> None:
         """pruned/<name>.json: the mask on the fine-tuned model."""

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsebert.lottery.scoring import report_metric
+from sparsebert.lottery.stage_files import stage_metric
 from sparsebert.lottery.structured import kept_fraction
 from sparsebert.lottery.subnetworks import SUBNETWORKS
 from sparsebert.runtime import device_name, git_sha, versions
@@ -23,12 +24,19 @@ def _scored(metrics: dict[str, Any] | None, metric: str) -> dict[str, Any] | Non
     return None if metrics is None else {"score": float(metrics[metric]), "metrics": metrics}
 
 
+def _pruned(read, path: Path, metric: str) -> dict[str, Any] | None:
+    """The pruned score in `path` (a checked stage file), or None when it is missing."""
+    pruned = read(path, "pruned")
+    if pruned is None:
+        return None
+    return {"score": stage_metric(path, pruned["metrics"], metric), "metrics": pruned["metrics"]}
+
+
 def _subnetwork(read, root: Path, name: str, metric: str, first_split: str,
                 ) -> dict[str, Any]:
-    pruned = read(root / "pruned" / f"{name}.json")
     retrained = RunResult.load(root / "retrained" / name)
     return {
-        "pruned": _scored(pruned["metrics"], metric) if pruned else None,
+        "pruned": _pruned(read, root / "pruned" / f"{name}.json", metric),
         "retrained": _scored(retrained.metrics[first_split], metric)
         if retrained is not None and retrained.finished else None,
         "retrain_time_s": retrained.train_time_s if retrained is not None else None,
@@ -43,11 +51,11 @@ def build_summary(search) -> dict[str, Any]:
     full = search.full
     read = search.read_stage  # stage files: None when missing, a clear error when damaged
     methods: dict[str, Any] = {}
-    structured = read(out / "structured" / "search.json")
+    structured = read(out / "structured" / "search.json", "structured search")
     if structured is not None:
         subnets = {}
         for name in SUBNETWORKS:  # every one built here (a rerun may ask for fewer)
-            masks = read(out / "structured" / "masks" / f"{name}.json")
+            masks = read(out / "structured" / "masks" / f"{name}.json", "structured masks")
             if masks is None:
                 continue
             heads = sum(sum(1 for v in row if v) for row in masks["head_mask"])
@@ -62,17 +70,17 @@ def build_summary(search) -> dict[str, Any]:
                           "mlp_mask": structured["mlp_mask"]},
             "notes": structured["notes"], "search_time_s": structured.get("search_time_s"),
             "subnetworks": subnets}
-    magnitude = read(out / "magnitude" / "search.json")
+    magnitude = read(out / "magnitude" / "search.json", "magnitude search")
     if magnitude is not None:
         subnets = {}
         for name in SUBNETWORKS:  # every one built here (a rerun may ask for fewer)
-            info = read(out / "magnitude" / "masks" / f"{name}.json")
+            info = read(out / "magnitude" / "masks" / f"{name}.json", "magnitude masks")
             if info is None:
                 continue
             subnets[name] = {"fraction_kept": info["fraction_kept"],
                              "layer_kept_fraction": info["layer_kept_fraction"],
                              **_subnetwork(read, out / "magnitude", name, metric, first)}
-        good = read(out / "magnitude" / "masks" / "good.json")
+        good = read(out / "magnitude" / "masks" / "good.json", "magnitude masks")
         methods["magnitude"] = {
             "curve": magnitude["curve"], "threshold_score": magnitude["threshold_score"],
             "good_step": magnitude["good_step"],
@@ -85,7 +93,7 @@ def build_summary(search) -> dict[str, Any]:
         "metric": task.threshold_metric, "report_metric": metric,
         "threshold": search.config.threshold, "search_data": search.config.search_data,
         "importance_mode": search.config.importance_mode,
-        **_model_shape(structured, read(out / "full" / "model" / "config.json") or {}),
+        **_model_shape(structured, read(out / "full" / "model" / "config.json", "object") or {}),
         "majority": float(search.data.majority[metric]),
         "search_majority": float(search.data.search_majority[task.threshold_metric]),
         "full": {"score": float(full.metrics[first][metric]), "metrics": full.metrics[first],

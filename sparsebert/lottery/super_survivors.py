@@ -43,6 +43,12 @@ from sparsebert.lottery.search import (
     set_aside_for_redo,
     write_report,
 )
+from sparsebert.lottery.stage_files import (
+    check_stage,
+    read_stage_file,
+    stage_masks,
+    stage_metric,
+)
 from sparsebert.lottery.stats import stability_summary, super_survivor_controls
 from sparsebert.lottery.structured import kept_fraction
 from sparsebert.lottery.subnetworks import SUBNETWORKS
@@ -57,6 +63,8 @@ def seed_dir(out: Path, seed: int) -> Path:
     return out / f"seed_{seed}"
 
 
+DRAW_AGAIN = "delete it to draw the masks again"
+SCORE_AGAIN = "delete it to score that subnetwork again"
 REDO_SEARCH = ("rerun that seed's search with --redo structured (in a sweep: the sweep's command "
                "with --redo structured)")
 
@@ -68,7 +76,7 @@ def seed_search(out: Path, seed: int) -> dict[str, Any]:
     if not path.is_file():
         raise RunDirError(f"{path}: missing: the super-survivors need every seed's finished "
                           f"s-pruning search; {REDO_SEARCH}")
-    return read_json(path, REDO_SEARCH)
+    return check_stage(path, read_json(path, REDO_SEARCH), "structured masks", REDO_SEARCH)
 
 
 def mask_digest(found: dict[str, Any]) -> str:
@@ -118,8 +126,9 @@ def seeds_report(out: Path, seeds: list[int]) -> bool:
     leave_out = sorted((p for p in out.glob("seed_*") if p.is_dir() and p.name not in mine),
                        key=lambda p: p.name)
     sup = out / "super" / "summary.json"
-    super_seeds = (read_json(sup, "delete it to write the super-survivors' summary again"
-                             ).get("seeds") if sup.is_file() else None)
+    again = "delete it to write the super-survivors' summary again"
+    super_seeds = (check_stage(sup, read_json(sup, again), "object", again).get("seeds")
+                   if sup.is_file() else None)
     super_fits = super_seeds is None or sorted(super_seeds) == sorted(seeds)
     if not leave_out and super_fits:
         return write_report(out)  # everything under out is this seed list's
@@ -220,8 +229,7 @@ class SuperStage:
         masks drawn before a seed's search was redone (--redo structured of that seed alone):
         they record the digests of the seed masks they come from."""
         masks_file = self.root / "masks.json"
-        found = (read_json(masks_file, "delete it to draw the masks again")
-                 if masks_file.is_file() else None)
+        found = read_stage_file(masks_file, "super masks", DRAW_AGAIN)
         redone: list[str] = []
         if found is not None and sorted(found.get("seeds") or []) == sorted(self.seeds):
             redone = self._redone_seeds(found)
@@ -268,11 +276,13 @@ class SuperStage:
               file=sys.stderr)
 
     def _masks(self, name: str) -> dict[str, torch.Tensor]:
-        found = Search.read_stage(self.root / "masks.json")
+        path = self.root / "masks.json"
+        found = read_stage_file(path, "super masks", DRAW_AGAIN)
         if found is None:
-            raise SearchError(f"{self.root / 'masks.json'}: missing; run the super-survivor "
-                              f"masks stage first")
-        return {k: torch.tensor(v) for k, v in found["masks"][name].items()}
+            raise SearchError(f"{path}: missing; run the super-survivor masks stage first")
+        seed_masks = seed_search(self.out, self.seeds[0])  # the model's (L, H)
+        shape = (len(seed_masks["head_mask"]), len(seed_masks["head_mask"][0]))
+        return stage_masks(path, found["masks"][name], shape, DRAW_AGAIN)
 
     def pruned_stage(self, seed: int, name: str, runner: Search | None = None) -> None:
         """super/pruned/<name>/seed_<s>.json: the control on seed s's fine-tuned model."""
@@ -312,10 +322,11 @@ class SuperStage:
             pruned, retrained = [], []
             for seed in self.seeds:
                 path = self.root / "pruned" / name / f"seed_{seed}.json"
-                if path.is_file():
-                    metrics = read_json(path, "delete it to score that subnetwork again"
-                                        )["metrics"]
-                    pruned.append({"seed": seed, "score": float(metrics[metric]),
+                found_pruned = read_stage_file(path, "pruned", SCORE_AGAIN)
+                if found_pruned is not None:
+                    metrics = found_pruned["metrics"]
+                    pruned.append({"seed": seed,
+                                   "score": stage_metric(path, metrics, metric, SCORE_AGAIN),
                                    "metrics": metrics})
                 result = RunResult.load(self.root / "retrained" / name / f"seed_{seed}")
                 if result is not None and result.finished:
