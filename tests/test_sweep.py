@@ -264,6 +264,43 @@ def test_a_run_whose_model_is_gone_is_fine_tuned_again(reference, tiny_model_dir
     assert not sweep(out, *_configs(tiny_model_dir, synthetic_glue), progress=False).done
 
 
+def test_a_summary_replaced_by_another_json_object_is_made_again(reference, tiny_model_dir,
+                                                               synthetic_glue, tmp_path):
+    """A seed's summary.json replaced by a JSON object that is not a search's summary (no kind
+    or version, as written by hand) is a damaged summary: its unit runs again (it was taken as
+    done, "nothing to do", and the report failed on it)."""
+    out = tmp_path / "replaced"
+    shutil.copytree(reference[0], out)
+    (out / "SST-2" / "seed_3" / "summary.json").write_text('{"x": 1}')
+    outcome = sweep(out, *_configs(tiny_model_dir, synthetic_glue), progress=False)
+    assert not outcome.failed and "summary/SST-2/3" in outcome.done
+    assert _results(out) == _results(reference[0])
+
+
+def test_only_a_summary_of_the_units_kind_and_version_counts_as_its_output(tmp_path):
+    """A summary unit's output is there when summary.json holds a summary of the kind and
+    version it writes; any other JSON object (or another kind's summary) is not."""
+    from sparsebert.sweep.units import output_present  # noqa: PLC0415
+
+    seed, sup = tmp_path / "SST-2" / "seed_3", tmp_path / "SST-2" / "super"
+    seed.mkdir(parents=True)
+    sup.mkdir()
+    unit = types.SimpleNamespace(kind="summary", task="SST-2", seed=3, method=None, subnet=None)
+    super_unit = types.SimpleNamespace(kind="super-summary", task="SST-2", seed=None,
+                                       method=None, subnet=None)
+    for content, present in [({"x": 1}, False), ([1], False),
+                             ({"kind": "sparsebert-search", "version": 2}, False),
+                             ({"kind": "sparsebert-super", "version": 1}, False),
+                             ({"kind": "sparsebert-search", "version": 1}, True)]:
+        (seed / "summary.json").write_text(json.dumps(content))
+        assert output_present(tmp_path, unit, {}) is present, content
+    for content, present in [({"x": 1}, False),
+                             ({"kind": "sparsebert-search", "version": 1}, False),
+                             ({"kind": "sparsebert-super", "version": 1}, True)]:
+        (sup / "summary.json").write_text(json.dumps(content))
+        assert output_present(tmp_path, super_unit, {}) is present, content
+
+
 def test_seeds_listed_in_another_order_draw_as_the_first_run(reference, tiny_model_dir,
                                                               synthetic_glue, tmp_path):
     """The same seeds in another order are the same sweep, and its super-survivors (whose draw

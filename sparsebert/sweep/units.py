@@ -30,7 +30,8 @@ import torch
 from sparsebert.errors import ConfigError
 from sparsebert.lottery.config import SearchConfig
 from sparsebert.lottery.search import Search, write_report
-from sparsebert.lottery.super_survivors import SuperStage
+from sparsebert.lottery.summary import SUMMARY_VERSION
+from sparsebert.lottery.super_survivors import SUPER_VERSION, SuperStage
 from sparsebert.train import data_cache
 from sparsebert.train.config import TrainConfig
 from sparsebert.train.rundir import RESULTS_NAME, model_missing
@@ -204,11 +205,24 @@ def output_present(out: Path, unit, marker: dict[str, Any]) -> bool:
         results = _json_object(runs[unit.kind] / RESULTS_NAME)
         return (results is not None and results.get("status") == "finished"
                 and model_missing(runs[unit.kind]) is None)
-    if unit.kind in summaries and _json_object(summaries[unit.kind]) is None:
+    if unit.kind in summaries and not _is_summary(summaries[unit.kind], unit.kind):
         return False
     if unit.kind in reports and marker.get("reports") is True:
         return (reports[unit.kind] / "report.md").is_file()
     return True
+
+
+# The kind and version of summary.json each summary unit writes (sparsebert.lottery.summary,
+# sparsebert.lottery.super_survivors: what sparsebert.report reads).
+SUMMARY_KINDS = {"summary": ("sparsebert-search", SUMMARY_VERSION),
+                 "super-summary": ("sparsebert-super", SUPER_VERSION)}
+
+
+def _is_summary(path: Path, unit_kind: str) -> bool:
+    """Whether `path` holds a summary of the kind and version the `unit_kind` unit writes (a
+    JSON object of another shape, put there by hand, counts as no summary)."""
+    data = _json_object(path)
+    return data is not None and (data.get("kind"), data.get("version")) == SUMMARY_KINDS[unit_kind]
 
 
 def _json_object(path: Path) -> dict[str, Any] | None:
