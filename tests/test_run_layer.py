@@ -59,6 +59,23 @@ def _model(setup, kind: str):
     return model, tokenizer, weight_masks
 
 
+def test_a_runs_weight_mask_file_is_checked_against_its_record(setup, tmp_path):
+    """A bit flipped in weight_masks.safetensors is still a valid mask (0 or 1): the fingerprint
+    masks.json records tells, and evaluate names the file instead of scoring a model with a
+    trained weight zeroed."""
+    model, tokenizer, weight_masks = _model(setup, "weights")
+    out = tmp_path / "run"
+    finetune(_config(setup), out, model=model, tokenizer=tokenizer, weight_masks=weight_masks,
+             progress=False)
+    path = out / "weight_masks.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # the last entry of the last mask: kept <-> pruned
+    path.write_bytes(bytes(data))
+    with pytest.raises(RunDirError, match=r"weight_masks.safetensors: damaged \(it keeps \d+ of "
+                                          r"\d+ weights, not the masks masks.json records"):
+        evaluate(out, glue_dir=str(setup[1]))
+
+
 @pytest.mark.parametrize("kind", ["dense", "masked", "pruned", "weights"])
 def test_evaluate_reproduces_the_recorded_score(setup, tmp_path, kind, monkeypatch):
     model, tokenizer, weight_masks = _model(setup, kind)
@@ -292,6 +309,23 @@ def test_a_checkpoint_with_damaged_bytes_falls_back_to_the_previous(setup, tmp_p
     err = capsys.readouterr().err
     assert f"checkpoint.pt: truncated or damaged (its record {record.filename!r} fails its " \
            f"CRC-32 check); resuming from the previous checkpoint" in err
+
+
+def test_checkpoints_saved_without_crcs_still_save_and_load(setup, tmp_path):
+    """torch.serialization.set_crc32_options(False) writes every record's CRC as 0: there is
+    nothing to check, and such checkpoints save and resume as before."""
+    set_crc32 = getattr(torch.serialization, "set_crc32_options", None)
+    if set_crc32 is None:
+        pytest.skip("this torch has no set_crc32_options")
+    run = tmp_path / "c"
+    set_crc32(False)
+    try:
+        finetune(_config(setup, checkpoint_every=1, stop_after_steps=3), run, progress=False)
+        with zipfile.ZipFile(run / CHECKPOINT_NAME) as archive:
+            assert not any(info.CRC for info in archive.infolist())
+        assert load_checkpoint(run)["step"] == 3
+    finally:
+        set_crc32(True)
 
 
 def test_a_fallback_keeps_the_good_previous_checkpoint_through_the_next_save(setup, tmp_path,

@@ -79,10 +79,13 @@ def _first_line(error: BaseException) -> str:
 def _read(path: Path) -> dict[str, Any]:
     """torch.load(weights_only=True); CheckpointError for anything unreadable or unsafe,
     damaged bytes included (torch.load does not check the CRC-32 that torch.save writes for each
-    record of its zip archive: zipfile does, at the cost of one more read of the file)."""
+    record of its zip archive: zipfile does, at the cost of one more read of the file). A file
+    saved with torch.serialization.set_crc32_options(False) has no CRCs (all 0) to check."""
     try:
         with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()  # the first record whose bytes fail its CRC-32, or None
+            has_crcs = any(info.CRC for info in archive.infolist() if info.file_size)
+            # the first record whose bytes fail its CRC-32, or None
+            damaged = archive.testzip() if has_crcs else None
         state = (None if damaged is not None
                  else torch.load(path, map_location="cpu", weights_only=True))
     except pickle.UnpicklingError as error:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from sparsebert.atomic import atomic_save_dir, atomic_write_json, lock_holder, read_json
 from sparsebert.errors import RunDirError
@@ -304,9 +304,27 @@ def load_run_model(run_dir: str | os.PathLike, num_labels: int, labels: tuple[st
         model, tokenizer = load_model(model_dir, num_labels, labels=labels)
     masks_file = run_dir / WEIGHT_MASKS_NAME
     if masks_file.is_file():
-        WeightMasks.from_named(model, load_weight_masks(masks_file)).apply()
+        WeightMasks.from_named(model, _recorded_weight_masks(run_dir, masks_file)).apply()
     model.eval()
     return model, tokenizer
+
+
+def _recorded_weight_masks(run_dir: Path, masks_file: Path) -> dict[str, Tensor]:
+    """The run's fixed weight masks from `masks_file`, checked against the fingerprint its
+    masks.json records (a flipped bit is still a valid mask: the file has no checksum)."""
+    named = load_weight_masks(masks_file)
+    record = run_dir / MASKS_NAME
+    saved = read_json(record, "restore it, or delete that run directory") \
+        if record.is_file() else None
+    recorded = (saved.get("weight_masks") or {}).get("sha256") if isinstance(saved, dict) \
+        else None
+    if recorded is not None and mask_fingerprint(named) != recorded:
+        kept, total = mask_counts(named)
+        raise RunDirError(f"{masks_file}: damaged (it keeps {kept} of {total} weights, not the "
+                          f"masks {record.name} records: {saved['weight_masks'].get('kept')} "
+                          f"of {saved['weight_masks'].get('total')}, sha256 {recorded}); "
+                          f"restore it, or delete the run directory {run_dir} to redo it")
+    return named
 
 
 def check_out_dir(out_dir: Path) -> None:
