@@ -711,13 +711,18 @@ def test_a_full_disk_while_logging_names_metrics_jsonl(tmp_path, monkeypatch):
         log.write({"step": 1, "loss": 0.5})
 
 
+def _finetune_command(setup, out: Path) -> list[str]:
+    """The finetune command's arguments for a one-epoch run of the tiny setup into `out`."""
+    model, glue = setup
+    return ["finetune", "--task", "SST-2", "--out", str(out), "--model", model, "--glue-dir",
+            glue, "--epochs", "1", "--batch-size", "16", "--threads", "1", "--quiet"]
+
+
 def test_rerunning_a_finished_run_says_so(setup, tmp_path, capsys):
     from sparsebert.cli import main  # noqa: PLC0415
 
-    model, glue = setup
     out = tmp_path / "run"
-    args = ["finetune", "--task", "SST-2", "--out", str(out), "--model", model, "--glue-dir",
-            glue, "--epochs", "1", "--batch-size", "16", "--threads", "1", "--quiet"]
+    args = _finetune_command(setup, out)
     assert main(args) == 0
     first = capsys.readouterr().out
     assert "already finished" not in first and "(fp32)" in first
@@ -906,10 +911,8 @@ def test_finetune_on_a_finished_run_whose_model_is_gone_trains_it_again(setup, t
     it again, and its metrics.jsonl holds one run's records, not two."""
     from sparsebert.cli import main  # noqa: PLC0415
 
-    model, glue = setup
     out = tmp_path / "run"
-    args = ["finetune", "--task", "SST-2", "--out", str(out), "--model", model, "--glue-dir",
-            glue, "--epochs", "1", "--batch-size", "16", "--threads", "1", "--quiet"]
+    args = _finetune_command(setup, out)
     assert main(args) == 0
     first = capsys.readouterr().out
     records = _records(out / "metrics.jsonl")
