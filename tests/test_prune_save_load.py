@@ -123,6 +123,34 @@ def test_prune_twice_and_train_after(tiny_roberta, tiny_batch):
     assert attention.self.query.weight.grad.shape[0] == attention.num_heads * attention.head_dim
 
 
+def _inference_tensors(model) -> list[str]:
+    return [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+            if t.is_inference()]
+
+
+def test_prune_and_load_pruned_under_inference_mode_give_ordinary_tensors(tmp_path, tiny_bert,
+                                                                          tiny_batch):
+    """prune and load_pruned called under torch.inference_mode give a model as from_pretrained
+    does there: ordinary weights and gates, so it trains and its masks can be set afterwards
+    (they were inference tensors: backward and set_masks failed with PyTorch's errors)."""
+    model, head, mlp, _ = masked(tiny_bert())
+    ids, mask = tiny_batch()
+    labels = torch.tensor([0, 1, 0])
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+    sbhf.save_pruned(model, tmp_path / "saved")
+    with torch.inference_mode():
+        loaded = sbhf.load_pruned(tmp_path / "saved")
+        sbhf.prune(model)
+    for rebuilt in (loaded, model):
+        assert _inference_tensors(rebuilt) == []
+        sbhf.set_masks(rebuilt, head_mask=sbhf.get_masks(rebuilt)["head_mask"])
+        with torch.no_grad():
+            assert max_diff(rebuilt(ids, attention_mask=mask).logits, expected) < TOL
+        rebuilt.train()
+        rebuilt(ids, attention_mask=mask, labels=labels).loss.backward()
+
+
 def test_pruning_twice_keeps_the_original_numbering(tiny_bert, tiny_batch):
     """Prune head 0 and neurons 0-1 of layer 0, then head 2 and neuron 5 (original numbers,
     which are no longer the current ones): the kept ids, get_masks and the logits follow

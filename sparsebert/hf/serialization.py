@@ -250,7 +250,8 @@ def load_pruned(
     if device is not None:  # checked before a model is built
         device = _checked_device(device)
     try:
-        return _load_pruned(root, model_class, device)
+        with torch.inference_mode(False):  # ordinary tensors (trainable, gates writable), as
+            return _load_pruned(root, model_class, device)  # from_pretrained's, in any mode
     except PrunedModelNotFoundError:
         raise  # (names the folder)
     except PrunedModelError as error:  # name the folder: a sweep reloads many model/ folders

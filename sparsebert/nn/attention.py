@@ -794,6 +794,9 @@ class SparseAttention(nn.Module):
         return torch.where(g != 0, ctx * g, torch.zeros((), dtype=ctx.dtype, device=ctx.device))
 
     # Physical pruning ---------------------------------------------------------------------------
+    # Ordinary tensors even under torch.inference_mode (sliced weights and gates would be
+    # inference tensors: not trainable, and set_masks could not write the gates later).
+    @torch.inference_mode(False)
     @torch.no_grad()
     def select_heads(self, keep: Sequence[int]) -> None:
         """Keep only heads `keep` (current numbering, ascending) for real: slices q/k/v rows and

@@ -350,6 +350,9 @@ class SparseMLP(nn.Module):
         return layer_norm(torch.addcmul(hidden_states, y, gate))
 
     # Physical pruning ---------------------------------------------------------------------------
+    # Ordinary tensors even under torch.inference_mode (sliced weights and gates would be
+    # inference tensors: not trainable, and set_masks could not write the gates later).
+    @torch.inference_mode(False)
     @torch.no_grad()
     def select_neurons(self, keep: Sequence[int]) -> None:
         """Keep only neurons `keep` (current numbering) for real: slices intermediate-dense rows,
