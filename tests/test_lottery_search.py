@@ -270,6 +270,40 @@ def test_a_run_whose_model_is_gone_is_fine_tuned_again(reference, tiny_setup, tm
         resumed = search("SST-2", out, progress=False, **options)
     assert _strip(resumed) == _strip(expected)
     assert all((folder / "config.json").is_file() for folder in gone)
+    assert not (out / ".superseded").exists()  # the same weights again: nothing set aside
+
+
+def test_results_built_on_another_full_model_are_set_aside(reference, tiny_setup, tmp_path,
+                                                            capsys):
+    """A full model whose weights are not the ones the search's results were built on (fine-
+    tuned again on a GPU, or replaced by hand) makes both methods' results, the summary and the
+    speed timings stale: they are set aside to out/.superseded/full-model-*/ and computed again
+    from the new model; a rerun then keeps everything."""
+    from safetensors.torch import load_file, save_file  # noqa: PLC0415
+
+    ref_out, _ = reference
+    out = tmp_path / "search"
+    shutil.copytree(ref_out, out)
+    assert json.loads((out / "full_model.json").read_text())["weights_sha256"]
+    weights = out / "full" / "model" / "model.safetensors"
+    tensors = load_file(str(weights))
+    generator = torch.Generator().manual_seed(0)
+    save_file({name: t + 0.05 * torch.randn(t.shape, generator=generator) if t.is_floating_point()
+               else t for name, t in tensors.items()}, str(weights), metadata={"format": "pt"})
+    (out / "speed").mkdir()  # timings of the old model's masks
+    summary = search("SST-2", out, progress=False, **_options(tiny_setup))
+    assert "set aside" in capsys.readouterr().err
+    aside = next((out / ".superseded").glob("full-model-*"))
+    for name in ("structured/search.json", "magnitude/search.json", "summary.superseded.json"):
+        assert (aside / name).is_file(), name
+    assert (aside / "structured" / "search.json").read_bytes() == (
+        ref_out / "structured" / "search.json").read_bytes()
+    assert (aside / "speed").is_dir() and not (out / "speed").exists()
+    assert (out / "structured" / "search.json").read_bytes() != (
+        ref_out / "structured" / "search.json").read_bytes()  # computed again, on the new model
+    assert summary["methods"]["structured"]["subnetworks"]["good"]["retrained"] is not None
+    search("SST-2", out, progress=False, **_options(tiny_setup))
+    assert len(list((out / ".superseded").iterdir())) == 1  # the same model: nothing more
 
 
 def test_a_rerun_says_what_it_skips_and_a_redo_of_nothing_says_so(reference, tiny_setup,

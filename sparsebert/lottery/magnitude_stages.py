@@ -25,7 +25,8 @@ from sparsebert.pruning.weight_masks import (
     mask_counts,
     save_weight_masks,
 )
-from sparsebert.train.loop import finetune, finished_run
+from sparsebert.train.loop import finetune
+from sparsebert.train.resume import finished_run
 from sparsebert.train.rundir import RunResult
 
 

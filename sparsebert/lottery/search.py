@@ -3,6 +3,8 @@
     out/config.json                    SearchConfig + TrainConfig (identity checked on rerun)
     out/data.json                      sha256 of the GLUE files (other data refused on rerun)
     out/full/                          fine-tuned full model (a finetune run directory)
+    out/full_model.json                sha256 of its weights: results built on another full
+                                       model are set aside (sparsebert.lottery.full_model)
     out/<method>/search.json           the search: curve, good mask, notes
     out/<method>/masks/<subnet>.json   s: head/MLP masks; m: counts (+ .safetensors masks)
     out/<method>/pruned/<subnet>.json  the mask on the fine-tuned model, no retraining
@@ -37,6 +39,7 @@ from sparsebert.hf.loading import load_model, load_tokenizer, preflight_model
 from sparsebert.hf.masks import get_masks, set_masks
 from sparsebert.hf.patching import patch
 from sparsebert.lottery.config import METHODS, SearchConfig, SearchError
+from sparsebert.lottery.full_model import check_full_model
 from sparsebert.lottery.magnitude_stages import MagnitudeStages
 from sparsebert.lottery.redo import PendingRedo, finish_redo, set_aside
 from sparsebert.lottery.scoring import load_search_data, report_metric, score_model
@@ -55,9 +58,10 @@ from sparsebert.train.config import (
 )
 from sparsebert.train.data_identity import DATA_FILE, check_data
 from sparsebert.train.evaluate import data_source, trained_precision
-from sparsebert.train.loop import finetune, finished_run
+from sparsebert.train.loop import finetune
 from sparsebert.train.metrics_log import MetricsLog
 from sparsebert.train.model_identity import MODEL_FILE, check_model
+from sparsebert.train.resume import finished_run
 from sparsebert.train.rundir import (
     RunResult,
     enclosing_sweep,
@@ -298,6 +302,7 @@ class Search(StructuredStages, MagnitudeStages):
                 check_model(folder, self.train.model)
         check_search_dir(self.out, self.config, self.train)
         self.full = self._full()  # refuses other data than full/ was trained on
+        check_full_model(self.out)  # results built on another full model are set aside
         check_data(self.out, self.task, self.train.glue_dir)  # recorded once it trained on it
         check_model(self.out, self.train.model)  # (the retrainings reload its weights)
         return self.full

@@ -24,7 +24,8 @@ from sparsebert.lottery.stage_files import stage_masks
 from sparsebert.lottery.structured import kept_fraction, structured_search
 from sparsebert.lottery.subnetworks import structured_subnetworks
 from sparsebert.pruning.importance import importance
-from sparsebert.train.loop import finetune, finished_run
+from sparsebert.train.loop import finetune
+from sparsebert.train.resume import finished_run
 from sparsebert.train.rundir import RunResult
 
 

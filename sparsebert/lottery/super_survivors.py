@@ -53,7 +53,7 @@ from sparsebert.lottery.stats import stability_summary, super_survivor_controls
 from sparsebert.lottery.structured import kept_fraction
 from sparsebert.lottery.subnetworks import SUBNETWORKS
 from sparsebert.train.config import TrainConfig
-from sparsebert.train.loop import finished_run
+from sparsebert.train.resume import finished_run
 from sparsebert.train.rundir import RunResult, now
 
 SUPER_VERSION = 1

@@ -4,10 +4,11 @@
     result = finetune(TrainConfig(task="RTE", seed=42), "runs/rte")   # RunResult
     evaluate("runs/rte")["metrics"]
 
-Modules: config (TrainConfig, presets, device and precision), loop (finetune), evaluate
-(predict, evaluate_model, evaluate a run directory), step (one training step, eager or as a
-CUDA graph), optim (AdamW + linear schedule), checkpoint (weights-only checkpoints, RNG
-state), metrics_log (metrics.jsonl), rundir (RunResult, masks.json, the saved model).
+Modules: config (TrainConfig, presets, device and precision), loop (finetune), resume (what a
+run directory holds before a run starts or resumes), evaluate (predict, evaluate_model,
+evaluate a run directory), step (one training step, eager or as a CUDA graph), optim (AdamW +
+linear schedule), checkpoint (weights-only checkpoints, RNG state), metrics_log
+(metrics.jsonl), rundir (RunResult, masks.json, the saved model).
 """
 
 from sparsebert.precision import autocast
