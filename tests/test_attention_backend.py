@@ -327,6 +327,39 @@ def test_masked_heads_contribute_zero(name, pair, tiny_batch):
             assert is_zero == (GATES[layer, head] == 0), (layer, head)
 
 
+@pytest.mark.parametrize("name", ["electra", "llama"])
+def test_padded_batches_compile_into_one_graph(name, pair, tiny_batch):
+    """A padded batch traces into one graph (fullgraph=True; strict torch.export for the
+    encoder), on the op path (a padding mask: its structure tells, no value is read) and on the
+    SDPA path (a causal mask: the gates are not read on the host while tracing; every head runs,
+    gated). Those host reads broke every layer's graph and failed fullgraph. The values and the
+    gates' gradients are eager's."""
+    _, model = pair(name)
+    gates = GATES.clone().requires_grad_(True)
+    batch = _inputs(tiny_batch, padded=True)
+
+    def forward(b):
+        return model(**b).last_hidden_state
+
+    with override_head_gates(model, gates):
+        want = forward(batch)
+        (want_grad,) = torch.autograd.grad(want.square().sum(), gates)
+        torch._dynamo.reset()
+        got = torch.compile(forward, backend="eager", fullgraph=True)(batch)
+        (got_grad,) = torch.autograd.grad(got.square().sum(), gates)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-5, rtol=1e-5)
+    assert (got_grad[GATES == 0] == 0).all()
+    if name == "electra":
+        sparsebert.set_masks(model, head_mask=GATES)
+        with torch.no_grad():
+            want = model(**batch).last_hidden_state
+        exported = torch.export.export(model, (), kwargs=batch, strict=True)
+        with torch.no_grad():
+            got = exported.module()(**batch).last_hidden_state
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
 def test_value_heads_of_another_size_decode_as_the_reference(tiny_config, tiny_dims, tiny_batch,
                                                             spies):
     """DeepSeek-V3's latent attention (value heads of 8, query/key heads of 24) under gates,

@@ -194,7 +194,13 @@ def _active_heads(module: nn.Module, gate: Tensor) -> tuple[Tensor | None, bool]
     tensor meanwhile) or an in-place write (the version counter, shared by views, moves). A
     write that bypasses the version counter (through `.data` or a NumPy view) is not seen
     there: change gates with set_masks, in-place ops on the gate itself or an optimizer step
-    (sparsebert.nn.optimizer_steps)."""
+    (sparsebert.nn.optimizer_steps).
+
+    While torch.compile traces, nothing is read on the host (that would break the graph, or
+    fail with fullgraph=True): every head is computed and gated (pruned heads still give exact
+    zeros and a zero gate gradient, but cost their share)."""
+    if torch.compiler.is_compiling():
+        return None, False
     cached = getattr(module, "_sparsebert_active_heads", None)
     # (an inference tensor has no version counter: read every time, never cached)
     # (nor a torch.func-wrapped gate: it has no storage to compare)
@@ -358,7 +364,8 @@ def sparsebert_attention_forward(
         op_gate = query.new_ones(heads, dtype=torch.float32) if gate is None else gate
         if op_gate.dtype not in (torch.float32, torch.float64):
             op_gate = op_gate.float()
-        key_padding_mask = to_key_padding_mask(attention_mask, batch, key.shape[2])  # (B, Sk)
+        key_padding_mask = to_key_padding_mask(  # (B, Sk); _is_padding_mask holds already (a
+            attention_mask, batch, key.shape[2], known_padding=True)  # torch.compile traces it)
         out = masked_attention(
             query.transpose(1, 2),
             key.transpose(1, 2),
