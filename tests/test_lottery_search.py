@@ -502,6 +502,46 @@ def test_cli_search_errors(tiny_setup, tmp_path, capsys):
     assert "is a file" in capsys.readouterr().err and file.read_text() == "keep me"
 
 
+def test_a_seeds_other_full_model_sets_aside_its_super_survivor_scores(tiny_setup, tmp_path,
+                                                                        capsys):
+    """With --seeds, what the seeds' folder holds that was built on one seed's full model (the
+    super-survivor controls' pruned scores on that model, the seeds' timings) goes aside with
+    that seed's own results when its full model changes: to OUT/.superseded/full-model-seed_<s>-*
+    (the other seeds' scores and the controls' re-fine-tunes are kept)."""
+    from safetensors.torch import load_file, save_file  # noqa: PLC0415
+
+    from sparsebert.lottery.super_survivors import search_seeds  # noqa: PLC0415
+    from sparsebert.train.config import TrainConfig  # noqa: PLC0415
+
+    options = _options(tiny_setup)
+    train = TrainConfig(**{k: v for k, v in options.items() if k != "importance_batch_size"})
+    config = SearchConfig(method="structured", importance_batch_size=16, subnets="good",
+                          retrain=False)
+    search_seeds("SST-2", tmp_path, [3, 4], search_config=config, train_config=train,
+                 progress=False)
+    scores = {s: tmp_path / "super" / "pruned" / "good" / f"seed_{s}.json" for s in (3, 4)}
+    old = {s: path.read_bytes() for s, path in scores.items()}
+    kept = scores[4].stat().st_mtime_ns
+    weights = tmp_path / "seed_3" / "full" / "model" / "model.safetensors"
+    generator = torch.Generator().manual_seed(0)
+    save_file({name: t + 0.05 * torch.randn(t.shape, generator=generator)
+               if t.is_floating_point() else t
+               for name, t in load_file(str(weights)).items()}, str(weights),
+              metadata={"format": "pt"})
+    (tmp_path / "speed").mkdir()  # timings of the seeds' old masks
+    capsys.readouterr()
+    search_seeds("SST-2", tmp_path, [3, 4], search_config=config, train_config=train,
+                 progress=False)
+    assert "set aside" in capsys.readouterr().err
+    aside = next((tmp_path / ".superseded").glob("full-model-seed_3-*"))
+    assert (aside / "super" / "pruned" / "good" / "seed_3.json").read_bytes() == old[3]
+    assert (aside / "seed_3" / "structured" / "search.json").is_file()
+    assert (aside / "speed").is_dir() and not (tmp_path / "speed").exists()
+    assert scores[3].is_file()  # scored again, on the new model
+    assert scores[4].read_bytes() == old[4] and scores[4].stat().st_mtime_ns == kept
+    assert not (tmp_path / "seed_4" / ".superseded").exists()
+
+
 def test_seeds_and_super_survivors(tiny_setup, tmp_path):
     from sparsebert.lottery.config import SearchConfig  # noqa: PLC0415
     from sparsebert.lottery.super_survivors import search_seeds  # noqa: PLC0415

@@ -6,10 +6,16 @@ A search records the digest of its full model's weight files once the full model
 fine-tuned. Every later run of the full stage compares the model in out/full/model/ with the
 record. The two differ when the full model was fine-tuned again (its model/ folder deleted by
 hand: the finished run is trained again, and on a GPU fine-tuning is not bitwise reproducible)
-or replaced by hand. Everything built on the old model (both methods' searches, masks, pruned
-scores and retrainings, the summary and report, the speed timings) is then set aside
-(sparsebert.lottery.redo.set_aside) into out/.superseded/full-model-<time>/ and computed again
-from the new model. A model fine-tuned again to the same weights (on the CPU) keeps everything.
+or replaced by hand. Everything built on the old model is then set aside
+(sparsebert.lottery.redo.set_aside) into <root>/.superseded/full-model-<time>/ and computed
+again from the new model: both methods' searches, masks, pruned scores and retrainings, the
+summary and report, the speed timings; for one seed of several (a multi-seed search's or a
+sweep's seed_<s>/, whose parent is <root>; else <root> is out) also that seed's super-survivor
+pruned scores (super/pruned/<name>/seed_<s>.json: the controls on its fine-tuned model) and the
+seeds' timings (<root>/speed/). The super-survivor masks are drawn again when the seed's good
+mask changed (sparsebert.lottery.super_survivors); their re-fine-tunes start from the
+pre-trained model and are kept. A model fine-tuned again to the same weights (on the CPU) keeps
+everything.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ from sparsebert.atomic import atomic_write_json, read_json
 from sparsebert.errors import RunDirError
 from sparsebert.hf.loading import weight_files
 from sparsebert.lottery.config import METHODS
-from sparsebert.lottery.redo import set_aside, unused
+from sparsebert.lottery.redo import move_aside, set_aside, unused
 from sparsebert.train.data_identity import file_sha256
+from sparsebert.train.rundir import is_multi_seed_root
 
 FULL_MODEL_FILE = "full_model.json"
 
@@ -44,6 +51,23 @@ def _recorded(search_dir: Path) -> dict[str, str] | None:
     return digest if isinstance(digest, dict) and digest else None
 
 
+def _seeds_root(search_dir: Path) -> Path | None:
+    """The folder of the seeds when `search_dir` is one seed's search of several (seed_<s>/ of
+    a multi-seed search or of a sweep's task folder), else None."""
+    parent = search_dir.parent
+    return parent if search_dir.name.startswith("seed_") and is_multi_seed_root(parent) else None
+
+
+def _set_aside_seed_results(root: Path, seed_folder: str, aside: Path) -> list[Path]:
+    """Move what the seeds' folder `root` holds that was built on seed `seed_folder`'s full
+    model (its super-survivor pruned scores, the seeds' timings) to `aside`; returns it."""
+    built_on = [*(root / "super" / "pruned").glob(f"*/{seed_folder}.json"), root / "speed"]
+    moved = [path for path in built_on if path.exists()]
+    for path in moved:
+        move_aside(path, aside / path.relative_to(root))
+    return moved
+
+
 def check_full_model(search_dir: Path) -> list[Path]:
     """Compare the search's fine-tuned full model (`search_dir`/full/model, which must exist)
     with the one its results were built on, set those results aside when they differ, and
@@ -52,11 +76,17 @@ def check_full_model(search_dir: Path) -> list[Path]:
     recorded = _recorded(search_dir)
     moved: list[Path] = []
     if recorded is not None and recorded != current:
+        seeds_root = _seeds_root(search_dir)
+        root = search_dir if seeds_root is None else seeds_root
         stamp = time.strftime("%Y-%m-%dT%H%M%S%z")
-        aside = unused(search_dir / ".superseded" / f"full-model-{stamp}")
-        searches, folders = set_aside(search_dir, [], [search_dir], METHODS, aside)
-        moved = [*(search_dir / m for m in METHODS if (aside / m).exists()), *folders]
-        if searches or folders:
+        label = "" if seeds_root is None else f"{search_dir.name}-"
+        aside = unused(root / ".superseded" / f"full-model-{label}{stamp}")
+        _, folders = set_aside(root, [], [search_dir], METHODS, aside)
+        moved = [*(search_dir / m for m in METHODS
+                   if (aside / search_dir.relative_to(root) / m).exists()), *folders]
+        if seeds_root is not None:
+            moved += _set_aside_seed_results(seeds_root, search_dir.name, aside)
+        if moved:
             print(f"[search] {search_dir / 'full' / 'model'}: the fine-tuned full model is not "
                   f"the one this search's results were built on (it was fine-tuned again, or "
                   f"replaced); those results are set aside in {aside} and computed again",
