@@ -1668,6 +1668,39 @@ def test_ray_task_errors_keep_the_workers_traceback():
     assert info["traceback"].endswith('File "units.py", line 9\nboom')
 
 
+def _failing_unit(spec):
+    raise RuntimeError(f"the unit {spec['id']} failed")
+
+
+def test_ray_task_errors_keep_the_workers_traceback_from_ray_get():
+    """What ray.get raises for a failed task (Ray 2.60): the RayTaskError the worker built,
+    pickled, as an instance of the cause's class, which has no traceback_str of its own (its
+    attributes are the cause's) and shows the worker's frames, in colour, only in its text.
+    The unit's failure record keeps those frames, as the local backend's does, uncoloured."""
+    pytest.importorskip("ray")
+    import pickle  # noqa: PLC0415
+    import traceback  # noqa: PLC0415
+
+    from ray.exceptions import RayTaskError  # noqa: PLC0415
+
+    from sparsebert.sweep.ray_backend import _task_error_info  # noqa: PLC0415
+
+    try:
+        _failing_unit({"id": "full/RTE/1"})
+    except RuntimeError as error:  # in the worker: the task's exception and its traceback
+        sent = pickle.dumps(RayTaskError("_run_unit", traceback.format_exc(), error,
+                                         proctitle="ray::_run_unit", pid=4242,
+                                         ip="10.0.0.7"))
+    raised = pickle.loads(sent).as_instanceof_cause()  # in the driver, from ray.get
+    assert isinstance(raised, RayTaskError) and isinstance(raised, RuntimeError)
+    assert getattr(raised, "traceback_str", None) is None and "\x1b[" in str(raised)
+    info = _task_error_info(raised)
+    assert info["error"] == "RuntimeError: the unit full/RTE/1 failed"
+    assert info["traceback"].startswith("ray::_run_unit() (pid=4242, ip=10.0.0.7)\n")
+    assert "in _failing_unit\n" in info["traceback"] and "\x1b" not in info["traceback"]
+    assert info["traceback"].endswith("RuntimeError: the unit full/RTE/1 failed\n")
+
+
 def test_ray_probe_names_an_authentication_failure(monkeypatch):
     """A cluster with token authentication refuses a client without the token: the probe's
     error names that cause (not the ConnectionError it led to) and how to fix it."""

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -34,6 +35,7 @@ CONNECT_TIMEOUT_S = 5.0
 # every failed task): Ray ends a driver whose cluster is gone after 60 s, with no word of why.
 HEALTH_CHECK_S = 5.0
 PROBE_TIMEOUT_S = 30.0  # a child process connects to the cluster within this, or is killed
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # a terminal's colour and style codes
 _PROBE = """
 import json, sys
 import ray
@@ -241,12 +243,26 @@ def check_local_memory(memory_gb: float) -> None:
 def _task_error_info(error: BaseException) -> dict[str, Any]:
     """error_info of a failed Ray task: the one-line error of the unit's own exception (the
     cause), and the traceback as the worker formatted it (the cause's frames do not survive
-    pickling)."""
+    pickling). ray.get raises a RayTaskError that is also an instance of the cause's class
+    (as_instanceof_cause), whose attributes are the cause's: there the worker's traceback is
+    only in its text (its first line names the worker's process, pid and ip), shown without
+    its colour codes."""
     info = error_info(getattr(error, "cause", None) or error)
     remote = getattr(error, "traceback_str", None)
+    if not (isinstance(remote, str) and remote.strip()) and _is_task_error(error):
+        remote = _ANSI_ESCAPE.sub("", str(error)).rstrip("\n") + "\n"  # (as error_info's)
     if isinstance(remote, str) and remote.strip():
         info["traceback"] = remote[-4000:]
     return info
+
+
+def _is_task_error(error: BaseException) -> bool:
+    """Whether `error` is Ray's RayTaskError (False where Ray does not import)."""
+    try:
+        from ray.exceptions import RayTaskError  # noqa: PLC0415
+    except ImportError:
+        return False
+    return isinstance(error, RayTaskError)
 
 
 class Watchdog:
