@@ -1550,84 +1550,160 @@ def test_ray_backend_stops_a_unit_past_its_time():
         backend.close()
 
 
-def test_ray_watchdog_stops_only_its_instances_processes():
-    """The watchdog's choice of processes: one it was given, only while its start time is the
-    one given (a reused pid is left alone), and any whose environment names its raylet."""
+def test_ray_watchdog_stops_only_its_instances_processes(tmp_path):
+    """The watchdog's choice of processes: one it saw, only while its start time is the one
+    seen (a reused pid is left alone), and one it never saw with a file open in the instance's
+    log folder, started after the watchdog in the driver's session; not an older one, one of
+    another session, nor one with files elsewhere."""
     from sparsebert.sweep import ray_watchdog  # noqa: PLC0415
 
     if not Path("/proc/self/stat").is_file():
         pytest.skip("the watchdog reads /proc (Linux)")
-    raylet = 2**22 + 12345  # above any pid this machine hands out (pid_max <= 2**22)
+    logs = tmp_path / "session_2026-01-01_00-00-00_000000_1" / "logs"
+    logs.mkdir(parents=True)
     sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
-    given = subprocess.Popen(sleep)
-    agent = subprocess.Popen(sleep, env={**os.environ, "RAY_RAYLET_PID": str(raylet)})
-    other = subprocess.Popen(sleep, env={**os.environ, "RAY_RAYLET_PID": str(raylet + 1)})
+    started = []
+
+    def process(name, start_new_session=False):
+        with open(logs.parent / name if name.startswith("elsewhere") else logs / name,
+                  "w") as out:
+            started.append(subprocess.Popen(sleep, stdout=out,
+                                            start_new_session=start_new_session))
+        return started[-1]
+
     try:
-        start = ray_watchdog.start_time(given.pid)
-        assert start is not None
-        assert ray_watchdog.leftovers(raylet, [(given.pid, start + 1)]) == {agent.pid}
-        found = ray_watchdog.leftovers(raylet, [(given.pid, start)])
-        assert found == {given.pid, agent.pid}
+        older = process("older.out")
+        time.sleep(0.1)  # (start times count in clock ticks of 10 ms)
+        since = ray_watchdog.start_time(older.pid) + 1
+        time.sleep(0.1)
+        seen, agent = process("seen.out"), process("agent.out")
+        reused = process("elsewhere-reused")  # (only its start time could make it one seen)
+        others = [older, reused, process("other.out", start_new_session=True),
+                  process("elsewhere")]
+        folders = ray_watchdog.log_folders(agent.pid)
+        assert folders == {f"{logs}/"}
+        given = {seen.pid: ray_watchdog.start_time(seen.pid),
+                 reused.pid: ray_watchdog.start_time(reused.pid) + 1}
+        assert ray_watchdog.instance(given, set(), None, None) == {seen.pid}
+        found = ray_watchdog.instance(given, folders, ray_watchdog.session(os.getpid()), since)
+        assert found == {seen.pid, agent.pid}
         ray_watchdog.stop(found)
-        assert given.wait(10) == agent.wait(10) == -signal.SIGTERM
-        assert other.poll() is None
+        assert seen.wait(10) == agent.wait(10) == -signal.SIGTERM
+        assert all(other.poll() is None for other in others)
     finally:
-        for process in (given, agent, other):
-            process.kill()
-            process.wait()
+        for each in started:
+            each.kill()
+            each.wait()
 
 
 _RAY_DRIVER = """
-import time
+import sys, time
+import ray._private.worker
 from sparsebert.sweep.local import Slot
 from sparsebert.sweep.ray_backend import RayBackend
+if sys.argv[1] == "starting":  # held inside ray.init, the instance's processes running
+    def connect(*args, **kwargs):
+        print("STARTING", flush=True)
+        time.sleep(300)
+    ray._private.worker.connect = connect
 backend = RayBackend([Slot(0, "cpu", 1)], None, 1, 0.0)
-print("WATCHDOG", backend.watchdog.process.pid, *backend.watchdog.process.args[3:], flush=True)
+print("STARTED", flush=True)
 time.sleep(300)
 """
 
 
+def _below(pid: int) -> dict[int, int]:
+    """Every live process below `pid`: pid -> parent."""
+    parents = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()
+            if stat[0] != b"Z":
+                parents[int(entry)] = int(stat[1])
+    below, grown = {}, True
+    while grown:
+        grown = False
+        for child, parent in parents.items():
+            if child not in below and (parent == pid or parent in below):
+                below[child], grown = parent, True
+    return below
+
+
+def _comm(pid: int) -> str:
+    """The program name of process `pid` ("" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _with_files_in(folder: str) -> set[int]:
+    """The live processes with a file open in `folder`."""
+    found = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{entry}/fd/{fd}").startswith(folder):
+                        found.add(int(entry))
+                        break
+    return {pid for pid in found if pid_alive(pid)}
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the watchdog needs /proc")
-def test_a_killed_sweep_driver_leaves_no_ray_process(tmp_path):
-    """kill -9 of a driver that started a local Ray instance: Ray's raylet, GCS and workers
+@pytest.mark.parametrize("when", ["started", "starting"])
+def test_a_killed_sweep_driver_leaves_no_ray_process(when, tmp_path):
+    """kill -9 of a driver that started a local Ray instance (`started`), or is starting one
+    (`starting`: held inside ray.init once its processes run): Ray's raylet, GCS and workers
     exit on their own, its agents (ray::DashboardAgent, ray::RuntimeEnvAgent) did not; the
     watchdog stops every process of that instance, and ends."""
     pytest.importorskip("ray")
     from sparsebert.sweep import ray_watchdog  # noqa: PLC0415
 
     root = Path(__file__).resolve().parents[1]
-    driver = subprocess.Popen([sys.executable, "-c", _RAY_DRIVER], cwd=tmp_path,
+    driver = subprocess.Popen([sys.executable, "-c", _RAY_DRIVER, when], cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                               env={**os.environ, "PYTHONPATH": str(root)},
                               start_new_session=True)
-    given: list[tuple[int, int]] = []
-    raylet = watchdog = None
+    instance: set[int] = set()
+    logs = None
+
+    def left() -> set[int]:
+        return {p for p in instance if pid_alive(p)} | (_with_files_in(logs) if logs else set())
+
     try:
         # the driver's one line, once its instance runs (not waited for forever if Ray hangs)
         ready, _, _ = select.select([driver.stdout], [], [], 180)
         line = driver.stdout.readline().split() if ready else ["(nothing within 180 s)"]
-        assert line[:1] == ["WATCHDOG"], line
-        watchdog, raylet = int(line[1]), int(line[2])
-        given = [tuple(int(x) for x in item.split(":")) for item in line[3:]]
-        names = {ray_watchdog._read(f"/proc/{pid}/comm").strip() for pid, _ in given}
-        assert {b"raylet", b"gcs_server"} <= names
-        agents = set(ray_watchdog.started_by_raylet(raylet))
-        assert agents  # the agents (and an idle worker)
+        assert line == [when.upper()], line
+        agents = {"ray::DashboardA", "ray::RuntimeEnv"}  # (names cut to 15 characters)
+        deadline = time.monotonic() + 60  # the raylet starts its agents
+        while time.monotonic() < deadline and not agents <= {_comm(p) for p in _below(driver.pid)}:
+            time.sleep(0.2)
+        below = _below(driver.pid)
+        watchdogs = [p for p, parent in below.items() if parent == driver.pid
+                     and "ray_watchdog" in Path(f"/proc/{p}/cmdline").read_text()]
+        instance = set(below) - set(watchdogs)
+        assert agents <= {_comm(p) for p in instance}
+        raylet = next(p for p in instance if _comm(p) == "raylet")
+        logs = next(str(Path(target).parent) + "/" for target in (
+            os.readlink(f"/proc/{raylet}/fd/{fd}") for fd in os.listdir(f"/proc/{raylet}/fd"))
+            if Path(target).parent.name == "logs")  # Ray's <session dir>/logs/
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and ray_watchdog.leftovers(raylet, given):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and left():
             time.sleep(0.5)
-        assert not ray_watchdog.leftovers(raylet, given)
-        while time.monotonic() < deadline and pid_alive(watchdog):
+        assert not {p: _comm(p) for p in left()}
+        assert len(watchdogs) == 1, {p: _comm(p) for p in below}
+        while time.monotonic() < deadline and pid_alive(watchdogs[0]):
             time.sleep(0.2)
-        assert not pid_alive(watchdog)
+        assert not pid_alive(watchdogs[0])
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-        if raylet is not None:
-            ray_watchdog.stop(ray_watchdog.leftovers(raylet, given))
+        ray_watchdog.stop(left())
 
 
 def test_ray_backend_sigterm_while_its_instance_starts(monkeypatch):

@@ -266,28 +266,33 @@ def _is_task_error(error: BaseException) -> bool:
 
 
 class Watchdog:
-    """The watchdog of the local Ray instance this process started (ray_watchdog.py): it
-    stops the instance's processes if this process dies without shutting it down. close()
-    after ray.shutdown() ends it."""
+    """The watchdog of the local Ray instance this process starts (ray_watchdog.py): started
+    before the instance, it stops the instance's processes if this process dies without
+    shutting it down, also while the instance starts. started() once the instance runs;
+    close() after ray.shutdown() ends it."""
 
     def __init__(self, process: subprocess.Popen) -> None:
         self.process = process
 
     @classmethod
     def start(cls) -> Watchdog | None:
-        """A watchdog for the instance now running below this process; None off Linux (no
-        /proc) or when no raylet of it is found."""
+        """A watchdog for an instance about to start below this process; None off Linux (no
+        /proc)."""
         if not sys.platform.startswith("linux"):
-            return None
-        raylet, given = ray_watchdog.ray_processes(os.getpid())
-        if raylet is None:
             return None
         # its own session: a terminal's Ctrl-C or a kill of the command's process group reaches
         # the driver, which then shuts its instance down and closes the pipe
         return cls(subprocess.Popen(
-            [sys.executable, "-I", ray_watchdog.__file__, str(raylet), *given],
+            [sys.executable, "-I", ray_watchdog.__file__, str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True))
+
+    def started(self) -> None:
+        """The instance runs: the watchdog records its processes once more and stops looking
+        for new ones (its log folder finds any started later)."""
+        with contextlib.suppress(OSError):
+            self.process.stdin.write(ray_watchdog.STARTED)
+            self.process.stdin.flush()
 
     def close(self, shut_down: bool = True) -> None:
         """End the watchdog: at once when the instance was shut down (`shut_down`), else after
@@ -322,6 +327,8 @@ class RayBackend:
         self.ray, self.slots = ray, slots
         self.per_gpu, self.memory_gb = per_gpu, memory_gb
         self.started = not ray.is_initialized()
+        # started before the instance: a kill -9 while it starts would leave its agents running
+        self.watchdog = Watchdog.start() if self.started and not address else None
         options = {"include_dashboard": False, "log_to_driver": False,
                    "logging_level": "WARNING"}  # no connection banners in the sweep's output
         on_sigterm = signal.getsignal(signal.SIGTERM)
@@ -331,20 +338,25 @@ class RayBackend:
             elif self.started:  # a new local instance as wide as the slots (not a cluster
                 # that RAY_ADDRESS or the machine's last `ray start` names: Ray's default)
                 ray.init(address="local", num_cpus=sum(s.threads for s in slots), **options)
-        except ConnectionError as error:
-            raise SweepError(f"--ray-address {address}: {error}; use --backend local") \
-                from None
         except BaseException as error:  # e.g. SIGTERM while the instance starts
-            if self.started and ray.is_initialized():
-                ray.shutdown()  # an instance started half-way: its processes go with it
+            shut_down = False
+            try:
+                if self.started and ray.is_initialized():
+                    ray.shutdown()  # an instance started half-way: its processes go with it
+                    shut_down = True
+            finally:  # else the watchdog stops what the failed start left running
+                self._end_watchdog(shut_down)
+            if isinstance(error, ConnectionError):
+                raise SweepError(f"--ray-address {address}: {error}; use --backend local") \
+                    from None
             if isinstance(error, SystemExit) and error.code == signal.SIGTERM:
                 raise Terminated from None  # Ray's handler exits: report it as the command's
             raise
         finally:  # ray.init installs its own SIGTERM handler: keep the command's (as Ctrl-C)
             if threading.current_thread() is threading.main_thread() and on_sigterm is not None:
                 signal.signal(signal.SIGTERM, on_sigterm)
-        # a kill -9 of this process would leave the started instance's agents running
-        self.watchdog = Watchdog.start() if self.started and not address else None
+        if self.watchdog is not None:
+            self.watchdog.started()
         self.pending: dict[Any, Slot] = {}
         # A cluster joined (not an instance of this sweep's own): where to check, while units
         # run, that it still answers, and the address to name when it stops. The address
@@ -368,6 +380,12 @@ class RayBackend:
             raise
         self.remote, self.runner = ray.remote(_run_unit), runner
         self.began: set[str] = set()  # units whose task has started (its marker seen)
+
+    def _end_watchdog(self, shut_down: bool) -> None:
+        """End the watchdog of the instance this sweep started, if any (Watchdog.close)."""
+        if self.watchdog is not None:
+            self.watchdog.close(shut_down)
+            self.watchdog = None
 
     def _needs(self, slot: Slot) -> dict[str, float]:
         return unit_needs(slot, self.per_gpu, self.memory_gb)
@@ -497,9 +515,7 @@ class RayBackend:
                 self.ray.shutdown()
                 shut_down = True
             finally:  # a shutdown cut short (a second Ctrl-C): the watchdog stops what is left
-                if self.watchdog is not None:
-                    self.watchdog.close(shut_down)
-                    self.watchdog = None
+                self._end_watchdog(shut_down)
             return
         for ref in list(self.pending):
             try:
