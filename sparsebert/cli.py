@@ -406,7 +406,7 @@ _SIGTERM_RECEIVED: list[bool] = []  # set by the handler: some libraries (Ray) r
 
 
 def _close_progress_bars() -> None:
-    """Close the progress bars an interrupt left open (each ends its line)."""
+    """Close the progress bars an error or interrupt left open (each ends its line)."""
     from tqdm import tqdm  # noqa: PLC0415 (the class every tqdm flavour registers with)
 
     for bar in list(getattr(tqdm, "_instances", ())):
@@ -459,6 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Python's exit-time flush of stdout from failing again
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 128 + signal.SIGPIPE
+        _close_progress_bars()  # (else the line lands at the end of a bar's, redrawn later)
         if debug_enabled(args):
             traceback.print_exc()
         return _fail(str(error))

@@ -1331,6 +1331,46 @@ def test_ray_cluster_same_results(reference, tiny_model_dir, synthetic_glue, tmp
     assert mine["methods"]["structured"] == local["methods"]["structured"]
 
 
+def test_a_lost_cluster_ends_the_live_line_before_the_error(tiny_model_dir, synthetic_glue,
+                                                            tmp_path, monkeypatch, capsys):
+    """The cluster lost while units run, with the live line on: the command's error starts a
+    line of its own and nothing is drawn after it (it was glued to the end of the bar, which
+    was then drawn again after it)."""
+    import gc  # noqa: PLC0415
+
+    from sparsebert.sweep import driver  # noqa: PLC0415
+    from sparsebert.sweep.config import ClusterLost  # noqa: PLC0415
+
+    lost = "--ray-address 10.0.0.5:6379: the Ray cluster stopped answering"
+
+    class LostBackend:  # a Ray backend whose cluster is gone once the first units run
+        name = "ray"
+
+        def __init__(self, slots):
+            self.slots = slots
+
+        def idle(self):
+            return [s for s in self.slots if s.busy is None]
+
+        def submit(self, slot, spec, warm_key):
+            slot.busy = spec["id"]
+
+        def poll(self, timeout):
+            raise ClusterLost(lost)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(driver, "_backend", lambda config, slots: LostBackend(slots))
+    argv = [a for a in _argv(tiny_model_dir, synthetic_glue, tmp_path / "lost") if a != "--quiet"]
+    assert main(argv) == 2
+    gc.collect()  # (a bar left open is drawn again when it is collected)
+    err = capsys.readouterr().err
+    before, found, after = err.rpartition(f"sparsebert: error: {lost}")
+    assert found and "sweep:" in before, err  # the live line was shown
+    assert before.endswith("\n") and after == "\n", err
+
+
 _CLUSTER_DRIVER = """
 import sys, time
 from sparsebert.sweep.config import ClusterLost

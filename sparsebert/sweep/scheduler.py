@@ -117,68 +117,71 @@ class Scheduler:
             if self.progress:  # stderr, as the bar: stdout stays the command's result
                 tqdm.write(text, file=sys.stderr)
 
-        while True:
-            ready = [i for i in self.order if i not in finished and i not in running
-                     and i not in dead and all(d in finished for d in self.units[i].deps)]
-            self._block_dependents(finished, dead, outcome)
-            for slot in self.backend.idle() if ready else []:
-                if not ready:
+        try:  # the bar is closed (its line ended) however the loop ends: a backend's error
+            # (e.g. ClusterLost) or an interrupt is then shown on a line of its own
+            while True:
+                ready = [i for i in self.order if i not in finished and i not in running
+                         and i not in dead and all(d in finished for d in self.units[i].deps)]
+                self._block_dependents(finished, dead, outcome)
+                for slot in self.backend.idle() if ready else []:
+                    if not ready:
+                        break
+                    unit = self._pick(ready, slot)
+                    ready.remove(unit.id)
+                    attempts[unit.id] += 1
+                    self.backend.submit(slot, unit_spec(unit, self.base, attempts[unit.id],
+                                                        slot.device, slot.threads), unit.warm_key)
+                    running[unit.id] = time.perf_counter()
+                    placed[unit.id] = {"slot": slot.index, "device": slot.device,
+                                       **slot.where(), "attempt": attempts[unit.id]}
+                    changed = True
+                remaining = [i for i in self.order if i not in finished and i not in dead]
+                postfix = (f"running {len(running)}, failed {len(outcome.failed)}, "
+                           f"ETA {self._eta(remaining, running)}")
+                if postfix != last_postfix or time.perf_counter() - drawn_at >= REDRAW_S:
+                    bar.set_postfix_str(postfix, refresh=True)  # (the elapsed clock too)
+                    last_postfix, drawn_at = postfix, time.perf_counter()
+                if changed:
+                    self.state.write_status({"running": placed, "done": len(finished),
+                                             "failed": sorted(outcome.failed),
+                                             "total": len(self.units)})
+                    changed = False
+                if not running:
                     break
-                unit = self._pick(ready, slot)
-                ready.remove(unit.id)
-                attempts[unit.id] += 1
-                self.backend.submit(slot, unit_spec(unit, self.base, attempts[unit.id],
-                                                    slot.device, slot.threads), unit.warm_key)
-                running[unit.id] = time.perf_counter()
-                placed[unit.id] = {"slot": slot.index, "device": slot.device,
-                                   **slot.where(), "attempt": attempts[unit.id]}
-                changed = True
-            remaining = [i for i in self.order if i not in finished and i not in dead]
-            postfix = (f"running {len(running)}, failed {len(outcome.failed)}, "
-                       f"ETA {self._eta(remaining, running)}")
-            if postfix != last_postfix or time.perf_counter() - drawn_at >= REDRAW_S:
-                bar.set_postfix_str(postfix, refresh=True)  # (the elapsed clock too)
-                last_postfix, drawn_at = postfix, time.perf_counter()
-            if changed:
-                self.state.write_status({"running": placed, "done": len(finished),
-                                         "failed": sorted(outcome.failed),
-                                         "total": len(self.units)})
-                changed = False
-            if not running:
-                break
-            events = self.backend.poll(timeout=1.0)
-            events += self._stop_overdue(running, {e.unit_id for e in events})
-            for event in events:
-                if event.unit_id not in running:  # a backend's stray or repeated result
-                    warnings.warn(f"a result for {event.unit_id!r}, which is not running, was "
-                                  "ignored", RuntimeWarning)
-                    continue
-                changed = True
-                unit = self.units[event.unit_id]
-                placed.pop(event.unit_id, None)
-                seconds = time.perf_counter() - running.pop(event.unit_id)
-                if event.ok:
-                    info = {**event.info, "attempts": attempts[unit.id],
-                            "backend": self.backend.name}
-                    self.state.mark_done(unit.id, info)
-                    finished.add(unit.id)
-                    outcome.done.append(unit.id)
-                    self._record(unit, event.info.get("seconds", seconds))
-                    bar.update(1)
-                    log(f"done {unit.id} in {seconds:.0f} s"
-                        + (f" (score {event.info['score']:.4f})" if "score" in event.info
-                           else ""))
-                elif attempts[unit.id] <= self.retries:
-                    outcome.retried[unit.id] = attempts[unit.id]
-                    log(f"failed {unit.id} (attempt {attempts[unit.id]}): "
-                        f"{event.info['error']}; retrying")
-                else:
-                    dead.add(unit.id)
-                    outcome.failed[unit.id] = {**event.info, "attempts": attempts[unit.id]}
-                    self.state.mark_failed(unit.id, outcome.failed[unit.id])
-                    log(f"failed {unit.id} after {attempts[unit.id]} attempt(s): "
-                        f"{event.info['error']}")
-        bar.close()
+                events = self.backend.poll(timeout=1.0)
+                events += self._stop_overdue(running, {e.unit_id for e in events})
+                for event in events:
+                    if event.unit_id not in running:  # a backend's stray or repeated result
+                        warnings.warn(f"a result for {event.unit_id!r}, which is not running, was "
+                                      "ignored", RuntimeWarning)
+                        continue
+                    changed = True
+                    unit = self.units[event.unit_id]
+                    placed.pop(event.unit_id, None)
+                    seconds = time.perf_counter() - running.pop(event.unit_id)
+                    if event.ok:
+                        info = {**event.info, "attempts": attempts[unit.id],
+                                "backend": self.backend.name}
+                        self.state.mark_done(unit.id, info)
+                        finished.add(unit.id)
+                        outcome.done.append(unit.id)
+                        self._record(unit, event.info.get("seconds", seconds))
+                        bar.update(1)
+                        log(f"done {unit.id} in {seconds:.0f} s"
+                            + (f" (score {event.info['score']:.4f})" if "score" in event.info
+                               else ""))
+                    elif attempts[unit.id] <= self.retries:
+                        outcome.retried[unit.id] = attempts[unit.id]
+                        log(f"failed {unit.id} (attempt {attempts[unit.id]}): "
+                            f"{event.info['error']}; retrying")
+                    else:
+                        dead.add(unit.id)
+                        outcome.failed[unit.id] = {**event.info, "attempts": attempts[unit.id]}
+                        self.state.mark_failed(unit.id, outcome.failed[unit.id])
+                        log(f"failed {unit.id} after {attempts[unit.id]} attempt(s): "
+                            f"{event.info['error']}")
+        finally:
+            bar.close()
         outcome.wall_s = time.perf_counter() - started
         return outcome
 
