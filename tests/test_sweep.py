@@ -1076,6 +1076,29 @@ def test_a_script_that_calls_sweep_unguarded_gets_the_way_out(tmp_path, tiny_mod
     assert runs[-1]["status"].startswith("refused: sweep() was called again")
 
 
+def test_sweep_help_says_what_workers_and_devices_mean_on_a_ray_cluster():
+    """--help of --workers and --devices as they behave on a Ray cluster (--ray-address): the
+    default width is the cluster's CPUs / --threads, not capped at 4 as on this machine, and
+    only cpu, cuda or auto are devices there (the example cuda:0,cuda:1 is refused)."""
+    from sparsebert.cli import build_parser  # noqa: PLC0415
+    from sparsebert.sweep.driver import make_slots  # noqa: PLC0415
+
+    actions = build_parser().command_parsers["sweep"]._actions
+    helps = {a.option_strings[0]: " ".join(a.help.split()) for a in actions if a.option_strings}
+    assert "on a Ray cluster (--ray-address): its CPUs / --threads, not capped" \
+        in helps["--workers"]
+    assert "on a Ray cluster (--ray-address) cpu, cuda (Ray assigns the GPUs) or auto" \
+        in helps["--devices"]
+    cluster = {"CPU": 16.0}  # what the help says, as the sweep does it
+    assert len(make_slots(SweepConfig(devices="cpu", ray_address="h:6379"),
+                          TrainConfig(threads=2), cluster)) == 8
+    with pytest.raises(SweepError, match="Ray assigns the GPUs; pass --devices cuda"):
+        make_slots(SweepConfig(devices="cuda:0,cuda:1", ray_address="h:6379"), TrainConfig(),
+                   {"CPU": 16.0, "GPU": 2.0})
+    assert len(make_slots(SweepConfig(devices="cuda", ray_address="h:6379", per_gpu=2),
+                          TrainConfig(), {"CPU": 16.0, "GPU": 2.0})) == 4
+
+
 def test_stop_after_steps_refused(tmp_path, capsys):
     """Every fine-tune would stop at that step and fail for good: not a sweep flag, and
     refused by the Python API before anything is written."""

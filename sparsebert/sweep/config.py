@@ -55,9 +55,13 @@ class SweepConfig:
                                "written)", True)
     workers: int | None = help_field("units run at once (default: per --devices: the CPU "
                                      "cores this process may use, capped at 4, on CPU; "
-                                     "--per-gpu per GPU)", None)
+                                     "--per-gpu per GPU; on a Ray cluster (--ray-address): "
+                                     "its CPUs / --threads, not capped, or --per-gpu per GPU "
+                                     "of it)", None)
     devices: str = help_field("cpu, or comma-separated CUDA devices (cuda:0,cuda:1); auto: "
-                              "every visible GPU, else cpu", "auto")
+                              "every visible GPU, else cpu; on a Ray cluster (--ray-address) "
+                              "cpu, cuda (Ray assigns the GPUs) or auto (its GPUs, else cpu)",
+                              "auto")
     per_gpu: int = help_field("units packed onto each GPU at once", 4)
     backend: str = help_field("local (a process pool on this machine) or ray", "local")
     ray_address: str | None = help_field("address of a running Ray cluster (default: start a "
