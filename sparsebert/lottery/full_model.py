@@ -71,7 +71,8 @@ def _set_aside_seed_results(root: Path, seed_folder: str, aside: Path) -> list[P
 def check_full_model(search_dir: Path) -> list[Path]:
     """Compare the search's fine-tuned full model (`search_dir`/full/model, which must exist)
     with the one its results were built on, set those results aside when they differ, and
-    record the current model. Returns the folders and files set aside ([] when none)."""
+    record the current model. Returns what was set aside ([] when nothing): the search (when
+    any of its results were), its timings, the seeds' files built on it."""
     current = weights_digest(search_dir / "full" / "model")
     recorded = _recorded(search_dir)
     moved: list[Path] = []
@@ -81,9 +82,8 @@ def check_full_model(search_dir: Path) -> list[Path]:
         stamp = time.strftime("%Y-%m-%dT%H%M%S%z")
         label = "" if seeds_root is None else f"{search_dir.name}-"
         aside = unused(root / ".superseded" / f"full-model-{label}{stamp}")
-        _, folders = set_aside(root, [], [search_dir], METHODS, aside)
-        moved = [*(search_dir / m for m in METHODS
-                   if (aside / search_dir.relative_to(root) / m).exists()), *folders]
+        searches, folders = set_aside(root, [], [search_dir], METHODS, aside)
+        moved = [*searches, *folders]
         if seeds_root is not None:
             moved += _set_aside_seed_results(seeds_root, search_dir.name, aside)
         if moved:
