@@ -62,24 +62,24 @@ def _stat(pid: int) -> list[bytes] | None:
     return fields if len(fields) > 19 else None
 
 
-def children(pid: int) -> list[int]:
-    """The live child processes of `pid`."""
-    found = []
+def children_of() -> dict[int, list[int]]:
+    """{pid: its live child processes} for every live process (one pass over /proc)."""
+    found: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             fields = _stat(int(entry))
-            if fields is not None and int(fields[1]) == pid:
-                found.append(int(entry))
+            if fields is not None:
+                found.setdefault(int(fields[1]), []).append(int(entry))
     return found
 
 
-def descendants(pid: int) -> Iterator[int]:
-    """Every live process below `pid` (children first)."""
-    stack = children(pid)
+def descendants(pid: int, children: dict[int, list[int]]) -> Iterator[int]:
+    """Every live process below `pid` (children first), from children_of()'s map."""
+    stack = list(children.get(pid, ()))
     while stack:
         child = stack.pop()
         yield child
-        stack.extend(children(child))
+        stack.extend(children.get(child, ()))
 
 
 def _read(path: str) -> bytes:
@@ -119,10 +119,11 @@ def log_folders(pid: int) -> set[str]:
 
 def ray_processes(driver_pid: int) -> Iterator[int]:
     """The driver's children that run Ray's installed programs and everything below them."""
-    for child in children(driver_pid):
+    children = children_of()  # (looked at every POLL_S: one pass over /proc, not one a process)
+    for child in children.get(driver_pid, ()):
         if f"{os.sep}ray{os.sep}".encode() in _read(f"/proc/{child}/cmdline"):
             yield child
-            yield from descendants(child)
+            yield from descendants(child, children)
 
 
 def record(driver_pid: int, seen: dict[int, int], logs: set[str]) -> None:
