@@ -15,6 +15,7 @@ from torch.autograd import forward_ad
 
 from sparsebert import op_checks, reference
 from sparsebert._extension import load_extension
+from sparsebert.checks import is_integer
 from sparsebert.switches import arch_list_has_sm90a, check_attention_kernel
 
 NAMESPACE = "sparsebert"
@@ -440,8 +441,11 @@ def group_dot(x: Tensor, g: Tensor, group_size: int, token_mask: Tensor | None =
             f"group_dot: 'g' must match x (shape {tuple(x.shape)}, {x.dtype}, {x.device}), got "
             f"{tuple(g.shape)}, {g.dtype}, {g.device}"
         )
-    if (not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1
-            or x.shape[2] % group_size != 0):
+    if not is_integer(group_size):  # an int or numpy integer (a size read from an array)
+        raise ValueError(f"group_dot: 'group_size' must be an int, got "
+                         f"{type(group_size).__name__} {group_size!r}")
+    group_size = int(group_size)
+    if group_size < 1 or x.shape[2] % group_size != 0:
         raise ValueError(
             f"group_dot: 'group_size' must be a positive divisor of D={x.shape[2]}, "
             f"got {group_size!r}"
@@ -474,15 +478,22 @@ def accumulate_importance_(acc: Tensor, scores: Tensor, power: int = 1) -> Tenso
         if not isinstance(t, Tensor):
             raise ValueError(f"accumulate_importance_: '{name}' must be a torch.Tensor, got "
                              f"{type(t).__name__}")
-    if type(power) is not int or power not in (1, 2):  # not 2.0, not True
+    if not is_integer(power) or power not in (1, 2):  # not 2.0, not True
         raise ValueError(f"accumulate_importance_: 'power' must be 1 or 2 (an int), got "
                          f"{power!r}")
+    power = int(power)
     if acc.requires_grad and torch.is_grad_enabled():
         raise ValueError("accumulate_importance_: 'acc' requires grad; an in-place update of "
                          "it cannot be differentiated (accumulate into a plain tensor)")
-    if acc.dtype not in (torch.float32, torch.float64) or not acc.is_contiguous():
+    if acc.dtype not in (torch.float32, torch.float64):
         raise ValueError(
             f"accumulate_importance_: 'acc' must be a contiguous fp32/fp64 tensor, got {acc.dtype}"
+        )
+    if not acc.is_contiguous():  # updated in place: a contiguous copy would not be acc
+        raise ValueError(
+            f"accumulate_importance_: 'acc' must be contiguous (it is updated in place), got "
+            f"strides {acc.stride()} for shape {tuple(acc.shape)}; accumulate into "
+            f"acc.contiguous() (or a fresh torch.zeros) and copy back"
         )
     if scores.dim() != acc.dim() + 1 or scores.shape[1:] != acc.shape:
         raise ValueError(

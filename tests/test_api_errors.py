@@ -204,6 +204,19 @@ def test_numpy_numbers_pass_the_checks(tiny_bert, tmp_path):
     assert "must be a path or a list" not in str(error.value)
 
 
+def test_blocks_name_hidden_states_of_another_width():
+    """A block fed hidden states of another width names the argument and the width it takes
+    (not torch's matmul shape error from inside)."""
+    from sparsebert.nn import SparseAttention, SparseMLP  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match=r"SparseAttention: hidden_states .*hidden=32, got "
+                                         r"shape \(2, 5, 16\)"):
+        SparseAttention(32, 4)(torch.randn(2, 5, 16))
+    with pytest.raises(ValueError, match=r"SparseMLP: hidden_states .*hidden=32, got shape "
+                                         r"\(2, 5, 16\)"):
+        SparseMLP(32, 64)(torch.randn(2, 5, 16))
+
+
 def test_argument_checks_take_numpy_numbers_and_refuse_bools():
     from sparsebert.checks import is_finite_number, is_integer, is_number
     assert is_integer(3) and is_integer(np.int64(3)) and is_integer(-1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -159,6 +160,21 @@ def test_wrappers_refuse_bools_and_floats_for_integer_arguments():
     for power in (2.0, True):
         with pytest.raises(ValueError, match="'power' must be 1 or 2"):
             ops.accumulate_importance_(torch.zeros(4), torch.randn(2, 4), power)
+
+
+def test_wrappers_take_numpy_integers_and_name_what_is_wrong():
+    """A numpy integer (a size read from an array) is an int to the wrappers, as to the rest
+    of the API; a non-contiguous 'acc' is refused for being non-contiguous, not for its
+    (valid) dtype."""
+    x, g = torch.randn(2, 5, 12), torch.randn(2, 5, 12)
+    torch.testing.assert_close(ops.group_dot(x, g, np.int64(4)), ops.group_dot(x, g, 4))
+    with pytest.raises(ValueError, match="'group_size' must be an int, got Tensor"):
+        ops.group_dot(x, g, torch.tensor(4))
+    acc = torch.zeros(3)
+    ops.accumulate_importance_(acc, torch.ones(2, 3), np.int64(2))
+    torch.testing.assert_close(acc, torch.full((3,), 2.0))
+    with pytest.raises(ValueError, match=r"'acc' must be contiguous .*strides \(1, 3\)"):
+        ops.accumulate_importance_(torch.zeros(4, 3).t(), torch.randn(5, 3, 4), 1)
 
 
 @pytest.mark.parametrize(

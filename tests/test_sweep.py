@@ -7,6 +7,7 @@ results as the local one; bad input fails with one line and exit status 2."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import select
@@ -261,6 +262,40 @@ def test_a_run_whose_model_is_gone_is_fine_tuned_again(reference, tiny_model_dir
     assert (out / "SST-2" / "seed_3" / "full" / "model" / "config.json").is_file()
     assert (retrained / "model" / "model.safetensors").is_file()
     assert _results(out) == _results(reference[0])
+    assert not sweep(out, *_configs(tiny_model_dir, synthetic_glue), progress=False).done
+
+
+def test_a_full_model_replaced_by_hand_redoes_what_was_built_on_it(reference, tiny_model_dir,
+                                                                  synthetic_glue, tmp_path):
+    """A seed's full model replaced by hand (other weights, its run still finished) makes its
+    done full unit stale: the unit runs again, sets aside the searches and scores built on the
+    old model (full_model.json records its digest) and everything built on them runs again
+    on the new one; the other seed is kept, and a rerun runs nothing."""
+    from safetensors.torch import load_file, save_file  # noqa: PLC0415
+
+    out = tmp_path / "model-replaced"
+    shutil.copytree(reference[0], out)
+    seed = out / "SST-2" / "seed_3"
+    weights = seed / "full" / "model" / "model.safetensors"
+    generator = torch.Generator().manual_seed(0)
+    save_file({name: t + 0.05 * torch.randn(t.shape, generator=generator)
+               if t.is_floating_point() else t for name, t in load_file(str(weights)).items()},
+              str(weights), metadata={"format": "pt"})
+    old_search = (seed / "structured" / "search.json").read_bytes()
+    outcome = sweep(out, *_configs(tiny_model_dir, synthetic_glue), progress=False)
+    assert not outcome.failed
+    assert {"full/SST-2/3", "search/SST-2/3/structured", "search/SST-2/3/magnitude",
+            "pruned/SST-2/3/structured/good", "summary/SST-2/3", "super-pruned/SST-2/3/good",
+            "super-summary/SST-2"} <= set(outcome.done)
+    assert not any(unit.startswith(("full/SST-2/4", "search/SST-2/4"))
+                   for unit in outcome.done)
+    aside = next((out / "SST-2" / ".superseded").glob("full-model-seed_3-*"))
+    assert (aside / "seed_3" / "structured" / "search.json").read_bytes() == old_search
+    assert (aside / "super" / "pruned" / "good" / "seed_3.json").is_file()
+    model = json.loads((seed / "full_model.json").read_text())["weights_sha256"]
+    assert model["model.safetensors"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    results, expected = _results(out), _results(reference[0])
+    assert results["SST-2/seed_4/summary.json"] == expected["SST-2/seed_4/summary.json"]
     assert not sweep(out, *_configs(tiny_model_dir, synthetic_glue), progress=False).done
 
 

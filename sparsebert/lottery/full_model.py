@@ -15,7 +15,8 @@ pruned scores (super/pruned/<name>/seed_<s>.json: the controls on its fine-tuned
 seeds' timings (<root>/speed/). The super-survivor masks are drawn again when the seed's good
 mask changed (sparsebert.lottery.super_survivors); their re-fine-tunes start from the
 pre-trained model and are kept. A model fine-tuned again to the same weights (on the CPU) keeps
-everything.
+everything. A sweep asks `full_model_replaced` before it skips a done full unit: the unit runs
+again when the model was replaced, and this check sets the old results aside.
 """
 
 from __future__ import annotations
@@ -49,6 +50,14 @@ def _recorded(search_dir: Path) -> dict[str, str] | None:
         return None
     digest = record.get("weights_sha256") if isinstance(record, dict) else None
     return digest if isinstance(digest, dict) and digest else None
+
+
+def full_model_replaced(search_dir: Path) -> bool:
+    """Whether `search_dir`/full/model's weights differ from the ones recorded in
+    `search_dir`/full_model.json (False without a record: nothing was built on a model yet, or
+    the search is from before the record)."""
+    recorded = _recorded(search_dir)
+    return recorded is not None and recorded != weights_digest(search_dir / "full" / "model")
 
 
 def _seeds_root(search_dir: Path) -> Path | None:

@@ -614,10 +614,10 @@ class SparseAttention(nn.Module):
         formed); a `head_mask` (removed in transformers 5, which ignores it silently) raises
         ValueError pointing to set_masks.
         """
-        if hidden_states.dim() != 3:
+        if hidden_states.dim() != 3 or hidden_states.shape[2] != self.hidden_size:
             raise ValueError(
-                "SparseAttention: hidden_states must be (batch, seq, hidden), got shape "
-                f"{tuple(hidden_states.shape)}"
+                f"SparseAttention: hidden_states must be (batch, seq, hidden) with hidden="
+                f"{self.hidden_size}, got shape {tuple(hidden_states.shape)}"
             )
         if kwargs.get("output_attentions"):
             warnings.warn(

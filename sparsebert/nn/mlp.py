@@ -293,6 +293,9 @@ class SparseMLP(nn.Module):
     def forward(self, hidden_states: Tensor) -> Tensor:
         """hidden_states (B, S, hidden) (any leading dims for shared gates) -> same shape; with
         output_rows = n (and 3-d input) -> (B, min(n, S), hidden), the first rows only."""
+        if hidden_states.dim() < 1 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"SparseMLP: hidden_states must be (..., hidden) with hidden="
+                             f"{self.hidden_size}, got shape {tuple(hidden_states.shape)}")
         layer_norm = self.output_layer_norm()
         check_output_rows("SparseMLP", self.output_rows)
         seq = hidden_states.shape[1] if hidden_states.dim() == 3 else None  # before narrowing

@@ -29,6 +29,7 @@ import torch
 
 from sparsebert.errors import ConfigError
 from sparsebert.lottery.config import SearchConfig
+from sparsebert.lottery.full_model import full_model_replaced
 from sparsebert.lottery.search import Search, write_report
 from sparsebert.lottery.summary import SUMMARY_VERSION
 from sparsebert.lottery.super_survivors import SUPER_VERSION, SuperStage
@@ -182,8 +183,9 @@ def _report(folder: Path, reports: bool) -> bool:
 
 def output_present(out: Path, unit, marker: dict[str, Any]) -> bool:
     """Whether what `unit` wrote is still in the sweep directory `out` (its done `marker`
-    stands for it: a folder deleted or a summary damaged by hand is made again, with what is
-    built on it). The report units' report.md counts where the marker says one was written."""
+    stands for it: a folder deleted, a summary damaged or a full model replaced by hand is made
+    again, with what is built on it). The report units' report.md counts where the marker
+    says one was written."""
     seed = out / str(unit.task) / f"seed_{unit.seed}"
     sup = out / str(unit.task) / "super"
     files = {
@@ -203,8 +205,11 @@ def output_present(out: Path, unit, marker: dict[str, Any]) -> bool:
         return files[unit.kind].is_file()
     if unit.kind in runs:  # a finished run (its results.json and model/, as the stage checks)
         results = _json_object(runs[unit.kind] / RESULTS_NAME)
-        return (results is not None and results.get("status") == "finished"
-                and model_missing(runs[unit.kind]) is None)
+        finished = (results is not None and results.get("status") == "finished"
+                    and model_missing(runs[unit.kind]) is None)
+        # a full model replaced by hand: the full unit's check sets aside what was built on
+        # the old one (sparsebert.lottery.full_model)
+        return finished and not (unit.kind == "full" and full_model_replaced(seed))
     if unit.kind in summaries and not _is_summary(summaries[unit.kind], unit.kind):
         return False
     if unit.kind in reports and marker.get("reports") is True:
