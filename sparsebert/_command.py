@@ -37,15 +37,18 @@ def is_command() -> bool:
         or any(arg in {f"-m{module}" for module in COMMAND_MODULES} for arg in orig)
 
 
-def debug_on() -> bool:
-    """--debug on the command line or SPARSEBERT_DEBUG on (a value that is neither on nor off
-    counts as off: it is refused as a bad switch)."""
-    if "--debug" in sys.argv[1:]:
-        return True
+def debug_switch_on() -> bool:
+    """SPARSEBERT_DEBUG on (1/true/yes/on; sparsebert.switches). A value that is neither on nor
+    off counts as off here: the command refuses it as a bad switch."""
     try:
         return env_switch("SPARSEBERT_DEBUG")
     except ValueError:
         return False
+
+
+def debug_on() -> bool:
+    """--debug on the command line (before it is parsed) or SPARSEBERT_DEBUG on."""
+    return "--debug" in sys.argv[1:] or debug_switch_on()
 
 
 def one_line_warning(message, category, filename, lineno, line=None) -> str:

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 
 from sparsebert import __version__
-from sparsebert._command import one_line_warning
+from sparsebert._command import debug_switch_on, one_line_warning
 from sparsebert.errors import SparsebertError, Terminated
 from sparsebert.flags import add_dataclass_arguments, input_path, output_path, overrides
-from sparsebert.switches import check_switches, env_switch
+from sparsebert.switches import check_switches
 
 # --- finetune ------------------------------------------------------------------------------
 
@@ -370,14 +370,8 @@ def _stdout_reader_gone() -> bool:
 
 
 def debug_enabled(args: argparse.Namespace | None = None) -> bool:
-    """--debug or SPARSEBERT_DEBUG on (1/true/yes/on; sparsebert.switches): show tracebacks
-    of user errors. A value that is neither on nor off counts as off here (main refuses it)."""
-    if getattr(args, "debug", False):
-        return True
-    try:
-        return env_switch("SPARSEBERT_DEBUG")
-    except ValueError:
-        return False
+    """--debug (parsed into `args`) or SPARSEBERT_DEBUG on: show tracebacks of user errors."""
+    return bool(getattr(args, "debug", False)) or debug_switch_on()
 
 
 def build_parser() -> argparse.ArgumentParser:
