@@ -861,6 +861,19 @@ def test_fp32_gates_on_a_bf16_model(name, pair, tiny_batch):
     assert err_ours <= 2 * err_sdpa + 1e-6, (float(err_ours), float(err_sdpa))
 
 
+def test_masks_set_after_a_cast_to_half_precision_are_not_rounded(pair):
+    """The gates are buffers of the model's own attention modules, so a cast of the model
+    (.half()) reaches them; setting masks afterwards makes them fp32 again and writes the soft
+    values exactly (a 1e-8 gate would be 0 in fp16: a pruned head)."""
+    _, model = pair("electra")
+    model.half()
+    soft = torch.ones(len(attention_modules(model)), model.config.num_attention_heads)
+    soft[0, 1], soft[0, 2] = 0.3, 1e-8
+    sparsebert.set_masks(model, head_mask=soft)
+    assert {m.head_gate.dtype for m in attention_modules(model)} == {torch.float32}
+    assert torch.equal(sparsebert.get_masks(model)["head_mask"], soft)
+
+
 @pytest.mark.parametrize("case", ["padding", "all-real", "all-real-no-skip", "kv-offset",
                                   "causal"])
 def test_mask_equals_sdpa_mask(case):

@@ -462,3 +462,34 @@ def test_torch_func_grad_through_a_padded_batch(attn, tiny_model, tiny_dims):
     for b in range(2):
         torch.testing.assert_close(
             stacked[b], attention(hidden[b:b + 1], attention_mask=additive[b:b + 1])[0][0])
+
+
+@pytest.mark.parametrize("cast", [torch.Tensor.half, torch.Tensor.bfloat16])
+def test_soft_masks_survive_a_cast_after_patching(cast, tiny_bert, tiny_batch):
+    """Gate buffers stay fp32 when a patched model is cast to fp16/bf16, as when the model is
+    cast before patching: soft gates are not rounded (a 1e-8 gate would be 0 in fp16, a
+    pruned head), and the cast model computes what the one cast before patching does. A cast
+    to fp64 applies to the gates too."""
+    dtype = cast(torch.zeros(())).dtype
+    model = tiny_bert().eval()
+    first_cast = copy.deepcopy(model).to(dtype)
+    sparsebert.patch(first_cast)
+    sparsebert.patch(model)
+    soft = torch.ones(sparsebert.get_masks(model)["head_mask"].shape)
+    soft[0, 1], soft[0, 2] = 0.3, 1e-8
+    neurons = torch.rand(sparsebert.get_masks(model)["neuron_mask"].shape)
+    for patched in (model, first_cast):
+        sparsebert.set_masks(patched, head_mask=soft, neuron_mask=neurons)
+    model.to(dtype)
+    gates = [(attn.head_gate, mlp.mlp_gate, mlp.neuron_gate)
+             for attn, mlp in sbhf.sparse_blocks(model)]
+    assert {g.dtype for row in gates for g in row} == {torch.float32}
+    masks = sparsebert.get_masks(model)
+    assert torch.equal(masks["head_mask"], soft) and torch.equal(masks["neuron_mask"], neurons)
+    ids, mask = tiny_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                                   first_cast(input_ids=ids, attention_mask=mask).logits,
+                                   rtol=0, atol=0)
+    model.double()
+    assert {attn.head_gate.dtype for attn, _ in sbhf.sparse_blocks(model)} == {torch.float64}

@@ -130,8 +130,9 @@ def _check_head_counts(model: nn.Module, modules: list[nn.Module], heads: int) -
 
 
 def attach_head_gates(model: nn.Module) -> list[nn.Module]:
-    """Give every attention module of `model` a `head_gate` (H,) buffer of ones (kept where it
-    already exists) and a `head_gate_override` attribute; returns the modules in layer order.
+    """Give every attention module of `model` a `head_gate` (H,) fp32 buffer of ones (kept where
+    it already exists; made fp32 again after a cast of the model to fp16/bf16) and a
+    `head_gate_override` attribute; returns the modules in layer order.
     AttentionBackendError when a module computes another number of heads than H (an
     encoder-decoder model whose encoder and decoder differ): a (L, H) head mask cannot
     describe it."""
@@ -151,6 +152,10 @@ def attach_head_gates(model: nn.Module) -> list[nn.Module]:
                 f"{type(module).__name__}.head_gate has shape {tuple(gate.shape)}; expected "
                 f"(H,) = ({heads},) from config.num_attention_heads"
             )
+        elif gate.is_floating_point() and gate.dtype.itemsize < 4:  # the model was cast to
+            # fp16/bf16 (the model's own modules' buffers follow it): fp32 again, so the masks
+            # set next are not rounded
+            module.register_buffer("head_gate", gate.float(), persistent=False)
         if not hasattr(module, "head_gate_override"):
             module.head_gate_override = None
     return modules

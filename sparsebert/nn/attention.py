@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from sparsebert.nn.common import (
     BufferSummary,
     Container,
+    GateBuffers,
     GateSummary,
     can_read_on_host,
     check_block_args,
@@ -338,7 +339,7 @@ def _sdpa_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # SparseAttention
 # --------------------------------------------------------------------------------------------
-class SparseAttention(nn.Module):
+class SparseAttention(GateBuffers):
     """Self-attention + output projection + residual + LayerNorm with per-head gates.
 
     forward(hidden_states (B, S, hidden), attention_mask=None, **ignored)
@@ -346,8 +347,9 @@ class SparseAttention(nn.Module):
     (the tuple matches HF's BertAttention; attention weights are never materialised).
 
     Buffers and attributes:
-    * `head_gate` (num_heads,) fp32 buffer (non-persistent: masks are saved separately); 1 = keep,
-      0 = pruned, fractions are soft gates. Set it with `sparsebert.set_masks` or in place.
+    * `head_gate` (num_heads,) fp32 buffer (non-persistent: masks are saved separately; kept
+      fp32 when the module is cast to fp16/bf16); 1 = keep, 0 = pruned, fractions are soft
+      gates. Set it with `sparsebert.set_masks` or in place.
     * `head_gate_override`: None, or a tensor (num_heads,) or per-example (B, num_heads) used
       instead of the buffer (e.g. a leaf with requires_grad for importance scores; the op's
       backward returns its gradient). Use `with module.override_head_gate(t): ...`.
@@ -375,6 +377,8 @@ class SparseAttention(nn.Module):
     and `linears()` (the four weight matrices by role). The projections and output dense are None
     once every head was removed.
     """
+
+    GATE_BUFFERS = ("head_gate",)
 
     def __init__(
         self,

@@ -1,7 +1,8 @@
 """Helpers shared by SparseAttention and SparseMLP: child containers, gate checks, the
 host-side all-zero test, whether a dropout draws random numbers, gate buffers summarised once per
-change (and held fixed for a CUDA graph's capture), and slicing a Linear for physical pruning;
-and `eval_mode`, which restores every submodule's mode."""
+change (and held fixed for a CUDA graph's capture) and kept fp32 through dtype casts, and
+slicing a Linear for physical pruning; and `eval_mode`, which restores every submodule's
+mode."""
 
 from __future__ import annotations
 
@@ -36,6 +37,26 @@ class Container(nn.Module):
         super().__init__()
         for name, child in children.items():
             setattr(self, name, child)
+
+
+class GateBuffers(nn.Module):
+    """An nn.Module whose gate buffers (the names in GATE_BUFFERS) keep at least fp32 through
+    dtype casts of the module (.half(), .to(torch.bfloat16)), as a model patched after such a
+    cast has them: soft gates are not rounded (a gate below fp16's range not made 0, a pruned
+    head). Device moves, and casts to fp64, apply to them as to any buffer."""
+
+    GATE_BUFFERS: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        before = {name: self._buffers.get(name) for name in self.GATE_BUFFERS}
+        result = super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers.get(name)
+            if (old is not None and new is not None and new.is_floating_point()
+                    and new.dtype.itemsize < 4):  # cast below fp32: old values, new device
+                kept = old if old.dtype.itemsize >= 4 else old.float()
+                self._buffers[name] = kept.to(device=new.device)
+        return result
 
 
 def can_read_on_host() -> bool:

@@ -34,6 +34,7 @@ from torch.utils.hooks import RemovableHandle
 from sparsebert.nn.common import (
     BufferSummary,
     Container,
+    GateBuffers,
     GateSummary,
     check_block_args,
     check_gate,
@@ -71,12 +72,13 @@ class MLPLayout:
     output_dropout: str = "dropout"
 
 
-class SparseMLP(nn.Module):
+class SparseMLP(GateBuffers):
     """Feed-forward block with gates: forward(hidden_states (..., hidden)) -> (..., hidden).
 
     Buffers and attributes:
     * `mlp_gate` () fp32 buffer and `neuron_gate` (intermediate_size,) fp32 buffer, both
-      non-persistent (masks are saved separately); 1 = keep, 0 = pruned, fractions = soft gates.
+      non-persistent (masks are saved separately) and kept fp32 when the module is cast to
+      fp16/bf16; 1 = keep, 0 = pruned, fractions = soft gates.
     * `mlp_gate_override` (None, () or per-example (B,)) and `neuron_gate_override` (None, (F,) or
       (B, F)) replace the buffers while set: `with module.override_gates(mlp_gate=t): ...`.
       A leaf with requires_grad gets d loss / d gate = sum over tokens of (FFN output . grad).
@@ -98,6 +100,8 @@ class SparseMLP(nn.Module):
     `output_dropout()`, and `linears()` (both weight matrices by role). The two denses are None
     once the MLP was removed.
     """
+
+    GATE_BUFFERS = ("mlp_gate", "neuron_gate")
 
     def __init__(
         self,
