@@ -3,11 +3,13 @@ resume after an interruption at each stage, refusal of a different config, bad t
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import multiprocessing
 import re
 import shutil
 import types
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,34 @@ def _strip(summary):
 def reference(tiny_setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "search"
     return out, search("SST-2", out, progress=False, **_options(tiny_setup))
+
+
+@pytest.mark.parametrize("seeds", [None, "1,2"])
+def test_a_damaged_data_file_leaves_no_claimed_directory(seeds, tiny_setup, tmp_path, capsys,
+                                                         monkeypatch):
+    """A train file that is there but cannot be parsed (truncated mid-row) fails when the full
+    model's fine-tune reads it, after the search claimed --out: the claim is undone, so
+    nothing is left and a rerun with other settings is not refused. Without a GLUE folder and
+    without `datasets` (no way to the hub), the search is refused before it writes."""
+    model, glue = tiny_setup
+    bad = tmp_path / "glue" / "SST-2"
+    bad.mkdir(parents=True)
+    shutil.copy(Path(glue) / "SST-2" / "dev.tsv", bad / "dev.tsv")
+    rows = (Path(glue) / "SST-2" / "train.tsv").read_text()
+    (bad / "train.tsv").write_text(rows[:len(rows) // 2].rsplit("\t", 1)[0] + "\n")
+    out = tmp_path / "search"
+    args = ["search", "--task", "SST-2", "--out", str(out), "--model", model, "--epochs", "1",
+            "--threads", "1", "--quiet", *(["--seeds", seeds] if seeds else [])]
+    assert main([*args, "--glue-dir", str(bad.parent)]) == 2
+    assert "train.tsv" in capsys.readouterr().err
+    assert not list(out.rglob("config.json")), sorted(out.rglob("*"))
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "datasets" else find_spec(name, *a))
+    fresh = tmp_path / "no-data"
+    assert main([*args[:4], str(fresh), *args[5:]]) == 2
+    assert "`datasets` package is not installed" in capsys.readouterr().err
+    assert not fresh.exists()
 
 
 @pytest.mark.parametrize("seeds", [None, "1,2"])

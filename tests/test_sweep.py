@@ -2148,6 +2148,25 @@ def test_missing_inputs_refused_before_anything_is_written(flags, message, tiny_
     assert not out.exists()
 
 
+def test_no_data_source_is_refused_before_anything_is_written(tiny_model_dir, synthetic_glue,
+                                                              tmp_path, capsys, monkeypatch):
+    """No GLUE folder and no `datasets` package to reach the hub: refused at once (status 2,
+    one line), not a failed unit per seed after workers started."""
+    import importlib.util  # noqa: PLC0415
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "datasets" else find_spec(name, *a))
+    out = tmp_path / "no-data"
+    argv = _argv(tiny_model_dir, synthetic_glue, out)
+    at = argv.index("--glue-dir")
+    assert main(argv[:at] + argv[at + 2:]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "`datasets` package is not installed" in err, err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("text, message", [
     ('workers = "two"', "workers = 'two': expected an integer"),
     ('super_survivors = "no"', "super_survivors = 'no': expected true or false"),

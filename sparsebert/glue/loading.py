@@ -13,6 +13,7 @@ Package code never hard-codes a data folder: callers pass `glue_dir` or set GLUE
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import warnings
@@ -206,6 +207,15 @@ def _hub_text(text: object, where: str, field: str) -> str:
     return text
 
 
+def _no_data_source(task: GlueTask) -> GlueError:
+    """The error for no local GLUE folder and no `datasets` package to reach the hub."""
+    return GlueError(
+        f"no local GLUE data ({GLUE_DIR_ENV} is not set and no --glue-dir given) and the "
+        f"`datasets` package is not installed. Point {GLUE_DIR_ENV} (or --glue-dir) at a "
+        f"GLUE download (folders like {task.folder}/ holding train.tsv and dev.tsv), or "
+        f"`pip install datasets` to download {task.name} from the hub")
+
+
 def load_hub(task: str | GlueTask, split: str = "train") -> GlueData:
     """Download a split from the Hugging Face hub (`datasets`, imported lazily)."""
     task = get_task(task)
@@ -215,11 +225,7 @@ def load_hub(task: str | GlueTask, split: str = "train") -> GlueData:
     try:
         import datasets  # noqa: PLC0415
     except ImportError:
-        raise GlueError(
-            f"no local GLUE data ({GLUE_DIR_ENV} is not set and no --glue-dir given) and the "
-            f"`datasets` package is not installed. Point {GLUE_DIR_ENV} (or --glue-dir) at a "
-            f"GLUE download (folders like {task.folder}/ holding train.tsv and dev.tsv), or "
-            f"`pip install datasets` to download {task.name} from the hub") from None
+        raise _no_data_source(task) from None
     try:
         table = datasets.load_dataset(HUB_DATASET, task.hub_config, split=hub_split)
     except Exception as error:  # network, auth, cache: all reported the same way
@@ -257,10 +263,17 @@ def check_local_splits(task: str | GlueTask, glue_dir: str | os.PathLike | None,
                        splits: tuple[str, ...] = ("train", "dev")) -> None:
     """Before a run writes anything: with a local GLUE folder (`glue_dir`, else $GLUE_DIR),
     the task's files for `splits` are there (GlueError naming the paths looked for); with the
-    hub, nothing is checked here."""
+    hub, nothing is checked here (check_hub_reachable)."""
     if resolve_glue_dir(glue_dir) is not None:
         for split in splits:
             find_split_file(task, split, glue_dir)
+
+
+def check_hub_reachable(task: str | GlueTask, glue_dir: str | os.PathLike | None) -> None:
+    """Before a run writes anything: without a local GLUE folder, the `datasets` package that
+    reaches the hub is installed (GlueError saying what to do; the hub is not contacted)."""
+    if resolve_glue_dir(glue_dir) is None and importlib.util.find_spec("datasets") is None:
+        raise _no_data_source(get_task(task))
 
 
 def find_split_file(task: str | GlueTask, split: str,

@@ -19,6 +19,7 @@ with another config is refused.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import sys
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 
 from sparsebert.atomic import atomic_write_json, file_lock, read_json, run_lock
 from sparsebert.errors import RunDirError
-from sparsebert.glue.loading import check_local_splits
+from sparsebert.glue.loading import check_hub_reachable, check_local_splits
 from sparsebert.glue.tasks import get_task
 from sparsebert.hf.loading import load_model, load_tokenizer, preflight_model
 from sparsebert.hf.masks import get_masks, set_masks
@@ -140,6 +141,15 @@ def check_search_dir(out: Path, search: SearchConfig, train: TrainConfig,
     if write:
         make_out_dir(out, SearchError)
         atomic_write_json(out / "config.json", mine)
+
+
+def _unclaim(out: Path, existed: bool) -> None:
+    """Undo check_search_dir's claim of `out`: its config.json removed, and `out` too when this
+    call created it and it is empty again."""
+    (out / "config.json").unlink(missing_ok=True)
+    if not existed:
+        with contextlib.suppress(OSError):  # (not empty: something else wrote there)
+            out.rmdir()
 
 
 def check_search_root(out: Path, seeds: bool) -> None:
@@ -300,8 +310,15 @@ class Search(StructuredStages, MagnitudeStages):
                 check_data(folder, self.task, self.train.glue_dir)  # settings (only checks)
             if (folder / MODEL_FILE).is_file():
                 check_model(folder, self.train.model)
+        check_hub_reachable(self.task, self.train.glue_dir)  # no GLUE folder: `datasets`
+        existed, claimed = self.out.exists(), not (self.out / "config.json").is_file()
         check_search_dir(self.out, self.config, self.train)
-        self.full = self._full()  # refuses other data than full/ was trained on
+        try:
+            self.full = self._full()  # refuses other data than full/ was trained on
+        except BaseException:  # e.g. a damaged data file, read only now
+            if claimed and not (self.out / "full").exists():  # nothing ran: the directory is
+                _unclaim(self.out, existed)  # left as it was (a rerun may change settings)
+            raise
         check_full_model(self.out)  # results built on another full model are set aside
         check_data(self.out, self.task, self.train.glue_dir)  # recorded once it trained on it
         check_model(self.out, self.train.model)  # (the retrainings reload its weights)

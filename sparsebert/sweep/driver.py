@@ -113,19 +113,20 @@ def _cluster_slots(config: SweepConfig, train: TrainConfig,
 
 
 def check_inputs(grid: Grid, train: TrainConfig, out: Path) -> None:
-    """Before anything is written: the model loads (a local directory holds config.json), can
-    be patched, --max-length fits its position limit and, with a local GLUE folder, every task's
-    train and dev files are there; and every seed already started in `out` began on the same
-    data and model files (its data.json and model.json), so that a resumed or extended sweep
-    never mixes two datasets or two models."""
-    from sparsebert.glue.loading import check_local_splits  # noqa: PLC0415
+    """Before anything is written: the model loads (a local directory holds config.json), can be
+    patched, --max-length fits its position limit and, with a local GLUE folder, every task's
+    train and dev files are there; every seed already started in `out` began on the same data
+    and model files (its data.json and model.json), so that a resumed or extended sweep never
+    mixes two datasets or two models; and without a GLUE folder, `datasets` is installed to
+    reach the hub."""
+    from sparsebert.glue.loading import check_hub_reachable, check_local_splits  # noqa: PLC0415
     from sparsebert.glue.tasks import get_task  # noqa: PLC0415
     from sparsebert.hf.loading import preflight_model  # noqa: PLC0415
     from sparsebert.train.data_identity import DATA_FILE, check_data  # noqa: PLC0415
     from sparsebert.train.model_identity import MODEL_FILE, check_model  # noqa: PLC0415
 
     preflight_model(train.model, max_length=train.max_length, patchable=True)
-    for task in grid.tasks:  # (with the hub: checked by each unit)
+    for task in grid.tasks:  # (the hub itself is reached by each unit)
         check_local_splits(task, train.glue_dir)
         for started in sorted((out / task).glob(f"seed_*/{DATA_FILE}")):
             try:
@@ -139,6 +140,7 @@ def check_inputs(grid: Grid, train: TrainConfig, out: Path) -> None:
             except RunDirError as error:
                 raise SweepError(f"{error} (the sweep's other seeds must use the same model)"
                                  ) from None
+        check_hub_reachable(task, train.glue_dir)  # no GLUE folder: `datasets` is installed
 
 
 def sweep(out: str | os.PathLike, config: SweepConfig | None = None,
