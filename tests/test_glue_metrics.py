@@ -102,3 +102,15 @@ def test_mrpc_qqp_f1_is_the_positive_class_f1_by_hand():
 def test_mcc_with_constant_labels_is_zero_not_nan():
     """sklearn's convention: 0 whenever either marginal is constant (here the labels)."""
     assert metrics.matthews_corrcoef([0, 1, 1], [1, 1, 1]) == 0.0
+
+
+def test_correlations_with_constant_labels_are_zero_not_nan():
+    """STS-B labels can be constant (a one-score dev subset): pearson, spearman and corr are 0,
+    as for constant predictions, not the nan of a 0 / 0 (which would also fail every threshold
+    comparison). A constant whose mean rounds (0.1 * 7 / 7 != 0.1) counts as constant too."""
+    predictions = [0.1, 0.5, 0.9, 0.2, 0.7, 0.3, 0.4]
+    for labels in ([2.0] * 7, [0.1] * 7):
+        assert metrics.pearson(predictions, labels) == 0.0
+        assert metrics.spearman(predictions, labels) == 0.0
+        assert metrics.compute_metrics("STS-B", predictions, labels) == {
+            "pearson": 0.0, "spearman": 0.0, "corr": 0.0}

@@ -270,6 +270,26 @@ def test_normalisation_follows_the_paper(tiny_bert, tiny_batches):
     torch.testing.assert_close(min_max(torch.tensor([2.0, 2.0])), torch.tensor([2.0, 2.0]))
 
 
+def test_a_layer_with_every_head_masked_scores_zero_after_normalisation(tiny_bert, tiny_batches):
+    """s-pruning can mask every head of a layer; with the default normalize=True that layer's
+    all-zero row keeps 0 after its L2 norm (0 / (0 + 1e-20), not 0 / 0 = nan, which the
+    model-wide min-max would spread to every score) and the other layers are normalised as
+    usual: each row by its L2 norm, then divided by the maximum (the masked 0s are the min)."""
+    model = patch(tiny_bert(num_labels=NUM_LABELS))
+    batches = tiny_batches(num_labels=NUM_LABELS)
+    head_mask = torch.ones(3, 4)
+    head_mask[1] = 0
+    set_masks(model, head_mask=head_mask)
+    raw = importance(model, batches, normalize=False, progress=False)
+    norm = importance(model, batches, progress=False)
+    assert torch.all(raw.head[1] == 0) and torch.all(raw.head[[0, 2]] > 0)
+    assert bool(torch.isfinite(norm.head).all()) and bool(torch.isfinite(norm.mlp).all())
+    assert torch.all(norm.head[1] == 0)
+    row_norm = raw.head.norm(dim=1, keepdim=True)
+    layer_l2 = torch.where(row_norm > 0, raw.head / row_norm.clamp_min(1e-30), 0.0)
+    torch.testing.assert_close(norm.head, layer_l2 / layer_l2.max())
+
+
 @pytest.mark.parametrize("mode", ["paper", "per_example"])
 def test_masked_heads_count_in_their_layers_norm_as_the_authors_code(mode, tiny_bert,
                                                                       tiny_batches):

@@ -117,12 +117,65 @@ def test_schedule_recompute_after_revert_option():
     assert any(int(h.sum()) == 8 and int(m.sum()) == 2 for h, m in trace[1:])
 
 
+@pytest.mark.parametrize("recompute,expected_heads", [
+    (False, [[0, 1, 1, 1], [1, 1, 1, 0]]),  # the authors' code: the failed step's ranking
+    (True, [[0, 0, 1, 1], [1, 1, 1, 1]]),  # the documented deviation: the reverted mask's
+])
+def test_phase_two_ranks_heads_by_the_failed_steps_scores_unless_recomputed(recompute,
+                                                                           expected_heads):
+    """2 x 4 heads, head_step 1. Importance 1..8 by flat index, except that with every MLP
+    masked head (1, 3) scores 0.1. Phase 1: step 1 masks head (0, 0) + MLP 0 (0.96, passes);
+    step 2 masks head (0, 1) + MLP 1 (0.42, fails) and is reverted, its scores are not. By
+    default phase 2 masks the lowest of those, head (1, 3) (0.92 passes), then head (0, 1)
+    (0.88 fails); recomputed under the reverted mask, it masks head (0, 1) then fails on head
+    (0, 2). Phase 3 fails on MLP 1 either way."""
+    layers, heads = 2, 4
+
+    def importance(head_mask, mlp_mask):
+        head = torch.arange(layers * heads, dtype=torch.float32).view(layers, heads) + 1
+        if mlp_mask.sum() == 0:
+            head[1, 3] = 0.1
+        return head, torch.tensor([1.0, 2.0])
+
+    def evaluate(head_mask, mlp_mask):
+        score = 1.0 - 0.04 * float((1 - head_mask).sum()) - 0.5 * float(1 - mlp_mask[1])
+        return score, score
+
+    result = structured_search(layers, heads, 0.9, 1.0, evaluate, importance,
+                               recompute_after_revert=recompute, progress=False)
+    assert result.head_mask.tolist() == expected_heads
+    assert result.mlp_mask.tolist() == [0, 1]
+    assert [(r["phase"], r["heads_kept"], r["passed"]) for r in result.curve if r["phase"] == 2
+            ] == [(2, 6, True), (2, 5, False)]
+
+
 def test_schedule_can_mask_everything():
     """A task where masking never hurts (WNLI-like) ends with nothing left to mask."""
     fake = FakeModel(torch.zeros(2, 4), torch.zeros(2), torch.rand(2, 4), torch.rand(2), [])
     result = structured_search(2, 4, 0.9, 1.0, fake.evaluate, fake.importance, progress=False)
     assert result.head_mask.sum() == 0 and result.mlp_mask.sum() == 0
     assert any("no MLPs left to mask" in note for note in result.notes)
+
+
+def test_a_partial_last_step_masks_the_remaining_heads():
+    """BERT-base's 12 x 12 heads with the paper's 10% step (14 heads, which does not divide
+    144) on a task where masking never hurts: phase 1 masks 14 heads + 1 MLP per step for 10
+    steps (4 heads, 2 MLPs left), then a partial step masks the last 4 heads with an MLP; only
+    a step that finds no head at all ends the phase. Nothing is kept in the end."""
+    layers = heads = 12
+    fake = FakeModel(torch.zeros(layers, heads), torch.zeros(layers),
+                     torch.arange(layers * heads, dtype=torch.float32).view(layers, heads),
+                     torch.arange(layers, dtype=torch.float32), [])
+    result = structured_search(layers, heads, 0.9, 1.0, fake.evaluate, fake.importance,
+                               progress=False)
+    steps = [(r["phase"], r["heads_kept"], r["mlps_kept"]) for r in result.curve]
+    assert [s for s in steps if s[0] == 1] == (
+        [(1, 144 - 14 * k, 12 - k) for k in range(1, 11)] + [(1, 0, 1)])
+    assert [s for s in steps if s[0] == 2] == []
+    assert [s for s in steps if s[0] == 3] == [(3, 0, 0)]
+    assert result.head_mask.sum() == 0 and result.mlp_mask.sum() == 0
+    assert result.notes == ["phase 1: no heads left to mask", "phase 2: no heads left to mask",
+                            "phase 3: no MLPs left to mask"]
 
 
 def test_phase_one_ends_when_the_mlps_run_out():
@@ -233,6 +286,42 @@ def test_magnitude_amounts_and_ordering(steps):
     if 0 < kept < total:
         assert values[flat["good"]].min() >= values[~flat["good"]].max()  # largest kept
         assert values[flat["bad"]].max() <= values[~flat["bad"]].min()  # largest removed
+
+
+def test_random_mask_depends_on_its_generator_only():
+    """The random subnetwork is reproducible from its seed: two generators seeded alike give
+    the same mask whatever the global RNG's state (torch.manual_seed between the draws), and
+    another seed gives another mask of the same size."""
+    params = mag.eligible_parameters(_tiny_bert())
+    total = sum(p.numel() for p in params.values())
+    kept = total // 3
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        first = mag.random_mask(params, kept, torch.Generator().manual_seed(5))
+        torch.manual_seed(1)
+        again = mag.random_mask(params, kept, torch.Generator().manual_seed(5))
+        other = mag.random_mask(params, kept, torch.Generator().manual_seed(6))
+    assert set(first) == set(params)
+    assert all(torch.equal(first[n], again[n]) for n in params)
+    assert not all(torch.equal(first[n], other[n]) for n in params)
+    assert sum(int(m.sum()) for m in other.values()) == kept
+
+
+def test_layer_kept_fractions_of_a_hand_built_mask(tiny_bert):
+    """Layer 0 fully kept, layer 1 fully pruned, layer 2 with the first half of each eligible
+    tensor kept (every size even here): 1.0, 0.0 and 0.5, in layer order."""
+    model = tiny_bert(intermediate_size=36)
+    params = mag.eligible_parameters(model)
+    masks = {}
+    for name, param in params.items():
+        mask = torch.zeros(param.shape, dtype=torch.bool)
+        if ".layer.0." in name:
+            mask[:] = True
+        elif ".layer.2." in name:
+            assert param.numel() % 2 == 0
+            mask.view(-1)[: param.numel() // 2] = True
+        masks[name] = mask
+    assert mag.layer_kept_fractions(model, masks) == [1.0, 0.0, 0.5]
 
 
 def test_rewinding_is_exact_and_masks_hold_during_training(tmp_path):

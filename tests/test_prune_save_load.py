@@ -75,6 +75,35 @@ def test_prune_equals_masked(path, monkeypatch, tiny_bert, tiny_batch):
     assert torch.equal(sbhf.get_masks(model)["head_mask"], head)
 
 
+def test_prune_keeps_small_soft_gates_and_removes_only_exact_zeros(tiny_bert, tiny_batch):
+    """A gate of 0.01 or 0.3 is a soft gate, not a pruned component: prune() keeps such heads,
+    neurons and MLPs (with their gates) and removes only the exact zeros, so the pruned model
+    computes what the masked one does."""
+    model = sbhf.patch(tiny_bert())
+    cfg = model.config
+    head = torch.ones(cfg.num_hidden_layers, cfg.num_attention_heads)
+    head[0, 1], head[0, 2], head[1, 0], head[2, 3] = 0.01, 0.3, 0.0, 0.3
+    mlp = torch.tensor([1.0, 0.01, 0.3])
+    neuron = torch.ones(cfg.num_hidden_layers, cfg.intermediate_size)
+    neuron[0, :3] = torch.tensor([0.01, 0.3, 0.0])
+    neuron[1, 5], neuron[2, 7], neuron[2, 8] = 0.3, 0.01, 0.0
+    sbhf.set_masks(model, head_mask=head, mlp_mask=mlp, neuron_mask=neuron)
+    ids, mask = tiny_batch()
+    with torch.no_grad():
+        masked_logits = model(ids, attention_mask=mask).logits
+        sbhf.prune(model)
+        pruned = model(ids, attention_mask=mask).logits
+    assert max_diff(pruned, masked_logits) < TOL
+    sizes = sbhf.layer_sizes(model)
+    assert [s["num_heads"] for s in sizes] == [4, 3, 4]
+    assert [s["intermediate_size"] for s in sizes] == [cfg.intermediate_size - 1,
+                                                      cfg.intermediate_size,
+                                                      cfg.intermediate_size - 1]
+    got = sbhf.get_masks(model)
+    for key, want in (("head_mask", head), ("mlp_mask", mlp), ("neuron_mask", neuron)):
+        assert torch.equal(got[key], want), key
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("kind", ["bool", "additive"])
 def test_a_per_head_mask_runs_on_the_pruned_and_reloaded_model(attn, kind, tiny_bert,
