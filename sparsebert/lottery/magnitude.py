@@ -109,7 +109,8 @@ def random_mask(params: dict[str, nn.Parameter], kept: int,
 
 
 def layer_kept_fractions(model: nn.Module, masks: dict[str, Tensor]) -> list[float]:
-    """Kept fraction of the eligible weights per encoder layer, (L,) as a list."""
+    """Kept fraction of the eligible weights per encoder layer, (L,) as a list; 1.0 for a layer
+    with no eligible weights (nothing of it was pruned)."""
     row = structure_for(model)
     fractions = []
     names = {id(p): n for n, p in model.named_parameters()}
