@@ -428,6 +428,8 @@ def group_dot(x: Tensor, g: Tensor, group_size: int, token_mask: Tensor | None =
     group_size = D gives one score per example (an MLP gate); group_size = 1 one per feature
     (FFN neurons). With x an activation and g its gradient this is the gate gradient of a gate
     that multiplies x, per example: the importance signal, without materialising x * g.
+    group_size: an int or numpy integer (inside a torch.compile'd function, one made there is
+    traced as an array: pass int(...)).
     Under torch.func transforms (grad, vjp, vmap, jvp, ...) and forward-mode AD this wrapper runs
     the reference (plain torch ops); the raw torch.ops op's registration gives forward-mode AD a
     tangent of 0.
@@ -471,7 +473,8 @@ def group_dot(x: Tensor, g: Tensor, group_size: int, token_mask: Tensor | None =
 def accumulate_importance_(acc: Tensor, scores: Tensor, power: int = 1) -> Tensor:
     """In place: acc (G...) += sum over the leading dim of |scores (N, G...)| ** power; returns acc.
 
-    power 1 accumulates |.| (Michel / paper importance), power 2 squares (Fisher, Kwon et al.).
+    power 1 accumulates |.| (Michel / paper importance), power 2 squares (Fisher, Kwon et al.);
+    an int or numpy integer, as group_dot's group_size.
     acc must be fp32 or fp64 and contiguous; scores fp16, bf16, fp32 or fp64 on acc's device.
     """
     for name, t in (("acc", acc), ("scores", scores)):

@@ -867,6 +867,8 @@ def test_masks_set_after_a_cast_to_half_precision_are_not_rounded(pair):
     values exactly (a 1e-8 gate would be 0 in fp16: a pruned head)."""
     _, model = pair("electra")
     model.half()
+    with torch.inference_mode():  # masks read back in an evaluation loop: still settable after
+        assert sparsebert.get_masks(model)["head_mask"].dtype == torch.float32
     soft = torch.ones(len(attention_modules(model)), model.config.num_attention_heads)
     soft[0, 1], soft[0, 2] = 0.3, 1e-8
     sparsebert.set_masks(model, head_mask=soft)

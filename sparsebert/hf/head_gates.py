@@ -155,7 +155,8 @@ def attach_head_gates(model: nn.Module) -> list[nn.Module]:
         elif gate.is_floating_point() and gate.dtype.itemsize < 4:  # the model was cast to
             # fp16/bf16 (the model's own modules' buffers follow it): fp32 again, so the masks
             # set next are not rounded
-            module.register_buffer("head_gate", gate.float(), persistent=False)
+            with torch.inference_mode(False):  # (read under inference mode: still writable)
+                module.register_buffer("head_gate", gate.float(), persistent=False)
         if not hasattr(module, "head_gate_override"):
             module.head_gate_override = None
     return modules
