@@ -493,3 +493,48 @@ def test_soft_masks_survive_a_cast_after_patching(cast, tiny_bert, tiny_batch):
                                    rtol=0, atol=0)
     model.double()
     assert {attn.head_gate.dtype for attn, _ in sbhf.sparse_blocks(model)} == {torch.float64}
+
+
+@pytest.mark.parametrize("kind", ["patched", "backend", "mlp"])
+def test_a_checkpointed_backward_after_the_override_ended_is_refused(kind, tiny_bert,
+                                                                     tiny_batch):
+    """Gradient checkpointing runs each layer's forward again in the backward pass. Inside the
+    override's block that recomputation uses the override and the gradients equal those
+    without checkpointing; after the block it would use the module's own gates (other
+    activations than the forward's: wrong gradients for the gates and every weight, without
+    an error), so it is refused with an error saying where backward() belongs. A plain
+    forward and backward afterwards work."""
+    ids, mask = tiny_batch()
+    labels = torch.tensor([0, 1, 0])
+
+    def run(checkpointing: bool, inside: bool):
+        model = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        if kind == "backend":
+            sbhf.use_sparse_attention(model)
+        else:
+            sparsebert.patch(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        layers = len(model.bert.encoder.layer)
+        gates = torch.linspace(0.1, 0.9, layers * model.config.num_attention_heads)
+        gates = gates.view(layers, -1).requires_grad_()
+        if kind == "mlp":
+            mlp = sbhf.sparse_blocks(model)[0][1]
+            gates = torch.tensor(0.7, requires_grad=True)
+            block = mlp.override_gates(mlp_gate=gates)
+        else:
+            block = sbhf.override_head_gates(model, gates)
+        with block:
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        return gates.grad
+
+    expected = run(checkpointing=False, inside=False)
+    torch.testing.assert_close(run(checkpointing=True, inside=True), expected)
+    with pytest.raises(SparsebertError, match="call backward\\(\\) inside the override"):
+        run(checkpointing=True, inside=False)
