@@ -73,12 +73,14 @@ def check_recomputed_overrides(module: nn.Module, *overrides: Tensor | None) -> 
     if torch.compiler.is_compiling():
         return
     in_backward = torch._C._current_graph_task_id() != -1
+    state = module.__dict__
     if any(override is not None for override in overrides):
-        if torch.is_grad_enabled() and not in_backward:
-            module.__dict__[_OVERRIDDEN_FORWARD] = True
+        if not in_backward and torch.is_grad_enabled():
+            state[_OVERRIDDEN_FORWARD] = True
     elif not in_backward:
-        module.__dict__.pop(_OVERRIDDEN_FORWARD, None)
-    elif module.__dict__.get(_OVERRIDDEN_FORWARD):
+        if _OVERRIDDEN_FORWARD in state:
+            del state[_OVERRIDDEN_FORWARD]
+    elif state.get(_OVERRIDDEN_FORWARD):
         raise SparsebertError(
             f"{type(module).__name__}: gradient checkpointing ran this layer's forward again "
             "in the backward pass after the gate override of its first run had ended, so it "
