@@ -874,6 +874,11 @@ def test_masks_set_after_a_cast_to_half_precision_are_not_rounded(pair):
     sparsebert.set_masks(model, head_mask=soft)
     assert {m.head_gate.dtype for m in attention_modules(model)} == {torch.float32}
     assert torch.equal(sparsebert.get_masks(model)["head_mask"], soft)
+    with torch.inference_mode():  # a cast under inference mode (here to fp64): still settable
+        model.double()
+    sparsebert.set_masks(model, head_mask=soft)
+    assert {m.head_gate.dtype for m in attention_modules(model)} == {torch.float64}
+    assert torch.equal(sparsebert.get_masks(model)["head_mask"], soft)
 
 
 @pytest.mark.parametrize("case", ["padding", "all-real", "all-real-no-skip", "kv-offset",

@@ -43,7 +43,6 @@ from torch.nn.functional import scaled_dot_product_attention
 from sparsebert.errors import SparsebertError
 from sparsebert.hf.post_import import when_imported
 from sparsebert.nn.attention import can_read_on_host, to_key_padding_mask
-from sparsebert.nn.common import check_recomputed_overrides
 from sparsebert.nn.optimizer_steps import watch_optimizer_steps
 from sparsebert.ops import masked_attention
 
@@ -173,7 +172,6 @@ def padding_masks_as_views(model: torch.nn.Module) -> Iterator[None]:
 def _module_gate(module: nn.Module, batch: int, heads: int) -> Tensor | None:
     """The gate in use: override, else buffer, else None (all ones). (H,) or (B, H)."""
     gate = getattr(module, "head_gate_override", None)
-    check_recomputed_overrides(module, gate)  # gradient checkpointing after the override
     if gate is None:
         gate = getattr(module, "head_gate", None)
     if gate is None:

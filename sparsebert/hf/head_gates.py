@@ -152,11 +152,13 @@ def attach_head_gates(model: nn.Module) -> list[nn.Module]:
                 f"{type(module).__name__}.head_gate has shape {tuple(gate.shape)}; expected "
                 f"(H,) = ({heads},) from config.num_attention_heads"
             )
-        elif gate.is_floating_point() and gate.dtype.itemsize < 4:  # the model was cast to
-            # fp16/bf16 (the model's own modules' buffers follow it): fp32 again, so the masks
-            # set next are not rounded
-            with torch.inference_mode(False):  # (read under inference mode: still writable)
-                module.register_buffer("head_gate", gate.float(), persistent=False)
+        elif gate.is_inference() or (gate.is_floating_point() and gate.dtype.itemsize < 4):
+            # the model was cast (its own modules' buffers follow it) to fp16/bf16, or under
+            # inference mode: an ordinary fp32 (or fp64) tensor again, that set_masks can write
+            # without rounding
+            kept = gate.float() if gate.dtype.itemsize < 4 else gate
+            with torch.inference_mode(False):
+                module.register_buffer("head_gate", kept.clone(), persistent=False)
         if not hasattr(module, "head_gate_override"):
             module.head_gate_override = None
     return modules

@@ -40,7 +40,6 @@ from sparsebert.nn.common import (
     check_block_args,
     check_gate,
     check_output_rows,
-    check_recomputed_overrides,
     fixed_gates,
     known_all_zero,
     slice_linear,
@@ -640,7 +639,6 @@ class SparseAttention(GateBuffers):
                 "SparseAttention supports self-attention only (no encoder_hidden_states)"
             )
         layer_norm = self.output_layer_norm()
-        check_recomputed_overrides(self, self.head_gate_override)
         gate = self.gate  # (H,) or (B, H)
         if gate.dim() == 2 and gate.shape[0] != hidden_states.shape[0]:
             raise ValueError(

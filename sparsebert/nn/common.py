@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from sparsebert.checks import is_finite_number, is_integer, is_number
-from sparsebert.errors import SparsebertError
 
 
 @contextlib.contextmanager
@@ -58,36 +57,6 @@ class GateBuffers(nn.Module):
                 kept = old if old.dtype.itemsize >= 4 else old.float()
                 self._buffers[name] = kept.to(device=new.device)
         return result
-
-
-_OVERRIDDEN_FORWARD = "_sparsebert_overridden_forward"  # set on a module (its __dict__)
-
-
-def check_recomputed_overrides(module: nn.Module, *overrides: Tensor | None) -> None:
-    """Refuse a forward that gradient checkpointing runs again in the backward pass after the
-    gate override its first run used has ended: the recomputation would use the module's own
-    gates, other activations than the forward's, and give wrong gradients (for the override
-    and for every weight) without an error. A forward under an override with grad enabled is
-    recorded on `module`; a later forward outside the backward pass without one clears it.
-    Not checked while torch.compile traces."""
-    if torch.compiler.is_compiling():
-        return
-    in_backward = torch._C._current_graph_task_id() != -1
-    state = module.__dict__
-    if any(override is not None for override in overrides):
-        if not in_backward and torch.is_grad_enabled():
-            state[_OVERRIDDEN_FORWARD] = True
-    elif not in_backward:
-        if _OVERRIDDEN_FORWARD in state:
-            del state[_OVERRIDDEN_FORWARD]
-    elif state.get(_OVERRIDDEN_FORWARD):
-        raise SparsebertError(
-            f"{type(module).__name__}: gradient checkpointing ran this layer's forward again "
-            "in the backward pass after the gate override of its first run had ended, so it "
-            "would use other gates than that forward did (wrong gradients); call backward() "
-            "inside the override's with-block (sparsebert.hf.override_head_gates, "
-            "override_head_gate, override_gates)"
-        )
 
 
 def can_read_on_host() -> bool:

@@ -39,7 +39,6 @@ from sparsebert.nn.common import (
     check_block_args,
     check_gate,
     check_output_rows,
-    check_recomputed_overrides,
     draws_random_numbers,
     known_all_zero,
     slice_linear,
@@ -303,7 +302,6 @@ class SparseMLP(GateBuffers):
                              f"{self.hidden_size}, got shape {tuple(hidden_states.shape)}")
         layer_norm = self.output_layer_norm()
         check_output_rows("SparseMLP", self.output_rows)
-        check_recomputed_overrides(self, self.mlp_gate_override, self.neuron_gate_override)
         seq = hidden_states.shape[1] if hidden_states.dim() == 3 else None  # before narrowing
         if seq is not None and self.output_rows is not None and self.output_rows < seq:
             hidden_states = hidden_states[:, :self.output_rows]  # (B, n, hidden)
