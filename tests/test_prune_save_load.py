@@ -52,6 +52,14 @@ def masked(model):
     return (model, *masks)
 
 
+def logits_before_and_after_prune(model, ids, mask):
+    """(the masked model's logits, the same model's after sbhf.prune), without grad."""
+    with torch.no_grad():
+        before = model(ids, attention_mask=mask).logits
+        sbhf.prune(model)
+        return before, model(ids, attention_mask=mask).logits
+
+
 @pytest.mark.parametrize("path", ["host_skip", "tensor_gate"])
 def test_prune_equals_masked(path, monkeypatch, tiny_bert, tiny_batch):
     if path == "tensor_gate":  # the CUDA / grad path: gates applied as tensors, no host skip
@@ -60,10 +68,7 @@ def test_prune_equals_masked(path, monkeypatch, tiny_bert, tiny_batch):
     model, head, _, neuron = masked(tiny_bert())
     ids, mask = tiny_batch()
     before = count_parameters(model)
-    with torch.no_grad():
-        masked_logits = model(ids, attention_mask=mask).logits
-        sbhf.prune(model)
-        pruned = model(ids, attention_mask=mask).logits
+    masked_logits, pruned = logits_before_and_after_prune(model, ids, mask)
     assert max_diff(pruned, masked_logits) < TOL
     sizes = sbhf.layer_sizes(model)
     assert [s["num_heads"] for s in sizes] == (head != 0).sum(1).tolist()
@@ -89,10 +94,7 @@ def test_prune_keeps_small_soft_gates_and_removes_only_exact_zeros(tiny_bert, ti
     neuron[1, 5], neuron[2, 7], neuron[2, 8] = 0.3, 0.01, 0.0
     sbhf.set_masks(model, head_mask=head, mlp_mask=mlp, neuron_mask=neuron)
     ids, mask = tiny_batch()
-    with torch.no_grad():
-        masked_logits = model(ids, attention_mask=mask).logits
-        sbhf.prune(model)
-        pruned = model(ids, attention_mask=mask).logits
+    masked_logits, pruned = logits_before_and_after_prune(model, ids, mask)
     assert max_diff(pruned, masked_logits) < TOL
     sizes = sbhf.layer_sizes(model)
     assert [s["num_heads"] for s in sizes] == [4, 3, 4]
