@@ -25,6 +25,7 @@ from sparsebert.hf.attention_backend import (
     AttentionBackendError,
     register_attention_backend,
 )
+from sparsebert.hf.checkpoint_replay import replay_in_recomputation
 from sparsebert.overrides import override_attributes
 
 _INTERFACE_CALL = "ALL_ATTENTION_FUNCTIONS.get_interface("
@@ -196,6 +197,24 @@ def use_sparse_attention(model: nn.Module) -> nn.Module:
     return model
 
 
+def _heads_of(gate: Tensor, head_ids: list[int]) -> Tensor:
+    """gate (..., H) -> (..., len(head_ids)), the entries head_ids, by slices of consecutive ids
+    (gate itself when head_ids is every head in order). Slices and their concatenation save no
+    tensors for backward, so the result can be differentiated through again and again, as a
+    reentrant checkpoint of every forward that used it does; gate[..., head_ids] could not."""
+    runs: list[list[int]] = []  # [start, length] of each run of consecutive ids
+    for head in head_ids:
+        if runs and runs[-1][0] + runs[-1][1] == head:
+            runs[-1][1] += 1
+        else:
+            runs.append([head, 1])
+    if runs == [[0, gate.shape[-1]]]:
+        return gate
+    if not runs:
+        return gate.narrow(-1, 0, 0)
+    return torch.cat([gate.narrow(-1, start, length) for start, length in runs], dim=-1)
+
+
 @contextlib.contextmanager
 def override_head_gates(model: nn.Module, gates: Tensor) -> Iterator[Tensor]:
     """Within the block, layer l uses gates[l] instead of its `head_gate` buffer.
@@ -203,7 +222,9 @@ def override_head_gates(model: nn.Module, gates: Tensor) -> Iterator[Tensor]:
     gates: (L, H), or per example (L, B, H); floating point, may require grad (its gradient is
     d loss / d gate, 0 at gates equal to 0). Yields `gates`. Works on models on the "sparsebert"
     attention backend and on patched models (there in the original head numbering: a layer
-    whose heads were pruned reads the entries of its remaining heads).
+    whose heads were pruned reads the entries of its remaining heads). Under Hugging Face
+    gradient checkpointing, a layer's recomputation in the backward pass uses the gates its
+    forward used, even after the block has ended (sparsebert.hf.checkpoint_replay).
     """
     from sparsebert.hf.patching import is_patched, sparse_blocks  # noqa: PLC0415 (cycle)
 
@@ -228,13 +249,12 @@ def override_head_gates(model: nn.Module, gates: Tensor) -> Iterator[Tensor]:
             f"'gates' must have shape (L, H) = ({len(modules)}, {heads}) or (L, B, H), got "
             f"{tuple(gates.shape)}{shared_modules_note(model, modules)}"
         )
-    if patched:
-        with contextlib.ExitStack() as stack:
-            for module, gate in zip(modules, gates, strict=True):
-                stack.enter_context(module.override_head_gate(gate[..., module.head_ids]))
-            yield gates
-        return
+    # checkpointed layers recompute with the gates their forward used, wherever backward runs
+    replayed = ("head_gate_override", "head_gate_live") if patched else ("head_gate_override",)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(replay_in_recomputation(model, modules, replayed))
         for module, gate in zip(modules, gates, strict=True):
-            stack.enter_context(override_attributes(module, head_gate_override=gate))
+            stack.enter_context(
+                module.override_head_gate(_heads_of(gate, module.head_ids)) if patched
+                else override_attributes(module, head_gate_override=gate))
         yield gates

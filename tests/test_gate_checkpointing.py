@@ -1,0 +1,130 @@
+"""Gate overrides under Hugging Face gradient checkpointing: the backward pass computes each
+checkpointed layer again, and must do so with the gates its forward used, wherever backward()
+is called (inside the override block, after it, or under another override).
+
+The independent reference is the same model without checkpointing, whose autograd graph holds
+the gates of the forward: its gradients (of the gates and of every parameter) must be matched.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import sparsebert
+from sparsebert.hf import override_head_gates, use_sparse_attention
+
+# (L, H) gates for the 3 x 4 tiny models: soft gates, a pruned head, a layer all pruned.
+GATES_A = [[1.0, 0.0, 0.5, 0.8], [0.0, 0.0, 0.0, 0.0], [0.3, 1.0, 0.0, 0.7]]
+GATES_B = [[0.2, 0.9, 1.0, 0.0], [1.0, 0.4, 0.6, 0.1], [0.0, 0.5, 1.0, 1.0]]
+KEPT_HEADS = [[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 1.0]]
+
+
+def _enable_checkpointing(model: torch.nn.Module, reentrant: bool) -> None:
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _models(tiny_bert, kind: str, reentrant: bool):
+    """(checkpointed, plain): two copies of one tiny gated BERT in training mode (no dropout,
+    so the two forwards compute the same thing), `kind` "backend", "patched", or "pruned"
+    (patched, with heads removed so that each layer keeps ids that are not one run)."""
+    model = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = use_sparse_attention(model) if kind == "backend" else sparsebert.patch(model)
+    if kind == "pruned":
+        sparsebert.set_masks(model, head_mask=torch.tensor(KEPT_HEADS))
+        sparsebert.prune(model)
+    plain = copy.deepcopy(model).train()
+    checkpointed = model.train()
+    _enable_checkpointing(checkpointed, reentrant)
+    return checkpointed, plain
+
+
+def _leaf(rows) -> torch.Tensor:
+    return torch.tensor(rows, requires_grad=True)
+
+
+def _loss(model, batch) -> torch.Tensor:
+    return model(**batch).loss
+
+
+def _grads(model, *gates) -> list[torch.Tensor]:
+    params = [p.grad for p in model.parameters() if p.grad is not None]
+    assert params, "no parameter received a gradient"
+    return [g.grad for g in gates] + params
+
+
+def _assert_same_grads(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        # tolerance relative to the largest entry: a tiny model's gradients are small
+        torch.testing.assert_close(g, w, atol=1e-5 * float(w.abs().max()), rtol=1e-4)
+
+
+def _scenario(model, batch, name: str) -> list[torch.Tensor]:
+    """Runs scenario `name` on `model`; returns the gradients of the gates and parameters."""
+    a, b = _leaf(GATES_A), _leaf(GATES_B)
+    if name == "backward after the block":
+        with override_head_gates(model, a):
+            loss = _loss(model, batch)
+        loss.backward()
+        return _grads(model, a)
+    if name == "backward under another override":
+        with override_head_gates(model, a):
+            loss = _loss(model, batch)
+            with override_head_gates(model, b.detach()):
+                loss.backward()
+        return _grads(model, a)
+    if name == "two overrides, one backward":
+        with override_head_gates(model, a):
+            loss_a = _loss(model, batch)
+        with override_head_gates(model, b):
+            loss_b = _loss(model, batch)
+        (loss_a + 2 * loss_b).backward()
+        return _grads(model, a, b)
+    if name == "nested blocks, backward after both":
+        with override_head_gates(model, a):
+            loss_a = _loss(model, batch)
+            with override_head_gates(model, b):
+                loss_b = _loss(model, batch)
+            loss_a2 = _loss(model, batch)
+        (loss_a + loss_b + 3 * loss_a2).backward()
+        return _grads(model, a, b)
+    raise AssertionError(name)
+
+
+SCENARIOS = ["backward after the block", "backward under another override",
+             "two overrides, one backward", "nested blocks, backward after both"]
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("kind", ["backend", "patched", "pruned"])
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_checkpointed_backward_uses_the_forward_gates(scenario, kind, reentrant, tiny_bert,
+                                                     tiny_batches):
+    checkpointed, plain = _models(tiny_bert, kind, reentrant)
+    batch = tiny_batches(num_batches=1)[0]
+    want = _scenario(plain, batch, scenario)
+    got = _scenario(checkpointed, batch, scenario)
+    _assert_same_grads(got, want)
+
+
+@pytest.mark.parametrize("kind", ["backend", "patched"])
+def test_the_checkpointing_function_returns_after_the_block(kind, tiny_bert, tiny_batches):
+    """The override puts back each layer's own checkpointing function when its block ends, and
+    a model without checkpointing is left with no such attribute."""
+    checkpointed, plain = _models(tiny_bert, kind, reentrant=False)
+    before = {name: m.__dict__.get("_gradient_checkpointing_func")
+              for name, m in checkpointed.named_modules()}
+    with override_head_gates(checkpointed, _leaf(GATES_A)):
+        pass
+    after = {name: m.__dict__.get("_gradient_checkpointing_func")
+             for name, m in checkpointed.named_modules()}
+    assert after == before
+    with override_head_gates(plain, _leaf(GATES_A)):
+        assert not any("_gradient_checkpointing_func" in m.__dict__ for m in plain.modules())
