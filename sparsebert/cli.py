@@ -207,14 +207,13 @@ def _run_search(args: argparse.Namespace) -> int:
 
 def _seed_list(text: str) -> list[int]:
     from sparsebert.lottery.config import SearchError  # noqa: PLC0415
+    from sparsebert.train.config import is_valid_seed, parse_seeds  # noqa: PLC0415
 
-    try:
-        seeds = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise SearchError(f"--seeds {text!r}: expected comma-separated integers") from None
+    seeds = parse_seeds(text)
+    if seeds is None:
+        raise SearchError(f"--seeds {text!r}: expected comma-separated integers (e.g. 1337,42,86)")
     if not seeds:
         raise SearchError(f"--seeds {text!r}: expected at least one integer seed")
-    from sparsebert.train.config import is_valid_seed  # noqa: PLC0415
 
     if not all(map(is_valid_seed, seeds)):
         raise SearchError(f"--seeds {text!r}: expected integers in [0, 2**64 - 1]")

@@ -367,6 +367,8 @@ def test_bad_training_values_are_refused_before_anything_is_written(command, fla
 @pytest.mark.parametrize("args,needle", [
     (["--seeds", ","], "--seeds ',': expected at least one integer seed"),
     (["--seeds", "1,-2"], "--seeds '1,-2': expected integers in [0, 2**64 - 1]"),
+    (["--seeds", "3_0"], "--seeds '3_0': expected comma-separated integers"),
+    (["--seeds", "1;2"], "--seeds '1;2': expected comma-separated integers"),
     (["--no-super"], "--no-super applies to --seeds only"),
     (["--subnets", ""], "--subnets '': expected a comma-separated subset of good,random,bad"),
 ])

@@ -1006,6 +1006,9 @@ def test_report_skips_hidden_folders(reference, tmp_path):
     (["--methods", "structured,lottery"], "--methods 'structured,lottery': unknown"),
     (["--devices", "cuda:7"], "--devices 'cuda:7': cuda:7: "),
     (["--seeds", "1,1"], "expected distinct seeds"),
+    (["--seeds", "3_0,4"], "--seeds '3_0,4': expected comma-separated integers"),
+    (["--seeds", "1,\u0663"], "expected comma-separated integers"),  # Arabic-Indic 3
+    (["--seeds", "1,-2"], "--seeds '1,-2': expected integers in [0, 2**64 - 1]"),
     (["--backend", "spark"], "--backend 'spark'"),
     (["--methods", "structured", "--redo", "magnitude"],
      "--redo 'magnitude': ['magnitude'] not among the sweep's --methods (structured)"),

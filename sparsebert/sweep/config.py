@@ -22,7 +22,7 @@ from sparsebert.errors import ConfigError
 from sparsebert.flags import field_type, help_field
 from sparsebert.glue.tasks import GlueError, get_task
 from sparsebert.lottery.config import METHODS, SearchConfig
-from sparsebert.train.config import TrainConfig, is_valid_seed, resolve_device
+from sparsebert.train.config import TrainConfig, is_valid_seed, parse_seeds, resolve_device
 
 MAX_PER_GPU = 256  # units packed on one GPU; Ray requests 1 / per_gpu of it (>= 1e-4)
 BACKENDS = ("local", "ray")
@@ -97,11 +97,10 @@ class SweepConfig:
             raise GlueError(f"--tasks {self.tasks!r}: {error}") from None
 
     def seed_list(self) -> list[int]:
-        try:
-            seeds = [int(s) for s in _split(self.seeds, "--seeds")]
-        except ValueError:
-            raise SweepError(f"--seeds {self.seeds!r}: expected comma-separated integers") \
-                from None
+        seeds = parse_seeds(",".join(_split(self.seeds, "--seeds")))
+        if seeds is None:
+            raise SweepError(f"--seeds {self.seeds!r}: expected comma-separated integers "
+                             "(e.g. 1337,42,86)")
         if len(set(seeds)) != len(seeds):
             raise SweepError(f"--seeds {self.seeds!r}: expected distinct seeds")
         if not all(map(is_valid_seed, seeds)):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,16 @@ GRAPH_PAD_MULTIPLE = 16
 def is_valid_seed(seed: object) -> bool:
     """An integer (not a bool) in [0, MAX_SEED]: what every RNG of a run accepts."""
     return is_integer(seed) and 0 <= seed <= MAX_SEED
+
+
+def parse_seeds(text: str) -> list[int] | None:
+    """"1337, 42,86" -> [1337, 42, 86]; None unless every comma-separated part is a plain
+    decimal integer, "-" allowed (is_valid_seed then names the range), no underscores or
+    non-ASCII digits (int() would read "3_0" as 30)."""
+    parts = [part.strip() for part in str(text).split(",") if part.strip()]
+    if not all(re.fullmatch(r"-?[0-9]+", part) for part in parts):
+        return None
+    return [int(part) for part in parts]
 
 
 class TrainError(ConfigError):
