@@ -267,7 +267,7 @@ def test_sizes_and_stability_tables(runs: Path):
     row = _row(stab, "MRPC")
     super_heads = int(np.all([_masks(s)[0] for s in SEEDS], axis=0).sum())  # by hand
     assert row[1] == "3" and row[3] == str(super_heads)
-    assert row[2] == ", ".join(str(int(_masks(s)[0].sum())) for s in SEEDS)
+    assert row[2] == ", ".join(f"{s}: {int(_masks(s)[0].sum())}" for s in SEEDS)
     assert row[11:] == ["28 of 144", "0.22", "0.014"]
     from sparsebert.lottery.stats import krippendorff_alpha  # noqa: PLC0415
 
@@ -289,7 +289,7 @@ def test_stability_wiring_with_a_stub_module(runs: Path, monkeypatch):
     stub.stability_summary = stability_summary
     monkeypatch.setitem(__import__("sys").modules, "sparsebert.lottery.stats", stub)
     row = _row(table.stability_table(collect(runs)), "RTE")
-    assert row[1:11] == ["3", "1, 2, 3", "7", "0.50", "0.25", "0.012", "7", "0.25", "—",
+    assert row[1:11] == ["3", "1: 1, 2: 2, 3: 3", "7", "0.50", "0.25", "0.012", "7", "0.25", "—",
                          "0.012"]  # α: not in this stub's summary
     assert (3, L, H) in calls and (3, L) in calls
 

@@ -243,7 +243,7 @@ def stability_table(results: Mapping[str, TaskResults]) -> str | None:
     module, why = stats_module()
     if module is None:
         return f"Stability statistics unavailable: {why}."
-    header = ["Task", "seeds", "heads kept per seed", "super-survivor heads", "mean Jaccard",
+    header = ["Task", "seeds", "heads kept (seed: heads)", "super-survivor heads", "mean Jaccard",
               "Fleiss κ", "Cochran Q p", "MLP super-survivors", "MLP Fleiss κ",
               "MLP Krippendorff α", "MLP Cochran Q p",
               "paper: super-survivor heads", "paper: Fleiss κ", "paper: Cochran Q p"]
@@ -251,7 +251,8 @@ def stability_table(results: Mapping[str, TaskResults]) -> str | None:
     for task, res in tasks.items():
         st = stability(res)
         heads, mlps = st["heads"], st["mlps"]
-        row = [task, str(heads["n_seeds"]), ", ".join(str(s) for s in heads["survivors"]),
+        kept = zip(res.mask_seeds, heads["survivors"], strict=True)
+        row = [task, str(heads["n_seeds"]), ", ".join(f"{seed}: {n}" for seed, n in kept),
                str(heads["super_survivors"]), _num(heads["mean_jaccard"], 2),
                _num(heads["fleiss_kappa"], 2), _pvalue(cochran_pvalue(heads)),
                str(mlps["super_survivors"]), _num(mlps["fleiss_kappa"], 2),
