@@ -1002,6 +1002,41 @@ def test_keys_far_below_the_row_max_get_no_weight(device, assert_native):
     assert masked_attention_ref(q, k, v, torch.ones(1, device=device), None, 1.0)[0].item() == 0.0
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_huge_equal_scores_share_their_weight(padded, assert_native):
+    """Two keys with the same huge scaled score (~3e9, ulp 256) each get weight 1/2 in the CPU
+    kernel's forward and backward, for every score of a range: the max and each exponent must
+    come from the same rounded products (a fused multiply-subtract of the exponent's argument
+    would be off by up to half an ulp, exp(-128) = 0 for both keys: a NaN row)."""
+    assert_native("masked_attention", "cpu")
+    scale = 0.1
+    scores = torch.linspace(3e10, 3.0001e10, 2001)  # raw q.k; scaled ~3e9
+    batch = scores.numel()
+    q = scores.view(batch, 1, 1, 1).requires_grad_(True)
+    k = torch.ones(batch, 2, 1, 1, requires_grad=True)
+    v = torch.tensor([1.0, 3.0]).expand(batch, 2).reshape(batch, 2, 1, 1).requires_grad_(True)
+    mask = torch.ones(batch, 2, dtype=torch.bool) if padded else None
+    out, lse = torch.ops.sparsebert.masked_attention(q, k, v, torch.ones(1), mask, scale)
+    torch.testing.assert_close(out, torch.full_like(out, 2.0), rtol=0, atol=0)
+    assert torch.isfinite(lse).all()
+    ops.masked_attention(q, k, v, torch.ones(1), mask, scale).sum().backward()
+    torch.testing.assert_close(v.grad, torch.full_like(v.grad, 0.5), rtol=0, atol=0)
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+def test_reference_rows_of_large_scores_sum_to_one():
+    """The reference's probabilities are a softmax (rows sum to 1 within fp32 rounding), not
+    exp(scores - lse), which lse's rounding scales by 1 + 2.5e-5 at scores ~1000."""
+    torch.manual_seed(0)
+    q = torch.full((1, 1, 1, 1), 1000.0)
+    k = (1.0 + 1e-4 * torch.randn(1, 4, 1, 1))  # near-equal scores ~1000
+    v = torch.ones(1, 4, 1, 1)  # out = the sum of the probabilities
+    out, lse = masked_attention_ref(q, k, v, torch.ones(1), None, 1.0)
+    assert abs(out.item() - 1.0) <= 4 * torch.finfo(torch.float32).eps
+    want = torch.logsumexp((q[0, 0, 0] * k[0, :, 0, 0]).double(), 0)
+    assert abs(lse.item() - want.item()) <= 1e-3
+
+
 @pytest.mark.all_devices
 def test_gate_is_read_in_the_inputs_compute_dtype(device, assert_native):
     """An fp64 gate on fp32 inputs is read in fp32 by the kernels and by both references: a gate

@@ -37,39 +37,53 @@ inline float exp_nonpositive(float x_in) {
 
 inline double exp_nonpositive(double x) { return std::exp(x); }
 
+// Scales the row in place (s = scale * s) and returns its max over kept columns. The scaled
+// scores are stored before any exponent reads them, so the max and every exponent's argument
+// come from the same rounded products: a fused multiply-subtract (GCC contracts a * b - c into
+// one FMA where the target has it) would round differently from the product the max saw, and
+// with large scores (|scale * s| ~ 1e9, ulp 64 or more) put the largest key's exponent tens
+// below 0, or above it.
 template <typename T>
-inline T row_max(const T* s, int64_t cols, const T* keep, T scale) {
+inline T scale_and_max(T* s, int64_t cols, const T* keep, T scale) {
   T m = -std::numeric_limits<T>::infinity();
   if (keep == nullptr) {
 #pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < cols; ++j) m = s[j] * scale > m ? s[j] * scale : m;
+    for (int64_t j = 0; j < cols; ++j) {
+      const T y = s[j] * scale;
+      s[j] = y;
+      m = y > m ? y : m;
+    }
   } else {
 #pragma omp simd reduction(max : m)
     for (int64_t j = 0; j < cols; ++j) {
-      const T x = keep[j] != T(0) ? s[j] * scale : -std::numeric_limits<T>::infinity();
+      const T y = s[j] * scale;
+      s[j] = y;
+      const T x = keep[j] != T(0) ? y : -std::numeric_limits<T>::infinity();
       m = x > m ? x : m;
     }
   }
   return m;
 }
 
-// p = keep ? exp(scale * s - shift) : 0 in place; returns the sum of p.
+// p = keep ? exp(s - shift) : 0 in place over scaled scores s; returns the sum of p. A kept key
+// has x <= 0 (shift is the max, or the lse >= it), or NaN (a NaN or +inf score), which stays
+// NaN: the row turns NaN, as softmax's does. A masked key's x may be anything: clamped and
+// never used.
 template <typename T>
-inline T exp_shifted(T* s, int64_t cols, const T* keep, T scale, T shift) {
+inline T exp_shifted(T* s, int64_t cols, const T* keep, T shift) {
   T sum = 0;
   if (keep == nullptr) {
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < cols; ++j) {
-      const T p = exp_nonpositive(s[j] * scale - shift);
+      const T x = s[j] - shift;
+      const T p = exp_nonpositive(x > T(0) ? T(0) : x);
       s[j] = p;
       sum += p;
     }
   } else {
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < cols; ++j) {
-      // A kept key has x <= 0, or NaN (a NaN or +inf score), which stays NaN: the row turns
-      // NaN, as softmax's does. A masked key's x may be anything: clamped and never used.
-      const T x = s[j] * scale - shift;
+      const T x = s[j] - shift;
       const T p = keep[j] != T(0) ? exp_nonpositive(x > T(0) ? T(0) : x) : T(0);
       s[j] = p;
       sum += p;
@@ -83,8 +97,8 @@ inline void softmax_rows_impl(T* scores, int64_t rows, int64_t cols, const T* ke
                               T* lse) {
   for (int64_t r = 0; r < rows; ++r) {
     T* s = scores + r * cols;
-    const T m = row_max(s, cols, keep, scale);
-    const T sum = exp_shifted(s, cols, keep, scale, m);
+    const T m = scale_and_max(s, cols, keep, scale);
+    const T sum = exp_shifted(s, cols, keep, m);
     const T inv = T(1) / sum;
 #pragma omp simd
     for (int64_t j = 0; j < cols; ++j) s[j] *= inv;
@@ -95,7 +109,12 @@ inline void softmax_rows_impl(T* scores, int64_t rows, int64_t cols, const T* ke
 template <typename T>
 inline void probs_from_lse_impl(T* scores, int64_t rows, int64_t cols, const T* keep, T scale,
                                 const T* lse) {
-  for (int64_t r = 0; r < rows; ++r) exp_shifted(scores + r * cols, cols, keep, scale, lse[r]);
+  for (int64_t r = 0; r < rows; ++r) {
+    T* s = scores + r * cols;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) s[j] *= scale;  // stored first: see scale_and_max
+    exp_shifted(s, cols, keep, lse[r]);
+  }
 }
 
 }  // namespace
