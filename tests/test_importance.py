@@ -465,6 +465,21 @@ def test_a_model_without_logits_is_an_error(tiny_bert, tiny_batches):
         importance(encoder, tiny_batches(num_labels=NUM_LABELS), progress=False)
 
 
+@pytest.mark.parametrize("cls_name, model_type", [
+    ("ElectraForPreTraining", "electra"),  # per-token logits (B, S): S taken for classes before
+    ("BertForTokenClassification", "bert"),  # (B, S, C): a raw torch error before
+    ("BertForMaskedLM", "bert"),  # (B, S, vocab)
+])
+def test_a_model_with_per_token_logits_is_an_error(cls_name, model_type, tiny_model,
+                                                     tiny_batches):
+    """Sequence labels (B,) against per-token logits: a clear error, not scores of a loss that
+    reads token positions as classes."""
+    model = patch(tiny_model(model_type, cls_name))  # config.num_labels 2
+    batches = tiny_batches(num_labels=2)
+    with pytest.raises(ValueError, match=r"importance: the model's logits are \(4, 9"):
+        importance(model, batches, progress=False)
+
+
 @pytest.mark.parametrize("mode", ["paper", "per_example", "fisher", "michel"])
 def test_a_model_with_every_head_and_mlp_removed_scores_zero(mode, tiny_bert, tiny_batches):
     """No gate reaches the loss of a model pruned of every head and MLP (WNLI's good masks keep

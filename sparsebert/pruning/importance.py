@@ -415,6 +415,15 @@ class BatchScorer:
                                 f"without logits; it needs a classification head (e.g. "
                                 f"AutoModelForSequenceClassification): the loss defines the "
                                 f"importance")
+            classes = 1 if self.num_labels == 1 else _classes(inputs, self.num_labels)[0]
+            if logits.dim() != 2 or logits.shape[-1] != classes:
+                # e.g. per-token logits (B, S), as ElectraForPreTraining's: cross_entropy would
+                # take the positions for classes and return scores that mean nothing
+                raise ValueError(
+                    f"importance: the model's logits are {tuple(logits.shape)}, not (batch, "
+                    f"{classes}) = one row of {'a score' if classes == 1 else f'{classes} classes'}"
+                    f" per example; it needs a sequence-level classification head (e.g. "
+                    f"AutoModelForSequenceClassification): the loss defines the importance")
             losses = per_example_loss(logits.float(), labels, self.num_labels)  # (B,)
             loss = losses.mean() if self.mode == "paper" else losses.sum()
             wanted = [leaf.head for leaf in leaves] + [leaf.mlp for leaf in leaves]
