@@ -9,12 +9,14 @@ the gates of the forward: its gradients (of the gates and of every parameter) mu
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
 
 import sparsebert
 from sparsebert.hf import override_head_gates, use_sparse_attention
+from sparsebert.hf.checkpoint_replay import CHECKPOINT_FUNC, ReplayingCheckpoint
 
 # (L, H) gates for the 3 x 4 tiny models: soft gates, a pruned head, a layer all pruned.
 GATES_A = [[1.0, 0.0, 0.5, 0.8], [0.0, 0.0, 0.0, 0.0], [0.3, 1.0, 0.0, 0.7]]
@@ -115,16 +117,70 @@ def test_checkpointed_backward_uses_the_forward_gates(scenario, kind, reentrant,
 
 
 @pytest.mark.parametrize("kind", ["backend", "patched"])
-def test_the_checkpointing_function_returns_after_the_block(kind, tiny_bert, tiny_batches):
-    """The override puts back each layer's own checkpointing function when its block ends, and
-    a model without checkpointing is left with no such attribute."""
+def test_copies_and_pickles_hold_the_plain_checkpointing_function(kind, tiny_bert):
+    """The layers keep the replaying function after the block; a deep copy or a pickle of the
+    model, inside a block or after it, holds the function transformers set, and a model without
+    checkpointing gets none."""
     checkpointed, plain = _models(tiny_bert, kind, reentrant=False)
-    before = {name: m.__dict__.get("_gradient_checkpointing_func")
-              for name, m in checkpointed.named_modules()}
-    with override_head_gates(checkpointed, _leaf(GATES_A)):
-        pass
-    after = {name: m.__dict__.get("_gradient_checkpointing_func")
-             for name, m in checkpointed.named_modules()}
-    assert after == before
+    checkpointed.disable_input_require_grads()  # (transformers' own hook does not pickle)
+    set_by_transformers = {name: m.__dict__.get(CHECKPOINT_FUNC)
+                           for name, m in checkpointed.named_modules()}
+    # (gates without grad: a module holding a view of a leaf that requires grad cannot be copied)
+    with override_head_gates(checkpointed, torch.tensor(GATES_A)):
+        inside = {name: m.__dict__.get(CHECKPOINT_FUNC) for name, m in checkpointed.named_modules()}
+        copies = [copy.deepcopy(checkpointed), pickle.loads(pickle.dumps(checkpointed))]
+    wrapped = [name for name, f in inside.items() if isinstance(f, ReplayingCheckpoint)]
+    layers = [name for name in wrapped if ".encoder.layer." in name]
+    assert len(layers) == checkpointed.config.num_hidden_layers
+    assert all(inside[name].inner is set_by_transformers[name] for name in wrapped)
+    for model_copy in [*copies, copy.deepcopy(checkpointed)]:
+        functions = {name: m.__dict__.get(CHECKPOINT_FUNC)
+                     for name, m in model_copy.named_modules()}
+        assert not any(isinstance(f, ReplayingCheckpoint) for f in functions.values())
+        assert functions.keys() == set_by_transformers.keys()
     with override_head_gates(plain, _leaf(GATES_A)):
-        assert not any("_gradient_checkpointing_func" in m.__dict__ for m in plain.modules())
+        assert not any(CHECKPOINT_FUNC in m.__dict__ for m in plain.modules())
+
+
+def test_checkpointing_set_again_inside_a_block_stays(tiny_bert, tiny_batches):
+    """Checkpointing turned on again inside a block (another setting) is the model's after the
+    block, and a later block replays with it."""
+    checkpointed, plain = _models(tiny_bert, "patched", reentrant=False)
+    batch = tiny_batches(num_batches=1)[0]
+    with override_head_gates(checkpointed, _leaf(GATES_A)):
+        _enable_checkpointing(checkpointed, reentrant=True)
+        layer = checkpointed.bert.encoder.layer[0]
+        set_inside = layer.__dict__[CHECKPOINT_FUNC]
+    assert layer.__dict__[CHECKPOINT_FUNC] is set_inside
+    want = _scenario(plain, batch, "backward after the block")
+    got = _scenario(checkpointed, batch, "backward after the block")
+    _assert_same_grads(got, want)
+    assert layer.__dict__[CHECKPOINT_FUNC].inner is set_inside
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_compiled_checkpointed_model_in_one_graph(reentrant, tiny_bert, tiny_batches):
+    """torch.compile(fullgraph=True) of a checkpointed model on the backend, called inside
+    override blocks with backward after them: one graph, compiled once, gradients of the
+    uncompiled model."""
+    checkpointed, plain = _models(tiny_bert, "backend", reentrant)
+    checkpointed.config.use_cache = False  # (transformers' warning about it breaks the graph)
+    checkpointed.config.problem_type = "single_label_classification"  # (else set by the first
+    # forward: a recompilation that is not the gates')
+    batch = tiny_batches(num_batches=1)[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(checkpointed, fullgraph=True, backend="aot_eager")
+    graphs = []
+    for gates in (GATES_A, GATES_B):
+        for model in (checkpointed, plain):
+            model.zero_grad()
+        want_gate, got_gate = _leaf(gates), _leaf(gates)
+        with override_head_gates(plain, want_gate):
+            want = _loss(plain, batch)
+        with override_head_gates(checkpointed, got_gate):
+            got = _loss(compiled, batch)
+        want.backward()
+        got.backward()
+        _assert_same_grads(_grads(checkpointed, got_gate), _grads(plain, want_gate))
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[0] == graphs[1]  # not compiled again for the second block

@@ -25,7 +25,7 @@ from sparsebert.hf.attention_backend import (
     AttentionBackendError,
     register_attention_backend,
 )
-from sparsebert.hf.checkpoint_replay import replay_in_recomputation
+from sparsebert.hf.checkpoint_replay import replay_overrides
 from sparsebert.overrides import override_attributes
 
 _INTERFACE_CALL = "ALL_ATTENTION_FUNCTIONS.get_interface("
@@ -197,19 +197,21 @@ def use_sparse_attention(model: nn.Module) -> nn.Module:
     return model
 
 
-def _heads_of(gate: Tensor, head_ids: list[int]) -> Tensor:
-    """gate (..., H) -> (..., len(head_ids)), the entries head_ids, by slices of consecutive ids
-    (gate itself when head_ids is every head in order). Slices and their concatenation save no
+def _heads_of(gate: Tensor, head_ids: list[int], checkpointing: bool) -> Tensor:
+    """gate (..., H) -> (..., len(head_ids)), the entries head_ids: gate itself when head_ids is
+    every head in order; under gradient checkpointing by slices of consecutive ids, which save no
     tensors for backward, so the result can be differentiated through again and again, as a
-    reentrant checkpoint of every forward that used it does; gate[..., head_ids] could not."""
+    reentrant checkpoint of every forward that used it does (gate[..., head_ids] could not)."""
+    if head_ids == list(range(gate.shape[-1])):
+        return gate
+    if not checkpointing:
+        return gate[..., head_ids]
     runs: list[list[int]] = []  # [start, length] of each run of consecutive ids
     for head in head_ids:
         if runs and runs[-1][0] + runs[-1][1] == head:
             runs[-1][1] += 1
         else:
             runs.append([head, 1])
-    if runs == [[0, gate.shape[-1]]]:
-        return gate
     if not runs:
         return gate.narrow(-1, 0, 0)
     return torch.cat([gate.narrow(-1, start, length) for start, length in runs], dim=-1)
@@ -251,10 +253,10 @@ def override_head_gates(model: nn.Module, gates: Tensor) -> Iterator[Tensor]:
         )
     # checkpointed layers recompute with the gates their forward used, wherever backward runs
     replayed = ("head_gate_override", "head_gate_live") if patched else ("head_gate_override",)
+    checkpointing = replay_overrides(model, modules, replayed)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(replay_in_recomputation(model, modules, replayed))
         for module, gate in zip(modules, gates, strict=True):
             stack.enter_context(
-                module.override_head_gate(_heads_of(gate, module.head_ids)) if patched
-                else override_attributes(module, head_gate_override=gate))
+                module.override_head_gate(_heads_of(gate, module.head_ids, checkpointing))
+                if patched else override_attributes(module, head_gate_override=gate))
         yield gates
