@@ -15,8 +15,10 @@
   tiny_model_dir     a saved random 2-layer BERT with the default tokenizer (for --model)
   synthetic_glue     a GLUE-layout folder with synthetic SST-2 and STS-B
 
-Every test ends with the SIGINT and SIGTERM handlers it started with (a test that runs a sweep
-driver or worker in this process may leave them changed).
+Every test ends with the SIGINT and SIGTERM handlers and torch's CPU thread count it started
+with (a test that runs a sweep driver, a worker or a bench script in this process may leave
+them changed), and runs without the user's SPARSEBERT_FULL_LAST_LAYER,
+SPARSEBERT_GRAPH_FIXED_GATES and SPARSEBERT_DEBUG.
 
 Models are random, seeded, in eval mode, with attn_implementation="eager" unless asked otherwise;
 batches come from their own torch.Generator, so results never depend on test order.
@@ -52,6 +54,28 @@ def _signal_handlers_restored():
     for signum, handler in saved.items():
         if handler is not None and signal.getsignal(signum) is not handler:
             signal.signal(signum, handler)
+
+
+@pytest.fixture(autouse=True)
+def _threads_restored():
+    """torch's CPU thread count after the test as before it (bench scripts and sweep units run
+    in this process set their own)."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+# Switches a user may have exported that change what the tests check (the readout at [CLS],
+# CUDA-graph gate handling, debug messages); tests that need one set it themselves.
+USER_SWITCHES = ("SPARSEBERT_FULL_LAST_LAYER", "SPARSEBERT_GRAPH_FIXED_GATES",
+                 "SPARSEBERT_DEBUG")
+
+
+@pytest.fixture(autouse=True)
+def _user_switches_unset(monkeypatch):
+    for name in USER_SWITCHES:
+        monkeypatch.delenv(name, raising=False)
 
 
 def pytest_configure(config: pytest.Config) -> None:

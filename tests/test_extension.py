@@ -96,8 +96,9 @@ def test_the_built_library_carries_the_sources_op_schemas():
 
 STALE_LIBRARY = textwrap.dedent(
     """
-    import importlib.abc, importlib.machinery, sys, tempfile
+    import atexit, importlib.abc, importlib.machinery, os, sys, tempfile
     library = tempfile.NamedTemporaryFile(suffix=".so", delete=False)
+    atexit.register(os.unlink, library.name)
     library.write(b"\\x7fELF..." + b"sparsebert-op-schemas:" + b"0123456789abcdef" + b"...")
     library.close()
     class Stale(importlib.abc.MetaPathFinder):  # a _C built from other schemas

@@ -9,7 +9,9 @@ the gates of the forward: its gradients (of the gates and of every parameter) mu
 from __future__ import annotations
 
 import copy
+import gc
 import pickle
+import weakref
 
 import pytest
 import torch
@@ -56,7 +58,8 @@ def _loss(model, batch) -> torch.Tensor:
 
 
 def _grads(model, *gates) -> list[torch.Tensor]:
-    params = [p.grad for p in model.parameters() if p.grad is not None]
+    params = [p.grad for p in model.parameters() if p.grad is not None]  # (fresh models: the
+    # first scenario runs no override block before its forward)
     assert params, "no parameter received a gradient"
     return [g.grad for g in gates] + params
 
@@ -71,6 +74,11 @@ def _assert_same_grads(got: list[torch.Tensor], want: list[torch.Tensor]) -> Non
 def _scenario(model, batch, name: str) -> list[torch.Tensor]:
     """Runs scenario `name` on `model`; returns the gradients of the gates and parameters."""
     a, b = _leaf(GATES_A), _leaf(GATES_B)
+    if name == "forward outside any block, backward in one":
+        loss = _loss(model, batch)
+        with override_head_gates(model, b.detach()):
+            loss.backward()
+        return _grads(model)
     if name == "backward after the block":
         with override_head_gates(model, a):
             loss = _loss(model, batch)
@@ -100,7 +108,7 @@ def _scenario(model, batch, name: str) -> list[torch.Tensor]:
     raise AssertionError(name)
 
 
-SCENARIOS = ["backward after the block", "backward under another override",
+SCENARIOS = ["forward outside any block, backward in one", "backward after the block", "backward under another override",
              "two overrides, one backward", "nested blocks, backward after both"]
 
 
@@ -117,16 +125,19 @@ def test_checkpointed_backward_uses_the_forward_gates(scenario, kind, reentrant,
 
 
 @pytest.mark.parametrize("kind", ["backend", "patched"])
-def test_copies_and_pickles_hold_the_plain_checkpointing_function(kind, tiny_bert):
-    """The layers keep the replaying function after the block; a deep copy or a pickle of the
-    model, inside a block or after it, holds the function transformers set, and a model without
-    checkpointing gets none."""
+def test_copies_and_pickles_hold_the_plain_checkpointing_function(kind, tiny_bert,
+                                                                   tiny_batches):
+    """A checkpointing forward gives the layers the replaying function, which they keep; a deep
+    copy or a pickle of the model, inside a block or after it, holds the function transformers
+    set, and a model without checkpointing gets none."""
     checkpointed, plain = _models(tiny_bert, kind, reentrant=False)
+    batch = tiny_batches(num_batches=1)[0]
     checkpointed.disable_input_require_grads()  # (transformers' own hook does not pickle)
     set_by_transformers = {name: m.__dict__.get(CHECKPOINT_FUNC)
                            for name, m in checkpointed.named_modules()}
     # (gates without grad: a module holding a view of a leaf that requires grad cannot be copied)
     with override_head_gates(checkpointed, torch.tensor(GATES_A)):
+        _loss(checkpointed, batch)
         inside = {name: m.__dict__.get(CHECKPOINT_FUNC) for name, m in checkpointed.named_modules()}
         copies = [copy.deepcopy(checkpointed), pickle.loads(pickle.dumps(checkpointed))]
     wrapped = [name for name, f in inside.items() if isinstance(f, ReplayingCheckpoint)]
@@ -139,6 +150,7 @@ def test_copies_and_pickles_hold_the_plain_checkpointing_function(kind, tiny_ber
         assert not any(isinstance(f, ReplayingCheckpoint) for f in functions.values())
         assert functions.keys() == set_by_transformers.keys()
     with override_head_gates(plain, _leaf(GATES_A)):
+        _loss(plain, batch)
         assert not any(CHECKPOINT_FUNC in m.__dict__ for m in plain.modules())
 
 
@@ -184,3 +196,19 @@ def test_compiled_checkpointed_model_in_one_graph(reentrant, tiny_bert, tiny_bat
         _assert_same_grads(_grads(checkpointed, got_gate), _grads(plain, want_gate))
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert graphs[0] == graphs[1]  # not compiled again for the second block
+
+
+@pytest.mark.parametrize("kind", ["backend", "patched"])
+def test_a_gated_base_model_is_freed(kind, tiny_model, tiny_batch):
+    """A base model (whose top module has the checkpointing flag itself) gated, overridden and
+    run is freed once the caller drops it: nothing of this module holds it."""
+    model = tiny_model("bert", attn="eager")
+    model = use_sparse_attention(model) if kind == "backend" else sparsebert.patch(model)
+    _enable_checkpointing(model, reentrant=False)
+    ids, mask = tiny_batch()
+    with override_head_gates(model.train(), _leaf(GATES_A)):
+        model(ids, attention_mask=mask).last_hidden_state.sum().backward()
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

@@ -698,6 +698,12 @@ def test_multiple_choice_scores_in_paper_mode_and_names_it_otherwise(tiny_bert):
     with pytest.raises(ValueError, match=r"'labels' of 4-choice inputs must be class ids in "
                                          r"\[0, 4\), got \[4\]"):
         importance(model, [{**four, "labels": torch.tensor([0, 1, 2, 4])}], progress=False)
+    # ... also num_labels 1 (a regression model's elsewhere): the same cross-entropy scores
+    single = copy.deepcopy(model)
+    single.config.num_labels = 1
+    torch.testing.assert_close(
+        importance(single, [four], mode="paper", normalize=False, progress=False).head,
+        importance(model, [four], mode="paper", normalize=False, progress=False).head)
 
 
 def _gate_gradients_by_hooks(model, batches, head_mask, mlp_mask, neuron_mask, per_token):

@@ -1,22 +1,23 @@
 """Gate overrides that gradient checkpointing replays.
 
 With Hugging Face gradient checkpointing, a checkpointed layer keeps no activations: the
-backward pass calls the layer's function again. An override of its gates (a module attribute
-such as `head_gate_override`) may have ended, or been replaced by another, by then, so the
-recomputation would use other gates than the forward did, and the gradients would be wrong.
+backward pass calls the layer's function again. An override of its gates (a module attribute:
+`head_gate_override`, and `head_gate_live` on patched modules) may have begun, ended or been
+replaced by another by then, so the recomputation would use other gates than the forward did,
+and the gradients would be wrong.
 
-`replay_overrides(model, gated, names)` (called as an override block begins) finds the layers
-of `model` that checkpoint now (`gradient_checkpointing` on, holding the
-`_gradient_checkpointing_func` that transformers' layers call as `func(function, *args)`) and
-gives each a `ReplayingCheckpoint` around that function, once: every call reads the attributes
-`names` of the layer's gated modules and hands the checkpoint a function that sets them to
-those values while it runs, the forward and its recomputation alike (outside any block it
-replays "no override"). The wrapper stays, so that a function handed to the checkpoint inside a
-block replays after it, whatever order blocks end in, and torch.compile sees one object (while
-it traces, the wrapper calls the function as is: the traced graph holds the forward's gates
-itself). Turning checkpointing on again replaces it (the next block wraps the new function);
-checkpointing first turned on inside a block is not replayed: turn it on before. Pickles and
-deep copies of the model hold the plain function.
+`watch_checkpointing(model, gated)` (called by `patch`, `use_sparse_attention` and every
+`override_head_gates` block) gives each layer of `model` that can checkpoint (it has
+transformers' `gradient_checkpointing` flag) and holds gated modules a forward pre-hook, once.
+When the layer checkpoints (the flag on, in training, with gradients), the hook makes sure its
+`_gradient_checkpointing_func` (which transformers' layers call as `func(function, *args)`,
+after the hooks) is a `ReplayingCheckpoint`: every call reads the gate attributes of the
+layer's gated modules and hands the checkpoint a function that sets them to those values while
+it runs, the forward and its recomputation alike, inside an override block or outside any. The
+wrapper stays (turning checkpointing on again replaces it, and the next forward wraps the new
+function), so torch.compile sees one object; while it traces, the wrapper calls the function as
+is (the traced graph holds the forward's gates itself). Pickles and deep copies of the model
+hold the plain function.
 
 A `torch.utils.checkpoint` call of a user's own, outside transformers' layers, is not seen.
 """
@@ -36,29 +37,21 @@ from torch import nn
 from sparsebert.overrides import override_attributes
 
 CHECKPOINT_FUNC = "_gradient_checkpointing_func"  # set on each layer by transformers
-_LOCK = threading.Lock()  # finding layers and installing wrappers
-# model -> (ids of its gated modules, [(layer that can checkpoint, gated modules inside)]): found
-# once per set of gated modules (patching or pruning replaces them)
-_CANDIDATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+GATE_ATTRIBUTES = ("head_gate_override", "head_gate_live")  # those a module has are replayed
+_LOCK = threading.Lock()  # installing wrappers
+# model -> (ids of its gated modules, [weak references to its layers that can checkpoint and
+# hold gated modules]), found once per set of gated modules (patching or pruning replaces them)
+_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _candidates(model: nn.Module, gated: Sequence[nn.Module]
-                ) -> list[tuple[nn.Module, tuple[nn.Module, ...]]]:
-    """Modules of `model` that can checkpoint (they have a `gradient_checkpointing` flag) and
-    hold gated modules, each with those modules."""
-    key = tuple(id(module) for module in gated)
-    cached = _CANDIDATES.get(model)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    ids = set(key)
-    found = []
-    for owner in model.modules():
-        if hasattr(owner, "gradient_checkpointing"):
-            inside = tuple(module for module in owner.modules() if id(module) in ids)
-            if inside:
-                found.append((owner, inside))
-    _CANDIDATES[model] = (key, found)
-    return found
+def _gate_state(layer: nn.Module) -> list[tuple[nn.Module, tuple[str, ...]]]:
+    """The gated modules inside `layer`, each with the gate attributes it has."""
+    state = []
+    for module in layer.modules():
+        names = tuple(name for name in GATE_ATTRIBUTES if name in module.__dict__)
+        if names:
+            state.append((module, names))
+    return state
 
 
 def _with_attributes(function: Callable, state: list[tuple[nn.Module, dict[str, object]]]
@@ -80,17 +73,18 @@ def _plain(function: Callable) -> Callable:
 
 
 class ReplayingCheckpoint:
-    """A layer's checkpointing function `inner` that makes it replay the attributes `names` of
-    the gated modules as they were when the layer's forward called it."""
+    """A layer's checkpointing function `inner` that makes it replay the gate attributes of the
+    gated modules `gated` ((module, attribute names) pairs) as they were when the layer's
+    forward called it."""
 
-    def __init__(self, inner: Callable, gated: tuple[nn.Module, ...], names: tuple[str, ...]):
-        self.inner, self.gated, self.names = inner, gated, names
+    def __init__(self, inner: Callable, gated: list[tuple[nn.Module, tuple[str, ...]]]):
+        self.inner, self.gated = inner, gated
 
     def __call__(self, function: Callable, *args, **kwargs):
         if torch.compiler.is_compiling():
             return self.inner(function, *args, **kwargs)
-        state = [(module, {name: getattr(module, name) for name in self.names})
-                 for module in self.gated]
+        state = [(module, {name: getattr(module, name) for name in names})
+                 for module, names in self.gated]
         return self.inner(_with_attributes(function, state), *args, **kwargs)
 
     def __reduce__(self):  # a pickled model holds the plain function
@@ -100,21 +94,50 @@ class ReplayingCheckpoint:
         return copy.deepcopy(self.inner, memo)
 
 
-def replay_overrides(model: nn.Module, gated: Sequence[nn.Module], names: Sequence[str]) -> bool:
-    """Makes each layer of `model` that checkpoints now replay the attributes `names` of the
-    `gated` modules inside it in its recomputation (see the module docstring); returns whether
-    any layer checkpoints."""
-    names = tuple(names)
-    found = False
+def _checkpoints(layer: nn.Module) -> bool:
+    """Whether transformers checkpoints the layer's forward now."""
+    return bool(getattr(layer, "gradient_checkpointing", False) and layer.training
+                and torch.is_grad_enabled() and callable(layer.__dict__.get(CHECKPOINT_FUNC)))
+
+
+def replay_before_forward(layer: nn.Module, args) -> None:
+    """Forward pre-hook: a layer about to checkpoint gets a ReplayingCheckpoint around its
+    checkpointing function, for the gated modules it holds now (wrapped again when they
+    changed: patched or pruned since)."""
+    if torch.compiler.is_compiling() or not _checkpoints(layer):
+        return
+    state = _gate_state(layer)
     with _LOCK:
-        for owner, inside in _candidates(model, gated):
-            current = owner.__dict__.get(CHECKPOINT_FUNC)
-            if not getattr(owner, "gradient_checkpointing", False) or not callable(current):
-                continue
-            found = True
-            if isinstance(current, ReplayingCheckpoint):
-                if current.gated == inside and current.names == names:
-                    continue
-                current = current.inner
-            setattr(owner, CHECKPOINT_FUNC, ReplayingCheckpoint(current, inside, names))
-    return found
+        current = layer.__dict__[CHECKPOINT_FUNC]
+        if isinstance(current, ReplayingCheckpoint):
+            if current.gated == state:
+                return
+            current = current.inner
+        setattr(layer, CHECKPOINT_FUNC, ReplayingCheckpoint(current, state))
+
+
+def _layers(model: nn.Module, gated: Sequence[nn.Module]) -> list[nn.Module]:
+    """Modules of `model` that can checkpoint (they have a `gradient_checkpointing` flag) and
+    hold some of the `gated` modules; found once per set of gated modules."""
+    key = tuple(id(module) for module in gated)
+    cached = _LAYERS.get(model)
+    if cached is not None and cached[0] == key:
+        layers = [ref() for ref in cached[1]]
+        if all(layer is not None for layer in layers):
+            return layers
+    ids = set(key)
+    layers = [owner for owner in model.modules() if hasattr(owner, "gradient_checkpointing")
+              and any(id(module) in ids for module in owner.modules())]
+    _LAYERS[model] = (key, [weakref.ref(layer) for layer in layers])  # (weak: the model may be
+    return layers                                                      # one of its own layers)
+
+
+def watch_checkpointing(model: nn.Module, gated: Sequence[nn.Module]) -> bool:
+    """Gives each layer of `model` that can checkpoint and holds `gated` modules the forward
+    pre-hook `replay_before_forward`, once (see the module docstring); returns whether any of
+    them checkpoints now."""
+    layers = _layers(model, gated)
+    for layer in layers:
+        if replay_before_forward not in layer._forward_pre_hooks.values():
+            layer.register_forward_pre_hook(replay_before_forward)
+    return any(map(_checkpoints, layers))

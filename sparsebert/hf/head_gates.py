@@ -25,7 +25,7 @@ from sparsebert.hf.attention_backend import (
     AttentionBackendError,
     register_attention_backend,
 )
-from sparsebert.hf.checkpoint_replay import replay_overrides
+from sparsebert.hf.checkpoint_replay import watch_checkpointing
 from sparsebert.overrides import override_attributes
 
 _INTERFACE_CALL = "ALL_ATTENTION_FUNCTIONS.get_interface("
@@ -193,7 +193,7 @@ def use_sparse_attention(model: nn.Module) -> nn.Module:
             f"'model' ({type(model).__name__}) kept attn_implementation="
             f"{model.config._attn_implementation!r}; load it with attn_implementation='sparsebert'"
         )
-    attach_head_gates(model)
+    watch_checkpointing(model, attach_head_gates(model))
     return model
 
 
@@ -252,8 +252,7 @@ def override_head_gates(model: nn.Module, gates: Tensor) -> Iterator[Tensor]:
             f"{tuple(gates.shape)}{shared_modules_note(model, modules)}"
         )
     # checkpointed layers recompute with the gates their forward used, wherever backward runs
-    replayed = ("head_gate_override", "head_gate_live") if patched else ("head_gate_override",)
-    checkpointing = replay_overrides(model, modules, replayed)
+    checkpointing = watch_checkpointing(model, modules)
     with contextlib.ExitStack() as stack:
         for module, gate in zip(modules, gates, strict=True):
             stack.enter_context(

@@ -20,6 +20,7 @@ import warnings
 import torch
 from torch import nn
 
+from sparsebert.hf.checkpoint_replay import watch_checkpointing
 from sparsebert.hf.structure import (
     ModelStructure,
     UnsupportedModelError,
@@ -154,6 +155,7 @@ def patch(model: nn.Module) -> nn.Module:
             _patch_layer(layer, model, row)
     if _warn_output_attentions not in model._forward_pre_hooks.values():
         model.register_forward_pre_hook(_warn_output_attentions, with_kwargs=True)
+    watch_checkpointing(model, [attention for attention, _ in sparse_blocks(model)])
     return model
 
 

@@ -415,7 +415,8 @@ class BatchScorer:
                                 f"without logits; it needs a classification head (e.g. "
                                 f"AutoModelForSequenceClassification): the loss defines the "
                                 f"importance")
-            classes = 1 if self.num_labels == 1 else _classes(inputs, self.num_labels)[0]
+            # a multiple-choice model's logits have a row of choices, whatever num_labels says
+            classes = _classes(inputs, self.num_labels)[0]
             if logits.dim() != 2 or logits.shape[-1] != classes:
                 # e.g. per-token logits (B, S), as ElectraForPreTraining's: cross_entropy would
                 # take the positions for classes and return scores that mean nothing
@@ -424,7 +425,7 @@ class BatchScorer:
                     f"{classes}) = one row of {'a score' if classes == 1 else f'{classes} classes'}"
                     f" per example; it needs a sequence-level classification head (e.g. "
                     f"AutoModelForSequenceClassification): the loss defines the importance")
-            losses = per_example_loss(logits.float(), labels, self.num_labels)  # (B,)
+            losses = per_example_loss(logits.float(), labels, classes)  # (B,)
             loss = losses.mean() if self.mode == "paper" else losses.sum()
             wanted = [leaf.head for leaf in leaves] + [leaf.mlp for leaf in leaves]
             wanted += [leaf.neuron for leaf in leaves if leaf.neuron is not None]
