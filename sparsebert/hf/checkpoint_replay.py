@@ -8,8 +8,9 @@ and the gradients would be wrong.
 
 `watch_checkpointing(model, gated)` (called by `patch`, `use_sparse_attention` and every
 `override_head_gates` block) gives each layer of `model` that can checkpoint (it has
-transformers' `gradient_checkpointing` flag) and holds gated modules a forward pre-hook, once.
-When the layer checkpoints (the flag on, in training, with gradients), the hook makes sure its
+transformers' `gradient_checkpointing` flag) and holds gated modules a forward pre-hook, and
+`model` one for all of them, once. When a layer checkpoints (the flag on, in training, with
+gradients), the hooks make sure its
 `_gradient_checkpointing_func` (which transformers' layers call as `func(function, *args)`,
 after the hooks) is a `ReplayingCheckpoint`: every call reads the gate attributes of the
 layer's gated modules and hands the checkpoint a function that sets them to those values while
@@ -100,11 +101,11 @@ def _checkpoints(layer: nn.Module) -> bool:
                 and torch.is_grad_enabled() and callable(layer.__dict__.get(CHECKPOINT_FUNC)))
 
 
-def replay_before_forward(layer: nn.Module, args) -> None:
-    """Forward pre-hook: a layer about to checkpoint gets a ReplayingCheckpoint around its
-    checkpointing function, for the gated modules it holds now (wrapped again when they
-    changed: patched or pruned since)."""
-    if torch.compiler.is_compiling() or not _checkpoints(layer):
+def _ensure_replaying(layer: nn.Module) -> None:
+    """A layer about to checkpoint gets a ReplayingCheckpoint around its checkpointing function,
+    for the gated modules it holds now (wrapped again when they changed: patched or pruned
+    since)."""
+    if not _checkpoints(layer):
         return
     state = _gate_state(layer)
     with _LOCK:
@@ -114,6 +115,24 @@ def replay_before_forward(layer: nn.Module, args) -> None:
                 return
             current = current.inner
         setattr(layer, CHECKPOINT_FUNC, ReplayingCheckpoint(current, state))
+
+
+def replay_before_forward(layer: nn.Module, args) -> None:
+    """Forward pre-hook of a layer that can checkpoint (transformers reads the checkpointing
+    function after the hooks, from 5.2x; before, inside `__call__`, hence the model's hook)."""
+    if not torch.compiler.is_compiling():
+        _ensure_replaying(layer)
+
+
+def replay_layers_before_forward(model: nn.Module, args) -> None:
+    """Forward pre-hook of the model: each of its layers found by watch_checkpointing."""
+    if torch.compiler.is_compiling():
+        return
+    cached = _LAYERS.get(model)
+    for ref in () if cached is None else cached[1]:
+        layer = ref()
+        if layer is not None:
+            _ensure_replaying(layer)
 
 
 def _layers(model: nn.Module, gated: Sequence[nn.Module]) -> list[nn.Module]:
@@ -134,10 +153,11 @@ def _layers(model: nn.Module, gated: Sequence[nn.Module]) -> list[nn.Module]:
 
 def watch_checkpointing(model: nn.Module, gated: Sequence[nn.Module]) -> bool:
     """Gives each layer of `model` that can checkpoint and holds `gated` modules the forward
-    pre-hook `replay_before_forward`, once (see the module docstring); returns whether any of
-    them checkpoints now."""
+    pre-hook `replay_before_forward`, and `model` `replay_layers_before_forward`, once (see the
+    module docstring); returns whether any of the layers checkpoints now."""
     layers = _layers(model, gated)
-    for layer in layers:
-        if replay_before_forward not in layer._forward_pre_hooks.values():
-            layer.register_forward_pre_hook(replay_before_forward)
+    for module, hook in [(layer, replay_before_forward) for layer in layers] + [
+            (model, replay_layers_before_forward)]:
+        if hook not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(hook)
     return any(map(_checkpoints, layers))
