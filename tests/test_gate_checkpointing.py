@@ -124,34 +124,45 @@ def test_checkpointed_backward_uses_the_forward_gates(scenario, kind, reentrant,
     _assert_same_grads(got, want)
 
 
-@pytest.mark.parametrize("kind", ["backend", "patched"])
-def test_copies_and_pickles_hold_the_plain_checkpointing_function(kind, tiny_bert,
-                                                                   tiny_batches):
-    """A checkpointing forward gives the layers the replaying function, which they keep; a deep
-    copy or a pickle of the model, inside a block or after it, holds the function transformers
-    set, and a model without checkpointing gets none."""
+@pytest.mark.parametrize("kind", ["backend", "patched", "pruned"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_and_pickles_replay_their_own_modules(how, kind, tiny_bert, tiny_batches):
+    """A deep copy or a pickle of a checkpointed model, taken after a block's forward (its
+    layers replaying) or before any forward, replays its own modules: a forward outside any
+    block with backward inside one gives the uncheckpointed gradients, and the original is
+    untouched by the copy's recomputation."""
     checkpointed, plain = _models(tiny_bert, kind, reentrant=False)
-    batch = tiny_batches(num_batches=1)[0]
     checkpointed.disable_input_require_grads()  # (transformers' own hook does not pickle)
-    set_by_transformers = {name: m.__dict__.get(CHECKPOINT_FUNC)
-                           for name, m in checkpointed.named_modules()}
-    # (gates without grad: a module holding a view of a leaf that requires grad cannot be copied)
-    with override_head_gates(checkpointed, torch.tensor(GATES_A)):
+    batch = tiny_batches(num_batches=1)[0]
+    duplicate = copy.deepcopy if how == "deepcopy" else (lambda m: pickle.loads(pickle.dumps(m)))
+    fresh = duplicate(checkpointed)
+    with override_head_gates(checkpointed, _leaf(GATES_A)):
         _loss(checkpointed, batch)
-        inside = {name: m.__dict__.get(CHECKPOINT_FUNC) for name, m in checkpointed.named_modules()}
-        copies = [copy.deepcopy(checkpointed), pickle.loads(pickle.dumps(checkpointed))]
-    wrapped = [name for name, f in inside.items() if isinstance(f, ReplayingCheckpoint)]
-    layers = [name for name in wrapped if ".encoder.layer." in name]
-    assert len(layers) == checkpointed.config.num_hidden_layers
-    assert all(inside[name].inner is set_by_transformers[name] for name in wrapped)
-    for model_copy in [*copies, copy.deepcopy(checkpointed)]:
-        functions = {name: m.__dict__.get(CHECKPOINT_FUNC)
-                     for name, m in model_copy.named_modules()}
-        assert not any(isinstance(f, ReplayingCheckpoint) for f in functions.values())
-        assert functions.keys() == set_by_transformers.keys()
-    with override_head_gates(plain, _leaf(GATES_A)):
-        _loss(plain, batch)
-        assert not any(CHECKPOINT_FUNC in m.__dict__ for m in plain.modules())
+    after = duplicate(checkpointed)
+    wrapped = [m.__dict__[CHECKPOINT_FUNC] for m in after.modules()
+               if isinstance(m.__dict__.get(CHECKPOINT_FUNC), ReplayingCheckpoint)]
+    assert wrapped and all(module in set(after.modules())
+                           for wrapper in wrapped for module, _ in wrapper.gated)
+    want = _scenario(plain, batch, "forward outside any block, backward in one")
+    for model_copy in (fresh, after):
+        _assert_same_grads(_scenario(model_copy, batch, "forward outside any block, "
+                                     "backward in one"), want)
+    assert all(p.grad is None for p in checkpointed.parameters())
+
+
+def test_a_first_forward_through_the_base_model_is_replayed(tiny_bert, tiny_batch):
+    """model.bert(...) called directly, first forward of a fresh checkpointed model, backward
+    after the block: the gates of the forward."""
+    checkpointed, plain = _models(tiny_bert, "backend", reentrant=False)
+    ids, mask = tiny_batch()
+    grads = []
+    for model in (plain, checkpointed):
+        gates = _leaf(GATES_A)
+        with override_head_gates(model, gates):
+            loss = model.bert(ids, attention_mask=mask).last_hidden_state.pow(2).sum()
+        loss.backward()
+        grads.append(_grads(model, gates))
+    _assert_same_grads(grads[1], grads[0])
 
 
 def test_checkpointing_set_again_inside_a_block_stays(tiny_bert, tiny_batches):

@@ -9,16 +9,17 @@ and the gradients would be wrong.
 `watch_checkpointing(model, gated)` (called by `patch`, `use_sparse_attention` and every
 `override_head_gates` block) gives each layer of `model` that can checkpoint (it has
 transformers' `gradient_checkpointing` flag) and holds gated modules a forward pre-hook, and
-`model` one for all of them, once. When a layer checkpoints (the flag on, in training, with
-gradients), the hooks make sure its
-`_gradient_checkpointing_func` (which transformers' layers call as `func(function, *args)`,
-after the hooks) is a `ReplayingCheckpoint`: every call reads the gate attributes of the
+`model` and its base model one for all of them, once (transformers before 5.2x reads the
+function inside the layer's `__call__`, before the layer's hooks run). When a layer
+checkpoints (the flag on, in training, with gradients), the hooks make sure its
+`_gradient_checkpointing_func` (which transformers' layers call as `func(function, *args)`)
+is a `ReplayingCheckpoint`: every call reads the gate attributes of the
 layer's gated modules and hands the checkpoint a function that sets them to those values while
 it runs, the forward and its recomputation alike, inside an override block or outside any. The
 wrapper stays (turning checkpointing on again replaces it, and the next forward wraps the new
 function), so torch.compile sees one object; while it traces, the wrapper calls the function as
 is (the traced graph holds the forward's gates itself). Pickles and deep copies of the model
-hold the plain function.
+replay their own modules.
 
 A `torch.utils.checkpoint` call of a user's own, outside transformers' layers, is not seen.
 """
@@ -69,10 +70,6 @@ def _with_attributes(function: Callable, state: list[tuple[nn.Module, dict[str, 
     return replayed
 
 
-def _plain(function: Callable) -> Callable:
-    return function
-
-
 class ReplayingCheckpoint:
     """A layer's checkpointing function `inner` that makes it replay the gate attributes of the
     gated modules `gated` ((module, attribute names) pairs) as they were when the layer's
@@ -88,11 +85,12 @@ class ReplayingCheckpoint:
                  for module, names in self.gated]
         return self.inner(_with_attributes(function, state), *args, **kwargs)
 
-    def __reduce__(self):  # a pickled model holds the plain function
-        return _plain, (self.inner,)
+    def __reduce__(self):  # pickled with the modules of the same pickle (memoised there)
+        return ReplayingCheckpoint, (self.inner, self.gated)
 
-    def __deepcopy__(self, memo):  # so does a copy (these modules are not the copy's)
-        return copy.deepcopy(self.inner, memo)
+    def __deepcopy__(self, memo):  # a copy of the model replays the copy's modules
+        return ReplayingCheckpoint(copy.deepcopy(self.inner, memo),
+                                   copy.deepcopy(self.gated, memo))
 
 
 def _checkpoints(layer: nn.Module) -> bool:
@@ -125,14 +123,18 @@ def replay_before_forward(layer: nn.Module, args) -> None:
 
 
 def replay_layers_before_forward(model: nn.Module, args) -> None:
-    """Forward pre-hook of the model: each of its layers found by watch_checkpointing."""
+    """Forward pre-hook of the model and its base model: each of the layers below it (found by
+    watch_checkpointing, or here on a copy's first forward)."""
     if torch.compiler.is_compiling():
         return
     cached = _LAYERS.get(model)
-    for ref in () if cached is None else cached[1]:
-        layer = ref()
-        if layer is not None:
-            _ensure_replaying(layer)
+    layers = [ref() for ref in cached[1]] if cached is not None else None
+    if layers is None or any(layer is None for layer in layers):
+        gated = [module for module in model.modules()
+                 if any(name in module.__dict__ for name in GATE_ATTRIBUTES)]
+        layers = _layers(model, gated)
+    for layer in layers:
+        _ensure_replaying(layer)
 
 
 def _layers(model: nn.Module, gated: Sequence[nn.Module]) -> list[nn.Module]:
@@ -156,8 +158,12 @@ def watch_checkpointing(model: nn.Module, gated: Sequence[nn.Module]) -> bool:
     pre-hook `replay_before_forward`, and `model` `replay_layers_before_forward`, once (see the
     module docstring); returns whether any of the layers checkpoints now."""
     layers = _layers(model, gated)
+    base = getattr(model, "base_model", model)  # (called directly too: model.bert(...))
+    tops = [model] if base is model or not isinstance(base, nn.Module) else [model, base]
+    for top in tops[1:]:
+        _layers(top, gated)
     for module, hook in [(layer, replay_before_forward) for layer in layers] + [
-            (model, replay_layers_before_forward)]:
+            (top, replay_layers_before_forward) for top in tops]:
         if hook not in module._forward_pre_hooks.values():
             module.register_forward_pre_hook(hook)
     return any(map(_checkpoints, layers))
