@@ -26,7 +26,13 @@ import numpy as np
 from sparsebert import __version__
 from sparsebert._command import debug_switch_on, one_line_warning
 from sparsebert.errors import SparsebertError, Terminated
-from sparsebert.flags import add_dataclass_arguments, input_path, output_path, overrides
+from sparsebert.flags import (
+    add_dataclass_arguments,
+    decimal_int,
+    input_path,
+    output_path,
+    overrides,
+)
 from sparsebert.switches import check_switches
 
 # --- finetune ------------------------------------------------------------------------------
@@ -96,11 +102,11 @@ def _add_evaluate(subparsers) -> None:
                         help="run directory written by finetune")
     parser.add_argument("--glue-dir", default=None,
                         help="GLUE folder (default: $GLUE_DIR, else the folder the run used)")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=decimal_int, default=None,
                         help="eval batch size (default: the run's --eval-batch-size)")
     parser.add_argument("--device", default="auto",
                         help="auto (cuda when available), cpu, cuda, cuda:N (default: auto)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=decimal_int, default=None,
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import typing
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +30,14 @@ def output_path(value: str) -> str:
 def input_path(value: str) -> str:
     """argparse type of a folder or file to read: not empty, a leading ~ expanded."""
     return output_path(value)
+
+
+def decimal_int(value: str) -> int:
+    """argparse type of an integer flag: plain decimal digits with an optional sign. int()
+    alone also reads "3_0" as 30 and non-ASCII digits, which a typo should not pass as."""
+    if not re.fullmatch(r"\s*[-+]?[0-9]+\s*", value):
+        raise argparse.ArgumentTypeError(f"expected a decimal integer, got {value!r}")
+    return int(value)
 
 
 def help_field(text: str, default: Any) -> Any:
@@ -62,7 +71,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type,
                                 action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(flag_name(f.name), dest=f.name, type=kind,
+            parser.add_argument(flag_name(f.name), dest=f.name,
+                                type=decimal_int if kind is int else kind,
                                 default=argparse.SUPPRESS, metavar=f.name.upper(),
                                 help=help_text)
 

@@ -752,3 +752,32 @@ def test_a_tilde_in_a_config_or_masks_file_is_the_home_folder(tmp_path, monkeypa
     assert main(["speed", "--head-mask=~/m.json", "--model", "bert-base"]) == 2
     assert f"--head-mask {tmp_path / 'home' / 'm.json'}: no such file" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command,flag,value", [
+    ("finetune", "--seed", "3_0"),         # int() reads 30
+    ("finetune", "--max-train-examples", "١٢"),  # int() reads Arabic-Indic digits as 12
+    ("search", "--seed", "1_000"),
+    ("evaluate", "--threads", "0x2"),
+])
+def test_integer_flags_take_plain_decimal_digits_only(command, flag, value, tiny, tmp_path,
+                                                      capsys):
+    """`--seed 3_0` is a typo, not seed 30: the integer flags refuse what int() alone would
+    read (underscores, non-ASCII digits)."""
+    out = tmp_path / "out"
+    args = _finetune_args(tiny, out)
+    if command == "evaluate":
+        args = ["evaluate", "--run", str(out)]
+    args[0] = command
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: expected a decimal integer, got {value!r}" in err, err
+    assert not out.exists()
+
+
+def test_decimal_int_reads_signed_decimal_integers():
+    from sparsebert.flags import decimal_int  # noqa: PLC0415
+
+    assert [decimal_int(v) for v in ("7", "-3", "+4", " 12 ", "007")] == [7, -3, 4, 12, 7]

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsebert.atomic import atomic_write_json
-from sparsebert.flags import input_path, output_path
+from sparsebert.flags import decimal_int, input_path, output_path
 from sparsebert.runtime import device_label, git_sha, versions
 from sparsebert.speed.timing import paired_ratio, summary, time_interleaved
 from sparsebert.speed.variants import (
@@ -78,8 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "the results are also written to DIR/speed/<setting>.json, where "
                             "`sparsebert report` shows them next to the scores) or a fine-tune "
                             "run of a masked model (masks.json)")
-    parser.add_argument("--batch", type=int, default=32, help="batch size B (default: 32)")
-    parser.add_argument("--seq", type=int, default=128,
+    parser.add_argument("--batch", type=decimal_int, default=32, help="batch size B (default: 32)")
+    parser.add_argument("--seq", type=decimal_int, default=128,
                         help="padded sequence length S (default: 128)")
     parser.add_argument("--lengths", default="full",
                         help="full, uniform (in [S/4, S]) or glue:TASK (the task's dev lengths; "
@@ -91,13 +91,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu, cuda or cuda:N (default: cuda when visible)")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                         help="weights and activations (default: fp16 on cuda, fp32 on cpu)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=decimal_int, default=None,
                         help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--repeats", type=decimal_int, default=None,
                         help="timed calls per row (default: 30 on cuda, 10 on cpu)")
-    parser.add_argument("--warmup", type=int, default=3,
+    parser.add_argument("--warmup", type=decimal_int, default=3,
                         help="untimed calls per row first (default: 3)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=decimal_int, default=0,
                         help="seed of weights, masks, lengths (default: 0)")
     parser.add_argument("--json", default=None, type=output_path,
                         help="also write the results to this JSON file")
