@@ -295,14 +295,25 @@ def _assert_gated_decoding_matches(name: str, lm_class, tiny_config, tiny_dims,
     torch.testing.assert_close(logits["got"], logits["want"], atol=1e-5, rtol=1e-5)
 
 
-def test_cached_decoding_equals_sdpa(tiny_config, tiny_dims, tiny_batch, spies):
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_cached_decoding_equals_sdpa(name, tiny_config, tiny_dims, tiny_batch, spies):
     """Prefill (causal: SDPA over active heads), then one token at a time with a KV cache
-    (Sq = 1, no mask: the op, key/value heads repeated for their query heads)."""
-    _assert_gated_decoding_matches("llama", transformers.LlamaForCausalLM, tiny_config,
-                                   tiny_dims, tiny_batch)
+    (Sq = 1, no mask): GPT-2's steps run the op; Llama's grouped-query steps run SDPA over the
+    active query heads and their key/value heads (the op would need each key/value head
+    repeated for its query heads, a copy of the cache at every step)."""
+    lm_class = {"llama": transformers.LlamaForCausalLM, "gpt2": transformers.GPT2LMHeadModel}
+    _assert_gated_decoding_matches(name, lm_class[name], tiny_config, tiny_dims, tiny_batch)
     op, sdpa = spies
-    assert len(sdpa.calls) == 2  # prefill: layers 0 and 2 (layer 1 has no active head)
-    assert [tuple(args[1].shape) for args, _ in op.calls[:3]] == [(3, 7, 4, 8)] * 3
+    # SDPA: layers 0 and 2 (layer 1 has no active head); steps over 7, 8 and 9 keys
+    if name == "gpt2":
+        assert len(sdpa.calls) == 2  # the prefill
+        assert [tuple(args[1].shape) for args, _ in op.calls] == [
+            (3, keys, 4, 8) for keys in (7, 8, 9) for _layer in range(3)]  # (the op skips)
+    else:
+        assert not op.calls
+        assert [(tuple(args[0].shape), tuple(args[1].shape)) for args, _ in sdpa.calls[2:4]] == [
+            ((3, 3, 1, 8), (3, 3, 7, 8))] * 2  # 3 active heads each, their key/value heads
+        assert len(sdpa.calls) == 2 * 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -775,6 +786,25 @@ def test_direct_call_equals_gated_sdpa(core, pair):
     assert weights is None
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert bool((got[:, :, 1] == 0).all())
+
+
+def test_grouped_query_decoding_step_copies_no_key_value_head(pair):
+    """A single-token decoding step of grouped-query attention with every head active shares
+    each key/value head between its query heads, as transformers' sdpa does: no per-query-head
+    copy of the cache ((B, H, L, D) at every step, groups times the layer's cache) and the
+    outputs of transformers' sdpa function."""
+    _, model = pair("llama")
+    module = attention_modules(model)[0]
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, 1, 8, generator=gen)
+    key, value = torch.randn(2, 2, 2, 9, 8, generator=gen)  # 2 key/value heads, 9 cached keys
+    with torch.profiler.profile() as profile:
+        got, _ = backend.sparsebert_attention_forward(module, query, key, value, None)
+    copies = {event.key for event in profile.key_averages()} & {
+        "aten::repeat_interleave", "aten::index_select", "aten::repeat", "aten::expand_copy"}
+    assert not copies, f"the key/value heads were copied: {sorted(copies)}"
+    want = _sdpa_gated(module, query, key, value, None, torch.ones(4))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_direct_call_on_a_module_without_gates_or_is_causal():

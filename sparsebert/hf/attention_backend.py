@@ -21,12 +21,14 @@ Per head h of a layer, the backend returns out[:, :, h] = gate[h] * attention_h,
 Two attention cores:
 1. The sparsebert masked-attention op (`sparsebert.ops.masked_attention`) when the mask is a
    padding mask (None, or a bool mask that repeats over heads and query rows, as
-   `sparsebert_mask` builds it for bidirectional attention) and no attention dropout is active:
-   encoders, and single-token decoding steps. The op skips gated-off heads itself.
+   `sparsebert_mask` builds it for bidirectional attention), no attention dropout is active and
+   every query head has its own key/value head: encoders, and single-token decoding steps of
+   multi-head models. The op skips gated-off heads itself.
 2. Otherwise (causal, sliding-window or other 4-d masks, additive float masks, dropout in
-   training): the active heads are gathered (key/value heads follow their query heads), run
-   through torch SDPA with the same mask and causal rule as transformers' "sdpa" backend, gated,
-   and scattered back next to exact zeros for the pruned heads.
+   training, grouped-query attention): the active heads are gathered (key/value heads follow
+   their query heads; none copied where every head is active and no mask is given), run through
+   torch SDPA with the same mask and causal rule as transformers' "sdpa" backend, gated, and
+   scattered back next to exact zeros for the pruned heads.
 """
 
 from __future__ import annotations
@@ -355,12 +357,13 @@ def sparsebert_attention_forward(
     causal = bool(q_len > 1 and attention_mask is None and is_causal)
 
     same_dims = value.shape[-1] == head_dim  # (the op's; e.g. DeepSeek's MLA differs)
-    if dropout == 0.0 and not causal and same_dims and _is_padding_mask(attention_mask):
-        # Op path: (B, S, H, D) views, key/value heads repeated for grouped-query attention.
-        groups = heads // key.shape[1]
-        if groups > 1:
-            key = key.repeat_interleave(groups, dim=1)
-            value = value.repeat_interleave(groups, dim=1)
+    # Grouped-query attention takes the general path: the op would need each key/value head
+    # repeated for its query heads, a copy of the layer's whole cache at every decoding step
+    # (SDPA shares them; the general path gathers the active heads' only where it must).
+    shared_kv = key.shape[1] != heads
+    if (dropout == 0.0 and not causal and same_dims and not shared_kv
+            and _is_padding_mask(attention_mask)):
+        # Op path: (B, S, H, D) views.
         op_gate = query.new_ones(heads, dtype=torch.float32) if gate is None else gate
         if op_gate.dtype not in (torch.float32, torch.float64):
             op_gate = op_gate.float()
