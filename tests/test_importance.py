@@ -972,3 +972,48 @@ def test_an_error_mid_pass_undoes_the_scoring_setup(tiny_bert, tiny_batches):
     with scorer.held(), pytest.raises(RuntimeError, match="already open"):
         with scorer.held():
             pass
+
+
+def test_passes_over_one_model_from_two_threads_each_get_their_own_scores(tiny_bert,
+                                                                          tiny_batches):
+    """Two threads scoring one model at once: each gets the scores of a pass of its own (the
+    passes swapped gate leaves before), and the model's training mode and requires_grad flags
+    come back (the pass that ended last put back the frozen eval state the other had set)."""
+    import threading  # noqa: PLC0415
+
+    model = patch(tiny_bert())
+    model.train()
+    shards = [tiny_batches(num_batches=6, seed=seed) for seed in (1, 2)]
+    want = [importance(model, shard, progress=False).head for shard in shards]
+    got: list = [None, None]
+
+    def score(index):
+        got[index] = importance(model, shards[index], progress=False).head
+
+    threads = [threading.Thread(target=score, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for index in range(2):
+        torch.testing.assert_close(got[index], want[index], rtol=0, atol=0)
+    assert model.training and all(module.training for module in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_eval_mode_blocks_that_overlap_restore_the_training_flags():
+    """eval_mode blocks on one model ending out of order (two threads evaluating): the flags
+    return to the model's own, not to the eval mode the first block had set."""
+    from sparsebert.nn.common import eval_mode  # noqa: PLC0415
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    model.train()
+    model[0].eval()  # a part the caller froze: stays in eval mode
+    first, second = eval_mode(model), eval_mode(model)
+    first.__enter__()
+    second.__enter__()
+    assert not any(module.training for module in model.modules())
+    first.__exit__(None, None, None)
+    assert not any(module.training for module in model.modules())  # the second block's still on
+    second.__exit__(None, None, None)
+    assert [module.training for module in model.modules()] == [True, False, True]

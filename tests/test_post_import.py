@@ -24,3 +24,29 @@ def test_hook_runs_after_import_and_at_once_when_loaded(tmp_path, monkeypatch):
     assert seen[-1] == ("loaded", 41)  # already imported: at once
     importlib.reload(module)
     assert len(seen) == 3  # once per hook, not on every load
+
+
+def test_hook_waits_for_an_import_another_thread_has_under_way(tmp_path, monkeypatch):
+    """`import sparsebert` while another thread imports transformers: the module is in
+    sys.modules but only partly executed; the hook runs once the import has finished (it read a
+    missing attribute before, and the backend was never registered)."""
+    import threading  # noqa: PLC0415
+
+    started = threading.Event()
+    (tmp_path / "sb_slow_module.py").write_text(
+        "import time\nimport sb_slow_gate\nsb_slow_gate.started.set()\ntime.sleep(0.5)\n"
+        "VALUE = 7\n")
+    (tmp_path / "sb_slow_gate.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("sb_slow_module", "sb_slow_gate"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import sb_slow_gate  # noqa: PLC0415
+
+    monkeypatch.setattr(sb_slow_gate, "started", started, raising=False)
+    importer = threading.Thread(target=importlib.import_module, args=("sb_slow_module",))
+    importer.start()
+    assert started.wait(30)  # the module is under way in the other thread
+    seen = []
+    when_imported("sb_slow_module", lambda m: seen.append(m.VALUE))
+    importer.join(30)
+    assert seen == [7]

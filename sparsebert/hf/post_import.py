@@ -63,6 +63,10 @@ def when_imported(name: str, hook: Hook) -> None:
     its import finishes."""
     module = sys.modules.get(name)
     if module is not None:
+        if getattr(getattr(module, "__spec__", None), "_initializing", False):
+            # Another thread is still importing it: wait for that import to finish (Python's
+            # per-module import lock; in the importing thread itself this returns at once).
+            module = importlib.import_module(name)
         hook(module)
         return
     with _FINDER.lock:

@@ -15,19 +15,20 @@ import torch
 from torch import Tensor, nn
 
 from sparsebert.checks import is_finite_number, is_integer, is_number
+from sparsebert.overrides import override_attributes
 
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """`model` in eval mode; on exit (even on error) every submodule's own training flag is
-    restored, so a part the caller had put in eval mode (frozen embeddings) stays so."""
-    modes = [(module, module.training) for module in model.modules()]
-    try:
-        model.eval()
+    restored, so a part the caller had put in eval mode (frozen embeddings) stays so. Blocks on
+    one model may overlap (evaluation in two threads): the flags return once every block has
+    ended, in whatever order (sparsebert.overrides), not the eval mode of the block that ended
+    last."""
+    with contextlib.ExitStack() as stack:
+        for module in model.modules():
+            stack.enter_context(override_attributes(module, training=False))
         yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 class Container(nn.Module):

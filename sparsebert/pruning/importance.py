@@ -38,7 +38,10 @@ normalises to 1 there; scoring the masked model is the authors' convention), tho
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+import functools
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -139,6 +142,28 @@ def frozen_for_scoring(model: nn.Module):
         finally:
             for p, flag in flags:
                 p.requires_grad_(flag)
+
+
+_PASS_LOCKS: dict[int, threading.RLock] = {}  # id(model) -> its lock, while the model lives
+_PASS_LOCKS_GUARD = threading.Lock()
+
+
+def one_pass_per_model(score: Callable[..., Importance]) -> Callable[..., Importance]:
+    """`score(model, ...)` runs one call per model at a time: a pass puts its own gate leaves,
+    eval mode and requires_grad flags on the model, so a second thread's pass over the same
+    model waits for it (passes over different models run side by side)."""
+
+    @functools.wraps(score)
+    def one_at_a_time(model: nn.Module, *args, **kwargs) -> Importance:
+        with _PASS_LOCKS_GUARD:
+            lock = _PASS_LOCKS.get(id(model))
+            if lock is None:
+                lock = _PASS_LOCKS[id(model)] = threading.RLock()
+                weakref.finalize(model, _PASS_LOCKS.pop, id(model), None).atexit = False
+        with lock:
+            return score(model, *args, **kwargs)
+
+    return one_at_a_time
 
 
 def _capturing(tensor: Tensor) -> bool:
@@ -518,6 +543,7 @@ def _token_shape(batch: Mapping, mode: str) -> torch.Size:
     return shape
 
 
+@one_pass_per_model
 def importance(
     model: nn.Module,
     batches: Iterable[Mapping],
@@ -561,7 +587,8 @@ def importance(
     labels are class ids in [0, num_labels), every example labelled (no -100; checked where
     they come on the CPU). Multiple-choice inputs (B, choices, L) score in mode "paper" only.
     The model's training mode, requires_grad flags and gates are restored afterwards, even on
-    error. See the module docstring for the modes.
+    error. Calls on one model from several threads run one at a time (each its own scores).
+    See the module docstring for the modes.
     """
     if mode not in MODES:
         raise ValueError(f"importance: 'mode' must be one of {MODES}, got {mode!r}")
