@@ -41,6 +41,7 @@ from sparsebert.nn.common import (
     check_gate,
     check_output_rows,
     fixed_gates,
+    in_shared_memory,
     known_all_zero,
     slice_linear,
 )
@@ -275,7 +276,9 @@ class _LiveHeads:
     alive, with the same version counters and storage: a parameter replaced by a new one, even
     one the allocator put at the freed one's address, or given new storage through `.data =`, is
     sliced anew), except while a CUDA graph is captured (its replays slice the weights as they
-    are then). Optimizer steps are seen, fused ones included (sparsebert.nn.optimizer_steps).
+    are then), or while a parameter is in shared memory (`share_memory()`: another process's
+    writes move no version counter here). Optimizer steps are seen, fused ones included
+    (sparsebert.nn.optimizer_steps).
     In-place writes through `.data` (`param.data.mul_(2)`) bypass the version counter and are
     not seen: write under torch.no_grad() instead (`param.mul_(2)`)."""
 
@@ -299,8 +302,9 @@ class _LiveHeads:
             params = [p for linear in (q, k, v, out) for p in (linear.weight, linear.bias)
                       if p is not None]
             # Inference tensors (e.g. bf16 copies made under torch.inference_mode) have no
-            # version counter: sliced anew on every call.
-            keep = not any(p.is_inference() for p in params)
+            # version counter, and another process's writes to shared memory move none here:
+            # sliced anew on every call.
+            keep = not any(p.is_inference() or in_shared_memory(p) for p in params)
         if keep:
             if self._kept is not None and _same_tensors(self._kept[0], params):
                 return self._kept[1]

@@ -170,6 +170,13 @@ class GateSummary:
         return len(self.live) == self.size
 
 
+def in_shared_memory(tensor: Tensor) -> bool:
+    """Whether `tensor` lives in CPU shared memory (`model.share_memory()`): other processes may
+    write it, and their writes move no version counter in this one, so nothing derived from its
+    values may be kept across calls."""
+    return tensor.device.type == "cpu" and tensor.untyped_storage().is_shared()
+
+
 class BufferSummary:
     """The GateSummary of a gate buffer, read on the host once per change of the buffer (another
     tensor, or an in-place write, which bumps its version counter), so that a forward need not
@@ -178,7 +185,8 @@ class BufferSummary:
     torch.compile traces or a CUDA graph is captured (what the graph computes must follow the
     gate's values on every replay; within a FixedGates block, the capture gets the last summary
     instead, when it is still current), and for tensors without a version counter (inference
-    tensors). Writes through `.data` bypass the version counter: they are not seen."""
+    tensors). A gate in shared memory (`share_memory()`; another process may write it) is read
+    on every call. Writes through `.data` bypass the version counter: they are not seen."""
 
     def __init__(self) -> None:
         self._last: tuple[Tensor, int, GateSummary] | None = None
@@ -191,7 +199,8 @@ class BufferSummary:
         if not can_read_on_host():
             return self._fixed(gate)
         last = self._last
-        if last is not None and last[0] is gate and last[1] == gate._version:
+        if (last is not None and last[0] is gate and last[1] == gate._version
+                and not in_shared_memory(gate)):
             return last[2]
         flat = gate.detach().reshape(-1)
         values = flat.tolist() if flat.device.type == "cpu" else flat.cpu().tolist()  # one sync

@@ -27,15 +27,22 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from sparsebert.nn import SparseAttention, SparseMLP
+from sparsebert.nn.common import in_shared_memory
 from sparsebert.nn.optimizer_steps import watch_optimizer_steps
 
 _warned_inference: list[bool] = []  # the inference-tensor warning, once per process
+_warned_shared: list[bool] = []  # the shared-memory warning, once per process
 
 INFERENCE_TENSORS_WARNING = (
     "sparsebert.accelerate: the model's gates or weights are inference tensors (made or "
     "converted under torch.inference_mode), which have no version counter, so the compact "
     "weights are rebuilt on every call; create, patch or convert the model outside "
     "inference_mode (calling it inside is fine) to keep them")
+
+SHARED_TENSORS_WARNING = (
+    "sparsebert.accelerate: the model's gates or weights are in shared memory "
+    "(share_memory()), where another process's writes move no version counter, so the compact "
+    "weights are rebuilt on every call; accelerate a copy (copy.deepcopy(model)) to keep them")
 
 
 def _slot(owner: object, name: str) -> dict:
@@ -88,12 +95,19 @@ class LayerWatch:
                 node = table.get(name)
                 slots[(id(table), name)] = (table, name, node)
             if isinstance(node, Tensor):
-                version = None if node.is_inference() else node._version  # None: no counter
+                # None: no counter to trust (an inference tensor has none; another process's
+                # writes to shared memory move none here): rebuilt on every call
+                version = (None if node.is_inference() or in_shared_memory(node)
+                           else node._version)
                 tensors.append((node, version, node.data_ptr(),
                                 weakref.ref(node.untyped_storage())))
-        if any(version is None for _, version, _, _ in tensors) and not _warned_inference:
+        untracked = [tensor for tensor, version, _, _ in tensors if version is None]
+        if any(t.is_inference() for t in untracked) and not _warned_inference:
             _warned_inference.append(True)
             warnings.warn(INFERENCE_TENSORS_WARNING, stacklevel=4)
+        if any(in_shared_memory(t) for t in untracked) and not _warned_shared:
+            _warned_shared.append(True)
+            warnings.warn(SHARED_TENSORS_WARNING, stacklevel=4)
         return cls(list(slots.values()), tensors)
 
     def valid(self) -> bool:
