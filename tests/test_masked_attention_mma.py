@@ -437,6 +437,41 @@ FP16_SMALL_GATE = pytest.mark.xfail(
     strict=True, reason="fp16 mma backward: d_head_gate from the stored output (csrc/README.md)")
 
 
+# Scaled scores past 2^31: the mma forward's exponent fmaf(s, scale_log2, -m), m the rounded max
+# product, is off by up to half an ulp (128 there): 2^e overflows (NaN row) or flushes to 0, and
+# the backward rebuilds P from the rounded lse (an emulation of the arithmetic: 495 of these
+# 2001 rows NaN, 629 zero in fp32). The CPU kernel passes (test_masked_attention.py). To fix:
+# see csrc/README.md ("A second known limit").
+HUGE_SCORES = pytest.mark.xfail(
+    strict=True, reason="mma kernels: exponents at scaled scores past 2^31 (csrc/README.md)")
+
+
+@HUGE_SCORES
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_mma_huge_equal_scores_share_their_weight(device, dtype, backward, mma_switch):
+    """Two keys with the same huge scaled score (~3e9) each get weight 1/2 (out 2.0 from values
+    1 and 3; d v 1/2 each), for every score of a range, as in the CPU kernel (D = 32: the mma
+    path)."""
+    scale, dim = 0.1, 32
+    scores = torch.linspace(3e10, 3.0001e10, 2001)  # raw q.k; scaled ~3e9
+    batch = scores.numel()
+    q = (scores / dim).view(batch, 1, 1, 1).expand(batch, 1, 1, dim).to(device, dtype)
+    k = torch.ones(batch, 2, 1, dim, device=device, dtype=dtype)
+    v = torch.tensor([1.0, 3.0]).view(1, 2, 1, 1).expand(batch, 2, 1, dim).to(device, dtype)
+    q, k, v = (t.contiguous().requires_grad_(backward) for t in (q, k, v))
+    gate = torch.ones(1, device=device)
+    if not backward:
+        out, lse = torch.ops.sparsebert.masked_attention(q, k, v, gate, None, scale)
+        torch.testing.assert_close(out, torch.full_like(out, 2.0), rtol=0, atol=0)
+        assert torch.isfinite(lse).all()
+        return
+    ops.masked_attention(q, k, v, gate, None, scale).sum().backward()
+    torch.testing.assert_close(v.grad, torch.full_like(v.grad, 0.5), rtol=0, atol=0)
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
 @pytest.mark.parametrize("dtype, small", [
     (torch.float16, 1e-4),
     pytest.param(torch.float16, 1e-6, marks=FP16_SMALL_GATE),

@@ -68,8 +68,10 @@ __device__ __forceinline__ void zero_head(void* dst, int b, int h, int rows, int
   constexpr int kPer = 16 / static_cast<int>(sizeof(T));
   constexpr int kU = D / kPer;
   T* base = static_cast<T*>(dst);
-  for (int i = threadIdx.x; i < rows * kU; i += kThreads) {
-    const int64_t off = attn::bshd_contiguous_offset(b, i / kU, h, rows, heads, D) + (i % kU) * kPer;
+  const int64_t units = static_cast<int64_t>(rows) * kU;  // may pass 2^31 (int64, as the offsets)
+  for (int64_t i = threadIdx.x; i < units; i += kThreads) {
+    const int64_t off =
+        attn::bshd_contiguous_offset(b, static_cast<int>(i / kU), h, rows, heads, D) + (i % kU) * kPer;
     *reinterpret_cast<uint4*>(base + off) = make_uint4(0u, 0u, 0u, 0u);
   }
 }

@@ -76,8 +76,9 @@ __device__ __forceinline__ void zero_out_slice(const MmaFwdArgs& a, int b, int o
   constexpr int kPer = 16 / static_cast<int>(sizeof(Elem));
   constexpr int kU = D / kPer;
   Elem* out = static_cast<Elem*>(a.out);
-  for (int i = threadIdx.x; i < rows * kU; i += mma::kThreads) {
-    const int s = row0 + i / kU;
+  const int64_t units = static_cast<int64_t>(rows) * kU;  // past 2^31 at S >= 2^27 (fp32, D=64)
+  for (int64_t i = threadIdx.x; i < units; i += mma::kThreads) {
+    const int s = row0 + static_cast<int>(i / kU);
     const int64_t off = (static_cast<int64_t>(b) * a.q_len + s) * a.out_heads * D +
                         static_cast<int64_t>(oh) * D + (i % kU) * kPer;
     *reinterpret_cast<uint4*>(out + off) = make_uint4(0u, 0u, 0u, 0u);
