@@ -1017,3 +1017,15 @@ def test_eval_mode_blocks_that_overlap_restore_the_training_flags():
     assert not any(module.training for module in model.modules())  # the second block's still on
     second.__exit__(None, None, None)
     assert [module.training for module in model.modules()] == [True, False, True]
+
+
+def test_a_quantized_model_is_refused_not_scored_zero(tiny_bert, tiny_batches):
+    """quantize_dynamic after patch: autograd passes nothing through the int8 linears, so every
+    gate gradient was None and every score 0 (a search would prune at random)."""
+    from sparsebert.hf.structure import UnsupportedModelError  # noqa: PLC0415
+
+    model = torch.ao.quantization.quantize_dynamic(patch(tiny_bert()), {torch.nn.Linear},
+                                                   dtype=torch.qint8)
+    with pytest.raises(UnsupportedModelError,
+                       match=r"quantized linears .*score the float model, then quantize it"):
+        importance(model, tiny_batches(), progress=False)

@@ -14,6 +14,7 @@ from transformers import AutoModel
 import sparsebert
 import sparsebert.hf as sbhf
 from sparsebert.errors import SparsebertError
+from sparsebert.hf.structure import UnsupportedModelError
 from sparsebert.nn import SparseAttention, SparseMLP
 
 TOL = 1e-5
@@ -493,3 +494,33 @@ def test_soft_masks_survive_a_cast_after_patching(cast, tiny_bert, tiny_batch):
                                    rtol=0, atol=0)
     model.double()
     assert {attn.head_gate.dtype for attn, _ in sbhf.sparse_blocks(model)} == {torch.float64}
+
+
+@pytest.mark.parametrize("shared", ["layer", "attention"])
+def test_layers_sharing_one_module_are_refused(shared, tiny_bert):
+    """An encoder whose layers share a module (ALBERT-style weight sharing): one set of gates
+    would serve both places, so set_masks merged their masks (the last row won) and the
+    first-token readout cut the shared block to one row at its first place too. patch refuses
+    it, naming the layers and the backend that keeps one gate row per shared module."""
+    model = tiny_bert()
+    layers = model.bert.encoder.layer
+    if shared == "layer":
+        layers[1] = layers[0]
+    else:
+        layers[1].attention = layers[0].attention
+    with pytest.raises(UnsupportedModelError,
+                       match=r"encoder layers 0 and 1 share one .*attn_implementation='sparsebert'"):
+        sparsebert.patch(model)
+    assert not any(isinstance(m, SparseAttention) for m in model.modules())  # nothing changed
+
+
+def test_a_quantized_model_is_refused_with_the_order_that_works(tiny_bert):
+    """quantize_dynamic before patch: the linears' weight is a method (packed int8), so patch
+    failed deep inside with AttributeError ('function' object has no attribute 'device')."""
+    model = torch.ao.quantization.quantize_dynamic(tiny_bert(), {torch.nn.Linear},
+                                                   dtype=torch.qint8)
+    with pytest.raises(UnsupportedModelError,
+                       match=r"encoder layer 0 has quantized linears \(attention.self.query, .*"
+                             r"patch, mask, prune and score the float model, then quantize it"):
+        sparsebert.patch(model)
+    assert not any(isinstance(m, SparseAttention) for m in model.modules())

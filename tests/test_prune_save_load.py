@@ -694,3 +694,20 @@ def test_load_pruned_onto_a_device(tmp_path, tiny_bert):
     assert {p.device.type for p in loaded.parameters()} == {"meta"}
     assert {b.device.type for b in loaded.buffers()} == {"meta"}
     assert sbhf.layer_sizes(loaded) == sbhf.layer_sizes(model) and not loaded.training
+
+
+def test_prune_refuses_quantized_linears_before_slicing_any_layer(tiny_bert):
+    """quantize_dynamic after patch: prune refuses with the order that works, and changes no
+    layer (it had removed layer 0's heads when layer 1's quantized linears failed)."""
+    from sparsebert.hf.structure import UnsupportedModelError  # noqa: PLC0415
+
+    model = sbhf.patch(tiny_bert())
+    head_mask = torch.ones(model.config.num_hidden_layers, model.config.num_attention_heads)
+    head_mask[0] = 0
+    sbhf.set_masks(model, head_mask=head_mask)
+    model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    before = sbhf.layer_sizes(model)
+    with pytest.raises(UnsupportedModelError,
+                       match=r"layer 0 has quantized linears .*prune the float model, then "):
+        sbhf.prune(model)
+    assert sbhf.layer_sizes(model) == before

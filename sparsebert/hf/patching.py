@@ -29,6 +29,7 @@ from sparsebert.hf.structure import (
     structure_for,
 )
 from sparsebert.nn import SparseAttention, SparseMLP
+from sparsebert.nn.common import quantized_linears
 
 MLP_ATTR = "sparse_mlp"
 """Name under which a patched layer registers its SparseMLP (our name, not the model's)."""
@@ -59,6 +60,31 @@ def _check_config(model: nn.Module, row: ModelStructure) -> None:
                 f"sparsebert.patch: config.{flag}=True is not supported "
                 "(encoder self-attention only)"
             )
+
+
+def _check_layers(layers: nn.ModuleList, row: ModelStructure) -> None:
+    """Refuse encoder layers a patched model cannot gate one by one: a layer (or its attention
+    block) that runs at two places of the encoder (shared weights, as ALBERT's), whose one set of
+    gates would merge the places' masks, and quantized linears, which cannot be sliced."""
+    first_at: dict[int, int] = {}
+    for index, layer in enumerate(layers):
+        for part in (layer, getattr(layer, row.attention, None)):
+            if part is None:
+                continue
+            earlier = first_at.setdefault(id(part), index)
+            if earlier != index:
+                raise UnsupportedModelError(
+                    f"sparsebert.patch: encoder layers {earlier} and {index} share one "
+                    f"{type(part).__name__} module (shared weights): its blocks would hold one "
+                    f"set of gates for both places, so their masks would merge; load the model "
+                    f"with attn_implementation='sparsebert' instead (one gate row per shared "
+                    f"module)")
+        quantized = quantized_linears(layer)
+        if quantized:
+            raise UnsupportedModelError(
+                f"sparsebert.patch: encoder layer {index} has quantized linears "
+                f"({', '.join(quantized)}), which cannot be sliced or differentiated: patch, "
+                f"mask, prune and score the float model, then quantize it")
 
 
 def _carry_backend_gates(replaced: nn.Module, sparse: SparseAttention) -> None:
@@ -150,6 +176,7 @@ def patch(model: nn.Module) -> nn.Module:
                          f"(num_hidden_layers 0): nothing to gate or prune")
     # Gate buffers made as ordinary tensors even under torch.inference_mode (inference tensors
     # have no version counter, which tells the blocks and accelerate that a gate changed).
+    _check_layers(encoder_layers(model, row), row)
     with torch.inference_mode(False):
         for layer in encoder_layers(model, row):
             _patch_layer(layer, model, row)

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from sparsebert.hf.patching import sparse_blocks
+from sparsebert.hf.structure import UnsupportedModelError
+from sparsebert.nn.common import quantized_linears
 
 
 def prune(model: nn.Module) -> nn.Module:
@@ -28,6 +30,12 @@ def prune(model: nn.Module) -> nn.Module:
             raise ValueError(
                 f"sparsebert.prune: layer {layer} has an active gate override; prune outside it"
             )
+        parts = [attn, mlp] if mlp.host is None else [mlp.host]  # (the host holds both)
+        quantized = [name for part in parts for name in quantized_linears(part)]
+        if quantized:  # checked for every layer before any is sliced: all or nothing
+            raise UnsupportedModelError(
+                f"sparsebert.prune: layer {layer} has quantized linears ({', '.join(quantized)}), "
+                f"which cannot be sliced: prune the float model, then quantize it")
     for attn, mlp in blocks:
         # Step 1: heads.
         keep_heads = torch.nonzero(attn.head_gate != 0).flatten().tolist()

@@ -170,6 +170,15 @@ class GateSummary:
         return len(self.live) == self.size
 
 
+def quantized_linears(module: nn.Module) -> list[str]:
+    """Names of the linear layers within `module` whose weight is no tensor: torch.ao's quantized
+    Linear (`quantize_dynamic`), whose `weight` is a method returning packed int8 values. Nothing
+    can slice them, and autograd cannot differentiate through them (no gate gradient)."""
+    return [name or type(module).__name__ for name, child in module.named_modules()
+            if hasattr(child, "in_features") and hasattr(child, "weight")
+            and not isinstance(child.weight, Tensor)]
+
+
 def in_shared_memory(tensor: Tensor) -> bool:
     """Whether `tensor` lives in CPU shared memory (`model.share_memory()`): other processes may
     write it, and their writes move no version counter in this one, so nothing derived from its

@@ -52,8 +52,8 @@ from tqdm.auto import tqdm
 from sparsebert import precision as numerics
 from sparsebert.hf.patching import sparse_blocks
 from sparsebert.hf.readout import first_token_readout
-from sparsebert.hf.structure import config_size, structure_for
-from sparsebert.nn.common import eval_mode
+from sparsebert.hf.structure import UnsupportedModelError, config_size, structure_for
+from sparsebert.nn.common import eval_mode, quantized_linears
 from sparsebert.ops import accumulate_importance_
 from sparsebert.overrides import override_attributes
 from sparsebert.precision import PRECISIONS
@@ -611,6 +611,12 @@ def importance(
     if keep_per_example and mode not in ("per_example", "fisher"):
         raise ValueError("importance: keep_per_example needs mode='per_example' or 'fisher'")
     blocks = sparse_blocks(model)  # raises if not patched
+    quantized = quantized_linears(model)
+    if quantized:  # autograd passes nothing through them: every gate gradient would be None (0)
+        raise UnsupportedModelError(
+            f"importance: the model has quantized linears ({', '.join(quantized[:3])}"
+            f"{', ...' if len(quantized) > 3 else ''}), which autograd cannot differentiate, so "
+            f"every score would be 0: score the float model, then quantize it")
     row = structure_for(model)
     _n_layers, n_heads = len(blocks), config_size(model, row, "num_heads")
     n_ffn = config_size(model, row, "intermediate_size")
