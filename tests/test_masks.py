@@ -141,3 +141,33 @@ def test_masks_on_pruned_model_use_original_numbering(patched, dims):
         sbhf.set_masks(model, neuron_mask=neurons)
     with pytest.raises(MaskError, match="'mlp_mask' sets layer 1 neuron 0"):
         sbhf.set_masks(model, mlp_mask=neurons)  # (L, F): neuron masks
+
+
+@pytest.mark.parametrize("backend", [False, True])
+def test_masks_after_a_cast_under_inference_mode(backend, tiny_model, dims, tiny_batch):
+    """A model cast under torch.inference_mode holds its gates as inference tensors, which take
+    no in-place write outside that mode: set_masks failed with torch's RuntimeError. The masks
+    now apply, as on the same model cast outside inference mode."""
+    L, H, FF = dims
+    head_mask = torch.ones(L, H)
+    head_mask[0, 1] = head_mask[1, 3] = 0
+
+    def masked(cast_in_inference_mode):
+        model = tiny_model("bert")
+        model = sbhf.use_sparse_attention(model) if backend else sbhf.patch(model)
+        sbhf.set_masks(model, head_mask=torch.ones(L, H))  # (attaches the backend's gates)
+        with torch.inference_mode(cast_in_inference_mode):
+            model = model.to(torch.float64).eval()
+        masks = {"head_mask": head_mask}
+        if not backend:
+            masks["mlp_mask"] = torch.tensor([1.0] * (L - 1) + [0.0])
+        sbhf.set_masks(model, **masks)
+        ids, mask = tiny_batch()
+        with torch.no_grad():
+            return sbhf.get_masks(model), model(input_ids=ids, attention_mask=mask)[0]
+
+    (got_masks, got), (want_masks, want) = masked(True), masked(False)
+    for name in want_masks:
+        assert torch.equal(got_masks[name], want_masks[name]), name
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(got_masks["head_mask"], head_mask)

@@ -103,7 +103,21 @@ def _set_backend_head_gates(model: nn.Module, head_mask, mlp_mask, neuron_mask) 
         return
     with torch.no_grad():
         for layer, module in enumerate(modules):
-            module.head_gate.copy_(heads[layer])
+            _write_gate(module, "head_gate", heads[layer])
+
+
+def _write_gate(module: nn.Module, name: str, values: Tensor) -> None:
+    """module.<name>.copy_(values). A gate that a cast under torch.inference_mode made an
+    inference tensor takes no in-place write outside that mode: an ordinary copy of it takes its
+    place first (the blocks see another tensor and read it afresh)."""
+    gate = getattr(module, name)
+    if gate.is_inference() and not torch.is_inference_mode_enabled():
+        copy = gate.clone()  # (outside inference mode: an ordinary tensor)
+        if isinstance(gate, nn.Parameter):  # a gate made trainable stays a parameter
+            copy = nn.Parameter(copy, requires_grad=gate.requires_grad)
+        setattr(module, name, copy)
+        gate = copy
+    gate.copy_(values)
 
 
 def set_masks(
@@ -163,11 +177,11 @@ def set_masks(
     with torch.no_grad():
         for layer, (attn, mlp) in enumerate(blocks):
             if heads is not None:
-                attn.head_gate.copy_(heads[layer, attn.head_ids])
+                _write_gate(attn, "head_gate", heads[layer, attn.head_ids])
             if mlps is not None:
-                mlp.mlp_gate.copy_(mlps[layer])
+                _write_gate(mlp, "mlp_gate", mlps[layer])
             if neurons is not None:
-                mlp.neuron_gate.copy_(neurons[layer, mlp.neuron_ids])
+                _write_gate(mlp, "neuron_gate", neurons[layer, mlp.neuron_ids])
 
 
 def set_zero_gate_grad(model: nn.Module, exact: bool = True) -> None:
