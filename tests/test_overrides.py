@@ -162,3 +162,38 @@ def test_a_block_that_fails_to_begin_leaves_nothing_behind():
     assert (thing.a, thing.b) == ("a1", "b0")
     first.__exit__(None, None, None)
     assert (thing.a, thing.b) == ("a0", "b0") and id(thing) not in _OPEN
+
+
+def test_a_copy_made_inside_a_block_has_the_models_own_state(tiny_bert, tiny_batch):
+    """A deep copy of a patched model made inside override_head_gates / first_token_readout
+    blocks computes with its own gates and every row (it kept the blocks' overrides and one-row
+    readout for good, since no block restores the copy; an override made of views of a leaf
+    that requires grad could not be copied at all). Pickles take the same state."""
+    import copy  # noqa: PLC0415
+
+    import sparsebert  # noqa: PLC0415
+    from sparsebert.hf import first_token_readout, override_head_gates  # noqa: PLC0415
+
+    model = sparsebert.patch(tiny_bert()).eval()
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    own = torch.ones(layers, heads)
+    own[0, 2] = 0
+    sparsebert.set_masks(model, head_mask=own)
+    leaf = torch.rand(layers, heads, requires_grad=True)
+    ids, mask = tiny_batch()
+
+    def outputs(m):
+        with torch.no_grad():
+            return m.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    want = outputs(model)
+    with override_head_gates(model, leaf), first_token_readout(model) as one_row:
+        assert one_row
+        twin = copy.deepcopy(model)
+        for block in (b for pair in sparsebert.hf.sparse_blocks(model) for b in pair):
+            state = block.__getstate__()  # what a pickle takes
+            assert all(state[name] is None for name in block.BLOCK_ATTRIBUTES)
+    got = outputs(twin)
+    assert got.shape == want.shape  # every row
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(sparsebert.get_masks(twin)["head_mask"], own)

@@ -383,6 +383,7 @@ class SparseAttention(GateBuffers):
     """
 
     GATE_BUFFERS = ("head_gate",)
+    BLOCK_ATTRIBUTES = ("head_gate_override", "head_gate_live", "output_rows")
 
     def __init__(
         self,

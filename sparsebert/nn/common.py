@@ -47,6 +47,17 @@ class GateBuffers(nn.Module):
     head). Device moves, and casts to fp64, apply to them as to any buffer."""
 
     GATE_BUFFERS: tuple[str, ...] = ()
+    # Attributes only a `with` block sets (gate overrides, the first-token readout), None outside
+    # every block: a copy or pickle made inside a block gets None, the module's own state, not
+    # the block's values (which no block would ever restore on the copy).
+    BLOCK_ATTRIBUTES: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        for name in self.BLOCK_ATTRIBUTES:
+            if name in state:
+                state[name] = None
+        return state
 
     def _apply(self, fn, recurse=True):
         before = {name: self._buffers.get(name) for name in self.GATE_BUFFERS}

@@ -102,6 +102,8 @@ class SparseMLP(GateBuffers):
     """
 
     GATE_BUFFERS = ("mlp_gate", "neuron_gate")
+    BLOCK_ATTRIBUTES = ("mlp_gate_override", "neuron_gate_override", "neuron_gate_live",
+                        "output_rows")
 
     def __init__(
         self,
