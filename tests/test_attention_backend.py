@@ -788,22 +788,28 @@ def test_direct_call_equals_gated_sdpa(core, pair):
     assert bool((got[:, :, 1] == 0).all())
 
 
-def test_grouped_query_decoding_step_copies_no_key_value_head(pair):
+@pytest.mark.parametrize("padded", [False, True])
+def test_grouped_query_decoding_step_copies_no_key_value_head(padded, pair):
     """A single-token decoding step of grouped-query attention with every head active shares
-    each key/value head between its query heads, as transformers' sdpa does: no per-query-head
-    copy of the cache ((B, H, L, D) at every step, groups times the layer's cache) and the
-    outputs of transformers' sdpa function."""
+    each key/value head between its query heads, as transformers' sdpa does, with or without a
+    padding mask (a left-padded batch): no per-query-head copy of the cache ((B, H, L, D) at
+    every step, groups times the layer's cache) and the outputs of transformers' sdpa
+    function."""
     _, model = pair("llama")
     module = attention_modules(model)[0]
     gen = torch.Generator().manual_seed(0)
     query = torch.randn(2, 4, 1, 8, generator=gen)
     key, value = torch.randn(2, 2, 2, 9, 8, generator=gen)  # 2 key/value heads, 9 cached keys
+    mask = None
+    if padded:  # (B, 1, 1, L) bool, True = attend: the second row left-padded by 3
+        mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+        mask[1, :, :, :3] = False
     with torch.profiler.profile() as profile:
-        got, _ = backend.sparsebert_attention_forward(module, query, key, value, None)
+        got, _ = backend.sparsebert_attention_forward(module, query, key, value, mask)
     copies = {event.key for event in profile.key_averages()} & {
         "aten::repeat_interleave", "aten::index_select", "aten::repeat", "aten::expand_copy"}
     assert not copies, f"the key/value heads were copied: {sorted(copies)}"
-    want = _sdpa_gated(module, query, key, value, None, torch.ones(4))
+    want = _sdpa_gated(module, query, key, value, mask, torch.ones(4))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 

@@ -26,9 +26,9 @@ Two attention cores:
    multi-head models. The op skips gated-off heads itself.
 2. Otherwise (causal, sliding-window or other 4-d masks, additive float masks, dropout in
    training, grouped-query attention): the active heads are gathered (key/value heads follow
-   their query heads; none copied where every head is active and no mask is given), run through
-   torch SDPA with the same mask and causal rule as transformers' "sdpa" backend, gated, and
-   scattered back next to exact zeros for the pruned heads.
+   their query heads; none copied where every head is active, on CUDA only without a mask), run
+   through torch SDPA with the same mask and causal rule as transformers' "sdpa" backend, gated,
+   and scattered back next to exact zeros for the pruned heads.
 """
 
 from __future__ import annotations
@@ -268,10 +268,12 @@ def _sdpa_active_heads(
     head_dim = value.shape[-1]  # the output's: Dv
     groups = heads // key.shape[1]
     # Step 1: gather the active query heads and the key/value head of each (with every head
-    # active and no mask, SDPA shares the key/value heads itself, as transformers' sdpa does).
+    # active, SDPA shares the key/value heads itself, as transformers' sdpa does: on CUDA only
+    # without a mask).
     index = torch.arange(heads, device=query.device) if active is None else active  # (k,)
     kv_index = index // groups
-    gqa = active is None and groups > 1 and mask is None
+    # (with a mask on CUDA SDPA falls back to its math kernel for shared heads: gathered there)
+    gqa = active is None and groups > 1 and (mask is None or query.device.type == "cpu")
     if active is None and (groups == 1 or gqa):
         q, k, v = query, key, value
     else:
