@@ -496,7 +496,7 @@ def test_soft_masks_survive_a_cast_after_patching(cast, tiny_bert, tiny_batch):
     assert {attn.head_gate.dtype for attn, _ in sbhf.sparse_blocks(model)} == {torch.float64}
 
 
-@pytest.mark.parametrize("shared", ["layer", "attention"])
+@pytest.mark.parametrize("shared", ["layer", "attention", "ffn", "parameter"])
 def test_layers_sharing_one_module_are_refused(shared, tiny_bert):
     """An encoder whose layers share a module (ALBERT-style weight sharing): one set of gates
     would serve both places, so set_masks merged their masks (the last row won) and the
@@ -506,8 +506,12 @@ def test_layers_sharing_one_module_are_refused(shared, tiny_bert):
     layers = model.bert.encoder.layer
     if shared == "layer":
         layers[1] = layers[0]
-    else:
+    elif shared == "attention":
         layers[1].attention = layers[0].attention
+    elif shared == "ffn":  # prune cut layer 0's MLP out of layer 1 too (it crashed there)
+        layers[1].intermediate, layers[1].output = layers[0].intermediate, layers[0].output
+    else:
+        layers[1].attention.self.query.weight = layers[0].attention.self.query.weight
     with pytest.raises(UnsupportedModelError,
                        match=r"encoder layers 0 and 1 share one .*attn_implementation='sparsebert'"):
         sparsebert.patch(model)

@@ -62,23 +62,27 @@ def _check_config(model: nn.Module, row: ModelStructure) -> None:
             )
 
 
-def _check_layers(layers: nn.ModuleList, row: ModelStructure) -> None:
-    """Refuse encoder layers a patched model cannot gate one by one: a layer (or its attention
-    block) that runs at two places of the encoder (shared weights, as ALBERT's), whose one set of
-    gates would merge the places' masks, and quantized linears, which cannot be sliced."""
-    first_at: dict[int, int] = {}
+def _check_layers(layers: nn.ModuleList) -> None:
+    """Refuse encoder layers a patched model cannot gate one by one: a module with parameters
+    (a whole layer, its attention, its FFN denses, ...) or a parameter that runs at two places of
+    the encoder (shared weights, as ALBERT's), whose one set of gates would merge the places'
+    masks and whose slicing by `prune` would cut the other place too; and quantized linears,
+    which cannot be sliced. (Modules without parameters, an activation, may be shared.)"""
+    first_at: dict[int, tuple[int, str]] = {}  # id -> (layer, name) where it first runs
     for index, layer in enumerate(layers):
-        for part in (layer, getattr(layer, row.attention, None)):
-            if part is None:
-                continue
-            earlier = first_at.setdefault(id(part), index)
+        parts = [(name or type(layer).__name__, module) for name, module in layer.named_modules()
+                 if name == "" or any(True for _ in module.parameters(recurse=False))]
+        parts += list(layer.named_parameters())
+        for name, part in parts:
+            earlier, earlier_name = first_at.setdefault(id(part), (index, name))
             if earlier != index:
                 raise UnsupportedModelError(
                     f"sparsebert.patch: encoder layers {earlier} and {index} share one "
-                    f"{type(part).__name__} module (shared weights): its blocks would hold one "
-                    f"set of gates for both places, so their masks would merge; load the model "
-                    f"with attn_implementation='sparsebert' instead (one gate row per shared "
-                    f"module)")
+                    f"{type(part).__name__} ({earlier_name} of layer {earlier}, {name} of layer "
+                    f"{index}; shared weights): patched blocks would hold one set of gates for "
+                    f"both places, so their masks would merge, and pruning one would cut the "
+                    f"other; load the model with attn_implementation='sparsebert' instead (one "
+                    f"gate row per shared module)")
         quantized = quantized_linears(layer)
         if quantized:
             raise UnsupportedModelError(
@@ -176,7 +180,7 @@ def patch(model: nn.Module) -> nn.Module:
                          f"(num_hidden_layers 0): nothing to gate or prune")
     # Gate buffers made as ordinary tensors even under torch.inference_mode (inference tensors
     # have no version counter, which tells the blocks and accelerate that a gate changed).
-    _check_layers(encoder_layers(model, row), row)
+    _check_layers(encoder_layers(model, row))
     with torch.inference_mode(False):
         for layer in encoder_layers(model, row):
             _patch_layer(layer, model, row)
