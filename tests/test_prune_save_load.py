@@ -703,11 +703,81 @@ def test_prune_refuses_quantized_linears_before_slicing_any_layer(tiny_bert):
 
     model = sbhf.patch(tiny_bert())
     head_mask = torch.ones(model.config.num_hidden_layers, model.config.num_attention_heads)
-    head_mask[0] = 0
+    head_mask[0] = 0  # removed whole: nothing to slice
+    head_mask[1, 1] = 0  # sliced
     sbhf.set_masks(model, head_mask=head_mask)
     model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     before = sbhf.layer_sizes(model)
     with pytest.raises(UnsupportedModelError,
-                       match=r"layer 0 has quantized linears .*prune the float model, then "):
+                       match=r"layer 1's query projection .*quantized.*\(or quantize\) after"):
         sbhf.prune(model)
     assert sbhf.layer_sizes(model) == before
+
+
+class _Adapter(torch.nn.Linear):
+    """A LoRA-style adapter: the base weight plus a low-rank delta (as peft's layer computes)."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2) -> None:
+        super().__init__(base.in_features, base.out_features)
+        self.load_state_dict(base.state_dict())
+        gen = torch.Generator().manual_seed(3)
+        self.down = torch.nn.Parameter(torch.randn(rank, base.in_features, generator=gen))
+        self.up = torch.nn.Parameter(torch.randn(base.out_features, rank, generator=gen))
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.down.T @ self.up.T
+
+
+@pytest.mark.parametrize("wrap", ["adapter", "hook", "parametrization", "torch-prune"])
+def test_prune_refuses_projections_slicing_would_drop(wrap, tiny_bert, tiny_batch):
+    """An adapter, hook, parametrization or torch.nn.utils.prune mask on a projection that
+    would be sliced: prune put a plain sliced nn.Linear in its place, silently dropping the
+    adapter's delta (outputs off the masked model's) or the hook / constraint. It refuses now,
+    naming the projection, and changes nothing; masked outputs are the adapter's."""
+    from sparsebert.hf.structure import UnsupportedModelError  # noqa: PLC0415
+
+    model = sbhf.patch(tiny_bert()).eval()
+    head_mask = torch.ones(model.config.num_hidden_layers, model.config.num_attention_heads)
+    head_mask[0] = 0
+    head_mask[1, 2] = 0
+    sbhf.set_masks(model, head_mask=head_mask)
+    attention = model.bert.encoder.layer[1].attention
+    query = attention.self.query
+    if wrap == "adapter":
+        attention.self.query = _Adapter(query)
+    elif wrap == "hook":
+        query.register_forward_hook(lambda module, args, out: out * 2)
+    elif wrap == "parametrization":
+        torch.nn.utils.parametrize.register_parametrization(
+            query, "weight", torch.nn.Identity())
+    else:
+        from torch.nn.utils import prune as torch_prune  # noqa: PLC0415
+
+        torch_prune.l1_unstructured(query, "weight", amount=0.5)
+    ids, mask = tiny_batch()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    before = sbhf.layer_sizes(model)
+    with pytest.raises(UnsupportedModelError, match=r"layer 1's query projection .*nothing was"):
+        sbhf.prune(model)
+    assert sbhf.layer_sizes(model) == before
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, want)
+
+
+@pytest.mark.parametrize("wrap", ["adapter", "torch-prune"])
+def test_save_pruned_refuses_weights_load_pruned_could_not_read(wrap, tiny_bert, tmp_path):
+    """An adapter (weights saved as query.base_layer.weight, as peft's) or a pruning mask
+    (query.weight_orig): save_pruned wrote them, and load_pruned then failed with "lacks
+    ...query.weight". It refuses at save time, naming the projection, and writes nothing."""
+    model = sbhf.patch(tiny_bert())
+    attention = model.bert.encoder.layer[0].attention
+    if wrap == "adapter":
+        attention.self.query = _Adapter(attention.self.query)
+    else:
+        from torch.nn.utils import prune as torch_prune  # noqa: PLC0415
+
+        torch_prune.l1_unstructured(attention.self.query, "weight", amount=0.5)
+    with pytest.raises(PrunedModelError, match=r"layer 0's query projection .*merge adapters"):
+        sbhf.save_pruned(model, tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()

@@ -59,11 +59,33 @@ __all__ = [
 ]
 
 
+def _check_plain_weights(blocks: list) -> None:
+    """Every projection an nn.Linear itself holding its `weight` parameter: load_pruned reads
+    the weights under their plain names (`...query.weight`), where an adapter (peft's LoRA
+    layer: `query.base_layer.weight`), a quantized or parametrized linear, or a
+    torch.nn.utils.prune mask (`weight_orig`) saves others."""
+    for layer, (attn, mlp) in enumerate(blocks):
+        linears = {**attn.linears(), "intermediate": mlp.intermediate_dense(),
+                   "FFN output": mlp.output_dense()}
+        for name, linear in linears.items():
+            if linear is not None and (type(linear) is not nn.Linear
+                                       or "weight" not in linear._parameters):
+                raise PrunedModelError(
+                    f"save_pruned: layer {layer}'s {name} projection "
+                    f"({type(linear).__module__}.{type(linear).__name__}) is not a plain "
+                    f"nn.Linear with its own weight (an adapter, a quantized or parametrized "
+                    f"linear, or a torch.nn.utils.prune mask), whose weights load_pruned could not "
+                    f"read back: merge adapters first (peft: merge_and_unload), make pruning masks "
+                    f"permanent (torch.nn.utils.prune.remove), or save before wrapping")
+
+
 def _describe(model: nn.Module) -> dict[str, Any]:
     """The JSON description of a patched model: sizes, ids, gates and masks per layer."""
     masks = get_masks(model)
     layers = []
-    for attn, mlp in sparse_blocks(model):
+    blocks = sparse_blocks(model)
+    _check_plain_weights(blocks)
+    for attn, mlp in blocks:
         layers.append(
             {
                 "num_heads": attn.num_heads,

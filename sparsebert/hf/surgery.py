@@ -15,12 +15,25 @@ from torch import nn
 
 from sparsebert.hf.patching import sparse_blocks
 from sparsebert.hf.structure import UnsupportedModelError
-from sparsebert.nn.common import quantized_linears
+
+
+def _sliceable(linear: nn.Module) -> bool:
+    """Whether prune can put a sliced nn.Linear in `linear`'s place and lose nothing: an
+    nn.Linear itself (not a subclass, a parametrized one, an adapter such as peft's LoRA layer
+    wrapping one, or a quantized one), with no hooks of its own (the new module would not
+    carry them; torch.nn.utils.prune's mask is one) and its class's forward."""
+    return (type(linear) is nn.Linear and "forward" not in linear.__dict__
+            and not linear._forward_hooks and not linear._forward_pre_hooks
+            and not linear._backward_hooks and not linear._backward_pre_hooks)
 
 
 def prune(model: nn.Module) -> nn.Module:
-    """Remove masked heads / MLPs / neurons of a patched model in place; returns the model."""
+    """Remove masked heads / MLPs / neurons of a patched model in place; returns the model.
+    Everything is checked before any layer changes: a projection that would be sliced must be a
+    plain nn.Linear (merge adapters first, e.g. peft's `merge_and_unload`; remove hooks and
+    parametrizations; quantize after pruning), or nothing is pruned."""
     blocks = sparse_blocks(model)
+    plans = []  # per layer: (heads to keep or None, neurons to keep or None); None = as is
     for layer, (attn, mlp) in enumerate(blocks):
         if (
             attn.head_gate_override is not None
@@ -30,26 +43,36 @@ def prune(model: nn.Module) -> nn.Module:
             raise ValueError(
                 f"sparsebert.prune: layer {layer} has an active gate override; prune outside it"
             )
-        parts = [attn, mlp] if mlp.host is None else [mlp.host]  # (the host holds both)
-        quantized = [name for part in parts for name in quantized_linears(part)]
-        if quantized:  # checked for every layer before any is sliced: all or nothing
-            raise UnsupportedModelError(
-                f"sparsebert.prune: layer {layer} has quantized linears ({', '.join(quantized)}), "
-                f"which cannot be sliced: prune the float model, then quantize it")
-    for attn, mlp in blocks:
         # Step 1: heads.
         keep_heads = torch.nonzero(attn.head_gate != 0).flatten().tolist()
-        if len(keep_heads) < attn.num_heads:
-            attn.select_heads(keep_heads)
+        heads = keep_heads if len(keep_heads) < attn.num_heads else None
         # Step 2: the MLP as a whole, then its neurons.
+        neurons = None
         if mlp.intermediate_size:
-            keep = (
-                []
-                if float(mlp.mlp_gate) == 0
-                else torch.nonzero(mlp.neuron_gate != 0).flatten().tolist()
-            )
-            if len(keep) < mlp.intermediate_size:
-                mlp.select_neurons(keep)
+            keep = ([] if float(mlp.mlp_gate) == 0
+                    else torch.nonzero(mlp.neuron_gate != 0).flatten().tolist())
+            neurons = keep if len(keep) < mlp.intermediate_size else None
+        sliced = {}  # the projections that would be sliced (not removed)
+        if heads:
+            sliced.update(attn.linears())
+        if neurons:
+            sliced.update({"intermediate": mlp.intermediate_dense(),
+                           "FFN output": mlp.output_dense()})
+        for name, linear in sliced.items():
+            if linear is not None and not _sliceable(linear):
+                raise UnsupportedModelError(
+                    f"sparsebert.prune: layer {layer}'s {name} projection "
+                    f"({type(linear).__module__}.{type(linear).__name__}) is not a plain "
+                    f"nn.Linear (an adapter, a quantized, parametrized or hooked linear), which "
+                    f"slicing would drop: merge adapters first (peft: merge_and_unload), remove "
+                    f"hooks and parametrizations, or prune first and add them (or quantize) "
+                    f"after; nothing was pruned")
+        plans.append((heads, neurons))
+    for (attn, mlp), (heads, neurons) in zip(blocks, plans):
+        if heads is not None:
+            attn.select_heads(heads)
+        if neurons is not None:
+            mlp.select_neurons(neurons)
     return model
 
 

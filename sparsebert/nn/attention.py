@@ -760,6 +760,10 @@ class SparseAttention(GateBuffers):
         linears = (self.query_linear(), self.key_linear(), self.value_linear(),
                    self.output_dense())
         if not all(plain_linear(linear) for linear in linears):
+            # A wrapper may write the weight it wraps through `.data` (peft's merge_and_unload),
+            # which no version counter sees: slices kept from before it came are dropped.
+            if can_read_on_host():  # (not while torch.compile traces: nothing kept there)
+                self.__dict__.pop("_live_heads_kept", None)
             return None
         width = self.num_heads * self.head_dim  # q, k, v are stacked into one weight
         if any(linear.out_features != width or linear.weight.dtype != linears[0].weight.dtype

@@ -80,7 +80,8 @@ def check_plain_linears(layer: int, attn: SparseAttention, mlp: SparseMLP) -> No
     for name, linear in linears.items():
         if linear is not None and not plain_linear(linear):
             raise FastPathError(
-                f"layer {layer}: its {name} projection ({type(linear).__name__}) is not a plain "
+                f"layer {layer}: its {name} projection "
+                f"({type(linear).__module__}.{type(linear).__qualname__}) is not a plain "
                 "nn.Linear without hooks (a subclass, parametrization, pruning reparametrization, "
                 "forward hook or replaced forward): the fast path would read its weight and "
                 "bypass it; call the model itself")

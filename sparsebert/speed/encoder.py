@@ -158,7 +158,13 @@ class FastEncoder(nn.Module):
         changed = False
         for i, (attn, mlp) in enumerate(self._blocks):
             check_gates(i, attn, mlp)
-            check_plain_linears(i, attn, mlp)
+            try:
+                check_plain_linears(i, attn, mlp)
+            except FastPathError:
+                # A wrapper may write the weight it wraps through `.data` (peft's
+                # merge_and_unload): nothing built before it came is trusted after it goes.
+                self.invalidate()
+                raise
             watch = self._watches[i]
             hooked = not unhooked(mlp.activation())  # a hook added or removed since the build
             if watch is None or not watch.valid() or hooked != (
