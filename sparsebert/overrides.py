@@ -75,3 +75,19 @@ def override_attributes(obj: object, **values: object) -> Iterator[None]:
             del blocks[index]
             if not blocks:
                 del _OPEN[id(obj)]
+
+
+def outside_blocks(obj: object, state: dict[str, object],
+                   names: tuple[str, ...]) -> dict[str, object]:
+    """`state` (a copy of obj.__dict__, as __getstate__ returns it) with each of `names` that an
+    open block set on `obj` back at its value before the oldest such block began: what a copy or
+    pickle made inside blocks should take, since no block will ever restore the copy. Names no
+    open block set keep their values (one assigned directly stays)."""
+    restored: set[str] = set()
+    with _LOCK:
+        for block in _OPEN.get(id(obj), []):  # oldest first: it holds the value before them all
+            for name, value in block.items():
+                if name in names and name in state and name not in restored:
+                    state[name] = value
+                    restored.add(name)
+    return state

@@ -187,13 +187,39 @@ def test_a_copy_made_inside_a_block_has_the_models_own_state(tiny_bert, tiny_bat
             return m.bert(input_ids=ids, attention_mask=mask).last_hidden_state
 
     want = outputs(model)
+    blocks = [block for pair in sparsebert.hf.sparse_blocks(model) for block in pair]
+    own_state = [{name: getattr(block, name) for name in block.BLOCK_ATTRIBUTES}
+                 for block in blocks]
     with override_head_gates(model, leaf), first_token_readout(model) as one_row:
         assert one_row
         twin = copy.deepcopy(model)
-        for block in (b for pair in sparsebert.hf.sparse_blocks(model) for b in pair):
+        for block, before in zip(blocks, own_state, strict=True):
             state = block.__getstate__()  # what a pickle takes
-            assert all(state[name] is None for name in block.BLOCK_ATTRIBUTES)
+            assert {name: state[name] for name in before} == before
     got = outputs(twin)
     assert got.shape == want.shape  # every row
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert torch.equal(sparsebert.get_masks(twin)["head_mask"], own)
+
+
+def test_a_copy_keeps_values_assigned_outside_any_block(tiny_bert):
+    """output_rows assigned directly (a documented attribute) stays in a copy or pickle, also
+    one made inside a first_token_readout block that set it again: only what open blocks set
+    goes back to the value before them."""
+    import copy  # noqa: PLC0415
+    import pickle  # noqa: PLC0415
+
+    import sparsebert  # noqa: PLC0415
+    from sparsebert.hf import first_token_readout  # noqa: PLC0415
+
+    model = sparsebert.patch(tiny_bert()).eval()
+    attention, mlp = sparsebert.hf.sparse_blocks(model)[-1]
+    attention.output_rows = mlp.output_rows = 2
+    assert copy.deepcopy(attention).output_rows == 2
+    assert pickle.loads(pickle.dumps(mlp)).output_rows == 2
+    with first_token_readout(model) as one_row:
+        assert one_row and attention.output_rows == 1
+        assert copy.deepcopy(attention).output_rows == 2
+        assert pickle.loads(pickle.dumps(mlp)).output_rows == 2
+    assert attention.output_rows == 2
+

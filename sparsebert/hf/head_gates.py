@@ -226,7 +226,10 @@ def override_head_gates(model: nn.Module, gates: Tensor) -> Iterator[Tensor]:
     attention backend and on patched models (there in the original head numbering: a layer
     whose heads were pruned reads the entries of its remaining heads). Under Hugging Face
     gradient checkpointing, a layer's recomputation in the backward pass uses the gates its
-    forward used, even after the block has ended (sparsebert.hf.checkpoint_replay).
+    forward used, even after the block has ended (sparsebert.hf.checkpoint_replay). A copy or
+    pickle of a patched model made inside the block takes the model's own gates; on the
+    backend, whose override is an attribute of transformers' attention modules, it keeps the
+    block's (copy outside the block there).
     """
     from sparsebert.hf.patching import is_patched, sparse_blocks  # noqa: PLC0415 (cycle)
 

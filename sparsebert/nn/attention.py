@@ -383,7 +383,8 @@ class SparseAttention(GateBuffers):
     """
 
     GATE_BUFFERS = ("head_gate",)
-    BLOCK_ATTRIBUTES = ("head_gate_override", "head_gate_live", "output_rows")
+    BLOCK_ATTRIBUTES = ("head_gate_override", "head_gate_live", "output_rows",
+                        "exact_zero_gate_grad")
 
     def __init__(
         self,

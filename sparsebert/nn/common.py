@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsebert.checks import is_finite_number, is_integer, is_number
-from sparsebert.overrides import override_attributes
+from sparsebert.overrides import outside_blocks, override_attributes
 
 
 @contextlib.contextmanager
@@ -47,17 +47,14 @@ class GateBuffers(nn.Module):
     head). Device moves, and casts to fp64, apply to them as to any buffer."""
 
     GATE_BUFFERS: tuple[str, ...] = ()
-    # Attributes only a `with` block sets (gate overrides, the first-token readout), None outside
-    # every block: a copy or pickle made inside a block gets None, the module's own state, not
-    # the block's values (which no block would ever restore on the copy).
+    # Attributes that `with` blocks override (gate overrides, the first-token readout): a copy
+    # or pickle made inside such a block takes the module's own values, not the block's, which
+    # no block would ever restore on the copy. (The training flag is left as every other
+    # module's: a copy made in eval mode is in eval mode throughout.)
     BLOCK_ATTRIBUTES: tuple[str, ...] = ()
 
     def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        for name in self.BLOCK_ATTRIBUTES:
-            if name in state:
-                state[name] = None
-        return state
+        return outside_blocks(self, super().__getstate__(), self.BLOCK_ATTRIBUTES)
 
     def _apply(self, fn, recurse=True):
         before = {name: self._buffers.get(name) for name in self.GATE_BUFFERS}
