@@ -223,3 +223,19 @@ def test_a_copy_keeps_values_assigned_outside_any_block(tiny_bert):
         assert pickle.loads(pickle.dumps(mlp)).output_rows == 2
     assert attention.output_rows == 2
 
+
+
+def test_a_wrapper_around_a_patched_model_is_named(tiny_bert):
+    """override_head_gates on DataParallel / DistributedDataParallel around a patched model says
+    to pass the wrapped model (it said the model was neither patched nor on the backend)."""
+    import sparsebert  # noqa: PLC0415
+    from sparsebert.hf import override_head_gates  # noqa: PLC0415
+    from sparsebert.hf.attention_backend import AttentionBackendError  # noqa: PLC0415
+
+    model = sparsebert.patch(tiny_bert())
+    wrapper = torch.nn.DataParallel(model)
+    gates = torch.ones(model.config.num_hidden_layers, model.config.num_attention_heads)
+    with pytest.raises(AttentionBackendError, match=r"a DataParallel wrapper; pass the model it "
+                                                    r"wraps \(DataParallel.module\)"):
+        with override_head_gates(wrapper, gates):
+            pass

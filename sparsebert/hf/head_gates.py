@@ -235,6 +235,11 @@ def override_head_gates(model: nn.Module, gates: Tensor) -> Iterator[Tensor]:
 
     patched = is_patched(model)
     if not patched and not uses_sparse_attention(model):
+        inner = getattr(model, "module", None)  # DistributedDataParallel, DataParallel
+        if isinstance(inner, nn.Module) and (is_patched(inner) or uses_sparse_attention(inner)):
+            raise AttentionBackendError(
+                f"override_head_gates: 'model' is a {type(model).__name__} wrapper; pass the "
+                f"model it wraps ({type(model).__name__}.module), whose gates its forward uses")
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
         raise AttentionBackendError(
             f"override_head_gates: 'model' ({type(model).__name__}) is neither patched nor on "
