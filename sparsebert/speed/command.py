@@ -1,6 +1,6 @@
 """`sparsebert speed`: dense vs masked vs physically pruned, measured side by side.
 
-    sparsebert speed --model minilm --prune-heads 0.5 --prune-ffn 0.5 --batch 16 --seq 128 \
+    sparsebert speed --model minilm --prune-heads 0.5 --prune-ffn 0.5 --batch 16 --seq 128 \\
         --device cpu --threads 2 --json out.json
 
 One table: stock HF eager, stock HF + CUDA graph (GPU), sparsebert dense, sparsebert masked (fast
