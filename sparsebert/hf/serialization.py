@@ -46,6 +46,7 @@ from sparsebert.hf.pruned_format import (
     weights_dtype,
 )
 from sparsebert.hf.structure import STRUCTURES, structure_for
+from sparsebert.nn.common import layer_linears
 
 __all__ = [
     "FORMAT",
@@ -65,9 +66,7 @@ def _check_plain_weights(blocks: list) -> None:
     layer: `query.base_layer.weight`), a quantized or parametrized linear, or a
     torch.nn.utils.prune mask (`weight_orig`) saves others."""
     for layer, (attn, mlp) in enumerate(blocks):
-        linears = {**attn.linears(), "intermediate": mlp.intermediate_dense(),
-                   "FFN output": mlp.output_dense()}
-        for name, linear in linears.items():
+        for name, linear in layer_linears(attn, mlp).items():
             if linear is not None and (type(linear) is not nn.Linear
                                        or "weight" not in linear._parameters):
                 raise PrunedModelError(

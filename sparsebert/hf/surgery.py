@@ -15,6 +15,7 @@ from torch import nn
 
 from sparsebert.hf.patching import sparse_blocks
 from sparsebert.hf.structure import UnsupportedModelError
+from sparsebert.nn.common import layer_linears
 
 
 def _sliceable(linear: nn.Module) -> bool:
@@ -52,12 +53,8 @@ def prune(model: nn.Module) -> nn.Module:
             keep = ([] if float(mlp.mlp_gate) == 0
                     else torch.nonzero(mlp.neuron_gate != 0).flatten().tolist())
             neurons = keep if len(keep) < mlp.intermediate_size else None
-        sliced = {}  # the projections that would be sliced (not removed)
-        if heads:
-            sliced.update(attn.linears())
-        if neurons:
-            sliced.update({"intermediate": mlp.intermediate_dense(),
-                           "FFN output": mlp.output_dense()})
+        # the projections that would be sliced (not removed)
+        sliced = layer_linears(attn, mlp, attention=bool(heads), ffn=bool(neurons))
         for name, linear in sliced.items():
             if linear is not None and not _sliceable(linear):
                 raise UnsupportedModelError(

@@ -302,12 +302,15 @@ class _LiveHeads:
             params = [p for linear in (q, k, v, out) for p in (linear.weight, linear.bias)
                       if p is not None]
             # Inference tensors (e.g. bf16 copies made under torch.inference_mode) have no
-            # version counter, and another process's writes to shared memory move none here:
-            # sliced anew on every call.
-            keep = not any(p.is_inference() or in_shared_memory(p) for p in params)
+            # version counter: sliced anew on every call.
+            keep = not any(p.is_inference() for p in params)
         if keep:
             if self._kept is not None and _same_tensors(self._kept[0], params):
                 return self._kept[1]
+            # Another process's writes to shared memory move no version counter here: never
+            # kept (checked when storing only: share_memory() moves the storage, so slices kept
+            # before it no longer match).
+            keep = not any(in_shared_memory(p) for p in params)
         projections = (q, k, v)
         weight = torch.cat([linear.weight for linear in projections]).index_select(
             0, self.qkv_rows)  # (3 * K * D, hidden): one gather, one product

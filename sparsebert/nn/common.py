@@ -178,6 +178,18 @@ class GateSummary:
         return len(self.live) == self.size
 
 
+def layer_linears(attn: nn.Module, mlp: nn.Module, *, attention: bool = True,
+                  ffn: bool = True) -> dict[str, nn.Linear | None]:
+    """A layer's projections by the role errors name them with: the SparseAttention's query,
+    key, value and output (`attn.linears()`) and the SparseMLP's intermediate and FFN output;
+    None where removed. attention / ffn: whether to include that block's."""
+    linears = dict(attn.linears()) if attention else {}
+    if ffn:
+        linears.update({"intermediate": mlp.intermediate_dense(),
+                        "FFN output": mlp.output_dense()})
+    return linears
+
+
 def quantized_linears(module: nn.Module) -> list[str]:
     """Names of the linear layers within `module` whose weight is no tensor: torch.ao's quantized
     Linear (`quantize_dynamic`), whose `weight` is a method returning packed int8 values. Nothing

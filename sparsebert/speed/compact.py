@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from sparsebert.errors import SparsebertError
 from sparsebert.nn import SparseAttention, SparseMLP
 from sparsebert.nn.attention import plain_linear, unhooked
+from sparsebert.nn.common import layer_linears
 from sparsebert.speed.workspace import inplace_activation
 
 
@@ -75,9 +76,7 @@ def check_plain_linears(layer: int, attn: SparseAttention, mlp: SparseMLP) -> No
     nn.Linear without hooks (not a subclass such as a LoRA adapter, a parametrized or
     torch.nn.utils.prune'd one, or one with a replaced forward), which the model itself would
     honour. A few dict lookups per layer, on every call (a hook may come later)."""
-    linears = {**attn.linears(), "intermediate": mlp.intermediate_dense(),
-               "FFN output": mlp.output_dense()}
-    for name, linear in linears.items():
+    for name, linear in layer_linears(attn, mlp).items():
         if linear is not None and not plain_linear(linear):
             raise FastPathError(
                 f"layer {layer}: its {name} projection "
