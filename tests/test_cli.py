@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -362,6 +363,30 @@ def test_bad_training_values_are_refused_before_anything_is_written(command, fla
     assert err.startswith("sparsebert: error: ") and "Traceback" not in err, err
     assert (flag if flag != "--model" else "config.json") in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["finetune", "search"])
+@pytest.mark.parametrize("field,value,needle", [
+    ("num_attention_heads", "4", "expected int, got str"),  # huggingface_hub's validation
+    ("num_attention_heads", 0, "integer modulo by zero"),  # raised building the model
+])
+def test_a_config_value_the_model_cannot_take_is_one_line(command, field, value, needle, tiny,
+                                                          tmp_path, capsys):
+    """A model directory whose config.json holds a value of the wrong type or an impossible one:
+    one error line naming the directory and the field's problem, exit 2 (was a library
+    traceback, exit 1)."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny[0], model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, field: value}))
+    args = _finetune_args((str(model), tiny[1]), tmp_path / "out")
+    args[0] = command
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sparsebert: error: cannot load the ") and "Traceback" not in err, err
+    assert str(model) in err and "check the values in its config.json" in err, err
+    assert needle in err, err
 
 
 @pytest.mark.parametrize("args,needle", [

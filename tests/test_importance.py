@@ -639,6 +639,19 @@ def test_regression_labels_as_a_column_score_as_a_vector(tiny_bert, tiny_batches
             importance(model, wrong, mode=mode, progress=False)
 
 
+def test_per_token_labels_say_a_sequence_head_is_needed(tiny_model, tiny_batches):
+    """A masked-LM model with its per-token (B, L) labels (token ids, far past num_labels) is
+    refused for its labels' shape with what importance needs, not for the ids' range."""
+    model = patch(tiny_model("bert", "BertForMaskedLM"))
+    batch = tiny_batches(num_batches=1)[0]
+    per_token = [dict(batch, labels=batch["input_ids"].clone())]  # (4, 9) token ids
+    for mode in ("paper", "michel"):
+        with pytest.raises(ValueError, match=r"'labels' must be \(4,\), one per example, got "
+                                             r"\(4, 9\): per-token labels .* sequence-level "
+                                             r"classification head"):
+            importance(model, per_token, mode=mode, progress=False)
+
+
 def test_each_submodule_mode_is_restored_and_no_grad_is_overridden(tiny_bert, tiny_batches):
     """A model in train mode with a part in eval mode (frozen embeddings) gets each module's own
     mode back; scoring inside a caller's torch.no_grad() still differentiates."""

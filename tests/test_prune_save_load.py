@@ -491,6 +491,10 @@ TAMPERING = {
         lambda d: _edit_json(d / "config.json", lambda c: c.update(num_attention_heads=0)),
         r"config.json num_attention_heads must be a positive int, got 0",
     ),
+    "config_wrong_type": (  # huggingface_hub's field validation, not a ValueError
+        lambda d: _edit_json(d / "config.json", lambda c: c.update(hidden_size="abc")),
+        r"config.json cannot be read: .*'hidden_size'.* expected int, got str",
+    ),
     "config_model_type": (
         lambda d: _edit_json(d / "config.json", lambda c: c.update(model_type="roberta")),
         r"config.json model_type 'roberta' != sparsebert_pruned.json model_type 'bert'",

@@ -286,6 +286,25 @@ def _damaged_torch_file(error: BaseException) -> bool:
             or any(sign in str(error) for sign in ("PytorchStreamReader", "zip archive")))
 
 
+def config_value_errors() -> tuple[type[Exception], ...]:
+    """What building a config or model raises for a config.json whose values are wrong, past
+    the ValueError transformers raises itself: huggingface_hub's field validation (e.g.
+    num_attention_heads "4", a string), and the TypeError / ZeroDivisionError of a model built
+    from one (e.g. num_attention_heads 0)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError  # noqa: PLC0415
+    except ImportError:  # (an older huggingface_hub validates no fields)
+        return TypeError, ZeroDivisionError
+    return StrictDataclassError, TypeError, ZeroDivisionError
+
+
+def error_text(error: BaseException, limit: int = 200) -> str:
+    """An error's message on one line (its lines joined; huggingface_hub's field validation
+    puts the field on the first and the reason on the next), at most `limit` characters."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return (text or type(error).__name__)[:limit]
+
+
 def _offline_first(load, source: str, local: bool, what: str):
     """Try load(offline=True); for hub ids retry online; wrap failures in ModelLoadError."""
     try:
@@ -310,6 +329,12 @@ def _offline_first(load, source: str, local: bool, what: str):
                     if unreadable else "")
             raise ModelLoadError(f"cannot load the {what} from {source}: {error}{note}") from None
         first = error
+    except config_value_errors() as error:
+        if not local:
+            raise
+        raise ModelLoadError(
+            f"cannot load the {what} from {source}: {type(error).__name__}: {error_text(error)} "
+            f"(check the values in its config.json)") from None
     reason = hub_offline_reason()
     if reason is not None:
         raise ModelLoadError(

@@ -28,6 +28,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from sparsebert.atomic import atomic_save_dir
+from sparsebert.hf.loading import config_value_errors, error_text
 from sparsebert.hf.masks import get_masks
 from sparsebert.hf.patching import patch, sparse_blocks
 from sparsebert.hf.pruned_format import (
@@ -200,9 +201,9 @@ def _read_config(root: Path, description: dict[str, Any]):
 
     try:
         config = AutoConfig.from_pretrained(root, local_files_only=True)
-    except (OSError, ValueError, KeyError) as error:
-        text = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise PrunedModelError(f"load_pruned: {CONFIG_FILE} cannot be read: {text[:160]}") from None
+    except (OSError, ValueError, KeyError, *config_value_errors()) as error:
+        raise PrunedModelError(
+            f"load_pruned: {CONFIG_FILE} cannot be read: {error_text(error, 160)}") from None
     if config.model_type != description.get("model_type"):
         raise PrunedModelError(
             f"load_pruned: {CONFIG_FILE} model_type {config.model_type!r} != {PRUNED_JSON} "

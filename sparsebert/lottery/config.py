@@ -41,7 +41,8 @@ class SearchConfig:
                                True)
     search_data: str = help_field("data for importance and the stopping test: dev (the "
                                   "paper) or train (a seeded train subset of dev size)", "dev")
-    importance_mode: str = help_field(f"importance criterion: one of {', '.join(MODES)}",
+    importance_mode: str = help_field(f"importance criterion: one of {', '.join(MODES)} "
+                                      f"(s-pruning with michel needs --recompute-after-revert)",
                                       "paper")
     importance_batch_size: int = help_field("batch size of the importance pass (paper: 64)",
                                             64)

@@ -510,8 +510,10 @@ def _batch_to(batch: Mapping, device: torch.device, num_labels: int,
     if "labels" not in batch:
         raise ValueError("importance: batches need 'labels' (the loss defines the importance)")
     labels = batch["labels"]
-    if isinstance(labels, Tensor) and labels.device.type == "cpu":
-        # (free here: on a GPU it would read them back)
+    if (isinstance(labels, Tensor) and labels.device.type == "cpu"
+            and labels.numel() == _examples(batch, labels.numel())):
+        # (free here: on a GPU it would read them back; labels not one per example are refused
+        # by their shape afterwards, e.g. a masked-LM batch's per-token ids)
         check_class_range(labels, *_classes(batch, num_labels))
     ids = batch.get("input_ids")
     if (vocab_size is not None and isinstance(ids, Tensor) and ids.device.type == "cpu"
@@ -520,6 +522,15 @@ def _batch_to(batch: Mapping, device: torch.device, num_labels: int,
                          f"{vocab_size}), got values in [{int(ids.min())}, {int(ids.max())}] "
                          f"(a tokenizer of another model?)")
     return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+
+
+def _examples(batch: Mapping, default: int) -> int:
+    """How many examples the batch holds (input_ids' or inputs_embeds' first size); `default`
+    when it has neither (the token checks then say what is missing)."""
+    for key in ("input_ids", "inputs_embeds"):
+        if isinstance(batch.get(key), Tensor) and batch[key].dim() >= 1:
+            return batch[key].shape[0]
+    return default
 
 
 def _token_shape(batch: Mapping, mode: str) -> torch.Size:
@@ -657,9 +668,15 @@ def importance(
             if not isinstance(labels, Tensor):
                 raise TypeError(f"importance: 'labels' must be a tensor ({token_shape[0]},), "
                                 f"got {type(labels).__name__}")
-            if labels.dim() == 0 or labels.shape[0] != token_shape[0]:
+            if labels.dim() == 0 or labels.shape[0] != token_shape[0] or (
+                    labels.numel() != token_shape[0]):  # (B,) or (B, 1)
                 raise ValueError(f"importance: 'labels' must be ({token_shape[0]},), one per "
-                                 f"example, got {tuple(labels.shape)}")
+                                 f"example, got {tuple(labels.shape)}"
+                                 + (": per-token labels (a masked-LM or token-classification "
+                                    "batch) give no per-example loss; importance needs a "
+                                    "sequence-level classification head (e.g. "
+                                    "AutoModelForSequenceClassification)"
+                                    if labels.dim() > 1 else ""))
             size = labels.shape[0]
             token_mask = batch.get("attention_mask")
             if token_mask is not None and (not isinstance(token_mask, Tensor)
