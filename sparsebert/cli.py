@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import select
 import signal
 import sys
@@ -431,10 +432,31 @@ def _rerun_hint(args: argparse.Namespace) -> str:
     return "; rerun the same command to resume"
 
 
+def _negative_values_attached(argv: Sequence[str]) -> list[str]:
+    """["--seeds", "-1,2"] -> ["--seeds=-1,2"]: argparse takes "-1,2" (not a plain negative
+    number) for an option and says "--seeds: expected one argument"; attached, the value reaches
+    the flag's own check, which says what is expected."""
+    argv = list(argv)
+    out: list[str] = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        following = argv[index + 1] if index + 1 < len(argv) else ""
+        if (token.startswith("--") and "=" not in token and len(token) > 2
+                and re.fullmatch(r"-\d[\d,._ ]*", following)):
+            out.append(f"{token}={following}")
+            index += 2
+        else:
+            out.append(token)
+            index += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `sparsebert` console script and `python -m sparsebert`."""
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_args(_negative_values_attached(
+        sys.argv[1:] if argv is None else argv))
     if unknown:  # the command's usage and name, not the top level's
         parser.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:

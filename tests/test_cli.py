@@ -392,6 +392,8 @@ def test_a_config_value_the_model_cannot_take_is_one_line(command, field, value,
 @pytest.mark.parametrize("args,needle", [
     (["--seeds", ","], "--seeds ',': expected at least one integer seed"),
     (["--seeds", "1,-2"], "--seeds '1,-2': expected integers in [0, 2**64 - 1]"),
+    # a value starting with "-": argparse took it for an option ("expected one argument")
+    (["--seeds", "-1,2"], "--seeds '-1,2': expected integers in [0, 2**64 - 1]"),
     (["--seeds", "3_0"], "--seeds '3_0': expected comma-separated integers"),
     (["--seeds", "1;2"], "--seeds '1;2': expected comma-separated integers"),
     (["--no-super"], "--no-super applies to --seeds only"),
