@@ -65,6 +65,30 @@ def _cuda_toolkit_root(detected: str | None) -> str | None:
     return None
 
 
+def _wheel_cuda_include_dirs() -> list[str]:
+    """The include folders of the nvidia-* wheels installed with a CUDA torch from PyPI
+    (nvidia/cu13/include for CUDA 13, nvidia/<library>/include for CUDA 12): torch's CUDA
+    headers include cusparse.h, cublas_v2.h, ... which a minimal CUDA toolkit lacks."""
+    try:
+        import nvidia  # (a namespace package: the wheels' shared top folder)
+    except ImportError:
+        return []
+    return [folder for base in nvidia.__path__
+            for folder in sorted(glob.glob(os.path.join(base, "*", "include")))]
+
+
+def _add_wheel_cuda_headers(cuda_home: str) -> None:
+    """Put the nvidia wheels' include folders on CPATH, after every -I folder (the toolkit's
+    headers come first): a toolkit without cusparse.h then builds as a full one does."""
+    folders = [f for f in _wheel_cuda_include_dirs() if f not in os.environ.get("CPATH", "")]
+    if not folders:
+        return
+    if not os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")):
+        _log(f"the toolkit at {cuda_home} has no cusparse.h: using the CUDA headers of torch's "
+             f"nvidia wheels ({', '.join(folders[:3])}{', ...' if len(folders) > 3 else ''})")
+    os.environ["CPATH"] = os.pathsep.join(filter(None, [os.environ.get("CPATH"), *folders]))
+
+
 def _cuda_decision() -> tuple[bool, str]:
     """Return (build_cuda, reason)."""
     import torch
@@ -87,6 +111,7 @@ def _cuda_decision() -> tuple[bool, str]:
         if mode == "1":
             raise SystemExit("SPARSEBERT_BUILD_CUDA=1 but CUDA cannot be built: " + "; ".join(problems))
         return False, "auto: " + "; ".join(problems)
+    _add_wheel_cuda_headers(cuda_home)
     return True, f"torch CUDA {torch.version.cuda}, toolkit at {cuda_home}"
 
 

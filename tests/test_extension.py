@@ -186,6 +186,34 @@ def test_the_build_reads_switches_as_the_package_does():
     assert "SPARSEBERT_DEBUG='Maybe': expected 1/true/yes/on or 0/false/no/off" in result.stderr
 
 
+def test_a_cuda_build_finds_the_headers_of_torchs_nvidia_wheels(tmp_path, monkeypatch):
+    """A CUDA torch from PyPI with a minimal toolkit (no cusparse.h, which torch's CUDA headers
+    include): setup.py appends the nvidia wheels' include folders to CPATH, after what CPATH
+    held, once (the build failed with "cusparse.h: No such file or directory")."""
+    import importlib.util  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("_sparsebert_setup", root / "setup.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)  # (main() runs only as a script)
+    wheels = tmp_path / "site"
+    for library in ("cu13", "cudnn"):
+        (wheels / "nvidia" / library / "include").mkdir(parents=True)
+    (wheels / "nvidia" / "cu13" / "include" / "cusparse.h").write_text("")
+    toolkit = tmp_path / "cuda"
+    (toolkit / "include").mkdir(parents=True)
+    monkeypatch.syspath_prepend(str(wheels))
+    monkeypatch.delitem(sys.modules, "nvidia", raising=False)  # found afresh on the new path
+    monkeypatch.setenv("CPATH", "/opt/mine")
+    expected = [str(wheels / "nvidia" / library / "include") for library in ("cu13", "cudnn")]
+    assert [f for f in build._wheel_cuda_include_dirs() if f.startswith(str(wheels))] == expected
+    for _ in range(2):  # a second build adds nothing
+        build._add_wheel_cuda_headers(str(toolkit))
+        folders = os.environ["CPATH"].split(os.pathsep)
+        assert folders[0] == "/opt/mine" and [f for f in folders if f.startswith(str(wheels))] \
+            == expected
+
+
 @pytest.mark.parametrize("arch_list, sm90a", [
     ("9.0a", True), ("8.0;9.0a", True), ("8.0 9.0a+PTX", True), ("9.0a+PTX", True),
     ("9.0", False), ("8.0;9.0+PTX", False), ("", False), (None, False), ("10.0a", False),
