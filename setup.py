@@ -80,7 +80,8 @@ def _wheel_cuda_include_dirs() -> list[str]:
 def _add_wheel_cuda_headers(cuda_home: str) -> None:
     """Put the nvidia wheels' include folders on CPATH, after every -I folder (the toolkit's
     headers come first): a toolkit without cusparse.h then builds as a full one does."""
-    folders = [f for f in _wheel_cuda_include_dirs() if f not in os.environ.get("CPATH", "")]
+    held = {os.path.normpath(f) for f in os.environ.get("CPATH", "").split(os.pathsep) if f}
+    folders = [f for f in _wheel_cuda_include_dirs() if os.path.normpath(f) not in held]
     if not folders:
         return
     if not os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")):

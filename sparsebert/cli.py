@@ -433,17 +433,20 @@ def _rerun_hint(args: argparse.Namespace) -> str:
 
 
 def _negative_values_attached(argv: Sequence[str]) -> list[str]:
-    """["--seeds", "-1,2"] -> ["--seeds=-1,2"]: argparse takes "-1,2" (not a plain negative
-    number) for an option and says "--seeds: expected one argument"; attached, the value reaches
-    the flag's own check, which says what is expected."""
+    """["--seeds", "-1,2"] -> ["--seeds=-1,2"]: argparse takes a value starting with "-" that
+    is not a plain negative number ("-1,2", "-1e-5") for an option and says "--seeds: expected
+    one argument"; attached, the value reaches the flag's own check, which says what is
+    expected. Nothing after "--" (all positional) is touched."""
     argv = list(argv)
     out: list[str] = []
     index = 0
     while index < len(argv):
         token = argv[index]
         following = argv[index + 1] if index + 1 < len(argv) else ""
+        if token == "--":
+            return out + argv[index:]
         if (token.startswith("--") and "=" not in token and len(token) > 2
-                and re.fullmatch(r"-\d[\d,._ ]*", following)):
+                and re.fullmatch(r"-\.?\d[\w.,+\- ]*", following)):
             out.append(f"{token}={following}")
             index += 2
         else:

@@ -204,14 +204,15 @@ def test_a_cuda_build_finds_the_headers_of_torchs_nvidia_wheels(tmp_path, monkey
     (toolkit / "include").mkdir(parents=True)
     monkeypatch.syspath_prepend(str(wheels))
     monkeypatch.delitem(sys.modules, "nvidia", raising=False)  # found afresh on the new path
-    monkeypatch.setenv("CPATH", "/opt/mine")
     expected = [str(wheels / "nvidia" / library / "include") for library in ("cu13", "cudnn")]
+    # a folder inside one of them on CPATH already (CUDA 13's include/cccl) is another folder
+    held = ["/opt/mine", expected[0] + "/cccl"]
+    monkeypatch.setenv("CPATH", os.pathsep.join(held))
     assert [f for f in build._wheel_cuda_include_dirs() if f.startswith(str(wheels))] == expected
     for _ in range(2):  # a second build adds nothing
         build._add_wheel_cuda_headers(str(toolkit))
         folders = os.environ["CPATH"].split(os.pathsep)
-        assert folders[0] == "/opt/mine" and [f for f in folders if f.startswith(str(wheels))] \
-            == expected
+        assert folders == [*held, *expected]
 
 
 @pytest.mark.parametrize("arch_list, sm90a", [

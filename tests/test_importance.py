@@ -650,6 +650,11 @@ def test_per_token_labels_say_a_sequence_head_is_needed(tiny_model, tiny_batches
                                              r"\(4, 9\): per-token labels .* sequence-level "
                                              r"classification head"):
             importance(model, per_token, mode=mode, progress=False)
+    # one-hot rows on a sequence classifier: the shape error alone (its head is the right one)
+    classifier = patch(tiny_model("bert", "BertForSequenceClassification", num_labels=3))
+    one_hot = [dict(batch, labels=torch.eye(3)[batch["labels"] % 3])]  # (4, 3)
+    with pytest.raises(ValueError, match=r"one per example, got \(4, 3\)$"):
+        importance(classifier, one_hot, progress=False)
 
 
 def test_each_submodule_mode_is_restored_and_no_grad_is_overridden(tiny_bert, tiny_batches):

@@ -495,6 +495,10 @@ TAMPERING = {
         lambda d: _edit_json(d / "config.json", lambda c: c.update(hidden_size="abc")),
         r"config.json cannot be read: .*'hidden_size'.* expected int, got str",
     ),
+    "config_unknown_activation": (  # a KeyError building the model
+        lambda d: _edit_json(d / "config.json", lambda c: c.update(hidden_act="nonsense")),
+        r"config.json hidden_act 'nonsense': expected one of transformers' activations",
+    ),
     "config_model_type": (
         lambda d: _edit_json(d / "config.json", lambda c: c.update(model_type="roberta")),
         r"config.json model_type 'roberta' != sparsebert_pruned.json model_type 'bert'",

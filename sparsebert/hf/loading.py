@@ -287,15 +287,52 @@ def _damaged_torch_file(error: BaseException) -> bool:
 
 
 def config_value_errors() -> tuple[type[Exception], ...]:
-    """What building a config or model raises for a config.json whose values are wrong, past
-    the ValueError transformers raises itself: huggingface_hub's field validation (e.g.
-    num_attention_heads "4", a string), and the TypeError / ZeroDivisionError of a model built
-    from one (e.g. num_attention_heads 0)."""
+    """What reading a config or tokenizer files raises for a value of the wrong type, past the
+    ValueError transformers raises itself: huggingface_hub's field validation (e.g.
+    num_attention_heads "4", a string) and a TypeError (e.g. a tokenizer's pad_token 5)."""
     try:
         from huggingface_hub.errors import StrictDataclassError  # noqa: PLC0415
     except ImportError:  # (an older huggingface_hub validates no fields)
-        return TypeError, ZeroDivisionError
-    return StrictDataclassError, TypeError, ZeroDivisionError
+        return (TypeError,)
+    return StrictDataclassError, TypeError
+
+
+# config fields a model is built from: sizes (positive ints) and dropout probabilities
+_SIZE_FIELDS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                "vocab_size", "max_position_embeddings")
+_PROBABILITY_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob",
+                       "classifier_dropout")
+
+
+def config_value_problem(config) -> str | None:
+    """What is wrong with a config's values that building the model from it would fail on
+    deep inside transformers (a ZeroDivisionError for num_attention_heads 0, a KeyError for an
+    unknown hidden_act, a negative tensor size, a dropout probability past 1), as
+    "config.json FIELD VALUE: expected ..."; None when nothing is."""
+    from transformers.activations import ACT2FN  # noqa: PLC0415
+
+    for field in _SIZE_FIELDS:
+        value = getattr(config, field, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            return f"config.json {field} {value!r}: expected a positive integer"
+    for field in _PROBABILITY_FIELDS:
+        value = getattr(config, field, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 <= value <= 1):
+            return f"config.json {field} {value!r}: expected a probability in [0, 1]"
+    act = getattr(config, "hidden_act", None)
+    if isinstance(act, str) and act not in ACT2FN:
+        return (f"config.json hidden_act {act!r}: expected one of transformers' activations "
+                f"({', '.join(sorted(ACT2FN)[:6])}, ...)")
+    return None
+
+
+def check_config_values(config, source: str) -> None:
+    """ModelLoadError naming the field when config_value_problem finds one."""
+    problem = config_value_problem(config)
+    if problem is not None:
+        raise ModelLoadError(f"cannot load the model from {source}: {problem}")
 
 
 def error_text(error: BaseException, limit: int = 200) -> str:
@@ -303,6 +340,10 @@ def error_text(error: BaseException, limit: int = 200) -> str:
     puts the field on the first and the reason on the next), at most `limit` characters."""
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
     return (text or type(error).__name__)[:limit]
+
+
+# the file whose values a load reads: a TypeError there is that file's (see config_value_errors)
+_FILE_OF = {"config": "config.json", "tokenizer": "tokenizer_config.json"}
 
 
 def _offline_first(load, source: str, local: bool, what: str):
@@ -329,12 +370,12 @@ def _offline_first(load, source: str, local: bool, what: str):
                     if unreadable else "")
             raise ModelLoadError(f"cannot load the {what} from {source}: {error}{note}") from None
         first = error
-    except config_value_errors() as error:
-        if not local:
+    except config_value_errors() as error:  # (the model's own TypeErrors are its caller's)
+        if not local or what not in _FILE_OF:
             raise
         raise ModelLoadError(
             f"cannot load the {what} from {source}: {type(error).__name__}: {error_text(error)} "
-            f"(check the values in its config.json)") from None
+            f"(check the values in its {_FILE_OF[what]})") from None
     reason = hub_offline_reason()
     if reason is not None:
         raise ModelLoadError(
@@ -380,6 +421,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, num_labels: int = 
     config = _offline_first(lambda offline: AutoConfig.from_pretrained(
         source, local_files_only=offline), source, local, "config")
     check_classifiable(config, source)
+    check_config_values(config, source)
     saved_labels = config.num_labels
     saved_names = [str(config.id2label[i]) for i in range(saved_labels)] \
         if saved_labels == num_labels and len(config.id2label) == saved_labels else []
@@ -537,6 +579,7 @@ def preflight_model(name_or_path: str | os.PathLike | None, max_length: int | No
         config = _offline_first(lambda offline: AutoConfig.from_pretrained(
             source, local_files_only=offline), source, local, "config")
         check_classifiable(config, source)
+        check_config_values(config, source)
         if max_length is not None:
             check_max_length(config, max_length)
         if patchable:

@@ -28,7 +28,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from sparsebert.atomic import atomic_save_dir
-from sparsebert.hf.loading import config_value_errors, error_text
+from sparsebert.hf.loading import config_value_errors, config_value_problem, error_text
 from sparsebert.hf.masks import get_masks
 from sparsebert.hf.patching import patch, sparse_blocks
 from sparsebert.hf.pruned_format import (
@@ -294,6 +294,9 @@ def _load_pruned(root: Path, model_class: type | None, device: torch.device | st
     check_description(description, sizes, row.config)
     # Step 2: the recorded sizes against the weight shapes (header only, no tensor read).
     check_weight_shapes(root / WEIGHTS_FILE, description, sizes, row)
+    problem = config_value_problem(config)  # (other values the build would fail on inside)
+    if problem is not None:
+        raise PrunedModelError(f"load_pruned: {problem}")
     # Step 3: build (in the saved weights' dtype: a bf16 model reloads as bf16), patch, shrink,
     # load.
     model = _model_class(description, model_class, config)(config)

@@ -676,7 +676,7 @@ def importance(
                                     "batch) give no per-example loss; importance needs a "
                                     "sequence-level classification head (e.g. "
                                     "AutoModelForSequenceClassification)"
-                                    if labels.dim() > 1 else ""))
+                                    if labels.shape == token_shape else ""))
             size = labels.shape[0]
             token_mask = batch.get("attention_mask")
             if token_mask is not None and (not isinstance(token_mask, Tensor)

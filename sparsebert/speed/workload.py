@@ -24,7 +24,12 @@ import torch
 from torch import nn
 
 from sparsebert.errors import SparsebertError
-from sparsebert.hf.loading import position_limit
+from sparsebert.hf.loading import (
+    config_value_errors,
+    config_value_problem,
+    error_text,
+    position_limit,
+)
 
 BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
              "intermediate_size": 3072, "vocab_size": 30522, "max_position_embeddings": 512}
@@ -99,9 +104,14 @@ def check_model_dir(name: str):
                          "save_pruned); expected the unpruned model, with its masks from --run "
                          "or --head-mask (the command builds the pruned variants itself)")
     try:  # (a decoder config is refused by sparsebert.patch, as everywhere)
-        return AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise SpeedError(f"--model {name}: config.json cannot be read ({error})") from None
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError, *config_value_errors()) as error:
+        raise SpeedError(f"--model {name}: config.json cannot be read ({error_text(error)})"
+                         ) from None
+    problem = config_value_problem(config)
+    if problem is not None:
+        raise SpeedError(f"--model {name}: {problem}")
+    return config
 
 
 def model_shape(model: nn.Module) -> dict[str, int]:
