@@ -457,9 +457,15 @@ def _negative_values_attached(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `sparsebert` console script and `python -m sparsebert`."""
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(_negative_values_attached(
-        sys.argv[1:] if argv is None else argv))
+    argv = _negative_values_attached(sys.argv[1:] if argv is None else argv)
+    try:  # (building the parser imports the commands' modules: a second of a Ctrl-C's window)
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(argv)
+    except KeyboardInterrupt:
+        if "--debug" in argv or debug_switch_on():
+            traceback.print_exc()
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     if unknown:  # the command's usage and name, not the top level's
         parser.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:

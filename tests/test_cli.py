@@ -563,6 +563,22 @@ def test_interrupt_message_says_resume_only_where_a_rerun_resumes(command, writt
     assert capsys.readouterr().err.strip().splitlines()[-1] == expected
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_an_interrupt_while_the_parser_is_built_is_one_line(debug, monkeypatch, capsys):
+    """A Ctrl-C while the parser is built (it imports the commands' modules) prints
+    "interrupted" and returns 130, with the traceback only under --debug (was a traceback)."""
+    import sparsebert.cli as cli  # noqa: PLC0415
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["info", *(["--debug"] if debug else [])]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "interrupted"
+    assert ("Traceback" in err) is debug, err
+
+
 def test_an_interrupt_closes_the_progress_bars_before_its_line(monkeypatch, capsys, tmp_path):
     """The interrupt's line starts a line of its own (not at the end of a bar's), and no bar
     is drawn again after it."""
