@@ -231,3 +231,23 @@ def test_argument_checks_take_numpy_numbers_and_refuse_bools():
     assert len(batching.eval_batches(np.array([3, 2, 1]), np.int64(2))) == 2
     block = sparsebert.nn.SparseMLP(np.int64(8), np.int64(16), layer_norm_eps=np.float32(1e-5))
     assert block.intermediate_size == 16
+
+
+def test_config_checks_read_the_values_config_json_holds():
+    """XLNet's max_position_embeddings is a derived -1 ("no limit"), not a bad size: its config
+    passes and has no position limit (load_model refused every XLNet model, and --max-length
+    was "longer than the model's position limit (-1 tokens)"); a field under another name
+    (GPT-2's n_embd for hidden_size) is named as config.json holds it."""
+    from transformers import GPT2Config, XLNetConfig  # noqa: PLC0415
+
+    from sparsebert.hf.loading import (  # noqa: PLC0415
+        check_max_length,
+        config_value_problem,
+        position_limit,
+    )
+
+    assert config_value_problem(XLNetConfig()) is None and position_limit(XLNetConfig()) is None
+    check_max_length(XLNetConfig(), 100_000)
+    assert config_value_problem(GPT2Config()) is None
+    assert config_value_problem(GPT2Config(n_embd=0)) == \
+        "config.json n_embd 0: expected a positive integer"

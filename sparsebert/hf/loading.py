@@ -311,8 +311,11 @@ def config_value_problem(config) -> str | None:
     "config.json FIELD VALUE: expected ..."; None when nothing is."""
     from transformers.activations import ACT2FN  # noqa: PLC0415
 
-    for field in _SIZE_FIELDS:
-        value = getattr(config, field, None)
+    held = vars(config)  # (values config.json holds: not a config class's derived property,
+    # e.g. XLNet's max_position_embeddings, -1 for "no limit")
+    aliases = getattr(config, "attribute_map", {})  # e.g. GPT-2: hidden_size -> n_embd
+    for field in (aliases.get(field, field) for field in _SIZE_FIELDS):
+        value = held.get(field)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < 1):
             return f"config.json {field} {value!r}: expected a positive integer"
@@ -526,8 +529,8 @@ def position_limit(config, model=None) -> int | None:
     the loaded `model`, an embedding table with a padding index says so for any model type;
     from the config alone, PADDING_OFFSET_TYPES do."""
     positions = getattr(config, "max_position_embeddings", None)
-    if not isinstance(positions, int):
-        return None
+    if not isinstance(positions, int) or isinstance(positions, bool) or positions < 1:
+        return None  # (XLNet's is -1: no limit)
     table = _position_embeddings(model) if model is not None else None
     if table is not None and table.padding_idx is not None:
         return min(positions, table.num_embeddings - table.padding_idx - 1)
