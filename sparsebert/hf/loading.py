@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from sparsebert.checks import is_integer, is_number
 from sparsebert.errors import SparsebertError
 from sparsebert.hf.pruned_format import PRUNED_JSON
 
@@ -316,13 +317,11 @@ def config_value_problem(config) -> str | None:
     aliases = getattr(config, "attribute_map", {})  # e.g. GPT-2: hidden_size -> n_embd
     for field in (aliases.get(field, field) for field in _SIZE_FIELDS):
         value = held.get(field)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < 1):
+        if value is not None and not (is_integer(value) and value >= 1):
             return f"config.json {field} {value!r}: expected a positive integer"
     for field in _PROBABILITY_FIELDS:
         value = getattr(config, field, None)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not 0 <= value <= 1):
+        if value is not None and not (is_number(value) and 0 <= value <= 1):
             return f"config.json {field} {value!r}: expected a probability in [0, 1]"
     act = getattr(config, "hidden_act", None)
     if isinstance(act, str) and act not in ACT2FN:
@@ -331,11 +330,19 @@ def config_value_problem(config) -> str | None:
     return None
 
 
-def check_config_values(config, source: str) -> None:
-    """ModelLoadError naming the field when config_value_problem finds one."""
+def _checked_config(source: str, local: bool):
+    """The HF config of a model source, refused with one line when transformers has no
+    sequence-classification model for it (check_classifiable) or its values cannot build one
+    (config_value_problem)."""
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    config = _offline_first(lambda offline: AutoConfig.from_pretrained(
+        source, local_files_only=offline), source, local, "config")
+    check_classifiable(config, source)
     problem = config_value_problem(config)
     if problem is not None:
         raise ModelLoadError(f"cannot load the model from {source}: {problem}")
+    return config
 
 
 def error_text(error: BaseException, limit: int = 200) -> str:
@@ -409,7 +416,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, num_labels: int = 
     whatever dtype the checkpoint stores (transformers 5 would keep fp16/bf16 ones, and training
     half-precision master weights loses updates); pass dtype=... to override.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification  # noqa: PLC0415
+    from transformers import AutoModelForSequenceClassification  # noqa: PLC0415
 
     if num_labels < 1:
         raise ModelLoadError(f"num_labels must be >= 1, got {num_labels}")
@@ -421,10 +428,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, num_labels: int = 
     if local:
         refuse_pruned_folder(source)
     # Step 1: config with the head's size and problem type.
-    config = _offline_first(lambda offline: AutoConfig.from_pretrained(
-        source, local_files_only=offline), source, local, "config")
-    check_classifiable(config, source)
-    check_config_values(config, source)
+    config = _checked_config(source, local)
     saved_labels = config.num_labels
     saved_names = [str(config.id2label[i]) for i in range(saved_labels)] \
         if saved_labels == num_labels and len(config.id2label) == saved_labels else []
@@ -577,12 +581,7 @@ def preflight_model(name_or_path: str | os.PathLike | None, max_length: int | No
         check_tokenizer_files(source)
     if not local or max_length is not None or patchable:
         # (transformers is imported only here: a second of start-up otherwise)
-        from transformers import AutoConfig  # noqa: PLC0415
-
-        config = _offline_first(lambda offline: AutoConfig.from_pretrained(
-            source, local_files_only=offline), source, local, "config")
-        check_classifiable(config, source)
-        check_config_values(config, source)
+        config = _checked_config(source, local)
         if max_length is not None:
             check_max_length(config, max_length)
         if patchable:
