@@ -497,7 +497,8 @@ TAMPERING = {
     ),
     "config_unknown_activation": (  # a KeyError building the model
         lambda d: _edit_json(d / "config.json", lambda c: c.update(hidden_act="nonsense")),
-        r"config.json hidden_act 'nonsense': expected one of transformers' activations",
+        r"config.json hidden_act 'nonsense': expected one of transformers' \d+ activations, "
+        r"e.g. .*\bgelu\b.*\brelu\b.*\bsilu\b.*\btanh\b",  # not only GELU's variants
     ),
     "config_model_type": (
         lambda d: _edit_json(d / "config.json", lambda c: c.update(model_type="roberta")),

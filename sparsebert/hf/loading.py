@@ -325,8 +325,9 @@ def config_value_problem(config) -> str | None:
             return f"config.json {field} {value!r}: expected a probability in [0, 1]"
     act = getattr(config, "hidden_act", None)
     if isinstance(act, str) and act not in ACT2FN:
-        return (f"config.json hidden_act {act!r}: expected one of transformers' activations "
-                f"({', '.join(sorted(ACT2FN)[:6])}, ...)")
+        base_names = sorted(name for name in ACT2FN if "_" not in name)  # not gelu_new, ...
+        return (f"config.json hidden_act {act!r}: expected one of transformers' "
+                f"{len(ACT2FN)} activations, e.g. {', '.join(base_names)}")
     return None
 
 
