@@ -246,12 +246,13 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                         help="default: float16 on CUDA, float32 on CPU")
-    parser.add_argument("--batch", type=int, nargs="+", default=None)
-    parser.add_argument("--seq", type=int, nargs="+", default=[128])
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--dim", type=int, nargs="+", default=None)
+    parser.add_argument("--batch", type=common.positive_int, nargs="+", default=None)
+    parser.add_argument("--seq", type=common.positive_int, nargs="+", default=[128])
+    parser.add_argument("--heads", type=common.positive_int, default=12)
+    parser.add_argument("--dim", type=common.positive_int, nargs="+", default=None)
     parser.add_argument(
-        "--active", type=int, nargs="+", default=None, help="heads kept (default H, H/2, H/4)"
+        "--active", type=common.positive_int, nargs="+", default=None,
+        help="heads kept, each in [1, --heads] (default H, H/2, H/4, those >= 1)"
     )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--providers", nargs="+", default=None, choices=PROVIDERS,
@@ -286,7 +287,11 @@ def main(argv=None) -> None:
     dtype = getattr(torch, args.dtype or ("float16" if cuda else "float32"))
     batches = args.batch or ([32] if cuda else [8])
     dims = args.dim or ([64, 32] if cuda else [64])
-    actives = args.active or [args.heads, args.heads // 2, args.heads // 4]
+    if args.active and max(args.active) > args.heads:
+        parser.error(f"--active {max(args.active)}: more heads kept than --heads {args.heads}")
+    # (no row keeps 0 heads: compact's output would be empty, and nothing timed worth a row)
+    actives = args.active or sorted({args.heads, args.heads // 2, args.heads // 4} - {0},
+                                    reverse=True)
     modes = ["fwd"] + ([] if args.no_backward else ["fwd+bwd"])
 
     rows, records = [], []

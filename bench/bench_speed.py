@@ -30,13 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from sparsebert import runtime  # noqa: E402
+from sparsebert.errors import SparsebertError  # noqa: E402
 from sparsebert.speed.command import (  # noqa: E402
     add_arguments,
     check_args,
     format_table,
     run_speed,
 )
-from sparsebert.speed.workload import DTYPES, SpeedError  # noqa: E402
+from sparsebert.speed.workload import DTYPES  # noqa: E402
 
 
 def targets(device_type: str, prune: float) -> list[tuple[str, str, str, str, float]]:
@@ -127,10 +128,14 @@ def main(argv=None) -> None:
         parser.error(f"--threads {args.threads!r}: expected comma-separated integers")
     if any(t < 1 for t in thread_counts if args.device == "cpu"):
         parser.error(f"--threads {args.threads!r}: expected positive integers")
+    if not any(filter(None, args.cases.split(","))) and not args.compile:
+        parser.error(f"--cases {args.cases!r}: no case to time (name one, or add --compile to "
+                     "time the compiled dense model alone); the results file would be "
+                     "overwritten with an empty table")
     for case in filter(None, args.cases.split(",")):  # every case checked before any is timed
         try:
             check_args(speed_args(args, case, thread_counts[0]))
-        except SpeedError as error:  # (a case is a --lengths of sparsebert speed)
+        except SparsebertError as error:  # (a case is a --lengths of sparsebert speed)
             message = str(error)
             parser.error(f"--cases {args.cases!r}: {case!r}: {message.split(': ', 1)[1]}"
                          if message.startswith("--lengths ") else message)
@@ -143,8 +148,8 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             try:
                 result = run_speed(speed_args(args, case, threads))
-            except SpeedError as error:  # e.g. --seq past the model's limit: one line
-                parser.error(str(error))
+            except SparsebertError as error:  # e.g. --seq past the model's limit, a model
+                parser.error(str(error))  # directory without a tokenizer: one line
             result["wall_s"] = time.perf_counter() - t0
             results[f"{case}{where}"] = result
             table = format_table(result)
@@ -174,7 +179,10 @@ def main(argv=None) -> None:
     if args.compile:
         if thread_counts[0]:
             torch.set_num_threads(thread_counts[0])
-        results["compile"] = comp = compile_case(args)
+        try:
+            results["compile"] = comp = compile_case(args)
+        except SparsebertError as error:  # (--cases '' --compile: the model's first load)
+            parser.error(str(error))
         ratio = comp["compile"]["median_ms"] / comp["eager"]["median_ms"]
         where = f"{torch.get_num_threads()} threads" if device_type == "cpu" else args.device
         extra = (f"\n### torch.compile vs eager (fast path, dense, lengths full, {where})\n\n"

@@ -84,6 +84,11 @@ def test_counts_below_one_are_usage_errors(script, flag, value, bench, tmp_path,
     ("bench_train_throughput", ["--modes", "bucketed,fixd"], "--modes 'bucketed,fixd': unknown "
                                                              "['fixd']"),
     ("bench_masked_attention", ["--dtype", "fp16"], "argument --dtype: invalid choice: 'fp16'"),
+    ("bench_masked_attention", ["--heads", "2", "--active", "2", "3"],
+     "--active 3: more heads kept than --heads 2"),
+    ("bench_masked_attention", ["--active", "0"], "argument --active: expected an integer >= 1, "
+                                                  "got 0"),
+    ("bench_speed", ["--cases", ""], "--cases '': no case to time"),
     ("bench_attention_backend", ["--dtype", "fp16"], "argument --dtype: invalid choice: 'fp16'"),
     ("bench_sweep_gpu", ["--tiny", "--device", "cpu", "--work-dir", "/nonexistent/work"],
      "--work-dir '/nonexistent/work': expected an existing folder"),
@@ -170,3 +175,29 @@ def test_attention_backend_bench_names_the_sdpa_backend(bench, tmp_path):
     assert {r["sdpa_backend"] for r in records} == {"cpu"}
     assert "SDPA ran distilbert: cpu, llama: cpu" in (tmp_path / "attention_backend-cpu.md"
                                                       ).read_text()
+
+
+def test_masked_attention_bench_keeps_no_zero_head_row(bench, tmp_path):
+    """With --heads 2 the default H/4 is 0 heads: compact's empty output ended the run in a
+    traceback (max() of an empty tensor); the rows are 2 and 1 heads kept."""
+    bench("bench_masked_attention").main(["--batch", "1", "--seq", "8", "--heads", "2", "--dim",
+                                          "32", "--rounds", "1", "--threads", "1",
+                                          "--no-backward", "--device", "cpu"])
+    records = json.loads((tmp_path / "masked_attention-cpu.json").read_text())["results"]
+    assert sorted({r["active"] for r in records}) == [1, 2]
+
+
+def test_speed_bench_names_a_model_directory_it_cannot_load_in_one_line(bench, tmp_path,
+                                                                         tiny_model_dir, capsys):
+    """A model directory without tokenizer files gave ModelLoadError's traceback (sparsebert
+    speed gives one line)."""
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    for file in Path(tiny_model_dir).iterdir():
+        if file.name in ("config.json", "model.safetensors"):
+            (no_tokenizer / file.name).write_bytes(file.read_bytes())
+    with pytest.raises(SystemExit) as stop:
+        bench("bench_speed").main(["--model", str(no_tokenizer), "--batch", "2", "--seq", "16",
+                                   "--threads", "1", "--repeats", "1"])
+    assert stop.value.code == 2
+    assert "no tokenizer files" in capsys.readouterr().err
