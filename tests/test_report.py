@@ -1105,3 +1105,34 @@ def test_the_papers_wnli_cochran_q_reads_rejected_not_undefined():
     assert paper.COCHRAN_Q_PVALUE_HEADS["WNLI"] is None  # PAPER.md §5.1: rejected, no p given
     assert table._paper_pvalue(None) == "rejected (p not given)"
     assert table._paper_pvalue(0.014) == "0.014"
+
+
+def test_a_regression_tasks_baseline_line_is_not_called_a_majority_class(tmp_path, monkeypatch):
+    """STS-B has no majority class: the speed figure's legend called its constant-prediction
+    line "majority class" where the subnetworks figure said what it is."""
+    from sparsebert.report import figures, speed_figure  # noqa: PLC0415
+
+    labels: dict[str, list[str]] = {}
+
+    def legend_of(figure: str):
+        real = figures.bottom_legend
+
+        def capture(fig, ncols, fontsize, handles=None):
+            labels[figure] = [h.get_label() for h in handles or []]
+            return real(fig, ncols, fontsize, handles)
+        return capture
+
+    monkeypatch.setattr(figures, "bottom_legend", legend_of("subnetworks"))
+    monkeypatch.setattr(speed_figure, "bottom_legend", legend_of("speed"))
+    runs = tmp_path / "runs"
+    for i, seed in enumerate(SEEDS):
+        write_run(runs, "STS-B", seed, i, metric="pearson", report_metric="pearson",
+                  majority=0.0, full={"score": 0.8, "metrics": {"pearson": 0.8}})
+    (runs / "STS-B" / "seed_1" / "speed").mkdir()
+    (runs / "STS-B" / "seed_1" / "speed" / "cpu.json").write_text(json.dumps(
+        _speed_result(["good", "random", "bad"], 40.0, [20.0, 10.0, 40.0], [25.0, 20.0, 50.0])))
+    out = report([runs], out_dir=tmp_path / "out")
+    assert tmp_path / "out" / "figures" / "speed_vs_score.png" in out["figures"]
+    expected = "majority class (regression: a constant prediction)"
+    assert expected in labels["speed"] and expected in labels["subnetworks"]
+    assert "majority class" not in labels["speed"]

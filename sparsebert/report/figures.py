@@ -205,9 +205,8 @@ def subnetworks(results: Mapping[str, TaskResults], path: Path) -> Path | None:
     handles = [Patch(color=STAGE_COLORS["pruned"], label="pruned (no retraining)"),
                Patch(color=STAGE_COLORS["retrained"], label="retrained from pre-trained"),
                Line2D([], [], color="black", linestyle="--", label="full model"),
-               Line2D([], [], color="tab:red", linestyle=":", label="majority class" + (
-                   " (regression: a constant prediction)"
-                   if any(table.is_regression_task(t) for t in results) else ""))]
+               Line2D([], [], color="tab:red", linestyle=":",
+                      label=table.majority_label(results))]
     bottom_legend(fig, 4, 8, handles)
     many = any(r.n_seeds > 1 for r in results.values())
     fig.suptitle("Good, random and bad subnetworks"

@@ -13,6 +13,7 @@ from matplotlib.lines import Line2D
 from sparsebert.report.canvas import bottom_legend, panel_grid, save_png
 from sparsebert.report.collect import TaskResults
 from sparsebert.report.speed import SpeedEntry, subnet_score
+from sparsebert.report.table import majority_label
 
 SUBNET_COLORS = {"good": "tab:green", "random": "tab:blue", "bad": "tab:red"}
 
@@ -75,7 +76,7 @@ def speed_vs_score(results: Mapping[str, TaskResults], entries: Sequence[SpeedEn
     handles += [Line2D([], [], marker="^", linestyle="", color="grey", markerfacecolor="none",
                        label="without retraining"),
                 Line2D([], [], marker="s", linestyle="", color="black", label="full model (1x)"),
-                Line2D([], [], color="grey", linestyle=":", label="majority class")]
+                Line2D([], [], color="grey", linestyle=":", label=majority_label(tasks))]
     bottom_legend(fig, 3, 8, handles)
     title = "s-pruning subnetworks: dev score vs measured speed-up (one point per seed)"
     fig.suptitle(title + (f"\n{measured[tasks[0]]}" if shared else ""), fontsize=9)

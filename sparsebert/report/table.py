@@ -10,7 +10,7 @@ setting that was not run.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from sparsebert.report import paper
 from sparsebert.report.collect import Stat, TaskResults, cochran_pvalue, stability, stats_module
@@ -153,6 +153,13 @@ def is_regression_task(task: str) -> bool:
         return get_task(task).is_regression
     except GlueError:  # not a GLUE task name
         return False
+
+
+def majority_label(tasks: Iterable[str]) -> str:
+    """A figure legend's name for the majority-baseline line of these tasks' panels (STS-B's is
+    a constant prediction: a regression task has no majority class)."""
+    regression = any(is_regression_task(task) for task in tasks)
+    return "majority class" + (" (regression: a constant prediction)" if regression else "")
 
 
 def threshold_at_majority(res: TaskResults) -> list[int]:
