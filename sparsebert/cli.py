@@ -240,9 +240,13 @@ def _print_super(summary: dict[str, Any]) -> None:
 
 
 def _print_search(summary: dict[str, Any]) -> None:
+    from sparsebert.report.table import is_regression_task  # noqa: PLC0415
+
     metric = summary["report_metric"]
+    # (a regression task has no majority class: its baseline predicts one constant)
+    baseline = "constant prediction" if is_regression_task(summary["task"]) else "majority class"
     print(f"{summary['task']} seed {summary['seed']}: full model dev {metric} "
-          f"{summary['full']['score']:.4f} (majority class {summary['majority']:.4f})")
+          f"{summary['full']['score']:.4f} ({baseline} {summary['majority']:.4f})")
     for method, result in summary["methods"].items():
         for note in result.get("notes", []):
             print(f"  note ({method}): {note}")

@@ -668,6 +668,17 @@ def test_search_passes_its_options_on_and_prints_the_summary(extra, function, pa
         assert capsys.readouterr().out.splitlines() == printed
 
 
+def test_a_regression_tasks_baseline_is_a_constant_prediction(monkeypatch, capsys):
+    """STS-B has no majority class: its baseline line names the constant prediction."""
+    import sparsebert.lottery as lottery  # noqa: PLC0415
+
+    summary = {**_search_summary(), "task": "STS-B", "report_metric": "pearson", "majority": 0.0}
+    monkeypatch.setattr(lottery, "search", lambda *a, **k: summary)
+    assert main(["search", "--task", "STS-B", "--out", "o"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "STS-B seed 3: full model dev pearson 0.8125 (constant prediction 0.0000)")
+
+
 def test_a_stopped_search_says_how_to_go_on(monkeypatch, capsys):
     import sparsebert.lottery as lottery  # noqa: PLC0415
 
