@@ -128,11 +128,12 @@ def main(argv=None) -> None:
         parser.error(f"--threads {args.threads!r}: expected comma-separated integers")
     if any(t < 1 for t in thread_counts if args.device == "cpu"):
         parser.error(f"--threads {args.threads!r}: expected positive integers")
-    if not any(filter(None, args.cases.split(","))) and not args.compile:
+    cases = [case for case in args.cases.split(",") if case]  # (--cases '' with --compile: none)
+    if not cases and not args.compile:
         parser.error(f"--cases {args.cases!r}: no case to time (name one, or add --compile to "
                      "time the compiled dense model alone); the results file would be "
                      "overwritten with an empty table")
-    for case in filter(None, args.cases.split(",")):  # every case checked before any is timed
+    for case in cases:  # every case checked before any is timed
         try:
             check_args(speed_args(args, case, thread_counts[0]))
         except SparsebertError as error:  # (a case is a --lengths of sparsebert speed)
@@ -144,7 +145,7 @@ def main(argv=None) -> None:
     device_type = args.device.split(":")[0]
     for threads in thread_counts:
         where = f", {threads} thread{'s' if threads > 1 else ''}" if threads else ""
-        for case in filter(None, args.cases.split(",")):  # --cases '' with --compile: only it
+        for case in cases:
             t0 = time.perf_counter()
             try:
                 result = run_speed(speed_args(args, case, threads))
