@@ -240,12 +240,11 @@ def _print_super(summary: dict[str, Any]) -> None:
 
 
 def _print_search(summary: dict[str, Any]) -> None:
-    from sparsebert.glue.tasks import get_task  # noqa: PLC0415
+    from sparsebert.glue.tasks import is_regression_task  # noqa: PLC0415
 
     metric = summary["report_metric"]
     # (a regression task has no majority class: its baseline predicts one constant)
-    regression = get_task(summary["task"]).is_regression
-    baseline = "constant prediction" if regression else "majority class"
+    baseline = "constant prediction" if is_regression_task(summary["task"]) else "majority class"
     print(f"{summary['task']} seed {summary['seed']}: full model dev {metric} "
           f"{summary['full']['score']:.4f} ({baseline} {summary['majority']:.4f})")
     for method, result in summary["methods"].items():

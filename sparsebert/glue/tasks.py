@@ -182,3 +182,11 @@ def get_task(name: str | GlueTask) -> GlueTask:
         if key == _normalize(task.name) or key in {_normalize(a) for a in task.aliases}:
             return task
     raise GlueError(f"unknown GLUE task {name!r}; known tasks: {', '.join(TASKS)}")
+
+
+def is_regression_task(name: str) -> bool:
+    """True for a GLUE regression task (STS-B); False for names outside GLUE."""
+    try:
+        return get_task(name).is_regression
+    except GlueError:  # not a GLUE task name
+        return False

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
+from sparsebert.glue.tasks import is_regression_task
 from sparsebert.report import paper
 from sparsebert.report.collect import Stat, TaskResults, cochran_pvalue, stability, stats_module
 
@@ -143,16 +144,6 @@ METRIC_DEFINITIONS = {"corr": "corr = (Pearson + Spearman) / 2"}
 def metric_name(metric: str) -> str:
     """A metric's name with its definition where the name alone does not give it."""
     return METRIC_DEFINITIONS.get(metric, metric)
-
-
-def is_regression_task(task: str) -> bool:
-    """True for a GLUE regression task (STS-B); False for names outside GLUE."""
-    from sparsebert.glue.tasks import GlueError, get_task  # noqa: PLC0415
-
-    try:
-        return get_task(task).is_regression
-    except GlueError:  # not a GLUE task name
-        return False
 
 
 def majority_label(tasks: Iterable[str]) -> str:
